@@ -1,0 +1,102 @@
+"""The device expert cache: a fixed pool of slots, who lives in which slot, and the counters.
+
+Mechanism only. The pool is ONE tensor `[S, blob]` allocated once from the byte budget, viewed as fused expert
+banks `gate_up [S, 2I, H]` and `down [S, H, I]` so a grouped matmul can run straight on it with an expert->slot
+index. Which expert to evict is the policy's call (`policies.py`); the order of loads within a layer is the
+schedule's (`schedule.py`); copies are the transfer engine's (`transfer.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .store import BlobLayout
+
+Key = tuple[int, int]   # (layer, expert)
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0
+
+
+@dataclass
+class CacheCounters:
+    per_layer: dict[int, LayerCounters] = field(default_factory=dict)
+
+    def layer(self, layer: int) -> LayerCounters:
+        c = self.per_layer.get(layer)
+        if c is None:
+            c = self.per_layer[layer] = LayerCounters()
+        return c
+
+    def total(self) -> LayerCounters:
+        t = LayerCounters()
+        for c in self.per_layer.values():
+            t.hits += c.hits
+            t.misses += c.misses
+            t.bytes_moved += c.bytes_moved
+            t.stall_s += c.stall_s
+        return t
+
+
+class ExpertCache:
+    def __init__(self, layout: BlobLayout, num_slots: int, device: torch.device, policy):
+        self.layout = layout
+        self.num_slots = num_slots
+        self.device = device
+        self.policy = policy
+        self.pool = torch.empty(num_slots, layout.numel, dtype=layout.dtype, device=device)
+        self.gate_up, self.down = layout.views(self.pool)      # [S, 2I, H], [S, H, I]
+        self.slot_of: dict[Key, int] = {}
+        self.owner: list[Key | None] = [None] * num_slots
+        self.last_use: list[object] = [None] * num_slots        # event of the last compute that read the slot
+        self._free = list(range(num_slots - 1, -1, -1))
+        self.counters = CacheCounters()
+        self.peak_resident = 0
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    def resident(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def touch(self, key: Key) -> int:
+        """A hit: the policy hears of it; returns the slot."""
+        self.policy.on_access(key)
+        self.counters.layer(key[0]).hits += 1
+        return self.slot_of[key]
+
+    def claim(self, key: Key, pinned: set[Key]) -> int:
+        """A slot for `key` (not resident): a free one, else the policy's victim among unpinned residents."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = self.policy.choose_victim(k for k in self.slot_of if k not in pinned)
+            slot = self.evict(victim)
+            self._free.remove(slot)
+        self.slot_of[key] = slot
+        self.owner[slot] = key
+        self.policy.on_insert(key)
+        c = self.counters.layer(key[0])
+        c.misses += 1
+        c.bytes_moved += self.layout.nbytes
+        self.peak_resident = max(self.peak_resident, len(self.slot_of))
+        return slot
+
+    def evict(self, key: Key) -> int:
+        slot = self.slot_of.pop(key)
+        self.owner[slot] = None
+        self._free.append(slot)
+        self.policy.on_evict(key)
+        return slot
+
+    def clear(self) -> None:
+        for key in list(self.slot_of):
+            self.evict(key)

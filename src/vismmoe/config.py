@@ -1,0 +1,69 @@
+"""Knobs of a run, parsed and validated once.
+
+Owns the byte-size grammar ("512MiB", "2GiB", "1.5GB", "123456", "25%") and the frozen `RuntimeConfig` that the
+engine is built from. Knows nothing about models: a percentage is resolved against a total the caller supplies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int | float, total: int | None = None, what: str = "size") -> int:
+    """Bytes from '512MiB', '2GB', '1e9'-free plain integers, or 'P%' of `total`."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip()
+    if s.endswith("%"):
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            raise UserError(f"bad {what} {text!r}", "give bytes like 512MiB or 2GB, or a percentage like 25%") from None
+        if total is None:
+            raise UserError(f"{what} {text!r} is a percentage but nothing to take it of", "give bytes like 512MiB")
+        if not 0 < pct <= 100:
+            raise UserError(f"bad {what} {text!r}", "a percentage must be in (0, 100]")
+        return int(total * pct / 100.0)
+    m = _SIZE.match(s)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"bad {what} {text!r}", "give bytes like 512MiB, 2GiB or 1.5GB, or a percentage like 25%")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{int(n)}B"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Everything `vismmoe.load` needs besides the model directory."""
+
+    device: str = "cpu"
+    dtype: str | None = None            # None: the checkpoint's dtype on cuda, float32 on cpu
+    expert_budget: str | None = None    # bytes or "P%" of all expert bytes; None with no device_memory: all experts
+    device_memory: str | None = None    # total device bytes; experts get what weights + reserve leave
+    reserve: str | None = None          # KV/activation reserve for device_memory sizing; None: estimated
+    policy: str = "lru"
+    expert_tier: str = "host"           # host (RAM, pinned on cuda) | disk (read on demand)
+    trace: bool = False
+    max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.expert_tier not in ("host", "disk"):
+            raise UserError(f"unknown expert tier {self.expert_tier!r}", "use --expert-tier host or disk")
+        if self.expert_budget is not None and self.device_memory is not None:
+            raise UserError("both --expert-budget and --device-memory given", "give one of them")

@@ -1,0 +1,33 @@
+"""Synthetic, deterministic visual-question data (see :mod:`vismmoe.data.scenes`)."""
+
+from vismmoe.data.scenes import (
+    IMAGE_SIZE,
+    QTYPES,
+    Sample,
+    Scene,
+    SceneObject,
+    TextItem,
+    answer_vocabulary,
+    balanced_subset,
+    make_sample,
+    make_sample_and_scene,
+    make_split,
+    save_preview,
+    warm_cache,
+)
+
+__all__ = [
+    "IMAGE_SIZE",
+    "QTYPES",
+    "Sample",
+    "Scene",
+    "SceneObject",
+    "TextItem",
+    "answer_vocabulary",
+    "balanced_subset",
+    "make_sample",
+    "make_sample_and_scene",
+    "make_split",
+    "save_preview",
+    "warm_cache",
+]

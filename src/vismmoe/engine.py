@@ -1,0 +1,355 @@
+"""Public API: `load(model_dir, ...) -> Engine`, `Engine.generate(image, prompt) -> Generation`.
+
+    config.json -> family adapter (families/) -> model skeleton on `meta`
+        non-expert weights -> device (read tensor by tensor from safetensors)
+        routed experts     -> store (host RAM or disk), never materialised on the device
+    budget -> cache slot pool -> runtime registered as transformers' experts implementation "vismmoe"
+    generate: processor -> prefill (vision tower + decoder) -> greedy decode with a KV cache
+
+The engine owns loading, budget sizing, the generate loop and request statistics. How experts are moved and
+computed is the runtime's business (runtime.py), which experts to evict the policy's (policies.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoTokenizer, DynamicCache
+
+from .cache import ExpertCache
+from .config import RuntimeConfig, format_size, parse_size
+from .errors import UserError
+from .families import get_family
+from .inputs import load_image
+from .policies import make_policy
+from .runtime import IMPLEMENTATION, OffloadRuntime
+from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
+from .trace import RoutingTrace
+from .transfer import TransferEngine
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for but no CUDA device is visible", "use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UserError(f"unknown device {name!r}", "use --device cpu or cuda")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str | None, config, device: torch.device) -> torch.dtype:
+    if name is not None:
+        try:
+            return _DTYPES[name]
+        except KeyError:
+            raise UserError(f"unknown dtype {name!r}", f"use one of {', '.join(sorted(_DTYPES))}") from None
+    if device.type == "cpu":
+        return torch.float32
+    d = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None)
+    d = _DTYPES.get(str(d).replace("torch.", ""), None) if d is not None else None
+    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def read_model_type(model_dir: str) -> str | None:
+    if not os.path.isdir(model_dir):
+        raise UserError(f"model directory not found: {model_dir}", "give --model a checkpoint directory "
+                        "(vismmoe make-tiny --family qwen3_vl_moe --out DIR makes one)")
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"no config.json in {model_dir}", "point --model at a Hugging Face checkpoint directory")
+    try:
+        with open(path) as f:
+            return json.load(f).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise UserError(f"config.json in {model_dir} is not valid JSON ({e.__class__.__name__})",
+                        "restore the checkpoint's config.json") from None
+
+
+def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes a request needs on the device besides weights: KV cache + peak activations (an estimate).
+
+    KV: 2 x layers x kv_heads x head_dim x max_seq. Activations: the MoE layer's pair buffers
+    (max_seq x top_k x (3H + 3I)), attention projections, the vision tower's largest block, and logits of one
+    position. A fixed margin covers library workspaces on CUDA. Override with --reserve when you know better.
+    """
+    tc, vc = config.text_config, config.vision_config
+    b = torch.empty((), dtype=dtype).element_size()
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * max_seq * b
+    H, I, K = geometry.hidden, geometry.inter, geometry.top_k
+    moe = max_seq * K * (3 * H + 3 * I) * b * 2
+    dense = max_seq * (4 * H + 2 * getattr(tc, "intermediate_size", 4 * H)) * b
+    attn = max_seq * (tc.num_attention_heads + 2 * tc.num_key_value_heads) * head_dim * b * 2
+    patches = max_seq * vc.spatial_merge_size ** 2
+    vision = patches * (4 * vc.hidden_size + 2 * vc.intermediate_size) * b * 2
+    logits = tc.vocab_size * 4 * 4
+    margin = 256 * 1024**2 if device.type == "cuda" else 16 * 1024**2
+    return int(kv + max(moe, dense, attn, vision) + logits + margin)
+
+
+def _device_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta" and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class Engine:
+    def __init__(self, *, model_dir, family, config, model, tokenizer, image_processor, runtime, cache, store,
+                 device, dtype, geometry, layout, budget_bytes, nonexpert_bytes, rc: RuntimeConfig):
+        self.model_dir = model_dir
+        self.family = family
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.runtime = runtime
+        self.cache = cache
+        self.store = store
+        self.device = device
+        self.dtype = dtype
+        self.geometry = geometry
+        self.layout = layout
+        self.budget_bytes = budget_bytes
+        self.nonexpert_bytes = nonexpert_bytes
+        self.rc = rc
+        self.trace: RoutingTrace | None = None
+        if rc.trace:
+            self.trace = RoutingTrace()
+            runtime.observers.append(self.trace)
+        ids = family.token_ids(tokenizer)
+        self.eos_ids = {i for i in ids["eos"] if i is not None and i >= 0}
+        self.last_stats: dict = {}
+
+    # ---- inputs ----------------------------------------------------------------------------------------------
+    def prepare(self, images, prompts: list[str]) -> dict:
+        pil = [load_image(im) for im in images]
+        inputs = self.family.build_inputs(self.tokenizer, self.image_processor, pil, prompts)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs
+
+    # ---- generation ------------------------------------------------------------------------------------------
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: dict) -> torch.Tensor:
+        """Logits of every prompt position (for tests and analysis; no KV cache kept)."""
+        pos, _ = self.family.prefill_positions(self.model, inputs)
+        return self.model(**inputs, position_ids=pos, use_cache=False).logits
+
+    @torch.inference_mode()
+    def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
+        if max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
+        before = self._snapshot()
+        t0 = time.perf_counter()
+        inputs = self.prepare(images, prompts)
+        B = inputs["input_ids"].shape[0]
+        if self.trace is not None:
+            self.trace.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+        pos, deltas = self.family.prefill_positions(self.model, inputs)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1)                                   # [B]
+        tokens = [nxt]
+        mask = inputs["attention_mask"]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        self._sync()
+        t_first = time.perf_counter()
+        steps = 0
+        for _ in range(max_new_tokens - 1):
+            done = done | torch.isin(nxt, torch.tensor(sorted(self.eos_ids), device=self.device))
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            if self.trace is not None:
+                self.trace.begin_step("decode", None, B)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask,
+                             position_ids=self.family.decode_positions(mask, deltas),
+                             past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+            steps += 1
+        self._sync()
+        t_end = time.perf_counter()
+        ids = torch.stack(tokens, dim=1).tolist()                           # [B, N]
+        gens = []
+        visual = int(inputs["mm_token_type_ids"].sum())
+        stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
+                                    e2e=t_end - t0, visual=visual)
+        for row in ids:
+            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            row = row if cut is None else row[: cut + 1]
+            text = self.tokenizer.decode([t for t in row if t not in self.eos_ids], skip_special_tokens=True)
+            gens.append(Generation(text=text.strip(), token_ids=row, stats=stats))
+        self.last_stats = stats
+        return gens
+
+    def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+        return self.generate_batch([image], [prompt], max_new_tokens)[0]
+
+    # ---- statistics ------------------------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        self.transfer_stalls()        # flush stalls of earlier work into the counters
+        tot = self.cache.counters.total()
+        return {"hits": tot.hits, "misses": tot.misses, "bytes": tot.bytes_moved, "stall": tot.stall_s}
+
+    def transfer_stalls(self) -> None:
+        for layer, s in self.runtime.transfer.drain_stalls().items():
+            self.cache.counters.layer(layer).stall_s += s
+
+    def _request_stats(self, before: dict, *, ttft, decode_s, steps, e2e, visual) -> dict:
+        after = self._snapshot()
+        hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        return {
+            "expert_budget_bytes": self.budget_bytes,
+            "expert_pool_bytes": self.cache.budget_bytes,
+            "expert_bytes_peak": self.cache.peak_resident * self.layout.nbytes,
+            "expert_bytes": self.layout.nbytes,
+            "slots": self.cache.num_slots,
+            "experts_total": len(self.geometry.moe_layers) * self.geometry.num_experts,
+            "nonexpert_bytes": self.nonexpert_bytes,
+            "policy": self.rc.policy,
+            "expert_tier": self.rc.expert_tier,
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / max(1, hits + misses),
+            "prefetch_hits": 0,
+            "bytes_moved": after["bytes"] - before["bytes"],
+            "stall_s": after["stall"] - before["stall"],
+            "ttft_s": ttft,
+            "tpot_s": decode_s / steps if steps else 0.0,
+            "e2e_s": e2e,
+            "new_tokens": steps + 1,
+            "visual_tokens": visual,
+            "visual_tokens_kept": visual,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+    def per_layer_counters(self) -> dict[int, dict]:
+        return {l: vars(c).copy() for l, c in sorted(self.cache.counters.per_layer.items())}
+
+
+def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
+         device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
+         expert_tier: str = "host", trace: bool = False, max_seq: int = 4096, progress=None) -> Engine:
+    """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
+    rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
+                       reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, max_seq=max_seq)
+    family = get_family(read_model_type(model_dir))
+    make_policy(policy)                                    # validate the name before reading any weights
+    dev = _resolve_device(device)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError, TypeError) as e:
+        raise UserError(f"cannot read config.json in {model_dir}: {str(e).splitlines()[0]}",
+                        "restore the checkpoint's config.json") from None
+    dt = _resolve_dtype(dtype, config, dev)
+    geo = family.geometry(config)
+    layout = BlobLayout(geo.hidden, geo.inter, dt)
+    reader = CheckpointReader(model_dir, geo.hidden, geo.inter)
+    prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
+
+    # --- skeleton + non-expert weights ---
+    config._attn_implementation = "sdpa"
+    with init_empty_weights(include_buffers=False):
+        model = family.model_class(config)
+    model.eval()
+    params = dict(model.named_parameters())
+    expert_pfx = tuple(p + "." for p in prefixes)
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
+        tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    state = {}
+    for key in reader.keys():
+        if key.startswith(expert_pfx):
+            continue
+        t = reader.tensor(key)
+        if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
+            t = t.to(dt)
+        state[key] = t.to(dev)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    del state
+    missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
+    if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
+        missing = [k for k in missing if not k.startswith("lm_head")]
+        model.tie_weights()
+    if missing:
+        raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} weights (e.g. {missing[0]})",
+                        "the checkpoint is incomplete or does not match its config.json")
+    for layer in geo.moe_layers:                 # expert banks stay empty: the runtime serves them
+        experts = family.moe_block(model, layer).experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts, name, torch.nn.Parameter(torch.empty(0, dtype=dt, device=dev), requires_grad=False))
+    model.to(dev)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise UserError(f"checkpoint in {model_dir} lacks weights for {leftover[0]}",
+                        "the checkpoint is incomplete or does not match its config.json")
+    nonexpert = _device_bytes(model)
+
+    # --- budget -> slots ---
+    n_experts = len(geo.moe_layers) * geo.num_experts
+    all_bytes = n_experts * layout.nbytes
+    if expert_budget is not None:
+        budget = parse_size(expert_budget, total=all_bytes, what="expert budget")
+    elif device_memory is not None:
+        total = parse_size(device_memory, what="device memory")
+        res = parse_size(reserve, what="reserve") if reserve else estimate_reserve(config, geo, max_seq, dt, dev)
+        budget = total - nonexpert - res
+        need = nonexpert + res + geo.top_k * layout.nbytes
+        if budget < geo.top_k * layout.nbytes:
+            raise UserError(
+                f"--device-memory {device_memory} is too small: non-expert weights {format_size(nonexpert)} + "
+                f"reserve {format_size(res)} + {geo.top_k} experts leave no room",
+                f"give at least {format_size(need)}")
+    else:
+        budget = all_bytes
+    slots = min(budget // layout.nbytes, n_experts)
+    if slots < geo.top_k:
+        raise UserError(
+            f"expert budget {format_size(budget)} holds {slots} experts of {format_size(layout.nbytes)}; "
+            f"one layer's top-k needs {geo.top_k}",
+            f"give at least --expert-budget {format_size(geo.top_k * layout.nbytes)} "
+            f"({geo.top_k * layout.nbytes} bytes)")
+
+    # --- store, cache, runtime ---
+    pin = dev.type == "cuda"
+    if expert_tier == "host":
+        store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress)
+    else:
+        store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin)
+    cache = ExpertCache(layout, int(slots), dev, make_policy(policy))
+    runtime = OffloadRuntime(cache, TransferEngine(dev, store), geo.moe_layers, geo.num_experts)
+    for layer in geo.moe_layers:
+        runtime.attach(family.moe_block(model, layer).experts, layer)
+    model.set_experts_implementation(IMPLEMENTATION)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        image_processor = family.load_image_processor(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer or image processor of {model_dir}: {str(e).splitlines()[0]}",
+                        "the directory needs tokenizer files and preprocessor_config.json") from None
+    return Engine(model_dir=model_dir, family=family, config=config, model=model, tokenizer=tokenizer,
+                  image_processor=image_processor, runtime=runtime, cache=cache, store=store, device=dev, dtype=dt,
+                  geometry=geo, layout=layout, budget_bytes=int(budget), nonexpert_bytes=nonexpert, rc=rc)

@@ -1,0 +1,137 @@
+"""What the runtime needs to know about one model family, and nothing about offloading.
+
+A `Family` maps a transformers VL-MoE class onto the runtime's vocabulary: which decoder layers are MoE layers,
+where each layer's router (`gate`) and fused experts module live, how the checkpoint names expert weights, how an
+(image, prompt) pair becomes model inputs (tokens, pixels, grid, `mm_token_type_ids`), and how to make a tiny
+random config of the family for tests. Families whose experts use transformers' `@use_experts_implementation`
+need no code of ours in the forward: the runtime registers an experts function through `ExpertsInterface`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ExpertGeometry:
+    """Sizes of one routed expert and of the MoE part of a model."""
+
+    hidden: int          # H
+    inter: int           # I (per expert)
+    num_experts: int     # E per layer
+    top_k: int           # experts per token
+    moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Special tokens of a family's prompt format."""
+
+    image: str           # one placeholder per visual token
+    image_start: str
+    image_end: str
+    eos: tuple[str, ...]
+    pad: str
+    extra: tuple[str, ...] = ()
+
+
+class Family:
+    """Base adapter; subclasses set the class attributes and override what differs."""
+
+    model_type: str = ""
+    model_class: Any = None
+    image_processor_class: Any = None
+    tokens: Tokens
+    # how a prompt looks when the tokenizer ships no chat template; {image} is replaced by the image block
+    fallback_format: str = "{image}{prompt}\n"
+
+    # ---- model structure -------------------------------------------------------------------------------------
+    def text_config(self, config):
+        return config.text_config
+
+    def geometry(self, config) -> ExpertGeometry:
+        raise NotImplementedError
+
+    def decoder_layers(self, model) -> torch.nn.ModuleList:
+        return model.model.language_model.layers
+
+    def moe_block(self, model, layer: int) -> torch.nn.Module:
+        """The module with `.gate` (router returning (logits, weights, indices)) and `.experts` (fused bank)."""
+        return self.decoder_layers(model)[layer].mlp
+
+    def expert_prefix(self, layer: int) -> str:
+        """Checkpoint key prefix of layer `layer`'s routed experts."""
+        return f"model.language_model.layers.{layer}.mlp.experts"
+
+    # ---- inputs ----------------------------------------------------------------------------------------------
+    def load_image_processor(self, model_dir: str):
+        return self.image_processor_class.from_pretrained(model_dir)
+
+    def token_ids(self, tokenizer) -> dict[str, int]:
+        ids = {name: tokenizer.convert_tokens_to_ids(getattr(self.tokens, name))
+               for name in ("image", "image_start", "image_end", "pad")}
+        ids["eos"] = [tokenizer.convert_tokens_to_ids(t) for t in self.tokens.eos]
+        return ids
+
+    def prompt_text(self, tokenizer, prompt: str) -> str:
+        """Chat-formatted text with ONE image placeholder (expanded later to one token per visual token)."""
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        image = self.tokens.image_start + self.tokens.image + self.tokens.image_end
+        return self.fallback_format.format(image=image, prompt=prompt)
+
+    def build_inputs(self, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
+        """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt."""
+        vis = image_processor(images=images, return_tensors="pt")
+        grid = vis["image_grid_thw"]                      # [B, 3] (t, h, w) in patches
+        merge = image_processor.merge_size
+        n_visual = (grid.prod(-1) // (merge * merge)).tolist()
+        image_tok = self.tokens.image
+        texts = []
+        for prompt, n in zip(prompts, n_visual):
+            text = self.prompt_text(tokenizer, prompt)
+            if text.count(image_tok) != 1:
+                raise ValueError(f"chat template produced {text.count(image_tok)} image placeholders, expected 1")
+            texts.append(text.replace(image_tok, image_tok * n))
+        tokenizer.padding_side = "left"
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        image_id = tokenizer.convert_tokens_to_ids(image_tok)
+        mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values": vis["pixel_values"],
+            "image_grid_thw": grid,
+            "mm_token_type_ids": mm_types,
+        }
+
+    # ---- positions (M-RoPE) ------------------------------------------------------------------------------------
+    def prefill_positions(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """([4, B, T] text + 3D rope positions, rope deltas [B, 1]) for a prompt, as transformers computes them."""
+        mask = inputs["attention_mask"]
+        rope, deltas = model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=mask)
+        text = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return torch.cat([text[None], rope.to(text.device)], dim=0), deltas.to(text.device)
+
+    def decode_positions(self, mask: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """[4, B, 1] positions of the newest token; `mask [B, L]` already includes it."""
+        text = mask.long().sum(-1, keepdim=True) - 1                  # [B, 1]
+        rope = (text + deltas)[None].expand(3, -1, -1)
+        return torch.cat([text[None], rope], dim=0)
+
+    # ---- tiny random models for tests ------------------------------------------------------------------------
+    def tiny_config(self, token_ids: dict[str, int], vocab_size: int, **overrides):
+        raise NotImplementedError
+
+    def tiny_image_processor(self):
+        raise NotImplementedError
+
+    def chat_template(self) -> str:
+        raise NotImplementedError

@@ -1,0 +1,61 @@
+"""The hot path: routed experts as one grouped matmul over the device slot pool.
+
+    # T tokens, K experts per token, S slots, H hidden, I expert intermediate, P = T*K (token, expert) pairs
+    slot_idx [T, K]   slot holding each pair's expert this wave, or S when the expert is not in this wave
+    pool     gate_up [S, 2I, H], down [S, H, I]
+
+Pairs are sorted by slot, each slot's rows form one group of `grouped_mm`, and every pair's weighted output row
+lands in `pairs [P, H]`; rows of pairs outside the wave keep what earlier waves wrote. The caller reduces
+`pairs.view(T, K, H).sum(1)` once, after the last wave, so the result does not depend on how the experts were
+split into waves. No host synchronisation happens here (offsets come from `histc`, not `bincount`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [P, in] sorted by group, w [G, in, out], offs [G] cumulative rows -> [P, out] (rows past offs[-1] undefined)."""
+    if x.device.type == "cpu" or w.dtype == torch.bfloat16:
+        return F.grouped_mm(x, w, offs=offs)
+    # CUDA grouped_mm takes bf16 only: loop over the non-empty groups (costs one sync; fp32/fp16 on GPU only)
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    bounds = [0] + offs.tolist()
+    for g in range(w.shape[0]):
+        a, b = bounds[g], bounds[g + 1]
+        if b > a:
+            out[a:b] = x[a:b] @ w[g]
+    return out
+
+
+def experts_on_slots(module, hidden: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor,
+                     gate_up: torch.Tensor, down: torch.Tensor, pairs: torch.Tensor | None,
+                     whole: bool) -> torch.Tensor:
+    """Compute the pairs whose expert is in this wave; returns the updated `pairs [P, H]`.
+
+    `module` is the transformers experts module (its `_apply_gate` knows the family's gating).
+    `whole` says every pair is in this wave (the common case), which skips masking.
+    """
+    T, K = slot_idx.shape
+    S = gate_up.shape[0]
+    flat = slot_idx.reshape(-1)                                   # [P]
+    order, perm = torch.sort(flat, stable=True)                   # [P], [P]
+    x = hidden[perm // K].to(gate_up.dtype)                       # [P, H]
+    hist_in = order.float() if order.device.type == "cpu" else order.int()
+    counts = torch.histc(hist_in, bins=S, min=0, max=S - 1)       # [S]; the sentinel S falls outside
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)         # [S]
+    h = _grouped_mm(x, gate_up.transpose(-2, -1), offs)           # [P, 2I]
+    h = module._apply_gate(h)                                     # [P, I]
+    y = _grouped_mm(h, down.transpose(-2, -1), offs)              # [P, H]
+    y = y * weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)   # [P, H]
+    if whole:
+        out = torch.empty_like(y) if pairs is None else pairs
+        out[perm] = y
+        return out
+    if pairs is None:
+        pairs = y.new_zeros(T * K, y.shape[-1])
+    valid = (order < S).unsqueeze(-1)                             # [P, 1]
+    pairs[perm] = torch.where(valid, y, pairs[perm])
+    return pairs

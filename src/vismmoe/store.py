@@ -1,0 +1,216 @@
+"""Where expert weights live when they are not on the device, and how one expert is read.
+
+Owns the expert blob layout (ONE contiguous, 128-byte aligned blob per expert: `gate_up [2I, H]` then
+`down [H, I]`, in the runtime dtype, so a miss is a single copy), the reader that finds an expert in a checkpoint's
+safetensors files whatever their layout, and the two tiers:
+
+- `HostStore`: every expert read once at load into host RAM, one buffer per layer `[E, blob]` (pinned when the
+  device is a GPU, so copies run at link speed and can be asynchronous).
+- `DiskStore`: nothing held; each request reads the expert's slices from the safetensors files into a reusable
+  staging buffer. RAM use is bounded by the staging ring, never by the number of experts.
+
+It does not know about slots, caches or policies: `blob(layer, expert)` hands out host memory, that is all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from .errors import UserError
+
+_ALIGN_ELEMS = 64   # blob length is padded to a multiple of this many elements (128 B in bf16)
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    """Byte layout of one expert blob and views into a `[N, blob]` pool."""
+
+    hidden: int
+    inter: int
+    dtype: torch.dtype
+
+    @property
+    def gate_up_numel(self) -> int:
+        return 2 * self.inter * self.hidden
+
+    @property
+    def down_numel(self) -> int:
+        return self.hidden * self.inter
+
+    @property
+    def numel(self) -> int:
+        n = self.gate_up_numel + self.down_numel
+        return -(-n // _ALIGN_ELEMS) * _ALIGN_ELEMS
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pool [N, numel]` -> (gate_up [N, 2I, H], down [N, H, I]) sharing its memory."""
+        n = pool.shape[0]
+        gu = pool[:, : self.gate_up_numel].unflatten(1, (2 * self.inter, self.hidden))
+        dn = pool[:, self.gate_up_numel : self.gate_up_numel + self.down_numel].unflatten(1, (self.hidden, self.inter))
+        assert gu.shape == (n, 2 * self.inter, self.hidden)
+        return gu, dn
+
+    def pack(self, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write one expert (gate_up [2I, H], down [H, I]) into the flat blob `out [numel]`."""
+        out[: self.gate_up_numel].view(2 * self.inter, self.hidden).copy_(gate_up)
+        out[self.gate_up_numel : self.gate_up_numel + self.down_numel].view(self.hidden, self.inter).copy_(down)
+        if self.numel > self.gate_up_numel + self.down_numel:
+            out[self.gate_up_numel + self.down_numel :].zero_()
+        return out
+
+
+class CheckpointReader:
+    """Reads single experts from a checkpoint directory's safetensors files, any of three layouts:
+
+    - fused, transformers-native: `{prefix}.gate_up_proj [E, 2I, H]`, `{prefix}.down_proj [E, H, I]`
+    - fused, transposed (Qwen3-VL-MoE hub files): `[E, H, 2I]`, `[E, I, H]`
+    - split per expert (GLM-4.5V, Qwen-MoE hub files): `{prefix}.{e}.gate_proj.weight [I, H]`, `up_proj [I, H]`,
+      `down_proj.weight [H, I]`
+    Only the requested expert's bytes are read (safetensors slices are memory-mapped).
+    """
+
+    def __init__(self, model_dir: str, hidden: int, inter: int):
+        self.dir = model_dir
+        self.hidden, self.inter = hidden, inter
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        else:
+            single = os.path.join(model_dir, "model.safetensors")
+            if not os.path.exists(single):
+                raise UserError(f"no safetensors weights in {model_dir}",
+                                "the directory needs model.safetensors or model.safetensors.index.json")
+            with safe_open(single, "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def keys(self) -> Iterable[str]:
+        return self.weight_map.keys()
+
+    def _handle(self, key: str):
+        fname = self.weight_map[key]
+        with self._lock:
+            h = self._handles.get(fname)
+            if h is None:
+                h = safe_open(os.path.join(self.dir, fname), "pt")
+                self._handles[fname] = h
+        return h
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._handle(key).get_tensor(key)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handle(key).get_slice(key).get_shape())
+
+    def is_expert_key(self, key: str, prefixes: tuple[str, ...]) -> bool:
+        return key.startswith(prefixes)
+
+    def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged)."""
+        H, I = self.hidden, self.inter
+        fused = f"{prefix}.gate_up_proj"
+        if fused in self.weight_map:
+            gu = self._handle(fused).get_slice(fused)[expert]
+            dkey = f"{prefix}.down_proj"
+            dn = self._handle(dkey).get_slice(dkey)[expert]
+            # Orientation: down_proj tells when I != H; otherwise gate_up does (2I != H when I == H).
+            if tuple(dn.shape) == (H, I) and (I != H or tuple(gu.shape) == (2 * I, H)):
+                return gu, dn
+            if tuple(dn.shape) == (I, H) and tuple(gu.shape) == (H, 2 * I):
+                return gu.t(), dn.t()
+            raise UserError(f"expert tensors of {prefix} have shapes {list(gu.shape)}, {list(dn.shape)}",
+                            f"expected hidden {H} and expert intermediate {I} as config.json says")
+        split = f"{prefix}.{expert}.gate_proj.weight"
+        if split in self.weight_map:
+            g = self.tensor(split)
+            u = self.tensor(f"{prefix}.{expert}.up_proj.weight")
+            d = self.tensor(f"{prefix}.{expert}.down_proj.weight")
+            return torch.cat([g, u], dim=0), d
+        raise UserError(f"checkpoint in {self.dir} has no weights for {prefix} expert {expert}",
+                        "the checkpoint is incomplete or not of the model type config.json names")
+
+
+class HostStore:
+    """All experts in host RAM: one `[E, blob]` buffer per MoE layer, pinned when copies go to a GPU."""
+
+    tier = "host"
+
+    def __init__(self, layout: BlobLayout, num_experts: int, buffers: list[torch.Tensor]):
+        self.layout = layout
+        self.num_experts = num_experts
+        self.buffers = buffers          # [L] x [E, numel]
+
+    @classmethod
+    def from_checkpoint(cls, reader: CheckpointReader, prefixes: list[str], layout: BlobLayout, num_experts: int,
+                        pin: bool, progress=None) -> HostStore:
+        buffers = []
+        for prefix in prefixes:
+            buf = torch.empty(num_experts, layout.numel, dtype=layout.dtype)
+            for e in range(num_experts):
+                gu, dn = reader.read(prefix, e)
+                layout.pack(gu, dn, buf[e])
+            buffers.append(buf.pin_memory() if pin else buf)
+            if progress is not None:
+                progress()
+        return cls(layout, num_experts, buffers)
+
+    def blob(self, layer_pos: int, expert: int) -> torch.Tensor:
+        return self.buffers[layer_pos][expert]
+
+    def release(self, blob: torch.Tensor) -> None:
+        """Host blobs are permanent; nothing to give back."""
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+class DiskStore:
+    """Experts stay in the checkpoint files; `blob` reads one into a staging buffer from a small ring.
+
+    The caller must `release(blob)` once the copy out of it has finished (the transfer engine does).
+    """
+
+    tier = "disk"
+
+    def __init__(self, reader: CheckpointReader, prefixes: list[str], layout: BlobLayout, num_experts: int,
+                 pin: bool, staging: int = 8):
+        self.reader = reader
+        self.prefixes = prefixes
+        self.layout = layout
+        self.num_experts = num_experts
+        ring = torch.empty(staging, layout.numel, dtype=layout.dtype)
+        self.ring = ring.pin_memory() if pin else ring
+        self._free = list(range(staging))
+        self._cv = threading.Condition()
+        self.bytes_read = 0
+
+    def blob(self, layer_pos: int, expert: int) -> torch.Tensor:
+        with self._cv:
+            while not self._free:
+                self._cv.wait()
+            i = self._free.pop()
+        gu, dn = self.reader.read(self.prefixes[layer_pos], expert)
+        self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
+        return self.layout.pack(gu, dn, self.ring[i])
+
+    def release(self, blob: torch.Tensor) -> None:
+        i = (blob.data_ptr() - self.ring.data_ptr()) // (self.layout.numel * self.ring.element_size())
+        with self._cv:
+            self._free.append(int(i))
+            self._cv.notify()
+
+    def nbytes(self) -> int:
+        return self.ring.numel() * self.ring.element_size()

@@ -1,0 +1,41 @@
+"""`vismmoe make-tiny`: a tiny random checkpoint of a family, saved exactly as a real one is.
+
+`save_pretrained` of the transformers model class, a locally trained byte-level BPE tokenizer with the family's
+special tokens and chat template, and a PIL image processor config. Loads with plain `from_pretrained` and with
+`vismmoe.load`. Used by tests (no downloads) and by the demo until a trained default model exists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .families import get_family
+from .tokenizer import build_tokenizer
+
+
+def make_tiny(family_name: str, out_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+              max_side: int = 224, **overrides) -> str:
+    family = get_family(family_name)
+    tok = build_tokenizer(family, vocab_size=overrides.pop("vocab", 400))
+    ids = family.token_ids(tok)
+    config = family.tiny_config(ids, vocab_size=len(tok), **overrides)
+    torch.manual_seed(seed)
+    model = family.model_class(config).to(dtype)
+    _spread_router(family, model, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    family.tiny_image_processor(max_side).save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def _spread_router(family, model, seed: int) -> None:
+    """transformers initialises router weights to zeros (every token would pick experts 0..k-1). Random small
+    weights make tokens route to different experts, as in a real model, so offloading gets exercised."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in family.geometry(model.config).moe_layers:
+        gate = family.moe_block(model, layer).gate
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.5)
