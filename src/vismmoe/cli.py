@@ -1,0 +1,119 @@
+"""The `vismmoe` console script: one subcommand per job, user errors as one line and exit status 2.
+
+Subcommands parse arguments, call the library, and print; they hold no logic of their own.
+`--json` prints exactly one JSON object on the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                      # one line, exit 2 (argparse prints usage + error otherwise)
+        sys.stderr.write(f"vismmoe: error: {message} (see vismmoe {self.prog.split()[-1]} --help)\n")
+        sys.exit(2)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
+                   "the checkpoint's dtype on cuda)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--expert-budget", default=None, metavar="SIZE",
+                   help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%%")
+    g.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="total device bytes; experts get what weights and the KV/activation reserve leave")
+    p.add_argument("--reserve", default=None, metavar="SIZE", help="KV/activation reserve for --device-memory")
+    p.add_argument("--policy", default="lru", help="cache eviction policy: lru | lfu | none (default lru)")
+    p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
+                   help="where experts live off the device: host RAM (default) or disk (read on demand)")
+
+
+def _engine_from(args, trace: bool = False):
+    from .engine import load
+    from .progress import layer_progress
+    with layer_progress("reading experts") as tick:
+        return load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
+                    device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
+                    expert_tier=args.expert_tier, trace=trace, progress=tick)
+
+
+def cmd_generate(args) -> int:
+    from .report import console, stats_table
+    if not args.prompt.strip():
+        raise UserError("empty --prompt", "ask something about the image")
+    eng = _engine_from(args, trace=bool(args.trace))
+    gen = eng.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens)
+    if args.trace:
+        eng.trace.save(args.trace)
+    if args.json:
+        print(json.dumps({"text": gen.text, "token_ids": gen.token_ids, "stats": gen.stats,
+                          "per_layer": eng.per_layer_counters()}))
+    else:
+        out = console()
+        out.print(f"[bold]answer:[/bold] {gen.text}")
+        out.print(stats_table(gen.stats))
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+    out = make_tiny(args.family, args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(device=args.device, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vismmoe", description="Run vision-language MoE models with experts offloaded.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="answer a prompt about an image")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    g.add_argument("--image", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--trace", default=None, metavar="FILE", help="save the routing trace (.npz)")
+    g.add_argument("--json", action="store_true")
+    _add_runtime_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for tests)")
+    t.add_argument("--family", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny)
+
+    d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:                         # --help, or a usage error already printed as one line
+        return int(e.code or 0)
+    try:
+        return args.func(args)
+    except UserError as e:
+        sys.stderr.write(f"vismmoe: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("vismmoe: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

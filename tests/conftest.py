@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random checkpoints of each family (built once per session, no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("VISMMOE_QUIET", "1")
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+FAMILIES = ("qwen3_vl_moe", "glm4v_moe")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    from vismmoe.tiny import make_tiny
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny(f, str(root / f), layers=4, experts=8, top_k=2) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "noise.png"
+    Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

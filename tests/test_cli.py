@@ -1,0 +1,127 @@
+"""The console script: `generate --json` fields, and one clear line + exit 2 for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from vismmoe.cli import main
+
+STATS_KEYS = {"expert_budget_bytes", "expert_bytes_peak", "hits", "misses", "prefetch_hits", "bytes_moved",
+              "stall_s", "ttft_s", "tpot_s", "e2e_s", "visual_tokens", "visual_tokens_kept"}
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_has_contract_fields(tiny_dirs, image_file, capsys, tmp_path):
+    trace = tmp_path / "t.npz"
+    code, out, err = _run(capsys, "generate", "--model", tiny_dirs["qwen3_vl_moe"], "--image", image_file,
+                          "--prompt", "What is this?", "--max-new-tokens", "5", "--expert-budget", "30%",
+                          "--json", "--trace", str(trace))
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    obj = json.loads(last)
+    assert {"text", "token_ids", "stats"} <= obj.keys()
+    assert STATS_KEYS <= obj["stats"].keys()
+    s = obj["stats"]
+    assert s["expert_bytes_peak"] <= s["expert_budget_bytes"]
+    assert s["hits"] + s["misses"] > 0 and s["bytes_moved"] == s["misses"] * s["expert_bytes"]
+    assert 1 <= len(obj["token_ids"]) <= 5
+    assert trace.exists()
+
+
+def _expect_user_error(capsys, argv, needle):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and needle in lines[0], lines[0]
+    assert lines[0].startswith("vismmoe: error:")
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path, tiny_dirs):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    fake_png = tmp_path / "broken.png"
+    fake_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 9000)).save(huge)
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], unknown)
+    cfg = json.loads((unknown / "config.json").read_text())
+    cfg["model_type"] = "mystery_moe"
+    (unknown / "config.json").write_text(json.dumps(cfg))
+    broken_cfg = tmp_path / "brokencfg"
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], broken_cfg)
+    (broken_cfg / "config.json").write_text("{not json")
+    no_weights = tmp_path / "noweights"
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], no_weights)
+    os.remove(no_weights / "model.safetensors")
+    return {"text": str(text), "fake_png": str(fake_png), "huge": str(huge), "unknown": str(unknown),
+            "broken_cfg": str(broken_cfg), "no_weights": str(no_weights)}
+
+
+def test_bad_input_one_line_exit_2(tiny_dirs, image_file, capsys, bad_inputs, tmp_path):
+    model = tiny_dirs["qwen3_vl_moe"]
+    base = ["generate", "--prompt", "hi", "--max-new-tokens", "2"]
+    cases = [
+        (["--model", str(tmp_path / "nope"), "--image", image_file], "model directory not found"),
+        (["--model", model, "--image", str(tmp_path / "missing.png")], "image not found"),
+        (["--model", model, "--image", bad_inputs["text"]], "not a readable image"),
+        (["--model", model, "--image", bad_inputs["fake_png"]], "not a readable image"),
+        (["--model", model, "--image", bad_inputs["huge"]], "image too large"),
+        (["--model", model, "--image", str(tmp_path)], "is a directory"),
+        (["--model", bad_inputs["unknown"], "--image", image_file], "unknown model type 'mystery_moe'"),
+        (["--model", bad_inputs["broken_cfg"], "--image", image_file], "not valid JSON"),
+        (["--model", bad_inputs["no_weights"], "--image", image_file], "no safetensors weights"),
+        (["--model", model, "--image", image_file, "--expert-budget", "1KiB"], "top-k needs 2"),
+        (["--model", model, "--image", image_file, "--expert-budget", "lots"], "bad expert budget"),
+        (["--model", model, "--image", image_file, "--device-memory", "1MiB"], "too small"),
+        (["--model", model, "--image", image_file, "--policy", "fifo"], "unknown cache policy"),
+        (["--model", model, "--image", image_file, "--dtype", "int3"], "unknown dtype"),
+        (["--model", model, "--image", image_file, "--max-new-tokens", "0"], "at least 1"),
+        (["--model", model, "--image", image_file, "--prompt", "   "], "empty --prompt"),
+        (["--model", model, "--image", image_file, "--expert-budget", "1GiB", "--device-memory", "2GiB"],
+         "not allowed with argument"),
+        (["--model", model], "required"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--model", model, "--image", image_file, "--device", "cuda"], "no CUDA device"))
+    for extra, needle in cases:
+        argv = base + extra
+        if "--prompt" in extra:                      # the case overrides the prompt
+            argv = ["generate", "--max-new-tokens", "2"] + extra
+        _expect_user_error(capsys, argv, needle)
+
+
+def test_budget_error_names_the_minimum(tiny_dirs, image_file, capsys):
+    code, _, err = _run(capsys, "generate", "--model", tiny_dirs["glm4v_moe"], "--image", image_file,
+                        "--prompt", "hi", "--expert-budget", "100")
+    assert code == 2 and "give at least --expert-budget" in err
+
+
+def test_console_script_subprocess(tiny_dirs, image_file, tmp_path):
+    """The installed entry point, as a user runs it: success prints JSON last, a bad image exits 2 cleanly."""
+    exe = shutil.which("vismmoe") or [sys.executable, "-m", "vismmoe"]
+    exe = [exe] if isinstance(exe, str) else exe
+    env = dict(os.environ, VISMMOE_QUIET="1")
+    ok = subprocess.run(exe + ["generate", "--model", tiny_dirs["glm4v_moe"], "--image", image_file, "--prompt",
+                               "hi", "--max-new-tokens", "3", "--expert-budget", "50%", "--json"],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "stats" in json.loads(ok.stdout.strip().splitlines()[-1])
+    bad = subprocess.run(exe + ["generate", "--model", tiny_dirs["glm4v_moe"], "--image", str(tmp_path / "x.jpg"),
+                                "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,76 @@
+"""Eviction policies, the wave planner, and the cache mechanism on tiny inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vismmoe.cache import ExpertCache
+from vismmoe.errors import UserError
+from vismmoe.policies import LFUPolicy, LRUPolicy, NoCachePolicy, make_policy
+from vismmoe.schedule import plan_waves
+from vismmoe.store import BlobLayout
+
+
+def test_lru_evicts_least_recent():
+    p = LRUPolicy()
+    for k in [(0, 1), (0, 2), (0, 3)]:
+        p.on_insert(k)
+    p.on_access((0, 1))
+    assert p.choose_victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
+    assert p.choose_victim([(0, 1), (0, 3)]) == (0, 3)
+    p.on_evict((0, 2))
+    assert p.choose_victim([(0, 1), (0, 2), (0, 3)]) == (0, 3)
+
+
+def test_lfu_evicts_least_frequent_then_oldest():
+    p = LFUPolicy()
+    for k in [(0, 1), (0, 2), (0, 3)]:
+        p.on_insert(k)
+    p.on_access((0, 1))
+    p.on_access((0, 3))
+    assert p.choose_victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
+    p.on_access((0, 2))
+    # all used twice now; (0, 1) was touched longest ago
+    assert p.choose_victim([(0, 1), (0, 2), (0, 3)]) == (0, 1)
+
+
+def test_unknown_policy_is_a_user_error():
+    with pytest.raises(UserError, match="lfu, lru, none"):
+        make_policy("fifo")
+
+
+def test_plan_waves_hits_first_and_capacity():
+    assert plan_waves([1, 2, 3], {2}, 3) == [[2, 1, 3]]
+    assert plan_waves([1, 2, 3, 4, 5], {5}, 2) == [[5, 1], [2, 3], [4]]
+    assert plan_waves([1, 2], {1, 2}, 2) == [[1, 2]]
+    assert plan_waves([4, 5, 6], set(), 1) == [[4], [5], [6]]
+    for needed, res, cap in [([1, 2, 3, 4, 5, 6, 7], {3, 6}, 3), (list(range(20)), set(range(0, 20, 3)), 7)]:
+        waves = plan_waves(needed, res, cap)
+        assert sorted(e for w in waves for e in w) == sorted(needed)
+        assert all(len(w) <= cap for w in waves)
+        assert set(waves[0]) >= res & set(needed)
+
+
+def _cache(slots, policy):
+    return ExpertCache(BlobLayout(8, 4, torch.float32), slots, torch.device("cpu"), policy)
+
+
+def test_cache_claims_free_slots_then_evicts_unpinned():
+    c = _cache(2, LRUPolicy())
+    s1 = c.claim((0, 1), pinned={(0, 1)})
+    s2 = c.claim((0, 2), pinned={(0, 2)})
+    assert {s1, s2} == {0, 1}
+    c.touch((0, 1))
+    s3 = c.claim((1, 7), pinned={(1, 7), (0, 2)})     # (0, 2) is pinned, so (0, 1) must go despite recency
+    assert s3 == s1 and not c.resident((0, 1)) and c.resident((0, 2))
+    with pytest.raises(LookupError):
+        c.claim((1, 8), pinned={(1, 7), (0, 2), (1, 8)})
+    t = c.counters.total()
+    assert (t.hits, t.misses) == (1, 3)
+    assert t.bytes_moved == 3 * c.layout.nbytes
+    assert c.peak_resident == 2 and len(c.slot_of) <= c.num_slots
+
+
+def test_none_policy_keeps_nothing():
+    assert NoCachePolicy.retain is False and LRUPolicy.retain is True
