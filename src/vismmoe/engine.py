@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import init_empty_weights
@@ -110,32 +110,95 @@ def _device_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], trace=None):
+    """Greedy decoding with a KV cache: (token ids [B][N], perf_counter time of the first token, decode steps).
+
+    Positions are explicit: M-RoPE for the prompt as transformers computes them, then text position + rope delta
+    for each new token. Stops when every row has produced an EOS (rows are cut by the caller).
+    """
+    dev = inputs["input_ids"].device
+    B = inputs["input_ids"].shape[0]
+    if trace is not None:
+        trace.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+    pos, deltas = family.prefill_positions(model, inputs)
+    cache = DynamicCache(config=model.config)
+    out = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1)                                   # [B]
+    tokens = [nxt]
+    mask = inputs["attention_mask"]
+    eos = torch.tensor(sorted(eos_ids), device=dev, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_first = time.perf_counter()
+    steps = 0
+    for _ in range(max_new_tokens - 1):
+        if len(eos):
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        if trace is not None:
+            trace.begin_step("decode", None, B)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=family.decode_positions(mask, deltas),
+                    past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens.append(nxt)
+        steps += 1
+    return torch.stack(tokens, dim=1).tolist(), t_first, steps
+
+
 class Engine:
-    def __init__(self, *, model_dir, family, config, model, tokenizer, image_processor, runtime, cache, store,
-                 device, dtype, geometry, layout, budget_bytes, nonexpert_bytes, rc: RuntimeConfig):
+    """A loaded model whose routed experts run out of a byte-budgeted device cache.
+
+    `fork()` gives another engine over the same weights and store with its own budget/policy (benchmarks compare
+    several in one process); the engine that generates attaches its runtime to the experts modules first.
+    """
+
+    def __init__(self, *, model_dir, family, config, model, tokenizer, image_processor, store, device, dtype,
+                 geometry, layout, nonexpert_bytes, budget_bytes: int, rc: RuntimeConfig):
         self.model_dir = model_dir
         self.family = family
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.runtime = runtime
-        self.cache = cache
         self.store = store
         self.device = device
         self.dtype = dtype
         self.geometry = geometry
         self.layout = layout
-        self.budget_bytes = budget_bytes
         self.nonexpert_bytes = nonexpert_bytes
+        self.budget_bytes = budget_bytes
         self.rc = rc
+        slots = min(budget_bytes // layout.nbytes, len(geometry.moe_layers) * geometry.num_experts)
+        self.cache = ExpertCache(layout, int(slots), device, make_policy(rc.policy))
+        self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store), geometry.moe_layers,
+                                      geometry.num_experts)
         self.trace: RoutingTrace | None = None
         if rc.trace:
             self.trace = RoutingTrace()
-            runtime.observers.append(self.trace)
-        ids = family.token_ids(tokenizer)
-        self.eos_ids = {i for i in ids["eos"] if i is not None and i >= 0}
+            self.runtime.observers.append(self.trace)
+        self.eos_ids: set[int] = set()
+        if tokenizer is not None:
+            self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
         self.last_stats: dict = {}
+        self._activate()
+        model.set_experts_implementation(IMPLEMENTATION)
+
+    def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False) -> Engine:
+        """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`."""
+        rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
+                     policy=policy or self.rc.policy, trace=trace)
+        budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
+        return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
+                      tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
+                      device=self.device, dtype=self.dtype, geometry=self.geometry, layout=self.layout,
+                      nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc)
+
+    def _activate(self) -> None:
+        for layer in self.geometry.moe_layers:
+            self.runtime.attach(self.family.moe_block(self.model, layer).experts, layer)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def prepare(self, images, prompts: list[str]) -> dict:
@@ -153,52 +216,42 @@ class Engine:
     @torch.inference_mode()
     def forward_logits(self, inputs: dict) -> torch.Tensor:
         """Logits of every prompt position (for tests and analysis; no KV cache kept)."""
+        self._activate()
         pos, _ = self.family.prefill_positions(self.model, inputs)
         return self.model(**inputs, position_ids=pos, use_cache=False).logits
 
     @torch.inference_mode()
-    def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
+    def generate_ids(self, inputs: dict, max_new_tokens: int = 32) -> tuple[list[list[int]], dict]:
+        """Greedy decoding from prepared inputs: (token ids per row, cut after the first EOS; request stats)."""
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
+        self._activate()
         before = self._snapshot()
-        t0 = time.perf_counter()
-        inputs = self.prepare(images, prompts)
-        B = inputs["input_ids"].shape[0]
-        if self.trace is not None:
-            self.trace.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
-        pos, deltas = self.family.prefill_positions(self.model, inputs)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1)                                   # [B]
-        tokens = [nxt]
-        mask = inputs["attention_mask"]
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
         self._sync()
-        t_first = time.perf_counter()
-        steps = 0
-        for _ in range(max_new_tokens - 1):
-            done = done | torch.isin(nxt, torch.tensor(sorted(self.eos_ids), device=self.device))
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            if self.trace is not None:
-                self.trace.begin_step("decode", None, B)
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask,
-                             position_ids=self.family.decode_positions(mask, deltas),
-                             past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-            steps += 1
+        t0 = time.perf_counter()
+        tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids, self.trace)
         self._sync()
         t_end = time.perf_counter()
-        ids = torch.stack(tokens, dim=1).tolist()                           # [B, N]
-        gens = []
+        rows = []
+        for row in tokens:
+            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+            rows.append(row if cut is None else row[: cut + 1])
         visual = int(inputs["mm_token_type_ids"].sum())
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
                                     e2e=t_end - t0, visual=visual)
-        for row in ids:
-            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            row = row if cut is None else row[: cut + 1]
+        self.last_stats = stats
+        return rows, stats
+
+    def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
+        if max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
+        t0 = time.perf_counter()
+        inputs = self.prepare(images, prompts)
+        t_prep = time.perf_counter() - t0
+        rows, stats = self.generate_ids(inputs, max_new_tokens)
+        stats = dict(stats, ttft_s=stats["ttft_s"] + t_prep, e2e_s=stats["e2e_s"] + t_prep, preprocess_s=t_prep)
+        gens = []
+        for row in rows:
             text = self.tokenizer.decode([t for t in row if t not in self.eos_ids], skip_special_tokens=True)
             gens.append(Generation(text=text.strip(), token_ids=row, stats=stats))
         self.last_stats = stats
@@ -211,7 +264,8 @@ class Engine:
     def _snapshot(self) -> dict:
         self.transfer_stalls()        # flush stalls of earlier work into the counters
         tot = self.cache.counters.total()
-        return {"hits": tot.hits, "misses": tot.misses, "bytes": tot.bytes_moved, "stall": tot.stall_s}
+        return {"hits": tot.hits, "misses": tot.misses, "bytes": tot.bytes_moved, "stall": tot.stall_s,
+                "copy": self.runtime.transfer.copy_s}
 
     def transfer_stalls(self) -> None:
         for layer, s in self.runtime.transfer.drain_stalls().items():
@@ -220,6 +274,7 @@ class Engine:
     def _request_stats(self, before: dict, *, ttft, decode_s, steps, e2e, visual) -> dict:
         after = self._snapshot()
         hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        moved, copy_s = after["bytes"] - before["bytes"], after["copy"] - before["copy"]
         return {
             "expert_budget_bytes": self.budget_bytes,
             "expert_pool_bytes": self.cache.budget_bytes,
@@ -234,7 +289,9 @@ class Engine:
             "misses": misses,
             "hit_rate": hits / max(1, hits + misses),
             "prefetch_hits": 0,
-            "bytes_moved": after["bytes"] - before["bytes"],
+            "bytes_moved": moved,
+            "copy_s": copy_s,
+            "h2d_GBps": moved / copy_s / 1e9 if copy_s > 0 else None,
             "stall_s": after["stall"] - before["stall"],
             "ttft_s": ttft,
             "tpot_s": decode_s / steps if steps else 0.0,
@@ -248,6 +305,77 @@ class Engine:
 
     def per_layer_counters(self) -> dict[int, dict]:
         return {l: vars(c).copy() for l, c in sorted(self.cache.counters.per_layer.items())}
+
+
+def resolve_budget(rc: RuntimeConfig, layout: BlobLayout, geo, nonexpert: int, config, dev) -> int:
+    """Expert bytes from --expert-budget (bytes or % of all experts) or --device-memory; checks the minimum."""
+    all_bytes = len(geo.moe_layers) * geo.num_experts * layout.nbytes
+    least = geo.top_k * layout.nbytes
+    if rc.expert_budget is not None:
+        budget = parse_size(rc.expert_budget, total=all_bytes, what="expert budget")
+    elif rc.device_memory is not None:
+        total = parse_size(rc.device_memory, what="device memory")
+        res = parse_size(rc.reserve, what="reserve") if rc.reserve else \
+            estimate_reserve(config, geo, rc.max_seq, layout.dtype, dev)
+        budget = total - nonexpert - res
+        if budget < least:
+            raise UserError(
+                f"--device-memory {rc.device_memory} is too small: non-expert weights {format_size(nonexpert)} + "
+                f"reserve {format_size(res)} + {geo.top_k} experts do not fit",
+                f"give at least {format_size(nonexpert + res + least)}")
+    else:
+        budget = all_bytes
+    if budget // layout.nbytes < geo.top_k:
+        raise UserError(
+            f"expert budget {format_size(budget)} holds {budget // layout.nbytes} experts of "
+            f"{format_size(layout.nbytes)}; one layer's top-k needs {geo.top_k}",
+            f"give at least --expert-budget {format_size(least)} ({least} bytes)")
+    return int(budget)
+
+
+def skeleton(family, config) -> torch.nn.Module:
+    """The model with every parameter on `meta` (buffers real): nothing allocated for weights yet."""
+    config._attn_implementation = "sdpa"
+    with init_empty_weights(include_buffers=False):
+        model = family.model_class(config)
+    return model.eval()
+
+
+def _load_nonexpert(model, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str) -> None:
+    """Every checkpoint tensor except routed experts, straight to the device (params in `dt`)."""
+    params = dict(model.named_parameters())
+    expert_pfx = tuple(p + "." for p in prefixes)
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
+        tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    state = {}
+    for key in reader.keys():
+        if key.startswith(expert_pfx):
+            continue
+        t = reader.tensor(key)
+        if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
+            t = t.to(dt)
+        state[key] = t.to(dev)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
+    config = model.config
+    if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
+        missing = [k for k in missing if not k.startswith("lm_head")]
+        model.tie_weights()
+    if missing:
+        raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} weights (e.g. {missing[0]})",
+                        "the checkpoint is incomplete or does not match its config.json")
+
+
+def strip_experts(model, family, geo, dt, dev) -> None:
+    """Replace the fused expert banks by empty placeholders (the runtime serves experts) and move the rest."""
+    for layer in geo.moe_layers:
+        experts = family.moe_block(model, layer).experts
+        for name in ("gate_up_proj", "down_proj"):
+            setattr(experts, name, torch.nn.Parameter(torch.empty(0, dtype=dt, device=dev), requires_grad=False))
+    model.to(dev)
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise UserError(f"no weights for {leftover[0]}", "the checkpoint is incomplete or does not match its config")
 
 
 def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
@@ -270,79 +398,17 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
 
-    # --- skeleton + non-expert weights ---
-    config._attn_implementation = "sdpa"
-    with init_empty_weights(include_buffers=False):
-        model = family.model_class(config)
-    model.eval()
-    params = dict(model.named_parameters())
-    expert_pfx = tuple(p + "." for p in prefixes)
-    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
-        tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    state = {}
-    for key in reader.keys():
-        if key.startswith(expert_pfx):
-            continue
-        t = reader.tensor(key)
-        if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
-            t = t.to(dt)
-        state[key] = t.to(dev)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    del state
-    missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
-    if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
-        missing = [k for k in missing if not k.startswith("lm_head")]
-        model.tie_weights()
-    if missing:
-        raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} weights (e.g. {missing[0]})",
-                        "the checkpoint is incomplete or does not match its config.json")
-    for layer in geo.moe_layers:                 # expert banks stay empty: the runtime serves them
-        experts = family.moe_block(model, layer).experts
-        for name in ("gate_up_proj", "down_proj"):
-            setattr(experts, name, torch.nn.Parameter(torch.empty(0, dtype=dt, device=dev), requires_grad=False))
-    model.to(dev)
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise UserError(f"checkpoint in {model_dir} lacks weights for {leftover[0]}",
-                        "the checkpoint is incomplete or does not match its config.json")
+    model = skeleton(family, config)
+    _load_nonexpert(model, reader, prefixes, dt, dev, model_dir)
+    strip_experts(model, family, geo, dt, dev)
     nonexpert = _device_bytes(model)
 
-    # --- budget -> slots ---
-    n_experts = len(geo.moe_layers) * geo.num_experts
-    all_bytes = n_experts * layout.nbytes
-    if expert_budget is not None:
-        budget = parse_size(expert_budget, total=all_bytes, what="expert budget")
-    elif device_memory is not None:
-        total = parse_size(device_memory, what="device memory")
-        res = parse_size(reserve, what="reserve") if reserve else estimate_reserve(config, geo, max_seq, dt, dev)
-        budget = total - nonexpert - res
-        need = nonexpert + res + geo.top_k * layout.nbytes
-        if budget < geo.top_k * layout.nbytes:
-            raise UserError(
-                f"--device-memory {device_memory} is too small: non-expert weights {format_size(nonexpert)} + "
-                f"reserve {format_size(res)} + {geo.top_k} experts leave no room",
-                f"give at least {format_size(need)}")
-    else:
-        budget = all_bytes
-    slots = min(budget // layout.nbytes, n_experts)
-    if slots < geo.top_k:
-        raise UserError(
-            f"expert budget {format_size(budget)} holds {slots} experts of {format_size(layout.nbytes)}; "
-            f"one layer's top-k needs {geo.top_k}",
-            f"give at least --expert-budget {format_size(geo.top_k * layout.nbytes)} "
-            f"({geo.top_k * layout.nbytes} bytes)")
-
-    # --- store, cache, runtime ---
+    budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     pin = dev.type == "cuda"
     if expert_tier == "host":
         store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress)
     else:
         store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin)
-    cache = ExpertCache(layout, int(slots), dev, make_policy(policy))
-    runtime = OffloadRuntime(cache, TransferEngine(dev, store), geo.moe_layers, geo.num_experts)
-    for layer in geo.moe_layers:
-        runtime.attach(family.moe_block(model, layer).experts, layer)
-    model.set_experts_implementation(IMPLEMENTATION)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -351,5 +417,5 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
         raise UserError(f"cannot load the tokenizer or image processor of {model_dir}: {str(e).splitlines()[0]}",
                         "the directory needs tokenizer files and preprocessor_config.json") from None
     return Engine(model_dir=model_dir, family=family, config=config, model=model, tokenizer=tokenizer,
-                  image_processor=image_processor, runtime=runtime, cache=cache, store=store, device=dev, dtype=dt,
-                  geometry=geo, layout=layout, budget_bytes=int(budget), nonexpert_bytes=nonexpert, rc=rc)
+                  image_processor=image_processor, store=store, device=dev, dtype=dt, geometry=geo, layout=layout,
+                  nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)

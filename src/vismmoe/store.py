@@ -70,6 +70,22 @@ class BlobLayout:
         return out
 
 
+def pin_inplace(t: torch.Tensor) -> torch.Tensor:
+    """Page-lock `t`'s existing memory (cudaHostRegister) so copies from it run at link speed, asynchronously.
+
+    `Tensor.pin_memory()` would copy into PyTorch's pinned caching allocator, which rounds every block up to a
+    power of two: a 1.2 GB expert layer would hold 2 GB of locked RAM. Registering in place locks exactly the
+    tensor's bytes. The tensor must stay alive as long as copies may read it (stores keep theirs for life).
+    """
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0 or not torch.cuda.is_available():
+        return t
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(err)}")
+    return t
+
+
 class CheckpointReader:
     """Reads single experts from a checkpoint directory's safetensors files, any of three layouts:
 
@@ -162,7 +178,7 @@ class HostStore:
             for e in range(num_experts):
                 gu, dn = reader.read(prefix, e)
                 layout.pack(gu, dn, buf[e])
-            buffers.append(buf.pin_memory() if pin else buf)
+            buffers.append(pin_inplace(buf) if pin else buf)
             if progress is not None:
                 progress()
         return cls(layout, num_experts, buffers)
@@ -192,7 +208,7 @@ class DiskStore:
         self.layout = layout
         self.num_experts = num_experts
         ring = torch.empty(staging, layout.numel, dtype=layout.dtype)
-        self.ring = ring.pin_memory() if pin else ring
+        self.ring = pin_inplace(ring) if pin else ring
         self._free = list(range(staging))
         self._cv = threading.Condition()
         self.bytes_read = 0

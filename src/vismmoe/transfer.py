@@ -25,6 +25,9 @@ class TransferEngine:
         self._pending: deque = deque()          # (event, blob) whose staging memory is still being read
         self._stall_pairs: list = []            # (layer, ready_event, done_event)
         self._cpu_stall: dict[int, float] = {}
+        self._span_start = None                 # copy-stream event before the first copy of a batch
+        self._spans: list = []                  # (start, done) events of copy batches, resolved in drain
+        self.copy_s = 0.0                       # seconds the link was busy copying (resolved per drain)
         self.bytes_copied = 0
 
     # ---- copies ----------------------------------------------------------------------------------------------
@@ -37,13 +40,18 @@ class TransferEngine:
             blob = self.store.blob(layer_pos, expert)
             dst.copy_(blob)
             self.store.release(blob)
-            self._cpu_stall[layer] = self._cpu_stall.get(layer, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self._cpu_stall[layer] = self._cpu_stall.get(layer, 0.0) + dt
+            self.copy_s += dt
             self.bytes_copied += dst.numel() * dst.element_size()
             return None
         blob = self.store.blob(layer_pos, expert)
         if after is not None:       # the slot's previous expert may still be read by queued compute
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
+            if self._span_start is None:
+                self._span_start = torch.cuda.Event(enable_timing=True)
+                self._span_start.record(self.stream)
             dst.copy_(blob, non_blocking=True)
             done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
@@ -56,6 +64,8 @@ class TransferEngine:
         """Make the compute stream wait for `done` (the last copy a computation needs)."""
         if done is None:
             return
+        self._spans.append((self._span_start, done))
+        self._span_start = None
         stream = torch.cuda.current_stream(self.device)
         ready = torch.cuda.Event(enable_timing=True)
         ready.record(stream)
@@ -82,5 +92,8 @@ class TransferEngine:
                 if waited > 0:
                     out[layer] = out.get(layer, 0.0) + waited
             self._stall_pairs.clear()
+            for start, done in self._spans:
+                self.copy_s += start.elapsed_time(done) / 1e3
+            self._spans.clear()
             self._reclaim()
         return out

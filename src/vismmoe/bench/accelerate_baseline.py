@@ -1,0 +1,62 @@
+"""Baseline: transformers + accelerate `dispatch_model` with each layer's fused experts offloaded to the CPU.
+
+This is what a user gets from `from_pretrained(..., device_map=...)` with experts mapped to "cpu": accelerate's
+hooks copy the whole fused bank of a layer (all E experts) from pageable host memory to the device before the
+layer runs and drop it afterwards, every forward. Non-expert weights are shared with a vismmoe engine (same
+tensors, no copy). To fit host RAM next to the engine's own store, every layer's bank is a distinct parameter
+over ONE host tensor pair (accelerate sees them as untied and copies each layer's bank separately, so the bytes
+moved per layer are exactly those of an untied model; only their values repeat).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import dispatch_model
+
+from ..engine import Engine, skeleton
+
+
+def accelerate_model(engine: Engine, experts_implementation: str = "grouped_mm") -> torch.nn.Module:
+    family, geo, lay = engine.family, engine.geometry, engine.layout
+    config = copy.deepcopy(engine.config)                     # never share the config: it holds the experts impl
+    model = skeleton(family, config)
+    prefixes = tuple(family.expert_prefix(l) + "." for l in geo.moe_layers)
+    donor = dict(engine.model.named_parameters())
+    for name, _ in list(model.named_parameters()):
+        if name.startswith(prefixes):
+            continue
+        mod_name, _, pname = name.rpartition(".")
+        model.get_submodule(mod_name)._parameters[pname] = donor[name]
+    gu_view, dn_view = lay.views(engine.store.buffers[0])
+    gate_up = gu_view.contiguous().clone()                    # pageable, contiguous [E, 2I, H] / [E, H, I]
+    down = dn_view.contiguous().clone()
+    expert_names = {family.expert_prefix(l) for l in geo.moe_layers}
+    for layer in geo.moe_layers:
+        ex = family.moe_block(model, layer).experts
+        ex.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+        ex.down_proj = torch.nn.Parameter(down, requires_grad=False)
+    device_map = _device_map(model, expert_names, engine.device.index or 0)
+    model = dispatch_model(model, device_map=device_map, main_device=engine.device.index or 0)
+    model.set_experts_implementation(experts_implementation)
+    return model.eval()
+
+
+def _device_map(model: torch.nn.Module, expert_names: set[str], gpu: int) -> dict:
+    """Coarsest map that sends every expert bank to "cpu" and everything else to the GPU."""
+    out = {}
+
+    def walk(prefix: str, module: torch.nn.Module):
+        if prefix in expert_names:
+            out[prefix] = "cpu"
+            return
+        if not any(n == prefix or n.startswith(prefix + ".") for n in expert_names) and prefix:
+            out[prefix] = gpu
+            return
+        assert not list(module.parameters(recurse=False)), f"{prefix} owns weights beside experts"
+        for name, child in module.named_children():
+            walk(f"{prefix}.{name}" if prefix else name, child)
+
+    walk("", model)
+    return out

@@ -1,0 +1,226 @@
+"""GPU offload benchmark on a real-size shape with random weights, all systems in ONE process, interleaved.
+
+    python -m vismmoe.bench.offload_gpu --shape qwen3-vl-30b-a3b --budget 25% --image-side 1024 --out DIR
+
+Systems (same non-expert weights, same host expert store, same request):
+  vismmoe-lru   our slot cache at `--budget`, LRU
+  ondemand      `--policy none` at the same budget: every expert loaded when needed, nothing kept
+  resident      every expert on the device (the compute-only reference for the bound)
+  accelerate    transformers + accelerate dispatch_model, expert banks offloaded to CPU (bench/accelerate_baseline)
+Reported per system: prefill time (TTFT: vision tower + decoder over the image), time per decode token, bytes
+moved, achieved host-to-device GB/s (bytes over copy-stream busy time), stall, hit rate; the link's own pinned
+copy speed; the physical bound from a Belady cache over the recorded routing trace; the allocator check of the
+budget. Writes results.json, results.md and latency.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from ..config import format_size
+from ..engine import estimate_reserve, greedy
+from ..trace import RoutingTrace
+from .bound import access_groups, belady_misses
+from .random_model import random_engine, synthetic_inputs
+from .shapes import get_shape
+
+
+def link_speed(device, nbytes: int, reps: int = 50) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def run_engine(eng, inputs, new_tokens, cold: bool):
+    if cold:
+        eng.cache.clear()
+    rows, stats = eng.generate_ids(inputs, new_tokens)
+    return rows[0], stats
+
+
+@torch.inference_mode()
+def run_accelerate(model, family, inputs, new_tokens):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set())
+    torch.cuda.synchronize()
+    t_end = time.perf_counter()
+    return tokens[0], {"ttft_s": t_first - t0, "tpot_s": (t_end - t_first) / max(steps, 1), "e2e_s": t_end - t0}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-vl-30b-a3b")
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--image-side", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--accel-reps", type=int, default=2)
+    ap.add_argument("--accel-tokens", type=int, default=3)
+    ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--out", default="runs/offload_gpu")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    res: dict = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
+                 "link": "real (PCIe, pinned host memory)", "budget": args.budget, "image_side": args.image_side,
+                 "new_tokens": args.new_tokens}
+    t = time.perf_counter()
+    fam_name, config = get_shape(args.shape)
+    eng = random_engine(fam_name, config, device="cuda", expert_budget=args.budget, policy="lru")
+    res["build_s"] = time.perf_counter() - t
+    res["expert_bytes"] = eng.layout.nbytes
+    res["experts_total"] = len(eng.geometry.moe_layers) * eng.geometry.num_experts
+    res["nonexpert_bytes"] = eng.nonexpert_bytes
+    res["link_GBps_expert"] = link_speed(dev, eng.layout.nbytes)
+    res["link_GBps_1GiB"] = link_speed(dev, 1 << 30, reps=10)
+    inputs = synthetic_inputs(eng, args.image_side)
+    res["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+    res["visual_tokens"] = int(inputs["mm_token_type_ids"].sum())
+    print(f"built in {res['build_s']:.0f}s; expert {format_size(eng.layout.nbytes)}, "
+          f"{res['experts_total']} experts, link {res['link_GBps_expert']:.1f} GB/s per expert copy", flush=True)
+
+    # --- budget check with the allocator: only this engine's pool exists now ---
+    run_engine(eng, inputs, 2, cold=True)                         # warm-up (kernels, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _, st = run_engine(eng, inputs, args.new_tokens, cold=True)
+    peak = torch.cuda.max_memory_allocated()
+    reserve = estimate_reserve(eng.config, eng.geometry, res["prompt_tokens"] + args.new_tokens, eng.dtype, dev)
+    res["memory"] = {"peak_allocated": peak, "nonexpert_bytes": eng.nonexpert_bytes, "pool_bytes":
+                     eng.cache.budget_bytes, "budget_bytes": eng.budget_bytes, "activation_peak": peak - base,
+                     "reserve_estimate": reserve,
+                     "peak_minus_weights_le_budget_plus_reserve": peak - eng.nonexpert_bytes <= eng.budget_bytes + reserve}
+    print("memory", res["memory"], flush=True)
+
+    systems = {"vismmoe-lru": eng, "ondemand": eng.fork(policy="none"), "resident": eng.fork(expert_budget="100%")}
+    run_engine(systems["resident"], inputs, 2, cold=False)       # load every expert once; stays resident
+    accel = None
+    if not args.no_accelerate:
+        try:
+            from .accelerate_baseline import accelerate_model
+            accel = accelerate_model(eng)
+            run_accelerate(accel, eng.family, inputs, 1)         # warm-up
+        except Exception as e:                                   # recorded, not hidden
+            res["accelerate_error"] = f"{type(e).__name__}: {e}"
+            accel = None
+            print("accelerate failed:", res["accelerate_error"], flush=True)
+
+    runs: dict[str, list] = {k: [] for k in list(systems) + (["accelerate"] if accel is not None else [])}
+    tokens: dict[str, list] = {}
+    for rep in range(args.reps):
+        for name, e in systems.items():
+            toks, st = run_engine(e, inputs, args.new_tokens, cold=name != "resident")
+            runs[name].append(st)
+            tokens.setdefault(name, toks)
+            print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms  "
+                  f"moved {format_size(st['bytes_moved'])}  GB/s {st['h2d_GBps'] or 0:.1f}", flush=True)
+        if accel is not None and rep < args.accel_reps:
+            toks, st = run_accelerate(accel, eng.family, inputs, args.accel_tokens)
+            runs["accelerate"].append(st)
+            print(f"rep {rep} accelerate   ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms", flush=True)
+
+    # --- routing trace (identical for every budget) -> Belady bound ---
+    tr = eng.fork(expert_budget="100%", trace=True)
+    run_engine(tr, inputs, args.new_tokens, cold=False)
+    groups = access_groups(tr.trace)
+    prefill_groups = len(tr.geometry.moe_layers)
+    slots = eng.cache.num_slots
+    bel_prefill = belady_misses(groups[:prefill_groups], slots)
+    bel_total = belady_misses(groups, slots)
+    link = res["link_GBps_expert"] * 1e9
+    res["belady"] = {"slots": slots, "prefill_misses": bel_prefill, "total_misses": bel_total}
+
+    def med(name, key):
+        vals = [r[key] for r in runs[name] if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    table = {}
+    for name in runs:
+        table[name] = {k: med(name, k) for k in ("ttft_s", "tpot_s", "e2e_s", "bytes_moved", "h2d_GBps", "stall_s",
+                                                    "hit_rate", "copy_s")}
+    resident = table["resident"]
+    decode_moves = (bel_total - bel_prefill) * eng.layout.nbytes / max(1, args.new_tokens - 1)
+    res["bound"] = {
+        "ttft_s": max(resident["ttft_s"], bel_prefill * eng.layout.nbytes / link),
+        "tpot_s": max(resident["tpot_s"], decode_moves / link),
+    }
+    res["table"] = table
+    res["tokens_identical"] = len({tuple(v) for k, v in tokens.items() if k != "accelerate"}) == 1
+    for name in table:
+        if name != "resident":
+            table[name]["efficiency_ttft"] = res["bound"]["ttft_s"] / table[name]["ttft_s"]
+            table[name]["efficiency_tpot"] = res["bound"]["tpot_s"] / table[name]["tpot_s"]
+    if "accelerate" in table:
+        a = table["accelerate"]
+        res["speedup_vs_accelerate"] = {"ttft": a["ttft_s"] / table["vismmoe-lru"]["ttft_s"],
+                                        "tpot": a["tpot_s"] / table["vismmoe-lru"]["tpot_s"]}
+    res["speedup_vs_ondemand"] = {"ttft": table["ondemand"]["ttft_s"] / table["vismmoe-lru"]["ttft_s"],
+                                  "tpot": table["ondemand"]["tpot_s"] / table["vismmoe-lru"]["tpot_s"]}
+    _write(res, args.out)
+    print(json.dumps(res))
+
+
+def _write(res: dict, out: str) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = [f"Shape {res['shape']} ({res['routing']}), {res['machine']}, link {res['link']} "
+             f"({res['link_GBps_expert']:.1f} GB/s per pinned expert copy), expert budget {res['budget']}, one "
+             f"{res['image_side']}x{res['image_side']} image ({res['visual_tokens']} visual tokens), "
+             f"{res['new_tokens']} new tokens; medians.", "",
+             "| system | prefill (TTFT) ms | decode ms/token | bytes moved | H2D GB/s | stall ms | hit rate | "
+             "efficiency prefill / decode |", "|---|---|---|---|---|---|---|---|"]
+    def fmt(v, scale=1e3):
+        return "-" if v is None else f"{v * scale:.1f}"
+
+    for name, r in res["table"].items():
+        eff = f"{r['efficiency_ttft']:.2f} / {r['efficiency_tpot']:.2f}" if "efficiency_ttft" in r else "-"
+        moved = "-" if r["bytes_moved"] is None else format_size(r["bytes_moved"])
+        hit = "-" if r["hit_rate"] is None else f"{r['hit_rate']:.2f}"
+        lines.append(f"| {name} | {fmt(r['ttft_s'])} | {fmt(r['tpot_s'])} | {moved} | {fmt(r['h2d_GBps'], 1)} | "
+                     f"{fmt(r['stall_s'])} | {hit} | {eff} |")
+    b = res["bound"]
+    lines.append(f"| bound | {b['ttft_s']*1e3:.1f} | {b['tpot_s']*1e3:.1f} | Belady {res['belady']['total_misses']} "
+                 f"loads | | | | |")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        names = list(res["table"])
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, title in ((axes[0], "ttft_s", "prefill (TTFT), s"), (axes[1], "tpot_s", "decode, s/token")):
+            vals = [res["table"][n][key] or 0 for n in names]
+            ax.bar(names, vals, color=["C0", "C1", "C2", "C3"][: len(names)])
+            ax.axhline(res["bound"][key], color="k", ls="--", label="physical bound")
+            ax.set_yscale("log")
+            ax.set_title(title)
+            ax.legend()
+        fig.suptitle(f"{res['shape']} (random weights), {res['machine']}, budget {res['budget']}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "latency.png"), dpi=110)
+    except Exception as e:  # a missing plot never hides the numbers
+        print("plot failed:", e)
+
+
+if __name__ == "__main__":
+    main()

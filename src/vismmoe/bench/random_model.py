@@ -1,0 +1,98 @@
+"""Engines over random weights for shapes too large to write as checkpoints (a 30B model is 60 GB of experts).
+
+Non-expert weights are drawn on the device (normal, std 0.02; norms 1, biases 0); experts are drawn on the device
+layer by layer and copied into the host store's pinned buffers. Inputs are synthetic token ids around a real
+processed image. Nothing here is used by `vismmoe.load`; benchmarks say "random weights" wherever they use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ..config import RuntimeConfig
+from ..engine import Engine, _device_bytes, resolve_budget, skeleton, strip_experts
+from ..families import get_family
+from ..store import BlobLayout, HostStore, pin_inplace
+
+
+@torch.no_grad()
+def _materialize_random(model: torch.nn.Module, skip: tuple[str, ...], device, dtype, gen: torch.Generator):
+    for name, p in list(model.named_parameters()):
+        if p.device.type != "meta" or name.startswith(skip):
+            continue
+        mod_name, _, pname = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        if pname == "bias":
+            t = torch.zeros(p.shape, device=device, dtype=dtype)
+        elif "norm" in name and p.dim() == 1:
+            t = torch.ones(p.shape, device=device, dtype=dtype)
+        else:
+            t = torch.randn(p.shape, device=device, dtype=torch.float32, generator=gen).mul_(0.02).to(dtype)
+        mod._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+
+
+@torch.no_grad()
+def random_host_store(layout: BlobLayout, num_layers: int, num_experts: int, device, pin: bool, seed: int,
+                      progress=None) -> HostStore:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    buffers = []
+    for _ in range(num_layers):
+        buf = torch.empty(num_experts, layout.numel, dtype=layout.dtype)
+        if pin:
+            pin_inplace(buf)
+        for e0 in range(0, num_experts, 16):             # 16 experts at a time bounds the device scratch
+            e1 = min(num_experts, e0 + 16)
+            chunk = torch.randn(e1 - e0, layout.numel, device=device, dtype=torch.float32, generator=gen)
+            buf[e0:e1].copy_(chunk.mul_(0.02).to(layout.dtype))
+        buffers.append(buf)
+        if progress is not None:
+            progress()
+    return HostStore(layout, num_experts, buffers)
+
+
+def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                  expert_budget: str = "25%", policy: str = "lru", seed: int = 0, progress=None) -> Engine:
+    family = get_family(family_name)
+    dev = torch.device(device)
+    geo = family.geometry(config)
+    layout = BlobLayout(geo.hidden, geo.inter, dtype)
+    model = skeleton(family, config)
+    prefixes = tuple(family.expert_prefix(l) + "." for l in geo.moe_layers)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    _materialize_random(model, prefixes, dev, dtype, gen)
+    strip_experts(model, family, geo, dtype, dev)
+    nonexpert = _device_bytes(model)
+    store = random_host_store(layout, len(geo.moe_layers), geo.num_experts, dev, pin=dev.type == "cuda",
+                              seed=seed + 1, progress=progress)
+    rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,
+                       policy=policy)
+    budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
+    improc = family.tiny_image_processor(max_side=2048)
+    return Engine(model_dir=None, family=family, config=config, model=model, tokenizer=None,
+                  image_processor=improc, store=store, device=dev, dtype=dtype, geometry=geo, layout=layout,
+                  nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)
+
+
+def synthetic_inputs(engine: Engine, side: int, text_tokens: int = 24, seed: int = 0) -> dict:
+    """One request: `text_tokens` random text ids around a side x side random image, as the processor shapes it."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+    vis = engine.image_processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+    merge = engine.image_processor.merge_size
+    n_img = int(vis["image_grid_thw"][0].prod()) // (merge * merge)
+    cfg = engine.config
+    vocab = cfg.text_config.vocab_size
+    high = min(100000, vocab)
+    text = torch.randint(min(1000, high // 4), high, (text_tokens,), generator=g)
+    special = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                            cfg.vision_end_token_id])
+    text[torch.isin(text, special)] = min(1000, high // 4)
+    h = text_tokens // 2
+    ids = torch.cat([text[:h], torch.tensor([cfg.vision_start_token_id]),
+                     torch.full((n_img,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]), text[h:]])
+    ids = ids[None]
+    return {k: v.to(engine.device) for k, v in {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids),
+        "pixel_values": vis["pixel_values"].to(engine.dtype), "image_grid_thw": vis["image_grid_thw"],
+        "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32)}.items()}

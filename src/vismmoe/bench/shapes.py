@@ -1,0 +1,44 @@
+"""Named model shapes for benchmarks with random weights (routing is meaningless; transfer and compute are real).
+
+`qwen3-vl-30b-a3b` follows the published Qwen3-VL-30B-A3B config: 48 decoder layers, hidden 2048, 32 query /
+4 KV heads of 128, 128 experts of intermediate 768 with top-8 routing, vocab 151936, a 27-layer vision tower of
+width 1152 with DeepStack taps at 8/16/24. `qwen3-vl-30b-a3b-L4` keeps 4 decoder layers (quick runs).
+"""
+
+from __future__ import annotations
+
+from transformers import Qwen3VLMoeConfig
+
+from ..errors import UserError
+
+
+def _qwen3_vl_30b(layers: int = 48) -> Qwen3VLMoeConfig:
+    text = dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True},
+    )
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24])
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                            vision_end_token_id=151653)
+
+
+SHAPES = {
+    "qwen3-vl-30b-a3b": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(48)),
+    "qwen3-vl-30b-a3b-L4": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(4)),
+}
+
+
+def get_shape(name: str):
+    """(family name, config) of a named shape."""
+    try:
+        fam, make = SHAPES[name]
+    except KeyError:
+        raise UserError(f"unknown shape {name!r}", f"use one of {', '.join(sorted(SHAPES))}") from None
+    return fam, make()
