@@ -105,3 +105,15 @@ def test_prefill_streams_in_waves_when_working_set_exceeds_cache(tiny_dirs, imag
     finally:
         rt.plan_waves = orig
     assert any(n > 2 and w >= 2 for n, w in calls)
+
+
+def test_grouped_windows_do_not_change_results(tiny_dirs, image_file):
+    """grouped_mm takes at most 1024 groups; pools larger than that run in slot windows. Force tiny windows."""
+    d = tiny_dirs["glm4v_moe"]
+    eng = load(d)
+    inputs = eng.prepare([image_file], [PROMPTS[0]])
+    want = eng.forward_logits(inputs)
+    ref_tokens = eng.generate(image_file, PROMPTS[0], max_new_tokens=NEW).token_ids
+    eng.runtime.max_groups = 3
+    assert torch.equal(eng.forward_logits(inputs), want)
+    assert eng.generate(image_file, PROMPTS[0], max_new_tokens=NEW).token_ids == ref_tokens

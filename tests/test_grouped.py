@@ -64,3 +64,20 @@ def test_waves_give_bit_identical_result():
         pairs = experts_on_slots(_Gate, hidden, lut[idx], w, gu, dn, pairs, whole=False)
     assert not torch.isnan(pairs).any()                   # every pair row written exactly by its wave
     assert torch.equal(pairs.view(T, K, H).sum(1), whole)
+
+
+def test_one_slot_window_with_pairs_elsewhere():
+    """A window of one slot (S == 1) while other pairs belong to other windows: only its pairs are written, and
+    they equal the plain product (histc must not fold the sentinel rows into the slot's group)."""
+    g = torch.Generator().manual_seed(3)
+    T, K, H, I = 5, 2, 16, 8
+    hidden = torch.randn(T, H, generator=g)
+    slot_idx = torch.tensor([[0, 1], [1, 1], [0, 1], [1, 0], [1, 1]])   # 1 = sentinel (not in this window)
+    w = torch.rand(T, K, generator=g)
+    gu, dn = torch.randn(1, 2 * I, H, generator=g), torch.randn(1, H, I, generator=g)
+    pairs = torch.zeros(T * K, H)
+    out = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, pairs, whole=False)
+    idx0 = torch.zeros(T, K, dtype=torch.long)
+    ref = _reference(hidden, idx0, w * (slot_idx == 0), gu, dn)
+    assert torch.allclose(out.view(T, K, H).sum(1), ref, atol=1e-5)
+    assert (out.view(T, K, H)[slot_idx == 1] == 0).all()

@@ -110,11 +110,14 @@ def _device_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], trace=None):
+def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], trace=None,
+           feed: list[int] | None = None):
     """Greedy decoding with a KV cache: (token ids [B][N], perf_counter time of the first token, decode steps).
 
     Positions are explicit: M-RoPE for the prompt as transformers computes them, then text position + rope delta
-    for each new token. Stops when every row has produced an EOS (rows are cut by the caller).
+    for each new token. Stops when every row has produced an EOS (rows are cut by the caller). `feed` (benchmarks
+    on random weights) teacher-forces the decode inputs, so routing varies step to step as it does on real text;
+    the argmax tokens are still returned.
     """
     dev = inputs["input_ids"].device
     B = inputs["input_ids"].shape[0]
@@ -140,7 +143,8 @@ def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], 
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         if trace is not None:
             trace.begin_step("decode", None, B)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=family.decode_positions(mask, deltas),
+        step_in = nxt[:, None] if feed is None else torch.full((B, 1), feed[steps], device=dev, dtype=torch.long)
+        out = model(input_ids=step_in, attention_mask=mask, position_ids=family.decode_positions(mask, deltas),
                     past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1)
         tokens.append(nxt)
@@ -221,7 +225,8 @@ class Engine:
         return self.model(**inputs, position_ids=pos, use_cache=False).logits
 
     @torch.inference_mode()
-    def generate_ids(self, inputs: dict, max_new_tokens: int = 32) -> tuple[list[list[int]], dict]:
+    def generate_ids(self, inputs: dict, max_new_tokens: int = 32, feed: list[int] | None = None
+                     ) -> tuple[list[list[int]], dict]:
         """Greedy decoding from prepared inputs: (token ids per row, cut after the first EOS; request stats)."""
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
@@ -229,7 +234,7 @@ class Engine:
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
-        tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids, self.trace)
+        tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids, self.trace, feed)
         self._sync()
         t_end = time.perf_counter()
         rows = []

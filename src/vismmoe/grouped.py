@@ -8,12 +8,29 @@ Pairs are sorted by slot, each slot's rows form one group of `grouped_mm`, and e
 lands in `pairs [P, H]`; rows of pairs outside the wave keep what earlier waves wrote. The caller reduces
 `pairs.view(T, K, H).sum(1)` once, after the last wave, so the result does not depend on how the experts were
 split into waves. No host synchronisation happens here (offsets come from `histc`, not `bincount`).
+
+`grouped_mm` takes at most `MAX_GROUPS` groups per call, so a call sees a window of at most that many slots
+(`windows()` splits the slots a wave uses; the caller passes each window's pool slice and window-local indices).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+MAX_GROUPS = 1024      # torch._grouped_mm: "Can't process more than 1024 groups"
+
+
+def windows(slots: list[int], span: int = MAX_GROUPS) -> list[tuple[int, int]]:
+    """Cover the used `slots` with few [lo, hi) ranges, each at most `span` slots wide."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(slots):
+        if out and s < out[-1][0] + span:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -44,7 +61,9 @@ def experts_on_slots(module, hidden: torch.Tensor, slot_idx: torch.Tensor, weigh
     order, perm = torch.sort(flat, stable=True)                   # [P], [P]
     x = hidden[perm // K].to(gate_up.dtype)                       # [P, H]
     hist_in = order.float() if order.device.type == "cpu" else order.int()
-    counts = torch.histc(hist_in, bins=S, min=0, max=S - 1)       # [S]; the sentinel S falls outside
+    # S+1 unit-wide bins over [0, S] (the last one holds the sentinel): with S bins over [0, S-1], S == 1 would
+    # give min == max, which histc reads as "use the data's range"
+    counts = torch.histc(hist_in, bins=S + 1, min=0, max=S)[:S]   # [S]
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)         # [S]
     h = _grouped_mm(x, gate_up.transpose(-2, -1), offs)           # [P, 2I]
     h = module._apply_gate(h)                                     # [P, I]

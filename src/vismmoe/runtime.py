@@ -23,7 +23,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .cache import ExpertCache
-from .grouped import experts_on_slots
+from .grouped import MAX_GROUPS, experts_on_slots, windows
 from .schedule import plan_waves
 from .transfer import TransferEngine
 
@@ -44,19 +44,21 @@ class OffloadRuntime:
         self.layer_pos = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
         self.observers: list = []
+        self.max_groups = MAX_GROUPS            # slots one grouped matmul may span
         self.cuda = cache.device.type == "cuda"
-        # pinned expert->slot tables, one per wave in flight (a layer has at most E waves)
-        self._luts = torch.empty(num_experts + 2, num_experts, dtype=torch.long, pin_memory=self.cuda)
+        # pinned expert->slot tables, one per (wave, window) in flight within a layer (at most E of each)
+        n = 2 * num_experts + 4
+        self._luts = torch.empty(n, num_experts, dtype=torch.long, pin_memory=self.cuda)
         self._lut_i = 0
 
     def attach(self, experts_module: torch.nn.Module, layer: int) -> None:
         experts_module._vismmoe_runtime = self
         experts_module._vismmoe_layer = layer
 
-    def _lut(self) -> torch.Tensor:
+    def _lut(self, fill: int) -> torch.Tensor:
         self._lut_i = (self._lut_i + 1) % self._luts.shape[0]
         lut = self._luts[self._lut_i]
-        lut.fill_(self.cache.num_slots)
+        lut.fill_(fill)
         return lut
 
     def forward(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -66,12 +68,14 @@ class OffloadRuntime:
             obs.observe(layer, hidden, top_k_index, top_k_weights)
         cache, pos = self.cache, self.layer_pos[layer]
         needed = torch.unique(top_k_index).tolist()            # the one host sync per layer
+        if not needed:
+            return torch.zeros_like(hidden)
         resident = {e for e in needed if cache.resident((layer, e))}
         waves = plan_waves(needed, resident, cache.num_slots)
         pairs = None
         for wave in waves:
             pinned = {(layer, e) for e in wave}
-            lut = self._lut()                                    # [E] expert -> slot, S = not this wave
+            slot_of: dict[int, int] = {}
             last_copy = None
             for e in wave:
                 key = (layer, e)
@@ -81,16 +85,22 @@ class OffloadRuntime:
                     slot = cache.claim(key, pinned)
                     done = self.transfer.copy_in(layer, pos, e, cache.pool[slot], after=cache.last_use[slot])
                     last_copy = done if done is not None else last_copy
-                lut[e] = slot
+                slot_of[e] = slot
             self.transfer.wait(layer, last_copy)
-            slot_idx = lut.to(hidden.device, non_blocking=True)[top_k_index]       # [T, K]
-            pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, cache.gate_up, cache.down,
-                                     pairs, whole=len(waves) == 1)
+            spans = windows(list(slot_of.values()), self.max_groups)
+            for lo, hi in spans:
+                lut = self._lut(hi - lo)                        # [E] expert -> window slot, hi-lo = elsewhere
+                for e, slot in slot_of.items():
+                    if lo <= slot < hi:
+                        lut[e] = slot - lo
+                slot_idx = lut.to(hidden.device, non_blocking=True)[top_k_index]       # [T, K]
+                pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, cache.gate_up[lo:hi],
+                                         cache.down[lo:hi], pairs, whole=len(waves) == 1 and len(spans) == 1)
             if self.cuda:
                 used = torch.cuda.Event()
                 used.record()
-                for e in wave:
-                    cache.last_use[cache.slot_of[(layer, e)]] = used
+                for slot in slot_of.values():
+                    cache.last_use[slot] = used
         if not cache.policy.retain:
             for e in needed:
                 if cache.resident((layer, e)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -70,19 +71,31 @@ class BlobLayout:
         return out
 
 
-def pin_inplace(t: torch.Tensor) -> torch.Tensor:
-    """Page-lock `t`'s existing memory (cudaHostRegister) so copies from it run at link speed, asynchronously.
+_REGISTER_MIN = 64 * 1024**2
 
-    `Tensor.pin_memory()` would copy into PyTorch's pinned caching allocator, which rounds every block up to a
-    power of two: a 1.2 GB expert layer would hold 2 GB of locked RAM. Registering in place locks exactly the
-    tensor's bytes. The tensor must stay alive as long as copies may read it (stores keep theirs for life).
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def pin_inplace(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked memory with `t`'s contents, for copies at link speed that can run asynchronously.
+
+    Large tensors are registered in place (cudaHostRegister): `Tensor.pin_memory()` would copy into PyTorch's
+    pinned caching allocator, which rounds every block up to a power of two (a 1.2 GB expert layer would lock
+    2 GB). The registration ends when the tensor is freed (views keep their base alive), so a later allocation
+    at the same address can be registered again. Small tensors use `pin_memory()`: use the returned tensor.
     """
     nbytes = t.numel() * t.element_size()
     if nbytes == 0 or not torch.cuda.is_available():
         return t
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0)
+    if nbytes < _REGISTER_MIN:
+        return t.pin_memory()
+    ptr = t.data_ptr()
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(err)}")
+    weakref.finalize(t, _unregister, ptr)
     return t
 
 

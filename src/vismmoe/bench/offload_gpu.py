@@ -48,10 +48,13 @@ def link_speed(device, nbytes: int, reps: int = 50) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+FEED: list[int] | None = None       # teacher-forced decode inputs (random text tokens), set in main
+
+
 def run_engine(eng, inputs, new_tokens, cold: bool):
     if cold:
         eng.cache.clear()
-    rows, stats = eng.generate_ids(inputs, new_tokens)
+    rows, stats = eng.generate_ids(inputs, new_tokens, feed=FEED)
     return rows[0], stats
 
 
@@ -59,7 +62,7 @@ def run_engine(eng, inputs, new_tokens, cold: bool):
 def run_accelerate(model, family, inputs, new_tokens):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set())
+    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set(), feed=FEED)
     torch.cuda.synchronize()
     t_end = time.perf_counter()
     return tokens[0], {"ttft_s": t_first - t0, "tpot_s": (t_end - t_first) / max(steps, 1), "e2e_s": t_end - t0}
@@ -75,13 +78,20 @@ def main(argv=None):
     ap.add_argument("--accel-reps", type=int, default=2)
     ap.add_argument("--accel-tokens", type=int, default=3)
     ap.add_argument("--no-accelerate", action="store_true")
+    ap.add_argument("--decode-inputs", default="random", choices=["random", "argmax"],
+                    help="random: teacher-force random text tokens in decode so routing varies as on real text "
+                         "(random weights repeat one token under argmax, which makes decode routing static)")
     ap.add_argument("--out", default="runs/offload_gpu")
     args = ap.parse_args(argv)
+    global FEED
+    if args.decode_inputs == "random":
+        g = torch.Generator().manual_seed(1234)
+        FEED = torch.randint(1000, 100000, (args.new_tokens + 1,), generator=g).tolist()
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     res: dict = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
                  "link": "real (PCIe, pinned host memory)", "budget": args.budget, "image_side": args.image_side,
-                 "new_tokens": args.new_tokens}
+                 "new_tokens": args.new_tokens, "decode_inputs": args.decode_inputs}
     t = time.perf_counter()
     fam_name, config = get_shape(args.shape)
     eng = random_engine(fam_name, config, device="cuda", expert_budget=args.budget, policy="lru")
@@ -185,7 +195,7 @@ def _write(res: dict, out: str) -> None:
     lines = [f"Shape {res['shape']} ({res['routing']}), {res['machine']}, link {res['link']} "
              f"({res['link_GBps_expert']:.1f} GB/s per pinned expert copy), expert budget {res['budget']}, one "
              f"{res['image_side']}x{res['image_side']} image ({res['visual_tokens']} visual tokens), "
-             f"{res['new_tokens']} new tokens; medians.", "",
+             f"{res['new_tokens']} new tokens (decode inputs: {res['decode_inputs']}); medians.", "",
              "| system | prefill (TTFT) ms | decode ms/token | bytes moved | H2D GB/s | stall ms | hit rate | "
              "efficiency prefill / decode |", "|---|---|---|---|---|---|---|---|"]
     def fmt(v, scale=1e3):

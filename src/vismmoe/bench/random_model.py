@@ -40,7 +40,7 @@ def random_host_store(layout: BlobLayout, num_layers: int, num_experts: int, dev
     for _ in range(num_layers):
         buf = torch.empty(num_experts, layout.numel, dtype=layout.dtype)
         if pin:
-            pin_inplace(buf)
+            buf = pin_inplace(buf)
         for e0 in range(0, num_experts, 16):             # 16 experts at a time bounds the device scratch
             e1 = min(num_experts, e0 + 16)
             chunk = torch.randn(e1 - e0, layout.numel, device=device, dtype=torch.float32, generator=gen)

@@ -1,0 +1,764 @@
+"""`python -m vismmoe.train`: train a small Qwen3-VL-MoE from scratch on the synthetic VQA scenes.
+
+This module owns the training recipe and nothing about serving it:
+
+* presets (`default`: the shipped model, `micro`: CPU tests) -> tokenizer (byte-level BPE trained on the
+  question/answer text of the train split) -> `Qwen3VLMoeFamily().tiny_config(...)` -> a
+  `Qwen3VLMoeForConditionalGeneration` with fp32 master weights;
+* the data pipeline: DataLoader workers render `make_sample("train", i)` for a unique, ever-growing index range,
+  tokenize through the family's `build_inputs` (the exact inference prompt), append answer + `<|im_end|>` as the
+  only supervised tokens, and compute the M-RoPE position ids with the family's `prefill_positions`. Pixels leave
+  the workers as uint8 images (an fp32 patch tensor would be 8x larger: 1.2 GB per 256-image batch); the same
+  rescale/normalize/patchify as the saved image processor runs on the device (`patchify`, tested equal);
+* the step: bf16 autocast on CUDA, transformers' router aux loss (`output_router_logits=True`), AdamW with
+  warmup + cosine (cosine over the wall-clock budget when one is given), gradient clipping; routed experts run as
+  grouped matmuls in bf16 through an experts function registered here (`vismmoe_train`), vision attention as one
+  batched SDPA call per layer instead of one per image (`batch_vision_attention`, numerically the same);
+* time budget, tqdm progress, JSON-lines log, resumable state, greedy val accuracy, and the final bf16
+  `save_pretrained` checkpoint (+ tokenizer + image processor) that `vismmoe.load` and `from_pretrained` read.
+
+The test split is never read here; periodic accuracy uses the "val" split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
+from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as _qmod  # noqa: E402
+
+from .data import QTYPES, answer_vocabulary, make_sample, warm_cache  # noqa: E402
+from .families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
+from .tokenizer import build_tokenizer  # noqa: E402
+
+FAMILY = Qwen3VLMoeFamily()
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+SUMMARY_FILE = "train_summary.json"
+TRAIN_EXPERTS = "vismmoe_train"
+
+# --------------------------------------------------------------------------------------------------------------
+# Presets
+
+PRESETS: dict[str, dict] = {
+    # 8 MoE layers x 32 experts (top-4), experts ~85 % of the weights, ~59 MB in bf16.
+    "default": dict(
+        model=dict(hidden=256, dense_inter=512, inter=128, layers=8, heads=4, kv_heads=2, head_dim=64,
+                   experts=32, top_k=4, vision_depth=4, vision_hidden=128, vision_inter=512, vision_heads=2,
+                   vision_positions=784, deepstack=[1, 2], aux_loss=0.01, max_pos=2048),
+        image_size=448, vocab=1024, corpus_samples=2400, batch=256, lr=2e-3, min_lr_ratio=0.05, warmup=100,
+        weight_decay=0.05, clip=1.0, val_samples=600, eval_every_s=60.0, ckpt_every_s=150.0, log_every=10,
+        eval_batch=200,
+    ),
+    # CPU tests: seconds per dozens of steps.
+    "micro": dict(
+        model=dict(hidden=64, dense_inter=128, inter=32, layers=2, heads=2, kv_heads=1, head_dim=32,
+                   experts=4, top_k=2, vision_depth=1, vision_hidden=32, vision_inter=64, vision_heads=1,
+                   vision_positions=196, deepstack=[0], aux_loss=0.01, max_pos=1024),
+        image_size=224, vocab=600, corpus_samples=120, batch=8, lr=3e-3, min_lr_ratio=0.1, warmup=5,
+        weight_decay=0.0, clip=1.0, val_samples=12, eval_every_s=1e9, ckpt_every_s=1e9, log_every=1,
+        eval_batch=12,
+    ),
+    # CPU learning check (a few minutes on 2 cores): hidden 128, 4 layers, 8 experts, 224 px.
+    "small": dict(
+        model=dict(hidden=128, dense_inter=256, inter=64, layers=4, heads=4, kv_heads=2, head_dim=32,
+                   experts=8, top_k=2, vision_depth=2, vision_hidden=64, vision_inter=256, vision_heads=2,
+                   vision_positions=196, deepstack=[0], aux_loss=0.01, max_pos=1024),
+        image_size=224, vocab=512, corpus_samples=600, batch=32, lr=2e-3, min_lr_ratio=0.05, warmup=30,
+        weight_decay=0.05, clip=1.0, val_samples=240, eval_every_s=60.0, ckpt_every_s=1e9, log_every=5,
+        eval_batch=60,
+    ),
+}
+
+
+def _process_start() -> float:
+    """Wall-clock time this process started (so --minutes counts interpreter start-up and imports too)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        start = btime + ticks / os.sysconf("SC_CLK_TCK")
+        return start if 0 <= time.time() - start < 3600 else time.time()
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer, config, model
+
+
+def corpus_texts(n: int, workers: int = 0) -> list[str]:
+    """Questions and answers of the first n train samples, plus every answer word (so each is one token)."""
+    idx = list(range(n))
+    if workers > 1 and n >= 200:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            qa = pool.map(_question_answer, idx, chunksize=max(1, n // (4 * workers)))
+    else:
+        qa = [_question_answer(i) for i in idx]
+    texts = [t for pair in qa for t in pair]
+    texts += answer_vocabulary() * 20 + ["user", "assistant"] * 20
+    return texts
+
+
+def _question_answer(i: int) -> tuple[str, str]:
+    s = make_sample("train", i)
+    return s.question, s.answer
+
+
+def make_tokenizer(vocab: int, corpus_samples: int, workers: int = 0):
+    tok = build_tokenizer(FAMILY, corpus_texts(corpus_samples, workers), vocab_size=vocab)
+    multi = [a for a in answer_vocabulary() if len(tok(a, add_special_tokens=False)["input_ids"]) != 1]
+    if multi:
+        print(f"note: {len(multi)} answers are several tokens: {multi[:5]}", file=sys.stderr)
+    return tok
+
+
+def make_config(tokenizer, model_overrides: dict):
+    return FAMILY.tiny_config(FAMILY.token_ids(tokenizer), vocab_size=len(tokenizer), **model_overrides)
+
+
+def param_split(model) -> dict:
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    total = sum(p.numel() for p in model.parameters())
+    return {"params_total": total, "params_experts": experts, "params_other": total - experts,
+            "bf16_bytes": 2 * total, "bf16_expert_bytes": 2 * experts, "expert_share": experts / max(1, total)}
+
+
+def _compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return param.dtype
+
+
+def train_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts as two grouped matmuls, differentiable, no host sync.
+
+    Same math as transformers' `grouped_mm` implementation, but the fp32 master expert weights are cast to the
+    autocast dtype first (`torch.nn.functional.grouped_mm` is not autocast-aware and takes bf16 only on CUDA).
+    """
+    T, H = hidden_states.shape
+    K = top_k_index.shape[-1]
+    E = self.num_experts
+    w_up, w_down = self.gate_up_proj, self.down_proj                  # [E, 2I, H], [E, H, I]
+    dt = _compute_dtype(hidden_states, w_up)
+    if w_up.dtype != dt:
+        w_up, w_down = w_up.to(dt), w_down.to(dt)
+    flat = top_k_index.reshape(-1)                                    # [P] (P = T*K pairs)
+    order, perm = torch.sort(flat)
+    x = hidden_states[perm // K].to(dt)                               # [P, H], sorted by expert
+    hist_in = order.float() if order.device.type == "cpu" else order.int()
+    counts = torch.histc(hist_in, bins=E, min=0, max=E - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    h = F.grouped_mm(x, w_up.transpose(-2, -1), offs=offs)            # [P, 2I]
+    h = self._apply_gate(h)                                           # [P, I]
+    y = F.grouped_mm(h, w_down.transpose(-2, -1), offs=offs)          # [P, H]
+    y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y[inv].view(T, K, H).sum(dim=1).to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(TRAIN_EXPERTS, train_experts_forward)
+
+
+def _batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
+                                      **kwargs):
+    """Qwen3-VL vision attention for a batch of equal-size images: one SDPA call instead of one per image."""
+    seq = hidden_states.shape[0]
+    n = cu_seqlens.numel() - 1
+    L = seq // max(n, 1)
+    q, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = _qmod.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k, v = (t.reshape(n, L, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))   # [n, heads, L, d]
+    out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+    return self.proj(out.transpose(1, 2).reshape(seq, -1))
+
+
+def batch_vision_attention(model, enable: bool = True) -> None:
+    """Switch the vision tower of this model instance to one batched SDPA per layer (all images must have the
+    same patch count, as in our pipeline). Weights and results are unchanged; only the kernel launches differ."""
+    for blk in model.model.visual.blocks:
+        if enable:
+            blk.attn.forward = types.MethodType(_batched_vision_attention_forward, blk.attn)
+        elif "forward" in vars(blk.attn):
+            del blk.attn.forward
+
+
+def build_model(config, seed: int):
+    torch.manual_seed(seed)
+    model = FAMILY.model_class(config)
+    model.config.use_cache = False
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pixels: uint8 images in the workers, the image processor's arithmetic on the device
+
+
+class Uint8Images:
+    """Stands in for the image processor inside `build_inputs`: returns the images as uint8 [B, S, S, 3] and
+    the grid the real processor would give (S must be a multiple of patch * merge, so it resizes nothing)."""
+
+    def __init__(self, image_processor, size: int):
+        self.merge_size = image_processor.merge_size
+        self.patch_size = image_processor.patch_size
+        self.size = size
+        if size % (self.patch_size * self.merge_size):
+            raise ValueError(f"image size {size} is not a multiple of {self.patch_size * self.merge_size}")
+
+    def __call__(self, images, return_tensors="pt"):
+        arrs = []
+        for im in images:
+            im = im.convert("RGB")
+            if im.size != (self.size, self.size):
+                im = im.resize((self.size, self.size), 3)          # bicubic, as the processor resizes
+            arrs.append(np.asarray(im, dtype=np.uint8))
+        g = self.size // self.patch_size
+        return {"pixel_values": torch.from_numpy(np.stack(arrs)),
+                "image_grid_thw": torch.tensor([[1, g, g]] * len(arrs), dtype=torch.long)}
+
+
+def patchify(images: torch.Tensor, image_processor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> pixel_values [B*gh*gw, 3*T*P*P], exactly what `image_processor(images)` returns."""
+    B, Hh, Ww, C = images.shape
+    P, M, T = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    mean = torch.tensor(image_processor.image_mean, device=images.device, dtype=torch.float32).view(1, C, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=images.device, dtype=torch.float32).view(1, C, 1, 1)
+    x = images.permute(0, 3, 1, 2).to(torch.float32) * float(np.float32(image_processor.rescale_factor))
+    x = (x - mean) / std
+    gh, gw = Hh // P, Ww // P
+    x = x.reshape(B, C, gh // M, M, P, gw // M, M, P).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    x = x.unsqueeze(6).expand(B, gh // M, gw // M, M, M, C, T, P, P)
+    return x.reshape(B * gh * gw, C * T * P * P).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class _RopeOnly:
+    """Just enough of a `Qwen3VLMoeModel` to run its weight-free `get_rope_index` on the CPU in data workers."""
+
+    get_rope_index = _qmod.Qwen3VLMoeModel.get_rope_index
+    get_vision_position_ids = _qmod.Qwen3VLMoeModel.get_vision_position_ids
+
+    def __init__(self, config):
+        self.config = config
+
+
+def rope_helper(config):
+    """An object that `family.prefill_positions(helper, inputs)` accepts in place of the model."""
+    return types.SimpleNamespace(model=_RopeOnly(config))
+
+
+def sample_index(k: int, qtypes: tuple[int, ...] | None) -> int:
+    """k-th sample of the stream; with a qtype subset, only indices of those types (qtype = index % 6)."""
+    if not qtypes:
+        return k
+    return (k // len(qtypes)) * len(QTYPES) + qtypes[k % len(qtypes)]
+
+
+class BatchMaker:
+    """Turns samples into model batches: the inference prompt via `build_inputs`, then answer + eos appended."""
+
+    def __init__(self, tokenizer, image_processor, config, image_size: int):
+        self.tok = tokenizer
+        self.images = Uint8Images(image_processor, image_size)
+        self.rope = rope_helper(config)
+        ids = FAMILY.token_ids(tokenizer)
+        self.eos = ids["eos"][0]                     # <|im_end|>, what the chat template closes a turn with
+        self.pad = ids["pad"]
+        self.image_id = ids["image"]
+        self._answer_ids: dict[str, list[int]] = {}
+
+    def answer_ids(self, answer: str) -> list[int]:
+        if answer not in self._answer_ids:
+            self._answer_ids[answer] = self.tok(answer, add_special_tokens=False)["input_ids"]
+        return self._answer_ids[answer]
+
+    def __call__(self, samples, with_prompt: bool = False) -> dict:
+        prompts = [s.question for s in samples]
+        p = FAMILY.build_inputs(self.tok, self.images, [s.image for s in samples], prompts)
+        rows, sup = [], []
+        for ids, mask, s in zip(p["input_ids"], p["attention_mask"], samples):
+            prompt = ids[mask.bool()].tolist()
+            target = self.answer_ids(s.answer) + [self.eos]
+            rows.append(prompt + target)
+            sup.append(len(target))
+        L = max(len(r) for r in rows)
+        B = len(rows)
+        input_ids = torch.full((B, L), self.pad, dtype=torch.long)
+        attention_mask = torch.zeros((B, L), dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        for b, (r, n) in enumerate(zip(rows, sup)):
+            input_ids[b, L - len(r):] = torch.tensor(r)
+            attention_mask[b, L - len(r):] = 1
+            labels[b, L - n:] = input_ids[b, L - n:]
+        mm = (input_ids == self.image_id).to(torch.int32)
+        full = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
+                "image_grid_thw": p["image_grid_thw"]}
+        pos, _ = FAMILY.prefill_positions(self.rope, full)
+        out = {
+            "images": p["pixel_values"], "image_grid_thw": p["image_grid_thw"], "input_ids": input_ids,
+            "attention_mask": attention_mask, "mm_token_type_ids": mm, "position_ids": pos, "labels": labels,
+            "keep": torch.tensor(max(sup) + 1), "qtype": torch.tensor([QTYPES.index(s.qtype) for s in samples]),
+        }
+        if with_prompt:
+            ppos, deltas = FAMILY.prefill_positions(self.rope, p)
+            out.update({"p_input_ids": p["input_ids"], "p_attention_mask": p["attention_mask"],
+                        "p_mm_token_type_ids": p["mm_token_type_ids"], "p_position_ids": ppos, "p_deltas": deltas,
+                        "answers": [s.answer for s in samples]})
+        return out
+
+
+class BatchStream(torch.utils.data.Dataset):
+    """Item b = the batch of samples start + b*B ... start + (b+1)*B - 1 of a split (a qtype subset optional)."""
+
+    def __init__(self, maker: BatchMaker, split: str, batch_size: int, start: int = 0,
+                 qtypes: tuple[int, ...] | None = None, with_prompt: bool = False, n_batches: int = 10**9):
+        self.maker, self.split, self.B, self.start = maker, split, batch_size, start
+        self.qtypes, self.with_prompt, self.n = qtypes, with_prompt, n_batches
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, b: int) -> dict:
+        ks = range(self.start + b * self.B, self.start + (b + 1) * self.B)
+        samples = [make_sample(self.split, sample_index(k, self.qtypes)) for k in ks]
+        return self.maker(samples, with_prompt=self.with_prompt)
+
+
+def make_loader(stream: BatchStream, workers: int, pin: bool, prefetch: int = 4):
+    kw = {}
+    if workers > 0:
+        kw = dict(num_workers=workers, prefetch_factor=prefetch, persistent_workers=False,
+                  multiprocessing_context="fork")
+    return torch.utils.data.DataLoader(stream, batch_size=None, shuffle=False, pin_memory=pin, **kw)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step and evaluation
+
+
+def autocast_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def forward_loss(model, batch: dict, image_processor, device: torch.device):
+    """(loss incl. aux, ce, aux, per-row exact match [B] bool) of one batch already on `device`."""
+    K = int(batch["keep"])
+    labels = batch["labels"][:, -K:]
+    with autocast_ctx(device):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                    pixel_values=patchify(batch["images"], image_processor), image_grid_thw=batch["image_grid_thw"],
+                    labels=labels, logits_to_keep=K, output_router_logits=True, use_cache=False)
+    coef = model.config.text_config.router_aux_loss_coef
+    aux = out.aux_loss.detach().float()
+    ce = out.loss.detach().float() - coef * aux
+    pred = out.logits[:, :-1].argmax(-1)
+    tgt = labels[:, 1:]
+    ok = ((pred == tgt) | (tgt == -100)).all(dim=1)
+    return out.loss, ce, aux, ok
+
+
+@torch.no_grad()
+def greedy_answers(model, batch: dict, image_processor, tokenizer, device: torch.device,
+                   max_new_tokens: int = 4) -> list[str]:
+    """Greedy decode with a KV cache from the prompt-only part of a val batch, as the engine generates."""
+    from transformers import DynamicCache
+    eos = torch.tensor(sorted(i for i in FAMILY.token_ids(tokenizer)["eos"] if i is not None and i >= 0),
+                       device=device)
+    mask = batch["p_attention_mask"]
+    B = mask.shape[0]
+    cache = DynamicCache(config=model.config)
+    with autocast_ctx(device):
+        out = model(input_ids=batch["p_input_ids"], attention_mask=mask, position_ids=batch["p_position_ids"],
+                    mm_token_type_ids=batch["p_mm_token_type_ids"],
+                    pixel_values=patchify(batch["images"], image_processor), image_grid_thw=batch["image_grid_thw"],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens = [nxt]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens - 1):
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask,
+                        position_ids=FAMILY.decode_positions(mask, batch["p_deltas"]),
+                        past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+    eos_set = set(eos.tolist())
+    texts = []
+    for row in torch.stack(tokens, 1).tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip().lower())
+    return texts
+
+
+def evaluate_val(model, val_batches: list[dict], image_processor, tokenizer, device: torch.device) -> dict:
+    was_training = model.training
+    model.eval()
+    right = {q: 0 for q in QTYPES}
+    seen = {q: 0 for q in QTYPES}
+    try:
+        for cpu_batch in val_batches:
+            batch = to_device(cpu_batch, device)
+            preds = greedy_answers(model, batch, image_processor, tokenizer, device)
+            for pred, ans, qt in zip(preds, cpu_batch["answers"], cpu_batch["qtype"].tolist()):
+                q = QTYPES[qt]
+                seen[q] += 1
+                right[q] += int(pred == ans.strip().lower())
+    finally:
+        model.train(was_training)
+    n = sum(seen.values())
+    by_type = {q: right[q] / seen[q] for q in QTYPES if seen[q]}
+    return {"accuracy": sum(right.values()) / max(1, n), "n": n, "by_type": by_type,
+            "min_type_accuracy": min(by_type.values()) if by_type else 0.0}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schedule, optimizer, state
+
+
+def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    p = min(1.0, max(0.0, progress))
+    return base * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name or "embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, **kw)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_state(out_dir: str, model, optimizer, info: dict) -> None:
+    path = os.path.join(out_dir, STATE_FILE)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(), **info},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def export_checkpoint(out_dir: str, model, tokenizer, image_processor) -> int:
+    """Final bf16 `save_pretrained` + tokenizer + image processor; returns the safetensors bytes written."""
+    model.to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if f.endswith(".safetensors"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main loop
+
+
+@dataclass
+class RunInfo:
+    step: int = 0
+    samples: int = 0                 # train samples consumed (the next one is sample_index(samples))
+    progress: float = 0.0            # schedule progress in [0, 1]
+    train_s: float = 0.0             # device time spent in the loop over all runs
+    history: list = field(default_factory=list)
+
+
+def _state_info(info: RunInfo, running_s: float, hp: dict, config) -> dict:
+    d = dict(vars(info))
+    d["train_s"] += running_s
+    return {"info": d, "hparams": hp, "config": config.to_dict()}
+
+
+def _jsonl(path: str, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def _default_workers(device: torch.device) -> int:
+    n = os.cpu_count() or 1
+    return max(0, min(14, n - 2)) if device.type == "cuda" else max(0, min(4, n - 1))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vismmoe.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory (checkpoint, logs, resumable state)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget incl. start-up and final save")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (total)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--aux-loss", type=float, default=None, help="router_aux_loss_coef")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's square image size")
+    p.add_argument("--val-samples", type=int, default=None)
+    p.add_argument("--eval-every", type=float, default=None, help="seconds between val evaluations")
+    p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (experiments)")
+    p.add_argument("--experts-impl", default=TRAIN_EXPERTS, help=f"{TRAIN_EXPERTS} (default) | eager")
+    p.add_argument("--no-batched-vision", action="store_true", help="keep transformers' per-image vision SDPA")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    t_start = _process_start()
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[args.preset]
+    deadline = t_start + args.minutes * 60 if args.minutes else None
+    if args.steps is None and deadline is None:
+        raise SystemExit("give --minutes and/or --steps")
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, LOG_FILE)
+    state_path = os.path.join(args.out, STATE_FILE)
+    workers = _default_workers(device) if args.workers is None else args.workers
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    state = None
+    if args.resume:
+        if not os.path.exists(state_path):
+            raise SystemExit(f"--resume: no {state_path}")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        hp = state["hparams"]
+    else:
+        hp = {k: v for k, v in preset.items() if k != "model"}
+        hp["model"] = dict(preset["model"])
+        for key, val in (("batch", args.batch), ("lr", args.lr), ("warmup", args.warmup),
+                         ("image_size", args.image_size), ("val_samples", args.val_samples),
+                         ("eval_every_s", args.eval_every)):
+            if val is not None:
+                hp[key] = val
+        if args.aux_loss is not None:
+            hp["model"]["aux_loss"] = args.aux_loss
+        if args.image_size is not None:
+            hp["model"]["vision_positions"] = (args.image_size // 16) ** 2
+        hp["qtypes"] = [QTYPES.index(q) for q in args.qtypes.split(",")] if args.qtypes else None
+        hp["seed"] = args.seed
+        if os.path.exists(log_path):
+            os.remove(log_path)
+    if args.batch is not None:
+        hp["batch"] = args.batch
+    qtypes = tuple(hp["qtypes"]) if hp.get("qtypes") else None
+    B = hp["batch"]
+
+    # ---- data: tokenizer, val set, train stream (workers fork before the device is touched) ----
+    warm_cache()
+    if state is not None:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.out)
+    else:
+        tokenizer = make_tokenizer(hp["vocab"], hp["corpus_samples"], workers)
+        tokenizer.save_pretrained(args.out)
+    if state is None:
+        config = make_config(tokenizer, hp["model"])
+    else:
+        from transformers import Qwen3VLMoeConfig
+        config = Qwen3VLMoeConfig.from_dict(state["config"])
+    image_processor = FAMILY.tiny_image_processor(hp["image_size"])
+    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"])
+    info = RunInfo(**state["info"]) if state is not None else RunInfo()
+    pin = device.type == "cuda"
+
+    vb = min(hp["eval_batch"], hp["val_samples"])
+    val_stream = BatchStream(maker, "val", vb, 0, qtypes, with_prompt=True,
+                             n_batches=max(1, hp["val_samples"] // vb))
+    val_batches = list(make_loader(val_stream, min(workers, len(val_stream)), pin=False))
+    train_stream = BatchStream(maker, "train", B, info.samples, qtypes)
+    train_iter = iter(make_loader(train_stream, workers, pin=pin))
+
+    # ---- model, optimizer ----
+    model = build_model(config, hp["seed"])
+    if state is not None:
+        model.load_state_dict(state["model"])
+    sizes = param_split(model)
+    model.to(device)
+    model.train()
+    experts_impl = args.experts_impl
+    model.set_experts_implementation(experts_impl)
+    batched_vision = not args.no_batched_vision
+    batch_vision_attention(model, batched_vision)
+    optimizer = make_optimizer(model, hp["lr"], hp["weight_decay"], device)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(hp["seed"])
+    del state
+    print(f"model: {sizes['params_total'] / 1e6:.2f} M params = experts {sizes['params_experts'] / 1e6:.2f} M "
+          f"({100 * sizes['expert_share']:.1f} %) + other {sizes['params_other'] / 1e6:.2f} M; "
+          f"bf16 {sizes['bf16_bytes'] / 2**20:.1f} MiB; vocab {len(tokenizer)}; device {device}; batch {B}; "
+          f"workers {workers}; start-up {time.time() - t_start:.1f} s", flush=True)
+    _jsonl(log_path, {"event": "start", "resume": args.resume, "step": info.step, "hparams": hp, **sizes,
+                      "device": str(device), "workers": workers, "startup_s": time.time() - t_start})
+
+    # ---- loop ----
+    from tqdm import tqdm
+    start_step, start_progress = info.step, info.progress
+    t_loop = time.time()
+    reserve = 20.0 if device.type == "cuda" else 5.0       # final eval estimate is added after each eval
+    last_eval_s = 0.0
+    train_end = None if deadline is None else deadline - reserve
+    next_eval = t_loop + hp["eval_every_s"]
+    next_ckpt = t_loop + hp["ckpt_every_s"]
+    bar = tqdm(total=args.steps, initial=info.step, disable=args.no_progress, dynamic_ncols=True,
+               mininterval=1.0, desc="train")
+    acc_loss = torch.zeros((), device=device)
+    acc_aux = torch.zeros((), device=device)
+    acc_ok = torch.zeros((), device=device)
+    n_acc, data_wait, t_win, s_win = 0, 0.0, time.time(), 0
+    val = None
+    while True:
+        now = time.time()
+        if args.steps is not None and info.step >= args.steps:
+            break
+        if train_end is not None and now >= train_end - last_eval_s:
+            break
+        frac_t = 0.0 if train_end is None else (now - t_loop) / max(1e-6, train_end - last_eval_s - t_loop)
+        frac_s = 0.0 if args.steps is None else (info.step - start_step) / max(1, args.steps - start_step)
+        info.progress = start_progress + (1 - start_progress) * min(1.0, max(frac_t, frac_s))
+        lr = lr_at(info.step, info.progress, hp["lr"], hp["warmup"], hp["min_lr_ratio"])
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.time()
+        cpu_batch = next(train_iter)
+        data_wait += time.time() - t0
+        batch = to_device(cpu_batch, device)
+        try:
+            loss, ce, aux, ok = forward_loss(model, batch, image_processor, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except (RuntimeError, NotImplementedError) as e:    # first-step fallbacks for untested kernels
+            if info.step != start_step or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            if experts_impl != "eager":
+                print(f"warning: experts '{experts_impl}' failed ({str(e).splitlines()[0]}); using eager",
+                      file=sys.stderr)
+                experts_impl = "eager"
+                model.set_experts_implementation("eager")
+            elif batched_vision:
+                print(f"warning: batched vision attention failed ({str(e).splitlines()[0]}); per image",
+                      file=sys.stderr)
+                batched_vision = False
+                batch_vision_attention(model, False)
+            else:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            loss, ce, aux, ok = forward_loss(model, batch, image_processor, device)
+            loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
+        optimizer.step()
+        info.step += 1
+        info.samples += B
+        s_win += B
+        acc_loss += ce
+        acc_aux += aux
+        acc_ok += ok.float().mean()
+        n_acc += 1
+        bar.update(1)
+        if info.step % hp["log_every"] == 0 or info.step == args.steps:
+            dt = time.time() - t_win
+            rec = {"event": "train", "step": info.step, "samples": info.samples,
+                   "loss": float(acc_loss) / n_acc, "aux_loss": float(acc_aux) / n_acc,
+                   "train_acc": float(acc_ok) / n_acc, "grad_norm": float(gnorm), "lr": lr,
+                   "samples_per_s": s_win / max(dt, 1e-9), "data_wait_frac": data_wait / max(dt, 1e-9),
+                   "progress": info.progress, "elapsed_s": time.time() - t_start}
+            _jsonl(log_path, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_acc']:.2f}",
+                            sps=f"{rec['samples_per_s']:.0f}", lr=f"{lr:.1e}", refresh=False)
+            acc_loss.zero_(), acc_aux.zero_(), acc_ok.zero_()
+            n_acc, data_wait, t_win, s_win = 0, 0.0, time.time(), 0
+        if time.time() >= next_eval:
+            te = time.time()
+            val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
+            last_eval_s = time.time() - te
+            _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val,
+                              "eval_s": last_eval_s, "elapsed_s": time.time() - t_start})
+            bar.write(f"step {info.step}: val acc {val['accuracy']:.3f} "
+                      + " ".join(f"{q}={a:.2f}" for q, a in val["by_type"].items()))
+            next_eval = time.time() + hp["eval_every_s"]
+            t_win += last_eval_s
+        if time.time() >= next_ckpt:
+            tc = time.time()
+            save_state(args.out, model, optimizer, _state_info(info, time.time() - t_loop, hp, config))
+            next_ckpt = time.time() + hp["ckpt_every_s"]
+            t_win += time.time() - tc
+    bar.close()
+    del train_iter
+    loop_s = time.time() - t_loop
+    info.train_s += loop_s
+
+    # ---- final: val, resumable state, bf16 checkpoint, summary ----
+    val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
+    _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val, "final": True,
+                      "elapsed_s": time.time() - t_start})
+    save_state(args.out, model, optimizer, _state_info(info, 0.0, hp, config))
+    ckpt_bytes = export_checkpoint(args.out, model, tokenizer, image_processor)
+    summary = {**sizes, "checkpoint_bytes": ckpt_bytes, "steps": info.step, "samples_seen": info.samples,
+               "batch": B, "loop_s": loop_s, "train_s_total": info.train_s, "wall_s": time.time() - t_start,
+               "samples_per_s": (info.step - start_step) * B / max(loop_s, 1e-9), "device": str(device),
+               "experts_implementation": experts_impl, "batched_vision_attention": batched_vision,
+               "workers": workers, "val": val, "hparams": hp}
+    with open(os.path.join(args.out, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"done: {info.step} steps, {info.samples} samples, {summary['wall_s']:.0f} s wall; val acc "
+          f"{val['accuracy']:.3f} (" + ", ".join(f"{q} {a:.2f}" for q, a in val["by_type"].items()) + f"); "
+          f"checkpoint {ckpt_bytes / 2**20:.1f} MiB in {args.out}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""CPU smoke tests of `vismmoe.train` (micro preset) and `vismmoe.evaluate`.
+
+What they pin down: only answer + `<|im_end|>` tokens are supervised and the prompt is exactly the inference
+prompt; device-side patchify equals the image processor; worker-side positions equal `prefill_positions` on the
+real model; the training experts function and batched vision attention give transformers' numbers; a tiny model
+overfits a fixed batch; `--resume` continues; the export loads with `vismmoe.load` and `from_pretrained` alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vismmoe import train as T
+from vismmoe.data import QTYPES, make_sample, warm_cache
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def micro():
+    warm_cache()
+    hp = T.PRESETS["micro"]
+    tok = T.make_tokenizer(hp["vocab"], hp["corpus_samples"])
+    cfg = T.make_config(tok, hp["model"])
+    ip = T.FAMILY.tiny_image_processor(hp["image_size"])
+    return SimpleNamespace(hp=hp, tok=tok, cfg=cfg, ip=ip, maker=T.BatchMaker(tok, ip, cfg, hp["image_size"]))
+
+
+def _model_inputs(batch, ip):
+    return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                pixel_values=T.patchify(batch["images"], ip), image_grid_thw=batch["image_grid_thw"])
+
+
+def test_labels_prompt_pixels_positions(micro):
+    samples = [make_sample("train", i) for i in range(6)]
+    b = micro.maker(samples, with_prompt=True)
+    eos = micro.tok.convert_tokens_to_ids("<|im_end|>")
+    ref = T.FAMILY.build_inputs(micro.tok, micro.ip, [s.image for s in samples], [s.question for s in samples])
+    for r, s in enumerate(samples):
+        sup = (b["labels"][r] != -100).nonzero().flatten()
+        n = len(sup)
+        # supervised = the last n positions = answer tokens + <|im_end|>, nothing else
+        assert sup.tolist() == list(range(b["labels"].shape[1] - n, b["labels"].shape[1]))
+        assert b["labels"][r, -n:].tolist() == b["input_ids"][r, -n:].tolist()
+        assert b["labels"][r, -1] == eos
+        assert micro.tok.decode(b["labels"][r, -n:-1]) == s.answer
+        # the rest is the inference prompt (left padded), exactly as build_inputs gives it
+        real = b["input_ids"][r][b["attention_mask"][r].bool()][:-n]
+        assert real.tolist() == ref["input_ids"][r][ref["attention_mask"][r].bool()].tolist()
+        assert (b["labels"][r][b["attention_mask"][r] == 0] == -100).all()
+    assert torch.equal(b["p_input_ids"], ref["input_ids"]) and torch.equal(b["p_attention_mask"],
+                                                                           ref["attention_mask"])
+    assert int(b["keep"]) == max((b["labels"] != -100).sum(1).tolist()) + 1
+    assert [QTYPES[q] for q in b["qtype"].tolist()] == [s.qtype for s in samples]
+    # pixels: device-side patchify == the saved image processor
+    assert torch.allclose(T.patchify(b["images"], micro.ip), ref["pixel_values"], atol=1e-6, rtol=0)
+    assert torch.equal(b["image_grid_thw"], ref["image_grid_thw"])
+    # positions computed in the workers == the family's prefill_positions on the real model
+    model = T.build_model(micro.cfg, 0)
+    full = {k: b[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+    assert torch.equal(T.FAMILY.prefill_positions(model, full)[0], b["position_ids"])
+    pos, deltas = T.FAMILY.prefill_positions(model, ref)
+    assert torch.equal(pos, b["p_position_ids"]) and torch.equal(deltas, b["p_deltas"])
+    # an answer token's training position == the engine's decode position for it
+    r = 0
+    n = int((b["labels"][r] != -100).sum())
+    first = b["labels"].shape[1] - n
+    mask = torch.cat([b["p_attention_mask"][r:r + 1], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    dec = T.FAMILY.decode_positions(mask, b["p_deltas"][r:r + 1])
+    assert torch.equal(dec[:, 0, 0], b["position_ids"][:, r, first])
+
+
+def test_train_experts_and_batched_vision_match_transformers(micro):
+    b = micro.maker([make_sample("train", i) for i in range(3)])
+    model = T.build_model(micro.cfg, 0)
+    inputs = _model_inputs(b, micro.ip)
+
+    def run(impl, batched):
+        model.zero_grad()
+        model.set_experts_implementation(impl)
+        T.batch_vision_attention(model, batched)
+        out = model(**inputs, labels=b["labels"], output_router_logits=True)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    l_ref, g_ref = run("eager", False)
+    l_new, g_new = run(T.TRAIN_EXPERTS, True)
+    assert torch.allclose(l_ref, l_new, atol=1e-5)
+    assert g_ref.keys() == g_new.keys()
+    for name in g_ref:
+        assert torch.allclose(g_ref[name], g_new[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_overfits_a_fixed_batch(micro):
+    b = micro.maker([make_sample("train", i) for i in range(8)])
+    model = T.build_model(micro.cfg, 0)
+    model.set_experts_implementation(T.TRAIN_EXPERTS)
+    T.batch_vision_attention(model)
+    opt = T.make_optimizer(model, 3e-3, 0.0, CPU)
+    losses = []
+    for step in range(40):
+        for g in opt.param_groups:
+            g["lr"] = T.lr_at(step, 0.0, 3e-3, 5, 0.1)
+        loss, ce, aux, ok = T.forward_loss(model, b, micro.ip, CPU)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(ce))
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert float(aux) > 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("train") / "run")
+    base = ["--out", out, "--preset", "micro", "--device", "cpu", "--workers", "0", "--no-progress"]
+    first = T.main(base + ["--steps", "3"])
+    second = T.main(base + ["--steps", "5", "--resume"])
+    return SimpleNamespace(out=out, first=first, second=second)
+
+
+def test_resume_continues_and_logs(trained):
+    assert trained.first["steps"] == 3 and trained.second["steps"] == 5
+    assert trained.second["samples_seen"] == 5 * T.PRESETS["micro"]["batch"]
+    with open(os.path.join(trained.out, T.LOG_FILE)) as f:
+        recs = [json.loads(line) for line in f]
+    steps = [r["step"] for r in recs if r["event"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+    assert [r["resume"] for r in recs if r["event"] == "start"] == [False, True]
+    for r in recs:
+        if r["event"] == "train":
+            assert {"loss", "aux_loss", "lr", "samples_per_s"} <= r.keys()
+    state = torch.load(os.path.join(trained.out, T.STATE_FILE), map_location="cpu", weights_only=False)
+    assert state["info"]["step"] == 5
+    with open(os.path.join(trained.out, T.SUMMARY_FILE)) as f:
+        summary = json.load(f)
+    assert set(summary["val"]["by_type"]) == set(QTYPES)
+    assert summary["params_experts"] + summary["params_other"] == summary["params_total"]
+    assert 0 < summary["checkpoint_bytes"] <= 64 * 2**20
+
+
+def test_export_loads_both_ways_with_same_answers(trained):
+    import vismmoe
+    from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
+
+    with open(os.path.join(trained.out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["dtype"] == "bfloat16" and "experts_implementation" not in json.dumps(cfg)
+    samples = [make_sample("val", i) for i in range(2)]
+    engine = vismmoe.load(trained.out)
+    gens = engine.generate_batch([s.image for s in samples], [s.question for s in samples], max_new_tokens=4)
+
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(trained.out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(trained.out)
+    ip = T.FAMILY.load_image_processor(trained.out)
+    b = T.BatchMaker(tok, ip, model.config, T.PRESETS["micro"]["image_size"])(samples, with_prompt=True)
+    answers = T.greedy_answers(model, b, ip, tok, CPU)
+    assert answers == [g.text.lower() for g in gens]
+    # and the logits behind them agree (not only the argmax)
+    inputs = engine.prepare([s.image for s in samples], [s.question for s in samples])
+    with torch.no_grad():
+        ref = model(input_ids=b["p_input_ids"], attention_mask=b["p_attention_mask"],
+                    position_ids=b["p_position_ids"], mm_token_type_ids=b["p_mm_token_type_ids"],
+                    pixel_values=T.patchify(b["images"], ip), image_grid_thw=b["image_grid_thw"]).logits
+    assert torch.allclose(engine.forward_logits(inputs), ref, atol=1e-4)
+
+
+def test_evaluate_returns_scores(trained):
+    import vismmoe
+    from vismmoe.evaluate import evaluate, majority_answers
+
+    res = evaluate(vismmoe.load(trained.out), split="test", limit=6, batch_size=3, progress=False,
+                   majority_samples=60)
+    for key in ("accuracy", "n", "by_type", "majority_baseline", "majority_by_type"):
+        assert key in res
+    assert res["n"] == 6 and set(res["by_type"]) == set(QTYPES)
+    assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["majority_baseline"] <= 1.0
+    maj = majority_answers(60)
+    assert set(maj) == set(QTYPES) and maj["exist"] in ("yes", "no")
