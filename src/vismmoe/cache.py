@@ -46,12 +46,18 @@ class CacheCounters:
 
 
 class ExpertCache:
-    def __init__(self, layout: BlobLayout, num_slots: int, device: torch.device, policy):
+    def __init__(self, layout: BlobLayout, num_slots: int, device: torch.device, policy,
+                 pool: torch.Tensor | None = None):
+        """`pool`: memory of another cache to reuse (benchmarks that run caches one after another; never two
+        caches over one pool at the same time)."""
         self.layout = layout
         self.num_slots = num_slots
         self.device = device
         self.policy = policy
-        self.pool = torch.empty(num_slots, layout.numel, dtype=layout.dtype, device=device)
+        if pool is not None:
+            assert pool.shape == (num_slots, layout.numel) and pool.dtype == layout.dtype
+        self.pool = pool if pool is not None else torch.empty(num_slots, layout.numel, dtype=layout.dtype,
+                                                              device=device)
         self.gate_up, self.down = layout.views(self.pool)      # [S, 2I, H], [S, H, I]
         self.slot_of: dict[Key, int] = {}
         self.owner: list[Key | None] = [None] * num_slots

@@ -160,7 +160,7 @@ class Engine:
     """
 
     def __init__(self, *, model_dir, family, config, model, tokenizer, image_processor, store, device, dtype,
-                 geometry, layout, nonexpert_bytes, budget_bytes: int, rc: RuntimeConfig):
+                 geometry, layout, nonexpert_bytes, budget_bytes: int, rc: RuntimeConfig, pool=None):
         self.model_dir = model_dir
         self.family = family
         self.config = config
@@ -176,7 +176,7 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.rc = rc
         slots = min(budget_bytes // layout.nbytes, len(geometry.moe_layers) * geometry.num_experts)
-        self.cache = ExpertCache(layout, int(slots), device, make_policy(rc.policy))
+        self.cache = ExpertCache(layout, int(slots), device, make_policy(rc.policy), pool=pool)
         self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store), geometry.moe_layers,
                                       geometry.num_experts)
         self.trace: RoutingTrace | None = None
@@ -190,15 +190,18 @@ class Engine:
         self._activate()
         model.set_experts_implementation(IMPLEMENTATION)
 
-    def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False) -> Engine:
-        """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`."""
+    def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
+             share_pool: bool = False) -> Engine:
+        """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
+        this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
                      policy=policy or self.rc.policy, trace=trace)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
                       device=self.device, dtype=self.dtype, geometry=self.geometry, layout=self.layout,
-                      nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc)
+                      nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc,
+                      pool=self.cache.pool if share_pool else None)
 
     def _activate(self) -> None:
         for layer in self.geometry.moe_layers:

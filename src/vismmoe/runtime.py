@@ -3,7 +3,7 @@
     router (transformers) -> top_k_index [T, K], top_k_weights [T, K]
         |  observers.observe(layer, hidden, index, weights)      trace, predictors
         v
-    needed experts (one host sync) -> schedule.plan_waves(needed, resident, slots)
+    routing to the host (the one sync) -> needed experts -> schedule.plan_waves(needed, resident, slots)
         |  for each wave:
         |     hits: cache.touch          misses: cache.claim (policy picks the victim) -> transfer.copy_in
         |     compute stream waits for the wave's last copy
@@ -19,6 +19,7 @@ layer index of their own.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -46,20 +47,39 @@ class OffloadRuntime:
         self.observers: list = []
         self.max_groups = MAX_GROUPS            # slots one grouped matmul may span
         self.cuda = cache.device.type == "cuda"
-        # pinned expert->slot tables, one per (wave, window) in flight within a layer (at most E of each)
-        n = 2 * num_experts + 4
-        self._luts = torch.empty(n, num_experts, dtype=torch.long, pin_memory=self.cuda)
-        self._lut_i = 0
+        # pinned staging for [T, K] slot indices, one buffer per (wave, window) in flight within a layer (at
+        # most E of those); the next layer's host sync guarantees the previous layer's copies have finished
+        self._staging = [torch.empty(0, dtype=torch.long) for _ in range(2 * num_experts + 4)]
+        self._stage_i = 0
 
     def attach(self, experts_module: torch.nn.Module, layer: int) -> None:
         experts_module._vismmoe_runtime = self
         experts_module._vismmoe_layer = layer
 
-    def _lut(self, fill: int) -> torch.Tensor:
-        self._lut_i = (self._lut_i + 1) % self._luts.shape[0]
-        lut = self._luts[self._lut_i]
-        lut.fill_(fill)
-        return lut
+    def preload(self, keys: list[tuple[int, int]]) -> None:
+        """Make `keys` resident in this order (into free slots first), then wait for the copies."""
+        last = None
+        for key in keys:
+            if self.cache.resident(key):
+                continue
+            slot = self.cache.claim(key, pinned=set(keys))
+            done = self.transfer.copy_in(key[0], self.layer_pos[key[0]], key[1], self.cache.pool[slot],
+                                         after=self.cache.last_use[slot])
+            last = done if done is not None else last
+        if last is not None:
+            last.synchronize()
+
+    def _to_device(self, host: np.ndarray, device) -> torch.Tensor:
+        """[T, K] int64 host array -> device tensor, asynchronously through a pinned staging buffer."""
+        if not self.cuda:
+            return torch.from_numpy(host)
+        self._stage_i = (self._stage_i + 1) % len(self._staging)
+        buf = self._staging[self._stage_i]
+        if buf.numel() < host.size:
+            buf = self._staging[self._stage_i] = torch.empty(max(host.size, 1024), dtype=torch.long).pin_memory()
+        view = buf[: host.size].view(host.shape)
+        view.numpy()[...] = host
+        return view.to(device, non_blocking=True)
 
     def forward(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # T tokens, K experts per token, H hidden
@@ -67,7 +87,9 @@ class OffloadRuntime:
         for obs in self.observers:
             obs.observe(layer, hidden, top_k_index, top_k_weights)
         cache, pos = self.cache, self.layer_pos[layer]
-        needed = torch.unique(top_k_index).tolist()            # the one host sync per layer
+        # the one host sync per layer: the routing comes to the host, all bookkeeping happens there
+        idx = top_k_index.cpu().numpy()                         # [T, K]
+        needed = np.unique(idx).tolist()
         if not needed:
             return torch.zeros_like(hidden)
         resident = {e for e in needed if cache.resident((layer, e))}
@@ -89,11 +111,11 @@ class OffloadRuntime:
             self.transfer.wait(layer, last_copy)
             spans = windows(list(slot_of.values()), self.max_groups)
             for lo, hi in spans:
-                lut = self._lut(hi - lo)                        # [E] expert -> window slot, hi-lo = elsewhere
+                lut = np.full(self.num_experts, hi - lo, dtype=np.int64)   # expert -> window slot; hi-lo: elsewhere
                 for e, slot in slot_of.items():
                     if lo <= slot < hi:
                         lut[e] = slot - lo
-                slot_idx = lut.to(hidden.device, non_blocking=True)[top_k_index]       # [T, K]
+                slot_idx = self._to_device(lut[idx], hidden.device)     # [T, K]
                 pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, cache.gate_up[lo:hi],
                                          cache.down[lo:hi], pairs, whole=len(waves) == 1 and len(spans) == 1)
             if self.cuda:

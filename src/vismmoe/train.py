@@ -226,15 +226,18 @@ class Uint8Images:
             raise ValueError(f"image size {size} is not a multiple of {self.patch_size * self.merge_size}")
 
     def __call__(self, images, return_tensors="pt"):
-        arrs = []
-        for im in images:
+        S = self.size
+        out = torch.empty((len(images), S, S, 3), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            out.share_memory_()        # filled in place: the worker sends it without another 150 MB copy
+        dst = out.numpy()
+        for i, im in enumerate(images):
             im = im.convert("RGB")
-            if im.size != (self.size, self.size):
-                im = im.resize((self.size, self.size), 3)          # bicubic, as the processor resizes
-            arrs.append(np.asarray(im, dtype=np.uint8))
-        g = self.size // self.patch_size
-        return {"pixel_values": torch.from_numpy(np.stack(arrs)),
-                "image_grid_thw": torch.tensor([[1, g, g]] * len(arrs), dtype=torch.long)}
+            if im.size != (S, S):
+                im = im.resize((S, S), 3)                 # bicubic, as the processor resizes
+            dst[i] = np.asarray(im, dtype=np.uint8)
+        g = S // self.patch_size
+        return {"pixel_values": out, "image_grid_thw": torch.tensor([[1, g, g]] * len(images), dtype=torch.long)}
 
 
 def patchify(images: torch.Tensor, image_processor, dtype=torch.float32) -> torch.Tensor:
@@ -442,6 +445,38 @@ def evaluate_val(model, val_batches: list[dict], image_processor, tokenizer, dev
     by_type = {q: right[q] / seen[q] for q in QTYPES if seen[q]}
     return {"accuracy": sum(right.values()) / max(1, n), "n": n, "by_type": by_type,
             "min_type_accuracy": min(by_type.values()) if by_type else 0.0}
+
+
+@torch.no_grad()
+def routing_stats(model, batch: dict, image_processor, device: torch.device) -> dict:
+    """How the routers spread the real (non-padding) tokens of one val batch over the experts, per MoE layer.
+
+    `load_max_over_mean`: 1.0 = perfectly balanced top-k load. `token_entropy`: mean entropy of each token's
+    router distribution over log(E); 1.0 = uniform (no specialisation), lower = tokens prefer few experts.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_ctx(device):
+            out = model(input_ids=batch["p_input_ids"], attention_mask=batch["p_attention_mask"],
+                        position_ids=batch["p_position_ids"], mm_token_type_ids=batch["p_mm_token_type_ids"],
+                        pixel_values=patchify(batch["images"], image_processor),
+                        image_grid_thw=batch["image_grid_thw"], output_router_logits=True, use_cache=False,
+                        logits_to_keep=1)
+    finally:
+        model.train(was_training)
+    tc = model.config.text_config
+    E, k = tc.num_experts, tc.num_experts_per_tok
+    real = batch["p_attention_mask"].reshape(-1).bool()
+    layers = []
+    for logits in out.router_logits:
+        probs = logits.float().softmax(-1)[real]
+        load = torch.bincount(probs.topk(k, dim=-1).indices.reshape(-1), minlength=E).float()
+        ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean() / math.log(E)
+        layers.append({"load_max_over_mean": float(load.max() / load.mean()),
+                       "load_min_over_mean": float(load.min() / load.mean()), "token_entropy": float(ent)})
+    mean = {key: sum(layer[key] for layer in layers) / len(layers) for key in layers[0]} if layers else {}
+    return {"mean": mean, "layers": layers}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -655,7 +690,7 @@ def main(argv=None) -> dict:
     next_eval = t_loop + hp["eval_every_s"]
     next_ckpt = t_loop + hp["ckpt_every_s"]
     bar = tqdm(total=args.steps, initial=info.step, disable=args.no_progress, dynamic_ncols=True,
-               mininterval=1.0, desc="train")
+               mininterval=1.0 if sys.stderr.isatty() else 15.0, desc="train")
     acc_loss = torch.zeros((), device=device)
     acc_aux = torch.zeros((), device=device)
     acc_ok = torch.zeros((), device=device)
@@ -713,6 +748,7 @@ def main(argv=None) -> dict:
             dt = time.time() - t_win
             rec = {"event": "train", "step": info.step, "samples": info.samples,
                    "loss": float(acc_loss) / n_acc, "aux_loss": float(acc_aux) / n_acc,
+                   "aux_balance": float(acc_aux) / n_acc / config.text_config.num_experts_per_tok,
                    "train_acc": float(acc_ok) / n_acc, "grad_norm": float(gnorm), "lr": lr,
                    "samples_per_s": s_win / max(dt, 1e-9), "data_wait_frac": data_wait / max(dt, 1e-9),
                    "progress": info.progress, "elapsed_s": time.time() - t_start}
@@ -746,12 +782,13 @@ def main(argv=None) -> dict:
     _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val, "final": True,
                       "elapsed_s": time.time() - t_start})
     save_state(args.out, model, optimizer, _state_info(info, 0.0, hp, config))
+    routing = routing_stats(model, to_device(val_batches[0], device), image_processor, device)
     ckpt_bytes = export_checkpoint(args.out, model, tokenizer, image_processor)
     summary = {**sizes, "checkpoint_bytes": ckpt_bytes, "steps": info.step, "samples_seen": info.samples,
                "batch": B, "loop_s": loop_s, "train_s_total": info.train_s, "wall_s": time.time() - t_start,
                "samples_per_s": (info.step - start_step) * B / max(loop_s, 1e-9), "device": str(device),
                "experts_implementation": experts_impl, "batched_vision_attention": batched_vision,
-               "workers": workers, "val": val, "hparams": hp}
+               "workers": workers, "val": val, "routing": routing, "hparams": hp}
     with open(os.path.join(args.out, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"done: {info.step} steps, {info.samples} samples, {summary['wall_s']:.0f} s wall; val acc "

@@ -5,8 +5,9 @@
 Systems (same non-expert weights, same host expert store, same request):
   vismmoe-lru   our slot cache at `--budget`, LRU
   ondemand      `--policy none` at the same budget: every expert loaded when needed, nothing kept
-  resident      every expert on the device (the compute-only reference for the bound)
-  accelerate    transformers + accelerate dispatch_model, expert banks offloaded to CPU (bench/accelerate_baseline)
+  resident      our runtime with every expert preloaded into its pool
+  hf-resident   plain transformers, every expert on the device, grouped_mm (views of the resident pool)
+  accelerate    transformers + accelerate dispatch_model, expert banks offloaded to CPU (bench/baselines)
 Reported per system: prefill time (TTFT: vision tower + decoder over the image), time per decode token, bytes
 moved, achieved host-to-device GB/s (bytes over copy-stream busy time), stall, hit rate; the link's own pinned
 copy speed; the physical bound from a Belady cache over the recorded routing trace; the allocator check of the
@@ -58,8 +59,26 @@ def run_engine(eng, inputs, new_tokens, cold: bool):
     return rows[0], stats
 
 
+def profile(fn, path: str) -> dict:
+    """Run `fn` under the torch profiler; write the op table; return CPU vs CUDA busy time (ms)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=30))
+        f.write("\n\n")
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=20))
+    cpu = sum(e.self_cpu_time_total for e in avg) / 1e3
+    dev = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e3
+    return {"cpu_ms": cpu, "device_ms": dev}
+
+
 @torch.inference_mode()
-def run_accelerate(model, family, inputs, new_tokens):
+def run_model(model, family, inputs, new_tokens):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set(), feed=FEED)
@@ -76,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--accel-reps", type=int, default=2)
-    ap.add_argument("--accel-tokens", type=int, default=3)
+    ap.add_argument("--accel-tokens", type=int, default=3, help="new tokens per accelerate run (about 8 s each)")
     ap.add_argument("--no-accelerate", action="store_true")
     ap.add_argument("--decode-inputs", default="random", choices=["random", "argmax"],
                     help="random: teacher-force random text tokens in decode so routing varies as on real text "
@@ -121,20 +140,29 @@ def main(argv=None):
                      "peak_minus_weights_le_budget_plus_reserve": peak - eng.nonexpert_bytes <= eng.budget_bytes + reserve}
     print("memory", res["memory"], flush=True)
 
-    systems = {"vismmoe-lru": eng, "ondemand": eng.fork(policy="none"), "resident": eng.fork(expert_budget="100%")}
-    run_engine(systems["resident"], inputs, 2, cold=False)       # load every expert once; stays resident
-    accel = None
+    from .baselines import accelerate_model, resident_model
+    systems = {"vismmoe-lru": eng, "ondemand": eng.fork(policy="none", share_pool=True)}
+    resident = eng.fork(expert_budget="100%")
+    resident.runtime.preload([(l, e) for l in resident.geometry.moe_layers
+                              for e in range(resident.geometry.num_experts)])
+    systems["resident"] = resident
+    models = {"hf-resident": resident_model(resident)}
     if not args.no_accelerate:
         try:
-            from .accelerate_baseline import accelerate_model
-            accel = accelerate_model(eng)
-            run_accelerate(accel, eng.family, inputs, 1)         # warm-up
+            models["accelerate"] = accelerate_model(eng)
         except Exception as e:                                   # recorded, not hidden
             res["accelerate_error"] = f"{type(e).__name__}: {e}"
-            accel = None
             print("accelerate failed:", res["accelerate_error"], flush=True)
+    for name, m in models.items():                               # warm-up
+        run_model(m, eng.family, inputs, 2)
+    res["profile"] = {
+        "resident": profile(lambda: run_engine(resident, inputs, 8, cold=False), os.path.join(args.out, "prof_resident.txt")),
+        "hf-resident": profile(lambda: run_model(models["hf-resident"], eng.family, inputs, 8),
+                               os.path.join(args.out, "prof_hf_resident.txt")),
+    }
+    print("profile", res["profile"], flush=True)
 
-    runs: dict[str, list] = {k: [] for k in list(systems) + (["accelerate"] if accel is not None else [])}
+    runs: dict[str, list] = {k: [] for k in list(systems) + list(models)}
     tokens: dict[str, list] = {}
     for rep in range(args.reps):
         for name, e in systems.items():
@@ -143,16 +171,22 @@ def main(argv=None):
             tokens.setdefault(name, toks)
             print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms  "
                   f"moved {format_size(st['bytes_moved'])}  GB/s {st['h2d_GBps'] or 0:.1f}", flush=True)
-        if accel is not None and rep < args.accel_reps:
-            toks, st = run_accelerate(accel, eng.family, inputs, args.accel_tokens)
-            runs["accelerate"].append(st)
-            print(f"rep {rep} accelerate   ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms", flush=True)
+        for name, m in models.items():
+            if name == "accelerate" and rep >= args.accel_reps:
+                continue
+            n = args.accel_tokens if name == "accelerate" else args.new_tokens
+            toks, st = run_model(m, eng.family, inputs, n)
+            runs[name].append(st)
+            tokens.setdefault(name, toks)
+            print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms", flush=True)
 
     # --- routing trace (identical for every budget) -> Belady bound ---
-    tr = eng.fork(expert_budget="100%", trace=True)
-    run_engine(tr, inputs, args.new_tokens, cold=False)
-    groups = access_groups(tr.trace)
-    prefill_groups = len(tr.geometry.moe_layers)
+    trace = RoutingTrace()
+    resident.runtime.observers.append(trace)
+    run_engine(resident, inputs, args.new_tokens, cold=False)
+    resident.runtime.observers.remove(trace)
+    groups = access_groups(trace)
+    prefill_groups = len(resident.geometry.moe_layers)
     slots = eng.cache.num_slots
     bel_prefill = belady_misses(groups[:prefill_groups], slots)
     bel_total = belady_misses(groups, slots)
@@ -167,16 +201,17 @@ def main(argv=None):
     for name in runs:
         table[name] = {k: med(name, k) for k in ("ttft_s", "tpot_s", "e2e_s", "bytes_moved", "h2d_GBps", "stall_s",
                                                     "hit_rate", "copy_s")}
-    resident = table["resident"]
+    compute = {k: min(table[n][k] for n in ("resident", "hf-resident")) for k in ("ttft_s", "tpot_s")}
     decode_moves = (bel_total - bel_prefill) * eng.layout.nbytes / max(1, args.new_tokens - 1)
     res["bound"] = {
-        "ttft_s": max(resident["ttft_s"], bel_prefill * eng.layout.nbytes / link),
-        "tpot_s": max(resident["tpot_s"], decode_moves / link),
+        "ttft_s": max(compute["ttft_s"], bel_prefill * eng.layout.nbytes / link),
+        "tpot_s": max(compute["tpot_s"], decode_moves / link),
     }
     res["table"] = table
-    res["tokens_identical"] = len({tuple(v) for k, v in tokens.items() if k != "accelerate"}) == 1
+    same = [k for k in tokens if k != "accelerate"]
+    res["tokens_identical"] = {k: tokens[k][: len(tokens["resident"])] == tokens["resident"] for k in same}
     for name in table:
-        if name != "resident":
+        if name not in ("resident", "hf-resident"):
             table[name]["efficiency_ttft"] = res["bound"]["ttft_s"] / table[name]["ttft_s"]
             table[name]["efficiency_tpot"] = res["bound"]["tpot_s"] / table[name]["tpot_s"]
     if "accelerate" in table:

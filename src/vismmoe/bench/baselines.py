@@ -1,4 +1,6 @@
-"""Baseline: transformers + accelerate `dispatch_model` with each layer's fused experts offloaded to the CPU.
+"""Transformers-side systems that share a vismmoe engine's non-expert weights (same tensors, no copy).
+
+`accelerate_model`: transformers + accelerate `dispatch_model` with each layer's fused experts offloaded to the CPU.
 
 This is what a user gets from `from_pretrained(..., device_map=...)` with experts mapped to "cpu": accelerate's
 hooks copy the whole fused bank of a layer (all E experts) from pageable host memory to the device before the
@@ -6,6 +8,10 @@ layer runs and drop it afterwards, every forward. Non-expert weights are shared 
 tensors, no copy). To fit host RAM next to the engine's own store, every layer's bank is a distinct parameter
 over ONE host tensor pair (accelerate sees them as untied and copies each layer's bank separately, so the bytes
 moved per layer are exactly those of an untied model; only their values repeat).
+
+`resident_model`: plain transformers with every expert on the device and its own `grouped_mm` experts kernel; the
+expert banks are views into a fully preloaded vismmoe pool (slot = layer position x E + expert), so it costs no
+memory. Its time is the compute-only reference for the physical bound.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from accelerate import dispatch_model
 from ..engine import Engine, skeleton
 
 
-def accelerate_model(engine: Engine, experts_implementation: str = "grouped_mm") -> torch.nn.Module:
-    family, geo, lay = engine.family, engine.geometry, engine.layout
+def _shared_skeleton(engine: Engine) -> torch.nn.Module:
+    """A second model object whose non-expert parameters ARE the engine's (expert banks left on meta)."""
+    family, geo = engine.family, engine.geometry
     config = copy.deepcopy(engine.config)                     # never share the config: it holds the experts impl
     model = skeleton(family, config)
     prefixes = tuple(family.expert_prefix(l) + "." for l in geo.moe_layers)
@@ -29,6 +36,26 @@ def accelerate_model(engine: Engine, experts_implementation: str = "grouped_mm")
             continue
         mod_name, _, pname = name.rpartition(".")
         model.get_submodule(mod_name)._parameters[pname] = donor[name]
+    return model
+
+
+def resident_model(engine: Engine, experts_implementation: str = "grouped_mm") -> torch.nn.Module:
+    family, geo, cache = engine.family, engine.geometry, engine.cache
+    E = geo.num_experts
+    model = _shared_skeleton(engine)
+    for pos, layer in enumerate(geo.moe_layers):
+        assert all(cache.slot_of.get((layer, e)) == pos * E + e for e in range(E)), "pool not preloaded in order"
+        ex = family.moe_block(model, layer).experts
+        ex.gate_up_proj = torch.nn.Parameter(cache.gate_up[pos * E:(pos + 1) * E], requires_grad=False)
+        ex.down_proj = torch.nn.Parameter(cache.down[pos * E:(pos + 1) * E], requires_grad=False)
+    model.to(engine.device)                                    # buffers (rotary tables)
+    model.set_experts_implementation(experts_implementation)
+    return model.eval()
+
+
+def accelerate_model(engine: Engine, experts_implementation: str = "grouped_mm") -> torch.nn.Module:
+    family, geo, lay = engine.family, engine.geometry, engine.layout
+    model = _shared_skeleton(engine)
     gu_view, dn_view = lay.views(engine.store.buffers[0])
     gate_up = gu_view.contiguous().clone()                    # pageable, contiguous [E, 2I, H] / [E, H, I]
     down = dn_view.contiguous().clone()
