@@ -84,7 +84,7 @@ class ExpertCache:
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self.policy.choose_victim(k for k in self.slot_of if k not in pinned)
+            victim = self.policy.choose_victim(pinned)
             slot = self.evict(victim)
             self._free.remove(slot)
         self.slot_of[key] = slot

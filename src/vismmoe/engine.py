@@ -181,8 +181,7 @@ class Engine:
                                       geometry.num_experts)
         self.trace: RoutingTrace | None = None
         if rc.trace:
-            self.trace = RoutingTrace()
-            self.runtime.observers.append(self.trace)
+            self.record_trace(RoutingTrace())
         self.eos_ids: set[int] = set()
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
@@ -202,6 +201,14 @@ class Engine:
                       device=self.device, dtype=self.dtype, geometry=self.geometry, layout=self.layout,
                       nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc,
                       pool=self.cache.pool if share_pool else None)
+
+    def record_trace(self, trace: RoutingTrace | None) -> None:
+        """Record routing into `trace` from now on (None stops recording)."""
+        if self.trace is not None:
+            self.runtime.observers.remove(self.trace)
+        self.trace = trace
+        if trace is not None:
+            self.runtime.observers.append(trace)
 
     def _activate(self) -> None:
         for layer in self.geometry.moe_layers:

@@ -1,20 +1,21 @@
 """Eviction policies behind one small protocol.
 
-A policy only keeps bookkeeping about keys `(layer, expert)` and, when asked, names a victim among the candidates
-the cache offers (resident and not pinned by the step in progress). It never touches memory, slots or copies, and
-the cache never asks which policy it is: capabilities are attributes (`retain`).
+A policy only keeps bookkeeping about keys `(layer, expert)` and, when asked, names a resident victim that is not
+pinned by the step in progress. It never touches memory, slots or copies, and the cache never asks which policy
+it is: capabilities are attributes (`retain`).
 
     on_access(key)         the step used a resident expert (a hit)
-    on_insert(key)         an expert was copied into a slot
+    on_insert(key)         an expert was copied into a slot (it is resident from now on)
     on_evict(key)          an expert left its slot
-    choose_victim(cands)   which of `cands` (an iterable of keys) to evict
+    choose_victim(pinned)  which resident key, not in `pinned`, to evict (cost independent of the cache size
+                           for LRU: the cache may hold thousands of experts and evict on every miss)
     retain                 False: keep nothing between layers (load on demand)
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Container
 from typing import Protocol
 
 from .errors import UserError
@@ -28,7 +29,7 @@ class Policy(Protocol):
     def on_access(self, key: Key) -> None: ...
     def on_insert(self, key: Key) -> None: ...
     def on_evict(self, key: Key) -> None: ...
-    def choose_victim(self, candidates: Iterable[Key]) -> Key: ...
+    def choose_victim(self, pinned: Container[Key]) -> Key: ...
 
 
 class LRUPolicy:
@@ -49,10 +50,9 @@ class LRUPolicy:
     def on_evict(self, key: Key) -> None:
         self._order.pop(key, None)
 
-    def choose_victim(self, candidates: Iterable[Key]) -> Key:
-        cands = set(candidates)
-        for key in self._order:          # oldest first
-            if key in cands:
+    def choose_victim(self, pinned: Container[Key]) -> Key:
+        for key in self._order:          # oldest first; skips at most len(pinned) keys
+            if key not in pinned:
                 return key
         raise LookupError("no evictable expert")
 
@@ -83,9 +83,10 @@ class LFUPolicy:
         self._count.pop(key, None)
         self._last.pop(key, None)
 
-    def choose_victim(self, candidates: Iterable[Key]) -> Key:
+    def choose_victim(self, pinned: Container[Key]) -> Key:
         try:
-            return min(candidates, key=lambda k: (self._count.get(k, 0), self._last.get(k, 0)))
+            return min((k for k in self._count if k not in pinned),
+                       key=lambda k: (self._count[k], self._last.get(k, 0)))
         except ValueError:
             raise LookupError("no evictable expert") from None
 

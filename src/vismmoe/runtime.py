@@ -49,7 +49,7 @@ class OffloadRuntime:
         self.cuda = cache.device.type == "cuda"
         # pinned staging for [T, K] slot indices, one buffer per (wave, window) in flight within a layer (at
         # most E of those); the next layer's host sync guarantees the previous layer's copies have finished
-        self._staging = [torch.empty(0, dtype=torch.long) for _ in range(2 * num_experts + 4)]
+        self._staging = [torch.empty(0, dtype=torch.long) for _ in range(num_experts + 2)]
         self._stage_i = 0
 
     def attach(self, experts_module: torch.nn.Module, layer: int) -> None:
@@ -76,7 +76,9 @@ class OffloadRuntime:
         self._stage_i = (self._stage_i + 1) % len(self._staging)
         buf = self._staging[self._stage_i]
         if buf.numel() < host.size:
-            buf = self._staging[self._stage_i] = torch.empty(max(host.size, 1024), dtype=torch.long).pin_memory()
+            size = max(host.size, 1 << 16)
+            size = 1 << (size - 1).bit_length()         # grow in powers of two: few pinned allocations ever
+            buf = self._staging[self._stage_i] = torch.empty(size, dtype=torch.long).pin_memory()
         view = buf[: host.size].view(host.shape)
         view.numpy()[...] = host
         return view.to(device, non_blocking=True)

@@ -26,7 +26,7 @@ class RoutingTrace:
                            "layers": {}})
 
     def observe(self, layer: int, hidden, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        if not self.steps:
+        if not self.steps or layer in self.steps[-1]["layers"]:   # nobody marked the step: a layer repeats
             self.begin_step("unknown", None, top_k_index.shape[0])
         self.steps[-1]["layers"][layer] = (top_k_index.to(torch.int16).cpu().numpy(),
                                            top_k_weights.float().to(torch.float16).cpu().numpy())

@@ -30,7 +30,7 @@ import random
 import sys
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -205,9 +205,7 @@ def batch_vision_attention(model, enable: bool = True) -> None:
 
 def build_model(config, seed: int):
     torch.manual_seed(seed)
-    model = FAMILY.model_class(config)
-    model.config.use_cache = False
-    return model
+    return FAMILY.model_class(config)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -350,7 +348,7 @@ class BatchStream(torch.utils.data.Dataset):
         return self.maker(samples, with_prompt=self.with_prompt)
 
 
-def make_loader(stream: BatchStream, workers: int, pin: bool, prefetch: int = 4):
+def make_loader(stream: BatchStream, workers: int, pin: bool, prefetch: int = 2):
     kw = {}
     if workers > 0:
         kw = dict(num_workers=workers, prefetch_factor=prefetch, persistent_workers=False,
@@ -358,8 +356,27 @@ def make_loader(stream: BatchStream, workers: int, pin: bool, prefetch: int = 4)
     return torch.utils.data.DataLoader(stream, batch_size=None, shuffle=False, pin_memory=pin, **kw)
 
 
+_HOST_KEYS = ("keep", "qtype")      # read on the host: copying them to the device would cost a sync to read back
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in _HOST_KEYS else v)
+            for k, v in batch.items()}
+
+
+def fit_workers(workers: int, prefetch: int, batch_bytes: int, shm_dir: str = "/dev/shm") -> tuple[int, int]:
+    """Workers hand batches over through shared memory: cap workers x prefetch batches to what /dev/shm holds."""
+    import shutil
+    try:
+        free = shutil.disk_usage(shm_dir).free
+    except OSError:
+        return workers, prefetch
+    while workers > 0 and workers * prefetch * batch_bytes * 1.5 > free:
+        if prefetch > 1:
+            prefetch -= 1
+        else:
+            workers -= 1
+    return workers, prefetch
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -543,8 +560,7 @@ class RunInfo:
     step: int = 0
     samples: int = 0                 # train samples consumed (the next one is sample_index(samples))
     progress: float = 0.0            # schedule progress in [0, 1]
-    train_s: float = 0.0             # device time spent in the loop over all runs
-    history: list = field(default_factory=list)
+    train_s: float = 0.0             # seconds spent in the training loop, over all runs
 
 
 def _state_info(info: RunInfo, running_s: float, hp: dict, config) -> dict:
@@ -587,11 +603,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def resolve_hparams(args) -> dict:
+    """The preset with the command line's overrides applied (a fresh run; a resumed run keeps its own)."""
+    preset = PRESETS[args.preset]
+    hp = {k: v for k, v in preset.items() if k != "model"}
+    hp["model"] = dict(preset["model"])
+    for key, val in (("batch", args.batch), ("lr", args.lr), ("warmup", args.warmup),
+                     ("image_size", args.image_size), ("val_samples", args.val_samples),
+                     ("eval_every_s", args.eval_every)):
+        if val is not None:
+            hp[key] = val
+    if args.aux_loss is not None:
+        hp["model"]["aux_loss"] = args.aux_loss
+    if args.image_size is not None:
+        hp["model"]["vision_positions"] = (args.image_size // 16) ** 2
+    hp["qtypes"] = [QTYPES.index(q) for q in args.qtypes.split(",")] if args.qtypes else None
+    hp["seed"] = args.seed
+    hp["preset"] = args.preset
+    return hp
+
+
 def main(argv=None) -> dict:
     t_start = _process_start()
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = PRESETS[args.preset]
     deadline = t_start + args.minutes * 60 if args.minutes else None
     if args.steps is None and deadline is None:
         raise SystemExit("give --minutes and/or --steps")
@@ -608,25 +643,13 @@ def main(argv=None) -> dict:
         if not os.path.exists(state_path):
             raise SystemExit(f"--resume: no {state_path}")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        hp = state["hparams"]
+        hp = state["hparams"]                   # the run's recipe; only --batch may change on resume
+        if args.batch is not None:
+            hp["batch"] = args.batch
     else:
-        hp = {k: v for k, v in preset.items() if k != "model"}
-        hp["model"] = dict(preset["model"])
-        for key, val in (("batch", args.batch), ("lr", args.lr), ("warmup", args.warmup),
-                         ("image_size", args.image_size), ("val_samples", args.val_samples),
-                         ("eval_every_s", args.eval_every)):
-            if val is not None:
-                hp[key] = val
-        if args.aux_loss is not None:
-            hp["model"]["aux_loss"] = args.aux_loss
-        if args.image_size is not None:
-            hp["model"]["vision_positions"] = (args.image_size // 16) ** 2
-        hp["qtypes"] = [QTYPES.index(q) for q in args.qtypes.split(",")] if args.qtypes else None
-        hp["seed"] = args.seed
+        hp = resolve_hparams(args)
         if os.path.exists(log_path):
             os.remove(log_path)
-    if args.batch is not None:
-        hp["batch"] = args.batch
     qtypes = tuple(hp["qtypes"]) if hp.get("qtypes") else None
     B = hp["batch"]
 
@@ -653,7 +676,14 @@ def main(argv=None) -> dict:
                              n_batches=max(1, hp["val_samples"] // vb))
     val_batches = list(make_loader(val_stream, min(workers, len(val_stream)), pin=False))
     train_stream = BatchStream(maker, "train", B, info.samples, qtypes)
-    train_iter = iter(make_loader(train_stream, workers, pin=pin))
+    prefetch = 2
+    if workers > 0:
+        fit = fit_workers(workers, prefetch, B * hp["image_size"] ** 2 * 3)
+        if fit != (workers, prefetch):
+            print(f"warning: /dev/shm is small: {fit[0]} workers x prefetch {fit[1]} "
+                  f"(asked {workers} x {prefetch})", file=sys.stderr)
+            workers, prefetch = max(1, fit[0]), fit[1]
+    train_iter = iter(make_loader(train_stream, workers, pin=pin, prefetch=prefetch))
 
     # ---- model, optimizer ----
     model = build_model(config, hp["seed"])
@@ -712,28 +742,26 @@ def main(argv=None) -> dict:
         cpu_batch = next(train_iter)
         data_wait += time.time() - t0
         batch = to_device(cpu_batch, device)
-        try:
-            loss, ce, aux, ok = forward_loss(model, batch, image_processor, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        except (RuntimeError, NotImplementedError) as e:    # first-step fallbacks for untested kernels
-            if info.step != start_step or isinstance(e, torch.cuda.OutOfMemoryError):
-                raise
-            if experts_impl != "eager":
-                print(f"warning: experts '{experts_impl}' failed ({str(e).splitlines()[0]}); using eager",
-                      file=sys.stderr)
-                experts_impl = "eager"
-                model.set_experts_implementation("eager")
-            elif batched_vision:
-                print(f"warning: batched vision attention failed ({str(e).splitlines()[0]}); per image",
-                      file=sys.stderr)
-                batched_vision = False
-                batch_vision_attention(model, False)
-            else:
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            loss, ce, aux, ok = forward_loss(model, batch, image_processor, device)
-            loss.backward()
+        while True:
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                loss, ce, aux, ok = forward_loss(model, batch, image_processor, device)
+                loss.backward()
+                break
+            except (RuntimeError, NotImplementedError) as e:    # first step only: fall back, then retry
+                if info.step != start_step or isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if experts_impl != "eager":
+                    print(f"warning: experts '{experts_impl}' failed ({why}); using eager", file=sys.stderr)
+                    experts_impl = "eager"
+                    model.set_experts_implementation("eager")
+                elif batched_vision:
+                    print(f"warning: batched vision attention failed ({why}); per image", file=sys.stderr)
+                    batched_vision = False
+                    batch_vision_attention(model, False)
+                else:
+                    raise
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
         optimizer.step()
         info.step += 1

@@ -182,9 +182,9 @@ def main(argv=None):
 
     # --- routing trace (identical for every budget) -> Belady bound ---
     trace = RoutingTrace()
-    resident.runtime.observers.append(trace)
+    resident.record_trace(trace)
     run_engine(resident, inputs, args.new_tokens, cold=False)
-    resident.runtime.observers.remove(trace)
+    resident.record_trace(None)
     groups = access_groups(trace)
     prefill_groups = len(resident.geometry.moe_layers)
     slots = eng.cache.num_slots
