@@ -62,6 +62,7 @@ class ExpertCache:
         self.slot_of: dict[Key, int] = {}
         self.owner: list[Key | None] = [None] * num_slots
         self.last_use: list[object] = [None] * num_slots        # event of the last compute that read the slot
+        self.ticket: list[object] = [None] * num_slots          # transfer ticket of the copy that filled it
         self._free = list(range(num_slots - 1, -1, -1))
         self.counters = CacheCounters()
         self.peak_resident = 0
@@ -99,6 +100,7 @@ class ExpertCache:
     def evict(self, key: Key) -> int:
         slot = self.slot_of.pop(key)
         self.owner[slot] = None
+        self.ticket[slot] = None
         self._free.append(slot)
         self.policy.on_evict(key)
         return slot

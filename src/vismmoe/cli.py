@@ -30,6 +30,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="total device bytes; experts get what weights and the KV/activation reserve leave")
     p.add_argument("--reserve", default=None, metavar="SIZE", help="KV/activation reserve for --device-memory")
     p.add_argument("--policy", default="lru", help="cache eviction policy: lru | lfu | none (default lru)")
+    p.add_argument("--link", default="real", metavar="PROFILE",
+                   help="host->device link: real (default), or EMULATED edge (12 GB/s), mobile (3 GB/s), "
+                        "GBps=N[,us=L]")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
 
@@ -40,7 +43,7 @@ def _engine_from(args, trace: bool = False):
     with layer_progress("reading experts") as tick:
         return load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                     device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
-                    expert_tier=args.expert_tier, trace=trace, progress=tick)
+                    expert_tier=args.expert_tier, trace=trace, link=args.link, progress=tick)
 
 
 def cmd_generate(args) -> int:

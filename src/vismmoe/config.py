@@ -59,6 +59,7 @@ class RuntimeConfig:
     policy: str = "lru"
     expert_tier: str = "host"           # host (RAM, pinned on cuda) | disk (read on demand)
     trace: bool = False
+    link: str = "real"                  # real | edge | mobile | GBps=N[,us=L] (emulated unless real)
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
     extra: dict = field(default_factory=dict)
 

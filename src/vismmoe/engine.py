@@ -26,6 +26,7 @@ from .config import RuntimeConfig, format_size, parse_size
 from .errors import UserError
 from .families import get_family
 from .inputs import load_image
+from .links import get_link
 from .policies import make_policy
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
@@ -177,8 +178,8 @@ class Engine:
         self.rc = rc
         slots = min(budget_bytes // layout.nbytes, len(geometry.moe_layers) * geometry.num_experts)
         self.cache = ExpertCache(layout, int(slots), device, make_policy(rc.policy), pool=pool)
-        self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store), geometry.moe_layers,
-                                      geometry.num_experts)
+        self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store, get_link(rc.link)),
+                                      geometry.moe_layers, geometry.num_experts)
         self.trace: RoutingTrace | None = None
         if rc.trace:
             self.record_trace(RoutingTrace())
@@ -190,11 +191,11 @@ class Engine:
         model.set_experts_implementation(IMPLEMENTATION)
 
     def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
-             share_pool: bool = False) -> Engine:
+             share_pool: bool = False, link: str | None = None) -> Engine:
         """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
         this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
-                     policy=policy or self.rc.policy, trace=trace)
+                     policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
@@ -279,17 +280,19 @@ class Engine:
     def _snapshot(self) -> dict:
         self.transfer_stalls()        # flush stalls of earlier work into the counters
         tot = self.cache.counters.total()
+        tr = self.runtime.transfer
         return {"hits": tot.hits, "misses": tot.misses, "bytes": tot.bytes_moved, "stall": tot.stall_s,
-                "copy": self.runtime.transfer.copy_s}
+                "copy": tr.copy_s, "busy": tr.link_busy_s()}
 
     def transfer_stalls(self) -> None:
-        for layer, s in self.runtime.transfer.drain_stalls().items():
+        for layer, s in self.runtime.transfer.drain().items():
             self.cache.counters.layer(layer).stall_s += s
 
     def _request_stats(self, before: dict, *, ttft, decode_s, steps, e2e, visual) -> dict:
         after = self._snapshot()
         hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
         moved, copy_s = after["bytes"] - before["bytes"], after["copy"] - before["copy"]
+        busy, stall = after["busy"] - before["busy"], after["stall"] - before["stall"]
         return {
             "expert_budget_bytes": self.budget_bytes,
             "expert_pool_bytes": self.cache.budget_bytes,
@@ -307,7 +310,10 @@ class Engine:
             "bytes_moved": moved,
             "copy_s": copy_s,
             "h2d_GBps": moved / copy_s / 1e9 if copy_s > 0 else None,
-            "stall_s": after["stall"] - before["stall"],
+            "stall_s": stall,
+            "link": self.runtime.transfer.link.label(),
+            "link_busy_s": busy,
+            "overlap_fraction": min(1.0, max(0.0, 1.0 - stall / busy)) if busy > 0 else None,
             "ttft_s": ttft,
             "tpot_s": decode_s / steps if steps else 0.0,
             "e2e_s": e2e,
@@ -395,12 +401,15 @@ def strip_experts(model, family, geo, dt, dev) -> None:
 
 def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
          device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
-         expert_tier: str = "host", trace: bool = False, max_seq: int = 4096, progress=None) -> Engine:
+         expert_tier: str = "host", trace: bool = False, link: str = "real", max_seq: int = 4096,
+         progress=None) -> Engine:
     """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
     rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
-                       reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, max_seq=max_seq)
+                       reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
+                       max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
-    make_policy(policy)                                    # validate the name before reading any weights
+    make_policy(policy)                                    # validate names before reading any weights
+    get_link(link)
     dev = _resolve_device(device)
     try:
         config = AutoConfig.from_pretrained(model_dir)

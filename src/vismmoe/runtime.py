@@ -6,8 +6,8 @@
     routing to the host (the one sync) -> needed experts -> schedule.plan_waves(needed, resident, slots)
         |  for each wave:
         |     hits: cache.touch          misses: cache.claim (policy picks the victim) -> transfer.copy_in
-        |     compute stream waits for the wave's last copy
-        |     grouped matmul over the slot pool (grouped.experts_on_slots)
+        |     experts already on the device: grouped matmul over the slot pool (grouped.experts_on_slots)
+        |     the rest: wait for their copies (tickets), then the same grouped matmul
         v
     sum over each token's K pair rows -> hidden [T, H]
     policy.retain == False: the layer's experts leave the cache (load-on-demand baseline)
@@ -58,16 +58,17 @@ class OffloadRuntime:
 
     def preload(self, keys: list[tuple[int, int]]) -> None:
         """Make `keys` resident in this order (into free slots first), then wait for the copies."""
-        last = None
+        tickets = []
         for key in keys:
             if self.cache.resident(key):
                 continue
             slot = self.cache.claim(key, pinned=set(keys))
-            done = self.transfer.copy_in(key[0], self.layer_pos[key[0]], key[1], self.cache.pool[slot],
-                                         after=self.cache.last_use[slot])
-            last = done if done is not None else last
-        if last is not None:
-            last.synchronize()
+            self.cache.ticket[slot] = self.transfer.copy_in(key[0], self.layer_pos[key[0]], key[1],
+                                                            self.cache.pool[slot], after=self.cache.last_use[slot])
+            tickets.append(self.cache.ticket[slot])
+        self.transfer.wait(-1, tickets)
+        if self.cuda:
+            torch.cuda.synchronize(self.cache.device)
 
     def _to_device(self, host: np.ndarray, device) -> torch.Tensor:
         """[T, K] int64 host array -> device tensor, asynchronously through a pinned staging buffer."""
@@ -100,26 +101,32 @@ class OffloadRuntime:
         for wave in waves:
             pinned = {(layer, e) for e in wave}
             slot_of: dict[int, int] = {}
-            last_copy = None
+            tickets: dict[int, object] = {}
             for e in wave:
                 key = (layer, e)
                 if cache.resident(key):
                     slot = cache.touch(key)
                 else:
                     slot = cache.claim(key, pinned)
-                    done = self.transfer.copy_in(layer, pos, e, cache.pool[slot], after=cache.last_use[slot])
-                    last_copy = done if done is not None else last_copy
+                    cache.ticket[slot] = self.transfer.copy_in(layer, pos, e, cache.pool[slot],
+                                                               after=cache.last_use[slot])
                 slot_of[e] = slot
-            self.transfer.wait(layer, last_copy)
-            spans = windows(list(slot_of.values()), self.max_groups)
-            for lo, hi in spans:
-                lut = np.full(self.num_experts, hi - lo, dtype=np.int64)   # expert -> window slot; hi-lo: elsewhere
-                for e, slot in slot_of.items():
-                    if lo <= slot < hi:
-                        lut[e] = slot - lo
-                slot_idx = self._to_device(lut[idx], hidden.device)     # [T, K]
-                pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, cache.gate_up[lo:hi],
-                                         cache.down[lo:hi], pairs, whole=len(waves) == 1 and len(spans) == 1)
+                tickets[e] = cache.ticket[slot]
+            # hits first: experts already on the device are computed while the others are still arriving
+            ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
+            parts = [ready, [e for e in wave if e not in set(ready)]] if 0 < len(ready) < len(wave) else [wave]
+            for part in parts:
+                self.transfer.wait(layer, [tickets[e] for e in part])
+                spans = windows([slot_of[e] for e in part], self.max_groups)
+                whole = len(waves) == 1 and len(parts) == 1 and len(spans) == 1
+                for lo, hi in spans:
+                    lut = np.full(self.num_experts, hi - lo, dtype=np.int64)  # expert -> window slot; else hi-lo
+                    for e in part:
+                        if lo <= slot_of[e] < hi:
+                            lut[e] = slot_of[e] - lo
+                    slot_idx = self._to_device(lut[idx], hidden.device)     # [T, K]
+                    pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, cache.gate_up[lo:hi],
+                                             cache.down[lo:hi], pairs, whole=whole)
             if self.cuda:
                 used = torch.cuda.Event()
                 used.record()

@@ -1,50 +1,86 @@
 """Moves expert blobs from a store into device slots, and accounts for the time compute waited on them.
 
-On a GPU every copy is issued on one dedicated copy stream from pinned host memory and returns an event; the
-compute stream waits on that event (device-side, the host does not block). How long compute actually stalled is
-measured with CUDA events and resolved once per request (`drain_stalls`), so the hot path never synchronises for
-bookkeeping. On the CPU a copy is a plain memcpy on the calling thread and all of it is stall.
+Every copy returns a `Ticket`. On a GPU the copy runs on one dedicated copy stream from pinned host memory and the
+ticket holds its event; compute waits on it device-side (the host does not block), and how long compute really
+stalled is measured with CUDA events, resolved once per request (`drain`). On the CPU a worker thread does the
+memcpy (torch releases the GIL), so copies overlap compute there too; the ticket holds its future. With an
+emulated link (links.py) the ticket also carries the host time its bytes would have arrived, and waiting for it
+sleeps until then.
 
-It does not decide what to copy or where: the cache and the layer schedule do.
+It does not decide what to copy or where: the cache, the layer schedule and the prefetcher do.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
+from .links import LinkClock, LinkProfile, PROFILES
+
+
+@dataclass
+class Ticket:
+    """One expert copy in flight (or done)."""
+
+    layer: int
+    nbytes: int
+    seq: int
+    event: object = None        # torch.cuda.Event on the copy stream
+    future: Future | None = None
+    ready_at: float = 0.0       # emulated arrival time (perf_counter clock); 0 without emulation
+
+    def done(self) -> bool:
+        if self.ready_at and time.perf_counter() < self.ready_at:
+            return False
+        if self.event is not None:
+            return self.event.query()
+        if self.future is not None:
+            return self.future.done()
+        return True
+
 
 class TransferEngine:
-    def __init__(self, device: torch.device, store):
+    def __init__(self, device: torch.device, store, link: LinkProfile = PROFILES["real"]):
         self.device = device
         self.store = store
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._pending: deque = deque()          # (event, blob) whose staging memory is still being read
-        self._stall_pairs: list = []            # (layer, ready_event, done_event)
-        self._cpu_stall: dict[int, float] = {}
+        self.worker = None if self.cuda else ThreadPoolExecutor(1, thread_name_prefix="vismmoe-copy")
+        self.clock = LinkClock(link)
+        self._seq = itertools.count()
+        self._pending: deque = deque()          # (event, blob): staging memory still being read (disk tier, GPU)
+        self._stall_pairs: list = []            # (layer, ready_event, done_event) on GPU
+        self._host_stall: dict[int, float] = {}
         self._span_start = None                 # copy-stream event before the first copy of a batch
         self._spans: list = []                  # (start, done) events of copy batches, resolved in drain
-        self.copy_s = 0.0                       # seconds the link was busy copying (resolved per drain)
+        self.copy_s = 0.0                       # seconds the real link was busy copying (resolved per drain)
         self.bytes_copied = 0
 
+    @property
+    def link(self) -> LinkProfile:
+        return self.clock.profile
+
+    def link_busy_s(self) -> float:
+        """Seconds the link was busy: the emulated clock's when emulating, else the measured copy time."""
+        return self.clock.busy_s if self.link.emulated else self.copy_s
+
     # ---- copies ----------------------------------------------------------------------------------------------
-    def copy_in(self, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after=None):
+    def copy_in(self, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after=None) -> Ticket:
         """Start copying one expert into `dst` (a slot row), once event `after` (the last compute that read the
-        slot) has passed. Returns an event on GPU, None on CPU (already done)."""
-        self._reclaim()
+        slot, GPU only) has passed."""
+        nbytes = dst.numel() * dst.element_size()
+        self.bytes_copied += nbytes
+        ticket = Ticket(layer=layer, nbytes=nbytes, seq=next(self._seq))
         if not self.cuda:
-            t0 = time.perf_counter()
-            blob = self.store.blob(layer_pos, expert)
-            dst.copy_(blob)
-            self.store.release(blob)
-            dt = time.perf_counter() - t0
-            self._cpu_stall[layer] = self._cpu_stall.get(layer, 0.0) + dt
-            self.copy_s += dt
-            self.bytes_copied += dst.numel() * dst.element_size()
-            return None
+            ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst)
+            ticket.ready_at = self.clock.book(nbytes)
+            return ticket
+        self._reclaim()
         blob = self.store.blob(layer_pos, expert)
         if after is not None:       # the slot's previous expert may still be read by queued compute
             self.stream.wait_event(after)
@@ -57,20 +93,43 @@ class TransferEngine:
             done.record(self.stream)
         if self.store.tier == "disk":
             self._pending.append((done, blob))
-        self.bytes_copied += dst.numel() * dst.element_size()
-        return done
+        ticket.event = done
+        ticket.ready_at = self.clock.book(nbytes)
+        return ticket
 
-    def wait(self, layer: int, done) -> None:
-        """Make the compute stream wait for `done` (the last copy a computation needs)."""
-        if done is None:
+    def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        blob = self.store.blob(layer_pos, expert)
+        dst.copy_(blob)
+        self.store.release(blob)
+        self.copy_s += time.perf_counter() - t0
+
+    def wait(self, layer: int, tickets: list[Ticket]) -> None:
+        """Make compute wait until every ticket's data has arrived (emulated arrival included)."""
+        tickets = [t for t in tickets if t is not None]
+        if not tickets:
             return
-        self._spans.append((self._span_start, done))
-        self._span_start = None
-        stream = torch.cuda.current_stream(self.device)
-        ready = torch.cuda.Event(enable_timing=True)
-        ready.record(stream)
-        stream.wait_event(done)
-        self._stall_pairs.append((layer, ready, done))
+        t0 = time.perf_counter()
+        ready_at = max(t.ready_at for t in tickets)
+        for t in tickets:
+            if t.future is not None:
+                t.future.result()
+        delay = ready_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        host = time.perf_counter() - t0
+        if host > 0 and (not self.cuda or self.link.emulated):
+            self._host_stall[layer] = self._host_stall.get(layer, 0.0) + host
+        if self.cuda:
+            last = max(tickets, key=lambda t: t.seq)            # one stream: events complete in order
+            stream = torch.cuda.current_stream(self.device)
+            ready = torch.cuda.Event(enable_timing=True)
+            ready.record(stream)
+            stream.wait_event(last.event)
+            self._stall_pairs.append((layer, ready, last.event))
+            if self._span_start is not None:
+                self._spans.append((self._span_start, last.event))
+                self._span_start = None
 
     def _reclaim(self) -> None:
         ring = getattr(self.store, "ring", None)
@@ -81,10 +140,10 @@ class TransferEngine:
             self.store.release(blob)
 
     # ---- accounting ------------------------------------------------------------------------------------------
-    def drain_stalls(self) -> dict[int, float]:
+    def drain(self) -> dict[int, float]:
         """Seconds compute waited on copies, per layer, since the last drain. Synchronises (call per request)."""
-        out = dict(self._cpu_stall)
-        self._cpu_stall.clear()
+        out = dict(self._host_stall)
+        self._host_stall.clear()
         if self.cuda:
             torch.cuda.synchronize(self.device)
             for layer, ready, done in self._stall_pairs:
