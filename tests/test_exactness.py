@@ -47,7 +47,7 @@ def _budgets(d):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["lru", "lfu", "none"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "predictive", "none"])
 def test_tokens_and_logits_match_reference(family, policy, tiny_dirs, image_file, references):
     ref_tokens, ref_logits = references[family]
     budgets = _budgets(tiny_dirs[family])

@@ -7,7 +7,8 @@ import torch
 
 from vismmoe.cache import ExpertCache
 from vismmoe.errors import UserError
-from vismmoe.policies import LFUPolicy, LRUPolicy, NoCachePolicy, make_policy
+from vismmoe.policies import (BeladyPolicy, LFRUPolicy, LFUPolicy, LRUPolicy, NoCachePolicy, PredictivePolicy,
+                               make_policy)
 from vismmoe.schedule import plan_waves
 from vismmoe.store import BlobLayout
 
@@ -16,7 +17,7 @@ def test_lru_evicts_least_recent():
     p = LRUPolicy()
     for k in [(0, 1), (0, 2), (0, 3)]:
         p.on_insert(k)
-    p.on_access((0, 1))
+    p.on_use((0, 1))
     assert p.choose_victim(set()) == (0, 2)
     assert p.choose_victim({(0, 2)}) == (0, 3)
     p.on_evict((0, 2))
@@ -29,18 +30,20 @@ def test_lfu_evicts_least_frequent_then_oldest():
     p = LFUPolicy()
     for k in [(0, 1), (0, 2), (0, 3)]:
         p.on_insert(k)
-    p.on_access((0, 1))
-    p.on_access((0, 3))
+    p.on_use((0, 1))
+    p.on_use((0, 3))
     assert p.choose_victim(set()) == (0, 2)
-    p.on_access((0, 2))
+    p.on_use((0, 2))
     # all used twice now; (0, 1) was touched longest ago
     assert p.choose_victim(set()) == (0, 1)
     assert p.choose_victim({(0, 1)}) == (0, 3)
 
 
 def test_unknown_policy_is_a_user_error():
-    with pytest.raises(UserError, match="lfu, lru, none"):
+    with pytest.raises(UserError, match="belady, lfru, lfu, lru, none, predictive"):
         make_policy("fifo")
+    with pytest.raises(UserError, match="recorded trace"):
+        make_policy("belady")
 
 
 def test_plan_waves_hits_first_and_capacity():
@@ -77,3 +80,46 @@ def test_cache_claims_free_slots_then_evicts_unpinned():
 
 def test_none_policy_keeps_nothing():
     assert NoCachePolicy.retain is False and LRUPolicy.retain is True
+
+
+def test_lfru_prefers_recent_frequency():
+    p = LFRUPolicy(moe_layers=[0], half_life_tokens=1.0)      # half-life: one layer call
+    p.on_insert((0, 1))
+    for _ in range(3):
+        p.on_use((0, 1))                  # used often, long ago
+    for _ in range(6):
+        p.on_layer(0)
+    p.on_insert((0, 2))                   # used once, just now
+    p.on_use((0, 2))
+    assert p.choose_victim(set()) == (0, 1)
+    p.on_use((0, 1))
+    p.on_use((0, 1))
+    assert p.choose_victim(set()) == (0, 2)
+
+
+def test_predictive_evicts_farthest_next_use():
+    p = PredictivePolicy(moe_layers=[0, 1, 2, 3], num_experts=4)
+    for layer in (0, 1, 2, 3):            # one pass: layer l used expert l
+        p.on_layer(layer)
+        p.on_insert((layer, layer))
+        p.on_use((layer, layer))
+    p.on_layer(0)
+    # now at layer 0: layer 1 comes next, layer 0's own experts only after a full cycle
+    assert p.choose_victim({(0, 0)}) == (3, 3)
+    assert p.choose_victim({(0, 0), (3, 3)}) == (2, 2)
+    # a hint that layer 2's expert is certain next time protects it even though layer 2 is far
+    p.hint(2, [0, 0, 1.0, 0])
+    for _ in range(5):                    # make layer 1's expert look rare
+        p.on_layer(1)
+    p.on_layer(0)
+    assert p.choose_victim({(0, 0), (3, 3)}) == (1, 1)
+
+
+def test_belady_evicts_the_farthest_future_use():
+    future = [{(0, 1), (0, 2)}, {(0, 3)}, {(0, 1)}, {(0, 2)}]
+    p = BeladyPolicy(future=future)
+    for k in [(0, 1), (0, 2)]:
+        p.on_insert(k)
+    p.on_layer(0)
+    p.on_layer(0)                         # at call 1, needing (0, 3): (0, 2) is used later than (0, 1)
+    assert p.choose_victim({(0, 3)}) == (0, 2)

@@ -76,12 +76,13 @@ class ExpertCache:
 
     def touch(self, key: Key) -> int:
         """A hit: the policy hears of it; returns the slot."""
-        self.policy.on_access(key)
+        self.policy.on_use(key)
         self.counters.layer(key[0]).hits += 1
         return self.slot_of[key]
 
     def claim(self, key: Key, pinned: set[Key]) -> int:
-        """A slot for `key` (not resident): a free one, else the policy's victim among unpinned residents."""
+        """A slot for a demand miss `key` (not resident): a free one, else the policy's victim among unpinned
+        residents. Counted as a miss; the policy hears of the insertion and of the use."""
         if self._free:
             slot = self._free.pop()
         else:
@@ -91,6 +92,7 @@ class ExpertCache:
         self.slot_of[key] = slot
         self.owner[slot] = key
         self.policy.on_insert(key)
+        self.policy.on_use(key)
         c = self.counters.layer(key[0])
         c.misses += 1
         c.bytes_moved += self.layout.nbytes

@@ -27,7 +27,7 @@ from .errors import UserError
 from .families import get_family
 from .inputs import load_image
 from .links import get_link
-from .policies import make_policy
+from .policies import POLICIES, make_policy
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
 from .trace import RoutingTrace
@@ -177,7 +177,9 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.rc = rc
         slots = min(budget_bytes // layout.nbytes, len(geometry.moe_layers) * geometry.num_experts)
-        self.cache = ExpertCache(layout, int(slots), device, make_policy(rc.policy), pool=pool)
+        policy = make_policy(rc.policy, moe_layers=geometry.moe_layers, num_experts=geometry.num_experts,
+                             **rc.extra.get("policy_context", {}))
+        self.cache = ExpertCache(layout, int(slots), device, policy, pool=pool)
         self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store, get_link(rc.link)),
                                       geometry.moe_layers, geometry.num_experts)
         self.trace: RoutingTrace | None = None
@@ -408,7 +410,8 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
                        reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
                        max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
-    make_policy(policy)                                    # validate names before reading any weights
+    if policy not in POLICIES or policy == "belady":       # validate names before reading any weights
+        make_policy(policy)
     get_link(link)
     dev = _resolve_device(device)
     try:

@@ -90,6 +90,7 @@ class OffloadRuntime:
         for obs in self.observers:
             obs.observe(layer, hidden, top_k_index, top_k_weights)
         cache, pos = self.cache, self.layer_pos[layer]
+        cache.policy.on_layer(layer)
         # the one host sync per layer: the routing comes to the host, all bookkeeping happens there
         idx = top_k_index.cpu().numpy()                         # [T, K]
         needed = np.unique(idx).tolist()
