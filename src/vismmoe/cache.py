@@ -19,10 +19,13 @@ Key = tuple[int, int]   # (layer, expert)
 
 @dataclass
 class LayerCounters:
-    hits: int = 0
-    misses: int = 0
-    bytes_moved: int = 0
+    hits: int = 0               # uses of a resident expert (prefetch hits included)
+    misses: int = 0             # uses that had to load the expert first
+    bytes_moved: int = 0        # demand + prefetch copies
     stall_s: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0      # first use of an expert that a prefetch brought in
+    wasted_bytes: int = 0       # prefetched experts evicted before any use
 
 
 @dataclass
@@ -38,10 +41,8 @@ class CacheCounters:
     def total(self) -> LayerCounters:
         t = LayerCounters()
         for c in self.per_layer.values():
-            t.hits += c.hits
-            t.misses += c.misses
-            t.bytes_moved += c.bytes_moved
-            t.stall_s += c.stall_s
+            for name, value in vars(c).items():
+                setattr(t, name, getattr(t, name) + value)
         return t
 
 
@@ -63,6 +64,7 @@ class ExpertCache:
         self.owner: list[Key | None] = [None] * num_slots
         self.last_use: list[object] = [None] * num_slots        # event of the last compute that read the slot
         self.ticket: list[object] = [None] * num_slots          # transfer ticket of the copy that filled it
+        self.prefetched: list[bool] = [False] * num_slots       # filled by a prefetch, not used yet
         self._free = list(range(num_slots - 1, -1, -1))
         self.counters = CacheCounters()
         self.peak_resident = 0
@@ -77,32 +79,49 @@ class ExpertCache:
     def touch(self, key: Key) -> int:
         """A hit: the policy hears of it; returns the slot."""
         self.policy.on_use(key)
-        self.counters.layer(key[0]).hits += 1
-        return self.slot_of[key]
+        c = self.counters.layer(key[0])
+        c.hits += 1
+        slot = self.slot_of[key]
+        if self.prefetched[slot]:
+            self.prefetched[slot] = False
+            c.prefetch_hits += 1
+        return slot
 
-    def claim(self, key: Key, pinned: set[Key]) -> int:
-        """A slot for a demand miss `key` (not resident): a free one, else the policy's victim among unpinned
-        residents. Counted as a miss; the policy hears of the insertion and of the use."""
+    def _take(self, key: Key, pinned) -> int:
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self.policy.choose_victim(pinned)
-            slot = self.evict(victim)
+            slot = self.evict(self.policy.choose_victim(pinned))
             self._free.remove(slot)
         self.slot_of[key] = slot
         self.owner[slot] = key
         self.policy.on_insert(key)
-        self.policy.on_use(key)
-        c = self.counters.layer(key[0])
-        c.misses += 1
-        c.bytes_moved += self.layout.nbytes
+        self.counters.layer(key[0]).bytes_moved += self.layout.nbytes
         self.peak_resident = max(self.peak_resident, len(self.slot_of))
+        return slot
+
+    def claim(self, key: Key, pinned: set[Key]) -> int:
+        """A slot for a demand miss `key` (not resident): a free one, else the policy's victim among unpinned
+        residents. Counted as a miss; the policy hears of the insertion and of the use."""
+        slot = self._take(key, pinned)
+        self.policy.on_use(key)
+        self.counters.layer(key[0]).misses += 1
+        return slot
+
+    def claim_prefetch(self, key: Key, pinned: set[Key]) -> int:
+        """A slot for a predicted expert (not resident, not used yet)."""
+        slot = self._take(key, pinned)
+        self.prefetched[slot] = True
+        self.counters.layer(key[0]).prefetch_issued += 1
         return slot
 
     def evict(self, key: Key) -> int:
         slot = self.slot_of.pop(key)
         self.owner[slot] = None
         self.ticket[slot] = None
+        if self.prefetched[slot]:
+            self.prefetched[slot] = False
+            self.counters.layer(key[0]).wasted_bytes += self.layout.nbytes
         self._free.append(slot)
         self.policy.on_evict(key)
         return slot

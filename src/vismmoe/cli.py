@@ -33,6 +33,11 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", default="real", metavar="PROFILE",
                    help="host->device link: real (default), or EMULATED edge (12 GB/s), mobile (3 GB/s), "
                         "GBps=N[,us=L]")
+    p.add_argument("--prefetch", default="none", metavar="NAME",
+                   help="lookahead predictor for prefetch: none (default), gate, trace, affinity")
+    p.add_argument("--lookahead", type=int, default=2, help="prefetch depth in MoE layers (default 2)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="transition tables from `vismmoe calibrate` (for --prefetch trace/affinity)")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
 
@@ -43,7 +48,8 @@ def _engine_from(args, trace: bool = False):
     with layer_progress("reading experts") as tick:
         return load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                     device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
-                    expert_tier=args.expert_tier, trace=trace, link=args.link, progress=tick)
+                    expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
+                    lookahead=args.lookahead, calibration=args.calibration, progress=tick)
 
 
 def cmd_generate(args) -> int:
@@ -71,6 +77,32 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate, default_samples
+    from .engine import load
+    from .progress import layer_progress
+    if args.limit < 3:
+        raise UserError(f"--limit {args.limit} is too small", "calibration needs at least 3 samples")
+    eng = load(args.model, device=args.device, dtype=args.dtype, expert_budget="100%")
+    with layer_progress("calibrating (requests)") as tick:
+        tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
+    tables.save(args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, "alpha": tables.alpha.tolist(), "rows": rows}))
+    else:
+        from rich.table import Table
+
+        from .report import console
+        t = Table(title="predictor quality on held-out samples")
+        for col in ("predictor", "kind", "depth", "precision", "recall"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["predictor"], r["kind"], str(r["depth"]), f"{r['precision']:.3f}", f"{r['recall']:.3f}")
+        console().print(t)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(device=args.device, as_json=args.json)
@@ -95,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny)
+
+    c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/affinity, and predictor quality")
+    c.add_argument("--model", required=True)
+    c.add_argument("--out", required=True, help="output .npz")
+    c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")
+    c.add_argument("--depth", type=int, default=3)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default=None)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
     d.add_argument("--device", default="cpu")

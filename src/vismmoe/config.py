@@ -60,6 +60,9 @@ class RuntimeConfig:
     expert_tier: str = "host"           # host (RAM, pinned on cuda) | disk (read on demand)
     trace: bool = False
     link: str = "real"                  # real | edge | mobile | GBps=N[,us=L] (emulated unless real)
+    prefetch: str = "none"              # none | gate | trace | affinity
+    lookahead: int = 2                  # prefetch depth in MoE layers
+    calibration: str | None = None      # transition tables for trace/affinity (vismmoe calibrate)
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
     extra: dict = field(default_factory=dict)
 

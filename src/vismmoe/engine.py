@@ -28,6 +28,8 @@ from .families import get_family
 from .inputs import load_image
 from .links import get_link
 from .policies import POLICIES, make_policy
+from .predict import PREDICTORS, make_predictor
+from .prefetch import Prefetcher
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
 from .trace import RoutingTrace
@@ -111,7 +113,7 @@ def _device_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], trace=None,
+def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
            feed: list[int] | None = None):
     """Greedy decoding with a KV cache: (token ids [B][N], perf_counter time of the first token, decode steps).
 
@@ -122,8 +124,8 @@ def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], 
     """
     dev = inputs["input_ids"].device
     B = inputs["input_ids"].shape[0]
-    if trace is not None:
-        trace.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+    for s in steppers:
+        s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
     pos, deltas = family.prefill_positions(model, inputs)
     cache = DynamicCache(config=model.config)
     out = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -142,8 +144,8 @@ def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], 
             if bool(done.all()):
                 break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        if trace is not None:
-            trace.begin_step("decode", None, B)
+        for s in steppers:
+            s.begin_step("decode", None, B)
         step_in = nxt[:, None] if feed is None else torch.full((B, 1), feed[steps], device=dev, dtype=torch.long)
         out = model(input_ids=step_in, attention_mask=mask, position_ids=family.decode_positions(mask, deltas),
                     past_key_values=cache, use_cache=True)
@@ -180,8 +182,14 @@ class Engine:
         policy = make_policy(rc.policy, moe_layers=geometry.moe_layers, num_experts=geometry.num_experts,
                              **rc.extra.get("policy_context", {}))
         self.cache = ExpertCache(layout, int(slots), device, policy, pool=pool)
-        self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store, get_link(rc.link)),
-                                      geometry.moe_layers, geometry.num_experts)
+        link = get_link(rc.link)
+        self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store, link),
+                                      geometry.moe_layers, geometry.num_experts, geometry.top_k)
+        predictor = make_predictor(rc.prefetch, self, rc.lookahead, rc.calibration)
+        if predictor is not None:
+            gbps = link.gbps if link.emulated else (53.0 if device.type == "cuda" else 8.0)
+            self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=gbps)
+            self.runtime.observers.append(self.runtime.prefetcher)
         self.trace: RoutingTrace | None = None
         if rc.trace:
             self.record_trace(RoutingTrace())
@@ -193,11 +201,13 @@ class Engine:
         model.set_experts_implementation(IMPLEMENTATION)
 
     def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
-             share_pool: bool = False, link: str | None = None) -> Engine:
+             share_pool: bool = False, link: str | None = None, prefetch: str | None = None,
+             lookahead: int | None = None) -> Engine:
         """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
         this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
-                     policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link)
+                     policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link,
+                     prefetch=prefetch or self.rc.prefetch, lookahead=lookahead or self.rc.lookahead)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
@@ -247,7 +257,8 @@ class Engine:
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
-        tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids, self.trace, feed)
+        tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids,
+                                         [o for o in self.runtime.observers if hasattr(o, "begin_step")], feed)
         self._sync()
         t_end = time.perf_counter()
         rows = []
@@ -284,7 +295,8 @@ class Engine:
         tot = self.cache.counters.total()
         tr = self.runtime.transfer
         return {"hits": tot.hits, "misses": tot.misses, "bytes": tot.bytes_moved, "stall": tot.stall_s,
-                "copy": tr.copy_s, "busy": tr.link_busy_s()}
+                "copy": tr.copy_s, "busy": tr.link_busy_s(), "pf_hits": tot.prefetch_hits,
+                "pf_issued": tot.prefetch_issued, "wasted": tot.wasted_bytes}
 
     def transfer_stalls(self) -> None:
         for layer, s in self.runtime.transfer.drain().items():
@@ -308,7 +320,14 @@ class Engine:
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / max(1, hits + misses),
-            "prefetch_hits": 0,
+            "prefetch": self.rc.prefetch,
+            "prefetch_hits": after["pf_hits"] - before["pf_hits"],
+            "prefetch_issued": after["pf_issued"] - before["pf_issued"],
+            "prefetch_precision": ((after["pf_hits"] - before["pf_hits"]) / (after["pf_issued"] - before["pf_issued"])
+                                   if after["pf_issued"] > before["pf_issued"] else None),
+            "prefetch_recall": ((after["pf_hits"] - before["pf_hits"]) / (after["pf_hits"] - before["pf_hits"] + misses)
+                                if after["pf_hits"] - before["pf_hits"] + misses > 0 else None),
+            "wasted_bytes": after["wasted"] - before["wasted"],
             "bytes_moved": moved,
             "copy_s": copy_s,
             "h2d_GBps": moved / copy_s / 1e9 if copy_s > 0 else None,
@@ -403,16 +422,24 @@ def strip_experts(model, family, geo, dt, dev) -> None:
 
 def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
          device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
-         expert_tier: str = "host", trace: bool = False, link: str = "real", max_seq: int = 4096,
-         progress=None) -> Engine:
+         expert_tier: str = "host", trace: bool = False, link: str = "real", prefetch: str = "none",
+         lookahead: int = 2, calibration: str | None = None, max_seq: int = 4096, progress=None) -> Engine:
     """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
     rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
                        reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
-                       max_seq=max_seq)
+                       prefetch=prefetch, lookahead=lookahead, calibration=calibration, max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
     if policy not in POLICIES or policy == "belady":       # validate names before reading any weights
         make_policy(policy)
     get_link(link)
+    if prefetch not in PREDICTORS:
+        raise UserError(f"unknown predictor {prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
+    if not 1 <= lookahead <= 8:
+        raise UserError(f"--lookahead {lookahead} is out of range", "use a depth from 1 to 8")
+    if prefetch in ("trace", "affinity") and not (calibration and os.path.exists(calibration)):
+        raise UserError(f"--prefetch {prefetch} needs a calibration file" +
+                        (f" ({calibration} not found)" if calibration else ""),
+                        "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
     dev = _resolve_device(device)
     try:
         config = AutoConfig.from_pretrained(model_dir)

@@ -6,6 +6,7 @@
     routing to the host (the one sync) -> needed experts -> schedule.plan_waves(needed, resident, slots)
         |  for each wave:
         |     hits: cache.touch          misses: cache.claim (policy picks the victim) -> transfer.copy_in
+        |     prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
         |     experts already on the device: grouped matmul over the slot pool (grouped.experts_on_slots)
         |     the rest: wait for their copies (tickets), then the same grouped matmul
         v
@@ -39,9 +40,13 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _vismmoe_experts_forward)
 
 
 class OffloadRuntime:
-    def __init__(self, cache: ExpertCache, transfer: TransferEngine, moe_layers: tuple[int, ...], num_experts: int):
+    def __init__(self, cache: ExpertCache, transfer: TransferEngine, moe_layers: tuple[int, ...], num_experts: int,
+                 top_k: int):
         self.cache = cache
         self.transfer = transfer
+        self.moe_layers = tuple(moe_layers)
+        self.top_k = top_k
+        self.prefetcher = None                  # prefetch.Prefetcher; also in observers
         self.layer_pos = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
         self.observers: list = []
@@ -99,7 +104,7 @@ class OffloadRuntime:
         resident = {e for e in needed if cache.resident((layer, e))}
         waves = plan_waves(needed, resident, cache.num_slots)
         pairs = None
-        for wave in waves:
+        for w, wave in enumerate(waves):
             pinned = {(layer, e) for e in wave}
             slot_of: dict[int, int] = {}
             tickets: dict[int, object] = {}
@@ -113,6 +118,8 @@ class OffloadRuntime:
                                                                after=cache.last_use[slot])
                 slot_of[e] = slot
                 tickets[e] = cache.ticket[slot]
+            if w == 0 and len(waves) == 1 and self.prefetcher is not None:
+                self.prefetcher.issue(self, layer, pinned)          # behind this layer's own misses
             # hits first: experts already on the device are computed while the others are still arriving
             ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
             parts = [ready, [e for e in wave if e not in set(ready)]] if 0 < len(ready) < len(wave) else [wave]

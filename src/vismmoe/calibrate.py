@@ -1,0 +1,76 @@
+"""`vismmoe calibrate`: transition tables for the trace/affinity predictors, and how well each predictor does.
+
+    samples (image, prompt), in three disjoint thirds:
+      build: run with a routing trace -> TransitionTables (depth 1..D)
+      fit:   gate and trace probes -> per-layer mixing weight alpha = recall_gate / (recall_gate + recall_trace)
+      test:  one PredictorProbe per predictor (gate, trace, affinity) -> precision / recall per depth,
+             prefill vs decode, on samples neither the tables nor alpha have seen
+    tables + alpha -> one .npz file (--calibration FILE for generate/bench)
+
+Default samples are the validation split of the bundled VQA scenes (never the test split).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .predict import AffinityPredictor, GatePredictor, PredictorProbe, TracePredictor, TransitionTables
+from .trace import RoutingTrace
+
+
+def default_samples(n: int) -> list[tuple]:
+    from .data import make_sample
+    return [(s.image, s.question) for s in (make_sample("val", i) for i in range(n))]
+
+
+def _run(engine, samples, max_new_tokens: int, progress=None) -> None:
+    for image, prompt in samples:
+        engine.generate(image, prompt, max_new_tokens=max_new_tokens)
+        if progress:
+            progress()
+
+
+def _probe(engine, predictors: dict, samples, depth, max_new_tokens, progress) -> dict:
+    geo = engine.geometry
+    probes = {name: PredictorProbe(p, geo.moe_layers, geo.top_k, depth) for name, p in predictors.items()}
+    engine.runtime.observers.extend(probes.values())
+    try:
+        _run(engine, samples, max_new_tokens, progress)
+    finally:
+        for p in probes.values():
+            engine.runtime.observers.remove(p)
+    return probes
+
+
+def calibrate(engine, samples: list[tuple], depth: int = 3, max_new_tokens: int = 8, progress=None) -> tuple:
+    """(TransitionTables with alpha, rows of predictor quality on the test third)."""
+    geo = engine.geometry
+    n = len(samples)
+    if n < 3:
+        raise ValueError("calibration needs at least 3 samples")
+    build, fit, test = samples[: n // 3], samples[n // 3: 2 * n // 3], samples[2 * n // 3:]
+    trace = RoutingTrace()
+    engine.record_trace(trace)
+    _run(engine, build, max_new_tokens, progress)
+    engine.record_trace(None)
+    tables = TransitionTables.from_traces([trace], geo.moe_layers, geo.num_experts, depth)
+    routers = {l: engine.family.moe_block(engine.model, l).gate for l in geo.moe_layers}
+
+    def gate():
+        return GatePredictor(routers, geo.moe_layers, geo.num_experts, depth)
+
+    probes = _probe(engine, {"gate": gate(), "trace": TracePredictor(tables, geo.moe_layers, depth)}, fit, depth,
+                    max_new_tokens, progress)
+    alpha = np.full(len(geo.moe_layers), 0.5)
+    for pos in range(len(geo.moe_layers)):
+        g, t = probes["gate"].per_layer.get(pos), probes["trace"].per_layer.get(pos)
+        rg = g[0] / g[1] if g and g[1] else 0.0
+        rt = t[0] / t[1] if t and t[1] else 0.0
+        if rg + rt > 0:
+            alpha[pos] = rg / (rg + rt)
+    tables.alpha = alpha
+    final = {"gate": gate(), "trace": TracePredictor(tables, geo.moe_layers, depth),
+             "affinity": AffinityPredictor(gate(), TracePredictor(tables, geo.moe_layers, depth))}
+    probes = _probe(engine, final, test, depth, max_new_tokens, progress)
+    rows = [dict(predictor=name, **r) for name, p in probes.items() for r in p.table()]
+    return tables, rows

@@ -1,0 +1,249 @@
+"""Lookahead expert predictors behind one protocol, and the probe that measures them.
+
+    observe(layer, hidden, top_k_index, top_k_weights)   the router of MoE layer `layer` just ran; may queue
+                                                         device work, must not synchronise
+    predict(layer, depth) -> probs [E] | None            after the runtime's host sync for `layer`: probability
+                                                         that each expert of the MoE layer `depth` positions
+                                                         later is used by the current tokens
+
+- `gate`: apply the routers of the next layers to this layer's MoE input (pre-gating, as AdapMoE and
+  DAOP do): the residual stream changes little between adjacent layers.
+- `trace`: transition tables P(expert j at layer l+d | expert i at layer l), counted offline from routing traces
+  (`vismmoe calibrate`), applied to this layer's routing.
+- `affinity`: per layer, a mix of both weighted by how well each predicted that layer during calibration.
+For many tokens (prefill) a layer-level probability is 1 - prod over tokens of (1 - p_token).
+Predictors never move weights: the prefetcher (prefetch.py) decides what to copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .trace import RoutingTrace
+
+
+def _any_token(p_tok: np.ndarray) -> np.ndarray:
+    """[T, E] per-token probabilities -> [E] probability that at least one token uses the expert."""
+    return 1.0 - np.exp(np.log1p(-np.clip(p_tok, 0.0, 1.0 - 1e-7)).sum(axis=0))
+
+
+class GatePredictor:
+    name = "gate"
+
+    def __init__(self, routers: dict[int, torch.nn.Module], moe_layers: tuple[int, ...], num_experts: int,
+                 depth: int = 3):
+        self.routers = routers
+        self.layers = list(moe_layers)
+        self.pos = {l: i for i, l in enumerate(self.layers)}
+        self.E = num_experts
+        self.depth = depth
+        self._pending: dict[int, tuple[list[int], torch.Tensor]] = {}
+        self._host: dict[tuple[int, int], np.ndarray] = {}
+
+    @torch.no_grad()
+    def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
+        p = self.pos[layer]
+        ahead = self.layers[p + 1: p + 1 + self.depth]
+        if not ahead:
+            return
+        rows = []
+        for nxt in ahead:
+            _, w, idx = self.routers[nxt](hidden)                                  # [T, K]
+            onehot = torch.zeros(idx.shape[0], self.E, device=idx.device, dtype=torch.float32)
+            onehot.scatter_(1, idx, 1.0)                                           # [T, E] chosen by each token
+            rows.append(onehot)
+        self._pending[layer] = (ahead, torch.stack(rows))                          # [D, T, E]
+        self._host = {k: v for k, v in self._host.items() if k[0] != layer}
+
+    def predict(self, layer: int, depth: int) -> np.ndarray | None:
+        if layer in self._pending:
+            ahead, dev = self._pending.pop(layer)
+            host = dev.cpu().numpy()                                               # one copy for all depths
+            for d in range(len(ahead)):
+                self._host[(layer, d + 1)] = host[d].max(axis=0)                   # used by any token
+        return self._host.get((layer, depth))
+
+
+class TransitionTables:
+    """P(j used at layer pos+d | i used at layer pos), per MoE layer position and depth, from routing traces."""
+
+    def __init__(self, tables: dict[int, np.ndarray], moe_layers: tuple[int, ...], alpha: np.ndarray | None = None):
+        self.tables = tables                    # depth -> [L, E, E]
+        self.layers = tuple(moe_layers)
+        self.alpha = alpha                      # [L] weight of the gate predictor per target layer position
+
+    @classmethod
+    def from_traces(cls, traces: list[RoutingTrace], moe_layers: tuple[int, ...], num_experts: int,
+                    depth: int = 3) -> TransitionTables:
+        L, E = len(moe_layers), num_experts
+        co = {d: np.zeros((L, E, E)) for d in range(1, depth + 1)}
+        seen = np.zeros((L, E))
+        for tr in traces:
+            for step in tr.steps:
+                sel = []
+                for layer in moe_layers:
+                    idx = step["layers"].get(layer)
+                    if idx is None:
+                        sel = None
+                        break
+                    oh = np.zeros((idx[0].shape[0], E))
+                    np.put_along_axis(oh, idx[0].astype(np.int64), 1.0, axis=1)
+                    sel.append(oh)                                                  # [T, E]
+                if sel is None:
+                    continue
+                for p in range(L):
+                    seen[p] += sel[p].sum(0)
+                    for d in range(1, depth + 1):
+                        if p + d < L:
+                            co[d][p] += sel[p].T @ sel[p + d]
+        tables = {d: co[d] / np.maximum(seen[:, :, None], 1.0) for d in co}
+        return cls(tables, moe_layers)
+
+    def save(self, path: str) -> None:
+        arrays = {f"d{d}": t.astype(np.float32) for d, t in self.tables.items()}
+        arrays["layers"] = np.asarray(self.layers)
+        if self.alpha is not None:
+            arrays["alpha"] = self.alpha
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> TransitionTables:
+        try:
+            data = np.load(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read calibration file {path} ({type(e).__name__})",
+                            "make one with: vismmoe calibrate --model DIR --out FILE") from None
+        tables = {int(k[1:]): data[k] for k in data.files if k.startswith("d")}
+        alpha = data["alpha"] if "alpha" in data.files else None
+        return cls(tables, tuple(int(x) for x in data["layers"]), alpha)
+
+
+class TracePredictor:
+    name = "trace"
+
+    def __init__(self, tables: TransitionTables, moe_layers: tuple[int, ...], depth: int = 3):
+        if tuple(tables.layers) != tuple(moe_layers):
+            raise UserError("the calibration file was made for another model (its MoE layers differ)",
+                            "run vismmoe calibrate for this model")
+        self.t = tables
+        self.pos = {l: i for i, l in enumerate(moe_layers)}
+        self.L = len(moe_layers)
+        self.depth = min(depth, max(tables.tables))
+        self._obs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
+        self._obs[layer] = (top_k_index, top_k_weights)
+        self._host.pop(layer, None)
+
+    def predict(self, layer: int, depth: int) -> np.ndarray | None:
+        p = self.pos[layer]
+        if depth > self.depth or p + depth >= self.L:
+            return None
+        if layer not in self._host:
+            idx, w = self._obs.pop(layer)
+            self._host[layer] = (idx.cpu().numpy().astype(np.int64), w.float().cpu().numpy())
+        idx, w = self._host[layer]                                                 # [T, K]
+        w = w / np.maximum(w.sum(-1, keepdims=True), 1e-9)
+        rows = self.t.tables[depth][p][idx]                                         # [T, K, E]
+        p_tok = np.clip((w[..., None] * rows).sum(1), 0.0, 1.0)                     # [T, E]
+        return _any_token(p_tok)
+
+
+class AffinityPredictor:
+    """Per target layer: alpha * gate + (1 - alpha) * trace, alpha from calibration (0.5 without it)."""
+
+    name = "affinity"
+
+    def __init__(self, gate: GatePredictor, trace: TracePredictor):
+        self.gate, self.trace = gate, trace
+        self.alpha = gate_alpha = trace.t.alpha
+        self._alpha = gate_alpha if gate_alpha is not None else np.full(len(gate.layers), 0.5)
+
+    def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
+        self.gate.observe(layer, hidden, top_k_index, top_k_weights)
+        self.trace.observe(layer, hidden, top_k_index, top_k_weights)
+
+    def predict(self, layer: int, depth: int) -> np.ndarray | None:
+        g, t = self.gate.predict(layer, depth), self.trace.predict(layer, depth)
+        if g is None or t is None:
+            return g if t is None else t
+        a = float(self._alpha[self.gate.pos[layer] + depth])
+        return a * g + (1.0 - a) * t
+
+
+PREDICTORS = ("none", "gate", "trace", "affinity")
+
+
+def make_predictor(name: str, engine, depth: int = 3, calibration: str | None = None):
+    """A predictor for `engine`'s model, or None for `none`."""
+    if name == "none":
+        return None
+    if name not in PREDICTORS:
+        raise UserError(f"unknown predictor {name!r}", f"use one of {', '.join(PREDICTORS)}")
+    geo = engine.geometry
+    if name in ("trace", "affinity") and calibration is None:
+        raise UserError(f"--prefetch {name} needs transition tables",
+                        "make them with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
+    gate = None
+    if name in ("gate", "affinity"):
+        routers = {l: engine.family.moe_block(engine.model, l).gate for l in geo.moe_layers}
+        gate = GatePredictor(routers, geo.moe_layers, geo.num_experts, depth)
+    if name == "gate":
+        return gate
+    trace = TracePredictor(TransitionTables.load(calibration), geo.moe_layers, depth)
+    return trace if name == "trace" else AffinityPredictor(gate, trace)
+
+
+class PredictorProbe:
+    """Observer measuring a predictor against what routing actually did, per depth and step kind.
+
+    Predicted set for a target layer: experts with probability >= 0.5, plus the top-k most probable (so a
+    single decode token always gets k guesses). precision = |P & A| / |P|, recall = |P & A| / |A|.
+    """
+
+    def __init__(self, predictor, moe_layers: tuple[int, ...], top_k: int, depth: int = 3):
+        self.pred = predictor
+        self.layers = list(moe_layers)
+        self.pos = {l: i for i, l in enumerate(self.layers)}
+        self.k = top_k
+        self.depth = depth
+        self.kind = "prefill"
+        self._waiting: dict[int, list[tuple[int, set[int]]]] = {}   # target layer -> [(depth, predicted set)]
+        self.totals: dict[tuple[str, int], list[int]] = {}            # (kind, depth) -> [hit, predicted, actual]
+        self.per_layer: dict[int, list[int]] = {}                     # target position -> [hit, actual] (depth 1)
+
+    def begin_step(self, kind: str, *_):
+        self.kind = kind if kind in ("prefill", "decode") else self.kind
+        self._waiting.clear()
+
+    def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
+        actual = set(np.unique(top_k_index.cpu().numpy()).tolist())
+        for d, pred in self._waiting.pop(layer, []):
+            t = self.totals.setdefault((self.kind, d), [0, 0, 0])
+            t[0] += len(pred & actual)
+            t[1] += len(pred)
+            t[2] += len(actual)
+            if d == 1:
+                pl = self.per_layer.setdefault(self.pos[layer], [0, 0])
+                pl[0] += len(pred & actual)
+                pl[1] += len(actual)
+        self.pred.observe(layer, hidden, top_k_index, top_k_weights)
+        p = self.pos[layer]
+        for d in range(1, self.depth + 1):
+            if p + d >= len(self.layers):
+                break
+            probs = self.pred.predict(layer, d)
+            if probs is None:
+                continue
+            top = set(np.argsort(-probs)[: self.k].tolist())
+            self._waiting.setdefault(self.layers[p + d], []).append((d, top | set(np.nonzero(probs >= 0.5)[0].tolist())))
+
+    def table(self) -> list[dict]:
+        rows = []
+        for (kind, d), (hit, npred, nact) in sorted(self.totals.items()):
+            rows.append({"kind": kind, "depth": d, "precision": hit / max(npred, 1), "recall": hit / max(nact, 1),
+                         "predicted": npred, "actual": nact})
+        return rows

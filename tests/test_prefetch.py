@@ -1,0 +1,104 @@
+"""Lookahead prefetch is lossless for every predictor and policy, its statistics are consistent, and the
+calibration/predictor-quality pipeline works end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vismmoe import load
+from vismmoe.calibrate import calibrate, default_samples
+from vismmoe.cli import main
+from vismmoe.predict import TransitionTables
+
+from .conftest import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def calibrations(tiny_dirs, tmp_path_factory):
+    out = {}
+    root = tmp_path_factory.mktemp("cal")
+    for fam in FAMILIES:
+        eng = load(tiny_dirs[fam])
+        tables, rows = calibrate(eng, default_samples(6), depth=3, max_new_tokens=3)
+        path = str(root / f"{fam}.npz")
+        tables.save(path)
+        out[fam] = (path, rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs, image_file):
+    return {f: load(tiny_dirs[f]).generate(image_file, "What is in the picture?", max_new_tokens=8).token_ids
+            for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prefetch", ["gate", "trace", "affinity"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "predictive"])
+def test_prefetch_is_lossless(family, prefetch, policy, tiny_dirs, image_file, calibrations, reference):
+    probe = load(tiny_dirs[family])
+    for budget in ("40%", str(probe.geometry.top_k * probe.layout.nbytes)):
+        eng = load(tiny_dirs[family], expert_budget=budget, policy=policy, prefetch=prefetch, lookahead=2,
+                   calibration=calibrations[family][0])
+        gen = eng.generate(image_file, "What is in the picture?", max_new_tokens=8)
+        assert gen.token_ids == reference[family], (family, prefetch, policy, budget)
+        s = gen.stats
+        assert s["expert_bytes_peak"] <= s["expert_budget_bytes"]
+        assert s["prefetch_hits"] <= s["prefetch_issued"]
+        assert s["bytes_moved"] == (s["misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+
+
+def test_prefetch_reduces_misses_and_reports_quality(tiny_dirs, image_file):
+    d = tiny_dirs["qwen3_vl_moe"]
+    base = load(d, expert_budget="40%").generate(image_file, "What is in the picture?", max_new_tokens=8).stats
+    pf = load(d, expert_budget="40%", prefetch="gate").generate(image_file, "What is in the picture?",
+                                                                  max_new_tokens=8).stats
+    assert pf["prefetch_issued"] > 0 and pf["prefetch_hits"] > 0
+    assert pf["misses"] < base["misses"]
+    assert 0 < pf["prefetch_precision"] <= 1 and 0 < pf["prefetch_recall"] <= 1
+    assert pf["wasted_bytes"] <= pf["prefetch_issued"] * pf["expert_bytes"]
+    assert pf["overlap_fraction"] is None or 0 <= pf["overlap_fraction"] <= 1
+
+
+def test_calibration_file_and_rows(calibrations, tiny_dirs):
+    path, rows = calibrations["glm4v_moe"]
+    t = TransitionTables.load(path)
+    eng = load(tiny_dirs["glm4v_moe"])
+    L, E = len(eng.geometry.moe_layers), eng.geometry.num_experts
+    assert t.tables[1].shape == (L, E, E) and t.alpha.shape == (L,)
+    assert np.all((t.alpha >= 0) & (t.alpha <= 1))
+    # row p of the depth-1 table: P(j at next layer | i here) -> each row sums to top-k where i was seen
+    sums = t.tables[1][:-1].sum(-1)
+    assert np.all((np.isclose(sums, eng.geometry.top_k)) | (sums == 0))
+    kinds = {(r["predictor"], r["kind"], r["depth"]) for r in rows}
+    assert ("affinity", "decode", 1) in kinds and ("gate", "prefill", 1) in kinds
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in rows)
+
+
+def test_prefetch_cli_errors_and_json(tiny_dirs, image_file, capsys, tmp_path):
+    m = tiny_dirs["qwen3_vl_moe"]
+    for extra, needle in ((["--prefetch", "oracle"], "unknown predictor"),
+                          (["--prefetch", "trace"], "needs a calibration file"),
+                          (["--prefetch", "affinity", "--calibration", str(tmp_path / "none.npz")], "not found"),
+                          (["--lookahead", "0"], "out of range"),
+                          (["--policy", "belady"], "recorded trace")):
+        code = main(["generate", "--model", m, "--image", image_file, "--prompt", "hi"] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and needle in err, (extra, err)
+    code = main(["generate", "--model", m, "--image", image_file, "--prompt", "hi", "--max-new-tokens", "4",
+                 "--expert-budget", "40%", "--prefetch", "gate", "--link", "edge", "--json"])
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
+    assert code == 0
+    for key in ("prefetch_precision", "prefetch_recall", "overlap_fraction", "wasted_bytes"):
+        assert key in s
+    assert "emulated" in s["link"]
+
+
+def test_calibrate_cli(tiny_dirs, capsys, tmp_path):
+    out = tmp_path / "cal.npz"
+    code = main(["calibrate", "--model", tiny_dirs["glm4v_moe"], "--out", str(out), "--limit", "3", "--json"])
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out.exists() and obj["rows"]
