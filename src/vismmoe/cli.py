@@ -38,6 +38,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", type=int, default=2, help="prefetch depth in MoE layers (default 2)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="transition tables from `vismmoe calibrate` (for --prefetch trace/affinity)")
+    p.add_argument("--compress", default="none", metavar="NAME",
+                   help="visual-token compressor: none (default), random, pool, dart, divprune, textrel, affinity")
+    p.add_argument("--keep-ratio", type=float, default=1.0, help="share of visual tokens kept (default 1.0)")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
 
@@ -49,7 +52,8 @@ def _engine_from(args, trace: bool = False):
         return load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                     device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
                     expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
-                    lookahead=args.lookahead, calibration=args.calibration, progress=tick)
+                    lookahead=args.lookahead, calibration=args.calibration, compress=args.compress,
+                    keep_ratio=args.keep_ratio, progress=tick)
 
 
 def cmd_generate(args) -> int:

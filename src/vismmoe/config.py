@@ -63,6 +63,8 @@ class RuntimeConfig:
     prefetch: str = "none"              # none | gate | trace | affinity
     lookahead: int = 2                  # prefetch depth in MoE layers
     calibration: str | None = None      # transition tables for trace/affinity (vismmoe calibrate)
+    compress: str = "none"              # visual-token compressor (compress.py) or none
+    keep_ratio: float = 1.0             # share of visual tokens kept when compressing
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
     extra: dict = field(default_factory=dict)
 

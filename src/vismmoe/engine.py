@@ -22,6 +22,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
 from .cache import ExpertCache
+from .compress import VisualContext, keep_count, make_compressor, prune
 from .config import RuntimeConfig, format_size, parse_size
 from .errors import UserError
 from .families import get_family
@@ -114,24 +115,31 @@ def _device_bytes(model: torch.nn.Module) -> int:
 
 
 def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
-           feed: list[int] | None = None):
+           feed: list[int] | None = None, enc=None):
     """Greedy decoding with a KV cache: (token ids [B][N], perf_counter time of the first token, decode steps).
 
     Positions are explicit: M-RoPE for the prompt as transformers computes them, then text position + rope delta
     for each new token. Stops when every row has produced an EOS (rows are cut by the caller). `feed` (benchmarks
     on random weights) teacher-forces the decode inputs, so routing varies step to step as it does on real text;
-    the argmax tokens are still returned.
+    the argmax tokens are still returned. `enc` (compress.py): run the decoder on this (pruned) encoded prompt
+    instead of the full one.
     """
     dev = inputs["input_ids"].device
     B = inputs["input_ids"].shape[0]
-    for s in steppers:
-        s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
-    pos, deltas = family.prefill_positions(model, inputs)
     cache = DynamicCache(config=model.config)
-    out = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1)                                   # [B]
+    if enc is None:
+        for s in steppers:
+            s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+        pos, deltas = family.prefill_positions(model, inputs)
+        logits = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        mask = inputs["attention_mask"]
+    else:
+        for s in steppers:
+            s.begin_step("prefill", enc.visual[enc.mask.bool()].to(torch.int8).cpu())
+        logits = family.decoder_forward(model, enc, cache)
+        mask, deltas = enc.mask, enc.deltas
+    nxt = logits[:, -1].argmax(-1)                                       # [B]
     tokens = [nxt]
-    mask = inputs["attention_mask"]
     eos = torch.tensor(sorted(eos_ids), device=dev, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     if dev.type == "cuda":
@@ -193,6 +201,7 @@ class Engine:
         self.trace: RoutingTrace | None = None
         if rc.trace:
             self.record_trace(RoutingTrace())
+        self.compressor = make_compressor(rc.compress) if rc.compress != "none" else None
         self.eos_ids: set[int] = set()
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
@@ -202,12 +211,15 @@ class Engine:
 
     def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
              share_pool: bool = False, link: str | None = None, prefetch: str | None = None,
-             lookahead: int | None = None) -> Engine:
+             lookahead: int | None = None, compress: str | None = None, keep_ratio: float | None = None
+             ) -> Engine:
         """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
         this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
                      policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link,
-                     prefetch=prefetch or self.rc.prefetch, lookahead=lookahead or self.rc.lookahead)
+                     prefetch=prefetch or self.rc.prefetch, lookahead=lookahead or self.rc.lookahead,
+                     compress=compress or self.rc.compress,
+                     keep_ratio=self.rc.keep_ratio if keep_ratio is None else keep_ratio)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
@@ -257,8 +269,10 @@ class Engine:
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
+        enc = self.compressed(inputs) if self.compressor is not None else None
         tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids,
-                                         [o for o in self.runtime.observers if hasattr(o, "begin_step")], feed)
+                                         [o for o in self.runtime.observers if hasattr(o, "begin_step")], feed,
+                                         enc=enc)
         self._sync()
         t_end = time.perf_counter()
         rows = []
@@ -266,10 +280,28 @@ class Engine:
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
             rows.append(row if cut is None else row[: cut + 1])
         visual = int(inputs["mm_token_type_ids"].sum())
+        kept = int(enc.visual.sum()) if enc is not None else visual
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
                                     e2e=t_end - t0, visual=visual)
+        stats.update(visual_tokens_kept=kept, compress=self.rc.compress, keep_ratio=self.rc.keep_ratio)
         self.last_stats = stats
         return rows, stats
+
+    @torch.inference_mode()
+    def compressed(self, inputs: dict, compressor=None, keep_ratio: float | None = None):
+        """The prompt encoded and pruned by `compressor` (default: this engine's) at `keep_ratio`."""
+        comp = compressor or self.compressor
+        ratio = self.rc.keep_ratio if keep_ratio is None else keep_ratio
+        enc = self.family.encode(self.model, inputs)
+        probe, qk = self.family.router_probe(self.model), self.family.query_key(self.model)
+        sels = []
+        for b in range(enc.embeds.shape[0]):
+            vis = enc.embeds[b][enc.visual[b]]
+            text = enc.embeds[b][enc.mask[b].bool() & ~enc.visual[b]]
+            ctx = VisualContext(embeds=vis, grid=enc.grids[b], text=text, keep=keep_count(vis.shape[0], ratio),
+                                probe=probe, query_key=qk, seed=b)
+            sels.append(comp.select(ctx))
+        return prune(enc, sels)
 
     def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
         if max_new_tokens < 1:
@@ -423,17 +455,23 @@ def strip_experts(model, family, geo, dt, dev) -> None:
 def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
          device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
          expert_tier: str = "host", trace: bool = False, link: str = "real", prefetch: str = "none",
-         lookahead: int = 2, calibration: str | None = None, max_seq: int = 4096, progress=None) -> Engine:
+         lookahead: int = 2, calibration: str | None = None, compress: str = "none", keep_ratio: float = 1.0,
+         max_seq: int = 4096, progress=None) -> Engine:
     """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
     rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
                        reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
-                       prefetch=prefetch, lookahead=lookahead, calibration=calibration, max_seq=max_seq)
+                       prefetch=prefetch, lookahead=lookahead, calibration=calibration, compress=compress,
+                       keep_ratio=keep_ratio, max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
     if policy not in POLICIES or policy == "belady":       # validate names before reading any weights
         make_policy(policy)
     get_link(link)
     if prefetch not in PREDICTORS:
         raise UserError(f"unknown predictor {prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
+    if compress != "none":
+        make_compressor(compress)
+    if not 0.0 < keep_ratio <= 1.0:
+        raise UserError(f"--keep-ratio {keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
     if not 1 <= lookahead <= 8:
         raise UserError(f"--lookahead {lookahead} is out of range", "use a depth from 1 to 8")
     if prefetch in ("trace", "affinity") and not (calibration and os.path.exists(calibration)):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
-from .base import ExpertGeometry, Family, Tokens
+from .base import Encoded, ExpertGeometry, Family, Tokens
 from .glm4v_moe import Glm4vMoeFamily
 from .qwen3_vl_moe import Qwen3VLMoeFamily
 
@@ -20,4 +20,4 @@ def get_family(model_type: str | None) -> Family:
         ) from None
 
 
-__all__ = ["FAMILIES", "ExpertGeometry", "Family", "Tokens", "get_family"]
+__all__ = ["FAMILIES", "Encoded", "ExpertGeometry", "Family", "Tokens", "get_family"]

@@ -27,6 +27,19 @@ class ExpertGeometry:
     moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts
 
 
+@dataclass
+class Encoded:
+    """A prompt ready for the decoder. B rows, T positions (left padded)."""
+
+    embeds: torch.Tensor                 # [B, T, H]
+    mask: torch.Tensor                   # [B, T] attention mask
+    visual: torch.Tensor                 # [B, T] bool: image-token positions
+    positions: torch.Tensor              # [4, B, T]: text row + 3 M-RoPE rows
+    deltas: torch.Tensor                 # [B, 1]: rope position of the next token minus its text position
+    deepstack: list[torch.Tensor] | None  # per DeepStack level: [sum of visual tokens, H], rows in sequence order
+    grids: list[tuple[int, int, int]]    # per row: merged (t, h, w) of its image
+
+
 @dataclass(frozen=True)
 class Tokens:
     """Special tokens of a family's prompt format."""
@@ -125,6 +138,68 @@ class Family:
         text = mask.long().sum(-1, keepdim=True) - 1                  # [B, 1]
         rope = (text + deltas)[None].expand(3, -1, -1)
         return torch.cat([text[None], rope], dim=0)
+
+    # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
+    def encode(self, model, inputs: dict) -> Encoded:
+        """Prompt -> what the decoder takes: embeddings with the image features scattered in, positions, and
+        (Qwen3-VL) DeepStack features. Exactly what transformers' forward computes before the decoder."""
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids)
+        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        image = torch.cat(feats.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+        vmask = ids == model.config.image_token_id                                 # [B, T]
+        embeds = embeds.masked_scatter(vmask[..., None], image)
+        deepstack = getattr(feats, "deepstack_features", None)
+        pos, deltas = self.prefill_positions(model, inputs)
+        merge = model.config.vision_config.spatial_merge_size
+        grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in inputs["image_grid_thw"].tolist()]
+        return Encoded(embeds=embeds, mask=inputs["attention_mask"], visual=vmask, positions=pos, deltas=deltas,
+                       deepstack=list(deepstack) if deepstack is not None else None, grids=grids)
+
+    def decoder_forward(self, model, enc: Encoded, cache) -> torch.Tensor:
+        """Run the decoder over encoded inputs (filling `cache`); logits of the last position [B, 1, V]."""
+        out = model.model.language_model(inputs_embeds=enc.embeds, attention_mask=enc.mask,
+                                         position_ids=enc.positions, past_key_values=cache, use_cache=True,
+                                         **self._decoder_extras(enc))
+        return model.lm_head(out.last_hidden_state[:, -1:])
+
+    def _decoder_extras(self, enc: Encoded) -> dict:
+        return {}
+
+    def router_probe(self, model, num_layers: int = 2):
+        """embeds [N, H] -> the top-k experts [N, k] that the routers of the first `num_layers` MoE layers would
+        pick for them (each router applied after its layer's post-attention norm; an approximation: the real
+        router input also carries the attention and earlier layers' updates). Reads no expert weights."""
+        layers = self.decoder_layers(model)
+        probed = self.geometry(model.config).moe_layers[:num_layers]
+
+        @torch.no_grad()
+        def probe(embeds: torch.Tensor) -> list[torch.Tensor]:
+            out = []
+            for l in probed:
+                x = layers[l].post_attention_layernorm(embeds)
+                out.append(self.moe_block(model, l).gate(x)[2])
+            return out
+
+        return probe
+
+    def query_key(self, model):
+        """(text embeds [M, H], visual embeds [N, H]) -> [N] scores: the last text token's query against each
+        visual token's key at the first decoder layer (mean over heads, before rotary)."""
+        layer = self.decoder_layers(model)[0]
+        attn, norm = layer.self_attn, layer.input_layernorm
+
+        @torch.no_grad()
+        def scores(text: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+            hd = attn.head_dim
+            q = attn.q_proj(norm(text[-1:])).view(1, -1, hd)                       # [1, heads, hd]
+            k = attn.k_proj(norm(vis)).view(vis.shape[0], -1, hd)                  # [N, kv_heads, hd]
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)               # [N, heads, hd]
+            return (q.float() * k.float()).sum(-1).mean(-1)
+
+        return scores
 
     # ---- tiny random models for tests ------------------------------------------------------------------------
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int, **overrides):

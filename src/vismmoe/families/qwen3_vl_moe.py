@@ -42,6 +42,11 @@ class Qwen3VLMoeFamily(Family):
         return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
                               top_k=tc.num_experts_per_tok, moe_layers=moe)
 
+    def _decoder_extras(self, enc) -> dict:
+        if enc.deepstack is None:
+            return {}
+        return {"visual_pos_masks": enc.visual, "deepstack_visual_embeds": enc.deepstack}
+
     def chat_template(self) -> str:
         return _TEMPLATE
 

@@ -1,0 +1,252 @@
+"""Visual-token compression: which of an image's N visual tokens the decoder sees, and the pruned prompt.
+
+    family.encode(prompt) -> Encoded (embeddings with image features, M-RoPE positions, DeepStack features)
+        per row: VisualContext(embeds [N, H], grid, text embeds, router probes) -> compressor.select -> Selection
+    prune(Encoded, selections) -> Encoded with the kept tokens only:
+        positions gathered from the UNPRUNED M-RoPE positions (each kept token keeps its place in the image),
+        text position row renumbered 0..n-1, DeepStack rows gathered with the same mask, rope delta corrected
+        (max kept position + 1 - kept length) so decode continues where the full prompt would have.
+
+Compressors (one protocol, `select(ctx) -> Selection`; none needs attention maps, so SDPA stays on):
+  random    uniform random subset (seeded)                          pool      one token per cell of a coarser grid,
+  dart      drop duplicates of a few pivot tokens (DART)                      merging (averaging) the cell
+  divprune  max-min diversity, farthest-point selection (DivPrune)  textrel   relevance to the instruction: the last
+  affinity  ours: router probes of the first MoE layers pick tokens           prompt token's layer-0 query against
+            that keep the image covered while adding few new experts          the visual keys (PyramidDrop-style)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .families.base import Encoded
+
+
+@dataclass
+class VisualContext:
+    embeds: torch.Tensor                     # [N, H] one image's visual tokens (after the merger)
+    grid: tuple[int, int, int]               # merged (t, h, w), N = t*h*w
+    text: torch.Tensor                       # [M, H] the prompt's text-token embeddings (no padding)
+    keep: int                                # how many to keep
+    probe: Callable[[torch.Tensor], list[torch.Tensor]] | None = None   # embeds -> per probed layer idx [N, k]
+    query_key: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (text, visual) -> scores [N]
+    seed: int = 0
+
+
+@dataclass
+class Selection:
+    keep: torch.Tensor                       # [K] sorted indices into the N visual tokens
+    groups: torch.Tensor | None = None       # [N] kept slot (0..K-1) each token merges into, -1 dropped
+
+
+def _cos(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+class RandomCompressor:
+    name = "random"
+
+    def select(self, ctx: VisualContext) -> Selection:
+        g = torch.Generator().manual_seed(ctx.seed)
+        return Selection(torch.randperm(ctx.embeds.shape[0], generator=g)[: ctx.keep].sort().values)
+
+
+class PoolCompressor:
+    """Split the (h, w) grid into about `keep` cells; keep each cell's centre token carrying the cell's mean."""
+
+    name = "pool"
+
+    def select(self, ctx: VisualContext) -> Selection:
+        t, h, w = ctx.grid
+        n = ctx.embeds.shape[0]
+        f = (ctx.keep / n) ** 0.5
+        ch, cw = max(1, min(h, round(h * f))), max(1, min(w, round(w * f)))
+        rows = torch.div(torch.arange(h) * ch, h, rounding_mode="floor")          # cell row of each grid row
+        cols = torch.div(torch.arange(w) * cw, w, rounding_mode="floor")
+        cell = (rows[:, None] * cw + cols[None, :]).reshape(-1).repeat(t)         # [N]
+        keep = []
+        for c in range(ch * cw):
+            members = torch.nonzero(cell == c).flatten()
+            keep.append(int(members[len(members) // 2]))
+        keep_t = torch.tensor(sorted(keep))
+        slot = {int(k): i for i, k in enumerate(keep_t.tolist())}
+        groups = torch.tensor([slot[keep[int(c)]] for c in cell.tolist()])
+        return Selection(keep_t, groups)
+
+
+class DartCompressor:
+    """Pivots = the tokens of largest norm; keep the pivots and the tokens least similar to them."""
+
+    name = "dart"
+
+    def __init__(self, pivots: int = 8):
+        self.pivots = pivots
+
+    def select(self, ctx: VisualContext) -> Selection:
+        x = _cos(ctx.embeds)
+        p = max(1, min(self.pivots, ctx.keep // 4 or 1))
+        piv = torch.topk(ctx.embeds.float().norm(dim=-1), p).indices
+        dup = (x @ x[piv].T).max(dim=-1).values                                   # [N] duplication of a pivot
+        dup[piv] = -2.0
+        return Selection(torch.topk(-dup, ctx.keep).indices.sort().values)
+
+
+class DivPruneCompressor:
+    """Max-min diversity: farthest-point selection in cosine distance."""
+
+    name = "divprune"
+
+    def select(self, ctx: VisualContext) -> Selection:
+        x = _cos(ctx.embeds)
+        n = x.shape[0]
+        sim = x @ x.T
+        first = int(torch.argmin(sim.mean(dim=1)))                               # the least typical token
+        chosen = [first]
+        mind = 1.0 - sim[first]
+        mind[first] = -1.0
+        for _ in range(min(ctx.keep, n) - 1):
+            j = int(torch.argmax(mind))
+            chosen.append(j)
+            mind = torch.minimum(mind, 1.0 - sim[j])
+            mind[chosen] = -1.0
+        return Selection(torch.tensor(sorted(chosen)))
+
+
+class TextRelCompressor:
+    """Keep the visual tokens the instruction's last token attends to most at the first decoder layer."""
+
+    name = "textrel"
+
+    def select(self, ctx: VisualContext) -> Selection:
+        if ctx.query_key is None:
+            raise ValueError("textrel needs the family's query/key probe")
+        scores = ctx.query_key(ctx.text, ctx.embeds)                              # [N]
+        return Selection(torch.topk(scores.float(), ctx.keep).indices.sort().values)
+
+
+class AffinityCompressor:
+    """Router-aware selection (ours).
+
+    The routers of the first MoE layers are applied to the candidate visual tokens (router weights are tiny; no
+    expert is read). Greedy selection then adds, one at a time, the token with the best
+        diversity (min cosine distance to the tokens kept so far: the image stays covered, duplicates go)
+        - lam * cost (experts it would add to the kept set's union, each weighted up when few tokens use it)
+    so tokens whose routing duplicates what is already kept come cheap and tokens that drag in rare experts
+    must earn their place. lam trades working set against fidelity (0: pure diversity = DivPrune).
+    """
+
+    name = "affinity"
+
+    def __init__(self, lam: float = 0.5):
+        self.lam = lam
+
+    def select(self, ctx: VisualContext) -> Selection:
+        if ctx.probe is None:
+            raise ValueError("affinity needs router probes")
+        x = _cos(ctx.embeds)
+        n = x.shape[0]
+        sim = (x @ x.T).cpu().numpy()
+        routes = [r.cpu().numpy() for r in ctx.probe(ctx.embeds)]                 # per layer [N, k]
+        E = max(int(r.max()) for r in routes) + 1
+        m, k = len(routes), routes[0].shape[1]
+        freq = [np.bincount(r.reshape(-1), minlength=E) / n for r in routes]     # share of tokens using e
+        weight = [1.0 + (1.0 - f / max(f.max(), 1e-9)) for f in freq]             # rare experts cost up to 2x
+        covered = [np.zeros(E, dtype=bool) for _ in range(m)]
+        chosen: list[int] = []
+        mind = np.full(n, 1.0 - sim.mean(axis=1))                                 # first pick: least typical
+        taken = np.zeros(n, dtype=bool)
+        for _ in range(min(ctx.keep, n)):
+            cost = np.zeros(n)
+            for l in range(m):
+                new = ~covered[l][routes[l]]                                      # [N, k]
+                cost += (new * weight[l][routes[l]]).sum(axis=1)
+            cost /= 2.0 * m * k
+            score = mind - self.lam * cost
+            score[taken] = -np.inf
+            j = int(np.argmax(score))
+            chosen.append(j)
+            taken[j] = True
+            for l in range(m):
+                covered[l][routes[l][j]] = True
+            mind = np.minimum(mind, 1.0 - sim[j])
+        return Selection(torch.tensor(sorted(chosen)))
+
+
+COMPRESSORS: dict[str, Callable[[], object]] = {
+    "random": RandomCompressor, "pool": PoolCompressor, "dart": DartCompressor, "divprune": DivPruneCompressor,
+    "textrel": TextRelCompressor, "affinity": AffinityCompressor,
+}
+
+
+def make_compressor(name: str):
+    try:
+        return COMPRESSORS[name]()
+    except KeyError:
+        raise UserError(f"unknown compressor {name!r}", f"use one of {', '.join(sorted(COMPRESSORS))}") from None
+
+
+def keep_count(n: int, ratio: float) -> int:
+    return max(1, min(n, int(round(n * ratio))))
+
+
+def prune(enc: Encoded, selections: list[Selection]) -> Encoded:
+    """The prompt with only each row's kept visual tokens (see the module docstring)."""
+    B, T, H = enc.embeds.shape
+    dev = enc.embeds.device
+    rows = []
+    ds_rows: list[list[torch.Tensor]] = [[] for _ in (enc.deepstack or [])]
+    offset = 0
+    for b in range(B):
+        valid = enc.mask[b].bool()
+        vis_pos = torch.nonzero(enc.visual[b]).flatten()                         # [N] positions of visual tokens
+        n = vis_pos.numel()
+        sel = selections[b]
+        keep = sel.keep.to(dev)
+        order = torch.cat([torch.nonzero(valid & ~enc.visual[b]).flatten(), vis_pos[keep]]).sort().values
+        emb = enc.embeds[b, order]
+        is_vis = enc.visual[b, order]
+        kept_vis_rows = torch.nonzero(is_vis).flatten()                           # rows of emb that are visual
+        if sel.groups is not None:                                                # merge: kept token = group mean
+            emb = emb.clone()
+            g = sel.groups.to(dev)
+            src = enc.embeds[b, vis_pos]                                          # [N, H]
+            emb[kept_vis_rows] = _group_mean(src, g, keep.numel()).to(emb.dtype)
+        for i, ds in enumerate(enc.deepstack or []):
+            block = ds[offset: offset + n]
+            ds_rows[i].append(_group_mean(block, sel.groups.to(dev), keep.numel()).to(block.dtype)
+                              if sel.groups is not None else block[keep])
+        offset += n
+        pos = enc.positions[1:, b, order]                                         # [3, n_b] unpruned M-RoPE
+        rows.append((emb, is_vis, pos))
+    L = max(r[0].shape[0] for r in rows)
+    embeds = enc.embeds.new_zeros(B, L, H)
+    mask = enc.mask.new_zeros(B, L)
+    visual = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    positions = enc.positions.new_zeros(4, B, L)
+    deltas = enc.deltas.clone()
+    for b, (emb, is_vis, pos) in enumerate(rows):
+        n = emb.shape[0]
+        embeds[b, L - n:] = emb
+        mask[b, L - n:] = 1
+        visual[b, L - n:] = is_vis
+        positions[0, b, L - n:] = torch.arange(n, device=dev)
+        positions[1:, b, L - n:] = pos
+        deltas[b, 0] = pos.max() + 1 - n
+    deepstack = [torch.cat(r, dim=0) for r in ds_rows] if enc.deepstack is not None else None
+    return replace(enc, embeds=embeds, mask=mask, visual=visual, positions=positions, deltas=deltas,
+                   deepstack=deepstack)
+
+
+def _group_mean(x: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, H] rows averaged into k groups (groups[i] in 0..k-1, -1 dropped) -> [k, H], in float32."""
+    keep = groups >= 0
+    out = torch.zeros(k, x.shape[-1], device=x.device, dtype=torch.float32)
+    out.index_add_(0, groups[keep], x[keep].float())
+    cnt = torch.bincount(groups[keep], minlength=k).clamp(min=1).to(out.dtype)
+    return out / cnt[:, None]
