@@ -52,6 +52,7 @@ def _cos(x: torch.Tensor) -> torch.Tensor:
 class RandomCompressor:
     name = "random"
 
+    @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         g = torch.Generator().manual_seed(ctx.seed)
         return Selection(torch.randperm(ctx.embeds.shape[0], generator=g)[: ctx.keep].sort().values)
@@ -62,6 +63,7 @@ class PoolCompressor:
 
     name = "pool"
 
+    @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         t, h, w = ctx.grid
         n = ctx.embeds.shape[0]
@@ -88,6 +90,7 @@ class DartCompressor:
     def __init__(self, pivots: int = 8):
         self.pivots = pivots
 
+    @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         x = _cos(ctx.embeds)
         p = max(1, min(self.pivots, ctx.keep // 4 or 1))
@@ -102,6 +105,7 @@ class DivPruneCompressor:
 
     name = "divprune"
 
+    @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         x = _cos(ctx.embeds)
         n = x.shape[0]
@@ -123,6 +127,7 @@ class TextRelCompressor:
 
     name = "textrel"
 
+    @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         if ctx.query_key is None:
             raise ValueError("textrel needs the family's query/key probe")
@@ -146,6 +151,7 @@ class AffinityCompressor:
     def __init__(self, lam: float = 0.5):
         self.lam = lam
 
+    @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         if ctx.probe is None:
             raise ValueError("affinity needs router probes")
