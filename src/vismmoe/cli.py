@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import UserError
@@ -45,11 +46,18 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
 
 
+def _model_dir(args) -> str:
+    if args.model is None:
+        from .demo import default_model
+        args.model = default_model()[0]
+    return args.model
+
+
 def _engine_from(args, trace: bool = False):
     from .engine import load
     from .progress import layer_progress
     with layer_progress("reading experts") as tick:
-        return load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
+        return load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                     device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
                     expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
                     lookahead=args.lookahead, calibration=args.calibration, compress=args.compress,
@@ -87,7 +95,7 @@ def cmd_calibrate(args) -> int:
     from .progress import layer_progress
     if args.limit < 3:
         raise UserError(f"--limit {args.limit} is too small", "calibration needs at least 3 samples")
-    eng = load(args.model, device=args.device, dtype=args.dtype, expert_budget="100%")
+    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
     with layer_progress("calibrating (requests)") as tick:
         tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
     tables.save(args.out)
@@ -107,6 +115,67 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad {what} {text!r}", "give comma-separated numbers, e.g. 1,0.5,0.33") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise UserError(f"bad {what} {text!r}", "each ratio must be in (0, 1]")
+    return vals
+
+
+def cmd_analyze(args) -> int:
+    from .analyze import DEFAULT_COMPRESSORS, run
+    from .compress import COMPRESSORS
+    from .engine import load
+    from .progress import layer_progress
+    ratios = _floats(args.keep_ratios, "--keep-ratios")
+    comps = [c.strip() for c in args.compressors.split(",") if c.strip()] if args.compressors else \
+        list(DEFAULT_COMPRESSORS)
+    for c in comps:
+        if c not in COMPRESSORS:
+            raise UserError(f"unknown compressor {c!r}", f"use some of {', '.join(sorted(COMPRESSORS))}")
+    if args.limit < 1:
+        raise UserError(f"--limit {args.limit} is too small", "give at least 1")
+    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
+    title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}"
+    with layer_progress("analyze (requests)") as tick:
+        res = run(eng, args.out, comps, ratios, args.limit, title, progress=tick)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        with open(os.path.join(args.out, "analyze.md")) as f:
+            print(f.read())
+        print("plots:", ", ".join(res["plots"]))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine import load
+    from .evaluate import evaluate
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit} is too small", "give at least 1")
+    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
+               compress=args.compress, keep_ratio=args.keep_ratio)
+    res = evaluate(eng, split=args.split, limit=args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        from rich.table import Table
+
+        from .report import console
+        t = Table(title=f"accuracy on the {args.split} split ({res['n']} questions)")
+        t.add_column("question type")
+        t.add_column("model", justify="right")
+        t.add_column("majority baseline", justify="right")
+        for q, a in res["by_type"].items():
+            t.add_row(q, f"{a:.3f}", f"{res['majority_by_type'].get(q, float('nan')):.3f}")
+        t.add_row("overall", f"{res['accuracy']:.3f}", f"{res['majority_baseline']:.3f}")
+        console().print(t)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(device=args.device, as_json=args.json)
@@ -117,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="answer a prompt about an image")
-    g.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
+    g.add_argument("--model", default=None,
+                   help="checkpoint directory (config.json, safetensors, tokenizer); default: the bundled model")
     g.add_argument("--image", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -133,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny)
 
     c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/affinity, and predictor quality")
-    c.add_argument("--model", required=True)
+    c.add_argument("--model", default=None)
     c.add_argument("--out", required=True, help="output .npz")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")
     c.add_argument("--depth", type=int, default=3)
@@ -141,6 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
+
+    a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
+    a.add_argument("--model", default=None)
+    a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11")
+    a.add_argument("--compressors", default=None, help="comma-separated (default: all)")
+    a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced, default 60)")
+    a.add_argument("--out", default="runs/analyze")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--dtype", default=None)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_analyze)
+
+    ev = sub.add_parser("eval", help="VQA accuracy on the test split, with the majority baseline")
+    ev.add_argument("--model", default=None)
+    ev.add_argument("--limit", type=int, default=None, help="type-balanced subset size (default 1200)")
+    ev.add_argument("--split", default="test", choices=["test", "val"])
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default=None)
+    ev.add_argument("--expert-budget", default=None)
+    ev.add_argument("--compress", default="none")
+    ev.add_argument("--keep-ratio", type=float, default=1.0)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
     d.add_argument("--device", default="cpu")

@@ -25,8 +25,13 @@ def _cache_dir() -> str:
         return tempfile.mkdtemp(prefix="vismmoe-")
 
 
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "vqa-moe")
+
+
 def default_model() -> tuple[str, str]:
-    """(checkpoint dir, routing source) of the default model."""
+    """(checkpoint dir, routing source) of the default model: the bundled trained model when it is there."""
+    if os.path.exists(os.path.join(BUNDLED, "config.json")):
+        return BUNDLED, "trained (bundled Qwen3-VL-MoE-class VQA model)"
     from .tiny import make_tiny
     path = os.path.join(_cache_dir(), "tiny-qwen3_vl_moe")
     if not os.path.exists(os.path.join(path, "config.json")):

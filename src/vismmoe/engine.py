@@ -227,6 +227,11 @@ class Engine:
                       nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc,
                       pool=self.cache.pool if share_pool else None)
 
+    def set_compression(self, name: str, keep_ratio: float) -> None:
+        """Switch the visual-token compressor of this engine (no new cache)."""
+        self.compressor = make_compressor(name) if name != "none" else None
+        self.rc = replace(self.rc, compress=name, keep_ratio=keep_ratio)
+
     def record_trace(self, trace: RoutingTrace | None) -> None:
         """Record routing into `trace` from now on (None stops recording)."""
         if self.trace is not None:

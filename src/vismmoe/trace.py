@@ -51,3 +51,84 @@ class RoutingTrace:
             t.steps.append({"kind": m["kind"], "modality": data[f"s{s}_modality"],
                             "layers": {l: (data[f"s{s}_l{l}_idx"], data[f"s{s}_l{l}_w"]) for l in m["layers"]}})
         return t
+
+
+# ---- affinity metrics over one request's trace ---------------------------------------------------------------
+# Each metric is per MoE layer, then averaged over layers. `modality`: None (all tokens), 0 (text) or 1 (visual).
+
+def _rows(trace: RoutingTrace, layer: int, modality: int | None, kinds=("prefill", "decode")):
+    for step in trace.steps:
+        if step["kind"] not in kinds or layer not in step["layers"]:
+            continue
+        idx = step["layers"][layer][0]
+        if modality is not None:
+            mod = step["modality"]
+            if len(mod) != len(idx):
+                continue
+            idx = idx[mod == modality]
+        yield idx
+
+
+def layer_counts(trace: RoutingTrace, num_experts: int, modality: int | None = None,
+                 kinds=("prefill", "decode")) -> dict[int, np.ndarray]:
+    """{layer: [E] how many (token, top-k) assignments went to each expert}."""
+    layers = sorted({l for s in trace.steps for l in s["layers"]})
+    out = {}
+    for l in layers:
+        c = np.zeros(num_experts)
+        for idx in _rows(trace, l, modality, kinds):
+            c += np.bincount(idx.reshape(-1).astype(np.int64), minlength=num_experts)
+        out[l] = c
+    return out
+
+
+def affinity_metrics(trace: RoutingTrace, num_experts: int, modality: int | None = None) -> dict:
+    """working_set (distinct experts per layer), entropy (bits of the expert-use distribution), top10_share
+    (share of assignments served by the 10% most used experts), stability (how well the best transition table
+    of this request predicts each token's next-layer experts from its current ones), step_jaccard (Jaccard of
+    the expert sets of consecutive decode steps at a layer)."""
+    counts = layer_counts(trace, num_experts, modality)
+    if not counts:
+        return {"working_set": 0.0, "entropy": 0.0, "top10_share": 0.0, "stability": None, "step_jaccard": None}
+    ws, ent, top = [], [], []
+    n_top = max(1, int(round(0.1 * num_experts)))
+    for c in counts.values():
+        total = c.sum()
+        if total == 0:
+            continue
+        ws.append(float((c > 0).sum()))
+        p = c[c > 0] / total
+        ent.append(float(-(p * np.log2(p)).sum()))
+        top.append(float(np.sort(c)[::-1][:n_top].sum() / total))
+    return {"working_set": float(np.mean(ws)) if ws else 0.0, "entropy": float(np.mean(ent)) if ent else 0.0,
+            "top10_share": float(np.mean(top)) if top else 0.0,
+            "stability": _stability(trace, sorted(counts), num_experts, modality),
+            "step_jaccard": _step_jaccard(trace, sorted(counts), modality)}
+
+
+def _stability(trace, layers, E, modality) -> float | None:
+    hits = total = 0
+    for a, b in zip(layers, layers[1:]):
+        pairs = [(x, y) for x, y in zip(_rows(trace, a, modality), _rows(trace, b, modality))
+                 if len(x) == len(y) and len(x)]
+        if not pairs:
+            continue
+        X = np.concatenate([x for x, _ in pairs]).astype(np.int64)                 # [T, k] layer a
+        Y = np.concatenate([y for _, y in pairs]).astype(np.int64)                 # [T, k] layer b
+        k = Y.shape[1]
+        oa, ob = np.zeros((len(X), E)), np.zeros((len(Y), E))
+        np.put_along_axis(oa, X, 1.0, axis=1)
+        np.put_along_axis(ob, Y, 1.0, axis=1)
+        table = oa.T @ ob                                                         # [E, E] co-occurrence
+        pred = np.argsort(-(oa @ table), axis=1)[:, :k]                           # best guess per token
+        hits += int(np.take_along_axis(ob, pred, axis=1).sum())
+        total += Y.size
+    return hits / total if total else None
+
+
+def _step_jaccard(trace, layers, modality) -> float | None:
+    vals = []
+    for l in layers:
+        sets = [set(np.unique(idx).tolist()) for idx in _rows(trace, l, modality, kinds=("decode",))]
+        vals += [len(a & b) / len(a | b) for a, b in zip(sets, sets[1:]) if a | b]
+    return float(np.mean(vals)) if vals else None

@@ -1,0 +1,164 @@
+"""`vismmoe analyze`: visual-expert affinity measured. Every compressor at every keep ratio over the same test
+images: accuracy, and what the routing needs (working set, entropy, concentration, cross-layer stability),
+split by visual and text tokens; prefill time beside it.
+
+    for (compressor, ratio) in [(none, 1.0)] + compressors x ratios:
+        for each test sample: generate with a routing trace -> exact-match answer, trace.affinity_metrics, TTFT
+    -> rows (means) -> analyze.md table, plots: expert-use heatmaps per layer (unpruned vs pruned),
+       working set vs keep ratio per compressor, accuracy vs working set with the Pareto front
+
+Owns the sweep and the report; metrics live in trace.py, compressors in compress.py, scoring in evaluate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from .data import balanced_subset
+from .evaluate import normalize
+from .trace import RoutingTrace, affinity_metrics, layer_counts
+
+DEFAULT_RATIOS = (1.0, 0.5, 0.33, 0.22, 0.11)
+DEFAULT_COMPRESSORS = ("random", "pool", "dart", "divprune", "textrel", "affinity")
+
+
+def _sweep_point(engine, samples, name: str, ratio: float, max_new_tokens: int, progress=None) -> tuple[dict, dict]:
+    engine.set_compression(name, ratio)
+    E = engine.geometry.num_experts
+    acc, ttft, kept = [], [], []
+    mets = {None: [], 1: [], 0: []}
+    heat = {}
+    for s in samples:
+        tr = RoutingTrace()
+        engine.record_trace(tr)
+        gen = engine.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+        engine.record_trace(None)
+        acc.append(normalize(gen.text) == normalize(s.answer))
+        ttft.append(gen.stats["ttft_s"] - gen.stats.get("preprocess_s", 0.0))
+        kept.append(gen.stats["visual_tokens_kept"] / max(1, gen.stats["visual_tokens"]))
+        for m in mets:
+            mets[m].append(affinity_metrics(tr, E, m))
+        for l, c in layer_counts(tr, E).items():
+            heat[l] = heat.get(l, 0) + c
+        if progress:
+            progress()
+
+    def mean(m, key):
+        vals = [x[key] for x in mets[m] if x[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    row = {"compressor": name, "keep_ratio": ratio, "kept_share": float(np.mean(kept)),
+           "accuracy": float(np.mean(acc)), "n": len(samples),
+           "working_set": mean(None, "working_set"), "entropy": mean(None, "entropy"),
+           "top10_share": mean(None, "top10_share"), "stability": mean(None, "stability"),
+           "step_jaccard": mean(None, "step_jaccard"),
+           "working_set_visual": mean(1, "working_set"), "entropy_visual": mean(1, "entropy"),
+           "stability_visual": mean(1, "stability"), "working_set_text": mean(0, "working_set"),
+           "entropy_text": mean(0, "entropy"), "stability_text": mean(0, "stability"),
+           "prefill_s": float(np.median(ttft))}   # model prefill (vision + decoder), no preprocessing
+    return row, heat
+
+
+def analyze(engine, compressors=DEFAULT_COMPRESSORS, ratios=DEFAULT_RATIOS, limit: int = 60,
+            max_new_tokens: int = 4, progress=None) -> tuple[list[dict], dict]:
+    samples = balanced_subset("test", limit)
+    points = [("none", 1.0)] + [(c, r) for c in compressors for r in ratios if r < 1.0]
+    rows, heats = [], {}
+    for name, ratio in points:
+        row, heat = _sweep_point(engine, samples, name, ratio, max_new_tokens, progress)
+        rows.append(row)
+        heats[(name, ratio)] = heat
+    engine.set_compression("none", 1.0)
+    return rows, heats
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cols = [("compressor", "{}"), ("keep_ratio", "{:.2f}"), ("accuracy", "{:.3f}"), ("working_set", "{:.2f}"),
+            ("working_set_visual", "{:.2f}"), ("entropy", "{:.2f}"), ("top10_share", "{:.2f}"),
+            ("stability", "{:.3f}"), ("prefill_s", "{:.3f}")]
+    out = [header, "", "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join("-" if r[c] is None else f.format(r[c]) for c, f in cols) + " |")
+    return "\n".join(out) + "\n"
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (higher accuracy, smaller working set)."""
+    front = []
+    for r in rows:
+        if not any(o is not r and o["accuracy"] >= r["accuracy"] and o["working_set"] <= r["working_set"]
+                   and (o["accuracy"] > r["accuracy"] or o["working_set"] < r["working_set"]) for o in rows):
+            front.append(r)
+    return sorted(front, key=lambda r: r["working_set"])
+
+
+def plots(rows: list[dict], heats: dict, out_dir: str, title: str, focus=("affinity", 0.22)) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    # working set vs keep ratio
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = next(r for r in rows if r["compressor"] == "none")
+    for c in sorted({r["compressor"] for r in rows} - {"none"}):
+        pts = sorted([(1.0, base["working_set"])] + [(r["keep_ratio"], r["working_set"]) for r in rows
+                                                     if r["compressor"] == c])
+        ax.plot(*zip(*pts), marker="o", label=c)
+    ax.set_xlabel("keep ratio (visual tokens)")
+    ax.set_ylabel("working set (distinct experts / MoE layer / request)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "working_set_vs_ratio.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # accuracy vs working set, Pareto front
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in sorted({r["compressor"] for r in rows}):
+        pts = [(r["working_set"], r["accuracy"]) for r in rows if r["compressor"] == c]
+        ax.scatter(*zip(*pts), label=c, s=22)
+    front = pareto(rows)
+    ax.plot([r["working_set"] for r in front], [r["accuracy"] for r in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("working set (distinct experts / MoE layer / request)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "accuracy_vs_working_set.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # heatmaps
+    key = focus if focus in heats else next(k for k in heats if k[0] != "none") if len(heats) > 1 else None
+    pair = [("none", 1.0)] + ([key] if key else [])
+    fig, axes = plt.subplots(1, len(pair), figsize=(5 * len(pair), 3.5), squeeze=False)
+    for ax, k in zip(axes[0], pair):
+        h = heats[k]
+        m = np.stack([h[l] / max(h[l].sum(), 1) for l in sorted(h)])
+        im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title(f"expert use, {k[0]} @ {k[1]:.2f}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "expert_heatmaps.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run(engine, out_dir: str, compressors, ratios, limit: int, title: str, progress=None) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    rows, heats = analyze(engine, compressors, ratios, limit, progress=progress)
+    with open(os.path.join(out_dir, "analyze.md"), "w") as f:
+        f.write(markdown(rows, title))
+    pngs = plots(rows, heats, out_dir, title)
+    result = {"rows": rows, "pareto": [(r["compressor"], r["keep_ratio"]) for r in pareto(rows)],
+              "plots": pngs, "seconds": time.perf_counter() - t0}
+    with open(os.path.join(out_dir, "analyze.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
