@@ -1,0 +1,59 @@
+"""Affinity metrics on hand-made traces, and the analyze sweep end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from vismmoe.analyze import pareto
+from vismmoe.cli import main
+from vismmoe.trace import RoutingTrace, affinity_metrics
+
+
+def _trace(steps):
+    t = RoutingTrace()
+    for kind, modality, layers in steps:
+        t.steps.append({"kind": kind, "modality": np.asarray(modality, dtype=np.int8),
+                        "layers": {l: (np.asarray(idx, dtype=np.int16), np.ones((len(idx), len(idx[0])),
+                                                                                 dtype=np.float16))
+                                   for l, idx in layers.items()}})
+    return t
+
+
+def test_metrics_on_a_hand_made_trace():
+    # prefill: 2 visual tokens + 1 text token, 2 layers, top-2 of 4 experts; layer 1 = layer 0 shifted by one
+    t = _trace([("prefill", [1, 1, 0], {0: [[0, 1], [0, 1], [2, 3]], 1: [[1, 2], [1, 2], [3, 0]]}),
+                ("decode", [0], {0: [[2, 3]], 1: [[3, 0]]}),
+                ("decode", [0], {0: [[2, 1]], 1: [[3, 2]]})])
+    m = affinity_metrics(t, 4)
+    assert m["working_set"] == 4.0                                   # every expert used somewhere in each layer
+    vis = affinity_metrics(t, 4, modality=1)
+    assert vis["working_set"] == 2.0 and vis["stability"] == 1.0     # visual tokens: a fixed mapping 0,1 -> 1,2
+    assert abs(vis["entropy"] - 1.0) < 1e-9                          # two experts, equal use: 1 bit
+    assert vis["top10_share"] == 0.5
+    assert abs(m["step_jaccard"] - np.mean([1 / 3, 1 / 3])) < 1e-9   # {2,3}->{1,2}, {0,3}->{2,3}
+
+
+def test_pareto_front():
+    rows = [{"accuracy": 0.9, "working_set": 10}, {"accuracy": 0.8, "working_set": 6},
+            {"accuracy": 0.7, "working_set": 8}, {"accuracy": 0.95, "working_set": 12}]
+    assert [r["working_set"] for r in pareto(rows)] == [6, 10, 12]
+
+
+def test_analyze_and_eval_cli(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "an"
+    code = main(["analyze", "--model", tiny_dirs["qwen3_vl_moe"], "--keep-ratios", "1,0.5", "--compressors",
+                 "random,affinity", "--limit", "2", "--out", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    keys = {"compressor", "keep_ratio", "accuracy", "working_set", "entropy", "stability", "prefill_s"}
+    assert all(keys <= r.keys() for r in res["rows"])
+    assert [(r["compressor"], r["keep_ratio"]) for r in res["rows"]] == [("none", 1.0), ("random", 0.5),
+                                                                         ("affinity", 0.5)]
+    assert all(os.path.exists(p) for p in res["plots"]) and (out / "analyze.md").exists()
+    code = main(["eval", "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "6", "--json"])
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and {"accuracy", "n", "by_type", "majority_baseline"} <= ev.keys() and ev["n"] == 6
+    assert main(["analyze", "--model", tiny_dirs["qwen3_vl_moe"], "--keep-ratios", "2"]) == 2
