@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vismmoe import train as T
 from vismmoe.data import QTYPES, make_sample, warm_cache
@@ -76,6 +77,24 @@ def test_labels_prompt_pixels_positions(micro):
     assert torch.equal(dec[:, 0, 0], b["position_ids"][:, r, first])
 
 
+def test_type_mix_uses_each_sample_once_and_follows_weights():
+    mix = T.TypeMix(12, list(range(len(QTYPES))))
+    seen = [i for _ in range(5) for i in mix.next_batch()]
+    assert len(seen) == len(set(seen)) == 60
+    assert sorted(seen) == list(range(60))                      # uniform mix = the split in order, balanced
+    mix.weights = T.adaptive_weights({"exist": 1.0, "color": 1.0, "shape": 1.0, "count": 0.0, "position": 1.0,
+                                      "ocr": 1.0})
+    batch = mix.next_batch()
+    kinds = [QTYPES[i % len(QTYPES)] for i in batch]
+    n_count = kinds.count("count")
+    assert len(batch) == 12 and n_count == 4 == max(kinds.count(q) for q in QTYPES)
+    assert not set(batch) & set(seen)
+    resumed = T.TypeMix(12, list(range(len(QTYPES))), mix.next, mix.weights)
+    assert not set(resumed.next_batch()) & set(seen + batch)
+    only = T.TypeMix(4, [1, 5])
+    assert only.next_batch() == [1, 7, 5, 11]
+
+
 def test_train_experts_and_batched_vision_match_transformers(micro):
     b = micro.maker([make_sample("train", i) for i in range(3)])
     model = T.build_model(micro.cfg, 0)
@@ -121,8 +140,8 @@ def test_overfits_a_fixed_batch(micro):
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("train") / "run")
     base = ["--out", out, "--preset", "micro", "--device", "cpu", "--workers", "0", "--no-progress"]
-    first = T.main(base + ["--steps", "3"])
-    second = T.main(base + ["--steps", "5", "--resume"])
+    first = T.main(base + ["--steps", "3", "--max-shard-size", "none"])
+    second = T.main(base + ["--steps", "5", "--resume", "--max-shard-size", "200KB"])   # sharded export
     return SimpleNamespace(out=out, first=first, second=second)
 
 
@@ -150,6 +169,9 @@ def test_export_loads_both_ways_with_same_answers(trained):
     import vismmoe
     from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
 
+    files = os.listdir(trained.out)
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files   # stale file removed
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
     with open(os.path.join(trained.out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["dtype"] == "bfloat16" and "experts_implementation" not in json.dumps(cfg)
@@ -184,3 +206,35 @@ def test_evaluate_returns_scores(trained):
     assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["majority_baseline"] <= 1.0
     maj = majority_answers(60)
     assert set(maj) == set(QTYPES) and maj["exist"] in ("yes", "no")
+
+
+def test_lr_schedule_warms_up_holds_and_decays_to_the_deadline():
+    lr = [T.lr_at(s, p, 1.0, 10, 0.05) for s, p in ((0, 0.0), (9, 0.05), (50, 0.5), (60, 0.7), (99, 1.0))]
+    assert lr[0] == pytest.approx(0.1) and lr[1] == lr[2] == lr[3] == 1.0 and lr[4] == pytest.approx(0.05)
+    assert T.lr_at(105, 0.5, 1.0, 10, 0.05, warm_from=100) == pytest.approx(0.6)   # re-warm after a resume
+
+
+@pytest.mark.gpu
+def test_cuda_step_matches_eager_and_trains(micro, tmp_path):
+    """On a GPU: the bf16 grouped experts + batched vision step agrees with transformers' eager path, and the
+    CLI trains and exports (a one-minute smoke before a long run)."""
+    dev = torch.device("cuda")
+    b = T.to_device(micro.maker([make_sample("train", i) for i in range(4)]), dev)
+    model = T.build_model(micro.cfg, 0).to(dev)
+    out = {}
+    for impl, batched in (("eager", False), (T.TRAIN_EXPERTS, True)):
+        model.zero_grad()
+        model.set_experts_implementation(impl)
+        T.batch_vision_attention(model, batched)
+        loss, ce, aux, ok = T.forward_loss(model, b, micro.ip, dev)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        assert torch.isfinite(grads).all()
+        out[impl] = (float(loss), grads)
+    assert out["eager"][0] == pytest.approx(out[T.TRAIN_EXPERTS][0], rel=2e-2)
+    cos = F.cosine_similarity(out["eager"][1], out[T.TRAIN_EXPERTS][1], dim=0)
+    assert cos > 0.98
+    summary = T.main(["--out", str(tmp_path / "run"), "--preset", "micro", "--device", "cuda", "--steps", "5",
+                      "--workers", "2", "--no-progress"])
+    assert summary["steps"] == 5 and summary["experts_implementation"] == T.TRAIN_EXPERTS
+    assert summary["batched_vision_attention"] is True

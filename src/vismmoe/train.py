@@ -11,7 +11,7 @@ This module owns the training recipe and nothing about serving it:
   the workers as uint8 images (an fp32 patch tensor would be 8x larger: 1.2 GB per 256-image batch); the same
   rescale/normalize/patchify as the saved image processor runs on the device (`patchify`, tested equal);
 * the step: bf16 autocast on CUDA, transformers' router aux loss (`output_router_logits=True`), AdamW with
-  warmup + cosine (cosine over the wall-clock budget when one is given), gradient clipping; routed experts run as
+  warmup-stable-decay (the decay lands on the wall-clock deadline), gradient clipping; routed experts run as
   grouped matmuls in bf16 through an experts function registered here (`vismmoe_train`), vision attention as one
   batched SDPA call per layer instead of one per image (`batch_vision_attention`, numerically the same);
 * time budget, tqdm progress, JSON-lines log, resumable state, greedy val accuracy, and the final bf16
@@ -59,9 +59,10 @@ PRESETS: dict[str, dict] = {
         model=dict(hidden=256, dense_inter=512, inter=128, layers=8, heads=4, kv_heads=2, head_dim=64,
                    experts=32, top_k=4, vision_depth=4, vision_hidden=128, vision_inter=512, vision_heads=2,
                    vision_positions=784, deepstack=[1, 2], aux_loss=0.01, max_pos=2048),
+        # the BPE trainer runs out of merges at ~520 tokens: every answer word is one token
         image_size=448, vocab=1024, corpus_samples=2400, batch=256, lr=2e-3, min_lr_ratio=0.05, warmup=100,
-        weight_decay=0.05, clip=1.0, val_samples=600, eval_every_s=60.0, ckpt_every_s=150.0, log_every=10,
-        eval_batch=200,
+        decay_frac=0.3, weight_decay=0.05, clip=1.0, val_samples=600, eval_every_s=60.0, ckpt_every_s=150.0,
+        log_every=10, eval_batch=200,
     ),
     # CPU tests: seconds per dozens of steps.
     "micro": dict(
@@ -271,11 +272,50 @@ def rope_helper(config):
     return types.SimpleNamespace(model=_RopeOnly(config))
 
 
-def sample_index(k: int, qtypes: tuple[int, ...] | None) -> int:
-    """k-th sample of the stream; with a qtype subset, only indices of those types (qtype = index % 6)."""
-    if not qtypes:
-        return k
-    return (k // len(qtypes)) * len(QTYPES) + qtypes[k % len(qtypes)]
+class TypeMix:
+    """Which train samples each batch holds: per-type quotas from `weights` (largest remainder), and the j-th
+    sample of type t is index 6j + t (`QTYPES[index % 6]` is its type), so no sample is ever used twice.
+
+    Iterated by the DataLoader in the main process, so changing `weights` (adaptive mix: more of the types the
+    last val eval found weak) steers the batches requested from then on."""
+
+    def __init__(self, batch_size: int, types: list[int], next_j: list[int] | None = None,
+                 weights: list[float] | None = None):
+        self.B = batch_size
+        self.types = list(types)
+        self.next = list(next_j) if next_j else [0] * len(QTYPES)
+        self.weights = list(weights) if weights else [1.0] * len(QTYPES)
+
+    def quotas(self) -> dict[int, int]:
+        w = [max(self.weights[t], 1e-6) for t in self.types]
+        raw = [self.B * x / sum(w) for x in w]
+        q = [int(r) for r in raw]
+        for i in sorted(range(len(raw)), key=lambda i: (q[i] - raw[i], i))[: self.B - sum(q)]:
+            q[i] += 1
+        return dict(zip(self.types, q))
+
+    def next_batch(self) -> list[int]:
+        idx = []
+        for t, n in self.quotas().items():
+            j = self.next[t]
+            idx += [len(QTYPES) * (j + i) + t for i in range(n)]
+            self.next[t] = j + n
+        return idx
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+def adaptive_weights(by_type: dict[str, float]) -> list[float]:
+    """Sampling weight per type from val accuracy: 1 at 100 %, 3 at 0 % (so at most 3:1 between types)."""
+    return [1.0 + 2.0 * (1.0 - by_type.get(q, 0.0)) for q in QTYPES]
+
+
+def val_batches_indices(n: int, batch: int, types: list[int]) -> list[list[int]]:
+    """The first n val samples of the given types (all types: the first n, type-balanced), in batches."""
+    idx = [k for k in range(n * len(QTYPES)) if k % len(QTYPES) in types][:n]
+    return [idx[i:i + batch] for i in range(0, len(idx), batch)]
 
 
 class BatchMaker:
@@ -332,28 +372,22 @@ class BatchMaker:
 
 
 class BatchStream(torch.utils.data.Dataset):
-    """Item b = the batch of samples start + b*B ... start + (b+1)*B - 1 of a split (a qtype subset optional)."""
+    """Item = a list of sample indices of one split -> one model batch (built in the DataLoader worker)."""
 
-    def __init__(self, maker: BatchMaker, split: str, batch_size: int, start: int = 0,
-                 qtypes: tuple[int, ...] | None = None, with_prompt: bool = False, n_batches: int = 10**9):
-        self.maker, self.split, self.B, self.start = maker, split, batch_size, start
-        self.qtypes, self.with_prompt, self.n = qtypes, with_prompt, n_batches
+    def __init__(self, maker: BatchMaker, split: str, with_prompt: bool = False):
+        self.maker, self.split, self.with_prompt = maker, split, with_prompt
 
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, b: int) -> dict:
-        ks = range(self.start + b * self.B, self.start + (b + 1) * self.B)
-        samples = [make_sample(self.split, sample_index(k, self.qtypes)) for k in ks]
-        return self.maker(samples, with_prompt=self.with_prompt)
+    def __getitem__(self, indices: list[int]) -> dict:
+        return self.maker([make_sample(self.split, i) for i in indices], with_prompt=self.with_prompt)
 
 
-def make_loader(stream: BatchStream, workers: int, pin: bool, prefetch: int = 2):
+def make_loader(stream: BatchStream, batches, workers: int, pin: bool, prefetch: int = 2):
+    """`batches`: an iterable of index lists (a `TypeMix` for training, a list for val)."""
     kw = {}
     if workers > 0:
         kw = dict(num_workers=workers, prefetch_factor=prefetch, persistent_workers=False,
                   multiprocessing_context="fork")
-    return torch.utils.data.DataLoader(stream, batch_size=None, shuffle=False, pin_memory=pin, **kw)
+    return torch.utils.data.DataLoader(stream, batch_size=None, sampler=batches, pin_memory=pin, **kw)
 
 
 _HOST_KEYS = ("keep", "qtype")      # read on the host: copying them to the device would cost a sync to read back
@@ -500,10 +534,17 @@ def routing_stats(model, batch: dict, image_processor, device: torch.device) -> 
 # Schedule, optimizer, state
 
 
-def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float) -> float:
-    warm = min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step: int, progress: float, base: float, warmup: int, min_ratio: float, decay_frac: float = 0.3,
+          warm_from: int = 0) -> float:
+    """Warmup-stable-decay: linear warmup over `warmup` steps (from step `warm_from`), the peak LR until
+    `1 - decay_frac` of the schedule, then a cosine down to `min_ratio * base` at progress 1.
+
+    Progress is wall-clock (or step) based, so the decay lands on the deadline; a long stable phase keeps the
+    LR high through the late, sudden drop in loss when the model starts using the image."""
+    warm = min(1.0, (step - warm_from + 1) / max(1, warmup))
     p = min(1.0, max(0.0, progress))
-    return base * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    d = max(0.0, (p - (1.0 - decay_frac)) / decay_frac) if decay_frac > 0 else 0.0
+    return base * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * d)))
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device):
@@ -542,10 +583,16 @@ def save_state(out_dir: str, model, optimizer, info: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def export_checkpoint(out_dir: str, model, tokenizer, image_processor) -> int:
-    """Final bf16 `save_pretrained` + tokenizer + image processor; returns the safetensors bytes written."""
+def export_checkpoint(out_dir: str, model, tokenizer, image_processor, max_shard_size: str | None = None) -> int:
+    """Final bf16 `save_pretrained` + tokenizer + image processor; returns the safetensors bytes written.
+
+    `max_shard_size` (e.g. "15MB") splits the weights into shards + `model.safetensors.index.json`, which
+    `from_pretrained` and `vismmoe.load` both read; weight files of an earlier export are removed first."""
+    for f in os.listdir(out_dir):
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, f))
     model.to(torch.bfloat16)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
     return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if f.endswith(".safetensors"))
@@ -558,12 +605,15 @@ def export_checkpoint(out_dir: str, model, tokenizer, image_processor) -> int:
 @dataclass
 class RunInfo:
     step: int = 0
-    samples: int = 0                 # train samples consumed (the next one is sample_index(samples))
+    samples: int = 0                 # train samples consumed
+    type_next: list | None = None    # TypeMix counters: next unused j per question type (index 6j + t)
+    type_weights: list | None = None  # TypeMix weights in force
     progress: float = 0.0            # schedule progress in [0, 1]
     train_s: float = 0.0             # seconds spent in the training loop, over all runs
 
 
-def _state_info(info: RunInfo, running_s: float, hp: dict, config) -> dict:
+def _state_info(info: RunInfo, running_s: float, hp: dict, config, mix: TypeMix) -> dict:
+    info.type_next, info.type_weights = list(mix.next), list(mix.weights)
     d = dict(vars(info))
     d["train_s"] += running_s
     return {"info": d, "hparams": hp, "config": config.to_dict()}
@@ -586,7 +636,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (total)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/train_state.pt (its recipe, new samples; after a finished schedule "
+                        "the LR warms up again, stays at the peak and decays at the end)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from a saved checkpoint's weights and tokenizer (fresh optimizer and schedule)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
@@ -597,8 +651,13 @@ def parse_args(argv=None):
     p.add_argument("--val-samples", type=int, default=None)
     p.add_argument("--eval-every", type=float, default=None, help="seconds between val evaluations")
     p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (experiments)")
+    p.add_argument("--mix", default=None, choices=["adaptive", "uniform"],
+                   help="question-type mix of the batches (default adaptive: weak types get up to 3x more)")
     p.add_argument("--experts-impl", default=TRAIN_EXPERTS, help=f"{TRAIN_EXPERTS} (default) | eager")
     p.add_argument("--no-batched-vision", action="store_true", help="keep transformers' per-image vision SDPA")
+    p.add_argument("--max-shard-size", default="15MB",
+                   help="split the exported weights into shards of at most this size (default 15MB, so each "
+                        "file stays under a 16 MiB transfer limit); 'none' writes one model.safetensors")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -618,13 +677,17 @@ def resolve_hparams(args) -> dict:
     if args.image_size is not None:
         hp["model"]["vision_positions"] = (args.image_size // 16) ** 2
     hp["qtypes"] = [QTYPES.index(q) for q in args.qtypes.split(",")] if args.qtypes else None
+    hp["mix"] = args.mix or hp.get("mix", "adaptive")
     hp["seed"] = args.seed
     hp["preset"] = args.preset
     return hp
 
 
-def main(argv=None) -> dict:
-    t_start = _process_start()
+def main(argv=None, t_start: float | None = None) -> dict:
+    """Run (or resume) one training job; returns the summary also written to OUT/train_summary.json.
+
+    `t_start` is when the --minutes budget began (the command line passes the process start time)."""
+    t_start = time.time() if t_start is None else t_start
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     deadline = t_start + args.minutes * 60 if args.minutes else None
@@ -635,8 +698,8 @@ def main(argv=None) -> dict:
     state_path = os.path.join(args.out, STATE_FILE)
     workers = _default_workers(device) if args.workers is None else args.workers
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")      # TF32 for whatever runs outside bf16 autocast
+        torch.backends.cudnn.benchmark = True           # the patch-embedding Conv3d sees one shape all run
 
     state = None
     if args.resume:
@@ -650,18 +713,23 @@ def main(argv=None) -> dict:
         hp = resolve_hparams(args)
         if os.path.exists(log_path):
             os.remove(log_path)
-    qtypes = tuple(hp["qtypes"]) if hp.get("qtypes") else None
+    types = list(hp["qtypes"]) if hp.get("qtypes") else list(range(len(QTYPES)))
     B = hp["batch"]
 
     # ---- data: tokenizer, val set, train stream (workers fork before the device is touched) ----
     warm_cache()
-    if state is not None:
+    if state is not None or args.init:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.out)
+        tokenizer = AutoTokenizer.from_pretrained(args.out if state is not None else args.init)
+        if state is None:
+            tokenizer.save_pretrained(args.out)
     else:
         tokenizer = make_tokenizer(hp["vocab"], hp["corpus_samples"], workers)
         tokenizer.save_pretrained(args.out)
-    if state is None:
+    if args.init and state is None:
+        from transformers import Qwen3VLMoeConfig
+        config = Qwen3VLMoeConfig.from_pretrained(args.init)
+    elif state is None:
         config = make_config(tokenizer, hp["model"])
     else:
         from transformers import Qwen3VLMoeConfig
@@ -671,24 +739,28 @@ def main(argv=None) -> dict:
     info = RunInfo(**state["info"]) if state is not None else RunInfo()
     pin = device.type == "cuda"
 
-    vb = min(hp["eval_batch"], hp["val_samples"])
-    val_stream = BatchStream(maker, "val", vb, 0, qtypes, with_prompt=True,
-                             n_batches=max(1, hp["val_samples"] // vb))
-    val_batches = list(make_loader(val_stream, min(workers, len(val_stream)), pin=False))
-    train_stream = BatchStream(maker, "train", B, info.samples, qtypes)
+    val_idx = val_batches_indices(hp["val_samples"], hp["eval_batch"], types)
+    val_batches = list(make_loader(BatchStream(maker, "val", with_prompt=True), val_idx,
+                                   min(workers, len(val_idx)), pin=False))
+    mix = TypeMix(B, types, info.type_next, info.type_weights)
     prefetch = 2
     if workers > 0:
         fit = fit_workers(workers, prefetch, B * hp["image_size"] ** 2 * 3)
         if fit != (workers, prefetch):
-            print(f"warning: /dev/shm is small: {fit[0]} workers x prefetch {fit[1]} "
-                  f"(asked {workers} x {prefetch})", file=sys.stderr)
-            workers, prefetch = max(1, fit[0]), fit[1]
-    train_iter = iter(make_loader(train_stream, workers, pin=pin, prefetch=prefetch))
+            print(f"warning: /dev/shm is small: {fit[0]} workers x prefetch {fit[1]} (asked {workers} x "
+                  f"{prefetch}); 0 workers = data made in the main process, much slower", file=sys.stderr)
+            workers, prefetch = fit
+    train_iter = iter(make_loader(BatchStream(maker, "train"), mix, workers, pin=pin, prefetch=prefetch))
 
     # ---- model, optimizer ----
     model = build_model(config, hp["seed"])
     if state is not None:
         model.load_state_dict(state["model"])
+    elif args.init:
+        from transformers import Qwen3VLMoeForConditionalGeneration
+        init = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        del init
     sizes = param_split(model)
     model.to(device)
     model.train()
@@ -713,6 +785,11 @@ def main(argv=None) -> dict:
     # ---- loop ----
     from tqdm import tqdm
     start_step, start_progress = info.step, info.progress
+    warm_from = 0
+    if start_progress >= 0.99:          # the run being resumed finished its schedule: warm up again, then decay
+        start_progress, warm_from = 0.5, info.step
+        print("note: resuming a finished schedule; the LR warms up to its peak again and decays at the end",
+              file=sys.stderr)
     t_loop = time.time()
     reserve = 20.0 if device.type == "cuda" else 5.0       # final eval estimate is added after each eval
     last_eval_s = 0.0
@@ -735,7 +812,8 @@ def main(argv=None) -> dict:
         frac_t = 0.0 if train_end is None else (now - t_loop) / max(1e-6, train_end - last_eval_s - t_loop)
         frac_s = 0.0 if args.steps is None else (info.step - start_step) / max(1, args.steps - start_step)
         info.progress = start_progress + (1 - start_progress) * min(1.0, max(frac_t, frac_s))
-        lr = lr_at(info.step, info.progress, hp["lr"], hp["warmup"], hp["min_lr_ratio"])
+        lr = lr_at(info.step, info.progress, hp["lr"], hp["warmup"], hp["min_lr_ratio"], hp.get("decay_frac", 0.3),
+                   warm_from)
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.time()
@@ -789,15 +867,18 @@ def main(argv=None) -> dict:
             te = time.time()
             val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
             last_eval_s = time.time() - te
+            if hp.get("mix", "adaptive") == "adaptive":
+                mix.weights = adaptive_weights(val["by_type"])
             _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val,
-                              "eval_s": last_eval_s, "elapsed_s": time.time() - t_start})
+                              "eval_s": last_eval_s, "mix_weights": dict(zip(QTYPES, mix.weights)),
+                              "elapsed_s": time.time() - t_start})
             bar.write(f"step {info.step}: val acc {val['accuracy']:.3f} "
                       + " ".join(f"{q}={a:.2f}" for q, a in val["by_type"].items()))
             next_eval = time.time() + hp["eval_every_s"]
             t_win += last_eval_s
         if time.time() >= next_ckpt:
             tc = time.time()
-            save_state(args.out, model, optimizer, _state_info(info, time.time() - t_loop, hp, config))
+            save_state(args.out, model, optimizer, _state_info(info, time.time() - t_loop, hp, config, mix))
             next_ckpt = time.time() + hp["ckpt_every_s"]
             t_win += time.time() - tc
     bar.close()
@@ -809,9 +890,10 @@ def main(argv=None) -> dict:
     val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
     _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val, "final": True,
                       "elapsed_s": time.time() - t_start})
-    save_state(args.out, model, optimizer, _state_info(info, 0.0, hp, config))
+    save_state(args.out, model, optimizer, _state_info(info, 0.0, hp, config, mix))
     routing = routing_stats(model, to_device(val_batches[0], device), image_processor, device)
-    ckpt_bytes = export_checkpoint(args.out, model, tokenizer, image_processor)
+    shard = None if str(args.max_shard_size).lower() in ("none", "0", "") else args.max_shard_size
+    ckpt_bytes = export_checkpoint(args.out, model, tokenizer, image_processor, shard)
     summary = {**sizes, "checkpoint_bytes": ckpt_bytes, "steps": info.step, "samples_seen": info.samples,
                "batch": B, "loop_s": loop_s, "train_s_total": info.train_s, "wall_s": time.time() - t_start,
                "samples_per_s": (info.step - start_step) * B / max(loop_s, 1e-9), "device": str(device),
@@ -826,4 +908,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(t_start=_process_start())
