@@ -162,3 +162,32 @@ def run(engine, out_dir: str, compressors, ratios, limit: int, title: str, progr
     with open(os.path.join(out_dir, "analyze.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def routing_report(engine, limit: int = 120, max_new_tokens: int = 4) -> dict:
+    """Routing statistics of a model over `limit` test samples (one trace for all): per MoE layer, how many
+    experts visual and text tokens use, the entropy of expert use (bits; log2 E = uniform), the share of
+    experts visual tokens never touch, and how predictable layer l+1's experts are from layer l's."""
+    E = engine.geometry.num_experts
+    tr = RoutingTrace()
+    engine.record_trace(tr)
+    try:
+        for s in balanced_subset("test", limit):
+            engine.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+    finally:
+        engine.record_trace(None)
+    counts = {m: layer_counts(tr, E, m) for m in (None, 1, 0)}
+    rows = []
+    for l in sorted(counts[None]):
+        row = {"layer": l}
+        for m, tag in ((None, "all"), (1, "visual"), (0, "text")):
+            c = counts[m][l]
+            p = c[c > 0] / max(c.sum(), 1)
+            row[f"entropy_{tag}"] = float(-(p * np.log2(p)).sum())
+            row[f"experts_{tag}"] = int((c > 0).sum())
+        row["never_visual_share"] = float((counts[1][l] == 0).mean())
+        rows.append(row)
+    return {"rows": rows, "stability_all": affinity_metrics(tr, E)["stability"],
+            "stability_visual": affinity_metrics(tr, E, 1)["stability"],
+            "stability_text": affinity_metrics(tr, E, 0)["stability"], "uniform_entropy": float(np.log2(E)),
+            "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": limit}
