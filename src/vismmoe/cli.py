@@ -176,6 +176,46 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.harness import SYSTEMS, run
+    from .data import balanced_subset
+    from .engine import load
+    from .links import get_link
+    from .progress import layer_progress
+    if args.shape:
+        raise UserError("--shape runs on a GPU through python -m vismmoe.bench.offload_gpu for now",
+                        "use vismmoe bench with the default model, or run that module on the GPU machine")
+    systems = args.systems.split(",") if args.systems else list(SYSTEMS)
+    for s in systems:
+        if s not in SYSTEMS:
+            raise UserError(f"unknown system {s!r}", f"use some of {', '.join(SYSTEMS)}")
+    links = args.link or (["mobile"] if args.quick else ["edge", "mobile"])
+    for ln in links:
+        get_link(ln)
+    budgets = args.budgets.split(",") if args.budgets else (["25%"] if args.quick else ["10%", "25%", "50%"])
+    if args.quick:
+        systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
+    n = args.limit or (6 if args.quick else 30)
+    args.reps = args.reps or (1 if args.quick else 3)
+    model = _model_dir(args)
+    base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%")
+    samples = balanced_subset("test", n)
+    title = (f"model {os.path.basename(os.path.abspath(model))} ({'trained' if 'checkpoints' in model else 'given'}"
+             f" routing), {base.device} ({os.cpu_count()} cores), {n} test requests, {args.max_new_tokens} new "
+             f"tokens, cold cache per request, medians of {args.reps}")
+    with layer_progress("bench (system runs)") as tick:
+        res = run(base, samples, systems, links, budgets, args.reps, args.max_new_tokens, args.calibration,
+                  args.out, title, progress=tick)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        with open(os.path.join(args.out, "bench.md")) as f:
+            print(f.read())
+        for k, v in res["speedup"].items():
+            print(f"speedup of vismmoe over the best baseline ({v['best_baseline']}) on {k}: {v['speedup']:.2f}x")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(device=args.device, as_json=args.json)
@@ -234,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--keep-ratio", type=float, default=1.0)
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
+    b.add_argument("--model", default=None)
+    b.add_argument("--shape", default=None, help="a random-weight shape (GPU; see vismmoe.bench.offload_gpu)")
+    b.add_argument("--link", action="append", default=None, metavar="PROFILE",
+                   help="link profile(s), repeatable (default: edge and mobile, EMULATED)")
+    b.add_argument("--budgets", default=None, help="comma-separated (default 10%%,25%%,50%%; quick 25%%)")
+    b.add_argument("--systems", default=None, help="comma-separated (default: all)")
+    b.add_argument("--limit", type=int, default=None, help="test requests (default 30, quick 6)")
+    b.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    b.add_argument("--max-new-tokens", type=int, default=4)
+    b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
+    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
     d.add_argument("--device", default="cpu")

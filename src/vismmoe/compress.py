@@ -88,7 +88,7 @@ class DartCompressor:
     name = "dart"
 
     def __init__(self, pivots: int = 8):
-        self.pivots = pivots
+        self.pivots = int(pivots)
 
     @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
@@ -190,11 +190,23 @@ COMPRESSORS: dict[str, Callable[[], object]] = {
 }
 
 
-def make_compressor(name: str):
+def make_compressor(spec: str):
+    """`name` or `name:knob=value[,knob=value]`, e.g. `affinity:lam=2` (lam trades working set for fidelity)."""
+    name, _, knobs = spec.partition(":")
+    if name not in COMPRESSORS:
+        raise UserError(f"unknown compressor {name!r}", f"use one of {', '.join(sorted(COMPRESSORS))}")
+    kwargs = {}
+    for item in filter(None, knobs.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"bad compressor knob {item!r}", "write name:knob=number, e.g. affinity:lam=2") from None
     try:
-        return COMPRESSORS[name]()
-    except KeyError:
-        raise UserError(f"unknown compressor {name!r}", f"use one of {', '.join(sorted(COMPRESSORS))}") from None
+        return COMPRESSORS[name](**kwargs)
+    except TypeError:
+        raise UserError(f"compressor {name!r} has no knob among {sorted(kwargs)}",
+                        "affinity takes lam, dart takes pivots") from None
 
 
 def keep_count(n: int, ratio: float) -> int:

@@ -211,15 +211,16 @@ class Engine:
 
     def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
              share_pool: bool = False, link: str | None = None, prefetch: str | None = None,
-             lookahead: int | None = None, compress: str | None = None, keep_ratio: float | None = None
-             ) -> Engine:
+             lookahead: int | None = None, compress: str | None = None, keep_ratio: float | None = None,
+             calibration: str | None = None) -> Engine:
         """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
         this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
                      policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link,
                      prefetch=prefetch or self.rc.prefetch, lookahead=lookahead or self.rc.lookahead,
                      compress=compress or self.rc.compress,
-                     keep_ratio=self.rc.keep_ratio if keep_ratio is None else keep_ratio)
+                     keep_ratio=self.rc.keep_ratio if keep_ratio is None else keep_ratio,
+                     calibration=calibration or self.rc.calibration)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,

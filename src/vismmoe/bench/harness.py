@@ -1,0 +1,241 @@
+"""`vismmoe bench`: offloading systems side by side on the same requests, in one process, interleaved.
+
+    model (trained default, or a named random-weight shape) -> one engine, forked per system (same weights,
+    same host store; each system its own cache, policy, predictor, compressor, link profile)
+    for each link, for each budget: warm-up, then repetitions of [system A, system B, ...] in turn (A B C A B C)
+    -> medians per system: TTFT, time per output token, end to end, hit rate, bytes moved, stall share, accuracy
+    -> physical bound per row: max(compute with every expert resident, Belady bytes / link bandwidth)
+    -> table (markdown), PNG plots (latency vs budget, time breakdown), JSON with rows and speedups
+
+Systems (all inside this harness, so they share every line of code that is not the design being compared):
+  ondemand        load each needed expert when asked, keep nothing (policy none)
+  lru-offload     slot cache with LRU eviction, hits computed first (the mixtral-offloading design; ours is one
+                  global LRU over all layers where mixtral-offloading keeps a fixed LRU per layer)
+  moe-infinity    activation-aware cache (frequency, LFU) with trace-matching prefetch (transition tables from
+                  earlier requests), after MoE-Infinity's published design
+  gate-prefetch   next-layers gate prediction + LRU (AdapMoE / DAOP / pre-gating designs)
+  vismmoe         affinity compression + lookahead prefetch (gate; affinity with a calibration file) +
+                  predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
+                  vismmoe-lru switch one part off each
+  accelerate      (GPU, real link only) transformers + accelerate device_map with expert banks on the CPU
+Emulated links (edge, mobile) are labelled as emulated in every row that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+from ..evaluate import normalize
+from ..trace import RoutingTrace
+from .bound import access_groups, belady_misses
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    policy: str = "lru"
+    prefetch: str = "none"
+    compress: str = "none"
+    keep_ratio: float = 1.0
+    lossless: bool = True
+
+
+SYSTEMS = {
+    "ondemand": System("ondemand", policy="none"),
+    "lru-offload": System("lru-offload", policy="lru"),
+    "moe-infinity": System("moe-infinity", policy="lfu", prefetch="trace"),
+    "gate-prefetch": System("gate-prefetch", policy="lru", prefetch="gate"),
+    "vismmoe": System("vismmoe", policy="predictive", prefetch="gate", compress="affinity", keep_ratio=0.33,
+                      lossless=False),
+    "vismmoe-nocompress": System("vismmoe-nocompress", policy="predictive", prefetch="gate"),
+    "vismmoe-noprefetch": System("vismmoe-noprefetch", policy="predictive", compress="affinity", keep_ratio=0.33,
+                                 lossless=False),
+    "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress="affinity", keep_ratio=0.33,
+                          lossless=False),
+}
+BASELINES = ("ondemand", "lru-offload", "moe-infinity", "gate-prefetch", "accelerate")
+
+
+def _fork(base, sys: System, budget: str, link: str, calibration: str | None):
+    prefetch = sys.prefetch
+    if prefetch == "trace" and calibration is None:
+        prefetch = "gate"                   # no tables: fall back (noted in the row)
+    eng = base.fork(expert_budget=budget, policy=sys.policy, link=link, prefetch=prefetch,
+                    compress=sys.compress, keep_ratio=sys.keep_ratio, calibration=calibration)
+    return eng, prefetch
+
+
+def _run_requests(eng, samples, max_new_tokens: int) -> dict:
+    """Serve `samples` one request at a time on a cold cache; sums and accuracy."""
+    eng.cache.clear()
+    t = {"ttft_s": 0.0, "decode_s": 0.0, "steps": 0, "e2e_s": 0.0, "hits": 0, "misses": 0, "bytes_moved": 0,
+         "stall_s": 0.0, "link_busy_s": 0.0, "prefetch_issued": 0, "prefetch_hits": 0}
+    right = 0
+    for s in samples:
+        gen = eng.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+        st = gen.stats
+        t["ttft_s"] += st["ttft_s"]
+        t["e2e_s"] += st["e2e_s"]
+        t["decode_s"] += st["e2e_s"] - st["ttft_s"]
+        t["steps"] += st["new_tokens"] - 1
+        for k in ("hits", "misses", "bytes_moved", "stall_s", "link_busy_s", "prefetch_issued", "prefetch_hits"):
+            t[k] += st[k] or 0
+        right += normalize(gen.text) == normalize(s.answer)
+    n = len(samples)
+    return {"ttft_s": t["ttft_s"] / n, "tpot_s": t["decode_s"] / max(1, t["steps"]), "e2e_s": t["e2e_s"] / n,
+            "hit_rate": t["hits"] / max(1, t["hits"] + t["misses"]), "bytes_moved": t["bytes_moved"] / n,
+            "stall_share": t["stall_s"] / max(t["e2e_s"], 1e-9), "accuracy": right / n,
+            "prefetch_issued": t["prefetch_issued"] / n, "prefetch_hits": t["prefetch_hits"] / n}
+
+
+def bench_trained(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
+                  max_new_tokens: int, calibration: str | None, progress=None) -> list[dict]:
+    rows = []
+    # compute with every expert resident (real link, no transfers after a warm-up): the bound's compute term
+    resident = base.fork(expert_budget="100%")
+    resident_runs = []
+    for _ in range(reps):
+        resident.generate(samples[0].image, samples[0].question, max_new_tokens=2)   # keeps experts resident
+        t0 = time.perf_counter()
+        for s in samples:
+            resident.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+        resident_runs.append((time.perf_counter() - t0) / len(samples))
+    compute_s = statistics.median(resident_runs)
+    for link in links:
+        for budget in budgets:
+            engines = {}
+            for name in systems:
+                sys = SYSTEMS[name]
+                engines[name] = _fork(base, sys, budget, link, calibration)
+            # Belady bytes for the bound: the trace of the unpruned request stream (lossless systems) and of the
+            # pruned one (compressing systems) differ; each row uses its own system's trace
+            per_sys = {name: [] for name in systems}
+            for name, (eng, _) in engines.items():                                  # warm-up
+                eng.generate(samples[0].image, samples[0].question, max_new_tokens=2)
+            for _ in range(reps):
+                for name, (eng, _) in engines.items():
+                    per_sys[name].append(_run_requests(eng, samples, max_new_tokens))
+                    if progress:
+                        progress()
+            for name, (eng, pf) in engines.items():
+                runs = per_sys[name]
+                row = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
+                bound_bytes = _belady_bytes(eng, samples, max_new_tokens)
+                gbps = eng.runtime.transfer.link.gbps or _real_gbps(eng)
+                row["bound_s"] = max(compute_s, bound_bytes / (gbps * 1e9))
+                row["efficiency"] = row["bound_s"] / row["e2e_s"] if row["e2e_s"] else None
+                rows.append(dict(row, system=name, link=eng.runtime.transfer.link.label(), link_name=link,
+                                 budget=budget, prefetch=pf, policy=SYSTEMS[name].policy,
+                                 compress=f"{SYSTEMS[name].compress}@{SYSTEMS[name].keep_ratio:g}",
+                                 compute_s=compute_s, belady_bytes=bound_bytes))
+    return rows
+
+
+def _real_gbps(eng) -> float:
+    return 53.0 if eng.device.type == "cuda" else 8.0
+
+
+_BELADY: dict = {}
+
+
+def _belady_bytes(eng, samples, max_new_tokens: int) -> float:
+    """Bytes per request that an optimal (Belady) cache of this engine's size must move for this system's
+    request stream (each request starts cold, as in the measurement). Memoised per (compression, slots)."""
+    key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, eng.cache.num_slots, max_new_tokens)
+    if key in _BELADY:
+        return _BELADY[key]
+    total = 0
+    probe = eng.fork(expert_budget="100%", prefetch="none")
+    for s in samples:
+        tr = RoutingTrace()
+        probe.record_trace(tr)
+        probe.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+        total += belady_misses(access_groups(tr), eng.cache.num_slots)
+    _BELADY[key] = total * eng.layout.nbytes / len(samples)
+    return _BELADY[key]
+
+
+def speedups(rows: list[dict]) -> dict:
+    """link/budget -> vismmoe's end-to-end speedup over the best baseline on that link and budget."""
+    out = {}
+    for key in {(r["link_name"], r["budget"]) for r in rows}:
+        sub = [r for r in rows if (r["link_name"], r["budget"]) == key]
+        ours = next((r for r in sub if r["system"] == "vismmoe"), None)
+        base = [r for r in sub if r["system"] in BASELINES]
+        if ours and base:
+            best = min(base, key=lambda r: r["e2e_s"])
+            out[f"{key[0]}/{key[1]}"] = {"speedup": best["e2e_s"] / ours["e2e_s"], "best_baseline": best["system"]}
+    return out
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cols = ["system", "link", "budget", "ttft_ms", "tpot_ms", "e2e_ms", "hit_rate", "bytes_moved", "stall_share",
+            "accuracy", "bound_ms", "efficiency"]
+    out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        vals = [r["system"], r["link"], r["budget"], f"{r['ttft_s'] * 1e3:.1f}", f"{r['tpot_s'] * 1e3:.1f}",
+                f"{r['e2e_s'] * 1e3:.1f}", f"{r['hit_rate']:.3f}", f"{r['bytes_moved'] / 2**20:.1f} MiB",
+                f"{r['stall_share']:.2f}", "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                f"{r['bound_s'] * 1e3:.1f}", "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"]
+        out.append("| " + " | ".join(vals) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    links = sorted({r["link_name"] for r in rows})
+    fig, axes = plt.subplots(1, len(links), figsize=(5.5 * len(links), 4), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        sub = [r for r in rows if r["link_name"] == link]
+        budgets = sorted({r["budget"] for r in sub}, key=lambda b: float(b.rstrip("%")))
+        for name in dict.fromkeys(r["system"] for r in sub):
+            ys = [next((r["e2e_s"] * 1e3 for r in sub if r["system"] == name and r["budget"] == b), None)
+                  for b in budgets]
+            ax.plot(budgets, ys, marker="o", label=name)
+        ax.set_title(f"link {sub[0]['link']}", fontsize=8)
+        ax.set_xlabel("expert budget")
+        ax.set_ylabel("end to end per request, ms")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "latency_vs_budget.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # time breakdown: stall vs the rest, per system, first link / budget
+    key = (rows[0]["link_name"], rows[0]["budget"])
+    sub = [r for r in rows if (r["link_name"], r["budget"]) == key]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r["system"] for r in sub]
+    stall = [r["e2e_s"] * r["stall_share"] * 1e3 for r in sub]
+    rest = [r["e2e_s"] * 1e3 - s for r, s in zip(sub, stall)]
+    ax.barh(names, rest, label="compute and other")
+    ax.barh(names, stall, left=rest, label="waiting for experts (stall)")
+    ax.set_xlabel("ms per request")
+    ax.set_title(f"time breakdown, link {sub[0]['link']}, budget {key[1]}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "time_breakdown.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, out_dir, title,
+        progress=None) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = bench_trained(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress)
+    res = {"rows": rows, "speedup": speedups(rows), "title": title, "seconds": time.perf_counter() - t0}
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(markdown(rows, title))
+    res["plots"] = plots(rows, out_dir, title)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
