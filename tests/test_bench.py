@@ -1,0 +1,25 @@
+"""`vismmoe bench --quick` on the default model: the harness runs and reports what the contract says (a smoke
+test of the harness, not of speed)."""
+
+from __future__ import annotations
+
+import json
+
+from vismmoe.cli import main
+
+
+def test_bench_quick_smoke(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--quick", "--limit", "3", "--out", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    keys = {"system", "link", "budget", "ttft_s", "tpot_s", "e2e_s", "hit_rate", "bytes_moved", "accuracy",
+            "bound_s", "efficiency"}
+    assert res["rows"] and all(keys <= r.keys() for r in res["rows"])
+    assert all("emulated" in r["link"] for r in res["rows"])
+    assert {r["system"] for r in res["rows"]} >= {"ondemand", "vismmoe"}
+    assert "mobile/25%" in res["speedup"]
+    lossless = [r for r in res["rows"] if r["system"] in ("ondemand", "lru-offload", "gate-prefetch")]
+    assert len({r["accuracy"] for r in lossless}) == 1          # lossless systems answer identically
+    assert all(r["bound_s"] <= r["e2e_s"] * 1.05 for r in res["rows"])
+    assert (out / "bench.md").exists() and (out / "latency_vs_budget.png").exists()
