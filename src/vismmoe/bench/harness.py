@@ -95,16 +95,25 @@ def _run_requests(eng, samples, max_new_tokens: int) -> dict:
 def bench_trained(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
                   max_new_tokens: int, calibration: str | None, progress=None) -> list[dict]:
     rows = []
-    # compute with every expert resident (real link, no transfers after a warm-up): the bound's compute term
-    resident = base.fork(expert_budget="100%")
-    resident_runs = []
-    for _ in range(reps):
-        resident.generate(samples[0].image, samples[0].question, max_new_tokens=2)   # keeps experts resident
-        t0 = time.perf_counter()
-        for s in samples:
-            resident.generate(s.image, s.question, max_new_tokens=max_new_tokens)
-        resident_runs.append((time.perf_counter() - t0) / len(samples))
-    compute_s = statistics.median(resident_runs)
+    compute: dict = {}
+
+    def compute_s(sys: System) -> float:
+        """Seconds per request with every expert resident (no transfers): the bound's compute term, measured for
+        this system's compression setting (pruned prompts compute less)."""
+        key = (sys.compress, sys.keep_ratio)
+        if key not in compute:
+            resident = base.fork(expert_budget="100%", prefetch="none", compress=sys.compress,
+                                 keep_ratio=sys.keep_ratio)
+            runs = []
+            for _ in range(reps):
+                resident.generate(samples[0].image, samples[0].question, max_new_tokens=2)   # all resident
+                t0 = time.perf_counter()
+                for s in samples:
+                    resident.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+                runs.append((time.perf_counter() - t0) / len(samples))
+            compute[key] = min(runs)        # the fastest repetition: a bound, not a typical time
+        return compute[key]
+
     for link in links:
         for budget in budgets:
             engines = {}
@@ -126,12 +135,13 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                 row = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
                 bound_bytes = _belady_bytes(eng, samples, max_new_tokens)
                 gbps = eng.runtime.transfer.link.gbps or _real_gbps(eng)
-                row["bound_s"] = max(compute_s, bound_bytes / (gbps * 1e9))
+                cs = compute_s(SYSTEMS[name])
+                row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
                 row["efficiency"] = row["bound_s"] / row["e2e_s"] if row["e2e_s"] else None
                 rows.append(dict(row, system=name, link=eng.runtime.transfer.link.label(), link_name=link,
                                  budget=budget, prefetch=pf, policy=SYSTEMS[name].policy,
                                  compress=f"{SYSTEMS[name].compress}@{SYSTEMS[name].keep_ratio:g}",
-                                 compute_s=compute_s, belady_bytes=bound_bytes))
+                                 compute_s=cs, belady_bytes=bound_bytes))
     return rows
 
 
