@@ -96,6 +96,21 @@ def pareto(rows: list[dict]) -> list[dict]:
     return sorted(front, key=lambda r: r["working_set"])
 
 
+WS_LABEL = "working set (distinct experts / MoE layer / request)"
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(rows: list[dict], heats: dict, out_dir: str, title: str, focus=("affinity", 0.22)) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -108,14 +123,8 @@ def plots(rows: list[dict], heats: dict, out_dir: str, title: str, focus=("affin
         pts = sorted([(1.0, base["working_set"])] + [(r["keep_ratio"], r["working_set"]) for r in rows
                                                      if r["compressor"] == c])
         ax.plot(*zip(*pts), marker="o", label=c)
-    ax.set_xlabel("keep ratio (visual tokens)")
-    ax.set_ylabel("working set (distinct experts / MoE layer / request)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "working_set_vs_ratio.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, "keep ratio (visual tokens)", WS_LABEL, title,
+                         os.path.join(out_dir, "working_set_vs_ratio.png")))
     # accuracy vs working set, Pareto front
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in sorted({r["compressor"] for r in rows}):
@@ -123,14 +132,7 @@ def plots(rows: list[dict], heats: dict, out_dir: str, title: str, focus=("affin
         ax.scatter(*zip(*pts), label=c, s=22)
     front = pareto(rows)
     ax.plot([r["working_set"] for r in front], [r["accuracy"] for r in front], "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("working set (distinct experts / MoE layer / request)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy_vs_working_set.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, WS_LABEL, "accuracy", title, os.path.join(out_dir, "accuracy_vs_working_set.png")))
     # heatmaps
     key = focus if focus in heats else next(k for k in heats if k[0] != "none") if len(heats) > 1 else None
     pair = [("none", 1.0)] + ([key] if key else [])

@@ -221,6 +221,14 @@ def cmd_demo(args) -> int:
     return run_demo(device=args.device, as_json=args.json)
 
 
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """What every model-running job takes besides its own options."""
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vismmoe", description="Run vision-language MoE models with experts offloaded.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -243,40 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny)
 
     c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/affinity, and predictor quality")
-    c.add_argument("--model", default=None)
+    _add_job_args(c)
     c.add_argument("--out", required=True, help="output .npz")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")
     c.add_argument("--depth", type=int, default=3)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", default=None)
-    c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
-    a.add_argument("--model", default=None)
+    _add_job_args(a)
     a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11")
     a.add_argument("--compressors", default=None, help="comma-separated (default: all)")
     a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced, default 60)")
     a.add_argument("--out", default="runs/analyze")
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--dtype", default=None)
-    a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_analyze)
 
     ev = sub.add_parser("eval", help="VQA accuracy on the test split, with the majority baseline")
-    ev.add_argument("--model", default=None)
+    _add_job_args(ev)
     ev.add_argument("--limit", type=int, default=None, help="type-balanced subset size (default 1200)")
     ev.add_argument("--split", default="test", choices=["test", "val"])
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default=None)
     ev.add_argument("--expert-budget", default=None)
     ev.add_argument("--compress", default="none")
     ev.add_argument("--keep-ratio", type=float, default=1.0)
-    ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
-    b.add_argument("--model", default=None)
+    _add_job_args(b)
     b.add_argument("--shape", default=None, help="a random-weight shape (GPU; see vismmoe.bench.offload_gpu)")
     b.add_argument("--link", action="append", default=None, metavar="PROFILE",
                    help="link profile(s), repeatable (default: edge and mobile, EMULATED)")
@@ -288,9 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default=None)
-    b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
