@@ -144,9 +144,6 @@ class CheckpointReader:
     def shape(self, key: str) -> list[int]:
         return list(self._handle(key).get_slice(key).get_shape())
 
-    def is_expert_key(self, key: str, prefixes: tuple[str, ...]) -> bool:
-        return key.startswith(prefixes)
-
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged)."""
         H, I = self.hidden, self.inter
