@@ -95,7 +95,8 @@ def cmd_calibrate(args) -> int:
     from .progress import layer_progress
     if args.limit < 3:
         raise UserError(f"--limit {args.limit} is too small", "calibration needs at least 3 samples")
-    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
+    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%",
+               compress=args.compress, keep_ratio=args.keep_ratio)
     with layer_progress("calibrating (requests)") as tick:
         tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
     tables.save(args.out)
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output .npz")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")
     c.add_argument("--depth", type=int, default=3)
+    c.add_argument("--compress", default="none", help="calibrate and measure on pruned prompts")
+    c.add_argument("--keep-ratio", type=float, default=1.0)
     c.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
