@@ -2,7 +2,8 @@
 
     samples (image, prompt), in three disjoint thirds:
       build: run with a routing trace -> TransitionTables (depth 1..D)
-      fit:   gate and trace probes -> per-layer mixing weight alpha = recall_gate / (recall_gate + recall_trace)
+      fit:   gate and trace probes -> mixing weight per depth and layer from their recalls there
+             (alpha = rg^8 / (rg^8 + rt^8): the better predictor of that layer and depth dominates)
       test:  one PredictorProbe per predictor (gate, trace, affinity) -> precision / recall per depth,
              prefill vs decode, on samples neither the tables nor alpha have seen
     tables + alpha -> one .npz file (--calibration FILE for generate/bench)
@@ -16,6 +17,9 @@ import numpy as np
 
 from .predict import AffinityPredictor, GatePredictor, PredictorProbe, TracePredictor, TransitionTables
 from .trace import RoutingTrace
+
+
+SHARP = 8.0        # alpha = rg^8 / (rg^8 + rt^8): a 10% better recall gets about 70% of the weight
 
 
 def default_samples(n: int) -> list[tuple]:
@@ -61,13 +65,13 @@ def calibrate(engine, samples: list[tuple], depth: int = 3, max_new_tokens: int 
 
     probes = _probe(engine, {"gate": gate(), "trace": TracePredictor(tables, geo.moe_layers, depth)}, fit, depth,
                     max_new_tokens, progress)
-    alpha = np.full(len(geo.moe_layers), 0.5)
-    for pos in range(len(geo.moe_layers)):
-        g, t = probes["gate"].per_layer.get(pos), probes["trace"].per_layer.get(pos)
-        rg = g[0] / g[1] if g and g[1] else 0.0
+    alpha = np.full((depth, len(geo.moe_layers)), 0.5)                    # [D, L]: weight of the gate
+    for (d, pos), g in probes["gate"].per_layer.items():
+        t = probes["trace"].per_layer.get((d, pos))
+        rg = g[0] / g[1] if g[1] else 0.0
         rt = t[0] / t[1] if t and t[1] else 0.0
-        if rg + rt > 0:
-            alpha[pos] = rg / (rg + rt)
+        if rg + rt > 0:                                                    # sharpened: the better one dominates
+            alpha[d - 1, pos] = rg ** SHARP / (rg ** SHARP + rt ** SHARP)
     tables.alpha = alpha
     final = {"gate": gate(), "trace": TracePredictor(tables, geo.moe_layers, depth),
              "affinity": AffinityPredictor(gate(), TracePredictor(tables, geo.moe_layers, depth))}

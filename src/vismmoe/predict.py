@@ -153,14 +153,16 @@ class TracePredictor:
 
 
 class AffinityPredictor:
-    """Per target layer: alpha * gate + (1 - alpha) * trace, alpha from calibration (0.5 without it)."""
+    """Per depth and target layer: alpha * gate + (1 - alpha) * trace, alpha from calibration (0.5 without)."""
 
     name = "affinity"
 
     def __init__(self, gate: GatePredictor, trace: TracePredictor):
         self.gate, self.trace = gate, trace
-        self.alpha = gate_alpha = trace.t.alpha
-        self._alpha = gate_alpha if gate_alpha is not None else np.full(len(gate.layers), 0.5)
+        alpha = trace.t.alpha
+        if alpha is None:
+            alpha = np.full((gate.depth, len(gate.layers)), 0.5)
+        self._alpha = alpha if alpha.ndim == 2 else np.tile(alpha, (gate.depth, 1))     # [D, L]
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         self.gate.observe(layer, hidden, top_k_index, top_k_weights)
@@ -170,7 +172,7 @@ class AffinityPredictor:
         g, t = self.gate.predict(layer, depth), self.trace.predict(layer, depth)
         if g is None or t is None:
             return g if t is None else t
-        a = float(self._alpha[self.gate.pos[layer] + depth])
+        a = float(self._alpha[min(depth, len(self._alpha)) - 1, self.gate.pos[layer] + depth])
         return a * g + (1.0 - a) * t
 
 
@@ -213,7 +215,7 @@ class PredictorProbe:
         self.kind = "prefill"
         self._waiting: dict[int, list[tuple[int, set[int]]]] = {}   # target layer -> [(depth, predicted set)]
         self.totals: dict[tuple[str, int], list[int]] = {}            # (kind, depth) -> [hit, predicted, actual]
-        self.per_layer: dict[int, list[int]] = {}                     # target position -> [hit, actual] (depth 1)
+        self.per_layer: dict[tuple[int, int], list[int]] = {}         # (depth, target position) -> [hit, actual]
 
     def begin_step(self, kind: str, *_):
         self.kind = kind if kind in ("prefill", "decode") else self.kind
@@ -226,10 +228,9 @@ class PredictorProbe:
             t[0] += len(pred & actual)
             t[1] += len(pred)
             t[2] += len(actual)
-            if d == 1:
-                pl = self.per_layer.setdefault(self.pos[layer], [0, 0])
-                pl[0] += len(pred & actual)
-                pl[1] += len(actual)
+            pl = self.per_layer.setdefault((d, self.pos[layer]), [0, 0])
+            pl[0] += len(pred & actual)
+            pl[1] += len(actual)
         self.pred.observe(layer, hidden, top_k_index, top_k_weights)
         p = self.pos[layer]
         for d in range(1, self.depth + 1):
