@@ -42,3 +42,21 @@ def test_emulated_link_paces_run_and_keeps_tokens(tiny_dirs, image_file):
     assert abs(s["link_busy_s"] - link_time) < 0.01 * link_time + 1e-3
     assert "emulated" in s["link"] and 0.0 <= s["overlap_fraction"] <= 1.0
     assert s["stall_s"] > 0.5 * link_time
+
+
+def test_timeline_records_compute_and_copies(tiny_dirs, image_file, tmp_path):
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="40%", prefetch="gate", link="GBps=0.5")
+    eng.record_timeline()
+    gen = eng.generate(image_file, "What is here?", max_new_tokens=4)
+    tl = eng.last_timeline
+    layers = eng.geometry.moe_layers
+    assert [l for l, _, _ in tl.compute[: len(layers)]] == list(layers)          # prefill visits every layer
+    assert len(tl.compute) == len(layers) * len(gen.token_ids)
+    kinds = [c[4] for c in tl.copies]
+    assert kinds.count("demand") == gen.stats["misses"] and kinds.count("prefetch") == gen.stats["prefetch_issued"]
+    assert all(e > s >= 0 for _, _, s, e, _ in tl.copies) and all(e > s for _, s, e in tl.compute)
+    spans = sorted((s, e) for _, _, s, e, _ in tl.copies)                      # one serial link: no overlap
+    assert all(b[0] >= a[1] - 1e-9 for a, b in zip(spans, spans[1:]))
+    art = tl.ascii(60)
+    assert art.count("\n") == 3 and "#" in art
+    assert (tmp_path / "t.png").exists() is False and tl.png(str(tmp_path / "t.png"))

@@ -68,7 +68,7 @@ def test_calibration_file_and_rows(calibrations, tiny_dirs):
     t = TransitionTables.load(path)
     eng = load(tiny_dirs["glm4v_moe"])
     L, E = len(eng.geometry.moe_layers), eng.geometry.num_experts
-    assert t.tables[1].shape == (L, E, E) and t.alpha.shape == (L,)
+    assert t.tables[1].shape == (L, E, E) and t.alpha.shape == (3, L)
     assert np.all((t.alpha >= 0) & (t.alpha <= 1))
     # row p of the depth-1 table: P(j at next layer | i here) -> each row sums to top-k where i was seen
     sums = t.tables[1][:-1].sum(-1)

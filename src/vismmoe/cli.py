@@ -69,9 +69,16 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise UserError("empty --prompt", "ask something about the image")
     eng = _engine_from(args, trace=bool(args.trace))
+    if args.timeline:
+        eng.record_timeline()
     gen = eng.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens)
     if args.trace:
         eng.trace.save(args.trace)
+    if args.timeline:
+        eng.last_timeline.png(args.timeline, title=f"one request: {gen.stats['link']} link, budget "
+                                                   f"{gen.stats['slots']} of {gen.stats['experts_total']} experts")
+        if not args.json:
+            print(eng.last_timeline.ascii())
     if args.json:
         print(json.dumps({"text": gen.text, "token_ids": gen.token_ids, "stats": gen.stats,
                           "per_layer": eng.per_layer_counters()}))
@@ -241,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--trace", default=None, metavar="FILE", help="save the routing trace (.npz)")
+    g.add_argument("--timeline", default=None, metavar="PNG",
+                   help="draw the request's compute and copy spans (PNG; ASCII on the terminal too)")
     g.add_argument("--json", action="store_true")
     _add_runtime_args(g)
     g.set_defaults(func=cmd_generate)

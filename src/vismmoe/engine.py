@@ -33,6 +33,7 @@ from .predict import PREDICTORS, make_predictor
 from .prefetch import Prefetcher
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
+from .timeline import Timeline
 from .trace import RoutingTrace
 from .transfer import TransferEngine
 
@@ -228,6 +229,29 @@ class Engine:
                       nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc,
                       pool=self.cache.pool if share_pool else None)
 
+    def record_timeline(self, on: bool = True) -> None:
+        """Record each following request's compute and copy spans into `self.last_timeline` (timeline.py)."""
+        self._timeline_on = on
+
+    def _start_timeline(self, t0: float):
+        if not getattr(self, "_timeline_on", False):
+            return None
+        tl = Timeline(t0=t0)
+        self.runtime.timeline = self.runtime.transfer.timeline = tl
+        self.last_timeline = tl
+        if self.device.type == "cuda":
+            anchor = torch.cuda.Event(enable_timing=True)
+            anchor.record()
+            return anchor
+        return None
+
+    def _end_timeline(self, anchor) -> None:
+        if not getattr(self, "_timeline_on", False):
+            return
+        if anchor is not None:
+            self.runtime.transfer.resolve_timeline(anchor, self.last_timeline.t0)
+        self.runtime.timeline = self.runtime.transfer.timeline = None
+
     def set_compression(self, name: str, keep_ratio: float) -> None:
         """Switch the visual-token compressor of this engine (no new cache)."""
         self.compressor = make_compressor(name) if name != "none" else None
@@ -275,12 +299,14 @@ class Engine:
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
+        anchor = self._start_timeline(t0)
         enc = self.compressed(inputs) if self.compressor is not None else None
         tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids,
                                          [o for o in self.runtime.observers if hasattr(o, "begin_step")], feed,
                                          enc=enc)
         self._sync()
         t_end = time.perf_counter()
+        self._end_timeline(anchor)
         rows = []
         for row in tokens:
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)

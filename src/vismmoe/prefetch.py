@@ -78,6 +78,6 @@ class Prefetcher:
             except LookupError:
                 break
             cache.ticket[slot] = runtime.transfer.copy_in(target, runtime.layer_pos[target], e, cache.pool[slot],
-                                                          after=cache.last_use[slot])
+                                                          after=cache.last_use[slot], kind="prefetch")
             spent += cache.layout.nbytes
             room -= 1

@@ -20,6 +20,8 @@ layer index of their own.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -47,6 +49,7 @@ class OffloadRuntime:
         self.moe_layers = tuple(moe_layers)
         self.top_k = top_k
         self.prefetcher = None                  # prefetch.Prefetcher; also in observers
+        self.timeline = None                    # timeline.Timeline of the request in progress, when recording
         self.layer_pos = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
         self.observers: list = []
@@ -91,6 +94,7 @@ class OffloadRuntime:
 
     def forward(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # T tokens, K experts per token, H hidden
+        t_start = time.perf_counter()
         layer = module._vismmoe_layer
         for obs in self.observers:
             obs.observe(layer, hidden, top_k_index, top_k_weights)
@@ -145,4 +149,9 @@ class OffloadRuntime:
                 if cache.resident((layer, e)):
                     cache.evict((layer, e))
         T, K = top_k_index.shape
-        return pairs.view(T, K, -1).sum(dim=1).to(hidden.dtype)   # [T, H]
+        out = pairs.view(T, K, -1).sum(dim=1).to(hidden.dtype)    # [T, H]
+        if self.timeline is not None:
+            if self.cuda:
+                torch.cuda.synchronize(cache.device)
+            self.timeline.add_compute(layer, t_start, time.perf_counter())
+        return out

@@ -60,6 +60,8 @@ class TransferEngine:
         self._spans: list = []                  # (start, done) events of copy batches, resolved in drain
         self.copy_s = 0.0                       # seconds the real link was busy copying (resolved per drain)
         self.bytes_copied = 0
+        self.timeline = None                    # timeline.Timeline: copy spans are recorded into it when set
+        self._gpu_spans: list = []              # (layer, expert, start event, done event, kind) for the timeline
 
     @property
     def link(self) -> LinkProfile:
@@ -70,15 +72,16 @@ class TransferEngine:
         return self.clock.busy_s if self.link.emulated else self.copy_s
 
     # ---- copies ----------------------------------------------------------------------------------------------
-    def copy_in(self, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after=None) -> Ticket:
+    def copy_in(self, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after=None,
+                kind: str = "demand") -> Ticket:
         """Start copying one expert into `dst` (a slot row), once event `after` (the last compute that read the
-        slot, GPU only) has passed."""
+        slot, GPU only) has passed. `kind` (demand | prefetch) only labels the timeline."""
         nbytes = dst.numel() * dst.element_size()
         self.bytes_copied += nbytes
         ticket = Ticket(layer=layer, nbytes=nbytes, seq=next(self._seq))
         if not self.cuda:
-            ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst)
-            ticket.ready_at = self.clock.book(nbytes)
+            ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind)
+            ticket.ready_at = self._book(layer, expert, nbytes, kind)
             return ticket
         self._reclaim()
         blob = self.store.blob(layer_pos, expert)
@@ -88,21 +91,45 @@ class TransferEngine:
             if self._span_start is None:
                 self._span_start = torch.cuda.Event(enable_timing=True)
                 self._span_start.record(self.stream)
+            if self.timeline is not None and not self.link.emulated:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.stream)
             dst.copy_(blob, non_blocking=True)
             done = torch.cuda.Event(enable_timing=True)
             done.record(self.stream)
         if self.store.tier == "disk":
             self._pending.append((done, blob))
+        if self.timeline is not None and not self.link.emulated:
+            self._gpu_spans.append((layer, expert, start, done, kind))
         ticket.event = done
-        ticket.ready_at = self.clock.book(nbytes)
+        ticket.ready_at = self._book(layer, expert, nbytes, kind)
         return ticket
 
-    def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor) -> None:
+    def _book(self, layer: int, expert: int, nbytes: int, kind: str) -> float:
+        ready = self.clock.book(nbytes)
+        if self.timeline is not None and self.link.emulated:
+            dur = self.link.latency_s + nbytes / (self.link.gbps * 1e9)
+            self.timeline.add_copy(layer, expert, ready - dur, ready, kind)
+        return ready
+
+    def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor, layer: int = -1, kind: str = "demand"):
         t0 = time.perf_counter()
         blob = self.store.blob(layer_pos, expert)
         dst.copy_(blob)
         self.store.release(blob)
-        self.copy_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.copy_s += t1 - t0
+        if self.timeline is not None and not self.link.emulated:
+            self.timeline.add_copy(layer, expert, t0, t1, kind)
+
+    def resolve_timeline(self, anchor_event, anchor_time: float) -> None:
+        """GPU: turn recorded copy events into host-clock spans relative to `anchor_event` recorded at
+        `anchor_time` (call after a synchronisation)."""
+        for layer, expert, start, done, kind in self._gpu_spans:
+            s = anchor_time + anchor_event.elapsed_time(start) / 1e3
+            e = anchor_time + anchor_event.elapsed_time(done) / 1e3
+            self.timeline.add_copy(layer, expert, s, e, kind)
+        self._gpu_spans.clear()
 
     def wait(self, layer: int, tickets: list[Ticket]) -> None:
         """Make compute wait until every ticket's data has arrived (emulated arrival included)."""
