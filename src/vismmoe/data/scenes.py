@@ -54,6 +54,7 @@ import math
 import random
 import textwrap
 from dataclasses import dataclass
+import os
 from functools import lru_cache
 from typing import Callable
 
@@ -216,8 +217,52 @@ def _labelled(part: str) -> dict[tuple[str, str], list[tuple[str, str]]]:
     return _LABELLED[part]
 
 
+# The usable easy-vqa silhouettes (MIT-licensed images, reduced to alpha masks), packed by `pack_sources`; with it
+# the package needs no easy-vqa at run time. VISMMOE_UNPACKED=1 decodes the package instead.
+PACKED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "easyvqa_masks.npz")
+
+
+def pack_sources(path: str = PACKED) -> str:
+    """Write every usable easy-vqa silhouette (both parts, pool order) to one compressed .npz, so scenes can be
+    made where the easy-vqa package is not installed (e.g. the GPU machine). Needs easy-vqa once, here."""
+    warm_cache()
+    keys, labels, shapes, chunks = [], [], [], []
+    for (part, color, shape), pool in sorted(_POOLS.items()):
+        for src in pool:
+            arr = np.asarray(src.alpha, dtype=np.uint8)
+            keys.append(src.key)
+            labels.append(f"{part}|{color}|{shape}")
+            shapes.append(arr.shape)
+            chunks.append(arr.reshape(-1))
+    pools = np.array(["|".join(k) for k in sorted(_POOLS)])            # every pool, empty ones too
+    np.savez_compressed(path, keys=np.array(keys), labels=np.array(labels), shapes=np.array(shapes),
+                        pixels=np.concatenate(chunks), pools=pools)
+    return path
+
+
+def _load_packed() -> bool:
+    """Fill the pools from the packed file, if it is there (identical to decoding the package)."""
+    if not os.path.exists(PACKED):
+        return False
+    data = np.load(PACKED)
+    for pool in data["pools"].tolist():
+        _POOLS.setdefault(tuple(pool.split("|")), [])
+    pos = 0
+    pixels = data["pixels"]                  # one read: NpzFile decompresses on every item access
+    for key, label, (h, w) in zip(data["keys"].tolist(), data["labels"].tolist(), data["shapes"].tolist()):
+        part, color, shape = label.split("|")
+        mask = Image.fromarray(pixels[pos: pos + h * w].reshape(h, w), "L")
+        pos += h * w
+        src = _Source(key, mask)
+        _POOLS.setdefault((part, color, shape), []).append(src)
+        _SOURCES[key] = src
+    return True
+
+
 def _pool(part: str, color: str, shape: str) -> list[_Source]:
     """Usable easy-vqa silhouettes with this label, decoded on first use and cached."""
+    if not _POOLS and not os.environ.get("VISMMOE_UNPACKED"):
+        _load_packed()
     if (part, color, shape) not in _POOLS:
         pool = []
         for key, path in _labelled(part).get((color, shape), []):
@@ -251,6 +296,8 @@ def _load_source(key: str, path: str, color: str) -> _Source | None:
 
 def warm_cache() -> None:
     """Decode all easy-vqa sources now (e.g. in a parent before forking workers)."""
+    if not _POOLS and not os.environ.get("VISMMOE_UNPACKED") and _load_packed():
+        return
     for part in ("train", "test"):
         for color, shape in _labelled(part):
             _pool(part, color, shape)
