@@ -23,3 +23,13 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert len({r["accuracy"] for r in lossless}) == 1          # lossless systems answer identically
     assert all(r["bound_s"] <= r["e2e_s"] * 1.05 for r in res["rows"])
     assert (out / "bench.md").exists() and (out / "latency_vs_budget.png").exists()
+
+
+def test_bench_shape_path(tmp_path, capsys):
+    code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "4", "--link", "edge",
+                 "--budgets", "25%", "--reps", "1", "--systems", "ondemand,vismmoe-nocompress", "--out",
+                 str(tmp_path), "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and len(res["rows"]) == 2
+    assert all(r["accuracy"] is None for r in res["rows"])            # random weights: nothing to score
+    assert "RANDOM" in res["title"]

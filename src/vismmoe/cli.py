@@ -185,15 +185,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.harness import SYSTEMS, run
+    from .bench.harness import SYSTEMS, requests_from_samples, run
     from .data import balanced_subset
     from .engine import load
     from .links import get_link
     from .progress import layer_progress
-    if args.shape:
-        raise UserError("--shape runs on a GPU through python -m vismmoe.bench.offload_gpu for now",
-                        "use vismmoe bench with the default model, or run that module on the GPU machine")
-    systems = args.systems.split(",") if args.systems else list(SYSTEMS)
+    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate"]
     for s in systems:
         if s not in SYSTEMS:
             raise UserError(f"unknown system {s!r}", f"use some of {', '.join(SYSTEMS)}")
@@ -205,14 +202,18 @@ def cmd_bench(args) -> int:
         systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
     n = args.limit or (6 if args.quick else 30)
     args.reps = args.reps or (1 if args.quick else 3)
-    model = _model_dir(args)
-    base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%")
-    samples = balanced_subset("test", n)
-    title = (f"model {os.path.basename(os.path.abspath(model))} ({'trained' if 'checkpoints' in model else 'given'}"
-             f" routing), {base.device} ({os.cpu_count()} cores), {n} test requests, {args.max_new_tokens} new "
-             f"tokens, cold cache per request, medians of {args.reps}")
+    if args.shape:
+        base, samples, new, title = _shape_workload(args)
+    else:
+        model = _model_dir(args)
+        base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%")
+        samples = requests_from_samples(balanced_subset("test", n))
+        new = args.max_new_tokens or 4
+        title = (f"model {os.path.basename(os.path.abspath(model))} "
+                 f"({'trained' if 'checkpoints' in model else 'given'} routing), {base.device} ({os.cpu_count()} "
+                 f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}")
     with layer_progress("bench (system runs)") as tick:
-        res = run(base, samples, systems, links, budgets, args.reps, args.max_new_tokens, args.calibration,
+        res = run(base, samples, systems, links, budgets, args.reps, new, args.calibration,
                   args.out, title, progress=tick)
     if args.json:
         print(json.dumps(res))
@@ -222,6 +223,34 @@ def cmd_bench(args) -> int:
         for k, v in res["speedup"].items():
             print(f"speedup of vismmoe over the best baseline ({v['best_baseline']}) on {k}: {v['speedup']:.2f}x")
     return 0
+
+
+def _shape_workload(args):
+    """A random-weight shape: one request per image side, teacher-forced random decode tokens."""
+    import torch
+
+    from .bench.harness import Request
+    from .bench.random_model import random_engine, synthetic_inputs
+    from .bench.shapes import get_shape
+    from .engine import _resolve_device
+    from .families import get_family
+    from .store import BlobLayout
+    fam, config = get_shape(args.shape)
+    dev = _resolve_device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    geo = get_family(fam).geometry(config)
+    least = geo.top_k * BlobLayout(geo.hidden, geo.inter, dtype).nbytes
+    base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least))
+    new = args.max_new_tokens or 64
+    sides = [int(x) for x in args.image_sides.split(",")]
+    g = torch.Generator().manual_seed(1234)
+    vocab = config.text_config.vocab_size
+    reqs = [Request(inputs=synthetic_inputs(base, side), feed=torch.randint(min(1000, vocab // 4), vocab,
+                                                                           (new + 1,), generator=g).tolist())
+            for side in sides]
+    title = (f"shape {args.shape} (RANDOM weights), {base.device}, images {args.image_sides} px, {new} new tokens "
+             f"(decode inputs teacher-forced random tokens), cold cache per request, medians of {args.reps}")
+    return base, reqs, new, title
 
 
 def cmd_demo(args) -> int:
@@ -288,14 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
     _add_job_args(b)
-    b.add_argument("--shape", default=None, help="a random-weight shape (GPU; see vismmoe.bench.offload_gpu)")
+    b.add_argument("--shape", default=None, help="a random-weight shape instead of a model, e.g. qwen3-vl-30b-a3b")
     b.add_argument("--link", action="append", default=None, metavar="PROFILE",
                    help="link profile(s), repeatable (default: edge and mobile, EMULATED)")
     b.add_argument("--budgets", default=None, help="comma-separated (default 10%%,25%%,50%%; quick 25%%)")
     b.add_argument("--systems", default=None, help="comma-separated (default: all)")
     b.add_argument("--limit", type=int, default=None, help="test requests (default 30, quick 6)")
     b.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
-    b.add_argument("--max-new-tokens", type=int, default=4)
+    b.add_argument("--max-new-tokens", type=int, default=None, help="default 4 (trained model), 64 (shapes)")
+    b.add_argument("--image-sides", default="448,1024", help="with --shape: one request per image side")
     b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
     b.add_argument("--out", default="runs/bench")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")

@@ -56,16 +56,43 @@ SYSTEMS = {
                                  lossless=False),
     "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress="affinity", keep_ratio=0.33,
                           lossless=False),
+    "accelerate": System("accelerate"),
 }
 BASELINES = ("ondemand", "lru-offload", "moe-infinity", "gate-prefetch", "accelerate")
 
 
-def _fork(base, sys: System, budget: str, link: str, calibration: str | None):
+@dataclass
+class Request:
+    """One benchmark request: a VQA sample (trained model; accuracy is scored) or prepared inputs with
+    teacher-forced decode tokens (random-weight shapes; no accuracy)."""
+
+    image: object = None
+    question: str | None = None
+    answer: str | None = None
+    inputs: dict | None = None
+    feed: list[int] | None = None
+
+
+def requests_from_samples(samples) -> list[Request]:
+    return [Request(image=s.image, question=s.question, answer=s.answer) for s in samples]
+
+
+def serve(eng, req: Request, max_new_tokens: int) -> tuple[dict, bool | None]:
+    """(stats, answered correctly or None) of one request."""
+    if req.inputs is not None:
+        _, st = eng.generate_ids(req.inputs, max_new_tokens, feed=req.feed)
+        return st, None
+    gen = eng.generate(req.image, req.question, max_new_tokens=max_new_tokens)
+    return gen.stats, normalize(gen.text) == normalize(req.answer)
+
+
+def _fork(base, sys: System, budget: str, link: str, calibration: str | None, pool_of=None):
     prefetch = sys.prefetch
     if prefetch == "trace" and calibration is None:
         prefetch = "gate"                   # no tables: fall back (noted in the row)
-    eng = base.fork(expert_budget=budget, policy=sys.policy, link=link, prefetch=prefetch,
-                    compress=sys.compress, keep_ratio=sys.keep_ratio, calibration=calibration)
+    eng = (pool_of or base).fork(expert_budget=budget, policy=sys.policy, link=link, prefetch=prefetch,
+                                 compress=sys.compress, keep_ratio=sys.keep_ratio, calibration=calibration,
+                                 share_pool=pool_of is not None)
     return eng, prefetch
 
 
@@ -74,21 +101,21 @@ def _run_requests(eng, samples, max_new_tokens: int) -> dict:
     eng.cache.clear()
     t = {"ttft_s": 0.0, "decode_s": 0.0, "steps": 0, "e2e_s": 0.0, "hits": 0, "misses": 0, "bytes_moved": 0,
          "stall_s": 0.0, "link_busy_s": 0.0, "prefetch_issued": 0, "prefetch_hits": 0}
-    right = 0
+    right = []
     for s in samples:
-        gen = eng.generate(s.image, s.question, max_new_tokens=max_new_tokens)
-        st = gen.stats
+        st, ok = serve(eng, s, max_new_tokens)
         t["ttft_s"] += st["ttft_s"]
         t["e2e_s"] += st["e2e_s"]
         t["decode_s"] += st["e2e_s"] - st["ttft_s"]
         t["steps"] += st["new_tokens"] - 1
         for k in ("hits", "misses", "bytes_moved", "stall_s", "link_busy_s", "prefetch_issued", "prefetch_hits"):
             t[k] += st[k] or 0
-        right += normalize(gen.text) == normalize(s.answer)
+        right.append(ok)
     n = len(samples)
+    accuracy = None if any(r is None for r in right) else sum(right) / n
     return {"ttft_s": t["ttft_s"] / n, "tpot_s": t["decode_s"] / max(1, t["steps"]), "e2e_s": t["e2e_s"] / n,
             "hit_rate": t["hits"] / max(1, t["hits"] + t["misses"]), "bytes_moved": t["bytes_moved"] / n,
-            "stall_share": t["stall_s"] / max(t["e2e_s"], 1e-9), "accuracy": right / n,
+            "stall_share": t["stall_s"] / max(t["e2e_s"], 1e-9), "accuracy": accuracy,
             "prefetch_issued": t["prefetch_issued"] / n, "prefetch_hits": t["prefetch_hits"] / n}
 
 
@@ -96,44 +123,64 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                   max_new_tokens: int, calibration: str | None, progress=None) -> list[dict]:
     rows = []
     compute: dict = {}
+    resident = base.fork(expert_budget="100%", prefetch="none")      # one full pool, reused for every bound
 
     def compute_s(sys: System) -> float:
         """Seconds per request with every expert resident (no transfers): the bound's compute term, measured for
         this system's compression setting (pruned prompts compute less)."""
         key = (sys.compress, sys.keep_ratio)
         if key not in compute:
-            resident = base.fork(expert_budget="100%", prefetch="none", compress=sys.compress,
-                                 keep_ratio=sys.keep_ratio)
+            resident.set_compression(sys.compress, sys.keep_ratio)
             runs = []
             for _ in range(reps):
-                resident.generate(samples[0].image, samples[0].question, max_new_tokens=2)   # all resident
+                serve(resident, samples[0], 2)                                              # all resident
                 t0 = time.perf_counter()
                 for s in samples:
-                    resident.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+                    serve(resident, s, max_new_tokens)
                 runs.append((time.perf_counter() - t0) / len(samples))
             compute[key] = min(runs)        # the fastest repetition: a bound, not a typical time
         return compute[key]
 
     for link in links:
         for budget in budgets:
-            engines = {}
-            for name in systems:
-                sys = SYSTEMS[name]
-                engines[name] = _fork(base, sys, budget, link, calibration)
+            engines, first = {}, None
+            for name in systems:                # one pool per budget: systems run one after another, cold
+                if name == "accelerate":
+                    continue
+                engines[name] = _fork(base, SYSTEMS[name], budget, link, calibration, pool_of=first)
+                first = first or engines[name][0]
             # Belady bytes for the bound: the trace of the unpruned request stream (lossless systems) and of the
             # pruned one (compressing systems) differ; each row uses its own system's trace
             per_sys = {name: [] for name in systems}
             for name, (eng, _) in engines.items():                                  # warm-up
-                eng.generate(samples[0].image, samples[0].question, max_new_tokens=2)
+                eng.cache.clear()
+                serve(eng, samples[0], 2)
             for _ in range(reps):
                 for name, (eng, _) in engines.items():
                     per_sys[name].append(_run_requests(eng, samples, max_new_tokens))
                     if progress:
                         progress()
+            if "accelerate" in systems and link == "real" and base.device.type == "cuda":
+                engines["accelerate"] = (None, "none")
+                # accelerate moves every expert bank per forward (seconds per token on a 30B shape): its requests
+                # decode at most ACCEL_TOKENS tokens; its end-to-end is scaled to the others' token count
+                per_sys["accelerate"] = [_run_accelerate(base, samples, min(max_new_tokens, ACCEL_TOKENS),
+                                                         max_new_tokens) for _ in range(max(1, reps // 2))]
             for name, (eng, pf) in engines.items():
                 runs = per_sys[name]
+                if eng is None:                                                      # accelerate
+                    row = {k: statistics.median([r[k] for r in runs if r[k] is not None] or [0]) for k in runs[0]}
+                    lossless = engines[next(n for n in engines if n != "accelerate")][0]
+                    cs = compute_s(SYSTEMS["lru-offload"])
+                    row["bound_s"] = max(cs, _belady_bytes(lossless, resident, samples, max_new_tokens) /
+                                         (_real_gbps(base) * 1e9))
+                    row["efficiency"] = row["bound_s"] / row["e2e_s"]
+                    rows.append(dict(row, system=name, link="real", link_name=link, budget=budget, prefetch="none",
+                                     policy="accelerate (whole bank per forward)", compress="none@1",
+                                     compute_s=cs, belady_bytes=None))
+                    continue
                 row = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
-                bound_bytes = _belady_bytes(eng, samples, max_new_tokens)
+                bound_bytes = _belady_bytes(eng, resident, samples, max_new_tokens)
                 gbps = eng.runtime.transfer.link.gbps or _real_gbps(eng)
                 cs = compute_s(SYSTEMS[name])
                 row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
@@ -145,6 +192,52 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
     return rows
 
 
+_ACCEL: dict = {}
+ACCEL_TOKENS = 4
+
+
+def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
+    """transformers + accelerate with expert banks on the CPU (bench/baselines.py), same requests, greedy.
+    End to end is reported as TTFT + (scale_to - 1) x time per token, so rows compare like for like."""
+    import torch
+
+    from ..engine import greedy
+    from .baselines import accelerate_model
+    if "model" not in _ACCEL:
+        _ACCEL["model"] = accelerate_model(base)
+    model = _ACCEL["model"]
+    bank = len(base.geometry.moe_layers) * base.geometry.num_experts * base.layout.nbytes
+    ttft = e2e = decode = 0.0
+    steps = 0
+    right = []
+    for req in samples:
+        inputs = req.inputs if req.inputs is not None else base.prepare([req.image], [req.question])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            toks, t_first, n = greedy(model, base.family, inputs, max_new_tokens, base.eos_ids, feed=req.feed)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        ttft += t_first - t0
+        e2e += t1 - t0
+        decode += t1 - t_first
+        steps += n
+        if req.answer is not None:
+            row = toks[0]
+            cut = next((i for i, t in enumerate(row) if t in base.eos_ids), None)
+            text = base.tokenizer.decode([t for t in (row if cut is None else row[:cut]) if t not in base.eos_ids],
+                                         skip_special_tokens=True)
+            right.append(normalize(text) == normalize(req.answer))
+        else:
+            right.append(None)
+    k = len(samples)
+    tpot = decode / max(1, steps)
+    return {"ttft_s": ttft / k, "tpot_s": tpot, "e2e_s": ttft / k + (scale_to - 1) * tpot, "hit_rate": None,
+            "bytes_moved": bank * scale_to, "stall_share": None,
+            "accuracy": None if any(r is None for r in right) else sum(right) / k,
+            "prefetch_issued": 0, "prefetch_hits": 0}
+
+
 def _real_gbps(eng) -> float:
     return 53.0 if eng.device.type == "cuda" else 8.0
 
@@ -152,18 +245,20 @@ def _real_gbps(eng) -> float:
 _BELADY: dict = {}
 
 
-def _belady_bytes(eng, samples, max_new_tokens: int) -> float:
+def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> float:
     """Bytes per request that an optimal (Belady) cache of this engine's size must move for this system's
-    request stream (each request starts cold, as in the measurement). Memoised per (compression, slots)."""
+    request stream (each request starts cold, as in the measurement), traced on `probe` (every expert resident).
+    Memoised per (compression, slots)."""
     key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, eng.cache.num_slots, max_new_tokens)
     if key in _BELADY:
         return _BELADY[key]
     total = 0
-    probe = eng.fork(expert_budget="100%", prefetch="none")
+    probe.set_compression(eng.rc.compress, eng.rc.keep_ratio)
     for s in samples:
         tr = RoutingTrace()
         probe.record_trace(tr)
-        probe.generate(s.image, s.question, max_new_tokens=max_new_tokens)
+        serve(probe, s, max_new_tokens)
+        probe.record_trace(None)
         total += belady_misses(access_groups(tr), eng.cache.num_slots)
     _BELADY[key] = total * eng.layout.nbytes / len(samples)
     return _BELADY[key]
@@ -187,9 +282,11 @@ def markdown(rows: list[dict], header: str) -> str:
             "accuracy", "bound_ms", "efficiency"]
     out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
         vals = [r["system"], r["link"], r["budget"], f"{r['ttft_s'] * 1e3:.1f}", f"{r['tpot_s'] * 1e3:.1f}",
-                f"{r['e2e_s'] * 1e3:.1f}", f"{r['hit_rate']:.3f}", f"{r['bytes_moved'] / 2**20:.1f} MiB",
-                f"{r['stall_share']:.2f}", "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                f"{r['e2e_s'] * 1e3:.1f}", f(r["hit_rate"], ".3f"), f"{r['bytes_moved'] / 2**20:.1f} MiB",
+                f(r["stall_share"], ".2f"), f(r["accuracy"], ".3f"),
                 f"{r['bound_s'] * 1e3:.1f}", "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"]
         out.append("| " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
@@ -223,7 +320,7 @@ def plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
     sub = [r for r in rows if (r["link_name"], r["budget"]) == key]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r["system"] for r in sub]
-    stall = [r["e2e_s"] * r["stall_share"] * 1e3 for r in sub]
+    stall = [r["e2e_s"] * (r["stall_share"] or 0) * 1e3 for r in sub]
     rest = [r["e2e_s"] * 1e3 - s for r, s in zip(sub, stall)]
     ax.barh(names, rest, label="compute and other")
     ax.barh(names, stall, left=rest, label="waiting for experts (stall)")

@@ -29,7 +29,14 @@ def _qwen3_vl_30b(layers: int = 48) -> Qwen3VLMoeConfig:
                             vision_end_token_id=151653)
 
 
+def _tiny() -> Qwen3VLMoeConfig:
+    from ..families import get_family
+    ids = {"image": 500, "image_start": 502, "image_end": 503, "pad": 1, "eos": [2], "video": 501}
+    return get_family("qwen3_vl_moe").tiny_config(ids, vocab_size=512, layers=4, experts=16, top_k=4)
+
+
 SHAPES = {
+    "tiny-qwen3": ("qwen3_vl_moe", _tiny),                   # for tests: seconds on a CPU
     "qwen3-vl-30b-a3b": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(48)),
     "qwen3-vl-30b-a3b-L4": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(4)),
 }
