@@ -238,3 +238,31 @@ def test_cuda_step_matches_eager_and_trains(micro, tmp_path):
                       "--workers", "2", "--no-progress"])
     assert summary["steps"] == 5 and summary["experts_implementation"] == T.TRAIN_EXPERTS
     assert summary["batched_vision_attention"] is True
+
+
+def test_visual_dropout_hides_tokens_exactly_like_pruning(micro):
+    """Training-time visual dropout (hidden from attention, full positions kept) sees what inference sees after
+    `compress.prune` keeps the same tokens: the last position's logits agree."""
+    from transformers import DynamicCache
+
+    from vismmoe.compress import Selection, prune
+    samples = [make_sample("train", i) for i in range(3)]
+    maker = T.BatchMaker(micro.tok, micro.ip, micro.cfg, micro.hp["image_size"], visual_dropout=1.0)
+    p = T.FAMILY.build_inputs(micro.tok, micro.ip, [s.image for s in samples], [s.question for s in samples])
+    mm = p["mm_token_type_ids"]
+    thinned = maker._thin_visual(p["attention_mask"], mm, samples)
+    hidden = (p["attention_mask"] == 1) & (thinned == 0)
+    assert hidden.any() and not (hidden & (mm == 0)).any()              # only visual tokens are hidden
+    model = T.build_model(micro.cfg, 0).eval()
+    pos, _ = T.FAMILY.prefill_positions(model, p)
+    with torch.no_grad():
+        train_view = model(input_ids=p["input_ids"], attention_mask=thinned, position_ids=pos,
+                           mm_token_type_ids=mm, pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"],
+                           use_cache=False, logits_to_keep=1).logits
+        enc = T.FAMILY.encode(model, p)
+        sels = []
+        for b in range(len(samples)):
+            vis = torch.nonzero(enc.visual[b]).flatten()
+            sels.append(Selection(torch.nonzero(thinned[b, vis] == 1).flatten()))
+        pruned = T.FAMILY.decoder_forward(model, prune(enc, sels), DynamicCache(config=model.config))
+    assert torch.allclose(train_view, pruned, atol=1e-4, rtol=1e-4)

@@ -321,7 +321,8 @@ def val_batches_indices(n: int, batch: int, types: list[int]) -> list[list[int]]
 class BatchMaker:
     """Turns samples into model batches: the inference prompt via `build_inputs`, then answer + eos appended."""
 
-    def __init__(self, tokenizer, image_processor, config, image_size: int):
+    def __init__(self, tokenizer, image_processor, config, image_size: int, visual_dropout: float = 0.0):
+        self.visual_dropout = visual_dropout     # share of samples whose visual tokens are randomly thinned
         self.tok = tokenizer
         self.images = Uint8Images(image_processor, image_size)
         self.rope = rope_helper(config)
@@ -330,6 +331,20 @@ class BatchMaker:
         self.pad = ids["pad"]
         self.image_id = ids["image"]
         self._answer_ids: dict[str, list[int]] = {}
+
+    def _thin_visual(self, mask: torch.Tensor, mm: torch.Tensor, samples) -> torch.Tensor:
+        """Visual-token dropout: for a `visual_dropout` share of rows, hide a random 10-85% of the visual tokens
+        from attention. Positions stay those of the full prompt, exactly as `compress.prune` gathers them, so the
+        model learns to answer from pruned prompts (a hidden token is never attended to: the same as removed)."""
+        g = torch.Generator().manual_seed(int(samples[0].index) * 7919 + len(samples))
+        mask = mask.clone()
+        for b in range(mask.shape[0]):
+            if torch.rand((), generator=g) >= self.visual_dropout:
+                continue
+            vis = torch.nonzero(mm[b]).flatten()
+            drop = int(len(vis) * (0.10 + 0.75 * float(torch.rand((), generator=g))))
+            mask[b, vis[torch.randperm(len(vis), generator=g)[:drop]]] = 0
+        return mask
 
     def answer_ids(self, answer: str) -> list[int]:
         if answer not in self._answer_ids:
@@ -358,6 +373,8 @@ class BatchMaker:
         full = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
                 "image_grid_thw": p["image_grid_thw"]}
         pos, _ = FAMILY.prefill_positions(self.rope, full)
+        if self.visual_dropout > 0 and not with_prompt:
+            attention_mask = self._thin_visual(attention_mask, mm, samples)
         out = {
             "images": p["pixel_values"], "image_grid_thw": p["image_grid_thw"], "input_ids": input_ids,
             "attention_mask": attention_mask, "mm_token_type_ids": mm, "position_ids": pos, "labels": labels,
@@ -639,6 +656,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/train_state.pt (its recipe, new samples; after a finished schedule "
                         "the LR warms up again, stays at the peak and decays at the end)")
+    p.add_argument("--visual-dropout", type=float, default=0.0, metavar="P",
+                   help="share of training samples whose visual tokens are randomly thinned (robustness to pruning)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start from a saved checkpoint's weights and tokenizer (fresh optimizer and schedule)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -680,6 +699,7 @@ def resolve_hparams(args) -> dict:
     hp["mix"] = args.mix or hp.get("mix", "adaptive")
     hp["seed"] = args.seed
     hp["preset"] = args.preset
+    hp["visual_dropout"] = args.visual_dropout
     return hp
 
 
@@ -735,7 +755,7 @@ def main(argv=None, t_start: float | None = None) -> dict:
         from transformers import Qwen3VLMoeConfig
         config = Qwen3VLMoeConfig.from_dict(state["config"])
     image_processor = FAMILY.tiny_image_processor(hp["image_size"])
-    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"])
+    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"], hp.get("visual_dropout", 0.0))
     info = RunInfo(**state["info"]) if state is not None else RunInfo()
     pin = device.type == "cuda"
 
