@@ -7,7 +7,7 @@ engine is built from. Knows nothing about models: a percentage is resolved again
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import UserError
 
@@ -66,7 +66,6 @@ class RuntimeConfig:
     compress: str = "none"              # visual-token compressor (compress.py) or none
     keep_ratio: float = 1.0             # share of visual tokens kept when compressing
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.expert_tier not in ("host", "disk"):

@@ -188,8 +188,7 @@ class Engine:
         self.budget_bytes = budget_bytes
         self.rc = rc
         slots = min(budget_bytes // layout.nbytes, len(geometry.moe_layers) * geometry.num_experts)
-        policy = make_policy(rc.policy, moe_layers=geometry.moe_layers, num_experts=geometry.num_experts,
-                             **rc.extra.get("policy_context", {}))
+        policy = make_policy(rc.policy, moe_layers=geometry.moe_layers, num_experts=geometry.num_experts)
         self.cache = ExpertCache(layout, int(slots), device, policy, pool=pool)
         link = get_link(rc.link)
         self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store, link),
@@ -336,8 +335,6 @@ class Engine:
         return prune(enc, sels)
 
     def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
-        if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
         t0 = time.perf_counter()
         inputs = self.prepare(images, prompts)
         t_prep = time.perf_counter() - t0

@@ -11,7 +11,6 @@ from __future__ import annotations
 from ..policies import make_policy
 from ..schedule import plan_waves
 from ..trace import RoutingTrace
-from .bound import access_groups
 
 
 def layer_calls(traces: list[RoutingTrace]) -> list[tuple[int, set[int]]]:
@@ -68,5 +67,3 @@ def policy_table(traces, moe_layers, num_experts, shares=(0.10, 0.25, 0.50),
             rows.append(dict(replay(calls, cap, p, moe_layers, num_experts), budget=share))
     return rows
 
-
-__all__ = ["access_groups", "layer_calls", "policy_table", "replay"]
