@@ -147,6 +147,11 @@ def cmd_analyze(args) -> int:
     if args.limit < 1:
         raise UserError(f"--limit {args.limit} is too small", "give at least 1")
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
+    if args.routing:
+        from .analyze import routing_report
+        rep = routing_report(eng, args.limit)
+        print(json.dumps(rep) if args.json else json.dumps(rep, indent=1))
+        return 0
     title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}"
     with layer_progress("analyze (requests)") as tick:
         res = run(eng, args.out, comps, ratios, args.limit, title, progress=tick)
@@ -304,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compressors", default=None, help="comma-separated (default: all)")
     a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced, default 60)")
     a.add_argument("--out", default="runs/analyze")
+    a.add_argument("--routing", action="store_true",
+                   help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")
     a.set_defaults(func=cmd_analyze)
 
     ev = sub.add_parser("eval", help="VQA accuracy on the test split, with the majority baseline")

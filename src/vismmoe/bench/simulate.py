@@ -67,3 +67,33 @@ def policy_table(traces, moe_layers, num_experts, shares=(0.10, 0.25, 0.50),
             rows.append(dict(replay(calls, cap, p, moe_layers, num_experts), budget=share))
     return rows
 
+
+
+def main(argv=None) -> None:
+    """`python -m vismmoe.bench.simulate [--model DIR] [--limit N] [--compress NAME --keep-ratio R]`: record
+    routing over N test requests in a row, replay it through every policy at 10/25/50%, print the table."""
+    import argparse
+    import json
+
+    from ..data import balanced_subset
+    from ..demo import default_model
+    from ..engine import load
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--limit", type=int, default=48)
+    ap.add_argument("--compress", default="none")
+    ap.add_argument("--keep-ratio", type=float, default=1.0)
+    args = ap.parse_args(argv)
+    eng = load(args.model or default_model()[0], compress=args.compress, keep_ratio=args.keep_ratio)
+    tr = RoutingTrace()
+    eng.record_trace(tr)
+    for s in balanced_subset("test", args.limit):
+        eng.generate(s.image, s.question, max_new_tokens=4)
+    rows = policy_table([tr], eng.geometry.moe_layers, eng.geometry.num_experts)
+    for r in rows:
+        print(f"{r['budget']:.0%} {r['policy']:11s} hit rate {r['hit_rate']:.3f}")
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
