@@ -119,3 +119,22 @@ def test_batch_matches_single(family, name, tiny_dirs, big_image, image_file):
         if s is not None:
             assert b.token_ids == s.token_ids
     assert batch[0].stats["visual_tokens_kept"] < batch[0].stats["visual_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_compressors(family, tiny_dirs, image_file):
+    """On the GPU: every compressor at ratio 1.0 gives the unpruned tokens; at 0.33 it keeps a third of the
+    visual tokens under the smallest budget, alone and in a batch of two."""
+    d = tiny_dirs[family]
+    q = "What is in the picture?"
+    base = load(d, device="cuda", dtype="bfloat16")
+    want = base.generate(image_file, q, max_new_tokens=6).token_ids
+    smallest = str(base.geometry.top_k * base.layout.nbytes)
+    for name in COMPRESSORS:
+        assert base.fork(compress=name, keep_ratio=1.0).generate(image_file, q, max_new_tokens=6).token_ids == want
+        eng = base.fork(compress=name, keep_ratio=0.33, expert_budget=smallest)
+        s = eng.generate(image_file, q, max_new_tokens=6).stats
+        assert 0 < s["visual_tokens_kept"] < s["visual_tokens"] and s["expert_bytes_peak"] <= s["expert_budget_bytes"]
+        gens = eng.generate_batch([image_file, image_file], [q, "Is there a circle?"], max_new_tokens=4)
+        assert len(gens) == 2 and all(g.token_ids for g in gens)

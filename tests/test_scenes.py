@@ -267,3 +267,25 @@ def test_packed_sources_reproduce_the_package(tmp_path):
     unpacked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert packed.stdout.strip() == unpacked.stdout.strip() and len(packed.stdout.strip()) == 64
     assert hashlib  # noqa
+
+
+def test_where_curriculum_answers_match_the_image_centre() -> None:
+    """The training-only `where` questions: the named object is unique and wholly on the answered side of the
+    centre line; they come from a seed space of their own (never a scored sample), and never in val/test use."""
+    mid = scenes.IMAGE_SIZE / 2
+    pattern = r"Is the (\w+) (\w+) (left or right of|to the left or to the right of|above or below) the (middle|centre) of the image\?"
+    answers = set()
+    for j in range(60):
+        sample, scene = scenes.make_sample_and_scene("train", j, "where")
+        assert sample.qtype == "where"
+        color, shape, relation, _ = re.fullmatch(pattern, sample.question).groups()
+        (o,) = _named(scene, color, shape)
+        x0, y0, x1, y1 = o.box
+        want = {"left": x1 < mid, "right": x0 > mid, "above": y1 < mid, "below": y0 > mid}
+        assert want[sample.answer], (sample.question, sample.answer, o.box)
+        assert (sample.answer in ("left", "right")) == ("left" in relation)
+        answers.add(sample.answer)
+        assert sample.image.tobytes() != scenes.make_sample("train", j).image.tobytes()
+    assert answers == {"left", "right", "above", "below"}
+    with pytest.raises(ValueError, match="auxiliary"):
+        scenes.make_sample("train", 0, "position")

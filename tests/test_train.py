@@ -93,6 +93,16 @@ def test_type_mix_uses_each_sample_once_and_follows_weights():
     assert not set(resumed.next_batch()) & set(seen + batch)
     only = T.TypeMix(4, [1, 5])
     assert only.next_batch() == [1, 7, 5, 11]
+    # the training-only `where` type: weight 3 of 9, its own index space (negative), decoded by sample_of
+    where = len(QTYPES)
+    aux = T.TypeMix(9, list(range(len(QTYPES))) + [where], weights=T.adaptive_weights({q: 1.0 for q in QTYPES},
+                                                                                      {"where": 3.0}))
+    got = aux.next_batch() + aux.next_batch()
+    neg = [i for i in got if i < 0]
+    assert neg == [-1, -2, -3, -4, -5, -6]
+    assert [T.sample_of("train", i).qtype for i in neg] == ["where"] * 6
+    assert T.sample_of("train", -2).question == make_sample("train", 1, "where").question
+    assert sorted(i for i in got if i >= 0) == list(range(12))
 
 
 def test_train_experts_and_batched_vision_match_transformers(micro):

@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as _qmod  # noqa: E402
 
-from .data import QTYPES, answer_vocabulary, make_sample, warm_cache  # noqa: E402
+from .data import AUX_QTYPES, QTYPES, answer_vocabulary, make_sample, warm_cache  # noqa: E402
 from .families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
 from .tokenizer import build_tokenizer  # noqa: E402
 
@@ -49,6 +49,7 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 SUMMARY_FILE = "train_summary.json"
 TRAIN_EXPERTS = "vismmoe_train"
+ALL_TYPES = QTYPES + AUX_QTYPES     # type ids: scored types first, then the training-only (auxiliary) ones
 
 # --------------------------------------------------------------------------------------------------------------
 # Presets
@@ -274,7 +275,8 @@ def rope_helper(config):
 
 class TypeMix:
     """Which train samples each batch holds: per-type quotas from `weights` (largest remainder), and the j-th
-    sample of type t is index 6j + t (`QTYPES[index % 6]` is its type), so no sample is ever used twice.
+    sample of type t is index 6j + t (`QTYPES[index % 6]` is its type), so no sample is ever used twice. An
+    auxiliary type a (id 6 + a) has a seed space of its own: its j-th sample travels as index -(len(AUX) j + a) - 1.
 
     Iterated by the DataLoader in the main process, so changing `weights` (adaptive mix: more of the types the
     last val eval found weak) steers the batches requested from then on."""
@@ -283,8 +285,9 @@ class TypeMix:
                  weights: list[float] | None = None):
         self.B = batch_size
         self.types = list(types)
-        self.next = list(next_j) if next_j else [0] * len(QTYPES)
-        self.weights = list(weights) if weights else [1.0] * len(QTYPES)
+        n = len(ALL_TYPES)
+        self.next = (list(next_j) + [0] * n)[:n] if next_j else [0] * n
+        self.weights = (list(weights) + [1.0] * n)[:n] if weights else [1.0] * n
 
     def quotas(self) -> dict[int, int]:
         w = [max(self.weights[t], 1e-6) for t in self.types]
@@ -298,7 +301,11 @@ class TypeMix:
         idx = []
         for t, n in self.quotas().items():
             j = self.next[t]
-            idx += [len(QTYPES) * (j + i) + t for i in range(n)]
+            if t < len(QTYPES):
+                idx += [len(QTYPES) * (j + i) + t for i in range(n)]
+            else:
+                a = t - len(QTYPES)
+                idx += [-(len(AUX_QTYPES) * (j + i) + a) - 1 for i in range(n)]
             self.next[t] = j + n
         return idx
 
@@ -307,9 +314,19 @@ class TypeMix:
             yield self.next_batch()
 
 
-def adaptive_weights(by_type: dict[str, float]) -> list[float]:
-    """Sampling weight per type from val accuracy: 1 at 100 %, 3 at 0 % (so at most 3:1 between types)."""
-    return [1.0 + 2.0 * (1.0 - by_type.get(q, 0.0)) for q in QTYPES]
+def adaptive_weights(by_type: dict[str, float], aux: dict[str, float] | None = None) -> list[float]:
+    """Sampling weight per type from val accuracy: 1 at 100 %, 3 at 0 % (so at most 3:1 between types);
+    auxiliary types keep the fixed weights `aux` gives them (0 when absent)."""
+    aux = aux or {}
+    return [1.0 + 2.0 * (1.0 - by_type.get(q, 0.0)) for q in QTYPES] + [aux.get(q, 0.0) for q in AUX_QTYPES]
+
+
+def sample_of(split: str, index: int):
+    """A `TypeMix` index -> its sample (negative indices are auxiliary types' samples)."""
+    if index >= 0:
+        return make_sample(split, index)
+    k = -index - 1
+    return make_sample(split, k // len(AUX_QTYPES), AUX_QTYPES[k % len(AUX_QTYPES)])
 
 
 def val_batches_indices(n: int, batch: int, types: list[int]) -> list[list[int]]:
@@ -378,7 +395,7 @@ class BatchMaker:
         out = {
             "images": p["pixel_values"], "image_grid_thw": p["image_grid_thw"], "input_ids": input_ids,
             "attention_mask": attention_mask, "mm_token_type_ids": mm, "position_ids": pos, "labels": labels,
-            "keep": torch.tensor(max(sup) + 1), "qtype": torch.tensor([QTYPES.index(s.qtype) for s in samples]),
+            "keep": torch.tensor(max(sup) + 1), "qtype": torch.tensor([ALL_TYPES.index(s.qtype) for s in samples]),
         }
         if with_prompt:
             ppos, deltas = FAMILY.prefill_positions(self.rope, p)
@@ -395,7 +412,7 @@ class BatchStream(torch.utils.data.Dataset):
         self.maker, self.split, self.with_prompt = maker, split, with_prompt
 
     def __getitem__(self, indices: list[int]) -> dict:
-        return self.maker([make_sample(self.split, i) for i in indices], with_prompt=self.with_prompt)
+        return self.maker([sample_of(self.split, i) for i in indices], with_prompt=self.with_prompt)
 
 
 def make_loader(stream: BatchStream, batches, workers: int, pin: bool, prefetch: int = 2):
@@ -670,6 +687,9 @@ def parse_args(argv=None):
     p.add_argument("--val-samples", type=int, default=None)
     p.add_argument("--eval-every", type=float, default=None, help="seconds between val evaluations")
     p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (experiments)")
+    p.add_argument("--aux-where", type=float, default=None, metavar="W",
+                   help="sampling weight of the training-only 'where' questions (an object's side of the image centre),"
+                        " a curriculum for relative position; scored types weigh 1-3 each (default 0: off)")
     p.add_argument("--mix", default=None, choices=["adaptive", "uniform"],
                    help="question-type mix of the batches (default adaptive: weak types get up to 3x more)")
     p.add_argument("--experts-impl", default=TRAIN_EXPERTS, help=f"{TRAIN_EXPERTS} (default) | eager")
@@ -700,6 +720,7 @@ def resolve_hparams(args) -> dict:
     hp["seed"] = args.seed
     hp["preset"] = args.preset
     hp["visual_dropout"] = args.visual_dropout
+    hp["aux"] = {"where": args.aux_where} if args.aux_where else {}
     return hp
 
 
@@ -734,6 +755,8 @@ def main(argv=None, t_start: float | None = None) -> dict:
         if os.path.exists(log_path):
             os.remove(log_path)
     types = list(hp["qtypes"]) if hp.get("qtypes") else list(range(len(QTYPES)))
+    aux_w = hp.get("aux", {})
+    types += [len(QTYPES) + a for a, q in enumerate(AUX_QTYPES) if aux_w.get(q)]
     B = hp["batch"]
 
     # ---- data: tokenizer, val set, train stream (workers fork before the device is touched) ----
@@ -762,7 +785,7 @@ def main(argv=None, t_start: float | None = None) -> dict:
     val_idx = val_batches_indices(hp["val_samples"], hp["eval_batch"], types)
     val_batches = list(make_loader(BatchStream(maker, "val", with_prompt=True), val_idx,
                                    min(workers, len(val_idx)), pin=False))
-    mix = TypeMix(B, types, info.type_next, info.type_weights)
+    mix = TypeMix(B, types, info.type_next, info.type_weights or adaptive_weights({q: 1.0 for q in QTYPES}, aux_w))
     prefetch = 2
     if workers > 0:
         fit = fit_workers(workers, prefetch, B * hp["image_size"] ** 2 * 3)
@@ -888,9 +911,9 @@ def main(argv=None, t_start: float | None = None) -> dict:
             val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
             last_eval_s = time.time() - te
             if hp.get("mix", "adaptive") == "adaptive":
-                mix.weights = adaptive_weights(val["by_type"])
+                mix.weights = adaptive_weights(val["by_type"], aux_w)
             _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val,
-                              "eval_s": last_eval_s, "mix_weights": dict(zip(QTYPES, mix.weights)),
+                              "eval_s": last_eval_s, "mix_weights": dict(zip(ALL_TYPES, mix.weights)),
                               "elapsed_s": time.time() - t_start})
             bar.write(f"step {info.step}: val acc {val['accuracy']:.3f} "
                       + " ".join(f"{q}={a:.2f}" for q, a in val["by_type"].items()))

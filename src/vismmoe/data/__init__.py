@@ -1,6 +1,7 @@
 """Synthetic, deterministic visual-question data (see :mod:`vismmoe.data.scenes`)."""
 
 from vismmoe.data.scenes import (
+    AUX_QTYPES,
     IMAGE_SIZE,
     QTYPES,
     Sample,
@@ -17,6 +18,7 @@ from vismmoe.data.scenes import (
 )
 
 __all__ = [
+    "AUX_QTYPES",
     "IMAGE_SIZE",
     "QTYPES",
     "Sample",

@@ -63,6 +63,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 IMAGE_SIZE = 448
 QTYPES: tuple[str, ...] = ("exist", "color", "shape", "count", "position", "ocr")
+# Training-only question types: never in val or test, never scored; a curriculum for the scored ones.
+AUX_QTYPES: tuple[str, ...] = ("where",)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # The eight easy-vqa colours (exact RGB values used by easy-vqa's renderer).
@@ -149,13 +151,14 @@ class Scene:
 # Seeding
 
 
-def _seed(split: str, index: int) -> int:
+def _seed(split: str, index: int, aux: str | None = None) -> int:
     """Stable 64-bit seed; the top bits hold the split so spaces are disjoint."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if index < 0:
         raise ValueError("index must be >= 0")
-    digest = hashlib.sha256(f"vismmoe.scenes/v1/{split}/{index}".encode()).digest()
+    name = f"{split}/{index}" if aux is None else f"{split}/{aux}/{index}"
+    digest = hashlib.sha256(f"vismmoe.scenes/v1/{name}".encode()).digest()
     return (SPLITS.index(split) << 60) | (int.from_bytes(digest[:8], "big") >> 4)
 
 
@@ -696,6 +699,36 @@ def _build_position(rng: random.Random, split: str) -> _Built:
     return objects, None, template.format(_name(a), _name(b)), answer
 
 
+def _build_where(rng: random.Random, split: str) -> _Built:
+    """Absolute side: "Is the red star left or right of the middle of the image?". The location feature of
+    one object, which `position` then needs for two (a curriculum step; answers share `position`'s words)."""
+    mid = IMAGE_SIZE / 2
+    while True:
+        objects = _place(rng, split, _random_specs(rng, rng.randint(1, MAX_OBJECTS)))
+        names = [_name(o) for o in objects]
+        options = []
+        for o, nm in zip(objects, names):
+            if names.count(nm) != 1:
+                continue
+            x0, y0, x1, y1 = o.box
+            for axis, answer, ok in (("x", "left", x1 + POSITION_GAP / 2 <= mid),
+                                     ("x", "right", x0 - POSITION_GAP / 2 >= mid),
+                                     ("y", "above", y1 + POSITION_GAP / 2 <= mid),
+                                     ("y", "below", y0 - POSITION_GAP / 2 >= mid)):
+                if ok:
+                    options.append((o, axis, answer))
+        if options:
+            break
+    o, axis, answer = rng.choice(options)
+    if axis == "x":
+        template = rng.choice(("Is the {} left or right of the middle of the image?",
+                               "Is the {} to the left or to the right of the centre of the image?"))
+    else:
+        template = rng.choice(("Is the {} above or below the middle of the image?",
+                               "Is the {} above or below the centre of the image?"))
+    return objects, None, template.format(_name(o)), answer
+
+
 def _build_ocr(rng: random.Random, split: str) -> _Built:
     text = _plan_text(rng)
     objects = _place(rng, split, _random_specs(rng, rng.randint(0, 2)), avoid=[text.box])
@@ -710,6 +743,7 @@ _BUILDERS: dict[str, Callable[[random.Random, str], _Built]] = {
     "count": _build_count,
     "position": _build_position,
     "ocr": _build_ocr,
+    "where": _build_where,
 }
 
 
@@ -721,10 +755,17 @@ def qtype_of(index: int) -> str:
     return QTYPES[index % len(QTYPES)]
 
 
-def make_sample_and_scene(split: str, index: int) -> tuple[Sample, Scene]:
-    """The sample for (split, index) plus the ground-truth scene behind it."""
-    rng = random.Random(_seed(split, index))
-    qtype = qtype_of(index)
+def make_sample_and_scene(split: str, index: int, aux: str | None = None) -> tuple[Sample, Scene]:
+    """The sample for (split, index) plus the ground-truth scene behind it. With `aux` (one of `AUX_QTYPES`),
+    the index-th sample of that training-only type instead, from a seed space of its own."""
+    if aux is None:
+        rng = random.Random(_seed(split, index))
+        qtype = qtype_of(index)
+    else:
+        if aux not in AUX_QTYPES:
+            raise ValueError(f"unknown auxiliary question type {aux!r}; expected one of {AUX_QTYPES}")
+        rng = random.Random(_seed(split, index, aux))
+        qtype = aux
     objects, text, question, answer = _BUILDERS[qtype](rng, split)
     image, background = _background(rng)
     _draw_scene(image, objects, text)
@@ -732,9 +773,9 @@ def make_sample_and_scene(split: str, index: int) -> tuple[Sample, Scene]:
     return Sample(image, question, answer, qtype, split, index), scene
 
 
-def make_sample(split: str, index: int) -> Sample:
-    """Fully deterministic sample for (split, index)."""
-    return make_sample_and_scene(split, index)[0]
+def make_sample(split: str, index: int, aux: str | None = None) -> Sample:
+    """Fully deterministic sample for (split, index) (or (split, aux type, index))."""
+    return make_sample_and_scene(split, index, aux)[0]
 
 
 def make_split(split: str, n: int, start: int = 0) -> list[Sample]:
