@@ -252,7 +252,8 @@ def test_vocabulary_contains_every_category() -> None:
 
 
 def test_packed_sources_reproduce_the_package(tmp_path):
-    """Scenes made from the packed silhouettes are byte-identical to scenes decoded from easy-vqa itself."""
+    """Scenes made from the packed silhouettes are byte-identical to scenes decoded from easy-vqa itself; with
+    the packed file, nothing (not even warm_cache after samples were made) imports easy-vqa."""
     import hashlib
     import subprocess
     import sys
@@ -260,9 +261,12 @@ def test_packed_sources_reproduce_the_package(tmp_path):
             "for split in ('train', 'val', 'test'):\n    for i in range(0, 120, 5):\n"
             "        s = make_sample(split, i)\n        h.update(s.image.tobytes()); h.update(s.answer.encode())\n"
             "print(h.hexdigest())")
+    blocked = ("import sys\nsys.modules['easy_vqa'] = None\n" + code +
+               "\nfrom vismmoe.data import warm_cache\nwarm_cache()\n")
     import os
     env = dict(os.environ)
-    packed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    packed = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, env=env)
+    assert packed.returncode == 0, packed.stderr[-2000:]
     env["VISMMOE_UNPACKED"] = "1"
     unpacked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert packed.stdout.strip() == unpacked.stdout.strip() and len(packed.stdout.strip()) == 64

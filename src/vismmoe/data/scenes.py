@@ -243,8 +243,19 @@ def pack_sources(path: str = PACKED) -> str:
     return path
 
 
+def _use_packed() -> bool:
+    """Fill the pools from the packed file once per process, if it is there and wanted (identical to decoding
+    the package); True when the pools come from it."""
+    if _PACKED_STATE:
+        return _PACKED_STATE[0]
+    _PACKED_STATE.append(not os.environ.get("VISMMOE_UNPACKED") and _load_packed())
+    return _PACKED_STATE[0]
+
+
+_PACKED_STATE: list[bool] = []      # [whether the pools came from the packed file], once decided
+
+
 def _load_packed() -> bool:
-    """Fill the pools from the packed file, if it is there (identical to decoding the package)."""
     if not os.path.exists(PACKED):
         return False
     data = np.load(PACKED)
@@ -264,17 +275,16 @@ def _load_packed() -> bool:
 
 def _pool(part: str, color: str, shape: str) -> list[_Source]:
     """Usable easy-vqa silhouettes with this label, decoded on first use and cached."""
-    if not _POOLS and not os.environ.get("VISMMOE_UNPACKED"):
-        _load_packed()
-    if (part, color, shape) not in _POOLS:
-        pool = []
-        for key, path in _labelled(part).get((color, shape), []):
-            source = _load_source(key, path, color)
-            if source is not None:
-                pool.append(source)
-                _SOURCES[key] = source
-        _POOLS[(part, color, shape)] = pool
-    return _POOLS[(part, color, shape)]
+    if _use_packed() or (part, color, shape) in _POOLS:
+        return _POOLS.get((part, color, shape), [])
+    pool = []
+    for key, path in _labelled(part).get((color, shape), []):
+        source = _load_source(key, path, color)
+        if source is not None:
+            pool.append(source)
+            _SOURCES[key] = source
+    _POOLS[(part, color, shape)] = pool
+    return pool
 
 
 def _load_source(key: str, path: str, color: str) -> _Source | None:
@@ -299,7 +309,7 @@ def _load_source(key: str, path: str, color: str) -> _Source | None:
 
 def warm_cache() -> None:
     """Decode all easy-vqa sources now (e.g. in a parent before forking workers)."""
-    if not _POOLS and not os.environ.get("VISMMOE_UNPACKED") and _load_packed():
+    if _use_packed():
         return
     for part in ("train", "test"):
         for color, shape in _labelled(part):
