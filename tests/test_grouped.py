@@ -81,3 +81,21 @@ def test_one_slot_window_with_pairs_elsewhere():
     ref = _reference(hidden, idx0, w * (slot_idx == 0), gu, dn)
     assert torch.allclose(out.view(T, K, H).sum(1), ref, atol=1e-5)
     assert (out.view(T, K, H)[slot_idx == 1] == 0).all()
+
+
+@pytest.mark.gpu
+def test_gpu_window_of_max_groups_runs_in_the_cuda_kernel():
+    """CUDA's bf16 grouped_mm accepts fewer than 1024 groups: a full window (MAX_GROUPS slots) must run and
+    match the per-expert reference."""
+    from vismmoe.grouped import MAX_GROUPS
+    g = torch.Generator().manual_seed(3)
+    T, K, E, H, I = 600, 4, MAX_GROUPS, 64, 32
+    hidden = torch.randn(T, H, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 8
+    dev = [x.cuda().bfloat16() for x in (hidden, gate_up, down)]
+    pairs = experts_on_slots(_Gate, dev[0], idx.cuda(), w.cuda(), dev[1], dev[2], None, whole=True)
+    got = pairs.view(T, K, H).sum(1).float().cpu()
+    ref = _reference(hidden[:8], idx[:8], w[:8], gate_up, down)
+    assert torch.allclose(got[:8], ref, atol=0.1, rtol=0.05)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 
-MAX_GROUPS = 1024      # torch._grouped_mm: "Can't process more than 1024 groups"
+MAX_GROUPS = 1023      # torch._grouped_mm checks group_count < 1024 ("Can't process more than 1024 groups")
 
 
 def windows(slots: list[int], span: int = MAX_GROUPS) -> list[tuple[int, int]]:
