@@ -27,9 +27,9 @@ def test_bench_quick_smoke(tmp_path, capsys):
 
 def test_bench_shape_path(tmp_path, capsys):
     code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "4", "--link", "edge",
-                 "--budgets", "25%", "--reps", "1", "--systems", "ondemand,vismmoe-nocompress", "--out",
+                 "--budgets", "25%", "--reps", "2", "--systems", "ondemand,vismmoe-nocompress,vismmoe", "--out",
                  str(tmp_path), "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 0 and len(res["rows"]) == 2
+    assert code == 0 and len(res["rows"]) == 3            # reps 2: medians over runs without accuracy
     assert all(r["accuracy"] is None for r in res["rows"])            # random weights: nothing to score
     assert "RANDOM" in res["title"]

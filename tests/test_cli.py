@@ -114,8 +114,8 @@ def test_budget_error_names_the_minimum(tiny_dirs, image_file, capsys):
 
 def test_console_script_subprocess(tiny_dirs, image_file, tmp_path):
     """The installed entry point, as a user runs it: success prints JSON last, a bad image exits 2 cleanly."""
-    exe = shutil.which("vismmoe") or [sys.executable, "-m", "vismmoe"]
-    exe = [exe] if isinstance(exe, str) else exe
+    script = os.path.join(os.path.dirname(sys.executable), "vismmoe")     # installed with this interpreter
+    exe = [script] if os.path.exists(script) else [sys.executable, "-m", "vismmoe"]
     env = dict(os.environ, VISMMOE_QUIET="1")
     ok = subprocess.run(exe + ["generate", "--model", tiny_dirs["glm4v_moe"], "--image", image_file, "--prompt",
                                "hi", "--max-new-tokens", "3", "--expert-budget", "50%", "--json"],

@@ -168,8 +168,8 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                                                          max_new_tokens) for _ in range(max(1, reps // 2))]
             for name, (eng, pf) in engines.items():
                 runs = per_sys[name]
+                row = _medians(runs)
                 if eng is None:                                                      # accelerate
-                    row = {k: statistics.median([r[k] for r in runs if r[k] is not None] or [0]) for k in runs[0]}
                     lossless = engines[next(n for n in engines if n != "accelerate")][0]
                     cs = compute_s(SYSTEMS["lru-offload"])
                     row["bound_s"] = max(cs, _belady_bytes(lossless, resident, samples, max_new_tokens) /
@@ -179,7 +179,6 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                                      policy="accelerate (whole bank per forward)", compress="none@1",
                                      compute_s=cs, belady_bytes=None))
                     continue
-                row = {k: statistics.median([r[k] for r in runs]) for k in runs[0]}
                 bound_bytes = _belady_bytes(eng, resident, samples, max_new_tokens)
                 gbps = eng.runtime.transfer.link.gbps or _real_gbps(eng)
                 cs = compute_s(SYSTEMS[name])
@@ -190,6 +189,12 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                                  compress=f"{SYSTEMS[name].compress}@{SYSTEMS[name].keep_ratio:g}",
                                  compute_s=cs, belady_bytes=bound_bytes))
     return rows
+
+
+def _medians(runs: list[dict]) -> dict:
+    """Per key, the median over repetitions; None where no repetition measured it (accuracy on random weights)."""
+    vals = {k: [r[k] for r in runs if r[k] is not None] for k in runs[0]}
+    return {k: statistics.median(v) if v else None for k, v in vals.items()}
 
 
 _ACCEL: dict = {}
