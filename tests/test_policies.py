@@ -123,3 +123,27 @@ def test_belady_evicts_the_farthest_future_use():
     p.on_layer(0)
     p.on_layer(0)                         # at call 1, needing (0, 3): (0, 2) is used later than (0, 1)
     assert p.choose_victim({(0, 3)}) == (0, 2)
+
+
+def test_predictive_admits_a_prefetch_only_over_a_later_needed_victim():
+    """Prefetch admission: a prefetch may displace an expert expected to be needed after the one it brings in,
+    never one needed sooner (that swap only churns); LRU, as published prefetchers, always admits."""
+    p = PredictivePolicy(moe_layers=[0, 1, 2, 3], num_experts=4)
+    for _ in range(3):                    # layer l always uses expert l
+        for layer in (0, 1, 2, 3):
+            p.on_layer(layer)
+            p.on_use((layer, layer))
+    for layer in (0, 1, 2, 3):
+        p.on_insert((layer, layer))
+    p.on_layer(0)
+    p.hint(3, [0.0, 0.0, 0.0, 0.05])      # (3, 3) is unlikely next time round... but frequent: no hint lowers it
+    p.hint(2, [0.0, 0.9, 0.0, 0.0])       # a likely new expert two layers ahead
+    assert p.admit((3, 3), (2, 1))        # layer 3 is visited after layer 2: its expert may make room
+    assert not p.admit((1, 1), (2, 1))    # layer 1's sure expert is needed first: refused
+    assert LRUPolicy().admit((1, 1), (2, 1))
+    cache = ExpertCache(BlobLayout(4, 2, torch.float32), 1, torch.device("cpu"), p)
+    p.res[:] = False
+    cache.claim((1, 1), set())
+    with pytest.raises(LookupError):
+        cache.claim_prefetch((2, 1), set())
+    assert cache.resident((1, 1)) and not cache.resident((2, 1))

@@ -87,11 +87,14 @@ class ExpertCache:
             c.prefetch_hits += 1
         return slot
 
-    def _take(self, key: Key, pinned) -> int:
+    def _take(self, key: Key, pinned, prefetch: bool = False) -> int:
         if self._free:
             slot = self._free.pop()
         else:
-            slot = self.evict(self.policy.choose_victim(pinned))
+            victim = self.policy.choose_victim(pinned)
+            if prefetch and not self.policy.admit(victim, key):
+                raise LookupError("the victim is needed sooner than the prefetched expert")
+            slot = self.evict(victim)
             self._free.remove(slot)
         self.slot_of[key] = slot
         self.owner[slot] = key
@@ -109,8 +112,9 @@ class ExpertCache:
         return slot
 
     def claim_prefetch(self, key: Key, pinned: set[Key]) -> int:
-        """A slot for a predicted expert (not resident, not used yet)."""
-        slot = self._take(key, pinned)
+        """A slot for a predicted expert (not resident, not used yet). LookupError when no victim may go: none
+        unpinned, or the policy judges the victim to be needed before the prefetched expert (`admit`)."""
+        slot = self._take(key, pinned, prefetch=True)
         self.prefetched[slot] = True
         self.counters.layer(key[0]).prefetch_issued += 1
         return slot

@@ -492,8 +492,8 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
                        prefetch=prefetch, lookahead=lookahead, calibration=calibration, compress=compress,
                        keep_ratio=keep_ratio, max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
-    if policy not in POLICIES or policy == "belady":       # validate names before reading any weights
-        make_policy(policy)
+    if policy.partition(":")[0] not in POLICIES or policy == "belady" or ":" in policy:   # validate before reading
+        make_policy(policy)                                                                  # any weights
     get_link(link)
     if prefetch not in PREDICTORS:
         raise UserError(f"unknown predictor {prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")

@@ -9,6 +9,8 @@ it is: capabilities are attributes (`retain`) and optional hooks.
     on_use(key)            compute used the expert in this layer call (a hit, or a demand miss once loaded)
     on_evict(key)          an expert left its slot
     hint(layer, probs)     a predictor's probabilities [E] that experts of an upcoming `layer` will be used
+    admit(victim, key)     may a prefetch of `key` evict `victim`? (policies that estimate next uses say no
+                           when the victim is needed first; the others always admit, as published prefetchers do)
     choose_victim(pinned)  which resident key, not in `pinned`, to evict; cost must not grow with the cache size
                            for the common case (a cache can hold thousands of experts and evict on every miss)
     retain                 False: keep nothing between layers (load on demand)
@@ -44,6 +46,9 @@ class _Base:
 
     def on_use(self, key: Key) -> None:
         pass
+
+    def admit(self, victim: Key, key: Key) -> bool:
+        return True
 
 
 class LRUPolicy(_Base):
@@ -168,59 +173,91 @@ class PredictivePolicy(_Base):
     p: its use frequency at l' (smoothed), raised to a predictor's hint for layers inside the lookahead window.
     Expected next use: d + L * (1 / p - 1). LRU is the worst choice for such a loop when the cache holds less
     than one cycle; this policy keeps the experts that the coming layers will use.
+
+    Cost: the expected next use of every resident expert is one vectorised expression over [L, E]; the farthest
+    QUEUE of them are ranked at the first eviction of a layer call (and again after a hint, or when used up),
+    and each eviction then pops the next unpinned one, so a prefill that evicts thousands of experts costs a few
+    rankings per layer, not a scan per eviction.
     """
 
-    def __init__(self, moe_layers: Sequence[int] = (), num_experts: int = 1, **_):
+    QUEUE = 256
+
+    def __init__(self, moe_layers: Sequence[int] = (), num_experts: int = 1, admit_all: bool = False, **_):
         self.layers = list(moe_layers)
         self.pos = {l: i for i, l in enumerate(self.layers)}
         self.L = max(1, len(self.layers))
         self.E = max(1, num_experts)
+        self.admit_all = admit_all                       # ablation: prefetches displace any victim
         self.cur = -1                                    # position of the layer running (or last run)
         self.calls = np.zeros(self.L)
         self.uses = np.zeros((self.L, self.E))
         self.hints: dict[int, np.ndarray] = {}
-        self.resident: dict[int, set[int]] = {}
+        self.res = np.zeros((self.L, self.E), dtype=bool)
+        self._queue: list[Key] | None = None            # ranked victims, farthest expected use first
+        self._qi = 0
 
     def on_layer(self, layer: int) -> None:
         self.cur = self.pos[layer]
         self.calls[self.cur] += 1
         self.hints.pop(self.cur, None)                   # the hint for this layer has been consumed
+        self._queue = None
 
     def on_insert(self, key: Key) -> None:
-        self.resident.setdefault(self.pos[key[0]], set()).add(key[1])
+        self.res[self.pos[key[0]], key[1]] = True
 
     def on_use(self, key: Key) -> None:
         self.uses[self.pos[key[0]], key[1]] += 1
 
     def on_evict(self, key: Key) -> None:
-        self.resident.get(self.pos[key[0]], set()).discard(key[1])
+        self.res[self.pos[key[0]], key[1]] = False
 
     def hint(self, layer: int, probs) -> None:
         self.hints[self.pos[layer]] = np.asarray(probs, dtype=np.float64)
+        self._queue = None
 
-    def _prob(self, p: int) -> np.ndarray:
-        prob = (self.uses[p] + 0.1) / (self.calls[p] + 0.1 * self.E)
+    def expected_next_use(self) -> np.ndarray:
+        """[L, E] expected layer calls until each expert is next used."""
+        prob = (self.uses + 0.1) / (self.calls[:, None] + 0.1 * self.E)
+        for p, h in self.hints.items():
+            prob[p] = np.maximum(prob[p], h)
+        d = (np.arange(self.L) - self.cur) % self.L
+        d[d == 0] = self.L                               # the running layer comes back after a full cycle
+        return d[:, None] + self.L * (1.0 / np.maximum(prob, 1e-6) - 1.0)
+
+    def _next_use(self, key: Key) -> float:
+        p = self.pos[key[0]]
+        prob = (self.uses[p, key[1]] + 0.1) / (self.calls[p] + 0.1 * self.E)
         h = self.hints.get(p)
-        return np.maximum(prob, h) if h is not None else prob
+        if h is not None:
+            prob = max(prob, float(h[key[1]]))
+        d = (p - self.cur) % self.L or self.L
+        return d + self.L * (1.0 / max(prob, 1e-6) - 1.0)
+
+    def admit(self, victim: Key, key: Key) -> bool:
+        """A prefetch only displaces an expert expected to be needed later than the one it brings in (else the
+        swap turns a future hit into a miss: churn that costs link time twice)."""
+        return self.admit_all or self._next_use(victim) > self._next_use(key)
+
+    def _rank(self) -> list[Key]:
+        t = np.where(self.res, self.expected_next_use(), -np.inf).ravel()
+        n = min(self.QUEUE, int(self.res.sum()))
+        if n == 0:
+            return []
+        top = np.argpartition(-t, n - 1)[:n] if n < t.size else np.arange(t.size)
+        top = top[np.argsort(-t[top], kind="stable")]
+        return [(self.layers[i // self.E], i % self.E) for i in top.tolist() if t[i] > -np.inf]
 
     def choose_victim(self, pinned: Container[Key]) -> Key:
-        best, best_t = None, -1.0
-        for p, experts in self.resident.items():
-            if not experts:
-                continue
-            d = (p - self.cur) % self.L or self.L         # the running layer comes back after a full cycle
-            prob = self._prob(p)
-            layer = self.layers[p]
-            for e in sorted(experts, key=lambda e: prob[e]):   # least likely first
-                if (layer, e) in pinned:
-                    continue
-                t = d + self.L * (1.0 / max(prob[e], 1e-6) - 1.0)
-                if t > best_t:
-                    best, best_t = (layer, e), t
-                break
-        if best is None:
-            raise LookupError("no evictable expert")
-        return best
+        for _ in range(2):
+            if self._queue is None:
+                self._queue, self._qi = self._rank(), 0
+            while self._qi < len(self._queue):
+                key = self._queue[self._qi]
+                self._qi += 1
+                if key not in pinned and self.res[self.pos[key[0]], key[1]]:
+                    return key
+            self._queue = None                           # used up (or all pinned): rank afresh once
+        raise LookupError("no evictable expert")
 
 
 class NoCachePolicy(LRUPolicy):
@@ -271,10 +308,18 @@ POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPol
                              "none": NoCachePolicy, "belady": BeladyPolicy}
 
 
-def make_policy(name: str, **context):
-    """`context`: moe_layers, num_experts (and future, for belady) -- each policy takes what it needs."""
+def make_policy(spec: str, **context):
+    """`spec`: a name, or `name:knob=value[,...]` (`predictive:admit=0` turns prefetch admission off, for the
+    ablation). `context`: moe_layers, num_experts (and future, for belady) -- each policy takes what it needs."""
+    name, _, knobs = spec.partition(":")
     try:
         cls = POLICIES[name]
     except KeyError:
         raise UserError(f"unknown cache policy {name!r}", f"use one of {', '.join(sorted(POLICIES))}") from None
-    return cls(**context)
+    kw = {}
+    for item in filter(None, knobs.split(",")):
+        key, _, value = item.partition("=")
+        if cls is not PredictivePolicy or key != "admit" or value not in ("0", "1"):
+            raise UserError(f"unknown policy option {item!r} in {spec!r}", "the one option is predictive:admit=0|1")
+        kw["admit_all"] = value == "0"
+    return cls(**context, **kw)

@@ -7,7 +7,8 @@ Called by the runtime right after a layer's own misses were queued (so they keep
         candidates: experts not resident with prob >= p_min, most probable first, nearer layers first
     within the in-flight byte allowance (link bandwidth x recent layer time x D: deeper lookahead on faster
     links, nothing queued that the link could not deliver in time):
-        cache.claim_prefetch(key, pinned)            # never evicts what this layer or a nearer prefetch needs
+        cache.claim_prefetch(key, pinned)            # never evicts what this layer or a nearer prefetch needs,
+                                                     # nor (policy.admit) what is needed before the key
         transfer.copy_in(...)                        # ticket on the slot; the target layer waits on it if early
     policy.hint(target, probs)                        # the predictive policy keeps what is about to be used
 

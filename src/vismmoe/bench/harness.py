@@ -16,7 +16,8 @@ Systems (all inside this harness, so they share every line of code that is not t
   gate-prefetch   next-layers gate prediction + LRU (AdapMoE / DAOP / pre-gating designs)
   vismmoe         affinity compression + lookahead prefetch (gate; affinity with a calibration file) +
                   predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
-                  vismmoe-lru switch one part off each
+                  vismmoe-lru switch one part off each; vismmoe-noadmit is vismmoe-nocompress with prefetches
+                  allowed to displace experts needed sooner (prefetch admission off)
   accelerate      (GPU, real link only) transformers + accelerate device_map with expert banks on the CPU
 Emulated links (edge, mobile) are labelled as emulated in every row that uses them.
 """
@@ -56,6 +57,7 @@ SYSTEMS = {
                                  lossless=False),
     "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress="affinity", keep_ratio=0.33,
                           lossless=False),
+    "vismmoe-noadmit": System("vismmoe-noadmit", policy="predictive:admit=0", prefetch="gate"),
     "accelerate": System("accelerate"),
 }
 BASELINES = ("ondemand", "lru-offload", "moe-infinity", "gate-prefetch", "accelerate")
