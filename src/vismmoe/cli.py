@@ -135,15 +135,14 @@ def _floats(text: str, what: str) -> list[float]:
 
 def cmd_analyze(args) -> int:
     from .analyze import DEFAULT_COMPRESSORS, run
-    from .compress import COMPRESSORS
+    from .compress import make_compressor
     from .engine import load
     from .progress import layer_progress
     ratios = _floats(args.keep_ratios, "--keep-ratios")
     comps = [c.strip() for c in args.compressors.split(",") if c.strip()] if args.compressors else \
         list(DEFAULT_COMPRESSORS)
     for c in comps:
-        if c not in COMPRESSORS:
-            raise UserError(f"unknown compressor {c!r}", f"use some of {', '.join(sorted(COMPRESSORS))}")
+        make_compressor(c)                          # a name, or name:knob=value (one knob each here)
     if args.limit < 1:
         raise UserError(f"--limit {args.limit} is too small", "give at least 1")
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
@@ -306,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
     _add_job_args(a)
     a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11")
-    a.add_argument("--compressors", default=None, help="comma-separated (default: all)")
+    a.add_argument("--compressors", default=None,
+                   help="comma-separated names, each optionally with one knob, e.g. affinity:gamma=1.5 (default: all)")
     a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced, default 60)")
     a.add_argument("--out", default="runs/analyze")
     a.add_argument("--routing", action="store_true",

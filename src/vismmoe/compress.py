@@ -49,6 +49,14 @@ def _cos(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def _grid_distance(grid: tuple[int, int, int], n: int) -> np.ndarray:
+    """[N, N] distance between visual tokens' places in the (h, w) grid, 1 = the image diagonal."""
+    _, h, w = grid
+    i = np.arange(n) % (h * w)
+    pos = np.stack([i // w / max(h - 1, 1), i % w / max(w - 1, 1)], 1)
+    return np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1) / 2.0)
+
+
 class RandomCompressor:
     name = "random"
 
@@ -148,8 +156,9 @@ class AffinityCompressor:
 
     name = "affinity"
 
-    def __init__(self, lam: float = 0.5):
+    def __init__(self, lam: float = 0.5, gamma: float = 0.0):
         self.lam = lam
+        self.gamma = gamma
 
     @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
@@ -158,6 +167,8 @@ class AffinityCompressor:
         x = _cos(ctx.embeds)
         n = x.shape[0]
         sim = (x @ x.T).cpu().numpy()
+        if self.gamma:                  # look-alike tokens far apart are not duplicates (two red circles)
+            sim = sim - self.gamma * _grid_distance(ctx.grid, n)
         routes = [r.cpu().numpy() for r in ctx.probe(ctx.embeds)]                 # per layer [N, k]
         E = max(int(r.max()) for r in routes) + 1
         m, k = len(routes), routes[0].shape[1]
