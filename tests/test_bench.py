@@ -33,3 +33,21 @@ def test_bench_shape_path(tmp_path, capsys):
     assert code == 0 and len(res["rows"]) == 3            # reps 2: medians over runs without accuracy
     assert all(r["accuracy"] is None for r in res["rows"])            # random weights: nothing to score
     assert "RANDOM" in res["title"]
+
+
+def test_accelerate_banks_are_each_layers_own(tiny_dirs):
+    """The accelerate baseline gets each layer's real experts (its answers are the model's and are scored);
+    only a model too large to hold twice shares one bank pair, and then says it is not exact."""
+    import torch
+
+    from vismmoe import load
+    from vismmoe.bench.baselines import expert_banks
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    banks, exact = expert_banks(eng)
+    assert exact and len(banks) == len(eng.geometry.moe_layers)
+    for pos, (gate_up, down) in enumerate(banks):
+        gu, dn = eng.layout.views(eng.store.buffers[pos])
+        assert torch.equal(gate_up, gu) and torch.equal(down, dn)
+    assert not torch.equal(banks[0][0], banks[1][0])
+    shared, exact = expert_banks(eng, share=True)
+    assert not exact and all(b is shared[0] for b in shared)

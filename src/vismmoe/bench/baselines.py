@@ -5,9 +5,11 @@
 This is what a user gets from `from_pretrained(..., device_map=...)` with experts mapped to "cpu": accelerate's
 hooks copy the whole fused bank of a layer (all E experts) from pageable host memory to the device before the
 layer runs and drop it afterwards, every forward. Non-expert weights are shared with a vismmoe engine (same
-tensors, no copy). To fit host RAM next to the engine's own store, every layer's bank is a distinct parameter
-over ONE host tensor pair (accelerate sees them as untied and copies each layer's bank separately, so the bytes
-moved per layer are exactly those of an untied model; only their values repeat).
+tensors, no copy). Each layer gets a pageable copy of its own bank, unless the banks are too large to hold
+twice in host RAM (`SHARE_ABOVE`, e.g. the 30B shape): then every layer's bank is a distinct parameter over
+ONE host tensor pair (accelerate sees them as untied and copies each layer's bank separately, so the bytes moved
+per layer are exactly those of an untied model, but the answers are not the model's: `model.vismmoe_exact`
+says which, and the harness reports no accuracy for a shared-bank model).
 
 `resident_model`: plain transformers with every expert on the device and its own `grouped_mm` experts kernel; the
 expert banks are views into a fully preloaded vismmoe pool (slot = layer position x E + expert), so it costs no
@@ -53,20 +55,36 @@ def resident_model(engine: Engine, experts_implementation: str = "grouped_mm") -
     return model.eval()
 
 
+SHARE_ABOVE = 8 * 1024**3       # bytes of expert banks above which layers share one host bank pair
+
+
+def expert_banks(engine: Engine, share: bool | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]:
+    """Per MoE layer a pageable, contiguous (gate_up [E, 2I, H], down [E, H, I]) pair, and whether they are the
+    model's own (False: one pair repeated for every layer, see the module docstring)."""
+    share = engine.store.nbytes() > SHARE_ABOVE if share is None else share
+    banks = []
+    for pos in range(len(engine.geometry.moe_layers)):
+        if share and banks:
+            banks.append(banks[0])
+            continue
+        gu_view, dn_view = engine.layout.views(engine.store.buffers[pos])
+        banks.append((gu_view.contiguous().clone(), dn_view.contiguous().clone()))
+    return banks, not share
+
+
 def accelerate_model(engine: Engine, experts_implementation: str = "grouped_mm") -> torch.nn.Module:
-    family, geo, lay = engine.family, engine.geometry, engine.layout
+    family, geo = engine.family, engine.geometry
     model = _shared_skeleton(engine)
-    gu_view, dn_view = lay.views(engine.store.buffers[0])
-    gate_up = gu_view.contiguous().clone()                    # pageable, contiguous [E, 2I, H] / [E, H, I]
-    down = dn_view.contiguous().clone()
+    banks, exact = expert_banks(engine)
     expert_names = {family.expert_prefix(l) for l in geo.moe_layers}
-    for layer in geo.moe_layers:
+    for layer, (gate_up, down) in zip(geo.moe_layers, banks):
         ex = family.moe_block(model, layer).experts
         ex.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
         ex.down_proj = torch.nn.Parameter(down, requires_grad=False)
     device_map = _device_map(model, expert_names, engine.device.index or 0)
     model = dispatch_model(model, device_map=device_map, main_device=engine.device.index or 0)
     model.set_experts_implementation(experts_implementation)
+    model.vismmoe_exact = exact
     return model.eval()
 
 

@@ -229,7 +229,7 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
         e2e += t1 - t0
         decode += t1 - t_first
         steps += n
-        if req.answer is not None:
+        if req.answer is not None and getattr(model, "vismmoe_exact", True):
             row = toks[0]
             cut = next((i for i, t in enumerate(row) if t in base.eos_ids), None)
             text = base.tokenizer.decode([t for t in (row if cut is None else row[:cut]) if t not in base.eos_ids],
