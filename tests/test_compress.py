@@ -138,3 +138,17 @@ def test_gpu_compressors(family, tiny_dirs, image_file):
         assert 0 < s["visual_tokens_kept"] < s["visual_tokens"] and s["expert_bytes_peak"] <= s["expert_budget_bytes"]
         gens = eng.generate_batch([image_file, image_file], [q, "Is there a circle?"], max_new_tokens=4)
         assert len(gens) == 2 and all(g.token_ids for g in gens)
+
+
+def test_affinity_gamma_spreads_look_alike_tokens():
+    """With gamma > 0, identical tokens far apart in the grid are not duplicates: among 16 identical tokens the
+    picks go to the corners (without it, all tie and the first two indices are taken)."""
+    from vismmoe.compress import AffinityCompressor, _grid_distance
+    d = _grid_distance((1, 4, 4), 16)
+    assert d.shape == (16, 16) and np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
+    assert np.isclose(d[0, 15], 1.0) and np.isclose(d[0, 3], 2 ** -0.5)
+    ctx = VisualContext(embeds=torch.ones(16, 8), grid=(1, 4, 4), text=torch.zeros(1, 8), keep=2,
+                        probe=lambda x: [torch.zeros(x.shape[0], 1, dtype=torch.long)])
+    first, second = AffinityCompressor(gamma=1.5).select(ctx).keep.tolist()
+    assert first == 0 and second in (3, 12, 15)
+    assert AffinityCompressor().select(ctx).keep.tolist() == [0, 1]

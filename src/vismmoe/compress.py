@@ -151,7 +151,9 @@ class AffinityCompressor:
         diversity (min cosine distance to the tokens kept so far: the image stays covered, duplicates go)
         - lam * cost (experts it would add to the kept set's union, each weighted up when few tokens use it)
     so tokens whose routing duplicates what is already kept come cheap and tokens that drag in rare experts
-    must earn their place. lam trades working set against fidelity (0: pure diversity = DivPrune).
+    must earn their place. lam trades working set against fidelity (0: pure diversity = DivPrune). gamma > 0
+    subtracts gamma x (grid distance, 1 = the diagonal) from the similarity, so look-alike tokens far apart (two
+    red circles) both count as new (`affinity:gamma=1.5`).
     """
 
     name = "affinity"

@@ -3,6 +3,7 @@
 `qwen3-vl-30b-a3b` follows the published Qwen3-VL-30B-A3B config: 48 decoder layers, hidden 2048, 32 query /
 4 KV heads of 128, 128 experts of intermediate 768 with top-8 routing, vocab 151936, a 27-layer vision tower of
 width 1152 with DeepStack taps at 8/16/24. `qwen3-vl-30b-a3b-L4` keeps 4 decoder layers (quick runs).
+`thin-48x128` keeps the 30B routing geometry at a tiny width (host overhead per layer, measurable on a CPU).
 """
 
 from __future__ import annotations
@@ -35,8 +36,19 @@ def _tiny() -> Qwen3VLMoeConfig:
     return get_family("qwen3_vl_moe").tiny_config(ids, vocab_size=512, layers=4, experts=16, top_k=4)
 
 
+def _thin48() -> Qwen3VLMoeConfig:
+    """The 30B shape's routing geometry (48 MoE layers, 128 experts, top-8) at a tiny width: compute and copies
+    are negligible, so time per token is the host's per-layer work (bookkeeping, policy, predictor, launches),
+    the part that bounds batch-1 decode on a fast GPU. For measuring that overhead on a CPU."""
+    from ..families import get_family
+    ids = {"image": 500, "image_start": 502, "image_end": 503, "pad": 1, "eos": [2], "video": 501}
+    return get_family("qwen3_vl_moe").tiny_config(ids, vocab_size=512, layers=48, experts=128, top_k=8,
+                                                   hidden=64, inter=32, dense_inter=64)
+
+
 SHAPES = {
     "tiny-qwen3": ("qwen3_vl_moe", _tiny),                   # for tests: seconds on a CPU
+    "thin-48x128": ("qwen3_vl_moe", _thin48),                # host overhead per layer (30B routing geometry)
     "qwen3-vl-30b-a3b": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(48)),
     "qwen3-vl-30b-a3b-L4": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(4)),
 }
