@@ -42,7 +42,7 @@ def test_prefetch_is_lossless(family, prefetch, policy, tiny_dirs, image_file, c
     probe = load(tiny_dirs[family])
     for budget in ("40%", str(probe.geometry.top_k * probe.layout.nbytes)):
         eng = load(tiny_dirs[family], expert_budget=budget, policy=policy, prefetch=prefetch, lookahead=2,
-                   calibration=calibrations[family][0])
+                   fixed_lookahead=True, calibration=calibrations[family][0])
         gen = eng.generate(image_file, "What is in the picture?", max_new_tokens=8)
         assert gen.token_ids == reference[family], (family, prefetch, policy, budget)
         s = gen.stats
@@ -54,8 +54,8 @@ def test_prefetch_is_lossless(family, prefetch, policy, tiny_dirs, image_file, c
 def test_prefetch_reduces_misses_and_reports_quality(tiny_dirs, image_file):
     d = tiny_dirs["qwen3_vl_moe"]
     base = load(d, expert_budget="40%").generate(image_file, "What is in the picture?", max_new_tokens=8).stats
-    pf = load(d, expert_budget="40%", prefetch="gate").generate(image_file, "What is in the picture?",
-                                                                  max_new_tokens=8).stats
+    pf = load(d, expert_budget="40%", prefetch="gate", fixed_lookahead=True).generate(
+        image_file, "What is in the picture?", max_new_tokens=8).stats
     assert pf["prefetch_issued"] > 0 and pf["prefetch_hits"] > 0
     assert pf["misses"] < base["misses"]
     assert 0 < pf["prefetch_precision"] <= 1 and 0 < pf["prefetch_recall"] <= 1
@@ -119,7 +119,8 @@ def test_gpu_predictor_policy_matrix_is_lossless(family, tiny_dirs, image_file, 
     for prefetch in ("none", "gate", "trace", "affinity"):
         for policy in ("lru", "lfu", "lfru", "predictive", "none"):
             for budget in ("40%", smallest):
-                eng = base.fork(expert_budget=budget, policy=policy, prefetch=prefetch, lookahead=2)
+                eng = base.fork(expert_budget=budget, policy=policy, prefetch=prefetch, lookahead=2,
+                                fixed_lookahead=True)
                 gen = eng.generate(image_file, q, max_new_tokens=8)
                 assert gen.token_ids == want, (family, prefetch, policy, budget)
                 s = gen.stats
@@ -134,3 +135,23 @@ def test_gpu_predictor_policy_matrix_is_lossless(family, tiny_dirs, image_file, 
     disk = load(d, device="cuda", dtype="bfloat16", expert_budget=smallest, expert_tier="disk", prefetch="gate")
     assert disk.generate(image_file, q, max_new_tokens=8).token_ids == want
     torch.cuda.synchronize()
+
+
+def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
+    """Adaptive depth: where one layer's copies take far less than a layer's compute (the CPU's own memory,
+    experts of a few KiB) prefetch switches off; on a very slow emulated link it runs the full depth. Tokens
+    stay those of the reference either way."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    q = "What is in the picture?"
+    want = load(d).generate(image_file, q, max_new_tokens=6).token_ids
+    fast = load(d, expert_budget="40%", prefetch="gate", lookahead=3)
+    gen = fast.generate(image_file, q, max_new_tokens=6)
+    pf = fast.runtime.prefetcher
+    assert gen.token_ids == want and pf.lead() < pf.LEAD_MIN and pf.depth == 0
+    slow = load(d, expert_budget="40%", prefetch="gate", lookahead=3, link="GBps=0.01")
+    gen = slow.generate(image_file, q, max_new_tokens=6)
+    pf = slow.runtime.prefetcher
+    assert gen.token_ids == want and pf.lead() > 3 and pf.depth == 3 and gen.stats["prefetch_issued"] > 0
+    fixed = load(d, expert_budget="40%", prefetch="gate", lookahead=3, fixed_lookahead=True)
+    fixed.generate(image_file, q, max_new_tokens=6)
+    assert fixed.runtime.prefetcher.depth == 3

@@ -36,7 +36,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "GBps=N[,us=L]")
     p.add_argument("--prefetch", default="none", metavar="NAME",
                    help="lookahead predictor for prefetch: none (default), gate, trace, affinity")
-    p.add_argument("--lookahead", type=int, default=2, help="prefetch depth in MoE layers (default 2)")
+    p.add_argument("--lookahead", type=int, default=2,
+                   help="most MoE layers to prefetch ahead (default 2); the depth used adapts to how long the "
+                        "expected misses take on the link, down to no prefetch when they hide under compute")
+    p.add_argument("--fixed-lookahead", action="store_true", help="always prefetch --lookahead layers ahead")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="transition tables from `vismmoe calibrate` (for --prefetch trace/affinity)")
     p.add_argument("--compress", default="none", metavar="NAME",
@@ -60,8 +63,9 @@ def _engine_from(args, trace: bool = False):
         return load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                     device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
                     expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
-                    lookahead=args.lookahead, calibration=args.calibration, compress=args.compress,
-                    keep_ratio=args.keep_ratio, progress=tick)
+                    lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
+                    calibration=args.calibration, compress=args.compress, keep_ratio=args.keep_ratio,
+                    progress=tick)
 
 
 def cmd_generate(args) -> int:

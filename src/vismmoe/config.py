@@ -61,7 +61,8 @@ class RuntimeConfig:
     trace: bool = False
     link: str = "real"                  # real | edge | mobile | GBps=N[,us=L] (emulated unless real)
     prefetch: str = "none"              # none | gate | trace | affinity
-    lookahead: int = 2                  # prefetch depth in MoE layers
+    lookahead: int = 2                  # prefetch depth in MoE layers (the most, when adaptive)
+    fixed_lookahead: bool = False       # always prefetch `lookahead` layers ahead (published designs do)
     calibration: str | None = None      # transition tables for trace/affinity (vismmoe calibrate)
     compress: str = "none"              # visual-token compressor (compress.py) or none
     keep_ratio: float = 1.0             # share of visual tokens kept when compressing

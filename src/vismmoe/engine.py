@@ -196,7 +196,9 @@ class Engine:
         predictor = make_predictor(rc.prefetch, self, rc.lookahead, rc.calibration)
         if predictor is not None:
             gbps = link.gbps if link.emulated else (53.0 if device.type == "cuda" else 8.0)
-            self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=gbps)
+            self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=gbps,
+                                                 latency_s=link.latency_s if link.emulated else 0.0,
+                                                 expert_bytes=layout.nbytes, adaptive=not rc.fixed_lookahead)
             self.runtime.observers.append(self.runtime.prefetcher)
         self.trace: RoutingTrace | None = None
         if rc.trace:
@@ -212,12 +214,13 @@ class Engine:
     def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
              share_pool: bool = False, link: str | None = None, prefetch: str | None = None,
              lookahead: int | None = None, compress: str | None = None, keep_ratio: float | None = None,
-             calibration: str | None = None) -> Engine:
+             calibration: str | None = None, fixed_lookahead: bool | None = None) -> Engine:
         """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
         this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
                      policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link,
                      prefetch=prefetch or self.rc.prefetch, lookahead=lookahead or self.rc.lookahead,
+                     fixed_lookahead=self.rc.fixed_lookahead if fixed_lookahead is None else fixed_lookahead,
                      compress=compress or self.rc.compress,
                      keep_ratio=self.rc.keep_ratio if keep_ratio is None else keep_ratio,
                      calibration=calibration or self.rc.calibration)
@@ -484,12 +487,14 @@ def strip_experts(model, family, geo, dt, dev) -> None:
 def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
          device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
          expert_tier: str = "host", trace: bool = False, link: str = "real", prefetch: str = "none",
-         lookahead: int = 2, calibration: str | None = None, compress: str = "none", keep_ratio: float = 1.0,
+         lookahead: int = 2, fixed_lookahead: bool = False, calibration: str | None = None,
+         compress: str = "none", keep_ratio: float = 1.0,
          max_seq: int = 4096, progress=None) -> Engine:
     """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
     rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
                        reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
-                       prefetch=prefetch, lookahead=lookahead, calibration=calibration, compress=compress,
+                       prefetch=prefetch, lookahead=lookahead, fixed_lookahead=fixed_lookahead,
+                       calibration=calibration, compress=compress,
                        keep_ratio=keep_ratio, max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
     if policy.partition(":")[0] not in POLICIES or policy == "belady" or ":" in policy:   # validate before reading

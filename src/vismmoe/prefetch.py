@@ -15,31 +15,72 @@ Called by the runtime right after a layer's own misses were queued (so they keep
 Prefetched experts live in ordinary slots, so bytes in flight are always inside the budget. A wrong guess costs
 bytes (counted as wasted when the expert leaves unused) and a slot, never correctness: the target layer
 loads whatever it really needs on demand.
+
+Adaptive depth (the default; `fixed_lookahead` turns it off): each layer call reports how many of its experts
+were not resident before prefetching (demand misses + prefetch hits); their copy time on the link, as an EMA,
+divided by the time of one layer call is the lead the copies need. Prefetch runs that many layers ahead (at
+most D) and not at all below half a layer: then hits-first scheduling already hides the copies and the
+predictor's work (router launches, bookkeeping) would only cost time. Slow links get deep lookahead, fast ones
+none, and a link that gets slower (or a cache that gets tighter) turns prefetch back on by itself.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 
 
 class Prefetcher:
-    def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0):
+    LEAD_MIN = 0.5                               # copies needing less than this many layer times: no prefetch
+
+    def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0,
+                 latency_s: float = 0.0, expert_bytes: int = 0, adaptive: bool = True):
         self.predictor = predictor
-        self.depth = depth
+        self.max_depth = depth
+        self.depth = depth                       # depth in force for the layer call in progress
         self.p_min = p_min
         self.link_gbps = link_gbps
-        self._layer_s = 0.0                      # EMA of wall time between layer calls
+        self.copy_s = latency_s + expert_bytes / (link_gbps * 1e9)      # one expert over the link
+        self.adaptive = adaptive
+        self._layer_s = 0.0                      # floor of the wall time between layer calls (compute)
+        self._miss_s = None                      # EMA of copy seconds per layer call for experts not resident
         self._last = None
+        parts = (predictor, getattr(predictor, "gate", None), getattr(predictor, "trace", None))
+        self._depths = [(p, p.depth) for p in parts if p is not None and hasattr(p, "depth")]
+
+    def lead(self) -> float | None:
+        """Layer times the expected copies of one layer call need (None before anything was measured)."""
+        if self._miss_s is None or self._layer_s <= 0:
+            return None
+        return self._miss_s / self._layer_s
+
+    def _choose_depth(self) -> int:
+        lead = self.lead() if self.adaptive else None
+        if lead is None:
+            return self.max_depth
+        return 0 if lead < self.LEAD_MIN else min(self.max_depth, math.ceil(lead))
+
+    def note(self, not_resident: int) -> None:
+        """A layer call found `not_resident` of its experts absent before prefetching (misses + prefetch hits)."""
+        copy = not_resident * self.copy_s
+        self._miss_s = copy if self._miss_s is None else 0.7 * self._miss_s + 0.3 * copy
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         now = time.perf_counter()
         if self._last is not None:
             dt = now - self._last
             if dt < 1.0:                         # ignore gaps between requests
-                self._layer_s = dt if self._layer_s == 0 else 0.8 * self._layer_s + 0.2 * dt
+                # a slowly rising floor: the time of a layer call without waiting for copies (waits only add
+                # to it), so the lead does not shrink because the copies being measured made layers longer
+                self._layer_s = dt if self._layer_s == 0 else min(dt, 1.02 * self._layer_s)
         self._last = now
+        self.depth = self._choose_depth()
+        if self.depth == 0:
+            return                               # nothing to predict: no router launches
+        for p, most in self._depths:
+            p.depth = min(most, self.depth)
         self.predictor.observe(layer, hidden, top_k_index, top_k_weights)
 
     def allowance_bytes(self, expert_bytes: int, top_k: int) -> int:
@@ -48,6 +89,8 @@ class Prefetcher:
         return int(max(by_link, top_k * expert_bytes))
 
     def issue(self, runtime, layer: int, pinned: set) -> None:
+        if self.depth == 0:
+            return
         cache = runtime.cache
         layers = runtime.moe_layers
         p = runtime.layer_pos[layer]

@@ -106,6 +106,9 @@ class OffloadRuntime:
         if not needed:
             return torch.zeros_like(hidden)
         resident = {e for e in needed if cache.resident((layer, e))}
+        if self.prefetcher is not None:            # how many copies this call needed without prefetch
+            pf_hits = sum(cache.prefetched[cache.slot_of[(layer, e)]] for e in resident)
+            self.prefetcher.note(len(needed) - len(resident) + pf_hits)
         waves = plan_waves(needed, resident, cache.num_slots)
         pairs = None
         for w, wave in enumerate(waves):
@@ -132,13 +135,23 @@ class OffloadRuntime:
                 spans = windows([slot_of[e] for e in part], self.max_groups)
                 whole = len(waves) == 1 and len(parts) == 1 and len(spans) == 1
                 for lo, hi in spans:
-                    lut = np.full(self.num_experts, hi - lo, dtype=np.int64)  # expert -> window slot; else hi-lo
+                    inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
+                    if not self.cuda and hi - lo > 2 * len(inside) + 16:
+                        # the CPU grouped_mm pays for every group of the window, empty ones too: gather the
+                        # used slots' weights instead (a copy of what the matmul reads anyway)
+                        sel = torch.tensor(inside)
+                        gate_up, down = cache.gate_up.index_select(0, sel), cache.down.index_select(0, sel)
+                        local = {slot: i for i, slot in enumerate(inside)}
+                    else:
+                        gate_up, down = cache.gate_up[lo:hi], cache.down[lo:hi]
+                        local = {slot: slot - lo for slot in inside}
+                    lut = np.full(self.num_experts, gate_up.shape[0], dtype=np.int64)  # expert -> group; else G
                     for e in part:
-                        if lo <= slot_of[e] < hi:
-                            lut[e] = slot_of[e] - lo
+                        if slot_of[e] in local:
+                            lut[e] = local[slot_of[e]]
                     slot_idx = self._to_device(lut[idx], hidden.device)     # [T, K]
-                    pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, cache.gate_up[lo:hi],
-                                             cache.down[lo:hi], pairs, whole=whole)
+                    pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
+                                             whole=whole)
             if self.cuda:
                 used = torch.cuda.Event()
                 used.record()

@@ -17,7 +17,8 @@ Systems (all inside this harness, so they share every line of code that is not t
   vismmoe         affinity compression + lookahead prefetch (gate; affinity with a calibration file) +
                   predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
                   vismmoe-lru switch one part off each; vismmoe-noadmit is vismmoe-nocompress with prefetches
-                  allowed to displace experts needed sooner (prefetch admission off)
+                  allowed to displace experts needed sooner (prefetch admission off); vismmoe-fixed is
+                  vismmoe-nocompress with a fixed lookahead instead of the link-adaptive one
   accelerate      (GPU, real link only) transformers + accelerate device_map with expert banks on the CPU
 Emulated links (edge, mobile) are labelled as emulated in every row that uses them.
 """
@@ -43,13 +44,14 @@ class System:
     compress: str = "none"
     keep_ratio: float = 1.0
     lossless: bool = True
+    fixed_lookahead: bool = False           # published prefetchers always look ahead; ours adapts to the link
 
 
 SYSTEMS = {
     "ondemand": System("ondemand", policy="none"),
     "lru-offload": System("lru-offload", policy="lru"),
-    "moe-infinity": System("moe-infinity", policy="lfu", prefetch="trace"),
-    "gate-prefetch": System("gate-prefetch", policy="lru", prefetch="gate"),
+    "moe-infinity": System("moe-infinity", policy="lfu", prefetch="trace", fixed_lookahead=True),
+    "gate-prefetch": System("gate-prefetch", policy="lru", prefetch="gate", fixed_lookahead=True),
     "vismmoe": System("vismmoe", policy="predictive", prefetch="gate", compress="affinity", keep_ratio=0.33,
                       lossless=False),
     "vismmoe-nocompress": System("vismmoe-nocompress", policy="predictive", prefetch="gate"),
@@ -58,6 +60,7 @@ SYSTEMS = {
     "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress="affinity", keep_ratio=0.33,
                           lossless=False),
     "vismmoe-noadmit": System("vismmoe-noadmit", policy="predictive:admit=0", prefetch="gate"),
+    "vismmoe-fixed": System("vismmoe-fixed", policy="predictive", prefetch="gate", fixed_lookahead=True),
     "accelerate": System("accelerate"),
 }
 BASELINES = ("ondemand", "lru-offload", "moe-infinity", "gate-prefetch", "accelerate")
@@ -94,7 +97,7 @@ def _fork(base, sys: System, budget: str, link: str, calibration: str | None, po
         prefetch = "gate"                   # no tables: fall back (noted in the row)
     eng = (pool_of or base).fork(expert_budget=budget, policy=sys.policy, link=link, prefetch=prefetch,
                                  compress=sys.compress, keep_ratio=sys.keep_ratio, calibration=calibration,
-                                 share_pool=pool_of is not None)
+                                 share_pool=pool_of is not None, fixed_lookahead=sys.fixed_lookahead)
     return eng, prefetch
 
 
