@@ -99,3 +99,21 @@ def test_gpu_window_of_max_groups_runs_in_the_cuda_kernel():
     got = pairs.view(T, K, H).sum(1).float().cpu()
     ref = _reference(hidden[:8], idx[:8], w[:8], gate_up, down)
     assert torch.allclose(got[:8], ref, atol=0.1, rtol=0.05)
+
+
+def test_sparse_window_gathers_used_slots_with_identical_results():
+    """window_banks: a mostly empty window is gathered (CPU) and gives bit-identical pair rows to the slice."""
+    from vismmoe.grouped import window_banks
+    g = torch.Generator().manual_seed(5)
+    T, K, S, H, I = 7, 2, 200, 16, 8
+    gate_up, down = torch.randn(S, 2 * I, H, generator=g), torch.randn(S, H, I, generator=g)
+    hidden, w = torch.randn(T, H, generator=g), torch.rand(T, K, generator=g)
+    inside = [3, 50, 120, 190]
+    idx = torch.tensor(inside)[torch.randint(0, 4, (T, K), generator=g)]
+    out = {}
+    for gather in (False, True):
+        gu, dn, local = window_banks(gate_up, down, inside, 3, 191, gather_sparse=gather)
+        assert gu.shape[0] == (4 if gather else 188)
+        slot_idx = torch.tensor([[local[int(s)] for s in row] for row in idx])
+        out[gather] = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, None, whole=True)
+    assert torch.equal(out[False], out[True])

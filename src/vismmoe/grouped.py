@@ -10,7 +10,7 @@ lands in `pairs [P, H]`; rows of pairs outside the wave keep what earlier waves 
 split into waves. No host synchronisation happens here (offsets come from `histc`, not `bincount`).
 
 `grouped_mm` takes at most `MAX_GROUPS` groups per call, so a call sees a window of at most that many slots
-(`windows()` splits the slots a wave uses; the caller passes each window's pool slice and window-local indices).
+(`windows()` splits the slots a wave uses; `window_banks()` gives each window's banks and slot -> group map).
 """
 
 from __future__ import annotations
@@ -31,6 +31,19 @@ def windows(slots: list[int], span: int = MAX_GROUPS) -> list[tuple[int, int]]:
         else:
             out.append((s, s + 1))
     return out
+
+
+def window_banks(gate_up: torch.Tensor, down: torch.Tensor, inside: list[int], lo: int, hi: int,
+                 gather_sparse: bool) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+    """The banks one grouped matmul sees for the used slots `inside` [lo, hi) and slot -> group index.
+
+    Normally the pool slice [lo, hi) (a view: no copy). With `gather_sparse` (the CPU, whose grouped_mm pays for
+    every group of the window, empty ones too) a window mostly empty gathers its used slots' weights instead:
+    a copy of what the matmul reads anyway."""
+    if gather_sparse and hi - lo > 2 * len(inside) + 16:
+        sel = torch.tensor(inside, device=gate_up.device)
+        return gate_up.index_select(0, sel), down.index_select(0, sel), {s: i for i, s in enumerate(inside)}
+    return gate_up[lo:hi], down[lo:hi], {s: s - lo for s in inside}
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .cache import ExpertCache
-from .grouped import MAX_GROUPS, experts_on_slots, windows
+from .grouped import MAX_GROUPS, experts_on_slots, window_banks, windows
 from .schedule import plan_waves
 from .transfer import TransferEngine
 
@@ -136,15 +136,8 @@ class OffloadRuntime:
                 whole = len(waves) == 1 and len(parts) == 1 and len(spans) == 1
                 for lo, hi in spans:
                     inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
-                    if not self.cuda and hi - lo > 2 * len(inside) + 16:
-                        # the CPU grouped_mm pays for every group of the window, empty ones too: gather the
-                        # used slots' weights instead (a copy of what the matmul reads anyway)
-                        sel = torch.tensor(inside)
-                        gate_up, down = cache.gate_up.index_select(0, sel), cache.down.index_select(0, sel)
-                        local = {slot: i for i, slot in enumerate(inside)}
-                    else:
-                        gate_up, down = cache.gate_up[lo:hi], cache.down[lo:hi]
-                        local = {slot: slot - lo for slot in inside}
+                    gate_up, down, local = window_banks(cache.gate_up, cache.down, inside, lo, hi,
+                                                        gather_sparse=not self.cuda)
                     lut = np.full(self.num_experts, gate_up.shape[0], dtype=np.int64)  # expert -> group; else G
                     for e in part:
                         if slot_of[e] in local:
