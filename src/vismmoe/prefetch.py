@@ -17,11 +17,13 @@ bytes (counted as wasted when the expert leaves unused) and a slot, never correc
 loads whatever it really needs on demand.
 
 Adaptive depth (the default; `fixed_lookahead` turns it off): each layer call reports how many of its experts
-were not resident before prefetching (demand misses + prefetch hits); their copy time on the link, as an EMA,
-divided by the time of one layer call is the lead the copies need. Prefetch runs that many layers ahead (at
-most D) and not at all below half a layer: then hits-first scheduling already hides the copies and the
-predictor's work (router launches, bookkeeping) would only cost time. Slow links get deep lookahead, fast ones
-none, and a link that gets slower (or a cache that gets tighter) turns prefetch back on by itself.
+were needed and how many were not resident before prefetching (demand misses + prefetch hits). As EMAs over
+layer calls, against a floor of the layer's compute time L:
+    copy  = not-resident experts x (expert bytes / link bandwidth + per-transfer latency)
+    stall = copy - (resident share x L)      what hits-first scheduling could not hide under the hits' compute
+Prefetch runs ceil(copy / L) layers ahead (at most D) when the stall would exceed STALL_MIN x L, and not at
+all otherwise: the predictor's work (router launches, bookkeeping) would only cost time. Slow links get deep
+lookahead, fast ones none, and a link that gets slower (or a cache that gets tighter) turns prefetch back on.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 
 class Prefetcher:
-    LEAD_MIN = 0.5                               # copies needing less than this many layer times: no prefetch
+    STALL_MIN = 0.1                              # expected stall below this share of a layer: no prefetch
 
     def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0,
                  latency_s: float = 0.0, expert_bytes: int = 0, adaptive: bool = True):
@@ -46,6 +48,7 @@ class Prefetcher:
         self.adaptive = adaptive
         self._layer_s = 0.0                      # floor of the wall time between layer calls (compute)
         self._miss_s = None                      # EMA of copy seconds per layer call for experts not resident
+        self._resident = 0.0                     # EMA of the share of a layer call's experts already resident
         self._last = None
         parts = (predictor, getattr(predictor, "gate", None), getattr(predictor, "trace", None))
         self._depths = [(p, p.depth) for p in parts if p is not None and hasattr(p, "depth")]
@@ -56,16 +59,26 @@ class Prefetcher:
             return None
         return self._miss_s / self._layer_s
 
-    def _choose_depth(self) -> int:
-        lead = self.lead() if self.adaptive else None
-        if lead is None:
-            return self.max_depth
-        return 0 if lead < self.LEAD_MIN else min(self.max_depth, math.ceil(lead))
+    def stall_share(self) -> float | None:
+        """Expected wait without prefetch, in layer times: copies minus the hits' compute they overlap."""
+        lead = self.lead()
+        return None if lead is None else lead - self._resident
 
-    def note(self, not_resident: int) -> None:
-        """A layer call found `not_resident` of its experts absent before prefetching (misses + prefetch hits)."""
+    def _choose_depth(self) -> int:
+        stall = self.stall_share() if self.adaptive else None
+        if stall is None:
+            return self.max_depth
+        return 0 if stall < self.STALL_MIN else min(self.max_depth, max(1, math.ceil(self.lead())))
+
+    def note(self, needed: int, not_resident: int) -> None:
+        """A layer call needed `needed` experts, `not_resident` of them absent before prefetching."""
         copy = not_resident * self.copy_s
-        self._miss_s = copy if self._miss_s is None else 0.7 * self._miss_s + 0.3 * copy
+        share = 1.0 - not_resident / max(needed, 1)
+        if self._miss_s is None:
+            self._miss_s, self._resident = copy, share
+        else:
+            self._miss_s = 0.7 * self._miss_s + 0.3 * copy
+            self._resident = 0.7 * self._resident + 0.3 * share
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         now = time.perf_counter()
