@@ -18,7 +18,8 @@ loads whatever it really needs on demand.
 
 Adaptive depth (the default; `fixed_lookahead` turns it off): each layer call reports how many of its experts
 were needed and how many were not resident before prefetching (demand misses + prefetch hits). As EMAs over
-layer calls, against a floor of the layer's compute time L:
+layer calls with a similar token count (decode and prefill are tracked apart), against a floor of the layer's
+compute time L:
     copy  = not-resident experts x (expert bytes / link bandwidth + per-transfer latency)
     stall = copy - (resident share x L)      what hits-first scheduling could not hide under the hits' compute
 Prefetch runs ceil(copy / L) layers ahead (at most D) when the stall would exceed STALL_MIN x L, and not at
@@ -30,8 +31,17 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass
+class _Phase:
+    """Timing of layer calls with a similar token count (decode steps, or prefills of a similar length)."""
+    layer_s: float = 0.0                         # floor of the wall time between layer calls (compute)
+    miss_s: float | None = None                  # EMA of copy seconds per layer call for experts not resident
+    resident: float = 0.0                        # EMA of the share of a layer call's experts already resident
 
 
 class Prefetcher:
@@ -46,23 +56,23 @@ class Prefetcher:
         self.link_gbps = link_gbps
         self.copy_s = latency_s + expert_bytes / (link_gbps * 1e9)      # one expert over the link
         self.adaptive = adaptive
-        self._layer_s = 0.0                      # floor of the wall time between layer calls (compute)
-        self._miss_s = None                      # EMA of copy seconds per layer call for experts not resident
-        self._resident = 0.0                     # EMA of the share of a layer call's experts already resident
+        self._phases: dict[int, _Phase] = {}     # per token-count bucket (decode and prefill differ)
+        self._phase = None                       # phase of the layer call in progress
         self._last = None
         parts = (predictor, getattr(predictor, "gate", None), getattr(predictor, "trace", None))
         self._depths = [(p, p.depth) for p in parts if p is not None and hasattr(p, "depth")]
 
     def lead(self) -> float | None:
         """Layer times the expected copies of one layer call need (None before anything was measured)."""
-        if self._miss_s is None or self._layer_s <= 0:
+        ph = self._phase
+        if ph is None or ph.miss_s is None or ph.layer_s <= 0:
             return None
-        return self._miss_s / self._layer_s
+        return ph.miss_s / ph.layer_s
 
     def stall_share(self) -> float | None:
         """Expected wait without prefetch, in layer times: copies minus the hits' compute they overlap."""
         lead = self.lead()
-        return None if lead is None else lead - self._resident
+        return None if lead is None else lead - self._phase.resident
 
     def _choose_depth(self) -> int:
         stall = self.stall_share() if self.adaptive else None
@@ -72,23 +82,29 @@ class Prefetcher:
 
     def note(self, needed: int, not_resident: int) -> None:
         """A layer call needed `needed` experts, `not_resident` of them absent before prefetching."""
+        ph = self._phase
+        if ph is None:
+            return
         copy = not_resident * self.copy_s
         share = 1.0 - not_resident / max(needed, 1)
-        if self._miss_s is None:
-            self._miss_s, self._resident = copy, share
+        if ph.miss_s is None:
+            ph.miss_s, ph.resident = copy, share
         else:
-            self._miss_s = 0.7 * self._miss_s + 0.3 * copy
-            self._resident = 0.7 * self._resident + 0.3 * share
+            ph.miss_s = 0.7 * ph.miss_s + 0.3 * copy
+            ph.resident = 0.7 * ph.resident + 0.3 * share
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         now = time.perf_counter()
-        if self._last is not None:
+        if self._last is not None and self._phase is not None:
             dt = now - self._last
             if dt < 1.0:                         # ignore gaps between requests
                 # a slowly rising floor: the time of a layer call without waiting for copies (waits only add
                 # to it), so the lead does not shrink because the copies being measured made layers longer
-                self._layer_s = dt if self._layer_s == 0 else min(dt, 1.02 * self._layer_s)
+                ph = self._phase
+                ph.layer_s = dt if ph.layer_s == 0 else min(dt, 1.02 * ph.layer_s)
         self._last = now
+        bucket = min(int(hidden.shape[0]), 1 << 16).bit_length()          # 1 token, 2-3, 4-7, ...
+        self._phase = self._phases.setdefault(bucket, _Phase())
         self.depth = self._choose_depth()
         if self.depth == 0:
             return                               # nothing to predict: no router launches
@@ -98,7 +114,8 @@ class Prefetcher:
 
     def allowance_bytes(self, expert_bytes: int, top_k: int) -> int:
         """Bytes the link can deliver during `depth` layer times; at least one layer's top-k."""
-        by_link = self.link_gbps * 1e9 * self._layer_s * self.depth
+        layer_s = self._phase.layer_s if self._phase is not None else 0.0
+        by_link = self.link_gbps * 1e9 * layer_s * self.depth
         return int(max(by_link, top_k * expert_bytes))
 
     def issue(self, runtime, layer: int, pinned: set) -> None:
