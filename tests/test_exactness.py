@@ -117,3 +117,24 @@ def test_grouped_windows_do_not_change_results(tiny_dirs, image_file):
     eng.runtime.max_groups = 3
     assert torch.equal(eng.forward_logits(inputs), want)
     assert eng.generate(image_file, PROMPTS[0], max_new_tokens=NEW).token_ids == ref_tokens
+
+
+def test_disk_tier_reads_on_a_thread_pool_under_ring_pressure(tiny_dirs, image_file, references, monkeypatch):
+    """The disk tier reads on several I/O threads; with a staging ring of 3 slots (2 readers) and prefetch
+    adding reads, tokens still equal the reference and every staging slot comes back."""
+    from vismmoe import store as store_mod
+    from vismmoe import transfer as transfer_mod
+    real = store_mod.DiskStore.__init__
+    monkeypatch.setattr(store_mod.DiskStore, "__init__",
+                        lambda self, *a, **k: real(self, *a, **{**k, "staging": 3}))
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", expert_tier="disk", prefetch="gate",
+               fixed_lookahead=True)
+    tr = eng.runtime.transfer
+    assert tr.worker._max_workers == min(transfer_mod.IO_THREADS, 2) == 2
+    gen = eng.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
+    assert gen.token_ids == references["qwen3_vl_moe"][0][0]
+    import time
+    deadline = time.time() + 5                  # unused prefetches may still be copying
+    while len(eng.store._free) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(eng.store._free) == 3

@@ -232,6 +232,10 @@ class DiskStore:
         self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
         return self.layout.pack(gu, dn, self.ring[i])
 
+    def has_room(self) -> bool:
+        with self._cv:
+            return bool(self._free)
+
     def release(self, blob: torch.Tensor) -> None:
         i = (blob.data_ptr() - self.ring.data_ptr()) // (self.layout.numel * self.ring.element_size())
         with self._cv:

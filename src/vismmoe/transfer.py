@@ -7,12 +7,18 @@ memcpy (torch releases the GIL), so copies overlap compute there too; the ticket
 emulated link (links.py) the ticket also carries the host time its bytes would have arrived, and waiting for it
 sleeps until then.
 
+Disk tier: reads from the checkpoint files run on an I/O thread pool (`IO_THREADS`), so several experts are read
+at once and the thread that asked never blocks on the disk. On the GPU the reading thread also queues the
+host-to-device copy on the copy stream (under a lock, so "queued last" stays well defined) and sets the
+ticket's event; staging-ring slots are given back once their copy has finished, by whichever thread needs room.
+
 It does not decide what to copy or where: the cache, the layer schedule and the prefetcher do.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,15 +39,19 @@ class Ticket:
     event: object = None        # torch.cuda.Event on the copy stream
     future: Future | None = None
     ready_at: float = 0.0       # emulated arrival time (perf_counter clock); 0 without emulation
+    enq: int = 0                # GPU: position in the copy stream's queue
 
     def done(self) -> bool:
         if self.ready_at and time.perf_counter() < self.ready_at:
             return False
+        if self.future is not None and not self.future.done():
+            return False
         if self.event is not None:
             return self.event.query()
-        if self.future is not None:
-            return self.future.done()
         return True
+
+
+IO_THREADS = 4          # parallel reads from the checkpoint files (disk tier)
 
 
 class TransferEngine:
@@ -49,8 +59,15 @@ class TransferEngine:
         self.device = device
         self.store = store
         self.cuda = device.type == "cuda"
+        self.disk = getattr(store, "tier", "host") == "disk"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.worker = None if self.cuda else ThreadPoolExecutor(1, thread_name_prefix="vismmoe-copy")
+        if self.disk:               # fewer readers than staging slots, so a slot is always on its way back
+            threads = max(1, min(IO_THREADS, store.ring.shape[0] - 1))
+            self.worker = ThreadPoolExecutor(threads, thread_name_prefix="vismmoe-io")
+        else:
+            self.worker = None if self.cuda else ThreadPoolExecutor(1, thread_name_prefix="vismmoe-copy")
+        self._lock = threading.Lock()           # copy-stream queueing and the pending list (I/O threads)
+        self._enq = itertools.count(1)          # order copies were queued on the copy stream
         self.clock = LinkClock(link)
         self._seq = itertools.count()
         self._pending: deque = deque()          # (event, blob): staging memory still being read (disk tier, GPU)
@@ -83,27 +100,40 @@ class TransferEngine:
             ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind)
             ticket.ready_at = self._book(layer, expert, nbytes, kind)
             return ticket
-        self._reclaim()
-        blob = self.store.blob(layer_pos, expert)
-        if after is not None:       # the slot's previous expert may still be read by queued compute
-            self.stream.wait_event(after)
-        with torch.cuda.stream(self.stream):
-            if self._span_start is None:
-                self._span_start = torch.cuda.Event(enable_timing=True)
-                self._span_start.record(self.stream)
-            if self.timeline is not None and not self.link.emulated:
-                start = torch.cuda.Event(enable_timing=True)
-                start.record(self.stream)
-            dst.copy_(blob, non_blocking=True)
-            done = torch.cuda.Event(enable_timing=True)
-            done.record(self.stream)
-        if self.store.tier == "disk":
-            self._pending.append((done, blob))
-        if self.timeline is not None and not self.link.emulated:
-            self._gpu_spans.append((layer, expert, start, done, kind))
-        ticket.event = done
+        if self.disk:               # read on an I/O thread, which then queues the copy
+            ticket.future = self.worker.submit(self._disk_copy, ticket, layer, layer_pos, expert, dst, after, kind)
+        else:
+            self._queue_copy(ticket, layer, expert, self.store.blob(layer_pos, expert), dst, after, kind)
         ticket.ready_at = self._book(layer, expert, nbytes, kind)
         return ticket
+
+    def _disk_copy(self, ticket: Ticket, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after,
+                   kind: str) -> None:
+        self._reclaim(need_room=True)
+        self._queue_copy(ticket, layer, expert, self.store.blob(layer_pos, expert), dst, after, kind)
+
+    def _queue_copy(self, ticket: Ticket, layer: int, expert: int, blob: torch.Tensor, dst: torch.Tensor, after,
+                    kind: str) -> None:
+        """Queue blob -> dst on the copy stream after event `after` (the last compute that read the slot)."""
+        with self._lock:
+            if after is not None:
+                self.stream.wait_event(after)
+            with torch.cuda.stream(self.stream):
+                if self._span_start is None:
+                    self._span_start = torch.cuda.Event(enable_timing=True)
+                    self._span_start.record(self.stream)
+                if self.timeline is not None and not self.link.emulated:
+                    start = torch.cuda.Event(enable_timing=True)
+                    start.record(self.stream)
+                dst.copy_(blob, non_blocking=True)
+                done = torch.cuda.Event(enable_timing=True)
+                done.record(self.stream)
+            if self.disk:
+                self._pending.append((done, blob))
+            if self.timeline is not None and not self.link.emulated:
+                self._gpu_spans.append((layer, expert, start, done, kind))
+            ticket.enq = next(self._enq)
+            ticket.event = done
 
     def _book(self, layer: int, expert: int, nbytes: int, kind: str) -> float:
         ready = self.clock.book(nbytes)
@@ -118,7 +148,8 @@ class TransferEngine:
         dst.copy_(blob)
         self.store.release(blob)
         t1 = time.perf_counter()
-        self.copy_s += t1 - t0
+        with self._lock:
+            self.copy_s += t1 - t0
         if self.timeline is not None and not self.link.emulated:
             self.timeline.add_copy(layer, expert, t0, t1, kind)
 
@@ -145,24 +176,34 @@ class TransferEngine:
         if delay > 0:
             time.sleep(delay)
         host = time.perf_counter() - t0
-        if host > 0 and (not self.cuda or self.link.emulated):
+        if host > 0 and (not self.cuda or self.link.emulated or self.disk):     # the host itself waited
             self._host_stall[layer] = self._host_stall.get(layer, 0.0) + host
         if self.cuda:
-            last = max(tickets, key=lambda t: t.seq)            # one stream: events complete in order
+            last = max(tickets, key=lambda t: t.enq)            # one stream: events complete in queue order
             stream = torch.cuda.current_stream(self.device)
             ready = torch.cuda.Event(enable_timing=True)
             ready.record(stream)
             stream.wait_event(last.event)
             self._stall_pairs.append((layer, ready, last.event))
-            if self._span_start is not None:
-                self._spans.append((self._span_start, last.event))
-                self._span_start = None
+            with self._lock:
+                if self._span_start is not None:
+                    self._spans.append((self._span_start, last.event))
+                    self._span_start = None
 
-    def _reclaim(self) -> None:
+    def _reclaim(self, need_room: bool = False) -> None:
+        """Give staging slots back for copies that finished; with `need_room`, wait for the oldest copy when every
+        slot is taken (the copy stream never waits on the host, so this always ends)."""
         ring = getattr(self.store, "ring", None)
         limit = ring.shape[0] - 1 if ring is not None else 0
-        while self._pending and (len(self._pending) > limit or self._pending[0][0].query()):
-            ev, blob = self._pending.popleft()
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                ev, blob = self._pending[0]
+                full = len(self._pending) > limit or (need_room and not self.store.has_room())
+                if not (full or ev.query()):
+                    return
+                self._pending.popleft()
             ev.synchronize()
             self.store.release(blob)
 
