@@ -90,6 +90,8 @@ def test_bad_input_one_line_exit_2(tiny_dirs, image_file, capsys, bad_inputs, tm
         (["--model", model, "--image", image_file, "--expert-budget", "lots"], "bad expert budget"),
         (["--model", model, "--image", image_file, "--device-memory", "1MiB"], "too small"),
         (["--model", model, "--image", image_file, "--policy", "fifo"], "unknown cache policy"),
+        (["--model", model, "--image", image_file, "--policy", "lru:admit=0"], "unknown policy option"),
+        (["--model", model, "--image", image_file, "--compress", "affinity:gamma=x"], "bad compressor knob"),
         (["--model", model, "--image", image_file, "--dtype", "int3"], "unknown dtype"),
         (["--model", model, "--image", image_file, "--max-new-tokens", "0"], "at least 1"),
         (["--model", model, "--image", image_file, "--prompt", "   "], "empty --prompt"),
