@@ -138,3 +138,28 @@ def test_disk_tier_reads_on_a_thread_pool_under_ring_pressure(tiny_dirs, image_f
     while len(eng.store._free) < 3 and time.time() < deadline:
         time.sleep(0.01)
     assert len(eng.store._free) == 3
+
+
+def test_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
+    """Two copies into the same slot (a prefetch evicted before it landed, then the slot reused): the later
+    expert is what the slot holds, even when the earlier read is slow and another I/O thread is free."""
+    import time
+
+    import torch
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", expert_tier="disk")
+    tr, store = eng.runtime.transfer, eng.store
+    real = store.blob
+
+    def slow_first(layer_pos, expert, block=True):
+        if expert == 0:
+            time.sleep(0.2)
+        return real(layer_pos, expert, block)
+
+    monkeypatch.setattr(store, "blob", slow_first)
+    dst = eng.cache.pool[0]
+    layer = eng.geometry.moe_layers[0]
+    first = tr.copy_in(layer, 0, 0, dst)
+    second = tr.copy_in(layer, 0, 1, dst)
+    tr.wait(layer, [first, second])
+    want = real(0, 1).clone()
+    assert torch.equal(dst, want)

@@ -223,9 +223,12 @@ class DiskStore:
         self._cv = threading.Condition()
         self.bytes_read = 0
 
-    def blob(self, layer_pos: int, expert: int) -> torch.Tensor:
+    def blob(self, layer_pos: int, expert: int, block: bool = True) -> torch.Tensor | None:
+        """The expert read into a free staging slot; waits for one (or returns None if `block` is False)."""
         with self._cv:
             while not self._free:
+                if not block:
+                    return None
                 self._cv.wait()
             i = self._free.pop()
         gu, dn = self.reader.read(self.prefixes[layer_pos], expert)

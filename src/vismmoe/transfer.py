@@ -67,6 +67,7 @@ class TransferEngine:
         else:
             self.worker = None if self.cuda else ThreadPoolExecutor(1, thread_name_prefix="vismmoe-copy")
         self._lock = threading.Lock()           # copy-stream queueing and the pending list (I/O threads)
+        self._last_into: dict[int, Future] = {}  # disk tier: the latest copy into each slot (by address)
         self._enq = itertools.count(1)          # order copies were queued on the copy stream
         self.clock = LinkClock(link)
         self._seq = itertools.count()
@@ -96,21 +97,32 @@ class TransferEngine:
         nbytes = dst.numel() * dst.element_size()
         self.bytes_copied += nbytes
         ticket = Ticket(layer=layer, nbytes=nbytes, seq=next(self._seq))
+        # two copies into one slot (a prefetch evicted before it landed, then the slot reused) must land in order:
+        # with several I/O threads the later one first waits for the earlier one (started before it: no deadlock)
+        prev = self._last_into.get(dst.data_ptr()) if self.disk else None
         if not self.cuda:
-            ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind)
-            ticket.ready_at = self._book(layer, expert, nbytes, kind)
-            return ticket
-        if self.disk:               # read on an I/O thread, which then queues the copy
-            ticket.future = self.worker.submit(self._disk_copy, ticket, layer, layer_pos, expert, dst, after, kind)
+            ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind, prev)
+        elif self.disk:             # read on an I/O thread, which then queues the copy
+            ticket.future = self.worker.submit(self._disk_copy, ticket, layer, layer_pos, expert, dst, after, kind,
+                                               prev)
         else:
             self._queue_copy(ticket, layer, expert, self.store.blob(layer_pos, expert), dst, after, kind)
+        if self.disk:
+            self._last_into[dst.data_ptr()] = ticket.future
         ticket.ready_at = self._book(layer, expert, nbytes, kind)
         return ticket
 
     def _disk_copy(self, ticket: Ticket, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after,
-                   kind: str) -> None:
-        self._reclaim(need_room=True)
-        self._queue_copy(ticket, layer, expert, self.store.blob(layer_pos, expert), dst, after, kind)
+                   kind: str, prev: Future | None = None) -> None:
+        if prev is not None:
+            prev.result()
+        while True:                 # a staging slot: give back finished copies' slots (waiting for the oldest
+            self._reclaim(need_room=True)       # when all are taken) until one is free; never block on the host
+            blob = self.store.blob(layer_pos, expert, block=False)
+            if blob is not None:
+                break
+            time.sleep(1e-4)        # every slot is being filled by another reader right now
+        self._queue_copy(ticket, layer, expert, blob, dst, after, kind)
 
     def _queue_copy(self, ticket: Ticket, layer: int, expert: int, blob: torch.Tensor, dst: torch.Tensor, after,
                     kind: str) -> None:
@@ -142,7 +154,10 @@ class TransferEngine:
             self.timeline.add_copy(layer, expert, ready - dur, ready, kind)
         return ready
 
-    def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor, layer: int = -1, kind: str = "demand"):
+    def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor, layer: int = -1, kind: str = "demand",
+                  prev: Future | None = None):
+        if prev is not None:
+            prev.result()
         t0 = time.perf_counter()
         blob = self.store.blob(layer_pos, expert)
         dst.copy_(blob)
