@@ -293,3 +293,20 @@ def test_where_curriculum_answers_match_the_image_centre() -> None:
     assert answers == {"left", "right", "above", "below"}
     with pytest.raises(ValueError, match="auxiliary"):
         scenes.make_sample("train", 0, "position")
+
+
+def test_content_tokens_cover_objects_and_text_only() -> None:
+    """content_tokens: the cell under every object's and the text's centre is marked; cells no box touches are
+    not; a cell's extent is image_size / cells."""
+    for i in range(12):
+        _, scene = scenes.make_sample_and_scene("test", i)
+        mask = scenes.content_tokens(scene, 14).reshape(14, 14)
+        boxes = [o.box for o in scene.objects] + ([scene.text.box] if scene.text else [])
+        for x0, y0, x1, y1 in boxes:
+            assert mask[int((y0 + y1) / 2 // 32), int((x0 + x1) / 2 // 32)]
+        for r in range(14):
+            for c in range(14):
+                touched = any(x0 < (c + 1) * 32 and x1 > c * 32 and y0 < (r + 1) * 32 and y1 > r * 32
+                              for x0, y0, x1, y1 in boxes)
+                assert mask[r, c] == touched, (i, r, c)
+        assert 0 < mask.sum() < mask.size

@@ -276,3 +276,21 @@ def test_visual_dropout_hides_tokens_exactly_like_pruning(micro):
             sels.append(Selection(torch.nonzero(thinned[b, vis] == 1).flatten()))
         pruned = T.FAMILY.decoder_forward(model, prune(enc, sels), DynamicCache(config=model.config))
     assert torch.allclose(train_view, pruned, atol=1e-4, rtol=1e-4)
+
+
+def test_background_dropout_hides_only_background_tokens(micro):
+    """--background-dropout: hidden tokens are all background (no object or text box touches their cell), every
+    token that shows content stays visible, and some background is hidden."""
+    from vismmoe.data import content_tokens, make_sample_and_scene
+    pairs = [make_sample_and_scene("train", i) for i in range(6)]
+    samples, scenes = [p[0] for p in pairs], [p[1] for p in pairs]
+    maker = T.BatchMaker(micro.tok, micro.ip, micro.cfg, micro.hp["image_size"], background_dropout=1.0)
+    p = T.FAMILY.build_inputs(micro.tok, micro.ip, [s.image for s in samples], [s.question for s in samples])
+    mm = p["mm_token_type_ids"]
+    thinned = maker._thin_visual(p["attention_mask"], mm, samples, scenes)
+    for b, scene in enumerate(scenes):
+        vis = torch.nonzero(mm[b]).flatten()
+        content = torch.from_numpy(content_tokens(scene, int(round(len(vis) ** 0.5))))
+        kept = thinned[b, vis] == 1
+        assert kept[content].all() and not kept[~content].all()
+    assert torch.equal(maker._thin_visual(p["attention_mask"], mm, samples, None), p["attention_mask"])

@@ -40,7 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as _qmod  # noqa: E402
 
-from .data import AUX_QTYPES, QTYPES, answer_vocabulary, make_sample, warm_cache  # noqa: E402
+from .data import (AUX_QTYPES, QTYPES, answer_vocabulary, content_tokens, make_sample,  # noqa: E402
+                   make_sample_and_scene, warm_cache)
 from .families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
 from .tokenizer import build_tokenizer  # noqa: E402
 
@@ -321,12 +322,16 @@ def adaptive_weights(by_type: dict[str, float], aux: dict[str, float] | None = N
     return [1.0 + 2.0 * (1.0 - by_type.get(q, 0.0)) for q in QTYPES] + [aux.get(q, 0.0) for q in AUX_QTYPES]
 
 
-def sample_of(split: str, index: int):
-    """A `TypeMix` index -> its sample (negative indices are auxiliary types' samples)."""
+def sample_and_scene_of(split: str, index: int):
+    """A `TypeMix` index -> (sample, scene) (negative indices are auxiliary types' samples)."""
     if index >= 0:
-        return make_sample(split, index)
+        return make_sample_and_scene(split, index)
     k = -index - 1
-    return make_sample(split, k // len(AUX_QTYPES), AUX_QTYPES[k % len(AUX_QTYPES)])
+    return make_sample_and_scene(split, k // len(AUX_QTYPES), AUX_QTYPES[k % len(AUX_QTYPES)])
+
+
+def sample_of(split: str, index: int):
+    return sample_and_scene_of(split, index)[0]
 
 
 def val_batches_indices(n: int, batch: int, types: list[int]) -> list[list[int]]:
@@ -338,8 +343,10 @@ def val_batches_indices(n: int, batch: int, types: list[int]) -> list[list[int]]
 class BatchMaker:
     """Turns samples into model batches: the inference prompt via `build_inputs`, then answer + eos appended."""
 
-    def __init__(self, tokenizer, image_processor, config, image_size: int, visual_dropout: float = 0.0):
+    def __init__(self, tokenizer, image_processor, config, image_size: int, visual_dropout: float = 0.0,
+                 background_dropout: float = 0.0):
         self.visual_dropout = visual_dropout     # share of samples whose visual tokens are randomly thinned
+        self.background_dropout = background_dropout    # share whose background-only tokens are thinned
         self.tok = tokenizer
         self.images = Uint8Images(image_processor, image_size)
         self.rope = rope_helper(config)
@@ -349,18 +356,26 @@ class BatchMaker:
         self.image_id = ids["image"]
         self._answer_ids: dict[str, list[int]] = {}
 
-    def _thin_visual(self, mask: torch.Tensor, mm: torch.Tensor, samples) -> torch.Tensor:
+    def _thin_visual(self, mask: torch.Tensor, mm: torch.Tensor, samples, scenes=None) -> torch.Tensor:
         """Visual-token dropout: for a `visual_dropout` share of rows, hide a random 10-85% of the visual tokens
-        from attention. Positions stay those of the full prompt, exactly as `compress.prune` gathers them, so the
-        model learns to answer from pruned prompts (a hidden token is never attended to: the same as removed)."""
+        from attention; for a further `background_dropout` share, hide a random 10-95% of the tokens that show
+        only background (scene geometry: `content_tokens`), so the share of object tokens carries no meaning
+        (a compressor that keeps objects and drops background must not make the model over-count). Positions
+        stay those of the full prompt, exactly as `compress.prune` gathers them, so the model learns to answer
+        from pruned prompts (a hidden token is never attended to: the same as removed)."""
         g = torch.Generator().manual_seed(int(samples[0].index) * 7919 + len(samples))
         mask = mask.clone()
         for b in range(mask.shape[0]):
-            if torch.rand((), generator=g) >= self.visual_dropout:
-                continue
+            r = float(torch.rand((), generator=g))
             vis = torch.nonzero(mm[b]).flatten()
-            drop = int(len(vis) * (0.10 + 0.75 * float(torch.rand((), generator=g))))
-            mask[b, vis[torch.randperm(len(vis), generator=g)[:drop]]] = 0
+            if r < self.visual_dropout:
+                drop = int(len(vis) * (0.10 + 0.75 * float(torch.rand((), generator=g))))
+                mask[b, vis[torch.randperm(len(vis), generator=g)[:drop]]] = 0
+            elif r < self.visual_dropout + self.background_dropout and scenes is not None:
+                cells = int(round(len(vis) ** 0.5))
+                bg = vis[torch.from_numpy(~content_tokens(scenes[b], cells))]
+                drop = int(len(bg) * (0.10 + 0.85 * float(torch.rand((), generator=g))))
+                mask[b, bg[torch.randperm(len(bg), generator=g)[:drop]]] = 0
         return mask
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -368,7 +383,7 @@ class BatchMaker:
             self._answer_ids[answer] = self.tok(answer, add_special_tokens=False)["input_ids"]
         return self._answer_ids[answer]
 
-    def __call__(self, samples, with_prompt: bool = False) -> dict:
+    def __call__(self, samples, with_prompt: bool = False, scenes=None) -> dict:
         prompts = [s.question for s in samples]
         p = FAMILY.build_inputs(self.tok, self.images, [s.image for s in samples], prompts)
         rows, sup = [], []
@@ -390,8 +405,8 @@ class BatchMaker:
         full = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
                 "image_grid_thw": p["image_grid_thw"]}
         pos, _ = FAMILY.prefill_positions(self.rope, full)
-        if self.visual_dropout > 0 and not with_prompt:
-            attention_mask = self._thin_visual(attention_mask, mm, samples)
+        if (self.visual_dropout > 0 or self.background_dropout > 0) and not with_prompt:
+            attention_mask = self._thin_visual(attention_mask, mm, samples, scenes)
         out = {
             "images": p["pixel_values"], "image_grid_thw": p["image_grid_thw"], "input_ids": input_ids,
             "attention_mask": attention_mask, "mm_token_type_ids": mm, "position_ids": pos, "labels": labels,
@@ -412,7 +427,8 @@ class BatchStream(torch.utils.data.Dataset):
         self.maker, self.split, self.with_prompt = maker, split, with_prompt
 
     def __getitem__(self, indices: list[int]) -> dict:
-        return self.maker([sample_of(self.split, i) for i in indices], with_prompt=self.with_prompt)
+        pairs = [sample_and_scene_of(self.split, i) for i in indices]
+        return self.maker([p[0] for p in pairs], with_prompt=self.with_prompt, scenes=[p[1] for p in pairs])
 
 
 def make_loader(stream: BatchStream, batches, workers: int, pin: bool, prefetch: int = 2):
@@ -687,6 +703,9 @@ def parse_args(argv=None):
     p.add_argument("--val-samples", type=int, default=None)
     p.add_argument("--eval-every", type=float, default=None, help="seconds between val evaluations")
     p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (experiments)")
+    p.add_argument("--background-dropout", type=float, default=0.0, metavar="P",
+                   help="share of samples with a random 10-95%% of their background-only visual tokens hidden "
+                        "(after --visual-dropout's share): robustness to compressors that keep objects")
     p.add_argument("--aux-where", type=float, default=None, metavar="W",
                    help="sampling weight of the training-only 'where' questions (an object's side of the image centre),"
                         " a curriculum for relative position; scored types weigh 1-3 each (default 0: off)")
@@ -720,6 +739,9 @@ def resolve_hparams(args) -> dict:
     hp["seed"] = args.seed
     hp["preset"] = args.preset
     hp["visual_dropout"] = args.visual_dropout
+    hp["background_dropout"] = args.background_dropout
+    if min(args.visual_dropout, args.background_dropout) < 0 or args.visual_dropout + args.background_dropout > 1:
+        raise SystemExit("--visual-dropout and --background-dropout are shares of the samples: each >= 0, sum <= 1")
     hp["aux"] = {"where": args.aux_where} if args.aux_where else {}
     return hp
 
@@ -778,7 +800,8 @@ def main(argv=None, t_start: float | None = None) -> dict:
         from transformers import Qwen3VLMoeConfig
         config = Qwen3VLMoeConfig.from_dict(state["config"])
     image_processor = FAMILY.tiny_image_processor(hp["image_size"])
-    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"], hp.get("visual_dropout", 0.0))
+    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"], hp.get("visual_dropout", 0.0),
+                       hp.get("background_dropout", 0.0))
     info = RunInfo(**state["info"]) if state is not None else RunInfo()
     pin = device.type == "cuda"
 

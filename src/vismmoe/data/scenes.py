@@ -761,6 +761,19 @@ _BUILDERS: dict[str, Callable[[random.Random, str], _Built]] = {
 # Public API
 
 
+def content_tokens(scene: Scene, cells: int, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """[cells * cells] bool, raster order: the visual tokens (square cells of the image, as the merged vision
+    grid has them) that overlap an object or the text; the rest show only background."""
+    out = np.zeros((cells, cells), dtype=bool)
+    step = image_size / cells
+    boxes = [o.box for o in scene.objects] + ([scene.text.box] if scene.text is not None else [])
+    for x0, y0, x1, y1 in boxes:
+        c0, c1 = int(x0 // step), min(cells - 1, int((x1 - 1) // step))
+        r0, r1 = int(y0 // step), min(cells - 1, int((y1 - 1) // step))
+        out[r0:r1 + 1, c0:c1 + 1] = True
+    return out.reshape(-1)
+
+
 def qtype_of(index: int) -> str:
     return QTYPES[index % len(QTYPES)]
 
