@@ -155,3 +155,25 @@ def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
     fixed = load(d, expert_budget="40%", prefetch="gate", lookahead=3, fixed_lookahead=True)
     fixed.generate(image_file, q, max_new_tokens=6)
     assert fixed.runtime.prefetcher.depth == 3
+
+
+def test_fused_gate_prediction_equals_per_router_prediction(tiny_dirs):
+    """The gate predictor's fused path (one matmul over the stacked routers of the layers ahead, top-k of the
+    logits) predicts exactly what calling each router does (top-k of its softmax); GLM routers are not fused."""
+    import torch
+
+    from vismmoe.predict import GatePredictor
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    geo, fam = eng.geometry, eng.family
+    routers = {l: fam.moe_block(eng.model, l).gate for l in geo.moe_layers}
+    fused = GatePredictor(routers, geo.moe_layers, geo.num_experts, 3, stacked=fam.stacked_router_weight(eng.model),
+                          top_k=geo.top_k)
+    plain = GatePredictor(routers, geo.moe_layers, geo.num_experts, 3)
+    hidden = torch.randn(37, geo.hidden, generator=torch.Generator().manual_seed(0))
+    layer = geo.moe_layers[0]
+    for pred in (fused, plain):
+        pred.observe(layer, hidden, None, None)
+    for d in (1, 2, 3):
+        assert np.array_equal(fused.predict(layer, d), plain.predict(layer, d))
+    assert fused.predict(layer, 1).sum() > geo.top_k
+    assert load(tiny_dirs["glm4v_moe"]).family.stacked_router_weight(load(tiny_dirs["glm4v_moe"]).model) is None

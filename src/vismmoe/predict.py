@@ -33,12 +33,14 @@ class GatePredictor:
     name = "gate"
 
     def __init__(self, routers: dict[int, torch.nn.Module], moe_layers: tuple[int, ...], num_experts: int,
-                 depth: int = 3):
+                 depth: int = 3, stacked: torch.Tensor | None = None, top_k: int = 0):
         self.routers = routers
         self.layers = list(moe_layers)
         self.pos = {l: i for i, l in enumerate(self.layers)}
         self.E = num_experts
         self.depth = depth
+        self.stacked = stacked                  # [L * E, H] all routers' weights (family.stacked_router_weight)
+        self.top_k = top_k
         self._pending: dict[int, tuple[list[int], torch.Tensor]] = {}
         self._host: dict[tuple[int, int], np.ndarray] = {}
 
@@ -48,13 +50,22 @@ class GatePredictor:
         ahead = self.layers[p + 1: p + 1 + self.depth]
         if not ahead:
             return
-        rows = []
-        for nxt in ahead:
-            _, w, idx = self.routers[nxt](hidden)                                  # [T, K]
-            onehot = torch.zeros(idx.shape[0], self.E, device=idx.device, dtype=torch.float32)
-            onehot.scatter_(1, idx, 1.0)                                           # [T, E] chosen by each token
-            rows.append(onehot)
-        self._pending[layer] = (ahead, torch.stack(rows))                          # [D, T, E]
+        n, E = len(ahead), self.E
+        if self.stacked is not None:            # one matmul and one top-k for all layers ahead (few launches)
+            x = hidden.reshape(-1, self.stacked.shape[1]).to(self.stacked.dtype)
+            logits = torch.nn.functional.linear(x, self.stacked[(p + 1) * E:(p + 1 + n) * E])   # [T, n*E]
+            idx = logits.view(-1, n, E).topk(self.top_k, dim=-1).indices                        # [T, n, K]
+            used = torch.zeros(n, E, device=x.device, dtype=torch.float32)
+            used.scatter_(1, idx.permute(1, 0, 2).reshape(n, -1), 1.0)                         # [n, E]
+        else:
+            rows = []
+            for nxt in ahead:
+                _, w, idx = self.routers[nxt](hidden)                              # [T, K]
+                onehot = torch.zeros(idx.shape[0], E, device=idx.device, dtype=torch.float32)
+                onehot.scatter_(1, idx, 1.0)                                       # [T, E] chosen by each token
+                rows.append(onehot.amax(dim=0))
+            used = torch.stack(rows)                                               # [n, E] used by any token
+        self._pending[layer] = (ahead, used)
         self._host = {k: v for k, v in self._host.items() if k[0] != layer}
 
     def predict(self, layer: int, depth: int) -> np.ndarray | None:
@@ -62,7 +73,7 @@ class GatePredictor:
             ahead, dev = self._pending.pop(layer)
             host = dev.cpu().numpy()                                               # one copy for all depths
             for d in range(len(ahead)):
-                self._host[(layer, d + 1)] = host[d].max(axis=0)                   # used by any token
+                self._host[(layer, d + 1)] = host[d]
         return self._host.get((layer, depth))
 
 
@@ -192,7 +203,8 @@ def make_predictor(name: str, engine, depth: int = 3, calibration: str | None = 
     gate = None
     if name in ("gate", "affinity"):
         routers = {l: engine.family.moe_block(engine.model, l).gate for l in geo.moe_layers}
-        gate = GatePredictor(routers, geo.moe_layers, geo.num_experts, depth)
+        gate = GatePredictor(routers, geo.moe_layers, geo.num_experts, depth,
+                             stacked=engine.family.stacked_router_weight(engine.model), top_k=geo.top_k)
     if name == "gate":
         return gate
     trace = TracePredictor(TransitionTables.load(calibration), geo.moe_layers, depth)

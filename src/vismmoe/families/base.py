@@ -183,6 +183,20 @@ class Family:
 
         return probe
 
+    linear_topk_routers = False     # routers pick the top-k of one linear map (softmax or not): they can be fused
+
+    def stacked_router_weight(self, model) -> torch.Tensor | None:
+        """[L * E, H]: every MoE layer's router weight in layer order, when `linear_topk_routers` (so one matmul
+        scores several layers' routers at once); None otherwise."""
+        if not self.linear_topk_routers:
+            return None
+        cached = getattr(model, "_vismmoe_stacked_routers", None)     # one copy per model, shared by forks
+        if cached is None:
+            geo = self.geometry(model.config)
+            cached = torch.cat([self.moe_block(model, l).gate.weight.detach() for l in geo.moe_layers])
+            model._vismmoe_stacked_routers = cached
+        return cached
+
     def query_key(self, model):
         """(text embeds [M, H], visual embeds [N, H]) -> [N] scores: the last text token's query against each
         visual token's key at the first decoder layer (mean over heads, before rotary)."""

@@ -24,6 +24,7 @@ _TEMPLATE = (
 
 
 class Qwen3VLMoeFamily(Family):
+    linear_topk_routers = True      # Qwen3VLMoeTextTopKRouter: top-k of softmax(linear(h)) = top-k of linear(h)
     model_type = "qwen3_vl_moe"
     model_class = Qwen3VLMoeForConditionalGeneration
     image_processor_class = Qwen2VLImageProcessorPil
