@@ -163,3 +163,31 @@ def test_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
     tr.wait(layer, [first, second])
     want = real(0, 1).clone()
     assert torch.equal(dst, want)
+
+
+@pytest.mark.gpu
+def test_gpu_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
+    """The GPU disk path (reader threads queue the copies): two copies into one slot land in order, and compute
+    waiting on both sees the later expert."""
+    import time
+
+    import torch
+    eng = load(tiny_dirs["qwen3_vl_moe"], device="cuda", dtype="bfloat16", expert_budget="25%", expert_tier="disk")
+    tr, store = eng.runtime.transfer, eng.store
+    real = store.blob
+
+    def slow_first(layer_pos, expert, block=True):
+        if expert == 0:
+            time.sleep(0.2)
+        return real(layer_pos, expert, block)
+
+    monkeypatch.setattr(store, "blob", slow_first)
+    dst = eng.cache.pool[0]
+    layer = eng.geometry.moe_layers[0]
+    first = tr.copy_in(layer, 0, 0, dst)
+    second = tr.copy_in(layer, 0, 1, dst)
+    tr.wait(layer, [first, second])
+    torch.cuda.synchronize()
+    want = real(0, 1).clone().to("cuda")
+    assert torch.equal(dst, want)
+    tr.drain()
