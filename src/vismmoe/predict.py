@@ -7,7 +7,8 @@
                                                          later is used by the current tokens
 
 - `gate`: apply the routers of the next layers to this layer's MoE input (pre-gating, as AdapMoE and
-  DAOP do): the residual stream changes little between adjacent layers.
+  DAOP do): the residual stream changes little between adjacent layers. Where a family's routers are the top-k
+  of one linear map, the routers ahead run as one matmul over their stacked weights.
 - `trace`: transition tables P(expert j at layer l+d | expert i at layer l), counted offline from routing traces
   (`vismmoe calibrate`), applied to this layer's routing.
 - `affinity`: per layer, a mix of both weighted by how well each predicted that layer during calibration.
