@@ -14,8 +14,8 @@ Systems (all inside this harness, so they share every line of code that is not t
   moe-infinity    activation-aware cache (frequency, LFU) with trace-matching prefetch (transition tables from
                   earlier requests), after MoE-Infinity's published design
   gate-prefetch   next-layers gate prediction + LRU (AdapMoE / DAOP / pre-gating designs)
-  vismmoe         affinity compression + lookahead prefetch (gate; affinity with a calibration file) +
-                  predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
+  vismmoe         affinity compression (affinity:gamma=1.5, keep 0.33) + link-adaptive lookahead prefetch
+                  (gate) + predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
                   vismmoe-lru switch one part off each; vismmoe-noadmit is vismmoe-nocompress with prefetches
                   allowed to displace experts needed sooner (prefetch admission off); vismmoe-fixed is
                   vismmoe-nocompress with a fixed lookahead instead of the link-adaptive one
@@ -47,17 +47,19 @@ class System:
     fixed_lookahead: bool = False           # published prefetchers always look ahead; ours adapts to the link
 
 
+VISMMOE_COMPRESS = "affinity:gamma=1.5"     # the best affinity setting at keep ratio 0.33 (README, analyze)
+
 SYSTEMS = {
     "ondemand": System("ondemand", policy="none"),
     "lru-offload": System("lru-offload", policy="lru"),
     "moe-infinity": System("moe-infinity", policy="lfu", prefetch="trace", fixed_lookahead=True),
     "gate-prefetch": System("gate-prefetch", policy="lru", prefetch="gate", fixed_lookahead=True),
-    "vismmoe": System("vismmoe", policy="predictive", prefetch="gate", compress="affinity", keep_ratio=0.33,
+    "vismmoe": System("vismmoe", policy="predictive", prefetch="gate", compress=VISMMOE_COMPRESS, keep_ratio=0.33,
                       lossless=False),
     "vismmoe-nocompress": System("vismmoe-nocompress", policy="predictive", prefetch="gate"),
-    "vismmoe-noprefetch": System("vismmoe-noprefetch", policy="predictive", compress="affinity", keep_ratio=0.33,
+    "vismmoe-noprefetch": System("vismmoe-noprefetch", policy="predictive", compress=VISMMOE_COMPRESS, keep_ratio=0.33,
                                  lossless=False),
-    "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress="affinity", keep_ratio=0.33,
+    "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress=VISMMOE_COMPRESS, keep_ratio=0.33,
                           lossless=False),
     "vismmoe-noadmit": System("vismmoe-noadmit", policy="predictive:admit=0", prefetch="gate"),
     "vismmoe-fixed": System("vismmoe-fixed", policy="predictive", prefetch="gate", fixed_lookahead=True),
