@@ -140,13 +140,9 @@ def test_disk_tier_reads_on_a_thread_pool_under_ring_pressure(tiny_dirs, image_f
     assert len(eng.store._free) == 3
 
 
-def test_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
-    """Two copies into the same slot (a prefetch evicted before it landed, then the slot reused): the later
-    expert is what the slot holds, even when the earlier read is slow and another I/O thread is free."""
+def _two_copies_into_one_slot(eng, monkeypatch):
+    """Copy expert 0 (slow to read) then expert 1 into slot 0, wait for both; the slot and expert 1's blob."""
     import time
-
-    import torch
-    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", expert_tier="disk")
     tr, store = eng.runtime.transfer, eng.store
     real = store.blob
 
@@ -161,7 +157,14 @@ def test_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
     first = tr.copy_in(layer, 0, 0, dst)
     second = tr.copy_in(layer, 0, 1, dst)
     tr.wait(layer, [first, second])
-    want = real(0, 1).clone()
+    return dst, real(0, 1).clone()
+
+
+def test_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
+    """Two copies into the same slot (a prefetch evicted before it landed, then the slot reused): the later
+    expert is what the slot holds, even when the earlier read is slow and another I/O thread is free."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", expert_tier="disk")
+    dst, want = _two_copies_into_one_slot(eng, monkeypatch)
     assert torch.equal(dst, want)
 
 
@@ -169,25 +172,8 @@ def test_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
 def test_gpu_disk_tier_copies_into_one_slot_land_in_order(tiny_dirs, monkeypatch):
     """The GPU disk path (reader threads queue the copies): two copies into one slot land in order, and compute
     waiting on both sees the later expert."""
-    import time
-
-    import torch
     eng = load(tiny_dirs["qwen3_vl_moe"], device="cuda", dtype="bfloat16", expert_budget="25%", expert_tier="disk")
-    tr, store = eng.runtime.transfer, eng.store
-    real = store.blob
-
-    def slow_first(layer_pos, expert, block=True):
-        if expert == 0:
-            time.sleep(0.2)
-        return real(layer_pos, expert, block)
-
-    monkeypatch.setattr(store, "blob", slow_first)
-    dst = eng.cache.pool[0]
-    layer = eng.geometry.moe_layers[0]
-    first = tr.copy_in(layer, 0, 0, dst)
-    second = tr.copy_in(layer, 0, 1, dst)
-    tr.wait(layer, [first, second])
+    dst, want = _two_copies_into_one_slot(eng, monkeypatch)
     torch.cuda.synchronize()
-    want = real(0, 1).clone().to("cuda")
-    assert torch.equal(dst, want)
-    tr.drain()
+    assert torch.equal(dst, want.to("cuda"))
+    eng.runtime.transfer.drain()
