@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .predict import AffinityPredictor, GatePredictor, PredictorProbe, TracePredictor, TransitionTables
+from .predict import AffinityPredictor, PredictorProbe, TracePredictor, TransitionTables, gate_predictor
 from .trace import RoutingTrace
 
 
@@ -58,10 +58,9 @@ def calibrate(engine, samples: list[tuple], depth: int = 3, max_new_tokens: int 
     _run(engine, build, max_new_tokens, progress)
     engine.record_trace(None)
     tables = TransitionTables.from_traces([trace], geo.moe_layers, geo.num_experts, depth)
-    routers = {l: engine.family.moe_block(engine.model, l).gate for l in geo.moe_layers}
 
     def gate():
-        return GatePredictor(routers, geo.moe_layers, geo.num_experts, depth)
+        return gate_predictor(engine, depth)
 
     probes = _probe(engine, {"gate": gate(), "trace": TracePredictor(tables, geo.moe_layers, depth)}, fit, depth,
                     max_new_tokens, progress)

@@ -219,7 +219,7 @@ def make_compressor(spec: str):
         return COMPRESSORS[name](**kwargs)
     except TypeError:
         raise UserError(f"compressor {name!r} has no knob among {sorted(kwargs)}",
-                        "affinity takes lam, dart takes pivots") from None
+                        "affinity takes lam and gamma, dart takes pivots") from None
 
 
 def keep_count(n: int, ratio: float) -> int:

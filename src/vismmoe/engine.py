@@ -28,7 +28,7 @@ from .errors import UserError
 from .families import get_family
 from .inputs import load_image
 from .links import get_link
-from .policies import POLICIES, make_policy
+from .policies import make_policy
 from .predict import PREDICTORS, make_predictor
 from .prefetch import Prefetcher
 from .runtime import IMPLEMENTATION, OffloadRuntime
@@ -195,10 +195,9 @@ class Engine:
                                       geometry.moe_layers, geometry.num_experts, geometry.top_k)
         predictor = make_predictor(rc.prefetch, self, rc.lookahead, rc.calibration)
         if predictor is not None:
-            gbps = link.gbps if link.emulated else (53.0 if device.type == "cuda" else 8.0)
-            self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=gbps,
-                                                 latency_s=link.latency_s if link.emulated else 0.0,
-                                                 expert_bytes=layout.nbytes, adaptive=not rc.fixed_lookahead)
+            self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=link.rate_gbps(device.type),
+                                                 copy_s=link.seconds(layout.nbytes, device.type),
+                                                 adaptive=not rc.fixed_lookahead)
             self.runtime.observers.append(self.runtime.prefetcher)
         self.trace: RoutingTrace | None = None
         if rc.trace:
@@ -371,6 +370,7 @@ class Engine:
         hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
         moved, copy_s = after["bytes"] - before["bytes"], after["copy"] - before["copy"]
         busy, stall = after["busy"] - before["busy"], after["stall"] - before["stall"]
+        pf_hits, pf_issued = after["pf_hits"] - before["pf_hits"], after["pf_issued"] - before["pf_issued"]
         return {
             "expert_budget_bytes": self.budget_bytes,
             "expert_pool_bytes": self.cache.budget_bytes,
@@ -385,12 +385,10 @@ class Engine:
             "misses": misses,
             "hit_rate": hits / max(1, hits + misses),
             "prefetch": self.rc.prefetch,
-            "prefetch_hits": after["pf_hits"] - before["pf_hits"],
-            "prefetch_issued": after["pf_issued"] - before["pf_issued"],
-            "prefetch_precision": ((after["pf_hits"] - before["pf_hits"]) / (after["pf_issued"] - before["pf_issued"])
-                                   if after["pf_issued"] > before["pf_issued"] else None),
-            "prefetch_recall": ((after["pf_hits"] - before["pf_hits"]) / (after["pf_hits"] - before["pf_hits"] + misses)
-                                if after["pf_hits"] - before["pf_hits"] + misses > 0 else None),
+            "prefetch_hits": pf_hits,
+            "prefetch_issued": pf_issued,
+            "prefetch_precision": pf_hits / pf_issued if pf_issued > 0 else None,
+            "prefetch_recall": pf_hits / (pf_hits + misses) if pf_hits + misses > 0 else None,
             "wasted_bytes": after["wasted"] - before["wasted"],
             "bytes_moved": moved,
             "copy_s": copy_s,
@@ -497,8 +495,7 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
                        calibration=calibration, compress=compress,
                        keep_ratio=keep_ratio, max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
-    if policy.partition(":")[0] not in POLICIES or policy == "belady" or ":" in policy:   # validate before reading
-        make_policy(policy)                                                                  # any weights
+    make_policy(policy)                                    # validate the name and knobs before reading any weights
     get_link(link)
     if prefetch not in PREDICTORS:
         raise UserError(f"unknown predictor {prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")

@@ -215,23 +215,23 @@ class PredictivePolicy(_Base):
         self.hints[self.pos[layer]] = np.asarray(probs, dtype=np.float64)
         self._queue = None
 
-    def expected_next_use(self) -> np.ndarray:
-        """[L, E] expected layer calls until each expert is next used."""
-        prob = (self.uses + 0.1) / (self.calls[:, None] + 0.1 * self.E)
-        for p, h in self.hints.items():
-            prob[p] = np.maximum(prob[p], h)
-        d = (np.arange(self.L) - self.cur) % self.L
+    def _expected(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), E] expected layer calls until each expert of these layer positions is next used."""
+        prob = (self.uses[rows] + 0.1) / (self.calls[rows, None] + 0.1 * self.E)
+        for i, p in enumerate(rows.tolist()):
+            h = self.hints.get(p)
+            if h is not None:
+                prob[i] = np.maximum(prob[i], h)
+        d = (rows - self.cur) % self.L
         d[d == 0] = self.L                               # the running layer comes back after a full cycle
         return d[:, None] + self.L * (1.0 / np.maximum(prob, 1e-6) - 1.0)
 
+    def expected_next_use(self) -> np.ndarray:
+        """[L, E] expected layer calls until each expert is next used."""
+        return self._expected(np.arange(self.L))
+
     def _next_use(self, key: Key) -> float:
-        p = self.pos[key[0]]
-        prob = (self.uses[p, key[1]] + 0.1) / (self.calls[p] + 0.1 * self.E)
-        h = self.hints.get(p)
-        if h is not None:
-            prob = max(prob, float(h[key[1]]))
-        d = (p - self.cur) % self.L or self.L
-        return d + self.L * (1.0 / max(prob, 1e-6) - 1.0)
+        return float(self._expected(np.array([self.pos[key[0]]]))[0, key[1]])
 
     def admit(self, victim: Key, key: Key) -> bool:
         """A prefetch only displaces an expert expected to be needed later than the one it brings in (else the

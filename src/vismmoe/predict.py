@@ -191,6 +191,14 @@ class AffinityPredictor:
 PREDICTORS = ("none", "gate", "trace", "affinity")
 
 
+def gate_predictor(engine, depth: int = 3) -> GatePredictor:
+    """The gate predictor over `engine`'s routers (fused where the family allows)."""
+    geo, fam = engine.geometry, engine.family
+    routers = {l: fam.moe_block(engine.model, l).gate for l in geo.moe_layers}
+    return GatePredictor(routers, geo.moe_layers, geo.num_experts, depth,
+                         stacked=fam.stacked_router_weight(engine.model), top_k=geo.top_k)
+
+
 def make_predictor(name: str, engine, depth: int = 3, calibration: str | None = None):
     """A predictor for `engine`'s model, or None for `none`."""
     if name == "none":
@@ -201,11 +209,7 @@ def make_predictor(name: str, engine, depth: int = 3, calibration: str | None = 
     if name in ("trace", "affinity") and calibration is None:
         raise UserError(f"--prefetch {name} needs transition tables",
                         "make them with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
-    gate = None
-    if name in ("gate", "affinity"):
-        routers = {l: engine.family.moe_block(engine.model, l).gate for l in geo.moe_layers}
-        gate = GatePredictor(routers, geo.moe_layers, geo.num_experts, depth,
-                             stacked=engine.family.stacked_router_weight(engine.model), top_k=geo.top_k)
+    gate = gate_predictor(engine, depth) if name in ("gate", "affinity") else None
     if name == "gate":
         return gate
     trace = TracePredictor(TransitionTables.load(calibration), geo.moe_layers, depth)

@@ -48,13 +48,13 @@ class Prefetcher:
     STALL_MIN = 0.1                              # expected stall below this share of a layer: no prefetch
 
     def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0,
-                 latency_s: float = 0.0, expert_bytes: int = 0, adaptive: bool = True):
+                 copy_s: float = 0.0, adaptive: bool = True):
         self.predictor = predictor
         self.max_depth = depth
         self.depth = depth                       # depth in force for the layer call in progress
         self.p_min = p_min
         self.link_gbps = link_gbps
-        self.copy_s = latency_s + expert_bytes / (link_gbps * 1e9)      # one expert over the link
+        self.copy_s = copy_s                     # one expert over the link
         self.adaptive = adaptive
         self._phases: dict[int, _Phase] = {}     # per token-count bucket (decode and prefill differ)
         self._phase = None                       # phase of the layer call in progress

@@ -232,7 +232,8 @@ class DiskStore:
                 self._cv.wait()
             i = self._free.pop()
         gu, dn = self.reader.read(self.prefixes[layer_pos], expert)
-        self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
+        with self._cv:                  # I/O threads read at once
+            self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
         return self.layout.pack(gu, dn, self.ring[i])
 
     def has_room(self) -> bool:

@@ -150,7 +150,7 @@ class TransferEngine:
     def _book(self, layer: int, expert: int, nbytes: int, kind: str) -> float:
         ready = self.clock.book(nbytes)
         if self.timeline is not None and self.link.emulated:
-            dur = self.link.latency_s + nbytes / (self.link.gbps * 1e9)
+            dur = self.link.seconds(nbytes)
             self.timeline.add_copy(layer, expert, ready - dur, ready, kind)
         return ready
 

@@ -11,14 +11,19 @@ from ..trace import RoutingTrace
 Key = tuple[int, int]
 
 
+def layer_calls(traces: list[RoutingTrace]) -> list[tuple[int, set[int]]]:
+    """[(layer, experts needed)] per (step, MoE layer) call, in execution order over all traces."""
+    calls = []
+    for tr in traces:
+        for step in tr.steps:
+            for layer in sorted(step["layers"]):
+                calls.append((layer, set(step["layers"][layer][0].reshape(-1).tolist())))
+    return calls
+
+
 def access_groups(trace: RoutingTrace) -> list[set[Key]]:
     """One set per (step, MoE layer) call, in execution order: the experts that call needed."""
-    groups = []
-    for step in trace.steps:
-        for layer in sorted(step["layers"]):
-            idx = step["layers"][layer][0]
-            groups.append({(layer, int(e)) for e in set(idx.reshape(-1).tolist())})
-    return groups
+    return [{(layer, e) for e in experts} for layer, experts in layer_calls([trace])]
 
 
 def belady_misses(groups: list[set[Key]], capacity: int) -> int:

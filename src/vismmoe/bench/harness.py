@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 from ..evaluate import normalize
+from ..links import PROFILES
 from ..trace import RoutingTrace
 from .bound import access_groups, belady_misses
 
@@ -180,14 +181,14 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                     lossless = engines[next(n for n in engines if n != "accelerate")][0]
                     cs = compute_s(SYSTEMS["lru-offload"])
                     row["bound_s"] = max(cs, _belady_bytes(lossless, resident, samples, max_new_tokens) /
-                                         (_real_gbps(base) * 1e9))
+                                         (PROFILES["real"].rate_gbps(base.device.type) * 1e9))
                     row["efficiency"] = row["bound_s"] / row["e2e_s"]
                     rows.append(dict(row, system=name, link="real", link_name=link, budget=budget, prefetch="none",
                                      policy="accelerate (whole bank per forward)", compress="none@1",
                                      compute_s=cs, belady_bytes=None))
                     continue
                 bound_bytes = _belady_bytes(eng, resident, samples, max_new_tokens)
-                gbps = eng.runtime.transfer.link.gbps or _real_gbps(eng)
+                gbps = eng.runtime.transfer.link.rate_gbps(eng.device.type)
                 cs = compute_s(SYSTEMS[name])
                 row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
                 row["efficiency"] = row["bound_s"] / row["e2e_s"] if row["e2e_s"] else None
@@ -248,10 +249,6 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
             "bytes_moved": bank * scale_to, "stall_share": None,
             "accuracy": None if any(r is None for r in right) else sum(right) / k,
             "prefetch_issued": 0, "prefetch_hits": 0}
-
-
-def _real_gbps(eng) -> float:
-    return 53.0 if eng.device.type == "cuda" else 8.0
 
 
 _BELADY: dict = {}

@@ -11,16 +11,7 @@ from __future__ import annotations
 from ..policies import make_policy
 from ..schedule import plan_waves
 from ..trace import RoutingTrace
-
-
-def layer_calls(traces: list[RoutingTrace]) -> list[tuple[int, set[int]]]:
-    """[(layer, experts needed)] in execution order over all traces (a stream of requests)."""
-    calls = []
-    for tr in traces:
-        for step in tr.steps:
-            for layer in sorted(step["layers"]):
-                calls.append((layer, set(step["layers"][layer][0].reshape(-1).tolist())))
-    return calls
+from .bound import layer_calls
 
 
 def replay(calls: list[tuple[int, set[int]]], capacity: int, policy: str, moe_layers, num_experts: int) -> dict:
