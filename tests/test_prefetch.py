@@ -138,9 +138,10 @@ def test_gpu_predictor_policy_matrix_is_lossless(family, tiny_dirs, image_file, 
 
 
 def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
-    """Adaptive depth: where one layer's copies take far less than a layer's compute (the CPU's own memory,
-    experts of a few KiB) prefetch switches off; on a very slow emulated link it runs the full depth. Tokens
-    stay those of the reference either way."""
+    """Adaptive depth end to end: where one layer's copies take far less than a layer's compute (the CPU's own
+    memory, experts of a few KiB) prefetch switches off; on a very slow emulated link the copies take many layer
+    times (lead > 3) and the depth is what the cost model says for the measured phase. Tokens stay those of the
+    reference either way; a fixed lookahead always runs its full depth."""
     d = tiny_dirs["qwen3_vl_moe"]
     q = "What is in the picture?"
     want = load(d).generate(image_file, q, max_new_tokens=6).token_ids
@@ -151,10 +152,36 @@ def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
     slow = load(d, expert_budget="40%", prefetch="gate", lookahead=3, link="GBps=0.01")
     gen = slow.generate(image_file, q, max_new_tokens=6)
     pf = slow.runtime.prefetcher
-    assert gen.token_ids == want and pf.lead() > 3 and pf.depth == 3 and gen.stats["prefetch_issued"] > 0
-    fixed = load(d, expert_budget="40%", prefetch="gate", lookahead=3, fixed_lookahead=True)
-    fixed.generate(image_file, q, max_new_tokens=6)
-    assert fixed.runtime.prefetcher.depth == 3
+    assert gen.token_ids == want and pf.lead() > 3 and pf.depth == pf._choose_depth()
+    fixed = load(d, expert_budget="40%", prefetch="gate", lookahead=3, fixed_lookahead=True, link="GBps=0.01")
+    gen = fixed.generate(image_file, q, max_new_tokens=6)
+    assert gen.token_ids == want and fixed.runtime.prefetcher.depth == 3 and gen.stats["prefetch_issued"] > 0
+
+
+def test_prefetch_cost_model():
+    """The adaptive depth's cost model on synthetic phases (L compute, M copies, resident share, precision q):
+    prefetch runs only where it saves more than STALL_MIN of a layer."""
+    from vismmoe.prefetch import Prefetcher, _Phase
+
+    pf = Prefetcher(predictor=None, depth=3)
+
+    def depth(L, M, resident, q):
+        pf._phase = _Phase(layer_s=L, miss_s=M, resident=resident, q=q)
+        return pf._choose_depth()
+
+    assert depth(L=2.0, M=0.2, resident=0.9, q=0.9) == 0      # fast link: hits-first already hides the copies
+    assert depth(L=2.0, M=1.0, resident=0.0, q=0.9) == 1      # copies fit under one layer, nothing hides them
+    assert depth(L=1.0, M=2.5, resident=0.0, q=1.0) == 3      # slow link, exact predictor: run ahead of it
+    assert depth(L=1.0, M=2.5, resident=0.0, q=0.6) == 0      # slow link, wrong guesses cost more than they hide
+    assert depth(L=1.0, M=60.0, resident=0.3, q=0.9) == 0     # saturated link (prefill): only waste to add
+    assert pf.saving() < 0
+    pf._phase = None                                          # nothing measured yet: the full depth
+    assert pf._choose_depth() == 3
+    ph = _Phase(layer_s=1.0, miss_s=60.0, resident=0.3, q=0.3)
+    pf._phase, pf.depth = ph, 0
+    for _ in range(200):                                      # off: the precision drifts back to the prior
+        pf.note(layer=0, needed=8, not_resident=8, pf_hits=0)
+    assert abs(ph.q - pf.PRIOR_Q) < 0.1
 
 
 def test_fused_gate_prediction_equals_per_router_prediction(tiny_dirs):

@@ -16,15 +16,19 @@ Prefetched experts live in ordinary slots, so bytes in flight are always inside 
 bytes (counted as wasted when the expert leaves unused) and a slot, never correctness: the target layer
 loads whatever it really needs on demand.
 
-Adaptive depth (the default; `fixed_lookahead` turns it off): each layer call reports how many of its experts
-were needed and how many were not resident before prefetching (demand misses + prefetch hits). As EMAs over
-layer calls with a similar token count (decode and prefill are tracked apart), against a floor of the layer's
-compute time L:
-    copy  = not-resident experts x (expert bytes / link bandwidth + per-transfer latency)
-    stall = copy - (resident share x L)      what hits-first scheduling could not hide under the hits' compute
-Prefetch runs ceil(copy / L) layers ahead (at most D) when the stall would exceed STALL_MIN x L, and not at
-all otherwise: the predictor's work (router launches, bookkeeping) would only cost time. Slow links get deep
-lookahead, fast ones none, and a link that gets slower (or a cache that gets tighter) turns prefetch back on.
+Adaptive depth (the default; `fixed_lookahead` turns it off): a cost model per layer call, from EMAs kept apart
+for layer calls with a similar token count (decode, and prefills of similar length):
+    L  compute time of a layer call (a floor of the wall time between layer calls)
+    M  copy time of the experts not resident before prefetching (demand misses + prefetch hits)
+    H  = min(M, resident share x L)   what hits-first scheduling already hides under the hits' compute
+    q  precision of this phase's prefetches (used at their target layer / issued for it)
+    W  = M (1 - q) / q                link time the wrong guesses add
+Without prefetch a layer call takes about L + M - H; with it, about max(L, M + W). Prefetch runs ceil(M / L)
+layers ahead (at most D) when that saves more than STALL_MIN x L, and not at all otherwise: on a fast link
+hits-first already hides the copies (and the predictor's launches would only cost time); on a saturated link
+(M >> L) prefetch can hide at most the compute that hits-first left uncovered, L - H, and wrong guesses cost
+W of link time, so it pays only when the predictor is precise enough. While prefetch is off in a phase its q
+relaxes toward the prior, so a phase is re-tried now and then and a link or cache that changes is noticed.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ class _Phase:
     layer_s: float = 0.0                         # floor of the wall time between layer calls (compute)
     miss_s: float | None = None                  # EMA of copy seconds per layer call for experts not resident
     resident: float = 0.0                        # EMA of the share of a layer call's experts already resident
+    q: float = 0.8                               # EMA of prefetch precision at the target layer (prior: 0.8)
 
 
 class Prefetcher:
-    STALL_MIN = 0.1                              # expected stall below this share of a layer: no prefetch
+    STALL_MIN = 0.1                              # expected saving below this share of a layer: no prefetch
+    PRIOR_Q = 0.8                                # precision assumed before a phase measured its own
 
     def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0,
                  copy_s: float = 0.0, adaptive: bool = True):
@@ -61,6 +67,7 @@ class Prefetcher:
         self._last = None
         parts = (predictor, getattr(predictor, "gate", None), getattr(predictor, "trace", None))
         self._depths = [(p, p.depth) for p in parts if p is not None and hasattr(p, "depth")]
+        self._issued_for: dict[int, int] = {}    # target layer -> prefetches issued for its next call
 
     def lead(self) -> float | None:
         """Layer times the expected copies of one layer call need (None before anything was measured)."""
@@ -74,15 +81,30 @@ class Prefetcher:
         lead = self.lead()
         return None if lead is None else lead - self._phase.resident
 
-    def _choose_depth(self) -> int:
-        stall = self.stall_share() if self.adaptive else None
-        if stall is None:
-            return self.max_depth
-        return 0 if stall < self.STALL_MIN else min(self.max_depth, max(1, math.ceil(self.lead())))
-
-    def note(self, needed: int, not_resident: int) -> None:
-        """A layer call needed `needed` experts, `not_resident` of them absent before prefetching."""
+    def saving(self) -> float | None:
+        """Expected seconds per layer call that prefetching saves (negative: it would cost), from the cost model
+        in the module docstring; None before anything was measured."""
         ph = self._phase
+        if self.lead() is None:
+            return None
+        L, M = ph.layer_s, ph.miss_s
+        H = min(M, ph.resident * L)
+        W = M * (1.0 - ph.q) / max(ph.q, 0.05)
+        return M - H if L >= M + W else L - H - W
+
+    def _choose_depth(self) -> int:
+        gain = self.saving() if self.adaptive else None
+        if gain is None:
+            return self.max_depth
+        if gain < self.STALL_MIN * self._phase.layer_s:
+            return 0
+        return min(self.max_depth, max(1, math.ceil(self.lead())))
+
+    def note(self, layer: int, needed: int, not_resident: int, pf_hits: int) -> None:
+        """A layer call needed `needed` experts, `not_resident` of them absent before prefetching, `pf_hits` of
+        them brought in by prefetches not used before."""
+        ph = self._phase
+        issued = self._issued_for.pop(layer, 0)
         if ph is None:
             return
         copy = not_resident * self.copy_s
@@ -92,6 +114,10 @@ class Prefetcher:
         else:
             ph.miss_s = 0.7 * ph.miss_s + 0.3 * copy
             ph.resident = 0.7 * ph.resident + 0.3 * share
+        if issued:
+            ph.q = 0.7 * ph.q + 0.3 * min(1.0, pf_hits / issued)
+        elif self.depth == 0:                   # not measuring: drift back toward the prior (re-try now and then)
+            ph.q += 0.01 * (self.PRIOR_Q - ph.q)
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         now = time.perf_counter()
@@ -155,3 +181,4 @@ class Prefetcher:
                                                           after=cache.last_use[slot], kind="prefetch")
             spent += cache.layout.nbytes
             room -= 1
+            self._issued_for[target] = self._issued_for.get(target, 0) + 1

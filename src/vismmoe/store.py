@@ -20,6 +20,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from safetensors import safe_open
@@ -50,9 +51,9 @@ class BlobLayout:
         n = self.gate_up_numel + self.down_numel
         return -(-n // _ALIGN_ELEMS) * _ALIGN_ELEMS
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+    @cached_property
+    def nbytes(self) -> int:                    # read per copy and per prefetch decision: computed once
+        return self.numel * self.dtype.itemsize
 
     def views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`pool [N, numel]` -> (gate_up [N, 2I, H], down [N, H, I]) sharing its memory."""
