@@ -45,13 +45,13 @@ def test_pareto_front():
 def test_analyze_and_eval_cli(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "an"
     code = main(["analyze", "--model", tiny_dirs["qwen3_vl_moe"], "--keep-ratios", "1,0.5", "--compressors",
-                 "random,affinity", "--limit", "2", "--out", str(out), "--json"])
+                 "random,affinity:lam=2,gamma=1.5", "--limit", "2", "--out", str(out), "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     keys = {"compressor", "keep_ratio", "accuracy", "working_set", "entropy", "stability", "prefill_s"}
     assert all(keys <= r.keys() for r in res["rows"])
     assert [(r["compressor"], r["keep_ratio"]) for r in res["rows"]] == [("none", 1.0), ("random", 0.5),
-                                                                         ("affinity", 0.5)]
+                                                                         ("affinity:lam=2,gamma=1.5", 0.5)]
     assert all(os.path.exists(p) for p in res["plots"]) and (out / "analyze.md").exists()
     code = main(["eval", "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "6", "--json"])
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -137,16 +137,29 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
+def _compressor_list(text: str) -> list[str]:
+    """"random,affinity:lam=2,gamma=1.5,pool" -> ["random", "affinity:lam=2,gamma=1.5", "pool"]: a piece with
+    '=' and no ':' is one more knob of the compressor before it."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if out and "=" in piece and ":" not in piece and ":" in out[-1]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def cmd_analyze(args) -> int:
     from .analyze import DEFAULT_COMPRESSORS, run
     from .compress import make_compressor
     from .engine import load
     from .progress import layer_progress
     ratios = _floats(args.keep_ratios, "--keep-ratios")
-    comps = [c.strip() for c in args.compressors.split(",") if c.strip()] if args.compressors else \
-        list(DEFAULT_COMPRESSORS)
+    comps = _compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
     for c in comps:
-        make_compressor(c)                          # a name, or name:knob=value (one knob each here)
+        make_compressor(c)                          # a name, or name:knob=value[,knob=value]
     if args.limit < 1:
         raise UserError(f"--limit {args.limit} is too small", "give at least 1")
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
