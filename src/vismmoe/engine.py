@@ -197,7 +197,8 @@ class Engine:
         if predictor is not None:
             self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=link.rate_gbps(device.type),
                                                  copy_s=link.seconds(layout.nbytes, device.type),
-                                                 adaptive=not rc.fixed_lookahead)
+                                                 adaptive=not rc.fixed_lookahead,
+                                                 waited=lambda t=self.runtime.transfer: t.host_wait_s)
             self.runtime.observers.append(self.runtime.prefetcher)
         self.trace: RoutingTrace | None = None
         if rc.trace:

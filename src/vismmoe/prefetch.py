@@ -18,7 +18,7 @@ loads whatever it really needs on demand.
 
 Adaptive depth (the default; `fixed_lookahead` turns it off): a cost model per layer call, from EMAs kept apart
 for layer calls with a similar token count (decode, and prefills of similar length):
-    L  compute time of a layer call (a floor of the wall time between layer calls)
+    L  compute time of a layer call (a floor of the time between layer calls, host waits for copies excluded)
     M  copy time of the experts not resident before prefetching (demand misses + prefetch hits)
     H  = min(M, resident share x L)   what hits-first scheduling already hides under the hits' compute
     q  precision of this phase's prefetches (used at their target layer / issued for it)
@@ -54,7 +54,7 @@ class Prefetcher:
     PRIOR_Q = 0.8                                # precision assumed before a phase measured its own
 
     def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0,
-                 copy_s: float = 0.0, adaptive: bool = True):
+                 copy_s: float = 0.0, adaptive: bool = True, waited=None):
         self.predictor = predictor
         self.max_depth = depth
         self.depth = depth                       # depth in force for the layer call in progress
@@ -62,6 +62,8 @@ class Prefetcher:
         self.link_gbps = link_gbps
         self.copy_s = copy_s                     # one expert over the link
         self.adaptive = adaptive
+        self.waited = waited                     # () -> seconds the host has waited for copies so far
+        self._waited_at = 0.0
         self._phases: dict[int, _Phase] = {}     # per token-count bucket (decode and prefill differ)
         self._phase = None                       # phase of the layer call in progress
         self._last = None
@@ -121,14 +123,18 @@ class Prefetcher:
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         now = time.perf_counter()
+        waited = self.waited() if self.waited is not None else 0.0
         if self._last is not None and self._phase is not None:
-            dt = now - self._last
+            # the interval minus what the host spent waiting for copies (an emulated link, the CPU, the disk tier;
+            # a saturated link would otherwise pass its copy time off as compute)
+            dt = now - self._last - (waited - self._waited_at)
             if dt < 1.0:                         # ignore gaps between requests
                 # a slowly rising floor: the time of a layer call without waiting for copies (waits only add
                 # to it), so the lead does not shrink because the copies being measured made layers longer
                 ph = self._phase
+                dt = max(dt, 1e-6)
                 ph.layer_s = dt if ph.layer_s == 0 else min(dt, 1.02 * ph.layer_s)
-        self._last = now
+        self._last, self._waited_at = now, waited
         bucket = min(int(hidden.shape[0]), 1 << 16).bit_length()          # 1 token, 2-3, 4-7, ...
         self._phase = self._phases.setdefault(bucket, _Phase())
         self.depth = self._choose_depth()

@@ -74,6 +74,7 @@ class TransferEngine:
         self._pending: deque = deque()          # (event, blob): staging memory still being read (disk tier, GPU)
         self._stall_pairs: list = []            # (layer, ready_event, done_event) on GPU
         self._host_stall: dict[int, float] = {}
+        self.host_wait_s = 0.0                  # running total of host-side waits (emulated link, CPU, disk)
         self._span_start = None                 # copy-stream event before the first copy of a batch
         self._spans: list = []                  # (start, done) events of copy batches, resolved in drain
         self.copy_s = 0.0                       # seconds the real link was busy copying (resolved per drain)
@@ -193,6 +194,7 @@ class TransferEngine:
         host = time.perf_counter() - t0
         if host > 0 and (not self.cuda or self.link.emulated or self.disk):     # the host itself waited
             self._host_stall[layer] = self._host_stall.get(layer, 0.0) + host
+            self.host_wait_s += host
         if self.cuda:
             last = max(tickets, key=lambda t: t.enq)            # one stream: events complete in queue order
             stream = torch.cuda.current_stream(self.device)
