@@ -17,6 +17,7 @@ Compressors (one protocol, `select(ctx) -> Selection`; none needs attention maps
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -49,12 +50,16 @@ def _cos(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+@functools.lru_cache(maxsize=16)
 def _grid_distance(grid: tuple[int, int, int], n: int) -> np.ndarray:
-    """[N, N] distance between visual tokens' places in the (h, w) grid, 1 = the image diagonal."""
+    """[N, N] distance between visual tokens' places in the (h, w) grid, 1 = the image diagonal (cached per grid:
+    requests of one image size share it; read-only)."""
     _, h, w = grid
     i = np.arange(n) % (h * w)
     pos = np.stack([i // w / max(h - 1, 1), i % w / max(w - 1, 1)], 1)
-    return np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1) / 2.0)
+    dist = np.sqrt(((pos[:, None] - pos[None]) ** 2).sum(-1) / 2.0)
+    dist.flags.writeable = False
+    return dist
 
 
 class RandomCompressor:
@@ -174,25 +179,31 @@ class AffinityCompressor:
         routes = [r.cpu().numpy() for r in ctx.probe(ctx.embeds)]                 # per layer [N, k]
         E = max(int(r.max()) for r in routes) + 1
         m, k = len(routes), routes[0].shape[1]
-        freq = [np.bincount(r.reshape(-1), minlength=E) / n for r in routes]     # share of tokens using e
-        weight = [1.0 + (1.0 - f / max(f.max(), 1e-9)) for f in freq]             # rare experts cost up to 2x
+        rows = np.arange(n)[:, None]
+        # per layer: member[t, e] = 1 when token t routes to e; cost[t] = weighted experts t would add to the union
+        member, weight = [], []
+        for r in routes:
+            mem = np.zeros((n, E))
+            np.add.at(mem, (rows, r), 1.0)
+            freq = mem.sum(axis=0) / n                                              # share of tokens using e
+            member.append(mem)
+            weight.append(1.0 + (1.0 - freq / max(freq.max(), 1e-9)))              # rare experts cost up to 2x
+        cost = sum(mem @ w for mem, w in zip(member, weight)) / (2.0 * m * k)
         covered = [np.zeros(E, dtype=bool) for _ in range(m)]
         chosen: list[int] = []
         mind = np.full(n, 1.0 - sim.mean(axis=1))                                 # first pick: least typical
         taken = np.zeros(n, dtype=bool)
         for _ in range(min(ctx.keep, n)):
-            cost = np.zeros(n)
-            for l in range(m):
-                new = ~covered[l][routes[l]]                                      # [N, k]
-                cost += (new * weight[l][routes[l]]).sum(axis=1)
-            cost /= 2.0 * m * k
             score = mind - self.lam * cost
             score[taken] = -np.inf
             j = int(np.argmax(score))
             chosen.append(j)
             taken[j] = True
-            for l in range(m):
-                covered[l][routes[l][j]] = True
+            for l in range(m):                  # experts j brings in are free for everyone from now on
+                new = np.unique(routes[l][j][~covered[l][routes[l][j]]])
+                if new.size:
+                    covered[l][new] = True
+                    cost -= member[l][:, new] @ weight[l][new] / (2.0 * m * k)
             mind = np.minimum(mind, 1.0 - sim[j])
         return Selection(torch.tensor(sorted(chosen)))
 
