@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from vismmoe import load
-from vismmoe.compress import COMPRESSORS, Selection, VisualContext, keep_count, prune
+from vismmoe.compress import COMPRESSORS, Selection, VisualContext, keep_count
 
 from .conftest import FAMILIES
 

@@ -175,13 +175,28 @@ def test_prefetch_cost_model():
     assert depth(L=1.0, M=2.5, resident=0.0, q=0.6) == 0      # slow link, wrong guesses cost more than they hide
     assert depth(L=1.0, M=60.0, resident=0.3, q=0.9) == 0     # saturated link (prefill): only waste to add
     assert pf.saving() < 0
-    pf._phase = None                                          # nothing measured yet: the full depth
-    assert pf._choose_depth() == 3
-    ph = _Phase(layer_s=1.0, miss_s=60.0, resident=0.3, q=0.3)
+    pf._phase = None                                          # nothing measured yet: measure first
+    assert pf._choose_depth() == 0
+    ph = _Phase(layer_s=1.0, miss_s=60.0, resident=0.3, q=0.8)
     pf._phase, pf.depth = ph, 0
-    for _ in range(200):                                      # off: the precision drifts back to the prior
-        pf.note(layer=0, needed=8, not_resident=8, pf_hits=0)
-    assert abs(ph.q - pf.PRIOR_Q) < 0.1
+    for _ in range(20):                      # off: shadow guesses (half of each was needed) keep q measured
+        pf._shadow_for[5] = {1, 2, 3, 4}
+        pf.note(layer=5, needed=[1, 2, 9], not_resident=3, pf_hits=0)
+    assert abs(ph.q - 0.5) < 0.01
+    pf.note(layer=5, needed=[1, 2, 9], not_resident=3, pf_hits=0)     # no guess for this call: q unchanged
+    assert abs(ph.q - 0.5) < 0.01
+
+
+def test_prefetch_off_still_measures_precision(tiny_dirs, image_file):
+    """With prefetch switched off by the cost model (a very slow link), shadow guesses still score the predictor,
+    so each phase's precision is measured, not left at its prior; nothing is copied for them."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    eng = load(d, expert_budget="40%", prefetch="gate", lookahead=3, link="GBps=0.002")
+    eng.runtime.prefetcher.SHADOW_EVERY = 2
+    eng.generate(image_file, "What is in the picture?", max_new_tokens=6)
+    pf = eng.runtime.prefetcher
+    assert pf.depth == 0
+    assert any(abs(ph.q - 0.8) > 1e-6 for ph in pf._phases.values())
 
 
 def test_fused_gate_prediction_equals_per_router_prediction(tiny_dirs):

@@ -198,7 +198,7 @@ class Engine:
             self.runtime.prefetcher = Prefetcher(predictor, rc.lookahead, link_gbps=link.rate_gbps(device.type),
                                                  copy_s=link.seconds(layout.nbytes, device.type),
                                                  adaptive=not rc.fixed_lookahead,
-                                                 waited=lambda t=self.runtime.transfer: t.host_wait_s)
+                                                 waited=self.runtime.transfer.host_waited)
             self.runtime.observers.append(self.runtime.prefetcher)
         self.trace: RoutingTrace | None = None
         if rc.trace:

@@ -18,17 +18,22 @@ loads whatever it really needs on demand.
 
 Adaptive depth (the default; `fixed_lookahead` turns it off): a cost model per layer call, from EMAs kept apart
 for layer calls with a similar token count (decode, and prefills of similar length):
-    L  compute time of a layer call (a floor of the time between layer calls, host waits for copies excluded)
+    L  compute time of a layer call (the time between layer calls less the host's waits for link time,
+       averaged; where copies are waited for on the device, a slowly rising floor of that time)
     M  copy time of the experts not resident before prefetching (demand misses + prefetch hits)
     H  = min(M, resident share x L)   what hits-first scheduling already hides under the hits' compute
     q  precision of this phase's prefetches (used at their target layer / issued for it)
     W  = M (1 - q) / q                link time the wrong guesses add
-Without prefetch a layer call takes about L + M - H; with it, about max(L, M + W). Prefetch runs ceil(M / L)
+    P  host time the predictor and the prefetcher themselves take per layer call (router launches, bookkeeping,
+       queueing copies; measured on the calls that predict)
+Without prefetch a layer call takes about L + M - H; with it, about max(L, M + W) + P. Prefetch runs ceil(M / L)
 layers ahead (at most D) when that saves more than STALL_MIN x L, and not at all otherwise: on a fast link
 hits-first already hides the copies (and the predictor's launches would only cost time); on a saturated link
 (M >> L) prefetch can hide at most the compute that hits-first left uncovered, L - H, and wrong guesses cost
-W of link time, so it pays only when the predictor is precise enough. While prefetch is off in a phase its q
-relaxes toward the prior, so a phase is re-tried now and then and a link or cache that changes is noticed.
+W of link time, so it pays only when the predictor is precise enough. While prefetch is off in a phase, every
+SHADOW_EVERY-th layer call still runs the predictor one layer ahead without copying anything, and the next
+layer scores that guess (shadow precision), so q stays measured and a link, cache or model that changes is
+noticed.
 """
 
 from __future__ import annotations
@@ -47,11 +52,12 @@ class _Phase:
     miss_s: float | None = None                  # EMA of copy seconds per layer call for experts not resident
     resident: float = 0.0                        # EMA of the share of a layer call's experts already resident
     q: float = 0.8                               # EMA of prefetch precision at the target layer (prior: 0.8)
+    host_s: float = 0.0                          # EMA of the host time prediction and prefetching take per call
 
 
 class Prefetcher:
     STALL_MIN = 0.1                              # expected saving below this share of a layer: no prefetch
-    PRIOR_Q = 0.8                                # precision assumed before a phase measured its own
+    SHADOW_EVERY = 8                             # while off: score the predictor on one layer call in this many
 
     def __init__(self, predictor, depth: int = 3, p_min: float = 0.2, link_gbps: float = 53.0,
                  copy_s: float = 0.0, adaptive: bool = True, waited=None):
@@ -62,7 +68,7 @@ class Prefetcher:
         self.link_gbps = link_gbps
         self.copy_s = copy_s                     # one expert over the link
         self.adaptive = adaptive
-        self.waited = waited                     # () -> seconds the host has waited for copies so far
+        self.waited = waited                     # () -> host seconds waited for link time; None: not on host
         self._waited_at = 0.0
         self._phases: dict[int, _Phase] = {}     # per token-count bucket (decode and prefill differ)
         self._phase = None                       # phase of the layer call in progress
@@ -70,6 +76,10 @@ class Prefetcher:
         parts = (predictor, getattr(predictor, "gate", None), getattr(predictor, "trace", None))
         self._depths = [(p, p.depth) for p in parts if p is not None and hasattr(p, "depth")]
         self._issued_for: dict[int, int] = {}    # target layer -> prefetches issued for its next call
+        self._shadow_for: dict[int, set] = {}    # target layer -> experts a shadow guess would have copied
+        self._shadow = False                     # the layer call in progress makes a shadow guess
+        self._calls = 0
+        self._host_t = 0.0                       # host time of this call's predictor.observe
 
     def lead(self) -> float | None:
         """Layer times the expected copies of one layer call need (None before anything was measured)."""
@@ -92,25 +102,28 @@ class Prefetcher:
         L, M = ph.layer_s, ph.miss_s
         H = min(M, ph.resident * L)
         W = M * (1.0 - ph.q) / max(ph.q, 0.05)
-        return M - H if L >= M + W else L - H - W
+        return (M - H if L >= M + W else L - H - W) - ph.host_s
 
     def _choose_depth(self) -> int:
-        gain = self.saving() if self.adaptive else None
-        if gain is None:
+        if not self.adaptive:
             return self.max_depth
+        gain = self.saving()
+        if gain is None:                         # nothing measured in this phase yet: measure first
+            return 0
         if gain < self.STALL_MIN * self._phase.layer_s:
             return 0
         return min(self.max_depth, max(1, math.ceil(self.lead())))
 
-    def note(self, layer: int, needed: int, not_resident: int, pf_hits: int) -> None:
-        """A layer call needed `needed` experts, `not_resident` of them absent before prefetching, `pf_hits` of
-        them brought in by prefetches not used before."""
+    def note(self, layer: int, needed: list[int], not_resident: int, pf_hits: int) -> None:
+        """A layer call needed the experts `needed`, `not_resident` of them absent before prefetching, `pf_hits`
+        of them brought in by prefetches not used before."""
         ph = self._phase
         issued = self._issued_for.pop(layer, 0)
+        guessed = self._shadow_for.pop(layer, None)
         if ph is None:
             return
         copy = not_resident * self.copy_s
-        share = 1.0 - not_resident / max(needed, 1)
+        share = 1.0 - not_resident / max(len(needed), 1)
         if ph.miss_s is None:
             ph.miss_s, ph.resident = copy, share
         else:
@@ -118,31 +131,37 @@ class Prefetcher:
             ph.resident = 0.7 * ph.resident + 0.3 * share
         if issued:
             ph.q = 0.7 * ph.q + 0.3 * min(1.0, pf_hits / issued)
-        elif self.depth == 0:                   # not measuring: drift back toward the prior (re-try now and then)
-            ph.q += 0.01 * (self.PRIOR_Q - ph.q)
+        elif guessed:                            # a shadow guess: the share of it this call really needed
+            ph.q = 0.7 * ph.q + 0.3 * len(guessed.intersection(needed)) / len(guessed)
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
         now = time.perf_counter()
         waited = self.waited() if self.waited is not None else 0.0
         if self._last is not None and self._phase is not None:
-            # the interval minus what the host spent waiting for copies (an emulated link, the CPU, the disk tier;
-            # a saturated link would otherwise pass its copy time off as compute)
-            dt = now - self._last - (waited - self._waited_at)
+            dt = now - self._last
             if dt < 1.0:                         # ignore gaps between requests
-                # a slowly rising floor: the time of a layer call without waiting for copies (waits only add
-                # to it), so the lead does not shrink because the copies being measured made layers longer
                 ph = self._phase
-                dt = max(dt, 1e-6)
-                ph.layer_s = dt if ph.layer_s == 0 else min(dt, 1.02 * ph.layer_s)
+                if self.waited is not None:
+                    # waits are on the host: the interval minus them is this call's compute, averaged
+                    dt = max(dt - (waited - self._waited_at), 1e-6)
+                    ph.layer_s = dt if ph.layer_s == 0 else 0.7 * ph.layer_s + 0.3 * dt
+                else:
+                    # waits hide in the next sync (GPU, real link): a slowly rising floor, so the copies being
+                    # measured do not pass for compute
+                    ph.layer_s = dt if ph.layer_s == 0 else min(dt, 1.02 * ph.layer_s)
         self._last, self._waited_at = now, waited
         bucket = min(int(hidden.shape[0]), 1 << 16).bit_length()          # 1 token, 2-3, 4-7, ...
         self._phase = self._phases.setdefault(bucket, _Phase())
         self.depth = self._choose_depth()
-        if self.depth == 0:
+        self._calls += 1
+        self._shadow = self.depth == 0 and self._calls % self.SHADOW_EVERY == 0
+        if self.depth == 0 and not self._shadow:
             return                               # nothing to predict: no router launches
         for p, most in self._depths:
-            p.depth = min(most, self.depth)
+            p.depth = min(most, max(self.depth, 1))
+        t0 = time.perf_counter()
         self.predictor.observe(layer, hidden, top_k_index, top_k_weights)
+        self._host_t = time.perf_counter() - t0
 
     def allowance_bytes(self, expert_bytes: int, top_k: int) -> int:
         """Bytes the link can deliver during `depth` layer times; at least one layer's top-k."""
@@ -151,11 +170,27 @@ class Prefetcher:
         return int(max(by_link, top_k * expert_bytes))
 
     def issue(self, runtime, layer: int, pinned: set) -> None:
-        if self.depth == 0:
+        if self.depth == 0 and not self._shadow:
             return
+        t0 = time.perf_counter()
+        self._issue(runtime, layer, pinned)
+        ph = self._phase
+        if ph is not None:                      # this call's own host time (predict, claims, queueing copies)
+            spent = self._host_t + time.perf_counter() - t0
+            ph.host_s = spent if ph.host_s == 0 else 0.7 * ph.host_s + 0.3 * spent
+
+    def _issue(self, runtime, layer: int, pinned: set) -> None:
         cache = runtime.cache
         layers = runtime.moe_layers
         p = runtime.layer_pos[layer]
+        if self.depth == 0:
+            if self._shadow and p + 1 < len(layers):            # what prefetch would copy for the next layer
+                probs = self.predictor.predict(layer, 1)
+                target = layers[p + 1]
+                if probs is not None:
+                    self._shadow_for[target] = {e for e in np.nonzero(probs >= self.p_min)[0].tolist()
+                                                if not cache.resident((target, e))}
+            return
         budget = self.allowance_bytes(cache.layout.nbytes, runtime.top_k)
         # keep room: never prefetch into more than half the slots beyond what this layer pins
         room = max(0, cache.num_slots // 2 - len(pinned))

@@ -108,7 +108,7 @@ class OffloadRuntime:
         resident = {e for e in needed if cache.resident((layer, e))}
         if self.prefetcher is not None:            # how many copies this call needed without prefetch
             pf_hits = sum(cache.prefetched[cache.slot_of[(layer, e)]] for e in resident)
-            self.prefetcher.note(layer, len(needed), len(needed) - len(resident) + pf_hits, pf_hits)
+            self.prefetcher.note(layer, needed, len(needed) - len(resident) + pf_hits, pf_hits)
         waves = plan_waves(needed, resident, cache.num_slots)
         pairs = None
         for w, wave in enumerate(waves):

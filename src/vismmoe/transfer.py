@@ -74,13 +74,24 @@ class TransferEngine:
         self._pending: deque = deque()          # (event, blob): staging memory still being read (disk tier, GPU)
         self._stall_pairs: list = []            # (layer, ready_event, done_event) on GPU
         self._host_stall: dict[int, float] = {}
-        self.host_wait_s = 0.0                  # running total of host-side waits (emulated link, CPU, disk)
+        self.host_wait_s = 0.0                  # running total of host waits for link time (emulated delay, disk)
         self._span_start = None                 # copy-stream event before the first copy of a batch
         self._spans: list = []                  # (start, done) events of copy batches, resolved in drain
         self.copy_s = 0.0                       # seconds the real link was busy copying (resolved per drain)
         self.bytes_copied = 0
         self.timeline = None                    # timeline.Timeline: copy spans are recorded into it when set
         self._gpu_spans: list = []              # (layer, expert, start event, done event, kind) for the timeline
+
+    @property
+    def waits_on_host(self) -> bool:
+        """Whether compute waits for copies on the host (CPU, emulated link, disk tier), where the wait can be
+        timed; on the GPU with the real link the compute stream waits on the copy stream instead."""
+        return not self.cuda or self.link.emulated or self.disk
+
+    @property
+    def host_waited(self):
+        """() -> seconds the host has waited for link time so far, or None where waits are not on the host."""
+        return (lambda: self.host_wait_s) if self.waits_on_host else None
 
     @property
     def link(self) -> LinkProfile:
@@ -188,13 +199,16 @@ class TransferEngine:
         for t in tickets:
             if t.future is not None:
                 t.future.result()
-        delay = ready_at - time.perf_counter()
+        t1 = time.perf_counter()
+        delay = ready_at - t1
         if delay > 0:
             time.sleep(delay)
         host = time.perf_counter() - t0
-        if host > 0 and (not self.cuda or self.link.emulated or self.disk):     # the host itself waited
+        if host > 0 and self.waits_on_host:                                      # the host itself waited
             self._host_stall[layer] = self._host_stall.get(layer, 0.0) + host
-            self.host_wait_s += host
+            # link time only: the emulated link's delay, and disk reads; a CPU copy thread's memcpy is work that
+            # competes with compute (prefetching overlaps it), not link time
+            self.host_wait_s += host if self.disk else time.perf_counter() - t1
         if self.cuda:
             last = max(tickets, key=lambda t: t.enq)            # one stream: events complete in queue order
             stream = torch.cuda.current_stream(self.device)
