@@ -152,3 +152,37 @@ def test_affinity_gamma_spreads_look_alike_tokens():
     first, second = AffinityCompressor(gamma=1.5).select(ctx).keep.tolist()
     assert first == 0 and second in (3, 12, 15)
     assert AffinityCompressor().select(ctx).keep.tolist() == [0, 1]
+
+
+def test_farthest_first_is_max_min_diversity():
+    """The shared greedy (DivPrune's selection) against a plain reference: least typical token first, then the
+    token with the largest distance to its most similar kept token; `typical_cap` keeps the distance to the image
+    mean as a cap (affinity's variant), which changes the picks."""
+    import numpy as np
+
+    from vismmoe.compress import _farthest_first
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sim = x @ x.T
+
+    def reference(keep, cap):
+        chosen = [int(np.argmax(1.0 - sim.mean(axis=1)))]
+        while len(chosen) < keep:
+            best, arg = -np.inf, None
+            for t in range(len(sim)):
+                if t in chosen:
+                    continue
+                d = min(1.0 - sim[t, c] for c in chosen)
+                if cap:
+                    d = min(d, 1.0 - sim[t].mean())
+                if d > best:
+                    best, arg = d, t
+            chosen.append(arg)
+        return chosen
+
+    for keep in (1, 5, 13):
+        assert _farthest_first(sim, keep) == reference(keep, cap=False)
+        assert _farthest_first(sim, keep, typical_cap=True) == reference(keep, cap=True)
+    assert _farthest_first(sim, 13) != _farthest_first(sim, 13, typical_cap=True)

@@ -113,6 +113,58 @@ class DartCompressor:
         return Selection(torch.topk(-dup, ctx.keep).indices.sort().values)
 
 
+def _farthest_first(sim: np.ndarray, keep: int, union=None, lam: float = 0.0, typical_cap: bool = False) -> list[int]:
+    """Greedy max-min diversity over token similarities `sim [N, N]` (DivPrune's selection): start from the least
+    typical token (farthest from the image mean), then add the token farthest (1 - its highest similarity) from
+    those kept. `typical_cap` keeps each token's distance to the image mean as a cap on its score throughout, so
+    tokens typical of the image (background) never look new. With `union` (a `_UnionCost`), each candidate's
+    score is lowered by lam x the experts it would add to the kept set's union."""
+    n = sim.shape[0]
+    mind = 1.0 - sim.mean(axis=1)
+    taken = np.zeros(n, dtype=bool)
+    chosen: list[int] = []
+    for i in range(min(keep, n)):
+        score = mind - lam * union.cost if union is not None else mind.copy()
+        score[taken] = -np.inf
+        j = int(np.argmax(score))
+        chosen.append(j)
+        taken[j] = True
+        if union is not None:
+            union.take(j)
+        mind = np.minimum(mind, 1.0 - sim[j]) if typical_cap or i > 0 else 1.0 - sim[j]
+    return chosen
+
+
+class _UnionCost:
+    """For each candidate token, the experts it would add to the union the kept tokens need (summed over the
+    probed layers, each expert weighted up to 2x when few tokens use it, normalised to [0, 1]); kept current as
+    tokens are taken (a token x expert membership matrix per layer)."""
+
+    def __init__(self, routes: list[np.ndarray]):
+        n, k = routes[0].shape
+        E = max(int(r.max()) for r in routes) + 1
+        self.routes = routes
+        self.norm = 2.0 * len(routes) * k
+        rows = np.arange(n)[:, None]
+        self.member, self.weight = [], []
+        for r in routes:
+            mem = np.zeros((n, E))
+            np.add.at(mem, (rows, r), 1.0)                                      # member[t, e]: token t uses e
+            freq = mem.sum(axis=0) / n                                          # share of tokens using e
+            self.member.append(mem)
+            self.weight.append(1.0 + (1.0 - freq / max(freq.max(), 1e-9)))      # rare experts cost up to 2x
+        self.cost = sum(mem @ w for mem, w in zip(self.member, self.weight)) / self.norm
+        self.covered = [np.zeros(E, dtype=bool) for _ in routes]
+
+    def take(self, j: int) -> None:
+        """Token j is kept: the experts it brings in are free for every other token from now on."""
+        for l, r in enumerate(self.routes):
+            new = np.unique(r[j][~self.covered[l][r[j]]])
+            if new.size:
+                self.covered[l][new] = True
+                self.cost -= self.member[l][:, new] @ self.weight[l][new] / self.norm
+
+
 class DivPruneCompressor:
     """Max-min diversity: farthest-point selection in cosine distance."""
 
@@ -121,18 +173,7 @@ class DivPruneCompressor:
     @torch.no_grad()
     def select(self, ctx: VisualContext) -> Selection:
         x = _cos(ctx.embeds)
-        n = x.shape[0]
-        sim = x @ x.T
-        first = int(torch.argmin(sim.mean(dim=1)))                               # the least typical token
-        chosen = [first]
-        mind = 1.0 - sim[first]
-        mind[first] = -1.0
-        for _ in range(min(ctx.keep, n) - 1):
-            j = int(torch.argmax(mind))
-            chosen.append(j)
-            mind = torch.minimum(mind, 1.0 - sim[j])
-            mind[chosen] = -1.0
-        return Selection(torch.tensor(sorted(chosen)))
+        return Selection(torch.tensor(sorted(_farthest_first((x @ x.T).cpu().numpy(), ctx.keep))))
 
 
 class TextRelCompressor:
@@ -156,7 +197,8 @@ class AffinityCompressor:
         diversity (min cosine distance to the tokens kept so far: the image stays covered, duplicates go)
         - lam * cost (experts it would add to the kept set's union, each weighted up when few tokens use it)
     so tokens whose routing duplicates what is already kept come cheap and tokens that drag in rare experts
-    must earn their place. lam trades working set against fidelity (0: pure diversity = DivPrune). gamma > 0
+    must earn their place. lam trades working set against fidelity (0: diversity alone, DivPrune's greedy with
+    each token's distance to the image mean kept as a cap, so background never looks new). gamma > 0
     subtracts gamma x (grid distance, 1 = the diagonal) from the similarity, so look-alike tokens far apart (two
     red circles) both count as new (`affinity:gamma=1.5`).
     """
@@ -176,35 +218,8 @@ class AffinityCompressor:
         sim = (x @ x.T).cpu().numpy()
         if self.gamma:                  # look-alike tokens far apart are not duplicates (two red circles)
             sim = sim - self.gamma * _grid_distance(ctx.grid, n)
-        routes = [r.cpu().numpy() for r in ctx.probe(ctx.embeds)]                 # per layer [N, k]
-        E = max(int(r.max()) for r in routes) + 1
-        m, k = len(routes), routes[0].shape[1]
-        rows = np.arange(n)[:, None]
-        # per layer: member[t, e] = 1 when token t routes to e; cost[t] = weighted experts t would add to the union
-        member, weight = [], []
-        for r in routes:
-            mem = np.zeros((n, E))
-            np.add.at(mem, (rows, r), 1.0)
-            freq = mem.sum(axis=0) / n                                              # share of tokens using e
-            member.append(mem)
-            weight.append(1.0 + (1.0 - freq / max(freq.max(), 1e-9)))              # rare experts cost up to 2x
-        cost = sum(mem @ w for mem, w in zip(member, weight)) / (2.0 * m * k)
-        covered = [np.zeros(E, dtype=bool) for _ in range(m)]
-        chosen: list[int] = []
-        mind = np.full(n, 1.0 - sim.mean(axis=1))                                 # first pick: least typical
-        taken = np.zeros(n, dtype=bool)
-        for _ in range(min(ctx.keep, n)):
-            score = mind - self.lam * cost
-            score[taken] = -np.inf
-            j = int(np.argmax(score))
-            chosen.append(j)
-            taken[j] = True
-            for l in range(m):                  # experts j brings in are free for everyone from now on
-                new = np.unique(routes[l][j][~covered[l][routes[l][j]]])
-                if new.size:
-                    covered[l][new] = True
-                    cost -= member[l][:, new] @ weight[l][new] / (2.0 * m * k)
-            mind = np.minimum(mind, 1.0 - sim[j])
+        union = _UnionCost([r.cpu().numpy() for r in ctx.probe(ctx.embeds)])     # per layer [N, k]
+        chosen = _farthest_first(sim, ctx.keep, union, self.lam, typical_cap=True)
         return Selection(torch.tensor(sorted(chosen)))
 
 
