@@ -33,6 +33,31 @@ def test_bench_shape_path(tmp_path, capsys):
     assert code == 0 and len(res["rows"]) == 3            # reps 2: medians over runs without accuracy
     assert all(r["accuracy"] is None for r in res["rows"])            # random weights: nothing to score
     assert "RANDOM" in res["title"]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert "partial" not in saved and len(saved["rows"]) == 3
+
+
+def test_bench_saves_finished_groups_as_it_goes(tmp_path, monkeypatch):
+    """A run cut short by a time limit keeps what it finished: after each (link, budget) group the rows so far
+    are on disk, marked partial."""
+    from vismmoe.bench import harness
+
+    seen = []
+    real = harness.bench_trained
+
+    def spy(*a, on_rows=None, **k):
+        def record(rows):
+            on_rows(rows)
+            seen.append(json.loads((tmp_path / "bench.json").read_text()))
+        return real(*a, on_rows=record, **k)
+
+    monkeypatch.setattr(harness, "bench_trained", spy)
+    code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "2", "--link", "edge",
+                 "--link", "mobile", "--budgets", "25%", "--reps", "1", "--systems", "ondemand", "--out",
+                 str(tmp_path)])
+    assert code == 0
+    assert [len(s["rows"]) for s in seen] == [1, 2] and all(s["partial"] for s in seen)
+    assert "partial" not in json.loads((tmp_path / "bench.json").read_text())
 
 
 def test_accelerate_banks_are_each_layers_own(tiny_dirs):

@@ -128,7 +128,8 @@ def _run_requests(eng, samples, max_new_tokens: int) -> dict:
 
 
 def bench_trained(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
-                  max_new_tokens: int, calibration: str | None, progress=None) -> list[dict]:
+                  max_new_tokens: int, calibration: str | None, progress=None, on_rows=None) -> list[dict]:
+    """Rows per (system, link, budget); `on_rows(rows so far)` after each (link, budget) group completes."""
     rows = []
     compute: dict = {}
     resident = base.fork(expert_budget="100%", prefetch="none")      # one full pool, reused for every bound
@@ -196,6 +197,8 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                                  budget=budget, prefetch=pf, policy=SYSTEMS[name].policy,
                                  compress=f"{SYSTEMS[name].compress}@{SYSTEMS[name].keep_ratio:g}",
                                  compute_s=cs, belady_bytes=bound_bytes))
+            if on_rows:
+                on_rows(rows)
     return rows
 
 
@@ -350,11 +353,18 @@ def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibratio
         progress=None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
-    rows = bench_trained(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress)
-    res = {"rows": rows, "speedup": speedups(rows), "title": title, "seconds": time.perf_counter() - t0}
-    with open(os.path.join(out_dir, "bench.md"), "w") as f:
-        f.write(markdown(rows, title))
-    res["plots"] = plots(rows, out_dir, title)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    return res
+
+    def write(rows: list[dict], partial: bool) -> dict:
+        res = {"rows": rows, "speedup": speedups(rows), "title": title, "seconds": time.perf_counter() - t0}
+        if partial:             # a run cut short (a time limit) keeps the groups it finished
+            res["partial"] = True
+        with open(os.path.join(out_dir, "bench.md"), "w") as f:
+            f.write(markdown(rows, title + (" (PARTIAL: the run did not finish)" if partial else "")))
+        res["plots"] = [] if partial else plots(rows, out_dir, title)
+        with open(os.path.join(out_dir, "bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return res
+
+    rows = bench_trained(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress,
+                         on_rows=lambda done: write(done, partial=True))
+    return write(rows, partial=False)
