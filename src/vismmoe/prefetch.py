@@ -48,7 +48,7 @@ import numpy as np
 @dataclass
 class _Phase:
     """Timing of layer calls with a similar token count (decode steps, or prefills of a similar length)."""
-    layer_s: float = 0.0                         # floor of the wall time between layer calls (compute)
+    layer_s: float = 0.0                         # compute time of a layer call (L in the module docstring)
     miss_s: float | None = None                  # EMA of copy seconds per layer call for experts not resident
     resident: float = 0.0                        # EMA of the share of a layer call's experts already resident
     q: float = 0.8                               # EMA of prefetch precision at the target layer (prior: 0.8)
@@ -87,11 +87,6 @@ class Prefetcher:
         if ph is None or ph.miss_s is None or ph.layer_s <= 0:
             return None
         return ph.miss_s / ph.layer_s
-
-    def stall_share(self) -> float | None:
-        """Expected wait without prefetch, in layer times: copies minus the hits' compute they overlap."""
-        lead = self.lead()
-        return None if lead is None else lead - self._phase.resident
 
     def saving(self) -> float | None:
         """Expected seconds per layer call that prefetching saves (negative: it would cost), from the cost model

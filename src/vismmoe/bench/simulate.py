@@ -59,7 +59,6 @@ def policy_table(traces, moe_layers, num_experts, shares=(0.10, 0.25, 0.50),
     return rows
 
 
-
 def main(argv=None) -> None:
     """`python -m vismmoe.bench.simulate [--model DIR] [--limit N] [--compress NAME --keep-ratio R]`: record
     routing over N test requests in a row, replay it through every policy at 10/25/50%, print the table."""
