@@ -139,8 +139,9 @@ def test_gpu_predictor_policy_matrix_is_lossless(family, tiny_dirs, image_file, 
 
 def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
     """Adaptive depth end to end: where one layer's copies take far less than a layer's compute (the CPU's own
-    memory, experts of a few KiB) prefetch switches off; on a very slow emulated link the copies take many layer
-    times (lead > 3) and the depth is what the cost model says for the measured phase. Tokens stay those of the
+    memory, experts of a few KiB) prefetch switches off; on a very slow emulated link the copies take several layer
+    times (lead > 2; the layer time includes attention, whose threads wake slowly after a sleep, so the margin is
+    wide for slow CI machines: 0.069 s of copies against layers of 1-8 ms) and the depth is what the cost model says for the measured phase. Tokens stay those of the
     reference either way; a fixed lookahead always runs its full depth."""
     d = tiny_dirs["qwen3_vl_moe"]
     q = "What is in the picture?"
@@ -149,10 +150,10 @@ def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
     gen = fast.generate(image_file, q, max_new_tokens=6)
     pf = fast.runtime.prefetcher
     assert gen.token_ids == want and pf.lead() - pf._phase.resident < pf.STALL_MIN and pf.depth == 0
-    slow = load(d, expert_budget="40%", prefetch="gate", lookahead=3, link="GBps=0.002")
+    slow = load(d, expert_budget="40%", prefetch="gate", lookahead=3, link="GBps=0.0005")
     gen = slow.generate(image_file, q, max_new_tokens=6)
     pf = slow.runtime.prefetcher
-    assert gen.token_ids == want and pf.lead() > 3 and pf.depth == pf._choose_depth()
+    assert gen.token_ids == want and pf.lead() > 2 and pf.depth == pf._choose_depth()
     fixed = load(d, expert_budget="40%", prefetch="gate", lookahead=3, fixed_lookahead=True, link="GBps=0.01")
     gen = fixed.generate(image_file, q, max_new_tokens=6)
     assert gen.token_ids == want and fixed.runtime.prefetcher.depth == 3 and gen.stats["prefetch_issued"] > 0
