@@ -60,3 +60,21 @@ def test_timeline_records_compute_and_copies(tiny_dirs, image_file, tmp_path):
     art = tl.ascii(60)
     assert art.count("\n") == 3 and "#" in art
     assert (tmp_path / "t.png").exists() is False and tl.png(str(tmp_path / "t.png"))
+
+
+def test_unthrottled_skips_the_emulated_wait_and_restores_it(tiny_dirs, image_file):
+    """The bench's warm-up runs on the machine's own link: nothing is booked on the emulated clock inside (so
+    nothing waits for it), and the emulated profile and clock are back after."""
+    slow = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", link="GBps=0.002")     # 2 MB/s
+    transfer = slow.runtime.transfer
+    emulated = transfer.clock
+    with transfer.unthrottled():
+        assert not transfer.link.emulated
+        fast = slow.generate(image_file, "What is here?", max_new_tokens=2).stats
+    assert fast["link"] == "real" and emulated.busy_s == 0.0
+    assert transfer.clock is emulated and "emulated" in transfer.link.label()
+    slow.cache.clear()
+    paced = slow.generate(image_file, "What is here?", max_new_tokens=2).stats
+    link_time = paced["bytes_moved"] / 0.002e9
+    assert paced["bytes_moved"] == fast["bytes_moved"] > 0
+    assert abs(emulated.busy_s - link_time) < 0.01 * link_time + 1e-3 and paced["e2e_s"] >= 0.95 * link_time

@@ -21,6 +21,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -96,6 +97,17 @@ class TransferEngine:
     @property
     def link(self) -> LinkProfile:
         return self.clock.profile
+
+    @contextmanager
+    def unthrottled(self):
+        """The machine's own link while inside (no emulated delay), the emulated clock again after: for a
+        benchmark's warm-up, which is there for kernels and allocations, not to pay link time."""
+        clock = self.clock
+        self.clock = LinkClock(PROFILES["real"])
+        try:
+            yield
+        finally:
+            self.clock = clock
 
     def link_busy_s(self) -> float:
         """Seconds the link was busy: the emulated clock's when emulating, else the measured copy time."""
