@@ -329,9 +329,14 @@ def plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
         if e2e and max(e2e) > 20 * min(e2e):               # accelerate next to the rest: a log scale
             ax.set_yscale("log")
         ax.set_ylabel("end to end per request, ms")
-        ax.legend(fontsize=7)
+    handles = {}
+    for ax in axes[0]:                          # one legend for all panels, below them: it never hides a line
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 5), fontsize=7,
+               frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(handles) - 1) // 5 + 1), 1, 1))
     paths.append(os.path.join(out_dir, "latency_vs_budget.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
