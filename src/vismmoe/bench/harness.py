@@ -35,6 +35,7 @@ from ..evaluate import normalize
 from ..links import PROFILES
 from ..trace import RoutingTrace
 from .bound import access_groups, belady_misses
+from .tables import markdown
 
 
 @dataclass(frozen=True)
@@ -292,21 +293,6 @@ def speedups(rows: list[dict]) -> dict:
             best = min(base, key=lambda r: r["e2e_s"])
             out[f"{key[0]}/{key[1]}"] = {"speedup": best["e2e_s"] / ours["e2e_s"], "best_baseline": best["system"]}
     return out
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    cols = ["system", "link", "budget", "ttft_ms", "tpot_ms", "e2e_ms", "hit_rate", "bytes_moved", "stall_share",
-            "accuracy", "bound_ms", "efficiency"]
-    out = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
-        vals = [r["system"], r["link"], r["budget"], f"{r['ttft_s'] * 1e3:.1f}", f"{r['tpot_s'] * 1e3:.1f}",
-                f"{r['e2e_s'] * 1e3:.1f}", f(r["hit_rate"], ".3f"), f"{r['bytes_moved'] / 2**20:.1f} MiB",
-                f(r["stall_share"], ".2f"), f(r["accuracy"], ".3f"),
-                f"{r['bound_s'] * 1e3:.1f}", "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"]
-        out.append("| " + " | ".join(vals) + " |")
-    return "\n".join(out) + "\n"
 
 
 def plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
