@@ -176,6 +176,20 @@ def test_prefetch_cost_model():
     assert depth(L=1.0, M=2.5, resident=0.0, q=0.6) == 0      # slow link, wrong guesses cost more than they hide
     assert depth(L=1.0, M=60.0, resident=0.3, q=0.9) == 0     # saturated link (prefill): only waste to add
     assert pf.saving() < 0
+    # bursty misses (decode on a slow link): one call in four waits for a whole expert (C = 3 layer times), the
+    # rest miss nothing. The average call's copies (M = 0.75) hide under its hits (resident 0.97), but the average
+    # stall does not: measured per call, the model prefetches, deep enough for one copy (ceil(C / L) = 3)
+    pf.copy_s = 3.0
+    pf._phase = _Phase(layer_s=1.0, q=0.85)
+    for i in range(40):
+        miss = 1 if i % 4 == 0 else 0
+        pf.note(layer=7, needed=list(range(8)), not_resident=miss, pf_hits=0)
+    ph = pf._phase
+    assert ph.miss_s - min(ph.miss_s, ph.resident * ph.layer_s) < 0.05 < 0.2 < ph.stall_s
+    assert pf.saving() > pf.STALL_MIN and pf._choose_depth() == 3
+    pf._phase.stall_s = None                                  # the average call's stall instead: no prefetch
+    assert pf._choose_depth() == 0
+    pf.copy_s = 0.0
     pf._phase = None                                          # nothing measured yet: measure first
     assert pf._choose_depth() == 0
     ph = _Phase(layer_s=1.0, miss_s=60.0, resident=0.3, q=0.8)

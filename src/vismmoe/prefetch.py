@@ -22,12 +22,16 @@ for layer calls with a similar token count (decode, and prefills of similar leng
        averaged; where copies are waited for on the device, a slowly rising floor of that time)
     M  copy time of the experts not resident before prefetching (demand misses + prefetch hits)
     H  = min(M, resident share x L)   what hits-first scheduling already hides under the hits' compute
+    S  stall of a layer call without prefetch, max(0, M - H), worked out per call and then averaged: misses
+       come in bursts (one call waits for a whole expert while most calls miss nothing), and the stall of the
+       average call (averaged M and H) would be zero where the average stall is not
     q  precision of this phase's prefetches (used at their target layer / issued for it)
     W  = M (1 - q) / q                link time the wrong guesses add
     P  host time the predictor and the prefetcher themselves take per layer call (router launches, bookkeeping,
        queueing copies; measured on the calls that predict)
-Without prefetch a layer call takes about L + M - H; with it, about max(L, M + W) + P. Prefetch runs ceil(M / L)
-layers ahead (at most D) when that saves more than STALL_MIN x L, and not at all otherwise: on a fast link
+Without prefetch a layer call takes about L + S; with it, about max(L, M + W) + P. Prefetch runs
+ceil(max(M, C) / L) layers ahead (at most D; C is one expert's copy time, the least a miss waits) when that
+saves more than STALL_MIN x L, and not at all otherwise: on a fast link
 hits-first already hides the copies (and the predictor's launches would only cost time); on a saturated link
 (M >> L) prefetch can hide at most the compute that hits-first left uncovered, L - H, and wrong guesses cost
 W of link time, so it pays only when the predictor is precise enough. While prefetch is off in a phase, every
@@ -53,6 +57,7 @@ class _Phase:
     resident: float = 0.0                        # EMA of the share of a layer call's experts already resident
     q: float = 0.8                               # EMA of prefetch precision at the target layer (prior: 0.8)
     host_s: float = 0.0                          # EMA of the host time prediction and prefetching take per call
+    stall_s: float | None = None                 # EMA of the per-call stall without prefetch (S); None: from M, H
 
 
 class Prefetcher:
@@ -95,9 +100,9 @@ class Prefetcher:
         if self.lead() is None:
             return None
         L, M = ph.layer_s, ph.miss_s
-        H = min(M, ph.resident * L)
+        S = ph.stall_s if ph.stall_s is not None else M - min(M, ph.resident * L)
         W = M * (1.0 - ph.q) / max(ph.q, 0.05)
-        return (M - H if L >= M + W else L - H - W) - ph.host_s
+        return L + S - max(L, M + W) - ph.host_s
 
     def _choose_depth(self) -> int:
         if not self.adaptive:
@@ -107,7 +112,7 @@ class Prefetcher:
             return 0
         if gain < self.STALL_MIN * self._phase.layer_s:
             return 0
-        return min(self.max_depth, max(1, math.ceil(self.lead())))
+        return min(self.max_depth, max(1, math.ceil(max(self._phase.miss_s, self.copy_s) / self._phase.layer_s)))
 
     def note(self, layer: int, needed: list[int], not_resident: int, pf_hits: int) -> None:
         """A layer call needed the experts `needed`, `not_resident` of them absent before prefetching, `pf_hits`
@@ -119,11 +124,13 @@ class Prefetcher:
             return
         copy = not_resident * self.copy_s
         share = 1.0 - not_resident / max(len(needed), 1)
+        stall = max(0.0, copy - share * ph.layer_s)         # this call, had nothing been prefetched
         if ph.miss_s is None:
             ph.miss_s, ph.resident = copy, share
         else:
             ph.miss_s = 0.7 * ph.miss_s + 0.3 * copy
             ph.resident = 0.7 * ph.resident + 0.3 * share
+        ph.stall_s = stall if ph.stall_s is None else 0.7 * ph.stall_s + 0.3 * stall
         if issued:
             ph.q = 0.7 * ph.q + 0.3 * min(1.0, pf_hits / issued)
         elif guessed:                            # a shadow guess: the share of it this call really needed
