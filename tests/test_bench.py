@@ -21,7 +21,9 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert "mobile/25%" in res["speedup"]
     lossless = [r for r in res["rows"] if r["system"] in ("ondemand", "lru-offload", "gate-prefetch")]
     assert len({r["accuracy"] for r in lossless}) == 1          # lossless systems answer identically
-    assert all(r["bound_s"] <= r["e2e_s"] * 1.05 for r in res["rows"])
+    # the bound is below what was achieved (a margin for a shared CI machine's noise between the resident runs
+    # that give its compute term and the measured ones; a wrong bytes or bandwidth term is off by far more)
+    assert all(r["bound_s"] <= r["e2e_s"] * 1.15 for r in res["rows"])
     assert (out / "bench.md").exists() and (out / "latency_vs_budget.png").exists()
 
 
