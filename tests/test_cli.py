@@ -108,6 +108,25 @@ def test_bad_input_one_line_exit_2(tiny_dirs, image_file, capsys, bad_inputs, tm
         _expect_user_error(capsys, argv, needle)
 
 
+def test_other_commands_bad_numbers_one_line_exit_2(capsys, tmp_path):
+    """Counts below their least legal value (0 once meant "the default" for bench) and malformed image sides are
+    user errors, found before any model is built."""
+    out = str(tmp_path / "o")
+    cases = [
+        (["bench", "--reps", "0", "--out", out], "--reps 0 is too small"),
+        (["bench", "--limit", "0", "--out", out], "--limit 0 is too small"),
+        (["bench", "--max-new-tokens", "-1", "--out", out], "--max-new-tokens -1 is too small"),
+        (["bench", "--shape", "tiny-qwen3", "--image-sides", "abc", "--out", out], "bad --image-sides"),
+        (["bench", "--shape", "tiny-qwen3", "--image-sides", "448,10", "--out", out], "bad --image-sides"),
+        (["calibrate", "--depth", "0", "--limit", "3", "--out", str(tmp_path / "c.npz")], "--depth 0 is too small"),
+        (["calibrate", "--limit", "2", "--out", str(tmp_path / "c.npz")], "at least 3 samples"),
+        (["eval", "--limit", "0"], "--limit 0 is too small"),
+        (["analyze", "--limit", "-2", "--out", out], "--limit -2 is too small"),
+    ]
+    for argv, needle in cases:
+        _expect_user_error(capsys, argv, needle)
+
+
 def test_budget_error_names_the_minimum(tiny_dirs, image_file, capsys):
     code, _, err = _run(capsys, "generate", "--model", tiny_dirs["glm4v_moe"], "--image", image_file,
                         "--prompt", "hi", "--expert-budget", "100")

@@ -104,8 +104,8 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate, default_samples
     from .engine import load
     from .progress import layer_progress
-    if args.limit < 3:
-        raise UserError(f"--limit {args.limit} is too small", "calibration needs at least 3 samples")
+    _at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
+    _at_least(args.depth, 1, "--depth")
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%",
                compress=args.compress, keep_ratio=args.keep_ratio)
     with layer_progress("calibrating (requests)") as tick:
@@ -125,6 +125,12 @@ def cmd_calibrate(args) -> int:
         console().print(t)
         print(f"wrote {args.out}")
     return 0
+
+
+def _at_least(value: int | None, least: int, flag: str, why: str = "") -> None:
+    """A whole-number option below its least legal value (None: not given) is a user error."""
+    if value is not None and value < least:
+        raise UserError(f"{flag} {value} is too small", why or f"give at least {least}")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -160,8 +166,7 @@ def cmd_analyze(args) -> int:
     comps = _compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
     for c in comps:
         make_compressor(c)                          # a name, or name:knob=value[,knob=value]
-    if args.limit < 1:
-        raise UserError(f"--limit {args.limit} is too small", "give at least 1")
+    _at_least(args.limit, 1, "--limit")
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
     if args.routing:
         from .analyze import routing_report
@@ -183,8 +188,7 @@ def cmd_analyze(args) -> int:
 def cmd_eval(args) -> int:
     from .engine import load
     from .evaluate import evaluate
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit} is too small", "give at least 1")
+    _at_least(args.limit, 1, "--limit")
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                compress=args.compress, keep_ratio=args.keep_ratio)
     res = evaluate(eng, split=args.split, limit=args.limit, progress=not args.json)
@@ -221,6 +225,8 @@ def cmd_bench(args) -> int:
     budgets = args.budgets.split(",") if args.budgets else (["25%"] if args.quick else ["10%", "25%", "50%"])
     if args.quick:
         systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
+    for flag in ("limit", "reps", "max_new_tokens"):
+        _at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
     n = args.limit or (6 if args.quick else 30)
     args.reps = args.reps or (1 if args.quick else 3)
     if args.shape:
@@ -256,6 +262,13 @@ def _shape_workload(args):
     from .engine import _resolve_device
     from .families import get_family
     from .store import BlobLayout
+    try:
+        sides = [int(x) for x in args.image_sides.split(",") if x.strip()]
+    except ValueError:
+        sides = []
+    if not sides or any(not 28 <= x <= 4096 for x in sides):
+        raise UserError(f"bad --image-sides {args.image_sides!r}", "give comma-separated sides in pixels from 28 to "
+                        "4096, e.g. 448,1024")
     fam, config = get_shape(args.shape)
     dev = _resolve_device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -263,7 +276,6 @@ def _shape_workload(args):
     least = geo.top_k * BlobLayout(geo.hidden, geo.inter, dtype).nbytes
     base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least))
     new = args.max_new_tokens or 64
-    sides = [int(x) for x in args.image_sides.split(",")]
     g = torch.Generator().manual_seed(1234)
     vocab = config.text_config.vocab_size
     reqs = [Request(inputs=synthetic_inputs(base, side), feed=torch.randint(min(1000, vocab // 4), vocab,
