@@ -159,6 +159,9 @@ def main(argv=None):
         "resident": profile(lambda: run_engine(resident, inputs, 8, cold=False), os.path.join(args.out, "prof_resident.txt")),
         "hf-resident": profile(lambda: run_model(models["hf-resident"], eng.family, inputs, 8),
                                os.path.join(args.out, "prof_hf_resident.txt")),
+        # the offload runtime at the budget (cold cache): its host work per layer beside the resident runs
+        "offloaded": profile(lambda: run_engine(eng, inputs, 8, cold=True),
+                             os.path.join(args.out, "prof_offloaded.txt")),
     }
     print("profile", res["profile"], flush=True)
 
