@@ -261,23 +261,29 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
 
 
 _BELADY: dict = {}
+_GROUPS: dict = {}
 
 
 def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> float:
     """Bytes per request that an optimal (Belady) cache of this engine's size must move for this system's
     request stream (each request starts cold, as in the measurement), traced on `probe` (every expert resident).
-    Memoised per (compression, slots)."""
-    key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, eng.cache.num_slots, max_new_tokens)
+    The traces are kept per compression setting (one traced run serves every budget); bytes per (setting,
+    slots)."""
+    trace_key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, max_new_tokens)
+    key = trace_key + (eng.cache.num_slots,)
     if key in _BELADY:
         return _BELADY[key]
-    total = 0
-    probe.set_compression(eng.rc.compress, eng.rc.keep_ratio)
-    for s in samples:
-        tr = RoutingTrace()
-        probe.record_trace(tr)
-        serve(probe, s, max_new_tokens)
-        probe.record_trace(None)
-        total += belady_misses(access_groups(tr), eng.cache.num_slots)
+    if trace_key not in _GROUPS:
+        probe.set_compression(eng.rc.compress, eng.rc.keep_ratio)
+        groups = []
+        for s in samples:
+            tr = RoutingTrace()
+            probe.record_trace(tr)
+            serve(probe, s, max_new_tokens)
+            probe.record_trace(None)
+            groups.append(access_groups(tr))
+        _GROUPS[trace_key] = groups
+    total = sum(belady_misses(g, eng.cache.num_slots) for g in _GROUPS[trace_key])
     _BELADY[key] = total * eng.layout.nbytes / len(samples)
     return _BELADY[key]
 
