@@ -38,7 +38,7 @@ def test_single_wave_matches_reference(seed):
     slots_gu, slots_dn = gate_up[perm.argsort()], down[perm.argsort()]
     # expert e is in slot perm[e]... slots_gu[perm[e]] == gate_up[e]
     assert torch.equal(slots_gu[perm[2]], gate_up[2])
-    pairs = experts_on_slots(_Gate, hidden, perm[idx], w, slots_gu, slots_dn, None, whole=True)
+    pairs = experts_on_slots(_Gate, hidden, perm[idx], w, slots_gu, slots_dn, None)
     got = pairs.view(T, K, H).sum(1)
     ref = _reference(hidden, idx, w, gate_up, down)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
@@ -51,7 +51,7 @@ def test_waves_give_bit_identical_result():
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g)
     gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
-    whole = experts_on_slots(_Gate, hidden, idx, w, gate_up, down, None, whole=True).view(T, K, H).sum(1)
+    whole = experts_on_slots(_Gate, hidden, idx, w, gate_up, down, None).view(T, K, H).sum(1)
     # three waves through 3 slots: experts {0,1,2}, {3,4,5}, {6,7}
     pairs = torch.full((T * K, H), float("nan"))
     for wave in ([0, 1, 2], [3, 4, 5], [6, 7]):
@@ -61,7 +61,7 @@ def test_waves_give_bit_identical_result():
         pad = 3 - len(wave)
         gu = torch.cat([gate_up[wave], torch.full((pad, 2 * I, H), float("nan"))])
         dn = torch.cat([down[wave], torch.full((pad, H, I), float("nan"))])
-        pairs = experts_on_slots(_Gate, hidden, lut[idx], w, gu, dn, pairs, whole=False)
+        pairs = experts_on_slots(_Gate, hidden, lut[idx], w, gu, dn, pairs, count=int((lut[idx] < 3).sum()))
     assert not torch.isnan(pairs).any()                   # every pair row written exactly by its wave
     assert torch.equal(pairs.view(T, K, H).sum(1), whole)
 
@@ -76,7 +76,7 @@ def test_one_slot_window_with_pairs_elsewhere():
     w = torch.rand(T, K, generator=g)
     gu, dn = torch.randn(1, 2 * I, H, generator=g), torch.randn(1, H, I, generator=g)
     pairs = torch.zeros(T * K, H)
-    out = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, pairs, whole=False)
+    out = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, pairs, count=int((slot_idx < 1).sum()))
     idx0 = torch.zeros(T, K, dtype=torch.long)
     ref = _reference(hidden, idx0, w * (slot_idx == 0), gu, dn)
     assert torch.allclose(out.view(T, K, H).sum(1), ref, atol=1e-5)
@@ -95,7 +95,7 @@ def test_gpu_window_of_max_groups_runs_in_the_cuda_kernel():
     w = torch.rand(T, K, generator=g)
     gate_up, down = torch.randn(E, 2 * I, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 8
     dev = [x.cuda().bfloat16() for x in (hidden, gate_up, down)]
-    pairs = experts_on_slots(_Gate, dev[0], idx.cuda(), w.cuda(), dev[1], dev[2], None, whole=True)
+    pairs = experts_on_slots(_Gate, dev[0], idx.cuda(), w.cuda(), dev[1], dev[2], None)
     got = pairs.view(T, K, H).sum(1).float().cpu()
     ref = _reference(hidden[:8], idx[:8], w[:8], gate_up, down)
     assert torch.allclose(got[:8], ref, atol=0.1, rtol=0.05)
@@ -115,5 +115,5 @@ def test_sparse_window_gathers_used_slots_with_identical_results():
         gu, dn, local = window_banks(gate_up, down, inside, 3, 191, gather_sparse=gather)
         assert gu.shape[0] == (4 if gather else 188)
         slot_idx = torch.tensor([[local[int(s)] for s in row] for row in idx])
-        out[gather] = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, None, whole=True)
+        out[gather] = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, None)
     assert torch.equal(out[False], out[True])

@@ -5,7 +5,8 @@
     pool     gate_up [S, 2I, H], down [S, H, I]
 
 Pairs are sorted by slot, each slot's rows form one group of `grouped_mm`, and every pair's weighted output row
-lands in `pairs [P, H]`; rows of pairs outside the wave keep what earlier waves wrote. The caller reduces
+lands in `pairs [P, H]`; pairs outside the wave are cut off before any arithmetic and their rows keep what
+earlier waves wrote. The caller reduces
 `pairs.view(T, K, H).sum(1)` once, after the last wave, so the result does not depend on how the experts were
 split into waves. No host synchronisation happens here (offsets come from `histc`, not `bincount`).
 
@@ -62,32 +63,36 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 def experts_on_slots(module, hidden: torch.Tensor, slot_idx: torch.Tensor, weights: torch.Tensor,
                      gate_up: torch.Tensor, down: torch.Tensor, pairs: torch.Tensor | None,
-                     whole: bool) -> torch.Tensor:
+                     count: int | None = None) -> torch.Tensor:
     """Compute the pairs whose expert is in this wave; returns the updated `pairs [P, H]`.
 
     `module` is the transformers experts module (its `_apply_gate` knows the family's gating).
-    `whole` says every pair is in this wave (the common case), which skips masking.
+    `count` is how many pairs are in this wave (the caller knows it on the host; None: all of them, the common
+    case). Pairs outside the wave sort last (slot S) and are dropped before any arithmetic, so a wave or a
+    hits-first part costs what its own pairs cost (computing every pair and masking cost a part 2x a whole
+    wave on the CPU).
     """
     T, K = slot_idx.shape
+    P = T * K
     S = gate_up.shape[0]
+    whole = count is None or count >= P
+    if not whole and count <= 0:
+        return pairs if pairs is not None else hidden.new_zeros(P, hidden.shape[-1])
     flat = slot_idx.reshape(-1)                                   # [P]
     order, perm = torch.sort(flat, stable=True)                   # [P], [P]
-    x = hidden[perm // K].to(gate_up.dtype)                       # [P, H]
+    if not whole:
+        order, perm = order[:count], perm[:count]                 # [C]: this wave's pairs only
+    x = hidden[perm // K].to(gate_up.dtype)                       # [C, H]
     hist_in = order.float() if order.device.type == "cpu" else order.int()
     # S+1 unit-wide bins over [0, S] (the last one holds the sentinel): with S bins over [0, S-1], S == 1 would
     # give min == max, which histc reads as "use the data's range"
     counts = torch.histc(hist_in, bins=S + 1, min=0, max=S)[:S]   # [S]
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)         # [S]
-    h = _grouped_mm(x, gate_up.transpose(-2, -1), offs)           # [P, 2I]
-    h = module._apply_gate(h)                                     # [P, I]
-    y = _grouped_mm(h, down.transpose(-2, -1), offs)              # [P, H]
-    y = y * weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)   # [P, H]
-    if whole:
-        out = torch.empty_like(y) if pairs is None else pairs
-        out[perm] = y
-        return out
+    h = _grouped_mm(x, gate_up.transpose(-2, -1), offs)           # [C, 2I]
+    h = module._apply_gate(h)                                     # [C, I]
+    y = _grouped_mm(h, down.transpose(-2, -1), offs)              # [C, H]
+    y = y * weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)   # [C, H]
     if pairs is None:
-        pairs = y.new_zeros(T * K, y.shape[-1])
-    valid = (order < S).unsqueeze(-1)                             # [P, 1]
-    pairs[perm] = torch.where(valid, y, pairs[perm])
+        pairs = torch.empty(P, y.shape[-1], dtype=y.dtype, device=y.device) if whole else y.new_zeros(P, y.shape[-1])
+    pairs[perm] = y
     return pairs

@@ -134,7 +134,6 @@ class OffloadRuntime:
             for part in parts:
                 self.transfer.wait(layer, [tickets[e] for e in part])
                 spans = windows([slot_of[e] for e in part], self.max_groups)
-                whole = len(waves) == 1 and len(parts) == 1 and len(spans) == 1
                 for lo, hi in spans:
                     inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
                     gate_up, down, local = window_banks(cache.gate_up, cache.down, inside, lo, hi,
@@ -143,9 +142,11 @@ class OffloadRuntime:
                     for e in part:
                         if slot_of[e] in local:
                             lut[e] = local[slot_of[e]]
-                    slot_idx = self._to_device(lut[idx], hidden.device)     # [T, K]
+                    sel = lut[idx]                                          # [T, K]
+                    count = int(np.count_nonzero(sel < gate_up.shape[0]))   # pairs in this window
+                    slot_idx = self._to_device(sel, hidden.device)
                     pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
-                                             whole=whole)
+                                             count=count)
             if self.cuda:
                 used = torch.cuda.Event()
                 used.record()
