@@ -129,7 +129,8 @@ class OffloadRuntime:
                 self.prefetcher.issue(self, layer, pinned)          # behind this layer's own misses
             # hits first: experts already on the device are computed while the others are still arriving
             ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
-            waiting = [e for e in wave if e not in set(ready)] if 0 < len(ready) < len(wave) else []
+            done = set(ready)
+            waiting = [e for e in wave if e not in done] if 0 < len(ready) < len(wave) else []
             parts = [ready, waiting] if waiting else [wave]
             for part in parts:
                 self.transfer.wait(layer, [tickets[e] for e in part])
