@@ -203,14 +203,16 @@ def test_prefetch_cost_model():
 
 
 def test_prefetch_off_still_measures_precision(tiny_dirs, image_file):
-    """With prefetch switched off by the cost model (a very slow link), shadow guesses still score the predictor,
-    so each phase's precision is measured, not left at its prior; nothing is copied for them."""
+    """With prefetch switched off by the cost model, shadow guesses still score the predictor, so each phase's
+    precision is measured, not left at its prior; nothing is copied for them. (The cost model is held off by an
+    unreachable threshold: which way it decides on a slow emulated link depends on how fast this machine computes,
+    and under load it chose to prefetch.)"""
     d = tiny_dirs["qwen3_vl_moe"]
     eng = load(d, expert_budget="40%", prefetch="gate", lookahead=3, link="GBps=0.002")
-    eng.runtime.prefetcher.SHADOW_EVERY = 2
-    eng.generate(image_file, "What is in the picture?", max_new_tokens=6)
     pf = eng.runtime.prefetcher
-    assert pf.depth == 0
+    pf.SHADOW_EVERY, pf.STALL_MIN = 2, float("inf")
+    gen = eng.generate(image_file, "What is in the picture?", max_new_tokens=6)
+    assert pf.depth == 0 and gen.stats["prefetch_issued"] == 0
     assert any(abs(ph.q - 0.8) > 1e-6 for ph in pf._phases.values())
 
 
