@@ -78,3 +78,25 @@ def test_unthrottled_skips_the_emulated_wait_and_restores_it(tiny_dirs, image_fi
     link_time = paced["bytes_moved"] / 0.002e9
     assert paced["bytes_moved"] == fast["bytes_moved"] > 0
     assert abs(emulated.busy_s - link_time) < 0.01 * link_time + 1e-3 and paced["e2e_s"] >= 0.95 * link_time
+
+
+def test_hits_first_splits_only_when_the_wait_is_long(tiny_dirs, image_file, monkeypatch):
+    """Hits are computed while misses arrive only when the misses arrive later than one grouped call takes: on a
+    very slow emulated link layer calls split in two, on the machine's own link (copies of a few KiB) they do
+    not. Tokens are the same either way."""
+    import vismmoe.runtime as R
+    calls = []
+    real = R.experts_on_slots
+    monkeypatch.setattr(R, "experts_on_slots", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = tiny_dirs["qwen3_vl_moe"]
+    want = load(d).generate(image_file, "What is here?", max_new_tokens=4).token_ids
+    split = {}
+    for link in ("real", "GBps=0.0005"):
+        eng = load(d, expert_budget="50%", policy="predictive", link=link)
+        eng.generate(image_file, "What is here?", max_new_tokens=4)          # a warm cache: hits and misses
+        calls.clear()
+        gen = eng.generate(image_file, "What is here?", max_new_tokens=4)
+        layer_calls = len(eng.geometry.moe_layers) * len(gen.token_ids)
+        split[link] = len(calls) - layer_calls
+        assert gen.token_ids == want and eng.runtime.transfer.remaining_s([]) == 0.0
+    assert split["real"] == 0 < split["GBps=0.0005"]

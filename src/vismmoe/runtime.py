@@ -42,6 +42,7 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _vismmoe_experts_forward)
 
 
 class OffloadRuntime:
+    SPLIT_MIN = 1.0     # hits first only when the misses arrive later than this many grouped calls take
     def __init__(self, cache: ExpertCache, transfer: TransferEngine, moe_layers: tuple[int, ...], num_experts: int,
                  top_k: int):
         self.cache = cache
@@ -54,6 +55,7 @@ class OffloadRuntime:
         self.num_experts = num_experts
         self.observers: list = []
         self.max_groups = MAX_GROUPS            # slots one grouped matmul may span
+        self._call_s = 0.0                      # EMA of one grouped call's host time (the hits-first split rule)
         self.cuda = cache.device.type == "cuda"
         # pinned staging for [T, K] slot indices, one buffer per (wave, window) in flight within a layer (at
         # most E of those); the next layer's host sync guarantees the previous layer's copies have finished
@@ -127,10 +129,14 @@ class OffloadRuntime:
                 tickets[e] = cache.ticket[slot]
             if w == 0 and len(waves) == 1 and self.prefetcher is not None:
                 self.prefetcher.issue(self, layer, pinned)          # behind this layer's own misses
-            # hits first: experts already on the device are computed while the others are still arriving
+            # hits first: experts already on the device are computed while the others are still arriving, when
+            # the wait is longer than one grouped call (splitting costs about one call's fixed work; a shorter
+            # wait is cheaper to sit out: on a CPU with experts of a few hundred KiB it almost always is)
             ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
             done = set(ready)
             waiting = [e for e in wave if e not in done] if 0 < len(ready) < len(wave) else []
+            if waiting and self.transfer.remaining_s([tickets[e] for e in waiting]) < self.SPLIT_MIN * self._call_s:
+                waiting = []
             parts = [ready, waiting] if waiting else [wave]
             for part in parts:
                 self.transfer.wait(layer, [tickets[e] for e in part])
@@ -146,8 +152,11 @@ class OffloadRuntime:
                     sel = lut[idx]                                          # [T, K]
                     count = int(np.count_nonzero(sel < gate_up.shape[0]))   # pairs in this window
                     slot_idx = self._to_device(sel, hidden.device)
+                    t_call = time.perf_counter()
                     pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
                                              count=count)
+                    t_call = time.perf_counter() - t_call                  # host time of one grouped call
+                    self._call_s = t_call if self._call_s == 0 else 0.8 * self._call_s + 0.2 * t_call
             if self.cuda:
                 used = torch.cuda.Event()
                 used.record()

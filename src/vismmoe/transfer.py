@@ -201,6 +201,17 @@ class TransferEngine:
             self.timeline.add_copy(layer, expert, s, e, kind)
         self._gpu_spans.clear()
 
+    def remaining_s(self, tickets: list[Ticket]) -> float:
+        """About how long until every ticket's data has arrived: exact on an emulated link (its clock), else the
+        bytes not yet arrived over the link's rate (an upper bound: some may be partly copied)."""
+        pending = [t for t in tickets if t is not None and not t.done()]
+        if not pending:
+            return 0.0
+        if self.link.emulated:
+            return max(0.0, max(t.ready_at for t in pending) - time.perf_counter())
+        rate = self.link.rate_gbps(self.device.type) * 1e9
+        return sum(t.nbytes for t in pending) / rate
+
     def wait(self, layer: int, tickets: list[Ticket]) -> None:
         """Make compute wait until every ticket's data has arrived (emulated arrival included)."""
         tickets = [t for t in tickets if t is not None]
