@@ -141,8 +141,9 @@ def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
     """Adaptive depth end to end: where one layer's copies take far less than a layer's compute (the CPU's own
     memory, experts of a few KiB) prefetch switches off; on a very slow emulated link the copies take several layer
     times (lead > 2; the layer time includes attention, whose threads wake slowly after a sleep, so the margin is
-    wide for slow CI machines: 0.069 s of copies against layers of 1-8 ms) and the depth is what the cost model says for the measured phase. Tokens stay those of the
-    reference either way; a fixed lookahead always runs its full depth."""
+    wide for slow CI machines: 0.069 s of copies against layers of 1-8 ms) and the depth is what the cost model
+    says for the measured phase. Tokens stay those of the reference either way; a fixed lookahead always runs its
+    full depth."""
     d = tiny_dirs["qwen3_vl_moe"]
     q = "What is in the picture?"
     want = load(d).generate(image_file, q, max_new_tokens=6).token_ids

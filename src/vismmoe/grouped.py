@@ -93,6 +93,6 @@ def experts_on_slots(module, hidden: torch.Tensor, slot_idx: torch.Tensor, weigh
     y = _grouped_mm(h, down.transpose(-2, -1), offs)              # [C, H]
     y = y * weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)   # [C, H]
     if pairs is None:
-        pairs = torch.empty(P, y.shape[-1], dtype=y.dtype, device=y.device) if whole else y.new_zeros(P, y.shape[-1])
+        pairs = y.new_empty(P, y.shape[-1]) if whole else y.new_zeros(P, y.shape[-1])
     pairs[perm] = y
     return pairs

@@ -43,6 +43,7 @@ ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _vismmoe_experts_forward)
 
 class OffloadRuntime:
     SPLIT_MIN = 1.0     # hits first only when the misses arrive later than this many grouped calls take
+
     def __init__(self, cache: ExpertCache, transfer: TransferEngine, moe_layers: tuple[int, ...], num_experts: int,
                  top_k: int):
         self.cache = cache

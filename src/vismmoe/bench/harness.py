@@ -144,8 +144,9 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
         if key not in compute:
             resident.set_compression(sys.compress, sys.keep_ratio)
             runs = []
-            for _ in range(max(reps, 2)):   # at least two: one run alone may carry first-call costs (a bound above
-                serve(resident, samples[0], 2)                                  # the measured times); all resident
+            # at least two runs: one alone may carry first-call costs (a bound above the measured times)
+            for _ in range(max(reps, 2)):
+                serve(resident, samples[0], 2)                                              # all resident
                 t0 = time.perf_counter()
                 for s in samples:
                     serve(resident, s, max_new_tokens)
