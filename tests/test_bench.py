@@ -24,6 +24,9 @@ def test_bench_quick_smoke(tmp_path, capsys):
     # the bound is below what was achieved (a margin for a shared CI machine's noise between the resident runs
     # that give its compute term and the measured ones; a wrong bytes or bandwidth term is off by far more)
     assert all(r["bound_s"] <= r["e2e_s"] * 1.15 for r in res["rows"])
+    # the phased bound only adds a causal term: never below the plain one, never above what was achieved
+    assert all(r["bound_s"] <= r["bound_phased_s"] <= r["e2e_s"] * 1.15 for r in res["rows"])
+    assert all(0 < r["belady_prefill_bytes"] <= r["belady_bytes"] for r in res["rows"])
     assert (out / "bench.md").exists() and (out / "latency_vs_budget.png").exists()
 
 

@@ -4,7 +4,8 @@
     same host store; each system its own cache, policy, predictor, compressor, link profile)
     for each link, for each budget: warm-up, then repetitions of [system A, system B, ...] in turn (A B C A B C)
     -> medians per system: TTFT, time per output token, end to end, hit rate, bytes moved, stall share, accuracy
-    -> physical bound per row: max(compute with every expert resident, Belady bytes / link bandwidth)
+    -> physical bound per row: max(compute with every expert resident, Belady bytes / link bandwidth); and the
+       phased bound, which adds causality (decode starts after the prefill's compute and its own least bytes)
     -> table (markdown), PNG plots (latency vs budget, time breakdown), JSON with rows and speedups
 
 Systems (all inside this harness, so they share every line of code that is not the design being compared):
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from ..evaluate import normalize
 from ..links import PROFILES
 from ..trace import RoutingTrace
-from .bound import access_groups, belady_misses
+from .bound import access_groups, belady_misses, phased, prefill_calls
 from .tables import markdown
 
 
@@ -137,9 +138,9 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
     compute: dict = {}
     resident = base.fork(expert_budget="100%", prefetch="none")      # one full pool, reused for every bound
 
-    def compute_s(sys: System) -> float:
-        """Seconds per request with every expert resident (no transfers): the bound's compute term, measured for
-        this system's compression setting (pruned prompts compute less)."""
+    def compute_s(sys: System) -> tuple[float, float]:
+        """(seconds per request, of which prefill) with every expert resident (no transfers): the bound's compute
+        terms, measured for this system's compression setting (pruned prompts compute less)."""
         key = (sys.compress, sys.keep_ratio)
         if key not in compute:
             resident.set_compression(sys.compress, sys.keep_ratio)
@@ -147,10 +148,10 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
             # at least two runs: one alone may carry first-call costs (a bound above the measured times)
             for _ in range(max(reps, 2)):
                 serve(resident, samples[0], 2)                                              # all resident
-                t0 = time.perf_counter()
+                t0, prefill = time.perf_counter(), 0.0
                 for s in samples:
-                    serve(resident, s, max_new_tokens)
-                runs.append((time.perf_counter() - t0) / len(samples))
+                    prefill += serve(resident, s, max_new_tokens)[0]["ttft_s"]
+                runs.append(((time.perf_counter() - t0) / len(samples), prefill / len(samples)))
             compute[key] = min(runs)        # the fastest repetition: a bound, not a typical time
         return compute[key]
 
@@ -179,31 +180,33 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
             if "accelerate" in systems and link == "real" and base.device.type == "cuda":
                 engines["accelerate"] = (None, "none")
                 # accelerate moves every expert bank per forward (seconds per token on a 30B shape): its requests
-                # decode at most ACCEL_TOKENS tokens; its end-to-end is scaled to the others' token count
-                per_sys["accelerate"] = [_run_accelerate(base, samples, min(max_new_tokens, ACCEL_TOKENS),
-                                                         max_new_tokens) for _ in range(max(1, reps // 2))]
+                # decode at most ACCEL_TOKENS tokens; its end-to-end is scaled to the others' token count. It keeps
+                # no expert cache, so the budget changes nothing: measured at the first budget, reused at the others
+                key = (id(samples), max_new_tokens)
+                if key not in _ACCEL:
+                    _ACCEL[key] = [_run_accelerate(base, samples, min(max_new_tokens, ACCEL_TOKENS), max_new_tokens)
+                                   for _ in range(max(1, reps // 2))]
+                per_sys["accelerate"] = _ACCEL[key]
             for name, (eng, pf) in engines.items():
                 runs = per_sys[name]
                 row = _medians(runs)
-                if eng is None:                                                      # accelerate
-                    lossless = engines[next(n for n in engines if n != "accelerate")][0]
-                    cs = compute_s(SYSTEMS["lru-offload"])
-                    row["bound_s"] = max(cs, _belady_bytes(lossless, resident, samples, max_new_tokens) /
-                                         (PROFILES["real"].rate_gbps(base.device.type) * 1e9))
-                    row["efficiency"] = row["bound_s"] / row["e2e_s"]
-                    rows.append(dict(row, system=name, link="real", link_name=link, budget=budget, prefetch="none",
-                                     policy="accelerate (whole bank per forward)", compress="none@1",
-                                     compute_s=cs, belady_bytes=None))
-                    continue
-                bound_bytes = _belady_bytes(eng, resident, samples, max_new_tokens)
-                gbps = eng.runtime.transfer.link.rate_gbps(eng.device.type)
-                cs = compute_s(SYSTEMS[name])
+                if eng is None:                                     # accelerate: the lossless stream, real link
+                    eng, sys = engines[next(n for n in engines if n != "accelerate")][0], SYSTEMS["lru-offload"]
+                    gbps, meta = PROFILES["real"].rate_gbps(base.device.type), dict(
+                        link="real", prefetch="none", policy="accelerate (whole bank per forward; any budget)",
+                        compress="none@1")
+                else:
+                    sys, gbps = SYSTEMS[name], eng.runtime.transfer.link.rate_gbps(eng.device.type)
+                    meta = dict(link=eng.runtime.transfer.link.label(), prefetch=pf, policy=sys.policy,
+                                compress=f"{sys.compress}@{sys.keep_ratio:g}")
+                bound_bytes, prefill_bytes = _belady_bytes(eng, resident, samples, max_new_tokens)
+                cs, cp = compute_s(sys)
                 row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
-                row["efficiency"] = row["bound_s"] / row["e2e_s"] if row["e2e_s"] else None
-                rows.append(dict(row, system=name, link=eng.runtime.transfer.link.label(), link_name=link,
-                                 budget=budget, prefetch=pf, policy=SYSTEMS[name].policy,
-                                 compress=f"{SYSTEMS[name].compress}@{SYSTEMS[name].keep_ratio:g}",
-                                 compute_s=cs, belady_bytes=bound_bytes))
+                row["bound_phased_s"] = phased(cs, cp, bound_bytes, prefill_bytes, gbps)
+                for k, b in (("efficiency", "bound_s"), ("efficiency_phased", "bound_phased_s")):
+                    row[k] = row[b] / row["e2e_s"] if row["e2e_s"] else None
+                rows.append(dict(row, system=name, link_name=link, budget=budget, compute_s=cs, prefill_compute_s=cp,
+                                 belady_bytes=bound_bytes, belady_prefill_bytes=prefill_bytes, **meta))
             if on_rows:
                 on_rows(rows)
     return rows
@@ -265,11 +268,11 @@ _BELADY: dict = {}
 _GROUPS: dict = {}
 
 
-def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> float:
-    """Bytes per request that an optimal (Belady) cache of this engine's size must move for this system's
-    request stream (each request starts cold, as in the measurement), traced on `probe` (every expert resident).
-    The traces are kept per compression setting (one traced run serves every budget); bytes per (setting,
-    slots)."""
+def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> tuple[float, float]:
+    """(bytes per request, of which in the prefill) that an optimal (Belady) cache of this engine's size must move
+    for this system's request stream (each request starts cold, as in the measurement), traced on `probe` (every
+    expert resident). The traces are kept per compression setting (one traced run serves every budget); bytes per
+    (setting, slots)."""
     trace_key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, max_new_tokens)
     key = trace_key + (eng.cache.num_slots,)
     if key in _BELADY:
@@ -282,10 +285,11 @@ def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> float:
             probe.record_trace(tr)
             serve(probe, s, max_new_tokens)
             probe.record_trace(None)
-            groups.append(access_groups(tr))
+            groups.append((access_groups(tr), prefill_calls(tr)))
         _GROUPS[trace_key] = groups
-    total = sum(belady_misses(g, eng.cache.num_slots) for g in _GROUPS[trace_key])
-    _BELADY[key] = total * eng.layout.nbytes / len(samples)
+    slots, per = eng.cache.num_slots, eng.layout.nbytes / len(samples)
+    _BELADY[key] = (sum(belady_misses(g, slots) for g, _ in _GROUPS[trace_key]) * per,
+                    sum(belady_misses(g[:n], slots) for g, n in _GROUPS[trace_key]) * per)
     return _BELADY[key]
 
 

@@ -49,8 +49,12 @@ COLUMNS = {
     "acc": ("accuracy", lambda r: _opt(r["accuracy"], ".3f")),
     "bound": ("bound ms", lambda r: _ms(r["bound_s"])),
     "eff": ("efficiency", lambda r: _opt(r["efficiency"], ".2f")),
+    # the phased bound (bench/bound.py: prefill before decode); rows of runs older than it have none
+    "pbound": ("phased bound ms", lambda r: "-" if r.get("bound_phased_s") is None else _ms(r["bound_phased_s"])),
+    "peff": ("phased efficiency", lambda r: _opt(r.get("efficiency_phased"), ".2f")),
 }
-DEFAULT_COLS = ("system", "link", "budget", "ttft", "tpot", "e2e", "hit", "moved", "stall", "acc", "bound", "eff")
+DEFAULT_COLS = ("system", "link", "budget", "ttft", "tpot", "e2e", "hit", "moved", "stall", "acc", "bound", "eff",
+                "pbound", "peff")
 
 
 def table(rows: list[dict], cols=DEFAULT_COLS) -> str:
