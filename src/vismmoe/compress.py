@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import split_spec
 from .errors import UserError
 from .families.base import Encoded
 
@@ -231,14 +232,13 @@ COMPRESSORS: dict[str, Callable[[], object]] = {
 
 def make_compressor(spec: str):
     """`name` or `name:knob=value[,knob=value]`, e.g. `affinity:lam=2` (lam trades working set for fidelity)."""
-    name, _, knobs = spec.partition(":")
+    name, knobs = split_spec(spec)
     if name not in COMPRESSORS:
         raise UserError(f"unknown compressor {name!r}", f"use one of {', '.join(sorted(COMPRESSORS))}")
     kwargs = {}
-    for item in filter(None, knobs.split(",")):
-        key, _, value = item.partition("=")
+    for key, value, item in knobs:
         try:
-            kwargs[key.strip()] = float(value)
+            kwargs[key] = float(value)
         except ValueError:
             raise UserError(f"bad compressor knob {item!r}", "write name:knob=number, e.g. affinity:lam=2") from None
     try:

@@ -1,6 +1,7 @@
 """Knobs of a run, parsed and validated once.
 
-Owns the byte-size grammar ("512MiB", "2GiB", "1.5GB", "123456", "25%") and the frozen `RuntimeConfig` that the
+Owns the byte-size grammar ("512MiB", "2GiB", "1.5GB", "123456", "25%"), the `name:knob=value,...` grammar of
+policy and compressor specs, and the frozen `RuntimeConfig` that the
 engine is built from. Knows nothing about models: a percentage is resolved against a total the caller supplies.
 """
 
@@ -38,6 +39,16 @@ def parse_size(text: str | int | float, total: int | None = None, what: str = "s
     if not m or m.group(2).lower() not in _UNITS:
         raise UserError(f"bad {what} {text!r}", "give bytes like 512MiB, 2GiB or 1.5GB, or a percentage like 25%")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def split_spec(spec: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """'name:knob=value,knob2=value2' -> (name, [(knob, value, 'knob=value'), ...]); the caller checks the knobs."""
+    name, _, knobs = spec.partition(":")
+    items = []
+    for item in filter(None, knobs.split(",")):
+        key, _, value = item.partition("=")
+        items.append((key.strip(), value.strip(), item))
+    return name, items
 
 
 def format_size(n: float) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Container, Sequence
 
 import numpy as np
 
+from .config import split_spec
 from .errors import UserError
 
 Key = tuple[int, int]
@@ -311,14 +312,13 @@ POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPol
 def make_policy(spec: str, **context):
     """`spec`: a name, or `name:knob=value[,...]` (`predictive:admit=0` turns prefetch admission off, for the
     ablation). `context`: moe_layers, num_experts (and future, for belady) -- each policy takes what it needs."""
-    name, _, knobs = spec.partition(":")
+    name, knobs = split_spec(spec)
     try:
         cls = POLICIES[name]
     except KeyError:
         raise UserError(f"unknown cache policy {name!r}", f"use one of {', '.join(sorted(POLICIES))}") from None
     kw = {}
-    for item in filter(None, knobs.split(",")):
-        key, _, value = item.partition("=")
+    for key, value, item in knobs:
         if cls is not PredictivePolicy or key != "admit" or value not in ("0", "1"):
             raise UserError(f"unknown policy option {item!r} in {spec!r}", "the one option is predictive:admit=0|1")
         kw["admit_all"] = value == "0"
