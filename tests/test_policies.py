@@ -115,6 +115,41 @@ def test_predictive_evicts_farthest_next_use():
     assert p.choose_victim({(0, 0), (3, 3)}) == (1, 1)
 
 
+def _two_phase_stream(p, old: int, new: int, calls_old: int, calls_new: int) -> None:
+    """Layer 0 uses expert `old` for many calls, then expert `new` (one layer, so no cycle distance)."""
+    for e, n in ((old, calls_old), (new, calls_new)):
+        for _ in range(n):
+            p.on_layer(0)
+            p.on_use((0, e))
+
+
+def test_predictive_short_memory_follows_a_shift_of_experts():
+    """A long decode settles on new experts: the short memory, which scores better on the recent calls, takes
+    over and protects them, where the long memory alone still keeps the expert of the earlier requests."""
+    for spec, victim in (("predictive", (0, 1)), ("predictive:short=0", (0, 2))):
+        p = make_policy(spec, moe_layers=[0], num_experts=4)
+        _two_phase_stream(p, old=1, new=2, calls_old=60, calls_new=12)
+        for k in ((0, 1), (0, 2)):
+            p.on_insert(k)
+        p.on_layer(0)
+        assert p.choose_victim(set()) == victim, spec
+
+
+def test_predictive_keeps_the_long_memory_on_a_stationary_mix():
+    """Requests drawing from one mix (expert 1 in 3 calls of 4, expert 2 in 1 of 4): the long memory predicts it
+    better, so a recent run of expert 2 does not make the policy drop expert 1."""
+    p = PredictivePolicy(moe_layers=[0], num_experts=4)
+    for i in range(200 + 3):                              # ... ending with a run of three calls of expert 2
+        p.on_layer(0)
+        p.on_use((0, 1 if i % 4 and i < 200 else 2))
+    assert p._freq(1, 0)[2] > p._freq(1, 0)[1]           # the short memory alone would now favour expert 2
+    assert p.best == 0                                    # but the long memory scored better
+    for k in ((0, 1), (0, 2)):
+        p.on_insert(k)
+    p.on_layer(0)
+    assert p.choose_victim(set()) == (0, 2)
+
+
 def test_belady_evicts_the_farthest_future_use():
     future = [{(0, 1), (0, 2)}, {(0, 3)}, {(0, 1)}, {(0, 2)}]
     p = BeladyPolicy(future=future)

@@ -241,7 +241,7 @@ def cmd_bench(args) -> int:
                  f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}")
     with layer_progress("bench (system runs)") as tick:
         res = run(base, samples, systems, links, budgets, args.reps, new, args.calibration,
-                  args.out, title, progress=tick)
+                  args.out, title, progress=tick, save_traces=args.save_traces)
     if args.json:
         print(json.dumps(res))
     else:
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-sides", default="448,1024", help="with --shape: one request per image side")
     b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
     b.add_argument("--out", default="runs/bench")
+    b.add_argument("--save-traces", default=None, metavar="DIR",
+                   help="also save the routing traces behind the bound (one .npz per compression setting and request)")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
     b.set_defaults(func=cmd_bench)
 

@@ -175,31 +175,62 @@ class PredictivePolicy(_Base):
     Expected next use: d + L * (1 / p - 1). LRU is the worst choice for such a loop when the cache holds less
     than one cycle; this policy keeps the experts that the coming layers will use.
 
+    The frequency p comes from one of two memories of the same counts: a long one (every call weighs the same;
+    right when requests draw from one stationary mix, as short VQA answers do) and a short one (each layer's counts
+    decay by SHORT per call of that layer; right when a long decode settles on its own experts, which the earlier
+    requests' counts would outvote). Each layer call scores both by the log-likelihood of the experts it actually
+    used, with scores decaying by SCORE_DECAY per call; the better-scoring memory ranks the victims.
+
     Cost: the expected next use of every resident expert is one vectorised expression over [L, E]; the farthest
     QUEUE of them are ranked at the first eviction of a layer call (and again after a hint, or when used up),
     and each eviction then pops the next unpinned one, so a prefill that evicts thousands of experts costs a few
-    rankings per layer, not a scan per eviction.
+    rankings per layer, not a scan per eviction. The scoring is two [E] vectors per layer call.
     """
 
     QUEUE = 256
+    SHORT = 0.85
+    SCORE_DECAY = 0.95
 
-    def __init__(self, moe_layers: Sequence[int] = (), num_experts: int = 1, admit_all: bool = False, **_):
+    def __init__(self, moe_layers: Sequence[int] = (), num_experts: int = 1, admit_all: bool = False,
+                 memories: Sequence[float] = (1.0, SHORT), **_):
         self.layers = list(moe_layers)
         self.pos = {l: i for i, l in enumerate(self.layers)}
         self.L = max(1, len(self.layers))
         self.E = max(1, num_experts)
         self.admit_all = admit_all                       # ablation: prefetches displace any victim
         self.cur = -1                                    # position of the layer running (or last run)
-        self.calls = np.zeros(self.L)
-        self.uses = np.zeros((self.L, self.E))
+        self.decay = np.asarray(memories, dtype=np.float64)             # [M] per-call decay of each memory
+        self.calls = np.zeros((len(self.decay), self.L))
+        self.uses = np.zeros((len(self.decay), self.L, self.E))
+        self.score = np.zeros(len(self.decay))
+        self.best = 0                                    # the memory that ranks victims
+        self._open: tuple[int, np.ndarray] | None = None                # (layer position, [M, E] p) being scored
+        self._used = np.zeros(self.E, dtype=bool)
         self.hints: dict[int, np.ndarray] = {}
         self.res = np.zeros((self.L, self.E), dtype=bool)
         self._queue: list[Key] | None = None            # ranked victims, farthest expected use first
         self._qi = 0
 
+    def _freq(self, m, rows) -> np.ndarray:
+        return (self.uses[m, rows] + 0.1) / (self.calls[m, rows][..., None] + 0.1 * self.E)
+
+    def _score_call(self) -> None:
+        """Score each memory on the layer call that just ended: log-likelihood of the experts it used."""
+        if self._open is None or len(self.decay) == 1:
+            return
+        prob = np.clip(self._open[1], 1e-6, 1 - 1e-6)
+        ll = np.where(self._used, np.log(prob), np.log1p(-prob)).sum(axis=1)
+        self.score = self.score * self.SCORE_DECAY + ll
+        self.best = int(np.argmax(self.score))
+        self._used[:] = False
+
     def on_layer(self, layer: int) -> None:
+        self._score_call()
         self.cur = self.pos[layer]
-        self.calls[self.cur] += 1
+        self.uses[:, self.cur] *= self.decay[:, None]
+        self.calls[:, self.cur] *= self.decay
+        self.calls[:, self.cur] += 1
+        self._open = (self.cur, self._freq(slice(None), self.cur))    # what each memory expected of this call
         self.hints.pop(self.cur, None)                   # the hint for this layer has been consumed
         self._queue = None
 
@@ -207,7 +238,10 @@ class PredictivePolicy(_Base):
         self.res[self.pos[key[0]], key[1]] = True
 
     def on_use(self, key: Key) -> None:
-        self.uses[self.pos[key[0]], key[1]] += 1
+        p = self.pos[key[0]]
+        self.uses[:, p, key[1]] += 1
+        if p == self.cur:
+            self._used[key[1]] = True
 
     def on_evict(self, key: Key) -> None:
         self.res[self.pos[key[0]], key[1]] = False
@@ -218,7 +252,7 @@ class PredictivePolicy(_Base):
 
     def _expected(self, rows: np.ndarray) -> np.ndarray:
         """[len(rows), E] expected layer calls until each expert of these layer positions is next used."""
-        prob = (self.uses[rows] + 0.1) / (self.calls[rows, None] + 0.1 * self.E)
+        prob = self._freq(self.best, rows)
         for i, p in enumerate(rows.tolist()):
             h = self.hints.get(p)
             if h is not None:
@@ -310,8 +344,8 @@ POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPol
 
 
 def make_policy(spec: str, **context):
-    """`spec`: a name, or `name:knob=value[,...]` (`predictive:admit=0` turns prefetch admission off, for the
-    ablation). `context`: moe_layers, num_experts (and future, for belady) -- each policy takes what it needs."""
+    """`spec`: a name, or `name:knob=value[,...]` (ablations: `predictive:admit=0` turns prefetch admission off,
+    `predictive:short=0` keeps only the long memory of expert frequencies). `context`: moe_layers, num_experts (and future, for belady) -- each policy takes what it needs."""
     name, knobs = split_spec(spec)
     try:
         cls = POLICIES[name]
@@ -319,7 +353,11 @@ def make_policy(spec: str, **context):
         raise UserError(f"unknown cache policy {name!r}", f"use one of {', '.join(sorted(POLICIES))}") from None
     kw = {}
     for key, value, item in knobs:
-        if cls is not PredictivePolicy or key != "admit" or value not in ("0", "1"):
-            raise UserError(f"unknown policy option {item!r} in {spec!r}", "the one option is predictive:admit=0|1")
-        kw["admit_all"] = value == "0"
+        if cls is not PredictivePolicy or key not in ("admit", "short") or value not in ("0", "1"):
+            raise UserError(f"unknown policy option {item!r} in {spec!r}",
+                            "the options are predictive:admit=0|1 and predictive:short=0|1")
+        if key == "admit":
+            kw["admit_all"] = value == "0"
+        elif value == "0":
+            kw["memories"] = (1.0,)                     # ablation: the long memory alone
     return cls(**context, **kw)

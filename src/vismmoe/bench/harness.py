@@ -19,7 +19,8 @@ Systems (all inside this harness, so they share every line of code that is not t
                   (gate) + predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
                   vismmoe-lru switch one part off each; vismmoe-noadmit is vismmoe-nocompress with prefetches
                   allowed to displace experts needed sooner (prefetch admission off); vismmoe-fixed is
-                  vismmoe-nocompress with a fixed lookahead instead of the link-adaptive one
+                  vismmoe-nocompress with a fixed lookahead instead of the link-adaptive one; vismmoe-longmem is
+                  vismmoe whose predictive policy keeps only the long memory of expert frequencies
   accelerate      (GPU, real link only) transformers + accelerate device_map with expert banks on the CPU
 Emulated links (edge, mobile) are labelled as emulated in every row that uses them.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -68,6 +70,8 @@ SYSTEMS = {
                           keep_ratio=VISMMOE_KEEP, lossless=False),
     "vismmoe-noadmit": System("vismmoe-noadmit", policy="predictive:admit=0", prefetch="gate"),
     "vismmoe-fixed": System("vismmoe-fixed", policy="predictive", prefetch="gate", fixed_lookahead=True),
+    "vismmoe-longmem": System("vismmoe-longmem", policy="predictive:short=0", prefetch="gate",
+                              compress=VISMMOE_COMPRESS, keep_ratio=VISMMOE_KEEP, lossless=False),
     "accelerate": System("accelerate"),
 }
 BASELINES = ("ondemand", "lru-offload", "moe-infinity", "gate-prefetch", "accelerate")
@@ -132,7 +136,8 @@ def _run_requests(eng, samples, max_new_tokens: int) -> dict:
 
 
 def bench_trained(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
-                  max_new_tokens: int, calibration: str | None, progress=None, on_rows=None) -> list[dict]:
+                  max_new_tokens: int, calibration: str | None, progress=None, on_rows=None,
+                  save_traces: str | None = None) -> list[dict]:
     """Rows per (system, link, budget); `on_rows(rows so far)` after each (link, budget) group completes."""
     rows = []
     compute: dict = {}
@@ -199,7 +204,7 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
                     sys, gbps = SYSTEMS[name], eng.runtime.transfer.link.rate_gbps(eng.device.type)
                     meta = dict(link=eng.runtime.transfer.link.label(), prefetch=pf, policy=sys.policy,
                                 compress=f"{sys.compress}@{sys.keep_ratio:g}")
-                bound_bytes, prefill_bytes = _belady_bytes(eng, resident, samples, max_new_tokens)
+                bound_bytes, prefill_bytes = _belady_bytes(eng, resident, samples, max_new_tokens, save_traces)
                 cs, cp = compute_s(sys)
                 row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
                 row["bound_phased_s"] = phased(cs, cp, bound_bytes, prefill_bytes, gbps)
@@ -268,11 +273,11 @@ _BELADY: dict = {}
 _GROUPS: dict = {}
 
 
-def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> tuple[float, float]:
+def _belady_bytes(eng, probe, samples, max_new_tokens: int, save_dir: str | None = None) -> tuple[float, float]:
     """(bytes per request, of which in the prefill) that an optimal (Belady) cache of this engine's size must move
     for this system's request stream (each request starts cold, as in the measurement), traced on `probe` (every
     expert resident). The traces are kept per compression setting (one traced run serves every budget); bytes per
-    (setting, slots)."""
+    (setting, slots). `save_dir`: the traces are also saved there, one .npz per setting and request."""
     trace_key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, max_new_tokens)
     key = trace_key + (eng.cache.num_slots,)
     if key in _BELADY:
@@ -280,11 +285,15 @@ def _belady_bytes(eng, probe, samples, max_new_tokens: int) -> tuple[float, floa
     if trace_key not in _GROUPS:
         probe.set_compression(eng.rc.compress, eng.rc.keep_ratio)
         groups = []
-        for s in samples:
+        for i, s in enumerate(samples):
             tr = RoutingTrace()
             probe.record_trace(tr)
             serve(probe, s, max_new_tokens)
             probe.record_trace(None)
+            if save_dir:
+                os.makedirs(save_dir, exist_ok=True)
+                name = re.sub(r"[^A-Za-z0-9._-]", "-", f"trace_{eng.rc.compress}_{eng.rc.keep_ratio:g}_{i}.npz")
+                tr.save(os.path.join(save_dir, name))
             groups.append((access_groups(tr), prefill_calls(tr)))
         _GROUPS[trace_key] = groups
     slots, per = eng.cache.num_slots, eng.layout.nbytes / len(samples)
@@ -357,7 +366,7 @@ def plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
 
 
 def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, out_dir, title,
-        progress=None) -> dict:
+        progress=None, save_traces: str | None = None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -373,5 +382,5 @@ def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibratio
         return res
 
     rows = bench_trained(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress,
-                         on_rows=lambda done: write(done, partial=True))
+                         on_rows=lambda done: write(done, partial=True), save_traces=save_traces)
     return write(rows, partial=False)
