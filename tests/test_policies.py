@@ -142,6 +142,7 @@ def test_predictive_keeps_the_long_memory_on_a_stationary_mix():
     for i in range(200 + 3):                              # ... ending with a run of three calls of expert 2
         p.on_layer(0)
         p.on_use((0, 1 if i % 4 and i < 200 else 2))
+    p.expected_next_use()                                 # counts the running call's uses
     assert p._freq(1, 0)[2] > p._freq(1, 0)[1]           # the short memory alone would now favour expert 2
     assert p.best == 0                                    # but the long memory scored better
     for k in ((0, 1), (0, 2)):

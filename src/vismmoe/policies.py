@@ -182,12 +182,13 @@ class PredictivePolicy(_Base):
     used, with scores decaying by SCORE_DECAY per call; the better-scoring memory ranks the victims.
 
     Cost: the expected next use of every resident expert is one vectorised expression over [L, E]; the farthest
-    QUEUE of them are ranked at the first eviction of a layer call (and again after a hint, or when used up),
-    and each eviction then pops the next unpinned one, so a prefill that evicts thousands of experts costs a few
-    rankings per layer, not a scan per eviction. The scoring is two [E] vectors per layer call.
+    QUEUE of them are ranked at the first eviction of a layer call (again after a hint, and eight times deeper
+    when used up), and each eviction then pops the next unpinned one, so a prefill that evicts thousands of
+    experts costs a few rankings per layer, not a scan per eviction. A call's uses are counted in one go when it
+    ends, and scoring it is a few [2, E] operations.
     """
 
-    QUEUE = 256
+    QUEUE = 32                                           # victims ranked at first; x8 each time they run out
     SHORT = 0.85
     SCORE_DECAY = 0.95
 
@@ -206,41 +207,54 @@ class PredictivePolicy(_Base):
         self.best = 0                                    # the memory that ranks victims
         self._open: tuple[int, np.ndarray] | None = None                # (layer position, [M, E] p) being scored
         self._used = np.zeros(self.E, dtype=bool)
+        self._pending: set[int] = set()                  # experts the running layer call used, not yet counted
         self.hints: dict[int, np.ndarray] = {}
         self.res = np.zeros((self.L, self.E), dtype=bool)
         self._queue: list[Key] | None = None            # ranked victims, farthest expected use first
         self._qi = 0
+        self._qn = self.QUEUE
 
     def _freq(self, m, rows) -> np.ndarray:
         return (self.uses[m, rows] + 0.1) / (self.calls[m, rows][..., None] + 0.1 * self.E)
 
     def _score_call(self) -> None:
         """Score each memory on the layer call that just ended: log-likelihood of the experts it used."""
-        if self._open is None or len(self.decay) == 1:
+        if self._open is None:
             return
         prob = np.clip(self._open[1], 1e-6, 1 - 1e-6)
         ll = np.where(self._used, np.log(prob), np.log1p(-prob)).sum(axis=1)
         self.score = self.score * self.SCORE_DECAY + ll
         self.best = int(np.argmax(self.score))
         self._used[:] = False
+        self._open = None
+
+    def _count_pending(self) -> None:
+        if self._pending:
+            self.uses[:, self.cur, list(self._pending)] += 1
+            self._pending.clear()
 
     def on_layer(self, layer: int) -> None:
         self._score_call()
+        self._count_pending()
         self.cur = self.pos[layer]
         self.uses[:, self.cur] *= self.decay[:, None]
         self.calls[:, self.cur] *= self.decay
         self.calls[:, self.cur] += 1
-        self._open = (self.cur, self._freq(slice(None), self.cur))    # what each memory expected of this call
+        if len(self.decay) > 1:                          # what each memory expected of this call
+            self._open = (self.cur, self._freq(slice(None), self.cur))
         self.hints.pop(self.cur, None)                   # the hint for this layer has been consumed
-        self._queue = None
+        self._queue, self._qn = None, self.QUEUE
 
     def on_insert(self, key: Key) -> None:
         self.res[self.pos[key[0]], key[1]] = True
 
     def on_use(self, key: Key) -> None:
         p = self.pos[key[0]]
-        self.uses[:, p, key[1]] += 1
-        if p == self.cur:
+        if p != self.cur:                                # not the running call's layer (tests, replays)
+            self.uses[:, p, key[1]] += 1
+            return
+        self._pending.add(key[1])                        # counted in one go when the call ends (or is ranked)
+        if self._open is not None:
             self._used[key[1]] = True
 
     def on_evict(self, key: Key) -> None:
@@ -248,10 +262,11 @@ class PredictivePolicy(_Base):
 
     def hint(self, layer: int, probs) -> None:
         self.hints[self.pos[layer]] = np.asarray(probs, dtype=np.float64)
-        self._queue = None
+        self._queue, self._qn = None, self.QUEUE
 
     def _expected(self, rows: np.ndarray) -> np.ndarray:
         """[len(rows), E] expected layer calls until each expert of these layer positions is next used."""
+        self._count_pending()
         prob = self._freq(self.best, rows)
         for i, p in enumerate(rows.tolist()):
             h = self.hints.get(p)
@@ -273,26 +288,30 @@ class PredictivePolicy(_Base):
         swap turns a future hit into a miss: churn that costs link time twice)."""
         return self.admit_all or self._next_use(victim) > self._next_use(key)
 
-    def _rank(self) -> list[Key]:
+    def _rank(self, n: int) -> list[Key]:
         t = np.where(self.res, self.expected_next_use(), -np.inf).ravel()
-        n = min(self.QUEUE, int(self.res.sum()))
+        n = min(n, int(self.res.sum()))
         if n == 0:
             return []
         top = np.argpartition(-t, n - 1)[:n] if n < t.size else np.arange(t.size)
         top = top[np.argsort(-t[top], kind="stable")]
-        return [(self.layers[i // self.E], i % self.E) for i in top.tolist() if t[i] > -np.inf]
+        top = top[t[top] > -np.inf].tolist()
+        return [(self.layers[i // self.E], i % self.E) for i in top]
 
     def choose_victim(self, pinned: Container[Key]) -> Key:
-        for _ in range(2):
+        fresh = False                                    # ranked during this call of choose_victim
+        while True:
             if self._queue is None:
-                self._queue, self._qi = self._rank(), 0
+                self._queue, self._qi, fresh = self._rank(self._qn), 0, True
             while self._qi < len(self._queue):
                 key = self._queue[self._qi]
                 self._qi += 1
                 if key not in pinned and self.res[self.pos[key[0]], key[1]]:
                     return key
-            self._queue = None                           # used up (or all pinned): rank afresh once
-        raise LookupError("no evictable expert")
+            if fresh and self._qn >= self.res.sum():     # every resident expert was ranked: all pinned
+                raise LookupError("no evictable expert")
+            self._queue = None                           # used up (or pinned): rank afresh, deeper if it was fresh
+            self._qn *= 8 if fresh else 1
 
 
 class NoCachePolicy(LRUPolicy):

@@ -61,27 +61,46 @@ def policy_table(traces, moe_layers, num_experts, shares=(0.10, 0.25, 0.50),
 
 def main(argv=None) -> None:
     """`python -m vismmoe.bench.simulate [--model DIR] [--limit N] [--compress NAME --keep-ratio R]`: record
-    routing over N test requests in a row, replay it through every policy at 10/25/50%, print the table."""
+    routing over N test requests in a row, replay it through every policy at 10/25/50%, print the table.
+    `--traces F [F ...]`: replay saved routing traces instead (`vismmoe bench --save-traces`), as one stream in the
+    order given, with Belady's misses for the same stream."""
     import argparse
     import json
 
-    from ..data import balanced_subset
-    from ..demo import default_model
-    from ..engine import load
+    from .bound import access_groups, belady_misses
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--limit", type=int, default=48)
     ap.add_argument("--compress", default="none")
     ap.add_argument("--keep-ratio", type=float, default=1.0)
+    ap.add_argument("--traces", nargs="+", default=None, metavar="NPZ")
+    ap.add_argument("--num-experts", type=int, default=None, help="with --traces (default: the largest seen + 1)")
+    ap.add_argument("--policies", default="lru,lfu,lfru,predictive:short=0,predictive")
     args = ap.parse_args(argv)
-    eng = load(args.model or default_model()[0], compress=args.compress, keep_ratio=args.keep_ratio)
-    tr = RoutingTrace()
-    eng.record_trace(tr)
-    for s in balanced_subset("test", args.limit):
-        eng.generate(s.image, s.question, max_new_tokens=4)
-    rows = policy_table([tr], eng.geometry.moe_layers, eng.geometry.num_experts)
-    for r in rows:
-        print(f"{r['budget']:.0%} {r['policy']:11s} hit rate {r['hit_rate']:.3f}")
+    policies = tuple(args.policies.split(","))
+    if args.traces:
+        traces = [RoutingTrace.load(f) for f in args.traces]
+        calls = layer_calls(traces)
+        moe_layers = sorted({l for l, _ in calls})
+        num_experts = args.num_experts or 1 + max(max(es) for _, es in calls)
+        groups = [g for tr in traces for g in access_groups(tr)]
+        rows = policy_table(traces, moe_layers, num_experts, policies=policies)
+        for share in sorted({r["budget"] for r in rows}):
+            cap = max(1, int(len(moe_layers) * num_experts * share))
+            rows.append({"policy": "belady", "capacity": cap, "misses": belady_misses(groups, cap), "budget": share})
+    else:
+        from ..data import balanced_subset
+        from ..demo import default_model
+        from ..engine import load
+        eng = load(args.model or default_model()[0], compress=args.compress, keep_ratio=args.keep_ratio)
+        tr = RoutingTrace()
+        eng.record_trace(tr)
+        for s in balanced_subset("test", args.limit):
+            eng.generate(s.image, s.question, max_new_tokens=4)
+        rows = policy_table([tr], eng.geometry.moe_layers, eng.geometry.num_experts, policies=policies + ("belady",))
+    for r in sorted(rows, key=lambda r: r["budget"]):
+        rate = f"hit rate {r['hit_rate']:.3f}" if "hit_rate" in r else ""
+        print(f"{r['budget']:.0%} {r['policy']:19s} misses {r['misses']:7d} {rate}")
     print(json.dumps({"rows": rows}))
 
 
