@@ -206,8 +206,9 @@ class PredictivePolicy(_Base):
         self.score = np.zeros(len(self.decay))
         self.best = 0                                    # the memory that ranks victims
         self._open: tuple[int, np.ndarray] | None = None                # (layer position, [M, E] p) being scored
-        self._used = np.zeros(self.E, dtype=bool)
-        self._pending: set[int] = set()                  # experts the running layer call used, not yet counted
+        self._used = np.zeros(self.E, dtype=bool)       # experts the running layer call used
+        self._pending = np.zeros(self.E, dtype=bool)    # ... and not yet counted
+        self._any_pending = False
         self.hints: dict[int, np.ndarray] = {}
         self.res = np.zeros((self.L, self.E), dtype=bool)
         self._queue: list[Key] | None = None            # ranked victims, farthest expected use first
@@ -221,21 +222,22 @@ class PredictivePolicy(_Base):
         """Score each memory on the layer call that just ended: log-likelihood of the experts it used."""
         if self._open is None:
             return
-        prob = np.clip(self._open[1], 1e-6, 1 - 1e-6)
-        ll = np.where(self._used, np.log(prob), np.log1p(-prob)).sum(axis=1)
+        prob = self._open[1]                             # in (0, 1): a call adds at most one use per expert
+        ll = np.log(np.where(self._used, prob, 1.0 - prob)).sum(axis=1)
         self.score = self.score * self.SCORE_DECAY + ll
         self.best = int(np.argmax(self.score))
-        self._used[:] = False
         self._open = None
 
     def _count_pending(self) -> None:
-        if self._pending:
-            self.uses[:, self.cur, list(self._pending)] += 1
-            self._pending.clear()
+        if self._any_pending:
+            self.uses[:, self.cur] += self._pending
+            self._pending[:] = False
+            self._any_pending = False
 
     def on_layer(self, layer: int) -> None:
         self._score_call()
         self._count_pending()
+        self._used[:] = False
         self.cur = self.pos[layer]
         self.uses[:, self.cur] *= self.decay[:, None]
         self.calls[:, self.cur] *= self.decay
@@ -253,9 +255,8 @@ class PredictivePolicy(_Base):
         if p != self.cur:                                # not the running call's layer (tests, replays)
             self.uses[:, p, key[1]] += 1
             return
-        self._pending.add(key[1])                        # counted in one go when the call ends (or is ranked)
-        if self._open is not None:
-            self._used[key[1]] = True
+        self._pending[key[1]] = self._used[key[1]] = True    # counted in one go when the call ends (or is ranked)
+        self._any_pending = True
 
     def on_evict(self, key: Key) -> None:
         self.res[self.pos[key[0]], key[1]] = False
