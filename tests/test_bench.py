@@ -81,3 +81,16 @@ def test_accelerate_banks_are_each_layers_own(tiny_dirs):
     assert not torch.equal(banks[0][0], banks[1][0])
     shared, exact = expert_banks(eng, share=True)
     assert not exact and all(b is shared[0] for b in shared)
+
+
+def test_each_request_starts_cold(tmp_path, capsys):
+    """The bound charges every request a cold cache, so the measurement gives each one a cold cache too: two
+    identical requests move as many bytes each as one does alone, even with room for every expert."""
+    moved = []
+    for sides in ("64", "64,64"):
+        code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", sides, "--max-new-tokens", "2", "--link",
+                     "edge", "--budgets", "100%", "--reps", "1", "--systems", "lru-offload", "--out",
+                     str(tmp_path / sides.replace(",", "_")), "--json"])
+        assert code == 0
+        moved.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]["bytes_moved"])
+    assert moved[0] > 0 and moved[1] == moved[0]
