@@ -94,3 +94,19 @@ def test_each_request_starts_cold(tmp_path, capsys):
         assert code == 0
         moved.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]["bytes_moved"])
     assert moved[0] > 0 and moved[1] == moved[0]
+
+
+def test_rebound_replays_the_stream(tmp_path, capsys):
+    """bench/rebound.py: from saved traces, Belady over the requests as one stream never needs more bytes than
+    Belady charging each request cold, and the bound keeps its compute term."""
+    from vismmoe.bench.rebound import rebound
+
+    code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64,96", "--max-new-tokens", "2", "--link", "edge",
+                 "--budgets", "25%", "--reps", "1", "--systems", "lru-offload,vismmoe-noprefetch", "--out",
+                 str(tmp_path), "--save-traces", str(tmp_path / "traces"), "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = rebound(res, str(tmp_path / "traces"), device_type="cpu")
+    for old, new in zip(res["rows"], out["rows"]):
+        assert 0 < new["belady_bytes"] <= old["belady_bytes"]
+        assert new["bound_s"] >= new["compute_s"] and "bound_phased_s" not in new
