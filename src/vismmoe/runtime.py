@@ -59,7 +59,8 @@ class OffloadRuntime:
         self._call_s = 0.0                      # EMA of one grouped call's host time (the hits-first split rule)
         self.cuda = cache.device.type == "cuda"
         # pinned staging for [T, K] slot indices, one buffer per (wave, window) in flight within a layer (at
-        # most E of those); the next layer's host sync guarantees the previous layer's copies have finished
+        # most E of those); the next layer's host sync guarantees the previous layer's copies have finished, so
+        # each layer call starts again at the first buffer and only as many are ever pinned as one call uses
         self._staging = [torch.empty(0, dtype=torch.long) for _ in range(num_experts + 2)]
         self._stage_i = 0
 
@@ -105,6 +106,7 @@ class OffloadRuntime:
         cache.policy.on_layer(layer)
         # the one host sync per layer: the routing comes to the host, all bookkeeping happens there
         idx = top_k_index.cpu().numpy()                         # [T, K]
+        self._stage_i = -1                                      # the last layer's staging copies have landed
         needed = np.unique(idx).tolist()
         if not needed:
             return torch.zeros_like(hidden)
