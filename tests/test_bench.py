@@ -110,3 +110,15 @@ def test_rebound_replays_the_stream(tmp_path, capsys):
     for old, new in zip(res["rows"], out["rows"]):
         assert 0 < new["belady_bytes"] <= old["belady_bytes"]
         assert new["bound_s"] >= new["compute_s"] and "bound_phased_s" not in new
+
+
+def test_shape_moe_infinity_learns_tables_from_earlier_requests(tmp_path, capsys):
+    """A random-weight shape has no calibration file: moe-infinity's transition tables come from the routing of
+    earlier requests (other images and tokens), so it runs its own trace prefetch rather than falling back."""
+    code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "3", "--link", "edge",
+                 "--budgets", "25%", "--reps", "1", "--systems", "lru-offload,moe-infinity", "--out", str(tmp_path),
+                 "--json"])
+    assert code == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["moe-infinity"]["prefetch"] == "trace" and rows["lru-offload"]["prefetch"] == "none"
+    assert (tmp_path / "calibration.npz").exists()

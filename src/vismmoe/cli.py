@@ -229,8 +229,9 @@ def cmd_bench(args) -> int:
         _at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
     n = args.limit or (6 if args.quick else 30)
     args.reps = args.reps or (1 if args.quick else 3)
+    calibrate_on = None
     if args.shape:
-        base, samples, new, title = _shape_workload(args)
+        base, samples, new, title, calibrate_on = _shape_workload(args)
     else:
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%")
@@ -241,7 +242,7 @@ def cmd_bench(args) -> int:
                  f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}")
     with layer_progress("bench (system runs)") as tick:
         res = run(base, samples, systems, links, budgets, args.reps, new, args.calibration,
-                  args.out, title, progress=tick, save_traces=args.save_traces)
+                  args.out, title, progress=tick, save_traces=args.save_traces, calibrate_on=calibrate_on)
     if args.json:
         print(json.dumps(res))
     else:
@@ -253,7 +254,8 @@ def cmd_bench(args) -> int:
 
 
 def _shape_workload(args):
-    """A random-weight shape: one request per image side, teacher-forced random decode tokens."""
+    """A random-weight shape: one request per image side, teacher-forced random decode tokens; and as many
+    earlier requests (other images and tokens, same sides) for moe-infinity's tables."""
     import torch
 
     from .bench.harness import Request
@@ -278,12 +280,15 @@ def _shape_workload(args):
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
     vocab = config.text_config.vocab_size
-    reqs = [Request(inputs=synthetic_inputs(base, side), feed=torch.randint(min(1000, vocab // 4), vocab,
-                                                                           (new + 1,), generator=g).tolist())
-            for side in sides]
+    def requests(seed: int) -> list:
+        return [Request(inputs=synthetic_inputs(base, side, seed=seed),
+                        feed=torch.randint(min(1000, vocab // 4), vocab, (new + 1,), generator=g).tolist())
+                for side in sides]
+    reqs = requests(0)
+    earlier = requests(1)
     title = (f"shape {args.shape} (RANDOM weights), {base.device}, images {args.image_sides} px, {new} new tokens "
              f"(decode inputs teacher-forced random tokens), cold cache per request, medians of {args.reps}")
-    return base, reqs, new, title
+    return base, reqs, new, title, earlier
 
 
 def cmd_demo(args) -> int:

@@ -13,7 +13,8 @@ Systems (all inside this harness, so they share every line of code that is not t
   lru-offload     slot cache with LRU eviction, hits computed first (the mixtral-offloading design; ours is one
                   global LRU over all layers where mixtral-offloading keeps a fixed LRU per layer)
   moe-infinity    activation-aware cache (frequency, LFU) with trace-matching prefetch (transition tables from
-                  earlier requests), after MoE-Infinity's published design
+                  earlier requests: `--calibration FILE`, or on a random-weight shape the routing of as many
+                  other requests of the same sides), after MoE-Infinity's published design
   gate-prefetch   next-layers gate prediction + LRU (AdapMoE / DAOP / pre-gating designs)
   vismmoe         affinity compression (affinity:gamma=2, keep 0.4) + link-adaptive lookahead prefetch
                   (gate) + predictive (cycle-aware) eviction; ablations vismmoe-nocompress, vismmoe-noprefetch,
@@ -138,11 +139,16 @@ def _run_requests(eng, samples, max_new_tokens: int) -> dict:
 
 def bench_trained(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
                   max_new_tokens: int, calibration: str | None, progress=None, on_rows=None,
-                  save_traces: str | None = None) -> list[dict]:
-    """Rows per (system, link, budget); `on_rows(rows so far)` after each (link, budget) group completes."""
+                  save_traces: str | None = None, calibrate_on: list[Request] | None = None,
+                  tables_path: str | None = None) -> list[dict]:
+    """Rows per (system, link, budget); `on_rows(rows so far)` after each (link, budget) group completes.
+    `calibrate_on`: earlier requests (not the measured ones) whose routing gives moe-infinity its transition
+    tables when no `calibration` file is given (random-weight shapes), saved to `tables_path`."""
     rows = []
     compute: dict = {}
     resident = base.fork(expert_budget="100%", prefetch="none")      # one full pool, reused for every bound
+    if calibration is None and calibrate_on and "moe-infinity" in systems:
+        calibration = trace_tables(resident, calibrate_on, max_new_tokens, tables_path)
 
     def compute_s(sys: System) -> tuple[float, float]:
         """(seconds per request, of which prefill) with every expert resident (no transfers): the bound's compute
@@ -216,6 +222,22 @@ def bench_trained(base, samples, systems: list[str], links: list[str], budgets: 
             if on_rows:
                 on_rows(rows)
     return rows
+
+
+def trace_tables(probe, requests: list[Request], max_new_tokens: int, path: str) -> str:
+    """Transition tables (predict.TransitionTables) from the routing of `requests` served on `probe` (every expert
+    resident, no compression), saved to `path`: what moe-infinity learns from earlier requests."""
+    from ..predict import TransitionTables
+    probe.set_compression("none", 1.0)
+    traces = []
+    for req in requests:
+        tr = RoutingTrace()
+        probe.record_trace(tr)
+        serve(probe, req, max_new_tokens)
+        probe.record_trace(None)
+        traces.append(tr)
+    TransitionTables.from_traces(traces, probe.geometry.moe_layers, probe.geometry.num_experts).save(path)
+    return path
 
 
 def _medians(runs: list[dict]) -> dict:
@@ -367,7 +389,7 @@ def plots(rows: list[dict], out_dir: str, title: str) -> list[str]:
 
 
 def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, out_dir, title,
-        progress=None, save_traces: str | None = None) -> dict:
+        progress=None, save_traces: str | None = None, calibrate_on: list[Request] | None = None) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -383,5 +405,6 @@ def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibratio
         return res
 
     rows = bench_trained(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress,
-                         on_rows=lambda done: write(done, partial=True), save_traces=save_traces)
+                         on_rows=lambda done: write(done, partial=True), save_traces=save_traces,
+                         calibrate_on=calibrate_on, tables_path=os.path.join(out_dir, "calibration.npz"))
     return write(rows, partial=False)
