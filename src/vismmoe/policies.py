@@ -211,6 +211,7 @@ class PredictivePolicy(_Base):
         self._any_pending = False
         self.hints: dict[int, np.ndarray] = {}
         self.res = np.zeros((self.L, self.E), dtype=bool)
+        self._all_rows = np.arange(self.L)
         self._queue: list[Key] | None = None            # ranked victims, farthest expected use first
         self._qi = 0
         self._qn = self.QUEUE
@@ -225,7 +226,7 @@ class PredictivePolicy(_Base):
         prob = self._open[1]                             # in (0, 1): a call adds at most one use per expert
         ll = np.log(np.where(self._used, prob, 1.0 - prob)).sum(axis=1)
         self.score = self.score * self.SCORE_DECAY + ll
-        self.best = int(np.argmax(self.score))
+        self.best = int(self.score.argmax())
         self._open = None
 
     def _count_pending(self) -> None:
@@ -279,7 +280,7 @@ class PredictivePolicy(_Base):
 
     def expected_next_use(self) -> np.ndarray:
         """[L, E] expected layer calls until each expert is next used."""
-        return self._expected(np.arange(self.L))
+        return self._expected(self._all_rows)
 
     def _next_use(self, key: Key) -> float:
         return float(self._expected(np.array([self.pos[key[0]]]))[0, key[1]])
