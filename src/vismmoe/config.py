@@ -1,8 +1,8 @@
 """Knobs of a run, parsed and validated once.
 
 Owns the byte-size grammar ("512MiB", "2GiB", "1.5GB", "123456", "25%"), the `name:knob=value,...` grammar of
-policy and compressor specs, and the frozen `RuntimeConfig` that the
-engine is built from. Knows nothing about models: a percentage is resolved against a total the caller supplies.
+policy and compressor specs, and the frozen `RuntimeConfig` that the engine is built from. Knows nothing about
+models: a percentage is resolved against a total the caller supplies.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ class PredictivePolicy(_Base):
         self.uses = np.zeros((len(self.decay), self.L, self.E))
         self.score = np.zeros(len(self.decay))
         self.best = 0                                    # the memory that ranks victims
-        self._open: tuple[int, np.ndarray] | None = None                # (layer position, [M, E] p) being scored
+        self._expect: np.ndarray | None = None          # [M, E] what each memory expected of the running call
         self._used = np.zeros(self.E, dtype=bool)       # experts the running layer call used
         self._pending = np.zeros(self.E, dtype=bool)    # ... and not yet counted
         self._any_pending = False
@@ -221,13 +221,13 @@ class PredictivePolicy(_Base):
 
     def _score_call(self) -> None:
         """Score each memory on the layer call that just ended: log-likelihood of the experts it used."""
-        if self._open is None:
+        if self._expect is None:
             return
-        prob = self._open[1]                             # in (0, 1): a call adds at most one use per expert
+        prob = self._expect                              # in (0, 1): a call adds at most one use per expert
         ll = np.log(np.where(self._used, prob, 1.0 - prob)).sum(axis=1)
         self.score = self.score * self.SCORE_DECAY + ll
         self.best = int(self.score.argmax())
-        self._open = None
+        self._expect = None
 
     def _count_pending(self) -> None:
         if self._any_pending:
@@ -243,8 +243,8 @@ class PredictivePolicy(_Base):
         self.uses[:, self.cur] *= self.decay[:, None]
         self.calls[:, self.cur] *= self.decay
         self.calls[:, self.cur] += 1
-        if len(self.decay) > 1:                          # what each memory expected of this call
-            self._open = (self.cur, self._freq(slice(None), self.cur))
+        if len(self.decay) > 1:                          # one memory alone has nothing to choose between
+            self._expect = self._freq(slice(None), self.cur)
         self.hints.pop(self.cur, None)                   # the hint for this layer has been consumed
         self._queue, self._qn = None, self.QUEUE
 
@@ -366,7 +366,8 @@ POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPol
 
 def make_policy(spec: str, **context):
     """`spec`: a name, or `name:knob=value[,...]` (ablations: `predictive:admit=0` turns prefetch admission off,
-    `predictive:short=0` keeps only the long memory of expert frequencies). `context`: moe_layers, num_experts (and future, for belady) -- each policy takes what it needs."""
+    `predictive:short=0` keeps only the long memory of expert frequencies). `context`: moe_layers, num_experts (and
+    future, for belady) -- each policy takes what it needs."""
     name, knobs = split_spec(spec)
     try:
         cls = POLICIES[name]

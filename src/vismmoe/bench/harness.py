@@ -229,15 +229,23 @@ def trace_tables(probe, requests: list[Request], max_new_tokens: int, path: str)
     resident, no compression), saved to `path`: what moe-infinity learns from earlier requests."""
     from ..predict import TransitionTables
     probe.set_compression("none", 1.0)
-    traces = []
-    for req in requests:
-        tr = RoutingTrace()
-        probe.record_trace(tr)
-        serve(probe, req, max_new_tokens)
-        probe.record_trace(None)
-        traces.append(tr)
+    traces = [_traced(probe, req, max_new_tokens) for req in requests]
     TransitionTables.from_traces(traces, probe.geometry.moe_layers, probe.geometry.num_experts).save(path)
     return path
+
+
+def _traced(probe, req: Request, max_new_tokens: int) -> RoutingTrace:
+    """The routing trace of one request served on `probe`."""
+    tr = RoutingTrace()
+    probe.record_trace(tr)
+    serve(probe, req, max_new_tokens)
+    probe.record_trace(None)
+    return tr
+
+
+def trace_stem(compress: str, keep_ratio: float) -> str:
+    """Saved traces of one compression setting are `<stem><request index>.npz` (`--save-traces`, rebound.py)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"trace_{compress}_{keep_ratio:g}_")
 
 
 def _medians(runs: list[dict]) -> dict:
@@ -309,14 +317,10 @@ def _belady_bytes(eng, probe, samples, max_new_tokens: int, save_dir: str | None
         probe.set_compression(eng.rc.compress, eng.rc.keep_ratio)
         groups = []
         for i, s in enumerate(samples):
-            tr = RoutingTrace()
-            probe.record_trace(tr)
-            serve(probe, s, max_new_tokens)
-            probe.record_trace(None)
+            tr = _traced(probe, s, max_new_tokens)
             if save_dir:
                 os.makedirs(save_dir, exist_ok=True)
-                name = re.sub(r"[^A-Za-z0-9._-]", "-", f"trace_{eng.rc.compress}_{eng.rc.keep_ratio:g}_{i}.npz")
-                tr.save(os.path.join(save_dir, name))
+                tr.save(os.path.join(save_dir, f"{trace_stem(eng.rc.compress, eng.rc.keep_ratio)}{i}.npz"))
             groups.append((access_groups(tr), prefill_calls(tr)))
         _GROUPS[trace_key] = groups
     slots, per = eng.cache.num_slots, eng.layout.nbytes / len(samples)

@@ -18,38 +18,42 @@ import argparse
 import glob
 import json
 import os
-import re
 
 from ..links import get_link
 from ..trace import RoutingTrace
 from .bound import access_groups, belady_misses
+from .harness import trace_stem
 
 BASIS = "Belady over the run's requests as one stream, cold once (recomputed from traces: bench/rebound.py)"
 
 
-def _traces(directory: str, compress: str) -> list[RoutingTrace]:
+def _groups(directory: str, compress: str) -> tuple[list, int]:
+    """(access groups per saved request of this `name@keep` setting, layers x experts they span)."""
     name, _, keep = compress.rpartition("@")
-    stem = re.sub(r"[^A-Za-z0-9._-]", "-", f"trace_{name}_{float(keep):g}_")
-    files = sorted(glob.glob(os.path.join(directory, stem + "*.npz")), key=lambda f: int(f[:-4].rsplit("_", 1)[1]))
+    stem = trace_stem(name, float(keep))
+    files = sorted(glob.glob(os.path.join(directory, stem + "*.npz")),
+                   key=lambda f: int(os.path.basename(f)[len(stem):-4]))          # by request index
     if not files:
         raise FileNotFoundError(f"no traces {stem}*.npz in {directory}")
-    return [RoutingTrace.load(f) for f in files]
+    groups = [access_groups(RoutingTrace.load(f)) for f in files]
+    keys = {k for g in groups for call in g for k in call}
+    return groups, len({k[0] for k in keys}) * (1 + max(k[1] for k in keys))
 
 
 def rebound(res: dict, directory: str, device_type: str = "cuda") -> dict:
     rows, memo = [], {}
     for r in res["rows"]:
-        trs = memo.setdefault(r["compress"], _traces(directory, r["compress"]))
-        groups = [access_groups(tr) for tr in trs]
-        layers = {k[0] for g in groups for call in g for k in call}
-        experts = 1 + max(k[1] for g in groups for call in g for k in call)
-        slots = int(len(layers) * experts * float(r["budget"].rstrip("%")) / 100)
+        if r["compress"] not in memo:
+            memo[r["compress"]] = _groups(directory, r["compress"])
+        groups, total = memo[r["compress"]]
+        slots = int(total * float(r["budget"].rstrip("%")) / 100)
         cold = sum(belady_misses(g, slots) for g in groups)
-        nbytes = r["belady_bytes"] * len(trs) / cold if r.get("belady_bytes") else None
-        if nbytes is None:                        # accelerate: the lossless stream's bytes per expert
-            ref = next(x for x in res["rows"] if x["compress"] == r["compress"] and x.get("belady_bytes"))
-            nbytes = ref["belady_bytes"] * len(trs) / cold
-        stream = belady_misses([call for g in groups for call in g], slots) * nbytes / len(trs)
+        # bytes per expert from the run's own cold Belady bytes (accelerate's row has none in older runs: a
+        # row of the same setting and budget stands in)
+        ref = r if r.get("belady_bytes") else next(x for x in res["rows"] if x.get("belady_bytes") and
+                                                   (x["compress"], x["budget"]) == (r["compress"], r["budget"]))
+        nbytes = ref["belady_bytes"] * len(groups) / cold
+        stream = belady_misses([call for g in groups for call in g], slots) * nbytes / len(groups)
         gbps = get_link(r["link_name"]).rate_gbps(device_type)
         bound = max(r["compute_s"], stream / (gbps * 1e9))
         row = {k: v for k, v in r.items() if k not in ("bound_phased_s", "efficiency_phased")}
