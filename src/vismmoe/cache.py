@@ -68,6 +68,7 @@ class ExpertCache:
         self._free = list(range(num_slots - 1, -1, -1))
         self.counters = CacheCounters()
         self.peak_resident = 0
+        self.listeners: list = []       # told of every insert and eviction: on_insert(key, slot), on_evict(key, slot)
 
     @property
     def budget_bytes(self) -> int:
@@ -76,11 +77,12 @@ class ExpertCache:
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
 
-    def touch(self, key: Key) -> int:
-        """A hit: the policy hears of it; returns the slot."""
+    def touch(self, key: Key, hit: bool = True) -> int:
+        """A use of a resident expert: the policy hears of it; returns the slot. `hit=False`: the use did not read
+        the slot (its copy had not landed), so it is not counted as a hit."""
         self.policy.on_use(key)
         c = self.counters.layer(key[0])
-        c.hits += 1
+        c.hits += hit
         slot = self.slot_of[key]
         if self.prefetched[slot]:
             self.prefetched[slot] = False
@@ -101,14 +103,17 @@ class ExpertCache:
         self.policy.on_insert(key)
         self.counters.layer(key[0]).bytes_moved += self.layout.nbytes
         self.peak_resident = max(self.peak_resident, len(self.slot_of))
+        for listener in self.listeners:
+            listener.on_insert(key, slot)
         return slot
 
-    def claim(self, key: Key, pinned: set[Key]) -> int:
+    def claim(self, key: Key, pinned: set[Key], count_miss: bool = True) -> int:
         """A slot for a demand miss `key` (not resident): a free one, else the policy's victim among unpinned
-        residents. Counted as a miss; the policy hears of the insertion and of the use."""
+        residents. Counted as a miss (unless the caller counted it); the policy hears of the insertion and of
+        the use. LookupError when every resident is pinned."""
         slot = self._take(key, pinned)
         self.policy.on_use(key)
-        self.counters.layer(key[0]).misses += 1
+        self.counters.layer(key[0]).misses += count_miss
         return slot
 
     def claim_prefetch(self, key: Key, pinned: set[Key]) -> int:
@@ -128,6 +133,8 @@ class ExpertCache:
             self.counters.layer(key[0]).wasted_bytes += self.layout.nbytes
         self._free.append(slot)
         self.policy.on_evict(key)
+        for listener in self.listeners:
+            listener.on_evict(key, slot)
         return slot
 
     def clear(self) -> None:

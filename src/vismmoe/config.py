@@ -78,9 +78,13 @@ class RuntimeConfig:
     compress: str = "none"              # visual-token compressor (compress.py) or none
     keep_ratio: float = 1.0             # share of visual tokens kept when compressing
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
+    decode: str = "auto"                # fast (static KV, compiled layers, one CUDA graph per step) | eager | auto
+    compile: bool | None = None         # torch.compile the decoder layers of the fast step; None: on CUDA only
 
     def __post_init__(self):
         if self.expert_tier not in ("host", "disk"):
             raise UserError(f"unknown expert tier {self.expert_tier!r}", "use --expert-tier host or disk")
+        if self.decode not in ("auto", "fast", "eager"):
+            raise UserError(f"unknown decode mode {self.decode!r}", "use --decode auto, fast or eager")
         if self.expert_budget is not None and self.device_memory is not None:
             raise UserError("both --expert-budget and --device-memory given", "give one of them")

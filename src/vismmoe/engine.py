@@ -116,14 +116,15 @@ def _device_bytes(model: torch.nn.Module) -> int:
 
 
 def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
-           feed: list[int] | None = None, enc=None):
+           feed: list[int] | None = None, enc=None, decoder=None):
     """Greedy decoding with a KV cache: (token ids [B][N], perf_counter time of the first token, decode steps).
 
     Positions are explicit: M-RoPE for the prompt as transformers computes them, then text position + rope delta
     for each new token. Stops when every row has produced an EOS (rows are cut by the caller). `feed` (benchmarks
     on random weights) teacher-forces the decode inputs, so routing varies step to step as it does on real text;
     the argmax tokens are still returned. `enc` (compress.py): run the decoder on this (pruned) encoded prompt
-    instead of the full one.
+    instead of the full one. `decoder` (fast_step.FastStep): decode steps run there (static KV, one graph per
+    step) instead of through transformers' forward.
     """
     dev = inputs["input_ids"].device
     B = inputs["input_ids"].shape[0]
@@ -147,6 +148,8 @@ def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], 
         torch.cuda.synchronize(dev)
     t_first = time.perf_counter()
     steps = 0
+    if decoder is not None and max_new_tokens > 1:
+        return _fast_decode(decoder, cache, mask, deltas, nxt, max_new_tokens, eos_ids, steppers, feed, t_first)
     for _ in range(max_new_tokens - 1):
         if len(eos):
             done = done | torch.isin(nxt, eos)
@@ -162,6 +165,26 @@ def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], 
         tokens.append(nxt)
         steps += 1
     return torch.stack(tokens, dim=1).tolist(), t_first, steps
+
+
+def _fast_decode(decoder, cache, mask, deltas, nxt, max_new_tokens, eos_ids, steppers, feed, t_first):
+    """The decode loop of `greedy` on the fast step: one step per token, rows stop at their EOS."""
+    B = mask.shape[0]
+    state = decoder.start(cache, mask, deltas, nxt, max_new_tokens)
+    rows = [[t] for t in nxt.tolist()]
+    done = [t in eos_ids for t in nxt.tolist()]
+    steps = 0
+    for _ in range(max_new_tokens - 1):
+        if eos_ids and all(done):
+            break
+        for s in steppers:
+            s.begin_step("decode", None, B)
+        new = decoder.step(state, feed[steps] if feed is not None else None)
+        for r, t in enumerate(new):
+            rows[r].append(t)
+            done[r] = done[r] or t in eos_ids
+        steps += 1
+    return rows, t_first, steps
 
 
 class Engine:
@@ -230,6 +253,31 @@ class Engine:
                       device=self.device, dtype=self.dtype, geometry=self.geometry, layout=self.layout,
                       nonexpert_bytes=self.nonexpert_bytes, budget_bytes=budget, rc=rc,
                       pool=self.cache.pool if share_pool else None)
+
+    def fast_step(self):
+        """The fast decode step (fast_step.py) when this engine decodes on it, else None (the eager decode).
+
+        `--decode fast` asks for it (an error where it cannot run), `eager` never uses it, `auto` uses it on CUDA
+        where it can run. Built once per engine; compiled code is shared by every engine of the process."""
+        if self.rc.decode == "eager":
+            return None
+        fs = getattr(self, "_fast", None)
+        if fs is not None:
+            return fs
+        from .fast_step import FastStep, unsupported_reason
+        why = unsupported_reason(self)
+        if why is not None or (self.rc.decode == "auto" and self.device.type != "cuda"):
+            if why is not None and self.rc.decode == "fast":
+                raise UserError(f"--decode fast cannot run here: {why}", "use --decode eager")
+            self.rc = replace(self.rc, decode="eager")
+            return None
+        compiled = self.rc.compile if self.rc.compile is not None else self.device.type == "cuda"
+        self._fast = FastStep(self, graphs=self.device.type == "cuda", compiled=compiled, progress=self._progress)
+        return self._fast
+
+    def _progress(self, msg: str) -> None:
+        if getattr(self, "progress", None) is not None:
+            self.progress(msg)
 
     def record_timeline(self, on: bool = True) -> None:
         """Record each following request's compute and copy spans into `self.last_timeline` (timeline.py)."""
@@ -305,7 +353,7 @@ class Engine:
         enc = self.compressed(inputs) if self.compressor is not None else None
         tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids,
                                          [o for o in self.runtime.observers if hasattr(o, "begin_step")], feed,
-                                         enc=enc)
+                                         enc=enc, decoder=self.fast_step())
         self._sync()
         t_end = time.perf_counter()
         self._end_timeline(anchor)
@@ -487,14 +535,14 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
          device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
          expert_tier: str = "host", trace: bool = False, link: str = "real", prefetch: str = "none",
          lookahead: int = 2, fixed_lookahead: bool = False, calibration: str | None = None,
-         compress: str = "none", keep_ratio: float = 1.0,
+         compress: str = "none", keep_ratio: float = 1.0, decode: str = "auto", compile: bool | None = None,
          max_seq: int = 4096, progress=None) -> Engine:
     """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
     rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
                        reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
                        prefetch=prefetch, lookahead=lookahead, fixed_lookahead=fixed_lookahead,
                        calibration=calibration, compress=compress,
-                       keep_ratio=keep_ratio, max_seq=max_seq)
+                       keep_ratio=keep_ratio, decode=decode, compile=compile, max_seq=max_seq)
     family = get_family(read_model_type(model_dir))
     make_policy(policy)                                    # validate the name and knobs before reading any weights
     get_link(link)

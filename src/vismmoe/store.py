@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -170,6 +171,18 @@ class CheckpointReader:
                         "the checkpoint is incomplete or not of the model type config.json names")
 
 
+def _device_pointer(host_ptr: int) -> int:
+    """Device address of page-locked host memory at `host_ptr`."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:                 # unified addressing: the same address (CUDA's guarantee on 64-bit Linux)
+        return host_ptr
+    err, dptr = cudart.cudaHostGetDevicePointer(host_ptr, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostGetDevicePointer failed with CUDA error {int(err)}")
+    return int(dptr)
+
+
 class HostStore:
     """All experts in host RAM: one `[E, blob]` buffer per MoE layer, pinned when copies go to a GPU."""
 
@@ -196,6 +209,22 @@ class HostStore:
 
     def blob(self, layer_pos: int, expert: int) -> torch.Tensor:
         return self.buffers[layer_pos][expert]
+
+    def layer_blobs(self, layer_pos: int) -> torch.Tensor:
+        """[E, numel]: every expert blob of one MoE layer."""
+        return self.buffers[layer_pos]
+
+    def device_addresses(self) -> np.ndarray:
+        """[L, E] int64: the address a CUDA kernel reads expert e of layer l at (page-locked memory, mapped into
+        the device's address space; with unified addressing, as on every 64-bit Linux CUDA system, the host
+        address itself, which `cudaHostGetDevicePointer` confirms when cuda-python is installed)."""
+        nb = self.layout.nbytes
+        out = np.empty((len(self.buffers), self.num_experts), dtype=np.int64)
+        for i, buf in enumerate(self.buffers):
+            if not buf.is_pinned():
+                raise RuntimeError("experts are read by the device only from page-locked host memory")
+            out[i] = _device_pointer(buf.data_ptr()) + np.arange(self.num_experts, dtype=np.int64) * nb
+        return out
 
     def release(self, blob: torch.Tensor) -> None:
         """Host blobs are permanent; nothing to give back."""

@@ -69,8 +69,12 @@ class Family:
     def geometry(self, config) -> ExpertGeometry:
         raise NotImplementedError
 
+    def language_model(self, model) -> torch.nn.Module:
+        """The text decoder (`embed_tokens`, `rotary_emb`, `layers`, `norm`)."""
+        return model.model.language_model
+
     def decoder_layers(self, model) -> torch.nn.ModuleList:
-        return model.model.language_model.layers
+        return self.language_model(model).layers
 
     def moe_block(self, model, layer: int) -> torch.nn.Module:
         """The module with `.gate` (router returning (logits, weights, indices)) and `.experts` (fused bank)."""
