@@ -237,7 +237,8 @@ class Engine:
     def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
              share_pool: bool = False, link: str | None = None, prefetch: str | None = None,
              lookahead: int | None = None, compress: str | None = None, keep_ratio: float | None = None,
-             calibration: str | None = None, fixed_lookahead: bool | None = None) -> Engine:
+             calibration: str | None = None, fixed_lookahead: bool | None = None,
+             decode: str | None = None) -> Engine:
         """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
         this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
         rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
@@ -246,7 +247,7 @@ class Engine:
                      fixed_lookahead=self.rc.fixed_lookahead if fixed_lookahead is None else fixed_lookahead,
                      compress=compress or self.rc.compress,
                      keep_ratio=self.rc.keep_ratio if keep_ratio is None else keep_ratio,
-                     calibration=calibration or self.rc.calibration)
+                     calibration=calibration or self.rc.calibration, decode=decode or self.rc.decode)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,

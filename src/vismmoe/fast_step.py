@@ -67,25 +67,28 @@ class StaticKV:
 
 
 class LayerExperts:
-    """What one MoE layer's experts read during a fast step (set on the experts module as `_vismmoe_fast`)."""
+    """What one MoE layer's experts read during a fast step (set on the experts module as `_vismmoe_fast`).
+
+    Every per-layer value is a tensor (views of the step's tables), never an int: torch.compile specialises on
+    ints, and tensors let one compiled layer serve every layer."""
 
     def __init__(self, step: FastStep, pos: int):
-        self.step, self.pos = step, pos
         self.inter = step.layout.inter
+        self.pool = step.cache.pool                                 # [S, numel]
+        self.slots = step.slot_t[pos]                               # [E] int32, -1: not resident (CPU path)
+        self.bank = step.store.layer_blobs(pos)                     # [E, numel] host blobs (CPU path)
+        self.addr = step.addr_dev[pos] if step.cuda else None       # [E] int64 (CUDA path)
+        self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        b = self.step.bucket
-        T, K = top_k_index.shape
-        ridx, rw = b.route_idx[self.pos, : T * K], b.route_w[self.pos, : T * K]
         if hidden.is_cuda:
-            return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.step.addr_dev[self.pos],
-                                             ridx, rw, self.inter)
-        ridx.copy_(top_k_index.reshape(-1))
-        rw.copy_(top_k_weights.reshape(-1).float())
-        slots = self.step.slot_t[self.pos][top_k_index.reshape(-1)].long()             # [P]; -1: not resident
-        pool = self.step.cache.pool
-        bank = self.step.store.layer_blobs(self.pos)
-        blobs = torch.where((slots >= 0)[:, None], pool[slots.clamp(min=0)], bank[top_k_index.reshape(-1)])
+            return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
+                                             self.route_w, self.inter)
+        flat = top_k_index.reshape(-1)
+        self.route_idx.copy_(flat)
+        self.route_w.copy_(top_k_weights.reshape(-1).float())
+        slots = self.slots[flat].long()                                              # [P]; -1: not resident
+        blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
         return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, blobs, self.inter)
 
 
@@ -231,6 +234,8 @@ class FastStep:
         b.deltas.copy_(deltas.to(b.deltas.dtype))
         b.pos.fill_(T)
         b.ids.copy_(first.view(B, 1))
+        for p, ex in enumerate(self.experts):
+            ex.route_idx, ex.route_w = b.route_idx[p], b.route_w[p]
         self.bucket = b
         return b
 

@@ -92,4 +92,4 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     scale = _full_scale(im.mode, raw)
     a = np.nan_to_num(raw.astype(np.float64), nan=0.0, posinf=scale, neginf=0.0)
     out = np.clip(np.rint(a * (255.0 / scale)), 0, 255).astype(np.uint8)
-    return Image.fromarray(out, mode="L")
+    return Image.fromarray(out)

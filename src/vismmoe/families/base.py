@@ -9,11 +9,39 @@ need no code of ours in the forward: the runtime registers an experts function t
 
 from __future__ import annotations
 
+import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
+
+# transformers' smart_resize (the Qwen2-VL and GLM-4V image processors) refuses an image whose long side is over
+# 200 times its short side; GLM's first scales a short side below one patch up to it, truncating, which can push
+# a ratio just under 200 over it. Longer images are padded to this ratio, well inside.
+MAX_ASPECT = 150
+
+
+def pad_to_aspect(image: Image.Image, image_processor) -> Image.Image:
+    """`image` with its short side padded (centred, in the colour the processor normalises to zero) so that
+    long / short <= MAX_ASPECT; shrunk first when the padded image would exceed the processor's most pixels
+    (the processor would shrink it that far anyway). Images inside the ratio come back untouched."""
+    w, h = image.size
+    if max(w, h) <= MAX_ASPECT * min(w, h):
+        return image
+    long = max(w, h)
+    max_pixels = image_processor.size.get("longest_edge") or image_processor.max_pixels
+    if long * math.ceil(long / MAX_ASPECT) > max_pixels:
+        f = math.sqrt(max_pixels * MAX_ASPECT) / long
+        w, h = max(1, round(w * f)), max(1, round(h * f))
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
+    side = math.ceil(max(w, h) / MAX_ASPECT)
+    W, H = (w, side) if w >= h else (side, h)
+    fill = tuple(round(255 * m) for m in image_processor.image_mean)
+    canvas = Image.new("RGB", (W, H), fill)
+    canvas.paste(image.convert("RGB"), ((W - w) // 2, (H - h) // 2))
+    return canvas
 
 
 @dataclass(frozen=True)
@@ -102,22 +130,38 @@ class Family:
         image = self.tokens.image_start + self.tokens.image + self.tokens.image_end
         return self.fallback_format.format(image=image, prompt=prompt)
 
+    def prompt_ids(self, tokenizer, prompt: str, n_visual: int) -> list[int]:
+        """Token ids of the chat-formatted prompt with `n_visual` image placeholders. The user's text is
+        tokenized as text: a special token's string in it (an image placeholder, an end-of-turn marker) stays
+        those characters and never becomes the special token."""
+        marker = f"\x00{uuid.uuid4().hex}\x00"          # where the chat template puts the user's text
+        text = self.prompt_text(tokenizer, marker)
+        if text.count(marker) != 1:
+            raise ValueError(f"chat template placed the prompt {text.count(marker)} times, expected once")
+        before, after = text.split(marker)
+        image_tok = self.tokens.image
+        if (before + after).count(image_tok) != 1:
+            raise ValueError(f"chat template produced {(before + after).count(image_tok)} image placeholders, "
+                             "expected 1")
+        before, after = (part.replace(image_tok, image_tok * n_visual) for part in (before, after))
+
+        def ids(part: str, **kw) -> list[int]:
+            return tokenizer(part, add_special_tokens=False, **kw)["input_ids"] if part else []
+
+        return ids(before) + ids(prompt, split_special_tokens=True) + ids(after)
+
     def build_inputs(self, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
-        """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt."""
+        """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt; images too long
+        and thin for the processor are padded (with the colour that normalises to zero) first."""
+        images = [pad_to_aspect(im, image_processor) for im in images]
         vis = image_processor(images=images, return_tensors="pt")
         grid = vis["image_grid_thw"]                      # [B, 3] (t, h, w) in patches
         merge = image_processor.merge_size
         n_visual = (grid.prod(-1) // (merge * merge)).tolist()
-        image_tok = self.tokens.image
-        texts = []
-        for prompt, n in zip(prompts, n_visual):
-            text = self.prompt_text(tokenizer, prompt)
-            if text.count(image_tok) != 1:
-                raise ValueError(f"chat template produced {text.count(image_tok)} image placeholders, expected 1")
-            texts.append(text.replace(image_tok, image_tok * n))
+        rows = [self.prompt_ids(tokenizer, prompt, n) for prompt, n in zip(prompts, n_visual)]
         tokenizer.padding_side = "left"
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        image_id = tokenizer.convert_tokens_to_ids(image_tok)
+        enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
         mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
         return {
             "input_ids": enc["input_ids"],

@@ -1,0 +1,238 @@
+"""The decode step against the hardware, on a real-size shape with random weights, all in ONE process:
+
+    python -m vismmoe.bench.step_ceiling --shape qwen3-vl-30b-a3b --budget 25% --out DIR
+
+    HBM roofline        bytes one decode token must read (non-expert decoder weights, lm_head, top-k experts of
+                        every MoE layer) / HBM bandwidth measured here with a bf16 GEMV
+    resident, fast      every expert preloaded, the fast step (static KV, compiled layers, one CUDA graph a token)
+    resident, eager     the same pool, transformers' forward per token (the runtime's per-layer path)
+    budget, fast/eager  cold cache at --budget on the real link, each policy in --policies, both decode paths
+Requests: one image per side in --image-sides with 24 text tokens, --new-tokens teacher-forced random tokens
+(random weights repeat one token under argmax). Systems run interleaved (A B C A B C), medians over --reps.
+Also: the Belady decode bytes of the budget (from the resident run's routing), the decode kernel's block-size
+sweep, compile + capture time, and whether every fast run gave the resident fast run's tokens.
+Writes ceiling.json, bench.json (rows with ttft_s, tpot_s, e2e_s per system and side) and ceiling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from .. import moe_kernel
+from ..trace import RoutingTrace
+from .bound import access_groups, belady_misses, prefill_calls
+from .offload_gpu import link_speed
+from .random_model import random_engine, synthetic_inputs
+from .shapes import get_shape
+
+
+def hbm_gbps(device, reps: int = 20) -> float:
+    """Bytes per second a bf16 GEMV reads (1 GiB of weights): the decode step's own access pattern."""
+    w = torch.randn(16384, 32768, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, 32768, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ w.T
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        x @ w.T
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return w.numel() * w.element_size() / statistics.median(times) / 1e9
+
+
+def step_bytes(eng) -> int:
+    """Bytes a decode token reads at least: decoder weights except embeddings and routed experts, lm_head, and
+    top-k experts per MoE layer (one embedding row and the KV are negligible)."""
+    lm = eng.family.language_model(eng.model)
+    n = sum(p.numel() * p.element_size() for name, p in lm.named_parameters() if "embed_tokens" not in name)
+    head = eng.model.lm_head.weight
+    n += head.numel() * head.element_size()
+    return n + eng.geometry.top_k * len(eng.geometry.moe_layers) * eng.layout.nbytes
+
+
+def kernel_sweep(eng, reps: int = 50) -> dict:
+    """Time the decode experts kernel (one token, top-k resident experts) for a few block sizes; set the best."""
+    dev, geo = eng.device, eng.geometry
+    H, I, K = geo.hidden, geo.inter, geo.top_k
+    pool = eng.cache.pool
+    addr = torch.tensor([pool.data_ptr() + s * eng.layout.nbytes for s in range(geo.num_experts)],
+                        dtype=torch.int64, device=dev)
+    x = torch.randn(1, H, device=dev, dtype=eng.dtype)
+    topk = torch.randperm(geo.num_experts, device=dev)[:K].view(1, K)
+    w = torch.rand(1, K, device=dev, dtype=eng.dtype)
+    ri, rw = torch.empty(K, dtype=torch.long, device=dev), torch.empty(K, device=dev)
+    out = {}
+    best = None
+    for gi, gh, gw in ((16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4)):
+        for do, dk, dw in ((32, 256, 4), (16, 256, 4), (64, 128, 4), (16, 768, 8)):
+            gb = {"BLOCK_I": gi, "BLOCK_H": gh, "num_warps": gw}
+            db = {"BLOCK_O": do, "BLOCK_K": dk, "num_warps": dw}
+            fn = lambda: moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, gb, db)  # noqa: E731
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                fn()
+            b.record()
+            b.synchronize()
+            us = a.elapsed_time(b) / reps * 1e3
+            out[f"gate_up {gi}x{gh}/{gw} down {do}x{dk}/{dw}"] = us
+            if best is None or us < best[0]:
+                best = (us, gb, db)
+    moe_kernel.GATE_UP_BLOCKS.update(best[1])
+    moe_kernel.DOWN_BLOCKS.update(best[2])
+    gbps = K * eng.layout.nbytes / (best[0] / 1e6) / 1e9
+    return {"us_per_layer": out, "best_us": best[0], "best_GBps": gbps, "gate_up": best[1], "down": best[2]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-vl-30b-a3b")
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--policies", default="lru,predictive")
+    ap.add_argument("--image-sides", default="448,1024")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-eager-budget", action="store_true", help="skip the eager path at the budget")
+    ap.add_argument("--out", default="runs/step_ceiling")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.device("cuda")
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+    t0 = time.perf_counter()
+    fam, config = get_shape(args.shape)
+    base = random_engine(fam, config, device="cuda", expert_budget="100%", policy="lru")
+    base.progress = say
+    res = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
+           "link": "real (PCIe, pinned host memory)", "budget": args.budget, "new_tokens": args.new_tokens,
+           "decode_inputs": "teacher-forced random text tokens", "build_s": time.perf_counter() - t0}
+    res["hbm_GBps"] = hbm_gbps(dev)
+    res["link_GBps"] = link_speed(dev, base.layout.nbytes)
+    res["step_bytes"] = step_bytes(base)
+    res["roofline_ms"] = res["step_bytes"] / (res["hbm_GBps"] * 1e9) * 1e3
+    say(f"HBM {res['hbm_GBps']:.0f} GB/s, link {res['link_GBps']:.1f} GB/s, {res['step_bytes'] / 1e9:.2f} GB per "
+        f"token -> roofline {res['roofline_ms']:.2f} ms")
+
+    keys = [(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)]
+    base.runtime.preload(keys)
+    res["kernel_sweep"] = kernel_sweep(base)
+    say("kernel", {k: v for k, v in res["kernel_sweep"].items() if k != "us_per_layer"})
+
+    # the eager resident engine shares the pool; preloading the same keys in the same order fills the same slots
+    eager = base.fork(decode="eager", share_pool=True)
+    eager.runtime.preload(keys)
+    systems = {"resident-fast": base, "resident-eager": eager}
+    policies = args.policies.split(",")
+    for pol in policies:
+        systems[f"{pol}-fast"] = base.fork(expert_budget=args.budget, policy=pol)
+    first_budget = systems[f"{policies[0]}-fast"]
+    if not args.no_eager_budget:
+        systems[f"{policies[0]}-eager"] = first_budget.fork(decode="eager", share_pool=True)
+    resident = {"resident-fast", "resident-eager"}
+
+    g = torch.Generator().manual_seed(1234)
+    feed = torch.randint(1000, 100000, (args.new_tokens + 1,), generator=g).tolist()
+    sides = [int(s) for s in args.image_sides.split(",")]
+    reqs = {s: synthetic_inputs(base, s) for s in sides}
+
+    def run(name, eng, side, n=None):
+        if name not in resident:
+            eng.cache.clear()
+        _, st = eng.generate_ids(reqs[side], n or args.new_tokens, feed=feed)
+        return st
+
+    # warm-up: compile + capture per bucket (timed), kernels, allocations
+    for side in sides:
+        for name, eng in systems.items():
+            t = time.perf_counter()
+            run(name, eng, side)
+            say(f"warm-up {name} {side}px {time.perf_counter() - t:.1f} s")
+    res["compile_capture_s"] = {name: e._fast.capture_s for name, e in systems.items()
+                                if getattr(e, "_fast", None) is not None}
+
+    rows: dict = {}
+    tokens: dict = {}
+    for rep in range(args.reps):
+        for side in sides:
+            for name, eng in systems.items():
+                if name not in resident:
+                    eng.cache.clear()
+                toks, st = eng.generate_ids(reqs[side], args.new_tokens, feed=feed)
+                rows.setdefault((name, side), []).append(st)
+                tokens.setdefault((name, side), toks[0])
+                say(f"rep {rep} {side}px {name:16s} ttft {st['ttft_s'] * 1e3:8.1f} ms  tpot "
+                    f"{st['tpot_s'] * 1e3:7.2f} ms  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
+                    f"moved {st['bytes_moved'] / 2**30:.2f} GiB")
+
+    # Belady bytes at the budget over the resident run's routing (decode: after the prefill's layer calls)
+    slots = first_budget.cache.num_slots
+    nb = base.layout.nbytes
+    res["belady"] = {}
+    for side in sides:
+        tr = RoutingTrace()
+        base.record_trace(tr)
+        base.generate_ids(reqs[side], args.new_tokens, feed=feed)
+        base.record_trace(None)
+        groups = access_groups(tr)
+        npre = prefill_calls(tr)
+        pre = belady_misses(groups[:npre], slots)
+        tot = belady_misses(groups, slots)
+        res["belady"][side] = {"slots": slots, "prefill_bytes": pre * nb,
+                               "decode_bytes_per_token": (tot - pre) * nb / max(1, args.new_tokens - 1)}
+
+    def med(name, side, key):
+        return statistics.median(r[key] for r in rows[(name, side)])
+
+    table = []
+    for (name, side) in rows:
+        table.append({"system": name, "image_side": side, "ttft_s": med(name, side, "ttft_s"),
+                      "tpot_s": med(name, side, "tpot_s"), "e2e_s": med(name, side, "e2e_s"),
+                      "misses": med(name, side, "misses"), "bytes_moved": med(name, side, "bytes_moved"),
+                      "tokens_equal_resident_fast": tokens[(name, side)] == tokens[("resident-fast", side)]})
+    res["rows"] = table
+    pol = policies[0]
+    link = res["link_GBps"] * 1e9
+    res["targets"] = {}
+    for side in sides:
+        rf = med("resident-fast", side, "tpot_s")
+        bel = res["belady"][side]
+        t = {"resident_tpot_ms": rf * 1e3, "eager_resident_tpot_ms": med("resident-eager", side, "tpot_s") * 1e3,
+             "decode_bound_ms": (rf + bel["decode_bytes_per_token"] / link) * 1e3,
+             "ttft_bound_ms": max(med("resident-fast", side, "ttft_s"), bel["prefill_bytes"] / link) * 1e3}
+        for p in policies:
+            t[f"{p}_tpot_ms"] = med(f"{p}-fast", side, "tpot_s") * 1e3
+            t[f"{p}_ttft_ms"] = med(f"{p}-fast", side, "ttft_s") * 1e3
+            t[f"{p}_decode_vs_bound"] = t[f"{p}_tpot_ms"] / t["decode_bound_ms"]
+            t[f"{p}_ttft_vs_bound"] = t[f"{p}_ttft_ms"] / t["ttft_bound_ms"]
+        if (f"{pol}-eager", side) in rows:
+            t["eager_budget_e2e_over_fast"] = med(f"{pol}-eager", side, "e2e_s") / med(f"{pol}-fast", side, "e2e_s")
+            t["eager_budget_tpot_ms"] = med(f"{pol}-eager", side, "tpot_s") * 1e3
+        res["targets"][side] = t
+    big = max(sides)
+    tg = res["targets"][big]
+    res["ceiling"] = {"roofline_ms": res["roofline_ms"], "resident_tpot_ms": tg["resident_tpot_ms"],
+                      "eager_resident_tpot_ms": tg["eager_resident_tpot_ms"],
+                      "budget25_real_tpot_ms": tg[f"{pol}_tpot_ms"], "image_side": big, "policy": pol}
+    res["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(args.out, "ceiling.json"), "w") as f:
+        json.dump(res["ceiling"] | {"shape": res["shape"], "machine": res["machine"]}, f, indent=1)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    say(json.dumps(res["targets"], indent=1))
+    say(json.dumps(res["ceiling"]))
+
+
+if __name__ == "__main__":
+    main()

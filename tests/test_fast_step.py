@@ -1,0 +1,169 @@
+"""The fast decode step (static KV, device-side slot map, misses read from host memory by the step itself, cache
+filled after the step): the same greedy tokens as the eager decode and as itself with every expert resident,
+for both families, every policy, budgets down to the smallest legal one; the budget is never exceeded; the
+decode experts kernel against its torch reference (Triton's interpreter on the CPU, the GPU with -m gpu);
+graph replay against the same step run eagerly on the GPU."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vismmoe import load
+from vismmoe import moe_kernel
+
+from .conftest import FAMILIES
+
+PROMPT = "What is in the picture?"
+NEW = 10
+
+
+def _budgets(d):
+    eng = load(d)
+    return ["100%", "25%", str(eng.geometry.top_k * eng.layout.nbytes)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_decode_matches_eager_decode(family, tiny_dirs, image_file):
+    """Every policy, budgets from all experts to top-k slots: the fast step's tokens are the eager decode's
+    (which test_exactness ties to transformers), the budget holds, and misses are read and then cached."""
+    d = tiny_dirs[family]
+    want = load(d, decode="eager").generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    for budget in _budgets(d):
+        base = load(d, expert_budget=budget, decode="fast")
+        for policy in ("lru", "lfu", "lfru", "predictive", "none"):
+            eng = base.fork(policy=policy)
+            gen = eng.generate(image_file, PROMPT, max_new_tokens=NEW)
+            assert gen.token_ids == want, (family, budget, policy)
+            st = gen.stats
+            assert st["expert_bytes_peak"] <= st["expert_budget_bytes"]
+            assert eng.fast_step() is not None and len(eng.fast_step().step_s) == NEW - 1
+            if policy == "none":
+                assert st["hits"] == 0
+    assert base.cache.num_slots == base.geometry.top_k
+
+
+def test_fast_decode_batch_and_teacher_forcing(tiny_dirs, image_file):
+    d = tiny_dirs["qwen3_vl_moe"]
+    eager, fast = load(d, decode="eager", expert_budget="25%"), load(d, decode="fast", expert_budget="25%")
+    prompts = [PROMPT, "How many shapes are there?"]
+    assert [g.token_ids for g in fast.generate_batch([image_file] * 2, prompts, NEW)] == \
+        [g.token_ids for g in eager.generate_batch([image_file] * 2, prompts, NEW)]
+    inputs = fast.prepare([image_file], [PROMPT])
+    feed = list(range(100, 100 + NEW))
+    assert fast.generate_ids(inputs, NEW, feed=feed)[0] == eager.generate_ids(inputs, NEW, feed=feed)[0]
+
+
+def test_fast_step_slot_map_follows_the_cache(tiny_dirs, image_file):
+    """A slot is readable by the step only once its copy has landed; an evicted expert is read from the host."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_budget="25%")
+    fs = eng.fast_step()
+    eng.generate(image_file, PROMPT, max_new_tokens=NEW)
+    fs._land()
+    for slot, key in enumerate(eng.cache.owner):
+        if key is not None:
+            assert fs.slot_map[fs.layer_pos[key[0]], key[1]] == slot
+    assert (fs.slot_map >= 0).sum() == len(eng.cache.slot_of)
+    eng.cache.clear()
+    assert (fs.slot_map < 0).all() and not fs.pending
+
+
+def test_fast_step_counts_the_routing(tiny_dirs, image_file):
+    """Hits + misses of the decode steps are exactly the distinct experts each step's routing used."""
+    from vismmoe.trace import RoutingTrace
+    eng = load(tiny_dirs["glm4v_moe"], decode="fast", expert_budget="25%")
+    tr = RoutingTrace()
+    eng.record_trace(tr)
+    st = eng.generate(image_file, PROMPT, max_new_tokens=NEW).stats
+    used = sum(len(np.unique(idx)) for s in tr.steps for idx, _ in s["layers"].values())
+    assert st["hits"] + st["misses"] == used
+    assert [s["kind"] for s in tr.steps].count("decode") == NEW - 1
+
+
+def test_decode_mode_is_validated(tiny_dirs):
+    from vismmoe.errors import UserError
+    with pytest.raises(UserError):
+        load(tiny_dirs["qwen3_vl_moe"], decode="fastest")
+    eng = load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_tier="disk")
+    with pytest.raises(UserError, match="disk tier"):
+        eng.fast_step()
+
+
+def _kernel_case(dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, I, E, K, T = 64, 48, 8, 2, 3
+    numel = 3 * H * I + 64
+    pool = torch.randn(4, numel, generator=g).to(dtype)
+    bank = torch.randn(E, numel, generator=g).to(dtype)
+    if device == "cuda":
+        pool, bank = pool.cuda(), bank.pin_memory()
+    slots = [2, -1, 0, -1, 1, -1, 3, -1]
+    es = pool.element_size()
+    addr = torch.tensor([pool.data_ptr() + s * numel * es if s >= 0 else bank.data_ptr() + e * numel * es
+                         for e, s in enumerate(slots)], dtype=torch.int64, device=device)
+    x = torch.randn(T, H, generator=g).to(dtype).to(device)
+    topk = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
+    w = torch.rand(T, K, generator=g).to(dtype).to(device)
+    blobs = torch.stack([pool[slots[e]].cpu() if slots[e] >= 0 else bank[e].cpu() for e in topk.reshape(-1).tolist()])
+    ref = moe_kernel.decode_experts_reference(x.cpu(), topk.cpu(), w.cpu(), blobs, I)
+    return x, topk, w, addr, I, ref, (pool, bank)      # the blobs must outlive the kernel that reads them
+
+
+def _check_kernel(device):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, topk, w, addr, I, ref, _keep = _kernel_case(dtype, device)
+        ri = torch.full((topk.numel(),), -1, dtype=torch.long, device=device)
+        rw = torch.zeros(topk.numel(), device=device)
+        out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, {"BLOCK_I": 16, "BLOCK_H": 32},
+                                               {"BLOCK_O": 16, "BLOCK_K": 32}).cpu().float()
+        err = (out - ref.float()).norm() / ref.float().norm()
+        assert err < tol, (dtype, err)
+        assert torch.equal(ri.cpu().view_as(topk), topk.cpu())
+        assert torch.equal(rw.cpu().view_as(w), w.cpu().float())
+
+
+@pytest.mark.skipif(moe_kernel.triton is None, reason="triton not installed")
+def test_decode_kernel_matches_reference_in_interpreter(monkeypatch):
+    """The Triton kernels in Triton's interpreter (CPU): slots and host blobs through one address table."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU")
+    _check_kernel("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_kernel_matches_reference():
+    """On the GPU, with half the experts read from page-locked host memory by the kernel."""
+    _check_kernel("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_fast_step_exact_across_budgets_and_graphs(family, tiny_dirs, image_file):
+    """bf16 on the GPU: the captured, compiled step gives the tokens of itself with every expert resident at
+    every budget and policy (misses read from host memory, the cache filled behind); graph replay gives the
+    tokens of the same step run eagerly; the pool's bytes are checked against the CUDA allocator."""
+    d = tiny_dirs[family]
+    base = load(d, device="cuda", dtype="bfloat16", decode="fast")
+    base.runtime.preload([(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)])
+    want = base.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    fs = base.fast_step()
+    assert fs.graphs and fs.compiled and any(b.graph is not None for b in fs.buckets.values())
+    plain = load(d, device="cuda", dtype="bfloat16", decode="fast", compile=False)
+    plain.runtime.preload([(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)])
+    plain.fast_step().graphs = False
+    eager_tokens = plain.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    plain.fast_step().graphs = True
+    assert plain.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids == eager_tokens
+    for budget in _budgets(d):
+        for policy in ("lru", "predictive", "none"):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            eng = base.fork(expert_budget=budget, policy=policy)
+            pool = torch.cuda.memory_allocated() - before
+            assert pool <= eng.budget_bytes
+            gen = eng.generate(image_file, PROMPT, max_new_tokens=NEW)
+            assert gen.token_ids == want, (family, budget, policy)
+            assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
