@@ -18,6 +18,7 @@ Compressors (one protocol, `select(ctx) -> Selection`; none needs attention maps
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -96,10 +97,32 @@ class PoolCompressor:
         return Selection(keep_t, groups)
 
 
+@dataclass(frozen=True)
+class Knob:
+    """One numeric knob of a compressor (`name:knob=value`): whole or real, finite, at least `low`."""
+
+    whole: bool = False
+    low: float = 0.0
+
+    def parse(self, text: str) -> float | int | None:
+        """The value of `text`, or None when it is not a legal value of this knob."""
+        try:
+            v = float(text)
+        except ValueError:
+            return None
+        if not math.isfinite(v) or v < self.low or (self.whole and not v.is_integer()):
+            return None
+        return int(v) if self.whole else v
+
+    def legal(self) -> str:
+        return f"{'a whole' if self.whole else 'a finite'} number >= {self.low:g}"
+
+
 class DartCompressor:
     """Pivots = the tokens of largest norm; keep the pivots and the tokens least similar to them."""
 
     name = "dart"
+    knobs = {"pivots": Knob(whole=True, low=1)}
 
     def __init__(self, pivots: int = 8):
         self.pivots = int(pivots)
@@ -205,6 +228,7 @@ class AffinityCompressor:
     """
 
     name = "affinity"
+    knobs = {"lam": Knob(), "gamma": Knob()}
 
     def __init__(self, lam: float = 0.5, gamma: float = 0.0):
         self.lam = lam
@@ -231,21 +255,25 @@ COMPRESSORS: dict[str, Callable[[], object]] = {
 
 
 def make_compressor(spec: str):
-    """`name` or `name:knob=value[,knob=value]`, e.g. `affinity:lam=2` (lam trades working set for fidelity)."""
-    name, knobs = split_spec(spec)
+    """`name` or `name:knob=value[,knob=value]`, e.g. `affinity:lam=2` (lam trades working set for fidelity).
+    Every knob is checked against its class's `knobs` (finite, in range, whole where it counts something)."""
+    name, items = split_spec(spec)
     if name not in COMPRESSORS:
         raise UserError(f"unknown compressor {name!r}", f"use one of {', '.join(sorted(COMPRESSORS))}")
+    legal = getattr(COMPRESSORS[name], "knobs", {})
     kwargs = {}
-    for key, value, item in knobs:
-        try:
-            kwargs[key] = float(value)
-        except ValueError:
-            raise UserError(f"bad compressor knob {item!r}", "write name:knob=number, e.g. affinity:lam=2") from None
-    try:
-        return COMPRESSORS[name](**kwargs)
-    except TypeError:
-        raise UserError(f"compressor {name!r} has no knob among {sorted(kwargs)}",
-                        "affinity takes lam and gamma, dart takes pivots") from None
+    for key, value, item in items:
+        if key not in legal:
+            takes = "; ".join(f"{n} takes {', '.join(getattr(c, 'knobs', {}))}" for n, c in COMPRESSORS.items()
+                              if getattr(c, "knobs", None))
+            raise UserError(f"compressor {name!r} has no knob {key!r}", takes)
+        if key in kwargs:
+            raise UserError(f"compressor knob {key!r} given twice in {spec!r}", "give each knob once")
+        kwargs[key] = legal[key].parse(value)
+        if kwargs[key] is None:
+            raise UserError(f"bad compressor knob {item!r}", f"{name}:{key} takes {legal[key].legal()}, "
+                            f"e.g. {name}:{key}=2")
+    return COMPRESSORS[name](**kwargs)
 
 
 def keep_count(n: int, ratio: float) -> int:
