@@ -19,16 +19,19 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
 _ALIGN_ELEMS = 64   # blob length is padded to a multiple of this many elements (128 B in bf16)
+_EXPERT_DTYPES = ("F64", "F32", "F16", "BF16")    # safetensors names of the dtypes experts are read from
+_INCOMPLETE = "the checkpoint is incomplete or not of the model type config.json names"
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,16 @@ class CheckpointReader:
     - fused, transposed (Qwen3-VL-MoE hub files): `[E, H, 2I]`, `[E, I, H]`
     - split per expert (GLM-4.5V, Qwen-MoE hub files): `{prefix}.{e}.gate_proj.weight [I, H]`, `up_proj [I, H]`,
       `down_proj.weight [H, I]`
-    Only the requested expert's bytes are read (safetensors slices are memory-mapped).
+    Only the requested expert's bytes are read (safetensors slices are memory-mapped). Every failure (a tensor
+    missing, of the wrong shape or dtype, a file that cannot be read) is a UserError naming the file and tensor;
+    `check_layer` finds the first three from the files' headers alone, before any request.
     """
 
     def __init__(self, model_dir: str, hidden: int, inter: int):
         self.dir = model_dir
         self.hidden, self.inter = hidden, inter
         index = os.path.join(model_dir, "model.safetensors.index.json")
+        self._source = index                    # what lists the tensors, named when one is missing
         if os.path.exists(index):
             with open(index) as f:
                 self.weight_map: dict[str, str] = json.load(f)["weight_map"]
@@ -125,8 +131,10 @@ class CheckpointReader:
                                 "the directory needs model.safetensors or model.safetensors.index.json")
             with safe_open(single, "pt") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            self._source = single
         self._handles: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._fused: dict[str, tuple[int, bool]] = {}      # prefix -> (experts, stored transposed)
 
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
@@ -140,35 +148,100 @@ class CheckpointReader:
                 self._handles[fname] = h
         return h
 
-    def tensor(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
+    def _file(self, key: str) -> str:
+        return os.path.join(self.dir, self.weight_map[key])
 
-    def shape(self, key: str) -> list[int]:
-        return list(self._handle(key).get_slice(key).get_shape())
+    @contextmanager
+    def _reading(self, key: str):
+        """Errors of the safetensors library or the file system while reading `key` -> one UserError."""
+        if key not in self.weight_map:
+            raise UserError(f"{self._source} has no tensor {key}", _INCOMPLETE)
+        try:
+            yield
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot read tensor {key} from {self._file(key)} ({first})",
+                            "the file is damaged or was changed; restore the checkpoint") from None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        with self._reading(key):
+            return self._handle(key).get_tensor(key)
+
+    def _header(self, key: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
+        `shapes` (a 0 matches any size) and in a float dtype; else a UserError naming file and tensor."""
+        with self._reading(key):
+            sl = self._handle(key).get_slice(key)
+            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        if dtype not in _EXPERT_DTYPES:
+            raise UserError(f"expert tensor {key} in {self._file(key)} is stored as {dtype}",
+                            f"vismmoe reads experts stored as {', '.join(_EXPERT_DTYPES)}; quantized checkpoints "
+                            "are not supported")
+        for want in shapes:
+            if len(want) == len(shape) and all(w in (0, s) for w, s in zip(want, shape)):
+                return shape
+        raise UserError(f"expert tensor {key} in {self._file(key)} has shape {list(shape)}",
+                        f"expected {' or '.join(str(list(w)).replace('0', 'E') for w in shapes)} for hidden "
+                        f"{self.hidden} and expert intermediate {self.inter} as config.json says")
+
+    def _fused_layout(self, prefix: str) -> tuple[int, bool]:
+        """(experts, transposed) of a layer stored as two fused tensors, checked once from the headers."""
+        got = self._fused.get(prefix)
+        if got is None:
+            H, I = self.hidden, self.inter
+            gk, dk = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+            g = self._header(gk, (0, 2 * I, H), (0, H, 2 * I))
+            d = self._header(dk, (0, H, I), (0, I, H))
+            # Orientation: down_proj tells when I != H; otherwise gate_up does (2I != H when I == H).
+            transposed = not (d[1:] == (H, I) and (I != H or g[1:] == (2 * I, H)))
+            if g[0] != d[0] or (transposed and (d[1:], g[1:]) != ((I, H), (H, 2 * I))):
+                raise UserError(f"expert tensors {gk} {list(g)} and {dk} {list(d)} in {self._file(gk)} do not "
+                                "belong together", _INCOMPLETE)
+            got = self._fused[prefix] = (g[0], transposed)
+        return got
+
+    def _split_keys(self, prefix: str, expert: int) -> list[tuple[str, tuple[int, int]]]:
+        H, I = self.hidden, self.inter
+        return [(f"{prefix}.{expert}.{name}.weight", shape)
+                for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))]
+
+    def _is_fused(self, prefix: str) -> bool:
+        return f"{prefix}.gate_up_proj" in self.weight_map or f"{prefix}.down_proj" in self.weight_map
+
+    def check_layer(self, prefix: str, num_experts: int) -> None:
+        """Every expert of layer `prefix` is there, shaped and typed as config.json says (headers only)."""
+        if self._is_fused(prefix):
+            stored, _ = self._fused_layout(prefix)
+            if stored != num_experts:
+                raise UserError(f"{prefix}.gate_up_proj in {self._file(prefix + '.gate_up_proj')} holds "
+                                f"{stored} experts, config.json says {num_experts}", _INCOMPLETE)
+            return
+        for e in range(num_experts):
+            for key, shape in self._split_keys(prefix, e):
+                self._header(key, shape)
 
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged)."""
-        H, I = self.hidden, self.inter
         fused = f"{prefix}.gate_up_proj"
-        if fused in self.weight_map:
-            gu = self._handle(fused).get_slice(fused)[expert]
+        if self._is_fused(prefix):
+            stored, transposed = self._fused_layout(prefix)
+            if not 0 <= expert < stored:
+                raise UserError(f"{fused} in {self._file(fused)} holds {stored} experts, not expert {expert}",
+                                _INCOMPLETE)
             dkey = f"{prefix}.down_proj"
-            dn = self._handle(dkey).get_slice(dkey)[expert]
-            # Orientation: down_proj tells when I != H; otherwise gate_up does (2I != H when I == H).
-            if tuple(dn.shape) == (H, I) and (I != H or tuple(gu.shape) == (2 * I, H)):
-                return gu, dn
-            if tuple(dn.shape) == (I, H) and tuple(gu.shape) == (H, 2 * I):
-                return gu.t(), dn.t()
-            raise UserError(f"expert tensors of {prefix} have shapes {list(gu.shape)}, {list(dn.shape)}",
-                            f"expected hidden {H} and expert intermediate {I} as config.json says")
-        split = f"{prefix}.{expert}.gate_proj.weight"
-        if split in self.weight_map:
-            g = self.tensor(split)
-            u = self.tensor(f"{prefix}.{expert}.up_proj.weight")
-            d = self.tensor(f"{prefix}.{expert}.down_proj.weight")
-            return torch.cat([g, u], dim=0), d
-        raise UserError(f"checkpoint in {self.dir} has no weights for {prefix} expert {expert}",
-                        "the checkpoint is incomplete or not of the model type config.json names")
+            with self._reading(fused):
+                gu = self._handle(fused).get_slice(fused)[expert]
+            with self._reading(dkey):
+                dn = self._handle(dkey).get_slice(dkey)[expert]
+            return (gu.t(), dn.t()) if transposed else (gu, dn)
+        if f"{prefix}.{expert}.gate_proj.weight" not in self.weight_map:
+            raise UserError(f"{self._source} has no weights for {prefix} expert {expert}", _INCOMPLETE)
+        g, u, d = (self._checked_tensor(key, shape) for key, shape in self._split_keys(prefix, expert))
+        return torch.cat([g, u], dim=0), d
+
+    def _checked_tensor(self, key: str, shape: tuple[int, int]) -> torch.Tensor:
+        self._header(key, shape)
+        return self.tensor(key)
 
 
 def _device_pointer(host_ptr: int) -> int:
@@ -236,13 +309,17 @@ class HostStore:
 class DiskStore:
     """Experts stay in the checkpoint files; `blob` reads one into a staging buffer from a small ring.
 
-    The caller must `release(blob)` once the copy out of it has finished (the transfer engine does).
+    The caller must `release(blob)` once the copy out of it has finished (the transfer engine does). Every
+    layer's expert tensors are checked from the files' headers when the store is made, so a missing or
+    misshapen expert is a load-time error; a read that still fails gives its staging slot back and raises.
     """
 
     tier = "disk"
 
     def __init__(self, reader: CheckpointReader, prefixes: list[str], layout: BlobLayout, num_experts: int,
                  pin: bool, staging: int = 8):
+        for prefix in prefixes:
+            reader.check_layer(prefix, num_experts)
         self.reader = reader
         self.prefixes = prefixes
         self.layout = layout
@@ -261,10 +338,14 @@ class DiskStore:
                     return None
                 self._cv.wait()
             i = self._free.pop()
-        gu, dn = self.reader.read(self.prefixes[layer_pos], expert)
-        with self._cv:                  # I/O threads read at once
-            self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
-        return self.layout.pack(gu, dn, self.ring[i])
+        try:
+            gu, dn = self.reader.read(self.prefixes[layer_pos], expert)
+            with self._cv:              # I/O threads read at once
+                self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
+            return self.layout.pack(gu, dn, self.ring[i])
+        except BaseException:
+            self.release(self.ring[i])  # a failed read must not keep its slot: the ring would run dry and hang
+            raise
 
     def has_room(self) -> bool:
         with self._cv:

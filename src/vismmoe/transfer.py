@@ -11,6 +11,8 @@ Disk tier: reads from the checkpoint files run on an I/O thread pool (`IO_THREAD
 at once and the thread that asked never blocks on the disk. On the GPU the reading thread also queues the
 host-to-device copy on the copy stream (under a lock, so "queued last" stays well defined) and sets the
 ticket's event; staging-ring slots are given back once their copy has finished, by whichever thread needs room.
+A read that fails (the store raises a UserError naming the file and tensor) fails its ticket: the error reaches
+the caller from `wait`, the staging slot goes back, and a later copy into the same slot still runs.
 
 It does not decide what to copy or where: the cache, the layer schedule and the prefetcher do.
 """
@@ -23,6 +25,7 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +56,12 @@ class Ticket:
 
 
 IO_THREADS = 4          # parallel reads from the checkpoint files (disk tier)
+
+
+def _after(prev: Future | None) -> None:
+    """Wait until the earlier copy into the same slot has ended; its failure is its own ticket's to report."""
+    if prev is not None:
+        wait_futures([prev])
 
 
 class TransferEngine:
@@ -138,15 +147,18 @@ class TransferEngine:
 
     def _disk_copy(self, ticket: Ticket, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after,
                    kind: str, prev: Future | None = None) -> None:
-        if prev is not None:
-            prev.result()
+        _after(prev)
         while True:                 # a staging slot: give back finished copies' slots (waiting for the oldest
             self._reclaim(need_room=True)       # when all are taken) until one is free; never block on the host
             blob = self.store.blob(layer_pos, expert, block=False)
             if blob is not None:
                 break
             time.sleep(1e-4)        # every slot is being filled by another reader right now
-        self._queue_copy(ticket, layer, expert, blob, dst, after, kind)
+        try:
+            self._queue_copy(ticket, layer, expert, blob, dst, after, kind)
+        except BaseException:
+            self.store.release(blob)        # never queued: nothing will reclaim its slot
+            raise
 
     def _queue_copy(self, ticket: Ticket, layer: int, expert: int, blob: torch.Tensor, dst: torch.Tensor, after,
                     kind: str) -> None:
@@ -180,12 +192,13 @@ class TransferEngine:
 
     def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor, layer: int = -1, kind: str = "demand",
                   prev: Future | None = None):
-        if prev is not None:
-            prev.result()
+        _after(prev)
         t0 = time.perf_counter()
         blob = self.store.blob(layer_pos, expert)
-        dst.copy_(blob)
-        self.store.release(blob)
+        try:
+            dst.copy_(blob)
+        finally:
+            self.store.release(blob)
         t1 = time.perf_counter()
         with self._lock:
             self.copy_s += t1 - t0
