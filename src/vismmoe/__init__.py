@@ -1,7 +1,17 @@
-"""vismmoe: run vision-language mixture-of-experts models with experts offloaded under a byte budget."""
+"""vismmoe: run vision-language mixture-of-experts models with experts offloaded under a byte budget.
 
-from .engine import Engine, Generation, load
+`load`, `Engine` and `Generation` come from engine.py, imported on first use (it imports torch and
+transformers, which the console script's `--help` and argument errors should not wait for).
+"""
+
 from .errors import UserError
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "Generation", "UserError", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("Engine", "Generation", "load"):
+        from . import engine
+        return getattr(engine, name)
+    raise AttributeError(f"module 'vismmoe' has no attribute {name!r}")

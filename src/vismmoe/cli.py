@@ -2,6 +2,9 @@
 
 Subcommands parse arguments, call the library, and print; they hold no logic of their own.
 `--json` prints exactly one JSON object on the last line of stdout.
+Importing this module imports no torch or transformers (`vismmoe --help` answers at once): each command
+imports what it runs, and options whose values come from a registry (policies, predictors, compressors, links,
+families) list them only when their help is printed.
 """
 
 from __future__ import annotations
@@ -14,10 +17,85 @@ import sys
 from .errors import UserError
 
 
+class _Help(argparse.HelpFormatter):
+    """Fills `{names}` in an option's help with `action.names()`, called only when that help is printed."""
+
+    def _get_help_string(self, action):
+        names = getattr(action, "names", None)
+        return action.help.replace("{names}", ", ".join(names())) if names else action.help
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):                      # one line, exit 2 (argparse prints usage + error otherwise)
-        sys.stderr.write(f"vismmoe: error: {message} (see vismmoe {self.prog.split()[-1]} --help)\n")
+        sys.stderr.write(f"vismmoe: error: {message} (see {self.prog} --help)\n")
         sys.exit(2)
+
+
+def _registry(action: argparse.Action, names) -> None:
+    """The help of `action` lists `names()` (a registry, read when the help is printed)."""
+    action.names = names
+
+
+def _policies() -> list[str]:
+    from .policies import POLICIES
+    return sorted(POLICIES)
+
+
+def _predictors() -> list[str]:
+    from .predict import PREDICTORS
+    return list(PREDICTORS)
+
+
+def _compressors() -> list[str]:
+    """Each compressor with its knobs, e.g. `affinity[:lam=L,gamma=G]`."""
+    from .compress import COMPRESSORS
+    out = []
+    for name, cls in COMPRESSORS.items():
+        knobs = ",".join(f"{k}={k[0].upper()}" for k in getattr(cls, "knobs", {}))
+        out.append(f"{name}[:{knobs}]" if knobs else name)
+    return out
+
+
+def _links() -> list[str]:
+    from .links import PROFILES
+    return [p.label() if p.emulated else p.name for p in PROFILES.values()] + ["GBps=N[,us=L] (EMULATED)"]
+
+
+def _systems() -> list[str]:
+    from .bench.harness import SYSTEMS
+    return list(SYSTEMS)
+
+
+def _families() -> list[str]:
+    from .families import FAMILIES
+    return sorted(FAMILIES)
+
+
+def _add_compress_args(p: argparse.ArgumentParser, what: str) -> None:
+    _registry(p.add_argument("--compress", default="none", metavar="NAME",
+                             help=f"visual-token compressor {what}: none (default) or one of {{names}}; "
+                                  "needs --keep-ratio"), _compressors)
+    p.add_argument("--keep-ratio", type=float, default=None, metavar="R",
+                   help="share of visual tokens the compressor keeps, in (0, 1]; only with --compress")
+
+
+def _compression(args) -> tuple[str, float]:
+    """(--compress, --keep-ratio): given together, or neither (a ratio with nothing to apply it was ignored)."""
+    if args.compress == "none":
+        if args.keep_ratio is not None:
+            raise UserError(f"--keep-ratio {args.keep_ratio:g} given without --compress, so nothing would use it",
+                            "add --compress NAME (e.g. --compress affinity) or drop --keep-ratio")
+        return "none", 1.0
+    from .compress import make_compressor
+    make_compressor(args.compress)                  # a name, or name:knob=value[,knob=value]
+    if args.keep_ratio is None:
+        raise UserError(f"--compress {args.compress} given without --keep-ratio, so it would keep every token",
+                        "add --keep-ratio R, the share of visual tokens to keep (e.g. 0.33)")
+    return args.compress, args.keep_ratio
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -30,21 +108,19 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="total device bytes; experts get what weights and the KV/activation reserve leave")
     p.add_argument("--reserve", default=None, metavar="SIZE", help="KV/activation reserve for --device-memory")
-    p.add_argument("--policy", default="lru", help="cache eviction policy: lru | lfu | none (default lru)")
-    p.add_argument("--link", default="real", metavar="PROFILE",
-                   help="host->device link: real (default), or EMULATED edge (12 GB/s), mobile (3 GB/s), "
-                        "GBps=N[,us=L]")
-    p.add_argument("--prefetch", default="none", metavar="NAME",
-                   help="lookahead predictor for prefetch: none (default), gate, trace, affinity")
+    _registry(p.add_argument("--policy", default="lru", metavar="NAME",
+                             help="cache eviction policy, one of {names} (default lru)"), _policies)
+    _registry(p.add_argument("--link", default="real", metavar="PROFILE",
+                             help="host->device link, one of {names} (default real)"), _links)
+    _registry(p.add_argument("--prefetch", default="none", metavar="NAME",
+                             help="lookahead predictor for prefetch, one of {names} (default none)"), _predictors)
     p.add_argument("--lookahead", type=int, default=2,
                    help="most MoE layers to prefetch ahead (default 2); the depth used adapts to how long the "
                         "expected misses take on the link, down to no prefetch when they hide under compute")
     p.add_argument("--fixed-lookahead", action="store_true", help="always prefetch --lookahead layers ahead")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="transition tables from `vismmoe calibrate` (for --prefetch trace/affinity)")
-    p.add_argument("--compress", default="none", metavar="NAME",
-                   help="visual-token compressor: none (default), random, pool, dart, divprune, textrel, affinity")
-    p.add_argument("--keep-ratio", type=float, default=1.0, help="share of visual tokens kept (default 1.0)")
+    _add_compress_args(p, "before the decoder")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
 
@@ -59,23 +135,27 @@ def _model_dir(args) -> str:
 def _engine_from(args, trace: bool = False):
     from .engine import load
     from .progress import layer_progress
+    compress, keep_ratio = _compression(args)
     with layer_progress("reading experts") as tick:
         return load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                     device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
                     expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
                     lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
-                    calibration=args.calibration, compress=args.compress, keep_ratio=args.keep_ratio,
+                    calibration=args.calibration, compress=compress, keep_ratio=keep_ratio,
                     progress=tick)
 
 
 def cmd_generate(args) -> int:
+    from .inputs import load_image
     from .report import console, stats_table
     if not args.prompt.strip():
         raise UserError("empty --prompt", "ask something about the image")
+    _at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    image = load_image(args.image)                  # a bad image is reported before the model is read
     eng = _engine_from(args, trace=bool(args.trace))
     if args.timeline:
         eng.record_timeline()
-    gen = eng.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens)
+    gen = eng.generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
     if args.trace:
         eng.trace.save(args.trace)
     if args.timeline:
@@ -106,8 +186,9 @@ def cmd_calibrate(args) -> int:
     from .progress import layer_progress
     _at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
     _at_least(args.depth, 1, "--depth")
+    compress, keep_ratio = _compression(args)
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%",
-               compress=args.compress, keep_ratio=args.keep_ratio)
+               compress=compress, keep_ratio=keep_ratio)
     with layer_progress("calibrating (requests)") as tick:
         tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
     tables.save(args.out)
@@ -189,8 +270,9 @@ def cmd_eval(args) -> int:
     from .engine import load
     from .evaluate import evaluate
     _at_least(args.limit, 1, "--limit")
+    compress, keep_ratio = _compression(args)
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-               compress=args.compress, keep_ratio=args.keep_ratio)
+               compress=compress, keep_ratio=keep_ratio)
     res = evaluate(eng, split=args.split, limit=args.limit, progress=not args.json)
     if args.json:
         print(json.dumps(res))
@@ -299,9 +381,10 @@ def cmd_demo(args) -> int:
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """What every model-running job takes besides its own options."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
+                   "the checkpoint's dtype on cuda)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,38 +394,43 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, safetensors, tokenizer); default: the bundled model")
-    g.add_argument("--image", required=True)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--image", required=True, metavar="PATH",
+                   help="the image to ask about (PNG, JPEG, WebP, BMP, GIF, TIFF; EXIF orientation applied)")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
+    g.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="most tokens to generate (default 32); stops earlier at end of turn")
     g.add_argument("--trace", default=None, metavar="FILE", help="save the routing trace (.npz)")
     g.add_argument("--timeline", default=None, metavar="PNG",
                    help="draw the request's compute and copy spans (PNG; ASCII on the terminal too)")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object (text, token_ids, stats, per_layer) on the last line of stdout")
     _add_runtime_args(g)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for tests)")
-    t.add_argument("--family", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
+    _registry(t.add_argument("--family", required=True, metavar="NAME", help="model family, one of {names}"),
+              _families)
+    t.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     t.set_defaults(func=cmd_make_tiny)
 
     c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/affinity, and predictor quality")
     _add_job_args(c)
     c.add_argument("--out", required=True, help="output .npz")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")
-    c.add_argument("--depth", type=int, default=3)
-    c.add_argument("--compress", default="none", help="calibrate and measure on pruned prompts")
-    c.add_argument("--keep-ratio", type=float, default=1.0)
+    c.add_argument("--depth", type=int, default=3, help="MoE layers ahead to build tables for (default 3)")
+    _add_compress_args(c, "(calibrate and measure on pruned prompts)")
     c.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
     _add_job_args(a)
-    a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11")
+    a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11", metavar="R,R,...",
+                   help="comma-separated shares of visual tokens kept, each in (0, 1] (default 1,0.5,0.33,0.22,0.11)")
     a.add_argument("--compressors", default=None,
                    help="comma-separated names, each optionally with one knob, e.g. affinity:gamma=1.5 (default: all)")
     a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced, default 60)")
-    a.add_argument("--out", default="runs/analyze")
+    a.add_argument("--out", default="runs/analyze", metavar="DIR",
+                   help="directory for analyze.md, the JSON and the plots (default runs/analyze)")
     a.add_argument("--routing", action="store_true",
                    help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")
     a.set_defaults(func=cmd_analyze)
@@ -350,33 +438,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="VQA accuracy on the test split, with the majority baseline")
     _add_job_args(ev)
     ev.add_argument("--limit", type=int, default=None, help="type-balanced subset size (default 1200)")
-    ev.add_argument("--split", default="test", choices=["test", "val"])
-    ev.add_argument("--expert-budget", default=None)
-    ev.add_argument("--compress", default="none")
-    ev.add_argument("--keep-ratio", type=float, default=1.0)
+    ev.add_argument("--split", default="test", choices=["test", "val"], help="question split (default test)")
+    ev.add_argument("--expert-budget", default=None, metavar="SIZE",
+                    help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%%")
+    _add_compress_args(ev, "before the decoder")
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
     _add_job_args(b)
     b.add_argument("--shape", default=None, help="a random-weight shape instead of a model, e.g. qwen3-vl-30b-a3b")
-    b.add_argument("--link", action="append", default=None, metavar="PROFILE",
-                   help="link profile(s), repeatable (default: edge and mobile, EMULATED)")
+    _registry(b.add_argument("--link", action="append", default=None, metavar="PROFILE",
+                             help="link profile, repeatable, one of {names} (default: edge and mobile)"), _links)
     b.add_argument("--budgets", default=None, help="comma-separated (default 10%%,25%%,50%%; quick 25%%)")
-    b.add_argument("--systems", default=None, help="comma-separated (default: all)")
+    _registry(b.add_argument("--systems", default=None, metavar="NAME,...",
+                             help="comma-separated, some of {names} (default: all but accelerate)"), _systems)
     b.add_argument("--limit", type=int, default=None, help="test requests (default 30, quick 6)")
     b.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default 4 (trained model), 64 (shapes)")
     b.add_argument("--image-sides", default="448,1024", help="with --shape: one request per image side")
     b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
-    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="directory for bench.md, bench.json and the plots (default runs/bench)")
     b.add_argument("--save-traces", default=None, metavar="DIR",
                    help="also save the routing traces behind the bound (one .npz per compression setting and request)")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    d.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     d.set_defaults(func=cmd_demo)
     return p
 
