@@ -60,6 +60,43 @@ def step_bytes(eng) -> int:
     return n + eng.geometry.top_k * len(eng.geometry.moe_layers) * eng.layout.nbytes
 
 
+def graph_us(fn, reps: int) -> float:
+    """Microseconds per call of `fn` replayed from a CUDA graph of `reps` calls (no launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps * 1e3
+
+
+def profile_step(eng, inputs, feed, path: str, tokens: int = 8) -> dict:
+    """Kernel time per decode token by kernel name (torch profiler over graph replays); top rows to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    eng.generate_ids(inputs, 2, feed=feed)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        eng.generate_ids(inputs, tokens, feed=feed)
+        torch.cuda.synchronize()
+    avg = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=25))
+    dev = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e3
+    return {"device_ms_total": dev, "tokens": tokens}
+
+
 def kernel_sweep(eng, reps: int = 50) -> dict:
     """Time the decode experts kernel (one token, top-k resident experts) for a few block sizes; set the best."""
     dev, geo = eng.device, eng.geometry
@@ -74,20 +111,11 @@ def kernel_sweep(eng, reps: int = 50) -> dict:
     out = {}
     best = None
     for gi, gh, gw in ((16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4)):
-        for do, dk, dw in ((32, 256, 4), (16, 256, 4), (64, 128, 4), (16, 768, 8)):
+        for do, dk, dw in ((32, 256, 4), (16, 256, 4), (64, 128, 4), (16, 512, 8)):
             gb = {"BLOCK_I": gi, "BLOCK_H": gh, "num_warps": gw}
             db = {"BLOCK_O": do, "BLOCK_K": dk, "num_warps": dw}
             fn = lambda: moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, gb, db)  # noqa: E731
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(reps):
-                fn()
-            b.record()
-            b.synchronize()
-            us = a.elapsed_time(b) / reps * 1e3
+            us = graph_us(fn, reps)
             out[f"gate_up {gi}x{gh}/{gw} down {do}x{dk}/{dw}"] = us
             if best is None or us < best[0]:
                 best = (us, gb, db)
@@ -175,6 +203,8 @@ def main(argv=None):
                 say(f"rep {rep} {side}px {name:16s} ttft {st['ttft_s'] * 1e3:8.1f} ms  tpot "
                     f"{st['tpot_s'] * 1e3:7.2f} ms  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
                     f"moved {st['bytes_moved'] / 2**30:.2f} GiB")
+
+    res["profile_resident_fast"] = profile_step(base, reqs[sides[0]], feed, os.path.join(args.out, "prof_fast.txt"))
 
     # Belady bytes at the budget over the resident run's routing (decode: after the prefill's layer calls)
     slots = first_budget.cache.num_slots
