@@ -168,23 +168,12 @@ def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], 
 
 
 def _fast_decode(decoder, cache, mask, deltas, nxt, max_new_tokens, eos_ids, steppers, feed, t_first):
-    """The decode loop of `greedy` on the fast step: one step per token, rows stop at their EOS."""
-    B = mask.shape[0]
+    """The decode loop of `greedy` on the fast step: rows stop at their EOS."""
     state = decoder.start(cache, mask, deltas, nxt, max_new_tokens)
-    rows = [[t] for t in nxt.tolist()]
-    done = [t in eos_ids for t in nxt.tolist()]
-    steps = 0
-    for _ in range(max_new_tokens - 1):
-        if eos_ids and all(done):
-            break
-        for s in steppers:
-            s.begin_step("decode", None, B)
-        new = decoder.step(state, feed[steps] if feed is not None else None)
-        for r, t in enumerate(new):
-            rows[r].append(t)
-            done[r] = done[r] or t in eos_ids
-        steps += 1
-    return rows, t_first, steps
+    first = nxt.tolist()
+    steps = decoder.decode(state, max_new_tokens - 1, eos_ids, feed, steppers, [t in eos_ids for t in first])
+    rows = [[t] + [step[r] for step in steps] for r, t in enumerate(first)]
+    return rows, t_first, len(steps)
 
 
 class Engine:

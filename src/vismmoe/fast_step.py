@@ -288,87 +288,150 @@ class FastStep:
         if self.progress:
             self.progress(f"decode step captured in {time.perf_counter() - t0:.1f} s")
 
+    def decode(self, b: Bucket, n: int, eos_ids: set[int], feed: list[int] | None = None, steppers=(),
+               done: list[bool] | None = None) -> list[list[int]]:
+        """Up to `n` decode steps for every row of `b`: the argmax tokens per step ([steps][B] host ints); stops
+        once every row has produced an EOS. `feed` teacher-forces each step's input token (benchmarks on random
+        weights). Pipelined: a step's misses are claimed before the next step is launched (so their copies start
+        at once), its hits, routing observers and statistics are booked while the next step runs."""
+        done = list(done or [False] * b.B)
+        out, rec = [], None
+        for i in range(n):
+            if eos_ids and all(done):
+                break
+            fl = self._launch(b, feed[i] if feed is not None else None)
+            if rec is not None:
+                self._settle(rec, steppers)
+            rec = self._finish(b, fl)
+            out.append(rec.ids)
+            done = [d or t in eos_ids for d, t in zip(done, rec.ids)]
+        if rec is not None:
+            self._settle(rec, steppers)
+        return out
+
     def step(self, b: Bucket, feed: int | None = None) -> list[int]:
-        """One decode step for every row of `b`: the argmax token per row (host ints). `feed` teacher-forces the
-        step's input token (benchmarks on random weights)."""
+        """One decode step, booked completely: the argmax token per row."""
+        return self.decode(b, 1, set(), [feed] if feed is not None else None)[0]
+
+    def _launch(self, b: Bucket, feed: int | None) -> _InFlight:
         self._land()
         self._push()
         if feed is not None:
             b.ids.fill_(int(feed))
-        used_map = self.slot_map.copy()                              # what this step reads (for the books)
+        fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
         with _attention(self):
-            t0 = time.perf_counter()
             if self.cuda:
-                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                ev0.record()
+                fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                fl.ev0.record()
                 self._run(b)
-                ev1.record()
-                ev1.synchronize()
-                dev_s = ev0.elapsed_time(ev1) / 1e3
+                fl.ev1.record()
             else:
                 self._run(b)
-                dev_s = time.perf_counter() - t0
-        self._account(b, used_map, t0, dev_s)
-        return b.out_host["ids"].view(-1).tolist()
+        return fl
 
     # ---- bookkeeping after a step ----------------------------------------------------------------------------
-    def _account(self, b: Bucket, used_map: np.ndarray, t_start: float, dev_s: float) -> None:
+    def _finish(self, b: Bucket, fl: _InFlight) -> _InFlight:
+        """Wait for the step; its routing to the host; its misses counted, charged to the link and claimed (the
+        policy's victims leave the slot map at once, so the next step never reads a slot being refilled)."""
+        if self.cuda:
+            fl.ev1.synchronize()
+            fl.dev_s = fl.ev0.elapsed_time(fl.ev1) / 1e3
+        else:
+            fl.dev_s = time.perf_counter() - fl.t0
+        nL = len(self.moe_layers)
+        fl.idx = b.out_host["route_idx"].numpy().reshape(nL, b.B, self.K).copy()
+        fl.w = b.out_host["route_w"].numpy().reshape(nL, b.B, self.K).copy()
+        fl.ids = b.out_host["ids"].view(-1).tolist()
         cache, rt = self.cache, self.runtime
-        idx = b.out_host["route_idx"].numpy().reshape(len(self.moe_layers), b.B, self.K)
-        w = b.out_host["route_w"].numpy().reshape(len(self.moe_layers), b.B, self.K)
-        observers = [o for o in rt.observers if o is not rt.prefetcher]
         nb = self.layout.nbytes
         clock = rt.transfer.clock
         ready = 0.0
-        uses = {(l, int(e)) for p, l in enumerate(self.moe_layers) for e in np.unique(idx[p])}
-        missed = 0
-        for p, layer in enumerate(self.moe_layers):
-            for o in observers:
-                o.observe(layer, None, torch.from_numpy(idx[p].copy()), torch.from_numpy(w[p].copy()))
-            cache.policy.on_layer(layer)
-            needed = np.unique(idx[p]).tolist()
+        srt = np.sort(fl.idx.reshape(nL, -1), axis=1)                    # [nL, B*K]
+        first = np.ones(srt.shape, dtype=bool)
+        first[:, 1:] = srt[:, 1:] != srt[:, :-1]                          # each expert once per layer
+        fl.needed = [srt[p][first[p]].tolist() for p in range(nL)]
+        miss = first & (np.take_along_axis(fl.used, srt, axis=1) < 0)    # read over the link by the kernel
+        uses = None
+        for p, j in zip(*np.nonzero(miss)):
+            layer, e = self.moe_layers[p], int(srt[p, j])
             c = cache.counters.layer(layer)
-            for e in needed:
-                key = (layer, e)
-                if used_map[p, e] >= 0:                               # read from its slot
-                    if cache.resident(key):
-                        cache.touch(key)
-                    else:                       # evicted since, by an earlier layer's miss (the smallest budgets)
-                        c.hits += 1
+            fl.missed += 1
+            c.misses += 1
+            c.bytes_moved += nb
+            ready = max(ready, clock.book(nb, now=fl.t0))
+            key = (layer, e)
+            if cache.resident(key):                                      # its copy was still on the way
+                cache.touch(key, hit=False)
+                continue
+            if not cache.policy.retain:                                  # load on demand: nothing is kept
+                continue
+            if uses is None:
+                uses = {(l, x) for q, l in enumerate(self.moe_layers) for x in fl.needed[q]}
+            slot = None
+            for pinned in (uses, {(layer, x) for x in fl.needed[p]}):
+                try:
+                    slot = cache.claim(key, pinned, count_miss=False)
+                    break
+                except LookupError:
                     continue
-                missed += 1                                          # read over the link by the kernel
-                c.misses += 1
-                c.bytes_moved += nb
-                ready = max(ready, clock.book(nb, now=t_start))
-                if cache.resident(key):                              # its copy was still on the way
-                    cache.touch(key, hit=False)
-                    continue
-                if not cache.policy.retain:                          # load on demand: nothing is kept
-                    continue
-                slot = None
-                for pinned in (uses, {(layer, x) for x in needed}):
-                    try:
-                        slot = cache.claim(key, pinned, count_miss=False)
-                        break
-                    except LookupError:
-                        continue
-                if slot is None:                                     # every slot holds an expert this step used
-                    continue
-                cache.ticket[slot] = rt.transfer.copy_in(layer, p, e, cache.pool[slot])
+            if slot is not None:                                         # else every slot holds one this step used
+                cache.ticket[slot] = rt.transfer.copy_in(layer, int(p), e, cache.pool[slot])
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
                 rt.transfer.host_wait_s += delay
-                cache.counters.layer(self.moe_layers[0]).stall_s += delay
+                fl.stall_s = delay
+        return fl
+
+    def _settle(self, fl: _InFlight, steppers=()) -> None:
+        """The rest of a finished step's books (runs while the next step computes): hits, routing observers,
+        stall, timeline."""
+        cache, rt = self.cache, self.runtime
+        observers = [o for o in rt.observers if o is not rt.prefetcher]
+        for s in steppers:
+            s.begin_step("decode", None, fl.idx.shape[1])
+        for p, layer in enumerate(self.moe_layers):
+            for o in observers:
+                o.observe(layer, None, torch.from_numpy(fl.idx[p]), torch.from_numpy(fl.w[p]))
+            cache.policy.on_layer(layer)
+            c = cache.counters.layer(layer)
+            for e in fl.needed[p]:
+                if fl.used[p, e] < 0:
+                    continue
+                key = (layer, e)
+                if cache.resident(key):
+                    cache.touch(key)
+                else:                           # evicted since, by a miss of the same step (the smallest budgets)
+                    c.hits += 1
+        first = cache.counters.layer(self.moe_layers[0])
+        if fl.stall_s:
+            first.stall_s += fl.stall_s
         elif self.cuda:
-            if missed == 0:
-                self._clean_s = dev_s if self._clean_s is None else min(dev_s, 1.05 * self._clean_s)
+            if fl.missed == 0:
+                self._clean_s = fl.dev_s if self._clean_s is None else min(fl.dev_s, 1.05 * self._clean_s)
             elif self._clean_s is not None:                          # measured: the step's time beyond a clean one
-                cache.counters.layer(self.moe_layers[0]).stall_s += max(0.0, dev_s - self._clean_s)
-        self.step_s.append(dev_s)
+                first.stall_s += max(0.0, fl.dev_s - self._clean_s)
+        self.step_s.append(fl.dev_s)
         if rt.timeline is not None:
-            rt.timeline.add_compute(-1, t_start, time.perf_counter())
+            rt.timeline.add_compute(-1, fl.t0, fl.t0 + fl.dev_s)
+
+
+@dataclass
+class _InFlight:
+    """One launched decode step and, once finished, its routing and books."""
+
+    used: np.ndarray                    # [moe layers, E] slot map the step read
+    t0: float                           # host time of the launch
+    ev0: object = None
+    ev1: object = None
+    dev_s: float = 0.0
+    idx: np.ndarray | None = None       # [moe layers, B, K]
+    w: np.ndarray | None = None
+    ids: list = field(default_factory=list)
+    needed: list = field(default_factory=list)
+    missed: int = 0
+    stall_s: float = 0.0
 
 
 class _attention:
