@@ -123,6 +123,24 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     _add_compress_args(p, "before the decoder")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
+    _add_decode_args(p)
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode", default="auto", choices=["auto", "fast", "eager"],
+                   help="decode step: fast (static KV cache, compiled layers, one CUDA graph per token, misses read "
+                        "from host memory by the step), eager (transformers' forward per token), auto (default: "
+                        "fast on CUDA, eager on the CPU)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the fast step's decoder layers (default auto: on CUDA only)")
+
+
+def _decode_label(args, device) -> str:
+    return args.decode if args.decode != "auto" else ("fast" if device.type == "cuda" else "eager")
+
+
+def _compile_flag(args) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[args.compile]
 
 
 def _model_dir(args) -> str:
@@ -142,7 +160,7 @@ def _engine_from(args, trace: bool = False):
                     expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
                     lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
                     calibration=args.calibration, compress=compress, keep_ratio=keep_ratio,
-                    progress=tick)
+                    decode=args.decode, compile=_compile_flag(args), progress=tick)
 
 
 def cmd_generate(args) -> int:
@@ -316,12 +334,14 @@ def cmd_bench(args) -> int:
         base, samples, new, title, calibrate_on = _shape_workload(args)
     else:
         model = _model_dir(args)
-        base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%")
+        base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
+                    compile=_compile_flag(args))
         samples = requests_from_samples(balanced_subset("test", n))
         new = args.max_new_tokens or 4
         title = (f"model {os.path.basename(os.path.abspath(model))} "
                  f"({'trained' if 'checkpoints' in model else 'given'} routing), {base.device} ({os.cpu_count()} "
-                 f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}")
+                 f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}, "
+                 f"{_decode_label(args, base.device)} decode")
     with layer_progress("bench (system runs)") as tick:
         res = run(base, samples, systems, links, budgets, args.reps, new, args.calibration,
                   args.out, title, progress=tick, save_traces=args.save_traces, calibrate_on=calibrate_on)
@@ -358,7 +378,8 @@ def _shape_workload(args):
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     geo = get_family(fam).geometry(config)
     least = geo.top_k * BlobLayout(geo.hidden, geo.inter, dtype).nbytes
-    base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least))
+    base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
+                         compile=_compile_flag(args))
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
     vocab = config.text_config.vocab_size
@@ -369,7 +390,8 @@ def _shape_workload(args):
     reqs = requests(0)
     earlier = requests(1)
     title = (f"shape {args.shape} (RANDOM weights), {base.device}, images {args.image_sides} px, {new} new tokens "
-             f"(decode inputs teacher-forced random tokens), cold cache per request, medians of {args.reps}")
+             f"(decode inputs teacher-forced random tokens), cold cache per request, medians of {args.reps}, "
+             f"{_decode_label(args, base.device)} decode")
     return base, reqs, new, title, earlier
 
 
@@ -462,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--save-traces", default=None, metavar="DIR",
                    help="also save the routing traces behind the bound (one .npz per compression setting and request)")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
+    _add_decode_args(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")

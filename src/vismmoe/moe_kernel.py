@@ -108,26 +108,38 @@ GATE_UP_BLOCKS = {"BLOCK_I": 16, "BLOCK_H": 256, "num_warps": 4}
 DOWN_BLOCKS = {"BLOCK_O": 32, "BLOCK_K": 256, "num_warps": 4}
 
 
+def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
+                 route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None) -> None:
+    """h [P, I] = silu(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous."""
+    P, inter = h.shape
+    b = dict(GATE_UP_BLOCKS, **(blocks or {}))
+    _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
+        x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=x.shape[-1], I=inter,
+        BLOCK_I=b["BLOCK_I"], BLOCK_H=b["BLOCK_H"], num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
+
+
+def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, y: torch.Tensor,
+              blocks: dict | None = None) -> None:
+    """y [P, H] (float32) = (h @ down^T) * routing weight per pair."""
+    P, inter = h.shape
+    H = y.shape[-1]
+    b = dict(DOWN_BLOCKS, **(blocks or {}))
+    _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
+        h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=b["BLOCK_O"], BLOCK_K=b["BLOCK_K"],
+        num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
+
+
 def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
                           route_idx: torch.Tensor, route_w: torch.Tensor, inter: int,
                           gate_up_blocks: dict | None = None, down_blocks: dict | None = None) -> torch.Tensor:
-    """The two Triton passes (see the module docstring); x [T, H] contiguous, addr [E] int64 -> [T, H]."""
+    """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]."""
     T, K = topk.shape
     H = x.shape[-1]
-    P = T * K
-    gb = dict(GATE_UP_BLOCKS, **(gate_up_blocks or {}))
-    db = dict(DOWN_BLOCKS, **(down_blocks or {}))
-    x = x.contiguous()
-    topk = topk.contiguous()
-    weights = weights.contiguous()
-    h = x.new_empty(P, inter)
-    y = torch.empty(P, H, device=x.device, dtype=torch.float32)
-    _gate_up_kernel[(P, triton.cdiv(inter, gb["BLOCK_I"]))](
-        x, topk, weights, addr, h, route_idx, route_w, K=K, H=H, I=inter,
-        BLOCK_I=gb["BLOCK_I"], BLOCK_H=gb["BLOCK_H"], num_warps=gb["num_warps"])
-    _down_kernel[(P, triton.cdiv(H, db["BLOCK_O"]))](
-        h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=db["BLOCK_O"], BLOCK_K=db["BLOCK_K"],
-        num_warps=db["num_warps"])
+    x, topk, weights = x.contiguous(), topk.contiguous(), weights.contiguous()
+    h = x.new_empty(T * K, inter)
+    y = torch.empty(T * K, H, device=x.device, dtype=torch.float32)
+    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks)
+    down_pass(h, topk, weights, addr, y, down_blocks)
     return y.view(T, K, H).sum(1).to(x.dtype)
 
 

@@ -52,7 +52,8 @@ def random_host_store(layout: BlobLayout, num_layers: int, num_experts: int, dev
 
 
 def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                  expert_budget: str = "25%", policy: str = "lru", seed: int = 0, progress=None) -> Engine:
+                  expert_budget: str = "25%", policy: str = "lru", seed: int = 0, progress=None,
+                  decode: str = "auto", compile: bool | None = None) -> Engine:
     family = get_family(family_name)
     dev = torch.device(device)
     geo = family.geometry(config)
@@ -66,7 +67,7 @@ def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torc
     store = random_host_store(layout, len(geo.moe_layers), geo.num_experts, dev, pin=dev.type == "cuda",
                               seed=seed + 1, progress=progress)
     rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,
-                       policy=policy)
+                       policy=policy, decode=decode, compile=compile)
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     improc = family.tiny_image_processor(max_side=2048)
     return Engine(model_dir=None, family=family, config=config, model=model, tokenizer=None,

@@ -82,23 +82,29 @@ def graph_us(fn, reps: int) -> float:
     return a.elapsed_time(b) / reps * 1e3
 
 
-def profile_step(eng, inputs, feed, path: str, tokens: int = 8) -> dict:
-    """Kernel time per decode token by kernel name (torch profiler over graph replays); top rows to `path`."""
+def profile_step(eng, inputs, feed, path: str, tokens: int = 16) -> dict:
+    """Kernel time per decode token by kernel name (torch profiler over the fast step's graph replays only, no
+    prefill); the table to `path`."""
     from torch.profiler import ProfilerActivity, profile
-    eng.generate_ids(inputs, 2, feed=feed)
+    eng.generate_ids(inputs, 2 * tokens, feed=feed)          # a bucket with room for `tokens` more steps
+    fs = eng.fast_step()
+    b, T = fs.bucket, inputs["input_ids"].shape[1]
+    b.pos.fill_(T)
+    b.mask[:, T:] = False
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        eng.generate_ids(inputs, tokens, feed=feed)
+        fs.decode(b, tokens, set(), feed[:tokens])
         torch.cuda.synchronize()
     avg = prof.key_averages()
     with open(path, "w") as f:
-        f.write(avg.table(sort_by="self_device_time_total", row_limit=25))
+        f.write(avg.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=80))
     dev = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e3
-    return {"device_ms_total": dev, "tokens": tokens}
+    return {"device_ms_per_token": dev / tokens, "tokens": tokens}
 
 
 def kernel_sweep(eng, reps: int = 50) -> dict:
-    """Time the decode experts kernel (one token, top-k resident experts) for a few block sizes; set the best."""
+    """Time each pass of the decode experts kernel (one token, top-k resident experts, from a CUDA graph) over a
+    grid of block sizes; keep the fastest of each for the rest of the run."""
     dev, geo = eng.device, eng.geometry
     H, I, K = geo.hidden, geo.inter, geo.top_k
     pool = eng.cache.pool
@@ -108,21 +114,34 @@ def kernel_sweep(eng, reps: int = 50) -> dict:
     topk = torch.randperm(geo.num_experts, device=dev)[:K].view(1, K)
     w = torch.rand(1, K, device=dev, dtype=eng.dtype)
     ri, rw = torch.empty(K, dtype=torch.long, device=dev), torch.empty(K, device=dev)
-    out = {}
-    best = None
-    for gi, gh, gw in ((16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4)):
-        for do, dk, dw in ((32, 256, 4), (16, 256, 4), (64, 128, 4), (16, 512, 8)):
-            gb = {"BLOCK_I": gi, "BLOCK_H": gh, "num_warps": gw}
-            db = {"BLOCK_O": do, "BLOCK_K": dk, "num_warps": dw}
-            fn = lambda: moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, gb, db)  # noqa: E731
-            us = graph_us(fn, reps)
-            out[f"gate_up {gi}x{gh}/{gw} down {do}x{dk}/{dw}"] = us
-            if best is None or us < best[0]:
-                best = (us, gb, db)
-    moe_kernel.GATE_UP_BLOCKS.update(best[1])
-    moe_kernel.DOWN_BLOCKS.update(best[2])
-    gbps = K * eng.layout.nbytes / (best[0] / 1e6) / 1e9
-    return {"us_per_layer": out, "best_us": best[0], "best_GBps": gbps, "gate_up": best[1], "down": best[2]}
+    h = torch.randn(K, I, device=dev, dtype=eng.dtype)
+    y = torch.empty(K, H, device=dev)
+    out = {"gate_up": {}, "down": {}}
+    best = {}
+    for rows in (2, 4, 8):
+        for cols in (512, 1024):
+            for warps in (4,):
+                for stages in (2, 4):
+                    b = {"BLOCK_I": rows, "BLOCK_H": cols, "num_warps": warps, "num_stages": stages}
+                    us = graph_us(lambda: moe_kernel.gate_up_pass(x, topk, w, addr, h, ri, rw, b), reps)
+                    out["gate_up"][str(b)] = us
+                    if us < best.get("gate_up", (1e9,))[0]:
+                        best["gate_up"] = (us, b)
+    for rows in (4, 8, 16, 32):
+        for cols in (256, 512):
+            for warps in (4,):
+                for stages in (2, 4):
+                    b = {"BLOCK_O": rows, "BLOCK_K": cols, "num_warps": warps, "num_stages": stages}
+                    us = graph_us(lambda: moe_kernel.down_pass(h, topk, w, addr, y, b), reps)
+                    out["down"][str(b)] = us
+                    if us < best.get("down", (1e9,))[0]:
+                        best["down"] = (us, b)
+    moe_kernel.GATE_UP_BLOCKS.update(best["gate_up"][1])
+    moe_kernel.DOWN_BLOCKS.update(best["down"][1])
+    nb = K * eng.layout.nbytes
+    return {"us": out, "gate_up": best["gate_up"], "down": best["down"],
+            "gate_up_GBps": nb * 2 / 3 / (best["gate_up"][0] / 1e6) / 1e9,
+            "down_GBps": nb / 3 / (best["down"][0] / 1e6) / 1e9}
 
 
 def main(argv=None):
@@ -156,7 +175,7 @@ def main(argv=None):
     keys = [(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)]
     base.runtime.preload(keys)
     res["kernel_sweep"] = kernel_sweep(base)
-    say("kernel", {k: v for k, v in res["kernel_sweep"].items() if k != "us_per_layer"})
+    say("kernel", {k: v for k, v in res["kernel_sweep"].items() if k != "us"})
 
     # the eager resident engine shares the pool; preloading the same keys in the same order fills the same slots
     eager = base.fork(decode="eager", share_pool=True)
@@ -198,10 +217,13 @@ def main(argv=None):
                 if name not in resident:
                     eng.cache.clear()
                 toks, st = eng.generate_ids(reqs[side], args.new_tokens, feed=feed)
+                fs = getattr(eng, "_fast", None)
+                if fs is not None:          # device time of the step itself (CUDA events around each replay)
+                    st["step_device_s"] = statistics.median(fs.step_s[-(st["new_tokens"] - 1):])
                 rows.setdefault((name, side), []).append(st)
                 tokens.setdefault((name, side), toks[0])
                 say(f"rep {rep} {side}px {name:16s} ttft {st['ttft_s'] * 1e3:8.1f} ms  tpot "
-                    f"{st['tpot_s'] * 1e3:7.2f} ms  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
+                    f"{st['tpot_s'] * 1e3:7.2f} ms (step {st.get('step_device_s', 0) * 1e3:5.2f})  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
                     f"moved {st['bytes_moved'] / 2**30:.2f} GiB")
 
     res["profile_resident_fast"] = profile_step(base, reqs[sides[0]], feed, os.path.join(args.out, "prof_fast.txt"))
@@ -229,7 +251,9 @@ def main(argv=None):
     for (name, side) in rows:
         table.append({"system": name, "image_side": side, "ttft_s": med(name, side, "ttft_s"),
                       "tpot_s": med(name, side, "tpot_s"), "e2e_s": med(name, side, "e2e_s"),
-                      "misses": med(name, side, "misses"), "bytes_moved": med(name, side, "bytes_moved"),
+                      "misses": med(name, side, "misses"),
+                      "step_device_s": med(name, side, "step_device_s") if "step_device_s" in rows[(name, side)][0]
+                      else None, "bytes_moved": med(name, side, "bytes_moved"),
                       "tokens_equal_resident_fast": tokens[(name, side)] == tokens[("resident-fast", side)]})
     res["rows"] = table
     pol = policies[0]
