@@ -150,7 +150,7 @@ def test_gpu_fast_step_exact_across_budgets_and_graphs(family, tiny_dirs, image_
     base.runtime.preload([(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)])
     want = base.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
     fs = base.fast_step()
-    assert fs.graphs and fs.compiled and any(b.graph is not None for b in fs.buckets.values())
+    assert fs.graphs and fs.compiled and any(b.graph is not None for b in fs.sg.buckets.values())
     plain = load(d, device="cuda", dtype="bfloat16", decode="fast", compile=False)
     plain.runtime.preload([(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)])
     plain.fast_step().graphs = False

@@ -1,18 +1,18 @@
-"""The decode step at the device's speed, routed experts still offloaded: static KV cache, compiled decoder layers,
-one CUDA graph per step, experts read through a device-side address table.
+"""The decode step at the device's speed, routed experts still offloaded: one engine's side of it (residency and
+books); the static buffers, compiled layers and CUDA graphs are the model's (step_graphs.py).
 
     prefill (runtime.py, eager: waves, hits first, prefetch)  ->  DynamicCache
-        |  start(): KV copied into a static bucket [B, kv_heads, L, head_dim] per layer (L: a multiple of BUCKET)
+        |  start(): KV copied into a static bucket [B, kv_heads, L, head_dim] per layer (L: a multiple of 256)
         v
     for each new token:
-        host:   landed copies -> slot map [moe layers, E]  ->  address table (slot in the pool, or the expert's
-                page-locked host blob) pushed to the device
-        device: ONE graph replay: embed -> rotary -> layers (transformers' own modules; attention reads the static
-                KV through `StaticKV`, experts through moe_kernel.decode_experts: misses read over the link by the
-                kernel) -> norm -> lm_head -> argmax; routing and the token copied to pinned host memory
-        host:   wait for the step (one sync per token), then the cache bookkeeping of its routing: hits touch the
-                policy, misses claim a slot (the policy's victim) and copy in on the copy stream, overlapping the
-                next replay; a slot is used by the graph only once its copy has landed
+        launch:  landed copies -> slot map [moe layers, E] -> address table (a slot of this engine's pool, or the
+                 expert's page-locked host blob) pushed to the device -> ONE graph replay (misses are read over
+                 the link by the experts kernel itself)
+        finish:  wait for the step (the one sync per token); its routing to the host; misses counted, charged to
+                 the link and claimed (the policy's victim leaves the slot map at once), their copies queued on
+                 the copy stream
+        settle:  while the next step runs: hits touch the policy, routing observers, stall, timeline
+    A slot is read by a step only once its copy has landed.
 
 Mechanism only: which expert leaves is the policy's call, the copies are the transfer engine's, the cache's slots
 and counters are the cache's. The prefill stays on the eager runtime: a cold prefill is bound by the link, not by
@@ -27,104 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
 
 from . import moe_kernel
-
-BUCKET = 256                # static KV length is rounded up to a multiple of this: one graph serves many requests
-ATTN = "vismmoe_decode"     # the attention implementation the decode step runs under
-
-
-def _decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention of a few new tokens over the static KV (GQA without repeating K/V): query [B, h, T, d],
-    key/value [B, kv, L, d], attention_mask [B, 1, T, L] bool (True: attend) -> ([B, T, h, d], None)."""
-    B, h, T, d = query.shape
-    kv = key.shape[1]
-    q = query.reshape(B, kv, (h // kv) * T, d)                                  # groups of heads share K/V
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling         # [B, kv, g*T, L]
-    scores = scores.view(B, kv, h // kv, T, -1)
-    scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))    # mask [B, 1, 1, T, L]
-    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, kv, (h // kv) * T, -1)
-    out = torch.matmul(probs, value).view(B, h, T, d)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTN, _decode_attention)
-
-
-class StaticKV:
-    """One decoder layer's KV cache during decode: fixed buffers `k`, `v [B, kv_heads, L, head_dim]`; the new
-    token's key and value are written at `pos` ([1] long, shared by every layer). Duck-types the one method
-    transformers' attention calls on a cache."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        self.k, self.v, self.pos = k, v, pos
-
-    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        self.k.index_copy_(2, self.pos, key_states)
-        self.v.index_copy_(2, self.pos, value_states)
-        return self.k, self.v
-
-
-class LayerExperts:
-    """What one MoE layer's experts read during a fast step (set on the experts module as `_vismmoe_fast`).
-
-    Every per-layer value is a tensor (views of the step's tables), never an int: torch.compile specialises on
-    ints, and tensors let one compiled layer serve every layer."""
-
-    def __init__(self, step: FastStep, pos: int):
-        self.inter = step.layout.inter
-        self.pool = step.cache.pool                                 # [S, numel]
-        self.slots = step.slot_t[pos]                               # [E] int32, -1: not resident (CPU path)
-        self.bank = step.store.layer_blobs(pos)                     # [E, numel] host blobs (CPU path)
-        self.addr = step.addr_dev[pos] if step.cuda else None       # [E] int64 (CUDA path)
-        self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
-
-    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if hidden.is_cuda:
-            return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
-                                             self.route_w, self.inter)
-        flat = top_k_index.reshape(-1)
-        self.route_idx.copy_(flat)
-        self.route_w.copy_(top_k_weights.reshape(-1).float())
-        slots = self.slots[flat].long()                                              # [P]; -1: not resident
-        blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
-        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, blobs, self.inter)
-
-
-def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
-    return layer(hidden, attention_mask=mask, position_ids=text_pos, past_key_values=kv,
-                 position_embeddings=(cos, sin))
-
-
-_COMPILED = None
-
-
-def compiled_layer_call():
-    """`_layer_call` under torch.compile (inductor), one wrapper per process: every layer, engine and bucket of
-    the same shapes reuses its compiled code."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_layer_call, dynamic=False)
-    return _COMPILED
-
-
-@dataclass
-class Bucket:
-    """Static buffers of one (batch, KV length) shape, and its captured graph."""
-
-    B: int
-    L: int
-    kv: list[StaticKV]
-    pos: torch.Tensor           # [1] long: column the next token is written to
-    ids: torch.Tensor           # [B, 1] long: the next token (the graph writes its argmax here)
-    mask: torch.Tensor          # [B, L] bool: attended columns
-    deltas: torch.Tensor        # [B, 1] long: rope position minus text position
-    route_idx: torch.Tensor     # [moe layers, B*K] long: routing of the last step (device)
-    route_w: torch.Tensor       # [moe layers, B*K] float32
-    out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
-    graph: object = None
-
+from .step_graphs import Bucket, step_graphs
 
 class FastStep:
     """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only."""
@@ -147,19 +52,15 @@ class FastStep:
         self.slot_map = np.full((L, self.E), -1, dtype=np.int32)       # slot the graph may read, else -1
         self.slot_t = torch.from_numpy(self.slot_map)                   # the CPU step reads it directly
         self.pending: dict[int, tuple[int, int]] = {}                   # slot -> key: copy not landed yet
+        self.sg = step_graphs(engine, compiled)                         # static buffers and graphs, per model
+        self.sg.progress = progress
         if self.cuda:
             self.host_addr = self.store.device_addresses()              # [L, E] int64
             self.addr_host = torch.empty((L, self.E), dtype=torch.int64).pin_memory()
-            self.addr_dev = torch.empty((L, self.E), dtype=torch.int64, device=self.device)
         for slot, key in enumerate(self.cache.owner):
             if key is not None:
                 self.on_insert(key, slot)
         self.cache.listeners.append(self)
-        self.experts = [LayerExperts(self, p) for p in range(L)]
-        self.buckets: dict[tuple[int, int], Bucket] = {}
-        self.bucket: Bucket | None = None
-        self._layer = compiled_layer_call() if compiled else _layer_call
-        self.capture_s = 0.0                    # seconds spent compiling and capturing (first step of a bucket)
         self.step_s: list[float] = []           # device seconds of each step (CUDA events)
         self._clean_s = None                    # fastest recent step without misses: the stall baseline
 
@@ -186,108 +87,18 @@ class FastStep:
         pool = self.cache.pool.data_ptr()
         sm = self.slot_map.astype(np.int64)
         self.addr_host.numpy()[...] = np.where(sm >= 0, pool + sm * nb, self.host_addr)
-        self.addr_dev.copy_(self.addr_host, non_blocking=True)
+        self.sg.addr_dev.copy_(self.addr_host, non_blocking=True)
 
     def detach(self) -> None:
         if self in self.cache.listeners:
             self.cache.listeners.remove(self)
 
-    # ---- buckets ---------------------------------------------------------------------------------------------
-    def _bucket(self, B: int, need: int) -> Bucket:
-        L = -(-need // BUCKET) * BUCKET
-        key = (B, L)
-        b = self.buckets.get(key)
-        if b is not None:
-            return b
-        tc = self.family.text_config(self.model.config)
-        layers = self.family.decoder_layers(self.model)
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        dt, dev = self.eng.dtype, self.device
-        pos = torch.zeros(1, dtype=torch.long, device=dev)
-        kv = [StaticKV(torch.zeros(B, tc.num_key_value_heads, L, head_dim, dtype=dt, device=dev),
-                       torch.zeros(B, tc.num_key_value_heads, L, head_dim, dtype=dt, device=dev), pos)
-              for _ in layers]
-        nL = len(self.moe_layers)
-        b = Bucket(B=B, L=L, kv=kv, pos=pos, ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
-                   mask=torch.zeros(B, L, dtype=torch.bool, device=dev),
-                   deltas=torch.zeros(B, 1, dtype=torch.long, device=dev),
-                   route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
-                   route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev))
-        pin = self.cuda
-        for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w)):
-            h = torch.empty(t.shape, dtype=t.dtype)
-            b.out_host[name] = h.pin_memory() if pin else h
-        self.buckets[key] = b
-        return b
-
+    # ---- requests ------------------------------------------------------------------------------------------
     def start(self, dyn_cache, mask: torch.Tensor, deltas: torch.Tensor, first: torch.Tensor, max_new: int) -> Bucket:
-        """Take over a prefilled request: KV from `dyn_cache`, attention `mask [B, T]`, rope `deltas [B, 1]`,
-        the first generated token `first [B]`; room for `max_new` more tokens."""
-        B, T = mask.shape
-        b = self._bucket(B, T + max_new)
-        for i, layer_kv in enumerate(b.kv):
-            src = dyn_cache.layers[i]
-            layer_kv.k[:, :, :T].copy_(src.keys)
-            layer_kv.v[:, :, :T].copy_(src.values)
-        b.mask.zero_()
-        b.mask[:, :T].copy_(mask.bool())
-        b.deltas.copy_(deltas.to(b.deltas.dtype))
-        b.pos.fill_(T)
-        b.ids.copy_(first.view(B, 1))
-        for p, ex in enumerate(self.experts):
-            ex.route_idx, ex.route_w = b.route_idx[p], b.route_w[p]
-        self.bucket = b
-        return b
+        """Take over a prefilled request (step_graphs.StepGraphs.load)."""
+        return self.sg.load(dyn_cache, mask, deltas, first, max_new)
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def _body(self, b: Bucket) -> None:
-        model, fam = self.model, self.family
-        lm = fam.language_model(model)
-        b.mask.index_fill_(1, b.pos, True)
-        positions = fam.decode_positions(b.mask, b.deltas)           # [4, B, 1]: text row, 3 rope rows
-        h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
-        cos, sin = lm.rotary_emb(h, positions[1:])
-        m4 = b.mask[:, None, None, :]                                # [B, 1, 1, L]
-        for i, layer in enumerate(lm.layers):
-            h = self._layer(layer, h, m4, positions[0], b.kv[i], cos, sin)
-        h = lm.norm(h[:, -1:])
-        b.ids.copy_(model.lm_head(h)[:, -1].argmax(-1, keepdim=True))
-        b.pos.add_(1)
-        for name in ("ids", "route_idx", "route_w"):
-            b.out_host[name].copy_(getattr(b, name), non_blocking=True)
-
-    def _run(self, b: Bucket) -> None:
-        if not self.graphs:
-            self._body(b)
-            return
-        if b.graph is None:
-            self._capture(b)
-        b.graph.replay()
-
-    def _capture(self, b: Bucket) -> None:
-        t0 = time.perf_counter()
-        saved = (b.pos.clone(), b.mask.clone(), b.ids.clone())
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            for i in range(2):                  # compiles (first call) and warms kernels/allocations
-                if self.progress:
-                    self.progress(f"decode step: {'compiling' if i == 0 and self.compiled else 'warming up'} "
-                                  f"(batch {b.B}, KV {b.L})")
-                self._body(b)
-                b.pos.copy_(saved[0]); b.mask.copy_(saved[1]); b.ids.copy_(saved[2])
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        torch.cuda.synchronize(self.device)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self._body(b)
-        b.pos.copy_(saved[0]); b.mask.copy_(saved[1]); b.ids.copy_(saved[2])
-        torch.cuda.synchronize(self.device)
-        b.graph = g
-        self.capture_s += time.perf_counter() - t0
-        if self.progress:
-            self.progress(f"decode step captured in {time.perf_counter() - t0:.1f} s")
-
     def decode(self, b: Bucket, n: int, eos_ids: set[int], feed: list[int] | None = None, steppers=(),
                done: list[bool] | None = None) -> list[list[int]]:
         """Up to `n` decode steps for every row of `b`: the argmax tokens per step ([steps][B] host ints); stops
@@ -319,14 +130,18 @@ class FastStep:
         if feed is not None:
             b.ids.fill_(int(feed))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
-        with _attention(self):
+        if not self.cuda:                                                   # the CPU step reads this engine's cache
+            bank = self.store.layer_blobs
+            for p, ex in enumerate(self.sg.experts):
+                ex.pool, ex.slots, ex.bank = self.cache.pool, self.slot_t[p], bank(p)
+        with self.sg.active(b):
             if self.cuda:
                 fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 fl.ev0.record()
-                self._run(b)
+                self.sg.run(b, self.graphs)
                 fl.ev1.record()
             else:
-                self._run(b)
+                self.sg.run(b, False)
         return fl
 
     # ---- bookkeeping after a step ----------------------------------------------------------------------------
@@ -432,26 +247,6 @@ class _InFlight:
     needed: list = field(default_factory=list)
     missed: int = 0
     stall_s: float = 0.0
-
-
-class _attention:
-    """While inside, the decoder's attention runs the decode attention and the experts modules read through the
-    fast step; outside, the prefill's own attention and the runtime's experts path are back."""
-
-    def __init__(self, step: FastStep):
-        self.step = step
-        self.cfg = step.family.text_config(step.model.config)
-
-    def __enter__(self):
-        self.saved = self.cfg._attn_implementation_internal
-        self.cfg._attn_implementation_internal = ATTN
-        for layer, ex in zip(self.step.moe_layers, self.step.experts):
-            self.step.family.moe_block(self.step.model, layer).experts._vismmoe_fast = ex
-
-    def __exit__(self, *exc):
-        self.cfg._attn_implementation_internal = self.saved
-        for layer in self.step.moe_layers:
-            self.step.family.moe_block(self.step.model, layer).experts._vismmoe_fast = None
 
 
 def unsupported_reason(engine) -> str | None:

@@ -1,0 +1,262 @@
+"""The decode step's static side, one per model: static KV buckets, the step body, its compiled layer call and its
+captured CUDA graphs, the device-side expert address table.
+
+    bucket (B, L):  KV [B, kv_heads, L, head_dim] per decoder layer, input token, attention mask, rope deltas,
+                    routing record [moe layers, B*K], pinned host copies of token and routing
+    body:           mask column on -> positions -> embed -> rotary -> every decoder layer (transformers' own
+                    modules, compiled once for all layers; attention reads `StaticKV`, experts `LayerExperts`)
+                    -> norm -> lm_head -> argmax into the input token -> position + 1 -> token and routing to host
+    graph:          the body captured once per bucket, replayed for every token of every request
+
+Shared by every engine (fork) over the same model, so a bench's systems capture each bucket once: nothing an
+engine owns is baked into a graph. Each engine writes its own residency into the address table before a replay
+(fast_step.FastStep) and runs one request at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+
+from . import moe_kernel
+
+BUCKET = 256                # static KV length is rounded up to a multiple of this: one graph serves many requests
+ATTN = "vismmoe_decode"     # the attention implementation the decode step runs under
+
+
+def _decode_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention of a few new tokens over the static KV (GQA without repeating K/V): query [B, h, T, d],
+    key/value [B, kv, L, d], attention_mask [B, 1, T, L] bool (True: attend) -> ([B, T, h, d], None)."""
+    B, h, T, d = query.shape
+    kv = key.shape[1]
+    q = query.reshape(B, kv, (h // kv) * T, d)                                  # groups of heads share K/V
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling         # [B, kv, g*T, L]
+    scores = scores.view(B, kv, h // kv, T, -1)
+    scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))    # mask [B, 1, 1, T, L]
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, kv, (h // kv) * T, -1)
+    out = torch.matmul(probs, value).view(B, h, T, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN, _decode_attention)
+
+
+class StaticKV:
+    """One decoder layer's KV cache during decode: fixed buffers `k`, `v [B, kv_heads, L, head_dim]`; the new
+    token's key and value are written at `pos` ([1] long, shared by every layer). Duck-types the one method
+    transformers' attention calls on a cache."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        self.k, self.v, self.pos = k, v, pos
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        self.k.index_copy_(2, self.pos, key_states)
+        self.v.index_copy_(2, self.pos, value_states)
+        return self.k, self.v
+
+
+class LayerExperts:
+    """What one MoE layer's experts read during a fast step (set on the experts module as `_vismmoe_fast`).
+
+    Every per-layer value is a tensor (a view of a shared table), never an int: torch.compile specialises on
+    ints, and tensors let one compiled layer serve every layer. CUDA reads the address table `addr`; the CPU step
+    reads `slots`, `pool` and `bank`, which the running engine sets (fast_step.FastStep)."""
+
+    def __init__(self, inter: int, addr: torch.Tensor | None):
+        self.inter = inter
+        self.addr = addr                                            # [E] int64 (CUDA)
+        self.pool = self.slots = self.bank = None                   # CPU: [S, numel], [E] int32, [E, numel]
+        self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if hidden.is_cuda:
+            return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
+                                             self.route_w, self.inter)
+        flat = top_k_index.reshape(-1)
+        self.route_idx.copy_(flat)
+        self.route_w.copy_(top_k_weights.reshape(-1).float())
+        slots = self.slots[flat].long()                                              # [P]; -1: not resident
+        blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
+        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, blobs, self.inter)
+
+
+def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
+    return layer(hidden, attention_mask=mask, position_ids=text_pos, past_key_values=kv,
+                 position_embeddings=(cos, sin))
+
+
+_COMPILED = None
+
+
+def compiled_layer_call():
+    """`_layer_call` under torch.compile (inductor), one wrapper per process: every layer, engine and bucket of
+    the same shapes reuses its compiled code."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_layer_call, dynamic=False)
+    return _COMPILED
+
+
+@dataclass
+class Bucket:
+    """Static buffers of one (batch, KV length) shape, and its captured graph."""
+
+    B: int
+    L: int
+    kv: list[StaticKV]
+    pos: torch.Tensor           # [1] long: column the next token is written to
+    ids: torch.Tensor           # [B, 1] long: the next token (the graph writes its argmax here)
+    mask: torch.Tensor          # [B, L] bool: attended columns
+    deltas: torch.Tensor        # [B, 1] long: rope position minus text position
+    route_idx: torch.Tensor     # [moe layers, B*K] long: routing of the last step (device)
+    route_w: torch.Tensor       # [moe layers, B*K] float32
+    out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
+    graph: object = None
+
+
+class StepGraphs:
+    """See the module docstring. Get the one of an engine's model with `step_graphs(engine, compiled)`."""
+
+    def __init__(self, engine, compiled: bool):
+        self.model, self.family = engine.model, engine.family
+        self.device, self.dtype = engine.device, engine.dtype
+        self.cuda = self.device.type == "cuda"
+        geo = engine.geometry
+        self.moe_layers, self.K, self.E = geo.moe_layers, geo.top_k, geo.num_experts
+        nL = len(geo.moe_layers)
+        self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
+        self.experts = [LayerExperts(geo.inter, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
+        self.compiled = compiled
+        self._layer = compiled_layer_call() if compiled else _layer_call
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+        self.capture_s = 0.0                    # seconds spent compiling and capturing (first step of a bucket)
+        self.progress = None
+
+    def bucket(self, B: int, need: int) -> Bucket:
+        """The bucket for `B` rows and at least `need` KV positions (made on first use)."""
+        L = -(-need // BUCKET) * BUCKET
+        b = self.buckets.get((B, L))
+        if b is not None:
+            return b
+        tc = self.family.text_config(self.model.config)
+        layers = self.family.decoder_layers(self.model)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        dt, dev = self.dtype, self.device
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+        kv = [StaticKV(torch.zeros(B, tc.num_key_value_heads, L, head_dim, dtype=dt, device=dev),
+                       torch.zeros(B, tc.num_key_value_heads, L, head_dim, dtype=dt, device=dev), pos)
+              for _ in layers]
+        nL = len(self.moe_layers)
+        b = Bucket(B=B, L=L, kv=kv, pos=pos, ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
+                   mask=torch.zeros(B, L, dtype=torch.bool, device=dev),
+                   deltas=torch.zeros(B, 1, dtype=torch.long, device=dev),
+                   route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
+                   route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev))
+        for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w)):
+            h = torch.empty(t.shape, dtype=t.dtype)
+            b.out_host[name] = h.pin_memory() if self.cuda else h
+        self.buckets[(B, L)] = b
+        return b
+
+    def load(self, dyn_cache, mask: torch.Tensor, deltas: torch.Tensor, first: torch.Tensor, max_new: int) -> Bucket:
+        """A prefilled request into its bucket: KV from `dyn_cache`, attention `mask [B, T]`, rope `deltas [B, 1]`,
+        the first generated token `first [B]`; room for `max_new` more tokens."""
+        B, T = mask.shape
+        b = self.bucket(B, T + max_new)
+        for i, layer_kv in enumerate(b.kv):
+            src = dyn_cache.layers[i]
+            layer_kv.k[:, :, :T].copy_(src.keys)
+            layer_kv.v[:, :, :T].copy_(src.values)
+        b.mask.zero_()
+        b.mask[:, :T].copy_(mask.bool())
+        b.deltas.copy_(deltas.to(b.deltas.dtype))
+        b.pos.fill_(T)
+        b.ids.copy_(first.view(B, 1))
+        return b
+
+    @contextmanager
+    def active(self, b: Bucket):
+        """While inside, the decoder's attention runs the decode attention and the experts modules read through
+        `LayerExperts` (recording into `b`); outside, the prefill's own attention and the runtime's experts."""
+        cfg = self.family.text_config(self.model.config)
+        saved = cfg._attn_implementation_internal
+        cfg._attn_implementation_internal = ATTN
+        for p, (layer, ex) in enumerate(zip(self.moe_layers, self.experts)):
+            ex.route_idx, ex.route_w = b.route_idx[p], b.route_w[p]
+            self.family.moe_block(self.model, layer).experts._vismmoe_fast = ex
+        try:
+            yield
+        finally:
+            cfg._attn_implementation_internal = saved
+            for layer in self.moe_layers:
+                self.family.moe_block(self.model, layer).experts._vismmoe_fast = None
+
+    def run(self, b: Bucket, graphs: bool) -> None:
+        """One step of bucket `b`: its graph replayed (captured on first use), or the body run eagerly."""
+        if not graphs:
+            self._body(b)
+            return
+        if b.graph is None:
+            self._capture(b)
+        b.graph.replay()
+
+    def _body(self, b: Bucket) -> None:
+        model, fam = self.model, self.family
+        lm = fam.language_model(model)
+        b.mask.index_fill_(1, b.pos, True)
+        positions = fam.decode_positions(b.mask, b.deltas)           # [4, B, 1]: text row, 3 rope rows
+        h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
+        cos, sin = lm.rotary_emb(h, positions[1:])
+        m4 = b.mask[:, None, None, :]                                # [B, 1, 1, L]
+        for i, layer in enumerate(lm.layers):
+            h = self._layer(layer, h, m4, positions[0], b.kv[i], cos, sin)
+        h = lm.norm(h[:, -1:])
+        b.ids.copy_(model.lm_head(h)[:, -1].argmax(-1, keepdim=True))
+        b.pos.add_(1)
+        for name in ("ids", "route_idx", "route_w"):
+            b.out_host[name].copy_(getattr(b, name), non_blocking=True)
+
+    def _say(self, msg: str) -> None:
+        if self.progress is not None:
+            self.progress(msg)
+
+    def _capture(self, b: Bucket) -> None:
+        t0 = time.perf_counter()
+        saved = (b.pos.clone(), b.mask.clone(), b.ids.clone())
+
+        def restore():
+            b.pos.copy_(saved[0])
+            b.mask.copy_(saved[1])
+            b.ids.copy_(saved[2])
+
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for i in range(2):                  # compiles (first call) and warms kernels/allocations
+                self._say(f"decode step: {'compiling' if i == 0 and self.compiled else 'warming up'} "
+                          f"(batch {b.B}, KV {b.L})")
+                self._body(b)
+                restore()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        torch.cuda.synchronize(self.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._body(b)
+        restore()
+        torch.cuda.synchronize(self.device)
+        b.graph = g
+        self.capture_s += time.perf_counter() - t0
+        self._say(f"decode step captured in {time.perf_counter() - t0:.1f} s")
+
+
+def step_graphs(engine, compiled: bool) -> StepGraphs:
+    """The `StepGraphs` of `engine`'s model (one per model and compile setting, shared by its forks)."""
+    store = engine.model.__dict__.setdefault("_vismmoe_step_graphs", {})
+    sg = store.get(compiled)
+    if sg is None:
+        sg = store[compiled] = StepGraphs(engine, compiled)
+    return sg
