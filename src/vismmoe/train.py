@@ -436,7 +436,7 @@ def make_loader(stream: BatchStream, batches, workers: int, pin: bool, prefetch:
     kw = {}
     if workers > 0:
         kw = dict(num_workers=workers, prefetch_factor=prefetch, persistent_workers=False,
-                  multiprocessing_context="fork")
+                  multiprocessing_context="forkserver")   # fork aborts in a process that compiled kernels
     return torch.utils.data.DataLoader(stream, batch_size=None, sampler=batches, pin_memory=pin, **kw)
 
 
