@@ -62,6 +62,8 @@ class FastStep:
                 self.on_insert(key, slot)
         self.cache.listeners.append(self)
         self.step_s: list[float] = []           # device seconds of each step (CUDA events)
+        self.gap_s: list[float] = []            # host seconds from a step's end to the next launch (CUDA)
+        self._synced = None
         self._clean_s = None                    # fastest recent step without misses: the stall baseline
 
     # ---- residency (cache listener) --------------------------------------------------------------------------
@@ -134,14 +136,15 @@ class FastStep:
             bank = self.store.layer_blobs
             for p, ex in enumerate(self.sg.experts):
                 ex.pool, ex.slots, ex.bank = self.cache.pool, self.slot_t[p], bank(p)
-        with self.sg.active(b):
-            if self.cuda:
-                fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                fl.ev0.record()
-                self.sg.run(b, self.graphs)
-                fl.ev1.record()
-            else:
-                self.sg.run(b, False)
+        if self.cuda:
+            fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            fl.ev0.record()
+            self.sg.run(b, self.graphs)
+            fl.ev1.record()
+        else:
+            self.sg.run(b, False)
+        if self._synced is not None:                    # host time the device sat idle between two steps
+            self.gap_s.append(time.perf_counter() - self._synced)
         return fl
 
     # ---- bookkeeping after a step ----------------------------------------------------------------------------
@@ -150,25 +153,24 @@ class FastStep:
         policy's victims leave the slot map at once, so the next step never reads a slot being refilled)."""
         if self.cuda:
             fl.ev1.synchronize()
+            self._synced = time.perf_counter()
             fl.dev_s = fl.ev0.elapsed_time(fl.ev1) / 1e3
         else:
             fl.dev_s = time.perf_counter() - fl.t0
         nL = len(self.moe_layers)
-        fl.idx = b.out_host["route_idx"].numpy().reshape(nL, b.B, self.K).copy()
-        fl.w = b.out_host["route_w"].numpy().reshape(nL, b.B, self.K).copy()
+        fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1).copy()            # [nL, B*K]
+        fl.w = b.out_host["route_w"].numpy().reshape(nL, -1).copy()
         fl.ids = b.out_host["ids"].view(-1).tolist()
+        miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
+        if not miss.any():                                                          # all hits: nothing to claim
+            return fl
         cache, rt = self.cache, self.runtime
         nb = self.layout.nbytes
         clock = rt.transfer.clock
         ready = 0.0
-        srt = np.sort(fl.idx.reshape(nL, -1), axis=1)                    # [nL, B*K]
-        first = np.ones(srt.shape, dtype=bool)
-        first[:, 1:] = srt[:, 1:] != srt[:, :-1]                          # each expert once per layer
-        fl.needed = [srt[p][first[p]].tolist() for p in range(nL)]
-        miss = first & (np.take_along_axis(fl.used, srt, axis=1) < 0)    # read over the link by the kernel
         uses = None
-        for p, j in zip(*np.nonzero(miss)):
-            layer, e = self.moe_layers[p], int(srt[p, j])
+        for p, e in sorted({(int(p), int(fl.idx[p, j])) for p, j in zip(*np.nonzero(miss))}):
+            layer = self.moe_layers[p]
             c = cache.counters.layer(layer)
             fl.missed += 1
             c.misses += 1
@@ -181,9 +183,9 @@ class FastStep:
             if not cache.policy.retain:                                  # load on demand: nothing is kept
                 continue
             if uses is None:
-                uses = {(l, x) for q, l in enumerate(self.moe_layers) for x in fl.needed[q]}
+                uses = {(l, int(x)) for q, l in enumerate(self.moe_layers) for x in fl.idx[q]}
             slot = None
-            for pinned in (uses, {(layer, x) for x in fl.needed[p]}):
+            for pinned in (uses, {(layer, int(x)) for x in fl.idx[p]}):
                 try:
                     slot = cache.claim(key, pinned, count_miss=False)
                     break
@@ -204,14 +206,16 @@ class FastStep:
         stall, timeline."""
         cache, rt = self.cache, self.runtime
         observers = [o for o in rt.observers if o is not rt.prefetcher]
+        B = fl.idx.shape[1] // self.K
         for s in steppers:
-            s.begin_step("decode", None, fl.idx.shape[1])
+            s.begin_step("decode", None, B)
         for p, layer in enumerate(self.moe_layers):
             for o in observers:
-                o.observe(layer, None, torch.from_numpy(fl.idx[p]), torch.from_numpy(fl.w[p]))
+                o.observe(layer, None, torch.from_numpy(fl.idx[p].reshape(B, self.K)),
+                          torch.from_numpy(fl.w[p].reshape(B, self.K)))
             cache.policy.on_layer(layer)
             c = cache.counters.layer(layer)
-            for e in fl.needed[p]:
+            for e in np.unique(fl.idx[p]).tolist():
                 if fl.used[p, e] < 0:
                     continue
                 key = (layer, e)
@@ -241,10 +245,9 @@ class _InFlight:
     ev0: object = None
     ev1: object = None
     dev_s: float = 0.0
-    idx: np.ndarray | None = None       # [moe layers, B, K]
+    idx: np.ndarray | None = None       # [moe layers, B*K]
     w: np.ndarray | None = None
     ids: list = field(default_factory=list)
-    needed: list = field(default_factory=list)
     missed: int = 0
     stall_s: float = 0.0
 

@@ -196,13 +196,18 @@ class StepGraphs:
                 self.family.moe_block(self.model, layer).experts._vismmoe_fast = None
 
     def run(self, b: Bucket, graphs: bool) -> None:
-        """One step of bucket `b`: its graph replayed (captured on first use), or the body run eagerly."""
-        if not graphs:
-            self._body(b)
+        """One step of bucket `b`: its graph replayed (captured on first use), or the body run eagerly. A replay
+        needs no Python hooks: only a body that runs (eagerly, or to be captured) is made `active`."""
+        if graphs and b.graph is not None:
+            b.graph.replay()
             return
-        if b.graph is None:
-            self._capture(b)
-        b.graph.replay()
+        with self.active(b):
+            if graphs:
+                self._capture(b)
+            else:
+                self._body(b)
+        if graphs:
+            b.graph.replay()
 
     def _body(self, b: Bucket) -> None:
         model, fam = self.model, self.family

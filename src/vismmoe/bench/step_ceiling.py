@@ -82,6 +82,7 @@ def graph_us(fn, reps: int) -> float:
     return a.elapsed_time(b) / reps * 1e3
 
 
+@torch.inference_mode()
 def profile_step(eng, inputs, feed, path: str, tokens: int = 16) -> dict:
     """Kernel time per decode token by kernel name (torch profiler over the fast step's graph replays only, no
     prefill); the table to `path`."""
@@ -220,10 +221,12 @@ def main(argv=None):
                 fs = getattr(eng, "_fast", None)
                 if fs is not None:          # device time of the step itself (CUDA events around each replay)
                     st["step_device_s"] = statistics.median(fs.step_s[-(st["new_tokens"] - 1):])
+                    st["host_gap_s"] = statistics.median(fs.gap_s[-(st["new_tokens"] - 2):])
                 rows.setdefault((name, side), []).append(st)
                 tokens.setdefault((name, side), toks[0])
                 say(f"rep {rep} {side}px {name:16s} ttft {st['ttft_s'] * 1e3:8.1f} ms  tpot "
-                    f"{st['tpot_s'] * 1e3:7.2f} ms (step {st.get('step_device_s', 0) * 1e3:5.2f})  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
+                    f"{st['tpot_s'] * 1e3:7.2f} ms (step {st.get('step_device_s', 0) * 1e3:5.2f}, gap "
+                    f"{st.get('host_gap_s', 0) * 1e3:5.2f})  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
                     f"moved {st['bytes_moved'] / 2**30:.2f} GiB")
 
     res["profile_resident_fast"] = profile_step(base, reqs[sides[0]], feed, os.path.join(args.out, "prof_fast.txt"))
@@ -253,7 +256,8 @@ def main(argv=None):
                       "tpot_s": med(name, side, "tpot_s"), "e2e_s": med(name, side, "e2e_s"),
                       "misses": med(name, side, "misses"),
                       "step_device_s": med(name, side, "step_device_s") if "step_device_s" in rows[(name, side)][0]
-                      else None, "bytes_moved": med(name, side, "bytes_moved"),
+                      else None,
+                      "host_gap_s": med(name, side, "host_gap_s") if "host_gap_s" in rows[(name, side)][0] else None, "bytes_moved": med(name, side, "bytes_moved"),
                       "tokens_equal_resident_fast": tokens[(name, side)] == tokens[("resident-fast", side)]})
     res["rows"] = table
     pol = policies[0]
