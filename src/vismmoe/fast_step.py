@@ -192,7 +192,7 @@ class FastStep:
                 except LookupError:
                     continue
             if slot is not None:                                         # else every slot holds one this step used
-                cache.ticket[slot] = rt.transfer.copy_in(layer, int(p), e, cache.pool[slot])
+                rt.load_slot(key, slot)
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
             if delay > 0:

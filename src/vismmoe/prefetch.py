@@ -9,7 +9,7 @@ Called by the runtime right after a layer's own misses were queued (so they keep
     links, nothing queued that the link could not deliver in time):
         cache.claim_prefetch(key, pinned)            # never evicts what this layer or a nearer prefetch needs,
                                                      # nor (policy.admit) what is needed before the key
-        transfer.copy_in(...)                        # ticket on the slot; the target layer waits on it if early
+        runtime.load_slot(...)                       # ticket on the slot; the target layer waits on it if early
     policy.hint(target, probs)                        # the predictive policy keeps what is about to be used
 
 Prefetched experts live in ordinary slots, so bytes in flight are always inside the budget. A wrong guess costs
@@ -220,8 +220,7 @@ class Prefetcher:
                 slot = cache.claim_prefetch(key, protect)
             except LookupError:
                 break
-            cache.ticket[slot] = runtime.transfer.copy_in(target, runtime.layer_pos[target], e, cache.pool[slot],
-                                                          after=cache.last_use[slot], kind="prefetch")
+            runtime.load_slot(key, slot, kind="prefetch")
             spent += cache.layout.nbytes
             room -= 1
             self._issued_for[target] = self._issued_for.get(target, 0) + 1

@@ -1,16 +1,16 @@
-"""Runs a model's routed experts out of the byte-budgeted device cache. Orchestrates one MoE layer:
+"""Runs a model's routed experts out of the byte-budgeted device cache, one MoE layer call at a time (the prefill,
+and the decode when it is not on the fast step). Orchestrates one layer call in five stages:
 
     router (transformers) -> top_k_index [T, K], top_k_weights [T, K]
-        |  observers.observe(layer, hidden, index, weights)      trace, predictors
-        v
-    routing to the host (the one sync) -> needed experts -> schedule.plan_waves(needed, resident, slots)
-        |  for each wave:
-        |     hits: cache.touch          misses: cache.claim (policy picks the victim) -> transfer.copy_in
-        |     prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
-        |     experts already on the device: grouped matmul over the slot pool (grouped.experts_on_slots)
-        |     the rest: wait for their copies (tickets), then the same grouped matmul
-        v
-    sum over each token's K pair rows -> hidden [T, H]
+    route:          observers.observe(layer, hidden, index, weights) (trace, predictors); the routing to the
+                    host (the one sync) -> the distinct experts needed
+    plan:           schedule.plan_waves(needed, resident, slots): waves that fit the slots together
+    make resident:  per wave: hits cache.touch; misses cache.claim (the policy's victim) -> load_slot (the one
+                    way a slot is filled: misses, preloads, prefetches and the fast step's misses alike);
+                    prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
+    compute:        experts already on the device first (grouped.experts_on_slots over the slot pool), then the
+                    rest once their copies (tickets) have landed
+    combine:        sum over each token's K pair rows -> hidden [T, H]
     policy.retain == False: the layer's experts leave the cache (load-on-demand baseline)
 
 The function registered with transformers' `ExpertsInterface` finds this runtime through attributes the engine
@@ -71,16 +71,23 @@ class OffloadRuntime:
         experts_module._vismmoe_runtime = self
         experts_module._vismmoe_layer = layer
 
+    def load_slot(self, key: tuple[int, int], slot: int, kind: str = "demand"):
+        """Copy expert `key` into `slot` (once the last compute that read the slot is done): the one way a slot is
+        filled, for demand misses, preloads, prefetches and the fast step's misses. Returns the ticket, also kept
+        on the cache."""
+        layer, expert = key
+        ticket = self.transfer.copy_in(layer, self.layer_pos[layer], expert, self.cache.pool[slot],
+                                       after=self.cache.last_use[slot], kind=kind)
+        self.cache.ticket[slot] = ticket
+        return ticket
+
     def preload(self, keys: list[tuple[int, int]]) -> None:
         """Make `keys` resident in this order (into free slots first), then wait for the copies."""
         tickets = []
         for key in keys:
             if self.cache.resident(key):
                 continue
-            slot = self.cache.claim(key, pinned=set(keys))
-            self.cache.ticket[slot] = self.transfer.copy_in(key[0], self.layer_pos[key[0]], key[1],
-                                                            self.cache.pool[slot], after=self.cache.last_use[slot])
-            tickets.append(self.cache.ticket[slot])
+            tickets.append(self.load_slot(key, self.cache.claim(key, pinned=set(keys))))
         self.transfer.wait(-1, tickets)
         if self.cuda:
             torch.cuda.synchronize(self.cache.device)
@@ -99,83 +106,107 @@ class OffloadRuntime:
         view.numpy()[...] = host
         return view.to(device, non_blocking=True)
 
+    # ---- one MoE layer call: route -> plan -> make resident -> compute -> combine ----------------------------
     def forward(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         # T tokens, K experts per token, H hidden
         t_start = time.perf_counter()
         layer = module._vismmoe_layer
-        for obs in self.observers:
-            obs.observe(layer, hidden, top_k_index, top_k_weights)
-        cache, pos = self.cache, self.layer_pos[layer]
-        cache.policy.on_layer(layer)
-        # the one host sync per layer: the routing comes to the host, all bookkeeping happens there
-        idx = top_k_index.cpu().numpy()                         # [T, K]
-        self._stage_i = -1                                      # the last layer's staging copies have landed
-        needed = np.unique(idx).tolist()
+        idx, needed = self._route(layer, hidden, top_k_index, top_k_weights)
         if not needed:
             return torch.zeros_like(hidden)
+        waves = self._plan(layer, needed)
+        pairs = None
+        for w, wave in enumerate(waves):
+            slot_of, tickets = self._make_resident(layer, wave)
+            if w == 0 and len(waves) == 1 and self.prefetcher is not None:
+                self.prefetcher.issue(self, layer, {(layer, e) for e in wave})   # behind this layer's own misses
+            pairs = self._compute(module, hidden, idx, top_k_weights, layer, wave, slot_of, tickets, pairs)
+        if not self.cache.policy.retain:
+            for e in needed:
+                if self.cache.resident((layer, e)):
+                    self.cache.evict((layer, e))
+        out = self._combine(pairs, top_k_index.shape, hidden.dtype)
+        if self.timeline is not None:
+            if self.cuda:
+                torch.cuda.synchronize(self.cache.device)
+            self.timeline.add_compute(layer, t_start, time.perf_counter())
+        return out
+
+    def _route(self, layer: int, hidden, top_k_index, top_k_weights) -> tuple[np.ndarray, list[int]]:
+        """Observers see the routing; the one host sync per layer brings it to the host: (idx [T, K], the
+        distinct experts needed)."""
+        for obs in self.observers:
+            obs.observe(layer, hidden, top_k_index, top_k_weights)
+        self.cache.policy.on_layer(layer)
+        idx = top_k_index.cpu().numpy()                         # [T, K]
+        self._stage_i = -1                                      # the last layer's staging copies have landed
+        return idx, np.unique(idx).tolist()
+
+    def _plan(self, layer: int, needed: list[int]) -> list[list[int]]:
+        """Waves of experts that fit the slots together (schedule.plan_waves), residents first."""
+        cache = self.cache
         resident = {e for e in needed if cache.resident((layer, e))}
         if self.prefetcher is not None:            # how many copies this call needed without prefetch
             pf_hits = sum(cache.prefetched[cache.slot_of[(layer, e)]] for e in resident)
             self.prefetcher.note(layer, needed, len(needed) - len(resident) + pf_hits, pf_hits)
-        waves = plan_waves(needed, resident, cache.num_slots)
-        pairs = None
-        for w, wave in enumerate(waves):
-            pinned = {(layer, e) for e in wave}
-            slot_of: dict[int, int] = {}
-            tickets: dict[int, object] = {}
-            for e in wave:
-                key = (layer, e)
-                if cache.resident(key):
-                    slot = cache.touch(key)
-                else:
-                    slot = cache.claim(key, pinned)
-                    cache.ticket[slot] = self.transfer.copy_in(layer, pos, e, cache.pool[slot],
-                                                               after=cache.last_use[slot])
-                slot_of[e] = slot
-                tickets[e] = cache.ticket[slot]
-            if w == 0 and len(waves) == 1 and self.prefetcher is not None:
-                self.prefetcher.issue(self, layer, pinned)          # behind this layer's own misses
-            # hits first: experts already on the device are computed while the others are still arriving, when
-            # the wait is longer than one grouped call (splitting costs about one call's fixed work; a shorter
-            # wait is cheaper to sit out: on a CPU with experts of a few hundred KiB it almost always is)
-            ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
-            done = set(ready)
-            waiting = [e for e in wave if e not in done] if 0 < len(ready) < len(wave) else []
-            if waiting and self.transfer.remaining_s([tickets[e] for e in waiting]) < self.SPLIT_MIN * self._call_s:
-                waiting = []
-            parts = [ready, waiting] if waiting else [wave]
-            for part in parts:
-                self.transfer.wait(layer, [tickets[e] for e in part])
-                spans = windows([slot_of[e] for e in part], self.max_groups)
-                for lo, hi in spans:
-                    inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
-                    gate_up, down, local = window_banks(cache.gate_up, cache.down, inside, lo, hi,
-                                                        gather_sparse=not self.cuda)
-                    lut = np.full(self.num_experts, gate_up.shape[0], dtype=np.int64)  # expert -> group; else G
-                    for e in part:
-                        if slot_of[e] in local:
-                            lut[e] = local[slot_of[e]]
-                    sel = lut[idx]                                          # [T, K]
-                    count = int(np.count_nonzero(sel < gate_up.shape[0]))   # pairs in this window
-                    slot_idx = self._to_device(sel, hidden.device)
-                    t_call = time.perf_counter()
-                    pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
-                                             count=count)
-                    t_call = time.perf_counter() - t_call                  # host time of one grouped call
-                    self._call_s = t_call if self._call_s == 0 else 0.8 * self._call_s + 0.2 * t_call
-            if self.cuda:
-                used = torch.cuda.Event()
-                used.record()
-                for slot in slot_of.values():
-                    cache.last_use[slot] = used
-        if not cache.policy.retain:
-            for e in needed:
-                if cache.resident((layer, e)):
-                    cache.evict((layer, e))
-        T, K = top_k_index.shape
-        out = pairs.view(T, K, -1).sum(dim=1).to(hidden.dtype)    # [T, H]
-        if self.timeline is not None:
-            if self.cuda:
-                torch.cuda.synchronize(cache.device)
-            self.timeline.add_compute(layer, t_start, time.perf_counter())
-        return out
+        return plan_waves(needed, resident, cache.num_slots)
+
+    def _make_resident(self, layer: int, wave: list[int]) -> tuple[dict[int, int], dict[int, object]]:
+        """Hits are touched, misses claim a slot (the policy's victim outside the wave) and are copied in:
+        (expert -> slot, expert -> ticket of the copy that filled its slot, None when long landed)."""
+        cache = self.cache
+        pinned = {(layer, e) for e in wave}
+        slot_of: dict[int, int] = {}
+        tickets: dict[int, object] = {}
+        for e in wave:
+            key = (layer, e)
+            if cache.resident(key):
+                slot = cache.touch(key)
+            else:
+                slot = cache.claim(key, pinned)
+                self.load_slot(key, slot)
+            slot_of[e] = slot
+            tickets[e] = cache.ticket[slot]
+        return slot_of, tickets
+
+    def _compute(self, module, hidden, idx: np.ndarray, top_k_weights, layer: int, wave: list[int],
+                 slot_of: dict[int, int], tickets: dict[int, object], pairs):
+        """The wave's pairs as grouped matmuls over the slot pool. Hits first: experts already on the device are
+        computed while the others are still arriving, when the wait is longer than one grouped call (splitting
+        costs about one call's fixed work; a shorter wait is cheaper to sit out: on a CPU with experts of a few
+        hundred KiB it almost always is)."""
+        ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
+        done = set(ready)
+        waiting = [e for e in wave if e not in done] if 0 < len(ready) < len(wave) else []
+        if waiting and self.transfer.remaining_s([tickets[e] for e in waiting]) < self.SPLIT_MIN * self._call_s:
+            waiting = []
+        for part in ([ready, waiting] if waiting else [wave]):
+            self.transfer.wait(layer, [tickets[e] for e in part])
+            for lo, hi in windows([slot_of[e] for e in part], self.max_groups):
+                inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
+                gate_up, down, local = window_banks(self.cache.gate_up, self.cache.down, inside, lo, hi,
+                                                    gather_sparse=not self.cuda)
+                lut = np.full(self.num_experts, gate_up.shape[0], dtype=np.int64)  # expert -> group; else G
+                for e in part:
+                    if slot_of[e] in local:
+                        lut[e] = local[slot_of[e]]
+                sel = lut[idx]                                          # [T, K]
+                count = int(np.count_nonzero(sel < gate_up.shape[0]))   # pairs in this window
+                slot_idx = self._to_device(sel, hidden.device)
+                t_call = time.perf_counter()
+                pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
+                                         count=count)
+                t_call = time.perf_counter() - t_call                  # host time of one grouped call
+                self._call_s = t_call if self._call_s == 0 else 0.8 * self._call_s + 0.2 * t_call
+        if self.cuda:
+            used = torch.cuda.Event()
+            used.record()
+            for slot in slot_of.values():
+                self.cache.last_use[slot] = used
+        return pairs
+
+    @staticmethod
+    def _combine(pairs: torch.Tensor, shape, dtype) -> torch.Tensor:
+        """Sum over each token's K pair rows: [T*K, H] -> [T, H]."""
+        T, K = shape
+        return pairs.view(T, K, -1).sum(dim=1).to(dtype)
