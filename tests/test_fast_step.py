@@ -62,6 +62,7 @@ def test_fast_step_slot_map_follows_the_cache(tiny_dirs, image_file):
     eng = load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_budget="25%")
     fs = eng.fast_step()
     eng.generate(image_file, PROMPT, max_new_tokens=NEW)
+    eng.runtime.transfer.wait(-1, [t for t in eng.cache.ticket if t is not None])
     fs._land()
     for slot, key in enumerate(eng.cache.owner):
         if key is not None:
@@ -167,3 +168,19 @@ def test_gpu_fast_step_exact_across_budgets_and_graphs(family, tiny_dirs, image_
             gen = eng.generate(image_file, PROMPT, max_new_tokens=NEW)
             assert gen.token_ids == want, (family, budget, policy)
             assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+
+
+@pytest.mark.parametrize("decode", ["eager", "fast"])
+def test_prefill_and_decode_one_token_seam(decode, tiny_dirs, image_file):
+    """The engine's seam, driven from outside one token at a time, gives `generate`'s tokens and books."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], decode=decode, expert_budget="25%")
+    want = eng.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    eng.cache.clear()
+    state = eng.prefill(eng.prepare([image_file], [PROMPT]), NEW)
+    while state.steps < NEW - 1 and not state.finished:
+        assert len(eng.decode_one_token(state)) == 1
+    eng.finish(state)
+    row = state.tokens[0]
+    cut = next((i for i, t in enumerate(row) if t in eng.eos_ids), None)
+    assert (row if cut is None else row[: cut + 1]) == want
+    assert (state.inflight is None) and (state.bucket is not None) == (decode == "fast")

@@ -38,17 +38,21 @@ def reference(tiny_dirs, image_file):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("prefetch", ["gate", "trace", "affinity"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "predictive"])
-def test_prefetch_is_lossless(family, prefetch, policy, tiny_dirs, image_file, calibrations, reference):
+@pytest.mark.parametrize("decode", ["eager", "fast"])
+def test_prefetch_is_lossless(family, prefetch, policy, decode, tiny_dirs, image_file, calibrations, reference):
+    """Every predictor and policy, on the eager decode and on the fast step (where prefetch acts in the prefill
+    and a decode miss is read by the step and then copied in: counted once as a miss, moved twice)."""
     probe = load(tiny_dirs[family])
     for budget in ("40%", str(probe.geometry.top_k * probe.layout.nbytes)):
         eng = load(tiny_dirs[family], expert_budget=budget, policy=policy, prefetch=prefetch, lookahead=2,
-                   fixed_lookahead=True, calibration=calibrations[family][0])
+                   fixed_lookahead=True, calibration=calibrations[family][0], decode=decode)
         gen = eng.generate(image_file, "What is in the picture?", max_new_tokens=8)
         assert gen.token_ids == reference[family], (family, prefetch, policy, budget)
         s = gen.stats
         assert s["expert_bytes_peak"] <= s["expert_budget_bytes"]
         assert s["prefetch_hits"] <= s["prefetch_issued"]
-        assert s["bytes_moved"] == (s["misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+        least = (s["misses"] + s["prefetch_issued"]) * s["expert_bytes"]
+        assert s["bytes_moved"] == least if decode == "eager" else least <= s["bytes_moved"] <= 2 * least
 
 
 def test_prefetch_reduces_misses_and_reports_quality(tiny_dirs, image_file):

@@ -4,7 +4,7 @@
         non-expert weights -> device (read tensor by tensor from safetensors)
         routed experts     -> store (host RAM or disk), never materialised on the device
     budget -> cache slot pool -> runtime registered as transformers' experts implementation "vismmoe"
-    generate: processor -> prefill (vision tower + decoder) -> greedy decode with a KV cache
+    generate: processor -> prefill (vision tower + decoder) -> greedy decode (decode.py: eager, or the fast step)
 
 The engine owns loading, budget sizing, the generate loop and request statistics. How experts are moved and
 computed is the runtime's business (runtime.py), which experts to evict the policy's (policies.py).
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoTokenizer
 
 from .cache import ExpertCache
 from .compress import VisualContext, keep_count, make_compressor, prune
 from .config import RuntimeConfig, format_size, parse_size
+from . import decode as _decode
 from .errors import UserError
 from .families import get_family
 from .inputs import load_image
@@ -113,67 +114,6 @@ def _device_bytes(model: torch.nn.Module) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
-
-
-def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
-           feed: list[int] | None = None, enc=None, decoder=None):
-    """Greedy decoding with a KV cache: (token ids [B][N], perf_counter time of the first token, decode steps).
-
-    Positions are explicit: M-RoPE for the prompt as transformers computes them, then text position + rope delta
-    for each new token. Stops when every row has produced an EOS (rows are cut by the caller). `feed` (benchmarks
-    on random weights) teacher-forces the decode inputs, so routing varies step to step as it does on real text;
-    the argmax tokens are still returned. `enc` (compress.py): run the decoder on this (pruned) encoded prompt
-    instead of the full one. `decoder` (fast_step.FastStep): decode steps run there (static KV, one graph per
-    step) instead of through transformers' forward.
-    """
-    dev = inputs["input_ids"].device
-    B = inputs["input_ids"].shape[0]
-    cache = DynamicCache(config=model.config)
-    if enc is None:
-        for s in steppers:
-            s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
-        pos, deltas = family.prefill_positions(model, inputs)
-        logits = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        mask = inputs["attention_mask"]
-    else:
-        for s in steppers:
-            s.begin_step("prefill", enc.visual[enc.mask.bool()].to(torch.int8).cpu())
-        logits = family.decoder_forward(model, enc, cache)
-        mask, deltas = enc.mask, enc.deltas
-    nxt = logits[:, -1].argmax(-1)                                       # [B]
-    tokens = [nxt]
-    eos = torch.tensor(sorted(eos_ids), device=dev, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t_first = time.perf_counter()
-    steps = 0
-    if decoder is not None and max_new_tokens > 1:
-        return _fast_decode(decoder, cache, mask, deltas, nxt, max_new_tokens, eos_ids, steppers, feed, t_first)
-    for _ in range(max_new_tokens - 1):
-        if len(eos):
-            done = done | torch.isin(nxt, eos)
-            if bool(done.all()):
-                break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        for s in steppers:
-            s.begin_step("decode", None, B)
-        step_in = nxt[:, None] if feed is None else torch.full((B, 1), feed[steps], device=dev, dtype=torch.long)
-        out = model(input_ids=step_in, attention_mask=mask, position_ids=family.decode_positions(mask, deltas),
-                    past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens.append(nxt)
-        steps += 1
-    return torch.stack(tokens, dim=1).tolist(), t_first, steps
-
-
-def _fast_decode(decoder, cache, mask, deltas, nxt, max_new_tokens, eos_ids, steppers, feed, t_first):
-    """The decode loop of `greedy` on the fast step: rows stop at their EOS."""
-    state = decoder.start(cache, mask, deltas, nxt, max_new_tokens)
-    first = nxt.tolist()
-    steps = decoder.decode(state, max_new_tokens - 1, eos_ids, feed, steppers, [t in eos_ids for t in first])
-    rows = [[t] + [step[r] for step in steps] for r, t in enumerate(first)]
-    return rows, t_first, len(steps)
 
 
 class Engine:
@@ -341,9 +281,11 @@ class Engine:
         t0 = time.perf_counter()
         anchor = self._start_timeline(t0)
         enc = self.compressed(inputs) if self.compressor is not None else None
-        tokens, t_first, steps = greedy(self.model, self.family, inputs, max_new_tokens, self.eos_ids,
-                                         [o for o in self.runtime.observers if hasattr(o, "begin_step")], feed,
-                                         enc=enc, decoder=self.fast_step())
+        state = self.prefill(inputs, max_new_tokens, enc=enc)
+        while state.steps < max_new_tokens - 1 and not state.finished:
+            self.decode_one_token(state, feed[state.steps] if feed is not None else None)
+        self.finish(state)
+        tokens, t_first, steps = state.tokens, state.t_first, state.steps
         self._sync()
         t_end = time.perf_counter()
         self._end_timeline(anchor)
@@ -358,6 +300,25 @@ class Engine:
         stats.update(visual_tokens_kept=kept, compress=self.rc.compress, keep_ratio=self.rc.keep_ratio)
         self.last_stats = stats
         return rows, stats
+
+    @torch.inference_mode()
+    def prefill(self, inputs: dict, max_new_tokens: int, enc=None) -> _decode.DecodeState:
+        """Run a prepared prompt (or `enc`, a pruned one) and return its `decode.DecodeState` with each row's first
+        token; the KV cache has room for `max_new_tokens` tokens in all. Drive it with `decode_one_token`, then
+        `finish`; one request at a time per engine."""
+        self._activate()
+        steppers = [o for o in self.runtime.observers if hasattr(o, "begin_step")]
+        return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens, steppers, enc,
+                               self.fast_step())
+
+    @torch.inference_mode()
+    def decode_one_token(self, state: _decode.DecodeState, feed: int | None = None) -> list[int]:
+        """One decode step of `state` (fast step or eager, as the state was prefilled): a token per row."""
+        return _decode.decode_one_token(self.model, self.family, state, feed, self.fast_step())
+
+    def finish(self, state: _decode.DecodeState) -> None:
+        """The last step's books (hits, routing observers, statistics)."""
+        _decode.finish(state, self.fast_step())
 
     @torch.inference_mode()
     def compressed(self, inputs: dict, compressor=None, keep_ratio: float | None = None):

@@ -101,30 +101,25 @@ class FastStep:
         return self.sg.load(dyn_cache, mask, deltas, first, max_new)
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def decode(self, b: Bucket, n: int, eos_ids: set[int], feed: list[int] | None = None, steppers=(),
-               done: list[bool] | None = None) -> list[list[int]]:
-        """Up to `n` decode steps for every row of `b`: the argmax tokens per step ([steps][B] host ints); stops
-        once every row has produced an EOS. `feed` teacher-forces each step's input token (benchmarks on random
-        weights). Pipelined: a step's misses are claimed before the next step is launched (so their copies start
-        at once), its hits, routing observers and statistics are booked while the next step runs."""
-        done = list(done or [False] * b.B)
-        out, rec = [], None
-        for i in range(n):
-            if eos_ids and all(done):
-                break
-            fl = self._launch(b, feed[i] if feed is not None else None)
-            if rec is not None:
-                self._settle(rec, steppers)
-            rec = self._finish(b, fl)
-            out.append(rec.ids)
-            done = [d or t in eos_ids for d, t in zip(done, rec.ids)]
-        if rec is not None:
-            self._settle(rec, steppers)
-        return out
+    def advance(self, b: Bucket, feed: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:
+        """Launch the next step of bucket `b`, book the previous step `prev` while it runs, then wait for it: the
+        finished step (`.ids`: a token per row), whose books `settle` completes. `feed` teacher-forces the step's
+        input token. A step's misses are claimed before the next step is launched (their copies start at once,
+        their victims leave the address table first)."""
+        fl = self._launch(b, feed)
+        if prev is not None:
+            self.settle(prev, steppers)
+        return self._finish(b, fl)
 
-    def step(self, b: Bucket, feed: int | None = None) -> list[int]:
-        """One decode step, booked completely: the argmax token per row."""
-        return self.decode(b, 1, set(), [feed] if feed is not None else None)[0]
+    def decode(self, b: Bucket, n: int, feed: list[int] | None = None) -> list[list[int]]:
+        """`n` steps of bucket `b`, fully booked: the tokens per step ([n][B])."""
+        out, fl = [], None
+        for i in range(n):
+            fl = self.advance(b, feed[i] if feed is not None else None, fl)
+            out.append(fl.ids)
+        if fl is not None:
+            self.settle(fl)
+        return out
 
     def _launch(self, b: Bucket, feed: int | None) -> _InFlight:
         self._land()
@@ -201,7 +196,7 @@ class FastStep:
                 fl.stall_s = delay
         return fl
 
-    def _settle(self, fl: _InFlight, steppers=()) -> None:
+    def settle(self, fl: _InFlight, steppers=()) -> None:
         """The rest of a finished step's books (runs while the next step computes): hits, routing observers,
         stall, timeline."""
         cache, rt = self.cache, self.runtime

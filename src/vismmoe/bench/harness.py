@@ -263,7 +263,7 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
     End to end is reported as TTFT + (scale_to - 1) x time per token, so rows compare like for like."""
     import torch
 
-    from ..engine import greedy
+    from ..decode import greedy
     from .baselines import accelerate_model
     if "model" not in _ACCEL:
         _ACCEL["model"] = accelerate_model(base)

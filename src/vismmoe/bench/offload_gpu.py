@@ -25,7 +25,8 @@ import time
 import torch
 
 from ..config import format_size
-from ..engine import estimate_reserve, greedy
+from ..decode import greedy
+from ..engine import estimate_reserve
 from ..trace import RoutingTrace
 from .bound import access_groups, belady_misses
 from .random_model import random_engine, synthetic_inputs

@@ -95,7 +95,7 @@ def profile_step(eng, inputs, feed, path: str, tokens: int = 16) -> dict:
     b.mask[:, T:] = False
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fs.decode(b, tokens, set(), feed[:tokens])
+        fs.decode(b, tokens, feed[:tokens])
         torch.cuda.synchronize()
     avg = prof.key_averages()
     with open(path, "w") as f:
