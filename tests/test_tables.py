@@ -1,7 +1,9 @@
-"""README results tables are regenerated from the saved bench JSON (vismmoe.bench.tables) and cannot drift."""
+"""Results tables in README.md and docs/*.md are regenerated from the saved bench JSON (vismmoe.bench.tables)
+and cannot drift."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -10,6 +12,8 @@ import pytest
 from vismmoe.bench.tables import main, regenerate, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every markdown file that may hold generated tables; a block's JSON path is relative to its file
+DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 def _row(system, link, budget, e2e, moved=3 * 2**20, emulated=True):
@@ -19,11 +23,21 @@ def _row(system, link, budget, e2e, moved=3 * 2**20, emulated=True):
             "stall_share": 0.1, "accuracy": None, "bound_s": e2e / 2, "efficiency": 0.5}
 
 
-def test_readme_tables_match_their_json():
-    with open(os.path.join(ROOT, "README.md")) as f:
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_results_tables_match_their_json(path):
+    with open(path) as f:
         text = f.read()
-    new, stale = regenerate(text, ROOT)
-    assert text.count("<!-- bench ") >= 5 and stale == [], f"run python -m vismmoe.bench.tables README.md: {stale}"
+    new, stale = regenerate(text, os.path.dirname(path))
+    rel = os.path.relpath(path, ROOT)
+    assert stale == [], f"run python -m vismmoe.bench.tables {rel}: {stale}"
+
+
+def test_the_results_tables_are_there():
+    counts = {}
+    for path in DOCS:
+        with open(path) as f:
+            counts[os.path.relpath(path, ROOT)] = f.read().count("<!-- /bench -->")
+    assert counts.get(os.path.join("docs", "benchmarks.md"), 0) >= 11, counts
 
 
 def test_blocks_render_filter_and_mark_the_fastest(tmp_path):
