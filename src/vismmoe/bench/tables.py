@@ -1,16 +1,17 @@
-"""Bench results as markdown: the table `vismmoe bench` writes next to its JSON, and the README's results tables,
-regenerated from the saved JSON so that they cannot drift from what was measured.
+"""Bench results as markdown: the table `vismmoe bench` writes next to its JSON, and the results tables of
+README.md and docs/*.md, regenerated from the saved JSON so that they cannot drift from what was measured.
 
-A README block names its JSON and what to show:
+A block names its JSON (relative to the markdown file it sits in) and what to show:
 
-    <!-- bench docs/results/bench_cpu.json budget=25% cols=system,link,e2e,ttft,tpot,hit,moved,stall,acc,bound,eff -->
+    <!-- bench results/bench_cpu.json budget=25% cols=system,link,e2e,ttft,tpot,hit,moved,stall,acc,bound,eff -->
     (generated table)
     <!-- /bench -->
 
 Options (all optional): `budget=` and `links=` / `systems=` (comma-separated) filter rows; `cols=` picks columns
 from COLUMNS; `speedup` instead of a table writes the line of vismmoe's speedups over the best baseline. In each
 (link, budget) group the fastest end to end is bold. Rewrite every block with
-`python -m vismmoe.bench.tables README.md`; `--check` only says which blocks are stale (exit status 1).
+`python -m vismmoe.bench.tables FILE.md` (e.g. docs/benchmarks.md); `--check` only says which blocks are stale
+(exit status 1).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def regenerate(text: str, root: str) -> tuple[str, list[str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vismmoe.bench.tables", description=__doc__.split("\n\n")[0])
-    ap.add_argument("readme", nargs="?", default="README.md")
+    ap.add_argument("readme", nargs="?", default="README.md", help="markdown file with bench blocks (default README.md)")
     ap.add_argument("--check", action="store_true", help="only report stale blocks (exit status 1 if any)")
     args = ap.parse_args(argv)
     try:
