@@ -163,20 +163,18 @@ class Engine:
         self._activate()
         model.set_experts_implementation(IMPLEMENTATION)
 
-    def fork(self, *, expert_budget: str | None = None, policy: str | None = None, trace: bool = False,
-             share_pool: bool = False, link: str | None = None, prefetch: str | None = None,
-             lookahead: int | None = None, compress: str | None = None, keep_ratio: float | None = None,
-             calibration: str | None = None, fixed_lookahead: bool | None = None,
-             decode: str | None = None) -> Engine:
-        """Same weights and store, a new cache: `expert_budget` (bytes or %) and `policy`. `share_pool` reuses
-        this engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
-        rc = replace(self.rc, expert_budget=expert_budget or self.rc.expert_budget, device_memory=None,
-                     policy=policy or self.rc.policy, trace=trace, link=link or self.rc.link,
-                     prefetch=prefetch or self.rc.prefetch, lookahead=lookahead or self.rc.lookahead,
-                     fixed_lookahead=self.rc.fixed_lookahead if fixed_lookahead is None else fixed_lookahead,
-                     compress=compress or self.rc.compress,
-                     keep_ratio=self.rc.keep_ratio if keep_ratio is None else keep_ratio,
-                     calibration=calibration or self.rc.calibration, decode=decode or self.rc.decode)
+    def fork(self, rc: RuntimeConfig | None = None, *, share_pool: bool = False, **overrides) -> Engine:
+        """Same weights and store, a new cache under `rc` (default: this engine's options, routing trace off) with
+        `overrides` replacing fields, e.g. `fork(expert_budget="10%", policy="lfu")`. `share_pool` reuses this
+        engine's device pool (same budget; the two engines must not be used interleaved without clearing)."""
+        base = rc if rc is not None else replace(self.rc, trace=False)
+        if overrides.get("expert_budget") is not None:
+            overrides.setdefault("device_memory", None)
+        try:
+            rc = replace(base, **overrides)
+        except TypeError as e:
+            raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
+        check(rc)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
@@ -482,44 +480,53 @@ def strip_experts(model, family, geo, dt, dev) -> None:
         raise UserError(f"no weights for {leftover[0]}", "the checkpoint is incomplete or does not match its config")
 
 
-def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, expert_budget: str | None = None,
-         device_memory: str | None = None, reserve: str | None = None, policy: str = "lru",
-         expert_tier: str = "host", trace: bool = False, link: str = "real", prefetch: str = "none",
-         lookahead: int = 2, fixed_lookahead: bool = False, calibration: str | None = None,
-         compress: str = "none", keep_ratio: float = 1.0, decode: str = "auto", compile: bool | None = None,
-         max_seq: int = 4096, progress=None) -> Engine:
-    """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring."""
-    rc = RuntimeConfig(device=device, dtype=dtype, expert_budget=expert_budget, device_memory=device_memory,
-                       reserve=reserve, policy=policy, expert_tier=expert_tier, trace=trace, link=link,
-                       prefetch=prefetch, lookahead=lookahead, fixed_lookahead=fixed_lookahead,
-                       calibration=calibration, compress=compress,
-                       keep_ratio=keep_ratio, decode=decode, compile=compile, max_seq=max_seq)
-    family = get_family(read_model_type(model_dir))
-    make_policy(policy)                                    # validate the name and knobs before reading any weights
-    get_link(link)
-    if prefetch not in PREDICTORS:
-        raise UserError(f"unknown predictor {prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
-    if compress != "none":
-        make_compressor(compress)
-    if not 0.0 < keep_ratio <= 1.0:
-        raise UserError(f"--keep-ratio {keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
-    if not 1 <= lookahead <= 8:
-        raise UserError(f"--lookahead {lookahead} is out of range", "use a depth from 1 to 8")
-    if prefetch in ("trace", "affinity") and not (calibration and os.path.exists(calibration)):
-        raise UserError(f"--prefetch {prefetch} needs a calibration file" +
-                        (f" ({calibration} not found)" if calibration else ""),
+def check(rc: RuntimeConfig) -> None:
+    """Every knob of `rc` that names something (policy, link, predictor, compressor) or has a range, checked before
+    any weight is read: one-line UserErrors."""
+    make_policy(rc.policy)
+    get_link(rc.link)
+    if rc.prefetch not in PREDICTORS:
+        raise UserError(f"unknown predictor {rc.prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
+    if rc.compress != "none":
+        make_compressor(rc.compress)
+    elif rc.keep_ratio != 1.0:
+        raise UserError(f"keep ratio {rc.keep_ratio} given without a compressor (it would be ignored)",
+                        "add --compress NAME (e.g. affinity), or drop --keep-ratio")
+    if not 0.0 < rc.keep_ratio <= 1.0:
+        raise UserError(f"--keep-ratio {rc.keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
+    if not 1 <= rc.lookahead <= 8:
+        raise UserError(f"--lookahead {rc.lookahead} is out of range", "use a depth from 1 to 8")
+    if rc.prefetch in ("trace", "affinity") and not (rc.calibration and os.path.exists(rc.calibration)):
+        raise UserError(f"--prefetch {rc.prefetch} needs a calibration file" +
+                        (f" ({rc.calibration} not found)" if rc.calibration else ""),
                         "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
-    dev = _resolve_device(device)
+
+
+def load(model_dir: str, rc: RuntimeConfig | None = None, *, progress=None, **overrides) -> Engine:
+    """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring.
+
+    `rc` carries every option (config.RuntimeConfig); keyword `overrides` replace fields of it (or of the
+    defaults), e.g. `load(d, expert_budget="25%", policy="predictive")`. UserError for a bad option or checkpoint.
+    """
+    try:
+        rc = replace(rc, **overrides) if rc is not None else RuntimeConfig(**overrides)
+    except TypeError as e:
+        raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
+    family = get_family(read_model_type(model_dir))
+    check(rc)
+    dev = _resolve_device(rc.device)
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, OSError, TypeError) as e:
         raise UserError(f"cannot read config.json in {model_dir}: {str(e).splitlines()[0]}",
                         "restore the checkpoint's config.json") from None
-    dt = _resolve_dtype(dtype, config, dev)
+    dt = _resolve_dtype(rc.dtype, config, dev)
     geo = family.geometry(config)
     layout = BlobLayout(geo.hidden, geo.inter, dt)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
+    for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
+        reader.check_layer(prefix, geo.num_experts)
 
     model = skeleton(family, config)
     _load_nonexpert(model, reader, prefixes, dt, dev, model_dir)
@@ -528,7 +535,7 @@ def load(model_dir: str, *, device: str = "cpu", dtype: str | None = None, exper
 
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     pin = dev.type == "cuda"
-    if expert_tier == "host":
+    if rc.expert_tier == "host":
         store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress)
     else:
         store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin)
