@@ -92,7 +92,7 @@ def test_read_failure_during_a_request_reaches_the_caller_and_frees_the_ring(tin
         assert f"cannot read tensor {broken}." in str(out["error"])
     assert _in_thread(lambda: sorted(store._free))["value"] == list(range(ring))
     reader.read = read                                # the file is readable again
-    eng.cache.clear()                                 # and the experts whose reads failed are not kept
+    # no cache.clear(): the experts whose reads failed left the cache when the error was raised
     out = _in_thread(lambda: eng.generate(image_file, "hi", max_new_tokens=2))
     assert "error" not in out, out
     assert out["value"].token_ids

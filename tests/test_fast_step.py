@@ -184,3 +184,34 @@ def test_prefill_and_decode_one_token_seam(decode, tiny_dirs, image_file):
     cut = next((i for i, t in enumerate(row) if t in eng.eos_ids), None)
     assert (row if cut is None else row[: cut + 1]) == want
     assert (state.inflight is None) and (state.bucket is not None) == (decode == "fast")
+
+
+def test_one_engine_from_two_threads_is_exact(tiny_dirs, image_file):
+    """Concurrent calls on one engine (and its forks, which share the model) are served one after another: the
+    tokens are those of sequential use (they used to differ at small budgets)."""
+    import threading
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="10%", decode="fast")
+    prompts = [PROMPT, "How many shapes are there?", "What color is it?"] * 2
+    want = [eng.generate(image_file, p, max_new_tokens=NEW).token_ids for p in prompts]
+    other = eng.fork(policy="lfu")
+    got: dict = {}
+
+    def worker(i, e):
+        got[i] = e.generate(image_file, prompts[i], max_new_tokens=NEW).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i, eng if i % 2 else other)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(prompts))] == want
+
+
+def test_prompt_beyond_the_context_is_refused(tiny_dirs, image_file):
+    from vismmoe.errors import UserError
+    eng = load(tiny_dirs["glm4v_moe"])
+    limit = eng.family.text_config(eng.config).max_position_embeddings
+    inputs = eng.prepare([image_file], [PROMPT])
+    with pytest.raises(UserError, match="context of"):
+        eng.generate_ids(inputs, limit)
+    assert eng.generate_ids(inputs, 2)[0]

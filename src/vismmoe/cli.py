@@ -150,17 +150,24 @@ def _model_dir(args) -> str:
     return args.model
 
 
+def runtime_config(args, trace: bool = False):
+    """The one `RuntimeConfig` of a command, from its runtime arguments."""
+    from .config import RuntimeConfig
+    compress, keep_ratio = _compression(args)
+    return RuntimeConfig(device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
+                         device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
+                         expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
+                         lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
+                         calibration=args.calibration, compress=compress, keep_ratio=keep_ratio,
+                         decode=args.decode, compile=_compile_flag(args))
+
+
 def _engine_from(args, trace: bool = False):
     from .engine import load
     from .progress import layer_progress
-    compress, keep_ratio = _compression(args)
+    rc = runtime_config(args, trace)
     with layer_progress("reading experts") as tick:
-        return load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-                    device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
-                    expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
-                    lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
-                    calibration=args.calibration, compress=compress, keep_ratio=keep_ratio,
-                    decode=args.decode, compile=_compile_flag(args), progress=tick)
+        return load(_model_dir(args), rc, progress=tick)
 
 
 def cmd_generate(args) -> int:

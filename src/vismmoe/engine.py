@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -160,6 +161,8 @@ class Engine:
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
         self.last_stats: dict = {}
+        # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
+        self._lock = model.__dict__.setdefault("_vismmoe_lock", threading.RLock())
         self._activate()
         model.set_experts_implementation(IMPLEMENTATION)
 
@@ -270,9 +273,19 @@ class Engine:
     @torch.inference_mode()
     def generate_ids(self, inputs: dict, max_new_tokens: int = 32, feed: list[int] | None = None
                      ) -> tuple[list[list[int]], dict]:
-        """Greedy decoding from prepared inputs: (token ids per row, cut after the first EOS; request stats)."""
+        """Greedy decoding from prepared inputs: (token ids per row, cut after the first EOS; request stats).
+        Calls from several threads are served one after another (an engine runs one request at a time)."""
         if max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
+        limit = getattr(self.family.text_config(self.config), "max_position_embeddings", None)
+        prompt = inputs["input_ids"].shape[1]
+        if limit is not None and prompt + max_new_tokens > limit:
+            raise UserError(f"prompt of {prompt} tokens + {max_new_tokens} new exceeds the model's context of "
+                            f"{limit} tokens", "shorten the prompt, use a smaller image or lower --max-new-tokens")
+        with self._lock:
+            return self._generate_ids(inputs, max_new_tokens, feed)
+
+    def _generate_ids(self, inputs: dict, max_new_tokens: int, feed: list[int] | None):
         self._activate()
         before = self._snapshot()
         self._sync()
@@ -335,6 +348,10 @@ class Engine:
         return prune(enc, sels)
 
     def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
+        with self._lock:
+            return self._generate_batch(images, prompts, max_new_tokens)
+
+    def _generate_batch(self, images, prompts: list[str], max_new_tokens: int) -> list[Generation]:
         t0 = time.perf_counter()
         inputs = self.prepare(images, prompts)
         t_prep = time.perf_counter() - t0

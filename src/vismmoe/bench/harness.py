@@ -54,7 +54,7 @@ class System:
 
 
 # chosen on the validation split (1200 questions) as the fewest visual tokens within 1 point of unpruned:
-# unpruned 0.994; gamma=1.5 at 0.33 0.981, at 0.4 0.988; gamma=2 at 0.33 0.983, at 0.4 0.989 (README)
+# unpruned 0.994; gamma=1.5 at 0.33 0.981, at 0.4 0.988; gamma=2 at 0.33 0.983, at 0.4 0.989 (docs/default-model.md)
 VISMMOE_COMPRESS, VISMMOE_KEEP = "affinity:gamma=2", 0.4
 
 SYSTEMS = {
