@@ -97,7 +97,6 @@ def test_bad_input_one_line_exit_2(tiny_dirs, image_file, capsys, bad_inputs, tm
         (["--model", model, "--image", image_file, "--prompt", "   "], "empty --prompt"),
         (["--model", model, "--image", image_file, "--expert-budget", "1GiB", "--device-memory", "2GiB"],
          "not allowed with argument"),
-        (["--model", model], "required: --image"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--model", model, "--image", image_file, "--device", "cuda"], "no CUDA device"))

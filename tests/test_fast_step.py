@@ -215,3 +215,31 @@ def test_prompt_beyond_the_context_is_refused(tiny_dirs, image_file):
     with pytest.raises(UserError, match="context of"):
         eng.generate_ids(inputs, limit)
     assert eng.generate_ids(inputs, 2)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_prompts(family, tiny_dirs, image_file, capsys):
+    """A prompt without an image: transformers' own greedy tokens, on both decode steps and offloaded; in a batch
+    beside an image prompt each row gets the tokens it gets alone."""
+    from vismmoe.families import get_family
+    d = tiny_dirs[family]
+    eng = load(d, decode="fast", expert_budget="25%")
+    inputs = eng.prepare([None], ["What is a cat?"])
+    assert "pixel_values" not in inputs and int(inputs["mm_token_type_ids"].sum()) == 0
+    ref = get_family(family).model_class.from_pretrained(d, experts_implementation="eager").eval()
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=sorted(eng.eos_ids),
+                           pad_token_id=eng.tokenizer.pad_token_id)
+    row = out[0, inputs["input_ids"].shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(row) if t in eng.eos_ids), None)
+    want = row if cut is None else row[: cut + 1]
+    for e in (eng, load(d, decode="eager", compress="affinity", keep_ratio=0.5)):
+        gen = e.generate(None, "What is a cat?", max_new_tokens=NEW)
+        assert gen.token_ids == want and gen.stats["visual_tokens"] == 0
+    alone = eng.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    mixed = eng.generate_batch([image_file, None], [PROMPT, "What is a cat?"], NEW)
+    assert [g.token_ids for g in mixed] == [alone, want]
+    from vismmoe.cli import main                        # the CLI without --image
+    assert main(["generate", "--model", d, "--prompt", "What is a cat?", "--max-new-tokens", str(NEW), "--json"]) == 0
+    import json
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == want

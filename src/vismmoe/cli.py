@@ -176,7 +176,7 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise UserError("empty --prompt", "ask something about the image")
     _at_least(args.max_new_tokens, 1, "--max-new-tokens")
-    image = load_image(args.image)                  # a bad image is reported before the model is read
+    image = load_image(args.image) if args.image is not None else None   # reported before the model is read
     eng = _engine_from(args, trace=bool(args.trace))
     if args.timeline:
         eng.record_timeline()
@@ -423,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, safetensors, tokenizer); default: the bundled model")
-    g.add_argument("--image", required=True, metavar="PATH",
-                   help="the image to ask about (PNG, JPEG, WebP, BMP, GIF, TIFF; EXIF orientation applied)")
+    g.add_argument("--image", default=None, metavar="PATH",
+                   help="the image to ask about (PNG, JPEG, WebP, BMP, GIF, TIFF; EXIF orientation applied); "
+                        "leave it out for a text-only prompt")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
     g.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="most tokens to generate (default 32); stops earlier at end of turn")

@@ -252,10 +252,14 @@ class Engine:
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def prepare(self, images, prompts: list[str]) -> dict:
-        pil = [load_image(im) for im in images]
+        """(image or None, prompt) pairs -> model inputs on the device; None: a text-only prompt."""
+        if len(images) != len(prompts):
+            raise UserError(f"{len(images)} images for {len(prompts)} prompts", "give one image (or None) per prompt")
+        pil = [load_image(im) if im is not None else None for im in images]
         inputs = self.family.build_inputs(self.tokenizer, self.image_processor, pil, prompts)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
     # ---- generation ------------------------------------------------------------------------------------------
@@ -291,7 +295,8 @@ class Engine:
         self._sync()
         t0 = time.perf_counter()
         anchor = self._start_timeline(t0)
-        enc = self.compressed(inputs) if self.compressor is not None else None
+        has_visual = bool(inputs["mm_token_type_ids"].any())
+        enc = self.compressed(inputs) if self.compressor is not None and has_visual else None
         state = self.prefill(inputs, max_new_tokens, enc=enc)
         while state.steps < max_new_tokens - 1 and not state.finished:
             self.decode_one_token(state, feed[state.steps] if feed is not None else None)
@@ -365,6 +370,7 @@ class Engine:
         return gens
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
+        """Answer `prompt` about `image` (a path or a PIL image; None: a text-only prompt), greedily."""
         return self.generate_batch([image], [prompt], max_new_tokens)[0]
 
     # ---- statistics ------------------------------------------------------------------------------------------

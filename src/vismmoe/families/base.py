@@ -122,54 +122,55 @@ class Family:
         ids["eos"] = [tokenizer.convert_tokens_to_ids(t) for t in self.tokens.eos]
         return ids
 
-    def prompt_text(self, tokenizer, prompt: str) -> str:
-        """Chat-formatted text with ONE image placeholder (expanded later to one token per visual token)."""
+    def prompt_text(self, tokenizer, prompt: str, image: bool = True) -> str:
+        """Chat-formatted text with ONE image placeholder (expanded later to one token per visual token), or none
+        for a text-only request."""
         if getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            parts = [{"type": "image"}] if image else []
+            messages = [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image = self.tokens.image_start + self.tokens.image + self.tokens.image_end
-        return self.fallback_format.format(image=image, prompt=prompt)
+        block = self.tokens.image_start + self.tokens.image + self.tokens.image_end if image else ""
+        return self.fallback_format.format(image=block, prompt=prompt)
 
-    def prompt_ids(self, tokenizer, prompt: str, n_visual: int) -> list[int]:
-        """Token ids of the chat-formatted prompt with `n_visual` image placeholders. The user's text is
-        tokenized as text: a special token's string in it (an image placeholder, an end-of-turn marker) stays
-        those characters and never becomes the special token."""
+    def prompt_ids(self, tokenizer, prompt: str, n_visual: int | None) -> list[int]:
+        """Token ids of the chat-formatted prompt with `n_visual` image placeholders (None: a text-only request).
+        The user's text is tokenized as text: a special token's string in it (an image placeholder, an
+        end-of-turn marker) stays those characters and never becomes the special token."""
         marker = f"\x00{uuid.uuid4().hex}\x00"          # where the chat template puts the user's text
-        text = self.prompt_text(tokenizer, marker)
+        text = self.prompt_text(tokenizer, marker, image=n_visual is not None)
         if text.count(marker) != 1:
             raise ValueError(f"chat template placed the prompt {text.count(marker)} times, expected once")
         before, after = text.split(marker)
         image_tok = self.tokens.image
-        if (before + after).count(image_tok) != 1:
+        want = 0 if n_visual is None else 1
+        if (before + after).count(image_tok) != want:
             raise ValueError(f"chat template produced {(before + after).count(image_tok)} image placeholders, "
-                             "expected 1")
-        before, after = (part.replace(image_tok, image_tok * n_visual) for part in (before, after))
+                             f"expected {want}")
+        before, after = (part.replace(image_tok, image_tok * (n_visual or 0)) for part in (before, after))
 
         def ids(part: str, **kw) -> list[int]:
             return tokenizer(part, add_special_tokens=False, **kw)["input_ids"] if part else []
 
         return ids(before) + ids(prompt, split_special_tokens=True) + ids(after)
 
-    def build_inputs(self, tokenizer, image_processor, images: list[Image.Image], prompts: list[str]) -> dict:
-        """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt; images too long
-        and thin for the processor are padded (with the colour that normalises to zero) first."""
-        images = [pad_to_aspect(im, image_processor) for im in images]
-        vis = image_processor(images=images, return_tensors="pt")
-        grid = vis["image_grid_thw"]                      # [B, 3] (t, h, w) in patches
+    def build_inputs(self, tokenizer, image_processor, images: list[Image.Image | None], prompts: list[str]) -> dict:
+        """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt, or None for a
+        text-only prompt (no `pixel_values` / `image_grid_thw` when no row has an image); images too long and thin
+        for the processor are padded (with the colour that normalises to zero) first."""
+        present = [pad_to_aspect(im, image_processor) for im in images if im is not None]
+        vis = image_processor(images=present, return_tensors="pt") if present else {}
         merge = image_processor.merge_size
-        n_visual = (grid.prod(-1) // (merge * merge)).tolist()
+        counts = iter((vis["image_grid_thw"].prod(-1) // (merge * merge)).tolist() if present else [])
+        n_visual = [next(counts) if im is not None else None for im in images]
         rows = [self.prompt_ids(tokenizer, prompt, n) for prompt, n in zip(prompts, n_visual)]
         tokenizer.padding_side = "left"
         enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
         mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "pixel_values": vis["pixel_values"],
-            "image_grid_thw": grid,
-            "mm_token_type_ids": mm_types,
-        }
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm_types}
+        if present:
+            out.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+        return out
 
     # ---- positions (M-RoPE) ------------------------------------------------------------------------------------
     def prefill_positions(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
