@@ -164,10 +164,12 @@ def runtime_config(args, trace: bool = False):
 
 def _engine_from(args, trace: bool = False):
     from .engine import load
-    from .progress import layer_progress
+    from .progress import layer_progress, status
     rc = runtime_config(args, trace)
     with layer_progress("reading experts") as tick:
-        return load(_model_dir(args), rc, progress=tick)
+        eng = load(_model_dir(args), rc, progress=tick)
+    eng.progress = status                     # the fast step's first call compiles and captures: say so
+    return eng
 
 
 def cmd_generate(args) -> int:

@@ -161,6 +161,7 @@ class Engine:
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
         self.last_stats: dict = {}
+        self.progress = None                    # (message) -> None: told when the fast step compiles and captures
         # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
         self._lock = model.__dict__.setdefault("_vismmoe_lock", threading.RLock())
         self._activate()
@@ -207,7 +208,7 @@ class Engine:
         return self._fast
 
     def _progress(self, msg: str) -> None:
-        if getattr(self, "progress", None) is not None:
+        if self.progress is not None:
             self.progress(msg)
 
     def record_timeline(self, on: bool = True) -> None:

@@ -19,3 +19,11 @@ def layer_progress(label: str, total: int | None = None):
                   transient=True) as prog:
         task = prog.add_task(label, total=total)
         yield lambda: prog.advance(task)
+
+
+def status(msg: str) -> None:
+    """One line of progress on stderr (e.g. compiling and capturing the fast decode step), silent off a terminal
+    or with VISMMOE_QUIET."""
+    if os.environ.get("VISMMOE_QUIET") or not sys.stderr.isatty():
+        return
+    print(msg, file=sys.stderr, flush=True)
