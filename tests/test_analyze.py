@@ -9,7 +9,7 @@ import numpy as np
 
 from vismmoe.analyze import pareto
 from vismmoe.cli import main
-from vismmoe.trace import RoutingTrace, affinity_metrics
+from vismmoe.trace import RoutingTrace, routing_metrics
 
 
 def _trace(steps):
@@ -27,9 +27,9 @@ def test_metrics_on_a_hand_made_trace():
     t = _trace([("prefill", [1, 1, 0], {0: [[0, 1], [0, 1], [2, 3]], 1: [[1, 2], [1, 2], [3, 0]]}),
                 ("decode", [0], {0: [[2, 3]], 1: [[3, 0]]}),
                 ("decode", [0], {0: [[2, 1]], 1: [[3, 2]]})])
-    m = affinity_metrics(t, 4)
+    m = routing_metrics(t, 4)
     assert m["working_set"] == 4.0                                   # every expert used somewhere in each layer
-    vis = affinity_metrics(t, 4, modality=1)
+    vis = routing_metrics(t, 4, modality=1)
     assert vis["working_set"] == 2.0 and vis["stability"] == 1.0     # visual tokens: a fixed mapping 0,1 -> 1,2
     assert abs(vis["entropy"] - 1.0) < 1e-9                          # two experts, equal use: 1 bit
     assert vis["top10_share"] == 0.5

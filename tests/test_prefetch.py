@@ -36,7 +36,7 @@ def reference(tiny_dirs, image_file):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("prefetch", ["gate", "trace", "affinity"])
+@pytest.mark.parametrize("prefetch", ["gate", "trace", "blend"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "predictive"])
 @pytest.mark.parametrize("decode", ["eager", "fast"])
 def test_prefetch_is_lossless(family, prefetch, policy, decode, tiny_dirs, image_file, calibrations, reference):
@@ -78,7 +78,7 @@ def test_calibration_file_and_rows(calibrations, tiny_dirs):
     sums = t.tables[1][:-1].sum(-1)
     assert np.all((np.isclose(sums, eng.geometry.top_k)) | (sums == 0))
     kinds = {(r["predictor"], r["kind"], r["depth"]) for r in rows}
-    assert ("affinity", "decode", 1) in kinds and ("gate", "prefill", 1) in kinds
+    assert ("blend", "decode", 1) in kinds and ("gate", "prefill", 1) in kinds
     assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in rows)
 
 
@@ -86,7 +86,7 @@ def test_prefetch_cli_errors_and_json(tiny_dirs, image_file, capsys, tmp_path):
     m = tiny_dirs["qwen3_vl_moe"]
     for extra, needle in ((["--prefetch", "oracle"], "unknown predictor"),
                           (["--prefetch", "trace"], "needs a calibration file"),
-                          (["--prefetch", "affinity", "--calibration", str(tmp_path / "none.npz")], "not found"),
+                          (["--prefetch", "blend", "--calibration", str(tmp_path / "none.npz")], "not found"),
                           (["--lookahead", "0"], "out of range"),
                           (["--policy", "belady"], "recorded trace")):
         code = main(["generate", "--model", m, "--image", image_file, "--prompt", "hi"] + extra)
@@ -120,7 +120,7 @@ def test_gpu_predictor_policy_matrix_is_lossless(family, tiny_dirs, image_file, 
     base = load(d, device="cuda", dtype="bfloat16", calibration=calibrations[family][0])
     want = base.generate(image_file, q, max_new_tokens=8).token_ids
     smallest = str(base.geometry.top_k * base.layout.nbytes)
-    for prefetch in ("none", "gate", "trace", "affinity"):
+    for prefetch in ("none", "gate", "trace", "blend"):
         for policy in ("lru", "lfu", "lfru", "predictive", "none"):
             for budget in ("40%", smallest):
                 eng = base.fork(expert_budget=budget, policy=policy, prefetch=prefetch, lookahead=2,
@@ -131,7 +131,7 @@ def test_gpu_predictor_policy_matrix_is_lossless(family, tiny_dirs, image_file, 
                 assert s["expert_bytes_peak"] <= s["expert_budget_bytes"]
                 assert eng.cache.pool.numel() * eng.cache.pool.element_size() <= s["expert_budget_bytes"]
                 del eng
-    edge = base.fork(expert_budget=smallest, policy="predictive", prefetch="affinity", link="edge")
+    edge = base.fork(expert_budget=smallest, policy="predictive", prefetch="blend", link="edge")
     edge.record_timeline()
     gen = edge.generate(image_file, q, max_new_tokens=8)
     assert gen.token_ids == want and gen.stats["stall_s"] >= 0

@@ -3,7 +3,7 @@ images: accuracy, and what the routing needs (working set, entropy, concentratio
 split by visual and text tokens; prefill time beside it.
 
     for (compressor, ratio) in [(none, 1.0)] + compressors x ratios:
-        for each test sample: generate with a routing trace -> exact-match answer, trace.affinity_metrics, TTFT
+        for each test sample: generate with a routing trace -> exact-match answer, trace.routing_metrics, TTFT
     -> rows (means) -> analyze.md table, plots: expert-use heatmaps per layer (unpruned vs pruned),
        working set vs keep ratio per compressor, accuracy vs working set with the Pareto front
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from .data import balanced_subset
 from .evaluate import normalize
-from .trace import RoutingTrace, affinity_metrics, layer_counts
+from .trace import RoutingTrace, routing_metrics, layer_counts
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.33, 0.22, 0.11)
 DEFAULT_COMPRESSORS = ("random", "pool", "dart", "divprune", "textrel", "affinity")
@@ -41,7 +41,7 @@ def _sweep_point(engine, samples, name: str, ratio: float, max_new_tokens: int, 
         ttft.append(gen.stats["ttft_s"] - gen.stats.get("preprocess_s", 0.0))
         kept.append(gen.stats["visual_tokens_kept"] / max(1, gen.stats["visual_tokens"]))
         for m in mets:
-            mets[m].append(affinity_metrics(tr, E, m))
+            mets[m].append(routing_metrics(tr, E, m))
         for l, c in layer_counts(tr, E).items():
             heat[l] = heat.get(l, 0) + c
         if progress:
@@ -189,7 +189,7 @@ def routing_report(engine, limit: int = 120, max_new_tokens: int = 4) -> dict:
             row[f"experts_{tag}"] = int((c > 0).sum())
         row["never_visual_share"] = float((counts[1][l] == 0).mean())
         rows.append(row)
-    return {"rows": rows, "stability_all": affinity_metrics(tr, E)["stability"],
-            "stability_visual": affinity_metrics(tr, E, 1)["stability"],
-            "stability_text": affinity_metrics(tr, E, 0)["stability"], "uniform_entropy": float(np.log2(E)),
+    return {"rows": rows, "stability_all": routing_metrics(tr, E)["stability"],
+            "stability_visual": routing_metrics(tr, E, 1)["stability"],
+            "stability_text": routing_metrics(tr, E, 0)["stability"], "uniform_entropy": float(np.log2(E)),
             "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": limit}

@@ -1,10 +1,10 @@
-"""`vismmoe calibrate`: transition tables for the trace/affinity predictors, and how well each predictor does.
+"""`vismmoe calibrate`: transition tables for the trace and blend predictors, and how well each predictor does.
 
     samples (image, prompt), in three disjoint thirds:
       build: run with a routing trace -> TransitionTables (depth 1..D)
       fit:   gate and trace probes -> mixing weight per depth and layer from their recalls there
              (alpha = rg^8 / (rg^8 + rt^8): the better predictor of that layer and depth dominates)
-      test:  one PredictorProbe per predictor (gate, trace, affinity) -> precision / recall per depth,
+      test:  one PredictorProbe per predictor (gate, trace, blend) -> precision / recall per depth,
              prefill vs decode, on samples neither the tables nor alpha have seen
     tables + alpha -> one .npz file (--calibration FILE for generate/bench)
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .predict import AffinityPredictor, PredictorProbe, TracePredictor, TransitionTables, gate_predictor
+from .predict import BlendPredictor, PredictorProbe, TracePredictor, TransitionTables, gate_predictor
 from .trace import RoutingTrace
 
 
@@ -73,7 +73,7 @@ def calibrate(engine, samples: list[tuple], depth: int = 3, max_new_tokens: int 
             alpha[d - 1, pos] = rg ** SHARP / (rg ** SHARP + rt ** SHARP)
     tables.alpha = alpha
     final = {"gate": gate(), "trace": TracePredictor(tables, geo.moe_layers, depth),
-             "affinity": AffinityPredictor(gate(), TracePredictor(tables, geo.moe_layers, depth))}
+             "blend": BlendPredictor(gate(), TracePredictor(tables, geo.moe_layers, depth))}
     probes = _probe(engine, final, test, depth, max_new_tokens, progress)
     rows = [dict(predictor=name, **r) for name, p in probes.items() for r in p.table()]
     return tables, rows

@@ -119,7 +119,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "expected misses take on the link, down to no prefetch when they hide under compute")
     p.add_argument("--fixed-lookahead", action="store_true", help="always prefetch --lookahead layers ahead")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="transition tables from `vismmoe calibrate` (for --prefetch trace/affinity)")
+                   help="transition tables from `vismmoe calibrate` (for --prefetch trace/blend)")
     _add_compress_args(p, "before the decoder")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     t.set_defaults(func=cmd_make_tiny)
 
-    c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/affinity, and predictor quality")
+    c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/blend, and predictor quality")
     _add_job_args(c)
     c.add_argument("--out", required=True, help="output .npz")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")

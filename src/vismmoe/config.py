@@ -71,10 +71,10 @@ class RuntimeConfig:
     expert_tier: str = "host"           # host (RAM, pinned on cuda) | disk (read on demand)
     trace: bool = False
     link: str = "real"                  # real | edge | mobile | GBps=N[,us=L] (emulated unless real)
-    prefetch: str = "none"              # none | gate | trace | affinity
+    prefetch: str = "none"              # none | gate | trace | blend
     lookahead: int = 2                  # prefetch depth in MoE layers (the most, when adaptive)
     fixed_lookahead: bool = False       # always prefetch `lookahead` layers ahead (published designs do)
-    calibration: str | None = None      # transition tables for trace/affinity (vismmoe calibrate)
+    calibration: str | None = None      # transition tables for trace/blend (vismmoe calibrate)
     compress: str = "none"              # visual-token compressor (compress.py) or none
     keep_ratio: float = 1.0             # share of visual tokens kept when compressing
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for

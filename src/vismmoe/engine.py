@@ -520,7 +520,7 @@ def check(rc: RuntimeConfig) -> None:
         raise UserError(f"--keep-ratio {rc.keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
     if not 1 <= rc.lookahead <= 8:
         raise UserError(f"--lookahead {rc.lookahead} is out of range", "use a depth from 1 to 8")
-    if rc.prefetch in ("trace", "affinity") and not (rc.calibration and os.path.exists(rc.calibration)):
+    if rc.prefetch in ("trace", "blend") and not (rc.calibration and os.path.exists(rc.calibration)):
         raise UserError(f"--prefetch {rc.prefetch} needs a calibration file" +
                         (f" ({rc.calibration} not found)" if rc.calibration else ""),
                         "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")

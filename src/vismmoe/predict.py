@@ -11,7 +11,7 @@
   of one linear map, the routers ahead run as one matmul over their stacked weights.
 - `trace`: transition tables P(expert j at layer l+d | expert i at layer l), counted offline from routing traces
   (`vismmoe calibrate`), applied to this layer's routing.
-- `affinity`: per layer, a mix of both weighted by how well each predicted that layer during calibration.
+- `blend`: per layer, a mix of both weighted by how well each predicted that layer during calibration.
 For many tokens (prefill) a layer-level probability is 1 - prod over tokens of (1 - p_token).
 Predictors never move weights: the prefetcher (prefetch.py) decides what to copy.
 """
@@ -164,10 +164,10 @@ class TracePredictor:
         return _any_token(p_tok)
 
 
-class AffinityPredictor:
+class BlendPredictor:
     """Per depth and target layer: alpha * gate + (1 - alpha) * trace, alpha from calibration (0.5 without)."""
 
-    name = "affinity"
+    name = "blend"
 
     def __init__(self, gate: GatePredictor, trace: TracePredictor):
         self.gate, self.trace = gate, trace
@@ -188,7 +188,7 @@ class AffinityPredictor:
         return a * g + (1.0 - a) * t
 
 
-PREDICTORS = ("none", "gate", "trace", "affinity")
+PREDICTORS = ("none", "gate", "trace", "blend")
 
 
 def gate_predictor(engine, depth: int = 3) -> GatePredictor:
@@ -206,14 +206,14 @@ def make_predictor(name: str, engine, depth: int = 3, calibration: str | None = 
     if name not in PREDICTORS:
         raise UserError(f"unknown predictor {name!r}", f"use one of {', '.join(PREDICTORS)}")
     geo = engine.geometry
-    if name in ("trace", "affinity") and calibration is None:
+    if name in ("trace", "blend") and calibration is None:
         raise UserError(f"--prefetch {name} needs transition tables",
                         "make them with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
-    gate = gate_predictor(engine, depth) if name in ("gate", "affinity") else None
+    gate = gate_predictor(engine, depth) if name in ("gate", "blend") else None
     if name == "gate":
         return gate
     trace = TracePredictor(TransitionTables.load(calibration), geo.moe_layers, depth)
-    return trace if name == "trace" else AffinityPredictor(gate, trace)
+    return trace if name == "trace" else BlendPredictor(gate, trace)
 
 
 class PredictorProbe:

@@ -53,7 +53,7 @@ class RoutingTrace:
         return t
 
 
-# ---- affinity metrics over one request's trace ---------------------------------------------------------------
+# ---- routing metrics over one request's trace: working set, concentration, stability (visual-expert affinity) --
 # Each metric is per MoE layer, then averaged over layers. `modality`: None (all tokens), 0 (text) or 1 (visual).
 
 def _rows(trace: RoutingTrace, layer: int, modality: int | None, kinds=("prefill", "decode")):
@@ -82,7 +82,7 @@ def layer_counts(trace: RoutingTrace, num_experts: int, modality: int | None = N
     return out
 
 
-def affinity_metrics(trace: RoutingTrace, num_experts: int, modality: int | None = None) -> dict:
+def routing_metrics(trace: RoutingTrace, num_experts: int, modality: int | None = None) -> dict:
     """working_set (distinct experts per layer), entropy (bits of the expert-use distribution), top10_share
     (share of assignments served by the 10% most used experts), stability (how well the best transition table
     of this request predicts each token's next-layer experts from its current ones), step_jaccard (Jaccard of
