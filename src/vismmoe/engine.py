@@ -154,6 +154,7 @@ class Engine:
                                                  waited=self.runtime.transfer.host_waited)
             self.runtime.observers.append(self.runtime.prefetcher)
         self.trace: RoutingTrace | None = None
+        self.step_observers: list = []          # protocols.StepObserver: told where each forward step starts
         if rc.trace:
             self.record_trace(RoutingTrace())
         self.compressor = make_compressor(rc.compress) if rc.compress != "none" else None
@@ -243,9 +244,11 @@ class Engine:
         """Record routing into `trace` from now on (None stops recording)."""
         if self.trace is not None:
             self.runtime.observers.remove(self.trace)
+            self.step_observers.remove(self.trace)
         self.trace = trace
         if trace is not None:
             self.runtime.observers.append(trace)
+            self.step_observers.append(trace)
 
     def _activate(self) -> None:
         for layer in self.geometry.moe_layers:
@@ -324,9 +327,8 @@ class Engine:
         token; the KV cache has room for `max_new_tokens` tokens in all. Drive it with `decode_one_token`, then
         `finish`; one request at a time per engine."""
         self._activate()
-        steppers = [o for o in self.runtime.observers if hasattr(o, "begin_step")]
-        return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens, steppers, enc,
-                               self.fast_step())
+        return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
+                               tuple(self.step_observers), enc, self.fast_step())
 
     @torch.inference_mode()
     def decode_one_token(self, state: _decode.DecodeState, feed: int | None = None) -> list[int]:

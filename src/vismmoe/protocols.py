@@ -1,0 +1,74 @@
+"""The contracts between the runtime and its pluggable parts, declared in one place.
+
+    EvictionPolicy   policies.py     which resident expert leaves (the cache never branches on a policy's name)
+    Predictor        predict.py      which experts the next layers will want (lookahead for prefetch)
+    Compressor       compress.py     which visual tokens to keep
+    RoutingObserver  trace, predictors, prefetcher: sees every MoE layer call's routing
+    StepObserver     a RoutingObserver that is also told where each forward step starts (prefill or decode)
+
+Implementations do not inherit from these; they match them structurally, and tests check each registered one
+with `isinstance` (the protocols are runtime-checkable). Keys are `(layer, expert)` pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+Key = tuple[int, int]   # (layer, expert)
+
+
+@runtime_checkable
+class EvictionPolicy(Protocol):
+    retain: bool        # False: keep nothing between layer calls (load on demand)
+
+    def on_layer(self, layer: int) -> None:
+        """A layer call begins (cycle-aware policies track where in the layer cycle they are)."""
+
+    def on_use(self, key: Key) -> None:
+        """A resident expert was used (a hit, or a miss right after its insertion)."""
+
+    def on_insert(self, key: Key) -> None:
+        """An expert became resident."""
+
+    def on_evict(self, key: Key) -> None:
+        """An expert left the cache."""
+
+    def choose_victim(self, pinned: Container[Key]) -> Key:
+        """The resident expert to evict, never one in `pinned`; LookupError when every resident one is pinned."""
+
+    def hint(self, layer: int, probs: np.ndarray) -> None:
+        """A predictor's probabilities [E] for `layer`'s next call (ignored by policies that do not plan)."""
+
+    def admit(self, victim: Key, key: Key) -> bool:
+        """Whether a prefetch of `key` may displace `victim` (False: the victim is needed sooner)."""
+
+
+@runtime_checkable
+class RoutingObserver(Protocol):
+    def observe(self, layer: int, hidden: torch.Tensor | None, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> None:
+        """One MoE layer call's router output: top_k_index [T, K], top_k_weights [T, K]; `hidden` [T, H] is the
+        router's input where the layer ran eagerly, None in a captured decode step."""
+
+
+@runtime_checkable
+class StepObserver(RoutingObserver, Protocol):
+    def begin_step(self, kind: str, modality: torch.Tensor | None, num_tokens: int | None = None) -> None:
+        """A forward step starts: kind prefill or decode, `modality` [T] (0 text, 1 image) when known."""
+
+
+@runtime_checkable
+class Predictor(RoutingObserver, Protocol):
+    def predict(self, layer: int, depth: int) -> np.ndarray | None:
+        """Probabilities [E] that each expert of the MoE layer `depth` layers after `layer` is used by its next
+        call (None: nothing to say yet)."""
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    def select(self, ctx) -> object:
+        """compress.VisualContext -> compress.Selection: which of the N visual tokens to keep (ctx.keep of them)."""
