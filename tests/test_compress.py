@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from vismmoe import load
+from vismmoe.decode import cut_at_eos
 from vismmoe.compress import COMPRESSORS, Selection, VisualContext, keep_count
 
 from .conftest import FAMILIES
@@ -32,7 +33,7 @@ def test_ratio_one_is_exact(family, name, tiny_dirs, big_image):
     inputs = eng.prepare([big_image], [PROMPT])
     plain = eng.model(**inputs, position_ids=eng.family.prefill_positions(eng.model, inputs)[0],
                       use_cache=False, logits_to_keep=1).logits
-    enc = eng.compressed(inputs, COMPRESSORS[name](), 1.0)
+    enc = eng.pruned_prompt(inputs, COMPRESSORS[name](), 1.0)
     with torch.no_grad():
         got = eng.family.decoder_forward(eng.model, enc, DynamicCache(config=eng.model.config))
     assert torch.equal(got, plain)
@@ -74,7 +75,7 @@ def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dir
         def select(self, ctx):
             return Selection(keep)
 
-    pruned = eng.compressed(inputs, Every3(), 0.34)
+    pruned = eng.pruned_prompt(inputs, Every3(), 0.34)
     # --- hand-built reference: gather by hand, positions from the unpruned rope rows, explicit decode positions
     vis_pos = torch.nonzero(enc.visual[0]).flatten()
     order = torch.cat([torch.nonzero(~enc.visual[0]).flatten(), vis_pos[keep]]).sort().values
@@ -101,8 +102,7 @@ def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dir
     eng.compressor = Every3()
     eng.rc = eng.rc.__class__(**{**eng.rc.__dict__, "compress": "every3", "keep_ratio": 0.34})
     got = eng.generate(big_image, PROMPT, max_new_tokens=6)
-    cut = next((i for i, t in enumerate(toks) if t in eng.eos_ids), None)
-    assert got.token_ids == (toks if cut is None else toks[: cut + 1])
+    assert got.token_ids == cut_at_eos(toks, eng.eos_ids)
     assert got.stats["visual_tokens_kept"] == len(keep)
 
 

@@ -167,12 +167,12 @@ def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
 def test_prefetch_cost_model():
     """The adaptive depth's cost model on synthetic phases (L compute, M copies, resident share, precision q):
     prefetch runs only where it saves more than STALL_MIN of a layer."""
-    from vismmoe.prefetch import Prefetcher, _Phase
+    from vismmoe.prefetch import Prefetcher, _TokenBucket
 
     pf = Prefetcher(predictor=None, depth=3)
 
     def depth(L, M, resident, q):
-        pf._phase = _Phase(layer_s=L, miss_s=M, resident=resident, q=q)
+        pf._phase = _TokenBucket(layer_s=L, miss_s=M, resident=resident, q=q)
         return pf._choose_depth()
 
     assert depth(L=2.0, M=0.2, resident=0.9, q=0.9) == 0      # fast link: hits-first already hides the copies
@@ -185,7 +185,7 @@ def test_prefetch_cost_model():
     # rest miss nothing. The average call's copies (M = 0.75) hide under its hits (resident 0.97), but the average
     # stall does not: measured per call, the model prefetches, deep enough for one copy (ceil(C / L) = 3)
     pf.copy_s = 3.0
-    pf._phase = _Phase(layer_s=1.0, q=0.85)
+    pf._phase = _TokenBucket(layer_s=1.0, q=0.85)
     for i in range(40):
         miss = 1 if i % 4 == 0 else 0
         pf.note(layer=7, needed=list(range(8)), not_resident=miss, pf_hits=0)
@@ -197,7 +197,7 @@ def test_prefetch_cost_model():
     pf.copy_s = 0.0
     pf._phase = None                                          # nothing measured yet: measure first
     assert pf._choose_depth() == 0
-    ph = _Phase(layer_s=1.0, miss_s=60.0, resident=0.3, q=0.8)
+    ph = _TokenBucket(layer_s=1.0, miss_s=60.0, resident=0.3, q=0.8)
     pf._phase, pf.depth = ph, 0
     for _ in range(20):                      # off: shadow guesses (half of each was needed) keep q measured
         pf._shadow_for[5] = {1, 2, 3, 4}

@@ -37,12 +37,13 @@ def _run(engine, samples, max_new_tokens: int, progress=None) -> None:
 def _probe(engine, predictors: dict, samples, depth, max_new_tokens, progress) -> dict:
     geo = engine.geometry
     probes = {name: PredictorProbe(p, geo.moe_layers, geo.top_k, depth) for name, p in predictors.items()}
-    engine.runtime.observers.extend(probes.values())
+    for p in probes.values():
+        engine.add_observer(p)
     try:
         _run(engine, samples, max_new_tokens, progress)
     finally:
         for p in probes.values():
-            engine.runtime.observers.remove(p)
+            engine.remove_observer(p)
     return probes
 
 

@@ -33,6 +33,7 @@ from .links import get_link
 from .policies import make_policy
 from .predict import PREDICTORS, make_predictor
 from .prefetch import Prefetcher
+from .protocols import StepObserver
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
 from .timeline import Timeline
@@ -243,12 +244,22 @@ class Engine:
     def record_trace(self, trace: RoutingTrace | None) -> None:
         """Record routing into `trace` from now on (None stops recording)."""
         if self.trace is not None:
-            self.runtime.observers.remove(self.trace)
-            self.step_observers.remove(self.trace)
+            self.remove_observer(self.trace)
         self.trace = trace
         if trace is not None:
-            self.runtime.observers.append(trace)
-            self.step_observers.append(trace)
+            self.add_observer(trace)
+
+    def add_observer(self, observer) -> None:
+        """`observer` (protocols.RoutingObserver) sees every MoE layer call's routing from now on; a
+        protocols.StepObserver is also told where each forward step starts. Undone by `remove_observer`."""
+        self.runtime.observers.append(observer)
+        if isinstance(observer, StepObserver):
+            self.step_observers.append(observer)
+
+    def remove_observer(self, observer) -> None:
+        self.runtime.observers.remove(observer)
+        if observer in self.step_observers:
+            self.step_observers.remove(observer)
 
     def _activate(self) -> None:
         for layer in self.geometry.moe_layers:
@@ -300,7 +311,7 @@ class Engine:
         t0 = time.perf_counter()
         anchor = self._start_timeline(t0)
         has_visual = bool(inputs["mm_token_type_ids"].any())
-        enc = self.compressed(inputs) if self.compressor is not None and has_visual else None
+        enc = self.pruned_prompt(inputs) if self.compressor is not None and has_visual else None
         state = self.prefill(inputs, max_new_tokens, enc=enc)
         while state.steps < max_new_tokens - 1 and not state.finished:
             self.decode_one_token(state, feed[state.steps] if feed is not None else None)
@@ -340,7 +351,7 @@ class Engine:
         _decode.finish(state, self.fast_step())
 
     @torch.inference_mode()
-    def compressed(self, inputs: dict, compressor=None, keep_ratio: float | None = None):
+    def pruned_prompt(self, inputs: dict, compressor=None, keep_ratio: float | None = None):
         """The prompt encoded and pruned by `compressor` (default: this engine's) at `keep_ratio`."""
         comp = compressor or self.compressor
         ratio = self.rc.keep_ratio if keep_ratio is None else keep_ratio

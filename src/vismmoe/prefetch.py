@@ -50,7 +50,7 @@ import numpy as np
 
 
 @dataclass
-class _Phase:
+class _TokenBucket:
     """Timing of layer calls with a similar token count (decode steps, or prefills of a similar length)."""
     layer_s: float = 0.0                         # compute time of a layer call (L in the module docstring)
     miss_s: float | None = None                  # EMA of copy seconds per layer call for experts not resident
@@ -75,7 +75,7 @@ class Prefetcher:
         self.adaptive = adaptive
         self.waited = waited                     # () -> host seconds waited for link time; None: not on host
         self._waited_at = 0.0
-        self._phases: dict[int, _Phase] = {}     # per token-count bucket (decode and prefill differ)
+        self._phases: dict[int, _TokenBucket] = {}     # per token-count bucket (decode and prefill differ)
         self._phase = None                       # phase of the layer call in progress
         self._last = None
         parts = (predictor, getattr(predictor, "gate", None), getattr(predictor, "trace", None))
@@ -153,7 +153,7 @@ class Prefetcher:
                     ph.layer_s = dt if ph.layer_s == 0 else min(dt, 1.02 * ph.layer_s)
         self._last, self._waited_at = now, waited
         bucket = min(int(hidden.shape[0]), 1 << 16).bit_length()          # 1 token, 2-3, 4-7, ...
-        self._phase = self._phases.setdefault(bucket, _Phase())
+        self._phase = self._phases.setdefault(bucket, _TokenBucket())
         self.depth = self._choose_depth()
         self._calls += 1
         self._shadow = self.depth == 0 and self._calls % self.SHADOW_EVERY == 0
