@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vismmoe import load
+from vismmoe.decode import cut_at_eos
 from vismmoe.families import get_family
 
 from .conftest import FAMILIES
@@ -33,8 +34,7 @@ def references(tiny_dirs, image_file):
                                    eos_token_id=sorted(eng.eos_ids), pad_token_id=eng.tokenizer.pad_token_id)
                 logits.append(ref(**inputs).logits)
             row = gen[0, inputs["input_ids"].shape[1]:].tolist()
-            cut = next((i for i, t in enumerate(row) if t in eng.eos_ids), None)
-            toks.append(row if cut is None else row[: cut + 1])
+            toks.append(cut_at_eos(row, eng.eos_ids))
         out[fam] = (toks, logits)
     return out
 

@@ -14,6 +14,7 @@ import torch
 
 from vismmoe import load
 from vismmoe import moe_kernel
+from vismmoe.decode import cut_at_eos
 
 from .conftest import FAMILIES
 
@@ -181,8 +182,7 @@ def test_prefill_and_decode_one_token_seam(decode, tiny_dirs, image_file):
         assert len(eng.decode_one_token(state)) == 1
     eng.finish(state)
     row = state.tokens[0]
-    cut = next((i for i, t in enumerate(row) if t in eng.eos_ids), None)
-    assert (row if cut is None else row[: cut + 1]) == want
+    assert cut_at_eos(row, eng.eos_ids) == want
     assert (state.inflight is None) and (state.bucket is not None) == (decode == "fast")
 
 
@@ -231,8 +231,7 @@ def test_text_only_prompts(family, tiny_dirs, image_file, capsys):
         out = ref.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=sorted(eng.eos_ids),
                            pad_token_id=eng.tokenizer.pad_token_id)
     row = out[0, inputs["input_ids"].shape[1]:].tolist()
-    cut = next((i for i, t in enumerate(row) if t in eng.eos_ids), None)
-    want = row if cut is None else row[: cut + 1]
+    want = cut_at_eos(row, eng.eos_ids)
     for e in (eng, load(d, decode="eager", compress="affinity", keep_ratio=0.5)):
         gen = e.generate(None, "What is a cat?", max_new_tokens=NEW)
         assert gen.token_ids == want and gen.stats["visual_tokens"] == 0

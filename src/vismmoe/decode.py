@@ -4,6 +4,7 @@
     decode_one_token(state)          ->  one token per row: transformers' forward per token (eager), or one
                                          replay of the fast step (fast_step.FastStep, when given)
     finish(state)                    ->  the last step's books (the fast step books a step while the next runs)
+    cut_at_eos(row, eos_ids)         ->  a row's tokens up to its first EOS
 
 Request state lives in the `DecodeState`, never on the engine or the model, so the loop can be driven from
 outside (a server interleaving requests, a benchmark) one token at a time. Positions are explicit: M-RoPE for
@@ -107,9 +108,18 @@ def finish(state: DecodeState, decoder=None) -> None:
 def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
            feed: list[int] | None = None, enc=None, decoder=None):
     """Greedy decoding: (token ids [B][N], perf_counter time of the first token, decode steps). Stops when every
-    row has produced an EOS (rows are cut by the caller) or after `max_new_tokens` tokens."""
+    row has produced an EOS (rows are cut by the caller: `cut_at_eos`) or after `max_new_tokens` tokens."""
     state = prefill(model, family, inputs, eos_ids, max_new_tokens, steppers, enc, decoder)
     while state.steps < max_new_tokens - 1 and not state.finished:
         decode_one_token(model, family, state, feed[state.steps] if feed is not None else None, decoder)
     finish(state, decoder)
     return state.tokens, state.t_first, state.steps
+
+
+def cut_at_eos(row: list[int], eos_ids, keep_eos: bool = True) -> list[int]:
+    """`row` up to its first EOS token: with that EOS (`keep_eos`, the token ids a request returns) or without it
+    (the text to decode). A row without an EOS is returned whole."""
+    cut = next((i for i, t in enumerate(row) if t in eos_ids), None)
+    if cut is None:
+        return list(row)
+    return list(row[: cut + 1] if keep_eos else row[:cut])
