@@ -10,6 +10,9 @@ earlier waves wrote. The caller reduces
 `pairs.view(T, K, H).sum(1)` once, after the last wave, so the result does not depend on how the experts were
 split into waves. No host synchronisation happens here (offsets come from `histc`, not `bincount`).
 
+Training (train.py) runs `experts_on_slots` too, over a layer's own expert banks (slot = expert, one wave):
+autograd flows through it to the hidden states, the routing weights and the banks.
+
 `grouped_mm` takes at most `MAX_GROUPS` groups per call, so a call sees a window of at most that many slots
 (`windows()` splits the slots a wave uses; `window_banks()` gives each window's banks and slot -> group map).
 """

@@ -12,9 +12,11 @@ This module owns the training recipe and nothing about serving it:
   rescale/normalize/patchify as the saved image processor runs on the device (`patchify`, tested equal);
 * the step: bf16 autocast on CUDA, transformers' router aux loss (`output_router_logits=True`), AdamW with
   warmup-stable-decay (the decay lands on the wall-clock deadline), gradient clipping; routed experts run as
-  grouped matmuls in bf16 through an experts function registered here (`vismmoe_train`), vision attention as one
+  grouped matmuls in bf16 through an experts function registered here (`vismmoe_train`: the runtime's
+  `grouped.experts_on_slots` over the layer's own banks, with autograd), vision attention as one
   batched SDPA call per layer instead of one per image (`batch_vision_attention`, numerically the same);
-* time budget, tqdm progress, JSON-lines log, resumable state, greedy val accuracy, and the final bf16
+* time budget, tqdm progress, JSON-lines log, resumable state, greedy val accuracy (the engine's loop,
+  `decode.greedy`, on the model being trained), and the final bf16
   `save_pretrained` checkpoint (+ tokenizer + image processor) that `vismmoe.load` and `from_pretrained` read.
 
 The test split is never read here; periodic accuracy uses the "val" split.
@@ -42,7 +44,9 @@ from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as _qmod  # n
 
 from .data import (AUX_QTYPES, QTYPES, answer_vocabulary, content_tokens, make_sample,  # noqa: E402
                    make_sample_and_scene, warm_cache)
+from .decode import cut_at_eos, greedy  # noqa: E402
 from .families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
+from .grouped import experts_on_slots  # noqa: E402
 from .tokenizer import build_tokenizer  # noqa: E402
 
 FAMILY = Qwen3VLMoeFamily()
@@ -152,31 +156,20 @@ def _compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
 
 def train_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Routed experts as two grouped matmuls, differentiable, no host sync.
+    """Routed experts as the runtime's grouped matmul (`grouped.experts_on_slots`, with the layer's own expert
+    banks as the slot pool: slot = expert), differentiable, no host sync.
 
-    Same math as transformers' `grouped_mm` implementation, but the fp32 master expert weights are cast to the
-    autocast dtype first (`torch.nn.functional.grouped_mm` is not autocast-aware and takes bf16 only on CUDA).
+    The fp32 master expert weights are cast to the autocast dtype first (`torch.nn.functional.grouped_mm` is not
+    autocast-aware and takes bf16 only on CUDA); the cast is part of the graph, so gradients reach the masters.
     """
     T, H = hidden_states.shape
     K = top_k_index.shape[-1]
-    E = self.num_experts
     w_up, w_down = self.gate_up_proj, self.down_proj                  # [E, 2I, H], [E, H, I]
     dt = _compute_dtype(hidden_states, w_up)
     if w_up.dtype != dt:
         w_up, w_down = w_up.to(dt), w_down.to(dt)
-    flat = top_k_index.reshape(-1)                                    # [P] (P = T*K pairs)
-    order, perm = torch.sort(flat)
-    x = hidden_states[perm // K].to(dt)                               # [P, H], sorted by expert
-    hist_in = order.float() if order.device.type == "cpu" else order.int()
-    counts = torch.histc(hist_in, bins=E, min=0, max=E - 1)
-    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    h = F.grouped_mm(x, w_up.transpose(-2, -1), offs=offs)            # [P, 2I]
-    h = self._apply_gate(h)                                           # [P, I]
-    y = F.grouped_mm(h, w_down.transpose(-2, -1), offs=offs)          # [P, H]
-    y = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1).to(y.dtype)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return y[inv].view(T, K, H).sum(dim=1).to(hidden_states.dtype)
+    pairs = experts_on_slots(self, hidden_states, top_k_index, top_k_weights, w_up, w_down, None)   # [T*K, H]
+    return pairs.view(T, K, H).sum(dim=1).to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register(TRAIN_EXPERTS, train_experts_forward)
@@ -494,37 +487,16 @@ def forward_loss(model, batch: dict, image_processor, device: torch.device):
 @torch.no_grad()
 def greedy_answers(model, batch: dict, image_processor, tokenizer, device: torch.device,
                    max_new_tokens: int = 4) -> list[str]:
-    """Greedy decode with a KV cache from the prompt-only part of a val batch, as the engine generates."""
-    from transformers import DynamicCache
-    eos = torch.tensor(sorted(i for i in FAMILY.token_ids(tokenizer)["eos"] if i is not None and i >= 0),
-                       device=device)
-    mask = batch["p_attention_mask"]
-    B = mask.shape[0]
-    cache = DynamicCache(config=model.config)
+    """Greedy decode with a KV cache from the prompt-only part of a val batch: the engine's own loop
+    (`decode.greedy` on the plain model), so val accuracy is measured as the engine generates."""
+    eos = {i for i in FAMILY.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
+    inputs = {"input_ids": batch["p_input_ids"], "attention_mask": batch["p_attention_mask"],
+              "mm_token_type_ids": batch["p_mm_token_type_ids"],
+              "pixel_values": patchify(batch["images"], image_processor), "image_grid_thw": batch["image_grid_thw"]}
     with autocast_ctx(device):
-        out = model(input_ids=batch["p_input_ids"], attention_mask=mask, position_ids=batch["p_position_ids"],
-                    mm_token_type_ids=batch["p_mm_token_type_ids"],
-                    pixel_values=patchify(batch["images"], image_processor), image_grid_thw=batch["image_grid_thw"],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens = [nxt]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens - 1):
-            done = done | torch.isin(nxt, eos)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask,
-                        position_ids=FAMILY.decode_positions(mask, batch["p_deltas"]),
-                        past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-    eos_set = set(eos.tolist())
-    texts = []
-    for row in torch.stack(tokens, 1).tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos_set), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip().lower())
-    return texts
+        rows, _, _ = greedy(model, FAMILY, inputs, max_new_tokens, eos)
+    return [tokenizer.decode(cut_at_eos(row, eos, keep_eos=False), skip_special_tokens=True).strip().lower()
+            for row in rows]
 
 
 def evaluate_val(model, val_batches: list[dict], image_processor, tokenizer, device: torch.device) -> dict:
