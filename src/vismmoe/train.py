@@ -718,79 +718,82 @@ def resolve_hparams(args) -> dict:
     return hp
 
 
-def main(argv=None, t_start: float | None = None) -> dict:
-    """Run (or resume) one training job; returns the summary also written to OUT/train_summary.json.
+# --- set-up steps of `main` ---
 
-    `t_start` is when the --minutes budget began (the command line passes the process start time)."""
-    t_start = time.time() if t_start is None else t_start
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    deadline = t_start + args.minutes * 60 if args.minutes else None
-    if args.steps is None and deadline is None:
-        raise SystemExit("give --minutes and/or --steps")
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, LOG_FILE)
-    state_path = os.path.join(args.out, STATE_FILE)
-    workers = _default_workers(device) if args.workers is None else args.workers
+
+def _configure_device(device: torch.device) -> None:
+    """CUDA math settings of the run (nothing on the CPU)."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")      # TF32 for whatever runs outside bf16 autocast
         torch.backends.cudnn.benchmark = True           # the patch-embedding Conv3d sees one shape all run
 
-    state = None
+
+def _resume_or_start(args, log_path: str, state_path: str) -> tuple[dict | None, dict]:
+    """(saved state or None, the run's recipe): `--resume` reads OUT/train_state.pt and keeps its recipe (only
+    --batch may change); a fresh run resolves the preset and removes an earlier run's log."""
     if args.resume:
         if not os.path.exists(state_path):
             raise SystemExit(f"--resume: no {state_path}")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        hp = state["hparams"]                   # the run's recipe; only --batch may change on resume
+        hp = state["hparams"]
         if args.batch is not None:
             hp["batch"] = args.batch
-    else:
-        hp = resolve_hparams(args)
-        if os.path.exists(log_path):
-            os.remove(log_path)
+        return state, hp
+    hp = resolve_hparams(args)
+    if os.path.exists(log_path):
+        os.remove(log_path)
+    return None, hp
+
+
+def _question_types(hp: dict) -> list[int]:
+    """Type ids the batches hold: the recipe's scored types (all by default), then the auxiliary types it weighs."""
     types = list(hp["qtypes"]) if hp.get("qtypes") else list(range(len(QTYPES)))
     aux_w = hp.get("aux", {})
-    types += [len(QTYPES) + a for a, q in enumerate(AUX_QTYPES) if aux_w.get(q)]
-    B = hp["batch"]
+    return types + [len(QTYPES) + a for a, q in enumerate(AUX_QTYPES) if aux_w.get(q)]
 
-    # ---- data: tokenizer, val set, train stream (workers fork before the device is touched) ----
-    warm_cache()
-    if state is not None or args.init:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.out if state is not None else args.init)
-        if state is None:
-            tokenizer.save_pretrained(args.out)
+
+def _tokenizer_and_config(args, hp: dict, state: dict | None, workers: int):
+    """(tokenizer, model config): a resumed run's own, an `--init` checkpoint's, or new ones from the recipe
+    (the tokenizer is trained on the train split's text). A new run saves its tokenizer to OUT."""
+    from transformers import AutoTokenizer, Qwen3VLMoeConfig
+    if state is not None:
+        return AutoTokenizer.from_pretrained(args.out), Qwen3VLMoeConfig.from_dict(state["config"])
+    if args.init:
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        config = Qwen3VLMoeConfig.from_pretrained(args.init)
     else:
         tokenizer = make_tokenizer(hp["vocab"], hp["corpus_samples"], workers)
-        tokenizer.save_pretrained(args.out)
-    if args.init and state is None:
-        from transformers import Qwen3VLMoeConfig
-        config = Qwen3VLMoeConfig.from_pretrained(args.init)
-    elif state is None:
         config = make_config(tokenizer, hp["model"])
-    else:
-        from transformers import Qwen3VLMoeConfig
-        config = Qwen3VLMoeConfig.from_dict(state["config"])
-    image_processor = FAMILY.tiny_image_processor(hp["image_size"])
-    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"], hp.get("visual_dropout", 0.0),
-                       hp.get("background_dropout", 0.0))
-    info = RunInfo(**state["info"]) if state is not None else RunInfo()
-    pin = device.type == "cuda"
+    tokenizer.save_pretrained(args.out)
+    return tokenizer, config
 
+
+def _data(hp: dict, info: RunInfo, maker: BatchMaker, workers: int, device: torch.device):
+    """(val batches, the train `TypeMix`, the train batch iterator, workers): the val set is made once; the train
+    DataLoader's workers start here, before the device is touched. Fewer workers (or less prefetch) when /dev/shm
+    cannot hold their batches."""
+    types = _question_types(hp)
+    aux_w = hp.get("aux", {})
     val_idx = val_batches_indices(hp["val_samples"], hp["eval_batch"], types)
     val_batches = list(make_loader(BatchStream(maker, "val", with_prompt=True), val_idx,
                                    min(workers, len(val_idx)), pin=False))
-    mix = TypeMix(B, types, info.type_next, info.type_weights or adaptive_weights({q: 1.0 for q in QTYPES}, aux_w))
+    mix = TypeMix(hp["batch"], types, info.type_next,
+                  info.type_weights or adaptive_weights({q: 1.0 for q in QTYPES}, aux_w))
     prefetch = 2
     if workers > 0:
-        fit = fit_workers(workers, prefetch, B * hp["image_size"] ** 2 * 3)
+        fit = fit_workers(workers, prefetch, hp["batch"] * hp["image_size"] ** 2 * 3)
         if fit != (workers, prefetch):
             print(f"warning: /dev/shm is small: {fit[0]} workers x prefetch {fit[1]} (asked {workers} x "
                   f"{prefetch}); 0 workers = data made in the main process, much slower", file=sys.stderr)
             workers, prefetch = fit
-    train_iter = iter(make_loader(BatchStream(maker, "train"), mix, workers, pin=pin, prefetch=prefetch))
+    train_iter = iter(make_loader(BatchStream(maker, "train"), mix, workers, pin=device.type == "cuda",
+                                  prefetch=prefetch))
+    return val_batches, mix, train_iter, workers
 
-    # ---- model, optimizer ----
+
+def _model_and_optimizer(args, hp: dict, config, state: dict | None, device: torch.device):
+    """(model in train mode on `device` with the chosen experts and vision kernels, AdamW, parameter sizes):
+    weights and optimizer state (and the RNGs) from a resumed run, weights from `--init`, or fresh ones."""
     model = build_model(config, hp["seed"])
     if state is not None:
         model.load_state_dict(state["model"])
@@ -802,147 +805,296 @@ def main(argv=None, t_start: float | None = None) -> dict:
     sizes = param_split(model)
     model.to(device)
     model.train()
-    experts_impl = args.experts_impl
-    model.set_experts_implementation(experts_impl)
-    batched_vision = not args.no_batched_vision
-    batch_vision_attention(model, batched_vision)
+    model.set_experts_implementation(args.experts_impl)
+    batch_vision_attention(model, not args.no_batched_vision)
     optimizer = make_optimizer(model, hp["lr"], hp["weight_decay"], device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
     else:
         torch.manual_seed(hp["seed"])
-    del state
-    print(f"model: {sizes['params_total'] / 1e6:.2f} M params = experts {sizes['params_experts'] / 1e6:.2f} M "
-          f"({100 * sizes['expert_share']:.1f} %) + other {sizes['params_other'] / 1e6:.2f} M; "
-          f"bf16 {sizes['bf16_bytes'] / 2**20:.1f} MiB; vocab {len(tokenizer)}; device {device}; batch {B}; "
-          f"workers {workers}; start-up {time.time() - t_start:.1f} s", flush=True)
-    _jsonl(log_path, {"event": "start", "resume": args.resume, "step": info.step, "hparams": hp, **sizes,
-                      "device": str(device), "workers": workers, "startup_s": time.time() - t_start})
+    return model, optimizer, sizes
 
-    # ---- loop ----
-    from tqdm import tqdm
-    start_step, start_progress = info.step, info.progress
-    warm_from = 0
-    if start_progress >= 0.99:          # the run being resumed finished its schedule: warm up again, then decay
-        start_progress, warm_from = 0.5, info.step
+
+@dataclass
+class Job:
+    """One training run's parts, built by `main`'s set-up steps and shared by its loop and its final step."""
+
+    args: argparse.Namespace
+    hp: dict
+    device: torch.device
+    t_start: float                   # when the --minutes budget began
+    deadline: float | None           # when the run must have ended (None: --steps only)
+    info: RunInfo
+    tokenizer: object
+    config: object
+    image_processor: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    mix: TypeMix
+    sizes: dict                      # parameter counts and bytes (`param_split`)
+    workers: int
+    experts_impl: str                # what the model runs now (a failing first step falls back to eager)
+    batched_vision: bool
+
+    def log(self, rec: dict) -> None:
+        _jsonl(os.path.join(self.args.out, LOG_FILE), rec)
+
+
+def _announce(job: Job) -> None:
+    """The start line on stdout and the `start` event in the log."""
+    s = job.sizes
+    print(f"model: {s['params_total'] / 1e6:.2f} M params = experts {s['params_experts'] / 1e6:.2f} M "
+          f"({100 * s['expert_share']:.1f} %) + other {s['params_other'] / 1e6:.2f} M; "
+          f"bf16 {s['bf16_bytes'] / 2**20:.1f} MiB; vocab {len(job.tokenizer)}; device {job.device}; "
+          f"batch {job.hp['batch']}; workers {job.workers}; start-up {time.time() - job.t_start:.1f} s", flush=True)
+    job.log({"event": "start", "resume": job.args.resume, "step": job.info.step, "hparams": job.hp, **s,
+             "device": str(job.device), "workers": job.workers, "startup_s": time.time() - job.t_start})
+
+
+# --- the loop's steps ---
+
+
+@dataclass
+class _Clock:
+    """The loop's schedule: where this run's LR schedule starts, when training must stop (leaving time for the
+    final eval), and when the next eval and checkpoint are due."""
+
+    t_loop: float
+    start_step: int
+    start_progress: float
+    warm_from: int                   # the step the LR warm-up starts from
+    train_end: float | None
+    next_eval: float
+    next_ckpt: float
+    last_eval_s: float = 0.0         # the last eval's seconds: the final eval is expected to take as long
+
+
+def _start_clock(job: Job) -> _Clock:
+    """The clock at the loop's start; a resumed run whose schedule had finished warms up again and decays anew."""
+    start_progress, warm_from = job.info.progress, 0
+    if start_progress >= 0.99:
+        start_progress, warm_from = 0.5, job.info.step
         print("note: resuming a finished schedule; the LR warms up to its peak again and decays at the end",
               file=sys.stderr)
     t_loop = time.time()
-    reserve = 20.0 if device.type == "cuda" else 5.0       # final eval estimate is added after each eval
-    last_eval_s = 0.0
-    train_end = None if deadline is None else deadline - reserve
-    next_eval = t_loop + hp["eval_every_s"]
-    next_ckpt = t_loop + hp["ckpt_every_s"]
-    bar = tqdm(total=args.steps, initial=info.step, disable=args.no_progress, dynamic_ncols=True,
+    reserve = 20.0 if job.device.type == "cuda" else 5.0       # final eval estimate is added after each eval
+    return _Clock(t_loop=t_loop, start_step=job.info.step, start_progress=start_progress, warm_from=warm_from,
+                  train_end=None if job.deadline is None else job.deadline - reserve,
+                  next_eval=t_loop + job.hp["eval_every_s"], next_ckpt=t_loop + job.hp["ckpt_every_s"])
+
+
+def _should_stop(job: Job, clock: _Clock, now: float) -> bool:
+    """--steps reached, or too little time left before the deadline for another step and the final eval."""
+    if job.args.steps is not None and job.info.step >= job.args.steps:
+        return True
+    return clock.train_end is not None and now >= clock.train_end - clock.last_eval_s
+
+
+def _set_lr(job: Job, clock: _Clock, now: float) -> float:
+    """Advance the schedule's progress (by time or by steps, whichever is further) and set this step's LR."""
+    info, hp, steps = job.info, job.hp, job.args.steps
+    frac_t = 0.0 if clock.train_end is None else (now - clock.t_loop) / max(
+        1e-6, clock.train_end - clock.last_eval_s - clock.t_loop)
+    frac_s = 0.0 if steps is None else (info.step - clock.start_step) / max(1, steps - clock.start_step)
+    info.progress = clock.start_progress + (1 - clock.start_progress) * min(1.0, max(frac_t, frac_s))
+    lr = lr_at(info.step, info.progress, hp["lr"], hp["warmup"], hp["min_lr_ratio"], hp.get("decay_frac", 0.3),
+               clock.warm_from)
+    for g in job.optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _fall_back(job: Job, e: Exception) -> bool:
+    """Switch off the first fast kernel still in use (the experts function, then batched vision attention),
+    saying why; False when both are off already."""
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if job.experts_impl != "eager":
+        print(f"warning: experts '{job.experts_impl}' failed ({why}); using eager", file=sys.stderr)
+        job.experts_impl = "eager"
+        job.model.set_experts_implementation("eager")
+        return True
+    if job.batched_vision:
+        print(f"warning: batched vision attention failed ({why}); per image", file=sys.stderr)
+        job.batched_vision = False
+        batch_vision_attention(job.model, False)
+        return True
+    return False
+
+
+def _forward_backward(job: Job, batch: dict, first: bool):
+    """(ce, aux, per-row exact match) of one batch, gradients computed. On the run's `first` step a kernel that
+    fails falls back (`_fall_back`) and the step is tried again; later failures, and running out of memory, raise."""
+    while True:
+        try:
+            job.optimizer.zero_grad(set_to_none=True)
+            loss, ce, aux, ok = forward_loss(job.model, batch, job.image_processor, job.device)
+            loss.backward()
+            return ce, aux, ok
+        except (RuntimeError, NotImplementedError) as e:
+            if not first or isinstance(e, torch.cuda.OutOfMemoryError) or not _fall_back(job, e):
+                raise
+
+
+class _Window:
+    """Sums over the steps since the last `train` log line (losses stay on the device: no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.aux = torch.zeros((), device=device)
+        self.ok = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        for acc in (self.loss, self.aux, self.ok):
+            acc.zero_()
+        self.steps, self.data_wait, self.t0, self.samples = 0, 0.0, time.time(), 0
+
+    def add(self, ce, aux, ok, samples: int) -> None:
+        self.loss += ce
+        self.aux += aux
+        self.ok += ok.float().mean()
+        self.steps += 1
+        self.samples += samples
+
+
+def _log_window(job: Job, window: _Window, bar, gnorm, lr: float) -> None:
+    """Write one `train` record (means over the window), show it on the progress bar, start a new window."""
+    dt = time.time() - window.t0
+    n = window.steps
+    rec = {"event": "train", "step": job.info.step, "samples": job.info.samples,
+           "loss": float(window.loss) / n, "aux_loss": float(window.aux) / n,
+           "aux_balance": float(window.aux) / n / job.config.text_config.num_experts_per_tok,
+           "train_acc": float(window.ok) / n, "grad_norm": float(gnorm), "lr": lr,
+           "samples_per_s": window.samples / max(dt, 1e-9), "data_wait_frac": window.data_wait / max(dt, 1e-9),
+           "progress": job.info.progress, "elapsed_s": time.time() - job.t_start}
+    job.log(rec)
+    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_acc']:.2f}",
+                    sps=f"{rec['samples_per_s']:.0f}", lr=f"{lr:.1e}", refresh=False)
+    window.reset()
+
+
+def _periodic_eval(job: Job, clock: _Clock, val_batches: list[dict], bar, window: _Window) -> None:
+    """Val accuracy (logged and shown); the adaptive mix re-weighs the question types from it. Its time is not
+    counted as training time."""
+    te = time.time()
+    val = evaluate_val(job.model, val_batches, job.image_processor, job.tokenizer, job.device)
+    clock.last_eval_s = time.time() - te
+    if job.hp.get("mix", "adaptive") == "adaptive":
+        job.mix.weights = adaptive_weights(val["by_type"], job.hp.get("aux", {}))
+    job.log({"event": "val", "step": job.info.step, "samples": job.info.samples, **val,
+             "eval_s": clock.last_eval_s, "mix_weights": dict(zip(ALL_TYPES, job.mix.weights)),
+             "elapsed_s": time.time() - job.t_start})
+    bar.write(f"step {job.info.step}: val acc {val['accuracy']:.3f} "
+              + " ".join(f"{q}={a:.2f}" for q, a in val["by_type"].items()))
+    clock.next_eval = time.time() + job.hp["eval_every_s"]
+    window.t0 += clock.last_eval_s
+
+
+def _periodic_checkpoint(job: Job, clock: _Clock, window: _Window) -> None:
+    """Save the resumable state; its time is not counted as training time."""
+    tc = time.time()
+    save_state(job.args.out, job.model, job.optimizer,
+               _state_info(job.info, time.time() - clock.t_loop, job.hp, job.config, job.mix))
+    clock.next_ckpt = time.time() + job.hp["ckpt_every_s"]
+    window.t0 += time.time() - tc
+
+
+def _train_loop(job: Job, train_iter, val_batches: list[dict]) -> _Clock:
+    """Optimizer steps until `_should_stop`, with log lines every `log_every` steps and val evals and checkpoints
+    on their wall-clock periods. Returns the loop's clock (its start time and first step)."""
+    from tqdm import tqdm
+    clock = _start_clock(job)
+    info, B = job.info, job.hp["batch"]
+    bar = tqdm(total=job.args.steps, initial=info.step, disable=job.args.no_progress, dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 15.0, desc="train")
-    acc_loss = torch.zeros((), device=device)
-    acc_aux = torch.zeros((), device=device)
-    acc_ok = torch.zeros((), device=device)
-    n_acc, data_wait, t_win, s_win = 0, 0.0, time.time(), 0
-    val = None
+    window = _Window(job.device)
     while True:
         now = time.time()
-        if args.steps is not None and info.step >= args.steps:
+        if _should_stop(job, clock, now):
             break
-        if train_end is not None and now >= train_end - last_eval_s:
-            break
-        frac_t = 0.0 if train_end is None else (now - t_loop) / max(1e-6, train_end - last_eval_s - t_loop)
-        frac_s = 0.0 if args.steps is None else (info.step - start_step) / max(1, args.steps - start_step)
-        info.progress = start_progress + (1 - start_progress) * min(1.0, max(frac_t, frac_s))
-        lr = lr_at(info.step, info.progress, hp["lr"], hp["warmup"], hp["min_lr_ratio"], hp.get("decay_frac", 0.3),
-                   warm_from)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = _set_lr(job, clock, now)
         t0 = time.time()
         cpu_batch = next(train_iter)
-        data_wait += time.time() - t0
-        batch = to_device(cpu_batch, device)
-        while True:
-            try:
-                optimizer.zero_grad(set_to_none=True)
-                loss, ce, aux, ok = forward_loss(model, batch, image_processor, device)
-                loss.backward()
-                break
-            except (RuntimeError, NotImplementedError) as e:    # first step only: fall back, then retry
-                if info.step != start_step or isinstance(e, torch.cuda.OutOfMemoryError):
-                    raise
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                if experts_impl != "eager":
-                    print(f"warning: experts '{experts_impl}' failed ({why}); using eager", file=sys.stderr)
-                    experts_impl = "eager"
-                    model.set_experts_implementation("eager")
-                elif batched_vision:
-                    print(f"warning: batched vision attention failed ({why}); per image", file=sys.stderr)
-                    batched_vision = False
-                    batch_vision_attention(model, False)
-                else:
-                    raise
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
-        optimizer.step()
+        window.data_wait += time.time() - t0
+        batch = to_device(cpu_batch, job.device)
+        ce, aux, ok = _forward_backward(job, batch, first=info.step == clock.start_step)
+        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.hp["clip"])
+        job.optimizer.step()
         info.step += 1
         info.samples += B
-        s_win += B
-        acc_loss += ce
-        acc_aux += aux
-        acc_ok += ok.float().mean()
-        n_acc += 1
+        window.add(ce, aux, ok, B)
         bar.update(1)
-        if info.step % hp["log_every"] == 0 or info.step == args.steps:
-            dt = time.time() - t_win
-            rec = {"event": "train", "step": info.step, "samples": info.samples,
-                   "loss": float(acc_loss) / n_acc, "aux_loss": float(acc_aux) / n_acc,
-                   "aux_balance": float(acc_aux) / n_acc / config.text_config.num_experts_per_tok,
-                   "train_acc": float(acc_ok) / n_acc, "grad_norm": float(gnorm), "lr": lr,
-                   "samples_per_s": s_win / max(dt, 1e-9), "data_wait_frac": data_wait / max(dt, 1e-9),
-                   "progress": info.progress, "elapsed_s": time.time() - t_start}
-            _jsonl(log_path, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['train_acc']:.2f}",
-                            sps=f"{rec['samples_per_s']:.0f}", lr=f"{lr:.1e}", refresh=False)
-            acc_loss.zero_(), acc_aux.zero_(), acc_ok.zero_()
-            n_acc, data_wait, t_win, s_win = 0, 0.0, time.time(), 0
-        if time.time() >= next_eval:
-            te = time.time()
-            val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
-            last_eval_s = time.time() - te
-            if hp.get("mix", "adaptive") == "adaptive":
-                mix.weights = adaptive_weights(val["by_type"], aux_w)
-            _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val,
-                              "eval_s": last_eval_s, "mix_weights": dict(zip(ALL_TYPES, mix.weights)),
-                              "elapsed_s": time.time() - t_start})
-            bar.write(f"step {info.step}: val acc {val['accuracy']:.3f} "
-                      + " ".join(f"{q}={a:.2f}" for q, a in val["by_type"].items()))
-            next_eval = time.time() + hp["eval_every_s"]
-            t_win += last_eval_s
-        if time.time() >= next_ckpt:
-            tc = time.time()
-            save_state(args.out, model, optimizer, _state_info(info, time.time() - t_loop, hp, config, mix))
-            next_ckpt = time.time() + hp["ckpt_every_s"]
-            t_win += time.time() - tc
+        if info.step % job.hp["log_every"] == 0 or info.step == job.args.steps:
+            _log_window(job, window, bar, gnorm, lr)
+        if time.time() >= clock.next_eval:
+            _periodic_eval(job, clock, val_batches, bar, window)
+        if time.time() >= clock.next_ckpt:
+            _periodic_checkpoint(job, clock, window)
     bar.close()
-    del train_iter
-    loop_s = time.time() - t_loop
-    info.train_s += loop_s
+    return clock
 
-    # ---- final: val, resumable state, bf16 checkpoint, summary ----
-    val = evaluate_val(model, val_batches, image_processor, tokenizer, device)
-    _jsonl(log_path, {"event": "val", "step": info.step, "samples": info.samples, **val, "final": True,
-                      "elapsed_s": time.time() - t_start})
-    save_state(args.out, model, optimizer, _state_info(info, 0.0, hp, config, mix))
-    routing = routing_stats(model, to_device(val_batches[0], device), image_processor, device)
+
+def _finish(job: Job, val_batches: list[dict], loop_s: float, start_step: int) -> dict:
+    """Final val, resumable state, routing statistics, the bf16 checkpoint and the summary (OUT/train_summary.json)."""
+    info, args, B = job.info, job.args, job.hp["batch"]
+    val = evaluate_val(job.model, val_batches, job.image_processor, job.tokenizer, job.device)
+    job.log({"event": "val", "step": info.step, "samples": info.samples, **val, "final": True,
+             "elapsed_s": time.time() - job.t_start})
+    save_state(args.out, job.model, job.optimizer, _state_info(info, 0.0, job.hp, job.config, job.mix))
+    routing = routing_stats(job.model, to_device(val_batches[0], job.device), job.image_processor, job.device)
     shard = None if str(args.max_shard_size).lower() in ("none", "0", "") else args.max_shard_size
-    ckpt_bytes = export_checkpoint(args.out, model, tokenizer, image_processor, shard)
-    summary = {**sizes, "checkpoint_bytes": ckpt_bytes, "steps": info.step, "samples_seen": info.samples,
-               "batch": B, "loop_s": loop_s, "train_s_total": info.train_s, "wall_s": time.time() - t_start,
-               "samples_per_s": (info.step - start_step) * B / max(loop_s, 1e-9), "device": str(device),
-               "experts_implementation": experts_impl, "batched_vision_attention": batched_vision,
-               "workers": workers, "val": val, "routing": routing, "hparams": hp}
+    ckpt_bytes = export_checkpoint(args.out, job.model, job.tokenizer, job.image_processor, shard)
+    summary = {**job.sizes, "checkpoint_bytes": ckpt_bytes, "steps": info.step, "samples_seen": info.samples,
+               "batch": B, "loop_s": loop_s, "train_s_total": info.train_s, "wall_s": time.time() - job.t_start,
+               "samples_per_s": (info.step - start_step) * B / max(loop_s, 1e-9), "device": str(job.device),
+               "experts_implementation": job.experts_impl, "batched_vision_attention": job.batched_vision,
+               "workers": job.workers, "val": val, "routing": routing, "hparams": job.hp}
     with open(os.path.join(args.out, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"done: {info.step} steps, {info.samples} samples, {summary['wall_s']:.0f} s wall; val acc "
           f"{val['accuracy']:.3f} (" + ", ".join(f"{q} {a:.2f}" for q, a in val["by_type"].items()) + f"); "
           f"checkpoint {ckpt_bytes / 2**20:.1f} MiB in {args.out}", flush=True)
     return summary
+
+
+def main(argv=None, t_start: float | None = None) -> dict:
+    """Run (or resume) one training job; returns the summary also written to OUT/train_summary.json.
+
+    `t_start` is when the --minutes budget began (the command line passes the process start time).
+
+        arguments -> recipe (resumed or new) -> tokenizer, config -> data (val set, train workers) -> model,
+        optimizer -> loop (steps, logs, evals, checkpoints) -> final val, state, bf16 checkpoint, summary
+    """
+    t_start = time.time() if t_start is None else t_start
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    deadline = t_start + args.minutes * 60 if args.minutes else None
+    if args.steps is None and deadline is None:
+        raise SystemExit("give --minutes and/or --steps")
+    os.makedirs(args.out, exist_ok=True)
+    workers = _default_workers(device) if args.workers is None else args.workers
+    _configure_device(device)
+    state, hp = _resume_or_start(args, os.path.join(args.out, LOG_FILE), os.path.join(args.out, STATE_FILE))
+    warm_cache()                    # data first: the DataLoader workers fork before the device is touched
+    tokenizer, config = _tokenizer_and_config(args, hp, state, workers)
+    image_processor = FAMILY.tiny_image_processor(hp["image_size"])
+    maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"], hp.get("visual_dropout", 0.0),
+                       hp.get("background_dropout", 0.0))
+    info = RunInfo(**state["info"]) if state is not None else RunInfo()
+    val_batches, mix, train_iter, workers = _data(hp, info, maker, workers, device)
+    model, optimizer, sizes = _model_and_optimizer(args, hp, config, state, device)
+    del state
+    job = Job(args=args, hp=hp, device=device, t_start=t_start, deadline=deadline, info=info, tokenizer=tokenizer,
+              config=config, image_processor=image_processor, model=model, optimizer=optimizer, mix=mix,
+              sizes=sizes, workers=workers, experts_impl=args.experts_impl,
+              batched_vision=not args.no_batched_vision)
+    _announce(job)
+    clock = _train_loop(job, train_iter, val_batches)
+    del train_iter                  # the workers end before the final eval (their shutdown counts as loop time)
+    loop_s = time.time() - clock.t_loop
+    info.train_s += loop_s
+    return _finish(job, val_batches, loop_s, clock.start_step)
 
 
 if __name__ == "__main__":
