@@ -50,3 +50,18 @@ def test_routing_is_learned_not_uniform_nor_collapsed():
         p = c / c.sum()
         ent = -(p[p > 0] * np.log2(p[p > 0])).sum()
         assert 1.0 < ent < np.log2(E) - 0.05, (layer, ent)                # neither collapsed nor uniform
+
+
+def test_bundled_model_ships_its_calibration(tiny_dirs):
+    """--prefetch trace / blend work on the bundled model without running calibrate first (its tables ship with
+    it and are used by default); a checkpoint without tables still asks for them."""
+    import pytest
+
+    from vismmoe.errors import UserError
+    s = balanced_subset("test", 1)[0]
+    for name in ("trace", "blend"):
+        eng = load(BUNDLED, prefetch=name, expert_budget="25%", fixed_lookahead=True)
+        assert eng.rc.calibration == os.path.join(BUNDLED, "calibration.npz")
+        assert eng.generate(s.image, s.question, max_new_tokens=4).stats["prefetch_issued"] > 0
+    with pytest.raises(UserError, match="needs a calibration file"):
+        load(tiny_dirs["qwen3_vl_moe"], prefetch="blend")

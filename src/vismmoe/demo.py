@@ -86,7 +86,8 @@ def run_demo(device: str = "cpu", as_json: bool = False) -> int:
                 ok = a["truth"] is None or a["answer"].strip().lower() == a["truth"]
                 t.add_row(a["qtype"], a["question"], ("" if ok else "[red]") + a["answer"], a["truth"] or "-")
             out.print(t)
-            out.print(stats_table(stats, title=f"offload statistics over {len(answers)} questions, budget {budget}"))
+            out.print(stats_table(stats, title=f"offload statistics over {len(answers)} questions, budget {budget}",
+                                  requests=len(answers)))
     same = len({tuple(tuple(a["token_ids"]) for a in r["answers"]) for r in results}) == 1
     if as_json:
         print(json.dumps({"model": model_dir, "routing": routing, "results": results, "identical_tokens": same}))

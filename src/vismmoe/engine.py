@@ -517,6 +517,9 @@ def strip_experts(model, family, geo, dt, dev) -> None:
         raise UserError(f"no weights for {leftover[0]}", "the checkpoint is incomplete or does not match its config")
 
 
+CALIBRATION_FILE = "calibration.npz"    # transition tables a checkpoint may ship for --prefetch trace / blend
+
+
 def check(rc: RuntimeConfig) -> None:
     """Every knob of `rc` that names something (policy, link, predictor, compressor) or has a range, checked before
     any weight is read: one-line UserErrors."""
@@ -550,6 +553,9 @@ def load(model_dir: str, rc: RuntimeConfig | None = None, *, progress=None, **ov
     except TypeError as e:
         raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
     family = get_family(read_model_type(model_dir))
+    shipped = os.path.join(model_dir, CALIBRATION_FILE)
+    if rc.prefetch in ("trace", "blend") and rc.calibration is None and os.path.exists(shipped):
+        rc = replace(rc, calibration=shipped)          # tables the checkpoint ships (the bundled model does)
     check(rc)
     dev = _resolve_device(rc.device)
     try:

@@ -8,20 +8,26 @@ from rich.table import Table
 from .config import format_size
 
 
-def stats_table(stats: dict, title: str = "offload statistics") -> Table:
+def stats_table(stats: dict, title: str = "offload statistics", requests: int = 1) -> Table:
+    """`stats` of one request, or summed over `requests` (time to first token and end to end are then shown as
+    the mean per request)."""
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("metric")
     t.add_column("value", justify="right")
+    per = " (mean per request)" if requests > 1 else ""
+    budget = format_size(stats["expert_budget_bytes"])
+    pool = stats.get("expert_pool_bytes")
     rows = [
-        ("expert budget", format_size(stats["expert_budget_bytes"])),
+        ("expert budget (pool allocated)",
+         budget if pool is None else f"{budget} ({format_size(pool)}: {stats['slots']} slots)"),
         ("cache slots (experts)", f"{stats['slots']} of {stats['experts_total']}"),
         ("expert bytes peak", format_size(stats["expert_bytes_peak"])),
         ("hits / misses", f"{stats['hits']} / {stats['misses']}  ({stats['hit_rate']:.1%} hit)"),
         ("bytes moved", format_size(stats["bytes_moved"])),
         ("stall", f"{stats['stall_s'] * 1e3:.1f} ms"),
-        ("time to first token", f"{stats['ttft_s'] * 1e3:.1f} ms"),
+        ("time to first token" + per, f"{stats['ttft_s'] / requests * 1e3:.1f} ms"),
         ("time per output token", f"{stats['tpot_s'] * 1e3:.1f} ms"),
-        ("end to end", f"{stats['e2e_s'] * 1e3:.1f} ms"),
+        ("end to end" + per, f"{stats['e2e_s'] / requests * 1e3:.1f} ms"),
         ("visual tokens (kept)", f"{stats['visual_tokens']} ({stats['visual_tokens_kept']})"),
     ]
     for k, v in rows:
