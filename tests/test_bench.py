@@ -48,7 +48,7 @@ def test_bench_saves_finished_groups_as_it_goes(tmp_path, monkeypatch):
     from vismmoe.bench import harness
 
     seen = []
-    real = harness.bench_trained
+    real = harness.bench_systems
 
     def spy(*a, on_rows=None, **k):
         def record(rows):
@@ -56,7 +56,7 @@ def test_bench_saves_finished_groups_as_it_goes(tmp_path, monkeypatch):
             seen.append(json.loads((tmp_path / "bench.json").read_text()))
         return real(*a, on_rows=record, **k)
 
-    monkeypatch.setattr(harness, "bench_trained", spy)
+    monkeypatch.setattr(harness, "bench_systems", spy)
     code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "2", "--link", "edge",
                  "--link", "mobile", "--budgets", "25%", "--reps", "1", "--systems", "ondemand", "--out",
                  str(tmp_path)])

@@ -33,7 +33,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..evaluate import normalize
 from ..links import PROFILES
@@ -94,7 +94,7 @@ def requests_from_samples(samples) -> list[Request]:
     return [Request(image=s.image, question=s.question, answer=s.answer) for s in samples]
 
 
-def serve(eng, req: Request, max_new_tokens: int) -> tuple[dict, bool | None]:
+def run_request(eng, req: Request, max_new_tokens: int) -> tuple[dict, bool | None]:
     """(stats, answered correctly or None) of one request."""
     if req.inputs is not None:
         _, st = eng.generate_ids(req.inputs, max_new_tokens, feed=req.feed)
@@ -103,7 +103,9 @@ def serve(eng, req: Request, max_new_tokens: int) -> tuple[dict, bool | None]:
     return gen.stats, normalize(gen.text) == normalize(req.answer)
 
 
-def _fork(base, sys: System, budget: str, link: str, calibration: str | None, pool_of=None):
+def fork_system(base, sys: System, budget: str, link: str, calibration: str | None, pool_of=None):
+    """(engine running `sys` at `budget` on `link`, the prefetcher it got): a fork of `base` (on the device pool of
+    `pool_of` when given). moe-infinity without transition tables falls back to gate prefetch."""
     prefetch = sys.prefetch
     if prefetch == "trace" and calibration is None:
         prefetch = "gate"                   # no tables: fall back (noted in the row)
@@ -114,14 +116,14 @@ def _fork(base, sys: System, budget: str, link: str, calibration: str | None, po
 
 
 def _run_requests(eng, samples, max_new_tokens: int) -> dict:
-    """Serve `samples` one request at a time, each on a cold cache (as the bound assumes); sums and accuracy. The
+    """Run `samples` one request at a time, each on a cold cache (as the bound assumes); sums and accuracy. The
     policy keeps what it learned from earlier requests (frequencies, scores): that is its state, not the cache's."""
     t = {"ttft_s": 0.0, "decode_s": 0.0, "steps": 0, "e2e_s": 0.0, "hits": 0, "misses": 0, "bytes_moved": 0,
          "stall_s": 0.0, "link_busy_s": 0.0, "prefetch_issued": 0, "prefetch_hits": 0}
     right = []
     for s in samples:
         eng.cache.clear()
-        st, ok = serve(eng, s, max_new_tokens)
+        st, ok = run_request(eng, s, max_new_tokens)
         t["ttft_s"] += st["ttft_s"]
         t["e2e_s"] += st["e2e_s"]
         t["decode_s"] += st["e2e_s"] - st["ttft_s"]
@@ -137,88 +139,127 @@ def _run_requests(eng, samples, max_new_tokens: int) -> dict:
             "prefetch_issued": t["prefetch_issued"] / n, "prefetch_hits": t["prefetch_hits"] / n}
 
 
-def bench_trained(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
+@dataclass
+class _Bench:
+    """What every (link, budget) group of one `bench_systems` call shares: the requests, the base engine, and a
+    fork of it with every expert resident, which gives the bounds their compute terms and routing traces."""
+
+    base: object
+    resident: object
+    samples: list
+    reps: int
+    max_new_tokens: int
+    save_traces: str | None
+    compute: dict = field(default_factory=dict)         # (compress, keep ratio) -> `_compute_s`
+
+
+def _compute_s(b: _Bench, sys: System) -> tuple[float, float]:
+    """(seconds per request, of which prefill) with every expert resident (no transfers): the bound's compute
+    terms, measured for this system's compression setting (pruned prompts compute less)."""
+    key = (sys.compress, sys.keep_ratio)
+    if key not in b.compute:
+        b.resident.set_compression(sys.compress, sys.keep_ratio)
+        runs = []
+        # at least two runs: one alone may carry first-call costs (a bound above the measured times)
+        for _ in range(max(b.reps, 2)):
+            run_request(b.resident, b.samples[0], 2)                                    # all resident
+            t0, prefill = time.perf_counter(), 0.0
+            for s in b.samples:
+                prefill += run_request(b.resident, s, b.max_new_tokens)[0]["ttft_s"]
+            runs.append(((time.perf_counter() - t0) / len(b.samples), prefill / len(b.samples)))
+        b.compute[key] = min(runs)          # the fastest repetition: a bound, not a typical time
+    return b.compute[key]
+
+
+def _fork_systems(base, systems: list[str], budget: str, link: str, calibration: str | None) -> dict:
+    """name -> (engine, prefetcher) of each of our systems at `budget` on `link`, all on one device pool (they run
+    one after another, each request cold); accelerate is measured apart."""
+    engines, first = {}, None
+    for name in systems:
+        if name == "accelerate":
+            continue
+        engines[name] = fork_system(base, SYSTEMS[name], budget, link, calibration, pool_of=first)
+        first = first or engines[name][0]
+    return engines
+
+
+def _measure(engines: dict, samples, reps: int, max_new_tokens: int, progress=None) -> dict[str, list[dict]]:
+    """name -> one `_run_requests` result per repetition, the systems interleaved (A B C A B C), after a warm-up."""
+    for eng, _ in engines.values():
+        # warm-up (kernels, allocations, the prefetcher's first phase) on the machine's own link: an
+        # emulated link's waits would only add device minutes (a 30B prefill waits 9 s on `mobile`)
+        eng.cache.clear()
+        with eng.runtime.transfer.unthrottled():
+            run_request(eng, samples[0], 2)
+    runs: dict[str, list[dict]] = {name: [] for name in engines}
+    for _ in range(reps):
+        for name, (eng, _) in engines.items():
+            runs[name].append(_run_requests(eng, samples, max_new_tokens))
+            if progress:
+                progress()
+    return runs
+
+
+def _accelerate_runs(base, samples, reps: int, max_new_tokens: int) -> list[dict]:
+    """accelerate's repetitions on these requests. It moves every expert bank per forward (seconds per token on a
+    30B shape): its requests decode at most ACCEL_TOKENS tokens; its end-to-end is scaled to the others' token
+    count. It keeps no expert cache, so the budget changes nothing: measured once, reused at every budget."""
+    key = (id(samples), max_new_tokens)
+    if key not in _ACCEL:
+        _ACCEL[key] = [_run_accelerate(base, samples, min(max_new_tokens, ACCEL_TOKENS), max_new_tokens)
+                       for _ in range(max(1, reps // 2))]
+    return _ACCEL[key]
+
+
+def _row(b: _Bench, name: str, eng, prefetch: str, runs: list[dict], link: str, budget: str, stand_in) -> dict:
+    """One system's row of a (link, budget) group: medians over `runs`, the physical bound, efficiencies.
+
+    Belady bytes for the bound: the trace of the unpruned request stream (lossless systems) and of the pruned one
+    (compressing systems) differ; each row uses its own system's trace. accelerate (`eng` None) is bounded on the
+    lossless stream, traced for `stand_in` (one of our engines of the group)."""
+    row = _medians(runs)
+    if eng is None:                                     # accelerate: the lossless stream, real link
+        eng, sys = stand_in, SYSTEMS["lru-offload"]
+        gbps, meta = PROFILES["real"].rate_gbps(b.base.device.type), dict(
+            link="real", prefetch="none", policy="accelerate (whole bank per forward; any budget)",
+            compress="none@1")
+    else:
+        sys, gbps = SYSTEMS[name], eng.runtime.transfer.link.rate_gbps(eng.device.type)
+        meta = dict(link=eng.runtime.transfer.link.label(), prefetch=prefetch, policy=sys.policy,
+                    compress=f"{sys.compress}@{sys.keep_ratio:g}")
+    bound_bytes, prefill_bytes = _belady_bytes(eng, b.resident, b.samples, b.max_new_tokens, b.save_traces)
+    cs, cp = _compute_s(b, sys)
+    row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
+    row["bound_phased_s"] = phased(cs, cp, bound_bytes, prefill_bytes, gbps)
+    for k, bound in (("efficiency", "bound_s"), ("efficiency_phased", "bound_phased_s")):
+        row[k] = row[bound] / row["e2e_s"] if row["e2e_s"] else None
+    return dict(row, system=name, link_name=link, budget=budget, compute_s=cs, prefill_compute_s=cp,
+                belady_bytes=bound_bytes, belady_prefill_bytes=prefill_bytes, **meta)
+
+
+def bench_systems(base, samples, systems: list[str], links: list[str], budgets: list[str], reps: int,
                   max_new_tokens: int, calibration: str | None, progress=None, on_rows=None,
                   save_traces: str | None = None, calibrate_on: list[Request] | None = None,
                   tables_path: str | None = None) -> list[dict]:
-    """Rows per (system, link, budget); `on_rows(rows so far)` after each (link, budget) group completes.
-    `calibrate_on`: earlier requests (not the measured ones) whose routing gives moe-infinity its transition
-    tables when no `calibration` file is given (random-weight shapes), saved to `tables_path`."""
+    """Rows per (system, link, budget) of any model or random-weight shape; `on_rows(rows so far)` after each
+    (link, budget) group completes. `calibrate_on`: earlier requests (not the measured ones) whose routing gives
+    moe-infinity its transition tables when no `calibration` file is given (random-weight shapes), saved to
+    `tables_path`."""
     rows = []
-    compute: dict = {}
     resident = base.fork(expert_budget="100%", prefetch="none")      # one full pool, reused for every bound
     if calibration is None and calibrate_on and "moe-infinity" in systems:
         calibration = trace_tables(resident, calibrate_on, max_new_tokens, tables_path)
-
-    def compute_s(sys: System) -> tuple[float, float]:
-        """(seconds per request, of which prefill) with every expert resident (no transfers): the bound's compute
-        terms, measured for this system's compression setting (pruned prompts compute less)."""
-        key = (sys.compress, sys.keep_ratio)
-        if key not in compute:
-            resident.set_compression(sys.compress, sys.keep_ratio)
-            runs = []
-            # at least two runs: one alone may carry first-call costs (a bound above the measured times)
-            for _ in range(max(reps, 2)):
-                serve(resident, samples[0], 2)                                              # all resident
-                t0, prefill = time.perf_counter(), 0.0
-                for s in samples:
-                    prefill += serve(resident, s, max_new_tokens)[0]["ttft_s"]
-                runs.append(((time.perf_counter() - t0) / len(samples), prefill / len(samples)))
-            compute[key] = min(runs)        # the fastest repetition: a bound, not a typical time
-        return compute[key]
-
+    b = _Bench(base, resident, samples, reps, max_new_tokens, save_traces)
     for link in links:
         for budget in budgets:
-            engines, first = {}, None
-            for name in systems:                # one pool per budget: systems run one after another, cold
-                if name == "accelerate":
-                    continue
-                engines[name] = _fork(base, SYSTEMS[name], budget, link, calibration, pool_of=first)
-                first = first or engines[name][0]
-            # Belady bytes for the bound: the trace of the unpruned request stream (lossless systems) and of the
-            # pruned one (compressing systems) differ; each row uses its own system's trace
-            per_sys = {name: [] for name in systems}
-            for name, (eng, _) in engines.items():
-                # warm-up (kernels, allocations, the prefetcher's first phase) on the machine's own link: an
-                # emulated link's waits would only add device minutes (a 30B prefill waits 9 s on `mobile`)
-                eng.cache.clear()
-                with eng.runtime.transfer.unthrottled():
-                    serve(eng, samples[0], 2)
-            for _ in range(reps):
-                for name, (eng, _) in engines.items():
-                    per_sys[name].append(_run_requests(eng, samples, max_new_tokens))
-                    if progress:
-                        progress()
+            engines = _fork_systems(base, systems, budget, link, calibration)
+            runs = _measure(engines, samples, reps, max_new_tokens, progress)
             if "accelerate" in systems and link == "real" and base.device.type == "cuda":
                 engines["accelerate"] = (None, "none")
-                # accelerate moves every expert bank per forward (seconds per token on a 30B shape): its requests
-                # decode at most ACCEL_TOKENS tokens; its end-to-end is scaled to the others' token count. It keeps
-                # no expert cache, so the budget changes nothing: measured at the first budget, reused at the others
-                key = (id(samples), max_new_tokens)
-                if key not in _ACCEL:
-                    _ACCEL[key] = [_run_accelerate(base, samples, min(max_new_tokens, ACCEL_TOKENS), max_new_tokens)
-                                   for _ in range(max(1, reps // 2))]
-                per_sys["accelerate"] = _ACCEL[key]
-            for name, (eng, pf) in engines.items():
-                runs = per_sys[name]
-                row = _medians(runs)
-                if eng is None:                                     # accelerate: the lossless stream, real link
-                    eng, sys = engines[next(n for n in engines if n != "accelerate")][0], SYSTEMS["lru-offload"]
-                    gbps, meta = PROFILES["real"].rate_gbps(base.device.type), dict(
-                        link="real", prefetch="none", policy="accelerate (whole bank per forward; any budget)",
-                        compress="none@1")
-                else:
-                    sys, gbps = SYSTEMS[name], eng.runtime.transfer.link.rate_gbps(eng.device.type)
-                    meta = dict(link=eng.runtime.transfer.link.label(), prefetch=pf, policy=sys.policy,
-                                compress=f"{sys.compress}@{sys.keep_ratio:g}")
-                bound_bytes, prefill_bytes = _belady_bytes(eng, resident, samples, max_new_tokens, save_traces)
-                cs, cp = compute_s(sys)
-                row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
-                row["bound_phased_s"] = phased(cs, cp, bound_bytes, prefill_bytes, gbps)
-                for k, b in (("efficiency", "bound_s"), ("efficiency_phased", "bound_phased_s")):
-                    row[k] = row[b] / row["e2e_s"] if row["e2e_s"] else None
-                rows.append(dict(row, system=name, link_name=link, budget=budget, compute_s=cs, prefill_compute_s=cp,
-                                 belady_bytes=bound_bytes, belady_prefill_bytes=prefill_bytes, **meta))
+                runs["accelerate"] = _accelerate_runs(base, samples, reps, max_new_tokens)
+            stand_in = next((eng for eng, _ in engines.values() if eng is not None), None)
+            for name, (eng, prefetch) in engines.items():
+                rows.append(_row(b, name, eng, prefetch, runs[name], link, budget, stand_in))
             if on_rows:
                 on_rows(rows)
     return rows
@@ -238,7 +279,7 @@ def _traced(probe, req: Request, max_new_tokens: int) -> RoutingTrace:
     """The routing trace of one request served on `probe`."""
     tr = RoutingTrace()
     probe.record_trace(tr)
-    serve(probe, req, max_new_tokens)
+    run_request(probe, req, max_new_tokens)
     probe.record_trace(None)
     return tr
 
@@ -263,7 +304,7 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
     End to end is reported as TTFT + (scale_to - 1) x time per token, so rows compare like for like."""
     import torch
 
-    from ..decode import greedy
+    from ..decode import cut_at_eos, greedy
     from .baselines import accelerate_model
     if "model" not in _ACCEL:
         _ACCEL["model"] = accelerate_model(base)
@@ -285,10 +326,7 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
         decode += t1 - t_first
         steps += n
         if req.answer is not None and getattr(model, "vismmoe_exact", True):
-            row = toks[0]
-            cut = next((i for i, t in enumerate(row) if t in base.eos_ids), None)
-            text = base.tokenizer.decode([t for t in (row if cut is None else row[:cut]) if t not in base.eos_ids],
-                                         skip_special_tokens=True)
+            text = base.tokenizer.decode(cut_at_eos(toks[0], base.eos_ids, keep_eos=False), skip_special_tokens=True)
             right.append(normalize(text) == normalize(req.answer))
         else:
             right.append(None)
@@ -408,7 +446,7 @@ def run(base, samples, systems, links, budgets, reps, max_new_tokens, calibratio
             json.dump(res, f, indent=1)
         return res
 
-    rows = bench_trained(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress,
+    rows = bench_systems(base, samples, systems, links, budgets, reps, max_new_tokens, calibration, progress,
                          on_rows=lambda done: write(done, partial=True), save_traces=save_traces,
                          calibrate_on=calibrate_on, tables_path=os.path.join(out_dir, "calibration.npz"))
     return write(rows, partial=False)
