@@ -3,8 +3,9 @@
     python -m vismmoe.bench.offload_gpu --shape qwen3-vl-30b-a3b --budget 25% --image-side 1024 --out DIR
 
 Systems (same non-expert weights, same host expert store, same request):
-  vismmoe-lru   our slot cache at `--budget`, LRU
-  ondemand      `--policy none` at the same budget: every expert loaded when needed, nothing kept
+  vismmoe-lru   our slot cache at `--budget`, LRU (the harness's `lru-offload` design, bench/harness.py SYSTEMS)
+  ondemand      `--policy none` at the same budget: every expert loaded when needed, nothing kept (the harness's
+                `ondemand`)
   resident      our runtime with every expert preloaded into its pool
   hf-resident   plain transformers, every expert on the device, grouped_mm (views of the resident pool)
   accelerate    transformers + accelerate dispatch_model, expert banks offloaded to CPU (bench/baselines)
@@ -29,11 +30,18 @@ from ..decode import greedy
 from ..engine import estimate_reserve
 from ..trace import RoutingTrace
 from .bound import access_groups, belady_misses
+from .harness import SYSTEMS, fork_system
 from .random_model import random_engine, synthetic_inputs
 from .shapes import get_shape
 
 
+# our offloading systems here: label -> the harness's design (SYSTEMS). The labels are those of the saved results
+# (docs/results/offload_gpu_*.json); "vismmoe-lru" is the harness's "lru-offload" (LRU, no prefetch, no compression)
+ENGINE_SYSTEMS = {"vismmoe-lru": "lru-offload", "ondemand": "ondemand"}
+
+
 def link_speed(device, nbytes: int, reps: int = 50) -> float:
+    """Median host-to-device GB/s of one pinned copy of `nbytes` bytes."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     for _ in range(5):
@@ -50,13 +58,11 @@ def link_speed(device, nbytes: int, reps: int = 50) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-FEED: list[int] | None = None       # teacher-forced decode inputs (random text tokens), set in main
-
-
-def run_engine(eng, inputs, new_tokens, cold: bool):
+def run_engine(eng, inputs, new_tokens, cold: bool, feed: list[int] | None = None):
+    """(tokens of the first row, request stats) of one request on an engine; `cold` clears its cache first."""
     if cold:
         eng.cache.clear()
-    rows, stats = eng.generate_ids(inputs, new_tokens, feed=FEED)
+    rows, stats = eng.generate_ids(inputs, new_tokens, feed=feed)
     return rows[0], stats
 
 
@@ -79,16 +85,17 @@ def profile(fn, path: str) -> dict:
 
 
 @torch.inference_mode()
-def run_model(model, family, inputs, new_tokens):
+def run_model(model, family, inputs, new_tokens, feed: list[int] | None = None):
+    """(tokens of the first row, timings) of one request on a plain transformers model (`decode.greedy`)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set(), feed=FEED)
+    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set(), feed=feed)
     torch.cuda.synchronize()
     t_end = time.perf_counter()
     return tokens[0], {"ttft_s": t_first - t0, "tpot_s": (t_end - t_first) / max(steps, 1), "e2e_s": t_end - t0}
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-vl-30b-a3b")
     ap.add_argument("--budget", default="25%")
@@ -102,19 +109,26 @@ def main(argv=None):
                     help="random: teacher-force random text tokens in decode so routing varies as on real text "
                          "(random weights repeat one token under argmax, which makes decode routing static)")
     ap.add_argument("--out", default="runs/offload_gpu")
-    args = ap.parse_args(argv)
-    global FEED
-    if args.decode_inputs == "random":
-        g = torch.Generator().manual_seed(1234)
-        FEED = torch.randint(1000, 100000, (args.new_tokens + 1,), generator=g).tolist()
-    os.makedirs(args.out, exist_ok=True)
+    return ap.parse_args(argv)
+
+
+def decode_feed(args) -> list[int] | None:
+    """Teacher-forced decode inputs (random text tokens) for `--decode-inputs random`, else None (argmax)."""
+    if args.decode_inputs != "random":
+        return None
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(1000, 100000, (args.new_tokens + 1,), generator=g).tolist()
+
+
+def _build(args, res: dict):
+    """(the engine of our LRU system at `--budget`, the request's inputs): random weights of `--shape`; records
+    build time, sizes, the link's pinned copy speed and the prompt's token counts in `res`."""
     dev = torch.device("cuda")
-    res: dict = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
-                 "link": "real (PCIe, pinned host memory)", "budget": args.budget, "image_side": args.image_side,
-                 "new_tokens": args.new_tokens, "decode_inputs": args.decode_inputs}
     t = time.perf_counter()
     fam_name, config = get_shape(args.shape)
-    eng = random_engine(fam_name, config, device="cuda", expert_budget=args.budget, policy="lru")
+    # random_engine's options beside the policy are the runtime's defaults, as in the lru-offload design
+    eng = random_engine(fam_name, config, device="cuda", expert_budget=args.budget,
+                        policy=SYSTEMS[ENGINE_SYSTEMS["vismmoe-lru"]].policy)
     res["build_s"] = time.perf_counter() - t
     res["expert_bytes"] = eng.layout.nbytes
     res["experts_total"] = len(eng.geometry.moe_layers) * eng.geometry.num_experts
@@ -126,23 +140,32 @@ def main(argv=None):
     res["visual_tokens"] = int(inputs["mm_token_type_ids"].sum())
     print(f"built in {res['build_s']:.0f}s; expert {format_size(eng.layout.nbytes)}, "
           f"{res['experts_total']} experts, link {res['link_GBps_expert']:.1f} GB/s per expert copy", flush=True)
+    return eng, inputs
 
-    # --- budget check with the allocator: only this engine's pool exists now ---
-    run_engine(eng, inputs, 2, cold=True)                         # warm-up (kernels, allocator)
+
+def _check_memory(eng, inputs, args, feed, prompt_tokens: int) -> dict:
+    """The allocator's check of the budget while only this engine's pool exists: peak allocated minus non-expert
+    weights is within the expert budget plus the estimated KV/activation reserve."""
+    dev = torch.device("cuda")
+    run_engine(eng, inputs, 2, cold=True, feed=feed)                 # warm-up (kernels, allocator)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    _, st = run_engine(eng, inputs, args.new_tokens, cold=True)
+    run_engine(eng, inputs, args.new_tokens, cold=True, feed=feed)
     peak = torch.cuda.max_memory_allocated()
-    reserve = estimate_reserve(eng.config, eng.geometry, res["prompt_tokens"] + args.new_tokens, eng.dtype, dev)
-    res["memory"] = {"peak_allocated": peak, "nonexpert_bytes": eng.nonexpert_bytes, "pool_bytes":
-                     eng.cache.budget_bytes, "budget_bytes": eng.budget_bytes, "activation_peak": peak - base,
-                     "reserve_estimate": reserve,
-                     "peak_minus_weights_le_budget_plus_reserve": peak - eng.nonexpert_bytes <= eng.budget_bytes + reserve}
-    print("memory", res["memory"], flush=True)
+    reserve = estimate_reserve(eng.config, eng.geometry, prompt_tokens + args.new_tokens, eng.dtype, dev)
+    return {"peak_allocated": peak, "nonexpert_bytes": eng.nonexpert_bytes, "pool_bytes": eng.cache.budget_bytes,
+            "budget_bytes": eng.budget_bytes, "activation_peak": peak - base, "reserve_estimate": reserve,
+            "peak_minus_weights_le_budget_plus_reserve": peak - eng.nonexpert_bytes <= eng.budget_bytes + reserve}
 
+
+def _systems(eng, args, res: dict) -> tuple[dict, dict]:
+    """(our engines by name, transformers models by name): the offloading systems on `eng`'s pool, `resident`
+    with every expert preloaded, hf-resident over its pool, and accelerate (its failure is recorded in `res`)."""
     from .baselines import accelerate_model, resident_model
-    systems = {"vismmoe-lru": eng, "ondemand": eng.fork(policy="none", share_pool=True)}
+    ondemand = SYSTEMS[ENGINE_SYSTEMS["ondemand"]]
+    systems = {"vismmoe-lru": eng,                               # `_build` made it with its design's options
+               "ondemand": fork_system(eng, ondemand, args.budget, "real", None, pool_of=eng)[0]}
     resident = eng.fork(expert_budget="100%")
     resident.runtime.preload([(l, e) for l in resident.geometry.moe_layers
                               for e in range(resident.geometry.num_experts)])
@@ -154,23 +177,31 @@ def main(argv=None):
         except Exception as e:                                   # recorded, not hidden
             res["accelerate_error"] = f"{type(e).__name__}: {e}"
             print("accelerate failed:", res["accelerate_error"], flush=True)
-    for name, m in models.items():                               # warm-up
-        run_model(m, eng.family, inputs, 2)
-    res["profile"] = {
-        "resident": profile(lambda: run_engine(resident, inputs, 8, cold=False), os.path.join(args.out, "prof_resident.txt")),
-        "hf-resident": profile(lambda: run_model(models["hf-resident"], eng.family, inputs, 8),
-                               os.path.join(args.out, "prof_hf_resident.txt")),
-        # the offload runtime at the budget (cold cache): its host work per layer beside the resident runs
-        "offloaded": profile(lambda: run_engine(eng, inputs, 8, cold=True),
-                             os.path.join(args.out, "prof_offloaded.txt")),
-    }
-    print("profile", res["profile"], flush=True)
+    return systems, models
 
+
+def _profiles(systems: dict, models: dict, eng, inputs, out: str, feed) -> dict:
+    """CPU vs device busy time of 8-token requests: resident, hf-resident, and the offload runtime at the budget
+    (cold cache: its host work per layer beside the resident runs); op tables under `out`."""
+    resident = systems["resident"]
+    return {
+        "resident": profile(lambda: run_engine(resident, inputs, 8, cold=False, feed=feed),
+                            os.path.join(out, "prof_resident.txt")),
+        "hf-resident": profile(lambda: run_model(models["hf-resident"], eng.family, inputs, 8, feed),
+                               os.path.join(out, "prof_hf_resident.txt")),
+        "offloaded": profile(lambda: run_engine(eng, inputs, 8, cold=True, feed=feed),
+                             os.path.join(out, "prof_offloaded.txt")),
+    }
+
+
+def _measure(systems: dict, models: dict, family, inputs, args, feed) -> tuple[dict, dict]:
+    """(name -> stats per repetition, name -> first row's tokens): repetitions of every system in turn, our
+    engines on a cold cache (resident keeps its preloaded pool), accelerate fewer times with fewer tokens."""
     runs: dict[str, list] = {k: [] for k in list(systems) + list(models)}
     tokens: dict[str, list] = {}
     for rep in range(args.reps):
         for name, e in systems.items():
-            toks, st = run_engine(e, inputs, args.new_tokens, cold=name != "resident")
+            toks, st = run_engine(e, inputs, args.new_tokens, cold=name != "resident", feed=feed)
             runs[name].append(st)
             tokens.setdefault(name, toks)
             print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms  "
@@ -179,24 +210,29 @@ def main(argv=None):
             if name == "accelerate" and rep >= args.accel_reps:
                 continue
             n = args.accel_tokens if name == "accelerate" else args.new_tokens
-            toks, st = run_model(m, eng.family, inputs, n)
+            toks, st = run_model(m, family, inputs, n, feed)
             runs[name].append(st)
             tokens.setdefault(name, toks)
             print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms", flush=True)
+    return runs, tokens
 
-    # --- routing trace (identical for every budget) -> Belady bound ---
+
+def _belady(resident, inputs, new_tokens: int, slots: int, feed) -> dict:
+    """Misses of a Belady cache of `slots` slots over the request's routing trace (recorded on `resident`; the same
+    for every budget), in the prefill and in all."""
     trace = RoutingTrace()
     resident.record_trace(trace)
-    run_engine(resident, inputs, args.new_tokens, cold=False)
+    run_engine(resident, inputs, new_tokens, cold=False, feed=feed)
     resident.record_trace(None)
     groups = access_groups(trace)
     prefill_groups = len(resident.geometry.moe_layers)
-    slots = eng.cache.num_slots
-    bel_prefill = belady_misses(groups[:prefill_groups], slots)
-    bel_total = belady_misses(groups, slots)
-    link = res["link_GBps_expert"] * 1e9
-    res["belady"] = {"slots": slots, "prefill_misses": bel_prefill, "total_misses": bel_total}
+    return {"slots": slots, "prefill_misses": belady_misses(groups[:prefill_groups], slots),
+            "total_misses": belady_misses(groups, slots)}
 
+
+def _summarise(res: dict, runs: dict, tokens: dict, expert_bytes: int, new_tokens: int) -> None:
+    """Into `res`: medians per system, the physical bound (compute of the faster resident system vs Belady loads
+    over the link), efficiencies, token identity against `resident`, speedups of vismmoe-lru."""
     def med(name, key):
         vals = [r[key] for r in runs[name] if r.get(key) is not None]
         return statistics.median(vals) if vals else None
@@ -205,10 +241,12 @@ def main(argv=None):
     for name in runs:
         table[name] = {k: med(name, k) for k in ("ttft_s", "tpot_s", "e2e_s", "bytes_moved", "h2d_GBps", "stall_s",
                                                     "hit_rate", "copy_s")}
+    link = res["link_GBps_expert"] * 1e9
+    bel_prefill, bel_total = res["belady"]["prefill_misses"], res["belady"]["total_misses"]
     compute = {k: min(table[n][k] for n in ("resident", "hf-resident")) for k in ("ttft_s", "tpot_s")}
-    decode_moves = (bel_total - bel_prefill) * eng.layout.nbytes / max(1, args.new_tokens - 1)
+    decode_moves = (bel_total - bel_prefill) * expert_bytes / max(1, new_tokens - 1)
     res["bound"] = {
-        "ttft_s": max(compute["ttft_s"], bel_prefill * eng.layout.nbytes / link),
+        "ttft_s": max(compute["ttft_s"], bel_prefill * expert_bytes / link),
         "tpot_s": max(compute["tpot_s"], decode_moves / link),
     }
     res["table"] = table
@@ -224,6 +262,27 @@ def main(argv=None):
                                         "tpot": a["tpot_s"] / table["vismmoe-lru"]["tpot_s"]}
     res["speedup_vs_ondemand"] = {"ttft": table["ondemand"]["ttft_s"] / table["vismmoe-lru"]["ttft_s"],
                                   "tpot": table["ondemand"]["tpot_s"] / table["vismmoe-lru"]["tpot_s"]}
+
+
+def main(argv=None):
+    """build -> budget check -> systems -> profiles -> interleaved repetitions -> Belady bound -> results under --out."""
+    args = parse_args(argv)
+    feed = decode_feed(args)
+    os.makedirs(args.out, exist_ok=True)
+    res: dict = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
+                 "link": "real (PCIe, pinned host memory)", "budget": args.budget, "image_side": args.image_side,
+                 "new_tokens": args.new_tokens, "decode_inputs": args.decode_inputs}
+    eng, inputs = _build(args, res)
+    res["memory"] = _check_memory(eng, inputs, args, feed, res["prompt_tokens"])
+    print("memory", res["memory"], flush=True)
+    systems, models = _systems(eng, args, res)
+    for m in models.values():                                    # warm-up
+        run_model(m, eng.family, inputs, 2, feed)
+    res["profile"] = _profiles(systems, models, eng, inputs, args.out, feed)
+    print("profile", res["profile"], flush=True)
+    runs, tokens = _measure(systems, models, eng.family, inputs, args, feed)
+    res["belady"] = _belady(systems["resident"], inputs, args.new_tokens, eng.cache.num_slots, feed)
+    _summarise(res, runs, tokens, eng.layout.nbytes, args.new_tokens)
     _write(res, args.out)
     print(json.dumps(res))
 
