@@ -59,6 +59,7 @@ def test_bundled_model_ships_its_calibration(tiny_dirs):
 
     from vismmoe.errors import UserError
     s = balanced_subset("test", 1)[0]
+    assert load().model_dir == BUNDLED                   # no directory: the bundled model
     for name in ("trace", "blend"):
         eng = load(BUNDLED, prefetch=name, expert_budget="25%", fixed_lookahead=True)
         assert eng.rc.calibration == os.path.join(BUNDLED, "calibration.npz")

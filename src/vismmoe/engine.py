@@ -542,8 +542,9 @@ def check(rc: RuntimeConfig) -> None:
                         "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
 
 
-def load(model_dir: str, rc: RuntimeConfig | None = None, *, progress=None, **overrides) -> Engine:
-    """Load a VL-MoE checkpoint with its routed experts offloaded; see the module docstring.
+def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progress=None, **overrides) -> Engine:
+    """Load a VL-MoE checkpoint (a directory; None: the bundled model) with its routed experts offloaded; see the
+    module docstring.
 
     `rc` carries every option (config.RuntimeConfig); keyword `overrides` replace fields of it (or of the
     defaults), e.g. `load(d, expert_budget="25%", policy="predictive")`. UserError for a bad option or checkpoint.
@@ -552,6 +553,9 @@ def load(model_dir: str, rc: RuntimeConfig | None = None, *, progress=None, **ov
         rc = replace(rc, **overrides) if rc is not None else RuntimeConfig(**overrides)
     except TypeError as e:
         raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
+    if model_dir is None:
+        from .demo import default_model
+        model_dir = default_model()[0]
     family = get_family(read_model_type(model_dir))
     shipped = os.path.join(model_dir, CALIBRATION_FILE)
     if rc.prefetch in ("trace", "blend") and rc.calibration is None and os.path.exists(shipped):
