@@ -54,8 +54,9 @@ def test_fast_decode_batch_and_teacher_forcing(tiny_dirs, image_file):
     assert [g.token_ids for g in fast.generate_batch([image_file] * 2, prompts, NEW)] == \
         [g.token_ids for g in eager.generate_batch([image_file] * 2, prompts, NEW)]
     inputs = fast.prepare([image_file], [PROMPT])
-    feed = list(range(100, 100 + NEW))
-    assert fast.generate_ids(inputs, NEW, feed=feed)[0] == eager.generate_ids(inputs, NEW, feed=feed)[0]
+    teacher_tokens = list(range(100, 100 + NEW))
+    forced = fast.generate_ids(inputs, NEW, teacher_tokens=teacher_tokens)[0]
+    assert forced == eager.generate_ids(inputs, NEW, teacher_tokens=teacher_tokens)[0]
 
 
 def test_fast_step_slot_map_follows_the_cache(tiny_dirs, image_file):

@@ -394,7 +394,7 @@ def _shape_workload(args):
     vocab = config.text_config.vocab_size
     def requests(seed: int) -> list:
         return [Request(inputs=synthetic_inputs(base, side, seed=seed),
-                        feed=torch.randint(min(1000, vocab // 4), vocab, (new + 1,), generator=g).tolist())
+                        teacher_tokens=torch.randint(min(1000, vocab // 4), vocab, (new + 1,), generator=g).tolist())
                 for side in sides]
     reqs = requests(0)
     earlier = requests(1)

@@ -73,11 +73,12 @@ def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int,
     return state
 
 
-def decode_one_token(model, family, state: DecodeState, feed: int | None = None, decoder=None) -> list[int]:
-    """One decode step for every row of `state`: the argmax token per row. `feed` teacher-forces the step's input
+def decode_one_token(model, family, state: DecodeState, teacher_token: int | None = None, decoder=None) -> list[int]:
+    """One decode step for every row of `state`: the argmax token per row. `teacher_token` teacher-forces the step's
+    input
     token (benchmarks on random weights: routing then varies step to step as on real text)."""
     if state.bucket is not None:
-        fl = decoder.advance(state.bucket, feed, state.inflight, state.steppers)
+        fl = decoder.advance(state.bucket, teacher_token, state.inflight, state.steppers)
         state.inflight = fl
         new = fl.ids
     else:
@@ -86,7 +87,8 @@ def decode_one_token(model, family, state: DecodeState, feed: int | None = None,
         state.mask = torch.cat([state.mask, state.mask.new_ones(B, 1)], dim=1)
         for s in state.steppers:
             s.begin_step("decode", None, B)
-        step_in = state.nxt[:, None] if feed is None else torch.full((B, 1), feed, device=dev, dtype=torch.long)
+        step_in = state.nxt[:, None] if teacher_token is None else \
+            torch.full((B, 1), teacher_token, device=dev, dtype=torch.long)
         out = model(input_ids=step_in, attention_mask=state.mask, past_key_values=state.cache, use_cache=True,
                     position_ids=family.decode_positions(state.mask, state.deltas))
         state.nxt = out.logits[:, -1].argmax(-1)
@@ -106,12 +108,13 @@ def finish(state: DecodeState, decoder=None) -> None:
 
 
 def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
-           feed: list[int] | None = None, enc=None, decoder=None):
+           teacher_tokens: list[int] | None = None, enc=None, decoder=None):
     """Greedy decoding: (token ids [B][N], perf_counter time of the first token, decode steps). Stops when every
     row has produced an EOS (rows are cut by the caller: `cut_at_eos`) or after `max_new_tokens` tokens."""
     state = prefill(model, family, inputs, eos_ids, max_new_tokens, steppers, enc, decoder)
     while state.steps < max_new_tokens - 1 and not state.finished:
-        decode_one_token(model, family, state, feed[state.steps] if feed is not None else None, decoder)
+        forced = teacher_tokens[state.steps] if teacher_tokens is not None else None
+        decode_one_token(model, family, state, forced, decoder)
     finish(state, decoder)
     return state.tokens, state.t_first, state.steps
 

@@ -290,7 +290,7 @@ class Engine:
         return self.model(**inputs, position_ids=pos, use_cache=False).logits
 
     @torch.inference_mode()
-    def generate_ids(self, inputs: dict, max_new_tokens: int = 32, feed: list[int] | None = None
+    def generate_ids(self, inputs: dict, max_new_tokens: int = 32, teacher_tokens: list[int] | None = None
                      ) -> tuple[list[list[int]], dict]:
         """Greedy decoding from prepared inputs: (token ids per row, cut after the first EOS; request stats).
         Calls from several threads are served one after another (an engine runs one request at a time)."""
@@ -302,9 +302,9 @@ class Engine:
             raise UserError(f"prompt of {prompt} tokens + {max_new_tokens} new exceeds the model's context of "
                             f"{limit} tokens", "shorten the prompt, use a smaller image or lower --max-new-tokens")
         with self._lock:
-            return self._generate_ids(inputs, max_new_tokens, feed)
+            return self._generate_ids(inputs, max_new_tokens, teacher_tokens)
 
-    def _generate_ids(self, inputs: dict, max_new_tokens: int, feed: list[int] | None):
+    def _generate_ids(self, inputs: dict, max_new_tokens: int, teacher_tokens: list[int] | None):
         self._activate()
         before = self._snapshot()
         self._sync()
@@ -314,16 +314,13 @@ class Engine:
         enc = self.pruned_prompt(inputs) if self.compressor is not None and has_visual else None
         state = self.prefill(inputs, max_new_tokens, enc=enc)
         while state.steps < max_new_tokens - 1 and not state.finished:
-            self.decode_one_token(state, feed[state.steps] if feed is not None else None)
+            self.decode_one_token(state, teacher_tokens[state.steps] if teacher_tokens is not None else None)
         self.finish(state)
         tokens, t_first, steps = state.tokens, state.t_first, state.steps
         self._sync()
         t_end = time.perf_counter()
         self._end_timeline(anchor)
-        rows = []
-        for row in tokens:
-            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            rows.append(row if cut is None else row[: cut + 1])
+        rows = [_decode.cut_at_eos(row, self.eos_ids) for row in tokens]
         visual = int(inputs["mm_token_type_ids"].sum())
         kept = int(enc.visual.sum()) if enc is not None else visual
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
@@ -342,9 +339,10 @@ class Engine:
                                tuple(self.step_observers), enc, self.fast_step())
 
     @torch.inference_mode()
-    def decode_one_token(self, state: _decode.DecodeState, feed: int | None = None) -> list[int]:
-        """One decode step of `state` (fast step or eager, as the state was prefilled): a token per row."""
-        return _decode.decode_one_token(self.model, self.family, state, feed, self.fast_step())
+    def decode_one_token(self, state: _decode.DecodeState, teacher_token: int | None = None) -> list[int]:
+        """One decode step of `state` (fast step or eager, as the state was prefilled): a token per row;
+        `teacher_token` forces the step's input (benchmarks on random weights)."""
+        return _decode.decode_one_token(self.model, self.family, state, teacher_token, self.fast_step())
 
     def finish(self, state: _decode.DecodeState) -> None:
         """The last step's books (hits, routing observers, statistics)."""

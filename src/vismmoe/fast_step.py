@@ -101,31 +101,32 @@ class FastStep:
         return self.sg.load(dyn_cache, mask, deltas, first, max_new)
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def advance(self, b: Bucket, feed: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:
+    def advance(self, b: Bucket, teacher_token: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:
         """Launch the next step of bucket `b`, book the previous step `prev` while it runs, then wait for it: the
-        finished step (`.ids`: a token per row), whose books `settle` completes. `feed` teacher-forces the step's
+        finished step (`.ids`: a token per row), whose books `settle` completes. `teacher_token` teacher-forces the
+        step's
         input token. A step's misses are claimed before the next step is launched (their copies start at once,
         their victims leave the address table first)."""
-        fl = self._launch(b, feed)
+        fl = self._launch(b, teacher_token)
         if prev is not None:
             self.settle(prev, steppers)
         return self._finish(b, fl)
 
-    def decode(self, b: Bucket, n: int, feed: list[int] | None = None) -> list[list[int]]:
+    def decode(self, b: Bucket, n: int, teacher_tokens: list[int] | None = None) -> list[list[int]]:
         """`n` steps of bucket `b`, fully booked: the tokens per step ([n][B])."""
         out, fl = [], None
         for i in range(n):
-            fl = self.advance(b, feed[i] if feed is not None else None, fl)
+            fl = self.advance(b, teacher_tokens[i] if teacher_tokens is not None else None, fl)
             out.append(fl.ids)
         if fl is not None:
             self.settle(fl)
         return out
 
-    def _launch(self, b: Bucket, feed: int | None) -> _InFlight:
+    def _launch(self, b: Bucket, teacher_token: int | None) -> _InFlight:
         self._land()
         self._push()
-        if feed is not None:
-            b.ids.fill_(int(feed))
+        if teacher_token is not None:
+            b.ids.fill_(int(teacher_token))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
         if not self.cuda:                                                   # the CPU step reads this engine's cache
             bank = self.store.layer_blobs

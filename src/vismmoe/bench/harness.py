@@ -87,7 +87,7 @@ class Request:
     question: str | None = None
     answer: str | None = None
     inputs: dict | None = None
-    feed: list[int] | None = None
+    teacher_tokens: list[int] | None = None
 
 
 def requests_from_samples(samples) -> list[Request]:
@@ -97,7 +97,7 @@ def requests_from_samples(samples) -> list[Request]:
 def run_request(eng, req: Request, max_new_tokens: int) -> tuple[dict, bool | None]:
     """(stats, answered correctly or None) of one request."""
     if req.inputs is not None:
-        _, st = eng.generate_ids(req.inputs, max_new_tokens, feed=req.feed)
+        _, st = eng.generate_ids(req.inputs, max_new_tokens, teacher_tokens=req.teacher_tokens)
         return st, None
     gen = eng.generate(req.image, req.question, max_new_tokens=max_new_tokens)
     return gen.stats, normalize(gen.text) == normalize(req.answer)
@@ -318,7 +318,8 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            toks, t_first, n = greedy(model, base.family, inputs, max_new_tokens, base.eos_ids, feed=req.feed)
+            toks, t_first, n = greedy(model, base.family, inputs, max_new_tokens, base.eos_ids,
+                                      teacher_tokens=req.teacher_tokens)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         ttft += t_first - t0

@@ -58,11 +58,11 @@ def link_speed(device, nbytes: int, reps: int = 50) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def run_engine(eng, inputs, new_tokens, cold: bool, feed: list[int] | None = None):
+def run_engine(eng, inputs, new_tokens, cold: bool, teacher_tokens: list[int] | None = None):
     """(tokens of the first row, request stats) of one request on an engine; `cold` clears its cache first."""
     if cold:
         eng.cache.clear()
-    rows, stats = eng.generate_ids(inputs, new_tokens, feed=feed)
+    rows, stats = eng.generate_ids(inputs, new_tokens, teacher_tokens=teacher_tokens)
     return rows[0], stats
 
 
@@ -85,11 +85,11 @@ def profile(fn, path: str) -> dict:
 
 
 @torch.inference_mode()
-def run_model(model, family, inputs, new_tokens, feed: list[int] | None = None):
+def run_model(model, family, inputs, new_tokens, teacher_tokens: list[int] | None = None):
     """(tokens of the first row, timings) of one request on a plain transformers model (`decode.greedy`)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set(), feed=feed)
+    tokens, t_first, steps = greedy(model, family, inputs, new_tokens, set(), teacher_tokens=teacher_tokens)
     torch.cuda.synchronize()
     t_end = time.perf_counter()
     return tokens[0], {"ttft_s": t_first - t0, "tpot_s": (t_end - t_first) / max(steps, 1), "e2e_s": t_end - t0}
@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def decode_feed(args) -> list[int] | None:
+def teacher_tokens_of(args) -> list[int] | None:
     """Teacher-forced decode inputs (random text tokens) for `--decode-inputs random`, else None (argmax)."""
     if args.decode_inputs != "random":
         return None
@@ -143,15 +143,15 @@ def _build(args, res: dict):
     return eng, inputs
 
 
-def _check_memory(eng, inputs, args, feed, prompt_tokens: int) -> dict:
+def _check_memory(eng, inputs, args, teacher_tokens, prompt_tokens: int) -> dict:
     """The allocator's check of the budget while only this engine's pool exists: peak allocated minus non-expert
     weights is within the expert budget plus the estimated KV/activation reserve."""
     dev = torch.device("cuda")
-    run_engine(eng, inputs, 2, cold=True, feed=feed)                 # warm-up (kernels, allocator)
+    run_engine(eng, inputs, 2, cold=True, teacher_tokens=teacher_tokens)                 # warm-up (kernels, allocator)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    run_engine(eng, inputs, args.new_tokens, cold=True, feed=feed)
+    run_engine(eng, inputs, args.new_tokens, cold=True, teacher_tokens=teacher_tokens)
     peak = torch.cuda.max_memory_allocated()
     reserve = estimate_reserve(eng.config, eng.geometry, prompt_tokens + args.new_tokens, eng.dtype, dev)
     return {"peak_allocated": peak, "nonexpert_bytes": eng.nonexpert_bytes, "pool_bytes": eng.cache.budget_bytes,
@@ -180,28 +180,28 @@ def _systems(eng, args, res: dict) -> tuple[dict, dict]:
     return systems, models
 
 
-def _profiles(systems: dict, models: dict, eng, inputs, out: str, feed) -> dict:
+def _profiles(systems: dict, models: dict, eng, inputs, out: str, teacher_tokens) -> dict:
     """CPU vs device busy time of 8-token requests: resident, hf-resident, and the offload runtime at the budget
     (cold cache: its host work per layer beside the resident runs); op tables under `out`."""
     resident = systems["resident"]
     return {
-        "resident": profile(lambda: run_engine(resident, inputs, 8, cold=False, feed=feed),
+        "resident": profile(lambda: run_engine(resident, inputs, 8, cold=False, teacher_tokens=teacher_tokens),
                             os.path.join(out, "prof_resident.txt")),
-        "hf-resident": profile(lambda: run_model(models["hf-resident"], eng.family, inputs, 8, feed),
+        "hf-resident": profile(lambda: run_model(models["hf-resident"], eng.family, inputs, 8, teacher_tokens),
                                os.path.join(out, "prof_hf_resident.txt")),
-        "offloaded": profile(lambda: run_engine(eng, inputs, 8, cold=True, feed=feed),
+        "offloaded": profile(lambda: run_engine(eng, inputs, 8, cold=True, teacher_tokens=teacher_tokens),
                              os.path.join(out, "prof_offloaded.txt")),
     }
 
 
-def _measure(systems: dict, models: dict, family, inputs, args, feed) -> tuple[dict, dict]:
+def _measure(systems: dict, models: dict, family, inputs, args, teacher_tokens) -> tuple[dict, dict]:
     """(name -> stats per repetition, name -> first row's tokens): repetitions of every system in turn, our
     engines on a cold cache (resident keeps its preloaded pool), accelerate fewer times with fewer tokens."""
     runs: dict[str, list] = {k: [] for k in list(systems) + list(models)}
     tokens: dict[str, list] = {}
     for rep in range(args.reps):
         for name, e in systems.items():
-            toks, st = run_engine(e, inputs, args.new_tokens, cold=name != "resident", feed=feed)
+            toks, st = run_engine(e, inputs, args.new_tokens, cold=name != "resident", teacher_tokens=teacher_tokens)
             runs[name].append(st)
             tokens.setdefault(name, toks)
             print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms  "
@@ -210,19 +210,19 @@ def _measure(systems: dict, models: dict, family, inputs, args, feed) -> tuple[d
             if name == "accelerate" and rep >= args.accel_reps:
                 continue
             n = args.accel_tokens if name == "accelerate" else args.new_tokens
-            toks, st = run_model(m, family, inputs, n, feed)
+            toks, st = run_model(m, family, inputs, n, teacher_tokens)
             runs[name].append(st)
             tokens.setdefault(name, toks)
             print(f"rep {rep} {name:12s} ttft {st['ttft_s']*1e3:8.1f} ms  tpot {st['tpot_s']*1e3:7.2f} ms", flush=True)
     return runs, tokens
 
 
-def _belady(resident, inputs, new_tokens: int, slots: int, feed) -> dict:
+def _belady(resident, inputs, new_tokens: int, slots: int, teacher_tokens) -> dict:
     """Misses of a Belady cache of `slots` slots over the request's routing trace (recorded on `resident`; the same
     for every budget), in the prefill and in all."""
     trace = RoutingTrace()
     resident.record_trace(trace)
-    run_engine(resident, inputs, new_tokens, cold=False, feed=feed)
+    run_engine(resident, inputs, new_tokens, cold=False, teacher_tokens=teacher_tokens)
     resident.record_trace(None)
     groups = access_groups(trace)
     prefill_groups = len(resident.geometry.moe_layers)
@@ -265,23 +265,23 @@ def _summarise(res: dict, runs: dict, tokens: dict, expert_bytes: int, new_token
 
 
 def main(argv=None):
-    """build -> budget check -> systems -> profiles -> interleaved repetitions -> Belady bound -> results under --out."""
+    """build -> budget check -> systems -> profiles -> interleaved repetitions -> Belady bound -> results."""
     args = parse_args(argv)
-    feed = decode_feed(args)
+    teacher_tokens = teacher_tokens_of(args)
     os.makedirs(args.out, exist_ok=True)
     res: dict = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
                  "link": "real (PCIe, pinned host memory)", "budget": args.budget, "image_side": args.image_side,
                  "new_tokens": args.new_tokens, "decode_inputs": args.decode_inputs}
     eng, inputs = _build(args, res)
-    res["memory"] = _check_memory(eng, inputs, args, feed, res["prompt_tokens"])
+    res["memory"] = _check_memory(eng, inputs, args, teacher_tokens, res["prompt_tokens"])
     print("memory", res["memory"], flush=True)
     systems, models = _systems(eng, args, res)
     for m in models.values():                                    # warm-up
-        run_model(m, eng.family, inputs, 2, feed)
-    res["profile"] = _profiles(systems, models, eng, inputs, args.out, feed)
+        run_model(m, eng.family, inputs, 2, teacher_tokens)
+    res["profile"] = _profiles(systems, models, eng, inputs, args.out, teacher_tokens)
     print("profile", res["profile"], flush=True)
-    runs, tokens = _measure(systems, models, eng.family, inputs, args, feed)
-    res["belady"] = _belady(systems["resident"], inputs, args.new_tokens, eng.cache.num_slots, feed)
+    runs, tokens = _measure(systems, models, eng.family, inputs, args, teacher_tokens)
+    res["belady"] = _belady(systems["resident"], inputs, args.new_tokens, eng.cache.num_slots, teacher_tokens)
     _summarise(res, runs, tokens, eng.layout.nbytes, args.new_tokens)
     _write(res, args.out)
     print(json.dumps(res))

@@ -83,11 +83,11 @@ def graph_us(fn, reps: int) -> float:
 
 
 @torch.inference_mode()
-def profile_step(eng, inputs, feed, path: str, tokens: int = 16) -> dict:
+def profile_step(eng, inputs, teacher_tokens, path: str, tokens: int = 16) -> dict:
     """Kernel time per decode token by kernel name (torch profiler over the fast step's graph replays only, no
     prefill); the table to `path`."""
     from torch.profiler import ProfilerActivity, profile
-    eng.generate_ids(inputs, 2 * tokens, feed=feed)          # a bucket with room for `tokens` more steps
+    eng.generate_ids(inputs, 2 * tokens, teacher_tokens=teacher_tokens)    # a bucket with room for `tokens` more
     fs = eng.fast_step()
     T = inputs["input_ids"].shape[1]
     b = fs.sg.bucket(1, T + 2 * tokens)
@@ -95,7 +95,7 @@ def profile_step(eng, inputs, feed, path: str, tokens: int = 16) -> dict:
     b.mask[:, T:] = False
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fs.decode(b, tokens, feed[:tokens])
+        fs.decode(b, tokens, teacher_tokens[:tokens])
         torch.cuda.synchronize()
     avg = prof.key_averages()
     with open(path, "w") as f:
@@ -192,14 +192,14 @@ def main(argv=None):
     resident = {"resident-fast", "resident-eager"}
 
     g = torch.Generator().manual_seed(1234)
-    feed = torch.randint(1000, 100000, (args.new_tokens + 1,), generator=g).tolist()
+    teacher_tokens = torch.randint(1000, 100000, (args.new_tokens + 1,), generator=g).tolist()
     sides = [int(s) for s in args.image_sides.split(",")]
     reqs = {s: synthetic_inputs(base, s) for s in sides}
 
     def run(name, eng, side, n=None):
         if name not in resident:
             eng.cache.clear()
-        _, st = eng.generate_ids(reqs[side], n or args.new_tokens, feed=feed)
+        _, st = eng.generate_ids(reqs[side], n or args.new_tokens, teacher_tokens=teacher_tokens)
         return st
 
     # warm-up: compile + capture per bucket (timed), kernels, allocations
@@ -217,7 +217,7 @@ def main(argv=None):
             for name, eng in systems.items():
                 if name not in resident:
                     eng.cache.clear()
-                toks, st = eng.generate_ids(reqs[side], args.new_tokens, feed=feed)
+                toks, st = eng.generate_ids(reqs[side], args.new_tokens, teacher_tokens=teacher_tokens)
                 fs = getattr(eng, "_fast", None)
                 if fs is not None:          # device time of the step itself (CUDA events around each replay)
                     st["step_device_s"] = statistics.median(fs.step_s[-(st["new_tokens"] - 1):])
@@ -229,7 +229,8 @@ def main(argv=None):
                     f"{st.get('host_gap_s', 0) * 1e3:5.2f})  e2e {st['e2e_s'] * 1e3:8.1f} ms  misses {st['misses']}  "
                     f"moved {st['bytes_moved'] / 2**30:.2f} GiB")
 
-    res["profile_resident_fast"] = profile_step(base, reqs[sides[0]], feed, os.path.join(args.out, "prof_fast.txt"))
+    res["profile_resident_fast"] = profile_step(base, reqs[sides[0]], teacher_tokens,
+                                                os.path.join(args.out, "prof_fast.txt"))
 
     # Belady bytes at the budget over the resident run's routing (decode: after the prefill's layer calls)
     slots = first_budget.cache.num_slots
@@ -238,7 +239,7 @@ def main(argv=None):
     for side in sides:
         tr = RoutingTrace()
         base.record_trace(tr)
-        base.generate_ids(reqs[side], args.new_tokens, feed=feed)
+        base.generate_ids(reqs[side], args.new_tokens, teacher_tokens=teacher_tokens)
         base.record_trace(None)
         groups = access_groups(tr)
         npre = prefill_calls(tr)
@@ -257,7 +258,8 @@ def main(argv=None):
                       "misses": med(name, side, "misses"),
                       "step_device_s": med(name, side, "step_device_s") if "step_device_s" in rows[(name, side)][0]
                       else None,
-                      "host_gap_s": med(name, side, "host_gap_s") if "host_gap_s" in rows[(name, side)][0] else None, "bytes_moved": med(name, side, "bytes_moved"),
+                      "host_gap_s": med(name, side, "host_gap_s") if "host_gap_s" in rows[(name, side)][0] else None,
+                      "bytes_moved": med(name, side, "bytes_moved"),
                       "tokens_equal_resident_fast": tokens[(name, side)] == tokens[("resident-fast", side)]})
     res["rows"] = table
     pol = policies[0]
