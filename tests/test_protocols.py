@@ -38,3 +38,22 @@ def test_predictors_and_observers_meet_their_protocols(tiny_dirs, tmp_path):
     assert eng.step_observers == [trace] and trace in eng.runtime.observers
     eng.record_trace(None)
     assert eng.step_observers == [] and trace not in eng.runtime.observers
+
+
+def test_engine_attach_and_detach(tiny_dirs, image_file):
+    """A request runs through its own engine's runtime (forks share the model); detach undoes attach and leaves a
+    module attached to another engine alone."""
+    eng = load(tiny_dirs["glm4v_moe"], expert_budget="25%")
+    other = eng.fork(policy="lfu")
+    ex = eng.family.moe_block(eng.model, eng.geometry.moe_layers[0]).experts
+    assert ex._vismmoe_runtime is other.runtime                     # the newest engine is attached
+    eng.generate(image_file, "What is in the picture?", max_new_tokens=3)
+    assert ex._vismmoe_runtime is eng.runtime
+    other.detach()
+    assert ex._vismmoe_runtime is eng.runtime
+    state = other.prefill(other.prepare([image_file], ["What?"]), 3)
+    assert ex._vismmoe_runtime is other.runtime
+    other.decode_one_token(state)
+    other.finish(state)
+    other.detach()
+    assert not hasattr(ex, "_vismmoe_runtime")

@@ -166,7 +166,7 @@ class Engine:
         self.progress = None                    # (message) -> None: told when the fast step compiles and captures
         # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
         self._lock = model.__dict__.setdefault("_vismmoe_lock", threading.RLock())
-        self._activate()
+        self.attach()
         model.set_experts_implementation(IMPLEMENTATION)
 
     def fork(self, rc: RuntimeConfig | None = None, *, share_pool: bool = False, **overrides) -> Engine:
@@ -261,9 +261,16 @@ class Engine:
         if observer in self.step_observers:
             self.step_observers.remove(observer)
 
-    def _activate(self) -> None:
+    def attach(self) -> None:
+        """The model's experts modules run through this engine's runtime until `detach` or until another engine
+        over the same model attaches (forks share the model: every request attaches its engine first; a new
+        engine is attached)."""
         for layer in self.geometry.moe_layers:
             self.runtime.attach(self.family.moe_block(self.model, layer).experts, layer)
+
+    def detach(self) -> None:
+        for layer in self.geometry.moe_layers:
+            self.runtime.detach(self.family.moe_block(self.model, layer).experts)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def prepare(self, images, prompts: list[str]) -> dict:
@@ -285,9 +292,10 @@ class Engine:
     @torch.inference_mode()
     def forward_logits(self, inputs: dict) -> torch.Tensor:
         """Logits of every prompt position (for tests and analysis; no KV cache kept)."""
-        self._activate()
-        pos, _ = self.family.prefill_positions(self.model, inputs)
-        return self.model(**inputs, position_ids=pos, use_cache=False).logits
+        with self._lock:
+            self.attach()
+            pos, _ = self.family.prefill_positions(self.model, inputs)
+            return self.model(**inputs, position_ids=pos, use_cache=False).logits
 
     @torch.inference_mode()
     def generate_ids(self, inputs: dict, max_new_tokens: int = 32, teacher_tokens: list[int] | None = None
@@ -305,7 +313,7 @@ class Engine:
             return self._generate_ids(inputs, max_new_tokens, teacher_tokens)
 
     def _generate_ids(self, inputs: dict, max_new_tokens: int, teacher_tokens: list[int] | None):
-        self._activate()
+        self.attach()
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
@@ -334,7 +342,7 @@ class Engine:
         """Run a prepared prompt (or `enc`, a pruned one) and return its `decode.DecodeState` with each row's first
         token; the KV cache has room for `max_new_tokens` tokens in all. Drive it with `decode_one_token`, then
         `finish`; one request at a time per engine."""
-        self._activate()
+        self.attach()
         return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
                                tuple(self.step_observers), enc, self.fast_step())
 

@@ -69,8 +69,15 @@ class OffloadRuntime:
         self._stage_i = 0
 
     def attach(self, experts_module: torch.nn.Module, layer: int) -> None:
+        """The experts module of MoE layer `layer` runs through this runtime until `detach`."""
         experts_module._vismmoe_runtime = self
         experts_module._vismmoe_layer = layer
+
+    def detach(self, experts_module: torch.nn.Module) -> None:
+        """Undo `attach` (a module attached to another runtime since is left alone)."""
+        if getattr(experts_module, "_vismmoe_runtime", None) is self:
+            del experts_module._vismmoe_runtime
+            del experts_module._vismmoe_layer
 
     def load_slot(self, key: tuple[int, int], slot: int, kind: str = "demand"):
         """Copy expert `key` into `slot` (once the last compute that read the slot is done): the one way a slot is
