@@ -96,3 +96,29 @@ def test_read_failure_during_a_request_reaches_the_caller_and_frees_the_ring(tin
     out = _in_thread(lambda: eng.generate(image_file, "hi", max_new_tokens=2))
     assert "error" not in out, out
     assert out["value"].token_ids
+
+
+def test_shard_truncated_while_the_engine_runs_is_an_error_not_sigbus(tiny_dirs, image_file, tmp_path):
+    """A disk-tier engine whose shard is cut short after loading: the next read is one clear error (experts are
+    read with positioned reads, not through a memory map, whose pages past the end would raise SIGBUS). Run in a
+    child process so that a regression kills the child, not the test session."""
+    import shutil
+    import subprocess
+    import sys
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_dirs["glm4v_moe"], d)
+    script = f"""
+import os
+from vismmoe import load
+from vismmoe.errors import UserError
+eng = load({d!r}, expert_budget="25%", expert_tier="disk")
+shard = [f for f in os.listdir({d!r}) if f.endswith(".safetensors")][0]
+os.truncate(os.path.join({d!r}, shard), os.path.getsize(os.path.join({d!r}, shard)) // 2)
+try:
+    eng.generate({image_file!r}, "What is in the picture?", max_new_tokens=2)
+except UserError as e:
+    print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+    assert "ERROR cannot read tensor" in out.stdout and "ends" in out.stdout, out.stdout

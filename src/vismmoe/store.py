@@ -31,6 +31,9 @@ from .errors import UserError
 
 _ALIGN_ELEMS = 64   # blob length is padded to a multiple of this many elements (128 B in bf16)
 _EXPERT_DTYPES = ("F64", "F32", "F16", "BF16")    # safetensors names of the dtypes experts are read from
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
 _INCOMPLETE = "the checkpoint is incomplete or not of the model type config.json names"
 
 
@@ -111,7 +114,9 @@ class CheckpointReader:
     - fused, transposed (Qwen3-VL-MoE hub files): `[E, H, 2I]`, `[E, I, H]`
     - split per expert (GLM-4.5V, Qwen-MoE hub files): `{prefix}.{e}.gate_proj.weight [I, H]`, `up_proj [I, H]`,
       `down_proj.weight [H, I]`
-    Only the requested expert's bytes are read (safetensors slices are memory-mapped). Every failure (a tensor
+    Only the requested expert's bytes are read, with plain positioned reads at the offsets the file's header gives
+    (not through a memory map: a file truncated while an engine runs then gives a short read, which is an error,
+    where a mapped page past the end would kill the process with SIGBUS). Every failure (a tensor
     missing, of the wrong shape or dtype, a file that cannot be read) is a UserError naming the file and tensor;
     `check_layer` finds the first three from the files' headers alone, before any request.
     """
@@ -135,6 +140,7 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         self._lock = threading.Lock()
         self._fused: dict[str, tuple[int, bool]] = {}      # prefix -> (experts, stored transposed)
+        self._tables: dict[str, tuple[int, dict]] = {}      # file -> (data offset, header table)
 
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
@@ -164,8 +170,8 @@ class CheckpointReader:
                             "the file is damaged or was changed; restore the checkpoint") from None
 
     def tensor(self, key: str) -> torch.Tensor:
-        with self._reading(key):
-            return self._handle(key).get_tensor(key)
+        """Tensor `key` in memory of its own (never a view of the file: see the class docstring)."""
+        return self._pread(key)
 
     def _header(self, key: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
@@ -229,10 +235,7 @@ class CheckpointReader:
                 raise UserError(f"{fused} in {self._file(fused)} holds {stored} experts, not expert {expert}",
                                 _INCOMPLETE)
             dkey = f"{prefix}.down_proj"
-            with self._reading(fused):
-                gu = self._handle(fused).get_slice(fused)[expert]
-            with self._reading(dkey):
-                dn = self._handle(dkey).get_slice(dkey)[expert]
+            gu, dn = self._pread(fused, expert), self._pread(dkey, expert)
             return (gu.t(), dn.t()) if transposed else (gu, dn)
         if f"{prefix}.{expert}.gate_proj.weight" not in self.weight_map:
             raise UserError(f"{self._source} has no weights for {prefix} expert {expert}", _INCOMPLETE)
@@ -241,7 +244,43 @@ class CheckpointReader:
 
     def _checked_tensor(self, key: str, shape: tuple[int, int]) -> torch.Tensor:
         self._header(key, shape)
-        return self.tensor(key)
+        return self._pread(key)
+
+    def _table(self, fname: str) -> tuple[int, dict]:
+        """(offset of the data, the header's tensor table) of one safetensors file, read once."""
+        got = self._tables.get(fname)
+        if got is None:
+            with open(os.path.join(self.dir, fname), "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                got = (8 + n, json.loads(f.read(n)))
+            self._tables[fname] = got
+        return got
+
+    def _pread(self, key: str, index: int | None = None) -> torch.Tensor:
+        """Tensor `key` (or its row `index` along the first axis) read from its file at the header's offsets."""
+        with self._reading(key):
+            fname = self.weight_map[key]
+            start, table = self._table(fname)
+            meta = table[key]
+            if meta["dtype"] not in _TORCH_DTYPES:
+                raise ValueError(f"unsupported dtype {meta['dtype']}")
+            dtype, shape = _TORCH_DTYPES[meta["dtype"]], list(meta["shape"])
+            begin, end = meta["data_offsets"]
+            if index is not None:
+                shape = shape[1:]
+                row = (end - begin) // max(1, meta["shape"][0])
+                begin, end = begin + index * row, begin + (index + 1) * row
+            if end == begin:
+                return torch.empty(shape, dtype=dtype)
+            path = os.path.join(self.dir, fname)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                buf = os.pread(fd, end - begin, start + begin)
+            finally:
+                os.close(fd)
+            if len(buf) != end - begin:
+                raise OSError(f"the file ends {end - begin - len(buf)} bytes early")
+            return torch.frombuffer(bytearray(buf), dtype=dtype).view(shape)
 
 
 def _device_pointer(host_ptr: int) -> int:
