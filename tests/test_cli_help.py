@@ -84,3 +84,15 @@ def test_a_bad_image_is_reported_before_the_model_is_read(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "no.png"),
                  "--prompt", "hi"]) == 2
     assert "image not found" in capsys.readouterr().err
+
+
+def test_registry_help_does_not_load_model_classes():
+    """`vismmoe generate --help` lists the predictors and compressors: that reads their registries, which must not
+    import transformers' model classes (it took about 5 s)."""
+    import subprocess
+    import sys
+    code = ("import sys; from vismmoe.cli import _compressors, _predictors, _policies; "
+            "_compressors(); _predictors(); _policies(); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-300:]
+    assert out.stdout.strip() == "False"

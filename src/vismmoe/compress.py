@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from .config import split_spec
 from .errors import UserError
-from .families.base import Encoded
+if TYPE_CHECKING:                       # annotations only: importing families loads every model class
+    from .families.base import Encoded
 
 
 @dataclass
