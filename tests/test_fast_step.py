@@ -243,3 +243,22 @@ def test_text_only_prompts(family, tiny_dirs, image_file, capsys):
     assert main(["generate", "--model", d, "--prompt", "What is a cat?", "--max-new-tokens", str(NEW), "--json"]) == 0
     import json
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == want
+
+
+def test_fast_step_charges_an_emulated_link(tiny_dirs, image_file):
+    """On an emulated link a decode miss read by the step waits for its bytes: the step sleeps until they would
+    have arrived, and that wait is the request's stall; the link's busy time counts every byte booked."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    smallest = str(load(d).geometry.top_k * load(d).layout.nbytes)
+    fast = load(d, decode="fast", expert_budget=smallest, link="GBps=0.02")
+    prefill_only = fast.generate(image_file, PROMPT, max_new_tokens=1).stats
+    fast.cache.clear()
+    st = fast.generate(image_file, PROMPT, max_new_tokens=NEW).stats
+    decode_misses = st["misses"] - prefill_only["misses"]
+    assert decode_misses > 0 and st["link_busy_s"] > 0
+    # the decode steps' own waits: at least the link time of one miss per step that missed
+    decode_stall = st["stall_s"] - prefill_only["stall_s"]
+    assert decode_stall >= 0.5 * (st["expert_bytes"] / 0.02e9)
+    assert st["e2e_s"] - prefill_only["e2e_s"] >= 0.9 * decode_stall           # the wait was real time
+    per_miss = st["expert_bytes"] / 0.02e9
+    assert st["link_busy_s"] >= st["misses"] * per_miss * 0.99          # every miss's bytes were booked
