@@ -137,22 +137,11 @@ class CheckpointReader:
             with safe_open(single, "pt") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
             self._source = single
-        self._handles: dict[str, object] = {}
-        self._lock = threading.Lock()
         self._fused: dict[str, tuple[int, bool]] = {}      # prefix -> (experts, stored transposed)
         self._tables: dict[str, tuple[int, dict]] = {}      # file -> (data offset, header table)
 
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
-
-    def _handle(self, key: str):
-        fname = self.weight_map[key]
-        with self._lock:
-            h = self._handles.get(fname)
-            if h is None:
-                h = safe_open(os.path.join(self.dir, fname), "pt")
-                self._handles[fname] = h
-        return h
 
     def _file(self, key: str) -> str:
         return os.path.join(self.dir, self.weight_map[key])
@@ -177,8 +166,8 @@ class CheckpointReader:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
         `shapes` (a 0 matches any size) and in a float dtype; else a UserError naming file and tensor."""
         with self._reading(key):
-            sl = self._handle(key).get_slice(key)
-            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            meta = self._table(self.weight_map[key])[1][key]
+            shape, dtype = tuple(meta["shape"]), meta["dtype"]
         if dtype not in _EXPERT_DTYPES:
             raise UserError(f"expert tensor {key} in {self._file(key)} is stored as {dtype}",
                             f"vismmoe reads experts stored as {', '.join(_EXPERT_DTYPES)}; quantized checkpoints "
@@ -348,8 +337,8 @@ class HostStore:
 class DiskStore:
     """Experts stay in the checkpoint files; `blob` reads one into a staging buffer from a small ring.
 
-    The caller must `release(blob)` once the copy out of it has finished (the transfer engine does). Every
-    layer's expert tensors are checked from the files' headers when the store is made, so a missing or
+    The caller must `release(blob)` once the copy out of it has finished (the transfer engine does). `load` checks
+    every layer's expert tensors from the files' headers first (`CheckpointReader.check_layer`), so a missing or
     misshapen expert is a load-time error; a read that still fails gives its staging slot back and raises.
     """
 
@@ -357,8 +346,6 @@ class DiskStore:
 
     def __init__(self, reader: CheckpointReader, prefixes: list[str], layout: BlobLayout, num_experts: int,
                  pin: bool, staging: int = 8):
-        for prefix in prefixes:
-            reader.check_layer(prefix, num_experts)
         self.reader = reader
         self.prefixes = prefixes
         self.layout = layout
