@@ -91,29 +91,25 @@ class OffloadRuntime:
 
     def preload(self, keys: list[tuple[int, int]]) -> None:
         """Make `keys` resident in this order (into free slots first), then wait for the copies."""
-        tickets = []
-        for key in keys:
-            if self.cache.resident(key):
-                continue
-            tickets.append((key, self.load_slot(key, self.cache.claim(key, pinned=set(keys)))))
-        self._wait(-1, {key: t for key, t in tickets}, keyed=True)
+        pinned = set(keys)
+        tickets = {key: self.load_slot(key, self.cache.claim(key, pinned))
+                   for key in keys if not self.cache.resident(key)}
+        self._wait(-1, tickets)
         if self.cuda:
             torch.cuda.synchronize(self.cache.device)
 
-    def _wait(self, layer: int, tickets: dict, keyed: bool = False, others: dict | None = None) -> None:
-        """Wait for the copies of `tickets` (expert -> ticket, or (layer, expert) -> ticket when `keyed`). When a
-        copy failed (a read error on the disk tier), every expert of `tickets` and `others` (the rest of the wave)
-        whose copy failed leaves the cache before the error goes on, so the engine stays usable and a later
-        request reads it again."""
+    def _wait(self, layer: int, tickets: dict, others: dict | None = None) -> None:
+        """Wait for the copies of `tickets` ((layer, expert) -> ticket). When a copy failed (a read error on the
+        disk tier), every expert of `tickets` and `others` (the rest of the wave) whose copy failed leaves the cache
+        before the error goes on, so the engine stays usable and a later request reads it again."""
         try:
             self.transfer.wait(layer, list(tickets.values()))
         except Exception:
-            for k, t in {**(others or {}), **tickets}.items():
+            for key, t in {**(others or {}), **tickets}.items():
                 fut = getattr(t, "future", None)
                 if fut is None:
                     continue
                 futures_wait([fut])
-                key = k if keyed else (layer, k)
                 if fut.exception() is not None and self.cache.resident(key):
                     self.cache.evict(key)
             raise
@@ -207,7 +203,8 @@ class OffloadRuntime:
         if waiting and self.transfer.remaining_s([tickets[e] for e in waiting]) < self.SPLIT_MIN * self._call_s:
             waiting = []
         for part in ([ready, waiting] if waiting else [wave]):
-            self._wait(layer, {e: tickets[e] for e in part}, others=tickets)
+            self._wait(layer, {(layer, e): tickets[e] for e in part},
+                       others={(layer, e): t for e, t in tickets.items()})
             for lo, hi in windows([slot_of[e] for e in part], self.max_groups):
                 inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
                 gate_up, down, local = window_banks(self.cache.gate_up, self.cache.down, inside, lo, hi,
