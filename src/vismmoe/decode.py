@@ -74,9 +74,8 @@ def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int,
 
 
 def decode_one_token(model, family, state: DecodeState, teacher_token: int | None = None, decoder=None) -> list[int]:
-    """One decode step for every row of `state`: the argmax token per row. `teacher_token` teacher-forces the step's
-    input
-    token (benchmarks on random weights: routing then varies step to step as on real text)."""
+    """One decode step for every row of `state`: the argmax token per row. `teacher_token` teacher-forces the
+    step's input token (benchmarks on random weights: routing then varies step to step as on real text)."""
     if state.bucket is not None:
         fl = decoder.advance(state.bucket, teacher_token, state.inflight, state.steppers)
         state.inflight = fl

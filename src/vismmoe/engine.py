@@ -164,6 +164,7 @@ class Engine:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
         self.last_stats: dict = {}
         self.progress = None                    # (message) -> None: told when the fast step compiles and captures
+        self._fast = None                       # fast_step.FastStep, made on first use (fast_step())
         # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
         self._lock = model.__dict__.setdefault("_vismmoe_lock", threading.RLock())
         self.attach()
@@ -195,9 +196,8 @@ class Engine:
         where it can run. Built once per engine; compiled code is shared by every engine of the process."""
         if self.rc.decode == "eager":
             return None
-        fs = getattr(self, "_fast", None)
-        if fs is not None:
-            return fs
+        if self._fast is not None:
+            return self._fast
         from .fast_step import FastStep, unsupported_reason
         why = unsupported_reason(self)
         if why is not None or (self.rc.decode == "auto" and self.device.type != "cuda"):
@@ -313,7 +313,6 @@ class Engine:
             return self._generate_ids(inputs, max_new_tokens, teacher_tokens)
 
     def _generate_ids(self, inputs: dict, max_new_tokens: int, teacher_tokens: list[int] | None):
-        self.attach()
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()

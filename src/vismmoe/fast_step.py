@@ -31,11 +31,11 @@ import torch
 from . import moe_kernel
 from .step_graphs import Bucket, step_graphs
 
+
 class FastStep:
     """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only."""
 
     def __init__(self, engine, *, graphs: bool, compiled: bool, progress=None):
-        self.eng = engine
         self.model, self.family = engine.model, engine.family
         self.cache, self.runtime = engine.cache, engine.runtime
         self.store, self.layout = engine.store, engine.layout
@@ -43,7 +43,6 @@ class FastStep:
         self.cuda = self.device.type == "cuda"
         self.graphs = graphs and self.cuda
         self.compiled = compiled
-        self.progress = progress
         geo = engine.geometry
         self.moe_layers = geo.moe_layers
         self.layer_pos = {l: i for i, l in enumerate(geo.moe_layers)}
@@ -91,10 +90,6 @@ class FastStep:
         self.addr_host.numpy()[...] = np.where(sm >= 0, pool + sm * nb, self.host_addr)
         self.sg.addr_dev.copy_(self.addr_host, non_blocking=True)
 
-    def detach(self) -> None:
-        if self in self.cache.listeners:
-            self.cache.listeners.remove(self)
-
     # ---- requests ------------------------------------------------------------------------------------------
     def start(self, dyn_cache, mask: torch.Tensor, deltas: torch.Tensor, first: torch.Tensor, max_new: int) -> Bucket:
         """Take over a prefilled request (step_graphs.StepGraphs.load)."""
@@ -104,9 +99,8 @@ class FastStep:
     def advance(self, b: Bucket, teacher_token: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:
         """Launch the next step of bucket `b`, book the previous step `prev` while it runs, then wait for it: the
         finished step (`.ids`: a token per row), whose books `settle` completes. `teacher_token` teacher-forces the
-        step's
-        input token. A step's misses are claimed before the next step is launched (their copies start at once,
-        their victims leave the address table first)."""
+        step's input token. A step's misses are claimed before the next step is launched (their copies start at
+        once, their victims leave the address table first)."""
         fl = self._launch(b, teacher_token)
         if prev is not None:
             self.settle(prev, steppers)
@@ -128,16 +122,14 @@ class FastStep:
         if teacher_token is not None:
             b.ids.fill_(int(teacher_token))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
-        if not self.cuda:                                                   # the CPU step reads this engine's cache
-            bank = self.store.layer_blobs
-            for p, ex in enumerate(self.sg.experts):
-                ex.pool, ex.slots, ex.bank = self.cache.pool, self.slot_t[p], bank(p)
         if self.cuda:
             fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             fl.ev0.record()
             self.sg.run(b, self.graphs)
             fl.ev1.record()
-        else:
+        else:                                                               # the CPU step reads this engine's cache
+            for p, ex in enumerate(self.sg.experts):
+                ex.pool, ex.slots, ex.bank = self.cache.pool, self.slot_t[p], self.store.layer_blobs(p)
             self.sg.run(b, False)
         if self._synced is not None:                    # host time the device sat idle between two steps
             self.gap_s.append(time.perf_counter() - self._synced)

@@ -36,7 +36,7 @@ IMPLEMENTATION = "vismmoe"
 
 
 def _vismmoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    fast = getattr(self, "_vismmoe_fast", None)             # fast_step.LayerExperts during a fast decode step
+    fast = getattr(self, "_vismmoe_fast", None)             # step_graphs.LayerExperts during a fast decode step
     if fast is not None:
         return fast(hidden_states, top_k_index, top_k_weights)
     return self._vismmoe_runtime.forward(self, hidden_states, top_k_index, top_k_weights)
