@@ -1,0 +1,69 @@
+"""The decode paths side by side on the CPU (which one `--decode auto` should pick there), in ONE process:
+
+    python -m vismmoe.bench.decode_cpu [--budget 25%] [--limit 6] [--reps 3] [--out FILE.json]
+
+    eager          transformers' forward per token through the runtime (the default on the CPU)
+    fast           the fast step without graphs: static KV, experts through the slot map (fast_step.py)
+    fast+compile   the same with torch.compile'd decoder layers; its first request's time (the compile) is
+                   reported apart, and depends on whether inductor's on-disk cache is warm
+Bundled model (trained routing), test scenes, every request on a cold cache, systems interleaved per repetition;
+the median over requests of time per output token, then the median over repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from ..data import balanced_subset
+from ..demo import default_model
+from ..engine import load
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--limit", type=int, default=6)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    model, routing = default_model()
+    samples = balanced_subset("test", args.limit)
+    eager = load(model, decode="eager", expert_budget=args.budget)
+    engines = {"eager": eager, "fast": eager.fork(decode="fast"),
+               "fast+compile": load(model, decode="fast", compile=True, expert_budget=args.budget)}
+    first_s = {}
+    for name, eng in engines.items():                       # warm-up; the compiled one compiles here
+        t = time.perf_counter()
+        eng.generate(samples[0].image, samples[0].question, max_new_tokens=args.new_tokens)
+        first_s[name] = time.perf_counter() - t
+    runs: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(args.reps):
+        for name, eng in engines.items():
+            tpot = []
+            for s in samples:
+                eng.cache.clear()
+                tpot.append(eng.generate(s.image, s.question, max_new_tokens=args.new_tokens).stats["tpot_s"])
+            runs[name].append(statistics.median(tpot))
+    res = {"model": model, "routing": routing, "machine": f"CPU, {os.cpu_count()} cores, torch threads "
+           f"{torch.get_num_threads()}", "budget": args.budget, "requests": args.limit, "reps": args.reps,
+           "new_tokens": args.new_tokens, "first_request_s": first_s,
+           "tpot_ms": {k: statistics.median(v) * 1e3 for k, v in runs.items()},
+           "tpot_ms_per_rep": {k: [x * 1e3 for x in v] for k, v in runs.items()}}
+    for k, v in res["tpot_ms"].items():
+        print(f"{k:14s} {v:7.2f} ms/token   first request {first_s[k]:.1f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
