@@ -1,8 +1,9 @@
-"""Greedy generation as a prefill and a sequence of decode steps over one request's `DecodeState`.
+"""Generation as a prefill and a sequence of decode steps over one batch's `DecodeState`.
 
     prefill(inputs | pruned prompt)  ->  DecodeState (KV cache, positions, first token per row)
     decode_one_token(state)          ->  one token per row: transformers' forward per token (eager), or one
-                                         replay of the fast step (fast_step.FastStep, when given)
+                                         replay of the fast step (fast_step.FastStep, when given); each row's
+                                         token is the argmax, or drawn by the state's `sampling.Sampler`
     finish(state)                    ->  the last step's books (the fast step books a step while the next runs)
     cut_at_eos(row, eos_ids)         ->  a row's tokens up to its first EOS
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .sampling import Sampler
+
 
 @dataclass
 class DecodeState:
@@ -28,6 +31,7 @@ class DecodeState:
     done: list[bool]                        # per row: produced an EOS
     eos_ids: set[int]
     t_first: float                          # perf_counter time the first token was ready
+    sampler: Sampler | None = None          # per-row sampling (None: greedy)
     steps: int = 0                          # decode steps taken
     steppers: tuple = ()                    # routing observers told where each step starts
     cache: DynamicCache | None = None       # eager decode: KV cache, attention mask [B, T], rope deltas [B, 1]
@@ -39,14 +43,17 @@ class DecodeState:
 
     @property
     def finished(self) -> bool:
-        return bool(self.eos_ids) and all(self.done)
+        """Every row is done: it produced an EOS, or its caller marked it done (a stop string, its own token
+        limit, a client gone). A done row of a batch still computes until the batch finishes; its tokens after
+        that point are the caller's to ignore."""
+        return all(self.done)
 
 
 def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int, steppers=(), enc=None,
-            decoder=None) -> DecodeState:
+            decoder=None, sampler: Sampler | None = None) -> DecodeState:
     """Run the prompt (`enc`, compress.py: the pruned encoded prompt instead of the full one) and pick each row's
-    first token. With `decoder` (fast_step.FastStep) the KV cache moves into its static bucket, with room for
-    `max_new_tokens` tokens."""
+    first token (argmax, or `sampler`'s pick). With `decoder` (fast_step.FastStep) the KV cache moves into its
+    static bucket, with room for `max_new_tokens` tokens."""
     dev = inputs["input_ids"].device
     cache = DynamicCache(config=model.config)
     if enc is None:
@@ -60,12 +67,12 @@ def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int,
             s.begin_step("prefill", enc.visual[enc.mask.bool()].to(torch.int8).cpu())
         logits = family.decoder_forward(model, enc, cache)
         mask, deltas = enc.mask, enc.deltas
-    nxt = logits[:, -1].argmax(-1)                                       # [B]
+    nxt = _pick(logits[:, -1], sampler)                                  # [B]
     first = nxt.tolist()                                                 # (synchronises)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     state = DecodeState(tokens=[[t] for t in first], done=[t in eos_ids for t in first], eos_ids=eos_ids,
-                        t_first=time.perf_counter(), steppers=tuple(steppers))
+                        t_first=time.perf_counter(), sampler=sampler, steppers=tuple(steppers))
     if decoder is not None and max_new_tokens > 1:
         state.bucket = decoder.start(cache, mask, deltas, nxt, max_new_tokens)
     else:
@@ -73,13 +80,24 @@ def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int,
     return state
 
 
+def _pick(logits: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
+    """logits [B, V] -> [B] next tokens."""
+    return logits.argmax(-1) if sampler is None or sampler.greedy else sampler.pick(logits)
+
+
 def decode_one_token(model, family, state: DecodeState, teacher_token: int | None = None, decoder=None) -> list[int]:
-    """One decode step for every row of `state`: the argmax token per row. `teacher_token` teacher-forces the
-    step's input token (benchmarks on random weights: routing then varies step to step as on real text)."""
+    """One decode step for every row of `state`: the argmax token per row (or the sampler's pick).
+    `teacher_token` teacher-forces the step's input token (benchmarks on random weights: routing then varies step
+    to step as on real text)."""
     if state.bucket is not None:
         fl = decoder.advance(state.bucket, teacher_token, state.inflight, state.steppers)
         state.inflight = fl
         new = fl.ids
+        if state.sampler is not None and not state.sampler.greedy:
+            # the step wrote its argmax as the next input; a sampled row replaces it before the next launch
+            picked = state.sampler.pick(state.bucket.logits)
+            state.bucket.ids.copy_(picked[:, None])
+            new = picked.tolist()
     else:
         B = state.mask.shape[0]
         dev = state.mask.device
@@ -90,7 +108,7 @@ def decode_one_token(model, family, state: DecodeState, teacher_token: int | Non
             torch.full((B, 1), teacher_token, device=dev, dtype=torch.long)
         out = model(input_ids=step_in, attention_mask=state.mask, past_key_values=state.cache, use_cache=True,
                     position_ids=family.decode_positions(state.mask, state.deltas))
-        state.nxt = out.logits[:, -1].argmax(-1)
+        state.nxt = _pick(out.logits[:, -1], state.sampler)
         new = state.nxt.tolist()
     for r, t in enumerate(new):
         state.tokens[r].append(t)

@@ -33,8 +33,10 @@ from .links import get_link
 from .policies import make_policy
 from .predict import PREDICTORS, make_predictor
 from .prefetch import Prefetcher
+from .request import GenerationRequest, TextStream, batch_inputs
 from .protocols import StepObserver
 from .runtime import IMPLEMENTATION, OffloadRuntime
+from .sampling import Sampler
 from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
 from .timeline import Timeline
 from .trace import RoutingTrace
@@ -162,7 +164,6 @@ class Engine:
         self.eos_ids: set[int] = set()
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
-        self.last_stats: dict = {}
         self.progress = None                    # (message) -> None: told when the fast step compiles and captures
         self._fast = None                       # fast_step.FastStep, made on first use (fast_step())
         # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
@@ -312,16 +313,22 @@ class Engine:
         with self._lock:
             return self._generate_ids(inputs, max_new_tokens, teacher_tokens)
 
-    def _generate_ids(self, inputs: dict, max_new_tokens: int, teacher_tokens: list[int] | None):
+    def _generate_ids(self, inputs: dict, max_new_tokens: int, teacher_tokens: list[int] | None,
+                      sampler: Sampler | None = None, on_step=None):
+        """The loop: prefill, decode steps until every row is done or `max_new_tokens` tokens; `on_step(state)`
+        after the prefill and after each step (it may mark rows done). (rows cut at EOS, request stats)."""
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
         anchor = self._start_timeline(t0)
-        has_visual = bool(inputs["mm_token_type_ids"].any())
-        enc = self.pruned_prompt(inputs) if self.compressor is not None and has_visual else None
-        state = self.prefill(inputs, max_new_tokens, enc=enc)
+        enc = self.pruned_prompt(inputs) if self.compressor is not None and _one_image_per_row(inputs) else None
+        state = self.prefill(inputs, max_new_tokens, enc=enc, sampler=sampler)
+        if on_step is not None:
+            on_step(state)
         while state.steps < max_new_tokens - 1 and not state.finished:
             self.decode_one_token(state, teacher_tokens[state.steps] if teacher_tokens is not None else None)
+            if on_step is not None:
+                on_step(state)
         self.finish(state)
         tokens, t_first, steps = state.tokens, state.t_first, state.steps
         self._sync()
@@ -332,18 +339,19 @@ class Engine:
         kept = int(enc.visual.sum()) if enc is not None else visual
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
                                     e2e=t_end - t0, visual=visual)
-        stats.update(visual_tokens_kept=kept, compress=self.rc.compress, keep_ratio=self.rc.keep_ratio)
-        self.last_stats = stats
+        stats.update(visual_tokens_kept=kept, compress=self.rc.compress if enc is not None else "none",
+                     keep_ratio=self.rc.keep_ratio if enc is not None else 1.0, batch=len(rows))
         return rows, stats
 
     @torch.inference_mode()
-    def prefill(self, inputs: dict, max_new_tokens: int, enc=None) -> _decode.DecodeState:
+    def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None
+                ) -> _decode.DecodeState:
         """Run a prepared prompt (or `enc`, a pruned one) and return its `decode.DecodeState` with each row's first
-        token; the KV cache has room for `max_new_tokens` tokens in all. Drive it with `decode_one_token`, then
-        `finish`; one request at a time per engine."""
+        token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
+        with `decode_one_token`, then `finish`; one batch at a time per engine."""
         self.attach()
         return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
-                               tuple(self.step_observers), enc, self.fast_step())
+                               tuple(self.step_observers), enc, self.fast_step(), sampler)
 
     @torch.inference_mode()
     def decode_one_token(self, state: _decode.DecodeState, teacher_token: int | None = None) -> list[int]:
@@ -372,25 +380,88 @@ class Engine:
         return prune(enc, sels)
 
     def generate_batch(self, images, prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
-        with self._lock:
-            return self._generate_batch(images, prompts, max_new_tokens)
-
-    def _generate_batch(self, images, prompts: list[str], max_new_tokens: int) -> list[Generation]:
-        t0 = time.perf_counter()
-        inputs = self.prepare(images, prompts)
-        t_prep = time.perf_counter() - t0
-        rows, stats = self.generate_ids(inputs, max_new_tokens)
-        stats = dict(stats, ttft_s=stats["ttft_s"] + t_prep, e2e_s=stats["e2e_s"] + t_prep, preprocess_s=t_prep)
-        gens = []
-        for row in rows:
-            text = self.tokenizer.decode([t for t in row if t not in self.eos_ids], skip_special_tokens=True)
-            gens.append(Generation(text=text.strip(), token_ids=row, stats=stats))
-        self.last_stats = stats
-        return gens
+        """Answer each prompt about its image (a path, encoded bytes or a PIL image; None: text only), greedily,
+        as one batch."""
+        if len(images) != len(prompts):
+            raise UserError(f"{len(images)} images for {len(prompts)} prompts", "give one image (or None) per prompt")
+        reqs = [GenerationRequest.from_prompt(im, p, max_new_tokens=max_new_tokens) for im, p in zip(images, prompts)]
+        self.generate_requests(reqs)
+        return [Generation(text=r.text, token_ids=r.token_ids, stats=r.stats) for r in reqs]
 
     def generate(self, image, prompt: str, max_new_tokens: int = 32) -> Generation:
         """Answer `prompt` about `image` (a path or a PIL image; None: a text-only prompt), greedily."""
         return self.generate_batch([image], [prompt], max_new_tokens)[0]
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def prepare_request(self, req: GenerationRequest) -> None:
+        """Load `req`'s images, format and tokenize its messages, process its pixels: `req.inputs` (one row, on
+        the CPU) and `req.prompt_tokens`. Thread-safe (reads no engine state that generation changes), so a
+        server prepares requests while a batch runs. UserError for a bad image, a bad message list, or a prompt
+        that does not fit the model's context with `req.max_new_tokens` more tokens."""
+        if req.max_new_tokens < 1:
+            raise UserError(f"max tokens must be at least 1 (got {req.max_new_tokens})", "give a positive number")
+        t0 = time.perf_counter()
+        pil = [load_image(im) for im in req.images]
+        try:
+            inputs = self.family.build_chat_inputs(self.tokenizer, self.image_processor, [req.messages], [pil])
+        except ValueError as e:
+            raise UserError(f"cannot format these messages with the model's chat template ({e})",
+                            "give one image per image part and text parts as strings") from None
+        req.prompt_tokens = int(inputs["input_ids"].shape[1])
+        limit = getattr(self.family.text_config(self.config), "max_position_embeddings", None)
+        if limit is not None and req.prompt_tokens + req.max_new_tokens > limit:
+            raise UserError(f"prompt of {req.prompt_tokens} tokens + {req.max_new_tokens} new exceeds the model's "
+                            f"context of {limit} tokens", "shorten the prompt, use a smaller image or fewer tokens")
+        req.inputs, req.prepare_s = inputs, time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def generate_requests(self, reqs: list[GenerationRequest]) -> None:
+        """Run `reqs` as one batch (prepared here unless already): prefill together, decode together, each row with
+        its own sampling, token limit and stop strings, streaming through `on_text`; a cancelled row stops at
+        its next token. Fills each request's results; the offload statistics are the batch's. Calls from several
+        threads are served one after another."""
+        for r in reqs:
+            if r.inputs is None:
+                self.prepare_request(r)
+        pad = self.family.token_ids(self.tokenizer)["pad"]
+        with self._lock:
+            t0 = time.perf_counter()
+            inputs = {k: v.to(self.device) for k, v in batch_inputs([r.inputs for r in reqs], pad).items()}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            streams = [TextStream(self.tokenizer, r.stop, self.eos_ids) for r in reqs]
+            sampler = Sampler([r.sampling for r in reqs])
+
+            def on_step(state: _decode.DecodeState) -> None:
+                now = time.perf_counter()
+                for i, (r, ts) in enumerate(zip(reqs, streams)):
+                    if r.finish_reason is not None:
+                        state.done[i] = True
+                        continue
+                    tok = state.tokens[i][-1]
+                    r.token_ids.append(tok)
+                    r.t_first = r.t_first or now
+                    delta, stopped = ts.push(tok)
+                    eos = tok in self.eos_ids and not r.ignore_eos
+                    if eos or stopped:
+                        r.finish_reason = "stop"
+                    elif len(r.token_ids) >= r.max_new_tokens:
+                        r.finish_reason = "length"
+                    elif r.cancelled.is_set():
+                        r.finish_reason = "cancelled"
+                    if r.finish_reason is not None:
+                        delta += ts.close()
+                        r.text, r.t_end = ts.text, now
+                    if delta and r.on_text is not None:
+                        r.on_text(delta)
+                    state.done[i] = r.finish_reason is not None
+
+            _, stats = self._generate_ids(inputs, max(r.max_new_tokens for r in reqs), None, sampler, on_step)
+            for r in reqs:
+                # times from the start of the batch, plus the request's own preprocessing
+                r.stats = dict(stats, ttft_s=r.prepare_s + r.t_first - t0, e2e_s=r.prepare_s + r.t_end - t0,
+                               preprocess_s=r.prepare_s, new_tokens=len(r.token_ids),
+                               prompt_tokens=r.prompt_tokens)
 
     # ---- statistics ------------------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
@@ -601,3 +672,11 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     return Engine(model_dir=model_dir, family=family, config=config, model=model, tokenizer=tokenizer,
                   image_processor=image_processor, store=store, device=dev, dtype=dt, geometry=geo, layout=layout,
                   nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)
+
+
+def _one_image_per_row(inputs: dict) -> bool:
+    """Every row holds exactly one image (what visual-token compression prunes: one grid per row)."""
+    grids = inputs.get("image_grid_thw")
+    if grids is None or grids.shape[0] != inputs["input_ids"].shape[0]:
+        return False
+    return bool((inputs["mm_token_type_ids"] == 1).any(-1).all())

@@ -8,6 +8,7 @@ processing for a model (resizing, padding, patches) belong to the family adapter
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -26,33 +27,41 @@ def _too_large(where: str, pixels: str) -> UserError:
 
 
 def load_image(path_or_image) -> Image.Image:
-    """An RGB PIL image from a path (or a PIL image passed through), or a UserError saying what is wrong."""
+    """An RGB PIL image from a path, encoded image bytes (a server's decoded upload), or a PIL image passed
+    through; a UserError saying what is wrong otherwise."""
     if isinstance(path_or_image, Image.Image):
         w, h = path_or_image.size
         if w * h > MAX_IMAGE_PIXELS:
             raise _too_large("the image", f"{w}x{h} pixels")
         return to_rgb(path_or_image)
+    if isinstance(path_or_image, (bytes, bytearray)):
+        return _decode(io.BytesIO(path_or_image), "the image data")
     path = os.fspath(path_or_image)
     if not os.path.exists(path):
         raise UserError(f"image not found: {path}", "check the --image path")
     if os.path.isdir(path):
         raise UserError(f"image path is a directory: {path}", "give an image file (PNG, JPEG, WebP, ...)")
+    return _decode(path, path)
+
+
+def _decode(source, where: str) -> Image.Image:
+    """Open, check the size before decoding any pixel, decode, convert (`to_rgb`)."""
     try:
         with warnings.catch_warnings():
             # Pillow warns (a stray stderr line) above its own pixel limit and refuses above twice that
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS:
-                    raise _too_large(path, f"{w}x{h} pixels")
+                    raise _too_large(where, f"{w}x{h} pixels")
                 im.load()
                 return to_rgb(im)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _too_large(path, f"over {Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
+        raise _too_large(where, f"over {Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise UserError(f"not a readable image: {path} ({type(e).__name__})", _FIX_READABLE) from None
+        raise UserError(f"not a readable image: {where} ({type(e).__name__})", _FIX_READABLE) from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -110,6 +110,7 @@ class Bucket:
     kv: list[StaticKV]
     pos: torch.Tensor           # [1] long: column the next token is written to
     ids: torch.Tensor           # [B, 1] long: the next token (the graph writes its argmax here)
+    logits: torch.Tensor        # [B, V]: the step's logits (a sampled row picks from them after the step)
     mask: torch.Tensor          # [B, L] bool: attended columns
     deltas: torch.Tensor        # [B, 1] long: rope position minus text position
     route_idx: torch.Tensor     # [moe layers, B*K] long: routing of the last step (device)
@@ -152,6 +153,7 @@ class StepGraphs:
               for _ in layers]
         nL = len(self.moe_layers)
         b = Bucket(B=B, L=L, kv=kv, pos=pos, ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
+                   logits=torch.zeros(B, self.model.lm_head.out_features, dtype=dt, device=dev),
                    mask=torch.zeros(B, L, dtype=torch.bool, device=dev),
                    deltas=torch.zeros(B, 1, dtype=torch.long, device=dev),
                    route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
@@ -220,7 +222,9 @@ class StepGraphs:
         for i, layer in enumerate(lm.layers):
             h = self._layer(layer, h, m4, positions[0], b.kv[i], cos, sin)
         h = lm.norm(h[:, -1:])
-        b.ids.copy_(model.lm_head(h)[:, -1].argmax(-1, keepdim=True))
+        logits = model.lm_head(h)[:, -1]                             # [B, V]
+        b.logits.copy_(logits)
+        b.ids.copy_(logits.argmax(-1, keepdim=True))
         b.pos.add_(1)
         for name in ("ids", "route_idx", "route_w"):
             b.out_host[name].copy_(getattr(b, name), non_blocking=True)

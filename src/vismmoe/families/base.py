@@ -10,12 +10,15 @@ need no code of ours in the forward: the runtime registers an experts function t
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
+
+from ..errors import UserError
 
 # transformers' smart_resize (the Qwen2-VL and GLM-4V image processors) refuses an image whose long side is over
 # 200 times its short side; GLM's first scales a short side below one patch up to it, truncating, which can push
@@ -122,47 +125,86 @@ class Family:
         ids["eos"] = [tokenizer.convert_tokens_to_ids(t) for t in self.tokens.eos]
         return ids
 
-    def prompt_text(self, tokenizer, prompt: str, image: bool = True) -> str:
-        """Chat-formatted text with ONE image placeholder (expanded later to one token per visual token), or none
-        for a text-only request."""
+    def chat_text(self, tokenizer, messages: list[dict]) -> str:
+        """Chat-formatted text of `messages` ({"role", "content": str or parts [{"type": "text", "text"} |
+        {"type": "image"}]}) with ONE image placeholder per image part (expanded later to one token per visual
+        token), ending with the assistant's turn opened. Checkpoints without a chat template take one user
+        message (`fallback_format`)."""
         if getattr(tokenizer, "chat_template", None):
-            parts = [{"type": "image"}] if image else []
-            messages = [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        block = self.tokens.image_start + self.tokens.image + self.tokens.image_end if image else ""
-        return self.fallback_format.format(image=block, prompt=prompt)
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            raise UserError("this checkpoint ships no chat template, so it takes one user message",
+                            "send a single user message, or add a chat template to the checkpoint")
+        content = messages[0]["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        block = self.tokens.image_start + self.tokens.image + self.tokens.image_end
+        images = sum(p["type"] == "image" for p in parts)
+        return self.fallback_format.format(image=block * images,
+                                           prompt="".join(p["text"] for p in parts if p["type"] == "text"))
 
-    def prompt_ids(self, tokenizer, prompt: str, n_visual: int | None) -> list[int]:
-        """Token ids of the chat-formatted prompt with `n_visual` image placeholders (None: a text-only request).
-        The user's text is tokenized as text: a special token's string in it (an image placeholder, an
-        end-of-turn marker) stays those characters and never becomes the special token."""
-        marker = f"\x00{uuid.uuid4().hex}\x00"          # where the chat template puts the user's text
-        text = self.prompt_text(tokenizer, marker, image=n_visual is not None)
-        if text.count(marker) != 1:
-            raise ValueError(f"chat template placed the prompt {text.count(marker)} times, expected once")
-        before, after = text.split(marker)
+    def chat_ids(self, tokenizer, messages: list[dict], n_visual: list[int]) -> list[int]:
+        """Token ids of the chat-formatted `messages` whose i-th image part becomes `n_visual[i]` image tokens.
+        Message text is tokenized as text: a special token's string in it (an image placeholder, an end-of-turn
+        marker) stays those characters and never becomes the special token. ValueError when the template does
+        not place every text part once and one placeholder per image."""
+        tag = uuid.uuid4().hex
+        marked, texts = [], []                            # text parts replaced by markers the template places
+        for m in messages:
+            content = m["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            out = []
+            for part in parts:
+                if part["type"] == "text":
+                    out.append({"type": "text", "text": f"\x00{tag}{len(texts)}\x00"})
+                    texts.append(part["text"])
+                else:
+                    out.append({"type": "image"})
+            marked.append({"role": m["role"], "content": out})
+        pieces = re.split(f"\x00{tag}(\\d+)\x00", self.chat_text(tokenizer, marked))
+        # pieces: template, index, template, index, ..., template
+        order = [int(i) for i in pieces[1::2]]
+        if sorted(order) != list(range(len(texts))):
+            raise ValueError(f"chat template placed text parts {order}, expected each of {len(texts)} once")
         image_tok = self.tokens.image
-        want = 0 if n_visual is None else 1
-        if (before + after).count(image_tok) != want:
-            raise ValueError(f"chat template produced {(before + after).count(image_tok)} image placeholders, "
-                             f"expected {want}")
-        before, after = (part.replace(image_tok, image_tok * (n_visual or 0)) for part in (before, after))
+        templ = pieces[0::2]
+        found = sum(t.count(image_tok) for t in templ)
+        if found != len(n_visual):
+            raise ValueError(f"chat template produced {found} image placeholders, expected {len(n_visual)}")
+        counts = iter(n_visual)
+        templ = [_expand(t, image_tok, counts) for t in templ]
 
         def ids(part: str, **kw) -> list[int]:
             return tokenizer(part, add_special_tokens=False, **kw)["input_ids"] if part else []
 
-        return ids(before) + ids(prompt, split_special_tokens=True) + ids(after)
+        out = ids(templ[0])
+        for i, t in zip(order, templ[1:]):
+            out += ids(texts[i], split_special_tokens=True) + ids(t)
+        return out
+
+    def prompt_ids(self, tokenizer, prompt: str, n_visual: int | None) -> list[int]:
+        """Token ids of one user turn: an image of `n_visual` visual tokens (None: no image), then `prompt`."""
+        parts = ([{"type": "image"}] if n_visual is not None else []) + [{"type": "text", "text": prompt}]
+        return self.chat_ids(tokenizer, [{"role": "user", "content": parts}], [] if n_visual is None else [n_visual])
 
     def build_inputs(self, tokenizer, image_processor, images: list[Image.Image | None], prompts: list[str]) -> dict:
-        """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt, or None for a
-        text-only prompt (no `pixel_values` / `image_grid_thw` when no row has an image); images too long and thin
-        for the processor are padded (with the colour that normalises to zero) first."""
-        present = [pad_to_aspect(im, image_processor) for im in images if im is not None]
+        """Batch of (image, prompt) pairs -> model inputs, left-padded: `build_chat_inputs` of one user turn each
+        (an image, or None for a text-only prompt, then the prompt)."""
+        chats = [[{"role": "user", "content": ([{"type": "image"}] if im is not None else []) +
+                   [{"type": "text", "text": p}]}] for im, p in zip(images, prompts)]
+        return self.build_chat_inputs(tokenizer, image_processor, chats,
+                                      [[im] if im is not None else [] for im in images])
+
+    def build_chat_inputs(self, tokenizer, image_processor, chats: list[list[dict]],
+                          images: list[list[Image.Image]]) -> dict:
+        """Batch of conversations (messages as in `chat_ids`; row r's image parts take `images[r]` in order) ->
+        model inputs, left-padded: input_ids / attention_mask / mm_token_type_ids [B, T], and when any row has an
+        image, pixel_values and image_grid_thw [images, 3] in row order. Images too long and thin for the
+        processor are padded (with the colour that normalises to zero) first."""
+        present = [pad_to_aspect(im, image_processor) for row in images for im in row]
         vis = image_processor(images=present, return_tensors="pt") if present else {}
         merge = image_processor.merge_size
         counts = iter((vis["image_grid_thw"].prod(-1) // (merge * merge)).tolist() if present else [])
-        n_visual = [next(counts) if im is not None else None for im in images]
-        rows = [self.prompt_ids(tokenizer, prompt, n) for prompt, n in zip(prompts, n_visual)]
+        rows = [self.chat_ids(tokenizer, chat, [next(counts) for _ in row]) for chat, row in zip(chats, images)]
         tokenizer.padding_side = "left"
         enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
@@ -273,3 +315,9 @@ class Family:
 
     def chat_template(self) -> str:
         raise NotImplementedError
+
+
+def _expand(text: str, image_tok: str, counts) -> str:
+    """`text` with each `image_tok` repeated as many times as the next of `counts` says."""
+    chunks = text.split(image_tok)
+    return chunks[0] + "".join(image_tok * next(counts) + c for c in chunks[1:])

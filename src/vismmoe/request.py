@@ -1,0 +1,132 @@
+"""One generation request, from what was asked to what it produced; and its text as it streams.
+
+    GenerationRequest   messages (text and image parts) + images, sampling, token limit, stop strings, a streaming
+                        callback and a cancel flag; filled in by `Engine.generate_requests`: tokens, text, finish
+                        reason, token counts, timings and the offload statistics of the batch it ran in
+    TextStream          token ids -> text deltas safe to show: held back while a character is incomplete, while
+                        the text ends in whitespace (the final text is stripped), or while its end could begin a
+                        stop string
+    batch_inputs        rows prepared one by one (B = 1 each) -> one left-padded batch
+
+A request's state lives here, never on the engine: several requests can be in flight (queued, prepared, batched)
+while the engine runs one batch at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .sampling import GREEDY, SamplingParams
+
+
+@dataclass
+class GenerationRequest:
+    """A chat request. `messages`: [{"role": "system" | "user" | "assistant", "content": str | parts}] with parts
+    {"type": "text", "text": str} or {"type": "image"}; `images`: one per image part, in order (paths, encoded
+    bytes or PIL images). `on_text(delta)` is called from the engine's thread with each piece of text as it
+    becomes final. Set `cancelled` to stop generating (the row stops at the next token)."""
+
+    messages: list[dict]
+    images: list = field(default_factory=list)
+    max_new_tokens: int = 32
+    sampling: SamplingParams = GREEDY
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False                # generate exactly max_new_tokens tokens (load tests)
+    on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    t_submit: float = field(default_factory=time.perf_counter)
+    # ---- filled in by the engine -----------------------------------------------------------------------------
+    inputs: dict | None = None              # prepared model inputs of this row alone (Engine.prepare_request)
+    prepare_s: float = 0.0                  # seconds its preparation took (image decoding, processing, tokenizing)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None        # "stop" (EOS or a stop string), "length", "cancelled"
+    prompt_tokens: int = 0
+    t_first: float | None = None            # perf_counter time of the first token
+    t_end: float | None = None
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_prompt(cls, image, prompt: str, **kw) -> GenerationRequest:
+        """One user turn: `image` (None: text only), then `prompt`."""
+        parts = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+        return cls(messages=[{"role": "user", "content": parts}], images=[image] if image is not None else [], **kw)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class TextStream:
+    """Text of a growing list of token ids, released in deltas that will never be taken back.
+
+    `push(token) -> (delta, stopped)`: `stopped` when the text now contains a stop string (the text ends before
+    it). `close() -> delta`: the rest, once no token follows. The concatenated deltas equal `text`: the decoded
+    tokens (special tokens skipped), stripped, cut before the first stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: set[int] = frozenset()):
+        self.tokenizer, self.stop, self.skip = tokenizer, tuple(s for s in stop if s), set(skip_ids)
+        self.ids: list[int] = []
+        self.text = ""                  # the text so far (stripped at the start, cut at a stop string)
+        self.sent = 0                   # characters of `text` released
+        self.stopped = False
+
+    def push(self, token: int) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if token not in self.skip:
+            self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text = self.text[:at]
+                self.stopped = True
+        if self.stopped:
+            return self.close(), True
+        return self._release(self._safe_end()), False
+
+    def close(self) -> str:
+        self.text = self.text.rstrip()
+        return self._release(len(self.text))
+
+    def _safe_end(self) -> int:
+        """How much of `text` can be shown now."""
+        t = self.text
+        end = len(t.rstrip())                                   # trailing whitespace may be stripped at the end
+        if t.endswith("\ufffd"):                                # an incomplete character
+            end = min(end, len(t) - 1)
+        for s in self.stop:                                     # the end might begin a stop string
+            for n in range(min(len(s) - 1, end), 0, -1):
+                if t[end - n:end] == s[:n]:
+                    end -= n
+                    break
+        return max(end, self.sent)
+
+    def _release(self, end: int) -> str:
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
+
+
+def batch_inputs(rows: list[dict], pad_id: int) -> dict:
+    """Prepared one-row inputs -> one batch: input_ids / attention_mask / mm_token_type_ids left-padded to the
+    longest row [B, T]; pixel_values and image_grid_thw concatenated in row order (rows without images add none).
+    The same tensors `Family.build_chat_inputs` gives for the rows together."""
+    T = max(r["input_ids"].shape[1] for r in rows)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(r[key], (T - r[key].shape[1], 0), value=value) for r in rows])
+
+    out = {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
+           "mm_token_type_ids": pad("mm_token_type_ids", 0)}
+    with_images = [r for r in rows if "pixel_values" in r]
+    if with_images:
+        out["pixel_values"] = torch.cat([r["pixel_values"] for r in with_images])
+        out["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in with_images])
+    return out
