@@ -179,10 +179,19 @@ def cmd_generate(args) -> int:
         raise UserError("empty --prompt", "ask something about the image")
     _at_least(args.max_new_tokens, 1, "--max-new-tokens")
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
+    sampling = _sampling(args)
     eng = _engine_from(args, trace=bool(args.trace))
     if args.timeline:
         eng.record_timeline()
-    gen = eng.generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
+    if sampling.greedy:
+        gen = eng.generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
+    else:
+        from .engine import Generation
+        from .request import GenerationRequest
+        req = GenerationRequest.from_prompt(image, args.prompt, max_new_tokens=args.max_new_tokens,
+                                            sampling=sampling)
+        eng.generate_requests([req])
+        gen = Generation(text=req.text, token_ids=req.token_ids, stats=req.stats)
     if args.trace:
         eng.trace.save(args.trace)
     if args.timeline:
@@ -198,6 +207,24 @@ def cmd_generate(args) -> int:
         out.print(f"[bold]answer:[/bold] {gen.text}")
         out.print(stats_table(gen.stats))
     return 0
+
+
+def _sampling(args):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 is greedy (default); above 0 samples, at most 2")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this mass (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: not repeatable)")
+
+
+def cmd_serve(args) -> int:
+    from .serve.cli import serve
+    return serve(args, _engine_from)
 
 
 def cmd_make_tiny(args) -> int:
@@ -436,8 +463,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the request's compute and copy spans (PNG; ASCII on the terminal too)")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, stats, per_layer) on the last line of stdout")
+    _add_sampling_args(g)
     _add_runtime_args(g)
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (images, streaming, metrics)")
+    sv.add_argument("--model", default=None, help="checkpoint directory; default: the bundled model")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--served-model-name", default=None, metavar="NAME",
+                    help="the model name clients send (default: the checkpoint folder's name)")
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' on /v1 (default: none; also read from VISMMOE_API_KEY)")
+    sv.add_argument("--allowed-local-media", default=None, metavar="DIR",
+                    help="let image_url file:// URLs read files inside DIR (default: no local files)")
+    sv.add_argument("--allow-remote-media", action="store_true", help="let image_url fetch http(s) URLs")
+    sv.add_argument("--max-batch", type=int, default=None, metavar="N",
+                    help="most requests decoded together (default: 1 on cpu, 4 on cuda; docs/serving.md)")
+    sv.add_argument("--max-queue", type=int, default=16, metavar="N",
+                    help="most requests waiting; more get HTTP 429 (default 16)")
+    sv.add_argument("--max-body", default="32MiB", metavar="SIZE", help="largest request body (default 32MiB)")
+    sv.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
+                    help="max tokens of a request that names none (default 256)")
+    _add_runtime_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for tests)")
     _registry(t.add_argument("--family", required=True, metavar="NAME", help="model family, one of {names}"),

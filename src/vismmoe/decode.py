@@ -95,8 +95,9 @@ def decode_one_token(model, family, state: DecodeState, teacher_token: int | Non
         new = fl.ids
         if state.sampler is not None and not state.sampler.greedy:
             # the step wrote its argmax as the next input; a sampled row replaces it before the next launch
-            picked = state.sampler.pick(state.bucket.logits)
-            state.bucket.ids.copy_(picked[:, None])
+            b = state.bucket
+            picked = state.sampler.pick(b.logits[:b.rows])
+            b.ids[:b.rows].copy_(picked[:, None])
             new = picked.tolist()
     else:
         B = state.mask.shape[0]

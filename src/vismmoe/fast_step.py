@@ -146,9 +146,10 @@ class FastStep:
         else:
             fl.dev_s = time.perf_counter() - fl.t0
         nL = len(self.moe_layers)
-        fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1).copy()            # [nL, B*K]
-        fl.w = b.out_host["route_w"].numpy().reshape(nL, -1).copy()
-        fl.ids = b.out_host["ids"].view(-1).tolist()
+        real = b.rows * self.K                                  # padding rows repeat row 0: not booked
+        fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1)[:, :real].copy()  # [nL, B*K]
+        fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
+        fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
         if not miss.any():                                                          # all hits: nothing to claim
             return fl

@@ -105,7 +105,7 @@ def compiled_layer_call():
 class Bucket:
     """Static buffers of one (batch, KV length) shape, and its captured graph."""
 
-    B: int
+    B: int                      # rows in the graph (a power of two)
     L: int
     kv: list[StaticKV]
     pos: torch.Tensor           # [1] long: column the next token is written to
@@ -117,6 +117,7 @@ class Bucket:
     route_w: torch.Tensor       # [moe layers, B*K] float32
     out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
     graph: object = None
+    rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0 (their output is unused)
 
 
 class StepGraphs:
@@ -138,7 +139,10 @@ class StepGraphs:
         self.progress = None
 
     def bucket(self, B: int, need: int) -> Bucket:
-        """The bucket for `B` rows and at least `need` KV positions (made on first use)."""
+        """The bucket for `B` rows (rounded up to a power of two: a batch of 3 runs in the graph of 4, so a
+        server's changing batch sizes compile and capture few shapes) and at least `need` KV positions (a
+        multiple of BUCKET; made on first use)."""
+        B = 1 << (B - 1).bit_length()
         L = -(-need // BUCKET) * BUCKET
         b = self.buckets.get((B, L))
         if b is not None:
@@ -169,15 +173,18 @@ class StepGraphs:
         the first generated token `first [B]`; room for `max_new` more tokens."""
         B, T = mask.shape
         b = self.bucket(B, T + max_new)
+        b.rows = B
+        fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)      # bucket row -> request row
+        fill[:B] = torch.arange(B, device=mask.device)
         for i, layer_kv in enumerate(b.kv):
             src = dyn_cache.layers[i]
-            layer_kv.k[:, :, :T].copy_(src.keys)
-            layer_kv.v[:, :, :T].copy_(src.values)
+            layer_kv.k[:, :, :T].copy_(src.keys[fill])
+            layer_kv.v[:, :, :T].copy_(src.values[fill])
         b.mask.zero_()
-        b.mask[:, :T].copy_(mask.bool())
-        b.deltas.copy_(deltas.to(b.deltas.dtype))
+        b.mask[:, :T].copy_(mask.bool()[fill])
+        b.deltas.copy_(deltas.to(b.deltas.dtype)[fill])
         b.pos.fill_(T)
-        b.ids.copy_(first.view(B, 1))
+        b.ids.copy_(first.view(B, 1)[fill])
         return b
 
     @contextmanager

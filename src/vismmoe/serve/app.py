@@ -1,0 +1,288 @@
+"""`vismmoe serve`: an OpenAI-compatible HTTP server over one engine (FastAPI on uvicorn).
+
+    POST /v1/chat/completions   messages with text and image_url parts, several images, history; max_tokens /
+                                max_completion_tokens, temperature, top_p, top_k, seed, stop, stream (SSE ending
+                                in [DONE], usage in the last chunk with stream_options.include_usage)
+    GET  /v1/models             the one model served
+    GET  /health                {"status": "ok"}
+    GET  /metrics               Prometheus text (metrics.py)
+
+    request -> [API key] -> body (size limit) -> JSON -> schema (schema.py) -> images (media.py) -> prepared
+            (tokens, pixels; Engine.prepare_request, in a worker thread) -> scheduler queue (429 when full)
+            -> batch on the engine thread -> text deltas back to the event loop -> response / SSE chunks
+
+Every refusal is OpenAI's error object with a 4xx status: 400 bad JSON, fields, images, prompt too long; 401
+missing or wrong API key; 404 unknown model or path; 413 body too large; 429 queue full (Retry-After). A
+client that disconnects cancels its request: it leaves the queue, or its row stops at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from ..request import GenerationRequest
+from ..sampling import SamplingParams
+from .media import MediaRules, image_bytes
+from .metrics import ServerMetrics
+from .scheduler import QueueFull, Scheduler
+from .schema import ChatCompletionRequest, error_body
+
+log = logging.getLogger("vismmoe.serve")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    default_max_tokens: int = 256
+    media: MediaRules = MediaRules()
+    max_batch: int = 1
+    max_queue: int = 16
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers or {}
+
+
+def _error(status: int, message: str, kind: str, code=None, param=None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
+
+
+def create_app(engine, opts: ServeOptions) -> FastAPI:
+    """The app over `engine` (loaded; the server owns it from now on). Its scheduler's worker thread starts
+    here; `app.state.scheduler.close()` stops it."""
+    app = FastAPI(title="vismmoe", docs_url=None, redoc_url=None, openapi_url=None)
+    sched_box: list[Scheduler] = []
+    metrics = ServerMetrics(engine, lambda: sched_box[0])
+    sched = Scheduler(engine, max_batch=opts.max_batch, max_queue=opts.max_queue,
+                      on_batch=lambda reqs: metrics.batch_size.observe(len(reqs)))
+    sched_box.append(sched)
+    app.state.scheduler, app.state.metrics, app.state.engine = sched, metrics, engine
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error(e.status, e.message, e.kind, e.code, e.param, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("internal error")
+        return _error(500, "internal server error", "server_error")
+
+    def authorize(request: Request) -> None:
+        if opts.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), opts.api_key.encode())):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": opts.model_name, "object": "model", "created": created,
+                                            "owned_by": "vismmoe"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            authorize(request)
+            body = await _read_body(request, opts.max_body_bytes)
+            chat_req = _parse(body)
+            if chat_req.model != opts.model_name:
+                raise APIError(404, f"model {chat_req.model!r} does not exist: this server serves "
+                                    f"{opts.model_name!r}", "not_found_error", "model_not_found", "model")
+            req = await run_in_threadpool(_to_request, engine, chat_req, opts)
+        except APIError as e:
+            metrics.observe(None, "rejected" if e.status == 429 else "client_error")
+            raise
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req.on_text = lambda delta: loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
+
+        def done(r, error):
+            loop.call_soon_threadsafe(events.put_nowait, ("done", error))
+
+        try:
+            sched.submit(req, done)
+        except QueueFull as e:
+            metrics.observe(None, "rejected")
+            raise APIError(429, f"server busy ({e}): try again shortly", "rate_limit_error", "queue_full",
+                           headers={"Retry-After": "1"}) from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if chat_req.stream:
+            include_usage = bool(chat_req.stream_options and chat_req.stream_options.include_usage)
+            return StreamingResponse(_sse(req, rid, events, opts.model_name, include_usage, metrics),
+                                     media_type="text/event-stream")
+        error = await _wait(request, req, events)
+        _outcome(metrics, req, error)
+        if error is not None:
+            raise error if isinstance(error, APIError) else APIError(500, "internal server error", "server_error")
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": opts.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
+                             "finish_reason": req.finish_reason, "logprobs": None}],
+                "usage": _usage(req)}
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is over {limit // (1024 * 1024)} MiB", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body is over {limit // (1024 * 1024)} MiB", code="body_too_large")
+    return bytes(body)
+
+
+def _parse(body: bytes) -> ChatCompletionRequest:
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON ({e.__class__.__name__})", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{where}: {msg}", param=where) from None
+
+
+def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions) -> GenerationRequest:
+    """The chat request as a prepared GenerationRequest (images fetched and decoded, tokens, pixels). APIError 400
+    for anything the engine refuses."""
+    messages, images = [], []
+    for m in c.messages:
+        role = "system" if m.role == "developer" else m.role
+        if isinstance(m.content, str):
+            messages.append({"role": role, "content": m.content})
+            continue
+        parts = []
+        for p in m.content:
+            if p.type == "text":
+                parts.append({"type": "text", "text": p.text})
+            else:
+                parts.append({"type": "image"})
+                images.append(p.image_url.url)
+        messages.append({"role": role, "content": parts})
+    texts = [m["content"] if isinstance(m["content"], str) else p.get("text", "")
+             for m in messages for p in (m["content"] if isinstance(m["content"], list) else [{}])]
+    if not any(t.strip() for t in texts):
+        raise APIError(400, "the messages hold no text: ask something about the image", param="messages")
+    try:
+        sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
+                                  top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
+        req = GenerationRequest(messages=messages, images=[image_bytes(u, opts.media) for u in images],
+                                max_new_tokens=c.max_completion_tokens or c.max_tokens or opts.default_max_tokens,
+                                sampling=sampling, stop=tuple(c.stop or ()), ignore_eos=c.ignore_eos)
+        engine.prepare_request(req)
+    except UserError as e:
+        raise APIError(400, str(e)) from None
+    return req
+
+
+async def _wait(request: Request, req: GenerationRequest, events: asyncio.Queue):
+    """Wait for `req` to end, cancelling it when the client disconnects; its error (None when it finished)."""
+    while True:
+        try:
+            kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                req.cancelled.set()
+            continue
+        if kind == "done":
+            return _api_error(value)
+
+
+def _api_error(error):
+    if error is None or isinstance(error, APIError):
+        return error
+    if isinstance(error, UserError):
+        return APIError(400, str(error))
+    return APIError(500, "internal server error", "server_error")
+
+
+def _outcome(metrics: ServerMetrics, req: GenerationRequest, error) -> None:
+    if error is not None:
+        metrics.observe(req, "client_error" if error.status < 500 else "error")
+    else:
+        metrics.observe(req, "cancelled" if req.finish_reason == "cancelled" else "ok")
+
+
+def _usage(req: GenerationRequest) -> dict:
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.completion_tokens,
+            "total_tokens": req.prompt_tokens + req.completion_tokens}
+
+
+async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: str, include_usage: bool,
+               metrics: ServerMetrics):
+    """Server-sent events of a streamed completion; a client gone (the generator closed) cancels the request."""
+    created = int(time.time())
+
+    def chunk(delta: dict, finish=None, usage=None, choices=True) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    finished = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind == "text":
+                yield chunk({"content": value})
+                continue
+            error = _api_error(value)
+            finished = True
+            _outcome(metrics, req, error)
+            if error is not None:
+                yield f"data: {json.dumps(error_body(error.message, error.kind, error.code))}\n\n"
+            else:
+                yield chunk({}, finish=req.finish_reason)
+                if include_usage:
+                    yield chunk({}, usage=_usage(req), choices=False)
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        if not finished:
+            req.cancelled.set()

@@ -1,0 +1,69 @@
+"""`vismmoe serve`: options -> engine -> warm-up -> uvicorn.
+
+Owns turning the command's arguments into `ServeOptions`, loading the engine, one warm-up request (the fast
+decode step compiles and captures on its first call; better at start than on a client's first request), and
+running uvicorn until interrupted. The HTTP side is app.py's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..config import parse_size
+from ..errors import UserError
+
+DEFAULT_MAX_BATCH = {"cpu": 1, "cuda": 4}
+
+
+def options_from(args, engine):
+    """ServeOptions of the command's arguments (UserError for a bad value)."""
+    from .app import ServeOptions
+    from .media import MediaRules
+    if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):
+        raise UserError(f"--allowed-local-media {args.allowed_local_media} is not a folder", "give an existing folder")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is out of range", "give a port from 1 to 65535")
+    if args.default_max_tokens < 1:
+        raise UserError(f"--default-max-tokens {args.default_max_tokens} must be at least 1", "give a positive number")
+    name = args.served_model_name or os.path.basename(os.path.normpath(engine.model_dir))
+    max_batch = args.max_batch if args.max_batch is not None else DEFAULT_MAX_BATCH.get(engine.device.type, 1)
+    return ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("VISMMOE_API_KEY") or None,
+                        max_body_bytes=parse_size(args.max_body, what="--max-body"),
+                        default_max_tokens=args.default_max_tokens,
+                        media=MediaRules(allowed_local=args.allowed_local_media,
+                                         allow_remote=args.allow_remote_media),
+                        max_batch=max_batch, max_queue=args.max_queue)
+
+
+def warm_up(engine, max_batch: int) -> None:
+    """One short request per batch size the server may run (powers of two up to `max_batch`): compiles and
+    captures the fast step's shapes now instead of on clients' first requests."""
+    from ..request import GenerationRequest
+    b = 1
+    while True:
+        engine.generate_requests([GenerationRequest.from_prompt(None, "Hello", max_new_tokens=2, ignore_eos=True)
+                                  for _ in range(b)])
+        if b >= max_batch:
+            return
+        b = min(2 * b, max_batch)
+
+
+def serve(args, engine_from) -> int:
+    import uvicorn
+    from .app import create_app
+    engine = engine_from(args)
+    opts = options_from(args, engine)
+    if engine.device.type == "cuda":
+        warm_up(engine, opts.max_batch)
+    app = create_app(engine, opts)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"vismmoe: serving {opts.model_name!r} at http://{args.host}:{args.port}/v1 "
+          f"(max batch {opts.max_batch}, queue {opts.max_queue}"
+          f"{', API key required' if opts.api_key else ''})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        app.state.scheduler.close()
+    return 0
