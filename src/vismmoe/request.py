@@ -96,17 +96,18 @@ class TextStream:
         return self._release(len(self.text))
 
     def _safe_end(self) -> int:
-        """How much of `text` can be shown now."""
+        """How much of `text` can be shown now: not a trailing incomplete character, not trailing whitespace
+        (the final text is stripped), not an end that could begin a stop string."""
         t = self.text
-        end = len(t.rstrip())                                   # trailing whitespace may be stripped at the end
-        if t.endswith("\ufffd"):                                # an incomplete character
-            end = min(end, len(t) - 1)
-        for s in self.stop:                                     # the end might begin a stop string
-            for n in range(min(len(s) - 1, end), 0, -1):
-                if t[end - n:end] == s[:n]:
-                    end -= n
-                    break
-        return max(end, self.sent)
+        end = len(t) - 1 if t.endswith("\ufffd") else len(t)
+        while True:
+            cut = len(t[:end].rstrip())
+            for s in self.stop:
+                n = next((n for n in range(min(len(s) - 1, cut), 0, -1) if t[cut - n:cut] == s[:n]), 0)
+                cut -= n
+            if cut == end:
+                return max(end, self.sent)
+            end = cut
 
     def _release(self, end: int) -> str:
         delta = self.text[self.sent:end]

@@ -132,7 +132,8 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
         req.on_text = lambda delta: loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
 
-        def done(r, error):
+        def done(r, error):                     # on the engine thread; the client may be gone already
+            _outcome(metrics, r, _as_api_error(error))
             loop.call_soon_threadsafe(events.put_nowait, ("done", error))
 
         try:
@@ -144,10 +145,9 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if chat_req.stream:
             include_usage = bool(chat_req.stream_options and chat_req.stream_options.include_usage)
-            return StreamingResponse(_sse(req, rid, events, opts.model_name, include_usage, metrics),
+            return StreamingResponse(_sse(req, rid, events, opts.model_name, include_usage),
                                      media_type="text/event-stream")
         error = await _wait(request, req, events)
-        _outcome(metrics, req, error)
         if error is not None:
             raise error if isinstance(error, APIError) else APIError(500, "internal server error", "server_error")
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": opts.model_name,
@@ -229,10 +229,10 @@ async def _wait(request: Request, req: GenerationRequest, events: asyncio.Queue)
                 req.cancelled.set()
             continue
         if kind == "done":
-            return _api_error(value)
+            return _as_api_error(value)
 
 
-def _api_error(error):
+def _as_api_error(error):
     if error is None or isinstance(error, APIError):
         return error
     if isinstance(error, UserError):
@@ -252,8 +252,7 @@ def _usage(req: GenerationRequest) -> dict:
             "total_tokens": req.prompt_tokens + req.completion_tokens}
 
 
-async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: str, include_usage: bool,
-               metrics: ServerMetrics):
+async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: str, include_usage: bool):
     """Server-sent events of a streamed completion; a client gone (the generator closed) cancels the request."""
     created = int(time.time())
 
@@ -272,9 +271,8 @@ async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: s
             if kind == "text":
                 yield chunk({"content": value})
                 continue
-            error = _api_error(value)
+            error = _as_api_error(value)
             finished = True
-            _outcome(metrics, req, error)
             if error is not None:
                 yield f"data: {json.dumps(error_body(error.message, error.kind, error.code))}\n\n"
             else:

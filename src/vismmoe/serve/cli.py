@@ -17,16 +17,23 @@ from ..errors import UserError
 DEFAULT_MAX_BATCH = {"cpu": 1, "cuda": 4}
 
 
-def options_from(args, engine):
-    """ServeOptions of the command's arguments (UserError for a bad value)."""
-    from .app import ServeOptions
-    from .media import MediaRules
+def check_args(args) -> None:
+    """UserError for a bad server argument, before any weight is read."""
     if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):
         raise UserError(f"--allowed-local-media {args.allowed_local_media} is not a folder", "give an existing folder")
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port} is out of range", "give a port from 1 to 65535")
-    if args.default_max_tokens < 1:
-        raise UserError(f"--default-max-tokens {args.default_max_tokens} must be at least 1", "give a positive number")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port {args.port} is out of range", "give a port from 1 to 65535 (0: any free port)")
+    for flag, v in (("--default-max-tokens", args.default_max_tokens), ("--max-queue", args.max_queue),
+                    ("--max-batch", args.max_batch if args.max_batch is not None else 1)):
+        if v < 1:
+            raise UserError(f"{flag} {v} must be at least 1", "give a positive number")
+    parse_size(args.max_body, what="--max-body")
+
+
+def options_from(args, engine):
+    """ServeOptions of the command's (checked) arguments."""
+    from .app import ServeOptions
+    from .media import MediaRules
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.model_dir))
     max_batch = args.max_batch if args.max_batch is not None else DEFAULT_MAX_BATCH.get(engine.device.type, 1)
     return ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("VISMMOE_API_KEY") or None,
@@ -53,6 +60,7 @@ def warm_up(engine, max_batch: int) -> None:
 def serve(args, engine_from) -> int:
     import uvicorn
     from .app import create_app
+    check_args(args)
     engine = engine_from(args)
     opts = options_from(args, engine)
     if engine.device.type == "cuda":

@@ -86,7 +86,7 @@ class Scheduler:
             for req, done in batch:
                 if req.cancelled.is_set():
                     req.finish_reason = "cancelled"
-                    done(req, None)
+                    _call(done, req, None)
                 else:
                     live.append((req, done))
             if not live:
@@ -105,4 +105,12 @@ class Scheduler:
             if self.on_batch is not None and error is None:
                 self.on_batch(reqs)
             for req, done in live:
-                done(req, error)
+                _call(done, req, error)
+
+
+def _call(done, req, error) -> None:
+    """A done callback that fails is logged: the worker thread must keep serving."""
+    try:
+        done(req, error)
+    except Exception:
+        log.exception("done callback failed")

@@ -1,0 +1,128 @@
+"""Requests: batched rows give what they give alone (greedy and seeded sampling, eager and fast decode, down to
+the smallest budget), each row stops on its own (EOS, token limit, stop string, cancel), text streams in deltas
+that add up to the final text, and several images and turns tokenize as the chat template says."""
+
+import threading
+
+import pytest
+
+from vismmoe import load
+from vismmoe.request import GenerationRequest, TextStream, batch_inputs
+from vismmoe.sampling import SamplingParams
+
+PROMPTS = ["What is in the picture?", "How many shapes are there?", "Describe it."]
+
+
+def _req(image, prompt, **kw):
+    return GenerationRequest.from_prompt(image, prompt, **kw)
+
+
+def _alone(eng, image, prompt, **kw):
+    r = _req(image, prompt, **kw)
+    eng.generate_requests([r])
+    return r
+
+
+@pytest.mark.parametrize("decode", ["eager", "fast"])
+def test_batched_rows_match_each_row_alone(decode, tiny_dirs, image_file):
+    d = tiny_dirs["qwen3_vl_moe"]
+    base = load(d)
+    smallest = str(base.geometry.top_k * base.layout.nbytes)
+    seeded = SamplingParams(temperature=1.0, top_k=20, seed=3)
+    for budget in ("100%", smallest):
+        eng = load(d, decode=decode, expert_budget=budget)
+        specs = [(image_file, PROMPTS[0], dict(max_new_tokens=7)),
+                 (None, PROMPTS[1], dict(max_new_tokens=3)),
+                 (image_file, PROMPTS[2], dict(max_new_tokens=6, sampling=seeded))]
+        alone = [_alone(eng, im, p, **kw) for im, p, kw in specs]
+        batch = [_req(im, p, **kw) for im, p, kw in specs]
+        eng.generate_requests(batch)
+        for a, b in zip(alone, batch):
+            assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason
+        assert [len(b.token_ids) for b in batch] == [7, 3, 6]          # random weights: no EOS this early
+        assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
+
+
+def test_greedy_request_is_generate(tiny_dirs, image_file):
+    eng = load(tiny_dirs["glm4v_moe"], expert_budget="25%")
+    gen = eng.generate(image_file, PROMPTS[0], max_new_tokens=6)
+    r = _alone(eng, image_file, PROMPTS[0], max_new_tokens=6)
+    assert (r.token_ids, r.text) == (gen.token_ids, gen.text)
+    assert r.stats["prompt_tokens"] == r.prompt_tokens > 0 and r.stats["new_tokens"] == 6
+
+
+def test_stop_string_cancel_and_stream(tiny_dirs, image_file):
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
+    full = _alone(eng, image_file, PROMPTS[0], max_new_tokens=10)
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    deltas = []
+    r = _alone(eng, image_file, PROMPTS[0], max_new_tokens=10, stop=(stop,), on_text=deltas.append)
+    assert r.finish_reason == "stop" and r.text == full.text[:full.text.index(stop)].rstrip()
+    assert "".join(deltas) == r.text
+    streamed = []
+    s = _alone(eng, image_file, PROMPTS[0], max_new_tokens=10, on_text=streamed.append)
+    assert "".join(streamed) == s.text == full.text and s.finish_reason == "length"
+    c = _req(image_file, PROMPTS[0], max_new_tokens=10)
+    c.cancelled.set()
+    eng.generate_requests([c])
+    assert c.finish_reason == "cancelled" and len(c.token_ids) == 1
+
+
+def test_text_stream_holds_back_what_may_change(tiny_dirs):
+    tok = load(tiny_dirs["qwen3_vl_moe"]).tokenizer
+    ids = tok("  alpha beta gamma", add_special_tokens=False)["input_ids"]
+    ts = TextStream(tok, stop=("gam",))
+    out = [ts.push(t) for t in ids]
+    assert "".join(d for d, _ in out) == ts.text == "alpha beta"
+    first = next(i for i, (_, stopped) in enumerate(out) if stopped)
+    assert all(stopped and not d for d, stopped in out[first + 1:])      # nothing after the stop
+    assert all("g" not in d for d, _ in out)            # "g" could have begun the stop string: never shown early
+
+
+def test_several_images_and_turns(tiny_dirs, image_file):
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    fam = eng.family
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "first <|image_pad|>"}]},
+            {"role": "assistant", "content": "a circle"},
+            {"role": "user", "content": [{"type": "text", "text": "and this?"}, {"type": "image"}]}]
+    r = GenerationRequest(messages=msgs, images=[image_file, image_file], max_new_tokens=4)
+    eng.prepare_request(r)
+    ids = r.inputs["input_ids"][0].tolist()
+    image_id = fam.token_ids(eng.tokenizer)["image"]
+    per_image = int(r.inputs["image_grid_thw"][0].prod()) // 4
+    assert ids.count(image_id) == 2 * per_image          # the user's "<|image_pad|>" text stayed text
+    assert r.inputs["image_grid_thw"].shape[0] == 2
+    text = eng.tokenizer.decode(ids)
+    assert text.index("Be brief.") < text.index("first") < text.index("a circle") < text.index("and this?")
+    eng.generate_requests([r])
+    assert len(r.token_ids) == 4
+
+
+def test_batch_inputs_is_building_the_rows_together(tiny_dirs, image_file):
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    rows = [_req(image_file, PROMPTS[0]), _req(None, PROMPTS[1]), _req(image_file, PROMPTS[2])]
+    for r in rows:
+        eng.prepare_request(r)
+    together = eng.prepare([image_file, None, image_file], [PROMPTS[0], PROMPTS[1], PROMPTS[2]])
+    merged = batch_inputs([r.inputs for r in rows], eng.family.token_ids(eng.tokenizer)["pad"])
+    assert together.keys() == merged.keys()
+    for k in together:
+        assert (together[k].cpu() == merged[k]).all(), k
+
+
+def test_requests_from_threads_queue_on_the_engine(tiny_dirs, image_file):
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%")
+    want = [_alone(eng, image_file, p, max_new_tokens=5).token_ids for p in PROMPTS]
+    got = [None] * 3
+
+    def run(i):
+        got[i] = _alone(eng, image_file, PROMPTS[i], max_new_tokens=5).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want

@@ -1,0 +1,269 @@
+"""The OpenAI-compatible server, driven by the official `openai` client and raw HTTP on loopback, on the bundled
+model: answers equal `vismmoe generate`, streaming equals non-streaming, seeds repeat, every malformed request
+gets its 4xx and an OpenAI error object, the queue answers 429, disconnects cancel, metrics parse and move, memory
+stays flat over a load of mixed requests, and the expert budget holds."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from vismmoe import load
+from vismmoe.cli import main
+from vismmoe.data import balanced_subset
+from vismmoe.serve.app import ServeOptions, create_app
+from vismmoe.serve.media import MediaRules
+
+MODEL = "vqa-moe"
+
+
+class Server:
+    """create_app on a free loopback port, run by uvicorn in a thread."""
+
+    def __init__(self, engine, **opts):
+        self.app = create_app(engine, ServeOptions(model_name=MODEL, **opts))
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key="none") -> OpenAI:
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def post(self, body, headers=None) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(self.url + "/v1/chat/completions", content=content, timeout=60,
+                          headers={"content-type": "application/json", **(headers or {})})
+
+    def metrics(self) -> dict:
+        text = httpx.get(self.url + "/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.app.state.scheduler.close()
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat(image, question, **kw) -> dict:
+    return dict(model=MODEL, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}]}], **kw)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load(None, expert_budget="25%")
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    srv = Server(engine, max_batch=4, media=MediaRules(allowed_local=str(media)))
+    srv.media = media
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return balanced_subset("test", 6)
+
+
+def test_answers_equal_generate_streamed_or_not(server, engine, samples):
+    c = server.client()
+    for s in samples[:3]:
+        want = engine.generate(s.image, s.question, max_new_tokens=8).text
+        r = c.chat.completions.create(**chat(s.image, s.question, temperature=0, max_tokens=8))
+        assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 100
+        chunks = list(c.chat.completions.create(**chat(s.image, s.question, temperature=0, max_tokens=8),
+                                                 stream=True, stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+        assert chunks[-1].usage.total_tokens == r.usage.total_tokens
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+
+
+def test_seeded_sampling_repeats(server, samples):
+    c = server.client()
+    kw = dict(temperature=1.5, top_p=0.95, seed=11, max_tokens=6, extra_body={"top_k": 50})
+    a = [c.chat.completions.create(**chat(s.image, s.question, **kw)).choices[0].message.content for s in samples]
+    b = [c.chat.completions.create(**chat(s.image, s.question, **kw)).choices[0].message.content for s in samples]
+    assert a == b
+
+
+def test_concurrent_clients_get_their_own_answers(server, engine, samples):
+    want = [engine.generate(s.image, s.question, max_new_tokens=6).text for s in samples]
+    c = server.client()
+    with cf.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda s: c.chat.completions.create(
+            **chat(s.image, s.question, temperature=0, max_tokens=6)).choices[0].message.content, samples))
+    assert got == want
+
+
+def test_models_health_and_metrics(server, samples):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert [m.id for m in server.client().models.list().data] == [MODEL]
+    before = server.metrics()
+    server.client().chat.completions.create(**chat(samples[0].image, samples[0].question, temperature=0,
+                                                   max_tokens=4))
+    after = server.metrics()
+    ok = ("vismmoe_requests_total", (("outcome", "ok"),))
+    assert after[ok] == before.get(ok, 0) + 1
+    for name in ("vismmoe_expert_hits_total", "vismmoe_time_to_first_token_seconds_count",
+                 "vismmoe_generation_tokens_total"):
+        assert after[(name, ())] > before.get((name, ()), 0), name
+    assert after[("vismmoe_expert_cache_bytes", (("kind", "peak"),))] <= \
+        after[("vismmoe_expert_cache_bytes", (("kind", "budget"),))]
+    assert any(k[0] == "vismmoe_expert_hit_rate" for k in after)
+    assert ("vismmoe_queue_length", ()) in after
+
+
+def _malformed(samples, media_dir) -> list[tuple[object, int]]:
+    s = samples[0]
+    big = chat(s.image, s.question)
+    bomb = io.BytesIO()
+    from PIL import Image
+    Image.new("L", (12000, 12000)).save(bomb, "PNG")          # 144 MP: over the pixel limit, small on the wire
+    bomb_url = "data:image/png;base64," + base64.b64encode(bomb.getvalue()).decode()
+    outside = os.path.join(os.path.dirname(media_dir), "secret.png")
+    s.image.save(outside)
+    os.symlink(outside, os.path.join(media_dir, "link.png"))
+    msg = lambda url: {"model": MODEL, "messages": [{"role": "user", "content": [      # noqa: E731
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]}
+    return [
+        (b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe", 400),
+        ({"model": MODEL}, 400),
+        ({"model": MODEL, "messages": []}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**7}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "mystery": 1}, 400),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "   "}]}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                    "image_url": {"url": data_url(s.image)}}]}]}, 400),
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        (msg("data:image/png;base64,AAAA"), 400),
+        (msg("data:image/png;base64,@@@@"), 400),
+        (msg("data:image/png,rawbytes"), 400),
+        (msg(bomb_url), 400),
+        (msg("https://example.com/cat.png"), 400),
+        (msg("ftp://example.com/cat.png"), 400),
+        (msg("file:///etc/passwd"), 400),
+        (msg(f"file://{media_dir}/../secret.png"), 400),
+        (msg(f"file://{media_dir}/link.png"), 400),
+        (msg(f"file://{media_dir}/missing.png"), 400),
+        (dict(big, stop=["a", "b", "c", "d", "e"]), 400),
+    ]
+
+
+def test_malformed_requests_get_their_4xx(server, samples):
+    for body, status in _malformed(samples, str(server.media)):
+        r = server.post(body)
+        assert r.status_code == status, (body if isinstance(body, bytes) else json.dumps(body)[:200], r.text)
+        err = r.json()["error"]
+        assert err["message"] and "\n" not in err["message"] and err["type"]
+    s = samples[0]
+    s.image.save(server.media / "ok.png")
+    ok = server.post({"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"file://{server.media}/ok.png"}},
+        {"type": "text", "text": s.question}]}]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_api_key_body_limit_and_full_queue(engine, samples):
+    srv = Server(engine, api_key="sekret", max_body_bytes=200_000, max_batch=1, max_queue=1)
+    try:
+        s = samples[0]
+        assert srv.post(chat(s.image, s.question)).status_code == 401
+        assert srv.post(chat(s.image, s.question), {"authorization": "Bearer wrong"}).status_code == 401
+        auth = {"authorization": "Bearer sekret"}
+        assert srv.post(b"{" + b" " * 300_000 + b"}", auth).status_code == 413
+        long = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=300, ignore_eos=True)
+        with cf.ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(srv.post, long, auth) for _ in range(4)]
+            codes = sorted(f.result().status_code for f in futs)
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        assert srv.post(chat(s.image, s.question, max_tokens=2), auth).status_code == 200   # still serving
+    finally:
+        srv.close()
+
+
+def test_disconnect_cancels_the_request(server):
+    key = ("vismmoe_requests_total", (("outcome", "cancelled"),))
+    before = server.metrics().get(key, 0)
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=1500, ignore_eos=True,
+                stream=True)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())                                    # the first chunk: generation has started
+    deadline = time.time() + 20
+    while server.metrics().get(key, 0) == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metrics().get(key, 0) == before + 1
+    assert server.app.state.scheduler.running == 0
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def test_mixed_load_keeps_serving_with_flat_memory(server, engine, samples):
+    good = [chat(s.image, s.question, temperature=0, max_tokens=4) for s in samples]
+    want = {s.question: engine.generate(s.image, s.question, max_new_tokens=4).text for s in samples}
+    malformed = [(b"{oops", 400), ({"model": MODEL, "messages": [{"role": "user", "content": "  "}]}, 400),
+                 ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404),
+                 (chat(samples[0].image, "q", temperature=9), 400)]
+    jobs = [(good[i % len(good)], 200) if i % 3 else malformed[(i // 3) % len(malformed)] for i in range(200)]
+    rss = {}
+
+    def run(i):
+        body, status = jobs[i]
+        r = server.post(body)
+        return i, body, status, r
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        for n, (i, body, status, r) in enumerate(pool.map(run, range(200)), 1):
+            assert r.status_code == status, r.text
+            if status == 200:
+                q = body["messages"][0]["content"][1]["text"]
+                assert r.json()["choices"][0]["message"]["content"] == want[q]
+            if n in (50, 200):
+                rss[n] = _rss_mb()
+    assert rss[200] - rss[50] < 50, rss
+    assert engine.cache.peak_resident * engine.layout.nbytes <= engine.budget_bytes
+
+
+def test_serve_cli_refuses_bad_arguments(capsys):
+    assert main(["serve", "--allowed-local-media", "/no/such/dir"]) == 2
+    assert main(["serve", "--port", "70000"]) == 2
+    assert main(["serve", "--max-queue", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("vismmoe: error:") for line in err)
