@@ -1,0 +1,180 @@
+"""Concurrent clients against `vismmoe serve`: throughput and latency with and without batching, side by side.
+
+    one engine -> one server per --max-batches value (same engine, same port range, loopback)
+    for each client count C (default 1, 2, 4, 8), for each repetition, for each server in turn (A B A B ...):
+        C threads, each sending --requests chat completions back to back through the official `openai` client
+        (an image as a data: URL + a question, temperature 0; --ignore-eos makes every answer --max-tokens long)
+    -> per server and C: generated tokens per second of wall time, p50 / p99 request latency, mean batch size
+    -> serve_load.md (table), serve_load.json, serve_load.png (tokens/s and p50 latency against clients)
+
+Run: `python -m vismmoe.bench.serve_load [--model DIR] [--device cuda] [--expert-budget 25%]`. The bundled model
+answers its own test questions; any other checkpoint gets a photo from matplotlib's sample data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def _images_and_questions(model_dir: str | None, n: int):
+    from ..demo import BUNDLED
+    if model_dir is None or os.path.realpath(model_dir) == os.path.realpath(BUNDLED):
+        from ..data import balanced_subset
+        return [(s.image, s.question) for s in balanced_subset("test", n)]
+    import matplotlib.cbook
+    from PIL import Image
+    photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB")
+    return [(photo.resize((448, 448)), q) for q in ("What is in the picture?", "Describe the person.",
+                                                     "What colour is the uniform?", "Where was this taken?")]
+
+
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _run_clients(client, model: str, prompts, clients: int, requests: int, max_tokens: int, ignore_eos: bool):
+    """(wall seconds, [latency s], generated tokens)."""
+    def one(i: int):
+        lat, toks = [], 0
+        for j in range(requests):
+            url, q = prompts[(i * requests + j) % len(prompts)]
+            t0 = time.perf_counter()
+            r = client.chat.completions.create(
+                model=model, temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": ignore_eos},
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                       {"type": "text", "text": q}]}])
+            lat.append(time.perf_counter() - t0)
+            toks += r.usage.completion_tokens
+        return lat, toks
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients)))
+    wall = time.perf_counter() - t0
+    return wall, [x for lat, _ in results for x in lat], sum(t for _, t in results)
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--expert-budget", default="25%")
+    ap.add_argument("--decode", default="auto")
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--max-batches", default="1,8", help="servers to compare, by their --max-batch")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client per run")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--ignore-eos", action="store_true")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", default="runs/serve_load")
+    args = ap.parse_args(argv)
+
+    import threading
+
+    import uvicorn
+    from openai import OpenAI
+
+    from ..engine import load
+    from ..serve.app import ServeOptions, create_app
+    from ..serve.cli import warm_up
+    os.makedirs(args.out, exist_ok=True)
+    eng = load(args.model, device=args.device, expert_budget=args.expert_budget, decode=args.decode)
+    batches = [int(x) for x in args.max_batches.split(",")]
+    clients = [int(x) for x in args.clients.split(",")]
+    warm_up(eng, max(batches))
+    servers = {}
+    for i, mb in enumerate(batches):
+        app = create_app(eng, ServeOptions(model_name="m", max_batch=mb, max_queue=64))
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18700 + i, log_level="error"))
+        threading.Thread(target=srv.run, daemon=True).start()
+        while not srv.started:
+            time.sleep(0.02)
+        servers[mb] = (app, srv, OpenAI(base_url=f"http://127.0.0.1:{18700 + i}/v1", api_key="x", max_retries=0,
+                                        timeout=600))
+    prompts = [(_data_url(im), q) for im, q in _images_and_questions(args.model, 8)]
+    for mb, (_, _, c) in servers.items():                                       # warm every server's path
+        _run_clients(c, "m", prompts, 1, 1, 2, True)
+    rows = {}
+    for C in clients:
+        for rep in range(args.reps):
+            order = batches if rep % 2 == 0 else batches[::-1]
+            for mb in order:
+                app, _, c = servers[mb]
+                n0 = app.state.scheduler.batches
+                wall, lat, toks = _run_clients(c, "m", prompts, C, args.requests, args.max_tokens, args.ignore_eos)
+                nb = app.state.scheduler.batches - n0
+                row = rows.setdefault((mb, C), {"walls": [], "lat": [], "tokens": [], "batches": 0, "requests": 0})
+                row["walls"].append(wall)
+                row["lat"] += lat
+                row["tokens"].append(toks)
+                row["batches"] += nb
+                row["requests"] += len(lat)
+                print(f"max batch {mb}, {C} clients, rep {rep}: {toks / wall:.1f} tokens/s, "
+                      f"p50 {statistics.median(lat):.3f} s", flush=True)
+    table = []
+    for (mb, C), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        tps = statistics.median(t / w for t, w in zip(r["tokens"], r["walls"]))
+        table.append({"max_batch": mb, "clients": C, "tokens_per_s": tps, "p50_s": _pct(r["lat"], 0.5),
+                      "p99_s": _pct(r["lat"], 0.99), "mean_batch": r["requests"] / max(1, r["batches"]),
+                      "requests": r["requests"]})
+    meta = {"model": args.model or "bundled vqa-moe", "device": args.device, "expert_budget": args.expert_budget,
+            "decode": eng.rc.decode, "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
+            "requests_per_client": args.requests, "reps": args.reps,
+            "gpu": _gpu_name() if args.device.startswith("cuda") else None}
+    with open(os.path.join(args.out, "serve_load.json"), "w") as f:
+        json.dump({"meta": meta, "rows": table}, f, indent=1)
+    lines = ["| clients | max batch | tokens/s | p50 latency (s) | p99 latency (s) | mean batch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['clients']} | {r['max_batch']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
+              f"{r['mean_batch']:.2f} |" for r in table]
+    with open(os.path.join(args.out, "serve_load.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(table, batches, os.path.join(args.out, "serve_load.png"), meta)
+    for app, srv, _ in servers.values():
+        srv.should_exit = True
+        app.state.scheduler.close()
+    print(json.dumps({"meta": meta, "rows": table}))
+    return 0
+
+
+def _gpu_name() -> str | None:
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _plot(table, batches, path, meta) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mb in batches:
+        rs = [r for r in table if r["max_batch"] == mb]
+        a.plot([r["clients"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"max batch {mb}")
+        b.plot([r["clients"] for r in rs], [r["p50_s"] for r in rs], "o-", label=f"max batch {mb}")
+    a.set(xlabel="concurrent clients", ylabel="generated tokens / s", title="throughput")
+    b.set(xlabel="concurrent clients", ylabel="p50 request latency (s)", title="latency")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"vismmoe serve: {meta['model']}, {meta['device']} ({meta.get('gpu') or 'CPU'}), "
+                 f"experts {meta['expert_budget']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
