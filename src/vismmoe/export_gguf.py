@@ -267,6 +267,10 @@ def _qwen3_text(model_dir: str, config, name: str, dtype: str, path: str, progre
         raise UserError("the checkpoint has dense decoder layers (mlp_only_layers / decoder_sparse_step)",
                         "llama.cpp's qwen3vlmoe arch expects every decoder layer to be a MoE layer")
     src = _Source(model_dir, H, I)
+    if len(config.vision_config.deepstack_visual_indexes or []) >= L:
+        # its graph cuts the last layer to the output rows before adding that layer's DeepStack rows: a shape error
+        raise UserError(f"{L} decoder layers with {len(config.vision_config.deepstack_visual_indexes)} DeepStack "
+                        "taps", "llama.cpp's qwen3vlmoe needs more decoder layers than DeepStack taps")
     head_dim = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
     rope = tc.rope_parameters or {}
     deepstack = config.vision_config.deepstack_visual_indexes or []

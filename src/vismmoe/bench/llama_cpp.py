@@ -20,11 +20,14 @@ How llama.cpp is measured: one `llama-mtmd-cli` process per request, greedy (--t
 count fixed with -n (and --ignore-eos on random weights; vismmoe then ignores its end-of-turn ids too, so both make
 exactly that many tokens). Its own timers give the request: image encode ("mtmd batch encoding done in X ms"),
 prompt eval and eval ("llama_perf_context_print"), printed at --log-verbosity 4. Request time = encode + prompt
-eval + eval, model load excluded as vismmoe's load is; its decode loop also evaluates the last sampled token (one
-step more than vismmoe's). Process wall time and load time are reported beside. Device memory: the process's peak
-in `nvidia-smi` (sampled every 0.1 s, CUDA context included) and the sum of the device buffers llama.cpp prints;
-vismmoe: torch's peak allocation during the request, and the same nvidia-smi sampling of this process. None on the
-CPU. The answer text comes from llama.cpp's stdout; answers are scored with vismmoe.evaluate.normalize.
+eval + eval, model load excluded as vismmoe's load is. For N new tokens its eval counts N - 1 steps, as vismmoe
+decodes N - 1 (the first token comes from the prompt; the CLI's loop also evaluates the last sampled token, which
+its timers never book). Process wall time and load time are reported beside. Device memory: llama.cpp's
+process peak in `nvidia-smi` (sampled every 0.1 s, CUDA context included) and the sum of the device buffers it
+prints (model, KV, compute); vismmoe: torch's peak allocation during the request (the base engine's one-layer pool
+included), and nvidia-smi's figure for this process read once after the request (the caching allocator keeps
+its peak, the CUDA context included). None on the CPU. The answer text comes from llama.cpp's stdout; answers are
+scored with vismmoe.evaluate.normalize.
 
 `--accuracy` instead answers --limit test questions with both engines (every expert resident, greedy) and
 reports each accuracy and how often the answers agree.
@@ -204,7 +207,7 @@ def parse_run(system: str, stdout: str, stderr: str, wall_s: float, device_mib: 
     text = stdout.strip()
     return Run(system=system, text=text, ttft_s=(encode_ms + prompt_ms) / 1e3,
                tpot_s=eval_ms / runs / 1e3 if runs else None, request_s=(encode_ms + prompt_ms + eval_ms) / 1e3,
-               new_tokens=runs + 1 if req.answer is not None else runs, device_mib=device_mib,
+               new_tokens=runs + 1, device_mib=device_mib,
                device_mib_alloc=sum(buffers.values()) if buffers else None, wall_s=wall_s,
                load_s=perf.get("load time", (0.0, None))[0] / 1e3,
                correct=None if req.answer is None else normalize(text) == normalize(req.answer),
@@ -228,19 +231,28 @@ def build_info(bin_dir: str) -> dict:
 
 # ---- vismmoe ------------------------------------------------------------------------------------------------
 
+def process_mib(pid: int) -> float | None:
+    """What `nvidia-smi` says process `pid` holds on the GPU now (None without nvidia-smi or a GPU)."""
+    rows = _nvidia_smi("--query-compute-apps=pid,used_memory") or []
+    used = [float(r[1]) for r in rows if len(r) == 2 and r[0] == str(pid) and r[1].replace(".", "").isdigit()]
+    return max(used) if used else None
+
+
 def vismmoe_run(eng, system: str, req: Request) -> Run:
-    """One request on a vismmoe engine, with torch's peak allocation and this process's nvidia-smi peak."""
+    """One request on a vismmoe engine, with torch's peak allocation during it and, read once after it (nothing
+    polls while vismmoe runs: its decode step is host-bound), what nvidia-smi says this process holds (the
+    caching allocator keeps its peak reserved, the CUDA context included)."""
     import torch
     cuda = eng.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with PeakMemory(os.getpid()) if cuda else _Nothing() as mem:
-        gen = eng.generate(req.image, req.prompt, max_new_tokens=req.new_tokens)
+    gen = eng.generate(req.image, req.prompt, max_new_tokens=req.new_tokens)
     st = gen.stats
     alloc = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return Run(system=system, text=gen.text, ttft_s=st["ttft_s"], tpot_s=st.get("tpot_s"), request_s=st["e2e_s"],
-               new_tokens=len(gen.token_ids), device_mib=getattr(mem, "peak_mib", None), device_mib_alloc=alloc,
+               new_tokens=len(gen.token_ids), device_mib=process_mib(os.getpid()) if cuda else None,
+               device_mib_alloc=alloc,
                correct=None if req.answer is None else normalize(gen.text) == normalize(req.answer),
                extra={"hits": st.get("hits"), "misses": st.get("misses"), "bytes_moved": st.get("bytes_moved"),
                       "expert_budget_bytes": st.get("expert_budget_bytes")})
@@ -304,13 +316,25 @@ def _median_row(system: str, group: str, runs_by_rep: list[list[Run]], **meta) -
 def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets: list[str], reps: int,
                  device: str, dtype: str | None, compile_flag: bool | None, random_weights: bool,
                  progress=print) -> dict:
+    import gc
+
     import torch
+    from transformers import AutoConfig
 
     import vismmoe
-    eng0 = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=budgets[0] if budgets else "100%",
-                        policy="predictive", prefetch="gate", compile=compile_flag)
+
+    from ..families import get_family
+    from ..store import BlobLayout
+    cuda = device.startswith("cuda")
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype) or \
+        ("bfloat16" if cuda else "float32")
+    cfg = AutoConfig.from_pretrained(model_dir)
+    geo = get_family(cfg.model_type).geometry(cfg)
+    # the base engine keeps the smallest legal pool (one layer's top-k): its memory is in every vismmoe figure
+    least = geo.top_k * BlobLayout(geo.hidden, geo.inter, getattr(torch, dtype)).nbytes
+    eng0 = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=str(least), policy="predictive",
+                        prefetch="gate", compile=compile_flag)
     layers = len(eng0.geometry.moe_layers)
-    cuda = eng0.device.type == "cuda"
     rows, raw = [], []
 
     def serve(systems: dict, group: str, warmed=()) -> dict[str, list[list[Run]]]:
@@ -369,7 +393,10 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
                 meta.update(experts_on_device=1.0)
             rows.append(_median_row(name, group, by_rep, **meta))
             raw += [dict(asdict(r), rep=i) for i, rep in enumerate(by_rep) for r in rep]
-        del eng
+        del eng, systems
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()                # the next group's figures hold only its own pool
     return {"rows": rows, "runs": raw, "layers": layers, "device": str(eng0.device),
             "dtype": str(eng0.dtype).replace("torch.", "")}
 
