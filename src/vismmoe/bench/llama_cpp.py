@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
@@ -315,7 +317,9 @@ def _median_row(system: str, group: str, runs_by_rep: list[list[Run]], **meta) -
 
 def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets: list[str], reps: int,
                  device: str, dtype: str | None, compile_flag: bool | None, random_weights: bool,
-                 progress=print) -> dict:
+                 progress=print, on_group=None) -> dict:
+    """Rows (medians) and every run of each system in each budget group; `on_group(result so far)` after each
+    group, so a run cut short keeps the groups it finished."""
     import gc
 
     import torch
@@ -337,16 +341,32 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
     layers = len(eng0.geometry.moe_layers)
     rows, raw = [], []
 
+    failed: dict[str, str] = {}
+
+    def attempt(name: str, fn, req: Request) -> Run | None:
+        """A system that fails (llama.cpp cannot place a model in the memory it is given, a crash) is reported
+        with its error and left out of the rest of its group; the other systems go on."""
+        if name in failed:
+            return None
+        try:
+            return fn(req)
+        except Exception as e:                          # noqa: BLE001 (reported in the row, with the traceback)
+            failed[name] = f"{type(e).__name__}: {e}"[:2000] + "\n" + traceback.format_exc()[-2000:]
+            progress(f"{name} FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            return None
+
     def serve(systems: dict, group: str, warmed=()) -> dict[str, list[list[Run]]]:
         for name, fn in systems.items():                              # warm-up, not recorded
             if name not in warmed:
                 progress(f"[{group}] warm-up {name}")
-                fn(requests[0])
+                attempt(name, fn, requests[0])
         out: dict[str, list[list[Run]]] = {name: [] for name in systems}
         for rep in range(reps):
             for name, fn in systems.items():
                 progress(f"[{group}] rep {rep + 1}/{reps} {name}")
-                out[name].append([fn(r) for r in requests])
+                runs = [attempt(name, fn, r) for r in requests]
+                if name not in failed:
+                    out[name].append(runs)
         return out
 
     def vis(eng, name):
@@ -367,18 +387,19 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
         ours = f"vismmoe@{group}"
         systems = {ours: vis(eng, ours)}
         progress(f"[{group}] warm-up {ours} (every request)")
-        warm = [systems[ours](r) for r in requests]
+        warm = [r for r in (attempt(ours, systems[ours], q) for q in requests) if r is not None]
         if group == "all":
             name = "llama.cpp-gpu" if cuda else "llama.cpp-cpu"
             systems[name] = lcpp(name, ["-ngl", "99", "--fit", "off"] if cuda else [])
         elif cuda:
-            systems[f"llama.cpp-ncmoe@{group}"] = lcpp(
-                f"llama.cpp-ncmoe@{group}", ["-ngl", "99", "--fit", "off", "--n-cpu-moe", str(n_cpu_moe(share, layers))])
+            ncm = str(n_cpu_moe(share, layers))
+            systems[f"llama.cpp-ncmoe@{group}"] = lcpp(f"llama.cpp-ncmoe@{group}",
+                                                       ["-ngl", "99", "--fit", "off", "--n-cpu-moe", ncm])
             # llama.cpp --fit gets what vismmoe's requests allocated at this budget (torch's peak, warm-up runs)
-            used = max(r.device_mib_alloc or 0.0 for r in warm)
+            used = max((r.device_mib_alloc or 0.0 for r in warm), default=0.0)
             torch.cuda.empty_cache()
             free = free_mib()
-            if free is not None:
+            if free is not None and used > 0:
                 systems[f"llama.cpp-fit@{group}"] = lcpp(
                     f"llama.cpp-fit@{group}", ["--fit", "on", "--fit-target", str(max(0, int(free - used)))])
         runs = serve(systems, group, warmed=(ours,))
@@ -391,14 +412,20 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
                 meta.update(experts_on_device=eng.cache.num_slots / (layers * eng.geometry.num_experts))
             elif name in ("llama.cpp-gpu",):
                 meta.update(experts_on_device=1.0)
+            if name in failed:
+                meta["error"] = failed[name]
             rows.append(_median_row(name, group, by_rep, **meta))
             raw += [dict(asdict(r), rep=i) for i, rep in enumerate(by_rep) for r in rep]
         del eng, systems
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()                # the next group's figures hold only its own pool
-    return {"rows": rows, "runs": raw, "layers": layers, "device": str(eng0.device),
-            "dtype": str(eng0.dtype).replace("torch.", "")}
+        res = {"rows": rows, "runs": raw, "layers": layers, "device": str(eng0.device),
+               "dtype": str(eng0.dtype).replace("torch.", ""),
+               "decode": eng0.rc.decode if eng0.rc.decode != "auto" else ("fast" if cuda else "eager")}
+        if on_group is not None:
+            on_group(dict(res, partial=group != "all"))
+    return res
 
 
 def accuracy(model_dir: str, llama: Llama, requests: list[Request], device: str, dtype: str | None,
@@ -442,6 +469,8 @@ def markdown(res: dict) -> str:
         f = (lambda v: "" if v is None else f"{v:.0f}")
         wall = "" if r["wall_s"] is None else f"{r['wall_s']:.1f} ({r['load_s']:.1f})"
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        if r.get("error"):
+            acc = "FAILED: " + r["error"].splitlines()[0][:100].replace("|", "/")
         lines.append(f"| {r['system']} | {r['group']} | {eod} | {f(r['device_mib'])} | {f(r['device_mib_alloc'])} "
                      f"| {_ms(r['ttft_s'])} | {_ms(r['tpot_s'])} | {_ms(r['request_s'])} | {wall} | {acc} |")
     return f"{res['title']}\n\n" + head + "\n".join(lines) + "\n"
@@ -503,6 +532,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="llama.cpp -t (default: its own)")
     p.add_argument("--accuracy", action="store_true", help="answer --limit questions with both engines instead")
     args = p.parse_args(argv)
+    args.command = "python -m vismmoe.bench.llama_cpp " + " ".join(shlex.quote(a) for a in
+                                                                   (sys.argv[1:] if argv is None else argv))
     try:
         return _main(args)
     except UserError as e:
@@ -534,7 +565,8 @@ def _main(args) -> int:
         reqs = vqa_requests(args.limit, args.max_new_tokens or 4, folder)
         res = accuracy(args.model, llama, reqs, args.device, args.dtype)
         res.update(title=f"accuracy, {what}, {res['n']} test questions, {res['device']}, vismmoe {res['dtype']} vs "
-                         f"llama.cpp GGUF {args.gguf_dtype}", llama_cpp=info, command=sys.argv)
+                         f"llama.cpp GGUF {args.gguf_dtype}", llama_cpp=info, command=args.command,
+                   date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count())
         path = os.path.join(args.out, "llama_cpp_accuracy.json")
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
@@ -546,16 +578,23 @@ def _main(args) -> int:
     else:
         reqs = vqa_requests(args.limit, args.max_new_tokens or 4, folder)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    def write(res: dict) -> dict:
+        title = (f"vismmoe vs llama.cpp {info.get('llama_cpp_commit', '?')[:7]} ({info.get('mode', '?')} build), "
+                 f"{what}, {len(reqs)} requests x {reqs[0].new_tokens} new tokens, {res['device']}, GGUF "
+                 f"{args.gguf_dtype}, vismmoe {res['dtype']} {res['decode']} decode (compile {args.compile}), "
+                 f"medians of {args.reps}")
+        res.update(title=title + (" (PARTIAL: the run did not finish)" if res.get("partial") else ""),
+                   llama_cpp=info, command=args.command, date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(),
+                   requests=[asdict(r) for r in reqs])
+        with open(os.path.join(args.out, "llama_cpp.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, "llama_cpp.md"), "w") as f:
+            f.write(markdown(res))
+        return res
+
     res = side_by_side(args.model, llama, reqs, budgets, args.reps, args.device, args.dtype, compile_flag,
-                       random_weights, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    res["title"] = (f"vismmoe vs llama.cpp {info.get('llama_cpp_commit', '?')[:7]} ({info.get('mode', '?')} build), "
-                    f"{what}, {len(reqs)} requests x {reqs[0].new_tokens} new tokens, {res['device']} {res['dtype']}, "
-                    f"GGUF {args.gguf_dtype}, medians of {args.reps}, vismmoe compile {args.compile}")
-    res.update(llama_cpp=info, command=sys.argv, requests=[asdict(r) for r in reqs])
-    with open(os.path.join(args.out, "llama_cpp.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "llama_cpp.md"), "w") as f:
-        f.write(markdown(res))
+                       random_weights, progress=lambda m: print(m, file=sys.stderr, flush=True), on_group=write)
+    res = write(res)
     plot(res, os.path.join(args.out, "llama_cpp.png"))
     print(markdown(res))
     print(json.dumps({"rows": res["rows"], "title": res["title"]}))
