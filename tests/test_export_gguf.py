@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp, random-weight shapes as checkpoints, and the llama.cpp bench system's parsing.
+"""GGUF export for llama.cpp (Qwen3-VL-MoE, GLM-4.5V), random-weight shapes as checkpoints, and the llama.cpp
+bench system's parsing.
 
 The exported files are read back with `gguf.GGUFReader` (what llama.cpp's loader reads: arch, hyper-parameters,
 vocabulary, tensor names, GGML shapes = reversed torch shapes, types). When a llama.cpp build is at hand
@@ -139,13 +140,43 @@ def _one_line_error(capsys, argv, needle):
     assert len(lines) == 1 and "Traceback" not in err and needle in lines[0], err
 
 
-def test_export_glm_and_unknown_are_one_line_errors(tiny_dirs, tmp_path, capsys):
-    _one_line_error(capsys, ["export-gguf", "--model", tiny_dirs["glm4v_moe"], "--out", str(tmp_path / "g")],
-                    "glm4v_moe")
+def test_glm4v_moe_export(tiny_dirs, tmp_path):
+    """GLM-4.5V: arch glm4moe (dense first layer, shared expert, sigmoid router with correction bias) and the glm4v
+    projector; per-expert hub tensors come out as llama.cpp's banks."""
+    from vismmoe.export_gguf import export
+    from vismmoe.store import CheckpointReader
+    d = tiny_dirs["glm4v_moe"]
+    res = export(d, str(tmp_path), dtype="bf16")
+    tc = json.loads(open(os.path.join(d, "config.json")).read())["text_config"]
+    r = gguf.GGUFReader(res["text"]["path"])
+    assert _field(r, "general.architecture") == "glm4moe"
+    assert _field(r, "glm4moe.leading_dense_block_count") == tc["first_k_dense_replace"] == 1
+    assert _field(r, "glm4moe.expert_shared_count") == 1
+    assert _field(r, "glm4moe.expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    assert _field(r, "glm4moe.rope.dimension_count") == tc["head_dim"] // 2          # partial rotary 0.5
+    ts = {t.name: t for t in r.tensors}
+    H, I, E = tc["hidden_size"], tc["moe_intermediate_size"], tc["n_routed_experts"]
+    assert "blk.0.ffn_gate.weight" in ts and "blk.0.ffn_gate_exps.weight" not in ts            # dense layer 0
+    assert ts["blk.1.ffn_down_exps.weight"].shape.tolist() == [I, H, E]
+    assert ts["blk.1.exp_probs_b.bias"].shape.tolist() == [E]
+    assert {"blk.1.ffn_up_shexp.weight", "blk.1.post_attention_norm.weight", "blk.1.attn_q.bias"} <= ts.keys()
+    rd = CheckpointReader(d, H, I)
+    gu, dn = rd.read("model.language_model.layers.2.mlp.experts", 5)
+    down = ts["blk.2.ffn_down_exps.weight"].data.view(np.uint16).reshape(E, H, I)
+    assert np.array_equal(down[5], _bf16_bits(dn))
+    m = gguf.GGUFReader(res["mmproj"]["path"])
+    assert _field(m, "clip.projector_type") == "glm4v"
+    names = {t.name for t in m.tensors}
+    assert {"v.norm_embd.weight", "mm.patch_merger.weight", "mm.model.fc.weight", "mm.gate.weight",
+            "v.blk.0.ffn_gate.weight", "v.patch_embd.weight.1"} <= names
+
+
+def test_export_unknown_family_is_a_one_line_error(tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    _one_line_error(capsys, ["export-gguf", "--model", str(other), "--out", str(tmp_path / "o")], "qwen3_vl_moe")
+    _one_line_error(capsys, ["export-gguf", "--model", str(other), "--out", str(tmp_path / "o")],
+                    "qwen3_vl_moe, glm4v_moe")
     _one_line_error(capsys, ["make-shape", "--shape", "nope", "--out", str(tmp_path / "s")], "unknown shape")
 
 
@@ -227,19 +258,18 @@ def test_llama_cpp_output_parsing():
         parse_run("llama.cpp", "Yes", "no timings here", 1.0, None, Request("x.png", "q?", 4))
 
 
-def test_placement_arithmetic():
+def test_placement_arithmetic(tiny_dirs):
     from vismmoe.bench.llama_cpp import image_token_range, n_cpu_moe
     assert [n_cpu_moe(b, 8) for b in (0.1, 0.25, 0.5, 1.0)] == [8, 6, 4, 0]   # device share never above the budget
     assert [n_cpu_moe(b, 16) for b in (0.1, 0.25, 0.5)] == [15, 12, 8]
     assert image_token_range(BUNDLED) == (1, 196)
+    assert image_token_range(tiny_dirs["glm4v_moe"]) == (1, 32)     # GLM-4V counts both frames: 50176 px / 2 / 28^2
 
 
 @pytest.mark.slow
 def test_llama_cpp_answers_like_vismmoe(exported, tmp_path):
     """Needs a llama.cpp build (scripts/build_llama_cpp.sh): VISMMOE_LLAMA_CPP_BIN=BUILD/bin."""
-    bin_dir = os.environ.get("VISMMOE_LLAMA_CPP_BIN")
-    if not bin_dir or not os.path.exists(os.path.join(bin_dir, "llama-mtmd-cli")):
-        pytest.skip("set VISMMOE_LLAMA_CPP_BIN to a folder with llama-mtmd-cli")
+    bin_dir = _llama_bin()
     import vismmoe
     from vismmoe.bench.llama_cpp import Llama, vismmoe_run, vqa_requests
     reqs = vqa_requests(3, 4, str(tmp_path))
@@ -250,13 +280,37 @@ def test_llama_cpp_answers_like_vismmoe(exported, tmp_path):
         assert llama.run("llama.cpp", r, [], gpu=False).text == vismmoe_run(eng, "vismmoe", r).text
 
 
+def _llama_bin() -> str:
+    bin_dir = os.environ.get("VISMMOE_LLAMA_CPP_BIN")
+    if not bin_dir or not os.path.exists(os.path.join(bin_dir, "llama-mtmd-cli")):
+        pytest.skip("set VISMMOE_LLAMA_CPP_BIN to a folder with llama-mtmd-cli")
+    return bin_dir
+
+
+@pytest.mark.slow
+def test_llama_cpp_glm4v_same_tokens(tmp_path):
+    """The tiny random GLM-4.5V-class model: llama.cpp and vismmoe make the same 8 tokens for noise images of three
+    sizes (one kept, two resized by both processors alike)."""
+    bin_dir = _llama_bin()
+    import vismmoe
+    from vismmoe.bench.llama_cpp import Llama, image_token_range, noise_requests, vismmoe_run
+    from vismmoe.export_gguf import export
+    from vismmoe.tiny import make_tiny
+    d = make_tiny("glm4v_moe", str(tmp_path / "glm"), layers=3, experts=8, top_k=2)
+    files = export(d, str(tmp_path / "g"), dtype="f32")
+    llama = Llama(bin_dir, files["text"]["path"], files["mmproj"]["path"], ctx=1024,
+                  image_tokens=image_token_range(d), ignore_eos=True)
+    eng = vismmoe.load(d, device="cpu", expert_budget="100%")
+    eng.eos_ids = set()
+    for r in noise_requests([112, 168, 224], 8, str(tmp_path)):
+        assert llama.run("llama.cpp", r, [], gpu=False).text == vismmoe_run(eng, "vismmoe", r).text
+
+
 @pytest.mark.slow
 def test_llama_cpp_random_shape_same_tokens(tmp_path):
     """A random-weight shape through make-shape and export-gguf: llama.cpp (--ignore-eos) and vismmoe (end-of-turn
     ignored) make the same 8 tokens for a noise image, through the vision tower, DeepStack and M-RoPE."""
-    bin_dir = os.environ.get("VISMMOE_LLAMA_CPP_BIN")
-    if not bin_dir or not os.path.exists(os.path.join(bin_dir, "llama-mtmd-cli")):
-        pytest.skip("set VISMMOE_LLAMA_CPP_BIN to a folder with llama-mtmd-cli")
+    bin_dir = _llama_bin()
     import vismmoe
     from vismmoe.bench.llama_cpp import Llama, image_token_range, noise_requests, vismmoe_run
     from vismmoe.bench.make_shape import make_shape

@@ -2,39 +2,43 @@
 
     checkpoint dir (config.json, safetensors in any expert layout store.CheckpointReader reads, tokenizer.json,
     chat template, preprocessor_config.json)
-      -> OUT/<name>-<dtype>.gguf          arch `qwen3vlmoe`: hyper-parameters, the vocabulary (GPT-2 style BPE),
-                                          every decoder tensor, written one decoder layer at a time
-      -> OUT/mmproj-<name>-<dtype>.gguf   arch `clip`, projector `qwen3vl_merger`: vision tower, merger, DeepStack
+      -> OUT/<name>-<dtype>.gguf          the text model: hyper-parameters, the vocabulary (GPT-2 style BPE), every
+                                          decoder tensor, written one tensor (at most one expert bank) at a time
+      -> OUT/mmproj-<name>-<dtype>.gguf   arch `clip`: vision tower and projector
 
-What llama.cpp expects was read from its source at commit 0c1e570 (2026-10-01; `conversion/qwen3vl.py`, `qwen.py`,
-`base.py`, `src/models/qwen3vlmoe.cpp`, `tools/mtmd/clip.cpp`); the files are written with the `gguf` package's
-writer. Text tensors (GGUF shapes are the reverse of the torch shapes listed):
+    qwen3_vl_moe -> arch `qwen3vlmoe` + projector `qwen3vl_merger`;  glm4v_moe -> arch `glm4moe` + projector `glm4v`
 
-    model.language_model.embed_tokens.weight [V, H]      -> token_embd.weight
-    lm_head.weight [V, H]                                -> output.weight (absent when tied)
-    model.language_model.norm.weight                     -> output_norm.weight                        (f32)
-    layers.N.input_layernorm / post_attention_layernorm  -> blk.N.attn_norm / blk.N.ffn_norm          (f32)
-    layers.N.self_attn.{q,k,v,o}_proj.weight             -> blk.N.attn_{q,k,v,output}.weight
+What llama.cpp expects was read from its source at commit 0c1e570 (2026-10-01; `conversion/qwen3vl.py`, `glm.py`,
+`qwen.py`, `base.py`, `gguf-py` tensor names, `src/models/qwen3vlmoe.cpp`, `glm4-moe.cpp`, `tools/mtmd/clip.cpp`);
+the files are written with the `gguf` package's writer. Text tensors (GGUF shapes are the reverse of the torch
+shapes listed; `layers.N.` stands for `model.language_model.layers.N.`):
+
+    embed_tokens.weight [V, H] / lm_head.weight / norm.weight   -> token_embd / output (absent when tied) / output_norm
+    layers.N.input_layernorm.weight                      -> blk.N.attn_norm.weight                    (f32)
+    layers.N.post_attention_layernorm.weight             -> blk.N.ffn_norm (Qwen) / blk.N.post_attention_norm (GLM)
+    layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}      -> blk.N.attn_{q,k,v,output}.{weight,bias}
     layers.N.self_attn.{q,k}_norm.weight                 -> blk.N.attn_{q,k}_norm.weight              (f32)
     layers.N.mlp.gate.weight [E, H]                      -> blk.N.ffn_gate_inp.weight (router)         (f32)
-    layers.N.mlp.experts (any stored layout)             -> blk.N.ffn_gate_exps [E, I, H], ffn_up_exps [E, I, H],
-                                                            ffn_down_exps [E, H, I]
+    layers.N.mlp.gate.e_score_correction_bias (GLM)      -> blk.N.exp_probs_b.bias                    (f32)
+    layers.N.mlp.experts (any stored layout)             -> blk.N.ffn_{gate,up}_exps [E, I, H], ffn_down_exps [E, H, I]
+    layers.N.mlp.shared_experts.X_proj (GLM)             -> blk.N.ffn_X_shexp
+    layers.N.mlp.X_proj, dense first layers (GLM)        -> blk.N.ffn_X
 
 Vision tensors (`model.visual.` prefix): patch_embed.proj (Conv3d, temporal 2) -> v.patch_embd.weight and
-.weight.1 (one Conv2d kernel per frame) + .bias; pos_embed -> v.position_embd (f32); blocks.N.{norm1, norm2,
-attn.qkv, attn.proj, mlp.linear_fc1, mlp.linear_fc2} -> v.blk.N.{ln1, ln2, attn_qkv, attn_out, ffn_up, ffn_down};
+.weight.1 (one Conv2d kernel per frame) + .bias; blocks.N.{norm1, norm2, attn.qkv, attn.proj} -> v.blk.N.{ln1,
+ln2, attn_qkv, attn_out}. Qwen3-VL: pos_embed -> v.position_embd; mlp.linear_fc1/2 -> ffn_up/ffn_down;
 merger.{norm, linear_fc1, linear_fc2} -> v.post_ln, mm.0, mm.2; deepstack_merger_list.J -> v.deepstack.K.{norm,
-fc1, fc2} with K = deepstack_visual_indexes[J]. One-dimensional tensors (norms, biases) are always f32, as
-llama.cpp's converter writes them.
+fc1, fc2} with K = deepstack_visual_indexes[J]. GLM-4V: embeddings.position_embedding -> v.position_embd;
+post_conv_layernorm -> v.norm_embd; mlp.{gate,up,down}_proj -> ffn_{gate,up,down}; post_layernorm -> v.post_ln;
+downsample (Conv2d 2x2) -> mm.patch_merger; merger.{proj, post_projection_norm, up_proj, gate_proj, down_proj}
+-> mm.model.fc, mm.post_norm, mm.up, mm.gate, mm.down. One-dimensional tensors (norms, biases), routers and
+position embeddings are f32 and convolution kernels f32 (f16 in an f16 file), as llama.cpp's converter writes them.
 
 The vocabulary is written directly from tokenizer.json (llama.cpp's converter identifies a tokenizer by hashing
 its output on a fixed text, and ours is in no table): tokens by id, padded with unused `[PADi]` entries up to the
 config's vocab size; added special tokens are CONTROL tokens; merges as "a b". The pre-tokenizer name is the one
 whose split regex equals the tokenizer's: byte-level with the GPT-2 regex -> `gpt-2`, Qwen2's Split regex ->
-`qwen2`.
-
-GLM-4.5V (`glm4v_moe`): llama.cpp at this commit has its text arch (`glm4moe`) and projector (`glm4v`), but this
-module does not write them yet; asking for it is a UserError that says so. Nothing here runs a model.
+`qwen2`; anything else is a UserError. Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -143,10 +147,11 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
                     "export-gguf names byte-level BPE tokenizers with the GPT-2 or Qwen2 split regex")
 
 
-def write_vocab(writer, model_dir: str, vocab_size: int) -> dict:
+def write_vocab(writer, model_dir: str, vocab_size: int, eot: str | None = None) -> dict:
     """Tokenizer metadata of `model_dir` (tokenizer.json, tokenizer_config.json, chat template) into `writer`:
-    `vocab_size` tokens (ids past the tokenizer's vocabulary are unused `[PADi]` entries). Returns
-    {"tokens": count the tokenizer defines, "pre": pre-tokenizer name, "eos": id, "pad": id or None}."""
+    `vocab_size` tokens (ids past the tokenizer's vocabulary are unused `[PADi]` entries); `eot` names an
+    end-of-turn token, when the family has one besides eos. Returns {"tokens": count the tokenizer defines, "pre":
+    pre-tokenizer name, "eos": id, "pad": id or None}."""
     g = _gguf()
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.exists(path):
@@ -197,6 +202,8 @@ def write_vocab(writer, model_dir: str, vocab_size: int) -> dict:
         writer.add_pad_token_id(pad)
     if bos is not None:
         writer.add_bos_token_id(bos)
+    if eot is not None and eot in ids:
+        writer.add_eot_token_id(ids[eot])
     writer.add_add_bos_token(bool(tcfg.get("add_bos_token", False)))
     template = tcfg.get("chat_template")
     jinja = os.path.join(model_dir, "chat_template.jinja")
@@ -255,6 +262,54 @@ class _Experts:
         return make
 
 
+def _plan(src: _Source, gname: str, key: str, qtype) -> Planned:
+    """`key` as GGUF tensor `gname`: in `qtype`, or f32 when one-dimensional (norms, biases, as llama.cpp's
+    converter writes them)."""
+    shape = src.shape(key)
+    return Planned(gname, shape, _gguf().GGMLQuantizationType.F32 if len(shape) <= 1 else qtype, src.get(key))
+
+
+def _with_bias(src: _Source, gname: str, key: str, qtype) -> list[Planned]:
+    """`key.weight` as `gname.weight`, and `key.bias` as `gname.bias` when the checkpoint has one."""
+    out = [_plan(src, f"{gname}.weight", f"{key}.weight", qtype)]
+    if src.has(f"{key}.bias"):
+        out.append(_plan(src, f"{gname}.bias", f"{key}.bias", qtype))
+    return out
+
+
+def _conv_type(dtype: str):
+    """llama.cpp's converter keeps convolution kernels (patch embedding, patch merger) in f32 unless the file is f16:
+    ggml's convolutions take f16 or f32 kernels."""
+    Q = _gguf().GGMLQuantizationType
+    return Q.F16 if dtype == "f16" else Q.F32
+
+
+def _patch_embed(src: _Source, key: str, dtype: str) -> list[Planned]:
+    """The Conv3d patch embedding `key` [C_out, C_in, 2, p, p] as two Conv2d kernels (one per frame of the
+    temporal patch, `v.patch_embd.weight` and `.weight.1`) and its bias."""
+    pshape = src.shape(key + ".weight")
+    if len(pshape) != 5 or pshape[2] != 2:
+        raise UserError(f"{key}.weight has shape {list(pshape)}",
+                        "llama.cpp's vision projectors need a temporal patch size of 2")
+    kshape = (pshape[0], pshape[1], pshape[3], pshape[4])
+
+    def frame(k: int) -> Callable[[], torch.Tensor]:
+        return lambda: src.reader.tensor(key + ".weight")[:, :, k].contiguous()
+
+    ptype = _conv_type(dtype)
+    return [Planned("v.patch_embd.weight", kshape, ptype, frame(0)),
+            Planned("v.patch_embd.weight.1", kshape, ptype, frame(1)),
+            _plan(src, "v.patch_embd.bias", key + ".bias", ptype)]
+
+
+def _preprocessor(model_dir: str) -> dict:
+    pp_path = os.path.join(model_dir, "preprocessor_config.json")
+    if not os.path.exists(pp_path):
+        raise UserError(f"no preprocessor_config.json in {model_dir}", "export-gguf needs the image processor config")
+    with open(pp_path) as f:
+        return json.load(f)
+
+
 def _qwen3_text(model_dir: str, config, name: str, dtype: str, path: str, progress=None) -> dict:
     g = _gguf()
     from .families import get_family
@@ -297,26 +352,22 @@ def _qwen3_text(model_dir: str, config, name: str, dtype: str, path: str, progre
     w.add_num_deepstack_layers(len(deepstack))
     vocab = write_vocab(w, model_dir, tc.vocab_size)
 
-    def plan1(gname: str, key: str, qtype) -> Planned:
-        shape = src.shape(key)
-        return Planned(gname, shape, F32 if len(shape) <= 1 else qtype, src.get(key))
-
     pre = "model.language_model."
-    plan = [plan1("token_embd.weight", pre + "embed_tokens.weight", wq),
-            plan1("output_norm.weight", pre + "norm.weight", F32)]
+    plan = [_plan(src, "token_embd.weight", pre + "embed_tokens.weight", wq),
+            _plan(src, "output_norm.weight", pre + "norm.weight", F32)]
     if src.has("lm_head.weight"):
-        plan.append(plan1("output.weight", "lm_head.weight", wq))
+        plan.append(_plan(src, "output.weight", "lm_head.weight", wq))
     for i in range(L):
         p, b = f"{pre}layers.{i}.", f"blk.{i}."
-        plan += [plan1(b + "attn_norm.weight", p + "input_layernorm.weight", F32),
-                 plan1(b + "attn_q.weight", p + "self_attn.q_proj.weight", wq),
-                 plan1(b + "attn_k.weight", p + "self_attn.k_proj.weight", wq),
-                 plan1(b + "attn_v.weight", p + "self_attn.v_proj.weight", wq),
-                 plan1(b + "attn_output.weight", p + "self_attn.o_proj.weight", wq),
-                 plan1(b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", F32),
-                 plan1(b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", F32),
-                 plan1(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", F32),
-                 plan1(b + "ffn_gate_inp.weight", p + "mlp.gate.weight", F32)]
+        plan += [_plan(src, b + "attn_norm.weight", p + "input_layernorm.weight", F32),
+                 _plan(src, b + "attn_q.weight", p + "self_attn.q_proj.weight", wq),
+                 _plan(src, b + "attn_k.weight", p + "self_attn.k_proj.weight", wq),
+                 _plan(src, b + "attn_v.weight", p + "self_attn.v_proj.weight", wq),
+                 _plan(src, b + "attn_output.weight", p + "self_attn.o_proj.weight", wq),
+                 _plan(src, b + "attn_q_norm.weight", p + "self_attn.q_norm.weight", F32),
+                 _plan(src, b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", F32),
+                 _plan(src, b + "ffn_norm.weight", p + "post_attention_layernorm.weight", F32),
+                 _plan(src, b + "ffn_gate_inp.weight", p + "mlp.gate.weight", F32)]
         src.reader.check_layer(p + "mlp.experts", E)
         ex = _Experts(src.reader, p + "mlp.experts", E, I)
         plan += [Planned(b + "ffn_gate_exps.weight", (E, I, H), wq, ex.bank("gate")),
@@ -332,11 +383,7 @@ def _qwen3_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> d
     wq, ftype = _qtypes(dtype)
     F32 = g.GGMLQuantizationType.F32
     src = _Source(model_dir, tc.hidden_size, tc.moe_intermediate_size)
-    pp_path = os.path.join(model_dir, "preprocessor_config.json")
-    if not os.path.exists(pp_path):
-        raise UserError(f"no preprocessor_config.json in {model_dir}", "export-gguf needs the image processor config")
-    with open(pp_path) as f:
-        pp = json.load(f)
+    pp = _preprocessor(model_dir)
     depth, patch = vc.depth, vc.patch_size
     deepstack = list(vc.deepstack_visual_indexes or [])
 
@@ -361,43 +408,152 @@ def _qwen3_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> d
     w.add_vision_is_deepstack_layers([i in deepstack for i in range(depth)])
 
     pre = "model.visual."
-
-    def plan1(gname: str, key: str, qtype=wq) -> Planned:
-        shape = src.shape(pre + key)
-        return Planned(gname, shape, F32 if len(shape) <= 1 else qtype, src.get(pre + key))
-
-    def frame(k: int) -> Callable[[], torch.Tensor]:
-        return lambda: src.reader.tensor(pre + "patch_embed.proj.weight")[:, :, k].contiguous()
-
-    pshape = src.shape(pre + "patch_embed.proj.weight")             # [C_out, C_in, 2, p, p]
-    if len(pshape) != 5 or pshape[2] != 2:
-        raise UserError(f"patch_embed.proj.weight has shape {list(pshape)}",
-                        "llama.cpp's qwen3vl projector needs a temporal patch size of 2")
-    kshape = (pshape[0], pshape[1], pshape[3], pshape[4])
-    # llama.cpp's converter keeps the patch kernels in f32 unless the file is f16
-    ptype = g.GGMLQuantizationType.F16 if dtype == "f16" else F32
-    plan = [Planned("v.patch_embd.weight", kshape, ptype, frame(0)),
-            Planned("v.patch_embd.weight.1", kshape, ptype, frame(1)),
-            plan1("v.patch_embd.bias", "patch_embed.proj.bias"),
-            plan1("v.position_embd.weight", "pos_embed.weight", F32)]
+    plan = _patch_embed(src, pre + "patch_embed.proj", dtype)
+    plan.append(_plan(src, "v.position_embd.weight", pre + "pos_embed.weight", F32))
     for i in range(depth):
-        b, p = f"v.blk.{i}.", f"blocks.{i}."
         for gn, hn in (("ln1", "norm1"), ("ln2", "norm2"), ("attn_qkv", "attn.qkv"), ("attn_out", "attn.proj"),
                        ("ffn_up", "mlp.linear_fc1"), ("ffn_down", "mlp.linear_fc2")):
-            plan += [plan1(f"{b}{gn}.weight", f"{p}{hn}.weight"), plan1(f"{b}{gn}.bias", f"{p}{hn}.bias")]
+            plan += _with_bias(src, f"v.blk.{i}.{gn}", f"{pre}blocks.{i}.{hn}", wq)
     for gn, hn in (("v.post_ln", "merger.norm"), ("mm.0", "merger.linear_fc1"), ("mm.2", "merger.linear_fc2")):
-        plan += [plan1(f"{gn}.weight", f"{hn}.weight"), plan1(f"{gn}.bias", f"{hn}.bias")]
+        plan += _with_bias(src, gn, pre + hn, wq)
     for j, k in enumerate(deepstack):
         for gn, hn in (("norm", "norm"), ("fc1", "linear_fc1"), ("fc2", "linear_fc2")):
-            for part in ("weight", "bias"):
-                plan.append(plan1(f"v.deepstack.{k}.{gn}.{part}", f"deepstack_merger_list.{j}.{hn}.{part}"))
+            plan += _with_bias(src, f"v.deepstack.{k}.{gn}", f"{pre}deepstack_merger_list.{j}.{hn}", wq)
     write_gguf(path, w, plan)
     return {"path": path, "arch": "clip", "projector": str(g.VisionProjectorType.QWEN3VL), "tensors": len(plan)}
 
 
+# ---- GLM-4.5V ----------------------------------------------------------------------------------------------------
+
+def _glm4v_text(model_dir: str, config, name: str, dtype: str, path: str, progress=None) -> dict:
+    from .families import get_family
+    g = _gguf()
+    tc = config.text_config
+    wq, ftype = _qtypes(dtype)
+    F32 = g.GGMLQuantizationType.F32
+    geo = get_family("glm4v_moe").geometry(config)
+    L, E, H, I = tc.num_hidden_layers, geo.num_experts, geo.hidden, geo.inter
+    dense = tc.first_k_dense_replace
+    if geo.moe_layers != tuple(range(dense, L)):
+        raise UserError("the checkpoint's MoE layers are not every layer after the first dense ones",
+                        "llama.cpp's glm4moe arch expects that layout")
+    src = _Source(model_dir, H, I)
+    head_dim = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
+    rope = tc.rope_parameters or {}
+    partial = rope.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", 0.5))
+
+    w = g.GGUFWriter(None, "glm4moe")
+    w.add_type(g.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(ftype)
+    w.add_quantization_version(g.GGML_QUANT_VERSION)
+    w.add_block_count(L)
+    w.add_context_length(tc.max_position_embeddings)
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(tc.intermediate_size)
+    w.add_head_count(tc.num_attention_heads)
+    w.add_head_count_kv(tc.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    w.add_rope_dimension_count(int(head_dim * partial))
+    w.add_rope_dimension_sections((list(rope.get("mrope_section", [])) + [0, 0, 0, 0])[:4])
+    w.add_layer_norm_rms_eps(tc.rms_norm_eps)
+    w.add_expert_count(E)
+    w.add_expert_used_count(geo.top_k)
+    w.add_expert_feed_forward_length(I)
+    w.add_expert_shared_count(tc.n_shared_experts)
+    w.add_leading_dense_block_count(dense)
+    w.add_expert_gating_func(g.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(float(tc.routed_scaling_factor))
+    w.add_expert_weights_norm(bool(tc.norm_topk_prob))
+    w.add_expert_group_count(tc.n_group)
+    w.add_expert_group_used_count(tc.topk_group)
+    vocab = write_vocab(w, model_dir, tc.vocab_size, eot="<|user|>")
+
+    pre = "model.language_model."
+    plan = [_plan(src, "token_embd.weight", pre + "embed_tokens.weight", wq),
+            _plan(src, "output_norm.weight", pre + "norm.weight", F32)]
+    if src.has("lm_head.weight"):
+        plan.append(_plan(src, "output.weight", "lm_head.weight", wq))
+    for i in range(L):
+        p, b = f"{pre}layers.{i}.", f"blk.{i}."
+        plan += [_plan(src, b + "attn_norm.weight", p + "input_layernorm.weight", F32),
+                 _plan(src, b + "post_attention_norm.weight", p + "post_attention_layernorm.weight", F32)]
+        for gn, hn in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
+            plan += _with_bias(src, b + gn, p + "self_attn." + hn, wq)
+        for gn, hn in (("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")):
+            if src.has(f"{p}self_attn.{hn}.weight"):
+                plan.append(_plan(src, f"{b}{gn}.weight", f"{p}self_attn.{hn}.weight", F32))
+        if i < dense:
+            for gn, hn in (("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"), ("ffn_down", "down_proj")):
+                plan.append(_plan(src, f"{b}{gn}.weight", f"{p}mlp.{hn}.weight", wq))
+            continue
+        plan += [_plan(src, b + "ffn_gate_inp.weight", p + "mlp.gate.weight", F32),
+                 _plan(src, b + "exp_probs_b.bias", p + "mlp.gate.e_score_correction_bias", F32)]
+        for gn, hn in (("ffn_gate_shexp", "gate_proj"), ("ffn_up_shexp", "up_proj"), ("ffn_down_shexp", "down_proj")):
+            plan.append(_plan(src, f"{b}{gn}.weight", f"{p}mlp.shared_experts.{hn}.weight", wq))
+        src.reader.check_layer(p + "mlp.experts", E)
+        ex = _Experts(src.reader, p + "mlp.experts", E, I)
+        plan += [Planned(b + "ffn_gate_exps.weight", (E, I, H), wq, ex.bank("gate")),
+                 Planned(b + "ffn_up_exps.weight", (E, I, H), wq, ex.bank("up")),
+                 Planned(b + "ffn_down_exps.weight", (E, H, I), wq, ex.bank("down"))]
+    write_gguf(path, w, plan, progress)
+    return {"path": path, "arch": "glm4moe", "tensors": len(plan), "block_count": L, "vocab": vocab}
+
+
+def _glm4v_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> dict:
+    g = _gguf()
+    vc, tc = config.vision_config, config.text_config
+    wq, ftype = _qtypes(dtype)
+    F32 = g.GGMLQuantizationType.F32
+    src = _Source(model_dir, tc.hidden_size, tc.moe_intermediate_size)
+    pp = _preprocessor(model_dir)
+    pre = "model.visual."
+    act = str(getattr(vc, "hidden_act", "silu")).lower()
+
+    w = g.GGUFWriter(None, "clip")
+    w.add_type(g.GGUFType.MMPROJ)
+    w.add_name(f"mmproj-{name}")
+    w.add_file_type(ftype)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type(g.VisionProjectorType.GLM4V)
+    w.add_vision_projection_dim(tc.hidden_size)
+    w.add_vision_image_size(vc.image_size)
+    w.add_vision_patch_size(vc.patch_size)
+    w.add_vision_embedding_length(vc.hidden_size)
+    w.add_vision_feed_forward_length(src.shape(pre + "blocks.0.mlp.up_proj.weight")[0])
+    w.add_vision_block_count(vc.depth)
+    w.add_vision_head_count(vc.num_heads)
+    w.add_vision_image_mean(pp["image_mean"])
+    w.add_vision_image_std(pp["image_std"])
+    if act == "silu":
+        w.add_vision_use_silu(True)
+    elif act.startswith("gelu"):
+        w.add_vision_use_gelu(True)
+    w.add_vision_spatial_merge_size(vc.spatial_merge_size)
+    w.add_vision_attention_layernorm_eps(getattr(vc, "rms_norm_eps", 1e-5))
+
+    plan = _patch_embed(src, pre + "patch_embed.proj", dtype)
+    plan += [_plan(src, "v.norm_embd.weight", pre + "post_conv_layernorm.weight", F32),
+             _plan(src, "v.position_embd.weight", pre + "embeddings.position_embedding.weight", F32)]
+    for i in range(vc.depth):
+        for gn, hn in (("ln1", "norm1"), ("ln2", "norm2"), ("attn_qkv", "attn.qkv"), ("attn_out", "attn.proj"),
+                       ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            plan += _with_bias(src, f"v.blk.{i}.{gn}", f"{pre}blocks.{i}.{hn}", wq)
+    plan += _with_bias(src, "v.post_ln", pre + "post_layernorm", wq)
+    plan += _with_bias(src, "mm.patch_merger", pre + "downsample", _conv_type(dtype))     # Conv2d 2x2 merge
+    for gn, hn in (("mm.model.fc", "merger.proj"), ("mm.post_norm", "merger.post_projection_norm"),
+                   ("mm.up", "merger.up_proj"), ("mm.gate", "merger.gate_proj"), ("mm.down", "merger.down_proj")):
+        plan += _with_bias(src, gn, pre + hn, wq)
+    write_gguf(path, w, plan)
+    return {"path": path, "arch": "clip", "projector": str(g.VisionProjectorType.GLM4V), "tensors": len(plan)}
+
+
 # ---- entry point -------------------------------------------------------------------------------------------------
 
-SUPPORTED = ("qwen3_vl_moe",)
+WRITERS = {"qwen3_vl_moe": (_qwen3_text, _qwen3_mmproj), "glm4v_moe": (_glm4v_text, _glm4v_mmproj)}
+SUPPORTED = tuple(WRITERS)
 
 
 def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None = None, progress=None) -> dict:
@@ -409,10 +565,6 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     model_type = read_model_type(model_dir)
-    if model_type == "glm4v_moe":
-        raise UserError("export-gguf does not write glm4v_moe yet (llama.cpp at "
-                        f"{LLAMA_CPP_COMMIT[:7]} runs it as arch glm4moe + projector glm4v)",
-                        f"export one of: {', '.join(SUPPORTED)}")
     if model_type not in SUPPORTED:
         raise UserError(f"export-gguf cannot export model type {model_type!r}",
                         f"it exports {', '.join(SUPPORTED)} checkpoints")
@@ -420,6 +572,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     config = AutoConfig.from_pretrained(model_dir)
     name = name or os.path.basename(os.path.normpath(model_dir))
     os.makedirs(out_dir, exist_ok=True)
-    text = _qwen3_text(model_dir, config, name, dtype, os.path.join(out_dir, f"{name}-{dtype}.gguf"), progress)
-    mmproj = _qwen3_mmproj(model_dir, config, name, dtype, os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf"))
+    write_text, write_mmproj = WRITERS[model_type]
+    text = write_text(model_dir, config, name, dtype, os.path.join(out_dir, f"{name}-{dtype}.gguf"), progress)
+    mmproj = write_mmproj(model_dir, config, name, dtype, os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf"))
     return {"text": text, "mmproj": mmproj, "llama_cpp_commit": LLAMA_CPP_COMMIT}

@@ -288,13 +288,16 @@ def noise_requests(sides: list[int], new_tokens: int, folder: str, seed: int = 0
 
 def image_token_range(model_dir: str) -> tuple[int, int]:
     """(min, max) visual tokens of the checkpoint's image processor (pixels / (patch x merge)^2), for llama.cpp's
-    --image-min-tokens / --image-max-tokens, so both engines resize (or not) alike."""
+    --image-min-tokens / --image-max-tokens, so both engines resize (or not) alike. GLM-4V's processor counts the
+    pixels of both frames of the temporal patch (an image is two identical frames), so per image it allows half."""
     with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
         pp = json.load(f)
     size = pp.get("size") or {}
     lo = size.get("shortest_edge", pp.get("min_pixels", 56 * 56))
     hi = size.get("longest_edge", pp.get("max_pixels", 28 * 28 * 1280))
     unit = (pp.get("patch_size", 14) * pp.get("merge_size", 2)) ** 2
+    if str(pp.get("image_processor_type", "")).startswith("Glm4v"):
+        unit *= pp.get("temporal_patch_size", 2)
     return max(1, lo // unit), max(1, hi // unit)
 
 
