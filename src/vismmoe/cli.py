@@ -70,6 +70,11 @@ def _systems() -> list[str]:
     return list(SYSTEMS)
 
 
+def _shapes() -> list[str]:
+    from .bench.shapes import SHAPES
+    return list(SHAPES)
+
+
 def _families() -> list[str]:
     from .families import FAMILIES
     return sorted(FAMILIES)
@@ -231,6 +236,31 @@ def cmd_make_tiny(args) -> int:
     from .tiny import make_tiny
     out = make_tiny(args.family, args.out, seed=args.seed)
     print(out)
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    from .export_gguf import export
+    from .progress import layer_progress
+    if args.model is None:
+        args.model = _model_dir(args)
+    with layer_progress("writing GGUF tensors") as tick:
+        res = export(args.model, args.out, dtype=args.dtype, name=args.name, progress=lambda _name: tick())
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(res["text"]["path"])
+        print(res["mmproj"]["path"])
+    return 0
+
+
+def cmd_make_shape(args) -> int:
+    from .bench.make_shape import make_shape
+    from .progress import layer_progress
+    with layer_progress("writing shards") as tick:
+        res = make_shape(args.shape, args.out, layers=args.layers, dtype=args.dtype, seed=args.seed,
+                         device=args.device, progress=tick)
+    print(json.dumps(res) if args.json else res["dir"])
     return 0
 
 
@@ -494,6 +524,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     t.set_defaults(func=cmd_make_tiny)
+
+    x = sub.add_parser("export-gguf", help="write a checkpoint as GGUF files for llama.cpp (text model + mmproj)")
+    x.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
+    x.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for <name>-<dtype>.gguf and mmproj-<name>-<dtype>.gguf")
+    x.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"],
+                   help="type of the weight matrices (default bf16); norms and biases are always f32")
+    x.add_argument("--name", default=None, help="file name stem (default: the checkpoint directory's name)")
+    x.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    x.set_defaults(func=cmd_export_gguf)
+
+    m = sub.add_parser("make-shape", help="write a random-weight shape as a checkpoint (for peers on the same bytes)")
+    _registry(m.add_argument("--shape", required=True, metavar="NAME", help="shape name, one of {names}"), _shapes)
+    m.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
+    m.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weight dtype (default bf16)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    m.add_argument("--device", default=None,
+                   help="where weights are drawn: cuda (fast) or cpu (default: cuda when there is one)")
+    m.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    m.set_defaults(func=cmd_make_shape)
 
     c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/blend, and predictor quality")
     _add_job_args(c)

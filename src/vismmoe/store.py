@@ -162,6 +162,11 @@ class CheckpointReader:
         """Tensor `key` in memory of its own (never a view of the file: see the class docstring)."""
         return self._pread(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of tensor `key`, from its file's header (nothing else read)."""
+        with self._reading(key):
+            return tuple(self._table(self.weight_map[key])[1][key]["shape"])
+
     def _header(self, key: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
         `shapes` (a 0 matches any size) and in a float dtype; else a UserError naming file and tensor."""

@@ -1,0 +1,152 @@
+"""`vismmoe make-shape`: a named random-weight shape (bench/shapes.py) written as a real Hugging Face checkpoint,
+so that vismmoe and another runtime (llama.cpp, through `vismmoe export-gguf`) run the very same bytes.
+
+    shape config (num_hidden_layers overridden) -> skeleton on `meta` (parameter names and shapes, no memory)
+      -> model-00001-of-N.safetensors: embeddings, lm_head, final norm, the vision tower
+      -> model-0000k-of-N.safetensors: decoder layer k-2, experts in the hub layout (Qwen3-VL-MoE fused
+         `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`), drawn and written one layer at a time
+      -> model.safetensors.index.json, config.json, tokenizer files, preprocessor_config.json, and
+         vismmoe_shape.json (shape, layers, seed: marks the checkpoint as random weights)
+
+Weights: normal(0, 0.02) for matrices and embeddings, 1 for norm weights, 0 for biases (as
+bench/random_model.py draws them), drawn with a seeded generator on `device` (a GPU draws a 30B layer in
+milliseconds, two CPU cores in seconds) and stored in `dtype`. Memory: one decoder layer (1.2 GB in bf16 for the
+30B shape), never the whole model.
+
+Tokenizer: the bundled model's byte-level BPE tokenizer with its vocabulary padded by `[PADi]` entries (unused:
+no merge produces them) to the shape's vocab size (a test shape's smaller vocab grows to the tokenizer's), so every
+id the random model can emit decodes in both engines.
+The config's special ids (image, vision start/end, video, end of turn, pad) are set to that tokenizer's ids.
+Image processor: Qwen3-VL's published values (patch 16, merge 2, 64 to 16384 visual tokens, mean/std 0.5).
+Routing of random weights is meaningless; only bytes and compute are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..errors import UserError
+
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+SHAPE_FILE = "vismmoe_shape.json"          # provenance: which shape, layers, seed (random weights)
+_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+# Qwen/Qwen3-VL-30B-A3B-Instruct preprocessor_config.json (what the processor does with an image)
+_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "do_convert_rgb": True, "do_normalize": True,
+                 "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                 "merge_size": 2, "patch_size": 16, "resample": 3, "rescale_factor": 1 / 255,
+                 "size": {"longest_edge": 16777216, "shortest_edge": 65536}, "temporal_patch_size": 2}
+
+
+def _draw(shape, name: str, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """One parameter on the CPU in `dtype`: ones for norm weights, zeros for biases, else normal(0, 0.02)."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if "norm" in name and len(shape) == 1:
+        return torch.ones(shape, dtype=dtype)
+    return torch.randn(shape, generator=gen, device=device).mul_(0.02).to(dtype).cpu()
+
+
+def _experts(shape: tuple[int, ...], dtype, device, gen) -> torch.Tensor:
+    """A fused expert bank drawn expert by expert (bounds the float32 scratch to one expert)."""
+    out = torch.empty(shape, dtype=dtype)
+    for e in range(shape[0]):
+        out[e] = torch.randn(shape[1:], generator=gen, device=device).mul_(0.02).to(dtype).cpu()
+    return out
+
+
+def _tokenizer_files(out_dir: str, vocab_size: int) -> int:
+    """The bundled tokenizer, its BPE vocabulary padded to `vocab_size` ids (at least its own size) with
+    `[PADi]` entries; returns the padded size."""
+    from ..demo import BUNDLED
+    with open(os.path.join(BUNDLED, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    used = set(tj["model"]["vocab"].values()) | {a["id"] for a in tj.get("added_tokens", [])}
+    vocab_size = max(vocab_size, max(used) + 1)
+    for i in range(vocab_size):
+        if i not in used:
+            tj["model"]["vocab"][f"[PAD{i}]"] = i
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(BUNDLED, name)):
+            shutil.copy(os.path.join(BUNDLED, name), os.path.join(out_dir, name))
+    return vocab_size
+
+
+def make_shape(shape: str, out_dir: str, layers: int | None = None, dtype: str = "bf16", seed: int = 0,
+               device: str | None = None, progress=None) -> dict:
+    """Write shape `shape` with `layers` decoder layers (default: the shape's) as a checkpoint in `out_dir`.
+    `device`: where weights are drawn (default cuda when available, else cpu). Returns {"dir", "layers",
+    "bytes", "shards"}. UserError for an unknown shape or dtype, or fewer than one layer. `progress()` after
+    each shard."""
+    from transformers import AutoTokenizer
+
+    from ..engine import skeleton
+    from ..families import get_family
+    from .shapes import get_shape
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    fam_name, config = get_shape(shape)
+    family = get_family(fam_name)
+    tc = family.text_config(config)
+    if layers is not None:
+        if layers < 1:
+            raise UserError(f"--layers {layers} is too small", "give at least 1")
+        tc.num_hidden_layers = layers
+    os.makedirs(out_dir, exist_ok=True)
+    tc.vocab_size = _tokenizer_files(out_dir, tc.vocab_size)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    ids = family.token_ids(tok)
+    config.image_token_id, config.video_token_id = ids["image"], tok.convert_tokens_to_ids("<|video_pad|>")
+    config.vision_start_token_id, config.vision_end_token_id = ids["image_start"], ids["image_end"]
+    tc.eos_token_id, tc.pad_token_id, tc.bos_token_id = ids["eos"], ids["pad"], None
+    dt = _DTYPES[dtype]
+    config.dtype = dt
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(_PREPROCESSOR, f, indent=1)
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    model = skeleton(family, config)
+    params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    del model
+    config.save_pretrained(out_dir)
+    geo = family.geometry(config)
+    L = tc.num_hidden_layers
+    layer_pfx = [f"{family.expert_prefix(l).rsplit('.mlp.experts', 1)[0]}." for l in range(L)]
+    groups: list[list[tuple[str, tuple]]] = [[] for _ in range(L + 1)]
+    for n, s in params:
+        k = next((i for i, p in enumerate(layer_pfx) if n.startswith(p)), None)
+        groups[0 if k is None else k + 1].append((n, s))
+    hub_shapes = {"gate_up_proj": lambda s: (s[0], s[2], s[1]), "down_proj": lambda s: (s[0], s[2], s[1])}
+
+    from safetensors.torch import save_file
+    weight_map, total = {}, 0
+    n_shards = L + 1
+    for i, group in enumerate(groups):
+        tensors = {}
+        for n, s in group:
+            last = n.rsplit(".", 1)[-1]
+            if ".mlp.experts." in n and last in hub_shapes:      # fused bank, stored as the hub stores it
+                tensors[n] = _experts(hub_shapes[last](s), dt, dev, gen)
+            else:
+                tensors[n] = _draw(s, n, dt, dev, gen)
+        fname = SHARD.format(i + 1, n_shards)
+        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for n, t in tensors.items():
+            weight_map[n] = fname
+            total += t.numel() * t.element_size()
+        del tensors
+        if progress is not None:
+            progress()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    info = {"dir": out_dir, "shape": shape, "layers": L, "moe_layers": len(geo.moe_layers), "bytes": total,
+            "shards": n_shards, "dtype": dtype, "seed": seed, "weights": "random"}
+    with open(os.path.join(out_dir, SHAPE_FILE), "w") as f:        # tells benchmarks the routing is meaningless
+        json.dump(info, f, indent=1)
+    return info
