@@ -230,18 +230,19 @@ def test_make_shape_pads_the_vocab(tmp_path, monkeypatch):
         AutoTokenizer.from_pretrained(BUNDLED)("What color is the circle?")["input_ids"]
 
 
-STDERR = """0.00.106.555 I main: loading model: m.gguf
+STDERR = """0.00.010.711 I load_tensors: loading model tensors, this can take a while... (load_mode = mmap)
 0.00.015.539 I load_tensors:   CUDA0 model buffer size =    51.78 MiB
 0.00.016.123 I llama_kv_cache:      CUDA0 KV buffer size =     8.00 MiB
 0.00.025.308 I sched_reserve:      CUDA0 compute buffer size =     9.14 MiB
 0.00.025.308 I sched_reserve:  CUDA_Host compute buffer size =     3.00 MiB
+0.00.106.555 I main: loading model: m.gguf
 0.00.111.704 I encoding mtmd batch, n_chunks = 1 (done = 1, total = 3)
 0.00.154.229 I mtmd batch encoding done in 43 ms
 0.00.182.840 I image decoded (batch 1/1) in 28 ms
-0.00.187.491 I llama_perf_context_print:        load time =      17.36 ms
-0.00.187.501 I llama_perf_context_print: prompt eval time =      76.47 ms /   214 tokens (    0.36 ms per token)
-0.00.187.503 I llama_perf_context_print:        eval time =      30.00 ms /    10 runs   (    3.00 ms per token)
-0.00.187.503 I llama_perf_context_print:       total time =     159.47 ms /   215 tokens
+0.01.187.491 I llama_perf_context_print:        load time =      17.36 ms
+0.01.187.501 I llama_perf_context_print: prompt eval time =      76.47 ms /   214 tokens (    0.36 ms per token)
+0.01.187.503 I llama_perf_context_print:        eval time =      30.00 ms /    10 runs   (    3.00 ms per token)
+0.01.187.503 I llama_perf_context_print:       total time =     159.47 ms /   215 tokens
 """
 
 
@@ -249,9 +250,10 @@ def test_llama_cpp_output_parsing():
     from vismmoe.bench.llama_cpp import Request, parse_run
     run = parse_run("llama.cpp", "\nYes\n\n\n", STDERR, 1.5, 900.0, Request("x.png", "q?", 10, answer="yes"))
     assert run.text == "Yes" and run.correct is True
-    assert run.ttft_s == pytest.approx((43 + 76.47) / 1e3)
+    assert run.request_s == pytest.approx(1.187491 - 0.106555)     # log stamps: loaded -> timings printed
     assert run.tpot_s == pytest.approx(3e-3)
-    assert run.request_s == pytest.approx((43 + 76.47 + 30) / 1e3)
+    assert run.ttft_s == pytest.approx(run.request_s - 0.030)
+    assert run.new_tokens == 11 and run.extra["encode_ms"] == 43
     assert run.device_mib_alloc == pytest.approx(51.78 + 8 + 9.14)   # CUDA0 buffers; CUDA_Host is host memory
     assert run.load_s == pytest.approx(0.01736) and run.wall_s == 1.5
     with pytest.raises(RuntimeError):

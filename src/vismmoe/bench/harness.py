@@ -23,6 +23,8 @@ Systems (all inside this harness, so they share every line of code that is not t
                   vismmoe-nocompress with a fixed lookahead instead of the link-adaptive one; vismmoe-longmem is
                   vismmoe whose predictive policy keeps only the long memory of expert frequencies
   accelerate      (GPU, real link only) transformers + accelerate device_map with expert banks on the CPU
+llama.cpp is compared apart (bench/llama_cpp.py): it is another process per request, reading GGUF files exported
+from the same checkpoint, so it has no place in this harness's shared engine and routing traces.
 Emulated links (edge, mobile) are labelled as emulated in every row that uses them.
 """
 

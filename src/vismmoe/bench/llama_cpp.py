@@ -18,11 +18,11 @@
 
 How llama.cpp is measured: one `llama-mtmd-cli` process per request, greedy (--temp 0, --seed 0), the new-token
 count fixed with -n (and --ignore-eos on random weights; vismmoe then ignores its end-of-turn ids too, so both make
-exactly that many tokens). Its own timers give the request: image encode ("mtmd batch encoding done in X ms"),
-prompt eval and eval ("llama_perf_context_print"), printed at --log-verbosity 4. Request time = encode + prompt
-eval + eval, model load excluded as vismmoe's load is. For N new tokens its eval counts N - 1 steps, as vismmoe
-decodes N - 1 (the first token comes from the prompt; the CLI's loop also evaluates the last sampled token, which
-its timers never book). Process wall time and load time are reported beside. Device memory: llama.cpp's
+exactly that many tokens). Its log (--log-verbosity 4, timestamped) gives the request: from the line it prints
+once model and projector are loaded to its timings line (image read, preprocessing, encode, prompt, decode; model
+load and warm-up excluded, as vismmoe's load is); decode ms/token is its eval timer (N - 1 steps for N tokens, as
+vismmoe decodes N - 1); TTFT = request - eval (`parse_run` says why its prompt-eval timer is not used). Process
+wall time and load time are reported beside. Device memory: llama.cpp's
 process peak in `nvidia-smi` (sampled every 0.1 s, CUDA context included) and the sum of the device buffers it
 prints (model, KV, compute); vismmoe: torch's peak allocation during the request (the base engine's one-layer pool
 included), and nvidia-smi's figure for this process read once after the request (the caching allocator keeps
@@ -59,6 +59,7 @@ from ..evaluate import normalize
 _PERF = re.compile(r"llama_perf_context_print:\s+(load time|prompt eval time|eval time|total time)\s*=\s*"
                    r"([\d.]+) ms(?: /\s*(\d+))?")
 _ENCODE = re.compile(r"(?:mtmd batch encoding done|image slice encoded) in (\d+) ms")
+_STAMP = re.compile(r"^(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) ")
 _BUFFER = re.compile(r"(CUDA\d+)\S*\s+(?:model |KV |compute |output |RS )?buffer size\s*=\s*([\d.]+) MiB")
 
 
@@ -102,9 +103,11 @@ def _nvidia_smi(*query: str) -> list[list[str]] | None:
     return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
 
 
-def free_mib(gpu: int = 0) -> float | None:
-    rows = _nvidia_smi("--query-gpu=memory.free")
-    return float(rows[gpu][0]) if rows and len(rows) > gpu else None
+def free_mib() -> float | None:
+    """Free memory of the current CUDA device as its driver counts it (what llama.cpp's --fit sees), None without
+    CUDA."""
+    import torch
+    return torch.cuda.mem_get_info()[0] / 2**20 if torch.cuda.is_available() else None
 
 
 class PeakMemory:
@@ -156,7 +159,7 @@ class Llama:
         cmd = [self.exe, "-m", self.text_gguf, "--mmproj", self.mmproj_gguf, "--image", req.image, "-p", req.prompt,
                "-n", str(req.new_tokens), "--temp", "0", "--seed", "0", "-c", str(self.ctx),
                "--image-min-tokens", str(self.image_tokens[0]), "--image-max-tokens", str(self.image_tokens[1]),
-               "--log-verbosity", "4", *placement]
+               "--log-verbosity", "4", "--log-prefix", "--log-timestamps", *placement]
         if self.ignore_eos:
             cmd.append("--ignore-eos")
         if self.threads:
@@ -192,29 +195,55 @@ class _Nothing:
         return None
 
 
+def _stamp_s(line: str) -> float | None:
+    """Seconds since the process's logger started, from a log line's `M.SS.mmm.uuu` prefix (--log-timestamps)."""
+    m = _STAMP.match(line)
+    if m is None:
+        return None
+    mi, se, ms, us = (int(x) for x in m.groups())
+    return mi * 60 + se + ms / 1e3 + us / 1e6
+
+
 def parse_run(system: str, stdout: str, stderr: str, wall_s: float, device_mib: float | None, req: Request) -> Run:
-    """A `Run` from one llama-mtmd-cli process's output (timings at --log-verbosity 4; the answer on stdout)."""
+    """A `Run` from one llama-mtmd-cli process's output (log at --log-verbosity 4 with timestamps; the answer on
+    stdout).
+
+    Request time is the span between the first log line after the model and projector are loaded ("main: loading
+    model", printed once they are) and the timings it prints when the answer is done: image read and preprocessing,
+    encode, every prompt chunk, every decode step. Decode time per token is llama.cpp's eval timer (N - 1
+    single-token steps, each synchronised by the next sampling); TTFT = request - eval. The prompt-eval timer is
+    kept in `extra` only: its lazy synchronisation books the image encode into it. On a CPU build the span also holds
+    the one token the CLI decodes after the last one it samples (on CUDA that decode is only launched)."""
     perf = {}
     for name, ms, count in _PERF.findall(stderr):
         perf[name] = (float(ms), int(count) if count else None)
     if "prompt eval time" not in perf or "eval time" not in perf:
         raise RuntimeError("llama-mtmd-cli printed no timings (llama_perf_context_print); is --log-verbosity 4 "
                            "supported by this build?")
+    start = end = None
+    for line in stderr.splitlines():
+        if start is None and "main: loading model" in line:
+            start = _stamp_s(line)
+        elif end is None and "llama_perf_context_print:" in line:
+            end = _stamp_s(line)
+    if start is None or end is None:
+        raise RuntimeError("llama-mtmd-cli printed no timestamped start and end lines (--log-timestamps "
+                           "--log-prefix)")
     encode_ms = sum(float(ms) for ms in _ENCODE.findall(stderr))
-    prompt_ms = perf["prompt eval time"][0]
     eval_ms, runs = perf["eval time"][0], perf["eval time"][1] or 0
+    request_s = end - start
     buffers = {}
     for dev, mib in _BUFFER.findall(stderr):
         buffers[dev] = buffers.get(dev, 0.0) + float(mib)
     text = stdout.strip()
-    return Run(system=system, text=text, ttft_s=(encode_ms + prompt_ms) / 1e3,
-               tpot_s=eval_ms / runs / 1e3 if runs else None, request_s=(encode_ms + prompt_ms + eval_ms) / 1e3,
+    return Run(system=system, text=text, ttft_s=request_s - eval_ms / 1e3,
+               tpot_s=eval_ms / runs / 1e3 if runs else None, request_s=request_s,
                new_tokens=runs + 1, device_mib=device_mib,
                device_mib_alloc=sum(buffers.values()) if buffers else None, wall_s=wall_s,
                load_s=perf.get("load time", (0.0, None))[0] / 1e3,
                correct=None if req.answer is None else normalize(text) == normalize(req.answer),
-               extra={"encode_ms": encode_ms, "prompt_ms": prompt_ms, "prompt_tokens": perf["prompt eval time"][1],
-                      "eval_ms": eval_ms, "eval_runs": runs})
+               extra={"encode_ms": encode_ms, "prompt_eval_ms": perf["prompt eval time"][0],
+                      "prompt_tokens": perf["prompt eval time"][1], "eval_ms": eval_ms, "eval_runs": runs})
 
 
 def n_cpu_moe(budget: float, layers: int) -> int:

@@ -10,8 +10,9 @@ so that vismmoe and another runtime (llama.cpp, through `vismmoe export-gguf`) r
 
 Weights: normal(0, 0.02) for matrices and embeddings, 1 for norm weights, 0 for biases (as
 bench/random_model.py draws them), drawn with a seeded generator on `device` (a GPU draws a 30B layer in
-milliseconds, two CPU cores in seconds) and stored in `dtype`. Memory: one decoder layer (1.2 GB in bf16 for the
-30B shape), never the whole model.
+milliseconds; two CPU cores took 70 s for the 30B shape with 4 layers) and stored in `dtype`. Memory: one shard
+(1.2 GB per 30B layer in bf16; the first shard, embeddings and vision tower, 2.3 GB) and a float32 scratch of its
+largest tensor, never the whole model (4 GB resident for the 30B shape, any number of layers).
 
 Tokenizer: the bundled model's byte-level BPE tokenizer with its vocabulary padded by `[PADi]` entries (unused:
 no merge produces them) to the shape's vocab size (a test shape's smaller vocab grows to the tokenizer's), so every
