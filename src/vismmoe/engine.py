@@ -102,7 +102,7 @@ def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device:
     moe = max_seq * K * (3 * H + 3 * I) * b * 2
     dense = max_seq * (4 * H + 2 * getattr(tc, "intermediate_size", 4 * H)) * b
     attn = max_seq * (tc.num_attention_heads + 2 * tc.num_key_value_heads) * head_dim * b * 2
-    patches = max_seq * vc.spatial_merge_size ** 2
+    patches = max_seq * getattr(vc, "spatial_merge_size", 2) ** 2
     vision = patches * (4 * vc.hidden_size + 2 * vc.intermediate_size) * b * 2
     logits = tc.vocab_size * 4 * 4
     margin = 256 * 1024**2 if device.type == "cuda" else 16 * 1024**2
@@ -295,7 +295,8 @@ class Engine:
         with self._lock:
             self.attach()
             pos, _ = self.family.prefill_positions(self.model, inputs)
-            return self.model(**inputs, position_ids=pos, use_cache=False).logits
+            return self.model(**self.family.model_inputs(inputs), position_ids=self.family.position_ids(pos),
+                              use_cache=False).logits
 
     @torch.inference_mode()
     def generate_ids(self, inputs: dict, max_new_tokens: int = 32, teacher_tokens: list[int] | None = None
@@ -575,12 +576,12 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     dt = _resolve_dtype(rc.dtype, config, dev)
     geo = family.geometry(config)
     layout = BlobLayout(geo.hidden, geo.inter, dt)
-    reader = CheckpointReader(model_dir, geo.hidden, geo.inter)
+    model = skeleton(family, config)
+    reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model))
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
         reader.check_layer(prefix, geo.num_experts)
 
-    model = skeleton(family, config)
     _load_nonexpert(model, reader, prefixes, dt, dev, model_dir)
     strip_experts(model, family, geo, dt, dev)
     nonexpert = _device_bytes(model)

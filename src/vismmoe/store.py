@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -114,14 +114,16 @@ class CheckpointReader:
     - fused, transposed (Qwen3-VL-MoE hub files): `[E, H, 2I]`, `[E, I, H]`
     - split per expert (GLM-4.5V, Qwen-MoE hub files): `{prefix}.{e}.gate_proj.weight [I, H]`, `up_proj [I, H]`,
       `down_proj.weight [H, I]`
-    Only the requested expert's bytes are read, with plain positioned reads at the offsets the file's header gives
+    Keys are the model's parameter names; a checkpoint that stores other names (the hub layout of InternVL, say)
+    is read through `rename` (stored name -> model name). Only the requested expert's bytes are read, with plain
+    positioned reads at the offsets the file's header gives
     (not through a memory map: a file truncated while an engine runs then gives a short read, which is an error,
     where a mapped page past the end would kill the process with SIGBUS). Every failure (a tensor
     missing, of the wrong shape or dtype, a file that cannot be read) is a UserError naming the file and tensor;
     `check_layer` finds the first three from the files' headers alone, before any request.
     """
 
-    def __init__(self, model_dir: str, hidden: int, inter: int):
+    def __init__(self, model_dir: str, hidden: int, inter: int, rename: Callable[[str], str] | None = None):
         self.dir = model_dir
         self.hidden, self.inter = hidden, inter
         index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -137,6 +139,17 @@ class CheckpointReader:
             with safe_open(single, "pt") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
             self._source = single
+        # keys are the model's parameter names: `rename` maps a stored name to the model's (transformers' own
+        # renamings, e.g. InternVL's `language_model.model.` -> `model.language_model.`); reads use the stored name
+        self._stored: dict[str, str] = {}
+        if rename is not None:
+            renamed = {}
+            for key, fname in self.weight_map.items():
+                name = rename(key)
+                renamed[name] = fname
+                if name != key:
+                    self._stored[name] = key
+            self.weight_map = renamed
         self._fused: dict[str, tuple[int, bool]] = {}      # prefix -> (experts, stored transposed)
         self._tables: dict[str, tuple[int, dict]] = {}      # file -> (data offset, header table)
 
@@ -166,7 +179,7 @@ class CheckpointReader:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
         `shapes` (a 0 matches any size) and in a float dtype; else a UserError naming file and tensor."""
         with self._reading(key):
-            meta = self._table(self.weight_map[key])[1][key]
+            meta = self._table(self.weight_map[key])[1][self._stored.get(key, key)]
             shape, dtype = tuple(meta["shape"]), meta["dtype"]
         if dtype not in _EXPERT_DTYPES:
             raise UserError(f"expert tensor {key} in {self._file(key)} is stored as {dtype}",
@@ -250,7 +263,7 @@ class CheckpointReader:
         with self._reading(key):
             fname = self.weight_map[key]
             start, table = self._table(fname)
-            meta = table[key]
+            meta = table[self._stored.get(key, key)]
             if meta["dtype"] not in _TORCH_DTYPES:
                 raise ValueError(f"unsupported dtype {meta['dtype']}")
             dtype, shape = _TORCH_DTYPES[meta["dtype"]], list(meta["shape"])

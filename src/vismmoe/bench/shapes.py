@@ -4,6 +4,11 @@
 4 KV heads of 128, 128 experts of intermediate 768 with top-8 routing, vocab 151936, a 27-layer vision tower of
 width 1152 with DeepStack taps at 8/16/24. `qwen3-vl-30b-a3b-L4` keeps 4 decoder layers (quick runs).
 `thin-48x128` keeps the 30B routing geometry at a tiny width (host overhead per layer, measurable on a CPU).
+
+One shape per further family, each the published size of one real checkpoint (its config.json):
+`internvl3.5-30b-a3b` (OpenGVLab/InternVL3_5-30B-A3B-HF: the Qwen3-30B-A3B text model, 48 layers, hidden 2048,
+32 query / 4 KV heads of 128, 128 experts of 768, top-8, vocab 151936; InternViT-300M, 24 layers of width 1024,
+448 px tiles of 14 px patches, pixel shuffle 0.5: 256 visual tokens a tile).
 """
 
 from __future__ import annotations
@@ -30,10 +35,34 @@ def _qwen3_vl_30b(layers: int = 48) -> Qwen3VLMoeConfig:
                             vision_end_token_id=151653)
 
 
+def _internvl35_30b():
+    from transformers import InternVLConfig
+    text = dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
+    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  image_size=448, patch_size=14, use_qk_norm=False, layer_scale_init_value=0.1, attention_bias=True,
+                  norm_type="layer_norm", use_mean_pooling=True)
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=151671, image_seq_length=256,
+                          downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
 def _tiny() -> Qwen3VLMoeConfig:
     from ..families import get_family
     ids = {"image": 500, "image_start": 502, "image_end": 503, "pad": 1, "eos": [2], "video": 501}
     return get_family("qwen3_vl_moe").tiny_config(ids, vocab_size=512, layers=4, experts=16, top_k=4)
+
+
+def _tiny_of(family: str):
+    """A tiny random shape of `family` (tests: seconds on a CPU)."""
+    from ..families import get_family
+    ids = {"image": 500, "image_start": 502, "image_end": 503, "pad": 1, "eos": [2], "video": 501}
+    return get_family(family).tiny_config(ids, vocab_size=512, layers=4, experts=16, top_k=4)
 
 
 def _thin48() -> Qwen3VLMoeConfig:
@@ -51,6 +80,8 @@ SHAPES = {
     "thin-48x128": ("qwen3_vl_moe", _thin48),                # host overhead per layer (30B routing geometry)
     "qwen3-vl-30b-a3b": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(48)),
     "qwen3-vl-30b-a3b-L4": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(4)),
+    "internvl3.5-30b-a3b": ("internvl", _internvl35_30b),
+    "tiny-internvl": ("internvl", lambda: _tiny_of("internvl")),
 }
 
 

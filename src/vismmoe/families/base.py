@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -62,7 +62,7 @@ class Encoded:
     embeds: torch.Tensor                 # [B, T, H]
     mask: torch.Tensor                   # [B, T] attention mask
     visual: torch.Tensor                 # [B, T] bool: image-token positions
-    positions: torch.Tensor              # [4, B, T]: text row + 3 M-RoPE rows
+    positions: torch.Tensor              # [1 + R, B, T]: text row + R rope rows (3 for M-RoPE, 1 for 1-D RoPE)
     deltas: torch.Tensor                 # [B, 1]: rope position of the next token minus its text position
     deepstack: list[torch.Tensor] | None  # per DeepStack level: [sum of visual tokens, H], rows in sequence order
     grids: list[tuple[int, int, int]]    # per row: merged (t, h, w) of its image
@@ -89,6 +89,8 @@ class Family:
     tokens: Tokens
     # how a prompt looks when the tokenizer ships no chat template; {image} is replaced by the image block
     fallback_format: str = "{image}{prompt}\n"
+    # why the fast decode step (step_graphs.py) cannot run this family, None when it can
+    fast_step_blocker: str | None = None
 
     # ---- model structure -------------------------------------------------------------------------------------
     def text_config(self, config):
@@ -109,8 +111,19 @@ class Family:
         return self.decoder_layers(model)[layer].mlp
 
     def expert_prefix(self, layer: int) -> str:
-        """Checkpoint key prefix of layer `layer`'s routed experts."""
+        """Name prefix of layer `layer`'s routed experts among the model's parameters (the checkpoint reader maps
+        stored names onto these: `checkpoint_renamer`)."""
         return f"model.language_model.layers.{layer}.mlp.experts"
+
+    def checkpoint_renamer(self, model) -> Callable[[str], str]:
+        """Stored checkpoint name -> the model's parameter name, by the renamings transformers applies when it
+        loads this model (e.g. InternVL hub files keep `language_model.model.`). Tensor conversions (per-expert
+        tensors fused into a bank, transposes) are not renamings: the checkpoint reader does those itself."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        return lambda key: rename_source_key(key, renamings, [])[0]
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def load_image_processor(self, model_dir: str):
@@ -129,8 +142,15 @@ class Family:
             parts = [{"type": "image"}] if image else []
             messages = [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        block = self.tokens.image_start + self.tokens.image + self.tokens.image_end if image else ""
-        return self.fallback_format.format(image=block, prompt=prompt)
+        return self.fallback_format.format(image=self.image_placeholder() if image else "", prompt=prompt)
+
+    def image_placeholder(self) -> str:
+        """What the fallback format puts where the image goes (holding `tokens.image` once)."""
+        return self.tokens.image_start + self.tokens.image + self.tokens.image_end
+
+    def expand_image(self, n_visual: int) -> str:
+        """What the one `tokens.image` of a formatted prompt becomes for an image of `n_visual` tokens."""
+        return self.tokens.image * n_visual
 
     def prompt_ids(self, tokenizer, prompt: str, n_visual: int | None) -> list[int]:
         """Token ids of the chat-formatted prompt with `n_visual` image placeholders (None: a text-only request).
@@ -146,21 +166,28 @@ class Family:
         if (before + after).count(image_tok) != want:
             raise ValueError(f"chat template produced {(before + after).count(image_tok)} image placeholders, "
                              f"expected {want}")
-        before, after = (part.replace(image_tok, image_tok * (n_visual or 0)) for part in (before, after))
+        before, after = (part.replace(image_tok, self.expand_image(n_visual or 0)) for part in (before, after))
 
         def ids(part: str, **kw) -> list[int]:
             return tokenizer(part, add_special_tokens=False, **kw)["input_ids"] if part else []
 
         return ids(before) + ids(prompt, split_special_tokens=True) + ids(after)
 
+    def image_inputs(self, image_processor, images: list[Image.Image]) -> tuple[dict, list[int]]:
+        """Images (at least one) -> (the model's image inputs, `pixel_values` and `image_grid_thw`; the number of
+        visual tokens of each image). Images too long and thin for the processor are padded (with the colour that
+        normalises to zero) first."""
+        vis = image_processor(images=[pad_to_aspect(im, image_processor) for im in images], return_tensors="pt")
+        merge = image_processor.merge_size
+        counts = (vis["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        return {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}, counts
+
     def build_inputs(self, tokenizer, image_processor, images: list[Image.Image | None], prompts: list[str]) -> dict:
         """Batch of (image, prompt) pairs -> model inputs, left-padded. One image per prompt, or None for a
-        text-only prompt (no `pixel_values` / `image_grid_thw` when no row has an image); images too long and thin
-        for the processor are padded (with the colour that normalises to zero) first."""
-        present = [pad_to_aspect(im, image_processor) for im in images if im is not None]
-        vis = image_processor(images=present, return_tensors="pt") if present else {}
-        merge = image_processor.merge_size
-        counts = iter((vis["image_grid_thw"].prod(-1) // (merge * merge)).tolist() if present else [])
+        text-only prompt (no image inputs when no row has an image); `mm_token_type_ids` is 1 on image tokens."""
+        present = [im for im in images if im is not None]
+        pixels, counts = self.image_inputs(image_processor, present) if present else ({}, [])
+        counts = iter(counts)
         n_visual = [next(counts) if im is not None else None for im in images]
         rows = [self.prompt_ids(tokenizer, prompt, n) for prompt, n in zip(prompts, n_visual)]
         tokenizer.padding_side = "left"
@@ -168,11 +195,31 @@ class Family:
         image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
         mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm_types}
-        if present:
-            out.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+        out.update(pixels)
         return out
 
-    # ---- positions (M-RoPE) ------------------------------------------------------------------------------------
+    def synthetic_image_block(self, config, n_visual: int) -> list[int]:
+        """Token ids of one image of `n_visual` tokens in a prompt, from the config alone (random-weight engines
+        have no tokenizer): the image token, between the start/end tokens where the config names them."""
+        start = getattr(config, "vision_start_token_id", None) or getattr(config, "image_start_token_id", None)
+        end = getattr(config, "vision_end_token_id", None) or getattr(config, "image_end_token_id", None)
+        return [t for t in (start,) if t is not None] + [config.image_token_id] * n_visual + \
+            [t for t in (end,) if t is not None]
+
+    def random_image_processor(self, config):
+        """The image processor a random-weight engine of `config` uses (bench/random_model.py)."""
+        return self.tiny_image_processor(max_side=2048)
+
+    def model_inputs(self, inputs: dict) -> dict:
+        """The prepared inputs that the model's forward takes (every family's prepared inputs carry
+        `mm_token_type_ids`, which tells the engine where visual tokens are)."""
+        return inputs
+
+    # ---- positions (M-RoPE here; families/rope1d.py for 1-D RoPE) ----------------------------------------------
+    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder's `position_ids` from positions `[1 + R, B, T]` (M-RoPE models take all four rows)."""
+        return positions
+
     def prefill_positions(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """([4, B, T] text + 3D rope positions, rope deltas [B, 1]) for a prompt, as transformers computes them."""
         mask = inputs["attention_mask"]
@@ -207,9 +254,9 @@ class Family:
 
     def decoder_forward(self, model, enc: Encoded, cache) -> torch.Tensor:
         """Run the decoder over encoded inputs (filling `cache`); logits of the last position [B, 1, V]."""
-        out = model.model.language_model(inputs_embeds=enc.embeds, attention_mask=enc.mask,
-                                         position_ids=enc.positions, past_key_values=cache, use_cache=True,
-                                         **self._decoder_extras(enc))
+        out = self.language_model(model)(inputs_embeds=enc.embeds, attention_mask=enc.mask,
+                                         position_ids=self.position_ids(enc.positions), past_key_values=cache,
+                                         use_cache=True, **self._decoder_extras(enc))
         return model.lm_head(out.last_hidden_state[:, -1:])
 
     def _decoder_extras(self, enc: Encoded) -> dict:
