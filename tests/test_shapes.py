@@ -13,6 +13,7 @@ from vismmoe.families import get_family
 PUBLISHED = {
     "qwen3-vl-30b-a3b": (48, 128, 8, 2048, 768, 48),
     "internvl3.5-30b-a3b": (48, 128, 8, 2048, 768, 48),
+    "qwen3.5-35b-a3b": (40, 256, 8, 2048, 512, 40),
 }
 
 
@@ -29,6 +30,9 @@ def test_published_shape_geometry_on_meta(name):
         experts = family.moe_block(model, l).experts
         assert experts.gate_up_proj.device.type == "meta"
         assert tuple(experts.gate_up_proj.shape) == (E, 2 * I, H) and tuple(experts.down_proj.shape) == (E, H, I)
+    if fam_name == "qwen3_5_moe":                  # 3 of every 4 layers linear attention, layer 0 among them
+        types = config.text_config.layer_types
+        assert types.count("linear_attention") == 30 and not hasattr(family.decoder_layers(model)[0], "self_attn")
     if fam_name == "internvl":
         from vismmoe.families.internvl import tokens_per_tile
         assert tokens_per_tile(config) == 256

@@ -8,7 +8,10 @@ width 1152 with DeepStack taps at 8/16/24. `qwen3-vl-30b-a3b-L4` keeps 4 decoder
 One shape per further family, each the published size of one real checkpoint (its config.json):
 `internvl3.5-30b-a3b` (OpenGVLab/InternVL3_5-30B-A3B-HF: the Qwen3-30B-A3B text model, 48 layers, hidden 2048,
 32 query / 4 KV heads of 128, 128 experts of 768, top-8, vocab 151936; InternViT-300M, 24 layers of width 1024,
-448 px tiles of 14 px patches, pixel shuffle 0.5: 256 visual tokens a tile).
+448 px tiles of 14 px patches, pixel shuffle 0.5: 256 visual tokens a tile); `qwen3.5-35b-a3b`
+(Qwen/Qwen3.5-35B-A3B: 40 layers, hidden 2048, Gated-DeltaNet in 3 of every 4 layers, 16 query / 2 KV heads of
+256, 256 experts of 512 plus a shared expert of 512, top-8, vocab 248320; the Qwen3-VL vision tower, 27 layers of
+width 1152).
 """
 
 from __future__ import annotations
@@ -58,6 +61,24 @@ def _tiny() -> Qwen3VLMoeConfig:
     return get_family("qwen3_vl_moe").tiny_config(ids, vocab_size=512, layers=4, experts=16, top_k=4)
 
 
+def _qwen35_35b():
+    from transformers import Qwen3_5MoeConfig
+    text = dict(
+        vocab_size=248320, hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_num_key_heads=16, linear_num_value_heads=32, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, num_experts=256, num_experts_per_tok=8, full_attention_interval=4,
+        max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
+                         "mrope_interleaved": True, "partial_rotary_factor": 0.25},
+    )
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                            image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                            vision_end_token_id=248054)
+
+
 def _tiny_of(family: str):
     """A tiny random shape of `family` (tests: seconds on a CPU)."""
     from ..families import get_family
@@ -82,6 +103,8 @@ SHAPES = {
     "qwen3-vl-30b-a3b-L4": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(4)),
     "internvl3.5-30b-a3b": ("internvl", _internvl35_30b),
     "tiny-internvl": ("internvl", lambda: _tiny_of("internvl")),
+    "qwen3.5-35b-a3b": ("qwen3_5_moe", _qwen35_35b),
+    "tiny-qwen3.5": ("qwen3_5_moe", lambda: _tiny_of("qwen3_5_moe")),
 }
 
 

@@ -11,9 +11,10 @@ from ..errors import UserError
 from .base import Encoded, ExpertGeometry, Family, Tokens
 from .glm4v_moe import Glm4vMoeFamily
 from .internvl import InternVLFamily
+from .qwen3_5_moe import Qwen3_5MoeFamily
 from .qwen3_vl_moe import Qwen3VLMoeFamily
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (Qwen3VLMoeFamily(), Glm4vMoeFamily(), InternVLFamily())}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (Qwen3VLMoeFamily(), Glm4vMoeFamily(), InternVLFamily(), Qwen3_5MoeFamily())}
 
 # model types whose MoE forward ignores `set_experts_implementation` (transformers 5.17): their experts run their
 # own dense loop over every expert, so there is no experts call to serve from the cache (docs/families.md says what

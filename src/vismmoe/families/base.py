@@ -295,14 +295,14 @@ class Family:
 
     def query_key(self, model):
         """(text embeds [M, H], visual embeds [N, H]) -> [N] scores: the last text token's query against each
-        visual token's key at the first decoder layer (mean over heads, before rotary)."""
-        layer = self.decoder_layers(model)[0]
+        visual token's key at the first decoder layer with softmax attention (mean over heads, before rotary)."""
+        layer = next(l for l in self.decoder_layers(model) if hasattr(l, "self_attn"))
         attn, norm = layer.self_attn, layer.input_layernorm
 
         @torch.no_grad()
         def scores(text: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
             hd = attn.head_dim
-            q = attn.q_proj(norm(text[-1:])).view(1, -1, hd)                       # [1, heads, hd]
+            q = self._queries(attn, norm(text[-1:]))                               # [1, heads, hd]
             k = attn.k_proj(norm(vis)).view(vis.shape[0], -1, hd)                  # [N, kv_heads, hd]
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
@@ -310,6 +310,11 @@ class Family:
             return (q.float() * k.float()).sum(-1).mean(-1)
 
         return scores
+
+    @staticmethod
+    def _queries(attn, x: torch.Tensor) -> torch.Tensor:
+        """[N, H] normed hidden -> [N, heads, head_dim] queries of attention module `attn`."""
+        return attn.q_proj(x).view(x.shape[0], -1, attn.head_dim)
 
     # ---- tiny random models for tests ------------------------------------------------------------------------
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int, **overrides):
