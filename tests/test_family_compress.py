@@ -1,9 +1,13 @@
 """Visual-token compression for the families of conftest.MORE_FAMILIES: a ratio of 1.0 is exact; pruning keeps
 each kept token's unpruned rope position (1-D or M-RoPE), checked against a reference gathered by hand and decoded
 through the family's text model directly; and a compressed request under the smallest budget gives the tokens of
-the same pruned prompt run through transformers with every expert resident."""
+the same pruned prompt run through transformers with every expert resident. The pruned prompt's decoder call
+(`Family.decoder_forward`) is the model's own forward at a ratio of 1.0, so the hand-built reference runs the
+prompt gathered by hand through it and decodes with the model's forward."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -78,30 +82,34 @@ def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dir
             return Selection(keep)
 
     pruned = eng.pruned_prompt(inputs, Every3(), 0.34)
-    # --- by hand: gather embeddings and the UNPRUNED rope rows of the kept order; text row renumbered
+    # --- by hand: gather embeddings, per-token inputs and the UNPRUNED rope rows of the kept order; the text row
+    # renumbered; decode positions written out
     vis_pos = torch.nonzero(enc.visual[0]).flatten()
     order = torch.cat([torch.nonzero(~enc.visual[0]).flatten(), vis_pos[keep]]).sort().values
-    emb, rope = enc.embeds[:, order], enc.positions[1:, :, order]
-    pos = torch.cat([torch.arange(len(order))[None, None], rope])
-    assert torch.equal(pruned.positions, pos) and torch.equal(pruned.embeds, emb)
-    assert int(pruned.deltas[0, 0]) == int(rope.max()) + 1 - len(order)
+    rope = enc.positions[1:, :, order]
+    nxt = int(rope.max()) + 1
+    hand = replace(enc, embeds=enc.embeds[:, order], mask=torch.ones(1, len(order), dtype=enc.mask.dtype),
+                   visual=enc.visual[:, order], positions=torch.cat([torch.arange(len(order))[None, None], rope]),
+                   deltas=torch.tensor([[nxt - len(order)]]),
+                   per_token={k: t[:, order] for k, t in enc.per_token.items()},
+                   deepstack=[d[keep] for d in enc.deepstack] if enc.deepstack is not None else None)
+    for name in ("embeds", "mask", "visual", "positions", "deltas"):
+        assert torch.equal(getattr(pruned, name), getattr(hand, name)), name
+    assert pruned.per_token.keys() == hand.per_token.keys()
+    assert all(torch.equal(pruned.per_token[k], hand.per_token[k]) for k in hand.per_token)
     if rope.shape[0] == 1:                  # 1-D: the prompt ends in text, so decode goes on at its length
-        assert int(rope.max()) + 1 == inputs["input_ids"].shape[1]
+        assert nxt == inputs["input_ids"].shape[1]
     fam = eng.family
-    lm = fam.language_model(eng.model)
     cache = _cache(eng.model)
-    mask = torch.ones(1, len(order), dtype=torch.long)
+    mask = hand.mask
     with torch.no_grad():
-        h = lm(inputs_embeds=emb, attention_mask=mask, position_ids=fam.position_ids(pos), past_key_values=cache,
-               use_cache=True, **fam._decoder_extras(pruned))
-        toks = [int(eng.model.lm_head(h.last_hidden_state[:, -1]).argmax(-1))]
-        nxt = int(rope.max()) + 1
+        toks = [int(fam.decoder_forward(eng.model, hand, cache)[0, -1].argmax())]
         for step in range(5):
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             p = torch.cat([torch.tensor([[[len(order) + step]]]), torch.full((rope.shape[0], 1, 1), nxt + step)])
-            h = lm(inputs_embeds=eng.model.get_input_embeddings()(torch.tensor([[toks[-1]]])), attention_mask=mask,
-                   position_ids=fam.position_ids(p), past_key_values=cache, use_cache=True)
-            toks.append(int(eng.model.lm_head(h.last_hidden_state[:, -1]).argmax(-1)))
+            out = eng.model(input_ids=torch.tensor([[toks[-1]]]), attention_mask=mask, past_key_values=cache,
+                            position_ids=fam.position_ids(p), use_cache=True)
+            toks.append(int(out.logits[0, -1].argmax()))
     eng.compressor = Every3()
     eng.rc = eng.rc.__class__(**{**eng.rc.__dict__, "compress": "every3", "keep_ratio": 0.34})
     got = eng.generate(big_image, PROMPT, max_new_tokens=6)

@@ -5,7 +5,8 @@
     prune(Encoded, selections) -> Encoded with the kept tokens only:
         positions gathered from the UNPRUNED rope positions, M-RoPE or 1-D alike (each kept token keeps its place
         in the image; with 1-D RoPE the dropped tokens leave gaps in the sequence),
-        text position row renumbered 0..n-1, DeepStack rows gathered with the same mask, rope delta corrected
+        text position row renumbered 0..n-1, DeepStack rows and per-token inputs (Gemma 4's per-layer inputs)
+        gathered with the same mask, rope delta corrected
         (max kept position + 1 - kept length) so decode continues where the full prompt would have.
 
 Compressors (one protocol, `select(ctx) -> Selection`; none needs attention maps, so SDPA stays on):
@@ -312,16 +313,19 @@ def prune(enc: Encoded, selections: list[Selection]) -> Encoded:
                               if sel.groups is not None else block[keep])
         offset += n
         pos = enc.positions[1:, b, order]                                         # [R, n_b] unpruned rope rows
-        rows.append((emb, is_vis, pos))
+        rows.append((emb, is_vis, pos, {k: t[b, order] for k, t in enc.per_token.items()}))
     L = max(r[0].shape[0] for r in rows)
     embeds = enc.embeds.new_zeros(B, L, H)
     mask = enc.mask.new_zeros(B, L)
     visual = torch.zeros(B, L, dtype=torch.bool, device=dev)
     positions = enc.positions.new_zeros(enc.positions.shape[0], B, L)
     deltas = enc.deltas.clone()
-    for b, (emb, is_vis, pos) in enumerate(rows):
+    per_token = {k: t.new_zeros(B, L, *t.shape[2:]) for k, t in enc.per_token.items()}
+    for b, (emb, is_vis, pos, extra) in enumerate(rows):
         n = emb.shape[0]
         embeds[b, L - n:] = emb
+        for k, t in extra.items():
+            per_token[k][b, L - n:] = t
         mask[b, L - n:] = 1
         visual[b, L - n:] = is_vis
         positions[0, b, L - n:] = torch.arange(n, device=dev)
@@ -329,7 +333,7 @@ def prune(enc: Encoded, selections: list[Selection]) -> Encoded:
         deltas[b, 0] = pos.max() + 1 - n
     deepstack = [torch.cat(r, dim=0) for r in ds_rows] if enc.deepstack is not None else None
     return replace(enc, embeds=embeds, mask=mask, visual=visual, positions=positions, deltas=deltas,
-                   deepstack=deepstack)
+                   deepstack=deepstack, per_token=per_token)
 
 
 def _group_mean(x: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:

@@ -279,10 +279,8 @@ class Engine:
             raise UserError(f"{len(images)} images for {len(prompts)} prompts", "give one image (or None) per prompt")
         pil = [load_image(im) if im is not None else None for im in images]
         inputs = self.family.build_inputs(self.tokenizer, self.image_processor, pil, prompts)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return inputs
+        return {k: v.to(self.device, self.dtype if k.startswith("pixel_values") else None)
+                for k, v in inputs.items()}             # pixels (and local crops' pixels) in the model's dtype
 
     # ---- generation ------------------------------------------------------------------------------------------
     def _sync(self):

@@ -194,7 +194,7 @@ PREDICTORS = ("none", "gate", "trace", "blend")
 def gate_predictor(engine, depth: int = 3) -> GatePredictor:
     """The gate predictor over `engine`'s routers (fused where the family allows)."""
     geo, fam = engine.geometry, engine.family
-    routers = {l: fam.moe_block(engine.model, l).gate for l in geo.moe_layers}
+    routers = {l: fam.router(engine.model, l) for l in geo.moe_layers}
     return GatePredictor(routers, geo.moe_layers, geo.num_experts, depth,
                          stacked=fam.stacked_router_weight(engine.model), top_k=geo.top_k)
 

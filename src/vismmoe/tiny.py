@@ -37,5 +37,6 @@ def _spread_router(family, model, seed: int) -> None:
     weights make tokens route to different experts, as in a real model, so offloading gets exercised."""
     g = torch.Generator().manual_seed(seed + 1)
     for layer in family.geometry(model.config).moe_layers:
-        gate = family.moe_block(model, layer).gate
-        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.5)
+        router = family.router(model, layer)
+        weight = router.weight if isinstance(getattr(router, "weight", None), torch.Tensor) else router.proj.weight
+        weight.copy_(torch.randn(weight.shape, generator=g) * 0.5)

@@ -11,7 +11,13 @@ One shape per further family, each the published size of one real checkpoint (it
 448 px tiles of 14 px patches, pixel shuffle 0.5: 256 visual tokens a tile); `qwen3.5-35b-a3b`
 (Qwen/Qwen3.5-35B-A3B: 40 layers, hidden 2048, Gated-DeltaNet in 3 of every 4 layers, 16 query / 2 KV heads of
 256, 256 experts of 512 plus a shared expert of 512, top-8, vocab 248320; the Qwen3-VL vision tower, 27 layers of
-width 1152).
+width 1152); `deepseek-ocr2` (deepseek-community/DeepSeek-OCR-2: the DeepSeek-3B-MoE decoder, 12 layers of
+hidden 1280 with 10 heads, the first dense, 64 routed experts of 896 plus 2 shared, top-6, vocab 129280; SAM
+ViT-B and a Qwen2-0.5B-sized vision encoder, 256 + 144 per tile visual tokens); `gemma4-26b-a4b`
+(google/gemma-4-26B-A4B-it as its model card describes it: 30 layers, 5 sliding (1024 tokens) to 1 global, 16
+query / 8 KV heads of 256, global layers 2 KV heads of 512 with keys as values, 128 experts of 704 beside a dense
+MLP of 2112, top-8, vocab 262144; hidden 2816 and the ~550M vision tower's width were not checked against its
+config.json).
 """
 
 from __future__ import annotations
@@ -79,6 +85,37 @@ def _qwen35_35b():
                             vision_end_token_id=248054)
 
 
+def _deepseek_ocr2():
+    from transformers import DeepseekOcr2Config
+    text = dict(
+        vocab_size=129280, hidden_size=1280, intermediate_size=6848, num_hidden_layers=12, num_attention_heads=10,
+        num_key_value_heads=10, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        moe_intermediate_size=896, mlp_layer_types=["dense"] + ["sparse"] * 11, topk_method="greedy",
+        routed_scaling_factor=1.0, max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    sam = dict(hidden_size=768, output_channels=256, num_hidden_layers=12, num_attention_heads=12, image_size=1024,
+               patch_size=16, window_size=14, global_attn_indexes=[2, 5, 8, 11], downsample_channels=[512, 896])
+    encoder = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)
+    return DeepseekOcr2Config(text_config=text, vision_config=dict(sam_config=sam, encoder_config=encoder),
+                              image_token_id=128815, tie_word_embeddings=False)
+
+
+def _gemma4_26b():
+    from transformers import Gemma4Config
+    text = dict(
+        vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, attention_k_eq_v=True,
+        sliding_window=1024, hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True,
+        num_experts=128, top_k_experts=8, moe_intermediate_size=704, use_bidirectional_attention="vision",
+        final_logit_softcapping=30.0, max_position_embeddings=262144, tie_word_embeddings=True,
+    )
+    vision = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                  num_key_value_heads=16, head_dim=72, patch_size=16, pooling_kernel_size=3)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True)
+
+
 def _tiny_of(family: str):
     """A tiny random shape of `family` (tests: seconds on a CPU)."""
     from ..families import get_family
@@ -105,6 +142,10 @@ SHAPES = {
     "tiny-internvl": ("internvl", lambda: _tiny_of("internvl")),
     "qwen3.5-35b-a3b": ("qwen3_5_moe", _qwen35_35b),
     "tiny-qwen3.5": ("qwen3_5_moe", lambda: _tiny_of("qwen3_5_moe")),
+    "deepseek-ocr2": ("deepseek_ocr2", _deepseek_ocr2),
+    "tiny-deepseek-ocr2": ("deepseek_ocr2", lambda: _tiny_of("deepseek_ocr2")),
+    "gemma4-26b-a4b": ("gemma4", _gemma4_26b),
+    "tiny-gemma4": ("gemma4", lambda: _tiny_of("gemma4")),
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -66,6 +66,8 @@ class Encoded:
     deltas: torch.Tensor                 # [B, 1]: rope position of the next token minus its text position
     deepstack: list[torch.Tensor] | None  # per DeepStack level: [sum of visual tokens, H], rows in sequence order
     grids: list[tuple[int, int, int]]    # per row: merged (t, h, w) of its image
+    # other decoder inputs that travel with each token, [B, T, ...] (Gemma 4's per-layer inputs): pruned alike
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Tokens:
     """Special tokens of a family's prompt format."""
 
     image: str           # one placeholder per visual token
-    image_start: str
+    image_start: str     # "" where the family has no token around an image (DeepSeek-OCR-2)
     image_end: str
     eos: tuple[str, ...]
     pad: str
@@ -107,8 +109,18 @@ class Family:
         return self.language_model(model).layers
 
     def moe_block(self, model, layer: int) -> torch.nn.Module:
-        """The module with `.gate` (router returning (logits, weights, indices)) and `.experts` (fused bank)."""
+        """The module with `.experts` (the fused bank of routed experts) and the router (`router`)."""
         return self.decoder_layers(model)[layer].mlp
+
+    def router(self, model, layer: int) -> torch.nn.Module:
+        """Layer `layer`'s router: hidden [T, H] -> (logits or probabilities [T, E], weights [T, K], indices [T, K]),
+        what the experts call receives."""
+        return self.moe_block(model, layer).gate
+
+    def router_input(self, model, layer: int, embeds: torch.Tensor) -> torch.Tensor:
+        """What layer `layer`'s router reads, given a residual stream `embeds [N, H]` (router probes): the MoE block
+        input, after the post-attention norm."""
+        return self.decoder_layers(model)[layer].post_attention_layernorm(embeds)
 
     def expert_prefix(self, layer: int) -> str:
         """Name prefix of layer `layer`'s routed experts among the model's parameters (the checkpoint reader maps
@@ -117,20 +129,22 @@ class Family:
 
     def checkpoint_renamer(self, model) -> Callable[[str], str]:
         """Stored checkpoint name -> the model's parameter name, by the renamings transformers applies when it
-        loads this model (e.g. InternVL hub files keep `language_model.model.`). Tensor conversions (per-expert
-        tensors fused into a bank, transposes) are not renamings: the checkpoint reader does those itself."""
+        loads this model (e.g. InternVL hub files keep `language_model.model.`); a name the model already has
+        stays (some renamings would match it again). Tensor conversions (per-expert tensors fused into a bank,
+        transposes) are not renamings: the checkpoint reader does those itself."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
 
         renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-        return lambda key: rename_source_key(key, renamings, [])[0]
+        own = set(model.state_dict())
+        return lambda key: key if key in own else rename_source_key(key, renamings, [])[0]
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def load_image_processor(self, model_dir: str):
         return self.image_processor_class.from_pretrained(model_dir)
 
     def token_ids(self, tokenizer) -> dict[str, int]:
-        ids = {name: tokenizer.convert_tokens_to_ids(getattr(self.tokens, name))
+        ids = {name: tokenizer.convert_tokens_to_ids(getattr(self.tokens, name)) if getattr(self.tokens, name) else None
                for name in ("image", "image_start", "image_end", "pad")}
         ids["eos"] = [tokenizer.convert_tokens_to_ids(t) for t in self.tokens.eos]
         return ids
@@ -264,18 +278,13 @@ class Family:
 
     def router_probe(self, model, num_layers: int = 2):
         """embeds [N, H] -> the top-k experts [N, k] that the routers of the first `num_layers` MoE layers would
-        pick for them (each router applied after its layer's post-attention norm; an approximation: the real
-        router input also carries the attention and earlier layers' updates). Reads no expert weights."""
-        layers = self.decoder_layers(model)
+        pick for them (each router applied to what it reads, `router_input`; an approximation: the real router
+        input also carries the attention and earlier layers' updates). Reads no expert weights."""
         probed = self.geometry(model.config).moe_layers[:num_layers]
 
         @torch.no_grad()
         def probe(embeds: torch.Tensor) -> list[torch.Tensor]:
-            out = []
-            for l in probed:
-                x = layers[l].post_attention_layernorm(embeds)
-                out.append(self.moe_block(model, l).gate(x)[2])
-            return out
+            return [self.router(model, l)(self.router_input(model, l, embeds))[2] for l in probed]
 
         return probe
 
@@ -289,7 +298,7 @@ class Family:
         cached = getattr(model, "_vismmoe_stacked_routers", None)     # one copy per model, shared by forks
         if cached is None:
             geo = self.geometry(model.config)
-            cached = torch.cat([self.moe_block(model, l).gate.weight.detach() for l in geo.moe_layers])
+            cached = torch.cat([self.router(model, l).weight.detach() for l in geo.moe_layers])
             model._vismmoe_stacked_routers = cached
         return cached
 
