@@ -16,6 +16,7 @@ PUBLISHED = {
     "qwen3.5-35b-a3b": (40, 256, 8, 2048, 512, 40),
     "deepseek-ocr2": (11, 64, 6, 1280, 896, 12),
     "gemma4-26b-a4b": (30, 128, 8, 2816, 704, 30),
+    "ernie4.5-vl-28b-a3b": (54, 64, 6, 2560, 1536, 28),          # 27 layers x (text bank, vision bank of 512)
 }
 
 
@@ -28,10 +29,15 @@ def test_published_shape_geometry_on_meta(name):
     assert (len(geo.moe_layers), geo.num_experts, geo.top_k, geo.hidden, geo.inter) == (moe, E, K, H, I)
     model = skeleton(family, config)
     assert len(family.decoder_layers(model)) == layers
+    banks = family.expert_banks(config)
     for l in geo.moe_layers:
         experts = family.moe_block(model, l).experts
+        bank = banks.get(family.expert_prefix(l))
+        i = bank.inter if bank is not None and bank.inter is not None else I
         assert experts.gate_up_proj.device.type == "meta"
-        assert tuple(experts.gate_up_proj.shape) == (E, 2 * I, H) and tuple(experts.down_proj.shape) == (E, H, I)
+        assert tuple(experts.gate_up_proj.shape) == (E, 2 * i, H) and tuple(experts.down_proj.shape) == (E, H, i)
+    if fam_name == "ernie4_5_vl_moe":                # vision banks 512 wide, a third of the text banks' slots
+        assert sorted({b.inter for b in banks.values()}) == [512, 1536] and len(geo.prefill_only) == 27
     if fam_name == "qwen3_5_moe":                  # 3 of every 4 layers linear attention, layer 0 among them
         types = config.text_config.layer_types
         assert types.count("linear_attention") == 30 and not hasattr(family.decoder_layers(model)[0], "self_attn")

@@ -341,8 +341,18 @@ class Engine:
         token; the KV cache has room for `max_new_tokens` tokens in all. Drive it with `decode_one_token`, then
         `finish`; one request at a time per engine."""
         self.attach()
-        return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
-                               tuple(self.step_observers), enc, self.fast_step())
+        state = _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
+                                tuple(self.step_observers), enc, self.fast_step())
+        self.release(self.geometry.prefill_only)
+        return state
+
+    def release(self, layers) -> None:
+        """Experts of MoE layers `layers` leave the cache (ERNIE's vision banks once the prompt is done: decode
+        tokens are text and never use them), leaving their slots to the layers decode uses."""
+        layers = set(layers)
+        if layers:
+            for key in [k for k in self.cache.slot_of if k[0] in layers]:
+                self.cache.evict(key)
 
     @torch.inference_mode()
     def decode_one_token(self, state: _decode.DecodeState, teacher_token: int | None = None) -> list[int]:
@@ -484,20 +494,21 @@ def skeleton(family, config) -> torch.nn.Module:
     return model.eval()
 
 
-def _load_nonexpert(model, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str) -> None:
-    """Every checkpoint tensor except routed experts, straight to the device (params in `dt`)."""
+def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str) -> None:
+    """Every checkpoint tensor except routed experts (under `prefixes`), converted where the family stores it
+    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`)."""
     params = dict(model.named_parameters())
     expert_pfx = tuple(p + "." for p in prefixes)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
         tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     state = {}
-    for key in reader.keys():
-        if key.startswith(expert_pfx):
+    for stored in reader.keys():
+        if stored.startswith(expert_pfx):
             continue
-        t = reader.tensor(key)
-        if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
-            t = t.to(dt)
-        state[key] = t.to(dev)
+        for key, t in family.convert_tensor(stored, reader.tensor(stored)):
+            if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
+                t = t.to(dt)
+            state[key] = t.contiguous().to(dev)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
     config = model.config
@@ -575,12 +586,14 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     geo = family.geometry(config)
     layout = BlobLayout(geo.hidden, geo.inter, dt)
     model = skeleton(family, config)
-    reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model))
+    banks = family.expert_banks(config)
+    reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
         reader.check_layer(prefix, geo.num_experts)
 
-    _load_nonexpert(model, reader, prefixes, dt, dev, model_dir)
+    fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
+    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir)
     strip_experts(model, family, geo, dt, dev)
     nonexpert = _device_bytes(model)
 

@@ -71,12 +71,39 @@ class BlobLayout:
         return gu, dn
 
     def pack(self, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write one expert (gate_up [2I, H], down [H, I]) into the flat blob `out [numel]`."""
-        out[: self.gate_up_numel].view(2 * self.inter, self.hidden).copy_(gate_up)
-        out[self.gate_up_numel : self.gate_up_numel + self.down_numel].view(self.hidden, self.inter).copy_(down)
+        """Write one expert (gate_up [2I, H], down [H, I]) into the flat blob `out [numel]`.
+
+        An expert narrower than the slot (intermediate i < I: ERNIE's vision bank beside its text bank) is padded
+        with zeros: gate rows [0, i), up rows [I, I + i), down columns [0, i). Its padded rows give gate = up = 0,
+        SiLU(0) * 0 = 0, and zero down columns add nothing: it computes what the narrow expert computes."""
+        i = gate_up.shape[0] // 2
+        gu = out[: self.gate_up_numel].view(2 * self.inter, self.hidden)
+        dn = out[self.gate_up_numel : self.gate_up_numel + self.down_numel].view(self.hidden, self.inter)
+        if i == self.inter:
+            gu.copy_(gate_up)
+            dn.copy_(down)
+        else:
+            gu.zero_()
+            dn.zero_()
+            gu[:i].copy_(gate_up[:i])
+            gu[self.inter : self.inter + i].copy_(gate_up[i:])
+            dn[:, :i].copy_(down)
         if self.numel > self.gate_up_numel + self.down_numel:
             out[self.gate_up_numel + self.down_numel :].zero_()
         return out
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """How one layer's bank of routed experts differs from the rest of the model (ERNIE's two banks).
+
+    `inter`: its experts' intermediate size (None: the model's). `fallback`, `offset`: where its experts are when
+    the checkpoint has none under the bank's own name: experts `offset .. offset + E - 1` of the per-expert list
+    under `fallback` (ERNIE's hub files list each layer's text experts, then its vision experts)."""
+
+    inter: int | None = None
+    fallback: str | None = None
+    offset: int = 0
 
 
 _REGISTER_MIN = 64 * 1024**2
@@ -123,9 +150,11 @@ class CheckpointReader:
     `check_layer` finds the first three from the files' headers alone, before any request.
     """
 
-    def __init__(self, model_dir: str, hidden: int, inter: int, rename: Callable[[str], str] | None = None):
+    def __init__(self, model_dir: str, hidden: int, inter: int, rename: Callable[[str], str] | None = None,
+                 banks: dict[str, ExpertBank] | None = None):
         self.dir = model_dir
         self.hidden, self.inter = hidden, inter
+        self.banks = banks or {}                # expert prefix -> ExpertBank, where a bank differs
         index = os.path.join(model_dir, "model.safetensors.index.json")
         self._source = index                    # what lists the tensors, named when one is missing
         if os.path.exists(index):
@@ -190,13 +219,26 @@ class CheckpointReader:
                 return shape
         raise UserError(f"expert tensor {key} in {self._file(key)} has shape {list(shape)}",
                         f"expected {' or '.join(str(list(w)).replace('0', 'E') for w in shapes)} for hidden "
-                        f"{self.hidden} and expert intermediate {self.inter} as config.json says")
+                        f"{self.hidden} and the expert intermediate size config.json says")
+
+    def _inter(self, prefix: str) -> int:
+        bank = self.banks.get(prefix)
+        return bank.inter if bank is not None and bank.inter is not None else self.inter
+
+    def _locate(self, prefix: str) -> tuple[str, int]:
+        """(prefix the experts of `prefix` are stored under, index of its expert 0 there): its own, or its bank's
+        fallback list when the checkpoint has nothing under its own name."""
+        bank = self.banks.get(prefix)
+        if bank is None or bank.fallback is None or self._is_fused(prefix) or \
+                f"{prefix}.0.gate_proj.weight" in self.weight_map:
+            return prefix, 0
+        return bank.fallback, bank.offset
 
     def _fused_layout(self, prefix: str) -> tuple[int, bool]:
         """(experts, transposed) of a layer stored as two fused tensors, checked once from the headers."""
         got = self._fused.get(prefix)
         if got is None:
-            H, I = self.hidden, self.inter
+            H, I = self.hidden, self._inter(prefix)
             gk, dk = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
             g = self._header(gk, (0, 2 * I, H), (0, H, 2 * I))
             d = self._header(dk, (0, H, I), (0, I, H))
@@ -208,8 +250,8 @@ class CheckpointReader:
             got = self._fused[prefix] = (g[0], transposed)
         return got
 
-    def _split_keys(self, prefix: str, expert: int) -> list[tuple[str, tuple[int, int]]]:
-        H, I = self.hidden, self.inter
+    def _split_keys(self, prefix: str, expert: int, inter: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+        H, I = self.hidden, inter or self.inter
         return [(f"{prefix}.{expert}.{name}.weight", shape)
                 for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))]
 
@@ -218,6 +260,12 @@ class CheckpointReader:
 
     def check_layer(self, prefix: str, num_experts: int) -> None:
         """Every expert of layer `prefix` is there, shaped and typed as config.json says (headers only)."""
+        where, offset = self._locate(prefix)
+        if where != prefix:
+            for e in range(num_experts):
+                for key, shape in self._split_keys(where, offset + e, self._inter(prefix)):
+                    self._header(key, shape)
+            return
         if self._is_fused(prefix):
             stored, _ = self._fused_layout(prefix)
             if stored != num_experts:
@@ -225,11 +273,18 @@ class CheckpointReader:
                                 f"{stored} experts, config.json says {num_experts}", _INCOMPLETE)
             return
         for e in range(num_experts):
-            for key, shape in self._split_keys(prefix, e):
+            for key, shape in self._split_keys(prefix, e, self._inter(prefix)):
                 self._header(key, shape)
 
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged)."""
+        """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged; I: its bank's)."""
+        where, offset = self._locate(prefix)
+        if where != prefix:
+            if f"{where}.{offset + expert}.gate_proj.weight" not in self.weight_map:
+                raise UserError(f"{self._source} has no weights for {prefix} expert {expert}", _INCOMPLETE)
+            keys = self._split_keys(where, offset + expert, self._inter(prefix))
+            g, u, d = (self._checked_tensor(key, shape) for key, shape in keys)
+            return torch.cat([g, u], dim=0), d
         fused = f"{prefix}.gate_up_proj"
         if self._is_fused(prefix):
             stored, transposed = self._fused_layout(prefix)
@@ -241,7 +296,8 @@ class CheckpointReader:
             return (gu.t(), dn.t()) if transposed else (gu, dn)
         if f"{prefix}.{expert}.gate_proj.weight" not in self.weight_map:
             raise UserError(f"{self._source} has no weights for {prefix} expert {expert}", _INCOMPLETE)
-        g, u, d = (self._checked_tensor(key, shape) for key, shape in self._split_keys(prefix, expert))
+        keys = self._split_keys(prefix, expert, self._inter(prefix))
+        g, u, d = (self._checked_tensor(key, shape) for key, shape in keys)
         return torch.cat([g, u], dim=0), d
 
     def _checked_tensor(self, key: str, shape: tuple[int, int]) -> torch.Tensor:

@@ -90,6 +90,6 @@ def synthetic_inputs(engine: Engine, side: int, text_tokens: int = 24, seed: int
     h = text_tokens // 2
     ids = torch.cat([text[:h], block, text[h:]])[None]
     image_inputs["pixel_values"] = image_inputs["pixel_values"].to(engine.dtype)
-    return {k: v.to(engine.device) for k, v in {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids), **image_inputs,
-        "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32)}.items()}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **image_inputs,
+              "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32), **engine.family.extra_inputs(cfg, ids)}
+    return {k: v.to(engine.device) for k, v in inputs.items()}

@@ -17,7 +17,9 @@ ViT-B and a Qwen2-0.5B-sized vision encoder, 256 + 144 per tile visual tokens); 
 (google/gemma-4-26B-A4B-it as its model card describes it: 30 layers, 5 sliding (1024 tokens) to 1 global, 16
 query / 8 KV heads of 256, global layers 2 KV heads of 512 with keys as values, 128 experts of 704 beside a dense
 MLP of 2112, top-8, vocab 262144; hidden 2816 and the ~550M vision tower's width were not checked against its
-config.json).
+config.json); `ernie4.5-vl-28b-a3b` (baidu/ERNIE-4.5-VL-28B-A3B-PT: 28 layers of hidden 2560, 20 query / 4 KV
+heads, the first dense, then per layer 64 text experts of 1536 and 64 vision experts of 512 plus 2 shared, top-6,
+vocab 103424; a 32-layer vision tower of width 1280).
 """
 
 from __future__ import annotations
@@ -116,6 +118,20 @@ def _gemma4_26b():
     return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=True)
 
 
+def _ernie45_vl_28b():
+    from transformers import Ernie4_5_VLMoeConfig
+    text = dict(
+        vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
+        num_key_value_heads=4, moe_intermediate_size=[1536, 512], moe_k=6, moe_num_experts=64,
+        moe_num_shared_experts=2, mlp_layer_types=["dense"] + ["sparse"] * 27, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": [22, 22, 20]},
+    )
+    vision = dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=5120, patch_size=14,
+                  spatial_merge_size=2)
+    return Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
 def _tiny_of(family: str):
     """A tiny random shape of `family` (tests: seconds on a CPU)."""
     from ..families import get_family
@@ -146,6 +162,8 @@ SHAPES = {
     "tiny-deepseek-ocr2": ("deepseek_ocr2", lambda: _tiny_of("deepseek_ocr2")),
     "gemma4-26b-a4b": ("gemma4", _gemma4_26b),
     "tiny-gemma4": ("gemma4", lambda: _tiny_of("gemma4")),
+    "ernie4.5-vl-28b-a3b": ("ernie4_5_vl_moe", _ernie45_vl_28b),
+    "tiny-ernie4.5-vl": ("ernie4_5_vl_moe", lambda: _tiny_of("ernie4_5_vl_moe")),
 }
 
 

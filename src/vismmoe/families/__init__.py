@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import Encoded, ExpertGeometry, Family, Tokens
 from .deepseek_ocr2 import DeepseekOcr2Family
+from .ernie4_5_vl_moe import Ernie4_5_VLMoeFamily
 from .gemma4 import Gemma4Family
 from .glm4v_moe import Glm4vMoeFamily
 from .internvl import InternVLFamily
@@ -18,7 +19,7 @@ from .qwen3_vl_moe import Qwen3VLMoeFamily
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Qwen3VLMoeFamily(), Glm4vMoeFamily(), Qwen3_5MoeFamily(), InternVLFamily(), DeepseekOcr2Family(),
-    Gemma4Family())}
+    Gemma4Family(), Ernie4_5_VLMoeFamily())}
 
 # model types whose MoE forward ignores `set_experts_implementation` (transformers 5.17): their experts run their
 # own dense loop over every expert, so there is no experts call to serve from the cache (docs/families.md says what

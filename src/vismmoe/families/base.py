@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from ..store import ExpertBank
+
 # transformers' smart_resize (the Qwen2-VL and GLM-4V image processors) refuses an image whose long side is over
 # 200 times its short side; GLM's first scales a short side below one patch up to it, truncating, which can push
 # a ratio just under 200 over it. Longer images are padded to this ratio, well inside.
@@ -52,7 +54,9 @@ class ExpertGeometry:
     inter: int           # I (per expert)
     num_experts: int     # E per layer
     top_k: int           # experts per token
-    moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts
+    moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts (or, where a layer has several
+    #                              banks of experts, one key per (layer, bank): ERNIE's adapter says how)
+    prefill_only: tuple[int, ...] = ()   # of moe_layers: used by the prompt's tokens only (ERNIE's vision banks)
 
 
 @dataclass
@@ -126,6 +130,16 @@ class Family:
         """Name prefix of layer `layer`'s routed experts among the model's parameters (the checkpoint reader maps
         stored names onto these: `checkpoint_renamer`)."""
         return f"model.language_model.layers.{layer}.mlp.experts"
+
+    def expert_banks(self, config) -> dict[str, ExpertBank]:
+        """Expert prefix -> how that bank differs (its width, where the checkpoint keeps it) for families whose
+        layers have banks of different widths; {} when every bank is the model's (`ExpertGeometry.inter`)."""
+        return {}
+
+    def convert_tensor(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """A stored non-expert tensor (already renamed) -> the model parameters it becomes; most are themselves
+        (ERNIE's hub files store its routers transposed and both banks' score biases in one tensor)."""
+        return [(name, tensor)]
 
     def checkpoint_renamer(self, model) -> Callable[[str], str]:
         """Stored checkpoint name -> the model's parameter name, by the renamings transformers applies when it
@@ -211,6 +225,11 @@ class Family:
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm_types}
         out.update(pixels)
         return out
+
+    def extra_inputs(self, config, input_ids: torch.Tensor) -> dict:
+        """Inputs a random-weight request needs besides ids, mask, pixels and `mm_token_type_ids`, from the config
+        alone (ERNIE's `moe_mm_token_type_ids`)."""
+        return {}
 
     def synthetic_image_block(self, config, n_visual: int) -> list[int]:
         """Token ids of one image of `n_visual` tokens in a prompt, from the config alone (random-weight engines
