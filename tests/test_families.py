@@ -45,3 +45,13 @@ def test_unknown_model_types_are_refused(model_type, tmp_path, capsys):
 def test_make_tiny_refuses_them_too(model_type, tmp_path, capsys):
     line = _one_line_error(capsys, ["make-tiny", "--family", model_type, "--out", str(tmp_path / "out")])
     assert model_type in line and all(name in line for name in FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_make_tiny_through_the_cli(family, tmp_path, capsys):
+    """`vismmoe make-tiny --family F --out DIR` writes a checkpoint of that model type (in the family's hub
+    layout: tests/test_family_exactness.py loads it and its fused variant)."""
+    out = tmp_path / family
+    assert main(["make-tiny", "--family", family, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    assert capsys.readouterr().out.strip() == str(out)

@@ -142,3 +142,19 @@ def test_compressed_batch_matches_single(family, tiny_dirs, big_image, image_fil
     single = [eng.generate(img, p, max_new_tokens=5) for img, p in zip([big_image, image_file], prompts)]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert batch[0].stats["visual_tokens_kept"] < batch[0].stats["visual_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_gpu_compressed_tokens_equal_across_budgets(family, tiny_dirs, big_image):
+    """On the GPU (bf16): a compressed request under the smallest budget gives the tokens of the same compressed
+    request with every expert resident, for the router-aware and the pooling compressor."""
+    base = load(tiny_dirs[family], device="cuda", dtype="bfloat16")
+    smallest = str(base.geometry.top_k * base.layout.nbytes)
+    for name in ("affinity", "pool"):
+        want = base.fork(compress=name, keep_ratio=0.33).generate(big_image, PROMPT, max_new_tokens=6)
+        got = base.fork(compress=name, keep_ratio=0.33, expert_budget=smallest, prefetch="gate")
+        gen = got.generate(big_image, PROMPT, max_new_tokens=6)
+        assert gen.token_ids == want.token_ids, (family, name)
+        assert 0 < gen.stats["visual_tokens_kept"] < gen.stats["visual_tokens"]
+        assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]

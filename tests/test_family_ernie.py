@@ -85,3 +85,21 @@ def test_moe_token_types_reach_the_model(tiny_dirs, image_file):
         with_types = eng.forward_logits(inputs)
         without = eng.forward_logits({k: v for k, v in inputs.items() if k != "moe_mm_token_type_ids"})
     assert not torch.allclose(with_types, without)
+
+
+def test_trace_predictors_calibrate_per_bank_and_stay_lossless(tiny_dirs, image_file, tmp_path):
+    """Transition tables pair layers that saw the same tokens (a bank's own chain; decode steps without vision
+    banks still count), and the trace and blend predictors then prefetch without changing a token."""
+    from vismmoe.calibrate import calibrate, default_samples
+    d = tiny_dirs[FAMILY]
+    base = load(d)
+    tables, rows = calibrate(base.fork(expert_budget="100%"), default_samples(3), depth=2)
+    path = str(tmp_path / "cal.npz")
+    tables.save(path)
+    vis = [p for p, g in enumerate(base.geometry.moe_layers) if g >= VISION_GROUPS]
+    assert tables.tables[1][vis[0]].sum() > 0                       # vision bank -> next vision bank counted
+    want = base.generate(image_file, "What is in the picture?", max_new_tokens=6).token_ids
+    smallest = str(base.geometry.top_k * base.layout.nbytes)
+    for prefetch in ("trace", "blend"):
+        eng = load(d, expert_budget=smallest, prefetch=prefetch, calibration=path, fixed_lookahead=True)
+        assert eng.generate(image_file, "What is in the picture?", max_new_tokens=6).token_ids == want, prefetch
