@@ -10,16 +10,32 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("VISMMOE_QUIET", "1")
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+# VISMMOE_TEST_THREADS=1 on a machine whose cores are busy with other work: tiny models gain nothing from
+# intra-op threads, and threads that wait on a busy core make every matmul many times slower
+torch.set_num_threads(int(os.environ.get("VISMMOE_TEST_THREADS", min(4, os.cpu_count() or 1))))
 
-FAMILIES = ("qwen3_vl_moe", "glm4v_moe")
+FAMILIES = ("qwen3_vl_moe", "glm4v_moe")      # every runtime test runs on these (M-RoPE, the fast step)
+# families with a test file of their own (tests/test_family_exactness.py and the like), not in every runtime test
+MORE_FAMILIES = ("internvl", "qwen3_5_moe", "deepseek_ocr2", "gemma4", "ernie4_5_vl_moe")
+
+
+class _TinyDirs(dict):
+    """family -> its tiny checkpoint directory, made on first use (a test run pays only for the families it
+    touches)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        from vismmoe.tiny import make_tiny
+        self[family] = make_tiny(family, str(self.root / family), layers=4, experts=8, top_k=2)
+        return self[family]
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
-    from vismmoe.tiny import make_tiny
-    root = tmp_path_factory.mktemp("tiny")
-    return {f: make_tiny(f, str(root / f), layers=4, experts=8, top_k=2) for f in FAMILIES}
+    return _TinyDirs(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

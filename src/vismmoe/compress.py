@@ -1,10 +1,12 @@
 """Visual-token compression: which of an image's N visual tokens the decoder sees, and the pruned prompt.
 
-    family.encode(prompt) -> Encoded (embeddings with image features, M-RoPE positions, DeepStack features)
+    family.encode(prompt) -> Encoded (embeddings with image features, rope positions, DeepStack features)
         per row: VisualContext(embeds [N, H], grid, text embeds, router probes) -> compressor.select -> Selection
     prune(Encoded, selections) -> Encoded with the kept tokens only:
-        positions gathered from the UNPRUNED M-RoPE positions (each kept token keeps its place in the image),
-        text position row renumbered 0..n-1, DeepStack rows gathered with the same mask, rope delta corrected
+        positions gathered from the UNPRUNED rope positions, M-RoPE or 1-D alike (each kept token keeps its place
+        in the image; with 1-D RoPE the dropped tokens leave gaps in the sequence),
+        text position row renumbered 0..n-1, DeepStack rows and per-token inputs (Gemma 4's per-layer inputs)
+        gathered with the same mask, rope delta corrected
         (max kept position + 1 - kept length) so decode continues where the full prompt would have.
 
 Compressors (one protocol, `select(ctx) -> Selection`; none needs attention maps, so SDPA stays on):
@@ -75,7 +77,8 @@ class RandomCompressor:
 
 
 class PoolCompressor:
-    """Split the (h, w) grid into about `keep` cells; keep each cell's centre token carrying the cell's mean."""
+    """Split each frame's (h, w) grid into cells, about `keep` in all; keep each cell's centre token carrying the
+    cell's mean. Frames (InternVL's tiles) never share a cell."""
 
     name = "pool"
 
@@ -87,9 +90,10 @@ class PoolCompressor:
         ch, cw = max(1, min(h, round(h * f))), max(1, min(w, round(w * f)))
         rows = torch.div(torch.arange(h) * ch, h, rounding_mode="floor")          # cell row of each grid row
         cols = torch.div(torch.arange(w) * cw, w, rounding_mode="floor")
-        cell = (rows[:, None] * cw + cols[None, :]).reshape(-1).repeat(t)         # [N]
+        cell = (rows[:, None] * cw + cols[None, :]).reshape(-1)                   # [h*w] cell within a frame
+        cell = (torch.arange(t)[:, None] * (ch * cw) + cell[None]).reshape(-1)    # [N]
         keep = []
-        for c in range(ch * cw):
+        for c in range(t * ch * cw):
             members = torch.nonzero(cell == c).flatten()
             keep.append(int(members[len(members) // 2]))
         keep_t = torch.tensor(sorted(keep))
@@ -308,17 +312,20 @@ def prune(enc: Encoded, selections: list[Selection]) -> Encoded:
             ds_rows[i].append(_group_mean(block, sel.groups.to(dev), keep.numel()).to(block.dtype)
                               if sel.groups is not None else block[keep])
         offset += n
-        pos = enc.positions[1:, b, order]                                         # [3, n_b] unpruned M-RoPE
-        rows.append((emb, is_vis, pos))
+        pos = enc.positions[1:, b, order]                                         # [R, n_b] unpruned rope rows
+        rows.append((emb, is_vis, pos, {k: t[b, order] for k, t in enc.per_token.items()}))
     L = max(r[0].shape[0] for r in rows)
     embeds = enc.embeds.new_zeros(B, L, H)
     mask = enc.mask.new_zeros(B, L)
     visual = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    positions = enc.positions.new_zeros(4, B, L)
+    positions = enc.positions.new_zeros(enc.positions.shape[0], B, L)
     deltas = enc.deltas.clone()
-    for b, (emb, is_vis, pos) in enumerate(rows):
+    per_token = {k: t.new_zeros(B, L, *t.shape[2:]) for k, t in enc.per_token.items()}
+    for b, (emb, is_vis, pos, extra) in enumerate(rows):
         n = emb.shape[0]
         embeds[b, L - n:] = emb
+        for k, t in extra.items():
+            per_token[k][b, L - n:] = t
         mask[b, L - n:] = 1
         visual[b, L - n:] = is_vis
         positions[0, b, L - n:] = torch.arange(n, device=dev)
@@ -326,7 +333,7 @@ def prune(enc: Encoded, selections: list[Selection]) -> Encoded:
         deltas[b, 0] = pos.max() + 1 - n
     deepstack = [torch.cat(r, dim=0) for r in ds_rows] if enc.deepstack is not None else None
     return replace(enc, embeds=embeds, mask=mask, visual=visual, positions=positions, deltas=deltas,
-                   deepstack=deepstack)
+                   deepstack=deepstack, per_token=per_token)
 
 
 def _group_mean(x: torch.Tensor, groups: torch.Tensor, k: int) -> torch.Tensor:

@@ -8,8 +8,8 @@
     cut_at_eos(row, eos_ids)         ->  a row's tokens up to its first EOS
 
 Request state lives in the `DecodeState`, never on the engine or the model, so the loop can be driven from
-outside (a server interleaving requests, a benchmark) one token at a time. Positions are explicit: M-RoPE for
-the prompt as transformers computes them, then text position + rope delta for each new token.
+outside (a server interleaving requests, a benchmark) one token at a time. Positions are explicit: M-RoPE (or 1-D
+RoPE) for the prompt as transformers computes them, then text position + rope delta for each new token.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int,
         for s in steppers:
             s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
         pos, deltas = family.prefill_positions(model, inputs)
-        logits = model(**inputs, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(**family.model_inputs(inputs), position_ids=family.position_ids(pos), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
         mask = inputs["attention_mask"]
     else:
         for s in steppers:
@@ -108,7 +109,7 @@ def decode_one_token(model, family, state: DecodeState, teacher_token: int | Non
         step_in = state.nxt[:, None] if teacher_token is None else \
             torch.full((B, 1), teacher_token, device=dev, dtype=torch.long)
         out = model(input_ids=step_in, attention_mask=state.mask, past_key_values=state.cache, use_cache=True,
-                    position_ids=family.decode_positions(state.mask, state.deltas))
+                    position_ids=family.position_ids(family.decode_positions(state.mask, state.deltas)))
         state.nxt = _pick(out.logits[:, -1], state.sampler)
         new = state.nxt.tolist()
     for r, t in enumerate(new):

@@ -104,7 +104,7 @@ def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device:
     moe = max_seq * K * (3 * H + 3 * I) * b * 2
     dense = max_seq * (4 * H + 2 * getattr(tc, "intermediate_size", 4 * H)) * b
     attn = max_seq * (tc.num_attention_heads + 2 * tc.num_key_value_heads) * head_dim * b * 2
-    patches = max_seq * vc.spatial_merge_size ** 2
+    patches = max_seq * getattr(vc, "spatial_merge_size", 2) ** 2
     vision = patches * (4 * vc.hidden_size + 2 * vc.intermediate_size) * b * 2
     logits = tc.vocab_size * 4 * 4
     margin = 256 * 1024**2 if device.type == "cuda" else 16 * 1024**2
@@ -280,10 +280,8 @@ class Engine:
             raise UserError(f"{len(images)} images for {len(prompts)} prompts", "give one image (or None) per prompt")
         pil = [load_image(im) if im is not None else None for im in images]
         inputs = self.family.build_inputs(self.tokenizer, self.image_processor, pil, prompts)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return inputs
+        return {k: v.to(self.device, self.dtype if k.startswith("pixel_values") else None)
+                for k, v in inputs.items()}             # pixels (and local crops' pixels) in the model's dtype
 
     # ---- generation ------------------------------------------------------------------------------------------
     def _sync(self):
@@ -296,7 +294,8 @@ class Engine:
         with self._lock:
             self.attach()
             pos, _ = self.family.prefill_positions(self.model, inputs)
-            return self.model(**inputs, position_ids=pos, use_cache=False).logits
+            return self.model(**self.family.model_inputs(inputs), position_ids=self.family.position_ids(pos),
+                              use_cache=False).logits
 
     @torch.inference_mode()
     def generate_ids(self, inputs: dict, max_new_tokens: int = 32, teacher_tokens: list[int] | None = None
@@ -350,8 +349,18 @@ class Engine:
         token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
         with `decode_one_token`, then `finish`; one batch at a time per engine."""
         self.attach()
-        return _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
-                               tuple(self.step_observers), enc, self.fast_step(), sampler)
+        state = _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
+                                tuple(self.step_observers), enc, self.fast_step(), sampler)
+        self.release(self.geometry.prefill_only)
+        return state
+
+    def release(self, layers) -> None:
+        """Experts of MoE layers `layers` leave the cache (ERNIE's vision banks once the prompt is done: decode
+        tokens are text and never use them), leaving their slots to the layers decode uses."""
+        layers = set(layers)
+        if layers:
+            for key in [k for k in self.cache.slot_of if k[0] in layers]:
+                self.cache.evict(key)
 
     @torch.inference_mode()
     def decode_one_token(self, state: _decode.DecodeState, teacher_token: int | None = None) -> list[int]:
@@ -556,20 +565,21 @@ def skeleton(family, config) -> torch.nn.Module:
     return model.eval()
 
 
-def _load_nonexpert(model, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str) -> None:
-    """Every checkpoint tensor except routed experts, straight to the device (params in `dt`)."""
+def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str) -> None:
+    """Every checkpoint tensor except routed experts (under `prefixes`), converted where the family stores it
+    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`)."""
     params = dict(model.named_parameters())
     expert_pfx = tuple(p + "." for p in prefixes)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
         tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     state = {}
-    for key in reader.keys():
-        if key.startswith(expert_pfx):
+    for stored in reader.keys():
+        if stored.startswith(expert_pfx):
             continue
-        t = reader.tensor(key)
-        if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
-            t = t.to(dt)
-        state[key] = t.to(dev)
+        for key, t in family.convert_tensor(stored, reader.tensor(stored)):
+            if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
+                t = t.to(dt)
+            state[key] = t.contiguous().to(dev)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
     config = model.config
@@ -646,13 +656,15 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     dt = _resolve_dtype(rc.dtype, config, dev)
     geo = family.geometry(config)
     layout = BlobLayout(geo.hidden, geo.inter, dt)
-    reader = CheckpointReader(model_dir, geo.hidden, geo.inter)
+    model = skeleton(family, config)
+    banks = family.expert_banks(config)
+    reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
         reader.check_layer(prefix, geo.num_experts)
 
-    model = skeleton(family, config)
-    _load_nonexpert(model, reader, prefixes, dt, dev, model_dir)
+    fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
+    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir)
     strip_experts(model, family, geo, dt, dev)
     nonexpert = _device_bytes(model)
 

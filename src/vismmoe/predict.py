@@ -94,21 +94,21 @@ class TransitionTables:
         seen = np.zeros((L, E))
         for tr in traces:
             for step in tr.steps:
-                sel = []
+                sel: list[np.ndarray | None] = []
                 for layer in moe_layers:
                     idx = step["layers"].get(layer)
-                    if idx is None:
-                        sel = None
-                        break
+                    if idx is None:                     # not called in this step (ERNIE's vision banks in decode)
+                        sel.append(None)
+                        continue
                     oh = np.zeros((idx[0].shape[0], E))
                     np.put_along_axis(oh, idx[0].astype(np.int64), 1.0, axis=1)
                     sel.append(oh)                                                  # [T, E]
-                if sel is None:
-                    continue
                 for p in range(L):
+                    if sel[p] is None:
+                        continue
                     seen[p] += sel[p].sum(0)
-                    for d in range(1, depth + 1):
-                        if p + d < L:
+                    for d in range(1, depth + 1):       # pairs of layers that saw the same tokens
+                        if p + d < L and sel[p + d] is not None and sel[p + d].shape[0] == sel[p].shape[0]:
                             co[d][p] += sel[p].T @ sel[p + d]
         tables = {d: co[d] / np.maximum(seen[:, :, None], 1.0) for d in co}
         return cls(tables, moe_layers)
@@ -194,7 +194,7 @@ PREDICTORS = ("none", "gate", "trace", "blend")
 def gate_predictor(engine, depth: int = 3) -> GatePredictor:
     """The gate predictor over `engine`'s routers (fused where the family allows)."""
     geo, fam = engine.geometry, engine.family
-    routers = {l: fam.moe_block(engine.model, l).gate for l in geo.moe_layers}
+    routers = {l: fam.router(engine.model, l) for l in geo.moe_layers}
     return GatePredictor(routers, geo.moe_layers, geo.num_experts, depth,
                          stacked=fam.stacked_router_weight(engine.model), top_k=geo.top_k)
 

@@ -116,18 +116,20 @@ class TextStream:
 
 
 def batch_inputs(rows: list[dict], pad_id: int) -> dict:
-    """Prepared one-row inputs -> one batch: input_ids / attention_mask / mm_token_type_ids left-padded to the
-    longest row [B, T]; pixel_values and image_grid_thw concatenated in row order (rows without images add none).
-    The same tensors `Family.build_chat_inputs` gives for the rows together."""
+    """Prepared one-row inputs -> one batch: the per-token tensors ([1, T] each: input_ids, attention_mask,
+    mm_token_type_ids, and any a family adds) left-padded to the longest row [B, T] (input_ids with `pad_id`, the
+    rest with 0); the image tensors (pixel_values, image_grid_thw, ...) concatenated in row order (rows without
+    images add none). The same tensors `Family.build_chat_inputs` gives for the rows together."""
     T = max(r["input_ids"].shape[1] for r in rows)
-
-    def pad(key: str, value: int) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(r[key], (T - r[key].shape[1], 0), value=value) for r in rows])
-
-    out = {"input_ids": pad("input_ids", pad_id), "attention_mask": pad("attention_mask", 0),
-           "mm_token_type_ids": pad("mm_token_type_ids", 0)}
-    with_images = [r for r in rows if "pixel_values" in r]
-    if with_images:
-        out["pixel_values"] = torch.cat([r["pixel_values"] for r in with_images])
-        out["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in with_images])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out = {}
+    for key in keys:
+        have = [r[key] for r in rows if key in r]
+        per_token = all(t.dim() == 2 and t.shape == r["input_ids"].shape for r in rows if key in r
+                        for t in (r[key],))
+        if per_token and len(have) == len(rows):
+            value = pad_id if key == "input_ids" else 0
+            out[key] = torch.cat([torch.nn.functional.pad(t, (T - t.shape[1], 0), value=value) for t in have])
+        else:
+            out[key] = torch.cat(have)
     return out

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -71,12 +71,39 @@ class BlobLayout:
         return gu, dn
 
     def pack(self, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write one expert (gate_up [2I, H], down [H, I]) into the flat blob `out [numel]`."""
-        out[: self.gate_up_numel].view(2 * self.inter, self.hidden).copy_(gate_up)
-        out[self.gate_up_numel : self.gate_up_numel + self.down_numel].view(self.hidden, self.inter).copy_(down)
+        """Write one expert (gate_up [2I, H], down [H, I]) into the flat blob `out [numel]`.
+
+        An expert narrower than the slot (intermediate i < I: ERNIE's vision bank beside its text bank) is padded
+        with zeros: gate rows [0, i), up rows [I, I + i), down columns [0, i). Its padded rows give gate = up = 0,
+        SiLU(0) * 0 = 0, and zero down columns add nothing: it computes what the narrow expert computes."""
+        i = gate_up.shape[0] // 2
+        gu = out[: self.gate_up_numel].view(2 * self.inter, self.hidden)
+        dn = out[self.gate_up_numel : self.gate_up_numel + self.down_numel].view(self.hidden, self.inter)
+        if i == self.inter:
+            gu.copy_(gate_up)
+            dn.copy_(down)
+        else:
+            gu.zero_()
+            dn.zero_()
+            gu[:i].copy_(gate_up[:i])
+            gu[self.inter : self.inter + i].copy_(gate_up[i:])
+            dn[:, :i].copy_(down)
         if self.numel > self.gate_up_numel + self.down_numel:
             out[self.gate_up_numel + self.down_numel :].zero_()
         return out
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """How one layer's bank of routed experts differs from the rest of the model (ERNIE's two banks).
+
+    `inter`: its experts' intermediate size (None: the model's). `fallback`, `offset`: where its experts are when
+    the checkpoint has none under the bank's own name: experts `offset .. offset + E - 1` of the per-expert list
+    under `fallback` (ERNIE's hub files list each layer's text experts, then its vision experts)."""
+
+    inter: int | None = None
+    fallback: str | None = None
+    offset: int = 0
 
 
 _REGISTER_MIN = 64 * 1024**2
@@ -114,16 +141,20 @@ class CheckpointReader:
     - fused, transposed (Qwen3-VL-MoE hub files): `[E, H, 2I]`, `[E, I, H]`
     - split per expert (GLM-4.5V, Qwen-MoE hub files): `{prefix}.{e}.gate_proj.weight [I, H]`, `up_proj [I, H]`,
       `down_proj.weight [H, I]`
-    Only the requested expert's bytes are read, with plain positioned reads at the offsets the file's header gives
+    Keys are the model's parameter names; a checkpoint that stores other names (the hub layout of InternVL, say)
+    is read through `rename` (stored name -> model name). Only the requested expert's bytes are read, with plain
+    positioned reads at the offsets the file's header gives
     (not through a memory map: a file truncated while an engine runs then gives a short read, which is an error,
     where a mapped page past the end would kill the process with SIGBUS). Every failure (a tensor
     missing, of the wrong shape or dtype, a file that cannot be read) is a UserError naming the file and tensor;
     `check_layer` finds the first three from the files' headers alone, before any request.
     """
 
-    def __init__(self, model_dir: str, hidden: int, inter: int):
+    def __init__(self, model_dir: str, hidden: int, inter: int, rename: Callable[[str], str] | None = None,
+                 banks: dict[str, ExpertBank] | None = None):
         self.dir = model_dir
         self.hidden, self.inter = hidden, inter
+        self.banks = banks or {}                # expert prefix -> ExpertBank, where a bank differs
         index = os.path.join(model_dir, "model.safetensors.index.json")
         self._source = index                    # what lists the tensors, named when one is missing
         if os.path.exists(index):
@@ -137,6 +168,17 @@ class CheckpointReader:
             with safe_open(single, "pt") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}
             self._source = single
+        # keys are the model's parameter names: `rename` maps a stored name to the model's (transformers' own
+        # renamings, e.g. InternVL's `language_model.model.` -> `model.language_model.`); reads use the stored name
+        self._stored: dict[str, str] = {}
+        if rename is not None:
+            renamed = {}
+            for key, fname in self.weight_map.items():
+                name = rename(key)
+                renamed[name] = fname
+                if name != key:
+                    self._stored[name] = key
+            self.weight_map = renamed
         self._fused: dict[str, tuple[int, bool]] = {}      # prefix -> (experts, stored transposed)
         self._tables: dict[str, tuple[int, dict]] = {}      # file -> (data offset, header table)
 
@@ -171,7 +213,7 @@ class CheckpointReader:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
         `shapes` (a 0 matches any size) and in a float dtype; else a UserError naming file and tensor."""
         with self._reading(key):
-            meta = self._table(self.weight_map[key])[1][key]
+            meta = self._table(self.weight_map[key])[1][self._stored.get(key, key)]
             shape, dtype = tuple(meta["shape"]), meta["dtype"]
         if dtype not in _EXPERT_DTYPES:
             raise UserError(f"expert tensor {key} in {self._file(key)} is stored as {dtype}",
@@ -182,13 +224,26 @@ class CheckpointReader:
                 return shape
         raise UserError(f"expert tensor {key} in {self._file(key)} has shape {list(shape)}",
                         f"expected {' or '.join(str(list(w)).replace('0', 'E') for w in shapes)} for hidden "
-                        f"{self.hidden} and expert intermediate {self.inter} as config.json says")
+                        f"{self.hidden} and the expert intermediate size config.json says")
+
+    def _inter(self, prefix: str) -> int:
+        bank = self.banks.get(prefix)
+        return bank.inter if bank is not None and bank.inter is not None else self.inter
+
+    def _locate(self, prefix: str) -> tuple[str, int]:
+        """(prefix the experts of `prefix` are stored under, index of its expert 0 there): its own, or its bank's
+        fallback list when the checkpoint has nothing under its own name."""
+        bank = self.banks.get(prefix)
+        if bank is None or bank.fallback is None or self._is_fused(prefix) or \
+                f"{prefix}.0.gate_proj.weight" in self.weight_map:
+            return prefix, 0
+        return bank.fallback, bank.offset
 
     def _fused_layout(self, prefix: str) -> tuple[int, bool]:
         """(experts, transposed) of a layer stored as two fused tensors, checked once from the headers."""
         got = self._fused.get(prefix)
         if got is None:
-            H, I = self.hidden, self.inter
+            H, I = self.hidden, self._inter(prefix)
             gk, dk = f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
             g = self._header(gk, (0, 2 * I, H), (0, H, 2 * I))
             d = self._header(dk, (0, H, I), (0, I, H))
@@ -200,8 +255,8 @@ class CheckpointReader:
             got = self._fused[prefix] = (g[0], transposed)
         return got
 
-    def _split_keys(self, prefix: str, expert: int) -> list[tuple[str, tuple[int, int]]]:
-        H, I = self.hidden, self.inter
+    def _split_keys(self, prefix: str, expert: int, inter: int | None = None) -> list[tuple[str, tuple[int, int]]]:
+        H, I = self.hidden, inter or self.inter
         return [(f"{prefix}.{expert}.{name}.weight", shape)
                 for name, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))]
 
@@ -210,6 +265,12 @@ class CheckpointReader:
 
     def check_layer(self, prefix: str, num_experts: int) -> None:
         """Every expert of layer `prefix` is there, shaped and typed as config.json says (headers only)."""
+        where, offset = self._locate(prefix)
+        if where != prefix:
+            for e in range(num_experts):
+                for key, shape in self._split_keys(where, offset + e, self._inter(prefix)):
+                    self._header(key, shape)
+            return
         if self._is_fused(prefix):
             stored, _ = self._fused_layout(prefix)
             if stored != num_experts:
@@ -217,11 +278,18 @@ class CheckpointReader:
                                 f"{stored} experts, config.json says {num_experts}", _INCOMPLETE)
             return
         for e in range(num_experts):
-            for key, shape in self._split_keys(prefix, e):
+            for key, shape in self._split_keys(prefix, e, self._inter(prefix)):
                 self._header(key, shape)
 
     def read(self, prefix: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged)."""
+        """(gate_up [2I, H], down [H, I]) of one expert, as stored (dtype unchanged; I: its bank's)."""
+        where, offset = self._locate(prefix)
+        if where != prefix:
+            if f"{where}.{offset + expert}.gate_proj.weight" not in self.weight_map:
+                raise UserError(f"{self._source} has no weights for {prefix} expert {expert}", _INCOMPLETE)
+            keys = self._split_keys(where, offset + expert, self._inter(prefix))
+            g, u, d = (self._checked_tensor(key, shape) for key, shape in keys)
+            return torch.cat([g, u], dim=0), d
         fused = f"{prefix}.gate_up_proj"
         if self._is_fused(prefix):
             stored, transposed = self._fused_layout(prefix)
@@ -233,7 +301,8 @@ class CheckpointReader:
             return (gu.t(), dn.t()) if transposed else (gu, dn)
         if f"{prefix}.{expert}.gate_proj.weight" not in self.weight_map:
             raise UserError(f"{self._source} has no weights for {prefix} expert {expert}", _INCOMPLETE)
-        g, u, d = (self._checked_tensor(key, shape) for key, shape in self._split_keys(prefix, expert))
+        keys = self._split_keys(prefix, expert, self._inter(prefix))
+        g, u, d = (self._checked_tensor(key, shape) for key, shape in keys)
         return torch.cat([g, u], dim=0), d
 
     def _checked_tensor(self, key: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -255,7 +324,7 @@ class CheckpointReader:
         with self._reading(key):
             fname = self.weight_map[key]
             start, table = self._table(fname)
-            meta = table[key]
+            meta = table[self._stored.get(key, key)]
             if meta["dtype"] not in _TORCH_DTYPES:
                 raise ValueError(f"unsupported dtype {meta['dtype']}")
             dtype, shape = _TORCH_DTYPES[meta["dtype"]], list(meta["shape"])

@@ -34,8 +34,14 @@ def make_tiny(family_name: str, out_dir: str, seed: int = 0, dtype: torch.dtype 
 @torch.no_grad()
 def _spread_router(family, model, seed: int) -> None:
     """transformers initialises router weights to zeros (every token would pick experts 0..k-1). Random small
-    weights make tokens route to different experts, as in a real model, so offloading gets exercised."""
+    weights make tokens route to different experts, as in a real model, so offloading gets exercised; routers
+    with a score-correction bias (bias-corrected selection: GLM, ERNIE) get a random one, so the bias moves the
+    choice as it does in a trained model."""
     g = torch.Generator().manual_seed(seed + 1)
     for layer in family.geometry(model.config).moe_layers:
-        gate = family.moe_block(model, layer).gate
-        gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * 0.5)
+        router = family.router(model, layer)
+        weight = router.weight if isinstance(getattr(router, "weight", None), torch.Tensor) else router.proj.weight
+        weight.copy_(torch.randn(weight.shape, generator=g) * 0.5)
+        for name, t in list(router.named_parameters()) + list(router.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)

@@ -23,7 +23,7 @@ _BASE_CORPUS = [
 
 def build_tokenizer(family: Family, corpus: list[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     t = family.tokens
-    specials = list(dict.fromkeys([t.pad, *t.eos, t.image, t.image_start, t.image_end, *t.extra]))
+    specials = list(dict.fromkeys(s for s in [t.pad, *t.eos, t.image, t.image_start, t.image_end, *t.extra] if s))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -69,7 +69,7 @@ def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torc
     rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,
                        policy=policy, decode=decode, compile=compile)
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
-    improc = family.tiny_image_processor(max_side=2048)
+    improc = family.random_image_processor(config)
     return Engine(model_dir=None, family=family, config=config, model=model, tokenizer=None,
                   image_processor=improc, store=store, device=dev, dtype=dtype, geometry=geo, layout=layout,
                   nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)
@@ -79,21 +79,17 @@ def synthetic_inputs(engine: Engine, side: int, text_tokens: int = 24, seed: int
     """One request: `text_tokens` random text ids around a side x side random image, as the processor shapes it."""
     g = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
-    vis = engine.image_processor(images=[Image.fromarray(pixels)], return_tensors="pt")
-    merge = engine.image_processor.merge_size
-    n_img = int(vis["image_grid_thw"][0].prod()) // (merge * merge)
+    image_inputs, (n_img,) = engine.family.image_inputs(engine.image_processor, [Image.fromarray(pixels)])
     cfg = engine.config
+    block = torch.tensor(engine.family.synthetic_image_block(cfg, n_img))
     vocab = cfg.text_config.vocab_size
     high = min(100000, vocab)
     text = torch.randint(min(1000, high // 4), high, (text_tokens,), generator=g)
-    special = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
-                            cfg.vision_end_token_id])
+    special = torch.tensor([cfg.image_token_id, getattr(cfg, "video_token_id", cfg.image_token_id), *block.unique()])
     text[torch.isin(text, special)] = min(1000, high // 4)
     h = text_tokens // 2
-    ids = torch.cat([text[:h], torch.tensor([cfg.vision_start_token_id]),
-                     torch.full((n_img,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]), text[h:]])
-    ids = ids[None]
-    return {k: v.to(engine.device) for k, v in {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids),
-        "pixel_values": vis["pixel_values"].to(engine.dtype), "image_grid_thw": vis["image_grid_thw"],
-        "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32)}.items()}
+    ids = torch.cat([text[:h], block, text[h:]])[None]
+    image_inputs["pixel_values"] = image_inputs["pixel_values"].to(engine.dtype)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **image_inputs,
+              "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32), **engine.family.extra_inputs(cfg, ids)}
+    return {k: v.to(engine.device) for k, v in inputs.items()}

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..store import ExpertBank
 
 # transformers' smart_resize (the Qwen2-VL and GLM-4V image processors) refuses an image whose long side is over
 # 200 times its short side; GLM's first scales a short side below one patch up to it, truncating, which can push
@@ -55,7 +56,9 @@ class ExpertGeometry:
     inter: int           # I (per expert)
     num_experts: int     # E per layer
     top_k: int           # experts per token
-    moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts
+    moe_layers: tuple[int, ...]  # decoder layer indices that have routed experts (or, where a layer has several
+    #                              banks of experts, one key per (layer, bank): ERNIE's adapter says how)
+    prefill_only: tuple[int, ...] = ()   # of moe_layers: used by the prompt's tokens only (ERNIE's vision banks)
 
 
 @dataclass
@@ -65,10 +68,12 @@ class Encoded:
     embeds: torch.Tensor                 # [B, T, H]
     mask: torch.Tensor                   # [B, T] attention mask
     visual: torch.Tensor                 # [B, T] bool: image-token positions
-    positions: torch.Tensor              # [4, B, T]: text row + 3 M-RoPE rows
+    positions: torch.Tensor              # [1 + R, B, T]: text row + R rope rows (3 for M-RoPE, 1 for 1-D RoPE)
     deltas: torch.Tensor                 # [B, 1]: rope position of the next token minus its text position
     deepstack: list[torch.Tensor] | None  # per DeepStack level: [sum of visual tokens, H], rows in sequence order
     grids: list[tuple[int, int, int]]    # per row: merged (t, h, w) of its image
+    # other decoder inputs that travel with each token, [B, T, ...] (Gemma 4's per-layer inputs): pruned alike
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Tokens:
     """Special tokens of a family's prompt format."""
 
     image: str           # one placeholder per visual token
-    image_start: str
+    image_start: str     # "" where the family has no token around an image (DeepSeek-OCR-2)
     image_end: str
     eos: tuple[str, ...]
     pad: str
@@ -92,6 +97,8 @@ class Family:
     tokens: Tokens
     # how a prompt looks when the tokenizer ships no chat template; {image} is replaced by the image block
     fallback_format: str = "{image}{prompt}\n"
+    # why the fast decode step (step_graphs.py) cannot run this family, None when it can
+    fast_step_blocker: str | None = None
 
     # ---- model structure -------------------------------------------------------------------------------------
     def text_config(self, config):
@@ -108,19 +115,52 @@ class Family:
         return self.language_model(model).layers
 
     def moe_block(self, model, layer: int) -> torch.nn.Module:
-        """The module with `.gate` (router returning (logits, weights, indices)) and `.experts` (fused bank)."""
+        """The module with `.experts` (the fused bank of routed experts) and the router (`router`)."""
         return self.decoder_layers(model)[layer].mlp
 
+    def router(self, model, layer: int) -> torch.nn.Module:
+        """Layer `layer`'s router: hidden [T, H] -> (logits or probabilities [T, E], weights [T, K], indices [T, K]),
+        what the experts call receives."""
+        return self.moe_block(model, layer).gate
+
+    def router_input(self, model, layer: int, embeds: torch.Tensor) -> torch.Tensor:
+        """What layer `layer`'s router reads, given a residual stream `embeds [N, H]` (router probes): the MoE block
+        input, after the post-attention norm."""
+        return self.decoder_layers(model)[layer].post_attention_layernorm(embeds)
+
     def expert_prefix(self, layer: int) -> str:
-        """Checkpoint key prefix of layer `layer`'s routed experts."""
+        """Name prefix of layer `layer`'s routed experts among the model's parameters (the checkpoint reader maps
+        stored names onto these: `checkpoint_renamer`)."""
         return f"model.language_model.layers.{layer}.mlp.experts"
+
+    def expert_banks(self, config) -> dict[str, ExpertBank]:
+        """Expert prefix -> how that bank differs (its width, where the checkpoint keeps it) for families whose
+        layers have banks of different widths; {} when every bank is the model's (`ExpertGeometry.inter`)."""
+        return {}
+
+    def convert_tensor(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """A stored non-expert tensor (already renamed) -> the model parameters it becomes; most are themselves
+        (ERNIE's hub files store its routers transposed and both banks' score biases in one tensor)."""
+        return [(name, tensor)]
+
+    def checkpoint_renamer(self, model) -> Callable[[str], str]:
+        """Stored checkpoint name -> the model's parameter name, by the renamings transformers applies when it
+        loads this model (e.g. InternVL hub files keep `language_model.model.`); a name the model already has
+        stays (some renamings would match it again). Tensor conversions (per-expert tensors fused into a bank,
+        transposes) are not renamings: the checkpoint reader does those itself."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        own = set(model.state_dict())
+        return lambda key: key if key in own else rename_source_key(key, renamings, [])[0]
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def load_image_processor(self, model_dir: str):
         return self.image_processor_class.from_pretrained(model_dir)
 
     def token_ids(self, tokenizer) -> dict[str, int]:
-        ids = {name: tokenizer.convert_tokens_to_ids(getattr(self.tokens, name))
+        ids = {name: tokenizer.convert_tokens_to_ids(getattr(self.tokens, name)) if getattr(self.tokens, name) else None
                for name in ("image", "image_start", "image_end", "pad")}
         ids["eos"] = [tokenizer.convert_tokens_to_ids(t) for t in self.tokens.eos]
         return ids
@@ -137,10 +177,17 @@ class Family:
                             "send a single user message, or add a chat template to the checkpoint")
         content = messages[0]["content"]
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        block = self.tokens.image_start + self.tokens.image + self.tokens.image_end
         images = sum(p["type"] == "image" for p in parts)
-        return self.fallback_format.format(image=block * images,
+        return self.fallback_format.format(image=self.image_placeholder() * images,
                                            prompt="".join(p["text"] for p in parts if p["type"] == "text"))
+
+    def image_placeholder(self) -> str:
+        """What the fallback format puts where the image goes (holding `tokens.image` once)."""
+        return self.tokens.image_start + self.tokens.image + self.tokens.image_end
+
+    def expand_image(self, n_visual: int) -> str:
+        """What the one `tokens.image` of a formatted prompt becomes for an image of `n_visual` tokens."""
+        return self.tokens.image * n_visual
 
     def chat_ids(self, tokenizer, messages: list[dict], n_visual: list[int]) -> list[int]:
         """Token ids of the chat-formatted `messages` whose i-th image part becomes `n_visual[i]` image tokens.
@@ -171,7 +218,7 @@ class Family:
         if found != len(n_visual):
             raise ValueError(f"chat template produced {found} image placeholders, expected {len(n_visual)}")
         counts = iter(n_visual)
-        templ = [_expand(t, image_tok, counts) for t in templ]
+        templ = [_expand(t, image_tok, counts, self.expand_image) for t in templ]
 
         def ids(part: str, **kw) -> list[int]:
             return tokenizer(part, add_special_tokens=False, **kw)["input_ids"] if part else []
@@ -186,6 +233,15 @@ class Family:
         parts = ([{"type": "image"}] if n_visual is not None else []) + [{"type": "text", "text": prompt}]
         return self.chat_ids(tokenizer, [{"role": "user", "content": parts}], [] if n_visual is None else [n_visual])
 
+    def image_inputs(self, image_processor, images: list[Image.Image]) -> tuple[dict, list[int]]:
+        """Images (at least one) -> (the model's image inputs, `pixel_values` and `image_grid_thw`; the number of
+        visual tokens of each image). Images too long and thin for the processor are padded (with the colour that
+        normalises to zero) first."""
+        vis = image_processor(images=[pad_to_aspect(im, image_processor) for im in images], return_tensors="pt")
+        merge = image_processor.merge_size
+        counts = (vis["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+        return {"pixel_values": vis["pixel_values"], "image_grid_thw": vis["image_grid_thw"]}, counts
+
     def build_inputs(self, tokenizer, image_processor, images: list[Image.Image | None], prompts: list[str]) -> dict:
         """Batch of (image, prompt) pairs -> model inputs, left-padded: `build_chat_inputs` of one user turn each
         (an image, or None for a text-only prompt, then the prompt)."""
@@ -197,24 +253,48 @@ class Family:
     def build_chat_inputs(self, tokenizer, image_processor, chats: list[list[dict]],
                           images: list[list[Image.Image]]) -> dict:
         """Batch of conversations (messages as in `chat_ids`; row r's image parts take `images[r]` in order) ->
-        model inputs, left-padded: input_ids / attention_mask / mm_token_type_ids [B, T], and when any row has an
-        image, pixel_values and image_grid_thw [images, 3] in row order. Images too long and thin for the
-        processor are padded (with the colour that normalises to zero) first."""
-        present = [pad_to_aspect(im, image_processor) for row in images for im in row]
-        vis = image_processor(images=present, return_tensors="pt") if present else {}
-        merge = image_processor.merge_size
-        counts = iter((vis["image_grid_thw"].prod(-1) // (merge * merge)).tolist() if present else [])
+        model inputs, left-padded: input_ids / attention_mask / mm_token_type_ids [B, T] (1 on image tokens), and
+        when any row has an image, the family's image inputs (`image_inputs`: e.g. pixel_values and
+        image_grid_thw [images, 3]) in row order."""
+        present = [im for row in images for im in row]
+        pixels, counts = self.image_inputs(image_processor, present) if present else ({}, [])
+        counts = iter(counts)
         rows = [self.chat_ids(tokenizer, chat, [next(counts) for _ in row]) for chat, row in zip(chats, images)]
         tokenizer.padding_side = "left"
         enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
         mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm_types}
-        if present:
-            out.update(pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"])
+        out.update(pixels)
         return out
 
-    # ---- positions (M-RoPE) ------------------------------------------------------------------------------------
+    def extra_inputs(self, config, input_ids: torch.Tensor) -> dict:
+        """Inputs a random-weight request needs besides ids, mask, pixels and `mm_token_type_ids`, from the config
+        alone (ERNIE's `moe_mm_token_type_ids`)."""
+        return {}
+
+    def synthetic_image_block(self, config, n_visual: int) -> list[int]:
+        """Token ids of one image of `n_visual` tokens in a prompt, from the config alone (random-weight engines
+        have no tokenizer): the image token, between the start/end tokens where the config names them."""
+        start = getattr(config, "vision_start_token_id", None) or getattr(config, "image_start_token_id", None)
+        end = getattr(config, "vision_end_token_id", None) or getattr(config, "image_end_token_id", None)
+        return [t for t in (start,) if t is not None] + [config.image_token_id] * n_visual + \
+            [t for t in (end,) if t is not None]
+
+    def random_image_processor(self, config):
+        """The image processor a random-weight engine of `config` uses (bench/random_model.py)."""
+        return self.tiny_image_processor(max_side=2048)
+
+    def model_inputs(self, inputs: dict) -> dict:
+        """The prepared inputs that the model's forward takes (every family's prepared inputs carry
+        `mm_token_type_ids`, which tells the engine where visual tokens are)."""
+        return inputs
+
+    # ---- positions (M-RoPE here; families/rope1d.py for 1-D RoPE) ----------------------------------------------
+    def position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """The decoder's `position_ids` from positions `[1 + R, B, T]` (M-RoPE models take all four rows)."""
+        return positions
+
     def prefill_positions(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """([4, B, T] text + 3D rope positions, rope deltas [B, 1]) for a prompt, as transformers computes them."""
         mask = inputs["attention_mask"]
@@ -249,9 +329,9 @@ class Family:
 
     def decoder_forward(self, model, enc: Encoded, cache) -> torch.Tensor:
         """Run the decoder over encoded inputs (filling `cache`); logits of the last position [B, 1, V]."""
-        out = model.model.language_model(inputs_embeds=enc.embeds, attention_mask=enc.mask,
-                                         position_ids=enc.positions, past_key_values=cache, use_cache=True,
-                                         **self._decoder_extras(enc))
+        out = self.language_model(model)(inputs_embeds=enc.embeds, attention_mask=enc.mask,
+                                         position_ids=self.position_ids(enc.positions), past_key_values=cache,
+                                         use_cache=True, **self._decoder_extras(enc))
         return model.lm_head(out.last_hidden_state[:, -1:])
 
     def _decoder_extras(self, enc: Encoded) -> dict:
@@ -259,18 +339,13 @@ class Family:
 
     def router_probe(self, model, num_layers: int = 2):
         """embeds [N, H] -> the top-k experts [N, k] that the routers of the first `num_layers` MoE layers would
-        pick for them (each router applied after its layer's post-attention norm; an approximation: the real
-        router input also carries the attention and earlier layers' updates). Reads no expert weights."""
-        layers = self.decoder_layers(model)
+        pick for them (each router applied to what it reads, `router_input`; an approximation: the real router
+        input also carries the attention and earlier layers' updates). Reads no expert weights."""
         probed = self.geometry(model.config).moe_layers[:num_layers]
 
         @torch.no_grad()
         def probe(embeds: torch.Tensor) -> list[torch.Tensor]:
-            out = []
-            for l in probed:
-                x = layers[l].post_attention_layernorm(embeds)
-                out.append(self.moe_block(model, l).gate(x)[2])
-            return out
+            return [self.router(model, l)(self.router_input(model, l, embeds))[2] for l in probed]
 
         return probe
 
@@ -284,20 +359,20 @@ class Family:
         cached = getattr(model, "_vismmoe_stacked_routers", None)     # one copy per model, shared by forks
         if cached is None:
             geo = self.geometry(model.config)
-            cached = torch.cat([self.moe_block(model, l).gate.weight.detach() for l in geo.moe_layers])
+            cached = torch.cat([self.router(model, l).weight.detach() for l in geo.moe_layers])
             model._vismmoe_stacked_routers = cached
         return cached
 
     def query_key(self, model):
         """(text embeds [M, H], visual embeds [N, H]) -> [N] scores: the last text token's query against each
-        visual token's key at the first decoder layer (mean over heads, before rotary)."""
-        layer = self.decoder_layers(model)[0]
+        visual token's key at the first decoder layer with softmax attention (mean over heads, before rotary)."""
+        layer = next(l for l in self.decoder_layers(model) if hasattr(l, "self_attn"))
         attn, norm = layer.self_attn, layer.input_layernorm
 
         @torch.no_grad()
         def scores(text: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
             hd = attn.head_dim
-            q = attn.q_proj(norm(text[-1:])).view(1, -1, hd)                       # [1, heads, hd]
+            q = self._queries(attn, norm(text[-1:]))                               # [1, heads, hd]
             k = attn.k_proj(norm(vis)).view(vis.shape[0], -1, hd)                  # [N, kv_heads, hd]
             if hasattr(attn, "q_norm"):
                 q, k = attn.q_norm(q), attn.k_norm(k)
@@ -305,6 +380,11 @@ class Family:
             return (q.float() * k.float()).sum(-1).mean(-1)
 
         return scores
+
+    @staticmethod
+    def _queries(attn, x: torch.Tensor) -> torch.Tensor:
+        """[N, H] normed hidden -> [N, heads, head_dim] queries of attention module `attn`."""
+        return attn.q_proj(x).view(x.shape[0], -1, attn.head_dim)
 
     # ---- tiny random models for tests ------------------------------------------------------------------------
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int, **overrides):
@@ -317,7 +397,7 @@ class Family:
         raise NotImplementedError
 
 
-def _expand(text: str, image_tok: str, counts) -> str:
-    """`text` with each `image_tok` repeated as many times as the next of `counts` says."""
+def _expand(text: str, image_tok: str, counts, expand) -> str:
+    """`text` with each `image_tok` replaced by `expand(n)`, n the next of `counts`."""
     chunks = text.split(image_tok)
-    return chunks[0] + "".join(image_tok * next(counts) + c for c in chunks[1:])
+    return chunks[0] + "".join(expand(next(counts)) + c for c in chunks[1:])
