@@ -244,8 +244,15 @@ def cmd_export_gguf(args) -> int:
     from .progress import layer_progress
     if args.model is None:
         args.model = _model_dir(args)
-    with layer_progress("writing GGUF tensors") as tick:
-        res = export(args.model, args.out, dtype=args.dtype, name=args.name, progress=lambda _name: tick())
+    with layer_progress("writing GGUF decoder layers") as tick:
+        seen: set[str] = set()
+
+        def on_tensor(name: str) -> None:           # one tick per decoder layer (blk.N.*)
+            if name.startswith("blk.") and name.split(".")[1] not in seen:
+                seen.add(name.split(".")[1])
+                tick()
+
+        res = export(args.model, args.out, dtype=args.dtype, name=args.name, progress=on_tensor)
     if args.json:
         print(json.dumps(res))
     else:
