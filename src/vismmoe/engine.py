@@ -279,9 +279,11 @@ class Engine:
         if len(images) != len(prompts):
             raise UserError(f"{len(images)} images for {len(prompts)} prompts", "give one image (or None) per prompt")
         pil = [load_image(im) if im is not None else None for im in images]
-        inputs = self.family.build_inputs(self.tokenizer, self.image_processor, pil, prompts)
-        return {k: v.to(self.device, self.dtype if k.startswith("pixel_values") else None)
-                for k, v in inputs.items()}             # pixels (and local crops' pixels) in the model's dtype
+        return self._to_device(self.family.build_inputs(self.tokenizer, self.image_processor, pil, prompts))
+
+    def _to_device(self, inputs: dict) -> dict:
+        """Inputs on the device; pixels (and local crops' pixels) in the model's dtype."""
+        return {k: v.to(self.device, self.dtype if k.startswith("pixel_values") else None) for k, v in inputs.items()}
 
     # ---- generation ------------------------------------------------------------------------------------------
     def _sync(self):
@@ -313,14 +315,18 @@ class Engine:
             return self._generate_ids(inputs, max_new_tokens, teacher_tokens)
 
     def _generate_ids(self, inputs: dict, max_new_tokens: int, teacher_tokens: list[int] | None,
-                      sampler: Sampler | None = None, on_step=None):
+                      sampler: Sampler | None = None, on_step=None, compressible: bool | None = None):
         """The loop: prefill, decode steps until every row is done or `max_new_tokens` tokens; `on_step(state)`
-        after the prefill and after each step (it may mark rows done). (rows cut at EOS, request stats)."""
+        after the prefill and after each step (it may mark rows done). The engine's compressor prunes the prompt
+        when `compressible` (None: when it has image tokens; compression prunes one image per row). (rows cut at
+        EOS, request stats)."""
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
         anchor = self._start_timeline(t0)
-        enc = self.pruned_prompt(inputs) if self.compressor is not None and _one_image_per_row(inputs) else None
+        if compressible is None:
+            compressible = bool(inputs["mm_token_type_ids"].any())
+        enc = self.pruned_prompt(inputs) if self.compressor is not None and compressible else None
         state = self.prefill(inputs, max_new_tokens, enc=enc, sampler=sampler)
         if on_step is not None:
             on_step(state)
@@ -435,9 +441,7 @@ class Engine:
         pad = self.family.token_ids(self.tokenizer)["pad"]
         with self._lock:
             t0 = time.perf_counter()
-            inputs = {k: v.to(self.device) for k, v in batch_inputs([r.inputs for r in reqs], pad).items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            inputs = self._to_device(batch_inputs([r.inputs for r in reqs], pad))
             streams = [TextStream(self.tokenizer, r.stop, self.eos_ids) for r in reqs]
             sampler = Sampler([r.sampling for r in reqs])
 
@@ -465,7 +469,8 @@ class Engine:
                         r.on_text(delta)
                     state.done[i] = r.finish_reason is not None
 
-            _, stats = self._generate_ids(inputs, max(r.max_new_tokens for r in reqs), None, sampler, on_step)
+            _, stats = self._generate_ids(inputs, max(r.max_new_tokens for r in reqs), None, sampler, on_step,
+                                          compressible=all(len(r.images) == 1 for r in reqs))
             for r in reqs:
                 # times from the start of the batch, plus the request's own preprocessing
                 r.stats = dict(stats, ttft_s=r.prepare_s + r.t_first - t0, e2e_s=r.prepare_s + r.t_end - t0,
@@ -685,10 +690,3 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
                   image_processor=image_processor, store=store, device=dev, dtype=dt, geometry=geo, layout=layout,
                   nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)
 
-
-def _one_image_per_row(inputs: dict) -> bool:
-    """Every row holds exactly one image (what visual-token compression prunes: one grid per row)."""
-    grids = inputs.get("image_grid_thw")
-    if grids is None or grids.shape[0] != inputs["input_ids"].shape[0]:
-        return False
-    return bool((inputs["mm_token_type_ids"] == 1).any(-1).all())

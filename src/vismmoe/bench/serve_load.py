@@ -1,6 +1,8 @@
 """Concurrent clients against `vismmoe serve`: throughput and latency with and without batching, side by side.
 
     one engine -> one server per --max-batches value (same engine, same port range, loopback)
+    warm-up: one unmeasured round per server and client count (the fast step compiles and captures each batch
+             size and KV length on first use)
     for each client count C (default 1, 2, 4, 8), for each repetition, for each server in turn (A B A B ...):
         C threads, each sending --requests chat completions back to back through the official `openai` client
         (an image as a data: URL + a question, temperature 0; --ignore-eos makes every answer --max-tokens long)
@@ -106,8 +108,9 @@ def main(argv=None) -> int:
         servers[mb] = (app, srv, OpenAI(base_url=f"http://127.0.0.1:{18700 + i}/v1", api_key="x", max_retries=0,
                                         timeout=600))
     prompts = [(_data_url(im), q) for im, q in _images_and_questions(args.model, 8)]
-    for mb, (_, _, c) in servers.items():                                       # warm every server's path
-        _run_clients(c, "m", prompts, 1, 1, 2, True)
+    for C in clients:               # every (batch size, KV length) shape compiles and captures before timing
+        for mb, (_, _, c) in servers.items():
+            _run_clients(c, "m", prompts, C, 1, args.max_tokens, args.ignore_eos)
     rows = {}
     for C in clients:
         for rep in range(args.reps):
