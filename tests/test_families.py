@@ -55,3 +55,12 @@ def test_make_tiny_through_the_cli(family, tmp_path, capsys):
     assert main(["make-tiny", "--family", family, "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     assert capsys.readouterr().out.strip() == str(out)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_device_memory_sizes_every_family(family, tiny_dirs):
+    """`--device-memory` sizes the expert budget from each family's config (per-layer attention widths, vision
+    towers of several encoders): what is left after weights and the reserve, at least one layer's top-k."""
+    from vismmoe import load
+    eng = load(tiny_dirs[family], device_memory="256MiB")
+    assert eng.geometry.top_k * eng.layout.nbytes <= eng.budget_bytes < 256 * 1024**2 - eng.nonexpert_bytes
