@@ -55,3 +55,32 @@ def test_make_tiny_through_the_cli(family, tmp_path, capsys):
     assert main(["make-tiny", "--family", family, "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == family
     assert capsys.readouterr().out.strip() == str(out)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_device_memory_sizes_every_family(family, tiny_dirs):
+    """`--device-memory` sizes the expert budget from each family's config (per-layer attention widths, vision
+    towers of several encoders): what is left after weights and the reserve, at least one layer's top-k."""
+    from vismmoe import load
+    eng = load(tiny_dirs[family], device_memory="256MiB")
+    assert eng.geometry.top_k * eng.layout.nbytes <= eng.budget_bytes < 256 * 1024**2 - eng.nonexpert_bytes
+
+
+def _config_dir(tmp_path, name: str, config) -> str:
+    d = tmp_path / name
+    config.save_pretrained(d)
+    return str(d)
+
+
+def test_families_without_routed_experts_are_refused(tmp_path, capsys):
+    """InternVL around a dense text model, Gemma 4 without its MoE block: one line, exit 2, before any weight."""
+    from transformers import Gemma4Config, InternVLConfig
+    internvl = InternVLConfig(text_config={"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                                           "num_attention_heads": 4, "num_key_value_heads": 2,
+                                           "intermediate_size": 128, "vocab_size": 300})
+    gemma = Gemma4Config(text_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128,
+                                      "vocab_size": 300, "enable_moe_block": False}, audio_config=None)
+    for name, config, needle in (("ivl", internvl, "has no routed experts"), ("g4", gemma, "has no MoE block")):
+        line = _one_line_error(capsys, ["generate", "--model", _config_dir(tmp_path, name, config), "--prompt", "hi"])
+        assert needle in line, line

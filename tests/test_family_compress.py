@@ -158,3 +158,15 @@ def test_gpu_compressed_tokens_equal_across_budgets(family, tiny_dirs, big_image
         assert gen.token_ids == want.token_ids, (family, name)
         assert 0 < gen.stats["visual_tokens_kept"] < gen.stats["visual_tokens"]
         assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+
+
+def test_deepseek_visual_tokens_are_fixed_per_view(tiny_dirs, big_image, image_file):
+    """DeepSeek-OCR-2's visual token count is set by its learned queries: 256 for the global view and 144 a local
+    tile (2 to 6 tiles for an image larger than a tile, none otherwise) plus one view separator."""
+    eng = load(tiny_dirs["deepseek_ocr2"])
+    small = eng.prepare([image_file], [PROMPT])
+    assert int(small["mm_token_type_ids"].sum()) == 256 + 1 and int(small["num_local_patches"][0]) == 0
+    big = eng.prepare([big_image], [PROMPT])
+    tiles = int(big["num_local_patches"][0])
+    assert 2 <= tiles <= 6 and int(big["mm_token_type_ids"].sum()) == 144 * tiles + 256 + 1
+    assert tuple(big["pixel_values_local"].shape[:2]) == (tiles, 3)

@@ -65,3 +65,16 @@ def test_tiny_shapes_run_on_random_weights(name):
     want, _ = eng.generate_ids(inputs, 4, teacher_tokens=[7, 8, 9])
     got, stats = eng.fork(expert_budget="25%").generate_ids(inputs, 4, teacher_tokens=[7, 8, 9])
     assert got == want and stats["misses"] > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-internvl", "tiny-qwen3.5", "tiny-deepseek-ocr2", "tiny-gemma4",
+                                  "tiny-ernie4.5-vl"])
+def test_bench_shape_through_the_cli(name, tmp_path, capsys):
+    """`vismmoe bench --shape` on each added family's tiny shape: systems side by side, one JSON line."""
+    import json
+
+    from vismmoe.cli import main
+    code = main(["bench", "--shape", name, "--image-sides", "64", "--max-new-tokens", "3", "--link", "edge",
+                 "--budgets", "25%", "--reps", "1", "--systems", "ondemand,vismmoe", "--out", str(tmp_path), "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and len(res["rows"]) == 2 and "RANDOM" in res["title"]

@@ -98,17 +98,37 @@ def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device:
     """
     tc, vc = config.text_config, config.vision_config
     b = torch.empty((), dtype=dtype).element_size()
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * max_seq * b
+    layers = _attention_layers(tc)                                  # [(kv_heads, head_dim)] per decoder layer
+    kv = 2 * sum(kv_heads * hd for kv_heads, hd in layers) * max_seq * b
     H, I, K = geometry.hidden, geometry.inter, geometry.top_k
     moe = max_seq * K * (3 * H + 3 * I) * b * 2
     dense = max_seq * (4 * H + 2 * getattr(tc, "intermediate_size", 4 * H)) * b
-    attn = max_seq * (tc.num_attention_heads + 2 * tc.num_key_value_heads) * head_dim * b * 2
+    attn = max(max_seq * (tc.num_attention_heads + 2 * kv_heads) * hd * b * 2 for kv_heads, hd in layers)
     patches = max_seq * getattr(vc, "spatial_merge_size", 2) ** 2
-    vision = patches * (4 * vc.hidden_size + 2 * vc.intermediate_size) * b * 2
+    v_hidden, v_inter = _vision_width(vc)
+    vision = patches * (4 * v_hidden + 2 * v_inter) * b * 2
     logits = tc.vocab_size * 4 * 4
     margin = 256 * 1024**2 if device.type == "cuda" else 16 * 1024**2
     return int(kv + max(moe, dense, attn, vision) + logits + margin)
+
+
+def _attention_layers(tc) -> list[tuple[int, int]]:
+    """(KV heads, head dim) of each decoder layer: the config's, or each layer's where they vary (Gemma 4's global
+    layers are wider; its config refuses the global attribute then)."""
+    try:
+        hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        return [(tc.num_key_value_heads, hd)] * tc.num_hidden_layers
+    except RuntimeError:
+        per = tc.per_layer_config
+        return [(per[i].num_key_value_heads, per[i].head_dim) for i in range(tc.num_hidden_layers)]
+
+
+def _vision_width(vc) -> tuple[int, int]:
+    """(hidden, intermediate) of the vision tower's widest part (DeepSeek-OCR-2's has two encoders)."""
+    parts = [vc] + [getattr(vc, n) for n in ("sam_config", "encoder_config") if getattr(vc, n, None) is not None]
+    widths = [(p.hidden_size, getattr(p, "intermediate_size", None) or getattr(p, "mlp_dim", None)
+               or 4 * p.hidden_size) for p in parts if getattr(p, "hidden_size", None)]
+    return max(widths)
 
 
 def _device_bytes(model: torch.nn.Module) -> int:

@@ -1,10 +1,13 @@
 """What the runtime needs to know about one model family, and nothing about offloading.
 
-A `Family` maps a transformers VL-MoE class onto the runtime's vocabulary: which decoder layers are MoE layers,
-where each layer's router (`gate`) and fused experts module live, how the checkpoint names expert weights, how an
-(image, prompt) pair becomes model inputs (tokens, pixels, grid, `mm_token_type_ids`), and how to make a tiny
-random config of the family for tests. Families whose experts use transformers' `@use_experts_implementation`
-need no code of ours in the forward: the runtime registers an experts function through `ExpertsInterface`.
+A `Family` maps a transformers VL-MoE class onto the runtime's vocabulary: which decoder layers are MoE layers
+(or, where a layer has several banks of experts, which expert groups), where each one's router and fused experts
+module live and what the router reads, how the checkpoint names and stores expert weights (and non-expert tensors
+stored otherwise than the model holds them), how an (image, prompt) pair becomes model inputs (tokens, pixels,
+`mm_token_type_ids` and the family's own), positions (M-RoPE here; 1-D RoPE in rope1d.py), the prompt as the
+decoder's inputs for visual-token compression, and how to make a tiny random config of the family for tests.
+Families whose experts use transformers' `@use_experts_implementation` need no code of ours in the forward: the
+runtime registers an experts function through `ExpertsInterface`.
 """
 
 from __future__ import annotations
