@@ -97,17 +97,21 @@ def main(argv=None) -> int:
     eng = load(args.model, device=args.device, expert_budget=args.expert_budget, decode=args.decode)
     batches = [int(x) for x in args.max_batches.split(",")]
     clients = [int(x) for x in args.clients.split(",")]
-    warm_up(eng, max(batches))
+    samples = _images_and_questions(args.model, 8)
+    from ..request import GenerationRequest
+    warm_up(eng, max(batches), lambda: GenerationRequest.from_prompt(samples[0][0], samples[0][1], ignore_eos=True,
+                                                                     max_new_tokens=args.max_tokens))
     servers = {}
     for i, mb in enumerate(batches):
         app = create_app(eng, ServeOptions(model_name="m", max_batch=mb, max_queue=64))
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18700 + i, log_level="error"))
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18700 + i, log_level="error",
+                                                timeout_keep_alive=30))
         threading.Thread(target=srv.run, daemon=True).start()
         while not srv.started:
             time.sleep(0.02)
-        servers[mb] = (app, srv, OpenAI(base_url=f"http://127.0.0.1:{18700 + i}/v1", api_key="x", max_retries=0,
+        servers[mb] = (app, srv, OpenAI(base_url=f"http://127.0.0.1:{18700 + i}/v1", api_key="x", max_retries=2,
                                         timeout=600))
-    prompts = [(_data_url(im), q) for im, q in _images_and_questions(args.model, 8)]
+    prompts = [(_data_url(im), q) for im, q in samples]
     for C in clients:               # every (batch size, KV length) shape compiles and captures before timing
         for mb, (_, _, c) in servers.items():
             _run_clients(c, "m", prompts, C, 1, args.max_tokens, args.ignore_eos)

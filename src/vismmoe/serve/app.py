@@ -52,7 +52,7 @@ class ServeOptions:
     max_body_bytes: int = MAX_BODY_BYTES
     default_max_tokens: int = 256
     media: MediaRules = MediaRules()
-    max_batch: int = 1
+    max_batch: int = 8
     max_queue: int = 16
 
 

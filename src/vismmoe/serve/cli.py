@@ -14,7 +14,6 @@ import sys
 from ..config import parse_size
 from ..errors import UserError
 
-DEFAULT_MAX_BATCH = {"cpu": 1, "cuda": 4}
 
 
 def check_args(args) -> None:
@@ -24,7 +23,7 @@ def check_args(args) -> None:
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is out of range", "give a port from 1 to 65535 (0: any free port)")
     for flag, v in (("--default-max-tokens", args.default_max_tokens), ("--max-queue", args.max_queue),
-                    ("--max-batch", args.max_batch if args.max_batch is not None else 1)):
+                    ("--max-batch", args.max_batch)):
         if v < 1:
             raise UserError(f"{flag} {v} must be at least 1", "give a positive number")
     parse_size(args.max_body, what="--max-body")
@@ -35,23 +34,25 @@ def options_from(args, engine):
     from .app import ServeOptions
     from .media import MediaRules
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.model_dir))
-    max_batch = args.max_batch if args.max_batch is not None else DEFAULT_MAX_BATCH.get(engine.device.type, 1)
     return ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("VISMMOE_API_KEY") or None,
                         max_body_bytes=parse_size(args.max_body, what="--max-body"),
                         default_max_tokens=args.default_max_tokens,
                         media=MediaRules(allowed_local=args.allowed_local_media,
                                          allow_remote=args.allow_remote_media),
-                        max_batch=max_batch, max_queue=args.max_queue)
+                        max_batch=args.max_batch, max_queue=args.max_queue)
 
 
-def warm_up(engine, max_batch: int) -> None:
+def warm_up(engine, max_batch: int, make_request=None) -> None:
     """One short request per batch size the server may run (powers of two up to `max_batch`): compiles and
-    captures the fast step's shapes now instead of on clients' first requests."""
+    captures the fast step's shapes now instead of on clients' first requests. `make_request()` gives the request
+    to warm with (default: a text-only "Hello"); the fast step compiles again for a KV length it has not seen."""
     from ..request import GenerationRequest
+    if make_request is None:
+        def make_request():
+            return GenerationRequest.from_prompt(None, "Hello", max_new_tokens=2, ignore_eos=True)
     b = 1
     while True:
-        engine.generate_requests([GenerationRequest.from_prompt(None, "Hello", max_new_tokens=2, ignore_eos=True)
-                                  for _ in range(b)])
+        engine.generate_requests([make_request() for _ in range(b)])
         if b >= max_batch:
             return
         b = min(2 * b, max_batch)
@@ -71,7 +72,7 @@ def serve(args, engine_from) -> int:
           f"(max batch {opts.max_batch}, queue {opts.max_queue}"
           f"{', API key required' if opts.api_key else ''})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
     finally:
         app.state.scheduler.close()
     return 0
