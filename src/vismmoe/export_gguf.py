@@ -330,20 +330,7 @@ def _qwen3_text(model_dir: str, config, name: str, dtype: str, path: str, progre
     rope = tc.rope_parameters or {}
     deepstack = config.vision_config.deepstack_visual_indexes or []
 
-    w = g.GGUFWriter(None, "qwen3vlmoe")
-    w.add_type(g.GGUFType.MODEL)
-    w.add_name(name)
-    w.add_file_type(ftype)
-    w.add_quantization_version(g.GGML_QUANT_VERSION)
-    w.add_block_count(L)
-    w.add_context_length(tc.max_position_embeddings)
-    w.add_embedding_length(H)
-    w.add_feed_forward_length(tc.intermediate_size)
-    w.add_head_count(tc.num_attention_heads)
-    w.add_head_count_kv(tc.num_key_value_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    w = _text_writer(g, "qwen3vlmoe", name, ftype, tc, L, head_dim)
     w.add_rope_dimension_sections((list(rope.get("mrope_section", [])) + [0, 0, 0, 0])[:4])
     w.add_layer_norm_rms_eps(tc.rms_norm_eps)
     w.add_expert_count(E)
@@ -368,22 +355,54 @@ def _qwen3_text(model_dir: str, config, name: str, dtype: str, path: str, progre
                  _plan(src, b + "attn_k_norm.weight", p + "self_attn.k_norm.weight", F32),
                  _plan(src, b + "ffn_norm.weight", p + "post_attention_layernorm.weight", F32),
                  _plan(src, b + "ffn_gate_inp.weight", p + "mlp.gate.weight", F32)]
-        src.reader.check_layer(p + "mlp.experts", E)
-        ex = _Experts(src.reader, p + "mlp.experts", E, I)
-        plan += [Planned(b + "ffn_gate_exps.weight", (E, I, H), wq, ex.bank("gate")),
-                 Planned(b + "ffn_up_exps.weight", (E, I, H), wq, ex.bank("up")),
-                 Planned(b + "ffn_down_exps.weight", (E, H, I), wq, ex.bank("down"))]
+        plan += _expert_plan(src, p + "mlp.experts", b, E, I, H, wq)
     write_gguf(path, w, plan, progress)
     return {"path": path, "arch": "qwen3vlmoe", "tensors": len(plan), "block_count": L, "vocab": vocab}
 
 
-def _qwen3_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> dict:
+def _text_writer(g, arch: str, name: str, ftype, tc, L: int, head_dim: int):
+    """A GGUF writer for text arch `arch` with the hyper-parameters every decoder shares (block count, widths,
+    heads, head size, rope base) set from the text config `tc`."""
+    w = g.GGUFWriter(None, arch)
+    rope = tc.rope_parameters or {}
+    w.add_type(g.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(ftype)
+    w.add_quantization_version(g.GGML_QUANT_VERSION)
+    w.add_block_count(L)
+    w.add_context_length(tc.max_position_embeddings)
+    w.add_embedding_length(tc.hidden_size)
+    w.add_feed_forward_length(tc.intermediate_size)
+    w.add_head_count(tc.num_attention_heads)
+    w.add_head_count_kv(tc.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    return w
+
+
+def _expert_plan(src, prefix: str, b: str, E: int, I: int, H: int, wq) -> list:
+    """One layer's routed experts as llama.cpp's three stacked banks (gate, up [E, I, H]; down [E, H, I] in GGML's
+    order), read expert by expert from the checkpoint's `prefix`."""
+    src.reader.check_layer(prefix, E)
+    ex = _Experts(src.reader, prefix, E, I)
+    return [Planned(b + "ffn_gate_exps.weight", (E, I, H), wq, ex.bank("gate")),
+            Planned(b + "ffn_up_exps.weight", (E, I, H), wq, ex.bank("up")),
+            Planned(b + "ffn_down_exps.weight", (E, H, I), wq, ex.bank("down"))]
+
+
+def _mmproj_setup(model_dir: str, config, dtype: str):
+    """What every projector export starts from: (gguf module, vision config, text config, weight type, file type,
+    F32, tensor source, image processor config)."""
     g = _gguf()
     vc, tc = config.vision_config, config.text_config
     wq, ftype = _qtypes(dtype)
-    F32 = g.GGMLQuantizationType.F32
     src = _Source(model_dir, tc.hidden_size, tc.moe_intermediate_size)
-    pp = _preprocessor(model_dir)
+    return g, vc, tc, wq, ftype, g.GGMLQuantizationType.F32, src, _preprocessor(model_dir)
+
+
+def _qwen3_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> dict:
+    g, vc, tc, wq, ftype, F32, src, pp = _mmproj_setup(model_dir, config, dtype)
     depth, patch = vc.depth, vc.patch_size
     deepstack = list(vc.deepstack_visual_indexes or [])
 
@@ -442,20 +461,7 @@ def _glm4v_text(model_dir: str, config, name: str, dtype: str, path: str, progre
     rope = tc.rope_parameters or {}
     partial = rope.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", 0.5))
 
-    w = g.GGUFWriter(None, "glm4moe")
-    w.add_type(g.GGUFType.MODEL)
-    w.add_name(name)
-    w.add_file_type(ftype)
-    w.add_quantization_version(g.GGML_QUANT_VERSION)
-    w.add_block_count(L)
-    w.add_context_length(tc.max_position_embeddings)
-    w.add_embedding_length(H)
-    w.add_feed_forward_length(tc.intermediate_size)
-    w.add_head_count(tc.num_attention_heads)
-    w.add_head_count_kv(tc.num_key_value_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    w = _text_writer(g, "glm4moe", name, ftype, tc, L, head_dim)
     w.add_rope_dimension_count(int(head_dim * partial))
     w.add_rope_dimension_sections((list(rope.get("mrope_section", [])) + [0, 0, 0, 0])[:4])
     w.add_layer_norm_rms_eps(tc.rms_norm_eps)
@@ -493,22 +499,13 @@ def _glm4v_text(model_dir: str, config, name: str, dtype: str, path: str, progre
                  _plan(src, b + "exp_probs_b.bias", p + "mlp.gate.e_score_correction_bias", F32)]
         for gn, hn in (("ffn_gate_shexp", "gate_proj"), ("ffn_up_shexp", "up_proj"), ("ffn_down_shexp", "down_proj")):
             plan.append(_plan(src, f"{b}{gn}.weight", f"{p}mlp.shared_experts.{hn}.weight", wq))
-        src.reader.check_layer(p + "mlp.experts", E)
-        ex = _Experts(src.reader, p + "mlp.experts", E, I)
-        plan += [Planned(b + "ffn_gate_exps.weight", (E, I, H), wq, ex.bank("gate")),
-                 Planned(b + "ffn_up_exps.weight", (E, I, H), wq, ex.bank("up")),
-                 Planned(b + "ffn_down_exps.weight", (E, H, I), wq, ex.bank("down"))]
+        plan += _expert_plan(src, p + "mlp.experts", b, E, I, H, wq)
     write_gguf(path, w, plan, progress)
     return {"path": path, "arch": "glm4moe", "tensors": len(plan), "block_count": L, "vocab": vocab}
 
 
 def _glm4v_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> dict:
-    g = _gguf()
-    vc, tc = config.vision_config, config.text_config
-    wq, ftype = _qtypes(dtype)
-    F32 = g.GGMLQuantizationType.F32
-    src = _Source(model_dir, tc.hidden_size, tc.moe_intermediate_size)
-    pp = _preprocessor(model_dir)
+    g, vc, tc, wq, ftype, F32, src, pp = _mmproj_setup(model_dir, config, dtype)
     pre = "model.visual."
     act = str(getattr(vc, "hidden_act", "silu")).lower()
 
