@@ -126,3 +126,29 @@ def test_requests_from_threads_queue_on_the_engine(tiny_dirs, image_file):
     for t in threads:
         t.join()
     assert got == want
+
+
+def test_requests_prepared_in_many_threads_tokenize_alike(tiny_dirs, image_file):
+    """A server prepares requests in several threads at once: each gets the tokens it gets alone (the fast
+    tokenizer's split-special-tokens setting is shared state: unguarded, a placeholder is split into characters)."""
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    want = _req(image_file, PROMPTS[0])
+    eng.prepare_request(want)
+    reqs = [_req(image_file, PROMPTS[0] + " <|image_pad|>" * (i % 3)) for i in range(48)]
+
+    def prep(r):
+        eng.prepare_request(r)
+        return r
+
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(prep, reqs))
+    image_id = eng.family.token_ids(eng.tokenizer)["image"]
+    n_image = int((want.inputs["input_ids"] == image_id).sum())
+    for r in done:
+        assert int((r.inputs["input_ids"] == image_id).sum()) == n_image
+    assert all(torch_equal(r.inputs["input_ids"], want.inputs["input_ids"]) for r in done[::3])
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())

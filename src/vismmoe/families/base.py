@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,6 +29,12 @@ from ..store import ExpertBank
 # 200 times its short side; GLM's first scales a short side below one patch up to it, truncating, which can push
 # a ratio just under 200 over it. Longer images are padded to this ratio, well inside.
 MAX_ASPECT = 150
+
+# Tokenizing is not thread-safe: transformers' fast tokenizers switch `split_special_tokens` (and padding) on the
+# one Rust tokenizer they wrap, so a server preparing requests in several threads would tokenize one request's
+# template with another's setting (an image placeholder split into characters). Every call that changes such a
+# setting holds this lock.
+TOKENIZER_LOCK = threading.Lock()
 
 
 def pad_to_aspect(image: Image.Image, image_processor) -> Image.Image:
@@ -224,7 +231,10 @@ class Family:
         templ = [_expand(t, image_tok, counts, self.expand_image) for t in templ]
 
         def ids(part: str, **kw) -> list[int]:
-            return tokenizer(part, add_special_tokens=False, **kw)["input_ids"] if part else []
+            if not part:
+                return []
+            with TOKENIZER_LOCK:        # split_special_tokens is a setting of the shared Rust tokenizer
+                return tokenizer(part, add_special_tokens=False, **kw)["input_ids"]
 
         out = ids(templ[0])
         for i, t in zip(order, templ[1:]):
@@ -263,8 +273,9 @@ class Family:
         pixels, counts = self.image_inputs(image_processor, present) if present else ({}, [])
         counts = iter(counts)
         rows = [self.chat_ids(tokenizer, chat, [next(counts) for _ in row]) for chat, row in zip(chats, images)]
-        tokenizer.padding_side = "left"
-        enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        with TOKENIZER_LOCK:
+            tokenizer.padding_side = "left"
+            enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
         mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm_types}
