@@ -90,6 +90,9 @@ def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
 
 
 _COMPILED = None
+# Shapes are static: each (batch, KV bucket) compiles once. torch's default recompile limit (8 per function) would
+# run every later shape uncompiled (still exact, slower): a server meets more than 8 over its life.
+RECOMPILE_LIMIT = 64
 
 
 def compiled_layer_call():
@@ -97,6 +100,9 @@ def compiled_layer_call():
     the same shapes reuses its compiled code."""
     global _COMPILED
     if _COMPILED is None:
+        import torch._dynamo.config as dynamo
+        name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
         _COMPILED = torch.compile(_layer_call, dynamic=False)
     return _COMPILED
 
