@@ -276,3 +276,18 @@ def test_serve_cli_refuses_bad_arguments(capsys):
     assert main(["serve", "--max-queue", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("vismmoe: error:") for line in err)
+
+
+def test_errors_name_what_is_wrong(server):
+    """A union's error names the deepest problem (a part's type, an image_url that is not an object), and a
+    host-style file URL says it has no path."""
+    base = {"model": MODEL}
+    audio = server.post(dict(base, messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}, {"type": "text", "text": "hi"}]}]))
+    assert audio.status_code == 400 and "input_audio" in audio.json()["error"]["message"]
+    bare = server.post(dict(base, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": "data:image/png;base64,AAAA"}, {"type": "text", "text": "hi"}]}]))
+    assert bare.status_code == 400 and "image_url" in bare.json()["error"]["message"]
+    host = server.post(dict(base, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file://scene.png"}}, {"type": "text", "text": "hi"}]}]))
+    assert host.status_code == 400 and "file:///" in host.json()["error"]["message"]

@@ -18,7 +18,7 @@ from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 MAX_IMAGE_PIXELS = 50_000_000      # ~7000 x 7000; larger inputs are resized by the user, not silently by us
-_FIX_READABLE = "give a PNG, JPEG, WebP, BMP or GIF file"
+_FIX_READABLE = "give a PNG, JPEG, WebP, BMP, GIF or TIFF file"
 
 
 def _too_large(where: str, pixels: str) -> UserError:
@@ -59,7 +59,8 @@ def _decode(source, where: str) -> Image.Image:
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _too_large(where, f"over {Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
+        limit = Image.MAX_IMAGE_PIXELS // 1_000_000
+        raise _too_large(where, f"over Pillow's safety limit of {limit} megapixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
         raise UserError(f"not a readable image: {where} ({type(e).__name__})", _FIX_READABLE) from None
 

@@ -17,7 +17,7 @@ from .tokenizer import build_tokenizer
 
 def make_tiny(family_name: str, out_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32,
               max_side: int = 224, **overrides) -> str:
-    family = get_family(family_name)
+    family = get_family(family_name, flag="--family")
     tok = build_tokenizer(family, vocab_size=overrides.pop("vocab", 400))
     ids = family.token_ids(tok)
     config = family.tiny_config(ids, vocab_size=len(tok), **overrides)

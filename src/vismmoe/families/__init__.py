@@ -35,7 +35,9 @@ def supported() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
-def get_family(model_type: str | None) -> Family:
+def get_family(model_type: str | None, flag: str = "--model") -> Family:
+    """The adapter of `model_type`; UserError naming the supported families otherwise (`flag`: the option the
+    user should change, --model for a checkpoint, --family for make-tiny)."""
     try:
         return FAMILIES[model_type]
     except KeyError:
@@ -46,7 +48,9 @@ def get_family(model_type: str | None) -> Family:
             "transformers' experts setting, so its experts cannot be offloaded",
             f"vismmoe supports {supported()}") from None
     raise UserError(f"unknown model type {model_type!r}",
-                    f"vismmoe supports {supported()}; point --model at one of those checkpoints") from None
+                    f"vismmoe supports {supported()}; " +
+                    ("point --model at one of those checkpoints" if flag == "--model" else f"give {flag} one of them")
+                    ) from None
 
 
 __all__ = ["FAMILIES", "IGNORES_EXPERTS_SETTING", "Encoded", "ExpertGeometry", "Family", "Tokens", "get_family"]

@@ -180,7 +180,9 @@ def _parse(body: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
+        # a union (content: str | parts) reports every branch; the deepest location is the one that says what is
+        # wrong (a part's unknown type, an image_url that is not an object), not "should be a valid string"
+        err = max(e.errors(), key=lambda x: len(x["loc"]))
         where = ".".join(str(x) for x in err["loc"]) or "body"
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"{where}: {msg}", param=where) from None

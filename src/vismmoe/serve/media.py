@@ -36,7 +36,10 @@ def image_bytes(url: str, rules: MediaRules) -> bytes:
         return _data_url(url, rules.max_bytes)
     scheme = urlparse(url).scheme.lower()
     if scheme == "file":
-        return _local(unquote(urlparse(url).path), rules)
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost") or not parsed.path:
+            raise UserError(f"file URL {url[:80]!r} names no absolute path", "write file:///absolute/path/image.png")
+        return _local(unquote(parsed.path), rules)
     if scheme in ("http", "https"):
         if not rules.allow_remote:
             raise UserError("remote image URLs are turned off on this server",
