@@ -53,3 +53,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def big_image(tmp_path_factory) -> str:
+    """A 224 px noise image: enough visual tokens for compression tests."""
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("big") / "img.png"
+    Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def prune_every_third(eng, inputs):
+    """(encoded prompt, kept visual indices, the engine's pruned prompt keeping every third visual token, the kept
+    sequence order [T'] of row 0, the compressor that keeps them): what the hand-built pruning references start
+    from."""
+    from vismmoe.compress import Selection
+    enc = eng.family.encode(eng.model, inputs)
+    keep = torch.arange(0, int(enc.visual.sum()), 3)
+
+    class Every3:
+        name = "every3"
+
+        def select(self, ctx):
+            return Selection(keep)
+
+    pruned = eng.pruned_prompt(inputs, Every3(), 0.34)
+    vis_pos = torch.nonzero(enc.visual[0]).flatten()
+    order = torch.cat([torch.nonzero(~enc.visual[0]).flatten(), vis_pos[keep]]).sort().values
+    return enc, keep, pruned, order, Every3()

@@ -6,24 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
 from vismmoe import load
 from vismmoe.decode import cut_at_eos
-from vismmoe.compress import COMPRESSORS, Selection, VisualContext, keep_count
+from vismmoe.compress import COMPRESSORS, VisualContext, keep_count
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, prune_every_third
 
 PROMPT = "What is in the picture?"
-
-
-@pytest.fixture(scope="module")
-def big_image(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("big") / "img.png"
-    Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(path)
-    return str(path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -65,20 +56,8 @@ def test_kept_indices_are_valid(name, ratio, tiny_dirs, big_image):
 def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dirs, big_image):
     eng = load(tiny_dirs[family])
     inputs = eng.prepare([big_image], [PROMPT])
-    enc = eng.family.encode(eng.model, inputs)
-    n = int(enc.visual.sum())
-    keep = torch.arange(0, n, 3)                                        # every third visual token
-
-    class Every3:
-        name = "every3"
-
-        def select(self, ctx):
-            return Selection(keep)
-
-    pruned = eng.pruned_prompt(inputs, Every3(), 0.34)
+    enc, keep, pruned, order, every3 = prune_every_third(eng, inputs)
     # --- hand-built reference: gather by hand, positions from the unpruned rope rows, explicit decode positions
-    vis_pos = torch.nonzero(enc.visual[0]).flatten()
-    order = torch.cat([torch.nonzero(~enc.visual[0]).flatten(), vis_pos[keep]]).sort().values
     emb = enc.embeds[:, order]
     rope = enc.positions[1:, :, order]
     pos = torch.cat([torch.arange(len(order))[None, None], rope])
@@ -99,7 +78,7 @@ def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dir
                    past_key_values=cache, use_cache=True)
             toks.append(int(eng.model.lm_head(h.last_hidden_state[:, -1]).argmax(-1)))
     # --- the engine's compressed generation with the same keep set
-    eng.compressor = Every3()
+    eng.compressor = every3
     eng.rc = eng.rc.__class__(**{**eng.rc.__dict__, "compress": "every3", "keep_ratio": 0.34})
     got = eng.generate(big_image, PROMPT, max_new_tokens=6)
     assert got.token_ids == cut_at_eos(toks, eng.eos_ids)

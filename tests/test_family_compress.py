@@ -9,28 +9,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
 from vismmoe import load
-from vismmoe.compress import COMPRESSORS, Selection
+from vismmoe.compress import COMPRESSORS
 from vismmoe.decode import cut_at_eos
 from vismmoe.families import get_family
 
-from .conftest import MORE_FAMILIES
+from .conftest import MORE_FAMILIES, prune_every_third
 
 PROMPT = "What is in the picture?"
-
-
-@pytest.fixture(scope="module")
-def big_image(tmp_path_factory):
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("big") / "img.png"
-    Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(path)
-    return str(path)
 
 
 def _cache(model):
@@ -72,20 +62,9 @@ def test_ratio_one_is_exact(family, name, tiny_dirs, big_image):
 def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dirs, big_image):
     eng = load(tiny_dirs[family])
     inputs = eng.prepare([big_image], [PROMPT])
-    enc = eng.family.encode(eng.model, inputs)
-    keep = torch.arange(0, int(enc.visual.sum()), 3)                   # every third visual token
-
-    class Every3:
-        name = "every3"
-
-        def select(self, ctx):
-            return Selection(keep)
-
-    pruned = eng.pruned_prompt(inputs, Every3(), 0.34)
+    enc, keep, pruned, order, every3 = prune_every_third(eng, inputs)
     # --- by hand: gather embeddings, per-token inputs and the UNPRUNED rope rows of the kept order; the text row
     # renumbered; decode positions written out
-    vis_pos = torch.nonzero(enc.visual[0]).flatten()
-    order = torch.cat([torch.nonzero(~enc.visual[0]).flatten(), vis_pos[keep]]).sort().values
     rope = enc.positions[1:, :, order]
     nxt = int(rope.max()) + 1
     hand = replace(enc, embeds=enc.embeds[:, order], mask=torch.ones(1, len(order), dtype=enc.mask.dtype),
@@ -110,7 +89,7 @@ def test_pruned_positions_and_decode_match_hand_built_reference(family, tiny_dir
             out = eng.model(input_ids=torch.tensor([[toks[-1]]]), attention_mask=mask, past_key_values=cache,
                             position_ids=fam.position_ids(p), use_cache=True)
             toks.append(int(out.logits[0, -1].argmax()))
-    eng.compressor = Every3()
+    eng.compressor = every3
     eng.rc = eng.rc.__class__(**{**eng.rc.__dict__, "compress": "every3", "keep_ratio": 0.34})
     got = eng.generate(big_image, PROMPT, max_new_tokens=6)
     assert got.token_ids == cut_at_eos(toks, eng.eos_ids)
