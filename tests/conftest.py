@@ -38,12 +38,16 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
     return _TinyDirs(tmp_path_factory.mktemp("tiny"))
 
 
+def _noise_png(tmp_path_factory, seed: int, h: int, w: int) -> str:
+    rng = np.random.default_rng(seed)
+    path = tmp_path_factory.mktemp("img") / f"noise{seed}.png"
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def image_file(tmp_path_factory) -> str:
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "noise.png"
-    Image.fromarray((rng.random((96, 128, 3)) * 255).astype(np.uint8)).save(path)
-    return str(path)
+    return _noise_png(tmp_path_factory, 0, 96, 128)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -58,10 +62,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def big_image(tmp_path_factory) -> str:
     """A 224 px noise image: enough visual tokens for compression tests."""
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("big") / "img.png"
-    Image.fromarray((rng.random((224, 224, 3)) * 255).astype(np.uint8)).save(path)
-    return str(path)
+    return _noise_png(tmp_path_factory, 1, 224, 224)
 
 
 def prune_every_third(eng, inputs):
