@@ -83,7 +83,7 @@ def prefill(model, family, inputs: dict, eos_ids: set[int], max_new_tokens: int,
 
 def _pick(logits: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
     """logits [B, V] -> [B] next tokens."""
-    return logits.argmax(-1) if sampler is None or sampler.greedy else sampler.pick(logits)
+    return logits.argmax(-1) if sampler is None else sampler.pick(logits)
 
 
 def decode_one_token(model, family, state: DecodeState, teacher_token: int | None = None, decoder=None) -> list[int]:

@@ -319,18 +319,22 @@ class Engine:
             return self.model(**self.family.model_inputs(inputs), position_ids=self.family.position_ids(pos),
                               use_cache=False).logits
 
+    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """UserError unless at least one new token is asked for and the prompt plus the new tokens fit the model's
+        context."""
+        if max_new_tokens < 1:
+            raise UserError(f"max new tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
+        limit = getattr(self.family.text_config(self.config), "max_position_embeddings", None)
+        if limit is not None and prompt_tokens + max_new_tokens > limit:
+            raise UserError(f"prompt of {prompt_tokens} tokens + {max_new_tokens} new exceeds the model's context of "
+                            f"{limit} tokens", "shorten the prompt, use a smaller image or ask for fewer new tokens")
+
     @torch.inference_mode()
     def generate_ids(self, inputs: dict, max_new_tokens: int = 32, teacher_tokens: list[int] | None = None
                      ) -> tuple[list[list[int]], dict]:
         """Greedy decoding from prepared inputs: (token ids per row, cut after the first EOS; request stats).
         Calls from several threads are served one after another (an engine runs one request at a time)."""
-        if max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
-        limit = getattr(self.family.text_config(self.config), "max_position_embeddings", None)
-        prompt = inputs["input_ids"].shape[1]
-        if limit is not None and prompt + max_new_tokens > limit:
-            raise UserError(f"prompt of {prompt} tokens + {max_new_tokens} new exceeds the model's context of "
-                            f"{limit} tokens", "shorten the prompt, use a smaller image or lower --max-new-tokens")
+        self._check_length(inputs["input_ids"].shape[1], max_new_tokens)
         with self._lock:
             return self._generate_ids(inputs, max_new_tokens, teacher_tokens)
 
@@ -433,8 +437,7 @@ class Engine:
         the CPU) and `req.prompt_tokens`. Thread-safe (reads no engine state that generation changes), so a
         server prepares requests while a batch runs. UserError for a bad image, a bad message list, or a prompt
         that does not fit the model's context with `req.max_new_tokens` more tokens."""
-        if req.max_new_tokens < 1:
-            raise UserError(f"max tokens must be at least 1 (got {req.max_new_tokens})", "give a positive number")
+        self._check_length(0, req.max_new_tokens)
         t0 = time.perf_counter()
         pil = [load_image(im) for im in req.images]
         try:
@@ -443,10 +446,7 @@ class Engine:
             raise UserError(f"cannot format these messages with the model's chat template ({e})",
                             "give one image per image part and text parts as strings") from None
         req.prompt_tokens = int(inputs["input_ids"].shape[1])
-        limit = getattr(self.family.text_config(self.config), "max_position_embeddings", None)
-        if limit is not None and req.prompt_tokens + req.max_new_tokens > limit:
-            raise UserError(f"prompt of {req.prompt_tokens} tokens + {req.max_new_tokens} new exceeds the model's "
-                            f"context of {limit} tokens", "shorten the prompt, use a smaller image or fewer tokens")
+        self._check_length(req.prompt_tokens, req.max_new_tokens)
         req.inputs, req.prepare_s = inputs, time.perf_counter() - t0
 
     @torch.inference_mode()

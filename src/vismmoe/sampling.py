@@ -87,12 +87,6 @@ class Sampler:
                 out[r] = sample_row(logits[r], p, self._generator(r, logits.device))
         return out
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Drop every row not in `rows` (in that order): the batch shrank."""
-        self.params = [self.params[r] for r in rows]
-        self._gens = [self._gens[r] for r in rows]
-        self.greedy = all(p.greedy for p in self.params)
-
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
     """One draw from logits [V] under `p` (not greedy): a 0-d long tensor."""
