@@ -133,7 +133,8 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
         req.on_text = lambda delta: loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
 
         def done(r, error):                     # on the engine thread; the client may be gone already
-            _outcome(metrics, r, _as_api_error(error))
+            error = _as_api_error(error)
+            _outcome(metrics, r, error)
             loop.call_soon_threadsafe(events.put_nowait, ("done", error))
 
         try:
@@ -149,7 +150,7 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
                                      media_type="text/event-stream")
         error = await _wait(request, req, events)
         if error is not None:
-            raise error if isinstance(error, APIError) else APIError(500, "internal server error", "server_error")
+            raise error
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": opts.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": req.text},
                              "finish_reason": req.finish_reason, "logprobs": None}],
@@ -231,7 +232,7 @@ async def _wait(request: Request, req: GenerationRequest, events: asyncio.Queue)
                 req.cancelled.set()
             continue
         if kind == "done":
-            return _as_api_error(value)
+            return value
 
 
 def _as_api_error(error):
@@ -273,7 +274,7 @@ async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: s
             if kind == "text":
                 yield chunk({"content": value})
                 continue
-            error = _as_api_error(value)
+            error = value
             finished = True
             if error is not None:
                 yield f"data: {json.dumps(error_body(error.message, error.kind, error.code))}\n\n"
