@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("VISMMOE_QUIET", "1")
+if not torch.cuda.is_available():       # the Triton kernels run in Triton's interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # VISMMOE_TEST_THREADS=1 on a machine whose cores are busy with other work: tiny models gain nothing from
 # intra-op threads, and threads that wait on a busy core make every matmul many times slower
 torch.set_num_threads(int(os.environ.get("VISMMOE_TEST_THREADS", min(4, os.cpu_count() or 1))))

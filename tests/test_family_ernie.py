@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from vismmoe import load
 from vismmoe.families.ernie4_5_vl_moe import VISION_GROUPS, bank_group, group_bank
-from vismmoe.store import BlobLayout
+from vismmoe.formats import DenseFormat
 
 FAMILY = "ernie4_5_vl_moe"
 
@@ -24,7 +24,7 @@ def _expert(x, gate_up, down):
 def test_narrow_expert_in_a_wide_slot_computes_the_same():
     torch.manual_seed(0)
     H, I, i = 24, 12, 4
-    layout = BlobLayout(H, I, torch.float32)
+    layout = DenseFormat(H, I, torch.float32)
     gate_up, down, x = torch.randn(2 * i, H), torch.randn(H, i), torch.randn(5, H)
     blob = layout.pack(gate_up, down, torch.full((layout.numel,), float("nan")))
     wide_gu, wide_dn = layout.views(blob[None])

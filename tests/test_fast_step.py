@@ -6,14 +6,12 @@ graph replay against the same step run eagerly on the GPU."""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from vismmoe import load
-from vismmoe import moe_kernel
 from vismmoe.decode import cut_at_eos
 
 from .conftest import FAMILIES
@@ -95,51 +93,7 @@ def test_decode_mode_is_validated(tiny_dirs):
         eng.fast_step()
 
 
-def _kernel_case(dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H, I, E, K, T = 64, 48, 8, 2, 3
-    numel = 3 * H * I + 64
-    pool = torch.randn(4, numel, generator=g).to(dtype)
-    bank = torch.randn(E, numel, generator=g).to(dtype)
-    if device == "cuda":
-        pool, bank = pool.cuda(), bank.pin_memory()
-    slots = [2, -1, 0, -1, 1, -1, 3, -1]
-    es = pool.element_size()
-    addr = torch.tensor([pool.data_ptr() + s * numel * es if s >= 0 else bank.data_ptr() + e * numel * es
-                         for e, s in enumerate(slots)], dtype=torch.int64, device=device)
-    x = torch.randn(T, H, generator=g).to(dtype).to(device)
-    topk = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
-    w = torch.rand(T, K, generator=g).to(dtype).to(device)
-    blobs = torch.stack([pool[slots[e]].cpu() if slots[e] >= 0 else bank[e].cpu() for e in topk.reshape(-1).tolist()])
-    ref = moe_kernel.decode_experts_reference(x.cpu(), topk.cpu(), w.cpu(), blobs, I)
-    return x, topk, w, addr, I, ref, (pool, bank)      # the blobs must outlive the kernel that reads them
-
-
-def _check_kernel(device):
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        x, topk, w, addr, I, ref, _keep = _kernel_case(dtype, device)
-        ri = torch.full((topk.numel(),), -1, dtype=torch.long, device=device)
-        rw = torch.zeros(topk.numel(), device=device)
-        out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, {"BLOCK_I": 16, "BLOCK_H": 32},
-                                               {"BLOCK_O": 16, "BLOCK_K": 32}).cpu().float()
-        err = (out - ref.float()).norm() / ref.float().norm()
-        assert err < tol, (dtype, err)
-        assert torch.equal(ri.cpu().view_as(topk), topk.cpu())
-        assert torch.equal(rw.cpu().view_as(w), w.cpu().float())
-
-
-@pytest.mark.skipif(moe_kernel.triton is None, reason="triton not installed")
-def test_decode_kernel_matches_reference_in_interpreter(monkeypatch):
-    """The Triton kernels in Triton's interpreter (CPU): slots and host blobs through one address table."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU")
-    _check_kernel("cpu")
-
-
-@pytest.mark.gpu
-def test_gpu_decode_kernel_matches_reference():
-    """On the GPU, with half the experts read from page-locked host memory by the kernel."""
-    _check_kernel("cuda")
+# the decode kernels against the torch reference, for every expert format: tests/test_expert_formats.py
 
 
 @pytest.mark.gpu
@@ -259,6 +213,6 @@ def test_fast_step_charges_an_emulated_link(tiny_dirs, image_file):
     # the decode steps' own waits: at least the link time of one miss per step that missed
     decode_stall = st["stall_s"] - prefill_only["stall_s"]
     assert decode_stall >= 0.5 * (st["expert_bytes"] / 0.02e9)
-    assert st["e2e_s"] - prefill_only["e2e_s"] >= 0.9 * decode_stall           # the wait was real time
+    assert st["e2e_s"] >= 0.9 * st["stall_s"]                       # the waits were real time of this request
     per_miss = st["expert_bytes"] / 0.02e9
     assert st["link_busy_s"] >= st["misses"] * per_miss * 0.99          # every miss's bytes were booked

@@ -124,13 +124,15 @@ def test_sparse_window_gathers_used_slots_with_identical_results():
     from vismmoe.grouped import window_banks
     g = torch.Generator().manual_seed(5)
     T, K, S, H, I = 7, 2, 200, 16, 8
-    gate_up, down = torch.randn(S, 2 * I, H, generator=g), torch.randn(S, H, I, generator=g)
+    from vismmoe.formats import DenseFormat
+    fmt = DenseFormat(H, I, torch.float32)
+    pool = torch.randn(S, fmt.numel, generator=g)
     hidden, w = torch.randn(T, H, generator=g), torch.rand(T, K, generator=g)
     inside = [3, 50, 120, 190]
     idx = torch.tensor(inside)[torch.randint(0, 4, (T, K), generator=g)]
     out = {}
     for gather in (False, True):
-        gu, dn, local = window_banks(gate_up, down, inside, 3, 191, gather_sparse=gather)
+        gu, dn, local = window_banks(fmt, pool, inside, 3, 191, gather_sparse=gather)
         assert gu.shape[0] == (4 if gather else 188)
         slot_idx = torch.tensor([[local[int(s)] for s in row] for row in idx])
         out[gather] = experts_on_slots(_Gate, hidden, slot_idx, w, gu, dn, None)

@@ -10,7 +10,7 @@ from vismmoe.errors import UserError
 from vismmoe.policies import (BeladyPolicy, LFRUPolicy, LFUPolicy, LRUPolicy, NoCachePolicy, PredictivePolicy,
                                make_policy)
 from vismmoe.schedule import plan_waves
-from vismmoe.store import BlobLayout
+from vismmoe.formats import DenseFormat
 
 
 def test_lru_evicts_least_recent():
@@ -59,7 +59,7 @@ def test_plan_waves_hits_first_and_capacity():
 
 
 def _cache(slots, policy):
-    return ExpertCache(BlobLayout(8, 4, torch.float32), slots, torch.device("cpu"), policy)
+    return ExpertCache(DenseFormat(8, 4, torch.float32), slots, torch.device("cpu"), policy)
 
 
 def test_cache_claims_free_slots_then_evicts_unpinned():
@@ -177,7 +177,7 @@ def test_predictive_admits_a_prefetch_only_over_a_later_needed_victim():
     assert p.admit((3, 3), (2, 1))        # layer 3 is visited after layer 2: its expert may make room
     assert not p.admit((1, 1), (2, 1))    # layer 1's sure expert is needed first: refused
     assert LRUPolicy().admit((1, 1), (2, 1))
-    cache = ExpertCache(BlobLayout(4, 2, torch.float32), 1, torch.device("cpu"), p)
+    cache = ExpertCache(DenseFormat(4, 2, torch.float32), 1, torch.device("cpu"), p)
     p.res[:] = False
     cache.claim((1, 1), set())
     with pytest.raises(LookupError):

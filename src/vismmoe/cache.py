@@ -1,8 +1,9 @@
 """The device expert cache: a fixed pool of slots, who lives in which slot, and the counters.
 
-Mechanism only. The pool is ONE tensor `[S, blob]` allocated once from the byte budget, viewed as fused expert
-banks `gate_up [S, 2I, H]` and `down [S, H, I]` so a grouped matmul can run straight on it with an expert->slot
-index. Which expert to evict is the policy's call (`policies.py`); the order of loads within a layer is the
+Mechanism only. The pool is ONE tensor `[S, blob]` allocated once from the byte budget, a blob per slot in the
+expert format's bytes (formats/); the cache never looks inside a blob. The dense format's pool is also viewed as
+fused expert banks `gate_up [S, 2I, H]` and `down [S, H, I]` (`cache.gate_up`, `cache.down`; None for quantized
+formats) for code that runs transformers' own experts over the slots. Which expert to evict is the policy's call (`policies.py`); the order of loads within a layer is the
 schedule's (`schedule.py`); copies are the transfer engine's (`transfer.py`).
 """
 
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .store import BlobLayout
 
 Key = tuple[int, int]   # (layer, expert)
 
@@ -47,19 +47,20 @@ class CacheCounters:
 
 
 class ExpertCache:
-    def __init__(self, layout: BlobLayout, num_slots: int, device: torch.device, policy,
+    def __init__(self, layout, num_slots: int, device: torch.device, policy,
                  pool: torch.Tensor | None = None):
-        """`pool`: memory of another cache to reuse (benchmarks that run caches one after another; never two
-        caches over one pool at the same time)."""
+        """`layout`: the expert format (formats.ExpertFormat). `pool`: memory of another cache to reuse (benchmarks
+        that run caches one after another; never two caches over one pool at the same time)."""
         self.layout = layout
         self.num_slots = num_slots
         self.device = device
         self.policy = policy
         if pool is not None:
-            assert pool.shape == (num_slots, layout.numel) and pool.dtype == layout.dtype
-        self.pool = pool if pool is not None else torch.empty(num_slots, layout.numel, dtype=layout.dtype,
+            assert pool.shape == (num_slots, layout.numel) and pool.dtype == layout.pool_dtype
+        self.pool = pool if pool is not None else torch.empty(num_slots, layout.numel, dtype=layout.pool_dtype,
                                                               device=device)
-        self.gate_up, self.down = layout.views(self.pool)      # [S, 2I, H], [S, H, I]
+        views = getattr(layout, "views", None)
+        self.gate_up, self.down = views(self.pool) if views else (None, None)      # [S, 2I, H], [S, H, I]
         self.slot_of: dict[Key, int] = {}
         self.owner: list[Key | None] = [None] * num_slots
         self.last_use: list[object] = [None] * num_slots        # event of the last compute that read the slot

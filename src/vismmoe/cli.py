@@ -128,7 +128,20 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     _add_compress_args(p, "before the decoder")
     p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
                    help="where experts live off the device: host RAM (default) or disk (read on demand)")
+    _add_format_arg(p)
     _add_decode_args(p)
+
+
+def _formats() -> list[str]:
+    from .formats import names
+    return names()
+
+
+def _add_format_arg(p: argparse.ArgumentParser) -> None:
+    _registry(p.add_argument("--expert-format", default="auto", metavar="FORMAT",
+                             help="how routed experts are stored, cached and moved: auto (default: the checkpoint's "
+                                  "own; dense for a bf16/fp16 checkpoint) or one of {names}, quantized while "
+                                  "loading (round to nearest); knobs: int4:group=32|64|128,sym=0|1"), _formats)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -164,7 +177,8 @@ def runtime_config(args, trace: bool = False):
                          expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
                          lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
                          calibration=args.calibration, compress=compress, keep_ratio=keep_ratio,
-                         decode=args.decode, compile=_compile_flag(args))
+                         decode=args.decode, compile=_compile_flag(args),
+                         expert_format=None if args.expert_format == "auto" else args.expert_format)
 
 
 def _engine_from(args, trace: bool = False):
@@ -408,7 +422,8 @@ def cmd_bench(args) -> int:
     else:
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
-                    compile=_compile_flag(args))
+                    compile=_compile_flag(args),
+                    expert_format=None if args.expert_format == "auto" else args.expert_format)
         samples = requests_from_samples(balanced_subset("test", n))
         new = args.max_new_tokens or 4
         title = (f"model {os.path.basename(os.path.abspath(model))} "
@@ -438,7 +453,7 @@ def _shape_workload(args):
     from .bench.shapes import get_shape
     from .engine import _resolve_device
     from .families import get_family
-    from .store import BlobLayout
+    from .formats import make_format
     try:
         sides = [int(x) for x in args.image_sides.split(",") if x.strip()]
     except ValueError:
@@ -450,9 +465,10 @@ def _shape_workload(args):
     dev = _resolve_device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     geo = get_family(fam).geometry(config)
-    least = geo.top_k * BlobLayout(geo.hidden, geo.inter, dtype).nbytes
+    spec = "dense" if args.expert_format == "auto" else args.expert_format
+    least = geo.top_k * make_format(spec, geo.hidden, geo.inter, dtype).nbytes
     base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
-                         compile=_compile_flag(args))
+                         compile=_compile_flag(args), expert_format=spec)
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
     vocab = config.text_config.vocab_size
@@ -602,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--save-traces", default=None, metavar="DIR",
                    help="also save the routing traces behind the bound (one .npz per compression setting and request)")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
+    _add_format_arg(b)
     _add_decode_args(b)
     b.set_defaults(func=cmd_bench)
 

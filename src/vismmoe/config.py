@@ -80,6 +80,7 @@ class RuntimeConfig:
     max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
     decode: str = "auto"                # fast (static KV, compiled layers, one CUDA graph per step) | eager | auto
     compile: bool | None = None         # torch.compile the decoder layers of the fast step; None: on CUDA only
+    expert_format: str | None = None    # dense | fp8 | int4[:group=G,sym=S]; None/auto: the checkpoint's own
 
     def __post_init__(self):
         if self.expert_tier not in ("host", "disk"):

@@ -37,7 +37,9 @@ from .request import GenerationRequest, TextStream, batch_inputs
 from .protocols import StepObserver
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .sampling import Sampler
-from .store import BlobLayout, CheckpointReader, DiskStore, HostStore
+from .formats import make_format
+from .formats.checkpoint import dequantized_tensors, run_format, stored_format
+from .store import CheckpointReader, DiskStore, HostStore
 from .timeline import Timeline
 from .trace import RoutingTrace
 from .transfer import TransferEngine
@@ -203,6 +205,9 @@ class Engine:
         except TypeError as e:
             raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
         check(rc)
+        if rc.expert_format != self.rc.expert_format:
+            raise UserError(f"a fork keeps its engine's expert format ({self.layout.spec()})",
+                            "load the checkpoint again with the other --expert-format")
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
@@ -521,6 +526,7 @@ class Engine:
             "expert_pool_bytes": self.cache.budget_bytes,
             "expert_bytes_peak": self.cache.peak_resident * self.layout.nbytes,
             "expert_bytes": self.layout.nbytes,
+            "expert_format": self.layout.spec(),
             "slots": self.cache.num_slots,
             "experts_total": len(self.geometry.moe_layers) * self.geometry.num_experts,
             "nonexpert_bytes": self.nonexpert_bytes,
@@ -556,8 +562,9 @@ class Engine:
         return {l: vars(c).copy() for l, c in sorted(self.cache.counters.per_layer.items())}
 
 
-def resolve_budget(rc: RuntimeConfig, layout: BlobLayout, geo, nonexpert: int, config, dev) -> int:
-    """Expert bytes from --expert-budget (bytes or % of all experts) or --device-memory; checks the minimum."""
+def resolve_budget(rc: RuntimeConfig, layout, geo, nonexpert: int, config, dev) -> int:
+    """Expert bytes from --expert-budget (bytes or % of all experts, as stored in the run's expert format
+    `layout`) or --device-memory; checks the minimum."""
     all_bytes = len(geo.moe_layers) * geo.num_experts * layout.nbytes
     least = geo.top_k * layout.nbytes
     if rc.expert_budget is not None:
@@ -565,7 +572,7 @@ def resolve_budget(rc: RuntimeConfig, layout: BlobLayout, geo, nonexpert: int, c
     elif rc.device_memory is not None:
         total = parse_size(rc.device_memory, what="device memory")
         res = parse_size(rc.reserve, what="reserve") if rc.reserve else \
-            estimate_reserve(config, geo, rc.max_seq, layout.dtype, dev)
+            estimate_reserve(config, geo, rc.max_seq, layout.dtype, dev)       # activations: compute dtype
         budget = total - nonexpert - res
         if budget < least:
             raise UserError(
@@ -590,18 +597,19 @@ def skeleton(family, config) -> torch.nn.Module:
     return model.eval()
 
 
-def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str) -> None:
+def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str,
+                    stored: str | None = None) -> None:
     """Every checkpoint tensor except routed experts (under `prefixes`), converted where the family stores it
-    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`)."""
+    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`). Linears a quantized checkpoint
+    (`stored`: its expert format) stores quantized are dequantized once (formats.checkpoint)."""
     params = dict(model.named_parameters())
     expert_pfx = tuple(p + "." for p in prefixes)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
         tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
     state = {}
-    for stored in reader.keys():
-        if stored.startswith(expert_pfx):
-            continue
-        for key, t in family.convert_tensor(stored, reader.tensor(stored)):
+    keys = [k for k in reader.keys() if not k.startswith(expert_pfx)]
+    for name, tensor in dequantized_tensors(reader, stored, keys):
+        for key, t in family.convert_tensor(name, tensor):
             if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
                 t = t.to(dt)
             state[key] = t.contiguous().to(dev)
@@ -680,16 +688,18 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
                         "restore the checkpoint's config.json") from None
     dt = _resolve_dtype(rc.dtype, config, dev)
     geo = family.geometry(config)
-    layout = BlobLayout(geo.hidden, geo.inter, dt)
+    stored = stored_format(config)
+    layout = make_format(run_format(rc.expert_format, stored), geo.hidden, geo.inter, dt)
     model = skeleton(family, config)
     banks = family.expert_banks(config)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
+    read_as = layout if stored is not None else make_format("dense", geo.hidden, geo.inter, dt)
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
-        reader.check_layer(prefix, geo.num_experts)
+        read_as.check(reader, prefix, geo.num_experts)
 
     fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
-    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir)
+    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir, stored)
     strip_experts(model, family, geo, dt, dev)
     nonexpert = _device_bytes(model)
 

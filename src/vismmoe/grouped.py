@@ -14,7 +14,8 @@ Training (train.py) runs `experts_on_slots` too, over a layer's own expert banks
 autograd flows through it to the hidden states, the routing weights and the banks.
 
 `grouped_mm` takes at most `MAX_GROUPS` groups per call, so a call sees a window of at most that many slots
-(`windows()` splits the slots a wave uses; `window_banks()` gives each window's banks and slot -> group map).
+(`windows()` splits the slots a wave uses; `window_banks()` gives each window's banks and slot -> group map,
+dequantized into a scratch for quantized expert formats).
 """
 
 from __future__ import annotations
@@ -37,13 +38,21 @@ def windows(slots: list[int], span: int = MAX_GROUPS) -> list[tuple[int, int]]:
     return out
 
 
-def window_banks(gate_up: torch.Tensor, down: torch.Tensor, inside: list[int], lo: int, hi: int,
+def window_banks(layout, pool: torch.Tensor, inside: list[int], lo: int, hi: int,
                  gather_sparse: bool) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
-    """The banks one grouped matmul sees for the used slots `inside` [lo, hi) and slot -> group index.
+    """The banks one grouped matmul sees for the used slots `inside` [lo, hi) of `pool [S, numel]` (blobs of the
+    expert format `layout`) and slot -> group index.
 
-    Normally the pool slice [lo, hi) (a view: no copy). With `gather_sparse` (the CPU, whose grouped_mm pays for
-    every group of the window, empty ones too) a window mostly empty gathers its used slots' weights instead:
-    a copy of what the matmul reads anyway."""
+    Dense: normally the pool slice [lo, hi) viewed as banks (no copy). With `gather_sparse` (the CPU, whose
+    grouped_mm pays for every group of the window, empty ones too) a window mostly empty gathers its used slots'
+    weights instead: a copy of what the matmul reads anyway. Quantized formats: the used slots' blobs are
+    dequantized into a scratch in the activation dtype (moe_kernel.dequantize: Triton on CUDA)."""
+    if not hasattr(layout, "views"):
+        from .moe_kernel import dequantize
+        sel = torch.tensor(inside, device=pool.device)
+        gu, dn = dequantize(layout, pool.index_select(0, sel))
+        return gu, dn, {s: i for i, s in enumerate(inside)}
+    gate_up, down = layout.views(pool)
     if gather_sparse and hi - lo > 2 * len(inside) + 16:
         sel = torch.tensor(inside, device=gate_up.device)
         return gate_up.index_select(0, sel), down.index_select(0, sel), {s: i for i, s in enumerate(inside)}

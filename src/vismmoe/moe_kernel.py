@@ -4,7 +4,8 @@
     addr   [E] int64      where expert e's blob starts: a slot of the device pool, or its page-locked host blob
                           (device-visible through unified addressing); written by the host before each step
     topk   [T, K]         router's choice; weights [T, K]
-    blob   gate_up [2I, H] then down [H, I] (store.BlobLayout), the same bytes in a slot and on the host
+    blob   one expert in its format (formats/), the same bytes in a slot and on the host: dense gate_up [2I, H]
+           then down [H, I]; fp8 e4m3 weights + 128x128 block scales; int4 nibbles + group scales and zeros
     ->  gate_up pass  [P, I]   silu(x @ gate^T) * (x @ up^T), one program per (pair, block of I rows)
     ->  down pass     [P, H]   (h @ down^T) * weight, one program per (pair, block of H rows)
     ->  sum over K    [T, H]
@@ -16,13 +17,23 @@ host one go through the same arithmetic, so offloading never changes a result.
 
 The step also records its routing (`route_idx`, `route_w`) for the host's cache bookkeeping after the step.
 
+Quantized blobs are dequantized in registers (`_row_dot`: one variant per format, chosen by the constant `FMT`
+= the format's `kernel` id); activations stay in x's dtype, accumulation in float32. The prefill does not use
+these kernels: it dequantizes a wave's slots into a scratch (`dequantize`, `_dequant_kernel`) and runs
+`grouped_mm` on it (grouped.py).
+
 On CUDA the two passes are Triton kernels behind the custom op `vismmoe::decode_experts` (opaque to
-torch.compile). `decode_experts_reference` is the plain torch version: the CPU path and the tests' reference.
+torch.compile). `decode_experts_reference` is the plain torch version over dequantized weights: the CPU path and
+the tests' reference; the tests also run the kernels under Triton's interpreter (TRITON_INTERPRET=1) on the CPU.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"     # kernels run on the CPU in Triton's interpreter (tests)
 
 try:                                    # the GPU path; the CPU runs the torch reference
     import triton
@@ -31,30 +42,73 @@ except ImportError:                     # pragma: no cover - CPU installs withou
     triton = None
 
 
-def decode_experts_reference(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, blobs: torch.Tensor,
-                             inter: int) -> torch.Tensor:
-    """x [T, H], topk [T, K], weights [T, K], blobs [P, numel] (pair p's expert blob, p = t*K + k) -> [T, H].
+def decode_experts_reference(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                             down: torch.Tensor) -> torch.Tensor:
+    """x [T, H], topk [T, K], weights [T, K], gate_up [P, 2I, H], down [P, H, I] (pair p's expert, p = t*K + k,
+    dequantized into x's dtype by its format) -> [T, H].
 
     Rounds where the kernels round: gate/up outputs, the activation and its product, and the down output are in
     x's dtype; accumulation, the routing weight and the sum over K in float32."""
     T, K = topk.shape
     H = x.shape[-1]
-    gu = blobs[:, : 2 * inter * H].view(-1, 2 * inter, H)                           # [P, 2I, H]
-    dn = blobs[:, 2 * inter * H: 2 * inter * H + H * inter].view(-1, H, inter)     # [P, H, I]
+    inter = down.shape[-1]
     xp = x.repeat_interleave(K, dim=0).float()                                       # [P, H]
-    g = torch.einsum("ph,pih->pi", xp, gu[:, :inter].float()).to(x.dtype)          # [P, I]
-    u = torch.einsum("ph,pih->pi", xp, gu[:, inter:].float()).to(x.dtype)          # [P, I]
+    g = torch.einsum("ph,pih->pi", xp, gate_up[:, :inter].float()).to(x.dtype)     # [P, I]
+    u = torch.einsum("ph,pih->pi", xp, gate_up[:, inter:].float()).to(x.dtype)     # [P, I]
     h = (torch.nn.functional.silu(g.float()).to(x.dtype).float() * u.float()).to(x.dtype)
-    y = torch.einsum("pi,phi->ph", h.float(), dn.float()).to(x.dtype)               # [P, H]
+    y = torch.einsum("pi,phi->ph", h.float(), down.float()).to(x.dtype)              # [P, H]
     y = y.float() * weights.reshape(-1, 1).float()
     return y.view(T, K, H).sum(1).to(x.dtype)
 
 
 if triton is not None:
     @triton.jit
+    def _e4m3(b):
+        """uint8 e4m3 bits -> float32, exactly: the bits moved into an fp16 (whose 5-bit exponent holds e4m3's 4
+        bits with the bias 8 lower, subnormals included) and scaled by 2^8."""
+        b16 = b.to(tl.int16)
+        bits = ((b16 & 0x7F) << 7) | ((b16 & 0x80) << 8)
+        return bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+
+    @triton.jit
+    def _row_dot(base, x_ptr, t, rows, rmask, R, C: tl.constexpr, sp, zp, SR: tl.constexpr,
+                 BLOCK_C: tl.constexpr, FMT: tl.constexpr):
+        """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R].
+        FMT 0: `base` points at dense weights [R, C] of x's dtype.
+        FMT 1: e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR] (BLOCK_C divides 128).
+        FMT 2: 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR] per group of BLOCK_C."""
+        acc = tl.zeros([rows.shape[0]], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            if FMT == 2:
+                j = tl.arange(0, BLOCK_C // 2)
+                ce = c0 + 2 * j
+                cm = ce < C
+                xe = tl.load(x_ptr + t * C + ce, mask=cm, other=0.0).to(tl.float32)
+                xo = tl.load(x_ptr + t * C + ce + 1, mask=cm, other=0.0).to(tl.float32)
+                q = tl.load(base + rows[:, None] * (C // 2) + (c0 // 2 + j)[None, :],
+                            mask=rmask[:, None] & cm[None, :], other=0)
+                dot = tl.sum((q & 0xF).to(tl.float32) * xe[None, :] + (q >> 4).to(tl.float32) * xo[None, :], axis=1)
+                g = c0 // BLOCK_C
+                sc = tl.load(sp + rows * SR + g, mask=rmask, other=0.0)
+                z = tl.load(zp + rows * SR + g, mask=rmask, other=0).to(tl.float32)
+                acc += sc * (dot - z * (tl.sum(xe) + tl.sum(xo)))
+            else:
+                cols = c0 + tl.arange(0, BLOCK_C)
+                cm = cols < C
+                xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
+                w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
+                if FMT == 1:
+                    sc = tl.load(sp + (rows // 128) * SR + c0 // 128, mask=rmask, other=0.0)
+                    acc += sc * tl.sum(_e4m3(w) * xv[None, :], axis=1)
+                else:
+                    acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        return acc
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr,
                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
-                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+                        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr,
+                        S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr):
         p = tl.program_id(0)                        # pair t*K + k
         ib = tl.program_id(1)
         t = p // K
@@ -62,21 +116,25 @@ if triton is not None:
         if ib == 0:                                 # the routing, for the host's bookkeeping after the step
             tl.store(ridx_ptr + p, e.to(tl.int64))
             tl.store(rw_ptr + p, tl.load(w_ptr + p).to(tl.float32))
-        base = tl.load(addr_ptr + e).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        dt = x_ptr.dtype.element_ty
         rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         rmask = rows < I
-        acc_g = tl.zeros([BLOCK_I], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_I], dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            cmask = cols < H
-            xv = tl.load(x_ptr + t * H + cols, mask=cmask, other=0.0).to(tl.float32)
-            m2 = rmask[:, None] & cmask[None, :]
-            wg = tl.load(base + rows[:, None] * H + cols[None, :], mask=m2, other=0.0)
-            wu = tl.load(base + (rows[:, None] + I) * H + cols[None, :], mask=m2, other=0.0)
-            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-            acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
-        dt = x_ptr.dtype.element_ty
+        if FMT == 0:
+            base = tl.load(addr_ptr + e).to(tl.pointer_type(dt))
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, I, H, base, base, 0, BLOCK_H, 0)
+            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, I, H, base, base, 0, BLOCK_H, 0)
+        elif FMT == 1:                              # gate [I, H] | up [I, H] e4m3; scales gate | up | down
+            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, I, H, sp, base, SH, BLOCK_H, 1)
+            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, I, H, sp + NB, base, SH, BLOCK_H, 1)
+        else:                                       # gate_up [2I, H/2] nibbles; scales, zeros [2I, SH]
+            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
+            zp = base + Z_OFF
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, I, H, sp, zp, SH, BLOCK_H, 2)
+            acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, I, H, sp + I * SH, zp + I * SH, SH,
+                             BLOCK_H, 2)
         g = acc_g.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
@@ -84,23 +142,52 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr,
-                     H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr):
+                     H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                     FMT: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SI: tl.constexpr,
+                     NB: tl.constexpr):
         p = tl.program_id(0)
         ob = tl.program_id(1)
         e = tl.load(topk_ptr + p)
         dt = h_ptr.dtype.element_ty
-        base = tl.load(addr_ptr + e).to(tl.pointer_type(dt)) + 2 * I * H
         rows = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         rmask = rows < H
-        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < I
-            hv = tl.load(h_ptr + p * I + cols, mask=cmask, other=0.0).to(tl.float32)
-            wd = tl.load(base + rows[:, None] * I + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.sum(wd.to(tl.float32) * hv[None, :], axis=1)
+        if FMT == 0:
+            base = tl.load(addr_ptr + e).to(tl.pointer_type(dt))
+            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, H, I, base, base, 0, BLOCK_K, 0)
+        elif FMT == 1:                              # down [H, I] e4m3 after gate_up; its scales after gate's, up's
+            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
+            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, H, I, sp, base, SI, BLOCK_K, 1)
+        else:                                       # down [H, I/2] nibbles after gate_up; scales, zeros [H, SI]
+            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
+            acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, H, I, sp, base + Z_OFF + NB, SI, BLOCK_K, 2)
         y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
         tl.store(y_ptr + p * H + rows, y, mask=rmask)
+
+    @triton.jit
+    def _dequant_kernel(blob_ptr, out_ptr, NBYTES: tl.constexpr, OUT_N: tl.constexpr, OUT_OFF: tl.constexpr,
+                        R: tl.constexpr, C: tl.constexpr, Q_OFF: tl.constexpr, S_OFF: tl.constexpr,
+                        Z_OFF: tl.constexpr, SR: tl.constexpr, FMT: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One matrix [R, C] of blob n (program axis 0) into out[n] at element OUT_OFF (out [N, OUT_N])."""
+        n = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        m = (rows < R)[:, None] & (cols < C)[None, :]
+        blob = blob_ptr + n * NBYTES
+        sp = (blob + S_OFF).to(tl.pointer_type(tl.float32))
+        if FMT == 1:
+            w = _e4m3(tl.load(blob + Q_OFF + rows[:, None] * C + cols[None, :], mask=m, other=0))
+            w = w * tl.load(sp + (rows[:, None] // 128) * SR + cols[None, :] // 128, mask=m, other=0.0)
+        else:
+            q = tl.load(blob + Q_OFF + rows[:, None] * (C // 2) + cols[None, :] // 2, mask=m, other=0)
+            q = tl.where((cols % 2 == 0)[None, :], q & 0xF, q >> 4).to(tl.float32)
+            gi = rows[:, None] * SR + cols[None, :] // BLOCK_C
+            z = tl.load(blob + Z_OFF + gi, mask=m, other=0).to(tl.float32)
+            w = (q - z) * tl.load(sp + gi, mask=m, other=0.0)
+        dst = out_ptr + n * OUT_N + OUT_OFF + rows[:, None] * C + cols[None, :]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # block sizes per pass; chosen on the H200 for the 30B shape (H 2048, I 768) by bench/fast_step.py's kernel sweep
@@ -108,48 +195,122 @@ GATE_UP_BLOCKS = {"BLOCK_I": 16, "BLOCK_H": 256, "num_warps": 4}
 DOWN_BLOCKS = {"BLOCK_O": 32, "BLOCK_K": 256, "num_warps": 4}
 
 
+def _geometry(fmt) -> dict:
+    """The quantized layout's offsets and strides the kernels take as constants (see formats/fp8.py, int4.py)."""
+    if fmt.kernel == 1:
+        return dict(S_OFF=fmt.s_off, Z_OFF=0, SH=fmt.nbH, SI=fmt.nbI, NB_GU=fmt.s_gate, NB_DN=2 * fmt.s_gate,
+                    STEP=fmt.block)
+    if fmt.kernel == 2:
+        return dict(S_OFF=fmt.s_off, Z_OFF=fmt.z_off, SH=fmt.ngH, SI=fmt.ngI, NB_GU=0, NB_DN=fmt.n_gu,
+                    STEP=fmt.group)
+    return dict(S_OFF=0, Z_OFF=0, SH=0, SI=0, NB_GU=0, NB_DN=0, STEP=0)
+
+
 def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
-                 route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None) -> None:
-    """h [P, I] = silu(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous."""
+                 route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None, fmt=None) -> None:
+    """h [P, I] = silu(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
+    expert format of the blobs `addr` points at (None: dense)."""
     P, inter = h.shape
     b = dict(GATE_UP_BLOCKS, **(blocks or {}))
+    g = _geometry(fmt) if fmt is not None else _geometry(_Dense)
+    if g["STEP"]:
+        b["BLOCK_H"] = g["STEP"]                # one scale (fp8 block, int4 group) per column tile
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
         x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=x.shape[-1], I=inter,
-        BLOCK_I=b["BLOCK_I"], BLOCK_H=b["BLOCK_H"], num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
+        BLOCK_I=b["BLOCK_I"], BLOCK_H=b["BLOCK_H"], FMT=fmt.kernel if fmt is not None else 0,
+        S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"],
+        num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
 
 
 def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, y: torch.Tensor,
-              blocks: dict | None = None) -> None:
+              blocks: dict | None = None, fmt=None) -> None:
     """y [P, H] (float32) = (h @ down^T) * routing weight per pair."""
     P, inter = h.shape
     H = y.shape[-1]
     b = dict(DOWN_BLOCKS, **(blocks or {}))
+    g = _geometry(fmt) if fmt is not None else _geometry(_Dense)
+    if g["STEP"]:
+        b["BLOCK_K"] = g["STEP"]
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
         h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=b["BLOCK_O"], BLOCK_K=b["BLOCK_K"],
+        FMT=fmt.kernel if fmt is not None else 0, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"],
         num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
+
+
+class _Dense:
+    kernel = 0
 
 
 def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
                           route_idx: torch.Tensor, route_w: torch.Tensor, inter: int,
-                          gate_up_blocks: dict | None = None, down_blocks: dict | None = None) -> torch.Tensor:
-    """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]."""
+                          gate_up_blocks: dict | None = None, down_blocks: dict | None = None,
+                          fmt=None) -> torch.Tensor:
+    """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]. `fmt`: the expert
+    format of the blobs (formats.ExpertFormat; None: dense in x's dtype)."""
     T, K = topk.shape
     H = x.shape[-1]
     x, topk, weights = x.contiguous(), topk.contiguous(), weights.contiguous()
     h = x.new_empty(T * K, inter)
     y = torch.empty(T * K, H, device=x.device, dtype=torch.float32)
-    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks)
-    down_pass(h, topk, weights, addr, y, down_blocks)
+    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt)
+    down_pass(h, topk, weights, addr, y, down_blocks, fmt)
     return y.view(T, K, H).sum(1).to(x.dtype)
+
+
+_FORMATS: dict[tuple, object] = {}
+
+
+def _format(spec: str, hidden: int, inter: int, dtype: torch.dtype):
+    key = (spec, hidden, inter, dtype)
+    f = _FORMATS.get(key)
+    if f is None:
+        from .formats import make_format
+        f = _FORMATS[key] = make_format(spec, hidden, inter, dtype)
+    return f
 
 
 @torch.library.custom_op("vismmoe::decode_experts", mutates_args=("route_idx", "route_w"))
 def decode_experts(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
-                   route_idx: torch.Tensor, route_w: torch.Tensor, inter: int) -> torch.Tensor:
-    """Routed experts of a few tokens read through the address table `addr`; records the routing. CUDA only."""
-    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter)
+                   route_idx: torch.Tensor, route_w: torch.Tensor, inter: int, spec: str = "dense") -> torch.Tensor:
+    """Routed experts of a few tokens read through the address table `addr` (blobs of expert format `spec`);
+    records the routing. CUDA only."""
+    fmt = None if spec == "dense" else _format(spec, x.shape[-1], inter, x.dtype)
+    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt)
 
 
 @decode_experts.register_fake
-def _(x, topk, weights, addr, route_idx, route_w, inter):
+def _(x, topk, weights, addr, route_idx, route_w, inter, spec="dense"):
     return torch.empty_like(x)
+
+
+DEQUANT_BLOCKS = {"BLOCK_R": 32, "BLOCK_C": 128}
+
+
+def dequantize(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """blobs [N, numel] of a quantized format -> (gate_up [N, 2I, H], down [N, H, I]) in its activation dtype:
+    `dequantize_triton` on CUDA, the format's torch reference elsewhere."""
+    if not blobs.is_cuda or triton is None or fmt.kernel == 0:
+        return fmt.dequantize(blobs)
+    return dequantize_triton(fmt, blobs)
+
+
+def dequantize_triton(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dequantize` by `_dequant_kernel`, one launch per matrix (gate, up, down for fp8; gate_up, down for int4)."""
+    N, H, I = blobs.shape[0], fmt.hidden, fmt.inter
+    out = torch.empty(N, 3 * I * H, dtype=fmt.dtype, device=blobs.device)
+    blobs = blobs.contiguous()
+    g = _geometry(fmt)
+    BR = DEQUANT_BLOCKS["BLOCK_R"]
+    BC = g["STEP"] if fmt.kernel == 2 else DEQUANT_BLOCKS["BLOCK_C"]
+    if fmt.kernel == 1:      # (rows, cols, q offset, scale offset, zero offset, scale row length, out offset)
+        mats = [(I, H, 0, g["S_OFF"], 0, g["SH"], 0),
+                (I, H, I * H, g["S_OFF"] + 4 * g["NB_GU"], 0, g["SH"], I * H),
+                (H, I, 2 * I * H, g["S_OFF"] + 4 * g["NB_DN"], 0, g["SI"], 2 * I * H)]
+    else:
+        mats = [(2 * I, H, 0, g["S_OFF"], g["Z_OFF"], g["SH"], 0),
+                (H, I, I * H, g["S_OFF"] + 4 * g["NB_DN"], g["Z_OFF"] + g["NB_DN"], g["SI"], 2 * I * H)]
+    for R, C, q_off, s_off, z_off, sr, o_off in mats:
+        _dequant_kernel[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
+            blobs, out, NBYTES=fmt.nbytes, OUT_N=3 * I * H, OUT_OFF=o_off, R=R, C=C, Q_OFF=q_off, S_OFF=s_off,
+            Z_OFF=z_off, SR=sr, FMT=fmt.kernel, BLOCK_R=BR, BLOCK_C=BC)
+    return out[:, : 2 * I * H].view(N, 2 * I, H), out[:, 2 * I * H:].view(N, H, I)

@@ -207,7 +207,7 @@ class OffloadRuntime:
                        others={(layer, e): t for e, t in tickets.items()})
             for lo, hi in windows([slot_of[e] for e in part], self.max_groups):
                 inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
-                gate_up, down, local = window_banks(self.cache.gate_up, self.cache.down, inside, lo, hi,
+                gate_up, down, local = window_banks(self.cache.layout, self.cache.pool, inside, lo, hi,
                                                     gather_sparse=not self.cuda)
                 lut = np.full(self.num_experts, gate_up.shape[0], dtype=np.int64)  # expert -> group; else G
                 for e in part:

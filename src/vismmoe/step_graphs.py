@@ -66,8 +66,10 @@ class LayerExperts:
     ints, and tensors let one compiled layer serve every layer. CUDA reads the address table `addr`; the CPU step
     reads `slots`, `pool` and `bank`, which the running engine sets (fast_step.FastStep)."""
 
-    def __init__(self, inter: int, addr: torch.Tensor | None):
-        self.inter = inter
+    def __init__(self, layout, addr: torch.Tensor | None):
+        self.layout = layout                                        # the expert format of the blobs read
+        self.inter = layout.inter
+        self.spec = layout.spec()
         self.addr = addr                                            # [E] int64 (CUDA)
         self.pool = self.slots = self.bank = None                   # CPU: [S, numel], [E] int32, [E, numel]
         self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
@@ -75,13 +77,14 @@ class LayerExperts:
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if hidden.is_cuda:
             return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
-                                             self.route_w, self.inter)
+                                             self.route_w, self.inter, self.spec)
         flat = top_k_index.reshape(-1)
         self.route_idx.copy_(flat)
         self.route_w.copy_(top_k_weights.reshape(-1).float())
         slots = self.slots[flat].long()                                              # [P]; -1: not resident
         blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
-        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, blobs, self.inter)
+        gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
+        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down)
 
 
 def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
@@ -137,7 +140,7 @@ class StepGraphs:
         self.moe_layers, self.K, self.E = geo.moe_layers, geo.top_k, geo.num_experts
         nL = len(geo.moe_layers)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
-        self.experts = [LayerExperts(geo.inter, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
+        self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
         self.buckets: dict[tuple[int, int], Bucket] = {}
@@ -276,9 +279,11 @@ class StepGraphs:
 
 
 def step_graphs(engine, compiled: bool) -> StepGraphs:
-    """The `StepGraphs` of `engine`'s model (one per model and compile setting, shared by its forks)."""
+    """The `StepGraphs` of `engine`'s model (one per model, compile setting and expert format, shared by its
+    forks: a captured step reads blobs of one format)."""
     store = engine.model.__dict__.setdefault("_vismmoe_step_graphs", {})
-    sg = store.get(compiled)
+    key = (compiled, engine.layout.spec())
+    sg = store.get(key)
     if sg is None:
-        sg = store[compiled] = StepGraphs(engine, compiled)
+        sg = store[key] = StepGraphs(engine, compiled)
     return sg

@@ -1,15 +1,16 @@
 """Where expert weights live when they are not on the device, and how one expert is read.
 
-Owns the expert blob layout (ONE contiguous, 128-byte aligned blob per expert: `gate_up [2I, H]` then
-`down [H, I]`, in the runtime dtype, so a miss is a single copy), the reader that finds an expert in a checkpoint's
-safetensors files whatever their layout, and the two tiers:
+Owns the reader that finds an expert in a checkpoint's safetensors files whatever their layout, and the two tiers
+holding experts as blobs of an expert format (formats/: ONE contiguous, 128-byte aligned blob per expert, so a miss
+is a single copy):
 
 - `HostStore`: every expert read once at load into host RAM, one buffer per layer `[E, blob]` (pinned when the
   device is a GPU, so copies run at link speed and can be asynchronous).
 - `DiskStore`: nothing held; each request reads the expert's slices from the safetensors files into a reusable
   staging buffer. RAM use is bounded by the staging ring, never by the number of experts.
 
-It does not know about slots, caches or policies: `blob(layer, expert)` hands out host memory, that is all.
+It does not know about slots, caches or policies, nor what is inside a blob (the format's business):
+`blob(layer, expert)` hands out host memory, that is all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import weakref
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -33,64 +33,8 @@ _ALIGN_ELEMS = 64   # blob length is padded to a multiple of this many elements 
 _EXPERT_DTYPES = ("F64", "F32", "F16", "BF16")    # safetensors names of the dtypes experts are read from
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 _INCOMPLETE = "the checkpoint is incomplete or not of the model type config.json names"
-
-
-@dataclass(frozen=True)
-class BlobLayout:
-    """Byte layout of one expert blob and views into a `[N, blob]` pool."""
-
-    hidden: int
-    inter: int
-    dtype: torch.dtype
-
-    @property
-    def gate_up_numel(self) -> int:
-        return 2 * self.inter * self.hidden
-
-    @property
-    def down_numel(self) -> int:
-        return self.hidden * self.inter
-
-    @property
-    def numel(self) -> int:
-        n = self.gate_up_numel + self.down_numel
-        return -(-n // _ALIGN_ELEMS) * _ALIGN_ELEMS
-
-    @cached_property
-    def nbytes(self) -> int:                    # read per copy and per prefetch decision: computed once
-        return self.numel * self.dtype.itemsize
-
-    def views(self, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pool [N, numel]` -> (gate_up [N, 2I, H], down [N, H, I]) sharing its memory."""
-        n = pool.shape[0]
-        gu = pool[:, : self.gate_up_numel].unflatten(1, (2 * self.inter, self.hidden))
-        dn = pool[:, self.gate_up_numel : self.gate_up_numel + self.down_numel].unflatten(1, (self.hidden, self.inter))
-        assert gu.shape == (n, 2 * self.inter, self.hidden)
-        return gu, dn
-
-    def pack(self, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write one expert (gate_up [2I, H], down [H, I]) into the flat blob `out [numel]`.
-
-        An expert narrower than the slot (intermediate i < I: ERNIE's vision bank beside its text bank) is padded
-        with zeros: gate rows [0, i), up rows [I, I + i), down columns [0, i). Its padded rows give gate = up = 0,
-        SiLU(0) * 0 = 0, and zero down columns add nothing: it computes what the narrow expert computes."""
-        i = gate_up.shape[0] // 2
-        gu = out[: self.gate_up_numel].view(2 * self.inter, self.hidden)
-        dn = out[self.gate_up_numel : self.gate_up_numel + self.down_numel].view(self.hidden, self.inter)
-        if i == self.inter:
-            gu.copy_(gate_up)
-            dn.copy_(down)
-        else:
-            gu.zero_()
-            dn.zero_()
-            gu[:i].copy_(gate_up[:i])
-            gu[self.inter : self.inter + i].copy_(gate_up[i:])
-            dn[:, :i].copy_(down)
-        if self.numel > self.gate_up_numel + self.down_numel:
-            out[self.gate_up_numel + self.down_numel :].zero_()
-        return out
 
 
 @dataclass(frozen=True)
@@ -209,16 +153,23 @@ class CheckpointReader:
         with self._reading(key):
             return tuple(self._table(self.weight_map[key])[1][key]["shape"])
 
-    def _header(self, key: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name of tensor `key` ("BF16", "F8_E4M3", ...), from its file's header."""
+        with self._reading(key):
+            return self._table(self.weight_map[key])[1][self._stored.get(key, key)]["dtype"]
+
+    def _header(self, key: str, *shapes: tuple[int, ...], dtypes: tuple[str, ...] = _EXPERT_DTYPES) -> tuple[int, ...]:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
-        `shapes` (a 0 matches any size) and in a float dtype; else a UserError naming file and tensor."""
+        `shapes` (a 0 matches any size) and of one of `dtypes` (default: a float dtype); else a UserError naming
+        file and tensor."""
         with self._reading(key):
             meta = self._table(self.weight_map[key])[1][self._stored.get(key, key)]
             shape, dtype = tuple(meta["shape"]), meta["dtype"]
-        if dtype not in _EXPERT_DTYPES:
-            raise UserError(f"expert tensor {key} in {self._file(key)} is stored as {dtype}",
-                            f"vismmoe reads experts stored as {', '.join(_EXPERT_DTYPES)}; quantized checkpoints "
-                            "are not supported")
+        if dtype not in dtypes:
+            hint = (f"vismmoe reads these experts stored as {', '.join(dtypes)}; a quantized checkpoint needs the "
+                    "quantization_config in config.json that says how it was quantized") \
+                if dtypes == _EXPERT_DTYPES else f"expected {' or '.join(dtypes)} for this expert format"
+            raise UserError(f"expert tensor {key} in {self._file(key)} is stored as {dtype}", hint)
         for want in shapes:
             if len(want) == len(shape) and all(w in (0, s) for w, s in zip(want, shape)):
                 return shape
@@ -305,6 +256,25 @@ class CheckpointReader:
         g, u, d = (self._checked_tensor(key, shape) for key, shape in keys)
         return torch.cat([g, u], dim=0), d
 
+    def expert_key(self, prefix: str, expert: int, suffix: str) -> str:
+        """The name of tensor `suffix` (e.g. `gate_proj.weight_scale_inv`) of one expert stored split per expert."""
+        where, offset = self._locate(prefix)
+        return f"{where}.{offset + expert}.{suffix}"
+
+    def expert_header(self, prefix: str, expert: int, suffix: str, shape: tuple[int, ...],
+                      dtypes: tuple[str, ...]) -> str:
+        """Checks tensor `suffix` of one expert from the headers (there, `shape`, one of `dtypes`); its key."""
+        key = self.expert_key(prefix, expert, suffix)
+        if key not in self.weight_map:
+            raise UserError(f"{self._source} has no tensor {key}", _INCOMPLETE)
+        self._header(key, shape, dtypes=dtypes)
+        return key
+
+    def expert_tensor(self, prefix: str, expert: int, suffix: str, shape: tuple[int, ...],
+                      dtypes: tuple[str, ...]) -> torch.Tensor:
+        """Tensor `suffix` of one expert stored split per expert (quantized layouts), checked as `expert_header`."""
+        return self._pread(self.expert_header(prefix, expert, suffix, shape, dtypes))
+
     def _checked_tensor(self, key: str, shape: tuple[int, int]) -> torch.Tensor:
         self._header(key, shape)
         return self._pread(key)
@@ -363,20 +333,21 @@ class HostStore:
 
     tier = "host"
 
-    def __init__(self, layout: BlobLayout, num_experts: int, buffers: list[torch.Tensor]):
-        self.layout = layout
+    def __init__(self, layout, num_experts: int, buffers: list[torch.Tensor]):
+        self.layout = layout            # formats.ExpertFormat
         self.num_experts = num_experts
         self.buffers = buffers          # [L] x [E, numel]
 
     @classmethod
-    def from_checkpoint(cls, reader: CheckpointReader, prefixes: list[str], layout: BlobLayout, num_experts: int,
+    def from_checkpoint(cls, reader: CheckpointReader, prefixes: list[str], layout, num_experts: int,
                         pin: bool, progress=None) -> HostStore:
+        """Every expert of `prefixes` read into blobs of format `layout` (quantized at load when the checkpoint
+        is dense and the format is not)."""
         buffers = []
         for prefix in prefixes:
-            buf = torch.empty(num_experts, layout.numel, dtype=layout.dtype)
+            buf = torch.empty(num_experts, layout.numel, dtype=layout.pool_dtype)
             for e in range(num_experts):
-                gu, dn = reader.read(prefix, e)
-                layout.pack(gu, dn, buf[e])
+                layout.read(reader, prefix, e, buf[e])
             buffers.append(pin_inplace(buf) if pin else buf)
             if progress is not None:
                 progress()
@@ -418,13 +389,13 @@ class DiskStore:
 
     tier = "disk"
 
-    def __init__(self, reader: CheckpointReader, prefixes: list[str], layout: BlobLayout, num_experts: int,
+    def __init__(self, reader: CheckpointReader, prefixes: list[str], layout, num_experts: int,
                  pin: bool, staging: int = 8):
         self.reader = reader
         self.prefixes = prefixes
         self.layout = layout
         self.num_experts = num_experts
-        ring = torch.empty(staging, layout.numel, dtype=layout.dtype)
+        ring = torch.empty(staging, layout.numel, dtype=layout.pool_dtype)
         self.ring = pin_inplace(ring) if pin else ring
         self._free = list(range(staging))
         self._cv = threading.Condition()
@@ -439,10 +410,10 @@ class DiskStore:
                 self._cv.wait()
             i = self._free.pop()
         try:
-            gu, dn = self.reader.read(self.prefixes[layer_pos], expert)
+            out = self.layout.read(self.reader, self.prefixes[layer_pos], expert, self.ring[i])
             with self._cv:              # I/O threads read at once
-                self.bytes_read += (gu.numel() + dn.numel()) * gu.element_size()
-            return self.layout.pack(gu, dn, self.ring[i])
+                self.bytes_read += self.layout.nbytes
+            return out
         except BaseException:
             self.release(self.ring[i])  # a failed read must not keep its slot: the ring would run dry and hang
             raise

@@ -361,14 +361,14 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
     import vismmoe
 
     from ..families import get_family
-    from ..store import BlobLayout
+    from ..formats import DenseFormat
     cuda = device.startswith("cuda")
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype) or \
         ("bfloat16" if cuda else "float32")
     cfg = AutoConfig.from_pretrained(model_dir)
     geo = get_family(cfg.model_type).geometry(cfg)
     # the base engine keeps the smallest legal pool (one layer's top-k): its memory is in every vismmoe figure
-    least = geo.top_k * BlobLayout(geo.hidden, geo.inter, getattr(torch, dtype)).nbytes
+    least = geo.top_k * DenseFormat(geo.hidden, geo.inter, getattr(torch, dtype)).nbytes
     eng0 = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=str(least), policy="predictive",
                         prefetch="gate", compile=compile_flag)
     layers = len(eng0.geometry.moe_layers)

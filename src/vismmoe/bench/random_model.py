@@ -13,7 +13,8 @@ from PIL import Image
 from ..config import RuntimeConfig
 from ..engine import Engine, _device_bytes, resolve_budget, skeleton, strip_experts
 from ..families import get_family
-from ..store import BlobLayout, HostStore, pin_inplace
+from ..formats import make_format
+from ..store import HostStore, pin_inplace
 
 
 @torch.no_grad()
@@ -33,18 +34,27 @@ def _materialize_random(model: torch.nn.Module, skip: tuple[str, ...], device, d
 
 
 @torch.no_grad()
-def random_host_store(layout: BlobLayout, num_layers: int, num_experts: int, device, pin: bool, seed: int,
+def random_host_store(layout, num_layers: int, num_experts: int, device, pin: bool, seed: int,
                       progress=None) -> HostStore:
+    """Experts drawn normal (std 0.02) on `device`, 16 at a time, in the expert format `layout` (a quantized
+    format rounds the drawn dense weights to nearest), into host buffers."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    H, I = layout.hidden, layout.inter
     buffers = []
     for _ in range(num_layers):
-        buf = torch.empty(num_experts, layout.numel, dtype=layout.dtype)
+        buf = torch.empty(num_experts, layout.numel, dtype=layout.pool_dtype)
         if pin:
             buf = pin_inplace(buf)
         for e0 in range(0, num_experts, 16):             # 16 experts at a time bounds the device scratch
             e1 = min(num_experts, e0 + 16)
-            chunk = torch.randn(e1 - e0, layout.numel, device=device, dtype=torch.float32, generator=gen)
-            buf[e0:e1].copy_(chunk.mul_(0.02).to(layout.dtype))
+            if layout.name == "dense":
+                chunk = torch.randn(e1 - e0, layout.numel, device=device, dtype=torch.float32, generator=gen)
+                buf[e0:e1].copy_(chunk.mul_(0.02).to(layout.dtype))
+                continue
+            gu = torch.randn(e1 - e0, 2 * I, H, device=device, dtype=torch.float32, generator=gen).mul_(0.02)
+            dn = torch.randn(e1 - e0, H, I, device=device, dtype=torch.float32, generator=gen).mul_(0.02)
+            out = torch.empty(e1 - e0, layout.numel, dtype=layout.pool_dtype, device=device)
+            buf[e0:e1].copy_(layout.quantize(gu.to(layout.dtype), dn.to(layout.dtype), out))
         buffers.append(buf)
         if progress is not None:
             progress()
@@ -53,11 +63,11 @@ def random_host_store(layout: BlobLayout, num_layers: int, num_experts: int, dev
 
 def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                   expert_budget: str = "25%", policy: str = "lru", seed: int = 0, progress=None,
-                  decode: str = "auto", compile: bool | None = None) -> Engine:
+                  decode: str = "auto", compile: bool | None = None, expert_format: str = "dense") -> Engine:
     family = get_family(family_name)
     dev = torch.device(device)
     geo = family.geometry(config)
-    layout = BlobLayout(geo.hidden, geo.inter, dtype)
+    layout = make_format(expert_format, geo.hidden, geo.inter, dtype)
     model = skeleton(family, config)
     prefixes = tuple(family.expert_prefix(l) + "." for l in geo.moe_layers)
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -67,7 +77,8 @@ def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torc
     store = random_host_store(layout, len(geo.moe_layers), geo.num_experts, dev, pin=dev.type == "cuda",
                               seed=seed + 1, progress=progress)
     rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,
-                       policy=policy, decode=decode, compile=compile)
+                       policy=policy, decode=decode, compile=compile,
+                       expert_format=None if expert_format == "dense" else expert_format)
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     improc = family.random_image_processor(config)
     return Engine(model_dir=None, family=family, config=config, model=model, tokenizer=None,

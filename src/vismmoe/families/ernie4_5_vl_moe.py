@@ -12,7 +12,7 @@ How the runtime sees the banks: each (layer, bank) is an expert group of its own
 keys `(group, expert)`: group `l` is layer l's text bank, group `1000 + l` its vision bank (`bank_group`,
 `group_bank`). Statistics per layer list groups. The slot pool has one slot size, the wider
 (text) bank's: a vision expert sits in a slot zero-padded, which computes exactly what the narrow expert does
-(store.BlobLayout.pack) and moves its padded bytes. The vision groups come first in the MoE layer order, so
+(formats.base.pad_experts) and moves its padded bytes. The vision groups come first in the MoE layer order, so
 lookahead follows each bank's own chain of layers (a text bank predicts the next text banks, as decode needs),
 and they are prefill-only (`ExpertGeometry.prefill_only`): decode tokens are text, so once the prompt is done
 the vision experts leave the cache and decode has every slot for text experts.

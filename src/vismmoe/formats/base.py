@@ -1,0 +1,144 @@
+"""The expert format seam: how one routed expert is stored as bytes, read from a checkpoint, and computed.
+
+    ExpertFormat (protocol)      one per (format, hidden H, intermediate I, activation dtype)
+      blob                       ONE contiguous, 128-byte aligned row of `numel` elements of `pool_dtype`
+                                 (packed weights, then scales and zero points): a miss is one copy, a slot one
+                                 row of the pool `[S, numel]`
+      quantize(gate_up, down)    dense weights [N, 2I, H], [N, H, I] -> blobs [N, numel] (round to nearest)
+      dequantize(blobs)          blobs [N, numel] -> (gate_up [N, 2I, H], down [N, H, I]) in the activation
+                                 dtype: the torch reference every kernel is tested against, and the prefill's
+                                 input to `grouped_mm`
+      read(reader, prefix, e)    one expert of a checkpoint stored in this format -> its blob
+      kernel                     the id of its variant in moe_kernel's Triton kernels (decode over the address
+                                 table; prefill dequantizes the wave's slots, then `grouped_mm`)
+
+The cache, transfer engine, policies, prefetch and link emulation deal in blobs, bytes and slots only: they never
+look inside a blob. Adding a format is one module with a class matching `ExpertFormat`, a `register` line, and a
+kernel variant in moe_kernel.py.
+
+Formats are named by a spec `name[:knob=value,...]` (config.split_spec's grammar): `dense`, `fp8`, `int4`,
+`int4:group=64,sym=0`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..config import split_spec
+from ..errors import UserError
+
+ALIGN_BYTES = 128           # every blob is padded to a multiple of this many bytes
+
+
+def align(n: int, to: int = ALIGN_BYTES) -> int:
+    return -(-n // to) * to
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@runtime_checkable
+class ExpertFormat(Protocol):
+    name: str                   # registry name ("dense", "fp8", "int4")
+    kernel: int                 # variant id of moe_kernel's Triton kernels
+    hidden: int                 # H
+    inter: int                  # I (an expert narrower than I is zero-padded: ERNIE's vision bank)
+    dtype: torch.dtype          # activation / compute dtype (dense weights are stored in it)
+    pool_dtype: torch.dtype     # element type of blobs: the dtype of the pool, host buffers and staging ring
+    numel: int                  # elements of pool_dtype per blob
+    nbytes: int                 # bytes per blob (numel * pool_dtype.itemsize)
+
+    def spec(self) -> str:
+        """The spec string that names this format with its knobs (`int4:group=128,sym=1`)."""
+
+    def quantize(self, gate_up: torch.Tensor, down: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Dense experts gate_up [N, 2I, H], down [N, H, I] (any float dtype; narrower i < I zero-padded) ->
+        `out [N, numel]` filled and returned."""
+
+    def dequantize(self, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """blobs [N, numel] -> (gate_up [N, 2I, H], down [N, H, I]) in `dtype` (views for the dense format)."""
+
+    def read(self, reader, prefix: str, expert: int, out: torch.Tensor) -> torch.Tensor:
+        """One expert of `prefix` as a checkpoint stores it (a UserError when the stored tensors do not belong
+        to this format) -> `out [numel]` filled and returned."""
+
+    def check(self, reader, prefix: str, num_experts: int) -> None:
+        """Every expert of layer `prefix` is stored as `read` needs it (file headers only); UserError naming the
+        first tensor that is missing or misshapen."""
+
+
+_FORMATS: dict[str, Callable[..., ExpertFormat]] = {}
+
+
+def register(name: str, factory: Callable[..., ExpertFormat]) -> None:
+    """Make `factory(hidden, inter, dtype, **knobs)` available as format `name`."""
+    _FORMATS[name] = factory
+
+
+def names() -> list[str]:
+    return sorted(_FORMATS)
+
+
+def make_format(spec: str, hidden: int, inter: int, dtype: torch.dtype) -> ExpertFormat:
+    """The format a spec names, for experts of hidden size `hidden` and intermediate size `inter`.
+    UserError for an unknown name or knob, or a knob value the format cannot take."""
+    name, items = split_spec(spec or "dense")
+    factory = _FORMATS.get(name)
+    if factory is None:
+        raise UserError(f"unknown expert format {name!r}", f"use --expert-format one of {', '.join(names())}")
+    knobs = {}
+    for key, value, item in items:
+        if not key or not value:
+            raise UserError(f"bad expert format knob {item!r} in {spec!r}", "write knobs as name:knob=value,...")
+        knobs[key] = value
+    return factory(hidden, inter, dtype, **knobs)
+
+
+def int_knob(fmt: str, knobs: dict, key: str, default: int, allowed: tuple[int, ...]) -> int:
+    """Knob `key` of format `fmt` as an int among `allowed`; UserError otherwise."""
+    raw = knobs.pop(key, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value not in allowed:
+        raise UserError(f"expert format {fmt}: {key}={raw} is not supported",
+                        f"use {key} one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def no_more_knobs(fmt: str, knobs: dict) -> None:
+    if knobs:
+        raise UserError(f"expert format {fmt} has no knob {next(iter(knobs))!r}",
+                        f"see `vismmoe generate --help` for the knobs of {fmt}")
+
+
+def pad_experts(gate_up: torch.Tensor, down: torch.Tensor, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Experts narrower than the slot (i < I: ERNIE's vision bank beside its text bank) zero-padded to I: gate
+    rows [0, i), up rows [I, I + i), down columns [0, i). Padded rows give gate = up = 0, SiLU(0) * 0 = 0, and zero
+    down columns add nothing: it computes what the narrow expert computes. gate_up [N, 2i, H], down [N, H, i]."""
+    i = gate_up.shape[-2] // 2
+    if i == inter:
+        return gate_up, down
+    N, H = gate_up.shape[0], gate_up.shape[-1]
+    gu = gate_up.new_zeros(N, 2 * inter, H)
+    dn = down.new_zeros(N, H, inter)
+    gu[:, :i] = gate_up[:, :i]
+    gu[:, inter:inter + i] = gate_up[:, i:]
+    dn[:, :, :i] = down
+    return gu, dn
+
+
+def check_stored(fmt, reader, prefix: str, num_experts: int) -> None:
+    """`check` of a quantized format stored split per expert: every tensor of `fmt.stored(...)` in the headers."""
+    if reader._inter(prefix) != fmt.inter:
+        raise UserError(f"{prefix}: experts of intermediate size {reader._inter(prefix)} beside {fmt.inter} "
+                        f"(two banks of different widths) are not read from {fmt.name} checkpoints",
+                        "quantize while loading instead: give the dense checkpoint and --expert-format")
+    for e in range(num_experts):
+        for suffix, shape, dtypes in fmt.stored():
+            reader.expert_header(prefix, e, suffix, shape, dtypes)

@@ -1,0 +1,157 @@
+"""Expert formats (formats/): blobs, quantization error, the decode and dequantize kernels against the torch
+reference (Triton's interpreter on the CPU, the real kernels on the GPU), and the budget counted in a format's
+bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vismmoe import moe_kernel
+from vismmoe.errors import UserError
+from vismmoe.formats import make_format, names
+
+SPECS = ["dense", "fp8", "int4", "int4:group=32,sym=0"]
+SHAPES = [(64, 48), (256, 128), (96, 40)]      # (H, I): one block/group, several, partial last ones
+
+
+def _experts(n, H, I, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2 * I, H, generator=g) * scale, torch.randn(n, H, I, generator=g) * scale
+
+
+def test_registry_lists_every_format():
+    assert {"dense", "fp8", "int4"} <= set(names())
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("H,I", SHAPES)
+def test_blob_is_one_aligned_row_and_round_trips_within_the_format_step(spec, H, I):
+    fmt = make_format(spec, H, I, torch.float32)
+    gu, dn = _experts(3, H, I)
+    blobs = torch.full((3, fmt.numel), 7, dtype=fmt.pool_dtype)
+    fmt.quantize(gu, dn, blobs)
+    assert fmt.nbytes % 128 == 0 and fmt.nbytes == fmt.numel * blobs.element_size()
+    g2, d2 = fmt.dequantize(blobs)
+    assert g2.shape == gu.shape and d2.shape == dn.shape
+    if fmt.name == "dense":
+        assert torch.equal(g2, gu) and torch.equal(d2, dn)
+        return
+    for w, back in ((gu, g2), (dn, d2)):
+        # e4m3 keeps 3 mantissa bits: half a step is 1/16 of a value, at most 1/16 of its block's largest;
+        # int4 rounds to half a step of (max - min) / 15 (asymmetric) or amax / 7.5 (symmetric) per group
+        bound = w.abs().max() / 16 if fmt.name == "fp8" else w.abs().max() / 7.5 / 2 * 1.01
+        assert (back - w).abs().max() <= bound
+    assert fmt.nbytes < 0.3 * make_format("dense", H, I, torch.float32).nbytes
+
+
+def test_quantized_bytes_at_the_30b_shape():
+    """One Qwen3-VL-30B-A3B expert (H 2048, I 768): bf16 9 MiB, fp8 half of it, int4 g128 under 2.6 MiB."""
+    dense, fp8, int4 = (make_format(s, 2048, 768, torch.bfloat16).nbytes for s in ("dense", "fp8", "int4"))
+    assert dense == 3 * 2048 * 768 * 2
+    assert dense / 2 < fp8 < dense / 2 * 1.01
+    assert int4 < 2.6 * 1024**2 and dense / int4 > 3.5
+
+
+@pytest.mark.parametrize("spec", ["fp8", "int4", "int4:group=64,sym=0"])
+def test_narrow_experts_are_zero_padded_exactly(spec):
+    """An expert narrower than the slot (ERNIE's vision bank) computes what the narrow expert computes."""
+    H, I, i = 64, 48, 16
+    fmt = make_format(spec, H, I, torch.float32)
+    gu, dn = _experts(2, H, i)
+    blobs = torch.empty(2, fmt.numel, dtype=fmt.pool_dtype)
+    g2, d2 = fmt.dequantize(fmt.quantize(gu, dn, blobs))
+    assert torch.count_nonzero(g2[:, i:I]) == 0 and torch.count_nonzero(g2[:, I + i:]) == 0
+    assert torch.count_nonzero(d2[:, :, i:]) == 0
+    narrow = make_format(spec, H, i, torch.float32)
+    n2 = torch.empty(2, narrow.numel, dtype=narrow.pool_dtype)
+    ng, nd = narrow.dequantize(narrow.quantize(gu, dn, n2))
+    if not spec.endswith("sym=0"):          # the same blocks and groups: the same values
+        assert torch.equal(torch.cat([g2[:, :i], g2[:, I:I + i]], 1), ng) and torch.equal(d2[:, :, :i], nd)
+
+
+@pytest.mark.parametrize("bad", ["fp9", "int4:group=100", "int4:sym=2", "fp8:block=64", "int4:bits=3",
+                                 "int4:group", "dense:x=1"])
+def test_bad_format_specs_are_one_line_errors(bad):
+    with pytest.raises(UserError) as e:
+        make_format(bad, 64, 48, torch.float32)
+    assert "\n" not in str(e.value)
+
+
+def test_int4_needs_even_sizes():
+    with pytest.raises(UserError, match="even"):
+        make_format("int4", 64, 45, torch.float32)
+
+
+# ---- kernels ------------------------------------------------------------------------------------------------
+def _kernel_case(spec, dtype, device, H, I, seed=0):
+    """Experts of format `spec` half in a device pool (slots) and half in (page-locked, on CUDA) host memory,
+    one address table over both; the torch reference over the dequantized pairs."""
+    E, K, T = 8, 2, 3
+    fmt = make_format(spec, H, I, dtype)
+    gu, dn = _experts(E, H, I, seed)
+    bank = fmt.quantize(gu.to(dtype), dn.to(dtype), torch.empty(E, fmt.numel, dtype=fmt.pool_dtype))
+    slots = [2, -1, 0, -1, 1, -1, 3, -1]
+    pool = torch.zeros(4, fmt.numel, dtype=fmt.pool_dtype)
+    for e, s in enumerate(slots):
+        if s >= 0:
+            pool[s] = bank[e]
+    if device == "cuda":
+        pool, bank = pool.cuda(), bank.pin_memory()
+    nb = fmt.nbytes
+    addr = torch.tensor([pool.data_ptr() + s * nb if s >= 0 else bank.data_ptr() + e * nb
+                         for e, s in enumerate(slots)], dtype=torch.int64, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    topk = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g).to(dtype)
+    pairs = bank.cpu()[topk.reshape(-1)]
+    ref = moe_kernel.decode_experts_reference(x, topk, w, *fmt.dequantize(pairs))
+    return fmt, x.to(device), topk.to(device), w.to(device), addr, ref, (pool, bank)
+
+
+def _check_kernels(device, spec, H, I):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, dtype, device, H, I)
+        ri = torch.full((topk.numel(),), -1, dtype=torch.long, device=device)
+        rw = torch.zeros(topk.numel(), device=device)
+        # small tiles on the GPU (several per row and column); fewer, larger ones in the (slow) interpreter
+        tiles = ({"BLOCK_I": 16, "BLOCK_H": 32}, {"BLOCK_O": 16, "BLOCK_K": 32}) if device == "cuda" else \
+            ({"BLOCK_I": 32, "BLOCK_H": 64}, {"BLOCK_O": 64, "BLOCK_K": 64})
+        out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, *tiles,
+                                               fmt=None if spec == "dense" else fmt).cpu().float()
+        err = (out - ref.float()).norm() / ref.float().norm()
+        assert err < tol, (spec, dtype, err)
+        assert torch.equal(ri.cpu().view_as(topk), topk.cpu())
+        assert torch.equal(rw.cpu().view_as(w), w.cpu().float())
+        if spec != "dense":                     # the prefill's dequantize kernel against the format's reference
+            pool = keep[0]
+            got = moe_kernel.dequantize_triton(fmt, pool)
+            want = fmt.dequantize(pool.cpu())
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype
+                # float32: the same products; bf16: at most one rounding step apart
+                assert torch.allclose(a.cpu().float(), b.float(), rtol=0 if dtype == torch.float32 else 2 ** -7,
+                                      atol=0 if dtype == torch.float32 else 1e-6)
+
+
+interpreter = pytest.mark.skipif(moe_kernel.triton is None or not moe_kernel.INTERPRETED,
+                                 reason="needs triton, run under TRITON_INTERPRET=1 (tests/conftest.py sets it "
+                                        "where no GPU is visible)")
+
+
+@interpreter
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("H,I", [(64, 48), (256, 32)])      # one block/group; several blocks along H
+def test_kernels_match_reference_in_interpreter(spec, H, I):
+    """The decode kernels (slots and host blobs through one address table) and the dequantize kernel, under
+    Triton's interpreter on the CPU."""
+    _check_kernels("cpu", spec, H, I)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("H,I", SHAPES + [(2048, 768)])
+def test_gpu_kernels_match_reference(spec, H, I):
+    """On the GPU, half the experts read from page-locked host memory by the kernel."""
+    _check_kernels("cuda", spec, H, I)
