@@ -276,12 +276,47 @@ def cmd_export_gguf(args) -> int:
 
 
 def cmd_make_shape(args) -> int:
+    import shutil
+    import tempfile
+
     from .bench.make_shape import make_shape
+    from .formats import make_format
     from .progress import layer_progress
-    with layer_progress("writing shards") as tick:
-        res = make_shape(args.shape, args.out, layers=args.layers, dtype=args.dtype, seed=args.seed,
-                         device=args.device, progress=tick)
-    print(json.dumps(res) if args.json else res["dir"])
+    from .quantize import prepare_out, quantize_checkpoint
+    if args.format == "dense":
+        with layer_progress("writing shards") as tick:
+            res = make_shape(args.shape, args.out, layers=args.layers, dtype=args.dtype, seed=args.seed,
+                             device=args.device, progress=tick)
+        print(json.dumps(res) if args.json else res["dir"])
+        return 0
+    import torch
+    make_format(args.format, 256, 128, torch.float32)    # a bad spec or --out is refused before anything is written
+    prepare_out(args.out, args.force)
+    tmp = tempfile.mkdtemp(prefix=".make-shape-", dir=os.path.dirname(os.path.abspath(args.out)))
+    try:
+        with layer_progress("writing dense shards") as tick:
+            make_shape(args.shape, os.path.join(tmp, "dense"), layers=args.layers, dtype=args.dtype,
+                       seed=args.seed, device=args.device, progress=tick)
+        with layer_progress(f"quantizing experts ({args.format})") as tick:
+            res = quantize_checkpoint(os.path.join(tmp, "dense"), args.format, args.out, force=args.force,
+                                      progress=tick)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(res) if args.json else res["out"])
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .progress import layer_progress
+    from .quantize import quantize_checkpoint
+    with layer_progress(f"quantizing experts ({args.format})") as tick:
+        res = quantize_checkpoint(_model_dir(args), args.format, args.out, all_linears=args.all_linears,
+                                  force=args.force, progress=tick)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['out']}: experts as {res['format']}, {res['expert_bytes'] / 2**20:.1f} MiB of experts "
+              f"(dense: {res['dense_expert_bytes'] / 2**20:.1f} MiB)")
     return 0
 
 
@@ -567,8 +602,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     m.add_argument("--device", default=None,
                    help="where weights are drawn: cuda (fast) or cpu (default: cuda when there is one)")
+    _registry(m.add_argument("--format", default="dense", metavar="FORMAT",
+                             help="expert format of the written checkpoint: dense (default) or one of {names}, "
+                                  "written as `vismmoe quantize` writes it"), _formats)
+    m.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     m.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     m.set_defaults(func=cmd_make_shape)
+
+    q = sub.add_parser("quantize", help="write a dense checkpoint again with its experts quantized (fp8, int4)")
+    q.add_argument("--model", default=None, help="dense checkpoint directory (default: the bundled model)")
+    _registry(q.add_argument("--format", required=True, metavar="FORMAT",
+                             help="fp8 (Qwen's FP8 layout, 128x128 blocks) or int4[:group=32|64|128,sym=0|1] "
+                                  "(compressed-tensors pack-quantized; default group 128, symmetric); one of "
+                                  "{names}"), _formats)
+    q.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to (new or empty)")
+    q.add_argument("--all-linears", action="store_true",
+                   help="also quantize the decoder's attention projections, as published releases do")
+    q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    q.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    q.set_defaults(func=cmd_quantize)
 
     c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/blend, and predictor quality")
     _add_job_args(c)

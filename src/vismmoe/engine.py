@@ -38,6 +38,7 @@ from .protocols import StepObserver
 from .runtime import IMPLEMENTATION, OffloadRuntime
 from .sampling import Sampler
 from .formats import make_format
+from .formats.base import QuantizeOnRead
 from .formats.checkpoint import dequantized_tensors, run_format, stored_format
 from .store import CheckpointReader, DiskStore, HostStore
 from .timeline import Timeline
@@ -694,9 +695,9 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     banks = family.expert_banks(config)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
-    read_as = layout if stored is not None else make_format("dense", geo.hidden, geo.inter, dt)
+    source = layout if stored is not None or layout.name == "dense" else QuantizeOnRead(layout)
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
-        read_as.check(reader, prefix, geo.num_experts)
+        source.check(reader, prefix, geo.num_experts)
 
     fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
     _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir, stored)
@@ -706,9 +707,10 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     pin = dev.type == "cuda"
     if rc.expert_tier == "host":
-        store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress)
+        store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress,
+                                          source=source)
     else:
-        store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin)
+        store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin, source=source)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -340,14 +340,15 @@ class HostStore:
 
     @classmethod
     def from_checkpoint(cls, reader: CheckpointReader, prefixes: list[str], layout, num_experts: int,
-                        pin: bool, progress=None) -> HostStore:
-        """Every expert of `prefixes` read into blobs of format `layout` (quantized at load when the checkpoint
-        is dense and the format is not)."""
+                        pin: bool, progress=None, source=None) -> HostStore:
+        """Every expert of `prefixes` read into blobs of format `layout` by `source.read` (default: the format's
+        own reader; formats.base.QuantizeOnRead quantizes a dense checkpoint's experts)."""
+        source = source or layout
         buffers = []
         for prefix in prefixes:
             buf = torch.empty(num_experts, layout.numel, dtype=layout.pool_dtype)
             for e in range(num_experts):
-                layout.read(reader, prefix, e, buf[e])
+                source.read(reader, prefix, e, buf[e])
             buffers.append(pin_inplace(buf) if pin else buf)
             if progress is not None:
                 progress()
@@ -390,8 +391,9 @@ class DiskStore:
     tier = "disk"
 
     def __init__(self, reader: CheckpointReader, prefixes: list[str], layout, num_experts: int,
-                 pin: bool, staging: int = 8):
+                 pin: bool, staging: int = 8, source=None):
         self.reader = reader
+        self.source = source or layout  # reads one expert into a blob (see HostStore.from_checkpoint)
         self.prefixes = prefixes
         self.layout = layout
         self.num_experts = num_experts
@@ -410,7 +412,7 @@ class DiskStore:
                 self._cv.wait()
             i = self._free.pop()
         try:
-            out = self.layout.read(self.reader, self.prefixes[layer_pos], expert, self.ring[i])
+            out = self.source.read(self.reader, self.prefixes[layer_pos], expert, self.ring[i])
             with self._cv:              # I/O threads read at once
                 self.bytes_read += self.layout.nbytes
             return out

@@ -142,3 +142,19 @@ def check_stored(fmt, reader, prefix: str, num_experts: int) -> None:
     for e in range(num_experts):
         for suffix, shape, dtypes in fmt.stored():
             reader.expert_header(prefix, e, suffix, shape, dtypes)
+
+
+class QuantizeOnRead:
+    """The source of a run whose checkpoint is dense and whose format is not (`--expert-format` on a dense
+    checkpoint): each expert is read dense and quantized into `fmt`'s blob, in the dtype it is stored in (the rule
+    `vismmoe quantize` writes files by, so both give the same blobs)."""
+
+    def __init__(self, fmt: ExpertFormat):
+        self.fmt = fmt
+
+    def check(self, reader, prefix: str, num_experts: int) -> None:
+        reader.check_layer(prefix, num_experts)
+
+    def read(self, reader, prefix: str, expert: int, out: torch.Tensor) -> torch.Tensor:
+        gu, dn = reader.read(prefix, expert)
+        return self.fmt.quantize(gu[None], dn[None], out[None])[0]

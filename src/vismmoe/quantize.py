@@ -1,0 +1,183 @@
+"""`vismmoe quantize`: a dense checkpoint written again with its routed experts quantized, in the layouts the hub
+publishes, so users and tests have real quantized files.
+
+    fp8    Qwen's FP8 releases: `quantization_config {quant_method: fp8, fmt: e4m3, activation_scheme: dynamic,
+           weight_block_size: [128, 128]}`; per expert `{prefix}.{e}.{gate,up,down}_proj.weight` F8_E4M3 and
+           `.weight_scale_inv [ceil(out/128), ceil(in/128)]` float32 (a multiplier)
+    int4   compressed-tensors `pack-quantized` w4a16 (what llm-compressor writes): `weight_packed` int32
+           [out, in/8], `weight_scale [out, in/g]` (the weights' dtype), `weight_zero_point` int32 packed along
+           dim 0 (asymmetric only), `weight_shape`; the config written by compressed-tensors' own classes
+
+The experts are quantized by the format's own `quantize` (round to nearest, the rule `--expert-format` uses while
+loading), so a checkpoint written here loads into the very blobs a load-time quantization makes. `--all-linears`
+also quantizes the decoder's attention projections, as the published releases do (they are dequantized once at
+load). Routers, norms, embeddings, lm_head and the vision tower stay as they are. Everything is written into a
+temporary folder beside `--out` and renamed into place at the end, so an interrupted run leaves nothing half
+written; an `--out` that exists and is not empty is refused unless `--force`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .formats import make_format
+from .formats.base import cdiv
+from .formats.checkpoint import stored_format
+
+SHARD_BYTES = 2 * 1024**3
+_ATTENTION = re.compile(r"layers\.\d+\.(self_attn|linear_attn)\.(q|k|v|o)_proj\.weight$")
+_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+         "chat_template.json", "preprocessor_config.json", "generation_config.json", "calibration.npz",
+         "processor_config.json", "vocab.json", "merges.txt")
+
+
+def _fp8_tensors(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    from .formats.fp8 import block_quantize
+    q, s = block_quantize(w.float()[None], 128)
+    return {f"{name}.weight": q[0].contiguous(), f"{name}.weight_scale_inv": s[0].contiguous()}
+
+
+def _int4_tensors(name: str, w: torch.Tensor, group: int, sym: bool) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from .formats.int4 import group_quantize
+    q, s, z = group_quantize(w, group, sym)
+    out = {f"{name}.weight_packed": pack_to_int32(q.contiguous(), 4), f"{name}.weight_scale": s.contiguous(),
+           f"{name}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+    if not sym:
+        out[f"{name}.weight_zero_point"] = pack_to_int32(z.contiguous(), 4, packed_dim=0)
+    return out
+
+
+def _quantization_config(fmt, ignore: list[str], targets: list[str]) -> dict:
+    if fmt.name == "fp8":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128], "modules_to_not_convert": ignore}
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from .formats.int4 import ct_args
+    scheme = QuantizationScheme(targets=targets, weights=ct_args(fmt.group, fmt.sym))
+    cfg = QuantizationConfig(config_groups={"group_0": scheme}, format=CompressionFormat.pack_quantized.value,
+                             quantization_status="compressed", ignore=ignore)
+    out = cfg.model_dump(exclude_none=True)
+    out["quant_method"] = "compressed-tensors"
+    return out
+
+
+def prepare_out(out_dir: str, force: bool) -> None:
+    """Refuse an `out_dir` that is a file, or a folder that is not empty (unless `force`); its parent must exist."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        raise UserError(f"the folder {parent} for --out does not exist", "create it first, or give another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file", "give a folder that does not exist yet")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise UserError(f"--out {out_dir} is not empty", "give a new folder, or --force to replace its contents")
+
+
+def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears: bool = False, force: bool = False,
+                        progress=None) -> dict:
+    """Write `model_dir` (a dense checkpoint) to `out_dir` with its routed experts in format `spec` (fp8, int4,
+    int4:group=..,sym=..); see the module docstring. Returns a summary (files, bytes before and after)."""
+    from transformers import AutoConfig
+
+    from .engine import read_model_type, skeleton
+    from .families import get_family
+    from .store import CheckpointReader
+    family = get_family(read_model_type(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    if stored_format(config) is not None:
+        raise UserError(f"{model_dir} is already quantized ({stored_format(config)})",
+                        "quantize the dense checkpoint it was made from")
+    geo = family.geometry(config)
+    fmt = make_format(spec, geo.hidden, geo.inter, torch.float32)
+    if fmt.name == "dense":
+        raise UserError("--format dense writes nothing new", "use --format fp8 or int4")
+    if family.expert_banks(config):
+        raise UserError(f"{family.model_type} keeps experts of two widths; quantized checkpoints of it are not "
+                        "written", "load the dense checkpoint with --expert-format instead")
+    prepare_out(out_dir, force)
+    model = skeleton(family, config)
+    reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model))
+    prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
+    for prefix in prefixes:
+        reader.check_layer(prefix, geo.num_experts)
+
+    def convert(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        if fmt.name == "fp8":
+            return _fp8_tensors(name, w)
+        return _int4_tensors(name, w, fmt.group, fmt.sym)
+
+    tmp = tempfile.mkdtemp(prefix=".quantize-", dir=os.path.dirname(os.path.abspath(out_dir)))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = [0]
+
+        def put(tensors: dict[str, torch.Tensor]) -> None:
+            for k, t in tensors.items():
+                nb = t.numel() * t.element_size()
+                if size[0] + nb > SHARD_BYTES and shards[-1]:
+                    shards.append({})
+                    size[0] = 0
+                shards[-1][k] = t
+                size[0] += nb
+
+        expert_pfx = tuple(p + "." for p in prefixes)
+        quantized = []
+        for key in reader.keys():
+            if key.startswith(expert_pfx) or (key in [p + ".gate_up_proj" for p in prefixes]) or \
+                    (key in [p + ".down_proj" for p in prefixes]):
+                continue
+            t = reader.tensor(key)
+            if all_linears and _ATTENTION.search(key) and t.dim() == 2:
+                put(convert(key[: -len(".weight")], t))
+                quantized.append(key[: -len(".weight")])
+            else:
+                put({key: t})
+        for prefix in prefixes:
+            for e in range(geo.num_experts):
+                gu, dn = reader.read(prefix, e)
+                I = gu.shape[0] // 2
+                for proj, w in (("gate_proj", gu[:I]), ("up_proj", gu[I:]), ("down_proj", dn)):
+                    put(convert(f"{prefix}.{e}.{proj}", w.contiguous()))
+            if progress is not None:
+                progress()
+        weight_map = {}
+        n = len(shards)
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            cfg = json.load(f)
+        ignore = ["lm_head", "re:.*mlp.gate$", "re:.*visual.*", "re:.*vision.*"]
+        targets = [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"] + \
+            ([r"re:.*self_attn\.(q|k|v|o)_proj$"] if all_linears else [])
+        cfg["quantization_config"] = _quantization_config(fmt, ignore, targets)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        for name in _COPY:
+            src = os.path.join(model_dir, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(tmp, name))
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
+    return {"out": out_dir, "format": fmt.spec(), "files": sorted(os.listdir(out_dir)), "bytes": total,
+            "expert_bytes": len(prefixes) * geo.num_experts * fmt.nbytes,
+            "dense_expert_bytes": len(prefixes) * geo.num_experts * 3 * geo.hidden * geo.inter *
+            torch.empty((), dtype=reader.tensor(next(iter(reader.keys()))).dtype).element_size(),
+            "attention_quantized": len(quantized), "group_count_check": cdiv(geo.hidden, 128)}
