@@ -11,8 +11,8 @@ from vismmoe import moe_kernel
 from vismmoe.errors import UserError
 from vismmoe.formats import make_format, names
 
-SPECS = ["dense", "fp8", "int4", "int4:group=32,sym=0"]
-SHAPES = [(64, 48), (256, 128), (96, 40)]      # (H, I): one block/group, several, partial last ones
+SPECS = ["dense", "fp8", "int4:group=16", "int4:group=16,sym=0"]
+SHAPES = [(64, 48), (256, 128), (160, 48)]     # (H, I): one block, several, a partial last block (fp8)
 
 
 def _experts(n, H, I, seed=0, scale=0.1):
@@ -53,7 +53,7 @@ def test_quantized_bytes_at_the_30b_shape():
     assert int4 < 2.6 * 1024**2 and dense / int4 > 3.5
 
 
-@pytest.mark.parametrize("spec", ["fp8", "int4", "int4:group=64,sym=0"])
+@pytest.mark.parametrize("spec", ["fp8", "int4:group=16", "int4:group=16,sym=0"])
 def test_narrow_experts_are_zero_padded_exactly(spec):
     """An expert narrower than the slot (ERNIE's vision bank) computes what the narrow expert computes."""
     H, I, i = 64, 48, 16
@@ -70,17 +70,18 @@ def test_narrow_experts_are_zero_padded_exactly(spec):
         assert torch.equal(torch.cat([g2[:, :i], g2[:, I:I + i]], 1), ng) and torch.equal(d2[:, :, :i], nd)
 
 
-@pytest.mark.parametrize("bad", ["fp9", "int4:group=100", "int4:sym=2", "fp8:block=64", "int4:bits=3",
-                                 "int4:group", "dense:x=1"])
+@pytest.mark.parametrize("bad", ["fp9", "int4:group=100", "int4:group=16,sym=2", "fp8:block=64",
+                                 "int4:group=16,bits=3", "int4:group", "dense:x=1"])
 def test_bad_format_specs_are_one_line_errors(bad):
     with pytest.raises(UserError) as e:
         make_format(bad, 64, 48, torch.float32)
     assert "\n" not in str(e.value)
 
 
-def test_int4_needs_even_sizes():
-    with pytest.raises(UserError, match="even"):
-        make_format("int4", 64, 45, torch.float32)
+def test_int4_needs_sizes_that_are_multiples_of_the_group():
+    with pytest.raises(UserError, match="multiples of the group"):
+        make_format("int4", 64, 48, torch.float32)            # default group 128
+    assert make_format("int4:group=16", 64, 48, torch.float32).group == 16
 
 
 # ---- kernels ------------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ interpreter = pytest.mark.skipif(moe_kernel.triton is None or not moe_kernel.INT
 
 @interpreter
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("H,I", [(64, 48), (256, 32)])      # one block/group; several blocks along H
+@pytest.mark.parametrize("H,I", [(64, 48), (256, 32)])      # one block; several blocks along H
 def test_kernels_match_reference_in_interpreter(spec, H, I):
     """The decode kernels (slots and host blobs through one address table) and the dequantize kernel, under
     Triton's interpreter on the CPU."""
@@ -155,3 +156,8 @@ def test_kernels_match_reference_in_interpreter(spec, H, I):
 def test_gpu_kernels_match_reference(spec, H, I):
     """On the GPU, half the experts read from page-locked host memory by the kernel."""
     _check_kernels("cuda", spec, H, I)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_group_128_at_the_30b_shape():
+    _check_kernels("cuda", "int4", 2048, 768)

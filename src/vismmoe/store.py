@@ -151,19 +151,27 @@ class CheckpointReader:
     def shape(self, key: str) -> tuple[int, ...]:
         """The stored shape of tensor `key`, from its file's header (nothing else read)."""
         with self._reading(key):
-            return tuple(self._table(self.weight_map[key])[1][key]["shape"])
+            return tuple(self._meta(key)["shape"])
+
+    def _meta(self, key: str) -> dict:
+        """Tensor `key`'s entry in its file's header; a UserError when the file lacks a tensor its index names."""
+        entry = self._table(self.weight_map[key])[1].get(self._stored.get(key, key))
+        if entry is None:
+            raise UserError(f"{self._file(key)} has no tensor {self._stored.get(key, key)}, which {self._source} "
+                            "names", "the checkpoint is damaged or its files do not belong together; restore it")
+        return entry
 
     def dtype_name(self, key: str) -> str:
         """The safetensors dtype name of tensor `key` ("BF16", "F8_E4M3", ...), from its file's header."""
         with self._reading(key):
-            return self._table(self.weight_map[key])[1][self._stored.get(key, key)]["dtype"]
+            return self._meta(key)["dtype"]
 
     def _header(self, key: str, *shapes: tuple[int, ...], dtypes: tuple[str, ...] = _EXPERT_DTYPES) -> tuple[int, ...]:
         """The stored shape of expert tensor `key` (from the file's header, nothing read), which must be one of
         `shapes` (a 0 matches any size) and of one of `dtypes` (default: a float dtype); else a UserError naming
         file and tensor."""
         with self._reading(key):
-            meta = self._table(self.weight_map[key])[1][self._stored.get(key, key)]
+            meta = self._meta(key)
             shape, dtype = tuple(meta["shape"]), meta["dtype"]
         if dtype not in dtypes:
             hint = (f"vismmoe reads these experts stored as {', '.join(dtypes)}; a quantized checkpoint needs the "
@@ -293,8 +301,8 @@ class CheckpointReader:
         """Tensor `key` (or its row `index` along the first axis) read from its file at the header's offsets."""
         with self._reading(key):
             fname = self.weight_map[key]
-            start, table = self._table(fname)
-            meta = table[self._stored.get(key, key)]
+            start, _ = self._table(fname)
+            meta = self._meta(key)
             if meta["dtype"] not in _TORCH_DTYPES:
                 raise ValueError(f"unsupported dtype {meta['dtype']}")
             dtype, shape = _TORCH_DTYPES[meta["dtype"]], list(meta["shape"])

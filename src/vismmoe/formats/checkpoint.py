@@ -22,9 +22,10 @@ import torch
 from ..errors import UserError
 from .base import cdiv
 from .fp8 import F8, block_dequantize
+from .int4 import GROUPS
 
 _FIX = "vismmoe reads fp8 (e4m3, 128x128 blocks, dynamic activations) and compressed-tensors pack-quantized int4 " \
-       "(group 32/64/128) checkpoints"
+       "(group 16/32/64/128) checkpoints"
 
 
 def _get(obj, key, default=None):
@@ -60,7 +61,7 @@ def stored_format(config) -> str | None:
             size, sym = _get(w, "group_size"), _get(w, "symmetric", True)
             if bits != 4 or kind != "int":
                 raise UserError(f"compressed-tensors group {name}: {bits}-bit {kind} weights are not supported", _FIX)
-            if strategy != "group" or size not in (32, 64, 128):
+            if strategy != "group" or size not in GROUPS:
                 raise UserError(f"compressed-tensors group {name}: strategy {strategy!r} with group size {size} is "
                                 "not supported", _FIX)
             if _get(group, "input_activations"):

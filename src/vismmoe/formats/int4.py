@@ -24,6 +24,9 @@ from ..errors import UserError
 from .base import ALIGN_BYTES, align, cdiv, check_stored, int_knob, no_more_knobs, pad_experts, register
 
 
+GROUPS = (16, 32, 64, 128)      # group sizes (columns per scale) this format takes
+
+
 def _ct():
     try:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
@@ -66,12 +69,13 @@ class Int4Format:
     pool_dtype = torch.uint8
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):
-        self.group = int_knob(self.name, knobs, "group", 128, (32, 64, 128))
+        self.group = int_knob(self.name, knobs, "group", 128, GROUPS)
         self.sym = bool(int_knob(self.name, knobs, "sym", 1, (0, 1)))
         no_more_knobs(self.name, knobs)
-        if hidden % 2 or inter % 2:
-            raise UserError(f"expert format int4 packs two columns a byte; hidden {hidden} and intermediate "
-                            f"{inter} must be even", "use --expert-format fp8 or dense for this model")
+        if hidden % self.group or inter % self.group:
+            raise UserError(f"expert format int4 with group {self.group} needs hidden {hidden} and intermediate "
+                            f"{inter} to be multiples of the group (compressed-tensors' rule)",
+                            f"use a group that divides both ({', '.join(str(g) for g in GROUPS)}), or fp8")
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         H, I, g = hidden, inter, self.group
         self.ngH, self.ngI = cdiv(H, g), cdiv(I, g)
