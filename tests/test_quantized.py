@@ -210,3 +210,27 @@ def test_quantize_cli_refuses_what_it_cannot_do_and_never_overwrites(tiny_dirs, 
         assert len(err) == 1 and words in err[0], (args, err)
     assert os.listdir(full) == ["keep.txt"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".quantize-")]        # no temporary left behind
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_gpu_quantized_fast_and_eager_exact_across_budgets(family, spec, tiny_dirs, image_file):
+    """bf16 on the GPU, quantized experts: the captured, compiled step (misses read by the kernel from host memory)
+    and the eager decode each give the tokens of themselves with every expert resident, at every budget and policy;
+    the pool's bytes are measured against the CUDA allocator."""
+    d = tiny_dirs[family]
+    for decode in ("fast", "eager"):
+        base = load(d, device="cuda", dtype="bfloat16", decode=decode, expert_format=spec)
+        base.runtime.preload([(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)])
+        want = _gen(base, image_file).token_ids
+        least = str(base.geometry.top_k * base.layout.nbytes)
+        for budget in ("25%", least):
+            for policy in ("lru", "predictive"):
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                eng = base.fork(expert_budget=budget, policy=policy)
+                assert torch.cuda.memory_allocated() - before <= eng.budget_bytes
+                gen = _gen(eng, image_file)
+                assert gen.token_ids == want, (family, spec, decode, budget, policy)
+                assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]

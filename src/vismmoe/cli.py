@@ -412,8 +412,10 @@ def cmd_eval(args) -> int:
     _at_least(args.limit, 1, "--limit")
     compress, keep_ratio = _compression(args)
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-               compress=compress, keep_ratio=keep_ratio)
+               compress=compress, keep_ratio=keep_ratio,
+               expert_format=None if args.expert_format == "auto" else args.expert_format)
     res = evaluate(eng, split=args.split, limit=args.limit, progress=not args.json)
+    res["expert_format"] = eng.layout.spec()
     if args.json:
         print(json.dumps(res))
     else:
@@ -650,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--expert-budget", default=None, metavar="SIZE",
                     help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%%")
     _add_compress_args(ev, "before the decoder")
+    _add_format_arg(ev)
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")

@@ -71,44 +71,74 @@ if triton is not None:
         return bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
 
     @triton.jit
-    def _row_dot(base, x_ptr, t, rows, rmask, R, C: tl.constexpr, sp, zp, SR: tl.constexpr,
-                 BLOCK_C: tl.constexpr, FMT: tl.constexpr):
-        """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R].
+    def _nibble(v):
+        """int32 in [0, 16) -> float32, exactly, without an int-to-float conversion (a quarter-rate instruction):
+        the value as the low mantissa bits of 2^23, minus 2^23."""
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _blob(addr_ptr, e):
+        """Address of expert e's blob: a multiple of 16 (blobs are whole multiples of 512 bytes in buffers that
+        torch's allocators align to 64 bytes or more), said so the compiler vectorises the loads of 1-byte weights."""
+        return tl.multiple_of(tl.load(addr_ptr + e), 16)
+
+    @triton.jit
+    def _row_dot(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, zp, SR: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, STEP: tl.constexpr, FMT: tl.constexpr, NATIVE_F8: tl.constexpr):
+        """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R]. A column tile of BLOCK_C spans
+        BLOCK_C // STEP scale groups (STEP: 128 for fp8 blocks, the group size for int4).
         FMT 0: `base` points at dense weights [R, C] of x's dtype.
-        FMT 1: e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR] (BLOCK_C divides 128).
-        FMT 2: 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR] per group of BLOCK_C."""
-        acc = tl.zeros([rows.shape[0]], dtype=tl.float32)
+        FMT 1: e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR]; BLOCK_R divides 128, so a tile's
+               scales are one vector over its columns, folded into x.
+        FMT 2: 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR], one per STEP columns:
+               (q - z) s x summed as s (q x) - s z x into one [BLOCK_R, STEP/2] accumulator, reduced once at the
+               end (a reduction per group, or a reshape into groups, cost more than the loads)."""
+        KG: tl.constexpr = BLOCK_C // STEP if STEP > 0 else 1
+        HALF: tl.constexpr = STEP // 2 if STEP > 0 else 1
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        accg = tl.zeros([BLOCK_R, HALF], dtype=tl.float32)          # int4: per (row, column pair) partial sums
         for c0 in range(0, C, BLOCK_C):
-            if FMT == 2:
-                j = tl.arange(0, BLOCK_C // 2)
-                ce = c0 + 2 * j
-                cm = ce < C
-                xe = tl.load(x_ptr + t * C + ce, mask=cm, other=0.0).to(tl.float32)
-                xo = tl.load(x_ptr + t * C + ce + 1, mask=cm, other=0.0).to(tl.float32)
-                q = tl.load(base + rows[:, None] * (C // 2) + (c0 // 2 + j)[None, :],
-                            mask=rmask[:, None] & cm[None, :], other=0)
-                dot = tl.sum((q & 0xF).to(tl.float32) * xe[None, :] + (q >> 4).to(tl.float32) * xo[None, :], axis=1)
-                g = c0 // BLOCK_C
-                sc = tl.load(sp + rows * SR + g, mask=rmask, other=0.0)
-                z = tl.load(zp + rows * SR + g, mask=rmask, other=0).to(tl.float32)
-                acc += sc * (dot - z * (tl.sum(xe) + tl.sum(xo)))
+            if FMT == 2:                        # KG groups a tile, each [BLOCK_R, STEP/2] bytes, one 2D sum
+                j = tl.arange(0, STEP // 2)
+                for gk in tl.static_range(KG):
+                    ce = c0 + gk * STEP + 2 * j
+                    cm = ce < C
+                    xe = tl.load(x_ptr + t * C + ce, mask=cm, other=0.0).to(tl.float32)
+                    xo = tl.load(x_ptr + t * C + ce + 1, mask=cm, other=0.0).to(tl.float32)
+                    q = tl.load(base + rows[:, None] * (C // 2) + (ce // 2)[None, :],
+                                mask=rmask[:, None] & cm[None, :], other=0)
+                    g = (c0 + gk * STEP) // STEP
+                    gm = rmask & (g * STEP < C)
+                    sc = tl.load(sp + rows * SR + g, mask=gm, other=0.0)                     # [BLOCK_R]
+                    z = tl.load(zp + rows * SR + g, mask=gm, other=0).to(tl.float32)
+                    q32 = q.to(tl.int32)
+                    accg += sc[:, None] * (_nibble(q32 & 0xF) * xe[None, :] + _nibble(q32 >> 4) * xo[None, :]) - \
+                        (sc * z)[:, None] * (xe + xo)[None, :]
             else:
                 cols = c0 + tl.arange(0, BLOCK_C)
                 cm = cols < C
                 xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
                 w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
-                if FMT == 1:
-                    sc = tl.load(sp + (rows // 128) * SR + c0 // 128, mask=rmask, other=0.0)
-                    acc += sc * tl.sum(_e4m3(w) * xv[None, :], axis=1)
+                if FMT == 1:                    # a tile's rows lie in one 128-row block (BLOCK_R divides 128)
+                    if NATIVE_F8:
+                        wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    else:
+                        wf = _e4m3(w)
+                    rb = tl.min(rows) // 128
+                    sv = tl.load(sp + rb * SR + cols // 128, mask=cm, other=0.0)           # [BLOCK_C]
+                    acc += tl.sum(wf * (xv * sv)[None, :], axis=1)
                 else:
                     acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        if FMT == 2:
+            return tl.sum(accg, axis=1)
         return acc
 
     @triton.jit
     def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr,
                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr,
-                        S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr):
+                        S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr,
+                        STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
         p = tl.program_id(0)                        # pair t*K + k
         ib = tl.program_id(1)
         t = p // K
@@ -120,21 +150,23 @@ if triton is not None:
         rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         rmask = rows < I
         if FMT == 0:
-            base = tl.load(addr_ptr + e).to(tl.pointer_type(dt))
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, I, H, base, base, 0, BLOCK_H, 0)
-            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, I, H, base, base, 0, BLOCK_H, 0)
+            base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8)
+            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
+                             NATIVE_F8)
         elif FMT == 1:                              # gate [I, H] | up [I, H] e4m3; scales gate | up | down
-            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, I, H, sp, base, SH, BLOCK_H, 1)
-            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, I, H, sp + NB, base, SH, BLOCK_H, 1)
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, 1, NATIVE_F8)
+            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, sp + NB, base, SH, BLOCK_I, BLOCK_H, STEP, 1,
+                             NATIVE_F8)
         else:                                       # gate_up [2I, H/2] nibbles; scales, zeros [2I, SH]
-            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
             zp = base + Z_OFF
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, I, H, sp, zp, SH, BLOCK_H, 2)
-            acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, I, H, sp + I * SH, zp + I * SH, SH,
-                             BLOCK_H, 2)
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, 2, NATIVE_F8)
+            acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, H, sp + I * SH, zp + I * SH, SH,
+                             BLOCK_I, BLOCK_H, STEP, 2, NATIVE_F8)
         g = acc_g.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
@@ -144,7 +176,7 @@ if triton is not None:
     def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr,
                      H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                      FMT: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SI: tl.constexpr,
-                     NB: tl.constexpr):
+                     NB: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
         p = tl.program_id(0)
         ob = tl.program_id(1)
         e = tl.load(topk_ptr + p)
@@ -152,16 +184,19 @@ if triton is not None:
         rows = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         rmask = rows < H
         if FMT == 0:
-            base = tl.load(addr_ptr + e).to(tl.pointer_type(dt))
-            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, H, I, base, base, 0, BLOCK_K, 0)
+            base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
+            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
+                           NATIVE_F8)
         elif FMT == 1:                              # down [H, I] e4m3 after gate_up; its scales after gate's, up's
-            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
-            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, H, I, sp, base, SI, BLOCK_K, 1)
+            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, 1,
+                           NATIVE_F8)
         else:                                       # down [H, I/2] nibbles after gate_up; scales, zeros [H, SI]
-            base = tl.load(addr_ptr + e).to(tl.pointer_type(tl.uint8))
+            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
-            acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, H, I, sp, base + Z_OFF + NB, SI, BLOCK_K, 2)
+            acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, I, sp, base + Z_OFF + NB, SI, BLOCK_O, BLOCK_K,
+                           STEP, 2, NATIVE_F8)
         y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
         tl.store(y_ptr + p * H + rows, y, mask=rmask)
 
@@ -169,7 +204,7 @@ if triton is not None:
     def _dequant_kernel(blob_ptr, out_ptr, NBYTES: tl.constexpr, OUT_N: tl.constexpr, OUT_OFF: tl.constexpr,
                         R: tl.constexpr, C: tl.constexpr, Q_OFF: tl.constexpr, S_OFF: tl.constexpr,
                         Z_OFF: tl.constexpr, SR: tl.constexpr, FMT: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
         """One matrix [R, C] of blob n (program axis 0) into out[n] at element OUT_OFF (out [N, OUT_N])."""
         n = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -178,32 +213,53 @@ if triton is not None:
         blob = blob_ptr + n * NBYTES
         sp = (blob + S_OFF).to(tl.pointer_type(tl.float32))
         if FMT == 1:
-            w = _e4m3(tl.load(blob + Q_OFF + rows[:, None] * C + cols[None, :], mask=m, other=0))
+            q = tl.load(blob + Q_OFF + rows[:, None] * C + cols[None, :], mask=m, other=0)
+            if NATIVE_F8:
+                w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                w = _e4m3(q)
             w = w * tl.load(sp + (rows[:, None] // 128) * SR + cols[None, :] // 128, mask=m, other=0.0)
         else:
             q = tl.load(blob + Q_OFF + rows[:, None] * (C // 2) + cols[None, :] // 2, mask=m, other=0)
             q = tl.where((cols % 2 == 0)[None, :], q & 0xF, q >> 4).to(tl.float32)
-            gi = rows[:, None] * SR + cols[None, :] // BLOCK_C
+            gi = rows[:, None] * SR + cols[None, :] // STEP
             z = tl.load(blob + Z_OFF + gi, mask=m, other=0).to(tl.float32)
             w = (q - z) * tl.load(sp + gi, mask=m, other=0.0)
         dst = out_ptr + n * OUT_N + OUT_OFF + rows[:, None] * C + cols[None, :]
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# block sizes per pass; chosen on the H200 for the 30B shape (H 2048, I 768) by bench/fast_step.py's kernel sweep
+# block sizes per pass and format (kernel id), the column tile a multiple of the format's scale group: dense
+# chosen on the H200 for the 30B shape (H 2048, I 768) by bench/step_ceiling.py's kernel sweep; fp8 and int4 on the
+# H100 by bench/formats.py's sweep (its results file records the grid and the times)
 GATE_UP_BLOCKS = {"BLOCK_I": 16, "BLOCK_H": 256, "num_warps": 4}
 DOWN_BLOCKS = {"BLOCK_O": 32, "BLOCK_K": 256, "num_warps": 4}
+BLOCKS = {0: (GATE_UP_BLOCKS, DOWN_BLOCKS),
+          1: ({"BLOCK_I": 16, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
+              {"BLOCK_O": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
+          2: ({"BLOCK_I": 4, "BLOCK_H": 512, "num_warps": 4, "num_stages": 4},
+              {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2})}
 
 
 def _geometry(fmt) -> dict:
     """The quantized layout's offsets and strides the kernels take as constants (see formats/fp8.py, int4.py)."""
-    if fmt.kernel == 1:
+    if fmt is not None and fmt.kernel == 1:
         return dict(S_OFF=fmt.s_off, Z_OFF=0, SH=fmt.nbH, SI=fmt.nbI, NB_GU=fmt.s_gate, NB_DN=2 * fmt.s_gate,
                     STEP=fmt.block)
-    if fmt.kernel == 2:
+    if fmt is not None and fmt.kernel == 2:
         return dict(S_OFF=fmt.s_off, Z_OFF=fmt.z_off, SH=fmt.ngH, SI=fmt.ngI, NB_GU=0, NB_DN=fmt.n_gu,
                     STEP=fmt.group)
     return dict(S_OFF=0, Z_OFF=0, SH=0, SI=0, NB_GU=0, NB_DN=0, STEP=0)
+
+
+def _tile(block: int, step: int, size: int) -> int:
+    """A column tile: a multiple of the scale group `step`, no wider than needed for `size` columns."""
+    if not step:
+        return block
+    block = max(step, block // step * step)
+    while block > step and block // 2 >= size:
+        block //= 2
+    return block
 
 
 def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
@@ -211,14 +267,15 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
     """h [P, I] = silu(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
     expert format of the blobs `addr` points at (None: dense)."""
     P, inter = h.shape
-    b = dict(GATE_UP_BLOCKS, **(blocks or {}))
-    g = _geometry(fmt) if fmt is not None else _geometry(_Dense)
-    if g["STEP"]:
-        b["BLOCK_H"] = g["STEP"]                # one scale (fp8 block, int4 group) per column tile
+    kid = fmt.kernel if fmt is not None else 0
+    b = dict(BLOCKS[kid][0], **(blocks or {}))
+    g = _geometry(fmt)
+    H = x.shape[-1]
+    assert kid != 1 or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
-        x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=x.shape[-1], I=inter,
-        BLOCK_I=b["BLOCK_I"], BLOCK_H=b["BLOCK_H"], FMT=fmt.kernel if fmt is not None else 0,
-        S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"],
+        x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=H, I=inter,
+        BLOCK_I=b["BLOCK_I"], BLOCK_H=_tile(b["BLOCK_H"], g["STEP"], H), FMT=kid,
+        S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"], STEP=g["STEP"], NATIVE_F8=not INTERPRETED,
         num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
 
 
@@ -227,18 +284,14 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
     """y [P, H] (float32) = (h @ down^T) * routing weight per pair."""
     P, inter = h.shape
     H = y.shape[-1]
-    b = dict(DOWN_BLOCKS, **(blocks or {}))
-    g = _geometry(fmt) if fmt is not None else _geometry(_Dense)
-    if g["STEP"]:
-        b["BLOCK_K"] = g["STEP"]
+    kid = fmt.kernel if fmt is not None else 0
+    b = dict(BLOCKS[kid][1], **(blocks or {}))
+    g = _geometry(fmt)
+    assert kid != 1 or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
-        h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=b["BLOCK_O"], BLOCK_K=b["BLOCK_K"],
-        FMT=fmt.kernel if fmt is not None else 0, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"],
-        num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
-
-
-class _Dense:
-    kernel = 0
+        h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=b["BLOCK_O"], BLOCK_K=_tile(b["BLOCK_K"], g["STEP"], inter),
+        FMT=kid, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"], STEP=g["STEP"],
+        NATIVE_F8=not INTERPRETED, num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
 
 
 def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
@@ -301,7 +354,7 @@ def dequantize_triton(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     blobs = blobs.contiguous()
     g = _geometry(fmt)
     BR = DEQUANT_BLOCKS["BLOCK_R"]
-    BC = g["STEP"] if fmt.kernel == 2 else DEQUANT_BLOCKS["BLOCK_C"]
+    BC = max(DEQUANT_BLOCKS["BLOCK_C"], g["STEP"])
     if fmt.kernel == 1:      # (rows, cols, q offset, scale offset, zero offset, scale row length, out offset)
         mats = [(I, H, 0, g["S_OFF"], 0, g["SH"], 0),
                 (I, H, I * H, g["S_OFF"] + 4 * g["NB_GU"], 0, g["SH"], I * H),
@@ -312,5 +365,5 @@ def dequantize_triton(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     for R, C, q_off, s_off, z_off, sr, o_off in mats:
         _dequant_kernel[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
             blobs, out, NBYTES=fmt.nbytes, OUT_N=3 * I * H, OUT_OFF=o_off, R=R, C=C, Q_OFF=q_off, S_OFF=s_off,
-            Z_OFF=z_off, SR=sr, FMT=fmt.kernel, BLOCK_R=BR, BLOCK_C=BC)
+            Z_OFF=z_off, SR=sr, FMT=fmt.kernel, BLOCK_R=BR, BLOCK_C=BC, STEP=g["STEP"], NATIVE_F8=not INTERPRETED)
     return out[:, : 2 * I * H].view(N, 2 * I, H), out[:, 2 * I * H:].view(N, H, I)

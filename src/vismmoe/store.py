@@ -1,7 +1,7 @@
 """Where expert weights live when they are not on the device, and how one expert is read.
 
 Owns the reader that finds an expert in a checkpoint's safetensors files whatever their layout, and the two tiers
-holding experts as blobs of an expert format (formats/: ONE contiguous, 128-byte aligned blob per expert, so a miss
+holding experts as blobs of an expert format (formats/: ONE contiguous, 512-byte aligned blob per expert, so a miss
 is a single copy):
 
 - `HostStore`: every expert read once at load into host RAM, one buffer per layer `[E, blob]` (pinned when the
@@ -29,7 +29,6 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
-_ALIGN_ELEMS = 64   # blob length is padded to a multiple of this many elements (128 B in bf16)
 _EXPERT_DTYPES = ("F64", "F32", "F16", "BF16")    # safetensors names of the dtypes experts are read from
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -104,11 +104,14 @@ def profile_step(eng, inputs, teacher_tokens, path: str, tokens: int = 16) -> di
     return {"device_ms_per_token": dev / tokens, "tokens": tokens}
 
 
-def kernel_sweep(eng, reps: int = 50) -> dict:
-    """Time each pass of the decode experts kernel (one token, top-k resident experts, from a CUDA graph) over a
-    grid of block sizes; keep the fastest of each for the rest of the run."""
+def kernel_sweep(eng, reps: int = 50, rows_up=(2, 4, 8), cols=(512, 1024), rows_down=(4, 8, 16, 32),
+                 cols_down=(256, 512)) -> dict:
+    """Time each pass of the decode experts kernel (one token, top-k resident experts of the engine's expert
+    format, from a CUDA graph) over a grid of block sizes; keep the fastest of each (for that format) for the rest
+    of the run."""
     dev, geo = eng.device, eng.geometry
     H, I, K = geo.hidden, geo.inter, geo.top_k
+    fmt = None if eng.layout.name == "dense" else eng.layout
     pool = eng.cache.pool
     addr = torch.tensor([pool.data_ptr() + s * eng.layout.nbytes for s in range(geo.num_experts)],
                         dtype=torch.int64, device=dev)
@@ -120,26 +123,25 @@ def kernel_sweep(eng, reps: int = 50) -> dict:
     y = torch.empty(K, H, device=dev)
     out = {"gate_up": {}, "down": {}}
     best = {}
-    for rows in (2, 4, 8):
-        for cols in (512, 1024):
-            for warps in (4,):
-                for stages in (2, 4):
-                    b = {"BLOCK_I": rows, "BLOCK_H": cols, "num_warps": warps, "num_stages": stages}
-                    us = graph_us(lambda: moe_kernel.gate_up_pass(x, topk, w, addr, h, ri, rw, b), reps)
-                    out["gate_up"][str(b)] = us
-                    if us < best.get("gate_up", (1e9,))[0]:
-                        best["gate_up"] = (us, b)
-    for rows in (4, 8, 16, 32):
-        for cols in (256, 512):
-            for warps in (4,):
-                for stages in (2, 4):
-                    b = {"BLOCK_O": rows, "BLOCK_K": cols, "num_warps": warps, "num_stages": stages}
-                    us = graph_us(lambda: moe_kernel.down_pass(h, topk, w, addr, y, b), reps)
-                    out["down"][str(b)] = us
-                    if us < best.get("down", (1e9,))[0]:
-                        best["down"] = (us, b)
-    moe_kernel.GATE_UP_BLOCKS.update(best["gate_up"][1])
-    moe_kernel.DOWN_BLOCKS.update(best["down"][1])
+    for r in rows_up:
+        for c in cols:
+            for stages in (2, 4):
+                b = {"BLOCK_I": r, "BLOCK_H": c, "num_warps": 4, "num_stages": stages}
+                us = graph_us(lambda: moe_kernel.gate_up_pass(x, topk, w, addr, h, ri, rw, b, fmt), reps)
+                out["gate_up"][str(b)] = us
+                if us < best.get("gate_up", (1e9,))[0]:
+                    best["gate_up"] = (us, b)
+    for r in rows_down:
+        for c in cols_down:
+            for stages in (2, 4):
+                b = {"BLOCK_O": r, "BLOCK_K": c, "num_warps": 4, "num_stages": stages}
+                us = graph_us(lambda: moe_kernel.down_pass(h, topk, w, addr, y, b, fmt), reps)
+                out["down"][str(b)] = us
+                if us < best.get("down", (1e9,))[0]:
+                    best["down"] = (us, b)
+    up, down = moe_kernel.BLOCKS[eng.layout.kernel]
+    up.update(best["gate_up"][1])
+    down.update(best["down"][1])
     nb = K * eng.layout.nbytes
     return {"us": out, "gate_up": best["gate_up"], "down": best["down"],
             "gate_up_GBps": nb * 2 / 3 / (best["gate_up"][0] / 1e6) / 1e9,

@@ -1,7 +1,7 @@
 """The expert format seam: how one routed expert is stored as bytes, read from a checkpoint, and computed.
 
     ExpertFormat (protocol)      one per (format, hidden H, intermediate I, activation dtype)
-      blob                       ONE contiguous, 128-byte aligned row of `numel` elements of `pool_dtype`
+      blob                       ONE contiguous, 512-byte aligned row of `numel` elements of `pool_dtype`
                                  (packed weights, then scales and zero points): a miss is one copy, a slot one
                                  row of the pool `[S, numel]`
       quantize(gate_up, down)    dense weights [N, 2I, H], [N, H, I] -> blobs [N, numel] (round to nearest)
@@ -30,7 +30,8 @@ import torch
 from ..config import split_spec
 from ..errors import UserError
 
-ALIGN_BYTES = 128           # every blob is padded to a multiple of this many bytes
+ALIGN_BYTES = 512           # every blob is padded to a multiple of this many bytes: the CUDA caching
+                            # allocator rounds blocks to 512 B, so a pool of whole blobs takes exactly its bytes
 
 
 def align(n: int, to: int = ALIGN_BYTES) -> int:

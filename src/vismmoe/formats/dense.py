@@ -1,6 +1,6 @@
 """The dense expert format: weights in the activation dtype (bf16/fp16 on a GPU, fp32 on the CPU), no scales.
 
-    blob [numel] of `dtype`:  gate_up [2I, H] (gate rows, then up rows) | down [H, I] | zero padding to 128 bytes
+    blob [numel] of `dtype`:  gate_up [2I, H] (gate rows, then up rows) | down [H, I] | zero padding to 512 bytes
 
 Every checkpoint layout the reader knows (fused, fused transposed, split per expert) is read into it, whatever the
 stored float dtype. Its pool can be viewed as fused banks `gate_up [S, 2I, H]`, `down [S, H, I]` without a copy,

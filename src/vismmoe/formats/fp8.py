@@ -6,7 +6,7 @@ with `weight_scale_inv [ceil(out/128), ceil(in/128)]`, which is a multiplier: w 
     blob [nbytes] uint8:
       q        gate_up [2I, H] e4m3 (gate rows, then up rows) | down [H, I] e4m3
       scales   (at a 16-byte boundary) float32: gate [nb(I), nb(H)] | up [nb(I), nb(H)] | down [nb(H), nb(I)]
-      padding  to 128 bytes
+      padding  to 512 bytes
     w[r, c] = float(q[r, c]) * scale[r // B, c // B]   (up rows: r - I)
 
 Scales are kept in float32 whatever the checkpoint stores (bf16 in Qwen3.5/3.6, f32 in DeepSeek-style files), so

@@ -10,7 +10,7 @@ one that package reads, and the other way round.
                unsigned (q + 8)
       scales   (16-byte boundary) float32: gate_up [2I, ng(H)] | down [H, ng(I)]
       zeros    uint8: gate_up [2I, ng(H)] | down [H, ng(I)], unsigned (zero point + 8; 8 when symmetric)
-      padding  to 128 bytes
+      padding  to 512 bytes
     w[r, c] = (q[r, c] - zero[r, c // g]) * scale[r, c // g]
 
 Scales are kept in float32 whatever the checkpoint stores, so reading is exact.
