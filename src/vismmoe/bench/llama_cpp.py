@@ -50,18 +50,17 @@ import math
 import os
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
 from ..evaluate import normalize
+from .gpu_memory import Nothing, PeakMemory, free_mib, process_mib
 from .llama_cpp_report import markdown, plot
 
 _PERF = re.compile(r"llama_perf_context_print:\s+(load time|prompt eval time|eval time|total time)\s*=\s*"
@@ -95,54 +94,6 @@ class Run:
     load_s: float | None = None
     correct: bool | None = None
     extra: dict = field(default_factory=dict)
-
-
-# ---- device memory --------------------------------------------------------------------------------------------
-
-def _nvidia_smi(*query: str) -> list[list[str]] | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
-
-
-def free_mib() -> float | None:
-    """Free memory of the current CUDA device as its driver counts it (what llama.cpp's --fit sees), None without
-    CUDA."""
-    import torch
-    return torch.cuda.mem_get_info()[0] / 2**20 if torch.cuda.is_available() else None
-
-
-class PeakMemory:
-    """Samples `nvidia-smi` every `period` s in a thread; `.peak_mib` is the most a process (pid) held."""
-
-    def __init__(self, pid: int | None = None, period: float = 0.1):
-        self.pid, self.period, self.peak_mib = pid, period, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            rows = _nvidia_smi("--query-compute-apps=pid,used_memory") or []
-            for row in rows:
-                if len(row) == 2 and row[0] == str(self.pid) and row[1].replace(".", "").isdigit():
-                    self.peak_mib = max(self.peak_mib or 0.0, float(row[1]))
-            self._stop.wait(self.period)
-
-    def __enter__(self):
-        if shutil.which("nvidia-smi"):
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------------
@@ -182,7 +133,7 @@ class Llama:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     errors="replace")
-            with PeakMemory(proc.pid) if gpu else _Nothing() as mem:
+            with PeakMemory(proc.pid) if gpu else Nothing() as mem:
                 out, err = proc.communicate()
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
@@ -193,14 +144,6 @@ class Llama:
                 run.extra["attempts"] = attempt
                 return run
         raise AssertionError("unreachable")
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _stamp_s(line: str) -> float | None:
@@ -269,13 +212,6 @@ def build_info(bin_dir: str) -> dict:
 
 
 # ---- vismmoe ------------------------------------------------------------------------------------------------
-
-def process_mib(pid: int) -> float | None:
-    """What `nvidia-smi` says process `pid` holds on the GPU now (None without nvidia-smi or a GPU)."""
-    rows = _nvidia_smi("--query-compute-apps=pid,used_memory") or []
-    used = [float(r[1]) for r in rows if len(r) == 2 and r[0] == str(pid) and r[1].replace(".", "").isdigit()]
-    return max(used) if used else None
-
 
 def vismmoe_run(eng, system: str, req: Request) -> Run:
     """One request on a vismmoe engine, with torch's peak allocation during it and, read once after it (nothing
