@@ -335,19 +335,22 @@ def test_llama_cpp_random_shape_same_tokens(tmp_path):
 def _bound(src: np.ndarray, qtype) -> np.ndarray:
     """Per value, the most a round-to-nearest GGML block format may move it, from the step of its block:
     Q8_0 (blocks of 32, d = max|x| / 127 stored in f16): half a step plus the f16 rounding of d over 127 steps;
-    Q5_0 (blocks of 32, d = max|x| / 16): one step (+16 is clamped to +15); Q4_K (sub-blocks of 32, 4-bit values
-    between the sub-block's min and max: step (max - min) / 15, with 6-bit scales and mins): one step;
-    Q6_K (sub-blocks of 16, 6-bit signed values, step max|x| / 32, 8-bit scales): one step. F16: its rounding."""
+    Q5_0 (blocks of 32, d = max|x| / 16): one step (+16 is clamped to +15); Q4_K (4-bit values in sub-blocks of 32
+    whose 6-bit scales and mins are steps of the super-block of 256's widest sub-block): one step (max - min) / 15
+    of that widest sub-block; Q6_K (6-bit signed values in sub-blocks of 16, step max|x| / 32): one step.
+    F16: its rounding."""
     Q = gguf.GGMLQuantizationType
     if qtype == Q.F16:
         return np.abs(src) * 2.0 ** -11 + 2.0 ** -25
-    block = {Q.Q8_0: 32, Q.Q5_0: 32, Q.Q4_K: 32, Q.Q6_K: 16}[qtype]
+    if qtype == Q.Q4_K:
+        b = src.reshape(-1, 8, 32)
+        step = ((b.max(axis=2) - b.min(axis=2)) / 15).max(axis=1)[:, None, None]
+        return np.broadcast_to(step, b.shape).reshape(src.shape)
+    block = {Q.Q8_0: 32, Q.Q5_0: 32, Q.Q6_K: 16}[qtype]
     b = src.reshape(-1, block)
     amax = np.abs(b).max(axis=1, keepdims=True)
-    step = {Q.Q8_0: lambda: amax / 127 * (0.5 + 127 * 2.0 ** -11), Q.Q5_0: lambda: amax / 16 * (1 + 2.0 ** -6),
-            Q.Q4_K: lambda: (b.max(axis=1, keepdims=True) - b.min(axis=1, keepdims=True)) / 15,
-            Q.Q6_K: lambda: amax / 32}[qtype]()
-    return np.broadcast_to(step, b.shape).reshape(src.shape)
+    step = {Q.Q8_0: amax / 127 * (0.5 + 127 * 2.0 ** -11), Q.Q5_0: amax / 16 * (1 + 2.0 ** -6), Q.Q6_K: amax / 32}
+    return np.broadcast_to(step[qtype], b.shape).reshape(src.shape)
 
 
 def _dequant(t) -> np.ndarray:
@@ -548,3 +551,80 @@ def test_bench_refuses_unknown_extra_types(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "q5_k" in err[0]
     assert not (tmp_path / "g").exists()
+
+
+# ---- with llama.cpp's llama-quantize (VISMMOE_LLAMA_CPP_BIN=BUILD/bin, scripts/build_llama_cpp.sh) ----------------
+
+def _llama_quantize_bin() -> str:
+    bin_dir = os.environ.get("VISMMOE_LLAMA_CPP_BIN")
+    if not bin_dir or not os.path.exists(os.path.join(bin_dir, "llama-quantize")):
+        pytest.skip("set VISMMOE_LLAMA_CPP_BIN to a folder with llama-quantize")
+    return bin_dir
+
+
+def _expected_type(name: str, shape: tuple, quant: str, layers: int, experts: int):
+    """The type docs/llama-cpp.md says a text tensor of torch shape `shape` gets in `quant` (q4_k or q4_k_m)."""
+    Q = gguf.GGMLQuantizationType
+    if len(shape) == 1 or "ffn_gate_inp" in name:
+        return Q.F32
+    want = Q.Q4_K
+    if quant == "q4_k_m":
+        i = int(name.split(".")[1]) if name.startswith("blk.") else -1
+        more = i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+        if name == "output.weight" or (more and ("attn_v." in name or "ffn_down" in name)):
+            want = Q.Q6_K
+        if experts == 8:
+            want = {"attn_v.": Q.Q8_0, "attn_k.": Q.Q8_0, "attn_output.": Q.Q5_K}.get(
+                next((k for k in ("attn_v.", "attn_k.", "attn_output.") if k in name), ""), want)
+    if shape[-1] % gguf.GGML_QUANT_SIZES[want][0]:
+        want = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0, Q.Q5_K: Q.Q5_1}.get(want, want)
+    return Q.F16 if shape[-1] % gguf.GGML_QUANT_SIZES[want][0] else want
+
+
+@pytest.mark.parametrize("quant", ["q4_k", "q4_k_m"])
+def test_llama_quantize_types_and_values(quant, tmp_path):
+    """The bundled model through llama-quantize: every tensor has the type of the stated rule, and the expert
+    banks (Q4_K gate/up; down rows of 128 fall back to Q5_0, or Q8_0 where Q4_K_M asks Q6_K) and attention dequantize
+    to the checkpoint within their steps."""
+    from vismmoe.export_gguf import export
+    from vismmoe.store import CheckpointReader
+    bin_dir = _llama_quantize_bin()
+    res = export(BUNDLED, str(tmp_path), dtype="bf16", quant=quant, llama_quantize=bin_dir)
+    ts = _tensors(res["text"]["path"])
+    assert len(ts) == 99
+    for name, t in ts.items():
+        shape = tuple(reversed(t.shape.tolist()))
+        assert t.tensor_type == _expected_type(name, shape, quant, 8, 32), (name, t.tensor_type.name)
+    rd = CheckpointReader(BUNDLED, 256, 128)
+    for layer in (0, 4):
+        for which, src in _expert_sources(rd, layer, 32, 128).items():
+            _assert_close(ts[f"blk.{layer}.ffn_{which}_exps.weight"], src, f"{layer} {which}")
+    _assert_close(ts["blk.0.attn_v.weight"], rd.tensor("model.language_model.layers.0.self_attn.v_proj.weight"),
+                  "attn_v")
+
+
+def test_llama_quantize_glm4v_eight_experts(tiny_dirs, tmp_path):
+    """Tiny GLM-4.5V (8 experts, rows of 48 and 64): Q4_K_M's 8-expert attention types and the fallbacks of rows
+    no 256-block fits."""
+    from vismmoe.export_gguf import export
+    bin_dir = _llama_quantize_bin()
+    d = tiny_dirs["glm4v_moe"]
+    res = export(d, str(tmp_path), dtype="f32", quant="q4_k_m", llama_quantize=bin_dir)
+    tc = json.loads(open(os.path.join(d, "config.json")).read())["text_config"]
+    for name, t in _tensors(res["text"]["path"]).items():
+        shape = tuple(reversed(t.shape.tolist()))
+        want = _expected_type(name, shape, "q4_k_m", tc["num_hidden_layers"], tc["n_routed_experts"])
+        assert t.tensor_type == want, (name, t.tensor_type.name)
+
+
+def test_q8_0_equals_llama_quantize(exported, q8_exported, tmp_path):
+    """Our Q8_0 file holds the bytes llama-quantize writes for Q8_0 from the bf16 export, tensor by tensor."""
+    import subprocess
+    exe = os.path.join(_llama_quantize_bin(), "llama-quantize")
+    theirs = str(tmp_path / "q8.gguf")
+    subprocess.run([exe, exported["text"]["path"], theirs, "Q8_0"], check=True, capture_output=True)
+    ours, ref = _tensors(q8_exported["text"]["path"]), _tensors(theirs)
+    assert ours.keys() == ref.keys()
+    for name, t in ref.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(ours[name].data, t.data), name

@@ -31,8 +31,8 @@ def markdown(res: dict) -> str:
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         if r.get("error"):
             acc = "FAILED: " + r["error"].splitlines()[0][:100].replace("|", "/")
-        lines.append(f"| {r['system']} | {gguf_type(r)} | {r['group']} | {eod} | {f(r['device_mib'])} | {f(r['device_mib_alloc'])} "
-                     f"| {_ms(r['ttft_s'])} | {_ms(r['tpot_s'])} | {_ms(r['request_s'])} | {wall} | {acc} |")
+        lines.append(f"| {r['system']} | {gguf_type(r)} | {r['group']} | {eod} | {f(r['device_mib'])} "
+                     f"| {f(r['device_mib_alloc'])} | {_ms(r['ttft_s'])} | {_ms(r['tpot_s'])} | {_ms(r['request_s'])} | {wall} | {acc} |")
     return f"{res['title']}\n\n" + head + "\n".join(lines) + "\n"
 
 
