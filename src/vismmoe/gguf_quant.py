@@ -11,8 +11,8 @@ with the `gguf` package's quantizer, Q4_K and Q4_K_M made by llama.cpp's own `ll
     --type q4_k_m   `llama-quantize IN OUT Q4_K_M`: llama.cpp's mixture, what the Q4_K_M files people download are:
                     Q4_K, but attn_v of the layers i where use_more_bits(i) and every ffn_down tensor (the routed
                     experts' ffn_down_exps, GLM's ffn_down_shexp and dense ffn_down) of those layers in Q6_K
-                    (super-blocks of 256, 6.56 bits a value); output.weight in Q6_K (Q8_0 if its row is not a
-                    multiple of 256). use_more_bits(i) = i < L/8 or i >= 7L/8 or (i - L/8) % 3 == 2 (integer
+                    (super-blocks of 256, 6.56 bits a value); output.weight (token_embd when the two are tied) in
+                    Q6_K. use_more_bits(i) = i < L/8 or i >= 7L/8 or (i - L/8) % 3 == 2 (integer
                     division), for L decoder layers. Models of exactly 8 experts get attn_v and attn_k in Q8_0 and
                     attn_output in Q5_K as well.
 
@@ -28,9 +28,9 @@ in "weight", except norms and routers (ffn_gate_inp). So token_embd, output, att
 ffn_{gate,up,down}_exps (the routed experts), and GLM's ffn_*_shexp and dense ffn_* are quantized; norms, biases,
 routers and GLM's exp_probs_b stay f32 as export_gguf writes them. A quantized type packs whole blocks along a row
 (the torch shape's last dimension, GGML's ne[0]); a tensor whose row length is not a multiple of its type's block
-falls back as llama-quantize falls back: Q4_K -> Q5_0 and Q6_K -> Q8_0 (blocks of 32), and to F16 when the row is
-not a multiple of 32 either (Q8_0 included). The vision projector (mmproj) is never quantized: it is written in
---dtype (convolution kernels f32, or f16 in an f16 file).
+falls back as llama-quantize falls back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (blocks of 32), and to F16
+when the row is not a multiple of 32 either (Q8_0 included). The vision projector (mmproj) is never quantized:
+it is written in --dtype (convolution kernels f32, or f16 in an f16 file).
 """
 
 from __future__ import annotations
