@@ -547,7 +547,7 @@ def _main(args) -> int:
     def write(res: dict) -> dict:
         title = (f"vismmoe vs llama.cpp {info.get('llama_cpp_commit', '?')[:7]} ({info.get('mode', '?')} build), "
                  f"{what}, {len(reqs)} requests x {reqs[0].new_tokens} new tokens, {res['device']}, GGUF "
-                 f"{args.llama_type}{''.join(f' (+{t} all-GPU row)' for t in extra)}, "
+                 f"{args.llama_type}{''.join(f' (+{t} row, every expert resident)' for t in extra)}, "
                  f"vismmoe {res['dtype']}{fmt} {res['decode']} decode (compile {args.compile}), "
                  f"medians of {args.reps}")
         res.update(title=title + (" (PARTIAL: the run did not finish)" if res.get("partial") else ""),
