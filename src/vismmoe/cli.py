@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-gguf", help="write a checkpoint as GGUF files for llama.cpp (text model + mmproj)")
     x.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     x.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for <name>-<dtype>.gguf and mmproj-<name>-<dtype>.gguf")
+                   help="directory for <name>-<dtype>.gguf (or <name>-<type>.gguf) and mmproj-<name>-<dtype>.gguf")
     x.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"],
                    help="type of the weight matrices (default bf16); norms and biases are always f32. With --type: "
                         "the projector's type, and the text file llama-quantize reads")

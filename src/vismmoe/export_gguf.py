@@ -566,9 +566,9 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     llama-quantize (`llama_quantize`: its path or folder, gguf_quant.find_llama_quantize); the projector stays in
     `dtype`. Returns {"text": {...}, "mmproj": {...}, "llama_cpp_commit"} with each file's path, arch, tensor count
     and {GGML type: tensor count} ("types"); a llama-quantize export's text entry also names its "source" file.
-    UserError for a family llama.cpp cannot run from what we write, a missing file, an unknown dtype or type, or a
-    llama-quantize that is missing or fails (checked before anything is written). `progress(tensor name)` after
-    each text tensor."""
+    UserError for a family llama.cpp cannot run from what we write, a missing file, an unknown dtype or type, a
+    llama-quantize that is missing (these checked before anything is written) or that fails. `progress(tensor
+    name)` after each text tensor."""
     from .engine import read_model_type
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
