@@ -11,9 +11,9 @@
 # build: copies the source into BUILD_DIR/src, adds one line to llama-mtmd-cli (flush its asynchronous logger
 # before exit: the timings it prints last are otherwise often lost), configures with cmake + ninja (Release,
 # shared libs; no tests, examples, server, web UI or HTTPS) and builds only the targets llama-mtmd-cli (libllama,
-# libmtmd, ggml) and llama-bench, with -j$(nproc). cuda mode adds
-# -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90}. Binaries land in BUILD_DIR/bin next to
-# build_info.json (llama.cpp commit, mode, cmake flags, compiler, seconds the build took).
+# libmtmd, ggml), llama-quantize (what `vismmoe export-gguf --type q4_k|q4_k_m` calls) and llama-bench, with
+# -j$(nproc). cuda mode adds -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-90}. Binaries land in
+# BUILD_DIR/bin next to build_info.json (llama.cpp commit, mode, cmake flags, compiler, seconds the build took).
 #
 # trim: keeps what the build above needs (cmake files, ggml with its CPU and CUDA backends, src, include, common,
 # vendor, tools minus server / web UI / test media) plus gguf-py and the converter for reference, and drops models/
@@ -120,14 +120,15 @@ EOF
 if [ "$patched" = no ]; then echo "build_llama_cpp.sh: warning: could not add the log flush to mtmd-cli.cpp" >&2; fi
 start=$(date +%s)
 cmake -S "$root" -B "$build" "${flags[@]}"
-cmake --build "$build" -j"$(nproc)" --target llama-mtmd-cli llama-bench
+cmake --build "$build" -j"$(nproc)" --target llama-mtmd-cli llama-quantize llama-bench
 seconds=$(( $(date +%s) - start ))
 compiler=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
 python3 - "$build/bin/build_info.json" "$commit" "$kind" "$seconds" "$compiler" "$(nproc)" "$patched" "${flags[@]}" <<'EOF'
 import json, sys
 path, commit, kind, seconds, compiler, jobs, patched, *flags = sys.argv[1:]
 patches = ["tools/mtmd/mtmd-cli.cpp: common_log_flush() after llama_perf_context_print (timings not lost at exit)"]
-json.dump({"llama_cpp_commit": commit, "mode": kind, "cmake_flags": flags, "targets": ["llama-mtmd-cli", "llama-bench"],
+targets = ["llama-mtmd-cli", "llama-quantize", "llama-bench"]
+json.dump({"llama_cpp_commit": commit, "mode": kind, "cmake_flags": flags, "targets": targets,
            "patches": patches if patched != "no" else [], "cxx_compiler": compiler, "jobs": int(jobs),
            "build_seconds": int(seconds)}, open(path, "w"), indent=1)
 EOF

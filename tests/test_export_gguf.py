@@ -282,10 +282,11 @@ def test_llama_cpp_answers_like_vismmoe(exported, tmp_path):
         assert llama.run("llama.cpp", r, [], gpu=False).text == vismmoe_run(eng, "vismmoe", r).text
 
 
-def _llama_bin() -> str:
+def _llama_bin(tool: str = "llama-mtmd-cli") -> str:
+    """The llama.cpp build's bin folder (VISMMOE_LLAMA_CPP_BIN) when it holds `tool`; the test skips otherwise."""
     bin_dir = os.environ.get("VISMMOE_LLAMA_CPP_BIN")
-    if not bin_dir or not os.path.exists(os.path.join(bin_dir, "llama-mtmd-cli")):
-        pytest.skip("set VISMMOE_LLAMA_CPP_BIN to a folder with llama-mtmd-cli")
+    if not bin_dir or not os.path.exists(os.path.join(bin_dir, tool)):
+        pytest.skip(f"set VISMMOE_LLAMA_CPP_BIN to a folder with {tool}")
     return bin_dir
 
 

@@ -266,7 +266,8 @@ def cmd_export_gguf(args) -> int:
                 seen.add(name.split(".")[1])
                 tick()
 
-        res = export(args.model, args.out, dtype=args.dtype, name=args.name, progress=on_tensor)
+        res = export(args.model, args.out, dtype=args.dtype, name=args.name, progress=on_tensor, quant=args.quant,
+                     llama_quantize=args.llama_quantize)
     if args.json:
         print(json.dumps(res))
     else:
@@ -589,9 +590,17 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-gguf", help="write a checkpoint as GGUF files for llama.cpp (text model + mmproj)")
     x.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     x.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for <name>-<dtype>.gguf and mmproj-<name>-<dtype>.gguf")
+                   help="directory for <name>-<dtype>.gguf (or <name>-<type>.gguf) and mmproj-<name>-<dtype>.gguf")
     x.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"],
-                   help="type of the weight matrices (default bf16); norms and biases are always f32")
+                   help="type of the weight matrices (default bf16); norms and biases are always f32. With --type: "
+                        "the projector's type, and the text file llama-quantize reads")
+    x.add_argument("--type", dest="quant", default=None, choices=["q8_0", "q4_k", "q4_k_m"],
+                   help="quantize the text model's weight matrices (routers and norms stay f32; the projector stays "
+                        "--dtype) into <name>-<type>.gguf: q8_0 with the gguf package; q4_k (every matrix Q4_K) and "
+                        "q4_k_m (llama.cpp's Q4_K/Q6_K mixture) with llama.cpp's llama-quantize; see docs/llama-cpp.md")
+    x.add_argument("--llama-quantize", default=None, metavar="PATH",
+                   help="llama-quantize for q4_k and q4_k_m: the file or its folder (default: "
+                        "$VISMMOE_LLAMA_CPP_BIN/llama-quantize, then PATH)")
     x.add_argument("--name", default=None, help="file name stem (default: the checkpoint directory's name)")
     x.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     x.set_defaults(func=cmd_export_gguf)

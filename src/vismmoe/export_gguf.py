@@ -5,6 +5,8 @@
       -> OUT/<name>-<dtype>.gguf          the text model: hyper-parameters, the vocabulary (GPT-2 style BPE), every
                                           decoder tensor, written one tensor (at most one expert bank) at a time
       -> OUT/mmproj-<name>-<dtype>.gguf   arch `clip`: vision tower and projector
+      -> OUT/<name>-<type>.gguf           with --type q8_0|q4_k|q4_k_m: the text model's weight matrices quantized
+                                          (gguf_quant: which tensors, which types, and how)
 
     qwen3_vl_moe -> arch `qwen3vlmoe` + projector `qwen3vl_merger`;  glm4v_moe -> arch `glm4moe` + projector `glm4v`
 
@@ -52,7 +54,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import gguf_quant
 from .errors import UserError
+from .gguf_quant import QUANT_TYPES
 from .store import CheckpointReader
 
 DTYPES = ("bf16", "f16", "f32")
@@ -80,17 +84,21 @@ def _gguf():
     return gguf
 
 
-def _qtypes(dtype: str):
-    """(GGML type of 2-D weights, llama.cpp file type) for --dtype."""
+def _qtypes(wtype: str):
+    """(GGML type of 2-D weights, llama.cpp file type) for a --dtype, or for --type q8_0 (text model only)."""
     g = _gguf()
     Q, F = g.GGMLQuantizationType, g.LlamaFileType
-    return {"bf16": (Q.BF16, F.MOSTLY_BF16), "f16": (Q.F16, F.MOSTLY_F16), "f32": (Q.F32, F.ALL_F32)}[dtype]
+    return {"bf16": (Q.BF16, F.MOSTLY_BF16), "f16": (Q.F16, F.MOSTLY_F16), "f32": (Q.F32, F.ALL_F32),
+            "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}[wtype]
 
 
 def _as_array(t: torch.Tensor, qtype) -> np.ndarray:
-    """`t` in the bytes of GGML type `qtype` (bf16 as its raw 16-bit patterns, rounded to nearest even)."""
+    """`t` in the bytes of GGML type `qtype` (bf16 as its raw 16-bit patterns, rounded to nearest even; a
+    block-quantized type as its blocks, gguf_quant.quantize)."""
     Q = _gguf().GGMLQuantizationType
     t = t.detach().contiguous()
+    if gguf_quant.is_quantized(qtype):
+        return gguf_quant.quantize(t, qtype)
     if qtype == Q.F32:
         return t.to(torch.float32).numpy()
     if qtype == Q.F16:
@@ -100,19 +108,13 @@ def _as_array(t: torch.Tensor, qtype) -> np.ndarray:
     raise ValueError(f"unsupported GGML type {qtype}")
 
 
-def _np_dtype(qtype):
-    Q = _gguf().GGMLQuantizationType
-    return {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.int16}[qtype]
-
-
 def write_gguf(path: str, writer, plan: list[Planned], progress: Callable[[str], None] | None = None) -> None:
     """Write `writer`'s metadata and the tensors of `plan` to `path`, streaming: tensor infos first, then each
     tensor's data made and written in plan order, so at most one tensor (one layer's expert bank) is in memory."""
-    Q = _gguf().GGMLQuantizationType
     for p in plan:
-        nbytes = math.prod(p.shape) * (4 if p.qtype == Q.F32 else 2)
-        writer.add_tensor_info(p.name, p.shape, np.dtype(_np_dtype(p.qtype)), nbytes,
-                               raw_dtype=None if p.qtype in (Q.F32, Q.F16) else p.qtype)
+        # the element shape with the type given (a uint8 dtype would make the writer read a byte shape)
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), gguf_quant.nbytes(p.shape, p.qtype),
+                               raw_dtype=p.qtype)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -263,10 +265,11 @@ class _Experts:
 
 
 def _plan(src: _Source, gname: str, key: str, qtype) -> Planned:
-    """`key` as GGUF tensor `gname`: in `qtype`, or f32 when one-dimensional (norms, biases, as llama.cpp's
-    converter writes them)."""
+    """`key` as GGUF tensor `gname`: in `qtype` (F16 where a quantized type's block does not divide its rows,
+    gguf_quant.weight_type), or f32 when one-dimensional (norms, biases, as llama.cpp's converter writes them)."""
     shape = src.shape(key)
-    return Planned(gname, shape, _gguf().GGMLQuantizationType.F32 if len(shape) <= 1 else qtype, src.get(key))
+    qtype = _gguf().GGMLQuantizationType.F32 if len(shape) <= 1 else gguf_quant.weight_type(shape, qtype)
+    return Planned(gname, shape, qtype, src.get(key))
 
 
 def _with_bias(src: _Source, gname: str, key: str, qtype) -> list[Planned]:
@@ -310,11 +313,11 @@ def _preprocessor(model_dir: str) -> dict:
         return json.load(f)
 
 
-def _qwen3_text(model_dir: str, config, name: str, dtype: str, path: str, progress=None) -> dict:
+def _qwen3_text(model_dir: str, config, name: str, wtype: str, path: str, progress=None) -> dict:
     g = _gguf()
     from .families import get_family
     tc = config.text_config
-    wq, ftype = _qtypes(dtype)
+    wq, ftype = _qtypes(wtype)
     F32 = g.GGMLQuantizationType.F32
     geo = get_family("qwen3_vl_moe").geometry(config)
     L, E, H, I = tc.num_hidden_layers, geo.num_experts, geo.hidden, geo.inter
@@ -386,9 +389,10 @@ def _expert_plan(src, prefix: str, b: str, E: int, I: int, H: int, wq) -> list:
     order), read expert by expert from the checkpoint's `prefix`."""
     src.reader.check_layer(prefix, E)
     ex = _Experts(src.reader, prefix, E, I)
-    return [Planned(b + "ffn_gate_exps.weight", (E, I, H), wq, ex.bank("gate")),
-            Planned(b + "ffn_up_exps.weight", (E, I, H), wq, ex.bank("up")),
-            Planned(b + "ffn_down_exps.weight", (E, H, I), wq, ex.bank("down"))]
+    gu, dn = gguf_quant.weight_type((I, H), wq), gguf_quant.weight_type((H, I), wq)
+    return [Planned(b + "ffn_gate_exps.weight", (E, I, H), gu, ex.bank("gate")),
+            Planned(b + "ffn_up_exps.weight", (E, I, H), gu, ex.bank("up")),
+            Planned(b + "ffn_down_exps.weight", (E, H, I), dn, ex.bank("down"))]
 
 
 def _mmproj_setup(model_dir: str, config, dtype: str):
@@ -444,11 +448,11 @@ def _qwen3_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> d
 
 # ---- GLM-4.5V ----------------------------------------------------------------------------------------------------
 
-def _glm4v_text(model_dir: str, config, name: str, dtype: str, path: str, progress=None) -> dict:
+def _glm4v_text(model_dir: str, config, name: str, wtype: str, path: str, progress=None) -> dict:
     from .families import get_family
     g = _gguf()
     tc = config.text_config
-    wq, ftype = _qtypes(dtype)
+    wq, ftype = _qtypes(wtype)
     F32 = g.GGMLQuantizationType.F32
     geo = get_family("glm4v_moe").geometry(config)
     L, E, H, I = tc.num_hidden_layers, geo.num_experts, geo.hidden, geo.inter
@@ -553,14 +557,27 @@ WRITERS = {"qwen3_vl_moe": (_qwen3_text, _qwen3_mmproj), "glm4v_moe": (_glm4v_te
 SUPPORTED = tuple(WRITERS)
 
 
-def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None = None, progress=None) -> dict:
+def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None = None, progress=None,
+           quant: str | None = None, llama_quantize: str | None = None) -> dict:
     """Write `<name>-<dtype>.gguf` (text) and `mmproj-<name>-<dtype>.gguf` (vision) for the checkpoint in
-    `model_dir` into `out_dir` (created). `name` defaults to the directory's name. Returns {"text": {...},
-    "mmproj": {...}} with each file's path, arch and tensor count. UserError for a family llama.cpp cannot run
-    from what we write, a missing file, or an unknown dtype. `progress(tensor name)` after each text tensor."""
+    `model_dir` into `out_dir` (created). `name` defaults to the directory's name. `quant` (gguf_quant.QUANT_TYPES)
+    quantizes the text model's weight matrices: q8_0 writes `<name>-q8_0.gguf` instead of the --dtype text file;
+    q4_k and q4_k_m write the --dtype text file and then `<name>-<quant>.gguf` from it with llama.cpp's
+    llama-quantize (`llama_quantize`: its path or folder, gguf_quant.find_llama_quantize); the projector stays in
+    `dtype`. Returns {"text": {...}, "mmproj": {...}, "llama_cpp_commit"} with each file's path, arch, tensor count
+    and {GGML type: tensor count} ("types"); a llama-quantize export's text entry also names its "source" file.
+    UserError for a family llama.cpp cannot run from what we write, a missing file, an unknown dtype or type, a
+    llama-quantize that is missing (these checked before anything is written) or that fails. `progress(tensor
+    name)` after each text tensor."""
     from .engine import read_model_type
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
+    if quant is not None and quant not in QUANT_TYPES:
+        raise UserError(f"unknown --type {quant!r}", f"use one of {', '.join(QUANT_TYPES)}")
+    if llama_quantize is not None and quant not in gguf_quant.LLAMA_QUANTIZE:
+        raise UserError("--llama-quantize given without --type q4_k or q4_k_m, so nothing would use it",
+                        "add --type q4_k or q4_k_m, or leave --llama-quantize out")
+    exe = gguf_quant.find_llama_quantize(llama_quantize) if quant in gguf_quant.LLAMA_QUANTIZE else None
     model_type = read_model_type(model_dir)
     if model_type not in SUPPORTED:
         raise UserError(f"export-gguf cannot export model type {model_type!r}",
@@ -570,6 +587,13 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     name = name or os.path.basename(os.path.normpath(model_dir))
     os.makedirs(out_dir, exist_ok=True)
     write_text, write_mmproj = WRITERS[model_type]
-    text = write_text(model_dir, config, name, dtype, os.path.join(out_dir, f"{name}-{dtype}.gguf"), progress)
+    wtype = "q8_0" if quant == "q8_0" else dtype
+    text = write_text(model_dir, config, name, wtype, os.path.join(out_dir, f"{name}-{wtype}.gguf"), progress)
     mmproj = write_mmproj(model_dir, config, name, dtype, os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf"))
+    if exe is not None:
+        path = os.path.join(out_dir, f"{name}-{quant}.gguf")
+        gguf_quant.llama_quantize(exe, text["path"], path, quant)
+        text = dict(text, path=path, source=text["path"])
+    for res in (text, mmproj):
+        res["types"] = gguf_quant.type_counts(res["path"])
     return {"text": text, "mmproj": mmproj, "llama_cpp_commit": LLAMA_CPP_COMMIT}

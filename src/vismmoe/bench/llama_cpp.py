@@ -11,7 +11,7 @@
            llama.cpp-fit@B    --fit on --fit-target M: llama.cpp places tensors itself (MoE tensors to the CPU
                               first) into what is free minus M, M chosen so that it gets the device memory vismmoe
                               used at B (CUDA only)
-           all: vismmoe@100%, llama.cpp-gpu (-ngl 99, --fit off)
+           all: vismmoe@100%, llama.cpp-gpu (-ngl 99, --fit off), and llama.cpp-gpu-T for each --extra-gpu-types T
          warm-up of each system, then repetitions of [A B C] in turn (A B C A B C); per system the median over
          repetitions of the mean over requests
       -> llama_cpp.json (rows, every run, commands, build info), llama_cpp.md (table), llama_cpp.png (plot)
@@ -29,10 +29,17 @@ included), and nvidia-smi's figure for this process read once after the request 
 its peak, the CUDA context included). None on the CPU. The answer text comes from llama.cpp's stdout; answers are
 scored with vismmoe.evaluate.normalize.
 
+Which GGUF llama.cpp runs: --llama-type bf16|f16|f32 (every weight matrix in that type, the projector too) or
+q8_0|q4_k|q4_k_m (the text model quantized as `export-gguf --type` does, gguf_quant; the projector in f16, llama.cpp's
+fast type, and the f16 text file that llama-quantize reads is left beside). Q8_0 is the peer of vismmoe's fp8 expert
+format, Q4_K_M of int4 (`--expert-format`, passed to vismmoe.load). `--extra-gpu-types f16` adds an all-on-device
+llama.cpp row on an f16 export, so a bf16 row can be checked against llama.cpp's f16 kernels in the same run.
+
 `--accuracy` instead answers --limit test questions with both engines (every expert resident, greedy) and
 reports each accuracy and how often the answers agree.
 
     python -m vismmoe.bench.llama_cpp --llama-cpp-bin BUILD/bin --model DIR --gguf DIR --out DIR [--device cuda]
+        [--llama-type q4_k_m --expert-format int4] [--extra-gpu-types f16]
 """
 
 from __future__ import annotations
@@ -43,18 +50,17 @@ import math
 import os
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
 from ..evaluate import normalize
+from .gpu_memory import Nothing, PeakMemory, free_mib, process_mib
 from .llama_cpp_report import markdown, plot
 
 _PERF = re.compile(r"llama_perf_context_print:\s+(load time|prompt eval time|eval time|total time)\s*=\s*"
@@ -88,54 +94,6 @@ class Run:
     load_s: float | None = None
     correct: bool | None = None
     extra: dict = field(default_factory=dict)
-
-
-# ---- device memory --------------------------------------------------------------------------------------------
-
-def _nvidia_smi(*query: str) -> list[list[str]] | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
-
-
-def free_mib() -> float | None:
-    """Free memory of the current CUDA device as its driver counts it (what llama.cpp's --fit sees), None without
-    CUDA."""
-    import torch
-    return torch.cuda.mem_get_info()[0] / 2**20 if torch.cuda.is_available() else None
-
-
-class PeakMemory:
-    """Samples `nvidia-smi` every `period` s in a thread; `.peak_mib` is the most a process (pid) held."""
-
-    def __init__(self, pid: int | None = None, period: float = 0.1):
-        self.pid, self.period, self.peak_mib = pid, period, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            rows = _nvidia_smi("--query-compute-apps=pid,used_memory") or []
-            for row in rows:
-                if len(row) == 2 and row[0] == str(self.pid) and row[1].replace(".", "").isdigit():
-                    self.peak_mib = max(self.peak_mib or 0.0, float(row[1]))
-            self._stop.wait(self.period)
-
-    def __enter__(self):
-        if shutil.which("nvidia-smi"):
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------------
@@ -175,7 +133,7 @@ class Llama:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     errors="replace")
-            with PeakMemory(proc.pid) if gpu else _Nothing() as mem:
+            with PeakMemory(proc.pid) if gpu else Nothing() as mem:
                 out, err = proc.communicate()
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
@@ -186,14 +144,6 @@ class Llama:
                 run.extra["attempts"] = attempt
                 return run
         raise AssertionError("unreachable")
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _stamp_s(line: str) -> float | None:
@@ -262,13 +212,6 @@ def build_info(bin_dir: str) -> dict:
 
 
 # ---- vismmoe ------------------------------------------------------------------------------------------------
-
-def process_mib(pid: int) -> float | None:
-    """What `nvidia-smi` says process `pid` holds on the GPU now (None without nvidia-smi or a GPU)."""
-    rows = _nvidia_smi("--query-compute-apps=pid,used_memory") or []
-    used = [float(r[1]) for r in rows if len(r) == 2 and r[0] == str(pid) and r[1].replace(".", "").isdigit()]
-    return max(used) if used else None
-
 
 def vismmoe_run(eng, system: str, req: Request) -> Run:
     """One request on a vismmoe engine, with torch's peak allocation during it and, read once after it (nothing
@@ -350,9 +293,11 @@ def _median_row(system: str, group: str, runs_by_rep: list[list[Run]], **meta) -
 
 def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets: list[str], reps: int,
                  device: str, dtype: str | None, compile_flag: bool | None, random_weights: bool,
-                 progress=print, on_group=None) -> dict:
+                 progress=print, on_group=None, extra: dict[str, Llama] | None = None,
+                 options: dict | None = None) -> dict:
     """Rows (medians) and every run of each system in each budget group; `on_group(result so far)` after each
-    group, so a run cut short keeps the groups it finished."""
+    group, so a run cut short keeps the groups it finished. `extra` {name suffix: Llama}: more all-on-device
+    llama.cpp rows (other GGUF files); `options`: more vismmoe.load options (expert_format)."""
     import gc
 
     import torch
@@ -361,16 +306,18 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
     import vismmoe
 
     from ..families import get_family
-    from ..formats import DenseFormat
+    from ..formats import make_format
+    from ..formats.checkpoint import run_format, stored_format
     cuda = device.startswith("cuda")
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype) or \
         ("bfloat16" if cuda else "float32")
     cfg = AutoConfig.from_pretrained(model_dir)
     geo = get_family(cfg.model_type).geometry(cfg)
     # the base engine keeps the smallest legal pool (one layer's top-k): its memory is in every vismmoe figure
-    least = geo.top_k * DenseFormat(geo.hidden, geo.inter, getattr(torch, dtype)).nbytes
+    spec = run_format((options or {}).get("expert_format"), stored_format(cfg))
+    least = geo.top_k * make_format(spec, geo.hidden, geo.inter, getattr(torch, dtype)).nbytes
     eng0 = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=str(least), policy="predictive",
-                        prefetch="gate", compile=compile_flag)
+                        prefetch="gate", compile=compile_flag, **(options or {}))
     layers = len(eng0.geometry.moe_layers)
     rows, raw = [], []
 
@@ -405,12 +352,14 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
     def vis(eng, name):
         return lambda r: vismmoe_run(eng, name, r)
 
-    def lcpp(name, placement):
+    def lcpp(name, placement, which=llama):
         def fn(r):
             if cuda:
                 torch.cuda.empty_cache()
-            return llama.run(name, r, placement, gpu=cuda)
+            return which.run(name, r, placement, gpu=cuda)
         return fn
+
+    ggufs = {}                                        # llama.cpp system -> its text GGUF file
 
     groups = [(b, float(b.rstrip("%")) / 100) for b in budgets] + [("all", 1.0)]
     for group, share in groups:
@@ -423,7 +372,9 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
         warm = [r for r in (attempt(ours, systems[ours], q) for q in requests) if r is not None]
         if group == "all":
             name = "llama.cpp-gpu" if cuda else "llama.cpp-cpu"
-            systems[name] = lcpp(name, ["-ngl", "99", "--fit", "off"] if cuda else [])
+            for suffix, which in [("", llama)] + [("-" + k, v) for k, v in (extra or {}).items()]:
+                systems[name + suffix] = lcpp(name + suffix, ["-ngl", "99", "--fit", "off"] if cuda else [], which)
+                ggufs[name + suffix] = which.text_gguf
         elif cuda:
             ncm = str(n_cpu_moe(share, layers))
             systems[f"llama.cpp-ncmoe@{group}"] = lcpp(f"llama.cpp-ncmoe@{group}",
@@ -443,8 +394,10 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
                 meta.update(n_cpu_moe=ncm, experts_on_device=(layers - ncm) / layers)
             elif name.startswith("vismmoe"):
                 meta.update(experts_on_device=eng.cache.num_slots / (layers * eng.geometry.num_experts))
-            elif name in ("llama.cpp-gpu",):
+            elif name.startswith("llama.cpp-gpu"):
                 meta.update(experts_on_device=1.0)
+            if name.startswith("llama.cpp"):
+                meta.update(gguf=os.path.basename(ggufs.get(name, llama.text_gguf)))
             if name in failed:
                 meta["error"] = failed[name]
             rows.append(_median_row(name, group, by_rep, **meta))
@@ -462,11 +415,12 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
 
 
 def accuracy(model_dir: str, llama: Llama, requests: list[Request], device: str, dtype: str | None,
-             progress=print) -> dict:
-    """Every request answered by vismmoe (every expert resident) and llama.cpp (all on its device); per-question
-    answers, each engine's accuracy, and the share of questions where the two answers agree."""
+             progress=print, options: dict | None = None) -> dict:
+    """Every request answered by vismmoe (every expert resident; `options`: more vismmoe.load options) and
+    llama.cpp (all on its device); per-question answers, each engine's accuracy, and the share of questions where
+    the two answers agree."""
     import vismmoe
-    eng = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget="100%")
+    eng = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget="100%", **(options or {}))
     gpu = eng.device.type == "cuda"
     placement = ["-ngl", "99", "--fit", "off"] if gpu else []
     items = []
@@ -488,12 +442,23 @@ def accuracy(model_dir: str, llama: Llama, requests: list[Request], device: str,
 
 # ---- command line -------------------------------------------------------------------------------------------
 
-def _gguf_files(model_dir: str, gguf_dir: str, dtype: str) -> tuple[str, str]:
-    from ..export_gguf import export
+LLAMA_TYPES = ("bf16", "f16", "f32", "q8_0", "q4_k", "q4_k_m")
+
+
+def _gguf_files(model_dir: str, gguf_dir: str, llama_type: str, llama_bin: str | None = None) -> tuple[str, str]:
+    """(text, mmproj) GGUF files of `model_dir` in `llama_type` under `gguf_dir`, exported when either is missing:
+    a float type for both files, or a quantized text model (export-gguf --type) with an f16 projector (llama-quantize
+    looked for in `llama_bin` first)."""
+    from ..export_gguf import DTYPES, export
     name = os.path.basename(os.path.normpath(model_dir))
-    text, mmproj = (os.path.join(gguf_dir, f"{p}{name}-{dtype}.gguf") for p in ("", "mmproj-"))
+    dtype = llama_type if llama_type in DTYPES else "f16"
+    text = os.path.join(gguf_dir, f"{name}-{llama_type}.gguf")
+    mmproj = os.path.join(gguf_dir, f"mmproj-{name}-{dtype}.gguf")
     if not (os.path.exists(text) and os.path.exists(mmproj)):
-        export(model_dir, gguf_dir, dtype=dtype)
+        quant = None if llama_type in DTYPES else llama_type
+        lq = llama_bin if quant in ("q4_k", "q4_k_m") and llama_bin and \
+            os.path.exists(os.path.join(llama_bin, "llama-quantize")) else None
+        export(model_dir, gguf_dir, dtype=dtype, quant=quant, llama_quantize=lq)
     return text, mmproj
 
 
@@ -502,7 +467,14 @@ def main(argv=None) -> int:
     p.add_argument("--llama-cpp-bin", required=True, metavar="DIR", help="folder with llama-mtmd-cli")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     p.add_argument("--gguf", required=True, metavar="DIR", help="folder of the GGUF files (exported when missing)")
-    p.add_argument("--gguf-dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    p.add_argument("--llama-type", "--gguf-dtype", dest="llama_type", default="bf16", choices=LLAMA_TYPES,
+                   help="the GGUF llama.cpp runs (default bf16): a float type, or the text model quantized "
+                        "(q8_0 against vismmoe's fp8 experts, q4_k_m against int4) with an f16 projector")
+    p.add_argument("--extra-gpu-types", default="", metavar="TYPES",
+                   help="comma-separated GGUF types, each one more llama.cpp row with every expert on the device "
+                        "(e.g. f16 beside a bf16 run)")
+    p.add_argument("--expert-format", default=None, metavar="NAME",
+                   help="vismmoe's expert format (vismmoe.load expert_format; default: the checkpoint's dtype)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="vismmoe's dtype (default: bf16 on cuda, float32 on cpu)")
@@ -535,11 +507,22 @@ def _main(args) -> int:
         raise UserError(f"no llama-mtmd-cli in {args.llama_cpp_bin}", "build it with scripts/build_llama_cpp.sh")
     random_weights = os.path.exists(os.path.join(args.model, SHAPE_FILE))
     os.makedirs(args.out, exist_ok=True)
-    text, mmproj = _gguf_files(args.model, args.gguf, args.gguf_dtype)
+    extra_types = [t.strip() for t in args.extra_gpu_types.split(",") if t.strip()]
+    bad = [t for t in extra_types if t not in LLAMA_TYPES]
+    if bad:
+        raise UserError(f"--extra-gpu-types {','.join(bad)}: unknown GGUF type", f"use {', '.join(LLAMA_TYPES)}")
+    options = {"expert_format": args.expert_format} if args.expert_format else {}
     with open(os.path.join(args.model, "config.json")) as f:
         max_pos = json.load(f)["text_config"].get("max_position_embeddings", 4096)
-    llama = Llama(args.llama_cpp_bin, text, mmproj, ctx=min(4096, max_pos), image_tokens=image_token_range(args.model),
-                  ignore_eos=random_weights, threads=args.threads)
+
+    def llama_for(llama_type: str) -> Llama:
+        text, mmproj = _gguf_files(args.model, args.gguf, llama_type, args.llama_cpp_bin)
+        return Llama(args.llama_cpp_bin, text, mmproj, ctx=min(4096, max_pos),
+                     image_tokens=image_token_range(args.model), ignore_eos=random_weights, threads=args.threads)
+
+    llama = llama_for(args.llama_type)
+    extra = {t: llama_for(t) for t in extra_types if t != args.llama_type}
+    fmt = f" experts {args.expert_format}" if args.expert_format else ""
     folder = tempfile.mkdtemp(prefix="vismmoe-llama-")
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     info = build_info(args.llama_cpp_bin)
@@ -547,9 +530,10 @@ def _main(args) -> int:
             f"({'RANDOM weights' if random_weights else 'trained'})")
     if args.accuracy:
         reqs = vqa_requests(args.limit, args.max_new_tokens or 4, folder)
-        res = accuracy(args.model, llama, reqs, args.device, args.dtype)
-        res.update(title=f"accuracy, {what}, {res['n']} test questions, {res['device']}, vismmoe {res['dtype']} vs "
-                         f"llama.cpp GGUF {args.gguf_dtype}", llama_cpp=info, command=args.command,
+        res = accuracy(args.model, llama, reqs, args.device, args.dtype, options=options)
+        res.update(title=f"accuracy, {what}, {res['n']} test questions, {res['device']}, "
+                         f"vismmoe {res['dtype']}{fmt} vs llama.cpp GGUF {args.llama_type}", llama_cpp=info,
+                   command=args.command,
                    date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count())
         path = os.path.join(args.out, "llama_cpp_accuracy.json")
         with open(path, "w") as f:
@@ -565,7 +549,8 @@ def _main(args) -> int:
     def write(res: dict) -> dict:
         title = (f"vismmoe vs llama.cpp {info.get('llama_cpp_commit', '?')[:7]} ({info.get('mode', '?')} build), "
                  f"{what}, {len(reqs)} requests x {reqs[0].new_tokens} new tokens, {res['device']}, GGUF "
-                 f"{args.gguf_dtype}, vismmoe {res['dtype']} {res['decode']} decode (compile {args.compile}), "
+                 f"{args.llama_type}{''.join(f' (+{t} row, every expert resident)' for t in extra)}, "
+                 f"vismmoe {res['dtype']}{fmt} {res['decode']} decode (compile {args.compile}), "
                  f"medians of {args.reps}")
         res.update(title=title + (" (PARTIAL: the run did not finish)" if res.get("partial") else ""),
                    llama_cpp=info, command=args.command, date=time.strftime("%Y-%m-%d"), cpus=os.cpu_count(),
@@ -577,7 +562,8 @@ def _main(args) -> int:
         return res
 
     res = side_by_side(args.model, llama, reqs, budgets, args.reps, args.device, args.dtype, compile_flag,
-                       random_weights, progress=lambda m: print(m, file=sys.stderr, flush=True), on_group=write)
+                       random_weights, progress=lambda m: print(m, file=sys.stderr, flush=True), on_group=write,
+                       extra=extra, options=options)
     res = write(res)
     plot(res, os.path.join(args.out, "llama_cpp.png"))
     print(markdown(res))

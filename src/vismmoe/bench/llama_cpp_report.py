@@ -1,7 +1,8 @@
 """The report of `python -m vismmoe.bench.llama_cpp`: the markdown table and the PNG plot of its rows.
 
 Knows the row fields the side-by-side run writes (system, group, experts_on_device, device memory, TTFT, decode
-ms/token, request time, llama.cpp wall and load time, accuracy, error) and nothing about how they were measured.
+ms/token, request time, llama.cpp wall and load time, the GGUF file a llama.cpp row ran, accuracy, error) and nothing
+about how they were measured.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ def _ms(x):
     return "" if x is None else f"{x * 1e3:.1f}"
 
 
+def gguf_type(row: dict) -> str:
+    """The GGUF type a llama.cpp row ran (its text file is `<name>-<type>.gguf`); "" for vismmoe rows and for rows
+    written before the field existed."""
+    name = row.get("gguf") or ""
+    return name[:-len(".gguf")].rsplit("-", 1)[-1] if name.endswith(".gguf") else ""
+
+
 def markdown(res: dict) -> str:
-    head = ("| system | budget | experts on device | device MiB (nvidia-smi) | device MiB (alloc / buffers) | TTFT ms "
-            "| decode ms/token | request ms | llama.cpp wall s (load) | accuracy |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| system | GGUF | budget | experts on device | device MiB (nvidia-smi) | device MiB (alloc / buffers) "
+            "| TTFT ms | decode ms/token | request ms | llama.cpp wall s (load) | accuracy |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in res["rows"]:
         eod = "" if r.get("experts_on_device") is None else f"{r['experts_on_device']:.1%}"
@@ -23,8 +31,8 @@ def markdown(res: dict) -> str:
         acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         if r.get("error"):
             acc = "FAILED: " + r["error"].splitlines()[0][:100].replace("|", "/")
-        lines.append(f"| {r['system']} | {r['group']} | {eod} | {f(r['device_mib'])} | {f(r['device_mib_alloc'])} "
-                     f"| {_ms(r['ttft_s'])} | {_ms(r['tpot_s'])} | {_ms(r['request_s'])} | {wall} | {acc} |")
+        lines.append(f"| {r['system']} | {gguf_type(r)} | {r['group']} | {eod} | {f(r['device_mib'])} "
+                     f"| {f(r['device_mib_alloc'])} | {_ms(r['ttft_s'])} | {_ms(r['tpot_s'])} | {_ms(r['request_s'])} | {wall} | {acc} |")
     return f"{res['title']}\n\n" + head + "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,70 @@
+"""A process's device memory as the driver reports it: `nvidia-smi` sampled in a thread (the peak a process held),
+and the free memory of the current CUDA device. Every function gives None where there is no nvidia-smi or CUDA."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+
+
+def _nvidia_smi(*query: str) -> list[list[str]] | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [[c.strip() for c in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+
+
+def free_mib() -> float | None:
+    """Free memory of the current CUDA device as its driver counts it (what llama.cpp's --fit sees), None without
+    CUDA."""
+    import torch
+    return torch.cuda.mem_get_info()[0] / 2**20 if torch.cuda.is_available() else None
+
+
+def process_mib(pid: int) -> float | None:
+    """What `nvidia-smi` says process `pid` holds on the GPU now (None without nvidia-smi or a GPU)."""
+    rows = _nvidia_smi("--query-compute-apps=pid,used_memory") or []
+    used = [float(r[1]) for r in rows if len(r) == 2 and r[0] == str(pid) and r[1].replace(".", "").isdigit()]
+    return max(used) if used else None
+
+
+class PeakMemory:
+    """Samples `nvidia-smi` every `period` s in a thread; `.peak_mib` is the most a process (pid) held."""
+
+    def __init__(self, pid: int | None = None, period: float = 0.1):
+        self.pid, self.period, self.peak_mib = pid, period, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            mib = process_mib(self.pid)
+            if mib is not None:
+                self.peak_mib = max(self.peak_mib or 0.0, mib)
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class Nothing:
+    """A context manager that does nothing (no sampling on the CPU)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
