@@ -119,6 +119,11 @@ def test_budget_counts_the_formats_bytes(tiny_dirs):
     assert int4.cache.num_slots == dense.cache.num_slots
     same_bytes = load(d, expert_budget=str(dense.budget_bytes), expert_format="int4:group=16")
     assert same_bytes.cache.num_slots > 3 * dense.cache.num_slots - 1
+    # --device-memory: the same device bytes hold more experts in a smaller format (the reserve is the same)
+    total = dense.nonexpert_bytes + (64 << 20) + dense.budget_bytes
+    dm = {f: load(d, device_memory=str(total), reserve="64MiB", expert_format=f) for f in (None, "fp8")}
+    assert dm["fp8"].budget_bytes == dm[None].budget_bytes
+    assert dm["fp8"].cache.num_slots > 1.9 * dm[None].cache.num_slots
 
 
 # ---- bad input: one line -------------------------------------------------------------------------------------
