@@ -553,23 +553,40 @@ WRITERS = {"qwen3_vl_moe": (_qwen3_text, _qwen3_mmproj), "glm4v_moe": (_glm4v_te
 SUPPORTED = tuple(WRITERS)
 
 
-def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None = None, progress=None) -> dict:
+def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None = None, progress=None,
+           force: bool = False) -> dict:
     """Write `<name>-<dtype>.gguf` (text) and `mmproj-<name>-<dtype>.gguf` (vision) for the checkpoint in
     `model_dir` into `out_dir` (created). `name` defaults to the directory's name. Returns {"text": {...},
     "mmproj": {...}} with each file's path, arch and tensor count. UserError for a family llama.cpp cannot run
-    from what we write, a missing file, or an unknown dtype. `progress(tensor name)` after each text tensor."""
+    from what we write, a missing file, an unknown dtype, a name with a path separator, or (without `force`) a file
+    of either name already in `out_dir`: checked before anything is written. Each file is written under a
+    temporary name and renamed when complete. `progress(tensor name)` after each text tensor."""
     from .engine import read_model_type
+    from .paths import atomic_file, output_dir
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     model_type = read_model_type(model_dir)
     if model_type not in SUPPORTED:
         raise UserError(f"export-gguf cannot export model type {model_type!r}",
                         f"it exports {', '.join(SUPPORTED)} checkpoints")
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(model_dir)
     name = name or os.path.basename(os.path.normpath(model_dir))
+    if not name or os.sep in name or name in (".", ".."):
+        raise UserError(f"--name {name!r} is not a file name stem", "give a name without path separators")
+    output_dir(out_dir, "--out", force=True)            # any folder: only the two files below are written
+    paths = [os.path.join(out_dir, f"{name}-{dtype}.gguf"), os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf")]
+    for path in paths:
+        if os.path.lexists(path) and not (force and os.path.isfile(path)):
+            raise UserError(f"{path} already exists", "give another --out or --name, or add --force to replace it")
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
+                        "restore the checkpoint's config.json") from None
     os.makedirs(out_dir, exist_ok=True)
     write_text, write_mmproj = WRITERS[model_type]
-    text = write_text(model_dir, config, name, dtype, os.path.join(out_dir, f"{name}-{dtype}.gguf"), progress)
-    mmproj = write_mmproj(model_dir, config, name, dtype, os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf"))
+    with atomic_file(paths[0]) as tmp:
+        text = dict(write_text(model_dir, config, name, dtype, tmp, progress), path=paths[0])
+    with atomic_file(paths[1]) as tmp:
+        mmproj = dict(write_mmproj(model_dir, config, name, dtype, tmp), path=paths[1])
     return {"text": text, "mmproj": mmproj, "llama_cpp_commit": LLAMA_CPP_COMMIT}
