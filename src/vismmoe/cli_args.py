@@ -23,8 +23,8 @@ class Help(argparse.HelpFormatter):
         names = getattr(action, "names", None)
         text = action.help.replace("{names}", ", ".join(names())) if names else action.help
         default = action.default
-        if ("default" not in text and action.option_strings and not action.required
-                and default not in (None, False, argparse.SUPPRESS) and action.nargs != 0):
+        if ("default" not in text and action.option_strings and not action.required and action.nargs != 0
+                and not any(default is x for x in (None, False, argparse.SUPPRESS))):     # 0 is a default to show
             text += f" (default {str(default).replace('%', '%%')})"
         return text
 
