@@ -5,8 +5,9 @@ touches NaN: greedy decoding then answered an empty string with exit status 0, a
 `load` scans the weights it reads, as `RuntimeConfig.check_weights` (`--check-weights`) says:
 
 - `sample` (default): every tensor of at most `FULL_BELOW` elements whole, larger ones at `SAMPLE` evenly spaced
-  elements (a strided view: no copy). Costs well under a second for a 30B checkpoint; catches any damage that
-  spreads over a tensor, and every single bad value in the small tensors (norms, biases, routers, small models).
+  elements (a strided view: no copy), so the cost per tensor is bounded whatever the checkpoint's size; catches
+  any damage that spreads over a tensor, and every single bad value in the small tensors (norms, biases, routers,
+  small models).
   Disk-tier experts, which load does not read otherwise, are read whole up to 256 MiB in all, else the first,
   middle and last expert of each layer.
 - `full`: every element of every tensor (disk-tier experts are read for it: as long as reading them all).
