@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vismmoe.cli import main
 
 
@@ -21,11 +23,19 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert "mobile/25%" in res["speedup"]
     lossless = [r for r in res["rows"] if r["system"] in ("ondemand", "lru-offload", "gate-prefetch")]
     assert len({r["accuracy"] for r in lossless}) == 1          # lossless systems answer identically
-    # the bound is below what was achieved (a margin for a shared CI machine's noise between the resident runs
-    # that give its compute term and the measured ones; a wrong bytes or bandwidth term is off by far more)
-    assert all(r["bound_s"] <= r["e2e_s"] * 1.15 for r in res["rows"])
-    # the phased bound only adds a causal term: never below the plain one, never above what was achieved
-    assert all(r["bound_s"] <= r["bound_phased_s"] <= r["e2e_s"] * 1.15 for r in res["rows"])
+    # an efficiency is a bound over what was achieved, so at most 1: the compute term comes from resident runs
+    # interleaved with the systems (their fastest), and where a busy machine still made the bound come out above a
+    # measured time the row prints no efficiency and says why (1.29 was printed on a loaded machine)
+    for r in res["rows"]:
+        for eff, bound in (("efficiency", "bound_s"), ("efficiency_phased", "bound_phased_s")):
+            if r[eff] is None:
+                assert "machine's speed changed" in r[eff + "_note"], r
+            else:
+                assert 0 < r[eff] <= 1 and r[bound] <= r["e2e_s"], r
+        assert len(r["e2e_runs_s"]) == 3                    # quick runs 3 repetitions: medians, and their spread
+    # the phased bound only adds a causal term: never below the plain one
+    assert all(r["bound_s"] <= r["bound_phased_s"] for r in res["rows"])
+    assert all(len(v["runs"]) == 3 for v in res["speedup"].values())
     assert all(0 < r["belady_prefill_bytes"] <= r["belady_bytes"] for r in res["rows"])
     assert (out / "bench.md").exists() and (out / "latency_vs_budget.png").exists()
 
@@ -122,3 +132,30 @@ def test_shape_moe_infinity_learns_tables_from_earlier_requests(tmp_path, capsys
     rows = {r["system"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
     assert rows["moe-infinity"]["prefetch"] == "trace" and rows["lru-offload"]["prefetch"] == "none"
     assert (tmp_path / "calibration.npz").exists()
+
+
+def test_compute_term_runs_are_interleaved_with_the_systems(tmp_path, monkeypatch):
+    """Each repetition runs every system, then the resident passes (A B R A B R ...): the bound's compute term is
+    measured over the same stretch of time as the systems, not in one separate run."""
+    from vismmoe.bench import harness
+    order = []
+    real_sys, real_res = harness._run_requests, harness._resident_run
+    monkeypatch.setattr(harness, "_run_requests", lambda eng, *a: order.append("S") or real_sys(eng, *a))
+    monkeypatch.setattr(harness, "_resident_run", lambda b, key: order.append("R") or real_res(b, key))
+    code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "2", "--link", "edge",
+                 "--budgets", "25%", "--reps", "3", "--systems", "ondemand,lru-offload", "--out", str(tmp_path)])
+    assert code == 0
+    assert "".join(order) == "SSR" * 3
+
+
+def test_efficiency_above_one_is_refused_and_speedups_say_their_noise():
+    from vismmoe.bench.harness import _efficiency, speedup_lines
+    row = {"e2e_s": 0.100, "bound_s": 0.129}
+    assert _efficiency(row, "bound_s", "efficiency") is None and "129.0 ms" in row["efficiency_note"]
+    row = {"e2e_s": 0.100, "bound_s": 0.080}
+    assert _efficiency(row, "bound_s", "efficiency") == pytest.approx(0.8) and "efficiency_note" not in row
+    one = speedup_lines({"mobile/25%": {"speedup": 1.23, "best_baseline": "ondemand", "runs": [1.23]}}, 1)
+    assert "noise is not measured" in one[0]
+    spread = speedup_lines({"mobile/25%": {"speedup": 1.02, "best_baseline": "ondemand",
+                                           "runs": [0.92, 1.02, 1.23]}}, 3)
+    assert "each 0.92x to 1.23x; within run-to-run noise" in spread[0]

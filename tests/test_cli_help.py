@@ -40,17 +40,19 @@ def test_generate_help_lists_every_registered_name(capsys):
     from vismmoe.compress import COMPRESSORS
     from vismmoe.families import FAMILIES
     from vismmoe.links import PROFILES
-    from vismmoe.policies import POLICIES
+    from vismmoe.policies import ONLINE_POLICIES
     from vismmoe.predict import PREDICTORS
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())          # argparse wraps lines: compare words
     text = text[text.index("options:"):]                       # past the usage lines
-    for flag, names in (("--policy", POLICIES), ("--prefetch", PREDICTORS), ("--compress", COMPRESSORS),
+    for flag, names in (("--policy", ONLINE_POLICIES), ("--prefetch", PREDICTORS), ("--compress", COMPRESSORS),
                         ("--link", PROFILES)):
         part = text[text.index(f"{flag} "):]
         part = part[: part.index(" --", 3)]
         for n in names:
             assert n in part, (flag, n)
+        if flag == "--policy":          # offered only what a run accepts: belady needs the future (trace replays)
+            assert "belady" not in part, part
     for help_flag in ("--image PATH the image", "--prompt TEXT the question", "--max-new-tokens N most tokens",
                       "--json print one JSON object"):
         assert help_flag in text, help_flag

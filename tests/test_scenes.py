@@ -310,3 +310,37 @@ def test_content_tokens_cover_objects_and_text_only() -> None:
                               for x0, y0, x1, y1 in boxes)
                 assert mask[r, c] == touched, (i, r, c)
         assert 0 < mask.sum() < mask.size
+
+
+def test_subsets_are_made_as_they_are_read(monkeypatch) -> None:
+    """`eval --limit 100000` held every scene (600 KB each) before answering one: memory grew until the machine
+    ran out. A subset makes each scene when it is read; `evaluate` keeps one batch of them at a time."""
+    import weakref
+
+    from vismmoe.data import scenes
+    from vismmoe.engine import Generation
+    from vismmoe.evaluate import evaluate
+
+    refs: list = []
+    made = []
+    real = scenes.make_sample
+
+    def counting(split, index, aux=None):
+        s = real(split, index, aux)
+        made.append(index)
+        refs.append(weakref.ref(s))
+        return s
+    monkeypatch.setattr(scenes, "make_sample", counting)
+    subset = balanced_subset("test", 1000)
+    assert len(subset) == 1000 and made == []                 # nothing made yet
+    assert subset[7].index == 7 and subset[-1].index == 999 and [s.index for s in subset[3:5]] == [3, 4]
+    peak = []
+
+    class Engine:
+        def generate_batch(self, images, prompts, max_new_tokens):
+            import gc
+            gc.collect()
+            peak.append(sum(r() is not None for r in refs))
+            return [Generation(text="no", token_ids=[1]) for _ in images]
+    res = evaluate(Engine(), limit=60, batch_size=8, progress=False, majority_samples=12)
+    assert res["n"] == 60 and max(peak) <= 8 + 1, peak          # a batch, and the last sample of the one before

@@ -22,9 +22,15 @@ from .trace import RoutingTrace
 SHARP = 8.0        # alpha = rg^8 / (rg^8 + rt^8): a 10% better recall gets about 70% of the weight
 
 
-def default_samples(n: int) -> list[tuple]:
+def default_samples(n: int):
+    """(image, question) of the first `n` validation samples, made as they are read (memory stays flat)."""
     from .data import make_sample
-    return [(s.image, s.question) for s in (make_sample("val", i) for i in range(n))]
+    from .data.scenes import LazySeq
+
+    def pair(i: int) -> tuple:
+        s = make_sample("val", i)
+        return s.image, s.question
+    return LazySeq(n, pair)
 
 
 def _run(engine, samples, max_new_tokens: int, progress=None) -> None:

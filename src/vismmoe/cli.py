@@ -1,7 +1,9 @@
 """The `vismmoe` console script: one subcommand per job, user errors as one line and exit status 2.
 
-Subcommands parse arguments, call the library, and print; they hold no logic of their own.
-`--json` prints exactly one JSON object on the last line of stdout.
+Subcommands parse arguments, check every one of them (values, names, files to read, paths to write) before any
+model is read, call the library, and print; they hold no logic of their own. `--json` prints exactly one JSON
+object on the last line of stdout. The runtime options of `generate` and `serve` and their defaults are one table
+(`RUNTIME_DEFAULTS`); output paths go through `paths.py`.
 Importing this module imports no torch or transformers (`vismmoe --help` answers at once): each command
 imports what it runs, and options whose values come from a registry (policies, predictors, compressors, links,
 families) list them only when their help is printed.
@@ -14,78 +16,21 @@ import json
 import os
 import sys
 
+from . import __version__
+from .cli_args import (Parser, at_least, check_text, compressor_list, ratios, registry)
+from .cli_args import compressors as _compressors, families as _families, links as _links  # noqa: F401
+from .cli_args import policies as _policies, predictors as _predictors, shapes as _shapes  # noqa: F401
+from .cli_args import formats as _formats, systems as _systems
 from .errors import UserError
-
-
-class _Help(argparse.HelpFormatter):
-    """Fills `{names}` in an option's help with `action.names()`, called only when that help is printed."""
-
-    def _get_help_string(self, action):
-        names = getattr(action, "names", None)
-        return action.help.replace("{names}", ", ".join(names())) if names else action.help
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Help)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):                      # one line, exit 2 (argparse prints usage + error otherwise)
-        sys.stderr.write(f"vismmoe: error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
-
-
-def _registry(action: argparse.Action, names) -> None:
-    """The help of `action` lists `names()` (a registry, read when the help is printed)."""
-    action.names = names
-
-
-def _policies() -> list[str]:
-    from .policies import POLICIES
-    return sorted(POLICIES)
-
-
-def _predictors() -> list[str]:
-    from .predict import PREDICTORS
-    return list(PREDICTORS)
-
-
-def _compressors() -> list[str]:
-    """Each compressor with its knobs, e.g. `affinity[:lam=L,gamma=G]`."""
-    from .compress import COMPRESSORS
-    out = []
-    for name, cls in COMPRESSORS.items():
-        knobs = ",".join(f"{k}={k[0].upper()}" for k in getattr(cls, "knobs", {}))
-        out.append(f"{name}[:{knobs}]" if knobs else name)
-    return out
-
-
-def _links() -> list[str]:
-    from .links import PROFILES
-    return [p.label() if p.emulated else p.name for p in PROFILES.values()] + ["GBps=N[,us=L] (EMULATED)"]
-
-
-def _systems() -> list[str]:
-    from .bench.harness import SYSTEMS
-    return list(SYSTEMS)
-
-
-def _shapes() -> list[str]:
-    from .bench.shapes import SHAPES
-    return list(SHAPES)
-
-
-def _families() -> list[str]:
-    from .families import FAMILIES
-    return sorted(FAMILIES)
+from .paths import atomic_file, input_file, output_dir, output_file
 
 
 def _add_compress_args(p: argparse.ArgumentParser, what: str) -> None:
-    _registry(p.add_argument("--compress", default="none", metavar="NAME",
-                             help=f"visual-token compressor {what}: none (default) or one of {{names}}; "
-                                  "needs --keep-ratio"), _compressors)
+    registry(p.add_argument("--compress", default="none", metavar="NAME",
+                            help=f"visual-token compressor {what}: none (default: every visual token, lossless) or "
+                                 "one of {names}; needs --keep-ratio"), _compressors)
     p.add_argument("--keep-ratio", type=float, default=None, metavar="R",
-                   help="share of visual tokens the compressor keeps, in (0, 1]; only with --compress")
+                   help="share of visual tokens the compressor keeps, in (0, 1]; only with --compress (default: none)")
 
 
 def _compression(args) -> tuple[str, float]:
@@ -103,45 +48,62 @@ def _compression(args) -> tuple[str, float]:
     return args.compress, args.keep_ratio
 
 
+# Runtime options of `generate` and `serve`: the one place their defaults are set (`--help` prints them). The
+# defaults are the lossless configuration that measured best at a budget (docs/benchmarks.md): the predictive
+# policy with gate prefetch at a link-adaptive depth; the baselines are one flag away (--policy lru --prefetch none).
+RUNTIME_DEFAULTS = {
+    "device": "cpu", "policy": "predictive", "link": "real", "prefetch": "gate", "lookahead": 2,
+    "expert_tier": "host", "compress": "none", "decode": "auto", "compile": "auto", "check_weights": "sample",
+}
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    d = RUNTIME_DEFAULTS
+    p.add_argument("--device", default=d["device"], help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
                    "the checkpoint's dtype on cuda)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--expert-budget", default=None, metavar="SIZE",
-                   help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%%")
+                   help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%% "
+                        "(default: every expert)")
     g.add_argument("--device-memory", default=None, metavar="SIZE",
-                   help="total device bytes; experts get what weights and the KV/activation reserve leave")
-    p.add_argument("--reserve", default=None, metavar="SIZE", help="KV/activation reserve for --device-memory")
-    _registry(p.add_argument("--policy", default="lru", metavar="NAME",
-                             help="cache eviction policy, one of {names} (default lru)"), _policies)
-    _registry(p.add_argument("--link", default="real", metavar="PROFILE",
-                             help="host->device link, one of {names} (default real)"), _links)
-    _registry(p.add_argument("--prefetch", default="none", metavar="NAME",
-                             help="lookahead predictor for prefetch, one of {names} (default none)"), _predictors)
-    p.add_argument("--lookahead", type=int, default=2,
-                   help="most MoE layers to prefetch ahead (default 2); the depth used adapts to how long the "
-                        "expected misses take on the link, down to no prefetch when they hide under compute")
-    p.add_argument("--fixed-lookahead", action="store_true", help="always prefetch --lookahead layers ahead")
+                   help="total device bytes; experts get what weights and the KV/activation reserve leave "
+                        "(default: not used)")
+    p.add_argument("--reserve", default=None, metavar="SIZE",
+                   help="KV/activation reserve for --device-memory (default: estimated); only with --device-memory")
+    registry(p.add_argument("--policy", default=d["policy"], metavar="NAME",
+                            help="cache eviction policy, one of {names} (default %(default)s: it measured best at a "
+                                 "budget; lru is the usual baseline)"), _policies)
+    registry(p.add_argument("--link", default=d["link"], metavar="PROFILE",
+                            help="host->device link, one of {names}"), _links)
+    registry(p.add_argument("--prefetch", default=d["prefetch"], metavar="NAME",
+                            help="lookahead predictor for prefetch, one of {names} (default %(default)s: next "
+                                 "layers' routers; none turns prefetch off)"), _predictors)
+    p.add_argument("--lookahead", type=int, default=None, metavar="D",
+                   help=f"most MoE layers to prefetch ahead, 1 to 8 (default {d['lookahead']}); the depth used "
+                        "adapts to how long the expected misses take on the link, down to no prefetch when they hide "
+                        "under compute; not with --prefetch none")
+    p.add_argument("--fixed-lookahead", action="store_true",
+                   help="always prefetch --lookahead layers ahead; not with --prefetch none")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="transition tables from `vismmoe calibrate` (for --prefetch trace/blend)")
+                   help="transition tables from `vismmoe calibrate`, read by --prefetch trace and blend only "
+                        "(default: the tables the checkpoint ships, if any)")
     _add_compress_args(p, "before the decoder")
-    p.add_argument("--expert-tier", default="host", choices=["host", "disk"],
-                   help="where experts live off the device: host RAM (default) or disk (read on demand)")
+    p.add_argument("--expert-tier", default=d["expert_tier"], choices=["host", "disk"],
+                   help="where experts live off the device: host RAM or disk (read on demand)")
+    p.add_argument("--check-weights", default=d["check_weights"], choices=["sample", "full", "off"],
+                   help="scan the weights for NaN/Inf at load and refuse the checkpoint if any (exit 2, naming the "
+                        "tensor): sample (default; small tensors whole, large ones sampled), full (every value), "
+                        "off")
     _add_format_arg(p)
     _add_decode_args(p)
 
 
-def _formats() -> list[str]:
-    from .formats import names
-    return names()
-
-
 def _add_format_arg(p: argparse.ArgumentParser) -> None:
-    _registry(p.add_argument("--expert-format", default="auto", metavar="FORMAT",
+    registry(p.add_argument("--expert-format", default="auto", metavar="FORMAT",
                              help="how routed experts are stored, cached and moved: auto (default: the checkpoint's "
                                   "own; dense for a bf16/fp16 checkpoint) or one of {names}, quantized while "
-                                  "loading (round to nearest); knobs: int4:group=32|64|128,sym=0|1"), _formats)
+                                  "loading (round to nearest); knobs: int4:group=16|32|64|128,sym=0|1"), _formats)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -169,22 +131,38 @@ def _model_dir(args) -> str:
 
 
 def runtime_config(args, trace: bool = False):
-    """The one `RuntimeConfig` of a command, from its runtime arguments."""
-    from .config import RuntimeConfig
+    """The one `RuntimeConfig` of a command, from its runtime arguments, checked (names, ranges, sizes, files,
+    options that another option makes meaningless) before any model code is imported."""
+    from .config import RuntimeConfig, check_runtime
     compress, keep_ratio = _compression(args)
-    return RuntimeConfig(device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-                         device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
-                         expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
-                         lookahead=args.lookahead, fixed_lookahead=args.fixed_lookahead,
-                         calibration=args.calibration, compress=compress, keep_ratio=keep_ratio,
-                         decode=args.decode, compile=_compile_flag(args),
-                         expert_format=None if args.expert_format == "auto" else args.expert_format)
+    if args.prefetch == "none":
+        for flag, given in (("--lookahead", args.lookahead is not None), ("--fixed-lookahead", args.fixed_lookahead),
+                            ("--calibration", args.calibration is not None)):
+            if given:
+                raise UserError(f"{flag} given with --prefetch none, so nothing would use it",
+                                "drop it, or choose a predictor: --prefetch gate, trace or blend")
+    if args.calibration is not None and args.prefetch not in ("trace", "blend"):
+        raise UserError(f"--calibration is read by --prefetch trace or blend only (--prefetch is {args.prefetch})",
+                        "add --prefetch trace or --prefetch blend, or drop --calibration")
+    if args.reserve is not None and args.device_memory is None:
+        raise UserError("--reserve given without --device-memory, so nothing would use it",
+                        "add --device-memory SIZE, or drop --reserve")
+    rc = RuntimeConfig(device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
+                       device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
+                       expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
+                       lookahead=RUNTIME_DEFAULTS["lookahead"] if args.lookahead is None else args.lookahead,
+                       fixed_lookahead=args.fixed_lookahead, calibration=args.calibration, compress=compress,
+                       keep_ratio=keep_ratio, decode=args.decode, compile=_compile_flag(args),
+                       check_weights=args.check_weights,
+                       expert_format=None if args.expert_format == "auto" else args.expert_format)
+    check_runtime(rc)
+    return rc
 
 
 def _engine_from(args, trace: bool = False):
+    rc = runtime_config(args, trace)            # checked before the engine's imports (seconds) and any weight
     from .engine import load
     from .progress import layer_progress, status
-    rc = runtime_config(args, trace)
     with layer_progress("reading experts") as tick:
         eng = load(_model_dir(args), rc, progress=tick)
     eng.progress = status                     # the fast step's first call compiles and captures: say so
@@ -193,13 +171,20 @@ def _engine_from(args, trace: bool = False):
 
 def cmd_generate(args) -> int:
     from .inputs import load_image
-    from .report import console, stats_table
     if not args.prompt.strip():
         raise UserError("empty --prompt", "ask something about the image")
-    _at_least(args.max_new_tokens, 1, "--max-new-tokens")
-    image = load_image(args.image) if args.image is not None else None   # reported before the model is read
+    at_least(args.max_new_tokens, 1, "--max-new-tokens")
     sampling = _sampling(args)
-    eng = _engine_from(args, trace=bool(args.trace))
+    if args.trace:
+        output_file(args.trace, "--trace", (".npz",))
+    if args.timeline:
+        output_file(args.timeline, "--timeline", (".png",))
+    image = load_image(args.image) if args.image is not None else None   # reported before the model is read
+    eng = _engine_from(args)
+    warmup_s = 0.0 if args.no_warmup else eng.warm_up(with_image=image is not None)
+    if args.trace:
+        from .trace import RoutingTrace
+        eng.record_trace(RoutingTrace())
     if args.timeline:
         eng.record_timeline()
     if sampling.greedy:
@@ -211,17 +196,21 @@ def cmd_generate(args) -> int:
                                             sampling=sampling)
         eng.generate_requests([req])
         gen = Generation(text=req.text, token_ids=req.token_ids, stats=req.stats)
+    gen.stats["warmup_s"] = warmup_s
     if args.trace:
-        eng.trace.save(args.trace)
+        with atomic_file(args.trace) as tmp:
+            eng.trace.save(tmp)
     if args.timeline:
-        eng.last_timeline.png(args.timeline, title=f"one request: {gen.stats['link']} link, budget "
-                                                   f"{gen.stats['slots']} of {gen.stats['experts_total']} experts")
+        with atomic_file(args.timeline) as tmp:
+            eng.last_timeline.png(tmp, title=f"one request: {gen.stats['link']} link, budget "
+                                             f"{gen.stats['slots']} of {gen.stats['experts_total']} experts")
         if not args.json:
             print(eng.last_timeline.ascii())
     if args.json:
         print(json.dumps({"text": gen.text, "token_ids": gen.token_ids, "stats": gen.stats,
                           "per_layer": eng.per_layer_counters()}))
     else:
+        from .report import console, stats_table
         out = console()
         out.print(f"[bold]answer:[/bold] {gen.text}")
         out.print(stats_table(gen.stats))
@@ -235,25 +224,31 @@ def _sampling(args):
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 is greedy (default); above 0 samples, at most 2")
+                   help="0 is greedy (default 0); above 0 samples, at most 2")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this mass (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: not repeatable)")
 
 
 def cmd_serve(args) -> int:
+    runtime_config(args)                        # refused before the server's imports and any weight
     from .serve.cli import serve
     return serve(args, _engine_from)
 
 
 def cmd_make_tiny(args) -> int:
+    from .families import get_family
+    from .paths import new_dir
+    get_family(args.family, flag="--family")
+    new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
     from .tiny import make_tiny
-    out = make_tiny(args.family, args.out, seed=args.seed)
+    out = make_tiny(args.family, args.out, seed=args.seed, force=args.force)
     print(out)
     return 0
 
 
 def cmd_export_gguf(args) -> int:
+    output_dir(args.out, "--out", force=True)       # any folder; export() checks the two file names in it
     from .export_gguf import export
     from .progress import layer_progress
     if args.model is None:
@@ -267,7 +262,7 @@ def cmd_export_gguf(args) -> int:
                 tick()
 
         res = export(args.model, args.out, dtype=args.dtype, name=args.name, progress=on_tensor, quant=args.quant,
-                     llama_quantize=args.llama_quantize)
+                     llama_quantize=args.llama_quantize, force=args.force)
     if args.json:
         print(json.dumps(res))
     else:
@@ -277,32 +272,30 @@ def cmd_export_gguf(args) -> int:
 
 
 def cmd_make_shape(args) -> int:
-    import shutil
-    import tempfile
-
+    from .paths import new_dir
+    at_least(args.layers, 1, "--layers")
+    if args.format != "dense":
+        from .formats import make_format
+        make_format(args.format, 256, 128, None)     # a bad spec is refused before anything is drawn
+    new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
     from .bench.make_shape import make_shape
     from .formats import make_format
     from .progress import layer_progress
-    from .quantize import prepare_out, quantize_checkpoint
+    from .quantize import quantize_checkpoint
     if args.format == "dense":
         with layer_progress("writing shards") as tick:
             res = make_shape(args.shape, args.out, layers=args.layers, dtype=args.dtype, seed=args.seed,
-                             device=args.device, progress=tick)
+                             device=args.device, progress=tick, force=args.force)
         print(json.dumps(res) if args.json else res["dir"])
         return 0
-    import torch
-    make_format(args.format, 256, 128, torch.float32)    # a bad spec or --out is refused before anything is written
-    prepare_out(args.out, args.force)
-    tmp = tempfile.mkdtemp(prefix=".make-shape-", dir=os.path.dirname(os.path.abspath(args.out)))
-    try:
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix=".make-shape-", dir=os.path.dirname(os.path.abspath(args.out))) as tmp:
         with layer_progress("writing dense shards") as tick:
             make_shape(args.shape, os.path.join(tmp, "dense"), layers=args.layers, dtype=args.dtype,
                        seed=args.seed, device=args.device, progress=tick)
         with layer_progress(f"quantizing experts ({args.format})") as tick:
             res = quantize_checkpoint(os.path.join(tmp, "dense"), args.format, args.out, force=args.force,
                                       progress=tick)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(res) if args.json else res["out"])
     return 0
 
@@ -325,14 +318,16 @@ def cmd_calibrate(args) -> int:
     from .calibrate import calibrate, default_samples
     from .engine import load
     from .progress import layer_progress
-    _at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
-    _at_least(args.depth, 1, "--depth")
+    at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
+    at_least(args.depth, 1, "--depth")
+    output_file(args.out, "--out", (".npz",))
     compress, keep_ratio = _compression(args)
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%",
                compress=compress, keep_ratio=keep_ratio)
     with layer_progress("calibrating (requests)") as tick:
         tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
-    tables.save(args.out)
+    with atomic_file(args.out) as tmp:
+        tables.save(tmp)
     if args.json:
         print(json.dumps({"out": args.out, "alpha": tables.alpha.tolist(), "rows": rows}))
     else:
@@ -349,46 +344,18 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _at_least(value: int | None, least: int, flag: str, why: str = "") -> None:
-    """A whole-number option below its least legal value (None: not given) is a user error."""
-    if value is not None and value < least:
-        raise UserError(f"{flag} {value} is too small", why or f"give at least {least}")
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad {what} {text!r}", "give comma-separated numbers, e.g. 1,0.5,0.33") from None
-    if not vals or any(not 0 < v <= 1 for v in vals):
-        raise UserError(f"bad {what} {text!r}", "each ratio must be in (0, 1]")
-    return vals
-
-
-def _compressor_list(text: str) -> list[str]:
-    """"random,affinity:lam=2,gamma=1.5,pool" -> ["random", "affinity:lam=2,gamma=1.5", "pool"]: a piece with
-    '=' and no ':' is one more knob of the compressor before it."""
-    out: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
-        if not piece:
-            continue
-        if out and "=" in piece and ":" not in piece and ":" in out[-1]:
-            out[-1] += "," + piece
-        else:
-            out.append(piece)
-    return out
-
-
 def cmd_analyze(args) -> int:
     from .analyze import DEFAULT_COMPRESSORS, run
     from .compress import make_compressor
     from .engine import load
     from .progress import layer_progress
-    ratios = _floats(args.keep_ratios, "--keep-ratios")
-    comps = _compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
+    keep = ratios(args.keep_ratios, "--keep-ratios")
+    comps = compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
     for c in comps:
         make_compressor(c)                          # a name, or name:knob=value[,knob=value]
-    _at_least(args.limit, 1, "--limit")
+    at_least(args.limit, 1, "--limit")
+    if not args.routing:
+        output_dir(args.out, "--out", args.force, owned=("analyze.json", "analyze.md"))
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
     if args.routing:
         from .analyze import routing_report
@@ -397,7 +364,7 @@ def cmd_analyze(args) -> int:
         return 0
     title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}"
     with layer_progress("analyze (requests)") as tick:
-        res = run(eng, args.out, comps, ratios, args.limit, title, progress=tick)
+        res = run(eng, args.out, comps, keep, args.limit, title, progress=tick)
     if args.json:
         print(json.dumps(res))
     else:
@@ -408,14 +375,17 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .config import parse_size
+    at_least(args.limit, 1, "--limit")
+    compress, keep_ratio = _compression(args)
+    if args.expert_budget is not None:
+        parse_size(args.expert_budget, total=1 << 62, what="expert budget")
     from .engine import load
     from .evaluate import evaluate
-    _at_least(args.limit, 1, "--limit")
-    compress, keep_ratio = _compression(args)
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                compress=compress, keep_ratio=keep_ratio,
                expert_format=None if args.expert_format == "auto" else args.expert_format)
-    res = evaluate(eng, split=args.split, limit=args.limit, progress=not args.json)
+    res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json)
     res["expert_format"] = eng.layout.spec()
     if args.json:
         print(json.dumps(res))
@@ -435,9 +405,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.harness import SYSTEMS, requests_from_samples, run
+    from .bench.harness import SYSTEMS, requests_from_samples, run, speedup_lines
+    from .config import parse_size
     from .data import balanced_subset
-    from .engine import load
     from .links import get_link
     from .progress import layer_progress
     systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate"]
@@ -448,16 +418,26 @@ def cmd_bench(args) -> int:
     for ln in links:
         get_link(ln)
     budgets = args.budgets.split(",") if args.budgets else (["25%"] if args.quick else ["10%", "25%", "50%"])
+    for b in budgets:
+        parse_size(b, total=1 << 62, what="--budgets entry")
     if args.quick:
         systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
     for flag in ("limit", "reps", "max_new_tokens"):
-        _at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
+        at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
+    if args.shape:
+        _image_sides(args.image_sides)
+    if args.calibration is not None:
+        input_file(args.calibration, "--calibration", "give the .npz that vismmoe calibrate wrote")
+    output_dir(args.out, "--out", args.force, owned=("bench.json", "bench.md"))
+    if args.save_traces:
+        output_dir(args.save_traces, "--save-traces", args.force, owned=("trace_none_1_0.npz",))
     n = args.limit or (6 if args.quick else 30)
-    args.reps = args.reps or (1 if args.quick else 3)
+    args.reps = args.reps or 3
     calibrate_on = None
     if args.shape:
         base, samples, new, title, calibrate_on = _shape_workload(args)
     else:
+        from .engine import load
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
                     compile=_compile_flag(args),
@@ -476,9 +456,20 @@ def cmd_bench(args) -> int:
     else:
         with open(os.path.join(args.out, "bench.md")) as f:
             print(f.read())
-        for k, v in res["speedup"].items():
-            print(f"speedup of vismmoe over the best baseline ({v['best_baseline']}) on {k}: {v['speedup']:.2f}x")
+        for line in speedup_lines(res["speedup"], args.reps):
+            print(line)
     return 0
+
+
+def _image_sides(text: str) -> list[int]:
+    try:
+        sides = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sides = []
+    if not sides or any(not 28 <= x <= 4096 for x in sides):
+        raise UserError(f"bad --image-sides {text!r}", "give comma-separated sides in pixels from 28 to 4096, "
+                        "e.g. 448,1024")
+    return sides
 
 
 def _shape_workload(args):
@@ -492,13 +483,7 @@ def _shape_workload(args):
     from .engine import _resolve_device
     from .families import get_family
     from .formats import make_format
-    try:
-        sides = [int(x) for x in args.image_sides.split(",") if x.strip()]
-    except ValueError:
-        sides = []
-    if not sides or any(not 28 <= x <= 4096 for x in sides):
-        raise UserError(f"bad --image-sides {args.image_sides!r}", "give comma-separated sides in pixels from 28 to "
-                        "4096, e.g. 448,1024")
+    sides = _image_sides(args.image_sides)
     fam, config = get_shape(args.shape)
     dev = _resolve_device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -530,35 +515,51 @@ def cmd_demo(args) -> int:
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """What every model-running job takes besides its own options."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
                    "the checkpoint's dtype on cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vismmoe", description="Run vision-language MoE models with experts offloaded.")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+def _add_force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"write into an --out folder that holds other files ({what})")
 
-    g = sub.add_parser("generate", help="answer a prompt about an image")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="vismmoe", description="Run vision-language MoE models with experts offloaded.")
+    p.add_argument("--version", action="version", version=f"vismmoe {__version__}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="answer a prompt about an image",
+                       description="Answer a prompt about an image with the experts offloaded. Defaults: the "
+                                   "predictive policy with gate prefetch (what measured best at a budget); "
+                                   "--policy lru --prefetch none is the plain LRU baseline.")
     g.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, safetensors, tokenizer); default: the bundled model")
     g.add_argument("--image", default=None, metavar="PATH",
                    help="the image to ask about (PNG, JPEG, WebP, BMP, GIF, TIFF; EXIF orientation applied); "
-                        "leave it out for a text-only prompt")
+                        "default: none, a text-only prompt")
     g.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
     g.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="most tokens to generate (default 32); stops earlier at end of turn")
-    g.add_argument("--trace", default=None, metavar="FILE", help="save the routing trace (.npz)")
-    g.add_argument("--timeline", default=None, metavar="PNG",
-                   help="draw the request's compute and copy spans (PNG; ASCII on the terminal too)")
+    g.add_argument("--trace", default=None, metavar="FILE.npz",
+                   help="save the routing trace to this .npz file (default: not saved)")
+    g.add_argument("--timeline", default=None, metavar="FILE.png",
+                   help="draw the request's vision encoder, compute and copy spans to this .png file (ASCII on the "
+                        "terminal too; default: not drawn)")
+    g.add_argument("--no-warmup", action="store_true",
+                   help="skip the short untimed warm-up request run before the timed one (its time is stats "
+                        "warmup_s); without it the request's times carry first-call costs")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, stats, per_layer) on the last line of stdout")
     _add_sampling_args(g)
     _add_runtime_args(g)
     g.set_defaults(func=cmd_generate)
 
-    sv = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (images, streaming, metrics)")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (images, streaming, metrics)",
+                        description="An OpenAI-compatible chat completions server. Runtime defaults as generate's: "
+                                    "the predictive policy with gate prefetch.")
     sv.add_argument("--model", default=None, help="checkpoint directory; default: the bundled model")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -581,16 +582,21 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for tests)")
-    _registry(t.add_argument("--family", required=True, metavar="NAME", help="model family, one of {names}"),
-              _families)
-    t.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
-    t.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    registry(t.add_argument("--family", required=True, metavar="NAME", help="model family, one of {names}"),
+             _families)
+    t.add_argument("--out", required=True, metavar="DIR",
+                   help="new or empty directory to write the checkpoint to (written under a temporary name, "
+                        "renamed when complete)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    t.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out folder (once the new checkpoint is complete)")
     t.set_defaults(func=cmd_make_tiny)
 
     x = sub.add_parser("export-gguf", help="write a checkpoint as GGUF files for llama.cpp (text model + mmproj)")
     x.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
     x.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for <name>-<dtype>.gguf (or <name>-<type>.gguf) and mmproj-<name>-<dtype>.gguf")
+                   help="directory for <name>-<dtype>.gguf (or <name>-<type>.gguf) and mmproj-<name>-<dtype>.gguf "
+                        "(created if missing)")
     x.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"],
                    help="type of the weight matrices (default bf16); norms and biases are always f32. With --type: "
                         "the projector's type, and the text file llama-quantize reads")
@@ -602,27 +608,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama-quantize for q4_k and q4_k_m: the file or its folder (default: "
                         "$VISMMOE_LLAMA_CPP_BIN/llama-quantize, then PATH)")
     x.add_argument("--name", default=None, help="file name stem (default: the checkpoint directory's name)")
+    x.add_argument("--force", action="store_true", help="replace GGUF files of the same names in --out")
     x.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     x.set_defaults(func=cmd_export_gguf)
 
     m = sub.add_parser("make-shape", help="write a random-weight shape as a checkpoint (for peers on the same bytes)")
-    _registry(m.add_argument("--shape", required=True, metavar="NAME", help="shape name, one of {names}"), _shapes)
-    m.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to")
+    registry(m.add_argument("--shape", required=True, metavar="NAME", help="shape name, one of {names}"), _shapes)
+    m.add_argument("--out", required=True, metavar="DIR",
+                   help="new or empty directory to write the checkpoint to (written under a temporary name, "
+                        "renamed when complete)")
     m.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
-    m.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weight dtype (default bf16)")
-    m.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"], help="weight dtype")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     m.add_argument("--device", default=None,
                    help="where weights are drawn: cuda (fast) or cpu (default: cuda when there is one)")
-    _registry(m.add_argument("--format", default="dense", metavar="FORMAT",
+    registry(m.add_argument("--format", default="dense", metavar="FORMAT",
                              help="expert format of the written checkpoint: dense (default) or one of {names}, "
                                   "written as `vismmoe quantize` writes it"), _formats)
-    m.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    m.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out folder (once the new checkpoint is complete)")
     m.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     m.set_defaults(func=cmd_make_shape)
 
     q = sub.add_parser("quantize", help="write a dense checkpoint again with its experts quantized (fp8, int4)")
     q.add_argument("--model", default=None, help="dense checkpoint directory (default: the bundled model)")
-    _registry(q.add_argument("--format", required=True, metavar="FORMAT",
+    registry(q.add_argument("--format", required=True, metavar="FORMAT",
                              help="fp8 (Qwen's FP8 layout, 128x128 blocks) or int4[:group=32|64|128,sym=0|1] "
                                   "(compressed-tensors pack-quantized; default group 128, symmetric); one of "
                                   "{names}"), _formats)
@@ -635,70 +645,94 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="transition tables for --prefetch trace/blend, and predictor quality")
     _add_job_args(c)
-    c.add_argument("--out", required=True, help="output .npz")
-    c.add_argument("--limit", type=int, default=48, help="validation samples to use (default 48)")
-    c.add_argument("--depth", type=int, default=3, help="MoE layers ahead to build tables for (default 3)")
+    c.add_argument("--out", required=True, metavar="FILE.npz", help="the tables' .npz file (replaced if it exists)")
+    c.add_argument("--limit", type=int, default=48, help="validation samples to use")
+    c.add_argument("--depth", type=int, default=3, help="MoE layers ahead to build tables for")
     _add_compress_args(c, "(calibrate and measure on pruned prompts)")
     c.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
     _add_job_args(a)
     a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11", metavar="R,R,...",
-                   help="comma-separated shares of visual tokens kept, each in (0, 1] (default 1,0.5,0.33,0.22,0.11)")
+                   help="comma-separated shares of visual tokens kept, each in (0, 1]")
     a.add_argument("--compressors", default=None,
                    help="comma-separated names, each optionally with one knob, e.g. affinity:gamma=1.5 (default: all)")
-    a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced, default 60)")
+    a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced)")
     a.add_argument("--out", default="runs/analyze", metavar="DIR",
-                   help="directory for analyze.md, the JSON and the plots (default runs/analyze)")
+                   help="directory for analyze.md, the JSON and the plots: new, empty, or an earlier analyze run's")
+    _add_force(a, "analyze's own files are replaced, others kept")
     a.add_argument("--routing", action="store_true",
                    help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")
     a.set_defaults(func=cmd_analyze)
 
     ev = sub.add_parser("eval", help="VQA accuracy on the test split, with the majority baseline")
     _add_job_args(ev)
-    ev.add_argument("--limit", type=int, default=None, help="type-balanced subset size (default 1200)")
-    ev.add_argument("--split", default="test", choices=["test", "val"], help="question split (default test)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="type-balanced subset size (default 1200); scenes are made as they are asked, so memory "
+                         "stays flat at any size")
+    ev.add_argument("--split", default="test", choices=["test", "val"], help="question split")
     ev.add_argument("--expert-budget", default=None, metavar="SIZE",
-                    help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%%")
+                    help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%% "
+                         "(default: every expert)")
     _add_compress_args(ev, "before the decoder")
     _add_format_arg(ev)
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
     _add_job_args(b)
-    b.add_argument("--shape", default=None, help="a random-weight shape instead of a model, e.g. qwen3-vl-30b-a3b")
-    _registry(b.add_argument("--link", action="append", default=None, metavar="PROFILE",
-                             help="link profile, repeatable, one of {names} (default: edge and mobile)"), _links)
+    b.add_argument("--shape", default=None,
+                   help="a random-weight shape instead of a model, e.g. qwen3-vl-30b-a3b (default: none)")
+    registry(b.add_argument("--link", action="append", default=None, metavar="PROFILE",
+                            help="link profile, repeatable, one of {names} (default: edge and mobile; quick mobile)"),
+             _links)
     b.add_argument("--budgets", default=None, help="comma-separated (default 10%%,25%%,50%%; quick 25%%)")
-    _registry(b.add_argument("--systems", default=None, metavar="NAME,...",
-                             help="comma-separated, some of {names} (default: all but accelerate)"), _systems)
+    registry(b.add_argument("--systems", default=None, metavar="NAME,...",
+                            help="comma-separated, some of {names} (default: all but accelerate)"), _systems)
     b.add_argument("--limit", type=int, default=None, help="test requests (default 30, quick 6)")
-    b.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
+    b.add_argument("--reps", type=int, default=None,
+                   help="repetitions, systems interleaved; rows are medians and speedups give their spread "
+                        "(default 3, quick too)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default 4 (trained model), 64 (shapes)")
     b.add_argument("--image-sides", default="448,1024", help="with --shape: one request per image side")
-    b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
+    b.add_argument("--calibration", default=None, metavar="FILE",
+                   help="tables for trace prefetch (moe-infinity system; default: none, it falls back to gate)")
     b.add_argument("--out", default="runs/bench", metavar="DIR",
-                   help="directory for bench.md, bench.json and the plots (default runs/bench)")
+                   help="directory for bench.md, bench.json and the plots: new, empty, or an earlier bench run's")
     b.add_argument("--save-traces", default=None, metavar="DIR",
-                   help="also save the routing traces behind the bound (one .npz per compression setting and request)")
+                   help="also save the routing traces behind the bound (one .npz per compression setting and "
+                        "request; default: not saved)")
+    _add_force(b, "bench's own files are replaced, others kept")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
     _add_format_arg(b)
     _add_decode_args(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")
-    d.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
     d.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     d.set_defaults(func=cmd_demo)
     return p
 
 
+def _quiet_libraries() -> None:
+    """No progress bars from the libraries either when stderr is not a terminal (ours are off there already):
+    Hugging Face's (weights written and read) and tqdm's."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if "transformers" in sys.modules:               # imported already (in-process callers): tell it directly
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as e:                         # --help, or a usage error already printed as one line
+    except SystemExit as e:                         # --help, --version, or a usage error already printed as one line
         return int(e.code or 0)
+    if os.environ.get("VISMMOE_QUIET") or not sys.stderr.isatty():
+        _quiet_libraries()
     try:
+        check_text(args)
         return args.func(args)
     except UserError as e:
         sys.stderr.write(f"vismmoe: error: {e}\n")

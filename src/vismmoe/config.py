@@ -81,6 +81,7 @@ class RuntimeConfig:
     decode: str = "auto"                # fast (static KV, compiled layers, one CUDA graph per step) | eager | auto
     compile: bool | None = None         # torch.compile the decoder layers of the fast step; None: on CUDA only
     expert_format: str | None = None    # dense | fp8 | int4[:group=G,sym=S]; None/auto: the checkpoint's own
+    check_weights: str = "sample"       # NaN/Inf scan of the weights at load: full | sample | off (weights_check.py)
 
     def __post_init__(self):
         if self.expert_tier not in ("host", "disk"):
@@ -89,3 +90,54 @@ class RuntimeConfig:
             raise UserError(f"unknown decode mode {self.decode!r}", "use --decode auto, fast or eager")
         if self.expert_budget is not None and self.device_memory is not None:
             raise UserError("both --expert-budget and --device-memory given", "give one of them")
+        if self.check_weights not in CHECK_WEIGHTS:
+            raise UserError(f"unknown weight check {self.check_weights!r}",
+                            f"use --check-weights {' or '.join(CHECK_WEIGHTS)}")
+
+
+CHECK_WEIGHTS = ("sample", "full", "off")
+
+
+def check_runtime(rc: RuntimeConfig) -> None:
+    """Every knob of `rc` that names something (policy, link, predictor, compressor, file) or has a range or a
+    grammar (sizes), checked before any weight is read or any model code is imported: one-line UserErrors. Imports
+    the registries only (torch, never transformers)."""
+    import os
+
+    from .compress import make_compressor
+    from .links import get_link
+    from .paths import input_file
+    from .policies import make_policy
+    from .predict import PREDICTORS
+    if split_spec(rc.policy)[0] == "belady":
+        raise UserError("the belady policy needs a recorded trace to replay (it knows every future use): it is a "
+                        "bound for trace replays (python -m vismmoe.bench.simulate), not a runtime policy",
+                        "use --policy lru, lfu, lfru, predictive or none")
+    make_policy(rc.policy)
+    get_link(rc.link)
+    if rc.expert_format not in (None, "auto"):
+        from .formats import make_format
+        make_format(rc.expert_format, 1024, 1024, None)     # its name and knobs (sizes are checked at load)
+    if rc.prefetch not in PREDICTORS:
+        raise UserError(f"unknown predictor {rc.prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
+    if rc.compress != "none":
+        make_compressor(rc.compress)
+    elif rc.keep_ratio != 1.0:
+        raise UserError(f"keep ratio {rc.keep_ratio} given without a compressor (it would be ignored)",
+                        "add --compress NAME (e.g. affinity), or drop --keep-ratio")
+    if not 0.0 < rc.keep_ratio <= 1.0:
+        raise UserError(f"--keep-ratio {rc.keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
+    if not 1 <= rc.lookahead <= 8:
+        raise UserError(f"--lookahead {rc.lookahead} is out of range", "use a depth from 1 to 8")
+    if rc.prefetch in ("trace", "blend") and not (rc.calibration and os.path.exists(rc.calibration)):
+        raise UserError(f"--prefetch {rc.prefetch} needs a calibration file" +
+                        (f" ({rc.calibration} not found)" if rc.calibration else ""),
+                        "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
+    if rc.calibration is not None:
+        input_file(rc.calibration, "calibration file", "give the .npz that vismmoe calibrate wrote")
+    if rc.expert_budget is not None:
+        parse_size(rc.expert_budget, total=1 << 62, what="expert budget")
+    if rc.device_memory is not None:
+        parse_size(rc.device_memory, what="device memory")
+    if rc.reserve is not None:
+        parse_size(rc.reserve, what="reserve")

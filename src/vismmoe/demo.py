@@ -37,7 +37,7 @@ def default_model() -> tuple[str, str]:
     from .tiny import make_tiny
     path = os.path.join(_cache_dir(), "tiny-qwen3_vl_moe")
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny("qwen3_vl_moe", path, layers=4, experts=16, top_k=4)
+        make_tiny("qwen3_vl_moe", path, layers=4, experts=16, top_k=4, force=True)    # our own cache folder
     return path, "random weights (tiny Qwen3-VL-MoE built by make-tiny)"
 
 

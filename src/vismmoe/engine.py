@@ -12,7 +12,6 @@ computed is the runtime's business (runtime.py), which experts to evict the poli
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -22,16 +21,18 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoTokenizer
 
-from .cache import ExpertCache
+from .cache import CacheCounters, ExpertCache
 from .compress import VisualContext, keep_count, make_compressor, prune
-from .config import RuntimeConfig, format_size, parse_size
+from .config import RuntimeConfig, check_runtime, format_size, parse_size
 from . import decode as _decode
 from .errors import UserError
 from .families import get_family
+from .families.checks import check_config, check_tokenizer, check_weights
 from .inputs import load_image
 from .links import get_link
+from .paths import input_file, read_json
 from .policies import make_policy
-from .predict import PREDICTORS, make_predictor
+from .predict import make_predictor
 from .prefetch import Prefetcher
 from .request import GenerationRequest, TextStream, batch_inputs
 from .protocols import StepObserver
@@ -43,6 +44,7 @@ from .formats.checkpoint import dequantized_tensors, run_format, stored_format
 from .store import CheckpointReader, DiskStore, HostStore
 from .timeline import Timeline
 from .trace import RoutingTrace
+from .weights_check import FiniteCheck
 from .transfer import TransferEngine
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -78,18 +80,26 @@ def _resolve_dtype(name: str | None, config, device: torch.device) -> torch.dtyp
 
 
 def read_model_type(model_dir: str) -> str | None:
+    """The `model_type` of the checkpoint in `model_dir`; UserError for a missing folder or an unreadable,
+    special or malformed config.json."""
     if not os.path.isdir(model_dir):
         raise UserError(f"model directory not found: {model_dir}", "give --model a checkpoint directory "
                         "(vismmoe make-tiny --family qwen3_vl_moe --out DIR makes one)")
+    for name in sorted(os.listdir(model_dir)):        # the loaders open these files: a FIFO would block them
+        if name.endswith((".json", ".jinja", ".safetensors", ".txt", ".model", ".npz")):
+            entry = os.path.join(model_dir, name)
+            if os.path.isdir(entry):
+                raise UserError(f"{entry} is a directory where the checkpoint needs a file",
+                                "restore the checkpoint's files")
+            input_file(entry, "checkpoint file", "restore the checkpoint's files")
     path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise UserError(f"no config.json in {model_dir}", "point --model at a Hugging Face checkpoint directory")
-    try:
-        with open(path) as f:
-            return json.load(f).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise UserError(f"config.json in {model_dir} is not valid JSON ({e.__class__.__name__})",
-                        "restore the checkpoint's config.json") from None
+    config = read_json(path, f"config.json in {model_dir}", "restore the checkpoint's config.json")
+    if not isinstance(config, dict):
+        raise UserError(f"config.json in {model_dir} is not a JSON object", "restore the checkpoint's config.json")
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -250,6 +260,20 @@ class Engine:
         tl = Timeline(t0=t0)
         self.runtime.timeline = self.runtime.transfer.timeline = tl
         self.last_timeline = tl
+        inner = self.model.model
+        method = getattr(type(inner), "get_image_features", None)
+        if method is not None:                  # the vision encoder's span: every family calls this method
+            encode = method.__get__(inner)
+
+            def timed(*args, **kwargs):
+                self._sync()
+                start = time.perf_counter()
+                out = encode(*args, **kwargs)
+                self._sync()
+                tl.add_vision(start, time.perf_counter())
+                return out
+
+            inner.get_image_features = timed
         if self.device.type == "cuda":
             anchor = torch.cuda.Event(enable_timing=True)
             anchor.record()
@@ -262,6 +286,31 @@ class Engine:
         if anchor is not None:
             self.runtime.transfer.resolve_timeline(anchor, self.last_timeline.t0)
         self.runtime.timeline = self.runtime.transfer.timeline = None
+        self.model.model.__dict__.pop("get_image_features", None)      # the class's method again
+
+    def warm_up(self, with_image: bool = False) -> float:
+        """One short untimed request (the text "Hello", after a small grey image when `with_image`; two new
+        tokens), then the cache emptied and its counters and peak zeroed: first-call costs (allocations, lazy
+        initialisation, compilation on CUDA) stay out of the next request's statistics. The routing trace and the
+        timeline, when on, leave it out. Returns the seconds it took."""
+        from PIL import Image
+        trace, timeline = self.trace, getattr(self, "_timeline_on", False)
+        self.record_trace(None)
+        self._timeline_on = False
+        t0 = time.perf_counter()
+        try:
+            image = Image.new("RGB", (64, 64), (128, 128, 128)) if with_image else None
+            self.generate_requests([GenerationRequest.from_prompt(image, "Hello", max_new_tokens=2,
+                                                                  ignore_eos=True)])
+        finally:
+            self.record_trace(trace)
+            self._timeline_on = timeline
+        seconds = time.perf_counter() - t0
+        self.cache.clear()
+        self.transfer_stalls()
+        self.cache.counters = CacheCounters()
+        self.cache.peak_resident = 0
+        return seconds
 
     def set_compression(self, name: str, keep_ratio: float) -> None:
         """Switch the visual-token compressor of this engine (no new cache)."""
@@ -325,13 +374,16 @@ class Engine:
             return self.model(**self.family.model_inputs(inputs), position_ids=self.family.position_ids(pos),
                               use_cache=False).logits
 
-    def _check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+    def _check_length(self, prompt_tokens: int | None, max_new_tokens: int) -> None:
         """UserError unless at least one new token is asked for and the prompt plus the new tokens fit the model's
-        context."""
+        context (`prompt_tokens` None: before the prompt is tokenized, the new tokens alone must leave room)."""
         if max_new_tokens < 1:
             raise UserError(f"max new tokens must be at least 1 (got {max_new_tokens})", "give a positive number")
         limit = getattr(self.family.text_config(self.config), "max_position_embeddings", None)
-        if limit is not None and prompt_tokens + max_new_tokens > limit:
+        if limit is not None and prompt_tokens is None and max_new_tokens >= limit:
+            raise UserError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's context of "
+                            f"{limit} tokens", f"ask for fewer than {limit} new tokens")
+        if limit is not None and prompt_tokens is not None and prompt_tokens + max_new_tokens > limit:
             raise UserError(f"prompt of {prompt_tokens} tokens + {max_new_tokens} new exceeds the model's context of "
                             f"{limit} tokens", "shorten the prompt, use a smaller image or ask for fewer new tokens")
 
@@ -443,7 +495,7 @@ class Engine:
         the CPU) and `req.prompt_tokens`. Thread-safe (reads no engine state that generation changes), so a
         server prepares requests while a batch runs. UserError for a bad image, a bad message list, or a prompt
         that does not fit the model's context with `req.max_new_tokens` more tokens."""
-        self._check_length(0, req.max_new_tokens)
+        self._check_length(None, req.max_new_tokens)
         t0 = time.perf_counter()
         pil = [load_image(im) for im in req.images]
         try:
@@ -598,11 +650,31 @@ def skeleton(family, config) -> torch.nn.Module:
     return model.eval()
 
 
+def _load_processors(family, config, model_dir: str):
+    """(tokenizer, image processor) of the checkpoint, checked against config.json and with the chat template
+    tried on a one-image question: read before any weight, so a broken one is reported at once."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        image_processor = family.load_image_processor(model_dir)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise UserError(f"cannot load the tokenizer or image processor of {model_dir}: "
+                        f"{(str(e).splitlines() or [type(e).__name__])[0]}",
+                        "the directory needs tokenizer files and preprocessor_config.json") from None
+    check_tokenizer(family, config, tokenizer, model_dir)
+    try:
+        family.chat_text(tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])
+    except UserError as e:
+        raise UserError(f"{e.what.replace('these messages', 'a one-image question')} (checked at load, {model_dir})",
+                        e.fix) from None
+    return tokenizer, image_processor
+
+
 def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str,
-                    stored: str | None = None) -> None:
+                    finite: FiniteCheck | None = None, stored: str | None = None) -> None:
     """Every checkpoint tensor except routed experts (under `prefixes`), converted where the family stores it
-    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`). Linears a quantized checkpoint
-    (`stored`: its expert format) stores quantized are dequantized once (formats.checkpoint)."""
+    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`); each scanned by `finite`.
+    Linears a quantized checkpoint (`stored`: its expert format) stores quantized are dequantized once
+    (formats.checkpoint)."""
     params = dict(model.named_parameters())
     expert_pfx = tuple(p + "." for p in prefixes)
     keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
@@ -611,6 +683,8 @@ def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str]
     keys = [k for k in reader.keys() if not k.startswith(expert_pfx)]
     for name, tensor in dequantized_tensors(reader, stored, keys):
         for key, t in family.convert_tensor(name, tensor):
+            if finite is not None:
+                finite.tensor(key, t)
             if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
                 t = t.to(dt)
             state[key] = t.contiguous().to(dev)
@@ -640,26 +714,7 @@ def strip_experts(model, family, geo, dt, dev) -> None:
 CALIBRATION_FILE = "calibration.npz"    # transition tables a checkpoint may ship for --prefetch trace / blend
 
 
-def check(rc: RuntimeConfig) -> None:
-    """Every knob of `rc` that names something (policy, link, predictor, compressor) or has a range, checked before
-    any weight is read: one-line UserErrors."""
-    make_policy(rc.policy)
-    get_link(rc.link)
-    if rc.prefetch not in PREDICTORS:
-        raise UserError(f"unknown predictor {rc.prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
-    if rc.compress != "none":
-        make_compressor(rc.compress)
-    elif rc.keep_ratio != 1.0:
-        raise UserError(f"keep ratio {rc.keep_ratio} given without a compressor (it would be ignored)",
-                        "add --compress NAME (e.g. affinity), or drop --keep-ratio")
-    if not 0.0 < rc.keep_ratio <= 1.0:
-        raise UserError(f"--keep-ratio {rc.keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
-    if not 1 <= rc.lookahead <= 8:
-        raise UserError(f"--lookahead {rc.lookahead} is out of range", "use a depth from 1 to 8")
-    if rc.prefetch in ("trace", "blend") and not (rc.calibration and os.path.exists(rc.calibration)):
-        raise UserError(f"--prefetch {rc.prefetch} needs a calibration file" +
-                        (f" ({rc.calibration} not found)" if rc.calibration else ""),
-                        "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
+check = check_runtime       # every knob of a RuntimeConfig, before any weight is read (config.check_runtime)
 
 
 def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progress=None, **overrides) -> Engine:
@@ -684,23 +739,29 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     dev = _resolve_device(rc.device)
     try:
         config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, TypeError) as e:
-        raise UserError(f"cannot read config.json in {model_dir}: {str(e).splitlines()[0]}",
+    except (ValueError, OSError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
                         "restore the checkpoint's config.json") from None
     dt = _resolve_dtype(rc.dtype, config, dev)
-    geo = family.geometry(config)
+    geo = check_config(family, config, model_dir)       # values that contradict each other, before the model is built
     stored = stored_format(config)
     layout = make_format(run_format(rc.expert_format, stored), geo.hidden, geo.inter, dt)
+    if rc.device_memory is None:                        # a budget below one layer's top-k, before any weight is read
+        resolve_budget(rc, layout, geo, 0, config, dev)
+    tokenizer, image_processor = _load_processors(family, config, model_dir)
     model = skeleton(family, config)
     banks = family.expert_banks(config)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
+    reader.check_index()                       # index and shards agree, from the headers
     source = layout if stored is not None or layout.name == "dense" else QuantizeOnRead(layout)
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
         source.check(reader, prefix, geo.num_experts)
 
     fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
-    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir, stored)
+    check_weights(family, config, model, reader, prefixes + fallbacks, model_dir)
+    finite = FiniteCheck(rc.check_weights, model_dir)
+    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir, finite, stored)
     strip_experts(model, family, geo, dt, dev)
     nonexpert = _device_bytes(model)
 
@@ -709,15 +770,10 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     if rc.expert_tier == "host":
         store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress,
                                           source=source)
+        finite.host_store(store, prefixes)
     else:
         store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin, source=source)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        image_processor = family.load_image_processor(model_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer or image processor of {model_dir}: {str(e).splitlines()[0]}",
-                        "the directory needs tokenizer files and preprocessor_config.json") from None
+        finite.disk_experts(store, prefixes)
     return Engine(model_dir=model_dir, family=family, config=config, model=model, tokenizer=tokenizer,
                   image_processor=image_processor, store=store, device=dev, dtype=dt, geometry=geo, layout=layout,
                   nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)

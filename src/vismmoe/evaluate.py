@@ -1,7 +1,8 @@
 """VQA accuracy of a loaded engine on the synthetic scenes, next to a per-type majority baseline.
 
 `evaluate(engine, split="test", limit=None)` answers the first `limit` samples of a split (`balanced_subset`,
-so question types are balanced) through the inference engine itself (`engine.generate_batch`, greedy, 4 new
+so question types are balanced; each batch's scenes are made when it runs and dropped after it, so memory stays
+flat at any limit) through the inference engine itself (`engine.generate_batch`, greedy, 4 new
 tokens) and scores exact match after lower-casing and stripping. The majority baseline answers every question
 of a type with that type's most common answer in the TRAIN split (`majority_answers`, from its first 3000
 samples), so "accuracy above the baseline" means the model looks at the image.
@@ -75,7 +76,7 @@ def evaluate(engine, split: str = "test", limit: int | None = None, batch_size: 
         bar = tqdm(total=len(samples), desc=f"eval {split}", dynamic_ncols=True, mininterval=1.0)
     t0 = time.perf_counter()
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
+        chunk = list(samples[i:i + batch_size])       # made now, dropped after the batch: memory stays flat
         gens = engine.generate_batch([s.image for s in chunk], [s.question for s in chunk],
                                      max_new_tokens=max_new_tokens)
         for s, g in zip(chunk, gens):

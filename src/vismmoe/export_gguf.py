@@ -558,7 +558,7 @@ SUPPORTED = tuple(WRITERS)
 
 
 def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None = None, progress=None,
-           quant: str | None = None, llama_quantize: str | None = None) -> dict:
+           quant: str | None = None, llama_quantize: str | None = None, force: bool = False) -> dict:
     """Write `<name>-<dtype>.gguf` (text) and `mmproj-<name>-<dtype>.gguf` (vision) for the checkpoint in
     `model_dir` into `out_dir` (created). `name` defaults to the directory's name. `quant` (gguf_quant.QUANT_TYPES)
     quantizes the text model's weight matrices: q8_0 writes `<name>-q8_0.gguf` instead of the --dtype text file;
@@ -567,9 +567,11 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     `dtype`. Returns {"text": {...}, "mmproj": {...}, "llama_cpp_commit"} with each file's path, arch, tensor count
     and {GGML type: tensor count} ("types"); a llama-quantize export's text entry also names its "source" file.
     UserError for a family llama.cpp cannot run from what we write, a missing file, an unknown dtype or type, a
-    llama-quantize that is missing (these checked before anything is written) or that fails. `progress(tensor
-    name)` after each text tensor."""
+    name with a path separator, a llama-quantize that is missing, or (without `force`) a file of any of those
+    names already in `out_dir`: checked before anything is written; and for a llama-quantize that fails. Each file
+    is written under a temporary name and renamed when complete. `progress(tensor name)` after each text tensor."""
     from .engine import read_model_type
+    from .paths import atomic_file, output_dir
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     if quant is not None and quant not in QUANT_TYPES:
@@ -582,18 +584,33 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     if model_type not in SUPPORTED:
         raise UserError(f"export-gguf cannot export model type {model_type!r}",
                         f"it exports {', '.join(SUPPORTED)} checkpoints")
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(model_dir)
     name = name or os.path.basename(os.path.normpath(model_dir))
+    if not name or os.sep in name or name in (".", ".."):
+        raise UserError(f"--name {name!r} is not a file name stem", "give a name without path separators")
+    output_dir(out_dir, "--out", force=True)            # any folder: only the two files below are written
+    wtype = "q8_0" if quant == "q8_0" else dtype
+    paths = [os.path.join(out_dir, f"{name}-{wtype}.gguf"), os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf")]
+    if exe is not None:
+        paths.append(os.path.join(out_dir, f"{name}-{quant}.gguf"))
+    for path in paths:
+        if os.path.lexists(path) and not (force and os.path.isfile(path)):
+            raise UserError(f"{path} already exists", "give another --out or --name, or add --force to replace it")
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
+                        "restore the checkpoint's config.json") from None
     os.makedirs(out_dir, exist_ok=True)
     write_text, write_mmproj = WRITERS[model_type]
-    wtype = "q8_0" if quant == "q8_0" else dtype
-    text = write_text(model_dir, config, name, wtype, os.path.join(out_dir, f"{name}-{wtype}.gguf"), progress)
-    mmproj = write_mmproj(model_dir, config, name, dtype, os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf"))
+    with atomic_file(paths[0]) as tmp:
+        text = dict(write_text(model_dir, config, name, wtype, tmp, progress), path=paths[0])
+    with atomic_file(paths[1]) as tmp:
+        mmproj = dict(write_mmproj(model_dir, config, name, dtype, tmp), path=paths[1])
     if exe is not None:
-        path = os.path.join(out_dir, f"{name}-{quant}.gguf")
-        gguf_quant.llama_quantize(exe, text["path"], path, quant)
-        text = dict(text, path=path, source=text["path"])
+        with atomic_file(paths[2]) as tmp:
+            gguf_quant.llama_quantize(exe, text["path"], tmp, quant)
+        text = dict(text, path=paths[2], source=text["path"])
     for res in (text, mmproj):
         res["types"] = gguf_quant.type_counts(res["path"])
     return {"text": text, "mmproj": mmproj, "llama_cpp_commit": LLAMA_CPP_COMMIT}

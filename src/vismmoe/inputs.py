@@ -1,6 +1,6 @@
 """Turning user input into something the model can take: image files are checked here, once.
 
-Owns what counts as a usable image (exists, decodes, not absurdly large), how any image Pillow opens becomes the
+Owns what counts as a usable image (exists as a regular file, decodes, not absurdly large), how any image Pillow opens becomes the
 8-bit RGB picture an image viewer would show (EXIF orientation applied, 16-bit and float samples scaled to 8 bits,
 transparency composited over white), and the one-line errors for the rest. Prompt formatting and pixel
 processing for a model (resizing, padding, patches) belong to the family adapters.
@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .paths import input_file
 
 MAX_IMAGE_PIXELS = 50_000_000      # ~7000 x 7000; larger inputs are resized by the user, not silently by us
 _FIX_READABLE = "give a PNG, JPEG, WebP, BMP, GIF or TIFF file"
@@ -39,8 +40,7 @@ def load_image(path_or_image) -> Image.Image:
     path = os.fspath(path_or_image)
     if not os.path.exists(path):
         raise UserError(f"image not found: {path}", "check the --image path")
-    if os.path.isdir(path):
-        raise UserError(f"image path is a directory: {path}", "give an image file (PNG, JPEG, WebP, ...)")
+    input_file(path, "image", "give an image file (PNG, JPEG, WebP, ...)")     # a FIFO would block the decoder
     return _decode(path, path)
 
 

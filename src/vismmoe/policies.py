@@ -362,6 +362,8 @@ class BeladyPolicy(_Base):
 
 POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "lfru": LFRUPolicy, "predictive": PredictivePolicy,
                              "none": NoCachePolicy, "belady": BeladyPolicy}
+# the policies a running engine can use: belady needs the future, so only trace replays (bench/simulate.py) take it
+ONLINE_POLICIES = tuple(n for n in POLICIES if n != "belady")
 
 
 def make_policy(spec: str, **context):
@@ -372,7 +374,7 @@ def make_policy(spec: str, **context):
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise UserError(f"unknown cache policy {name!r}", f"use one of {', '.join(sorted(POLICIES))}") from None
+        raise UserError(f"unknown cache policy {name!r}", f"use one of {', '.join(ONLINE_POLICIES)}") from None
     kw = {}
     for key, value, item in knobs:
         if cls is not PredictivePolicy or key not in ("admit", "short") or value not in ("0", "1"):

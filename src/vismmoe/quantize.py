@@ -12,8 +12,8 @@ The experts are quantized by the format's own `quantize` (round to nearest, the 
 loading), so a checkpoint written here loads into the very blobs a load-time quantization makes. `--all-linears`
 also quantizes the decoder's attention projections, as the published releases do (they are dequantized once at
 load). Routers, norms, embeddings, lm_head and the vision tower stay as they are. Everything is written into a
-temporary folder beside `--out` and renamed into place at the end, so an interrupted run leaves nothing half
-written; an `--out` that exists and is not empty is refused unless `--force`.
+temporary folder beside `--out` and renamed into place at the end (paths.atomic_dir), so an interrupted run leaves
+nothing half written; an `--out` that exists and is not empty is refused unless `--force` (paths.new_dir).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -31,6 +30,7 @@ from .errors import UserError
 from .formats import make_format
 from .formats.base import cdiv
 from .formats.checkpoint import stored_format
+from .paths import atomic_dir, new_dir
 
 SHARD_BYTES = 2 * 1024**3
 _ATTENTION = re.compile(r"layers\.\d+\.(self_attn|linear_attn)\.(q|k|v|o)_proj\.weight$")
@@ -71,17 +71,6 @@ def _quantization_config(fmt, ignore: list[str], targets: list[str]) -> dict:
     return out
 
 
-def prepare_out(out_dir: str, force: bool) -> None:
-    """Refuse an `out_dir` that is a file, or a folder that is not empty (unless `force`); its parent must exist."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise UserError(f"the folder {parent} for --out does not exist", "create it first, or give another --out")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out {out_dir} is a file", "give a folder that does not exist yet")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise UserError(f"--out {out_dir} is not empty", "give a new folder, or --force to replace its contents")
-
-
 def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears: bool = False, force: bool = False,
                         progress=None) -> dict:
     """Write `model_dir` (a dense checkpoint) to `out_dir` with its routed experts in format `spec` (fp8, int4,
@@ -103,7 +92,7 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     if family.expert_banks(config):
         raise UserError(f"{family.model_type} keeps experts of two widths; quantized checkpoints of it are not "
                         "written", "load the dense checkpoint with --expert-format instead")
-    prepare_out(out_dir, force)
+    new_dir(out_dir, "--out", force)
     model = skeleton(family, config)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model))
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
@@ -115,8 +104,7 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
             return _fp8_tensors(name, w)
         return _int4_tensors(name, w, fmt.group, fmt.sym)
 
-    tmp = tempfile.mkdtemp(prefix=".quantize-", dir=os.path.dirname(os.path.abspath(out_dir)))
-    try:
+    with atomic_dir(out_dir) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = [0]
 
@@ -169,12 +157,6 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
             src = os.path.join(model_dir, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     return {"out": out_dir, "format": fmt.spec(), "files": sorted(os.listdir(out_dir)), "bytes": total,
             "expert_bytes": len(prefixes) * geo.num_experts * fmt.nbytes,

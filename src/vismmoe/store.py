@@ -25,14 +25,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from .errors import UserError
+from .paths import input_file, read_json
 
 _EXPERT_DTYPES = ("F64", "F32", "F16", "BF16")    # safetensors names of the dtypes experts are read from
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
+_MAX_HEADER = 100 * 1024**2        # safetensors' own limit on a header's length
 _INCOMPLETE = "the checkpoint is incomplete or not of the model type config.json names"
 
 
@@ -100,17 +102,21 @@ class CheckpointReader:
         self.banks = banks or {}                # expert prefix -> ExpertBank, where a bank differs
         index = os.path.join(model_dir, "model.safetensors.index.json")
         self._source = index                    # what lists the tensors, named when one is missing
-        if os.path.exists(index):
-            with open(index) as f:
-                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        self._tables: dict[str, tuple[int, dict]] = {}      # file -> (data offset, header table)
+        if os.path.lexists(index):
+            listed = read_json(index, index, "restore the checkpoint's model.safetensors.index.json")
+            weight_map = listed.get("weight_map") if isinstance(listed, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index} has no weight_map of tensor names to files",
+                                "restore the checkpoint's model.safetensors.index.json")
+            self.weight_map: dict[str, str] = weight_map
         else:
             single = os.path.join(model_dir, "model.safetensors")
-            if not os.path.exists(single):
+            if not os.path.lexists(single):
                 raise UserError(f"no safetensors weights in {model_dir}",
                                 "the directory needs model.safetensors or model.safetensors.index.json")
-            with safe_open(single, "pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
             self._source = single
+            self.weight_map = {k: "model.safetensors" for k in self._header_table("model.safetensors")}
         # keys are the model's parameter names: `rename` maps a stored name to the model's (transformers' own
         # renamings, e.g. InternVL's `language_model.model.` -> `model.language_model.`); reads use the stored name
         self._stored: dict[str, str] = {}
@@ -123,7 +129,6 @@ class CheckpointReader:
                     self._stored[name] = key
             self.weight_map = renamed
         self._fused: dict[str, tuple[int, bool]] = {}      # prefix -> (experts, stored transposed)
-        self._tables: dict[str, tuple[int, dict]] = {}      # file -> (data offset, header table)
 
     def keys(self) -> Iterable[str]:
         return self.weight_map.keys()
@@ -151,14 +156,6 @@ class CheckpointReader:
         """The stored shape of tensor `key`, from its file's header (nothing else read)."""
         with self._reading(key):
             return tuple(self._meta(key)["shape"])
-
-    def _meta(self, key: str) -> dict:
-        """Tensor `key`'s entry in its file's header; a UserError when the file lacks a tensor its index names."""
-        entry = self._table(self.weight_map[key])[1].get(self._stored.get(key, key))
-        if entry is None:
-            raise UserError(f"{self._file(key)} has no tensor {self._stored.get(key, key)}, which {self._source} "
-                            "names", "the checkpoint is damaged or its files do not belong together; restore it")
-        return entry
 
     def dtype_name(self, key: str) -> str:
         """The safetensors dtype name of tensor `key` ("BF16", "F8_E4M3", ...), from its file's header."""
@@ -287,14 +284,49 @@ class CheckpointReader:
         return self._pread(key)
 
     def _table(self, fname: str) -> tuple[int, dict]:
-        """(offset of the data, the header's tensor table) of one safetensors file, read once."""
+        """(offset of the data, the header's tensor table) of one safetensors file, read once. OSError or ValueError
+        for a file that is missing, not a regular file, or whose header is not a safetensors header."""
         got = self._tables.get(fname)
         if got is None:
-            with open(os.path.join(self.dir, fname), "rb") as f:
+            path = os.path.join(self.dir, fname)
+            input_file(path, "weight file", "restore the checkpoint")     # a FIFO or folder: refused, never opened
+            with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-                got = (8 + n, json.loads(f.read(n)))
-            self._tables[fname] = got
+                if not 2 <= n <= min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
+                    raise ValueError(f"header length {n} is not a safetensors header's")
+                table = json.loads(f.read(n))
+            if not isinstance(table, dict):
+                raise ValueError("the header is not a table of tensors")
+            table.pop("__metadata__", None)
+            got = self._tables[fname] = (8 + n, table)
         return got
+
+    def _header_table(self, fname: str) -> dict:
+        """The tensor table of `fname`, with its failures as one UserError naming the file."""
+        try:
+            return self._table(fname)[1]
+        except UserError:
+            raise
+        except (OSError, ValueError, RecursionError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot read the safetensors header of {os.path.join(self.dir, fname)} ({first})",
+                            "the file is damaged or was changed; restore the checkpoint") from None
+
+    def _meta(self, key: str) -> dict:
+        """The header entry of tensor `key` (dtype, shape, data offsets), from the file the index names; a
+        UserError when that file's header has no such tensor (the index and the shard disagree)."""
+        fname = self.weight_map[key]
+        meta = self._header_table(fname).get(self._stored.get(key, key))
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise UserError(f"{self._source} names tensor {self._stored.get(key, key)} in {self._file(key)}, "
+                            "but that file has no such tensor", _INCOMPLETE)
+        return meta
+
+    def check_index(self) -> None:
+        """Every file the index names is a readable safetensors file whose header has each tensor the index puts
+        there (headers only): the index and the shards agree, or a UserError before any weight is read."""
+        for key in self.weight_map:
+            self._meta(key)
 
     def _pread(self, key: str, index: int | None = None) -> torch.Tensor:
         """Tensor `key` (or its row `index` along the first axis) read from its file at the header's offsets."""

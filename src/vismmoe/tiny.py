@@ -7,27 +7,30 @@ special tokens and chat template, and a PIL image processor config. Loads with p
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .families import get_family
+from .paths import atomic_dir, new_dir
 from .tokenizer import build_tokenizer
 
 
 def make_tiny(family_name: str, out_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-              max_side: int = 224, **overrides) -> str:
+              max_side: int = 224, force: bool = False, **overrides) -> str:
+    """Write a tiny random checkpoint of `family_name` to `out_dir` and return it. The folder is written under a
+    temporary name beside `out_dir` and renamed into place when complete; an existing non-empty `out_dir` is a
+    UserError unless `force`, which replaces it then (paths.new_dir)."""
     family = get_family(family_name, flag="--family")
+    new_dir(out_dir, "--out", force)
     tok = build_tokenizer(family, vocab_size=overrides.pop("vocab", 400))
     ids = family.token_ids(tok)
     config = family.tiny_config(ids, vocab_size=len(tok), **overrides)
     torch.manual_seed(seed)
     model = family.model_class(config).to(dtype)
     _spread_router(family, model, seed)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    family.tiny_image_processor(max_side).save_pretrained(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        family.tiny_image_processor(max_side).save_pretrained(tmp)
     return out_dir
 
 

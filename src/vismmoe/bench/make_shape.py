@@ -79,26 +79,40 @@ def _tokenizer_files(out_dir: str, vocab_size: int) -> int:
 
 
 def make_shape(shape: str, out_dir: str, layers: int | None = None, dtype: str = "bf16", seed: int = 0,
-               device: str | None = None, progress=None) -> dict:
+               device: str | None = None, progress=None, force: bool = False) -> dict:
     """Write shape `shape` with `layers` decoder layers (default: the shape's) as a checkpoint in `out_dir`.
     `device`: where weights are drawn (default cuda when available, else cpu). Returns {"dir", "layers",
-    "bytes", "shards"}. UserError for an unknown shape or dtype, or fewer than one layer. `progress()` after
-    each shard."""
+    "bytes", "shards"}. UserError for an unknown shape or dtype, fewer than one layer, or an existing non-empty
+    `out_dir` without `force`. The checkpoint is written under a temporary name beside `out_dir` and renamed into
+    place when complete (a `force`d existing folder is replaced only then). `progress()` after each shard."""
+    from ..paths import atomic_dir, new_dir
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
+    if layers is not None and layers < 1:
+        raise UserError(f"--layers {layers} is too small", "give at least 1")
+    from .shapes import get_shape
+    get_shape(shape)
+    new_dir(out_dir, "--out", force)
+    with atomic_dir(out_dir) as tmp:
+        info = _write_shape(shape, tmp, layers, dtype, seed, device, progress)
+        info["dir"] = out_dir
+        with open(os.path.join(tmp, SHAPE_FILE), "w") as f:       # tells benchmarks the routing is meaningless
+            json.dump(info, f, indent=1)
+    return info
+
+
+def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed: int, device: str | None,
+                 progress) -> dict:
     from transformers import AutoTokenizer
 
     from ..engine import skeleton
     from ..families import get_family
     from .shapes import get_shape
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(_DTYPES)}")
     fam_name, config = get_shape(shape)
     family = get_family(fam_name)
     tc = family.text_config(config)
     if layers is not None:
-        if layers < 1:
-            raise UserError(f"--layers {layers} is too small", "give at least 1")
         tc.num_hidden_layers = layers
-    os.makedirs(out_dir, exist_ok=True)
     tc.vocab_size = _tokenizer_files(out_dir, tc.vocab_size)
     tok = AutoTokenizer.from_pretrained(out_dir)
     ids = family.token_ids(tok)
@@ -146,8 +160,5 @@ def make_shape(shape: str, out_dir: str, layers: int | None = None, dtype: str =
             progress()
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    info = {"dir": out_dir, "shape": shape, "layers": L, "moe_layers": len(geo.moe_layers), "bytes": total,
+    return {"dir": out_dir, "shape": shape, "layers": L, "moe_layers": len(geo.moe_layers), "bytes": total,
             "shards": n_shards, "dtype": dtype, "seed": seed, "weights": "random"}
-    with open(os.path.join(out_dir, SHAPE_FILE), "w") as f:        # tells benchmarks the routing is meaningless
-        json.dump(info, f, indent=1)
-    return info

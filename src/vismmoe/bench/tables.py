@@ -81,8 +81,11 @@ def table(rows: list[dict], cols=DEFAULT_COLS) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    """bench.md: the title, then every row and column."""
-    return header + "\n\n" + table(rows)
+    """bench.md: the title, then every row and column, then why any efficiency is missing (a bound above the
+    measured time is refused, not printed)."""
+    notes = [f"- {r['system']}, {r['link_name']}, {r['budget']}: {r[k]}" for r in rows
+             for k in ("efficiency_note", "efficiency_phased_note") if r.get(k)]
+    return header + "\n\n" + table(rows) + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def speedup_line(speedup: dict) -> str:

@@ -56,6 +56,7 @@ import textwrap
 from dataclasses import dataclass
 import os
 from functools import lru_cache
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -806,9 +807,30 @@ def make_split(split: str, n: int, start: int = 0) -> list[Sample]:
     return [make_sample(split, i) for i in range(start, start + n)]
 
 
-def balanced_subset(split: str, limit: int) -> list[Sample]:
-    """First `limit` samples of a split; type counts differ by at most one."""
-    return make_split(split, limit, 0)
+class LazySeq(Sequence):
+    """`n` items, item i made by `make(i)` each time it is asked for and never kept: memory stays one item
+    whatever `n` is (a scene is a few ms to make and 600 KB to keep). Indexing (negative too), slicing (another
+    LazySeq) and iteration work as on a list."""
+
+    def __init__(self, n: int, make: Callable[[int], object], start: int = 0):
+        self.n, self.make, self.start = max(0, int(n)), make, start
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        idx = range(self.start, self.start + self.n)[i]        # IndexError and slice bounds as a list's
+        if isinstance(i, slice):
+            if idx.step == 1:
+                return LazySeq(len(idx), self.make, idx.start)
+            return [self.make(j) for j in idx]
+        return self.make(idx)
+
+
+def balanced_subset(split: str, limit: int) -> LazySeq:
+    """First `limit` samples of a split, made as they are read (`LazySeq`); type counts differ by at most one."""
+    _seed(split, 0)                                             # an unknown split fails here, not on first read
+    return LazySeq(limit, lambda i: make_sample(split, i))
 
 
 def answer_vocabulary() -> list[str]:

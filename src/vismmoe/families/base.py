@@ -109,6 +109,9 @@ class Family:
     fallback_format: str = "{image}{prompt}\n"
     # why the fast decode step (step_graphs.py) cannot run this family, None when it can
     fast_step_blocker: str | None = None
+    # image token ids are looked up in the text embedding (so they must lie inside the vocabulary); False where the
+    # model swaps them for the pad token first (Gemma 4)
+    image_ids_embedded: bool = True
 
     # ---- model structure -------------------------------------------------------------------------------------
     def text_config(self, config):
@@ -116,6 +119,11 @@ class Family:
 
     def geometry(self, config) -> ExpertGeometry:
         raise NotImplementedError
+
+    def config_fields(self, config) -> list[tuple[str, Any, int, int | None]]:
+        """(name, value, least, most or None) of each config.json field that places the MoE layers, as whole numbers
+        in range: families/checks.py checks them before `geometry` uses (or divides by) them."""
+        return []
 
     def language_model(self, model) -> torch.nn.Module:
         """The text decoder (`embed_tokens`, `rotary_emb`, `layers`, `norm`)."""
@@ -181,7 +189,14 @@ class Family:
         token), ending with the assistant's turn opened. Checkpoints without a chat template take one user
         message (`fallback_format`)."""
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            from jinja2 import TemplateError
+            try:
+                return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except TemplateError as e:
+                first = (str(e).splitlines() or [""])[0][:200]
+                raise UserError(f"the checkpoint's chat template cannot format these messages ({type(e).__name__}: "
+                                f"{first})", "send messages the template takes, or fix the template "
+                                "(chat_template.jinja or tokenizer_config.json)") from None
         if len(messages) != 1 or messages[0]["role"] != "user":
             raise UserError("this checkpoint ships no chat template, so it takes one user message",
                             "send a single user message, or add a chat template to the checkpoint")

@@ -45,6 +45,7 @@ _TEMPLATE = (
 
 class Gemma4Family(Rope1D, Family):
     linear_topk_routers = False     # the router normalises its input first: not one linear map of the residual
+    image_ids_embedded = False      # multimodal token ids become the pad id before the embedding lookup
     model_type = "gemma4"
     model_class = Gemma4ForConditionalGeneration
     image_processor_class = Gemma4ImageProcessorPil

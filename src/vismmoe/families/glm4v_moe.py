@@ -35,6 +35,11 @@ class Glm4vMoeFamily(Family):
     )
     fallback_format = "[gMASK]<sop><|user|>\n{image}{prompt}<|assistant|>\n"
 
+    def config_fields(self, config) -> list:
+        tc = config.text_config
+        layers = tc.num_hidden_layers
+        return [("first_k_dense_replace", tc.first_k_dense_replace, 0, layers if isinstance(layers, int) else None)]
+
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config
         moe = tuple(range(tc.first_k_dense_replace, tc.num_hidden_layers))

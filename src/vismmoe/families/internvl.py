@@ -73,6 +73,15 @@ class InternVLFamily(Rope1D, Family):
     fallback_format = "<|im_start|>user\n{image}\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
     fast_step_blocker = "the fast step builds M-RoPE positions; InternVL's decoder takes 1-D positions"
 
+    def config_fields(self, config) -> list:
+        tc = config.text_config
+        if getattr(tc, "decoder_sparse_step", None) is None:        # not a qwen3_moe text model: geometry says so
+            return []
+        layers = tc.num_hidden_layers
+        return [("text_config.decoder_sparse_step", tc.decoder_sparse_step, 1, None)] + \
+            [(f"text_config.mlp_only_layers[{i}]", v, 0, layers - 1 if isinstance(layers, int) else None)
+             for i, v in enumerate(tc.mlp_only_layers or [])]
+
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config
         if tc.model_type != "qwen3_moe":

@@ -30,6 +30,9 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
     model_class = Qwen3_5MoeForConditionalGeneration
     fast_step_blocker = "its Gated-DeltaNet layers keep a recurrent state the fast step's static KV cache lacks"
 
+    def config_fields(self, config) -> list:
+        return []                   # every layer is an MoE layer: nothing places them
+
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config
         return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,

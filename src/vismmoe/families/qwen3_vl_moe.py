@@ -35,6 +35,13 @@ class Qwen3VLMoeFamily(Family):
     )
     fallback_format = "<|im_start|>user\n{image}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
+    def config_fields(self, config) -> list:
+        tc = config.text_config
+        layers = tc.num_hidden_layers
+        return [("decoder_sparse_step", tc.decoder_sparse_step, 1, None)] + \
+            [(f"mlp_only_layers[{i}]", v, 0, layers - 1 if isinstance(layers, int) else None)
+             for i, v in enumerate(tc.mlp_only_layers or [])]
+
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config
         dense = set(tc.mlp_only_layers or [])

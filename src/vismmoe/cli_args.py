@@ -1,0 +1,146 @@
+"""Argument plumbing every `vismmoe` subcommand shares (no torch, no transformers: `--help` answers at once).
+
+Owns the parser class (usage errors as one line, exit status 2), the help formatter (every option's default is
+printed: taken from the option when its help does not already say it; registry-backed options list their names
+only when their help is printed), the check that every text argument is valid UTF-8 without NUL characters (a
+terminal or a script in another encoding hands Python undecodable bytes as lone surrogates, which failed deep in
+the tokenizer), and small parsers of numbers and lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+class Help(argparse.HelpFormatter):
+    """Fills `{names}` in an option's help with `action.names()`, called only when that help is printed, and ends
+    the help with the option's default when it does not mention one."""
+
+    def _get_help_string(self, action):
+        names = getattr(action, "names", None)
+        text = action.help.replace("{names}", ", ".join(names())) if names else action.help
+        default = action.default
+        if ("default" not in text and action.option_strings and not action.required and action.nargs != 0
+                and not any(default is x for x in (None, False, argparse.SUPPRESS))):     # 0 is a default to show
+            text += f" (default {str(default).replace('%', '%%')})"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):                      # one line, exit 2 (argparse prints usage + error otherwise)
+        sys.stderr.write(f"vismmoe: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def registry(action: argparse.Action, names) -> argparse.Action:
+    """The help of `action` lists `names()` (a registry, read when the help is printed)."""
+    action.names = names
+    return action
+
+
+def policies() -> list[str]:
+    """The eviction policies a run can use (`belady` needs the future: trace replays only)."""
+    from .policies import ONLINE_POLICIES
+    return list(ONLINE_POLICIES)
+
+
+def predictors() -> list[str]:
+    from .predict import PREDICTORS
+    return list(PREDICTORS)
+
+
+def compressors() -> list[str]:
+    """Each compressor with its knobs, e.g. `affinity[:lam=L,gamma=G]`."""
+    from .compress import COMPRESSORS
+    out = []
+    for name, cls in COMPRESSORS.items():
+        knobs = ",".join(f"{k}={k[0].upper()}" for k in getattr(cls, "knobs", {}))
+        out.append(f"{name}[:{knobs}]" if knobs else name)
+    return out
+
+
+def links() -> list[str]:
+    from .links import PROFILES
+    return [p.label() if p.emulated else p.name for p in PROFILES.values()] + ["GBps=N[,us=L] (EMULATED)"]
+
+
+def systems() -> list[str]:
+    from .bench.harness import SYSTEMS
+    return list(SYSTEMS)
+
+
+def shapes() -> list[str]:
+    from .bench.shapes import SHAPES
+    return list(SHAPES)
+
+
+def formats() -> list[str]:
+    """The expert formats (formats/): how experts are stored, cached and moved."""
+    from .formats import names
+    return names()
+
+
+def families() -> list[str]:
+    from .families import FAMILIES
+    return sorted(FAMILIES)
+
+
+def flag_of(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_text(args: argparse.Namespace) -> None:
+    """UserError for a string argument that is not valid UTF-8 (bytes Python could not decode arrive as lone
+    surrogates) or holds a NUL character: every prompt, name and path, before any of them is used."""
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if not isinstance(v, str):
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                c = ord(v[e.start])
+                byte = f" (byte 0x{c - 0xDC00:02x})" if 0xDC80 <= c <= 0xDCFF else ""
+                raise UserError(f"{flag_of(dest)} is not valid UTF-8 text{byte}",
+                                "give text and paths in UTF-8 (check the terminal's or the script's encoding)"
+                                ) from None
+            if "\x00" in v:
+                raise UserError(f"{flag_of(dest)} contains a NUL character", "remove it")
+
+
+def at_least(value: int | None, least: int, flag: str, why: str = "") -> None:
+    """A whole-number option below its least legal value (None: not given) is a user error."""
+    if value is not None and value < least:
+        raise UserError(f"{flag} {value} is too small", why or f"give at least {least}")
+
+
+def ratios(text: str, what: str) -> list[float]:
+    """Comma-separated ratios, each in (0, 1]."""
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad {what} {text!r}", "give comma-separated numbers, e.g. 1,0.5,0.33") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise UserError(f"bad {what} {text!r}", "each ratio must be in (0, 1]")
+    return vals
+
+
+def compressor_list(text: str) -> list[str]:
+    """"random,affinity:lam=2,gamma=1.5,pool" -> ["random", "affinity:lam=2,gamma=1.5", "pool"]: a piece with
+    '=' and no ':' is one more knob of the compressor before it."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if out and "=" in piece and ":" not in piece and ":" in out[-1]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out

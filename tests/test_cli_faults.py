@@ -1,0 +1,272 @@
+"""The command line refuses bad arguments and paths before the work starts, never destroys data it writes over,
+and says what it ran: non-UTF-8 text, output paths that cannot be written (checked before any model is read),
+options another option makes meaningless, checks that came only after seconds of loading, special files given as
+inputs, `--out` onto existing data, the context error's token count, and the runtime defaults (one table for
+`generate` and `serve`, shown in `--help`), `--version`, the warm-up kept out of a request's times, and the vision
+encoder on the timeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from vismmoe.cli import build_parser, main
+
+
+def _error(capsys, argv, needle):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (argv, code, err)
+    assert err.count("\n") == 1 and "Traceback" not in err and needle in err, (argv, err)
+    return err
+
+
+@pytest.fixture()
+def no_load(monkeypatch):
+    """Fail the test if a command gets as far as reading a model."""
+    import vismmoe.engine
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad argument was refused")
+    monkeypatch.setattr(vismmoe.engine, "load", refuse)
+
+
+def test_non_utf8_text_is_one_line_exit_2(tiny_dirs, tmp_path):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; the tokenizer raised on them (a traceback)."""
+    env = dict(os.environ, VISMMOE_QUIET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    for argv in ([b"generate", b"--model", tiny_dirs["qwen3_vl_moe"].encode(), b"--prompt", b"what \xff is it?"],
+                 [b"make-tiny", b"--family", b"qwen3_vl_moe", b"--out", str(tmp_path).encode() + b"/\xfe"]):
+        out = subprocess.run([sys.executable.encode(), b"-m", b"vismmoe"] + argv, capture_output=True, env=env,
+                             timeout=300)
+        err = out.stderr.decode("utf-8", "replace")
+        assert out.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "is not valid UTF-8 text (byte 0x" in err, err
+
+
+def test_non_utf8_and_nul_in_process(capsys, no_load):
+    _error(capsys, ["generate", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text (byte 0xe9)")
+    _error(capsys, ["generate", "--prompt", "hi", "--image", "a\x00b.png"], "--image contains a NUL character")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["generate", "--prompt", "hi", "--trace", "{tmp}/missing/t.npz"], "folder {tmp}/missing does not exist"),
+    (["generate", "--prompt", "hi", "--trace", "{tmp}/t.json"], "does not end in .npz"),
+    (["generate", "--prompt", "hi", "--timeline", "{tmp}"], "--timeline {tmp} is an existing folder"),
+    (["generate", "--prompt", "hi", "--timeline", "{tmp}/t.npz"], "does not end in .png"),
+    (["calibrate", "--out", "{tmp}/missing/c.npz"], "folder {tmp}/missing does not exist"),
+    (["calibrate", "--out", "{tmp}/c"], "does not end in .npz"),
+    (["analyze", "--out", "{tmp}/file.txt"], "is an existing file, not a folder"),
+    (["analyze", "--out", "{tmp}/other"], "is a folder with other files in it"),
+    (["bench", "--out", "{tmp}/file.txt"], "is an existing file, not a folder"),
+    (["bench", "--out", "{tmp}/file.txt/sub"], "is a file, so the folder cannot be made"),
+    (["bench", "--out", "{tmp}/other"], "is a folder with other files in it"),
+    (["bench", "--out", "{tmp}/b", "--save-traces", "{tmp}/other"], "is a folder with other files in it"),
+    (["export-gguf", "--out", "{tmp}/file.txt"], "is an existing file, not a folder"),
+    (["make-tiny", "--family", "glm4v_moe", "--out", "{tmp}/file.txt"], "is an existing file, not a folder"),
+    (["make-shape", "--shape", "tiny-qwen3", "--out", "{tmp}/other"], "already holds files"),
+])
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys, no_load, argv, needle):
+    (tmp_path / "file.txt").write_text("keep me")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me too")
+    tmp = str(tmp_path)
+    _error(capsys, [a.replace("{tmp}", tmp) for a in argv], needle.replace("{tmp}", tmp))
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me too"
+
+
+def test_report_folders_of_an_earlier_run_are_reused(tmp_path):
+    """bench/analyze --out may name the folder of their own earlier run (runs/bench by default), and --force
+    accepts any folder."""
+    from vismmoe.errors import UserError
+    from vismmoe.paths import output_dir
+    d = tmp_path / "runs"
+    d.mkdir()
+    (d / "bench.json").write_text("{}")
+    (d / "latency_vs_budget.png").write_bytes(b"")
+    assert output_dir(str(d), "--out", owned=("bench.json",)) == str(d)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "y").write_text("")
+    with pytest.raises(UserError):
+        output_dir(str(tmp_path / "x"), "--out", owned=("bench.json",))
+    assert output_dir(str(tmp_path / "x"), "--out", force=True)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--policy", "fifo"], "unknown cache policy 'fifo'"),
+    (["--policy", "belady"], "needs a recorded trace"),
+    (["--link", "warp"], "unknown link profile"),
+    (["--expert-budget", "lots"], "bad expert budget"),
+    (["--expert-budget", "0%"], "bad expert budget"),
+    (["--device-memory=-1GiB"], "bad device memory"),
+    (["--reserve", "1GiB"], "--reserve given without --device-memory"),
+    (["--prefetch", "none", "--lookahead", "3"], "--lookahead given with --prefetch none"),
+    (["--prefetch", "none", "--fixed-lookahead"], "--fixed-lookahead given with --prefetch none"),
+    (["--calibration", "{tmp}/c.npz"], "--calibration is read by --prefetch trace or blend only"),
+    (["--prefetch", "trace", "--calibration", "{tmp}"], "calibration file is a directory"),
+    (["--lookahead", "9"], "--lookahead 9 is out of range"),
+    (["--check-weights", "most"], "invalid choice"),
+])
+def test_runtime_values_are_refused_before_loading(tmp_path, capsys, no_load, extra, needle):
+    """Refused before the engine is imported or any weight read (they came after 5-9 s of loading), for generate
+    and serve alike."""
+    (tmp_path / "c.npz").write_bytes(b"")
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    _error(capsys, ["generate", "--prompt", "hi"] + extra, needle)
+    _error(capsys, ["serve"] + extra, needle)
+
+
+def test_runtime_errors_come_before_model_code_is_imported():
+    """In a fresh process: the error is printed with transformers (and the engine) never imported."""
+    code = ("import sys\nfrom vismmoe.cli import main\n"
+            "rc = main(['generate', '--prompt', 'hi', '--policy', 'fifo'])\n"
+            "print(rc, sorted(m for m in ('transformers', 'vismmoe.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.stdout.strip() == "2 []", (out.stdout, out.stderr[-500:])
+
+
+def test_a_fifo_as_image_is_refused_not_waited_on(tmp_path, capsys, no_load):
+    fifo = tmp_path / "img.png"
+    os.mkfifo(fifo)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("code", main(["generate", "--prompt", "hi",
+                                                                          "--image", str(fifo)])), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "generate waited on the FIFO"
+    assert result["code"] == 2 and "not a regular file" in capsys.readouterr().err
+
+
+def test_make_tiny_never_destroys_an_existing_checkpoint(tiny_dirs, tmp_path, capsys):
+    """`make-tiny --out` onto a checkpoint deleted its weight shards and exited 0."""
+    d = tmp_path / "ckpt"
+    import shutil
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    _error(capsys, ["make-tiny", "--family", "glm4v_moe", "--out", str(d)], "already holds files")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert main(["make-tiny", "--family", "glm4v_moe", "--out", str(d), "--force"]) == 0
+    assert json.loads((d / "config.json").read_text())["model_type"] == "glm4v_moe"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]           # no temporary folder left
+
+
+def test_a_failed_write_leaves_the_old_folder_and_no_partial_one(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """Written under a temporary name and renamed at the end: a failure half-way (here, the tokenizer's files)
+    leaves the existing checkpoint whole even with --force."""
+    import shutil
+
+    from vismmoe import tiny
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    real = tiny.build_tokenizer
+
+    def broken(*a, **k):
+        tok = real(*a, **k)
+
+        def fail(*a, **k):
+            raise OSError(28, "No space left on device")
+        tok.save_pretrained = fail
+        return tok
+    monkeypatch.setattr(tiny, "build_tokenizer", broken)
+    with pytest.raises(OSError):
+        tiny.make_tiny("glm4v_moe", str(d), force=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_make_shape_never_overwrites_weights_in_place(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["make-shape", "--shape", "tiny-qwen3", "--layers", "1", "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    shards = {p.name: p.read_bytes() for p in out.iterdir()}
+    _error(capsys, ["make-shape", "--shape", "tiny-qwen3", "--layers", "1", "--seed", "5", "--out", str(out),
+                    "--device", "cpu"], "already holds files")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == shards
+    assert main(["make-shape", "--shape", "tiny-qwen3", "--layers", "1", "--seed", "5", "--out", str(out),
+                 "--device", "cpu", "--force"]) == 0
+    info = json.loads((out / "vismmoe_shape.json").read_text())
+    assert info["seed"] == 5 and info["dir"] == str(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_context_error_counts_the_prompt(tiny_dirs, tmp_path, capsys):
+    """The context error said "prompt of 0 tokens" whatever the prompt's length."""
+    d = tmp_path / "short"
+    import shutil
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    err = _error(capsys, ["generate", "--model", str(d), "--prompt", "word " * 40, "--max-new-tokens", "30"],
+                 "exceeds the model's context of 64 tokens")
+    count = int(err.split("prompt of ")[1].split(" tokens")[0])
+    assert count > 30, err
+    _error(capsys, ["generate", "--model", str(d), "--prompt", "hi", "--max-new-tokens", "64"],
+           "64 new tokens leave no room for a prompt in the model's context of 64 tokens")
+
+
+def test_help_shows_every_default_and_the_version(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        formatter = p._get_formatter()
+        for action in p._actions:
+            if not action.option_strings or action.required or action.nargs == 0:
+                continue                                  # positionals, required options, flags
+            text = formatter._get_help_string(action)
+            assert "default" in text, (name, action.option_strings, text)
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("vismmoe ")
+
+
+def test_generate_and_serve_share_the_runtime_defaults():
+    """One table: the predictive policy with gate prefetch (what measured best at a budget); the LRU baseline is
+    one flag away."""
+    from vismmoe.cli import RUNTIME_DEFAULTS
+    gen = build_parser().parse_args(["generate", "--prompt", "x"])
+    srv = build_parser().parse_args(["serve"])
+    for key, value in RUNTIME_DEFAULTS.items():
+        if key != "lookahead":
+            assert getattr(gen, key) == getattr(srv, key) == value, key
+    assert (gen.policy, gen.prefetch) == ("predictive", "gate")
+    base = build_parser().parse_args(["generate", "--prompt", "x", "--policy", "lru", "--prefetch", "none"])
+    assert (base.policy, base.prefetch) == ("lru", "none")
+
+
+def test_generate_stats_separate_the_warm_up_and_the_timeline_has_the_vision_encoder(tiny_dirs, image_file,
+                                                                                     tmp_path, capsys):
+    png = tmp_path / "t.png"
+    code = main(["generate", "--model", tiny_dirs["qwen3_vl_moe"], "--image", image_file, "--prompt", "hi",
+                 "--max-new-tokens", "3", "--expert-budget", "40%", "--json", "--timeline", str(png),
+                 "--trace", str(tmp_path / "t.npz")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    s = json.loads(out.strip().splitlines()[-1])["stats"]
+    assert s["warmup_s"] > 0 and (s["policy"], s["prefetch"]) == ("predictive", "gate")
+    assert png.stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.png"]
+    from vismmoe.trace import RoutingTrace
+    assert RoutingTrace.load(str(tmp_path / "t.npz")).steps[0]["kind"] == "prefill"   # the request's, not the warm-up's
+    from vismmoe import load
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="40%")
+    eng.record_timeline()
+    eng.generate(image_file, "hi", max_new_tokens=2)
+    tl = eng.last_timeline
+    assert len(tl.vision) == 1
+    start, end = tl.vision[0]
+    assert 0 <= start < end <= min(s for _, s, _ in tl.compute) + 1e-3      # the encoder runs before the decoder
+    assert "vision" in tl.ascii()
+
+
+def test_progress_stays_off_when_stderr_is_not_a_terminal(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "VISMMOE_QUIET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = subprocess.run([sys.executable, "-m", "vismmoe", "make-tiny", "--family", "qwen3_vl_moe", "--out",
+                          str(tmp_path / "t")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
