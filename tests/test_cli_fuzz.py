@@ -143,7 +143,7 @@ def _must_have_been_refused(args: list[str]) -> str | None:
 
 def test_argument_checks_never_raise(places, monkeypatch):
     with _work_stubbed(monkeypatch):
-        @settings(max_examples=300, deadline=None, derandomize=True,
+        @settings(max_examples=300, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
         @given(argv(places))
         def check(args):
@@ -177,7 +177,8 @@ def test_generate_for_real_exits_0_or_2(tiny_dirs, image_file):
     line), whatever the mix. Few examples: each is a real load and generation."""
     model = tiny_dirs["glm4v_moe"]
 
-    @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=8, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @example({}, False, "caf\udce9?")                                   # bytes that are not UTF-8
     @example({"--expert-budget": "1", "--expert-tier": "disk"}, True, "What is it?")
     @example({"--max-new-tokens": "9000", "--temperature": "0.7", "--seed": "7"}, True, "<|im_end|>")

@@ -58,7 +58,8 @@ def test_timeline_records_compute_and_copies(tiny_dirs, image_file, tmp_path):
     spans = sorted((s, e) for _, _, s, e, _ in tl.copies)                      # one serial link: no overlap
     assert all(b[0] >= a[1] - 1e-9 for a, b in zip(spans, spans[1:]))
     art = tl.ascii(60)
-    assert art.count("\n") == 3 and "#" in art
+    assert art.count("\n") == 4 and "#" in art and art.startswith("vision   |") and "v" in art.splitlines()[0][10:]
+    assert len(tl.vision) == 1 and tl.vision[0][1] <= tl.compute[0][1]          # the encoder before the decoder
     assert (tmp_path / "t.png").exists() is False and tl.png(str(tmp_path / "t.png"))
 
 

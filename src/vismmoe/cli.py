@@ -430,7 +430,7 @@ def cmd_bench(args) -> int:
         input_file(args.calibration, "--calibration", "give the .npz that vismmoe calibrate wrote")
     output_dir(args.out, "--out", args.force, owned=("bench.json", "bench.md"))
     if args.save_traces:
-        output_dir(args.save_traces, "--save-traces", args.force, owned=("trace_none_1_0.npz",))
+        output_dir(args.save_traces, "--save-traces", args.force, owned=("trace_*",))
     n = args.limit or (6 if args.quick else 30)
     args.reps = args.reps or 3
     calibrate_on = None

@@ -260,8 +260,8 @@ class Engine:
         tl = Timeline(t0=t0)
         self.runtime.timeline = self.runtime.transfer.timeline = tl
         self.last_timeline = tl
-        inner = self.model.model
-        method = getattr(type(inner), "get_image_features", None)
+        inner = getattr(self.model, "model", None)
+        method = getattr(type(inner), "get_image_features", None) if inner is not None else None
         if method is not None:                  # the vision encoder's span: every family calls this method
             encode = method.__get__(inner)
 
@@ -286,7 +286,9 @@ class Engine:
         if anchor is not None:
             self.runtime.transfer.resolve_timeline(anchor, self.last_timeline.t0)
         self.runtime.timeline = self.runtime.transfer.timeline = None
-        self.model.model.__dict__.pop("get_image_features", None)      # the class's method again
+        inner = getattr(self.model, "model", None)
+        if inner is not None:
+            inner.__dict__.pop("get_image_features", None)              # the class's method again
 
     def warm_up(self, with_image: bool = False) -> float:
         """One short untimed request (the text "Hello", after a small grey image when `with_image`; two new

@@ -77,7 +77,7 @@ def _probe_writable(folder: str, flag: str, path: str) -> None:
 def _special(path: str) -> bool:
     try:
         mode = os.stat(path).st_mode
-    except OSError:
+    except (OSError, ValueError):
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
@@ -120,6 +120,17 @@ def atomic_file(path: str):
             os.remove(tmp)
 
 
+def _entries(path: str, flag: str) -> list[str]:
+    """The names in folder `path` ([] when it does not exist); a UserError when it cannot be listed."""
+    if not os.path.isdir(path):
+        return []
+    try:
+        return sorted(os.listdir(path))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot list the folder ({e.strerror or type(e).__name__})",
+                        "give a folder you can read and write") from None
+
+
 def _nearest_existing(path: str) -> str:
     p = os.path.abspath(path)
     while not os.path.exists(p):
@@ -129,8 +140,9 @@ def _nearest_existing(path: str) -> str:
 
 def output_dir(path: str, flag: str, force: bool = False, owned: tuple[str, ...] = ()) -> str:
     """Check report folder `path` of option `flag` before the work: not a file, creatable under a writable folder,
-    and empty or holding a previous run of the same command (any of the `owned` file names; `force` accepts any
-    folder). Files of that command in it are replaced; nothing else in it is touched. Returns `path`."""
+    and empty or holding a previous run of the same command (any of the `owned` file names; a name ending in `*`
+    is a prefix; `force` accepts any folder). Files of that command in it are replaced; nothing else in it is
+    touched. Returns `path`."""
     if not path:
         raise UserError(f"{flag} names no folder", "give a folder path")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -138,8 +150,9 @@ def output_dir(path: str, flag: str, force: bool = False, owned: tuple[str, ...]
     base = _nearest_existing(path)
     if not os.path.isdir(base):
         raise UserError(f"{flag} {path}: {base} is a file, so the folder cannot be made", "give another folder")
-    if os.path.isdir(path) and os.listdir(path) and not force and not any(
-            os.path.exists(os.path.join(path, f)) for f in owned):
+    held = _entries(path, flag)
+    if held and not force and not any(e == f or (f.endswith("*") and e.startswith(f[:-1]))
+                                      for f in owned for e in held):
         raise UserError(f"{flag} {path} is a folder with other files in it",
                         "give a new or empty folder, or add --force to write into it anyway")
     _probe_writable(base, flag, path)
@@ -153,8 +166,9 @@ def new_dir(path: str, flag: str, force: bool = False) -> str:
         raise UserError(f"{flag} names no folder", "give a folder path")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is an existing file, not a folder", "give a new or empty folder")
-    if os.path.isdir(path) and os.listdir(path) and not force:
-        raise UserError(f"{flag} {path} already holds files (e.g. {sorted(os.listdir(path))[0]})",
+    held = _entries(path, flag)
+    if held and not force:
+        raise UserError(f"{flag} {path} already holds files (e.g. {held[0]})",
                         "give a new or empty folder, or add --force to replace it once the new one is written")
     base = _nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(base):
