@@ -202,7 +202,8 @@ def test_quantize_cli_refuses_what_it_cannot_do_and_never_overwrites(tiny_dirs, 
     full = str(tmp_path / "full")
     os.makedirs(full)
     open(os.path.join(full, "keep.txt"), "w").write("mine")
-    cases = [(["--format", "int4:group=16", "--out", full], "not empty"),                     # existing data
+    open(tmp_path / "a-file", "w").write("x")
+    cases = [(["--format", "int4:group=16", "--out", full], "already holds files"),           # existing data
              (["--format", "fp9", "--out", str(tmp_path / "a")], "unknown expert format"),
              (["--format", "dense", "--out", str(tmp_path / "b")], "writes nothing new"),
              (["--format", "fp8", "--out", str(tmp_path / "a-file" / "dir")], "is a file"),

@@ -458,7 +458,7 @@ def _gguf_files(model_dir: str, gguf_dir: str, llama_type: str, llama_bin: str |
         quant = None if llama_type in DTYPES else llama_type
         lq = llama_bin if quant in ("q4_k", "q4_k_m") and llama_bin and \
             os.path.exists(os.path.join(llama_bin, "llama-quantize")) else None
-        export(model_dir, gguf_dir, dtype=dtype, quant=quant, llama_quantize=lq)
+        export(model_dir, gguf_dir, dtype=dtype, quant=quant, llama_quantize=lq, force=True)  # the bench's folder
     return text, mmproj
 
 
