@@ -12,74 +12,21 @@ import gc
 import io
 import json
 import os
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
-from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
-from vismmoe import load
 from vismmoe.cli import main
 from vismmoe.data import balanced_subset
-from vismmoe.serve.app import ServeOptions, create_app
 from vismmoe.serve.media import MediaRules
 
-MODEL = "vqa-moe"
-
-
-class Server:
-    """create_app on a free loopback port, run by uvicorn in a thread."""
-
-    def __init__(self, engine, **opts):
-        self.app = create_app(engine, ServeOptions(model_name=MODEL, **opts))
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, key="none") -> OpenAI:
-        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
-
-    def post(self, body, headers=None) -> httpx.Response:
-        content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(self.url + "/v1/chat/completions", content=content, timeout=60,
-                          headers={"content-type": "application/json", **(headers or {})})
-
-    def metrics(self) -> dict:
-        text = httpx.get(self.url + "/metrics").text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.app.state.scheduler.close()
-
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def chat(image, question, **kw) -> dict:
-    return dict(model=MODEL, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}]}], **kw)
+from .serve_util import MODEL, Server, chat, data_url
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return load(None, expert_budget="25%")
+def engine(bundled_engine):
+    return bundled_engine
 
 
 @pytest.fixture(scope="module")
