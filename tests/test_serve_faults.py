@@ -196,6 +196,12 @@ def test_auth_scheme_is_case_insensitive(bundled_engine):
         srv.close()
 
 
+def test_wrong_paths_and_methods_get_error_objects(server):
+    for r, status in ((httpx.get(server.url + "/v1/chat/completions"), 405), (httpx.get(server.url + "/nope"), 404),
+                      (httpx.post(server.url + "/v1/models"), 405)):
+        assert r.status_code == status and r.json()["error"]["message"], r.text
+
+
 def test_too_many_images_get_400(server, samples):
     url = data_url(samples[0].image.resize((8, 8)))
     parts = [{"type": "image_url", "image_url": {"url": url}}] * 33 + [{"type": "text", "text": "how many?"}]
