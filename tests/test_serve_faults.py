@@ -141,7 +141,8 @@ def test_prompt_over_the_character_limit_is_refused_before_tokenizing(server, bu
     + b"}",
     b'{"model": "vqa-moe", "messages": ' + b'[{"role": "user", "content": ' * 300 + b'"x"' + b"}]" * 300 + b"}",
     b"[" * 100000,
-])
+], ids=["surrogate-content", "surrogate-part", "surrogate-stop", "surrogate-key", "nan", "infinity", "deep-5000",
+        "deep-200", "deep-messages", "open-100000"])
 def test_malformed_text_and_json_get_400(server, body):
     r = server.post(body)
     assert r.status_code == 400, (body[:120], r.text[:300])

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from .serve_util import MODEL, Server, data_url
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 
@@ -25,11 +25,11 @@ plain = st.sampled_from(["what is it?", "is it red?", "how many shapes?", " "]) 
 
 
 @st.composite
-def _rarely(draw, usual, rare):
-    return draw(rare) if draw(st.integers(0, 9)) == 9 else draw(usual)
+def _rarely(draw, usual, rare, one_in: int = 10):
+    return draw(rare) if draw(st.integers(1, one_in)) == one_in else draw(usual)
 
 
-text = _rarely(plain, st.lists(pieces, max_size=8).map("".join))
+text = _rarely(plain, st.lists(pieces, min_size=1, max_size=8).map("".join), one_in=4)
 scalar = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | text
 anything = st.recursive(scalar, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(text, kids, max_size=3),
                         max_leaves=6)
