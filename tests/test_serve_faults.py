@@ -116,6 +116,38 @@ def test_one_row_that_fails_leaves_its_batch(bundled_engine, samples, monkeypatc
     assert again[0].token_ids == alone.token_ids
 
 
+def test_a_batch_that_fails_before_its_first_token_runs_its_rows_alone():
+    """An exception for the whole batch in its prefill (one row's doing): each row runs again alone, so only the
+    row that causes it fails."""
+    from vismmoe.request import GenerationRequest as G
+    from vismmoe.serve.scheduler import Scheduler
+
+    class Engine:
+        def generate_requests(self, reqs, row_errors="raise"):
+            if any(r.messages == "poison" for r in reqs):
+                raise RuntimeError("the prefill failed")
+            for r in reqs:
+                r.token_ids.append(1)
+                r.finish_reason = "length"
+
+    sched = Scheduler(Engine(), max_batch=4)
+    got, finished = {}, threading.Event()
+
+    def done(req, error):
+        got[id(req)] = error
+        if len(got) == 3:
+            finished.set()
+
+    rows = [G(messages=[]), G(messages="poison"), G(messages=[])]
+    with sched._cv:                        # all three wait before the worker takes any: one batch
+        for r in rows:
+            sched.submit(r, done)
+    assert finished.wait(timeout=30)
+    sched.close()
+    assert [type(got[id(r)]).__name__ for r in rows] == ["NoneType", "RuntimeError", "NoneType"]
+    assert [r.finish_reason for r in rows] == ["length", None, "length"]
+
+
 def test_prompt_over_the_character_limit_is_refused_before_tokenizing(server, bundled_engine):
     limit = 16 * 2048                                               # the bundled model's context: 2048 tokens
     for n in (limit + 1, 24 * 1024 * 1024):

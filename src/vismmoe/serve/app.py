@@ -38,7 +38,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from starlette.requests import ClientDisconnect
 
 from ..errors import UserError
