@@ -345,6 +345,13 @@ def test_remote_fetch_has_one_deadline_a_size_cap_and_checked_redirects(origin):
     assert len({str(e.value) for e in (drip, redirect, refused, denied)}) == 1
 
 
+@pytest.mark.parametrize("url", ["http://[::1/x.png", "http://x:99999/x.png", "http://ünï.example/x.png", "http:///x",
+                                 "http://:80/x.png", "file://[/x.png"])
+def test_urls_that_do_not_parse_are_user_errors(url):
+    with pytest.raises(UserError):
+        image_bytes(url, MediaRules(allow_remote=True, allowed_local="/tmp", timeout_s=1.0))
+
+
 def test_dns_rebinding_gains_nothing(origin, monkeypatch):
     """The name resolves to a public address when checked and to loopback after: the connection goes to the
     address that was checked, never to the loopback one."""

@@ -51,6 +51,7 @@ from .schema import ChatCompletionRequest, error_body
 log = logging.getLogger("vismmoe.serve")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_JSON_DEPTH = 16             # the deepest valid request nests 6 levels (body, messages, message, parts, part, url)
+MAX_JSON_VALUES = 50_000        # values in one body (a 1,000-turn chat with images holds a few thousand)
 CHARS_PER_TOKEN = 16            # the default prompt limit: this many characters per token of the model's context
 
 
@@ -153,7 +154,7 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
         try:
             authorize(request)
             body = await _read_body(request, opts.max_body_bytes)
-            chat_req = _parse(body)
+            chat_req = await run_in_threadpool(_parse, body)          # a big body: not on the event loop
             if chat_req.model != opts.model_name:
                 raise APIError(404, f"model {chat_req.model!r} does not exist: this server serves "
                                     f"{opts.model_name!r}", "not_found_error", "model_not_found", "model")
@@ -247,14 +248,18 @@ def _parse(body: bytes) -> ChatCompletionRequest:
 
 
 def _check_tree(obj) -> None:
-    """APIError 400 unless the parsed body nests at most MAX_JSON_DEPTH levels and every string in it (keys too)
-    is Unicode text: JSON's \\ud800-style escapes can spell lone surrogates, which no encoder takes."""
-    stack = [(obj, 1, ())]
+    """APIError 400 unless the parsed body nests at most MAX_JSON_DEPTH levels, holds at most MAX_JSON_VALUES
+    values (validating more would hold the server up for nothing), and every string in it (keys too) is Unicode
+    text: JSON's \\ud800-style escapes can spell lone surrogates, which no encoder takes."""
+    stack, count = [(obj, 1, ())], 0
     while stack:
         value, depth, where = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        count += len(value)
+        if count > MAX_JSON_VALUES:
+            raise APIError(400, f"request body holds more than {MAX_JSON_VALUES:,} JSON values", code="invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
             for text in ((key, item) if isinstance(key, str) else (item,)):
                 if isinstance(text, str):

@@ -80,7 +80,10 @@ def image_bytes(url: str, rules: MediaRules, deadline: float | None = None) -> b
     (time.monotonic()) bounds a remote fetch; None: `rules.timeout_s` from now."""
     if url[:5].lower() == "data:":
         return _data_url(url, rules.max_bytes)
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError:                                              # e.g. an unclosed IPv6 bracket
+        raise UserError(f"image URL {url[:80]!r} is not a valid URL", "check the URL") from None
     scheme = parsed.scheme.lower()
     if scheme == "file":
         if parsed.netloc not in ("", "localhost") or not parsed.path:
@@ -166,9 +169,7 @@ def _remote(url: str, rules: MediaRules, deadline: float) -> bytes:
     try:
         with httpcore.ConnectionPool(network_backend=_Backend(rules.allow_networks, deadline), retries=0) as pool:
             for _ in range(MAX_REDIRECTS + 1):
-                parsed = urlparse(url)
-                if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
-                    raise UserError(f"image URL {url[:80]!r} has no host, or redirects off http(s)", "check the URL")
+                _check_url(url)
                 left = max(0.001, deadline - time.monotonic())
                 timeouts = {"connect": left, "read": left, "write": left, "pool": left}
                 with pool.stream("GET", url, headers=[(b"Accept", b"image/*"), (b"Accept-Encoding", b"identity"),
@@ -183,10 +184,25 @@ def _remote(url: str, rules: MediaRules, deadline: float) -> bytes:
                     return _body(r, headers, rules.max_bytes)
             raise UserError(f"image URL redirects more than {MAX_REDIRECTS} times", "give the image's final URL")
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
-            httpcore.ConnectionNotAvailable, OSError):
+            httpcore.ConnectionNotAvailable, OSError, ValueError):
         raise _unreachable() from None
     finally:
         _slots.release()
+
+
+def _check_url(url: str) -> None:
+    """UserError unless `url` is an ASCII http(s) URL with a host and a valid port (a redirect's too)."""
+    bad = UserError(f"image URL {url[:80]!r} is not a valid http(s) URL",
+                    "give an http(s) URL in ASCII (an IDNA host name, a percent-encoded path)")
+    if not url.isascii():
+        raise bad
+    try:
+        parsed = urlparse(url)
+        parsed.port                                                  # ValueError when out of range
+    except ValueError:
+        raise bad from None
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
+        raise bad
 
 
 def _body(r, headers: dict, max_bytes: int) -> bytes:
