@@ -12,7 +12,7 @@
             -> batch on the engine thread -> text deltas back to the event loop -> response / SSE chunks
 
 Every refusal is OpenAI's error object with a 4xx status: 400 bad JSON (nested deeper than `MAX_JSON_DEPTH`,
-NaN/Infinity, text that is not Unicode), fields, images, more images than `max_images`, a prompt over the
+more than `MAX_JSON_VALUES` values, NaN/Infinity, text that is not Unicode), fields, images, more images than `max_images`, a prompt over the
 character limit or the context; 401 missing or wrong API key; 404 unknown model or path; 413 body too large; 429
 queue full or too many remote images in flight (Retry-After). A client that disconnects, even before its body
 ends, cancels its request: it leaves the queue, or its row stops at the next token (a cancellation, not an
