@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import http.server
+import ipaddress
 import logging
 import os
 import signal
@@ -320,8 +321,9 @@ def test_loopback_and_private_addresses_are_refused_without_the_allow_list(origi
         with pytest.raises(UserError, match="not at a public address"):
             image_bytes(url, rules)
     assert origin.hits == hits                                      # nothing was asked of the loopback server
-    assert not media.allowed_address(__import__("ipaddress").ip_address("127.0.0.1"))
-    assert media.allowed_address(__import__("ipaddress").ip_address("8.8.8.8"))
+    assert not media.allowed_address(ipaddress.ip_address("127.0.0.1"))
+    assert media.allowed_address(ipaddress.ip_address("8.8.8.8"))
+    assert media.allowed_address(ipaddress.ip_address("10.1.2.3"), parse_networks("10.0.0.0/8"))
 
 
 def test_remote_fetch_has_one_deadline_a_size_cap_and_checked_redirects(origin):
