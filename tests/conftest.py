@@ -48,6 +48,13 @@ def _noise_png(tmp_path_factory, seed: int, h: int, w: int) -> str:
 
 
 @pytest.fixture(scope="session")
+def bundled_engine():
+    """The bundled model at 25% of experts: the server tests share one."""
+    from vismmoe import load
+    return load(None, expert_budget="25%")
+
+
+@pytest.fixture(scope="session")
 def image_file(tmp_path_factory) -> str:
     return _noise_png(tmp_path_factory, 0, 96, 128)
 

@@ -152,3 +152,68 @@ def test_requests_prepared_in_many_threads_tokenize_alike(tiny_dirs, image_file)
 
 def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_long_prompt_does_not_hold_up_other_requests(tiny_dirs, image_file, monkeypatch):
+    """Short requests prepared while a huge prompt (refused once tokenized: over the context) tokenizes go
+    through one after another meanwhile: tokenizing takes no lock that all requests share (as it was, each
+    waited for the whole of the huge prompt's tokens)."""
+    from vismmoe.errors import UserError
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    eng.prepare_request(_req(None, "warm"))                 # the encoders are made once, on first use
+    chat_ids = eng.family.chat_ids
+    entered, tokenized = threading.Event(), threading.Event()
+
+    def watched(tokenizer, messages, n_visual):
+        huge = len(messages[0]["content"][-1]["text"]) > 100_000
+        if huge:
+            entered.set()
+        ids = chat_ids(tokenizer, messages, n_visual)
+        if huge:
+            tokenized.set()
+        return ids
+
+    monkeypatch.setattr(eng.family, "chat_ids", watched)
+    failed = []
+
+    def prep_huge():
+        try:
+            eng.prepare_request(_req(None, "describe the picture " * 100_000))
+        except UserError:
+            failed.append("huge")
+
+    huge = threading.Thread(target=prep_huge)
+    huge.start()
+    assert entered.wait(timeout=60)
+    small = 0
+    while not tokenized.is_set():
+        eng.prepare_request(_req(image_file, PROMPTS[0]))
+        small += 1 if not tokenized.is_set() else 0
+    huge.join()
+    assert failed == ["huge"] and small >= 3, small
+
+
+def test_message_text_tokenizes_as_the_tokenizer_does(tiny_dirs):
+    """chat_ids' own encoders give transformers' tokens: template text with special tokens recognised, message
+    text with them split into characters."""
+    from vismmoe.families import get_family
+    from vismmoe.families.base import _encoders
+    from vismmoe.tokenizer import build_tokenizer
+    for name in ("qwen3_vl_moe", "glm4v_moe", "internvl", "gemma4", "ernie4_5_vl_moe"):
+        fam = get_family(name)
+        tok = build_tokenizer(fam)
+        specials = " ".join(tok.all_special_tokens)
+        template, literal = _encoders(tok)
+        for text in ("hello world", f"a {specials} b", "\n\n  x\t", "ünïcødé 日本 🙂", fam.tokens.image * 3):
+            assert template.encode_batch([text], add_special_tokens=False)[0].ids == \
+                tok(text, add_special_tokens=False)["input_ids"]
+            assert literal.encode_batch([text], add_special_tokens=False)[0].ids == \
+                tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_a_template_that_refuses_the_messages_is_a_user_error(tiny_dirs):
+    from vismmoe.errors import UserError
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    eng.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(UserError, match="roles must alternate"):
+        eng.prepare_request(_req(None, "hi"))

@@ -1,10 +1,11 @@
-"""Sampling: temperature 0 is the argmax, top-k and top-p cut the support, a seed repeats, bad values are refused."""
+"""Sampling: temperature 0 is the argmax, top-k and top-p cut the support, a seed repeats, bad values are refused,
+values in range too small for float32 still give the argmax, and a row whose logits hold NaN/Inf fails alone."""
 
 import pytest
 import torch
 
 from vismmoe.errors import UserError
-from vismmoe.sampling import SamplingParams, Sampler
+from vismmoe.sampling import NonFiniteLogits, SamplingParams, Sampler
 
 
 def _logits(B=3, V=50, seed=0):
@@ -59,3 +60,39 @@ def test_bad_values_are_one_line_errors(kw):
     with pytest.raises(UserError) as e:
         SamplingParams(**kw)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-30), dict(temperature=1e-45), dict(temperature=5e-324),
+                                dict(temperature=1.0, top_p=1e-45), dict(temperature=1.0, top_p=5e-324),
+                                dict(temperature=1e-300, top_p=1e-300, top_k=3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_values_below_float32_still_sample(kw, dtype):
+    """A temperature or top_p in range but under float32's smallest number leaves the argmax (the distribution
+    such a value asks for), never NaN or an empty distribution."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.randperm(200, generator=g) for _ in range(3)]).to(dtype) / 8   # distinct in every dtype
+    s = Sampler([SamplingParams(**kw, seed=r) for r in range(3)])
+    for _ in range(3):
+        assert torch.equal(s.pick(x.clone()), x.argmax(-1))
+    assert not s.errors
+
+
+def test_tiny_temperature_draws_among_exact_ties():
+    x = torch.tensor([[1.0, 5.0, 5.0, 2.0]])
+    s = Sampler([SamplingParams(temperature=1e-40, seed=0)])
+    assert {s.pick(x).item() for _ in range(60)} == {1, 2}
+
+
+def test_a_row_with_nan_or_inf_logits_fails_alone():
+    x = _logits(B=4, V=30)
+    x[1, 7] = float("nan")
+    x[2, 0] = float("inf")
+    x[3] = float("-inf")
+    params = [SamplingParams(temperature=0.7, seed=1)] * 4
+    s = Sampler(params)
+    picked = s.pick(x.clone())
+    assert sorted(s.errors) == [1, 2, 3] and all(isinstance(e, NonFiniteLogits) for e in s.errors.values())
+    assert "\n" not in str(s.errors[1]) and "NaN" in str(s.errors[1])
+    alone = Sampler(params[:1]).pick(x[:1].clone())
+    assert picked[0] == alone[0]                        # the good row draws what it draws alone
+    assert 0 <= int(picked.min()) and int(picked.max()) < 30

@@ -578,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body", default="32MiB", metavar="SIZE", help="largest request body (default 32MiB)")
     sv.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                     help="max tokens of a request that names none (default 256)")
+    from .serve.cli import add_arguments as _add_serve_args
+    _add_serve_args(sv)
     _add_runtime_args(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import init_empty_weights
+from jinja2 import TemplateError
 from transformers import AutoConfig, AutoTokenizer
 
 from .cache import CacheCounters, ExpertCache
@@ -502,22 +503,48 @@ class Engine:
         pil = [load_image(im) for im in req.images]
         try:
             inputs = self.family.build_chat_inputs(self.tokenizer, self.image_processor, [req.messages], [pil])
-        except ValueError as e:
+        except (ValueError, TemplateError) as e:     # TemplateError: the template's own raise_exception
             raise UserError(f"cannot format these messages with the model's chat template ({e})",
-                            "give one image per image part and text parts as strings") from None
+                            "give one image per image part, text parts as strings, and the turns in the order "
+                            "the model's template takes") from None
         req.prompt_tokens = int(inputs["input_ids"].shape[1])
         self._check_length(req.prompt_tokens, req.max_new_tokens)
         req.inputs, req.prepare_s = inputs, time.perf_counter() - t0
 
     @torch.inference_mode()
-    def generate_requests(self, reqs: list[GenerationRequest]) -> None:
+    def generate_requests(self, reqs: list[GenerationRequest], *, row_errors: str = "raise") -> None:
         """Run `reqs` as one batch (prepared here unless already): prefill together, decode together, each row with
         its own sampling, token limit and stop strings, streaming through `on_text`; a cancelled row stops at
         its next token. Fills each request's results; the offload statistics are the batch's. Calls from several
-        threads are served one after another."""
+        threads are served one after another.
+
+        A row that fails on its own never fails the others: a row whose preparation fails (UserError: a bad image,
+        a prompt over the context; or any other exception) is left out of the batch, and a sampled row whose
+        logits hold NaN/Inf (sampling.NonFiniteLogits) stops; either ends with finish reason "error" and its
+        `error`. `row_errors` "keep" leaves the errors on the rows (a server answers each row on its own);
+        "raise" (default) raises the first one: a preparation error before the batch runs, a sampling error once
+        the batch has ended."""
+        if row_errors not in ("raise", "keep"):
+            raise ValueError(f"row_errors {row_errors!r}: 'raise' or 'keep'")
+        live = []
         for r in reqs:
             if r.inputs is None:
-                self.prepare_request(r)
+                try:
+                    self.prepare_request(r)
+                except Exception as e:
+                    if row_errors == "raise":
+                        raise
+                    r.error, r.finish_reason = e, "error"
+                    continue
+            live.append(r)
+        if live:
+            self._generate_rows(live)
+        failed = next((r.error for r in reqs if r.error is not None), None)
+        if failed is not None and row_errors == "raise":
+            raise failed
+
+    def _generate_rows(self, reqs: list[GenerationRequest]) -> None:
+        """generate_requests' batch of prepared rows."""
         pad = self.family.token_ids(self.tokenizer)["pad"]
         with self._lock:
             t0 = time.perf_counter()
@@ -528,6 +555,8 @@ class Engine:
             def on_step(state: _decode.DecodeState) -> None:
                 now = time.perf_counter()
                 for i, (r, ts) in enumerate(zip(reqs, streams)):
+                    if r.finish_reason is None and i in sampler.errors:
+                        r.error, r.finish_reason, r.text, r.t_end = sampler.errors[i], "error", ts.text, now
                     if r.finish_reason is not None:
                         state.done[i] = True
                         continue
@@ -541,7 +570,7 @@ class Engine:
                     elif len(r.token_ids) >= r.max_new_tokens:
                         r.finish_reason = "length"
                     elif r.cancelled.is_set():
-                        r.finish_reason = "cancelled"
+                        r.finish_reason = r.cancel_reason
                     if r.finish_reason is not None:
                         delta += ts.close()
                         r.text, r.t_end = ts.text, now
@@ -552,8 +581,10 @@ class Engine:
             _, stats = self._generate_ids(inputs, max(r.max_new_tokens for r in reqs), None, sampler, on_step,
                                           compressible=all(len(r.images) == 1 for r in reqs))
             for r in reqs:
-                # times from the start of the batch, plus the request's own preprocessing
-                r.stats = dict(stats, ttft_s=r.prepare_s + r.t_first - t0, e2e_s=r.prepare_s + r.t_end - t0,
+                # times from the start of the batch, plus the request's own preprocessing (a row that failed at its
+                # first token has none)
+                first = r.t_first if r.t_first is not None else r.t_end
+                r.stats = dict(stats, ttft_s=r.prepare_s + first - t0, e2e_s=r.prepare_s + r.t_end - t0,
                                preprocess_s=r.prepare_s, new_tokens=len(r.token_ids),
                                prompt_tokens=r.prompt_tokens)
 

@@ -29,7 +29,9 @@ class GenerationRequest:
     """A chat request. `messages`: [{"role": "system" | "user" | "assistant", "content": str | parts}] with parts
     {"type": "text", "text": str} or {"type": "image"}; `images`: one per image part, in order (paths, encoded
     bytes or PIL images). `on_text(delta)` is called from the engine's thread with each piece of text as it
-    becomes final. Set `cancelled` to stop generating (the row stops at the next token)."""
+    becomes final. `cancel()` (or setting `cancelled`) stops generating: the row stops at the next token. A row
+    that fails on its own (a bad image, a prompt over the context, logits that cannot be sampled) ends with
+    finish reason "error" and the exception in `error`."""
 
     messages: list[dict]
     images: list = field(default_factory=list)
@@ -39,13 +41,15 @@ class GenerationRequest:
     ignore_eos: bool = False                # generate exactly max_new_tokens tokens (load tests)
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = "cancelled"        # the finish reason a cancelled row gets ("shutdown": the server's drain)
     t_submit: float = field(default_factory=time.perf_counter)
     # ---- filled in by the engine -----------------------------------------------------------------------------
     inputs: dict | None = None              # prepared model inputs of this row alone (Engine.prepare_request)
     prepare_s: float = 0.0                  # seconds its preparation took (image decoding, processing, tokenizing)
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None        # "stop" (EOS or a stop string), "length", "cancelled"
+    finish_reason: str | None = None        # "stop" (EOS or a stop string), "length", `cancel_reason`, "error"
+    error: Exception | None = None          # why this row failed (finish reason "error"); the others run on
     prompt_tokens: int = 0
     t_first: float | None = None            # perf_counter time of the first token
     t_end: float | None = None
@@ -56,6 +60,12 @@ class GenerationRequest:
         """One user turn: `image` (None: text only), then `prompt`."""
         parts = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
         return cls(messages=[{"role": "user", "content": parts}], images=[image] if image is not None else [], **kw)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop this request at its next token (or before it starts); it finishes with `reason`."""
+        if not self.cancelled.is_set():
+            self.cancel_reason = reason
+            self.cancelled.set()
 
     @property
     def completion_tokens(self) -> int:

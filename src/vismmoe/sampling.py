@@ -7,6 +7,13 @@ What a token means (text, stop strings) is the request's business (request.py), 
 
 Order of the filters follows the common convention (Hugging Face `generate`, vLLM): logits / temperature, then
 top-k, then top-p over what is left, then one draw from the renormalised distribution.
+
+Every temperature and top_p in range is computed as asked, however small (1e-30, a float64 subnormal): a row's
+logits are shifted so that their maximum is exactly 0 before they are divided by the temperature, in float64, so
+the likeliest token keeps weight exp(0) = 1 and no division or exponent can give NaN; a tiny temperature or top_p
+then leaves the argmax (and its exact ties), which is what the arithmetic of the distribution asks for. Logits
+that hold NaN or +Inf (broken weights, an activation that overflowed) cannot be sampled: that row alone fails
+with `NonFiniteLogits` and the others of its batch go on.
 """
 
 from __future__ import annotations
@@ -57,16 +64,25 @@ def check_sampling(p: SamplingParams) -> None:
 GREEDY = SamplingParams()
 
 
+class NonFiniteLogits(UserError):
+    """A sampled row's logits hold NaN or +Inf, or every token is -Inf: there is no distribution to draw from.
+    The model's fault (weights with NaN/Inf, or an activation that overflowed its dtype), not the request's."""
+
+
 class Sampler:
     """Per-row picks for a batch of B rows. `pick(logits [B, V]) -> [B] long` on the logits' device.
 
     A batch whose rows are all greedy takes one argmax (no copy of the logits); rows that sample draw from their
-    own generator (made on the logits' device on first use, seeded from the row's `seed`)."""
+    own generator (made on the logits' device on first use, seeded from the row's `seed`). A sampled row whose
+    logits cannot be sampled (`NonFiniteLogits`) is recorded in `errors` (row -> error) and given its argmax from
+    then on; the caller ends that row, the other rows are unaffected."""
 
     def __init__(self, params: list[SamplingParams]):
         self.params = list(params)
         self.greedy = all(p.greedy for p in self.params)
         self._gens: list[torch.Generator | None] = [None] * len(self.params)
+        self.errors: dict[int, NonFiniteLogits] = {}
+        self._steps = 0
 
     def _generator(self, r: int, device: torch.device) -> torch.Generator:
         g = self._gens[r]
@@ -82,23 +98,37 @@ class Sampler:
         out = logits.argmax(-1)                                              # [B]
         if self.greedy:
             return out
+        step, self._steps = self._steps, self._steps + 1
         for r, p in enumerate(self.params):
-            if not p.greedy:
-                out[r] = sample_row(logits[r], p, self._generator(r, logits.device))
+            if p.greedy or r in self.errors:
+                continue
+            top = float(logits[r].max())                 # NaN when any logit is NaN (max propagates it)
+            if not math.isfinite(top):
+                self.errors[r] = NonFiniteLogits(
+                    f"the model's logits for this request hold NaN or Inf (token {step + 1}): there is nothing to "
+                    "sample from", "the checkpoint's weights may hold NaN/Inf, or a float16 activation overflowed: "
+                    "check the weights, or run in bfloat16 or float32")
+                continue
+            out[r] = sample_row(logits[r], p, self._generator(r, logits.device))
         return out
 
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> torch.Tensor:
-    """One draw from logits [V] under `p` (not greedy): a 0-d long tensor."""
-    x = logits.float() / p.temperature                                     # [V]
+    """One draw from logits [V] (finite maximum; -Inf entries are tokens ruled out) under `p` (not greedy): a 0-d
+    long tensor. In float64, from logits shifted to a maximum of exactly 0 (see the module docstring)."""
+    x = logits.double()
+    x = x - x.max()                                                        # [V], <= 0; the argmax is 0
     if 0 < p.top_k < x.shape[0]:
         kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
+    x = x / p.temperature           # 0 stays 0 for any temperature > 0; the rest may go to -inf: exp underflows
     if p.top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
         probs = sorted_x.softmax(-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        # drop a token when the tokens before it already reach top_p; the first token always stays, whatever
+        # top_p (a positive top_p that float arithmetic cannot tell from 0 would otherwise drop it)
         drop = probs.cumsum(-1) - probs >= p.top_p
-        x = x.index_put((order[drop],), torch.tensor(float("-inf"), device=x.device))
+        drop[0] = False
+        x = x.index_put((order[drop],), torch.tensor(float("-inf"), dtype=x.dtype, device=x.device))
     probs = x.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen)[0]

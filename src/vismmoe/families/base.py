@@ -30,11 +30,48 @@ from ..store import ExpertBank
 # a ratio just under 200 over it. Longer images are padded to this ratio, well inside.
 MAX_ASPECT = 150
 
-# Tokenizing is not thread-safe: transformers' fast tokenizers switch `split_special_tokens` (and padding) on the
-# one Rust tokenizer they wrap, so a server preparing requests in several threads would tokenize one request's
-# template with another's setting (an image placeholder split into characters). Every call that changes such a
-# setting holds this lock.
+# Tokenizing through transformers is not thread-safe: its fast tokenizers switch `split_special_tokens` (and
+# padding) on the one Rust tokenizer they wrap, so a server preparing requests in several threads would tokenize
+# one request's template with another's setting (an image placeholder split into characters). `chat_ids` encodes
+# with copies of the Rust tokenizer that are never reconfigured (`_encoders`), so it needs no lock and one long
+# prompt never holds up the others (the Rust encoder also lets go of the GIL while it works); calls that still
+# change a setting of the shared tokenizer (padding, tokenizers without a Rust backend) hold this lock.
 TOKENIZER_LOCK = threading.Lock()
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _encoders(tokenizer):
+    """(template, literal): two copies of `tokenizer`'s Rust backend, made once per tokenizer and never changed
+    after: `template` reads special tokens as special tokens (the chat template's text), `literal` reads them as
+    plain characters (message text: `split_special_tokens=True`). None for a tokenizer without a Rust backend, or
+    one whose backend does not serialise."""
+    made = tokenizer.__dict__.get("_vismmoe_encoders")
+    if made is None:
+        with _ENCODERS_LOCK:
+            made = tokenizer.__dict__.get("_vismmoe_encoders")
+            if made is None:
+                made = tokenizer.__dict__["_vismmoe_encoders"] = _copy_backend(tokenizer) or ()
+    return made or None
+
+
+def _copy_backend(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+    try:
+        with TOKENIZER_LOCK:
+            text = backend.to_str()
+        made = []
+        for literal in (False, True):
+            enc = Tokenizer.from_str(text)
+            enc.no_padding()
+            enc.no_truncation()
+            enc.encode_special_tokens = literal
+            made.append(enc)
+    except Exception:               # a component the Rust tokenizer cannot serialise: tokenize under the lock
+        return None
+    return tuple(made)
 
 
 def pad_to_aspect(image: Image.Image, image_processor) -> Image.Image:
@@ -245,15 +282,19 @@ class Family:
         counts = iter(n_visual)
         templ = [_expand(t, image_tok, counts, self.expand_image) for t in templ]
 
-        def ids(part: str, **kw) -> list[int]:
+        encoders = _encoders(tokenizer)
+
+        def ids(part: str, literal: bool = False) -> list[int]:
             if not part:
                 return []
-            with TOKENIZER_LOCK:        # split_special_tokens is a setting of the shared Rust tokenizer
-                return tokenizer(part, add_special_tokens=False, **kw)["input_ids"]
+            if encoders is not None:    # encode_batch lets go of the GIL; encode does not
+                return encoders[literal].encode_batch([part], add_special_tokens=False)[0].ids
+            with TOKENIZER_LOCK:        # split_special_tokens is a setting of the shared tokenizer
+                return tokenizer(part, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
 
         out = ids(templ[0])
         for i, t in zip(order, templ[1:]):
-            out += ids(texts[i], split_special_tokens=True) + ids(t)
+            out += ids(texts[i], literal=True) + ids(t)
         return out
 
     def prompt_ids(self, tokenizer, prompt: str, n_visual: int | None) -> list[int]:

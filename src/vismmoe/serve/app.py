@@ -11,9 +11,15 @@
             (tokens, pixels; Engine.prepare_request, in a worker thread) -> scheduler queue (429 when full)
             -> batch on the engine thread -> text deltas back to the event loop -> response / SSE chunks
 
-Every refusal is OpenAI's error object with a 4xx status: 400 bad JSON, fields, images, prompt too long; 401
-missing or wrong API key; 404 unknown model or path; 413 body too large; 429 queue full (Retry-After). A
-client that disconnects cancels its request: it leaves the queue, or its row stops at the next token.
+Every refusal is OpenAI's error object with a 4xx status: 400 bad JSON (nested deeper than `MAX_JSON_DEPTH`,
+more than `MAX_JSON_VALUES` values, NaN/Infinity, text that is not Unicode), fields, images, more images than `max_images`, a prompt over the
+character limit or the context; 401 missing or wrong API key; 404 unknown model or path; 413 body too large; 429
+queue full or too many remote images in flight (Retry-After). A client that disconnects, even before its body
+ends, cancels its request: it leaves the queue, or its row stops at the next token (a cancellation, not an
+error). One request never fails another: a row's own failure is that request's answer alone. Two answers are the
+server's own: 500 when the model's output for a request holds NaN/Inf (broken weights) or on a bug; 503 while it
+shuts down (a request still running at the drain deadline ends with finish reason "shutdown": answered 503, or
+an error event when streaming).
 """
 
 from __future__ import annotations
@@ -32,17 +38,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import UserError
 from ..request import GenerationRequest
-from ..sampling import SamplingParams
-from .media import MediaRules, image_bytes
+from ..sampling import NonFiniteLogits, SamplingParams
+from .media import MediaBusy, MediaRules, image_bytes
 from .metrics import ServerMetrics
-from .scheduler import QueueFull, Scheduler
+from .scheduler import QueueFull, Scheduler, ShuttingDown
 from .schema import ChatCompletionRequest, error_body
 
 log = logging.getLogger("vismmoe.serve")
 MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_JSON_DEPTH = 16             # the deepest valid request nests 6 levels (body, messages, message, parts, part, url)
+MAX_JSON_VALUES = 50_000        # values in one body (a 1,000-turn chat with images holds a few thousand)
+CHARS_PER_TOKEN = 16            # the default prompt limit: this many characters per token of the model's context
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ class ServeOptions:
     media: MediaRules = MediaRules()
     max_batch: int = 8
     max_queue: int = 16
+    max_prompt_chars: int | None = None     # characters of text in a request's messages (None: CHARS_PER_TOKEN x
+    #                                         the model's context); checked before anything is tokenized
+    max_images: int = 32                    # image parts in one request
+    shutdown_timeout_s: float = 5.0         # drain: running requests may finish this long, then end ("shutdown")
 
 
 class APIError(Exception):
@@ -63,8 +77,19 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+class _ClientGone(Exception):
+    """The client closed its connection before its request body ended."""
+
+
 def _error(status: int, message: str, kind: str, code=None, param=None, headers=None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
+
+
+def default_prompt_chars(engine) -> int:
+    """The default --max-prompt-chars: CHARS_PER_TOKEN characters per token of the model's context (a prompt
+    that long would need tokens of 16 characters on average to fit), 1,000,000 when the config names no context."""
+    limit = getattr(engine.family.text_config(engine.config), "max_position_embeddings", None)
+    return CHARS_PER_TOKEN * int(limit) if limit else 1_000_000
 
 
 def create_app(engine, opts: ServeOptions) -> FastAPI:
@@ -77,6 +102,9 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
                       on_batch=lambda reqs: metrics.batch_size.observe(len(reqs)))
     sched_box.append(sched)
     app.state.scheduler, app.state.metrics, app.state.engine = sched, metrics, engine
+    app.state.drain = lambda: sched.drain(opts.shutdown_timeout_s)     # called when the server begins to stop
+    app.state.shutdown_timeout_s = opts.shutdown_timeout_s
+    max_chars = opts.max_prompt_chars or default_prompt_chars(engine)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -88,6 +116,10 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error(e.status_code, str(e.detail), kind)
 
+    @app.exception_handler(_ClientGone)
+    async def _gone(request: Request, e: _ClientGone):          # nobody reads it
+        return _error(400, "the client closed the connection before its request body ended", "invalid_request_error")
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("internal error")
@@ -96,8 +128,10 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
     def authorize(request: Request) -> None:
         if opts.api_key is None:
             return
-        got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), opts.api_key.encode())):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time
+        if not (scheme.lower() == "bearer" and
+                secrets.compare_digest(token.strip().encode(), opts.api_key.encode())):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", "invalid_api_key")
 
@@ -120,25 +154,32 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
         try:
             authorize(request)
             body = await _read_body(request, opts.max_body_bytes)
-            chat_req = _parse(body)
+            chat_req = await run_in_threadpool(_parse, body)          # a big body: not on the event loop
             if chat_req.model != opts.model_name:
                 raise APIError(404, f"model {chat_req.model!r} does not exist: this server serves "
                                     f"{opts.model_name!r}", "not_found_error", "model_not_found", "model")
-            req = await run_in_threadpool(_to_request, engine, chat_req, opts)
+            req = await run_in_threadpool(_to_request, engine, chat_req, opts, max_chars)
         except APIError as e:
             metrics.observe(None, "rejected" if e.status == 429 else "client_error")
+            raise
+        except _ClientGone:
+            metrics.observe(None, "cancelled")
             raise
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req.on_text = lambda delta: loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
 
         def done(r, error):                     # on the engine thread; the client may be gone already
-            error = _as_api_error(error)
+            error = _as_api_error(r, error)
             _outcome(metrics, r, error)
             loop.call_soon_threadsafe(events.put_nowait, ("done", error))
 
         try:
             sched.submit(req, done)
+        except ShuttingDown:
+            metrics.observe(None, "rejected")
+            raise APIError(503, "the server is shutting down: send the request again shortly", "server_error",
+                           "server_shutdown", headers={"Retry-After": "1"}) from None
         except QueueFull as e:
             metrics.observe(None, "rejected")
             raise APIError(429, f"server busy ({e}): try again shortly", "rate_limit_error", "queue_full",
@@ -161,23 +202,40 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
+    too_big = APIError(413, f"request body is over {_size(limit)} (the server's --max-body)", code="body_too_large")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body is over {limit // (1024 * 1024)} MiB", code="body_too_large")
+        raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"request body is over {limit // (1024 * 1024)} MiB", code="body_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:
+        raise _ClientGone() from None
     return bytes(body)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MiB" if n >= 1024 * 1024 else f"{n / 1024:g} KiB"
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _parse(body: bytes) -> ChatCompletionRequest:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:
+        raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"request body is not valid JSON ({e.__class__.__name__})", code="invalid_json") from None
+    except ValueError as e:                                             # NaN, Infinity, -Infinity
+        raise APIError(400, f"request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    _check_tree(obj)
     try:
         return ChatCompletionRequest.model_validate(obj)
     except ValidationError as e:
@@ -189,9 +247,35 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         raise APIError(400, f"{where}: {msg}", param=where) from None
 
 
-def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions) -> GenerationRequest:
+def _check_tree(obj) -> None:
+    """APIError 400 unless the parsed body nests at most MAX_JSON_DEPTH levels, holds at most MAX_JSON_VALUES
+    values (validating more would hold the server up for nothing), and every string in it (keys too) is Unicode
+    text: JSON's \\ud800-style escapes can spell lone surrogates, which no encoder takes."""
+    stack, count = [(obj, 1, ())], 0
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        count += len(value)
+        if count > MAX_JSON_VALUES:
+            raise APIError(400, f"request body holds more than {MAX_JSON_VALUES:,} JSON values", code="invalid_json")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            for text in ((key, item) if isinstance(key, str) else (item,)):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        at = ".".join(map(str, where + (key,)))
+                        raise APIError(400, f"{at}: text holds a lone UTF-16 surrogate (not valid Unicode)",
+                                       code="invalid_json", param=at) from None
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1, where + (key,)))
+
+
+def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions, max_chars: int) -> GenerationRequest:
     """The chat request as a prepared GenerationRequest (images fetched and decoded, tokens, pixels). APIError 400
-    for anything the engine refuses."""
+    for anything the engine refuses, before any work when the text is over `max_chars` characters."""
     messages, images = [], []
     for m in c.messages:
         role = "system" if m.role == "developer" else m.role
@@ -210,41 +294,69 @@ def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions) -> Generat
              for m in messages for p in (m["content"] if isinstance(m["content"], list) else [{}])]
     if not any(t.strip() for t in texts):
         raise APIError(400, "the messages hold no text: ask something about the image", param="messages")
+    if len(images) > opts.max_images:
+        raise APIError(400, f"the messages hold {len(images)} images, over this server's limit of "
+                            f"{opts.max_images} (--max-images)", param="messages")
+    chars = sum(len(t) for t in texts)
+    if chars > max_chars:
+        raise APIError(400, f"the messages hold {chars:,} characters of text, over this server's limit of "
+                            f"{max_chars:,} (--max-prompt-chars): shorten them", code="prompt_too_long",
+                       param="messages")
     try:
         sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
                                   top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
-        req = GenerationRequest(messages=messages, images=[image_bytes(u, opts.media) for u in images],
+        deadline = time.monotonic() + opts.media.timeout_s                 # all of this request's remote images
+        req = GenerationRequest(messages=messages, images=[image_bytes(u, opts.media, deadline) for u in images],
                                 max_new_tokens=c.max_completion_tokens or c.max_tokens or opts.default_max_tokens,
                                 sampling=sampling, stop=tuple(c.stop or ()), ignore_eos=c.ignore_eos)
         engine.prepare_request(req)
+    except MediaBusy as e:
+        raise APIError(429, str(e), "rate_limit_error", "media_busy", headers={"Retry-After": "1"}) from None
     except UserError as e:
         raise APIError(400, str(e)) from None
     return req
 
 
 async def _wait(request: Request, req: GenerationRequest, events: asyncio.Queue):
-    """Wait for `req` to end, cancelling it when the client disconnects; its error (None when it finished)."""
-    while True:
-        try:
-            kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                req.cancelled.set()
-            continue
-        if kind == "done":
-            return value
+    """Wait for `req` to end, cancelling it when the client disconnects (or this task is cancelled); its error
+    (None when it finished)."""
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(events.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    req.cancel()
+                continue
+            if kind == "done":
+                return value
+    except asyncio.CancelledError:
+        req.cancel()
+        raise
 
 
-def _as_api_error(error):
+def _as_api_error(req: GenerationRequest, error):
+    """How the server answers a request that ended: None (its completion), or an APIError: the batch's error,
+    or the row's own (`req.error`), or 503 for a row the shutdown ended."""
+    if error is None and req.finish_reason == "shutdown":
+        return APIError(503, f"the server shut down before this request finished ({len(req.token_ids)} tokens "
+                             "generated): send it again", "server_error", "server_shutdown",
+                        headers={"Retry-After": "1"})
     if error is None or isinstance(error, APIError):
         return error
+    if isinstance(error, NonFiniteLogits):
+        log.error("request failed: %s", error)
+        return APIError(500, str(error), "server_error", "model_output_not_finite")
     if isinstance(error, UserError):
         return APIError(400, str(error))
+    log.error("request failed: %r", error)
     return APIError(500, "internal server error", "server_error")
 
 
 def _outcome(metrics: ServerMetrics, req: GenerationRequest, error) -> None:
-    if error is not None:
+    if error is not None and error.code == "server_shutdown":
+        metrics.observe(req, "cancelled")
+    elif error is not None:
         metrics.observe(req, "client_error" if error.status < 500 else "error")
     else:
         metrics.observe(req, "cancelled" if req.finish_reason == "cancelled" else "ok")
@@ -286,4 +398,4 @@ async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: s
             return
     finally:
         if not finished:
-            req.cancelled.set()
+            req.cancel()

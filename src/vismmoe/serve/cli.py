@@ -1,19 +1,36 @@
-"""`vismmoe serve`: options -> engine -> warm-up -> uvicorn.
+"""`vismmoe serve`: options -> listening socket -> engine -> warm-up -> uvicorn, and the drain at shutdown.
 
-Owns turning the command's arguments into `ServeOptions`, loading the engine, one warm-up request (the fast
-decode step compiles and captures on its first call; better at start than on a client's first request), and
-running uvicorn until interrupted. The HTTP side is app.py's.
+Owns the server's own command-line options (`add_arguments`) and their checks, turning them into `ServeOptions`,
+binding the port before the weights are read (a busy port is one line and exit 2, before anything says it
+serves), loading the engine, one warm-up request (the fast decode step compiles and captures on its first call;
+better at start than on a client's first request), and running it (server.py: says where it serves once it
+does, the bound port for --port 0, and drains on SIGTERM/SIGINT). The HTTP side is app.py's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
 from ..config import parse_size
 from ..errors import UserError
 
+
+def add_arguments(sv) -> None:
+    """The server options that cli.py's `serve` parser does not spell out itself."""
+    sv.add_argument("--allow-media-networks", default="", metavar="CIDRS",
+                    help="with --allow-remote-media: networks (comma-separated CIDRs or addresses, e.g. "
+                         "10.0.0.0/8,127.0.0.1) that image URLs may reach though not public (default: none; "
+                         "loopback, private, link-local and other non-public addresses are refused)")
+    sv.add_argument("--max-prompt-chars", type=int, default=None, metavar="N",
+                    help="most characters of text in one request, checked before tokenizing (default: 16 per "
+                         "token of the model's context)")
+    sv.add_argument("--max-images", type=int, default=32, metavar="N", help="most images in one request (default 32)")
+    sv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
+                    help="on SIGTERM/SIGINT, seconds running requests may go on; then they end with finish reason "
+                         "'shutdown' (HTTP 503) (default 5)")
 
 
 def check_args(args) -> None:
@@ -23,10 +40,41 @@ def check_args(args) -> None:
     if not 0 <= args.port < 65536:
         raise UserError(f"--port {args.port} is out of range", "give a port from 1 to 65535 (0: any free port)")
     for flag, v in (("--default-max-tokens", args.default_max_tokens), ("--max-queue", args.max_queue),
-                    ("--max-batch", args.max_batch)):
+                    ("--max-batch", args.max_batch), ("--max-images", args.max_images)):
         if v < 1:
             raise UserError(f"{flag} {v} must be at least 1", "give a positive number")
+    if args.max_prompt_chars is not None and args.max_prompt_chars < 1:
+        raise UserError(f"--max-prompt-chars {args.max_prompt_chars} must be at least 1", "give a positive number")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise UserError(f"--shutdown-timeout {args.shutdown_timeout} is not a number of seconds", "give 0 or more")
     parse_size(args.max_body, what="--max-body")
+    _allow_networks(args)
+    api_key(args)
+
+
+def _allow_networks(args) -> tuple:
+    from .media import parse_networks
+    nets = parse_networks(args.allow_media_networks)
+    if nets and not args.allow_remote_media:
+        raise UserError("--allow-media-networks needs --allow-remote-media", "add --allow-remote-media, or drop it")
+    return nets
+
+
+def api_key(args) -> str | None:
+    """The key clients must send (--api-key, else VISMMOE_API_KEY; None: none). UserError for an empty key or
+    one that an HTTP header cannot carry: a server would otherwise run without the protection it was asked for."""
+    key, where = args.api_key, "--api-key"
+    if key is None:
+        key, where = os.environ.get("VISMMOE_API_KEY"), "VISMMOE_API_KEY"
+    if key is None:
+        return None
+    if not key.strip():
+        raise UserError(f"{where} is empty", "give a key, or leave it out (and unset VISMMOE_API_KEY) to serve "
+                                             "without one")
+    if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+        raise UserError(f"{where} holds spaces or characters other than printable ASCII",
+                        "give a key of printable ASCII without spaces (it travels in an HTTP header)")
+    return key
 
 
 def options_from(args, engine):
@@ -34,12 +82,14 @@ def options_from(args, engine):
     from .app import ServeOptions
     from .media import MediaRules
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.model_dir))
-    return ServeOptions(model_name=name, api_key=args.api_key or os.environ.get("VISMMOE_API_KEY") or None,
+    return ServeOptions(model_name=name, api_key=api_key(args),
                         max_body_bytes=parse_size(args.max_body, what="--max-body"),
                         default_max_tokens=args.default_max_tokens,
                         media=MediaRules(allowed_local=args.allowed_local_media,
-                                         allow_remote=args.allow_remote_media),
-                        max_batch=args.max_batch, max_queue=args.max_queue)
+                                         allow_remote=args.allow_remote_media,
+                                         allow_networks=_allow_networks(args)),
+                        max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_chars=args.max_prompt_chars,
+                        max_images=args.max_images, shutdown_timeout_s=args.shutdown_timeout)
 
 
 def warm_up(engine, max_batch: int, make_request=None) -> None:
@@ -59,20 +109,30 @@ def warm_up(engine, max_batch: int, make_request=None) -> None:
 
 
 def serve(args, engine_from) -> int:
-    import uvicorn
     from .app import create_app
+    from .server import HTTPServer, listen, server_config
     check_args(args)
-    engine = engine_from(args)
-    opts = options_from(args, engine)
-    if engine.device.type == "cuda":
-        warm_up(engine, opts.max_batch)
-    app = create_app(engine, opts)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(f"vismmoe: serving {opts.model_name!r} at http://{args.host}:{args.port}/v1 "
-          f"(max batch {opts.max_batch}, queue {opts.max_queue}"
-          f"{', API key required' if opts.api_key else ''})", file=sys.stderr, flush=True)
+    sock = listen(args.host, args.port)          # a busy port fails here, before the weights are read
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+        engine = engine_from(args)
+        opts = options_from(args, engine)
+        if engine.device.type == "cuda":
+            warm_up(engine, opts.max_batch)
+        app = create_app(engine, opts)
+    except BaseException:
+        sock.close()
+        raise
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+
+    def started(port: int) -> None:
+        print(f"vismmoe: serving {opts.model_name!r} at http://{host}:{port}/v1 "
+              f"(max batch {opts.max_batch}, queue {opts.max_queue}"
+              f"{', API key required' if opts.api_key else ''})", file=sys.stderr, flush=True)
+
+    server = HTTPServer(server_config(app, opts.shutdown_timeout_s), on_started=started)
+    try:
+        server.run(sockets=[sock])
     finally:
         app.state.scheduler.close()
     return 0

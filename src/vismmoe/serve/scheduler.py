@@ -7,6 +7,12 @@
                          request's `done` callback
     a request cancelled while it runs stops at its next token; when every row of a batch is done the batch ends
     and its KV cache is freed
+    drain(timeout)   ->  (shutdown) no new request is taken (ShuttingDown); those queued or running may finish
+                         until the deadline, then each is cancelled with finish reason "shutdown"
+
+One request never fails the others of its batch: a row's own failure (its preparation, its sampling) ends that
+row alone with its `error`; a batch that fails as a whole before any row got a token (an exception in the
+prefill) runs its rows again one by one, so the one that caused it fails alone.
 
 Batching is static (a batch runs to its end; newcomers wait for the next one): `max_batch` 1 takes requests in
 turn. Which is faster depends on the machine, the model and the budget: docs/serving.md has the measurements
@@ -31,6 +37,10 @@ class QueueFull(Exception):
     """The queue holds `max_queue` requests already."""
 
 
+class ShuttingDown(QueueFull):
+    """The server drains for its shutdown: it takes no new request."""
+
+
 class Scheduler:
     def __init__(self, engine, *, max_batch: int = 1, max_queue: int = 16,
                  on_batch: Callable[[list[GenerationRequest]], None] | None = None):
@@ -42,6 +52,9 @@ class Scheduler:
         self._waiting: collections.deque = collections.deque()    # (request, done callback)
         self._cv = threading.Condition()
         self._closed = False
+        self._draining = False
+        self._cancel_reason: str | None = None  # set by cancel_all: every request is cancelled from then on
+        self._running: list[GenerationRequest] = []
         self.running = 0                        # requests in the batch that runs now
         self.batches = 0
         self._thread = threading.Thread(target=self._loop, name="vismmoe-engine", daemon=True)
@@ -55,12 +68,30 @@ class Scheduler:
         """Queue `req`; `done(req, error)` is called from the worker thread once it finished (error None), was
         cancelled while waiting, or failed (the exception)."""
         with self._cv:
-            if self._closed:
-                raise QueueFull("the server is shutting down")
+            if self._closed or self._draining:
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting")
             self._waiting.append((req, done))
             self._cv.notify()
+
+    def drain(self, timeout_s: float) -> None:
+        """Take no new request; after `timeout_s` seconds cancel every request still queued or running, with
+        finish reason "shutdown" (each row stops at its next token). Returns at once."""
+        with self._cv:
+            self._draining = True
+        timer = threading.Timer(timeout_s, self.cancel_all, args=("shutdown",))
+        timer.daemon = True
+        timer.start()
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every request queued or running, and any the worker takes from now on, with finish reason
+        `reason`."""
+        with self._cv:
+            self._cancel_reason = reason
+            reqs = [r for r, _ in self._waiting] + list(self._running)
+        for r in reqs:
+            r.cancel(reason)
 
     def close(self) -> None:
         with self._cv:
@@ -75,6 +106,9 @@ class Scheduler:
             batch = []
             while self._waiting and len(batch) < self.max_batch:
                 batch.append(self._waiting.popleft())
+            if self._cancel_reason is not None:
+                for req, _ in batch:
+                    req.cancel(self._cancel_reason)
             return batch
 
     def _loop(self) -> None:
@@ -85,27 +119,46 @@ class Scheduler:
             live = []
             for req, done in batch:
                 if req.cancelled.is_set():
-                    req.finish_reason = "cancelled"
+                    req.finish_reason = req.cancel_reason
                     _call(done, req, None)
                 else:
                     live.append((req, done))
             if not live:
                 continue
             reqs = [r for r, _ in live]
-            self.running = len(reqs)
-            error = None
-            try:
-                self.engine.generate_requests(reqs)
-                self.batches += 1
-            except Exception as e:                  # a bug or a device failure: the batch's requests get a 500
-                log.exception("batch of %d requests failed", len(reqs))
-                error = e
-            finally:
-                self.running = 0
-            if self.on_batch is not None and error is None:
-                self.on_batch(reqs)
+            error = self._run(reqs)
+            if error is not None and len(reqs) > 1 and not any(r.token_ids or r.finish_reason for r in reqs):
+                # failed before any row had a token: find the row that fails by running each alone
+                log.warning("batch of %d requests failed before its first token: running them one by one",
+                            len(reqs))
+                errors = {id(r): self._run([r]) for r in reqs}
+            else:
+                errors = {id(r): error for r in reqs}
             for req, done in live:
-                _call(done, req, error)
+                _call(done, req, req.error or errors[id(req)])
+
+    def _run(self, reqs: list[GenerationRequest]) -> Exception | None:
+        """One batch on the engine; the exception that failed it as a whole (None: it ran; rows' own errors are
+        on the rows)."""
+        with self._cv:
+            self._running = list(reqs)
+            if self._cancel_reason is not None:
+                for r in reqs:
+                    r.cancel(self._cancel_reason)
+        self.running = len(reqs)
+        try:
+            self.engine.generate_requests(reqs, row_errors="keep")
+            self.batches += 1
+        except Exception as e:                  # a bug or a device failure: these requests get a 500
+            log.exception("batch of %d requests failed", len(reqs))
+            return e
+        finally:
+            self.running = 0
+            with self._cv:
+                self._running = []
+        if self.on_batch is not None:
+            self.on_batch(reqs)
+        return None
 
 
 def _call(done, req, error) -> None:

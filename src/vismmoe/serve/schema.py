@@ -92,5 +92,8 @@ class ChatCompletionRequest(_Strict):
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error object: {"error": {"message", "type", "param", "code"}}. Text that is not Unicode (a lone
+    surrogate from the request, quoted back) is escaped, so the object always encodes."""
+    def text(v):
+        return v if v is None else v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"error": {"message": text(message), "type": kind, "param": text(param), "code": code}}

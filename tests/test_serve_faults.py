@@ -1,0 +1,472 @@
+"""The server under faults, one kind at a time: sampling values float32 cannot carry, a row whose logits hold NaN,
+prompts too long to tokenize, JSON nested deep, NaN literals or lone surrogates, a NUL in a file URL, a client
+that leaves before its body ends, lower-case auth schemes, remote images (deadline, size, address policy), the
+drain at shutdown, and the command's own refusals (empty key, busy port). Each answer is the request's own: a
+4xx OpenAI error object for the bad one, and the other requests of its batch answer as they do alone."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import http.server
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from vismmoe.cli import main
+from vismmoe.data import balanced_subset
+from vismmoe.sampling import Sampler
+from vismmoe.serve import media
+from vismmoe.serve.media import MediaRules, image_bytes, parse_networks
+from vismmoe.errors import UserError
+
+from .serve_util import MODEL, Server, chat, data_url, text_chat
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return balanced_subset("test", 4)
+
+
+@pytest.fixture(scope="module")
+def server(bundled_engine, tmp_path_factory):
+    media_dir = tmp_path_factory.mktemp("media")
+    srv = Server(bundled_engine, max_batch=4, media=MediaRules(allowed_local=str(media_dir)))
+    srv.media = media_dir
+    yield srv
+    srv.close()
+
+
+def _batched(server, bodies):
+    """Post `bodies` at once (they batch: max_batch 4, one engine) -> responses in order."""
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(server.post, bodies))
+
+
+def test_sampling_values_below_float32_answer_and_spare_their_batch(server, bundled_engine, samples):
+    s = samples[0]
+    want = bundled_engine.generate(s.image, s.question, max_new_tokens=5).text
+    greedy = chat(s.image, s.question, temperature=0, max_tokens=5)
+    extreme = [dict(temperature=1e-45), dict(temperature=5e-324), dict(temperature=1.0, top_p=5e-324),
+               dict(temperature=1e-30, top_p=1e-300)]
+    for kw in extreme:
+        rs = _batched(server, [greedy, chat(s.image, s.question, max_tokens=5, seed=1, **kw), greedy])
+        assert [r.status_code for r in rs] == [200, 200, 200], (kw, [r.text for r in rs])
+        # the smallest temperatures and top_p leave the argmax: the greedy answer
+        assert {r.json()["choices"][0]["message"]["content"] for r in rs} == {want}, kw
+
+
+def test_a_row_whose_logits_hold_nan_fails_alone(server, bundled_engine, samples, monkeypatch):
+    """Logits with NaN (broken weights) for one sampled request: that request gets its own error (500: the model's
+    fault, not the client's), the requests batched with it their usual answers."""
+    pick = Sampler.pick
+
+    def poisoned(self, logits):
+        for r, p in enumerate(self.params):
+            if p.temperature == 0.777:
+                logits[r, 3] = float("nan")
+        return pick(self, logits)
+
+    monkeypatch.setattr(Sampler, "pick", poisoned)
+    s = samples[1]
+    want = bundled_engine.generate(s.image, s.question, max_new_tokens=5).text
+    greedy = chat(s.image, s.question, temperature=0, max_tokens=5)
+    sampled = chat(s.image, s.question, temperature=0.5, top_k=1, max_tokens=5, seed=3)
+    bad = chat(s.image, s.question, temperature=0.777, max_tokens=5)
+    rs = _batched(server, [greedy, bad, sampled, greedy])
+    assert [r.status_code for r in rs] == [200, 500, 200, 200], [r.text for r in rs]
+    err = rs[1].json()["error"]
+    assert err["code"] == "model_output_not_finite" and "NaN" in err["message"] and "\n" not in err["message"]
+    assert all(r.json()["choices"][0]["message"]["content"] == want for r in (rs[0], rs[2], rs[3]))
+
+
+def test_one_row_that_fails_leaves_its_batch(bundled_engine, samples, monkeypatch):
+    """Engine.generate_requests with rows that fail on their own: a bad image and NaN logits end their rows with
+    finish reason "error"; the other rows give what they give alone; the default raises the first error."""
+    from vismmoe.request import GenerationRequest as G
+    from vismmoe.sampling import NonFiniteLogits, SamplingParams
+    s = samples[2]
+    alone = G.from_prompt(s.image, s.question, max_new_tokens=4)
+    bundled_engine.generate_requests([alone])
+    pick = Sampler.pick
+
+    def poisoned(self, logits):
+        logits[1] = float("nan")
+        return pick(self, logits)
+
+    monkeypatch.setattr(Sampler, "pick", poisoned)
+    rows = [G.from_prompt(s.image, s.question, max_new_tokens=4),
+            G.from_prompt(s.image, s.question, max_new_tokens=4, sampling=SamplingParams(temperature=1.0)),
+            G.from_prompt("/no/such/image.png", s.question, max_new_tokens=4)]
+    bundled_engine.generate_requests(rows, row_errors="keep")
+    assert rows[0].error is None and rows[0].token_ids == alone.token_ids and rows[0].text == alone.text
+    assert isinstance(rows[1].error, NonFiniteLogits) and rows[1].finish_reason == "error"
+    assert isinstance(rows[2].error, UserError) and rows[2].finish_reason == "error"
+    again = [G.from_prompt(s.image, s.question, max_new_tokens=4),
+             G.from_prompt(s.image, s.question, max_new_tokens=4, sampling=SamplingParams(temperature=1.0))]
+    with pytest.raises(NonFiniteLogits):
+        bundled_engine.generate_requests(again)
+    assert again[0].token_ids == alone.token_ids
+
+
+def test_a_batch_that_fails_before_its_first_token_runs_its_rows_alone():
+    """An exception for the whole batch in its prefill (one row's doing): each row runs again alone, so only the
+    row that causes it fails."""
+    from vismmoe.request import GenerationRequest as G
+    from vismmoe.serve.scheduler import Scheduler
+
+    class Engine:
+        def generate_requests(self, reqs, row_errors="raise"):
+            if any(r.messages == "poison" for r in reqs):
+                raise RuntimeError("the prefill failed")
+            for r in reqs:
+                r.token_ids.append(1)
+                r.finish_reason = "length"
+
+    sched = Scheduler(Engine(), max_batch=4)
+    got, finished = {}, threading.Event()
+
+    def done(req, error):
+        got[id(req)] = error
+        if len(got) == 3:
+            finished.set()
+
+    rows = [G(messages=[]), G(messages="poison"), G(messages=[])]
+    with sched._cv:                        # all three wait before the worker takes any: one batch
+        for r in rows:
+            sched.submit(r, done)
+    assert finished.wait(timeout=30)
+    sched.close()
+    assert [type(got[id(r)]).__name__ for r in rows] == ["NoneType", "RuntimeError", "NoneType"]
+    assert [r.finish_reason for r in rows] == ["length", None, "length"]
+
+
+def test_prompt_over_the_character_limit_is_refused_before_tokenizing(server, bundled_engine):
+    limit = 16 * 2048                                               # the bundled model's context: 2048 tokens
+    for n in (limit + 1, 24 * 1024 * 1024):
+        r = server.post(text_chat("a " * (n // 2) + "a" * (n % 2), max_tokens=2))
+        assert r.status_code == 400, r.text[:300]
+        err = r.json()["error"]
+        assert err["code"] == "prompt_too_long" and f"{limit:,}" in err["message"] and "--max-prompt-chars" in \
+            err["message"]
+    ok = server.post(text_chat("what? " * 20, max_tokens=2, temperature=0))
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "\\ud800 hi"}]}',
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\udfff"}]}]}',
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}',
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}',
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "hi"}], "stop": ' + b"[" * 5000 + b"]" * 5000
+    + b"}",
+    b'{"model": "vqa-moe", "messages": [{"role": "user", "content": "hi"}], "stop": ' + b"[" * 200 + b"]" * 200
+    + b"}",
+    b'{"model": "vqa-moe", "messages": ' + b'[{"role": "user", "content": ' * 300 + b'"x"' + b"}]" * 300 + b"}",
+    b"[" * 100000,
+], ids=["surrogate-content", "surrogate-part", "surrogate-stop", "surrogate-key", "nan", "infinity", "deep-5000",
+        "deep-200", "deep-messages", "open-100000"])
+def test_malformed_text_and_json_get_400(server, body):
+    r = server.post(body)
+    assert r.status_code == 400, (body[:120], r.text[:300])
+    err = r.json()["error"]
+    assert err["message"] and "\n" not in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_a_surrogate_pair_is_text(server):
+    r = server.post(b'{"model": "vqa-moe", "max_tokens": 2, "messages": [{"role": "user", "content": '
+                    b'"what is \\ud83d\\ude00?"}]}')
+    assert r.status_code == 200, r.text
+
+
+def test_file_url_with_a_nul_gets_400(server, samples):
+    samples[0].image.save(server.media / "ok.png")
+    for url in (f"file://{server.media}/ok%00.png", f"file://{server.media}/%00/../ok.png"):
+        r = server.post({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]})
+        assert r.status_code == 400 and "NUL" in r.json()["error"]["message"], r.text
+
+
+def test_a_client_that_leaves_before_its_body_ends_is_a_cancellation(server, caplog):
+    key = lambda outcome: ("vismmoe_requests_total", (("outcome", outcome),))     # noqa: E731
+    before = server.metrics()
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 5000\r\n\r\n{\"model\": \"vqa")
+            time.sleep(0.2)
+        deadline = time.time() + 20
+        while server.metrics().get(key("cancelled"), 0) < before.get(key("cancelled"), 0) + 3 and \
+                time.time() < deadline:
+            time.sleep(0.1)
+    after = server.metrics()
+    assert after.get(key("cancelled"), 0) == before.get(key("cancelled"), 0) + 3
+    assert after.get(key("error"), 0) == before.get(key("error"), 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert server.post(text_chat("hi", max_tokens=2)).status_code == 200
+
+
+def test_auth_scheme_is_case_insensitive(bundled_engine):
+    srv = Server(bundled_engine, api_key="sekret")
+    try:
+        body = text_chat("hi", max_tokens=2)
+        for header in ("Bearer sekret", "bearer sekret", "BEARER sekret", "Bearer  sekret"):
+            assert srv.post(body, {"authorization": header}).status_code == 200, header
+        for header in ("Bearer sekre", "Basic sekret", "sekret", "Bearersekret", ""):
+            r = srv.post(body, {"authorization": header})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", header
+    finally:
+        srv.close()
+
+
+def test_wrong_paths_and_methods_get_error_objects(server):
+    for r, status in ((httpx.get(server.url + "/v1/chat/completions"), 405), (httpx.get(server.url + "/nope"), 404),
+                      (httpx.post(server.url + "/v1/models"), 405)):
+        assert r.status_code == status and r.json()["error"]["message"], r.text
+
+
+def test_too_many_images_get_400(server, samples):
+    url = data_url(samples[0].image.resize((8, 8)))
+    parts = [{"type": "image_url", "image_url": {"url": url}}] * 33 + [{"type": "text", "text": "how many?"}]
+    r = server.post({"model": MODEL, "messages": [{"role": "user", "content": parts}]})
+    assert r.status_code == 400 and "--max-images" in r.json()["error"]["message"], r.text
+
+
+# ---- remote media --------------------------------------------------------------------------------------------
+class _Origin:
+    """A loopback HTTP server for image URLs: /ok (a PNG), /drip (a byte every 0.2 s, for ever), /big (over the
+    cap), /redirect (to 127.0.0.2, loopback but not allowed). Counts the requests it gets."""
+
+    def __init__(self, png: bytes):
+        origin = self
+        self.hits = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                origin.hits += 1
+                try:
+                    if self.path == "/drip":
+                        self.send_response(200)
+                        self.send_header("Content-Length", "100000")
+                        self.end_headers()
+                        while True:
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.2)
+                    elif self.path == "/big":
+                        self.send_response(200)
+                        self.end_headers()
+                        for _ in range(64):
+                            self.wfile.write(b"x" * 65536)
+                    elif self.path == "/redirect":
+                        self.send_response(302)
+                        self.send_header("Location", f"http://127.0.0.2:{origin.port}/ok")
+                        self.end_headers()
+                    else:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(png)))
+                        self.end_headers()
+                        self.wfile.write(png)
+                except OSError:
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_port
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+
+@pytest.fixture(scope="module")
+def origin(samples):
+    import io
+    buf = io.BytesIO()
+    samples[0].image.save(buf, "PNG")
+    o = _Origin(buf.getvalue())
+    yield o
+    o.httpd.shutdown()
+
+
+LOOPBACK = MediaRules(allow_remote=True, allow_networks=parse_networks("127.0.0.1"), timeout_s=2.0,
+                      max_bytes=1024 * 1024)
+
+
+def test_remote_images_are_fetched_from_allowed_networks(origin):
+    assert image_bytes(origin.url("/ok"), LOOPBACK)[:4] == b"\x89PNG"
+
+
+def test_loopback_and_private_addresses_are_refused_without_the_allow_list(origin):
+    rules = MediaRules(allow_remote=True, timeout_s=2.0)
+    hits = origin.hits
+    for url in (origin.url("/ok"), origin.url("/ok", "localhost"), origin.url("/ok", "[::ffff:127.0.0.1]"),
+                origin.url("/ok", "[::1]"), "http://10.1.2.3/x.png", "http://169.254.169.254/latest/meta-data",
+                "http://192.168.0.1/x.png", "http://0.0.0.0/x.png", "http://[fe80::1]/x.png",
+                "http://224.0.0.1/x.png", "http://100.64.0.1/x.png", "http://[64:ff9b::7f00:1]/x.png"):
+        with pytest.raises(UserError, match="not at a public address"):
+            image_bytes(url, rules)
+    assert origin.hits == hits                                      # nothing was asked of the loopback server
+    assert not media.allowed_address(ipaddress.ip_address("127.0.0.1"))
+    assert media.allowed_address(ipaddress.ip_address("8.8.8.8"))
+    assert media.allowed_address(ipaddress.ip_address("10.1.2.3"), parse_networks("10.0.0.0/8"))
+
+
+def test_remote_fetch_has_one_deadline_a_size_cap_and_checked_redirects(origin):
+    errors = []
+
+    def fetch():
+        try:
+            image_bytes(origin.url("/drip"), LOOPBACK)         # each byte comes well within any read timeout
+        except UserError as e:
+            errors.append(e)
+
+    dripping = threading.Thread(target=fetch, daemon=True)
+    dripping.start()
+    dripping.join(timeout=60)                                  # the deadline is 2 s; the drip would last hours
+    assert not dripping.is_alive() and len(errors) == 1
+    with pytest.raises(UserError, match="over 1 MiB"):
+        image_bytes(origin.url("/big"), LOOPBACK)
+    with pytest.raises(UserError) as redirect:
+        image_bytes(origin.url("/redirect"), LOOPBACK)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(UserError) as refused:
+        image_bytes(f"http://127.0.0.1:{port}/x.png", LOOPBACK)
+    with pytest.raises(UserError) as denied:
+        image_bytes(origin.url("/ok"), MediaRules(allow_remote=True))
+    # a timeout, a closed port, a refused redirect and a refused address read alike: no port scan through errors
+    assert len({str(e) for e in (errors[0], redirect.value, refused.value, denied.value)}) == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.png", "http://x:99999/x.png", "http://ünï.example/x.png", "http:///x",
+                                 "http://:80/x.png", "file://[/x.png"])
+def test_urls_that_do_not_parse_are_user_errors(url):
+    with pytest.raises(UserError):
+        image_bytes(url, MediaRules(allow_remote=True, allowed_local="/tmp", timeout_s=1.0))
+
+
+def test_dns_rebinding_gains_nothing(origin, monkeypatch):
+    """The name resolves to a public address when checked and to loopback after: the connection goes to the
+    address that was checked, never to the loopback one."""
+    answers = iter(["8.8.8.8"] + ["127.0.0.1"] * 10)
+    monkeypatch.setattr(media.socket, "getaddrinfo", lambda host, port, *a, **kw: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))])
+    tried = []
+
+    def connect(ip, port, timeout):
+        tried.append(ip)
+        raise media.httpcore.ConnectError("refused")
+
+    monkeypatch.setattr(media, "_connect", connect)
+    hits = origin.hits
+    with pytest.raises(UserError, match="not at a public address"):
+        image_bytes(origin.url("/ok", "rebind.example"), MediaRules(allow_remote=True, timeout_s=2.0))
+    assert tried == ["8.8.8.8"] and origin.hits == hits
+
+
+def test_remote_media_through_the_server(bundled_engine, origin, samples):
+    srv = Server(bundled_engine, media=MediaRules(allow_remote=True, timeout_s=2.0))
+    allowed = Server(bundled_engine, media=LOOPBACK)
+    try:
+        body = lambda url: {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [  # noqa
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": samples[0].question}]}]}
+        r = srv.post(body(origin.url("/ok")))
+        assert r.status_code == 400 and "public address" in r.json()["error"]["message"], r.text
+        assert allowed.post(body(origin.url("/ok"))).status_code == 200
+        assert allowed.post(body(origin.url("/drip")), timeout=30).status_code == 400
+    finally:
+        srv.close()
+        allowed.close()
+
+
+# ---- shutdown ------------------------------------------------------------------------------------------------
+def test_shutdown_drains_then_cancels_running_requests(bundled_engine):
+    srv = Server(bundled_engine, shutdown_timeout_s=0.5, max_batch=2)
+    long = text_chat("hello", max_tokens=1500, ignore_eos=True)
+    with cf.ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(lambda: httpx.post(srv.url + "/v1/chat/completions", json=dict(long, stream=True),
+                                                  timeout=120).text)
+        plain = pool.submit(srv.post, long, None, 120)
+        sched, deadline = srv.app.state.scheduler, time.time() + 60
+        while not (sched.running >= 1 and sched.running + sched.queued == 2) and time.time() < deadline:
+            time.sleep(0.05)
+        assert sched.running >= 1 and sched.running + sched.queued == 2
+        srv.server.should_exit = True                            # what SIGTERM does
+        r = plain.result()
+        events = streamed.result()
+    srv.thread.join(timeout=60)
+    assert not srv.thread.is_alive()
+    srv.app.state.scheduler.close()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
+    assert '"code": "server_shutdown"' in events and events.rstrip().endswith("data: [DONE]")
+
+
+def test_serve_command_port_zero_and_sigterm(tmp_path):
+    """`vismmoe serve --port 0` says the port it bound, serves, and on SIGTERM answers a running request
+    (finish reason shutdown, 503) within its drain deadline and exits."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "vismmoe", "serve", "--port", "0", "--shutdown-timeout", "1",
+                             "--expert-budget", "25%"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server ended before it said where it serves"
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert port != 0
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        with cf.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(httpx.post, url + "/v1/chat/completions",
+                              json=text_chat("hello", max_tokens=1800, ignore_eos=True), timeout=120)
+            deadline = time.time() + 60
+            while "vismmoe_running_requests 1.0" not in httpx.get(url + "/metrics").text and time.time() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            r = fut.result()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_serve_command_refuses_an_empty_key_and_a_busy_port(capsys, monkeypatch):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        monkeypatch.delenv("VISMMOE_API_KEY", raising=False)
+        assert main(["serve", "--api-key", ""]) == 2
+        assert main(["serve", "--api-key", "two words"]) == 2
+        monkeypatch.setenv("VISMMOE_API_KEY", "")
+        assert main(["serve"]) == 2
+        monkeypatch.delenv("VISMMOE_API_KEY")
+        assert main(["serve", "--port", str(busy.getsockname()[1])]) == 2
+        assert main(["serve", "--allow-media-networks", "10.0.0.0/33", "--allow-remote-media"]) == 2
+        assert main(["serve", "--allow-media-networks", "10.0.0.0/8"]) == 2
+        assert main(["serve", "--shutdown-timeout", "nan"]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 7 and all(line.startswith("vismmoe: error:") for line in err), err
+    assert "serving" not in "".join(err) and "in use" in err[3]
