@@ -787,12 +787,11 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
     reader.check_index()                       # index and shards agree, from the headers
+    fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
+    check_weights(family, config, model, reader, prefixes + fallbacks, model_dir)
     source = layout if stored is not None or layout.name == "dense" else QuantizeOnRead(layout)
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
         source.check(reader, prefix, geo.num_experts)
-
-    fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
-    check_weights(family, config, model, reader, prefixes + fallbacks, model_dir)
     finite = FiniteCheck(rc.check_weights, model_dir)
     _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir, finite, stored)
     strip_experts(model, family, geo, dt, dev)
