@@ -198,6 +198,10 @@ def cmd_generate(args) -> int:
         raise UserError("empty --prompt", "ask something about the image")
     _at_least(args.max_new_tokens, 1, "--max-new-tokens")
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
+    if image is not None:                                               # so is an image for a text-only model
+        from .engine import read_model_type
+        from .families import get_family
+        get_family(read_model_type(_model_dir(args))).check_images()
     sampling = _sampling(args)
     eng = _engine_from(args, trace=bool(args.trace))
     if args.timeline:
@@ -481,41 +485,56 @@ def cmd_bench(args) -> int:
 
 
 def _shape_workload(args):
-    """A random-weight shape: one request per image side, teacher-forced random decode tokens; and as many
-    earlier requests (other images and tokens, same sides) for moe-infinity's tables."""
+    """A random-weight shape: one request per image side (text-only shapes: per prompt length), teacher-forced
+    random decode tokens; and as many earlier requests (other images and tokens, same sizes) for moe-infinity's
+    tables."""
     import torch
 
     from .bench.harness import Request
-    from .bench.random_model import random_engine, synthetic_inputs
+    from .bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
     from .bench.shapes import get_shape
     from .engine import _resolve_device
     from .families import get_family
     from .formats import make_format
+    fam, config = get_shape(args.shape)
+    family = get_family(fam)
+    if family.has_vision:
+        if args.prompt_tokens is not None:
+            raise UserError(f"--prompt-tokens is for text-only shapes; {args.shape} takes images",
+                            "give --image-sides instead")
+        sizes, what, lo, hi = args.image_sides or "448,1024", "--image-sides", 28, 4096
+    else:
+        if args.image_sides is not None:
+            raise UserError(f"shape {args.shape} is text-only ({fam}): it takes no --image-sides",
+                            "give --prompt-tokens N[,N] instead")
+        sizes, what, lo, hi = args.prompt_tokens or "512", "--prompt-tokens", 1, 32768
     try:
-        sides = [int(x) for x in args.image_sides.split(",") if x.strip()]
+        sides = [int(x) for x in sizes.split(",") if x.strip()]
     except ValueError:
         sides = []
-    if not sides or any(not 28 <= x <= 4096 for x in sides):
-        raise UserError(f"bad --image-sides {args.image_sides!r}", "give comma-separated sides in pixels from 28 to "
-                        "4096, e.g. 448,1024")
-    fam, config = get_shape(args.shape)
+    if not sides or any(not lo <= x <= hi for x in sides):
+        raise UserError(f"bad {what} {sizes!r}", f"give comma-separated sides in pixels from {lo} to {hi}, e.g. "
+                        "448,1024" if family.has_vision else
+                        f"give comma-separated prompt lengths in tokens from {lo} to {hi}, e.g. 512,2048")
     dev = _resolve_device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    geo = get_family(fam).geometry(config)
+    geo = family.geometry(config)
     spec = "dense" if args.expert_format == "auto" else args.expert_format
     least = geo.top_k * make_format(spec, geo.hidden, geo.inter, dtype).nbytes
     base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
                          compile=_compile_flag(args), expert_format=spec)
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
-    vocab = config.text_config.vocab_size
+    vocab = family.text_config(config).vocab_size
+    inputs = synthetic_inputs if family.has_vision else synthetic_text_inputs
     def requests(seed: int) -> list:
-        return [Request(inputs=synthetic_inputs(base, side, seed=seed),
+        return [Request(inputs=inputs(base, side, seed=seed),
                         teacher_tokens=torch.randint(min(1000, vocab // 4), vocab, (new + 1,), generator=g).tolist())
                 for side in sides]
     reqs = requests(0)
     earlier = requests(1)
-    title = (f"shape {args.shape} (RANDOM weights), {base.device}, images {args.image_sides} px, {new} new tokens "
+    sized = f"images {sizes} px" if family.has_vision else f"prompts of {sizes} tokens"
+    title = (f"shape {args.shape} (RANDOM weights), {base.device}, {sized}, {new} new tokens "
              f"(decode inputs teacher-forced random tokens), cold cache per request, medians of {args.reps}, "
              f"{_decode_label(args, base.device)} decode")
     return base, reqs, new, title, earlier
@@ -666,7 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="test requests (default 30, quick 6)")
     b.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default 4 (trained model), 64 (shapes)")
-    b.add_argument("--image-sides", default="448,1024", help="with --shape: one request per image side")
+    b.add_argument("--image-sides", default=None, help="with --shape: one request per image side (default 448,1024)")
+    b.add_argument("--prompt-tokens", default=None, metavar="N,...",
+                   help="with a text-only --shape: one request per prompt length in tokens (default 512)")
     b.add_argument("--calibration", default=None, help="tables for trace prefetch (moe-infinity system)")
     b.add_argument("--out", default="runs/bench", metavar="DIR",
                    help="directory for bench.md, bench.json and the plots (default runs/bench)")

@@ -27,7 +27,8 @@ def make_tiny(family_name: str, out_dir: str, seed: int = 0, dtype: torch.dtype 
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    family.tiny_image_processor(max_side).save_pretrained(out_dir)
+    if family.has_vision:
+        family.tiny_image_processor(max_side).save_pretrained(out_dir)
     return out_dir
 
 

@@ -211,6 +211,7 @@ def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions) -> Generat
     if not any(t.strip() for t in texts):
         raise APIError(400, "the messages hold no text: ask something about the image", param="messages")
     try:
+        engine.family.check_images(len(images))        # a text-only model: refused before any image is fetched
         sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
                                   top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
         req = GenerationRequest(messages=messages, images=[image_bytes(u, opts.media) for u in images],
