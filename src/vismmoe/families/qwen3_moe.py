@@ -96,9 +96,8 @@ class Qwen3MoeFamily(Rope1D, Family):
         self.check_images()
         return []
 
-    def chat_text(self, tokenizer, messages: list[dict]) -> str:
-        """As `Family.chat_text`, with each message's text parts joined into one string (Qwen3's template drops
-        content that is not a string); an image part is refused (UserError)."""
+    def _strings(self, messages: list[dict]) -> list[dict]:
+        """`messages` with each message's text parts joined into one string content; UserError for an image part."""
         flat = []
         for m in messages:
             content = m["content"]
@@ -106,7 +105,16 @@ class Qwen3MoeFamily(Rope1D, Family):
                 self.check_images(sum(p["type"] != "text" for p in content))
                 content = "".join(p["text"] for p in content)
             flat.append({**m, "content": content})
-        return super().chat_text(tokenizer, flat)
+        return flat
+
+    def chat_ids(self, tokenizer, messages: list[dict], n_visual: list[int]) -> list[int]:
+        """As `Family.chat_ids`, each message's text parts joined first, so a message is tokenized as one string
+        (as the template's own tokenization of string contents does); an image part is refused (UserError)."""
+        return super().chat_ids(tokenizer, self._strings(messages), n_visual)
+
+    def chat_text(self, tokenizer, messages: list[dict]) -> str:
+        """As `Family.chat_text`, with string contents (Qwen3's template renders '' for a list of parts)."""
+        return super().chat_text(tokenizer, self._strings(messages))
 
     def model_inputs(self, inputs: dict) -> dict:
         return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
