@@ -3,7 +3,8 @@ runs it on text prompts): the fast decode step gives transformers' tokens at eve
 (system turn, history, text parts) are formatted as Qwen3's template formats strings and answered as transformers
 answers them; images are refused in one line by the engine, the CLI (before the model is read) and the server
 (HTTP 400, before the image is fetched); `--compress` is refused; make-tiny and make-shape write the hub layout
-(per-expert tensors) that transformers' `Qwen3MoeForCausalLM` loads; `bench --shape` takes prompt lengths."""
+(per-expert tensors) that transformers' `Qwen3MoeForCausalLM` loads; `bench --shape` takes prompt lengths;
+quantized (fp8, int4) checkpoints of it offload exactly."""
 
 from __future__ import annotations
 
@@ -184,6 +185,22 @@ def test_bench_shape_takes_prompt_lengths(tmp_path, capsys):
         assert needle in capsys.readouterr().err
     assert main(["bench", "--shape", "tiny-qwen3", "--prompt-tokens", "64", "--out", str(tmp_path)]) == 2
     assert "--prompt-tokens is for text-only shapes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["fp8", "int4:group=16,sym=0"])
+def test_quantized_text_checkpoints(spec, tiny, tmp_path):
+    """`vismmoe quantize` of the hub layout loads into the blobs of a load-time quantization, and quantized
+    experts offload exactly down to top-k slots (fast step included)."""
+    from vismmoe.quantize import quantize_checkpoint
+    d = str(tmp_path / "q")
+    quantize_checkpoint(tiny, spec, d)
+    at_load, from_file = load(tiny, expert_format=spec), load(d)
+    assert from_file.layout.spec() == at_load.layout.spec()
+    assert all(torch.equal(a, b) for a, b in zip(at_load.store.buffers, from_file.store.buffers))
+    want = from_file.generate(None, PROMPT, max_new_tokens=NEW).token_ids
+    least = str(from_file.geometry.top_k * from_file.layout.nbytes)
+    for opts in (dict(policy="predictive", prefetch="gate"), dict(decode="fast")):
+        assert load(d, expert_budget=least, **opts).generate(None, PROMPT, max_new_tokens=NEW).token_ids == want
 
 
 @pytest.mark.gpu
