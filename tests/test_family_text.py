@@ -72,6 +72,24 @@ def test_fast_step_matches_transformers(tiny):
     assert fast.generate_ids(inputs, NEW, forced)[0] == eager.generate_ids(inputs, NEW, forced)[0]
 
 
+def test_sliding_window_checkpoints_decode_on_the_eager_step(tiny, tmp_path):
+    """A checkpoint with `use_sliding_window` (a window shorter than the prompt): the fast step, whose decode
+    attention reads the whole KV cache, is refused in one line; the eager step gives transformers' tokens."""
+    import shutil
+    d = tmp_path / "sw"
+    shutil.copytree(tiny, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, use_sliding_window=True, sliding_window=4)))
+    with pytest.raises(UserError, match="sliding-window"):
+        load(str(d), decode="fast").generate(None, PROMPT, max_new_tokens=3)
+    eng = load(str(d), expert_budget="25%")
+    inputs = eng.prepare([None], [PROMPT])
+    assert inputs["input_ids"].shape[1] > 4
+    want = _reference(str(d), inputs, eng.eos_ids, eng.tokenizer.pad_token_id)
+    assert eng.generate(None, PROMPT, max_new_tokens=NEW).token_ids == want and eng.fast_step() is None
+    assert want != _reference(tiny, inputs, eng.eos_ids, eng.tokenizer.pad_token_id)    # the window matters
+
+
 def test_chat_is_formatted_and_answered_as_transformers_does(tiny):
     """Text parts are joined (the template, like Qwen3's, renders only string contents): the prompt is the
     template's own tokens for the string messages, and the answer is transformers' greedy answer."""
