@@ -1,8 +1,9 @@
 """`vismmoe make-tiny`: a tiny random checkpoint of a family, saved exactly as a real one is.
 
 `save_pretrained` of the transformers model class, a locally trained byte-level BPE tokenizer with the family's
-special tokens and chat template, and a PIL image processor config. Loads with plain `from_pretrained` and with
-`vismmoe.load`. Used by tests (no downloads) and by the demo until a trained default model exists.
+special tokens and chat template, and a PIL image processor config (families with a vision tower). Loads with
+plain `from_pretrained` and with `vismmoe.load`. Used by tests (no downloads) and by the demo until a trained
+default model exists.
 """
 
 from __future__ import annotations
