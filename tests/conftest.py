@@ -19,6 +19,9 @@ torch.set_num_threads(int(os.environ.get("VISMMOE_TEST_THREADS", min(4, os.cpu_c
 FAMILIES = ("qwen3_vl_moe", "glm4v_moe")      # every runtime test runs on these (M-RoPE, the fast step)
 # families with a test file of their own (tests/test_family_exactness.py and the like), not in every runtime test
 MORE_FAMILIES = ("internvl", "qwen3_5_moe", "deepseek_ocr2", "gemma4", "ernie4_5_vl_moe")
+# text-only families (no vision tower): tests/test_family_exactness.py runs them on text prompts, and
+# tests/test_family_text.py covers what is theirs (image refusals, the fast step, make-shape)
+TEXT_FAMILIES = ("qwen3_moe",)
 
 
 class _TinyDirs(dict):

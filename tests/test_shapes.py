@@ -12,6 +12,7 @@ from vismmoe.families import get_family
 # shape -> (MoE layers, experts, top-k, hidden, expert intermediate, decoder layers)
 PUBLISHED = {
     "qwen3-vl-30b-a3b": (48, 128, 8, 2048, 768, 48),
+    "qwen3-30b-a3b": (48, 128, 8, 2048, 768, 48),
     "internvl3.5-30b-a3b": (48, 128, 8, 2048, 768, 48),
     "qwen3.5-35b-a3b": (40, 256, 8, 2048, 512, 40),
     "deepseek-ocr2": (11, 64, 6, 1280, 896, 12),
@@ -44,6 +45,10 @@ def test_published_shape_geometry_on_meta(name):
     if fam_name == "internvl":
         from vismmoe.families.internvl import tokens_per_tile
         assert tokens_per_tile(config) == 256
+    if fam_name == "qwen3_moe":                    # Qwen/Qwen3-30B-A3B's config.json, text only
+        assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size,
+                config.norm_topk_prob, config.max_position_embeddings) == (32, 4, 128, 151936, True, 40960)
+        assert type(model).__name__ == "Qwen3MoeForCausalLM" and not hasattr(model.model, "visual")
 
 
 def test_every_shape_has_a_known_family():
@@ -53,15 +58,19 @@ def test_every_shape_has_a_known_family():
 
 @pytest.mark.parametrize("name", sorted(n for n in SHAPES if n.startswith("tiny-")))
 def test_tiny_shapes_run_on_random_weights(name):
-    """`vismmoe bench --shape` runs through random_engine and synthetic_inputs: a tiny shape of every family
-    answers a synthetic request on the CPU, the same tokens at 25% as with every expert resident."""
+    """`vismmoe bench --shape` runs through random_engine and synthetic_inputs (synthetic_text_inputs for a
+    text-only family): a tiny shape of every family answers a synthetic request on the CPU, the same tokens at 25% as with every expert resident."""
     import torch
 
-    from vismmoe.bench.random_model import random_engine, synthetic_inputs
+    from vismmoe.bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
     fam, config = get_shape(name)
     eng = random_engine(fam, config, device="cpu", dtype=torch.float32, expert_budget="100%")
-    inputs = synthetic_inputs(eng, 96)
-    assert int(inputs["mm_token_type_ids"].sum()) > 0
+    if get_family(fam).has_vision:
+        inputs = synthetic_inputs(eng, 96)
+        assert int(inputs["mm_token_type_ids"].sum()) > 0
+    else:                                           # text-only shapes: `bench --shape --prompt-tokens`
+        inputs = synthetic_text_inputs(eng, 40)
+        assert inputs["input_ids"].shape == (1, 40) and not inputs["mm_token_type_ids"].any()
     want, _ = eng.generate_ids(inputs, 4, teacher_tokens=[7, 8, 9])
     got, stats = eng.fork(expert_budget="25%").generate_ids(inputs, 4, teacher_tokens=[7, 8, 9])
     assert got == want and stats["misses"] > 0

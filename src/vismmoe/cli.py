@@ -180,6 +180,10 @@ def cmd_generate(args) -> int:
     if args.timeline:
         output_file(args.timeline, "--timeline", (".png",))
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
+    if image is not None:                                               # so is an image for a text-only model
+        from .engine import read_model_type
+        from .families import get_family
+        get_family(read_model_type(_model_dir(args))).check_images()
     eng = _engine_from(args)
     warmup_s = 0.0 if args.no_warmup else eng.warm_up(with_image=image is not None)
     if args.trace:
@@ -424,8 +428,8 @@ def cmd_bench(args) -> int:
         systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
     for flag in ("limit", "reps", "max_new_tokens"):
         at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
-    if args.shape:
-        _image_sides(args.image_sides)
+    if args.shape and args.image_sides is not None:        # before any model is read (text-only: at the shape)
+        _sizes(args.image_sides, "--image-sides", 28, 4096, True)
     if args.calibration is not None:
         input_file(args.calibration, "--calibration", "give the .npz that vismmoe calibrate wrote")
     output_dir(args.out, "--out", args.force, owned=("bench.json", "bench.md"))
@@ -461,47 +465,63 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _image_sides(text: str) -> list[int]:
+def _sizes(text: str, what: str, lo: int, hi: int, images: bool) -> list[int]:
+    """Comma-separated image sides (pixels) or prompt lengths (tokens), each in [lo, hi]; UserError otherwise."""
     try:
         sides = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         sides = []
-    if not sides or any(not 28 <= x <= 4096 for x in sides):
-        raise UserError(f"bad --image-sides {text!r}", "give comma-separated sides in pixels from 28 to 4096, "
-                        "e.g. 448,1024")
+    if not sides or any(not lo <= x <= hi for x in sides):
+        raise UserError(f"bad {what} {text!r}", f"give comma-separated sides in pixels from {lo} to {hi}, e.g. "
+                        "448,1024" if images else
+                        f"give comma-separated prompt lengths in tokens from {lo} to {hi}, e.g. 512,2048")
     return sides
 
 
 def _shape_workload(args):
-    """A random-weight shape: one request per image side, teacher-forced random decode tokens; and as many
-    earlier requests (other images and tokens, same sides) for moe-infinity's tables."""
+    """A random-weight shape: one request per image side (text-only shapes: per prompt length), teacher-forced
+    random decode tokens; and as many earlier requests (other images and tokens, same sizes) for moe-infinity's
+    tables."""
     import torch
 
     from .bench.harness import Request
-    from .bench.random_model import random_engine, synthetic_inputs
+    from .bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
     from .bench.shapes import get_shape
     from .engine import _resolve_device
     from .families import get_family
     from .formats import make_format
-    sides = _image_sides(args.image_sides)
     fam, config = get_shape(args.shape)
+    family = get_family(fam)
+    if family.has_vision:
+        if args.prompt_tokens is not None:
+            raise UserError(f"--prompt-tokens is for text-only shapes; {args.shape} takes images",
+                            "give --image-sides instead")
+        sizes, what, lo, hi = args.image_sides or "448,1024", "--image-sides", 28, 4096
+    else:
+        if args.image_sides is not None:
+            raise UserError(f"shape {args.shape} is text-only ({fam}): it takes no --image-sides",
+                            "give --prompt-tokens N[,N] instead")
+        sizes, what, lo, hi = args.prompt_tokens or "512", "--prompt-tokens", 1, 32768
+    sides = _sizes(sizes, what, lo, hi, family.has_vision)
     dev = _resolve_device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    geo = get_family(fam).geometry(config)
+    geo = family.geometry(config)
     spec = "dense" if args.expert_format == "auto" else args.expert_format
     least = geo.top_k * make_format(spec, geo.hidden, geo.inter, dtype).nbytes
     base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
                          compile=_compile_flag(args), expert_format=spec)
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
-    vocab = config.text_config.vocab_size
+    vocab = family.text_config(config).vocab_size
+    inputs = synthetic_inputs if family.has_vision else synthetic_text_inputs
     def requests(seed: int) -> list:
-        return [Request(inputs=synthetic_inputs(base, side, seed=seed),
+        return [Request(inputs=inputs(base, side, seed=seed),
                         teacher_tokens=torch.randint(min(1000, vocab // 4), vocab, (new + 1,), generator=g).tolist())
                 for side in sides]
     reqs = requests(0)
     earlier = requests(1)
-    title = (f"shape {args.shape} (RANDOM weights), {base.device}, images {args.image_sides} px, {new} new tokens "
+    sized = f"images {sizes} px" if family.has_vision else f"prompts of {sizes} tokens"
+    title = (f"shape {args.shape} (RANDOM weights), {base.device}, {sized}, {new} new tokens "
              f"(decode inputs teacher-forced random tokens), cold cache per request, medians of {args.reps}, "
              f"{_decode_label(args, base.device)} decode")
     return base, reqs, new, title, earlier
@@ -695,7 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repetitions, systems interleaved; rows are medians and speedups give their spread "
                         "(default 3, quick too)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default 4 (trained model), 64 (shapes)")
-    b.add_argument("--image-sides", default="448,1024", help="with --shape: one request per image side")
+    b.add_argument("--image-sides", default=None, help="with --shape: one request per image side (default 448,1024)")
+    b.add_argument("--prompt-tokens", default=None, metavar="N,...",
+                   help="with a text-only --shape: one request per prompt length in tokens (default 512)")
     b.add_argument("--calibration", default=None, metavar="FILE",
                    help="tables for trace prefetch (moe-infinity system; default: none, it falls back to gate)")
     b.add_argument("--out", default="runs/bench", metavar="DIR",

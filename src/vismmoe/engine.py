@@ -75,7 +75,7 @@ def _resolve_dtype(name: str | None, config, device: torch.device) -> torch.dtyp
             raise UserError(f"unknown dtype {name!r}", f"use one of {', '.join(sorted(_DTYPES))}") from None
     if device.type == "cpu":
         return torch.float32
-    d = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None)
+    d = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", config), "dtype", None)
     d = _DTYPES.get(str(d).replace("torch.", ""), None) if d is not None else None
     return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
 
@@ -110,7 +110,7 @@ def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device:
     (max_seq x top_k x (3H + 3I)), attention projections, the vision tower's largest block, and logits of one
     position. A fixed margin covers library workspaces on CUDA. Override with --reserve when you know better.
     """
-    tc, vc = config.text_config, config.vision_config
+    tc, vc = getattr(config, "text_config", config), getattr(config, "vision_config", None)   # text-only: no vc
     b = torch.empty((), dtype=dtype).element_size()
     layers = _attention_layers(tc)                                  # [(kv_heads, head_dim)] per decoder layer
     kv = 2 * sum(kv_heads * hd for kv_heads, hd in layers) * max_seq * b
@@ -118,9 +118,11 @@ def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device:
     moe = max_seq * K * (3 * H + 3 * I) * b * 2
     dense = max_seq * (4 * H + 2 * getattr(tc, "intermediate_size", 4 * H)) * b
     attn = max(max_seq * (tc.num_attention_heads + 2 * kv_heads) * hd * b * 2 for kv_heads, hd in layers)
-    patches = max_seq * getattr(vc, "spatial_merge_size", 2) ** 2
-    v_hidden, v_inter = _vision_width(vc)
-    vision = patches * (4 * v_hidden + 2 * v_inter) * b * 2
+    vision = 0
+    if vc is not None:
+        patches = max_seq * getattr(vc, "spatial_merge_size", 2) ** 2
+        v_hidden, v_inter = _vision_width(vc)
+        vision = patches * (4 * v_hidden + 2 * v_inter) * b * 2
     logits = tc.vocab_size * 4 * 4
     margin = 256 * 1024**2 if device.type == "cuda" else 16 * 1024**2
     return int(kv + max(moe, dense, attn, vision) + logits + margin)
@@ -724,7 +726,7 @@ def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str]
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
     config = model.config
-    if config.tie_word_embeddings or getattr(config.text_config, "tie_word_embeddings", False):
+    if config.tie_word_embeddings or getattr(getattr(config, "text_config", config), "tie_word_embeddings", False):
         missing = [k for k in missing if not k.startswith("lm_head")]
         model.tie_weights()
     if missing:
@@ -765,6 +767,9 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
         from .demo import default_model
         model_dir = default_model()[0]
     family = get_family(read_model_type(model_dir))
+    if rc.compress != "none" and not family.has_vision:
+        raise UserError(f"--compress {rc.compress} prunes visual tokens, and {family.model_type} is a text-only model",
+                        "drop --compress")
     shipped = os.path.join(model_dir, CALIBRATION_FILE)
     if rc.prefetch in ("trace", "blend") and rc.calibration is None and os.path.exists(shipped):
         rc = replace(rc, calibration=shipped)          # tables the checkpoint ships (the bundled model does)

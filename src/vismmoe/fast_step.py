@@ -245,6 +245,8 @@ def unsupported_reason(engine) -> str | None:
     """Why the fast step cannot serve this engine (None: it can)."""
     if engine.family.fast_step_blocker is not None:
         return f"{engine.family.model_type}: {engine.family.fast_step_blocker}"
+    if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None:
+        return "sliding-window attention: the fast step's decode attention reads the whole KV cache"
     if getattr(engine.store, "tier", "host") != "host":
         return "the disk tier has no host copy of every expert to read misses from"
     if engine.device.type == "cuda" and moe_kernel.triton is None:

@@ -231,9 +231,9 @@ class StepGraphs:
         model, fam = self.model, self.family
         lm = fam.language_model(model)
         b.mask.index_fill_(1, b.pos, True)
-        positions = fam.decode_positions(b.mask, b.deltas)           # [4, B, 1]: text row, 3 rope rows
+        positions = fam.decode_positions(b.mask, b.deltas)           # [1 + R, B, 1]: text row, R rope rows
         h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
-        cos, sin = lm.rotary_emb(h, positions[1:])
+        cos, sin = lm.rotary_emb(h, fam.rotary_positions(positions))
         m4 = b.mask[:, None, None, :]                                # [B, 1, 1, L]
         for i, layer in enumerate(lm.layers):
             h = self._layer(layer, h, m4, positions[0], b.kv[i], cos, sin)

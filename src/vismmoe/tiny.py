@@ -1,8 +1,9 @@
 """`vismmoe make-tiny`: a tiny random checkpoint of a family, saved exactly as a real one is.
 
 `save_pretrained` of the transformers model class, a locally trained byte-level BPE tokenizer with the family's
-special tokens and chat template, and a PIL image processor config. Loads with plain `from_pretrained` and with
-`vismmoe.load`. Used by tests (no downloads) and by the demo until a trained default model exists.
+special tokens and chat template, and a PIL image processor config (families with a vision tower). Loads with
+plain `from_pretrained` and with `vismmoe.load`. Used by tests (no downloads) and by the demo until a trained
+default model exists.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def make_tiny(family_name: str, out_dir: str, seed: int = 0, dtype: torch.dtype 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        family.tiny_image_processor(max_side).save_pretrained(tmp)
+        if family.has_vision:
+            family.tiny_image_processor(max_side).save_pretrained(tmp)
     return out_dir
 
 

@@ -91,11 +91,13 @@ def main(argv=None):
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     fam, config = get_shape(args.shape)
+    from ..families import get_family
+    tc = get_family(fam).text_config(config)
     if args.layers:
-        config.text_config.num_hidden_layers = args.layers         # as make-shape --layers cuts a shape
+        tc.num_hidden_layers = args.layers                          # as make-shape --layers cuts a shape
     dev = torch.device("cuda")
     formats = args.formats.split(",")
-    res = {"shape": args.shape, "layers": config.text_config.num_hidden_layers, "routing": "random weights",
+    res = {"shape": args.shape, "layers": tc.num_hidden_layers, "routing": "random weights",
            "machine": torch.cuda.get_device_name(), "link": "real (PCIe, pinned host memory)",
            "image_side": args.image_side, "new_tokens": args.new_tokens, "policy": args.policy,
            "decode_inputs": "teacher-forced random text tokens", "reps": args.reps}

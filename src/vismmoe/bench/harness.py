@@ -117,8 +117,10 @@ def fork_system(base, sys: System, budget: str, link: str, calibration: str | No
     prefetch = sys.prefetch
     if prefetch == "trace" and calibration is None:
         prefetch = "gate"                   # no tables: fall back (noted in the row)
+    # a text-only model has no visual tokens to compress (noted in the row)
+    compress, keep = (sys.compress, sys.keep_ratio) if base.family.has_vision else ("none", 1.0)
     eng = (pool_of or base).fork(expert_budget=budget, policy=sys.policy, link=link, prefetch=prefetch,
-                                 compress=sys.compress, keep_ratio=sys.keep_ratio, calibration=calibration,
+                                 compress=compress, keep_ratio=keep, calibration=calibration,
                                  share_pool=pool_of is not None, fixed_lookahead=sys.fixed_lookahead)
     return eng, prefetch
 
@@ -262,7 +264,7 @@ def _row(b: _Bench, name: str, eng, prefetch: str, runs: list[dict], link: str, 
     else:
         sys, gbps = SYSTEMS[name], eng.runtime.transfer.link.rate_gbps(eng.device.type)
         meta = dict(link=eng.runtime.transfer.link.label(), prefetch=prefetch, policy=sys.policy,
-                    compress=f"{sys.compress}@{sys.keep_ratio:g}")
+                    compress=f"{eng.rc.compress}@{eng.rc.keep_ratio:g}")
     bound_bytes, prefill_bytes = _belady_bytes(eng, b.resident, b.samples, b.max_new_tokens, b.save_traces)
     cs, cp = _compute_s(b, sys)
     row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))

@@ -4,8 +4,10 @@ so that vismmoe and another runtime (llama.cpp, through `vismmoe export-gguf`) r
     shape config (num_hidden_layers overridden) -> skeleton on `meta` (parameter names and shapes, no memory)
       -> model-00001-of-N.safetensors: embeddings, lm_head, final norm, the vision tower
       -> model-0000k-of-N.safetensors: decoder layer k-2, experts in the hub layout (Qwen3-VL-MoE fused
-         `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`), drawn and written one layer at a time
-      -> model.safetensors.index.json, config.json, tokenizer files, preprocessor_config.json, and
+         `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`; Qwen3-MoE per expert, `Family.hub_experts`), drawn
+         and written one layer at a time
+      -> model.safetensors.index.json, config.json (`architectures` set, keys named as the family's published
+         files name them), tokenizer files, preprocessor_config.json (families with a vision tower), and
          vismmoe_shape.json (shape, layers, seed: marks the checkpoint as random weights)
 
 Weights: normal(0, 0.02) for matrices and embeddings, 1 for norm weights, 0 for biases (as
@@ -57,6 +59,28 @@ def _experts(shape: tuple[int, ...], dtype, device, gen) -> torch.Tensor:
     for e in range(shape[0]):
         out[e] = torch.randn(shape[1:], generator=gen, device=device).mul_(0.02).to(dtype).cpu()
     return out
+
+
+def _per_expert(name: str, shape: tuple[int, ...], dtype, device, gen) -> dict[str, torch.Tensor]:
+    """A fused bank `{prefix}.gate_up_proj [E, 2I, H]` or `{prefix}.down_proj [E, H, I]` drawn as the Qwen3-MoE hub
+    files store it: `{prefix}.{e}.gate_proj.weight [I, H]` and `up_proj [I, H]`, or `down_proj.weight [H, I]`."""
+    prefix, last = name.rsplit(".", 1)
+    E, rows, cols = shape
+    parts = ("gate_proj", "up_proj") if last == "gate_up_proj" else ("down_proj",)
+    rows //= len(parts)
+    return {f"{prefix}.{e}.{p}.weight": torch.randn((rows, cols), generator=gen, device=device).mul_(0.02)
+            .to(dtype).cpu() for e in range(E) for p in parts}
+
+
+def _published_names(out_dir: str, names: dict[str, str]) -> None:
+    """config.json with the keys transformers writes renamed to those of the family's published files."""
+    if not names:
+        return
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    with open(path, "w") as f:
+        json.dump({names.get(k, k): v for k, v in cfg.items()}, f, indent=2)
 
 
 def _tokenizer_files(out_dir: str, vocab_size: int) -> int:
@@ -116,13 +140,15 @@ def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed:
     tc.vocab_size = _tokenizer_files(out_dir, tc.vocab_size)
     tok = AutoTokenizer.from_pretrained(out_dir)
     ids = family.token_ids(tok)
-    config.image_token_id, config.video_token_id = ids["image"], tok.convert_tokens_to_ids("<|video_pad|>")
-    config.vision_start_token_id, config.vision_end_token_id = ids["image_start"], ids["image_end"]
+    if family.has_vision:
+        config.image_token_id, config.video_token_id = ids["image"], tok.convert_tokens_to_ids("<|video_pad|>")
+        config.vision_start_token_id, config.vision_end_token_id = ids["image_start"], ids["image_end"]
+        with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+            json.dump(_PREPROCESSOR, f, indent=1)
     tc.eos_token_id, tc.pad_token_id, tc.bos_token_id = ids["eos"], ids["pad"], None
     dt = _DTYPES[dtype]
     config.dtype = dt
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(_PREPROCESSOR, f, indent=1)
+    config.architectures = [family.model_class.__name__]      # what other runtimes pick the model class by
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -130,6 +156,7 @@ def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed:
     params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
     del model
     config.save_pretrained(out_dir)
+    _published_names(out_dir, family.hub_config_names)
     geo = family.geometry(config)
     L = tc.num_hidden_layers
     layer_pfx = [f"{family.expert_prefix(l).rsplit('.mlp.experts', 1)[0]}." for l in range(L)]
@@ -146,7 +173,9 @@ def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed:
         tensors = {}
         for n, s in group:
             last = n.rsplit(".", 1)[-1]
-            if ".mlp.experts." in n and last in hub_shapes:      # fused bank, stored as the hub stores it
+            if ".mlp.experts." in n and last in hub_shapes and family.hub_experts == "per_expert":
+                tensors.update(_per_expert(n, s, dt, dev, gen))
+            elif ".mlp.experts." in n and last in hub_shapes:      # fused bank, stored as the hub stores it
                 tensors[n] = _experts(hub_shapes[last](s), dt, dev, gen)
             else:
                 tensors[n] = _draw(s, n, dt, dev, gen)

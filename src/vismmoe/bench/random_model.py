@@ -2,7 +2,8 @@
 
 Non-expert weights are drawn on the device (normal, std 0.02; norms 1, biases 0); experts are drawn on the device
 layer by layer and copied into the host store's pinned buffers. Inputs are synthetic token ids around a real
-processed image. Nothing here is used by `vismmoe.load`; benchmarks say "random weights" wherever they use it.
+processed image (for a text-only family: random text ids alone). Nothing here is used by `vismmoe.load`;
+benchmarks say "random weights" wherever they use it.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def synthetic_inputs(engine: Engine, side: int, text_tokens: int = 24, seed: int
     image_inputs, (n_img,) = engine.family.image_inputs(engine.image_processor, [Image.fromarray(pixels)])
     cfg = engine.config
     block = torch.tensor(engine.family.synthetic_image_block(cfg, n_img))
-    vocab = cfg.text_config.vocab_size
+    vocab = engine.family.text_config(cfg).vocab_size
     high = min(100000, vocab)
     text = torch.randint(min(1000, high // 4), high, (text_tokens,), generator=g)
     special = torch.tensor([cfg.image_token_id, getattr(cfg, "video_token_id", cfg.image_token_id), *block.unique()])
@@ -103,4 +104,21 @@ def synthetic_inputs(engine: Engine, side: int, text_tokens: int = 24, seed: int
     image_inputs["pixel_values"] = image_inputs["pixel_values"].to(engine.dtype)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **image_inputs,
               "mm_token_type_ids": (ids == cfg.image_token_id).to(torch.int32), **engine.family.extra_inputs(cfg, ids)}
+    return {k: v.to(engine.device) for k, v in inputs.items()}
+
+
+def synthetic_text_inputs(engine: Engine, tokens: int, seed: int = 0) -> dict:
+    """One text-only request (text-only families): `tokens` random ids drawn as `synthetic_inputs` draws its text
+    (ids from min(1000, V / 4) up, below 100000; the config's special ids avoided)."""
+    g = torch.Generator().manual_seed(seed)
+    tc = engine.family.text_config(engine.config)
+    high = min(100000, tc.vocab_size)
+    low = min(1000, high // 4)
+    ids = torch.randint(low, high, (1, tokens), generator=g)
+    eos = tc.eos_token_id if isinstance(tc.eos_token_id, list) else [tc.eos_token_id]
+    special = torch.tensor([t for t in (*eos, tc.pad_token_id, tc.bos_token_id) if t is not None] or [-1])
+    ids[torch.isin(ids, special)] = low
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "mm_token_type_ids": torch.zeros_like(ids, dtype=torch.int32),
+              **engine.family.extra_inputs(engine.config, ids)}
     return {k: v.to(engine.device) for k, v in inputs.items()}

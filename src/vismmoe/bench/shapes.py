@@ -5,6 +5,11 @@
 width 1152 with DeepStack taps at 8/16/24. `qwen3-vl-30b-a3b-L4` keeps 4 decoder layers (quick runs).
 `thin-48x128` keeps the 30B routing geometry at a tiny width (host overhead per layer, measurable on a CPU).
 
+`qwen3-30b-a3b` is Qwen/Qwen3-30B-A3B's config.json, text only (`qwen3_moe`): 48 layers, hidden 2048, 32 query /
+4 KV heads of 128, 128 experts of intermediate 768, top-8 (renormalised), vocab 151936, RoPE theta 1e6, context
+40960; `qwen3-30b-a3b-L4` keeps 4 layers. `vismmoe make-shape` writes it in the hub layout (per-expert tensors) for
+runtimes that load `Qwen3MoeForCausalLM` checkpoints.
+
 One shape per further family, each the published size of one real checkpoint (its config.json):
 `internvl3.5-30b-a3b` (OpenGVLab/InternVL3_5-30B-A3B-HF: the Qwen3-30B-A3B text model, 48 layers, hidden 2048,
 32 query / 4 KV heads of 128, 128 experts of 768, top-8, vocab 151936; InternViT-300M, 24 layers of width 1024,
@@ -46,15 +51,25 @@ def _qwen3_vl_30b(layers: int = 48) -> Qwen3VLMoeConfig:
                             vision_end_token_id=151653)
 
 
-def _internvl35_30b():
-    from transformers import InternVLConfig
-    text = dict(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+def _qwen3_30b_text(layers: int = 48) -> dict:
+    """Qwen/Qwen3-30B-A3B's config.json (the text model of InternVL3.5-30B-A3B too)."""
+    return dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     )
+
+
+def _qwen3_30b(layers: int = 48):
+    from transformers import Qwen3MoeConfig
+    return Qwen3MoeConfig(**_qwen3_30b_text(layers), bos_token_id=151643, eos_token_id=151645)
+
+
+def _internvl35_30b():
+    from transformers import InternVLConfig
+    text = dict(model_type="qwen3_moe", **_qwen3_30b_text())
     vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                   image_size=448, patch_size=14, use_qk_norm=False, layer_scale_init_value=0.1, attention_bias=True,
                   norm_type="layer_norm", use_mean_pooling=True)
@@ -154,6 +169,9 @@ SHAPES = {
     "thin-48x128": ("qwen3_vl_moe", _thin48),                # host overhead per layer (30B routing geometry)
     "qwen3-vl-30b-a3b": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(48)),
     "qwen3-vl-30b-a3b-L4": ("qwen3_vl_moe", lambda: _qwen3_vl_30b(4)),
+    "qwen3-30b-a3b": ("qwen3_moe", lambda: _qwen3_30b(48)),
+    "qwen3-30b-a3b-L4": ("qwen3_moe", lambda: _qwen3_30b(4)),
+    "tiny-qwen3-moe": ("qwen3_moe", lambda: _tiny_of("qwen3_moe")),
     "internvl3.5-30b-a3b": ("internvl", _internvl35_30b),
     "tiny-internvl": ("internvl", lambda: _tiny_of("internvl")),
     "qwen3.5-35b-a3b": ("qwen3_5_moe", _qwen35_35b),

@@ -149,6 +149,13 @@ class Family:
     # image token ids are looked up in the text embedding (so they must lie inside the vocabulary); False where the
     # model swaps them for the pad token first (Gemma 4)
     image_ids_embedded: bool = True
+    # False for a text-only family: images are refused (one line), no image processor, no visual-token compression
+    has_vision: bool = True
+    # how `vismmoe make-shape` writes routed experts: "fused_transposed" (Qwen3-VL-MoE hub files, `[E, H, 2I]`,
+    # `[E, I, H]`) or "per_expert" (Qwen3-MoE hub files, `{prefix}.{e}.gate_proj.weight` ...)
+    hub_experts: str = "fused_transposed"
+    # config.json keys make-shape renames to the published files' names (transformers writes its own)
+    hub_config_names: dict[str, str] = {}
 
     # ---- model structure -------------------------------------------------------------------------------------
     def text_config(self, config):
@@ -211,6 +218,14 @@ class Family:
         return lambda key: key if key in own else rename_source_key(key, renamings, [])[0]
 
     # ---- inputs ----------------------------------------------------------------------------------------------
+    def check_images(self, count: int = 1) -> None:
+        """UserError (one line: exit status 2, HTTP 400) when `count` > 0 images are given to a text-only family;
+        called where images enter (the CLI before reading the model, the server before fetching them, and the
+        family's own image inputs)."""
+        if count and not self.has_vision:
+            raise UserError(f"{self.model_type} is a text-only model (no vision tower) and cannot take images",
+                            "ask without an image, or use a vision-language checkpoint")
+
     def load_image_processor(self, model_dir: str):
         return self.image_processor_class.from_pretrained(model_dir)
 
@@ -274,13 +289,14 @@ class Family:
         order = [int(i) for i in pieces[1::2]]
         if sorted(order) != list(range(len(texts))):
             raise ValueError(f"chat template placed text parts {order}, expected each of {len(texts)} once")
-        image_tok = self.tokens.image
+        image_tok = self.tokens.image                     # "" for a text-only family: no placeholder to find
         templ = pieces[0::2]
-        found = sum(t.count(image_tok) for t in templ)
+        found = sum(t.count(image_tok) for t in templ) if image_tok else 0
         if found != len(n_visual):
             raise ValueError(f"chat template produced {found} image placeholders, expected {len(n_visual)}")
         counts = iter(n_visual)
-        templ = [_expand(t, image_tok, counts, self.expand_image) for t in templ]
+        if image_tok:
+            templ = [_expand(t, image_tok, counts, self.expand_image) for t in templ]
 
         encoders = _encoders(tokenizer)
 
@@ -332,8 +348,9 @@ class Family:
         with TOKENIZER_LOCK:
             tokenizer.padding_side = "left"
             enc = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
-        image_id = tokenizer.convert_tokens_to_ids(self.tokens.image)
-        mm_types = (enc["input_ids"] == image_id).to(torch.int32)   # 0 text, 1 image
+        image_id = tokenizer.convert_tokens_to_ids(self.tokens.image) if self.tokens.image else None
+        mm_types = (enc["input_ids"] == image_id).to(torch.int32) if image_id is not None else \
+            torch.zeros_like(enc["input_ids"], dtype=torch.int32)   # 0 text, 1 image
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "mm_token_type_ids": mm_types}
         out.update(pixels)
         return out
@@ -379,6 +396,10 @@ class Family:
         text = mask.long().sum(-1, keepdim=True) - 1                  # [B, 1]
         rope = (text + deltas)[None].expand(3, -1, -1)
         return torch.cat([text[None], rope], dim=0)
+
+    def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """What the decoder's `rotary_emb` takes from positions `[1 + R, B, T]`: the three rope rows [3, B, T]."""
+        return positions[1:]
 
     # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
     def encode(self, model, inputs: dict) -> Encoded:

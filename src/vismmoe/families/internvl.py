@@ -26,6 +26,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 
 from ..errors import UserError
 from .base import Encoded, ExpertGeometry, Family, Tokens
+from .qwen3_moe import moe_geometry, tiny_text_config
 from .rope1d import Rope1D
 
 _TEMPLATE = (
@@ -87,11 +88,7 @@ class InternVLFamily(Rope1D, Family):
         if tc.model_type != "qwen3_moe":
             raise UserError(f"this InternVL checkpoint's text model is {tc.model_type!r}, which has no routed "
                             "experts", "vismmoe runs InternVL with a qwen3_moe text model (InternVL3.5-30B-A3B class)")
-        dense = set(tc.mlp_only_layers or [])
-        moe = tuple(i for i in range(tc.num_hidden_layers)
-                    if i not in dense and tc.num_experts > 0 and (i + 1) % tc.decoder_sparse_step == 0)
-        return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
-                              top_k=tc.num_experts_per_tok, moe_layers=moe)
+        return moe_geometry(tc)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def load_image_processor(self, model_dir: str) -> TileProcessor:
@@ -136,18 +133,7 @@ class InternVLFamily(Rope1D, Family):
         return _TEMPLATE
 
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int, **o) -> InternVLConfig:
-        text = dict(
-            model_type="qwen3_moe", vocab_size=vocab_size, hidden_size=o.get("hidden", 64),
-            intermediate_size=o.get("dense_inter", 128), moe_intermediate_size=o.get("inter", 48),
-            num_hidden_layers=o.get("layers", 4), num_attention_heads=o.get("heads", 4),
-            num_key_value_heads=o.get("kv_heads", 2), head_dim=o.get("head_dim", 16),
-            num_experts=o.get("experts", 8), num_experts_per_tok=o.get("top_k", 2), norm_topk_prob=True,
-            decoder_sparse_step=1, mlp_only_layers=o.get("dense_layers", []),
-            max_position_embeddings=o.get("max_pos", 8192),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            router_aux_loss_coef=o.get("aux_loss", 0.001), tie_word_embeddings=False,
-            bos_token_id=None, eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"],
-        )
+        text = dict(model_type="qwen3_moe", **tiny_text_config(token_ids, vocab_size, **o))
         tile = o.get("tile", 56)
         vision = dict(hidden_size=o.get("vision_hidden", 32), num_hidden_layers=o.get("vision_depth", 2),
                       num_attention_heads=o.get("vision_heads", 2), intermediate_size=o.get("vision_inter", 64),

@@ -12,6 +12,7 @@ from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .base import ExpertGeometry, Family, Tokens
+from .qwen3_moe import moe_geometry
 
 _TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -43,12 +44,7 @@ class Qwen3VLMoeFamily(Family):
              for i, v in enumerate(tc.mlp_only_layers or [])]
 
     def geometry(self, config) -> ExpertGeometry:
-        tc = config.text_config
-        dense = set(tc.mlp_only_layers or [])
-        moe = tuple(i for i in range(tc.num_hidden_layers)
-                    if i not in dense and tc.num_experts > 0 and (i + 1) % tc.decoder_sparse_step == 0)
-        return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
-                              top_k=tc.num_experts_per_tok, moe_layers=moe)
+        return moe_geometry(config.text_config)          # the Qwen3-MoE decoder's rule
 
     def _decoder_extras(self, enc) -> dict:
         if enc.deepstack is None:

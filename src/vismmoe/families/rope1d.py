@@ -19,6 +19,10 @@ class Rope1D:
         """[2, B, T] -> the rope row [B, T]."""
         return positions[1]
 
+    def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """[2, B, T] -> what the decoder's `rotary_emb` takes: the rope row [B, T]."""
+        return positions[1]
+
     def prefill_positions(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """([2, B, T] text and rope positions, equal; rope deltas [B, 1], zero) of a left-padded prompt."""
         mask = inputs["attention_mask"]

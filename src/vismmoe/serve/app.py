@@ -303,6 +303,7 @@ def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions, max_chars:
                             f"{max_chars:,} (--max-prompt-chars): shorten them", code="prompt_too_long",
                        param="messages")
     try:
+        engine.family.check_images(len(images))        # a text-only model: refused before any image is fetched
         sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
                                   top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
         deadline = time.monotonic() + opts.media.timeout_s                 # all of this request's remote images
