@@ -625,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--type", dest="quant", default=None, choices=["q8_0", "q4_k", "q4_k_m"],
                    help="quantize the text model's weight matrices (routers and norms stay f32; the projector stays "
                         "--dtype) into <name>-<type>.gguf: q8_0 with the gguf package; q4_k (every matrix Q4_K) and "
-                        "q4_k_m (llama.cpp's Q4_K/Q6_K mixture) with llama.cpp's llama-quantize; see docs/llama-cpp.md")
+                        "q4_k_m (llama.cpp's Q4_K/Q6_K mixture) with llama.cpp's llama-quantize; see docs/llama-cpp.md "
+                        "(default: none, the text model stays --dtype)")
     x.add_argument("--llama-quantize", default=None, metavar="PATH",
                    help="llama-quantize for q4_k and q4_k_m: the file or its folder (default: "
                         "$VISMMOE_LLAMA_CPP_BIN/llama-quantize, then PATH)")

@@ -687,7 +687,8 @@ def skeleton(family, config) -> torch.nn.Module:
 
 def _load_processors(family, config, model_dir: str):
     """(tokenizer, image processor) of the checkpoint, checked against config.json and with the chat template
-    tried on a one-image question: read before any weight, so a broken one is reported at once."""
+    tried on a one-image question (a text question for a text-only family): read before any weight, so a broken
+    one is reported at once."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         image_processor = family.load_image_processor(model_dir)
@@ -697,7 +698,8 @@ def _load_processors(family, config, model_dir: str):
                         "the directory needs tokenizer files and preprocessor_config.json") from None
     check_tokenizer(family, config, tokenizer, model_dir)
     try:
-        family.chat_text(tokenizer, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}])
+        parts = ([{"type": "image"}] if family.has_vision else []) + [{"type": "text", "text": "?"}]
+        family.chat_text(tokenizer, [{"role": "user", "content": parts}])
     except UserError as e:
         raise UserError(f"{e.what.replace('these messages', 'a one-image question')} (checked at load, {model_dir})",
                         e.fix) from None
