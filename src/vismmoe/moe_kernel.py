@@ -108,7 +108,7 @@ if triton is not None:
                     q = tl.load(base + rows[:, None] * (C // 2) + (ce // 2)[None, :],
                                 mask=rmask[:, None] & cm[None, :], other=0)
                     g = (c0 + gk * STEP) // STEP
-                    gm = rmask & (g * STEP < C)
+                    gm = rmask & ((rows * 0 + g * STEP) < C)      # a tensor mask (a scalar one breaks interpreters)
                     sc = tl.load(sp + rows * SR + g, mask=gm, other=0.0)                     # [BLOCK_R]
                     z = tl.load(zp + rows * SR + g, mask=gm, other=0).to(tl.float32)
                     q32 = q.to(tl.int32)
