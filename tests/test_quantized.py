@@ -240,3 +240,15 @@ def test_gpu_quantized_fast_and_eager_exact_across_budgets(family, spec, tiny_di
                 gen = _gen(eng, image_file)
                 assert gen.token_ids == want, (family, spec, decode, budget, policy)
                 assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi", "--expert-format", "fp9"],
+                                  ["eval", "--limit", "1", "--expert-format", "int4:group=100"],
+                                  ["bench", "--quick", "--expert-format", "int4:sym=3"],
+                                  ["make-shape", "--shape", "tiny-qwen3-moe", "--out", "OUT", "--format", "fp7"]])
+def test_a_bad_expert_format_is_one_line_before_any_work(argv, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expert format" in err[0]
+    assert not (tmp_path / "out").exists()
