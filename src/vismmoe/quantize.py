@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .formats import make_format
-from .formats.base import cdiv
 from .formats.checkpoint import stored_format
 from .paths import atomic_dir, new_dir
 
@@ -129,9 +128,11 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
                 quantized.append(key[: -len(".weight")])
             else:
                 put({key: t})
+        stored_bytes = 0
         for prefix in prefixes:
             for e in range(geo.num_experts):
                 gu, dn = reader.read(prefix, e)
+                stored_bytes = gu.element_size()
                 I = gu.shape[0] // 2
                 for proj, w in (("gate_proj", gu[:I]), ("up_proj", gu[I:]), ("down_proj", dn)):
                     put(convert(f"{prefix}.{e}.{proj}", w.contiguous()))
@@ -160,6 +161,5 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     return {"out": out_dir, "format": fmt.spec(), "files": sorted(os.listdir(out_dir)), "bytes": total,
             "expert_bytes": len(prefixes) * geo.num_experts * fmt.nbytes,
-            "dense_expert_bytes": len(prefixes) * geo.num_experts * 3 * geo.hidden * geo.inter *
-            torch.empty((), dtype=reader.tensor(next(iter(reader.keys()))).dtype).element_size(),
-            "attention_quantized": len(quantized), "group_count_check": cdiv(geo.hidden, 128)}
+            "dense_expert_bytes": len(prefixes) * geo.num_experts * 3 * geo.hidden * geo.inter * stored_bytes,
+            "attention_quantized": len(quantized)}
