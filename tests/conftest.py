@@ -95,3 +95,22 @@ def prune_every_third(eng, inputs):
     vis_pos = torch.nonzero(enc.visual[0]).flatten()
     order = torch.cat([torch.nonzero(~enc.visual[0]).flatten(), vis_pos[keep]]).sort().values
     return enc, keep, pruned, order, Every3()
+
+
+def in_thread(fn, timeout: float = 120.0) -> dict:
+    """fn() on a thread: {"value": result} or {"error": exception}; fails the test if fn has not returned by
+    `timeout` seconds (a hang)."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:          # handed to the test thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "hung"
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from vismmoe import load
 from vismmoe.errors import UserError
 
+from .conftest import in_thread
 from .test_store import _rewrite
 
 EXPERTS = "model.language_model.layers.{}.mlp.experts"
@@ -146,32 +146,17 @@ def test_index_naming_a_tensor_its_shard_lacks_is_refused_at_load(tiny_dirs, tmp
         load(d2)
 
 
-def _in_thread(fn, timeout=60.0):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:      # handed to the test thread
-            out["error"] = e
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "hung"
-    return out
-
-
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer_config.json"])
 def test_special_files_and_folders_in_a_checkpoint_are_refused(tiny_dirs, tmp_path, name):
     d = _copy(tiny_dirs, tmp_path, "dir")
     os.remove(os.path.join(d, name))
     os.mkdir(os.path.join(d, name))
-    out = _in_thread(lambda: load(d))
+    out = in_thread(lambda: load(d), timeout=60.0)
     assert isinstance(out.get("error"), UserError) and "is a directory" in str(out["error"]), out
     d = _copy(tiny_dirs, tmp_path, "fifo")
     os.remove(os.path.join(d, name))
     os.mkfifo(os.path.join(d, name))
-    out = _in_thread(lambda: load(d))                   # a FIFO used to block the reader for ever
+    out = in_thread(lambda: load(d), timeout=60.0)                   # a FIFO used to block the reader for ever
     assert isinstance(out.get("error"), UserError) and "not a regular file" in str(out["error"]), out
 
 

@@ -5,7 +5,6 @@ dry)."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from vismmoe import load
 from vismmoe.cli import main
 from vismmoe.errors import UserError
 
+from .conftest import in_thread
 from .test_store import _rewrite
 
 EXPERTS = "model.language_model.layers.{}.mlp.experts"
@@ -55,23 +55,6 @@ def test_bad_expert_tensors_are_one_line_errors_at_load(tiny_dirs, image_file, t
             assert "model-00001-of-00001.safetensors has shape" in err, err
 
 
-def _in_thread(fn, timeout=120.0):
-    """fn() on a thread: its result or exception, or a failure if it has not returned by `timeout` (a hang)."""
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:          # handed to the test thread
-            out["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "hung"
-    return out
-
-
 def test_read_failure_during_a_request_reaches_the_caller_and_frees_the_ring(tiny_dirs, image_file):
     eng = load(tiny_dirs["glm4v_moe"], expert_budget="25%", expert_tier="disk")
     store, reader = eng.store, eng.store.reader
@@ -87,13 +70,13 @@ def test_read_failure_during_a_request_reaches_the_caller_and_frees_the_ring(tin
     reader.read = failing
     ring = store.ring.shape[0]
     for _ in range(ring + 2):                         # more failures than staging slots: the ring must not run dry
-        out = _in_thread(lambda: eng.generate(image_file, "hi", max_new_tokens=2))
+        out = in_thread(lambda: eng.generate(image_file, "hi", max_new_tokens=2))
         assert isinstance(out.get("error"), UserError), out
         assert f"cannot read tensor {broken}." in str(out["error"])
-    assert _in_thread(lambda: sorted(store._free))["value"] == list(range(ring))
+    assert in_thread(lambda: sorted(store._free))["value"] == list(range(ring))
     reader.read = read                                # the file is readable again
     # no cache.clear(): the experts whose reads failed left the cache when the error was raised
-    out = _in_thread(lambda: eng.generate(image_file, "hi", max_new_tokens=2))
+    out = in_thread(lambda: eng.generate(image_file, "hi", max_new_tokens=2))
     assert "error" not in out, out
     assert out["value"].token_ids
 
