@@ -33,7 +33,7 @@ class _TinyDirs(dict):
         self.root = root
 
     def __missing__(self, family: str) -> str:
-        from vismmoe.tiny import make_tiny
+        from vismmoe.tools.tiny import make_tiny
         self[family] = make_tiny(family, str(self.root / family), layers=4, experts=8, top_k=2)
         return self[family]
 
@@ -81,7 +81,7 @@ def prune_every_third(eng, inputs):
     """(encoded prompt, kept visual indices, the engine's pruned prompt keeping every third visual token, the kept
     sequence order [T'] of row 0, the compressor that keeps them): what the hand-built pruning references start
     from."""
-    from vismmoe.compress import Selection
+    from vismmoe.engine.compress import Selection
     enc = eng.family.encode(eng.model, inputs)
     keep = torch.arange(0, int(enc.visual.sum()), 3)
 

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
-from vismmoe.analyze import pareto
-from vismmoe.cli import main
-from vismmoe.trace import RoutingTrace, routing_metrics
+from vismmoe.tools.analyze import pareto
+from vismmoe.cli.app import main
+from vismmoe.offload.trace import RoutingTrace, routing_metrics
 
 
 def _trace(steps):

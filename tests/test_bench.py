@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 
 
 def test_bench_quick_smoke(tmp_path, capsys):

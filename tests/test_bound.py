@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vismmoe.bench.bound import access_groups, belady_misses, phased, prefill_calls
-from vismmoe.trace import RoutingTrace
+from vismmoe.offload.trace import RoutingTrace
 
 
 def _trace(steps):

@@ -72,7 +72,7 @@ def test_config_contradictions_are_refused_at_load(tiny_dirs, tmp_path, case):
 
 def test_fewer_layers_than_weights_is_refused_before_any_weight_is_read(tiny_dirs, tmp_path, monkeypatch):
     """Found from the headers: no tensor is read."""
-    from vismmoe.store import CheckpointReader
+    from vismmoe.offload.store import CheckpointReader
     d = _edit_config(_copy(tiny_dirs, tmp_path, "layers"), _text("num_hidden_layers", 2))
 
     def no_reads(self, key, index=None):
@@ -106,7 +106,7 @@ def test_nan_or_inf_weights_are_refused_naming_the_tensor(tiny_dirs, tmp_path, t
 
 
 def test_sampling_scans_a_large_tensor_at_evenly_spaced_values():
-    from vismmoe.weights_check import FULL_BELOW, SAMPLE, FiniteCheck
+    from vismmoe.engine.weights_check import FULL_BELOW, SAMPLE, FiniteCheck
     t = torch.zeros(FULL_BELOW * 4)
     step = t.numel() // SAMPLE
     t[step * 3] = float("nan")                 # on the sampled grid
@@ -189,7 +189,7 @@ def test_a_chat_template_that_cannot_render_is_refused_at_load(tiny_dirs, tmp_pa
 def test_a_template_refusing_some_messages_is_a_user_error_per_request(tiny_dirs, tmp_path):
     """A template that renders a question but refuses, say, a system turn: that request fails alone, as a
     UserError (a 400 on the server), not a TemplateError."""
-    from vismmoe.request import GenerationRequest
+    from vismmoe.engine.request import GenerationRequest
     d = _copy(tiny_dirs, tmp_path, "tpl2")
     path = os.path.join(d, "chat_template.jinja")
     with open(path) as f:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 
 STATS_KEYS = {"expert_budget_bytes", "expert_bytes_peak", "hits", "misses", "prefetch_hits", "bytes_moved",
               "stall_s", "ttft_s", "tpot_s", "e2e_s", "visual_tokens", "visual_tokens_kept"}

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from vismmoe.cli import build_parser, main
+from vismmoe.cli.app import build_parser, main
 
 
 def _error(capsys, argv, needle):
@@ -29,11 +29,11 @@ def _error(capsys, argv, needle):
 @pytest.fixture()
 def no_load(monkeypatch):
     """Fail the test if a command gets as far as reading a model."""
-    import vismmoe.engine
+    import vismmoe.engine.core
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad argument was refused")
-    monkeypatch.setattr(vismmoe.engine, "load", refuse)
+    monkeypatch.setattr(vismmoe.engine.core, "load", refuse)
 
 
 def test_non_utf8_text_is_one_line_exit_2(tiny_dirs, tmp_path):
@@ -123,9 +123,9 @@ def test_runtime_values_are_refused_before_loading(tmp_path, capsys, no_load, ex
 
 def test_runtime_errors_come_before_model_code_is_imported():
     """In a fresh process: the error is printed with transformers (and the engine) never imported."""
-    code = ("import sys\nfrom vismmoe.cli import main\n"
+    code = ("import sys\nfrom vismmoe.cli.app import main\n"
             "rc = main(['generate', '--prompt', 'hi', '--policy', 'fifo'])\n"
-            "print(rc, sorted(m for m in ('transformers', 'vismmoe.engine') if m in sys.modules))")
+            "print(rc, sorted(m for m in ('transformers', 'vismmoe.engine.core') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert out.stdout.strip() == "2 []", (out.stdout, out.stderr[-500:])
@@ -161,7 +161,7 @@ def test_a_failed_write_leaves_the_old_folder_and_no_partial_one(tiny_dirs, tmp_
     leaves the existing checkpoint whole even with --force."""
     import shutil
 
-    from vismmoe import tiny
+    from vismmoe.tools import tiny
     d = tmp_path / "ckpt"
     shutil.copytree(tiny_dirs["qwen3_vl_moe"], d)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
@@ -229,7 +229,7 @@ def test_help_shows_every_default_and_the_version(capsys):
 def test_generate_and_serve_share_the_runtime_defaults():
     """One table: the predictive policy with gate prefetch (what measured best at a budget); the LRU baseline is
     one flag away."""
-    from vismmoe.cli import RUNTIME_DEFAULTS
+    from vismmoe.cli.app import RUNTIME_DEFAULTS
     gen = build_parser().parse_args(["generate", "--prompt", "x"])
     srv = build_parser().parse_args(["serve"])
     for key, value in RUNTIME_DEFAULTS.items():
@@ -251,7 +251,7 @@ def test_generate_stats_separate_the_warm_up_and_the_timeline_has_the_vision_enc
     s = json.loads(out.strip().splitlines()[-1])["stats"]
     assert s["warmup_s"] > 0 and (s["policy"], s["prefetch"]) == ("predictive", "gate")
     assert png.stat().st_size > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.png"]
-    from vismmoe.trace import RoutingTrace
+    from vismmoe.offload.trace import RoutingTrace
     assert RoutingTrace.load(str(tmp_path / "t.npz")).steps[0]["kind"] == "prefill"   # the request's, not the warm-up's
     from vismmoe import load
     eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="40%")

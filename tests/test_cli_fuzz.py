@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vismmoe.cli import build_parser, main
+from vismmoe.cli.app import build_parser, main
 
 
 class Reached(Exception):
@@ -86,17 +86,17 @@ def _work_stubbed(monkeypatch):
     """Every command's work (model load, writers, server, demo) raises Reached instead of running."""
     import vismmoe.bench.make_shape
     import vismmoe.bench.random_model
-    import vismmoe.demo
-    import vismmoe.engine
-    import vismmoe.export_gguf
+    import vismmoe.tools.demo
+    import vismmoe.engine.core
+    import vismmoe.tools.export_gguf
     import vismmoe.serve.cli
-    import vismmoe.tiny
+    import vismmoe.tools.tiny
 
     def reached(*a, **k):
         raise Reached()
-    for module, attr in ((vismmoe.engine, "load"), (vismmoe.tiny, "make_tiny"),
-                         (vismmoe.bench.make_shape, "make_shape"), (vismmoe.export_gguf, "export"),
-                         (vismmoe.serve.cli, "serve"), (vismmoe.demo, "run_demo"),
+    for module, attr in ((vismmoe.engine.core, "load"), (vismmoe.tools.tiny, "make_tiny"),
+                         (vismmoe.bench.make_shape, "make_shape"), (vismmoe.tools.export_gguf, "export"),
+                         (vismmoe.serve.cli, "serve"), (vismmoe.tools.demo, "run_demo"),
                          (vismmoe.bench.random_model, "random_engine")):
         monkeypatch.setattr(module, attr, reached)
     yield

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vismmoe.cli import build_parser, main
+from vismmoe.cli.app import build_parser, main
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -21,9 +21,9 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def test_import_and_top_level_help_load_no_torch():
     code = ("import sys, contextlib, io\n"
-            "import vismmoe.cli\n"
+            "import vismmoe.cli.app\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    vismmoe.cli.main(['--help'])\n"
+            "    vismmoe.cli.app.main(['--help'])\n"
             "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -37,11 +37,11 @@ def test_every_option_of_every_command_has_help():
 
 
 def test_generate_help_lists_every_registered_name(capsys):
-    from vismmoe.compress import COMPRESSORS
+    from vismmoe.engine.compress import COMPRESSORS
     from vismmoe.families import FAMILIES
-    from vismmoe.links import PROFILES
-    from vismmoe.policies import ONLINE_POLICIES
-    from vismmoe.predict import PREDICTORS
+    from vismmoe.offload.links import PROFILES
+    from vismmoe.offload.policies import ONLINE_POLICIES
+    from vismmoe.offload.predict import PREDICTORS
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())          # argparse wraps lines: compare words
     text = text[text.index("options:"):]                       # past the usage lines
@@ -94,7 +94,7 @@ def test_registry_help_does_not_load_model_classes():
     import transformers' model classes (it took about 5 s)."""
     import subprocess
     import sys
-    code = ("import sys; from vismmoe.cli import _compressors, _predictors, _policies; "
+    code = ("import sys; from vismmoe.cli.app import _compressors, _predictors, _policies; "
             "_compressors(); _predictors(); _policies(); print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-300:]

@@ -9,8 +9,8 @@ import torch
 from transformers import DynamicCache
 
 from vismmoe import load
-from vismmoe.decode import cut_at_eos
-from vismmoe.compress import COMPRESSORS, VisualContext, keep_count
+from vismmoe.step.decode import cut_at_eos
+from vismmoe.engine.compress import COMPRESSORS, VisualContext, keep_count
 
 from .conftest import FAMILIES, prune_every_third
 
@@ -122,7 +122,7 @@ def test_gpu_compressors(family, tiny_dirs, image_file):
 def test_affinity_gamma_spreads_look_alike_tokens():
     """With gamma > 0, identical tokens far apart in the grid are not duplicates: among 16 identical tokens the
     picks go to the corners (without it, all tie and the first two indices are taken)."""
-    from vismmoe.compress import AffinityCompressor, _grid_distance
+    from vismmoe.engine.compress import AffinityCompressor, _grid_distance
     d = _grid_distance((1, 4, 4), 16)
     assert d.shape == (16, 16) and np.allclose(d, d.T) and np.allclose(np.diag(d), 0)
     assert np.isclose(d[0, 15], 1.0) and np.isclose(d[0, 3], 2 ** -0.5)
@@ -139,7 +139,7 @@ def test_farthest_first_is_max_min_diversity():
     mean as a cap (affinity's variant), which changes the picks."""
     import numpy as np
 
-    from vismmoe.compress import _farthest_first
+    from vismmoe.engine.compress import _farthest_first
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 8)).astype(np.float32)

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from vismmoe.compress import COMPRESSORS, make_compressor
+from vismmoe.engine.compress import COMPRESSORS, make_compressor
 from vismmoe.errors import UserError
 
 KNOBS = [(name, key) for name, cls in COMPRESSORS.items() for key in getattr(cls, "knobs", {})]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vismmoe.decode import cut_at_eos
+from vismmoe.step.decode import cut_at_eos
 
 
 def test_cut_at_eos_keeps_or_drops_the_first_eos():

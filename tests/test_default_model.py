@@ -11,8 +11,8 @@ from transformers import Qwen3VLMoeForConditionalGeneration
 
 from vismmoe import load
 from vismmoe.data import balanced_subset
-from vismmoe.demo import BUNDLED
-from vismmoe.trace import RoutingTrace, layer_counts
+from vismmoe.checkpoints import BUNDLED
+from vismmoe.offload.trace import RoutingTrace, layer_counts
 
 
 def test_checkpoint_shape_and_size():

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import json
 
-from vismmoe.demo import BUNDLED, DEMO_BUDGETS, run_demo
+from vismmoe.checkpoints import BUNDLED
+from vismmoe.tools.demo import DEMO_BUDGETS, run_demo
 
 
 def test_demo_runs_and_budgets_agree(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vismmoe import load
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 from vismmoe.errors import UserError
 
 from .conftest import in_thread

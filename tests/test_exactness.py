@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vismmoe import load
-from vismmoe.decode import cut_at_eos
+from vismmoe.step.decode import cut_at_eos
 from vismmoe.families import get_family
 
 from .conftest import FAMILIES
@@ -91,7 +91,7 @@ def test_prefill_streams_in_waves_when_working_set_exceeds_cache(tiny_dirs, imag
     d = tiny_dirs["qwen3_vl_moe"]
     eng = load(d, expert_budget=str(load(d).layout.nbytes * 2))
     calls = []
-    from vismmoe import runtime as rt
+    from vismmoe.offload import runtime as rt
     orig = rt.plan_waves
 
     def spy(needed, resident, capacity):
@@ -122,8 +122,8 @@ def test_grouped_windows_do_not_change_results(tiny_dirs, image_file):
 def test_disk_tier_reads_on_a_thread_pool_under_ring_pressure(tiny_dirs, image_file, references, monkeypatch):
     """The disk tier reads on several I/O threads; with a staging ring of 3 slots (2 readers) and prefetch
     adding reads, tokens still equal the reference and every staging slot comes back."""
-    from vismmoe import store as store_mod
-    from vismmoe import transfer as transfer_mod
+    from vismmoe.offload import store as store_mod
+    from vismmoe.offload import transfer as transfer_mod
     real = store_mod.DiskStore.__init__
     monkeypatch.setattr(store_mod.DiskStore, "__init__",
                         lambda self, *a, **k: real(self, *a, **{**k, "staging": 3}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vismmoe import moe_kernel
+from vismmoe.step import moe_kernel
 from vismmoe.errors import UserError
 from vismmoe.formats import make_format, names
 

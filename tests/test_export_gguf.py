@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from vismmoe.cli import main
-from vismmoe.demo import BUNDLED
+from vismmoe.cli.app import main
+from vismmoe.checkpoints import BUNDLED
 from vismmoe.errors import UserError
 
 gguf = pytest.importorskip("gguf")
@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     return export(BUNDLED, str(tmp_path_factory.mktemp("gguf")), dtype="bf16")
 
 
@@ -80,7 +80,7 @@ def test_text_gguf_tensors(exported):
 
 
 def test_bf16_values_round_trip(exported):
-    from vismmoe.store import CheckpointReader
+    from vismmoe.offload.store import CheckpointReader
     ts = _tensors(exported["text"]["path"])
     rd = CheckpointReader(BUNDLED, 256, 128)
     pre = "model.language_model."
@@ -119,7 +119,7 @@ def test_mmproj_gguf(exported):
 
 
 def test_pre_tokenizer_names():
-    from vismmoe.export_gguf import _QWEN2_REGEX, pre_tokenizer_name
+    from vismmoe.tools.export_gguf import _QWEN2_REGEX, pre_tokenizer_name
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
                                                  "use_regex": True}}) == "gpt-2"
     qwen2 = {"type": "Sequence", "pretokenizers": [
@@ -143,8 +143,8 @@ def _one_line_error(capsys, argv, needle):
 def test_glm4v_moe_export(tiny_dirs, tmp_path):
     """GLM-4.5V: arch glm4moe (dense first layer, shared expert, sigmoid router with correction bias) and the glm4v
     projector; per-expert hub tensors come out as llama.cpp's banks."""
-    from vismmoe.export_gguf import export
-    from vismmoe.store import CheckpointReader
+    from vismmoe.tools.export_gguf import export
+    from vismmoe.offload.store import CheckpointReader
     d = tiny_dirs["glm4v_moe"]
     res = export(d, str(tmp_path), dtype="bf16")
     tc = json.loads(open(os.path.join(d, "config.json")).read())["text_config"]
@@ -182,7 +182,7 @@ def test_export_unknown_family_is_a_one_line_error(tmp_path, capsys):
 
 def test_make_shape_loads_generates_and_exports(tmp_path, image_file, capsys):
     import vismmoe
-    from vismmoe.store import CheckpointReader
+    from vismmoe.offload.store import CheckpointReader
     out = tmp_path / "shape"
     assert main(["make-shape", "--shape", "tiny-qwen3", "--layers", "3", "--out", str(out), "--device", "cpu"]) == 0
     capsys.readouterr()
@@ -297,8 +297,8 @@ def test_llama_cpp_glm4v_same_tokens(tmp_path):
     bin_dir = _llama_bin()
     import vismmoe
     from vismmoe.bench.llama_cpp import Llama, image_token_range, noise_requests, vismmoe_run
-    from vismmoe.export_gguf import export
-    from vismmoe.tiny import make_tiny
+    from vismmoe.tools.export_gguf import export
+    from vismmoe.tools.tiny import make_tiny
     d = make_tiny("glm4v_moe", str(tmp_path / "glm"), layers=3, experts=8, top_k=2)
     files = export(d, str(tmp_path / "g"), dtype="f32")
     llama = Llama(bin_dir, files["text"]["path"], files["mmproj"]["path"], ctx=1024,
@@ -317,7 +317,7 @@ def test_llama_cpp_random_shape_same_tokens(tmp_path):
     import vismmoe
     from vismmoe.bench.llama_cpp import Llama, image_token_range, noise_requests, vismmoe_run
     from vismmoe.bench.make_shape import make_shape
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     d = make_shape("tiny-qwen3", str(tmp_path / "s"), layers=3, device="cpu")["dir"]
     files = export(d, str(tmp_path / "g"), dtype="f32")
     llama = Llama(bin_dir, files["text"]["path"], files["mmproj"]["path"], ctx=1024,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 from vismmoe.families import FAMILIES, IGNORES_EXPERTS_SETTING
 
 

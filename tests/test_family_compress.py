@@ -14,8 +14,8 @@ import torch
 from transformers import DynamicCache
 
 from vismmoe import load
-from vismmoe.compress import COMPRESSORS
-from vismmoe.decode import cut_at_eos
+from vismmoe.engine.compress import COMPRESSORS
+from vismmoe.step.decode import cut_at_eos
 from vismmoe.families import get_family
 
 from .conftest import MORE_FAMILIES, prune_every_third

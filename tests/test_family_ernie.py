@@ -90,7 +90,7 @@ def test_moe_token_types_reach_the_model(tiny_dirs, image_file):
 def test_trace_predictors_calibrate_per_bank_and_stay_lossless(tiny_dirs, image_file, tmp_path):
     """Transition tables pair layers that saw the same tokens (a bank's own chain; decode steps without vision
     banks still count), and the trace and blend predictors then prefetch without changing a token."""
-    from vismmoe.calibrate import calibrate, default_samples
+    from vismmoe.tools.calibrate import calibrate, default_samples
     d = tiny_dirs[FAMILY]
     base = load(d)
     tables, rows = calibrate(base.fork(expert_budget="100%"), default_samples(3), depth=2)

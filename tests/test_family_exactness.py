@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from vismmoe import UserError, load
-from vismmoe.decode import cut_at_eos
+from vismmoe.step.decode import cut_at_eos
 from vismmoe.families import get_family
 
 from .conftest import MORE_FAMILIES, TEXT_FAMILIES

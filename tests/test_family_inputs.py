@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 from vismmoe.families import get_family
 from vismmoe.families.base import MAX_ASPECT, pad_to_aspect
-from vismmoe.inputs import load_image
+from vismmoe.engine.inputs import load_image
 
 from .conftest import FAMILIES as _RUNTIME_FAMILIES, MORE_FAMILIES
 

@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 
 from vismmoe import UserError, load
-from vismmoe.cli import main
-from vismmoe.decode import cut_at_eos
+from vismmoe.cli.app import main
+from vismmoe.step.decode import cut_at_eos
 from vismmoe.families import get_family
-from vismmoe.request import GenerationRequest
+from vismmoe.engine.request import GenerationRequest
 
 FAMILY = "qwen3_moe"
 PROMPT = "What is in the picture?"
@@ -119,7 +119,7 @@ def test_images_are_refused_by_the_engine(tiny, image_file):
 
 
 def test_cli_refuses_an_image_before_reading_the_model(tiny, image_file, capsys, monkeypatch):
-    import vismmoe.engine as engine_mod
+    import vismmoe.engine.core as engine_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was read")
@@ -209,7 +209,7 @@ def test_bench_shape_takes_prompt_lengths(tmp_path, capsys):
 def test_quantized_text_checkpoints(spec, tiny, tmp_path):
     """`vismmoe quantize` of the hub layout loads into the blobs of a load-time quantization, and quantized
     experts offload exactly down to top-k slots (fast step included)."""
-    from vismmoe.quantize import quantize_checkpoint
+    from vismmoe.tools.quantize import quantize_checkpoint
     d = str(tmp_path / "q")
     quantize_checkpoint(tiny, spec, d)
     at_load, from_file = load(tiny, expert_format=spec), load(d)

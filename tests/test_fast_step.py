@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vismmoe import load
-from vismmoe.decode import cut_at_eos
+from vismmoe.step.decode import cut_at_eos
 
 from .conftest import FAMILIES
 
@@ -74,7 +74,7 @@ def test_fast_step_slot_map_follows_the_cache(tiny_dirs, image_file):
 
 def test_fast_step_counts_the_routing(tiny_dirs, image_file):
     """Hits + misses of the decode steps are exactly the distinct experts each step's routing used."""
-    from vismmoe.trace import RoutingTrace
+    from vismmoe.offload.trace import RoutingTrace
     eng = load(tiny_dirs["glm4v_moe"], decode="fast", expert_budget="25%")
     tr = RoutingTrace()
     eng.record_trace(tr)
@@ -193,7 +193,7 @@ def test_text_only_prompts(family, tiny_dirs, image_file, capsys):
     alone = eng.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
     mixed = eng.generate_batch([image_file, None], [PROMPT, "What is a cat?"], NEW)
     assert [g.token_ids for g in mixed] == [alone, want]
-    from vismmoe.cli import main                        # the CLI without --image
+    from vismmoe.cli.app import main                        # the CLI without --image
     assert main(["generate", "--model", d, "--prompt", "What is a cat?", "--max-new-tokens", str(NEW), "--json"]) == 0
     import json
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == want

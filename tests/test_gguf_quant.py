@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from vismmoe.demo import BUNDLED
+from vismmoe.checkpoints import BUNDLED
 from vismmoe.errors import UserError
 
 from .test_export_gguf import _field, _llama_bin, _one_line_error, _tensors
@@ -72,7 +72,7 @@ def _expert_sources(rd, layer: int, E: int, I: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def q8_exported(tmp_path_factory) -> dict:
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     return export(BUNDLED, str(tmp_path_factory.mktemp("gguf_q8")), dtype="bf16", quant="q8_0")
 
 
@@ -96,7 +96,7 @@ def test_q8_0_export_types(q8_exported):
 def test_q8_0_experts_are_the_source_within_a_step(q8_exported):
     """Each expert bank (and the attention, embedding and output matrices) dequantizes to the checkpoint's values
     within the step of its block, and its bytes are gguf's Q8_0 quantization of exactly those values."""
-    from vismmoe.store import CheckpointReader
+    from vismmoe.offload.store import CheckpointReader
     Q = gguf.GGMLQuantizationType
     ts = _tensors(q8_exported["text"]["path"])
     rd = CheckpointReader(BUNDLED, 256, 128)
@@ -116,8 +116,8 @@ def test_q8_0_rows_not_a_multiple_of_the_block_stay_f16(tiny_dirs, tmp_path):
     """Tiny GLM-4.5V: expert and shared-expert rows of 48 values cannot be cut into Q8_0 blocks of 32, so those
     matrices are F16 (llama-quantize's fallback); the dense layer's ffn_down (rows of 128) and the gate/up banks
     (rows of 64) are Q8_0."""
-    from vismmoe.export_gguf import export
-    from vismmoe.store import CheckpointReader
+    from vismmoe.tools.export_gguf import export
+    from vismmoe.offload.store import CheckpointReader
     Q = gguf.GGMLQuantizationType
     d = tiny_dirs["glm4v_moe"]
     res = export(d, str(tmp_path), dtype="f32", quant="q8_0")
@@ -137,7 +137,7 @@ def test_q8_0_rows_not_a_multiple_of_the_block_stay_f16(tiny_dirs, tmp_path):
 
 
 def test_bad_type_is_a_one_line_error(tmp_path, capsys):
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     _one_line_error(capsys, ["export-gguf", "--out", str(tmp_path / "a"), "--type", "q5_k"], "invalid choice")
     _one_line_error(capsys, ["export-gguf", "--out", str(tmp_path / "b"), "--type", "q8_0", "--llama-quantize",
                              str(tmp_path)], "nothing would use it")
@@ -170,7 +170,7 @@ shutil.copy(src, dst)
 def test_llama_quantize_is_called_with_the_type(tmp_path, monkeypatch):
     """q4_k runs `llama-quantize --pure IN OUT Q4_K_S`, q4_k_m `llama-quantize IN OUT Q4_K_M`, on the --dtype text
     file, which is kept; the result names both files (a stand-in binary here: tests with the real one below)."""
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     monkeypatch.delenv("VISMMOE_LLAMA_CPP_BIN", raising=False)
     bin_dir = _fake_llama_quantize(tmp_path)
     out = tmp_path / "g"
@@ -290,8 +290,8 @@ def test_llama_quantize_types_and_values(quant, tmp_path):
     """The bundled model through llama-quantize: every tensor has the type of the stated rule, and the expert
     banks (Q4_K gate/up; down rows of 128 fall back to Q5_0, or Q8_0 where Q4_K_M asks Q6_K) and attention dequantize
     to the checkpoint within their steps."""
-    from vismmoe.export_gguf import export
-    from vismmoe.store import CheckpointReader
+    from vismmoe.tools.export_gguf import export
+    from vismmoe.offload.store import CheckpointReader
     bin_dir = _llama_bin("llama-quantize")
     res = export(BUNDLED, str(tmp_path), dtype="bf16", quant=quant, llama_quantize=bin_dir)
     ts = _tensors(res["text"]["path"])
@@ -310,7 +310,7 @@ def test_llama_quantize_types_and_values(quant, tmp_path):
 def test_llama_quantize_glm4v_eight_experts(tiny_dirs, tmp_path):
     """Tiny GLM-4.5V (8 experts, rows of 48 and 64): Q4_K_M's 8-expert attention types and the fallbacks of rows
     no 256-block fits."""
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     bin_dir = _llama_bin("llama-quantize")
     d = tiny_dirs["glm4v_moe"]
     res = export(d, str(tmp_path), dtype="f32", quant="q4_k_m", llama_quantize=bin_dir)
@@ -325,7 +325,7 @@ def test_q8_0_equals_llama_quantize(q8_exported, tmp_path):
     """Our Q8_0 file holds the bytes llama-quantize writes for Q8_0 from the bf16 export, tensor by tensor."""
     import subprocess
 
-    from vismmoe.export_gguf import export
+    from vismmoe.tools.export_gguf import export
     exe = os.path.join(_llama_bin("llama-quantize"), "llama-quantize")
     theirs = str(tmp_path / "q8.gguf")
     bf16 = export(BUNDLED, str(tmp_path), dtype="bf16")["text"]["path"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vismmoe.grouped import experts_on_slots
+from vismmoe.step.grouped import experts_on_slots
 
 
 class _Gate:
@@ -105,7 +105,7 @@ def test_gradients_match_reference():
 def test_gpu_window_of_max_groups_runs_in_the_cuda_kernel():
     """CUDA's bf16 grouped_mm accepts fewer than 1024 groups: a full window (MAX_GROUPS slots) must run and
     match the per-expert reference."""
-    from vismmoe.grouped import MAX_GROUPS
+    from vismmoe.step.grouped import MAX_GROUPS
     g = torch.Generator().manual_seed(3)
     T, K, E, H, I = 600, 4, MAX_GROUPS, 64, 32
     hidden = torch.randn(T, H, generator=g)
@@ -121,7 +121,7 @@ def test_gpu_window_of_max_groups_runs_in_the_cuda_kernel():
 
 def test_sparse_window_gathers_used_slots_with_identical_results():
     """window_banks: a mostly empty window is gathered (CPU) and gives bit-identical pair rows to the slice."""
-    from vismmoe.grouped import window_banks
+    from vismmoe.step.grouped import window_banks
     g = torch.Generator().manual_seed(5)
     T, K, S, H, I = 7, 2, 200, 16, 8
     from vismmoe.formats import DenseFormat

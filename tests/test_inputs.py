@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vismmoe.errors import UserError
-from vismmoe.inputs import load_image, to_rgb
+from vismmoe.engine.inputs import load_image, to_rgb
 
 def _reference() -> Image.Image:
     """An 8-bit RGB picture with smooth gradients and noise, every channel spanning 0..255."""

@@ -7,7 +7,7 @@ import pytest
 
 from vismmoe import load
 from vismmoe.errors import UserError
-from vismmoe.links import LinkClock, get_link
+from vismmoe.offload.links import LinkClock, get_link
 
 
 def test_profiles_and_custom():
@@ -85,7 +85,7 @@ def test_hits_first_splits_only_when_the_wait_is_long(tiny_dirs, image_file, mon
     """Hits are computed while misses arrive only when the misses arrive later than one grouped call takes: on a
     very slow emulated link layer calls split in two, on the machine's own link (copies of a few KiB) they do
     not. Tokens are the same either way."""
-    import vismmoe.runtime as R
+    import vismmoe.offload.runtime as R
     calls = []
     real = R.experts_on_slots
     monkeypatch.setattr(R, "experts_on_slots", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vismmoe.cache import ExpertCache
+from vismmoe.offload.cache import ExpertCache
 from vismmoe.errors import UserError
-from vismmoe.policies import (BeladyPolicy, LFRUPolicy, LFUPolicy, LRUPolicy, NoCachePolicy, PredictivePolicy,
-                               make_policy)
-from vismmoe.schedule import plan_waves
+from vismmoe.offload.policies import (
+    BeladyPolicy,
+    LFRUPolicy,
+    LFUPolicy,
+    LRUPolicy,
+    NoCachePolicy,
+    PredictivePolicy,
+    make_policy,
+)
+from vismmoe.offload.schedule import plan_waves
 from vismmoe.formats import DenseFormat
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from vismmoe import load
-from vismmoe.calibrate import calibrate, default_samples
-from vismmoe.cli import main
-from vismmoe.predict import TransitionTables
+from vismmoe.tools.calibrate import calibrate, default_samples
+from vismmoe.cli.app import main
+from vismmoe.offload.predict import TransitionTables
 
 from .conftest import FAMILIES
 
@@ -167,7 +167,7 @@ def test_lookahead_adapts_to_the_link(tiny_dirs, image_file):
 def test_prefetch_cost_model():
     """The adaptive depth's cost model on synthetic phases (L compute, M copies, resident share, precision q):
     prefetch runs only where it saves more than STALL_MIN of a layer."""
-    from vismmoe.prefetch import Prefetcher, _TokenBucket
+    from vismmoe.offload.prefetch import Prefetcher, _TokenBucket
 
     pf = Prefetcher(predictor=None, depth=3)
 
@@ -226,7 +226,7 @@ def test_fused_gate_prediction_equals_per_router_prediction(tiny_dirs):
     logits) predicts exactly what calling each router does (top-k of its softmax); GLM routers are not fused."""
     import torch
 
-    from vismmoe.predict import GatePredictor
+    from vismmoe.offload.predict import GatePredictor
     eng = load(tiny_dirs["qwen3_vl_moe"])
     geo, fam = eng.geometry, eng.family
     routers = {l: fam.moe_block(eng.model, l).gate for l in geo.moe_layers}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from vismmoe import load
-from vismmoe.compress import COMPRESSORS, make_compressor
-from vismmoe.policies import POLICIES, make_policy
+from vismmoe.engine.compress import COMPRESSORS, make_compressor
+from vismmoe.offload.policies import POLICIES, make_policy
 from vismmoe.protocols import Compressor, EvictionPolicy, Predictor, RoutingObserver, StepObserver
-from vismmoe.trace import RoutingTrace
+from vismmoe.offload.trace import RoutingTrace
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -23,7 +23,7 @@ def test_compressors_meet_the_protocol(name):
 
 
 def test_predictors_and_observers_meet_their_protocols(tiny_dirs, tmp_path):
-    from vismmoe.calibrate import calibrate, default_samples
+    from vismmoe.tools.calibrate import calibrate, default_samples
     eng = load(tiny_dirs["qwen3_vl_moe"])
     tables, _ = calibrate(eng, default_samples(3), depth=2, max_new_tokens=2)
     path = str(tmp_path / "t.npz")

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vismmoe import load
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 from vismmoe.errors import UserError
-from vismmoe.quantize import quantize_checkpoint
+from vismmoe.tools.quantize import quantize_checkpoint
 
 from .conftest import FAMILIES
 

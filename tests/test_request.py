@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from vismmoe import load
-from vismmoe.request import GenerationRequest, TextStream, batch_inputs
-from vismmoe.sampling import SamplingParams
+from vismmoe.engine.request import GenerationRequest, TextStream, batch_inputs
+from vismmoe.engine.sampling import SamplingParams
 
 PROMPTS = ["What is in the picture?", "How many shapes are there?", "Describe it."]
 
@@ -198,7 +198,7 @@ def test_message_text_tokenizes_as_the_tokenizer_does(tiny_dirs):
     text with them split into characters."""
     from vismmoe.families import get_family
     from vismmoe.families.base import _encoders
-    from vismmoe.tokenizer import build_tokenizer
+    from vismmoe.tools.tokenizer import build_tokenizer
     for name in ("qwen3_vl_moe", "glm4v_moe", "internvl", "gemma4", "ernie4_5_vl_moe"):
         fam = get_family(name)
         tok = build_tokenizer(fam)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from vismmoe import load
-from vismmoe.decode import cut_at_eos
+from vismmoe.step.decode import cut_at_eos
 from vismmoe.families import get_family
-from vismmoe.predict import GatePredictor
-from vismmoe.tiny import make_tiny
+from vismmoe.offload.predict import GatePredictor
+from vismmoe.tools.tiny import make_tiny
 
 PROMPT = "What is in the picture?"
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vismmoe.errors import UserError
-from vismmoe.sampling import NonFiniteLogits, SamplingParams, Sampler
+from vismmoe.engine.sampling import NonFiniteLogits, SamplingParams, Sampler
 
 
 def _logits(B=3, V=50, seed=0):

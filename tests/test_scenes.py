@@ -318,8 +318,8 @@ def test_subsets_are_made_as_they_are_read(monkeypatch) -> None:
     import weakref
 
     from vismmoe.data import scenes
-    from vismmoe.engine import Generation
-    from vismmoe.evaluate import evaluate
+    from vismmoe.engine.core import Generation
+    from vismmoe.tools.evaluate import evaluate
 
     refs: list = []
     made = []

@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 from vismmoe.data import balanced_subset
 from vismmoe.serve.media import MediaRules
 

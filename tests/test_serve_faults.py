@@ -21,9 +21,9 @@ import time
 import httpx
 import pytest
 
-from vismmoe.cli import main
+from vismmoe.cli.app import main
 from vismmoe.data import balanced_subset
-from vismmoe.sampling import Sampler
+from vismmoe.engine.sampling import Sampler
 from vismmoe.serve import media
 from vismmoe.serve.media import MediaRules, image_bytes, parse_networks
 from vismmoe.errors import UserError
@@ -91,8 +91,8 @@ def test_a_row_whose_logits_hold_nan_fails_alone(server, bundled_engine, samples
 def test_one_row_that_fails_leaves_its_batch(bundled_engine, samples, monkeypatch):
     """Engine.generate_requests with rows that fail on their own: a bad image and NaN logits end their rows with
     finish reason "error"; the other rows give what they give alone; the default raises the first error."""
-    from vismmoe.request import GenerationRequest as G
-    from vismmoe.sampling import NonFiniteLogits, SamplingParams
+    from vismmoe.engine.request import GenerationRequest as G
+    from vismmoe.engine.sampling import NonFiniteLogits, SamplingParams
     s = samples[2]
     alone = G.from_prompt(s.image, s.question, max_new_tokens=4)
     bundled_engine.generate_requests([alone])
@@ -120,7 +120,7 @@ def test_one_row_that_fails_leaves_its_batch(bundled_engine, samples, monkeypatc
 def test_a_batch_that_fails_before_its_first_token_runs_its_rows_alone():
     """An exception for the whole batch in its prefill (one row's doing): each row runs again alone, so only the
     row that causes it fails."""
-    from vismmoe.request import GenerationRequest as G
+    from vismmoe.engine.request import GenerationRequest as G
     from vismmoe.serve.scheduler import Scheduler
 
     class Engine:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vismmoe.bench.shapes import SHAPES, get_shape
-from vismmoe.engine import skeleton
+from vismmoe.engine.core import skeleton
 from vismmoe.families import get_family
 
 # shape -> (MoE layers, experts, top-k, hidden, expert intermediate, decoder layers)
@@ -82,7 +82,7 @@ def test_bench_shape_through_the_cli(name, tmp_path, capsys):
     """`vismmoe bench --shape` on each added family's tiny shape: systems side by side, one JSON line."""
     import json
 
-    from vismmoe.cli import main
+    from vismmoe.cli.app import main
     code = main(["bench", "--shape", name, "--image-sides", "64", "--max-new-tokens", "3", "--link", "edge",
                  "--budgets", "25%", "--reps", "1", "--systems", "ondemand,vismmoe", "--out", str(tmp_path), "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

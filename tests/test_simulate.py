@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vismmoe import load
 from vismmoe.bench.simulate import layer_calls, policy_table, replay
-from vismmoe.trace import RoutingTrace
+from vismmoe.offload.trace import RoutingTrace
 
 
 def test_replay_matches_runtime_counters(tiny_dirs, image_file):

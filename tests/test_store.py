@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from vismmoe import load
 from vismmoe.families import get_family
 from vismmoe.formats import DenseFormat
-from vismmoe.store import CheckpointReader, DiskStore
+from vismmoe.offload.store import CheckpointReader, DiskStore
 
 
 def _tensors(d):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from vismmoe import load
-from vismmoe.trace import RoutingTrace
+from vismmoe.offload.trace import RoutingTrace
 
 
 def test_trace_records_router_choices(tiny_dirs, image_file, tmp_path):

@@ -1,4 +1,4 @@
-"""CPU smoke tests of `vismmoe.train` (micro preset) and `vismmoe.evaluate`.
+"""CPU smoke tests of `vismmoe.tools.train` (micro preset) and `vismmoe.tools.evaluate`.
 
 What they pin down: only answer + `<|im_end|>` tokens are supervised and the prompt is exactly the inference
 prompt; device-side patchify equals the image processor; worker-side positions equal `prefill_positions` on the
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vismmoe import train as T
+from vismmoe.tools import train as T
 from vismmoe.data import QTYPES, make_sample, warm_cache
 
 CPU = torch.device("cpu")
@@ -206,7 +206,7 @@ def test_export_loads_both_ways_with_same_answers(trained):
 
 def test_evaluate_returns_scores(trained):
     import vismmoe
-    from vismmoe.evaluate import evaluate, majority_answers
+    from vismmoe.tools.evaluate import evaluate, majority_answers
 
     res = evaluate(vismmoe.load(trained.out), split="test", limit=6, batch_size=3, progress=False,
                    majority_samples=60)
@@ -255,7 +255,7 @@ def test_visual_dropout_hides_tokens_exactly_like_pruning(micro):
     `compress.prune` keeps the same tokens: the last position's logits agree."""
     from transformers import DynamicCache
 
-    from vismmoe.compress import Selection, prune
+    from vismmoe.engine.compress import Selection, prune
     samples = [make_sample("train", i) for i in range(3)]
     maker = T.BatchMaker(micro.tok, micro.ip, micro.cfg, micro.hp["image_size"], visual_dropout=1.0)
     p = T.FAMILY.build_inputs(micro.tok, micro.ip, [s.image for s in samples], [s.question for s in samples])

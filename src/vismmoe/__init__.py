@@ -12,6 +12,6 @@ __all__ = ["Engine", "Generation", "UserError", "load", "__version__"]
 
 def __getattr__(name: str):
     if name in ("Engine", "Generation", "load"):
-        from . import engine
+        from .engine import core as engine
         return getattr(engine, name)
     raise AttributeError(f"module 'vismmoe' has no attribute {name!r}")

@@ -104,11 +104,11 @@ def check_runtime(rc: RuntimeConfig) -> None:
     the registries only (torch, never transformers)."""
     import os
 
-    from .compress import make_compressor
-    from .links import get_link
+    from .engine.compress import make_compressor
+    from .offload.links import get_link
     from .paths import input_file
-    from .policies import make_policy
-    from .predict import PREDICTORS
+    from .offload.policies import make_policy
+    from .offload.predict import PREDICTORS
     if split_spec(rc.policy)[0] == "belady":
         raise UserError("the belady policy needs a recorded trace to replay (it knows every future use): it is a "
                         "bound for trace replays (python -m vismmoe.bench.simulate), not a runtime policy",

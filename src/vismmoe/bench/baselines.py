@@ -23,7 +23,7 @@ import copy
 import torch
 from accelerate import dispatch_model
 
-from ..engine import Engine, skeleton
+from ..engine.core import Engine, skeleton
 
 
 def _shared_skeleton(engine: Engine) -> torch.nn.Module:

@@ -8,7 +8,7 @@ charges as misses too."""
 
 from __future__ import annotations
 
-from ..trace import RoutingTrace
+from ..offload.trace import RoutingTrace
 
 Key = tuple[int, int]
 

@@ -21,8 +21,8 @@ import time
 import torch
 
 from ..data import balanced_subset
-from ..demo import default_model
-from ..engine import load
+from ..checkpoints import default_model
+from ..engine.core import load
 
 
 def main(argv=None) -> dict:

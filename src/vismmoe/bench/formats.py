@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from ..trace import RoutingTrace
+from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses, prefill_calls
 from .offload_gpu import link_speed
 from .random_model import random_engine, synthetic_inputs

@@ -37,9 +37,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from ..evaluate import normalize
-from ..links import PROFILES
-from ..trace import RoutingTrace
+from ..tools.evaluate import normalize
+from ..offload.links import PROFILES
+from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses, phased, prefill_calls
 from .tables import markdown
 
@@ -323,7 +323,7 @@ def bench_systems(base, samples, systems: list[str], links: list[str], budgets: 
 def trace_tables(probe, requests: list[Request], max_new_tokens: int, path: str) -> str:
     """Transition tables (predict.TransitionTables) from the routing of `requests` served on `probe` (every expert
     resident, no compression), saved to `path`: what moe-infinity learns from earlier requests."""
-    from ..predict import TransitionTables
+    from ..offload.predict import TransitionTables
     probe.set_compression("none", 1.0)
     traces = [_traced(probe, req, max_new_tokens) for req in requests]
     TransitionTables.from_traces(traces, probe.geometry.moe_layers, probe.geometry.num_experts).save(path)
@@ -359,7 +359,7 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
     End to end is reported as TTFT + (scale_to - 1) x time per token, so rows compare like for like."""
     import torch
 
-    from ..decode import cut_at_eos, greedy
+    from ..step.decode import cut_at_eos, greedy
     from .baselines import accelerate_model
     if "model" not in _ACCEL:
         _ACCEL["model"] = accelerate_model(base)

@@ -27,7 +27,7 @@ process peak in `nvidia-smi` (sampled every 0.1 s, CUDA context included) and th
 prints (model, KV, compute); vismmoe: torch's peak allocation during the request (the base engine's one-layer pool
 included), and nvidia-smi's figure for this process read once after the request (the caching allocator keeps
 its peak, the CUDA context included). None on the CPU. The answer text comes from llama.cpp's stdout; answers are
-scored with vismmoe.evaluate.normalize.
+scored with vismmoe.tools.evaluate.normalize.
 
 Which GGUF llama.cpp runs: --llama-type bf16|f16|f32 (every weight matrix in that type, the projector too) or
 q8_0|q4_k|q4_k_m (the text model quantized as `export-gguf --type` does, gguf_quant; the projector in f16, llama.cpp's
@@ -59,7 +59,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 
 from ..errors import UserError
-from ..evaluate import normalize
+from ..tools.evaluate import normalize
 from .gpu_memory import Nothing, PeakMemory, free_mib, process_mib
 from .llama_cpp_report import markdown, plot
 
@@ -449,7 +449,7 @@ def _gguf_files(model_dir: str, gguf_dir: str, llama_type: str, llama_bin: str |
     """(text, mmproj) GGUF files of `model_dir` in `llama_type` under `gguf_dir`, exported when either is missing:
     a float type for both files, or a quantized text model (export-gguf --type) with an f16 projector (llama-quantize
     looked for in `llama_bin` first)."""
-    from ..export_gguf import DTYPES, export
+    from ..tools.export_gguf import DTYPES, export
     name = os.path.basename(os.path.normpath(model_dir))
     dtype = llama_type if llama_type in DTYPES else "f16"
     text = os.path.join(gguf_dir, f"{name}-{llama_type}.gguf")
@@ -500,7 +500,7 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     from .make_shape import SHAPE_FILE
     if args.model is None:
-        from ..demo import BUNDLED
+        from ..checkpoints import BUNDLED
         args.model = BUNDLED
     exe = os.path.join(args.llama_cpp_bin, "llama-mtmd-cli")
     if not os.path.exists(exe):

@@ -86,7 +86,7 @@ def _published_names(out_dir: str, names: dict[str, str]) -> None:
 def _tokenizer_files(out_dir: str, vocab_size: int) -> int:
     """The bundled tokenizer, its BPE vocabulary padded to `vocab_size` ids (at least its own size) with
     `[PADi]` entries; returns the padded size."""
-    from ..demo import BUNDLED
+    from ..checkpoints import BUNDLED
     with open(os.path.join(BUNDLED, "tokenizer.json"), encoding="utf-8") as f:
         tj = json.load(f)
     used = set(tj["model"]["vocab"].values()) | {a["id"] for a in tj.get("added_tokens", [])}
@@ -129,7 +129,7 @@ def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed:
                  progress) -> dict:
     from transformers import AutoTokenizer
 
-    from ..engine import skeleton
+    from ..engine.core import skeleton
     from ..families import get_family
     from .shapes import get_shape
     fam_name, config = get_shape(shape)

@@ -26,9 +26,9 @@ import time
 import torch
 
 from ..config import format_size
-from ..decode import greedy
-from ..engine import estimate_reserve
-from ..trace import RoutingTrace
+from ..step.decode import greedy
+from ..engine.core import estimate_reserve
+from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses
 from .harness import SYSTEMS, fork_system
 from .random_model import random_engine, synthetic_inputs

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from ..config import RuntimeConfig
-from ..engine import Engine, _device_bytes, resolve_budget, skeleton, strip_experts
+from ..engine.core import Engine, _device_bytes, resolve_budget, skeleton, strip_experts
 from ..families import get_family
 from ..formats import make_format
-from ..store import HostStore, pin_inplace
+from ..offload.store import HostStore, pin_inplace
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ import glob
 import json
 import os
 
-from ..links import get_link
-from ..trace import RoutingTrace
+from ..offload.links import get_link
+from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses
 from .harness import trace_stem
 

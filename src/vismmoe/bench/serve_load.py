@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 def _images_and_questions(model_dir: str | None, n: int):
-    from ..demo import BUNDLED
+    from ..checkpoints import BUNDLED
     if model_dir is None or os.path.realpath(model_dir) == os.path.realpath(BUNDLED):
         from ..data import balanced_subset
         return [(s.image, s.question) for s in balanced_subset("test", n)]
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import uvicorn
     from openai import OpenAI
 
-    from ..engine import load
+    from ..engine.core import load
     from ..serve.app import ServeOptions, create_app
     from ..serve.cli import warm_up
     os.makedirs(args.out, exist_ok=True)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.max_batches.split(",")]
     clients = [int(x) for x in args.clients.split(",")]
     samples = _images_and_questions(args.model, 8)
-    from ..request import GenerationRequest
+    from ..engine.request import GenerationRequest
     warm_up(eng, max(batches), lambda: GenerationRequest.from_prompt(samples[0][0], samples[0][1], ignore_eos=True,
                                                                      max_new_tokens=args.max_tokens))
     servers = {}

@@ -8,9 +8,9 @@ policy runs on its frequency estimates alone here).
 
 from __future__ import annotations
 
-from ..policies import make_policy
-from ..schedule import plan_waves
-from ..trace import RoutingTrace
+from ..offload.policies import make_policy
+from ..offload.schedule import plan_waves
+from ..offload.trace import RoutingTrace
 from .bound import layer_calls
 
 
@@ -90,8 +90,8 @@ def main(argv=None) -> None:
             rows.append({"policy": "belady", "capacity": cap, "misses": belady_misses(groups, cap), "budget": share})
     else:
         from ..data import balanced_subset
-        from ..demo import default_model
-        from ..engine import load
+        from ..checkpoints import default_model
+        from ..engine.core import load
         eng = load(args.model or default_model()[0], compress=args.compress, keep_ratio=args.keep_ratio)
         tr = RoutingTrace()
         eng.record_trace(tr)

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from .. import moe_kernel
-from ..trace import RoutingTrace
+from ..step import moe_kernel
+from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses, prefill_calls
 from .offload_gpu import link_speed
 from .random_model import random_engine, synthetic_inputs

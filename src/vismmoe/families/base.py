@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
-from ..store import ExpertBank
+from ..offload.store import ExpertBank
 
 # transformers' smart_resize (the Qwen2-VL and GLM-4V image processors) refuses an image whose long side is over
 # 200 times its short side; GLM's first scales a short side below one patch up to it, truncating, which can push

@@ -33,7 +33,7 @@ import torch
 from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
 from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import Ernie4_5_VLMoeImageProcessorPil
 
-from ..store import ExpertBank
+from ..offload.store import ExpertBank
 from .base import Encoded, ExpertGeometry, Family, Tokens
 
 BANKS = ("text", "vision")

@@ -41,8 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import UserError
-from ..request import GenerationRequest
-from ..sampling import NonFiniteLogits, SamplingParams
+from ..engine.request import GenerationRequest
+from ..engine.sampling import NonFiniteLogits, SamplingParams
 from .media import MediaBusy, MediaRules, image_bytes
 from .metrics import ServerMetrics
 from .scheduler import QueueFull, Scheduler, ShuttingDown

@@ -96,7 +96,7 @@ def warm_up(engine, max_batch: int, make_request=None) -> None:
     """One short request per batch size the server may run (powers of two up to `max_batch`): compiles and
     captures the fast step's shapes now instead of on clients' first requests. `make_request()` gives the request
     to warm with (default: a text-only "Hello"); the fast step compiles again for a KV length it has not seen."""
-    from ..request import GenerationRequest
+    from ..engine.request import GenerationRequest
     if make_request is None:
         def make_request():
             return GenerationRequest.from_prompt(None, "Hello", max_new_tokens=2, ignore_eos=True)

@@ -28,7 +28,7 @@ import threading
 from typing import Callable
 
 from ..errors import UserError
-from ..request import GenerationRequest
+from ..engine.request import GenerationRequest
 
 log = logging.getLogger("vismmoe.serve")
 

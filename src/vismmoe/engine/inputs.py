@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
-from .paths import input_file
+from ..errors import UserError
+from ..paths import input_file
 
 MAX_IMAGE_PIXELS = 50_000_000      # ~7000 x 7000; larger inputs are resized by the user, not silently by us
 _FIX_READABLE = "give a PNG, JPEG, WebP, BMP, GIF or TIFF file"

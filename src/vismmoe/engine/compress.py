@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import split_spec
-from .errors import UserError
+from ..config import split_spec
+from ..errors import UserError
 if TYPE_CHECKING:                       # annotations only: importing families loads every model class
-    from .families.base import Encoded
+    from ..families.base import Encoded
 
 
 @dataclass

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from .data import balanced_subset
+from ..data import balanced_subset
 from .evaluate import normalize
-from .trace import RoutingTrace, routing_metrics, layer_counts
+from ..offload.trace import RoutingTrace, routing_metrics, layer_counts
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.33, 0.22, 0.11)
 DEFAULT_COMPRESSORS = ("random", "pool", "dart", "divprune", "textrel", "affinity")

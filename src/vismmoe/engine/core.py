@@ -22,31 +22,31 @@ from accelerate import init_empty_weights
 from jinja2 import TemplateError
 from transformers import AutoConfig, AutoTokenizer
 
-from .cache import CacheCounters, ExpertCache
+from ..offload.cache import CacheCounters, ExpertCache
 from .compress import VisualContext, keep_count, make_compressor, prune
-from .config import RuntimeConfig, check_runtime, format_size, parse_size
-from . import decode as _decode
-from .errors import UserError
-from .families import get_family
-from .families.checks import check_config, check_tokenizer, check_weights
+from ..config import RuntimeConfig, check_runtime, format_size, parse_size
+from ..step import decode as _decode
+from ..errors import UserError
+from ..families import get_family
+from ..families.checks import check_config, check_tokenizer, check_weights
 from .inputs import load_image
-from .links import get_link
-from .paths import input_file, read_json
-from .policies import make_policy
-from .predict import make_predictor
-from .prefetch import Prefetcher
+from ..offload.links import get_link
+from ..paths import input_file, read_json
+from ..offload.policies import make_policy
+from ..offload.predict import make_predictor
+from ..offload.prefetch import Prefetcher
 from .request import GenerationRequest, TextStream, batch_inputs
-from .protocols import StepObserver
-from .runtime import IMPLEMENTATION, OffloadRuntime
+from ..protocols import StepObserver
+from ..offload.runtime import IMPLEMENTATION, OffloadRuntime
 from .sampling import Sampler
-from .formats import make_format
-from .formats.base import QuantizeOnRead
-from .formats.checkpoint import dequantized_tensors, run_format, stored_format
-from .store import CheckpointReader, DiskStore, HostStore
-from .timeline import Timeline
-from .trace import RoutingTrace
+from ..formats import make_format
+from ..formats.base import QuantizeOnRead
+from ..formats.checkpoint import dequantized_tensors, run_format, stored_format
+from ..offload.store import CheckpointReader, DiskStore, HostStore
+from ..tools.timeline import Timeline
+from ..offload.trace import RoutingTrace
 from .weights_check import FiniteCheck
-from .transfer import TransferEngine
+from ..offload.transfer import TransferEngine
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -238,7 +238,7 @@ class Engine:
             return None
         if self._fast is not None:
             return self._fast
-        from .fast_step import FastStep, unsupported_reason
+        from ..step.fast_step import FastStep, unsupported_reason
         why = unsupported_reason(self)
         if why is not None or (self.rc.decode == "auto" and self.device.type != "cuda"):
             if why is not None and self.rc.decode == "fast":
@@ -766,7 +766,7 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     except TypeError as e:
         raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
     if model_dir is None:
-        from .demo import default_model
+        from ..checkpoints import default_model
         model_dir = default_model()[0]
     family = get_family(read_model_type(model_dir))
     if rc.compress != "none" and not family.has_vision:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .predict import BlendPredictor, PredictorProbe, TracePredictor, TransitionTables, gate_predictor
-from .trace import RoutingTrace
+from ..offload.predict import BlendPredictor, PredictorProbe, TracePredictor, TransitionTables, gate_predictor
+from ..offload.trace import RoutingTrace
 
 
 SHARP = 8.0        # alpha = rg^8 / (rg^8 + rt^8): a 10% better recall gets about 70% of the weight
@@ -24,8 +24,8 @@ SHARP = 8.0        # alpha = rg^8 / (rg^8 + rt^8): a 10% better recall gets abou
 
 def default_samples(n: int):
     """(image, question) of the first `n` validation samples, made as they are read (memory stays flat)."""
-    from .data import make_sample
-    from .data.scenes import LazySeq
+    from ..data import make_sample
+    from ..data.scenes import LazySeq
 
     def pair(i: int) -> tuple:
         s = make_sample("val", i)

@@ -28,7 +28,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .cache import ExpertCache
-from .grouped import MAX_GROUPS, experts_on_slots, window_banks, windows
+from ..step.grouped import MAX_GROUPS, experts_on_slots, window_banks, windows
 from .schedule import plan_waves
 from .transfer import TransferEngine
 

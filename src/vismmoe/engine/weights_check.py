@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 FULL_BELOW = 1 << 20          # tensors up to this many elements are scanned whole even when sampling
 SAMPLE = 1 << 16              # elements sampled from a larger tensor

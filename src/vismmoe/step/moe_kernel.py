@@ -317,7 +317,7 @@ def _format(spec: str, hidden: int, inter: int, dtype: torch.dtype):
     key = (spec, hidden, inter, dtype)
     f = _FORMATS.get(key)
     if f is None:
-        from .formats import make_format
+        from ..formats import make_format
         f = _FORMATS[key] = make_format(spec, hidden, inter, dtype)
     return f
 

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 
 # The real link's rate where a number is needed (prefetch sizing, the bound): pinned host-to-device copies on the

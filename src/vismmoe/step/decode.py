@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .sampling import Sampler
+from ..engine.sampling import Sampler
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class Help(argparse.HelpFormatter):
@@ -47,18 +47,18 @@ def registry(action: argparse.Action, names) -> argparse.Action:
 
 def policies() -> list[str]:
     """The eviction policies a run can use (`belady` needs the future: trace replays only)."""
-    from .policies import ONLINE_POLICIES
+    from ..offload.policies import ONLINE_POLICIES
     return list(ONLINE_POLICIES)
 
 
 def predictors() -> list[str]:
-    from .predict import PREDICTORS
+    from ..offload.predict import PREDICTORS
     return list(PREDICTORS)
 
 
 def compressors() -> list[str]:
     """Each compressor with its knobs, e.g. `affinity[:lam=L,gamma=G]`."""
-    from .compress import COMPRESSORS
+    from ..engine.compress import COMPRESSORS
     out = []
     for name, cls in COMPRESSORS.items():
         knobs = ",".join(f"{k}={k[0].upper()}" for k in getattr(cls, "knobs", {}))
@@ -67,28 +67,28 @@ def compressors() -> list[str]:
 
 
 def links() -> list[str]:
-    from .links import PROFILES
+    from ..offload.links import PROFILES
     return [p.label() if p.emulated else p.name for p in PROFILES.values()] + ["GBps=N[,us=L] (EMULATED)"]
 
 
 def systems() -> list[str]:
-    from .bench.harness import SYSTEMS
+    from ..bench.harness import SYSTEMS
     return list(SYSTEMS)
 
 
 def shapes() -> list[str]:
-    from .bench.shapes import SHAPES
+    from ..bench.shapes import SHAPES
     return list(SHAPES)
 
 
 def formats() -> list[str]:
     """The expert formats (formats/): how experts are stored, cached and moved."""
-    from .formats import names
+    from ..formats import names
     return names()
 
 
 def families() -> list[str]:
-    from .families import FAMILIES
+    from ..families import FAMILIES
     return sorted(FAMILIES)
 
 

@@ -26,10 +26,10 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from .errors import UserError
-from .formats import make_format
-from .formats.checkpoint import stored_format
-from .paths import atomic_dir, new_dir
+from ..errors import UserError
+from ..formats import make_format
+from ..formats.checkpoint import stored_format
+from ..paths import atomic_dir, new_dir
 
 SHARD_BYTES = 2 * 1024**3
 _ATTENTION = re.compile(r"layers\.\d+\.(self_attn|linear_attn)\.(q|k|v|o)_proj\.weight$")
@@ -39,14 +39,14 @@ _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "
 
 
 def _fp8_tensors(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    from .formats.fp8 import block_quantize
+    from ..formats.fp8 import block_quantize
     q, s = block_quantize(w.float()[None], 128)
     return {f"{name}.weight": q[0].contiguous(), f"{name}.weight_scale_inv": s[0].contiguous()}
 
 
 def _int4_tensors(name: str, w: torch.Tensor, group: int, sym: bool) -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from .formats.int4 import group_quantize
+    from ..formats.int4 import group_quantize
     q, s, z = group_quantize(w, group, sym)
     out = {f"{name}.weight_packed": pack_to_int32(q.contiguous(), 4), f"{name}.weight_scale": s.contiguous(),
            f"{name}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
@@ -61,7 +61,7 @@ def _quantization_config(fmt, ignore: list[str], targets: list[str]) -> dict:
                 "weight_block_size": [128, 128], "modules_to_not_convert": ignore}
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-    from .formats.int4 import ct_args
+    from ..formats.int4 import ct_args
     scheme = QuantizationScheme(targets=targets, weights=ct_args(fmt.group, fmt.sym))
     cfg = QuantizationConfig(config_groups={"group_0": scheme}, format=CompressionFormat.pack_quantized.value,
                              quantization_status="compressed", ignore=ignore)
@@ -76,9 +76,9 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     int4:group=..,sym=..); see the module docstring. Returns a summary (files, bytes before and after)."""
     from transformers import AutoConfig
 
-    from .engine import read_model_type, skeleton
-    from .families import get_family
-    from .store import CheckpointReader
+    from ..engine.core import read_model_type, skeleton
+    from ..families import get_family
+    from ..offload.store import CheckpointReader
     family = get_family(read_model_type(model_dir))
     config = AutoConfig.from_pretrained(model_dir)
     if stored_format(config) is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .trace import RoutingTrace
 
 

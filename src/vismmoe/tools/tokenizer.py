@@ -10,7 +10,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .families.base import Family
+from ..families.base import Family
 
 _BASE_CORPUS = [
     "Describe the image.", "What is in the picture?", "What color is the circle?", "How many shapes are there?",

@@ -16,13 +16,13 @@ import json
 import os
 import sys
 
-from . import __version__
-from .cli_args import (Parser, at_least, check_text, compressor_list, ratios, registry)
-from .cli_args import compressors as _compressors, families as _families, links as _links  # noqa: F401
-from .cli_args import policies as _policies, predictors as _predictors, shapes as _shapes  # noqa: F401
-from .cli_args import formats as _formats, systems as _systems
-from .errors import UserError
-from .paths import atomic_file, input_file, output_dir, output_file
+from .. import __version__
+from .args import Parser, at_least, check_text, compressor_list, ratios, registry
+from .args import compressors as _compressors, families as _families, links as _links  # noqa: F401
+from .args import policies as _policies, predictors as _predictors, shapes as _shapes  # noqa: F401
+from .args import formats as _formats, systems as _systems
+from ..errors import UserError
+from ..paths import atomic_file, input_file, output_dir, output_file
 
 
 def _add_compress_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -40,7 +40,7 @@ def _compression(args) -> tuple[str, float]:
             raise UserError(f"--keep-ratio {args.keep_ratio:g} given without --compress, so nothing would use it",
                             "add --compress NAME (e.g. --compress affinity) or drop --keep-ratio")
         return "none", 1.0
-    from .compress import make_compressor
+    from ..engine.compress import make_compressor
     make_compressor(args.compress)                  # a name, or name:knob=value[,knob=value]
     if args.keep_ratio is None:
         raise UserError(f"--compress {args.compress} given without --keep-ratio, so it would keep every token",
@@ -125,7 +125,7 @@ def _compile_flag(args) -> bool | None:
 
 def _model_dir(args) -> str:
     if args.model is None:
-        from .demo import default_model
+        from ..checkpoints import default_model
         args.model = default_model()[0]
     return args.model
 
@@ -133,7 +133,7 @@ def _model_dir(args) -> str:
 def runtime_config(args, trace: bool = False):
     """The one `RuntimeConfig` of a command, from its runtime arguments, checked (names, ranges, sizes, files,
     options that another option makes meaningless) before any model code is imported."""
-    from .config import RuntimeConfig, check_runtime
+    from ..config import RuntimeConfig, check_runtime
     compress, keep_ratio = _compression(args)
     if args.prefetch == "none":
         for flag, given in (("--lookahead", args.lookahead is not None), ("--fixed-lookahead", args.fixed_lookahead),
@@ -161,8 +161,8 @@ def runtime_config(args, trace: bool = False):
 
 def _engine_from(args, trace: bool = False):
     rc = runtime_config(args, trace)            # checked before the engine's imports (seconds) and any weight
-    from .engine import load
-    from .progress import layer_progress, status
+    from ..engine.core import load
+    from ..progress import layer_progress, status
     with layer_progress("reading experts") as tick:
         eng = load(_model_dir(args), rc, progress=tick)
     eng.progress = status                     # the fast step's first call compiles and captures: say so
@@ -170,7 +170,7 @@ def _engine_from(args, trace: bool = False):
 
 
 def cmd_generate(args) -> int:
-    from .inputs import load_image
+    from ..engine.inputs import load_image
     if not args.prompt.strip():
         raise UserError("empty --prompt", "ask something about the image")
     at_least(args.max_new_tokens, 1, "--max-new-tokens")
@@ -181,21 +181,21 @@ def cmd_generate(args) -> int:
         output_file(args.timeline, "--timeline", (".png",))
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
     if image is not None:                                               # so is an image for a text-only model
-        from .engine import read_model_type
-        from .families import get_family
+        from ..engine.core import read_model_type
+        from ..families import get_family
         get_family(read_model_type(_model_dir(args))).check_images()
     eng = _engine_from(args)
     warmup_s = 0.0 if args.no_warmup else eng.warm_up(with_image=image is not None)
     if args.trace:
-        from .trace import RoutingTrace
+        from ..offload.trace import RoutingTrace
         eng.record_trace(RoutingTrace())
     if args.timeline:
         eng.record_timeline()
     if sampling.greedy:
         gen = eng.generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
     else:
-        from .engine import Generation
-        from .request import GenerationRequest
+        from ..engine.core import Generation
+        from ..engine.request import GenerationRequest
         req = GenerationRequest.from_prompt(image, args.prompt, max_new_tokens=args.max_new_tokens,
                                             sampling=sampling)
         eng.generate_requests([req])
@@ -214,7 +214,7 @@ def cmd_generate(args) -> int:
         print(json.dumps({"text": gen.text, "token_ids": gen.token_ids, "stats": gen.stats,
                           "per_layer": eng.per_layer_counters()}))
     else:
-        from .report import console, stats_table
+        from ..report import console, stats_table
         out = console()
         out.print(f"[bold]answer:[/bold] {gen.text}")
         out.print(stats_table(gen.stats))
@@ -222,7 +222,7 @@ def cmd_generate(args) -> int:
 
 
 def _sampling(args):
-    from .sampling import SamplingParams
+    from ..engine.sampling import SamplingParams
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
@@ -236,16 +236,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args) -> int:
     runtime_config(args)                        # refused before the server's imports and any weight
-    from .serve.cli import serve
+    from ..serve.cli import serve
     return serve(args, _engine_from)
 
 
 def cmd_make_tiny(args) -> int:
-    from .families import get_family
-    from .paths import new_dir
+    from ..families import get_family
+    from ..paths import new_dir
     get_family(args.family, flag="--family")
     new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
-    from .tiny import make_tiny
+    from ..tools.tiny import make_tiny
     out = make_tiny(args.family, args.out, seed=args.seed, force=args.force)
     print(out)
     return 0
@@ -253,8 +253,8 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_export_gguf(args) -> int:
     output_dir(args.out, "--out", force=True)       # any folder; export() checks the two file names in it
-    from .export_gguf import export
-    from .progress import layer_progress
+    from ..tools.export_gguf import export
+    from ..progress import layer_progress
     if args.model is None:
         args.model = _model_dir(args)
     with layer_progress("writing GGUF decoder layers") as tick:
@@ -276,16 +276,16 @@ def cmd_export_gguf(args) -> int:
 
 
 def cmd_make_shape(args) -> int:
-    from .paths import new_dir
+    from ..paths import new_dir
     at_least(args.layers, 1, "--layers")
     if args.format != "dense":
-        from .formats import make_format
+        from ..formats import make_format
         make_format(args.format, 256, 128, None)     # a bad spec is refused before anything is drawn
     new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
-    from .bench.make_shape import make_shape
-    from .formats import make_format
-    from .progress import layer_progress
-    from .quantize import quantize_checkpoint
+    from ..bench.make_shape import make_shape
+    from ..formats import make_format
+    from ..progress import layer_progress
+    from ..tools.quantize import quantize_checkpoint
     if args.format == "dense":
         with layer_progress("writing shards") as tick:
             res = make_shape(args.shape, args.out, layers=args.layers, dtype=args.dtype, seed=args.seed,
@@ -305,8 +305,8 @@ def cmd_make_shape(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .progress import layer_progress
-    from .quantize import quantize_checkpoint
+    from ..progress import layer_progress
+    from ..tools.quantize import quantize_checkpoint
     with layer_progress(f"quantizing experts ({args.format})") as tick:
         res = quantize_checkpoint(_model_dir(args), args.format, args.out, all_linears=args.all_linears,
                                   force=args.force, progress=tick)
@@ -319,9 +319,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate, default_samples
-    from .engine import load
-    from .progress import layer_progress
+    from ..tools.calibrate import calibrate, default_samples
+    from ..engine.core import load
+    from ..progress import layer_progress
     at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
     at_least(args.depth, 1, "--depth")
     output_file(args.out, "--out", (".npz",))
@@ -337,7 +337,7 @@ def cmd_calibrate(args) -> int:
     else:
         from rich.table import Table
 
-        from .report import console
+        from ..report import console
         t = Table(title="predictor quality on held-out samples")
         for col in ("predictor", "kind", "depth", "precision", "recall"):
             t.add_column(col)
@@ -349,10 +349,10 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import DEFAULT_COMPRESSORS, run
-    from .compress import make_compressor
-    from .engine import load
-    from .progress import layer_progress
+    from ..tools.analyze import DEFAULT_COMPRESSORS, run
+    from ..engine.compress import make_compressor
+    from ..engine.core import load
+    from ..progress import layer_progress
     keep = ratios(args.keep_ratios, "--keep-ratios")
     comps = compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
     for c in comps:
@@ -362,7 +362,7 @@ def cmd_analyze(args) -> int:
         output_dir(args.out, "--out", args.force, owned=("analyze.json", "analyze.md"))
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
     if args.routing:
-        from .analyze import routing_report
+        from ..tools.analyze import routing_report
         rep = routing_report(eng, args.limit)
         print(json.dumps(rep) if args.json else json.dumps(rep, indent=1))
         return 0
@@ -379,13 +379,13 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import parse_size
+    from ..config import parse_size
     at_least(args.limit, 1, "--limit")
     compress, keep_ratio = _compression(args)
     if args.expert_budget is not None:
         parse_size(args.expert_budget, total=1 << 62, what="expert budget")
-    from .engine import load
-    from .evaluate import evaluate
+    from ..engine.core import load
+    from ..tools.evaluate import evaluate
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                compress=compress, keep_ratio=keep_ratio,
                expert_format=None if args.expert_format == "auto" else args.expert_format)
@@ -396,7 +396,7 @@ def cmd_eval(args) -> int:
     else:
         from rich.table import Table
 
-        from .report import console
+        from ..report import console
         t = Table(title=f"accuracy on the {args.split} split ({res['n']} questions)")
         t.add_column("question type")
         t.add_column("model", justify="right")
@@ -409,11 +409,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench.harness import SYSTEMS, requests_from_samples, run, speedup_lines
-    from .config import parse_size
-    from .data import balanced_subset
-    from .links import get_link
-    from .progress import layer_progress
+    from ..bench.harness import SYSTEMS, requests_from_samples, run, speedup_lines
+    from ..config import parse_size
+    from ..data import balanced_subset
+    from ..offload.links import get_link
+    from ..progress import layer_progress
     systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate"]
     for s in systems:
         if s not in SYSTEMS:
@@ -441,7 +441,7 @@ def cmd_bench(args) -> int:
     if args.shape:
         base, samples, new, title, calibrate_on = _shape_workload(args)
     else:
-        from .engine import load
+        from ..engine.core import load
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
                     compile=_compile_flag(args),
@@ -484,12 +484,12 @@ def _shape_workload(args):
     tables."""
     import torch
 
-    from .bench.harness import Request
-    from .bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
-    from .bench.shapes import get_shape
-    from .engine import _resolve_device
-    from .families import get_family
-    from .formats import make_format
+    from ..bench.harness import Request
+    from ..bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
+    from ..bench.shapes import get_shape
+    from ..engine.core import _resolve_device
+    from ..families import get_family
+    from ..formats import make_format
     fam, config = get_shape(args.shape)
     family = get_family(fam)
     if family.has_vision:
@@ -528,7 +528,7 @@ def _shape_workload(args):
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..tools.demo import run_demo
     return run_demo(device=args.device, as_json=args.json)
 
 
@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body", default="32MiB", metavar="SIZE", help="largest request body (default 32MiB)")
     sv.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                     help="max tokens of a request that names none (default 256)")
-    from .serve.cli import add_arguments as _add_serve_args
+    from ..serve.cli import add_arguments as _add_serve_args
     _add_serve_args(sv)
     _add_runtime_args(sv)
     sv.set_defaults(func=cmd_serve)

@@ -8,7 +8,7 @@ of a type with that type's most common answer in the TRAIN split (`majority_answ
 samples), so "accuracy above the baseline" means the model looks at the image.
 
 This module owns scoring only: loading belongs to the engine, the data to `vismmoe.data`, training to
-`vismmoe.train`. `python -m vismmoe.evaluate --model DIR` prints the result (one JSON object with `--json`).
+`vismmoe.tools.train`. `python -m vismmoe.tools.evaluate --model DIR` prints the result (one JSON object with `--json`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from functools import lru_cache
 
-from .data import QTYPES, balanced_subset, make_sample
+from ..data import QTYPES, balanced_subset, make_sample
 
 DEFAULT_LIMIT = 1200           # samples evaluated when no limit is given (200 per question type)
 MAJORITY_SAMPLES = 3000
@@ -42,7 +42,7 @@ def majority_answers(n: int = MAJORITY_SAMPLES, processes: int | None = None) ->
     processes = processes if processes is not None else min(8, os.cpu_count() or 1)
     if processes > 1 and n >= 300:
         import multiprocessing as mp
-        from .data import warm_cache
+        from ..data import warm_cache
         warm_cache()
         with mp.get_context("fork").Pool(processes) as pool:
             pairs = pool.map(_answer_and_type, range(n), chunksize=max(1, n // (4 * processes)))
@@ -108,7 +108,7 @@ def evaluate(engine, split: str = "test", limit: int | None = None, batch_size: 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vismmoe.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vismmoe.tools.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=None, help=f"first N samples (default {DEFAULT_LIMIT})")
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--expert-budget", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from .engine import load
+    from ..engine.core import load
     engine = load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget)
     res = evaluate(engine, split=args.split, limit=args.limit, batch_size=args.batch_size,
                    progress=sys.stderr.isatty())

@@ -1,4 +1,4 @@
-"""`python -m vismmoe.train`: train a small Qwen3-VL-MoE from scratch on the synthetic VQA scenes.
+"""`python -m vismmoe.tools.train`: train a small Qwen3-VL-MoE from scratch on the synthetic VQA scenes.
 
 This module owns the training recipe and nothing about serving it:
 
@@ -42,11 +42,19 @@ import torch.nn.functional as F  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as _qmod  # noqa: E402
 
-from .data import (AUX_QTYPES, QTYPES, answer_vocabulary, content_tokens, make_sample,  # noqa: E402
-                   make_sample_and_scene, warm_cache)
-from .decode import cut_at_eos, greedy  # noqa: E402
-from .families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
-from .grouped import experts_on_slots  # noqa: E402
+from ..data import (
+    AUX_QTYPES,
+    QTYPES,
+    answer_vocabulary,
+    content_tokens,
+    make_sample,
+    # noqa: E402
+                   make_sample_and_scene,
+    warm_cache,
+)
+from ..step.decode import cut_at_eos, greedy  # noqa: E402
+from ..families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
+from ..step.grouped import experts_on_slots  # noqa: E402
 from .tokenizer import build_tokenizer  # noqa: E402
 
 FAMILY = Qwen3VLMoeFamily()
@@ -652,7 +660,7 @@ def _default_workers(device: torch.device) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vismmoe.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vismmoe.tools.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (checkpoint, logs, resumable state)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget incl. start-up and final save")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (total)")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from .errors import UserError
-from .paths import input_file, read_json
+from ..errors import UserError
+from ..paths import input_file, read_json
 
 _EXPERT_DTYPES = ("F64", "F32", "F16", "BF16")    # safetensors names of the dtypes experts are read from
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -13,43 +13,21 @@ import json
 import os
 import tempfile
 
-from .report import console, stats_table
+from ..checkpoints import default_model
+from ..report import console, stats_table
 
 DEMO_BUDGETS = ("100%", "25%")
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("VISMMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vismmoe")
-    try:
-        os.makedirs(base, exist_ok=True)
-        return base
-    except OSError:
-        return tempfile.mkdtemp(prefix="vismmoe-")
-
-
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "vqa-moe")
-
-
-def default_model() -> tuple[str, str]:
-    """(checkpoint dir, routing source) of the default model: the bundled trained model when it is there."""
-    if os.path.exists(os.path.join(BUNDLED, "config.json")):
-        return BUNDLED, "trained (bundled Qwen3-VL-MoE-class VQA model)"
-    from .tiny import make_tiny
-    path = os.path.join(_cache_dir(), "tiny-qwen3_vl_moe")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny("qwen3_vl_moe", path, layers=4, experts=16, top_k=4, force=True)    # our own cache folder
-    return path, "random weights (tiny Qwen3-VL-MoE built by make-tiny)"
-
-
 def _questions(n: int) -> list[tuple]:
-    from .data import balanced_subset
+    from ..data import balanced_subset
     return [(x.image, x.question, x.answer, x.qtype) for x in balanced_subset("test", n)]
 
 
 def run_demo(device: str = "cpu", as_json: bool = False) -> int:
     from rich.table import Table
 
-    from .engine import load
+    from ..engine.core import load
     out = console()
     model_dir, routing = default_model()
     trained = model_dir == BUNDLED

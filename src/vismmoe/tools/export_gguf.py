@@ -55,9 +55,9 @@ import numpy as np
 import torch
 
 from . import gguf_quant
-from .errors import UserError
+from ..errors import UserError
 from .gguf_quant import QUANT_TYPES
-from .store import CheckpointReader
+from ..offload.store import CheckpointReader
 
 DTYPES = ("bf16", "f16", "f32")
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
@@ -315,7 +315,7 @@ def _preprocessor(model_dir: str) -> dict:
 
 def _qwen3_text(model_dir: str, config, name: str, wtype: str, path: str, progress=None) -> dict:
     g = _gguf()
-    from .families import get_family
+    from ..families import get_family
     tc = config.text_config
     wq, ftype = _qtypes(wtype)
     F32 = g.GGMLQuantizationType.F32
@@ -449,7 +449,7 @@ def _qwen3_mmproj(model_dir: str, config, name: str, dtype: str, path: str) -> d
 # ---- GLM-4.5V ----------------------------------------------------------------------------------------------------
 
 def _glm4v_text(model_dir: str, config, name: str, wtype: str, path: str, progress=None) -> dict:
-    from .families import get_family
+    from ..families import get_family
     g = _gguf()
     tc = config.text_config
     wq, ftype = _qtypes(wtype)
@@ -570,8 +570,8 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     name with a path separator, a llama-quantize that is missing, or (without `force`) a file of any of those
     names already in `out_dir`: checked before anything is written; and for a llama-quantize that fails. Each file
     is written under a temporary name and renamed when complete. `progress(tensor name)` after each text tensor."""
-    from .engine import read_model_type
-    from .paths import atomic_file, output_dir
+    from ..engine.core import read_model_type
+    from ..paths import atomic_file, output_dir
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
     if quant is not None and quant not in QUANT_TYPES:

@@ -43,7 +43,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 QUANT_TYPES = ("q8_0", "q4_k", "q4_k_m")
 # --type -> llama-quantize arguments before IN OUT, and its type name after them

@@ -30,8 +30,8 @@ from collections.abc import Container, Sequence
 
 import numpy as np
 
-from .config import split_spec
-from .errors import UserError
+from ..config import split_spec
+from ..errors import UserError
 
 Key = tuple[int, int]
 

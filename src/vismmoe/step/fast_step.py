@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import moe_kernel
-from .step_graphs import Bucket, step_graphs
+from .graphs import Bucket, step_graphs
 
 
 class FastStep:

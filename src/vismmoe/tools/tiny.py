@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .families import get_family
-from .paths import atomic_dir, new_dir
+from ..families import get_family
+from ..paths import atomic_dir, new_dir
 from .tokenizer import build_tokenizer
 
 
