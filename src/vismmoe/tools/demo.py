@@ -10,10 +10,8 @@ to a tiny random checkpoint, whose answers are noise.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
-from ..checkpoints import default_model
+from ..checkpoints import BUNDLED, default_model
 from ..report import console, stats_table
 
 DEMO_BUDGETS = ("100%", "25%")
