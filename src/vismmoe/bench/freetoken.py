@@ -222,11 +222,12 @@ class System:
     backend: str                 # FreeToken's --moe-backend; vismmoe: "fetch" or --cpu-experts's value
 
 
-def vismmoe_has_cpu_experts(python: str = sys.executable, env: dict | None = None) -> bool:
-    """Whether `vismmoe serve --help` offers --cpu-experts."""
-    out = subprocess.run([python, "-m", "vismmoe", "serve", "--help"], capture_output=True, text=True, env=env,
-                         timeout=300)
-    return "--cpu-experts" in out.stdout
+def vismmoe_has_cpu_experts() -> bool:
+    """Whether `vismmoe serve --help` offers --cpu-experts (the help text of this package's own parser: the
+    servers run this same source)."""
+    from ..cli.app import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return "--cpu-experts" in sub.choices["serve"].format_help()
 
 
 def systems(want: list[str], cpu_experts: bool) -> list[System]:
@@ -264,14 +265,20 @@ def command(sysm: System, args, geo: Geometry, frac: float, port: int) -> list[s
 # ---- prompts and clients ------------------------------------------------------------------------------------
 
 def make_prompts(model_dir: str, target: int, n: int, seed: int = 0) -> list[str]:
-    """`n` different texts of about `target` tokens of the checkpoint's tokenizer (seeded words)."""
+    """`n` different texts (seeded words) that make chat prompts of about `target` tokens of the checkpoint's
+    tokenizer, its chat template included."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
+        frame = len(tok(text, add_special_tokens=False)["input_ids"])
+    except Exception:            # no chat template: the servers then send the text alone
+        frame = 0
     out = []
     for i in range(n):
         rng = random.Random(seed * 1_000_003 + target * 1009 + i)
         words = " ".join(rng.choice(_WORDS) for _ in range(target + 16))
-        ids = tok(words, add_special_tokens=False)["input_ids"][:max(1, target - 24)]   # room for the chat template
+        ids = tok(words, add_special_tokens=False)["input_ids"][:max(1, target - frame)]
         out.append(tok.decode(ids))
     return out
 
@@ -416,7 +423,7 @@ def _env() -> dict:
 def run(args) -> dict:
     env = _env()
     geo = Geometry.of(args.model)
-    args.cpu_experts_supported = vismmoe_has_cpu_experts(env=env)
+    args.cpu_experts_supported = vismmoe_has_cpu_experts()
     chosen = systems([s for s in args.systems.split(",") if s], args.cpu_experts_supported)
     prompts = {p: make_prompts(args.model, p, 4 * max(args.clients) * args.requests) for p in args.prompts}
     os.makedirs(args.out, exist_ok=True)

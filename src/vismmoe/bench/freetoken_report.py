@@ -27,8 +27,8 @@ def _order(r: dict):
 
 
 def markdown(res: dict) -> str:
-    """The markdown table of a result (one line per row, grouped by budget, prompt and clients; in each group the
-    fastest decode in bold), with the run's header: card, model, date, command."""
+    """The markdown table of a result (one line per row, grouped by budget, prompt and clients; in each group of
+    more than one measured row the fastest decode in bold), with the run's header: card, model, date, command."""
     meta = res.get("meta", {})
     rows = sorted(res["rows"], key=_order)
     best = {}
@@ -43,7 +43,8 @@ def markdown(res: dict) -> str:
         key = (r["budget_frac"], r["prompt_target"], r["clients"])
         tpot = _ms(r.get("tpot_s"))
         system = r["system"]
-        if best.get(key) is r and sum(1 for x in rows if (x["budget_frac"], x["prompt_target"], x["clients"]) == key) > 1:
+        if best.get(key) is r and sum(1 for x in rows if x.get("tpot_s") is not None
+                                        and (x["budget_frac"], x["prompt_target"], x["clients"]) == key) > 1:
             tpot, system = f"**{tpot}**", f"**{system}**"
         mib = "" if r.get("device_bytes") is None else f"{r['device_bytes'] / 2**20:.0f}"
         tps = "" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"
