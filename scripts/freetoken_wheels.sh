@@ -70,4 +70,4 @@ echo >&2
 sed 's/^/  /' "$dest/PINS.txt" >&2
 echo "size of $dest: $(du -sh "$dest" | cut -f1) ($(du -sb "$dest" | cut -f1) bytes); everything carried must stay under 64 MiB" >&2
 echo "install on the GPU machine (from the repo root):" >&2
-echo "  pip install --no-index --no-deps --target .whl/site $dest/*.whl && export PYTHONPATH=\$PWD/src:\$PWD/.whl/site"
+echo "  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $dest/*.whl && export PYTHONPATH=\$PWD/src:/tmp/site"

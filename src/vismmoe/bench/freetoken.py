@@ -374,14 +374,16 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m vismmoe.bench.freetoken", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder both servers load (a text qwen3_moe model)")
     ap.add_argument("--device", default="cuda", help="vismmoe's --device (default cuda; FreeToken needs CUDA)")
-    ap.add_argument("--budgets", default="0.1,0.25,0.5,1", help="shares of all experts as slots (1 = all resident)")
-    ap.add_argument("--prompts", default="512,2048", help="prompt lengths in tokens")
-    ap.add_argument("--clients", default="1,4,8", help="concurrent client counts")
+    ap.add_argument("--budgets", default=None, help="shares of all experts as slots, 1 = all resident "
+                                                    "(default 0.1,0.25,0.5,1)")
+    ap.add_argument("--prompts", default=None, help="prompt lengths in tokens (default 512,2048)")
+    ap.add_argument("--clients", default=None, help="concurrent client counts (default 1,4,8)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--requests", type=int, default=2, help="requests per client per cell")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     ap.add_argument("--quick", action="store_true",
-                    help="one prompt length (2048), budgets 25%% and all, 1 and 8 clients, 2 repetitions")
+                    help="one prompt length (2048), budgets 25%% and all, 1 and 8 clients, 2 repetitions (each "
+                         "unless given explicitly)")
     ap.add_argument("--systems", default="", help="comma-separated subset of freetoken-offload, freetoken-hybrid, "
                                                   "vismmoe, vismmoe-cpu-auto (default: all that exist)")
     ap.add_argument("--freetoken-cmd", default=os.environ.get("VISMMOE_FREETOKEN_CMD", f"{sys.executable} -m freetoken"),
@@ -390,10 +392,13 @@ def parse_args(argv):
     ap.add_argument("--vismmoe-args", default="", help="more arguments for vismmoe serve")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to serve")
     ap.add_argument("--start-guess", type=float, default=60.0, help="seconds a start + warm-up takes, for the estimate")
+    ap.add_argument("--plan", action="store_true", help="only print the turns' server commands and the estimate")
     ap.add_argument("--out", default="docs/results/freetoken")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.budgets, args.prompts, args.clients, args.reps = "0.25,1", "2048", "1,8", 2
+    defaults = (("0.25,1", "2048", "1,8", 2) if args.quick else ("0.1,0.25,0.5,1", "512,2048", "1,4,8", 3))
+    for name, value in zip(("budgets", "prompts", "clients", "reps"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         args.budgets = [float(x) for x in args.budgets.split(",")]
         args.prompts = [int(x) for x in args.prompts.split(",")]
@@ -420,20 +425,26 @@ def _env() -> dict:
     return env
 
 
-def run(args) -> dict:
+def run(args) -> dict | None:
     env = _env()
     geo = Geometry.of(args.model)
     args.cpu_experts_supported = vismmoe_has_cpu_experts()
     chosen = systems([s for s in args.systems.split(",") if s], args.cpu_experts_supported)
-    prompts = {p: make_prompts(args.model, p, 4 * max(args.clients) * args.requests) for p in args.prompts}
-    os.makedirs(args.out, exist_ok=True)
-    logs = tempfile.mkdtemp(prefix="freetoken-bench-")
     cells_per_turn = len(args.prompts) * len(args.clients)
     turns = [(rep, frac, sysm) for rep in range(args.reps) for frac in args.budgets
              for sysm in chosen[rep % len(chosen):] + chosen[:rep % len(chosen)]]
     est = estimate_s(len(turns), cells_per_turn, args)
     print(f"{len(turns)} server turns ({len(chosen)} systems x {len(args.budgets)} budgets x {args.reps} reps), "
-          f"{cells_per_turn} cells each; estimate about {est / 60:.0f} min (server logs in {logs})", flush=True)
+          f"{cells_per_turn} cells each; estimate about {est / 60:.0f} min", flush=True)
+    if args.plan:
+        for frac in args.budgets:
+            for sysm in chosen:
+                print(f"{frac:.0%} {sysm.name}: {shlex.join(command(sysm, args, geo, frac, 0))}")
+        return None
+    prompts = {p: make_prompts(args.model, p, 4 * max(args.clients) * args.requests) for p in args.prompts}
+    os.makedirs(args.out, exist_ok=True)
+    logs = tempfile.mkdtemp(prefix="freetoken-bench-")
+    print(f"server logs in {logs}", flush=True)
     date = datetime.date.today().isoformat()
     meta = {"model": os.path.basename(os.path.normpath(args.model)), "model_dir": args.model, "device": _device_name(args),
             "date": date, "command": "python -m vismmoe.bench.freetoken " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -550,7 +561,8 @@ def main(argv=None) -> int:
         stop_all()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
-    print(markdown(res))
+    if res is not None:
+        print(markdown(res))
     return 0
 
 
