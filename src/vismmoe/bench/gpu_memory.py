@@ -68,3 +68,29 @@ class Nothing:
 
     def __exit__(self, *exc):
         return None
+
+
+def used_mib(index: int = 0) -> float | None:
+    """What `nvidia-smi` says is used on GPU `index` now, by every process (None without nvidia-smi or a GPU).
+    Where one server runs at a time, its peak minus the figure before it started is what it held, child
+    processes and CUDA contexts included, even where nvidia-smi lists no processes (containers)."""
+    rows = _nvidia_smi(f"--id={index}", "--query-gpu=memory.used") or []
+    try:
+        return float(rows[0][0]) if rows else None
+    except (ValueError, IndexError):
+        return None
+
+
+class PeakUsed(PeakMemory):
+    """Samples `used_mib(index)` every `period` s in a thread; `.peak_mib` is the most used on that GPU."""
+
+    def __init__(self, index: int = 0, period: float = 0.2):
+        super().__init__(None, period)
+        self.index = index
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            mib = used_mib(self.index)
+            if mib is not None:
+                self.peak_mib = max(self.peak_mib or 0.0, mib)
+            self._stop.wait(self.period)
