@@ -82,6 +82,7 @@ class RuntimeConfig:
     compile: bool | None = None         # torch.compile the decoder layers of the fast step; None: on CUDA only
     expert_format: str | None = None    # dense | fp8 | int4[:group=G,sym=S]; None/auto: the checkpoint's own
     check_weights: str = "sample"       # NaN/Inf scan of the weights at load: full | sample | off (weights_check.py)
+    device_profile: str | None = None   # a device profile (profiles/): times emulated on its virtual device clock
 
     def __post_init__(self):
         if self.expert_tier not in ("host", "disk"):
@@ -115,6 +116,15 @@ def check_runtime(rc: RuntimeConfig) -> None:
                         "use --policy lru, lfu, lfru, predictive or none")
     make_policy(rc.policy)
     get_link(rc.link)
+    if rc.device_profile is not None:
+        from .profiles import get_profile
+        get_profile(rc.device_profile)
+        if rc.link != "real":
+            raise UserError(f"--link {rc.link} and --device-profile {rc.device_profile} both set the expert link (the "
+                            "profile's is its expert tier)", "drop --link, or drop --device-profile")
+        if rc.decode == "fast":
+            raise UserError("--decode fast with a device profile: the virtual device clock times the eager path",
+                            "use --decode eager (or auto)")
     if rc.expert_format not in (None, "auto"):
         from .formats import make_format
         make_format(rc.expert_format, 1024, 1024, None)     # its name and knobs (sizes are checked at load)

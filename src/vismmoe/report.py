@@ -30,6 +30,8 @@ def stats_table(stats: dict, title: str = "offload statistics", requests: int = 
         ("end to end" + per, f"{stats['e2e_s'] / requests * 1e3:.1f} ms"),
         ("visual tokens (kept)", f"{stats['visual_tokens']} ({stats['visual_tokens_kept']})"),
     ]
+    if stats.get("device_profile"):
+        rows.insert(0, ("times", f"{stats['time_source']} (virtual device clock, not measured)"))
     for k, v in rows:
         t.add_row(k, v)
     return t

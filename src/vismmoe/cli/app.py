@@ -19,6 +19,7 @@ import sys
 from .. import __version__
 from .args import Parser, at_least, check_text, compressor_list, ratios, registry
 from .args import compressors as _compressors, families as _families, links as _links  # noqa: F401
+from .args import profiles as _profiles  # noqa: F401
 from .args import policies as _policies, predictors as _predictors, shapes as _shapes  # noqa: F401
 from .args import formats as _formats, systems as _systems
 from ..errors import UserError
@@ -76,6 +77,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                                  "budget; lru is the usual baseline)"), _policies)
     registry(p.add_argument("--link", default=d["link"], metavar="PROFILE",
                             help="host->device link, one of {names}"), _links)
+    _add_profile_arg(p)
     registry(p.add_argument("--prefetch", default=d["prefetch"], metavar="NAME",
                             help="lookahead predictor for prefetch, one of {names} (default %(default)s: next "
                                  "layers' routers; none turns prefetch off)"), _predictors)
@@ -97,6 +99,13 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "off")
     _add_format_arg(p)
     _add_decode_args(p)
+
+
+def _add_profile_arg(p: argparse.ArgumentParser) -> None:
+    registry(p.add_argument("--device-profile", default=None, metavar="NAME",
+                            help="emulate a device class: everything runs here, times come from the profile's "
+                                 "virtual device clock (compute, memory, expert tier; docs/device-profiles.md); one "
+                                 "of {names} or a profile .json (default: none, times measured)"), _profiles)
 
 
 def _add_format_arg(p: argparse.ArgumentParser) -> None:
@@ -153,7 +162,7 @@ def runtime_config(args, trace: bool = False):
                        lookahead=RUNTIME_DEFAULTS["lookahead"] if args.lookahead is None else args.lookahead,
                        fixed_lookahead=args.fixed_lookahead, calibration=args.calibration, compress=compress,
                        keep_ratio=keep_ratio, decode=args.decode, compile=_compile_flag(args),
-                       check_weights=args.check_weights,
+                       check_weights=args.check_weights, device_profile=args.device_profile,
                        expert_format=None if args.expert_format == "auto" else args.expert_format)
     check_runtime(rc)
     return rc
@@ -387,7 +396,7 @@ def cmd_eval(args) -> int:
     from ..engine.core import load
     from ..tools.evaluate import evaluate
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-               compress=compress, keep_ratio=keep_ratio,
+               compress=compress, keep_ratio=keep_ratio, device_profile=args.device_profile,
                expert_format=None if args.expert_format == "auto" else args.expert_format)
     res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json)
     res["expert_format"] = eng.layout.spec()
@@ -419,6 +428,13 @@ def cmd_bench(args) -> int:
         if s not in SYSTEMS:
             raise UserError(f"unknown system {s!r}", f"use some of {', '.join(SYSTEMS)}")
     links = args.link or (["mobile"] if args.quick else ["edge", "mobile"])
+    if args.device_profile is not None:         # the profile's expert tier is the link
+        from ..profiles import get_profile
+        get_profile(args.device_profile)
+        if args.link:
+            raise UserError("--link and --device-profile both set the expert link (the profile's is its tier)",
+                            "drop --link, or drop --device-profile")
+        links = ["real"]
     for ln in links:
         get_link(ln)
     budgets = args.budgets.split(",") if args.budgets else (["25%"] if args.quick else ["10%", "25%", "50%"])
@@ -444,7 +460,7 @@ def cmd_bench(args) -> int:
         from ..engine.core import load
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
-                    compile=_compile_flag(args),
+                    compile=_compile_flag(args), device_profile=args.device_profile,
                     expert_format=None if args.expert_format == "auto" else args.expert_format)
         samples = requests_from_samples(balanced_subset("test", n))
         new = args.max_new_tokens or 4
@@ -452,6 +468,8 @@ def cmd_bench(args) -> int:
                  f"({'trained' if 'checkpoints' in model else 'given'} routing), {base.device} ({os.cpu_count()} "
                  f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}, "
                  f"{_decode_label(args, base.device)} decode")
+    if args.device_profile is not None:
+        title += f"; times {base.clock.profile.label()}, not measured"
     with layer_progress("bench (system runs)") as tick:
         res = run(base, samples, systems, links, budgets, args.reps, new, args.calibration,
                   args.out, title, progress=tick, save_traces=args.save_traces, calibrate_on=calibrate_on)
@@ -509,7 +527,7 @@ def _shape_workload(args):
     spec = "dense" if args.expert_format == "auto" else args.expert_format
     least = geo.top_k * make_format(spec, geo.hidden, geo.inter, dtype).nbytes
     base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
-                         compile=_compile_flag(args), expert_format=spec)
+                         compile=_compile_flag(args), expert_format=spec, device_profile=args.device_profile)
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
     vocab = family.text_config(config).vocab_size
@@ -699,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: every expert)")
     _add_compress_args(ev, "before the decoder")
     _add_format_arg(ev)
+    _add_profile_arg(ev)
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
@@ -730,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
     _add_format_arg(b)
     _add_decode_args(b)
+    _add_profile_arg(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")

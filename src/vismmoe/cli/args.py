@@ -71,6 +71,11 @@ def links() -> list[str]:
     return [p.label() if p.emulated else p.name for p in PROFILES.values()] + ["GBps=N[,us=L] (EMULATED)"]
 
 
+def profiles() -> list[str]:
+    from ..profiles import names
+    return names()
+
+
 def systems() -> list[str]:
     from ..bench.harness import SYSTEMS
     return list(SYSTEMS)

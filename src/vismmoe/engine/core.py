@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,6 +32,9 @@ from ..families import get_family
 from ..families.checks import check_config, check_tokenizer, check_weights
 from .inputs import load_image
 from ..offload.links import get_link
+from ..profiles import get_profile
+from ..profiles.clock import attach_profile
+from ..profiles.memory import cap_budget
 from ..paths import input_file, read_json
 from ..offload.policies import make_policy
 from ..offload.predict import make_predictor
@@ -182,7 +186,8 @@ class Engine:
         slots = min(budget_bytes // layout.nbytes, len(geometry.moe_layers) * geometry.num_experts)
         policy = make_policy(rc.policy, moe_layers=geometry.moe_layers, num_experts=geometry.num_experts)
         self.cache = ExpertCache(layout, int(slots), device, policy, pool=pool)
-        link = get_link(rc.link)
+        profile = get_profile(rc.device_profile) if rc.device_profile else None
+        link = profile.link() if profile is not None else get_link(rc.link)
         self.runtime = OffloadRuntime(self.cache, TransferEngine(device, store, link),
                                       geometry.moe_layers, geometry.num_experts, geometry.top_k)
         predictor = make_predictor(rc.prefetch, self, rc.lookahead, rc.calibration)
@@ -192,6 +197,7 @@ class Engine:
                                                  adaptive=not rc.fixed_lookahead,
                                                  waited=self.runtime.transfer.host_waited)
             self.runtime.observers.append(self.runtime.prefetcher)
+        self.clock = attach_profile(self, profile) if profile is not None else None   # profiles/clock.py
         self.trace: RoutingTrace | None = None
         self.step_observers: list = []          # protocols.StepObserver: told where each forward step starts
         if rc.trace:
@@ -234,7 +240,7 @@ class Engine:
 
         `--decode fast` asks for it (an error where it cannot run), `eager` never uses it, `auto` uses it on CUDA
         where it can run. Built once per engine; compiled code is shared by every engine of the process."""
-        if self.rc.decode == "eager":
+        if self.rc.decode == "eager" or self.clock is not None:     # a device profile times the eager path
             return None
         if self._fast is not None:
             return self._fast
@@ -348,6 +354,7 @@ class Engine:
         engine is attached)."""
         for layer in self.geometry.moe_layers:
             self.runtime.attach(self.family.moe_block(self.model, layer).experts, layer)
+        self.model._vismmoe_clock = self.clock
 
     def detach(self) -> None:
         for layer in self.geometry.moe_layers:
@@ -366,6 +373,10 @@ class Engine:
         return {k: v.to(self.device, self.dtype if k.startswith("pixel_values") else None) for k, v in inputs.items()}
 
     # ---- generation ------------------------------------------------------------------------------------------
+    def _now(self) -> float:
+        """Request time: the device profile's virtual clock, else the host's."""
+        return self.clock.now() if self.clock is not None else time.perf_counter()
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -407,10 +418,15 @@ class Engine:
         after the prefill and after each step (it may mark rows done). The engine's compressor prunes the prompt
         when `compressible` (None: when it has image tokens; compression prunes one image per row). (rows cut at
         EOS, request stats)."""
+        with self.clock.request() if self.clock is not None else nullcontext():
+            return self._generate_ids_timed(inputs, max_new_tokens, teacher_tokens, sampler, on_step, compressible)
+
+    def _generate_ids_timed(self, inputs, max_new_tokens, teacher_tokens, sampler, on_step, compressible):
         before = self._snapshot()
         self._sync()
         t0 = time.perf_counter()
         anchor = self._start_timeline(t0)
+        t0 = self._now()
         if compressible is None:
             compressible = bool(inputs["mm_token_type_ids"].any())
         enc = self.pruned_prompt(inputs) if self.compressor is not None and compressible else None
@@ -424,7 +440,7 @@ class Engine:
         self.finish(state)
         tokens, t_first, steps = state.tokens, state.t_first, state.steps
         self._sync()
-        t_end = time.perf_counter()
+        t_end = self._now()
         self._end_timeline(anchor)
         rows = [_decode.cut_at_eos(row, self.eos_ids) for row in tokens]
         visual = int(inputs["mm_token_type_ids"].sum())
@@ -444,6 +460,8 @@ class Engine:
         self.attach()
         state = _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
                                 tuple(self.step_observers), enc, self.fast_step(), sampler)
+        if self.clock is not None:
+            state.t_first = self.clock.now()
         self.release(self.geometry.prefill_only)
         return state
 
@@ -549,13 +567,13 @@ class Engine:
         """generate_requests' batch of prepared rows."""
         pad = self.family.token_ids(self.tokenizer)["pad"]
         with self._lock:
-            t0 = time.perf_counter()
+            t0 = self._now()
             inputs = self._to_device(batch_inputs([r.inputs for r in reqs], pad))
             streams = [TextStream(self.tokenizer, r.stop, self.eos_ids) for r in reqs]
             sampler = Sampler([r.sampling for r in reqs])
 
             def on_step(state: _decode.DecodeState) -> None:
-                now = time.perf_counter()
+                now = self._now()
                 for i, (r, ts) in enumerate(zip(reqs, streams)):
                     if r.finish_reason is None and i in sampler.errors:
                         r.error, r.finish_reason, r.text, r.t_end = sampler.errors[i], "error", ts.text, now
@@ -644,6 +662,8 @@ class Engine:
             "visual_tokens_kept": visual,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
+            "time_source": "measured",
+            **(self.clock.stats() if self.clock is not None else {}),
         }
 
     def per_layer_counters(self) -> dict[int, dict]:
@@ -669,6 +689,8 @@ def resolve_budget(rc: RuntimeConfig, layout, geo, nonexpert: int, config, dev) 
                 f"give at least {format_size(nonexpert + res + least)}")
     else:
         budget = all_bytes
+    if rc.device_profile:                   # the profile's memory caps the budget (profiles/memory.py)
+        budget = cap_budget(rc, budget, all_bytes, layout, geo, nonexpert, config, dev)
     if budget // layout.nbytes < geo.top_k:
         raise UserError(
             f"expert budget {format_size(budget)} holds {budget // layout.nbytes} experts of "

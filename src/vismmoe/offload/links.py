@@ -73,7 +73,10 @@ def get_link(name: str) -> LinkProfile:
 
 
 class LinkClock:
-    """Serial virtual link: `book(nbytes)` returns the host time the bytes would have arrived."""
+    """Serial virtual link: `book(nbytes)` returns the host time the bytes would have arrived. A device profile's
+    clock (profiles/clock.py) subclasses it to book on the emulated device's time instead (`virtual`)."""
+
+    virtual = False
 
     def __init__(self, profile: LinkProfile):
         self.profile = profile
@@ -91,3 +94,14 @@ class LinkClock:
             self._free_at = start + dur
             self.busy_s += dur
             return self._free_at
+
+    def now(self) -> float:
+        """The time arrivals are booked in (here the host's)."""
+        return time.perf_counter()
+
+    def wait_until(self, ready: float) -> float:
+        """Sleep until `ready` (host time); returns the seconds slept."""
+        delay = ready - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return max(0.0, delay)

@@ -85,6 +85,7 @@ class Prefetcher:
         self._shadow = False                     # the layer call in progress makes a shadow guess
         self._calls = 0
         self._host_t = 0.0                       # host time of this call's predictor.observe
+        self.now = time.perf_counter             # the clock layer times are read on (a device profile's: its own)
 
     def lead(self) -> float | None:
         """Layer times the expected copies of one layer call need (None before anything was measured)."""
@@ -137,7 +138,7 @@ class Prefetcher:
             ph.q = 0.7 * ph.q + 0.3 * len(guessed.intersection(needed)) / len(guessed)
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
-        now = time.perf_counter()
+        now = self.now()
         waited = self.waited() if self.waited is not None else 0.0
         if self._last is not None and self._phase is not None:
             dt = now - self._last

@@ -56,6 +56,7 @@ class OffloadRuntime:
         self.top_k = top_k
         self.prefetcher = None                  # prefetch.Prefetcher; also in observers
         self.timeline = None                    # timeline.Timeline of the request in progress, when recording
+        self.clock = None                       # profiles.clock.DeviceClock: charged for each grouped call
         self.layer_pos = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
         self.observers: list = []
@@ -219,6 +220,8 @@ class OffloadRuntime:
                 t_call = time.perf_counter()
                 pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
                                          count=count)
+                if self.clock is not None:
+                    self.clock.experts(count, len(inside))
                 t_call = time.perf_counter() - t_call                  # host time of one grouped call
                 self._call_s = t_call if self._call_s == 0 else 0.8 * self._call_s + 0.2 * t_call
         if self.cuda:

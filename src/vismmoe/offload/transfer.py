@@ -44,9 +44,10 @@ class Ticket:
     future: Future | None = None
     ready_at: float = 0.0       # emulated arrival time (perf_counter clock); 0 without emulation
     enq: int = 0                # GPU: position in the copy stream's queue
+    clock: object = None        # a virtual link clock whose time `ready_at` is in (device profiles); None: host
 
     def done(self) -> bool:
-        if self.ready_at and time.perf_counter() < self.ready_at:
+        if self.ready_at and (self.clock.now() if self.clock is not None else time.perf_counter()) < self.ready_at:
             return False
         if self.future is not None and not self.future.done():
             return False
@@ -143,6 +144,8 @@ class TransferEngine:
         if self.disk:
             self._last_into[dst.data_ptr()] = ticket.future
         ticket.ready_at = self._book(layer, expert, nbytes, kind)
+        if self.clock.virtual:
+            ticket.clock = self.clock
         return ticket
 
     def _disk_copy(self, ticket: Ticket, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after,
@@ -185,7 +188,7 @@ class TransferEngine:
 
     def _book(self, layer: int, expert: int, nbytes: int, kind: str) -> float:
         ready = self.clock.book(nbytes)
-        if self.timeline is not None and self.link.emulated:
+        if self.timeline is not None and self.link.emulated and not self.clock.virtual:
             dur = self.link.seconds(nbytes)
             self.timeline.add_copy(layer, expert, ready - dur, ready, kind)
         return ready
@@ -221,7 +224,7 @@ class TransferEngine:
         if not pending:
             return 0.0
         if self.link.emulated:
-            return max(0.0, max(t.ready_at for t in pending) - time.perf_counter())
+            return max(0.0, max(t.ready_at for t in pending) - self.clock.now())
         rate = self.link.rate_gbps(self.device.type) * 1e9
         return sum(t.nbytes for t in pending) / rate
 
@@ -235,10 +238,14 @@ class TransferEngine:
         for t in tickets:
             if t.future is not None:
                 t.future.result()
+        if self.clock.virtual:              # a device profile: the wait moves the device clock, not the host
+            stall = self.clock.wait_until(ready_at)
+            if stall > 0:
+                self._host_stall[layer] = self._host_stall.get(layer, 0.0) + stall
+                self.host_wait_s += stall
+            return
         t1 = time.perf_counter()
-        delay = ready_at - t1
-        if delay > 0:
-            time.sleep(delay)
+        self.clock.wait_until(ready_at)
         host = time.perf_counter() - t0
         if host > 0 and self.waits_on_host:                                      # the host itself waited
             self._host_stall[layer] = self._host_stall.get(layer, 0.0) + host

@@ -1,0 +1,125 @@
+"""Device profiles and the virtual device clock (profiles/): sources, roofline, emulated time, the memory cap."""
+
+import json
+
+import pytest
+
+from vismmoe import load
+from vismmoe.cli.app import main
+from vismmoe.errors import UserError
+from vismmoe.profiles import DeviceProfile, get_profile, names
+from vismmoe.profiles.tables import TABLES
+
+FIELDS = ("flops", "mem_Bps", "mem_bytes", "tier.Bps", "tier.latency_s", "efficiency", "op_s")
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_value_has_a_source(name):
+    prof = get_profile(name)
+    for field in FIELDS:
+        assert prof.sources.get(field), f"{name}: no source for {field}"
+    assert prof.peak("bfloat16") > 0 and prof.mem_Bps > 0 and prof.tier["Bps"] > 0
+
+
+def test_unknown_profile_is_one_line_error(capsys):
+    with pytest.raises(UserError, match="unknown device profile"):
+        get_profile("toaster")
+    assert "cpu-local" in names() and "phone" in names()
+
+
+def _profile(**kw) -> DeviceProfile:
+    base = dict(name="test", title="test device", flops={"float32": 1e9}, mem_Bps=1e9, mem_bytes=1 << 40,
+                tier={"name": "slow", "Bps": 1e7, "latency_s": 1e-4}, efficiency={"experts": 0.5}, op_s=0.0)
+    base.update(kw)
+    return DeviceProfile(**base)
+
+
+def test_roofline_is_the_bound_of_compute_and_memory():
+    p = _profile()
+    assert p.span_seconds("attention", 2e9, 1e6, 0, "float32") == pytest.approx(2.0)     # compute bound
+    assert p.span_seconds("attention", 1e3, 3e9, 0, "float32") == pytest.approx(3.0)     # memory bound
+    assert p.span_seconds("experts", 1e9, 0, 0, "float32") == pytest.approx(2.0)         # efficiency 0.5
+    assert _profile(op_s=1e-3).span_seconds("other", 0, 0, 10, "float32") == pytest.approx(1e-2)
+    with pytest.raises(UserError, match="no peak FLOP/s for bfloat16"):
+        p.peak("bfloat16")
+
+
+def _write(tmp_path, prof: DeviceProfile) -> str:
+    path = tmp_path / f"{prof.name}.json"
+    path.write_text(json.dumps(prof.to_json()))
+    return str(path)
+
+
+FAST = {"name": "fast", "Bps": 1e12, "latency_s": 0.0}
+
+
+def test_times_are_the_virtual_clocks(tiny_dirs, image_file, tmp_path):
+    """Same tokens as a real run; times from the profile , and a device
+    100x slower in compute takes longer than the fast one."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    want = load(d).generate(image_file, "What is here?", max_new_tokens=4)
+    fast = load(d, device_profile=_write(tmp_path, _profile(name="fast", flops={"float32": 1e12}, mem_Bps=1e11, tier=FAST)))
+    slow = fast.fork(device_profile=_write(tmp_path, _profile(name="slow", flops={"float32": 1e10}, mem_Bps=1e9, tier=FAST)))
+    runs = []
+    for eng in (fast, fast, fast, slow):       # the first request also pays first-call work: compare the next two
+        eng.cache.clear()
+        runs.append(eng.generate(image_file, "What is here?", max_new_tokens=4))
+    _, a, b, c = runs
+    assert a.token_ids == want.token_ids == c.token_ids
+    assert a.stats["time_source"] == "emulated for device profile fast"
+    assert c.stats["e2e_s"] > a.stats["e2e_s"]
+    assert set(a.stats["emulated_split_s"]) >= {"attention", "router", "experts", "vision", "lm_head"}
+    assert want.stats["time_source"] == "measured"
+
+
+def test_copies_take_the_tiers_time_and_compute_waits(tiny_dirs, image_file, tmp_path):
+    """At a small budget over a 10 MB/s tier every missed expert's bytes pass the virtual link; the request takes at
+    least that long and the stall is counted."""
+    prof = _profile(flops={"float32": 1e13}, mem_Bps=1e12, tier={"name": "slow", "Bps": 1e7, "latency_s": 0.0})
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", device_profile=_write(tmp_path, prof))
+    eng.cache.clear()
+    g = eng.generate(image_file, "What is here?", max_new_tokens=3)
+    link_s = g.stats["bytes_moved"] / 1e7
+    assert g.stats["misses"] > 0 and g.stats["e2e_s"] >= link_s * 0.999
+    assert g.stats["stall_s"] > 0.5 * link_s
+
+
+def test_prefetch_cost_model_reads_the_profiles_rates(tiny_dirs, tmp_path):
+    prof = _profile(tier={"name": "slow", "Bps": 2e7, "latency_s": 3e-5})
+    eng = load(tiny_dirs["qwen3_vl_moe"], prefetch="gate", device_profile=_write(tmp_path, prof))
+    assert eng.runtime.prefetcher.link_gbps == pytest.approx(0.02)
+    assert eng.runtime.prefetcher.now == eng.clock.now
+
+
+def test_memory_caps_the_budget(tiny_dirs, tmp_path):
+    d = tiny_dirs["qwen3_vl_moe"]
+    with pytest.raises(UserError, match="the model does not fit"):
+        load(d, device_profile=_write(tmp_path, _profile(name="tiny", mem_bytes=1 << 20)))
+    roomy = load(d, device_profile=_write(tmp_path, _profile(name="roomy")))
+    import torch
+    from vismmoe.engine.core import estimate_reserve
+    reserve = estimate_reserve(roomy.config, roomy.geometry, 256, roomy.layout.dtype, torch.device("cpu"))
+    small = roomy.nonexpert_bytes + reserve + roomy.geometry.top_k * roomy.layout.nbytes * 2
+    path = _write(tmp_path, _profile(name="small", mem_bytes=small))
+    capped = load(d, device_profile=path, max_seq=256)
+    assert capped.budget_bytes < roomy.budget_bytes
+    with pytest.raises(UserError, match="does not fit"):
+        load(d, device_profile=path, max_seq=256, expert_budget="100%")
+
+
+def test_cli_refuses_bad_profile_and_link_together(tiny_dirs, image_file, capsys):
+    d = tiny_dirs["qwen3_vl_moe"]
+    assert main(["generate", "--model", d, "--image", image_file, "--prompt", "x", "--device-profile", "nope"]) == 2
+    assert "unknown device profile" in capsys.readouterr().err
+    assert main(["generate", "--model", d, "--image", image_file, "--prompt", "x", "--device-profile", "phone",
+                 "--link", "edge"]) == 2
+    assert "--device-profile" in capsys.readouterr().err
+
+
+def test_generate_reports_emulated_times(tiny_dirs, image_file, capsys):
+    code = main(["generate", "--model", tiny_dirs["qwen3_vl_moe"], "--image", image_file, "--prompt", "What is here?",
+                 "--max-new-tokens", "2", "--device-profile", "orin-nx-16", "--json"])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
+    assert stats["time_source"] == "emulated for device profile orin-nx-16"
+    assert "orin-nx-16" in stats["link"]
