@@ -147,7 +147,7 @@ class Server:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout: float) -> str | None:
-        """Start and wait until /v1/models answers; None when it serves, else why not (its stderr's last line,
+        """Start and wait until a one-token chat request answers; None when it serves, else why not (its stderr's last line,
         or the time it took)."""
         import httpx
         self.baseline_mib = used_mib()
@@ -161,9 +161,19 @@ class Server:
             if self.proc.poll() is not None:
                 return f"exited with status {self.proc.returncode}: {last_line(self.log)}"
             try:
-                if httpx.get(self.base_url + "/models", timeout=2).status_code == 200:
-                    return None
-            except httpx.HTTPError:
+                # ready = a one-token chat request answers; /v1/models can answer while the weights still load
+                # (FreeToken answers 503 "model is still loading" then)
+                models = httpx.get(self.base_url + "/models", timeout=2)
+                if models.status_code == 200:
+                    name = models.json()["data"][0]["id"]
+                    r = httpx.post(self.base_url + "/chat/completions", timeout=60,
+                                   json={"model": name, "max_tokens": 1,
+                                         "messages": [{"role": "user", "content": "hi"}]})
+                    if r.status_code == 200:
+                        return None
+                    if r.status_code != 503:
+                        return f"a one-token request got HTTP {r.status_code}: {r.text[:200]}"
+            except (httpx.HTTPError, KeyError, IndexError, ValueError):
                 pass
             time.sleep(0.5)
         return f"not serving after {timeout:.0f} s: {last_line(self.log)}"
