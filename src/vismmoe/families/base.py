@@ -401,6 +401,11 @@ class Family:
         """What the decoder's `rotary_emb` takes from positions `[1 + R, B, T]`: the three rope rows [3, B, T]."""
         return positions[1:]
 
+    def layer_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """What each decoder layer takes as `position_ids` in a fast decode step, from positions `[1 + R, B, 1]`:
+        what the family's text model hands its layers (M-RoPE models: the text row [B, 1])."""
+        return positions[0]
+
     # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
     def encode(self, model, inputs: dict) -> Encoded:
         """Prompt -> what the decoder takes: embeddings with the image features scattered in, positions, and

@@ -235,8 +235,9 @@ class StepGraphs:
         h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
         cos, sin = lm.rotary_emb(h, fam.rotary_positions(positions))
         m4 = b.mask[:, None, None, :]                                # [B, 1, 1, L]
+        layer_pos = fam.layer_position_ids(positions)                # [B, 1]
         for i, layer in enumerate(lm.layers):
-            h = self._layer(layer, h, m4, positions[0], b.kv[i], cos, sin)
+            h = self._layer(layer, h, m4, layer_pos, b.kv[i], cos, sin)
         h = lm.norm(h[:, -1:])
         logits = model.lm_head(h)[:, -1]                             # [B, V]
         b.logits.copy_(logits)
