@@ -13,7 +13,7 @@ from vismmoe.families import get_family
 from vismmoe.step.fast_step import unsupported_reason
 
 # the families of conftest.MORE_FAMILIES the fast step runs (the rest say why not: test_family_exactness.py)
-FAST_FAMILIES = ("internvl", "deepseek_ocr2")
+FAST_FAMILIES = ("internvl", "deepseek_ocr2", "ernie4_5_vl_moe")
 PROMPTS = ["What is in the picture?", "How many shapes are there?"]
 NEW = 10
 
@@ -60,6 +60,23 @@ def test_fast_step_batch_and_compressed_prompt(family, tiny_dirs, image_file, bi
     got = fast.fork(compress="affinity", keep_ratio=0.3).generate(big_image, PROMPTS[0], max_new_tokens=NEW)
     assert want.stats["visual_tokens_kept"] < want.stats["visual_tokens"]
     assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_fast_step_counts_the_routing(family, tiny_dirs, image_file):
+    """Hits + misses are exactly the distinct experts each step's routing used; decode steps book only the groups
+    a decode token reaches (ERNIE: its text banks, never the prefill-only vision banks)."""
+    from vismmoe.offload.trace import RoutingTrace
+    eng = load(tiny_dirs[family], decode="fast", expert_budget="25%")
+    tr = RoutingTrace()
+    eng.record_trace(tr)
+    st = eng.generate(_image(family, image_file), PROMPTS[0], max_new_tokens=NEW).stats
+    used = sum(len(set(idx.flatten().tolist())) for s in tr.steps for idx, _ in s["layers"].values())
+    assert st["hits"] + st["misses"] == used
+    decode = [s for s in tr.steps if s["kind"] == "decode"]
+    assert len(decode) == NEW - 1
+    geo = eng.geometry
+    assert all(set(s["layers"]) == set(geo.moe_layers) - set(geo.prefill_only) for s in decode)
 
 
 @pytest.mark.gpu

@@ -107,6 +107,12 @@ class ExpertGeometry:
     #                              banks of experts, one key per (layer, bank): ERNIE's adapter says how)
     prefill_only: tuple[int, ...] = ()   # of moe_layers: used by the prompt's tokens only (ERNIE's vision banks)
 
+    @property
+    def decode_layers(self) -> tuple[int, ...]:
+        """The MoE layers (expert groups) a decode step's text token reaches: `moe_layers` without `prefill_only`,
+        in the same order."""
+        return tuple(l for l in self.moe_layers if l not in self.prefill_only)
+
 
 @dataclass
 class Encoded:

@@ -70,7 +70,6 @@ class Ernie4_5_VLMoeFamily(Family):
     tokens = Tokens(image="<|IMAGE_PLACEHOLDER|>", image_start="<|IMAGE_START|>", image_end="<|IMAGE_END|>",
                     eos=("</s>", "<|end_of_sentence|>"), pad="<unk>", extra=("<|begin_of_sentence|>",))
     fallback_format = "<|begin_of_sentence|>User: {image}{prompt}\nAssistant: "
-    fast_step_blocker = "two expert banks per layer (the fast step's address table holds one bank a layer)"
 
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config

@@ -137,8 +137,8 @@ class StepGraphs:
         self.device, self.dtype = engine.device, engine.dtype
         self.cuda = self.device.type == "cuda"
         geo = engine.geometry
-        self.moe_layers, self.K, self.E = geo.moe_layers, geo.top_k, geo.num_experts
-        nL = len(geo.moe_layers)
+        self.moe_layers, self.K, self.E = geo.decode_layers, geo.top_k, geo.num_experts
+        nL = len(self.moe_layers)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
         self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
         self.compiled = compiled
