@@ -412,6 +412,23 @@ class Family:
         what the family's text model hands its layers (M-RoPE models: the text row [B, 1])."""
         return positions[0]
 
+    # ---- the fast decode step (step/graphs.py) ---------------------------------------------------------------
+    def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
+        """One object per decoder layer: what that layer reads and writes as its cache in a fast decode step (an
+        `update(key, value, layer_idx)` for attention layers, and `load(prefill_cache_layer, fill, T)`). Default:
+        `graphs.StaticKV` buffers [B, kv_heads, L, head_dim] for every layer, the new token written at `pos [1]`."""
+        from ..step.graphs import StaticKV
+        tc = self.text_config(model.config)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        shape = (B, tc.num_key_value_heads, L, head_dim)
+        return [StaticKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                         pos) for _ in self.decoder_layers(model)]
+
+    def decode_masks(self, model, mask: torch.Tensor, pos: torch.Tensor) -> list:
+        """Each decoder layer's `attention_mask` in a fast decode step, from the step's `mask [B, 1, 1, L]` (bool,
+        True: attend; the new token's column `pos [1]` already on). Default: that mask for every layer."""
+        return [mask] * len(self.decoder_layers(model))
+
     # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
     def encode(self, model, inputs: dict) -> Encoded:
         """Prompt -> what the decoder takes: embeddings with the image features scattered in, positions, and

@@ -28,7 +28,6 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
     linear_topk_routers = True      # Qwen3_5MoeTopKRouter: top-k of softmax(linear(h)) = top-k of linear(h)
     model_type = "qwen3_5_moe"
     model_class = Qwen3_5MoeForConditionalGeneration
-    fast_step_blocker = "its Gated-DeltaNet layers keep a recurrent state the fast step's static KV cache lacks"
 
     def config_fields(self, config) -> list:
         return []                   # every layer is an MoE layer: nothing places them
@@ -37,6 +36,19 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
         tc = config.text_config
         return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
                               top_k=tc.num_experts_per_tok, moe_layers=tuple(range(tc.num_hidden_layers)))
+
+    def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
+        """Static KV for the full-attention layers, the Gated-DeltaNet layers' convolution window and recurrent
+        state (`step.static_cache.StaticLinearState`) for the rest."""
+        from ..step.static_cache import StaticLinearState
+        kv = super().static_cache(model, B, L, pos, dtype, device)
+        types = self.text_config(model.config).layer_types
+        return [StaticLinearState() if kind == "linear_attention" else c for c, kind in zip(kv, types)]
+
+    def decode_masks(self, model, mask: torch.Tensor, pos: torch.Tensor) -> list:
+        """No mask for the Gated-DeltaNet layers (a decode token is never padding, as transformers has it)."""
+        types = self.text_config(model.config).layer_types
+        return [None if kind == "linear_attention" else mask for kind in types]
 
     def _decoder_extras(self, enc) -> dict:
         return {}                   # no DeepStack
