@@ -5,8 +5,9 @@ with Gated-DeltaNet linear attention instead of softmax attention (layer 0 has n
 
 What the runtime needs differs from Qwen3-VL-MoE (families/qwen3_vl_moe.py) only where said here:
 - The KV cache is hybrid: `DynamicCache(config=...)` gives linear-attention layers their recurrent state and
-  convolution window and full-attention layers their keys and values; decode runs on it unchanged. The fast
-  decode step's static KV cache holds attention layers only: it refuses this family.
+  convolution window and full-attention layers their keys and values; the eager decode runs on it unchanged. The
+  fast decode step takes both over from it (`static_cache`: static KV for full attention, a
+  `step.static_cache.StaticLinearState` for each Gated-DeltaNet layer, which gets no mask: `decode_masks`).
 - The shared expert (`mlp.shared_expert`, `mlp.shared_expert_gate`) is not a routed expert: it stays resident.
 - Queries of the gated attention come with their output gate (`q_proj` gives 2 x head_dim per head): the
   query/key probe takes the query half.
