@@ -76,6 +76,29 @@ def test_tiny_shapes_run_on_random_weights(name):
     assert got == want and stats["misses"] > 0
 
 
+@pytest.mark.parametrize("name", sorted(n for n in SHAPES if n.startswith("tiny-")))
+def test_tiny_shapes_run_the_fast_step(name):
+    """What `vismmoe bench --shape` and bench/step_ceiling.py compare on the GPU (fast against eager decode, every
+    expert resident), at a tiny size on the CPU: the fast step runs every family that no longer has a blocker and
+    gives the eager step's tokens; a family still blocked says why (one line)."""
+    import torch
+
+    from vismmoe.bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
+    from vismmoe.step.fast_step import unsupported_reason
+    fam, config = get_shape(name)
+    eager = random_engine(fam, config, device="cpu", dtype=torch.float32, expert_budget="100%", decode="eager")
+    why = unsupported_reason(eager)
+    if get_family(fam).fast_step_blocker is not None:
+        assert why is not None and "\n" not in why
+        return
+    assert why is None
+    inputs = synthetic_inputs(eager, 96) if get_family(fam).has_vision else synthetic_text_inputs(eager, 40)
+    want, _ = eager.generate_ids(inputs, 5, teacher_tokens=[7, 8, 9, 10])
+    fast = eager.fork(decode="fast")
+    got, _ = fast.generate_ids(inputs, 5, teacher_tokens=[7, 8, 9, 10])
+    assert got == want and len(fast.fast_step().step_s) == 4
+
+
 @pytest.mark.parametrize("name", ["tiny-internvl", "tiny-qwen3.5", "tiny-deepseek-ocr2", "tiny-gemma4",
                                   "tiny-ernie4.5-vl"])
 def test_bench_shape_through_the_cli(name, tmp_path, capsys):

@@ -52,12 +52,13 @@ def hbm_gbps(device, reps: int = 20) -> float:
 
 def step_bytes(eng) -> int:
     """Bytes a decode token reads at least: decoder weights except embeddings and routed experts, lm_head, and
-    top-k experts per MoE layer (one embedding row and the KV are negligible)."""
+    top-k experts per MoE layer a decode token reaches (ERNIE: its text banks; one embedding row and the KV are
+    negligible)."""
     lm = eng.family.language_model(eng.model)
     n = sum(p.numel() * p.element_size() for name, p in lm.named_parameters() if "embed_tokens" not in name)
     head = eng.model.lm_head.weight
     n += head.numel() * head.element_size()
-    return n + eng.geometry.top_k * len(eng.geometry.moe_layers) * eng.layout.nbytes
+    return n + eng.geometry.top_k * len(eng.geometry.decode_layers) * eng.layout.nbytes
 
 
 def graph_us(fn, reps: int) -> float:

@@ -107,6 +107,12 @@ class ExpertGeometry:
     #                              banks of experts, one key per (layer, bank): ERNIE's adapter says how)
     prefill_only: tuple[int, ...] = ()   # of moe_layers: used by the prompt's tokens only (ERNIE's vision banks)
 
+    @property
+    def decode_layers(self) -> tuple[int, ...]:
+        """The MoE layers (expert groups) a decode step's text token reaches: `moe_layers` without `prefill_only`,
+        in the same order."""
+        return tuple(l for l in self.moe_layers if l not in self.prefill_only)
+
 
 @dataclass
 class Encoded:
@@ -400,6 +406,28 @@ class Family:
     def rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """What the decoder's `rotary_emb` takes from positions `[1 + R, B, T]`: the three rope rows [3, B, T]."""
         return positions[1:]
+
+    def layer_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """What each decoder layer takes as `position_ids` in a fast decode step, from positions `[1 + R, B, 1]`:
+        what the family's text model hands its layers (M-RoPE models: the text row [B, 1])."""
+        return positions[0]
+
+    # ---- the fast decode step (step/graphs.py) ---------------------------------------------------------------
+    def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
+        """One object per decoder layer: what that layer reads and writes as its cache in a fast decode step (an
+        `update(key, value, layer_idx)` for attention layers, and `load(prefill_cache_layer, fill, T)`). Default:
+        `graphs.StaticKV` buffers [B, kv_heads, L, head_dim] for every layer, the new token written at `pos [1]`."""
+        from ..step.graphs import StaticKV
+        tc = self.text_config(model.config)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        shape = (B, tc.num_key_value_heads, L, head_dim)
+        return [StaticKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                         pos) for _ in self.decoder_layers(model)]
+
+    def decode_masks(self, model, mask: torch.Tensor, pos: torch.Tensor) -> list:
+        """Each decoder layer's `attention_mask` in a fast decode step, from the step's `mask [B, 1, 1, L]` (bool,
+        True: attend; the new token's column `pos [1]` already on). Default: that mask for every layer."""
+        return [mask] * len(self.decoder_layers(model))
 
     # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
     def encode(self, model, inputs: dict) -> Encoded:

@@ -46,7 +46,6 @@ class DeepseekOcr2Family(Rope1D, Family):
     tokens = Tokens(image="<image>", image_start="", image_end="", eos=("<｜end▁of▁sentence｜>",),
                     pad="<｜▁pad▁｜>", extra=(BOS,))
     fallback_format = BOS + "{image}\n{prompt}"
-    fast_step_blocker = "the fast step builds M-RoPE positions; DeepSeek-OCR-2's decoder takes 1-D positions"
 
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config

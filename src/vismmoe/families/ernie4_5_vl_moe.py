@@ -15,7 +15,8 @@ keys `(group, expert)`: group `l` is layer l's text bank, group `1000 + l` its v
 (formats.base.pad_experts) and moves its padded bytes. The vision groups come first in the MoE layer order, so
 lookahead follows each bank's own chain of layers (a text bank predicts the next text banks, as decode needs),
 and they are prefill-only (`ExpertGeometry.prefill_only`): decode tokens are text, so once the prompt is done
-the vision experts leave the cache and decode has every slot for text experts.
+the vision experts leave the cache and decode has every slot for text experts. The fast decode step's address
+table holds the text banks alone (`ExpertGeometry.decode_layers`), whose width is the slot's.
 
 Checkpoint layout: hub files and `save_pretrained` keep one per-expert list of 2E experts per layer under
 `model.layers.{l}.mlp.experts` (text 0..E-1, vision E..2E-1, each at its own width), the routers transposed
@@ -70,7 +71,6 @@ class Ernie4_5_VLMoeFamily(Family):
     tokens = Tokens(image="<|IMAGE_PLACEHOLDER|>", image_start="<|IMAGE_START|>", image_end="<|IMAGE_END|>",
                     eos=("</s>", "<|end_of_sentence|>"), pad="<unk>", extra=("<|begin_of_sentence|>",))
     fallback_format = "<|begin_of_sentence|>User: {image}{prompt}\nAssistant: "
-    fast_step_blocker = "two expert banks per layer (the fast step's address table holds one bank a layer)"
 
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config

@@ -14,7 +14,7 @@ What the runtime needs beyond the base adapter:
   (token identity embeddings, the image tokens' those of the pad token), which travel with each token
   (`Encoded.per_token`).
 - `DynamicCache(config=...)` holds sliding-window layers and leaves the shared-KV layers out; decode runs on it.
-  The fast decode step does not: it refuses this family.
+  The fast decode step does not: it refuses this family (`fast_step_blocker` says what it lacks).
 
 Checkpoint layout: hub files and `save_pretrained` store each layer's experts fused under the model's names
 (`layers.{l}.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`).
@@ -52,8 +52,11 @@ class Gemma4Family(Rope1D, Family):
     tokens = Tokens(image="<image_soft_token>", image_start="<start_of_image>", image_end="<end_of_image>",
                     eos=("<end_of_turn>", "<eos>"), pad="<pad>", extra=("<bos>", "<start_of_turn>"))
     fallback_format = "<bos><start_of_turn>user\n{image}{prompt}<end_of_turn>\n<start_of_turn>model\n"
-    fast_step_blocker = ("the fast step's static KV cache has no sliding-window or shared-KV layers, and it builds "
-                         "M-RoPE positions; Gemma 4 decodes on the eager step")
+    # what the fast step lacks for it: the sliding-window layers' masks and the shared-KV layers' keys and values
+    # (Family.static_cache / decode_masks), the per-layer inputs, the soft-capped logits, and GELU (tanh) experts
+    # in the decode kernels (moe_kernel.py computes SiLU)
+    fast_step_blocker = ("the fast step has no sliding-window or shared-KV layers, per-layer inputs or GELU experts "
+                         "yet; Gemma 4 decodes on the eager step")
 
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config

@@ -72,7 +72,6 @@ class InternVLFamily(Rope1D, Family):
         eos=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>", extra=("<|im_start|>",),
     )
     fallback_format = "<|im_start|>user\n{image}\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    fast_step_blocker = "the fast step builds M-RoPE positions; InternVL's decoder takes 1-D positions"
 
     def config_fields(self, config) -> list:
         tc = config.text_config

@@ -5,8 +5,9 @@ with Gated-DeltaNet linear attention instead of softmax attention (layer 0 has n
 
 What the runtime needs differs from Qwen3-VL-MoE (families/qwen3_vl_moe.py) only where said here:
 - The KV cache is hybrid: `DynamicCache(config=...)` gives linear-attention layers their recurrent state and
-  convolution window and full-attention layers their keys and values; decode runs on it unchanged. The fast
-  decode step's static KV cache holds attention layers only: it refuses this family.
+  convolution window and full-attention layers their keys and values; the eager decode runs on it unchanged. The
+  fast decode step takes both over from it (`static_cache`: static KV for full attention, a
+  `step.static_cache.StaticLinearState` for each Gated-DeltaNet layer, which gets no mask: `decode_masks`).
 - The shared expert (`mlp.shared_expert`, `mlp.shared_expert_gate`) is not a routed expert: it stays resident.
 - Queries of the gated attention come with their output gate (`q_proj` gives 2 x head_dim per head): the
   query/key probe takes the query half.
@@ -28,7 +29,6 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
     linear_topk_routers = True      # Qwen3_5MoeTopKRouter: top-k of softmax(linear(h)) = top-k of linear(h)
     model_type = "qwen3_5_moe"
     model_class = Qwen3_5MoeForConditionalGeneration
-    fast_step_blocker = "its Gated-DeltaNet layers keep a recurrent state the fast step's static KV cache lacks"
 
     def config_fields(self, config) -> list:
         return []                   # every layer is an MoE layer: nothing places them
@@ -37,6 +37,19 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
         tc = config.text_config
         return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
                               top_k=tc.num_experts_per_tok, moe_layers=tuple(range(tc.num_hidden_layers)))
+
+    def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
+        """Static KV for the full-attention layers, the Gated-DeltaNet layers' convolution window and recurrent
+        state (`step.static_cache.StaticLinearState`) for the rest."""
+        from ..step.static_cache import StaticLinearState
+        kv = super().static_cache(model, B, L, pos, dtype, device)
+        types = self.text_config(model.config).layer_types
+        return [StaticLinearState() if kind == "linear_attention" else c for c, kind in zip(kv, types)]
+
+    def decode_masks(self, model, mask: torch.Tensor, pos: torch.Tensor) -> list:
+        """No mask for the Gated-DeltaNet layers (a decode token is never padding, as transformers has it)."""
+        types = self.text_config(model.config).layer_types
+        return [None if kind == "linear_attention" else mask for kind in types]
 
     def _decoder_extras(self, enc) -> dict:
         return {}                   # no DeepStack

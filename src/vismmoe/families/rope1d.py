@@ -23,6 +23,11 @@ class Rope1D:
         """[2, B, T] -> what the decoder's `rotary_emb` takes: the rope row [B, T]."""
         return positions[1]
 
+    def layer_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """[2, B, 1] -> what the decoder's layers take in a fast decode step: the rope row [B, 1] (as the text
+        model hands its layers the `position_ids` it was given)."""
+        return positions[1]
+
     def prefill_positions(self, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """([2, B, T] text and rope positions, equal; rope deltas [B, 1], zero) of a left-padded prompt."""
         mask = inputs["attention_mask"]

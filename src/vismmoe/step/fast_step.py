@@ -44,17 +44,18 @@ class FastStep:
         self.graphs = graphs and self.cuda
         self.compiled = compiled
         geo = engine.geometry
-        self.moe_layers = geo.moe_layers
-        self.layer_pos = {l: i for i, l in enumerate(geo.moe_layers)}
+        self.moe_layers = geo.decode_layers                             # a decode token's groups (ERNIE: text banks)
+        self.layer_pos = {l: i for i, l in enumerate(self.moe_layers)}
+        self.store_pos = [geo.moe_layers.index(l) for l in self.moe_layers]   # row of each in the expert store
         self.E, self.K = geo.num_experts, geo.top_k
-        L = len(geo.moe_layers)
+        L = len(self.moe_layers)
         self.slot_map = np.full((L, self.E), -1, dtype=np.int32)       # slot the graph may read, else -1
         self.slot_t = torch.from_numpy(self.slot_map)                   # the CPU step reads it directly
         self.pending: dict[int, tuple[int, int]] = {}                   # slot -> key: copy not landed yet
         self.sg = step_graphs(engine, compiled)                         # static buffers and graphs, per model
         self.sg.progress = progress
         if self.cuda:
-            self.host_addr = self.store.device_addresses()              # [L, E] int64
+            self.host_addr = self.store.device_addresses()[self.store_pos]   # [L, E] int64
             self.addr_host = torch.empty((L, self.E), dtype=torch.int64).pin_memory()
         for slot, key in enumerate(self.cache.owner):
             if key is not None:
@@ -67,11 +68,13 @@ class FastStep:
 
     # ---- residency (cache listener) --------------------------------------------------------------------------
     def on_insert(self, key, slot: int) -> None:
-        self.pending[slot] = key
+        if key[0] in self.layer_pos:                # prefill-only groups never enter the address table
+            self.pending[slot] = key
 
     def on_evict(self, key, slot: int) -> None:
         self.pending.pop(slot, None)
-        self.slot_map[self.layer_pos[key[0]], key[1]] = -1
+        if key[0] in self.layer_pos:
+            self.slot_map[self.layer_pos[key[0]], key[1]] = -1
 
     def _land(self) -> None:
         """Slots whose copy has arrived become readable by the next step."""
@@ -129,7 +132,8 @@ class FastStep:
             fl.ev1.record()
         else:                                                               # the CPU step reads this engine's cache
             for p, ex in enumerate(self.sg.experts):
-                ex.pool, ex.slots, ex.bank = self.cache.pool, self.slot_t[p], self.store.layer_blobs(p)
+                ex.pool, ex.slots = self.cache.pool, self.slot_t[p]
+                ex.bank = self.store.layer_blobs(self.store_pos[p])
             self.sg.run(b, False)
         if self._synced is not None:                    # host time the device sat idle between two steps
             self.gap_s.append(time.perf_counter() - self._synced)

@@ -58,6 +58,12 @@ class StaticKV:
         self.v.index_copy_(2, self.pos, value_states)
         return self.k, self.v
 
+    def load(self, src, fill: torch.Tensor, T: int) -> None:
+        """The prefill's `T` positions of cache layer `src` (`keys`, `values`); bucket row r gets request row
+        `fill[r]`."""
+        self.k[:, :, :T].copy_(src.keys[fill])
+        self.v[:, :, :T].copy_(src.values[fill])
+
 
 class LayerExperts:
     """What one MoE layer's experts read during a fast step (set on the experts module as `_vismmoe_fast`).
@@ -116,7 +122,7 @@ class Bucket:
 
     B: int                      # rows in the graph (a power of two)
     L: int
-    kv: list[StaticKV]
+    kv: list                    # per decoder layer: its StaticKV (or a family's own, static_cache.py)
     pos: torch.Tensor           # [1] long: column the next token is written to
     ids: torch.Tensor           # [B, 1] long: the next token (the graph writes its argmax here)
     logits: torch.Tensor        # [B, V]: the step's logits (a sampled row picks from them after the step)
@@ -137,8 +143,8 @@ class StepGraphs:
         self.device, self.dtype = engine.device, engine.dtype
         self.cuda = self.device.type == "cuda"
         geo = engine.geometry
-        self.moe_layers, self.K, self.E = geo.moe_layers, geo.top_k, geo.num_experts
-        nL = len(geo.moe_layers)
+        self.moe_layers, self.K, self.E = geo.decode_layers, geo.top_k, geo.num_experts
+        nL = len(self.moe_layers)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
         self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
         self.compiled = compiled
@@ -156,14 +162,9 @@ class StepGraphs:
         b = self.buckets.get((B, L))
         if b is not None:
             return b
-        tc = self.family.text_config(self.model.config)
-        layers = self.family.decoder_layers(self.model)
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         dt, dev = self.dtype, self.device
         pos = torch.zeros(1, dtype=torch.long, device=dev)
-        kv = [StaticKV(torch.zeros(B, tc.num_key_value_heads, L, head_dim, dtype=dt, device=dev),
-                       torch.zeros(B, tc.num_key_value_heads, L, head_dim, dtype=dt, device=dev), pos)
-              for _ in layers]
+        kv = self.family.static_cache(self.model, B, L, pos, dt, dev)
         nL = len(self.moe_layers)
         b = Bucket(B=B, L=L, kv=kv, pos=pos, ids=torch.zeros(B, 1, dtype=torch.long, device=dev),
                    logits=torch.zeros(B, self.model.lm_head.out_features, dtype=dt, device=dev),
@@ -186,9 +187,7 @@ class StepGraphs:
         fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)      # bucket row -> request row
         fill[:B] = torch.arange(B, device=mask.device)
         for i, layer_kv in enumerate(b.kv):
-            src = dyn_cache.layers[i]
-            layer_kv.k[:, :, :T].copy_(src.keys[fill])
-            layer_kv.v[:, :, :T].copy_(src.values[fill])
+            layer_kv.load(dyn_cache.layers[i], fill, T)
         b.mask.zero_()
         b.mask[:, :T].copy_(mask.bool()[fill])
         b.deltas.copy_(deltas.to(b.deltas.dtype)[fill])
@@ -234,9 +233,10 @@ class StepGraphs:
         positions = fam.decode_positions(b.mask, b.deltas)           # [1 + R, B, 1]: text row, R rope rows
         h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
         cos, sin = lm.rotary_emb(h, fam.rotary_positions(positions))
-        m4 = b.mask[:, None, None, :]                                # [B, 1, 1, L]
+        masks = fam.decode_masks(model, b.mask[:, None, None, :], b.pos)     # per layer, from [B, 1, 1, L]
+        layer_pos = fam.layer_position_ids(positions)                # [B, 1]
         for i, layer in enumerate(lm.layers):
-            h = self._layer(layer, h, m4, positions[0], b.kv[i], cos, sin)
+            h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], cos, sin)
         h = lm.norm(h[:, -1:])
         logits = model.lm_head(h)[:, -1]                             # [B, V]
         b.logits.copy_(logits)
