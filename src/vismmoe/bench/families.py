@@ -1,0 +1,135 @@
+"""Every family's published shape on the fast decode step against its eager step and the HBM roofline, in ONE process:
+
+    python -m vismmoe.bench.families --layers 8 --out DIR
+
+For each shape in --shapes (default: one published shape per family), random weights, cut to --layers decoder layers
+(the per-layer step is what is compared; the roofline counts the same layers): every expert resident, one request (a
+--side px image and 24 text tokens; text-only families: --prompt-tokens random ids), --new-tokens teacher-forced
+random tokens, decode ms/token of the fast step (static KV, compiled layers, one CUDA graph a token) and of the eager
+step (transformers' forward per token) on the same slot pool, interleaved, medians over --reps; the roofline is the
+bytes one decode token must read (bench/step_ceiling.step_bytes) over the HBM bandwidth measured here with a bf16 GEMV.
+A family the fast step refuses gets a row saying why. Writes families.json and families.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from .random_model import random_engine, synthetic_inputs, synthetic_text_inputs
+from .shapes import get_shape
+from .step_ceiling import hbm_gbps, step_bytes
+
+SHAPES = ("qwen3-vl-30b-a3b", "qwen3-30b-a3b", "qwen3.5-35b-a3b", "internvl3.5-30b-a3b", "deepseek-ocr2",
+          "gemma4-26b-a4b", "ernie4.5-vl-28b-a3b")
+
+
+def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int, reps: int, hbm: float,
+         say) -> dict:
+    from ..step.fast_step import unsupported_reason
+    fam, config = get_shape(shape)
+    t0 = time.perf_counter()
+    from ..families import get_family
+    tc = get_family(fam).text_config(config)
+    tc.num_hidden_layers = min(layers, tc.num_hidden_layers)
+    base = random_engine(fam, config, device="cuda", expert_budget="100%", policy="lru", decode="fast")
+    row = {"shape": shape, "family": fam, "layers": tc.num_hidden_layers,
+           "moe_layers": len(base.geometry.moe_layers), "build_s": time.perf_counter() - t0}
+    why = unsupported_reason(base)
+    row["step_bytes"] = step_bytes(base)
+    row["roofline_ms"] = row["step_bytes"] / (hbm * 1e9) * 1e3
+    keys = [(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)]
+    base.runtime.preload(keys)
+    eager = base.fork(decode="eager", share_pool=True)
+    eager.runtime.preload(keys)
+    systems = {"eager": eager} if why else {"fast": base, "eager": eager}
+    if why:
+        row["fast_refused"] = why
+    inputs = (synthetic_inputs(base, side) if base.family.has_vision else synthetic_text_inputs(base, prompt_tokens))
+    g = torch.Generator().manual_seed(1234)
+    vocab = min(100000, base.family.text_config(base.config).vocab_size)
+    teacher = torch.randint(min(1000, vocab // 4), vocab, (new_tokens + 1,), generator=g).tolist()
+    toks = {}
+    for name, eng in systems.items():                 # warm-up: compile + capture, allocations
+        t = time.perf_counter()
+        eng.generate_ids(inputs, new_tokens, teacher_tokens=teacher)
+        row[f"{name}_warmup_s"] = time.perf_counter() - t
+    tpot: dict = {n: [] for n in systems}
+    for _ in range(reps):
+        for name, eng in systems.items():
+            out, st = eng.generate_ids(inputs, new_tokens, teacher_tokens=teacher)
+            tpot[name].append(st["tpot_s"])
+            toks.setdefault(name, out[0])
+    for name in systems:
+        row[f"{name}_tpot_ms"] = statistics.median(tpot[name]) * 1e3
+    if "fast" in systems:
+        row["fast_over_eager"] = row["eager_tpot_ms"] / row["fast_tpot_ms"]
+        row["fast_over_roofline"] = row["fast_tpot_ms"] / row["roofline_ms"]
+        row["same_tokens"] = toks["fast"] == toks["eager"]
+    say(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+    del base, eager, systems
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def _table(res: dict) -> str:
+    lines = [f"Fast vs eager decode, every expert resident ({res['machine']}, random weights, {res['layers']} "
+             f"decoder layers of each shape, {res['new_tokens']} teacher-forced tokens, median of {res['reps']}), "
+             f"{res['date']}", "", f"Command: `{res['command']}`", "",
+             "| shape | family | eager ms/token | fast ms/token | fast / eager speedup | roofline ms | fast / roofline "
+             "| same tokens | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        f = lambda k, d=2: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
+        lines.append(f"| {r['shape']} | {r['family']} | {f('eager_tpot_ms')} | {f('fast_tpot_ms')} | "
+                     f"{f('fast_over_eager', 1)} | {f('roofline_ms', 3)} | {f('fast_over_roofline', 2)} | "
+                     f"{r.get('same_tokens', '')} | {r.get('fast_refused', r.get('error', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m vismmoe.bench.families", description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers of each shape (default 8)")
+    ap.add_argument("--side", type=int, default=448, help="image side in px (vision families)")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="prompt length of text-only families")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="runs/families")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device")
+    os.makedirs(args.out, exist_ok=True)
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+    hbm = hbm_gbps(torch.device("cuda"))
+    res = {"machine": torch.cuda.get_device_name(), "routing": "random weights", "layers": args.layers,
+           "new_tokens": args.new_tokens, "reps": args.reps, "side": args.side, "hbm_GBps": hbm,
+           "date": time.strftime("%Y-%m-%d"), "rows": [],
+           "command": "python -m vismmoe.bench.families " + " ".join(argv if argv is not None else sys.argv[1:])}
+    say(f"HBM {hbm:.0f} GB/s")
+    for shape in args.shapes.split(","):
+        try:
+            res["rows"].append(_one(shape, args.layers, args.side, args.prompt_tokens, args.new_tokens, args.reps,
+                                    hbm, say))
+        except Exception as e:          # one shape failing must not lose the others
+            say(f"{shape}: {type(e).__name__}: {e}")
+            res["rows"].append({"shape": shape, "family": get_shape(shape)[0],
+                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            gc.collect()
+            torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "families.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        with open(os.path.join(args.out, "families.md"), "w") as f:
+            f.write(_table(res))
+    say(_table(res))
+
+
+if __name__ == "__main__":
+    main()
