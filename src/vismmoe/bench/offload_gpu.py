@@ -27,7 +27,7 @@ import torch
 
 from ..config import format_size
 from ..step.decode import greedy
-from ..engine.core import estimate_reserve
+from ..engine.budget import estimate_reserve
 from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses
 from .harness import SYSTEMS, fork_system

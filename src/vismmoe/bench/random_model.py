@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 from ..config import RuntimeConfig
-from ..engine.core import Engine, _device_bytes, resolve_budget, skeleton, strip_experts
+from ..engine.budget import resolve_budget
+from ..engine.core import Engine
+from ..engine.loading import device_bytes, skeleton, strip_experts
 from ..families import get_family
 from ..formats import make_format
 from ..offload.store import HostStore, pin_inplace
@@ -74,7 +76,7 @@ def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torc
     gen = torch.Generator(device=dev).manual_seed(seed)
     _materialize_random(model, prefixes, dev, dtype, gen)
     strip_experts(model, family, geo, dtype, dev)
-    nonexpert = _device_bytes(model)
+    nonexpert = device_bytes(model)
     store = random_host_store(layout, len(geo.moe_layers), geo.num_experts, dev, pin=dev.type == "cuda",
                               seed=seed + 1, progress=progress)
     rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,

@@ -161,7 +161,7 @@ def runtime_config(args, trace: bool = False):
 
 def _engine_from(args, trace: bool = False):
     rc = runtime_config(args, trace)            # checked before the engine's imports (seconds) and any weight
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..progress import layer_progress, status
     with layer_progress("reading experts") as tick:
         eng = load(_model_dir(args), rc, progress=tick)
@@ -181,7 +181,7 @@ def cmd_generate(args) -> int:
         output_file(args.timeline, "--timeline", (".png",))
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
     if image is not None:                                               # so is an image for a text-only model
-        from ..engine.core import read_model_type
+        from ..engine.loading import read_model_type
         from ..families import get_family
         get_family(read_model_type(_model_dir(args))).check_images()
     eng = _engine_from(args)
@@ -320,7 +320,7 @@ def cmd_quantize(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from ..tools.calibrate import calibrate, default_samples
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..progress import layer_progress
     at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
     at_least(args.depth, 1, "--depth")
@@ -351,7 +351,7 @@ def cmd_calibrate(args) -> int:
 def cmd_analyze(args) -> int:
     from ..tools.analyze import DEFAULT_COMPRESSORS, run
     from ..engine.compress import make_compressor
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..progress import layer_progress
     keep = ratios(args.keep_ratios, "--keep-ratios")
     comps = compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
@@ -384,7 +384,7 @@ def cmd_eval(args) -> int:
     compress, keep_ratio = _compression(args)
     if args.expert_budget is not None:
         parse_size(args.expert_budget, total=1 << 62, what="expert budget")
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..tools.evaluate import evaluate
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
                compress=compress, keep_ratio=keep_ratio,
@@ -441,7 +441,7 @@ def cmd_bench(args) -> int:
     if args.shape:
         base, samples, new, title, calibrate_on = _shape_workload(args)
     else:
-        from ..engine.core import load
+        from ..engine.loading import load
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
                     compile=_compile_flag(args),
@@ -487,7 +487,7 @@ def _shape_workload(args):
     from ..bench.harness import Request
     from ..bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
     from ..bench.shapes import get_shape
-    from ..engine.core import _resolve_device
+    from ..engine.loading import _resolve_device
     from ..families import get_family
     from ..formats import make_format
     fam, config = get_shape(args.shape)

@@ -10,10 +10,8 @@ to a tiny random checkpoint, whose answers are noise.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
-from ..checkpoints import default_model
+from ..checkpoints import BUNDLED, default_model
 from ..report import console, stats_table
 
 DEMO_BUDGETS = ("100%", "25%")
@@ -27,7 +25,7 @@ def _questions(n: int) -> list[tuple]:
 def run_demo(device: str = "cpu", as_json: bool = False) -> int:
     from rich.table import Table
 
-    from ..engine.core import load
+    from ..engine.loading import load
     out = console()
     model_dir, routing = default_model()
     trained = model_dir == BUNDLED
