@@ -229,12 +229,12 @@ def test_help_shows_every_default_and_the_version(capsys):
 def test_generate_and_serve_share_the_runtime_defaults():
     """One table: the predictive policy with gate prefetch (what measured best at a budget); the LRU baseline is
     one flag away."""
-    from vismmoe.cli.app import RUNTIME_DEFAULTS
+    from vismmoe.config import declared
     gen = build_parser().parse_args(["generate", "--prompt", "x"])
     srv = build_parser().parse_args(["serve"])
-    for key, value in RUNTIME_DEFAULTS.items():
-        if key != "lookahead":
-            assert getattr(gen, key) == getattr(srv, key) == value, key
+    assert {f.name for f in declared("generate")} == {f.name for f in declared("serve")}
+    for f in declared("serve"):
+        assert getattr(gen, f.name) == getattr(srv, f.name) == f.metadata["cli_default"], f.name
     assert (gen.policy, gen.prefetch) == ("predictive", "gate")
     base = build_parser().parse_args(["generate", "--prompt", "x", "--policy", "lru", "--prefetch", "none"])
     assert (base.policy, base.prefetch) == ("lru", "none")
