@@ -18,18 +18,20 @@ from dataclasses import dataclass, field, replace
 import torch
 from jinja2 import TemplateError
 
-from ..config import RuntimeConfig, check_runtime
+from ..config import RuntimeConfig, runtime_options
 from ..errors import UserError
 from ..offload.cache import CacheCounters, ExpertCache
 from ..offload.links import get_link
 from ..offload.policies import make_policy
 from ..offload.predict import make_predictor
 from ..offload.prefetch import Prefetcher
-from ..offload.runtime import IMPLEMENTATION, OffloadRuntime
+from ..offload import hooks
+from ..offload.runtime import OffloadRuntime
 from ..offload.trace import RoutingTrace
 from ..offload.transfer import TransferEngine
 from ..protocols import StepObserver
-from ..step import decode as _decode
+from ..step import loop
+from ..step.decode import EagerStep, cut_at_eos
 from ..tools.timeline import Timeline
 from .budget import resolve_budget
 from .compress import VisualContext, keep_count, make_compressor, prune
@@ -93,8 +95,12 @@ class Engine:
         self._fast = None                       # fast_step.FastStep, made on first use (fast_step())
         # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
         self._lock = model.__dict__.setdefault("_vismmoe_lock", threading.RLock())
+        # one hook per experts module (offload/hooks.py), attached before each request; the implementation that
+        # reads them registered with transformers (explicitly, once)
+        self.hooks = {layer: hooks.ExpertsHook(self.runtime, layer) for layer in geometry.moe_layers}
+        hooks.register()
         self.attach()
-        model.set_experts_implementation(IMPLEMENTATION)
+        model.set_experts_implementation(hooks.IMPLEMENTATION)
 
     def fork(self, rc: RuntimeConfig | None = None, *, share_pool: bool = False, **overrides) -> Engine:
         """Same weights and store, a new cache under `rc` (default: this engine's options, routing trace off) with
@@ -103,11 +109,7 @@ class Engine:
         base = rc if rc is not None else replace(self.rc, trace=False)
         if overrides.get("expert_budget") is not None:
             overrides.setdefault("device_memory", None)
-        try:
-            rc = replace(base, **overrides)
-        except TypeError as e:
-            raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
-        check_runtime(rc)
+        rc = runtime_options(base, **overrides)
         if rc.expert_format != self.rc.expert_format:
             raise UserError(f"a fork keeps its engine's expert format ({self.layout.spec()})",
                             "load the checkpoint again with the other --expert-format")
@@ -235,12 +237,14 @@ class Engine:
         """The model's experts modules run through this engine's runtime until `detach` or until another engine
         over the same model attaches (forks share the model: every request attaches its engine first; a new
         engine is attached)."""
-        for layer in self.geometry.moe_layers:
-            self.runtime.attach(self.family.moe_block(self.model, layer).experts, layer)
+        for layer, hook in self.hooks.items():
+            hooks.attach(self.family.moe_block(self.model, layer).experts, hook)
 
     def detach(self) -> None:
-        for layer in self.geometry.moe_layers:
-            self.runtime.detach(self.family.moe_block(self.model, layer).experts)
+        """Undo `attach`: the experts modules as they were (a module another engine attached since is left
+        alone)."""
+        for layer, hook in self.hooks.items():
+            hooks.detach(self.family.moe_block(self.model, layer).experts, hook)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def prepare(self, images, prompts: list[str]) -> dict:
@@ -304,18 +308,12 @@ class Engine:
             compressible = bool(inputs["mm_token_type_ids"].any())
         enc = self.pruned_prompt(inputs) if self.compressor is not None and compressible else None
         state = self.prefill(inputs, max_new_tokens, enc=enc, sampler=sampler)
-        if on_step is not None:
-            on_step(state)
-        while state.steps < max_new_tokens - 1 and not state.finished:
-            self.decode_one_token(state, teacher_tokens[state.steps] if teacher_tokens is not None else None)
-            if on_step is not None:
-                on_step(state)
-        self.finish(state)
+        loop.run(state, max_new_tokens, teacher_tokens, on_step)
         tokens, t_first, steps = state.tokens, state.t_first, state.steps
         self._sync()
         t_end = time.perf_counter()
         self._end_timeline(anchor)
-        rows = [_decode.cut_at_eos(row, self.eos_ids) for row in tokens]
+        rows = [cut_at_eos(row, self.eos_ids) for row in tokens]
         visual = int(inputs["mm_token_type_ids"].sum())
         kept = int(enc.visual.sum()) if enc is not None else visual
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
@@ -326,13 +324,14 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None
-                ) -> _decode.DecodeState:
-        """Run a prepared prompt (or `enc`, a pruned one) and return its `decode.DecodeState` with each row's first
+                ) -> loop.DecodeState:
+        """Run a prepared prompt (or `enc`, a pruned one) and return its `loop.DecodeState` with each row's first
         token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
-        with `decode_one_token`, then `finish`; one batch at a time per engine."""
+        with `decode_one_token`, then `finish`; one batch at a time per engine. The decode step (strategy) is
+        chosen here, once for the batch: `step_strategy`."""
         self.attach()
-        state = _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
-                                tuple(self.step_observers), enc, self.fast_step(), sampler)
+        state = loop.prefill(self.model, self.family, inputs, self.step_strategy(max_new_tokens), self.eos_ids,
+                             max_new_tokens, tuple(self.step_observers), enc, sampler)
         self.release(self.geometry.prefill_only)
         return state
 
@@ -345,14 +344,20 @@ class Engine:
                 self.cache.evict(key)
 
     @torch.inference_mode()
-    def decode_one_token(self, state: _decode.DecodeState, teacher_token: int | None = None) -> list[int]:
-        """One decode step of `state` (fast step or eager, as the state was prefilled): a token per row;
-        `teacher_token` forces the step's input (benchmarks on random weights)."""
-        return _decode.decode_one_token(self.model, self.family, state, teacher_token, self.fast_step())
+    def decode_one_token(self, state: loop.DecodeState, teacher_token: int | None = None) -> list[int]:
+        """One decode step of `state` (its strategy, chosen at the prefill): a token per row; `teacher_token`
+        forces the step's input (benchmarks on random weights)."""
+        return loop.decode_one_token(state, teacher_token)
 
-    def finish(self, state: _decode.DecodeState) -> None:
+    def finish(self, state: loop.DecodeState) -> None:
         """The last step's books (hits, routing observers, statistics)."""
-        _decode.finish(state, self.fast_step())
+        loop.finish(state)
+
+    def step_strategy(self, max_new_tokens: int = 2):
+        """The decode step of this engine's next batch (step/strategy.py): the fast step when it serves this
+        engine (`fast_step`), else the eager step; a batch of one new token never steps."""
+        fast = self.fast_step()
+        return fast if fast is not None and max_new_tokens > 1 else EagerStep(self.model, self.family)
 
     @torch.inference_mode()
     def pruned_prompt(self, inputs: dict, compressor=None, keep_ratio: float | None = None):
@@ -443,7 +448,7 @@ class Engine:
             streams = [TextStream(self.tokenizer, r.stop, self.eos_ids) for r in reqs]
             sampler = Sampler([r.sampling for r in reqs])
 
-            def on_step(state: _decode.DecodeState) -> None:
+            def on_step(state: loop.DecodeState) -> None:
                 now = time.perf_counter()
                 for i, (r, ts) in enumerate(zip(reqs, streams)):
                     if r.finish_reason is None and i in sampler.errors:
