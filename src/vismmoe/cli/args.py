@@ -153,7 +153,7 @@ def runtime_config(args: argparse.Namespace, command: str, **fixed):
             continue                                        # not given, no CLI default: the declared default
         convert = f.metadata["to_config"]
         values[f.name] = convert(v) if convert is not None else v
-    return runtime_options(**values, **fixed)
+    return runtime_options(**{**values, **fixed})     # the command's own values win
 
 
 def flag_of(dest: str) -> str:
