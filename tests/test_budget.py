@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vismmoe import load
-from vismmoe.engine.core import estimate_reserve
+from vismmoe.engine.budget import estimate_reserve
 from vismmoe.families import get_family
 
 from .conftest import FAMILIES

@@ -29,11 +29,11 @@ def _error(capsys, argv, needle):
 @pytest.fixture()
 def no_load(monkeypatch):
     """Fail the test if a command gets as far as reading a model."""
-    import vismmoe.engine.core
+    import vismmoe.engine.loading
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the bad argument was refused")
-    monkeypatch.setattr(vismmoe.engine.core, "load", refuse)
+    monkeypatch.setattr(vismmoe.engine.loading, "load", refuse)
 
 
 def test_non_utf8_text_is_one_line_exit_2(tiny_dirs, tmp_path):
@@ -125,7 +125,7 @@ def test_runtime_errors_come_before_model_code_is_imported():
     """In a fresh process: the error is printed with transformers (and the engine) never imported."""
     code = ("import sys\nfrom vismmoe.cli.app import main\n"
             "rc = main(['generate', '--prompt', 'hi', '--policy', 'fifo'])\n"
-            "print(rc, sorted(m for m in ('transformers', 'vismmoe.engine.core') if m in sys.modules))")
+            "print(rc, sorted(m for m in ('transformers', 'vismmoe.engine.core', 'vismmoe.engine.loading') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert out.stdout.strip() == "2 []", (out.stdout, out.stderr[-500:])
@@ -229,12 +229,12 @@ def test_help_shows_every_default_and_the_version(capsys):
 def test_generate_and_serve_share_the_runtime_defaults():
     """One table: the predictive policy with gate prefetch (what measured best at a budget); the LRU baseline is
     one flag away."""
-    from vismmoe.cli.app import RUNTIME_DEFAULTS
+    from vismmoe.config import declared
     gen = build_parser().parse_args(["generate", "--prompt", "x"])
     srv = build_parser().parse_args(["serve"])
-    for key, value in RUNTIME_DEFAULTS.items():
-        if key != "lookahead":
-            assert getattr(gen, key) == getattr(srv, key) == value, key
+    assert {f.name for f in declared("generate")} == {f.name for f in declared("serve")}
+    for f in declared("serve"):
+        assert getattr(gen, f.name) == getattr(srv, f.name) == f.metadata["cli_default"], f.name
     assert (gen.policy, gen.prefetch) == ("predictive", "gate")
     base = build_parser().parse_args(["generate", "--prompt", "x", "--policy", "lru", "--prefetch", "none"])
     assert (base.policy, base.prefetch) == ("lru", "none")

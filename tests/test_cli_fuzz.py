@@ -87,14 +87,14 @@ def _work_stubbed(monkeypatch):
     import vismmoe.bench.make_shape
     import vismmoe.bench.random_model
     import vismmoe.tools.demo
-    import vismmoe.engine.core
+    import vismmoe.engine.loading
     import vismmoe.tools.export_gguf
     import vismmoe.serve.cli
     import vismmoe.tools.tiny
 
     def reached(*a, **k):
         raise Reached()
-    for module, attr in ((vismmoe.engine.core, "load"), (vismmoe.tools.tiny, "make_tiny"),
+    for module, attr in ((vismmoe.engine.loading, "load"), (vismmoe.tools.tiny, "make_tiny"),
                          (vismmoe.bench.make_shape, "make_shape"), (vismmoe.tools.export_gguf, "export"),
                          (vismmoe.serve.cli, "serve"), (vismmoe.tools.demo, "run_demo"),
                          (vismmoe.bench.random_model, "random_engine")):

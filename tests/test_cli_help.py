@@ -94,8 +94,8 @@ def test_registry_help_does_not_load_model_classes():
     import transformers' model classes (it took about 5 s)."""
     import subprocess
     import sys
-    code = ("import sys; from vismmoe.cli.app import _compressors, _predictors, _policies; "
-            "_compressors(); _predictors(); _policies(); print('transformers' in sys.modules)")
+    code = ("import sys; from vismmoe.cli.args import compressors, predictors, policies; "
+            "compressors(); predictors(); policies(); print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-300:]
     assert out.stdout.strip() == "False"

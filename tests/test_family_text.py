@@ -119,7 +119,7 @@ def test_images_are_refused_by_the_engine(tiny, image_file):
 
 
 def test_cli_refuses_an_image_before_reading_the_model(tiny, image_file, capsys, monkeypatch):
-    import vismmoe.engine.core as engine_mod
+    import vismmoe.engine.loading as engine_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was read")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vismmoe import load
+from vismmoe.offload.hooks import hook_of
 from vismmoe.engine.compress import COMPRESSORS, make_compressor
 from vismmoe.offload.policies import POLICIES, make_policy
 from vismmoe.protocols import Compressor, EvictionPolicy, Predictor, RoutingObserver, StepObserver
@@ -46,14 +47,30 @@ def test_engine_attach_and_detach(tiny_dirs, image_file):
     eng = load(tiny_dirs["glm4v_moe"], expert_budget="25%")
     other = eng.fork(policy="lfu")
     ex = eng.family.moe_block(eng.model, eng.geometry.moe_layers[0]).experts
-    assert ex._vismmoe_runtime is other.runtime                     # the newest engine is attached
+    assert hook_of(ex).runtime is other.runtime                     # the newest engine is attached
     eng.generate(image_file, "What is in the picture?", max_new_tokens=3)
-    assert ex._vismmoe_runtime is eng.runtime
+    assert hook_of(ex).runtime is eng.runtime
     other.detach()
-    assert ex._vismmoe_runtime is eng.runtime
+    assert hook_of(ex).runtime is eng.runtime
     state = other.prefill(other.prepare([image_file], ["What?"]), 3)
-    assert ex._vismmoe_runtime is other.runtime
+    assert hook_of(ex).runtime is other.runtime
     other.decode_one_token(state)
     other.finish(state)
     other.detach()
-    assert not hasattr(ex, "_vismmoe_runtime")
+    assert hook_of(ex) is None
+
+
+def test_detach_leaves_the_experts_modules_as_they_were(tiny_dirs, image_file):
+    """An engine's hooks are the only thing it puts on transformers' experts modules, and detach takes them off
+    again (also after a request, whose fast step sets and clears the hook's `fast`)."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%", decode="fast")
+    mods = [eng.family.moe_block(eng.model, layer).experts for layer in eng.geometry.moe_layers]
+    eng.detach()
+    before = [dict(m.__dict__) for m in mods]
+    assert not any(k.startswith("_vismmoe") for d in before for k in d)
+    eng.attach()
+    assert all(hook_of(m) is eng.hooks[layer] for m, layer in zip(mods, eng.geometry.moe_layers))
+    eng.generate(image_file, "What?", max_new_tokens=3)
+    assert all(hook_of(m).fast is None for m in mods)
+    eng.detach()
+    assert [dict(m.__dict__) for m in mods] == before

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vismmoe.bench.shapes import SHAPES, get_shape
-from vismmoe.engine.core import skeleton
+from vismmoe.engine.loading import skeleton
 from vismmoe.families import get_family
 
 # shape -> (MoE layers, experts, top-k, hidden, expert intermediate, decoder layers)

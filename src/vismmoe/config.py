@@ -8,7 +8,7 @@ models: a percentage is resolved against a total the caller supplies.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 from .errors import UserError
 
@@ -58,96 +58,224 @@ def format_size(n: float) -> str:
     return f"{int(n)}B"
 
 
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Everything `vismmoe.load` needs besides the model directory."""
+# ---- the options of a run, each declared once ------------------------------------------------------------------
+# A field of `RuntimeConfig` carries its declaration in `field(metadata=...)` (made by `option`): help text, CLI flag,
+# the commands that take it, choices, metavar, a registry to list in the help, the CLI's own default where it
+# differs from the library's, the CLI value -> config value conversion, and a check of the value. The CLI flags,
+# their help and their checks are generated from it (cli/args.py: `add_runtime_options`, `runtime_config`);
+# the library, the bench systems and the random-weight engines build their configs through `runtime_options`.
+# Adding an option is one `option(...)` field here (plus the code that reads it).
 
-    device: str = "cpu"
-    dtype: str | None = None            # None: the checkpoint's dtype on cuda, float32 on cpu
-    expert_budget: str | None = None    # bytes or "P%" of all expert bytes; None with no device_memory: all experts
-    device_memory: str | None = None    # total device bytes; experts get what weights + reserve leave
-    reserve: str | None = None          # KV/activation reserve for device_memory sizing; None: estimated
-    policy: str = "lru"
-    expert_tier: str = "host"           # host (RAM, pinned on cuda) | disk (read on demand)
-    trace: bool = False
-    link: str = "real"                  # real | edge | mobile | GBps=N[,us=L] (emulated unless real)
-    prefetch: str = "none"              # none | gate | trace | blend
-    lookahead: int = 2                  # prefetch depth in MoE layers (the most, when adaptive)
-    fixed_lookahead: bool = False       # always prefetch `lookahead` layers ahead (published designs do)
-    calibration: str | None = None      # transition tables for trace/blend (vismmoe calibrate)
-    compress: str = "none"              # visual-token compressor (compress.py) or none
-    keep_ratio: float = 1.0             # share of visual tokens kept when compressing
-    max_seq: int = 4096                 # longest prompt + generation the reserve estimate plans for
-    decode: str = "auto"                # fast (static KV, compiled layers, one CUDA graph per step) | eager | auto
-    compile: bool | None = None         # torch.compile the decoder layers of the fast step; None: on CUDA only
-    expert_format: str | None = None    # dense | fp8 | int4[:group=G,sym=S]; None/auto: the checkpoint's own
-    check_weights: str = "sample"       # NaN/Inf scan of the weights at load: full | sample | off (weights_check.py)
-    device_profile: str | None = None   # a device profile (profiles/): times emulated on its virtual device clock
+RUN = ("generate", "serve")                                  # the commands that run a model with every knob
+JOBS = RUN + ("eval", "bench", "calibrate", "analyze")      # every command that loads a model
+_UNSET = object()
 
-    def __post_init__(self):
-        if self.expert_tier not in ("host", "disk"):
-            raise UserError(f"unknown expert tier {self.expert_tier!r}", "use --expert-tier host or disk")
-        if self.decode not in ("auto", "fast", "eager"):
-            raise UserError(f"unknown decode mode {self.decode!r}", "use --decode auto, fast or eager")
-        if self.expert_budget is not None and self.device_memory is not None:
-            raise UserError("both --expert-budget and --device-memory given", "give one of them")
-        if self.check_weights not in CHECK_WEIGHTS:
-            raise UserError(f"unknown weight check {self.check_weights!r}",
-                            f"use --check-weights {' or '.join(CHECK_WEIGHTS)}")
+
+def option(default, help: str, *, commands: tuple[str, ...] = RUN, flag: str | None = "", choices=None,
+           metavar: str | None = None, type=None, names: str | None = None, cli_default=_UNSET, to_config=None,
+           group: str | None = None, check=None, store_true: bool = False):
+    """A `RuntimeConfig` field and its declaration. `flag` "" (default): --name-with-dashes; None: no CLI flag.
+    `names`: the cli/args.py registry function whose names the help lists (`{names}` in `help`). `cli_default`:
+    the CLI's default (the value argparse holds) when it differs from `default`. `to_config`: CLI value ->
+    field value. `group`: options of one mutually exclusive group. `check(value)`: UserError for a bad value,
+    run by `check_runtime` (choices are checked without one)."""
+    return field(default=default, metadata=dict(
+        help=help, commands=tuple(commands), flag=flag, choices=choices, metavar=metavar, type=type, names=names,
+        cli_default=default if cli_default is _UNSET else cli_default, to_config=to_config, group=group,
+        check=check, store_true=store_true))
+
+
+def _registry_check(kind: str):
+    def check(value):
+        from .paths import input_file
+        if kind == "policy":
+            from .offload.policies import make_policy
+            if split_spec(value)[0] == "belady":
+                raise UserError("the belady policy needs a recorded trace to replay (it knows every future use): it "
+                                "is a bound for trace replays (python -m vismmoe.bench.simulate), not a runtime "
+                                "policy", "use --policy lru, lfu, lfru, predictive or none")
+            make_policy(value)
+        elif kind == "link":
+            from .offload.links import get_link
+            get_link(value)
+        elif kind == "expert_format":
+            if value not in (None, "auto"):
+                from .formats import make_format
+                make_format(value, 1024, 1024, None)    # its name and knobs (sizes are checked at load)
+        elif kind == "prefetch":
+            from .offload.predict import PREDICTORS
+            if value not in PREDICTORS:
+                raise UserError(f"unknown predictor {value!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
+        elif kind == "compress":
+            if value != "none":
+                from .engine.compress import make_compressor
+                make_compressor(value)
+        elif kind == "device_profile":
+            if value is not None:
+                from .profiles import get_profile
+                get_profile(value)
+        elif kind == "calibration":
+            if value is not None:
+                input_file(value, "calibration file", "give the .npz that vismmoe calibrate wrote")
+    return check
+
+
+def _size_check(what: str, total: int | None = None):
+    def check(value):
+        if value is not None:
+            parse_size(value, total=total, what=what)
+    return check
+
+
+def _keep_ratio_check(value):
+    if not 0.0 < value <= 1.0:
+        raise UserError(f"--keep-ratio {value} is out of range", "give a ratio in (0, 1], e.g. 0.33")
+
+
+def _lookahead_check(value):
+    if not 1 <= value <= 8:
+        raise UserError(f"--lookahead {value} is out of range", "use a depth from 1 to 8")
 
 
 CHECK_WEIGHTS = ("sample", "full", "off")
 
 
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Everything `vismmoe.load` needs besides the model directory; each field is one declared option (see
+    `option`)."""
+
+    device: str = option("cpu", "cpu or cuda", commands=JOBS)
+    dtype: str | None = option(None, "float32 | bfloat16 | float16 (default: float32 on cpu, the checkpoint's "
+                                      "dtype on cuda)", commands=JOBS)
+    expert_budget: str | None = option(
+        None, "device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%% (default: every expert)",
+        commands=RUN + ("eval",), metavar="SIZE", group="budget", check=_size_check("expert budget", 1 << 62))
+    device_memory: str | None = option(
+        None, "total device bytes; experts get what weights and the KV/activation reserve leave (default: not used)",
+        metavar="SIZE", group="budget", check=_size_check("device memory"))
+    reserve: str | None = option(
+        None, "KV/activation reserve for --device-memory (default: estimated); only with --device-memory",
+        metavar="SIZE", check=_size_check("reserve"))
+    policy: str = option("lru", "cache eviction policy, one of {names} (default %(default)s: it measured best at a "
+                                "budget; lru is the usual baseline)",
+                         metavar="NAME", names="policies", cli_default="predictive", check=_registry_check("policy"))
+    expert_tier: str = option("host", "where experts live off the device: host RAM or disk (read on demand)",
+                              choices=("host", "disk"))
+    trace: bool = option(False, "record the routing trace", flag=None)
+    link: str = option("real", "host->device link, one of {names}", metavar="PROFILE", names="links",
+                       check=_registry_check("link"))     # real | edge | mobile | GBps=N[,us=L] (emulated unless real)
+    prefetch: str = option("none", "lookahead predictor for prefetch, one of {names} (default %(default)s: next "
+                                   "layers' routers; none turns prefetch off)",
+                           metavar="NAME", names="predictors", cli_default="gate", check=_registry_check("prefetch"))
+    lookahead: int = option(2, "most MoE layers to prefetch ahead, 1 to 8 (default 2); the depth used adapts to how "
+                               "long the expected misses take on the link, down to no prefetch when they hide under "
+                               "compute; not with --prefetch none",
+                            type=int, metavar="D", cli_default=None, check=_lookahead_check)
+    fixed_lookahead: bool = option(False, "always prefetch --lookahead layers ahead; not with --prefetch none",
+                                   store_true=True)
+    calibration: str | None = option(
+        None, "transition tables from `vismmoe calibrate`, read by --prefetch trace and blend only (default: the "
+              "tables the checkpoint ships, if any)", metavar="FILE", check=_registry_check("calibration"))
+    compress: str = option("none", "visual-token compressor before the decoder: none (default: every visual token, "
+                                   "lossless) or one of {names}; needs --keep-ratio",
+                           commands=RUN + ("eval", "calibrate"), metavar="NAME", names="compressors",
+                           check=_registry_check("compress"))
+    keep_ratio: float = option(1.0, "share of visual tokens the compressor keeps, in (0, 1]; only with --compress "
+                                    "(default: none)",
+                               commands=RUN + ("eval", "calibrate"), type=float, metavar="R", cli_default=None,
+                               check=_keep_ratio_check)
+    max_seq: int = option(4096, "longest prompt + generation the reserve estimate plans for", flag=None)
+    decode: str = option("auto", "decode step: fast (static KV cache, compiled layers, one CUDA graph per token, "
+                                 "misses read from host memory by the step), eager (transformers' forward per "
+                                 "token), auto (default: fast on CUDA, eager on the CPU)",
+                         commands=RUN + ("bench",), choices=("auto", "fast", "eager"))
+    compile: bool | None = option(None, "torch.compile the fast step's decoder layers (default auto: on CUDA only)",
+                                  commands=RUN + ("bench",), choices=("auto", "on", "off"), cli_default="auto",
+                                  to_config={"auto": None, "on": True, "off": False}.get)
+    expert_format: str | None = option(
+        None, "how routed experts are stored, cached and moved: auto (default: the checkpoint's own; dense for a "
+              "bf16/fp16 checkpoint) or one of {names}, quantized while loading (round to nearest); knobs: "
+              "int4:group=16|32|64|128,sym=0|1",
+        commands=RUN + ("eval", "bench"), metavar="FORMAT", names="formats", cli_default="auto",
+        to_config=lambda v: None if v == "auto" else v, check=_registry_check("expert_format"))
+    check_weights: str = option("sample", "scan the weights for NaN/Inf at load and refuse the checkpoint if any "
+                                          "(exit 2, naming the tensor): sample (default; small tensors whole, large "
+                                          "ones sampled), full (every value), off",
+                                choices=CHECK_WEIGHTS)
+    device_profile: str | None = option(
+        None, "emulate a device class: everything runs here, times come from the profile's virtual device clock "
+              "(compute, memory, expert tier; docs/device-profiles.md); one of {names} or a profile .json (default: "
+              "none, times measured)",
+        commands=RUN + ("eval", "bench"), metavar="NAME", names="profiles", check=_registry_check("device_profile"))
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and f.metadata.get("to_config") is None and value not in choices:
+                raise UserError(f"unknown {_CHOICE_NAMES.get(f.name, f.name.replace('_', ' '))} {value!r}",
+                                f"use {flag_of(f)} {_or(choices)}")
+        if self.expert_budget is not None and self.device_memory is not None:
+            raise UserError("both --expert-budget and --device-memory given", "give one of them")
+
+
+_CHOICE_NAMES = {"decode": "decode mode", "check_weights": "weight check"}
+
+
+def _or(choices) -> str:
+    return " or ".join(choices) if len(choices) > 2 else f"{choices[0]} or {choices[1]}"
+
+
+def flag_of(f) -> str:
+    """The CLI flag of a declared field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def declared(command: str | None = None) -> list:
+    """The declared options (dataclass fields of `RuntimeConfig`), those with a CLI flag that `command` takes
+    when given."""
+    return [f for f in fields(RuntimeConfig)
+            if command is None or (f.metadata.get("flag") is not None and command in f.metadata["commands"])]
+
+
+def runtime_options(base: RuntimeConfig | None = None, **values) -> RuntimeConfig:
+    """A checked `RuntimeConfig`: `base` (default: the declared defaults) with `values` replacing fields, e.g.
+    `runtime_options(expert_budget="25%", policy="lfu")`. UserError for an unknown option or a bad value."""
+    try:
+        rc = replace(base, **values) if base is not None else RuntimeConfig(**values)
+    except TypeError as e:
+        raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
+    check_runtime(rc)
+    return rc
+
+
+# checked after the options that only make sense together (a more helpful message first)
+_CHECKED_LATE = ("keep_ratio", "lookahead", "calibration", "expert_budget", "device_memory", "reserve")
+
+
 def check_runtime(rc: RuntimeConfig) -> None:
     """Every knob of `rc` that names something (policy, link, predictor, compressor, file) or has a range or a
-    grammar (sizes), checked before any weight is read or any model code is imported: one-line UserErrors. Imports
-    the registries only (torch, never transformers)."""
+    grammar (sizes), checked before any weight is read or any model code is imported: each declared option's own
+    check, then the options that only make sense together. One-line UserErrors. Imports the registries only
+    (torch, never transformers)."""
     import os
-
-    from .engine.compress import make_compressor
-    from .offload.links import get_link
-    from .paths import input_file
-    from .offload.policies import make_policy
-    from .offload.predict import PREDICTORS
-    if split_spec(rc.policy)[0] == "belady":
-        raise UserError("the belady policy needs a recorded trace to replay (it knows every future use): it is a "
-                        "bound for trace replays (python -m vismmoe.bench.simulate), not a runtime policy",
-                        "use --policy lru, lfu, lfru, predictive or none")
-    make_policy(rc.policy)
-    get_link(rc.link)
-    if rc.device_profile is not None:
-        from .profiles import get_profile
-        get_profile(rc.device_profile)
-        if rc.link != "real":
-            raise UserError(f"--link {rc.link} and --device-profile {rc.device_profile} both set the expert link (the "
-                            "profile's is its expert tier)", "drop --link, or drop --device-profile")
-        if rc.decode == "fast":
-            raise UserError("--decode fast with a device profile: the virtual device clock times the eager path",
-                            "use --decode eager (or auto)")
-    if rc.expert_format not in (None, "auto"):
-        from .formats import make_format
-        make_format(rc.expert_format, 1024, 1024, None)     # its name and knobs (sizes are checked at load)
-    if rc.prefetch not in PREDICTORS:
-        raise UserError(f"unknown predictor {rc.prefetch!r}", f"use --prefetch one of {', '.join(PREDICTORS)}")
-    if rc.compress != "none":
-        make_compressor(rc.compress)
-    elif rc.keep_ratio != 1.0:
+    for f in fields(rc):
+        check = f.metadata.get("check")
+        if check is not None and f.name not in _CHECKED_LATE:
+            check(getattr(rc, f.name))
+    if rc.compress == "none" and rc.keep_ratio != 1.0:
         raise UserError(f"keep ratio {rc.keep_ratio} given without a compressor (it would be ignored)",
                         "add --compress NAME (e.g. affinity), or drop --keep-ratio")
-    if not 0.0 < rc.keep_ratio <= 1.0:
-        raise UserError(f"--keep-ratio {rc.keep_ratio} is out of range", "give a ratio in (0, 1], e.g. 0.33")
-    if not 1 <= rc.lookahead <= 8:
-        raise UserError(f"--lookahead {rc.lookahead} is out of range", "use a depth from 1 to 8")
+    for name in _CHECKED_LATE[:2]:
+        fields_by_name()[name].metadata["check"](getattr(rc, name))
     if rc.prefetch in ("trace", "blend") and not (rc.calibration and os.path.exists(rc.calibration)):
         raise UserError(f"--prefetch {rc.prefetch} needs a calibration file" +
                         (f" ({rc.calibration} not found)" if rc.calibration else ""),
                         "make one with: vismmoe calibrate --model DIR --out FILE, then pass --calibration FILE")
-    if rc.calibration is not None:
-        input_file(rc.calibration, "calibration file", "give the .npz that vismmoe calibrate wrote")
-    if rc.expert_budget is not None:
-        parse_size(rc.expert_budget, total=1 << 62, what="expert budget")
-    if rc.device_memory is not None:
-        parse_size(rc.device_memory, what="device memory")
-    if rc.reserve is not None:
-        parse_size(rc.reserve, what="reserve")
+    for name in _CHECKED_LATE[2:]:
+        fields_by_name()[name].metadata["check"](getattr(rc, name))
+
+
+def fields_by_name() -> dict:
+    return {f.name: f for f in fields(RuntimeConfig)}

@@ -23,7 +23,8 @@ import copy
 import torch
 from accelerate import dispatch_model
 
-from ..engine.core import Engine, skeleton
+from ..engine.core import Engine
+from ..engine.loading import skeleton
 
 
 def _shared_skeleton(engine: Engine) -> torch.nn.Module:

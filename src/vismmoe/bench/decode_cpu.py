@@ -22,7 +22,7 @@ import torch
 
 from ..data import balanced_subset
 from ..checkpoints import default_model
-from ..engine.core import load
+from ..engine.loading import load
 
 
 def main(argv=None) -> dict:

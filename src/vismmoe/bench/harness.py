@@ -37,6 +37,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from ..config import fields_by_name
 from ..tools.evaluate import normalize
 from ..offload.links import PROFILES
 from ..offload.trace import RoutingTrace
@@ -44,37 +45,48 @@ from .bound import access_groups, belady_misses, phased, prefill_calls
 from .tables import markdown
 
 
+# the RuntimeConfig options in which systems differ; a system leaves the others at their declared defaults
+SYSTEM_KNOBS = ("policy", "prefetch", "compress", "keep_ratio", "fixed_lookahead")
+
+
 @dataclass(frozen=True)
 class System:
+    """A named configuration: `options` are RuntimeConfig fields (config.runtime_options checks them, as every
+    run's), read as attributes (`sys.policy`); a knob it does not set is at its declared default. Published
+    prefetchers always look ahead (fixed_lookahead); ours adapts to the link."""
+
     name: str
-    policy: str = "lru"
-    prefetch: str = "none"
-    compress: str = "none"
-    keep_ratio: float = 1.0
+    options: dict = field(default_factory=dict)
     lossless: bool = True
-    fixed_lookahead: bool = False           # published prefetchers always look ahead; ours adapts to the link
+
+    def __getattr__(self, name: str):
+        if name not in SYSTEM_KNOBS:
+            raise AttributeError(name)
+        return self.options.get(name, fields_by_name()[name].default)
+
+    def knobs(self) -> dict:
+        """Every knob of `SYSTEM_KNOBS`: the system's value or the declared default."""
+        return {k: getattr(self, k) for k in SYSTEM_KNOBS}
 
 
 # chosen on the validation split (1200 questions) as the fewest visual tokens within 1 point of unpruned:
 # unpruned 0.994; gamma=1.5 at 0.33 0.981, at 0.4 0.988; gamma=2 at 0.33 0.983, at 0.4 0.989 (docs/default-model.md)
 VISMMOE_COMPRESS, VISMMOE_KEEP = "affinity:gamma=2", 0.4
+PRUNED = dict(compress=VISMMOE_COMPRESS, keep_ratio=VISMMOE_KEEP)
 
 SYSTEMS = {
-    "ondemand": System("ondemand", policy="none"),
-    "lru-offload": System("lru-offload", policy="lru"),
-    "moe-infinity": System("moe-infinity", policy="lfu", prefetch="trace", fixed_lookahead=True),
-    "gate-prefetch": System("gate-prefetch", policy="lru", prefetch="gate", fixed_lookahead=True),
-    "vismmoe": System("vismmoe", policy="predictive", prefetch="gate", compress=VISMMOE_COMPRESS,
-                      keep_ratio=VISMMOE_KEEP, lossless=False),
-    "vismmoe-nocompress": System("vismmoe-nocompress", policy="predictive", prefetch="gate"),
-    "vismmoe-noprefetch": System("vismmoe-noprefetch", policy="predictive", compress=VISMMOE_COMPRESS,
-                                 keep_ratio=VISMMOE_KEEP, lossless=False),
-    "vismmoe-lru": System("vismmoe-lru", policy="lru", prefetch="gate", compress=VISMMOE_COMPRESS,
-                          keep_ratio=VISMMOE_KEEP, lossless=False),
-    "vismmoe-noadmit": System("vismmoe-noadmit", policy="predictive:admit=0", prefetch="gate"),
-    "vismmoe-fixed": System("vismmoe-fixed", policy="predictive", prefetch="gate", fixed_lookahead=True),
-    "vismmoe-longmem": System("vismmoe-longmem", policy="predictive:short=0", prefetch="gate",
-                              compress=VISMMOE_COMPRESS, keep_ratio=VISMMOE_KEEP, lossless=False),
+    "ondemand": System("ondemand", dict(policy="none")),
+    "lru-offload": System("lru-offload", dict(policy="lru")),
+    "moe-infinity": System("moe-infinity", dict(policy="lfu", prefetch="trace", fixed_lookahead=True)),
+    "gate-prefetch": System("gate-prefetch", dict(policy="lru", prefetch="gate", fixed_lookahead=True)),
+    "vismmoe": System("vismmoe", dict(policy="predictive", prefetch="gate", **PRUNED), lossless=False),
+    "vismmoe-nocompress": System("vismmoe-nocompress", dict(policy="predictive", prefetch="gate")),
+    "vismmoe-noprefetch": System("vismmoe-noprefetch", dict(policy="predictive", **PRUNED), lossless=False),
+    "vismmoe-lru": System("vismmoe-lru", dict(policy="lru", prefetch="gate", **PRUNED), lossless=False),
+    "vismmoe-noadmit": System("vismmoe-noadmit", dict(policy="predictive:admit=0", prefetch="gate")),
+    "vismmoe-fixed": System("vismmoe-fixed", dict(policy="predictive", prefetch="gate", fixed_lookahead=True)),
+    "vismmoe-longmem": System("vismmoe-longmem", dict(policy="predictive:short=0", prefetch="gate", **PRUNED),
+                              lossless=False),
     "accelerate": System("accelerate"),
 }
 BASELINES = ("ondemand", "lru-offload", "moe-infinity", "gate-prefetch", "accelerate")
@@ -119,9 +131,9 @@ def fork_system(base, sys: System, budget: str, link: str, calibration: str | No
         prefetch = "gate"                   # no tables: fall back (noted in the row)
     # a text-only model has no visual tokens to compress (noted in the row)
     compress, keep = (sys.compress, sys.keep_ratio) if base.family.has_vision else ("none", 1.0)
-    eng = (pool_of or base).fork(expert_budget=budget, policy=sys.policy, link=link, prefetch=prefetch,
-                                 compress=compress, keep_ratio=keep, calibration=calibration,
-                                 share_pool=pool_of is not None, fixed_lookahead=sys.fixed_lookahead)
+    knobs = dict(sys.knobs(), prefetch=prefetch, compress=compress, keep_ratio=keep)
+    eng = (pool_of or base).fork(expert_budget=budget, link=link, calibration=calibration,
+                                 share_pool=pool_of is not None, **knobs)
     return eng, prefetch
 
 
@@ -359,7 +371,8 @@ def _run_accelerate(base, samples, max_new_tokens: int, scale_to: int) -> dict:
     End to end is reported as TTFT + (scale_to - 1) x time per token, so rows compare like for like."""
     import torch
 
-    from ..step.decode import cut_at_eos, greedy
+    from ..step.decode import cut_at_eos
+    from ..step.loop import greedy
     from .baselines import accelerate_model
     if "model" not in _ACCEL:
         _ACCEL["model"] = accelerate_model(base)

@@ -129,7 +129,7 @@ def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed:
                  progress) -> dict:
     from transformers import AutoTokenizer
 
-    from ..engine.core import skeleton
+    from ..engine.loading import skeleton
     from ..families import get_family
     from .shapes import get_shape
     fam_name, config = get_shape(shape)

@@ -26,8 +26,8 @@ import time
 import torch
 
 from ..config import format_size
-from ..step.decode import greedy
-from ..engine.core import estimate_reserve
+from ..step.loop import greedy
+from ..engine.budget import estimate_reserve
 from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses
 from .harness import SYSTEMS, fork_system

@@ -8,11 +8,15 @@ benchmarks say "random weights" wherever they use it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from PIL import Image
 
-from ..config import RuntimeConfig
-from ..engine.core import Engine, _device_bytes, resolve_budget, skeleton, strip_experts
+from ..config import RuntimeConfig, runtime_options
+from ..engine.budget import resolve_budget
+from ..engine.core import Engine
+from ..engine.loading import device_bytes, skeleton, strip_experts
 from ..families import get_family
 from ..formats import make_format
 from ..offload.store import HostStore, pin_inplace
@@ -62,25 +66,31 @@ def random_host_store(layout, num_layers: int, num_experts: int, device, pin: bo
     return HostStore(layout, num_experts, buffers)
 
 
-def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                  expert_budget: str = "25%", policy: str = "lru", seed: int = 0, progress=None,
-                  decode: str = "auto", compile: bool | None = None, expert_format: str = "dense",
-                  device_profile: str | None = None) -> Engine:
+def random_engine(family_name: str, config, rc: RuntimeConfig | None = None, *, seed: int = 0,
+                  progress=None, **options) -> Engine:
+    """An engine of `family_name` over random weights. Its options: `rc` (default: the declared defaults, an
+    expert budget of 25%, device cuda, dtype bfloat16, dense experts) with `options` replacing fields
+    (config.runtime_options: checked as every run's are)."""
+    if rc is None:
+        rc = RuntimeConfig(device="cuda", dtype="bfloat16", expert_budget="25%")
+    if options.get("dtype") is not None and not isinstance(options["dtype"], str):
+        options["dtype"] = str(options["dtype"]).replace("torch.", "")
+    rc = runtime_options(rc, **options)
+    if rc.expert_format == "dense":
+        rc = replace(rc, expert_format=None)
     family = get_family(family_name)
-    dev = torch.device(device)
+    dev = torch.device(rc.device)
+    dtype = getattr(torch, rc.dtype)
     geo = family.geometry(config)
-    layout = make_format(expert_format, geo.hidden, geo.inter, dtype)
+    layout = make_format(rc.expert_format or "dense", geo.hidden, geo.inter, dtype)
     model = skeleton(family, config)
     prefixes = tuple(family.expert_prefix(l) + "." for l in geo.moe_layers)
     gen = torch.Generator(device=dev).manual_seed(seed)
     _materialize_random(model, prefixes, dev, dtype, gen)
     strip_experts(model, family, geo, dtype, dev)
-    nonexpert = _device_bytes(model)
+    nonexpert = device_bytes(model)
     store = random_host_store(layout, len(geo.moe_layers), geo.num_experts, dev, pin=dev.type == "cuda",
                               seed=seed + 1, progress=progress)
-    rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,
-                       policy=policy, decode=decode, compile=compile, device_profile=device_profile,
-                       expert_format=None if expert_format == "dense" else expert_format)
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     improc = family.random_image_processor(config)
     return Engine(model_dir=None, family=family, config=config, model=model, tokenizer=None,

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import uvicorn
     from openai import OpenAI
 
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..serve.app import ServeOptions, create_app
     from ..serve.cli import warm_up
     os.makedirs(args.out, exist_ok=True)

@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     else:
         from ..data import balanced_subset
         from ..checkpoints import default_model
-        from ..engine.core import load
+        from ..engine.loading import load
         eng = load(args.model or default_model()[0], compress=args.compress, keep_ratio=args.keep_ratio)
         tr = RoutingTrace()
         eng.record_trace(tr)

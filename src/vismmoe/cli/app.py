@@ -2,8 +2,9 @@
 
 Subcommands parse arguments, check every one of them (values, names, files to read, paths to write) before any
 model is read, call the library, and print; they hold no logic of their own. `--json` prints exactly one JSON
-object on the last line of stdout. The runtime options of `generate` and `serve` and their defaults are one table
-(`RUNTIME_DEFAULTS`); output paths go through `paths.py`.
+object on the last line of stdout. The runtime options (flags, help, defaults, checks) are generated from their
+declaration in config.RuntimeConfig (args.py: `add_runtime_options`, `runtime_config`); output paths go through
+`paths.py`.
 Importing this module imports no torch or transformers (`vismmoe --help` answers at once): each command
 imports what it runs, and options whose values come from a registry (policies, predictors, compressors, links,
 families) list them only when their help is printed.
@@ -17,119 +18,15 @@ import os
 import sys
 
 from .. import __version__
-from .args import Parser, at_least, check_text, compressor_list, ratios, registry
-from .args import compressors as _compressors, families as _families, links as _links  # noqa: F401
-from .args import profiles as _profiles  # noqa: F401
-from .args import policies as _policies, predictors as _predictors, shapes as _shapes  # noqa: F401
+from .args import Parser, add_runtime_options, at_least, check_text, compressor_list, ratios, registry, runtime_config
+from .args import families as _families, links as _links, shapes as _shapes
 from .args import formats as _formats, systems as _systems
 from ..errors import UserError
 from ..paths import atomic_file, input_file, output_dir, output_file
 
 
-def _add_compress_args(p: argparse.ArgumentParser, what: str) -> None:
-    registry(p.add_argument("--compress", default="none", metavar="NAME",
-                            help=f"visual-token compressor {what}: none (default: every visual token, lossless) or "
-                                 "one of {names}; needs --keep-ratio"), _compressors)
-    p.add_argument("--keep-ratio", type=float, default=None, metavar="R",
-                   help="share of visual tokens the compressor keeps, in (0, 1]; only with --compress (default: none)")
-
-
-def _compression(args) -> tuple[str, float]:
-    """(--compress, --keep-ratio): given together, or neither (a ratio with nothing to apply it was ignored)."""
-    if args.compress == "none":
-        if args.keep_ratio is not None:
-            raise UserError(f"--keep-ratio {args.keep_ratio:g} given without --compress, so nothing would use it",
-                            "add --compress NAME (e.g. --compress affinity) or drop --keep-ratio")
-        return "none", 1.0
-    from ..engine.compress import make_compressor
-    make_compressor(args.compress)                  # a name, or name:knob=value[,knob=value]
-    if args.keep_ratio is None:
-        raise UserError(f"--compress {args.compress} given without --keep-ratio, so it would keep every token",
-                        "add --keep-ratio R, the share of visual tokens to keep (e.g. 0.33)")
-    return args.compress, args.keep_ratio
-
-
-# Runtime options of `generate` and `serve`: the one place their defaults are set (`--help` prints them). The
-# defaults are the lossless configuration that measured best at a budget (docs/benchmarks.md): the predictive
-# policy with gate prefetch at a link-adaptive depth; the baselines are one flag away (--policy lru --prefetch none).
-RUNTIME_DEFAULTS = {
-    "device": "cpu", "policy": "predictive", "link": "real", "prefetch": "gate", "lookahead": 2,
-    "expert_tier": "host", "compress": "none", "decode": "auto", "compile": "auto", "check_weights": "sample",
-}
-
-
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    d = RUNTIME_DEFAULTS
-    p.add_argument("--device", default=d["device"], help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
-                   "the checkpoint's dtype on cuda)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--expert-budget", default=None, metavar="SIZE",
-                   help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%% "
-                        "(default: every expert)")
-    g.add_argument("--device-memory", default=None, metavar="SIZE",
-                   help="total device bytes; experts get what weights and the KV/activation reserve leave "
-                        "(default: not used)")
-    p.add_argument("--reserve", default=None, metavar="SIZE",
-                   help="KV/activation reserve for --device-memory (default: estimated); only with --device-memory")
-    registry(p.add_argument("--policy", default=d["policy"], metavar="NAME",
-                            help="cache eviction policy, one of {names} (default %(default)s: it measured best at a "
-                                 "budget; lru is the usual baseline)"), _policies)
-    registry(p.add_argument("--link", default=d["link"], metavar="PROFILE",
-                            help="host->device link, one of {names}"), _links)
-    _add_profile_arg(p)
-    registry(p.add_argument("--prefetch", default=d["prefetch"], metavar="NAME",
-                            help="lookahead predictor for prefetch, one of {names} (default %(default)s: next "
-                                 "layers' routers; none turns prefetch off)"), _predictors)
-    p.add_argument("--lookahead", type=int, default=None, metavar="D",
-                   help=f"most MoE layers to prefetch ahead, 1 to 8 (default {d['lookahead']}); the depth used "
-                        "adapts to how long the expected misses take on the link, down to no prefetch when they hide "
-                        "under compute; not with --prefetch none")
-    p.add_argument("--fixed-lookahead", action="store_true",
-                   help="always prefetch --lookahead layers ahead; not with --prefetch none")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="transition tables from `vismmoe calibrate`, read by --prefetch trace and blend only "
-                        "(default: the tables the checkpoint ships, if any)")
-    _add_compress_args(p, "before the decoder")
-    p.add_argument("--expert-tier", default=d["expert_tier"], choices=["host", "disk"],
-                   help="where experts live off the device: host RAM or disk (read on demand)")
-    p.add_argument("--check-weights", default=d["check_weights"], choices=["sample", "full", "off"],
-                   help="scan the weights for NaN/Inf at load and refuse the checkpoint if any (exit 2, naming the "
-                        "tensor): sample (default; small tensors whole, large ones sampled), full (every value), "
-                        "off")
-    _add_format_arg(p)
-    _add_decode_args(p)
-
-
-def _add_profile_arg(p: argparse.ArgumentParser) -> None:
-    registry(p.add_argument("--device-profile", default=None, metavar="NAME",
-                            help="emulate a device class: everything runs here, times come from the profile's "
-                                 "virtual device clock (compute, memory, expert tier; docs/device-profiles.md); one "
-                                 "of {names} or a profile .json (default: none, times measured)"), _profiles)
-
-
-def _add_format_arg(p: argparse.ArgumentParser) -> None:
-    registry(p.add_argument("--expert-format", default="auto", metavar="FORMAT",
-                             help="how routed experts are stored, cached and moved: auto (default: the checkpoint's "
-                                  "own; dense for a bf16/fp16 checkpoint) or one of {names}, quantized while "
-                                  "loading (round to nearest); knobs: int4:group=16|32|64|128,sym=0|1"), _formats)
-
-
-def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decode", default="auto", choices=["auto", "fast", "eager"],
-                   help="decode step: fast (static KV cache, compiled layers, one CUDA graph per token, misses read "
-                        "from host memory by the step), eager (transformers' forward per token), auto (default: "
-                        "fast on CUDA, eager on the CPU)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the fast step's decoder layers (default auto: on CUDA only)")
-
-
 def _decode_label(args, device) -> str:
     return args.decode if args.decode != "auto" else ("fast" if device.type == "cuda" else "eager")
-
-
-def _compile_flag(args) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[args.compile]
 
 
 def _model_dir(args) -> str:
@@ -139,38 +36,9 @@ def _model_dir(args) -> str:
     return args.model
 
 
-def runtime_config(args, trace: bool = False):
-    """The one `RuntimeConfig` of a command, from its runtime arguments, checked (names, ranges, sizes, files,
-    options that another option makes meaningless) before any model code is imported."""
-    from ..config import RuntimeConfig, check_runtime
-    compress, keep_ratio = _compression(args)
-    if args.prefetch == "none":
-        for flag, given in (("--lookahead", args.lookahead is not None), ("--fixed-lookahead", args.fixed_lookahead),
-                            ("--calibration", args.calibration is not None)):
-            if given:
-                raise UserError(f"{flag} given with --prefetch none, so nothing would use it",
-                                "drop it, or choose a predictor: --prefetch gate, trace or blend")
-    if args.calibration is not None and args.prefetch not in ("trace", "blend"):
-        raise UserError(f"--calibration is read by --prefetch trace or blend only (--prefetch is {args.prefetch})",
-                        "add --prefetch trace or --prefetch blend, or drop --calibration")
-    if args.reserve is not None and args.device_memory is None:
-        raise UserError("--reserve given without --device-memory, so nothing would use it",
-                        "add --device-memory SIZE, or drop --reserve")
-    rc = RuntimeConfig(device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-                       device_memory=args.device_memory, reserve=args.reserve, policy=args.policy,
-                       expert_tier=args.expert_tier, trace=trace, link=args.link, prefetch=args.prefetch,
-                       lookahead=RUNTIME_DEFAULTS["lookahead"] if args.lookahead is None else args.lookahead,
-                       fixed_lookahead=args.fixed_lookahead, calibration=args.calibration, compress=compress,
-                       keep_ratio=keep_ratio, decode=args.decode, compile=_compile_flag(args),
-                       check_weights=args.check_weights, device_profile=args.device_profile,
-                       expert_format=None if args.expert_format == "auto" else args.expert_format)
-    check_runtime(rc)
-    return rc
-
-
 def _engine_from(args, trace: bool = False):
-    rc = runtime_config(args, trace)            # checked before the engine's imports (seconds) and any weight
-    from ..engine.core import load
+    rc = runtime_config(args, args.cmd, trace=trace)    # checked before the engine's imports (seconds) and any weight
+    from ..engine.loading import load
     from ..progress import layer_progress, status
     with layer_progress("reading experts") as tick:
         eng = load(_model_dir(args), rc, progress=tick)
@@ -190,7 +58,7 @@ def cmd_generate(args) -> int:
         output_file(args.timeline, "--timeline", (".png",))
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
     if image is not None:                                               # so is an image for a text-only model
-        from ..engine.core import read_model_type
+        from ..engine.loading import read_model_type
         from ..families import get_family
         get_family(read_model_type(_model_dir(args))).check_images()
     eng = _engine_from(args)
@@ -244,7 +112,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    runtime_config(args)                        # refused before the server's imports and any weight
+    runtime_config(args, "serve")               # refused before the server's imports and any weight
     from ..serve.cli import serve
     return serve(args, _engine_from)
 
@@ -329,14 +197,13 @@ def cmd_quantize(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from ..tools.calibrate import calibrate, default_samples
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..progress import layer_progress
     at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
     at_least(args.depth, 1, "--depth")
     output_file(args.out, "--out", (".npz",))
-    compress, keep_ratio = _compression(args)
-    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%",
-               compress=compress, keep_ratio=keep_ratio)
+    rc = runtime_config(args, "calibrate", expert_budget="100%")
+    eng = load(_model_dir(args), rc)
     with layer_progress("calibrating (requests)") as tick:
         tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
     with atomic_file(args.out) as tmp:
@@ -360,7 +227,7 @@ def cmd_calibrate(args) -> int:
 def cmd_analyze(args) -> int:
     from ..tools.analyze import DEFAULT_COMPRESSORS, run
     from ..engine.compress import make_compressor
-    from ..engine.core import load
+    from ..engine.loading import load
     from ..progress import layer_progress
     keep = ratios(args.keep_ratios, "--keep-ratios")
     comps = compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
@@ -369,7 +236,7 @@ def cmd_analyze(args) -> int:
     at_least(args.limit, 1, "--limit")
     if not args.routing:
         output_dir(args.out, "--out", args.force, owned=("analyze.json", "analyze.md"))
-    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget="100%")
+    eng = load(_model_dir(args), runtime_config(args, "analyze", expert_budget="100%"))
     if args.routing:
         from ..tools.analyze import routing_report
         rep = routing_report(eng, args.limit)
@@ -388,16 +255,11 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ..config import parse_size
     at_least(args.limit, 1, "--limit")
-    compress, keep_ratio = _compression(args)
-    if args.expert_budget is not None:
-        parse_size(args.expert_budget, total=1 << 62, what="expert budget")
-    from ..engine.core import load
+    rc = runtime_config(args, "eval")
+    from ..engine.loading import load
     from ..tools.evaluate import evaluate
-    eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-               compress=compress, keep_ratio=keep_ratio, device_profile=args.device_profile,
-               expert_format=None if args.expert_format == "auto" else args.expert_format)
+    eng = load(_model_dir(args), rc)
     res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json)
     res["expert_format"] = eng.layout.spec()
     if args.json:
@@ -429,8 +291,6 @@ def cmd_bench(args) -> int:
             raise UserError(f"unknown system {s!r}", f"use some of {', '.join(SYSTEMS)}")
     links = args.link or (["mobile"] if args.quick else ["edge", "mobile"])
     if args.device_profile is not None:         # the profile's expert tier is the link
-        from ..profiles import get_profile
-        get_profile(args.device_profile)
         if args.link:
             raise UserError("--link and --device-profile both set the expert link (the profile's is its tier)",
                             "drop --link, or drop --device-profile")
@@ -457,11 +317,9 @@ def cmd_bench(args) -> int:
     if args.shape:
         base, samples, new, title, calibrate_on = _shape_workload(args)
     else:
-        from ..engine.core import load
+        from ..engine.loading import load
         model = _model_dir(args)
-        base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
-                    compile=_compile_flag(args), device_profile=args.device_profile,
-                    expert_format=None if args.expert_format == "auto" else args.expert_format)
+        base = load(model, runtime_config(args, "bench", expert_budget="100%"))
         samples = requests_from_samples(balanced_subset("test", n))
         new = args.max_new_tokens or 4
         title = (f"model {os.path.basename(os.path.abspath(model))} "
@@ -505,7 +363,7 @@ def _shape_workload(args):
     from ..bench.harness import Request
     from ..bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
     from ..bench.shapes import get_shape
-    from ..engine.core import _resolve_device
+    from ..engine.loading import _resolve_device
     from ..families import get_family
     from ..formats import make_format
     fam, config = get_shape(args.shape)
@@ -526,8 +384,9 @@ def _shape_workload(args):
     geo = family.geometry(config)
     spec = "dense" if args.expert_format == "auto" else args.expert_format
     least = geo.top_k * make_format(spec, geo.hidden, geo.inter, dtype).nbytes
-    base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
-                         compile=_compile_flag(args), expert_format=spec, device_profile=args.device_profile)
+    rc = runtime_config(args, "bench", expert_budget=str(least), expert_format=spec,
+                        dtype=str(dtype).replace("torch.", ""), device=str(dev))
+    base = random_engine(fam, config, rc)
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
     vocab = family.text_config(config).vocab_size
@@ -553,9 +412,6 @@ def cmd_demo(args) -> int:
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     """What every model-running job takes besides its own options."""
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled model)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on cpu, "
-                   "the checkpoint's dtype on cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
 
 
@@ -592,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, stats, per_layer) on the last line of stdout")
     _add_sampling_args(g)
-    _add_runtime_args(g)
+    add_runtime_options(g, "generate")
     g.set_defaults(func=cmd_generate)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (images, streaming, metrics)",
@@ -618,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="max tokens of a request that names none (default 256)")
     from ..serve.cli import add_arguments as _add_serve_args
     _add_serve_args(sv)
-    _add_runtime_args(sv)
+    add_runtime_options(sv, "serve")
     sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for tests)")
@@ -689,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, metavar="FILE.npz", help="the tables' .npz file (replaced if it exists)")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use")
     c.add_argument("--depth", type=int, default=3, help="MoE layers ahead to build tables for")
-    _add_compress_args(c, "(calibrate and measure on pruned prompts)")
+    add_runtime_options(c, "calibrate")
     c.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
@@ -704,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(a, "analyze's own files are replaced, others kept")
     a.add_argument("--routing", action="store_true",
                    help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")
+    add_runtime_options(a, "analyze")
     a.set_defaults(func=cmd_analyze)
 
     ev = sub.add_parser("eval", help="VQA accuracy on the test split, with the majority baseline")
@@ -712,12 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="type-balanced subset size (default 1200); scenes are made as they are asked, so memory "
                          "stays flat at any size")
     ev.add_argument("--split", default="test", choices=["test", "val"], help="question split")
-    ev.add_argument("--expert-budget", default=None, metavar="SIZE",
-                    help="device bytes for experts, e.g. 512MiB, or a share of all experts, e.g. 25%% "
-                         "(default: every expert)")
-    _add_compress_args(ev, "before the decoder")
-    _add_format_arg(ev)
-    _add_profile_arg(ev)
+    add_runtime_options(ev, "eval")
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")
@@ -747,9 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "request; default: not saved)")
     _add_force(b, "bench's own files are replaced, others kept")
     b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
-    _add_format_arg(b)
-    _add_decode_args(b)
-    _add_profile_arg(b)
+    add_runtime_options(b, "bench")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer questions with the default model and show offload statistics")

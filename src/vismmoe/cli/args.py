@@ -97,6 +97,70 @@ def families() -> list[str]:
     return sorted(FAMILIES)
 
 
+# ---- the runtime options, generated from their declaration (config.RuntimeConfig) ---------------------------------
+def add_runtime_options(p: argparse.ArgumentParser, command: str) -> None:
+    """Every `RuntimeConfig` option that `command` takes, as declared: flag, help (its default appended by `Help`),
+    choices, metavar, type, registry names; options of one `group` mutually exclusive."""
+    from ..config import declared, flag_of as option_flag
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in declared(command):
+        m = f.metadata
+        target = p
+        if m["group"] is not None:
+            target = groups.get(m["group"]) or groups.setdefault(m["group"], p.add_mutually_exclusive_group())
+        kw = dict(dest=f.name, help=m["help"])
+        if m["store_true"]:
+            kw["action"] = "store_true"
+        else:
+            kw["default"] = m["cli_default"]
+            for key in ("choices", "metavar", "type"):
+                if m[key] is not None:
+                    kw[key] = list(m[key]) if key == "choices" else m[key]
+        action = target.add_argument(option_flag(f), **kw)
+        if m["names"] is not None:
+            registry(action, globals()[m["names"]])
+
+
+def runtime_config(args: argparse.Namespace, command: str, **fixed):
+    """The checked `RuntimeConfig` of `command`'s arguments: each option it takes from `args` (converted as
+    declared), `fixed` fields set by the command itself, the rest at their declared defaults. UserError for a
+    bad value, or an option given where another makes it meaningless; before any model code is imported."""
+    from ..config import declared, runtime_options
+    taken = {f.name for f in declared(command)}
+    given = lambda name: name in taken and getattr(args, name) is not None  # noqa: E731
+    if "compress" in taken:
+        if args.compress == "none" and given("keep_ratio"):
+            raise UserError(f"--keep-ratio {args.keep_ratio:g} given without --compress, so nothing would use it",
+                            "add --compress NAME (e.g. --compress affinity) or drop --keep-ratio")
+        if args.compress != "none":
+            from ..engine.compress import make_compressor
+            make_compressor(args.compress)                  # a name, or name:knob=value[,knob=value]
+            if not given("keep_ratio"):
+                raise UserError(f"--compress {args.compress} given without --keep-ratio, so it would keep every "
+                                "token", "add --keep-ratio R, the share of visual tokens to keep (e.g. 0.33)")
+    if "prefetch" in taken:
+        if args.prefetch == "none":
+            for flag, name in (("--lookahead", "lookahead"), ("--fixed-lookahead", "fixed_lookahead"),
+                               ("--calibration", "calibration")):
+                if given(name) and getattr(args, name) is not False:
+                    raise UserError(f"{flag} given with --prefetch none, so nothing would use it",
+                                    "drop it, or choose a predictor: --prefetch gate, trace or blend")
+        if given("calibration") and args.prefetch not in ("trace", "blend"):
+            raise UserError(f"--calibration is read by --prefetch trace or blend only (--prefetch is "
+                            f"{args.prefetch})", "add --prefetch trace or --prefetch blend, or drop --calibration")
+    if given("reserve") and not given("device_memory"):
+        raise UserError("--reserve given without --device-memory, so nothing would use it",
+                        "add --device-memory SIZE, or drop --reserve")
+    values = {}
+    for f in declared(command):
+        v = getattr(args, f.name)
+        if v is None:
+            continue                                        # not given, no CLI default: the declared default
+        convert = f.metadata["to_config"]
+        values[f.name] = convert(v) if convert is not None else v
+    return runtime_options(**{**values, **fixed})     # the command's own values win
+
+
 def flag_of(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 

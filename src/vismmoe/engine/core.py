@@ -1,59 +1,46 @@
-"""Public API: `load(model_dir, ...) -> Engine`, `Engine.generate(image, prompt) -> Generation`.
+"""The Engine: a loaded model whose routed experts run out of a byte-budgeted device cache.
 
-    config.json -> family adapter (families/) -> model skeleton on `meta`
-        non-expert weights -> device (read tensor by tensor from safetensors)
-        routed experts     -> store (host RAM or disk), never materialised on the device
-    budget -> cache slot pool -> runtime registered as transformers' experts implementation "vismmoe"
-    generate: processor -> prefill (vision tower + decoder) -> greedy decode (decode.py: eager, or the fast step)
+    Engine(model, store, budget, rc)   slot pool (offload/cache.py) + runtime (offload/runtime.py) attached to
+                                       the model's experts modules; forks share weights and store
+    generate / generate_requests       a batch of requests -> prefill -> decode steps -> finish (step/loop.py)
+    statistics                         offload counters of each request
 
-The engine owns loading, budget sizing, the generate loop and request statistics. How experts are moved and
-computed is the runtime's business (runtime.py), which experts to evict the policy's (policies.py).
+Loading a checkpoint is loading.py's (`load`), sizing the expert budget budget.py's. How experts are moved and
+computed is the runtime's business, which experts to evict the policy's (offload/policies.py).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
-from accelerate import init_empty_weights
 from jinja2 import TemplateError
-from transformers import AutoConfig, AutoTokenizer
 
-from ..offload.cache import CacheCounters, ExpertCache
-from .compress import VisualContext, keep_count, make_compressor, prune
-from ..config import RuntimeConfig, check_runtime, format_size, parse_size
-from ..step import decode as _decode
+from ..config import RuntimeConfig, runtime_options
 from ..errors import UserError
-from ..families import get_family
-from ..families.checks import check_config, check_tokenizer, check_weights
-from .inputs import load_image
+from ..offload.cache import CacheCounters, ExpertCache
 from ..offload.links import get_link
 from ..profiles import get_profile
 from ..profiles.clock import attach_profile
-from ..profiles.memory import cap_budget
-from ..paths import input_file, read_json
 from ..offload.policies import make_policy
 from ..offload.predict import make_predictor
 from ..offload.prefetch import Prefetcher
-from .request import GenerationRequest, TextStream, batch_inputs
-from ..protocols import StepObserver
-from ..offload.runtime import IMPLEMENTATION, OffloadRuntime
-from .sampling import Sampler
-from ..formats import make_format
-from ..formats.base import QuantizeOnRead
-from ..formats.checkpoint import dequantized_tensors, run_format, stored_format
-from ..offload.store import CheckpointReader, DiskStore, HostStore
-from ..tools.timeline import Timeline
+from ..offload import hooks
+from ..offload.runtime import OffloadRuntime
 from ..offload.trace import RoutingTrace
-from .weights_check import FiniteCheck
 from ..offload.transfer import TransferEngine
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+from ..protocols import StepObserver
+from ..step import loop
+from ..step.decode import EagerStep, cut_at_eos
+from ..tools.timeline import Timeline
+from .budget import resolve_budget
+from .compress import VisualContext, keep_count, make_compressor, prune
+from .inputs import load_image
+from .request import GenerationRequest, TextStream, batch_inputs
+from .sampling import Sampler
 
 
 @dataclass
@@ -61,103 +48,6 @@ class Generation:
     text: str
     token_ids: list[int]
     stats: dict = field(default_factory=dict)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for but no CUDA device is visible", "use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise UserError(f"unknown device {name!r}", "use --device cpu or cuda")
-    return torch.device(name)
-
-
-def _resolve_dtype(name: str | None, config, device: torch.device) -> torch.dtype:
-    if name is not None:
-        try:
-            return _DTYPES[name]
-        except KeyError:
-            raise UserError(f"unknown dtype {name!r}", f"use one of {', '.join(sorted(_DTYPES))}") from None
-    if device.type == "cpu":
-        return torch.float32
-    d = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", config), "dtype", None)
-    d = _DTYPES.get(str(d).replace("torch.", ""), None) if d is not None else None
-    return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
-
-
-def read_model_type(model_dir: str) -> str | None:
-    """The `model_type` of the checkpoint in `model_dir`; UserError for a missing folder or an unreadable,
-    special or malformed config.json."""
-    if not os.path.isdir(model_dir):
-        raise UserError(f"model directory not found: {model_dir}", "give --model a checkpoint directory "
-                        "(vismmoe make-tiny --family qwen3_vl_moe --out DIR makes one)")
-    for name in sorted(os.listdir(model_dir)):        # the loaders open these files: a FIFO would block them
-        if name.endswith((".json", ".jinja", ".safetensors", ".txt", ".model", ".npz")):
-            entry = os.path.join(model_dir, name)
-            if os.path.isdir(entry):
-                raise UserError(f"{entry} is a directory where the checkpoint needs a file",
-                                "restore the checkpoint's files")
-            input_file(entry, "checkpoint file", "restore the checkpoint's files")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.lexists(path):
-        raise UserError(f"no config.json in {model_dir}", "point --model at a Hugging Face checkpoint directory")
-    config = read_json(path, f"config.json in {model_dir}", "restore the checkpoint's config.json")
-    if not isinstance(config, dict):
-        raise UserError(f"config.json in {model_dir} is not a JSON object", "restore the checkpoint's config.json")
-    model_type = config.get("model_type")
-    return model_type if isinstance(model_type, str) else None
-
-
-def estimate_reserve(config, geometry, max_seq: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Bytes a request needs on the device besides weights: KV cache + peak activations (an estimate).
-
-    KV: 2 x layers x kv_heads x head_dim x max_seq. Activations: the MoE layer's pair buffers
-    (max_seq x top_k x (3H + 3I)), attention projections, the vision tower's largest block, and logits of one
-    position. A fixed margin covers library workspaces on CUDA. Override with --reserve when you know better.
-    """
-    tc, vc = getattr(config, "text_config", config), getattr(config, "vision_config", None)   # text-only: no vc
-    b = torch.empty((), dtype=dtype).element_size()
-    layers = _attention_layers(tc)                                  # [(kv_heads, head_dim)] per decoder layer
-    kv = 2 * sum(kv_heads * hd for kv_heads, hd in layers) * max_seq * b
-    H, I, K = geometry.hidden, geometry.inter, geometry.top_k
-    moe = max_seq * K * (3 * H + 3 * I) * b * 2
-    dense = max_seq * (4 * H + 2 * getattr(tc, "intermediate_size", 4 * H)) * b
-    attn = max(max_seq * (tc.num_attention_heads + 2 * kv_heads) * hd * b * 2 for kv_heads, hd in layers)
-    vision = 0
-    if vc is not None:
-        patches = max_seq * getattr(vc, "spatial_merge_size", 2) ** 2
-        v_hidden, v_inter = _vision_width(vc)
-        vision = patches * (4 * v_hidden + 2 * v_inter) * b * 2
-    logits = tc.vocab_size * 4 * 4
-    margin = 256 * 1024**2 if device.type == "cuda" else 16 * 1024**2
-    return int(kv + max(moe, dense, attn, vision) + logits + margin)
-
-
-def _attention_layers(tc) -> list[tuple[int, int]]:
-    """(KV heads, head dim) of each decoder layer: the config's, or each layer's where they vary (Gemma 4's global
-    layers are wider; its config refuses the global attribute then)."""
-    try:
-        hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        return [(tc.num_key_value_heads, hd)] * tc.num_hidden_layers
-    except RuntimeError:
-        per = tc.per_layer_config
-        return [(per[i].num_key_value_heads, per[i].head_dim) for i in range(tc.num_hidden_layers)]
-
-
-def _vision_width(vc) -> tuple[int, int]:
-    """(hidden, intermediate) of the vision tower's widest part (DeepSeek-OCR-2's has two encoders)."""
-    parts = [vc] + [getattr(vc, n) for n in ("sam_config", "encoder_config") if getattr(vc, n, None) is not None]
-    widths = [(p.hidden_size, getattr(p, "intermediate_size", None) or getattr(p, "mlp_dim", None)
-               or 4 * p.hidden_size) for p in parts if getattr(p, "hidden_size", None)]
-    return max(widths)
-
-
-def _device_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type != "meta" and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 class Engine:
@@ -210,8 +100,12 @@ class Engine:
         self._fast = None                       # fast_step.FastStep, made on first use (fast_step())
         # one request at a time per model: forks share the model (its experts hooks, compiled step, graphs)
         self._lock = model.__dict__.setdefault("_vismmoe_lock", threading.RLock())
+        # one hook per experts module (offload/hooks.py), attached before each request; the implementation that
+        # reads them registered with transformers (explicitly, once)
+        self.hooks = {layer: hooks.ExpertsHook(self.runtime, layer) for layer in geometry.moe_layers}
+        hooks.register()
         self.attach()
-        model.set_experts_implementation(IMPLEMENTATION)
+        model.set_experts_implementation(hooks.IMPLEMENTATION)
 
     def fork(self, rc: RuntimeConfig | None = None, *, share_pool: bool = False, **overrides) -> Engine:
         """Same weights and store, a new cache under `rc` (default: this engine's options, routing trace off) with
@@ -220,11 +114,7 @@ class Engine:
         base = rc if rc is not None else replace(self.rc, trace=False)
         if overrides.get("expert_budget") is not None:
             overrides.setdefault("device_memory", None)
-        try:
-            rc = replace(base, **overrides)
-        except TypeError as e:
-            raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
-        check(rc)
+        rc = runtime_options(base, **overrides)
         if rc.expert_format != self.rc.expert_format:
             raise UserError(f"a fork keeps its engine's expert format ({self.layout.spec()})",
                             "load the checkpoint again with the other --expert-format")
@@ -352,13 +242,15 @@ class Engine:
         """The model's experts modules run through this engine's runtime until `detach` or until another engine
         over the same model attaches (forks share the model: every request attaches its engine first; a new
         engine is attached)."""
-        for layer in self.geometry.moe_layers:
-            self.runtime.attach(self.family.moe_block(self.model, layer).experts, layer)
-        self.model._vismmoe_clock = self.clock
+        for layer, hook in self.hooks.items():
+            hooks.attach(self.family.moe_block(self.model, layer).experts, hook)
+        self.model._vismmoe_clock = self.clock        # the clock's span hooks read it (profiles/clock.py)
 
     def detach(self) -> None:
-        for layer in self.geometry.moe_layers:
-            self.runtime.detach(self.family.moe_block(self.model, layer).experts)
+        """Undo `attach`: the experts modules as they were (a module another engine attached since is left
+        alone)."""
+        for layer, hook in self.hooks.items():
+            hooks.detach(self.family.moe_block(self.model, layer).experts, hook)
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def prepare(self, images, prompts: list[str]) -> dict:
@@ -431,18 +323,12 @@ class Engine:
             compressible = bool(inputs["mm_token_type_ids"].any())
         enc = self.pruned_prompt(inputs) if self.compressor is not None and compressible else None
         state = self.prefill(inputs, max_new_tokens, enc=enc, sampler=sampler)
-        if on_step is not None:
-            on_step(state)
-        while state.steps < max_new_tokens - 1 and not state.finished:
-            self.decode_one_token(state, teacher_tokens[state.steps] if teacher_tokens is not None else None)
-            if on_step is not None:
-                on_step(state)
-        self.finish(state)
+        loop.run(state, max_new_tokens, teacher_tokens, on_step)
         tokens, t_first, steps = state.tokens, state.t_first, state.steps
         self._sync()
         t_end = self._now()
         self._end_timeline(anchor)
-        rows = [_decode.cut_at_eos(row, self.eos_ids) for row in tokens]
+        rows = [cut_at_eos(row, self.eos_ids) for row in tokens]
         visual = int(inputs["mm_token_type_ids"].sum())
         kept = int(enc.visual.sum()) if enc is not None else visual
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
@@ -453,13 +339,14 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None
-                ) -> _decode.DecodeState:
-        """Run a prepared prompt (or `enc`, a pruned one) and return its `decode.DecodeState` with each row's first
+                ) -> loop.DecodeState:
+        """Run a prepared prompt (or `enc`, a pruned one) and return its `loop.DecodeState` with each row's first
         token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
-        with `decode_one_token`, then `finish`; one batch at a time per engine."""
+        with `decode_one_token`, then `finish`; one batch at a time per engine. The decode step (strategy) is
+        chosen here, once for the batch: `step_strategy`."""
         self.attach()
-        state = _decode.prefill(self.model, self.family, inputs, self.eos_ids, max_new_tokens,
-                                tuple(self.step_observers), enc, self.fast_step(), sampler)
+        state = loop.prefill(self.model, self.family, inputs, self.step_strategy(max_new_tokens), self.eos_ids,
+                             max_new_tokens, tuple(self.step_observers), enc, sampler)
         if self.clock is not None:
             state.t_first = self.clock.now()
         self.release(self.geometry.prefill_only)
@@ -474,14 +361,20 @@ class Engine:
                 self.cache.evict(key)
 
     @torch.inference_mode()
-    def decode_one_token(self, state: _decode.DecodeState, teacher_token: int | None = None) -> list[int]:
-        """One decode step of `state` (fast step or eager, as the state was prefilled): a token per row;
-        `teacher_token` forces the step's input (benchmarks on random weights)."""
-        return _decode.decode_one_token(self.model, self.family, state, teacher_token, self.fast_step())
+    def decode_one_token(self, state: loop.DecodeState, teacher_token: int | None = None) -> list[int]:
+        """One decode step of `state` (its strategy, chosen at the prefill): a token per row; `teacher_token`
+        forces the step's input (benchmarks on random weights)."""
+        return loop.decode_one_token(state, teacher_token)
 
-    def finish(self, state: _decode.DecodeState) -> None:
+    def finish(self, state: loop.DecodeState) -> None:
         """The last step's books (hits, routing observers, statistics)."""
-        _decode.finish(state, self.fast_step())
+        loop.finish(state)
+
+    def step_strategy(self, max_new_tokens: int = 2):
+        """The decode step of this engine's next batch (step/strategy.py): the fast step when it serves this
+        engine (`fast_step`), else the eager step; a batch of one new token never steps."""
+        fast = self.fast_step()
+        return fast if fast is not None and max_new_tokens > 1 else EagerStep(self.model, self.family)
 
     @torch.inference_mode()
     def pruned_prompt(self, inputs: dict, compressor=None, keep_ratio: float | None = None):
@@ -572,7 +465,7 @@ class Engine:
             streams = [TextStream(self.tokenizer, r.stop, self.eos_ids) for r in reqs]
             sampler = Sampler([r.sampling for r in reqs])
 
-            def on_step(state: _decode.DecodeState) -> None:
+            def on_step(state: loop.DecodeState) -> None:
                 now = self._now()
                 for i, (r, ts) in enumerate(zip(reqs, streams)):
                     if r.finish_reason is None and i in sampler.errors:
@@ -668,174 +561,3 @@ class Engine:
 
     def per_layer_counters(self) -> dict[int, dict]:
         return {l: vars(c).copy() for l, c in sorted(self.cache.counters.per_layer.items())}
-
-
-def resolve_budget(rc: RuntimeConfig, layout, geo, nonexpert: int, config, dev) -> int:
-    """Expert bytes from --expert-budget (bytes or % of all experts, as stored in the run's expert format
-    `layout`) or --device-memory; checks the minimum."""
-    all_bytes = len(geo.moe_layers) * geo.num_experts * layout.nbytes
-    least = geo.top_k * layout.nbytes
-    if rc.expert_budget is not None:
-        budget = parse_size(rc.expert_budget, total=all_bytes, what="expert budget")
-    elif rc.device_memory is not None:
-        total = parse_size(rc.device_memory, what="device memory")
-        res = parse_size(rc.reserve, what="reserve") if rc.reserve else \
-            estimate_reserve(config, geo, rc.max_seq, layout.dtype, dev)       # activations: compute dtype
-        budget = total - nonexpert - res
-        if budget < least:
-            raise UserError(
-                f"--device-memory {rc.device_memory} is too small: non-expert weights {format_size(nonexpert)} + "
-                f"reserve {format_size(res)} + {geo.top_k} experts do not fit",
-                f"give at least {format_size(nonexpert + res + least)}")
-    else:
-        budget = all_bytes
-    if rc.device_profile:                   # the profile's memory caps the budget (profiles/memory.py)
-        budget = cap_budget(rc, budget, all_bytes, layout, geo, nonexpert, config, dev)
-    if budget // layout.nbytes < geo.top_k:
-        raise UserError(
-            f"expert budget {format_size(budget)} holds {budget // layout.nbytes} experts of "
-            f"{format_size(layout.nbytes)}; one layer's top-k needs {geo.top_k}",
-            f"give at least --expert-budget {format_size(least)} ({least} bytes)")
-    return int(budget)
-
-
-def skeleton(family, config) -> torch.nn.Module:
-    """The model with every parameter on `meta` (buffers real): nothing allocated for weights yet."""
-    config._attn_implementation = "sdpa"
-    with init_empty_weights(include_buffers=False):
-        model = family.model_class(config)
-    return model.eval()
-
-
-def _load_processors(family, config, model_dir: str):
-    """(tokenizer, image processor) of the checkpoint, checked against config.json and with the chat template
-    tried on a one-image question (a text question for a text-only family): read before any weight, so a broken
-    one is reported at once."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        image_processor = family.load_image_processor(model_dir)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
-        raise UserError(f"cannot load the tokenizer or image processor of {model_dir}: "
-                        f"{(str(e).splitlines() or [type(e).__name__])[0]}",
-                        "the directory needs tokenizer files and preprocessor_config.json") from None
-    check_tokenizer(family, config, tokenizer, model_dir)
-    try:
-        parts = ([{"type": "image"}] if family.has_vision else []) + [{"type": "text", "text": "?"}]
-        family.chat_text(tokenizer, [{"role": "user", "content": parts}])
-    except UserError as e:
-        raise UserError(f"{e.what.replace('these messages', 'a one-image question')} (checked at load, {model_dir})",
-                        e.fix) from None
-    return tokenizer, image_processor
-
-
-def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str], dt, dev, model_dir: str,
-                    finite: FiniteCheck | None = None, stored: str | None = None) -> None:
-    """Every checkpoint tensor except routed experts (under `prefixes`), converted where the family stores it
-    otherwise (`Family.convert_tensor`), straight to the device (params in `dt`); each scanned by `finite`.
-    Linears a quantized checkpoint (`stored`: its expert format) stores quantized are dequantized once
-    (formats.checkpoint)."""
-    params = dict(model.named_parameters())
-    expert_pfx = tuple(p + "." for p in prefixes)
-    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) + \
-        tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    state = {}
-    keys = [k for k in reader.keys() if not k.startswith(expert_pfx)]
-    for name, tensor in dequantized_tensors(reader, stored, keys):
-        for key, t in family.convert_tensor(name, tensor):
-            if finite is not None:
-                finite.tensor(key, t)
-            if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
-                t = t.to(dt)
-            state[key] = t.contiguous().to(dev)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not k.startswith(expert_pfx)]
-    config = model.config
-    if config.tie_word_embeddings or getattr(getattr(config, "text_config", config), "tie_word_embeddings", False):
-        missing = [k for k in missing if not k.startswith("lm_head")]
-        model.tie_weights()
-    if missing:
-        raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} weights (e.g. {missing[0]})",
-                        "the checkpoint is incomplete or does not match its config.json")
-
-
-def strip_experts(model, family, geo, dt, dev) -> None:
-    """Replace the fused expert banks by empty placeholders (the runtime serves experts) and move the rest."""
-    for layer in geo.moe_layers:
-        experts = family.moe_block(model, layer).experts
-        for name in ("gate_up_proj", "down_proj"):
-            setattr(experts, name, torch.nn.Parameter(torch.empty(0, dtype=dt, device=dev), requires_grad=False))
-    model.to(dev)
-    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if leftover:
-        raise UserError(f"no weights for {leftover[0]}", "the checkpoint is incomplete or does not match its config")
-
-
-CALIBRATION_FILE = "calibration.npz"    # transition tables a checkpoint may ship for --prefetch trace / blend
-
-
-check = check_runtime       # every knob of a RuntimeConfig, before any weight is read (config.check_runtime)
-
-
-def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progress=None, **overrides) -> Engine:
-    """Load a VL-MoE checkpoint (a directory; None: the bundled model) with its routed experts offloaded; see the
-    module docstring.
-
-    `rc` carries every option (config.RuntimeConfig); keyword `overrides` replace fields of it (or of the
-    defaults), e.g. `load(d, expert_budget="25%", policy="predictive")`. UserError for a bad option or checkpoint.
-    """
-    try:
-        rc = replace(rc, **overrides) if rc is not None else RuntimeConfig(**overrides)
-    except TypeError as e:
-        raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
-    if model_dir is None:
-        from ..checkpoints import default_model
-        model_dir = default_model()[0]
-    family = get_family(read_model_type(model_dir))
-    if rc.compress != "none" and not family.has_vision:
-        raise UserError(f"--compress {rc.compress} prunes visual tokens, and {family.model_type} is a text-only model",
-                        "drop --compress")
-    shipped = os.path.join(model_dir, CALIBRATION_FILE)
-    if rc.prefetch in ("trace", "blend") and rc.calibration is None and os.path.exists(shipped):
-        rc = replace(rc, calibration=shipped)          # tables the checkpoint ships (the bundled model does)
-    check(rc)
-    dev = _resolve_device(rc.device)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError, RecursionError) as e:
-        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
-                        "restore the checkpoint's config.json") from None
-    dt = _resolve_dtype(rc.dtype, config, dev)
-    geo = check_config(family, config, model_dir)       # values that contradict each other, before the model is built
-    stored = stored_format(config)
-    layout = make_format(run_format(rc.expert_format, stored), geo.hidden, geo.inter, dt)
-    if rc.device_memory is None:                        # a budget below one layer's top-k, before any weight is read
-        resolve_budget(rc, layout, geo, 0, config, dev)
-    tokenizer, image_processor = _load_processors(family, config, model_dir)
-    model = skeleton(family, config)
-    banks = family.expert_banks(config)
-    reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
-    prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
-    reader.check_index()                       # index and shards agree, from the headers
-    fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
-    check_weights(family, config, model, reader, prefixes + fallbacks, model_dir)
-    source = layout if stored is not None or layout.name == "dense" else QuantizeOnRead(layout)
-    for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
-        source.check(reader, prefix, geo.num_experts)
-    finite = FiniteCheck(rc.check_weights, model_dir)
-    _load_nonexpert(model, family, reader, prefixes + fallbacks, dt, dev, model_dir, finite, stored)
-    strip_experts(model, family, geo, dt, dev)
-    nonexpert = _device_bytes(model)
-
-    budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
-    pin = dev.type == "cuda"
-    if rc.expert_tier == "host":
-        store = HostStore.from_checkpoint(reader, prefixes, layout, geo.num_experts, pin=pin, progress=progress,
-                                          source=source)
-        finite.host_store(store, prefixes)
-    else:
-        store = DiskStore(reader, prefixes, layout, geo.num_experts, pin=pin, source=source)
-        finite.disk_experts(store, prefixes)
-    return Engine(model_dir=model_dir, family=family, config=config, model=model, tokenizer=tokenizer,
-                  image_processor=image_processor, store=store, device=dev, dtype=dt, geometry=geo, layout=layout,
-                  nonexpert_bytes=nonexpert, budget_bytes=budget, rc=rc)
-

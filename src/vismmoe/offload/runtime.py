@@ -13,9 +13,8 @@ and the decode when it is not on the fast step). Orchestrates one layer call in 
     combine:        sum over each token's K pair rows -> hidden [T, H]
     policy.retain == False: the layer's experts leave the cache (load-on-demand baseline)
 
-The function registered with transformers' `ExpertsInterface` finds this runtime through attributes the engine
-puts on each experts module (`_vismmoe_runtime`, `_vismmoe_layer`): transformers' experts modules have no
-layer index of their own.
+transformers' experts modules reach `forward` through the hook the engine attaches to each of them (hooks.py),
+which says which MoE layer the module is.
 """
 
 from __future__ import annotations
@@ -25,25 +24,10 @@ from concurrent.futures import wait as futures_wait
 
 import numpy as np
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
 from .cache import ExpertCache
 from ..step.grouped import MAX_GROUPS, experts_on_slots, window_banks, windows
 from .schedule import plan_waves
 from .transfer import TransferEngine
-
-IMPLEMENTATION = "vismmoe"
-
-
-def _vismmoe_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    fast = getattr(self, "_vismmoe_fast", None)             # step_graphs.LayerExperts during a fast decode step
-    if fast is not None:
-        return fast(hidden_states, top_k_index, top_k_weights)
-    return self._vismmoe_runtime.forward(self, hidden_states, top_k_index, top_k_weights)
-
-
-ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _vismmoe_experts_forward)
-
 
 class OffloadRuntime:
     SPLIT_MIN = 1.0     # hits first only when the misses arrive later than this many grouped calls take
@@ -68,17 +52,6 @@ class OffloadRuntime:
         # each layer call starts again at the first buffer and only as many are ever pinned as one call uses
         self._staging = [torch.empty(0, dtype=torch.long) for _ in range(num_experts + 2)]
         self._stage_i = 0
-
-    def attach(self, experts_module: torch.nn.Module, layer: int) -> None:
-        """The experts module of MoE layer `layer` runs through this runtime until `detach`."""
-        experts_module._vismmoe_runtime = self
-        experts_module._vismmoe_layer = layer
-
-    def detach(self, experts_module: torch.nn.Module) -> None:
-        """Undo `attach` (a module attached to another runtime since is left alone)."""
-        if getattr(experts_module, "_vismmoe_runtime", None) is self:
-            del experts_module._vismmoe_runtime
-            del experts_module._vismmoe_layer
 
     def load_slot(self, key: tuple[int, int], slot: int, kind: str = "demand"):
         """Copy expert `key` into `slot` (once the last compute that read the slot is done): the one way a slot is
@@ -130,10 +103,11 @@ class OffloadRuntime:
         return view.to(device, non_blocking=True)
 
     # ---- one MoE layer call: route -> plan -> make resident -> compute -> combine ----------------------------
-    def forward(self, module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        # T tokens, K experts per token, H hidden
+    def forward(self, module, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor):
+        """MoE layer `layer`'s experts (`module`, transformers') over hidden [T, H] with the router's top_k_index
+        and top_k_weights [T, K] -> [T, H]."""
         t_start = time.perf_counter()
-        layer = module._vismmoe_layer
         idx, needed = self._route(layer, hidden, top_k_index, top_k_weights)
         if not needed:
             return torch.zeros_like(hidden)

@@ -1,5 +1,5 @@
 """A device profile's memory capacity as a limit on the run: non-expert weights, the KV/activation reserve and the
-expert budget must fit it together (engine/core.py resolve_budget asks here)."""
+expert budget must fit it together (engine/budget.py resolve_budget asks here)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def cap_budget(rc, budget: int, all_bytes: int, layout, geo, nonexpert: int, con
     weights and the reserve (the KV cache for `rc.max_seq` and activations, or --reserve), the room left when no
     budget was asked for (every expert by default) and it does not; UserError when an asked-for budget or
     --device-memory exceeds the profile, or when not even one layer's top-k fits (bytes)."""
-    from ..engine.core import estimate_reserve
+    from ..engine.budget import estimate_reserve
     prof = get_profile(rc.device_profile)
     cap = int(prof.mem_bytes)
     target = torch.device("cuda") if prof.async_launch else dev     # the reserve's library margin: the device's

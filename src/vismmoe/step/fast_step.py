@@ -30,6 +30,7 @@ import torch
 
 from . import moe_kernel
 from .graphs import Bucket, step_graphs
+from .strategy import Prefilled
 
 
 class FastStep:
@@ -93,10 +94,30 @@ class FastStep:
         self.addr_host.numpy()[...] = np.where(sm >= 0, pool + sm * nb, self.host_addr)
         self.sg.addr_dev.copy_(self.addr_host, non_blocking=True)
 
-    # ---- requests ------------------------------------------------------------------------------------------
-    def start(self, dyn_cache, mask: torch.Tensor, deltas: torch.Tensor, first: torch.Tensor, max_new: int) -> Bucket:
-        """Take over a prefilled request (step_graphs.StepGraphs.load)."""
-        return self.sg.load(dyn_cache, mask, deltas, first, max_new)
+    # ---- the decode strategy (strategy.py) -----------------------------------------------------------------
+    def start(self, state, prefilled: Prefilled, max_new_tokens: int) -> None:
+        """Take over a prefilled batch: its KV into a static bucket (graphs.StepGraphs.load), in `state.kv`."""
+        p = prefilled
+        state.kv = _FastKV(self.sg.load(p.cache, p.mask, p.deltas, p.first, max_new_tokens))
+
+    def step(self, state, teacher_token: int | None) -> list[int]:
+        """One step of the batch (`advance`), the previous step booked while it runs."""
+        kv = state.kv
+        kv.inflight = self.advance(kv.bucket, teacher_token, kv.inflight, state.steppers)
+        if state.sampler is None or state.sampler.greedy:
+            return kv.inflight.ids
+        # the step wrote its argmax as the next input; a sampled row replaces it before the next launch
+        b = kv.bucket
+        picked = state.sampler.pick(b.logits[:b.rows])
+        b.ids[:b.rows].copy_(picked[:, None])
+        return picked.tolist()
+
+    def finish(self, state) -> None:
+        """Book the last step."""
+        kv = state.kv
+        if kv.inflight is not None:
+            self.settle(kv.inflight, state.steppers)
+            kv.inflight = None
 
     # ---- the step --------------------------------------------------------------------------------------------
     def advance(self, b: Bucket, teacher_token: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:
@@ -227,6 +248,14 @@ class FastStep:
         self.step_s.append(fl.dev_s)
         if rt.timeline is not None:
             rt.timeline.add_compute(-1, fl.t0, fl.t0 + fl.dev_s)
+
+
+@dataclass
+class _FastKV:
+    """A batch on the fast step: its bucket and the step whose books are not settled yet."""
+
+    bucket: Bucket
+    inflight: _InFlight | None = None
 
 
 @dataclass

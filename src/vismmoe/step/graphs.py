@@ -20,8 +20,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..offload.hooks import hook_of
 from . import moe_kernel
 
 BUCKET = 256                # static KV length is rounded up to a multiple of this: one graph serves many requests
@@ -42,7 +43,10 @@ def _decode_attention(module, query, key, value, attention_mask, scaling, dropou
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN, _decode_attention)
+def register_attention() -> None:
+    """Make the decode attention `ATTN` known to transformers' `AttentionInterface` (again a no-op)."""
+    if ALL_ATTENTION_FUNCTIONS.get(ATTN) is not _decode_attention:
+        ALL_ATTENTION_FUNCTIONS.register(ATTN, _decode_attention)
 
 
 class StaticKV:
@@ -66,7 +70,7 @@ class StaticKV:
 
 
 class LayerExperts:
-    """What one MoE layer's experts read during a fast step (set on the experts module as `_vismmoe_fast`).
+    """What one MoE layer's experts read during a fast step (the `fast` of the module's hook, offload/hooks.py).
 
     Every per-layer value is a tensor (a view of a shared table), never an int: torch.compile specialises on
     ints, and tensors let one compiled layer serve every layer. CUDA reads the address table `addr`; the CPU step
@@ -139,6 +143,7 @@ class StepGraphs:
     """See the module docstring. Get the one of an engine's model with `step_graphs(engine, compiled)`."""
 
     def __init__(self, engine, compiled: bool):
+        register_attention()
         self.model, self.family = engine.model, engine.family
         self.device, self.dtype = engine.device, engine.dtype
         self.cuda = self.device.type == "cuda"
@@ -204,13 +209,13 @@ class StepGraphs:
         cfg._attn_implementation_internal = ATTN
         for p, (layer, ex) in enumerate(zip(self.moe_layers, self.experts)):
             ex.route_idx, ex.route_w = b.route_idx[p], b.route_w[p]
-            self.family.moe_block(self.model, layer).experts._vismmoe_fast = ex
+            hook_of(self.family.moe_block(self.model, layer).experts).fast = ex
         try:
             yield
         finally:
             cfg._attn_implementation_internal = saved
             for layer in self.moe_layers:
-                self.family.moe_block(self.model, layer).experts._vismmoe_fast = None
+                hook_of(self.family.moe_block(self.model, layer).experts).fast = None
 
     def run(self, b: Bucket, graphs: bool) -> None:
         """One step of bucket `b`: its graph replayed (captured on first use), or the body run eagerly. A replay

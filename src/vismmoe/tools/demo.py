@@ -25,7 +25,7 @@ def _questions(n: int) -> list[tuple]:
 def run_demo(device: str = "cpu", as_json: bool = False) -> int:
     from rich.table import Table
 
-    from ..engine.core import load
+    from ..engine.loading import load
     out = console()
     model_dir, routing = default_model()
     trained = model_dir == BUNDLED

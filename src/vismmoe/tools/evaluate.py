@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--expert-budget", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from ..engine.core import load
+    from ..engine.loading import load
     engine = load(args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget)
     res = evaluate(engine, split=args.split, limit=args.limit, batch_size=args.batch_size,
                    progress=sys.stderr.isatty())

@@ -570,7 +570,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     name with a path separator, a llama-quantize that is missing, or (without `force`) a file of any of those
     names already in `out_dir`: checked before anything is written; and for a llama-quantize that fails. Each file
     is written under a temporary name and renamed when complete. `progress(tensor name)` after each text tensor."""
-    from ..engine.core import read_model_type
+    from ..engine.loading import read_model_type
     from ..paths import atomic_file, output_dir
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")

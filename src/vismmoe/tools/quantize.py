@@ -76,7 +76,7 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     int4:group=..,sym=..); see the module docstring. Returns a summary (files, bytes before and after)."""
     from transformers import AutoConfig
 
-    from ..engine.core import read_model_type, skeleton
+    from ..engine.loading import read_model_type, skeleton
     from ..families import get_family
     from ..offload.store import CheckpointReader
     family = get_family(read_model_type(model_dir))

@@ -52,7 +52,8 @@ from ..data import (
                    make_sample_and_scene,
     warm_cache,
 )
-from ..step.decode import cut_at_eos, greedy  # noqa: E402
+from ..step.decode import cut_at_eos  # noqa: E402
+from ..step.loop import greedy  # noqa: E402
 from ..families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
 from ..step.grouped import experts_on_slots  # noqa: E402
 from .tokenizer import build_tokenizer  # noqa: E402

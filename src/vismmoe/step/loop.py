@@ -1,0 +1,123 @@
+"""The one generation loop: prefill -> decode one token -> ... -> finish, over one batch's `DecodeState`.
+
+    prefill(model, family, inputs, strategy, ...)  ->  DecodeState (first token per row; the strategy holds the KV)
+    decode_one_token(state, teacher_token)         ->  one token per row (the state's strategy: strategy.py)
+    finish(state)                                  ->  the last step's books
+    run(state, max_new_tokens, ...)                ->  decode steps until every row is done or the token limit
+    greedy(model, family, inputs, ...)             ->  the whole loop on the eager step (training, baselines)
+
+Request state lives in the `DecodeState`, never on the engine or the model, so the loop can be driven from
+outside (a server interleaving requests, a benchmark) one token at a time. The loop knows nothing of chat
+templates, stop strings or text: a caller's `on_step(state)` marks rows done (engine/request.py does that).
+Positions are explicit: M-RoPE (or 1-D RoPE) for the prompt as transformers computes them, then text position +
+rope delta for each new token (the family adapter's).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..engine.sampling import Sampler
+from .strategy import DecodeStrategy, Prefilled
+
+
+@dataclass
+class DecodeState:
+    """One batch in progress: what its next decode step needs, and what it has produced."""
+
+    tokens: list[list[int]]                 # per row: generated tokens so far (the first comes from the prefill)
+    done: list[bool]                        # per row: produced an EOS, or marked done by the caller
+    eos_ids: set[int]
+    t_first: float                          # perf_counter time the first token was ready
+    strategy: DecodeStrategy | None = None  # the decode step (strategy.py), chosen once for the batch
+    sampler: Sampler | None = None          # per-row sampling (None: greedy)
+    steps: int = 0                          # decode steps taken
+    steppers: tuple = ()                    # routing observers told where each step starts
+    kv: object = field(default=None, repr=False)    # the strategy's own handle (KV cache, static bucket, ...)
+
+    @property
+    def finished(self) -> bool:
+        """Every row is done: it produced an EOS, or its caller marked it done (a stop string, its own token
+        limit, a client gone). A done row of a batch still computes until the batch finishes; its tokens after
+        that point are the caller's to ignore."""
+        return all(self.done)
+
+
+def pick(logits: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
+    """logits [B, V] -> [B] next tokens: the argmax, or the sampler's pick."""
+    return logits.argmax(-1) if sampler is None else sampler.pick(logits)
+
+
+def prefill(model, family, inputs: dict, strategy: DecodeStrategy, eos_ids: set[int], max_new_tokens: int,
+            steppers=(), enc=None, sampler: Sampler | None = None) -> DecodeState:
+    """Run the prompt (`enc`, compress.py: the pruned encoded prompt instead of the full one), pick each row's
+    first token (argmax, or `sampler`'s pick) and hand the KV cache to `strategy` (room for `max_new_tokens`)."""
+    dev = inputs["input_ids"].device
+    cache = DynamicCache(config=model.config)
+    if enc is None:
+        for s in steppers:
+            s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+        pos, deltas = family.prefill_positions(model, inputs)
+        logits = model(**family.model_inputs(inputs), position_ids=family.position_ids(pos), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+        mask = inputs["attention_mask"]
+    else:
+        for s in steppers:
+            s.begin_step("prefill", enc.visual[enc.mask.bool()].to(torch.int8).cpu())
+        logits = family.decoder_forward(model, enc, cache)
+        mask, deltas = enc.mask, enc.deltas
+    nxt = pick(logits[:, -1], sampler)                                   # [B]
+    first = nxt.tolist()                                                 # (synchronises)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    state = DecodeState(tokens=[[t] for t in first], done=[t in eos_ids for t in first], eos_ids=eos_ids,
+                        t_first=time.perf_counter(), strategy=strategy, sampler=sampler, steppers=tuple(steppers))
+    strategy.start(state, Prefilled(cache, mask, deltas, nxt), max_new_tokens)
+    return state
+
+
+def decode_one_token(state: DecodeState, teacher_token: int | None = None) -> list[int]:
+    """One decode step for every row of `state`: a token per row. `teacher_token` teacher-forces the step's input
+    token (benchmarks on random weights: routing then varies step to step as on real text)."""
+    new = state.strategy.step(state, teacher_token)
+    for r, t in enumerate(new):
+        state.tokens[r].append(t)
+        state.done[r] = state.done[r] or t in state.eos_ids
+    state.steps += 1
+    return new
+
+
+def finish(state: DecodeState) -> None:
+    """The last step's books."""
+    state.strategy.finish(state)
+
+
+def run(state: DecodeState, max_new_tokens: int, teacher_tokens: list[int] | None = None, on_step=None
+        ) -> DecodeState:
+    """Decode steps until every row is done or `max_new_tokens` tokens, then `finish`. `on_step(state)` is called
+    after the prefill and after each step (it may mark rows done)."""
+    if on_step is not None:
+        on_step(state)
+    while state.steps < max_new_tokens - 1 and not state.finished:
+        decode_one_token(state, teacher_tokens[state.steps] if teacher_tokens is not None else None)
+        if on_step is not None:
+            on_step(state)
+    finish(state)
+    return state
+
+
+def greedy(model, family, inputs: dict, max_new_tokens: int, eos_ids: set[int], steppers=(),
+           teacher_tokens: list[int] | None = None, enc=None, strategy: DecodeStrategy | None = None):
+    """Greedy decoding (default: the eager step): (token ids [B][N], perf_counter time of the first token, decode
+    steps). Stops when every row has produced an EOS (rows are cut by the caller: `decode.cut_at_eos`) or after
+    `max_new_tokens` tokens."""
+    if strategy is None:
+        from .decode import EagerStep
+        strategy = EagerStep(model, family)
+    state = prefill(model, family, inputs, strategy, eos_ids, max_new_tokens, steppers, enc)
+    run(state, max_new_tokens, teacher_tokens)
+    return state.tokens, state.t_first, state.steps
