@@ -97,7 +97,7 @@ def test_memory_caps_the_budget(tiny_dirs, tmp_path):
         load(d, device_profile=_write(tmp_path, _profile(name="tiny", mem_bytes=1 << 20)))
     roomy = load(d, device_profile=_write(tmp_path, _profile(name="roomy")))
     import torch
-    from vismmoe.engine.core import estimate_reserve
+    from vismmoe.engine.budget import estimate_reserve
     reserve = estimate_reserve(roomy.config, roomy.geometry, 256, roomy.layout.dtype, torch.device("cpu"))
     small = roomy.nonexpert_bytes + reserve + roomy.geometry.top_k * roomy.layout.nbytes * 2
     path = _write(tmp_path, _profile(name="small", mem_bytes=small))

@@ -218,6 +218,9 @@ class RuntimeConfig:
                                 f"use {flag_of(f)} {_or(choices)}")
         if self.expert_budget is not None and self.device_memory is not None:
             raise UserError("both --expert-budget and --device-memory given", "give one of them")
+        if self.device_profile is not None and self.link != "real":
+            raise UserError("--link and --device-profile both set the expert link (the profile's is its tier)",
+                            "drop --link, or drop --device-profile")
 
 
 _CHOICE_NAMES = {"decode": "decode mode", "check_weights": "weight check"}
