@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import ALIGN_BYTES, align, cdiv, check_stored, int_knob, no_more_knobs, pad_experts, register
+from .base import (ALIGN_BYTES, align, cdiv, check_stored, int_knob, kernels_knob, kernels_spec, no_more_knobs,
+                   pad_experts, register)
 
 
 GROUPS = (16, 32, 64, 128)      # group sizes (columns per scale) this format takes
@@ -71,6 +72,7 @@ class Int4Format:
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):
         self.group = int_knob(self.name, knobs, "group", 128, GROUPS)
         self.sym = bool(int_knob(self.name, knobs, "sym", 1, (0, 1)))
+        self.kernels = kernels_knob(self.name, knobs)
         no_more_knobs(self.name, knobs)
         if hidden % self.group or inter % self.group:
             raise UserError(f"expert format int4 with group {self.group} needs hidden {hidden} and intermediate "
@@ -87,7 +89,7 @@ class Int4Format:
         self.numel = self.nbytes
 
     def spec(self) -> str:
-        return f"{self.name}:group={self.group},sym={int(self.sym)}"
+        return f"{self.name}:group={self.group},sym={int(self.sym)}" + kernels_spec(self.kernels)
 
     def __repr__(self) -> str:
         return f"Int4Format(H={self.hidden}, I={self.inter}, group={self.group}, sym={self.sym}, compute {self.dtype})"
