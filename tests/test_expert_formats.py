@@ -111,7 +111,7 @@ def _kernel_case(spec, dtype, device, H, I, seed=0):
     return fmt, x.to(device), topk.to(device), w.to(device), addr, ref, (pool, bank)
 
 
-def _check_kernels(device, spec, H, I):
+def _check_kernels(device, spec, H, I, variant="new"):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, dtype, device, H, I)
         ri = torch.full((topk.numel(),), -1, dtype=torch.long, device=device)
@@ -120,7 +120,7 @@ def _check_kernels(device, spec, H, I):
         tiles = ({"BLOCK_I": 16, "BLOCK_H": 32}, {"BLOCK_O": 16, "BLOCK_K": 32}) if device == "cuda" else \
             ({"BLOCK_I": 32, "BLOCK_H": 64}, {"BLOCK_O": 64, "BLOCK_K": 64})
         out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, *tiles,
-                                               fmt=None if spec == "dense" else fmt).cpu().float()
+                                               fmt=None if spec == "dense" else fmt, variant=variant).cpu().float()
         err = (out - ref.float()).norm() / ref.float().norm()
         assert err < tol, (spec, dtype, err)
         assert torch.equal(ri.cpu().view_as(topk), topk.cpu())
@@ -144,18 +144,71 @@ interpreter = pytest.mark.skipif(moe_kernel.triton is None or not moe_kernel.INT
 @interpreter
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("H,I", [(64, 48), (256, 32)])      # one block; several blocks along H
-def test_kernels_match_reference_in_interpreter(spec, H, I):
+@pytest.mark.parametrize("variant", ["old", "new"])
+def test_kernels_match_reference_in_interpreter(spec, H, I, variant):
     """The decode kernels (slots and host blobs through one address table) and the dequantize kernel, under
-    Triton's interpreter on the CPU."""
-    _check_kernels("cpu", spec, H, I)
+    Triton's interpreter on the CPU; both variants of the quantized kernels."""
+    if spec == "dense" and variant == "old":
+        pytest.skip("dense has one variant")
+    _check_kernels("cpu", spec, H, I, variant)
+
+
+@interpreter
+def test_int4_v2_kernel_sums_several_tiles_and_groups_in_interpreter():
+    """int4 v2 with a column tile of 2 groups over 4 groups a row (two tiles), asymmetric zeros, and row tiles
+    that leave a partial last one: the per-(row, group) zero and 1.0 corrections line up with the words."""
+    fmt, x, topk, w, addr, ref, keep = _kernel_case("int4:group=16,sym=0", torch.float32, "cpu", 64, 48)
+    ri = torch.full((topk.numel(),), -1, dtype=torch.long)
+    rw = torch.zeros(topk.numel())
+    out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 32, "BLOCK_H": 32},
+                                           {"BLOCK_O": 16, "BLOCK_K": 32}, fmt=fmt, variant="new")
+    assert (out - ref).norm() / ref.norm() < 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("H,I", SHAPES + [(2048, 768)])
-def test_gpu_kernels_match_reference(spec, H, I):
+@pytest.mark.parametrize("variant", ["old", "new"])
+def test_gpu_kernels_match_reference(spec, H, I, variant):
     """On the GPU, half the experts read from page-locked host memory by the kernel."""
-    _check_kernels("cuda", spec, H, I)
+    _check_kernels("cuda", spec, H, I, variant)
+
+
+if moe_kernel.triton is not None:
+    import triton
+    import triton.language as tl
+
+    from vismmoe.step import quant_kernels as qk
+
+    @triton.jit
+    def _e4m3_probe(b_ptr, out_ptr, NATIVE_F8: tl.constexpr, VIA_F16: tl.constexpr):
+        i = tl.arange(0, 256)
+        tl.store(out_ptr + i, qk.e4m3_to_f32(tl.load(b_ptr + i), NATIVE_F8, VIA_F16))
+
+
+def _e4m3_all_bytes(device, native, via_f16):
+    """Every e4m3 byte but the two NaNs (0x7F, 0xFF; quantizing never writes them) through the kernels'
+    conversion, against torch's float8_e4m3fn."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.empty(256, dtype=torch.float32, device=device)
+    _e4m3_probe[(1,)](b.to(device), out, NATIVE_F8=native, VIA_F16=via_f16)
+    want = b.view(torch.float8_e4m3fn).float()
+    keep = ~torch.isnan(want)
+    assert keep.sum() == 254
+    assert torch.equal(out.cpu()[keep], want[keep])       # bit-exact, subnormals and both zeros included
+    assert torch.equal(torch.signbit(out.cpu()[keep]), torch.signbit(want[keep]))
+
+
+@interpreter
+def test_e4m3_bit_moves_give_torchs_values_for_every_byte():
+    _e4m3_all_bytes("cpu", False, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("via_f16", [False, True])
+def test_gpu_e4m3_hardware_conversion_gives_torchs_values_for_every_byte(via_f16):
+    """The CUDA path (hardware e4m3 conversion) and the interpreter's bit moves give the same values."""
+    _e4m3_all_bytes("cuda", True, via_f16)
 
 
 @pytest.mark.gpu

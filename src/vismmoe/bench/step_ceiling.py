@@ -140,7 +140,7 @@ def kernel_sweep(eng, reps: int = 50, rows_up=(2, 4, 8), cols=(512, 1024), rows_
                 out["down"][str(b)] = us
                 if us < best.get("down", (1e9,))[0]:
                     best["down"] = (us, b)
-    up, down = moe_kernel.BLOCKS[eng.layout.kernel]
+    up, down = moe_kernel.BLOCKS[moe_kernel.kernel_id(fmt)]     # the variant the format's kernels knob picks
     up.update(best["gate_up"][1])
     down.update(best["down"][1])
     nb = K * eng.layout.nbytes

@@ -185,7 +185,13 @@ def cmd_quantize(args) -> int:
     from ..progress import layer_progress
     from ..tools.quantize import quantize_checkpoint
     with layer_progress(f"quantizing experts ({args.format})") as tick:
-        res = quantize_checkpoint(_model_dir(args), args.format, args.out, all_linears=args.all_linears,
+        spec = args.format
+        if args.rounding != "rtn":
+            if not spec.startswith("int4"):
+                from ..errors import UserError
+                raise UserError(f"--rounding {args.rounding} applies to int4 only", "drop --rounding, or use --format int4")
+            spec += ("," if ":" in spec else ":") + f"rounding={args.rounding}"
+        res = quantize_checkpoint(_model_dir(args), spec, args.out, all_linears=args.all_linears,
                                   force=args.force, progress=tick)
     if args.json:
         print(json.dumps(res))
@@ -537,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all-linears", action="store_true",
                    help="also quantize the decoder's attention projections, as published releases do")
     q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    q.add_argument("--rounding", choices=("rtn", "hqq"), default="rtn",
+                   help="int4: round to nearest (default) or fit each group's scale and zero point HQQ-style "
+                        "(same as --format int4:rounding=hqq)")
     q.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     q.set_defaults(func=cmd_quantize)
 

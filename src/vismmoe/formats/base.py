@@ -17,7 +17,8 @@ look inside a blob. Adding a format is one module with a class matching `ExpertF
 kernel variant in moe_kernel.py.
 
 Formats are named by a spec `name[:knob=value,...]` (config.split_spec's grammar): `dense`, `fp8`, `int4`,
-`int4:group=64,sym=0`.
+`int4:group=64,sym=0`; the quantized ones take `kernels=old` (the first variant of their decode kernels, to time
+against the default one: same blob, same values up to summation order).
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def int_knob(fmt: str, knobs: dict, key: str, default: int, allowed: tuple[int, 
         raise UserError(f"expert format {fmt}: {key}={raw} is not supported",
                         f"use {key} one of {', '.join(map(str, allowed))}")
     return value
+
+
+KERNELS = ("new", "old")        # the decode kernels' variants of a quantized format (step/quant_kernels.py)
+
+
+def kernels_knob(fmt: str, knobs: dict) -> str:
+    """Knob `kernels` of a quantized format: which variant of its decode kernels runs ("new", the default, or
+    "old", kept to time the two side by side); the blob is the same."""
+    value = knobs.pop("kernels", "new")
+    if value not in KERNELS:
+        raise UserError(f"expert format {fmt}: kernels={value} is not supported", "use kernels=new or kernels=old")
+    return value
+
+
+def kernels_spec(kernels: str, first: bool = False) -> str:
+    """The spec suffix naming a non-default kernels knob ("" for the default)."""
+    return "" if kernels == "new" else ("," if not first else ":") + f"kernels={kernels}"
 
 
 def no_more_knobs(fmt: str, knobs: dict) -> None:

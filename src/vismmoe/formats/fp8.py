@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import ALIGN_BYTES, align, cdiv, check_stored, int_knob, no_more_knobs, pad_experts, register
+from .base import (ALIGN_BYTES, align, cdiv, check_stored, int_knob, kernels_knob, kernels_spec, no_more_knobs,
+                   pad_experts, register)
 
 E4M3_MAX = 448.0
 F8 = torch.float8_e4m3fn
@@ -52,6 +53,7 @@ class Fp8Format:
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):
         self.block = int_knob(self.name, knobs, "block", 128, (128,))
+        self.kernels = kernels_knob(self.name, knobs)
         no_more_knobs(self.name, knobs)
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         H, I, B = hidden, inter, self.block
@@ -64,7 +66,7 @@ class Fp8Format:
         self.numel = self.nbytes
 
     def spec(self) -> str:
-        return self.name
+        return self.name + kernels_spec(self.kernels, first=True)
 
     def __repr__(self) -> str:
         return f"Fp8Format(H={self.hidden}, I={self.inter}, block={self.block}, compute {self.dtype})"

@@ -13,6 +13,8 @@ one that package reads, and the other way round.
       padding  to 512 bytes
     w[r, c] = (q[r, c] - zero[r, c // g]) * scale[r, c // g]
 
+Quantizing rounds to nearest by compressed-tensors' own rule, or with the knob `rounding=hqq` fits each group's
+scale and zero point by half-quadratic optimisation (formats/hqq.py); the blob is the same either way.
 Scales are kept in float32 whatever the checkpoint stores, so reading is exact.
 """
 
@@ -21,10 +23,20 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .base import ALIGN_BYTES, align, cdiv, check_stored, int_knob, no_more_knobs, pad_experts, register
+from .base import (ALIGN_BYTES, align, cdiv, check_stored, int_knob, kernels_knob, kernels_spec, no_more_knobs,
+                   pad_experts, register)
 
 
 GROUPS = (16, 32, 64, 128)      # group sizes (columns per scale) this format takes
+ROUNDINGS = ("rtn", "hqq")      # round to nearest (compressed-tensors' rule), HQQ-style (formats/hqq.py)
+
+
+def quantize_groups(w: torch.Tensor, group: int, sym: bool, rounding: str = "rtn"):
+    """w [R, C] -> (q int8 [R, C] in [-8, 7], scale [R, ng(C)], zero int8 [R, ng(C)]) by `rounding`."""
+    if rounding == "hqq":
+        from .hqq import hqq_quantize
+        return hqq_quantize(w, group, sym)
+    return group_quantize(w, group, sym)
 
 
 def _ct():
@@ -71,6 +83,11 @@ class Int4Format:
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):
         self.group = int_knob(self.name, knobs, "group", 128, GROUPS)
         self.sym = bool(int_knob(self.name, knobs, "sym", 1, (0, 1)))
+        self.rounding = knobs.pop("rounding", "rtn")
+        if self.rounding not in ROUNDINGS:
+            raise UserError(f"expert format int4: rounding={self.rounding} is not supported",
+                            f"use rounding= one of {', '.join(ROUNDINGS)}")
+        self.kernels = kernels_knob(self.name, knobs)
         no_more_knobs(self.name, knobs)
         if hidden % self.group or inter % self.group:
             raise UserError(f"expert format int4 with group {self.group} needs hidden {hidden} and intermediate "
@@ -87,7 +104,8 @@ class Int4Format:
         self.numel = self.nbytes
 
     def spec(self) -> str:
-        return f"{self.name}:group={self.group},sym={int(self.sym)}"
+        return f"{self.name}:group={self.group},sym={int(self.sym)}" + \
+            (",rounding=hqq" if self.rounding == "hqq" else "") + kernels_spec(self.kernels)
 
     def __repr__(self) -> str:
         return f"Int4Format(H={self.hidden}, I={self.inter}, group={self.group}, sym={self.sym}, compute {self.dtype})"
@@ -130,7 +148,7 @@ class Int4Format:
         N = gate_up.shape[0]
         parts = []
         for w in (gate_up, down):
-            q, s, z = group_quantize(w.reshape(-1, w.shape[-1]), self.group, self.sym)
+            q, s, z = quantize_groups(w.reshape(-1, w.shape[-1]), self.group, self.sym, self.rounding)
             parts.append((q.view(w.shape), s.float().view(N, w.shape[1], -1), z.view(N, w.shape[1], -1)))
         return self._store(out, *parts)
 

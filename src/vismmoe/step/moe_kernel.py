@@ -41,6 +41,8 @@ try:                                    # the GPU path; the CPU runs the torch r
 except ImportError:                     # pragma: no cover - CPU installs without triton
     triton = None
 
+from . import quant_kernels as qk
+
 
 def decode_experts_reference(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                              down: torch.Tensor) -> torch.Tensor:
@@ -63,20 +65,6 @@ def decode_experts_reference(x: torch.Tensor, topk: torch.Tensor, weights: torch
 
 if triton is not None:
     @triton.jit
-    def _e4m3(b):
-        """uint8 e4m3 bits -> float32, exactly: the bits moved into an fp16 (whose 5-bit exponent holds e4m3's 4
-        bits with the bias 8 lower, subnormals included) and scaled by 2^8."""
-        b16 = b.to(tl.int16)
-        bits = ((b16 & 0x7F) << 7) | ((b16 & 0x80) << 8)
-        return bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-
-    @triton.jit
-    def _nibble(v):
-        """int32 in [0, 16) -> float32, exactly, without an int-to-float conversion (a quarter-rate instruction):
-        the value as the low mantissa bits of 2^23, minus 2^23."""
-        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-    @triton.jit
     def _blob(addr_ptr, e):
         """Address of expert e's blob: a multiple of 16 (blobs are whole multiples of 512 bytes in buffers that
         torch's allocators align to 64 bytes or more), said so the compiler vectorises the loads of 1-byte weights."""
@@ -88,49 +76,23 @@ if triton is not None:
         """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R]. A column tile of BLOCK_C spans
         BLOCK_C // STEP scale groups (STEP: 128 for fp8 blocks, the group size for int4).
         FMT 0: `base` points at dense weights [R, C] of x's dtype.
-        FMT 1: e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR]; BLOCK_R divides 128, so a tile's
-               scales are one vector over its columns, folded into x.
-        FMT 2: 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR], one per STEP columns:
-               (q - z) s x summed as s (q x) - s z x into one [BLOCK_R, STEP/2] accumulator, reduced once at the
-               end (a reduction per group, or a reshape into groups, cost more than the loads)."""
-        KG: tl.constexpr = BLOCK_C // STEP if STEP > 0 else 1
-        HALF: tl.constexpr = STEP // 2 if STEP > 0 else 1
+        FMT 1, 3 (fp8 v1, v2): e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR].
+        FMT 2, 4 (int4 v1, v2): 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR].
+        The quantized variants are quant_kernels.py's helpers."""
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        accg = tl.zeros([BLOCK_R, HALF], dtype=tl.float32)          # int4: per (row, column pair) partial sums
-        for c0 in range(0, C, BLOCK_C):
-            if FMT == 2:                        # KG groups a tile, each [BLOCK_R, STEP/2] bytes, one 2D sum
-                j = tl.arange(0, STEP // 2)
-                for gk in tl.static_range(KG):
-                    ce = c0 + gk * STEP + 2 * j
-                    cm = ce < C
-                    xe = tl.load(x_ptr + t * C + ce, mask=cm, other=0.0).to(tl.float32)
-                    xo = tl.load(x_ptr + t * C + ce + 1, mask=cm, other=0.0).to(tl.float32)
-                    q = tl.load(base + rows[:, None] * (C // 2) + (ce // 2)[None, :],
-                                mask=rmask[:, None] & cm[None, :], other=0)
-                    g = (c0 + gk * STEP) // STEP
-                    gm = rmask & ((rows * 0 + g * STEP) < C)      # a tensor mask (a scalar one breaks interpreters)
-                    sc = tl.load(sp + rows * SR + g, mask=gm, other=0.0)                     # [BLOCK_R]
-                    z = tl.load(zp + rows * SR + g, mask=gm, other=0).to(tl.float32)
-                    q32 = q.to(tl.int32)
-                    accg += sc[:, None] * (_nibble(q32 & 0xF) * xe[None, :] + _nibble(q32 >> 4) * xo[None, :]) - \
-                        (sc * z)[:, None] * (xe + xo)[None, :]
-            else:
+        if FMT == 1 or FMT == 3:
+            acc = qk.row_dot_fp8(base, x_ptr, t, rows, rmask, C, sp, SR, BLOCK_C, NATIVE_F8, FMT == 3, acc)
+        elif FMT == 2:
+            acc = qk.row_dot_int4_v1(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP)
+        elif FMT == 4:
+            acc = qk.row_dot_int4_v2(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP)
+        else:
+            for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 cm = cols < C
                 xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
                 w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
-                if FMT == 1:                    # a tile's rows lie in one 128-row block (BLOCK_R divides 128)
-                    if NATIVE_F8:
-                        wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-                    else:
-                        wf = _e4m3(w)
-                    rb = tl.min(rows) // 128
-                    sv = tl.load(sp + rb * SR + cols // 128, mask=cm, other=0.0)           # [BLOCK_C]
-                    acc += tl.sum(wf * (xv * sv)[None, :], axis=1)
-                else:
-                    acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
-        if FMT == 2:
-            return tl.sum(accg, axis=1)
+                acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         return acc
 
     @triton.jit
@@ -154,19 +116,19 @@ if triton is not None:
             acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8)
             acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
                              NATIVE_F8)
-        elif FMT == 1:                              # gate [I, H] | up [I, H] e4m3; scales gate | up | down
+        elif FMT == 1 or FMT == 3:                  # gate [I, H] | up [I, H] e4m3; scales gate | up | down
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, 1, NATIVE_F8)
-            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, sp + NB, base, SH, BLOCK_I, BLOCK_H, STEP, 1,
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
+            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, sp + NB, base, SH, BLOCK_I, BLOCK_H, STEP, FMT,
                              NATIVE_F8)
         else:                                       # gate_up [2I, H/2] nibbles; scales, zeros [2I, SH]
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
             zp = base + Z_OFF
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, 2, NATIVE_F8)
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
             acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, H, sp + I * SH, zp + I * SH, SH,
-                             BLOCK_I, BLOCK_H, STEP, 2, NATIVE_F8)
+                             BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
         g = acc_g.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
@@ -187,16 +149,16 @@ if triton is not None:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
                            NATIVE_F8)
-        elif FMT == 1:                              # down [H, I] e4m3 after gate_up; its scales after gate's, up's
+        elif FMT == 1 or FMT == 3:                  # down [H, I] e4m3 after gate_up; its scales after gate's, up's
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
-            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, 1,
+            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, FMT,
                            NATIVE_F8)
         else:                                       # down [H, I/2] nibbles after gate_up; scales, zeros [H, SI]
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
             acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, I, sp, base + Z_OFF + NB, SI, BLOCK_O, BLOCK_K,
-                           STEP, 2, NATIVE_F8)
+                           STEP, FMT, NATIVE_F8)
         y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
         tl.store(y_ptr + p * H + rows, y, mask=rmask)
 
@@ -214,11 +176,7 @@ if triton is not None:
         sp = (blob + S_OFF).to(tl.pointer_type(tl.float32))
         if FMT == 1:
             q = tl.load(blob + Q_OFF + rows[:, None] * C + cols[None, :], mask=m, other=0)
-            if NATIVE_F8:
-                w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:
-                w = _e4m3(q)
-            w = w * tl.load(sp + (rows[:, None] // 128) * SR + cols[None, :] // 128, mask=m, other=0.0)
+            w = qk.e4m3_to_f32(q, NATIVE_F8, False) * tl.load(sp + (rows[:, None] // 128) * SR + cols[None, :] // 128, mask=m, other=0.0)
         else:
             q = tl.load(blob + Q_OFF + rows[:, None] * (C // 2) + cols[None, :] // 2, mask=m, other=0)
             q = tl.where((cols % 2 == 0)[None, :], q & 0xF, q >> 4).to(tl.float32)
@@ -229,16 +187,29 @@ if triton is not None:
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# block sizes per pass and format (kernel id), the column tile a multiple of the format's scale group: dense
-# chosen on the H200 for the 30B shape (H 2048, I 768) by bench/step_ceiling.py's kernel sweep; fp8 and int4 on the
-# H100 by bench/formats.py's sweep (its results file records the grid and the times)
+# block sizes per pass and kernel variant (quant_kernels.py), the column tile a multiple of the format's scale
+# group: dense chosen on the H200 for the 30B shape (H 2048, I 768) by bench/step_ceiling.py's kernel sweep; fp8 and
+# int4 v1 on the H100 by bench/formats.py's sweep (its results file records the grid and the times); the v2
+# variants' are first guesses until `bench/formats.py --sweep` or `bench/quant_kernels.py` times them
 GATE_UP_BLOCKS = {"BLOCK_I": 16, "BLOCK_H": 256, "num_warps": 4}
 DOWN_BLOCKS = {"BLOCK_O": 32, "BLOCK_K": 256, "num_warps": 4}
 BLOCKS = {0: (GATE_UP_BLOCKS, DOWN_BLOCKS),
           1: ({"BLOCK_I": 16, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
           2: ({"BLOCK_I": 4, "BLOCK_H": 512, "num_warps": 4, "num_stages": 4},
+              {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
+          3: ({"BLOCK_I": 16, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
+              {"BLOCK_O": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
+          4: ({"BLOCK_I": 4, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2})}
+
+
+def kernel_id(fmt, variant: str | None = None) -> int:
+    """The decode kernels' variant (FMT) for expert format `fmt` (None: dense, 0): quant_kernels.NEW or OLD, as
+    `variant` ("new" / "old") or else the format's `kernels` knob says."""
+    if fmt is None or fmt.kernel == 0:
+        return 0
+    return (qk.OLD if (variant or getattr(fmt, "kernels", "new")) == "old" else qk.NEW)[fmt.kernel]
 
 
 def _geometry(fmt) -> dict:
@@ -263,15 +234,16 @@ def _tile(block: int, step: int, size: int) -> int:
 
 
 def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
-                 route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None, fmt=None) -> None:
+                 route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None, fmt=None,
+                 variant: str | None = None) -> None:
     """h [P, I] = silu(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
-    expert format of the blobs `addr` points at (None: dense)."""
+    expert format of the blobs `addr` points at (None: dense); `variant`: "old" or "new" kernels (`VARIANT`)."""
     P, inter = h.shape
-    kid = fmt.kernel if fmt is not None else 0
+    kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][0], **(blocks or {}))
     g = _geometry(fmt)
     H = x.shape[-1]
-    assert kid != 1 or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
+    assert kid not in (1, 3) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
         x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=H, I=inter,
         BLOCK_I=b["BLOCK_I"], BLOCK_H=_tile(b["BLOCK_H"], g["STEP"], H), FMT=kid,
@@ -280,14 +252,14 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
 
 
 def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, y: torch.Tensor,
-              blocks: dict | None = None, fmt=None) -> None:
+              blocks: dict | None = None, fmt=None, variant: str | None = None) -> None:
     """y [P, H] (float32) = (h @ down^T) * routing weight per pair."""
     P, inter = h.shape
     H = y.shape[-1]
-    kid = fmt.kernel if fmt is not None else 0
+    kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][1], **(blocks or {}))
     g = _geometry(fmt)
-    assert kid != 1 or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
+    assert kid not in (1, 3) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
         h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=b["BLOCK_O"], BLOCK_K=_tile(b["BLOCK_K"], g["STEP"], inter),
         FMT=kid, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"], STEP=g["STEP"],
@@ -297,7 +269,7 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
 def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
                           route_idx: torch.Tensor, route_w: torch.Tensor, inter: int,
                           gate_up_blocks: dict | None = None, down_blocks: dict | None = None,
-                          fmt=None) -> torch.Tensor:
+                          fmt=None, variant: str | None = None) -> torch.Tensor:
     """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]. `fmt`: the expert
     format of the blobs (formats.ExpertFormat; None: dense in x's dtype)."""
     T, K = topk.shape
@@ -305,8 +277,8 @@ def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Te
     x, topk, weights = x.contiguous(), topk.contiguous(), weights.contiguous()
     h = x.new_empty(T * K, inter)
     y = torch.empty(T * K, H, device=x.device, dtype=torch.float32)
-    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt)
-    down_pass(h, topk, weights, addr, y, down_blocks, fmt)
+    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant)
+    down_pass(h, topk, weights, addr, y, down_blocks, fmt, variant)
     return y.view(T, K, H).sum(1).to(x.dtype)
 
 

@@ -44,10 +44,10 @@ def _fp8_tensors(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     return {f"{name}.weight": q[0].contiguous(), f"{name}.weight_scale_inv": s[0].contiguous()}
 
 
-def _int4_tensors(name: str, w: torch.Tensor, group: int, sym: bool) -> dict[str, torch.Tensor]:
+def _int4_tensors(name: str, w: torch.Tensor, group: int, sym: bool, rounding: str = "rtn") -> dict[str, torch.Tensor]:
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-    from ..formats.int4 import group_quantize
-    q, s, z = group_quantize(w, group, sym)
+    from ..formats.int4 import quantize_groups
+    q, s, z = quantize_groups(w, group, sym, rounding)
     out = {f"{name}.weight_packed": pack_to_int32(q.contiguous(), 4), f"{name}.weight_scale": s.contiguous(),
            f"{name}.weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
     if not sym:
@@ -101,7 +101,7 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     def convert(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         if fmt.name == "fp8":
             return _fp8_tensors(name, w)
-        return _int4_tensors(name, w, fmt.group, fmt.sym)
+        return _int4_tensors(name, w, fmt.group, fmt.sym, fmt.rounding)
 
     with atomic_dir(out_dir) as tmp:
         shards: list[dict[str, torch.Tensor]] = [{}]
