@@ -13,7 +13,6 @@ from vismmoe.errors import UserError
 from vismmoe.formats import make_format
 from vismmoe.formats.hqq import hqq_quantize
 from vismmoe.formats.int4 import group_quantize
-from vismmoe.tools.quantize import quantize_checkpoint
 
 
 def _err(q, s, z, w, group):
