@@ -152,6 +152,8 @@ class Family:
     fallback_format: str = "{image}{prompt}\n"
     # why the fast decode step (step_graphs.py) cannot run this family, None when it can
     fast_step_blocker: str | None = None
+    # why the fast step may not serve this family on CUDA (compiled layers, CUDA graphs) though it does on the CPU
+    fast_step_cuda_blocker: str | None = None
     # image token ids are looked up in the text embedding (so they must lie inside the vocabulary); False where the
     # model swaps them for the pad token first (Gemma 4)
     image_ids_embedded: bool = True

@@ -278,6 +278,8 @@ def unsupported_reason(engine) -> str | None:
     """Why the fast step cannot serve this engine (None: it can)."""
     if engine.family.fast_step_blocker is not None:
         return f"{engine.family.model_type}: {engine.family.fast_step_blocker}"
+    if engine.device.type == "cuda" and engine.family.fast_step_cuda_blocker is not None:
+        return f"{engine.family.model_type} on CUDA: {engine.family.fast_step_cuda_blocker}"
     if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None:
         return "sliding-window attention: the fast step's decode attention reads the whole KV cache"
     if getattr(engine.store, "tier", "host") != "host":
