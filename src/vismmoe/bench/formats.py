@@ -13,9 +13,11 @@ Per format (dense bf16, fp8, int4 g128):
              routing; efficiency = bound / measured (<= 1)
 `--sweep` times each format's decode kernels over the same grid of tiles first and runs with the fastest, so every
 format is tuned alike on the card at hand. `--kernels old,new` runs each quantized format twice, with the first
-variant of its decode kernels (`fmt:kernels=old`) and the current one, interleaved in the same reps:
+variant of its decode kernels (`fmt:kernels=old`) and the second (`kernels=new`), interleaved in the same reps:
 
-    python -m vismmoe.bench.formats --layers 24 --reps 3 --sweep --kernels old,new --out DIR Decode is teacher-forced with the same random tokens in every format (the routing of each format's own weights).
+    python -m vismmoe.bench.formats --layers 24 --reps 3 --sweep --kernels old,new --out DIR
+
+Decode is teacher-forced with the same random tokens in every format (the routing of each format's own weights).
 Writes formats.json, formats.md and formats.png under --out.
 """
 
@@ -87,8 +89,9 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="runs/formats")
-    ap.add_argument("--kernels", default="new",
-                    help="decode kernel variants of the quantized formats, comma-separated: new, old or old,new")
+    ap.add_argument("--kernels", default="default",
+                    help="decode kernel variants of the quantized formats, comma-separated: default (each format's "
+                         "own), new, old or old,new")
     ap.add_argument("--sweep", action="store_true",
                     help="time each format's decode kernels over a grid of tiles first, and use the fastest")
     args = ap.parse_args(argv)
@@ -104,7 +107,7 @@ def main(argv=None):
     formats = []
     for f in args.formats.split(","):
         for k in (args.kernels.split(",") if f != "dense" else ["new"]):
-            formats.append(f if k == "new" else f"{f}:kernels={k}")
+            formats.append(f if f == "dense" or k == "default" else f"{f}{',' if ':' in f else ':'}kernels={k}")
     res = {"shape": args.shape, "layers": tc.num_hidden_layers, "routing": "random weights",
            "machine": torch.cuda.get_device_name(), "link": "real (PCIe, pinned host memory)",
            "image_side": args.image_side, "new_tokens": args.new_tokens, "policy": args.policy,

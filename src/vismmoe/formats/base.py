@@ -116,18 +116,18 @@ def int_knob(fmt: str, knobs: dict, key: str, default: int, allowed: tuple[int, 
 KERNELS = ("new", "old")        # the decode kernels' variants of a quantized format (step/quant_kernels.py)
 
 
-def kernels_knob(fmt: str, knobs: dict) -> str:
-    """Knob `kernels` of a quantized format: which variant of its decode kernels runs ("new", the default, or
-    "old", kept to time the two side by side); the blob is the same."""
-    value = knobs.pop("kernels", "new")
+def kernels_knob(fmt: str, knobs: dict, default: str) -> str:
+    """Knob `kernels` of a quantized format: which variant of its decode kernels runs ("old" or "new"; `default`
+    is the one that measured faster for the format, docs/quantization.md); the blob is the same."""
+    value = knobs.pop("kernels", default)
     if value not in KERNELS:
         raise UserError(f"expert format {fmt}: kernels={value} is not supported", "use kernels=new or kernels=old")
     return value
 
 
-def kernels_spec(kernels: str, first: bool = False) -> str:
+def kernels_spec(kernels: str, default: str, first: bool = False) -> str:
     """The spec suffix naming a non-default kernels knob ("" for the default)."""
-    return "" if kernels == "new" else ("," if not first else ":") + f"kernels={kernels}"
+    return "" if kernels == default else ("," if not first else ":") + f"kernels={kernels}"
 
 
 def no_more_knobs(fmt: str, knobs: dict) -> None:
