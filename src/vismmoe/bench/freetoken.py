@@ -40,6 +40,7 @@ import atexit
 import datetime
 import json
 import os
+import re
 import random
 import shlex
 import signal
@@ -120,13 +121,18 @@ atexit.register(stop_all)
 
 
 def last_line(path: str) -> str:
-    """The last non-empty line of a log file ("" if none)."""
+    """What a log says went wrong: its last line naming an error (an exception's last line, `ValueError: ...`), else
+    its last non-empty line that is not a warning ("" if none)."""
     try:
         with open(path, errors="replace") as f:
             lines = [ln.strip() for ln in f.read()[-20000:].splitlines() if ln.strip()]
     except OSError:
         return ""
-    return lines[-1] if lines else ""
+    errors = [ln for ln in lines if re.search(r"(Error|Exception)\b.*:", ln)]
+    if errors:
+        return errors[-1]
+    plain = [ln for ln in lines if "warn" not in ln.lower()]
+    return (plain or lines or [""])[-1]
 
 
 @dataclass
