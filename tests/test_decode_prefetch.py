@@ -87,3 +87,27 @@ def test_adaptive_decode_lookahead_stays_exact(tiny_dirs, image_file):
     eng = load(d, decode="fast", expert_budget="25%", prefetch="gate", link="edge")
     assert eng.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids == want
     assert eng.fast_step().lookahead.model._phases      # the step was measured
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3", "tiny-internvl", "tiny-qwen3.5", "tiny-deepseek-ocr2",
+                                  "tiny-ernie4.5-vl"])
+def test_decode_lookahead_on_every_family_shape(name):
+    """The path of bench/step_ceiling.py --prefetch none,gate at a tiny size on the CPU: random weights, a
+    forked engine per predictor, teacher-forced decode; the same tokens with lookahead on and off."""
+    import torch
+
+    from vismmoe.bench.random_model import random_engine, synthetic_inputs, synthetic_text_inputs
+    from vismmoe.bench.shapes import SHAPES, get_shape
+    from vismmoe.families import get_family
+    if name not in SHAPES:
+        pytest.skip(f"no shape {name}")
+    fam, config = get_shape(name)
+    base = random_engine(fam, config, device="cpu", dtype=torch.float32, expert_budget="100%", decode="fast")
+    inputs = synthetic_inputs(base, 96) if get_family(fam).has_vision else synthetic_text_inputs(base, 40)
+    teacher = [7, 8, 9, 10, 11, 12]
+    off = base.fork(expert_budget="25%", prefetch="none")
+    on = base.fork(expert_budget="25%", prefetch="gate", fixed_lookahead=True)
+    want, _ = off.generate_ids(inputs, 7, teacher_tokens=teacher)
+    got, _ = on.generate_ids(inputs, 7, teacher_tokens=teacher)
+    assert got == want
+    assert on.fast_step().lookahead.issued > 0

@@ -113,16 +113,21 @@ class DecodeLookahead:
                               torch.from_numpy(fl.w[p].reshape(B, K)))
         best: dict[tuple[int, int], tuple[int, float]] = {}
         hint = np.zeros((nL, self.fs.E))
-        for p in range(nL):
+        every = self.runtime.moe_layers             # the predictor's layers (ERNIE: vision banks too)
+        for p, layer in enumerate(layers):
+            i = self.runtime.layer_pos[layer]
             for d in range(1, depth + 1):
-                if p + d >= nL:
+                if i + d >= len(every):
                     break
-                probs = self.pred.predict(layers[p], d)
+                q = self.fs.layer_pos.get(every[i + d])
+                if q is None:                       # a prefill-only group: nothing of it runs in decode
+                    continue
+                probs = self.pred.predict(layer, d)
                 if probs is None:
                     continue
-                hint[p + d] = np.maximum(hint[p + d], probs)
+                hint[q] = np.maximum(hint[q], probs)
                 for e in np.nonzero(probs >= self.model.p_min)[0].tolist():
-                    key = (layers[p + d], e)
+                    key = (layers[q], e)
                     cand = (d, -float(probs[e]))
                     if key not in best or cand < best[key]:
                         best[key] = cand
