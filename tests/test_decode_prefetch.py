@@ -111,3 +111,24 @@ def test_decode_lookahead_on_every_family_shape(name):
     got, _ = on.generate_ids(inputs, 7, teacher_tokens=teacher)
     assert got == want
     assert on.fast_step().lookahead.issued > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_decode_lookahead_keeps_the_tokens(family, tiny_dirs, image_file):
+    """bf16, compiled step and graphs: lookahead on gives the tokens of lookahead off, every policy, 25% and
+    top-k slots; prefetches land behind the replay (copy stream) and enter the address table only once landed."""
+    d = tiny_dirs[family]
+    for budget in _budgets(d):
+        off = load(d, device="cuda", dtype="bfloat16", decode="fast", expert_budget=budget, prefetch="none")
+        on = load(d, device="cuda", dtype="bfloat16", decode="fast", expert_budget=budget, prefetch="gate",
+                  lookahead=3, fixed_lookahead=True)
+        for policy in POLICIES:
+            want = off.fork(policy=policy).generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+            eng = on.fork(policy=policy)
+            gen = eng.generate(image_file, PROMPT, max_new_tokens=NEW)
+            assert gen.token_ids == want, (family, budget, policy)
+            assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+            assert eng.fast_step().graphs
+            if budget == "25%" and policy != "none":
+                assert eng.fast_step().lookahead.issued > 0, (family, policy)
