@@ -6,7 +6,9 @@
                         every MoE layer) / HBM bandwidth measured here with a bf16 GEMV
     resident, fast      every expert preloaded, the fast step (static KV, compiled layers, one CUDA graph a token)
     resident, eager     the same pool, transformers' forward per token (the runtime's per-layer path)
-    budget, fast/eager  cold cache at --budget on the real link, each policy in --policies, both decode paths
+    budget, fast/eager  cold cache at --budget on the real link, each policy in --policies, both decode paths;
+                        the fast one with each predictor of --prefetch (none: no prefetch; gate, trace, blend:
+                        prefetch in the prefill and lookahead in decode, step/decode_prefetch.py)
 Requests: one image per side in --image-sides with 24 text tokens, --new-tokens teacher-forced random tokens
 (random weights repeat one token under argmax). Systems run interleaved (A B C A B C), medians over --reps.
 Also: the Belady decode bytes of the budget (from the resident run's routing), the decode kernel's block-size
@@ -154,6 +156,9 @@ def main(argv=None):
     ap.add_argument("--shape", default="qwen3-vl-30b-a3b")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policies", default="lru,predictive")
+    ap.add_argument("--prefetch", default="none",
+                    help="predictors of the budgeted fast systems, comma-separated (e.g. none,gate)")
+    ap.add_argument("--calibration", default=None, help="transition tables for --prefetch trace/blend")
     ap.add_argument("--image-sides", default="448,1024")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
@@ -169,6 +174,7 @@ def main(argv=None):
     base.progress = say
     res = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
            "link": "real (PCIe, pinned host memory)", "budget": args.budget, "new_tokens": args.new_tokens,
+           "prefetch": args.prefetch,
            "decode_inputs": "teacher-forced random text tokens", "build_s": time.perf_counter() - t0}
     res["hbm_GBps"] = hbm_gbps(dev)
     res["link_GBps"] = link_speed(dev, base.layout.nbytes)
@@ -187,9 +193,14 @@ def main(argv=None):
     eager.runtime.preload(keys)
     systems = {"resident-fast": base, "resident-eager": eager}
     policies = args.policies.split(",")
+    prefetches = args.prefetch.split(",")
+    budgeted = {}                                   # (policy, predictor) -> system name
     for pol in policies:
-        systems[f"{pol}-fast"] = base.fork(expert_budget=args.budget, policy=pol)
-    first_budget = systems[f"{policies[0]}-fast"]
+        for pf in prefetches:
+            name = budgeted[(pol, pf)] = f"{pol}-fast" if pf == "none" else f"{pol}+{pf}-fast"
+            systems[name] = base.fork(expert_budget=args.budget, policy=pol, prefetch=pf,
+                                      calibration=args.calibration if pf in ("trace", "blend") else None)
+    first_budget = systems[budgeted[(policies[0], prefetches[0])]]
     if not args.no_eager_budget:
         systems[f"{policies[0]}-eager"] = first_budget.fork(decode="eager", share_pool=True)
     resident = {"resident-fast", "resident-eager"}
@@ -225,6 +236,9 @@ def main(argv=None):
                 if fs is not None:          # device time of the step itself (CUDA events around each replay)
                     st["step_device_s"] = statistics.median(fs.step_s[-(st["new_tokens"] - 1):])
                     st["host_gap_s"] = statistics.median(fs.gap_s[-(st["new_tokens"] - 2):])
+                    if fs.lookahead is not None:     # decode prefetches so far (this engine, every request)
+                        st["lookahead"] = {"issued": fs.lookahead.issued, "hits": fs.lookahead.hits,
+                                           "wasted": fs.lookahead.wasted, "depth": fs.lookahead.model.depth}
                 rows.setdefault((name, side), []).append(st)
                 tokens.setdefault((name, side), toks[0])
                 say(f"rep {rep} {side}px {name:16s} ttft {st['ttft_s'] * 1e3:8.1f} ms  tpot "
@@ -274,20 +288,22 @@ def main(argv=None):
         t = {"resident_tpot_ms": rf * 1e3, "eager_resident_tpot_ms": med("resident-eager", side, "tpot_s") * 1e3,
              "decode_bound_ms": (rf + bel["decode_bytes_per_token"] / link) * 1e3,
              "ttft_bound_ms": max(med("resident-fast", side, "ttft_s"), bel["prefill_bytes"] / link) * 1e3}
-        for p in policies:
-            t[f"{p}_tpot_ms"] = med(f"{p}-fast", side, "tpot_s") * 1e3
-            t[f"{p}_ttft_ms"] = med(f"{p}-fast", side, "ttft_s") * 1e3
-            t[f"{p}_decode_vs_bound"] = t[f"{p}_tpot_ms"] / t["decode_bound_ms"]
-            t[f"{p}_ttft_vs_bound"] = t[f"{p}_ttft_ms"] / t["ttft_bound_ms"]
+        for (p, pf), name in budgeted.items():
+            k = p if pf == "none" else f"{p}+{pf}"
+            t[f"{k}_tpot_ms"] = med(name, side, "tpot_s") * 1e3
+            t[f"{k}_ttft_ms"] = med(name, side, "ttft_s") * 1e3
+            t[f"{k}_decode_vs_bound"] = t[f"{k}_tpot_ms"] / t["decode_bound_ms"]
+            t[f"{k}_ttft_vs_bound"] = t[f"{k}_ttft_ms"] / t["ttft_bound_ms"]
         if (f"{pol}-eager", side) in rows:
-            t["eager_budget_e2e_over_fast"] = med(f"{pol}-eager", side, "e2e_s") / med(f"{pol}-fast", side, "e2e_s")
+            t["eager_budget_e2e_over_fast"] = med(f"{pol}-eager", side, "e2e_s") / med(budgeted[(pol, prefetches[0])], side, "e2e_s")
             t["eager_budget_tpot_ms"] = med(f"{pol}-eager", side, "tpot_s") * 1e3
         res["targets"][side] = t
     big = max(sides)
     tg = res["targets"][big]
+    k0 = pol if prefetches[0] == "none" else f"{pol}+{prefetches[0]}"
     res["ceiling"] = {"roofline_ms": res["roofline_ms"], "resident_tpot_ms": tg["resident_tpot_ms"],
                       "eager_resident_tpot_ms": tg["eager_resident_tpot_ms"],
-                      "budget25_real_tpot_ms": tg[f"{pol}_tpot_ms"], "image_side": big, "policy": pol}
+                      "budget25_real_tpot_ms": tg[f"{k0}_tpot_ms"], "image_side": big, "policy": k0}
     res["seconds"] = time.perf_counter() - t0
     with open(os.path.join(args.out, "ceiling.json"), "w") as f:
         json.dump(res["ceiling"] | {"shape": res["shape"], "machine": res["machine"]}, f, indent=1)

@@ -115,12 +115,34 @@ class Prefetcher:
             return 0
         return min(self.max_depth, max(1, math.ceil(max(self._phase.miss_s, self.copy_s) / self._phase.layer_s)))
 
-    def note(self, layer: int, needed: list[int], not_resident: int, pf_hits: int) -> None:
-        """A layer call needed the experts `needed`, `not_resident` of them absent before prefetching, `pf_hits`
-        of them brought in by prefetches not used before."""
+    def choose_depth(self) -> int:
+        """The depth for the call in progress from the cost model (the adaptive rule, or the fixed depth); also
+        the depth the predictor parts compute ahead."""
+        self.depth = self._choose_depth()
+        for p, most in self._depths:
+            p.depth = min(most, max(self.depth, 1))
+        return self.depth
+
+    def time_call(self, phase, compute_s: float) -> None:
+        """One call of `phase` (any hashable; the fast decode step uses its own) took `compute_s` seconds of
+        compute: folded into that phase's layer time L, which later `note` and `choose_depth` calls read."""
+        self._phase = ph = self._phases.setdefault(phase, _TokenBucket())
+        ph.layer_s = compute_s if ph.layer_s == 0 else 0.7 * ph.layer_s + 0.3 * compute_s
+
+    def add_host_time(self, seconds: float) -> None:
+        """Host seconds the predictor and the prefetching of the call in progress took (P in the cost model)."""
         ph = self._phase
-        issued = self._issued_for.pop(layer, 0)
-        guessed = self._shadow_for.pop(layer, None)
+        if ph is not None:
+            ph.host_s = seconds if ph.host_s == 0 else 0.7 * ph.host_s + 0.3 * seconds
+
+    def note(self, layer: int, needed: list[int], not_resident: int, pf_hits: int, issued: int | None = None,
+             guessed: set | None = None) -> None:
+        """A layer call needed the experts `needed`, `not_resident` of them absent before prefetching, `pf_hits`
+        of them brought in by prefetches not used before. `issued`/`guessed`: the prefetches issued for this
+        call, or the shadow guess made for it, where the caller keeps them (default: those `issue` recorded)."""
+        ph = self._phase
+        issued = self._issued_for.pop(layer, 0) if issued is None else issued
+        guessed = self._shadow_for.pop(layer, None) if guessed is None else guessed
         if ph is None:
             return
         copy = not_resident * self.copy_s
@@ -155,13 +177,11 @@ class Prefetcher:
         self._last, self._waited_at = now, waited
         bucket = min(int(hidden.shape[0]), 1 << 16).bit_length()          # 1 token, 2-3, 4-7, ...
         self._phase = self._phases.setdefault(bucket, _TokenBucket())
-        self.depth = self._choose_depth()
+        self.choose_depth()
         self._calls += 1
         self._shadow = self.depth == 0 and self._calls % self.SHADOW_EVERY == 0
         if self.depth == 0 and not self._shadow:
             return                               # nothing to predict: no router launches
-        for p, most in self._depths:
-            p.depth = min(most, max(self.depth, 1))
         t0 = time.perf_counter()
         self.predictor.observe(layer, hidden, top_k_index, top_k_weights)
         self._host_t = time.perf_counter() - t0
@@ -177,10 +197,7 @@ class Prefetcher:
             return
         t0 = time.perf_counter()
         self._issue(runtime, layer, pinned)
-        ph = self._phase
-        if ph is not None:                      # this call's own host time (predict, claims, queueing copies)
-            spent = self._host_t + time.perf_counter() - t0
-            ph.host_s = spent if ph.host_s == 0 else 0.7 * ph.host_s + 0.3 * spent
+        self.add_host_time(self._host_t + time.perf_counter() - t0)   # predict, claims, queueing copies
 
     def _issue(self, runtime, layer: int, pinned: set) -> None:
         cache = runtime.cache

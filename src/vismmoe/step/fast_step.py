@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import moe_kernel
+from .decode_prefetch import DecodeLookahead
 from .graphs import Bucket, step_graphs
 from .strategy import Prefilled
 
@@ -66,6 +67,9 @@ class FastStep:
         self.gap_s: list[float] = []            # host seconds from a step's end to the next launch (CUDA)
         self._synced = None
         self._clean_s = None                    # fastest recent step without misses: the stall baseline
+        # lookahead between replays (decode_prefetch.py) where the engine prefetches; --prefetch none: none
+        pf = self.runtime.prefetcher
+        self.lookahead = DecodeLookahead(self, pf) if pf is not None else None
 
     # ---- residency (cache listener) --------------------------------------------------------------------------
     def on_insert(self, key, slot: int) -> None:
@@ -176,13 +180,19 @@ class FastStep:
         fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
         fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
-        if not miss.any():                                                          # all hits: nothing to claim
-            return fl
+        demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
+        if self.lookahead is not None:                                              # the next step's guesses
+            self.lookahead.after_step(b, fl, demand)
+        return fl
+
+    def _claim(self, fl: _InFlight, miss: np.ndarray) -> int:
+        """The step's misses counted, charged to the link and claimed; the bytes of the copies queued."""
         cache, rt = self.cache, self.runtime
         nb = self.layout.nbytes
         clock = rt.transfer.clock
         ready = 0.0
         uses = None
+        queued = 0
         for p, e in sorted({(int(p), int(fl.idx[p, j])) for p, j in zip(*np.nonzero(miss))}):
             layer = self.moe_layers[p]
             c = cache.counters.layer(layer)
@@ -207,13 +217,14 @@ class FastStep:
                     continue
             if slot is not None:                                         # else every slot holds one this step used
                 rt.load_slot(key, slot)
+                queued += nb
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
                 rt.transfer.host_wait_s += delay
                 fl.stall_s = delay
-        return fl
+        return queued
 
     def settle(self, fl: _InFlight, steppers=()) -> None:
         """The rest of a finished step's books (runs while the next step computes): hits, routing observers,

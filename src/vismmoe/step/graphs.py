@@ -2,7 +2,9 @@
 captured CUDA graphs, the device-side expert address table.
 
     bucket (B, L):  KV [B, kv_heads, L, head_dim] per decoder layer, input token, attention mask, rope deltas,
-                    routing record [moe layers, B*K], pinned host copies of token and routing
+                    routing record [moe layers, B*K], each MoE layer's input [moe layers, B, H] (what the
+                    decode lookahead's gate predictor reads between replays), pinned host copies of token and
+                    routing
     body:           mask column on -> positions -> embed -> rotary -> every decoder layer (transformers' own
                     modules, compiled once for all layers; attention reads `StaticKV`, experts `LayerExperts`)
                     -> norm -> lm_head -> argmax into the input token -> position + 1 -> token and routing to host
@@ -83,8 +85,10 @@ class LayerExperts:
         self.addr = addr                                            # [E] int64 (CUDA)
         self.pool = self.slots = self.bank = None                   # CPU: [S, numel], [E] int32, [E, numel]
         self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
+        self.route_h = None                                         # [B, H] view of the bucket's MoE inputs
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        self.route_h.copy_(hidden.reshape(self.route_h.shape))     # read between steps, never by the step
         if hidden.is_cuda:
             return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
                                              self.route_w, self.inter, self.spec)
@@ -134,6 +138,7 @@ class Bucket:
     deltas: torch.Tensor        # [B, 1] long: rope position minus text position
     route_idx: torch.Tensor     # [moe layers, B*K] long: routing of the last step (device)
     route_w: torch.Tensor       # [moe layers, B*K] float32
+    route_h: torch.Tensor       # [moe layers, B, H]: each MoE layer's input of the last step (device)
     out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
     graph: object = None
     rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0 (their output is unused)
@@ -149,6 +154,7 @@ class StepGraphs:
         self.cuda = self.device.type == "cuda"
         geo = engine.geometry
         self.moe_layers, self.K, self.E = geo.decode_layers, geo.top_k, geo.num_experts
+        self.H = geo.hidden
         nL = len(self.moe_layers)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
         self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
@@ -176,7 +182,8 @@ class StepGraphs:
                    mask=torch.zeros(B, L, dtype=torch.bool, device=dev),
                    deltas=torch.zeros(B, 1, dtype=torch.long, device=dev),
                    route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
-                   route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev))
+                   route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev),
+                   route_h=torch.zeros(nL, B, self.H, dtype=dt, device=dev))
         for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w)):
             h = torch.empty(t.shape, dtype=t.dtype)
             b.out_host[name] = h.pin_memory() if self.cuda else h
@@ -208,7 +215,7 @@ class StepGraphs:
         saved = cfg._attn_implementation_internal
         cfg._attn_implementation_internal = ATTN
         for p, (layer, ex) in enumerate(zip(self.moe_layers, self.experts)):
-            ex.route_idx, ex.route_w = b.route_idx[p], b.route_w[p]
+            ex.route_idx, ex.route_w, ex.route_h = b.route_idx[p], b.route_w[p], b.route_h[p]
             hook_of(self.family.moe_block(self.model, layer).experts).fast = ex
         try:
             yield
