@@ -154,6 +154,9 @@ def kernel_sweep(eng, reps: int = 50, rows_up=(2, 4, 8), cols=(512, 1024), rows_
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-vl-30b-a3b")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers of the shape (default: all; the 30B shape's 48 resident plus a budgeted pool "
+                         "do not fit an 80 GB card)")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policies", default="lru,predictive")
     ap.add_argument("--prefetch", default="none",
@@ -170,9 +173,12 @@ def main(argv=None):
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     fam, config = get_shape(args.shape)
+    if args.layers:
+        from ..families import get_family
+        get_family(fam).text_config(config).num_hidden_layers = args.layers      # as make-shape --layers cuts a shape
     base = random_engine(fam, config, device="cuda", expert_budget="100%", policy="lru")
     base.progress = say
-    res = {"shape": args.shape, "routing": "random weights", "machine": torch.cuda.get_device_name(),
+    res = {"shape": args.shape, "layers": args.layers or "all", "routing": "random weights", "machine": torch.cuda.get_device_name(),
            "link": "real (PCIe, pinned host memory)", "budget": args.budget, "new_tokens": args.new_tokens,
            "prefetch": args.prefetch,
            "decode_inputs": "teacher-forced random text tokens", "build_s": time.perf_counter() - t0}
