@@ -82,6 +82,7 @@ class RuntimeConfig:
     compile: bool | None = None         # torch.compile the decoder layers of the fast step; None: on CUDA only
     expert_format: str | None = None    # dense | fp8 | int4[:group=G,sym=S]; None/auto: the checkpoint's own
     check_weights: str = "sample"       # NaN/Inf scan of the weights at load: full | sample | off (weights_check.py)
+    cpu_experts: str = "off"            # misses computed on the host's cores: off | on | auto (cpu/placement.py)
 
     def __post_init__(self):
         if self.expert_tier not in ("host", "disk"):
@@ -90,6 +91,8 @@ class RuntimeConfig:
             raise UserError(f"unknown decode mode {self.decode!r}", "use --decode auto, fast or eager")
         if self.expert_budget is not None and self.device_memory is not None:
             raise UserError("both --expert-budget and --device-memory given", "give one of them")
+        if self.cpu_experts not in ("off", "on", "auto"):
+            raise UserError(f"unknown --cpu-experts mode {self.cpu_experts!r}", "use --cpu-experts off, on or auto")
         if self.check_weights not in CHECK_WEIGHTS:
             raise UserError(f"unknown weight check {self.check_weights!r}",
                             f"use --check-weights {' or '.join(CHECK_WEIGHTS)}")

@@ -64,7 +64,8 @@ def random_host_store(layout, num_layers: int, num_experts: int, device, pin: bo
 
 def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
                   expert_budget: str = "25%", policy: str = "lru", seed: int = 0, progress=None,
-                  decode: str = "auto", compile: bool | None = None, expert_format: str = "dense") -> Engine:
+                  decode: str = "auto", compile: bool | None = None, expert_format: str = "dense",
+                  cpu_experts: str = "off") -> Engine:
     family = get_family(family_name)
     dev = torch.device(device)
     geo = family.geometry(config)
@@ -78,7 +79,7 @@ def random_engine(family_name: str, config, *, device: str = "cuda", dtype: torc
     store = random_host_store(layout, len(geo.moe_layers), geo.num_experts, dev, pin=dev.type == "cuda",
                               seed=seed + 1, progress=progress)
     rc = RuntimeConfig(device=device, dtype=str(dtype).replace("torch.", ""), expert_budget=expert_budget,
-                       policy=policy, decode=decode, compile=compile,
+                       policy=policy, decode=decode, compile=compile, cpu_experts=cpu_experts,
                        expert_format=None if expert_format == "dense" else expert_format)
     budget = resolve_budget(rc, layout, geo, nonexpert, config, dev)
     improc = family.random_image_processor(config)

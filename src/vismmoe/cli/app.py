@@ -106,11 +106,22 @@ def _add_format_arg(p: argparse.ArgumentParser) -> None:
                                   "loading (round to nearest); knobs: int4:group=16|32|64|128,sym=0|1"), _formats)
 
 
+def _add_cpu_experts_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-experts", default="off", choices=["off", "on", "auto"],
+                   help="compute missing experts on the host's cores instead of fetching them: auto (each miss "
+                        "goes where a cost model over this machine's measured rates, cached, says it is done "
+                        "sooner; decode mostly on the CPU, prefill mostly fetched), on (every miss on the CPU), off "
+                        "(default: every miss fetched, bit-exact with earlier releases). CPU results differ from "
+                        "the device's only by summation order. Applies to eager layer calls (the prefill, and "
+                        "--decode eager); the fast step keeps reading misses over the link")
+
+
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", default="auto", choices=["auto", "fast", "eager"],
                    help="decode step: fast (static KV cache, compiled layers, one CUDA graph per token, misses read "
                         "from host memory by the step), eager (transformers' forward per token), auto (default: "
                         "fast on CUDA, eager on the CPU)")
+    _add_cpu_experts_arg(p)
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the fast step's decoder layers (default auto: on CUDA only)")
 
@@ -153,7 +164,7 @@ def runtime_config(args, trace: bool = False):
                        lookahead=RUNTIME_DEFAULTS["lookahead"] if args.lookahead is None else args.lookahead,
                        fixed_lookahead=args.fixed_lookahead, calibration=args.calibration, compress=compress,
                        keep_ratio=keep_ratio, decode=args.decode, compile=_compile_flag(args),
-                       check_weights=args.check_weights,
+                       check_weights=args.check_weights, cpu_experts=args.cpu_experts,
                        expert_format=None if args.expert_format == "auto" else args.expert_format)
     check_runtime(rc)
     return rc
@@ -387,7 +398,7 @@ def cmd_eval(args) -> int:
     from ..engine.core import load
     from ..tools.evaluate import evaluate
     eng = load(_model_dir(args), device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-               compress=compress, keep_ratio=keep_ratio,
+               compress=compress, keep_ratio=keep_ratio, cpu_experts=args.cpu_experts,
                expert_format=None if args.expert_format == "auto" else args.expert_format)
     res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json)
     res["expert_format"] = eng.layout.spec()
@@ -444,7 +455,7 @@ def cmd_bench(args) -> int:
         from ..engine.core import load
         model = _model_dir(args)
         base = load(model, device=args.device, dtype=args.dtype, expert_budget="100%", decode=args.decode,
-                    compile=_compile_flag(args),
+                    compile=_compile_flag(args), cpu_experts=args.cpu_experts,
                     expert_format=None if args.expert_format == "auto" else args.expert_format)
         samples = requests_from_samples(balanced_subset("test", n))
         new = args.max_new_tokens or 4
@@ -509,7 +520,7 @@ def _shape_workload(args):
     spec = "dense" if args.expert_format == "auto" else args.expert_format
     least = geo.top_k * make_format(spec, geo.hidden, geo.inter, dtype).nbytes
     base = random_engine(fam, config, device=str(dev), dtype=dtype, expert_budget=str(least), decode=args.decode,
-                         compile=_compile_flag(args), expert_format=spec)
+                         compile=_compile_flag(args), expert_format=spec, cpu_experts=args.cpu_experts)
     new = args.max_new_tokens or 64
     g = torch.Generator().manual_seed(1234)
     vocab = family.text_config(config).vocab_size
@@ -699,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: every expert)")
     _add_compress_args(ev, "before the decoder")
     _add_format_arg(ev)
+    _add_cpu_experts_arg(ev)
     ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="offloading systems side by side on the same requests")

@@ -87,19 +87,19 @@ class CpuExecutor:
             return ((v - z.float()[..., None]) * s[..., None]).view(R, -1)
         return deq(qgu[0], sgu[0], zgu[0]), deq(qdn[0], sdn[0], zdn[0])
 
-    def expert(self, blob: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    def expert(self, blob: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None, gate=None) -> torch.Tensor:
         """One expert for `x [t, H]` (any float dtype) -> y [t, H] float32, times `w [t]` (routing weights) when
-        given."""
+        given; `gate` replaces the executor's gating for this call."""
         gu, dn = self.weights(blob)
         x = x.to(gu.dtype)
-        h = self.gate(F.linear(x, gu))                  # [t, I]
+        h = (gate or self.gate)(F.linear(x, gu))        # [t, I]
         y = F.linear(h.to(dn.dtype), dn).float()        # [t, H]
         return y if w is None else y * w.float().unsqueeze(-1)
 
     def pairs(self, blobs, hidden: torch.Tensor, idx: np.ndarray, weights: torch.Tensor,
-              experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+              experts: list[int], gate=None, release=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every pair of `idx [T, K]` routed to one of `experts`, computed from `blobs(e) -> blob [numel]` (a host
-        blob, read in place); `hidden [T, H]`, `weights [T, K]` on the host.
+        blob, read in place; `release(blob)`, when given, is called after its use: the disk tier's staging ring); `hidden [T, H]`, `weights [T, K]` on the host; `gate` as in `expert`.
 
         Returns (pair [C] int64: index into the flattened T*K pairs, rows [C, H] float32, weighted), in the order
         of `experts`, then of the pairs' position."""
@@ -112,7 +112,12 @@ class CpuExecutor:
             if p.size == 0:
                 continue
             pt = torch.from_numpy(p)
-            rows.append(self.expert(blobs(e), hidden[pt // K], w[pt]))
+            blob = blobs(e)
+            try:
+                rows.append(self.expert(blob, hidden[pt // K], w[pt], gate))
+            finally:
+                if release is not None:
+                    release(blob)
             picks.append(pt)
         if not rows:
             return torch.empty(0, dtype=torch.long), hidden.new_empty(0, hidden.shape[-1], dtype=torch.float32)
