@@ -202,3 +202,15 @@ def rates_for(device: torch.device, layout, link=None, measure: bool = True) -> 
         rates = Rates(machine=m, link_gbps=link.rate_gbps(device.type), handoff_s=rates.handoff_s, cpu=rates.cpu,
                       tokens=rates.tokens)
     return rates
+
+
+def calibrate(device: torch.device, layouts: list) -> tuple[Rates, str | None]:
+    """Measure everything again (link, hand-off, each layout's CPU row; rows of other layouts kept) and rewrite
+    the cache: (the rates, the file written or None)."""
+    device = torch.device(device)
+    m = machine(device)
+    rates = load(m) or Rates(machine=m)
+    rates.link_gbps, rates.handoff_s = measure_link(device), measure_handoff()
+    for layout in layouts:
+        rates.cpu[shape_key(layout)] = measure_cpu(layout)
+    return rates, save(rates)
