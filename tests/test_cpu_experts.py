@@ -185,3 +185,31 @@ def test_hybrid_on_the_disk_tier(tiny_dirs, image_file, tmp_path, monkeypatch):
 def test_off_keeps_the_runtime_path(tiny_dirs):
     eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%")
     assert eng.rc.cpu_experts == "off" and eng.runtime.cpu is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode,decode", [("on", "eager"), ("on", "fast"), ("auto", "eager")])
+def test_hybrid_on_cuda_matches_fetch_only(family, mode, decode, tiny_dirs, image_file, tmp_path, monkeypatch):
+    """On a GPU the CPU side runs on its worker thread while the device computes hits and fetched misses: greedy
+    tokens equal to fetch-only, prefill logits close (bf16: the tolerance of two bf16 summation orders), and with
+    `on` the CPU computed experts (in the prefill, and in the decode when it is eager). The rates are measured
+    into a fresh cache folder."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs[family]
+    ref = load(d, device="cuda", expert_budget="25%", decode=decode)
+    eng = load(d, device="cuda", expert_budget="25%", decode=decode, cpu_experts=mode)
+    inputs = ref.prepare([image_file], [PROMPTS[0]])
+    want, got = ref.forward_logits(inputs).float(), eng.forward_logits(inputs).float()
+    assert (got - want).abs().max().item() <= 5e-2 * max(1.0, want.abs().max().item())
+    for prompt in PROMPTS:
+        ref.cache.clear()
+        eng.cache.clear()
+        a = ref.generate(image_file, prompt, max_new_tokens=NEW)
+        b = eng.generate(image_file, prompt, max_new_tokens=NEW)
+        if a.token_ids != b.token_ids:
+            i = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+            pytest.fail(f"{family} {mode} {decode}: token {i} differs ({a.token_ids} vs {b.token_ids})")
+        if mode == "on":
+            assert b.stats["cpu_computed"] > 0
+    assert list(tmp_path.glob("rates-*.json")) or mode == "on"
