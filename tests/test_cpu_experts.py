@@ -213,3 +213,16 @@ def test_hybrid_on_cuda_matches_fetch_only(family, mode, decode, tiny_dirs, imag
         if mode == "on":
             assert b.stats["cpu_computed"] > 0
     assert list(tmp_path.glob("rates-*.json")) or mode == "on"
+
+
+@pytest.mark.parametrize("argv,says", [(["--model", "0"], "config.json"), (["--formats", ","], "--formats"),
+                                       (["--formats", "nope"], "nope"), (["--shape", "nope"], "nope"),
+                                       (["--dtype", "int8"], "--dtype")])
+def test_calibrate_rates_refuses_bad_input(argv, says, capsys, monkeypatch, tmp_path):
+    """One line, exit 2, nothing measured (and never a look-up on the hub for a --model that is no folder)."""
+    from vismmoe.cli.app import main
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(rates_mod, "calibrate", lambda *a, **k: pytest.fail("measured"))
+    assert main(["calibrate-rates", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]

@@ -337,12 +337,18 @@ def cmd_calibrate_rates(args) -> int:
     from ..engine.core import _resolve_device
     dev = _resolve_device(args.device)
     specs = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not specs:
+        raise UserError(f"--formats {args.formats!r} names no expert format", "give e.g. --formats dense,fp8,int4")
     if args.shape is not None:
         from ..bench.shapes import get_shape
         fam_name, config = get_shape(args.shape)
     else:
+        from ..paths import input_file
+        model = _model_dir(args)
+        input_file(os.path.join(model, "config.json"), "checkpoint config.json",
+                   "give --model a checkpoint directory, or --shape NAME")   # a local folder: never the hub
         from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(_model_dir(args))
+        config = AutoConfig.from_pretrained(model)
         fam_name = config.model_type
     from ..families import get_family
     geo = get_family(fam_name).geometry(config)
@@ -726,9 +732,11 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--device", default="cpu", help="cpu or cuda (whose link is measured)")
     cr.add_argument("--model", default=None, help="checkpoint whose expert shape is measured (default: the "
                     "bundled model)")
-    cr.add_argument("--shape", default=None, help="a named shape instead of --model, e.g. qwen3-30b-a3b")
+    cr.add_argument("--shape", default=None, help="a named shape instead of --model, e.g. qwen3-30b-a3b "
+                    "(default: none)")
     cr.add_argument("--formats", default="dense", help="comma-separated expert formats, e.g. dense,fp8,int4")
-    cr.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
+    cr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="activation dtype (default: float32 on cpu, bfloat16 on cuda)")
     cr.add_argument("--json", action="store_true", help="print one JSON object")
     cr.set_defaults(func=cmd_calibrate_rates)
 
