@@ -226,3 +226,19 @@ def test_calibrate_rates_refuses_bad_input(argv, says, capsys, monkeypatch, tmp_
     assert main(["calibrate-rates", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0]
+
+
+def test_bench_rows(tmp_path, monkeypatch):
+    """`python -m vismmoe.bench.cpu_experts` on a tiny shape: one row per system and budget, saved as JSON, the
+    CPU rows with experts computed on the CPU and none copied."""
+    from vismmoe.bench import cpu_experts
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    out = tmp_path / "r.json"
+    res = cpu_experts.main(["--shape", "tiny-qwen3", "--device", "cpu", "--budgets", "25%", "--reps", "1",
+                            "--new-tokens", "3", "--image-side", "64", "--with-on", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+    rows = {r["system"]: r for r in res["rows"]}
+    assert set(rows) == {"fetch@25%", "auto@25%", "on@25%", "resident"}
+    assert rows["fetch@25%"]["cpu_computed"] == 0 and rows["fetch@25%"]["misses"] > 0
+    assert rows["on@25%"]["cpu_computed"] > 0 and rows["on@25%"]["misses"] == 0
+    assert rows["resident"]["misses"] == 0
