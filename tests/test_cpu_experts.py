@@ -242,3 +242,18 @@ def test_bench_rows(tmp_path, monkeypatch):
     assert rows["fetch@25%"]["cpu_computed"] == 0 and rows["fetch@25%"]["misses"] > 0
     assert rows["on@25%"]["cpu_computed"] > 0 and rows["on@25%"]["misses"] == 0
     assert rows["resident"]["misses"] == 0
+
+
+def test_worker_thread_path_on_the_cpu(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """The CUDA path's worker thread (the CPU part runs beside the device path, in a thread of its own with its own
+    grad mode), exercised on the CPU: the same tokens as the inline path."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs["qwen3_vl_moe"]
+    inline = load(d, expert_budget="25%", cpu_experts="on")
+    want = inline.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
+    threaded = load(d, expert_budget="25%", cpu_experts="on")
+    threaded.runtime.cpu.worker = ThreadPoolExecutor(1)
+    got = threaded.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
+    threaded.runtime.cpu.close()
+    assert got.token_ids == want.token_ids and got.stats["cpu_computed"] == want.stats["cpu_computed"] > 0
