@@ -86,6 +86,7 @@ def _work_stubbed(monkeypatch):
     """Every command's work (model load, writers, server, demo) raises Reached instead of running."""
     import vismmoe.bench.make_shape
     import vismmoe.bench.random_model
+    import vismmoe.cpu.rates
     import vismmoe.tools.demo
     import vismmoe.engine.loading
     import vismmoe.tools.export_gguf
@@ -97,7 +98,7 @@ def _work_stubbed(monkeypatch):
     for module, attr in ((vismmoe.engine.loading, "load"), (vismmoe.tools.tiny, "make_tiny"),
                          (vismmoe.bench.make_shape, "make_shape"), (vismmoe.tools.export_gguf, "export"),
                          (vismmoe.serve.cli, "serve"), (vismmoe.tools.demo, "run_demo"),
-                         (vismmoe.bench.random_model, "random_engine")):
+                         (vismmoe.bench.random_model, "random_engine"), (vismmoe.cpu.rates, "calibrate")):
         monkeypatch.setattr(module, attr, reached)
     yield
 

@@ -1,11 +1,14 @@
 """The decode paths side by side on the CPU (which one `--decode auto` should pick there), in ONE process:
 
-    python -m vismmoe.bench.decode_cpu [--budget 25%] [--limit 6] [--reps 3] [--out FILE.json]
+    python -m vismmoe.bench.decode_cpu [--budget 25%] [--limit 6] [--reps 3] [--systems eager,fast,...]
+        [--out FILE.json]
 
     eager          transformers' forward per token through the runtime (the default on the CPU)
     fast           the fast step without graphs: static KV, experts through the slot map (fast_step.py)
     fast+compile   the same with torch.compile'd decoder layers; its first request's time (the compile) is
                    reported apart, and depends on whether inductor's on-disk cache is warm
+    eager+cpu      the eager step with --cpu-experts on: misses computed from the host store, not copied into
+                   slots (not run unless named in --systems)
 Bundled model (trained routing), test scenes, every request on a cold cache, systems interleaved per repetition;
 the median over requests of time per output token, then the median over repetitions.
 """
@@ -31,13 +34,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=6)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--systems", default="eager,fast,fast+compile", help="comma-separated, of eager, fast, "
+                    "fast+compile, eager+cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    names = [x.strip() for x in args.systems.split(",") if x.strip()]
     model, routing = default_model()
     samples = balanced_subset("test", args.limit)
     eager = load(model, decode="eager", expert_budget=args.budget)
-    engines = {"eager": eager, "fast": eager.fork(decode="fast"),
-               "fast+compile": load(model, decode="fast", compile=True, expert_budget=args.budget)}
+    make = {"eager": lambda: eager, "fast": lambda: eager.fork(decode="fast"),
+            "fast+compile": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget),
+            "eager+cpu": lambda: eager.fork(cpu_experts="on")}
+    unknown = [n for n in names if n not in make]
+    if unknown or not names:
+        ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of {', '.join(make)}")
+    engines = {name: make[name]() for name in names}
     first_s = {}
     for name, eng in engines.items():                       # warm-up; the compiled one compiles here
         t = time.perf_counter()

@@ -486,6 +486,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="off", choices=["auto", "on", "off"],
                    help="torch.compile vismmoe's fast decode step (default off: it costs minutes per process)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp -t (default: its own)")
+    p.add_argument("--cpu-experts", default="off", choices=["off", "on", "auto"],
+                   help="vismmoe's --cpu-experts (on: every miss computed by the CPU expert executor from the host "
+                        "store, the CPU-only target's setting)")
     p.add_argument("--accuracy", action="store_true", help="answer --limit questions with both engines instead")
     args = p.parse_args(argv)
     args.command = "python -m vismmoe.bench.llama_cpp " + " ".join(shlex.quote(a) for a in
@@ -512,6 +515,8 @@ def _main(args) -> int:
     if bad:
         raise UserError(f"--extra-gpu-types {','.join(bad)}: unknown GGUF type", f"use {', '.join(LLAMA_TYPES)}")
     options = {"expert_format": args.expert_format} if args.expert_format else {}
+    if args.cpu_experts != "off":                   # cpu/: misses computed from the host store, not copied
+        options["cpu_experts"] = args.cpu_experts
     with open(os.path.join(args.model, "config.json")) as f:
         max_pos = json.load(f)["text_config"].get("max_position_embeddings", 4096)
 

@@ -201,6 +201,48 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_calibrate_rates(args) -> int:
+    import torch
+
+    from ..cpu.rates import calibrate
+    from ..formats import make_format
+    from ..engine.loading import _resolve_device
+    dev = _resolve_device(args.device)
+    specs = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not specs:
+        raise UserError(f"--formats {args.formats!r} names no expert format", "give e.g. --formats dense,fp8,int4")
+    if args.shape is not None:
+        from ..bench.shapes import get_shape
+        fam_name, config = get_shape(args.shape)
+    else:
+        from ..paths import input_file
+        model = _model_dir(args)
+        input_file(os.path.join(model, "config.json"), "checkpoint config.json",
+                   "give --model a checkpoint directory, or --shape NAME")   # a local folder: never the hub
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(model)
+        fam_name = config.model_type
+    from ..families import get_family
+    geo = get_family(fam_name).geometry(config)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    layouts = [make_format(s, geo.hidden, geo.inter, dtype) for s in specs]
+    rates, path = calibrate(dev, layouts)
+    out = {"machine": rates.machine, "file": path, "link_gbps": rates.link_gbps, "handoff_us": rates.handoff_s * 1e6,
+           "cpu": {lay.spec(): rates.summary(lay) for lay in layouts}}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"machine: {rates.machine}\nlink {rates.link_gbps:.2f} GB/s, worker hand-off "
+          f"{rates.handoff_s * 1e6:.0f} us; cached in {path or '(not written: the cache folder is read-only)'}")
+    for lay in layouts:
+        print(f"{lay.spec()} {geo.hidden}x{geo.inter} {str(dtype).replace('torch.', '')}, "
+              f"{lay.nbytes / 2**20:.2f} MiB per expert:")
+        for r in rates.summary(lay):
+            print(f"  {r['tokens']:3d} tokens  {r['ms']:8.3f} ms/expert  {r['gbps']:7.2f} GB/s  "
+                  f"{r['gflops']:7.2f} GFLOP/s")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from ..tools.calibrate import calibrate, default_samples
     from ..engine.loading import load
@@ -556,6 +598,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--depth", type=int, default=3, help="MoE layers ahead to build tables for")
     add_runtime_options(c, "calibrate")
     c.set_defaults(func=cmd_calibrate)
+
+    cr = sub.add_parser("calibrate-rates", help="measure this machine's link and CPU expert rates for "
+                        "--cpu-experts auto, and cache them")
+    cr.add_argument("--device", default="cpu", help="cpu or cuda (whose link is measured)")
+    cr.add_argument("--model", default=None, help="checkpoint whose expert shape is measured (default: the "
+                    "bundled model)")
+    cr.add_argument("--shape", default=None, help="a named shape instead of --model, e.g. qwen3-30b-a3b "
+                    "(default: none)")
+    cr.add_argument("--formats", default="dense", help="comma-separated expert formats, e.g. dense,fp8,int4")
+    cr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="activation dtype (default: float32 on cpu, bfloat16 on cuda)")
+    cr.add_argument("--json", action="store_true", help="print one JSON object")
+    cr.set_defaults(func=cmd_calibrate_rates)
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
     _add_job_args(a)

@@ -87,6 +87,9 @@ class Engine:
                                                  adaptive=not rc.fixed_lookahead,
                                                  waited=self.runtime.transfer.host_waited)
             self.runtime.observers.append(self.runtime.prefetcher)
+        if rc.cpu_experts != "off":            # cpu/: misses computed on the host's cores (eager layer calls)
+            from ..cpu.hybrid import CpuSide
+            self.runtime.cpu = CpuSide(rc.cpu_experts, layout, store, device, self.runtime.layer_pos, link=link)
         self.clock = attach_profile(self, profile) if profile is not None else None   # profiles/clock.py
         self.trace: RoutingTrace | None = None
         self.step_observers: list = []          # protocols.StepObserver: told where each forward step starts
@@ -508,7 +511,8 @@ class Engine:
         tr = self.runtime.transfer
         return {"hits": tot.hits, "misses": tot.misses, "bytes": tot.bytes_moved, "stall": tot.stall_s,
                 "copy": tr.copy_s, "busy": tr.link_busy_s(), "pf_hits": tot.prefetch_hits,
-                "pf_issued": tot.prefetch_issued, "wasted": tot.wasted_bytes}
+                "pf_issued": tot.prefetch_issued, "wasted": tot.wasted_bytes,
+                "cpu": (cpu.experts, cpu.pairs, cpu.busy_s) if (cpu := self.runtime.cpu) is not None else (0, 0, 0.0)}
 
     def transfer_stalls(self) -> None:
         for layer, s in self.runtime.transfer.drain().items():
@@ -540,6 +544,10 @@ class Engine:
             "prefetch_precision": pf_hits / pf_issued if pf_issued > 0 else None,
             "prefetch_recall": pf_hits / (pf_hits + misses) if pf_hits + misses > 0 else None,
             "wasted_bytes": after["wasted"] - before["wasted"],
+            "cpu_experts": self.rc.cpu_experts,
+            "cpu_computed": after["cpu"][0] - before["cpu"][0],      # (layer, expert) computations on the host
+            "cpu_pairs": after["cpu"][1] - before["cpu"][1],
+            "cpu_busy_s": after["cpu"][2] - before["cpu"][2],
             "bytes_moved": moved,
             "copy_s": copy_s,
             "h2d_GBps": moved / copy_s / 1e9 if copy_s > 0 else None,

@@ -11,6 +11,8 @@ and the decode when it is not on the fast step). Orchestrates one layer call in 
     compute:        experts already on the device first (grouped.experts_on_slots over the slot pool), then the
                     rest once their copies (tickets) have landed
     combine:        sum over each token's K pair rows -> hidden [T, H]
+    with CPU experts (--cpu-experts on|auto, cpu/hybrid.py): after route, the misses placed on the CPU leave the
+    device's list and run on a worker thread; their pair rows join the device's before the combine
     policy.retain == False: the layer's experts leave the cache (load-on-demand baseline)
 
 transformers' experts modules reach `forward` through the hook the engine attaches to each of them (hooks.py),
@@ -44,6 +46,7 @@ class OffloadRuntime:
         self.layer_pos = {layer: i for i, layer in enumerate(moe_layers)}
         self.num_experts = num_experts
         self.observers: list = []
+        self.cpu = None                         # cpu.hybrid.CpuSide: misses computed on the host (--cpu-experts)
         self.max_groups = MAX_GROUPS            # slots one grouped matmul may span
         self._call_s = 0.0                      # EMA of one grouped call's host time (the hits-first split rule)
         self.cuda = cache.device.type == "cuda"
@@ -111,7 +114,10 @@ class OffloadRuntime:
         idx, needed = self._route(layer, hidden, top_k_index, top_k_weights)
         if not needed:
             return torch.zeros_like(hidden)
-        waves = self._plan(layer, needed)
+        job = None
+        if self.cpu is not None:                # cpu/hybrid.py: CPU-placed misses start on the host now
+            needed, job = self.cpu.start(self, module, layer, hidden, idx, top_k_weights, needed)
+        waves = self._plan(layer, needed) if needed else []
         pairs = None
         for w, wave in enumerate(waves):
             slot_of, tickets = self._make_resident(layer, wave)
@@ -122,6 +128,8 @@ class OffloadRuntime:
             for e in needed:
                 if self.cache.resident((layer, e)):
                     self.cache.evict((layer, e))
+        if job is not None:
+            pairs = self.cpu.finish(job, pairs, top_k_index.numel(), hidden.shape[-1], self.cache.layout.dtype)
         out = self._combine(pairs, top_k_index.shape, hidden.dtype)
         if self.timeline is not None:
             if self.cuda:

@@ -1,0 +1,124 @@
+"""The CPU expert executor: routed experts computed on the host's cores, straight from their host blobs.
+
+    # T tokens, K experts per token, H hidden, I expert intermediate, C pairs routed to the experts computed here
+    hidden [T, H], idx [T, K] (expert of each pair), weights [T, K]  -- on the host
+    blob of expert e (formats/: dense, fp8, int4; read in place, never copied into a slot)
+      -> per expert: x = hidden[its tokens] [t, H]
+                     h = x @ gate_up^T [t, 2I] -> gate(h) [t, I] (the family's own gating, SiLU(gate) * up)
+                     y = h @ down^T [t, H] * routing weight
+      -> (pair index [C] into the flattened [T*K] pairs, rows [C, H])
+
+The caller puts the rows where the device path puts its pair rows, so the layer's sum over each token's K pairs is
+the same sum: a result differs from the device kernels only by the summation order inside the two matmuls.
+
+How each format is computed (measured on the 2-core machine, docs/cpu-experts.md): dense experts are multiplied as
+stored (fp32 through oneDNN/MKL's sgemm; bf16 through oneDNN's bf16 path, which uses AMX / AVX512-BF16 where the
+processor has them); fp8 and int4 experts are dequantized by the format's own torch reference into float32 one
+expert at a time (a scratch of one expert, reused) and multiplied in float32. No native code: a compiler is never
+needed at install.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# every e4m3 byte's float32 value: a table lookup converts 2-3x faster than `.float()` on the CPU (measured,
+# docs/cpu-experts.md) and gives the same values (NaN bytes stay NaN)
+_E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def silu_gate(h: torch.Tensor) -> torch.Tensor:
+    """[t, 2I] (gate columns, then up columns) -> SiLU(gate) * up [t, I]: the default gating."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class CpuExecutor:
+    """Computes routed experts of expert format `layout` (formats.ExpertFormat) on the host's cores.
+
+    `gate`: the family's gating, [t, 2I] -> [t, I] (an experts module's `_apply_gate`); None: SiLU(gate) * up.
+    Thread-safe for one caller at a time (the runtime's worker thread)."""
+
+    def __init__(self, layout, gate=None):
+        self.layout = layout
+        self.gate = gate or silu_gate
+        self.dense = hasattr(layout, "views")
+
+    def weights(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's blob [numel] -> (gate_up [2I, H], down [H, I]): views of the blob for dense experts,
+        float32 dequantized copies for fp8 and int4."""
+        if self.dense:
+            gu, dn = self.layout.views(blob[None])
+            return gu[0], dn[0]
+        fast = getattr(self, f"_{self.layout.name}", None)
+        if fast is not None:
+            return fast(blob)
+        gu, dn = self.layout.dequantize(blob[None])
+        return gu[0].float(), dn[0].float()
+
+    # The formats' own references (formats/) expand every scale to a full matrix with repeat_interleave; these
+    # broadcast each scale over its block instead: the same float32 products, element by element.
+    def _fp8(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = self.layout
+        qgu, qdn, sg, su, sd = fmt._parts(blob[None])
+        I, H, B = fmt.inter, fmt.hidden, fmt.block
+        if I % B or H % B:
+            gu, dn = fmt.dequantize(blob[None])
+            return gu[0].float(), dn[0].float()
+
+        def deq(q, s):                                  # q [R, C] e4m3, s [R/B, C/B] -> [R, C] float32
+            R, C = q.shape
+            v = torch.take(_E4M3, q.view(torch.uint8).long())         # e4m3 -> float32 by table: exact
+            return (v.view(R // B, B, C // B, B) * s[:, None, :, None]).view(R, C)
+        gu = torch.cat([deq(qgu[0, :I], sg[0]), deq(qgu[0, I:], su[0])])
+        return gu, deq(qdn[0], sd[0])
+
+    def _int4(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = self.layout
+        qgu, sgu, zgu, qdn, sdn, zdn = fmt._parts(blob[None])
+        g = fmt.group
+
+        def deq(q, s, z):                               # q [R, C/2] uint8, s, z [R, C/g] -> [R, C] float32
+            R = q.shape[0]
+            v = torch.stack((q & 0xF, q >> 4), dim=-1).view(R, -1, g).float()
+            return ((v - z.float()[..., None]) * s[..., None]).view(R, -1)
+        return deq(qgu[0], sgu[0], zgu[0]), deq(qdn[0], sdn[0], zdn[0])
+
+    def expert(self, blob: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None, gate=None) -> torch.Tensor:
+        """One expert for `x [t, H]` (any float dtype) -> y [t, H] float32, times `w [t]` (routing weights) when
+        given; `gate` replaces the executor's gating for this call."""
+        gu, dn = self.weights(blob)
+        x = x.to(gu.dtype)
+        h = (gate or self.gate)(F.linear(x, gu))        # [t, I]
+        y = F.linear(h.to(dn.dtype), dn).float()        # [t, H]
+        return y if w is None else y * w.float().unsqueeze(-1)
+
+    def pairs(self, blobs, hidden: torch.Tensor, idx: np.ndarray, weights: torch.Tensor,
+              experts: list[int], gate=None, release=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pair of `idx [T, K]` routed to one of `experts`, computed from `blobs(e) -> blob [numel]` (a host
+        blob, read in place; `release(blob)`, when given, is called after its use: the disk tier's staging ring); `hidden [T, H]`, `weights [T, K]` on the host; `gate` as in `expert`.
+
+        Returns (pair [C] int64: index into the flattened T*K pairs, rows [C, H] float32, weighted), in the order
+        of `experts`, then of the pairs' position."""
+        K = idx.shape[1]
+        flat = idx.reshape(-1)
+        w = weights.reshape(-1)
+        picks, rows = [], []
+        for e in experts:
+            p = np.flatnonzero(flat == e)                   # [t] pairs of expert e
+            if p.size == 0:
+                continue
+            pt = torch.from_numpy(p)
+            blob = blobs(e)
+            try:
+                rows.append(self.expert(blob, hidden[pt // K], w[pt], gate))
+            finally:
+                if release is not None:
+                    release(blob)
+            picks.append(pt)
+        if not rows:
+            return torch.empty(0, dtype=torch.long), hidden.new_empty(0, hidden.shape[-1], dtype=torch.float32)
+        return torch.cat(picks), torch.cat(rows)

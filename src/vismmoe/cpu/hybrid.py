@@ -1,0 +1,121 @@
+"""The seam between the offload runtime's layer call and the CPU side (executor + placement).
+
+    runtime.forward(layer):  route -> idx [T, K] on the host (the layer's one sync)
+        start():  misses = needed experts not resident in the cache
+                  cpu = all misses (on) | placement.choose(misses, tokens per expert, link queue) (auto)
+                  hidden [T, H], weights [T, K] to the host; the executor's job goes to the worker thread (GPU) or
+                  runs at once (CPU device: the same cores would only take turns)
+                  -> the rest of `needed` (hits and fetched misses) for the device path
+        ... the device path plans, copies and computes the rest meanwhile ...
+        finish(): the job's pair rows [C, H] to the device, written into the layer's pair rows `pairs [T*K, H]`
+                  (rows the device path did not write are zeros), before the sum over each token's K pairs
+
+CPU-computed experts do not enter the cache (the policy does not hear of them): they are counted apart
+(`experts`, `pairs`, `busy_s`).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .executor import CpuExecutor
+from .placement import Placement
+
+
+class CpuSide:
+    """The CPU expert side of one engine's runtime. `mode`: "on" (every miss on the CPU) or "auto" (placement).
+    `store`: the host tier (offload.store HostStore or DiskStore), `layer_pos`: MoE layer -> its index there."""
+
+    def __init__(self, mode: str, layout, store, device: torch.device, layer_pos: dict[int, int],
+                 rates=None, link=None):
+        if mode not in ("on", "auto"):
+            raise ValueError(f"CpuSide mode {mode!r}")
+        self.mode = mode
+        self.layout = layout
+        self.store = store
+        self.device = device
+        self.layer_pos = layer_pos
+        self.executor = CpuExecutor(layout)
+        self.cuda = device.type == "cuda"
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="vismmoe-cpu-experts") if self.cuda else None
+        self.link = link
+        self.placement = None
+        if mode == "auto":
+            from .rates import rates_for
+            rates = rates or rates_for(device, layout, link)
+            fetch_s = (link.seconds(layout.nbytes, device.type) if link is not None and link.emulated
+                       else layout.nbytes / (rates.link_gbps * 1e9))
+            self.placement = Placement(fetch_s=fetch_s, cpu_s=lambda t: rates.cpu_s(layout, t),
+                                       handoff_s=rates.handoff_s if self.cuda else 0.0, shared=not self.cuda)
+        self.experts = 0            # (layer, expert) computations the CPU did
+        self.pairs = 0              # (token, expert) pairs among them
+        self.busy_s = 0.0           # seconds the executor worked
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+
+    def _backlog_s(self, transfer) -> float:
+        """Seconds of copies queued on the link ahead of this layer's (the emulated link's clock; 0 on the real
+        link, whose queue is not tracked on the host)."""
+        clock = transfer.clock
+        if not clock.profile.emulated:
+            return 0.0
+        return max(0.0, clock._free_at - time.perf_counter())
+
+    def start(self, runtime, module, layer: int, hidden: torch.Tensor, idx: np.ndarray,
+              weights: torch.Tensor, needed: list[int]):
+        """Split `needed` (experts of this layer call) into the CPU's and the device's; the CPU's start now.
+        Returns (the device's experts, a job for `finish`, or None when the CPU takes nothing)."""
+        cache = runtime.cache
+        misses = [e for e in needed if not cache.resident((layer, e))]
+        if not misses:
+            return needed, None
+        if self.placement is None:
+            cpu = misses
+        else:
+            tokens = np.bincount(idx.reshape(-1), minlength=runtime.num_experts)
+            cpu = self.placement.choose(misses, tokens, self._backlog_s(runtime.transfer))
+        if not cpu:
+            return needed, None
+        taken = set(cpu)
+        h = hidden.detach().to("cpu")
+        w = weights.detach().to("cpu")
+        gate = getattr(module, "_apply_gate", None)
+        pos = self.layer_pos[layer]
+        release = getattr(self.store, "release", None)
+        run = lambda: self._run(pos, h, idx, w, cpu, gate, release)       # noqa: E731
+        job = self.worker.submit(run) if self.worker is not None else _Done(run())
+        return [e for e in needed if e not in taken], job
+
+    def _run(self, pos, h, idx, w, cpu, gate, release):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got = self.executor.pairs(lambda e: self.store.blob(pos, e), h, idx, w, cpu, gate=gate,
+                                      release=release)
+        self.busy_s += time.perf_counter() - t0
+        self.experts += len(cpu)
+        self.pairs += int(got[0].numel())
+        return got
+
+    def finish(self, job, pairs: torch.Tensor | None, P: int, H: int, dtype: torch.dtype) -> torch.Tensor:
+        """Write the job's rows into `pairs [P, H]` (made, zero-filled, when the device computed nothing)."""
+        pick, rows = job.result()
+        if pairs is None:
+            pairs = torch.zeros(P, H, dtype=dtype, device=self.device)
+        pairs[pick.to(self.device, non_blocking=True)] = rows.to(self.device, pairs.dtype, non_blocking=True)
+        return pairs
+
+
+class _Done:
+    """A job that already ran (the CPU device runs it inline)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
