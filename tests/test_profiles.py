@@ -123,3 +123,29 @@ def test_generate_reports_emulated_times(tiny_dirs, image_file, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
     assert stats["time_source"] == "emulated for device profile orin-nx-16"
     assert "orin-nx-16" in stats["link"]
+
+
+def test_emulated_times_do_not_depend_on_the_real_copy_thread(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """The device clock alone decides when a copy lands: a real copy thread that is slow in one run and fast in the
+    other (a loaded machine) leaves the emulated schedule, and so every emulated time, identical."""
+    import time as _time
+    prof = _profile(flops={"float32": 1e10}, mem_Bps=1e10, op_s=1e-4,
+                    tier={"name": "slow", "Bps": 1e6, "latency_s": 1e-3})
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", device_profile=_write(tmp_path, prof))
+    transfer = eng.runtime.transfer
+    real_copy = transfer._cpu_copy
+    inputs = eng.prepare([image_file], ["What is here?"])
+    runs = []
+    for delay in (0.0, 0.02, 0.0):
+        def copy(*a, delay=delay, **kw):
+            _time.sleep(delay)
+            return real_copy(*a, **kw)
+        monkeypatch.setattr(transfer, "_cpu_copy", copy)
+        eng.cache.clear()
+        runs.append(eng.generate_ids(inputs, 4))      # (generate adds the host's image preprocessing time)
+    keys = ("ttft_s", "tpot_s", "e2e_s", "stall_s", "misses")
+    first = {k: runs[0][1][k] for k in keys}
+    assert first["stall_s"] > 0
+    for ids, stats in runs[1:]:
+        assert ids == runs[0][0]
+        assert {k: stats[k] for k in keys} == pytest.approx(first, rel=1e-9, abs=1e-12)

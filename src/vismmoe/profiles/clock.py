@@ -109,6 +109,7 @@ class DeviceClock:
         self._stack: list[_Acc] = []
         self._other = _Acc("other")
         self._owner = None                      # the thread whose operators are counted
+        self.on_request: list = []              # called as each request starts (state that must not carry over)
 
     # ---- time ------------------------------------------------------------------------------------------------
     def _advance(self, kind: str, flops: float, nbytes: float, ops: int) -> None:
@@ -187,6 +188,8 @@ class DeviceClock:
         """Count the operators of this thread while inside (one request's generation)."""
         prev = self._owner
         self._owner = threading.get_ident()
+        for reset in self.on_request:
+            reset()
         try:
             with _Counter(self):
                 yield self
@@ -287,6 +290,9 @@ def attach_profile(engine, profile) -> DeviceClock:
     rt = engine.runtime
     rt.transfer.clock = VirtualLink(rt.transfer.clock.profile, clock)
     rt.clock = clock
+    # the hits-first split rule reads an average of past grouped calls: each request starts from none, so the
+    # emulated schedule of a request does not depend on the requests before it
+    clock.on_request.append(lambda: setattr(rt, "_call_s", 0.0))
     if rt.prefetcher is not None:
         rt.prefetcher.now = clock.now
     _install_hooks(engine)
