@@ -123,3 +123,70 @@ def test_generate_reports_emulated_times(tiny_dirs, image_file, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]
     assert stats["time_source"] == "emulated for device profile orin-nx-16"
     assert "orin-nx-16" in stats["link"]
+
+
+def test_emulated_times_do_not_depend_on_the_real_copy_thread(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """The device clock alone decides when a copy lands: a real copy thread that is slow in one run and fast in the
+    other (a loaded machine) leaves the emulated schedule, and so every emulated time, identical."""
+    import time as _time
+    prof = _profile(flops={"float32": 1e10}, mem_Bps=1e10, op_s=1e-4,
+                    tier={"name": "slow", "Bps": 1e6, "latency_s": 1e-3})
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", device_profile=_write(tmp_path, prof))
+    transfer = eng.runtime.transfer
+    real_copy = transfer._cpu_copy
+    inputs = eng.prepare([image_file], ["What is here?"])
+    runs = []
+    for delay in (0.0, 0.02, 0.0):
+        def copy(*a, delay=delay, **kw):
+            _time.sleep(delay)
+            return real_copy(*a, **kw)
+        monkeypatch.setattr(transfer, "_cpu_copy", copy)
+        eng.cache.clear()
+        runs.append(eng.generate_ids(inputs, 4))      # (generate adds the host's image preprocessing time)
+    keys = ("ttft_s", "tpot_s", "e2e_s", "stall_s", "misses")
+    first = {k: runs[0][1][k] for k in keys}
+    assert first["stall_s"] > 0
+    for ids, stats in runs[1:]:
+        assert ids == runs[0][0]
+        assert {k: stats[k] for k in keys} == pytest.approx(first, rel=1e-9, abs=1e-12)
+
+
+def test_each_expert_copy_costs_the_profiles_miss_s(tiny_dirs, image_file, tmp_path):
+    """`miss_s` (the CPU's host work per copy) is charged on the compute timeline once per copy, class "copy"."""
+    tier = {"name": "fast", "Bps": 1e15, "latency_s": 0.0}
+    free = _write(tmp_path, _profile(name="free", flops={"float32": 1e10}, mem_Bps=1e10, tier=tier))
+    costly = _write(tmp_path, _profile(name="costly", flops={"float32": 1e10}, mem_Bps=1e10, tier=tier, miss_s=1e-3))
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%", device_profile=free)
+    inputs = eng.prepare([image_file], ["What is here?"])
+    stats = {}
+    for name, path in (("free", free), ("costly", costly)):
+        fork = eng.fork(device_profile=path)
+        fork.cache.clear()
+        stats[name] = fork.generate_ids(inputs, 4)[1]
+    assert stats["free"]["misses"] == stats["costly"]["misses"] > 0
+    assert stats["costly"]["e2e_s"] - stats["free"]["e2e_s"] == pytest.approx(stats["costly"]["misses"] * 1e-3,
+                                                                              rel=1e-6)
+    assert stats["costly"]["emulated_split_s"]["copy"] == pytest.approx(stats["costly"]["misses"] * 1e-3)
+    assert "copy" not in stats["free"]["emulated_split_s"]
+
+
+def test_calibration_fit_recovers_rate_and_operator_cost():
+    """Class seconds = a x roofline + s x operators over the prefill and the decode: both recovered; one phase
+    takes the given operator cost; never negative."""
+    from vismmoe.bench.profiles import _fit
+    a, s = _fit([0.1, 0.001], [100, 400], [0.1 * 2 + 100 * 3e-5, 0.001 * 2 + 400 * 3e-5], 0.0)
+    assert a == pytest.approx(2.0) and s == pytest.approx(3e-5)
+    a, s = _fit([0.2], [50], [0.2 * 0.5 + 50 * 1e-5], 1e-5)
+    assert a == pytest.approx(0.5) and s == 1e-5
+    a, s = _fit([0.1, 0.001], [100, 400], [0.01, 0.5], 0.0)       # inconsistent phases: a non-negative fit
+    assert a >= 0 and s >= 0
+
+
+def test_validation_decodes_past_eos(tiny_dirs, image_file):
+    """The validation's requests run exactly the asked number of tokens (teacher-forced, EOS ignored), so decode
+    ms/token rests on many steps."""
+    from vismmoe.bench.profiles import _generate
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    eng.eos_ids = set(range(eng.config.text_config.vocab_size if hasattr(eng.config, "text_config") else 1000))
+    stats = _generate(eng, eng.prepare([image_file], ["What is here?"]), 6)
+    assert stats["new_tokens"] == 6

@@ -6,10 +6,13 @@ and end to end at 2 expert budgets x 2 image sizes.
     python -m vismmoe.bench.profiles --validate --device cuda --profile h100 --out docs/results/profiles
 
 Calibration (held out from the grid): one request at its own image size (160 px) and prompt, at the full budget.
-Its real seconds per kernel class (HostTimer; on a GPU synchronised at span ends) less the profile's roofline
-for what the class did give the class's cost per dispatched operator (`op_s`); the profile written next to the
-results is the calibrated one. Then per grid cell: a fork on the real clock and a fork on the profile's clock,
-each warmed up, `--reps` requests each, medians compared. Writes JSON + markdown; exit 1 when a cell is off by
+Its real seconds per kernel class (HostTimer; on a GPU synchronised at span ends), with every expert resident,
+for the prefill alone and for the whole request, against the roofline and operator count of what the class did
+in each phase, give the class's efficiency and cost per dispatched operator (`_fit`); the same request with no
+expert resident against with all, less what the emulated link already charges, gives the cost per expert copy
+(`miss_s`). The profile written next to the results is the calibrated one. Then per grid cell: a fork on the real
+clock and a fork on the profile's clock, each warmed up, `--reps` requests each (decode teacher-forced past EOS,
+exactly `--new-tokens` tokens), medians compared. Writes JSON + markdown; exit 1 when a cell is off by
 more than `--tolerance`.
 """
 
@@ -38,52 +41,148 @@ def _image(size: int, seed: int):
     return Image.fromarray(arr)
 
 
+# decode steps are teacher-forced with this text and run past EOS: the bundled model answers in 2 tokens, and
+# decode ms/token must rest on more than one step
+TEACHER = ("The picture shows a red square on a blue field, with a small green circle to its left and a yellow "
+           "triangle below it; the shapes do not touch and the background is plain.")
+
+
+def _generate(eng, inputs, new_tokens: int) -> dict:
+    """One request of exactly `new_tokens` tokens (teacher-forced with TEACHER, EOS ignored): its stats."""
+    import torch
+    teacher = (eng.tokenizer.encode(TEACHER) * (new_tokens // 8 + 1))[:new_tokens]
+
+    def keep_going(state):
+        state.done[:] = [False] * len(state.done)
+    with torch.inference_mode(), eng._lock:
+        _, stats = eng._generate_ids(inputs, new_tokens, teacher, on_step=keep_going)
+    return stats
+
+
 def _run(eng, size: int, prompt: str, reps: int, new_tokens: int) -> dict:
     inputs = eng.prepare([_image(size, 0)], [prompt])
     eng.warm_up(with_image=True)
     runs = []
     for _ in range(reps):
         eng.cache.clear()
-        _, stats = eng.generate_ids(inputs, new_tokens)
-        runs.append(stats)
+        runs.append(_generate(eng, inputs, new_tokens))
     out = {k: statistics.median(r[k] for r in runs) for k, _ in METRICS}
     out.update(new_tokens=runs[0]["new_tokens"], visual_tokens=runs[0]["visual_tokens"],
                misses=runs[0]["misses"], time_source=runs[0]["time_source"])
     return out
 
 
+def _fit(r: list[float], o: list[float], t: list[float], s_default: float) -> tuple[float, float]:
+    """Class time t_i = a x roofline r_i + s x operators o_i over its phases (prefill, decode), a, s >= 0:
+    (a, s). One phase (the vision tower runs in the prefill only): s = `s_default`, a from the rest."""
+    if len(t) >= 2 and r[1] > 0 and o[1] > 0:
+        det = r[0] * o[1] - r[1] * o[0]
+        if abs(det) > 1e-30:
+            a = (t[0] * o[1] - t[1] * o[0]) / det
+            s_ = (r[0] * t[1] - r[1] * t[0]) / det
+            if a >= 0 and s_ >= 0:
+                return a, s_
+        # the nearest non-negative fit: one of the two is 0 (least squares on the other)
+        cands = []
+        for a_only in (True, False):
+            x = [r[i] if a_only else o[i] for i in range(len(t))]
+            v = sum(xi * ti for xi, ti in zip(x, t)) / max(sum(xi * xi for xi in x), 1e-300)
+            err = sum((v * xi - ti) ** 2 for xi, ti in zip(x, t))
+            cands.append((err, (v, 0.0) if a_only else (0.0, v)))
+        return min(cands)[1]
+    rest = max(t[0] - o[0] * s_default, 0.0)
+    return (rest / r[0] if r[0] > 0 else 0.0), (s_default if r[0] > 0 else t[0] / max(o[0], 1))
+
+
 def calibrate(base, profile, size: int, new_tokens: int, reps: int):
-    """`profile` with per-class operator costs fitted on a held-out request (see the module docstring)."""
+    """`profile` calibrated on a held-out request (see the module docstring): per kernel class a rate (efficiency:
+    the share of the measured peak the class reaches at its real shapes) and a cost per operator, from the
+    request's prefill and decode phases; then a cost per expert copy (`miss_s`) from the same request with every
+    expert already resident and with none."""
     from ..profiles.calibrate import HostTimer
     from ..profiles.clock import _install_hooks, attach_profile
     import torch
+    inputs = base.prepare([_image(size, 1)], [PROMPTS["calibrate"]])
     real = base.fork(expert_budget="100%")
     sync = (lambda: torch.cuda.synchronize(real.device)) if real.device.type == "cuda" else None
     timer = HostTimer(profile, sync)
     real.clock = timer
     _install_hooks(real)
-    inputs = real.prepare([_image(size, 1)], [PROMPTS["calibrate"]])
     real.warm_up(with_image=True)
-    for _ in range(reps):
-        timer.split.clear()
-        real.cache.clear()
-        real.generate_ids(inputs, new_tokens)
-    measured = dict(timer.split)
+
+    def measured(tokens: int, cold: bool) -> tuple[dict, float, int]:
+        """Medians over `reps` of (seconds per class, end to end, misses); warm: every expert stays resident."""
+        splits, e2e, misses = [], [], 0
+        if not cold:
+            _generate(real, inputs, tokens)                             # fill the cache
+        for _ in range(reps):
+            if cold:
+                real.cache.clear()
+            timer.split.clear()
+            st = _generate(real, inputs, tokens)
+            splits.append(dict(timer.split))
+            e2e.append(st["e2e_s"])
+            misses = st["misses"]
+        kinds = set().union(*splits)
+        return ({k: statistics.median(sp.get(k, 0.0) for sp in splits) for k in kinds},
+                statistics.median(e2e), misses)
+
+    prefill_m, _, _ = measured(1, cold=False)
+    full_m, warm_e2e, warm_misses = measured(new_tokens, cold=False)
+    _, cold_e2e, cold_misses = measured(new_tokens, cold=True)
+
+    bare = replace(profile, efficiency={k: 1.0 for k in profile.efficiency} | {"other": 1.0}, op_s=0.0,
+                   miss_s=0.0)
     emu = base.fork(expert_budget="100%")
-    clock = attach_profile(emu, profile)
+    clock = attach_profile(emu, bare)
     emu.clock = clock
-    emu.cache.clear()
-    clock.counts.clear()
-    emu.generate_ids(inputs, new_tokens)
-    op_s = {}
-    for kind, (flops, nbytes, ops) in clock.counts.items():
-        roof = replace(profile, op_s=0.0).span_seconds(kind, flops, nbytes, 0, clock.dtype)
-        op_s[kind] = max(measured.get(kind, 0.0) - roof, 0.0) / max(ops, 1)
-    how = (f"op_s per kernel class fitted on a held-out request ({size} px image, '{PROMPTS['calibrate']}', "
-           f"{new_tokens} new tokens, full budget, last of {reps}): (measured class seconds - roofline) / operators")
-    cal = replace(profile, op_s=op_s, calibration=how,
-                  sources=dict(profile.sources, op_s=how + " by python -m vismmoe.bench.profiles"))
-    return cal, {"measured_s": measured, "counts": {k: list(v) for k, v in clock.counts.items()}, "op_s": op_s}
+
+    def counted(tokens: int) -> dict:
+        _generate(emu, inputs, tokens)                                   # fill the cache
+        clock.counts.clear()
+        _generate(emu, inputs, tokens)
+        return {k: list(v) for k, v in clock.counts.items()}
+    prefill_c, full_c = counted(1), counted(new_tokens)
+
+    def roof(kind, c):
+        return bare.span_seconds(kind, c[0], c[1], 0, clock.dtype)
+    phases = {}
+    for kind, fc in full_c.items():
+        pc = prefill_c.get(kind, [0, 0, 0])
+        dc = [f - p for f, p in zip(fc, pc)]
+        tp, tf = prefill_m.get(kind, 0.0), full_m.get(kind, 0.0)
+        ph = [(roof(kind, pc), pc[2], tp)] if pc[2] else []
+        if dc[2] > 0:
+            ph.append((roof(kind, dc), dc[2], max(tf - tp, 0.0)))
+        phases[kind] = ph
+    two = {k: _fit(*zip(*ph), 0.0) for k, ph in phases.items() if len(ph) == 2}
+    s_default = statistics.median(s_ for _, s_ in two.values()) if two else 0.0
+    fitted = {k: two.get(k) or _fit(*zip(*ph), s_default) for k, ph in phases.items() if ph}
+    eff = {k: (1.0 / a if a > 0 else 1e6) for k, (a, _) in fitted.items()}
+    op_s = {k: s_ for k, (_, s_) in fitted.items()}
+    how = (f"efficiency and op_s per kernel class fitted on a held-out request ({size} px image, "
+           f"'{PROMPTS['calibrate']}', {new_tokens} teacher-forced tokens, medians of {reps}): class seconds = "
+           f"roofline / efficiency + operators x op_s over its prefill and decode; miss_s = the same request's "
+           f"extra seconds with no expert resident over with all, less the link time, per copy")
+    cal = replace(profile, efficiency=eff, op_s=op_s)
+    # the cost per expert copy: the same request cold (every expert copied) against warm, real and emulated
+    emu2 = base.fork(expert_budget="100%")
+    emu_clock = attach_profile(emu2, cal)
+    emu2.clock = emu_clock
+    _generate(emu2, inputs, new_tokens)
+    e_warm = _generate(emu2, inputs, new_tokens)
+    emu2.cache.clear()
+    e_cold = _generate(emu2, inputs, new_tokens)
+    copies = max(cold_misses - warm_misses, 1)
+    miss_s = max((cold_e2e - warm_e2e) - (e_cold["e2e_s"] - e_warm["e2e_s"]), 0.0) / copies
+    cal = replace(cal, miss_s=miss_s, calibration=how,
+                  sources=dict(profile.sources, op_s=how + " by python -m vismmoe.bench.profiles",
+                               efficiency=how + " by python -m vismmoe.bench.profiles",
+                               miss_s=how + " by python -m vismmoe.bench.profiles"))
+    return cal, {"measured_prefill_s": prefill_m, "measured_full_s": full_m,
+                 "counts_prefill": prefill_c, "counts_full": full_c, "efficiency": eff, "op_s": op_s,
+                 "miss_s": miss_s, "e2e_warm_s": warm_e2e, "e2e_cold_s": cold_e2e, "copies": copies,
+                 "emulated_e2e_warm_s": e_warm["e2e_s"], "emulated_e2e_cold_s": e_cold["e2e_s"]}
 
 
 def validate(args) -> dict:

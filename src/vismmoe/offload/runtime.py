@@ -199,12 +199,13 @@ class OffloadRuntime:
                 sel = lut[idx]                                          # [T, K]
                 count = int(np.count_nonzero(sel < gate_up.shape[0]))   # pairs in this window
                 slot_idx = self._to_device(sel, hidden.device)
-                t_call = time.perf_counter()
+                now = self.clock.now if self.clock is not None else time.perf_counter
+                t_call = now()
                 pairs = experts_on_slots(module, hidden, slot_idx, top_k_weights, gate_up, down, pairs,
                                          count=count)
                 if self.clock is not None:
                     self.clock.experts(count, len(inside))
-                t_call = time.perf_counter() - t_call                  # host time of one grouped call
+                t_call = now() - t_call         # one grouped call's time (a device profile's: on its clock)
                 self._call_s = t_call if self._call_s == 0 else 0.8 * self._call_s + 0.2 * t_call
         if self.cuda:
             used = torch.cuda.Event()

@@ -47,7 +47,12 @@ class Ticket:
     clock: object = None        # a virtual link clock whose time `ready_at` is in (device profiles); None: host
 
     def done(self) -> bool:
-        if self.ready_at and (self.clock.now() if self.clock is not None else time.perf_counter()) < self.ready_at:
+        """Whether the data has arrived. On a device profile's virtual link the device clock alone decides (the
+        real copy thread's progress must not change the emulated schedule; `wait` still joins the real copy
+        before compute reads the slot)."""
+        if self.clock is not None:
+            return self.clock.now() >= self.ready_at
+        if self.ready_at and time.perf_counter() < self.ready_at:
             return False
         if self.future is not None and not self.future.done():
             return False

@@ -35,6 +35,8 @@ class DeviceProfile:
     efficiency: dict                   # kernel class -> share of peak reached
     op_s: float | dict = 0.0           # fixed seconds per dispatched operator (or per kernel class)
     async_launch: bool = False         # dispatch overlaps device work (GPU): span = max(roofline, ops x op_s)
+    miss_s: float = 0.0                # compute time one expert copy costs besides the link (the CPU: handing it
+                                       # to the copy thread, the memcpy competing for the cores, the bookkeeping)
     unified: bool = False
     sources: dict = field(default_factory=dict)
     calibration: str = ""

@@ -7,8 +7,11 @@ Measured (best of a few runs, at the thread count torch uses):
                     the latency of handing a copy to the copy thread and back (offload/transfer.py's worker)
     op_s            one small operator's dispatch (an add of two 64-element tensors)
     mem_bytes       physical memory (os.sysconf)
-Efficiencies are 1: the peaks are what this machine's matmul and copy reach. `HostTimer` measures real seconds
-per kernel class of one request, which `vismmoe.bench.profiles` uses to calibrate the per-class operator cost.
+Efficiencies are 1 and `miss_s` 0 here: the micro-benchmarks alone do not predict a request (a 512^3 matmul on a
+shared 2-core machine is far from what the vision tower's GEMMs reach, and an expert copy costs the CPU far more
+than its memcpy). `HostTimer` measures real seconds per kernel class of one request, from which
+`vismmoe.bench.profiles` calibrates each class's efficiency and operator cost (prefill and decode phases) and the
+per-copy cost `miss_s`, on a held-out request.
 """
 
 from __future__ import annotations

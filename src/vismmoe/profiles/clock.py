@@ -10,7 +10,10 @@ owns one number, the device's compute time `t` (seconds since it was made), and 
         activations, from shapes (the runtime's own gathers are not the device's work)
     everything else (norms, residuals, embeddings, sampling): the "other" class, charged when the next span starts
     copies: booked on a serial virtual link (offload/links.LinkClock) at the profile's tier rate and latency, at
-        the clock's time of the request; a layer that needs them waits: t = max(t, arrival) (the stall)
+        the clock's time of the request; a layer that needs them waits: t = max(t, arrival) (the stall); each
+        copy also costs the compute timeline the profile's `miss_s` (class "copy": the CPU's per-copy host work)
+    when a copy has landed: the clock alone says (offload/transfer.Ticket.done), never the real copy thread, so
+        identical requests get identical emulated schedules and times
 
 So the overlap and the dependencies are the real schedule's: copies queued while a layer computes arrive
 behind it, and compute waits exactly where the runtime waits. Spans begin and end at module hooks (the modules
@@ -109,6 +112,7 @@ class DeviceClock:
         self._stack: list[_Acc] = []
         self._other = _Acc("other")
         self._owner = None                      # the thread whose operators are counted
+        self.on_request: list = []              # called as each request starts (state that must not carry over)
 
     # ---- time ------------------------------------------------------------------------------------------------
     def _advance(self, kind: str, flops: float, nbytes: float, ops: int) -> None:
@@ -136,6 +140,14 @@ class DeviceClock:
                 self._advance("experts", 0, 0, acc.ops)
                 acc.ops = 0
         return self.t
+
+    def copy_cost(self) -> None:
+        """One expert copy was started: the profile's per-copy compute cost (`miss_s`), class "copy"."""
+        if self.profile.miss_s > 0 and threading.get_ident() == self._owner:
+            self.now()
+            self.t += self.profile.miss_s
+            self.split["copy"] = self.split.get("copy", 0.0) + self.profile.miss_s
+            self.counts.setdefault("copy", [0, 0, 0])[2] += 1
 
     def wait_until(self, ready: float) -> float:
         """Compute waits for data arriving at device time `ready`: returns the stall (seconds)."""
@@ -187,6 +199,8 @@ class DeviceClock:
         """Count the operators of this thread while inside (one request's generation)."""
         prev = self._owner
         self._owner = threading.get_ident()
+        for reset in self.on_request:
+            reset()
         try:
             with _Counter(self):
                 yield self
@@ -214,7 +228,9 @@ class VirtualLink(LinkClock):
         return self.device_clock.now()
 
     def book(self, nbytes: int, now: float | None = None) -> float:
-        return super().book(nbytes, self.device_clock.now() if now is None else now)
+        ready = super().book(nbytes, self.device_clock.now() if now is None else now)
+        self.device_clock.copy_cost()
+        return ready
 
     def wait_until(self, ready: float) -> float:
         return self.device_clock.wait_until(ready)
@@ -287,6 +303,9 @@ def attach_profile(engine, profile) -> DeviceClock:
     rt = engine.runtime
     rt.transfer.clock = VirtualLink(rt.transfer.clock.profile, clock)
     rt.clock = clock
+    # the hits-first split rule reads an average of past grouped calls: each request starts from none, so the
+    # emulated schedule of a request does not depend on the requests before it
+    clock.on_request.append(lambda: setattr(rt, "_call_s", 0.0))
     if rt.prefetcher is not None:
         rt.prefetcher.now = clock.now
     _install_hooks(engine)
