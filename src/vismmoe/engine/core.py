@@ -338,14 +338,15 @@ class Engine:
         return rows, stats
 
     @torch.inference_mode()
-    def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None
-                ) -> loop.DecodeState:
+    def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None,
+                strategy=None) -> loop.DecodeState:
         """Run a prepared prompt (or `enc`, a pruned one) and return its `loop.DecodeState` with each row's first
         token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
         with `decode_one_token`, then `finish`; one batch at a time per engine. The decode step (strategy) is
-        chosen here, once for the batch: `step_strategy`."""
+        chosen here, once for the batch: `step_strategy` (or `strategy`)."""
         self.attach()
-        state = loop.prefill(self.model, self.family, inputs, self.step_strategy(max_new_tokens), self.eos_ids,
+        strategy = strategy if strategy is not None else self.step_strategy(max_new_tokens)
+        state = loop.prefill(self.model, self.family, inputs, strategy, self.eos_ids,
                              max_new_tokens, tuple(self.step_observers), enc, sampler)
         if self.clock is not None:
             state.t_first = self.clock.now()

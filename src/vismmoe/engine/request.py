@@ -46,6 +46,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"        # the finish reason a cancelled row gets ("shutdown": the server's drain)
     t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float | None = None            # perf_counter time the engine took it (queue time: t_start - t_submit)
     # ---- filled in by the engine -----------------------------------------------------------------------------
     inputs: dict | None = None              # prepared model inputs of this row alone (Engine.prepare_request)
     prepare_s: float = 0.0                  # seconds its preparation took (image decoding, processing, tokenizing)
