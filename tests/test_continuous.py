@@ -142,3 +142,78 @@ def test_rows_select_and_concat_pad_and_trim():
     assert q.mask.tolist() == [[1, 1, 1], [0, 1, 1]] and q.first.tolist() == [8, 7]
     assert torch.equal(q.cache.layers[0].keys[0], ka[1]) and torch.equal(q.cache.layers[0].values[1], -ka[0])
     assert q.cache.layers[1].conv_states[0].shape == (2, 4)
+
+
+def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_file, monkeypatch):
+    """Through the server's scheduler: requests submitted while others decode join them (never more than
+    `max_batch` rows), each gives what it gives alone, streams its text, and a newcomer whose prefill raises fails
+    alone (the running rows go on)."""
+    import threading
+
+    from vismmoe.serve.scheduler import Scheduler
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
+    specs = _specs(image_file)
+    alone = []
+    for s in specs:
+        r = _req(s)
+        eng.generate_requests([r])
+        alone.append(r)
+    prefill = eng.prefill
+
+    def poisoned(inputs, *a, **kw):
+        if inputs["input_ids"].shape[1] == poison_len:
+            raise RuntimeError("the prefill failed")
+        return prefill(inputs, *a, **kw)
+
+    poison = _req((None, "poison " * 7, dict(max_new_tokens=4)))
+    eng.prepare_request(poison)
+    poison_len = poison.prompt_tokens
+    monkeypatch.setattr(eng, "prefill", poisoned)
+    sizes = []
+    sched = Scheduler(eng, max_batch=2, on_batch=lambda rows: sizes.append(len(rows)))
+    got, finished = {}, threading.Event()
+    reqs = [_req(s) for s in specs]
+    streamed = {i: [] for i in range(len(reqs))}
+    for i, r in enumerate(reqs):
+        r.on_text = streamed[i].append
+
+    def done(req, error):
+        got[id(req)] = error
+        if len(got) == len(reqs) + 1:
+            finished.set()
+
+    sched.submit(reqs[0], done)                 # runs alone first; the rest arrive while it decodes
+    while not reqs[0].token_ids:
+        threading.Event().wait(0.01)
+    for r in reqs[1:3] + [poison] + reqs[3:]:
+        sched.submit(r, done)
+    assert finished.wait(timeout=120)
+    sched.close()
+    assert isinstance(got[id(poison)], RuntimeError)
+    for i, (a, b) in enumerate(zip(alone, reqs)):
+        assert got[id(b)] is None and (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        assert "".join(streamed[i]) == b.text
+    assert max(sizes) == 2 and sched.batching == "continuous"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_gpu_staggered_rows_match_each_row_alone(family, tiny_dirs, image_file):
+    """bf16 on the GPU, the fast step (graphs, compiled): rows joining and leaving a running batch give the tokens
+    each gives alone, at every expert resident and at the smallest budget."""
+    d = tiny_dirs[family]
+    base = load(d, device="cuda", dtype="bfloat16")
+    smallest = str(base.geometry.top_k * base.layout.nbytes)
+    for budget in ("100%", smallest):
+        eng = load(d, device="cuda", dtype="bfloat16", decode="auto", expert_budget=budget)
+        specs = _specs(image_file)
+        alone = []
+        for s in specs:
+            r = _req(s)
+            eng.generate_requests([r])
+            alone.append(r)
+        reqs = [_req(s) for s in specs]
+        _staggered(eng, reqs, [0, 1, 1, 2, 4])
+        for a, b in zip(alone, reqs):
+            assert b.token_ids == a.token_ids, (family, budget)
+        assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes

@@ -29,6 +29,16 @@ from ..step.decode import EagerStep
 from .request import GenerationRequest, RequestRows
 
 
+def blocker(engine) -> str | None:
+    """Why rows of `engine`'s model cannot join and leave a running batch (None: they can): sliding-window
+    attention layers (their cache keeps one window for the whole batch: step/rows.py)."""
+    cfg = engine.family.text_config(engine.config)
+    if getattr(cfg, "sliding_window", None) is not None or "sliding_attention" in (getattr(cfg, "layer_types", None)
+                                                                                    or ()):
+        return "sliding-window attention layers keep one window for the whole batch"
+    return None
+
+
 class RunningBatch:
     """See the module docstring. One thread drives it (a server's engine worker)."""
 
