@@ -118,8 +118,8 @@ def test_one_row_that_fails_leaves_its_batch(bundled_engine, samples, monkeypatc
 
 
 def test_a_batch_that_fails_before_its_first_token_runs_its_rows_alone():
-    """An exception for the whole batch in its prefill (one row's doing): each row runs again alone, so only the
-    row that causes it fails."""
+    """Static batching: an exception for the whole batch in its prefill (one row's doing): each row runs again
+    alone, so only the row that causes it fails."""
     from vismmoe.engine.request import GenerationRequest as G
     from vismmoe.serve.scheduler import Scheduler
 
@@ -131,7 +131,7 @@ def test_a_batch_that_fails_before_its_first_token_runs_its_rows_alone():
                 r.token_ids.append(1)
                 r.finish_reason = "length"
 
-    sched = Scheduler(Engine(), max_batch=4)
+    sched = Scheduler(Engine(), max_batch=4, batching="static")
     got, finished = {}, threading.Event()
 
     def done(req, error):

@@ -7,6 +7,9 @@
         C threads, each sending --requests chat completions back to back through the official `openai` client
         (an image as a data: URL + a question, temperature 0; --ignore-eos makes every answer --max-tokens long)
     -> per server and C: generated tokens per second of wall time, p50 / p99 request latency, mean batch size
+    --batchings continuous,static: servers of each batching (at --max-batches' largest) instead, compared in the
+    same run; --mixed-tokens 8,256: each request's max tokens cycles through 8, 16, ..., 256 (powers of two;
+    with --ignore-eos, exactly that many), and the p50 latency of the short ones (at most 32 tokens) is reported
     -> serve_load.md (table), serve_load.json, serve_load.png (tokens/s and p50 latency against clients)
 
 Run: `python -m vismmoe.bench.serve_load [--model DIR] [--device cuda] [--expert-budget 25%]`. The bundled model
@@ -43,26 +46,47 @@ def _data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _run_clients(client, model: str, prompts, clients: int, requests: int, max_tokens: int, ignore_eos: bool):
-    """(wall seconds, [latency s], generated tokens)."""
+SHORT = 32                  # tokens: a request this long or shorter counts as short (p50_short_s)
+
+
+def _lengths(mixed: str | None, max_tokens: int) -> list[int]:
+    """Max tokens of successive requests: `max_tokens`, or powers of two from lo to hi ("lo,hi")."""
+    if not mixed:
+        return [max_tokens]
+    lo, hi = (int(x) for x in mixed.split(","))
+    out = [lo]
+    while out[-1] * 2 <= hi:
+        out.append(out[-1] * 2)
+    return out
+
+
+def _run_clients(client, model: str, prompts, clients: int, requests: int, max_tokens, ignore_eos: bool):
+    """(wall seconds, [latency s], generated tokens, [latency s of short requests]); `max_tokens` an int or the
+    list that successive requests cycle through (client i starts at its i-th entry)."""
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens]
+
     def one(i: int):
-        lat, toks = [], 0
+        lat, toks, short = [], 0, []
         for j in range(requests):
             url, q = prompts[(i * requests + j) % len(prompts)]
+            n = lengths[(i + j) % len(lengths)]
             t0 = time.perf_counter()
             r = client.chat.completions.create(
-                model=model, temperature=0, max_tokens=max_tokens, extra_body={"ignore_eos": ignore_eos},
+                model=model, temperature=0, max_tokens=n, extra_body={"ignore_eos": ignore_eos},
                 messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                        {"type": "text", "text": q}]}])
             lat.append(time.perf_counter() - t0)
+            if n <= SHORT:
+                short.append(lat[-1])
             toks += r.usage.completion_tokens
-        return lat, toks
+        return lat, toks, short
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(clients)))
     wall = time.perf_counter() - t0
-    return wall, [x for lat, _ in results for x in lat], sum(t for _, t in results)
+    return (wall, [x for lat, _, _ in results for x in lat], sum(t for _, t, _ in results),
+            [x for _, _, sh in results for x in sh])
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -78,6 +102,10 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", default="auto")
     ap.add_argument("--clients", default="1,2,4,8")
     ap.add_argument("--max-batches", default="1,8", help="servers to compare, by their --max-batch")
+    ap.add_argument("--batchings", default=None,
+                    help="servers to compare by --batching (e.g. continuous,static), at the largest --max-batches")
+    ap.add_argument("--mixed-tokens", default=None, metavar="LO,HI",
+                    help="requests' max tokens cycle through powers of two from LO to HI (e.g. 8,256)")
     ap.add_argument("--requests", type=int, default=4, help="requests per client per run")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--ignore-eos", action="store_true")
@@ -96,61 +124,73 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     eng = load(args.model, device=args.device, expert_budget=args.expert_budget, decode=args.decode)
     batches = [int(x) for x in args.max_batches.split(",")]
+    lengths = _lengths(args.mixed_tokens, args.max_tokens)
+    # servers: (label, max batch, batching)
+    if args.batchings:
+        kinds = [(b, max(batches), b) for b in args.batchings.split(",")]
+    else:
+        kinds = [(mb, mb, "continuous") for mb in batches]
     clients = [int(x) for x in args.clients.split(",")]
     samples = _images_and_questions(args.model, 8)
     from ..engine.request import GenerationRequest
     warm_up(eng, max(batches), lambda: GenerationRequest.from_prompt(samples[0][0], samples[0][1], ignore_eos=True,
-                                                                     max_new_tokens=args.max_tokens))
+                                                                     max_new_tokens=max(lengths)))
     servers = {}
-    for i, mb in enumerate(batches):
-        app = create_app(eng, ServeOptions(model_name="m", max_batch=mb, max_queue=64))
+    for i, (label, mb, batching) in enumerate(kinds):
+        app = create_app(eng, ServeOptions(model_name="m", max_batch=mb, max_queue=64, batching=batching))
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18700 + i, log_level="error",
                                                 timeout_keep_alive=30))
         threading.Thread(target=srv.run, daemon=True).start()
         while not srv.started:
             time.sleep(0.02)
-        servers[mb] = (app, srv, OpenAI(base_url=f"http://127.0.0.1:{18700 + i}/v1", api_key="x", max_retries=2,
+        servers[label] = (app, srv, OpenAI(base_url=f"http://127.0.0.1:{18700 + i}/v1", api_key="x", max_retries=2,
                                         timeout=600))
     prompts = [(_data_url(im), q) for im, q in samples]
     for C in clients:               # every (batch size, KV length) shape compiles and captures before timing
         for mb, (_, _, c) in servers.items():
             _run_clients(c, "m", prompts, C, 1, args.max_tokens, args.ignore_eos)
     rows = {}
+    labels = list(servers)
     for C in clients:
         for rep in range(args.reps):
-            order = batches if rep % 2 == 0 else batches[::-1]
+            order = labels if rep % 2 == 0 else labels[::-1]
             for mb in order:
                 app, _, c = servers[mb]
                 n0 = app.state.scheduler.batches
-                wall, lat, toks = _run_clients(c, "m", prompts, C, args.requests, args.max_tokens, args.ignore_eos)
+                wall, lat, toks, short = _run_clients(c, "m", prompts, C, args.requests, lengths, args.ignore_eos)
                 nb = app.state.scheduler.batches - n0
-                row = rows.setdefault((mb, C), {"walls": [], "lat": [], "tokens": [], "batches": 0, "requests": 0})
+                row = rows.setdefault((mb, C), {"walls": [], "lat": [], "tokens": [], "batches": 0, "requests": 0,
+                                                "short": []})
                 row["walls"].append(wall)
                 row["lat"] += lat
+                row["short"] += short
                 row["tokens"].append(toks)
                 row["batches"] += nb
                 row["requests"] += len(lat)
-                print(f"max batch {mb}, {C} clients, rep {rep}: {toks / wall:.1f} tokens/s, "
+                print(f"server {mb}, {C} clients, rep {rep}: {toks / wall:.1f} tokens/s, "
                       f"p50 {statistics.median(lat):.3f} s", flush=True)
     table = []
-    for (mb, C), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (mb, C), r in sorted(rows.items(), key=lambda kv: (kv[0][1], labels.index(kv[0][0]))):
         tps = statistics.median(t / w for t, w in zip(r["tokens"], r["walls"]))
         table.append({"max_batch": mb, "clients": C, "tokens_per_s": tps, "p50_s": _pct(r["lat"], 0.5),
-                      "p99_s": _pct(r["lat"], 0.99), "mean_batch": r["requests"] / max(1, r["batches"]),
+                      "p99_s": _pct(r["lat"], 0.99), "p50_short_s": _pct(r["short"], 0.5) if r["short"] else None,
+                      "mean_batch": r["requests"] / max(1, r["batches"]),
                       "requests": r["requests"]})
     meta = {"model": args.model or "bundled vqa-moe", "device": args.device, "expert_budget": args.expert_budget,
-            "decode": eng.rc.decode, "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos,
+            "decode": eng.rc.decode, "max_tokens": lengths, "batchings": args.batchings, "ignore_eos": args.ignore_eos,
             "requests_per_client": args.requests, "reps": args.reps,
             "gpu": _gpu_name() if args.device.startswith("cuda") else None}
     with open(os.path.join(args.out, "serve_load.json"), "w") as f:
         json.dump({"meta": meta, "rows": table}, f, indent=1)
-    lines = ["| clients | max batch | tokens/s | p50 latency (s) | p99 latency (s) | mean batch |", "|---|---|---|---|---|---|"]
+    lines = ["| clients | server | tokens/s | p50 latency (s) | p99 latency (s) | p50 short (s) | requests per "
+             "finished step/batch |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['max_batch']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
+              f"{r['p50_short_s'] if r['p50_short_s'] is None else round(r['p50_short_s'], 3)} | "
               f"{r['mean_batch']:.2f} |" for r in table]
     with open(os.path.join(args.out, "serve_load.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot(table, batches, os.path.join(args.out, "serve_load.png"), meta)
+    _plot(table, labels, os.path.join(args.out, "serve_load.png"), meta)
     for app, srv, _ in servers.values():
         srv.should_exit = True
         app.state.scheduler.close()
@@ -170,8 +210,8 @@ def _plot(table, batches, path, meta) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for mb in batches:
         rs = [r for r in table if r["max_batch"] == mb]
-        a.plot([r["clients"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"max batch {mb}")
-        b.plot([r["clients"] for r in rs], [r["p50_s"] for r in rs], "o-", label=f"max batch {mb}")
+        a.plot([r["clients"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=f"server {mb}")
+        b.plot([r["clients"] for r in rs], [r["p50_s"] for r in rs], "o-", label=f"server {mb}")
     a.set(xlabel="concurrent clients", ylabel="generated tokens / s", title="throughput")
     b.set(xlabel="concurrent clients", ylabel="p50 request latency (s)", title="latency")
     for ax in (a, b):

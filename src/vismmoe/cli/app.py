@@ -513,8 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let image_url file:// URLs read files inside DIR (default: no local files)")
     sv.add_argument("--allow-remote-media", action="store_true", help="let image_url fetch http(s) URLs")
     sv.add_argument("--max-batch", type=int, default=8, metavar="N",
-                    help="most waiting requests decoded together (default 8: on the H200 and the CPU it raised "
-                         "tokens/s 1.5-2.4x at 4-8 clients and cost nothing at 1-2; docs/serving.md)")
+                    help="most requests decoded together: rows running at once (default 8; docs/serving.md)")
     sv.add_argument("--max-queue", type=int, default=16, metavar="N",
                     help="most requests waiting; more get HTTP 429 (default 16)")
     sv.add_argument("--max-body", default="32MiB", metavar="SIZE", help="largest request body (default 32MiB)")

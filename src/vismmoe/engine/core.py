@@ -39,7 +39,7 @@ from ..tools.timeline import Timeline
 from .budget import resolve_budget
 from .compress import VisualContext, keep_count, make_compressor, prune
 from .inputs import load_image
-from .request import GenerationRequest, TextStream, batch_inputs
+from .request import GenerationRequest, RequestRows, batch_inputs
 from .sampling import Sampler
 
 
@@ -341,14 +341,15 @@ class Engine:
         return rows, stats
 
     @torch.inference_mode()
-    def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None
-                ) -> loop.DecodeState:
+    def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None,
+                strategy=None) -> loop.DecodeState:
         """Run a prepared prompt (or `enc`, a pruned one) and return its `loop.DecodeState` with each row's first
         token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
         with `decode_one_token`, then `finish`; one batch at a time per engine. The decode step (strategy) is
-        chosen here, once for the batch: `step_strategy`."""
+        chosen here, once for the batch: `step_strategy` (or `strategy`)."""
         self.attach()
-        state = loop.prefill(self.model, self.family, inputs, self.step_strategy(max_new_tokens), self.eos_ids,
+        strategy = strategy if strategy is not None else self.step_strategy(max_new_tokens)
+        state = loop.prefill(self.model, self.family, inputs, strategy, self.eos_ids,
                              max_new_tokens, tuple(self.step_observers), enc, sampler)
         if self.clock is not None:
             state.t_first = self.clock.now()
@@ -465,37 +466,9 @@ class Engine:
         with self._lock:
             t0 = self._now()
             inputs = self._to_device(batch_inputs([r.inputs for r in reqs], pad))
-            streams = [TextStream(self.tokenizer, r.stop, self.eos_ids) for r in reqs]
-            sampler = Sampler([r.sampling for r in reqs])
-
-            def on_step(state: loop.DecodeState) -> None:
-                now = self._now()
-                for i, (r, ts) in enumerate(zip(reqs, streams)):
-                    if r.finish_reason is None and i in sampler.errors:
-                        r.error, r.finish_reason, r.text, r.t_end = sampler.errors[i], "error", ts.text, now
-                    if r.finish_reason is not None:
-                        state.done[i] = True
-                        continue
-                    tok = state.tokens[i][-1]
-                    r.token_ids.append(tok)
-                    r.t_first = r.t_first or now
-                    delta, stopped = ts.push(tok)
-                    eos = tok in self.eos_ids and not r.ignore_eos
-                    if eos or stopped:
-                        r.finish_reason = "stop"
-                    elif len(r.token_ids) >= r.max_new_tokens:
-                        r.finish_reason = "length"
-                    elif r.cancelled.is_set():
-                        r.finish_reason = r.cancel_reason
-                    if r.finish_reason is not None:
-                        delta += ts.close()
-                        r.text, r.t_end = ts.text, now
-                    if delta and r.on_text is not None:
-                        r.on_text(delta)
-                    state.done[i] = r.finish_reason is not None
-
-            _, stats = self._generate_ids(inputs, max(r.max_new_tokens for r in reqs), None, sampler, on_step,
-                                          compressible=all(len(r.images) == 1 for r in reqs))
+            rows = RequestRows(reqs, self.tokenizer, self.eos_ids, now=self._now)
+            _, stats = self._generate_ids(inputs, max(r.max_new_tokens for r in reqs), None, rows.sampler,
+                                          rows.on_step, compressible=all(len(r.images) == 1 for r in reqs))
             for r in reqs:
                 # times from the start of the batch, plus the request's own preprocessing (a row that failed at its
                 # first token has none)

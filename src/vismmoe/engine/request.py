@@ -6,6 +6,9 @@
     TextStream          token ids -> text deltas safe to show: held back while a character is incomplete, while
                         the text ends in whitespace (the final text is stripped), or while its end could begin a
                         stop string
+    RequestRows         the loop's `on_step(state)` for a batch of requests: each row's token -> its request
+                        (tokens, text deltas to `on_text`, stop strings, EOS, token limit, cancel, a sampling
+                        error); marks the row done; rows can join and leave (continuous batching)
     batch_inputs        rows prepared one by one (B = 1 each) -> one left-padded batch
 
 A request's state lives here, never on the engine: several requests can be in flight (queued, prepared, batched)
@@ -21,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .sampling import GREEDY, SamplingParams
+from .sampling import GREEDY, Sampler, SamplingParams
 
 
 @dataclass
@@ -43,6 +46,7 @@ class GenerationRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "cancelled"        # the finish reason a cancelled row gets ("shutdown": the server's drain)
     t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float | None = None            # perf_counter time the engine took it (queue time: t_start - t_submit)
     # ---- filled in by the engine -----------------------------------------------------------------------------
     inputs: dict | None = None              # prepared model inputs of this row alone (Engine.prepare_request)
     prepare_s: float = 0.0                  # seconds its preparation took (image decoding, processing, tokenizing)
@@ -123,6 +127,64 @@ class TextStream:
         delta = self.text[self.sent:end]
         self.sent = max(self.sent, end)
         return delta
+
+
+class RequestRows:
+    """The request side of a batch: row i of the loop's `DecodeState` is `reqs[i]`. `on_step(state)` (handed to
+    `loop.run`, or called after each step by a driver of its own) gives each live row's newest token to its request
+    and marks the row done once its request finished: EOS (unless `ignore_eos`), a stop string, its token limit,
+    a cancel, or a sampling error of its row (`Sampler.errors`: finish reason "error"). `sampler` picks every
+    row's tokens (per-row parameters and generators). `now()` is the clock of `t_first`/`t_end`.
+
+    Rows join and leave (continuous batching): `take(keep)` keeps rows `keep` in that order, `extend(other)`
+    appends another batch's rows; the sampler follows (each row keeps its own generator)."""
+
+    def __init__(self, reqs: list[GenerationRequest], tokenizer, eos_ids: set[int], now=time.perf_counter):
+        self.reqs = list(reqs)
+        self.eos_ids, self.now = eos_ids, now
+        self.streams = [TextStream(tokenizer, r.stop, eos_ids) for r in reqs]
+        self.sampler = Sampler([r.sampling for r in reqs])
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def on_step(self, state) -> None:
+        now = self.now()
+        for i, (r, ts) in enumerate(zip(self.reqs, self.streams)):
+            if r.finish_reason is None and i in self.sampler.errors:
+                r.error, r.finish_reason, r.text, r.t_end = self.sampler.errors[i], "error", ts.text, now
+            if r.finish_reason is not None:
+                state.done[i] = True
+                continue
+            tok = state.tokens[i][-1]
+            r.token_ids.append(tok)
+            r.t_first = r.t_first or now
+            delta, stopped = ts.push(tok)
+            eos = tok in self.eos_ids and not r.ignore_eos
+            if eos or stopped:
+                r.finish_reason = "stop"
+            elif len(r.token_ids) >= r.max_new_tokens:
+                r.finish_reason = "length"
+            elif r.cancelled.is_set():
+                r.finish_reason = r.cancel_reason
+            if r.finish_reason is not None:
+                delta += ts.close()
+                r.text, r.t_end = ts.text, now
+            if delta and r.on_text is not None:
+                r.on_text(delta)
+            state.done[i] = r.finish_reason is not None
+
+    def take(self, keep: list[int]) -> None:
+        """Keep rows `keep` (indices, in their new order)."""
+        self.reqs = [self.reqs[i] for i in keep]
+        self.streams = [self.streams[i] for i in keep]
+        self.sampler = self.sampler.take(keep)
+
+    def extend(self, other: RequestRows) -> None:
+        """Append `other`'s rows after these."""
+        self.reqs += other.reqs
+        self.streams += other.streams
+        self.sampler = self.sampler.joined(other.sampler)
 
 
 def batch_inputs(rows: list[dict], pad_id: int) -> dict:

@@ -84,6 +84,23 @@ class Sampler:
         self.errors: dict[int, NonFiniteLogits] = {}
         self._steps = 0
 
+    def take(self, keep: list[int]) -> Sampler:
+        """A sampler of rows `keep` (indices into this one, in their new order): their parameters, generators and
+        errors."""
+        out = Sampler([self.params[i] for i in keep])
+        out._gens = [self._gens[i] for i in keep]
+        out.errors = {j: self.errors[i] for j, i in enumerate(keep) if i in self.errors}
+        out._steps = self._steps
+        return out
+
+    def joined(self, other: Sampler) -> Sampler:
+        """A sampler of this one's rows, then `other`'s (each keeps its generator and errors)."""
+        out = Sampler(self.params + other.params)
+        out._gens = self._gens + other._gens
+        out.errors = {**self.errors, **{len(self.params) + i: e for i, e in other.errors.items()}}
+        out._steps = max(self._steps, other._steps)
+        return out
+
     def _generator(self, r: int, device: torch.device) -> torch.Generator:
         g = self._gens[r]
         if g is None:

@@ -64,6 +64,7 @@ class ServeOptions:
     media: MediaRules = MediaRules()
     max_batch: int = 8
     max_queue: int = 16
+    batching: str = "continuous"            # or "static" (serve/scheduler.py)
     max_prompt_chars: int | None = None     # characters of text in a request's messages (None: CHARS_PER_TOKEN x
     #                                         the model's context); checked before anything is tokenized
     max_images: int = 32                    # image parts in one request
@@ -98,8 +99,8 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
     app = FastAPI(title="vismmoe", docs_url=None, redoc_url=None, openapi_url=None)
     sched_box: list[Scheduler] = []
     metrics = ServerMetrics(engine, lambda: sched_box[0])
-    sched = Scheduler(engine, max_batch=opts.max_batch, max_queue=opts.max_queue,
-                      on_batch=lambda reqs: metrics.batch_size.observe(len(reqs)))
+    sched = Scheduler(engine, max_batch=opts.max_batch, max_queue=opts.max_queue, batching=opts.batching,
+                      on_batch=lambda reqs: metrics.batch_size.observe(len(reqs)), on_start=metrics.started)
     sched_box.append(sched)
     app.state.scheduler, app.state.metrics, app.state.engine = sched, metrics, engine
     app.state.drain = lambda: sched.drain(opts.shutdown_timeout_s)     # called when the server begins to stop

@@ -28,6 +28,10 @@ def add_arguments(sv) -> None:
                     help="most characters of text in one request, checked before tokenizing (default: 16 per "
                          "token of the model's context)")
     sv.add_argument("--max-images", type=int, default=32, metavar="N", help="most images in one request (default 32)")
+    sv.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                    help="continuous: a request joins the running rows between decode steps and leaves when it "
+                         "ends; static: waiting requests run as one batch to its end (default continuous; "
+                         "docs/serving.md)")
     sv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                     help="on SIGTERM/SIGINT, seconds running requests may go on; then they end with finish reason "
                          "'shutdown' (HTTP 503) (default 5)")
@@ -88,7 +92,8 @@ def options_from(args, engine):
                         media=MediaRules(allowed_local=args.allowed_local_media,
                                          allow_remote=args.allow_remote_media,
                                          allow_networks=_allow_networks(args)),
-                        max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_chars=args.max_prompt_chars,
+                        max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                        max_prompt_chars=args.max_prompt_chars,
                         max_images=args.max_images, shutdown_timeout_s=args.shutdown_timeout)
 
 
@@ -127,7 +132,7 @@ def serve(args, engine_from) -> int:
 
     def started(port: int) -> None:
         print(f"vismmoe: serving {opts.model_name!r} at http://{host}:{port}/v1 "
-              f"(max batch {opts.max_batch}, queue {opts.max_queue}"
+              f"({app.state.scheduler.batching} batching, max batch {opts.max_batch}, queue {opts.max_queue}"
               f"{', API key required' if opts.api_key else ''})", file=sys.stderr, flush=True)
 
     server = HTTPServer(server_config(app, opts.shutdown_timeout_s), on_started=started)

@@ -1,7 +1,8 @@
 """The server's Prometheus metrics (prometheus_client, one registry per server).
 
 Request metrics are observed as requests end: outcomes, TTFT (from arrival, queueing included), time per output
-token, end-to-end latency, prompt and generated tokens, batch sizes. Offload metrics are read from the engine's
+token, end-to-end latency, prompt and generated tokens, batch sizes (static: requests per batch; continuous: rows
+per decode step); each request's queue time (arrival to the engine taking it) as it starts. Offload metrics are read from the engine's
 cache counters when scraped, so they are exact at that moment: expert hits, misses, prefetch hits, bytes moved,
 stall seconds, per-layer hit rate, and cache occupancy against the expert budget. Queue length and running
 requests are read from the scheduler when scraped.
@@ -28,13 +29,20 @@ class ServerMetrics:
                              registry=r)
         self.prompt_tokens = Counter("vismmoe_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("vismmoe_generation_tokens", "Generated tokens", registry=r)
-        self.batch_size = Histogram("vismmoe_batch_size", "Requests per engine batch", buckets=(1, 2, 4, 8, 16, 32),
-                                    registry=r)
-        q = Gauge("vismmoe_queue_length", "Requests waiting for the engine", registry=r)
+        self.batch_size = Histogram("vismmoe_batch_size", "Requests per engine batch (continuous: rows per decode "
+                                    "step)", buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.queue_time = Histogram("vismmoe_queue_time_seconds", "Arrival to the engine taking the request",
+                                    buckets=_LATENCY, registry=r)
+        q = Gauge("vismmoe_queue_length", "Requests (rows) waiting for the engine", registry=r)
         q.set_function(lambda: scheduler_ref().queued)
-        running = Gauge("vismmoe_running_requests", "Requests in the batch the engine runs now", registry=r)
+        running = Gauge("vismmoe_running_requests", "Requests (rows) the engine runs now", registry=r)
         running.set_function(lambda: scheduler_ref().running)
         r.register(_OffloadCollector(engine))
+
+    def started(self, req) -> None:
+        """`req` left the queue for the engine."""
+        if req.t_start is not None:
+            self.queue_time.observe(max(0.0, req.t_start - req.t_submit))
 
     def observe(self, req, outcome: str) -> None:
         """A request ended with `outcome` (ok, cancelled, client_error, rejected, error)."""

@@ -1,23 +1,26 @@
-"""Requests from many clients onto one engine: a bounded queue and a worker thread that runs them in batches.
+"""Requests from many clients onto one engine: a bounded queue and a worker thread that runs them.
 
     submit(request)  ->  queued (QueueFull when `max_queue` wait already: the server answers 429)
-    worker           ->  takes the oldest request and up to `max_batch - 1` more that are waiting, drops those
-                         cancelled while they waited, runs the rest as ONE batch (Engine.generate_requests:
-                         prefill together, decode steps together, each row stops on its own), then calls each
-                         request's `done` callback
-    a request cancelled while it runs stops at its next token; when every row of a batch is done the batch ends
-    and its KV cache is freed
+    worker, batching "continuous" (default): between two decode steps of the running rows, ONE waiting request
+                         is prefilled (alone) and joins them, while fewer than `max_batch` rows run; a row that
+                         finishes (EOS, stop string, token limit), is cancelled (client gone) or fails (its
+                         sampling) leaves at once and its `done` callback is called; its place is free for the
+                         next newcomer (engine/running.py)
+    worker, batching "static": takes the oldest request and up to `max_batch - 1` more that are waiting, drops
+                         those cancelled while they waited, runs the rest as ONE batch (Engine.generate_requests:
+                         prefill together, decode steps together, each row stops on its own) to its end, then
+                         calls each request's `done` callback; newcomers wait for the next batch
     drain(timeout)   ->  (shutdown) no new request is taken (ShuttingDown); those queued or running may finish
                          until the deadline, then each is cancelled with finish reason "shutdown"
 
-One request never fails the others of its batch: a row's own failure (its preparation, its sampling) ends that
-row alone with its `error`; a batch that fails as a whole before any row got a token (an exception in the
-prefill) runs its rows again one by one, so the one that caused it fails alone.
+One request never fails the others: a row's own failure (its preparation, its sampling) ends that row alone with
+its `error`. Continuous: a newcomer whose prefill raises fails alone (the running rows are untouched); a decode
+step that raises fails the rows of that step. Static: a batch that fails as a whole before any row got a token
+(an exception in the prefill) runs its rows again one by one, so the one that caused it fails alone.
 
-Batching is static (a batch runs to its end; newcomers wait for the next one): `max_batch` 1 takes requests in
-turn. Which is faster depends on the machine, the model and the budget: docs/serving.md has the measurements
-behind the default. The engine runs one batch at a time; preparing requests (images, tokens) happens in the
-server's threads, beside it.
+A model whose KV cannot be re-batched row by row (sliding-window attention layers: step/rows.py) runs static.
+docs/serving.md has the measurements of both. Preparing requests (images, tokens) happens in the server's
+threads, beside the engine.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import Callable
 
 from ..errors import UserError
 from ..engine.request import GenerationRequest
+from ..engine.running import RunningBatch, blocker
 
 log = logging.getLogger("vismmoe.serve")
 
@@ -42,13 +47,20 @@ class ShuttingDown(QueueFull):
 
 
 class Scheduler:
-    def __init__(self, engine, *, max_batch: int = 1, max_queue: int = 16,
-                 on_batch: Callable[[list[GenerationRequest]], None] | None = None):
+    def __init__(self, engine, *, max_batch: int = 1, max_queue: int = 16, batching: str = "continuous",
+                 on_batch: Callable[[list[GenerationRequest]], None] | None = None,
+                 on_start: Callable[[GenerationRequest], None] | None = None):
         if max_batch < 1 or max_queue < 1:
             raise UserError(f"--max-batch {max_batch} / --max-queue {max_queue} must be at least 1",
                             "give positive numbers")
-        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.on_batch = on_batch
+        if batching not in ("continuous", "static"):
+            raise UserError(f"--batching {batching!r} is not known", "give continuous or static")
+        if batching == "continuous" and blocker(engine) is not None:
+            log.warning("continuous batching cannot run this model (%s): batching statically", blocker(engine))
+            batching = "static"
+        self.engine, self.max_batch, self.max_queue, self.batching = engine, max_batch, max_queue, batching
+        self.on_batch = on_batch                # (requests of a static batch, or rows of a continuous step)
+        self.on_start = on_start                # a request leaves the queue for the engine (queue time)
         self._waiting: collections.deque = collections.deque()    # (request, done callback)
         self._cv = threading.Condition()
         self._closed = False
@@ -57,7 +69,8 @@ class Scheduler:
         self._running: list[GenerationRequest] = []
         self.running = 0                        # requests in the batch that runs now
         self.batches = 0
-        self._thread = threading.Thread(target=self._loop, name="vismmoe-engine", daemon=True)
+        loop = self._loop_continuous if batching == "continuous" else self._loop
+        self._thread = threading.Thread(target=loop, name="vismmoe-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -137,9 +150,68 @@ class Scheduler:
             for req, done in live:
                 _call(done, req, req.error or errors[id(req)])
 
+    def _started(self, req: GenerationRequest) -> None:
+        req.t_start = req.t_start or time.perf_counter()
+        if self.on_start is not None:
+            try:
+                self.on_start(req)
+            except Exception:
+                log.exception("start callback failed")
+
+    def _loop_continuous(self) -> None:
+        batch = RunningBatch(self.engine)
+        callbacks: dict[int, Callable] = {}
+        while True:
+            with self._cv:
+                while not self._waiting and not len(batch) and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._waiting and not len(batch):
+                    return
+                new = self._waiting.popleft() if self._waiting and len(batch) < self.max_batch else None
+                if self._cancel_reason is not None:
+                    for r in batch.requests + ([new[0]] if new else []):
+                        r.cancel(self._cancel_reason)
+                self._running = batch.requests + ([new[0]] if new else [])
+            finished = []
+            if new is not None:
+                req, done = new
+                self._started(req)
+                if req.cancelled.is_set():
+                    req.finish_reason = req.cancel_reason
+                    _call(done, req, None)
+                else:
+                    callbacks[id(req)] = done
+                    try:
+                        finished += batch.admit(req)
+                    except Exception as e:      # a bug or a device failure in its prefill: this request's 500
+                        log.exception("prefill of a request failed")
+                        req.finish_reason = req.finish_reason or "error"
+                        _call(callbacks.pop(id(req)), req, e)
+            self.running = len(batch)
+            if len(batch):
+                rows = batch.requests
+                try:
+                    finished += batch.step()
+                except Exception as e:          # the step failed as a whole: its rows get a 500
+                    log.exception("decode step of %d rows failed", len(rows))
+                    for r in batch.abort():
+                        r.finish_reason = r.finish_reason or "error"
+                        _call(callbacks.pop(id(r)), r, e)
+                if self.on_batch is not None:
+                    self.on_batch(rows)
+            self.running = len(batch)
+            for r in finished:
+                _call(callbacks.pop(id(r)), r, r.error)
+            if finished:
+                self.batches += 1
+            with self._cv:
+                self._running = batch.requests
+
     def _run(self, reqs: list[GenerationRequest]) -> Exception | None:
         """One batch on the engine; the exception that failed it as a whole (None: it ran; rows' own errors are
         on the rows)."""
+        for r in reqs:
+            self._started(r)
         with self._cv:
             self._running = list(reqs)
             if self._cancel_reason is not None:

@@ -51,6 +51,12 @@ class EagerStep:
     def finish(self, state) -> None:
         pass
 
+    def export(self, state) -> Prefilled:
+        """The batch as a `Prefilled` (its own cache, mask, deltas and next tokens: no copy), for rows to join or
+        leave (rows.py) before `start` takes it back."""
+        kv = state.kv
+        return Prefilled(kv.cache, kv.mask, kv.deltas, kv.nxt)
+
 
 def cut_at_eos(row: list[int], eos_ids, keep_eos: bool = True) -> list[int]:
     """`row` up to its first EOS token: with that EOS (`keep_eos`, the token ids a request returns) or without it

@@ -23,6 +23,7 @@ through `decode_experts_reference`), which is what CI tests.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +123,21 @@ class FastStep:
         if kv.inflight is not None:
             self.settle(kv.inflight, state.steppers)
             kv.inflight = None
+
+    def export(self, state) -> Prefilled:
+        """The batch as a `Prefilled` for rows to join or leave (rows.py): views of its bucket's first `rows` rows
+        and `pos` columns (`finish` first). Whoever re-batches copies them before the next `start` (which may
+        load the same bucket)."""
+        b = state.kv.bucket
+        B, T = b.rows, int(b.pos)
+        layers = []
+        for kv in b.kv:
+            if hasattr(kv, "k"):
+                layers.append(SimpleNamespace(keys=kv.k[:B, :, :T], values=kv.v[:B, :, :T]))
+            else:
+                layers.append(SimpleNamespace(**{n: [x[:B] for x in getattr(kv, n)] for n in
+                                                 ("conv_states", "recurrent_states")}))
+        return Prefilled(SimpleNamespace(layers=layers), b.mask[:B, :T].long(), b.deltas[:B], b.ids[:B, 0])
 
     # ---- the step --------------------------------------------------------------------------------------------
     def advance(self, b: Bucket, teacher_token: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:

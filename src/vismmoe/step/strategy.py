@@ -7,8 +7,11 @@
                                               sampler's pick; `teacher_token` forces the step's input token
     finish(state)                             the last step's books (a strategy may book a step while the next
                                               runs)
+    export(state) -> Prefilled                after `finish`: the batch's KV, mask, deltas and next tokens, for
+                                              rows to join or leave between steps (rows.py); `start` takes the
+                                              re-batched one back
 
-A new strategy is one class with these three methods; the loop, the `DecodeState` and the engine stay as they
+A new strategy is one class with these four methods; the loop, the `DecodeState` and the engine stay as they
 are.
 """
 
@@ -38,3 +41,5 @@ class DecodeStrategy(Protocol):
     def step(self, state, teacher_token: int | None) -> list[int]: ...
 
     def finish(self, state) -> None: ...
+
+    def export(self, state) -> Prefilled: ...
