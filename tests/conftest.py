@@ -114,3 +114,21 @@ def in_thread(fn, timeout: float = 120.0) -> dict:
     t.join(timeout)
     assert not t.is_alive(), "hung"
     return out
+
+
+POISON_TEMPERATURE = 0.777
+
+
+def poison_sampling(monkeypatch) -> None:
+    """Rows sampled at temperature POISON_TEMPERATURE get a NaN logit (broken weights, as the sampler sees them):
+    what the one-row-fails-alone tests of the engine and the server inject."""
+    from vismmoe.engine.sampling import Sampler
+    pick = Sampler.pick
+
+    def poisoned(self, logits):
+        for r, p in enumerate(self.params):
+            if p.temperature == POISON_TEMPERATURE:
+                logits[r, 3] = float("nan")
+        return pick(self, logits)
+
+    monkeypatch.setattr(Sampler, "pick", poisoned)

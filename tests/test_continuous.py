@@ -9,9 +9,11 @@ import torch
 from vismmoe import load
 from vismmoe.engine.request import GenerationRequest
 from vismmoe.engine.running import RunningBatch
-from vismmoe.engine.sampling import NonFiniteLogits, Sampler, SamplingParams
+from vismmoe.engine.sampling import NonFiniteLogits, SamplingParams
 from vismmoe.step import rows as kvrows
 from vismmoe.step.strategy import Prefilled
+
+from .conftest import poison_sampling
 
 PROMPTS = ["What is in the picture?", "How many shapes are there?", "Describe it.", "Is there a circle?"]
 SEEDED = SamplingParams(temperature=1.0, top_k=20, seed=3)
@@ -92,15 +94,7 @@ def test_a_row_whose_sampling_fails_leaves_the_others_go_on(tiny_dirs, image_fil
     eng = load(tiny_dirs["qwen3_vl_moe"])
     want = _req((image_file, PROMPTS[0], dict(max_new_tokens=6)))
     eng.generate_requests([want])
-    pick = Sampler.pick
-
-    def poisoned(self, logits):
-        for r, p in enumerate(self.params):
-            if p.temperature == 0.777:
-                logits[r, 3] = float("nan")
-        return pick(self, logits)
-
-    monkeypatch.setattr(Sampler, "pick", poisoned)
+    poison_sampling(monkeypatch)
     good = _req((image_file, PROMPTS[0], dict(max_new_tokens=6)))
     bad = _req((None, PROMPTS[1], dict(max_new_tokens=6, sampling=SamplingParams(temperature=0.777))))
     bad_image = _req(("/no/such/image.png", PROMPTS[1], dict(max_new_tokens=6)))

@@ -28,6 +28,7 @@ from vismmoe.serve import media
 from vismmoe.serve.media import MediaRules, image_bytes, parse_networks
 from vismmoe.errors import UserError
 
+from .conftest import poison_sampling
 from .serve_util import MODEL, Server, chat, data_url, text_chat
 
 
@@ -67,15 +68,7 @@ def test_sampling_values_below_float32_answer_and_spare_their_batch(server, bund
 def test_a_row_whose_logits_hold_nan_fails_alone(server, bundled_engine, samples, monkeypatch):
     """Logits with NaN (broken weights) for one sampled request: that request gets its own error (500: the model's
     fault, not the client's), the requests batched with it their usual answers."""
-    pick = Sampler.pick
-
-    def poisoned(self, logits):
-        for r, p in enumerate(self.params):
-            if p.temperature == 0.777:
-                logits[r, 3] = float("nan")
-        return pick(self, logits)
-
-    monkeypatch.setattr(Sampler, "pick", poisoned)
+    poison_sampling(monkeypatch)
     s = samples[1]
     want = bundled_engine.generate(s.image, s.question, max_new_tokens=5).text
     greedy = chat(s.image, s.question, temperature=0, max_tokens=5)
