@@ -34,11 +34,11 @@ SHAPES = ("qwen3-vl-30b-a3b", "qwen3-30b-a3b", "qwen3.5-35b-a3b", "internvl3.5-3
 def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int, reps: int, hbm: float,
          say) -> dict:
     from ..step.fast_step import unsupported_reason
-    fam, config = get_shape(shape)
-    t0 = time.perf_counter()
     from ..families import get_family
+    fam, config = get_shape(shape)
+    fam, config = get_shape(shape, min(layers, get_family(fam).text_config(config).num_hidden_layers))
     tc = get_family(fam).text_config(config)
-    tc.num_hidden_layers = min(layers, tc.num_hidden_layers)
+    t0 = time.perf_counter()
     base = random_engine(fam, config, device="cuda", expert_budget="100%", policy="lru", decode="fast")
     row = {"shape": shape, "family": fam, "layers": tc.num_hidden_layers,
            "moe_layers": len(base.geometry.moe_layers), "build_s": time.perf_counter() - t0}

@@ -98,11 +98,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    fam, config = get_shape(args.shape)
+    fam, config = get_shape(args.shape, args.layers or None)
     from ..families import get_family
     tc = get_family(fam).text_config(config)
-    if args.layers:
-        tc.num_hidden_layers = args.layers                          # as make-shape --layers cuts a shape
     dev = torch.device("cuda")
     formats = []
     for f in args.formats.split(","):

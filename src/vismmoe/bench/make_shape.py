@@ -132,11 +132,9 @@ def _write_shape(shape: str, out_dir: str, layers: int | None, dtype: str, seed:
     from ..engine.loading import skeleton
     from ..families import get_family
     from .shapes import get_shape
-    fam_name, config = get_shape(shape)
+    fam_name, config = get_shape(shape, layers)
     family = get_family(fam_name)
     tc = family.text_config(config)
-    if layers is not None:
-        tc.num_hidden_layers = layers
     tc.vocab_size = _tokenizer_files(out_dir, tc.vocab_size)
     tok = AutoTokenizer.from_pretrained(out_dir)
     ids = family.token_ids(tok)

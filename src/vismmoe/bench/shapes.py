@@ -185,10 +185,20 @@ SHAPES = {
 }
 
 
-def get_shape(name: str):
-    """(family name, config) of a named shape."""
+def get_shape(name: str, layers: int | None = None):
+    """(family name, config) of a named shape; `layers`: its first `layers` decoder layers only (the text config's
+    per-layer lists, e.g. `layer_types`, `mlp_layer_types`, cut to match)."""
     try:
         fam, make = SHAPES[name]
     except KeyError:
         raise UserError(f"unknown shape {name!r}", f"use one of {', '.join(sorted(SHAPES))}") from None
-    return fam, make()
+    config = make()
+    if layers is not None:
+        from ..families import get_family
+        tc = get_family(fam).text_config(config)
+        old = tc.num_hidden_layers
+        for key, value in list(vars(tc).items()):
+            if isinstance(value, list) and len(value) == old and key != "moe_intermediate_size":
+                setattr(tc, key, value[:layers])
+        tc.num_hidden_layers = layers
+    return fam, config

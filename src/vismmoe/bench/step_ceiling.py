@@ -172,10 +172,7 @@ def main(argv=None):
     dev = torch.device("cuda")
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    fam, config = get_shape(args.shape)
-    if args.layers:
-        from ..families import get_family
-        get_family(fam).text_config(config).num_hidden_layers = args.layers      # as make-shape --layers cuts a shape
+    fam, config = get_shape(args.shape, args.layers or None)
     base = random_engine(fam, config, device="cuda", expert_budget="100%", policy="lru")
     base.progress = say
     res = {"shape": args.shape, "layers": args.layers or "all", "routing": "random weights", "machine": torch.cuda.get_device_name(),
