@@ -8,7 +8,8 @@ the attention mask column set again) after the experts of its FIRST such MoE lay
 routing came from exact inputs, so its experts are the right ones, and in the re-run it reads them: every re-run
 makes one more MoE layer exact, and a step runs at most (MoE layers with such a miss) + 1 times. The misses of
 later layers seen in the same run are staged too while the staging holds fewer than one step's worth
-(MoE layers x rows x top-k) of blobs: most are right guesses and save a re-run. An expert not staged is read
+(MoE layers x rows x top-k) of blobs: most are right guesses and save a re-run. So a token stages at most two
+steps' worth (the guesses, and each layer's certain misses). An expert not staged is read
 from a zero blob (a valid address; the run that read it is discarded). The last run, in which every expert read
 was a slot or a staged blob, is the step: the same arithmetic as a read from a slot or a host store.
 
