@@ -77,6 +77,28 @@ def test_fast_disk_batch_and_teacher_forcing(tiny_dirs, image_file):
         host.generate_ids(inputs, NEW, teacher_tokens=teacher)[0]
 
 
+def test_fast_disk_under_ring_pressure_with_lookahead(tiny_dirs, image_file, monkeypatch):
+    """A staging ring of 2 slots, decode lookahead (gate) adding reads, a batch of two: tokens equal the host
+    tier's, the staging blobs stay within two steps' worth, every ring slot comes back."""
+    import time
+    from vismmoe.offload import store as store_mod
+    real = store_mod.DiskStore.__init__
+    monkeypatch.setattr(store_mod.DiskStore, "__init__", lambda self, *a, **k: real(self, *a, **{**k, "staging": 2}))
+    d = tiny_dirs["glm4v_moe"]
+    smallest = _budgets(d)[-1]
+    kw = dict(decode="fast", expert_budget=smallest, prefetch="gate", fixed_lookahead=True)
+    host, disk = load(d, **kw), load(d, expert_tier="disk", **kw)
+    prompts = [PROMPT, "How many shapes are there?"]
+    assert [g.token_ids for g in disk.generate_batch([image_file] * 2, prompts, NEW)] == \
+        [g.token_ids for g in host.generate_batch([image_file] * 2, prompts, NEW)]
+    dm = disk.fast_step().disk
+    assert dm.reruns > 0 and 0 < len(dm.blobs) <= 2 * dm.L * 2 * dm.K
+    deadline = time.time() + 5                  # prefetches may still be copying
+    while not _ring_free(disk) and time.time() < deadline:
+        time.sleep(0.01)
+    assert _ring_free(disk)
+
+
 def test_fast_disk_refuses_in_place_decode_state(tiny_dirs):
     from vismmoe.errors import UserError
     eng = load(tiny_dirs["qwen3_5_moe"], decode="fast", expert_tier="disk")

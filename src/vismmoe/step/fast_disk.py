@@ -32,6 +32,7 @@ class DiskMisses:
 
     def __init__(self, fs):
         self.store, self.cuda = fs.store, fs.cuda
+        self.transfer = fs.runtime.transfer
         self.store_pos = fs.store_pos
         self.numel, self.dtype = fs.layout.numel, fs.layout.pool_dtype
         L, E = len(fs.moe_layers), fs.E
@@ -70,8 +71,8 @@ class DiskMisses:
 
     def stage(self, todo: list[tuple[int, int]], rows: int) -> None:
         """Stage the experts of `todo`'s first layer, and of later layers while fewer than one step's worth of
-        blobs (MoE layers x `rows` x top-k) are staged. Each is read through the store's ring (`DiskStore.blob`,
-        given back at once) into a staging blob."""
+        blobs (MoE layers x `rows` x top-k) are staged. Each is read through the store's ring
+        (`TransferEngine.staged`, given back at once) into a staging blob."""
         first = todo[0][0]
         cap = self.L * rows * self.K
         for p, e in todo:
@@ -80,7 +81,7 @@ class DiskMisses:
             if self.used == len(self.blobs):
                 self.blobs.append(self._empty())
             dst = self.blobs[self.used]
-            src = self.store.blob(self.store_pos[p], e)
+            src = self.transfer.staged(self.store_pos[p], e)
             try:
                 dst.copy_(src)
             finally:
