@@ -216,9 +216,12 @@ class FastStep:
         """Disk tier: while the step routed to an expert it could not read, stage (fast_disk.DiskMisses.stage)
         and run the step again from its snapshot; `fl` ends with the routing and tokens of the exact run."""
         nL = len(self.moe_layers)
+        t0 = time.perf_counter()
         while True:
             todo = self.disk.unreadable(fl.used, fl.idx)
             if not todo:
+                if fl.reruns:                               # the step waited on the files and its own re-runs
+                    fl.stall_s += time.perf_counter() - t0
                 return
             self.disk.stage(todo, b.rows)
             self.disk.reruns += 1
@@ -272,7 +275,7 @@ class FastStep:
             if delay > 0:
                 time.sleep(delay)
                 rt.transfer.host_wait_s += delay
-                fl.stall_s = delay
+                fl.stall_s += delay
         return queued
 
     def settle(self, fl: _InFlight, steppers=()) -> None:
