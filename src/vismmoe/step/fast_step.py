@@ -13,6 +13,8 @@ books); the static buffers, compiled layers and CUDA graphs are the model's (ste
                  the copy stream
         settle:  while the next step runs: hits touch the policy, routing observers, stall, timeline
     A slot is read by a step only once its copy has landed.
+    The disk tier (no host blob to read a miss from): a step that routed to such an expert stages it through the
+    store's ring and runs again from its snapshot (fast_disk.py).
 
 Mechanism only: which expert leaves is the policy's call, the copies are the transfer engine's, the cache's slots
 and counters are the cache's. The prefill stays on the eager runtime: a cold prefill is bound by the link, not by
