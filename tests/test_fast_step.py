@@ -88,7 +88,8 @@ def test_decode_mode_is_validated(tiny_dirs):
     from vismmoe.errors import UserError
     with pytest.raises(UserError):
         load(tiny_dirs["qwen3_vl_moe"], decode="fastest")
-    eng = load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_tier="disk")
+    # the disk tier runs on the fast step (tests/test_fast_disk.py), but for a family with in-place decode state
+    eng = load(tiny_dirs["qwen3_5_moe"], decode="fast", expert_tier="disk")
     with pytest.raises(UserError, match="disk tier"):
         eng.fast_step()
 

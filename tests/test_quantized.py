@@ -52,7 +52,8 @@ def test_quantized_offload_is_exact_down_to_the_smallest_budget(family, spec, ti
     least = str(full.geometry.top_k * full.layout.nbytes)
     runs = [dict(expert_budget=least, policy="lru"), dict(expert_budget=least, policy="predictive", prefetch="gate"),
             dict(expert_budget="25%", policy="lfru", prefetch="gate", lookahead=3),
-            dict(expert_budget=least, decode="fast"), dict(expert_budget="25%", expert_tier="disk")]
+            dict(expert_budget=least, decode="fast"), dict(expert_budget="25%", expert_tier="disk"),
+            dict(expert_budget=least, decode="fast", expert_tier="disk")]
     for opts in runs:
         eng = load(d, expert_format=spec, **opts)
         gen = _gen(eng, image_file)

@@ -156,17 +156,23 @@ class TransferEngine:
     def _disk_copy(self, ticket: Ticket, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after,
                    kind: str, prev: Future | None = None) -> None:
         _after(prev)
-        while True:                 # a staging slot: give back finished copies' slots (waiting for the oldest
-            self._reclaim(need_room=True)       # when all are taken) until one is free; never block on the host
-            blob = self.store.blob(layer_pos, expert, block=False)
-            if blob is not None:
-                break
-            time.sleep(1e-4)        # every slot is being filled by another reader right now
+        blob = self.staged(layer_pos, expert)
         try:
             self._queue_copy(ticket, layer, expert, blob, dst, after, kind)
         except BaseException:
             self.store.release(blob)        # never queued: nothing will reclaim its slot
             raise
+
+    def staged(self, layer_pos: int, expert: int) -> torch.Tensor:
+        """Disk tier: the expert read into a slot of the store's staging ring ([numel] blob; the caller gives it
+        back with `store.release`). Finished copies' slots are given back first (waiting for the oldest copy when
+        all are taken), so this never blocks on a slot that only a later reclaim would free."""
+        while True:
+            self._reclaim(need_room=True)
+            blob = self.store.blob(layer_pos, expert, block=False)
+            if blob is not None:
+                return blob
+            time.sleep(1e-4)        # every slot is being filled by another reader right now
 
     def _queue_copy(self, ticket: Ticket, layer: int, expert: int, blob: torch.Tensor, dst: torch.Tensor, after,
                     kind: str) -> None:

@@ -13,6 +13,8 @@ books); the static buffers, compiled layers and CUDA graphs are the model's (ste
                  the copy stream
         settle:  while the next step runs: hits touch the policy, routing observers, stall, timeline
     A slot is read by a step only once its copy has landed.
+    The disk tier (no host blob to read a miss from): a step that routed to such an expert stages it through the
+    store's ring and runs again from its snapshot (fast_disk.py).
 
 Mechanism only: which expert leaves is the policy's call, the copies are the transfer engine's, the cache's slots
 and counters are the cache's. The prefill stays on the eager runtime: a cold prefill is bound by the link, not by
@@ -31,8 +33,10 @@ import torch
 
 from . import moe_kernel
 from .decode_prefetch import DecodeLookahead
+from .fast_disk import DiskMisses
 from .graphs import Bucket, step_graphs
 from .strategy import Prefilled
+from ..families.base import Family
 
 
 class FastStep:
@@ -57,8 +61,11 @@ class FastStep:
         self.pending: dict[int, tuple[int, int]] = {}                   # slot -> key: copy not landed yet
         self.sg = step_graphs(engine, compiled)                         # static buffers and graphs, per model
         self.sg.progress = progress
+        # the disk tier: experts read from the files, staged per token, the step re-run (fast_disk.py)
+        self.disk = DiskMisses(self) if getattr(self.store, "tier", "host") == "disk" else None
         if self.cuda:
-            self.host_addr = self.store.device_addresses()[self.store_pos]   # [L, E] int64
+            self.host_addr = self.disk.host_addr if self.disk is not None else \
+                self.store.device_addresses()[self.store_pos]               # [L, E] int64
             self.addr_host = torch.empty((L, self.E), dtype=torch.int64).pin_memory()
         for slot, key in enumerate(self.cache.owner):
             if key is not None:
@@ -161,11 +168,15 @@ class FastStep:
         return out
 
     def _launch(self, b: Bucket, teacher_token: int | None) -> _InFlight:
+        if self.disk is not None:
+            self.disk.begin()                           # nothing staged: non-resident experts read the zero blob
         self._land()
         self._push()
         if teacher_token is not None:
             b.ids.fill_(int(teacher_token))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
+        if self.disk is not None:                       # a snapshot to re-run the step from (fast_disk.py)
+            fl.snap = (b.pos.clone(), b.ids.clone())
         if self.cuda:
             fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             fl.ev0.record()
@@ -174,7 +185,7 @@ class FastStep:
         else:                                                               # the CPU step reads this engine's cache
             for p, ex in enumerate(self.sg.experts):
                 ex.pool, ex.slots = self.cache.pool, self.slot_t[p]
-                ex.bank = self.store.layer_blobs(self.store_pos[p])
+                ex.bank = self.disk.bank(p) if self.disk is not None else self.store.layer_blobs(self.store_pos[p])
             self.sg.run(b, False)
         if self._synced is not None:                    # host time the device sat idle between two steps
             self.gap_s.append(time.perf_counter() - self._synced)
@@ -195,11 +206,38 @@ class FastStep:
         fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1)[:, :real].copy()  # [nL, B*K]
         fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
         fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
+        if self.disk is not None:
+            self._rerun_disk_misses(b, fl, real)
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
         demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
         return fl
+
+    def _rerun_disk_misses(self, b: Bucket, fl: _InFlight, real: int) -> None:
+        """Disk tier: while the step routed to an expert it could not read, stage (fast_disk.DiskMisses.stage)
+        and run the step again from its snapshot; `fl` ends with the routing and tokens of the exact run."""
+        nL = len(self.moe_layers)
+        t0 = time.perf_counter()
+        while True:
+            todo = self.disk.unreadable(fl.used, fl.idx)
+            if not todo:
+                if fl.reruns:                               # the step waited on the files and its own re-runs
+                    fl.stall_s += time.perf_counter() - t0
+                return
+            self.disk.stage(todo, b.rows)
+            self.disk.reruns += 1
+            fl.reruns += 1
+            pos, ids = fl.snap
+            b.pos.copy_(pos)
+            b.ids.copy_(ids)
+            self._push()
+            self.sg.run(b, self.graphs)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1)[:, :real].copy()
+            fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
+            fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
 
     def _claim(self, fl: _InFlight, miss: np.ndarray) -> int:
         """The step's misses counted, charged to the link and claimed; the bytes of the copies queued."""
@@ -239,7 +277,7 @@ class FastStep:
             if delay > 0:
                 time.sleep(delay)
                 rt.transfer.host_wait_s += delay
-                fl.stall_s = delay
+                fl.stall_s += delay
         return queued
 
     def settle(self, fl: _InFlight, steppers=()) -> None:
@@ -299,6 +337,8 @@ class _InFlight:
     ids: list = field(default_factory=list)
     missed: int = 0
     stall_s: float = 0.0
+    snap: tuple | None = None           # disk tier: (pos, ids) before the step, to re-run it from
+    reruns: int = 0                     # disk tier: runs of this step discarded
 
 
 def unsupported_reason(engine) -> str | None:
@@ -309,8 +349,10 @@ def unsupported_reason(engine) -> str | None:
         return f"{engine.family.model_type} on CUDA: {engine.family.fast_step_cuda_blocker}"
     if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None:
         return "sliding-window attention: the fast step's decode attention reads the whole KV cache"
-    if getattr(engine.store, "tier", "host") != "host":
-        return "the disk tier has no host copy of every expert to read misses from"
+    if getattr(engine.store, "tier", "host") == "disk" and \
+            type(engine.family).static_cache is not Family.static_cache:
+        return ("the disk tier re-runs a step whose experts were on disk, and this family's decode cache is "
+                "updated in place (not only written at the step's position)")
     if engine.device.type == "cuda" and moe_kernel.triton is None:
         return "triton is not installed"
     for layer in engine.geometry.moe_layers:
