@@ -139,7 +139,10 @@ class Engine:
             return self._fast
         from ..step.fast_step import FastStep, unsupported_reason
         why = unsupported_reason(self)
-        if why is not None or (self.rc.decode == "auto" and self.device.type != "cuda"):
+        # `auto` keeps the eager step for the disk tier: the fast step's staging re-runs are exact on the CPU but
+        # neither tested nor timed on a GPU yet (`--decode fast` asks for them)
+        auto_eager = self.device.type != "cuda" or getattr(self.store, "tier", "host") == "disk"
+        if why is not None or (self.rc.decode == "auto" and auto_eager):
             if why is not None and self.rc.decode == "fast":
                 raise UserError(f"--decode fast cannot run here: {why}", "use --decode eager")
             self.rc = replace(self.rc, decode="eager")
