@@ -177,6 +177,11 @@ class Family:
         in range: families/checks.py checks them before `geometry` uses (or divides by) them."""
         return []
 
+    def expert_activation(self, config) -> str:
+        """The routed experts' gate activation, as transformers names it (`ACT2FN`): the text config's
+        `hidden_act` (SiLU where it has none); the decode kernels compute those in `moe_kernel.ACTIVATIONS`."""
+        return str(getattr(self.text_config(config), "hidden_act", None) or "silu")
+
     def language_model(self, model) -> torch.nn.Module:
         """The text decoder (`embed_tokens`, `rotary_emb`, `layers`, `norm`)."""
         return model.model.language_model

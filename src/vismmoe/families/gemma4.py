@@ -67,6 +67,9 @@ class Gemma4Family(Rope1D, Family):
         return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
                               top_k=tc.top_k_experts, moe_layers=tuple(range(tc.num_hidden_layers)))
 
+    def expert_activation(self, config) -> str:
+        return str(self.text_config(config).hidden_activation)      # GELU, tanh approximation
+
     def moe_block(self, model, layer: int) -> torch.nn.Module:
         return self.decoder_layers(model)[layer]                 # experts and router sit on the decoder layer
 

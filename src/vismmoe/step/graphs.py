@@ -78,8 +78,9 @@ class LayerExperts:
     ints, and tensors let one compiled layer serve every layer. CUDA reads the address table `addr`; the CPU step
     reads `slots`, `pool` and `bank`, which the running engine sets (fast_step.FastStep)."""
 
-    def __init__(self, layout, addr: torch.Tensor | None):
+    def __init__(self, layout, addr: torch.Tensor | None, act: str = "silu"):
         self.layout = layout                                        # the expert format of the blobs read
+        self.act = act                                              # the gate's activation (moe_kernel.ACTIVATIONS)
         self.inter = layout.inter
         self.spec = layout.spec()
         self.addr = addr                                            # [E] int64 (CUDA)
@@ -91,14 +92,14 @@ class LayerExperts:
         self.route_h.copy_(hidden.reshape(self.route_h.shape))     # read between steps, never by the step
         if hidden.is_cuda:
             return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
-                                             self.route_w, self.inter, self.spec)
+                                             self.route_w, self.inter, self.spec, self.act)
         flat = top_k_index.reshape(-1)
         self.route_idx.copy_(flat)
         self.route_w.copy_(top_k_weights.reshape(-1).float())
         slots = self.slots[flat].long()                                              # [P]; -1: not resident
         blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
         gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
-        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down)
+        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down, self.act)
 
 
 def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
@@ -157,7 +158,9 @@ class StepGraphs:
         self.H = geo.hidden
         nL = len(self.moe_layers)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
-        self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
+        act = self.family.expert_activation(self.model.config)
+        self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None, act)
+                        for p in range(nL)]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
         self.buckets: dict[tuple[int, int], Bucket] = {}
