@@ -13,7 +13,7 @@ from vismmoe.families import get_family
 from vismmoe.step.fast_step import unsupported_reason
 
 # the families of conftest.MORE_FAMILIES the fast step runs (the rest say why not: test_family_exactness.py)
-FAST_FAMILIES = ("internvl", "deepseek_ocr2", "ernie4_5_vl_moe", "qwen3_5_moe")
+FAST_FAMILIES = ("internvl", "deepseek_ocr2", "ernie4_5_vl_moe", "qwen3_5_moe", "gemma4")
 PROMPTS = ["What is in the picture?", "How many shapes are there?"]
 NEW = 10
 

@@ -307,7 +307,8 @@ def unsupported_reason(engine) -> str | None:
         return f"{engine.family.model_type}: {engine.family.fast_step_blocker}"
     if engine.device.type == "cuda" and engine.family.fast_step_cuda_blocker is not None:
         return f"{engine.family.model_type} on CUDA: {engine.family.fast_step_cuda_blocker}"
-    if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None:
+    if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None and \
+            not engine.family.decode_sliding_window:
         return "sliding-window attention: the fast step's decode attention reads the whole KV cache"
     if getattr(engine.store, "tier", "host") != "host":
         return "the disk tier has no host copy of every expert to read misses from"
@@ -317,6 +318,6 @@ def unsupported_reason(engine) -> str | None:
         ex = engine.family.moe_block(engine.model, layer).experts
         act = getattr(ex, "act_fn", None)
         if getattr(ex, "has_bias", False) or not getattr(ex, "is_concatenated", True) or \
-                type(act).__name__ not in ("SiLU", "SiLUActivation"):
-            return "the experts are not SiLU-gated with concatenated gate/up weights and no bias"
+                type(act).__name__ not in ("SiLU", "SiLUActivation", "GELUTanh", "PytorchGELUTanh"):
+            return "the experts are not SiLU- or GELU (tanh)-gated with concatenated gate/up weights and no bias"
     return None

@@ -66,9 +66,11 @@ class StaticKV:
 
     def load(self, src, fill: torch.Tensor, T: int) -> None:
         """The prefill's `T` positions of cache layer `src` (`keys`, `values`); bucket row r gets request row
-        `fill[r]`."""
-        self.k[:, :, :T].copy_(src.keys[fill])
-        self.v[:, :, :T].copy_(src.values[fill])
+        `fill[r]`. A sliding-window layer's cache keeps only its last n < T positions: they go to columns
+        T-n..T-1 (the columns before are never attended: the family's window mask, `Family.decode_masks`)."""
+        n = src.keys.shape[2]
+        self.k[:, :, T - n:T].copy_(src.keys[fill])
+        self.v[:, :, T - n:T].copy_(src.values[fill])
 
 
 class LayerExperts:
@@ -102,9 +104,9 @@ class LayerExperts:
         return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down, self.act)
 
 
-def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
+def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin, **extra):
     return layer(hidden, attention_mask=mask, position_ids=text_pos, past_key_values=kv,
-                 position_embeddings=(cos, sin))
+                 position_embeddings=(cos, sin), **extra)
 
 
 _COMPILED = None
@@ -202,7 +204,8 @@ class StepGraphs:
         fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)      # bucket row -> request row
         fill[:B] = torch.arange(B, device=mask.device)
         for i, layer_kv in enumerate(b.kv):
-            layer_kv.load(dyn_cache.layers[i], fill, T)
+            if layer_kv is not None:                # None: a layer that reads another's keys (Gemma 4's shared KV)
+                layer_kv.load(dyn_cache.layers[i], fill, T)
         b.mask.zero_()
         b.mask[:, :T].copy_(mask.bool()[fill])
         b.deltas.copy_(deltas.to(b.deltas.dtype)[fill])
@@ -246,14 +249,14 @@ class StepGraphs:
         lm = fam.language_model(model)
         b.mask.index_fill_(1, b.pos, True)
         positions = fam.decode_positions(b.mask, b.deltas)           # [1 + R, B, 1]: text row, R rope rows
-        h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
-        cos, sin = lm.rotary_emb(h, fam.rotary_positions(positions))
+        # [B, 1, H]; per layer (cos, sin) and the family's other inputs (Gemma 4: per-layer inputs, shared KV)
+        h, rope, extras = fam.decode_inputs(model, b.ids, fam.rotary_positions(positions))
         masks = fam.decode_masks(model, b.mask[:, None, None, :], b.pos)     # per layer, from [B, 1, 1, L]
         layer_pos = fam.layer_position_ids(positions)                # [B, 1]
         for i, layer in enumerate(lm.layers):
-            h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], cos, sin)
+            h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], *rope[i], **extras[i])
         h = lm.norm(h[:, -1:])
-        logits = model.lm_head(h)[:, -1]                             # [B, V]
+        logits = fam.decode_logits(model, model.lm_head(h))[:, -1]   # [B, V]
         b.logits.copy_(logits)
         b.ids.copy_(logits.argmax(-1, keepdim=True))
         b.pos.add_(1)
