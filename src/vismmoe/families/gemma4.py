@@ -13,8 +13,10 @@ What the runtime needs beyond the base adapter:
   them (bidirectional over the kept image tokens, sliding windows); small Gemma 4 models add per-layer inputs
   (token identity embeddings, the image tokens' those of the pad token), which travel with each token
   (`Encoded.per_token`).
-- `DynamicCache(config=...)` holds sliding-window layers and leaves the shared-KV layers out; decode runs on it.
-  The fast decode step does not: it refuses this family (`fast_step_blocker` says what it lacks).
+- `DynamicCache(config=...)` holds sliding-window layers and leaves the shared-KV layers out; the eager decode
+  runs on it. The fast decode step's hooks: static KV of each layer's width (none for the shared-KV layers),
+  window masks over it for the sliding layers, each layer's rotary and per-layer input and the shared-KV dict
+  (`decode_inputs`), soft-capped logits (`decode_logits`), GELU-tanh experts (`expert_activation`).
 
 Checkpoint layout: hub files and `save_pretrained` store each layer's experts fused under the model's names
 (`layers.{l}.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`).
