@@ -127,3 +127,13 @@ def test_gemma4_sampled_tokens_read_the_soft_capped_logits(tiny_dirs, image_file
         eng.generate_requests([r])
         got[decode] = r.token_ids
     assert got["fast"] == got["eager"]
+
+
+def test_fast_step_refuses_experts_whose_activation_the_kernels_would_not_compute(tiny_dirs, monkeypatch):
+    """The kernels compute the family's `expert_activation`; an experts module with another activation (Gemma 4's
+    GELU-tanh module said to be SiLU) is refused, not decoded with the wrong one."""
+    from vismmoe.families.gemma4 import Gemma4Family
+    eng = load(tiny_dirs["gemma4"], decode="eager")
+    assert unsupported_reason(eng) is None
+    monkeypatch.setattr(Gemma4Family, "expert_activation", lambda self, config: "silu")
+    assert "GELU" in unsupported_reason(eng)

@@ -301,6 +301,10 @@ class _InFlight:
     stall_s: float = 0.0
 
 
+# the experts modules' activation classes (transformers' ACT2FN) -> moe_kernel.ACTIVATIONS' ids
+_ACT_CLASSES = {"SiLU": 0, "SiLUActivation": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}
+
+
 def unsupported_reason(engine) -> str | None:
     """Why the fast step cannot serve this engine (None: it can)."""
     if engine.family.fast_step_blocker is not None:
@@ -314,10 +318,10 @@ def unsupported_reason(engine) -> str | None:
         return "the disk tier has no host copy of every expert to read misses from"
     if engine.device.type == "cuda" and moe_kernel.triton is None:
         return "triton is not installed"
+    want = moe_kernel.ACTIVATIONS.get(engine.family.expert_activation(engine.config))     # what the kernels compute
     for layer in engine.geometry.moe_layers:
         ex = engine.family.moe_block(engine.model, layer).experts
-        act = getattr(ex, "act_fn", None)
-        if getattr(ex, "has_bias", False) or not getattr(ex, "is_concatenated", True) or \
-                type(act).__name__ not in ("SiLU", "SiLUActivation", "GELUTanh", "PytorchGELUTanh"):
+        act = _ACT_CLASSES.get(type(getattr(ex, "act_fn", None)).__name__)
+        if getattr(ex, "has_bias", False) or not getattr(ex, "is_concatenated", True) or act is None or act != want:
             return "the experts are not SiLU- or GELU (tanh)-gated with concatenated gate/up weights and no bias"
     return None
