@@ -85,7 +85,7 @@ def test_int4_needs_sizes_that_are_multiples_of_the_group():
 
 
 # ---- kernels ------------------------------------------------------------------------------------------------
-def _kernel_case(spec, dtype, device, H, I, seed=0):
+def _kernel_case(spec, dtype, device, H, I, seed=0, act="silu"):
     """Experts of format `spec` half in a device pool (slots) and half in (page-locked, on CUDA) host memory,
     one address table over both; the torch reference over the dequantized pairs."""
     E, K, T = 8, 2, 3
@@ -107,20 +107,21 @@ def _kernel_case(spec, dtype, device, H, I, seed=0):
     topk = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g).to(dtype)
     pairs = bank.cpu()[topk.reshape(-1)]
-    ref = moe_kernel.decode_experts_reference(x, topk, w, *fmt.dequantize(pairs))
+    ref = moe_kernel.decode_experts_reference(x, topk, w, *fmt.dequantize(pairs), act=act)
     return fmt, x.to(device), topk.to(device), w.to(device), addr, ref, (pool, bank)
 
 
-def _check_kernels(device, spec, H, I, variant="new"):
+def _check_kernels(device, spec, H, I, variant="new", act="silu"):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
-        fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, dtype, device, H, I)
+        fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, dtype, device, H, I, act=act)
         ri = torch.full((topk.numel(),), -1, dtype=torch.long, device=device)
         rw = torch.zeros(topk.numel(), device=device)
         # small tiles on the GPU (several per row and column); fewer, larger ones in the (slow) interpreter
         tiles = ({"BLOCK_I": 16, "BLOCK_H": 32}, {"BLOCK_O": 16, "BLOCK_K": 32}) if device == "cuda" else \
             ({"BLOCK_I": 32, "BLOCK_H": 64}, {"BLOCK_O": 64, "BLOCK_K": 64})
         out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, I, *tiles,
-                                               fmt=None if spec == "dense" else fmt, variant=variant).cpu().float()
+                                               fmt=None if spec == "dense" else fmt, variant=variant,
+                                               act=act).cpu().float()
         err = (out - ref.float()).norm() / ref.float().norm()
         assert err < tol, (spec, dtype, err)
         assert torch.equal(ri.cpu().view_as(topk), topk.cpu())
@@ -163,6 +164,49 @@ def test_int4_v2_kernel_sums_several_tiles_and_groups_in_interpreter():
     out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 32, "BLOCK_H": 32},
                                            {"BLOCK_O": 16, "BLOCK_K": 32}, fmt=fmt, variant="new")
     assert (out - ref).norm() / ref.norm() < 1e-5
+
+
+def test_gelu_tanh_reference_is_transformers_gemma4_experts():
+    """The reference with act="gelu_pytorch_tanh" gives what Gemma 4's experts module computes (float32), and
+    differs from SiLU's (the activation reaches the arithmetic); an activation the kernels lack is refused."""
+    from transformers import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts
+    E, H, I, T, K = 8, 32, 24, 3, 2
+    cfg = Gemma4TextConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, top_k_experts=K,
+                           enable_moe_block=True)
+    torch.manual_seed(0)
+    mod = Gemma4TextExperts(cfg)
+    with torch.no_grad():
+        mod.gate_up_proj.normal_(std=0.3)
+        mod.down_proj.normal_(std=0.3)
+    x = torch.randn(T, H)
+    topk = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand(T, K)
+    with torch.no_grad():
+        want = mod(x, topk, w)
+    flat = topk.reshape(-1)
+    got = moe_kernel.decode_experts_reference(x, topk, w, mod.gate_up_proj.data[flat], mod.down_proj.data[flat],
+                                              act=cfg.hidden_activation)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    silu = moe_kernel.decode_experts_reference(x, topk, w, mod.gate_up_proj.data[flat], mod.down_proj.data[flat])
+    assert not torch.allclose(silu, want, atol=1e-3)
+    with pytest.raises(ValueError, match="relu"):
+        moe_kernel.decode_experts_reference(x, topk, w, mod.gate_up_proj.data[flat], mod.down_proj.data[flat],
+                                            act="relu")
+
+
+@interpreter
+@pytest.mark.parametrize("spec", SPECS)
+def test_gelu_kernels_match_reference_in_interpreter(spec):
+    """Gemma 4's GELU (tanh) experts in the decode kernels, every format, against the torch reference."""
+    _check_kernels("cpu", spec, 64, 48, act="gelu_pytorch_tanh")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("H,I", SHAPES)
+def test_gpu_gelu_kernels_match_reference(spec, H, I):
+    _check_kernels("cuda", spec, H, I, act="gelu_pytorch_tanh")
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from vismmoe.families import get_family
 from vismmoe.step.fast_step import unsupported_reason
 
 # the families of conftest.MORE_FAMILIES the fast step runs (the rest say why not: test_family_exactness.py)
-FAST_FAMILIES = ("internvl", "deepseek_ocr2", "ernie4_5_vl_moe", "qwen3_5_moe")
+FAST_FAMILIES = ("internvl", "deepseek_ocr2", "ernie4_5_vl_moe", "qwen3_5_moe", "gemma4")
 PROMPTS = ["What is in the picture?", "How many shapes are there?"]
 NEW = 10
 
@@ -109,3 +109,31 @@ def test_gpu_fast_step_families(family, tiny_dirs, image_file):
             gen = eng.generate(image, PROMPTS[0], max_new_tokens=NEW)
             assert gen.token_ids == want, (family, budget, policy)
             assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+
+
+def test_gemma4_sampled_tokens_read_the_soft_capped_logits(tiny_dirs, image_file):
+    """Sampling reads the step's logits (argmax alone would not see the soft cap, a monotone map): a seeded
+    sampled request decodes on the fast step as on the eager step. The tiny model's logits are below 1 (at a cap of
+    30 they stay in tanh's linear part): the cap is lowered to 0.2 and the temperature to 0.05 so the cap shows."""
+    from vismmoe.engine.request import GenerationRequest
+    from vismmoe.engine.sampling import SamplingParams
+    d = tiny_dirs["gemma4"]
+    got = {}
+    for decode in ("eager", "fast"):
+        r = GenerationRequest.from_prompt(image_file, PROMPTS[0], max_new_tokens=NEW,
+                                          sampling=SamplingParams(temperature=0.05, seed=3))
+        eng = load(d, decode=decode, expert_budget="25%")
+        eng.model.config.get_text_config().final_logit_softcapping = 0.2
+        eng.generate_requests([r])
+        got[decode] = r.token_ids
+    assert got["fast"] == got["eager"]
+
+
+def test_fast_step_refuses_experts_whose_activation_the_kernels_would_not_compute(tiny_dirs, monkeypatch):
+    """The kernels compute the family's `expert_activation`; an experts module with another activation (Gemma 4's
+    GELU-tanh module said to be SiLU) is refused, not decoded with the wrong one."""
+    from vismmoe.families.gemma4 import Gemma4Family
+    eng = load(tiny_dirs["gemma4"], decode="eager")
+    assert unsupported_reason(eng) is None
+    monkeypatch.setattr(Gemma4Family, "expert_activation", lambda self, config: "silu")
+    assert "GELU" in unsupported_reason(eng)

@@ -177,6 +177,11 @@ class Family:
         in range: families/checks.py checks them before `geometry` uses (or divides by) them."""
         return []
 
+    def expert_activation(self, config) -> str:
+        """The routed experts' gate activation, as transformers names it (`ACT2FN`): the text config's
+        `hidden_act` (SiLU where it has none); the decode kernels compute those in `moe_kernel.ACTIVATIONS`."""
+        return str(getattr(self.text_config(config), "hidden_act", None) or "silu")
+
     def language_model(self, model) -> torch.nn.Module:
         """The text decoder (`embed_tokens`, `rotary_emb`, `layers`, `norm`)."""
         return model.model.language_model
@@ -417,7 +422,8 @@ class Family:
     # ---- the fast decode step (step/graphs.py) ---------------------------------------------------------------
     def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
         """One object per decoder layer: what that layer reads and writes as its cache in a fast decode step (an
-        `update(key, value, layer_idx)` for attention layers, and `load(prefill_cache_layer, fill, T)`). Default:
+        `update(key, value, layer_idx)` for attention layers, and `load(prefill_cache_layer, fill, T)`), or None
+        for a layer that keeps none (it reads another layer's; the prefill's cache has no layer for it). Default:
         `graphs.StaticKV` buffers [B, kv_heads, L, head_dim] for every layer, the new token written at `pos [1]`."""
         from ..step.graphs import StaticKV
         tc = self.text_config(model.config)
@@ -425,6 +431,24 @@ class Family:
         shape = (B, tc.num_key_value_heads, L, head_dim)
         return [StaticKV(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
                          pos) for _ in self.decoder_layers(model)]
+
+    # the fast step's `decode_masks` builds this family's sliding-window masks (else a config with
+    # `sliding_window` is refused: fast_step.unsupported_reason)
+    decode_sliding_window: bool = False
+
+    def decode_inputs(self, model, ids: torch.Tensor, rope_positions: torch.Tensor) -> tuple:
+        """What a fast decode step feeds the decoder layers for the new tokens `ids [B, 1]`: (hidden [B, 1, H],
+        per decoder layer its (cos, sin), per decoder layer a dict of further keyword arguments of the layer).
+        `rope_positions`: what `rotary_positions` gave. Default: the token embedding, one rotary for every layer,
+        no further arguments."""
+        lm = self.language_model(model)
+        h = lm.embed_tokens(ids)
+        n = len(self.decoder_layers(model))
+        return h, [lm.rotary_emb(h, rope_positions)] * n, [{}] * n
+
+    def decode_logits(self, model, logits: torch.Tensor) -> torch.Tensor:
+        """The logits a fast decode step samples from, given `lm_head`'s `[B, 1, V]` (Gemma 4: soft-capped)."""
+        return logits
 
     def decode_masks(self, model, mask: torch.Tensor, pos: torch.Tensor) -> list:
         """Each decoder layer's `attention_mask` in a fast decode step, from the step's `mask [B, 1, 1, L]` (bool,

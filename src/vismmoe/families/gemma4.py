@@ -13,8 +13,10 @@ What the runtime needs beyond the base adapter:
   them (bidirectional over the kept image tokens, sliding windows); small Gemma 4 models add per-layer inputs
   (token identity embeddings, the image tokens' those of the pad token), which travel with each token
   (`Encoded.per_token`).
-- `DynamicCache(config=...)` holds sliding-window layers and leaves the shared-KV layers out; decode runs on it.
-  The fast decode step does not: it refuses this family (`fast_step_blocker` says what it lacks).
+- `DynamicCache(config=...)` holds sliding-window layers and leaves the shared-KV layers out; the eager decode
+  runs on it. The fast decode step's hooks: static KV of each layer's width (none for the shared-KV layers),
+  window masks over it for the sliding layers, each layer's rotary and per-layer input and the shared-KV dict
+  (`decode_inputs`), soft-capped logits (`decode_logits`), GELU-tanh experts (`expert_activation`).
 
 Checkpoint layout: hub files and `save_pretrained` store each layer's experts fused under the model's names
 (`layers.{l}.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`).
@@ -48,15 +50,14 @@ class Gemma4Family(Rope1D, Family):
     image_ids_embedded = False      # multimodal token ids become the pad id before the embedding lookup
     model_type = "gemma4"
     model_class = Gemma4ForConditionalGeneration
+    # the fast step serves Gemma 4 exactly on the CPU (tests/test_fast_step_families.py); its CUDA path (compiled
+    # layers that write the shared-KV dict, CUDA graphs, GELU kernels) has not run on a GPU yet, so CUDA decodes
+    # eagerly until its `-m gpu` tests pass
+    fast_step_cuda_blocker = "its fast step has not yet run on a GPU (exact on the CPU); the eager step is exact"
     image_processor_class = Gemma4ImageProcessorPil
     tokens = Tokens(image="<image_soft_token>", image_start="<start_of_image>", image_end="<end_of_image>",
                     eos=("<end_of_turn>", "<eos>"), pad="<pad>", extra=("<bos>", "<start_of_turn>"))
     fallback_format = "<bos><start_of_turn>user\n{image}{prompt}<end_of_turn>\n<start_of_turn>model\n"
-    # what the fast step lacks for it: the sliding-window layers' masks and the shared-KV layers' keys and values
-    # (Family.static_cache / decode_masks), the per-layer inputs, the soft-capped logits, and GELU (tanh) experts
-    # in the decode kernels (moe_kernel.py computes SiLU)
-    fast_step_blocker = ("the fast step has no sliding-window or shared-KV layers, per-layer inputs or GELU experts "
-                         "yet; Gemma 4 decodes on the eager step")
 
     def geometry(self, config) -> ExpertGeometry:
         tc = config.text_config
@@ -66,6 +67,9 @@ class Gemma4Family(Rope1D, Family):
                             "vismmoe runs the Gemma 4 MoE models (26B-A4B class)")
         return ExpertGeometry(hidden=tc.hidden_size, inter=tc.moe_intermediate_size, num_experts=tc.num_experts,
                               top_k=tc.top_k_experts, moe_layers=tuple(range(tc.num_hidden_layers)))
+
+    def expert_activation(self, config) -> str:
+        return str(self.text_config(config).hidden_activation)      # GELU, tanh approximation
 
     def moe_block(self, model, layer: int) -> torch.nn.Module:
         return self.decoder_layers(model)[layer]                 # experts and router sit on the decoder layer
@@ -132,6 +136,58 @@ class Gemma4Family(Rope1D, Family):
                           position_ids=self.position_ids(enc.positions), past_key_values=cache, use_cache=True,
                           mm_token_type_ids=enc.visual.long(), per_layer_inputs=enc.per_token.get("per_layer_inputs"))
         logits = model.lm_head(out.last_hidden_state[:, -1:])
+        cap = model.config.get_text_config().final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+    # ---- the fast decode step (step/graphs.py) ---------------------------------------------------------------
+    decode_sliding_window = True
+
+    def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
+        """`StaticKV [B, kv_heads, L, head_dim]` per layer that keeps keys and values, each with its own heads and
+        width (the full-attention layers': `num_global_key_value_heads`, `global_head_dim`); a sliding-window
+        layer keeps every column too (its mask picks the window). None for the shared-KV layers: they read the
+        keys and values of the last earlier layer of their type (transformers' `shared_kv_states`)."""
+        from ..step.graphs import StaticKV
+        tc = self.text_config(model.config)
+        out = []
+        for layer in self.decoder_layers(model):
+            attn = layer.self_attn
+            if attn.is_kv_shared_layer:
+                out.append(None)
+                continue
+            shape = (B, tc.per_layer_config[attn.layer_idx].num_key_value_heads, L, attn.head_dim)
+            out.append(StaticKV(torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device), pos))
+        return out
+
+    def decode_masks(self, model, mask: torch.Tensor, pos: torch.Tensor) -> list:
+        """Full-attention layers: the step's mask [B, 1, 1, L]; sliding-window layers (shared-KV ones too): the
+        same, and only the last `sliding_window` columns up to the new token's `pos` (as transformers' sliding
+        mask counts cache columns, so a compressed prompt's window is its kept tokens')."""
+        W = self.text_config(model.config).sliding_window
+        cols = torch.arange(mask.shape[-1], device=mask.device)
+        window = mask & (cols > pos - W)
+        return [window if layer.self_attn.is_sliding else mask for layer in self.decoder_layers(model)]
+
+    def decode_inputs(self, model, ids: torch.Tensor, rope_positions: torch.Tensor) -> tuple:
+        """As `Gemma4Model` embeds a token (multimodal ids as the pad id) and hands its layers their inputs: the
+        rotary of each layer's type, its per-layer input `[B, 1, P]` (when the model has them) and the one dict
+        through which the shared-KV layers read earlier layers' keys and values."""
+        lm = self.language_model(model)
+        cfg, tc = model.config, self.text_config(model.config)
+        mm = (ids == cfg.image_token_id) | (ids == cfg.video_token_id) | (ids == cfg.audio_token_id)
+        ids = torch.where(mm, tc.pad_token_id, ids)
+        h = lm.embed_tokens(ids)
+        rope = {t: lm.rotary_emb(h, rope_positions, t) for t in lm.unique_layer_types}
+        per_layer = None
+        if tc.hidden_size_per_layer_input:
+            per_layer = lm.project_per_layer_inputs(h, lm.get_per_layer_inputs(ids, None))   # [B, 1, layers, P]
+        shared: dict = {}
+        return h, [rope[t] for t in tc.layer_types], \
+            [{"per_layer_input": per_layer[:, :, i] if per_layer is not None else None, "shared_kv_states": shared}
+             for i in range(len(tc.layer_types))]
+
+    def decode_logits(self, model, logits: torch.Tensor) -> torch.Tensor:
         cap = model.config.get_text_config().final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap is not None else logits
 

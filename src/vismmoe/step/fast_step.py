@@ -341,13 +341,18 @@ class _InFlight:
     reruns: int = 0                     # disk tier: runs of this step discarded
 
 
+# the experts modules' activation classes (transformers' ACT2FN) -> moe_kernel.ACTIVATIONS' ids
+_ACT_CLASSES = {"SiLU": 0, "SiLUActivation": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}
+
+
 def unsupported_reason(engine) -> str | None:
     """Why the fast step cannot serve this engine (None: it can)."""
     if engine.family.fast_step_blocker is not None:
         return f"{engine.family.model_type}: {engine.family.fast_step_blocker}"
     if engine.device.type == "cuda" and engine.family.fast_step_cuda_blocker is not None:
         return f"{engine.family.model_type} on CUDA: {engine.family.fast_step_cuda_blocker}"
-    if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None:
+    if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None and \
+            not engine.family.decode_sliding_window:
         return "sliding-window attention: the fast step's decode attention reads the whole KV cache"
     if getattr(engine.store, "tier", "host") == "disk" and \
             type(engine.family).static_cache is not Family.static_cache:
@@ -355,10 +360,10 @@ def unsupported_reason(engine) -> str | None:
                 "updated in place (not only written at the step's position)")
     if engine.device.type == "cuda" and moe_kernel.triton is None:
         return "triton is not installed"
+    want = moe_kernel.ACTIVATIONS.get(engine.family.expert_activation(engine.config))     # what the kernels compute
     for layer in engine.geometry.moe_layers:
         ex = engine.family.moe_block(engine.model, layer).experts
-        act = getattr(ex, "act_fn", None)
-        if getattr(ex, "has_bias", False) or not getattr(ex, "is_concatenated", True) or \
-                type(act).__name__ not in ("SiLU", "SiLUActivation"):
-            return "the experts are not SiLU-gated with concatenated gate/up weights and no bias"
+        act = _ACT_CLASSES.get(type(getattr(ex, "act_fn", None)).__name__)
+        if getattr(ex, "has_bias", False) or not getattr(ex, "is_concatenated", True) or act is None or act != want:
+            return "the experts are not SiLU- or GELU (tanh)-gated with concatenated gate/up weights and no bias"
     return None

@@ -66,9 +66,11 @@ class StaticKV:
 
     def load(self, src, fill: torch.Tensor, T: int) -> None:
         """The prefill's `T` positions of cache layer `src` (`keys`, `values`); bucket row r gets request row
-        `fill[r]`."""
-        self.k[:, :, :T].copy_(src.keys[fill])
-        self.v[:, :, :T].copy_(src.values[fill])
+        `fill[r]`. A sliding-window layer's cache keeps only its last n < T positions: they go to columns
+        T-n..T-1 (the columns before are never attended: the family's window mask, `Family.decode_masks`)."""
+        n = src.keys.shape[2]
+        self.k[:, :, T - n:T].copy_(src.keys[fill])
+        self.v[:, :, T - n:T].copy_(src.values[fill])
 
 
 class LayerExperts:
@@ -78,8 +80,9 @@ class LayerExperts:
     ints, and tensors let one compiled layer serve every layer. CUDA reads the address table `addr`; the CPU step
     reads `slots`, `pool` and `bank`, which the running engine sets (fast_step.FastStep)."""
 
-    def __init__(self, layout, addr: torch.Tensor | None):
+    def __init__(self, layout, addr: torch.Tensor | None, act: str = "silu"):
         self.layout = layout                                        # the expert format of the blobs read
+        self.act = act                                              # the gate's activation (moe_kernel.ACTIVATIONS)
         self.inter = layout.inter
         self.spec = layout.spec()
         self.addr = addr                                            # [E] int64 (CUDA)
@@ -91,19 +94,19 @@ class LayerExperts:
         self.route_h.copy_(hidden.reshape(self.route_h.shape))     # read between steps, never by the step
         if hidden.is_cuda:
             return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
-                                             self.route_w, self.inter, self.spec)
+                                             self.route_w, self.inter, self.spec, self.act)
         flat = top_k_index.reshape(-1)
         self.route_idx.copy_(flat)
         self.route_w.copy_(top_k_weights.reshape(-1).float())
         slots = self.slots[flat].long()                                              # [P]; -1: not resident
         blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
         gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
-        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down)
+        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down, self.act)
 
 
-def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin):
+def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin, **extra):
     return layer(hidden, attention_mask=mask, position_ids=text_pos, past_key_values=kv,
-                 position_embeddings=(cos, sin))
+                 position_embeddings=(cos, sin), **extra)
 
 
 _COMPILED = None
@@ -157,7 +160,9 @@ class StepGraphs:
         self.H = geo.hidden
         nL = len(self.moe_layers)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
-        self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None) for p in range(nL)]
+        act = self.family.expert_activation(self.model.config)
+        self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None, act)
+                        for p in range(nL)]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
         self.buckets: dict[tuple[int, int], Bucket] = {}
@@ -199,7 +204,8 @@ class StepGraphs:
         fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)      # bucket row -> request row
         fill[:B] = torch.arange(B, device=mask.device)
         for i, layer_kv in enumerate(b.kv):
-            layer_kv.load(dyn_cache.layers[i], fill, T)
+            if layer_kv is not None:                # None: a layer that reads another's keys (Gemma 4's shared KV)
+                layer_kv.load(dyn_cache.layers[i], fill, T)
         b.mask.zero_()
         b.mask[:, :T].copy_(mask.bool()[fill])
         b.deltas.copy_(deltas.to(b.deltas.dtype)[fill])
@@ -243,14 +249,14 @@ class StepGraphs:
         lm = fam.language_model(model)
         b.mask.index_fill_(1, b.pos, True)
         positions = fam.decode_positions(b.mask, b.deltas)           # [1 + R, B, 1]: text row, R rope rows
-        h = lm.embed_tokens(b.ids)                                   # [B, 1, H]
-        cos, sin = lm.rotary_emb(h, fam.rotary_positions(positions))
+        # [B, 1, H]; per layer (cos, sin) and the family's other inputs (Gemma 4: per-layer inputs, shared KV)
+        h, rope, extras = fam.decode_inputs(model, b.ids, fam.rotary_positions(positions))
         masks = fam.decode_masks(model, b.mask[:, None, None, :], b.pos)     # per layer, from [B, 1, 1, L]
         layer_pos = fam.layer_position_ids(positions)                # [B, 1]
         for i, layer in enumerate(lm.layers):
-            h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], cos, sin)
+            h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], *rope[i], **extras[i])
         h = lm.norm(h[:, -1:])
-        logits = model.lm_head(h)[:, -1]                             # [B, V]
+        logits = fam.decode_logits(model, model.lm_head(h))[:, -1]   # [B, V]
         b.logits.copy_(logits)
         b.ids.copy_(logits.argmax(-1, keepdim=True))
         b.pos.add_(1)

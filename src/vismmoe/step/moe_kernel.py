@@ -6,7 +6,8 @@
     topk   [T, K]         router's choice; weights [T, K]
     blob   one expert in its format (formats/), the same bytes in a slot and on the host: dense gate_up [2I, H]
            then down [H, I]; fp8 e4m3 weights + 128x128 block scales; int4 nibbles + group scales and zeros
-    ->  gate_up pass  [P, I]   silu(x @ gate^T) * (x @ up^T), one program per (pair, block of I rows)
+    ->  gate_up pass  [P, I]   act(x @ gate^T) * (x @ up^T), one program per (pair, block of I rows); act is
+                               SiLU, or GELU with the tanh approximation (Gemma 4): `ACTIVATIONS`
     ->  down pass     [P, H]   (h @ down^T) * weight, one program per (pair, block of H rows)
     ->  sum over K    [T, H]
 
@@ -43,11 +44,29 @@ except ImportError:                     # pragma: no cover - CPU installs withou
 
 from . import quant_kernels as qk
 
+# the experts' activation (transformers' `hidden_act` / `hidden_activation` name) -> the kernels' constant ACT
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1}
+
+
+def activation_id(name: str) -> int:
+    """The kernels' ACT for the activation `name` (transformers' ACT2FN key); ValueError for one they lack."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"the decode kernels compute {sorted(ACTIVATIONS)}, not {name!r}") from None
+
+
+def _act_reference(g: torch.Tensor, act: str) -> torch.Tensor:
+    if activation_id(act) == 1:
+        return torch.nn.functional.gelu(g, approximate="tanh")
+    return torch.nn.functional.silu(g)
+
 
 def decode_experts_reference(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                             down: torch.Tensor) -> torch.Tensor:
+                             down: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """x [T, H], topk [T, K], weights [T, K], gate_up [P, 2I, H], down [P, H, I] (pair p's expert, p = t*K + k,
-    dequantized into x's dtype by its format) -> [T, H].
+    dequantized into x's dtype by its format) -> [T, H]. `act`: the activation of the gate (`ACTIVATIONS`;
+    ValueError for another).
 
     Rounds where the kernels round: gate/up outputs, the activation and its product, and the down output are in
     x's dtype; accumulation, the routing weight and the sum over K in float32."""
@@ -57,7 +76,7 @@ def decode_experts_reference(x: torch.Tensor, topk: torch.Tensor, weights: torch
     xp = x.repeat_interleave(K, dim=0).float()                                       # [P, H]
     g = torch.einsum("ph,pih->pi", xp, gate_up[:, :inter].float()).to(x.dtype)     # [P, I]
     u = torch.einsum("ph,pih->pi", xp, gate_up[:, inter:].float()).to(x.dtype)     # [P, I]
-    h = (torch.nn.functional.silu(g.float()).to(x.dtype).float() * u.float()).to(x.dtype)
+    h = (_act_reference(g.float(), act).to(x.dtype).float() * u.float()).to(x.dtype)
     y = torch.einsum("pi,phi->ph", h.float(), down.float()).to(x.dtype)              # [P, H]
     y = y.float() * weights.reshape(-1, 1).float()
     return y.view(T, K, H).sum(1).to(x.dtype)
@@ -100,7 +119,7 @@ if triton is not None:
                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr,
                         S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr,
-                        STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
+                        STEP: tl.constexpr, NATIVE_F8: tl.constexpr, ACT: tl.constexpr):
         p = tl.program_id(0)                        # pair t*K + k
         ib = tl.program_id(1)
         t = p // K
@@ -131,7 +150,11 @@ if triton is not None:
                              BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
         g = acc_g.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        if ACT == 1:                                # GELU, tanh approximation; tanh(z) = 1 - 2 / (1 + e^2z)
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            act = (0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))).to(dt).to(tl.float32)
+        else:                                       # SiLU
+            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=rmask)
 
     @triton.jit
@@ -235,9 +258,10 @@ def _tile(block: int, step: int, size: int) -> int:
 
 def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
                  route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None, fmt=None,
-                 variant: str | None = None) -> None:
-    """h [P, I] = silu(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
-    expert format of the blobs `addr` points at (None: dense); `variant`: "old" or "new" kernels (`VARIANT`)."""
+                 variant: str | None = None, act: str = "silu") -> None:
+    """h [P, I] = act(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
+    expert format of the blobs `addr` points at (None: dense); `variant`: "old" or "new" kernels (`VARIANT`);
+    `act`: the gate's activation (`ACTIVATIONS`)."""
     P, inter = h.shape
     kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][0], **(blocks or {}))
@@ -248,7 +272,7 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
         x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=H, I=inter,
         BLOCK_I=b["BLOCK_I"], BLOCK_H=_tile(b["BLOCK_H"], g["STEP"], H), FMT=kid,
         S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"], STEP=g["STEP"], NATIVE_F8=not INTERPRETED,
-        num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
+        ACT=activation_id(act), num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
 
 
 def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, y: torch.Tensor,
@@ -269,15 +293,15 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
 def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
                           route_idx: torch.Tensor, route_w: torch.Tensor, inter: int,
                           gate_up_blocks: dict | None = None, down_blocks: dict | None = None,
-                          fmt=None, variant: str | None = None) -> torch.Tensor:
+                          fmt=None, variant: str | None = None, act: str = "silu") -> torch.Tensor:
     """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]. `fmt`: the expert
-    format of the blobs (formats.ExpertFormat; None: dense in x's dtype)."""
+    format of the blobs (formats.ExpertFormat; None: dense in x's dtype); `act`: the gate's activation."""
     T, K = topk.shape
     H = x.shape[-1]
     x, topk, weights = x.contiguous(), topk.contiguous(), weights.contiguous()
     h = x.new_empty(T * K, inter)
     y = torch.empty(T * K, H, device=x.device, dtype=torch.float32)
-    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant)
+    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant, act)
     down_pass(h, topk, weights, addr, y, down_blocks, fmt, variant)
     return y.view(T, K, H).sum(1).to(x.dtype)
 
@@ -296,15 +320,16 @@ def _format(spec: str, hidden: int, inter: int, dtype: torch.dtype):
 
 @torch.library.custom_op("vismmoe::decode_experts", mutates_args=("route_idx", "route_w"))
 def decode_experts(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
-                   route_idx: torch.Tensor, route_w: torch.Tensor, inter: int, spec: str = "dense") -> torch.Tensor:
-    """Routed experts of a few tokens read through the address table `addr` (blobs of expert format `spec`);
-    records the routing. CUDA only."""
+                   route_idx: torch.Tensor, route_w: torch.Tensor, inter: int, spec: str = "dense",
+                   act: str = "silu") -> torch.Tensor:
+    """Routed experts of a few tokens read through the address table `addr` (blobs of expert format `spec`,
+    gate activation `act`); records the routing. CUDA only."""
     fmt = None if spec == "dense" else _format(spec, x.shape[-1], inter, x.dtype)
-    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt)
+    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt, act=act)
 
 
 @decode_experts.register_fake
-def _(x, topk, weights, addr, route_idx, route_w, inter, spec="dense"):
+def _(x, topk, weights, addr, route_idx, route_w, inter, spec="dense", act="silu"):
     return torch.empty_like(x)
 
 
