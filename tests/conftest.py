@@ -132,3 +132,13 @@ def poison_sampling(monkeypatch) -> None:
         return pick(self, logits)
 
     monkeypatch.setattr(Sampler, "pick", poisoned)
+
+
+POLICIES = ("lru", "lfu", "lfru", "predictive", "none")     # every runtime eviction policy
+
+
+def quarter_and_smallest(model_dir: str) -> list[str]:
+    """The budgets exactness tests run at: 25% of the experts and the smallest legal one (one layer's top-k)."""
+    from vismmoe import load
+    eng = load(model_dir)
+    return ["25%", str(eng.geometry.top_k * eng.layout.nbytes)]

@@ -9,16 +9,10 @@ import pytest
 from vismmoe import load
 from vismmoe.tools.calibrate import calibrate, default_samples
 
-from .conftest import FAMILIES
+from .conftest import FAMILIES, POLICIES, quarter_and_smallest as _budgets
 
 PROMPT = "What is in the picture?"
 NEW = 10
-POLICIES = ("lru", "lfu", "lfru", "predictive", "none")
-
-
-def _budgets(d):
-    eng = load(d)
-    return ["25%", str(eng.geometry.top_k * eng.layout.nbytes)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,14 +10,10 @@ import torch
 
 from vismmoe import load
 
+from .conftest import POLICIES, quarter_and_smallest as _budgets
+
 PROMPT = "What is in the picture?"
 NEW = 10
-POLICIES = ("lru", "lfu", "lfru", "predictive", "none")
-
-
-def _budgets(d):
-    eng = load(d)
-    return ["25%", str(eng.geometry.top_k * eng.layout.nbytes)]
 
 
 def _ring_free(eng):
