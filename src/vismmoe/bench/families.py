@@ -35,8 +35,7 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
          say) -> dict:
     from ..step.fast_step import unsupported_reason
     from ..families import get_family
-    fam, config = get_shape(shape)
-    fam, config = get_shape(shape, min(layers, get_family(fam).text_config(config).num_hidden_layers))
+    fam, config = get_shape(shape, layers)
     tc = get_family(fam).text_config(config)
     t0 = time.perf_counter()
     base = random_engine(fam, config, device="cuda", expert_budget="100%", policy="lru", decode="fast")

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from .freetoken_report import markdown, plot
-from .gpu_memory import PeakUsed, used_mib
+from .gpu_memory import PeakUsed, settled_used_mib
 
 MODEL_NAME = "m"
 _WORDS = ("river stone light garden window paper silver morning engine harbor forest letter orange valley winter "
@@ -112,21 +112,6 @@ def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
         _LIVE.remove(proc)
 
 
-def _settled_used_mib(settle_s: float = 60.0) -> float | None:
-    """The GPU's used memory once it stops falling (a server stopped just before may still be handing memory back):
-    the baseline a server's peak is measured against. Polls every 0.5 s until two readings 2 s apart differ by at
-    most 64 MiB, or `settle_s` passes."""
-    last = used_mib()
-    t0 = time.monotonic()
-    while last is not None and time.monotonic() - t0 < settle_s:
-        time.sleep(2.0)
-        now = used_mib()
-        if now is None or abs(now - last) <= 64:
-            return now
-        last = now
-    return last
-
-
 def stop_all() -> None:
     for proc in list(_LIVE):
         stop(proc, grace=5.0)
@@ -171,7 +156,7 @@ class Server:
         """Start and wait until a one-token chat request answers; None when it serves, else why not (its stderr's last line,
         or the time it took)."""
         import httpx
-        self.baseline_mib = _settled_used_mib()
+        self.baseline_mib = settled_used_mib()
         self.sampler = PeakUsed().__enter__()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

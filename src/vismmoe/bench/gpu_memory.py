@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import threading
 
 
@@ -79,6 +80,21 @@ def used_mib(index: int = 0) -> float | None:
         return float(rows[0][0]) if rows else None
     except (ValueError, IndexError):
         return None
+
+
+def settled_used_mib(settle_s: float = 60.0) -> float | None:
+    """The GPU's used memory once it stops falling (a server stopped just before may still be handing memory back):
+    the baseline a server's peak is measured against. Polls every 0.5 s until two readings 2 s apart differ by at
+    most 64 MiB, or `settle_s` passes."""
+    last = used_mib()
+    t0 = time.monotonic()
+    while last is not None and time.monotonic() - t0 < settle_s:
+        time.sleep(2.0)
+        now = used_mib()
+        if now is None or abs(now - last) <= 64:
+            return now
+        last = now
+    return last
 
 
 class PeakUsed(PeakMemory):

@@ -187,7 +187,7 @@ SHAPES = {
 
 def get_shape(name: str, layers: int | None = None):
     """(family name, config) of a named shape; `layers`: its first `layers` decoder layers only (the text config's
-    per-layer lists, e.g. `layer_types`, `mlp_layer_types`, cut to match)."""
+    per-layer lists, e.g. `layer_types`, `mlp_layer_types`, cut to match; more layers than the shape has: all)."""
     try:
         fam, make = SHAPES[name]
     except KeyError:
@@ -197,6 +197,7 @@ def get_shape(name: str, layers: int | None = None):
         from ..families import get_family
         tc = get_family(fam).text_config(config)
         old = tc.num_hidden_layers
+        layers = min(layers, old)
         for key, value in list(vars(tc).items()):
             if isinstance(value, list) and len(value) == old and key != "moe_intermediate_size":
                 setattr(tc, key, value[:layers])
