@@ -111,6 +111,19 @@ def test_gpu_fast_step_families(family, tiny_dirs, image_file):
             assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_gpu_capture_leaves_the_decode_state(family, tiny_dirs, image_file):
+    """The run that compiles and captures a bucket's step (two warm-up steps first) gives the tokens of a later
+    run that only replays: the warm-ups leave no trace in the decode state (Qwen3.5's recurrent state is
+    updated in place: graphs.Bucket.snapshot)."""
+    d = tiny_dirs[family]
+    image = _image(family, image_file)
+    eng = load(d, device="cuda", dtype="bfloat16", decode="fast", compile=False)
+    first = eng.generate(image, PROMPTS[0], max_new_tokens=NEW).token_ids      # captures
+    assert eng.generate(image, PROMPTS[0], max_new_tokens=NEW).token_ids == first
+
+
 def test_gemma4_sampled_tokens_read_the_soft_capped_logits(tiny_dirs, image_file):
     """Sampling reads the step's logits (argmax alone would not see the soft cap, a monotone map): a seeded
     sampled request decodes on the fast step as on the eager step. The tiny model's logits are below 1 (at a cap of

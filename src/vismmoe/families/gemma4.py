@@ -50,10 +50,6 @@ class Gemma4Family(Rope1D, Family):
     image_ids_embedded = False      # multimodal token ids become the pad id before the embedding lookup
     model_type = "gemma4"
     model_class = Gemma4ForConditionalGeneration
-    # the fast step serves Gemma 4 exactly on the CPU (tests/test_fast_step_families.py); its CUDA path (compiled
-    # layers that write the shared-KV dict, CUDA graphs, GELU kernels) has not run on a GPU yet, so CUDA decodes
-    # eagerly until its `-m gpu` tests pass
-    fast_step_cuda_blocker = "its fast step has not yet run on a GPU (exact on the CPU); the eager step is exact"
     image_processor_class = Gemma4ImageProcessorPil
     tokens = Tokens(image="<image_soft_token>", image_start="<start_of_image>", image_end="<end_of_image>",
                     eos=("<end_of_turn>", "<eos>"), pad="<pad>", extra=("<bos>", "<start_of_turn>"))

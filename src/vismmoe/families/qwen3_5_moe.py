@@ -29,11 +29,6 @@ class Qwen3_5MoeFamily(Qwen3VLMoeFamily):
     linear_topk_routers = True      # Qwen3_5MoeTopKRouter: top-k of softmax(linear(h)) = top-k of linear(h)
     model_type = "qwen3_5_moe"
     model_class = Qwen3_5MoeForConditionalGeneration
-    # tests/test_family_compress.py::test_gpu_compressed_tokens_equal_across_budgets failed on an H100 (2026-12-06):
-    # a compressed request at the smallest budget gave other tokens than with every expert resident, on the fast
-    # step only (the CPU fast step and the eager step give equal tokens). Until that is found, CUDA decodes eagerly.
-    fast_step_cuda_blocker = ("a compressed request gave budget-dependent tokens on the CUDA fast step (found on an "
-                              "H100); the eager step is exact")
 
     def config_fields(self, config) -> list:
         return []                   # every layer is an MoE layer: nothing places them

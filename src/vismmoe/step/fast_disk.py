@@ -3,8 +3,8 @@ memory. Owns the step's staging blobs (experts read from the checkpoint through 
 for one token) and the addresses the step reads them at.
 
 A step's routing is known only once it has run, so a step that routed to an expert it could not read is run
-again from its snapshot (input token, position; the static KV write at that position is overwritten by the re-run,
-the attention mask column set again) after the experts of its FIRST such MoE layer have been staged. That layer's
+again from its snapshot (graphs.Bucket.snapshot: input token, position, mask and a recurrent layer's state; the
+static KV write at that position is overwritten by the re-run) after the experts of its FIRST such MoE layer have been staged. That layer's
 routing came from exact inputs, so its experts are the right ones, and in the re-run it reads them: every re-run
 makes one more MoE layer exact, and a step runs at most (MoE layers with such a miss) + 1 times. The misses of
 later layers seen in the same run are staged too while the staging holds fewer than one step's worth

@@ -36,7 +36,6 @@ from .decode_prefetch import DecodeLookahead
 from .fast_disk import DiskMisses
 from .graphs import Bucket, step_graphs
 from .strategy import Prefilled
-from ..families.base import Family
 
 
 class FastStep:
@@ -176,7 +175,7 @@ class FastStep:
             b.ids.fill_(int(teacher_token))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
         if self.disk is not None:                       # a snapshot to re-run the step from (fast_disk.py)
-            fl.snap = (b.pos.clone(), b.ids.clone())
+            fl.snap = b.snapshot()
         if self.cuda:
             fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             fl.ev0.record()
@@ -228,9 +227,7 @@ class FastStep:
             self.disk.stage(todo, b.rows)
             self.disk.reruns += 1
             fl.reruns += 1
-            pos, ids = fl.snap
-            b.pos.copy_(pos)
-            b.ids.copy_(ids)
+            b.restore(fl.snap)
             self._push()
             self.sg.run(b, self.graphs)
             if self.cuda:
@@ -337,7 +334,7 @@ class _InFlight:
     ids: list = field(default_factory=list)
     missed: int = 0
     stall_s: float = 0.0
-    snap: tuple | None = None           # disk tier: (pos, ids) before the step, to re-run it from
+    snap: tuple | None = None           # disk tier: the bucket's Bucket.snapshot() before the step, to re-run it from
     reruns: int = 0                     # disk tier: runs of this step discarded
 
 
@@ -354,10 +351,6 @@ def unsupported_reason(engine) -> str | None:
     if getattr(engine.family.text_config(engine.config), "sliding_window", None) is not None and \
             not engine.family.decode_sliding_window:
         return "sliding-window attention: the fast step's decode attention reads the whole KV cache"
-    if getattr(engine.store, "tier", "host") == "disk" and \
-            type(engine.family).static_cache is not Family.static_cache:
-        return ("the disk tier re-runs a step whose experts were on disk, and this family's decode cache is "
-                "updated in place (not only written at the step's position)")
     if engine.device.type == "cuda" and moe_kernel.triton is None:
         return "triton is not installed"
     want = moe_kernel.ACTIVATIONS.get(engine.family.expert_activation(engine.config))     # what the kernels compute

@@ -59,6 +59,11 @@ class StaticKV:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         self.k, self.v, self.pos = k, v, pos
 
+    def inplace_state(self) -> tuple:
+        """Buffers a step changes other than at column `pos`: none (a step's write at `pos` is rewritten by the
+        next run of the same step)."""
+        return ()
+
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         self.k.index_copy_(2, self.pos, key_states)
         self.v.index_copy_(2, self.pos, value_states)
@@ -145,6 +150,23 @@ class Bucket:
     out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
     graph: object = None
     rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0 (their output is unused)
+
+    def snapshot(self) -> tuple:
+        """What a step changes, copied: position, input token, mask, and every cache's in-place state (a
+        recurrent layer's, `inplace_state()`); `restore(snap)` puts it back, so a step can be run again from
+        here (warm-up before a capture, the disk tier's re-runs). The KV columns a step writes at `pos` need no
+        copy: a run from the restored position writes them again."""
+        inplace = [t for c in self.kv if c is not None for t in c.inplace_state()]
+        return (self.pos.clone(), self.ids.clone(), self.mask.clone(), [t.clone() for t in inplace])
+
+    def restore(self, snap: tuple) -> None:
+        pos, ids, mask, saved = snap
+        self.pos.copy_(pos)
+        self.ids.copy_(ids)
+        self.mask.copy_(mask)
+        inplace = [t for c in self.kv if c is not None for t in c.inplace_state()]
+        for t, s in zip(inplace, saved, strict=True):
+            t.copy_(s)
 
 
 class StepGraphs:
@@ -269,13 +291,7 @@ class StepGraphs:
 
     def _capture(self, b: Bucket) -> None:
         t0 = time.perf_counter()
-        saved = (b.pos.clone(), b.mask.clone(), b.ids.clone())
-
-        def restore():
-            b.pos.copy_(saved[0])
-            b.mask.copy_(saved[1])
-            b.ids.copy_(saved[2])
-
+        saved = b.snapshot()            # warm-up runs change a recurrent layer's state in place: put it back
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
@@ -283,13 +299,13 @@ class StepGraphs:
                 self._say(f"decode step: {'compiling' if i == 0 and self.compiled else 'warming up'} "
                           f"(batch {b.B}, KV {b.L})")
                 self._body(b)
-                restore()
+                b.restore(saved)
         torch.cuda.current_stream(self.device).wait_stream(s)
         torch.cuda.synchronize(self.device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._body(b)
-        restore()
+        b.restore(saved)
         torch.cuda.synchronize(self.device)
         b.graph = g
         self.capture_s += time.perf_counter() - t0

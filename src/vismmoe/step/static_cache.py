@@ -25,6 +25,10 @@ class StaticLinearState:
     def __getitem__(self, layer_idx) -> StaticLinearState:
         return self
 
+    def inplace_state(self) -> tuple:
+        """What a step overwrites in place (graphs.Bucket.snapshot): the convolution window and recurrent state."""
+        return (self.conv_states[0], self.recurrent_states[0])
+
     def has_previous_state(self, layer_idx=None, state_idx: int = 0) -> bool:
         return True                                         # decode always follows a prefill
 
