@@ -139,8 +139,8 @@ class Engine:
             return self._fast
         from ..step.fast_step import FastStep, unsupported_reason
         why = unsupported_reason(self)
-        # `auto` keeps the eager step for the disk tier: the fast step's staging re-runs are exact on the CPU but
-        # neither tested nor timed on a GPU yet (`--decode fast` asks for them)
+        # `auto` keeps the eager step for the disk tier: the fast step's staging re-runs are exact (CPU tests, and
+        # the H100's -m gpu tests) but not yet timed against the eager step there (`--decode fast` asks for them)
         auto_eager = self.device.type != "cuda" or getattr(self.store, "tier", "host") == "disk"
         if why is not None or (self.rc.decode == "auto" and auto_eager):
             if why is not None and self.rc.decode == "fast":
