@@ -94,6 +94,23 @@ def test_placement_balances_link_and_cpu():
     assert len(pl.choose(list(range(8)), tokens, backlog_s=4e-3)) == 6
 
 
+def test_placement_corrects_rates_by_what_jobs_took():
+    """Jobs that take 3x their calibrated time in the running process move the balance back to the link: the
+    in-place CPU rate, not the idle calibration, decides; a faster CPU moves it the other way."""
+    pl = Placement(fetch_s=1e-3, cpu_s=lambda t: 1e-3)
+    tokens = {e: 1 for e in range(8)}
+    before = len(pl.choose(list(range(8)), tokens))
+    for _ in range(30):
+        pl.observe(pl.predict([0, 1], tokens), 3 * pl.predict([0, 1], tokens))
+    assert 2.9 < pl.scale < 3.0
+    assert len(pl.choose(list(range(8)), tokens)) == 2 < before
+    for _ in range(60):
+        pl.observe(1.0, 0.5)
+    assert pl.scale == pytest.approx(0.5, abs=0.01) and len(pl.choose(list(range(8)), tokens)) > before
+    pl.observe(0.0, 1.0)                                        # nothing predicted: nothing learned
+    assert pl.scale == pytest.approx(0.5, abs=0.01)
+
+
 def test_placement_on_shared_cores_computes_every_miss():
     """A CPU-only run: a fetch is a copy plus the same compute on the same cores, so the CPU takes every miss."""
     pl = Placement(fetch_s=1e-4, cpu_s=lambda t: 1e-3 * t, shared=True)

@@ -88,16 +88,21 @@ class CpuSide:
         gate = getattr(module, "_apply_gate", None)
         pos = self.layer_pos[layer]
         release = getattr(self.store, "release", None)
-        run = lambda: self._run(pos, h, idx, w, cpu, gate, release)       # noqa: E731
+        t_sub = time.perf_counter()
+        predicted = self.placement.predict(cpu, tokens) if self.placement is not None else 0.0
+        run = lambda: self._run(pos, h, idx, w, cpu, gate, release, t_sub, predicted)      # noqa: E731
         job = self.worker.submit(run) if self.worker is not None else _Done(run())
         return [e for e in needed if e not in taken], job
 
-    def _run(self, pos, h, idx, w, cpu, gate, release):
+    def _run(self, pos, h, idx, w, cpu, gate, release, t_sub: float, predicted: float):
         t0 = time.perf_counter()
         with torch.no_grad():
             got = self.executor.pairs(lambda e: self.store.blob(pos, e), h, idx, w, cpu, gate=gate,
                                       release=release)
-        self.busy_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.busy_s += t1 - t0
+        if self.placement is not None:              # what the job took here, against what the rates promised
+            self.placement.observe(predicted, t1 - t_sub)
         self.experts += len(cpu)
         self.pairs += int(got[0].numel())
         return got

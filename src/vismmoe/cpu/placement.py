@@ -16,6 +16,12 @@ the whole difference).
 Decode (one token per expert) mostly lands on the CPU, prefill (tens or hundreds of tokens per expert) mostly on
 the link, as the rates say for this machine and shape. What it ignores: that a fetched expert stays resident and
 may hit later (a CPU-computed one does not enter the cache).
+
+The calibrated CPU rates are taken alone, on an idle process; inside a running engine the CPU side shares the
+cores and the interpreter with the device path. `observe` corrects them by what the CPU side's jobs really took
+there (`scale`, a running mean of observed / predicted seconds), so a CPU that is slower in place than in its
+calibration is given fewer misses (measured on the H100 machine, 2026-12-06: a job took about 3x its calibrated
+time, and the uncorrected placement decoded slower than fetch-only; docs/cpu-experts.md).
 """
 
 from __future__ import annotations
@@ -34,23 +40,34 @@ class Placement:
     cpu_s: Callable[[int], float]
     handoff_s: float = 0.0
     shared: bool = False
+    scale: float = 1.0              # observed / calibrated CPU seconds in this process (`observe`)
+
+    def predict(self, experts: list[int], tokens) -> float:
+        """Seconds the CPU side is expected to take for `experts` (hand-off included), before `scale`."""
+        return self.handoff_s + sum(self.cpu_s(int(tokens[e])) for e in experts)
+
+    def observe(self, predicted_s: float, observed_s: float, weight: float = 0.2) -> None:
+        """Fold one job's observed wall seconds (hand-off to result) against its `predict` into `scale` (an
+        exponential mean with `weight`, kept in [0.5, 100])."""
+        if predicted_s > 0 and observed_s > 0:
+            self.scale = min(100.0, max(0.5, (1 - weight) * self.scale + weight * observed_s / predicted_s))
 
     def choose(self, misses: list[int], tokens, backlog_s: float = 0.0) -> list[int]:
         """The misses (expert ids) the CPU computes; `tokens[e]`: pairs routed to expert e this call; `backlog_s`:
         seconds of copies already queued on the link ahead of these."""
-        cost = {e: self.cpu_s(int(tokens[e])) for e in misses}
+        cost = {e: self.cpu_s(int(tokens[e])) * self.scale for e in misses}
         order = sorted(misses, key=lambda e: (cost[e], e))
         cpu: list[int] = []
         if self.shared:
             for e in order:
-                extra = 0.0 if cpu else self.handoff_s
+                extra = 0.0 if cpu else self.handoff_s * self.scale
                 if cost[e] + extra < self.fetch_s + cost[e]:
                     cpu.append(e)
             return cpu
         link_t = backlog_s + self.fetch_s * len(misses)
         cpu_t = 0.0
         for e in order:
-            new_cpu = cpu_t + cost[e] + (0.0 if cpu else self.handoff_s)
+            new_cpu = cpu_t + cost[e] + (0.0 if cpu else self.handoff_s * self.scale)
             new_link = link_t - self.fetch_s
             if max(new_cpu, new_link) < max(cpu_t, link_t):
                 cpu.append(e)

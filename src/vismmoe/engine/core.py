@@ -524,6 +524,9 @@ class Engine:
             "cpu_computed": after["cpu"][0] - before["cpu"][0],      # (layer, expert) computations on the host
             "cpu_pairs": after["cpu"][1] - before["cpu"][1],
             "cpu_busy_s": after["cpu"][2] - before["cpu"][2],
+            # observed / calibrated CPU seconds in this process, what `auto` placement now plans with
+            "cpu_rate_scale": (self.runtime.cpu.placement.scale if self.runtime.cpu is not None
+                               and self.runtime.cpu.placement is not None else None),
             "bytes_moved": moved,
             "copy_s": copy_s,
             "h2d_GBps": moved / copy_s / 1e9 if copy_s > 0 else None,
