@@ -84,14 +84,16 @@ def test_fast_step_counts_the_routing(tiny_dirs, image_file):
     assert [s["kind"] for s in tr.steps].count("decode") == NEW - 1
 
 
-def test_decode_mode_is_validated(tiny_dirs):
+def test_decode_mode_is_validated(tiny_dirs, monkeypatch):
     from vismmoe.errors import UserError
     with pytest.raises(UserError):
         load(tiny_dirs["qwen3_vl_moe"], decode="fastest")
-    # the disk tier runs on the fast step (tests/test_fast_disk.py), but for a family with in-place decode state
-    eng = load(tiny_dirs["qwen3_5_moe"], decode="fast", expert_tier="disk")
-    with pytest.raises(UserError, match="disk tier"):
+    # `--decode fast` where the fast step cannot run: one line saying why; `auto` quietly decodes eagerly
+    eng = load(tiny_dirs["qwen3_5_moe"], decode="fast")
+    monkeypatch.setattr(type(eng.family), "fast_step_blocker", "its decode cache is not static")
+    with pytest.raises(UserError, match="--decode fast cannot run here: qwen3_5_moe: its decode cache is not static"):
         eng.fast_step()
+    assert load(tiny_dirs["qwen3_5_moe"], decode="auto").fast_step() is None
 
 
 # the decode kernels against the torch reference, for every expert format: tests/test_expert_formats.py
