@@ -40,6 +40,7 @@ _VERSIONS = {"gemv": "AutoAWQ's GEMV layout", "gemv_fast": "AutoAWQ's fast GEMV 
              "exllama": "the ExLlama layout", "marlin": "the Marlin layout", "ipex": "the IPEX layout"}
 _FIX = "vismmoe reads AutoAWQ checkpoints of version gemm, bits 4, zero_point true, group size 16/32/64/128"
 SCALE_DTYPES = ("F16", "BF16", "F32")
+_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
 def _get(obj, key, default=None):
@@ -104,8 +105,7 @@ def _checked(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     C = qweight.shape[0]
     for suffix, t, (_, shape, dtypes) in zip(("qweight", "qzeros", "scales"), (qweight, qzeros, scales),
                                              linear_shapes(R, C, group)):
-        ok = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-        if R % 8 or C % group or tuple(t.shape) != shape or t.dtype not in [ok[d] for d in dtypes]:
+        if R % 8 or C % group or tuple(t.shape) != shape or t.dtype not in [_DTYPES[d] for d in dtypes]:
             raise UserError(f"{name}.{suffix} has shape {list(t.shape)} ({t.dtype}) where AWQ's GEMM layout with "
                             f"group {group} needs {list(shape)}", "the checkpoint is damaged or not AWQ GEMM; "
                             "restore it")
