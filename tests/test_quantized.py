@@ -154,7 +154,7 @@ def _edit_tensor(d, key, fn):
 
 
 BAD = {
-    "method": (lambda d: _edit_config(d, lambda q: q.update(quant_method="awq")), "quantization method 'awq'"),
+    "method": (lambda d: _edit_config(d, lambda q: q.update(quant_method="gptq")), "quantization method 'gptq'"),
     "bits": (lambda d: _edit_config(d, lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=3)),
              "3-bit"),
     "group": (lambda d: _edit_config(d, lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=96)),

@@ -192,7 +192,7 @@ def cmd_quantize(args) -> int:
                 raise UserError(f"--rounding {args.rounding} applies to int4 only", "drop --rounding, or use --format int4")
             spec += ("," if ":" in spec else ":") + f"rounding={args.rounding}"
         res = quantize_checkpoint(_model_dir(args), spec, args.out, all_linears=args.all_linears,
-                                  force=args.force, progress=tick)
+                                  force=args.force, progress=tick, layout=args.layout)
     if args.json:
         print(json.dumps(res))
     else:
@@ -581,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(compressed-tensors pack-quantized; default group 128, symmetric); one of "
                                   "{names}"), _formats)
     q.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to (new or empty)")
+    q.add_argument("--layout", choices=("compressed-tensors", "awq"), default=None,
+                   help="int4's checkpoint layout: compressed-tensors pack-quantized (default) or awq (AutoAWQ's "
+                        "GEMM layout: qweight/qzeros/scales, asymmetric, fp16 scales)")
     q.add_argument("--all-linears", action="store_true",
                    help="also quantize the decoder's attention projections, as published releases do")
     q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")

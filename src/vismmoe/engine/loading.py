@@ -23,8 +23,7 @@ from ..errors import UserError
 from ..families import get_family
 from ..families.checks import check_config, check_tokenizer, check_weights
 from ..formats import make_format
-from ..formats.base import QuantizeOnRead
-from ..formats.checkpoint import dequantized_tensors, run_format, stored_format
+from ..formats.checkpoint import dequantized_tensors, expert_source, run_format, stored_format
 from ..offload.store import CheckpointReader, DiskStore, HostStore
 from ..paths import input_file, read_json
 from .budget import resolve_budget
@@ -131,6 +130,10 @@ def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str]
         for key, t in family.convert_tensor(name, tensor):
             if finite is not None:
                 finite.tensor(key, t)
+            if key in params and tuple(t.shape) != tuple(params[key].shape):     # a dequantized linear's shape
+                raise UserError(f"weight {key} in {model_dir} has shape {list(t.shape)}, but config.json gives "
+                                f"the model {list(params[key].shape)}", "the checkpoint does not match its "
+                                "config.json; restore it")
             if key in params and t.is_floating_point() and not any(k in key for k in keep_fp32):
                 t = t.to(dt)
             state[key] = t.contiguous().to(dev)
@@ -205,7 +208,7 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     reader.check_index()                       # index and shards agree, from the headers
     fallbacks = sorted({b.fallback for b in banks.values() if b.fallback is not None})
     check_weights(family, config, model, reader, prefixes + fallbacks, model_dir)
-    source = layout if stored is not None or layout.name == "dense" else QuantizeOnRead(layout)
+    source = expert_source(config, layout)     # the format, a layout's reader (AWQ) or a quantization on read
     for prefix in prefixes:                    # a broken expert tensor is reported before any weight moves
         source.check(reader, prefix, geo.num_experts)
     finite = FiniteCheck(rc.check_weights, model_dir)

@@ -4,7 +4,7 @@
     fp8     e4m3, 128 x 128 block scales (Qwen's FP8 releases)      fp8.py
     int4    4-bit, group scales and zero points (compressed-tensors pack-quantized w4a16)   int4.py
 How a checkpoint declares its quantization (`quantization_config`) and how its non-expert weights are read:
-checkpoint.py.
+checkpoint.py. AutoAWQ's GEMM layout, read into (and written from) int4: awq.py.
 """
 
 from .base import ExpertFormat, make_format, names, register

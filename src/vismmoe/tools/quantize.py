@@ -7,6 +7,9 @@ publishes, so users and tests have real quantized files.
     int4   compressed-tensors `pack-quantized` w4a16 (what llm-compressor writes): `weight_packed` int32
            [out, in/8], `weight_scale [out, in/g]` (the weights' dtype), `weight_zero_point` int32 packed along
            dim 0 (asymmetric only), `weight_shape`; the config written by compressed-tensors' own classes
+    int4 with `--layout awq`: AutoAWQ's GEMM layout (formats/awq.py), `quantization_config {quant_method: awq,
+           bits: 4, group_size: g, zero_point: true, version: gemm}`; per linear `qweight` int32 [in, out/8],
+           `qzeros` int32 [in/g, out/8], `scales` fp16 [in/g, out]; asymmetric, quantized from the fp16 weights
 
 The experts are quantized by the format's own `quantize` (round to nearest, the rule `--expert-format` uses while
 loading), so a checkpoint written here loads into the very blobs a load-time quantization makes. `--all-linears`
@@ -28,6 +31,7 @@ from safetensors.torch import save_file
 
 from ..errors import UserError
 from ..formats import make_format
+from ..formats.awq import awq_tensors
 from ..formats.checkpoint import stored_format
 from ..paths import atomic_dir, new_dir
 
@@ -55,6 +59,34 @@ def _int4_tensors(name: str, w: torch.Tensor, group: int, sym: bool, rounding: s
     return out
 
 
+LAYOUTS = {"fp8": ("fp8",), "int4": ("compressed-tensors", "awq")}     # format -> the layouts it is written in
+
+
+def _layout(spec: str, layout: str | None) -> tuple[str, str | None]:
+    """(spec, layout) to write: `layout` None is the format's first; `awq` makes int4 asymmetric unless the spec
+    says otherwise (AWQ stores zero points). UserError for a layout the format is not written in."""
+    name = spec.partition(":")[0]
+    if name not in LAYOUTS:             # dense or unknown: refused by the caller's own checks
+        return spec, layout
+    if layout is None:
+        return spec, LAYOUTS[name][0]
+    if layout not in LAYOUTS[name]:
+        raise UserError(f"--layout {layout} does not hold --format {name} experts",
+                        "use --layout awq or compressed-tensors with --format int4 (fp8 has one layout: drop "
+                        "--layout)")
+    if layout == "awq" and "sym=" not in spec:
+        spec += ("," if ":" in spec else ":") + "sym=0"
+    return spec, layout
+
+
+def _awq_config(fmt, all_linears: bool) -> dict:
+    # modules_to_not_convert: substrings of the module names left unquantized (transformers' rule)
+    keep = ["lm_head", "visual", "vision", "mlp.gate", "mlp.up_proj", "mlp.down_proj", "shared_expert",
+            "linear_attn"] + ([] if all_linears else ["self_attn"])
+    return {"quant_method": "awq", "bits": 4, "group_size": fmt.group, "zero_point": True, "version": "gemm",
+            "modules_to_not_convert": keep}
+
+
 def _quantization_config(fmt, ignore: list[str], targets: list[str]) -> dict:
     if fmt.name == "fp8":
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
@@ -71,9 +103,10 @@ def _quantization_config(fmt, ignore: list[str], targets: list[str]) -> dict:
 
 
 def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears: bool = False, force: bool = False,
-                        progress=None) -> dict:
+                        progress=None, layout: str | None = None) -> dict:
     """Write `model_dir` (a dense checkpoint) to `out_dir` with its routed experts in format `spec` (fp8, int4,
-    int4:group=..,sym=..); see the module docstring. Returns a summary (files, bytes before and after)."""
+    int4:group=..,sym=..), in checkpoint layout `layout` (None: the format's own; int4: compressed-tensors or
+    awq); see the module docstring. Returns a summary (files, bytes before and after)."""
     from transformers import AutoConfig
 
     from ..engine.loading import read_model_type, skeleton
@@ -85,9 +118,13 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
         raise UserError(f"{model_dir} is already quantized ({stored_format(config)})",
                         "quantize the dense checkpoint it was made from")
     geo = family.geometry(config)
+    spec, layout = _layout(spec, layout)
     fmt = make_format(spec, geo.hidden, geo.inter, torch.float32)
     if fmt.name == "dense":
         raise UserError("--format dense writes nothing new", "use --format fp8 or int4")
+    if layout == "awq" and fmt.sym:
+        raise UserError("--layout awq stores zero points (asymmetric int4), not sym=1",
+                        "drop sym=1 (--layout awq writes int4:sym=0)")
     if family.expert_banks(config):
         raise UserError(f"{family.model_type} keeps experts of two widths; quantized checkpoints of it are not "
                         "written", "load the dense checkpoint with --expert-format instead")
@@ -101,6 +138,8 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     def convert(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         if fmt.name == "fp8":
             return _fp8_tensors(name, w)
+        if layout == "awq":
+            return awq_tensors(name, w, fmt.group, fmt.rounding)
         return _int4_tensors(name, w, fmt.group, fmt.sym, fmt.rounding)
 
     with atomic_dir(out_dir) as tmp:
@@ -151,7 +190,8 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
         ignore = ["lm_head", "re:.*mlp.gate$", "re:.*visual.*", "re:.*vision.*"]
         targets = [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"] + \
             ([r"re:.*self_attn\.(q|k|v|o)_proj$"] if all_linears else [])
-        cfg["quantization_config"] = _quantization_config(fmt, ignore, targets)
+        cfg["quantization_config"] = _awq_config(fmt, all_linears) if layout == "awq" else \
+            _quantization_config(fmt, ignore, targets)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         for name in _COPY:
@@ -159,7 +199,8 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
     total = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
-    return {"out": out_dir, "format": fmt.spec(), "files": sorted(os.listdir(out_dir)), "bytes": total,
+    return {"out": out_dir, "format": fmt.spec(), "layout": layout, "files": sorted(os.listdir(out_dir)),
+            "bytes": total,
             "expert_bytes": len(prefixes) * geo.num_experts * fmt.nbytes,
             "dense_expert_bytes": len(prefixes) * geo.num_experts * 3 * geo.hidden * geo.inter * stored_bytes,
             "attention_quantized": len(quantized)}
