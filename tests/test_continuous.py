@@ -152,7 +152,7 @@ def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_f
         r = _req(s)
         eng.generate_requests([r])
         alone.append(r)
-    prefill = eng.prefill
+    prefill = eng.start_prefill
 
     def poisoned(inputs, *a, **kw):
         if inputs["input_ids"].shape[1] == poison_len:
@@ -162,7 +162,7 @@ def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_f
     poison = _req((None, "poison " * 7, dict(max_new_tokens=4)))
     eng.prepare_request(poison)
     poison_len = poison.prompt_tokens
-    monkeypatch.setattr(eng, "prefill", poisoned)
+    monkeypatch.setattr(eng, "start_prefill", poisoned)
     sizes = []
     sched = Scheduler(eng, max_batch=2, on_batch=lambda rows: sizes.append(len(rows)))
     got, finished = {}, threading.Event()
