@@ -138,14 +138,15 @@ def test_rows_select_and_concat_pad_and_trim():
     assert q.cache.layers[1].conv_states[0].shape == (2, 4)
 
 
-def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_file, monkeypatch):
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_file, monkeypatch, chunk):
     """Through the server's scheduler: requests submitted while others decode join them (never more than
     `max_batch` rows), each gives what it gives alone, streams its text, and a newcomer whose prefill raises fails
-    alone (the running rows go on)."""
+    alone (the running rows go on); whole prefills, and prefills in chunks between decode steps."""
     import threading
 
     from vismmoe.serve.scheduler import Scheduler
-    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%", prefill_chunk=chunk)
     specs = _specs(image_file)
     alone = []
     for s in specs:
