@@ -178,7 +178,7 @@ def test_running_rows_step_between_chunks_cancel_and_failure_leave_alone(tiny_di
     with pytest.raises(RuntimeError, match="still prefilling"):
         rb.admit(_req(None, "another", 2))
     pieces = rb.newcomer.run.pieces
-    assert pieces >= 4
+    assert pieces >= 4 and rb.newcomer.run.encodes                     # the vision tower: a piece of its own
     for i in range(pieces - 1):                                        # one chunk and one decode step each
         n = len(a.token_ids)
         assert rb.step() == [] and len(a.token_ids) == n + 1 and rb.newcomer.run.done == i + 1

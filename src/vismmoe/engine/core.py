@@ -376,7 +376,7 @@ class Engine:
         return self.finish_prefill(run, max_new_tokens, sampler, strategy)
 
     def start_prefill(self, inputs: dict, enc=None) -> loop.PrefillRun:
-        """A prompt's prefill, not run yet (`loop.PrefillRun`; chunked: the prompt encoded, the vision tower run).
+        """A prompt's prefill, not run yet (`loop.PrefillRun`: whole, or in chunks of `prefill_chunk` positions).
         Attach before each `run_chunk` when other work on the model runs in between (`attach`)."""
         self.attach()
         return loop.PrefillRun(self.model, self.family, inputs, tuple(self.step_observers), enc, self.prefill_chunk)

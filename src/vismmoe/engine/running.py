@@ -5,12 +5,12 @@ chunks of N positions between the running rows' decode steps.
 
     RunningBatch(engine)
       admit(req)   prepare (unless prepared) and start `req`'s prefill: a prompt of at most N positions (or any,
-                   chunking off) runs at once; a longer one is encoded (the vision tower runs) and waits for its
-                   chunks in the following steps. One newcomer prefills at a time (`prefilling`). Once its prompt
-                   is done: its first token; unless it finished there, it joins the running rows: the batch's KV
-                   is exported by its decode strategy, concatenated with the newcomer's (left-padded) and started
-                   again
-      step()       one chunk of the newcomer still prefilling (if any: when it was its last, the newcomer joins as
+                   chunking off) runs at once; a longer one runs in the following steps, one piece a step: its
+                   encoding (the vision tower), then its chunks. One newcomer prefills at a time (`prefilling`).
+                   Once its prompt is done: its first token; unless it finished there, it joins the running rows:
+                   the batch's KV is exported by its decode strategy, concatenated with the newcomer's
+                   (left-padded) and started again
+      step()       one piece of the newcomer still prefilling (if any: when it was its last, the newcomer joins as
                    above), then one decode step of every running row (the engine's strategy: eager or fast); rows
                    that finished (EOS, stop string, token limit, cancel, a sampling error) leave at once: their KV
                    rows are dropped and the batch started again without them. A newcomer cancelled while it
@@ -19,8 +19,8 @@ chunks of N positions between the running rows' decode steps.
       abort()      every running row leaves (their decode step failed as a whole); a newcomer prefilling stays
     each returns the requests that finished, with their results and statistics filled in
 
-The running rows wait one chunk per step while a newcomer prefills, not its whole prompt: their inter-token
-latency is bounded by one chunk and one decode step (docs/serving.md measures it).
+The running rows wait one piece per step while a newcomer prefills, not its whole prompt: their inter-token
+latency is bounded by one piece (a chunk, or the vision tower) and one decode step (docs/serving.md measures it).
 
 Each row's greedy tokens are those it gets alone (with the same `--prefill-chunk`): its prefill runs alone, and a
 decode step computes each row from its own KV, position and mask (left padding is masked out). The expert budget
@@ -97,8 +97,8 @@ class RunningBatch:
     def admit(self, req: GenerationRequest) -> list[GenerationRequest]:
         """`req` starts (see the module docstring). Returns [req] when it finished at once: its preparation failed
         (a bad image, a prompt over the context: `error`, finish reason "error"), or its prompt ran whole and its
-        first token ended it; else []. An exception of its encoding or its whole prefill propagates (the running
-        rows are untouched). RuntimeError while another newcomer prefills (`prefilling`)."""
+        first token ended it; else []. An exception of its whole prefill propagates (the running rows are
+        untouched). RuntimeError while another newcomer prefills (`prefilling`)."""
         if self.newcomer is not None:
             raise RuntimeError("a newcomer is still prefilling: admit the next one once it joined (`prefilling`)")
         eng = self.engine
@@ -121,7 +121,7 @@ class RunningBatch:
                                         kept=int(enc.visual.sum()) if enc is not None else visual, batch=1)
             self.newcomer = _Newcomer(req, new, run)
             if run.pieces > 1:
-                return []                                   # its chunks run in the next steps
+                return []                                   # its pieces run in the next steps
             try:
                 run.run_chunk()
                 st = eng.finish_prefill(run, req.max_new_tokens, new.sampler, EagerStep(eng.model, eng.family))
@@ -133,7 +133,7 @@ class RunningBatch:
 
     @torch.inference_mode()
     def step(self) -> list[GenerationRequest]:
-        """One chunk of the newcomer prefilling (if any), then one decode step of the running rows; returns the
+        """One piece of the newcomer prefilling (if any), then one decode step of the running rows; returns the
         requests that finished (they have left). An exception of the decode step propagates (`abort`)."""
         out = self._prefill_step() if self.newcomer is not None else []
         self.stepped = []
@@ -166,8 +166,8 @@ class RunningBatch:
             return out
 
     def _prefill_step(self) -> list[GenerationRequest]:
-        """The newcomer's next chunk; it leaves when it was cancelled (before the chunk) or its chunk raised, and
-        joins (or finishes at its first token) after its last chunk."""
+        """The newcomer's next piece; it leaves when it was cancelled (before the piece) or its piece raised, and
+        joins (or finishes at its first token) after its last one."""
         nc, eng = self.newcomer, self.engine
         req = nc.req
         if req.cancelled.is_set():

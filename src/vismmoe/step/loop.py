@@ -1,9 +1,10 @@
 """The one generation loop: prefill -> decode one token -> ... -> finish, over one batch's `DecodeState`.
 
     prefill(model, family, inputs, strategy, ...)  ->  DecodeState (first token per row; the strategy holds the KV)
-    PrefillRun(model, family, inputs, ..., chunk)  ->  the same, one piece at a time (`--prefill-chunk`: chunks of
-                                                       the prompt's positions over one cache), so a caller can run
-                                                       other work between two chunks (engine/running.py)
+    PrefillRun(model, family, inputs, ..., chunk)  ->  the same, one piece at a time (`--prefill-chunk`: the
+                                                       encoding, then chunks of the prompt's positions over one
+                                                       cache), so a caller can run other work between two pieces
+                                                       (engine/running.py)
     decode_one_token(state, teacher_token)         ->  one token per row (the state's strategy: strategy.py)
     finish(state)                                  ->  the last step's books
     run(state, max_new_tokens, ...)                ->  decode steps until every row is done or the token limit
@@ -73,11 +74,12 @@ def chunk_bounds(visual: torch.Tensor, chunk: int, split_images: bool = True) ->
 class PrefillRun:
     """One batch's prompt on its way through the decoder, over one KV cache: whole (one piece, as transformers'
     forward runs it) or in chunks of positions (`--prefill-chunk`: the prompt encoded once, vision tower
-    included, then `Family.decoder_forward` over each chunk: `Encoded.chunk`).
+    included, as a piece of its own, then `Family.decoder_forward` over each chunk: `Encoded.chunk`).
 
-        PrefillRun(model, family, inputs, steppers, enc, chunk)   nothing runs but the encoding (chunked only)
-        run_chunk() -> bool       the next piece: the routing observers told a prefill step starts (its tokens'
-                                  modality), the decoder over its positions; True once the prompt is done
+        PrefillRun(model, family, inputs, steppers, enc, chunk)   nothing runs yet
+        run_chunk() -> bool       the next piece: the encoding (chunked, unless `enc` was given), or a chunk: the
+                                  routing observers told a prefill step starts (its tokens' modality), the
+                                  decoder over its positions; True once the prompt is done
         finish(strategy, ...)     -> DecodeState: each row's first token, the KV handed to the decode strategy
 
     Chunking is numerically equivalent to the whole prefill, not bit-exact: the attention and the experts run
@@ -86,21 +88,20 @@ class PrefillRun:
     def __init__(self, model, family, inputs: dict, steppers=(), enc=None, chunk: int = 0):
         self.model, self.family, self.inputs, self.steppers = model, family, inputs, tuple(steppers)
         self.cache = DynamicCache(config=model.config)
-        T = (enc.embeds if enc is not None else inputs["input_ids"]).shape[1]
+        visual = enc.visual if enc is not None else inputs["mm_token_type_ids"].bool()       # [B, T]
+        T = visual.shape[1]
         self.chunked = chunk > 0 and T > chunk and family.prefill_chunk_blocker is None
-        if self.chunked and enc is None:
-            enc = family.encode(model, inputs)
         self.enc = enc
-        self.bounds = chunk_bounds(enc.visual, chunk, family.prefill_chunk_splits_images) if self.chunked \
-            else [0, T]
+        self.bounds = chunk_bounds(visual, chunk, family.prefill_chunk_splits_images) if self.chunked else [0, T]
+        self.encodes = self.chunked and enc is None     # its first piece encodes the prompt
         self.done = 0                   # pieces run
         self.deltas = None              # rope deltas [B, 1] of an unencoded prompt (set by its one piece)
         self.logits: torch.Tensor | None = None     # [B, 1, V] of the prompt's last position, once done
 
     @property
     def pieces(self) -> int:
-        """How many pieces (chunks) the prompt runs in."""
-        return len(self.bounds) - 1
+        """How many pieces the prompt runs in: its chunks, and the encoding when it is one."""
+        return len(self.bounds) - 1 + self.encodes
 
     @property
     def finished(self) -> bool:
@@ -108,9 +109,14 @@ class PrefillRun:
 
     def run_chunk(self) -> bool:
         """Run the next piece; True once the whole prompt has run."""
-        model, family, enc = self.model, self.family, self.enc
-        start, end = self.bounds[self.done], self.bounds[self.done + 1]
-        if enc is None:
+        model, family = self.model, self.family
+        if self.encodes and self.done == 0:
+            self.enc = family.encode(model, self.inputs)
+            self.done = 1
+            return False
+        i = self.done - self.encodes
+        start, end = self.bounds[i], self.bounds[i + 1]
+        if self.enc is None:
             inputs = self.inputs
             for s in self.steppers:
                 s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
@@ -118,7 +124,7 @@ class PrefillRun:
             logits = model(**family.model_inputs(inputs), position_ids=family.position_ids(pos),
                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
         else:
-            part = enc.chunk(start, end) if self.chunked else enc
+            part = self.enc.chunk(start, end) if self.chunked else self.enc
             live = part.mask[:, start:end].bool()
             for s in self.steppers:
                 s.begin_step("prefill", part.visual[live].to(torch.int8).cpu())
