@@ -136,31 +136,53 @@ SPECS = [(True, PROMPTS[0], 9), (False, PROMPTS[1], 3), (True, "Describe it.", 6
          (True, PROMPTS[1], 5)]
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
-def test_rows_joining_with_chunked_prefills_match_each_row_alone(family, tiny_dirs, image_file):
-    d = tiny_dirs[family]
-    base = load(d)
+def _staggered(eng, reqs, arrive_after: list[int]) -> list[tuple[int, bool]]:
+    """Request i is admitted after `arrive_after[i]` steps, once no newcomer prefills; runs until every row
+    finished. Returns, before each step, (rows decoding, a newcomer prefilling)."""
+    rb, steps, log, pending = RunningBatch(eng), 0, [], list(zip(arrive_after, reqs))
+    while pending or len(rb):
+        if pending and pending[0][0] <= steps and rb.prefilling is None:
+            rb.admit(pending.pop(0)[1])
+        if len(rb):
+            log.append((len(rb.decoding), rb.prefilling is not None))
+            rb.step()
+            steps += 1
+        elif pending:
+            steps = max(steps, pending[0][0])
+    return log
+
+
+def _rows_match_alone(eng, image_file):
+    reqs = {k: [_req(image_file if im else None, p, n) for im, p, n in SPECS] for k in ("alone", "batch")}
+    for r in reqs["alone"]:
+        eng.generate_requests([r])
+    log = _staggered(eng, reqs["batch"], [0, 1, 1, 2, 4])
+    for a, b in zip(reqs["alone"], reqs["batch"]):
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+    assert max(n for n, _ in log) >= 2                                   # rows joined a running batch
+    assert sum(1 for n, p in log if n and p) >= 4                         # ... and decoded while a newcomer prefilled
+    assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
+    assert all(r.stats["new_tokens"] == len(r.token_ids) for r in reqs["batch"])
+
+
+@pytest.mark.parametrize("family,decode", [("qwen3_vl_moe", "eager"), ("qwen3_vl_moe", "fast"),
+                                           ("qwen3_5_moe", "eager")])
+def test_rows_joining_with_chunked_prefills_match_each_row_alone(family, decode, tiny_dirs, image_file):
+    base = load(tiny_dirs[family])
     for budget in ("100%", str(base.geometry.top_k * base.layout.nbytes)):
-        eng = base.fork(prefill_chunk=6, expert_budget=budget)
-        reqs = {k: [_req(image_file if im else None, p, n) for im, p, n in SPECS] for k in ("alone", "batch")}
-        for r in reqs["alone"]:
-            eng.generate_requests([r])
-        rb, steps, log, pending = RunningBatch(eng), 0, [], list(zip([0, 1, 1, 2, 4], reqs["batch"]))
-        while pending or len(rb):
-            if pending and pending[0][0] <= steps and rb.prefilling is None:
-                rb.admit(pending.pop(0)[1])
-            if len(rb):
-                log.append((len(rb.decoding), rb.prefilling is not None))
-                rb.step()
-                steps += 1
-            elif pending:
-                steps = max(steps, pending[0][0])
-        for a, b in zip(reqs["alone"], reqs["batch"]):
-            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason), budget
-        assert max(n for n, _ in log) >= 2                               # rows joined a running batch
-        assert sum(1 for n, p in log if n and p) >= 4                     # ... and decoded while a newcomer prefilled
-        assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
-        assert all(r.stats["new_tokens"] == len(r.token_ids) for r in reqs["batch"])
+        _rows_match_alone(load(tiny_dirs[family], decode=decode, prefill_chunk=6, expert_budget=budget), image_file)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_gpu_rows_joining_with_chunked_prefills_match_each_row_alone(family, tiny_dirs, image_file):
+    """bf16 on the GPU, the fast step (graphs, compiled) for the running rows, newcomers' chunks between its
+    replays: every row gives what it gives alone with the same chunks, at every expert resident and the smallest
+    budget."""
+    base = load(tiny_dirs[family], device="cuda", dtype="bfloat16")
+    for budget in ("100%", str(base.geometry.top_k * base.layout.nbytes)):
+        _rows_match_alone(load(tiny_dirs[family], device="cuda", dtype="bfloat16", decode="auto", prefill_chunk=6,
+                               expert_budget=budget), image_file)
 
 
 def test_running_rows_step_between_chunks_cancel_and_failure_leave_alone(tiny_dirs, image_file):

@@ -214,8 +214,8 @@ def main(argv=None) -> int:
               f"{r['p50_short_s'] if r['p50_short_s'] is None else round(r['p50_short_s'], 3)} | "
               f"{r['mean_batch']:.2f} |" for r in table]
     if args.prefill_chunks:
-        lines += ["", "| clients | server | inter-token p50 (ms) | inter-token p99 (ms) | TTFT p50 (s) | TTFT p99 (s) | "
-                      "misses | MB moved |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| clients | server | inter-token p50 (ms) | inter-token p99 (ms) | TTFT p50 (s) | "
+                      "TTFT p99 (s) | misses | MB moved |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['clients']} | {r['max_batch']} | {_num(r['itl_p50_ms'], 1)} | {_num(r['itl_p99_ms'], 1)} | "
                   f"{_num(r['ttft_p50_s'], 3)} | {_num(r['ttft_p99_s'], 3)} | {r['misses']} | "
                   f"{r['bytes_moved'] / 1e6:.1f} |" for r in table]
