@@ -87,6 +87,17 @@ def test_a_batch_prefills_in_chunks_as_whole(family, tiny_dirs, image_file):
     assert [g.token_ids for g in eng.generate_batch(images, prompts, NEW)] == want
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "gemma4"])
+def test_a_compressed_prompt_prefills_in_chunks_as_whole(family, tiny_dirs, big_image):
+    """The pruned prompt (kept visual tokens, their DeepStack rows, gaps in the rope positions) in chunks."""
+    d = tiny_dirs[family]
+    want = load(d, compress="affinity", keep_ratio=0.3).generate(big_image, PROMPTS[0], NEW)
+    got = load(d, compress="affinity", keep_ratio=0.3, prefill_chunk=5, expert_budget="25%").generate(
+        big_image, PROMPTS[0], NEW)
+    assert want.stats["visual_tokens_kept"] < want.stats["visual_tokens"]
+    assert got.token_ids == want.token_ids
+
+
 def test_each_chunk_is_a_prefill_step_for_the_routing_observers(tiny_dirs, image_file):
     eng = load(tiny_dirs["qwen3_vl_moe"], prefill_chunk=8, expert_budget="50%")
     tr = RoutingTrace()
