@@ -241,3 +241,29 @@ def test_running_rows_step_between_chunks_cancel_and_failure_leave_alone(tiny_di
         rb.step()
     assert a.token_ids == alone.token_ids and a.text == alone.text
     assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
+
+
+def test_a_newcomer_whose_join_breaks(tiny_dirs, monkeypatch):
+    """Its join fails before the running rows changed: it fails alone and they go on; after (the re-batched rows
+    could not start again): the step fails as a whole, the newcomer among its rows, nothing left prefilling."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], prefill_chunk=8)
+    rb = RunningBatch(eng)
+    a, b, c = (_req(None, PROMPTS[1], 30), _req(None, "Is there a circle?", 5), _req(None, "Describe it.", 5))
+    rb.admit(a)
+    while rb.prefilling is not None:
+        rb.step()
+    rb.admit(b)
+    monkeypatch.setattr("vismmoe.step.rows.concat", lambda *_: (_ for _ in ()).throw(RuntimeError("no memory")))
+    while rb.prefilling is not None:
+        out = rb.step()
+    assert out == [b] and isinstance(b.error, RuntimeError) and rb.decoding == [a]
+    monkeypatch.undo()
+    n = len(a.token_ids)
+    rb.step()
+    assert len(a.token_ids) == n + 1
+    rb.admit(c)
+    monkeypatch.setattr(rb, "_restart", lambda p: (_ for _ in ()).throw(RuntimeError("no memory")))
+    with pytest.raises(RuntimeError, match="no memory"):
+        while True:
+            rb.step()
+    assert rb.prefilling is None and rb.abort() == [a, c] and len(rb) == 0

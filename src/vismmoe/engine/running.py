@@ -125,11 +125,12 @@ class RunningBatch:
             try:
                 run.run_chunk()
                 st = eng.finish_prefill(run, req.max_new_tokens, new.sampler, EagerStep(eng.model, eng.family))
+                return self._join(st)
             except BaseException:
-                self.newcomer = None
-                self._books.pop(id(req), None)
+                if not self._joined(req):
+                    self.newcomer = None
+                    self._books.pop(id(req), None)
                 raise
-            return self._join(st)
 
     @torch.inference_mode()
     def step(self) -> list[GenerationRequest]:
@@ -181,13 +182,18 @@ class RunningBatch:
                 if not nc.run.run_chunk():
                     return []
                 st = eng.finish_prefill(nc.run, req.max_new_tokens, nc.rows.sampler, EagerStep(eng.model, eng.family))
+                return self._join(st)
             except Exception as e:          # a bug or a device failure in its prefill: this request fails alone
-                log.exception("prefill chunk of a request failed")
+                if self._joined(req):       # unless it broke while joining the running rows: the step fails
+                    raise
+                log.exception("prefill of a request failed")
                 self.newcomer = None
                 req.error, req.finish_reason, req.t_end = e, "error", eng._now()
                 self._close(req)
                 return [req]
-            return self._join(st)
+
+    def _joined(self, req: GenerationRequest) -> bool:
+        return self.rows is not None and any(r is req for r in self.rows.reqs)
 
     def _join(self, st: loop.DecodeState) -> list[GenerationRequest]:
         """The newcomer's prompt is done (`st`: its first token): it finishes there, or joins the running rows."""

@@ -188,7 +188,7 @@ class Scheduler:
                     except Exception as e:      # a bug or a device failure in its prefill: this request's 500
                         log.exception("prefill of a request failed")
                         req.finish_reason = req.finish_reason or "error"
-                        _call(callbacks.pop(id(req)), req, e)
+                        _call(callbacks.pop(id(req), None), req, e)
             self.running = len(batch)
             if len(batch):
                 try:
@@ -197,12 +197,12 @@ class Scheduler:
                     log.exception("decode step of %d rows failed", len(batch.stepped))
                     for r in batch.abort():
                         r.finish_reason = r.finish_reason or "error"
-                        _call(callbacks.pop(id(r)), r, e)
+                        _call(callbacks.pop(id(r), None), r, e)
                 if self.on_batch is not None and batch.stepped:
                     self.on_batch(batch.stepped)
             self.running = len(batch)
             for r in finished:
-                _call(callbacks.pop(id(r)), r, r.error)
+                _call(callbacks.pop(id(r), None), r, r.error)
             if finished:
                 self.batches += 1
             with self._cv:
@@ -235,7 +235,10 @@ class Scheduler:
 
 
 def _call(done, req, error) -> None:
-    """A done callback that fails is logged: the worker thread must keep serving."""
+    """A done callback that fails is logged: the worker thread must keep serving. None: the request was answered
+    already (a newcomer failed at its join, then its rows' next step failed too)."""
+    if done is None:
+        return
     try:
         done(req, error)
     except Exception:

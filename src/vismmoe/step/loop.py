@@ -108,7 +108,9 @@ class PrefillRun:
         return self.done == self.pieces
 
     def run_chunk(self) -> bool:
-        """Run the next piece; True once the whole prompt has run."""
+        """Run the next piece; True once the whole prompt has run (RuntimeError after that)."""
+        if self.finished:
+            raise RuntimeError("this prompt has run: nothing is left to prefill")
         model, family = self.model, self.family
         if self.encodes and self.done == 0:
             self.enc = family.encode(model, self.inputs)
