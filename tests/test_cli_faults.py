@@ -110,6 +110,7 @@ def test_report_folders_of_an_earlier_run_are_reused(tmp_path):
     (["--calibration", "{tmp}/c.npz"], "--calibration is read by --prefetch trace or blend only"),
     (["--prefetch", "trace", "--calibration", "{tmp}"], "calibration file is a directory"),
     (["--lookahead", "9"], "--lookahead 9 is out of range"),
+    (["--prefill-chunk", "-4"], "--prefill-chunk -4 is negative"),
     (["--check-weights", "most"], "invalid choice"),
 ])
 def test_runtime_values_are_refused_before_loading(tmp_path, capsys, no_load, extra, needle):

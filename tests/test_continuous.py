@@ -138,21 +138,22 @@ def test_rows_select_and_concat_pad_and_trim():
     assert q.cache.layers[1].conv_states[0].shape == (2, 4)
 
 
-def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_file, monkeypatch):
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_file, monkeypatch, chunk):
     """Through the server's scheduler: requests submitted while others decode join them (never more than
     `max_batch` rows), each gives what it gives alone, streams its text, and a newcomer whose prefill raises fails
-    alone (the running rows go on)."""
+    alone (the running rows go on); whole prefills, and prefills in chunks between decode steps."""
     import threading
 
     from vismmoe.serve.scheduler import Scheduler
-    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%", prefill_chunk=chunk)
     specs = _specs(image_file)
     alone = []
     for s in specs:
         r = _req(s)
         eng.generate_requests([r])
         alone.append(r)
-    prefill = eng.prefill
+    prefill = eng.start_prefill
 
     def poisoned(inputs, *a, **kw):
         if inputs["input_ids"].shape[1] == poison_len:
@@ -162,7 +163,7 @@ def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_f
     poison = _req((None, "poison " * 7, dict(max_new_tokens=4)))
     eng.prepare_request(poison)
     poison_len = poison.prompt_tokens
-    monkeypatch.setattr(eng, "prefill", poisoned)
+    monkeypatch.setattr(eng, "start_prefill", poisoned)
     sizes = []
     sched = Scheduler(eng, max_batch=2, on_batch=lambda rows: sizes.append(len(rows)))
     got, finished = {}, threading.Event()

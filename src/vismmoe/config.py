@@ -132,6 +132,11 @@ def _keep_ratio_check(value):
         raise UserError(f"--keep-ratio {value} is out of range", "give a ratio in (0, 1], e.g. 0.33")
 
 
+def _prefill_chunk_check(value):
+    if value < 0:
+        raise UserError(f"--prefill-chunk {value} is negative", "give a number of prompt positions, or 0 (off)")
+
+
 def _lookahead_check(value):
     if not 1 <= value <= 8:
         raise UserError(f"--lookahead {value} is out of range", "use a depth from 1 to 8")
@@ -185,6 +190,12 @@ class RuntimeConfig:
                                     "(default: none)",
                                commands=RUN + ("eval", "calibrate"), type=float, metavar="R", cli_default=None,
                                check=_keep_ratio_check)
+    prefill_chunk: int = option(
+        0, "run a prompt longer than N positions through the decoder in chunks of N (the vision tower once, then "
+           "the decoder chunk by chunk over one KV cache); serve: a newcomer's chunks interleave with the running "
+           "rows' decode steps, so they wait one chunk at a time, not a whole prompt. 0 (default) prefills whole; "
+           "see docs/serving.md", commands=RUN + ("eval", "bench"), type=int, metavar="N",
+        check=_prefill_chunk_check)
     max_seq: int = option(4096, "longest prompt + generation the reserve estimate plans for", flag=None)
     decode: str = option("auto", "decode step: fast (static KV cache, compiled layers, one CUDA graph per token, "
                                  "misses read from host memory by the step), eager (transformers' forward per "

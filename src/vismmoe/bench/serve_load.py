@@ -10,6 +10,10 @@
     --batchings continuous,static: servers of each batching (at --max-batches' largest) instead, compared in the
     same run; --mixed-tokens 8,256: each request's max tokens cycles through 8, 16, ..., 256 (powers of two;
     with --ignore-eos, exactly that many), and the p50 latency of the short ones (at most 32 tokens) is reported
+    --prefill-chunks 0,64: continuous servers whose engines prefill newcomers whole (0) or in chunks of 64
+    positions (`--prefill-chunk`), compared in the same run; every row also gets the running rows' inter-token
+    latency (p50 / p99 of the gaps between a request's tokens, the engine's own token times), the time to first
+    token (arrival at the server to the first token, p50 / p99) and the expert misses and bytes moved of the run
     -> serve_load.md (table), serve_load.json, serve_load.png (tokens/s and p50 latency against clients)
 
 Run: `python -m vismmoe.bench.serve_load [--model DIR] [--device cuda] [--expert-budget 25%]`. The bundled model
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batches", default="1,8", help="servers to compare, by their --max-batch")
     ap.add_argument("--batchings", default=None,
                     help="servers to compare by --batching (e.g. continuous,static), at the largest --max-batches")
+    ap.add_argument("--prefill-chunks", default=None, metavar="N,M",
+                    help="servers to compare by --prefill-chunk (e.g. 0,64; continuous, at the largest --max-batches)")
     ap.add_argument("--mixed-tokens", default=None, metavar="LO,HI",
                     help="requests' max tokens cycle through powers of two from LO to HI (e.g. 8,256)")
     ap.add_argument("--requests", type=int, default=4, help="requests per client per run")
@@ -125,19 +131,24 @@ def main(argv=None) -> int:
     eng = load(args.model, device=args.device, expert_budget=args.expert_budget, decode=args.decode)
     batches = [int(x) for x in args.max_batches.split(",")]
     lengths = _lengths(args.mixed_tokens, args.max_tokens)
-    # servers: (label, max batch, batching)
-    if args.batchings:
-        kinds = [(b, max(batches), b) for b in args.batchings.split(",")]
+    # servers: (label, max batch, batching, engine)
+    if args.prefill_chunks:
+        kinds = [(f"chunk {n}", max(batches), "continuous", eng.fork(prefill_chunk=int(n)))
+                 for n in args.prefill_chunks.split(",")]
+    elif args.batchings:
+        kinds = [(b, max(batches), b, eng) for b in args.batchings.split(",")]
     else:
-        kinds = [(mb, mb, "continuous") for mb in batches]
+        kinds = [(mb, mb, "continuous", eng) for mb in batches]
     clients = [int(x) for x in args.clients.split(",")]
     samples = _images_and_questions(args.model, 8)
     from ..engine.request import GenerationRequest
-    warm_up(eng, max(batches), lambda: GenerationRequest.from_prompt(samples[0][0], samples[0][1], ignore_eos=True,
-                                                                     max_new_tokens=max(lengths)))
-    servers = {}
-    for i, (label, mb, batching) in enumerate(kinds):
-        app = create_app(eng, ServeOptions(model_name="m", max_batch=mb, max_queue=64, batching=batching))
+    for e in {id(k[3]): k[3] for k in kinds}.values():
+        warm_up(e, max(batches), lambda: GenerationRequest.from_prompt(samples[0][0], samples[0][1],
+                                                                       ignore_eos=True, max_new_tokens=max(lengths)))
+    servers, seen = {}, {}
+    for i, (label, mb, batching, e) in enumerate(kinds):
+        app = create_app(e, ServeOptions(model_name="m", max_batch=mb, max_queue=64, batching=batching))
+        seen[label] = _capture(app.state.scheduler)
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18700 + i, log_level="error",
                                                 timeout_keep_alive=30))
         threading.Thread(target=srv.run, daemon=True).start()
@@ -157,10 +168,19 @@ def main(argv=None) -> int:
             for mb in order:
                 app, _, c = servers[mb]
                 n0 = app.state.scheduler.batches
+                seen[mb].clear()
+                counters = app.state.engine.cache.counters
+                m0, b0 = counters.total().misses, counters.total().bytes_moved
                 wall, lat, toks, short = _run_clients(c, "m", prompts, C, args.requests, lengths, args.ignore_eos)
                 nb = app.state.scheduler.batches - n0
                 row = rows.setdefault((mb, C), {"walls": [], "lat": [], "tokens": [], "batches": 0, "requests": 0,
-                                                "short": []})
+                                                "short": [], "gaps": [], "ttft": [], "misses": 0, "bytes": 0})
+                for r in seen[mb]:
+                    row["gaps"] += [b - a for a, b in zip(r.token_times, r.token_times[1:])]
+                    if r.t_first is not None:
+                        row["ttft"].append(r.t_first - r.t_submit)
+                row["misses"] += counters.total().misses - m0
+                row["bytes"] += counters.total().bytes_moved - b0
                 row["walls"].append(wall)
                 row["lat"] += lat
                 row["short"] += short
@@ -175,9 +195,15 @@ def main(argv=None) -> int:
         table.append({"max_batch": mb, "clients": C, "tokens_per_s": tps, "p50_s": _pct(r["lat"], 0.5),
                       "p99_s": _pct(r["lat"], 0.99), "p50_short_s": _pct(r["short"], 0.5) if r["short"] else None,
                       "mean_batch": r["requests"] / max(1, r["batches"]),
-                      "requests": r["requests"]})
+                      "requests": r["requests"],
+                      "itl_p50_ms": 1e3 * _pct(r["gaps"], 0.5) if r["gaps"] else None,
+                      "itl_p99_ms": 1e3 * _pct(r["gaps"], 0.99) if r["gaps"] else None,
+                      "ttft_p50_s": _pct(r["ttft"], 0.5) if r["ttft"] else None,
+                      "ttft_p99_s": _pct(r["ttft"], 0.99) if r["ttft"] else None,
+                      "misses": r["misses"], "bytes_moved": r["bytes"]})
     meta = {"model": args.model or "bundled vqa-moe", "device": args.device, "expert_budget": args.expert_budget,
-            "decode": eng.rc.decode, "max_tokens": lengths, "batchings": args.batchings, "ignore_eos": args.ignore_eos,
+            "decode": eng.rc.decode, "max_tokens": lengths, "batchings": args.batchings,
+            "prefill_chunks": args.prefill_chunks, "ignore_eos": args.ignore_eos,
             "requests_per_client": args.requests, "reps": args.reps,
             "gpu": _gpu_name() if args.device.startswith("cuda") else None}
     with open(os.path.join(args.out, "serve_load.json"), "w") as f:
@@ -187,6 +213,12 @@ def main(argv=None) -> int:
     lines += [f"| {r['clients']} | {r['max_batch']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
               f"{r['p50_short_s'] if r['p50_short_s'] is None else round(r['p50_short_s'], 3)} | "
               f"{r['mean_batch']:.2f} |" for r in table]
+    if args.prefill_chunks:
+        lines += ["", "| clients | server | inter-token p50 (ms) | inter-token p99 (ms) | TTFT p50 (s) | "
+                      "TTFT p99 (s) | misses | MB moved |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['clients']} | {r['max_batch']} | {_num(r['itl_p50_ms'], 1)} | {_num(r['itl_p99_ms'], 1)} | "
+                  f"{_num(r['ttft_p50_s'], 3)} | {_num(r['ttft_p99_s'], 3)} | {r['misses']} | "
+                  f"{r['bytes_moved'] / 1e6:.1f} |" for r in table]
     with open(os.path.join(args.out, "serve_load.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -196,6 +228,23 @@ def main(argv=None) -> int:
         app.state.scheduler.close()
     print(json.dumps({"meta": meta, "rows": table}))
     return 0
+
+
+def _num(x, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _capture(sched) -> list:
+    """The requests `sched` takes from now on (its `submit` wrapped): their token times once they finished."""
+    seen = []
+    submit = sched.submit
+
+    def recording(req, done):
+        seen.append(req)
+        return submit(req, done)
+
+    sched.submit = recording
+    return seen
 
 
 def _gpu_name() -> str | None:

@@ -11,6 +11,7 @@ computed is the runtime's business, which experts to evict the policy's (offload
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import nullcontext
@@ -41,6 +42,10 @@ from .compress import VisualContext, keep_count, make_compressor, prune
 from .inputs import load_image
 from .request import GenerationRequest, RequestRows, batch_inputs
 from .sampling import Sampler
+
+
+log = logging.getLogger("vismmoe")
+_CHUNK_REFUSED: set[str] = set()        # families whose refusal of --prefill-chunk was logged
 
 
 @dataclass
@@ -343,17 +348,44 @@ class Engine:
                      keep_ratio=self.rc.keep_ratio if enc is not None else 1.0, batch=len(rows))
         return rows, stats
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt positions per prefill chunk (`--prefill-chunk`), 0: whole prefills (the option is off, or the
+        family cannot chunk its prompts: `Family.prefill_chunk_blocker`, said once in the log)."""
+        n = self.rc.prefill_chunk
+        why = self.family.prefill_chunk_blocker
+        if n and why is not None:
+            if self.family.model_type not in _CHUNK_REFUSED:
+                _CHUNK_REFUSED.add(self.family.model_type)
+                log.warning("--prefill-chunk %d: %s prompts prefill whole (%s)", n, self.family.model_type, why)
+            return 0
+        return n
+
     @torch.inference_mode()
     def prefill(self, inputs: dict, max_new_tokens: int, enc=None, sampler: Sampler | None = None,
                 strategy=None) -> loop.DecodeState:
         """Run a prepared prompt (or `enc`, a pruned one) and return its `loop.DecodeState` with each row's first
         token (argmax, or `sampler`'s pick); the KV cache has room for `max_new_tokens` tokens in all. Drive it
         with `decode_one_token`, then `finish`; one batch at a time per engine. The decode step (strategy) is
-        chosen here, once for the batch: `step_strategy` (or `strategy`)."""
-        self.attach()
+        chosen here, once for the batch: `step_strategy` (or `strategy`). The prompt runs whole or in chunks of
+        `prefill_chunk` positions."""
         strategy = strategy if strategy is not None else self.step_strategy(max_new_tokens)
-        state = loop.prefill(self.model, self.family, inputs, strategy, self.eos_ids,
-                             max_new_tokens, tuple(self.step_observers), enc, sampler)
+        run = self.start_prefill(inputs, enc)
+        while not run.run_chunk():
+            pass
+        return self.finish_prefill(run, max_new_tokens, sampler, strategy)
+
+    def start_prefill(self, inputs: dict, enc=None) -> loop.PrefillRun:
+        """A prompt's prefill, not run yet (`loop.PrefillRun`: whole, or in chunks of `prefill_chunk` positions).
+        Attach before each `run_chunk` when other work on the model runs in between (`attach`)."""
+        self.attach()
+        return loop.PrefillRun(self.model, self.family, inputs, tuple(self.step_observers), enc, self.prefill_chunk)
+
+    def finish_prefill(self, run: loop.PrefillRun, max_new_tokens: int, sampler: Sampler | None = None,
+                       strategy=None) -> loop.DecodeState:
+        """After `run`'s last piece: its `loop.DecodeState` (see `prefill`); the prompt-only experts leave."""
+        strategy = strategy if strategy is not None else self.step_strategy(max_new_tokens)
+        state = run.finish(strategy, self.eos_ids, max_new_tokens, sampler)
         if self.clock is not None:
             state.t_first = self.clock.now()
         self.release(self.geometry.prefill_only)

@@ -56,6 +56,7 @@ class GenerationRequest:
     error: Exception | None = None          # why this row failed (finish reason "error"); the others run on
     prompt_tokens: int = 0
     t_first: float | None = None            # perf_counter time of the first token
+    token_times: list[float] = field(default_factory=list)     # the time of each token (the clock of t_first)
     t_end: float | None = None
     stats: dict = field(default_factory=dict)
 
@@ -158,6 +159,7 @@ class RequestRows:
                 continue
             tok = state.tokens[i][-1]
             r.token_ids.append(tok)
+            r.token_times.append(now)
             r.t_first = r.t_first or now
             delta, stopped = ts.push(tok)
             eos = tok in self.eos_ids and not r.ignore_eos

@@ -1,32 +1,46 @@
 """Continuous batching on one engine: requests join a running batch between decode steps and leave it as soon as
-they finish, each row with its own KV (step/rows.py), sampling, token limit and stop strings (request.py).
+they finish, each row with its own KV (step/rows.py), sampling, token limit and stop strings (request.py). A
+newcomer's prompt runs ALONE (B = 1, the eager prefill, its own cache), whole or, with `--prefill-chunk N`, in
+chunks of N positions between the running rows' decode steps.
 
     RunningBatch(engine)
-      admit(req)   prepare (unless prepared) and prefill `req` ALONE (B = 1, the eager prefill, its own cache);
-                   its first token; unless it finished there, it joins the running rows: the batch's KV is
-                   exported by its decode strategy, concatenated with the newcomer's (left-padded) and started
-                   again
-      step()       one decode step of every running row (the engine's strategy: eager or fast); rows that finished
-                   (EOS, stop string, token limit, cancel, a sampling error) leave at once: their KV rows are
-                   dropped and the batch started again without them
-      abort()      every running row leaves (the step failed as a whole)
+      admit(req)   prepare (unless prepared) and start `req`'s prefill: a prompt of at most N positions (or any,
+                   chunking off) runs at once; a longer one runs in the following steps, one piece a step: its
+                   encoding (the vision tower), then its chunks. One newcomer prefills at a time (`prefilling`).
+                   Once its prompt is done: its first token; unless it finished there, it joins the running rows:
+                   the batch's KV is exported by its decode strategy, concatenated with the newcomer's
+                   (left-padded) and started again
+      step()       one piece of the newcomer still prefilling (if any: when it was its last, the newcomer joins as
+                   above), then one decode step of every running row (the engine's strategy: eager or fast); rows
+                   that finished (EOS, stop string, token limit, cancel, a sampling error) leave at once: their KV
+                   rows are dropped and the batch started again without them. A newcomer cancelled while it
+                   prefills leaves at once (its chunks stop); one whose chunk raises leaves with that error (finish
+                   reason "error"), the running rows untouched
+      abort()      every running row leaves (their decode step failed as a whole); a newcomer prefilling stays
     each returns the requests that finished, with their results and statistics filled in
 
-Each row's greedy tokens are those it gets alone: its prefill runs alone, and a decode step computes each row
-from its own KV, position and mask (left padding is masked out). The expert budget is the engine's cache, shared
-by every row. A request's offload statistics are the cache's counters over its lifetime in the batch (other rows'
-traffic included); `batch` is the most rows it ran beside (itself included).
+The running rows wait one piece per step while a newcomer prefills, not its whole prompt: their inter-token
+latency is bounded by one piece (a chunk, or the vision tower) and one decode step (docs/serving.md measures it).
+
+Each row's greedy tokens are those it gets alone (with the same `--prefill-chunk`): its prefill runs alone, and a
+decode step computes each row from its own KV, position and mask (left padding is masked out). The expert budget
+is the engine's cache, shared by every row. A request's offload statistics are the cache's counters over its
+lifetime in the batch (other rows' traffic included); `batch` is the most rows it ran beside (itself included).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..step import loop, rows as kvrows
 from ..step.decode import EagerStep
 from .request import GenerationRequest, RequestRows
+
+log = logging.getLogger("vismmoe")
 
 
 def blocker(engine) -> str | None:
@@ -39,6 +53,15 @@ def blocker(engine) -> str | None:
     return None
 
 
+@dataclass
+class _Newcomer:
+    """A request whose prompt runs (chunk by chunk) before it joins."""
+
+    req: GenerationRequest
+    rows: RequestRows               # its row, to join the running rows' once its first token is out
+    run: loop.PrefillRun
+
+
 class RunningBatch:
     """See the module docstring. One thread drives it (a server's engine worker)."""
 
@@ -47,20 +70,37 @@ class RunningBatch:
         self.state: loop.DecodeState | None = None
         self.rows: RequestRows | None = None
         self.strategy = None
+        self.newcomer: _Newcomer | None = None
+        self.stepped: list[GenerationRequest] = []   # the rows of the last decode step
         self._books: dict[int, dict] = {}        # id(request) -> what its statistics need
 
     def __len__(self) -> int:
-        return 0 if self.rows is None else len(self.rows)
+        """Rows running, the newcomer prefilling included."""
+        return len(self.decoding) + (self.newcomer is not None)
+
+    @property
+    def decoding(self) -> list[GenerationRequest]:
+        """The running rows (they take the decode steps)."""
+        return [] if self.rows is None else list(self.rows.reqs)
+
+    @property
+    def prefilling(self) -> GenerationRequest | None:
+        """The newcomer whose prompt still runs (None: `admit` may take the next)."""
+        return None if self.newcomer is None else self.newcomer.req
 
     @property
     def requests(self) -> list[GenerationRequest]:
-        return [] if self.rows is None else list(self.rows.reqs)
+        """Every request in the batch: the running rows, then the newcomer prefilling."""
+        return self.decoding + ([self.newcomer.req] if self.newcomer is not None else [])
 
     @torch.inference_mode()
     def admit(self, req: GenerationRequest) -> list[GenerationRequest]:
-        """`req` joins (see the module docstring). Returns [req] when it finished at once: its preparation failed
-        (a bad image, a prompt over the context: `error`, finish reason "error"), or its first token ended it;
-        else []. An exception of the prefill itself propagates (the running rows are untouched)."""
+        """`req` starts (see the module docstring). Returns [req] when it finished at once: its preparation failed
+        (a bad image, a prompt over the context: `error`, finish reason "error"), or its prompt ran whole and its
+        first token ended it; else []. An exception of its whole prefill propagates (the running rows are
+        untouched). RuntimeError while another newcomer prefills (`prefilling`)."""
+        if self.newcomer is not None:
+            raise RuntimeError("a newcomer is still prefilling: admit the next one once it joined (`prefilling`)")
         eng = self.engine
         req.t_start = req.t_start or time.perf_counter()
         if req.inputs is None:
@@ -75,48 +115,43 @@ class RunningBatch:
             inputs = eng._to_device(req.inputs)
             new = RequestRows([req], eng.tokenizer, eng.eos_ids, now=eng._now)
             enc = eng.pruned_prompt(inputs) if eng.compressor is not None and len(req.images) == 1 else None
-            st = eng.prefill(inputs, req.max_new_tokens, enc=enc, sampler=new.sampler,
-                             strategy=EagerStep(eng.model, eng.family))
-            new.on_step(st)
+            run = eng.start_prefill(inputs, enc)
             visual = int(inputs["mm_token_type_ids"].sum())
-            self._books[id(req)] = dict(t0=t0, before=before, t_first=st.t_first, steps=0, visual=visual,
+            self._books[id(req)] = dict(t0=t0, before=before, t_first=None, steps=0, visual=visual,
                                         kept=int(enc.visual.sum()) if enc is not None else visual, batch=1)
-            if st.done[0]:
-                self._close(req)
-                return [req]
-            p = st.strategy.export(st)
-            if self.state is None:
-                self.strategy = eng.step_strategy(2)
-                why = kvrows.blocker(p.cache)
-                if why is not None:
-                    raise RuntimeError(f"continuous batching cannot run this model: {why}")
-                self.rows, self.state = new, st
-                st.strategy = self.strategy
-            else:
-                self.strategy.finish(self.state)
-                p = kvrows.concat(self.strategy.export(self.state), p)       # new tensors
-                self.rows.extend(new)
-                self.state.tokens += st.tokens
-                self.state.done += st.done
-            self._restart(p)
-        return []
+            self.newcomer = _Newcomer(req, new, run)
+            if run.pieces > 1:
+                return []                                   # its pieces run in the next steps
+            try:
+                run.run_chunk()
+                st = eng.finish_prefill(run, req.max_new_tokens, new.sampler, EagerStep(eng.model, eng.family))
+                return self._join(st)
+            except BaseException:
+                if not self._joined(req):
+                    self.newcomer = None
+                    self._books.pop(id(req), None)
+                raise
 
     @torch.inference_mode()
     def step(self) -> list[GenerationRequest]:
-        """One decode step of the running rows; returns the requests that finished (they have left)."""
+        """One piece of the newcomer prefilling (if any), then one decode step of the running rows; returns the
+        requests that finished (they have left). An exception of the decode step propagates (`abort`)."""
+        out = self._prefill_step() if self.newcomer is not None else []
+        self.stepped = []
         if self.state is None:
-            return []
+            return out
         eng = self.engine
         with eng._lock:
             eng.attach()
+            self.stepped = list(self.rows.reqs)
             loop.decode_one_token(self.state)
             self.rows.on_step(self.state)
             for r in self.rows.reqs:
                 self._books[id(r)]["steps"] += 1
             finished = [i for i, d in enumerate(self.state.done) if d]
             if not finished:
-                return []
-            out = [self.rows.reqs[i] for i in finished]
+                return out
+            out += [self.rows.reqs[i] for i in finished]
             keep = [i for i, d in enumerate(self.state.done) if not d]
             self.strategy.finish(self.state)
             if keep:
@@ -127,13 +162,70 @@ class RunningBatch:
                 self._restart(p)
             else:
                 self.state = self.rows = None
-            for r in out:
+            for r in out[len(out) - len(finished):]:
                 self._close(r)
             return out
 
+    def _prefill_step(self) -> list[GenerationRequest]:
+        """The newcomer's next piece; it leaves when it was cancelled (before the piece) or its piece raised, and
+        joins (or finishes at its first token) after its last one."""
+        nc, eng = self.newcomer, self.engine
+        req = nc.req
+        if req.cancelled.is_set():
+            self.newcomer = None
+            req.finish_reason, req.t_end = req.cancel_reason, eng._now()
+            self._close(req)
+            return [req]
+        with eng._lock:
+            try:
+                eng.attach()
+                if not nc.run.run_chunk():
+                    return []
+                st = eng.finish_prefill(nc.run, req.max_new_tokens, nc.rows.sampler, EagerStep(eng.model, eng.family))
+                return self._join(st)
+            except Exception as e:          # a bug or a device failure in its prefill: this request fails alone
+                if self._joined(req):       # unless it broke while joining the running rows: the step fails
+                    raise
+                log.exception("prefill of a request failed")
+                self.newcomer = None
+                req.error, req.finish_reason, req.t_end = e, "error", eng._now()
+                self._close(req)
+                return [req]
+
+    def _joined(self, req: GenerationRequest) -> bool:
+        return self.rows is not None and any(r is req for r in self.rows.reqs)
+
+    def _join(self, st: loop.DecodeState) -> list[GenerationRequest]:
+        """The newcomer's prompt is done (`st`: its first token): it finishes there, or joins the running rows."""
+        nc, eng = self.newcomer, self.engine
+        self.newcomer = None
+        req, new = nc.req, nc.rows
+        new.on_step(st)
+        self._books[id(req)]["t_first"] = st.t_first
+        if st.done[0]:
+            self._close(req)
+            return [req]
+        p = st.strategy.export(st)
+        if self.state is None:
+            self.strategy = eng.step_strategy(2)
+            why = kvrows.blocker(p.cache)
+            if why is not None:
+                raise RuntimeError(f"continuous batching cannot run this model: {why}")
+            self.rows, self.state = new, st
+            st.strategy = self.strategy
+        else:
+            self.strategy.finish(self.state)
+            p = kvrows.concat(self.strategy.export(self.state), p)       # new tensors
+            self.rows.extend(new)
+            self.state.tokens += st.tokens
+            self.state.done += st.done
+        self._restart(p)
+        return []
+
     def abort(self) -> list[GenerationRequest]:
-        """Every running row leaves, unfinished (the caller fails them); the batch is empty after."""
-        out = self.requests
+        """Every running row leaves, unfinished (the caller fails them; their decode step failed as a whole); a
+        newcomer prefilling stays. The batch has no running rows after."""
+        out = self.decoding
         self.state = self.rows = None
         for r in out:
             self._books.pop(id(r), None)
@@ -155,7 +247,8 @@ class RunningBatch:
         eng = self.engine
         b = self._books.pop(id(req))
         end = req.t_end if req.t_end is not None else eng._now()
-        stats = eng._request_stats(b["before"], ttft=b["t_first"] - b["t0"], decode_s=end - b["t_first"],
+        t_first = b["t_first"] if b["t_first"] is not None else end       # None: it left before its first token
+        stats = eng._request_stats(b["before"], ttft=t_first - b["t0"], decode_s=end - t_first,
                                    steps=b["steps"], e2e=end - b["t0"], visual=b["visual"])
         first = req.t_first if req.t_first is not None else end
         stats.update(visual_tokens_kept=b["kept"], batch=b["batch"],

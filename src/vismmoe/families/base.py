@@ -16,7 +16,7 @@ import math
 import re
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -116,10 +116,10 @@ class ExpertGeometry:
 
 @dataclass
 class Encoded:
-    """A prompt ready for the decoder. B rows, T positions (left padded)."""
+    """A prompt ready for the decoder. B rows, T positions (left padded); or a chunk of one (`chunk`)."""
 
     embeds: torch.Tensor                 # [B, T, H]
-    mask: torch.Tensor                   # [B, T] attention mask
+    mask: torch.Tensor                   # [B, T] attention mask (a chunk's: [B, P + T], its P past positions first)
     visual: torch.Tensor                 # [B, T] bool: image-token positions
     positions: torch.Tensor              # [1 + R, B, T]: text row + R rope rows (3 for M-RoPE, 1 for 1-D RoPE)
     deltas: torch.Tensor                 # [B, 1]: rope position of the next token minus its text position
@@ -127,6 +127,24 @@ class Encoded:
     grids: list[tuple[int, int, int]]    # per row: merged (t, h, w) of its image
     # other decoder inputs that travel with each token, [B, T, ...] (Gemma 4's per-layer inputs): pruned alike
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    past_visual: torch.Tensor | None = None     # a chunk's: [B, P] image-token flags of the P positions before it
+
+    def chunk(self, start: int, end: int) -> Encoded:
+        """Positions [start, end) as the decoder's input for a cache that holds positions [0, start): embeddings,
+        positions, visual flags and `per_token` inputs sliced; the mask covers past and chunk ([B, end]); the
+        DeepStack rows of the visual tokens inside the chunk, in the same (row-major) order; `past_visual` the
+        visual flags of [0, start) (Gemma 4's image masks index the whole sequence). `deltas` and `grids` are the
+        prompt's."""
+        deepstack = None
+        if self.deepstack is not None:
+            B, T = self.visual.shape
+            rank = self.visual.reshape(-1).long().cumsum(0).view(B, T) - 1        # each visual token's row
+            rows = rank[:, start:end][self.visual[:, start:end]]
+            deepstack = [d[rows.to(d.device)] for d in self.deepstack]
+        return replace(self, embeds=self.embeds[:, start:end], mask=self.mask[:, :end],
+                       visual=self.visual[:, start:end], past_visual=self.visual[:, :start],
+                       positions=self.positions[..., start:end],
+                       deepstack=deepstack, per_token={k: t[:, start:end] for k, t in self.per_token.items()})
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,11 @@ class Family:
     fast_step_blocker: str | None = None
     # why the fast step may not serve this family on CUDA (compiled layers, CUDA graphs) though it does on the CPU
     fast_step_cuda_blocker: str | None = None
+    # why a prompt of this family cannot run through the decoder in chunks (`--prefill-chunk`: step/loop.py), None
+    # when it can; and whether a chunk boundary may fall inside an image (False: moved to the image's end, where
+    # an image's tokens attend to each other both ways, Gemma 4)
+    prefill_chunk_blocker: str | None = None
+    prefill_chunk_splits_images: bool = True
     # image token ids are looked up in the text embedding (so they must lie inside the vocabulary); False where the
     # model swaps them for the pad token first (Gemma 4)
     image_ids_embedded: bool = True
@@ -458,7 +481,10 @@ class Family:
     # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
     def encode(self, model, inputs: dict) -> Encoded:
         """Prompt -> what the decoder takes: embeddings with the image features scattered in, positions, and
-        (Qwen3-VL) DeepStack features. Exactly what transformers' forward computes before the decoder."""
+        (Qwen3-VL) DeepStack features. Exactly what transformers' forward computes before the decoder. A prompt
+        without images (no `pixel_values`): the token embeddings (`encode_text`)."""
+        if "pixel_values" not in inputs:
+            return self.encode_text(model, inputs)
         ids = inputs["input_ids"]
         embeds = model.get_input_embeddings()(ids)
         feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
@@ -471,6 +497,14 @@ class Family:
         grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in inputs["image_grid_thw"].tolist()]
         return Encoded(embeds=embeds, mask=inputs["attention_mask"], visual=vmask, positions=pos, deltas=deltas,
                        deepstack=list(deepstack) if deepstack is not None else None, grids=grids)
+
+    def encode_text(self, model, inputs: dict) -> Encoded:
+        """A prompt without images as the decoder's inputs: token embeddings, positions; no visual token."""
+        ids = inputs["input_ids"]
+        pos, deltas = self.prefill_positions(model, inputs)
+        return Encoded(embeds=model.get_input_embeddings()(ids), mask=inputs["attention_mask"],
+                       visual=torch.zeros_like(ids, dtype=torch.bool), positions=pos, deltas=deltas, deepstack=None,
+                       grids=[])
 
     def decoder_forward(self, model, enc: Encoded, cache) -> torch.Tensor:
         """Run the decoder over encoded inputs (filling `cache`); logits of the last position [B, 1, V]."""

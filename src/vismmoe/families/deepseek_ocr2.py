@@ -71,6 +71,8 @@ class DeepseekOcr2Family(Rope1D, Family):
         return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
 
     def encode(self, model, inputs: dict) -> Encoded:
+        if "pixel_values" not in inputs:
+            return self.encode_text(model, inputs)
         ids = inputs["input_ids"]
         embeds = model.get_input_embeddings()(ids)
         feats = model.model.get_image_features(inputs["pixel_values"], inputs.get("pixel_values_local"),

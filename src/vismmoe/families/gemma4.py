@@ -48,6 +48,8 @@ _TEMPLATE = (
 class Gemma4Family(Rope1D, Family):
     linear_topk_routers = False     # the router normalises its input first: not one linear map of the residual
     image_ids_embedded = False      # multimodal token ids become the pad id before the embedding lookup
+    # an image's tokens attend to each other both ways (sliding layers): a prefill chunk holds whole images
+    prefill_chunk_splits_images = False
     model_type = "gemma4"
     model_class = Gemma4ForConditionalGeneration
     image_processor_class = Gemma4ImageProcessorPil
@@ -105,17 +107,20 @@ class Gemma4Family(Rope1D, Family):
         lm = model.model.language_model
         llm_ids = torch.where(vmask, model.config.text_config.pad_token_id, ids)
         embeds = lm.embed_tokens(llm_ids)
-        feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_position_ids"],
-                                               return_dict=True).pooler_output
-        embeds = embeds.masked_scatter(vmask[..., None], torch.cat(list(feats)).to(embeds.dtype))
+        grids = []
+        if "pixel_values" in inputs:                                               # else a prompt without images
+            feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_position_ids"],
+                                                   return_dict=True).pooler_output
+            embeds = embeds.masked_scatter(vmask[..., None], torch.cat(list(feats)).to(embeds.dtype))
+            counts = [n for n in vmask.sum(-1).tolist() if n]                      # rows with an image, in order
+            for i, n in enumerate(counts):
+                h, w = self._soft_grid(inputs["image_position_ids"][i],
+                                       model.config.vision_config.pooling_kernel_size)
+                grids.append((1, h, w) if h * w == n else (1, 1, int(n)))
         per_token = {}
         if model.config.text_config.hidden_size_per_layer_input:
             per_token["per_layer_inputs"] = lm.get_per_layer_inputs(llm_ids, None)   # [B, T, layers, P]
         pos, deltas = self.prefill_positions(model, inputs)
-        grids = []
-        for b, n in enumerate(vmask.sum(-1).tolist()):
-            h, w = self._soft_grid(inputs["image_position_ids"][b], model.config.vision_config.pooling_kernel_size)
-            grids.append((1, h, w) if h * w == n else (1, 1, int(n)))
         return Encoded(embeds=embeds, mask=inputs["attention_mask"], visual=vmask, positions=pos, deltas=deltas,
                        deepstack=None, grids=grids, per_token=per_token)
 
@@ -127,10 +132,13 @@ class Gemma4Family(Rope1D, Family):
 
     def decoder_forward(self, model, enc: Encoded, cache) -> torch.Tensor:
         """Through `Gemma4Model` (masks bidirectional over the kept image tokens, sliding windows), soft-capped
-        logits of the last position [B, 1, V] as the model's forward gives them."""
+        logits of the last position [B, 1, V] as the model's forward gives them. A chunk after P cached positions
+        (`Encoded.chunk`) hands the model the image flags of all P + T positions: its image masks look the
+        flags up by absolute position (with the chunk's flags alone they would read the wrong ones)."""
+        visual = enc.visual if enc.past_visual is None else torch.cat([enc.past_visual, enc.visual], dim=1)
         out = model.model(inputs_embeds=enc.embeds, attention_mask=enc.mask,
                           position_ids=self.position_ids(enc.positions), past_key_values=cache, use_cache=True,
-                          mm_token_type_ids=enc.visual.long(), per_layer_inputs=enc.per_token.get("per_layer_inputs"))
+                          mm_token_type_ids=visual.long(), per_layer_inputs=enc.per_token.get("per_layer_inputs"))
         logits = model.lm_head(out.last_hidden_state[:, -1:])
         cap = model.config.get_text_config().final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap is not None else logits

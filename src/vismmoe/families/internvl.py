@@ -115,6 +115,8 @@ class InternVLFamily(Rope1D, Family):
 
     # ---- the prompt as decoder inputs (for visual-token compression) ----------------------------------------
     def encode(self, model, inputs: dict) -> Encoded:
+        if "pixel_values" not in inputs:
+            return self.encode_text(model, inputs)
         ids = inputs["input_ids"]
         embeds = model.get_input_embeddings()(ids)
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output

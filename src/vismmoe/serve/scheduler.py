@@ -2,10 +2,11 @@
 
     submit(request)  ->  queued (QueueFull when `max_queue` wait already: the server answers 429)
     worker, batching "continuous" (default): between two decode steps of the running rows, ONE waiting request
-                         is prefilled (alone) and joins them, while fewer than `max_batch` rows run; a row that
-                         finishes (EOS, stop string, token limit), is cancelled (client gone) or fails (its
-                         sampling) leaves at once and its `done` callback is called; its place is free for the
-                         next newcomer (engine/running.py)
+                         is prefilled (alone) and joins them, while fewer than `max_batch` rows run (with
+                         `--prefill-chunk`, a long prompt one chunk per decode step, the next newcomer taken once
+                         it joined); a row that finishes (EOS, stop string, token limit), is cancelled (client
+                         gone) or fails (its sampling) leaves at once and its `done` callback is called; its
+                         place is free for the next newcomer (engine/running.py)
     worker, batching "static": takes the oldest request and up to `max_batch - 1` more that are waiting, drops
                          those cancelled while they waited, runs the rest as ONE batch (Engine.generate_requests:
                          prefill together, decode steps together, each row stops on its own) to its end, then
@@ -167,7 +168,8 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed and not self._waiting and not len(batch):
                     return
-                new = self._waiting.popleft() if self._waiting and len(batch) < self.max_batch else None
+                new = self._waiting.popleft() if self._waiting and len(batch) < self.max_batch and \
+                    batch.prefilling is None else None
                 if self._cancel_reason is not None:
                     for r in batch.requests + ([new[0]] if new else []):
                         r.cancel(self._cancel_reason)
@@ -186,22 +188,21 @@ class Scheduler:
                     except Exception as e:      # a bug or a device failure in its prefill: this request's 500
                         log.exception("prefill of a request failed")
                         req.finish_reason = req.finish_reason or "error"
-                        _call(callbacks.pop(id(req)), req, e)
+                        _call(callbacks.pop(id(req), None), req, e)
             self.running = len(batch)
             if len(batch):
-                rows = batch.requests
                 try:
                     finished += batch.step()
-                except Exception as e:          # the step failed as a whole: its rows get a 500
-                    log.exception("decode step of %d rows failed", len(rows))
+                except Exception as e:          # the decode step failed as a whole: its rows get a 500
+                    log.exception("decode step of %d rows failed", len(batch.stepped))
                     for r in batch.abort():
                         r.finish_reason = r.finish_reason or "error"
-                        _call(callbacks.pop(id(r)), r, e)
-                if self.on_batch is not None:
-                    self.on_batch(rows)
+                        _call(callbacks.pop(id(r), None), r, e)
+                if self.on_batch is not None and batch.stepped:
+                    self.on_batch(batch.stepped)
             self.running = len(batch)
             for r in finished:
-                _call(callbacks.pop(id(r)), r, r.error)
+                _call(callbacks.pop(id(r), None), r, r.error)
             if finished:
                 self.batches += 1
             with self._cv:
@@ -234,7 +235,10 @@ class Scheduler:
 
 
 def _call(done, req, error) -> None:
-    """A done callback that fails is logged: the worker thread must keep serving."""
+    """A done callback that fails is logged: the worker thread must keep serving. None: the request was answered
+    already (a newcomer failed at its join, then its rows' next step failed too)."""
+    if done is None:
+        return
     try:
         done(req, error)
     except Exception:

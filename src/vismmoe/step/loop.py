@@ -1,6 +1,10 @@
 """The one generation loop: prefill -> decode one token -> ... -> finish, over one batch's `DecodeState`.
 
     prefill(model, family, inputs, strategy, ...)  ->  DecodeState (first token per row; the strategy holds the KV)
+    PrefillRun(model, family, inputs, ..., chunk)  ->  the same, one piece at a time (`--prefill-chunk`: the
+                                                       encoding, then chunks of the prompt's positions over one
+                                                       cache), so a caller can run other work between two pieces
+                                                       (engine/running.py)
     decode_one_token(state, teacher_token)         ->  one token per row (the state's strategy: strategy.py)
     finish(state)                                  ->  the last step's books
     run(state, max_new_tokens, ...)                ->  decode steps until every row is done or the token limit
@@ -52,32 +56,112 @@ def pick(logits: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
     return logits.argmax(-1) if sampler is None else sampler.pick(logits)
 
 
+def chunk_bounds(visual: torch.Tensor, chunk: int, split_images: bool = True) -> list[int]:
+    """[0, b1, ..., T]: where the chunks of a prompt of T positions (`visual [B, T]` bool) start and end, `chunk`
+    positions each (the last one shorter); with `split_images` False a boundary that would fall inside a run of
+    visual tokens (of any row) moves to the end of that run, so such a chunk is longer."""
+    T = visual.shape[1]
+    inside = (visual[:, 1:] & visual[:, :-1]).any(0).tolist()           # [T - 1]: a boundary at p + 1 splits
+    bounds = [0]
+    while bounds[-1] < T:
+        b = min(bounds[-1] + chunk, T)
+        while not split_images and b < T and inside[b - 1]:
+            b += 1
+        bounds.append(b)
+    return bounds
+
+
+class PrefillRun:
+    """One batch's prompt on its way through the decoder, over one KV cache: whole (one piece, as transformers'
+    forward runs it) or in chunks of positions (`--prefill-chunk`: the prompt encoded once, vision tower
+    included, as a piece of its own, then `Family.decoder_forward` over each chunk: `Encoded.chunk`).
+
+        PrefillRun(model, family, inputs, steppers, enc, chunk)   nothing runs yet
+        run_chunk() -> bool       the next piece: the encoding (chunked, unless `enc` was given), or a chunk: the
+                                  routing observers told a prefill step starts (its tokens' modality), the
+                                  decoder over its positions; True once the prompt is done
+        finish(strategy, ...)     -> DecodeState: each row's first token, the KV handed to the decode strategy
+
+    Chunking is numerically equivalent to the whole prefill, not bit-exact: the attention and the experts run
+    over fewer rows at a time, which changes summation orders (the tests hold fp32 logits within 1e-4)."""
+
+    def __init__(self, model, family, inputs: dict, steppers=(), enc=None, chunk: int = 0):
+        self.model, self.family, self.inputs, self.steppers = model, family, inputs, tuple(steppers)
+        self.cache = DynamicCache(config=model.config)
+        visual = enc.visual if enc is not None else inputs["mm_token_type_ids"].bool()       # [B, T]
+        T = visual.shape[1]
+        self.chunked = chunk > 0 and T > chunk and family.prefill_chunk_blocker is None
+        self.enc = enc
+        self.bounds = chunk_bounds(visual, chunk, family.prefill_chunk_splits_images) if self.chunked else [0, T]
+        self.encodes = self.chunked and enc is None     # its first piece encodes the prompt
+        self.done = 0                   # pieces run
+        self.deltas = None              # rope deltas [B, 1] of an unencoded prompt (set by its one piece)
+        self.logits: torch.Tensor | None = None     # [B, 1, V] of the prompt's last position, once done
+
+    @property
+    def pieces(self) -> int:
+        """How many pieces the prompt runs in: its chunks, and the encoding when it is one."""
+        return len(self.bounds) - 1 + self.encodes
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.pieces
+
+    def run_chunk(self) -> bool:
+        """Run the next piece; True once the whole prompt has run (RuntimeError after that)."""
+        if self.finished:
+            raise RuntimeError("this prompt has run: nothing is left to prefill")
+        model, family = self.model, self.family
+        if self.encodes and self.done == 0:
+            self.enc = family.encode(model, self.inputs)
+            self.done = 1
+            return False
+        i = self.done - self.encodes
+        start, end = self.bounds[i], self.bounds[i + 1]
+        if self.enc is None:
+            inputs = self.inputs
+            for s in self.steppers:
+                s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+            pos, self.deltas = family.prefill_positions(model, inputs)
+            logits = model(**family.model_inputs(inputs), position_ids=family.position_ids(pos),
+                           past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        else:
+            part = self.enc.chunk(start, end) if self.chunked else self.enc
+            live = part.mask[:, start:end].bool()
+            for s in self.steppers:
+                s.begin_step("prefill", part.visual[live].to(torch.int8).cpu())
+            logits = family.decoder_forward(model, part, self.cache)
+        self.done += 1
+        if self.finished:
+            self.logits = logits
+        return self.finished
+
+    def finish(self, strategy: DecodeStrategy, eos_ids: set[int], max_new_tokens: int,
+               sampler: Sampler | None = None) -> DecodeState:
+        """After the last piece: pick each row's first token (argmax, or `sampler`'s pick) and hand the KV cache to
+        `strategy` (room for `max_new_tokens`)."""
+        dev = self.logits.device
+        nxt = pick(self.logits[:, -1], sampler)                          # [B]
+        first = nxt.tolist()                                             # (synchronises)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        mask, deltas = (self.enc.mask, self.enc.deltas) if self.enc is not None else \
+            (self.inputs["attention_mask"], self.deltas)
+        state = DecodeState(tokens=[[t] for t in first], done=[t in eos_ids for t in first], eos_ids=eos_ids,
+                            t_first=time.perf_counter(), strategy=strategy, sampler=sampler, steppers=self.steppers)
+        strategy.start(state, Prefilled(self.cache, mask, deltas, nxt), max_new_tokens)
+        return state
+
+
 def prefill(model, family, inputs: dict, strategy: DecodeStrategy, eos_ids: set[int], max_new_tokens: int,
-            steppers=(), enc=None, sampler: Sampler | None = None) -> DecodeState:
-    """Run the prompt (`enc`, compress.py: the pruned encoded prompt instead of the full one), pick each row's
-    first token (argmax, or `sampler`'s pick) and hand the KV cache to `strategy` (room for `max_new_tokens`)."""
-    dev = inputs["input_ids"].device
-    cache = DynamicCache(config=model.config)
-    if enc is None:
-        for s in steppers:
-            s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
-        pos, deltas = family.prefill_positions(model, inputs)
-        logits = model(**family.model_inputs(inputs), position_ids=family.position_ids(pos), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits
-        mask = inputs["attention_mask"]
-    else:
-        for s in steppers:
-            s.begin_step("prefill", enc.visual[enc.mask.bool()].to(torch.int8).cpu())
-        logits = family.decoder_forward(model, enc, cache)
-        mask, deltas = enc.mask, enc.deltas
-    nxt = pick(logits[:, -1], sampler)                                   # [B]
-    first = nxt.tolist()                                                 # (synchronises)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    state = DecodeState(tokens=[[t] for t in first], done=[t in eos_ids for t in first], eos_ids=eos_ids,
-                        t_first=time.perf_counter(), strategy=strategy, sampler=sampler, steppers=tuple(steppers))
-    strategy.start(state, Prefilled(cache, mask, deltas, nxt), max_new_tokens)
-    return state
+            steppers=(), enc=None, sampler: Sampler | None = None, chunk: int = 0) -> DecodeState:
+    """Run the prompt (`enc`, compress.py: the pruned encoded prompt instead of the full one), whole or in chunks
+    of `chunk` positions (`PrefillRun`), pick each row's first token (argmax, or `sampler`'s pick) and hand the KV
+    cache to `strategy` (room for `max_new_tokens`)."""
+    run = PrefillRun(model, family, inputs, steppers, enc, chunk)
+    while not run.run_chunk():
+        pass
+    return run.finish(strategy, eos_ids, max_new_tokens, sampler)
 
 
 def decode_one_token(state: DecodeState, teacher_token: int | None = None) -> list[int]:
