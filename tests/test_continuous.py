@@ -13,7 +13,7 @@ from vismmoe.engine.sampling import NonFiniteLogits, SamplingParams
 from vismmoe.step import rows as kvrows
 from vismmoe.step.strategy import Prefilled
 
-from .conftest import poison_sampling
+from .conftest import poison_sampling, quarter_and_smallest
 
 PROMPTS = ["What is in the picture?", "How many shapes are there?", "Describe it.", "Is there a circle?"]
 SEEDED = SamplingParams(temperature=1.0, top_k=20, seed=3)
@@ -136,6 +136,86 @@ def test_rows_select_and_concat_pad_and_trim():
     assert q.mask.tolist() == [[1, 1, 1], [0, 1, 1]] and q.first.tolist() == [8, 7]
     assert torch.equal(q.cache.layers[0].keys[0], ka[1]) and torch.equal(q.cache.layers[0].values[1], -ka[0])
     assert q.cache.layers[1].conv_states[0].shape == (2, 4)
+
+
+@pytest.mark.parametrize("family,decode", [("qwen3_vl_moe", "eager"), ("qwen3_vl_moe", "fast"),
+                                           ("qwen3_5_moe", "fast")])
+def test_newcomers_admitted_together_match_each_alone(family, decode, tiny_dirs, image_file):
+    """Newcomers prefilled as one batch (admit_group) join a running row: each row gives what it gives alone,
+    one whose first token ends it finishes at once, down to the smallest budget."""
+    d = tiny_dirs[family]
+    smallest = quarter_and_smallest(d)[-1]
+    for budget in ("100%", smallest):
+        eng = load(d, decode=decode, expert_budget=budget)
+        specs = _specs(image_file)
+        alone = []
+        for sp in specs:
+            r = _req(sp)
+            eng.generate_requests([r])
+            alone.append(r)
+        reqs = [_req(sp) for sp in specs]
+        rb = RunningBatch(eng)
+        rb.admit(reqs[0])
+        rb.step()
+        done = rb.admit_group(reqs[1:])
+        assert done == [reqs[3]] and len(rb) == 4                  # max_new_tokens=1 ends at its first token
+        while len(rb):
+            rb.step()
+        for a, b in zip(alone, reqs):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        assert max(r.stats["batch"] for r in reqs) == 4
+        assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
+
+
+def test_admit_group_copies_shared_experts_once(tiny_dirs, image_file):
+    """Under a budget, four newcomers prefilled together move fewer expert bytes than the same four admitted one
+    after another (each prefill copies what its tokens route to; together, what they share crosses once)."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    moved = {}
+    for how in ("each", "group"):
+        eng = load(d, expert_budget="25%")
+        reqs = [_req((image_file, p, dict(max_new_tokens=2))) for p in PROMPTS]
+        rb = RunningBatch(eng)
+        before = eng.cache.counters.total().bytes_moved
+        if how == "group":
+            rb.admit_group(reqs)
+        else:
+            for r in reqs:
+                rb.admit(r)
+        moved[how] = eng.cache.counters.total().bytes_moved - before
+        while len(rb):
+            rb.step()
+    assert moved["group"] < moved["each"]
+
+
+def test_admit_group_falls_back_to_each_alone(tiny_dirs, image_file, monkeypatch):
+    """A batched prefill that raises admits each newcomer alone: the one whose own prefill raises fails, the
+    others run as they would alone."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
+    specs = _specs(image_file)[:3]
+    alone = []
+    for sp in specs:
+        r = _req(sp)
+        eng.generate_requests([r])
+        alone.append(r)
+    bad = _req((None, "poison " * 7, dict(max_new_tokens=4)))
+    eng.prepare_request(bad)
+    prefill = eng.start_prefill
+
+    def poisoned(inputs, *a, **kw):
+        if inputs["input_ids"].shape[0] > 1 or inputs["input_ids"].shape[1] == bad.prompt_tokens:
+            raise RuntimeError("the prefill failed")
+        return prefill(inputs, *a, **kw)
+
+    monkeypatch.setattr(eng, "start_prefill", poisoned)
+    reqs = [_req(sp) for sp in specs]
+    rb = RunningBatch(eng)
+    done = rb.admit_group([reqs[0], bad, reqs[1], reqs[2]])
+    assert bad in done and isinstance(bad.error, RuntimeError) and bad.finish_reason == "error"
+    while len(rb):
+        rb.step()
+    for a, b in zip(alone, reqs):
+        assert b.error is None and (b.token_ids, b.text) == (a.token_ids, a.text)
 
 
 @pytest.mark.parametrize("chunk", [0, 8])

@@ -38,7 +38,7 @@ import torch
 
 from ..step import loop, rows as kvrows
 from ..step.decode import EagerStep
-from .request import GenerationRequest, RequestRows
+from .request import GenerationRequest, RequestRows, batch_inputs
 
 log = logging.getLogger("vismmoe")
 
@@ -133,6 +133,71 @@ class RunningBatch:
                 raise
 
     @torch.inference_mode()
+    def admit_group(self, reqs: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Several newcomers at once, their whole prompts in ONE batched prefill (left-padded, as static batching
+        prefills): under an expert budget a prefill is mostly copying the experts its tokens route to, and a
+        batch copies the experts its rows share once, not once per request. Then they join together. Returns the
+        requests that finished at once (a preparation that failed, a first token that ended it, or a request that
+        failed alone). Each row's tokens are those it gets alone, as in a static batch (its own mask, positions and
+        KV). When the batched prefill raises, each request is admitted alone (`admit`), so one bad request fails
+        only itself. Needs no newcomer prefilling and prompts `--prefill-chunk` does not split (RuntimeError);
+        a mix the compressor would treat apart (rows without exactly one image) is admitted one by one."""
+        if self.newcomer is not None:
+            raise RuntimeError("a newcomer is still prefilling: admit the next ones once it joined (`prefilling`)")
+        eng = self.engine
+        out, ready = [], []
+        for r in reqs:
+            r.t_start = r.t_start or time.perf_counter()
+            if r.inputs is None:
+                try:
+                    eng.prepare_request(r)
+                except Exception as e:
+                    r.error, r.finish_reason = e, "error"
+                    out.append(r)
+                    continue
+            ready.append(r)
+        chunk = eng.prefill_chunk
+        if chunk and any(int(r.inputs["input_ids"].shape[-1]) > chunk for r in ready):
+            raise RuntimeError("admit_group takes whole prompts: admit a prompt --prefill-chunk splits with admit")
+        if len(ready) < 2 or (eng.compressor is not None and not all(len(r.images) == 1 for r in ready)):
+            return out + self._admit_each(ready)
+        pad = eng.family.token_ids(eng.tokenizer)["pad"]
+        with eng._lock:
+            t0 = eng._now()
+            before = eng._snapshot()
+            try:
+                inputs = eng._to_device(batch_inputs([r.inputs for r in ready], pad))
+                new = RequestRows(ready, eng.tokenizer, eng.eos_ids, now=eng._now)
+                enc = eng.pruned_prompt(inputs) if eng.compressor is not None else None
+                run = eng.start_prefill(inputs, enc)
+                while not run.run_chunk():
+                    pass
+                st = eng.finish_prefill(run, max(r.max_new_tokens for r in ready), new.sampler,
+                                        EagerStep(eng.model, eng.family))
+            except Exception:
+                log.exception("batched prefill of %d newcomers failed: admitting each alone", len(ready))
+                return out + self._admit_each(ready)
+            visual = inputs["mm_token_type_ids"].sum(1).tolist()
+            kept = enc.visual.sum(1).tolist() if enc is not None else visual
+            for r, v, k in zip(ready, visual, kept):
+                self._books[id(r)] = dict(t0=t0, before=before, t_first=None, steps=0, visual=int(v), kept=int(k),
+                                          batch=1)
+            return out + self._join_rows(new, st)
+
+    def _admit_each(self, reqs: list[GenerationRequest]) -> list[GenerationRequest]:
+        """`admit` each in turn (whole prompts: each joins before the next); one that raises finishes alone
+        with its error."""
+        out = []
+        for r in reqs:
+            try:
+                out += self.admit(r)
+            except Exception as e:
+                log.exception("prefill of a request failed")
+                r.error, r.finish_reason = e, r.finish_reason or "error"
+                out.append(r)
+        return out
+
+    @torch.inference_mode()
     def step(self) -> list[GenerationRequest]:
         """One piece of the newcomer prefilling (if any), then one decode step of the running rows; returns the
         requests that finished (they have left). An exception of the decode step propagates (`abort`)."""
@@ -197,30 +262,43 @@ class RunningBatch:
 
     def _join(self, st: loop.DecodeState) -> list[GenerationRequest]:
         """The newcomer's prompt is done (`st`: its first token): it finishes there, or joins the running rows."""
-        nc, eng = self.newcomer, self.engine
+        nc = self.newcomer
         self.newcomer = None
-        req, new = nc.req, nc.rows
+        return self._join_rows(nc.rows, st)
+
+    def _join_rows(self, new: RequestRows, st: loop.DecodeState) -> list[GenerationRequest]:
+        """Newcomers whose prompts are done (`st`: their first tokens, one row each of `new`): those their first
+        token ended finish there, the rest join the running rows. Returns the finished ones."""
+        eng = self.engine
         new.on_step(st)
-        self._books[id(req)]["t_first"] = st.t_first
-        if st.done[0]:
-            self._close(req)
-            return [req]
-        p = st.strategy.export(st)
-        if self.state is None:
-            self.strategy = eng.step_strategy(2)
-            why = kvrows.blocker(p.cache)
-            if why is not None:
-                raise RuntimeError(f"continuous batching cannot run this model: {why}")
-            self.rows, self.state = new, st
-            st.strategy = self.strategy
-        else:
-            self.strategy.finish(self.state)
-            p = kvrows.concat(self.strategy.export(self.state), p)       # new tensors
-            self.rows.extend(new)
-            self.state.tokens += st.tokens
-            self.state.done += st.done
-        self._restart(p)
-        return []
+        for r in new.reqs:
+            self._books[id(r)]["t_first"] = st.t_first
+        out = [r for r, d in zip(new.reqs, st.done) if d]
+        keep = [i for i, d in enumerate(st.done) if not d]
+        if keep:
+            p = st.strategy.export(st)
+            if out:                                                     # rows that finished at once leave
+                p = kvrows.select(p, keep)
+                new.take(keep)
+                st.tokens = [st.tokens[i] for i in keep]
+                st.done = [False] * len(keep)
+            if self.state is None:
+                self.strategy = eng.step_strategy(2)
+                why = kvrows.blocker(p.cache)
+                if why is not None:
+                    raise RuntimeError(f"continuous batching cannot run this model: {why}")
+                self.rows, self.state = new, st
+                st.strategy = self.strategy
+            else:
+                self.strategy.finish(self.state)
+                p = kvrows.concat(self.strategy.export(self.state), p)       # new tensors
+                self.rows.extend(new)
+                self.state.tokens += st.tokens
+                self.state.done += st.done
+            self._restart(p)
+        for r in out:
+            self._close(r)
+        return out
 
     def abort(self) -> list[GenerationRequest]:
         """Every running row leaves, unfinished (the caller fails them; their decode step failed as a whole); a

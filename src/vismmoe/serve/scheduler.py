@@ -1,10 +1,11 @@
 """Requests from many clients onto one engine: a bounded queue and a worker thread that runs them.
 
     submit(request)  ->  queued (QueueFull when `max_queue` wait already: the server answers 429)
-    worker, batching "continuous" (default): between two decode steps of the running rows, ONE waiting request
-                         is prefilled (alone) and joins them, while fewer than `max_batch` rows run (with
-                         `--prefill-chunk`, a long prompt one chunk per decode step, the next newcomer taken once
-                         it joined); a row that finishes (EOS, stop string, token limit), is cancelled (client
+    worker, batching "continuous" (default): between two decode steps of the running rows, the waiting
+                         requests (up to `max_batch` rows in all) are prefilled together, as one batch, and join
+                         them (RunningBatch.admit_group: under an expert budget one prefill copies the experts
+                         the newcomers share once); with `--prefill-chunk`, ONE newcomer at a time, a long prompt
+                         one chunk per decode step, the next taken once it joined; a row that finishes (EOS, stop string, token limit), is cancelled (client
                          gone) or fails (its sampling) leaves at once and its `done` callback is called; its
                          place is free for the next newcomer (engine/running.py)
     worker, batching "static": takes the oldest request and up to `max_batch - 1` more that are waiting, drops
@@ -15,7 +16,8 @@
                          until the deadline, then each is cancelled with finish reason "shutdown"
 
 One request never fails the others: a row's own failure (its preparation, its sampling) ends that row alone with
-its `error`. Continuous: a newcomer whose prefill raises fails alone (the running rows are untouched); a decode
+its `error`. Continuous: a newcomer whose prefill raises fails alone (the running rows are untouched; newcomers prefilled
+together are admitted one by one when their batched prefill raises); a decode
 step that raises fails the rows of that step. Static: a batch that fails as a whole before any row got a token
 (an exception in the prefill) runs its rows again one by one, so the one that caused it fails alone.
 
@@ -168,27 +170,35 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed and not self._waiting and not len(batch):
                     return
-                new = self._waiting.popleft() if self._waiting and len(batch) < self.max_batch and \
-                    batch.prefilling is None else None
+                news = []
+                if batch.prefilling is None:
+                    # whole prompts join together (one batched prefill); a chunked one alone, piece by piece
+                    room = self.max_batch - len(batch) if not self.engine.prefill_chunk else 1
+                    while self._waiting and len(news) < room:
+                        news.append(self._waiting.popleft())
                 if self._cancel_reason is not None:
-                    for r in batch.requests + ([new[0]] if new else []):
+                    for r in batch.requests + [n[0] for n in news]:
                         r.cancel(self._cancel_reason)
-                self._running = batch.requests + ([new[0]] if new else [])
+                self._running = batch.requests + [n[0] for n in news]
             finished = []
-            if new is not None:
-                req, done = new
+            live = []
+            for req, done in news:
                 self._started(req)
                 if req.cancelled.is_set():
                     req.finish_reason = req.cancel_reason
                     _call(done, req, None)
                 else:
                     callbacks[id(req)] = done
-                    try:
-                        finished += batch.admit(req)
-                    except Exception as e:      # a bug or a device failure in its prefill: this request's 500
-                        log.exception("prefill of a request failed")
-                        req.finish_reason = req.finish_reason or "error"
-                        _call(callbacks.pop(id(req), None), req, e)
+                    live.append(req)
+            if live:
+                try:
+                    finished += batch.admit(live[0]) if len(live) == 1 else batch.admit_group(live)
+                except Exception as e:      # a bug or a device failure in its prefill or join: these requests' 500
+                    log.exception("prefill of %d requests failed", len(live))
+                    for req in live:
+                        if id(req) in callbacks and not any(r is req for r in batch.requests):
+                            req.finish_reason = req.finish_reason or "error"
+                            _call(callbacks.pop(id(req), None), req, e)
             self.running = len(batch)
             if len(batch):
                 try:
