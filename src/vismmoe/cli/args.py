@@ -165,23 +165,38 @@ def flag_of(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def check_text(args: argparse.Namespace) -> None:
+def _text_fault(v: str) -> str | None:
+    """Why `v` is not usable text (lone surrogates: bytes Python could not decode; a NUL), or None."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(v[e.start])
+        return "is not valid UTF-8 text" + (f" (byte 0x{c - 0xDC00:02x})" if 0xDC80 <= c <= 0xDCFF else "")
+    return "contains a NUL character" if "\x00" in v else None
+
+
+def check_text(args: argparse.Namespace, raw: list[str] | None = None) -> None:
     """UserError for a string argument that is not valid UTF-8 (bytes Python could not decode arrive as lone
-    surrogates) or holds a NUL character: every prompt, name and path, before any of them is used."""
+    surrogates) or holds a NUL character: every prompt, name and path, before any of them is used; `raw` (the
+    command line as given) is checked too, so a bad value that a later repeat of its option replaced is refused
+    as well."""
+    fix = {"is": "give text and paths in UTF-8 (check the terminal's or the script's encoding)",
+           "contains": "remove it"}
     for dest, value in vars(args).items():
         for v in value if isinstance(value, (list, tuple)) else (value,):
-            if not isinstance(v, str):
-                continue
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                c = ord(v[e.start])
-                byte = f" (byte 0x{c - 0xDC00:02x})" if 0xDC80 <= c <= 0xDCFF else ""
-                raise UserError(f"{flag_of(dest)} is not valid UTF-8 text{byte}",
-                                "give text and paths in UTF-8 (check the terminal's or the script's encoding)"
-                                ) from None
-            if "\x00" in v:
-                raise UserError(f"{flag_of(dest)} contains a NUL character", "remove it")
+            why = _text_fault(v) if isinstance(v, str) else None
+            if why is not None:
+                raise UserError(f"{flag_of(dest)} {why}", fix[why.split()[0]])
+    for i, v in enumerate(raw or ()):
+        why = _text_fault(v)
+        if why is not None:
+            if v.startswith("--") and "=" in v:                   # --flag=value
+                what = f"the value of {v.split('=')[0]}"
+            elif i > 0 and raw[i - 1].startswith("--"):
+                what = f"the value of {raw[i - 1]}"
+            else:
+                what = f"argument {i + 1}"
+            raise UserError(f"{what} {why}", fix[why.split()[0]])
 
 
 def at_least(value: int | None, least: int, flag: str, why: str = "") -> None:
