@@ -32,6 +32,16 @@ def _req(spec):
     return GenerationRequest.from_prompt(im, p, **kw)
 
 
+def _alone(eng, specs) -> list[GenerationRequest]:
+    """Each request of `specs` run alone on `eng`: what every row of a batch must give."""
+    out = []
+    for spec in specs:
+        r = _req(spec)
+        eng.generate_requests([r])
+        out.append(r)
+    return out
+
+
 def _staggered(eng, reqs, arrive_after: list[int]) -> list[int]:
     """Request i joins after `arrive_after[i]` decode steps of the running batch (one admit between steps); runs
     until every row finished. Returns the number of running rows before each step."""
@@ -58,11 +68,7 @@ def test_staggered_rows_match_each_row_alone(family, decode, tiny_dirs, image_fi
     for budget in ("100%", smallest):
         eng = load(d, decode=decode, expert_budget=budget)
         specs = _specs(image_file)
-        alone = []
-        for s in specs:
-            r = _req(s)
-            eng.generate_requests([r])
-            alone.append(r)
+        alone = _alone(eng, specs)
         reqs = [_req(s) for s in specs]
         sizes = _staggered(eng, reqs, [0, 1, 1, 2, 4])
         for a, b in zip(alone, reqs):
@@ -148,11 +154,7 @@ def test_newcomers_admitted_together_match_each_alone(family, decode, tiny_dirs,
     for budget in ("100%", smallest):
         eng = load(d, decode=decode, expert_budget=budget)
         specs = _specs(image_file)
-        alone = []
-        for sp in specs:
-            r = _req(sp)
-            eng.generate_requests([r])
-            alone.append(r)
+        alone = _alone(eng, specs)
         reqs = [_req(sp) for sp in specs]
         rb = RunningBatch(eng)
         rb.admit(reqs[0])
@@ -193,11 +195,7 @@ def test_admit_group_falls_back_to_each_alone(tiny_dirs, image_file, monkeypatch
     others run as they would alone."""
     eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
     specs = _specs(image_file)[:3]
-    alone = []
-    for sp in specs:
-        r = _req(sp)
-        eng.generate_requests([r])
-        alone.append(r)
+    alone = _alone(eng, specs)
     bad = _req((None, "poison " * 7, dict(max_new_tokens=4)))
     eng.prepare_request(bad)
     prefill = eng.start_prefill
@@ -228,11 +226,7 @@ def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_f
     from vismmoe.serve.scheduler import Scheduler
     eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%", prefill_chunk=chunk)
     specs = _specs(image_file)
-    alone = []
-    for s in specs:
-        r = _req(s)
-        eng.generate_requests([r])
-        alone.append(r)
+    alone = _alone(eng, specs)
     prefill = eng.start_prefill
 
     def poisoned(inputs, *a, **kw):
@@ -282,11 +276,7 @@ def test_gpu_staggered_rows_match_each_row_alone(family, tiny_dirs, image_file):
     for budget in ("100%", smallest):
         eng = load(d, device="cuda", dtype="bfloat16", decode="auto", expert_budget=budget)
         specs = _specs(image_file)
-        alone = []
-        for s in specs:
-            r = _req(s)
-            eng.generate_requests([r])
-            alone.append(r)
+        alone = _alone(eng, specs)
         reqs = [_req(s) for s in specs]
         _staggered(eng, reqs, [0, 1, 1, 2, 4])
         for a, b in zip(alone, reqs):

@@ -102,13 +102,8 @@ class RunningBatch:
         if self.newcomer is not None:
             raise RuntimeError("a newcomer is still prefilling: admit the next one once it joined (`prefilling`)")
         eng = self.engine
-        req.t_start = req.t_start or time.perf_counter()
-        if req.inputs is None:
-            try:
-                eng.prepare_request(req)
-            except Exception as e:
-                req.error, req.finish_reason = e, "error"
-                return [req]
+        if not self._prepared(req):
+            return [req]
         with eng._lock:
             t0 = eng._now()
             before = eng._snapshot()
@@ -145,17 +140,8 @@ class RunningBatch:
         if self.newcomer is not None:
             raise RuntimeError("a newcomer is still prefilling: admit the next ones once it joined (`prefilling`)")
         eng = self.engine
-        out, ready = [], []
-        for r in reqs:
-            r.t_start = r.t_start or time.perf_counter()
-            if r.inputs is None:
-                try:
-                    eng.prepare_request(r)
-                except Exception as e:
-                    r.error, r.finish_reason = e, "error"
-                    out.append(r)
-                    continue
-            ready.append(r)
+        ready = [r for r in reqs if self._prepared(r)]
+        out = [r for r in reqs if r.error is not None]
         chunk = eng.prefill_chunk
         if chunk and any(int(r.inputs["input_ids"].shape[-1]) > chunk for r in ready):
             raise RuntimeError("admit_group takes whole prompts: admit a prompt --prefill-chunk splits with admit")
@@ -183,6 +169,18 @@ class RunningBatch:
                 self._books[id(r)] = dict(t0=t0, before=before, t_first=None, steps=0, visual=int(v), kept=int(k),
                                           batch=1)
             return out + self._join_rows(new, st)
+
+    def _prepared(self, req: GenerationRequest) -> bool:
+        """`req` started and prepared (images, tokens) unless it was; False when that failed (its `error` set,
+        finish reason "error")."""
+        req.t_start = req.t_start or time.perf_counter()
+        if req.inputs is None:
+            try:
+                self.engine.prepare_request(req)
+            except Exception as e:
+                req.error, req.finish_reason = e, "error"
+                return False
+        return True
 
     def _admit_each(self, reqs: list[GenerationRequest]) -> list[GenerationRequest]:
         """`admit` each in turn (whole prompts: each joins before the next); one that raises finishes alone
