@@ -180,6 +180,13 @@ def test_calibration_fit_recovers_rate_and_operator_cost():
     assert a == pytest.approx(0.5) and s == 1e-5
     a, s = _fit([0.1, 0.001], [100, 400], [0.01, 0.5], 0.0)       # inconsistent phases: a non-negative fit
     assert a >= 0 and s >= 0
+    # two prefill sizes and the decode (least squares): the vision tower's fixed cost and marginal rate, which one
+    # size alone would fold into one rate that extrapolates linearly in FLOPs
+    r, o = [0.1, 0.5, 0.002], [300, 300, 60]
+    a, s = _fit(r, o, [2 * x + 1e-4 * y for x, y in zip(r, o)], 0.0)
+    assert a == pytest.approx(2.0) and s == pytest.approx(1e-4)
+    a1, _ = _fit(r[:1], o[:1], [2 * r[0] + 1e-4 * o[0]], 0.0)      # one size, no operator cost known
+    assert 2 * r[1] + 1e-4 * o[1] < a1 * r[1]                      # over-predicts the larger size
 
 
 def test_validation_decodes_past_eos(tiny_dirs, image_file):

@@ -5,10 +5,10 @@ and end to end at 2 expert budgets x 2 image sizes.
     python -m vismmoe.bench.profiles --validate --profile cpu-local --out docs/results/profiles
     python -m vismmoe.bench.profiles --validate --device cuda --profile h100 --out docs/results/profiles
 
-Calibration (held out from the grid): one request at its own image size (160 px) and prompt, at the full budget.
-Its real seconds per kernel class (HostTimer; on a GPU synchronised at span ends), with every expert resident,
-for the prefill alone and for the whole request, against the roofline and operator count of what the class did
-in each phase, give the class's efficiency and cost per dispatched operator (`_fit`); the same request with no
+Calibration (held out from the grid): one request at its own image size (160 px) and prompt, at the full budget,
+and the prefill of the same prompt with a larger image (384 px; `--calibrate-sizes`). Their real seconds per
+kernel class (HostTimer; on a GPU synchronised at span ends), with every expert resident, for the prefills and for
+the whole request, against the roofline and operator count of what the class did in each phase (least squares), give the class's efficiency and cost per dispatched operator (`_fit`); the same request with no
 expert resident against with all, less what the emulated link already charges, gives the cost per expert copy
 (`miss_s`). The profile written next to the results is the calibrated one. Then per grid cell: a fork on the real
 clock and a fork on the profile's clock, each warmed up, `--reps` requests each (decode teacher-forced past EOS,
@@ -73,19 +73,26 @@ def _run(eng, size: int, prompt: str, reps: int, new_tokens: int) -> dict:
 
 
 def _fit(r: list[float], o: list[float], t: list[float], s_default: float) -> tuple[float, float]:
-    """Class time t_i = a x roofline r_i + s x operators o_i over its phases (prefill, decode), a, s >= 0:
-    (a, s). One phase (the vision tower runs in the prefill only): s = `s_default`, a from the rest."""
-    if len(t) >= 2 and r[1] > 0 and o[1] > 0:
-        det = r[0] * o[1] - r[1] * o[0]
-        if abs(det) > 1e-30:
-            a = (t[0] * o[1] - t[1] * o[0]) / det
-            s_ = (r[0] * t[1] - r[1] * t[0]) / det
+    """Class time t_i = a x roofline r_i + s x operators o_i over its phases (prefills of the held-out sizes,
+    decode), a, s >= 0: (a, s) by least squares (exact for two phases). One phase (the vision tower runs in the
+    prefill only, and of one size): s = `s_default`, a from the rest."""
+    n = len(t)
+    if n >= 2 and any(x > 0 for x in r) and any(x > 0 for x in o):
+        srr = sum(x * x for x in r)
+        soo = sum(x * x for x in o)
+        sro = sum(x * y for x, y in zip(r, o))
+        srt = sum(x * y for x, y in zip(r, t))
+        sot = sum(x * y for x, y in zip(o, t))
+        det = srr * soo - sro * sro
+        if abs(det) > 1e-30 * max(srr * soo, 1e-300):
+            a = (srt * soo - sot * sro) / det
+            s_ = (srr * sot - sro * srt) / det
             if a >= 0 and s_ >= 0:
                 return a, s_
         # the nearest non-negative fit: one of the two is 0 (least squares on the other)
         cands = []
         for a_only in (True, False):
-            x = [r[i] if a_only else o[i] for i in range(len(t))]
+            x = r if a_only else o
             v = sum(xi * ti for xi, ti in zip(x, t)) / max(sum(xi * xi for xi in x), 1e-300)
             err = sum((v * xi - ti) ** 2 for xi, ti in zip(x, t))
             cands.append((err, (v, 0.0) if a_only else (0.0, v)))
@@ -94,15 +101,18 @@ def _fit(r: list[float], o: list[float], t: list[float], s_default: float) -> tu
     return (rest / r[0] if r[0] > 0 else 0.0), (s_default if r[0] > 0 else t[0] / max(o[0], 1))
 
 
-def calibrate(base, profile, size: int, new_tokens: int, reps: int):
+def calibrate(base, profile, size: int, new_tokens: int, reps: int, size2: int | None = None):
     """`profile` calibrated on a held-out request (see the module docstring): per kernel class a rate (efficiency:
     the share of the measured peak the class reaches at its real shapes) and a cost per operator, from the
-    request's prefill and decode phases; then a cost per expert copy (`miss_s`) from the same request with every
-    expert already resident and with none."""
+    request's prefill and decode phases, and the prefill of the same prompt with an image of `size2` px (held
+    out too): two prompt sizes, so a class whose time grows slower than its FLOPs (small matmuls run far below
+    peak) gets a fixed cost and a marginal rate, not one rate that extrapolates linearly; then a cost per expert
+    copy (`miss_s`) from the same request with every expert already resident and with none."""
     from ..profiles.calibrate import HostTimer
     from ..profiles.clock import _install_hooks, attach_profile
     import torch
     inputs = base.prepare([_image(size, 1)], [PROMPTS["calibrate"]])
+    inputs2 = base.prepare([_image(size2, 2)], [PROMPTS["calibrate"]]) if size2 else None
     real = base.fork(expert_budget="100%")
     sync = (lambda: torch.cuda.synchronize(real.device)) if real.device.type == "cuda" else None
     timer = HostTimer(profile, sync)
@@ -110,16 +120,17 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int):
     _install_hooks(real)
     real.warm_up(with_image=True)
 
-    def measured(tokens: int, cold: bool) -> tuple[dict, float, int]:
+    def measured(tokens: int, cold: bool, inp=None) -> tuple[dict, float, int]:
         """Medians over `reps` of (seconds per class, end to end, misses); warm: every expert stays resident."""
+        inp = inputs if inp is None else inp
         splits, e2e, misses = [], [], 0
         if not cold:
-            _generate(real, inputs, tokens)                             # fill the cache
+            _generate(real, inp, tokens)                                # fill the cache
         for _ in range(reps):
             if cold:
                 real.cache.clear()
             timer.split.clear()
-            st = _generate(real, inputs, tokens)
+            st = _generate(real, inp, tokens)
             splits.append(dict(timer.split))
             e2e.append(st["e2e_s"])
             misses = st["misses"]
@@ -128,6 +139,7 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int):
                 statistics.median(e2e), misses)
 
     prefill_m, _, _ = measured(1, cold=False)
+    prefill2_m = measured(1, cold=False, inp=inputs2)[0] if inputs2 is not None else None
     full_m, warm_e2e, warm_misses = measured(new_tokens, cold=False)
     _, cold_e2e, cold_misses = measured(new_tokens, cold=True)
 
@@ -137,12 +149,14 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int):
     clock = attach_profile(emu, bare)
     emu.clock = clock
 
-    def counted(tokens: int) -> dict:
-        _generate(emu, inputs, tokens)                                   # fill the cache
+    def counted(tokens: int, inp=None) -> dict:
+        inp = inputs if inp is None else inp
+        _generate(emu, inp, tokens)                                      # fill the cache
         clock.counts.clear()
-        _generate(emu, inputs, tokens)
+        _generate(emu, inp, tokens)
         return {k: list(v) for k, v in clock.counts.items()}
     prefill_c, full_c = counted(1), counted(new_tokens)
+    prefill2_c = counted(1, inputs2) if inputs2 is not None else {}
 
     def roof(kind, c):
         return bare.span_seconds(kind, c[0], c[1], 0, clock.dtype)
@@ -152,18 +166,23 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int):
         dc = [f - p for f, p in zip(fc, pc)]
         tp, tf = prefill_m.get(kind, 0.0), full_m.get(kind, 0.0)
         ph = [(roof(kind, pc), pc[2], tp)] if pc[2] else []
+        p2 = prefill2_c.get(kind)
+        if p2 is not None and p2[2]:
+            ph.append((roof(kind, p2), p2[2], prefill2_m.get(kind, 0.0)))
         if dc[2] > 0:
             ph.append((roof(kind, dc), dc[2], max(tf - tp, 0.0)))
         phases[kind] = ph
-    two = {k: _fit(*zip(*ph), 0.0) for k, ph in phases.items() if len(ph) == 2}
+    two = {k: _fit(*zip(*ph), 0.0) for k, ph in phases.items() if len(ph) >= 2}
     s_default = statistics.median(s_ for _, s_ in two.values()) if two else 0.0
     fitted = {k: two.get(k) or _fit(*zip(*ph), s_default) for k, ph in phases.items() if ph}
     eff = {k: (1.0 / a if a > 0 else 1e6) for k, (a, _) in fitted.items()}
     op_s = {k: s_ for k, (_, s_) in fitted.items()}
     how = (f"efficiency and op_s per kernel class fitted on a held-out request ({size} px image, "
-           f"'{PROMPTS['calibrate']}', {new_tokens} teacher-forced tokens, medians of {reps}): class seconds = "
-           f"roofline / efficiency + operators x op_s over its prefill and decode; miss_s = the same request's "
-           f"extra seconds with no expert resident over with all, less the link time, per copy")
+           f"'{PROMPTS['calibrate']}', {new_tokens} teacher-forced tokens, medians of {reps})"
+           + (f" and the prefill of the same prompt with a {size2} px image" if size2 else "") +
+           ": class seconds = roofline / efficiency + operators x op_s over its prefills and decode (least "
+           "squares); miss_s = the same request's extra seconds with no expert resident over with all, less the "
+           "link time, per copy")
     cal = replace(profile, efficiency=eff, op_s=op_s)
     # the cost per expert copy: the same request cold (every expert copied) against warm, real and emulated
     emu2 = base.fork(expert_budget="100%")
@@ -180,7 +199,8 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int):
                                efficiency=how + " by python -m vismmoe.bench.profiles",
                                miss_s=how + " by python -m vismmoe.bench.profiles"))
     return cal, {"measured_prefill_s": prefill_m, "measured_full_s": full_m,
-                 "counts_prefill": prefill_c, "counts_full": full_c, "efficiency": eff, "op_s": op_s,
+                 "counts_prefill": prefill_c, "counts_full": full_c, "measured_prefill2_s": prefill2_m,
+                 "counts_prefill2": prefill2_c, "efficiency": eff, "op_s": op_s,
                  "miss_s": miss_s, "e2e_warm_s": warm_e2e, "e2e_cold_s": cold_e2e, "copies": copies,
                  "emulated_e2e_warm_s": e_warm["e2e_s"], "emulated_e2e_cold_s": e_cold["e2e_s"]}
 
@@ -191,7 +211,8 @@ def validate(args) -> dict:
     base = load(args.model, device=args.device, dtype=args.dtype, policy=args.policy, prefetch=args.prefetch,
                 decode="eager", check_weights="off")
     profile = get_profile(args.profile)
-    cal, fit = calibrate(base, profile, 160, args.new_tokens, args.reps)
+    c1, c2 = (args.calibrate_sizes + [None])[:2]
+    cal, fit = calibrate(base, profile, c1, args.new_tokens, args.reps, c2)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{cal.name}-{args.date}")
     save_profile(cal, stem + ".profile.json")
@@ -243,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch", default="none")
     p.add_argument("--budgets", nargs="+", default=["25%", "100%"])
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
+    p.add_argument("--calibrate-sizes", nargs="+", type=int, default=[160, 384],
+                   help="image sides of the held-out calibration request and of a second prefill (one or two; "
+                        "keep them out of --sizes)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=0.15)
