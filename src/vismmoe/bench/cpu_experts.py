@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
 import time
 
@@ -29,6 +27,7 @@ import torch
 from ..cpu.rates import rates_for
 from ..families import get_family
 from ..formats import make_format
+from .output import emit
 from .random_model import random_engine, synthetic_inputs, synthetic_text_inputs
 from .shapes import get_shape
 
@@ -112,12 +111,7 @@ def main(argv=None) -> dict:
         resident.runtime.preload([(l, e) for l in resident.geometry.moe_layers
                                   for e in range(resident.geometry.num_experts)])
         res["rows"] += [dict(r, budget="100%") for r in _rows({"resident": resident}, inputs, args)]
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps(res))
-    return res
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,16 @@ the median over requests of time per output token, then the median over repetiti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import torch
 
-from ..data import balanced_subset
 from ..checkpoints import default_model
+from ..data import balanced_subset
 from ..engine.loading import load
+from .output import emit
 
 
 def main(argv=None) -> dict:
@@ -69,11 +69,7 @@ def main(argv=None) -> dict:
            "tpot_ms_per_rep": {k: [x * 1e3 for x in v] for k, v in runs.items()}}
     for k, v in res["tpot_ms"].items():
         print(f"{k:14s} {v:7.2f} ms/token   first request {first_s[k]:.1f} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps(res))
-    return res
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":
