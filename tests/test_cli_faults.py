@@ -52,8 +52,8 @@ def test_non_utf8_and_nul_in_process(capsys, no_load):
     _error(capsys, ["generate", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text (byte 0xe9)")
     _error(capsys, ["generate", "--prompt", "hi", "--image", "a\x00b.png"], "--image contains a NUL character")
     # a bad value that a later repeat of the option replaced is refused too (it never reaches the work)
-    _error(capsys, ["analyze", "--model", "caf\udce9", "--model", "0"], "the value of --model is not valid UTF-8")
-    _error(capsys, ["generate", "--prompt=caf\udce9", "--prompt", "hi"], "the value of --prompt is not valid UTF-8")
+    _error(capsys, ["analyze", "--model", "caf\udce9", "--model", "0"], "--model is not valid UTF-8 text (byte 0xe9)")
+    _error(capsys, ["generate", "--prompt=caf\udce9", "--prompt", "hi"], "--prompt is not valid UTF-8 text (byte 0xe9)")
 
 
 @pytest.mark.parametrize("argv,needle", [

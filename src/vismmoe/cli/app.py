@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("VISMMOE_QUIET") or not sys.stderr.isatty():
         _quiet_libraries()
     try:
-        check_text(args, list(argv) if argv is not None else sys.argv[1:])
+        check_text(list(argv) if argv is not None else sys.argv[1:])
         return args.func(args)
     except UserError as e:
         sys.stderr.write(f"vismmoe: error: {e}\n")

@@ -175,28 +175,20 @@ def _text_fault(v: str) -> str | None:
     return "contains a NUL character" if "\x00" in v else None
 
 
-def check_text(args: argparse.Namespace, raw: list[str] | None = None) -> None:
-    """UserError for a string argument that is not valid UTF-8 (bytes Python could not decode arrive as lone
-    surrogates) or holds a NUL character: every prompt, name and path, before any of them is used; `raw` (the
-    command line as given) is checked too, so a bad value that a later repeat of its option replaced is refused
-    as well."""
+def check_text(raw: list[str]) -> None:
+    """UserError for a command-line argument `raw` holds that is not valid UTF-8 (bytes Python could not decode
+    arrive as lone surrogates) or holds a NUL character: every prompt, name and path as given, a value a later
+    repeat of its option replaced included, before any of them is used. The error names the option the value
+    belongs to (the nearest `--flag` before it, or its own `--flag=`)."""
     fix = {"is": "give text and paths in UTF-8 (check the terminal's or the script's encoding)",
            "contains": "remove it"}
-    for dest, value in vars(args).items():
-        for v in value if isinstance(value, (list, tuple)) else (value,):
-            why = _text_fault(v) if isinstance(v, str) else None
-            if why is not None:
-                raise UserError(f"{flag_of(dest)} {why}", fix[why.split()[0]])
-    for i, v in enumerate(raw or ()):
+    flag = None
+    for i, v in enumerate(raw):
+        own = v.split("=")[0] if v.startswith("--") else None
         why = _text_fault(v)
         if why is not None:
-            if v.startswith("--") and "=" in v:                   # --flag=value
-                what = f"the value of {v.split('=')[0]}"
-            elif i > 0 and raw[i - 1].startswith("--"):
-                what = f"the value of {raw[i - 1]}"
-            else:
-                what = f"argument {i + 1}"
-            raise UserError(f"{what} {why}", fix[why.split()[0]])
+            raise UserError(f"{own or flag or f'argument {i + 1}'} {why}", fix[why.split()[0]])
+        flag = own or flag
 
 
 def at_least(value: int | None, least: int, flag: str, why: str = "") -> None:
