@@ -334,7 +334,7 @@ class _InFlight:
     ids: list = field(default_factory=list)
     missed: int = 0
     stall_s: float = 0.0
-    snap: tuple | None = None           # disk tier: the bucket's Bucket.snapshot() before the step, to re-run it from
+    snap: list | None = None            # disk tier: the bucket's Bucket.snapshot() before the step, to re-run it from
     reruns: int = 0                     # disk tier: runs of this step discarded
 
 

@@ -151,22 +151,20 @@ class Bucket:
     graph: object = None
     rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0 (their output is unused)
 
-    def snapshot(self) -> tuple:
-        """What a step changes, copied: position, input token, mask, and every cache's in-place state (a
-        recurrent layer's, `inplace_state()`); `restore(snap)` puts it back, so a step can be run again from
-        here (warm-up before a capture, the disk tier's re-runs). The KV columns a step writes at `pos` need no
-        copy: a run from the restored position writes them again."""
-        inplace = [t for c in self.kv if c is not None for t in c.inplace_state()]
-        return (self.pos.clone(), self.ids.clone(), self.mask.clone(), [t.clone() for t in inplace])
+    def _changed(self) -> list[torch.Tensor]:
+        """The buffers a step changes other than the KV columns at `pos`: position, input token, mask, and every
+        cache's in-place state (a recurrent layer's, `inplace_state()`)."""
+        return [self.pos, self.ids, self.mask] + [t for c in self.kv if c is not None for t in c.inplace_state()]
 
-    def restore(self, snap: tuple) -> None:
-        pos, ids, mask, saved = snap
-        self.pos.copy_(pos)
-        self.ids.copy_(ids)
-        self.mask.copy_(mask)
-        inplace = [t for c in self.kv if c is not None for t in c.inplace_state()]
-        for t, s in zip(inplace, saved, strict=True):
-            t.copy_(s)
+    def snapshot(self) -> list[torch.Tensor]:
+        """A copy of what a step changes (`_changed`); `restore(snap)` puts it back, so a step can be run again
+        from here (warm-up before a capture, the disk tier's re-runs). The KV columns a step writes at `pos` need
+        no copy: a run from the restored position writes them again."""
+        return [t.clone() for t in self._changed()]
+
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for t, saved in zip(self._changed(), snap, strict=True):
+            t.copy_(saved)
 
 
 class StepGraphs:
