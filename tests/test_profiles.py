@@ -197,3 +197,15 @@ def test_validation_decodes_past_eos(tiny_dirs, image_file):
     eng.eos_ids = set(range(eng.config.text_config.vocab_size if hasattr(eng.config, "text_config") else 1000))
     stats = _generate(eng, eng.prepare([image_file], ["What is here?"]), 6)
     assert stats["new_tokens"] == 6
+
+
+@pytest.mark.parametrize("argv,says", [(["--calibrate-sizes", "0"], "at least 32 px"),
+                                       (["--calibrate-sizes", "160", "224", "384"], "one or two"),
+                                       (["--calibrate-sizes", "224"], "overlap --sizes"),
+                                       (["--sizes", "16"], "at least 32 px")])
+def test_validation_refuses_bad_sizes(argv, says, capsys, tmp_path):
+    """Calibration and validation image sides: one line, exit 2, before any model is loaded or file written."""
+    from vismmoe.bench.profiles import main
+    assert main(["--validate", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and not (tmp_path / "out").exists()

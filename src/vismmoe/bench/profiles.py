@@ -276,6 +276,12 @@ def main(argv=None) -> int:
     try:
         if not args.validate:
             raise UserError("nothing to do", "add --validate")
+        if not 1 <= len(args.calibrate_sizes) <= 2 or min(args.calibrate_sizes + args.sizes) < 32:
+            raise UserError(f"--calibrate-sizes {args.calibrate_sizes} / --sizes {args.sizes}: image sides must be "
+                            "at least 32 px, one or two calibration sizes", "e.g. --calibrate-sizes 160 384")
+        if set(args.calibrate_sizes) & set(args.sizes):
+            raise UserError(f"--calibrate-sizes {args.calibrate_sizes} overlap --sizes {args.sizes}",
+                            "calibrate on sizes held out from the validated ones")
         res = validate(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
