@@ -171,10 +171,15 @@ def main(argv=None) -> int:
                 seen[mb].clear()
                 counters = app.state.engine.cache.counters
                 m0, b0 = counters.total().misses, counters.total().bytes_moved
+                cap0 = _captures(app.state.engine)
                 wall, lat, toks, short = _run_clients(c, "m", prompts, C, args.requests, lengths, args.ignore_eos)
                 nb = app.state.scheduler.batches - n0
                 row = rows.setdefault((mb, C), {"walls": [], "lat": [], "tokens": [], "batches": 0, "requests": 0,
-                                                "short": [], "gaps": [], "ttft": [], "misses": 0, "bytes": 0})
+                                                "short": [], "gaps": [], "ttft": [], "misses": 0, "bytes": 0,
+                                                "captures": 0, "capture_s": 0.0})
+                cap1 = _captures(app.state.engine)
+                row["captures"] += cap1[0] - cap0[0]
+                row["capture_s"] += cap1[1] - cap0[1]
                 for r in seen[mb]:
                     row["gaps"] += [b - a for a, b in zip(r.token_times, r.token_times[1:])]
                     if r.t_first is not None:
@@ -188,7 +193,8 @@ def main(argv=None) -> int:
                 row["batches"] += nb
                 row["requests"] += len(lat)
                 print(f"server {mb}, {C} clients, rep {rep}: {toks / wall:.1f} tokens/s, "
-                      f"p50 {statistics.median(lat):.3f} s", flush=True)
+                      f"p50 {statistics.median(lat):.3f} s, {cap1[0] - cap0[0]} shapes captured "
+                      f"({cap1[1] - cap0[1]:.1f} s)", flush=True)
     table = []
     for (mb, C), r in sorted(rows.items(), key=lambda kv: (kv[0][1], labels.index(kv[0][0]))):
         tps = statistics.median(t / w for t, w in zip(r["tokens"], r["walls"]))
@@ -200,7 +206,8 @@ def main(argv=None) -> int:
                       "itl_p99_ms": 1e3 * _pct(r["gaps"], 0.99) if r["gaps"] else None,
                       "ttft_p50_s": _pct(r["ttft"], 0.5) if r["ttft"] else None,
                       "ttft_p99_s": _pct(r["ttft"], 0.99) if r["ttft"] else None,
-                      "misses": r["misses"], "bytes_moved": r["bytes"]})
+                      "misses": r["misses"], "bytes_moved": r["bytes"],
+                      "captures": r["captures"], "capture_s": r["capture_s"]})
     meta = {"model": args.model or "bundled vqa-moe", "device": args.device, "expert_budget": args.expert_budget,
             "decode": eng.rc.decode, "max_tokens": lengths, "batchings": args.batchings,
             "prefill_chunks": args.prefill_chunks, "ignore_eos": args.ignore_eos,
@@ -209,10 +216,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "serve_load.json"), "w") as f:
         json.dump({"meta": meta, "rows": table}, f, indent=1)
     lines = ["| clients | server | tokens/s | p50 latency (s) | p99 latency (s) | p50 short (s) | requests per "
-             "finished step/batch |", "|---|---|---|---|---|---|---|"]
+             "finished step/batch | shapes captured while measured (s) |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['max_batch']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
               f"{r['p50_short_s'] if r['p50_short_s'] is None else round(r['p50_short_s'], 3)} | "
-              f"{r['mean_batch']:.2f} |" for r in table]
+              f"{r['mean_batch']:.2f} | {r['captures']} ({r['capture_s']:.1f}) |" for r in table]
     if args.prefill_chunks:
         lines += ["", "| clients | server | inter-token p50 (ms) | inter-token p99 (ms) | TTFT p50 (s) | "
                       "TTFT p99 (s) | misses | MB moved |", "|---|---|---|---|---|---|---|---|"]
@@ -228,6 +235,13 @@ def main(argv=None) -> int:
         app.state.scheduler.close()
     print(json.dumps({"meta": meta, "rows": table}))
     return 0
+
+
+def _captures(engine) -> tuple[int, float]:
+    """(decode step shapes captured so far, seconds spent compiling and capturing them) over every `StepGraphs` of
+    `engine`'s model (step/graphs.py): a measured round that adds to them paid a capture mid-run."""
+    sgs = engine.model.__dict__.get("_vismmoe_step_graphs", {}).values()
+    return sum(len(sg.buckets) for sg in sgs), sum(sg.capture_s for sg in sgs)
 
 
 def _num(x, digits: int) -> str:
