@@ -42,10 +42,10 @@ def _alone(eng, specs) -> list[GenerationRequest]:
     return out
 
 
-def _staggered(eng, reqs, arrive_after: list[int]) -> list[int]:
+def _staggered(eng, reqs, arrive_after: list[int], capacity: int = 0) -> list[int]:
     """Request i joins after `arrive_after[i]` decode steps of the running batch (one admit between steps); runs
     until every row finished. Returns the number of running rows before each step."""
-    rb, steps, sizes, pending = RunningBatch(eng), 0, [], list(zip(arrive_after, reqs))
+    rb, steps, sizes, pending = RunningBatch(eng, capacity), 0, [], list(zip(arrive_after, reqs))
     while pending or len(rb):
         if pending and pending[0][0] <= steps:
             rb.admit(pending.pop(0)[1])
@@ -77,6 +77,33 @@ def test_staggered_rows_match_each_row_alone(family, decode, tiny_dirs, image_fi
         assert max(sizes) >= 3 and sizes[0] == 1                        # rows joined a running batch
         assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
         assert all(r.stats["new_tokens"] == len(r.token_ids) and r.stats["queue_s"] >= 0 for r in reqs)
+
+
+def _bucket_shapes(eng) -> set:
+    return {k for sg in eng.model.__dict__.get("_vismmoe_step_graphs", {}).values() for k in sg.buckets}
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_a_running_batch_keeps_one_step_shape(family, tiny_dirs, image_file):
+    """With a capacity (a server's max batch) rows joining and leaving run in one bucket of that many rows (one
+    captured graph on CUDA), the rows past the running ones read no expert, and each row still gives what it
+    gives alone, down to the smallest budget."""
+    d = tiny_dirs[family]
+    base = load(d)
+    smallest = str(base.geometry.top_k * base.layout.nbytes)
+    for budget in ("100%", smallest):
+        eng = load(d, decode="fast", expert_budget=budget)
+        specs = _specs(image_file)
+        alone = _alone(eng, specs)
+        before = _bucket_shapes(eng)
+        reqs = [_req(s) for s in specs]
+        sizes = _staggered(eng, reqs, [0, 1, 1, 2, 4], capacity=5)
+        for a, b in zip(alone, reqs):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        assert sorted(set(sizes)) == [1, 2, 3]                          # rows came and went
+        new = _bucket_shapes(eng) - before
+        assert {B for B, _ in new} <= {8} and len(new) <= 1, new         # one shape of 8 rows (5, rounded up)
+        assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
 
 
 def test_finished_and_cancelled_rows_leave_at_once(tiny_dirs, image_file):
@@ -282,3 +309,18 @@ def test_gpu_staggered_rows_match_each_row_alone(family, tiny_dirs, image_file):
         for a, b in zip(alone, reqs):
             assert b.token_ids == a.token_ids, (family, budget)
         assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
+
+
+def test_a_continuous_warm_up_makes_the_running_batch_shapes(tiny_dirs, image_file):
+    """`warm_up(continuous=True)` (what `vismmoe serve` does before it serves on CUDA) makes the running batch's
+    shape of max-batch rows at each warm-up KV length; rows that then come and go make no new shape."""
+    from vismmoe.serve.cli import WARM_LENGTHS, warm_up
+    eng = load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_budget="50%")
+    warm_up(eng, 3, static=False, continuous=True)
+    shapes = _bucket_shapes(eng)
+    assert shapes == {(4, L) for L in WARM_LENGTHS}
+    assert eng.cache.peak_resident * eng.layout.nbytes <= eng.budget_bytes
+    reqs = [_req(s) for s in _specs(image_file)]
+    _staggered(eng, reqs, [0, 1, 1, 2, 4], capacity=3)
+    assert _bucket_shapes(eng) == shapes
+    assert all(r.error is None for r in reqs)

@@ -166,6 +166,22 @@ def test_int4_v2_kernel_sums_several_tiles_and_groups_in_interpreter():
     assert (out - ref).norm() / ref.norm() < 1e-5
 
 
+@interpreter
+@pytest.mark.parametrize("spec", SPECS)
+def test_rows_past_live_get_zeros_in_interpreter(spec):
+    """`live` (a static bucket's rows in use): rows before it are the reference's, rows at or past it are exact
+    zeros (no weight is read for them), and the routing of every row is still recorded."""
+    fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, torch.float32, "cpu", 64, 48)
+    ri = torch.full((topk.numel(),), -1, dtype=torch.long)
+    rw = torch.zeros(topk.numel())
+    out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 32, "BLOCK_H": 64},
+                                           {"BLOCK_O": 64, "BLOCK_K": 64}, fmt=None if spec == "dense" else fmt,
+                                           live=torch.tensor([2], dtype=torch.int32))
+    assert (out[:2] - ref[:2]).norm() / ref[:2].norm() < 1e-5
+    assert torch.count_nonzero(out[2:]) == 0
+    assert torch.equal(ri.view_as(topk), topk)
+
+
 def test_gelu_tanh_reference_is_transformers_gemma4_experts():
     """The reference with act="gelu_pytorch_tanh" gives what Gemma 4's experts module computes (float32), and
     differs from SiLU's (the activation reaches the arithmetic); an activation the kernels lack is refused."""

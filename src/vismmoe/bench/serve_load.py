@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     from ..engine.request import GenerationRequest
     for e in {id(k[3]): k[3] for k in kinds}.values():
         warm_up(e, max(batches), lambda: GenerationRequest.from_prompt(samples[0][0], samples[0][1],
-                                                                       ignore_eos=True, max_new_tokens=max(lengths)))
+                                                                       ignore_eos=True, max_new_tokens=max(lengths)),
+                static=any(k[2] == "static" for k in kinds), continuous=any(k[2] == "continuous" for k in kinds))
     servers, seen = {}, {}
     for i, (label, mb, batching, e) in enumerate(kinds):
         app = create_app(e, ServeOptions(model_name="m", max_batch=mb, max_queue=64, batching=batching))

@@ -19,6 +19,11 @@ chunks of N positions between the running rows' decode steps.
       abort()      every running row leaves (their decode step failed as a whole); a newcomer prefilling stays
     each returns the requests that finished, with their results and statistics filled in
 
+On the fast step a running batch given its `capacity` (the server's max batch) keeps one static bucket of that
+many rows (step/graphs.py `StepGraphs.bucket`): joins and leaves re-load the KV into the same captured graph, the
+rows past the running ones read no expert weights, and only a batch longer than every earlier one captures a new
+KV length (twice the last). Without it each (rows, length) met mid-run compiled and captured a graph of its own.
+
 The running rows wait one piece per step while a newcomer prefills, not its whole prompt: their inter-token
 latency is bounded by one piece (a chunk, or the vision tower) and one decode step (docs/serving.md measures it).
 
@@ -65,8 +70,10 @@ class _Newcomer:
 class RunningBatch:
     """See the module docstring. One thread drives it (a server's engine worker)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, capacity: int = 0):
         self.engine = engine
+        self.capacity = capacity        # the most rows it will run (a server's max batch; 0: unknown): the fast
+                                        # step keeps one captured shape of that many rows while rows come and go
         self.state: loop.DecodeState | None = None
         self.rows: RequestRows | None = None
         self.strategy = None
@@ -287,6 +294,7 @@ class RunningBatch:
                     raise RuntimeError(f"continuous batching cannot run this model: {why}")
                 self.rows, self.state = new, st
                 st.strategy = self.strategy
+                st.capacity = self.capacity
             else:
                 self.strategy.finish(self.state)
                 p = kvrows.concat(self.strategy.export(self.state), p)       # new tensors

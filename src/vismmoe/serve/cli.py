@@ -97,20 +97,36 @@ def options_from(args, engine):
                         max_images=args.max_images, shutdown_timeout_s=args.shutdown_timeout)
 
 
-def warm_up(engine, max_batch: int, make_request=None) -> None:
-    """One short request per batch size the server may run (powers of two up to `max_batch`): compiles and
-    captures the fast step's shapes now instead of on clients' first requests. `make_request()` gives the request
-    to warm with (default: a text-only "Hello"); the fast step compiles again for a KV length it has not seen."""
+WARM_LENGTHS = (256, 512, 1024)     # KV lengths a continuous server's step shape is captured at before it serves
+
+
+def warm_up(engine, max_batch: int, make_request=None, static: bool = True, continuous: bool = False) -> None:
+    """Compile and capture the fast step's shapes now instead of on clients' first requests.
+
+    `static`: one short request per batch size a static server may run (powers of two up to `max_batch`);
+    `make_request()` gives the request to warm with (default: a text-only "Hello"); the fast step compiles again
+    for a KV length it has not seen. `continuous`: the running batch's one shape of `max_batch` rows
+    (engine/running.py) at each KV length of `WARM_LENGTHS`: a request whose token limit needs that length
+    joins, takes one step and is cancelled (a longer batch later captures the next length, twice the last)."""
     from ..engine.request import GenerationRequest
+    from ..engine.running import RunningBatch
     if make_request is None:
         def make_request():
             return GenerationRequest.from_prompt(None, "Hello", max_new_tokens=2, ignore_eos=True)
     b = 1
-    while True:
+    while static:
         engine.generate_requests([make_request() for _ in range(b)])
         if b >= max_batch:
-            return
+            break
         b = min(2 * b, max_batch)
+    if continuous and engine.fast_step() is not None:
+        rb = RunningBatch(engine, capacity=max_batch)
+        for L in WARM_LENGTHS:
+            req = GenerationRequest.from_prompt(None, "Hello", max_new_tokens=L - 64, ignore_eos=True)
+            if not rb.admit(req):
+                rb.step()
+                req.cancel()
+                rb.step()
 
 
 def serve(args, engine_from) -> int:
@@ -122,7 +138,8 @@ def serve(args, engine_from) -> int:
         engine = engine_from(args)
         opts = options_from(args, engine)
         if engine.device.type == "cuda":
-            warm_up(engine, opts.max_batch)
+            cont = opts.batching == "continuous"
+            warm_up(engine, opts.max_batch, static=not cont, continuous=cont)
         app = create_app(engine, opts)
     except BaseException:
         sock.close()

@@ -162,7 +162,7 @@ class Scheduler:
                 log.exception("start callback failed")
 
     def _loop_continuous(self) -> None:
-        batch = RunningBatch(self.engine)
+        batch = RunningBatch(self.engine, capacity=self.max_batch)
         callbacks: dict[int, Callable] = {}
         while True:
             with self._cv:

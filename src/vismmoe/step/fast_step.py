@@ -107,9 +107,10 @@ class FastStep:
 
     # ---- the decode strategy (strategy.py) -----------------------------------------------------------------
     def start(self, state, prefilled: Prefilled, max_new_tokens: int) -> None:
-        """Take over a prefilled batch: its KV into a static bucket (graphs.StepGraphs.load), in `state.kv`."""
+        """Take over a prefilled batch: its KV into a static bucket (graphs.StepGraphs.load; a running batch's
+        `state.capacity` rows, so rows joining and leaving keep its captured graph), in `state.kv`."""
         p = prefilled
-        state.kv = _FastKV(self.sg.load(p.cache, p.mask, p.deltas, p.first, max_new_tokens))
+        state.kv = _FastKV(self.sg.load(p.cache, p.mask, p.deltas, p.first, max_new_tokens, state.capacity))
 
     def step(self, state, teacher_token: int | None) -> list[int]:
         """One step of the batch (`advance`), the previous step booked while it runs."""

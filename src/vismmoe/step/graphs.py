@@ -1,7 +1,8 @@
 """The decode step's static side, one per model: static KV buckets, the step body, its compiled layer call and its
 captured CUDA graphs, the device-side expert address table.
 
-    bucket (B, L):  KV [B, kv_heads, L, head_dim] per decoder layer, input token, attention mask, rope deltas,
+    bucket (B, L):  KV [B, kv_heads, L, head_dim] per decoder layer, input token, attention mask, rope deltas, rows
+                    in use (`live`: the experts kernels skip the rest),
                     routing record [moe layers, B*K], each MoE layer's input [moe layers, B, H] (what the
                     decode lookahead's gate predictor reads between replays), pinned host copies of token and
                     routing
@@ -94,19 +95,26 @@ class LayerExperts:
         self.pool = self.slots = self.bank = None                   # CPU: [S, numel], [E] int32, [E, numel]
         self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
         self.route_h = None                                         # [B, H] view of the bucket's MoE inputs
+        self.live = None                                            # [1] int32: the bucket's rows in use
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         self.route_h.copy_(hidden.reshape(self.route_h.shape))     # read between steps, never by the step
         if hidden.is_cuda:
             return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
-                                             self.route_w, self.inter, self.spec, self.act)
+                                             self.route_w, self.inter, self.spec, self.act, self.live)
         flat = top_k_index.reshape(-1)
         self.route_idx.copy_(flat)
         self.route_w.copy_(top_k_weights.reshape(-1).float())
+        n = int(self.live)                  # rows past the live ones get zeros, as the kernels give them
+        out = torch.zeros_like(hidden)
+        K = top_k_index.shape[-1]
+        flat = flat[:n * K]
         slots = self.slots[flat].long()                                              # [P]; -1: not resident
         blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
         gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
-        return moe_kernel.decode_experts_reference(hidden, top_k_index, top_k_weights, gate_up, down, self.act)
+        out[:n] = moe_kernel.decode_experts_reference(hidden[:n], top_k_index[:n], top_k_weights[:n], gate_up, down,
+                                                      self.act)
+        return out
 
 
 def _layer_call(layer, hidden, mask, text_pos, kv, cos, sin, **extra):
@@ -148,8 +156,10 @@ class Bucket:
     route_w: torch.Tensor       # [moe layers, B*K] float32
     route_h: torch.Tensor       # [moe layers, B, H]: each MoE layer's input of the last step (device)
     out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
+    live: torch.Tensor = None   # [1] int32: `rows`, on the device (the experts kernels skip rows past it)
     graph: object = None
-    rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0 (their output is unused)
+    rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0's input, read no expert
+                                # weights (`live`) and their output is unused
 
     def _changed(self) -> list[torch.Tensor]:
         """The buffers a step changes other than the KV columns at `pos`: position, input token, mask, and every
@@ -189,12 +199,21 @@ class StepGraphs:
         self.capture_s = 0.0                    # seconds spent compiling and capturing (first step of a bucket)
         self.progress = None
 
-    def bucket(self, B: int, need: int) -> Bucket:
+    def bucket(self, B: int, need: int, capacity: int = 0) -> Bucket:
         """The bucket for `B` rows (rounded up to a power of two: a batch of 3 runs in the graph of 4, so a
         server's changing batch sizes compile and capture few shapes) and at least `need` KV positions (a
-        multiple of BUCKET; made on first use)."""
-        B = 1 << (B - 1).bit_length()
-        L = -(-need // BUCKET) * BUCKET
+        multiple of BUCKET; made on first use).
+
+        `capacity` (a running batch's most rows, `RunningBatch`): the bucket holds that many rows whatever `B`,
+        and its KV length is the shortest this model already has at that size that fits `need`, else the next
+        of BUCKET x 1, 2, 4, 8, ...: rows that join and leave keep one captured shape, and a longer batch
+        captures a new one only when it outgrows every earlier one (a few times over a server's life)."""
+        B = 1 << (max(B, capacity) - 1).bit_length()
+        if capacity:
+            fits = [L for (b, L) in self.buckets if b == B and L >= need]
+            L = min(fits) if fits else BUCKET << max(0, (-(-need // BUCKET) - 1).bit_length())
+        else:
+            L = -(-need // BUCKET) * BUCKET
         b = self.buckets.get((B, L))
         if b is not None:
             return b
@@ -208,19 +227,22 @@ class StepGraphs:
                    deltas=torch.zeros(B, 1, dtype=torch.long, device=dev),
                    route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
                    route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev),
-                   route_h=torch.zeros(nL, B, self.H, dtype=dt, device=dev))
+                   route_h=torch.zeros(nL, B, self.H, dtype=dt, device=dev),
+                   live=torch.full((1,), B, dtype=torch.int32, device=dev))
         for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w)):
             h = torch.empty(t.shape, dtype=t.dtype)
             b.out_host[name] = h.pin_memory() if self.cuda else h
         self.buckets[(B, L)] = b
         return b
 
-    def load(self, dyn_cache, mask: torch.Tensor, deltas: torch.Tensor, first: torch.Tensor, max_new: int) -> Bucket:
+    def load(self, dyn_cache, mask: torch.Tensor, deltas: torch.Tensor, first: torch.Tensor, max_new: int,
+             capacity: int = 0) -> Bucket:
         """A prefilled request into its bucket: KV from `dyn_cache`, attention `mask [B, T]`, rope `deltas [B, 1]`,
-        the first generated token `first [B]`; room for `max_new` more tokens."""
+        the first generated token `first [B]`; room for `max_new` more tokens; `capacity` as in `bucket`."""
         B, T = mask.shape
-        b = self.bucket(B, T + max_new)
+        b = self.bucket(B, T + max_new, capacity)
         b.rows = B
+        b.live.fill_(B)
         fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)      # bucket row -> request row
         fill[:B] = torch.arange(B, device=mask.device)
         for i, layer_kv in enumerate(b.kv):
@@ -241,7 +263,7 @@ class StepGraphs:
         saved = cfg._attn_implementation_internal
         cfg._attn_implementation_internal = ATTN
         for p, (layer, ex) in enumerate(zip(self.moe_layers, self.experts)):
-            ex.route_idx, ex.route_w, ex.route_h = b.route_idx[p], b.route_w[p], b.route_h[p]
+            ex.route_idx, ex.route_w, ex.route_h, ex.live = b.route_idx[p], b.route_w[p], b.route_h[p], b.live
             hook_of(self.family.moe_block(self.model, layer).experts).fast = ex
         try:
             yield

@@ -42,6 +42,8 @@ class DecodeState:
     steps: int = 0                          # decode steps taken
     steppers: tuple = ()                    # routing observers told where each step starts
     kv: object = field(default=None, repr=False)    # the strategy's own handle (KV cache, static bucket, ...)
+    capacity: int = 0                       # rows the batch may grow to while it runs (a running batch's most,
+                                            # engine/running.py; 0: its own): the fast step keeps one shape for them
 
     @property
     def finished(self) -> bool:

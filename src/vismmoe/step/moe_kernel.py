@@ -115,7 +115,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr,
+    def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr, live_ptr,
                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr,
                         S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr,
@@ -129,7 +129,8 @@ if triton is not None:
             tl.store(rw_ptr + p, tl.load(w_ptr + p).to(tl.float32))
         dt = x_ptr.dtype.element_ty
         rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
-        rmask = rows < I
+        omask = rows < I
+        rmask = omask & (t < tl.load(live_ptr))     # a row past the live ones reads nothing and writes zeros
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8)
@@ -155,11 +156,11 @@ if triton is not None:
             act = (0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))).to(dt).to(tl.float32)
         else:                                       # SiLU
             act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=rmask)
+        tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=omask)
 
     @triton.jit
-    def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr,
-                     H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr, live_ptr,
+                     K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                      FMT: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SI: tl.constexpr,
                      NB: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
         p = tl.program_id(0)
@@ -167,7 +168,8 @@ if triton is not None:
         e = tl.load(topk_ptr + p)
         dt = h_ptr.dtype.element_ty
         rows = ob * BLOCK_O + tl.arange(0, BLOCK_O)
-        rmask = rows < H
+        omask = rows < H
+        rmask = omask & (p // K < tl.load(live_ptr))
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
@@ -183,7 +185,7 @@ if triton is not None:
             acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, I, sp, base + Z_OFF + NB, SI, BLOCK_O, BLOCK_K,
                            STEP, FMT, NATIVE_F8)
         y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
-        tl.store(y_ptr + p * H + rows, y, mask=rmask)
+        tl.store(y_ptr + p * H + rows, y, mask=omask)
 
     @triton.jit
     def _dequant_kernel(blob_ptr, out_ptr, NBYTES: tl.constexpr, OUT_N: tl.constexpr, OUT_OFF: tl.constexpr,
@@ -256,12 +258,18 @@ def _tile(block: int, step: int, size: int) -> int:
     return block
 
 
+def _live(live: torch.Tensor | None, T: int, device) -> torch.Tensor:
+    """[1] int32 on `device`: how many of the T rows are computed (`live`; None: all)."""
+    return torch.full((1,), T, dtype=torch.int32, device=device) if live is None else live
+
+
 def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
                  route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None, fmt=None,
-                 variant: str | None = None, act: str = "silu") -> None:
+                 variant: str | None = None, act: str = "silu", live: torch.Tensor | None = None) -> None:
     """h [P, I] = act(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
     expert format of the blobs `addr` points at (None: dense); `variant`: "old" or "new" kernels (`VARIANT`);
-    `act`: the gate's activation (`ACTIVATIONS`)."""
+    `act`: the gate's activation (`ACTIVATIONS`); `live` [1] int32 on the device: rows at or past it read no
+    weights and get zeros (a static batch's unused rows; None: every row)."""
     P, inter = h.shape
     kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][0], **(blocks or {}))
@@ -269,15 +277,17 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
     H = x.shape[-1]
     assert kid not in (1, 3) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
-        x, topk, weights, addr, h, route_idx, route_w, K=topk.shape[-1], H=H, I=inter,
+        x, topk, weights, addr, h, route_idx, route_w, _live(live, x.shape[0], x.device), K=topk.shape[-1], H=H,
+        I=inter,
         BLOCK_I=b["BLOCK_I"], BLOCK_H=_tile(b["BLOCK_H"], g["STEP"], H), FMT=kid,
         S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"], STEP=g["STEP"], NATIVE_F8=not INTERPRETED,
         ACT=activation_id(act), num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
 
 
 def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, y: torch.Tensor,
-              blocks: dict | None = None, fmt=None, variant: str | None = None) -> None:
-    """y [P, H] (float32) = (h @ down^T) * routing weight per pair."""
+              blocks: dict | None = None, fmt=None, variant: str | None = None,
+              live: torch.Tensor | None = None) -> None:
+    """y [P, H] (float32) = (h @ down^T) * routing weight per pair; `live` as in `gate_up_pass`."""
     P, inter = h.shape
     H = y.shape[-1]
     kid = kernel_id(fmt, variant)
@@ -285,7 +295,8 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
     g = _geometry(fmt)
     assert kid not in (1, 3) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
-        h, topk, weights, addr, y, H=H, I=inter, BLOCK_O=b["BLOCK_O"], BLOCK_K=_tile(b["BLOCK_K"], g["STEP"], inter),
+        h, topk, weights, addr, y, _live(live, topk.shape[0], h.device), K=topk.shape[-1], H=H, I=inter,
+        BLOCK_O=b["BLOCK_O"], BLOCK_K=_tile(b["BLOCK_K"], g["STEP"], inter),
         FMT=kid, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"], STEP=g["STEP"],
         NATIVE_F8=not INTERPRETED, num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
 
@@ -293,16 +304,19 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
 def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
                           route_idx: torch.Tensor, route_w: torch.Tensor, inter: int,
                           gate_up_blocks: dict | None = None, down_blocks: dict | None = None,
-                          fmt=None, variant: str | None = None, act: str = "silu") -> torch.Tensor:
+                          fmt=None, variant: str | None = None, act: str = "silu",
+                          live: torch.Tensor | None = None) -> torch.Tensor:
     """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]. `fmt`: the expert
-    format of the blobs (formats.ExpertFormat; None: dense in x's dtype); `act`: the gate's activation."""
+    format of the blobs (formats.ExpertFormat; None: dense in x's dtype); `act`: the gate's activation; `live`:
+    [1] int32, rows at or past it get zeros without reading a weight (None: every row)."""
     T, K = topk.shape
     H = x.shape[-1]
     x, topk, weights = x.contiguous(), topk.contiguous(), weights.contiguous()
     h = x.new_empty(T * K, inter)
     y = torch.empty(T * K, H, device=x.device, dtype=torch.float32)
-    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant, act)
-    down_pass(h, topk, weights, addr, y, down_blocks, fmt, variant)
+    live = _live(live, T, x.device)
+    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant, act, live)
+    down_pass(h, topk, weights, addr, y, down_blocks, fmt, variant, live)
     return y.view(T, K, H).sum(1).to(x.dtype)
 
 
@@ -321,15 +335,16 @@ def _format(spec: str, hidden: int, inter: int, dtype: torch.dtype):
 @torch.library.custom_op("vismmoe::decode_experts", mutates_args=("route_idx", "route_w"))
 def decode_experts(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
                    route_idx: torch.Tensor, route_w: torch.Tensor, inter: int, spec: str = "dense",
-                   act: str = "silu") -> torch.Tensor:
+                   act: str = "silu", live: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts of a few tokens read through the address table `addr` (blobs of expert format `spec`,
-    gate activation `act`); records the routing. CUDA only."""
+    gate activation `act`); records the routing; rows at or past `live` ([1] int32; None: every row) get zeros
+    and read no weights. CUDA only."""
     fmt = None if spec == "dense" else _format(spec, x.shape[-1], inter, x.dtype)
-    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt, act=act)
+    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt, act=act, live=live)
 
 
 @decode_experts.register_fake
-def _(x, topk, weights, addr, route_idx, route_w, inter, spec="dense", act="silu"):
+def _(x, topk, weights, addr, route_idx, route_w, inter, spec="dense", act="silu", live=None):
     return torch.empty_like(x)
 
 
