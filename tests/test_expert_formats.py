@@ -182,6 +182,42 @@ def test_rows_past_live_get_zeros_in_interpreter(spec):
     assert torch.equal(ri.view_as(topk), topk)
 
 
+@interpreter
+def test_landing_writes_misses_into_candidate_slots_in_interpreter():
+    """Landing (moe_kernel): the distinct missing experts of the live pairs take, by expert id, the candidates
+    (free, or holding an earlier layer's expert; not a later layer's, not one taken) as `landing_plan` says on
+    the host; each taken slot ends holding the expert's blob byte for byte; the result is the reference's."""
+    fmt, x, topk, w, addr, ref, (pool, bank) = _kernel_case("dense", torch.float32, "cpu", 64, 48)
+    big = torch.zeros(8, fmt.numel, dtype=fmt.pool_dtype)           # slots 0..3 as before, 4..7 candidates
+    big[:4] = pool
+    nb = fmt.nbytes
+    slots = [2, -1, 0, -1, 1, -1, 3, -1]                            # _kernel_case's residency
+    addr = torch.tensor([big.data_ptr() + s * nb if s >= 0 else bank.data_ptr() + e * nb
+                         for e, s in enumerate(slots)], dtype=torch.int64)
+    C, P = 4, topk.numel()
+    cands, owners = [5, 4, 6, 7], [-1, 3, 1, 0]                     # layer 2: 4 holds a later layer's expert
+    land = torch.zeros(3 + 3 * C + P, dtype=torch.long)
+    land[1], land[2] = big.data_ptr(), big.data_ptr() + 8 * nb
+    land[3:3 + C] = torch.tensor([big.data_ptr() + s * nb for s in cands])
+    land[3 + C:3 + 2 * C] = torch.tensor(owners)
+    ri = torch.full((P,), -1, dtype=torch.long)
+    rw = torch.zeros(P)
+    out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 32, "BLOCK_H": 64},
+                                           {"BLOCK_O": 64, "BLOCK_K": 64}, land=land,
+                                           layer=torch.tensor([2]))
+    assert (out - ref).norm() / ref.norm() < 1e-5
+    taken = [False] * C
+    plan = moe_kernel.landing_plan(topk.reshape(-1).numpy(), lambda e: slots[e] < 0, 2, owners, taken)
+    assert plan and all(owners[c] < 2 for _, c in plan)
+    assert land[3 + 2 * C:3 + 3 * C].tolist() == [int(t) for t in taken]
+    for e, c in plan:
+        assert torch.equal(big[cands[c]], bank[e])
+    dst = land[3 + 3 * C:].tolist()
+    want = {e: big.data_ptr() + cands[c] * nb for e, c in plan}
+    assert dst == [want.get(int(e), 0) for e in topk.reshape(-1)]
+    assert torch.count_nonzero(big[4]) == 0                          # a later layer's slot is never written
+
+
 def test_gelu_tanh_reference_is_transformers_gemma4_experts():
     """The reference with act="gelu_pytorch_tanh" gives what Gemma 4's experts module computes (float32), and
     differs from SiLU's (the activation reaches the arithmetic); an activation the kernels lack is refused."""

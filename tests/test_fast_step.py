@@ -127,6 +127,7 @@ def test_gpu_fast_step_exact_across_budgets_and_graphs(family, tiny_dirs, image_
             gen = eng.generate(image_file, PROMPT, max_new_tokens=NEW)
             assert gen.token_ids == want, (family, budget, policy)
             assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+            assert _slots_hold_their_experts(eng), (family, budget, policy)     # landed misses included
 
 
 @pytest.mark.parametrize("decode", ["eager", "fast"])
@@ -219,3 +220,40 @@ def test_fast_step_charges_an_emulated_link(tiny_dirs, image_file):
     assert st["e2e_s"] >= 0.9 * st["stall_s"]                       # the waits were real time of this request
     per_miss = st["expert_bytes"] / 0.02e9
     assert st["link_busy_s"] >= st["misses"] * per_miss * 0.99          # every miss's bytes were booked
+
+
+def _slots_hold_their_experts(eng) -> bool:
+    """Every resident expert's slot holds exactly its host blob (what a landed or copied miss must leave)."""
+    fs, cache = eng.fast_step(), eng.cache
+    if eng.device.type == "cuda":
+        torch.cuda.synchronize()
+    for (layer, e), slot in cache.slot_of.items():
+        blob = eng.store.layer_blobs(eng.geometry.moe_layers.index(layer))[e]
+        if not torch.equal(cache.pool[slot].cpu(), blob.cpu()):
+            return False
+    return fs is not None
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_decode_misses_land_in_place(family, tiny_dirs, image_file):
+    """Landing (fast_step.py): a decode miss is written into a reserved slot as the step reads it and adopted
+    there, with no second copy. The tokens are those with every expert resident (and without landing), every
+    adopted slot holds its expert's blob, fewer bytes are copied than without landing, and the budget holds,
+    down to the smallest legal budget."""
+    d = tiny_dirs[family]
+    want = load(d, decode="eager").generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    landed = 0
+    for budget in _budgets(d)[1:]:
+        for policy in ("lru", "predictive"):
+            eng = load(d, expert_budget=budget, decode="fast", policy=policy)
+            off = eng.fork()
+            off.fast_step().land_slots = 0
+            gen, ref = (e.generate(image_file, PROMPT, max_new_tokens=NEW) for e in (eng, off))
+            assert gen.token_ids == ref.token_ids == want, (family, budget, policy)
+            assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
+            assert _slots_hold_their_experts(eng)
+            n = eng.fast_step().landed
+            landed += n
+            if n:
+                assert gen.stats["bytes_moved"] < ref.stats["bytes_moved"], (family, budget, policy)
+    assert landed > 0

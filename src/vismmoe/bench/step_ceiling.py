@@ -162,6 +162,9 @@ def main(argv=None):
     ap.add_argument("--prefetch", default="none",
                     help="predictors of the budgeted fast systems, comma-separated (e.g. none,gate)")
     ap.add_argument("--calibration", default=None, help="transition tables for --prefetch trace/blend")
+    ap.add_argument("--landing", default="on",
+                    help="decode misses landed in place (on) or copied after the step (off), comma-separated to "
+                         "compare both (fast_step.py)")
     ap.add_argument("--image-sides", default="448,1024")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
@@ -177,7 +180,7 @@ def main(argv=None):
     base.progress = say
     res = {"shape": args.shape, "layers": args.layers or "all", "routing": "random weights", "machine": torch.cuda.get_device_name(),
            "link": "real (PCIe, pinned host memory)", "budget": args.budget, "new_tokens": args.new_tokens,
-           "prefetch": args.prefetch,
+           "prefetch": args.prefetch, "landing": args.landing,
            "decode_inputs": "teacher-forced random text tokens", "build_s": time.perf_counter() - t0}
     res["hbm_GBps"] = hbm_gbps(dev)
     res["link_GBps"] = link_speed(dev, base.layout.nbytes)
@@ -198,12 +201,17 @@ def main(argv=None):
     policies = args.policies.split(",")
     prefetches = args.prefetch.split(",")
     budgeted = {}                                   # (policy, predictor) -> system name
-    for pol in policies:
-        for pf in prefetches:
-            name = budgeted[(pol, pf)] = f"{pol}-fast" if pf == "none" else f"{pol}+{pf}-fast"
-            systems[name] = base.fork(expert_budget=args.budget, policy=pol, prefetch=pf,
-                                      calibration=args.calibration if pf in ("trace", "blend") else None)
-    first_budget = systems[budgeted[(policies[0], prefetches[0])]]
+    for land in args.landing.split(","):
+        for pol in policies:
+            for pf in prefetches:
+                k = (pol if pf == "none" else f"{pol}+{pf}") + ("" if land == "on" else "-noland")
+                name = budgeted[(pol, pf) if land == "on" else (pol, pf + "-noland")] = f"{k}-fast"
+                systems[name] = base.fork(expert_budget=args.budget, policy=pol, prefetch=pf,
+                                          calibration=args.calibration if pf in ("trace", "blend") else None)
+                if land == "off":
+                    systems[name].fast_step().land_slots = 0
+    first_budget_name = next(iter(budgeted.values()))
+    first_budget = systems[first_budget_name]
     if not args.no_eager_budget:
         systems[f"{policies[0]}-eager"] = first_budget.fork(decode="eager", share_pool=True)
     resident = {"resident-fast", "resident-eager"}
@@ -239,6 +247,7 @@ def main(argv=None):
                 if fs is not None:          # device time of the step itself (CUDA events around each replay)
                     st["step_device_s"] = statistics.median(fs.step_s[-(st["new_tokens"] - 1):])
                     st["host_gap_s"] = statistics.median(fs.gap_s[-(st["new_tokens"] - 2):])
+                    st["landed"] = fs.landed            # decode misses landed in place so far (every request)
                     if fs.lookahead is not None:     # decode prefetches so far (this engine, every request)
                         st["lookahead"] = {"issued": fs.lookahead.issued, "hits": fs.lookahead.hits,
                                            "wasted": fs.lookahead.wasted, "depth": fs.lookahead.model.depth}
@@ -292,18 +301,19 @@ def main(argv=None):
              "decode_bound_ms": (rf + bel["decode_bytes_per_token"] / link) * 1e3,
              "ttft_bound_ms": max(med("resident-fast", side, "ttft_s"), bel["prefill_bytes"] / link) * 1e3}
         for (p, pf), name in budgeted.items():
-            k = p if pf == "none" else f"{p}+{pf}"
+            k = name[:-len("-fast")]
             t[f"{k}_tpot_ms"] = med(name, side, "tpot_s") * 1e3
             t[f"{k}_ttft_ms"] = med(name, side, "ttft_s") * 1e3
             t[f"{k}_decode_vs_bound"] = t[f"{k}_tpot_ms"] / t["decode_bound_ms"]
             t[f"{k}_ttft_vs_bound"] = t[f"{k}_ttft_ms"] / t["ttft_bound_ms"]
         if (f"{pol}-eager", side) in rows:
-            t["eager_budget_e2e_over_fast"] = med(f"{pol}-eager", side, "e2e_s") / med(budgeted[(pol, prefetches[0])], side, "e2e_s")
+            t["eager_budget_e2e_over_fast"] = med(f"{pol}-eager", side, "e2e_s") / med(first_budget_name, side,
+                                                                                        "e2e_s")
             t["eager_budget_tpot_ms"] = med(f"{pol}-eager", side, "tpot_s") * 1e3
         res["targets"][side] = t
     big = max(sides)
     tg = res["targets"][big]
-    k0 = pol if prefetches[0] == "none" else f"{pol}+{prefetches[0]}"
+    k0 = first_budget_name[:-len("-fast")]
     res["ceiling"] = {"roofline_ms": res["roofline_ms"], "resident_tpot_ms": tg["resident_tpot_ms"],
                       "eager_resident_tpot_ms": tg["eager_resident_tpot_ms"],
                       "budget25_real_tpot_ms": tg[f"{k0}_tpot_ms"], "image_side": big, "policy": k0}

@@ -125,6 +125,29 @@ class ExpertCache:
         self.counters.layer(key[0]).prefetch_issued += 1
         return slot
 
+    def victims(self, n: int, ready) -> list[int]:
+        """Up to `n` slots a miss could take next, in order, without taking them: free slots, then the slots of
+        the policy's next victims (`next_victims`: as it would choose them one after another) for which
+        `ready(slot)` holds."""
+        out = list(reversed(self._free[-n:]))
+        if len(out) < n:
+            out += [self.slot_of[k] for k in self.policy.next_victims(n - len(out),
+                                                                      lambda k: not ready(self.slot_of[k]))]
+        return out
+
+    def adopt(self, key: Key, slot: int) -> None:
+        """Free `slot` already holds expert `key` (not resident; written in place, no copy): `key` lives there
+        now. The policy hears of the insertion and the use; the caller counts the miss and its bytes."""
+        self._free.remove(slot)
+        self.slot_of[key] = slot
+        self.owner[slot] = key
+        self.ticket[slot] = None
+        self.policy.on_insert(key)
+        self.policy.on_use(key)
+        self.peak_resident = max(self.peak_resident, len(self.slot_of))
+        for listener in self.listeners:
+            listener.on_insert(key, slot)
+
     def evict(self, key: Key) -> int:
         slot = self.slot_of.pop(key)
         self.owner[slot] = None

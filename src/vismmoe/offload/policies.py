@@ -13,6 +13,8 @@ it is: capabilities are attributes (`retain`) and optional hooks.
                            when the victim is needed first; the others always admit, as published prefetchers do)
     choose_victim(pinned)  which resident key, not in `pinned`, to evict; cost must not grow with the cache size
                            for the common case (a cache can hold thousands of experts and evict on every miss)
+    next_victims(n, skip)  the next `n` victims in the order `choose_victim` would name them one eviction after
+                           another, leaving out keys `skip(key)` refuses, without changing the policy's state
     retain                 False: keep nothing between layers (load on demand)
 
 Policies: `lru`, `lfu`, `lfru` (frequency with exponential recency decay, CRF-style), `predictive` (evicts the
@@ -50,6 +52,19 @@ class _Base:
 
     def admit(self, victim: Key, key: Key) -> bool:
         return True
+
+    def next_victims(self, n: int, skip) -> list[Key]:
+        out: list[Key] = []
+        seen: set[Key] = set()
+        while len(out) < n:
+            try:
+                key = self.choose_victim(seen)
+            except LookupError:
+                break
+            seen.add(key)
+            if not skip(key):
+                out.append(key)
+        return out
 
 
 class LRUPolicy(_Base):
@@ -299,6 +314,13 @@ class PredictivePolicy(_Base):
         top = top[np.argsort(-t[top], kind="stable")]
         top = top[t[top] > -np.inf].tolist()
         return [(self.layers[i // self.E], i % self.E) for i in top]
+
+    def next_victims(self, n: int, skip) -> list[Key]:
+        saved = self._queue, self._qi, self._qn          # choose_victim walks (and may rebuild) the ranked queue
+        try:
+            return super().next_victims(n, skip)
+        finally:
+            self._queue, self._qi, self._qn = saved
 
     def choose_victim(self, pinned: Container[Key]) -> Key:
         fresh = False                                    # ranked during this call of choose_victim

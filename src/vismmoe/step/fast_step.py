@@ -9,10 +9,17 @@ books); the static buffers, compiled layers and CUDA graphs are the model's (ste
                  expert's page-locked host blob) pushed to the device -> ONE graph replay (misses are read over
                  the link by the experts kernel itself)
         finish:  wait for the step (the one sync per token); its routing to the host; misses counted, charged to
-                 the link and claimed (the policy's victim leaves the slot map at once), their copies queued on
-                 the copy stream
+                 the link; those that landed (below) adopted in place, the rest claimed (the policy's victim
+                 leaves the slot map at once) and their copies queued on the copy stream
         settle:  while the next step runs: hits touch the policy, routing observers, stall, timeline
     A slot is read by a step only once its copy has landed.
+    Landing (dense experts, a policy that keeps what it loads): before each launch the step is given a few
+    candidate slots (`ExpertCache.victims`: free ones, then the policy's next victims whose copies have landed);
+    a miss the kernels read over the link is also written into one of them as it is read, if the candidate's
+    expert belongs to an earlier MoE layer (moe_kernel, `landing_plan`: no later kernel of the step reads that
+    slot). After the step the old expert leaves and the new one is adopted there with no copy: a decode miss
+    crosses the link once, not twice (read by the step, then copied behind it). Misses no candidate took are
+    copied as before. Nothing is held back from the cache: a candidate keeps its expert unless a miss lands.
     The disk tier (no host blob to read a miss from): a step that routed to such an expert stages it through the
     store's ring and runs again from its snapshot (fast_disk.py).
 
@@ -66,6 +73,7 @@ class FastStep:
             self.host_addr = self.disk.host_addr if self.disk is not None else \
                 self.store.device_addresses()[self.store_pos]               # [L, E] int64
             self.addr_host = torch.empty((L, self.E), dtype=torch.int64).pin_memory()
+            self.land_host = torch.zeros(3 + 3 * self.sg.land_slots, dtype=torch.int64).pin_memory()
         for slot, key in enumerate(self.cache.owner):
             if key is not None:
                 self.on_insert(key, slot)
@@ -74,6 +82,10 @@ class FastStep:
         self.gap_s: list[float] = []            # host seconds from a step's end to the next launch (CUDA)
         self._synced = None
         self._clean_s = None                    # fastest recent step without misses: the stall baseline
+        # landing candidates per step (module docstring): dense blobs, a retaining policy, the host tier
+        self.land_slots = self.sg.land_slots if self.disk is None and getattr(self.cache.policy, "retain", True) \
+            else 0
+        self.landed = 0                         # misses adopted where the step wrote them (no copy)
         # lookahead between replays (decode_prefetch.py) where the engine prefetches; --prefetch none: none
         pf = self.runtime.prefetcher
         self.lookahead = DecodeLookahead(self, pf) if pf is not None else None
@@ -170,11 +182,12 @@ class FastStep:
     def _launch(self, b: Bucket, teacher_token: int | None) -> _InFlight:
         if self.disk is not None:
             self.disk.begin()                           # nothing staged: non-resident experts read the zero blob
+        land = self._candidates(b)
         self._land()
         self._push()
         if teacher_token is not None:
             b.ids.fill_(int(teacher_token))
-        fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter())   # what this step reads
+        fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter(), land=land)   # what this step reads
         if self.disk is not None:                       # a snapshot to re-run the step from (fast_disk.py)
             fl.snap = b.snapshot()
         if self.cuda:
@@ -183,13 +196,47 @@ class FastStep:
             self.sg.run(b, self.graphs)
             fl.ev1.record()
         else:                                                               # the CPU step reads this engine's cache
+            landing = {"slots": land[0], "owners": land[1], "taken": [False] * len(land[0])}
             for p, ex in enumerate(self.sg.experts):
-                ex.pool, ex.slots = self.cache.pool, self.slot_t[p]
+                ex.pool, ex.slots, ex.landing = self.cache.pool, self.slot_t[p], landing
                 ex.bank = self.disk.bank(p) if self.disk is not None else self.store.layer_blobs(self.store_pos[p])
             self.sg.run(b, False)
         if self._synced is not None:                    # host time the device sat idle between two steps
             self.gap_s.append(time.perf_counter() - self._synced)
         return fl
+
+    def _candidates(self, b: Bucket) -> tuple[list[int], list[int]]:
+        """The next step's landing candidates (module docstring), written into `b.land`: (slots, the MoE layer
+        position of each one's expert, -1 for a free slot)."""
+        if not self.land_slots:
+            return [], []
+        cache = self.cache
+        slots = cache.victims(self.land_slots, lambda s: s not in self.pending)
+        owners = [-1 if cache.owner[s] is None else self.layer_pos.get(cache.owner[s][0], -1) for s in slots]
+        if self.cuda:
+            nb, pool, C = self.layout.nbytes, cache.pool.data_ptr(), self.land_slots
+            h = self.land_host.numpy()
+            h[:] = 0
+            h[1], h[2] = pool, pool + cache.num_slots * nb              # the pool's bytes: a hit's address
+            h[3:3 + len(slots)] = [pool + s * nb for s in slots]
+            h[3 + C:3 + C + len(slots)] = owners
+            b.land[:h.size].copy_(self.land_host, non_blocking=True)     # taken flags [3+2C:3+3C]: 0
+        return slots, owners
+
+    def _adopt(self, fl: _InFlight) -> None:
+        """The misses the step wrote into landing candidates become resident there (no copy); the expert each
+        candidate held leaves first (its bytes were overwritten)."""
+        cache = self.cache
+        slots, owners = fl.land
+        taken = [False] * len(slots)
+        for p, layer in enumerate(self.moe_layers):
+            for e, c in moe_kernel.landing_plan(fl.idx[p], lambda e: fl.used[p, e] < 0, p, owners, taken):
+                slot = slots[c]
+                if cache.owner[slot] is not None:
+                    cache.evict(cache.owner[slot])
+                if not cache.resident((layer, e)):          # else it became resident meanwhile (a prefetch)
+                    cache.adopt((layer, e), slot)
+                    self.landed += 1
 
     # ---- bookkeeping after a step ----------------------------------------------------------------------------
     def _finish(self, b: Bucket, fl: _InFlight) -> _InFlight:
@@ -208,6 +255,8 @@ class FastStep:
         fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
         if self.disk is not None:
             self._rerun_disk_misses(b, fl, real)
+        if fl.land[0]:
+            self._adopt(fl)
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
         demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
         if self.lookahead is not None:                                              # the next step's guesses
@@ -336,6 +385,7 @@ class _InFlight:
     missed: int = 0
     stall_s: float = 0.0
     snap: list | None = None            # disk tier: the bucket's Bucket.snapshot() before the step, to re-run it from
+    land: tuple = ([], [])              # the step's landing candidates: (slots, MoE layer position of their experts)
     reruns: int = 0                     # disk tier: runs of this step discarded
 
 

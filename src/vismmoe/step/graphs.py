@@ -96,12 +96,16 @@ class LayerExperts:
         self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
         self.route_h = None                                         # [B, H] view of the bucket's MoE inputs
         self.live = None                                            # [1] int32: the bucket's rows in use
+        self.land = None                # CUDA: the bucket's landing state (moe_kernel.decode_experts_triton)
+        self.pos = None                 # [1] int64: this MoE layer's position (the landing rule reads it)
+        self.landing = None             # CPU: {"slots", "owners", "taken"}: the running step's landing candidates
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         self.route_h.copy_(hidden.reshape(self.route_h.shape))     # read between steps, never by the step
         if hidden.is_cuda:
             return moe_kernel.decode_experts(hidden, top_k_index, top_k_weights, self.addr, self.route_idx,
-                                             self.route_w, self.inter, self.spec, self.act, self.live)
+                                             self.route_w, self.live, self.land, self.pos, self.inter, self.spec,
+                                             self.act)
         flat = top_k_index.reshape(-1)
         self.route_idx.copy_(flat)
         self.route_w.copy_(top_k_weights.reshape(-1).float())
@@ -114,6 +118,11 @@ class LayerExperts:
         gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
         out[:n] = moe_kernel.decode_experts_reference(hidden[:n], top_k_index[:n], top_k_weights[:n], gate_up, down,
                                                       self.act)
+        land = self.landing
+        if land is not None and land["slots"]:              # what the kernels' landing writes (dense formats)
+            for e, c in moe_kernel.landing_plan(flat.numpy(), lambda e: int(self.slots[e]) < 0, int(self.pos),
+                                                land["owners"], land["taken"]):
+                self.pool[land["slots"][c]].copy_(self.bank[e])
         return out
 
 
@@ -157,6 +166,7 @@ class Bucket:
     route_h: torch.Tensor       # [moe layers, B, H]: each MoE layer's input of the last step (device)
     out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
     live: torch.Tensor = None   # [1] int32: `rows`, on the device (the experts kernels skip rows past it)
+    land: torch.Tensor = None   # [3 + 3C + B*K] int64: landing state (moe_kernel; empty: a format without landing)
     graph: object = None
     rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0's input, read no expert
                                 # weights (`live`) and their output is unused
@@ -188,11 +198,17 @@ class StepGraphs:
         geo = engine.geometry
         self.moe_layers, self.K, self.E = geo.decode_layers, geo.top_k, geo.num_experts
         self.H = geo.hidden
+        # candidate slots a step may land misses in (moe_kernel.LAND; dense blobs only: the kernels' landing
+        # writes them)
+        self.land_slots = moe_kernel.LAND * self.K if engine.layout.spec() == "dense" else 0
         nL = len(self.moe_layers)
+        self.positions = torch.arange(nL, dtype=torch.long, device=self.device)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None
         act = self.family.expert_activation(self.model.config)
         self.experts = [LayerExperts(engine.layout, self.addr_dev[p] if self.cuda else None, act)
                         for p in range(nL)]
+        for p, ex in enumerate(self.experts):
+            ex.pos = self.positions[p:p + 1]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
         self.buckets: dict[tuple[int, int], Bucket] = {}
@@ -228,7 +244,9 @@ class StepGraphs:
                    route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
                    route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev),
                    route_h=torch.zeros(nL, B, self.H, dtype=dt, device=dev),
-                   live=torch.full((1,), B, dtype=torch.int32, device=dev))
+                   live=torch.full((1,), B, dtype=torch.int32, device=dev),
+                   land=torch.zeros(3 + 3 * self.land_slots + B * self.K if self.land_slots else 0,
+                                    dtype=torch.long, device=dev))
         for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w)):
             h = torch.empty(t.shape, dtype=t.dtype)
             b.out_host[name] = h.pin_memory() if self.cuda else h
@@ -264,6 +282,7 @@ class StepGraphs:
         cfg._attn_implementation_internal = ATTN
         for p, (layer, ex) in enumerate(zip(self.moe_layers, self.experts)):
             ex.route_idx, ex.route_w, ex.route_h, ex.live = b.route_idx[p], b.route_w[p], b.route_h[p], b.live
+            ex.land = b.land
             hook_of(self.family.moe_block(self.model, layer).experts).fast = ex
         try:
             yield

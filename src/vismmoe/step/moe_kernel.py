@@ -18,6 +18,14 @@ host one go through the same arithmetic, so offloading never changes a result.
 
 The step also records its routing (`route_idx`, `route_w`) for the host's cache bookkeeping after the step.
 
+Landing (dense blobs): the host hands the step a few candidate slots (`land`, `LAND` per routed expert): free
+slots, then the policy's next victims. Each MoE layer's missing experts (the distinct ones of its live pairs whose
+address is outside the pool, by expert id) take, in order, the candidates no earlier layer took whose expert
+belongs to an EARLIER layer (or to none): no later kernel of the step reads such a slot (`_land_kernel`). The
+passes write every weight they read of a landing expert into its slot as they go, so the miss crosses the link
+once; after the step the host evicts the slot's old expert and adopts the new one there (fast_step.py) instead of
+copying it over the link a second time. `landing_plan` is the same assignment on the host.
+
 Quantized blobs are dequantized in registers (`_row_dot`: one variant per format, chosen by the constant `FMT`
 = the format's `kernel` id); activations stay in x's dtype, accumulation in float32. The prefill does not use
 these kernels: it dequantizes a wave's slots into a scratch (`dequantize`, `_dequant_kernel`) and runs
@@ -90,8 +98,48 @@ if triton is not None:
         return tl.multiple_of(tl.load(addr_ptr + e), 16)
 
     @triton.jit
+    def _landing(dst_ptr, p, base, WRITE: tl.constexpr):
+        """(where pair p's expert lands, whether it does): its landing slot as a pointer like `base` and True, or
+        `base` and False (no landing slot, or landing off)."""
+        if WRITE:
+            d = tl.load(dst_ptr + p)
+            return d.to(base.dtype), d != 0
+        else:
+            return base, p < 0
+
+    @triton.jit
+    def _land_kernel(topk_ptr, addr_ptr, live_ptr, layer_ptr, land_ptr, dst_ptr, K: tl.constexpr, P: tl.constexpr,
+                     BLOCK_P: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One MoE layer's landing slots (see the module docstring). land: [1], [2] the pool's first and
+        last-plus-one byte address; [3:3+C] the candidate slots' addresses (0: none), [3+C:3+2C] the MoE layer of
+        each one's expert (-1: free), [3+2C:3+3C] taken by an earlier layer of the step (1) or not (0).
+        dst [P] <- the landing slot of each pair's expert (0: none)."""
+        i = tl.arange(0, BLOCK_P)
+        valid = (i < P) & (i // K < tl.load(live_ptr))
+        e = tl.load(topk_ptr + i, mask=valid, other=0)
+        a = tl.load(addr_ptr + e, mask=valid, other=0)
+        miss = valid & ((a < tl.load(land_ptr + 1)) | (a >= tl.load(land_ptr + 2)))
+        same_before = (e[None, :] == e[:, None]) & (i[None, :] < i[:, None]) & miss[None, :]
+        first = miss & (tl.sum(same_before.to(tl.int32), axis=1) == 0)        # one pair per distinct miss
+        rank = tl.sum(((e[None, :] < e[:, None]) & first[None, :]).to(tl.int32), axis=1)
+        c = tl.arange(0, BLOCK_C)
+        cm = c < C
+        cand = tl.load(land_ptr + 3 + c, mask=cm, other=0)
+        owner = tl.load(land_ptr + 3 + C + c, mask=cm, other=0)
+        taken = tl.load(land_ptr + 3 + 2 * C + c, mask=cm, other=1)
+        # a candidate whose expert belongs to an earlier layer (or none) is read by no later kernel of the step
+        elig = cm & (cand != 0) & (owner < tl.load(layer_ptr)) & (taken == 0)
+        order = tl.cumsum(elig.to(tl.int32), axis=0) - 1                     # its place among the eligible
+        match = miss[:, None] & elig[None, :] & (order[None, :] == rank[:, None])    # [P, C]
+        slot = tl.sum(tl.where(match, cand[None, :], 0), axis=1)
+        tl.store(dst_ptr + i, slot, mask=i < P)
+        took = tl.sum(match.to(tl.int32), axis=0) > 0
+        tl.store(land_ptr + 3 + 2 * C + c, tl.where(took, 1, taken), mask=cm)
+
+    @triton.jit
     def _row_dot(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, zp, SR: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_C: tl.constexpr, STEP: tl.constexpr, FMT: tl.constexpr, NATIVE_F8: tl.constexpr):
+                 BLOCK_C: tl.constexpr, STEP: tl.constexpr, FMT: tl.constexpr, NATIVE_F8: tl.constexpr,
+                 dst=None, wr=False, WRITE: tl.constexpr = False):
         """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R]. A column tile of BLOCK_C spans
         BLOCK_C // STEP scale groups (STEP: 128 for fp8 blocks, the group size for int4).
         FMT 0: `base` points at dense weights [R, C] of x's dtype.
@@ -111,15 +159,17 @@ if triton is not None:
                 cm = cols < C
                 xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
                 w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
+                if WRITE:                           # landing: the tile into the expert's new slot as it is read
+                    tl.store(dst + rows[:, None] * C + cols[None, :], w, mask=rmask[:, None] & cm[None, :] & wr)
                 acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         return acc
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr, live_ptr,
+    def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr, live_ptr, dst_ptr,
                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr,
                         S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr,
-                        STEP: tl.constexpr, NATIVE_F8: tl.constexpr, ACT: tl.constexpr):
+                        STEP: tl.constexpr, NATIVE_F8: tl.constexpr, ACT: tl.constexpr, WRITE: tl.constexpr):
         p = tl.program_id(0)                        # pair t*K + k
         ib = tl.program_id(1)
         t = p // K
@@ -133,9 +183,11 @@ if triton is not None:
         rmask = omask & (t < tl.load(live_ptr))     # a row past the live ones reads nothing and writes zeros
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8)
+            dst, wr = _landing(dst_ptr, p, base, WRITE)
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8,
+                             dst, wr, WRITE)
             acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
-                             NATIVE_F8)
+                             NATIVE_F8, dst + I * H, wr, WRITE)
         elif FMT == 1 or FMT == 3:                  # gate [I, H] | up [I, H] e4m3; scales gate | up | down
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
@@ -159,10 +211,10 @@ if triton is not None:
         tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=omask)
 
     @triton.jit
-    def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr, live_ptr,
+    def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr, live_ptr, dst_ptr,
                      K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                      FMT: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SI: tl.constexpr,
-                     NB: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
+                     NB: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr, WRITE: tl.constexpr):
         p = tl.program_id(0)
         ob = tl.program_id(1)
         e = tl.load(topk_ptr + p)
@@ -172,8 +224,9 @@ if triton is not None:
         rmask = omask & (p // K < tl.load(live_ptr))
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
+            dst, wr = _landing(dst_ptr, p, base, WRITE)
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
-                           NATIVE_F8)
+                           NATIVE_F8, dst + 2 * I * H, wr, WRITE)
         elif FMT == 1 or FMT == 3:                  # down [H, I] e4m3 after gate_up; its scales after gate's, up's
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
@@ -265,11 +318,13 @@ def _live(live: torch.Tensor | None, T: int, device) -> torch.Tensor:
 
 def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, h: torch.Tensor,
                  route_idx: torch.Tensor, route_w: torch.Tensor, blocks: dict | None = None, fmt=None,
-                 variant: str | None = None, act: str = "silu", live: torch.Tensor | None = None) -> None:
+                 variant: str | None = None, act: str = "silu", live: torch.Tensor | None = None,
+                 dst: torch.Tensor | None = None) -> None:
     """h [P, I] = act(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
     expert format of the blobs `addr` points at (None: dense); `variant`: "old" or "new" kernels (`VARIANT`);
     `act`: the gate's activation (`ACTIVATIONS`); `live` [1] int32 on the device: rows at or past it read no
-    weights and get zeros (a static batch's unused rows; None: every row)."""
+    weights and get zeros (a static batch's unused rows; None: every row); `dst` [P] int64 (dense only): each
+    pair's landing slot address (0: none), where every weight read is also written (None: landing off)."""
     P, inter = h.shape
     kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][0], **(blocks or {}))
@@ -277,8 +332,8 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
     H = x.shape[-1]
     assert kid not in (1, 3) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
-        x, topk, weights, addr, h, route_idx, route_w, _live(live, x.shape[0], x.device), K=topk.shape[-1], H=H,
-        I=inter,
+        x, topk, weights, addr, h, route_idx, route_w, _live(live, x.shape[0], x.device),
+        topk if dst is None else dst, WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,
         BLOCK_I=b["BLOCK_I"], BLOCK_H=_tile(b["BLOCK_H"], g["STEP"], H), FMT=kid,
         S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"], STEP=g["STEP"], NATIVE_F8=not INTERPRETED,
         ACT=activation_id(act), num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
@@ -286,8 +341,8 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
 
 def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor, y: torch.Tensor,
               blocks: dict | None = None, fmt=None, variant: str | None = None,
-              live: torch.Tensor | None = None) -> None:
-    """y [P, H] (float32) = (h @ down^T) * routing weight per pair; `live` as in `gate_up_pass`."""
+              live: torch.Tensor | None = None, dst: torch.Tensor | None = None) -> None:
+    """y [P, H] (float32) = (h @ down^T) * routing weight per pair; `live`, `dst` as in `gate_up_pass`."""
     P, inter = h.shape
     H = y.shape[-1]
     kid = kernel_id(fmt, variant)
@@ -295,7 +350,8 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
     g = _geometry(fmt)
     assert kid not in (1, 3) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
-        h, topk, weights, addr, y, _live(live, topk.shape[0], h.device), K=topk.shape[-1], H=H, I=inter,
+        h, topk, weights, addr, y, _live(live, topk.shape[0], h.device), topk if dst is None else dst,
+        WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,
         BLOCK_O=b["BLOCK_O"], BLOCK_K=_tile(b["BLOCK_K"], g["STEP"], inter),
         FMT=kid, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"], STEP=g["STEP"],
         NATIVE_F8=not INTERPRETED, num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
@@ -305,18 +361,28 @@ def decode_experts_triton(x: torch.Tensor, topk: torch.Tensor, weights: torch.Te
                           route_idx: torch.Tensor, route_w: torch.Tensor, inter: int,
                           gate_up_blocks: dict | None = None, down_blocks: dict | None = None,
                           fmt=None, variant: str | None = None, act: str = "silu",
-                          live: torch.Tensor | None = None) -> torch.Tensor:
+                          live: torch.Tensor | None = None, land: torch.Tensor | None = None,
+                          layer: torch.Tensor | None = None) -> torch.Tensor:
     """The two Triton passes (see the module docstring); x [T, H], addr [E] int64 -> [T, H]. `fmt`: the expert
     format of the blobs (formats.ExpertFormat; None: dense in x's dtype); `act`: the gate's activation; `live`:
-    [1] int32, rows at or past it get zeros without reading a weight (None: every row)."""
+    [1] int32, rows at or past it get zeros without reading a weight (None: every row); `land` [3 + 3C + T*K]
+    int64 (dense only; None or empty: off): the landing state `_land_kernel` reads and updates, then each pair's
+    landing slot; `layer` [1] int64: the MoE layer's position (landing only)."""
     T, K = topk.shape
     H = x.shape[-1]
     x, topk, weights = x.contiguous(), topk.contiguous(), weights.contiguous()
     h = x.new_empty(T * K, inter)
     y = torch.empty(T * K, H, device=x.device, dtype=torch.float32)
     live = _live(live, T, x.device)
-    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant, act, live)
-    down_pass(h, topk, weights, addr, y, down_blocks, fmt, variant, live)
+    dst = None
+    if land is not None and land.numel() and fmt is None:
+        P = T * K
+        C = (land.numel() - 3 - P) // 3
+        dst = land[3 + 3 * C:]
+        _land_kernel[(1,)](topk, addr, live, layer, land, dst, K=K, P=P, BLOCK_P=triton.next_power_of_2(P), C=C,
+                           BLOCK_C=triton.next_power_of_2(C))
+    gate_up_pass(x, topk, weights, addr, h, route_idx, route_w, gate_up_blocks, fmt, variant, act, live, dst)
+    down_pass(h, topk, weights, addr, y, down_blocks, fmt, variant, live, dst)
     return y.view(T, K, H).sum(1).to(x.dtype)
 
 
@@ -332,19 +398,20 @@ def _format(spec: str, hidden: int, inter: int, dtype: torch.dtype):
     return f
 
 
-@torch.library.custom_op("vismmoe::decode_experts", mutates_args=("route_idx", "route_w"))
+@torch.library.custom_op("vismmoe::decode_experts", mutates_args=("route_idx", "route_w", "land"))
 def decode_experts(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: torch.Tensor,
-                   route_idx: torch.Tensor, route_w: torch.Tensor, inter: int, spec: str = "dense",
-                   act: str = "silu", live: torch.Tensor | None = None) -> torch.Tensor:
+                   route_idx: torch.Tensor, route_w: torch.Tensor, live: torch.Tensor, land: torch.Tensor,
+                   layer: torch.Tensor, inter: int, spec: str = "dense", act: str = "silu") -> torch.Tensor:
     """Routed experts of a few tokens read through the address table `addr` (blobs of expert format `spec`,
-    gate activation `act`); records the routing; rows at or past `live` ([1] int32; None: every row) get zeros
-    and read no weights. CUDA only."""
+    gate activation `act`); records the routing; rows at or past `live` ([1] int32) get zeros and read no
+    weights; `land` (empty: off) as in `decode_experts_triton`. CUDA only."""
     fmt = None if spec == "dense" else _format(spec, x.shape[-1], inter, x.dtype)
-    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt, act=act, live=live)
+    return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt, act=act, live=live,
+                                 land=land, layer=layer)
 
 
 @decode_experts.register_fake
-def _(x, topk, weights, addr, route_idx, route_w, inter, spec="dense", act="silu", live=None):
+def _(x, topk, weights, addr, route_idx, route_w, live, land, layer, inter, spec="dense", act="silu"):
     return torch.empty_like(x)
 
 
@@ -379,3 +446,19 @@ def dequantize_triton(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
             blobs, out, NBYTES=fmt.nbytes, OUT_N=3 * I * H, OUT_OFF=o_off, R=R, C=C, Q_OFF=q_off, S_OFF=s_off,
             Z_OFF=z_off, SR=sr, FMT=fmt.kernel, BLOCK_R=BR, BLOCK_C=BC, STEP=g["STEP"], NATIVE_F8=not INTERPRETED)
     return out[:, : 2 * I * H].view(N, 2 * I, H), out[:, 2 * I * H:].view(N, H, I)
+
+
+LAND = 2            # landing candidates of a step, per expert a token routes to (C = LAND * top-k)
+
+
+def landing_plan(idx, missing, layer: int, owners: list[int], taken: list[bool]) -> list[tuple[int, int]]:
+    """The landing slots MoE layer `layer`'s misses take (`_land_kernel`'s rule, on the host): its distinct
+    experts of `idx` (its live pairs' experts) for which `missing(e)` holds, by expert id, take the candidates
+    (in their order) whose expert's layer `owners[c]` is earlier (-1: a free slot) and that no earlier layer
+    `taken`. Marks them taken. Returns [(expert, candidate index)]."""
+    miss = sorted({int(e) for e in idx if missing(int(e))})
+    elig = [c for c, (o, t) in enumerate(zip(owners, taken)) if o < layer and not t]
+    plan = list(zip(miss, elig))
+    for _, c in plan:
+        taken[c] = True
+    return plan
