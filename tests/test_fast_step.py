@@ -257,3 +257,20 @@ def test_decode_misses_land_in_place(family, tiny_dirs, image_file):
             if n:
                 assert gen.stats["bytes_moved"] < ref.stats["bytes_moved"], (family, budget, policy)
     assert landed > 0
+
+
+@pytest.mark.gpu
+def test_gpu_engines_sharing_a_bucket_land_only_in_their_own_slots(tiny_dirs, image_file):
+    """Forks of one model share its captured buckets (landing state included): an engine with landing off and
+    one with it on, taking turns, each keep every slot holding its own expert and the resident tokens."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    base = load(d, device="cuda", dtype="bfloat16", decode="fast")
+    want = base.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    on = base.fork(expert_budget="25%")
+    off = base.fork(expert_budget="25%")
+    off.fast_step().land_slots = 0
+    for _ in range(2):
+        for eng in (on, off):
+            assert eng.generate(image_file, PROMPT, max_new_tokens=NEW).token_ids == want
+            assert _slots_hold_their_experts(on) and _slots_hold_their_experts(off)
+    assert on.fast_step().landed > 0

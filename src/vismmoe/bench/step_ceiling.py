@@ -248,6 +248,8 @@ def main(argv=None):
                     st["step_device_s"] = statistics.median(fs.step_s[-(st["new_tokens"] - 1):])
                     st["host_gap_s"] = statistics.median(fs.gap_s[-(st["new_tokens"] - 2):])
                     st["landed"] = fs.landed            # decode misses landed in place so far (every request)
+                    st["steps_ms"] = [round(s * 1e3, 3) for s in fs.step_s[-(st["new_tokens"] - 1):]]
+                    st["gaps_ms"] = [round(s * 1e3, 3) for s in fs.gap_s[-(st["new_tokens"] - 2):]]
                     if fs.lookahead is not None:     # decode prefetches so far (this engine, every request)
                         st["lookahead"] = {"issued": fs.lookahead.issued, "hits": fs.lookahead.hits,
                                            "wasted": fs.lookahead.wasted, "depth": fs.lookahead.model.depth}

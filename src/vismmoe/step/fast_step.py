@@ -86,6 +86,7 @@ class FastStep:
         self.land_slots = self.sg.land_slots if self.disk is None and getattr(self.cache.policy, "retain", True) \
             else 0
         self.landed = 0                         # misses adopted where the step wrote them (no copy)
+        self._missed = True                     # the last finished step missed (landing is offered after one)
         # lookahead between replays (decode_prefetch.py) where the engine prefetches; --prefetch none: none
         pf = self.runtime.prefetcher
         self.lookahead = DecodeLookahead(self, pf) if pf is not None else None
@@ -122,6 +123,7 @@ class FastStep:
         """Take over a prefilled batch: its KV into a static bucket (graphs.StepGraphs.load; a running batch's
         `state.capacity` rows, so rows joining and leaving keep its captured graph), in `state.kv`."""
         p = prefilled
+        self._missed = True                     # a decode's first steps miss what the prefill did not keep
         state.kv = _FastKV(self.sg.load(p.cache, p.mask, p.deltas, p.first, max_new_tokens, state.capacity))
 
     def step(self, state, teacher_token: int | None) -> list[int]:
@@ -207,14 +209,17 @@ class FastStep:
 
     def _candidates(self, b: Bucket) -> tuple[list[int], list[int]]:
         """The next step's landing candidates (module docstring), written into `b.land`: (slots, the MoE layer
-        position of each one's expert, -1 for a free slot)."""
-        if not self.land_slots:
-            return [], []
+        position of each one's expert, -1 for a free slot). None after a step that missed nothing: finding
+        candidates costs host time (the policy's next victims), and a step after a clean one rarely misses."""
         cache = self.cache
-        slots = cache.victims(self.land_slots, lambda s: s not in self.pending)
-        owners = [-1 if cache.owner[s] is None else self.layer_pos.get(cache.owner[s][0], -1) for s in slots]
-        if self.cuda:
-            nb, pool, C = self.layout.nbytes, cache.pool.data_ptr(), self.land_slots
+        slots, owners = [], []
+        if self.land_slots and self._missed:
+            slots = cache.victims(self.land_slots, lambda s: s not in self.pending)
+            owners = [-1 if cache.owner[s] is None else self.layer_pos.get(cache.owner[s][0], -1) for s in slots]
+        if self.cuda and b.land.numel():
+            # written at every launch, candidates or none: the bucket is shared with this model's other engines,
+            # and a step must never land into another engine's slots
+            nb, pool, C = self.layout.nbytes, cache.pool.data_ptr(), self.sg.land_slots
             h = self.land_host.numpy()
             h[:] = 0
             h[1], h[2] = pool, pool + cache.num_slots * nb              # the pool's bytes: a hit's address
@@ -259,6 +264,7 @@ class FastStep:
             self._adopt(fl)
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
         demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
+        self._missed = bool(miss.any())
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
         return fl
