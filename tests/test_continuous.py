@@ -3,6 +3,9 @@ and leave it when they finish give, row by row, what they give alone (greedy and
 decode, down to the smallest budget); a finished row's place is freed at once; a row whose sampling fails leaves
 and the others go on."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -324,3 +327,51 @@ def test_a_continuous_warm_up_makes_the_running_batch_shapes(tiny_dirs, image_fi
     _staggered(eng, reqs, [0, 1, 1, 2, 4], capacity=3)
     assert _bucket_shapes(eng) == shapes
     assert all(r.error is None for r in reqs)
+
+
+def test_newcomers_wait_to_share_one_prefill(tiny_dirs, image_file, monkeypatch):
+    """`admit_wait_s` (serve --admit-wait-ms): while a row runs, newcomers fewer than the free places wait for
+    each other (the oldest at most that long) and are prefilled together; each still gives its tokens alone; a
+    lone newcomer joins once it waited that long, while the running row goes on."""
+    from vismmoe.serve.scheduler import Scheduler
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="50%")
+    specs = [(None, PROMPTS[0], dict(max_new_tokens=1500, ignore_eos=True)),
+             (image_file, PROMPTS[1], dict(max_new_tokens=3)), (None, PROMPTS[2], dict(max_new_tokens=4)),
+             (image_file, PROMPTS[3], dict(max_new_tokens=2))]
+    alone = _alone(eng, specs[1:])
+    groups = []
+    group, single = RunningBatch.admit_group, RunningBatch.admit
+    monkeypatch.setattr(RunningBatch, "admit_group", lambda rb, rs: groups.append(len(rs)) or group(rb, rs))
+    monkeypatch.setattr(RunningBatch, "admit", lambda rb, r: groups.append(1) or single(rb, r))
+    sched = Scheduler(eng, max_batch=3, admit_wait_s=30.0)
+    got, done_ev = {}, threading.Event()
+
+    def done(req, error):
+        got[id(req)] = error
+        if len(got) == len(reqs):
+            done_ev.set()
+
+    reqs = [_req(s) for s in specs]
+    sched.submit(reqs[0], done)
+    while not reqs[0].token_ids:
+        threading.Event().wait(0.01)
+    sched.submit(reqs[1], done)                         # one of two free places: it waits for a second newcomer
+    threading.Event().wait(0.3)
+    assert not reqs[1].token_ids and reqs[0].token_ids and not reqs[0].finish_reason
+    sched.submit(reqs[2], done)                         # two newcomers for two places: both join, together
+    while not (reqs[1].finish_reason and reqs[2].finish_reason):
+        threading.Event().wait(0.01)
+    assert groups == [1, 2]
+    sched.admit_wait_s = 0.2
+    assert not reqs[0].finish_reason                    # the first row still runs
+    reqs[3] = _req(specs[3])                            # made now: its wait counts from its arrival
+    t0 = time.perf_counter()
+    sched.submit(reqs[3], done)                         # alone: it joins once it waited 0.2 s
+    while not reqs[3].finish_reason:
+        threading.Event().wait(0.01)
+    assert time.perf_counter() - t0 >= 0.2 and groups == [1, 2, 1] and not reqs[0].finish_reason
+    reqs[0].cancel()
+    assert done_ev.wait(timeout=120)
+    sched.close()
+    for a, b in zip(alone, reqs[1:]):
+        assert got[id(b)] is None and (b.token_ids, b.text) == (a.token_ids, a.text)

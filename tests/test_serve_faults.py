@@ -458,8 +458,9 @@ def test_serve_command_refuses_an_empty_key_and_a_busy_port(capsys, monkeypatch)
         assert main(["serve", "--allow-media-networks", "10.0.0.0/33", "--allow-remote-media"]) == 2
         assert main(["serve", "--allow-media-networks", "10.0.0.0/8"]) == 2
         assert main(["serve", "--shutdown-timeout", "nan"]) == 2
+        assert main(["serve", "--admit-wait-ms", "-5"]) == 2
     finally:
         busy.close()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 7 and all(line.startswith("vismmoe: error:") for line in err), err
+    assert len(err) == 8 and all(line.startswith("vismmoe: error:") for line in err), err
     assert "serving" not in "".join(err) and "in use" in err[3]

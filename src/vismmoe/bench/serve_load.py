@@ -110,6 +110,8 @@ def main(argv=None) -> int:
                     help="servers to compare by --batching (e.g. continuous,static), at the largest --max-batches")
     ap.add_argument("--prefill-chunks", default=None, metavar="N,M",
                     help="servers to compare by --prefill-chunk (e.g. 0,64; continuous, at the largest --max-batches)")
+    ap.add_argument("--admit-waits", default="0", metavar="MS,MS",
+                    help="with --batchings: a continuous server per --admit-wait-ms value (e.g. 0,200)")
     ap.add_argument("--mixed-tokens", default=None, metavar="LO,HI",
                     help="requests' max tokens cycle through powers of two from LO to HI (e.g. 8,256)")
     ap.add_argument("--requests", type=int, default=4, help="requests per client per run")
@@ -131,14 +133,16 @@ def main(argv=None) -> int:
     eng = load(args.model, device=args.device, expert_budget=args.expert_budget, decode=args.decode)
     batches = [int(x) for x in args.max_batches.split(",")]
     lengths = _lengths(args.mixed_tokens, args.max_tokens)
-    # servers: (label, max batch, batching, engine)
+    # servers: (label, max batch, batching, engine, admission wait in seconds)
+    waits = [float(w) for w in args.admit_waits.split(",")]
     if args.prefill_chunks:
-        kinds = [(f"chunk {n}", max(batches), "continuous", eng.fork(prefill_chunk=int(n)))
+        kinds = [(f"chunk {n}", max(batches), "continuous", eng.fork(prefill_chunk=int(n)), 0.0)
                  for n in args.prefill_chunks.split(",")]
     elif args.batchings:
-        kinds = [(b, max(batches), b, eng) for b in args.batchings.split(",")]
+        kinds = [(b if b == "static" or waits == [0.0] else f"{b} wait {w:g} ms", max(batches), b, eng, w / 1e3)
+                 for b in args.batchings.split(",") for w in (waits if b == "continuous" else [0.0])]
     else:
-        kinds = [(mb, mb, "continuous", eng) for mb in batches]
+        kinds = [(mb, mb, "continuous", eng, 0.0) for mb in batches]
     clients = [int(x) for x in args.clients.split(",")]
     samples = _images_and_questions(args.model, 8)
     from ..engine.request import GenerationRequest
@@ -147,8 +151,9 @@ def main(argv=None) -> int:
                                                                        ignore_eos=True, max_new_tokens=max(lengths)),
                 static=any(k[2] == "static" for k in kinds), continuous=any(k[2] == "continuous" for k in kinds))
     servers, seen = {}, {}
-    for i, (label, mb, batching, e) in enumerate(kinds):
-        app = create_app(e, ServeOptions(model_name="m", max_batch=mb, max_queue=64, batching=batching))
+    for i, (label, mb, batching, e, wait) in enumerate(kinds):
+        app = create_app(e, ServeOptions(model_name="m", max_batch=mb, max_queue=64, batching=batching,
+                                         admit_wait_s=wait))
         seen[label] = _capture(app.state.scheduler)
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=18700 + i, log_level="error",
                                                 timeout_keep_alive=30))
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
                       "captures": r["captures"], "capture_s": r["capture_s"]})
     meta = {"model": args.model or "bundled vqa-moe", "device": args.device, "expert_budget": args.expert_budget,
             "decode": eng.rc.decode, "max_tokens": lengths, "batchings": args.batchings,
-            "prefill_chunks": args.prefill_chunks, "ignore_eos": args.ignore_eos,
+            "prefill_chunks": args.prefill_chunks, "admit_waits_ms": waits, "ignore_eos": args.ignore_eos,
             "requests_per_client": args.requests, "reps": args.reps,
             "gpu": _gpu_name() if args.device.startswith("cuda") else None}
     with open(os.path.join(args.out, "serve_load.json"), "w") as f:

@@ -65,6 +65,7 @@ class ServeOptions:
     max_batch: int = 8
     max_queue: int = 16
     batching: str = "continuous"            # or "static" (serve/scheduler.py)
+    admit_wait_s: float = 0.0               # continuous: newcomers may wait this long to share a prefill
     max_prompt_chars: int | None = None     # characters of text in a request's messages (None: CHARS_PER_TOKEN x
     #                                         the model's context); checked before anything is tokenized
     max_images: int = 32                    # image parts in one request
@@ -100,6 +101,7 @@ def create_app(engine, opts: ServeOptions) -> FastAPI:
     sched_box: list[Scheduler] = []
     metrics = ServerMetrics(engine, lambda: sched_box[0])
     sched = Scheduler(engine, max_batch=opts.max_batch, max_queue=opts.max_queue, batching=opts.batching,
+                      admit_wait_s=opts.admit_wait_s,
                       on_batch=lambda reqs: metrics.batch_size.observe(len(reqs)), on_start=metrics.started)
     sched_box.append(sched)
     app.state.scheduler, app.state.metrics, app.state.engine = sched, metrics, engine

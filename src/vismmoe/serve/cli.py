@@ -32,6 +32,10 @@ def add_arguments(sv) -> None:
                     help="continuous: a request joins the running rows between decode steps and leaves when it "
                          "ends; static: waiting requests run as one batch to its end (default continuous; "
                          "docs/serving.md)")
+    sv.add_argument("--admit-wait-ms", type=float, default=0.0, metavar="MS",
+                    help="continuous batching: while rows run, fewer newcomers than free places wait up to MS "
+                         "milliseconds for others, so they share one prefill (under an expert budget a prefill is "
+                         "mostly expert copies, shared by the requests prefilled together) (default 0: at once)")
     sv.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="S",
                     help="on SIGTERM/SIGINT, seconds running requests may go on; then they end with finish reason "
                          "'shutdown' (HTTP 503) (default 5)")
@@ -49,6 +53,9 @@ def check_args(args) -> None:
             raise UserError(f"{flag} {v} must be at least 1", "give a positive number")
     if args.max_prompt_chars is not None and args.max_prompt_chars < 1:
         raise UserError(f"--max-prompt-chars {args.max_prompt_chars} must be at least 1", "give a positive number")
+    if not (math.isfinite(args.admit_wait_ms) and 0 <= args.admit_wait_ms <= 60_000):
+        raise UserError(f"--admit-wait-ms {args.admit_wait_ms} is not a wait in milliseconds",
+                        "give 0 to 60000")
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise UserError(f"--shutdown-timeout {args.shutdown_timeout} is not a number of seconds", "give 0 or more")
     parse_size(args.max_body, what="--max-body")
@@ -93,7 +100,7 @@ def options_from(args, engine):
                                          allow_remote=args.allow_remote_media,
                                          allow_networks=_allow_networks(args)),
                         max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
-                        max_prompt_chars=args.max_prompt_chars,
+                        admit_wait_s=args.admit_wait_ms / 1e3, max_prompt_chars=args.max_prompt_chars,
                         max_images=args.max_images, shutdown_timeout_s=args.shutdown_timeout)
 
 

@@ -7,7 +7,9 @@
                          the newcomers share once); with `--prefill-chunk`, ONE newcomer at a time, a long prompt
                          one chunk per decode step, the next taken once it joined; a row that finishes (EOS, stop string, token limit), is cancelled (client
                          gone) or fails (its sampling) leaves at once and its `done` callback is called; its
-                         place is free for the next newcomer (engine/running.py)
+                         place is free for the next newcomer (engine/running.py). With `admit_wait_s` (serve
+                         --admit-wait-ms), while rows run, fewer newcomers than free places wait until the oldest
+                         has waited that long, so more of them share one prefill (`_admit_now`)
     worker, batching "static": takes the oldest request and up to `max_batch - 1` more that are waiting, drops
                          those cancelled while they waited, runs the rest as ONE batch (Engine.generate_requests:
                          prefill together, decode steps together, each row stops on its own) to its end, then
@@ -52,7 +54,7 @@ class ShuttingDown(QueueFull):
 class Scheduler:
     def __init__(self, engine, *, max_batch: int = 1, max_queue: int = 16, batching: str = "continuous",
                  on_batch: Callable[[list[GenerationRequest]], None] | None = None,
-                 on_start: Callable[[GenerationRequest], None] | None = None):
+                 on_start: Callable[[GenerationRequest], None] | None = None, admit_wait_s: float = 0.0):
         if max_batch < 1 or max_queue < 1:
             raise UserError(f"--max-batch {max_batch} / --max-queue {max_queue} must be at least 1",
                             "give positive numbers")
@@ -62,6 +64,7 @@ class Scheduler:
             log.warning("continuous batching cannot run this model (%s): batching statically", blocker(engine))
             batching = "static"
         self.engine, self.max_batch, self.max_queue, self.batching = engine, max_batch, max_queue, batching
+        self.admit_wait_s = admit_wait_s        # continuous: how long newcomers may wait to share one prefill
         self.on_batch = on_batch                # (requests of a static batch, or rows of a continuous step)
         self.on_start = on_start                # a request leaves the queue for the engine (queue time)
         self._waiting: collections.deque = collections.deque()    # (request, done callback)
@@ -174,8 +177,9 @@ class Scheduler:
                 if batch.prefilling is None:
                     # whole prompts join together (one batched prefill); a chunked one alone, piece by piece
                     room = self.max_batch - len(batch) if not self.engine.prefill_chunk else 1
-                    while self._waiting and len(news) < room:
-                        news.append(self._waiting.popleft())
+                    if self._admit_now(batch, room):
+                        while self._waiting and len(news) < room:
+                            news.append(self._waiting.popleft())
                 if self._cancel_reason is not None:
                     for r in batch.requests + [n[0] for n in news]:
                         r.cancel(self._cancel_reason)
@@ -217,6 +221,16 @@ class Scheduler:
                 self.batches += 1
             with self._cv:
                 self._running = batch.requests
+
+    def _admit_now(self, batch: RunningBatch, room: int) -> bool:
+        """Whether the waiting newcomers join now (the lock held). Under an expert budget a prefill is mostly
+        copying the experts its tokens route to, and newcomers prefilled together copy the experts they share
+        once (RunningBatch.admit_group). So while rows run, fewer newcomers than free places wait until the
+        oldest has waited `admit_wait_s`: the running rows keep decoding meanwhile. An idle batch admits at
+        once; so does a full set of newcomers, and one chunked prefill (`--prefill-chunk`)."""
+        if not self.admit_wait_s or not len(batch) or len(self._waiting) >= room or self.engine.prefill_chunk:
+            return True
+        return not self._waiting or time.perf_counter() - self._waiting[0][0].t_submit >= self.admit_wait_s
 
     def _run(self, reqs: list[GenerationRequest]) -> Exception | None:
         """One batch on the engine; the exception that failed it as a whole (None: it ran; rows' own errors are
