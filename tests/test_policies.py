@@ -190,3 +190,33 @@ def test_predictive_admits_a_prefetch_only_over_a_later_needed_victim():
     with pytest.raises(LookupError):
         cache.claim_prefetch((2, 1), set())
     assert cache.resident((1, 1)) and not cache.resident((2, 1))
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "predictive"])
+def test_next_victims_are_the_victims_in_order_and_change_nothing(name):
+    """`next_victims(n, skip)` (the fast step's landing candidates) names the victims `choose_victim` would name
+    one eviction after another, leaving out those `skip` refuses, and leaves the policy as it was: the same
+    victims follow, and evicting them one by one meets them in that order."""
+    import random
+    rng = random.Random(0)
+    kw = dict(moe_layers=[0, 1, 2, 3], num_experts=8) if name == "predictive" else {}
+    p = make_policy(name, **kw)
+    keys = [(layer, e) for layer in range(4) for e in range(8)]
+    for layer in range(4):
+        p.on_layer(layer)
+        for e in range(8):
+            p.on_insert((layer, e))
+    for _ in range(80):
+        k = rng.choice(keys)
+        p.on_layer(k[0])
+        p.on_use(k)
+    skip = lambda k: k[1] == 3                                           # noqa: E731
+    first = p.next_victims(6, skip)
+    assert len(first) == 6 and not any(skip(k) for k in first)
+    assert p.next_victims(6, skip) == first                             # nothing changed
+    got = []
+    while len(got) < 6:
+        v = p.choose_victim({k for k in keys if skip(k)})
+        p.on_evict(v)
+        got.append(v)
+    assert got == first

@@ -83,6 +83,9 @@ class LRUPolicy(_Base):
     def on_evict(self, key: Key) -> None:
         self._order.pop(key, None)
 
+    def next_victims(self, n: int, skip) -> list[Key]:
+        return list(itertools.islice((k for k in self._order if not skip(k)), n))     # oldest first
+
     def choose_victim(self, pinned: Container[Key]) -> Key:
         for key in self._order:          # oldest first; skips at most len(pinned) keys
             if key not in pinned:

@@ -228,13 +228,14 @@ class FastStep:
             b.land[:h.size].copy_(self.land_host, non_blocking=True)     # taken flags [3+2C:3+3C]: 0
         return slots, owners
 
-    def _adopt(self, fl: _InFlight) -> None:
-        """The misses the step wrote into landing candidates become resident there (no copy); the expert each
-        candidate held leaves first (its bytes were overwritten)."""
+    def _adopt(self, fl: _InFlight, miss: np.ndarray) -> None:
+        """The misses (`miss` [moe layers, B*K]) the step wrote into landing candidates become resident there (no
+        copy); the expert each candidate held leaves first (its bytes were overwritten)."""
         cache = self.cache
         slots, owners = fl.land
         taken = [False] * len(slots)
-        for p, layer in enumerate(self.moe_layers):
+        for p in np.flatnonzero(miss.any(1)).tolist():      # a layer without misses takes no candidate
+            layer = self.moe_layers[p]
             for e, c in moe_kernel.landing_plan(fl.idx[p], lambda e: fl.used[p, e] < 0, p, owners, taken):
                 slot = slots[c]
                 if cache.owner[slot] is not None:
@@ -260,9 +261,9 @@ class FastStep:
         fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
         if self.disk is not None:
             self._rerun_disk_misses(b, fl, real)
-        if fl.land[0]:
-            self._adopt(fl)
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
+        if fl.land[0] and miss.any():
+            self._adopt(fl, miss)
         demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
         self._missed = bool(miss.any())
         if self.lookahead is not None:                                              # the next step's guesses
