@@ -209,3 +209,14 @@ def test_validation_refuses_bad_sizes(argv, says, capsys, tmp_path):
     assert main(["--validate", "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_second_validation_of_the_day_keeps_the_first_results(tmp_path):
+    """bench.profiles writes `<profile>-<date>` once, then `-run2`, `-run3`, ... (it overwrote the first)."""
+    from vismmoe.bench.profiles import free_stem
+    stem = str(tmp_path / "cpu-local-2026-12-06")
+    assert free_stem(stem) == stem
+    (tmp_path / "cpu-local-2026-12-06.json").write_text("{}")
+    assert free_stem(stem) == stem + "-run2"
+    (tmp_path / "cpu-local-2026-12-06-run2.profile.json").write_text("{}")
+    assert free_stem(stem) == stem + "-run3"

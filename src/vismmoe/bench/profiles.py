@@ -205,6 +205,16 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, size2: int |
                  "emulated_e2e_warm_s": e_warm["e2e_s"], "emulated_e2e_cold_s": e_cold["e2e_s"]}
 
 
+def free_stem(stem: str) -> str:
+    """`stem`, or `stem-run2`, `-run3`, ... : the first whose result files do not exist yet (a second run of the
+    same day keeps the first one's files)."""
+    n, out = 1, stem
+    while any(os.path.exists(out + ext) for ext in (".json", ".md", ".profile.json")):
+        n += 1
+        out = f"{stem}-run{n}"
+    return out
+
+
 def validate(args) -> dict:
     from .. import load
     from ..profiles import get_profile, save_profile
@@ -214,7 +224,7 @@ def validate(args) -> dict:
     c1, c2 = (args.calibrate_sizes + [None])[:2]
     cal, fit = calibrate(base, profile, c1, args.new_tokens, args.reps, c2)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{cal.name}-{args.date}")
+    stem = free_stem(os.path.join(args.out, f"{cal.name}-{args.date}"))
     save_profile(cal, stem + ".profile.json")
     rows = []
     for budget in args.budgets:
