@@ -293,6 +293,10 @@ def main(argv=None):
                       "bytes_moved": med(name, side, "bytes_moved"),
                       "tokens_equal_resident_fast": tokens[(name, side)] == tokens[("resident-fast", side)]})
     res["rows"] = table
+    # each request's own times (step and gap per token among them): what the medians above hide
+    res["requests"] = {f"{name} {side}px": [{k: v for k, v in st.items() if k in ("ttft_s", "tpot_s", "e2e_s", "misses",
+                                                                            "steps_ms", "gaps_ms", "landed")}
+                                            for st in sts] for (name, side), sts in rows.items()}
     pol = policies[0]
     link = res["link_GBps"] * 1e9
     res["targets"] = {}
