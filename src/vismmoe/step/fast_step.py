@@ -316,10 +316,15 @@ class FastStep:
                 continue
             if uses is None:
                 uses = {(l, int(x)) for q, l in enumerate(self.moe_layers) for x in fl.idx[q]}
+                # slots a claim pinning the whole step may still take: free ones and residents the step did not
+                # use. None left (a cache smaller than the step's experts): such a claim would fail after asking
+                # the policy for every resident, so pin only the miss's own layer at once (the same victim)
+                outside = cache.num_slots - sum(1 for k in cache.slot_of if k in uses)
             slot = None
-            for pinned in (uses, {(layer, int(x)) for x in fl.idx[p]}):
+            for pinned in ((uses,) if outside > 0 else ()) + ({(layer, int(x)) for x in fl.idx[p]},):
                 try:
                     slot = cache.claim(key, pinned, count_miss=False)
+                    outside -= pinned is uses
                     break
                 except LookupError:
                     continue
