@@ -138,10 +138,17 @@ def test_bad_arguments_are_one_line_and_status_2(tmp_path, capsys):
     assert ft.main(["--model", str(tmp_path / "nope")]) == 2
     assert ft.main(["--model", str(tmp_path), "--budgets", "0.25,1.5"]) == 2
     assert ft.main(["--model", str(tmp_path), "--clients", "one"]) == 2
+    assert ft.main(["--model", str(tmp_path), "--budget-s", "0"]) == 2
+    assert ft.main(["--model", str(tmp_path), "--timings", str(tmp_path / "none.json")]) == 2
     assert ft.main(["--model", str(tmp_path), "--systems", "vllm", "--device", "cpu"]) == 2    # no routed experts
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "config.json").write_text(json.dumps(_CFG))
+    assert ft.main(["--model", str(good), "--resume", "--out", str(tmp_path / "empty")]) == 2  # nothing to resume
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(e.startswith("error: ") for e in err)
-    assert "no routed experts" in err[-1]
+    assert len(err) == 7 and all(e.startswith("error: ") for e in err)
+    assert "--budget-s 0" in err[3] and "--timings" in err[4] and "no routed experts" in err[5]
+    assert err[6].startswith("error: --resume: no readable")
 
 
 def test_table_from_a_saved_json_and_its_check(tmp_path, capsys):

@@ -136,8 +136,15 @@ def run_cell(base_url: str, prompts: list[str], clients: int, requests: int, new
         return [one_request(client, prompts[(offset + i * requests + j) % len(prompts)], new_tokens)
                 for j in range(requests)]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    pool = ThreadPoolExecutor(clients)
+    try:
         results = list(pool.map(one, range(clients)))
+    except BaseException:
+        # Ctrl-C / SIGTERM or a failed request: do not wait here for the other clients' requests (the caller stops
+        # the server, which ends them)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return time.perf_counter() - t0, [s for r in results for s in r]
 
 
@@ -242,6 +249,8 @@ def parse_args(argv):
         raise UserError(f"--budget-s {args.budget_s:g}: must be a positive number of seconds", "e.g. --budget-s 540")
     if not os.path.isdir(args.model):
         raise UserError(f"--model {args.model} is not a folder", "give a checkpoint folder")
+    if args.timings is not None and not os.path.isfile(args.timings):
+        raise UserError(f"--timings {args.timings} is not a file", "give the freetoken.json of an earlier run")
     args.freetoken_cmd = shlex.split(args.freetoken_cmd)
     return args
 
