@@ -299,6 +299,7 @@ def test_time_budget_cuts_turns_and_resume_runs_only_what_is_missing(tmp_path, t
     assert ft.main(base + ["--resume"]) == 0
     res, by = rows()
     assert len(started()) == 3 and len(res["runs"]) == 4 and res["turns"][-1]["cells"] == 1
+    assert [e["command"].count("--resume") for e in res["meta"]["earlier"]] == [0, 1]    # what it resumed
     assert by[("freetoken-hybrid", "25%", 2)]["error"] is None
 
     capsys.readouterr()

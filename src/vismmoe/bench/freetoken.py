@@ -62,7 +62,7 @@ from .server_proc import Server, free_port, log_notes, stop_all
 _WORDS = ("river stone light garden window paper silver morning engine harbor forest letter orange valley winter "
           "signal castle bridge market planet thunder candle mirror rocket meadow violin island desert copper "
           "lantern shadow summer anchor feather marble circle".split())
-_KEEP_META = ("layers", "experts", "expert_bytes", "new_tokens", "requests_per_client")
+_KEEP_META = ("device", "layers", "experts", "expert_bytes", "new_tokens", "requests_per_client")   # --resume
 
 
 def vismmoe_has_cpu_experts() -> bool:
@@ -229,6 +229,7 @@ def parse_args(argv):
     ap.add_argument("--plan", action="store_true", help="only print the turns, their estimates and server commands")
     ap.add_argument("--out", default="docs/results/freetoken")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     defaults = (("0.25,1", "2048", "1,8", 2) if args.quick else ("0.25,0.5,0.1,1", "512,2048", "1,4,8", 3))
     for name, value in zip(("budgets", "prompts", "clients", "reps"), defaults):
         if getattr(args, name) is None:
@@ -274,7 +275,7 @@ def _previous(path: str, meta: dict) -> dict:
     differ = [k for k in _KEEP_META if old.get(k) != meta[k]]
     if differ:
         raise UserError(f"--resume: {path} was measured with other settings ({', '.join(differ)})",
-                        "give the same --model, --new-tokens and --requests, or another --out")
+                        "give the same --model, --new-tokens and --requests on the same card, or another --out")
     return prev
 
 
@@ -313,6 +314,7 @@ class _Run:
 
 
 def run(args) -> dict | None:
+    t_start = time.monotonic()                              # --budget-s counts from here
     env = _env()
     geo = Geometry.of(args.model)
     args.cpu_experts_supported = vismmoe_has_cpu_experts()
@@ -321,13 +323,16 @@ def run(args) -> dict | None:
     out_json = os.path.join(args.out, "freetoken.json")
     meta = {"model": os.path.basename(os.path.normpath(args.model)), "model_dir": args.model,
             "device": _device_name(args), "date": datetime.date.today().isoformat(),
-            "command": "python -m vismmoe.bench.freetoken " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "command": "python -m vismmoe.bench.freetoken " + shlex.join(args.argv),
             "layers": geo.layers, "experts": geo.experts, "expert_bytes": geo.expert_bytes, "top_k": geo.top_k,
             "new_tokens": args.new_tokens, "requests_per_client": args.requests, "reps": args.reps,
             "budget_s": args.budget_s, "freetoken_cmd": args.freetoken_cmd,
             "freetoken_version": _freetoken_version(), "freetoken_hybrid_profile": _benchbw_profile(),
             "cpu_experts_option": args.cpu_experts_supported, "systems": [s.name for s in chosen]}
     prev = _previous(out_json, meta) if args.resume else None
+    if prev:                                                # the commands and dates of what it resumes
+        old = prev.get("meta", {})
+        meta["earlier"] = old.get("earlier", []) + [{k: old.get(k) for k in ("date", "command")}]
     timings = Timings.from_file(args.timings or out_json)
     state = _Run(meta, plan, geo, args, prev)
     done = {t.key for t in plan if state.failed(t)
@@ -338,7 +343,6 @@ def run(args) -> dict | None:
     prompts = {p: make_prompts(args.model, p, 4 * max(args.clients) * args.requests) for p in args.prompts}
     logs = tempfile.mkdtemp(prefix="freetoken-bench-")
     print(f"server logs in {logs}", flush=True)
-    t_start = time.monotonic()
 
     def left() -> float | None:
         """Seconds of --budget-s left (None: no budget)."""
