@@ -17,8 +17,8 @@
 # 512 and 2048 tokens, 1/4/8 clients, FreeToken offload and hybrid, vismmoe fetch only and --cpu-experts auto, one
 # repetition (FT_REPS), --budget-s FT_BUDGET_S (default 540): no turn starts that would end later. Results go to
 # FT_RESULTS (default /tmp/ft-results; remove it for a fresh run), which the next `run` resumes (--resume: only
-# what is missing is measured),
-# and are copied to $OUT/freetoken when OUT is set. ARGS go to the bench (e.g. --budgets 0.1 --systems vismmoe).
+# what is missing is measured), and are copied to $OUT/freetoken when OUT is set. ARGS go to the bench (e.g.
+# --budgets 0.1 --systems vismmoe).
 #
 # all: prepare, then run with --budget-s FT_CALL_S (default 540) less the seconds prepare took.
 set -euo pipefail
