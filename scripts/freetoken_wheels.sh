@@ -3,7 +3,8 @@
 # no package index; torch 2.11, triton 3.6 and transformers 5.17 already there), for
 # `python -m vismmoe.bench.freetoken` (docs/freetoken.md).
 #
-#   scripts/freetoken_wheels.sh DIR          # e.g. .whl (git-ignored; carried to the GPU machine with the repo)
+#   scripts/freetoken_wheels.sh DIR          # e.g. .whl-ft (carried to the GPU machine with the repo; there
+#                                            # scripts/freetoken_gpu.sh prepare installs them)
 #
 # What it fetches: freetoken==0.1.2 and its whole dependency closure, plus fastapi<0.119 (FreeToken's pin range
 # allows newer ones, which pull extra packages), openai<3, uvicorn, pydantic, prometheus_client, httpx, httpcore
@@ -16,7 +17,7 @@
 # only flashlib's CuTe DSL kernels, loaded lazily). At the end it prints the size of DIR and the install line to run on the GPU machine.
 set -euo pipefail
 
-[ $# -eq 1 ] || { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -eq 1 ] || { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 dest=$1
 py=${PYTHON:-python3}
 

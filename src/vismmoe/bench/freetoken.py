@@ -1,18 +1,19 @@
 """FreeToken's OpenAI server next to `vismmoe serve` on the same checkpoint, the same expert slots and the same
 prompts, through the official `openai` client (docs/freetoken.md).
 
-    checkpoint dir (a text `qwen3_moe` checkpoint, e.g. `vismmoe make-shape --shape qwen3-30b-a3b --layers 8`)
-      -> geometry from its config.json: layers x experts routed experts of 3 x hidden x moe_intermediate x dtype
-         bytes each
-      -> for each budget B (share of all experts; 1.0 = all resident): S = round(B x layers x experts) slots
-           freetoken-offload  python -m freetoken --moe-backend offload --moe-cache-size S
+    checkpoint dir (a text `qwen3_moe` checkpoint, e.g. `vismmoe make-shape --shape qwen3-30b-a3b --layers 4`)
+      -> the turns (bench/freetoken_plan.py): for each budget B, S = round(B x layers x experts) slots in both
+         systems' one pool of slots
+           freetoken-offload  python -m freetoken --moe-backend offload --moe-cache-size S [+ the flags FreeToken
+                              0.1.2 needs for S: --disable-moe-prefill-overlap below 2 x experts slots; below one
+                              layer's experts it refuses, and the rows say so without starting it]
            freetoken-hybrid   the same with --moe-backend hybrid (misses computed on the CPU or fetched)
-           vismmoe            vismmoe serve --expert-budget S x expert bytes (fetch only: --cpu-experts off where
-                              that option exists)
-           vismmoe-cpu-auto   --cpu-experts auto, only where `vismmoe serve --help` offers it
-      -> repetitions: for each budget, every system in turn, the order rotated each repetition (A B C, B C A, ...);
-         each turn starts the server (free ports, its own process group), warms it (one round of each measured
-         prompt length and client count), measures, and stops it before the next one starts
+           vismmoe            vismmoe serve --expert-budget S x expert bytes (fetch only: --cpu-experts off)
+           vismmoe-cpu-auto   --cpu-experts auto (where `vismmoe serve --help` offers it; not at 100%, where
+                              nothing misses)
+      -> each turn starts the server (free ports, its own process group), and per cell (prompt P, C clients) warms
+         it with one round and measures --requests rounds, then stops it before the next one starts; the order of
+         the systems rotates each repetition
       -> a measured cell: C concurrent clients, each sending --requests streaming chat completions of a prompt of
          about P tokens (different words for every request: no prefix cache helps either side), --new-tokens new
          tokens, temperature 0, ignore_eos (random weights: every answer is exactly that long)
@@ -21,30 +22,29 @@ prompts, through the official `openai` client (docs/freetoken.md).
            e2e      the request's end to end time
            tokens/s completion tokens of all clients / wall time of the cell
          per repetition the median over requests; per row the median over repetitions
-      -> device memory: nvidia-smi's memory.used on GPU 0 sampled while the server lives, minus the figure before
-         it started (one server at a time: its processes and CUDA contexts included); None without nvidia-smi
-      -> freetoken.json (meta, rows, every run; written after every server turn, so a cut-short run keeps what it
-         measured), freetoken.md and freetoken.png (bench/freetoken_report.py)
+      -> device memory: nvidia-smi's memory.used on GPU 0 sampled while the server lives, minus the settled figure
+         before it started; None without nvidia-smi
+      -> freetoken.json (meta, rows, turns, runs; rewritten after every cell, so a run cut short keeps what it
+         measured, and --resume runs only what is missing), freetoken.md and freetoken.png (freetoken_report.py)
 
-A system that cannot run a configuration (FreeToken refuses fewer slots than experts per layer, for instance)
-gets its rows with the error: the last line its stderr printed. Every server is stopped at the end, on an error
-and on Ctrl-C / SIGTERM.
+Time: the plan (printed first; --plan prints only it) gives each turn's estimate from the starts and cells an
+earlier run measured (--timings, default the JSON in --out) or guesses; --budget-s S starts no turn and measures no
+cell that would end after S seconds, and says so in their rows. A server that cannot start gets its rows with the
+reason (bench/server_proc.py: FreeToken's /health error, the exception in its log, or where a start timed out).
+Every server is stopped at the end, on an error and on Ctrl-C / SIGTERM.
 
-    python -m vismmoe.bench.freetoken --model DIR [--device cuda] [--quick] [--out docs/results/freetoken]
+    python -m vismmoe.bench.freetoken --model DIR [--device cuda] [--quick] [--budget-s 540] [--resume] [--plan]
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import datetime
 import json
 import os
-import re
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,190 +52,17 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import UserError
+from .freetoken_plan import MODEL_NAME, Geometry, Timings, Turn, command, plan_text, systems, turns
 from .freetoken_report import markdown, plot
-from .gpu_memory import PeakUsed, settled_used_mib
+from .server_proc import Server, free_port, log_notes, stop_all
 
-MODEL_NAME = "m"
 _WORDS = ("river stone light garden window paper silver morning engine harbor forest letter orange valley winter "
           "signal castle bridge market planet thunder candle mirror rocket meadow violin island desert copper "
           "lantern shadow summer anchor feather marble circle".split())
-
-
-# ---- servers ------------------------------------------------------------------------------------------------
-
-_LIVE: list[subprocess.Popen] = []
-
-
-def free_port(span: int = 2) -> int:
-    """A loopback port p with p .. p+span-1 all free now (FreeToken also listens on its port + 1)."""
-    rng = random.Random()
-    for _ in range(200):
-        p = rng.randrange(20000, 60000)
-        socks = []
-        try:
-            for q in range(p, p + span):
-                s = socket.socket()
-                s.bind(("127.0.0.1", q))
-                socks.append(s)
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free loopback port found")
-
-
-def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM to the server's process group, SIGKILL after `grace` s; waits until it is gone."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-    try:                                    # children left in the group (FreeToken's workers)
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if proc in _LIVE:
-        _LIVE.remove(proc)
-
-
-def stop_all() -> None:
-    for proc in list(_LIVE):
-        stop(proc, grace=5.0)
-
-
-atexit.register(stop_all)
-
-
-def last_line(path: str) -> str:
-    """What a log says went wrong: its last line naming an error (an exception's last line, `ValueError: ...`), else
-    its last non-empty line that is not a warning ("" if none)."""
-    try:
-        with open(path, errors="replace") as f:
-            lines = [ln.strip() for ln in f.read()[-20000:].splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    errors = [ln for ln in lines if re.search(r"(Error|Exception)\b.*:", ln)]
-    if errors:
-        return errors[-1]
-    plain = [ln for ln in lines if "warn" not in ln.lower()]
-    return (plain or lines or [""])[-1]
-
-
-@dataclass
-class Server:
-    """One server process: its command, port, log, and the device memory it held."""
-
-    system: str
-    argv: list[str]
-    port: int
-    log: str
-    env: dict | None = None
-    proc: subprocess.Popen | None = None
-    baseline_mib: float | None = None
-    sampler: PeakUsed | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self, timeout: float) -> str | None:
-        """Start and wait until a one-token chat request answers; None when it serves, else why not (its stderr's last line,
-        or the time it took)."""
-        import httpx
-        self.baseline_mib = settled_used_mib()
-        self.sampler = PeakUsed().__enter__()
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, env=self.env)
-        _LIVE.append(self.proc)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                return f"exited with status {self.proc.returncode}: {last_line(self.log)}"
-            try:
-                # ready = a one-token chat request answers; /v1/models can answer while the weights still load
-                # (FreeToken answers 503 "model is still loading" then)
-                models = httpx.get(self.base_url + "/models", timeout=2)
-                if models.status_code == 200:
-                    name = models.json()["data"][0]["id"]
-                    r = httpx.post(self.base_url + "/chat/completions", timeout=60,
-                                   json={"model": name, "max_tokens": 1,
-                                         "messages": [{"role": "user", "content": "hi"}]})
-                    if r.status_code == 200:
-                        return None
-                    if r.status_code != 503:
-                        return f"a one-token request got HTTP {r.status_code}: {r.text[:200]}"
-            except (httpx.HTTPError, KeyError, IndexError, ValueError):
-                pass
-            time.sleep(0.5)
-        return f"not serving after {timeout:.0f} s: {last_line(self.log)}"
-
-    def stop(self) -> int | None:
-        """Stop it; the device bytes it held at most (None without nvidia-smi)."""
-        if self.proc is not None:
-            stop(self.proc)
-        if self.sampler is not None:
-            self.sampler.__exit__(None, None, None)
-        if self.sampler is None or self.sampler.peak_mib is None or self.baseline_mib is None:
-            return None
-        return int(max(0.0, self.sampler.peak_mib - self.baseline_mib) * 2**20)
-
-    def why_dead(self) -> str | None:
-        if self.proc is not None and self.proc.poll() is not None:
-            return f"exited with status {self.proc.returncode}: {last_line(self.log)}"
-        return None
-
-
-# ---- what runs ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Geometry:
-    layers: int
-    experts: int
-    expert_bytes: int
-
-    @classmethod
-    def of(cls, model_dir: str) -> "Geometry":
-        """From config.json (text_config if there is one); UserError when it is not a routed-expert model."""
-        try:
-            with open(os.path.join(model_dir, "config.json")) as f:
-                cfg = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--model {model_dir}: no readable config.json ({e})", "give a checkpoint folder") from None
-        text = cfg.get("text_config") or cfg
-        try:
-            width = {"float32": 4}.get(text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype")
-                                       or cfg.get("torch_dtype") or "bfloat16", 2)
-            return cls(int(text["num_hidden_layers"]), int(text["num_experts"]),
-                       3 * int(text["hidden_size"]) * int(text["moe_intermediate_size"]) * width)
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"--model {model_dir}: config.json names no routed experts (num_experts, "
-                            "moe_intermediate_size)", "give a qwen3_moe checkpoint, e.g. from `vismmoe make-shape "
-                            "--shape qwen3-30b-a3b`") from None
-
-    def slots(self, frac: float) -> int:
-        return max(1, round(frac * self.layers * self.experts))
-
-
-@dataclass
-class System:
-    name: str
-    kind: str                    # "freetoken" | "vismmoe"
-    backend: str                 # FreeToken's --moe-backend; vismmoe: "fetch" or --cpu-experts's value
+_KEEP_META = ("device", "layers", "experts", "expert_bytes", "new_tokens", "requests_per_client")   # --resume
 
 
 def vismmoe_has_cpu_experts() -> bool:
@@ -244,38 +71,6 @@ def vismmoe_has_cpu_experts() -> bool:
     from ..cli.app import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return "--cpu-experts" in sub.choices["serve"].format_help()
-
-
-def systems(want: list[str], cpu_experts: bool) -> list[System]:
-    every = [System("freetoken-offload", "freetoken", "offload"), System("freetoken-hybrid", "freetoken", "hybrid"),
-             System("vismmoe", "vismmoe", "fetch")]
-    if cpu_experts:
-        every.append(System("vismmoe-cpu-auto", "vismmoe", "auto"))
-    chosen = [s for s in every if not want or s.name in want]
-    unknown = set(want) - {s.name for s in every}
-    if unknown:
-        raise UserError(f"--systems: unknown {sorted(unknown)}", f"choose from {', '.join(s.name for s in every)}")
-    return chosen
-
-
-def command(sysm: System, args, geo: Geometry, frac: float, port: int) -> list[str]:
-    slots = geo.slots(frac)
-    if sysm.kind == "freetoken":
-        kv = max(args.clients) * (max(args.prompts) + args.new_tokens + 256)
-        kv = -(-kv // 256) * 256
-        return [*args.freetoken_cmd, "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", MODEL_NAME, "--moe-backend", sysm.backend, "--moe-cache-size", str(slots),
-                "--max-running-requests", str(max(args.clients)), "--cuda-graph-max-bs", str(max(args.clients)),
-                "--num-tokens", str(kv), "--reasoning-parser", "off", "--sampling-defaults", "none",
-                *shlex.split(args.freetoken_args)]
-    budget = "100%" if frac >= 1.0 else str(slots * geo.expert_bytes)
-    cmd = [sys.executable, "-m", "vismmoe", "serve", "--model", args.model, "--device", args.device,
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", MODEL_NAME,
-           "--max-batch", str(max(args.clients)), "--max-queue", str(4 * max(args.clients)),
-           "--expert-budget", budget]
-    if args.cpu_experts_supported:
-        cmd += ["--cpu-experts", "off" if sysm.backend == "fetch" else sysm.backend]
-    return cmd + shlex.split(args.vismmoe_args)
 
 
 # ---- prompts and clients ------------------------------------------------------------------------------------
@@ -331,67 +126,84 @@ def one_request(client, prompt: str, new_tokens: int) -> Sample:
     return Sample(ttft if ttft is not None else e2e, e2e, tokens, usage.prompt_tokens if usage is not None else None)
 
 
-def run_cell(base_url: str, prompts: list[str], clients: int, requests: int, new_tokens: int, offset: int):
-    """C clients x `requests` requests each; (wall s, [Sample])."""
+def run_cell(base_url: str, prompts: list[str], clients: int, requests: int, new_tokens: int, offset: int,
+             timeout: float = 900.0):
+    """C clients x `requests` requests each, a request failing after `timeout` s; (wall s, [Sample])."""
     from openai import OpenAI
-    client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=900)
+    client = OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=timeout)
 
     def one(i: int) -> list[Sample]:
         return [one_request(client, prompts[(offset + i * requests + j) % len(prompts)], new_tokens)
                 for j in range(requests)]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    pool = ThreadPoolExecutor(clients)
+    try:
         results = list(pool.map(one, range(clients)))
+    except BaseException:
+        # Ctrl-C / SIGTERM or a failed request: do not wait here for the other clients' requests (the caller stops
+        # the server, which ends them)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return time.perf_counter() - t0, [s for r in results for s in r]
 
 
-@dataclass
-class Cell:
-    """What one (system, budget, prompt, clients) measured in each repetition."""
-
-    ttft: list = field(default_factory=list)
-    tpot: list = field(default_factory=list)
-    e2e: list = field(default_factory=list)
-    tps: list = field(default_factory=list)
-    prompt_tokens: list = field(default_factory=list)
-    device_bytes: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-
+# ---- rows ---------------------------------------------------------------------------------------------------
 
 def _med(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
 
-def rows_of(cells: dict, geo: Geometry) -> list[dict]:
-    rows = []
-    for (name, backend, frac, prompt, clients), c in cells.items():
-        rows.append({
-            "system": name, "backend": backend, "budget": "all" if frac >= 1.0 else f"{frac:.0%}",
-            "budget_frac": frac, "slots": geo.slots(frac), "expert_budget_bytes": geo.slots(frac) * geo.expert_bytes,
-            "prompt_target": prompt, "prompt_tokens": round(_med(c.prompt_tokens)) if _med(c.prompt_tokens) else None,
-            "clients": clients, "ttft_s": _med(c.ttft), "tpot_s": _med(c.tpot), "e2e_s": _med(c.e2e),
-            "tokens_per_s": _med(c.tps), "device_bytes": max((b for b in c.device_bytes if b is not None), default=None),
-            "reps": len(c.e2e), "error": c.errors[-1] if c.errors and not c.e2e else None})
+def rows_of(plan: list[Turn], runs: list[dict], turn_log: list[dict], geo: Geometry, args) -> list[dict]:
+    """One row per (budget, system, prompt, clients) of the plan: medians over repetitions of the per-repetition
+    medians over requests, from `runs`; where nothing was measured, the reason (the turn's skip, its failure, or
+    the time budget)."""
+    rows, seen = [], set()
+    for t in plan:
+        if (t.frac, t.system.name) in seen:
+            continue
+        seen.add((t.frac, t.system.name))
+        recs = [r for r in turn_log if r["budget_frac"] == t.frac and r["system"] == t.system.name]
+        dev = max((r["device_bytes"] for r in recs if r.get("device_bytes") is not None), default=None)
+        for p in args.prompts:
+            for c in args.clients:
+                mine = [r for r in runs if (r["system"], r["budget_frac"], r["prompt_target"], r["clients"])
+                        == (t.system.name, t.frac, p, c)]
+                per_rep = [[Sample(**s) for s in r["samples"]] for r in mine]
+                err = None
+                if not mine:
+                    why = [r["error"] for r in recs if r.get("error")]
+                    err = t.skip or (why[-1] if why else "not run")
+                rows.append({
+                    "system": t.system.name, "backend": t.system.backend,
+                    "budget": "all" if t.frac >= 1.0 else f"{t.frac:.0%}", "budget_frac": t.frac,
+                    "slots": t.slots, "slots_per_layer": round(t.slots / geo.layers, 2),
+                    "expert_budget_bytes": t.slots * geo.expert_bytes,
+                    "server_flags": t.flags,
+                    "prompt_target": p,
+                    "prompt_tokens": _round(_med([_med([s.prompt_tokens for s in ss]) for ss in per_rep])),
+                    "clients": c,
+                    "ttft_s": _med([statistics.median(s.ttft_s for s in ss) for ss in per_rep]),
+                    "tpot_s": _med([_med([s.tpot_s for s in ss]) for ss in per_rep]),
+                    "e2e_s": _med([statistics.median(s.e2e_s for s in ss) for ss in per_rep]),
+                    "tokens_per_s": _med([sum(s.tokens for s in ss) / r["wall_s"] for ss, r in zip(per_rep, mine)]),
+                    "device_bytes": dev, "reps": len(mine), "error": err})
     return rows
 
 
+def _round(x):
+    return None if x is None else round(x)
+
+
 # ---- the run ------------------------------------------------------------------------------------------------
-
-def estimate_s(n_turns: int, cells_per_turn: int, args) -> float:
-    """A rough guess, printed before the run: a server start and warm-up ~--start-guess s, a request ~0.5 s of
-    prefill plus 20 ms per new token, each cell twice (warm-up and measurement)."""
-    req = 0.5 + 0.02 * args.new_tokens
-    per_cell = 2 * args.requests * req
-    return n_turns * (args.start_guess + cells_per_turn * per_cell)
-
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m vismmoe.bench.freetoken", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint folder both servers load (a text qwen3_moe model)")
     ap.add_argument("--device", default="cuda", help="vismmoe's --device (default cuda; FreeToken needs CUDA)")
-    ap.add_argument("--budgets", default=None, help="shares of all experts as slots, 1 = all resident "
-                                                    "(default 0.1,0.25,0.5,1)")
+    ap.add_argument("--budgets", default=None, help="shares of all experts as slots, 1 = all resident, run in this "
+                                                    "order (default 0.25,0.5,0.1,1)")
     ap.add_argument("--prompts", default=None, help="prompt lengths in tokens (default 512,2048)")
     ap.add_argument("--clients", default=None, help="concurrent client counts (default 1,4,8)")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -407,11 +219,18 @@ def parse_args(argv):
     ap.add_argument("--freetoken-args", default="", help="more arguments for FreeToken's server")
     ap.add_argument("--vismmoe-args", default="", help="more arguments for vismmoe serve")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to serve")
-    ap.add_argument("--start-guess", type=float, default=60.0, help="seconds a start + warm-up takes, for the estimate")
-    ap.add_argument("--plan", action="store_true", help="only print the turns' server commands and the estimate")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds the whole run may take: no turn starts and no cell is measured that would end "
+                         "later (their rows say so; --resume runs them later). Default: no limit")
+    ap.add_argument("--timings", default=None, help="a JSON of an earlier run whose measured starts and cells the "
+                                                    "estimates use (default: --out's freetoken.json if there is one)")
+    ap.add_argument("--resume", action="store_true", help="keep what --out's freetoken.json measured and run only "
+                                                          "the turns and cells it lacks")
+    ap.add_argument("--plan", action="store_true", help="only print the turns, their estimates and server commands")
     ap.add_argument("--out", default="docs/results/freetoken")
     args = ap.parse_args(argv)
-    defaults = (("0.25,1", "2048", "1,8", 2) if args.quick else ("0.1,0.25,0.5,1", "512,2048", "1,4,8", 3))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = (("0.25,1", "2048", "1,8", 2) if args.quick else ("0.25,0.5,0.1,1", "512,2048", "1,4,8", 3))
     for name, value in zip(("budgets", "prompts", "clients", "reps"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -427,8 +246,12 @@ def parse_args(argv):
     if min(args.prompts) < 32 or min(args.clients) < 1 or args.new_tokens < 2 or args.requests < 1 or args.reps < 1:
         raise UserError("prompts of at least 32 tokens, at least 1 client, 2 new tokens, 1 request and 1 repetition",
                         "give larger values")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise UserError(f"--budget-s {args.budget_s:g}: must be a positive number of seconds", "e.g. --budget-s 540")
     if not os.path.isdir(args.model):
         raise UserError(f"--model {args.model} is not a folder", "give a checkpoint folder")
+    if args.timings is not None and not os.path.isfile(args.timings):
+        raise UserError(f"--timings {args.timings} is not a file", "give the freetoken.json of an earlier run")
     args.freetoken_cmd = shlex.split(args.freetoken_cmd)
     return args
 
@@ -441,97 +264,170 @@ def _env() -> dict:
     return env
 
 
+def _previous(path: str, meta: dict) -> dict:
+    """--resume: the earlier result at `path` (UserError when missing or made with other settings)."""
+    try:
+        with open(path) as f:
+            prev = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: no readable {path} ({e})", "run without --resume first") from None
+    old = prev.get("meta", {})
+    differ = [k for k in _KEEP_META if old.get(k) != meta[k]]
+    if differ:
+        raise UserError(f"--resume: {path} was measured with other settings ({', '.join(differ)})",
+                        "give the same --model, --new-tokens and --requests on the same card, or another --out")
+    return prev
+
+
+class _Run:
+    """The result being built: meta, the turns' log, the measured cells; written (atomically) after every cell."""
+
+    def __init__(self, meta: dict, plan: list[Turn], geo: Geometry, args, prev: dict | None):
+        self.meta, self.plan, self.geo, self.args = meta, plan, geo, args
+        self.turn_log: list[dict] = list(prev.get("turns", [])) if prev else []
+        self.runs: list[dict] = list(prev.get("runs", [])) if prev else []
+
+    def done_cells(self, t: Turn) -> set:
+        return {(r["prompt_target"], r["clients"]) for r in self.runs
+                if (r["rep"], r["budget_frac"], r["system"]) == t.key}
+
+    def failed(self, t: Turn) -> bool:
+        return any(r["status"] == "failed" and (r["rep"], r["budget_frac"], r["system"]) == t.key
+                   for r in self.turn_log)
+
+    def result(self) -> dict:
+        return {"meta": self.meta, "rows": rows_of(self.plan, self.runs, self.turn_log, self.geo, self.args),
+                "turns": self.turn_log, "runs": self.runs}
+
+    def write(self, with_plot: bool = False) -> dict:
+        res = self.result()
+        out = self.args.out
+        os.makedirs(out, exist_ok=True)
+        for name, text in (("freetoken.json", json.dumps(res, indent=1)), ("freetoken.md", markdown(res))):
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(out, name))
+        if with_plot and any(r["tpot_s"] is not None for r in res["rows"]):
+            plot(res, os.path.join(out, "freetoken.png"))
+        return res
+
+
 def run(args) -> dict | None:
+    t_start = time.monotonic()                              # --budget-s counts from here
     env = _env()
     geo = Geometry.of(args.model)
     args.cpu_experts_supported = vismmoe_has_cpu_experts()
     chosen = systems([s for s in args.systems.split(",") if s], args.cpu_experts_supported)
-    cells_per_turn = len(args.prompts) * len(args.clients)
-    turns = [(rep, frac, sysm) for rep in range(args.reps) for frac in args.budgets
-             for sysm in chosen[rep % len(chosen):] + chosen[:rep % len(chosen)]]
-    est = estimate_s(len(turns), cells_per_turn, args)
-    print(f"{len(turns)} server turns ({len(chosen)} systems x {len(args.budgets)} budgets x {args.reps} reps), "
-          f"{cells_per_turn} cells each; estimate about {est / 60:.0f} min", flush=True)
+    plan = turns(args, chosen, geo)
+    out_json = os.path.join(args.out, "freetoken.json")
+    meta = {"model": os.path.basename(os.path.normpath(args.model)), "model_dir": args.model,
+            "device": _device_name(args), "date": datetime.date.today().isoformat(),
+            "command": "python -m vismmoe.bench.freetoken " + shlex.join(args.argv),
+            "layers": geo.layers, "experts": geo.experts, "expert_bytes": geo.expert_bytes, "top_k": geo.top_k,
+            "new_tokens": args.new_tokens, "requests_per_client": args.requests, "reps": args.reps,
+            "budget_s": args.budget_s, "freetoken_cmd": args.freetoken_cmd,
+            "freetoken_version": _freetoken_version(), "freetoken_hybrid_profile": _benchbw_profile(),
+            "cpu_experts_option": args.cpu_experts_supported, "systems": [s.name for s in chosen]}
+    prev = _previous(out_json, meta) if args.resume else None
+    if prev:                                                # the commands and dates of what it resumes
+        old = prev.get("meta", {})
+        meta["earlier"] = old.get("earlier", []) + [{k: old.get(k) for k in ("date", "command")}]
+    timings = Timings.from_file(args.timings or out_json)
+    state = _Run(meta, plan, geo, args, prev)
+    done = {t.key for t in plan if state.failed(t)
+            or state.done_cells(t) >= {(p, c) for p in args.prompts for c in args.clients}}
+    print(plan_text(plan, args, geo, timings, done), flush=True)
     if args.plan:
-        for frac in args.budgets:
-            for sysm in chosen:
-                print(f"{frac:.0%} {sysm.name}: {shlex.join(command(sysm, args, geo, frac, 0))}")
         return None
     prompts = {p: make_prompts(args.model, p, 4 * max(args.clients) * args.requests) for p in args.prompts}
-    os.makedirs(args.out, exist_ok=True)
     logs = tempfile.mkdtemp(prefix="freetoken-bench-")
     print(f"server logs in {logs}", flush=True)
-    date = datetime.date.today().isoformat()
-    meta = {"model": os.path.basename(os.path.normpath(args.model)), "model_dir": args.model, "device": _device_name(args),
-            "date": date, "command": "python -m vismmoe.bench.freetoken " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-            "layers": geo.layers, "experts": geo.experts, "expert_bytes": geo.expert_bytes,
-            "new_tokens": args.new_tokens, "requests_per_client": args.requests, "reps": args.reps,
-            "freetoken_cmd": args.freetoken_cmd, "freetoken_version": _freetoken_version(env),
-            "cpu_experts_option": args.cpu_experts_supported,
-            "systems": [s.name for s in chosen]}
-    cells: dict = {}
-    runs: list = []
-    t_start = time.monotonic()
-    for i, (rep, frac, sysm) in enumerate(turns):
-        port = free_port(2)
-        srv = Server(sysm.name, command(sysm, args, geo, frac, port), port,
-                     os.path.join(logs, f"{sysm.name}-{frac:g}-rep{rep}.log"), env)
-        label = f"[{i + 1}/{len(turns)}] rep {rep + 1}, {frac:.0%} slots ({geo.slots(frac)}), {sysm.name}"
-        print(f"{label}: starting", flush=True)
-        keys = [(sysm.name, sysm.backend, frac, p, c) for p in args.prompts for c in args.clients]
-        for k in keys:
-            cells.setdefault(k, Cell())
+
+    def left() -> float | None:
+        """Seconds of --budget-s left (None: no budget)."""
+        return None if args.budget_s is None else args.budget_s - (time.monotonic() - t_start)
+    todo = [t for t in plan if not t.skip and t.key not in done]
+    state.write()
+    for i, t in enumerate(todo):
+        label = f"[{i + 1}/{len(todo)}] {t.label()}"
+        cells = [(p, c) for p in args.prompts for c in args.clients if (p, c) not in state.done_cells(t)]
+        need = (timings.start_s(t.system.kind) + timings.stop_s()
+                + sum(timings.cell_s(t.system.name, p, c, args.requests + 1, args.new_tokens) for p, c in cells))
+        if left() is not None and need > left():
+            why = (f"not run: --budget-s {args.budget_s:.0f} ran out (about {max(0.0, left()):.0f} s left, this "
+                   f"turn needs about {need:.0f} s); run again with --resume")
+            state.turn_log.append(_record(t, "cut", why))
+            print(f"{label}: {why}", flush=True)
+            state.write()
+            continue
+        _turn(t, label, cells, args, geo, env, prompts, logs, state, timings, left)
+        done_s = time.monotonic() - t_start
+        rest = sum(timings.turn_s(u, args) for u in todo[i + 1:])
+        print(f"{label}: done; {done_s / 60:.1f} min so far, about {rest / 60:.1f} min left", flush=True)
+    return state.write(with_plot=True)
+
+
+def _record(t: Turn, status: str, error: str | None = None, **kw) -> dict:
+    return {"rep": t.rep, "budget_frac": t.frac, "system": t.system.name, "kind": t.system.kind, "slots": t.slots,
+            "flags": t.flags, "status": status, "error": error, **kw}
+
+
+def _turn(t: Turn, label: str, cells: list, args, geo, env, prompts, logs, state: _Run, timings: Timings, left):
+    """Start the turn's server, warm and measure each missing cell (while the time budget lasts), stop it; its
+    record goes to the turns' log, its cells to the runs."""
+    port = free_port(2)
+    srv = Server(t.system.name, command(t, args, geo, port), port,
+                 os.path.join(logs, f"{t.system.name}-{t.frac:g}-rep{t.rep}.log"), env)
+    print(f"{label}: starting", flush=True)
+    why, status, measured = None, "interrupted", 0
+    limit, by_budget = args.start_timeout, False
+    if left() is not None and left() - timings.stop_s() < limit:          # a start may not outlast --budget-s
+        limit, by_budget = max(1.0, left() - timings.stop_s()), True
+    try:
+        why = srv.start(limit)
+        if why is None:
+            print(f"{label}: serving after {srv.start_s:.0f} s", flush=True)
+            for p, c in cells:
+                est = timings.cell_s(t.system.name, p, c, args.requests + 1, args.new_tokens) + timings.stop_s()
+                if left() is not None and est > left():
+                    why = (f"not measured: --budget-s {args.budget_s:.0f} ran out in this server's turn; run again "
+                           "with --resume")
+                    break
+                wait = 900.0 if left() is None else max(30.0, left())
+                run_cell(srv.base_url, prompts[p], c, 1, args.new_tokens, offset=len(prompts[p]) // 2,   # warm-up
+                         timeout=wait)
+                wall, samples = run_cell(srv.base_url, prompts[p], c, args.requests, args.new_tokens,
+                                         offset=(t.rep * 7) % len(prompts[p]), timeout=wait)
+                state.runs.append({"system": t.system.name, "budget_frac": t.frac, "prompt_target": p, "clients": c,
+                                   "rep": t.rep, "wall_s": wall, "samples": [s.__dict__ for s in samples]})
+                timings.rounds.setdefault((t.system.name, p, c), []).append(wall / args.requests)
+                measured += 1
+                state.write()
+                tp = _med([s.tpot_s for s in samples])
+                print(f"{label}: prompt {p}, {c} clients: TTFT {statistics.median(s.ttft_s for s in samples) * 1e3:.0f}"
+                      f" ms, {'-' if tp is None else f'{tp * 1e3:.1f}'} ms/token, "
+                      f"{sum(s.tokens for s in samples) / wall:.1f} tokens/s", flush=True)
+            status = "partial" if why else "done"
+        elif by_budget and why.startswith("not serving after"):
+            status, why = "cut", f"not run: --budget-s {args.budget_s:.0f} ran out while it started ({why})"
+        else:
+            status = "failed"
+    except Exception as e:       # a request failed: the rows say why, the run goes on
+        why, status = srv.why_dead() or f"{type(e).__name__}: {e}".splitlines()[0][:300], "failed"
+    finally:
         t0 = time.monotonic()
-        why = srv.start(args.start_timeout)
-        try:
-            if why is None:
-                print(f"{label}: serving after {time.monotonic() - t0:.0f} s; warming up", flush=True)
-                for p in args.prompts:
-                    for c in args.clients:
-                        run_cell(srv.base_url, prompts[p], c, 1, args.new_tokens, offset=len(prompts[p]) // 2)
-                for k in keys:
-                    _, _, _, p, c = k
-                    wall, samples = run_cell(srv.base_url, prompts[p], c, args.requests, args.new_tokens,
-                                             offset=(rep * 7) % len(prompts[p]))
-                    cell = cells[k]
-                    cell.ttft.append(statistics.median(s.ttft_s for s in samples))
-                    cell.tpot.append(_med([s.tpot_s for s in samples]))
-                    cell.e2e.append(statistics.median(s.e2e_s for s in samples))
-                    cell.tps.append(sum(s.tokens for s in samples) / wall)
-                    cell.prompt_tokens.append(_med([s.prompt_tokens for s in samples]))
-                    runs.append({"system": sysm.name, "budget_frac": frac, "prompt_target": p, "clients": c,
-                                 "rep": rep, "wall_s": wall, "samples": [s.__dict__ for s in samples]})
-                    tp = cell.tpot[-1]
-                    print(f"{label}: prompt {p}, {c} clients: TTFT {cell.ttft[-1] * 1e3:.0f} ms, "
-                          f"{'-' if tp is None else f'{tp * 1e3:.1f}'} ms/token, {cell.tps[-1]:.1f} tokens/s",
-                          flush=True)
-        except Exception as e:       # a request failed: the row says why, the run goes on
-            why = srv.why_dead() or f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        finally:
-            dev = srv.stop()
-        for k in keys:
-            cells[k].device_bytes.append(dev)
-            if why is not None:
-                cells[k].errors.append(why)
-        if why is not None:
-            print(f"{label}: FAILED: {why}", flush=True)
-        result = {"meta": meta, "rows": rows_of(cells, geo), "runs": runs}
-        write(result, args.out)
-        done = time.monotonic() - t_start
-        print(f"{label}: done; {done / 60:.1f} min so far, about {done / (i + 1) * (len(turns) - i - 1) / 60:.1f} "
-              "min left", flush=True)
-    result = {"meta": meta, "rows": rows_of(cells, geo), "runs": runs}
-    write(result, args.out, with_plot=True)
-    return result
-
-
-def write(result: dict, out: str, with_plot: bool = False) -> None:
-    with open(os.path.join(out, "freetoken.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, "freetoken.md"), "w") as f:
-        f.write(markdown(result))
-    if with_plot:
-        plot(result, os.path.join(out, "freetoken.png"))
+        dev = srv.stop()
+        stop_s = time.monotonic() - t0
+        notes = log_notes(srv.log)
+        state.turn_log.append(_record(t, status, why, start_s=srv.start_s, stop_s=stop_s, cells=measured,
+                                      device_bytes=dev, notes=notes))
+        state.write()
+    if srv.start_s is not None:
+        timings.starts.setdefault(t.system.kind, []).append(srv.start_s)
+    timings.stops.append(stop_s)
+    if status in ("failed", "cut"):
+        print(f"{label}: {'FAILED' if status == 'failed' else 'CUT'}: {why}", flush=True)
 
 
 def _device_name(args) -> str:
@@ -545,12 +441,20 @@ def _device_name(args) -> str:
         return "CUDA"
 
 
-def _freetoken_version(env) -> str | None:
+def _freetoken_version() -> str | None:
     try:
         from importlib.metadata import version
         return version("freetoken")
     except Exception:
         return None
+
+
+def _benchbw_profile() -> str | None:
+    """FreeToken's `ft bench bw` profile, which its hybrid backend's fetch share comes from (without one it fetches
+    one miss per layer and step and computes the rest on the CPU): the file, or None."""
+    path = os.environ.get("FREETOKEN_BENCHBW_PATH") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "freetoken", "benchbw.json")
+    return path if os.path.exists(path) else None
 
 
 def _sigterm(signum, frame):
@@ -570,8 +474,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: servers stopped; what was measured is in " + os.path.join(args.out, "freetoken.json"),
-              file=sys.stderr)
+        print("interrupted: servers stopped; what was measured is in " + os.path.join(args.out, "freetoken.json") +
+              " (--resume runs the rest)", file=sys.stderr)
         return 130
     finally:
         stop_all()

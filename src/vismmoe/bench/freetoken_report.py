@@ -2,8 +2,8 @@
 only, so that they cannot drift from what was measured.
 
 Knows the row fields the side-by-side run writes (system, backend, budget, slots, expert_budget_bytes,
-prompt_tokens, clients, ttft_s, tpot_s, e2e_s, tokens_per_s, device_bytes, error) and nothing about how they were
-measured. `python -m vismmoe.bench.freetoken_report RESULT.json [--check]` rewrites the markdown file beside the
+server_flags, prompt_tokens, clients, ttft_s, tpot_s, e2e_s, tokens_per_s, device_bytes, error) and nothing about
+how they were measured; the note column is a row's error, else the flags its server needed for its slots. `python -m vismmoe.bench.freetoken_report RESULT.json [--check]` rewrites the markdown file beside the
 JSON (`--check`: only says whether it is stale, exit status 1 if so).
 """
 
@@ -49,7 +49,8 @@ def markdown(res: dict) -> str:
         mib = "" if r.get("device_bytes") is None else f"{r['device_bytes'] / 2**20:.0f}"
         tps = "" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"
         prompt = r.get("prompt_tokens") or r["prompt_target"]
-        note = (r.get("error") or "").replace("|", "/").replace("\n", " ")
+        note = r.get("error") or (f"with {' '.join(r['server_flags'])}" if r.get("server_flags") else "")
+        note = note.replace("|", "/").replace("\n", " ")
         out.append(f"| {r['budget']} | {r['slots']} | {prompt} | {r['clients']} | {system} | {_ms(r.get('ttft_s'))} "
                    f"| {tpot} | {_ms(r.get('e2e_s'))} | {tps} | {mib} | {note} |")
     return "\n".join(out) + "\n"
