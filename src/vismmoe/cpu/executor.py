@@ -103,9 +103,11 @@ class CpuExecutor:
         fmt = self.layout
         qgu, qdn, sg, su, sd = fmt._parts(blob[None])
         I, H, B = fmt.inter, fmt.hidden, fmt.block
-        if I % B or H % B:
-            gu, dn = fmt.dequantize(blob[None])
-            return gu[0].float(), dn[0].float()
+        if I % B or H % B:                              # partial blocks: the format's reference, in float32
+            from ..formats.fp8 import block_dequantize  # (in its compute dtype it would round bf16 weights)
+            gu = torch.cat([block_dequantize(qgu[:, :I], sg, B, torch.float32),
+                            block_dequantize(qgu[:, I:], su, B, torch.float32)], dim=1)
+            return gu[0], block_dequantize(qdn, sd, B, torch.float32)[0]
 
         def deq(q, s):                                  # q [R, C] e4m3, s [R/B, C/B] -> [R, C] float32
             R, C = q.shape

@@ -137,10 +137,10 @@ def _processor() -> str:
     return "\n".join(keep) or f"{platform.machine()} {platform.processor()}"
 
 
-def build_key(source: bytes, cc: str) -> str:
+def build_key(source: bytes, cc: str, flag_sets=FLAG_SETS) -> str:
     """The library's key: source, compiler and its version, flag sets, processor."""
     h = hashlib.sha256(source)
-    for part in (cc, _compiler_version(cc), repr((BASE_FLAGS, FLAG_SETS)), _processor()):
+    for part in (cc, _compiler_version(cc), repr((BASE_FLAGS, flag_sets)), _processor()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
@@ -162,10 +162,11 @@ def _cache_folder() -> str:
         return tempfile.mkdtemp(prefix="vismmoe-native-")
 
 
-def build(source: str = SOURCE, folder: str | None = None, cc: str | None = None) -> str:
+def build(source: str = SOURCE, folder: str | None = None, cc: str | None = None,
+          flag_sets: tuple[tuple[str, ...], ...] = FLAG_SETS) -> str:
     """The built library for `source` in `folder` (the cache's `native/` by default): the existing file of this
-    key, or compiled now. RuntimeError (with the compiler's last line) when no compiler is found or every flag set
-    fails."""
+    key, or compiled now with the first of `flag_sets` the compiler takes. RuntimeError (with the compiler's last
+    line) when no compiler is found or every flag set fails."""
     cc = cc or compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
@@ -173,11 +174,11 @@ def build(source: str = SOURCE, folder: str | None = None, cc: str | None = None
         src = f.read()
     folder = folder or _cache_folder()
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"experts-{build_key(src, cc)}.so")
+    path = os.path.join(folder, f"experts-{build_key(src, cc, flag_sets)}.so")
     if os.path.isfile(path):
         return path
     last = ""
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".experts-", suffix=".so")
         os.close(fd)
         try:
