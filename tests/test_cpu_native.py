@@ -360,3 +360,42 @@ def test_hybrid_engine_computes_with_the_kernel(tiny_dirs, image_file, tmp_path,
     assert eng.runtime.cpu.executor.kernel_key.startswith("native-")
     got = eng.generate(image_file, "What is in the picture?", max_new_tokens=6)
     assert got.token_ids == ref.token_ids and got.stats["cpu_computed"] > 0 and len(calls) > 0
+
+
+# ---- the benches -----------------------------------------------------------------------------------------------
+@needs_cc
+def test_bench_cpu_kernels_writes_its_rows(tmp_path, capsys):
+    from vismmoe.bench import cpu_kernels
+    out = tmp_path / "out"
+    assert cpu_kernels.main(["--out", str(out), "--shapes", "tiny-qwen3", "--formats", "dense,fp8@bfloat16",
+                             "--tokens", "1,3", "--reps", "1", "--budget-mib", "1"]) == 0
+    res = json.loads((out / "cpu_kernels.json").read_text())
+    assert [(r["format"], r["tokens"]) for r in res["rows"]] == [("dense", 1), ("dense", 3), ("fp8@bfloat16", 1),
+                                                                 ("fp8@bfloat16", 3)]
+    for r in res["rows"]:
+        assert r["torch_ms"] > 0 and r["native_ms"] > 0 and r["max_rel_diff"] < 1e-5 and r["experts"] >= 2
+    assert res["machine"]["native"]["source"] == native.source_hash()
+    assert "| tiny-qwen3" in (out / "cpu_kernels.md").read_text()
+
+
+@pytest.mark.parametrize("argv,says", [(["--tokens", "0"], "--tokens"), (["--tokens", "a"], "--tokens"),
+                                       (["--formats", "dense@int8"], "int8"), (["--shapes", "nope"], "nope"),
+                                       (["--reps", "0"], "--reps")])
+def test_bench_cpu_kernels_refuses_bad_input(argv, says, tmp_path, capsys, monkeypatch):
+    from vismmoe.bench import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "measure", lambda *a, **k: pytest.fail("measured"))
+    assert cpu_kernels.main(["--out", str(tmp_path / "o"), "--shapes", "tiny-qwen3", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@needs_cc
+def test_bench_decode_cpu_runs_each_kernel(tmp_path, monkeypatch):
+    from vismmoe.bench import decode_cpu
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    res = decode_cpu.main(["--systems", "eager+cpu-torch,eager+cpu-native", "--limit", "1", "--reps", "1",
+                           "--new-tokens", "2", "--out", str(tmp_path / "r.json")])
+    assert res["cpu_kernels"]["eager+cpu-torch"] == "torch"
+    assert res["cpu_kernels"]["eager+cpu-native"].startswith("native-")
+    assert set(res["tpot_ms"]) == {"eager+cpu-torch", "eager+cpu-native"}
