@@ -399,3 +399,20 @@ def test_bench_decode_cpu_runs_each_kernel(tmp_path, monkeypatch):
     assert res["cpu_kernels"]["eager+cpu-torch"] == "torch"
     assert res["cpu_kernels"]["eager+cpu-native"].startswith("native-")
     assert set(res["tpot_ms"]) == {"eager+cpu-torch", "eager+cpu-native"}
+
+
+@needs_cc
+def test_the_kernel_refuses_arguments_that_do_not_fit():
+    """The C code trusts its pointers, so the wrapper checks them: a short blob, a short scratch, a wrong dtype or
+    shape is a ValueError, never a read or write past a buffer."""
+    fmt, blobs = _blobs("fp8", 128, 64, torch.float32)
+    ex = CpuExecutor(fmt, kernel="native")
+    lay, lib = ex._params, ex.native
+    x, w, y = torch.randn(2, 128), torch.rand(2), torch.empty(2, 128)
+    sc = torch.empty(lib.scratch(lay, 2))
+    lib.expert(lay, blobs[0], x, w, 0, sc, y, 1)
+    for bad in [dict(blob=blobs[0][:-512]), dict(scratch=sc[:-1]), dict(x=x.double()), dict(y=torch.empty(3, 128)),
+                dict(w=torch.rand(3)), dict(x=torch.randn(128, 2).T)]:
+        args = dict(blob=blobs[0], x=x, w=w, scratch=sc, y=y) | bad
+        with pytest.raises(ValueError):
+            lib.expert(lay, args["blob"], args["x"], args["w"], 0, args["scratch"], args["y"], 1)

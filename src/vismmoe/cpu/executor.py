@@ -41,6 +41,9 @@ from ..errors import UserError
 from . import native
 
 KERNELS = ("torch", "native", "auto")       # VISMMOE_CPU_KERNEL values
+# the native kernel's threads: one per this many multiply-adds of the call (3 H I t), at most torch's thread count;
+# a smaller expert on more threads spends more on the team's fork and barriers than it saves (docs/cpu-experts.md)
+WORK_PER_THREAD = 1 << 18
 # auto: the native kernel up to this many tokens per expert, torch's sgemm beyond (measured on the 2-core
 # machine, docs/cpu-experts.md: the native kernel is a GEMV that reads each row once per 4 tokens)
 AUTO_MAX_TOKENS = 16
@@ -156,7 +159,8 @@ class CpuExecutor:
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need)
         y = torch.empty(t, H)
-        self.native.expert(self._params, blob, xs, ws, act, self._scratch, y, torch.get_num_threads())
+        threads = min(torch.get_num_threads(), max(1, 3 * H * self.layout.inter * t // WORK_PER_THREAD))
+        self.native.expert(self._params, blob, xs, ws, act, self._scratch, y, threads)
         return y
 
     def pairs(self, blobs, hidden: torch.Tensor, idx: np.ndarray, weights: torch.Tensor,

@@ -56,7 +56,15 @@ class VmLayout(ctypes.Structure):
 
 
 def params(layout) -> VmLayout | None:
-    """`layout` (a formats.ExpertFormat) as the kernel reads it, or None when the kernel does not compute it."""
+    """`layout` (a formats.ExpertFormat) as the kernel reads it, or None when the kernel does not compute it. Its
+    `nbytes` (a Python attribute) is the blob's size, checked before each call."""
+    lay = _params(layout)
+    if lay is not None:
+        lay.nbytes = layout.nbytes
+    return lay
+
+
+def _params(layout) -> VmLayout | None:
     H, I = layout.hidden, layout.inter
     name = getattr(layout, "name", None)
     if name == "dense":
@@ -220,17 +228,19 @@ class Native:
 
     def expert(self, lay: VmLayout, blob: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, act: int,
                scratch: torch.Tensor, y: torch.Tensor, threads: int) -> None:
-        """One expert: `blob` (contiguous, on the host, the layout's bytes), `x [t, H]` float32 contiguous, `w
-        [t]` float32 or None, `scratch` of at least `scratch(lay, t)` float32, `y [t, H]` float32 written.
-        RuntimeError when the kernel refuses its arguments."""
+        """One expert: `blob` (contiguous, on the host, at least the layout's bytes), `x [t, H]` float32
+        contiguous, `w [t]` float32 or None, `scratch` of at least `scratch(lay, t)` float32, `y [t, H]` float32
+        written. ValueError for arguments that do not fit (checked here: the kernel trusts its pointers),
+        RuntimeError when the kernel refuses them."""
         t, H = x.shape[0], lay.hidden
         f32 = torch.float32
         if not (x.dtype == y.dtype == scratch.dtype == f32 and x.shape == y.shape == (t, H) and x.is_contiguous()
                 and y.is_contiguous() and scratch.is_contiguous() and scratch.numel() >= self.scratch(lay, t)
                 and (w is None or (w.dtype == f32 and w.shape == (t,) and w.is_contiguous()))
-                and blob.is_contiguous() and blob.device.type == "cpu"):
+                and blob.is_contiguous() and blob.device.type == "cpu"
+                and blob.numel() * blob.element_size() >= lay.nbytes):
             raise ValueError("native expert kernel: x and y must be [t, H] float32 contiguous, w [t] float32, "
-                             "scratch large enough, blob contiguous on the host")
+                             "scratch large enough, the blob whole, contiguous, on the host")
         rc = self.lib.vm_expert(ctypes.byref(lay), blob.data_ptr(), x.data_ptr(), t,
                                 None if w is None else w.data_ptr(), act, scratch.data_ptr(), y.data_ptr(), threads)
         if rc != 0:
