@@ -416,3 +416,13 @@ def test_the_kernel_refuses_arguments_that_do_not_fit():
         args = dict(blob=blobs[0], x=x, w=w, scratch=sc, y=y) | bad
         with pytest.raises(ValueError):
             lib.expert(lay, args["blob"], args["x"], args["w"], 0, args["scratch"], args["y"], 1)
+
+
+@needs_cc
+def test_a_damaged_library_is_built_again(tmp_path, monkeypatch, fresh_native):
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    path = native.build()
+    with open(path, "wb") as f:
+        f.write(b"not a library")
+    lib = native.kernel()
+    assert lib is not None and lib.path == path and lib.lib.vm_info() >= 0

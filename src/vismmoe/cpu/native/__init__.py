@@ -261,7 +261,12 @@ def kernel() -> Native | None:
     with _lock:
         if "native" not in _state:
             try:
-                _state["native"] = load(build())
+                path = build()
+                try:
+                    _state["native"] = load(path)
+                except OSError:             # a damaged file of this key (a full disk, say): built again, once
+                    os.remove(path)
+                    _state["native"] = load(build())
             except (RuntimeError, OSError) as e:
                 _state["native"], _state["why"] = None, str(e)
                 log.warning("vismmoe: native CPU expert kernel unavailable (%s); CPU experts use torch "
