@@ -60,7 +60,7 @@ def _layout(item: str, H: int, I: int):
 
 
 def _blobs(layout, budget: int) -> torch.Tensor:
-    n = max(2, min(64, budget // layout.nbytes))
+    n = max(2, min(256, budget // layout.nbytes))
     g = torch.Generator().manual_seed(0)
     H, I = layout.hidden, layout.inter
     blobs = torch.empty(n, layout.numel, dtype=layout.pool_dtype)
