@@ -8,7 +8,9 @@
     fast+compile   the same with torch.compile'd decoder layers; its first request's time (the compile) is
                    reported apart, and depends on whether inductor's on-disk cache is warm
     eager+cpu      the eager step with --cpu-experts on: misses computed from the host store, not copied into
-                   slots (not run unless named in --systems)
+                   slots, by the kernel VISMMOE_CPU_KERNEL picks (not run unless named in --systems)
+    eager+cpu-torch, eager+cpu-native
+                   the same with the CPU expert kernel named (cpu/executor.py), to compare the two in one process
 Bundled model (trained routing), test scenes, every request on a cold cache, systems interleaved per repetition;
 the median over requests of time per output token, then the median over repetitions.
 """
@@ -28,6 +30,13 @@ from ..engine.loading import load
 from .output import emit
 
 
+def _with_kernel(eng, kernel: str):
+    """`eng` (with CPU experts) computing them with the CPU expert kernel `kernel` (torch or native)."""
+    from ..cpu.executor import CpuExecutor
+    eng.runtime.cpu.executor = CpuExecutor(eng.runtime.cpu.layout, kernel=kernel)
+    return eng
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", default="25%")
@@ -35,7 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--systems", default="eager,fast,fast+compile", help="comma-separated, of eager, fast, "
-                    "fast+compile, eager+cpu")
+                    "fast+compile, eager+cpu, eager+cpu-torch, eager+cpu-native")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = [x.strip() for x in args.systems.split(",") if x.strip()]
@@ -44,11 +53,14 @@ def main(argv=None) -> dict:
     eager = load(model, decode="eager", expert_budget=args.budget)
     make = {"eager": lambda: eager, "fast": lambda: eager.fork(decode="fast"),
             "fast+compile": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget),
-            "eager+cpu": lambda: eager.fork(cpu_experts="on")}
+            "eager+cpu": lambda: eager.fork(cpu_experts="on"),
+            "eager+cpu-torch": lambda: _with_kernel(eager.fork(cpu_experts="on"), "torch"),
+            "eager+cpu-native": lambda: _with_kernel(eager.fork(cpu_experts="on"), "native")}
     unknown = [n for n in names if n not in make]
     if unknown or not names:
         ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of {', '.join(make)}")
     engines = {name: make[name]() for name in names}
+    load_before = list(os.getloadavg())
     first_s = {}
     for name, eng in engines.items():                       # warm-up; the compiled one compiles here
         t = time.perf_counter()
@@ -63,12 +75,13 @@ def main(argv=None) -> dict:
                 tpot.append(eng.generate(s.image, s.question, max_new_tokens=args.new_tokens).stats["tpot_s"])
             runs[name].append(statistics.median(tpot))
     res = {"model": model, "routing": routing, "machine": f"CPU, {os.cpu_count()} cores, torch threads "
-           f"{torch.get_num_threads()}", "budget": args.budget, "requests": args.limit, "reps": args.reps,
-           "new_tokens": args.new_tokens, "first_request_s": first_s,
+           f"{torch.get_num_threads()}", "load_before": load_before, "load_after": list(os.getloadavg()),
+           "budget": args.budget, "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
+           "cpu_kernels": {k: e.runtime.cpu.executor.kernel_key for k, e in engines.items() if e.runtime.cpu}, "first_request_s": first_s,
            "tpot_ms": {k: statistics.median(v) * 1e3 for k, v in runs.items()},
            "tpot_ms_per_rep": {k: [x * 1e3 for x in v] for k, v in runs.items()}}
     for k, v in res["tpot_ms"].items():
-        print(f"{k:14s} {v:7.2f} ms/token   first request {first_s[k]:.1f} s")
+        print(f"{k:16s} {v:7.2f} ms/token   first request {first_s[k]:.1f} s")
     return emit(res, args.out)
 
 

@@ -11,18 +11,52 @@
 The caller puts the rows where the device path puts its pair rows, so the layer's sum over each token's K pairs is
 the same sum: a result differs from the device kernels only by the summation order inside the two matmuls.
 
-How each format is computed (measured on the 2-core machine, docs/cpu-experts.md): dense experts are multiplied as
-stored (fp32 through oneDNN/MKL's sgemm; bf16 through oneDNN's bf16 path, which uses AMX / AVX512-BF16 where the
-processor has them); fp8 and int4 experts are dequantized by the format's own torch reference into float32 one
-expert at a time (a scratch of one expert, reused) and multiplied in float32. No native code: a compiler is never
-needed at install.
+Two kernels compute an expert, picked once per executor by `VISMMOE_CPU_KERNEL` (`kernel_mode`):
+
+    native  cpu/native/: one C function per expert, fused: each weight row read once for all t tokens,
+            dequantized in registers (bf16, fp8 e4m3 with its block scales, int4 with group scale and zero point),
+            float32 accumulation, the gate (SiLU or GELU-tanh), the down projection and the routing weight;
+            OpenMP over output rows (torch's thread count). Built at first use with the system C compiler.
+    torch   dense experts multiplied as stored (fp32 through MKL's sgemm; bf16 through oneDNN, which uses AMX /
+            AVX512-BF16 where the processor has them); fp8 and int4 dequantized into a float32 scratch one expert
+            at a time and multiplied in float32.
+
+`auto` (the default) computes with native where it is had and pays: dense float32/bfloat16, fp8 and int4
+experts, the family's gate one the kernel knows (SiLU, GELU-tanh), at most AUTO_MAX_TOKENS tokens per expert
+(more: a GEMM, torch's sgemm wins); torch otherwise, and everywhere when the library could not be built (no
+compiler: one log line, never an error). `native` uses the kernel at any token count; `torch` never builds it.
+Both give what the formats' references give up to float32 summation order (the native kernel keeps gate/up in
+float32 where the torch path rounds them to bf16 for bf16 experts).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..errors import UserError
+from . import native
+
+KERNELS = ("torch", "native", "auto")       # VISMMOE_CPU_KERNEL values
+# the native kernel's threads: one per this many multiply-adds of the call (3 H I t), at most torch's thread count;
+# a smaller expert on more threads spends more on the team's fork and barriers than it saves (docs/cpu-experts.md)
+WORK_PER_THREAD = 1 << 18
+# auto: the native kernel up to this many tokens per expert, torch's sgemm beyond (measured on the 2-core
+# machine, docs/cpu-experts.md: the native kernel is a GEMV that reads each row once per 4 tokens)
+AUTO_MAX_TOKENS = 16
+
+
+def kernel_mode() -> str:
+    """`VISMMOE_CPU_KERNEL` (torch | native | auto; unset or empty: auto). UserError for another value."""
+    raw = os.environ.get("VISMMOE_CPU_KERNEL", "")
+    mode = raw.strip().lower() or "auto"
+    if mode not in KERNELS:
+        raise UserError(f"VISMMOE_CPU_KERNEL={raw!r} is not a CPU expert kernel",
+                        f"set it to one of {', '.join(KERNELS)}, or unset it (auto)")
+    return mode
 
 
 # every e4m3 byte's float32 value: a table lookup converts 2-3x faster than `.float()` on the CPU (measured,
@@ -40,12 +74,19 @@ class CpuExecutor:
     """Computes routed experts of expert format `layout` (formats.ExpertFormat) on the host's cores.
 
     `gate`: the family's gating, [t, 2I] -> [t, I] (an experts module's `_apply_gate`); None: SiLU(gate) * up.
-    Thread-safe for one caller at a time (the runtime's worker thread)."""
+    `kernel`: torch | native | auto (None: `kernel_mode()`, from the environment). `kernel_key` names what runs
+    (the rates are measured and cached per key). Thread-safe for one caller at a time (the runtime's worker
+    thread)."""
 
-    def __init__(self, layout, gate=None):
+    def __init__(self, layout, gate=None, kernel: str | None = None):
         self.layout = layout
         self.gate = gate or silu_gate
         self.dense = hasattr(layout, "views")
+        self.mode = kernel or kernel_mode()
+        if self.mode not in KERNELS:
+            raise ValueError(f"CpuExecutor kernel {self.mode!r}")
+        self._params, self.native, self.max_native_tokens, self.kernel_key = _choose(layout, self.mode)
+        self._scratch = torch.empty(0)
 
     def weights(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's blob [numel] -> (gate_up [2I, H], down [H, I]): views of the blob for dense experts,
@@ -65,9 +106,11 @@ class CpuExecutor:
         fmt = self.layout
         qgu, qdn, sg, su, sd = fmt._parts(blob[None])
         I, H, B = fmt.inter, fmt.hidden, fmt.block
-        if I % B or H % B:
-            gu, dn = fmt.dequantize(blob[None])
-            return gu[0].float(), dn[0].float()
+        if I % B or H % B:                              # partial blocks: the format's reference, in float32
+            from ..formats.fp8 import block_dequantize  # (in its compute dtype it would round bf16 weights)
+            gu = torch.cat([block_dequantize(qgu[:, :I], sg, B, torch.float32),
+                            block_dequantize(qgu[:, I:], su, B, torch.float32)], dim=1)
+            return gu[0], block_dequantize(qdn, sd, B, torch.float32)[0]
 
         def deq(q, s):                                  # q [R, C] e4m3, s [R/B, C/B] -> [R, C] float32
             R, C = q.shape
@@ -90,11 +133,35 @@ class CpuExecutor:
     def expert(self, blob: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None = None, gate=None) -> torch.Tensor:
         """One expert for `x [t, H]` (any float dtype) -> y [t, H] float32, times `w [t]` (routing weights) when
         given; `gate` replaces the executor's gating for this call."""
+        return self._expert(blob, x, w, gate or self.gate, self._activation(gate or self.gate))
+
+    def _activation(self, gate) -> int | None:
+        """The native kernel's id of `gate`, or None where the native kernel does not compute it."""
+        return None if self.native is None else native.activation(gate, default=silu_gate)
+
+    def _expert(self, blob, x, w, gate, act) -> torch.Tensor:
+        if act is not None and (self.max_native_tokens is None or x.shape[0] <= self.max_native_tokens) \
+                and blob.device.type == "cpu" and blob.is_contiguous() \
+                and blob.numel() * blob.element_size() >= self.layout.nbytes:
+            return self._native_expert(blob, x, w, act)
         gu, dn = self.weights(blob)
         x = x.to(gu.dtype)
-        h = (gate or self.gate)(F.linear(x, gu))        # [t, I]
+        h = gate(F.linear(x, gu))                        # [t, I]
         y = F.linear(h.to(dn.dtype), dn).float()        # [t, H]
         return y if w is None else y * w.float().unsqueeze(-1)
+
+    def _native_expert(self, blob, x, w, act) -> torch.Tensor:
+        t, H = x.shape[0], self.layout.hidden
+        # the torch path's input rounding: dense experts multiply x in their own dtype, quantized ones in float32
+        xs = (x.to(self.layout.dtype) if self.dense else x).float().contiguous()
+        ws = None if w is None else w.float().contiguous()
+        need = self.native.scratch(self._params, t)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        y = torch.empty(t, H)
+        threads = min(torch.get_num_threads(), max(1, 3 * H * self.layout.inter * t // WORK_PER_THREAD))
+        self.native.expert(self._params, blob, xs, ws, act, self._scratch, y, threads)
+        return y
 
     def pairs(self, blobs, hidden: torch.Tensor, idx: np.ndarray, weights: torch.Tensor,
               experts: list[int], gate=None, release=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +171,8 @@ class CpuExecutor:
         Returns (pair [C] int64: index into the flattened T*K pairs, rows [C, H] float32, weighted), in the order
         of `experts`, then of the pairs' position."""
         K = idx.shape[1]
+        gate = gate or self.gate
+        act = self._activation(gate)
         flat = idx.reshape(-1)
         w = weights.reshape(-1)
         picks, rows = [], []
@@ -114,7 +183,7 @@ class CpuExecutor:
             pt = torch.from_numpy(p)
             blob = blobs(e)
             try:
-                rows.append(self.expert(blob, hidden[pt // K], w[pt], gate))
+                rows.append(self._expert(blob, hidden[pt // K], w[pt], gate, act))
             finally:
                 if release is not None:
                     release(blob)
@@ -122,3 +191,20 @@ class CpuExecutor:
         if not rows:
             return torch.empty(0, dtype=torch.long), hidden.new_empty(0, hidden.shape[-1], dtype=torch.float32)
         return torch.cat(picks), torch.cat(rows)
+
+
+
+def _choose(layout, mode: str):
+    """(kernel params, native library, most tokens it takes (None: any), kernel key) for `layout` under `mode`."""
+    params = native.params(layout) if mode != "torch" else None
+    lib = native.kernel() if params is not None else None
+    if lib is None:
+        return None, None, None, "torch"
+    most = None if mode == "native" else AUTO_MAX_TOKENS
+    return params, lib, most, f"native-{lib.source}" + ("" if most is None else f"-to{most}")
+
+
+def kernel_key(layout) -> str:
+    """What computes `layout`'s experts under the current `VISMMOE_CPU_KERNEL`: "torch", or "native-<source
+    hash>[-to<N>]" (auto: native to N tokens per expert, torch beyond). The rates are kept apart per key."""
+    return _choose(layout, kernel_mode())[3]

@@ -1,8 +1,9 @@
 """What this machine can do for the placement model, measured once and cached.
 
     link     GB/s of one expert-sized copy host -> device (pinned, CUDA), or of the memcpy into a slot (CPU device)
-    cpu      per (expert format, H, I): seconds the executor takes for one expert at 1, 2, 4, ... 64 tokens (and the
-             GB/s of expert bytes and GFLOP/s that gives), the host's cores only
+    cpu      per (expert format, H, I, dtype, kernel): seconds the executor takes for one expert at 1, 2, 4, ... 64
+             tokens (and the GB/s of expert bytes and GFLOP/s that gives), the host's cores only; the kernel is the
+             one the executor runs here (`VISMMOE_CPU_KERNEL`, executor.kernel_key), so switching it measures anew
     handoff  seconds one hand-off to the worker thread and back costs (the CPU side's fixed cost per layer)
 
 Stored as JSON in the cache folder (`$VISMMOE_CACHE`, else `~/.cache/vismmoe`), one file per machine
@@ -57,7 +58,11 @@ def machine_key(m: dict) -> str:
 
 
 def shape_key(layout) -> str:
-    return f"{layout.spec()}|{layout.hidden}x{layout.inter}|{str(layout.dtype).replace('torch.', '')}"
+    """A CPU row's key: format spec, shape, dtype and the kernel that computes it (executor.kernel_key: rates
+    measured with torch are not used for the native kernel, nor those of another build of it)."""
+    from .executor import kernel_key
+    return f"{layout.spec()}|{layout.hidden}x{layout.inter}|{str(layout.dtype).replace('torch.', '')}|" \
+        f"{kernel_key(layout)}"
 
 
 @dataclass
@@ -93,9 +98,10 @@ class Rates:
     def summary(self, layout) -> list[dict]:
         """Per measured token count: seconds, GB/s of expert bytes, GFLOP/s (3 matmuls of 2*H*I per token)."""
         out = []
-        for t, s in zip(self.tokens, self.cpu.get(shape_key(layout), [])):
+        key = shape_key(layout)
+        for t, s in zip(self.tokens, self.cpu.get(key, [])):
             out.append({"tokens": t, "ms": s * 1e3, "gbps": layout.nbytes / s / 1e9,
-                        "gflops": 6 * layout.hidden * layout.inter * t / s / 1e9})
+                        "gflops": 6 * layout.hidden * layout.inter * t / s / 1e9, "kernel": key.rsplit("|", 1)[1]})
         return out
 
 
@@ -166,7 +172,8 @@ def measure_handoff(reps: int = 50) -> float:
 
 
 def measure_cpu(layout, tokens=TOKENS, budget_bytes: int = 96 << 20, reps: int = 3) -> list[float]:
-    """Seconds per expert of `layout` (random weights) at each token count: each timing runs over several experts
+    """Seconds per expert of `layout` (random weights) at each token count, computed by the kernel the executor runs
+    here (`VISMMOE_CPU_KERNEL`): each timing runs over several experts
     (about `budget_bytes` of blobs, so the weights come from memory, not from the caches, as misses do)."""
     from .executor import CpuExecutor
     n = max(2, min(16, budget_bytes // layout.nbytes))
