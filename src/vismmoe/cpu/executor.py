@@ -44,9 +44,10 @@ KERNELS = ("torch", "native", "auto")       # VISMMOE_CPU_KERNEL values
 # the native kernel's threads: one per this many multiply-adds of the call (3 H I t), at most torch's thread count;
 # a smaller expert on more threads spends more on the team's fork and barriers than it saves (docs/cpu-experts.md)
 WORK_PER_THREAD = 1 << 18
-# auto: the native kernel up to this many tokens per expert, torch's sgemm beyond (measured on the 2-core
-# machine, docs/cpu-experts.md: the native kernel is a GEMV that reads each row once per 4 tokens)
-AUTO_MAX_TOKENS = 16
+# auto: the native kernel up to this many tokens per expert, torch's GEMM beyond (the native kernel reads each
+# weight once per 4 tokens; on the 2-core machine it was faster for every format up to 32 tokens and slower than
+# MKL's sgemm for float32 at 64: docs/cpu-experts.md)
+AUTO_MAX_TOKENS = 32
 
 
 def kernel_mode() -> str:
@@ -87,6 +88,7 @@ class CpuExecutor:
             raise ValueError(f"CpuExecutor kernel {self.mode!r}")
         self._params, self.native, self.max_native_tokens, self.kernel_key = _choose(layout, self.mode)
         self._scratch = torch.empty(0)
+        self._need: dict[int, int] = {}         # scratch elements per token count
 
     def weights(self, blob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's blob [numel] -> (gate_up [2I, H], down [H, I]): views of the blob for dense experts,
@@ -155,7 +157,7 @@ class CpuExecutor:
         # the torch path's input rounding: dense experts multiply x in their own dtype, quantized ones in float32
         xs = (x.to(self.layout.dtype) if self.dense else x).float().contiguous()
         ws = None if w is None else w.float().contiguous()
-        need = self.native.scratch(self._params, t)
+        need = self._need.get(t) or self._need.setdefault(t, self.native.scratch(self._params, t))
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need)
         y = torch.empty(t, H)
