@@ -60,14 +60,8 @@ def _layout(item: str, H: int, I: int):
 
 
 def _blobs(layout, budget: int) -> torch.Tensor:
-    n = max(2, min(256, budget // layout.nbytes))
-    g = torch.Generator().manual_seed(0)
-    H, I = layout.hidden, layout.inter
-    blobs = torch.empty(n, layout.numel, dtype=layout.pool_dtype)
-    for i in range(n):
-        layout.quantize(torch.randn(1, 2 * I, H, generator=g) * 0.02, torch.randn(1, H, I, generator=g) * 0.02,
-                        blobs[i:i + 1])
-    return blobs
+    from ..cpu.rates import random_blobs
+    return random_blobs(layout, max(2, min(256, budget // layout.nbytes)))
 
 
 def measure(layout, tokens: list[int], reps: int, budget: int) -> list[dict]:

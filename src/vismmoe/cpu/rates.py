@@ -171,22 +171,29 @@ def measure_handoff(reps: int = 50) -> float:
         return _median_time(lambda: pool.submit(int).result(), reps)
 
 
+def random_blobs(layout, n: int, seed: int = 0) -> torch.Tensor:
+    """[n, numel]: `n` experts of random weights (std 0.02) in `layout`'s blobs, on the host."""
+    gen = torch.Generator().manual_seed(seed)
+    H, I = layout.hidden, layout.inter
+    blobs = torch.empty(n, layout.numel, dtype=layout.pool_dtype)
+    for i in range(n):
+        layout.quantize(torch.randn(1, 2 * I, H, generator=gen) * 0.02, torch.randn(1, H, I, generator=gen) * 0.02,
+                        blobs[i:i + 1])
+    return blobs
+
+
 def measure_cpu(layout, tokens=TOKENS, budget_bytes: int = 96 << 20, reps: int = 3) -> list[float]:
     """Seconds per expert of `layout` (random weights) at each token count, computed by the kernel the executor runs
     here (`VISMMOE_CPU_KERNEL`): each timing runs over several experts
     (about `budget_bytes` of blobs, so the weights come from memory, not from the caches, as misses do)."""
     from .executor import CpuExecutor
     n = max(2, min(16, budget_bytes // layout.nbytes))
-    gen = torch.Generator().manual_seed(0)
-    H, I = layout.hidden, layout.inter
-    blobs = torch.empty(n, layout.numel, dtype=layout.pool_dtype)
-    for i in range(n):
-        layout.quantize(torch.randn(1, 2 * I, H, generator=gen) * 0.02, torch.randn(1, H, I, generator=gen) * 0.02,
-                        blobs[i:i + 1])
+    blobs = random_blobs(layout, n)
+    gen = torch.Generator().manual_seed(1)
     ex = CpuExecutor(layout)
     out = []
     for t in tokens:
-        x = torch.randn(t, H, generator=gen).to(layout.dtype)
+        x = torch.randn(t, layout.hidden, generator=gen).to(layout.dtype)
         out.append(_median_time(lambda: [ex.expert(blobs[i], x) for i in range(n)], reps) / n)
     return out
 
