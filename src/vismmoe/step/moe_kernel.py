@@ -160,7 +160,8 @@ if triton is not None:
                 xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
                 w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
                 if WRITE:                           # landing: the tile into the expert's new slot as it is read
-                    tl.store(dst + rows[:, None] * C + cols[None, :], w, mask=rmask[:, None] & cm[None, :] & wr)
+                    tl.store(dst + rows[:, None] * C + cols[None, :], w,
+                             mask=(rmask & ((rows * 0 + wr.to(tl.int32)) != 0))[:, None] & cm[None, :])
                 acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         return acc
 
@@ -180,7 +181,8 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         omask = rows < I
-        rmask = omask & (t < tl.load(live_ptr))     # a row past the live ones reads nothing and writes zeros
+        # a row past the live ones reads nothing and writes zeros (a tensor mask: a scalar one breaks interpreters)
+        rmask = omask & ((rows * 0 + t) < tl.load(live_ptr))
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             dst, wr = _landing(dst_ptr, p, base, WRITE)
@@ -221,7 +223,7 @@ if triton is not None:
         dt = h_ptr.dtype.element_ty
         rows = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         omask = rows < H
-        rmask = omask & (p // K < tl.load(live_ptr))
+        rmask = omask & ((rows * 0 + p // K) < tl.load(live_ptr))
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             dst, wr = _landing(dst_ptr, p, base, WRITE)
