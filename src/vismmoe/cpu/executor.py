@@ -13,10 +13,10 @@ the same sum: a result differs from the device kernels only by the summation ord
 
 Two kernels compute an expert, picked once per executor by `VISMMOE_CPU_KERNEL` (`kernel_mode`):
 
-    native  cpu/native/: one C function per expert, fused: each weight row read once for all t tokens,
-            dequantized in registers (bf16, fp8 e4m3 with its block scales, int4 with group scale and zero point),
-            float32 accumulation, the gate (SiLU or GELU-tanh), the down projection and the routing weight;
-            OpenMP over output rows (torch's thread count). Built at first use with the system C compiler.
+    native  cpu/native/: one C function per expert, fused: each weight read once per 4 tokens, dequantized in
+            registers (bf16, fp8 e4m3 with its block scales, int4 with group scale and zero point), float32
+            accumulation, the gate (SiLU or GELU-tanh), the down projection and the routing weight; OpenMP over
+            output rows (up to torch's thread count). Built at first use with the system C compiler.
     torch   dense experts multiplied as stored (fp32 through MKL's sgemm; bf16 through oneDNN, which uses AMX /
             AVX512-BF16 where the processor has them); fp8 and int4 dequantized into a float32 scratch one expert
             at a time and multiplied in float32.
@@ -193,7 +193,6 @@ class CpuExecutor:
         if not rows:
             return torch.empty(0, dtype=torch.long), hidden.new_empty(0, hidden.shape[-1], dtype=torch.float32)
         return torch.cat(picks), torch.cat(rows)
-
 
 
 def _choose(layout, mode: str):

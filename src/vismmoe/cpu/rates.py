@@ -75,11 +75,16 @@ class Rates:
     handoff_s: float = 0.0
     cpu: dict[str, list[float]] = field(default_factory=dict)
     tokens: tuple[int, ...] = TOKENS
+    _keys: dict = field(default_factory=dict, repr=False, compare=False)     # id(layout) -> (layout, shape key)
 
     def cpu_s(self, layout, tokens: int) -> float:
         """Seconds for one expert of `layout` at `tokens` tokens: linear between measured token counts, and
-        proportional to the tokens past the last one. KeyError when the shape was not measured."""
-        secs = self.cpu[shape_key(layout)]
+        proportional to the tokens past the last one. KeyError when the shape was not measured. The row is the
+        kernel's that computes `layout` at this object's first look-up of it (the placement asks per miss)."""
+        got = self._keys.get(id(layout))
+        if got is None or got[0] is not layout:
+            got = self._keys[id(layout)] = (layout, shape_key(layout))
+        secs = self.cpu[got[1]]
         ts = self.tokens
         if tokens >= ts[-1]:
             return secs[-1] * tokens / ts[-1]
