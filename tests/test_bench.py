@@ -159,3 +159,18 @@ def test_efficiency_above_one_is_refused_and_speedups_say_their_noise():
     spread = speedup_lines({"mobile/25%": {"speedup": 1.02, "best_baseline": "ondemand",
                                            "runs": [0.92, 1.02, 1.23]}}, 3)
     assert "each 0.92x to 1.23x; within run-to-run noise" in spread[0]
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("serve_load", ["--admit-waits", "x"]), ("serve_load", ["--admit-waits", "-5"]),
+    ("serve_load", ["--admit-waits", "0,nan"]), ("serve_load", ["--admit-waits", ""]),
+    ("step_ceiling", ["--landing", "maybe"]), ("step_ceiling", ["--landing", "on,of"])])
+def test_bench_option_values_are_checked(module, argv, tmp_path, capsys):
+    """The benches' comparison options (serve_load --admit-waits, step_ceiling --landing): a bad value is one line
+    and exit 2, before anything is loaded or written."""
+    import importlib
+    mod = importlib.import_module(f"vismmoe.bench.{module}")
+    out = tmp_path / "out"
+    assert mod.main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and not out.exists()

@@ -26,8 +26,10 @@ import argparse
 import base64
 import io
 import json
+import math
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,6 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="runs/serve_load")
     args = ap.parse_args(argv)
+    try:
+        waits = _waits(args.admit_waits)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     import threading
 
@@ -134,7 +141,6 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.max_batches.split(",")]
     lengths = _lengths(args.mixed_tokens, args.max_tokens)
     # servers: (label, max batch, batching, engine, admission wait in seconds)
-    waits = [float(w) for w in args.admit_waits.split(",")]
     if args.prefill_chunks:
         kinds = [(f"chunk {n}", max(batches), "continuous", eng.fork(prefill_chunk=int(n)), 0.0)
                  for n in args.prefill_chunks.split(",")]
@@ -248,6 +254,18 @@ def _captures(engine) -> tuple[int, float]:
     `engine`'s model (step/graphs.py): a measured round that adds to them paid a capture mid-run."""
     sgs = engine.model.__dict__.get("_vismmoe_step_graphs", {}).values()
     return sum(len(sg.buckets) for sg in sgs), sum(sg.capture_s for sg in sgs)
+
+
+def _waits(text: str) -> list[float]:
+    """--admit-waits "0,200" -> [0.0, 200.0] (milliseconds); ValueError, saying what to give, for another."""
+    try:
+        waits = [float(w) for w in text.split(",")]
+    except ValueError:
+        waits = []
+    if not waits or not all(math.isfinite(w) and 0 <= w <= 60_000 for w in waits):
+        raise ValueError(f"--admit-waits {text!r} is not a list of waits in milliseconds: give e.g. 0,200 (each 0 to "
+                         "60000)")
+    return waits
 
 
 def _num(x, digits: int) -> str:

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -171,6 +172,9 @@ def main(argv=None):
     ap.add_argument("--no-eager-budget", action="store_true", help="skip the eager path at the budget")
     ap.add_argument("--out", default="runs/step_ceiling")
     args = ap.parse_args(argv)
+    if not set(args.landing.split(",")) <= {"on", "off"}:
+        print(f"error: --landing {args.landing!r}: give on, off or on,off", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     say = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -333,4 +337,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
