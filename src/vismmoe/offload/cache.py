@@ -99,14 +99,19 @@ class ExpertCache:
                 raise LookupError("the victim is needed sooner than the prefetched expert")
             slot = self.evict(victim)
             self._free.remove(slot)
+        self._place(key, slot)
+        self.counters.layer(key[0]).bytes_moved += self.layout.nbytes
+        return slot
+
+    def _place(self, key: Key, slot: int) -> None:
+        """`key` lives in `slot` (taken off the free ones by the caller) from now on: the books, the policy's
+        insertion, the listeners."""
         self.slot_of[key] = slot
         self.owner[slot] = key
         self.policy.on_insert(key)
-        self.counters.layer(key[0]).bytes_moved += self.layout.nbytes
         self.peak_resident = max(self.peak_resident, len(self.slot_of))
         for listener in self.listeners:
             listener.on_insert(key, slot)
-        return slot
 
     def claim(self, key: Key, pinned: set[Key], count_miss: bool = True) -> int:
         """A slot for a demand miss `key` (not resident): a free one, else the policy's victim among unpinned
@@ -139,14 +144,8 @@ class ExpertCache:
         """Free `slot` already holds expert `key` (not resident; written in place, no copy): `key` lives there
         now. The policy hears of the insertion and the use; the caller counts the miss and its bytes."""
         self._free.remove(slot)
-        self.slot_of[key] = slot
-        self.owner[slot] = key
-        self.ticket[slot] = None
-        self.policy.on_insert(key)
+        self._place(key, slot)
         self.policy.on_use(key)
-        self.peak_resident = max(self.peak_resident, len(self.slot_of))
-        for listener in self.listeners:
-            listener.on_insert(key, slot)
 
     def evict(self, key: Key) -> int:
         slot = self.slot_of.pop(key)
