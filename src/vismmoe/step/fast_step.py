@@ -262,10 +262,10 @@ class FastStep:
         if self.disk is not None:
             self._rerun_disk_misses(b, fl, real)
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
-        if fl.land[0] and miss.any():
-            self._adopt(fl, miss)
-        demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
         self._missed = bool(miss.any())
+        if fl.land[0] and self._missed:
+            self._adopt(fl, miss)
+        demand = self._claim(fl, miss) if self._missed else 0                       # all hits: nothing to claim
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
         return fl
@@ -397,7 +397,7 @@ class _InFlight:
     missed: int = 0
     stall_s: float = 0.0
     snap: list | None = None            # disk tier: the bucket's Bucket.snapshot() before the step, to re-run it from
-    land: tuple = ([], [])              # the step's landing candidates: (slots, MoE layer position of their experts)
+    land: tuple = ((), ())              # the step's landing candidates: (slots, MoE layer position of their experts)
     reruns: int = 0                     # disk tier: runs of this step discarded
 
 
