@@ -142,3 +142,27 @@ def quarter_and_smallest(model_dir: str) -> list[str]:
     from vismmoe import load
     eng = load(model_dir)
     return ["25%", str(eng.geometry.top_k * eng.layout.nbytes)]
+
+
+class InlineExecutor:
+    """An executor that runs each job at once in the caller's thread: a CPU engine's expert copies
+    (offload/transfer.py) then land before the next step starts, so tests whose outcome depends on when copies land
+    (bytes moved, landing) are deterministic. `inline_copies(engine)` puts one in."""
+
+    def submit(self, fn, *args, **kwargs):
+        from concurrent.futures import Future
+        fut = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:          # noqa: BLE001 - the future carries it, as a pool's would
+            fut.set_exception(e)
+        return fut
+
+    def shutdown(self, wait: bool = True, **kwargs) -> None:
+        pass
+
+
+def inline_copies(engine):
+    """`engine` with its CPU copies run inline (`InlineExecutor`); returns it."""
+    engine.runtime.transfer.worker = InlineExecutor()
+    return engine

@@ -183,6 +183,30 @@ def test_rows_past_live_get_zeros_in_interpreter(spec):
 
 
 @interpreter
+@pytest.mark.parametrize("spec", SPECS + ["fp8:kernels=old", "int4:group=16,kernels=old"])
+def test_address_zero_pairs_read_nothing_and_give_zeros_in_interpreter(spec):
+    """Address 0 (the split step's experts without a slot, split_step.py): those pairs give exact zeros and read
+    nothing, not even a scale (a read at address 0 would fault on the GPU); the other pairs are the reference's
+    with the zeroed pairs' weights set to 0."""
+    fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, torch.float32, "cpu", 64, 48)
+    gone = torch.tensor([1, 3, 5, 7])                       # the experts held in host memory
+    addr = addr.clone()
+    addr[gone] = 0
+    ri = torch.full((topk.numel(),), -1, dtype=torch.long)
+    rw = torch.zeros(topk.numel())
+    out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 16, "BLOCK_H": 64},
+                                           {"BLOCK_O": 64, "BLOCK_K": 64}, fmt=None if spec == "dense" else fmt)
+    kept = w * ~torch.isin(topk, gone)
+    want = moe_kernel.decode_experts_reference(x, topk, kept, *fmt.dequantize(keep[1][topk.reshape(-1)]))
+    assert (out - want).norm() / want.norm() < 1e-5
+    assert torch.isin(topk, gone).any() and torch.equal(ri.view_as(topk), topk)
+    none = moe_kernel.decode_experts_triton(x, topk, w, torch.zeros_like(addr), ri, rw, 48,
+                                            {"BLOCK_I": 16, "BLOCK_H": 64}, {"BLOCK_O": 64, "BLOCK_K": 64},
+                                            fmt=None if spec == "dense" else fmt)
+    assert torch.count_nonzero(none) == 0
+
+
+@interpreter
 def test_landing_writes_misses_into_candidate_slots_in_interpreter():
     """Landing (moe_kernel): the distinct missing experts of the live pairs take, by expert id, the candidates
     (free, or holding an earlier layer's expert; not a later layer's, not one taken) as `landing_plan` says on

@@ -1,18 +1,19 @@
 """Fetch-only against CPU experts against every expert resident, on a random-weight shape, in ONE process:
 
-    python -m vismmoe.bench.cpu_experts [--shape qwen3-30b-a3b-L4] [--budgets 5%,10%,25%] [--decode auto|eager]
+    python -m vismmoe.bench.cpu_experts [--shape qwen3-30b-a3b-L4] [--layers N] [--policy P]
+        [--budgets 5%,10%,25%] [--decode auto|eager]
         [--device cuda] [--reps 3] [--new-tokens 32] [--prompt-tokens 512 | --image-side 768] [--out FILE.json]
 
 Systems per budget B (the same host store, non-expert weights and request; cold cache per request):
     fetch@B     --cpu-experts off: every miss is copied (or, on the fast step, read over the link by its kernel)
-    auto@B      --cpu-experts auto: each miss of an eager layer call computed on the CPU or fetched, as the cost
-                model over this machine's cached rates says (cpu/placement.py)
-    on@B        --cpu-experts on (with --with-on): every miss of an eager layer call on the CPU
+    auto@B      --cpu-experts auto: each miss computed on the CPU or fetched, as the cost model over this
+                machine's cached rates says (cpu/placement.py); on the fast step, a step splits at each MoE layer
+                when the split rule expects misses enough (step/split_step.py)
+    on@B        --cpu-experts on (with --with-on): every miss on the CPU, every fast step split
 then resident (every expert preloaded). Systems of one budget share one slot pool and run interleaved, repetition
 by repetition; each row is the median over repetitions of TTFT and decode time per token, with misses, experts
-the CPU computed, and the CPU's busy time. `--decode eager` puts the decode on eager layer calls too (where the CPU
-side applies today; the fast step keeps reading misses over the link: docs/cpu-experts.md). The rates the
-placement used are printed and saved with the rows.
+the CPU computed, the CPU's busy time and the split steps. `--decode eager` puts the decode on eager layer calls.
+The rates the placement used are printed and saved with the rows.
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ from .random_model import random_engine, synthetic_inputs, synthetic_text_inputs
 from .shapes import get_shape
 
 
+def _split(eng):
+    fs = eng.fast_step()
+    return getattr(fs, "split", None)
+
+
 def _run(eng, inputs, new_tokens: int) -> dict:
     if eng.cache.num_slots < len(eng.geometry.moe_layers) * eng.geometry.num_experts:
         eng.cache.clear()                   # cold per request; the resident row keeps its preloaded experts
+    sp = _split(eng)
+    before = (sp.steps, sp.cpu_experts, sp.link_experts) if sp is not None else (0, 0, 0)
     _, st = eng.generate_ids(inputs, new_tokens)
-    return {k: st[k] for k in ("ttft_s", "tpot_s", "misses", "hits", "cpu_computed", "cpu_pairs", "cpu_busy_s")}
+    row = {k: st[k] for k in ("ttft_s", "tpot_s", "misses", "hits", "cpu_computed", "cpu_pairs", "cpu_busy_s")}
+    after = (sp.steps, sp.cpu_experts, sp.link_experts) if sp is not None else (0, 0, 0)
+    # the fast step's split steps (step/split_step.py): how many, and the misses they computed on each side
+    row.update(zip(("split_steps", "split_cpu_experts", "split_link_experts"), (a - b for a, b in zip(after, before))))
+    return row
 
 
 def _rows(systems: dict, inputs, args) -> list[dict]:
@@ -54,13 +66,16 @@ def _rows(systems: dict, inputs, args) -> list[dict]:
         row["tpot_ms_per_rep"] = [r["tpot_s"] * 1e3 for r in rs]
         rows.append(row)
         print(f"{name:12s} ttft {row['ttft_s'] * 1e3:9.1f} ms  decode {row['tpot_s'] * 1e3:8.2f} ms/token  "
-              f"misses {row['misses']:7.0f}  cpu experts {row['cpu_computed']:7.0f}", flush=True)
+              f"misses {row['misses']:7.0f}  cpu experts {row['cpu_computed']:7.0f}  split steps "
+              f"{row['split_steps']:4.0f}", flush=True)
     return rows
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b-L4")
+    ap.add_argument("--layers", type=int, default=None, help="the shape's first N decoder layers only")
+    ap.add_argument("--policy", default=None, help="cache policy of every system (default: the runtime's)")
     ap.add_argument("--budgets", default="5%,10%,25%")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--decode", default="auto", choices=["auto", "fast", "eager"])
@@ -72,19 +87,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-resident", action="store_true", help="skip the every-expert-resident row (memory)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    fam, config = get_shape(args.shape)
+    if args.layers is not None and args.layers < 1:
+        ap.error(f"--layers must be at least 1, not {args.layers}")
+    fam, config = get_shape(args.shape, args.layers)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t = time.perf_counter()
     geo = get_family(fam).geometry(config)
     least = geo.top_k * make_format("dense", geo.hidden, geo.inter, dtype).nbytes     # the smallest legal pool
+    extra = {"policy": args.policy} if args.policy else {}
     base = random_engine(fam, config, device=args.device, dtype=dtype, expert_budget=str(least),
-                         decode=args.decode)
+                         decode=args.decode, **extra)
     build_s = time.perf_counter() - t
     inputs = (synthetic_inputs(base, args.image_side) if base.family.has_vision
               else synthetic_text_inputs(base, args.prompt_tokens))
     rates = rates_for(dev, base.layout)
-    res = {"shape": args.shape, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    res = {"shape": args.shape, "layers": args.layers, "policy": base.rc.policy, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "cpu": rates.machine, "decode": args.decode, "reps": args.reps, "new_tokens": args.new_tokens,
            "prompt_tokens": int(inputs["input_ids"].shape[1]), "expert_bytes": base.layout.nbytes,
            "build_s": build_s, "rates": {"link_gbps": rates.link_gbps, "handoff_s": rates.handoff_s,

@@ -73,3 +73,46 @@ class Placement:
                 cpu.append(e)
                 cpu_t, link_t = new_cpu, new_link
         return cpu
+
+
+@dataclass
+class SplitRule:
+    """Whether the next fast decode step runs split (step/split_step.py): a host round trip at every MoE layer
+    buys computing that layer's misses on the CPU and over the link at the same time. A cost model, per step:
+
+        fetch-only step  ~ clean + m fetch_s          the kernels read each miss over the link, one after another
+        split step       ~ clean + n boundary_s + m both_s
+                           n segment boundaries (MoE layers); both_s = 1 / (1/fetch_s + 1/cpu_s), a miss's share
+                           of the time when link and CPU work together
+
+    so a step splits when m (fetch_s - both_s) > n boundary_s, with m the misses expected of the next step (a
+    running mean of the last steps': decode misses come in runs) and boundary_s measured on split steps (what a
+    split step took beyond a clean step and its host work, per boundary; prior `BOUNDARY_S`). A rule that splits
+    too eagerly measures its boundaries and stops; one that never splits keeps its prior.
+
+    `cpu_s`: () -> seconds the CPU takes for one expert of one token (the placement's rate times its in-place
+    correction); `always`: every step splits (--cpu-experts on)."""
+
+    fetch_s: float
+    cpu_s: Callable[[], float]
+    boundaries: int
+    always: bool = False
+    misses: float = 0.0             # running mean of misses (distinct (layer, expert) pairs) per step
+    boundary_s: float = 0.0         # measured seconds per boundary (0: `BOUNDARY_S` until measured)
+    BOUNDARY_S = 40e-6              # a segment's host round trip: the wait's wake-up, the next replay's launch
+
+    def want(self) -> bool:
+        if self.always:
+            return True
+        cpu = max(self.cpu_s(), 1e-9)
+        both = 1.0 / (1.0 / self.fetch_s + 1.0 / cpu)
+        return self.misses * (self.fetch_s - both) > self.boundaries * (self.boundary_s or self.BOUNDARY_S)
+
+    def observe_step(self, misses: int) -> None:
+        """A step (split or not) had `misses` experts not in a slot."""
+        self.misses = 0.5 * self.misses + 0.5 * misses
+
+    def observe_split(self, beyond_s: float) -> None:
+        """A split step took `beyond_s` seconds more than a clean step plus its host work with misses."""
+        per = max(0.0, beyond_s) / max(self.boundaries, 1)
+        self.boundary_s = per if self.boundary_s == 0 else 0.7 * self.boundary_s + 0.3 * per

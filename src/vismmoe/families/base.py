@@ -458,6 +458,15 @@ class Family:
     # the fast step's `decode_masks` builds this family's sliding-window masks (else a config with
     # `sliding_window` is refused: fast_step.unsupported_reason)
     decode_sliding_window: bool = False
+    # the routed experts' output enters the residual stream as a plain sum (shared experts and a gate on them
+    # aside), so rows computed later (the split step's CPU experts, step/split_step.py) can be added after the
+    # decoder layer; False where a norm follows it (Gemma 4's post-feed-forward norms)
+    moe_output_additive: bool = True
+
+    def decoder_index(self, layer: int) -> int:
+        """The decoder layer of MoE layer (expert group) `layer`; the same number unless a family numbers its
+        groups otherwise (ERNIE's banks)."""
+        return layer
 
     def decode_inputs(self, model, ids: torch.Tensor, rope_positions: torch.Tensor) -> tuple:
         """What a fast decode step feeds the decoder layers for the new tokens `ids [B, 1]`: (hidden [B, 1, H],

@@ -87,6 +87,9 @@ class Ernie4_5_VLMoeFamily(Family):
     def moe_block(self, model, layer: int) -> torch.nn.Module:
         return self._bank(model, layer)                 # the bank's SparseMoeBlock: `.gate`, `.experts`
 
+    def decoder_index(self, layer: int) -> int:
+        return group_bank(layer)[0]
+
     def router_input(self, model, layer: int, embeds: torch.Tensor) -> torch.Tensor:
         real, _ = group_bank(layer)
         return self.decoder_layers(model)[real].post_attention_layernorm(embeds)

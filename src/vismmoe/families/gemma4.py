@@ -145,6 +145,7 @@ class Gemma4Family(Rope1D, Family):
 
     # ---- the fast decode step (step/graphs.py) ---------------------------------------------------------------
     decode_sliding_window = True
+    moe_output_additive = False         # post-feed-forward norms follow the experts' output
 
     def static_cache(self, model, B: int, L: int, pos: torch.Tensor, dtype, device) -> list:
         """`StaticKV [B, kv_heads, L, head_dim]` per layer that keeps keys and values, each with its own heads and

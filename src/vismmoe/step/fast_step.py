@@ -42,6 +42,7 @@ from . import moe_kernel
 from .decode_prefetch import DecodeLookahead
 from .fast_disk import DiskMisses
 from .graphs import Bucket, step_graphs
+from .split_step import SplitMisses
 from .strategy import Prefilled
 
 
@@ -90,6 +91,11 @@ class FastStep:
         # lookahead between replays (decode_prefetch.py) where the engine prefetches; --prefetch none: none
         pf = self.runtime.prefetcher
         self.lookahead = DecodeLookahead(self, pf) if pf is not None else None
+        # --cpu-experts on|auto: steps split at each MoE layer when the rule expects misses enough (split_step.py);
+        # not where a norm follows the experts' output, nor on the disk tier (no host blob to compute from)
+        cpu = self.runtime.cpu
+        self.split = SplitMisses(self, cpu) if cpu is not None and self.sg.split_ends is not None and \
+            self.disk is None else None
 
     # ---- residency (cache listener) --------------------------------------------------------------------------
     def on_insert(self, key, slot: int) -> None:
@@ -109,13 +115,14 @@ class FastStep:
                 self.slot_map[self.layer_pos[key[0]], key[1]] = slot
                 del self.pending[slot]
 
-    def _push(self) -> None:
+    def _push(self, split: bool = False) -> None:
+        """The address table to the device: a slot, else the host blob (`split`: 0, read by no kernel)."""
         if not self.cuda:
             return
         nb = self.layout.nbytes
         pool = self.cache.pool.data_ptr()
         sm = self.slot_map.astype(np.int64)
-        self.addr_host.numpy()[...] = np.where(sm >= 0, pool + sm * nb, self.host_addr)
+        self.addr_host.numpy()[...] = np.where(sm >= 0, pool + sm * nb, 0 if split else self.host_addr)
         self.sg.addr_dev.copy_(self.addr_host, non_blocking=True)
 
     # ---- the decode strategy (strategy.py) -----------------------------------------------------------------
@@ -184,36 +191,49 @@ class FastStep:
     def _launch(self, b: Bucket, teacher_token: int | None) -> _InFlight:
         if self.disk is not None:
             self.disk.begin()                           # nothing staged: non-resident experts read the zero blob
-        land = self._candidates(b)
+        split = self.split is not None and self.split.wanted()
+        land = self._candidates(b, split)
         self._land()
-        self._push()
+        self._push(split)
         if teacher_token is not None:
             b.ids.fill_(int(teacher_token))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter(), land=land)   # what this step reads
+        if split:
+            self.split.begin(fl, b.rows)
         if self.disk is not None:                       # a snapshot to re-run the step from (fast_disk.py)
             fl.snap = b.snapshot()
         if self.cuda:
             fl.ev0, fl.ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             fl.ev0.record()
-            self.sg.run(b, self.graphs)
+            self._run(b, fl, split)
             fl.ev1.record()
         else:                                                               # the CPU step reads this engine's cache
             landing = {"slots": land[0], "owners": land[1], "taken": [False] * len(land[0])}
             for p, ex in enumerate(self.sg.experts):
                 ex.pool, ex.slots, ex.landing = self.cache.pool, self.slot_t[p], landing
-                ex.bank = self.disk.bank(p) if self.disk is not None else self.store.layer_blobs(self.store_pos[p])
-            self.sg.run(b, False)
+                ex.bank = None if split else \
+                    self.disk.bank(p) if self.disk is not None else self.store.layer_blobs(self.store_pos[p])
+            self._run(b, fl, split)
         if self._synced is not None:                    # host time the device sat idle between two steps
             self.gap_s.append(time.perf_counter() - self._synced)
         return fl
 
-    def _candidates(self, b: Bucket) -> tuple[list[int], list[int]]:
+    def _run(self, b: Bucket, fl: _InFlight, split: bool) -> None:
+        """The step: one graph (or body), or split at each MoE layer with the misses computed between
+        (split_step.py)."""
+        if split:
+            self.sg.run_split(b, self.graphs, lambda p: self.split.between(b, fl, p))
+        else:
+            self.sg.run(b, self.graphs)
+
+    def _candidates(self, b: Bucket, split: bool = False) -> tuple[list[int], list[int]]:
         """The next step's landing candidates (module docstring), written into `b.land`: (slots, the MoE layer
         position of each one's expert, -1 for a free slot). None after a step that missed nothing: finding
-        candidates costs host time (the policy's next victims), and a step after a clean one rarely misses."""
+        candidates costs host time (the policy's next victims), and a step after a clean one rarely misses. None
+        for a split step: its kernels read no miss."""
         cache = self.cache
         slots, owners = [], []
-        if self.land_slots and self._missed:
+        if self.land_slots and self._missed and not split:
             slots = cache.victims(self.land_slots, lambda s: s not in self.pending)
             owners = [-1 if cache.owner[s] is None else self.layer_pos.get(cache.owner[s][0], -1) for s in slots]
         if self.cuda and b.land.numel():
@@ -263,9 +283,14 @@ class FastStep:
             self._rerun_disk_misses(b, fl, real)
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
         self._missed = bool(miss.any())
+        if self.split is not None:
+            distinct = len({(int(p), int(fl.idx[p, j])) for p, j in zip(*np.nonzero(miss))})
+            self.split.after(fl, fl.dev_s, self._clean_s, distinct)
+        if fl.cpu_pairs is not None:                        # computed on the CPU: not fetched, not cached
+            miss &= ~fl.cpu_pairs
         if fl.land[0] and self._missed:
             self._adopt(fl, miss)
-        demand = self._claim(fl, miss) if self._missed else 0                       # all hits: nothing to claim
+        demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
         return fl
@@ -365,7 +390,7 @@ class FastStep:
         if fl.stall_s:
             first.stall_s += fl.stall_s
         elif self.cuda:
-            if fl.missed == 0:
+            if fl.missed == 0 and fl.cpu_pairs is None:
                 self._clean_s = fl.dev_s if self._clean_s is None else min(fl.dev_s, 1.05 * self._clean_s)
             elif self._clean_s is not None:                          # measured: the step's time beyond a clean one
                 first.stall_s += max(0.0, fl.dev_s - self._clean_s)
@@ -399,6 +424,7 @@ class _InFlight:
     snap: list | None = None            # disk tier: the bucket's Bucket.snapshot() before the step, to re-run it from
     land: tuple = ((), ())              # the step's landing candidates: (slots, MoE layer position of their experts)
     reruns: int = 0                     # disk tier: runs of this step discarded
+    cpu_pairs: np.ndarray | None = None # a split step: [moe layers, B*K] pairs computed on the CPU (split_step.py)
 
 
 # the experts modules' activation classes (transformers' ACT2FN) -> moe_kernel.ACTIVATIONS' ids

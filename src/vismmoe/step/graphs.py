@@ -92,7 +92,8 @@ class LayerExperts:
         self.inter = layout.inter
         self.spec = layout.spec()
         self.addr = addr                                            # [E] int64 (CUDA)
-        self.pool = self.slots = self.bank = None                   # CPU: [S, numel], [E] int32, [E, numel]
+        self.pool = self.slots = self.bank = None                   # CPU: [S, numel], [E] int32, [E, numel] (None:
+                                                                    # misses read nothing, the split step's)
         self.route_idx = self.route_w = None                        # [B*K] views of the bucket's routing record
         self.route_h = None                                         # [B, H] view of the bucket's MoE inputs
         self.live = None                                            # [1] int32: the bucket's rows in use
@@ -114,7 +115,9 @@ class LayerExperts:
         K = top_k_index.shape[-1]
         flat = flat[:n * K]
         slots = self.slots[flat].long()                                              # [P]; -1: not resident
-        blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], self.bank[flat])
+        # a miss reads its host blob, or (the split step: `bank` None) nothing: zeros, as address 0 gives
+        missing = self.bank[flat] if self.bank is not None else self.pool.new_zeros(len(flat), self.pool.shape[1])
+        blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], missing)
         gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
         out[:n] = moe_kernel.decode_experts_reference(hidden[:n], top_k_index[:n], top_k_weights[:n], gate_up, down,
                                                       self.act)
@@ -168,6 +171,9 @@ class Bucket:
     live: torch.Tensor = None   # [1] int32: `rows`, on the device (the experts kernels skip rows past it)
     land: torch.Tensor = None   # [3 + 3C + B*K] int64: landing state (moe_kernel; empty: a format without landing)
     graph: object = None
+    extra: torch.Tensor = None  # [B, 1, H]: the split step's rows computed between segments, added after the MoE
+                                # layer they belong to (then zeroed)
+    segments: list = field(default_factory=list)    # the split step's graphs, one per segment (`StepGraphs.run_split`)
     rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0's input, read no expert
                                 # weights (`live`) and their output is unused
 
@@ -211,6 +217,10 @@ class StepGraphs:
             ex.pos = self.positions[p:p + 1]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
+        # the split step's segment ends: decoder layer index -> MoE position (the last MoE layer of that decoder
+        # layer); None where the family's routed output is not a plain sum into the residual stream
+        self.split_ends = {fam_i: p for p, fam_i in enumerate(self.family.decoder_index(l) for l in self.moe_layers)} \
+            if self.family.moe_output_additive else None
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.capture_s = 0.0                    # seconds spent compiling and capturing (first step of a bucket)
         self.progress = None
@@ -244,10 +254,11 @@ class StepGraphs:
                    route_idx=torch.zeros(nL, B * self.K, dtype=torch.long, device=dev),
                    route_w=torch.zeros(nL, B * self.K, dtype=torch.float32, device=dev),
                    route_h=torch.zeros(nL, B, self.H, dtype=dt, device=dev),
+                   extra=torch.zeros(B, 1, self.H, dtype=dt, device=dev),
                    live=torch.full((1,), B, dtype=torch.int32, device=dev),
                    land=torch.zeros(3 + 3 * self.land_slots + B * self.K if self.land_slots else 0,
                                     dtype=torch.long, device=dev))
-        for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w)):
+        for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w), ("route_h", b.route_h)):
             h = torch.empty(t.shape, dtype=t.dtype)
             b.out_host[name] = h.pin_memory() if self.cuda else h
         self.buckets[(B, L)] = b
@@ -305,7 +316,60 @@ class StepGraphs:
         if graphs:
             b.graph.replay()
 
+    def run_split(self, b: Bucket, graphs: bool, between) -> None:
+        """One step of bucket `b` in segments (`_parts(split=True)`): after each MoE layer's segment the host
+        waits for it and calls `between(p)` (MoE position p; its routing and input are in `b.out_host`), which may
+        put rows into `b.extra` before the next segment starts. CUDA: one graph per segment (captured on first
+        use, in one memory pool); else the segments run eagerly."""
+        if graphs and b.segments:
+            last = len(b.segments) - 1
+            stream = torch.cuda.current_stream(self.device)
+            for s, (g, p) in enumerate(b.segments):
+                g.replay()
+                if s < last:
+                    stream.synchronize()
+                    between(p)
+            return
+        with self.active(b):
+            if graphs:
+                self._capture_split(b)
+            else:
+                for p in self._parts(b, split=True):
+                    between(p)
+        if graphs:
+            self.run_split(b, graphs, between)
+
+    def _capture_split(self, b: Bucket) -> None:
+        t0 = time.perf_counter()
+        self._warm(b, lambda: [None for _ in self._parts(b, split=True)])
+        saved = b.snapshot()
+        pool = torch.cuda.graph_pool_handle()
+        parts = self._parts(b, split=True)
+        segments, done = [], False
+        while not done:                 # one graph per segment; tensors passed between them stay alive in `parts`
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                try:
+                    p = next(parts)
+                except StopIteration:
+                    p, done = None, True
+            segments.append((g, p))
+        b.restore(saved)
+        torch.cuda.synchronize(self.device)
+        b.segments = segments
+        self.capture_s += time.perf_counter() - t0
+        self._say(f"split decode step captured in {time.perf_counter() - t0:.1f} s ({len(segments)} segments)")
+
     def _body(self, b: Bucket) -> None:
+        for _ in self._parts(b, split=False):
+            pass
+
+    def _parts(self, b: Bucket, split: bool):
+        """The step body. `split`: a generator that stops after each MoE layer's decoder layer (`split_ends`),
+        once that layer's routing and input are on their way to the host (`out_host`), and yields the layer's
+        MoE position; when resumed, the rows the host put into `b.extra` join the residual stream (its routed
+        experts' output is a plain sum into it: `Family.moe_output_additive`). Without `split` it never
+        yields."""
         model, fam = self.model, self.family
         lm = fam.language_model(model)
         b.mask.index_fill_(1, b.pos, True)
@@ -314,8 +378,16 @@ class StepGraphs:
         h, rope, extras = fam.decode_inputs(model, b.ids, fam.rotary_positions(positions))
         masks = fam.decode_masks(model, b.mask[:, None, None, :], b.pos)     # per layer, from [B, 1, 1, L]
         layer_pos = fam.layer_position_ids(positions)                # [B, 1]
+        ends = self.split_ends if split else {}
         for i, layer in enumerate(lm.layers):
             h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], *rope[i], **extras[i])
+            p = ends.get(i)
+            if p is not None:
+                for name in ("route_idx", "route_w", "route_h"):
+                    b.out_host[name][p].copy_(getattr(b, name)[p], non_blocking=True)
+                yield p
+                h = h + b.extra
+                b.extra.zero_()
         h = lm.norm(h[:, -1:])
         logits = fam.decode_logits(model, model.lm_head(h))[:, -1]   # [B, V]
         b.logits.copy_(logits)
@@ -328,19 +400,25 @@ class StepGraphs:
         if self.progress is not None:
             self.progress(msg)
 
-    def _capture(self, b: Bucket) -> None:
-        t0 = time.perf_counter()
-        saved = b.snapshot()            # warm-up runs change a recurrent layer's state in place: put it back
+    def _warm(self, b: Bucket, body) -> None:
+        """Run `body` twice on a side stream before a capture (compiles on the first call, warms kernels and
+        allocations), putting back what it changed (a recurrent layer's state changes in place)."""
+        saved = b.snapshot()
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            for i in range(2):                  # compiles (first call) and warms kernels/allocations
+            for i in range(2):
                 self._say(f"decode step: {'compiling' if i == 0 and self.compiled else 'warming up'} "
                           f"(batch {b.B}, KV {b.L})")
-                self._body(b)
+                body()
                 b.restore(saved)
         torch.cuda.current_stream(self.device).wait_stream(s)
         torch.cuda.synchronize(self.device)
+
+    def _capture(self, b: Bucket) -> None:
+        t0 = time.perf_counter()
+        self._warm(b, lambda: self._body(b))
+        saved = b.snapshot()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._body(b)

@@ -2,7 +2,9 @@
 
     # T tokens (a few: decode), K experts per token, P = T*K (token, expert) pairs, H hidden, I expert inter
     addr   [E] int64      where expert e's blob starts: a slot of the device pool, or its page-locked host blob
-                          (device-visible through unified addressing); written by the host before each step
+                          (device-visible through unified addressing); written by the host before each step.
+                          0: none; the pair reads nothing and contributes zeros (the split step, split_step.py,
+                          computes such misses on the CPU or in a second launch)
     topk   [T, K]         router's choice; weights [T, K]
     blob   one expert in its format (formats/), the same bytes in a slot and on the host: dense gate_up [2I, H]
            then down [H, I]; fp8 e4m3 weights + 128x128 block scales; int4 nibbles + group scales and zeros
@@ -181,8 +183,9 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         omask = rows < I
-        # a row past the live ones reads nothing and writes zeros (a tensor mask: a scalar one breaks interpreters)
-        rmask = omask & ((rows * 0 + t) < tl.load(live_ptr))
+        # a row past the live ones, or a pair whose expert's address is 0 (none: the split step computes it
+        # elsewhere), reads nothing and writes zeros (tensor masks: a scalar one breaks interpreters)
+        rmask = omask & ((rows * 0 + t) < tl.load(live_ptr)) & ((rows * 0 + tl.load(addr_ptr + e)) != 0)
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             dst, wr = _landing(dst_ptr, p, base, WRITE)
@@ -223,7 +226,7 @@ if triton is not None:
         dt = h_ptr.dtype.element_ty
         rows = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         omask = rows < H
-        rmask = omask & ((rows * 0 + p // K) < tl.load(live_ptr))
+        rmask = omask & ((rows * 0 + p // K) < tl.load(live_ptr)) & ((rows * 0 + tl.load(addr_ptr + e)) != 0)
         if FMT == 0:
             base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
             dst, wr = _landing(dst_ptr, p, base, WRITE)

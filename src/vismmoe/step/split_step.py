@@ -1,0 +1,160 @@
+"""The split decode step: a fast step's misses computed on the host's cores, or read over the link in a launch of
+their own, while the device waits at that MoE layer (`--cpu-experts on|auto` on the fast step).
+
+The fast step's one graph reads a miss over the link inside its experts kernel: the host learns the routing only
+after the step. To compute a miss on the CPU, the host must see each MoE layer's routing before the next layer
+runs. A split step does that:
+
+    launch:  the address table holds 0 for every expert without a slot: the kernels read nothing for those pairs
+             and give zeros (moe_kernel); slots are read as in the one-graph step
+    per MoE layer p, a segment (graphs.StepGraphs.run_split; one CUDA graph each, captured on first use):
+        the device runs the decoder layers up to p's, then copies p's routing and input to pinned host memory
+        the host waits for it (the boundary), then `between`:
+            misses = experts of p's live pairs with no slot
+            placement (cpu/placement.py): the CPU's and the link's
+            the link's: the experts kernels launched again over an address table that holds only them (their
+                        page-locked host blobs), their rows added into `Bucket.extra` on the device
+            the CPU's:  the executor (cpu/executor.py) on the host's cores meanwhile; rows summed per token,
+                        copied into `Bucket.extra`
+        the next segment adds `Bucket.extra` to the residual stream (the family's routed output is a plain sum
+        into it: `Family.moe_output_additive`) and clears it
+    after the step (fast_step.FastStep._finish): the link's misses are claimed and copied into slots as a
+    one-graph step's are; the CPU's stay on the host (they do not enter the cache, as in the eager layer call)
+
+Numerics: the CPU computes in float32 what the device computes in the model's dtype, and the misses' rows join
+the residual stream after the layer's other terms instead of with them: close, not equal (tests/
+test_split_step.py states the tolerance). `--cpu-experts off` never splits and stays bit-exact.
+
+Whether a step splits is `cpu/placement.py` `SplitRule`'s call (each boundary costs a host round trip, worth it
+only for steps with misses enough); which misses go where is `Placement`'s. This module is the mechanism.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from . import moe_kernel
+from ..cpu.placement import SplitRule
+
+
+class SplitMisses:
+    """The host side of split steps for one engine's `FastStep` `fs`, with the engine's CPU side `cpu`
+    (cpu/hybrid.py `CpuSide`: its executor, placement and counters)."""
+
+    def __init__(self, fs, cpu):
+        self.fs, self.cpu = fs, cpu
+        self.cuda = fs.cuda
+        L, E = len(fs.moe_layers), fs.E
+        self.gates = [getattr(fs.family.moe_block(fs.model, layer).experts, "_apply_gate", None)
+                      for layer in fs.moe_layers]
+        pl = cpu.placement
+        fetch_s = pl.fetch_s if pl is not None else fs.layout.nbytes / 50e9
+        self.rule = SplitRule(fetch_s=fetch_s,
+                              cpu_s=(lambda: pl.cpu_s(1) * pl.scale) if pl is not None else (lambda: fetch_s),
+                              boundaries=len(set(fs.sg.split_ends.values())), always=pl is None)
+        if self.cuda:
+            self.addr_host = torch.zeros((L, E), dtype=torch.int64).pin_memory()
+            self.addr_dev = torch.zeros((L, E), dtype=torch.int64, device=fs.device)
+            self.no_land = torch.zeros(0, dtype=torch.long, device=fs.device)
+        self._rows_host: dict[int, torch.Tensor] = {}     # bucket rows B -> pinned [L, B, 1, H]: the CPU's rows
+        self.steps = 0              # split steps run
+        self.link_experts = 0       # misses of split steps read over the link by their own launch
+        self.cpu_experts = 0        # misses of split steps computed on the CPU
+        self.work_s = 0.0           # host seconds of the running step's `between` calls that had misses
+
+    def wanted(self) -> bool:
+        return self.rule.want()
+
+    def begin(self, fl, rows: int) -> None:
+        """A split step is launched: no pair computed on the CPU yet."""
+        fl.cpu_pairs = np.zeros((len(self.fs.moe_layers), rows * self.fs.K), dtype=bool)
+        self.work_s = 0.0
+        self.steps += 1
+
+    def between(self, b, fl, p: int) -> None:
+        """After MoE layer p's segment (its routing and input in `b.out_host`): its misses computed, their rows
+        into `b.extra` for the next segment."""
+        fs, K = self.fs, self.fs.K
+        real = b.rows * K
+        idx = b.out_host["route_idx"][p].numpy()[:real].copy()          # [rows*K]
+        missing = fl.used[p][idx] < 0
+        if not missing.any():
+            return
+        t0 = time.perf_counter()
+        misses = sorted(set(idx[missing].tolist()))
+        tokens = np.bincount(idx, minlength=fs.E)
+        pl = self.cpu.placement
+        cpu = misses if pl is None else pl.choose(misses, tokens)
+        link = sorted(set(misses) - set(cpu))
+        if link:
+            self._link(b, p, idx, link)
+        if cpu:
+            self._cpu(b, fl, p, idx, cpu)
+        self.work_s += time.perf_counter() - t0
+
+    def _link(self, b, p: int, idx: np.ndarray, link: list[int]) -> None:
+        """The experts `link` of MoE layer p, read over the link by a launch of the experts kernels of their own
+        (CUDA; on the CPU the reference over their host blobs); their rows into `b.extra`."""
+        fs, B, K = self.fs, b.B, self.fs.K
+        ex = fs.sg.experts[p]
+        x, w = b.route_h[p], b.route_w[p].view(B, K)
+        topk = b.route_idx[p].view(B, K)
+        if self.cuda:
+            a = self.addr_host[p].numpy()
+            a[:] = 0
+            a[link] = fs.host_addr[p, link]
+            self.addr_dev[p].copy_(self.addr_host[p], non_blocking=True)
+            y = moe_kernel.decode_experts(x, topk, w, self.addr_dev[p], torch.empty_like(b.route_idx[p]),
+                                          torch.empty_like(b.route_w[p]), b.live, self.no_land, ex.pos, ex.inter,
+                                          ex.spec, ex.act)
+        else:
+            n = b.rows
+            flat = torch.from_numpy(idx)
+            bank = fs.store.layer_blobs(fs.store_pos[p])
+            take = torch.from_numpy(np.isin(idx, link))[:, None]
+            blobs = torch.where(take, bank[flat], bank.new_zeros(len(idx), bank.shape[1]))
+            gate_up, down = fs.layout.dequantize(blobs)
+            y = torch.zeros_like(x)
+            y[:n] = moe_kernel.decode_experts_reference(x[:n], topk[:n], w[:n], gate_up, down, ex.act)
+        b.extra.view(B, -1).add_(y)
+        self.link_experts += len(link)
+
+    def _cpu(self, b, fl, p: int, idx: np.ndarray, experts: list[int]) -> None:
+        """The experts `experts` of MoE layer p on the host's cores; their rows summed per token into `b.extra`."""
+        fs, cpu, K, n = self.fs, self.cpu, self.fs.K, b.rows
+        h = b.out_host["route_h"][p][:n]                                        # [rows, H], the layer's input
+        w = b.out_host["route_w"][p][:n * K].view(n, K)
+        pos = fs.store_pos[p]
+        predicted = cpu.placement.predict(experts, np.bincount(idx, minlength=fs.E)) if cpu.placement else 0.0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pick, rows = cpu.executor.pairs(lambda e: fs.store.blob(pos, e), h, idx.reshape(n, K), w, experts,
+                                            gate=self.gates[p])
+        acc = torch.zeros(n, h.shape[-1], dtype=torch.float32).index_add_(0, pick // K, rows)
+        t1 = time.perf_counter()
+        cpu.busy_s += t1 - t0
+        cpu.experts += len(experts)
+        self.cpu_experts += len(experts)
+        cpu.pairs += int(pick.numel())
+        if cpu.placement is not None:
+            cpu.placement.observe(predicted, t1 - t0)
+        fl.cpu_pairs[p, pick.numpy()] = True
+        if self.cuda:
+            host = self._rows_host.get(b.B)
+            if host is None:
+                host = self._rows_host[b.B] = torch.zeros((len(fs.moe_layers), b.B, 1, h.shape[-1]),
+                                                          dtype=b.extra.dtype).pin_memory()
+            host[p, :n, 0] = acc.to(host.dtype)
+            host[p, n:] = 0
+            b.extra.add_(host[p].to(fs.device, non_blocking=True))
+        else:
+            b.extra[:n, 0] += acc.to(b.extra.dtype)
+
+    def after(self, fl, dev_s: float, clean_s: float | None, misses: int) -> None:
+        """A step finished with `misses` experts not in a slot (split or not): the rule's books."""
+        self.rule.observe_step(misses)
+        if getattr(fl, "cpu_pairs", None) is not None and clean_s is not None:
+            self.rule.observe_split(dev_s - clean_s - self.work_s)

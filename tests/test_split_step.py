@@ -1,0 +1,184 @@
+"""The split decode step (step/split_step.py): the fast step's misses computed on the CPU, or read over the link in
+a launch of their own, between per-MoE-layer segments. A tolerance suite, apart from the exactness suite: the CPU
+computes in float32 and the misses' rows join the residual stream after the layer's other terms, so logits are
+close (not equal) and greedy tokens are the same. `--cpu-experts off` never splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vismmoe import load
+from vismmoe.cpu.placement import SplitRule
+from vismmoe.step.split_step import SplitMisses
+
+from .conftest import FAMILIES, MORE_FAMILIES, TEXT_FAMILIES
+
+PROMPT = "What is in the picture?"
+NEW = 8
+TEACHER = list(range(100, 100 + NEW))     # teacher-forced: every step runs (no early EOS)
+LOGIT_TOL = 1e-4                          # fp32 tiny models: summation order only
+
+
+def _smallest(eng) -> str:
+    """The smallest legal budget: one layer's top-k experts."""
+    return str(eng.geometry.top_k * eng.layout.nbytes)
+
+
+def _step_logits(eng, inputs) -> tuple[list[int], list[torch.Tensor], dict]:
+    """Teacher-forced decode on the fast step: (tokens, each step's logits, stats)."""
+    fs = eng.fast_step()
+    logits, advance = [], fs.advance
+
+    def recording(b, *a, **k):
+        fl = advance(b, *a, **k)
+        logits.append(b.logits[:b.rows].float().clone())
+        return fl
+    fs.advance = recording
+    try:
+        ids, stats = eng.generate_ids(inputs, NEW, teacher_tokens=TEACHER)
+    finally:
+        fs.advance = advance
+    assert stats["expert_bytes_peak"] <= stats["expert_budget_bytes"]
+    return ids[0], logits, stats
+
+
+def _pair(d, budget, mode="on"):
+    ref = load(d, decode="fast", expert_budget=budget)
+    eng = load(d, decode="fast", expert_budget=budget, cpu_experts=mode)
+    return ref, eng
+
+
+@pytest.mark.parametrize("family", FAMILIES + ("qwen3_5_moe", "ernie4_5_vl_moe") + TEXT_FAMILIES)
+def test_split_step_matches_fetch_only(family, tiny_dirs, image_file, tmp_path, monkeypatch):
+    """--cpu-experts on, fast decode: every step splits and its misses are computed on the CPU. Tokens equal
+    fetch-only's, every step's logits within LOGIT_TOL, at 25% and at the smallest legal budget; decode misses
+    really were computed between segments, and none of them was copied into the cache."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs[family]
+    image = None if family in TEXT_FAMILIES else image_file
+    for budget in ("25%", None):
+        ref, eng = _pair(d, budget or "25%")
+        if budget is None:
+            ref, eng = _pair(d, _smallest(ref))
+        inputs = ref.prepare([image], [PROMPT])
+        want, want_logits, want_stats = _step_logits(ref, inputs)
+        split = eng.fast_step().split
+        assert isinstance(split, SplitMisses)
+        cpu_before = eng.runtime.cpu.experts
+        got, got_logits, stats = _step_logits(eng, inputs)
+        assert got == want, (family, budget)
+        assert len(got_logits) == len(want_logits) == NEW - 1
+        for a, b in zip(got_logits, want_logits):
+            assert (a - b).abs().max().item() <= LOGIT_TOL, (family, budget)
+        assert split.steps == NEW - 1 and split.cpu_experts > 0, (family, budget)
+        assert eng.runtime.cpu.experts - cpu_before >= split.cpu_experts
+        # mode on: no miss of the prefill or of a split step was fetched
+        assert stats["misses"] == 0 and want_stats["misses"] > 0, (family, budget)
+
+
+def test_without_the_rows_the_logits_move(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """The tolerance test can fail: a split step that drops its CPU rows gives other logits."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    ref, eng = _pair(tiny_dirs["qwen3_vl_moe"], "25%")
+    inputs = ref.prepare([image_file], [PROMPT])
+    want = _step_logits(ref, inputs)[1]
+    monkeypatch.setattr(SplitMisses, "_cpu", lambda self, b, fl, p, idx, experts: None)
+    got = _step_logits(eng, inputs)[1]
+    assert max((a - b).abs().max().item() for a, b in zip(got, want)) > 100 * LOGIT_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_between_cpu_and_link(family, tiny_dirs, image_file, tmp_path, monkeypatch):
+    """auto with a placement that sends every other miss to the link: the link's misses run in a launch of their
+    own (over their host blobs) and are then copied into slots; the CPU's are not. Tokens and logits as
+    fetch-only's, down to the smallest budget."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs[family]
+    for budget in ("25%", None):
+        ref, eng = _pair(d, "25%", "auto")
+        if budget is None:
+            ref, eng = _pair(d, _smallest(ref), "auto")
+        split = eng.fast_step().split
+        split.rule.always = True
+        eng.runtime.cpu.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
+        inputs = ref.prepare([image_file], [PROMPT])
+        want, want_logits, _ = _step_logits(ref, inputs)
+        got, got_logits, stats = _step_logits(eng, inputs)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            assert (a - b).abs().max().item() <= LOGIT_TOL
+        assert split.cpu_experts > 0 and split.link_experts > 0
+        assert stats["misses"] > 0                      # the link's misses were claimed (and copied) after the step
+
+
+def test_rule_splits_only_when_misses_pay_for_the_boundaries():
+    rule = SplitRule(fetch_s=0.19e-3, cpu_s=lambda: 0.10e-3, boundaries=48)
+    assert not rule.want()                                  # no misses seen yet
+    for _ in range(4):
+        rule.observe_step(40)
+    assert rule.want()                                      # 40 misses x 0.12 ms saved > 48 x 40 us
+    rule.observe_split(48 * 1e-3)                           # boundaries measured at 1 ms each: too dear
+    assert not rule.want()
+    for _ in range(8):
+        rule.observe_step(0)
+    rule.boundary_s = 0.0
+    assert not rule.want()                                  # misses gone
+    slow_cpu = SplitRule(fetch_s=0.19e-3, cpu_s=lambda: 10e-3, boundaries=48, misses=40)
+    assert slow_cpu.want() is False                         # a CPU far slower than the link saves little
+    assert SplitRule(fetch_s=1, cpu_s=lambda: 1, boundaries=1, always=True).want()
+
+
+def test_auto_stays_one_graph_without_misses(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """auto with every expert resident: no step splits (nothing to compute elsewhere), tokens exact."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs["qwen3_vl_moe"]
+    ref = load(d, decode="fast")
+    eng = load(d, decode="fast", cpu_experts="auto")
+    inputs = ref.prepare([image_file], [PROMPT])
+    assert _step_logits(eng, inputs)[0] == _step_logits(ref, inputs)[0]
+    assert eng.fast_step().split.steps == 0
+
+
+def test_off_and_not_additive_families_never_split(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """--cpu-experts off keeps the one-graph step; Gemma 4 (a norm after the experts' output) keeps it too, with
+    its misses read over the link, and its tokens are fetch-only's."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    assert load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_budget="25%").fast_step().split is None
+    assert "gemma4" in MORE_FAMILIES
+    d = tiny_dirs["gemma4"]
+    ref, eng = _pair(d, "25%")
+    assert eng.fast_step().split is None and eng.runtime.cpu is not None
+    inputs = ref.prepare([image_file], [PROMPT])
+    assert _step_logits(eng, inputs)[0] == _step_logits(ref, inputs)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["on", "mixed"])
+def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, tmp_path, monkeypatch):
+    """On CUDA: the split step's segment graphs, the address-0 kernels, the link's own launch (mixed) and the CPU
+    rows copied in: tokens equal fetch-only's, logits within bf16 tolerance, down to the smallest budget; the
+    budget holds."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs[family]
+    for budget in ("25%", None):
+        kw = dict(device="cuda", decode="fast")
+        ref = load(d, expert_budget="25%", **kw)
+        if budget is None:
+            ref = load(d, expert_budget=_smallest(ref), **kw)
+        eng = load(d, expert_budget=str(ref.budget_bytes), cpu_experts="on" if mode == "on" else "auto", **kw)
+        split = eng.fast_step().split
+        if mode == "mixed":
+            split.rule.always = True
+            eng.runtime.cpu.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
+        inputs = ref.prepare([image_file], [PROMPT])
+        want, want_logits, _ = _step_logits(ref, inputs)
+        got, got_logits, _ = _step_logits(eng, inputs)
+        assert got == want, (family, mode, budget)
+        for a, b in zip(got_logits, want_logits):
+            assert (a - b).abs().max().item() <= 5e-2 * max(1.0, b.abs().max().item())
+        assert split.steps == NEW - 1 and split.cpu_experts > 0
+        if mode == "mixed":
+            assert split.link_experts > 0
+        assert eng.cache.pool.numel() * eng.cache.pool.element_size() <= eng.budget_bytes
