@@ -218,9 +218,9 @@ class RuntimeConfig:
         "off", "compute missing experts on the host's cores instead of fetching them: auto (each miss goes where a "
                "cost model over this machine's measured rates, cached, says it is done sooner; decode mostly on the "
                "CPU, prefill mostly fetched), on (every miss on the CPU), off (default: every miss fetched, bit-exact "
-               "with every expert resident). CPU results differ from the device's only by summation order. Applies "
-               "to eager layer calls (the prefill, and --decode eager); the fast step keeps reading misses over the "
-               "link", commands=RUN + ("eval", "bench"), choices=("off", "on", "auto"))
+               "with every expert resident). CPU results differ from the device's only by summation order. On the fast "
+               "decode step, a step with misses enough splits at each MoE layer so the host can compute them "
+               "(docs/cpu-experts.md)", commands=RUN + ("eval", "bench"), choices=("off", "on", "auto"))
     device_profile: str | None = option(
         None, "emulate a device class: everything runs here, times come from the profile's virtual device clock "
               "(compute, memory, expert tier; docs/device-profiles.md); one of {names} or a profile .json (default: "
