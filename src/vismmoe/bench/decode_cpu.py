@@ -11,6 +11,9 @@
                    slots, by the kernel VISMMOE_CPU_KERNEL picks (not run unless named in --systems)
     eager+cpu-torch, eager+cpu-native
                    the same with the CPU expert kernel named (cpu/executor.py), to compare the two in one process
+    fast+cpu, fast+compile+cpu
+                   the fast step with --cpu-experts on: every step split, misses computed by the executor
+                   between its MoE layers (step/split_step.py)
 Bundled model (trained routing), test scenes, every request on a cold cache, systems interleaved per repetition;
 the median over requests of time per output token, then the median over repetitions.
 """
@@ -44,7 +47,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--systems", default="eager,fast,fast+compile", help="comma-separated, of eager, fast, "
-                    "fast+compile, eager+cpu, eager+cpu-torch, eager+cpu-native")
+                    "fast+compile, eager+cpu, eager+cpu-torch, eager+cpu-native, fast+cpu, fast+compile+cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = [x.strip() for x in args.systems.split(",") if x.strip()]
@@ -55,7 +58,10 @@ def main(argv=None) -> dict:
             "fast+compile": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget),
             "eager+cpu": lambda: eager.fork(cpu_experts="on"),
             "eager+cpu-torch": lambda: _with_kernel(eager.fork(cpu_experts="on"), "torch"),
-            "eager+cpu-native": lambda: _with_kernel(eager.fork(cpu_experts="on"), "native")}
+            "eager+cpu-native": lambda: _with_kernel(eager.fork(cpu_experts="on"), "native"),
+            "fast+cpu": lambda: eager.fork(decode="fast", cpu_experts="on"),
+            "fast+compile+cpu": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget,
+                                             cpu_experts="on")}
     unknown = [n for n in names if n not in make]
     if unknown or not names:
         ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of {', '.join(make)}")
