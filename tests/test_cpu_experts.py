@@ -261,6 +261,16 @@ def test_bench_rows(tmp_path, monkeypatch):
     assert rows["resident"]["misses"] == 0
 
 
+@pytest.mark.parametrize("argv,says", [(["--layers", "0"], "--layers"), (["--policy", "nope"], "nope"),
+                                       (["--shape", "nope"], "nope")])
+def test_bench_refuses_bad_input(argv, says, capsys):
+    """One line naming the bad value, exit 2, before anything is built."""
+    from vismmoe.bench import cpu_experts
+    assert cpu_experts.main(["--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0]
+
+
 def test_worker_thread_path_on_the_cpu(tiny_dirs, image_file, tmp_path, monkeypatch):
     """The CUDA path's worker thread (the CPU part runs beside the device path, in a thread of its own with its own
     grad mode), exercised on the CPU: the same tokens as the inline path."""

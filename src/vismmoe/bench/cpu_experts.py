@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import statistics
 import time
 
 import torch
 
 from ..cpu.rates import rates_for
+from ..errors import UserError
 from ..families import get_family
 from ..formats import make_format
+from ..offload.policies import ONLINE_POLICIES
 from .output import emit
 from .random_model import random_engine, synthetic_inputs, synthetic_text_inputs
 from .shapes import get_shape
@@ -71,7 +74,7 @@ def _rows(systems: dict, inputs, args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b-L4")
     ap.add_argument("--layers", type=int, default=None, help="the shape's first N decoder layers only")
@@ -87,9 +90,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-resident", action="store_true", help="skip the every-expert-resident row (memory)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.layers is not None and args.layers < 1:
-        ap.error(f"--layers must be at least 1, not {args.layers}")
-    fam, config = get_shape(args.shape, args.layers)
+    try:                                    # a bad value: one line and exit 2, before anything is built
+        if args.layers is not None and args.layers < 1:
+            raise UserError(f"--layers {args.layers}", "give at least 1")
+        if args.policy is not None and args.policy not in ONLINE_POLICIES:
+            raise UserError(f"--policy: unknown cache policy {args.policy!r}",
+                            f"use one of {', '.join(ONLINE_POLICIES)}")
+        fam, config = get_shape(args.shape, args.layers)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t = time.perf_counter()
@@ -133,4 +143,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(2 if main() == 2 else 0)
