@@ -65,13 +65,13 @@ if triton is not None:
         [ceil(R/128), SR] at `sp`; the tile's rows lie in one 128-row block (BLOCK_R divides 128), so its scales
         are one vector over its columns, folded into x."""
         rb = tl.min(rows) // 128
-        anyr = tl.max(rmask.to(tl.int32), axis=0) > 0       # no row to read (address 0): no scale read either
+        anyr = tl.max(rmask.to(tl.int32), axis=0)          # no row to read (address 0): no scale read either
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cm = cols < C
             xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
             w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
-            sv = tl.load(sp + rb * SR + cols // 128, mask=cm & anyr, other=0.0)            # [BLOCK_C]
+            sv = tl.load(sp + rb * SR + cols // 128, mask=cm & ((cols * 0 + anyr) > 0), other=0.0)  # [BLOCK_C]
             acc += tl.sum(e4m3_to_f32(w, NATIVE_F8, VIA_F16) * (xv * sv)[None, :], axis=1)
         return acc
 
