@@ -77,6 +77,21 @@ def test_split_step_matches_fetch_only(family, tiny_dirs, image_file, tmp_path, 
         assert stats["misses"] == 0 and want_stats["misses"] > 0, (family, budget)
 
 
+def test_split_step_in_a_batch(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """Three rows in a bucket of four (one row past `live`): each row's tokens are fetch-only's, at 25% and the
+    smallest budget."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs["qwen3_vl_moe"]
+    prompts = [PROMPT, "How many shapes are there?", "What color is it?"]
+    for budget in ("25%", None):
+        ref, eng = _pair(d, "25%")
+        if budget is None:
+            ref, eng = _pair(d, _smallest(ref))
+        want = [g.token_ids for g in ref.generate_batch([image_file] * 3, prompts, NEW)]
+        got = [g.token_ids for g in eng.generate_batch([image_file] * 3, prompts, NEW)]
+        assert got == want and eng.fast_step().split.cpu_experts > 0
+
+
 def test_without_the_rows_the_logits_move(tiny_dirs, image_file, tmp_path, monkeypatch):
     """The tolerance test can fail: a split step that drops its CPU rows gives other logits."""
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
