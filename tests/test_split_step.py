@@ -92,6 +92,28 @@ def test_split_step_in_a_batch(tiny_dirs, image_file, tmp_path, monkeypatch):
         assert got == want and eng.fast_step().split.cpu_experts > 0
 
 
+def test_split_steps_in_a_running_batch_and_the_server_warm_up(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """Continuous batching on split steps: rows join and leave a running batch of 3 places (a bucket of 4) and each
+    gives fetch-only's tokens alone; `warm_up` (what `vismmoe serve` runs on CUDA before serving) splits every
+    step it takes, so each shape's split step is made before clients come, and leaves the rule as it was."""
+    from vismmoe.serve.cli import warm_up
+    from .test_continuous import _alone, _req, _specs, _staggered
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs["qwen3_vl_moe"]
+    ref = load(d, decode="fast", expert_budget="25%")
+    specs = [s for s in _specs(image_file) if "sampling" not in s[2]]
+    alone = _alone(ref, specs)
+    eng = load(d, decode="fast", expert_budget="25%", cpu_experts="on")
+    reqs = [_req(s) for s in specs]
+    _staggered(eng, reqs, [0, 1, 2, 4], capacity=3)
+    assert [r.token_ids for r in reqs] == [r.token_ids for r in alone]
+    assert eng.fast_step().split.cpu_experts > 0
+    auto = load(d, decode="fast", expert_budget="25%", cpu_experts="auto")
+    split = auto.fast_step().split
+    warm_up(auto, 2, static=True, continuous=True)
+    assert split.steps > 0 and split.rule.always is False
+
+
 def test_without_the_rows_the_logits_move(tiny_dirs, image_file, tmp_path, monkeypatch):
     """The tolerance test can fail: a split step that drops its CPU rows gives other logits."""
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))

@@ -114,7 +114,23 @@ def warm_up(engine, max_batch: int, make_request=None, static: bool = True, cont
     `make_request()` gives the request to warm with (default: a text-only "Hello"); the fast step compiles again
     for a KV length it has not seen. `continuous`: the running batch's one shape of `max_batch` rows
     (engine/running.py) at each KV length of `WARM_LENGTHS`: a request whose token limit needs that length
-    joins, takes one step and is cancelled (a longer batch later captures the next length, twice the last)."""
+    joins, takes one step and is cancelled (a longer batch later captures the next length, twice the last).
+    With CPU experts (--cpu-experts on|auto), every warm-up step splits, so each shape's split step (one graph per
+    MoE layer, step/split_step.py) is captured too."""
+    fs = engine.fast_step()
+    split = getattr(fs, "split", None)
+    if split is None:
+        _warm_shapes(engine, max_batch, make_request, static, continuous)
+        return
+    always = split.rule.always
+    split.rule.always = True
+    try:
+        _warm_shapes(engine, max_batch, make_request, static, continuous)
+    finally:
+        split.rule.always = always
+
+
+def _warm_shapes(engine, max_batch: int, make_request, static: bool, continuous: bool) -> None:
     from ..engine.request import GenerationRequest
     from ..engine.running import RunningBatch
     if make_request is None:
