@@ -164,6 +164,10 @@ def test_rule_splits_only_when_misses_pay_for_the_boundaries():
     slow_cpu = SplitRule(fetch_s=0.19e-3, cpu_s=lambda: 10e-3, boundaries=48, misses=40)
     assert slow_cpu.want() is False                         # a CPU far slower than the link saves little
     assert SplitRule(fetch_s=1, cpu_s=lambda: 1, boundaries=1, always=True).want()
+    shared = SplitRule(fetch_s=0.19e-3, cpu_s=lambda: 0.01e-3, boundaries=1, misses=1000, shared=True)
+    assert not shared.want()                                # a CPU device: nothing to gain (measured)
+    shared.always = True
+    assert shared.want()
 
 
 def test_auto_stays_one_graph_without_misses(tiny_dirs, image_file, tmp_path, monkeypatch):

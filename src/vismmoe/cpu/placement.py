@@ -91,12 +91,15 @@ class SplitRule:
     too eagerly measures its boundaries and stops; one that never splits keeps its prior.
 
     `cpu_s`: () -> seconds the CPU takes for one expert of one token (the placement's rate times its in-place
-    correction); `always`: every step splits (--cpu-experts on)."""
+    correction); `always`: every step splits (--cpu-experts on); `shared`: the device is the CPU itself. There a
+    one-graph step reads a miss from the host store with no copy on its path, so splitting saves nothing and only
+    adds its boundaries: no step splits (measured on the 2-core machine: docs/cpu-experts.md)."""
 
     fetch_s: float
     cpu_s: Callable[[], float]
     boundaries: int
     always: bool = False
+    shared: bool = False
     misses: float = 0.0             # running mean of misses (distinct (layer, expert) pairs) per step
     boundary_s: float = 0.0         # measured seconds per boundary (0: `BOUNDARY_S` until measured)
     BOUNDARY_S = 40e-6              # a segment's host round trip: the wait's wake-up, the next replay's launch
@@ -104,6 +107,8 @@ class SplitRule:
     def want(self) -> bool:
         if self.always:
             return True
+        if self.shared:
+            return False
         cpu = max(self.cpu_s(), 1e-9)
         both = 1.0 / (1.0 / self.fetch_s + 1.0 / cpu)
         return self.misses * (self.fetch_s - both) > self.boundaries * (self.boundary_s or self.BOUNDARY_S)
