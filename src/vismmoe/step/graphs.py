@@ -217,10 +217,13 @@ class StepGraphs:
             ex.pos = self.positions[p:p + 1]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
-        # the split step's segment ends: decoder layer index -> MoE position (the last MoE layer of that decoder
-        # layer); None where the family's routed output is not a plain sum into the residual stream
-        self.split_ends = {fam_i: p for p, fam_i in enumerate(self.family.decoder_index(l) for l in self.moe_layers)} \
-            if self.family.moe_output_additive else None
+        # the split step's segment ends: decoder layer index -> the MoE positions (expert groups) in that decoder
+        # layer; None where the family's routed output is not a plain sum into the residual stream
+        self.split_ends = None
+        if self.family.moe_output_additive:
+            self.split_ends = {}
+            for p, layer in enumerate(self.moe_layers):
+                self.split_ends.setdefault(self.family.decoder_index(layer), []).append(p)
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.capture_s = 0.0                    # seconds spent compiling and capturing (first step of a bucket)
         self.progress = None
@@ -318,24 +321,26 @@ class StepGraphs:
 
     def run_split(self, b: Bucket, graphs: bool, between) -> None:
         """One step of bucket `b` in segments (`_parts(split=True)`): after each MoE layer's segment the host
-        waits for it and calls `between(p)` (MoE position p; its routing and input are in `b.out_host`), which may
-        put rows into `b.extra` before the next segment starts. CUDA: one graph per segment (captured on first
+        waits for it and calls `between(p)` for each MoE position p it ended with (their routing and input are in
+        `b.out_host`), which may put rows into `b.extra` before the next segment starts. CUDA: one graph per segment (captured on first
         use, in one memory pool); else the segments run eagerly."""
         if graphs and b.segments:
             last = len(b.segments) - 1
             stream = torch.cuda.current_stream(self.device)
-            for s, (g, p) in enumerate(b.segments):
+            for s, (g, ps) in enumerate(b.segments):
                 g.replay()
                 if s < last:
                     stream.synchronize()
-                    between(p)
+                    for p in ps:
+                        between(p)
             return
         with self.active(b):
             if graphs:
                 self._capture_split(b)
             else:
-                for p in self._parts(b, split=True):
-                    between(p)
+                for ps in self._parts(b, split=True):
+                    for p in ps:
+                        between(p)
         if graphs:
             self.run_split(b, graphs, between)
 
@@ -350,10 +355,10 @@ class StepGraphs:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 try:
-                    p = next(parts)
+                    ps = next(parts)
                 except StopIteration:
-                    p, done = None, True
-            segments.append((g, p))
+                    ps, done = (), True
+            segments.append((g, ps))
         b.restore(saved)
         torch.cuda.synchronize(self.device)
         b.segments = segments
@@ -366,10 +371,10 @@ class StepGraphs:
 
     def _parts(self, b: Bucket, split: bool):
         """The step body. `split`: a generator that stops after each MoE layer's decoder layer (`split_ends`),
-        once that layer's routing and input are on their way to the host (`out_host`), and yields the layer's
-        MoE position; when resumed, the rows the host put into `b.extra` join the residual stream (its routed
-        experts' output is a plain sum into it: `Family.moe_output_additive`). Without `split` it never
-        yields."""
+        once that layer's routing and input are on their way to the host (`out_host`), and yields the MoE
+        positions of that decoder layer; when resumed, the rows the host put into `b.extra` join the residual
+        stream (its routed experts' output is a plain sum into it: `Family.moe_output_additive`). Without `split`
+        it never yields."""
         model, fam = self.model, self.family
         lm = fam.language_model(model)
         b.mask.index_fill_(1, b.pos, True)
@@ -381,11 +386,12 @@ class StepGraphs:
         ends = self.split_ends if split else {}
         for i, layer in enumerate(lm.layers):
             h = self._layer(layer, h, masks[i], layer_pos, b.kv[i], *rope[i], **extras[i])
-            p = ends.get(i)
-            if p is not None:
-                for name in ("route_idx", "route_w", "route_h"):
-                    b.out_host[name][p].copy_(getattr(b, name)[p], non_blocking=True)
-                yield p
+            ps = ends.get(i)
+            if ps:
+                for p in ps:
+                    for name in ("route_idx", "route_w", "route_h"):
+                        b.out_host[name][p].copy_(getattr(b, name)[p], non_blocking=True)
+                yield ps
                 h = h + b.extra
                 b.extra.zero_()
         h = lm.norm(h[:, -1:])

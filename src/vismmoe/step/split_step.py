@@ -54,7 +54,7 @@ class SplitMisses:
         fetch_s = pl.fetch_s if pl is not None else fs.layout.nbytes / 50e9
         self.rule = SplitRule(fetch_s=fetch_s,
                               cpu_s=(lambda: pl.cpu_s(1) * pl.scale) if pl is not None else (lambda: fetch_s),
-                              boundaries=len(set(fs.sg.split_ends.values())), always=pl is None,
+                              boundaries=len(fs.sg.split_ends), always=pl is None,
                               shared=not self.cuda)
         if self.cuda:
             self.addr_host = torch.zeros((L, E), dtype=torch.int64).pin_memory()
