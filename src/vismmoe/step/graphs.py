@@ -339,6 +339,8 @@ class StepGraphs:
                 self._capture_split(b)
             else:
                 for ps in self._parts(b, split=True):
+                    if self.cuda:               # the routing's copies to the host must have landed
+                        torch.cuda.current_stream(self.device).synchronize()
                     for p in ps:
                         between(p)
         if graphs:
