@@ -109,9 +109,27 @@ def test_split_steps_in_a_running_batch_and_the_server_warm_up(tiny_dirs, image_
     assert [r.token_ids for r in reqs] == [r.token_ids for r in alone]
     assert eng.fast_step().split.cpu_experts > 0
     auto = load(d, decode="fast", expert_budget="25%", cpu_experts="auto")
-    split = auto.fast_step().split
+    fs = auto.fast_step()
+    split = fs.split
+    runs = []
+    run = fs.sg.run
+    monkeypatch.setattr(fs.sg, "run", lambda *a, **k: runs.append(1) or run(*a, **k))
     warm_up(auto, 2, static=True, continuous=True)
-    assert split.steps > 0 and split.rule.always is False
+    assert split.steps > 0 and runs and split.rule.always is False     # both kinds of step were made
+
+
+def test_rows_left_in_a_shared_bucket_do_not_leak(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """A step that failed between two segments may leave rows in `Bucket.extra` (a bucket the model's engines
+    share): the next split step starts from a clear one."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    ref, eng = _pair(tiny_dirs["qwen3_vl_moe"], "25%")
+    inputs = ref.prepare([image_file], [PROMPT])
+    want = _step_logits(ref, inputs)[0]
+    assert _step_logits(eng, inputs)[0] == want
+    with torch.inference_mode():
+        for b in eng.fast_step().sg.buckets.values():
+            b.extra.fill_(1e3)
+    assert _step_logits(eng, inputs)[0] == want
 
 
 def test_without_the_rows_the_logits_move(tiny_dirs, image_file, tmp_path, monkeypatch):
@@ -157,6 +175,11 @@ def test_rule_splits_only_when_misses_pay_for_the_boundaries():
     assert rule.want()                                      # 40 misses x 0.12 ms saved > 48 x 40 us
     rule.observe_split(48 * 1e-3)                           # boundaries measured at 1 ms each: too dear
     assert not rule.want()
+    for _ in range(400):                                    # no split since: the measurement fades to the prior
+        rule.observe_step(40)
+    assert rule.want()
+    rule.observe_split(1e3)                                 # one absurd step counts as at most BOUNDARY_MAX_S
+    assert rule.boundary_s <= SplitRule.BOUNDARY_MAX_S
     for _ in range(8):
         rule.observe_step(0)
     rule.boundary_s = 0.0

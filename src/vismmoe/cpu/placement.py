@@ -78,17 +78,18 @@ class Placement:
 @dataclass
 class SplitRule:
     """Whether the next fast decode step runs split (step/split_step.py): a host round trip at every MoE layer
-    buys computing that layer's misses on the CPU and over the link at the same time. A cost model, per step:
+    buys computing that layer's misses on the CPU and over the link at the same time. A cost model, per step of n
+    MoE layers with m misses expected (a running mean of the last steps': decode misses come in runs):
 
         fetch-only step  ~ clean + m fetch_s          the kernels read each miss over the link, one after another
-        split step       ~ clean + n boundary_s + m both_s
-                           n segment boundaries (MoE layers); both_s = 1 / (1/fetch_s + 1/cpu_s), a miss's share
-                           of the time when link and CPU work together
+        split step       ~ clean + n (boundary_s + layer(m / n))
+                           layer(j): a layer's j misses shared between CPU and link at once, the best split of
+                           whole experts (`layer_s`; one miss costs min(fetch_s, cpu_s), not a share of both)
 
-    so a step splits when m (fetch_s - both_s) > n boundary_s, with m the misses expected of the next step (a
-    running mean of the last steps': decode misses come in runs) and boundary_s measured on split steps (what a
-    split step took beyond a clean step and its host work, per boundary; prior `BOUNDARY_S`). A rule that splits
-    too eagerly measures its boundaries and stops; one that never splits keeps its prior.
+    A step splits when the second is smaller. boundary_s is measured on split steps (what one took beyond a clean
+    step and its host work, per boundary, at most `BOUNDARY_MAX_S`; a step that compiled or captured graphs is not
+    a measurement); between split steps it drifts back toward the prior `BOUNDARY_S`, so one dear measurement
+    cannot stop splitting for good.
 
     `cpu_s`: () -> seconds the CPU takes for one expert of one token (the placement's rate times its in-place
     correction); `always`: every step splits (--cpu-experts on); `shared`: the device is the CPU itself. There a
@@ -103,21 +104,35 @@ class SplitRule:
     misses: float = 0.0             # running mean of misses (distinct (layer, expert) pairs) per step
     boundary_s: float = 0.0         # measured seconds per boundary (0: `BOUNDARY_S` until measured)
     BOUNDARY_S = 40e-6              # a segment's host round trip: the wait's wake-up, the next replay's launch
+    BOUNDARY_MAX_S = 1e-3           # the most one measurement may say a boundary costs
+    DRIFT = 0.02                    # per step without a split: the share boundary_s moves back toward the prior
+
+    def layer_s(self, j: float) -> float:
+        """Seconds a layer with `j` misses (a mean: interpolated between whole numbers) waits when CPU and link
+        share them: min over k on the CPU of max(k cpu_s, (j - k) fetch_s)."""
+        cpu = max(self.cpu_s(), 1e-9)
+
+        def whole(n: int) -> float:
+            return min(max(k * cpu, (n - k) * self.fetch_s) for k in range(n + 1))
+        lo = int(j)
+        return whole(lo) + (j - lo) * (whole(lo + 1) - whole(lo))
 
     def want(self) -> bool:
         if self.always:
             return True
-        if self.shared:
+        if self.shared or self.misses <= 0:
             return False
-        cpu = max(self.cpu_s(), 1e-9)
-        both = 1.0 / (1.0 / self.fetch_s + 1.0 / cpu)
-        return self.misses * (self.fetch_s - both) > self.boundaries * (self.boundary_s or self.BOUNDARY_S)
+        n = max(self.boundaries, 1)
+        split = n * ((self.boundary_s or self.BOUNDARY_S) + self.layer_s(self.misses / n))
+        return split < self.misses * self.fetch_s
 
-    def observe_step(self, misses: int) -> None:
+    def observe_step(self, misses: int, split: bool = False) -> None:
         """A step (split or not) had `misses` experts not in a slot."""
         self.misses = 0.5 * self.misses + 0.5 * misses
+        if not split and self.boundary_s:
+            self.boundary_s += self.DRIFT * (self.BOUNDARY_S - self.boundary_s)
 
     def observe_split(self, beyond_s: float) -> None:
         """A split step took `beyond_s` seconds more than a clean step plus its host work with misses."""
-        per = max(0.0, beyond_s) / max(self.boundaries, 1)
+        per = min(max(0.0, beyond_s) / max(self.boundaries, 1), self.BOUNDARY_MAX_S)
         self.boundary_s = per if self.boundary_s == 0 else 0.7 * self.boundary_s + 0.3 * per

@@ -115,12 +115,12 @@ def warm_up(engine, max_batch: int, make_request=None, static: bool = True, cont
     for a KV length it has not seen. `continuous`: the running batch's one shape of `max_batch` rows
     (engine/running.py) at each KV length of `WARM_LENGTHS`: a request whose token limit needs that length
     joins, takes one step and is cancelled (a longer batch later captures the next length, twice the last).
-    With CPU experts (--cpu-experts on|auto), every warm-up step splits, so each shape's split step (one graph per
-    MoE layer, step/split_step.py) is captured too."""
-    fs = engine.fast_step()
-    split = getattr(fs, "split", None)
-    if split is None:
+    With CPU experts (--cpu-experts on|auto) each shape's split step (one graph per MoE layer, step/split_step.py)
+    is made too: a second pass in which every step splits (`on` splits every step anyway: one pass)."""
+    split = getattr(engine.fast_step(), "split", None)
+    if split is None or not split.rule.always:
         _warm_shapes(engine, max_batch, make_request, static, continuous)
+    if split is None:
         return
     always = split.rule.always
     split.rule.always = True

@@ -199,7 +199,8 @@ class FastStep:
             b.ids.fill_(int(teacher_token))
         fl = _InFlight(used=self.slot_map.copy(), t0=time.perf_counter(), land=land)   # what this step reads
         if split:
-            self.split.begin(fl, b.rows)
+            self.split.begin(fl, b)
+        captured = self.sg.capture_s
         if self.disk is not None:                       # a snapshot to re-run the step from (fast_disk.py)
             fl.snap = b.snapshot()
         if self.cuda:
@@ -214,6 +215,7 @@ class FastStep:
                 ex.bank = None if split else \
                     self.disk.bank(p) if self.disk is not None else self.store.layer_blobs(self.store_pos[p])
             self._run(b, fl, split)
+        fl.captured = self.sg.capture_s != captured     # this step compiled or captured graphs
         if self._synced is not None:                    # host time the device sat idle between two steps
             self.gap_s.append(time.perf_counter() - self._synced)
         return fl
@@ -425,6 +427,7 @@ class _InFlight:
     land: tuple = ((), ())              # the step's landing candidates: (slots, MoE layer position of their experts)
     reruns: int = 0                     # disk tier: runs of this step discarded
     cpu_pairs: np.ndarray | None = None # a split step: [moe layers, B*K] pairs computed on the CPU (split_step.py)
+    captured: bool = False              # the step compiled or captured graphs (its time is not a step's)
 
 
 # the experts modules' activation classes (transformers' ACT2FN) -> moe_kernel.ACTIVATIONS' ids

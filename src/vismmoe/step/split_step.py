@@ -61,6 +61,7 @@ class SplitMisses:
             self.addr_dev = torch.zeros((L, E), dtype=torch.int64, device=fs.device)
             self.no_land = torch.zeros(0, dtype=torch.long, device=fs.device)
         self._rows_host: dict[int, torch.Tensor] = {}     # bucket rows B -> pinned [L, B, 1, H]: the CPU's rows
+        self._link_warm: set[int] = set()                 # bucket rows B the link launch has run for
         self.steps = 0              # split steps run
         self.link_experts = 0       # misses of split steps read over the link by their own launch
         self.cpu_experts = 0        # misses of split steps computed on the CPU
@@ -69,11 +70,17 @@ class SplitMisses:
     def wanted(self) -> bool:
         return self.rule.want()
 
-    def begin(self, fl, rows: int) -> None:
-        """A split step is launched: no pair computed on the CPU yet."""
-        fl.cpu_pairs = np.zeros((len(self.fs.moe_layers), rows * self.fs.K), dtype=bool)
+    def begin(self, fl, b) -> None:
+        """A split step of bucket `b` is launched: no pair computed on the CPU yet, `b.extra` clear (a step that
+        failed between two segments may have left rows there; the bucket is shared with the model's other
+        engines). CUDA: the link launch's kernels are compiled now for this bucket's rows, not mid-step."""
+        fl.cpu_pairs = np.zeros((len(self.fs.moe_layers), b.rows * self.fs.K), dtype=bool)
+        b.extra.zero_()
         self.work_s = 0.0
         self.steps += 1
+        if self.cuda and b.B not in self._link_warm:
+            self._link_warm.add(b.B)
+            self._launch_link(b, 0, torch.zeros_like(self.addr_dev[0]))    # address 0 everywhere: reads nothing
 
     def between(self, b, fl, p: int) -> None:
         """After MoE layer p's segment (its routing and input in `b.out_host`): its misses computed, their rows
@@ -108,9 +115,7 @@ class SplitMisses:
             a[:] = 0
             a[link] = fs.host_addr[p, link]
             self.addr_dev[p].copy_(self.addr_host[p], non_blocking=True)
-            y = moe_kernel.decode_experts(x, topk, w, self.addr_dev[p], torch.empty_like(b.route_idx[p]),
-                                          torch.empty_like(b.route_w[p]), b.live, self.no_land, ex.pos, ex.inter,
-                                          ex.spec, ex.act)
+            y = self._launch_link(b, p, self.addr_dev[p])
         else:
             n = b.rows
             flat = torch.from_numpy(idx)
@@ -123,13 +128,23 @@ class SplitMisses:
         b.extra.view(B, -1).add_(y)
         self.link_experts += len(link)
 
+    def _launch_link(self, b, p: int, addr: torch.Tensor) -> torch.Tensor:
+        """The experts kernels over MoE layer p's recorded routing and input, reading through `addr` -> [B, H]."""
+        B, K = b.B, self.fs.K
+        ex = self.fs.sg.experts[p]
+        return moe_kernel.decode_experts(b.route_h[p], b.route_idx[p].view(B, K), b.route_w[p].view(B, K), addr,
+                                         torch.empty_like(b.route_idx[p]), torch.empty_like(b.route_w[p]), b.live,
+                                         self.no_land, ex.pos, ex.inter, ex.spec, ex.act)
+
     def _cpu(self, b, fl, p: int, idx: np.ndarray, experts: list[int]) -> None:
         """The experts `experts` of MoE layer p on the host's cores; their rows summed per token into `b.extra`."""
         fs, cpu, K, n = self.fs, self.cpu, self.fs.K, b.rows
         h = b.out_host["route_h"][p][:n]                                        # [rows, H], the layer's input
         w = b.out_host["route_w"][p][:n * K].view(n, K)
         pos = fs.store_pos[p]
-        predicted = cpu.placement.predict(experts, np.bincount(idx, minlength=fs.E)) if cpu.placement else 0.0
+        # inline on this thread: no hand-off to the worker, which `predict` includes
+        pl = cpu.placement
+        predicted = pl.predict(experts, np.bincount(idx, minlength=fs.E)) - pl.handoff_s if pl else 0.0
         t0 = time.perf_counter()
         with torch.no_grad():
             pick, rows = cpu.executor.pairs(lambda e: fs.store.blob(pos, e), h, idx.reshape(n, K), w, experts,
@@ -155,7 +170,9 @@ class SplitMisses:
             b.extra[:n, 0] += acc.to(b.extra.dtype)
 
     def after(self, fl, dev_s: float, clean_s: float | None, misses: int) -> None:
-        """A step finished with `misses` experts not in a slot (split or not): the rule's books."""
-        self.rule.observe_step(misses)
-        if getattr(fl, "cpu_pairs", None) is not None and clean_s is not None:
+        """A step finished with `misses` experts not in a slot (split or not): the rule's books. A step that
+        compiled or captured graphs (`fl.captured`) says nothing of what a boundary costs."""
+        split = fl.cpu_pairs is not None
+        self.rule.observe_step(misses, split)
+        if split and clean_s is not None and not fl.captured:
             self.rule.observe_split(dev_s - clean_s - self.work_s)
