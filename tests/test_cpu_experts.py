@@ -199,6 +199,24 @@ def test_hybrid_on_the_disk_tier(tiny_dirs, image_file, tmp_path, monkeypatch):
     assert eng.store.bytes_read > 0 and len(eng.store._free) == eng.store.ring.shape[0]
 
 
+def test_the_stats_table_shows_the_cpus_experts(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """`vismmoe generate`'s table has a row of experts computed on the CPU where CPU experts are on, none where
+    they are off."""
+    from rich.console import Console
+    from vismmoe.report import stats_table
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs["qwen3_vl_moe"]
+
+    def text(stats):
+        con = Console(record=True, width=120)
+        con.print(stats_table(stats))
+        return con.export_text()
+    on = load(d, expert_budget="25%", cpu_experts="on").generate(image_file, PROMPTS[0], max_new_tokens=3).stats
+    off = load(d, expert_budget="25%").generate(image_file, PROMPTS[0], max_new_tokens=3).stats
+    assert "experts computed on the CPU" in text(on) and f"{on['cpu_computed']} (" in text(on)
+    assert "on the CPU" not in text(off)
+
+
 def test_off_keeps_the_runtime_path(tiny_dirs):
     eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%")
     assert eng.rc.cpu_experts == "off" and eng.runtime.cpu is None

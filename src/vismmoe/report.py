@@ -30,6 +30,9 @@ def stats_table(stats: dict, title: str = "offload statistics", requests: int = 
         ("end to end" + per, f"{stats['e2e_s'] / requests * 1e3:.1f} ms"),
         ("visual tokens (kept)", f"{stats['visual_tokens']} ({stats['visual_tokens_kept']})"),
     ]
+    if stats.get("cpu_experts", "off") != "off":     # misses computed on the host's cores (--cpu-experts)
+        rows.insert(4, ("experts computed on the CPU",
+                        f"{stats['cpu_computed']} ({stats['cpu_pairs']} token pairs, {stats['cpu_busy_s'] * 1e3:.1f} ms)"))
     if stats.get("device_profile"):
         rows.insert(0, ("times", f"{stats['time_source']} (virtual device clock, not measured)"))
     for k, v in rows:
