@@ -293,6 +293,8 @@ def test_scheduler_rows_arriving_while_others_run_match_alone(tiny_dirs, image_f
         assert got[id(b)] is None and (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
         assert "".join(streamed[i]) == b.text
     assert max(sizes) == 2 and sched.batching == "continuous"
+    # occupancy (bench.serve_load's rows per decode step): each step's running rows
+    assert sched.steps == len(sizes) and sched.rows_stepped == sum(sizes)
 
 
 @pytest.mark.gpu

@@ -179,14 +179,16 @@ def main(argv=None) -> int:
             order = labels if rep % 2 == 0 else labels[::-1]
             for mb in order:
                 app, _, c = servers[mb]
-                n0 = app.state.scheduler.batches
+                sch = app.state.scheduler
+                n0, s0, w0 = sch.batches, sch.steps, sch.rows_stepped
                 seen[mb].clear()
                 counters = app.state.engine.cache.counters
                 m0, b0 = counters.total().misses, counters.total().bytes_moved
                 cap0 = _captures(app.state.engine)
                 wall, lat, toks, short = _run_clients(c, "m", prompts, C, args.requests, lengths, args.ignore_eos)
-                nb = app.state.scheduler.batches - n0
+                nb = sch.batches - n0
                 row = rows.setdefault((mb, C), {"walls": [], "lat": [], "tokens": [], "batches": 0, "requests": 0,
+                                                "steps": 0, "rows_stepped": 0,
                                                 "short": [], "gaps": [], "ttft": [], "misses": 0, "bytes": 0,
                                                 "captures": 0, "capture_s": 0.0})
                 cap1 = _captures(app.state.engine)
@@ -203,6 +205,8 @@ def main(argv=None) -> int:
                 row["short"] += short
                 row["tokens"].append(toks)
                 row["batches"] += nb
+                row["steps"] += sch.steps - s0
+                row["rows_stepped"] += sch.rows_stepped - w0
                 row["requests"] += len(lat)
                 print(f"server {mb}, {C} clients, rep {rep}: {toks / wall:.1f} tokens/s, "
                       f"p50 {statistics.median(lat):.3f} s, {cap1[0] - cap0[0]} shapes captured "
@@ -213,6 +217,7 @@ def main(argv=None) -> int:
         table.append({"max_batch": mb, "clients": C, "tokens_per_s": tps, "p50_s": _pct(r["lat"], 0.5),
                       "p99_s": _pct(r["lat"], 0.99), "p50_short_s": _pct(r["short"], 0.5) if r["short"] else None,
                       "mean_batch": r["requests"] / max(1, r["batches"]),
+                      "rows_per_step": r["rows_stepped"] / max(1, r["steps"]),
                       "requests": r["requests"],
                       "itl_p50_ms": 1e3 * _pct(r["gaps"], 0.5) if r["gaps"] else None,
                       "itl_p99_ms": 1e3 * _pct(r["gaps"], 0.99) if r["gaps"] else None,
@@ -227,11 +232,11 @@ def main(argv=None) -> int:
             "gpu": _gpu_name() if args.device.startswith("cuda") else None}
     with open(os.path.join(args.out, "serve_load.json"), "w") as f:
         json.dump({"meta": meta, "rows": table}, f, indent=1)
-    lines = ["| clients | server | tokens/s | p50 latency (s) | p99 latency (s) | p50 short (s) | requests per "
-             "finished step/batch | shapes captured while measured (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| clients | server | tokens/s | p50 latency (s) | p99 latency (s) | p50 short (s) | rows per "
+             "decode step | shapes captured while measured (s) |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['clients']} | {r['max_batch']} | {r['tokens_per_s']:.1f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} | "
               f"{r['p50_short_s'] if r['p50_short_s'] is None else round(r['p50_short_s'], 3)} | "
-              f"{r['mean_batch']:.2f} | {r['captures']} ({r['capture_s']:.1f}) |" for r in table]
+              f"{r['rows_per_step']:.2f} | {r['captures']} ({r['capture_s']:.1f}) |" for r in table]
     if args.prefill_chunks:
         lines += ["", "| clients | server | inter-token p50 (ms) | inter-token p99 (ms) | TTFT p50 (s) | "
                       "TTFT p99 (s) | misses | MB moved |", "|---|---|---|---|---|---|---|---|"]

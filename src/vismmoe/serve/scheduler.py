@@ -74,7 +74,11 @@ class Scheduler:
         self._cancel_reason: str | None = None  # set by cancel_all: every request is cancelled from then on
         self._running: list[GenerationRequest] = []
         self.running = 0                        # requests in the batch that runs now
-        self.batches = 0
+        self.batches = 0                        # static: batches run; continuous: steps that finished a row
+        # rows per decode step (occupancy): continuous, each step's running rows; static, each batch's rows (every
+        # row of a static batch runs every step of it)
+        self.steps = 0
+        self.rows_stepped = 0
         loop = self._loop_continuous if batching == "continuous" else self._loop
         self._thread = threading.Thread(target=loop, name="vismmoe-engine", daemon=True)
         self._thread.start()
@@ -212,6 +216,9 @@ class Scheduler:
                     for r in batch.abort():
                         r.finish_reason = r.finish_reason or "error"
                         _call(callbacks.pop(id(r), None), r, e)
+                if batch.stepped:                   # rows a decode step ran (none: only first tokens were given)
+                    self.steps += 1
+                    self.rows_stepped += len(batch.stepped)
                 if self.on_batch is not None and batch.stepped:
                     self.on_batch(batch.stepped)
             self.running = len(batch)
@@ -243,6 +250,8 @@ class Scheduler:
                 for r in reqs:
                     r.cancel(self._cancel_reason)
         self.running = len(reqs)
+        self.steps += 1
+        self.rows_stepped += len(reqs)
         try:
             self.engine.generate_requests(reqs, row_errors="keep")
             self.batches += 1
