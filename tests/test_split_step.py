@@ -138,7 +138,7 @@ def test_without_the_rows_the_logits_move(tiny_dirs, image_file, tmp_path, monke
     ref, eng = _pair(tiny_dirs["qwen3_vl_moe"], "25%")
     inputs = ref.prepare([image_file], [PROMPT])
     want = _step_logits(ref, inputs)[1]
-    monkeypatch.setattr(SplitMisses, "_cpu", lambda self, b, fl, p, idx, experts: None)
+    monkeypatch.setattr(SplitMisses, "_cpu", lambda self, *args: None)
     got = _step_logits(eng, inputs)[1]
     assert max((a - b).abs().max().item() for a, b in zip(got, want)) > 100 * LOGIT_TOL
 

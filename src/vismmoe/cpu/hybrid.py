@@ -87,18 +87,22 @@ class CpuSide:
         w = weights.detach().to("cpu")
         gate = getattr(module, "_apply_gate", None)
         pos = self.layer_pos[layer]
-        release = getattr(self.store, "release", None)
         t_sub = time.perf_counter()
         predicted = self.placement.predict(cpu, tokens) if self.placement is not None else 0.0
-        run = lambda: self._run(pos, h, idx, w, cpu, gate, release, t_sub, predicted)      # noqa: E731
+        run = lambda: self.compute(pos, h, idx, w, cpu, gate, t_sub, predicted)      # noqa: E731
         job = self.worker.submit(run) if self.worker is not None else _Done(run())
         return [e for e in needed if e not in taken], job
 
-    def _run(self, pos, h, idx, w, cpu, gate, release, t_sub: float, predicted: float):
+    def compute(self, pos: int, h: torch.Tensor, idx: np.ndarray, w: torch.Tensor, cpu: list[int], gate,
+                t_sub: float, predicted: float):
+        """The experts `cpu` of the MoE layer at store row `pos` for the host's `h [T, H]`, `idx [T, K]`,
+        `w [T, K]` (executor.pairs: (pair indices, weighted rows)), with the books: busy time, counters, and the
+        placement's correction by what the job took since `t_sub` against the `predicted` seconds. Runs where it
+        is called: the worker thread (`start`), or the split decode step's host side (step/split_step.py)."""
         t0 = time.perf_counter()
         with torch.no_grad():
             got = self.executor.pairs(lambda e: self.store.blob(pos, e), h, idx, w, cpu, gate=gate,
-                                      release=release)
+                                      release=getattr(self.store, "release", None))
         t1 = time.perf_counter()
         self.busy_s += t1 - t0
         if self.placement is not None:              # what the job took here, against what the rates promised

@@ -100,7 +100,7 @@ class SplitMisses:
         if link:
             self._link(b, p, idx, link)
         if cpu:
-            self._cpu(b, fl, p, idx, cpu)
+            self._cpu(b, fl, p, idx, tokens, cpu)
         self.work_s += time.perf_counter() - t0
 
     def _link(self, b, p: int, idx: np.ndarray, link: list[int]) -> None:
@@ -136,27 +136,19 @@ class SplitMisses:
                                          torch.empty_like(b.route_idx[p]), torch.empty_like(b.route_w[p]), b.live,
                                          self.no_land, ex.pos, ex.inter, ex.spec, ex.act)
 
-    def _cpu(self, b, fl, p: int, idx: np.ndarray, experts: list[int]) -> None:
-        """The experts `experts` of MoE layer p on the host's cores; their rows summed per token into `b.extra`."""
-        fs, cpu, K, n = self.fs, self.cpu, self.fs.K, b.rows
+    def _cpu(self, b, fl, p: int, idx: np.ndarray, tokens: np.ndarray, experts: list[int]) -> None:
+        """The experts `experts` of MoE layer p on the host's cores (`tokens[e]`: pairs routed to e); their rows
+        summed per token into `b.extra`."""
+        fs, K, n = self.fs, self.fs.K, b.rows
         h = b.out_host["route_h"][p][:n]                                        # [rows, H], the layer's input
         w = b.out_host["route_w"][p][:n * K].view(n, K)
-        pos = fs.store_pos[p]
         # inline on this thread: no hand-off to the worker, which `predict` includes
-        pl = cpu.placement
-        predicted = pl.predict(experts, np.bincount(idx, minlength=fs.E)) - pl.handoff_s if pl else 0.0
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            pick, rows = cpu.executor.pairs(lambda e: fs.store.blob(pos, e), h, idx.reshape(n, K), w, experts,
-                                            gate=self.gates[p])
+        pl = self.cpu.placement
+        predicted = pl.predict(experts, tokens) - pl.handoff_s if pl else 0.0
+        pick, rows = self.cpu.compute(fs.store_pos[p], h, idx.reshape(n, K), w, experts, self.gates[p],
+                                      time.perf_counter(), predicted)
         acc = torch.zeros(n, h.shape[-1], dtype=torch.float32).index_add_(0, pick // K, rows)
-        t1 = time.perf_counter()
-        cpu.busy_s += t1 - t0
-        cpu.experts += len(experts)
         self.cpu_experts += len(experts)
-        cpu.pairs += int(pick.numel())
-        if cpu.placement is not None:
-            cpu.placement.observe(predicted, t1 - t0)
         fl.cpu_pairs[p, pick.numpy()] = True
         if self.cuda:
             host = self._rows_host.get(b.B)
