@@ -111,21 +111,29 @@ class LayerExperts:
         self.route_idx.copy_(flat)
         self.route_w.copy_(top_k_weights.reshape(-1).float())
         n = int(self.live)                  # rows past the live ones get zeros, as the kernels give them
-        out = torch.zeros_like(hidden)
         K = top_k_index.shape[-1]
         flat = flat[:n * K]
         slots = self.slots[flat].long()                                              # [P]; -1: not resident
         # a miss reads its host blob, or (the split step: `bank` None) nothing: zeros, as address 0 gives
         missing = self.bank[flat] if self.bank is not None else self.pool.new_zeros(len(flat), self.pool.shape[1])
         blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], missing)
-        gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
-        out[:n] = moe_kernel.decode_experts_reference(hidden[:n], top_k_index[:n], top_k_weights[:n], gate_up, down,
-                                                      self.act)
+        out = self.reference(blobs, hidden, top_k_index, top_k_weights, n)
         land = self.landing
         if land is not None and land["slots"]:              # what the kernels' landing writes (dense formats)
             for e, c in moe_kernel.landing_plan(flat.numpy(), lambda e: int(self.slots[e]) < 0, int(self.pos),
                                                 land["owners"], land["taken"]):
                 self.pool[land["slots"][c]].copy_(self.bank[e])
+        return out
+
+
+    def reference(self, blobs: torch.Tensor, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor, n: int) -> torch.Tensor:
+        """The CPU step's experts: the first `n` rows of hidden [B, H] through the blobs [n*K, numel] of their
+        pairs (in this layer's format) -> [B, H], rows past `n` zeros (as the kernels give rows past `live`)."""
+        out = torch.zeros_like(hidden)
+        gate_up, down = self.layout.dequantize(blobs)                               # [P, 2I, H], [P, H, I]
+        out[:n] = moe_kernel.decode_experts_reference(hidden[:n], top_k_index[:n], top_k_weights[:n], gate_up, down,
+                                                      self.act)
         return out
 
 

@@ -107,24 +107,18 @@ class SplitMisses:
         """The experts `link` of MoE layer p, read over the link by a launch of the experts kernels of their own
         (CUDA; on the CPU the reference over their host blobs); their rows into `b.extra`."""
         fs, B, K = self.fs, b.B, self.fs.K
-        ex = fs.sg.experts[p]
-        x, w = b.route_h[p], b.route_w[p].view(B, K)
-        topk = b.route_idx[p].view(B, K)
         if self.cuda:
             a = self.addr_host[p].numpy()
             a[:] = 0
             a[link] = fs.host_addr[p, link]
             self.addr_dev[p].copy_(self.addr_host[p], non_blocking=True)
             y = self._launch_link(b, p, self.addr_dev[p])
-        else:
-            n = b.rows
-            flat = torch.from_numpy(idx)
+        else:                               # the CPU step's arithmetic over the link's blobs, zeros for the rest
             bank = fs.store.layer_blobs(fs.store_pos[p])
             take = torch.from_numpy(np.isin(idx, link))[:, None]
-            blobs = torch.where(take, bank[flat], bank.new_zeros(len(idx), bank.shape[1]))
-            gate_up, down = fs.layout.dequantize(blobs)
-            y = torch.zeros_like(x)
-            y[:n] = moe_kernel.decode_experts_reference(x[:n], topk[:n], w[:n], gate_up, down, ex.act)
+            blobs = torch.where(take, bank[torch.from_numpy(idx)], bank.new_zeros(len(idx), bank.shape[1]))
+            y = fs.sg.experts[p].reference(blobs, b.route_h[p], b.route_idx[p].view(B, K), b.route_w[p].view(B, K),
+                                           b.rows)
         b.extra.view(B, -1).add_(y)
         self.link_experts += len(link)
 
