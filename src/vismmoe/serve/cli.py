@@ -118,11 +118,11 @@ def warm_up(engine, max_batch: int, make_request=None, static: bool = True, cont
     With CPU experts (--cpu-experts on|auto) each shape's split step (one graph per MoE layer, step/split_step.py)
     is made too: a second pass in which every step splits (`on` splits every step anyway: one pass)."""
     split = getattr(engine.fast_step(), "split", None)
-    if split is None or not split.rule.always:
+    always = split is not None and split.rule.always
+    if not always:                                      # the one-graph steps
         _warm_shapes(engine, max_batch, make_request, static, continuous)
     if split is None:
         return
-    always = split.rule.always
     split.rule.always = True
     try:
         _warm_shapes(engine, max_batch, make_request, static, continuous)

@@ -286,8 +286,8 @@ class FastStep:
         miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
         self._missed = bool(miss.any())
         if self.split is not None:
-            distinct = len({(int(p), int(fl.idx[p, j])) for p, j in zip(*np.nonzero(miss))})
-            self.split.after(fl, fl.dev_s, self._clean_s, distinct)
+            distinct = np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size     # distinct (layer, expert)
+            self.split.after(fl, fl.dev_s, self._clean_s, int(distinct))
         if fl.cpu_pairs is not None:                        # computed on the CPU: not fetched, not cached
             miss &= ~fl.cpu_pairs
         if fl.land[0] and self._missed:
