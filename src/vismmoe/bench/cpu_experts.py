@@ -26,31 +26,31 @@ import time
 
 import torch
 
+from ..config import runtime_options
 from ..cpu.rates import rates_for
 from ..errors import UserError
 from ..families import get_family
 from ..formats import make_format
-from ..offload.policies import ONLINE_POLICIES
 from .output import emit
 from .random_model import random_engine, synthetic_inputs, synthetic_text_inputs
 from .shapes import get_shape
 
 
-def _split(eng):
-    fs = eng.fast_step()
-    return getattr(fs, "split", None)
+def _split_counts(eng) -> tuple[int, int, int]:
+    """The fast step's split steps so far (step/split_step.py), and the misses they computed on the CPU and over
+    the link."""
+    sp = getattr(eng.fast_step(), "split", None)
+    return (sp.steps, sp.cpu_experts, sp.link_experts) if sp is not None else (0, 0, 0)
 
 
 def _run(eng, inputs, new_tokens: int) -> dict:
     if eng.cache.num_slots < len(eng.geometry.moe_layers) * eng.geometry.num_experts:
         eng.cache.clear()                   # cold per request; the resident row keeps its preloaded experts
-    sp = _split(eng)
-    before = (sp.steps, sp.cpu_experts, sp.link_experts) if sp is not None else (0, 0, 0)
+    before = _split_counts(eng)
     _, st = eng.generate_ids(inputs, new_tokens)
     row = {k: st[k] for k in ("ttft_s", "tpot_s", "misses", "hits", "cpu_computed", "cpu_pairs", "cpu_busy_s")}
-    after = (sp.steps, sp.cpu_experts, sp.link_experts) if sp is not None else (0, 0, 0)
-    # the fast step's split steps (step/split_step.py): how many, and the misses they computed on each side
-    row.update(zip(("split_steps", "split_cpu_experts", "split_link_experts"), (a - b for a, b in zip(after, before))))
+    row.update(zip(("split_steps", "split_cpu_experts", "split_link_experts"),
+                   (a - b for a, b in zip(_split_counts(eng), before))))
     return row
 
 
@@ -93,9 +93,8 @@ def main(argv=None) -> dict | int:
     try:                                    # a bad value: one line and exit 2, before anything is built
         if args.layers is not None and args.layers < 1:
             raise UserError(f"--layers {args.layers}", "give at least 1")
-        if args.policy is not None and args.policy not in ONLINE_POLICIES:
-            raise UserError(f"--policy: unknown cache policy {args.policy!r}",
-                            f"use one of {', '.join(ONLINE_POLICIES)}")
+        if args.policy is not None:
+            runtime_options(policy=args.policy)     # the runtime's own check of a policy
         fam, config = get_shape(args.shape, args.layers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -112,7 +111,8 @@ def main(argv=None) -> dict | int:
     inputs = (synthetic_inputs(base, args.image_side) if base.family.has_vision
               else synthetic_text_inputs(base, args.prompt_tokens))
     rates = rates_for(dev, base.layout)
-    res = {"shape": args.shape, "layers": args.layers, "policy": base.rc.policy, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    res = {"shape": args.shape, "layers": args.layers, "policy": base.rc.policy,
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "cpu": rates.machine, "decode": args.decode, "reps": args.reps, "new_tokens": args.new_tokens,
            "prompt_tokens": int(inputs["input_ids"].shape[1]), "expert_bytes": base.layout.nbytes,
            "build_s": build_s, "rates": {"link_gbps": rates.link_gbps, "handoff_s": rates.handoff_s,
