@@ -160,21 +160,58 @@ def test_every_e4m3_byte_converts_exactly():
 
 @needs_cc
 def test_pairs_use_the_kernel_and_keep_their_contract(monkeypatch):
-    """`pairs` under native: the pairs of the chosen experts, in order, rows equal to per-expert calls."""
+    """`pairs` under native: the chosen experts in ONE kernel call, the pairs of the chosen experts in order, rows
+    equal to per-expert calls."""
     calls = []
-    real = native.Native.expert
-    monkeypatch.setattr(native.Native, "expert", lambda self, *a: calls.append(1) or real(self, *a))
+    real = native.Native.experts
+    monkeypatch.setattr(native.Native, "experts", lambda self, lay, blobs, *a: calls.append(len(blobs)) or
+                        real(self, lay, blobs, *a))
     fmt, blobs = _blobs("int4:group=64", 128, 64, torch.float32, n=4)
     hidden = torch.randn(5, 128)
     idx = np.array([[0, 2], [1, 2], [3, 0], [2, 1], [0, 3]])
     weights = torch.rand(5, 2)
     ex = CpuExecutor(fmt, kernel="native")
     pick, rows = ex.pairs(lambda e: blobs[e], hidden, idx, weights, [2, 0])
-    assert len(calls) == 2
+    assert calls == [2]
     assert pick.tolist() == [1, 3, 6, 0, 5, 8]
     want = torch.cat([ex.expert(blobs[e], hidden[pick[i] // 2][None], weights.reshape(-1)[pick[i]][None])
                       for i, e in enumerate([2, 2, 2, 0, 0, 0])])
-    torch.testing.assert_close(rows, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(rows, want)          # rows are independent: one call or many, the same arithmetic
+
+
+@needs_cc
+def test_pairs_mix_the_kernel_and_torch_in_the_experts_order(monkeypatch):
+    """auto: an expert with more tokens than the kernel takes goes to torch, the others to one kernel call; an
+    expert without pairs is skipped; a staged store (`release`) takes its blobs one at a time. The order and the
+    rows stay those of per-expert calls."""
+    monkeypatch.setattr("vismmoe.cpu.executor.AUTO_MAX_TOKENS", 2)
+    fmt, blobs = _blobs("dense", 128, 64, torch.float32, n=4)
+    hidden = torch.randn(6, 128)
+    idx = np.array([[1, 0], [1, 3], [0, 1], [2, 0], [0, 2], [2, 3]])     # pairs: expert 0 4, 1 3, 2 3, 3 2
+    weights = torch.rand(6, 2)
+    ex = CpuExecutor(fmt, kernel="auto")
+    assert ex.max_native_tokens == 2
+    calls = []
+    real = native.Native.experts
+    monkeypatch.setattr(native.Native, "experts", lambda self, lay, bl, *a: calls.append(len(bl)) or
+                        real(self, lay, bl, *a))
+    pick, rows = ex.pairs(lambda e: blobs[e], hidden, idx, weights, [3, 0, 2, 1])
+    order = [3, 0, 2, 1]
+    flat = idx.reshape(-1)
+    want_pick = [int(q) for e in order for q in np.flatnonzero(flat == e)]
+    assert pick.tolist() == want_pick
+    assert calls == [1]                             # only expert 3 (2 pairs) fits the kernel; the rest: torch
+    ref = CpuExecutor(fmt, kernel="torch")
+    want = torch.cat([ref.expert(blobs[int(flat[q])], hidden[q // 2][None], weights.reshape(-1)[q][None])
+                      for q in want_pick])
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-6)
+    released = []
+    pick2, rows2 = ex.pairs(lambda e: blobs[e], hidden, idx, weights, order, release=released.append)
+    assert len(released) == 4 and calls == [1, 1]     # staged: one expert a call, each blob released
+    assert pick2.tolist() == want_pick
+    torch.testing.assert_close(rows2, rows, rtol=0, atol=0)
+    empty_pick, empty_rows = ex.pairs(lambda e: blobs[e], hidden, np.zeros((6, 2), dtype=np.int64), weights, [3])
+    assert empty_pick.numel() == 0 and empty_rows.shape == (0, 128)
 
 
 @needs_cc
@@ -218,8 +255,8 @@ def test_switch_picks_the_kernel(monkeypatch):
 def test_auto_hands_many_tokens_to_torch(monkeypatch):
     """auto: the kernel up to AUTO_MAX_TOKENS tokens per expert, torch's GEMM beyond; native: any count."""
     calls = []
-    real = native.Native.expert
-    monkeypatch.setattr(native.Native, "expert", lambda self, *a: calls.append(a[2].shape[0]) or real(self, *a))
+    real = native.Native.experts
+    monkeypatch.setattr(native.Native, "experts", lambda self, *a: calls.append(a[3].shape[0]) or real(self, *a))
     fmt, blobs = _blobs("dense", 64, 32, torch.float32)
     for t in (1, AUTO_MAX_TOKENS, AUTO_MAX_TOKENS + 1):
         CpuExecutor(fmt, kernel="auto").expert(blobs[0], torch.randn(t, 64))
@@ -352,8 +389,8 @@ def test_hybrid_engine_computes_with_the_kernel(tiny_dirs, image_file, tmp_path,
     from vismmoe import load
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
     calls = []
-    real = native.Native.expert
-    monkeypatch.setattr(native.Native, "expert", lambda self, *a: calls.append(1) or real(self, *a))
+    real = native.Native.experts
+    monkeypatch.setattr(native.Native, "experts", lambda self, *a: calls.append(1) or real(self, *a))
     d = tiny_dirs["qwen3_vl_moe"]
     ref = load(d, expert_budget="25%").generate(image_file, "What is in the picture?", max_new_tokens=6)
     eng = load(d, expert_budget="25%", cpu_experts="on")
@@ -416,6 +453,13 @@ def test_the_kernel_refuses_arguments_that_do_not_fit():
         args = dict(blob=blobs[0], x=x, w=w, scratch=sc, y=y) | bad
         with pytest.raises(ValueError):
             lib.expert(lay, args["blob"], args["x"], args["w"], 0, args["scratch"], args["y"], 1)
+    x4, y4, sc4 = torch.randn(4, 128), torch.empty(4, 128), torch.empty(lib.scratch(lay, 4))
+    lib.experts(lay, [blobs[0], blobs[1]], [0, 1, 4], x4, None, 0, sc4, y4, 1)
+    for blobs_, off in [([blobs[0], blobs[1]], [0, 3, 1]), ([blobs[0], blobs[1]], [0, 1, 3]),
+                        ([blobs[0], blobs[1]], [1, 2, 4]), ([blobs[0], blobs[1]], [0, 4]),
+                        ([blobs[0], blobs[1][:-512]], [0, 1, 4])]:
+        with pytest.raises(ValueError):
+            lib.experts(lay, blobs_, off, x4, None, 0, sc4, y4, 1)
 
 
 @needs_cc

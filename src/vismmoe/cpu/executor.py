@@ -13,7 +13,7 @@ the same sum: a result differs from the device kernels only by the summation ord
 
 Two kernels compute an expert, picked once per executor by `VISMMOE_CPU_KERNEL` (`kernel_mode`):
 
-    native  cpu/native/: one C function per expert, fused: each weight read once per 4 tokens, dequantized in
+    native  cpu/native/: one C call per layer call's experts, fused: each weight read once per 4 tokens, dequantized in
             registers (bf16, fp8 e4m3 with its block scales, int4 with group scale and zero point), float32
             accumulation, the gate (SiLU or GELU-tanh), the down projection and the routing weight; OpenMP over
             output rows (up to torch's thread count). Built at first use with the system C compiler.
@@ -141,34 +141,42 @@ class CpuExecutor:
         """The native kernel's id of `gate`, or None where the native kernel does not compute it."""
         return None if self.native is None else native.activation(gate, default=silu_gate)
 
+    def _native_ok(self, blob, t: int, act) -> bool:
+        """Whether the native kernel computes this expert at `t` tokens (`act`: the gate's kernel id or None)."""
+        return act is not None and (self.max_native_tokens is None or t <= self.max_native_tokens) \
+            and blob.device.type == "cpu" and blob.is_contiguous() \
+            and blob.numel() * blob.element_size() >= self.layout.nbytes
+
     def _expert(self, blob, x, w, gate, act) -> torch.Tensor:
-        if act is not None and (self.max_native_tokens is None or x.shape[0] <= self.max_native_tokens) \
-                and blob.device.type == "cpu" and blob.is_contiguous() \
-                and blob.numel() * blob.element_size() >= self.layout.nbytes:
-            return self._native_expert(blob, x, w, act)
+        if self._native_ok(blob, x.shape[0], act):
+            return self._native_experts([blob], [0, x.shape[0]], x, w, act)
         gu, dn = self.weights(blob)
         x = x.to(gu.dtype)
         h = gate(F.linear(x, gu))                        # [t, I]
         y = F.linear(h.to(dn.dtype), dn).float()        # [t, H]
         return y if w is None else y * w.float().unsqueeze(-1)
 
-    def _native_expert(self, blob, x, w, act) -> torch.Tensor:
-        t, H = x.shape[0], self.layout.hidden
+    def _native_experts(self, blobs: list, off: list[int], x, w, act) -> torch.Tensor:
+        """Experts `blobs` [n] on the native kernel in one call, expert e for rows off[e]:off[e + 1] of x [C, H]
+        (w [C] or None) -> y [C, H] float32."""
+        C, H = x.shape[0], self.layout.hidden
         # the torch path's input rounding: dense experts multiply x in their own dtype, quantized ones in float32
         xs = (x.to(self.layout.dtype) if self.dense else x).float().contiguous()
         ws = None if w is None else w.float().contiguous()
-        need = self._need.get(t) or self._need.setdefault(t, self.native.scratch(self._params, t))
+        need = self._need.get(C) or self._need.setdefault(C, self.native.scratch(self._params, C))
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need)
-        y = torch.empty(t, H)
-        threads = min(torch.get_num_threads(), max(1, 3 * H * self.layout.inter * t // WORK_PER_THREAD))
-        self.native.expert(self._params, blob, xs, ws, act, self._scratch, y, threads)
+        y = torch.empty(C, H)
+        threads = min(torch.get_num_threads(), max(1, 3 * H * self.layout.inter * C // WORK_PER_THREAD))
+        self.native.experts(self._params, blobs, off, xs, ws, act, self._scratch, y, threads)
         return y
 
     def pairs(self, blobs, hidden: torch.Tensor, idx: np.ndarray, weights: torch.Tensor,
               experts: list[int], gate=None, release=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every pair of `idx [T, K]` routed to one of `experts`, computed from `blobs(e) -> blob [numel]` (a host
-        blob, read in place; `release(blob)`, when given, is called after its use: the disk tier's staging ring); `hidden [T, H]`, `weights [T, K]` on the host; `gate` as in `expert`.
+        blob, read in place; `release(blob)`, when given, is called after its use: the disk tier's staging ring, whose
+        blobs are then taken one at a time); `hidden [T, H]`, `weights [T, K]` on the host; `gate` as in `expert`.
+        Where the native kernel computes them, the experts go to it in one call (one parallel region for the set).
 
         Returns (pair [C] int64: index into the flattened T*K pairs, rows [C, H] float32, weighted), in the order
         of `experts`, then of the pairs' position."""
@@ -177,22 +185,46 @@ class CpuExecutor:
         act = self._activation(gate)
         flat = idx.reshape(-1)
         w = weights.reshape(-1)
-        picks, rows = [], []
-        for e in experts:
-            p = np.flatnonzero(flat == e)                   # [t] pairs of expert e
-            if p.size == 0:
+        none = torch.empty(0, dtype=torch.long), hidden.new_empty(0, hidden.shape[-1], dtype=torch.float32)
+        if not experts:
+            return none
+        rank = np.full(max(int(flat.max(initial=0)), max(experts)) + 1, -1, dtype=np.int64)
+        rank[experts] = np.arange(len(experts))
+        r = rank[flat]
+        p = np.flatnonzero(r >= 0)
+        p = p[np.argsort(r[p], kind="stable")]              # pairs grouped by expert, in the order of `experts`
+        counts = np.bincount(r[p], minlength=len(experts))
+        if p.size == 0:
+            return none
+        pt = torch.from_numpy(p)
+        x, wp = hidden[pt // K], w[pt]
+        rows: list[torch.Tensor] = []
+        batch, off, segs = [], [0], []                      # the native kernel's share: (blob, rows) per expert
+        at = 0
+        for e, c in zip(experts, counts.tolist()):
+            if c == 0:
                 continue
-            pt = torch.from_numpy(p)
+            seg = slice(at, at + c)
+            at += c
             blob = blobs(e)
+            if release is None and self._native_ok(blob, c, act):
+                batch.append(blob)
+                off.append(off[-1] + c)
+                segs.append(seg)
+                continue
             try:
-                rows.append(self._expert(blob, hidden[pt // K], w[pt], gate, act))
+                rows.append((seg.start, self._expert(blob, x[seg], wp[seg], gate, act)))
             finally:
                 if release is not None:
                     release(blob)
-            picks.append(pt)
-        if not rows:
-            return torch.empty(0, dtype=torch.long), hidden.new_empty(0, hidden.shape[-1], dtype=torch.float32)
-        return torch.cat(picks), torch.cat(rows)
+        if batch:
+            if not rows:                                    # the whole set on the native kernel (decode's case)
+                return pt, self._native_experts(batch, off, x, wp, act)
+            sel = torch.cat([torch.arange(s.start, s.stop) for s in segs])
+            y = self._native_experts(batch, off, x[sel], wp[sel], act)
+            rows += [(s.start, y[o:o + s.stop - s.start]) for s, o in zip(segs, off)]
+        rows.sort(key=lambda r: r[0])
+        return pt, torch.cat([r for _, r in rows])
 
 
 def _choose(layout, mode: str):

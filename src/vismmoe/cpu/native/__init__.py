@@ -5,7 +5,9 @@
     params(layout)  an expert format's blob layout as the kernel reads it (VmLayout), or None for a format or
                     dtype it does not compute (dense fp16, formats other than dense/fp8/int4)
     activation(g)   the kernel's id of a gating function (SiLU, GELU-tanh), or None for one it does not know
-    Native.expert   one expert for t tokens: x [t, H] float32 -> y [t, H] float32, times the routing weights
+    Native.experts  n experts, each for its own rows of x [C, H] float32 -> y [C, H] float32, times the routing
+                    weights: one call (one OpenMP region) for a layer's whole CPU share
+    Native.expert   one expert for t tokens (`experts` with n = 1)
 
 Build: the system C compiler (`$CC`, Python's own `CC`, then cc, gcc, clang; `shutil.which`) with `-O3
 -march=native -fopenmp`, falling back to fewer flags when the compiler refuses one (no OpenMP: one thread). The
@@ -214,9 +216,10 @@ class Native:
         lib.vm_info.argtypes = []
         lib.vm_scratch.restype = ctypes.c_int64
         lib.vm_scratch.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.vm_expert.restype = ctypes.c_int
-        lib.vm_expert.argtypes = [ctypes.POINTER(VmLayout), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.vm_experts.restype = ctypes.c_int
+        lib.vm_experts.argtypes = [ctypes.POINTER(VmLayout), ctypes.c_int, ctypes.POINTER(ctypes.c_void_p),
+                                   ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         self.lib, self.path = lib, path
         bits = lib.vm_info()
         self.info = {name: bool(bits >> i & 1) for i, name in enumerate(("openmp", "avx2", "avx512f", "fma", "f16c"))}
@@ -228,21 +231,33 @@ class Native:
 
     def expert(self, lay: VmLayout, blob: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, act: int,
                scratch: torch.Tensor, y: torch.Tensor, threads: int) -> None:
-        """One expert: `blob` (contiguous, on the host, at least the layout's bytes), `x [t, H]` float32
-        contiguous, `w [t]` float32 or None, `scratch` of at least `scratch(lay, t)` float32, `y [t, H]` float32
-        written. ValueError for arguments that do not fit (checked here: the kernel trusts its pointers),
+        """One expert: `experts` with one blob and x [t, H], w [t] or None, y [t, H]."""
+        self.experts(lay, [blob], [0, x.shape[0]], x, w, act, scratch, y, threads)
+
+    def experts(self, lay: VmLayout, blobs: list[torch.Tensor], off, x: torch.Tensor, w: torch.Tensor | None,
+                act: int, scratch: torch.Tensor, y: torch.Tensor, threads: int) -> None:
+        """n experts in one call: `blobs` [n] (each contiguous, on the host, at least the layout's bytes); expert
+        e's tokens are rows off[e]:off[e + 1] of `x [C, H]` float32 contiguous, `w [C]` float32 or None and `y [C, H]`
+        float32 (written); `off` [n + 1] non-decreasing from 0 to C; `scratch` of at least `scratch(lay, C)`
+        float32. ValueError for arguments that do not fit (checked here: the kernel trusts its pointers),
         RuntimeError when the kernel refuses them."""
-        t, H = x.shape[0], lay.hidden
+        C, H, n = x.shape[0], lay.hidden, len(blobs)
         f32 = torch.float32
-        if not (x.dtype == y.dtype == scratch.dtype == f32 and x.shape == y.shape == (t, H) and x.is_contiguous()
-                and y.is_contiguous() and scratch.is_contiguous() and scratch.numel() >= self.scratch(lay, t)
-                and (w is None or (w.dtype == f32 and w.shape == (t,) and w.is_contiguous()))
-                and blob.is_contiguous() and blob.device.type == "cpu"
-                and blob.numel() * blob.element_size() >= lay.nbytes):
-            raise ValueError("native expert kernel: x and y must be [t, H] float32 contiguous, w [t] float32, "
-                             "scratch large enough, the blob whole, contiguous, on the host")
-        rc = self.lib.vm_expert(ctypes.byref(lay), blob.data_ptr(), x.data_ptr(), t,
-                                None if w is None else w.data_ptr(), act, scratch.data_ptr(), y.data_ptr(), threads)
+        off = [int(o) for o in off]
+        if not (x.dtype == y.dtype == scratch.dtype == f32 and x.shape == y.shape == (C, H) and x.is_contiguous()
+                and y.is_contiguous() and scratch.is_contiguous() and scratch.numel() >= self.scratch(lay, C)
+                and (w is None or (w.dtype == f32 and w.shape == (C,) and w.is_contiguous()))
+                and len(off) == n + 1 and off[0] == 0 and off[-1] == C
+                and all(a <= b for a, b in zip(off, off[1:]))
+                and all(b.is_contiguous() and b.device.type == "cpu" and b.numel() * b.element_size() >= lay.nbytes
+                        for b in blobs)):
+            raise ValueError("native expert kernel: x and y must be [C, H] float32 contiguous, w [C] float32, "
+                             "off [n + 1] rising from 0 to C, scratch large enough, each blob whole, contiguous, "
+                             "on the host")
+        ptrs = (ctypes.c_void_p * max(n, 1))(*[b.data_ptr() for b in blobs])
+        offs = (ctypes.c_int64 * (n + 1))(*off)
+        rc = self.lib.vm_experts(ctypes.byref(lay), n, ptrs, offs, x.data_ptr(), None if w is None else w.data_ptr(),
+                                 act, scratch.data_ptr(), y.data_ptr(), threads)
         if rc != 0:
             raise RuntimeError(f"the native expert kernel refused its arguments ({rc})")
 

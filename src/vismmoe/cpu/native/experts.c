@@ -1,5 +1,6 @@
-/* One routed expert for a few tokens, straight from its host blob: vismmoe's native CPU expert kernel.
+/* Routed experts for a few tokens each, straight from their host blobs: vismmoe's native CPU expert kernel.
  *
+ * Per expert, for its t tokens:
  *   x [t, H] float32  ->  gu = x @ gate_up^T [t, 2I]  ->  h = act(gate) * up [t, I]  ->  y = h @ down^T [t, H]
  *   y[k] *= w[k] (the routing weight of token k), when w is given
  *
@@ -11,7 +12,8 @@
  *   VM_INT4   4-bit unsigned values two a byte (column 2j low nibble, 2j+1 high), float32 scales and uint8 zero points
  *             per group of `block` columns (gu [2I, H/g], down [H, I/g]); w = (q - z) * s
  *
- * How: output rows are shared among OpenMP threads in blocks of RB rows (gate/up rows, then down rows). A block's
+ * How: output rows of all the call's experts are shared among OpenMP threads in blocks of RB rows (every expert's
+ * gate/up rows, one barrier, the gating, one barrier, every expert's down rows: vm_experts). A block's
  * rows are read once per tile of up to 4 tokens, VL weights at a time, dequantized in registers (bf16 by a shift,
  * e4m3 by bit operations or F16C, int4 nibbles against the even and odd columns of x) and multiplied into R * T
  * vector accumulators; the scale (and zero point) of a block or group is applied in the same registers. Nothing is
@@ -373,25 +375,33 @@ int vm_info(void) {
 /* float32 scratch vm_expert needs for t tokens: gu [t, 2I], h [t, I], and for int4 x de-interleaved [t, H] */
 int64_t vm_scratch(int hidden, int inter, int t) { return (int64_t)t * (3 * (int64_t)inter + hidden); }
 
-/* One expert for t tokens.
- *   L        the blob's layout;                    blob   the expert's bytes (read only)
- *   x        [t, H] float32 (contiguous);          w      [t] routing weights, or NULL
+/* n experts at once, each for its own tokens (one parallel region: three barriers for the whole set, not three
+ * an expert).
+ *   L        the blobs' layout;                    blobs  [n] each expert's bytes (read only)
+ *   off      [n + 1] expert e's tokens are rows off[e] .. off[e + 1] of x, w and y (off[0] = 0, non-decreasing)
+ *   x        [C, H] float32 (C = off[n]);          w      [C] routing weights, or NULL
  *   act      VM_SILU or VM_GELU_TANH (applied to the gate half, times the up half)
- *   scratch  vm_scratch(H, I, t) float32;          y      [t, H] float32, written
+ *   scratch  vm_scratch(H, I, C) float32;          y      [C, H] float32, written
  *   threads  OpenMP threads (<= 0: the runtime's default)
  * Returns 0, or -1 for a layout or argument it does not take (nothing written). */
-int vm_expert(const vm_layout *L, const uint8_t *blob, const float *x, int t, const float *w, int act,
-              float *scratch, float *y, int threads) {
-    if (t == 0) return 0;
-    if (!L || !blob || !x || !scratch || !y || t < 0) return -1;
+int vm_experts(const vm_layout *L, int n, const uint8_t *const *blobs, const int64_t *off, const float *x,
+               const float *w, int act, float *scratch, float *y, int threads) {
+    if (n == 0) return 0;
+    if (!L || n < 0 || !blobs || !off || off[0] != 0) return -1;
+    for (int e = 0; e < n; e++)
+        if (!blobs[e] || off[e + 1] < off[e]) return -1;
+    const int64_t C = off[n];
+    if (C == 0) return 0;
+    if (!x || !scratch || !y) return -1;
     const int H = L->hidden, I = L->inter;
     if (H <= 0 || I <= 0 || (act != VM_SILU && act != VM_GELU_TANH)) return -1;
     if (L->fmt < VM_F32 || L->fmt > VM_INT4) return -1;
     if ((L->fmt == VM_FP8 || L->fmt == VM_INT4) && L->block <= 0) return -1;
     if (L->fmt == VM_INT4 && (L->block % 2 || H % L->block || I % L->block)) return -1;
     const int int4 = L->fmt == VM_INT4;
-    float *gu = scratch, *h = scratch + (size_t)t * 2 * I, *xd = h + (size_t)t * I;
+    float *gu = scratch, *h = scratch + (size_t)C * 2 * I, *xd = h + (size_t)C * I;
     const int nb_gu = (2 * I + RB - 1) / RB, nb_dn = (H + RB - 1) / RB;
+    const int64_t jobs_gu = (int64_t)n * nb_gu, jobs_dn = (int64_t)n * nb_dn;
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
@@ -401,22 +411,24 @@ int vm_expert(const vm_layout *L, const uint8_t *blob, const float *x, int t, co
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int k = 0; k < t; k++)
+            for (int64_t k = 0; k < C; k++)
                 for (int c = 0; c < H; c++) xd[(size_t)k * H + (c & 1) * (H / 2) + c / 2] = x[(size_t)k * H + c];
         }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int b = 0; b < nb_gu; b++) {
-            const int r0 = b * RB, R = 2 * I - r0 < RB ? 2 * I - r0 : RB;
-            rows(L, blob, 0, r0, R, int4 ? xd : x, H, t, gu, 2 * I, NULL);
+        for (int64_t j = 0; j < jobs_gu; j++) {
+            const int e = (int)(j / nb_gu), r0 = (int)(j % nb_gu) * RB, R = 2 * I - r0 < RB ? 2 * I - r0 : RB;
+            const int64_t k0 = off[e], t = off[e + 1] - k0;
+            if (t > 0) rows(L, blobs[e], 0, r0, R, (int4 ? xd : x) + (size_t)k0 * H, H, (int)t,
+                            gu + (size_t)k0 * 2 * I, 2 * I, NULL);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (int i = 0; i < I; i++) {
             const size_t at = int4 ? (size_t)(i & 1) * (I / 2) + i / 2 : (size_t)i;     /* int4: de-interleaved */
-            for (int k = 0; k < t; k++) {
+            for (int64_t k = 0; k < C; k++) {
                 const float g = gu[(size_t)k * 2 * I + i], u = gu[(size_t)k * 2 * I + I + i];
                 h[(size_t)k * I + at] = (act == VM_SILU ? act_silu(g) : act_gelu_tanh(g)) * u;
             }
@@ -424,9 +436,11 @@ int vm_expert(const vm_layout *L, const uint8_t *blob, const float *x, int t, co
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int b = 0; b < nb_dn; b++) {
-            const int r0 = b * RB, R = H - r0 < RB ? H - r0 : RB;
-            rows(L, blob, 1, r0, R, h, I, t, y, H, w);
+        for (int64_t j = 0; j < jobs_dn; j++) {
+            const int e = (int)(j / nb_dn), r0 = (int)(j % nb_dn) * RB, R = H - r0 < RB ? H - r0 : RB;
+            const int64_t k0 = off[e], t = off[e + 1] - k0;
+            if (t > 0) rows(L, blobs[e], 1, r0, R, h + (size_t)k0 * I, I, (int)t, y + (size_t)k0 * H, H,
+                            w ? w + k0 : NULL);
         }
     }
     return 0;
