@@ -223,7 +223,8 @@ def test_off_and_not_additive_families_never_split(tiny_dirs, image_file, tmp_pa
 def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, tmp_path, monkeypatch):
     """On CUDA: the split step's segment graphs, the address-0 kernels, the link's own launch (mixed) and the CPU
     rows copied in: tokens equal fetch-only's, logits within bf16 tolerance, down to the smallest budget; the
-    budget holds."""
+    budget holds; the misses the CPU computed are copied into slots behind the step, so the cache learns (`on`:
+    hits, though no step waited on the link)."""
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
     d = tiny_dirs[family]
     for budget in ("25%", None):
@@ -238,8 +239,10 @@ def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, 
             eng.runtime.cpu.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
         inputs = ref.prepare([image_file], [PROMPT])
         want, want_logits, _ = _step_logits(ref, inputs)
-        got, got_logits, _ = _step_logits(eng, inputs)
+        got, got_logits, got_stats = _step_logits(eng, inputs)
         assert got == want, (family, mode, budget)
+        if mode == "on":        # the CPU's misses are copied in behind the steps: later steps hit them
+            assert got_stats["misses"] == 0 and got_stats["hits"] > 0, (family, budget, got_stats["hits"])
         for a, b in zip(got_logits, want_logits):
             assert (a - b).abs().max().item() <= 5e-2 * max(1.0, b.abs().max().item())
         assert split.steps == NEW - 1 and split.cpu_experts > 0

@@ -288,11 +288,15 @@ class FastStep:
         if self.split is not None:
             distinct = np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size     # distinct (layer, expert)
             self.split.after(fl, fl.dev_s, self._clean_s, int(distinct))
-        if fl.cpu_pairs is not None:                        # computed on the CPU: not fetched, not cached
+        behind = None
+        if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
+            behind = miss & fl.cpu_pairs if self.cuda else None
             miss &= ~fl.cpu_pairs
         if fl.land[0] and self._missed:
             self._adopt(fl, miss)
         demand = self._claim(fl, miss) if miss.any() else 0                         # all hits: nothing to claim
+        if behind is not None and behind.any():
+            demand += self._claim(fl, behind, behind=True)                         # on the link too
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
         return fl
@@ -320,8 +324,14 @@ class FastStep:
             fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
             fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
 
-    def _claim(self, fl: _InFlight, miss: np.ndarray) -> int:
-        """The step's misses counted, charged to the link and claimed; the bytes of the copies queued."""
+    def _claim(self, fl: _InFlight, miss: np.ndarray, behind: bool = False) -> int:
+        """The step's misses counted, charged to the link and claimed; the bytes of the copies queued.
+
+        `behind`: misses a split step computed on the CPU (CUDA). The step did not wait for them, so they are not
+        counted as misses nor charged to the step; they are still claimed and copied into slots behind the step (the
+        link is idle while the CPU computes), so the cache keeps learning the working set: without it an expert
+        the CPU computes never becomes resident, and `--cpu-experts on` would keep every step on the CPU with an
+        empty cache (measured: docs/cpu-experts.md)."""
         cache, rt = self.cache, self.runtime
         nb = self.layout.nbytes
         clock = rt.transfer.clock
@@ -331,10 +341,11 @@ class FastStep:
         for p, e in sorted({(int(p), int(fl.idx[p, j])) for p, j in zip(*np.nonzero(miss))}):
             layer = self.moe_layers[p]
             c = cache.counters.layer(layer)
-            fl.missed += 1
-            c.misses += 1
-            c.bytes_moved += nb
-            ready = max(ready, clock.book(nb, now=fl.t0))
+            if not behind:                                               # read over the link by the step
+                fl.missed += 1
+                c.misses += 1
+                c.bytes_moved += nb
+                ready = max(ready, clock.book(nb, now=fl.t0))
             key = (layer, e)
             if cache.resident(key):                                      # its copy was still on the way
                 cache.touch(key, hit=False)
@@ -358,6 +369,7 @@ class FastStep:
             if slot is not None:                                         # else every slot holds one this step used
                 rt.load_slot(key, slot)
                 queued += nb
+                c.bytes_moved += nb if behind else 0                     # its only crossing of the link
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
             if delay > 0:

@@ -19,7 +19,8 @@ runs. A split step does that:
         the next segment adds `Bucket.extra` to the residual stream (the family's routed output is a plain sum
         into it: `Family.moe_output_additive`) and clears it
     after the step (fast_step.FastStep._finish): the link's misses are claimed and copied into slots as a
-    one-graph step's are; the CPU's stay on the host (they do not enter the cache, as in the eager layer call)
+    one-graph step's are; on CUDA the CPU's too, behind the step (not counted as misses: the step did not wait
+    for them), so the cache keeps learning the working set (the eager layer call's CPU misses do not enter it)
 
 Numerics: the CPU computes in float32 what the device computes in the model's dtype, and the misses' rows join
 the residual stream after the layer's other terms instead of with them: close, not equal (tests/
