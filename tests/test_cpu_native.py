@@ -411,13 +411,14 @@ def test_bench_cpu_kernels_writes_its_rows(tmp_path, capsys):
                                                                  ("fp8@bfloat16", 3)]
     for r in res["rows"]:
         assert r["torch_ms"] > 0 and r["native_ms"] > 0 and r["max_rel_diff"] < 1e-5 and r["experts"] >= 2
+        assert r["native_group_ms"] > 0 and r["group"] == min(8, r["experts"])
     assert res["machine"]["native"]["source"] == native.source_hash()
     assert "| tiny-qwen3" in (out / "cpu_kernels.md").read_text()
 
 
 @pytest.mark.parametrize("argv,says", [(["--tokens", "0"], "--tokens"), (["--tokens", "a"], "--tokens"),
                                        (["--formats", "dense@int8"], "int8"), (["--shapes", "nope"], "nope"),
-                                       (["--reps", "0"], "--reps")])
+                                       (["--reps", "0"], "--reps"), (["--group", "0"], "--group")])
 def test_bench_cpu_kernels_refuses_bad_input(argv, says, tmp_path, capsys, monkeypatch):
     from vismmoe.bench import cpu_kernels
     monkeypatch.setattr(cpu_kernels, "measure", lambda *a, **k: pytest.fail("measured"))

@@ -1,14 +1,16 @@
 """The CPU expert kernels side by side: seconds per expert, torch against native, per format and token count.
 
     python -m vismmoe.bench.cpu_kernels --out DIR [--shapes qwen3-30b-a3b,bundled]
-        [--formats dense,dense@bfloat16,fp8,int4] [--tokens 1,2,4,8] [--reps 7] [--budget-mib 96]
+        [--formats dense,dense@bfloat16,fp8,int4] [--tokens 1,2,4,8] [--reps 7] [--budget-mib 96] [--group 8]
 
 For each (shape, format): random experts, about --budget-mib of blobs in all (so the weights come from memory, not
 from the caches, as misses do; at least 2 experts), one executor per kernel (cpu/executor.py, `kernel=torch` and
 `kernel=native`). A timing is one pass over every expert at t tokens (routing weights applied); the two kernels
 alternate, repetition by repetition (interleaved, so both see the same machine state), and each row reports the
 median seconds per expert, GB/s of expert bytes, native's speed-up, and the largest difference between the two
-outputs relative to the largest output.
+outputs relative to the largest output. A third timing, interleaved with them, hands the native kernel --group
+experts at once (`CpuExecutor.pairs`: one call for a layer call's experts, every token routed to each of them,
+as a decode step's top-k) against one call an expert (`native_group_ms`, `group_speedup`).
 
 Shapes: a name of bench/shapes.py (its family's expert geometry) or `bundled` (the bundled model's). Formats: an
 expert format spec (`int4:group=64,sym=0`), `@dtype` for the activation dtype (dense experts are stored in it;
@@ -64,11 +66,16 @@ def _blobs(layout, budget: int) -> torch.Tensor:
     return random_blobs(layout, max(2, min(256, budget // layout.nbytes)))
 
 
-def measure(layout, tokens: list[int], reps: int, budget: int) -> list[dict]:
-    """Rows of one layout: per token count, both kernels' median seconds per expert (interleaved)."""
+def measure(layout, tokens: list[int], reps: int, budget: int, group: int = 8) -> list[dict]:
+    """Rows of one layout: per token count, both kernels' median seconds per expert, and the native kernel's with
+    `group` experts a call (interleaved)."""
+    import numpy as np
+
     from ..cpu.executor import CpuExecutor
     blobs = _blobs(layout, budget)
     n = blobs.shape[0]
+    group = min(group, n)
+    chunks = [list(range(i, min(i + group, n))) for i in range(0, n, group)]
     execs = {"torch": CpuExecutor(layout, kernel="torch"), "native": CpuExecutor(layout, kernel="native")}
     if execs["native"].native is None:
         raise UserError("the native CPU expert kernel could not be built here", "install a C compiler (gcc)")
@@ -77,20 +84,32 @@ def measure(layout, tokens: list[int], reps: int, budget: int) -> list[dict]:
     for t in tokens:
         x = torch.randn(t, layout.hidden, generator=g).to(layout.dtype)
         w = torch.rand(t, generator=g)
+        nat = execs["native"]
+
+        def grouped():
+            for ch in chunks:                               # every token routed to each expert of the chunk
+                idx = np.tile(np.arange(len(ch)), (t, 1))
+                nat.pairs(lambda e: blobs[ch[e]], x, idx, w[:, None].expand(t, len(ch)), list(range(len(ch))))
         outs = {k: ex.expert(blobs[0], x, w) for k, ex in execs.items()}       # warm-up, and the outputs
-        times: dict[str, list[float]] = {k: [] for k in execs}
+        grouped()
+        times: dict[str, list[float]] = {k: [] for k in (*execs, "group")}
         for _ in range(reps):
             for k, ex in execs.items():
                 t0 = time.perf_counter()
                 for i in range(n):
                     ex.expert(blobs[i], x, w)
                 times[k].append((time.perf_counter() - t0) / n)
+            t0 = time.perf_counter()
+            grouped()
+            times["group"].append((time.perf_counter() - t0) / n)
         s = {k: statistics.median(v) for k, v in times.items()}
         diff = ((outs["native"] - outs["torch"]).abs().max() / outs["torch"].abs().max().clamp_min(1e-30)).item()
         rows.append({"tokens": t, "experts": n, "expert_bytes": layout.nbytes,
                      "torch_ms": s["torch"] * 1e3, "native_ms": s["native"] * 1e3,
                      "torch_gbps": layout.nbytes / s["torch"] / 1e9, "native_gbps": layout.nbytes / s["native"] / 1e9,
                      "speedup": s["torch"] / s["native"], "max_rel_diff": diff,
+                     "group": group, "native_group_ms": s["group"] * 1e3,
+                     "native_group_gbps": layout.nbytes / s["group"] / 1e9, "group_speedup": s["native"] / s["group"],
                      "torch_ms_per_rep": [x * 1e3 for x in times["torch"]],
                      "native_ms_per_rep": [x * 1e3 for x in times["native"]]})
     return rows
@@ -108,12 +127,14 @@ def _machine() -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| shape | format | tokens | torch ms | native ms | native GB/s | speed-up | max rel diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | format | tokens | torch ms | native ms | native GB/s | speed-up | native ms, group a call | "
+             "group GB/s | group speed-up | max rel diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} ({r['hidden']}x{r['inter']}) | {r['format']} | {r['tokens']} | "
                      f"{r['torch_ms']:.3f} | {r['native_ms']:.3f} | {r['native_gbps']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
+                     f"{r['speedup']:.2f}x | {r['native_group_ms']:.3f} ({r['group']}) | "
+                     f"{r['native_group_gbps']:.1f} | {r['group_speedup']:.2f}x | {r['max_rel_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -126,8 +147,8 @@ def _main(args) -> int:
         tokens = []
     if not tokens or min(tokens) < 1:
         raise UserError(f"--tokens {args.tokens!r}: give comma-separated token counts of at least 1", "e.g. 1,2,4,8")
-    if args.reps < 1 or args.budget_mib < 1:
-        raise UserError("--reps and --budget-mib must be at least 1", "e.g. --reps 7 --budget-mib 96")
+    if args.reps < 1 or args.budget_mib < 1 or args.group < 1:
+        raise UserError("--reps, --budget-mib and --group must be at least 1", "e.g. --reps 7 --budget-mib 96 --group 8")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not shapes or not formats:
@@ -139,11 +160,12 @@ def _main(args) -> int:
     res = {"command": args.command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(),
            "load_before": list(os.getloadavg()), "reps": args.reps, "rows": []}
     for shape, H, I, item, layout in plan:
-        for row in measure(layout, tokens, args.reps, args.budget_mib << 20):
+        for row in measure(layout, tokens, args.reps, args.budget_mib << 20, args.group):
             res["rows"].append({"shape": shape, "hidden": H, "inter": I, "format": item, **row})
             r = res["rows"][-1]
             print(f"{shape} {item} t={r['tokens']}: torch {r['torch_ms']:.3f} ms, native {r['native_ms']:.3f} ms "
-                  f"({r['speedup']:.2f}x)", flush=True)
+                  f"({r['speedup']:.2f}x), native {r['group']} a call {r['native_group_ms']:.3f} ms "
+                  f"({r['group_speedup']:.2f}x)", flush=True)
     res["load_after"] = list(os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, FILES[0]), "w") as f:
@@ -166,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", default="1,2,4,8", help="comma-separated tokens per expert")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--budget-mib", type=int, default=96, help="MiB of expert blobs each timing passes over")
+    p.add_argument("--group", type=int, default=8, help="experts per native call in the grouped timing (top-k)")
     args = p.parse_args(argv)
     args.command = "python -m vismmoe.bench.cpu_kernels " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
