@@ -156,7 +156,7 @@ def test_split_between_cpu_and_link(family, tiny_dirs, image_file, tmp_path, mon
             ref, eng = _pair(d, _smallest(ref), "auto")
         split = eng.fast_step().split
         split.rule.always = True
-        eng.runtime.cpu.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
+        split.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
         inputs = ref.prepare([image_file], [PROMPT])
         want, want_logits, _ = _step_logits(ref, inputs)
         got, got_logits, stats = _step_logits(eng, inputs)
@@ -236,7 +236,7 @@ def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, 
         split = eng.fast_step().split
         if mode == "mixed":
             split.rule.always = True
-            eng.runtime.cpu.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
+            split.placement.choose = lambda misses, tokens, backlog_s=0.0: misses[::2]
         inputs = ref.prepare([image_file], [PROMPT])
         want, want_logits, _ = _step_logits(ref, inputs)
         got, got_logits, got_stats = _step_logits(eng, inputs)
@@ -249,3 +249,53 @@ def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, 
         if mode == "mixed":
             assert split.link_experts > 0
         assert eng.cache.pool.numel() * eng.cache.pool.element_size() <= eng.budget_bytes
+
+
+def test_rule_measures_what_a_miss_costs_the_one_graph_step():
+    """fetch_s starts at the link's figure and becomes the slope of one-graph steps' device time over their misses
+    (the kernels' reads over the link), within [1/2, 4] times the link's figure; split steps and steps that are not
+    measurements (None) leave it alone."""
+    link = 0.175e-3
+    rule = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
+    for i in range(SplitRule.FIT_STEPS - 1):
+        rule.observe_step(40 + 10 * (i % 3), dev_s=2.6e-3 + (40 + 10 * (i % 3)) * 0.28e-3)
+    assert rule.fetch_s == link                             # too few steps yet
+    rule.observe_step(60, split=True, dev_s=1.0)            # a split step is no point of the fit
+    rule.observe_step(60, dev_s=None)                       # nor is a step that captured graphs
+    for i in range(40):
+        m = 40 + 10 * (i % 3)
+        rule.observe_step(m, dev_s=2.6e-3 + m * 0.28e-3)
+    assert rule.fetch_s == pytest.approx(0.28e-3, rel=0.02)
+    slow = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
+    for i in range(40):
+        m = 40 + 10 * (i % 3)
+        slow.observe_step(m, dev_s=m * 10e-3)
+    assert slow.fetch_s == 4 * link                         # bounded
+    flat = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
+    for _ in range(40):
+        flat.observe_step(50, dev_s=20e-3)                  # misses never vary: no slope to read
+    assert flat.fetch_s == link
+    # what the fit changes: 50 misses a step at 0.28 ms each pay for splitting where 0.175 ms did not
+    a = SplitRule(fetch_s=link, cpu_s=lambda: 0.6e-3, boundaries=16, misses=50)
+    b = SplitRule(fetch_s=0.28e-3, cpu_s=lambda: 0.6e-3, boundaries=16, misses=50)
+    assert not a.want() and b.want()
+
+
+def test_split_step_corrects_its_own_cpu_rate(tiny_dirs, image_file, tmp_path, monkeypatch):
+    """The split step's placement is its own: the eager layer calls' correction (their CPU jobs run beside the
+    device path) does not change it, and the split step's CPU jobs correct only it."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    ref, eng = _pair(tiny_dirs["qwen3_vl_moe"], "25%", mode="auto")
+    split = eng.fast_step().split
+    eager = eng.runtime.cpu.placement
+    assert split.placement is not eager and split.placement.scale == 1.0
+    eager.observe(1.0, 3.0)
+    assert split.placement.scale == 1.0 and eager.scale > 1.0
+    split.rule.always = True
+    before = eager.scale
+    inputs = ref.prepare([image_file], [PROMPT])
+    assert _step_logits(eng, inputs)[0] == _step_logits(ref, inputs)[0]
+    if split.cpu_experts:
+        assert split.placement.scale != 1.0
+    assert split.steps == NEW - 1
+    assert eager.scale != before or eng.runtime.cpu.experts > split.cpu_experts   # the prefill's jobs: the eager one

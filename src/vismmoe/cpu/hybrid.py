@@ -94,19 +94,21 @@ class CpuSide:
         return [e for e in needed if e not in taken], job
 
     def compute(self, pos: int, h: torch.Tensor, idx: np.ndarray, w: torch.Tensor, cpu: list[int], gate,
-                t_sub: float, predicted: float):
+                t_sub: float, predicted: float, placement: Placement | None = None):
         """The experts `cpu` of the MoE layer at store row `pos` for the host's `h [T, H]`, `idx [T, K]`,
         `w [T, K]` (executor.pairs: (pair indices, weighted rows)), with the books: busy time, counters, and the
-        placement's correction by what the job took since `t_sub` against the `predicted` seconds. Runs where it
-        is called: the worker thread (`start`), or the split decode step's host side (step/split_step.py)."""
+        correction of `placement` (default: this side's) by what the job took since `t_sub` against the
+        `predicted` seconds. Runs where it is called: the worker thread (`start`), or the split decode step's host
+        side (step/split_step.py, with its own placement)."""
         t0 = time.perf_counter()
         with torch.no_grad():
             got = self.executor.pairs(lambda e: self.store.blob(pos, e), h, idx, w, cpu, gate=gate,
                                       release=getattr(self.store, "release", None))
         t1 = time.perf_counter()
         self.busy_s += t1 - t0
-        if self.placement is not None:              # what the job took here, against what the rates promised
-            self.placement.observe(predicted, t1 - t_sub)
+        placement = placement or self.placement
+        if placement is not None:                   # what the job took here, against what the rates promised
+            placement.observe(predicted, t1 - t_sub)
         self.experts += len(cpu)
         self.pairs += int(got[0].numel())
         return got

@@ -94,7 +94,13 @@ class SplitRule:
     `cpu_s`: () -> seconds the CPU takes for one expert of one token (the placement's rate times its in-place
     correction); `always`: every step splits (--cpu-experts on); `shared`: the device is the CPU itself. There a
     one-graph step reads a miss from the host store with no copy on its path, so splitting saves nothing and only
-    adds its boundaries: no step splits (measured on the 2-core machine: docs/cpu-experts.md)."""
+    adds its boundaries: no step splits (measured on the 2-core machine: docs/cpu-experts.md).
+
+    fetch_s starts at the link's figure (one expert's bytes over its rate) and is then measured: a one-graph
+    step's kernels read its misses over the link from inside the step, which may cost more per expert than a copy
+    at the link's rate. One-graph steps' device seconds are fitted against their misses, `dev ~ clean + m fetch`,
+    over running means; the slope becomes fetch_s once `FIT_STEPS` steps were seen whose misses vary by about one
+    or more, kept within [1/2, 4] times the link's figure."""
 
     fetch_s: float
     cpu_s: Callable[[], float]
@@ -106,6 +112,12 @@ class SplitRule:
     BOUNDARY_S = 40e-6              # a segment's host round trip: the wait's wake-up, the next replay's launch
     BOUNDARY_MAX_S = 1e-3           # the most one measurement may say a boundary costs
     DRIFT = 0.02                    # per step without a split: the share boundary_s moves back toward the prior
+    FIT_STEPS = 8                   # one-graph steps with misses before the fitted fetch_s is used
+    FIT_WEIGHT = 0.1                # the running means' weight of one step
+
+    def __post_init__(self):
+        self.link_s = self.fetch_s                      # the link's figure: the prior and the fit's bounds
+        self._fit = [0, 0.0, 0.0, 0.0, 0.0]             # steps, mean m, mean dev, mean m^2, mean m * dev
 
     def layer_s(self, j: float) -> float:
         """Seconds a layer with `j` misses (a mean: interpolated between whole numbers) waits when CPU and link
@@ -126,11 +138,25 @@ class SplitRule:
         split = n * ((self.boundary_s or self.BOUNDARY_S) + self.layer_s(self.misses / n))
         return split < self.misses * self.fetch_s
 
-    def observe_step(self, misses: int, split: bool = False) -> None:
-        """A step (split or not) had `misses` experts not in a slot."""
+    def observe_step(self, misses: int, split: bool = False, dev_s: float | None = None) -> None:
+        """A step (split or not) had `misses` experts not in a slot; `dev_s`: a one-graph step's device seconds
+        (a point of the fetch_s fit; None: not a measurement, e.g. a step that captured graphs)."""
         self.misses = 0.5 * self.misses + 0.5 * misses
         if not split and self.boundary_s:
             self.boundary_s += self.DRIFT * (self.BOUNDARY_S - self.boundary_s)
+        if not split and dev_s is not None:
+            self._observe_fetch(float(misses), dev_s)
+
+    def _observe_fetch(self, m: float, dev: float) -> None:
+        f = self._fit
+        a = 1.0 / (f[0] + 1) if f[0] < 1 / self.FIT_WEIGHT else self.FIT_WEIGHT   # a plain mean at first
+        f[0] += 1
+        for i, v in enumerate((m, dev, m * m, m * dev), start=1):
+            f[i] += a * (v - f[i])
+        var = f[3] - f[1] * f[1]
+        if f[0] >= self.FIT_STEPS and var >= 1.0:                       # misses vary by about one or more
+            slope = (f[4] - f[1] * f[2]) / var
+            self.fetch_s = min(4 * self.link_s, max(0.5 * self.link_s, slope))
 
     def observe_split(self, beyond_s: float) -> None:
         """A split step took `beyond_s` seconds more than a clean step plus its host work with misses."""

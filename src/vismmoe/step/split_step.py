@@ -32,6 +32,7 @@ only for steps with misses enough); which misses go where is `Placement`'s. This
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -51,7 +52,12 @@ class SplitMisses:
         L, E = len(fs.moe_layers), fs.E
         self.gates = [getattr(fs.family.moe_block(fs.model, layer).experts, "_apply_gate", None)
                       for layer in fs.moe_layers]
-        pl = cpu.placement
+        # the split step's own placement: the eager one's rates, its own in-place correction. The CPU's work here
+        # runs inline while the device waits, not on the worker beside a running device path (whose jobs measured
+        # about 3x their calibration: docs/cpu-experts.md), so the eager correction would misjudge it; its fetch_s
+        # follows the rule's measured cost of a miss read over the link by the kernels
+        pl = None if cpu.placement is None else dataclasses.replace(cpu.placement, scale=1.0)
+        self.placement = pl
         fetch_s = pl.fetch_s if pl is not None else fs.layout.nbytes / 50e9
         self.rule = SplitRule(fetch_s=fetch_s,
                               cpu_s=(lambda: pl.cpu_s(1) * pl.scale) if pl is not None else (lambda: fetch_s),
@@ -95,7 +101,7 @@ class SplitMisses:
         t0 = time.perf_counter()
         misses = sorted(set(idx[missing].tolist()))
         tokens = np.bincount(idx, minlength=fs.E)
-        pl = self.cpu.placement
+        pl = self.placement
         cpu = misses if pl is None else pl.choose(misses, tokens)
         link = sorted(set(misses) - set(cpu))
         if link:
@@ -138,10 +144,10 @@ class SplitMisses:
         h = b.out_host["route_h"][p][:n]                                        # [rows, H], the layer's input
         w = b.out_host["route_w"][p][:n * K].view(n, K)
         # inline on this thread: no hand-off to the worker, which `predict` includes
-        pl = self.cpu.placement
+        pl = self.placement
         predicted = pl.predict(experts, tokens) - pl.handoff_s if pl else 0.0
         pick, rows = self.cpu.compute(fs.store_pos[p], h, idx.reshape(n, K), w, experts, self.gates[p],
-                                      time.perf_counter(), predicted)
+                                      time.perf_counter(), predicted, placement=pl)
         acc = torch.zeros(n, h.shape[-1], dtype=torch.float32).index_add_(0, pick // K, rows)
         self.cpu_experts += len(experts)
         fl.cpu_pairs[p, pick.numpy()] = True
@@ -160,6 +166,8 @@ class SplitMisses:
         """A step finished with `misses` experts not in a slot (split or not): the rule's books. A step that
         compiled or captured graphs (`fl.captured`) says nothing of what a boundary costs."""
         split = fl.cpu_pairs is not None
-        self.rule.observe_step(misses, split)
+        self.rule.observe_step(misses, split, None if fl.captured else dev_s)
+        if self.placement is not None:
+            self.placement.fetch_s = self.rule.fetch_s
         if split and clean_s is not None and not fl.captured:
             self.rule.observe_split(dev_s - clean_s - self.work_s)
