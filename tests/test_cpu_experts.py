@@ -302,3 +302,17 @@ def test_worker_thread_path_on_the_cpu(tiny_dirs, image_file, tmp_path, monkeypa
     got = threaded.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
     threaded.runtime.cpu.close()
     assert got.token_ids == want.token_ids and got.stats["cpu_computed"] == want.stats["cpu_computed"] > 0
+
+
+def test_bench_split_row_splits_every_step(tmp_path, monkeypatch):
+    """--with-split on the fast step: its row splits every decode step (the rule overridden), the others as
+    their rule says."""
+    from vismmoe.bench import cpu_experts
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    res = cpu_experts.main(["--shape", "tiny-qwen3", "--device", "cpu", "--budgets", "25%", "--reps", "1",
+                            "--new-tokens", "4", "--image-side", "64", "--decode", "fast", "--with-split",
+                            "--no-resident"])
+    rows = {r["system"]: r for r in res["rows"]}
+    assert set(rows) == {"fetch@25%", "auto@25%", "split@25%"}
+    assert rows["split@25%"]["split_steps"] == 3 and rows["split@25%"]["split_cpu_experts"] > 0
+    assert rows["auto@25%"]["split_steps"] == 0 and rows["fetch@25%"]["split_steps"] == 0

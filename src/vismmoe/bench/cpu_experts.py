@@ -10,6 +10,8 @@ Systems per budget B (the same host store, non-expert weights and request; cold 
                 machine's cached rates says (cpu/placement.py); on the fast step, a step splits at each MoE layer
                 when the split rule expects misses enough (step/split_step.py)
     on@B        --cpu-experts on (with --with-on): every miss on the CPU, every fast step split
+    split@B     --cpu-experts auto with every fast step split (with --with-split): what splitting buys where the
+                placement shares each layer's misses between CPU and link, whatever the split rule would say
 then resident (every expert preloaded). Systems of one budget share one slot pool and run interleaved, repetition
 by repetition; each row is the median over repetitions of TTFT and decode time per token, with misses, experts
 the CPU computed, the CPU's busy time and the split steps. `--decode eager` puts the decode on eager layer calls.
@@ -87,6 +89,7 @@ def main(argv=None) -> dict | int:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="text-only shapes: prompt length")
     ap.add_argument("--image-side", type=int, default=768, help="vision shapes: the image's side in pixels")
     ap.add_argument("--with-on", action="store_true", help="also run --cpu-experts on")
+    ap.add_argument("--with-split", action="store_true", help="also run auto with every fast step split")
     ap.add_argument("--no-resident", action="store_true", help="skip the every-expert-resident row (memory)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -126,6 +129,11 @@ def main(argv=None) -> dict | int:
         systems = {f"fetch@{budget}": fetch, f"auto@{budget}": fetch.fork(cpu_experts="auto", share_pool=True)}
         if args.with_on:
             systems[f"on@{budget}"] = fetch.fork(cpu_experts="on", share_pool=True)
+        if args.with_split:
+            systems[f"split@{budget}"] = split = fetch.fork(cpu_experts="auto", share_pool=True)
+            sp = getattr(split.fast_step(), "split", None)
+            if sp is not None:                  # (no split step: eager decode, the disk tier)
+                sp.rule.always = True
         res["rows"] += [dict(r, budget=budget) for r in _rows(systems, inputs, args)]
         for eng in systems.values():
             if eng.runtime.cpu is not None:
