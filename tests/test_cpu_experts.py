@@ -316,3 +316,30 @@ def test_bench_split_row_splits_every_step(tmp_path, monkeypatch):
     assert set(rows) == {"fetch@25%", "auto@25%", "split@25%"}
     assert rows["split@25%"]["split_steps"] == 3 and rows["split@25%"]["split_cpu_experts"] > 0
     assert rows["auto@25%"]["split_steps"] == 0 and rows["fetch@25%"]["split_steps"] == 0
+
+
+@pytest.mark.parametrize("decode", ["eager", "fast"])
+def test_cpu_computed_misses_are_copied_in_behind(decode, tiny_dirs, image_file, tmp_path, monkeypatch):
+    """`copy_behind` (a CUDA device's default; forced here on the CPU): misses the CPU computed are claimed and
+    copied into slots after their layer call (eager) or step (fast, split), not waited for and not counted as
+    misses. The cache learns the working set, so later calls hit and the CPU computes fewer experts than without;
+    tokens stay fetch-only's, down to the smallest budget, and the budget holds."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs["qwen3_vl_moe"]
+    ref = load(d, expert_budget="25%", decode=decode)
+    smallest = str(ref.geometry.top_k * ref.layout.nbytes)
+    for budget in ("25%", smallest):
+        ref = load(d, expert_budget=budget, decode=decode)
+        want = ref.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
+        runs = {}
+        for behind in (False, True):
+            eng = load(d, expert_budget=budget, decode=decode, cpu_experts="on")
+            eng.runtime.cpu.copy_behind = behind
+            got = eng.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
+            assert got.token_ids == want.token_ids, (decode, budget, behind)
+            assert got.stats["misses"] == 0 and got.stats["expert_bytes_peak"] <= got.stats["expert_budget_bytes"]
+            runs[behind] = got.stats
+        assert runs[False]["hits"] == 0                 # nothing ever entered the cache
+        if budget == "25%":
+            assert runs[True]["hits"] > 0, decode
+            assert runs[True]["cpu_computed"] < runs[False]["cpu_computed"], decode

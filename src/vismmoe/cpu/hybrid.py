@@ -10,8 +10,11 @@
         finish(): the job's pair rows [C, H] to the device, written into the layer's pair rows `pairs [T*K, H]`
                   (rows the device path did not write are zeros), before the sum over each token's K pairs
 
-CPU-computed experts do not enter the cache (the policy does not hear of them): they are counted apart
-(`experts`, `pairs`, `busy_s`).
+CPU-computed experts are counted apart (`experts`, `pairs`, `busy_s`), not as misses: no step waited on the link
+for them. Where `copy_behind` holds (a CUDA device, the default there) they are still claimed and copied into
+slots behind the layer call (the runtime's `_copy_behind`; the fast step's split steps do the same), so the cache
+keeps learning the working set: without it an expert the CPU computes never becomes resident, and `on` kept the
+cache empty (measured: docs/cpu-experts.md). On a CPU device the copy would take the same cores: off.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class CpuSide:
         self.layer_pos = layer_pos
         self.executor = CpuExecutor(layout)
         self.cuda = device.type == "cuda"
+        self.copy_behind = self.cuda        # CPU-computed misses copied into slots behind the call (docstring)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="vismmoe-cpu-experts") if self.cuda else None
         self.link = link
         self.placement = None
@@ -91,6 +95,7 @@ class CpuSide:
         predicted = self.placement.predict(cpu, tokens) if self.placement is not None else 0.0
         run = lambda: self.compute(pos, h, idx, w, cpu, gate, t_sub, predicted)      # noqa: E731
         job = self.worker.submit(run) if self.worker is not None else _Done(run())
+        job.experts = cpu
         return [e for e in needed if e not in taken], job
 
     def compute(self, pos: int, h: torch.Tensor, idx: np.ndarray, w: torch.Tensor, cpu: list[int], gate,

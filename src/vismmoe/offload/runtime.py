@@ -130,12 +130,32 @@ class OffloadRuntime:
                     self.cache.evict((layer, e))
         if job is not None:
             pairs = self.cpu.finish(job, pairs, top_k_index.numel(), hidden.shape[-1], self.cache.layout.dtype)
+            if self.cpu.copy_behind:
+                self._copy_behind(layer, job.experts)
         out = self._combine(pairs, top_k_index.shape, hidden.dtype)
         if self.timeline is not None:
             if self.cuda:
                 torch.cuda.synchronize(self.cache.device)
             self.timeline.add_compute(layer, t_start, time.perf_counter())
         return out
+
+    def _copy_behind(self, layer: int, experts: list[int]) -> None:
+        """The misses the CPU computed in this call claimed and copied into slots, not waited for (cpu/hybrid.py):
+        the policy hears of them as of any use, later calls hit them. Each copy starts once the last compute that
+        read its slot is done (`load_slot`). Stops at the first that finds no slot."""
+        cache = self.cache
+        if not cache.policy.retain:
+            return
+        pinned = {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            if cache.resident(key):
+                continue
+            try:
+                slot = cache.claim(key, pinned, count_miss=False)
+            except LookupError:
+                return
+            self.load_slot(key, slot)
 
     def _route(self, layer: int, hidden, top_k_index, top_k_weights) -> tuple[np.ndarray, list[int]]:
         """Observers see the routing; the one host sync per layer brings it to the host: (idx [T, K], the

@@ -290,7 +290,7 @@ class FastStep:
             self.split.after(fl, fl.dev_s, self._clean_s, int(distinct))
         behind = None
         if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
-            behind = miss & fl.cpu_pairs if self.cuda else None
+            behind = miss & fl.cpu_pairs if self.split.cpu.copy_behind else None
             miss &= ~fl.cpu_pairs
         if fl.land[0] and self._missed:
             self._adopt(fl, miss)
@@ -327,11 +327,9 @@ class FastStep:
     def _claim(self, fl: _InFlight, miss: np.ndarray, behind: bool = False) -> int:
         """The step's misses counted, charged to the link and claimed; the bytes of the copies queued.
 
-        `behind`: misses a split step computed on the CPU (CUDA). The step did not wait for them, so they are not
-        counted as misses nor charged to the step; they are still claimed and copied into slots behind the step (the
-        link is idle while the CPU computes), so the cache keeps learning the working set: without it an expert
-        the CPU computes never becomes resident, and `--cpu-experts on` would keep every step on the CPU with an
-        empty cache (measured: docs/cpu-experts.md)."""
+        `behind`: misses a split step computed on the CPU, where `CpuSide.copy_behind` holds (CUDA). The step did
+        not wait for them, so they are neither counted as misses nor charged to the step; they are claimed and
+        copied into slots behind it (cpu/hybrid.py says why)."""
         cache, rt = self.cache, self.runtime
         nb = self.layout.nbytes
         clock = rt.transfer.clock
@@ -368,8 +366,7 @@ class FastStep:
                     continue
             if slot is not None:                                         # else every slot holds one this step used
                 rt.load_slot(key, slot)
-                queued += nb
-                c.bytes_moved += nb if behind else 0                     # its only crossing of the link
+                queued += nb                                             # (its bytes counted by the claim)
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
             if delay > 0:
