@@ -13,7 +13,8 @@
  *             per group of `block` columns (gu [2I, H/g], down [H, I/g]); w = (q - z) * s
  *
  * How: output rows of all the call's experts are shared among OpenMP threads in blocks of RB rows (every expert's
- * gate/up rows, one barrier, the gating, one barrier, every expert's down rows: vm_experts). A block's
+ * gate/up rows, one barrier, the gating, one barrier, every expert's down rows: vm_experts; each expert's rows are
+ * shared by all threads in turn, with no barrier between experts). A block's
  * rows are read once per tile of up to 4 tokens, VL weights at a time, dequantized in registers (bf16 by a shift,
  * e4m3 by bit operations or F16C, int4 nibbles against the even and odd columns of x) and multiplied into R * T
  * vector accumulators; the scale (and zero point) of a block or group is applied in the same registers. Nothing is
@@ -375,8 +376,9 @@ int vm_info(void) {
 /* float32 scratch vm_expert needs for t tokens: gu [t, 2I], h [t, I], and for int4 x de-interleaved [t, H] */
 int64_t vm_scratch(int hidden, int inter, int t) { return (int64_t)t * (3 * (int64_t)inter + hidden); }
 
-/* n experts at once, each for its own tokens (one parallel region: three barriers for the whole set, not three
- * an expert).
+/* n experts at once, each for its own tokens: one parallel region for the set, every thread on a share of each
+ * expert's rows in turn, and three barriers in all (the de-interleave, the gating, the end) instead of three an
+ * expert.
  *   L        the blobs' layout;                    blobs  [n] each expert's bytes (read only)
  *   off      [n + 1] expert e's tokens are rows off[e] .. off[e + 1] of x, w and y (off[0] = 0, non-decreasing)
  *   x        [C, H] float32 (C = off[n]);          w      [C] routing weights, or NULL
@@ -401,7 +403,6 @@ int vm_experts(const vm_layout *L, int n, const uint8_t *const *blobs, const int
     const int int4 = L->fmt == VM_INT4;
     float *gu = scratch, *h = scratch + (size_t)C * 2 * I, *xd = h + (size_t)C * I;
     const int nb_gu = (2 * I + RB - 1) / RB, nb_dn = (H + RB - 1) / RB;
-    const int64_t jobs_gu = (int64_t)n * nb_gu, jobs_dn = (int64_t)n * nb_dn;
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
@@ -414,15 +415,23 @@ int vm_experts(const vm_layout *L, int n, const uint8_t *const *blobs, const int
             for (int64_t k = 0; k < C; k++)
                 for (int c = 0; c < H; c++) xd[(size_t)k * H + (c & 1) * (H / 2) + c / 2] = x[(size_t)k * H + c];
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t j = 0; j < jobs_gu; j++) {
-            const int e = (int)(j / nb_gu), r0 = (int)(j % nb_gu) * RB, R = 2 * I - r0 < RB ? 2 * I - r0 : RB;
+        /* expert by expert, every thread on a share of its rows (the memory pattern of one expert a call), with no
+         * barrier between experts (nowait): the first barrier is the one before the gating */
+        for (int e = 0; e < n; e++) {
             const int64_t k0 = off[e], t = off[e + 1] - k0;
-            if (t > 0) rows(L, blobs[e], 0, r0, R, (int4 ? xd : x) + (size_t)k0 * H, H, (int)t,
-                            gu + (size_t)k0 * 2 * I, 2 * I, NULL);
+            if (t == 0) continue;
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (int b = 0; b < nb_gu; b++) {
+                const int r0 = b * RB, R = 2 * I - r0 < RB ? 2 * I - r0 : RB;
+                rows(L, blobs[e], 0, r0, R, (int4 ? xd : x) + (size_t)k0 * H, H, (int)t, gu + (size_t)k0 * 2 * I,
+                     2 * I, NULL);
+            }
         }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -433,14 +442,16 @@ int vm_experts(const vm_layout *L, int n, const uint8_t *const *blobs, const int
                 h[(size_t)k * I + at] = (act == VM_SILU ? act_silu(g) : act_gelu_tanh(g)) * u;
             }
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t j = 0; j < jobs_dn; j++) {
-            const int e = (int)(j / nb_dn), r0 = (int)(j % nb_dn) * RB, R = H - r0 < RB ? H - r0 : RB;
+        for (int e = 0; e < n; e++) {
             const int64_t k0 = off[e], t = off[e + 1] - k0;
-            if (t > 0) rows(L, blobs[e], 1, r0, R, h + (size_t)k0 * I, I, (int)t, y + (size_t)k0 * H, H,
-                            w ? w + k0 : NULL);
+            if (t == 0) continue;
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (int b = 0; b < nb_dn; b++) {
+                const int r0 = b * RB, R = H - r0 < RB ? H - r0 : RB;
+                rows(L, blobs[e], 1, r0, R, h + (size_t)k0 * I, I, (int)t, y + (size_t)k0 * H, H, w ? w + k0 : NULL);
+            }
         }
     }
     return 0;
