@@ -335,6 +335,9 @@ def test_cpu_computed_misses_are_copied_in_behind(decode, tiny_dirs, image_file,
         for behind in (False, True):
             eng = load(d, expert_budget=budget, decode=decode, cpu_experts="on")
             eng.runtime.cpu.copy_behind = behind
+            from vismmoe.cpu.hybrid import BEHIND_MAX_TOKENS
+            assert eng.runtime.cpu.copies_behind(BEHIND_MAX_TOKENS) == behind
+            assert not eng.runtime.cpu.copies_behind(BEHIND_MAX_TOKENS + 1)    # a prefill's link is busy
             got = eng.generate(image_file, PROMPTS[0], max_new_tokens=NEW)
             assert got.token_ids == want.token_ids, (decode, budget, behind)
             assert got.stats["misses"] == 0 and got.stats["expert_bytes_peak"] <= got.stats["expert_budget_bytes"]

@@ -222,8 +222,8 @@ def test_off_and_not_additive_families_never_split(tiny_dirs, image_file, tmp_pa
 @pytest.mark.parametrize("mode", ["on", "mixed"])
 def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, tmp_path, monkeypatch):
     """On CUDA: the split step's segment graphs, the address-0 kernels, the link's own launch (mixed) and the CPU
-    rows copied in: tokens equal fetch-only's, logits within bf16 tolerance, down to the smallest budget; the
-    budget holds; the misses the CPU computed are copied into slots behind the step, so the cache learns (`on`:
+    rows copied in: logits within bf16 tolerance of fetch-only's and the same tokens but where the reference's top
+    two are closer than that, down to the smallest budget; the budget holds; the misses the CPU computed are copied into slots behind the step, so the cache learns (`on`:
     hits, though no step waited on the link)."""
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
     d = tiny_dirs[family]
@@ -240,11 +240,17 @@ def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, 
         inputs = ref.prepare([image_file], [PROMPT])
         want, want_logits, _ = _step_logits(ref, inputs)
         got, got_logits, got_stats = _step_logits(eng, inputs)
-        assert got == want, (family, mode, budget)
+        assert got[0] == want[0], (family, mode, budget)
         if mode == "on":        # the CPU's misses are copied in behind the steps: later steps hit them
             assert got_stats["misses"] == 0 and got_stats["hits"] > 0, (family, budget, got_stats["hits"])
-        for a, b in zip(got_logits, want_logits):
-            assert (a - b).abs().max().item() <= 5e-2 * max(1.0, b.abs().max().item())
+        for i, (a, b) in enumerate(zip(got_logits, want_logits)):   # teacher-forced: a step's token is its argmax
+            tol = 5e-2 * max(1.0, b.abs().max().item())
+            assert (a - b).abs().max().item() <= tol, (family, mode, budget, i)
+            # bf16 against the CPU's float32: a token may differ only where the reference's top two are closer than
+            # the tolerance (the numerics allow either), never where it was clear
+            if got[i + 1] != want[i + 1]:
+                top2 = b.reshape(-1).topk(2).values
+                assert (top2[0] - top2[1]).item() <= 2 * tol, (family, mode, budget, i, (top2[0] - top2[1]).item())
         assert split.steps == NEW - 1 and split.cpu_experts > 0
         if mode == "mixed":
             assert split.link_experts > 0

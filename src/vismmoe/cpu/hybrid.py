@@ -14,7 +14,9 @@ CPU-computed experts are counted apart (`experts`, `pairs`, `busy_s`), not as mi
 for them. Where `copy_behind` holds (a CUDA device, the default there) they are still claimed and copied into
 slots behind the layer call (the runtime's `_copy_behind`; the fast step's split steps do the same), so the cache
 keeps learning the working set: without it an expert the CPU computes never becomes resident, and `on` kept the
-cache empty (measured: docs/cpu-experts.md). On a CPU device the copy would take the same cores: off.
+cache empty (measured: docs/cpu-experts.md). On a CPU device the copy would take the same cores: off. Only
+decode-sized layer calls copy behind (at most `BEHIND_MAX_TOKENS` tokens): a prefill's link is busy with its own
+misses, and copying the CPU's behind them made `auto`'s TTFT a third longer on the H100 machine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import torch
 
 from .executor import CpuExecutor
 from .placement import Placement
+
+
+BEHIND_MAX_TOKENS = 64     # the most tokens of an eager layer call whose CPU-computed misses are copied behind
 
 
 class CpuSide:
@@ -58,6 +63,10 @@ class CpuSide:
         self.experts = 0            # (layer, expert) computations the CPU did
         self.pairs = 0              # (token, expert) pairs among them
         self.busy_s = 0.0           # seconds the executor worked
+
+    def copies_behind(self, tokens: int) -> bool:
+        """Whether an eager layer call of `tokens` tokens copies its CPU-computed misses in behind (docstring)."""
+        return self.copy_behind and tokens <= BEHIND_MAX_TOKENS
 
     def close(self) -> None:
         if self.worker is not None:

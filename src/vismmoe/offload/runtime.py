@@ -130,7 +130,7 @@ class OffloadRuntime:
                     self.cache.evict((layer, e))
         if job is not None:
             pairs = self.cpu.finish(job, pairs, top_k_index.numel(), hidden.shape[-1], self.cache.layout.dtype)
-            if self.cpu.copy_behind:
+            if self.cpu.copies_behind(idx.shape[0]):
                 self._copy_behind(layer, job.experts)
         out = self._combine(pairs, top_k_index.shape, hidden.dtype)
         if self.timeline is not None:
