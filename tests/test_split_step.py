@@ -254,6 +254,7 @@ def test_gpu_split_step_matches_fetch_only(family, mode, tiny_dirs, image_file, 
         assert split.steps == NEW - 1 and split.cpu_experts > 0
         if mode == "mixed":
             assert split.link_experts > 0
+            assert split.link_launch_s > 0 and split.placement.fetch_s == split.link_launch_s   # measured, used
         assert eng.cache.pool.numel() * eng.cache.pool.element_size() <= eng.budget_bytes
 
 

@@ -73,6 +73,11 @@ class SplitMisses:
         self.link_experts = 0       # misses of split steps read over the link by their own launch
         self.cpu_experts = 0        # misses of split steps computed on the CPU
         self.work_s = 0.0           # host seconds of the running step's `between` calls that had misses
+        # the link launches' own cost: CUDA events around each (after the step: device seconds per expert read),
+        # a running mean that becomes the split placement's fetch_s (the one-graph step's fitted cost does not
+        # apply: a launch over a layer's few link misses has few blocks to keep the link's reads in flight)
+        self._link_events: list = []
+        self.link_launch_s: float | None = None
 
     def wanted(self) -> bool:
         return self.rule.want()
@@ -84,6 +89,7 @@ class SplitMisses:
         fl.cpu_pairs = np.zeros((len(self.fs.moe_layers), b.rows * self.fs.K), dtype=bool)
         b.extra.zero_()
         self.work_s = 0.0
+        self._link_events = []
         self.steps += 1
         if self.cuda and b.B not in self._link_warm:
             self._link_warm.add(b.B)
@@ -119,7 +125,11 @@ class SplitMisses:
             a[:] = 0
             a[link] = fs.host_addr[p, link]
             self.addr_dev[p].copy_(self.addr_host[p], non_blocking=True)
+            ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev[0].record()
             y = self._launch_link(b, p, self.addr_dev[p])
+            ev[1].record()
+            self._link_events.append((ev, len(link)))
         else:                               # the CPU step's arithmetic over the link's blobs, zeros for the rest
             bank = fs.store.layer_blobs(fs.store_pos[p])
             take = torch.from_numpy(np.isin(idx, link))[:, None]
@@ -167,7 +177,14 @@ class SplitMisses:
         compiled or captured graphs (`fl.captured`) says nothing of what a boundary costs."""
         split = fl.cpu_pairs is not None
         self.rule.observe_step(misses, split, None if fl.captured else dev_s)
+        if split and self._link_events and not fl.captured:     # the step is done: its events have their times
+            s_ = sum(a.elapsed_time(b) for (a, b), _ in self._link_events) / 1e3
+            per = s_ / sum(n for _, n in self._link_events)
+            self.link_launch_s = per if self.link_launch_s is None else 0.7 * self.link_launch_s + 0.3 * per
+        elif split and self.link_launch_s is not None:          # none measured: drift back toward the fitted cost,
+            self.link_launch_s += SplitRule.DRIFT * (self.rule.fetch_s - self.link_launch_s)   # so the link is tried
+        self._link_events = []
         if self.placement is not None:
-            self.placement.fetch_s = self.rule.fetch_s
+            self.placement.fetch_s = self.link_launch_s if self.link_launch_s is not None else self.rule.fetch_s
         if split and clean_s is not None and not fl.captured:
             self.rule.observe_split(dev_s - clean_s - self.work_s)
