@@ -471,3 +471,23 @@ def test_a_damaged_library_is_built_again(tmp_path, monkeypatch, fresh_native):
         f.write(b"not a library")
     lib = native.kernel()
     assert lib is not None and lib.path == path and lib.lib.vm_info() >= 0
+
+
+@needs_cc
+def test_pairs_cap_the_rows_of_one_call(monkeypatch):
+    """A set with more token rows than MAX_CALL_ROWS goes to the kernel in several calls (the scratch stays
+    bounded), each of at most that many rows unless one expert alone has more; the rows are those of one call."""
+    fmt, blobs = _blobs("dense", 128, 64, torch.float32, n=4)
+    hidden = torch.randn(6, 128)
+    idx = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [0, 1], [1, 2]])      # pairs: expert 0 3, 1 4, 2 3, 3 2
+    weights = torch.rand(6, 2)
+    ex = CpuExecutor(fmt, kernel="native")
+    want_pick, want = ex.pairs(lambda e: blobs[e], hidden, idx, weights, [0, 1, 2, 3])
+    calls = []
+    real = native.Native.experts
+    monkeypatch.setattr(native.Native, "experts", lambda self, lay, bl, off, *a: calls.append(list(off)) or
+                        real(self, lay, bl, off, *a))
+    monkeypatch.setattr("vismmoe.cpu.executor.MAX_CALL_ROWS", 5)
+    pick, got = ex.pairs(lambda e: blobs[e], hidden, idx, weights, [0, 1, 2, 3])
+    assert calls == [[0, 3], [0, 4], [0, 3, 5]]          # 3 | 4 (3 + 4 > 5) | 3 + 2
+    assert torch.equal(pick, want_pick) and torch.equal(got, want)

@@ -306,3 +306,29 @@ def test_split_step_corrects_its_own_cpu_rate(tiny_dirs, image_file, tmp_path, m
         assert split.placement.scale != 1.0
     assert split.steps == NEW - 1
     assert eager.scale != before or eng.runtime.cpu.experts > split.cpu_experts   # the prefill's jobs: the eager one
+
+
+def test_rule_fits_each_bucket_apart_and_not_under_an_emulated_link(tiny_dirs, tmp_path, monkeypatch):
+    """A clean step's time grows with the bucket's rows: the fit starts again when they change. Under an emulated
+    link the split step fits nothing and prices nothing by events (the step sleeps the emulated cost outside
+    its device time)."""
+    link = 0.175e-3
+    rule = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
+    for i in range(40):
+        m = 40 + 10 * (i % 3)
+        rule.observe_step(m, dev_s=2.6e-3 + m * 0.28e-3, rows=1)
+    assert rule.fetch_s == pytest.approx(0.28e-3, rel=0.02)
+    rule.observe_step(50, dev_s=9e-3, rows=8)               # another bucket: a new fit, too few points yet
+    assert rule._fit[0] == 1 and rule.fetch_s == pytest.approx(0.28e-3, rel=0.02)
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    eng = load(tiny_dirs["qwen3_vl_moe"], decode="fast", expert_budget="25%", cpu_experts="auto", link="edge")
+    split = eng.fast_step().split
+    assert split.emulated
+    before = split.placement.fetch_s
+    split.rule.observe_step = lambda *a, **k: pytest.fail("fitted under an emulated link") if a[2] is not None \
+        else None
+
+    class _Fl:
+        cpu_pairs, captured = None, False
+    split.after(_Fl(), 1e-3, None, 10, 1)
+    assert split.placement.fetch_s == before

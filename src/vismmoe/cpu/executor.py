@@ -48,6 +48,9 @@ WORK_PER_THREAD = 1 << 18
 # weight once per 4 tokens; on the 2-core machine it was faster for every format up to 32 tokens and slower than
 # MKL's sgemm for float32 at 64: docs/cpu-experts.md)
 AUTO_MAX_TOKENS = 32
+# the most token rows of one native call: its float32 scratch is rows x (3 I + H) (about 18 MB for a 30B expert
+# shape), kept by the executor; a set with more rows goes in several calls
+MAX_CALL_ROWS = 1024
 
 
 def kernel_mode() -> str:
@@ -217,12 +220,17 @@ class CpuExecutor:
             finally:
                 if release is not None:
                     release(blob)
-        if batch:
-            if not rows:                                    # the whole set on the native kernel (decode's case)
-                return pt, self._native_experts(batch, off, x, wp, act)
-            sel = torch.cat([torch.arange(s.start, s.stop) for s in segs])
-            y = self._native_experts(batch, off, x[sel], wp[sel], act)
-            rows += [(s.start, y[o:o + s.stop - s.start]) for s, o in zip(segs, off)]
+        if batch and not rows and off[-1] <= MAX_CALL_ROWS:   # the whole set in one call (decode's case)
+            return pt, self._native_experts(batch, off, x, wp, act)
+        i = 0
+        while i < len(batch):                               # calls of at most MAX_CALL_ROWS rows (one expert's more)
+            j = i + 1
+            while j < len(batch) and off[j + 1] - off[i] <= MAX_CALL_ROWS:
+                j += 1
+            sel = torch.cat([torch.arange(s.start, s.stop) for s in segs[i:j]])
+            y = self._native_experts(batch[i:j], [o - off[i] for o in off[i:j + 1]], x[sel], wp[sel], act)
+            rows += [(s.start, y[o - off[i]:o - off[i] + s.stop - s.start]) for s, o in zip(segs[i:j], off[i:j])]
+            i = j
         rows.sort(key=lambda r: r[0])
         return pt, torch.cat([r for _, r in rows])
 

@@ -14,7 +14,8 @@ CPU-computed experts are counted apart (`experts`, `pairs`, `busy_s`), not as mi
 for them. Where `copy_behind` holds (a CUDA device, the default there) they are still claimed and copied into
 slots behind the layer call (the runtime's `_copy_behind`; the fast step's split steps do the same), so the cache
 keeps learning the working set: without it an expert the CPU computes never becomes resident, and `on` kept the
-cache empty (measured: docs/cpu-experts.md). On a CPU device the copy would take the same cores: off. Only
+cache empty (measured: docs/cpu-experts.md). On a CPU device the copy would take the same cores, and on the disk
+tier it would read the expert from its files again: off there. Only
 decode-sized layer calls copy behind (at most `BEHIND_MAX_TOKENS` tokens): a prefill's link is busy with its own
 misses, and copying the CPU's behind them made `auto`'s TTFT a third longer on the H100 machine.
 """
@@ -49,7 +50,9 @@ class CpuSide:
         self.layer_pos = layer_pos
         self.executor = CpuExecutor(layout)
         self.cuda = device.type == "cuda"
-        self.copy_behind = self.cuda        # CPU-computed misses copied into slots behind the call (docstring)
+        # CPU-computed misses copied into slots behind the call (docstring); not from the disk tier, whose copy would
+        # read each expert from its files a second time through the staging ring the CPU side also waits on
+        self.copy_behind = self.cuda and getattr(store, "tier", "host") != "disk"
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="vismmoe-cpu-experts") if self.cuda else None
         self.link = link
         self.placement = None

@@ -15,7 +15,7 @@ the whole difference).
 
 Decode (one token per expert) mostly lands on the CPU, prefill (tens or hundreds of tokens per expert) mostly on
 the link, as the rates say for this machine and shape. What it ignores: that a fetched expert stays resident and
-may hit later (a CPU-computed one does not enter the cache).
+may hit later (a CPU-computed one enters the cache only behind decode-sized calls on CUDA: cpu/hybrid.py).
 
 The calibrated CPU rates are taken alone, on an idle process; inside a running engine the CPU side shares the
 cores and the interpreter with the device path. `observe` corrects them by what the CPU side's jobs really took
@@ -99,8 +99,10 @@ class SplitRule:
     fetch_s starts at the link's figure (one expert's bytes over its rate) and is then measured: a one-graph
     step's kernels read its misses over the link from inside the step, which may cost more per expert than a copy
     at the link's rate. One-graph steps' device seconds are fitted against their misses, `dev ~ clean + m fetch`,
-    over running means; the slope becomes fetch_s once `FIT_STEPS` steps were seen whose misses vary by about one
-    or more, kept within [1/2, 4] times the link's figure."""
+    over running means, per bucket rows; the slope becomes fetch_s once `FIT_STEPS` steps were seen whose misses
+    vary by about one or more, kept within [1/2, 4] times the link's figure. (What it does not separate: the KV
+    length grows while the cache warms, so within a long request the slope leans low.) Not under an emulated
+    link, whose cost the step sleeps outside its device time."""
 
     fetch_s: float
     cpu_s: Callable[[], float]
@@ -112,12 +114,13 @@ class SplitRule:
     BOUNDARY_S = 40e-6              # a segment's host round trip: the wait's wake-up, the next replay's launch
     BOUNDARY_MAX_S = 1e-3           # the most one measurement may say a boundary costs
     DRIFT = 0.02                    # per step without a split: the share boundary_s moves back toward the prior
-    FIT_STEPS = 8                   # one-graph steps with misses before the fitted fetch_s is used
+    FIT_STEPS = 8                   # one-graph steps (of one bucket's rows) before the fitted fetch_s is used
     FIT_WEIGHT = 0.1                # the running means' weight of one step
 
     def __post_init__(self):
         self.link_s = self.fetch_s                      # the link's figure: the prior and the fit's bounds
         self._fit = [0, 0.0, 0.0, 0.0, 0.0]             # steps, mean m, mean dev, mean m^2, mean m * dev
+        self._fit_rows = 1                              # the bucket rows of the fit's steps
 
     def layer_s(self, j: float) -> float:
         """Seconds a layer with `j` misses (a mean: interpolated between whole numbers) waits when CPU and link
@@ -138,13 +141,16 @@ class SplitRule:
         split = n * ((self.boundary_s or self.BOUNDARY_S) + self.layer_s(self.misses / n))
         return split < self.misses * self.fetch_s
 
-    def observe_step(self, misses: int, split: bool = False, dev_s: float | None = None) -> None:
+    def observe_step(self, misses: int, split: bool = False, dev_s: float | None = None, rows: int = 1) -> None:
         """A step (split or not) had `misses` experts not in a slot; `dev_s`: a one-graph step's device seconds
-        (a point of the fetch_s fit; None: not a measurement, e.g. a step that captured graphs)."""
+        (a point of the fetch_s fit; None: not a measurement, e.g. a step that captured graphs); `rows`: its
+        bucket's rows. A clean step's time grows with the rows, so the fit starts again when they change."""
         self.misses = 0.5 * self.misses + 0.5 * misses
         if not split and self.boundary_s:
             self.boundary_s += self.DRIFT * (self.BOUNDARY_S - self.boundary_s)
         if not split and dev_s is not None:
+            if rows != self._fit_rows:
+                self._fit_rows, self._fit = rows, [0, 0.0, 0.0, 0.0, 0.0]
             self._observe_fetch(float(misses), dev_s)
 
     def _observe_fetch(self, m: float, dev: float) -> None:

@@ -114,7 +114,7 @@ class OffloadRuntime:
         idx, needed = self._route(layer, hidden, top_k_index, top_k_weights)
         if not needed:
             return torch.zeros_like(hidden)
-        job = None
+        job, all_needed = None, needed
         if self.cpu is not None:                # cpu/hybrid.py: CPU-placed misses start on the host now
             needed, job = self.cpu.start(self, module, layer, hidden, idx, top_k_weights, needed)
         waves = self._plan(layer, needed) if needed else []
@@ -131,7 +131,7 @@ class OffloadRuntime:
         if job is not None:
             pairs = self.cpu.finish(job, pairs, top_k_index.numel(), hidden.shape[-1], self.cache.layout.dtype)
             if self.cpu.copies_behind(idx.shape[0]):
-                self._copy_behind(layer, job.experts)
+                self._copy_behind(layer, job.experts, all_needed)
         out = self._combine(pairs, top_k_index.shape, hidden.dtype)
         if self.timeline is not None:
             if self.cuda:
@@ -139,14 +139,15 @@ class OffloadRuntime:
             self.timeline.add_compute(layer, t_start, time.perf_counter())
         return out
 
-    def _copy_behind(self, layer: int, experts: list[int]) -> None:
-        """The misses the CPU computed in this call claimed and copied into slots, not waited for (cpu/hybrid.py):
-        the policy hears of them as of any use, later calls hit them. Each copy starts once the last compute that
-        read its slot is done (`load_slot`). Stops at the first that finds no slot."""
+    def _copy_behind(self, layer: int, experts: list[int], needed: list[int]) -> None:
+        """The misses the CPU computed in this call (`experts`, of the call's `needed`) claimed and copied into
+        slots, not waited for (cpu/hybrid.py): the policy hears of them as of any use, later calls hit them. No
+        expert of this call leaves for them (each copy would also wait for the last compute that read its slot:
+        `load_slot`). Stops at the first that finds no slot."""
         cache = self.cache
         if not cache.policy.retain:
             return
-        pinned = {(layer, e) for e in experts}
+        pinned = {(layer, e) for e in needed}
         for e in experts:
             key = (layer, e)
             if cache.resident(key):

@@ -287,7 +287,7 @@ class FastStep:
         self._missed = bool(miss.any())
         if self.split is not None:
             distinct = np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size     # distinct (layer, expert)
-            self.split.after(fl, fl.dev_s, self._clean_s, int(distinct))
+            self.split.after(fl, fl.dev_s, self._clean_s, int(distinct), b.rows)
         behind = None
         if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
             behind = miss & fl.cpu_pairs if self.split.cpu.copy_behind else None
@@ -357,7 +357,8 @@ class FastStep:
                 # the policy for every resident, so pin only the miss's own layer at once (the same victim)
                 outside = cache.num_slots - sum(1 for k in cache.slot_of if k in uses)
             slot = None
-            for pinned in ((uses,) if outside > 0 else ()) + ({(layer, int(x)) for x in fl.idx[p]},):
+            own = () if behind else ({(layer, int(x)) for x in fl.idx[p]},)    # behind: never a victim this step used
+            for pinned in ((uses,) if outside > 0 else ()) + own:
                 try:
                     slot = cache.claim(key, pinned, count_miss=False)
                     outside -= pinned is uses

@@ -20,7 +20,7 @@ runs. A split step does that:
         into it: `Family.moe_output_additive`) and clears it
     after the step (fast_step.FastStep._finish): the link's misses are claimed and copied into slots as a
     one-graph step's are; on CUDA the CPU's too, behind the step (not counted as misses: the step did not wait
-    for them), so the cache keeps learning the working set (the eager layer call's CPU misses do not enter it)
+    for them), so the cache keeps learning the working set (as decode-sized eager layer calls do: cpu/hybrid.py)
 
 Numerics: the CPU computes in float32 what the device computes in the model's dtype, and the misses' rows join
 the residual stream after the layer's other terms instead of with them: close, not equal (tests/
@@ -73,11 +73,16 @@ class SplitMisses:
         self.link_experts = 0       # misses of split steps read over the link by their own launch
         self.cpu_experts = 0        # misses of split steps computed on the CPU
         self.work_s = 0.0           # host seconds of the running step's `between` calls that had misses
-        # the link launches' own cost: CUDA events around each (after the step: device seconds per expert read),
+        # the link launches' own cost: CUDA events around each (after the step: seconds per expert read, from the
+        # launch's host call on, as the stream was idle then),
         # a running mean that becomes the split placement's fetch_s (the one-graph step's fitted cost does not
         # apply: a launch over a layer's few link misses has few blocks to keep the link's reads in flight)
         self._link_events: list = []
+        self._events: dict[int, tuple] = {}                   # MoE layer position -> its launch's pair of events
         self.link_launch_s: float | None = None
+        # an emulated link (device profiles): a miss costs the emulated seconds the step sleeps after it, which
+        # neither the device time nor the events see: the placement keeps the emulated figure, nothing is fitted
+        self.emulated = bool(fs.runtime.transfer.clock.profile.emulated)
 
     def wanted(self) -> bool:
         return self.rule.want()
@@ -125,7 +130,9 @@ class SplitMisses:
             a[:] = 0
             a[link] = fs.host_addr[p, link]
             self.addr_dev[p].copy_(self.addr_host[p], non_blocking=True)
-            ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev = self._events.get(p)
+            if ev is None:
+                ev = self._events[p] = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev[0].record()
             y = self._launch_link(b, p, self.addr_dev[p])
             ev[1].record()
@@ -172,11 +179,14 @@ class SplitMisses:
         else:
             b.extra[:n, 0] += acc.to(b.extra.dtype)
 
-    def after(self, fl, dev_s: float, clean_s: float | None, misses: int) -> None:
+    def after(self, fl, dev_s: float, clean_s: float | None, misses: int, rows: int = 1) -> None:
         """A step finished with `misses` experts not in a slot (split or not): the rule's books. A step that
         compiled or captured graphs (`fl.captured`) says nothing of what a boundary costs."""
         split = fl.cpu_pairs is not None
-        self.rule.observe_step(misses, split, None if fl.captured else dev_s)
+        self.rule.observe_step(misses, split, None if fl.captured or self.emulated else dev_s, rows)
+        if self.emulated:
+            self._link_events = []
+            return
         if split and self._link_events and not fl.captured:     # the step is done: its events have their times
             s_ = sum(a.elapsed_time(b) for (a, b), _ in self._link_events) / 1e3
             per = s_ / sum(n for _, n in self._link_events)

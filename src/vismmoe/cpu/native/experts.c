@@ -373,12 +373,12 @@ int vm_info(void) {
     return f;
 }
 
-/* float32 scratch vm_expert needs for t tokens: gu [t, 2I], h [t, I], and for int4 x de-interleaved [t, H] */
+/* float32 scratch vm_experts needs for C token rows: gu [C, 2I], h [C, I], and for int4 x de-interleaved [C, H] */
 int64_t vm_scratch(int hidden, int inter, int t) { return (int64_t)t * (3 * (int64_t)inter + hidden); }
 
 /* n experts at once, each for its own tokens: one parallel region for the set, every thread on a share of each
- * expert's rows in turn, and three barriers in all (the de-interleave, the gating, the end) instead of three an
- * expert.
+ * expert's rows in turn; barriers only before the gating, after it and at the end (and after int4's de-interleave),
+ * not between experts.
  *   L        the blobs' layout;                    blobs  [n] each expert's bytes (read only)
  *   off      [n + 1] expert e's tokens are rows off[e] .. off[e + 1] of x, w and y (off[0] = 0, non-decreasing)
  *   x        [C, H] float32 (C = off[n]);          w      [C] routing weights, or NULL
