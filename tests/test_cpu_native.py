@@ -384,19 +384,22 @@ def test_rates_are_kept_apart_per_kernel(tmp_path, monkeypatch):
 
 @needs_cc
 def test_hybrid_engine_computes_with_the_kernel(tiny_dirs, image_file, tmp_path, monkeypatch):
-    """An engine with --cpu-experts on: its executor is the native one and the kernel computed its misses; the
-    tokens equal fetch-only's (tests/test_cpu_experts.py checks the logits' tolerance)."""
+    """An engine with --cpu-experts on: its executor is the native one and the kernel computed its misses, a layer
+    call's experts in one call; the tokens equal fetch-only's (tests/test_cpu_experts.py checks the logits'
+    tolerance)."""
     from vismmoe import load
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
     calls = []
     real = native.Native.experts
-    monkeypatch.setattr(native.Native, "experts", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(native.Native, "experts", lambda self, lay, bl, *a: calls.append(len(bl)) or
+                        real(self, lay, bl, *a))
     d = tiny_dirs["qwen3_vl_moe"]
     ref = load(d, expert_budget="25%").generate(image_file, "What is in the picture?", max_new_tokens=6)
     eng = load(d, expert_budget="25%", cpu_experts="on")
     assert eng.runtime.cpu.executor.kernel_key.startswith("native-")
     got = eng.generate(image_file, "What is in the picture?", max_new_tokens=6)
     assert got.token_ids == ref.token_ids and got.stats["cpu_computed"] > 0 and len(calls) > 0
+    assert max(calls) > 1           # a layer call's experts in one kernel call (host blobs are not staged)
 
 
 # ---- the benches -----------------------------------------------------------------------------------------------

@@ -50,9 +50,12 @@ class CpuSide:
         self.layer_pos = layer_pos
         self.executor = CpuExecutor(layout)
         self.cuda = device.type == "cuda"
+        # the disk tier stages each blob in a ring slot given back after use (host blobs are permanent: the
+        # executor may then hold a whole layer call's blobs for one native call)
+        self.staged = getattr(store, "tier", "host") == "disk"
         # CPU-computed misses copied into slots behind the call (docstring); not from the disk tier, whose copy would
         # read each expert from its files a second time through the staging ring the CPU side also waits on
-        self.copy_behind = self.cuda and getattr(store, "tier", "host") != "disk"
+        self.copy_behind = self.cuda and not self.staged
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="vismmoe-cpu-experts") if self.cuda else None
         self.link = link
         self.placement = None
@@ -120,7 +123,7 @@ class CpuSide:
         t0 = time.perf_counter()
         with torch.no_grad():
             got = self.executor.pairs(lambda e: self.store.blob(pos, e), h, idx, w, cpu, gate=gate,
-                                      release=getattr(self.store, "release", None))
+                                      release=self.store.release if self.staged else None)
         t1 = time.perf_counter()
         self.busy_s += t1 - t0
         placement = placement or self.placement
