@@ -11,11 +11,13 @@ geometry) and `python scripts/cpu_experts_one_call.py qwen3-30b-a3b 2 5% eager` 
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 
 from vismmoe.bench.random_model import random_engine, synthetic_text_inputs
 from vismmoe.bench.shapes import get_shape
+from vismmoe.errors import UserError
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("shape")
@@ -26,7 +28,13 @@ ap.add_argument("--device", default="cpu")
 ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--new-tokens", type=int, default=16)
 args = ap.parse_args()
-fam, config = get_shape(args.shape, args.layers)
+try:
+    if args.layers < 1 or args.reps < 1 or args.new_tokens < 1:
+        raise UserError("LAYERS, --reps and --new-tokens must be at least 1", "e.g. 16 --reps 5 --new-tokens 16")
+    fam, config = get_shape(args.shape, args.layers)
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 eng = random_engine(fam, config, device=args.device, dtype=dtype, expert_budget=args.budget, decode=args.decode,
                     cpu_experts="on")
