@@ -266,13 +266,14 @@ def test_rule_measures_what_a_miss_costs_the_one_graph_step():
     rule = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
     for i in range(SplitRule.FIT_STEPS - 1):
         rule.observe_step(40 + 10 * (i % 3), dev_s=2.6e-3 + (40 + 10 * (i % 3)) * 0.28e-3)
-    assert rule.fetch_s == link                             # too few steps yet
+    assert rule.fetch_s == link and rule.clean_s() is None  # too few steps yet
     rule.observe_step(60, split=True, dev_s=1.0)            # a split step is no point of the fit
     rule.observe_step(60, dev_s=None)                       # nor is a step that captured graphs
     for i in range(40):
         m = 40 + 10 * (i % 3)
         rule.observe_step(m, dev_s=2.6e-3 + m * 0.28e-3)
     assert rule.fetch_s == pytest.approx(0.28e-3, rel=0.02)
+    assert rule.clean_s() == pytest.approx(2.6e-3, rel=0.05)  # the intercept: boundaries measured against it
     slow = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
     for i in range(40):
         m = 40 + 10 * (i % 3)

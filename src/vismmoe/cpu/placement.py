@@ -87,8 +87,8 @@ class SplitRule:
                            whole experts (`layer_s`; one miss costs min(fetch_s, cpu_s), not a share of both)
 
     A step splits when the second is smaller. boundary_s is measured on split steps (what one took beyond a clean
-    step and its host work, per boundary, at most `BOUNDARY_MAX_S`; a step that compiled or captured graphs is not
-    a measurement); between split steps it drifts back toward the prior `BOUNDARY_S`, so one dear measurement
+    step and its host work, per boundary, at most `BOUNDARY_MAX_S`; the clean step measured, else the fit's
+    intercept below; a step that compiled or captured graphs is not a measurement); between split steps it drifts back toward the prior `BOUNDARY_S`, so one dear measurement
     cannot stop splitting for good.
 
     `cpu_s`: () -> seconds the CPU takes for one expert of one token (the placement's rate times its in-place
@@ -152,6 +152,14 @@ class SplitRule:
             if rows != self._fit_rows:
                 self._fit_rows, self._fit = rows, [0, 0.0, 0.0, 0.0, 0.0]
             self._observe_fetch(float(misses), dev_s)
+
+    def clean_s(self) -> float | None:
+        """A one-graph step's seconds without misses as the fit puts them (its intercept, `clean`), or None until the
+        fit has been used: what a split step's boundaries are measured against where no step is clean."""
+        f = self._fit
+        if f[0] < self.FIT_STEPS or f[3] - f[1] * f[1] < 1.0:
+            return None
+        return max(0.0, f[2] - self.fetch_s * f[1])
 
     def _observe_fetch(self, m: float, dev: float) -> None:
         f = self._fit

@@ -179,22 +179,28 @@ class SplitMisses:
         else:
             b.extra[:n, 0] += acc.to(b.extra.dtype)
 
+    def _price_link(self, measured: bool) -> None:
+        """The split placement's fetch_s: the link launches' seconds per expert (this step's events when
+        `measured` and it had any, folded into a running mean; a split step without any drifts it back toward the
+        fitted one-graph cost, so the link is tried again), else the rule's fitted cost."""
+        if measured and self._link_events:                      # the step is done: its events have their times
+            s_ = sum(a.elapsed_time(b) for (a, b), _ in self._link_events) / 1e3
+            per = s_ / sum(n for _, n in self._link_events)
+            self.link_launch_s = per if self.link_launch_s is None else 0.7 * self.link_launch_s + 0.3 * per
+        elif measured and self.link_launch_s is not None:
+            self.link_launch_s += SplitRule.DRIFT * (self.rule.fetch_s - self.link_launch_s)
+        if self.placement is not None:
+            self.placement.fetch_s = self.link_launch_s if self.link_launch_s is not None else self.rule.fetch_s
+
     def after(self, fl, dev_s: float, clean_s: float | None, misses: int, rows: int = 1) -> None:
         """A step finished with `misses` experts not in a slot (split or not): the rule's books. A step that
         compiled or captured graphs (`fl.captured`) says nothing of what a boundary costs."""
         split = fl.cpu_pairs is not None
         self.rule.observe_step(misses, split, None if fl.captured or self.emulated else dev_s, rows)
-        if self.emulated:
-            self._link_events = []
-            return
-        if split and self._link_events and not fl.captured:     # the step is done: its events have their times
-            s_ = sum(a.elapsed_time(b) for (a, b), _ in self._link_events) / 1e3
-            per = s_ / sum(n for _, n in self._link_events)
-            self.link_launch_s = per if self.link_launch_s is None else 0.7 * self.link_launch_s + 0.3 * per
-        elif split and self.link_launch_s is not None:          # none measured: drift back toward the fitted cost,
-            self.link_launch_s += SplitRule.DRIFT * (self.rule.fetch_s - self.link_launch_s)   # so the link is tried
+        if not self.emulated:               # the link's prices (under an emulated link the placement keeps its own)
+            self._price_link(split and not fl.captured)
         self._link_events = []
-        if self.placement is not None:
-            self.placement.fetch_s = self.link_launch_s if self.link_launch_s is not None else self.rule.fetch_s
+        if clean_s is None:                 # no step was clean (small budgets): the fit's clean step
+            clean_s = self.rule.clean_s()
         if split and clean_s is not None and not fl.captured:
             self.rule.observe_split(dev_s - clean_s - self.work_s)
