@@ -215,12 +215,15 @@ def _hostile(samples, media_dir) -> list[tuple[object, set[int]]]:
 
 
 def test_mixed_load_keeps_serving_with_flat_memory(server, engine, samples):
-    """200 requests from 6 clients, a quarter of them hostile: every answer is the request's own (the good ones
-    equal their answers alone), the server keeps serving, and memory stays flat."""
+    """250 requests from 6 clients, a quarter of them hostile: every answer is the request's own (the good ones
+    equal their answers alone), the server keeps serving, and memory stays flat: it grows less than 50 MiB over
+    the last 150 requests (the first 100 see every hostile kind at least once, so one-time costs of a path's
+    first use fall before the baseline)."""
     good = [chat(s.image, s.question, temperature=0, max_tokens=4) for s in samples]
     want = {s.question: engine.generate(s.image, s.question, max_new_tokens=4).text for s in samples}
     hostile = _hostile(samples, str(server.media))
-    jobs = [(good[i % len(good)], {200}) if i % 4 else hostile[(i // 4) % len(hostile)] for i in range(200)]
+    jobs = [(good[i % len(good)], {200}) if i % 4 else hostile[(i // 4) % len(hostile)] for i in range(250)]
+    assert 4 * len(hostile) <= 100
     rss = {}
 
     def run(i):
@@ -229,16 +232,16 @@ def test_mixed_load_keeps_serving_with_flat_memory(server, engine, samples):
         return i, body, status, r
 
     with cf.ThreadPoolExecutor(6) as pool:
-        for n, (i, body, status, r) in enumerate(pool.map(run, range(200)), 1):
+        for n, (i, body, status, r) in enumerate(pool.map(run, range(250)), 1):
             assert r.status_code in status, (i, r.text[:300])
             if r.status_code != 200:
                 assert r.json()["error"]["message"], r.text
             elif isinstance(body, dict) and isinstance(body["messages"][0]["content"], list):
                 q = body["messages"][0]["content"][1]["text"]
                 assert r.json()["choices"][0]["message"]["content"] == want[q]    # temperature 1e-45: the argmax
-            if n in (50, 200):
+            if n in (100, 250):
                 rss[n] = _rss_mb()
-    assert rss[200] - rss[50] < 50, rss
+    assert rss[250] - rss[100] < 50, rss
     assert engine.cache.peak_resident * engine.layout.nbytes <= engine.budget_bytes
     assert server.post(good[0]).status_code == 200
     assert server.metrics().get(("vismmoe_requests_total", (("outcome", "error"),)), 0) == 0
