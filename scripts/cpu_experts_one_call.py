@@ -24,26 +24,30 @@ ap.add_argument("shape")
 ap.add_argument("layers", type=int)
 ap.add_argument("budget")
 ap.add_argument("decode", choices=["fast", "eager"])
-ap.add_argument("--device", default="cpu")
+ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 ap.add_argument("--reps", type=int, default=5)
 ap.add_argument("--new-tokens", type=int, default=16)
 args = ap.parse_args()
 try:
-    if args.layers < 1 or args.reps < 1 or args.new_tokens < 1:
-        raise UserError("LAYERS, --reps and --new-tokens must be at least 1", "e.g. 16 --reps 5 --new-tokens 16")
+    if args.layers < 1 or args.reps < 1 or args.new_tokens < 2:
+        raise UserError("LAYERS and --reps must be at least 1, --new-tokens at least 2 (a decode step to time)",
+                        "e.g. 16 --reps 5 --new-tokens 16")
     fam, config = get_shape(args.shape, args.layers)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    eng = random_engine(fam, config, device=args.device, dtype=dtype, expert_budget=args.budget,
+                        decode=args.decode, cpu_experts="on")
 except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-eng = random_engine(fam, config, device=args.device, dtype=dtype, expert_budget=args.budget, decode=args.decode,
-                    cpu_experts="on")
 inputs = synthetic_text_inputs(eng, 64)
 cpu = eng.runtime.cpu
-eng.generate_ids(inputs, 4)                                 # warm-up: the kernel, graphs, allocations
+for staged in (True, False):                                # warm-up of both: the kernel, graphs, allocations
+    cpu.staged = staged
+    eng.generate_ids(inputs, 4)
 runs: dict[str, list[float]] = {"a call per expert": [], "one call": []}
-for _ in range(args.reps):
-    for name, staged in (("a call per expert", True), ("one call", False)):
+modes = (("a call per expert", True), ("one call", False))
+for rep in range(args.reps):
+    for name, staged in modes if rep % 2 == 0 else modes[::-1]:     # the order alternates
         cpu.staged = staged                                 # staged: the executor takes its blobs one at a time
         eng.cache.clear()
         _, st = eng.generate_ids(inputs, args.new_tokens)

@@ -274,11 +274,13 @@ def test_rule_measures_what_a_miss_costs_the_one_graph_step():
         rule.observe_step(m, dev_s=2.6e-3 + m * 0.28e-3)
     assert rule.fetch_s == pytest.approx(0.28e-3, rel=0.02)
     assert rule.clean_s() == pytest.approx(2.6e-3, rel=0.05)  # the intercept: boundaries measured against it
+    assert rule.clean_s(rows=4) is None                     # the fit is of one-row steps
     slow = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
     for i in range(40):
         m = 40 + 10 * (i % 3)
         slow.observe_step(m, dev_s=m * 10e-3)
     assert slow.fetch_s == 4 * link                         # bounded
+    assert slow.clean_s() is None                           # a clamped slope's line is not the fit: no intercept
     flat = SplitRule(fetch_s=link, cpu_s=lambda: 0.3e-3, boundaries=16)
     for _ in range(40):
         flat.observe_step(50, dev_s=20e-3)                  # misses never vary: no slope to read

@@ -52,7 +52,7 @@ class CpuSide:
         self.cuda = device.type == "cuda"
         # the disk tier stages each blob in a ring slot given back after use (host blobs are permanent: the
         # executor may then hold a whole layer call's blobs for one native call)
-        self.staged = getattr(store, "tier", "host") == "disk"
+        self.staged = getattr(store, "tier", None) != "host"
         # CPU-computed misses copied into slots behind the call (docstring); not from the disk tier, whose copy would
         # read each expert from its files a second time through the staging ring the CPU side also waits on
         self.copy_behind = self.cuda and not self.staged

@@ -88,8 +88,8 @@ class SplitRule:
 
     A step splits when the second is smaller. boundary_s is measured on split steps (what one took beyond a clean
     step and its host work, per boundary, at most `BOUNDARY_MAX_S`; the clean step measured, else the fit's
-    intercept below; a step that compiled or captured graphs is not a measurement); between split steps it drifts back toward the prior `BOUNDARY_S`, so one dear measurement
-    cannot stop splitting for good.
+    intercept, `clean_s`; a step that compiled or captured graphs is not a measurement); between split steps it
+    drifts back toward the prior `BOUNDARY_S`, so one dear measurement cannot stop splitting for good.
 
     `cpu_s`: () -> seconds the CPU takes for one expert of one token (the placement's rate times its in-place
     correction); `always`: every step splits (--cpu-experts on); `shared`: the device is the CPU itself. There a
@@ -121,6 +121,7 @@ class SplitRule:
         self.link_s = self.fetch_s                      # the link's figure: the prior and the fit's bounds
         self._fit = [0, 0.0, 0.0, 0.0, 0.0]             # steps, mean m, mean dev, mean m^2, mean m * dev
         self._fit_rows = 1                              # the bucket rows of the fit's steps
+        self._clamped = False                           # the fit's slope was outside the bounds
 
     def layer_s(self, j: float) -> float:
         """Seconds a layer with `j` misses (a mean: interpolated between whole numbers) waits when CPU and link
@@ -150,16 +151,21 @@ class SplitRule:
             self.boundary_s += self.DRIFT * (self.BOUNDARY_S - self.boundary_s)
         if not split and dev_s is not None:
             if rows != self._fit_rows:
-                self._fit_rows, self._fit = rows, [0, 0.0, 0.0, 0.0, 0.0]
+                self._fit_rows, self._fit, self._clamped = rows, [0, 0.0, 0.0, 0.0, 0.0], False
             self._observe_fetch(float(misses), dev_s)
 
-    def clean_s(self) -> float | None:
-        """A one-graph step's seconds without misses as the fit puts them (its intercept, `clean`), or None until the
-        fit has been used: what a split step's boundaries are measured against where no step is clean."""
+    def clean_s(self, rows: int = 1) -> float | None:
+        """A one-graph step's seconds without misses as the fit of `rows`-row steps puts them (its intercept), or
+        None where it says nothing sure: before the fit is used, for other rows, when its slope was clamped (the
+        line through the means is then not the fit), when its misses vary too little for the line to reach m = 0
+        (spread under a tenth of their mean), or when the intercept is not positive. What a split step's
+        boundaries are measured against where no step is clean."""
         f = self._fit
-        if f[0] < self.FIT_STEPS or f[3] - f[1] * f[1] < 1.0:
+        var = f[3] - f[1] * f[1]
+        if rows != self._fit_rows or f[0] < self.FIT_STEPS or var < max(1.0, (0.1 * f[1]) ** 2) or self._clamped:
             return None
-        return max(0.0, f[2] - self.fetch_s * f[1])
+        clean = f[2] - self.fetch_s * f[1]
+        return clean if clean > 0 else None
 
     def _observe_fetch(self, m: float, dev: float) -> None:
         f = self._fit
@@ -171,6 +177,7 @@ class SplitRule:
         if f[0] >= self.FIT_STEPS and var >= 1.0:                       # misses vary by about one or more
             slope = (f[4] - f[1] * f[2]) / var
             self.fetch_s = min(4 * self.link_s, max(0.5 * self.link_s, slope))
+            self._clamped = self.fetch_s != slope
 
     def observe_split(self, beyond_s: float) -> None:
         """A split step took `beyond_s` seconds more than a clean step plus its host work with misses."""

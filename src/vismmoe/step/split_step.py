@@ -201,6 +201,6 @@ class SplitMisses:
             self._price_link(split and not fl.captured)
         self._link_events = []
         if clean_s is None:                 # no step was clean (small budgets): the fit's clean step
-            clean_s = self.rule.clean_s()
+            clean_s = self.rule.clean_s(rows)
         if split and clean_s is not None and not fl.captured:
             self.rule.observe_split(dev_s - clean_s - self.work_s)
