@@ -82,7 +82,7 @@ class FastStep:
         self.step_s: list[float] = []           # device seconds of each step (CUDA events)
         self.gap_s: list[float] = []            # host seconds from a step's end to the next launch (CUDA)
         self._synced = None
-        self._clean_s = None                    # fastest recent step without misses: the stall baseline
+        self._clean_s: dict[int, float] = {}    # rows -> fastest recent step without misses: the stall baseline
         # landing candidates per step (module docstring): dense blobs, a retaining policy, the host tier
         self.land_slots = self.sg.land_slots if self.disk is None and getattr(self.cache.policy, "retain", True) \
             else 0
@@ -287,7 +287,7 @@ class FastStep:
         self._missed = bool(miss.any())
         if self.split is not None:
             distinct = np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size     # distinct (layer, expert)
-            self.split.after(fl, fl.dev_s, self._clean_s, int(distinct), b.rows)
+            self.split.after(fl, fl.dev_s, self._clean_s.get(b.rows), int(distinct), b.rows)
         behind = None
         if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
             behind = miss & fl.cpu_pairs if self.split.cpu.copy_behind else None
@@ -402,10 +402,11 @@ class FastStep:
         if fl.stall_s:
             first.stall_s += fl.stall_s
         elif self.cuda:
+            clean = self._clean_s.get(B)                             # a clean step's time grows with the rows
             if fl.missed == 0 and fl.cpu_pairs is None:
-                self._clean_s = fl.dev_s if self._clean_s is None else min(fl.dev_s, 1.05 * self._clean_s)
-            elif self._clean_s is not None:                          # measured: the step's time beyond a clean one
-                first.stall_s += max(0.0, fl.dev_s - self._clean_s)
+                self._clean_s[B] = fl.dev_s if clean is None else min(fl.dev_s, 1.05 * clean)
+            elif clean is not None:                                  # measured: the step's time beyond a clean one
+                first.stall_s += max(0.0, fl.dev_s - clean)
         self.step_s.append(fl.dev_s)
         if rt.timeline is not None:
             rt.timeline.add_compute(-1, fl.t0, fl.t0 + fl.dev_s)
