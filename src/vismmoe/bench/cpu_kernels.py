@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -69,8 +70,6 @@ def _blobs(layout, budget: int) -> torch.Tensor:
 def measure(layout, tokens: list[int], reps: int, budget: int, group: int = 8) -> list[dict]:
     """Rows of one layout: per token count, both kernels' median seconds per expert, and the native kernel's with
     `group` experts a call (interleaved)."""
-    import numpy as np
-
     from ..cpu.executor import CpuExecutor
     blobs = _blobs(layout, budget)
     n = blobs.shape[0]

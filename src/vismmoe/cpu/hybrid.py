@@ -15,9 +15,9 @@ for them. Where `copy_behind` holds (a CUDA device, the default there) they are 
 slots behind the layer call (the runtime's `_copy_behind`; the fast step's split steps do the same), so the cache
 keeps learning the working set: without it an expert the CPU computes never becomes resident, and `on` kept the
 cache empty (measured: docs/cpu-experts.md). On a CPU device the copy would take the same cores, and on the disk
-tier it would read the expert from its files again: off there. Only
-decode-sized layer calls copy behind (at most `BEHIND_MAX_TOKENS` tokens): a prefill's link is busy with its own
-misses, and copying the CPU's behind them made `auto`'s TTFT a third longer on the H100 machine.
+tier it would read the expert from its files again: off there. Only decode-sized layer calls copy behind (at most
+`BEHIND_MAX_TOKENS` tokens): a prefill's link is busy with its own misses, and copying the CPU's behind them made
+`auto`'s TTFT a third longer on the H100 machine.
 """
 
 from __future__ import annotations

@@ -74,9 +74,9 @@ class SplitMisses:
         self.cpu_experts = 0        # misses of split steps computed on the CPU
         self.work_s = 0.0           # host seconds of the running step's `between` calls that had misses
         # the link launches' own cost: CUDA events around each (after the step: seconds per expert read, from the
-        # launch's host call on, as the stream was idle then),
-        # a running mean that becomes the split placement's fetch_s (the one-graph step's fitted cost does not
-        # apply: a launch over a layer's few link misses has few blocks to keep the link's reads in flight)
+        # launch's host call on, as the stream was idle then), a running mean that becomes the split placement's
+        # fetch_s (the one-graph step's fitted cost does not apply: a launch over a layer's few link misses has
+        # few blocks to keep the link's reads in flight)
         self._link_events: list = []
         self._events: dict[int, tuple] = {}                   # MoE layer position -> its launch's pair of events
         self.link_launch_s: float | None = None
