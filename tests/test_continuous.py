@@ -63,7 +63,7 @@ def _staggered(eng, reqs, arrive_after: list[int], capacity: int = 0) -> list[in
 
 @pytest.mark.parametrize("family,decode", [("qwen3_vl_moe", "eager"), ("qwen3_vl_moe", "fast"),
                                            ("glm4v_moe", "eager"), ("qwen3_5_moe", "eager"),
-                                           ("qwen3_5_moe", "fast")])
+                                           ("qwen3_5_moe", "fast"), ("qwen3_vl_moe", "native")])
 def test_staggered_rows_match_each_row_alone(family, decode, tiny_dirs, image_file):
     d = tiny_dirs[family]
     base = load(d)
@@ -175,7 +175,7 @@ def test_rows_select_and_concat_pad_and_trim():
 
 
 @pytest.mark.parametrize("family,decode", [("qwen3_vl_moe", "eager"), ("qwen3_vl_moe", "fast"),
-                                           ("qwen3_5_moe", "fast")])
+                                           ("qwen3_5_moe", "fast"), ("qwen3_vl_moe", "native")])
 def test_newcomers_admitted_together_match_each_alone(family, decode, tiny_dirs, image_file):
     """Newcomers prefilled as one batch (admit_group) join a running row: each row gives what it gives alone,
     one whose first token ends it finishes at once, down to the smallest budget."""

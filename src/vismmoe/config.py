@@ -199,8 +199,10 @@ class RuntimeConfig:
     max_seq: int = option(4096, "longest prompt + generation the reserve estimate plans for", flag=None)
     decode: str = option("auto", "decode step: fast (static KV cache, compiled layers, one CUDA graph per token, "
                                  "misses read from host memory by the step), eager (transformers' forward per "
-                                 "token), auto (default: fast on CUDA, eager on the CPU)",
-                         commands=RUN + ("bench",), choices=("auto", "fast", "eager"))
+                                 "token), native (the CPU only: the fast step with the whole step in C, "
+                                 "numerically equivalent to eager, Qwen3-MoE decoders; docs/cpu-experts.md), auto "
+                                 "(default: fast on CUDA, eager on the CPU)",
+                         commands=RUN + ("bench",), choices=("auto", "fast", "eager", "native"))
     compile: bool | None = option(None, "torch.compile the fast step's decoder layers (default auto: on CUDA only)",
                                   commands=RUN + ("bench",), choices=("auto", "on", "off"), cli_default="auto",
                                   to_config={"auto": None, "on": True, "off": False}.get)

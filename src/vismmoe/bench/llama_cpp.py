@@ -486,6 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="off", choices=["auto", "on", "off"],
                    help="torch.compile vismmoe's fast decode step (default off: it costs minutes per process)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp -t (default: its own)")
+    p.add_argument("--decode", default="auto", choices=["auto", "fast", "eager", "native"],
+                   help="vismmoe's decode step (default auto: fast on CUDA, eager on the CPU; native: the CPU's C step)")
     p.add_argument("--cpu-experts", default="off", choices=["off", "on", "auto"],
                    help="vismmoe's --cpu-experts (on: every miss computed by the CPU expert executor from the host "
                         "store, the CPU-only target's setting)")
@@ -517,6 +519,8 @@ def _main(args) -> int:
     options = {"expert_format": args.expert_format} if args.expert_format else {}
     if args.cpu_experts != "off":                   # cpu/: misses computed from the host store, not copied
         options["cpu_experts"] = args.cpu_experts
+    if args.decode != "auto":
+        options["decode"] = args.decode
     with open(os.path.join(args.model, "config.json")) as f:
         max_pos = json.load(f)["text_config"].get("max_position_embeddings", 4096)
 

@@ -137,12 +137,20 @@ class Engine:
         """The fast decode step (fast_step.py) when this engine decodes on it, else None (the eager decode).
 
         `--decode fast` asks for it (an error where it cannot run), `eager` never uses it, `auto` uses it on CUDA
-        where it can run. Built once per engine; compiled code is shared by every engine of the process."""
+        where it can run; `native` is its books with the body in C on the CPU (cpu/native/decoder.py; an error
+        where that cannot run). Built once per engine; compiled code is shared by every engine of the process."""
         if self.rc.decode == "eager" or self.clock is not None:     # a device profile times the eager path
             return None
         if self._fast is not None:
             return self._fast
         from ..step.fast_step import FastStep, unsupported_reason
+        if self.rc.decode == "native":
+            from ..cpu.native.decoder import unsupported_reason as native_reason
+            why = unsupported_reason(self) or native_reason(self)
+            if why is not None:
+                raise UserError(f"--decode native cannot run here: {why}", "use --decode eager (or fast)")
+            self._fast = FastStep(self, graphs=False, compiled=False, progress=self._progress, native=True)
+            return self._fast
         why = unsupported_reason(self)
         # `auto` keeps the eager step for the disk tier: the fast step's staging re-runs are exact (CPU tests, and
         # the H100's -m gpu tests) but not yet timed against the eager step there (`--decode fast` asks for them)

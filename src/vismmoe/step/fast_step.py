@@ -49,7 +49,7 @@ from .strategy import Prefilled
 class FastStep:
     """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only."""
 
-    def __init__(self, engine, *, graphs: bool, compiled: bool, progress=None):
+    def __init__(self, engine, *, graphs: bool, compiled: bool, progress=None, native: bool = False):
         self.model, self.family = engine.model, engine.family
         self.cache, self.runtime = engine.cache, engine.runtime
         self.store, self.layout = engine.store, engine.layout
@@ -95,7 +95,20 @@ class FastStep:
         # not where a norm follows the experts' output, nor on the disk tier (no host blob to compute from)
         cpu = self.runtime.cpu
         self.split = SplitMisses(self, cpu) if cpu is not None and self.sg.split_ends is not None and \
-            self.disk is None else None
+            self.disk is None and not native else None
+        # --decode native (CPU): the step body in C (cpu/native/decoder.py); it reads a miss from its host blob in
+        # place, so with --cpu-experts on|auto that is the miss computed on the CPU, and no step splits
+        self.native = None
+        if native:
+            from ..cpu.native.decoder import native_decoder
+            self.native = native_decoder(engine)
+            self.native_host = np.stack([self._blob_addresses(self.store.layer_blobs(i)) for i in self.store_pos])
+
+    @staticmethod
+    def _blob_addresses(blobs: torch.Tensor) -> np.ndarray:
+        """[E] int64: the address of each row of `blobs [E, numel]`."""
+        step = blobs.stride(0) * blobs.element_size()
+        return blobs.data_ptr() + step * np.arange(blobs.shape[0], dtype=np.int64)
 
     # ---- residency (cache listener) --------------------------------------------------------------------------
     def on_insert(self, key, slot: int) -> None:
@@ -208,6 +221,8 @@ class FastStep:
             fl.ev0.record()
             self._run(b, fl, split)
             fl.ev1.record()
+        elif self.native is not None:                                       # the native body (reads `fl.used`)
+            self._run(b, fl, split)
         else:                                                               # the CPU step reads this engine's cache
             landing = {"slots": land[0], "owners": land[1], "taken": [False] * len(land[0])}
             for p, ex in enumerate(self.sg.experts):
@@ -221,12 +236,30 @@ class FastStep:
         return fl
 
     def _run(self, b: Bucket, fl: _InFlight, split: bool) -> None:
-        """The step: one graph (or body), or split at each MoE layer with the misses computed between
-        (split_step.py)."""
-        if split:
+        """The step: one graph (or body), the native body (`--decode native`), or split at each MoE layer with the
+        misses computed between (split_step.py)."""
+        if self.native is not None:
+            self._run_native(b, fl)
+        elif split:
             self.sg.run_split(b, self.graphs, lambda p: self.split.between(b, fl, p))
         else:
             self.sg.run(b, self.graphs)
+
+    def _run_native(self, b: Bucket, fl: _InFlight) -> None:
+        """The native body over the slot map the step reads (`fl.used`: a slot, else the host store's blob), then
+        the landing the kernels would have written (LayerExperts on the CPU: the plan is the same after the step as
+        during it, since a candidate only ever holds an earlier layer's expert)."""
+        nb = self.layout.nbytes
+        sm = fl.used.astype(np.int64)
+        self.native.run(b, np.where(sm >= 0, self.cache.pool.data_ptr() + sm * nb, self.native_host))
+        slots, owners = fl.land
+        if slots:
+            taken = [False] * len(slots)
+            idx = b.out_host["route_idx"][:, :b.rows * self.K].numpy()
+            for p in range(len(self.moe_layers)):
+                bank = self.store.layer_blobs(self.store_pos[p])
+                for e, c in moe_kernel.landing_plan(idx[p], lambda e: fl.used[p, e] < 0, p, owners, taken):
+                    self.cache.pool[slots[c]].copy_(bank[e])
 
     def _candidates(self, b: Bucket, split: bool = False) -> tuple[list[int], list[int]]:
         """The next step's landing candidates (module docstring), written into `b.land`: (slots, the MoE layer
@@ -288,9 +321,14 @@ class FastStep:
         if self.split is not None:
             distinct = np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size     # distinct (layer, expert)
             self.split.after(fl, fl.dev_s, self._clean_s.get(b.rows), int(distinct), b.rows)
+        cpu = self.runtime.cpu
+        if self.native is not None and cpu is not None and self._missed:     # read in place: computed on the CPU
+            fl.cpu_pairs = miss.copy()
+            cpu.experts += int(np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size)
+            cpu.pairs += int(miss.sum())
         behind = None
         if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
-            behind = miss & fl.cpu_pairs if self.split.cpu.copy_behind else None
+            behind = miss & fl.cpu_pairs if cpu.copy_behind else None
             miss &= ~fl.cpu_pairs
         if fl.land[0] and self._missed:
             self._adopt(fl, miss)

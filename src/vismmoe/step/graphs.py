@@ -70,13 +70,14 @@ class StaticKV:
         self.v.index_copy_(2, self.pos, value_states)
         return self.k, self.v
 
-    def load(self, src, fill: torch.Tensor, T: int) -> None:
+    def load(self, src, fill: torch.Tensor | None, T: int) -> None:
         """The prefill's `T` positions of cache layer `src` (`keys`, `values`); bucket row r gets request row
-        `fill[r]`. A sliding-window layer's cache keeps only its last n < T positions: they go to columns
-        T-n..T-1 (the columns before are never attended: the family's window mask, `Family.decode_masks`)."""
+        `fill[r]` (None: row r, the request filling the bucket). A sliding-window layer's cache keeps only its last
+        n < T positions: they go to columns T-n..T-1 (the columns before are never attended: the family's window
+        mask, `Family.decode_masks`)."""
         n = src.keys.shape[2]
-        self.k[:, :, T - n:T].copy_(src.keys[fill])
-        self.v[:, :, T - n:T].copy_(src.values[fill])
+        self.k[:, :, T - n:T].copy_(src.keys if fill is None else src.keys[fill])
+        self.v[:, :, T - n:T].copy_(src.values if fill is None else src.values[fill])
 
 
 class LayerExperts:
@@ -283,16 +284,18 @@ class StepGraphs:
         b = self.bucket(B, T + max_new, capacity)
         b.rows = B
         b.live.fill_(B)
-        fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)      # bucket row -> request row
-        fill[:B] = torch.arange(B, device=mask.device)
+        fill = None                                 # bucket row -> request row (None: the same row, no gather)
+        if B < b.B:                                 # rows past the request's repeat its row 0
+            fill = torch.zeros(b.B, dtype=torch.long, device=mask.device)
+            fill[:B] = torch.arange(B, device=mask.device)
         for i, layer_kv in enumerate(b.kv):
             if layer_kv is not None:                # None: a layer that reads another's keys (Gemma 4's shared KV)
                 layer_kv.load(dyn_cache.layers[i], fill, T)
         b.mask.zero_()
-        b.mask[:, :T].copy_(mask.bool()[fill])
-        b.deltas.copy_(deltas.to(b.deltas.dtype)[fill])
+        b.mask[:, :T].copy_(mask.bool() if fill is None else mask.bool()[fill])
+        b.deltas.copy_(deltas.to(b.deltas.dtype) if fill is None else deltas.to(b.deltas.dtype)[fill])
         b.pos.fill_(T)
-        b.ids.copy_(first.view(B, 1)[fill])
+        b.ids.copy_(first.view(B, 1) if fill is None else first.view(B, 1)[fill])
         return b
 
     @contextmanager

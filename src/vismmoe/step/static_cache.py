@@ -36,11 +36,11 @@ class StaticLinearState:
         self.recurrent_states[state_idx].copy_(recurrent_states)
         return self.recurrent_states[state_idx]
 
-    def load(self, src, fill: torch.Tensor, T: int) -> None:
+    def load(self, src, fill: torch.Tensor | None, T: int) -> None:
         """Take the state of the prefill's cache layer `src` (a transformers linear-attention layer); bucket row r
-        gets request row `fill[r]`. `T` (the prompt length) does not matter to a recurrent state."""
+        gets request row `fill[r]` (None: row r). `T` (the prompt length) does not matter to a recurrent state."""
         for name in ("conv_states", "recurrent_states"):
-            s = getattr(src, name)[0][fill]
+            s = getattr(src, name)[0] if fill is None else getattr(src, name)[0][fill]
             mine = getattr(self, name)
             if mine[0] is None:
                 mine[0] = torch.empty_like(s)

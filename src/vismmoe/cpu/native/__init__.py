@@ -1,7 +1,9 @@
-"""The native CPU expert kernel: C source shipped in the package (experts.c), built at first use, called by ctypes.
+"""The native CPU kernels: C sources shipped in the package, built at first use, called by ctypes. experts.c is the
+expert kernel (this module's `Native`); decoder.c, which includes it, the whole decode step (decoder.py).
 
-    kernel()        the library of this process, built (or found built) once; None when it cannot be (no C
-                    compiler, a failed build or load: one log line, then the executor stays on torch)
+    kernel()        the expert kernel's library of this process, built (or found built) once; None when it cannot
+                    be (no C compiler, a failed build or load: one log line, then the executor stays on torch)
+    library(src, make)  the same for any source here (decoder.py's)
     params(layout)  an expert format's blob layout as the kernel reads it (VmLayout), or None for a format or
                     dtype it does not compute (dense fp16, formats other than dense/fp8/int4)
     activation(g)   the kernel's id of a gating function (SiLU, GELU-tanh), or None for one it does not know
@@ -12,7 +14,7 @@
 Build: the system C compiler (`$CC`, Python's own `CC`, then cc, gcc, clang; `shutil.which`) with `-O3
 -march=native -fopenmp`, falling back to fewer flags when the compiler refuses one (no OpenMP: one thread). The
 library goes to the cache folder (`$VISMMOE_CACHE`, else `~/.cache/vismmoe`; a temporary folder when that cannot be
-written) as `native/experts-<key>.so`, the key hashed from the source, the compiler and its version, the flag sets
+written) as `native/<source name>-<key>.so`, the key hashed from the source (with the local files it includes), the compiler and its version, the flag sets
 and the processor (model and feature flags, which `-march=native` compiles for); a changed source or another
 machine builds anew. Built under a temporary name in that folder and renamed into place (`os.replace`), so two
 processes building at once each load a complete file. `pip install` compiles nothing: no compiler is needed.
@@ -40,7 +42,7 @@ import torch
 log = logging.getLogger("vismmoe")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experts.c")
-BASE_FLAGS = ("-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast")
+BASE_FLAGS = ("-shared", "-fPIC", "-std=gnu11", "-ffp-contract=fast", "-pthread")
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 BUILD_TIMEOUT_S = 120
 
@@ -147,8 +149,24 @@ def _processor() -> str:
     return "\n".join(keep) or f"{platform.machine()} {platform.processor()}"
 
 
+def source_bytes(path: str) -> bytes:
+    """A source file's bytes and those of the local files it includes (`#include "x.c"`, one level: decoder.c
+    includes experts.c), so that a change to either builds anew."""
+    with open(path, "rb") as f:
+        src = f.read()
+    out = [src]
+    for line in src.splitlines():
+        line = line.strip()
+        if line.startswith(b'#include "') and line.endswith(b'"'):
+            inc = os.path.join(os.path.dirname(os.path.abspath(path)), line[10:-1].decode())
+            with open(inc, "rb") as f:
+                out.append(f.read())
+    return b"\0".join(out)
+
+
 def build_key(source: bytes, cc: str, flag_sets=FLAG_SETS) -> str:
-    """The library's key: source, compiler and its version, flag sets, processor."""
+    """The library's key: source (with its local includes: `source_bytes`), compiler and its version, flag sets,
+    processor."""
     h = hashlib.sha256(source)
     for part in (cc, _compiler_version(cc), repr((BASE_FLAGS, flag_sets)), _processor()):
         h.update(b"\0" + part.encode())
@@ -156,8 +174,7 @@ def build_key(source: bytes, cc: str, flag_sets=FLAG_SETS) -> str:
 
 
 def source_hash(path: str = SOURCE) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:8]
+    return hashlib.sha256(source_bytes(path)).hexdigest()[:8]
 
 
 def _cache_folder() -> str:
@@ -175,21 +192,21 @@ def _cache_folder() -> str:
 def build(source: str = SOURCE, folder: str | None = None, cc: str | None = None,
           flag_sets: tuple[tuple[str, ...], ...] = FLAG_SETS) -> str:
     """The built library for `source` in `folder` (the cache's `native/` by default): the existing file of this
-    key, or compiled now with the first of `flag_sets` the compiler takes. RuntimeError (with the compiler's last
-    line) when no compiler is found or every flag set fails."""
+    key (`<source's name>-<key>.so`), or compiled now with the first of `flag_sets` the compiler takes.
+    RuntimeError (with the compiler's last line) when no compiler is found or every flag set fails."""
     cc = cc or compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    with open(source, "rb") as f:
-        src = f.read()
+    src = source_bytes(source)
     folder = folder or _cache_folder()
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"experts-{build_key(src, cc, flag_sets)}.so")
+    stem = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(folder, f"{stem}-{build_key(src, cc, flag_sets)}.so")
     if os.path.isfile(path):
         return path
     last = ""
     for flags in flag_sets:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".experts-", suffix=".so")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}-", suffix=".so")
         os.close(fd)
         try:
             run = subprocess.run([cc, *BASE_FLAGS, *flags, source, "-o", tmp, "-lm"], capture_output=True,
@@ -270,31 +287,39 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def kernel() -> Native | None:
-    """This process's native kernel: built (or found built) and loaded on the first call, then the same object.
-    None when it cannot be had; the reason is logged once (warning) and kept in `failure()`."""
+def library(source: str, make, warn: str | None = None):
+    """`make(path)` of the library built from `source`, once per process (the same object afterwards), or None
+    when it cannot be had: the reason is kept in `failure(source)` and, with `warn`, logged once as a warning
+    (`warn` formatted with it)."""
     with _lock:
-        if "native" not in _state:
+        if source not in _state:
             try:
-                path = build()
+                path = build(source)
                 try:
-                    _state["native"] = load(path)
+                    _state[source] = make(path)
                 except OSError:             # a damaged file of this key (a full disk, say): built again, once
                     os.remove(path)
-                    _state["native"] = load(build())
+                    _state[source] = make(build(source))
             except (RuntimeError, OSError) as e:
-                _state["native"], _state["why"] = None, str(e)
-                log.warning("vismmoe: native CPU expert kernel unavailable (%s); CPU experts use torch "
-                            "(VISMMOE_CPU_KERNEL=torch silences this)", e)
-        return _state["native"]
+                _state[source], _state["why", source] = None, str(e)
+                if warn is not None:
+                    log.warning(warn, e)
+        return _state[source]
 
 
-def failure() -> str | None:
-    """Why `kernel()` gave None (None when it was not tried or succeeded)."""
-    return _state.get("why")
+def kernel() -> Native | None:
+    """This process's native expert kernel: built (or found built) and loaded on the first call, then the same
+    object. None when it cannot be had; the reason is logged once (warning) and kept in `failure()`."""
+    return library(SOURCE, load, "vismmoe: native CPU expert kernel unavailable (%s); CPU experts use torch "
+                                 "(VISMMOE_CPU_KERNEL=torch silences this)")
+
+
+def failure(source: str = SOURCE) -> str | None:
+    """Why the library of `source` could not be had (None when it was not tried or succeeded)."""
+    return _state.get(("why", source))
 
 
 def reset() -> None:
-    """Forget this process's kernel (tests): the next `kernel()` builds or finds it again."""
+    """Forget this process's libraries (tests): the next `kernel()` builds or finds it again."""
     with _lock:
         _state.clear()

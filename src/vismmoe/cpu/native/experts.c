@@ -376,6 +376,89 @@ int vm_info(void) {
 /* float32 scratch vm_experts needs for C token rows: gu [C, 2I], h [C, I], and for int4 x de-interleaved [C, H] */
 int64_t vm_scratch(int hidden, int inter, int t) { return (int64_t)t * (3 * (int64_t)inter + hidden); }
 
+/* A team of threads running one piece of work together: this thread's number, the team's size, and how its
+ * threads wait for each other (an OpenMP barrier in vm_experts; decoder.c's own spinning barrier). */
+typedef struct vm_team vm_team;
+struct vm_team {
+    int tid, nt;
+    void (*barrier)(vm_team *);
+    void *state;                         /* the barrier's own (decoder.c) */
+    int sense;                           /* the barrier's per-thread phase (decoder.c) */
+};
+
+/* [lo, hi): this thread's share of n items, as OpenMP's schedule(static) gives them */
+INLINE int64_t share_lo(const vm_team *T, int64_t n) { return n * T->tid / T->nt; }
+INLINE int64_t share_hi(const vm_team *T, int64_t n) { return n * (T->tid + 1) / T->nt; }
+
+/* The work of vm_experts for one thread of team T: every thread of the team calls it with the same arguments and
+ * gets its share of each loop (a team of one does all of it). Arguments checked by the caller. Ends with a barrier
+ * of the team. */
+static void experts_team(vm_team *T, const vm_layout *L, int n, const uint8_t *const *blobs, const int64_t *off,
+                         const float *x, const float *w, int act, float *scratch, float *y) {
+    const int64_t C = off[n];
+    const int H = L->hidden, I = L->inter;
+    const int int4 = L->fmt == VM_INT4;
+    float *gu = scratch, *h = scratch + (size_t)C * 2 * I, *xd = h + (size_t)C * I;
+    const int nb_gu = (2 * I + RB - 1) / RB, nb_dn = (H + RB - 1) / RB;
+    if (int4) {             /* each token's even columns, then its odd ones */
+        for (int64_t k = share_lo(T, C); k < share_hi(T, C); k++)
+            for (int c = 0; c < H; c++) xd[(size_t)k * H + (c & 1) * (H / 2) + c / 2] = x[(size_t)k * H + c];
+        T->barrier(T);
+    }
+    /* expert by expert, every thread on a share of its rows (the memory pattern of one expert a call), with no
+     * barrier between experts: the first barrier is the one before the gating */
+    for (int e = 0; e < n; e++) {
+        const int64_t k0 = off[e], t = off[e + 1] - k0;
+        if (t == 0) continue;
+        for (int64_t b = share_lo(T, nb_gu); b < share_hi(T, nb_gu); b++) {
+            const int r0 = (int)b * RB, R = 2 * I - r0 < RB ? 2 * I - r0 : RB;
+            rows(L, blobs[e], 0, r0, R, (int4 ? xd : x) + (size_t)k0 * H, H, (int)t, gu + (size_t)k0 * 2 * I,
+                 2 * I, NULL);
+        }
+    }
+    T->barrier(T);
+    for (int64_t i = share_lo(T, I); i < share_hi(T, I); i++) {
+        const size_t at = int4 ? (size_t)(i & 1) * (I / 2) + i / 2 : (size_t)i;     /* int4: de-interleaved */
+        for (int64_t k = 0; k < C; k++) {
+            const float g = gu[(size_t)k * 2 * I + i], u = gu[(size_t)k * 2 * I + I + i];
+            h[(size_t)k * I + at] = (act == VM_SILU ? act_silu(g) : act_gelu_tanh(g)) * u;
+        }
+    }
+    T->barrier(T);
+    for (int e = 0; e < n; e++) {
+        const int64_t k0 = off[e], t = off[e + 1] - k0;
+        if (t == 0) continue;
+        for (int64_t b = share_lo(T, nb_dn); b < share_hi(T, nb_dn); b++) {
+            const int r0 = (int)b * RB, R = H - r0 < RB ? H - r0 : RB;
+            rows(L, blobs[e], 1, r0, R, h + (size_t)k0 * I, I, (int)t, y + (size_t)k0 * H, H, w ? w + k0 : NULL);
+        }
+    }
+    T->barrier(T);
+}
+
+static void omp_team_barrier(vm_team *T) {
+    (void)T;
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+/* Checks vm_experts' arguments: 0 when the call has work, 1 when it has none, -1 when refused. */
+static int experts_args(const vm_layout *L, int n, const uint8_t *const *blobs, const int64_t *off, const float *x,
+                        int act, const float *scratch, const float *y) {
+    if (n == 0) return 1;
+    if (!L || n < 0 || !blobs || !off || off[0] != 0) return -1;
+    for (int e = 0; e < n; e++)
+        if (!blobs[e] || off[e + 1] < off[e]) return -1;
+    if (off[n] == 0) return 1;
+    if (!x || !scratch || !y) return -1;
+    if (L->hidden <= 0 || L->inter <= 0 || (act != VM_SILU && act != VM_GELU_TANH)) return -1;
+    if (L->fmt < VM_F32 || L->fmt > VM_INT4) return -1;
+    if ((L->fmt == VM_FP8 || L->fmt == VM_INT4) && L->block <= 0) return -1;
+    if (L->fmt == VM_INT4 && (L->block % 2 || L->hidden % L->block || L->inter % L->block)) return -1;
+    return 0;
+}
+
 /* n experts at once, each for its own tokens: one parallel region for the set, every thread on a share of each
  * expert's rows in turn; barriers only before the gating, after it and at the end (and after int4's de-interleave),
  * not between experts.
@@ -388,71 +471,19 @@ int64_t vm_scratch(int hidden, int inter, int t) { return (int64_t)t * (3 * (int
  * Returns 0, or -1 for a layout or argument it does not take (nothing written). */
 int vm_experts(const vm_layout *L, int n, const uint8_t *const *blobs, const int64_t *off, const float *x,
                const float *w, int act, float *scratch, float *y, int threads) {
-    if (n == 0) return 0;
-    if (!L || n < 0 || !blobs || !off || off[0] != 0) return -1;
-    for (int e = 0; e < n; e++)
-        if (!blobs[e] || off[e + 1] < off[e]) return -1;
-    const int64_t C = off[n];
-    if (C == 0) return 0;
-    if (!x || !scratch || !y) return -1;
-    const int H = L->hidden, I = L->inter;
-    if (H <= 0 || I <= 0 || (act != VM_SILU && act != VM_GELU_TANH)) return -1;
-    if (L->fmt < VM_F32 || L->fmt > VM_INT4) return -1;
-    if ((L->fmt == VM_FP8 || L->fmt == VM_INT4) && L->block <= 0) return -1;
-    if (L->fmt == VM_INT4 && (L->block % 2 || H % L->block || I % L->block)) return -1;
-    const int int4 = L->fmt == VM_INT4;
-    float *gu = scratch, *h = scratch + (size_t)C * 2 * I, *xd = h + (size_t)C * I;
-    const int nb_gu = (2 * I + RB - 1) / RB, nb_dn = (H + RB - 1) / RB;
+    const int rc = experts_args(L, n, blobs, off, x, act, scratch, y);
+    if (rc != 0) return rc < 0 ? rc : 0;
 #ifdef _OPENMP
     if (threads <= 0) threads = omp_get_max_threads();
 #pragma omp parallel num_threads(threads)
-#endif
     {
-        if (int4) {             /* each token's even columns, then its odd ones */
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int64_t k = 0; k < C; k++)
-                for (int c = 0; c < H; c++) xd[(size_t)k * H + (c & 1) * (H / 2) + c / 2] = x[(size_t)k * H + c];
-        }
-        /* expert by expert, every thread on a share of its rows (the memory pattern of one expert a call), with no
-         * barrier between experts (nowait): the first barrier is the one before the gating */
-        for (int e = 0; e < n; e++) {
-            const int64_t k0 = off[e], t = off[e + 1] - k0;
-            if (t == 0) continue;
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-            for (int b = 0; b < nb_gu; b++) {
-                const int r0 = b * RB, R = 2 * I - r0 < RB ? 2 * I - r0 : RB;
-                rows(L, blobs[e], 0, r0, R, (int4 ? xd : x) + (size_t)k0 * H, H, (int)t, gu + (size_t)k0 * 2 * I,
-                     2 * I, NULL);
-            }
-        }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int i = 0; i < I; i++) {
-            const size_t at = int4 ? (size_t)(i & 1) * (I / 2) + i / 2 : (size_t)i;     /* int4: de-interleaved */
-            for (int64_t k = 0; k < C; k++) {
-                const float g = gu[(size_t)k * 2 * I + i], u = gu[(size_t)k * 2 * I + I + i];
-                h[(size_t)k * I + at] = (act == VM_SILU ? act_silu(g) : act_gelu_tanh(g)) * u;
-            }
-        }
-        for (int e = 0; e < n; e++) {
-            const int64_t k0 = off[e], t = off[e + 1] - k0;
-            if (t == 0) continue;
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-            for (int b = 0; b < nb_dn; b++) {
-                const int r0 = b * RB, R = H - r0 < RB ? H - r0 : RB;
-                rows(L, blobs[e], 1, r0, R, h + (size_t)k0 * I, I, (int)t, y + (size_t)k0 * H, H, w ? w + k0 : NULL);
-            }
-        }
+        vm_team T = {omp_get_thread_num(), omp_get_num_threads(), omp_team_barrier, NULL, 0};
+        experts_team(&T, L, n, blobs, off, x, w, act, scratch, y);
     }
+#else
+    (void)threads;
+    vm_team T = {0, 1, omp_team_barrier, NULL, 0};
+    experts_team(&T, L, n, blobs, off, x, w, act, scratch, y);
+#endif
     return 0;
 }

@@ -1,0 +1,483 @@
+/* One whole decode step of a Qwen3-MoE-style decoder on the host's cores: vismmoe's native CPU decode step.
+ *
+ * For B rows, each one new token: the token's column of the attention mask on, its rope position (the row's attended
+ * columns - 1 + its rope delta), rotary cos/sin = cos/sin(position * inv_freq) (both halves) * rope_scale, and its
+ * embedding x [H]; then for every decoder layer:
+ *   h = rmsnorm(x) -> q, k, v = h Wq^T, h Wk^T, h Wv^T (+ biases) -> per-head rmsnorm of q and k (when given)
+ *   -> rotary (rotate-half, the row's cos/sin [D]) -> k, v written at column `pos` of the layer's KV cache
+ *   -> per head: softmax(q k^T * scaling) v over the columns the row's mask attends (grouped-query: head h reads
+ *      KV head h / (heads / kv_heads)) -> x += o Wo^T (+ bias)
+ *   -> h = rmsnorm(x) -> a MoE layer: router logits h Wr^T [E], softmax, top-k, renormalised (norm_topk), the k
+ *      experts read from their blobs at addr[moe, e] (a slot of the cache, or the host store: the caller's table)
+ *      and summed in expert order; a dense layer: down(act(gate h) * up h) -> x += that
+ * then logits = rmsnorm(x) lm_head^T [B, V] and ids = argmax (the first maximum).
+ *
+ * It is the same arithmetic as transformers' eager forward in float32 (tests/test_native_step.py compares them);
+ * only summation orders differ. The matrices (float32, or bf16 where the caller found every value a bf16) are read
+ * by the expert kernel's row tiles (experts.c, included below: one library).
+ *
+ * Threads: the whole step runs on one team of this library's own threads (a pool of pthreads, not OpenMP): they
+ * share each matrix's output rows, each layer's (row, KV head) attention pairs and the experts (experts.c's
+ * experts_team), and meet at spinning barriers in between; the few serial parts (top-k, grouping, argmax) run on
+ * one thread. Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per
+ * matrix, or OpenMP threads that fall asleep at each barrier (its default when the process has more threads than
+ * cores, as a torch process does), cost more than a small model's whole matrix.
+ * Entry points return 0, or a negative number for arguments they refuse (nothing written).
+ */
+
+#include "experts.c"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct {
+    const float *in_norm, *post_norm, *q_norm, *k_norm;     /* [H], [H], [D] or NULL, [D] or NULL */
+    const void *wq, *wk, *wv, *wo;                          /* [nh*D, H], [nkv*D, H], [nkv*D, H], [H, nh*D] */
+    const float *bq, *bk, *bv, *bo;                         /* biases or NULL */
+    const void *router;                                     /* [E, H]: a MoE layer; NULL: a dense MLP */
+    const void *w_gate, *w_up, *w_down;                     /* dense MLP: [I, H], [I, H], [H, I] */
+    float *kc, *vc;                                         /* KV cache [Bb, nkv, Lc, D] */
+    int32_t moe, inter;                                     /* MoE position (-1: dense); the dense MLP's I */
+} vm_dec_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, vocab, experts, top_k, norm_topk, act;
+    int32_t wfmt;                                           /* the matrices' element type: VM_F32 or VM_BF16 */
+    float eps, scaling, rope_scale;                         /* rope_scale: the rotary's attention scaling */
+    const float *final_norm, *embed, *inv_freq;             /* [H], [V, H] float32, [D/2] */
+    const void *lm_head;                                    /* [V, H] */
+} vm_dec_model;
+
+#define WORK_PER_THREAD (1 << 17)       /* multiply-adds of a step per thread of its team (fewer: fewer threads) */
+#define MAX_THREADS 256
+#define SPIN_NS 2000000L                /* how long an idle pool thread spins for the next step before it sleeps */
+
+/* ---- the thread pool ----------------------------------------------------------------------------------------- */
+typedef void (*team_fn)(vm_team *T, void *ctx);
+
+static struct {
+    pthread_mutex_t call;               /* one step at a time in the process */
+    pthread_mutex_t m;                  /* with cv: a sleeping thread's wake-up */
+    pthread_cond_t cv;
+    atomic_long gen;                    /* bumped for each piece of work */
+    atomic_int done;                    /* helpers finished with the current piece */
+    atomic_int bar_count, bar_sense;    /* the spinning barrier */
+    int threads, active;                /* threads started (helpers: tid 1..), threads the current piece uses */
+    long born[MAX_THREADS];             /* `gen` when each helper started: the first piece it waits for is the next */
+    pid_t pid;                          /* the process the threads belong to (a forked child starts anew) */
+    team_fn fn;
+    void *ctx;
+} pool = {.call = PTHREAD_MUTEX_INITIALIZER, .m = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+INLINE void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* sense-reversing barrier over the pool's `active` threads */
+static void spin_barrier(vm_team *T) {
+    T->sense = !T->sense;
+    if (atomic_fetch_add(&pool.bar_count, 1) == T->nt - 1) {
+        atomic_store(&pool.bar_count, 0);
+        atomic_store(&pool.bar_sense, T->sense);
+    } else {
+        while (atomic_load(&pool.bar_sense) != T->sense) cpu_relax();
+    }
+}
+
+static void *helper(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    long seen = pool.born[tid];
+    for (;;) {
+        long t0 = now_ns();
+        for (int i = 0; atomic_load(&pool.gen) == seen; i++) {
+            cpu_relax();
+            if ((i & 1023) == 1023 && now_ns() - t0 > SPIN_NS) {
+                pthread_mutex_lock(&pool.m);
+                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.m);
+                pthread_mutex_unlock(&pool.m);
+            }
+        }
+        seen = atomic_load(&pool.gen);
+        if (tid < pool.active) {
+            vm_team T = {tid, pool.active, spin_barrier, NULL, atomic_load(&pool.bar_sense)};
+            pool.fn(&T, pool.ctx);
+            atomic_fetch_add(&pool.done, 1);
+        }
+    }
+    return NULL;
+}
+
+/* fn(T, ctx) on `nt` threads (this one is tid 0); returns when all are done. -1: no thread could be started (then
+ * it ran on this thread alone). */
+static int run_team(int nt, team_fn fn, void *ctx) {
+    int rc = 0;
+    pthread_mutex_lock(&pool.call);
+    if (pool.pid != getpid()) {         /* first use, or a forked child: the parent's threads are not here */
+        pool.threads = 1;
+        pool.pid = getpid();
+    }
+    while (pool.threads < nt) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        pool.born[pool.threads] = atomic_load(&pool.gen);
+        const int ok = pthread_create(&th, &at, helper, (void *)(intptr_t)pool.threads) == 0;
+        pthread_attr_destroy(&at);
+        if (!ok) {
+            nt = pool.threads;
+            rc = nt == 1 ? -1 : 0;
+            break;
+        }
+        pool.threads++;
+    }
+    pool.active = nt;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.bar_count, 0);
+    if (nt > 1) {
+        pthread_mutex_lock(&pool.m);
+        atomic_fetch_add(&pool.gen, 1);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.m);
+    }
+    vm_team T = {0, nt, spin_barrier, NULL, atomic_load(&pool.bar_sense)};
+    fn(&T, ctx);
+    while (atomic_load(&pool.done) < nt - 1) cpu_relax();
+    pthread_mutex_unlock(&pool.call);
+    return rc;
+}
+
+/* ---- the step's pieces ----------------------------------------------------------------------------------------- */
+/* sum of a[i] * b[i], VL lanes at a time (then the lanes, then the tail) */
+static float dot(const float *a, const float *b, int n) {
+    vf acc = {0};
+    int i = 0;
+    for (; i + VL <= n; i += VL) acc += ldv(a + i) * ldv(b + i);
+    float d = hsum(acc);
+    for (; i < n; i++) d += a[i] * b[i];
+    return d;
+}
+
+/* y [n] = w * x * rsqrt(mean(x^2) + eps) (y may be x) */
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *y) {
+    const float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* v [D] rotated in place: v * cos + rotate_half(v) * sin, rotate_half(v) = [-v[D/2:], v[:D/2]] */
+static void rotate(float *v, const float *cos, const float *sin, int D) {
+    const int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* This thread's share of y [B, N] = x [B, K] W^T (+ bias), W [N, K] row-major in `fmt` (VM_F32 or VM_BF16): blocks
+ * of RB output rows shared among the team, no barrier */
+static void linear(vm_team *T, int fmt, const void *W, const float *bias, int N, int K, const float *x, int B,
+                   float *y) {
+    const vm_layout L = {fmt, K, 1, 0, 0, 0, 0, 0, 0, 0, 0};
+    const int nb = (N + RB - 1) / RB;
+    for (int64_t b = share_lo(T, nb); b < share_hi(T, nb); b++) {
+        const int r0 = (int)b * RB, R = N - r0 < RB ? N - r0 : RB;
+        rows(&L, (const uint8_t *)W, 0, r0, R, x, K, B, y, N, NULL);
+        if (bias)
+            for (int k = 0; k < B; k++)
+                for (int r = r0; r < r0 + R; r++) y[(size_t)k * N + r] += bias[r];
+    }
+}
+
+/* float32 scratch vm_decode needs for B rows, a KV length Lc, dense layers up to `inter` wide and experts
+ * `ex_inter` wide */
+int64_t vm_decode_scratch(const vm_dec_model *M, int B, int Lc, int inter, int ex_inter) {
+    const int64_t H = M->hidden, Q = (int64_t)M->heads * M->head_dim, KV = (int64_t)M->kv_heads * M->head_dim;
+    const int64_t P = (int64_t)B * M->top_k, I = inter > 0 ? inter : 1;
+    return (int64_t)B * (2 * H + 2 * Q + 2 * KV + H + M->experts + 2 * I + 2 * M->head_dim)
+           + (int64_t)B * M->heads * Lc + 2 * P * H + P + vm_scratch((int)H, ex_inter > 0 ? ex_inter : 1, (int)P);
+}
+
+/* one step's arguments and shared state, for every thread of its team */
+typedef struct {
+    const vm_dec_model *M;
+    const vm_dec_layer *Ls;
+    const vm_layout *X;
+    int B, Bb, Lc, max_inter;
+    int64_t pos;
+    const uint8_t *mask;
+    const int64_t *deltas;
+    const int64_t *addr;
+    float *scratch;
+    int64_t *route_idx, *ids, *ids_host;
+    float *route_w, *route_h, *logits;
+    /* a MoE layer's pairs grouped by expert (written by thread 0, read by all) */
+    int n, err;
+    int *row_of, *cnt, *fill;
+    const uint8_t **blobs;
+    int64_t *off;
+} step_ctx;
+
+/* thread 0 of a MoE layer: softmax over E in float32, top-k (ties: the lower expert), renormalised; pairs grouped
+ * by expert into xg / wg, blobs and offsets */
+static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl, float *xg, float *wg) {
+    const vm_dec_model *M = c->M;
+    const int H = M->hidden, E = M->experts, K = M->top_k, B = c->B, p = Ly->moe;
+    int *cnt = c->cnt, *fill = c->fill;
+    for (int e = 0; e < E; e++) cnt[e] = 0;
+    int64_t *ri = c->route_idx + (size_t)p * c->Bb * K;
+    float *rw = c->route_w + (size_t)p * c->Bb * K;
+    for (int b = 0; b < B; b++) {
+        float *r = rl + (size_t)b * E, mx = -INFINITY, sum = 0.0f, top = 0.0f;
+        for (int e = 0; e < E; e++) mx = r[e] > mx ? r[e] : mx;
+        for (int e = 0; e < E; e++) { r[e] = expf(r[e] - mx); sum += r[e]; }
+        for (int e = 0; e < E; e++) r[e] /= sum;
+        for (int t = 0; t < K; t++) {
+            int best = -1;
+            for (int e = 0; e < E; e++)
+                if (r[e] >= 0.0f && (best < 0 || r[e] > r[best])) best = e;
+            ri[b * K + t] = best;
+            rw[b * K + t] = r[best];
+            top += r[best];
+            r[best] = -1.0f;                         /* taken */
+        }
+        if (M->norm_topk)
+            for (int t = 0; t < K; t++) rw[b * K + t] /= top;
+        for (int t = 0; t < K; t++) cnt[ri[b * K + t]]++;
+        memcpy(c->route_h + ((size_t)p * c->Bb + b) * H, h + (size_t)b * H, sizeof(float) * H);
+    }
+    int acc = 0;
+    for (int e = 0; e < E; e++) {
+        fill[e] = acc;
+        acc += cnt[e];
+    }
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < K; t++) {
+            const int at = fill[ri[b * K + t]]++;
+            c->row_of[at] = b;
+            memcpy(xg + (size_t)at * H, h + (size_t)b * H, sizeof(float) * H);
+            wg[at] = rw[b * K + t];
+        }
+    int n = 0;
+    c->off[0] = 0;
+    for (int e = 0; e < E; e++)
+        if (cnt[e]) {
+            c->blobs[n] = (const uint8_t *)(intptr_t)c->addr[(size_t)p * E + e];
+            if (!c->blobs[n]) c->err = -2;
+            c->off[++n] = fill[e];
+        }
+    c->n = c->err ? 0 : n;                   /* a missing blob: nothing read, the step refused at its end */
+}
+
+/* one thread's part of the whole step */
+static void step_body(vm_team *T, void *arg) {
+    step_ctx *c = arg;
+    const vm_dec_model *M = c->M;
+    const int H = M->hidden, nh = M->heads, nkv = M->kv_heads, D = M->head_dim, E = M->experts, K = M->top_k;
+    const int F = M->wfmt, B = c->B, Lc = c->Lc;
+    const int Q = nh * D, KVW = nkv * D, grp = nh / nkv, P = B * K;
+    float *h = c->scratch, *q = h + (size_t)B * H, *k = q + (size_t)B * Q, *v = k + (size_t)B * KVW;
+    float *att = v + (size_t)B * KVW, *o = att + (size_t)B * Q, *rl = o + (size_t)B * H;
+    float *mlp = rl + (size_t)B * E;                     /* dense: [B, 2 * inter] */
+    float *sc = mlp + (size_t)B * 2 * (c->max_inter > 0 ? c->max_inter : 1);     /* scores [B * nh, Lc] */
+    float *xg = sc + (size_t)B * nh * Lc, *yg = xg + (size_t)P * H, *wg = yg + (size_t)P * H;
+    float *x = wg + P, *cs = x + (size_t)B * H, *sn = cs + (size_t)B * D;       /* [B, H], [B, D], [B, D] */
+    float *es = sn + (size_t)B * D;                      /* the expert kernel's own scratch */
+    const int64_t pos = c->pos, L1 = pos + 1;            /* columns 0 .. pos may be attended */
+    const vm_layout LK = {VM_F32, D, 1, 0, 0, 0, 0, 0, 0, 0, 0};     /* a KV head's keys as D-wide rows */
+
+    /* each row's embedding and rotary */
+    for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
+        int64_t text = -1;
+        for (int col = 0; col < Lc; col++) text += c->mask[(size_t)b * Lc + col] != 0;
+        const float at = (float)(text + c->deltas[b]);
+        for (int i = 0; i < D / 2; i++) {
+            const float f = at * M->inv_freq[i];
+            cs[b * D + i] = cs[b * D + i + D / 2] = cosf(f) * M->rope_scale;
+            sn[b * D + i] = sn[b * D + i + D / 2] = sinf(f) * M->rope_scale;
+        }
+        memcpy(x + (size_t)b * H, M->embed + (size_t)c->ids[b] * H, sizeof(float) * H);
+    }
+    T->barrier(T);
+
+    for (int li = 0; li < M->layers; li++) {
+        const vm_dec_layer *Ly = &c->Ls[li];
+        for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++)
+            rmsnorm(x + (size_t)b * H, Ly->in_norm, H, M->eps, h + (size_t)b * H);
+        T->barrier(T);
+        linear(T, F, Ly->wq, Ly->bq, Q, H, h, B, q);
+        linear(T, F, Ly->wk, Ly->bk, KVW, H, h, B, k);
+        linear(T, F, Ly->wv, Ly->bv, KVW, H, h, B, v);
+        T->barrier(T);
+        /* per (row, KV head): q/k norms and rotary, the new column of the cache, then the group's heads' attention */
+        for (int64_t bg = share_lo(T, B * nkv); bg < share_hi(T, B * nkv); bg++) {
+            const int b = (int)bg / nkv, g = (int)bg % nkv;
+            const float *cb = cs + (size_t)b * D, *sb = sn + (size_t)b * D;
+            float *qg = q + (size_t)b * Q + (size_t)g * grp * D, *kh = k + (size_t)b * KVW + (size_t)g * D;
+            for (int j = 0; j < grp; j++) {
+                float *qh = qg + (size_t)j * D;
+                if (Ly->q_norm) rmsnorm(qh, Ly->q_norm, D, M->eps, qh);
+                rotate(qh, cb, sb, D);
+            }
+            if (Ly->k_norm) rmsnorm(kh, Ly->k_norm, D, M->eps, kh);
+            rotate(kh, cb, sb, D);
+            float *kb = Ly->kc + ((size_t)b * nkv + g) * Lc * D, *vb = Ly->vc + ((size_t)b * nkv + g) * Lc * D;
+            memcpy(kb + (size_t)pos * D, kh, sizeof(float) * D);
+            memcpy(vb + (size_t)pos * D, v + (size_t)b * KVW + (size_t)g * D, sizeof(float) * D);
+            /* scores of the group's heads [grp, L1] (rows Lc apart), every column at once (row tiles over K) */
+            float *s = sc + ((size_t)b * nh + (size_t)g * grp) * Lc;
+            for (int64_t c0 = 0; c0 < L1; c0 += RB) {
+                const int R = L1 - c0 < RB ? (int)(L1 - c0) : RB;
+                rows(&LK, (const uint8_t *)kb, 0, (int)c0, R, qg, D, grp, s, Lc, NULL);
+            }
+            const uint8_t *mk = c->mask + (size_t)b * Lc;
+            for (int j = 0; j < grp; j++) {
+                float *sj = s + (size_t)j * Lc, mx = -INFINITY, sum = 0.0f;
+                for (int64_t col = 0; col < L1; col++) {
+                    sj[col] = mk[col] ? sj[col] * M->scaling : -INFINITY;
+                    mx = sj[col] > mx ? sj[col] : mx;
+                }
+                vf acc[D / VL + 1];
+                for (int i = 0; i <= D / VL; i++) acc[i] = (vf){0};
+                float *out = att + (size_t)b * Q + ((size_t)g * grp + j) * D;
+                for (int i = D / VL * VL; i < D; i++) out[i] = 0.0f;
+                if (mx > -INFINITY)
+                    for (int64_t col = 0; col < L1; col++) {
+                        if (!mk[col]) continue;
+                        const float pr = expf(sj[col] - mx);
+                        const float *vc = vb + (size_t)col * D;
+                        sum += pr;
+                        for (int i = 0; i < D / VL; i++) acc[i] += pr * ldv(vc + i * VL);
+                        for (int i = D / VL * VL; i < D; i++) out[i] += pr * vc[i];
+                    }
+                const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+                for (int i = 0; i < D / VL; i++) {
+                    const vf r = acc[i] * inv;
+                    memcpy(out + i * VL, &r, sizeof r);
+                }
+                for (int i = D / VL * VL; i < D; i++) out[i] *= inv;
+            }
+        }
+        T->barrier(T);
+        linear(T, F, Ly->wo, Ly->bo, H, Q, att, B, o);
+        T->barrier(T);
+        for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
+            float *xb = x + (size_t)b * H;
+            for (int i = 0; i < H; i++) xb[i] += o[(size_t)b * H + i];
+            rmsnorm(xb, Ly->post_norm, H, M->eps, h + (size_t)b * H);
+        }
+        T->barrier(T);
+        if (!Ly->router) {                               /* dense MLP */
+            const int I = Ly->inter;
+            float *gt = mlp, *up = mlp + (size_t)B * I;
+            linear(T, F, Ly->w_gate, NULL, I, H, h, B, gt);
+            linear(T, F, Ly->w_up, NULL, I, H, h, B, up);
+            T->barrier(T);
+            for (int64_t i = share_lo(T, (int64_t)B * I); i < share_hi(T, (int64_t)B * I); i++)
+                gt[i] = (M->act == VM_SILU ? act_silu(gt[i]) : act_gelu_tanh(gt[i])) * up[i];
+            T->barrier(T);
+            linear(T, F, Ly->w_down, NULL, H, I, gt, B, o);
+            T->barrier(T);
+            for (int64_t i = share_lo(T, (int64_t)B * H); i < share_hi(T, (int64_t)B * H); i++) x[i] += o[i];
+            T->barrier(T);
+            continue;
+        }
+        linear(T, F, Ly->router, NULL, E, H, h, B, rl);
+        T->barrier(T);
+        if (T->tid == 0) route(c, Ly, h, rl, xg, wg);
+        T->barrier(T);
+        experts_team(T, c->X, c->n, c->blobs, c->off, xg, wg, M->act, es, yg);
+        /* each row: its pairs' outputs in expert order (as transformers sums them), then into the residual */
+        for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
+            float *ob = o + (size_t)b * H, *xb = x + (size_t)b * H;
+            for (int i = 0; i < H; i++) ob[i] = 0.0f;
+            for (int at = 0; at < P; at++)
+                if (c->row_of[at] == b)
+                    for (int i = 0; i < H; i++) ob[i] += yg[(size_t)at * H + i];
+            for (int i = 0; i < H; i++) xb[i] += ob[i];
+        }
+        T->barrier(T);
+    }
+    for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++)
+        rmsnorm(x + (size_t)b * H, M->final_norm, H, M->eps, h + (size_t)b * H);
+    T->barrier(T);
+    linear(T, F, M->lm_head, NULL, M->vocab, H, h, B, c->logits);
+    T->barrier(T);
+    for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
+        const float *r = c->logits + (size_t)b * M->vocab;
+        int best = 0;
+        for (int t = 1; t < M->vocab; t++)
+            if (r[t] > r[best]) best = t;
+        c->ids[b] = best;
+        if (c->ids_host) c->ids_host[b] = best;
+    }
+}
+
+/* One decode step (module comment).
+ *   M, Ls      the model and its layers (Ls[i].kc/vc: this bucket's caches)
+ *   X          the experts' blob layout (NULL when no layer is a MoE layer)
+ *   B, Bb, Lc  rows computed, the bucket's rows (the caches' and the outputs' row stride), the caches' length
+ *   pos        [1]: the column the new tokens' keys and values go to; +1 after the step
+ *   mask       [Bb, Lc] uint8: the columns each row attends; column *pos is set for every row
+ *   deltas     [Bb] int64: each row's rope delta (rope position - text position)
+ *   addr       [moe layers, E] int64: expert e of MoE position p is read at addr[p * E + e] (a blob of layout X;
+ *              0 for an expert the step routes to: refused, -2, with the step half done)
+ *   scratch    scratch_n >= vm_decode_scratch(...) float32
+ *   route_idx  [moe layers, Bb * K] int64, route_w [.., Bb * K] float32, route_h [moe layers, Bb, H] float32:
+ *              each MoE layer's top-k, weights and input, written for the B rows
+ *   logits     [Bb, V] float32, written for the B rows
+ *   ids        [Bb] int64: in, each row's new token; out, the next (the argmax), also into ids_host (or NULL)
+ *   threads    threads at most (<= 0: 1); fewer for a small step (one per WORK_PER_THREAD multiply-adds) */
+int vm_decode(const vm_dec_model *M, const vm_dec_layer *Ls, const vm_layout *X, int B, int Bb, int Lc, int64_t *pos,
+              uint8_t *mask, const int64_t *deltas, const int64_t *addr, float *scratch, int64_t scratch_n,
+              int64_t *route_idx, float *route_w, float *route_h, float *logits, int64_t *ids, int64_t *ids_host,
+              int threads) {
+    if (!M || !Ls || !mask || !pos || !deltas || !scratch || !logits || !ids || !M->embed || !M->inv_freq)
+        return -1;
+    const int H = M->hidden, nh = M->heads, nkv = M->kv_heads, D = M->head_dim, E = M->experts, K = M->top_k;
+    if (H <= 0 || nh <= 0 || nkv <= 0 || nh % nkv || D <= 0 || D % 2 || B <= 0 || B > Bb || *pos < 0 || *pos >= Lc)
+        return -1;
+    for (int b = 0; b < B; b++)
+        if (ids[b] < 0 || ids[b] >= M->vocab) return -1;
+    if ((M->wfmt != VM_F32 && M->wfmt != VM_BF16) || M->layers <= 0 || M->vocab <= 0 || E <= 0) return -1;
+    int max_inter = 0;
+    for (int i = 0; i < M->layers; i++) {
+        if (Ls[i].router) {
+            if (!X || !addr || !route_idx || !route_w || !route_h || Ls[i].moe < 0 || X->hidden != H) return -1;
+            if (K <= 0 || K > E || X->inter <= 0 || X->fmt < VM_F32 || X->fmt > VM_INT4) return -1;
+        } else {
+            if (Ls[i].inter <= 0 || !Ls[i].w_gate || !Ls[i].w_up || !Ls[i].w_down) return -1;
+            if (Ls[i].inter > max_inter) max_inter = Ls[i].inter;
+        }
+    }
+    if (scratch_n < vm_decode_scratch(M, B, Lc, max_inter, X ? X->inter : 0)) return -1;
+    const int Q = nh * D, KVW = nkv * D, P = B * (K > 0 ? K : 1);
+    int64_t work = (int64_t)M->vocab * H;
+    for (int i = 0; i < M->layers; i++)
+        work += (int64_t)H * (2 * Q + 2 * KVW) + (int64_t)nh * (*pos + 1) * D * 2 +
+                (Ls[i].router ? (int64_t)E * H + (int64_t)K * 3 * H * X->inter : (int64_t)3 * H * Ls[i].inter);
+    work *= B;
+    int nt = work / WORK_PER_THREAD > threads ? threads : (int)(work / WORK_PER_THREAD);
+    nt = nt < 1 ? 1 : nt > MAX_THREADS ? MAX_THREADS : nt;
+    int row_of[P], cnt[E], fill[E];
+    const uint8_t *blobs[P];
+    int64_t off[P + 1];
+    for (int b = 0; b < Bb; b++) mask[(size_t)b * Lc + *pos] = 1;
+    step_ctx c = {M, Ls, X, B, Bb, Lc, max_inter, *pos, mask, deltas, addr, scratch, route_idx, ids, ids_host, route_w,
+                  route_h, logits, 0, 0, row_of, cnt, fill, blobs, off};
+    run_team(nt, step_body, &c);
+    if (c.err == 0) *pos += 1;
+    return c.err;
+}

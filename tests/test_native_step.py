@@ -1,0 +1,201 @@
+"""The native CPU decode step (`--decode native`, cpu/native/decoder.py): the fast step's books with the whole step in
+C. A tolerance suite against the fast step's CPU body (transformers' modules, which tests/test_fast_step*.py tie to
+the eager step): float32 in another summation order, so logits are close (LOGIT_TOL) and greedy tokens are the same.
+Across budgets and policies it is exact: a slot and the host store hold the same bytes, read by the same code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vismmoe import load
+from vismmoe.cpu.native import compiler
+from vismmoe.cpu.native import decoder as native_decoder
+from vismmoe.engine.request import GenerationRequest
+from vismmoe.errors import UserError
+
+from .conftest import POLICIES
+
+needs_cc = pytest.mark.skipif(compiler() is None, reason="no C compiler")
+pytestmark = needs_cc
+
+NATIVE_FAMILIES = ("qwen3_vl_moe", "qwen3_moe", "internvl")
+PROMPT = "What is in the picture?"
+NEW = 8
+TEACHER = list(range(100, 100 + NEW))     # teacher-forced: every step runs (no early EOS)
+LOGIT_TOL = 1e-4                          # float32: summation order only (measured: about 1e-6 on these models)
+
+
+def _image(family, image_file):
+    return None if family == "qwen3_moe" else image_file
+
+
+def _smallest(eng) -> str:
+    return str(eng.geometry.top_k * eng.layout.nbytes)
+
+
+def _step_logits(eng, inputs, teacher=TEACHER) -> tuple[list[int], list[torch.Tensor], dict]:
+    """Decode on the fast step's books (`fast` or `native`): (tokens, each step's logits, stats)."""
+    fs = eng.fast_step()
+    logits, advance = [], fs.advance
+
+    def recording(b, *a, **k):
+        fl = advance(b, *a, **k)
+        logits.append(b.logits[:b.rows].float().clone())
+        return fl
+    fs.advance = recording
+    try:
+        ids, stats = eng.generate_ids(inputs, NEW, teacher_tokens=teacher)
+    finally:
+        fs.advance = advance
+    assert stats["expert_bytes_peak"] <= stats["expert_budget_bytes"]
+    return ids, logits, stats
+
+
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_native_step_matches_the_fast_step(family, tiny_dirs, image_file, tmp_path, monkeypatch):
+    """Every step's logits within LOGIT_TOL of the fast step's CPU body, teacher-forced; greedy tokens equal; a batch
+    of two prompts of different lengths (left padding) the same."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    d = tiny_dirs[family]
+    image = _image(family, image_file)
+    fast, nat = load(d, decode="fast", expert_budget="25%"), load(d, decode="native", expert_budget="25%")
+    assert nat.fast_step().native is not None and fast.fast_step().native is None
+    for images, prompts in (([image], [PROMPT]), ([image, image], [PROMPT, "How many shapes are there, and what "
+                                                                         "colour is the largest one?"])):
+        inputs = fast.prepare(images, prompts)
+        want, want_logits, _ = _step_logits(fast, inputs)
+        got, got_logits, _ = _step_logits(nat, inputs)
+        assert got == want, family
+        assert len(got_logits) == len(want_logits) == NEW - 1
+        for a, b in zip(got_logits, want_logits):
+            assert (a - b).abs().max().item() <= LOGIT_TOL, family
+        greedy = [g.token_ids for g in nat.generate_batch(images, prompts, NEW)]
+        assert greedy == [g.token_ids for g in fast.generate_batch(images, prompts, NEW)], family
+
+
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, image_file):
+    """The same logits, bit for bit, with every expert resident, at 25% and at the smallest legal budget (top-k
+    slots), for every policy; the smallest budget really offloads and never exceeds its bytes."""
+    d = tiny_dirs[family]
+    image = _image(family, image_file)
+    ref = load(d, decode="native")
+    inputs = ref.prepare([image], [PROMPT])
+    want, want_logits, _ = _step_logits(ref, inputs)
+    for budget in ("25%", _smallest(ref)):
+        base = load(d, decode="native", expert_budget=budget)
+        for policy in POLICIES:
+            eng = base.fork(policy=policy)
+            got, got_logits, stats = _step_logits(eng, inputs)
+            assert got == want, (family, budget, policy)
+            assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits)), (family, budget, policy)
+    assert base.cache.num_slots == base.geometry.top_k
+    assert stats["misses"] > base.cache.num_slots
+
+
+def test_native_step_threads_change_no_bit(bundled_engine, tmp_path, monkeypatch):
+    """Each output row, attention pair and expert row is one thread's: a step run by one thread and by two gives
+    the same bits (the bundled model: enough work for a team of two)."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    from vismmoe.data.scenes import balanced_subset
+    eng = bundled_engine.fork(decode="native")
+    nd = native_decoder.native_decoder(eng)
+    run, before, seen = nd.run, torch.get_num_threads(), []
+
+    def twice(b, addr):
+        snap = b.snapshot()
+        torch.set_num_threads(1)
+        run(b, addr)
+        one = (b.logits[:b.rows].clone(), b.out_host["route_w"].clone(), b.route_h.clone())
+        b.restore(snap)
+        torch.set_num_threads(2)
+        run(b, addr)
+        seen.append(all(torch.equal(x, y) for x, y in
+                        zip(one, (b.logits[:b.rows], b.out_host["route_w"], b.route_h))))
+    monkeypatch.setattr(nd, "run", twice)
+    try:
+        s = balanced_subset("test", 1)[0]
+        req = GenerationRequest.from_prompt(s.image, s.question, max_new_tokens=NEW)
+        req.ignore_eos = True                   # the answer ends after two tokens: keep stepping
+        eng.generate_requests([req])
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == NEW - 1 and all(seen)
+
+
+def test_native_step_cpu_experts_read_misses_in_place(tiny_dirs, image_file):
+    """--cpu-experts on: the native step computes a miss from its host blob (in place), so nothing is copied into a
+    slot after a decode step and the misses are booked as CPU-computed; the tokens are fetch-only's."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    ref = load(d, decode="native", expert_budget="25%")
+    eng = load(d, decode="native", expert_budget="25%", cpu_experts="on")
+    inputs = ref.prepare([image_file], [PROMPT])
+    want, want_logits, want_stats = _step_logits(ref, inputs)
+    before = eng.runtime.cpu.experts
+    got, got_logits, stats = _step_logits(eng, inputs)
+    assert got == want          # (the prefill's CPU experts sum in another order: logits close, not equal)
+    assert all((a - b).abs().max().item() <= LOGIT_TOL for a, b in zip(got_logits, want_logits))
+    assert eng.runtime.cpu.experts > before and want_stats["misses"] > 0 and stats["misses"] == 0
+    assert eng.fast_step().split is None
+
+
+def test_bundled_model_native_step(bundled_engine, tmp_path, monkeypatch):
+    """The bundled model (bf16 weights read as float32: its matrices go to the step in bf16, the same values):
+    the eager step's answers, logits close."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    from vismmoe.data.scenes import balanced_subset
+    nat = bundled_engine.fork(decode="native")
+    assert native_decoder.native_decoder(nat).wdtype == torch.bfloat16
+    fast = bundled_engine.fork(decode="fast")
+    for s in balanced_subset("test", 3):
+        inputs = fast.prepare([s.image], [s.question])
+        want, want_logits, _ = _step_logits(fast, inputs)
+        got, got_logits, _ = _step_logits(nat, inputs)
+        assert got == want
+        for a, b in zip(got_logits, want_logits):
+            assert (a - b).abs().max().item() <= 1e-3          # logits of about +-20: float32 summation order
+        assert nat.generate(s.image, s.question).text == bundled_engine.generate(s.image, s.question).text
+
+
+def test_native_step_refusals(tiny_dirs, monkeypatch):
+    """Where it cannot run, `--decode native` is one clear error naming why; the step refuses a missing blob."""
+    with pytest.raises(UserError, match="--decode native cannot run here: .*final norm"):
+        load(tiny_dirs["glm4v_moe"], decode="native").fast_step()
+    with pytest.raises(UserError, match="soft caps, sliding windows"):
+        load(tiny_dirs["gemma4"], decode="native").fast_step()
+    eng = load(tiny_dirs["qwen3_moe"])
+    cuda = SimpleNamespace(**{k: getattr(eng, k) for k in ("family", "model", "store", "layout")},
+                           device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert "runs on the CPU" in native_decoder.unsupported_reason(cuda)
+    bf16 = SimpleNamespace(**dict(vars(cuda), device=torch.device("cpu")))
+    assert "float32" in native_decoder.unsupported_reason(bf16)
+    monkeypatch.setattr(native_decoder, "decoder_library", lambda: None)
+    monkeypatch.setattr(native_decoder, "failure", lambda: "no C compiler found (set CC, or install gcc)")
+    with pytest.raises(UserError, match="cannot be built .*no C compiler"):
+        load(tiny_dirs["qwen3_moe"], decode="native").fast_step()
+
+
+def test_native_step_refuses_an_unreadable_expert(tiny_dirs, image_file):
+    """An address table with no blob for a routed expert: the library refuses the step (RuntimeError), it does not
+    read address 0."""
+    base = load(tiny_dirs["qwen3_moe"])
+    eng = load(tiny_dirs["qwen3_moe"], decode="native", expert_budget=_smallest(base))
+    fs = eng.fast_step()
+    fs.native_host[:] = 0                   # the smallest budget: decode steps route to experts without a slot
+    with pytest.raises(RuntimeError, match="refused"):
+        eng.generate(None, PROMPT, max_new_tokens=4)
+
+
+def test_cli_decode_native_refused_in_one_line(tiny_dirs):
+    """The CLI: one line, exit status 2, for a model the native step does not compute."""
+    out = subprocess.run([sys.executable, "-m", "vismmoe", "generate", "--model", tiny_dirs["glm4v_moe"],
+                          "--decode", "native", "--prompt", "hi", "--max-new-tokens", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--decode native cannot run here" in lines[0], out.stderr
