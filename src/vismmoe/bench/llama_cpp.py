@@ -293,7 +293,7 @@ def _median_row(system: str, group: str, runs_by_rep: list[list[Run]], **meta) -
 
 def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets: list[str], reps: int,
                  device: str, dtype: str | None, compile_flag: bool | None, random_weights: bool,
-                 progress=print, on_group=None, extra: dict[str, Llama] | None = None,
+                 progress=print, on_group=None, extra: dict[str, Llama] | None = None, ignore_eos: bool = False,
                  options: dict | None = None) -> dict:
     """Rows (medians) and every run of each system in each budget group; `on_group(result so far)` after each
     group, so a run cut short keeps the groups it finished. `extra` {name suffix: Llama}: more all-on-device
@@ -316,8 +316,8 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
     # the base engine keeps the smallest legal pool (one layer's top-k): its memory is in every vismmoe figure
     spec = run_format((options or {}).get("expert_format"), stored_format(cfg))
     least = geo.top_k * make_format(spec, geo.hidden, geo.inter, getattr(torch, dtype)).nbytes
-    eng0 = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=str(least), policy="predictive",
-                        prefetch="gate", compile=compile_flag, **(options or {}))
+    opts = {"policy": "predictive", "prefetch": "gate", **(options or {})}
+    eng0 = vismmoe.load(model_dir, device=device, dtype=dtype, expert_budget=str(least), compile=compile_flag, **opts)
     layers = len(eng0.geometry.moe_layers)
     rows, raw = [], []
 
@@ -364,7 +364,7 @@ def side_by_side(model_dir: str, llama: Llama, requests: list[Request], budgets:
     groups = [(b, float(b.rstrip("%")) / 100) for b in budgets] + [("all", 1.0)]
     for group, share in groups:
         eng = eng0.fork(expert_budget="100%" if group == "all" else group)
-        if random_weights:
+        if random_weights or ignore_eos:
             eng.eos_ids = set()         # make exactly new_tokens tokens, as llama.cpp does with --ignore-eos
         ours = f"vismmoe@{group}"
         systems = {ours: vis(eng, ours)}
@@ -486,6 +486,11 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="off", choices=["auto", "on", "off"],
                    help="torch.compile vismmoe's fast decode step (default off: it costs minutes per process)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp -t (default: its own)")
+    p.add_argument("--policy", default=None, help="vismmoe's eviction policy (default predictive)")
+    p.add_argument("--prefetch", default=None, help="vismmoe's prefetch (default gate; none: no lookahead)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="both engines make exactly --max-new-tokens tokens (a decode timing on a trained model, whose "
+                        "answers end after a token or two; answers and accuracy then mean nothing)")
     p.add_argument("--decode", default="auto", choices=["auto", "fast", "eager", "native"],
                    help="vismmoe's decode step (default auto: fast on CUDA, eager on the CPU; native: the CPU's C step)")
     p.add_argument("--cpu-experts", default="off", choices=["off", "on", "auto"],
@@ -521,13 +526,15 @@ def _main(args) -> int:
         options["cpu_experts"] = args.cpu_experts
     if args.decode != "auto":
         options["decode"] = args.decode
+    options.update({k: v for k, v in (("policy", args.policy), ("prefetch", args.prefetch)) if v is not None})
     with open(os.path.join(args.model, "config.json")) as f:
         max_pos = json.load(f)["text_config"].get("max_position_embeddings", 4096)
 
     def llama_for(llama_type: str) -> Llama:
         text, mmproj = _gguf_files(args.model, args.gguf, llama_type, args.llama_cpp_bin)
         return Llama(args.llama_cpp_bin, text, mmproj, ctx=min(4096, max_pos),
-                     image_tokens=image_token_range(args.model), ignore_eos=random_weights, threads=args.threads)
+                     image_tokens=image_token_range(args.model), ignore_eos=random_weights or args.ignore_eos,
+                     threads=args.threads)
 
     llama = llama_for(args.llama_type)
     extra = {t: llama_for(t) for t in extra_types if t != args.llama_type}
@@ -536,7 +543,8 @@ def _main(args) -> int:
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     info = build_info(args.llama_cpp_bin)
     what = (f"{os.path.basename(os.path.normpath(args.model))} "
-            f"({'RANDOM weights' if random_weights else 'trained'})")
+            f"({'RANDOM weights' if random_weights else 'trained'}"
+            f"{', EOS ignored: timing only' if args.ignore_eos and not random_weights else ''})")
     if args.accuracy:
         reqs = vqa_requests(args.limit, args.max_new_tokens or 4, folder)
         res = accuracy(args.model, llama, reqs, args.device, args.dtype, options=options)
@@ -572,7 +580,7 @@ def _main(args) -> int:
 
     res = side_by_side(args.model, llama, reqs, budgets, args.reps, args.device, args.dtype, compile_flag,
                        random_weights, progress=lambda m: print(m, file=sys.stderr, flush=True), on_group=write,
-                       extra=extra, options=options)
+                       extra=extra, options=options, ignore_eos=args.ignore_eos)
     res = write(res)
     plot(res, os.path.join(args.out, "llama_cpp.png"))
     print(markdown(res))

@@ -103,6 +103,8 @@ class FastStep:
             from ..cpu.native.decoder import native_decoder
             self.native = native_decoder(engine)
             self.native_host = np.stack([self._blob_addresses(self.store.layer_blobs(i)) for i in self.store_pos])
+            if cpu is not None:                 # its misses stay on the CPU: none is written into a slot
+                self.land_slots = 0
 
     @staticmethod
     def _blob_addresses(blobs: torch.Tensor) -> np.ndarray:
