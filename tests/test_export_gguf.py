@@ -268,6 +268,19 @@ def test_placement_arithmetic(tiny_dirs):
     assert image_token_range(tiny_dirs["glm4v_moe"]) == (1, 32)     # GLM-4V counts both frames: 50176 px / 2 / 28^2
 
 
+@pytest.mark.parametrize("flag,value,says", [("--policy", "bogus", "unknown cache policy"),
+                                              ("--prefetch", "bogus", "unknown predictor")])
+def test_llama_cpp_bench_refuses_bad_vismmoe_options_first(flag, value, says, tmp_path):
+    """A bad vismmoe option of bench.llama_cpp is one line and exit 2, before llama.cpp is looked for."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "vismmoe.bench.llama_cpp", "--llama-cpp-bin", str(tmp_path / "none"),
+                          "--gguf", str(tmp_path / "g"), "--out", str(tmp_path / "o"), flag, value],
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr
+
+
 @pytest.mark.slow
 def test_llama_cpp_answers_like_vismmoe(exported, tmp_path):
     """Needs a llama.cpp build (scripts/build_llama_cpp.sh): VISMMOE_LLAMA_CPP_BIN=BUILD/bin."""

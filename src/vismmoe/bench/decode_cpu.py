@@ -14,6 +14,10 @@
     fast+cpu, fast+compile+cpu
                    the fast step with --cpu-experts on: every step split, misses computed by the executor
                    between its MoE layers (step/split_step.py)
+    native         --decode native: the fast step's books, the whole step in C (cpu/native/decoder.py)
+    native+cpu     the same with --cpu-experts on: misses read in place from the host store, nothing copied
+`--ignore-eos` makes every request produce --new-tokens tokens (the trained model's answers end after one or two,
+so without it a request's decode is its first step, setup included).
 Bundled model (trained routing), test scenes, every request on a cold cache, systems interleaved per repetition;
 the median over requests of time per output token, then the median over repetitions.
 """
@@ -30,6 +34,7 @@ import torch
 from ..checkpoints import default_model
 from ..data import balanced_subset
 from ..engine.loading import load
+from ..engine.request import GenerationRequest
 from .output import emit
 
 
@@ -47,7 +52,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--systems", default="eager,fast,fast+compile", help="comma-separated, of eager, fast, "
-                    "fast+compile, eager+cpu, eager+cpu-torch, eager+cpu-native, fast+cpu, fast+compile+cpu")
+                    "fast+compile, eager+cpu, eager+cpu-torch, eager+cpu-native, fast+cpu, fast+compile+cpu, native, "
+                    "native+cpu")
+    ap.add_argument("--ignore-eos", action="store_true", help="every request makes exactly --new-tokens tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = [x.strip() for x in args.systems.split(",") if x.strip()]
@@ -61,16 +68,24 @@ def main(argv=None) -> dict:
             "eager+cpu-native": lambda: _with_kernel(eager.fork(cpu_experts="on"), "native"),
             "fast+cpu": lambda: eager.fork(decode="fast", cpu_experts="on"),
             "fast+compile+cpu": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget,
-                                             cpu_experts="on")}
+                                             cpu_experts="on"),
+            "native": lambda: eager.fork(decode="native"),
+            "native+cpu": lambda: eager.fork(decode="native", cpu_experts="on")}
     unknown = [n for n in names if n not in make]
     if unknown or not names:
         ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of {', '.join(make)}")
     engines = {name: make[name]() for name in names}
     load_before = list(os.getloadavg())
     first_s = {}
+    def run(eng, s):
+        req = GenerationRequest.from_prompt(s.image, s.question, max_new_tokens=args.new_tokens)
+        req.ignore_eos = args.ignore_eos
+        eng.generate_requests([req])
+        return req.stats["tpot_s"]
+
     for name, eng in engines.items():                       # warm-up; the compiled one compiles here
         t = time.perf_counter()
-        eng.generate(samples[0].image, samples[0].question, max_new_tokens=args.new_tokens)
+        run(eng, samples[0])
         first_s[name] = time.perf_counter() - t
     runs: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.reps):
@@ -78,11 +93,12 @@ def main(argv=None) -> dict:
             tpot = []
             for s in samples:
                 eng.cache.clear()
-                tpot.append(eng.generate(s.image, s.question, max_new_tokens=args.new_tokens).stats["tpot_s"])
+                tpot.append(run(eng, s))
             runs[name].append(statistics.median(tpot))
     res = {"model": model, "routing": routing, "machine": f"CPU, {os.cpu_count()} cores, torch threads "
            f"{torch.get_num_threads()}", "load_before": load_before, "load_after": list(os.getloadavg()),
            "budget": args.budget, "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
+           "ignore_eos": args.ignore_eos,
            "cpu_kernels": {k: e.runtime.cpu.executor.kernel_key for k, e in engines.items() if e.runtime.cpu}, "first_request_s": first_s,
            "tpot_ms": {k: statistics.median(v) * 1e3 for k, v in runs.items()},
            "tpot_ms_per_rep": {k: [x * 1e3 for x in v] for k, v in runs.items()}}

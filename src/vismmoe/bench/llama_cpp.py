@@ -509,6 +509,14 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     from .make_shape import SHAPE_FILE
+    from ..config import RuntimeConfig, check_runtime
+    options = {"expert_format": args.expert_format} if args.expert_format else {}
+    if args.cpu_experts != "off":                   # cpu/: misses computed from the host store, not copied
+        options["cpu_experts"] = args.cpu_experts
+    if args.decode != "auto":
+        options["decode"] = args.decode
+    options.update({k: v for k, v in (("policy", args.policy), ("prefetch", args.prefetch)) if v is not None})
+    check_runtime(RuntimeConfig(**options))         # a bad value: one line, before anything runs
     if args.model is None:
         from ..checkpoints import BUNDLED
         args.model = BUNDLED
@@ -521,12 +529,6 @@ def _main(args) -> int:
     bad = [t for t in extra_types if t not in LLAMA_TYPES]
     if bad:
         raise UserError(f"--extra-gpu-types {','.join(bad)}: unknown GGUF type", f"use {', '.join(LLAMA_TYPES)}")
-    options = {"expert_format": args.expert_format} if args.expert_format else {}
-    if args.cpu_experts != "off":                   # cpu/: misses computed from the host store, not copied
-        options["cpu_experts"] = args.cpu_experts
-    if args.decode != "auto":
-        options["decode"] = args.decode
-    options.update({k: v for k, v in (("policy", args.policy), ("prefetch", args.prefetch)) if v is not None})
     with open(os.path.join(args.model, "config.json")) as f:
         max_pos = json.load(f)["text_config"].get("max_position_embeddings", 4096)
 
