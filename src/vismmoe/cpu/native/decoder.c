@@ -18,8 +18,9 @@
  *
  * Threads: the whole step runs on one team of this library's own threads (a pool of pthreads, not OpenMP): they
  * share each matrix's output rows, each layer's (row, KV head) attention pairs and the experts (experts.c's
- * experts_team), and meet at spinning barriers in between; the few serial parts (top-k, grouping, argmax) run on
- * one thread. Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per
+ * experts_team), and meet at barriers in between (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's
+ * other work has descheduled gets its core back); the few serial parts (top-k, grouping, argmax) run on one thread.
+ * Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per
  * matrix, or OpenMP threads that fall asleep at each barrier (its default when the process has more threads than
  * cores, as a torch process does), cost more than a small model's whole matrix.
  * Entry points return 0, or a negative number for arguments they refuse (nothing written).
@@ -28,6 +29,7 @@
 #include "experts.c"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,23 +53,29 @@ typedef struct {
 } vm_dec_model;
 
 #define WORK_PER_THREAD (1 << 17)       /* multiply-adds of a step per thread of its team (fewer: fewer threads) */
-#define MAX_THREADS 256
+#define MAX_THREADS 256                 /* < 1 << TEAM_BITS */
 #define SPIN_NS 2000000L                /* how long an idle pool thread spins for the next step before it sleeps */
+#define BARRIER_SPIN_NS 50000L          /* how long a thread spins at a barrier before it sleeps */
 
 /* ---- the thread pool ----------------------------------------------------------------------------------------- */
 typedef void (*team_fn)(vm_team *T, void *ctx);
 
+#define TEAM_BITS 16                    /* `word` = (piece number << TEAM_BITS) | the piece's team size */
+
 static struct {
-    pthread_mutex_t call;               /* one step at a time in the process */
+    pthread_mutex_t call;               /* one piece of work at a time in the process */
     pthread_mutex_t m;                  /* with cv: a sleeping thread's wake-up */
     pthread_cond_t cv;
-    atomic_long gen;                    /* bumped for each piece of work */
-    atomic_int done;                    /* helpers finished with the current piece */
-    atomic_int bar_count, bar_sense;    /* the spinning barrier */
-    int threads, active;                /* threads started (helpers: tid 1..), threads the current piece uses */
-    long born[MAX_THREADS];             /* `gen` when each helper started: the first piece it waits for is the next */
+    atomic_long word;                   /* the current piece: its number and its team size, in one word, so a helper
+                                         * decides whether it takes part from the value it saw, never from a later
+                                         * piece's size */
+    atomic_long done;                   /* helpers finished with the current piece */
+    atomic_int bar_count;               /* the barrier: threads arrived */
+    atomic_long bar_sense;              /* the barrier: its phase */
+    int threads;                        /* threads started (helpers: tid 1..) */
+    long born[MAX_THREADS];             /* `word` when each helper started: the first piece it waits for is the next */
     pid_t pid;                          /* the process the threads belong to (a forked child starts anew) */
-    team_fn fn;
+    team_fn fn;                         /* the current piece (read only by its team, which the caller waits for) */
     void *ctx;
 } pool = {.call = PTHREAD_MUTEX_INITIALIZER, .m = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
@@ -83,46 +91,86 @@ static long now_ns(void) {
     return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
-/* sense-reversing barrier over the pool's `active` threads */
+/* Wait until *flag != value (until_equal 0) or == value (1), and return what it then holds: spin for up to
+ * `spin_ns`, then sleep on the pool's condition variable (whoever changes a flag does it in `publish`). Spinning
+ * alone would take the core of a peer that the machine's other work has descheduled; sleeping at once costs a
+ * wake-up (tens of microseconds on a VM) at every barrier. */
+static long wait_for(atomic_long *flag, long value, int until_equal, long spin_ns) {
+    long v;
+    const long t0 = now_ns();
+    for (int i = 1;; i++) {
+        v = atomic_load(flag);
+        if (until_equal ? v == value : v != value) return v;
+        cpu_relax();
+        if ((i & 255) == 0 && now_ns() - t0 > spin_ns) break;
+    }
+    pthread_mutex_lock(&pool.m);
+    for (;;) {
+        v = atomic_load(flag);
+        if (until_equal ? v == value : v != value) break;
+        pthread_cond_wait(&pool.cv, &pool.m);
+    }
+    pthread_mutex_unlock(&pool.m);
+    return v;
+}
+
+/* *flag = value (or += value), waking whoever sleeps on a flag */
+static void publish(atomic_long *flag, long value, int add) {
+    pthread_mutex_lock(&pool.m);
+    if (add) atomic_fetch_add(flag, value);
+    else atomic_store(flag, value);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.m);
+}
+
+/* sense-reversing barrier over the piece's team: spin briefly, then sleep (wait_for) */
 static void spin_barrier(vm_team *T) {
     T->sense = !T->sense;
     if (atomic_fetch_add(&pool.bar_count, 1) == T->nt - 1) {
         atomic_store(&pool.bar_count, 0);
-        atomic_store(&pool.bar_sense, T->sense);
+        publish(&pool.bar_sense, T->sense, 0);
     } else {
-        while (atomic_load(&pool.bar_sense) != T->sense) cpu_relax();
+        wait_for(&pool.bar_sense, T->sense, 1, BARRIER_SPIN_NS);
     }
 }
 
 static void *helper(void *arg) {
     const int tid = (int)(intptr_t)arg;
     long seen = pool.born[tid];
+    int idle = 0;                       /* the last piece did not need this thread: sleep at once */
     for (;;) {
-        long t0 = now_ns();
-        for (int i = 0; atomic_load(&pool.gen) == seen; i++) {
-            cpu_relax();
-            if ((i & 1023) == 1023 && now_ns() - t0 > SPIN_NS) {
-                pthread_mutex_lock(&pool.m);
-                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.m);
-                pthread_mutex_unlock(&pool.m);
-            }
-        }
-        seen = atomic_load(&pool.gen);
-        if (tid < pool.active) {
-            vm_team T = {tid, pool.active, spin_barrier, NULL, atomic_load(&pool.bar_sense)};
-            pool.fn(&T, pool.ctx);
-            atomic_fetch_add(&pool.done, 1);
-        }
+        seen = wait_for(&pool.word, seen, 0, idle ? 0 : SPIN_NS);
+        const int nt = (int)(seen & ((1L << TEAM_BITS) - 1));
+        idle = tid >= nt;
+        if (idle) continue;
+        /* a member: the caller waits for this thread's `done`, so fn and ctx stay those of this piece */
+        vm_team T = {tid, nt, spin_barrier, NULL, (int)atomic_load(&pool.bar_sense)};
+        pool.fn(&T, pool.ctx);
+        publish(&pool.done, 1, 1);
     }
     return NULL;
 }
+
+/* fork: the child has none of the parent's helpers, and a lock one of them held stays held there */
+static void fork_prepare(void) { pthread_mutex_lock(&pool.call); }
+static void fork_parent(void) { pthread_mutex_unlock(&pool.call); }
+static void fork_child(void) {
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_mutex_init(&pool.m, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    pool.threads = 1;
+    pool.pid = getpid();
+}
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void fork_handlers(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
 
 /* fn(T, ctx) on `nt` threads (this one is tid 0); returns when all are done. -1: no thread could be started (then
  * it ran on this thread alone). */
 static int run_team(int nt, team_fn fn, void *ctx) {
     int rc = 0;
+    pthread_once(&fork_once, fork_handlers);
     pthread_mutex_lock(&pool.call);
-    if (pool.pid != getpid()) {         /* first use, or a forked child: the parent's threads are not here */
+    if (pool.pid != getpid()) {         /* first use (a child forked while unused has no helpers either) */
         pool.threads = 1;
         pool.pid = getpid();
     }
@@ -131,7 +179,7 @@ static int run_team(int nt, team_fn fn, void *ctx) {
         pthread_attr_t at;
         pthread_attr_init(&at);
         pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-        pool.born[pool.threads] = atomic_load(&pool.gen);
+        pool.born[pool.threads] = atomic_load(&pool.word);
         const int ok = pthread_create(&th, &at, helper, (void *)(intptr_t)pool.threads) == 0;
         pthread_attr_destroy(&at);
         if (!ok) {
@@ -141,20 +189,15 @@ static int run_team(int nt, team_fn fn, void *ctx) {
         }
         pool.threads++;
     }
-    pool.active = nt;
     pool.fn = fn;
     pool.ctx = ctx;
     atomic_store(&pool.done, 0);
     atomic_store(&pool.bar_count, 0);
-    if (nt > 1) {
-        pthread_mutex_lock(&pool.m);
-        atomic_fetch_add(&pool.gen, 1);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.m);
-    }
-    vm_team T = {0, nt, spin_barrier, NULL, atomic_load(&pool.bar_sense)};
+    const long sense = atomic_load(&pool.bar_sense);
+    if (nt > 1) publish(&pool.word, ((atomic_load(&pool.word) >> TEAM_BITS) + 1) << TEAM_BITS | nt, 0);
+    vm_team T = {0, nt, spin_barrier, NULL, (int)sense};
     fn(&T, ctx);
-    while (atomic_load(&pool.done) < nt - 1) cpu_relax();
+    if (nt > 1) wait_for(&pool.done, nt - 1, 1, SPIN_NS);
     pthread_mutex_unlock(&pool.call);
     return rc;
 }
@@ -225,7 +268,7 @@ typedef struct {
     float *route_w, *route_h, *logits;
     /* a MoE layer's pairs grouped by expert (written by thread 0, read by all) */
     int n, err;
-    int *row_of, *cnt, *fill;
+    int *row_of, *cnt, *fill, *taken;
     const uint8_t **blobs;
     int64_t *off;
 } step_ctx;
@@ -235,7 +278,7 @@ typedef struct {
 static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl, float *xg, float *wg) {
     const vm_dec_model *M = c->M;
     const int H = M->hidden, E = M->experts, K = M->top_k, B = c->B, p = Ly->moe;
-    int *cnt = c->cnt, *fill = c->fill;
+    int *cnt = c->cnt, *fill = c->fill, *taken = c->taken;
     for (int e = 0; e < E; e++) cnt[e] = 0;
     int64_t *ri = c->route_idx + (size_t)p * c->Bb * K;
     float *rw = c->route_w + (size_t)p * c->Bb * K;
@@ -244,14 +287,15 @@ static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl
         for (int e = 0; e < E; e++) mx = r[e] > mx ? r[e] : mx;
         for (int e = 0; e < E; e++) { r[e] = expf(r[e] - mx); sum += r[e]; }
         for (int e = 0; e < E; e++) r[e] /= sum;
-        for (int t = 0; t < K; t++) {
+        for (int e = 0; e < E; e++) taken[e] = 0;
+        for (int t = 0; t < K; t++) {       /* the largest not taken; the first such on ties (or NaNs) */
             int best = -1;
             for (int e = 0; e < E; e++)
-                if (r[e] >= 0.0f && (best < 0 || r[e] > r[best])) best = e;
+                if (!taken[e] && (best < 0 || r[e] > r[best])) best = e;
+            taken[best] = 1;
             ri[b * K + t] = best;
             rw[b * K + t] = r[best];
             top += r[best];
-            r[best] = -1.0f;                         /* taken */
         }
         if (M->norm_topk)
             for (int t = 0; t < K; t++) rw[b * K + t] /= top;
@@ -278,7 +322,7 @@ static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl
             if (!c->blobs[n]) c->err = -2;
             c->off[++n] = fill[e];
         }
-    c->n = c->err ? 0 : n;                   /* a missing blob: nothing read, the step refused at its end */
+    c->n = c->err ? 0 : n;                   /* a missing blob: the team stops after this (step_body) */
 }
 
 /* one thread's part of the whole step */
@@ -398,6 +442,7 @@ static void step_body(vm_team *T, void *arg) {
         T->barrier(T);
         if (T->tid == 0) route(c, Ly, h, rl, xg, wg);
         T->barrier(T);
+        if (c->err) return;                  /* every thread sees it after the barrier: the team leaves together */
         experts_team(T, c->X, c->n, c->blobs, c->off, xg, wg, M->act, es, yg);
         /* each row: its pairs' outputs in expert order (as transformers sums them), then into the residual */
         for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
@@ -433,7 +478,8 @@ static void step_body(vm_team *T, void *arg) {
  *   mask       [Bb, Lc] uint8: the columns each row attends; column *pos is set for every row
  *   deltas     [Bb] int64: each row's rope delta (rope position - text position)
  *   addr       [moe layers, E] int64: expert e of MoE position p is read at addr[p * E + e] (a blob of layout X;
- *              0 for an expert the step routes to: refused, -2, with the step half done)
+ *              0 for an expert the step routes to: -2, the step stops at that layer: the layers before it have
+ *              written their KV column at pos, which a re-run rewrites; mask column set; ids, logits, pos untouched)
  *   scratch    scratch_n >= vm_decode_scratch(...) float32
  *   route_idx  [moe layers, Bb * K] int64, route_w [.., Bb * K] float32, route_h [moe layers, Bb, H] float32:
  *              each MoE layer's top-k, weights and input, written for the B rows
@@ -452,11 +498,13 @@ int vm_decode(const vm_dec_model *M, const vm_dec_layer *Ls, const vm_layout *X,
     for (int b = 0; b < B; b++)
         if (ids[b] < 0 || ids[b] >= M->vocab) return -1;
     if ((M->wfmt != VM_F32 && M->wfmt != VM_BF16) || M->layers <= 0 || M->vocab <= 0 || E <= 0) return -1;
-    int max_inter = 0;
+    int max_inter = 0, moe_layers = 0;
+    for (int i = 0; i < M->layers; i++) moe_layers += Ls[i].router != NULL;
     for (int i = 0; i < M->layers; i++) {
         if (Ls[i].router) {
-            if (!X || !addr || !route_idx || !route_w || !route_h || Ls[i].moe < 0 || X->hidden != H) return -1;
-            if (K <= 0 || K > E || X->inter <= 0 || X->fmt < VM_F32 || X->fmt > VM_INT4) return -1;
+            if (!X || !addr || !route_idx || !route_w || !route_h || X->hidden != H) return -1;
+            if (Ls[i].moe < 0 || Ls[i].moe >= moe_layers || K <= 0 || K > E || X->inter <= 0) return -1;
+            if (layout_args(X, M->act) != 0) return -1;     /* as vm_experts checks them */
         } else {
             if (Ls[i].inter <= 0 || !Ls[i].w_gate || !Ls[i].w_up || !Ls[i].w_down) return -1;
             if (Ls[i].inter > max_inter) max_inter = Ls[i].inter;
@@ -471,12 +519,12 @@ int vm_decode(const vm_dec_model *M, const vm_dec_layer *Ls, const vm_layout *X,
     work *= B;
     int nt = work / WORK_PER_THREAD > threads ? threads : (int)(work / WORK_PER_THREAD);
     nt = nt < 1 ? 1 : nt > MAX_THREADS ? MAX_THREADS : nt;
-    int row_of[P], cnt[E], fill[E];
+    int row_of[P], cnt[E], fill[E], taken[E];
     const uint8_t *blobs[P];
     int64_t off[P + 1];
     for (int b = 0; b < Bb; b++) mask[(size_t)b * Lc + *pos] = 1;
     step_ctx c = {M, Ls, X, B, Bb, Lc, max_inter, *pos, mask, deltas, addr, scratch, route_idx, ids, ids_host, route_w,
-                  route_h, logits, 0, 0, row_of, cnt, fill, blobs, off};
+                  route_h, logits, 0, 0, row_of, cnt, fill, taken, blobs, off};
     run_team(nt, step_body, &c);
     if (c.err == 0) *pos += 1;
     return c.err;

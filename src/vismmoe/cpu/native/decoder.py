@@ -135,6 +135,8 @@ def _spec_reason(engine) -> str | None:
     lm = fam.language_model(model)
     if type(fam).decode_inputs is not Family.decode_inputs or type(lm.embed_tokens) is not torch.nn.Embedding:
         return f"{fam.model_type} feeds its decode layers more than a token embedding and one rotary"
+    if lm.embed_tokens.num_embeddings != model.lm_head.out_features:
+        return "its token embedding and lm_head have different vocabularies"
     why = _rotary_reason(fam, lm)
     if why is not None:
         return why

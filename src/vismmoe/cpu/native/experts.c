@@ -443,6 +443,15 @@ static void omp_team_barrier(vm_team *T) {
 #endif
 }
 
+/* 0 when the kernel computes blobs of layout L with activation act, else -1 */
+static int layout_args(const vm_layout *L, int act) {
+    if (!L || L->hidden <= 0 || L->inter <= 0 || (act != VM_SILU && act != VM_GELU_TANH)) return -1;
+    if (L->fmt < VM_F32 || L->fmt > VM_INT4) return -1;
+    if ((L->fmt == VM_FP8 || L->fmt == VM_INT4) && L->block <= 0) return -1;
+    if (L->fmt == VM_INT4 && (L->block % 2 || L->hidden % L->block || L->inter % L->block)) return -1;
+    return 0;
+}
+
 /* Checks vm_experts' arguments: 0 when the call has work, 1 when it has none, -1 when refused. */
 static int experts_args(const vm_layout *L, int n, const uint8_t *const *blobs, const int64_t *off, const float *x,
                         int act, const float *scratch, const float *y) {
@@ -452,11 +461,7 @@ static int experts_args(const vm_layout *L, int n, const uint8_t *const *blobs, 
         if (!blobs[e] || off[e + 1] < off[e]) return -1;
     if (off[n] == 0) return 1;
     if (!x || !scratch || !y) return -1;
-    if (L->hidden <= 0 || L->inter <= 0 || (act != VM_SILU && act != VM_GELU_TANH)) return -1;
-    if (L->fmt < VM_F32 || L->fmt > VM_INT4) return -1;
-    if ((L->fmt == VM_FP8 || L->fmt == VM_INT4) && L->block <= 0) return -1;
-    if (L->fmt == VM_INT4 && (L->block % 2 || L->hidden % L->block || L->inter % L->block)) return -1;
-    return 0;
+    return layout_args(L, act);
 }
 
 /* n experts at once, each for its own tokens: one parallel region for the set, every thread on a share of each
