@@ -78,6 +78,29 @@ def test_native_step_matches_the_fast_step(family, tiny_dirs, image_file, tmp_pa
         assert greedy == [g.token_ids for g in fast.generate_batch(images, prompts, NEW)], family
 
 
+def test_native_step_dense_layers_and_attention_biases(tmp_path, monkeypatch):
+    """A decoder with a dense MLP layer among its MoE layers and biased attention projections (the branches the
+    published shapes of these families do not use)."""
+    monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path / "cache"))
+    from vismmoe.tools.tiny import make_tiny
+    d = make_tiny("qwen3_moe", str(tmp_path / "m"), layers=4, experts=8, top_k=2, dense_layers=[1],
+                  attention_bias=True)
+    fast, nat = load(d, decode="fast", expert_budget="25%"), load(d, decode="native", expert_budget="25%")
+    assert len(nat.geometry.moe_layers) == 3
+    for eng in (fast, nat):                 # transformers initialises biases to zeros: give them values
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in eng.model.model.layers:
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    bias = getattr(layer.self_attn, proj).bias
+                    bias.copy_(torch.randn(bias.shape, generator=gen) * 0.5)
+    inputs = fast.prepare([None], [PROMPT])
+    want, want_logits, _ = _step_logits(fast, inputs)
+    got, got_logits, _ = _step_logits(nat, inputs)
+    assert got == want
+    assert all((a - b).abs().max().item() <= LOGIT_TOL for a, b in zip(got_logits, want_logits))
+
+
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
 def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, image_file):
     """The same logits, bit for bit, with every expert resident, at 25% and at the smallest legal budget (top-k
@@ -99,25 +122,32 @@ def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, ima
 
 
 def test_native_step_threads_change_no_bit(bundled_engine, tmp_path, monkeypatch):
-    """Each output row, attention pair and expert row is one thread's: a step run by one thread and by two gives
-    the same bits (the bundled model: enough work for a team of two)."""
+    """Each output row, attention pair and expert row is one thread's: every step run by one thread, then by teams
+    of 2, 3 and 2 threads in turn (the pool's helpers joining and sitting out pieces), gives the same bits (the
+    bundled model: enough work for a team)."""
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
     from vismmoe.data.scenes import balanced_subset
     eng = bundled_engine.fork(decode="native")
     nd = native_decoder.native_decoder(eng)
-    run, before, seen = nd.run, torch.get_num_threads(), []
+    run, seen, teams = nd.run, [], iter([2, 3, 2] * NEW)
+    monkeypatch.setattr(nd.team, "pick", lambda rows, threads: threads)      # exactly the count asked for
+    before = torch.get_num_threads()
 
-    def twice(b, addr):
+    def outputs(b):
+        return (b.logits[:b.rows].clone(), b.out_host["route_w"].clone(), b.out_host["route_idx"].clone(),
+                b.route_h.clone(), b.ids[:b.rows].clone())
+
+    def several(b, addr):
         snap = b.snapshot()
         torch.set_num_threads(1)
         run(b, addr)
-        one = (b.logits[:b.rows].clone(), b.out_host["route_w"].clone(), b.route_h.clone())
-        b.restore(snap)
-        torch.set_num_threads(2)
-        run(b, addr)
-        seen.append(all(torch.equal(x, y) for x, y in
-                        zip(one, (b.logits[:b.rows], b.out_host["route_w"], b.route_h))))
-    monkeypatch.setattr(nd, "run", twice)
+        want = outputs(b)
+        for team in (next(teams), next(teams)):
+            b.restore(snap)
+            torch.set_num_threads(team)
+            run(b, addr)
+            seen.append(all(torch.equal(x, y) for x, y in zip(want, outputs(b))))
+    monkeypatch.setattr(nd, "run", several)
     try:
         s = balanced_subset("test", 1)[0]
         req = GenerationRequest.from_prompt(s.image, s.question, max_new_tokens=NEW)
@@ -125,7 +155,21 @@ def test_native_step_threads_change_no_bit(bundled_engine, tmp_path, monkeypatch
         eng.generate_requests([req])
     finally:
         torch.set_num_threads(before)
-    assert len(seen) == NEW - 1 and all(seen)
+    assert len(seen) == 2 * (NEW - 1) and all(seen)
+
+
+def test_team_size_takes_the_faster_choice_and_probes_the_other():
+    ts = native_decoder.TeamSize()
+    assert ts.pick(1, 1) == 1                                   # one thread asked: nothing to choose
+    assert ts.pick(1, 4) == 4
+    ts.observe(1, 4, 0.010)                                     # a busy machine: the team is slow
+    assert ts.pick(1, 4) == 1
+    ts.observe(1, 1, 0.002)
+    picks = [ts.pick(1, 4) for _ in range(2 * ts.PROBE)]
+    assert picks.count(4) == 2 and picks.count(1) == 2 * ts.PROBE - 2      # the slower one retried now and then
+    for _ in range(20):
+        ts.observe(1, 4, 0.001)                                  # the machine quiets down: the team comes back
+    assert ts.pick(1, 4) == 4 and ts.pick(2, 4) == 4            # per batch size
 
 
 def test_native_step_cpu_experts_read_misses_in_place(tiny_dirs, image_file):
@@ -180,15 +224,26 @@ def test_native_step_refusals(tiny_dirs, monkeypatch):
         load(tiny_dirs["qwen3_moe"], decode="native").fast_step()
 
 
-def test_native_step_refuses_an_unreadable_expert(tiny_dirs, image_file):
+def test_native_step_refuses_an_unreadable_expert(tiny_dirs, image_file, monkeypatch):
     """An address table with no blob for a routed expert: the library refuses the step (RuntimeError), it does not
     read address 0."""
     base = load(tiny_dirs["qwen3_moe"])
     eng = load(tiny_dirs["qwen3_moe"], decode="native", expert_budget=_smallest(base))
     fs = eng.fast_step()
     fs.native_host[:] = 0                   # the smallest budget: decode steps route to experts without a slot
+    seen = {}
+    run = fs.native.run
+
+    def watched(b, addr):
+        seen["before"] = (int(b.pos), b.ids.clone())
+        try:
+            run(b, addr)
+        finally:
+            seen["after"] = (int(b.pos), b.ids.clone())
+    monkeypatch.setattr(fs.native, "run", watched)          # (the decoder is the model's: undone after the test)
     with pytest.raises(RuntimeError, match="refused"):
         eng.generate(None, PROMPT, max_new_tokens=4)
+    assert seen["before"][0] == seen["after"][0] and torch.equal(seen["before"][1], seen["after"][1])
 
 
 def test_cli_decode_native_refused_in_one_line(tiny_dirs):

@@ -44,7 +44,7 @@ def moe_geometry(tc) -> ExpertGeometry:
 
 def tiny_text_config(token_ids: dict[str, int], vocab_size: int, **o) -> dict:
     """Keyword arguments of a tiny random `Qwen3MoeConfig` (overrides `o`: hidden, inter, layers, experts, top_k,
-    heads, kv_heads, head_dim, dense_inter, dense_layers, max_pos, aux_loss)."""
+    heads, kv_heads, head_dim, dense_inter, dense_layers, max_pos, aux_loss, attention_bias)."""
     return dict(
         vocab_size=vocab_size, hidden_size=o.get("hidden", 64), intermediate_size=o.get("dense_inter", 128),
         moe_intermediate_size=o.get("inter", 48), num_hidden_layers=o.get("layers", 4),
@@ -53,6 +53,7 @@ def tiny_text_config(token_ids: dict[str, int], vocab_size: int, **o) -> dict:
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=o.get("dense_layers", []),
         max_position_embeddings=o.get("max_pos", 8192), rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         router_aux_loss_coef=o.get("aux_loss", 0.001), tie_word_embeddings=False,
+        attention_bias=o.get("attention_bias", False),
         bos_token_id=None, eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"],
     )
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 
 import numpy as np
 import torch
@@ -186,6 +187,36 @@ def unsupported_reason(engine) -> str | None:
     return why
 
 
+class TeamSize:
+    """How many threads a native step asks for: torch's thread count, or one thread where that has been faster in
+    this process (a machine whose other work takes a core makes a team wait at every barrier: 2-core machine, one
+    core kept busy, 11 ms a step with two threads). Each choice's step time is a running mean per batch size; the
+    slower choice is tried again every PROBE steps, so a machine that quiets down gets its team back. The choice
+    changes no bit of the result (each output value is one thread's work: tests/test_native_step.py)."""
+
+    PROBE = 32
+    ALPHA = 0.3
+
+    def __init__(self):
+        self.mean: dict[tuple[int, int], float] = {}     # (rows, threads) -> seconds a step
+        self.steps = 0
+
+    def pick(self, rows: int, threads: int) -> int:
+        if threads <= 1:
+            return 1
+        self.steps += 1
+        choices = (threads, 1)
+        unknown = [c for c in choices if (rows, c) not in self.mean]
+        if unknown:
+            return unknown[0]
+        fast, slow = sorted(choices, key=lambda c: self.mean[rows, c])
+        return slow if self.steps % self.PROBE == 0 else fast
+
+    def observe(self, rows: int, threads: int, seconds: float) -> None:
+        old = self.mean.get((rows, threads))
+        self.mean[rows, threads] = seconds if old is None else old + self.ALPHA * (seconds - old)
+
+
 class NativeDecoder:
     """decoder.c over one model's weights (module docstring). Weight pointers are taken once: the model's
     non-expert parameters never move (the runtime never reallocates them)."""
@@ -250,6 +281,7 @@ class NativeDecoder:
         self.K = geo.top_k
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}
         self._held: dict[int, tuple] = {}                 # id(bucket) -> (bucket, its layer array)
+        self.team = TeamSize()
 
     def _hold(self, t: torch.Tensor | None, dtype=torch.float32) -> int | None:
         """The address of `t` in `dtype` (a copy when it is not already that, contiguous), kept alive here."""
@@ -290,14 +322,16 @@ class NativeDecoder:
         addr = np.ascontiguousarray(addr, dtype=np.int64)
         scratch = self._scratch_for(b.rows, b.L)
         out = b.out_host
+        threads = self.team.pick(b.rows, torch.get_num_threads())
+        t0 = time.perf_counter()
         rc = self.lib.lib.vm_decode(
             ctypes.byref(self.M), self._bucket_layers(b), ctypes.byref(self.xl) if self.xl is not None else None,
             b.rows, b.B, b.L, b.pos.data_ptr(), b.mask.data_ptr(), b.deltas.data_ptr(), addr.ctypes.data,
             scratch.data_ptr(), scratch.numel(), out["route_idx"].data_ptr(), out["route_w"].data_ptr(),
-            b.route_h.data_ptr(), b.logits.data_ptr(), b.ids.data_ptr(), out["ids"].data_ptr(),
-            torch.get_num_threads())
+            b.route_h.data_ptr(), b.logits.data_ptr(), b.ids.data_ptr(), out["ids"].data_ptr(), threads)
         if rc != 0:
             raise RuntimeError(f"the native decode step refused its arguments ({rc})")
+        self.team.observe(b.rows, threads, time.perf_counter() - t0)
 
 
 def native_decoder(engine) -> NativeDecoder:
