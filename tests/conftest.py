@@ -166,3 +166,22 @@ def inline_copies(engine):
     """`engine` with its CPU copies run inline (`InlineExecutor`); returns it."""
     engine.runtime.transfer.worker = InlineExecutor()
     return engine
+
+
+def fast_step_logits(eng, inputs, new: int, teacher: list[int] | None = None) -> tuple[list, list, dict]:
+    """Decode `new` tokens of `inputs` on `eng`'s fast step (`fast` or `native`), teacher-forced with `teacher`:
+    (token ids per row, each step's logits [rows, V] as float32, stats); the expert budget is checked."""
+    fs = eng.fast_step()
+    logits, advance = [], fs.advance
+
+    def recording(b, *a, **k):
+        fl = advance(b, *a, **k)
+        logits.append(b.logits[:b.rows].float().clone())
+        return fl
+    fs.advance = recording
+    try:
+        ids, stats = eng.generate_ids(inputs, new, teacher_tokens=teacher)
+    finally:
+        fs.advance = advance
+    assert stats["expert_bytes_peak"] <= stats["expert_budget_bytes"]
+    return ids, logits, stats

@@ -18,7 +18,7 @@ from vismmoe.cpu.native import decoder as native_decoder
 from vismmoe.engine.request import GenerationRequest
 from vismmoe.errors import UserError
 
-from .conftest import POLICIES
+from .conftest import POLICIES, fast_step_logits
 
 needs_cc = pytest.mark.skipif(compiler() is None, reason="no C compiler")
 pytestmark = needs_cc
@@ -38,22 +38,9 @@ def _smallest(eng) -> str:
     return str(eng.geometry.top_k * eng.layout.nbytes)
 
 
-def _step_logits(eng, inputs, teacher=TEACHER) -> tuple[list[int], list[torch.Tensor], dict]:
-    """Decode on the fast step's books (`fast` or `native`): (tokens, each step's logits, stats)."""
-    fs = eng.fast_step()
-    logits, advance = [], fs.advance
-
-    def recording(b, *a, **k):
-        fl = advance(b, *a, **k)
-        logits.append(b.logits[:b.rows].float().clone())
-        return fl
-    fs.advance = recording
-    try:
-        ids, stats = eng.generate_ids(inputs, NEW, teacher_tokens=teacher)
-    finally:
-        fs.advance = advance
-    assert stats["expert_bytes_peak"] <= stats["expert_budget_bytes"]
-    return ids, logits, stats
+def _step_logits(eng, inputs, teacher=TEACHER) -> tuple[list[list[int]], list[torch.Tensor], dict]:
+    """Decode on the fast step's books (`fast` or `native`): (tokens per row, each step's logits, stats)."""
+    return fast_step_logits(eng, inputs, NEW, teacher)
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)

@@ -12,7 +12,7 @@ from vismmoe import load
 from vismmoe.cpu.placement import SplitRule
 from vismmoe.step.split_step import SplitMisses
 
-from .conftest import FAMILIES, MORE_FAMILIES, TEXT_FAMILIES
+from .conftest import FAMILIES, MORE_FAMILIES, TEXT_FAMILIES, fast_step_logits
 
 PROMPT = "What is in the picture?"
 NEW = 8
@@ -27,19 +27,7 @@ def _smallest(eng) -> str:
 
 def _step_logits(eng, inputs) -> tuple[list[int], list[torch.Tensor], dict]:
     """Teacher-forced decode on the fast step: (tokens, each step's logits, stats)."""
-    fs = eng.fast_step()
-    logits, advance = [], fs.advance
-
-    def recording(b, *a, **k):
-        fl = advance(b, *a, **k)
-        logits.append(b.logits[:b.rows].float().clone())
-        return fl
-    fs.advance = recording
-    try:
-        ids, stats = eng.generate_ids(inputs, NEW, teacher_tokens=TEACHER)
-    finally:
-        fs.advance = advance
-    assert stats["expert_bytes_peak"] <= stats["expert_budget_bytes"]
+    ids, logits, stats = fast_step_logits(eng, inputs, NEW, TEACHER)
     return ids[0], logits, stats
 
 
