@@ -26,7 +26,8 @@ books); the static buffers, compiled layers and CUDA graphs are the model's (ste
 Mechanism only: which expert leaves is the policy's call, the copies are the transfer engine's, the cache's slots
 and counters are the cache's. The prefill stays on the eager runtime: a cold prefill is bound by the link, not by
 launches. Graphs and torch.compile are CUDA-only; the CPU runs the same step eagerly (same bookkeeping, experts
-through `decode_experts_reference`), which is what CI tests.
+through `decode_experts_reference`), which is what CI tests, or, with `--decode native`, the same books around a
+step body in C (cpu/native/decoder.py: the address table is read there, and landing is done after the step).
 """
 
 from __future__ import annotations
