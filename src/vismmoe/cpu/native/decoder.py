@@ -2,12 +2,15 @@
 (every decoder layer, the final norm, lm_head, argmax) in one call of decoder.c, on the host's cores.
 
     unsupported_reason(engine) -> str | None   why an engine's model cannot decode natively (None: it can)
-    native_decoder(engine) -> NativeDecoder     one per model, expert format and thread count
-    NativeDecoder.run(bucket, addr)             one step of a fast-step bucket (step/graphs.py `Bucket`): its mask
-                                                column on, positions and rotary from the family adapter, then the C
-                                                step over the bucket's KV cache, experts read at `addr [moe layers,
-                                                E]` (a cache slot or the host store's blob); routing, logits and the
-                                                next token written where the graph body writes them
+    native_decoder(engine) -> NativeDecoder     one per model and expert format
+    NativeDecoder.run(bucket, addr)             one step of a fast-step bucket (step/graphs.py `Bucket`) in one C
+                                                call: its mask column, the rows' positions and rotary (the family
+                                                adapter's, checked once: `_rotary_reason`), every layer over the
+                                                bucket's KV cache with the experts read at `addr [moe layers, E]` (a
+                                                cache slot or the host store's blob); routing, logits and the next
+                                                token written where the graph body writes them
+    TeamSize                                    how many threads a step asks for (torch's count, or one where that
+                                                has been faster in this process)
 
 Why: on the CPU a decode step of a small model is per-operator overhead, not arithmetic (the bundled model: about
 18 ms a token through transformers' modules, for 19 MB of float32 weights). The C step is the same arithmetic as
