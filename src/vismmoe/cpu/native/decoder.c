@@ -20,16 +20,16 @@
  * share each matrix's output rows, each layer's (row, KV head) attention pairs and the experts (experts.c's
  * experts_team), and meet at barriers in between (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's
  * other work has descheduled gets its core back); the few serial parts (top-k, grouping, argmax) run on one thread.
- * Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per
- * matrix, or OpenMP threads that fall asleep at each barrier (its default when the process has more threads than
- * cores, as a torch process does), cost more than a small model's whole matrix.
- * Entry points return 0, or a negative number for arguments they refuse (nothing written).
+ * Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per matrix, or
+ * OpenMP threads that fall asleep at each barrier (its default when the process has more threads than cores, as a
+ * torch process does), cost more than a small model's whole matrix.
+ * Entry points return 0, or a negative number: -1 for arguments they refuse (nothing written), -2 for a step that
+ * routed to an expert with no blob (vm_decode says what it wrote).
  */
 
 #include "experts.c"
 
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
