@@ -19,7 +19,7 @@
  * Threads: the whole step runs on one team of this library's own threads (a pool of pthreads, not OpenMP): they
  * share each matrix's output rows, each layer's (row, KV head) attention pairs and the experts (experts.c's
  * experts_team), and meet at barriers in between (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's
- * other work has descheduled gets its core back); the few serial parts (top-k, grouping, argmax) run on one thread.
+ * other work has descheduled gets its core back; the Python side then asks for one thread: TeamSize); the few serial parts (top-k, grouping, argmax) run on one thread.
  * Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per matrix, or
  * OpenMP threads that fall asleep at each barrier (its default when the process has more threads than cores, as a
  * torch process does), cost more than a small model's whole matrix.
@@ -55,7 +55,8 @@ typedef struct {
 #define WORK_PER_THREAD (1 << 17)       /* multiply-adds of a step per thread of its team (fewer: fewer threads) */
 #define MAX_THREADS 256                 /* < 1 << TEAM_BITS */
 #define SPIN_NS 2000000L                /* how long an idle pool thread spins for the next step before it sleeps */
-#define BARRIER_SPIN_NS 50000L          /* how long a thread spins at a barrier before it sleeps */
+#define BARRIER_SPIN_NS 1000000L        /* how long a thread spins at a barrier before it sleeps (a whole step on
+                                         * an idle machine takes about that: only a busy one puts threads to sleep) */
 
 /* ---- the thread pool ----------------------------------------------------------------------------------------- */
 typedef void (*team_fn)(vm_team *T, void *ctx);
@@ -72,6 +73,7 @@ static struct {
     atomic_long done;                   /* helpers finished with the current piece */
     atomic_int bar_count;               /* the barrier: threads arrived */
     atomic_long bar_sense;              /* the barrier: its phase */
+    atomic_int sleepers;                /* threads asleep (or about to be) in wait_for */
     int threads;                        /* threads started (helpers: tid 1..) */
     long born[MAX_THREADS];             /* `word` when each helper started: the first piece it waits for is the next */
     pid_t pid;                          /* the process the threads belong to (a forked child starts anew) */
@@ -105,22 +107,26 @@ static long wait_for(atomic_long *flag, long value, int until_equal, long spin_n
         if ((i & 255) == 0 && now_ns() - t0 > spin_ns) break;
     }
     pthread_mutex_lock(&pool.m);
+    atomic_fetch_add(&pool.sleepers, 1);   /* before the look below: publish then sees it, or this sees the flag */
     for (;;) {
         v = atomic_load(flag);
         if (until_equal ? v == value : v != value) break;
         pthread_cond_wait(&pool.cv, &pool.m);
     }
+    atomic_fetch_sub(&pool.sleepers, 1);
     pthread_mutex_unlock(&pool.m);
     return v;
 }
 
-/* *flag = value (or += value), waking whoever sleeps on a flag */
+/* *flag = value (or += value), waking whoever sleeps on a flag (the lock and broadcast only when one may) */
 static void publish(atomic_long *flag, long value, int add) {
-    pthread_mutex_lock(&pool.m);
     if (add) atomic_fetch_add(flag, value);
     else atomic_store(flag, value);
-    pthread_cond_broadcast(&pool.cv);
-    pthread_mutex_unlock(&pool.m);
+    if (atomic_load(&pool.sleepers) > 0) {  /* a sleeper counted itself before its last look at the flag */
+        pthread_mutex_lock(&pool.m);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.m);
+    }
 }
 
 /* sense-reversing barrier over the piece's team: spin briefly, then sleep (wait_for) */
