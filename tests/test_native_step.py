@@ -148,15 +148,21 @@ def test_native_step_threads_change_no_bit(bundled_engine, tmp_path, monkeypatch
 def test_team_size_takes_the_faster_choice_and_probes_the_other():
     ts = native_decoder.TeamSize()
     assert ts.pick(1, 1) == 1                                   # one thread asked: nothing to choose
-    assert ts.pick(1, 4) == 4
-    ts.observe(1, 4, 0.010)                                     # a busy machine: the team is slow
-    assert ts.pick(1, 4) == 1
-    ts.observe(1, 1, 0.002)
+    explored = []
+    for first_cold in (True, False, False):                     # both tried EXPLORE times, in turn
+        for c in (4, 1):
+            assert ts.pick(1, 4) == c
+            explored.append(c)
+            ts.observe(1, c, 0.050 if first_cold and c == 4 else {4: 0.001, 1: 0.002}[c])
+    assert ts.pick(1, 4) == 4                  # a cold first step (50 ms) does not decide: the team's best is 1 ms
+    for _ in range(ts.WINDOW):
+        ts.observe(1, 4, 0.010)                                 # a busy machine: the team is slow now
     picks = [ts.pick(1, 4) for _ in range(2 * ts.PROBE)]
     assert picks.count(4) == 2 and picks.count(1) == 2 * ts.PROBE - 2      # the slower one retried now and then
-    for _ in range(20):
-        ts.observe(1, 4, 0.001)                                  # the machine quiets down: the team comes back
-    assert ts.pick(1, 4) == 4 and ts.pick(2, 4) == 4            # per batch size
+    for _ in range(ts.WINDOW):
+        ts.observe(1, 4, 0.001)                                 # the machine quiets down: the team comes back
+    assert ts.pick(1, 4) == 4
+    assert ts.pick(2, 4) == 4                                   # another batch size is explored on its own
 
 
 def test_native_step_cpu_experts_read_misses_in_place(tiny_dirs, image_file):

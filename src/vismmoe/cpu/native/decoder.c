@@ -19,7 +19,8 @@
  * Threads: the whole step runs on one team of this library's own threads (a pool of pthreads, not OpenMP): they
  * share each matrix's output rows, each layer's (row, KV head) attention pairs and the experts (experts.c's
  * experts_team), and meet at barriers in between (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's
- * other work has descheduled gets its core back; the Python side then asks for one thread: TeamSize); the few serial parts (top-k, grouping, argmax) run on one thread.
+ * other work has descheduled gets its core back; the Python side then asks for one thread: TeamSize); the few
+ * serial parts (top-k, grouping, argmax) run on one thread.
  * Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per matrix, or
  * OpenMP threads that fall asleep at each barrier (its default when the process has more threads than cores, as a
  * torch process does), cost more than a small model's whole matrix.

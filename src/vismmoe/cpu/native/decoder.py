@@ -27,6 +27,7 @@ format the expert kernel reads (dense float32/bf16, fp8, int4), dense MLP layers
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import time
@@ -193,31 +194,32 @@ def unsupported_reason(engine) -> str | None:
 class TeamSize:
     """How many threads a native step asks for: torch's thread count, or one thread where that has been faster in
     this process (a machine whose other work takes a core makes a team wait at every barrier: 2-core machine, one
-    core kept busy, 11 ms a step with two threads). Each choice's step time is a running mean per batch size; the
-    slower choice is tried again every PROBE steps, so a machine that quiets down gets its team back. The choice
-    changes no bit of the result (each output value is one thread's work: tests/test_native_step.py)."""
+    core kept busy, 11 ms a step with two threads). Each choice is judged by its fastest step among its last WINDOW
+    (per batch size): a request's first step, cold after the prefill, is slow for any team and must not decide.
+    Both are tried EXPLORE times first, then the slower one again every PROBE steps, so a machine that quiets down
+    gets its team back. The choice changes no bit of the result (each output value is one thread's work:
+    tests/test_native_step.py)."""
 
     PROBE = 32
-    ALPHA = 0.3
+    WINDOW = 4
+    EXPLORE = 3
 
     def __init__(self):
-        self.mean: dict[tuple[int, int], float] = {}     # (rows, threads) -> seconds a step
+        self.seen: dict[tuple[int, int], collections.deque] = {}     # (rows, threads) -> recent step seconds
         self.steps = 0
 
     def pick(self, rows: int, threads: int) -> int:
         if threads <= 1:
             return 1
         self.steps += 1
-        choices = (threads, 1)
-        unknown = [c for c in choices if (rows, c) not in self.mean]
-        if unknown:
-            return unknown[0]
-        fast, slow = sorted(choices, key=lambda c: self.mean[rows, c])
+        n_team, n_one = (len(self.seen.get((rows, c), ())) for c in (threads, 1))
+        if min(n_team, n_one) < self.EXPLORE:
+            return threads if n_team <= n_one else 1
+        fast, slow = sorted((threads, 1), key=lambda c: min(self.seen[rows, c]))
         return slow if self.steps % self.PROBE == 0 else fast
 
     def observe(self, rows: int, threads: int, seconds: float) -> None:
-        old = self.mean.get((rows, threads))
-        self.mean[rows, threads] = seconds if old is None else old + self.ALPHA * (seconds - old)
+        self.seen.setdefault((rows, threads), collections.deque(maxlen=self.WINDOW)).append(seconds)
 
 
 class NativeDecoder:
