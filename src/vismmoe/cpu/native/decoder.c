@@ -165,6 +165,7 @@ static void fork_child(void) {
     pthread_mutex_init(&pool.call, NULL);
     pthread_mutex_init(&pool.m, NULL);
     pthread_cond_init(&pool.cv, NULL);
+    atomic_store(&pool.sleepers, 0);        /* the parent's sleeping helpers are not in the child */
     pool.threads = 1;
     pool.pid = getpid();
 }
