@@ -223,7 +223,7 @@ def test_native_step_refuses_an_unreadable_expert(tiny_dirs, image_file, monkeyp
     base = load(tiny_dirs["qwen3_moe"])
     eng = load(tiny_dirs["qwen3_moe"], decode="native", expert_budget=_smallest(base))
     fs = eng.fast_step()
-    fs.native_host[:] = 0                   # the smallest budget: decode steps route to experts without a slot
+    fs.host_addr[:] = 0                   # the smallest budget: decode steps route to experts without a slot
     seen = {}
     run = fs.native.run
 

@@ -404,12 +404,17 @@ class HostStore:
         """[L, E] int64: the address a CUDA kernel reads expert e of layer l at (page-locked memory, mapped into
         the device's address space; with unified addressing, as on every 64-bit Linux CUDA system, the host
         address itself, which `cudaHostGetDevicePointer` confirms when cuda-python is installed)."""
+        if not all(buf.is_pinned() for buf in self.buffers):
+            raise RuntimeError("experts are read by the device only from page-locked host memory")
+        return self.host_addresses(_device_pointer)
+
+    def host_addresses(self, pointer=lambda p: p) -> np.ndarray:
+        """[L, E] int64: the address of expert e of layer l (`pointer` maps each layer buffer's host address: the
+        CUDA view of it for `device_addresses`)."""
         nb = self.layout.nbytes
         out = np.empty((len(self.buffers), self.num_experts), dtype=np.int64)
         for i, buf in enumerate(self.buffers):
-            if not buf.is_pinned():
-                raise RuntimeError("experts are read by the device only from page-locked host memory")
-            out[i] = _device_pointer(buf.data_ptr()) + np.arange(self.num_experts, dtype=np.int64) * nb
+            out[i] = pointer(buf.data_ptr()) + np.arange(self.num_experts, dtype=np.int64) * nb
         return out
 
     def release(self, blob: torch.Tensor) -> None:

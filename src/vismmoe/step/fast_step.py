@@ -103,15 +103,9 @@ class FastStep:
         if native:
             from ..cpu.native.decoder import native_decoder
             self.native = native_decoder(engine)
-            self.native_host = np.stack([self._blob_addresses(self.store.layer_blobs(i)) for i in self.store_pos])
+            self.host_addr = self.store.host_addresses()[self.store_pos]     # [L, E] int64 (no disk tier here)
             if cpu is not None:                 # its misses stay on the CPU: none is written into a slot
                 self.land_slots = 0
-
-    @staticmethod
-    def _blob_addresses(blobs: torch.Tensor) -> np.ndarray:
-        """[E] int64: the address of each row of `blobs [E, numel]`."""
-        step = blobs.stride(0) * blobs.element_size()
-        return blobs.data_ptr() + step * np.arange(blobs.shape[0], dtype=np.int64)
 
     # ---- residency (cache listener) --------------------------------------------------------------------------
     def on_insert(self, key, slot: int) -> None:
@@ -135,11 +129,14 @@ class FastStep:
         """The address table to the device: a slot, else the host blob (`split`: 0, read by no kernel)."""
         if not self.cuda:
             return
-        nb = self.layout.nbytes
-        pool = self.cache.pool.data_ptr()
-        sm = self.slot_map.astype(np.int64)
-        self.addr_host.numpy()[...] = np.where(sm >= 0, pool + sm * nb, 0 if split else self.host_addr)
+        self.addr_host.numpy()[...] = self._addresses(self.slot_map, 0 if split else self.host_addr)
         self.sg.addr_dev.copy_(self.addr_host, non_blocking=True)
+
+    def _addresses(self, slot_map: np.ndarray, missing) -> np.ndarray:
+        """[L, E] int64: where a step reads each expert: its slot of this engine's pool, else `missing` (the host
+        blobs' addresses [L, E], or 0)."""
+        sm = slot_map.astype(np.int64)
+        return np.where(sm >= 0, self.cache.pool.data_ptr() + sm * self.layout.nbytes, missing)
 
     # ---- the decode strategy (strategy.py) -----------------------------------------------------------------
     def start(self, state, prefilled: Prefilled, max_new_tokens: int) -> None:
@@ -252,17 +249,14 @@ class FastStep:
         """The native body over the slot map the step reads (`fl.used`: a slot, else the host store's blob), then
         the landing the kernels would have written (LayerExperts on the CPU: the plan is the same after the step as
         during it, since a candidate only ever holds an earlier layer's expert)."""
-        nb = self.layout.nbytes
-        sm = fl.used.astype(np.int64)
-        self.native.run(b, np.where(sm >= 0, self.cache.pool.data_ptr() + sm * nb, self.native_host))
+        self.native.run(b, self._addresses(fl.used, self.host_addr))
         slots, owners = fl.land
         if slots:
             taken = [False] * len(slots)
             idx = b.out_host["route_idx"][:, :b.rows * self.K].numpy()
             for p in range(len(self.moe_layers)):
-                bank = self.store.layer_blobs(self.store_pos[p])
-                for e, c in moe_kernel.landing_plan(idx[p], lambda e: fl.used[p, e] < 0, p, owners, taken):
-                    self.cache.pool[slots[c]].copy_(bank[e])
+                moe_kernel.land_on_host(self.cache.pool, self.store.layer_blobs(self.store_pos[p]), idx[p],
+                                        lambda e: fl.used[p, e] < 0, p, slots, owners, taken)
 
     def _candidates(self, b: Bucket, split: bool = False) -> tuple[list[int], list[int]]:
         """The next step's landing candidates (module docstring), written into `b.land`: (slots, the MoE layer

@@ -121,9 +121,8 @@ class LayerExperts:
         out = self.reference(blobs, hidden, top_k_index, top_k_weights, n)
         land = self.landing
         if land is not None and land["slots"]:              # what the kernels' landing writes (dense formats)
-            for e, c in moe_kernel.landing_plan(flat.numpy(), lambda e: int(self.slots[e]) < 0, int(self.pos),
-                                                land["owners"], land["taken"]):
-                self.pool[land["slots"][c]].copy_(self.bank[e])
+            moe_kernel.land_on_host(self.pool, self.bank, flat.numpy(), lambda e: int(self.slots[e]) < 0,
+                                    int(self.pos), land["slots"], land["owners"], land["taken"])
         return out
 
 

@@ -467,3 +467,10 @@ def landing_plan(idx, missing, layer: int, owners: list[int], taken: list[bool])
     for _, c in plan:
         taken[c] = True
     return plan
+
+
+def land_on_host(pool, bank, idx, missing, layer: int, slots: list[int], owners: list[int], taken: list[bool]) -> None:
+    """What the kernels' landing writes, done on the host (the CPU steps): each miss `landing_plan` gives a candidate
+    is copied from `bank [E, numel]` (its layer's host blobs) into that candidate's slot of `pool`."""
+    for e, c in landing_plan(idx, missing, layer, owners, taken):
+        pool[slots[c]].copy_(bank[e])

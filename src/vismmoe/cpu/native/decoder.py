@@ -35,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from . import BF16, F32, SILU, SOURCE, VmLayout, activation, library, params
+from . import BF16, F32, SILU, SOURCE, VmLayout, _activation_of, activation, library, params
 from . import failure as _failure
 
 DECODER_SOURCE = os.path.join(os.path.dirname(SOURCE), "decoder.c")
@@ -47,7 +47,6 @@ _NORMS = {"Qwen3VLMoeTextRMSNorm", "Qwen3MoeRMSNorm"}
 _ROUTERS = {"Qwen3VLMoeTextTopKRouter", "Qwen3MoeTopKRouter"}
 _MOE_BLOCKS = {"Qwen3VLMoeTextSparseMoeBlock", "Qwen3MoeSparseMoeBlock"}
 _MLPS = {"Qwen3VLMoeTextMLP", "Qwen3MoeMLP"}
-_ROTATE_HALF = {"qwen3_vl_moe", "qwen3_moe"}     # the modeling modules whose apply_rotary_pos_emb is rotate-half
 
 
 class DecLayer(ctypes.Structure):
@@ -142,14 +141,8 @@ def _spec_reason(engine) -> str | None:
         return f"{fam.model_type} feeds its decode layers more than a token embedding and one rotary"
     if lm.embed_tokens.num_embeddings != model.lm_head.out_features:
         return "its token embedding and lm_head have different vocabularies"
-    why = _rotary_reason(fam, lm)
-    if why is not None:
-        return why
     if _name(lm.norm) not in _NORMS:
         return f"its final norm ({_name(lm.norm)}) is not one the native step computes"
-    mod = type(lm).__module__.rsplit(".", 1)[-1].replace("modeling_", "")
-    if mod not in _ROTATE_HALF:
-        return f"its decoder ({type(lm).__name__}) is not a Qwen3-MoE decoder"
     norms = [lm.norm] + [m for layer in lm.layers for m in
                          (layer.input_layernorm, layer.post_attention_layernorm,
                           getattr(layer.self_attn, "q_norm", None), getattr(layer.self_attn, "k_norm", None))
@@ -173,13 +166,13 @@ def _spec_reason(engine) -> str | None:
             if gate is None or activation(gate) != SILU:
                 return f"decoder layer {i}'s experts are not SiLU-gated"
         elif _name(mlp) in _MLPS:
-            if _name(getattr(mlp, "act_fn", None)) not in ("SiLU", "SiLUActivation"):
+            if _activation_of(getattr(mlp, "act_fn", None)) != SILU:
                 return f"decoder layer {i}'s MLP is not SiLU-gated"
         else:
             return f"decoder layer {i}'s MLP ({_name(mlp)}) is not one the native step computes"
     if params(engine.layout) is None:
         return f"the native expert kernel does not read {engine.layout.spec()} experts in this dtype"
-    return None
+    return _rotary_reason(fam, lm)          # last: it runs the decoder's rotary, known now to be a Qwen3 one
 
 
 def unsupported_reason(engine) -> str | None:
@@ -283,7 +276,6 @@ class NativeDecoder:
                           self._hold(lm_head, self.wdtype))
         self.xl = params(engine.layout)
         self.ex_inter = engine.layout.inter
-        self.K = geo.top_k
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}
         self._held: dict[int, tuple] = {}                 # id(bucket) -> (bucket, its layer array)
         self.team = TeamSize()
