@@ -247,7 +247,28 @@ INLINE void tile_int4(const vm_row *rw, int R, int T, int C, int B, const float 
                       const float *scale) {
     ACC_DECL
     const int Cb = C / 2, Cbv = Cb - Cb % VL, G = B / 2;
-    for (int c0 = 0, j = 0; c0 < Cbv; c0 += G, j++) {
+    /* a group narrower than a vector (G < VL: groups of 16 under AVX-512) puts several groups in one vector: each
+     * lane takes its own group's scale and zero point */
+    for (int c = 0; G % VL && c < Cbv; c += VL) {
+        vf xe[4], xo[4];
+        for (int k = 0; k < T; k++) {
+            xe[k] = ldv(x + (size_t)k * ldx + c);
+            xo[k] = ldv(x + (size_t)k * ldx + Cb + c);
+        }
+        for (int r = 0; r < R; r++) {
+            vf sv, zs, lo, hi;
+            for (int l = 0; l < VL; l++) {
+                const int j = (c + l) / G;
+                sv[l] = rw[r].s[j];
+                zs[l] = rw[r].s[j] * (float)rw[r].z[j];
+            }
+            ld_int4((const uint8_t *)rw[r].q + c, &lo, &hi);
+            lo = lo * sv - zs;
+            hi = hi * sv - zs;
+            for (int k = 0; k < T; k++) acc[r][k] += lo * xe[k] + hi * xo[k];
+        }
+    }
+    for (int c0 = 0, j = 0; G % VL == 0 && c0 < Cbv; c0 += G, j++) {
         const int c1 = c0 + G < Cbv ? c0 + G : Cbv;
         vf sv[RB], zs[RB];
         for (int r = 0; r < R; r++) {
