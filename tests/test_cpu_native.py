@@ -60,7 +60,8 @@ def _reference(fmt, blob, x, w, act="silu"):
 
 # (spec, dtype, H, I): odd shapes where the format takes them (rows not multiples of the vector width, fp8's last
 # block partial, row blocks of 4 with rows left over), an int4 group that is a whole down row (I = group)
-CASES = [("dense", torch.float32, 37, 19), ("dense", torch.bfloat16, 45, 27), ("fp8", torch.float32, 200, 72),
+CASES = [("dense", torch.float32, 37, 19), ("dense", torch.bfloat16, 45, 27), ("bf16", torch.float32, 45, 27),
+         ("fp8", torch.float32, 200, 72),
          ("fp8", torch.bfloat16, 136, 130), ("int4", torch.float32, 256, 128),
          ("int4:group=16,sym=0", torch.float32, 272, 48), ("int4:group=32,sym=0", torch.float32, 96, 32)]
 

@@ -21,7 +21,7 @@ def _experts(n, H, I, seed=0, scale=0.1):
 
 
 def test_registry_lists_every_format():
-    assert {"dense", "fp8", "int4"} <= set(names())
+    assert {"dense", "bf16", "fp8", "int4"} <= set(names())
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -16,6 +16,8 @@
                    between its MoE layers (step/split_step.py)
     native         --decode native: the fast step's books, the whole step in C (cpu/native/decoder.py)
     native+cpu     the same with --cpu-experts on: misses read in place from the host store, nothing copied
+A system named `NAME@FORMAT` (`native@bf16`, `native+cpu@bf16`) runs NAME on an engine whose experts are stored in
+expert format FORMAT (`--expert-format`; formats/), beside the default format's systems.
 `--ignore-eos` makes every request produce --new-tokens tokens (the trained model's answers end after one or two,
 so without it a request's decode is its first step, setup included).
 Bundled model (trained routing), test scenes, every request on a cold cache, systems interleaved per repetition;
@@ -35,7 +37,12 @@ from ..checkpoints import default_model
 from ..data import balanced_subset
 from ..engine.loading import load
 from ..engine.request import GenerationRequest
+from ..errors import UserError
+from ..formats import make_format
 from .output import emit
+
+SYSTEMS = ("eager", "fast", "fast+compile", "eager+cpu", "eager+cpu-torch", "eager+cpu-native", "fast+cpu",
+           "fast+compile+cpu", "native", "native+cpu")
 
 
 def _with_kernel(eng, kernel: str):
@@ -51,30 +58,45 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=6)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--systems", default="eager,fast,fast+compile", help="comma-separated, of eager, fast, "
-                    "fast+compile, eager+cpu, eager+cpu-torch, eager+cpu-native, fast+cpu, fast+compile+cpu, native, "
-                    "native+cpu")
+    ap.add_argument("--systems", default="eager,fast,fast+compile", help="comma-separated, of " + ", ".join(SYSTEMS) +
+                    "; NAME@FORMAT runs NAME with its experts stored in expert format FORMAT (native@bf16)")
     ap.add_argument("--ignore-eos", action="store_true", help="every request makes exactly --new-tokens tokens")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     names = [x.strip() for x in args.systems.split(",") if x.strip()]
     model, routing = default_model()
     samples = balanced_subset("test", args.limit)
-    eager = load(model, decode="eager", expert_budget=args.budget)
-    make = {"eager": lambda: eager, "fast": lambda: eager.fork(decode="fast"),
-            "fast+compile": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget),
-            "eager+cpu": lambda: eager.fork(cpu_experts="on"),
-            "eager+cpu-torch": lambda: _with_kernel(eager.fork(cpu_experts="on"), "torch"),
-            "eager+cpu-native": lambda: _with_kernel(eager.fork(cpu_experts="on"), "native"),
-            "fast+cpu": lambda: eager.fork(decode="fast", cpu_experts="on"),
-            "fast+compile+cpu": lambda: load(model, decode="fast", compile=True, expert_budget=args.budget,
-                                             cpu_experts="on"),
-            "native": lambda: eager.fork(decode="native"),
-            "native+cpu": lambda: eager.fork(decode="native", cpu_experts="on")}
-    unknown = [n for n in names if n not in make]
+    bases: dict[str | None, object] = {}
+
+    def base(fmt):                      # one eager engine per expert format; the systems are its forks
+        if fmt not in bases:
+            bases[fmt] = load(model, decode="eager", expert_budget=args.budget, expert_format=fmt)
+        return bases[fmt]
+
+    def make(name: str, fmt):
+        kw = dict(expert_budget=args.budget, expert_format=fmt)
+        return {"eager": lambda: base(fmt), "fast": lambda: base(fmt).fork(decode="fast"),
+                "fast+compile": lambda: load(model, decode="fast", compile=True, **kw),
+                "eager+cpu": lambda: base(fmt).fork(cpu_experts="on"),
+                "eager+cpu-torch": lambda: _with_kernel(base(fmt).fork(cpu_experts="on"), "torch"),
+                "eager+cpu-native": lambda: _with_kernel(base(fmt).fork(cpu_experts="on"), "native"),
+                "fast+cpu": lambda: base(fmt).fork(decode="fast", cpu_experts="on"),
+                "fast+compile+cpu": lambda: load(model, decode="fast", compile=True, cpu_experts="on", **kw),
+                "native": lambda: base(fmt).fork(decode="native"),
+                "native+cpu": lambda: base(fmt).fork(decode="native", cpu_experts="on")}.get(name)
+
+    parsed = {n: (n.partition("@")[0], n.partition("@")[2] or None) for n in names}
+    unknown = [n for n, (b, _) in parsed.items() if make(b, None) is None]
     if unknown or not names:
-        ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of {', '.join(make)}")
-    engines = {name: make[name]() for name in names}
+        ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of "
+                 f"{', '.join(SYSTEMS)}, each optionally @FORMAT")
+    for n, (_, fmt) in parsed.items():
+        if fmt is not None:
+            try:
+                make_format(fmt, 1024, 1024, None)
+            except UserError as e:
+                ap.error(f"--systems {n}: {e}")
+    engines = {name: make(*parsed[name])() for name in names}
     load_before = list(os.getloadavg())
     first_s = {}
     def run(eng, s):
@@ -97,7 +119,7 @@ def main(argv=None) -> dict:
             runs[name].append(statistics.median(tpot))
     res = {"model": model, "routing": routing, "machine": f"CPU, {os.cpu_count()} cores, torch threads "
            f"{torch.get_num_threads()}", "load_before": load_before, "load_after": list(os.getloadavg()),
-           "budget": args.budget, "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
+           "budget": args.budget, "formats": {k: e.layout.spec() for k, e in engines.items()}, "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
            "ignore_eos": args.ignore_eos,
            "cpu_kernels": {k: e.runtime.cpu.executor.kernel_key for k, e in engines.items() if e.runtime.cpu}, "first_request_s": first_s,
            "tpot_ms": {k: statistics.median(v) * 1e3 for k, v in runs.items()},

@@ -157,7 +157,10 @@ def cmd_make_shape(args) -> int:
     at_least(args.layers, 1, "--layers")
     if args.format != "dense":
         from ..formats import make_format
-        make_format(args.format, 256, 128, None)     # a bad spec is refused before anything is drawn
+        # a bad spec is refused before anything is drawn; bf16 would be the dense checkpoint of --dtype bfloat16
+        if make_format(args.format, 256, 128, None).name == "bf16":
+            raise UserError("make-shape --format bf16 writes nothing new",
+                            "use --dtype bfloat16 (the dense format in bf16) or --format fp8|int4")
     new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
     from ..bench.make_shape import make_shape
     from ..formats import make_format

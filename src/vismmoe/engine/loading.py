@@ -198,6 +198,9 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     geo = check_config(family, config, model_dir)       # values that contradict each other, before the model is built
     stored = stored_format(config)
     layout = make_format(run_format(rc.expert_format, stored), geo.hidden, geo.inter, dt)
+    if dev.type == "cuda" and layout.kernel < 0:        # a format with no Triton variant (bf16 in a float32 model)
+        raise UserError(f"--expert-format {layout.spec()} has no GPU kernel for a {str(dt).replace('torch.', '')} "
+                        "model", "on CUDA load the model in bfloat16 (--dtype bfloat16), or use --expert-format dense")
     if rc.device_memory is None:                        # a budget below one layer's top-k, before any weight is read
         resolve_budget(rc, layout, geo, 0, config, dev)
     tokenizer, image_processor = _load_processors(family, config, model_dir)

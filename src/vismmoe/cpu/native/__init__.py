@@ -71,11 +71,11 @@ def params(layout) -> VmLayout | None:
 def _params(layout) -> VmLayout | None:
     H, I = layout.hidden, layout.inter
     name = getattr(layout, "name", None)
-    if name == "dense":
-        fmt = {torch.float32: F32, torch.bfloat16: BF16}.get(layout.dtype)
+    if name in ("dense", "bf16"):           # bf16: dense rows in bfloat16 for a float32 model (formats/bf16.py)
+        fmt = {torch.float32: F32, torch.bfloat16: BF16}.get(layout.pool_dtype)
         if fmt is None:
             return None
-        return VmLayout(fmt, H, I, 0, 0, 2 * I * H * layout.dtype.itemsize, 0, 0, 0, 0, 0)
+        return VmLayout(fmt, H, I, 0, 0, 2 * I * H * layout.pool_dtype.itemsize, 0, 0, 0, 0, 0)
     if name == "fp8":
         s = layout.s_off
         return VmLayout(FP8, H, I, layout.block, 0, layout.q_gu, s, s + 4 * layout.s_gate,
