@@ -146,7 +146,10 @@ def test_native_step_threads_change_no_bit(bundled_engine, tmp_path, monkeypatch
 
 
 def test_team_size_takes_the_faster_choice_and_probes_the_other():
-    ts = native_decoder.TeamSize()
+    """Steps with no pause between them (a fixed clock): each choice judged by its fastest recent step."""
+    ts = native_decoder.TeamSize(clock=lambda: 0.0)
+    for _ in range(ts.EARLY):               # the early steps of the first pause, judged apart (test below)
+        ts.observe(1, ts.pick(1, 4), 0.001)
     assert ts.pick(1, 1) == 1                                   # one thread asked: nothing to choose
     explored = []
     for first_cold in (True, False, False):                     # both tried EXPLORE times, in turn
@@ -163,6 +166,32 @@ def test_team_size_takes_the_faster_choice_and_probes_the_other():
         ts.observe(1, 4, 0.001)                                 # the machine quiets down: the team comes back
     assert ts.pick(1, 4) == 4
     assert ts.pick(2, 4) == 4                                   # another batch size is explored on its own
+
+
+def test_team_size_judges_the_steps_after_a_pause_apart_by_their_mean():
+    """After a pause (a prefill), a team's early steps that are usually fast but now and then wait milliseconds for a
+    core lose to one thread's steady ones (by the mean); the steady steps after them keep the team (by the fastest);
+    each phase keeps its own choice."""
+    now = [0.0]
+    ts = native_decoder.TeamSize(clock=lambda: now[0])
+    team_early = [0.0010, 0.0100, 0.0011, 0.0012]        # mean 3.3 ms, fastest 1.0 ms
+    picks = {"early": [], "steady": []}
+    for request in range(40):
+        now[0] += 1.0                                     # a prefill between requests: a pause
+        for step in range(8):
+            c = ts.pick(1, 2)
+            phase = "early" if step < ts.EARLY else "steady"
+            picks[phase].append(c)
+            if phase == "early":
+                took = team_early[(request + step) % 4] if c == 2 else 0.0016
+            else:
+                took = 0.0006 if c == 2 else 0.0015
+            ts.observe(1, c, took)
+            now[0] += 0.0001                              # books between steps: no pause
+    late = lambda ph: picks[ph][len(picks[ph]) // 2:]
+    assert late("early").count(1) > 0.9 * len(late("early"))        # one thread after a pause
+    assert late("steady").count(2) > 0.9 * len(late("steady"))      # the team once the machine is its own
+    assert 2 in late("early")                                        # the team is still probed after pauses
 
 
 def test_native_step_cpu_experts_read_misses_in_place(tiny_dirs, image_file):

@@ -187,32 +187,60 @@ def unsupported_reason(engine) -> str | None:
 class TeamSize:
     """How many threads a native step asks for: torch's thread count, or one thread where that has been faster in
     this process (a machine whose other work takes a core makes a team wait at every barrier: 2-core machine, one
-    core kept busy, 11 ms a step with two threads). Each choice is judged by its fastest step among its last WINDOW
-    (per batch size): a request's first step, cold after the prefill, is slow for any team and must not decide.
-    Both are tried EXPLORE times first, then the slower one again every PROBE steps, so a machine that quiets down
-    gets its team back. The choice changes no bit of the result (each output value is one thread's work:
-    tests/test_native_step.py)."""
+    core kept busy, 11 ms a step with two threads). Each choice is judged per batch size and per phase:
+
+    - the first EARLY steps after a pause between steps (a prefill, any torch work: PAUSE_S or longer) are judged
+      apart, each by the mean of its last EARLY_WINDOW steps. torch's OpenMP threads keep spinning for a while
+      after their last parallel region (libgomp's default), so on a machine with no more cores than threads a team
+      right after a prefill often waits milliseconds for a core: 2-core machine, bundled model, two threads gave
+      steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one (docs/cpu-experts.md);
+    - the steps after those by the fastest of its last WINDOW: a step the machine's other work slowed must not
+      decide.
+
+    Both choices are tried EXPLORE times first, then the slower one again every PROBE steps of that phase, so a
+    machine that quiets down gets its team back. The choice changes no bit of the result (each output value is one
+    thread's work: tests/test_native_step.py). `clock`: seconds (time.perf_counter; tests give their own)."""
 
     PROBE = 32
     WINDOW = 4
     EXPLORE = 3
+    EARLY = 3                   # steps after a pause judged apart (EARLY = 0: none)
+    EARLY_WINDOW = 8
+    PAUSE_S = 0.002             # a gap between two steps this long starts the early steps again
 
-    def __init__(self):
-        self.seen: dict[tuple[int, int], collections.deque] = {}     # (rows, threads) -> recent step seconds
-        self.steps = 0
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.seen: dict[tuple[int, int, int], collections.deque] = {}   # (rows, phase, threads) -> step seconds
+        self.picks: dict[tuple[int, int], int] = {}                     # (rows, phase) -> steps picked
+        self.since = 0                  # steps since the last pause
+        self.last: float | None = None  # when the last step ended
+        self.phase = 0                  # the phase of the step being picked, for observe
+
+    def _phase(self) -> int:
+        if self.last is None or self.clock() - self.last >= self.PAUSE_S:
+            self.since = 0
+        return min(self.since, self.EARLY)
+
+    def _score(self, phase: int, steps) -> float:
+        return min(steps) if phase == self.EARLY else sum(steps) / len(steps)
 
     def pick(self, rows: int, threads: int) -> int:
+        self.phase = ph = self._phase()
         if threads <= 1:
             return 1
-        self.steps += 1
-        n_team, n_one = (len(self.seen.get((rows, c), ())) for c in (threads, 1))
-        if min(n_team, n_one) < self.EXPLORE:
-            return threads if n_team <= n_one else 1
-        fast, slow = sorted((threads, 1), key=lambda c: min(self.seen[rows, c]))
-        return slow if self.steps % self.PROBE == 0 else fast
+        n = self.picks[rows, ph] = self.picks.get((rows, ph), 0) + 1
+        seen = {c: self.seen.get((rows, ph, c), ()) for c in (threads, 1)}
+        if min(len(seen[threads]), len(seen[1])) < self.EXPLORE:
+            return threads if len(seen[threads]) <= len(seen[1]) else 1
+        fast, slow = sorted((threads, 1), key=lambda c: self._score(ph, seen[c]))
+        return slow if n % self.PROBE == 0 else fast
 
     def observe(self, rows: int, threads: int, seconds: float) -> None:
-        self.seen.setdefault((rows, threads), collections.deque(maxlen=self.WINDOW)).append(seconds)
+        """The step just picked (by `pick`) took `seconds` with `threads` threads."""
+        window = self.WINDOW if self.phase == self.EARLY else self.EARLY_WINDOW
+        self.seen.setdefault((rows, self.phase, threads), collections.deque(maxlen=window)).append(seconds)
+        self.since += 1
+        self.last = self.clock()
 
 
 class NativeDecoder:
