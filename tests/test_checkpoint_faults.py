@@ -91,17 +91,17 @@ def _poison(d: str, key: str, value: float, index=(0,)) -> str:
     return d
 
 
-@pytest.mark.parametrize("tier", ["host", "disk"])
-def test_nan_or_inf_weights_are_refused_naming_the_tensor(tiny_dirs, tmp_path, tier):
+@pytest.mark.parametrize("tier,fmt", [("host", None), ("disk", None), ("host", "bf16"), ("disk", "bf16")])
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tiny_dirs, tmp_path, tier, fmt):
     d = _poison(_copy(tiny_dirs, tmp_path, "nan"), "model.language_model.norm.weight", float("nan"), (5,))
     with pytest.raises(UserError, match=r"weight model.language_model.norm.weight in .* holds NaN \(1 of 64"):
         load(d, expert_tier=tier)
     d = _poison(_copy(tiny_dirs, tmp_path, "inf"), EXPERTS.format(2) + ".down_proj", float("inf"), (4000,))
     with pytest.raises(UserError, match=rf"{EXPERTS.format(2)} expert \d+.* holds Inf"):
-        load(d, expert_tier=tier, check_weights="full")
+        load(d, expert_tier=tier, check_weights="full", expert_format=fmt)
     with pytest.raises(UserError, match="holds Inf"):           # a tiny checkpoint: sampling reads every value
-        load(d, expert_tier=tier)
-    eng = load(d, expert_tier=tier, check_weights="off")          # loads anyway, as the error says
+        load(d, expert_tier=tier, expert_format=fmt)
+    eng = load(d, expert_tier=tier, check_weights="off", expert_format=fmt)   # loads anyway, as the error says
     assert eng.rc.check_weights == "off"
 
 

@@ -443,6 +443,18 @@ def test_bench_decode_cpu_runs_each_kernel(tmp_path, monkeypatch):
     assert set(res["tpot_ms"]) == {"eager+cpu-torch", "eager+cpu-native"}
 
 
+@pytest.mark.parametrize("systems,says", [("nat", "unknown nat"), ("native@", "unknown expert format"),
+                                          ("native@fp9", "fp9"), ("native@int4:sym=2", "sym=2"), ("", "none given")])
+def test_bench_decode_cpu_refuses_bad_systems_in_one_line(systems, says, capsys):
+    """A system or an @FORMAT the bench does not know: one line, exit 2, before any model is loaded."""
+    from vismmoe.bench import decode_cpu
+    with pytest.raises(SystemExit) as e:
+        decode_cpu.main(["--systems", systems])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "error: --systems" in err[0]
+
+
 @needs_cc
 def test_the_kernel_refuses_arguments_that_do_not_fit():
     """The C code trusts its pointers, so the wrapper checks them: a short blob, a short scratch, a wrong dtype or

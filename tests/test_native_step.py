@@ -189,9 +189,24 @@ def test_team_size_judges_the_steps_after_a_pause_apart_by_their_mean():
             ts.observe(1, c, took)
             now[0] += 0.0001                              # books between steps: no pause
     late = lambda ph: picks[ph][len(picks[ph]) // 2:]
-    assert late("early").count(1) > 0.9 * len(late("early"))        # one thread after a pause
+    assert late("early").count(1) >= (1 - 1.5 / ts.EARLY_PROBE) * len(late("early"))     # one thread after a pause
     assert late("steady").count(2) > 0.9 * len(late("steady"))      # the team once the machine is its own
     assert 2 in late("early")                                        # the team is still probed after pauses
+
+
+def test_team_size_sees_no_pause_where_every_gap_is_long():
+    """A model whose books take longer than PAUSE_S between every two steps: those gaps are its usual ones, not
+    pauses, so its steps after the first few are judged as steady ones (by the fastest)."""
+    now = [0.0]
+    ts = native_decoder.TeamSize(clock=lambda: now[0])
+    phases = []
+    for step in range(40):
+        ts.pick(1, 2)
+        phases.append(ts.phase)
+        ts.observe(1, 2, 0.001)
+        now[0] += 0.005 if step != 30 else 0.5               # 5 ms books every step; one real pause
+    assert phases[ts.EARLY + 1:31] == [ts.EARLY] * (30 - ts.EARLY)     # (the first gap has no usual one)
+    assert phases[31:31 + ts.EARLY] == list(range(ts.EARLY))
 
 
 def test_native_step_cpu_experts_read_misses_in_place(tiny_dirs, image_file):

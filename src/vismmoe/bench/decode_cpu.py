@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -38,7 +39,7 @@ from ..data import balanced_subset
 from ..engine.loading import load
 from ..engine.request import GenerationRequest
 from ..errors import UserError
-from ..formats import make_format
+from ..formats import make_format, names as format_names
 from .output import emit
 
 SYSTEMS = ("eager", "fast", "fast+compile", "eager+cpu", "eager+cpu-torch", "eager+cpu-native", "fast+cpu",
@@ -50,6 +51,12 @@ def _with_kernel(eng, kernel: str):
     from ..cpu.executor import CpuExecutor
     eng.runtime.cpu.executor = CpuExecutor(eng.runtime.cpu.layout, kernel=kernel)
     return eng
+
+
+def _refuse(what: str):
+    """A bad argument: one line on stderr, exit status 2, before any model is loaded."""
+    sys.stderr.write(f"vismmoe: error: {what}\n")
+    raise SystemExit(2)
 
 
 def main(argv=None) -> dict:
@@ -85,17 +92,18 @@ def main(argv=None) -> dict:
                 "native": lambda: base(fmt).fork(decode="native"),
                 "native+cpu": lambda: base(fmt).fork(decode="native", cpu_experts="on")}.get(name)
 
-    parsed = {n: (n.partition("@")[0], n.partition("@")[2] or None) for n in names}
+    parsed = {n: (n.partition("@")[0], n.partition("@")[2] if "@" in n else None) for n in names}
     unknown = [n for n, (b, _) in parsed.items() if make(b, None) is None]
     if unknown or not names:
-        ap.error(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of "
-                 f"{', '.join(SYSTEMS)}, each optionally @FORMAT")
+        _refuse(f"--systems: unknown {', '.join(unknown) or '(none given)'}; use some of "
+                f"{', '.join(SYSTEMS)}, each optionally @FORMAT")
     for n, (_, fmt) in parsed.items():
         if fmt is not None:
             try:
-                make_format(fmt, 1024, 1024, None)
+                make_format(fmt or "?", 1024, 1024, None)       # its name and knobs (sizes are checked at load)
             except UserError as e:
-                ap.error(f"--systems {n}: {e}")
+                _refuse(f"--systems {n}: {e.what}; after @ name one of {', '.join(format_names())} (one knob at "
+                        "most: commas separate systems)")
     engines = {name: make(*parsed[name])() for name in names}
     load_before = list(os.getloadavg())
     first_s = {}
@@ -121,7 +129,8 @@ def main(argv=None) -> dict:
            f"{torch.get_num_threads()}", "load_before": load_before, "load_after": list(os.getloadavg()),
            "budget": args.budget, "formats": {k: e.layout.spec() for k, e in engines.items()}, "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
            "ignore_eos": args.ignore_eos,
-           "cpu_kernels": {k: e.runtime.cpu.executor.kernel_key for k, e in engines.items() if e.runtime.cpu}, "first_request_s": first_s,
+           "cpu_kernels": {k: e.runtime.cpu.executor.kernel_key for k, e in engines.items() if e.runtime.cpu},
+           "first_request_s": first_s,
            "tpot_ms": {k: statistics.median(v) * 1e3 for k, v in runs.items()},
            "tpot_ms_per_rep": {k: [x * 1e3 for x in v] for k, v in runs.items()}}
     for k, v in res["tpot_ms"].items():

@@ -2,7 +2,7 @@
 
     # T tokens, K experts per token, H hidden, I expert intermediate, C pairs routed to the experts computed here
     hidden [T, H], idx [T, K] (expert of each pair), weights [T, K]  -- on the host
-    blob of expert e (formats/: dense, fp8, int4; read in place, never copied into a slot)
+    blob of expert e (formats/: dense, bf16, fp8, int4; read in place, never copied into a slot)
       -> per expert: x = hidden[its tokens] [t, H]
                      h = x @ gate_up^T [t, 2I] -> gate(h) [t, I] (the family's own gating, SiLU(gate) * up)
                      y = h @ down^T [t, H] * routing weight

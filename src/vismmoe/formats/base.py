@@ -14,7 +14,8 @@
 
 The cache, transfer engine, policies, prefetch and link emulation deal in blobs, bytes and slots only: they never
 look inside a blob. Adding a format is one module with a class matching `ExpertFormat`, a `register` line, and a
-kernel variant in moe_kernel.py.
+kernel variant in moe_kernel.py (for the GPU) and in cpu/native/ (`params`, for the native CPU kernel); a format
+without a GPU variant (`kernel = -1`, bf16) is refused on CUDA at load.
 
 Formats are named by a spec `name[:knob=value,...]` (config.split_spec's grammar): `dense`, `fp8`, `int4`,
 `int4:group=64,sym=0`; the quantized ones take `kernels=old` (the first variant of their decode kernels, to time
@@ -46,7 +47,7 @@ def cdiv(a: int, b: int) -> int:
 @runtime_checkable
 class ExpertFormat(Protocol):
     name: str                   # registry name ("dense", "fp8", "int4")
-    kernel: int                 # variant id of moe_kernel's Triton kernels
+    kernel: int                 # variant id of moe_kernel's Triton kernels (-1: none, the CPU only: bf16)
     hidden: int                 # H
     inter: int                  # I (an expert narrower than I is zero-padded: ERNIE's vision bank)
     dtype: torch.dtype          # activation / compute dtype (dense weights are stored in it)

@@ -212,9 +212,9 @@ class StepGraphs:
         geo = engine.geometry
         self.moe_layers, self.K, self.E = geo.decode_layers, geo.top_k, geo.num_experts
         self.H = geo.hidden
-        # candidate slots a step may land misses in (moe_kernel.LAND; dense blobs only: the kernels' landing
-        # writes them)
-        self.land_slots = moe_kernel.LAND * self.K if engine.layout.spec() == "dense" else 0
+        # candidate slots a step may land misses in (moe_kernel.LAND): on CUDA dense blobs only (the kernels'
+        # landing writes them), on the CPU any format (a host copy of the blob: moe_kernel.land_on_host)
+        self.land_slots = moe_kernel.LAND * self.K if engine.layout.spec() == "dense" or not self.cuda else 0
         nL = len(self.moe_layers)
         self.positions = torch.arange(nL, dtype=torch.long, device=self.device)
         self.addr_dev = torch.zeros((nL, self.E), dtype=torch.int64, device=self.device) if self.cuda else None

@@ -292,6 +292,8 @@ def kernel_id(fmt, variant: str | None = None) -> int:
     `variant` ("new" / "old") or else the format's `kernels` knob says."""
     if fmt is None or fmt.kernel == 0:
         return 0
+    if fmt.kernel < 0:
+        raise ValueError(f"expert format {fmt.spec()} has no decode kernel on the GPU")
     return (qk.OLD if (variant or getattr(fmt, "kernels", "new")) == "old" else qk.NEW)[fmt.kernel]
 
 

@@ -5,7 +5,7 @@ expert kernel (this module's `Native`); decoder.c, which includes it, the whole 
                     be (no C compiler, a failed build or load: one log line, then the executor stays on torch)
     library(src, make)  the same for any source here (decoder.py's)
     params(layout)  an expert format's blob layout as the kernel reads it (VmLayout), or None for a format or
-                    dtype it does not compute (dense fp16, formats other than dense/fp8/int4)
+                    dtype it does not compute (dense fp16, formats other than dense/bf16/fp8/int4)
     activation(g)   the kernel's id of a gating function (SiLU, GELU-tanh), or None for one it does not know
     Native.experts  n experts, each for its own rows of x [C, H] float32 -> y [C, H] float32, times the routing
                     weights: one call (one OpenMP region) for a layer's whole CPU share

@@ -189,8 +189,10 @@ class TeamSize:
     this process (a machine whose other work takes a core makes a team wait at every barrier: 2-core machine, one
     core kept busy, 11 ms a step with two threads). Each choice is judged per batch size and per phase:
 
-    - the first EARLY steps after a pause between steps (a prefill, any torch work: PAUSE_S or longer) are judged
-      apart, each by the mean of its last EARLY_WINDOW steps. torch's OpenMP threads keep spinning for a while
+    - the first EARLY steps after a pause between steps (a prefill, any torch work: a gap of PAUSE_S or more, and
+      PAUSE_TIMES the median of the last 16 gaps between steps, so a model whose books take long between every two
+      steps has no pauses) are judged apart, each by the mean of its last EARLY_WINDOW steps, the slower choice
+      probed every EARLY_PROBE steps of that phase. torch's OpenMP threads keep spinning for a while
       after their last parallel region (libgomp's default), so on a machine with no more cores than threads a team
       right after a prefill often waits milliseconds for a core: 2-core machine, bundled model, two threads gave
       steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one (docs/cpu-experts.md);
@@ -206,7 +208,9 @@ class TeamSize:
     EXPLORE = 3
     EARLY = 3                   # steps after a pause judged apart (EARLY = 0: none)
     EARLY_WINDOW = 8
-    PAUSE_S = 0.002             # a gap between two steps this long starts the early steps again
+    EARLY_PROBE = 8
+    PAUSE_S = 0.002             # a gap between two steps this long (and PAUSE_TIMES the usual) starts them again
+    PAUSE_TIMES = 5.0
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
@@ -214,11 +218,18 @@ class TeamSize:
         self.picks: dict[tuple[int, int], int] = {}                     # (rows, phase) -> steps picked
         self.since = 0                  # steps since the last pause
         self.last: float | None = None  # when the last step ended
+        self.gaps: collections.deque = collections.deque(maxlen=16)   # the last gaps between steps (seconds)
         self.phase = 0                  # the phase of the step being picked, for observe
 
     def _phase(self) -> int:
-        if self.last is None or self.clock() - self.last >= self.PAUSE_S:
+        if self.last is None:
             self.since = 0
+        else:
+            gap = self.clock() - self.last
+            usual = sorted(self.gaps)[len(self.gaps) // 2] if self.gaps else 0.0
+            if gap >= max(self.PAUSE_S, self.PAUSE_TIMES * usual):
+                self.since = 0
+            self.gaps.append(gap)
         return min(self.since, self.EARLY)
 
     def _score(self, phase: int, steps) -> float:
@@ -233,7 +244,7 @@ class TeamSize:
         if min(len(seen[threads]), len(seen[1])) < self.EXPLORE:
             return threads if len(seen[threads]) <= len(seen[1]) else 1
         fast, slow = sorted((threads, 1), key=lambda c: self._score(ph, seen[c]))
-        return slow if n % self.PROBE == 0 else fast
+        return slow if n % (self.PROBE if ph == self.EARLY else self.EARLY_PROBE) == 0 else fast
 
     def observe(self, rows: int, threads: int, seconds: float) -> None:
         """The step just picked (by `pick`) took `seconds` with `threads` threads."""

@@ -255,12 +255,13 @@ INLINE void tile_int4(const vm_row *rw, int R, int T, int C, int B, const float 
             xe[k] = ldv(x + (size_t)k * ldx + c);
             xo[k] = ldv(x + (size_t)k * ldx + Cb + c);
         }
+        int jl[VL];                                     /* each lane's group */
+        for (int l = 0; l < VL; l++) jl[l] = (c + l) / G;
         for (int r = 0; r < R; r++) {
             vf sv, zs, lo, hi;
             for (int l = 0; l < VL; l++) {
-                const int j = (c + l) / G;
-                sv[l] = rw[r].s[j];
-                zs[l] = rw[r].s[j] * (float)rw[r].z[j];
+                sv[l] = rw[r].s[jl[l]];
+                zs[l] = rw[r].s[jl[l]] * (float)rw[r].z[jl[l]];
             }
             ld_int4((const uint8_t *)rw[r].q + c, &lo, &hi);
             lo = lo * sv - zs;
