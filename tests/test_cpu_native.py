@@ -234,6 +234,25 @@ def test_the_portable_paths_compute_the_same(tmp_path):
     _check_every_e4m3_byte(lib)
 
 
+@needs_cc
+@pytest.mark.parametrize("vl", [4, 8, 16])
+def test_every_vector_width_computes_the_same(vl, tmp_path):
+    """The kernel built with each vector width on this host (`-DVM_VL`: the widths of other processors, through the
+    portable loads): every format within the same tolerance, int4 groups of 16 included, which are narrower than a
+    16-float vector (each lane then takes its own group's scale)."""
+    lib = native.load(native.build(native.SOURCE, str(tmp_path), flag_sets=(("-O2", f"-DVM_VL={vl}"),)))
+    assert lib.lib.vm_vl() == vl
+    for spec, dtype, H, I in CASES + [("int4:group=16", torch.float32, 96, 48)]:
+        fmt, blobs = _blobs(spec, H, I, dtype, n=1)
+        ex = CpuExecutor(fmt, kernel="native")
+        ex.native = lib
+        for t in (1, 5):
+            x, w = torch.randn(t, H).to(dtype), torch.rand(t) + 0.5
+            want = _reference(fmt, blobs[0], x, w)
+            got = ex.expert(blobs[0], x, w)
+            assert (got.double() - want).abs().max().item() <= REL_TOL * want.abs().max().item(), (spec, t, vl)
+
+
 # ---- the switch ------------------------------------------------------------------------------------------------
 @needs_cc
 def test_switch_picks_the_kernel(monkeypatch):

@@ -61,8 +61,11 @@ typedef struct {
     const uint8_t *z;
 } vm_row;
 
-/* ---- vectors: VL floats, the register width -march gives (AVX-512: 16, AVX: 8, else 4) ------------------------- */
-#if defined(__AVX512F__)
+/* ---- vectors: VL floats, the register width -march gives (AVX-512: 16, AVX: 8, else 4); -DVM_VL=N sets it (a
+ * test builds every width on any host: the paths of other processors, groups narrower than a vector) ---------- */
+#if defined(VM_VL)
+#define VL VM_VL
+#elif defined(__AVX512F__)
 #define VL 16
 #elif defined(__AVX__)
 #define VL 8
@@ -394,6 +397,9 @@ int vm_info(void) {
 #endif
     return f;
 }
+
+/* the vector width this build computes with (floats) */
+int vm_vl(void) { return VL; }
 
 /* float32 scratch vm_experts needs for C token rows: gu [C, 2I], h [C, I], and for int4 x de-interleaved [C, H] */
 int64_t vm_scratch(int hidden, int inter, int t) { return (int64_t)t * (3 * (int64_t)inter + hidden); }
