@@ -220,3 +220,52 @@ def test_next_victims_are_the_victims_in_order_and_change_nothing(name):
         p.on_evict(v)
         got.append(v)
     assert got == first
+
+
+@pytest.mark.parametrize("spec", ["lru", "lfu", "lfru", "none", "predictive", "predictive:short=0"])
+def test_on_calls_leaves_the_state_on_layer_and_on_use_leave(spec):
+    """A decode step tells the policy its layer calls in one go (`on_calls`); the state is that of on_layer and
+    on_use call by call, bit for bit (predictive vectorises it), so the victims named after it are the same. Hints,
+    insertions and evictions between steps, steps that skip layers, a call that repeats a layer, empty calls."""
+    import numpy as np
+    layers = [1, 3, 5, 7, 9]
+    one, batch = (make_policy(spec, moe_layers=layers, num_experts=12) for _ in range(2))
+    rng = np.random.default_rng(0)
+    resident: set = set()
+    for step in range(150):
+        key = (layers[rng.integers(0, 5)], int(rng.integers(0, 12)))
+        if key not in resident:
+            resident.add(key)
+            for p in (one, batch):
+                p.on_insert(key)
+        if len(resident) > 20:
+            victims = [p.choose_victim(set()) for p in (one, batch)]
+            assert victims[0] == victims[1], step
+            resident.discard(victims[0])
+            for p in (one, batch):
+                p.on_evict(victims[0])
+        if step % 5 == 0:                                                 # a predictor's hint between steps
+            probs = rng.random(12)
+            for p in (one, batch):
+                p.hint(layers[step % 5], probs.copy())
+        chosen = layers if step % 7 else layers[:2] + layers[3:]          # now and then a layer skipped
+        if step % 31 == 5:
+            chosen = chosen + [chosen[0]]                                 # a layer called twice: one by one
+        calls = []
+        for l in chosen:                                                  # uses of resident experts only
+            mine = sorted(e for (k, e) in resident if k == l)
+            calls.append((l, [e for e in mine if rng.random() < 0.5]))
+        for layer, es in calls:
+            one.on_layer(layer)
+            for e in es:
+                one.on_use((layer, e))
+        batch.on_calls(calls)
+        if resident and spec != "none":
+            assert one.next_victims(6, lambda k: False) == batch.next_victims(6, lambda k: False), step
+    if isinstance(one, PredictivePolicy):
+        for name in ("uses", "calls", "score", "_used", "_pending", "res"):
+            assert np.array_equal(getattr(one, name), getattr(batch, name)), name
+        assert (one.best, one.cur, one._any_pending) == (batch.best, batch.cur, batch._any_pending)
+        assert (one._expect is None) == (batch._expect is None)
+        assert one._expect is None or np.array_equal(one._expect, batch._expect)
+        assert np.array_equal(one.expected_next_use(), batch.expected_next_use())

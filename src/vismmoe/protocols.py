@@ -12,7 +12,7 @@ with `isinstance` (the protocols are runtime-checkable). Keys are `(layer, exper
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,6 +30,10 @@ class EvictionPolicy(Protocol):
 
     def on_use(self, key: Key) -> None:
         """A resident expert was used (a hit, or a miss right after its insertion)."""
+
+    def on_calls(self, calls: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Several layer calls in order, [(layer, experts used)]: on_layer, then on_use of each, per call (a decode
+        step's books tell a policy in one go; policies.py's base class does it one by one)."""
 
     def on_insert(self, key: Key) -> None:
         """An expert became resident."""

@@ -78,10 +78,12 @@ class ExpertCache:
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
 
-    def touch(self, key: Key, hit: bool = True) -> int:
-        """A use of a resident expert: the policy hears of it; returns the slot. `hit=False`: the use did not read
-        the slot (its copy had not landed), so it is not counted as a hit."""
-        self.policy.on_use(key)
+    def touch(self, key: Key, hit: bool = True, policy: bool = True) -> int:
+        """A use of a resident expert: the policy hears of it (`policy=False`: the caller has told it, as
+        `on_calls` does for a decode step); returns the slot. `hit=False`: the use did not read the slot (its copy
+        had not landed), so it is not counted as a hit."""
+        if policy:
+            self.policy.on_use(key)
         c = self.counters.layer(key[0])
         c.hits += hit
         slot = self.slot_of[key]

@@ -5,6 +5,8 @@ pinned by the step in progress. It never touches memory, slots or copies, and th
 it is: capabilities are attributes (`retain`) and optional hooks.
 
     on_layer(layer)        the runtime is about to run MoE layer `layer` (one "layer call")
+    on_calls(calls)        several layer calls at once, [(layer, experts it used), ...] in order: what on_layer and
+                           on_use of each would do, in one go (a decode step's books; `predictive` vectorises it)
     on_insert(key)         an expert was copied into a slot: resident from now on (a demand miss or a prefetch)
     on_use(key)            compute used the expert in this layer call (a hit, or a demand miss once loaded)
     on_evict(key)          an expert left its slot
@@ -43,6 +45,12 @@ class _Base:
 
     def on_layer(self, layer: int) -> None:
         pass
+
+    def on_calls(self, calls: Sequence[tuple[int, Sequence[int]]]) -> None:
+        for layer, experts in calls:
+            self.on_layer(layer)
+            for e in experts:
+                self.on_use((layer, e))
 
     def hint(self, layer: int, probs) -> None:
         pass
@@ -264,6 +272,43 @@ class PredictivePolicy(_Base):
         if len(self.decay) > 1:                          # one memory alone has nothing to choose between
             self._expect = self._freq(slice(None), self.cur)
         self.hints.pop(self.cur, None)                   # the hint for this layer has been consumed
+        self._queue, self._qn = None, self.QUEUE
+
+    def on_calls(self, calls: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """`on_layer` and `on_use` of each call in turn, vectorised over the calls (a decode step's layers: distinct
+        positions); the same state bit for bit (the same elementwise operations per call, the scores summed in the
+        same order: tests/test_policies.py). Calls that repeat a layer run one by one."""
+        pos = [self.pos[layer] for layer, _ in calls]
+        if len(calls) < 2 or len(set(pos)) != len(pos):
+            return super().on_calls(calls)
+        self._score_call()
+        self._count_pending()
+        n, P = len(pos), np.asarray(pos)
+        used = np.zeros((n, self.E), dtype=bool)
+        for i, (_, experts) in enumerate(calls):
+            used[i, list(experts)] = True
+        U = self.uses[:, P]                                            # [M, n, E] (a copy)
+        U *= self.decay[:, None, None]
+        C = self.calls[:, P] * self.decay[:, None] + 1                 # [M, n]
+        if len(self.decay) > 1:
+            expect = (U + 0.1) / (C[..., None] + 0.1 * self.E)          # each call's _freq, as on_layer makes it
+            ll = np.log(np.where(used[None, :-1], expect[:, :-1], 1.0 - expect[:, :-1])).sum(axis=-1)
+            score = self.score.tolist()
+            for m in range(len(score)):                                 # score * SCORE_DECAY + ll, call by call
+                for i in range(n - 1):
+                    score[m] = score[m] * self.SCORE_DECAY + float(ll[m, i])
+            self.score = np.asarray(score)
+            self.best = int(self.score.argmax())
+            self._expect = expect[:, -1]
+        U[:, :-1] += used[None, :-1]                                   # counted when the next call starts
+        self.uses[:, P] = U
+        self.calls[:, P] = C
+        self.cur = pos[-1]
+        self._used[:] = used[-1]
+        self._pending[:] = used[-1]
+        self._any_pending = bool(used[-1].any())
+        for p in pos:
+            self.hints.pop(p, None)
         self._queue, self._qn = None, self.QUEUE
 
     def on_insert(self, key: Key) -> None:

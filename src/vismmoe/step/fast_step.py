@@ -419,20 +419,25 @@ class FastStep:
         B = fl.idx.shape[1] // self.K
         for s in steppers:
             s.begin_step("decode", None, B)
+        calls = []                              # (layer, its resident experts the step read): the policy's in one go
         for p, layer in enumerate(self.moe_layers):
             for o in observers:
                 o.observe(layer, None, torch.from_numpy(fl.idx[p].reshape(B, self.K)),
                           torch.from_numpy(fl.w[p].reshape(B, self.K)))
-            cache.policy.on_layer(layer)
             c = cache.counters.layer(layer)
+            hits = []
             for e in np.unique(fl.idx[p]).tolist():
                 if fl.used[p, e] < 0:
                     continue
-                key = (layer, e)
-                if cache.resident(key):
-                    cache.touch(key)
+                if cache.resident((layer, e)):
+                    hits.append(e)
                 else:                           # evicted since, by a miss of the same step (the smallest budgets)
                     c.hits += 1
+            calls.append((layer, hits))
+        cache.policy.on_calls(calls)            # on_layer, then on_use of each hit, layer by layer
+        for layer, hits in calls:
+            for e in hits:
+                cache.touch((layer, e), policy=False)
         first = cache.counters.layer(self.moe_layers[0])
         if fl.stall_s:
             first.stall_s += fl.stall_s
