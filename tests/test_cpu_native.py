@@ -222,7 +222,13 @@ def test_the_portable_paths_compute_the_same(tmp_path):
     conversion, the paths of processors without them) gives the same results within the same tolerance."""
     lib = native.load(native.build(native.SOURCE, str(tmp_path), flag_sets=(("-O2", "-march=x86-64"),)))
     assert not lib.info["avx2"] and not lib.info["f16c"]
-    for spec, dtype, H, I in CASES:
+    _check_cases(lib, CASES)
+    _check_every_e4m3_byte(lib)
+
+
+def _check_cases(lib, cases):
+    """Each case of `cases` computed by the library `lib` at 1 and 5 tokens within REL_TOL of the reference."""
+    for spec, dtype, H, I in cases:
         fmt, blobs = _blobs(spec, H, I, dtype, n=1)
         ex = CpuExecutor(fmt, kernel="native")
         ex.native = lib
@@ -231,7 +237,6 @@ def test_the_portable_paths_compute_the_same(tmp_path):
             want = _reference(fmt, blobs[0], x, w)
             got = ex.expert(blobs[0], x, w)
             assert (got.double() - want).abs().max().item() <= REL_TOL * want.abs().max().item(), (spec, t)
-    _check_every_e4m3_byte(lib)
 
 
 @needs_cc
@@ -242,15 +247,7 @@ def test_every_vector_width_computes_the_same(vl, tmp_path):
     16-float vector (each lane then takes its own group's scale)."""
     lib = native.load(native.build(native.SOURCE, str(tmp_path), flag_sets=(("-O2", f"-DVM_VL={vl}"),)))
     assert lib.lib.vm_vl() == vl
-    for spec, dtype, H, I in CASES + [("int4:group=16", torch.float32, 96, 48)]:
-        fmt, blobs = _blobs(spec, H, I, dtype, n=1)
-        ex = CpuExecutor(fmt, kernel="native")
-        ex.native = lib
-        for t in (1, 5):
-            x, w = torch.randn(t, H).to(dtype), torch.rand(t) + 0.5
-            want = _reference(fmt, blobs[0], x, w)
-            got = ex.expert(blobs[0], x, w)
-            assert (got.double() - want).abs().max().item() <= REL_TOL * want.abs().max().item(), (spec, t, vl)
+    _check_cases(lib, CASES + [("int4:group=16", torch.float32, 96, 48)])
 
 
 # ---- the switch ------------------------------------------------------------------------------------------------

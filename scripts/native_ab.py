@@ -1,0 +1,83 @@
+"""Two variants of the native decode step's books side by side in one process, requests in turn: bundled model,
+`--decode native`, bf16 experts, `--cpu-experts on`, 6 test requests x 32 new tokens (EOS ignored), cold cache per
+request; prints one JSON line (medians and means of the requests' decode ms/token).
+
+    python scripts/native_ab.py team [--budget 100%] [--reps 8] [--out FILE.json]
+        TeamSize judging the first steps after a pause (a prefill) apart, by their mean (EARLY = 3, the default),
+        against judging every step alike by its fastest (EARLY = 0); the LRU policy
+    python scripts/native_ab.py policy [--budget 25%] [--reps 6] [--out FILE.json]
+        the predictive policy told a step's layer calls in one go (`on_calls`, vectorised: the default) against
+        call by call (on_layer and on_use per layer)
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+
+from vismmoe import load
+from vismmoe.cpu.native import decoder as native_decoder
+from vismmoe.data import balanced_subset
+from vismmoe.engine.request import GenerationRequest
+from vismmoe.offload.policies import _Base
+
+
+def _team(budget: str) -> dict:
+    eng = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on", policy="lru",
+               prefetch="none")
+    nat = native_decoder.native_decoder(eng)
+    teams = {"EARLY=0": native_decoder.TeamSize(), "EARLY=3": native_decoder.TeamSize()}
+    teams["EARLY=0"].EARLY = 0
+
+    def use(team):                      # the team rule of this variant, on the one engine
+        def run(req):
+            nat.team = team
+            eng.generate_requests([req])
+        return run
+    return {name: (eng, use(t)) for name, t in teams.items()}
+
+
+def _policy(budget: str) -> dict:
+    base = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on",
+                policy="predictive", prefetch="none")
+    engines = {"call by call": base.fork(), "in one go": base.fork()}
+    pol = engines["call by call"].cache.policy
+    pol.on_calls = functools.partial(_Base.on_calls, pol)
+    return {name: (eng, lambda req, eng=eng: eng.generate_requests([req])) for name, eng in engines.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=("team", "policy"))
+    ap.add_argument("--budget", default=None, help="default: 100%% (team), 25%% (policy)")
+    ap.add_argument("--reps", type=int, default=None, help="default: 8 (team), 6 (policy)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    budget = args.budget or ("100%" if args.what == "team" else "25%")
+    reps = args.reps or (8 if args.what == "team" else 6)
+    variants = (_team if args.what == "team" else _policy)(budget)
+    samples = balanced_subset("test", 6)
+    tpot = {k: [] for k in variants}
+    load_before = list(os.getloadavg())
+    for _ in range(reps):
+        for name, (eng, run) in variants.items():
+            eng.eos_ids = set()             # decode past the bundled model's one- or two-token answers
+            for s in samples:
+                eng.cache.clear()
+                req = GenerationRequest.from_prompt(s.image, s.question, max_new_tokens=32)
+                req.ignore_eos = True
+                run(req)
+                tpot[name].append(req.stats["tpot_s"] * 1e3)
+    res = {"compare": args.what, "budget": budget, "reps": reps, "requests": len(samples), "new_tokens": 32,
+           "machine": f"CPU, {os.cpu_count()} cores", "load_before": load_before, "load_after": list(os.getloadavg()),
+           "tpot_ms": {k: {"median": statistics.median(v), "mean": statistics.fmean(v), "n": len(v)}
+                       for k, v in tpot.items()}}
+    print(json.dumps(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
