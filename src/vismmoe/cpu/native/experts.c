@@ -79,10 +79,29 @@ typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 typedef uint8_t vb __attribute__((vector_size(VL)));
 
 INLINE vf ldv(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+/* the sum of a vector's lanes as a tree, halves added lane by lane (log2(VL) vector adds, not VL - 1 dependent
+ * scalar ones: a tile's sums cost about as much as its multiply-adds otherwise) */
+typedef float vf2 __attribute__((vector_size(8)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+INLINE float hsum2(vf2 v) { return v[0] + v[1]; }
+INLINE float hsum4(vf4 v) { vf2 a, b; memcpy(&a, &v, 8); memcpy(&b, (const char *)&v + 8, 8); return hsum2(a + b); }
+INLINE float hsum8(vf8 v) { vf4 a, b; memcpy(&a, &v, 16); memcpy(&b, (const char *)&v + 16, 16); return hsum4(a + b); }
 INLINE float hsum(vf v) {
+#if VL == 16
+    vf8 a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (const char *)&v + 32, 32);
+    return hsum8(a + b);
+#elif VL == 8
+    return hsum8(v);
+#elif VL == 4
+    return hsum4(v);
+#else
     float s = 0.0f;
     for (int l = 0; l < VL; l++) s += v[l];
     return s;
+#endif
 }
 INLINE float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
