@@ -119,11 +119,18 @@ INLINE vu ld_u8(const uint8_t *p) {
 #endif
 }
 
-/* VL bf16 -> float32: the bf16 is the float's high half */
+/* VL bf16 -> float32: the bf16 is the float's high half (one vpmovzxwd from memory and a shift where the processor
+ * has them: compilers split the generic conversion into halves and inserts) */
 INLINE vf ld_bf16(const uint16_t *p) {
+#if defined(__AVX512F__) && VL == 16
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif defined(__AVX2__) && VL == 8
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     vh h;
     memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 
 /* e4m3 byte -> float32, exact: normals re-biased (exponent bias 7 -> 127), subnormals (exponent 0) m * 2^-9,
