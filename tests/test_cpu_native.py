@@ -239,14 +239,28 @@ def _check_cases(lib, cases):
             assert (got.double() - want).abs().max().item() <= REL_TOL * want.abs().max().item(), (spec, t)
 
 
+def _host_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 @needs_cc
-@pytest.mark.parametrize("vl", [4, 8, 16])
-def test_every_vector_width_computes_the_same(vl, tmp_path):
+@pytest.mark.parametrize("vl,march", [(4, None), (8, None), (16, None), (8, "haswell"), (8, "native")])
+def test_every_vector_width_computes_the_same(vl, march, tmp_path):
     """The kernel built with each vector width on this host (`-DVM_VL`: the widths of other processors, through the
-    portable loads): every format within the same tolerance, int4 groups of 16 included, which are narrower than a
-    16-float vector (each lane then takes its own group's scale)."""
-    lib = native.load(native.build(native.SOURCE, str(tmp_path), flag_sets=(("-O2", f"-DVM_VL={vl}"),)))
+    portable loads; with -march=haswell or native at width 8, the AVX2 intrinsics, also on an AVX-512 host): every
+    format within the same tolerance, int4 groups of 16 included, which are narrower than a 16-float vector (each
+    lane then takes its own group's scale)."""
+    if march == "haswell" and not {"avx2", "fma", "f16c"} <= _host_flags():
+        pytest.skip("the host cannot run AVX2 code")
+    flags = ("-O2", f"-DVM_VL={vl}") + ((f"-march={march}",) if march else ())
+    lib = native.load(native.build(native.SOURCE, str(tmp_path), flag_sets=(flags,)))
     assert lib.lib.vm_vl() == vl
+    if march and "avx2" in _host_flags():
+        assert lib.info["avx2"]
     _check_cases(lib, CASES + [("int4:group=16", torch.float32, 96, 48)])
 
 
