@@ -1,6 +1,7 @@
 """Two variants of the native decode step's books side by side in one process, requests in turn: bundled model,
 `--decode native`, bf16 experts, `--cpu-experts on`, 6 test requests x 32 new tokens (EOS ignored), cold cache per
-request; prints one JSON line (medians and means of the requests' decode ms/token).
+request, the variants taking turns at going first; prints one JSON line (medians and means of the requests' decode
+ms/token).
 
     python scripts/native_ab.py team [--budget 100%] [--reps 8] [--out FILE.json]
         TeamSize judging the first steps after a pause (a prefill) apart, by their mean (EARLY = 3, the default),
@@ -60,8 +61,10 @@ def main() -> None:
     samples = balanced_subset("test", 6)
     tpot = {k: [] for k in variants}
     load_before = list(os.getloadavg())
-    for _ in range(reps):
-        for name, (eng, run) in variants.items():
+    names = list(variants)
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):       # which goes first alternates
+            eng, run = variants[name]
             eng.eos_ids = set()             # decode past the bundled model's one- or two-token answers
             for s in samples:
                 eng.cache.clear()
