@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
             runs[name].append(statistics.median(tpot))
     res = {"model": model, "routing": routing, "machine": f"CPU, {os.cpu_count()} cores, torch threads "
            f"{torch.get_num_threads()}", "load_before": load_before, "load_after": list(os.getloadavg()),
-           "budget": args.budget, "formats": {k: e.layout.spec() for k, e in engines.items()}, "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
+           "budget": args.budget, "formats": {k: e.layout.spec() for k, e in engines.items()},
+           "requests": args.limit, "reps": args.reps, "new_tokens": args.new_tokens,
            "ignore_eos": args.ignore_eos,
            "cpu_kernels": {k: e.runtime.cpu.executor.kernel_key for k, e in engines.items() if e.runtime.cpu},
            "first_request_s": first_s,
