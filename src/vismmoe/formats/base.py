@@ -48,6 +48,8 @@ def cdiv(a: int, b: int) -> int:
 class ExpertFormat(Protocol):
     name: str                   # registry name ("dense", "fp8", "int4")
     kernel: int                 # variant id of moe_kernel's Triton kernels (-1: none, the CPU only: bf16)
+    plain: bool                 # the blob is the weights themselves in pool_dtype (gate_up | down, no scales):
+                                # scanned as they are for NaN/Inf, read by the native kernel as float rows
     hidden: int                 # H
     inter: int                  # I (an expert narrower than I is zero-padded: ERNIE's vision bank)
     dtype: torch.dtype          # activation / compute dtype (dense weights are stored in it)

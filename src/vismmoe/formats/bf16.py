@@ -29,6 +29,7 @@ from .dense import DenseFormat
 class Bf16Format:
     name = "bf16"
     kernel = -1                 # no Triton variant: CUDA runs a bf16 model's experts as the dense format
+    plain = True                # the dense layout, in bfloat16
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype | None, **knobs):
         no_more_knobs(self.name, knobs)

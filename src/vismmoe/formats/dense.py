@@ -19,6 +19,7 @@ from .base import ALIGN_BYTES, no_more_knobs, pad_experts, register
 class DenseFormat:
     name = "dense"
     kernel = 0
+    plain = True
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):
         no_more_knobs(self.name, knobs)

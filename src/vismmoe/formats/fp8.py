@@ -53,6 +53,7 @@ def block_dequantize(q: torch.Tensor, scale: torch.Tensor, block: int, dtype: to
 class Fp8Format:
     name = "fp8"
     kernel = 1
+    plain = False
     pool_dtype = torch.uint8
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):

@@ -82,6 +82,7 @@ def group_quantize(w: torch.Tensor, group: int, sym: bool) -> tuple[torch.Tensor
 class Int4Format:
     name = "int4"
     kernel = 2
+    plain = False
     pool_dtype = torch.uint8
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, **knobs):

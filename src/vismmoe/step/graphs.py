@@ -120,7 +120,7 @@ class LayerExperts:
         blobs = torch.where((slots >= 0)[:, None], self.pool[slots.clamp(min=0)], missing)
         out = self.reference(blobs, hidden, top_k_index, top_k_weights, n)
         land = self.landing
-        if land is not None and land["slots"]:              # what the kernels' landing writes (dense formats)
+        if land is not None and land["slots"]:              # what the kernels' landing writes, on the host
             moe_kernel.land_on_host(self.pool, self.bank, flat.numpy(), lambda e: int(self.slots[e]) < 0,
                                     int(self.pos), land["slots"], land["owners"], land["taken"])
         return out

@@ -71,7 +71,7 @@ def params(layout) -> VmLayout | None:
 def _params(layout) -> VmLayout | None:
     H, I = layout.hidden, layout.inter
     name = getattr(layout, "name", None)
-    if name in ("dense", "bf16"):           # bf16: dense rows in bfloat16 for a float32 model (formats/bf16.py)
+    if getattr(layout, "plain", False):     # the weights as they are: float32 or bfloat16 rows
         fmt = {torch.float32: F32, torch.bfloat16: BF16}.get(layout.pool_dtype)
         if fmt is None:
             return None
