@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .kernel_profile import kernel_times
 from .random_model import random_engine, synthetic_inputs, synthetic_text_inputs
 from .shapes import get_shape
 from .step_ceiling import hbm_gbps, step_bytes
@@ -32,7 +33,7 @@ SHAPES = ("qwen3-vl-30b-a3b", "qwen3-30b-a3b", "qwen3.5-35b-a3b", "internvl3.5-3
 
 
 def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int, reps: int, hbm: float,
-         say) -> dict:
+         say, kernels: int = 0) -> dict:
     from ..step.fast_step import unsupported_reason
     from ..families import get_family
     fam, config = get_shape(shape, layers)
@@ -72,6 +73,11 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
         row["fast_over_eager"] = row["eager_tpot_ms"] / row["fast_tpot_ms"]
         row["fast_over_roofline"] = row["fast_tpot_ms"] / row["roofline_ms"]
         row["same_tokens"] = toks["fast"] == toks["eager"]
+        if kernels:                                   # where the fast step's device time goes, kernel by kernel
+            ks = kernel_times(base, inputs, teacher, max(1, min(16, new_tokens // 2)))
+            row["kernel_us_per_token"] = sum(k["us"] for k in ks)
+            row["kernel_launches_per_token"] = sum(k["calls"] for k in ks)
+            row["kernels"] = ks[:kernels]
     say(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     del base, eager, systems
     gc.collect()
@@ -90,6 +96,12 @@ def _table(res: dict) -> str:
         lines.append(f"| {r['shape']} | {r['family']} | {f('eager_tpot_ms')} | {f('fast_tpot_ms')} | "
                      f"{f('fast_over_eager', 1)} | {f('roofline_ms', 3)} | {f('fast_over_roofline', 2)} | "
                      f"{r.get('same_tokens', '')} | {r.get('fast_refused', r.get('error', ''))} |")
+    for r in res["rows"]:
+        if r.get("kernels"):
+            lines += ["", f"{r['shape']}: the fast step's kernels, {r['kernel_us_per_token']:.0f} us and "
+                      f"{r['kernel_launches_per_token']:.0f} launches a token on the device (torch profiler)", "",
+                      "| kernel | launches / token | us / token |", "|---|---|---|"]
+            lines += [f"| `{k['kernel'][:90]}` | {k['calls']:.1f} | {k['us']:.1f} |" for k in r["kernels"]]
     return "\n".join(lines) + "\n"
 
 
@@ -101,10 +113,14 @@ def main(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=256, help="prompt length of text-only families")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--kernels", type=int, default=0, metavar="N",
+                    help="also profile each fast step kernel by kernel and keep its N slowest kernels (0: off)")
     ap.add_argument("--out", default="runs/families")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
+    if args.kernels < 0:
+        ap.error(f"--kernels takes a count of kernels to keep, 0 or more (got {args.kernels})")
     os.makedirs(args.out, exist_ok=True)
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     hbm = hbm_gbps(torch.device("cuda"))
@@ -116,7 +132,7 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         try:
             res["rows"].append(_one(shape, args.layers, args.side, args.prompt_tokens, args.new_tokens, args.reps,
-                                    hbm, say))
+                                    hbm, say, args.kernels))
         except Exception as e:          # one shape failing must not lose the others
             say(f"{shape}: {type(e).__name__}: {e}")
             res["rows"].append({"shape": shape, "family": get_shape(shape)[0],

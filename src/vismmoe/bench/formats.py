@@ -34,6 +34,7 @@ import torch
 
 from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses, prefill_calls
+from .kernel_profile import kernel_times
 from .offload_gpu import link_speed
 from .random_model import random_engine, synthetic_inputs
 from .shapes import get_shape
@@ -42,27 +43,11 @@ from .step_ceiling import hbm_gbps, kernel_sweep, step_bytes
 KERNELS = ("_gate_up_kernel", "_down_kernel")
 
 
-@torch.inference_mode()
 def expert_kernel_ms(eng, inputs, teacher, tokens: int = 16) -> tuple[float, float]:
     """(expert kernels' device ms per token, all kernels' device ms per token) over `tokens` fast decode steps."""
-    from torch.profiler import ProfilerActivity, profile
-    fs = eng.fast_step()
-    eng.generate_ids(inputs, 2 * tokens, teacher_tokens=teacher)
-    T = inputs["input_ids"].shape[1]
-    b = fs.sg.bucket(1, T + 2 * tokens)
-    b.pos.fill_(T)
-    b.mask[:, T:] = False
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fs.decode(b, tokens, teacher[:tokens])
-        torch.cuda.synchronize()
-    ex = tot = 0.0
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0) / 1e3
-        tot += t
-        if any(k in e.key for k in KERNELS):
-            ex += t
-    return ex / tokens, tot / tokens
+    rows = kernel_times(eng, inputs, teacher, tokens)
+    ex = sum(r["us"] for r in rows if any(k in r["kernel"] for k in KERNELS))
+    return ex / 1e3, sum(r["us"] for r in rows) / 1e3
 
 
 def belady(eng, inputs, teacher, new: int, slots: int) -> dict:
