@@ -9,6 +9,9 @@ ms/token).
     python scripts/native_ab.py policy [--budget 25%] [--reps 6] [--out FILE.json]
         the predictive policy told a step's layer calls in one go (`on_calls`, vectorised: the default) against
         call by call (on_layer and on_use per layer)
+    python scripts/native_ab.py decoder --old DIR [--budget 25%] [--reps 8] [--out FILE.json]
+        the step body built from this tree's decoder.c against one built from DIR/decoder.c (with the experts.c
+        beside it: a copy of an older version); the LRU policy, one engine, each variant with its own TeamSize
 """
 
 import argparse
@@ -39,6 +42,22 @@ def _team(budget: str) -> dict:
     return {name: (eng, use(t)) for name, t in teams.items()}
 
 
+def _decoder(budget: str, old: str) -> dict:
+    from vismmoe.cpu.native import build
+    eng = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on", policy="lru",
+               prefetch="none")
+    nat = native_decoder.native_decoder(eng)
+    libs = {"old": native_decoder._Lib(build(os.path.join(old, "decoder.c"))), "new": nat.lib}
+    teams = {k: native_decoder.TeamSize() for k in libs}
+
+    def use(name):                      # this variant's library and its own team rule, on the one engine
+        def run(req):
+            nat.lib, nat.team = libs[name], teams[name]
+            eng.generate_requests([req])
+        return run
+    return {name: (eng, use(name)) for name in libs}
+
+
 def _policy(budget: str) -> dict:
     base = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on",
                 policy="predictive", prefetch="none")
@@ -50,14 +69,18 @@ def _policy(budget: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("team", "policy"))
+    ap.add_argument("what", choices=("team", "policy", "decoder"))
+    ap.add_argument("--old", default=None, help="decoder: the folder of the older decoder.c and experts.c")
     ap.add_argument("--budget", default=None, help="default: 100%% (team), 25%% (policy)")
     ap.add_argument("--reps", type=int, default=None, help="default: 8 (team), 6 (policy)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.what == "decoder" and not (args.old and os.path.isfile(os.path.join(args.old, "decoder.c"))):
+        ap.error("decoder: --old DIR must hold the older decoder.c (and the experts.c it includes)")
     budget = args.budget or ("100%" if args.what == "team" else "25%")
-    reps = args.reps or (8 if args.what == "team" else 6)
-    variants = (_team if args.what == "team" else _policy)(budget)
+    reps = args.reps or (6 if args.what == "policy" else 8)
+    variants = _decoder(budget, args.old) if args.what == "decoder" else \
+        (_team if args.what == "team" else _policy)(budget)
     samples = balanced_subset("test", 6)
     tpot = {k: [] for k in variants}
     load_before = list(os.getloadavg())

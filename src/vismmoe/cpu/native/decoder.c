@@ -16,14 +16,17 @@
  * only summation orders differ. The matrices (float32, or bf16 where the caller found every value a bf16) are read
  * by the expert kernel's row tiles (experts.c, included below: one library).
  *
- * Threads: the whole step runs on one team of this library's own threads (a pool of pthreads, not OpenMP): they
- * share each matrix's output rows, each layer's (row, KV head) attention pairs and the experts (experts.c's
- * experts_team), and meet at barriers in between (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's
- * other work has descheduled gets its core back; the Python side then asks for one thread: TeamSize); the few
- * serial parts (top-k, grouping, argmax) run on one thread.
- * Between steps the pool's threads spin a little (SPIN_NS), then sleep. A team started and joined per matrix, or
- * OpenMP threads that fall asleep at each barrier (its default when the process has more threads than cores, as a
- * torch process does), cost more than a small model's whole matrix.
+ * Threads: the whole step runs on one team: they share each matrix's output rows, each layer's (row, KV head)
+ * attention pairs and the experts (experts.c's experts_team), and meet at this library's barriers in between
+ * (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's other work has descheduled gets its core back;
+ * the Python side then asks for one thread: TeamSize); the few serial parts (top-k, grouping, argmax) run on one
+ * thread. The team is one parallel region of the process's OpenMP runtime (built with OpenMP, as the build first
+ * tries): torch's runtime, whose threads spin for a while after each of torch's parallel regions (a prefill's last
+ * operator, the step's own books). A separate pool beside them made three or more threads want two cores after
+ * every prefill: a step then waited milliseconds at a barrier for a descheduled peer (one step in 25 on the 2-core
+ * machine, twice the decode's time a token). Built without OpenMP, the team is a pool of this library's pthreads,
+ * which spin a little between steps (SPIN_NS), then sleep. OpenMP's own barrier is not used: its threads fall asleep
+ * at each one when the process has more threads than cores, which costs more than a small model's whole matrix.
  * Entry points return 0, or a negative number: -1 for arguments they refuse (nothing written), -2 for a step that
  * routed to an expert with no blob (vm_decode says what it wrote).
  */
@@ -141,6 +144,28 @@ static void spin_barrier(vm_team *T) {
     }
 }
 
+#ifdef _OPENMP
+/* fn(T, ctx) on a team of `nt` threads of the process's OpenMP runtime (the one torch runs on: its threads, still
+ * spinning after torch's last parallel region, take the step at once instead of competing with a pool of this
+ * library for the cores); the barriers inside are this library's (spin_barrier). Returns 0. */
+static int run_team(int nt, team_fn fn, void *ctx) {
+    pthread_mutex_lock(&pool.call);
+    atomic_store(&pool.bar_count, 0);
+    const long sense = atomic_load(&pool.bar_sense);
+    if (nt <= 1) {
+        vm_team T = {0, 1, spin_barrier, NULL, (int)sense};
+        fn(&T, ctx);
+    } else {
+#pragma omp parallel num_threads(nt)
+        {
+            vm_team T = {omp_get_thread_num(), omp_get_num_threads(), spin_barrier, NULL, (int)sense};
+            fn(&T, ctx);
+        }
+    }
+    pthread_mutex_unlock(&pool.call);
+    return 0;
+}
+#else
 static void *helper(void *arg) {
     const int tid = (int)(intptr_t)arg;
     long seen = pool.born[tid];
@@ -209,6 +234,7 @@ static int run_team(int nt, team_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool.call);
     return rc;
 }
+#endif
 
 /* ---- the step's pieces ----------------------------------------------------------------------------------------- */
 /* sum of a[i] * b[i], VL lanes at a time (then the lanes, then the tail) */

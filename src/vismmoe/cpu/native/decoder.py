@@ -192,10 +192,10 @@ class TeamSize:
     - the first EARLY steps after a pause between steps (a prefill, any torch work: a gap of PAUSE_S or more, and
       PAUSE_TIMES the median of the last 16 gaps between steps, so a model whose books take long between every two
       steps has no pauses) are judged apart, each by the mean of its last EARLY_WINDOW steps, the slower choice
-      probed every EARLY_PROBE steps of that phase. torch's OpenMP threads keep spinning for a while
-      after their last parallel region (libgomp's default), so on a machine with no more cores than threads a team
-      right after a prefill often waits milliseconds for a core: 2-core machine, bundled model, two threads gave
-      steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one (docs/cpu-experts.md);
+      probed every EARLY_PROBE steps of that phase. A team's first steps after a pause read weights the
+      pause evicted from the caches, and (a library built without OpenMP, whose pool runs beside torch's spinning
+      OpenMP threads: decoder.c) may wait milliseconds for a core: 2-core machine, bundled model, that pool's two
+      threads gave steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one (docs/cpu-experts.md);
     - the steps after those by the fastest of its last WINDOW: a step the machine's other work slowed must not
       decide.
 
