@@ -108,14 +108,24 @@ def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, ima
     assert stats["misses"] > base.cache.num_slots
 
 
-def test_native_step_threads_change_no_bit(bundled_engine, tmp_path, monkeypatch):
+@pytest.mark.parametrize("build", ["openmp", "pthreads"])
+def test_native_step_threads_change_no_bit(build, bundled_engine, tmp_path, monkeypatch):
     """Each output row, attention pair and expert row is one thread's: every step run by one thread, then by teams
-    of 2, 3 and 2 threads in turn (the pool's helpers joining and sitting out pieces), gives the same bits (the
-    bundled model: enough work for a team)."""
+    of 2, 3 and 2 threads in turn (the helpers joining and sitting out pieces), gives the same bits (the bundled
+    model: enough work for a team). Both teams decoder.c can run on: an OpenMP parallel region (the build's first
+    choice) and, built without OpenMP, the library's own pthread pool."""
     monkeypatch.setenv("VISMMOE_CACHE", str(tmp_path))
+    from vismmoe.cpu.native import build as build_library
     from vismmoe.data.scenes import balanced_subset
     eng = bundled_engine.fork(decode="native")
     nd = native_decoder.native_decoder(eng)
+    if build == "pthreads":
+        path = build_library(native_decoder.DECODER_SOURCE, str(tmp_path / "pthreads"),
+                             flag_sets=(("-O3", "-march=native"), ("-O3",)))
+        monkeypatch.setattr(nd, "lib", native_decoder._Lib(path))
+        assert not nd.lib.lib.vm_info() & 1, "built without OpenMP"
+    else:
+        assert nd.lib.lib.vm_info() & 1, "the default build has OpenMP"
     run, seen, teams = nd.run, [], iter([2, 3, 2] * NEW)
     monkeypatch.setattr(nd.team, "pick", lambda rows, threads: threads)      # exactly the count asked for
     before = torch.get_num_threads()
