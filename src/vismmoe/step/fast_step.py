@@ -63,6 +63,8 @@ class FastStep:
         self.layer_pos = {l: i for i, l in enumerate(self.moe_layers)}
         self.store_pos = [geo.moe_layers.index(l) for l in self.moe_layers]   # row of each in the expert store
         self.E, self.K = geo.num_experts, geo.top_k
+        self._rows = np.arange(len(self.moe_layers), dtype=np.int64)[:, None]    # [moe layers, 1]: p
+        self._rows_e = self._rows * self.E                                       # p * E: (p, e) as one key
         L = len(self.moe_layers)
         self.slot_map = np.full((L, self.E), -1, dtype=np.int32)       # slot the graph may read, else -1
         self.slot_t = torch.from_numpy(self.slot_map)                   # the CPU step reads it directly
@@ -313,15 +315,15 @@ class FastStep:
         fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
         if self.disk is not None:
             self._rerun_disk_misses(b, fl, real)
-        miss = np.take_along_axis(fl.used, fl.idx, axis=1) < 0                      # read over the link
+        miss = fl.used[self._rows, fl.idx] < 0                                      # read over the link
         self._missed = bool(miss.any())
         if self.split is not None:
-            distinct = np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size     # distinct (layer, expert)
+            distinct = np.unique((fl.idx + self._rows_e)[miss]).size                   # distinct (layer, expert)
             self.split.after(fl, fl.dev_s, self._clean_s.get(b.rows), int(distinct), b.rows)
         cpu = self.runtime.cpu
         if self.native is not None and cpu is not None and self._missed:     # read in place: computed on the CPU
             fl.cpu_pairs = miss.copy()
-            cpu.experts += int(np.unique(np.nonzero(miss)[0] * self.E + fl.idx[miss]).size)
+            cpu.experts += int(np.unique((fl.idx + self._rows_e)[miss]).size)
             cpu.pairs += int(miss.sum())
         behind = None
         if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
@@ -419,21 +421,22 @@ class FastStep:
         B = fl.idx.shape[1] // self.K
         for s in steppers:
             s.begin_step("decode", None, B)
-        calls = []                              # (layer, its resident experts the step read): the policy's in one go
-        for p, layer in enumerate(self.moe_layers):
+        for p, layer in enumerate(self.moe_layers) if observers else ():
             for o in observers:
                 o.observe(layer, None, torch.from_numpy(fl.idx[p].reshape(B, self.K)),
                           torch.from_numpy(fl.w[p].reshape(B, self.K)))
-            c = cache.counters.layer(layer)
-            hits = []
-            for e in np.unique(fl.idx[p]).tolist():
-                if fl.used[p, e] < 0:
-                    continue
-                if cache.resident((layer, e)):
-                    hits.append(e)
-                else:                           # evicted since, by a miss of the same step (the smallest budgets)
-                    c.hits += 1
-            calls.append((layer, hits))
+        # the distinct (layer, expert) pairs the step read from a slot, in layer then expert order, in one go
+        pairs = np.unique(fl.idx + self._rows_e)
+        ps, es = np.divmod(pairs, self.E)
+        read = fl.used[ps, es] >= 0
+        hits = [[] for _ in self.moe_layers]    # per layer: its resident experts the step read
+        for p, e in zip(ps[read].tolist(), es[read].tolist()):
+            layer = self.moe_layers[p]
+            if cache.resident((layer, e)):
+                hits[p].append(e)
+            else:                               # evicted since, by a miss of the same step (the smallest budgets)
+                cache.counters.layer(layer).hits += 1
+        calls = list(zip(self.moe_layers, hits))
         cache.policy.on_calls(calls)            # on_layer, then on_use of each hit, layer by layer
         for layer, hits in calls:
             for e in hits:
