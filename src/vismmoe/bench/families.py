@@ -80,9 +80,16 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
             row["kernels"] = ks[:kernels]
     say(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
     del base, eager, systems
+    _free()
+    return row
+
+
+def _free() -> None:
+    """Give back a shape's device memory before the next: torch.compile's caches hold the compiled layers (and
+    through them the model) until reset."""
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
-    return row
 
 
 def _table(res: dict) -> str:
@@ -137,8 +144,7 @@ def main(argv=None):
             say(f"{shape}: {type(e).__name__}: {e}")
             res["rows"].append({"shape": shape, "family": get_shape(shape)[0],
                                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-            gc.collect()
-            torch.cuda.empty_cache()
+            _free()
         with open(os.path.join(args.out, "families.json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(os.path.join(args.out, "families.md"), "w") as f:
