@@ -78,12 +78,10 @@ class ExpertCache:
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
 
-    def touch(self, key: Key, hit: bool = True, policy: bool = True) -> int:
-        """A use of a resident expert: the policy hears of it (`policy=False`: the caller has told it, as
-        `on_calls` does for a decode step); returns the slot. `hit=False`: the use did not read the slot (its copy
-        had not landed), so it is not counted as a hit."""
-        if policy:
-            self.policy.on_use(key)
+    def touch(self, key: Key, hit: bool = True) -> int:
+        """A use of a resident expert: the policy hears of it; returns the slot. `hit=False`: the use did not read
+        the slot (its copy had not landed), so it is not counted as a hit."""
+        self.policy.on_use(key)
         c = self.counters.layer(key[0])
         c.hits += hit
         slot = self.slot_of[key]
@@ -91,6 +89,18 @@ class ExpertCache:
             self.prefetched[slot] = False
             c.prefetch_hits += 1
         return slot
+
+    def touch_layer(self, layer: int, experts: list[int]) -> None:
+        """A decode step's uses of MoE layer `layer`'s resident `experts` (distinct), of which the step has told
+        the policy itself (`EvictionPolicy.on_calls`): each a hit, a prefetched one's first use a prefetch hit."""
+        c = self.counters.layer(layer)
+        c.hits += len(experts)
+        slot_of, prefetched = self.slot_of, self.prefetched
+        for e in experts:
+            slot = slot_of[(layer, e)]
+            if prefetched[slot]:
+                prefetched[slot] = False
+                c.prefetch_hits += 1
 
     def _take(self, key: Key, pinned, prefetch: bool = False) -> int:
         if self._free:

@@ -308,11 +308,8 @@ class FastStep:
             fl.dev_s = fl.ev0.elapsed_time(fl.ev1) / 1e3
         else:
             fl.dev_s = time.perf_counter() - fl.t0
-        nL = len(self.moe_layers)
         real = b.rows * self.K                                  # padding rows repeat row 0: not booked
-        fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1)[:, :real].copy()  # [nL, B*K]
-        fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
-        fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
+        self._routing(b, fl, real)
         if self.disk is not None:
             self._rerun_disk_misses(b, fl, real)
         miss = fl.used[self._rows, fl.idx] < 0                                      # read over the link
@@ -338,10 +335,17 @@ class FastStep:
             self.lookahead.after_step(b, fl, demand)
         return fl
 
+    def _routing(self, b: Bucket, fl: _InFlight, real: int) -> None:
+        """The finished step's routing and tokens from the bucket's host copies: `fl.idx`, `fl.w` [moe layers,
+        real] (the first `real` = rows x K), `fl.ids` (a token per row)."""
+        nL = len(self.moe_layers)
+        fl.idx = b.out_np["route_idx"].reshape(nL, -1)[:, :real].copy()
+        fl.w = b.out_np["route_w"].reshape(nL, -1)[:, :real].copy()
+        fl.ids = b.out_np["ids"].reshape(-1)[:b.rows].tolist()
+
     def _rerun_disk_misses(self, b: Bucket, fl: _InFlight, real: int) -> None:
         """Disk tier: while the step routed to an expert it could not read, stage (fast_disk.DiskMisses.stage)
         and run the step again from its snapshot; `fl` ends with the routing and tokens of the exact run."""
-        nL = len(self.moe_layers)
         t0 = time.perf_counter()
         while True:
             todo = self.disk.unreadable(fl.used, fl.idx)
@@ -357,9 +361,7 @@ class FastStep:
             self.sg.run(b, self.graphs)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-            fl.idx = b.out_host["route_idx"].numpy().reshape(nL, -1)[:, :real].copy()
-            fl.w = b.out_host["route_w"].numpy().reshape(nL, -1)[:, :real].copy()
-            fl.ids = b.out_host["ids"].view(-1)[:b.rows].tolist()
+            self._routing(b, fl, real)
 
     def _claim(self, fl: _InFlight, miss: np.ndarray, behind: bool = False) -> int:
         """The step's misses counted, charged to the link and claimed; the bytes of the copies queued.
@@ -430,17 +432,17 @@ class FastStep:
         ps, es = np.divmod(pairs, self.E)
         read = fl.used[ps, es] >= 0
         hits = [[] for _ in self.moe_layers]    # per layer: its resident experts the step read
+        layers, slot_of = self.moe_layers, cache.slot_of
         for p, e in zip(ps[read].tolist(), es[read].tolist()):
-            layer = self.moe_layers[p]
-            if cache.resident((layer, e)):
+            if (layers[p], e) in slot_of:
                 hits[p].append(e)
             else:                               # evicted since, by a miss of the same step (the smallest budgets)
-                cache.counters.layer(layer).hits += 1
-        calls = list(zip(self.moe_layers, hits))
+                cache.counters.layer(layers[p]).hits += 1
+        calls = list(zip(layers, hits))
         cache.policy.on_calls(calls)            # on_layer, then on_use of each hit, layer by layer
-        for layer, hits in calls:
-            for e in hits:
-                cache.touch((layer, e), policy=False)
+        for layer, experts in calls:
+            if experts:
+                cache.touch_layer(layer, experts)
         first = cache.counters.layer(self.moe_layers[0])
         if fl.stall_s:
             first.stall_s += fl.stall_s

@@ -176,6 +176,7 @@ class Bucket:
     route_w: torch.Tensor       # [moe layers, B*K] float32
     route_h: torch.Tensor       # [moe layers, B, H]: each MoE layer's input of the last step (device)
     out_host: dict = field(default_factory=dict)    # pinned host copies: ids, route_idx, route_w
+    out_np: dict = field(default_factory=dict)      # numpy views of ids, route_idx, route_w (the step's books)
     live: torch.Tensor = None   # [1] int32: `rows`, on the device (the experts kernels skip rows past it)
     land: torch.Tensor = None   # [3 + 3C + B*K] int64: landing state (moe_kernel; empty: a format without landing)
     graph: object = None
@@ -272,6 +273,8 @@ class StepGraphs:
         for name, t in (("ids", b.ids), ("route_idx", b.route_idx), ("route_w", b.route_w), ("route_h", b.route_h)):
             h = torch.empty(t.shape, dtype=t.dtype)
             b.out_host[name] = h.pin_memory() if self.cuda else h
+            if name != "route_h":
+                b.out_np[name] = b.out_host[name].numpy()
         self.buckets[(B, L)] = b
         return b
 
