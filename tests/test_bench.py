@@ -174,3 +174,32 @@ def test_bench_option_values_are_checked(module, argv, tmp_path, capsys):
     assert mod.main(argv + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and not out.exists()
+
+
+def test_families_bench_runs_a_shape_in_a_process_of_its_own(tmp_path, monkeypatch):
+    """bench.families with several shapes measures each in a child process (a shape's device memory is given back
+    whole before the next) and keeps a row for one whose process wrote no result."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from vismmoe.bench import families
+    seen = []
+
+    def fake_run(cmd, *a, **k):         # the child: a row for the shape it was given, or nothing at all
+        seen.append(cmd)
+        shape, out = cmd[cmd.index("--shapes") + 1], cmd[cmd.index("--out") + 1]
+        if shape == "tiny-qwen3":
+            import os
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "families.json"), "w") as f:
+                json.dump({"hbm_GBps": 1000.0, "rows": [{"shape": shape, "fast_tpot_ms": 1.0}]}, f)
+            return subprocess.CompletedProcess(cmd, 0)
+        return subprocess.CompletedProcess(cmd, 1)
+    monkeypatch.setattr(families.subprocess, "run", fake_run)
+    args = SimpleNamespace(out=str(tmp_path), layers=999, side=448, prompt_tokens=256, new_tokens=32, reps=3,
+                           kernels=0)
+    row, hbm = families._in_child("tiny-qwen3", args)
+    assert row == {"shape": "tiny-qwen3", "fast_tpot_ms": 1.0} and hbm == 1000.0
+    row, hbm = families._in_child("tiny-gemma4", args)
+    assert hbm is None and row["shape"] == "tiny-gemma4" and "status 1" in row["error"]
+    assert all(c[1:3] == ["-m", "vismmoe.bench.families"] and c[c.index("--layers") + 1] == "999" for c in seen)

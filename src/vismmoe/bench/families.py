@@ -1,9 +1,10 @@
-"""Every family's published shape on the fast decode step against its eager step and the HBM roofline, in ONE process:
+"""Every family's published shape on the fast decode step against its eager step and the HBM roofline:
 
     python -m vismmoe.bench.families --layers 8 --out DIR
 
-For each shape in --shapes (default: one published shape per family), random weights, cut to --layers decoder layers
-(the per-layer step is what is compared; the roofline counts the same layers): every expert resident, one request (a
+For each shape in --shapes (default: one published shape per family; several: each in a process of its own, so one
+shape's device memory never limits the next), random weights, cut to --layers decoder layers (--layers 999: all of
+them; the per-layer step is what is compared; the roofline counts the same layers): every expert resident, one request (a
 --side px image and 24 text tokens; text-only families: --prompt-tokens random ids), --new-tokens teacher-forced
 random tokens, decode ms/token of the fast step (static KV, compiled layers, one CUDA graph a token) and of the eager
 step (transformers' forward per token) on the same slot pool, interleaved, medians over --reps; the roofline is the
@@ -14,10 +15,10 @@ A family the fast step refuses gets a row saying why. Writes families.json and f
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -79,17 +80,25 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
             row["kernel_launches_per_token"] = sum(k["calls"] for k in ks)
             row["kernels"] = ks[:kernels]
     say(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
-    del base, eager, systems
-    _free()
     return row
 
 
-def _free() -> None:
-    """Give back a shape's device memory before the next: torch.compile's caches hold the compiled layers (and
-    through them the model) until reset."""
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
+def _in_child(shape: str, args) -> tuple[dict, float | None]:
+    """One shape measured in a process of its own: (its row, the HBM rate that process measured). In one process
+    the next full-size shape ran out of device memory with the previous one's 61 GiB still allocated (gc, emptying
+    torch's cache and resetting torch.compile's did not give it back), and a process gives everything back."""
+    sub = os.path.join(args.out, "shapes", shape)
+    cmd = [sys.executable, "-m", "vismmoe.bench.families", "--shapes", shape, "--layers", str(args.layers),
+           "--side", str(args.side), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--reps", str(args.reps), "--kernels", str(args.kernels), "--out", sub]
+    rc = subprocess.run(cmd).returncode
+    try:
+        with open(os.path.join(sub, "families.json")) as f:
+            child = json.load(f)
+        return child["rows"][0], child["hbm_GBps"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return {"shape": shape, "family": get_shape(shape)[0],
+                "error": f"its process ended with status {rc} and wrote no result"}, None
 
 
 def _table(res: dict) -> str:
@@ -130,21 +139,27 @@ def main(argv=None):
         ap.error(f"--kernels takes a count of kernels to keep, 0 or more (got {args.kernels})")
     os.makedirs(args.out, exist_ok=True)
     say = lambda *a: print(*a, flush=True)  # noqa: E731
-    hbm = hbm_gbps(torch.device("cuda"))
+    shapes = args.shapes.split(",")
+    hbm = hbm_gbps(torch.device("cuda")) if len(shapes) == 1 else None     # several: each child measures its own
     res = {"machine": torch.cuda.get_device_name(), "routing": "random weights", "layers": args.layers,
            "new_tokens": args.new_tokens, "reps": args.reps, "side": args.side, "hbm_GBps": hbm,
            "date": time.strftime("%Y-%m-%d"), "rows": [],
            "command": "python -m vismmoe.bench.families " + " ".join(argv if argv is not None else sys.argv[1:])}
-    say(f"HBM {hbm:.0f} GB/s")
-    for shape in args.shapes.split(","):
+    if hbm is not None:
+        say(f"HBM {hbm:.0f} GB/s")
+    for shape in shapes:
+        if len(shapes) > 1:             # one process a shape (_in_child)
+            row, child_hbm = _in_child(shape, args)
+            res["rows"].append(row)
+            res["hbm_GBps"] = res["hbm_GBps"] or child_hbm
+            continue
         try:
             res["rows"].append(_one(shape, args.layers, args.side, args.prompt_tokens, args.new_tokens, args.reps,
                                     hbm, say, args.kernels))
-        except Exception as e:          # one shape failing must not lose the others
+        except Exception as e:          # reported in the row (and by the parent, when this is a child)
             say(f"{shape}: {type(e).__name__}: {e}")
             res["rows"].append({"shape": shape, "family": get_shape(shape)[0],
                                 "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-            _free()
         with open(os.path.join(args.out, "families.json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(os.path.join(args.out, "families.md"), "w") as f:
