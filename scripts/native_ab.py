@@ -71,8 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=("team", "policy", "decoder"))
     ap.add_argument("--old", default=None, help="decoder: the folder of the older decoder.c and experts.c")
-    ap.add_argument("--budget", default=None, help="default: 100%% (team), 25%% (policy)")
-    ap.add_argument("--reps", type=int, default=None, help="default: 8 (team), 6 (policy)")
+    ap.add_argument("--budget", default=None, help="default: 100%% (team), 25%% (policy, decoder)")
+    ap.add_argument("--reps", type=int, default=None, help="default: 8 (team, decoder), 6 (policy)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.what == "decoder" and not (args.old and os.path.isfile(os.path.join(args.old, "decoder.c"))):
