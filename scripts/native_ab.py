@@ -4,8 +4,9 @@ request, the variants taking turns at going first; prints one JSON line (medians
 ms/token).
 
     python scripts/native_ab.py team [--budget 100%] [--reps 8] [--out FILE.json]
-        TeamSize judging the first steps after a pause (a prefill) apart, by their mean (EARLY = 3, the default),
-        against judging every step alike by its fastest (EARLY = 0); the LRU policy
+        TeamSize as the OpenMP team has it (every step judged alike by its fastest, the slower team probed every 256
+        steps), as the pthread pool had it (the first 3 steps after a pause judged apart, probes every 32), and two
+        threads always; the LRU policy, the variants taking turns at going first
     python scripts/native_ab.py policy [--budget 25%] [--reps 6] [--out FILE.json]
         the predictive policy told a step's layer calls in one go (`on_calls`, vectorised: the default) against
         call by call (on_layer and on_use per layer)
@@ -27,12 +28,27 @@ from vismmoe.engine.request import GenerationRequest
 from vismmoe.offload.policies import _Base
 
 
+class _Always:
+    """A team rule that always asks for `n` threads (at most torch's count)."""
+
+    def __init__(self, n: int):
+        self.n, self.phase = n, 0
+
+    def pick(self, rows: int, threads: int) -> int:
+        return min(self.n, threads)
+
+    def observe(self, rows: int, threads: int, seconds: float) -> None:
+        pass
+
+
 def _team(budget: str) -> dict:
     eng = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on", policy="lru",
                prefetch="none")
     nat = native_decoder.native_decoder(eng)
-    teams = {"EARLY=0": native_decoder.TeamSize(), "EARLY=3": native_decoder.TeamSize()}
-    teams["EARLY=0"].EARLY = 0
+    before = native_decoder.TeamSize(early=3)
+    before.PROBE = 32
+    teams = {"early 0, probe 256 (now)": native_decoder.TeamSize(early=0), "early 3, probe 32": before,
+             "2 threads always": _Always(2)}
 
     def use(team):                      # the team rule of this variant, on the one engine
         def run(req):
@@ -86,7 +102,7 @@ def main() -> None:
     load_before = list(os.getloadavg())
     names = list(variants)
     for rep in range(reps):
-        for name in (names if rep % 2 == 0 else names[::-1]):       # which goes first alternates
+        for name in names[rep % len(names):] + names[:rep % len(names)]:     # which goes first turns
             eng, run = variants[name]
             eng.eos_ids = set()             # decode past the bundled model's one- or two-token answers
             for s in samples:

@@ -126,6 +126,7 @@ def test_native_step_threads_change_no_bit(build, bundled_engine, tmp_path, monk
         assert not nd.lib.lib.vm_info() & 1, "built without OpenMP"
     else:
         assert nd.lib.lib.vm_info() & 1, "the default build has OpenMP"
+        assert nd.team.early == 0, "an OpenMP team judges every step alike (no early phase)"
     run, seen, teams = nd.run, [], iter([2, 3, 2] * NEW)
     monkeypatch.setattr(nd.team, "pick", lambda rows, threads: threads)      # exactly the count asked for
     before = torch.get_num_threads()

@@ -189,31 +189,33 @@ class TeamSize:
     this process (a machine whose other work takes a core makes a team wait at every barrier: 2-core machine, one
     core kept busy, 11 ms a step with two threads). Each choice is judged per batch size and per phase:
 
-    - the first EARLY steps after a pause between steps (a prefill, any torch work: a gap of PAUSE_S or more, and
+    - the first `early` steps after a pause between steps (a prefill, any torch work: a gap of PAUSE_S or more, and
       PAUSE_TIMES the median of the last 16 gaps between steps, so a model whose books take long between every two
       steps has no pauses) are judged apart, each by the mean of its last EARLY_WINDOW steps, the slower choice
-      probed every EARLY_PROBE steps of that phase. A team's first steps after a pause read weights the
-      pause evicted from the caches, and (a library built without OpenMP, whose pool runs beside torch's spinning
-      OpenMP threads: decoder.c) may wait milliseconds for a core: 2-core machine, bundled model, that pool's two
-      threads gave steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one (docs/cpu-experts.md);
+      probed every EARLY_PROBE steps of that phase. Only a library built without OpenMP needs it (NativeDecoder
+      gives early = EARLY there, 0 otherwise): its pool runs beside torch's OpenMP threads, which spin after a
+      prefill, and may wait milliseconds for a core (2-core machine, bundled model: that pool's two threads gave
+      steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one: docs/cpu-experts.md);
     - the steps after those by the fastest of its last WINDOW: a step the machine's other work slowed must not
       decide.
 
     Both choices are tried EXPLORE times first, then the slower one again every PROBE steps of that phase, so a
-    machine that quiets down gets its team back. The choice changes no bit of the result (each output value is one
-    thread's work: tests/test_native_step.py). `clock`: seconds (time.perf_counter; tests give their own)."""
+    machine that quiets down gets its team back (a probe costs a step on the slower team: every 256th step, about
+    0.4% on an idle machine; every 32nd cost about 3%). The choice changes no bit of the result (each output value
+    is one thread's work: tests/test_native_step.py). `clock`: seconds (time.perf_counter; tests give their own)."""
 
-    PROBE = 32
+    PROBE = 256
     WINDOW = 4
     EXPLORE = 3
-    EARLY = 3                   # steps after a pause judged apart (EARLY = 0: none)
+    EARLY = 3                   # steps after a pause judged apart by default (0: none)
     EARLY_WINDOW = 8
     EARLY_PROBE = 8
     PAUSE_S = 0.002             # a gap between two steps this long (and PAUSE_TIMES the usual) starts them again
     PAUSE_TIMES = 5.0
 
-    def __init__(self, clock=time.perf_counter):
+    def __init__(self, clock=time.perf_counter, early: int | None = None):
         self.clock = clock
+        self.early = self.EARLY if early is None else early
         self.seen: dict[tuple[int, int, int], collections.deque] = {}   # (rows, phase, threads) -> step seconds
         self.picks: dict[tuple[int, int], int] = {}                     # (rows, phase) -> steps picked
         self.since = 0                  # steps since the last pause
@@ -222,6 +224,8 @@ class TeamSize:
         self.phase = 0                  # the phase of the step being picked, for observe
 
     def _phase(self) -> int:
+        if self.early == 0:             # every step one phase
+            return 0
         if self.last is None:
             self.since = 0
         else:
@@ -230,10 +234,10 @@ class TeamSize:
             if gap >= max(self.PAUSE_S, self.PAUSE_TIMES * usual):
                 self.since = 0
             self.gaps.append(gap)
-        return min(self.since, self.EARLY)
+        return min(self.since, self.early)
 
     def _score(self, phase: int, steps) -> float:
-        return min(steps) if phase == self.EARLY else sum(steps) / len(steps)
+        return min(steps) if phase == self.early else sum(steps) / len(steps)
 
     def pick(self, rows: int, threads: int) -> int:
         self.phase = ph = self._phase()
@@ -244,11 +248,11 @@ class TeamSize:
         if min(len(seen[threads]), len(seen[1])) < self.EXPLORE:
             return threads if len(seen[threads]) <= len(seen[1]) else 1
         fast, slow = sorted((threads, 1), key=lambda c: self._score(ph, seen[c]))
-        return slow if n % (self.PROBE if ph == self.EARLY else self.EARLY_PROBE) == 0 else fast
+        return slow if n % (self.PROBE if ph == self.early else self.EARLY_PROBE) == 0 else fast
 
     def observe(self, rows: int, threads: int, seconds: float) -> None:
         """The step just picked (by `pick`) took `seconds` with `threads` threads."""
-        window = self.WINDOW if self.phase == self.EARLY else self.EARLY_WINDOW
+        window = self.WINDOW if self.phase == self.early else self.EARLY_WINDOW
         self.seen.setdefault((rows, self.phase, threads), collections.deque(maxlen=window)).append(seconds)
         self.since += 1
         self.last = self.clock()
@@ -317,7 +321,7 @@ class NativeDecoder:
         self.ex_inter = engine.layout.inter
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}
         self._held: dict[int, tuple] = {}                 # id(bucket) -> (bucket, its layer array)
-        self.team = TeamSize()
+        self.team = TeamSize(early=0 if self.lib.lib.vm_info() & 1 else None)     # OpenMP team: no early phase
 
     def _hold(self, t: torch.Tensor | None, dtype=torch.float32) -> int | None:
         """The address of `t` in `dtype` (a copy when it is not already that, contiguous), kept alive here."""
