@@ -21,7 +21,7 @@ FAMILIES = ("qwen3_vl_moe", "glm4v_moe")      # every runtime test runs on these
 MORE_FAMILIES = ("internvl", "qwen3_5_moe", "deepseek_ocr2", "gemma4", "ernie4_5_vl_moe")
 # text-only families (no vision tower): tests/test_family_exactness.py runs them on text prompts, and
 # tests/test_family_text.py covers what is theirs (image refusals, the fast step, make-shape)
-TEXT_FAMILIES = ("qwen3_moe",)
+TEXT_FAMILIES = ("qwen3_moe", "glm4_moe")
 
 
 class _TinyDirs(dict):

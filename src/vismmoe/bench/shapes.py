@@ -182,6 +182,7 @@ SHAPES = {
     "tiny-gemma4": ("gemma4", lambda: _tiny_of("gemma4")),
     "ernie4.5-vl-28b-a3b": ("ernie4_5_vl_moe", _ernie45_vl_28b),
     "tiny-ernie4.5-vl": ("ernie4_5_vl_moe", lambda: _tiny_of("ernie4_5_vl_moe")),
+    "tiny-glm4-moe": ("glm4_moe", lambda: _tiny_of("glm4_moe")),     # no published GLM-4.5 shape: not checked here
 }
 
 

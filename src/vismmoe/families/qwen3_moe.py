@@ -10,8 +10,8 @@ decoder the VL families are built on (InternVL3.5's text model is this one), wit
   `model.layers.{l}.mlp.gate.weight [E, H]`; `vismmoe make-shape` writes this layout too, so other runtimes that
   load `Qwen3MoeForCausalLM` checkpoints read the very same files.
 - Prompts: Qwen3's chat template renders a message's content only when it is a string (a list of parts becomes
-  ''), so text parts are joined into one string before the template runs. An image (a path, an image part of a
-  chat message) is refused with one line: the model has no vision tower.
+  ''), so text parts are joined into one string before the template runs; an image is refused with one line
+  (families/text_only.py, shared with the other text-only families).
 
 Helpers shared with InternVL (whose text model this is): `moe_geometry` and `tiny_text_config`.
 """
@@ -22,6 +22,7 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from .base import ExpertGeometry, Family, Tokens
 from .rope1d import Rope1D
+from .text_only import TextOnly
 
 # the shape of Qwen3's own template where it matters here: content only when it is a string, ChatML turns
 _TEMPLATE = (
@@ -58,67 +59,18 @@ def tiny_text_config(token_ids: dict[str, int], vocab_size: int, **o) -> dict:
     )
 
 
-class Qwen3MoeFamily(Rope1D, Family):
+class Qwen3MoeFamily(TextOnly, Rope1D, Family):
     linear_topk_routers = True      # Qwen3MoeTopKRouter: top-k of softmax(linear(h)) = top-k of linear(h)
     model_type = "qwen3_moe"
     model_class = Qwen3MoeForCausalLM
-    has_vision = False
     hub_experts = "per_expert"
     hub_config_names = {"num_local_experts": "num_experts"}   # Qwen/Qwen3-30B-A3B's config.json says num_experts
     tokens = Tokens(image="", image_start="", image_end="", eos=("<|im_end|>", "<|endoftext|>"),
                     pad="<|endoftext|>", extra=("<|im_start|>",))
     fallback_format = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
-    # ---- model structure -------------------------------------------------------------------------------------
-    def text_config(self, config):
-        return config
-
     def geometry(self, config) -> ExpertGeometry:
         return moe_geometry(config)
-
-    def language_model(self, model):
-        return model.model
-
-    def expert_prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.experts"
-
-    # ---- inputs: text only -----------------------------------------------------------------------------------
-    def load_image_processor(self, model_dir: str):
-        return None
-
-    def random_image_processor(self, config):
-        return None
-
-    def image_inputs(self, image_processor, images):
-        self.check_images(len(images))
-        return {}, []
-
-    def synthetic_image_block(self, config, n_visual: int) -> list[int]:
-        self.check_images()
-        return []
-
-    def _strings(self, messages: list[dict]) -> list[dict]:
-        """`messages` with each message's text parts joined into one string content; UserError for an image part."""
-        flat = []
-        for m in messages:
-            content = m["content"]
-            if not isinstance(content, str):
-                self.check_images(sum(p["type"] != "text" for p in content))
-                content = "".join(p["text"] for p in content)
-            flat.append({**m, "content": content})
-        return flat
-
-    def chat_ids(self, tokenizer, messages: list[dict], n_visual: list[int]) -> list[int]:
-        """As `Family.chat_ids`, each message's text parts joined first, so a message is tokenized as one string
-        (as the template's own tokenization of string contents does); an image part is refused (UserError)."""
-        return super().chat_ids(tokenizer, self._strings(messages), n_visual)
-
-    def chat_text(self, tokenizer, messages: list[dict]) -> str:
-        """As `Family.chat_text`, with string contents (Qwen3's template renders '' for a list of parts)."""
-        return super().chat_text(tokenizer, self._strings(messages))
-
-    def model_inputs(self, inputs: dict) -> dict:
-        return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
 
     # ---- tiny random models for tests ------------------------------------------------------------------------
     def chat_template(self) -> str:
@@ -126,6 +78,3 @@ class Qwen3MoeFamily(Rope1D, Family):
 
     def tiny_config(self, token_ids: dict[str, int], vocab_size: int, **o) -> Qwen3MoeConfig:
         return Qwen3MoeConfig(**tiny_text_config(token_ids, vocab_size, **o))
-
-    def tiny_image_processor(self, max_side: int = 224):
-        return None
