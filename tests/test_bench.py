@@ -164,10 +164,11 @@ def test_efficiency_above_one_is_refused_and_speedups_say_their_noise():
 @pytest.mark.parametrize("module,argv", [
     ("serve_load", ["--admit-waits", "x"]), ("serve_load", ["--admit-waits", "-5"]),
     ("serve_load", ["--admit-waits", "0,nan"]), ("serve_load", ["--admit-waits", ""]),
-    ("step_ceiling", ["--landing", "maybe"]), ("step_ceiling", ["--landing", "on,of"])])
+    ("step_ceiling", ["--landing", "maybe"]), ("step_ceiling", ["--landing", "on,of"]),
+    ("families", ["--kernels", "-1"])])
 def test_bench_option_values_are_checked(module, argv, tmp_path, capsys):
-    """The benches' comparison options (serve_load --admit-waits, step_ceiling --landing): a bad value is one line
-    and exit 2, before anything is loaded or written."""
+    """The benches' comparison options (serve_load --admit-waits, step_ceiling --landing, families --kernels): a bad
+    value is one line and exit 2, before anything is loaded or written."""
     import importlib
     mod = importlib.import_module(f"vismmoe.bench.{module}")
     out = tmp_path / "out"

@@ -133,10 +133,11 @@ def main(argv=None):
                     help="also profile each fast step kernel by kernel and keep its N slowest kernels (0: off)")
     ap.add_argument("--out", default="runs/families")
     args = ap.parse_args(argv)
+    if args.kernels < 0:
+        print(f"error: --kernels {args.kernels}: give a count of kernels to keep, 0 or more", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
-    if args.kernels < 0:
-        ap.error(f"--kernels takes a count of kernels to keep, 0 or more (got {args.kernels})")
     os.makedirs(args.out, exist_ok=True)
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     shapes = args.shapes.split(",")
@@ -168,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
