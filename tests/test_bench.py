@@ -177,11 +177,12 @@ def test_bench_option_values_are_checked(module, argv, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and not out.exists()
 
 
-def test_families_bench_runs_a_shape_in_a_process_of_its_own(tmp_path, monkeypatch):
+def test_families_bench_runs_a_shape_in_a_process_of_its_own(tmp_path, monkeypatch, capsys):
     """bench.families with several shapes measures each in a child process (a shape's device memory is given back
-    whole before the next) and keeps a row for one whose process wrote no result."""
+    whole before the next), writes both files with every row, keeps a row for a child that wrote none, marks one
+    that ended badly, and never reads back an earlier run's row."""
+    import os
     import subprocess
-    from types import SimpleNamespace
 
     from vismmoe.bench import families
     seen = []
@@ -189,18 +190,23 @@ def test_families_bench_runs_a_shape_in_a_process_of_its_own(tmp_path, monkeypat
     def fake_run(cmd, *a, **k):         # the child: a row for the shape it was given, or nothing at all
         seen.append(cmd)
         shape, out = cmd[cmd.index("--shapes") + 1], cmd[cmd.index("--out") + 1]
-        if shape == "tiny-qwen3":
-            import os
+        if shape in ("tiny-qwen3", "tiny-internvl"):
             os.makedirs(out, exist_ok=True)
             with open(os.path.join(out, "families.json"), "w") as f:
-                json.dump({"hbm_GBps": 1000.0, "rows": [{"shape": shape, "fast_tpot_ms": 1.0}]}, f)
-            return subprocess.CompletedProcess(cmd, 0)
-        return subprocess.CompletedProcess(cmd, 1)
+                json.dump({"rows": [{"shape": shape, "family": "x", "fast_tpot_ms": 1.0, "hbm_GBps": 1000.0}]}, f)
+        return subprocess.CompletedProcess(cmd, 0 if shape == "tiny-qwen3" else 1)
     monkeypatch.setattr(families.subprocess, "run", fake_run)
-    args = SimpleNamespace(out=str(tmp_path), layers=999, side=448, prompt_tokens=256, new_tokens=32, reps=3,
-                           kernels=0)
-    row, hbm = families._in_child("tiny-qwen3", args)
-    assert row == {"shape": "tiny-qwen3", "fast_tpot_ms": 1.0} and hbm == 1000.0
-    row, hbm = families._in_child("tiny-gemma4", args)
-    assert hbm is None and row["shape"] == "tiny-gemma4" and "status 1" in row["error"]
+    monkeypatch.setattr(families.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(families.torch.cuda, "get_device_name", lambda: "a card")
+    stale = tmp_path / "shapes" / "tiny-gemma4"
+    stale.mkdir(parents=True)
+    (stale / "families.json").write_text(json.dumps({"rows": [{"shape": "tiny-gemma4", "old": True}]}))
+    assert families.main(["--shapes", "tiny-qwen3,tiny-internvl,tiny-gemma4", "--layers", "999",
+                          "--out", str(tmp_path)]) is None
+    rows = json.loads((tmp_path / "families.json").read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["tiny-qwen3", "tiny-internvl", "tiny-gemma4"]
+    assert rows[0] == {"shape": "tiny-qwen3", "family": "x", "fast_tpot_ms": 1.0, "hbm_GBps": 1000.0}
+    assert rows[1]["child_status"] == 1
+    assert "old" not in rows[2] and "status 1 and wrote no result" in rows[2]["error"]
+    assert "| tiny-qwen3 | x |" in (tmp_path / "families.md").read_text()
     assert all(c[1:3] == ["-m", "vismmoe.bench.families"] and c[c.index("--layers") + 1] == "999" for c in seen)

@@ -45,6 +45,7 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
            "moe_layers": len(base.geometry.moe_layers), "build_s": time.perf_counter() - t0}
     why = unsupported_reason(base)
     row["step_bytes"] = step_bytes(base)
+    row["hbm_GBps"] = hbm                               # measured in this process (a GEMV over 1 GiB)
     row["roofline_ms"] = row["step_bytes"] / (hbm * 1e9) * 1e3
     keys = [(l, e) for l in base.geometry.moe_layers for e in range(base.geometry.num_experts)]
     base.runtime.preload(keys)
@@ -83,34 +84,40 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
     return row
 
 
-def _in_child(shape: str, args) -> tuple[dict, float | None]:
-    """One shape measured in a process of its own: (its row, the HBM rate that process measured). In one process
+def _in_child(shape: str, args) -> dict:
+    """One shape measured in a process of its own: its row (with the HBM rate that process measured). In one process
     the next full-size shape ran out of device memory with the previous one's 61 GiB still allocated (gc, emptying
-    torch's cache and resetting torch.compile's did not give it back), and a process gives everything back."""
+    torch's cache and resetting torch.compile's did not give it back), and a process gives everything back. A
+    child that ends with a non-zero status has it in its row (`child_status`); one that wrote no row gets an error
+    row (its folder's result is removed first, so an earlier run's row is never read back)."""
     sub = os.path.join(args.out, "shapes", shape)
+    result = os.path.join(sub, "families.json")
+    if os.path.exists(result):
+        os.remove(result)
     cmd = [sys.executable, "-m", "vismmoe.bench.families", "--shapes", shape, "--layers", str(args.layers),
            "--side", str(args.side), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--reps", str(args.reps), "--kernels", str(args.kernels), "--out", sub]
     rc = subprocess.run(cmd).returncode
     try:
-        with open(os.path.join(sub, "families.json")) as f:
-            child = json.load(f)
-        return child["rows"][0], child["hbm_GBps"]
+        with open(result) as f:
+            row = json.load(f)["rows"][0]
     except (OSError, ValueError, KeyError, IndexError):
         return {"shape": shape, "family": get_shape(shape)[0],
-                "error": f"its process ended with status {rc} and wrote no result"}, None
+                "error": f"its process ended with status {rc} and wrote no result"}
+    return dict(row, child_status=rc) if rc else row
 
 
 def _table(res: dict) -> str:
     lines = [f"Fast vs eager decode, every expert resident ({res['machine']}, random weights, {res['layers']} "
              f"decoder layers of each shape, {res['new_tokens']} teacher-forced tokens, median of {res['reps']}), "
              f"{res['date']}", "", f"Command: `{res['command']}`", "",
-             "| shape | family | eager ms/token | fast ms/token | fast / eager speedup | roofline ms | fast / roofline "
-             "| same tokens | note |", "|---|---|---|---|---|---|---|---|---|"]
+             "| shape | family | eager ms/token | fast ms/token | fast / eager speedup | HBM GB/s | roofline ms "
+             "| fast / roofline | same tokens | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         f = lambda k, d=2: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
         lines.append(f"| {r['shape']} | {r['family']} | {f('eager_tpot_ms')} | {f('fast_tpot_ms')} | "
-                     f"{f('fast_over_eager', 1)} | {f('roofline_ms', 3)} | {f('fast_over_roofline', 2)} | "
+                     f"{f('fast_over_eager', 1)} | {f('hbm_GBps', 0)} | {f('roofline_ms', 3)} | "
+                     f"{f('fast_over_roofline', 2)} | "
                      f"{r.get('same_tokens', '')} | {r.get('fast_refused', r.get('error', ''))} |")
     for r in res["rows"]:
         if r.get("kernels"):
@@ -143,24 +150,22 @@ def main(argv=None):
     shapes = args.shapes.split(",")
     hbm = hbm_gbps(torch.device("cuda")) if len(shapes) == 1 else None     # several: each child measures its own
     res = {"machine": torch.cuda.get_device_name(), "routing": "random weights", "layers": args.layers,
-           "new_tokens": args.new_tokens, "reps": args.reps, "side": args.side, "hbm_GBps": hbm,
+           "new_tokens": args.new_tokens, "reps": args.reps, "side": args.side,
            "date": time.strftime("%Y-%m-%d"), "rows": [],
            "command": "python -m vismmoe.bench.families " + " ".join(argv if argv is not None else sys.argv[1:])}
     if hbm is not None:
         say(f"HBM {hbm:.0f} GB/s")
     for shape in shapes:
-        if len(shapes) > 1:             # one process a shape (_in_child)
-            row, child_hbm = _in_child(shape, args)
-            res["rows"].append(row)
-            res["hbm_GBps"] = res["hbm_GBps"] or child_hbm
-            continue
-        try:
-            res["rows"].append(_one(shape, args.layers, args.side, args.prompt_tokens, args.new_tokens, args.reps,
-                                    hbm, say, args.kernels))
-        except Exception as e:          # reported in the row (and by the parent, when this is a child)
-            say(f"{shape}: {type(e).__name__}: {e}")
-            res["rows"].append({"shape": shape, "family": get_shape(shape)[0],
-                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        if len(shapes) > 1:             # one process a shape
+            res["rows"].append(_in_child(shape, args))
+        else:
+            try:
+                res["rows"].append(_one(shape, args.layers, args.side, args.prompt_tokens, args.new_tokens,
+                                        args.reps, hbm, say, args.kernels))
+            except Exception as e:      # reported in the row (and by the parent, when this is a child)
+                say(f"{shape}: {type(e).__name__}: {e}")
+                res["rows"].append({"shape": shape, "family": get_shape(shape)[0],
+                                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         with open(os.path.join(args.out, "families.json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(os.path.join(args.out, "families.md"), "w") as f:
