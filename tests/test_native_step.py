@@ -179,6 +179,42 @@ def test_team_size_takes_the_faster_choice_and_probes_the_other():
     assert ts.pick(2, 4) == 4                                   # another batch size is explored on its own
 
 
+def test_team_size_without_an_early_phase_judges_every_step_alike():
+    """early=0 (a team on torch's OpenMP threads): pauses start no phase, every step is judged by the fastest of its
+    last WINDOW, and the slower choice is probed every PROBE steps."""
+    now = [0.0]
+    ts = native_decoder.TeamSize(clock=lambda: now[0], early=0)
+    for step in range(3 * ts.EXPLORE):
+        now[0] += 1.0 if step % 3 == 0 else 0.001                # pauses (prefills) between the steps
+        c = ts.pick(1, 2)
+        assert ts.phase == 0
+        ts.observe(1, c, {2: 0.001, 1: 0.002}[c] * (30 if step == 0 else 1))     # a cold first step
+    picks = [ts.pick(1, 2) for _ in range(ts.PROBE)]
+    assert picks.count(1) == 1 and picks.count(2) == ts.PROBE - 1 and ts.PROBE == 256
+    assert set(ts.seen) == {(1, 0, 2), (1, 0, 1)}
+
+
+def test_one_openmp_runtime_counts_the_runtimes_mapped(tmp_path, monkeypatch):
+    """The team runs on torch's threads only where one OpenMP runtime is loaded; with two (another file name) the
+    native decoder's team rule keeps the early phase; unreadable maps tell nothing."""
+    line = "7f00-7f01 r-xp 0 08:01 1 {}\n"
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.write_text(line.format("/t/torch/lib/libgomp.so.1") * 2 + line.format("/t/libc.so.6"))
+    two.write_text(line.format("/t/torch/lib/libgomp-a34b3233.so.1") + line.format("/usr/lib/libgomp.so.1"))
+    assert native_decoder.one_openmp_runtime(str(one)) is True
+    assert native_decoder.one_openmp_runtime(str(two)) is False
+    assert native_decoder.one_openmp_runtime(str(tmp_path / "none")) is None
+    eng = load(_tiny_qwen3(tmp_path), decode="native")
+    assert native_decoder.native_decoder(eng).team.early == 0
+    monkeypatch.setattr(native_decoder, "one_openmp_runtime", lambda: False)
+    assert native_decoder.NativeDecoder(eng).team.early == native_decoder.TeamSize.EARLY
+
+
+def _tiny_qwen3(tmp_path):
+    from vismmoe.tools.tiny import make_tiny
+    return make_tiny("qwen3_moe", str(tmp_path / "m"), layers=2, experts=4, top_k=2)
+
+
 def test_team_size_judges_the_steps_after_a_pause_apart_by_their_mean():
     """After a pause (a prefill), a team's early steps that are usually fast but now and then wait milliseconds for a
     core lose to one thread's steady ones (by the mean); the steady steps after them keep the team (by the fastest);

@@ -85,22 +85,22 @@ class ExpertCache:
         c = self.counters.layer(key[0])
         c.hits += hit
         slot = self.slot_of[key]
+        self._first_use(slot, c)
+        return slot
+
+    def _first_use(self, slot: int, c) -> None:
+        """A prefetched slot's first use: a prefetch hit (counted in layer counters `c`)."""
         if self.prefetched[slot]:
             self.prefetched[slot] = False
             c.prefetch_hits += 1
-        return slot
 
     def touch_layer(self, layer: int, experts: list[int]) -> None:
         """A decode step's uses of MoE layer `layer`'s resident `experts` (distinct), of which the step has told
         the policy itself (`EvictionPolicy.on_calls`): each a hit, a prefetched one's first use a prefetch hit."""
         c = self.counters.layer(layer)
         c.hits += len(experts)
-        slot_of, prefetched = self.slot_of, self.prefetched
         for e in experts:
-            slot = slot_of[(layer, e)]
-            if prefetched[slot]:
-                prefetched[slot] = False
-                c.prefetch_hits += 1
+            self._first_use(self.slot_of[(layer, e)], c)
 
     def _take(self, key: Key, pinned, prefetch: bool = False) -> int:
         if self._free:

@@ -255,7 +255,7 @@ class FastStep:
         slots, owners = fl.land
         if slots:
             taken = [False] * len(slots)
-            idx = b.out_host["route_idx"][:, :b.rows * self.K].numpy()
+            idx = b.out_np["route_idx"][:, :b.rows * self.K]
             for p in range(len(self.moe_layers)):
                 moe_kernel.land_on_host(self.cache.pool, self.store.layer_blobs(self.store_pos[p]), idx[p],
                                         lambda e: fl.used[p, e] < 0, p, slots, owners, taken)

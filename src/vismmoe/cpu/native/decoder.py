@@ -192,8 +192,9 @@ class TeamSize:
     - the first `early` steps after a pause between steps (a prefill, any torch work: a gap of PAUSE_S or more, and
       PAUSE_TIMES the median of the last 16 gaps between steps, so a model whose books take long between every two
       steps has no pauses) are judged apart, each by the mean of its last EARLY_WINDOW steps, the slower choice
-      probed every EARLY_PROBE steps of that phase. Only a library built without OpenMP needs it (NativeDecoder
-      gives early = EARLY there, 0 otherwise): its pool runs beside torch's OpenMP threads, which spin after a
+      probed every EARLY_PROBE steps of that phase. Only a team beside torch's OpenMP threads needs it (a library
+      built without OpenMP, or a second OpenMP runtime in the process: `one_openmp_runtime`; NativeDecoder gives
+      early = EARLY there, 0 otherwise): its pool runs beside torch's OpenMP threads, which spin after a
       prefill, and may wait milliseconds for a core (2-core machine, bundled model: that pool's two threads gave
       steps 0-2 a mean of 2.9 / 2.2 / 1.7 ms against 1.7 / 1.6 / 1.4 on one: docs/cpu-experts.md);
     - the steps after those by the fastest of its last WINDOW: a step the machine's other work slowed must not
@@ -256,6 +257,19 @@ class TeamSize:
         self.seen.setdefault((rows, self.phase, threads), collections.deque(maxlen=window)).append(seconds)
         self.since += 1
         self.last = self.clock()
+
+
+def one_openmp_runtime(maps: str = "/proc/self/maps") -> bool | None:
+    """Whether this process has loaded one OpenMP runtime (libgomp, libiomp or libomp), so that decoder.c's OpenMP
+    team runs on torch's own threads; False when there are several (a torch build whose bundled runtime has another
+    file name than the one the library was linked with: two thread pools again), None where it cannot be told."""
+    try:
+        with open(maps) as f:
+            files = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    names = {p for p in files if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp"))}
+    return len(names) == 1
 
 
 class NativeDecoder:
@@ -321,7 +335,9 @@ class NativeDecoder:
         self.ex_inter = engine.layout.inter
         self._scratch: dict[tuple[int, int], torch.Tensor] = {}
         self._held: dict[int, tuple] = {}                 # id(bucket) -> (bucket, its layer array)
-        self.team = TeamSize(early=0 if self.lib.lib.vm_info() & 1 else None)     # OpenMP team: no early phase
+        # a team on torch's OpenMP threads has no early phase to judge apart (TeamSize); any other team has
+        shared = bool(self.lib.lib.vm_info() & 1) and one_openmp_runtime() is True
+        self.team = TeamSize(early=0 if shared else None)
 
     def _hold(self, t: torch.Tensor | None, dtype=torch.float32) -> int | None:
         """The address of `t` in `dtype` (a copy when it is not already that, contiguous), kept alive here."""
