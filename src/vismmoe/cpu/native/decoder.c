@@ -144,11 +144,27 @@ static void spin_barrier(vm_team *T) {
     }
 }
 
+/* fork: the child has none of the parent's threads, and a lock one of them held stays held there (both teams; an
+ * OpenMP runtime's own threads are not fork-safe either: a child that uses torch's operators has the same limit) */
+static void fork_prepare(void) { pthread_mutex_lock(&pool.call); }
+static void fork_parent(void) { pthread_mutex_unlock(&pool.call); }
+static void fork_child(void) {
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_mutex_init(&pool.m, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+    atomic_store(&pool.sleepers, 0);        /* the parent's sleeping helpers are not in the child */
+    pool.threads = 1;
+    pool.pid = getpid();
+}
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void fork_handlers(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
+
 #ifdef _OPENMP
 /* fn(T, ctx) on a team of `nt` threads of the process's OpenMP runtime (the one torch runs on: its threads, still
  * spinning after torch's last parallel region, take the step at once instead of competing with a pool of this
  * library for the cores); the barriers inside are this library's (spin_barrier). Returns 0. */
 static int run_team(int nt, team_fn fn, void *ctx) {
+    pthread_once(&fork_once, fork_handlers);
     pthread_mutex_lock(&pool.call);
     atomic_store(&pool.bar_count, 0);
     const long sense = atomic_load(&pool.bar_sense);
@@ -183,19 +199,6 @@ static void *helper(void *arg) {
     return NULL;
 }
 
-/* fork: the child has none of the parent's helpers, and a lock one of them held stays held there */
-static void fork_prepare(void) { pthread_mutex_lock(&pool.call); }
-static void fork_parent(void) { pthread_mutex_unlock(&pool.call); }
-static void fork_child(void) {
-    pthread_mutex_init(&pool.call, NULL);
-    pthread_mutex_init(&pool.m, NULL);
-    pthread_cond_init(&pool.cv, NULL);
-    atomic_store(&pool.sleepers, 0);        /* the parent's sleeping helpers are not in the child */
-    pool.threads = 1;
-    pool.pid = getpid();
-}
-static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
-static void fork_handlers(void) { pthread_atfork(fork_prepare, fork_parent, fork_child); }
 
 /* fn(T, ctx) on `nt` threads (this one is tid 0); returns when all are done. -1: no thread could be started (then
  * it ran on this thread alone). */
