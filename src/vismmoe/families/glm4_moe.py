@@ -33,8 +33,9 @@ class Glm4MoeFamily(TextOnly, Rope1D, Family):
     model_type = "glm4_moe"
     model_class = Glm4MoeForCausalLM
     hub_experts = "per_expert"
-    tokens = Tokens(image="", image_start="", image_end="", eos=("<|endoftext|>", "<|user|>"), pad="<|endoftext|>",
-                    extra=("[gMASK]", "<sop>", "<|system|>", "<|assistant|>"))
+    # the end of an answer: the text's end, and the turns that follow an assistant's (a user's, a tool result's)
+    tokens = Tokens(image="", image_start="", image_end="", eos=("<|endoftext|>", "<|user|>", "<|observation|>"),
+                    pad="<|endoftext|>", extra=("[gMASK]", "<sop>", "<|system|>", "<|assistant|>"))
     fallback_format = "[gMASK]<sop><|user|>\n{prompt}<|assistant|>\n"
 
     def config_fields(self, config) -> list:
