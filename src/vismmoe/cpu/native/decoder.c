@@ -162,10 +162,9 @@ static void fork_handlers(void) { pthread_atfork(fork_prepare, fork_parent, fork
 #ifdef _OPENMP
 /* fn(T, ctx) on a team of `nt` threads of the process's OpenMP runtime (the one torch runs on: its threads, still
  * spinning after torch's last parallel region, take the step at once instead of competing with a pool of this
- * library for the cores); the barriers inside are this library's (spin_barrier). Returns 0. */
+ * library for the cores); the barriers inside are this library's (spin_barrier). The caller holds pool.call.
+ * Returns 0. */
 static int run_team(int nt, team_fn fn, void *ctx) {
-    pthread_once(&fork_once, fork_handlers);
-    pthread_mutex_lock(&pool.call);
     atomic_store(&pool.bar_count, 0);
     const long sense = atomic_load(&pool.bar_sense);
     if (nt <= 1) {
@@ -178,7 +177,6 @@ static int run_team(int nt, team_fn fn, void *ctx) {
             fn(&T, ctx);
         }
     }
-    pthread_mutex_unlock(&pool.call);
     return 0;
 }
 #else
@@ -201,11 +199,9 @@ static void *helper(void *arg) {
 
 
 /* fn(T, ctx) on `nt` threads (this one is tid 0); returns when all are done. -1: no thread could be started (then
- * it ran on this thread alone). */
+ * it ran on this thread alone). The caller holds pool.call. */
 static int run_team(int nt, team_fn fn, void *ctx) {
     int rc = 0;
-    pthread_once(&fork_once, fork_handlers);
-    pthread_mutex_lock(&pool.call);
     if (pool.pid != getpid()) {         /* first use (a child forked while unused has no helpers either) */
         pool.threads = 1;
         pool.pid = getpid();
@@ -234,7 +230,6 @@ static int run_team(int nt, team_fn fn, void *ctx) {
     vm_team T = {0, nt, spin_barrier, NULL, (int)sense};
     fn(&T, ctx);
     if (nt > 1) wait_for(&pool.done, nt - 1, 1, SPIN_NS);
-    pthread_mutex_unlock(&pool.call);
     return rc;
 }
 #endif
@@ -286,8 +281,8 @@ static void linear(vm_team *T, int fmt, const void *W, const float *bias, int N,
 int64_t vm_decode_scratch(const vm_dec_model *M, int B, int Lc, int inter, int ex_inter) {
     const int64_t H = M->hidden, Q = (int64_t)M->heads * M->head_dim, KV = (int64_t)M->kv_heads * M->head_dim;
     const int64_t P = (int64_t)B * M->top_k, I = inter > 0 ? inter : 1;
-    return (int64_t)B * (2 * H + 2 * Q + 2 * KV + H + M->experts + 2 * I + 2 * M->head_dim)
-           + (int64_t)B * M->heads * Lc + 2 * P * H + P + vm_scratch((int)H, ex_inter > 0 ? ex_inter : 1, (int)P);
+    return (int64_t)B * (2 * Q + 2 * KV + H + 2 * I + 2 * M->head_dim) + (int64_t)B * M->heads * Lc + P * H
+           + vm_scratch((int)H, ex_inter > 0 ? ex_inter : 1, (int)P);
 }
 
 /* one step's arguments and shared state, for every thread of its team */
@@ -303,24 +298,38 @@ typedef struct {
     float *scratch;
     int64_t *route_idx, *ids, *ids_host;
     float *route_w, *route_h, *logits;
-    /* a MoE layer's pairs grouped by expert (written by thread 0, read by all) */
-    int n, err;
-    int *row_of, *cnt, *fill, *taken;
-    const uint8_t **blobs;
-    int64_t *off;
+    int err;                            /* -2: a routed expert with no blob (every thread finds it: the same routing) */
+    float *own;                         /* every thread's own floats: own_n from own + tid * own_n */
+    size_t own_n;
 } step_ctx;
 
-/* thread 0 of a MoE layer: softmax over E in float32, top-k (ties: the lower expert), renormalised; pairs grouped
- * by expert into xg / wg, blobs and offsets */
-static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl, float *xg, float *wg) {
+/* One thread's own copy of what every thread computes alike (the residual stream, its norms, the routing), so the
+ * team needs no barrier around them: the same inputs and code give every thread the same bits. */
+typedef struct {
+    float *x, *h, *rl, *xg, *wg;        /* [B, H] residual, [B, H] normed, [B, E] router logits, [P, H], [P] */
+    int *row_of, *cnt, *fill, *taken;   /* [P], [E], [E], [E] */
+    const uint8_t **blobs;              /* [P] */
+    int64_t *off;                       /* [P + 1] */
+    int n, err;
+} own_state;
+
+/* the team's own floats (every thread's own_state), grown as needed; used under pool.call only */
+static float *own_buf;
+static size_t own_cap;
+
+/* a MoE layer's routing, by every thread into its own state `o` (the same bits on every thread): softmax over E in
+ * float32, top-k (ties: the lower expert), renormalised; pairs grouped by expert into o->xg / o->wg, blobs and
+ * offsets. `outputs` (one thread): also the step's route_idx, route_w and route_h for this layer. */
+static void route(const step_ctx *c, const vm_dec_layer *Ly, own_state *o, int outputs) {
     const vm_dec_model *M = c->M;
     const int H = M->hidden, E = M->experts, K = M->top_k, B = c->B, p = Ly->moe;
-    int *cnt = c->cnt, *fill = c->fill, *taken = c->taken;
+    int *cnt = o->cnt, *fill = o->fill, *taken = o->taken;
+    const float *h = o->h;
+    int ri[B * K];
+    float rw[B * K];
     for (int e = 0; e < E; e++) cnt[e] = 0;
-    int64_t *ri = c->route_idx + (size_t)p * c->Bb * K;
-    float *rw = c->route_w + (size_t)p * c->Bb * K;
     for (int b = 0; b < B; b++) {
-        float *r = rl + (size_t)b * E, mx = -INFINITY, sum = 0.0f, top = 0.0f;
+        float *r = o->rl + (size_t)b * E, mx = -INFINITY, sum = 0.0f, top = 0.0f;
         for (int e = 0; e < E; e++) mx = r[e] > mx ? r[e] : mx;
         for (int e = 0; e < E; e++) { r[e] = expf(r[e] - mx); sum += r[e]; }
         for (int e = 0; e < E; e++) r[e] /= sum;
@@ -337,7 +346,16 @@ static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl
         if (M->norm_topk)
             for (int t = 0; t < K; t++) rw[b * K + t] /= top;
         for (int t = 0; t < K; t++) cnt[ri[b * K + t]]++;
-        memcpy(c->route_h + ((size_t)p * c->Bb + b) * H, h + (size_t)b * H, sizeof(float) * H);
+    }
+    if (outputs) {
+        int64_t *oi = c->route_idx + (size_t)p * c->Bb * K;
+        float *ow = c->route_w + (size_t)p * c->Bb * K;
+        for (int j = 0; j < B * K; j++) {
+            oi[j] = ri[j];
+            ow[j] = rw[j];
+        }
+        for (int b = 0; b < B; b++)
+            memcpy(c->route_h + ((size_t)p * c->Bb + b) * H, h + (size_t)b * H, sizeof(float) * H);
     }
     int acc = 0;
     for (int e = 0; e < E; e++) {
@@ -347,39 +365,53 @@ static void route(step_ctx *c, const vm_dec_layer *Ly, const float *h, float *rl
     for (int b = 0; b < B; b++)
         for (int t = 0; t < K; t++) {
             const int at = fill[ri[b * K + t]]++;
-            c->row_of[at] = b;
-            memcpy(xg + (size_t)at * H, h + (size_t)b * H, sizeof(float) * H);
-            wg[at] = rw[b * K + t];
+            o->row_of[at] = b;
+            memcpy(o->xg + (size_t)at * H, h + (size_t)b * H, sizeof(float) * H);
+            o->wg[at] = rw[b * K + t];
         }
     int n = 0;
-    c->off[0] = 0;
+    o->off[0] = 0;
     for (int e = 0; e < E; e++)
         if (cnt[e]) {
-            c->blobs[n] = (const uint8_t *)(intptr_t)c->addr[(size_t)p * E + e];
-            if (!c->blobs[n]) c->err = -2;
-            c->off[++n] = fill[e];
+            o->blobs[n] = (const uint8_t *)(intptr_t)c->addr[(size_t)p * E + e];
+            if (!o->blobs[n]) o->err = -2;
+            o->off[++n] = fill[e];
         }
-    c->n = c->err ? 0 : n;                   /* a missing blob: the team stops after this (step_body) */
+    o->n = o->err ? 0 : n;                   /* a missing blob: the team stops after this (step_body) */
 }
 
-/* one thread's part of the whole step */
+/* one thread's part of the whole step. Shared (each value written by one thread): q, k, v, the attention output,
+ * o, the dense MLP's gate/up, the scores, the experts' outputs, rotary, the expert kernel's scratch. Every thread's
+ * own (own_state, the same bits on every thread): the residual stream, its norms, the router logits and the
+ * routing, so the team meets only where it needs another thread's rows: after q/k/v, after attention, after o, and
+ * at the expert kernel's barriers (dense layers: after gate/up, the activation, down). */
 static void step_body(vm_team *T, void *arg) {
     step_ctx *c = arg;
     const vm_dec_model *M = c->M;
     const int H = M->hidden, nh = M->heads, nkv = M->kv_heads, D = M->head_dim, E = M->experts, K = M->top_k;
     const int F = M->wfmt, B = c->B, Lc = c->Lc;
     const int Q = nh * D, KVW = nkv * D, grp = nh / nkv, P = B * K;
-    float *h = c->scratch, *q = h + (size_t)B * H, *k = q + (size_t)B * Q, *v = k + (size_t)B * KVW;
-    float *att = v + (size_t)B * KVW, *o = att + (size_t)B * Q, *rl = o + (size_t)B * H;
-    float *mlp = rl + (size_t)B * E;                     /* dense: [B, 2 * inter] */
+    float *q = c->scratch, *k = q + (size_t)B * Q, *v = k + (size_t)B * KVW;
+    float *att = v + (size_t)B * KVW, *o = att + (size_t)B * Q;
+    float *mlp = o + (size_t)B * H;                      /* dense: [B, 2 * inter] */
     float *sc = mlp + (size_t)B * 2 * (c->max_inter > 0 ? c->max_inter : 1);     /* scores [B * nh, Lc] */
-    float *xg = sc + (size_t)B * nh * Lc, *yg = xg + (size_t)P * H, *wg = yg + (size_t)P * H;
-    float *x = wg + P, *cs = x + (size_t)B * H, *sn = cs + (size_t)B * D;       /* [B, H], [B, D], [B, D] */
+    float *yg = sc + (size_t)B * nh * Lc;                /* [P, H] */
+    float *cs = yg + (size_t)P * H, *sn = cs + (size_t)B * D;                   /* [B, D], [B, D] */
     float *es = sn + (size_t)B * D;                      /* the expert kernel's own scratch */
     const int64_t pos = c->pos, L1 = pos + 1;            /* columns 0 .. pos may be attended */
     const vm_layout LK = {VM_F32, D, 1, 0, 0, 0, 0, 0, 0, 0, 0};     /* a KV head's keys as D-wide rows */
+    vm_team solo = {0, 1, NULL, NULL, 0};                 /* linear() over every row, by this thread alone */
+    int row_of[P], cnt[E], fill[E], taken[E];
+    const uint8_t *blobs[P];
+    int64_t off[P + 1];
+    float *mine = c->own + (size_t)T->tid * c->own_n;
+    own_state os = {mine, mine + (size_t)B * H, mine + (size_t)2 * B * H, mine + (size_t)2 * B * H + (size_t)B * E,
+                    mine + (size_t)2 * B * H + (size_t)B * E + (size_t)P * H, row_of, cnt, fill, taken, blobs, off, 0,
+                    0};
+    float *ob = os.wg + P;                               /* [H]: one row's experts summed */
+    float *x = os.x, *h = os.h;
 
-    /* each row's embedding and rotary */
+    /* each row's rotary (its share) and embedding (every thread, into its own residual stream) */
     for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
         int64_t text = -1;
         for (int col = 0; col < Lc; col++) text += c->mask[(size_t)b * Lc + col] != 0;
@@ -389,19 +421,16 @@ static void step_body(vm_team *T, void *arg) {
             cs[b * D + i] = cs[b * D + i + D / 2] = cosf(f) * M->rope_scale;
             sn[b * D + i] = sn[b * D + i + D / 2] = sinf(f) * M->rope_scale;
         }
-        memcpy(x + (size_t)b * H, M->embed + (size_t)c->ids[b] * H, sizeof(float) * H);
     }
-    T->barrier(T);
+    for (int b = 0; b < B; b++) memcpy(x + (size_t)b * H, M->embed + (size_t)c->ids[b] * H, sizeof(float) * H);
 
     for (int li = 0; li < M->layers; li++) {
         const vm_dec_layer *Ly = &c->Ls[li];
-        for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++)
-            rmsnorm(x + (size_t)b * H, Ly->in_norm, H, M->eps, h + (size_t)b * H);
-        T->barrier(T);
+        for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * H, Ly->in_norm, H, M->eps, h + (size_t)b * H);
         linear(T, F, Ly->wq, Ly->bq, Q, H, h, B, q);
         linear(T, F, Ly->wk, Ly->bk, KVW, H, h, B, k);
         linear(T, F, Ly->wv, Ly->bv, KVW, H, h, B, v);
-        T->barrier(T);
+        T->barrier(T);                                   /* q, k, v and the rotary rows complete */
         /* per (row, KV head): q/k norms and rotary, the new column of the cache, then the group's heads' attention */
         for (int64_t bg = share_lo(T, B * nkv); bg < share_hi(T, B * nkv); bg++) {
             const int b = (int)bg / nkv, g = (int)bg % nkv;
@@ -454,12 +483,11 @@ static void step_body(vm_team *T, void *arg) {
         T->barrier(T);
         linear(T, F, Ly->wo, Ly->bo, H, Q, att, B, o);
         T->barrier(T);
-        for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
+        for (int b = 0; b < B; b++) {
             float *xb = x + (size_t)b * H;
             for (int i = 0; i < H; i++) xb[i] += o[(size_t)b * H + i];
             rmsnorm(xb, Ly->post_norm, H, M->eps, h + (size_t)b * H);
         }
-        T->barrier(T);
         if (!Ly->router) {                               /* dense MLP */
             const int I = Ly->inter;
             float *gt = mlp, *up = mlp + (size_t)B * I;
@@ -471,30 +499,27 @@ static void step_body(vm_team *T, void *arg) {
             T->barrier(T);
             linear(T, F, Ly->w_down, NULL, H, I, gt, B, o);
             T->barrier(T);
-            for (int64_t i = share_lo(T, (int64_t)B * H); i < share_hi(T, (int64_t)B * H); i++) x[i] += o[i];
-            T->barrier(T);
+            for (int64_t i = 0; i < (int64_t)B * H; i++) x[i] += o[i];
             continue;
         }
-        linear(T, F, Ly->router, NULL, E, H, h, B, rl);
-        T->barrier(T);
-        if (T->tid == 0) route(c, Ly, h, rl, xg, wg);
-        T->barrier(T);
-        if (c->err) return;                  /* every thread sees it after the barrier: the team leaves together */
-        experts_team(T, c->X, c->n, c->blobs, c->off, xg, wg, M->act, es, yg);
+        linear(&solo, F, Ly->router, NULL, E, H, h, B, os.rl);
+        route(c, Ly, &os, T->tid == 0);
+        if (os.err) {                        /* every thread finds it (the same routing): the team leaves together */
+            if (T->tid == 0) c->err = os.err;
+            return;
+        }
+        experts_team(T, c->X, os.n, os.blobs, os.off, os.xg, os.wg, M->act, es, yg);   /* ends with a barrier */
         /* each row: its pairs' outputs in expert order (as transformers sums them), then into the residual */
-        for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
-            float *ob = o + (size_t)b * H, *xb = x + (size_t)b * H;
+        for (int b = 0; b < B; b++) {
             for (int i = 0; i < H; i++) ob[i] = 0.0f;
             for (int at = 0; at < P; at++)
-                if (c->row_of[at] == b)
+                if (row_of[at] == b)
                     for (int i = 0; i < H; i++) ob[i] += yg[(size_t)at * H + i];
+            float *xb = x + (size_t)b * H;
             for (int i = 0; i < H; i++) xb[i] += ob[i];
         }
-        T->barrier(T);
     }
-    for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++)
-        rmsnorm(x + (size_t)b * H, M->final_norm, H, M->eps, h + (size_t)b * H);
-    T->barrier(T);
+    for (int b = 0; b < B; b++) rmsnorm(x + (size_t)b * H, M->final_norm, H, M->eps, h + (size_t)b * H);
     linear(T, F, M->lm_head, NULL, M->vocab, H, h, B, c->logits);
     T->barrier(T);
     for (int64_t b = share_lo(T, B); b < share_hi(T, B); b++) {
@@ -556,13 +581,25 @@ int vm_decode(const vm_dec_model *M, const vm_dec_layer *Ls, const vm_layout *X,
     work *= B;
     int nt = work / WORK_PER_THREAD > threads ? threads : (int)(work / WORK_PER_THREAD);
     nt = nt < 1 ? 1 : nt > MAX_THREADS ? MAX_THREADS : nt;
-    int row_of[P], cnt[E], fill[E], taken[E];
-    const uint8_t *blobs[P];
-    int64_t off[P + 1];
+    /* each thread's own: residual, its norm, router logits [B, E], grouped rows [P, H] and weights [P], one row's
+     * sum [H]; whole cache lines apart */
+    const size_t own_n = ((size_t)3 * B * H + (size_t)B * E + (size_t)P * H + P + H + 15) / 16 * 16;
+    pthread_once(&fork_once, fork_handlers);
+    pthread_mutex_lock(&pool.call);
+    if (own_cap < own_n * nt) {
+        free(own_buf);
+        own_buf = malloc(own_n * nt * sizeof(float));
+        own_cap = own_buf ? own_n * nt : 0;
+    }
+    if (!own_buf) {
+        pthread_mutex_unlock(&pool.call);
+        return -1;
+    }
     for (int b = 0; b < Bb; b++) mask[(size_t)b * Lc + *pos] = 1;
     step_ctx c = {M, Ls, X, B, Bb, Lc, max_inter, *pos, mask, deltas, addr, scratch, route_idx, ids, ids_host, route_w,
-                  route_h, logits, 0, 0, row_of, cnt, fill, taken, blobs, off};
+                  route_h, logits, 0, own_buf, own_n};
     run_team(nt, step_body, &c);
+    pthread_mutex_unlock(&pool.call);
     if (c.err == 0) *pos += 1;
     return c.err;
 }
