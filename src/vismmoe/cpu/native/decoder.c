@@ -19,8 +19,9 @@
  * Threads: the whole step runs on one team: they share each matrix's output rows, each layer's (row, KV head)
  * attention pairs and the experts (experts.c's experts_team), and meet at this library's barriers in between
  * (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's other work has descheduled gets its core back;
- * the Python side then asks for one thread: TeamSize); the few serial parts (top-k, grouping, argmax) run on one
- * thread. The team is one parallel region of the process's OpenMP runtime (built with OpenMP, as the build first
+ * the Python side then asks for one thread: TeamSize). What every thread needs whole (the residual stream, its
+ * norms, the router and its top-k and grouping) each thread computes itself, the same bits on every thread (step_body
+ * says why); the argmax is shared by rows. The team is one parallel region of the process's OpenMP runtime (built with OpenMP, as the build first
  * tries): torch's runtime, whose threads spin for a while after each of torch's parallel regions (a prefill's last
  * operator, the step's own books). A separate pool beside them made three or more threads want two cores after
  * every prefill: a step then waited milliseconds at a barrier for a descheduled peer (one step in 25 on the 2-core
@@ -37,6 +38,9 @@
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>                 /* _mm_getcsr / _mm_setcsr: the floating-point mode */
+#endif
 
 typedef struct {
     const float *in_norm, *post_norm, *q_norm, *k_norm;     /* [H], [H], [D] or NULL, [D] or NULL */
@@ -301,6 +305,7 @@ typedef struct {
     int err;                            /* -2: a routed expert with no blob (every thread finds it: the same routing) */
     float *own;                         /* every thread's own floats: own_n from own + tid * own_n */
     size_t own_n;
+    unsigned csr;                       /* the caller's floating-point mode (x86 MXCSR: flush-to-zero, denormals) */
 } step_ctx;
 
 /* One thread's own copy of what every thread computes alike (the residual stream, its norms, the routing), so the
@@ -385,12 +390,12 @@ static void route(const step_ctx *c, const vm_dec_layer *Ly, own_state *o, int o
  * own (own_state, the same bits on every thread): the residual stream, its norms, the router logits and the
  * routing, so the team meets only where it needs another thread's rows: after q/k/v, after attention, after o, and
  * at the expert kernel's barriers (dense layers: after gate/up, the activation, down). */
-static void step_body(vm_team *T, void *arg) {
+static void step_layers(vm_team *T, void *arg) {
     step_ctx *c = arg;
     const vm_dec_model *M = c->M;
     const int H = M->hidden, nh = M->heads, nkv = M->kv_heads, D = M->head_dim, E = M->experts, K = M->top_k;
     const int F = M->wfmt, B = c->B, Lc = c->Lc;
-    const int Q = nh * D, KVW = nkv * D, grp = nh / nkv, P = B * K;
+    const int Q = nh * D, KVW = nkv * D, grp = nh / nkv, P = B * (K > 0 ? K : 1);
     float *q = c->scratch, *k = q + (size_t)B * Q, *v = k + (size_t)B * KVW;
     float *att = v + (size_t)B * KVW, *o = att + (size_t)B * Q;
     float *mlp = o + (size_t)B * H;                      /* dense: [B, 2 * inter] */
@@ -532,6 +537,21 @@ static void step_body(vm_team *T, void *arg) {
     }
 }
 
+/* step_layers on this thread in the caller's floating-point mode: the mode is per thread (torch's
+ * set_flush_denormal sets only the calling thread's), and threads that computed the routing with different modes
+ * could route differently and leave the team apart at its barriers */
+static void step_body(vm_team *T, void *arg) {
+#if defined(__x86_64__) || defined(__i386__)
+    const step_ctx *c = arg;
+    const unsigned mine = _mm_getcsr();
+    _mm_setcsr(c->csr);
+    step_layers(T, arg);
+    _mm_setcsr(mine);
+#else
+    step_layers(T, arg);
+#endif
+}
+
 /* One decode step (module comment).
  *   M, Ls      the model and its layers (Ls[i].kc/vc: this bucket's caches)
  *   X          the experts' blob layout (NULL when no layer is a MoE layer)
@@ -583,12 +603,12 @@ int vm_decode(const vm_dec_model *M, const vm_dec_layer *Ls, const vm_layout *X,
     nt = nt < 1 ? 1 : nt > MAX_THREADS ? MAX_THREADS : nt;
     /* each thread's own: residual, its norm, router logits [B, E], grouped rows [P, H] and weights [P], one row's
      * sum [H]; whole cache lines apart */
-    const size_t own_n = ((size_t)3 * B * H + (size_t)B * E + (size_t)P * H + P + H + 15) / 16 * 16;
+    const size_t own_n = ((size_t)2 * B * H + (size_t)B * E + (size_t)P * H + P + H + 15) / 16 * 16;
     pthread_once(&fork_once, fork_handlers);
     pthread_mutex_lock(&pool.call);
     if (own_cap < own_n * nt) {
         free(own_buf);
-        own_buf = malloc(own_n * nt * sizeof(float));
+        if (posix_memalign((void **)&own_buf, 64, own_n * nt * sizeof(float))) own_buf = NULL;
         own_cap = own_buf ? own_n * nt : 0;
     }
     if (!own_buf) {
@@ -597,7 +617,10 @@ int vm_decode(const vm_dec_model *M, const vm_dec_layer *Ls, const vm_layout *X,
     }
     for (int b = 0; b < Bb; b++) mask[(size_t)b * Lc + *pos] = 1;
     step_ctx c = {M, Ls, X, B, Bb, Lc, max_inter, *pos, mask, deltas, addr, scratch, route_idx, ids, ids_host, route_w,
-                  route_h, logits, 0, own_buf, own_n};
+                  route_h, logits, 0, own_buf, own_n, 0};
+#if defined(__x86_64__) || defined(__i386__)
+    c.csr = _mm_getcsr();
+#endif
     run_team(nt, step_body, &c);
     pthread_mutex_unlock(&pool.call);
     if (c.err == 0) *pos += 1;
