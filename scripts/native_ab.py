@@ -12,7 +12,8 @@ ms/token).
         call by call (on_layer and on_use per layer)
     python scripts/native_ab.py decoder --old DIR [--budget 25%] [--reps 8] [--out FILE.json]
         the step body built from this tree's decoder.c against one built from DIR/decoder.c (with the experts.c
-        beside it: a copy of an older version); the LRU policy, one engine, each variant with its own TeamSize
+        beside it: a copy of an older version); the LRU policy, one engine, each variant with its own TeamSize of
+        the rule the native decoder runs with
 """
 
 import argparse
@@ -41,9 +42,14 @@ class _Always:
         pass
 
 
+def _engine(budget: str, policy: str = "lru"):
+    """The bundled model on the native step with bf16 experts computed in place (`--cpu-experts on`), no prefetch."""
+    return load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on", policy=policy,
+                prefetch="none")
+
+
 def _team(budget: str) -> dict:
-    eng = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on", policy="lru",
-               prefetch="none")
+    eng = _engine(budget)
     nat = native_decoder.native_decoder(eng)
     before = native_decoder.TeamSize(early=3)
     before.PROBE = 32
@@ -60,11 +66,10 @@ def _team(budget: str) -> dict:
 
 def _decoder(budget: str, old: str) -> dict:
     from vismmoe.cpu.native import build
-    eng = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on", policy="lru",
-               prefetch="none")
+    eng = _engine(budget)
     nat = native_decoder.native_decoder(eng)
     libs = {"old": native_decoder._Lib(build(os.path.join(old, "decoder.c"))), "new": nat.lib}
-    teams = {k: native_decoder.TeamSize() for k in libs}
+    teams = {k: native_decoder.TeamSize(early=nat.team.early) for k in libs}     # the rule the decoder runs with
 
     def use(name):                      # this variant's library and its own team rule, on the one engine
         def run(req):
@@ -75,8 +80,7 @@ def _decoder(budget: str, old: str) -> dict:
 
 
 def _policy(budget: str) -> dict:
-    base = load(None, decode="native", expert_budget=budget, expert_format="bf16", cpu_experts="on",
-                policy="predictive", prefetch="none")
+    base = _engine(budget, "predictive")
     engines = {"call by call": base.fork(), "in one go": base.fork()}
     pol = engines["call by call"].cache.policy
     pol.on_calls = functools.partial(_Base.on_calls, pol)
