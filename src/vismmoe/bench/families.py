@@ -102,9 +102,13 @@ def _in_child(shape: str, args) -> dict:
         with open(result) as f:
             row = json.load(f)["rows"][0]
     except (OSError, ValueError, KeyError, IndexError):
-        return {"shape": shape, "family": get_shape(shape)[0],
-                "error": f"its process ended with status {rc} and wrote no result"}
+        return _error_row(shape, f"its process ended with status {rc} and wrote no result")
     return dict(row, child_status=rc) if rc else row
+
+
+def _error_row(shape: str, error: str) -> dict:
+    """The row of a shape that gave no measurement."""
+    return {"shape": shape, "family": get_shape(shape)[0], "error": error}
 
 
 def _table(res: dict) -> str:
@@ -164,8 +168,7 @@ def main(argv=None):
                                         args.reps, hbm, say, args.kernels))
             except Exception as e:      # reported in the row (and by the parent, when this is a child)
                 say(f"{shape}: {type(e).__name__}: {e}")
-                res["rows"].append({"shape": shape, "family": get_shape(shape)[0],
-                                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+                res["rows"].append(_error_row(shape, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
         with open(os.path.join(args.out, "families.json"), "w") as f:
             json.dump(res, f, indent=1)
         with open(os.path.join(args.out, "families.md"), "w") as f:
