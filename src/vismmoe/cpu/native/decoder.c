@@ -20,9 +20,9 @@
  * attention pairs and the experts (experts.c's experts_team), and meet at this library's barriers in between
  * (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's other work has descheduled gets its core back;
  * the Python side then asks for one thread: TeamSize). What every thread needs whole (the residual stream, its
- * norms, the router and its top-k and grouping) each thread computes itself, the same bits on every thread (step_body
- * says why); the argmax is shared by rows. The team is one parallel region of the process's OpenMP runtime (built with OpenMP, as the build first
- * tries): torch's runtime, whose threads spin for a while after each of torch's parallel regions (a prefill's last
+ * norms, the router and its top-k and grouping) each thread computes itself, the same bits on every thread
+ * (step_layers says which buffers are shared); the argmax is shared by rows. The team is one parallel region of the
+ * process's OpenMP runtime (built with OpenMP, as the build first tries): torch's runtime, whose threads spin for a while after each of torch's parallel regions (a prefill's last
  * operator, the step's own books). A separate pool beside them made three or more threads want two cores after
  * every prefill: a step then waited milliseconds at a barrier for a descheduled peer (one step in 25 on the 2-core
  * machine, twice the decode's time a token). Built without OpenMP, the team is a pool of this library's pthreads,
