@@ -3,13 +3,13 @@
     python -m vismmoe.bench.families --layers 8 --out DIR
 
 For each shape in --shapes (default: one published shape per family; several: each in a process of its own, so one
-shape's device memory never limits the next), random weights, cut to --layers decoder layers (--layers 999: all of
-them; the per-layer step is what is compared; the roofline counts the same layers): every expert resident, one request (a
---side px image and 24 text tokens; text-only families: --prompt-tokens random ids), --new-tokens teacher-forced
-random tokens, decode ms/token of the fast step (static KV, compiled layers, one CUDA graph a token) and of the eager
-step (transformers' forward per token) on the same slot pool, interleaved, medians over --reps; the roofline is the
-bytes one decode token must read (bench/step_ceiling.step_bytes) over the HBM bandwidth measured here with a bf16 GEMV.
-A family the fast step refuses gets a row saying why. Writes families.json and families.md.
+shape's device memory never limits the next), random weights, cut to --layers decoder layers (--layers 999: all of them;
+the per-layer step is what is compared; the roofline counts the same layers): every expert resident, one request (a
+--side px image and 24 text tokens; text-only families: --prompt-tokens random ids), --new-tokens teacher-forced random
+tokens, decode ms/token of the fast step (static KV, compiled layers, one CUDA graph a token) and of the eager step
+(transformers' forward per token) on the same slot pool, interleaved, medians over --reps; the roofline is the bytes one
+decode token must read (bench/step_ceiling.step_bytes) over the HBM bandwidth measured here with a bf16 GEMV. A family
+the fast step refuses gets a row saying why. Writes families.json and families.md.
 """
 
 from __future__ import annotations

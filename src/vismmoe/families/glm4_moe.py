@@ -58,8 +58,8 @@ class Glm4MoeFamily(TextOnly, Rope1D, Family):
             num_attention_heads=o.get("heads", 4), num_key_value_heads=o.get("kv_heads", 2),
             head_dim=o.get("head_dim", 16), n_routed_experts=o.get("experts", 8),
             num_experts_per_tok=o.get("top_k", 2), n_shared_experts=1, first_k_dense_replace=o.get("first_dense", 1),
-            # two expert groups of which one is chosen, weights scaled by 2.5 (a factor other than 1): both routing steps
-            # run in every test of the tiny model
+            # two expert groups of which one is chosen, weights scaled by 2.5 (a factor other than 1): both
+            # routing steps run in every test of the tiny model
             n_group=o.get("n_group", 2), topk_group=o.get("topk_group", 1), norm_topk_prob=True,
             routed_scaling_factor=o.get("scaling", 2.5), use_qk_norm=o.get("qk_norm", True),
             max_position_embeddings=o.get("max_pos", 8192), attention_bias=True,

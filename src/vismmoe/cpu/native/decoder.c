@@ -16,18 +16,19 @@
  * only summation orders differ. The matrices (float32, or bf16 where the caller found every value a bf16) are read
  * by the expert kernel's row tiles (experts.c, included below: one library).
  *
- * Threads: the whole step runs on one team: they share each matrix's output rows, each layer's (row, KV head)
- * attention pairs and the experts (experts.c's experts_team), and meet at this library's barriers in between
- * (spinning up to BARRIER_SPIN_NS, then asleep: a peer the machine's other work has descheduled gets its core back;
- * the Python side then asks for one thread: TeamSize). What every thread needs whole (the residual stream, its
- * norms, the router and its top-k and grouping) each thread computes itself, the same bits on every thread
- * (step_layers says which buffers are shared); the argmax is shared by rows. The team is one parallel region of the
- * process's OpenMP runtime (built with OpenMP, as the build first tries): torch's runtime, whose threads spin for a while after each of torch's parallel regions (a prefill's last
- * operator, the step's own books). A separate pool beside them made three or more threads want two cores after
- * every prefill: a step then waited milliseconds at a barrier for a descheduled peer (one step in 25 on the 2-core
- * machine, twice the decode's time a token). Built without OpenMP, the team is a pool of this library's pthreads,
- * which spin a little between steps (SPIN_NS), then sleep. OpenMP's own barrier is not used: its threads fall asleep
- * at each one when the process has more threads than cores, which costs more than a small model's whole matrix.
+ * Threads: the whole step runs on one team: they share each matrix's output rows, each layer's (row, KV head) attention
+ * pairs and the experts (experts.c's experts_team), and meet at this library's barriers in between (spinning up to
+ * BARRIER_SPIN_NS, then asleep: a peer the machine's other work has descheduled gets its core back; the Python side
+ * then asks for one thread: TeamSize). What every thread needs whole (the residual stream, its norms, the router and
+ * its top-k and grouping) each thread computes itself, the same bits on every thread (step_layers says which buffers
+ * are shared); the argmax is shared by rows. The team is one parallel region of the process's OpenMP runtime (built
+ * with OpenMP, as the build first tries): torch's runtime, whose threads spin for a while after each of torch's
+ * parallel regions (a prefill's last operator, the step's own books). A separate pool beside them made three or more
+ * threads want two cores after every prefill: a step then waited milliseconds at a barrier for a descheduled peer (one
+ * step in 25 on the 2-core machine, twice the decode's time a token). Built without OpenMP, the team is a pool of this
+ * library's pthreads, which spin a little between steps (SPIN_NS), then sleep. OpenMP's own barrier is not used: its
+ * threads fall asleep at each one when the process has more threads than cores, which costs more than a small model's
+ * whole matrix.
  * Entry points return 0, or a negative number: -1 for arguments they refuse (nothing written), -2 for a step that
  * routed to an expert with no blob (vm_decode says what it wrote).
  */
