@@ -160,8 +160,10 @@ class Engine:
                 raise UserError(f"--decode fast cannot run here: {why}", "use --decode eager")
             self.rc = replace(self.rc, decode="eager")
             return None
-        compiled = self.rc.compile if self.rc.compile is not None else self.device.type == "cuda"
-        self._fast = FastStep(self, graphs=self.device.type == "cuda", compiled=compiled, progress=self._progress)
+        cuda = self.device.type == "cuda"
+        compiled = self.rc.compile if self.rc.compile is not None else cuda
+        fuse = self.rc.fuse_projections if self.rc.fuse_projections is not None else cuda
+        self._fast = FastStep(self, graphs=cuda, compiled=compiled, fuse=fuse, progress=self._progress)
         return self._fast
 
     def _progress(self, msg: str) -> None:

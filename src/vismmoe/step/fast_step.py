@@ -48,9 +48,11 @@ from .strategy import Prefilled
 
 
 class FastStep:
-    """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only."""
+    """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only; `fuse`: sibling
+    projections stacked (fused_proj.py)."""
 
-    def __init__(self, engine, *, graphs: bool, compiled: bool, progress=None, native: bool = False):
+    def __init__(self, engine, *, graphs: bool, compiled: bool, fuse: bool = False, progress=None,
+                 native: bool = False):
         self.model, self.family = engine.model, engine.family
         self.cache, self.runtime = engine.cache, engine.runtime
         self.store, self.layout = engine.store, engine.layout
@@ -69,7 +71,7 @@ class FastStep:
         self.slot_map = np.full((L, self.E), -1, dtype=np.int32)       # slot the graph may read, else -1
         self.slot_t = torch.from_numpy(self.slot_map)                   # the CPU step reads it directly
         self.pending: dict[int, tuple[int, int]] = {}                   # slot -> key: copy not landed yet
-        self.sg = step_graphs(engine, compiled)                         # static buffers and graphs, per model
+        self.sg = step_graphs(engine, compiled, fuse)                   # static buffers and graphs, per model
         self.sg.progress = progress
         # the disk tier: experts read from the files, staged per token, the step re-run (fast_disk.py)
         self.disk = DiskMisses(self) if getattr(self.store, "tier", "host") == "disk" else None

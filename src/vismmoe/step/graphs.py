@@ -19,7 +19,7 @@ engine owns is baked into a graph. Each engine writes its own residency into the
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..offload.hooks import hook_of
 from . import moe_kernel
+from .fused_proj import stacked_of
 
 BUCKET = 256                # static KV length is rounded up to a multiple of this: one graph serves many requests
 ATTN = "vismmoe_decode"     # the attention implementation the decode step runs under
@@ -205,7 +206,7 @@ class Bucket:
 class StepGraphs:
     """See the module docstring. Get the one of an engine's model with `step_graphs(engine, compiled)`."""
 
-    def __init__(self, engine, compiled: bool):
+    def __init__(self, engine, compiled: bool, fuse: bool = False):
         register_attention()
         self.model, self.family = engine.model, engine.family
         self.device, self.dtype = engine.device, engine.dtype
@@ -226,6 +227,8 @@ class StepGraphs:
             ex.pos = self.positions[p:p + 1]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
+        # sibling projections stacked into one product each (fused_proj.py): in the body only, while `active`
+        self.stacked = stacked_of(self.family.language_model(self.model)) if fuse else None
         # the split step's segment ends: decoder layer index -> the MoE positions (expert groups) in that decoder
         # layer; None where the family's routed output is not a plain sum into the residual stream
         self.split_ends = None
@@ -312,7 +315,8 @@ class StepGraphs:
             ex.land = b.land
             hook_of(self.family.moe_block(self.model, layer).experts).fast = ex
         try:
-            yield
+            with self.stacked.swapped() if self.stacked is not None else nullcontext():
+                yield
         finally:
             cfg._attn_implementation_internal = saved
             for layer in self.moe_layers:
@@ -450,12 +454,12 @@ class StepGraphs:
         self._say(f"decode step captured in {time.perf_counter() - t0:.1f} s")
 
 
-def step_graphs(engine, compiled: bool) -> StepGraphs:
-    """The `StepGraphs` of `engine`'s model (one per model, compile setting and expert format, shared by its
-    forks: a captured step reads blobs of one format)."""
+def step_graphs(engine, compiled: bool, fuse: bool = False) -> StepGraphs:
+    """The `StepGraphs` of `engine`'s model (one per model, compile and stacking setting and expert format,
+    shared by its forks: a captured step reads blobs of one format)."""
     store = engine.model.__dict__.setdefault("_vismmoe_step_graphs", {})
-    key = (compiled, engine.layout.spec())
+    key = (compiled, fuse, engine.layout.spec())
     sg = store.get(key)
     if sg is None:
-        sg = store[key] = StepGraphs(engine, compiled)
+        sg = store[key] = StepGraphs(engine, compiled, fuse)
     return sg
