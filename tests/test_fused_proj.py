@@ -1,9 +1,11 @@
-"""Stacked sibling projections in the fast step (step/fused_proj.py): a stand-in returns its own projection of its
-own input whatever the order and inputs of its siblings; the siblings' weights become views of one tensor (no
-byte held twice) and come back as modules after the body; what cannot be stacked is left alone; the fast step
-with stacking gives the eager step's greedy tokens for every family at every budget, with one product per group
-a step; `--fuse-projections` is checked; on the GPU (-m gpu) the compiled, captured step with and without stacking
-gives the same tokens and logits within bf16 rounding."""
+"""The fast step's fused kernels (`--fuse-kernels`). Stacked sibling projections (step/fused_proj.py): a stand-in
+returns its own projection of its own input whatever the order and inputs of its siblings; the siblings' weights
+become views of one tensor (no byte held twice) and come back as modules after the body; what cannot be stacked
+is left alone. The router's tail in one kernel (step/router_topk.py): the kernel under Triton's interpreter against
+the torch reference, and each fused router against the transformers router it stands in for. The fast step with
+both gives the eager step's greedy tokens for every family at every budget, with one product per group a step;
+`--fuse-kernels` is checked; on the GPU (-m gpu) the compiled, captured step with and without them gives the same
+tokens and logits within bf16 rounding."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from vismmoe import load
 from vismmoe.cli.app import main
 from vismmoe.families import get_family
 from vismmoe.step import fused_proj
+from vismmoe.step import moe_kernel, router_topk
 from vismmoe.step.fused_proj import StackedLinear, stack, stacked_of
 
 from .conftest import FAMILIES, MORE_FAMILIES, TEXT_FAMILIES
@@ -35,8 +38,8 @@ def test_stand_ins_return_their_own_projection_in_any_order(bias):
     originals = {n: (getattr(m, n), getattr(m, n).weight.detach().clone(),
                      None if not bias else getattr(m, n).bias.detach().clone()) for n in ("q_proj", "k_proj", "v_proj")}
     st = stack(m)
-    assert len(st) == 1
-    group = st.groups[0]
+    assert len(st) == 3
+    group = st.entries[0][3].group
     for n, (mod, w, b) in originals.items():          # the same parameter objects, now views of the stacked tensor
         assert getattr(m, n) is mod and torch.equal(mod.weight, w)
         assert group.weight.untyped_storage().data_ptr() == mod.weight.untyped_storage().data_ptr()
@@ -85,7 +88,7 @@ def test_what_cannot_be_stacked_is_left_alone():
     ok = _Attn(False)
     del ok.v_proj                                      # two of three present (Gemma 4's k = v layers) still stack
     st = stack(ok)
-    assert len(st) == 1 and [n for n, _, _ in st.entries[0][1]] == ["q_proj", "k_proj"]
+    assert [n for _, n, _, _ in st.entries] == ["q_proj", "k_proj"]
 
 
 @pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES + TEXT_FAMILIES)
@@ -101,26 +104,27 @@ def test_fast_step_with_stacked_projections_gives_the_eager_tokens(family, tiny_
         products.append(self.group.x is not x)
         return forward(self, x)
     monkeypatch.setattr(StackedLinear, "forward", counted)
-    base = load(d, decode="fast", fuse_projections=True)
+    base = load(d, decode="fast", fuse_kernels=True)
     for budget in ("100%", str(base.geometry.top_k * base.layout.nbytes)):
         eng = base.fork(expert_budget=budget, policy="lru")
         products.clear()
         assert eng.generate(image, prompt, max_new_tokens=new).token_ids == want, (family, budget)
-        groups = len(eng.fast_step().sg.stacked)
+        groups = len({id(s.group) for _, _, _, s in eng.fast_step().sg.stand_ins.entries
+                      if isinstance(s, StackedLinear)})
         assert groups > 0 and sum(products) == groups * (new - 1), (family, sum(products), groups)
         assert len(products) > sum(products)           # siblings sliced the kept product
-    assert load(d, decode="fast").fast_step().sg.stacked is None           # auto: CUDA only
+    assert load(d, decode="fast").fast_step().sg.stand_ins is None         # auto: CUDA only
 
 
-def test_fuse_projections_flag_is_checked(capsys):
-    assert main(["generate", "--prompt", "hi", "--fuse-projections", "yes"]) == 2
+def test_fuse_kernels_flag_is_checked(capsys):
+    assert main(["generate", "--prompt", "hi", "--fuse-kernels", "yes"]) == 2
     err = capsys.readouterr().err
-    assert "--fuse-projections" in err and len(err.strip().splitlines()) == 1
+    assert "--fuse-kernels" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
-def test_gpu_stacked_projections_match_separate_ones(family, tiny_dirs, image_file):
+def test_gpu_fused_kernels_match_transformers_ops(family, tiny_dirs, image_file):
     """bf16, compiled, graphs: the same tokens as separate products and the first step's logits within bf16
     rounding; exactness across budgets of the stacked step: test_fast_step.py / test_fast_step_families.py (auto
     stacks on CUDA)."""
@@ -128,10 +132,66 @@ def test_gpu_stacked_projections_match_separate_ones(family, tiny_dirs, image_fi
     image = image_file if get_family(family).has_vision else None
     out = {}
     for fuse in (False, True):
-        eng = load(d, device="cuda", dtype="bfloat16", decode="fast", fuse_projections=fuse)
+        eng = load(d, device="cuda", dtype="bfloat16", decode="fast", fuse_kernels=fuse)
         gen = eng.generate(image, "What is in the picture?", max_new_tokens=8)
         b = next(iter(eng.fast_step().sg.buckets.values()))
         out[fuse] = (gen.token_ids, b.logits[0].float().cpu())
-        assert (eng.fast_step().sg.stacked is not None) == fuse
+        assert (eng.fast_step().sg.stand_ins is not None) == fuse
     assert out[True][0] == out[False][0]
     torch.testing.assert_close(out[True][1], out[False][1], rtol=0.05, atol=0.05)
+
+
+interpreter = pytest.mark.skipif(moe_kernel.triton is None or not moe_kernel.INTERPRETED,
+                                 reason="needs triton, run under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+
+@interpreter
+@pytest.mark.parametrize("E,k,renorm,scale", [(8, 2, True, 1.0), (128, 8, True, 1.0), (64, 8, False, 1.0),
+                                               (64, 4, False, 2.5), (100, 16, True, 1.0), (8, 1, False, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_topk_kernel_against_the_reference(E, k, renorm, scale, dtype):
+    g = torch.Generator().manual_seed(E + k)
+    logits = (torch.randn(5, E, generator=g) * 3).to(dtype)
+    logits[4] = logits[4, 0]                              # a row of ties: the lower ids first
+    w, idx = router_topk.softmax_topk_triton(logits, k, renorm, scale)
+    rw, ridx = router_topk.reference(logits, k, renorm, scale)
+    torch.testing.assert_close(w, rw, rtol=1e-6, atol=1e-7)   # the same weights, in descending order
+    probs = torch.softmax(logits.float(), -1)
+    for t in range(5):                                        # a top-k: no expert left out is more likely
+        out = torch.ones(E, dtype=torch.bool)
+        out[idx[t]] = False
+        assert len(set(idx[t].tolist())) == k and (not out.any() or probs[t, idx[t]].min() >= probs[t, out].max())
+        order = [(-probs[t, i].item(), i) for i in idx[t].tolist()]
+        assert order == sorted(order)                         # by weight, ties to the lower id
+    assert idx[4].tolist() == list(range(k))
+    distinct = [t for t in range(4) if len(set(probs[t].tolist())) == E]
+    assert torch.equal(idx[distinct], ridx[distinct])         # without ties, torch's very order
+    assert router_topk.softmax_topk_triton(logits[:0], k, renorm, scale)[0].shape == (0, k)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_moe", "qwen3_5_moe", "internvl", "deepseek_ocr2"])
+def test_fused_router_returns_what_the_router_returns(family, tiny_dirs, monkeypatch):
+    """Each router of the forms the kernel knows, against itself: the same logits (bit for bit), the same experts,
+    weights within float32 rounding in the router's own dtype; through the torch reference and, under the
+    interpreter, through the kernel."""
+    eng = load(tiny_dirs[family])
+    si = router_topk.router_stand_ins(eng.model, eng.family, eng.geometry.moe_layers)
+    assert len(si) == len(eng.geometry.moe_layers)
+    h = torch.randn(6, eng.geometry.hidden, generator=torch.Generator().manual_seed(3))
+    impls = [router_topk.reference] + ([router_topk.softmax_topk_triton] if moe_kernel.INTERPRETED else [])
+    by_expert = lambda out: (out[2].sort(-1).values, out[1].gather(-1, out[2].argsort(-1)))  # noqa: E731
+    for _, _, router, fused in si.entries:
+        want = router(h)
+        for impl in impls:
+            monkeypatch.setattr(router_topk, "softmax_topk", impl)
+            got = fused(h)
+            assert torch.equal(got[0], want[0]) and got[1].dtype == want[1].dtype
+            (gi, gw), (wi, ww) = by_expert(got), by_expert(want)
+            assert torch.equal(gi, wi), (family, impl)
+            torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-7)
+    r = eng.family.router(eng.model, eng.geometry.moe_layers[0])
+    if family == "deepseek_ocr2":
+        monkeypatch.setattr(r, "topk_method", "group_limited_greedy")
+        assert router_topk.form_of(r) is None
+    monkeypatch.setattr(r, "top_k", 3)                  # not a power of two: transformers' own tail
+    assert router_topk.form_of(r) is None

@@ -206,11 +206,12 @@ class RuntimeConfig:
     compile: bool | None = option(None, "torch.compile the fast step's decoder layers (default auto: on CUDA only)",
                                   commands=RUN + ("bench",), choices=("auto", "on", "off"), cli_default="auto",
                                   to_config={"auto": None, "on": True, "off": False}.get)
-    fuse_projections: bool | None = option(
-        None, "in the fast step, sibling projections that read the same input (attention q/k/v, Qwen3.5's "
-              "Gated-DeltaNet input projections, a dense MLP's or shared expert's gate/up) as one stacked matrix "
-              "product: fewer, larger GEMVs (default auto: on CUDA only). Equal to separate products up to "
-              "summation order (docs/fast-step.md)", commands=RUN + ("bench",), choices=("auto", "on", "off"),
+    fuse_kernels: bool | None = option(
+        None, "fewer, larger kernels in the fast step: sibling projections that read the same input (attention "
+              "q/k/v, Qwen3.5's Gated-DeltaNet input projections, a dense MLP's or shared expert's gate/up) as one "
+              "stacked matrix product, and a softmax top-k router's softmax, top-k and renormalisation as one kernel "
+              "(default auto: on CUDA only). Equal to transformers' separate ops up to float rounding "
+              "(docs/fast-step.md)", commands=RUN + ("bench",), choices=("auto", "on", "off"),
         cli_default="auto", to_config={"auto": None, "on": True, "off": False}.get)
     expert_format: str | None = option(
         None, "how routed experts are stored, cached and moved: auto (default: the checkpoint's own; dense for a "

@@ -9,8 +9,9 @@ the per-layer step is what is compared; the roofline counts the same layers): ev
 tokens, decode ms/token of the fast step (static KV, compiled layers, one CUDA graph a token) and of the eager step
 (transformers' forward per token) on the same slot pool, interleaved, medians over --reps; the roofline is the bytes one
 decode token must read (bench/step_ceiling.step_bytes) over the HBM bandwidth measured here with a bf16 GEMV. A family
-the fast step refuses gets a row saying why. --separate also times the fast step with separate projections
-(`--fuse-projections off`; the fast row stacks them, step/fused_proj.py) in the same turns on the same pool. Writes
+the fast step refuses gets a row saying why. --unfused also times the fast step without its fused kernels
+(`--fuse-kernels off`: projections separate, transformers' router tail; the fast row fuses them,
+step/fused_proj.py and router_topk.py) in the same turns on the same pool. Writes
 families.json and families.md.
 """
 
@@ -36,7 +37,7 @@ SHAPES = ("qwen3-vl-30b-a3b", "qwen3-30b-a3b", "qwen3.5-35b-a3b", "internvl3.5-3
 
 
 def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int, reps: int, hbm: float,
-         say, kernels: int = 0, separate: bool = False) -> dict:
+         say, kernels: int = 0, unfused: bool = False) -> dict:
     from ..step.fast_step import unsupported_reason
     from ..families import get_family
     fam, config = get_shape(shape, layers)
@@ -54,8 +55,8 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
     eager = base.fork(decode="eager", share_pool=True)
     eager.runtime.preload(keys)
     systems = {"eager": eager} if why else {"fast": base, "eager": eager}
-    if separate and not why:
-        systems["fast_separate"] = base.fork(fuse_projections=False, share_pool=True)
+    if unfused and not why:
+        systems["fast_unfused"] = base.fork(fuse_kernels=False, share_pool=True)
     if why:
         row["fast_refused"] = why
     inputs = (synthetic_inputs(base, side) if base.family.has_vision else synthetic_text_inputs(base, prompt_tokens))
@@ -79,9 +80,9 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
         row["fast_over_eager"] = row["eager_tpot_ms"] / row["fast_tpot_ms"]
         row["fast_over_roofline"] = row["fast_tpot_ms"] / row["roofline_ms"]
         row["same_tokens"] = toks["fast"] == toks["eager"]
-        if "fast_separate" in systems:
-            row["stacked_speedup"] = row["fast_separate_tpot_ms"] / row["fast_tpot_ms"]
-            row["same_tokens_separate"] = toks["fast"] == toks["fast_separate"]
+        if "fast_unfused" in systems:
+            row["fused_speedup"] = row["fast_unfused_tpot_ms"] / row["fast_tpot_ms"]
+            row["same_tokens_unfused"] = toks["fast"] == toks["fast_unfused"]
         if kernels:                                   # where the fast step's device time goes, kernel by kernel
             ks = kernel_times(base, inputs, teacher, max(1, min(16, new_tokens // 2)))
             row["kernel_us_per_token"] = sum(k["us"] for k in ks)
@@ -104,7 +105,7 @@ def _in_child(shape: str, args) -> dict:
     cmd = [sys.executable, "-m", "vismmoe.bench.families", "--shapes", shape, "--layers", str(args.layers),
            "--side", str(args.side), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--reps", str(args.reps), "--kernels", str(args.kernels), "--out", sub] + \
-        (["--separate"] if args.separate else [])
+        (["--unfused"] if args.unfused else [])
     rc = subprocess.run(cmd).returncode
     try:
         with open(result) as f:
@@ -124,13 +125,13 @@ def _table(res: dict) -> str:
              f"decoder layers of each shape, {res['new_tokens']} teacher-forced tokens, median of {res['reps']}), "
              f"{res['date']}", "", f"Command: `{res['command']}`", "",
              "| shape | family | eager ms/token | fast ms/token | fast / eager speedup | HBM GB/s | roofline ms "
-             "| fast / roofline | separate projections ms/token | stacked speedup | same tokens | note |",
+             "| fast / roofline | unfused ms/token | fused speedup | same tokens | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         f = lambda k, d=2: "" if r.get(k) is None else f"{r[k]:.{d}f}"  # noqa: E731
         lines.append(f"| {r['shape']} | {r['family']} | {f('eager_tpot_ms')} | {f('fast_tpot_ms')} | "
                      f"{f('fast_over_eager', 1)} | {f('hbm_GBps', 0)} | {f('roofline_ms', 3)} | "
-                     f"{f('fast_over_roofline', 2)} | {f('fast_separate_tpot_ms')} | {f('stacked_speedup', 3)} | "
+                     f"{f('fast_over_roofline', 2)} | {f('fast_unfused_tpot_ms')} | {f('fused_speedup', 3)} | "
                      f"{r.get('same_tokens', '')} | {r.get('fast_refused', r.get('error', ''))} |")
     for r in res["rows"]:
         if r.get("kernels"):
@@ -151,8 +152,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--kernels", type=int, default=0, metavar="N",
                     help="also profile each fast step kernel by kernel and keep its N slowest kernels (0: off)")
-    ap.add_argument("--separate", action="store_true",
-                    help="also time the fast step with separate projections (--fuse-projections off), interleaved")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time the fast step without its fused kernels (--fuse-kernels off), interleaved")
     ap.add_argument("--out", default="runs/families")
     args = ap.parse_args(argv)
     if args.kernels < 0:
@@ -176,7 +177,7 @@ def main(argv=None):
         else:
             try:
                 res["rows"].append(_one(shape, args.layers, args.side, args.prompt_tokens, args.new_tokens,
-                                        args.reps, hbm, say, args.kernels, args.separate))
+                                        args.reps, hbm, say, args.kernels, args.unfused))
             except Exception as e:      # reported in the row (and by the parent, when this is a child)
                 say(f"{shape}: {type(e).__name__}: {e}")
                 res["rows"].append(_error_row(shape, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))

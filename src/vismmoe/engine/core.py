@@ -162,7 +162,7 @@ class Engine:
             return None
         cuda = self.device.type == "cuda"
         compiled = self.rc.compile if self.rc.compile is not None else cuda
-        fuse = self.rc.fuse_projections if self.rc.fuse_projections is not None else cuda
+        fuse = self.rc.fuse_kernels if self.rc.fuse_kernels is not None else cuda
         self._fast = FastStep(self, graphs=cuda, compiled=compiled, fuse=fuse, progress=self._progress)
         return self._fast
 

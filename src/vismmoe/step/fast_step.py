@@ -49,7 +49,7 @@ from .strategy import Prefilled
 
 class FastStep:
     """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only; `fuse`: sibling
-    projections stacked (fused_proj.py)."""
+    projections stacked, the router's tail in one kernel (fused_proj.py, router_topk.py)."""
 
     def __init__(self, engine, *, graphs: bool, compiled: bool, fuse: bool = False, progress=None,
                  native: bool = False):

@@ -11,13 +11,13 @@ siblings' weights makes one GEMV over the same bytes:
         in_proj_qkv, in_proj_z, in_proj_b, in_proj_a         Qwen3.5's Gated-DeltaNet layers
         gate_proj, up_proj                                   dense MLPs and shared experts (DeepSeek-OCR-2)
 
-    stacked_of(model_part) -> Stacked
+    stacked_of(model_part) -> StandIns
                                      the siblings' weights copied once into one [sum out, in] tensor; each
                                      sibling's weight (and bias) becomes a view of its rows, so no byte is held
                                      twice and every other path (prefill, eager decode, the CPU) reads the same
                                      values in the same layout as before; once per model
-    with stacked.swapped():          each sibling is replaced in its module by a `StackedLinear` (the decode body:
-                                     its warm-up, capture and, on the CPU, every step); the originals come back after
+    with stacked.swapped():          each sibling is replaced in its module by a `StackedLinear` (standins.py: the
+                                     decode body); the originals come back after
 
 A `StackedLinear` computes the whole product when its input is not the tensor its group last saw, keeps it in the
 group, and returns its own columns; a sibling called with the same tensor slices what is kept. Called in any order,
@@ -27,16 +27,16 @@ graph serves every layer (the group is read, never identity-checked) and the pro
 Numerics: each output is the same dot product over the same input and weights, but the stacked product may sum in
 another order than separate ones (another GEMM kernel), so a fused step equals an unfused one to rounding, not bit
 for bit. Cache, policies and prefetch stay exact against the same step with every expert resident (both stacked).
-`--fuse-projections off` keeps the separate products.
+`--fuse-kernels off` keeps the separate products.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .standins import StandIns
 
 GROUPS = (("q_proj", "k_proj", "v_proj"),
           ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
@@ -69,36 +69,6 @@ class StackedLinear(nn.Module):
         return g.y[..., self.lo:self.hi]
 
 
-class Stacked:
-    """The stacked groups of one model part (`stack`): [(parent module, [(name, original, stand-in)])]."""
-
-    def __init__(self, entries: list):
-        self.entries = entries
-        self.groups = [parts[0][2].group for _, parts in entries]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @contextmanager
-    def swapped(self):
-        """The stand-ins in place of the siblings while inside; the originals again after (also on an error)."""
-        for parent, parts in self.entries:
-            for name, _, stand_in in parts:
-                parent._modules[name] = stand_in
-        try:
-            yield self
-        finally:
-            for parent, parts in self.entries:
-                for name, original, _ in parts:
-                    parent._modules[name] = original
-            self.clear()
-
-    def clear(self) -> None:
-        """Forget every group's last input and product (they hold device memory)."""
-        for g in self.groups:
-            g.clear()
-
-
 def _siblings(module: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
     """The present siblings of a group, in the group's order, when they can be stacked (module docstring); else []."""
     parts = [(n, module._modules.get(n)) for n in names]
@@ -113,10 +83,11 @@ def _siblings(module: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.L
 
 
 @torch.no_grad()
-def stack(root: nn.Module) -> Stacked:
+def stack(root: nn.Module) -> StandIns:
     """Stack every group of sibling projections under `root` (module docstring). The siblings' parameters keep
-    their objects; their data become views of the stacked tensors. `stacked_of` stacks a model part once."""
-    entries = []
+    their objects; their data become views of the stacked tensors. Leaving `swapped()` forgets each group's last
+    input and product (they hold device memory). `stacked_of` stacks a model part once."""
+    entries, cleanup = [], []
     for module in root.modules():
         for names in GROUPS:
             parts = _siblings(module, names)
@@ -125,19 +96,19 @@ def stack(root: nn.Module) -> Stacked:
             mods = [m for _, m in parts]
             weight = torch.cat([m.weight for m in mods])
             bias = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
-            group, out, lo = _Group(weight, bias), [], 0
+            group, lo = _Group(weight, bias), 0
             for name, m in parts:
                 hi = lo + m.out_features
                 m.weight.data = weight[lo:hi]
                 if bias is not None:
                     m.bias.data = bias[lo:hi]
-                out.append((name, m, StackedLinear(group, lo, hi, m)))
+                entries.append((module, name, m, StackedLinear(group, lo, hi, m)))
                 lo = hi
-            entries.append((module, out))
-    return Stacked(entries)
+            cleanup.append(group.clear)
+    return StandIns(entries, cleanup)
 
 
-def stacked_of(root: nn.Module) -> Stacked:
+def stacked_of(root: nn.Module) -> StandIns:
     """`stack(root)`, once per module (kept on it: every step graph of a model shares its stacked weights)."""
     st = root.__dict__.get("_vismmoe_stacked")
     if st is None:

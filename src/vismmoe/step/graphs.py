@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..offload.hooks import hook_of
 from . import moe_kernel
 from .fused_proj import stacked_of
+from .router_topk import router_stand_ins
 
 BUCKET = 256                # static KV length is rounded up to a multiple of this: one graph serves many requests
 ATTN = "vismmoe_decode"     # the attention implementation the decode step runs under
@@ -227,8 +228,10 @@ class StepGraphs:
             ex.pos = self.positions[p:p + 1]
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
-        # sibling projections stacked into one product each (fused_proj.py): in the body only, while `active`
-        self.stacked = stacked_of(self.family.language_model(self.model)) if fuse else None
+        # fewer kernels (`fuse`): sibling projections stacked (fused_proj.py), softmax top-k routers' tails in one
+        # kernel (router_topk.py); stand-ins in the body only, while `active`
+        self.stand_ins = stacked_of(self.family.language_model(self.model)) + \
+            router_stand_ins(self.model, self.family, geo.moe_layers) if fuse else None
         # the split step's segment ends: decoder layer index -> the MoE positions (expert groups) in that decoder
         # layer; None where the family's routed output is not a plain sum into the residual stream
         self.split_ends = None
@@ -315,7 +318,7 @@ class StepGraphs:
             ex.land = b.land
             hook_of(self.family.moe_block(self.model, layer).experts).fast = ex
         try:
-            with self.stacked.swapped() if self.stacked is not None else nullcontext():
+            with self.stand_ins.swapped() if self.stand_ins is not None else nullcontext():
                 yield
         finally:
             cfg._attn_implementation_internal = saved
