@@ -5,6 +5,8 @@ that add up to the final text, and several images and turns tokenize as the chat
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vismmoe import load
 from vismmoe.engine.request import GenerationRequest, TextStream, batch_inputs
@@ -78,6 +80,42 @@ def test_text_stream_holds_back_what_may_change(tiny_dirs):
     first = next(i for i, (_, stopped) in enumerate(out) if stopped)
     assert all(stopped and not d for d, stopped in out[first + 1:])      # nothing after the stop
     assert all("g" not in d for d, _ in out)            # "g" could have begun the stop string: never shown early
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_dirs):
+    """The bundled model's tokenizer and every family's tiny one (each with its family's special tokens)."""
+    from vismmoe.checkpoints import BUNDLED
+    from transformers import AutoTokenizer
+    from .conftest import FAMILIES, MORE_FAMILIES, TEXT_FAMILIES
+    names = {"bundled": BUNDLED, **{f: tiny_dirs[f] for f in FAMILIES + MORE_FAMILIES + TEXT_FAMILIES}}
+    return {n: AutoTokenizer.from_pretrained(d) for n, d in names.items()}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_incremental_text_is_the_whole_decode(tokenizers, data):
+    """Any token ids, any tokenizer of the project, with or without a stop string: the released deltas add up to
+    `text`, which is one decode of every id (special tokens skipped), stripped and cut at the first stop."""
+    name = data.draw(st.sampled_from(sorted(tokenizers)))
+    tok = tokenizers[name]
+    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=40))
+    whole = tok.decode(ids, skip_special_tokens=True).strip()
+    stop = data.draw(st.one_of(st.just(""), st.text(min_size=1, max_size=3), st.sampled_from([whole[i:i + 2] for i in
+                                                                                           range(len(whole))] or [""])))
+    ts = TextStream(tok, stop=(stop,))
+    deltas = []
+    for t in ids:
+        d, stopped = ts.push(t)
+        deltas.append(d)
+        if stopped:
+            break
+    if not ts.stopped:
+        deltas.append(ts.close())
+    want = whole[:whole.find(stop)].rstrip() if stop and stop in whole else whole
+    if ts.stopped:                      # it stopped at the first token whose text held the stop string
+        assert stop in whole and ts.text == want
+    assert "".join(deltas) == ts.text == want, (name, ids, stop)
 
 
 def test_several_images_and_turns(tiny_dirs, image_file):
