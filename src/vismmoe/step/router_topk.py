@@ -30,12 +30,14 @@ from torch import nn
 from .moe_kernel import triton
 from .standins import StandIns
 
+MAX_K = 32          # the kernel's rounds are unrolled: one per chosen expert
+
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
     def _softmax_topk_kernel(x_ptr, w_ptr, i_ptr, E: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                             RENORM: tl.constexpr, scale):
+                             BLOCK_K: tl.constexpr, RENORM: tl.constexpr, scale):
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)
         inside = e < E
@@ -52,14 +54,11 @@ if triton is not None:
             tl.store(i_ptr + t * K + j, i.to(tl.int64))
             chosen += v
             left = tl.where(e == i, -1.0, left)
+        k = tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + t * K + k, mask=k < K, other=0.0)
         if RENORM:
-            k = tl.arange(0, K)
-            w = tl.load(w_ptr + t * K + k)
-            tl.store(w_ptr + t * K + k, w / (chosen / total) * scale)
-        else:
-            k = tl.arange(0, K)
-            w = tl.load(w_ptr + t * K + k)
-            tl.store(w_ptr + t * K + k, w * scale)
+            w = w / (chosen / total)
+        tl.store(w_ptr + t * K + k, w * scale, mask=k < K)
 
 
 def reference(logits: torch.Tensor, k: int, renorm: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,15 +72,15 @@ def reference(logits: torch.Tensor, k: int, renorm: bool, scale: float = 1.0) ->
 
 def softmax_topk_triton(logits: torch.Tensor, k: int, renorm: bool, scale: float = 1.0
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`softmax_topk` by the kernel (CUDA, or CPU tensors under Triton's interpreter). k must be a power of two
-    (Triton's block shapes): 1, 2, 4, 8, 16."""
+    """`softmax_topk` by the kernel (CUDA, or CPU tensors under Triton's interpreter); k at most `MAX_K`."""
     T, E = logits.shape
     x = logits.contiguous()
     w = torch.empty(T, k, dtype=torch.float32, device=x.device)
     idx = torch.empty(T, k, dtype=torch.int64, device=x.device)
     if T:
-        _softmax_topk_kernel[(T,)](x, w, idx, E=E, K=k, BLOCK_E=triton.next_power_of_2(E), RENORM=renorm,
-                                   scale=float(scale), num_warps=1 if E <= 256 else 4)
+        _softmax_topk_kernel[(T,)](x, w, idx, E=E, K=k, BLOCK_E=triton.next_power_of_2(E),
+                                   BLOCK_K=triton.next_power_of_2(k), RENORM=renorm, scale=float(scale),
+                                   num_warps=1 if E <= 256 else 4)
     return w, idx
 
 
@@ -116,9 +115,9 @@ ROUTERS = {"Qwen3VLMoeTextTopKRouter": _qwen, "Qwen3MoeTopKRouter": _qwen, "Qwen
 
 
 def form_of(router: nn.Module) -> dict | None:
-    """How `router` computes its routing, when it is one of `ROUTERS` with a power-of-two top-k; else None."""
+    """How `router` computes its routing, when it is one of `ROUTERS` with a top-k of at most `MAX_K`; else None."""
     make = ROUTERS.get(type(router).__name__)
-    if make is None or not hasattr(router, "weight") or router.top_k & (router.top_k - 1) or router.top_k > 16:
+    if make is None or not hasattr(router, "weight") or not 0 < router.top_k <= MAX_K:
         return None
     return make(router)
 
