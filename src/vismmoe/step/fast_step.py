@@ -316,13 +316,17 @@ class FastStep:
             self._rerun_disk_misses(b, fl, real)
         miss = fl.used[self._rows, fl.idx] < 0                                      # read over the link
         self._missed = bool(miss.any())
+        # the step's distinct (layer, expert) pairs in layer then expert order, and which it read from a slot: one
+        # np.unique a step, for the misses counted here and the hits `settle` books
+        fl.key_p, fl.key_e = np.divmod(np.unique(fl.idx + self._rows_e), self.E)
+        fl.key_read = fl.used[fl.key_p, fl.key_e] >= 0
+        distinct = int(fl.key_read.size - np.count_nonzero(fl.key_read))             # distinct missed pairs
         if self.split is not None:
-            distinct = np.unique((fl.idx + self._rows_e)[miss]).size                   # distinct (layer, expert)
-            self.split.after(fl, fl.dev_s, self._clean_s.get(b.rows), int(distinct), b.rows)
+            self.split.after(fl, fl.dev_s, self._clean_s.get(b.rows), distinct, b.rows)
         cpu = self.runtime.cpu
         if self.native is not None and cpu is not None and self._missed:     # read in place: computed on the CPU
             fl.cpu_pairs = miss.copy()
-            cpu.experts += int(np.unique((fl.idx + self._rows_e)[miss]).size)
+            cpu.experts += distinct
             cpu.pairs += int(miss.sum())
         behind = None
         if fl.cpu_pairs is not None:                        # computed on the CPU: the step did not wait for them
@@ -429,10 +433,8 @@ class FastStep:
             for o in observers:
                 o.observe(layer, None, torch.from_numpy(fl.idx[p].reshape(B, self.K)),
                           torch.from_numpy(fl.w[p].reshape(B, self.K)))
-        # the distinct (layer, expert) pairs the step read from a slot, in layer then expert order, in one go
-        pairs = np.unique(fl.idx + self._rows_e)
-        ps, es = np.divmod(pairs, self.E)
-        read = fl.used[ps, es] >= 0
+        # the distinct (layer, expert) pairs the step read from a slot, in layer then expert order (`_finish`)
+        ps, es, read = fl.key_p, fl.key_e, fl.key_read
         hits = [[] for _ in self.moe_layers]    # per layer: its resident experts the step read
         layers, slot_of = self.moe_layers, cache.slot_of
         for p, e in zip(ps[read].tolist(), es[read].tolist()):
@@ -485,6 +487,9 @@ class _InFlight:
     land: tuple = ((), ())              # the step's landing candidates: (slots, MoE layer position of their experts)
     reruns: int = 0                     # disk tier: runs of this step discarded
     cpu_pairs: np.ndarray | None = None # a split step: [moe layers, B*K] pairs computed on the CPU (split_step.py)
+    key_p: np.ndarray | None = None     # the step's distinct (MoE position, expert) pairs, in that order (_finish)
+    key_e: np.ndarray | None = None
+    key_read: np.ndarray | None = None  # which of them the step read from a slot
     captured: bool = False              # the step compiled or captured graphs (its time is not a step's)
 
 
