@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -15,6 +16,10 @@ if not torch.cuda.is_available():       # the Triton kernels run in Triton's int
 # VISMMOE_TEST_THREADS=1 on a machine whose cores are busy with other work: tiny models gain nothing from
 # intra-op threads, and threads that wait on a busy core make every matmul many times slower
 torch.set_num_threads(int(os.environ.get("VISMMOE_TEST_THREADS", min(4, os.cpu_count() or 1))))
+
+# a test of a Triton kernel on CPU tensors: in the interpreter only
+INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                                 reason="needs triton, run under TRITON_INTERPRET=1 (set here where no GPU is visible)")
 
 FAMILIES = ("qwen3_vl_moe", "glm4v_moe")      # every runtime test runs on these (M-RoPE, the fast step)
 # families with a test file of their own (tests/test_family_exactness.py and the like), not in every runtime test

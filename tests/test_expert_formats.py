@@ -11,6 +11,8 @@ from vismmoe.step import moe_kernel
 from vismmoe.errors import UserError
 from vismmoe.formats import make_format, names
 
+from .conftest import INTERPRETER
+
 SPECS = ["dense", "fp8", "int4:group=16", "int4:group=16,sym=0"]
 SHAPES = [(64, 48), (256, 128), (160, 48)]     # (H, I): one block, several, a partial last block (fp8)
 
@@ -137,9 +139,7 @@ def _check_kernels(device, spec, H, I, variant="new", act="silu"):
                                       atol=0 if dtype == torch.float32 else 1e-6)
 
 
-interpreter = pytest.mark.skipif(moe_kernel.triton is None or not moe_kernel.INTERPRETED,
-                                 reason="needs triton, run under TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                                        "where no GPU is visible)")
+interpreter = INTERPRETER
 
 
 @interpreter

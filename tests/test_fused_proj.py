@@ -21,7 +21,7 @@ from vismmoe.step import fused_proj
 from vismmoe.step import moe_kernel, router_topk
 from vismmoe.step.fused_proj import StackedLinear, stack, stacked_of
 
-from .conftest import FAMILIES, MORE_FAMILIES, TEXT_FAMILIES
+from .conftest import FAMILIES, INTERPRETER, MORE_FAMILIES, TEXT_FAMILIES
 
 
 class _Attn(nn.Module):
@@ -97,18 +97,28 @@ def test_fast_step_with_stacked_projections_gives_the_eager_tokens(family, tiny_
     image = image_file if get_family(family).has_vision else None
     prompt, new = "What is in the picture?", 8
     want = load(d, decode="eager").generate(image, prompt, max_new_tokens=new).token_ids
-    products = []
-    forward = StackedLinear.forward
+    products, routed = [], []
+    forward, route = StackedLinear.forward, router_topk.FusedRouter.forward
 
     def counted(self, x):
         products.append(self.group.x is not x)
         return forward(self, x)
+
+    def counted_router(self, h):
+        routed.append(1)
+        return route(self, h)
     monkeypatch.setattr(StackedLinear, "forward", counted)
+    monkeypatch.setattr(router_topk.FusedRouter, "forward", counted_router)
     base = load(d, decode="fast", fuse_kernels=True)
     for budget in ("100%", str(base.geometry.top_k * base.layout.nbytes)):
         eng = base.fork(expert_budget=budget, policy="lru")
         products.clear()
+        routed.clear()
         assert eng.generate(image, prompt, max_new_tokens=new).token_ids == want, (family, budget)
+        fused_routers = sum(isinstance(s, router_topk.FusedRouter) for _, _, _, s in eng.fast_step().sg.stand_ins.entries)
+        assert len(routed) == fused_routers * (new - 1)     # every router of the kernel's form, every step
+        assert (fused_routers > 0) == (family in ("qwen3_vl_moe", "internvl", "qwen3_5_moe", "deepseek_ocr2",
+                                                  "qwen3_moe")), family
         groups = len({id(s.group) for _, _, _, s in eng.fast_step().sg.stand_ins.entries
                       if isinstance(s, StackedLinear)})
         assert groups > 0 and sum(products) == groups * (new - 1), (family, sum(products), groups)
@@ -141,11 +151,7 @@ def test_gpu_fused_kernels_match_transformers_ops(family, tiny_dirs, image_file)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=0.05, atol=0.05)
 
 
-interpreter = pytest.mark.skipif(moe_kernel.triton is None or not moe_kernel.INTERPRETED,
-                                 reason="needs triton, run under TRITON_INTERPRET=1 (tests/conftest.py sets it)")
-
-
-@interpreter
+@INTERPRETER
 @pytest.mark.parametrize("E,k,renorm,scale", [(8, 2, True, 1.0), (128, 8, True, 1.0), (64, 8, False, 1.0),
                                                (64, 4, False, 2.5), (100, 16, True, 1.0), (8, 1, False, 1.0),
                                                (64, 6, False, 2.5), (160, 6, True, 1.0)])
@@ -211,3 +217,34 @@ def test_gpu_softmax_topk_kernel_against_the_reference(E, k, renorm, scale):
     assert (probs.masked_fill(~chosen, 2).min(1).values >= probs.masked_fill(chosen, -1).max(1).values).all()
     same = idx.sort(-1).values.eq(ridx.sort(-1).values).all(1)
     assert same.float().mean() > 0.9                    # torch's own choice but for bf16 ties at the k-th place
+
+
+def test_one_compile_serves_every_layer_and_run():
+    """torch.compile over the stand-ins: one graph for every layer, run after run, when the groups are forgotten
+    before each run (StandIns.reset, as the decode body does); the stacked product once a layer."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    class Layer(_Attn):
+        def forward(self, h):
+            return self.q_proj(h)[..., :8] * self.k_proj(h) + self.v_proj(h)
+
+    torch.manual_seed(0)
+    layers = [Layer(False) for _ in range(3)]
+    parent = nn.ModuleList(layers)
+    want = [m(torch.ones(2, 1, 16)) for m in layers]
+    st = stack(parent)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(sum(n.target is F.linear for n in gm.graph.nodes))
+        return gm
+    call = torch.compile(lambda m, h: m(h), backend=backend, dynamic=False)
+    with torch.no_grad(), st.swapped():
+        for _ in range(3):
+            st.reset()
+            for m, w in zip(layers, want):
+                torch.testing.assert_close(call(m, torch.ones(2, 1, 16)), w, rtol=1e-5, atol=1e-6)
+    assert graphs == [1], graphs

@@ -57,6 +57,7 @@ def _one(shape: str, layers: int, side: int, prompt_tokens: int, new_tokens: int
     systems = {"eager": eager} if why else {"fast": base, "eager": eager}
     if unfused and not why:
         systems["fast_unfused"] = base.fork(fuse_kernels=False, share_pool=True)
+        systems["fast_unfused"].runtime.preload(keys)     # its own books of the shared pool: the same slots
     if why:
         row["fast_refused"] = why
     inputs = (synthetic_inputs(base, side) if base.family.has_vision else synthetic_text_inputs(base, prompt_tokens))

@@ -85,13 +85,17 @@ class TextStream:
     tokens (special tokens skipped), stripped, cut before the first stop string.
 
     Decoding is incremental, as streaming servers do it (TGI's and vLLM's detokenizers): each push decodes only the
-    ids since the last complete character, with one token before them for context (a tokenizer may decode a
-    sequence's first token differently, as SentencePiece drops its leading space), and appends what that window
-    adds. A token that ends inside a multi-byte character adds nothing until the character completes. So a token
-    costs the same at the 2000th token as at the 2nd (a whole decode per token grew with the text: 180 us a token
-    at 2048 tokens on the bundled tokenizer). `close()` checks the text against one decode of every id and, where a
-    tokenizer's decoding is not local to such windows, keeps the whole decode (what is released stays a prefix of
-    it unless the tokenizer rewrote released characters; tests hold each family's tokenizer to the equality)."""
+    ids since the last complete character, with the ids of the window before them for context (a tokenizer may
+    decode a sequence's first token differently, as SentencePiece drops its leading space), and appends what that
+    window adds. A token that ends inside a multi-byte character adds nothing until the character completes (at most
+    `WINDOW` ids wait: then what they decode to is taken as it is). So a token costs the same at the 2000th token as
+    at the 2nd (a whole decode per token grew with the text: 180 us a token at 2048 tokens on the bundled
+    tokenizer). `close()` (when no stop string ended the text) takes one decode of every id, which holds a partial
+    character still pending, and looks for the stop strings in it again; where a tokenizer's decoding is not local
+    to such windows, that whole decode is the text (what was released stays a prefix of it unless the tokenizer
+    rewrote released characters; tests hold the project's byte-level BPE tokenizers to the equality)."""
+
+    WINDOW = 64
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: set[int] = frozenset()):
         self.tokenizer, self.stop, self.skip = tokenizer, tuple(s for s in stop if s), set(skip_ids)
@@ -109,7 +113,7 @@ class TextStream:
         """Append what the ids since `_read` add to `_raw`, once they end on a complete character."""
         before = self._decode(self.ids[self._prefix:self._read])
         now = self._decode(self.ids[self._prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
+        if len(now) > len(before) and not now.endswith("\ufffd") or len(self.ids) - self._prefix > self.WINDOW:
             self._raw += now[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
 
@@ -121,20 +125,23 @@ class TextStream:
             self._advance()
         seen = len(self.text)
         self.text = self._raw.lstrip()
-        for s in self.stop:
-            at = self.text.find(s, max(0, seen - len(s) + 1))
-            if at >= 0:
-                self.text = self.text[:at]
-                self.stopped = True
-        if self.stopped:
+        if self._cut_at_stop(seen):
             return self.close(), True
         return self._release(self._safe_end()), False
 
+    def _cut_at_stop(self, seen: int) -> bool:
+        """Cut `text` before the first stop string that ends past its first `seen` characters (the earlier ones
+        were looked at before); marks the stream stopped."""
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, seen - len(s) + 1))) >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.stopped = True
+        return self.stopped
+
     def close(self) -> str:
-        if not self.stopped:            # the whole decode: a pending partial character, and the check above
-            whole = self._decode(self.ids).lstrip()
-            if whole != self.text:
-                self.text = whole
+        if not self.stopped:            # the whole decode: a partial character still pending, and its stop strings
+            self.text = self._decode(self.ids).lstrip()
+            self._cut_at_stop(0)
         self.text = self.text.rstrip()
         return self._release(len(self.text))
 

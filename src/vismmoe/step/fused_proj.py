@@ -22,7 +22,13 @@ siblings' weights makes one GEMV over the same bytes:
 A `StackedLinear` computes the whole product when its input is not the tensor its group last saw, keeps it in the
 group, and returns its own columns; a sibling called with the same tensor slices what is kept. Called in any order,
 or with different inputs, each still returns exactly its own projection of its own input. Under torch.compile one
-graph serves every layer (the group is read, never identity-checked) and the product appears once.
+graph serves every layer and the product appears once; torch.compile guards that a layer's group holds no input
+when the layer starts, so the body forgets every group's input before each run (`StandIns.reset`).
+
+Stacking changes where the weights live, never their values or layout: graphs.StepGraphs stacks a model on CUDA
+whether the step fuses or not, before any graph is captured, so no captured graph of the model reads a freed
+weight. (The CPU's native step keeps copies of its own where it reads another dtype, so there, with `--fuse-kernels
+on`, a stacked weight and the native step's copy both exist.)
 
 Numerics: each output is the same dot product over the same input and weights, but the stacked product may sum in
 another order than separate ones (another GEMM kernel), so a fused step equals an unfused one to rounding, not bit

@@ -205,7 +205,7 @@ class Bucket:
 
 
 class StepGraphs:
-    """See the module docstring. Get the one of an engine's model with `step_graphs(engine, compiled)`."""
+    """See the module docstring. Get the one of an engine's model with `step_graphs(engine, compiled, fuse)`."""
 
     def __init__(self, engine, compiled: bool, fuse: bool = False):
         register_attention()
@@ -229,9 +229,10 @@ class StepGraphs:
         self.compiled = compiled
         self._layer = compiled_layer_call() if compiled else _layer_call
         # fewer kernels (`fuse`): sibling projections stacked (fused_proj.py), softmax top-k routers' tails in one
-        # kernel (router_topk.py); stand-ins in the body only, while `active`
-        self.stand_ins = stacked_of(self.family.language_model(self.model)) + \
-            router_stand_ins(self.model, self.family, geo.moe_layers) if fuse else None
+        # kernel (router_topk.py); stand-ins in the body only, while `active`. On CUDA the weights are stacked even
+        # unfused, before anything is captured: stacking moves them, and a graph captured before would read freed ones
+        stacked = stacked_of(self.family.language_model(self.model)) if fuse or self.cuda else None
+        self.stand_ins = stacked + router_stand_ins(self.model, self.family, geo.moe_layers) if fuse else None
         # the split step's segment ends: decoder layer index -> the MoE positions (expert groups) in that decoder
         # layer; None where the family's routed output is not a plain sum into the residual stream
         self.split_ends = None
@@ -399,6 +400,8 @@ class StepGraphs:
         it never yields."""
         model, fam = self.model, self.family
         lm = fam.language_model(model)
+        if self.stand_ins is not None:
+            self.stand_ins.reset()          # no input left from a run before (what torch.compile's guards expect)
         b.mask.index_fill_(1, b.pos, True)
         positions = fam.decode_positions(b.mask, b.deltas)           # [1 + R, B, 1]: text row, R rope rows
         # [B, 1, H]; per layer (cos, sin) and the family's other inputs (Gemma 4: per-layer inputs, shared KV)

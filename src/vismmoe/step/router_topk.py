@@ -12,13 +12,14 @@ sum of exponentials, then k rounds of (max, first index holding it, masked out).
         elsewhere the torch reference (`reference`), which the tests hold the kernel to under Triton's interpreter.
 
     ROUTERS: the transformers router classes whose forward is exactly "logits = linear(h, W) (in float32 for
-    DeepSeek), softmax, top-k, then renorm or scale"; `FusedRouter(original)` stands in for one while the decode
-    body runs (graphs.StepGraphs.active) and returns what it returns: (logits, weights in the original's dtype,
-    indices).
+    DeepSeek), softmax, top-k, then renorm or scale"; `FusedRouter(original, form_of(original))` stands in for one
+    while the decode body runs (graphs.StepGraphs.active) and returns what it returns: (logits, weights in the
+    original's dtype, indices).
 
-Numerics: the same weights up to float32 rounding of the softmax's sum (another order), and the same expert set
-unless two probabilities tie to the last bit (then the lower id; torch's order there is its kernel's). The budgeted
-steps stay exact against the same step with every expert resident. `--fuse-kernels off` keeps transformers' tail.
+Numerics: the same weights up to float32 rounding (the kernel's exp and sums are not torch's), and the same expert
+set unless two probabilities are that close (ties go to the lower id; torch's order there is its kernel's). The
+budgeted steps stay exact against the same step with every expert resident. `--fuse-kernels off` keeps
+transformers' tail.
 """
 
 from __future__ import annotations
@@ -46,19 +47,22 @@ if triton is not None:
         p = tl.where(inside, p, 0.0)
         total = tl.sum(p, axis=0)
         left = tl.where(inside, p, -1.0)                    # a taken or padding expert never wins again
-        chosen = 0.0
+        k = tl.arange(0, BLOCK_K)
+        wv = tl.zeros([BLOCK_K], dtype=tl.float32)          # the chosen weights and ids stay in registers
+        iv = tl.zeros([BLOCK_K], dtype=tl.int64)
         for j in tl.static_range(K):
             v = tl.max(left, axis=0)
-            i = tl.min(tl.where(left == v, e, BLOCK_E), axis=0)
-            tl.store(w_ptr + t * K + j, v / total)
-            tl.store(i_ptr + t * K + j, i.to(tl.int64))
-            chosen += v
+            # the first expert holding the max (NaN logits match none: the last id, never one past the table)
+            i = tl.minimum(tl.min(tl.where(left == v, e, BLOCK_E), axis=0), E - 1)
+            wv = tl.where(k == j, v, wv)
+            iv = tl.where(k == j, i.to(tl.int64), iv)
             left = tl.where(e == i, -1.0, left)
-        k = tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + t * K + k, mask=k < K, other=0.0)
         if RENORM:
-            w = w / (chosen / total)
-        tl.store(w_ptr + t * K + k, w * scale, mask=k < K)
+            wv = wv / tl.sum(wv, axis=0)                    # p / sum of the chosen p: the softmax's sum cancels
+        else:
+            wv = wv / total
+        tl.store(w_ptr + t * K + k, wv * scale, mask=k < K)
+        tl.store(i_ptr + t * K + k, iv, mask=k < K)
 
 
 def reference(logits: torch.Tensor, k: int, renorm: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +121,7 @@ ROUTERS = {"Qwen3VLMoeTextTopKRouter": _qwen, "Qwen3MoeTopKRouter": _qwen, "Qwen
 def form_of(router: nn.Module) -> dict | None:
     """How `router` computes its routing, when it is one of `ROUTERS` with a top-k of at most `MAX_K`; else None."""
     make = ROUTERS.get(type(router).__name__)
-    if make is None or not hasattr(router, "weight") or not 0 < router.top_k <= MAX_K:
+    if make is None or not hasattr(router, "weight") or not 0 < router.top_k <= min(MAX_K, router.weight.shape[0]):
         return None
     return make(router)
 

@@ -4,6 +4,7 @@
     StandIns(entries, cleanup)   entries: (parent module, child name, original, stand-in)
     with stand_ins.swapped():    the stand-ins in place; on leaving (also on an error) the originals again and each
                                  `cleanup` called
+    stand_ins.reset()            each `cleanup` called (the body calls it before each run)
     a + b                        both sets
 
 Who makes them: fused_proj.py (stacked sibling projections), router_topk.py (the router's tail in one kernel);
@@ -35,5 +36,8 @@ class StandIns:
         finally:
             for parent, name, original, _ in self.entries:
                 parent._modules[name] = original
-            for f in self.cleanup:
-                f()
+            self.reset()
+
+    def reset(self) -> None:
+        for f in self.cleanup:
+            f()
