@@ -17,6 +17,8 @@ from contextlib import contextmanager
 
 
 class StandIns:
+    """A set of stand-ins (module docstring)."""
+
     def __init__(self, entries: list | None = None, cleanup: list | None = None):
         self.entries = list(entries or [])
         self.cleanup = list(cleanup or [])
