@@ -92,6 +92,36 @@ def tokenizers(tiny_dirs):
     return {n: AutoTokenizer.from_pretrained(d) for n, d in names.items()}
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_style():
+    """A tokenizer that decodes as SentencePiece ones do (Gemma's, ERNIE's): Metaspace with the leading space of a
+    sequence dropped, and byte fallback (`<0xNN>` tokens fused into characters), trained here on a little text in
+    several scripts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    text = ["The red circle is left of the blue square.", "Wie viele Formen gibt es?", "這是什麼？ 紅色的圓",
+            "naïve café, déjà vu", "emoji \U0001F642 and \U0001F680 text"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_incremental_text_with_sentencepiece_style_decoding(sentencepiece_style, data):
+    """The same as below for a decoder that is not byte-level: a sequence's first space dropped, characters made of
+    byte tokens (random ids give broken bytes too)."""
+    tok = sentencepiece_style
+    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=30))
+    _check_stream(tok, ids, data.draw(st.one_of(st.just(""), st.sampled_from(_pieces(tok.decode(
+        ids, skip_special_tokens=True))))))
+
+
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())

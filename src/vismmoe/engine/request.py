@@ -93,7 +93,8 @@ class TextStream:
     tokenizer). `close()` (when no stop string ended the text) takes one decode of every id, which holds a partial
     character still pending, and looks for the stop strings in it again; where a tokenizer's decoding is not local
     to such windows, that whole decode is the text (what was released stays a prefix of it unless the tokenizer
-    rewrote released characters; tests hold the project's byte-level BPE tokenizers to the equality)."""
+    rewrote released characters; tests hold the project's byte-level BPE tokenizers and a SentencePiece-style one
+    (Metaspace, byte fallback) to the equality)."""
 
     WINDOW = 64
 
