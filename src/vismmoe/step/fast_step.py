@@ -70,6 +70,8 @@ class FastStep:
         L = len(self.moe_layers)
         self.slot_map = np.full((L, self.E), -1, dtype=np.int32)       # slot the graph may read, else -1
         self.slot_t = torch.from_numpy(self.slot_map)                   # the CPU step reads it directly
+        self._map_version = 0                                           # bumped by every write of `slot_map`
+        self._native_addr = None                                        # (version, pool address, [L, E] table)
         self.pending: dict[int, tuple[int, int]] = {}                   # slot -> key: copy not landed yet
         self.sg = step_graphs(engine, compiled, fuse)                   # static buffers and graphs, per model
         self.sg.progress = progress
@@ -120,6 +122,7 @@ class FastStep:
         self.pending.pop(slot, None)
         if key[0] in self.layer_pos:
             self.slot_map[self.layer_pos[key[0]], key[1]] = -1
+            self._map_version += 1
 
     def _land(self) -> None:
         """Slots whose copy has arrived become readable by the next step."""
@@ -127,6 +130,7 @@ class FastStep:
             t = self.cache.ticket[slot]
             if t is None or t.done():
                 self.slot_map[self.layer_pos[key[0]], key[1]] = slot
+                self._map_version += 1
                 del self.pending[slot]
 
     def _push(self, split: bool = False) -> None:
@@ -253,7 +257,10 @@ class FastStep:
         """The native body over the slot map the step reads (`fl.used`: a slot, else the host store's blob), then
         the landing the kernels would have written (LayerExperts on the CPU: the plan is the same after the step as
         during it, since a candidate only ever holds an earlier layer's expert)."""
-        self.native.run(b, self._addresses(fl.used, self.host_addr))
+        key = (self._map_version, self.cache.pool.data_ptr())      # `fl.used` is the map as of this version
+        if self._native_addr is None or self._native_addr[:2] != key:   # the same map: the same table (most steps)
+            self._native_addr = key + (np.ascontiguousarray(self._addresses(fl.used, self.host_addr)),)
+        self.native.run(b, self._native_addr[2])
         slots, owners = fl.land
         if slots:
             taken = [False] * len(slots)
