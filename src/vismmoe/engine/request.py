@@ -99,7 +99,9 @@ class TextStream:
     WINDOW = 64
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: set[int] = frozenset()):
-        self.tokenizer, self.stop, self.skip = tokenizer, tuple(s for s in stop if s), set(skip_ids)
+        # special tokens decode to nothing (skip_special_tokens): kept out of the ids, they never hold a window open
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.skip = set(skip_ids) | set(getattr(tokenizer, "all_special_ids", ()))
         self.ids: list[int] = []
         self.text = ""                  # the text so far (stripped at the start, cut at a stop string)
         self.sent = 0                   # characters of `text` released
