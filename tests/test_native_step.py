@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,9 +90,18 @@ def test_native_step_dense_layers_and_attention_biases(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
-def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, image_file):
+def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, image_file, monkeypatch):
     """The same logits, bit for bit, with every expert resident, at 25% and at the smallest legal budget (top-k
-    slots), for every policy; the smallest budget really offloads and never exceeds its bytes."""
+    slots), for every policy; the smallest budget really offloads and never exceeds its bytes; the address table
+    the step reads (kept while the slot map does not change) is at every step the one its slot map gives."""
+    from vismmoe.step.fast_step import FastStep
+    run_native, checked = FastStep._run_native, []
+
+    def checked_run(self, b, fl):
+        run_native(self, b, fl)
+        assert np.array_equal(self._native_addr[2], self._addresses(fl.used, self.host_addr))
+        checked.append(1)
+    monkeypatch.setattr(FastStep, "_run_native", checked_run)
     d = tiny_dirs[family]
     image = _image(family, image_file)
     ref = load(d, decode="native")
@@ -106,6 +116,7 @@ def test_native_step_is_exact_across_budgets_and_policies(family, tiny_dirs, ima
             assert all(torch.equal(a, b) for a, b in zip(got_logits, want_logits)), (family, budget, policy)
     assert base.cache.num_slots == base.geometry.top_k
     assert stats["misses"] > base.cache.num_slots
+    assert checked
 
 
 @pytest.mark.parametrize("build", ["openmp", "pthreads"])

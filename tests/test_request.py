@@ -95,8 +95,9 @@ def tokenizers(tiny_dirs):
 @pytest.fixture(scope="module")
 def sentencepiece_style():
     """A tokenizer that decodes as SentencePiece ones do (Gemma's, ERNIE's): Metaspace with the leading space of a
-    sequence dropped, and byte fallback (`<0xNN>` tokens fused into characters), trained here on a little text in
-    several scripts."""
+    sequence dropped, and byte fallback (`<0xNN>` tokens, ordinary vocabulary as in those files, fused into
+    characters run by run), trained here on a little text in several scripts."""
+    import json
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
@@ -104,20 +105,26 @@ def sentencepiece_style():
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(content=" ", left=1, right=0)])
-    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     text = ["The red circle is left of the blue square.", "Wie viele Formen gibt es?", "這是什麼？ 紅色的圓",
             "naïve café, déjà vu", "emoji \U0001F642 and \U0001F680 text"] * 20
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=special))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())
+    for i in range(256):                                # the byte tokens as plain vocabulary
+        spec["model"]["vocab"].setdefault(f"<0x{i:02X}>", len(spec["model"]["vocab"]))
+    t = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                bos_token="<s>", eos_token="</s>")
+    assert t.decode(t("x \u2603 y")["input_ids"]) == "x \u2603 y"     # the snowman through three byte tokens
+    return t
 
 
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_incremental_text_with_sentencepiece_style_decoding(sentencepiece_style, data):
     """The same as below for a decoder that is not byte-level: a sequence's first space dropped, characters made of
-    byte tokens (random ids give broken bytes too)."""
+    runs of byte tokens (random bytes give broken runs too, which the decoder replaces as a whole)."""
     tok = sentencepiece_style
-    ids = data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=30))
+    byte = st.integers(0, 255).map(lambda n: tok.convert_tokens_to_ids(f"<0x{n:02X}>"))
+    ids = data.draw(st.lists(st.one_of(st.integers(0, len(tok) - 1), byte), max_size=30))
     _check_stream(tok, ids, data.draw(st.one_of(st.just(""), st.sampled_from(_pieces(tok.decode(
         ids, skip_special_tokens=True))))))
 
@@ -144,6 +151,22 @@ def test_incremental_text_edge_cases(tokenizers):
     _check_stream(tok, ids, "b ")
     special = tok.convert_tokens_to_ids(tok.all_special_tokens)[0]
     _check_stream(tok, ids[:1] + [special] * 200 + ids[1:], "")
+    lone = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd")     # a lone continuation byte
+    _check_stream(tok, ids[:1] + [lone] * 200 + ids[1:], "")                    # past the window's 64 ids
+
+
+def test_a_named_special_token_that_decodes_to_text_keeps_it():
+    """A token named special (here the pad token) but added as an ordinary token is kept by the decode: the stream
+    keeps it too."""
+    from transformers import AutoTokenizer
+    from vismmoe.checkpoints import BUNDLED
+    tok = AutoTokenizer.from_pretrained(BUNDLED)
+    tok.add_tokens(["<tool>"], special_tokens=False)
+    tok.pad_token = "<tool>"
+    tool = tok.convert_tokens_to_ids("<tool>")
+    assert tool in tok.all_special_ids and "<tool>" in tok.decode([tool], skip_special_tokens=True)
+    ids = tok("a b", add_special_tokens=False)["input_ids"]
+    _check_stream(tok, ids + [tool] + ids, "")
 
 
 def _pieces(text: str) -> list[str]:

@@ -99,9 +99,9 @@ class TextStream:
     WINDOW = 64
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: set[int] = frozenset()):
-        # special tokens decode to nothing (skip_special_tokens): kept out of the ids, they never hold a window open
+        # the ids the decode drops (skip_special_tokens) are kept out of the ids: they never hold a window open
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
-        self.skip = set(skip_ids) | set(getattr(tokenizer, "all_special_ids", ()))
+        self.skip = set(skip_ids) | _dropped_ids(tokenizer)
         self.ids: list[int] = []
         self.text = ""                  # the text so far (stripped at the start, cut at a stop string)
         self.sent = 0                   # characters of `text` released
@@ -113,7 +113,11 @@ class TextStream:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _advance(self) -> None:
-        """Append what the ids since `_read` add to `_raw`, once they end on a complete character."""
+        """Append what the ids since `_read` add to `_raw`, once they end on a complete character and not inside a
+        run of byte-fallback tokens (`<0xNN>`: SentencePiece decodes a run as a whole, and one invalid byte in it
+        turns the run's earlier characters into replacement characters too)."""
+        if len(self.ids) - self._prefix <= self.WINDOW and _is_byte_token(self.tokenizer, self.ids[-1]):
+            return
         before = self._decode(self.ids[self._prefix:self._read])
         now = self._decode(self.ids[self._prefix:])
         if len(now) > len(before) and not now.endswith("\ufffd") or len(self.ids) - self._prefix > self.WINDOW:
@@ -166,6 +170,21 @@ class TextStream:
         delta = self.text[self.sent:end]
         self.sent = max(self.sent, end)
         return delta
+
+
+def _dropped_ids(tokenizer) -> set[int]:
+    """The ids `decode(skip_special_tokens=True)` drops: a fast tokenizer's added tokens flagged special (a named
+    special token may be an ordinary added token, whose text is kept), else `all_special_ids`."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) if getattr(tokenizer, "is_fast", False) else None
+    if added is not None:
+        return {i for i, tok in added.items() if getattr(tok, "special", False)}
+    return set(getattr(tokenizer, "all_special_ids", ()))
+
+
+def _is_byte_token(tokenizer, token: int) -> bool:
+    """Whether `token` is a byte-fallback token (`<0xNN>`)."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    return isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 class RequestRows:
