@@ -322,12 +322,12 @@ class FastStep:
         if self.disk is not None:
             self._rerun_disk_misses(b, fl, real)
         miss = fl.used[self._rows, fl.idx] < 0                                      # read over the link
-        self._missed = bool(miss.any())
         # the step's distinct (layer, expert) pairs in layer then expert order, and which it read from a slot: one
         # np.unique a step, for the misses counted here and the hits `settle` books
         fl.key_p, fl.key_e = np.divmod(np.unique(fl.idx + self._rows_e), self.E)
         fl.key_read = fl.used[fl.key_p, fl.key_e] >= 0
         distinct = int(fl.key_read.size - np.count_nonzero(fl.key_read))             # distinct missed pairs
+        self._missed = distinct > 0                                                 # some pair was read over the link
         if self.split is not None:
             self.split.after(fl, fl.dev_s, self._clean_s.get(b.rows), distinct, b.rows)
         cpu = self.runtime.cpu
