@@ -113,7 +113,7 @@ def _kernel_case(spec, dtype, device, H, I, seed=0, act="silu"):
     return fmt, x.to(device), topk.to(device), w.to(device), addr, ref, (pool, bank)
 
 
-def _check_kernels(device, spec, H, I, variant="new", act="silu"):
+def _check_kernels(device, spec, H, I, variant=None, act="silu"):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         fmt, x, topk, w, addr, ref, keep = _kernel_case(spec, dtype, device, H, I, act=act)
         ri = torch.full((topk.numel(),), -1, dtype=torch.long, device=device)
@@ -145,11 +145,11 @@ interpreter = INTERPRETER
 @interpreter
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("H,I", [(64, 48), (256, 32)])      # one block; several blocks along H
-@pytest.mark.parametrize("variant", ["old", "new"])
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
 def test_kernels_match_reference_in_interpreter(spec, H, I, variant):
     """The decode kernels (slots and host blobs through one address table) and the dequantize kernel, under
-    Triton's interpreter on the CPU; both variants of the quantized kernels."""
-    if spec == "dense" and variant == "old":
+    Triton's interpreter on the CPU; every variant of the quantized kernels."""
+    if spec == "dense" and variant != "v1":
         pytest.skip("dense has one variant")
     _check_kernels("cpu", spec, H, I, variant)
 
@@ -162,7 +162,7 @@ def test_int4_v2_kernel_sums_several_tiles_and_groups_in_interpreter():
     ri = torch.full((topk.numel(),), -1, dtype=torch.long)
     rw = torch.zeros(topk.numel())
     out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 32, "BLOCK_H": 32},
-                                           {"BLOCK_O": 16, "BLOCK_K": 32}, fmt=fmt, variant="new")
+                                           {"BLOCK_O": 16, "BLOCK_K": 32}, fmt=fmt, variant="v2")
     assert (out - ref).norm() / ref.norm() < 1e-5
 
 
@@ -183,7 +183,8 @@ def test_rows_past_live_get_zeros_in_interpreter(spec):
 
 
 @interpreter
-@pytest.mark.parametrize("spec", SPECS + ["fp8:kernels=old", "int4:group=16,kernels=old"])
+@pytest.mark.parametrize("spec", SPECS + [f"{f}kernels={v}" for f in ("fp8:", "int4:group=16,")
+                                          for v in ("v1", "v2", "v3")])
 def test_address_zero_pairs_read_nothing_and_give_zeros_in_interpreter(spec):
     """Address 0 (the split step's experts without a slot, split_step.py): those pairs give exact zeros and read
     nothing, not even a scale (a read at address 0 would fault on the GPU); the other pairs are the reference's
@@ -288,7 +289,7 @@ def test_gpu_gelu_kernels_match_reference(spec, H, I):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("H,I", SHAPES + [(2048, 768)])
-@pytest.mark.parametrize("variant", ["old", "new"])
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
 def test_gpu_kernels_match_reference(spec, H, I, variant):
     """On the GPU, half the experts read from page-locked host memory by the kernel."""
     _check_kernels("cuda", spec, H, I, variant)
@@ -304,6 +305,18 @@ if moe_kernel.triton is not None:
     def _e4m3_probe(b_ptr, out_ptr, NATIVE_F8: tl.constexpr, VIA_F16: tl.constexpr):
         i = tl.arange(0, 256)
         tl.store(out_ptr + i, qk.e4m3_to_f32(tl.load(b_ptr + i), NATIVE_F8, VIA_F16))
+
+    @triton.jit
+    def _word_probe(w_ptr, out_ptr, one_bits):
+        """int32 words [64] -> [4, 64] e4m3 values * 2^-120 (v3 fp8), [8, 64] nibbles as 1 + n/16 (v3 int4)."""
+        i = tl.arange(0, 64)
+        w = tl.load(w_ptr + i)
+        for k in tl.static_range(4):
+            tl.store(out_ptr + k * 64 + i, qk._e4m3_scaled(w, k))
+        one = one_bits.to(tl.int32)
+        mask = (one >> 7) ^ 0x70000
+        for k in tl.static_range(8):
+            tl.store(out_ptr + (4 + k) * 64 + i, qk._one_plus(w, k, mask, one))
 
 
 def _e4m3_all_bytes(device, native, via_f16):
@@ -322,6 +335,38 @@ def _e4m3_all_bytes(device, native, via_f16):
 @interpreter
 def test_e4m3_bit_moves_give_torchs_values_for_every_byte():
     _e4m3_all_bytes("cpu", False, False)
+
+
+def _word_moves(device):
+    """The v3 kernels' bit moves on int32 words: every e4m3 byte (but the NaNs) at each of a word's 4 byte positions
+    gives torch's float8_e4m3fn value times 2^-120, bit-exact (subnormals, both zeros); every nibble at each of a
+    word's 8 positions gives 1 + n/16."""
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    words = torch.stack([b.roll(-k) for k in range(4)], 1).contiguous().view(torch.int32).reshape(256)
+    for half in (words[:64], words[64:128], words[128:192], words[192:]):
+        out = torch.empty(12, 64, device=device)
+        _word_probe[(1,)](half.to(device), out, moe_kernel.ONE_BITS)
+        out = out.cpu()
+        byte = half.view(torch.uint8).view(64, 4)
+        ref = byte.view(torch.float8_e4m3fn).float()
+        for k in range(4):
+            keep = ~torch.isnan(ref[:, k])
+            got = out[k][keep] * 2.0 ** 120
+            assert torch.equal(got, ref[:, k][keep])
+            assert torch.equal(torch.signbit(got), torch.signbit(ref[:, k][keep]))
+        nib = torch.stack([(half >> (4 * k)) & 0xF for k in range(8)])                      # [8, 64]
+        assert torch.equal(out[4:], 1 + nib.float() / 16)
+
+
+@interpreter
+def test_v3_word_bit_moves_in_interpreter():
+    _word_moves("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_v3_word_bit_moves():
+    """The same on the GPU: subnormal float32s are kept (the kernels compile without flush to zero)."""
+    _word_moves("cuda")
 
 
 @pytest.mark.gpu

@@ -12,10 +12,10 @@ Per format (dense bf16, fp8, int4 g128):
              >= max(bytes a token reads / HBM bandwidth, Belady decode bytes / link), from the resident run's
              routing; efficiency = bound / measured (<= 1)
 `--sweep` times each format's decode kernels over the same grid of tiles first and runs with the fastest, so every
-format is tuned alike on the card at hand. `--kernels old,new` runs each quantized format twice, with the first
-variant of its decode kernels (`fmt:kernels=old`) and the second (`kernels=new`), interleaved in the same reps:
+format is tuned alike on the card at hand. `--kernels v1,v3` runs each quantized format once per named variant of its
+decode kernels (`fmt:kernels=v1`, `fmt:kernels=v3`), interleaved in the same reps:
 
-    python -m vismmoe.bench.formats --layers 24 --reps 3 --sweep --kernels old,new --out DIR
+    python -m vismmoe.bench.formats --layers 24 --reps 3 --sweep --kernels v1,v3 --out DIR
 
 Decode is teacher-forced with the same random tokens in every format (the routing of each format's own weights).
 Writes formats.json, formats.md and formats.png under --out.
@@ -76,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/formats")
     ap.add_argument("--kernels", default="default",
                     help="decode kernel variants of the quantized formats, comma-separated: default (each format's "
-                         "own), new, old or old,new")
+                         "own) or v1, v2, v3")
     ap.add_argument("--sweep", action="store_true",
                     help="time each format's decode kernels over a grid of tiles first, and use the fastest")
     args = ap.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv=None):
     dev = torch.device("cuda")
     formats = []
     for f in args.formats.split(","):
-        for k in (args.kernels.split(",") if f != "dense" else ["new"]):
+        for k in (args.kernels.split(",") if f != "dense" else ["default"]):
             formats.append(f if f == "dense" or k == "default" else f"{f}{',' if ':' in f else ':'}kernels={k}")
     res = {"shape": args.shape, "layers": tc.num_hidden_layers, "routing": "random weights",
            "machine": torch.cuda.get_device_name(), "link": "real (PCIe, pinned host memory)",
@@ -119,7 +119,7 @@ def main(argv=None):
         eng = small.fork(expert_budget="100%", policy="lru", prefetch="none")     # every expert resident
         eng.runtime.preload([(l, e) for l in eng.geometry.moe_layers for e in range(eng.geometry.num_experts)])
         sweep = kernel_sweep(eng, rows_up=(4, 8, 16), cols=(512, 1024), rows_down=(8, 16, 32),
-                             cols_down=(512, 1024)) if args.sweep else None
+                             cols_down=(256, 512, 1024)) if args.sweep else None
         eng.generate_ids(inputs, args.new_tokens, teacher_tokens=teacher)            # compile + capture
         rs = [eng.generate_ids(inputs, args.new_tokens, teacher_tokens=teacher)[1] for _ in range(args.reps)]
         ex_ms, all_ms = expert_kernel_ms(eng, inputs, teacher)

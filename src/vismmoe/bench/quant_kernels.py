@@ -23,9 +23,9 @@ from ..step import moe_kernel
 from .step_ceiling import graph_us
 
 GRID_UP = [{"BLOCK_I": r, "BLOCK_H": c, "num_warps": w, "num_stages": s}
-           for r in (4, 8, 16) for c in (512, 1024) for w in (4, 8) for s in (2, 4)]
+           for r in (4, 8, 16, 32) for c in (256, 512, 1024) for w in (4, 8) for s in (2, 4)]
 GRID_DOWN = [{"BLOCK_O": r, "BLOCK_K": c, "num_warps": w, "num_stages": s}
-             for r in (8, 16, 32) for c in (256, 512, 1024) for w in (4, 8) for s in (2, 4)]
+             for r in (8, 16, 32, 64) for c in (256, 512, 1024) for w in (4, 8) for s in (2, 4)]
 
 
 def _case(spec: str, H: int, I: int, E: int, K: int, dev, seed: int = 0):
@@ -47,7 +47,8 @@ def main(argv=None):
     ap.add_argument("--inter", type=int, default=768)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--specs", default="dense,fp8:kernels=old,fp8,int4:kernels=old,int4")
+    ap.add_argument("--specs", default=",".join(["dense"] + [f"{f}:kernels={v}" for f in ("fp8", "int4")
+                                                             for v in ("v1", "v2", "v3")]))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--graph-reps", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="a smaller tile grid")

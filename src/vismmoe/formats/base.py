@@ -18,8 +18,8 @@ kernel variant in moe_kernel.py (for the GPU) and in cpu/native/ (`params`, for 
 without a GPU variant (`kernel = -1`, bf16) is refused on CUDA at load.
 
 Formats are named by a spec `name[:knob=value,...]` (config.split_spec's grammar): `dense`, `fp8`, `int4`,
-`int4:group=64,sym=0`; the quantized ones take `kernels=old` (the first variant of their decode kernels, to time
-against the default one: same blob, same values up to summation order).
+`int4:group=64,sym=0`; the quantized ones take `kernels=v1|v2|v3` (which variant of their decode kernels runs, to time
+one against another: same blob, same values up to summation order).
 """
 
 from __future__ import annotations
@@ -116,15 +116,16 @@ def int_knob(fmt: str, knobs: dict, key: str, default: int, allowed: tuple[int, 
     return value
 
 
-KERNELS = ("new", "old")        # the decode kernels' variants of a quantized format (step/quant_kernels.py)
+KERNELS = ("v1", "v2", "v3")    # the decode kernels' variants of a quantized format (step/quant_kernels.py)
 
 
 def kernels_knob(fmt: str, knobs: dict, default: str) -> str:
-    """Knob `kernels` of a quantized format: which variant of its decode kernels runs ("old" or "new"; `default`
-    is the one that measured faster for the format, docs/quantization.md); the blob is the same."""
+    """Knob `kernels` of a quantized format: which variant of its decode kernels runs (`KERNELS`; `default` is the
+    one that measured fastest for the format, docs/quantization.md); the blob is the same."""
     value = knobs.pop("kernels", default)
     if value not in KERNELS:
-        raise UserError(f"expert format {fmt}: kernels={value} is not supported", "use kernels=new or kernels=old")
+        raise UserError(f"expert format {fmt}: kernels={value} is not supported",
+                        f"use kernels= one of {', '.join(KERNELS)}")
     return value
 
 

@@ -26,8 +26,8 @@ E4M3_MAX = 448.0
 F8 = torch.float8_e4m3fn
 
 # the decode kernels' default variant: on an H100 (python -m vismmoe.bench.quant_kernels --quick, 2026-12-06) fp8's
-# new kernels (hardware e4m3 conversion) took 21.8 us a token against 22.6 for the old
-KERNELS_DEFAULT = "new"
+# v2 kernels (hardware e4m3 conversion) took 21.8 us a token against 22.6 for v1
+KERNELS_DEFAULT = "v2"
 
 
 def block_quantize(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,8 +27,8 @@ from .base import (ALIGN_BYTES, align, cdiv, check_stored, int_knob, kernels_kno
                    pad_experts, register)
 
 # the decode kernels' default variant: on an H100 (python -m vismmoe.bench.quant_kernels --quick, 2026-12-06) int4's
-# old kernels took 29.1 us a token (gate_up + down, top-8, H 2048, I 768) against 33.5 for the new
-KERNELS_DEFAULT = "old"
+# v1 kernels took 29.1 us a token (gate_up + down, top-8, H 2048, I 768) against 33.5 for v2
+KERNELS_DEFAULT = "v1"
 
 
 GROUPS = (16, 32, 64, 128)      # group sizes (columns per scale) this format takes

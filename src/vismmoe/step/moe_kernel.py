@@ -141,7 +141,7 @@ if triton is not None:
     @triton.jit
     def _row_dot(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, zp, SR: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_C: tl.constexpr, STEP: tl.constexpr, FMT: tl.constexpr, NATIVE_F8: tl.constexpr,
-                 dst=None, wr=False, WRITE: tl.constexpr = False):
+                 dst=None, wr=False, WRITE: tl.constexpr = False, one_bits=0):
         """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R]. A column tile of BLOCK_C spans
         BLOCK_C // STEP scale groups (STEP: 128 for fp8 blocks, the group size for int4).
         FMT 0: `base` points at dense weights [R, C] of x's dtype.
@@ -155,6 +155,10 @@ if triton is not None:
             acc = qk.row_dot_int4_v1(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP)
         elif FMT == 4:
             acc = qk.row_dot_int4_v2(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP)
+        elif FMT == 5:
+            acc = qk.row_dot_fp8_v3(base, x_ptr, t, rows, rmask, C, sp, SR, BLOCK_R, BLOCK_C)
+        elif FMT == 6:
+            acc = qk.row_dot_int4_v3(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP, one_bits)
         else:
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
@@ -168,7 +172,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr, live_ptr, dst_ptr,
+    def _gate_up_kernel(x_ptr, topk_ptr, w_ptr, addr_ptr, h_ptr, ridx_ptr, rw_ptr, live_ptr, dst_ptr, one_bits,
                         K: tl.constexpr, H: tl.constexpr, I: tl.constexpr,
                         BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, FMT: tl.constexpr,
                         S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SH: tl.constexpr, NB: tl.constexpr,
@@ -193,7 +197,7 @@ if triton is not None:
                              dst, wr, WRITE)
             acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
                              NATIVE_F8, dst + I * H, wr, WRITE)
-        elif FMT == 1 or FMT == 3:                  # gate [I, H] | up [I, H] e4m3; scales gate | up | down
+        elif FMT == 1 or FMT == 3 or FMT == 5:      # gate [I, H] | up [I, H] e4m3; scales gate | up | down
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
             acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
@@ -203,9 +207,10 @@ if triton is not None:
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
             zp = base + Z_OFF
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
+            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8,
+                             one_bits=one_bits)
             acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, H, sp + I * SH, zp + I * SH, SH,
-                             BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
+                             BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8, one_bits=one_bits)
         g = acc_g.to(dt).to(tl.float32)
         u = acc_u.to(dt).to(tl.float32)
         if ACT == 1:                                # GELU, tanh approximation; tanh(z) = 1 - 2 / (1 + e^2z)
@@ -216,7 +221,7 @@ if triton is not None:
         tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=omask)
 
     @triton.jit
-    def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr, live_ptr, dst_ptr,
+    def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr, live_ptr, dst_ptr, one_bits,
                      K: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
                      FMT: tl.constexpr, S_OFF: tl.constexpr, Z_OFF: tl.constexpr, SI: tl.constexpr,
                      NB: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr, WRITE: tl.constexpr):
@@ -232,7 +237,7 @@ if triton is not None:
             dst, wr = _landing(dst_ptr, p, base, WRITE)
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
                            NATIVE_F8, dst + 2 * I * H, wr, WRITE)
-        elif FMT == 1 or FMT == 3:                  # down [H, I] e4m3 after gate_up; its scales after gate's, up's
+        elif FMT == 1 or FMT == 3 or FMT == 5:      # down [H, I] e4m3 after gate_up; its scales after gate's, up's
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, FMT,
@@ -241,7 +246,7 @@ if triton is not None:
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
             acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, I, sp, base + Z_OFF + NB, SI, BLOCK_O, BLOCK_K,
-                           STEP, FMT, NATIVE_F8)
+                           STEP, FMT, NATIVE_F8, one_bits=one_bits)
         y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
         tl.store(y_ptr + p * H + rows, y, mask=omask)
 
@@ -284,17 +289,26 @@ BLOCKS = {0: (GATE_UP_BLOCKS, DOWN_BLOCKS),
           3: ({"BLOCK_I": 16, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
           4: ({"BLOCK_I": 4, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
-              {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2})}
+              {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
+          5: ({"BLOCK_I": 8, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
+              {"BLOCK_O": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}),
+          6: ({"BLOCK_I": 8, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
+              {"BLOCK_O": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2})}
+
+
+# float32 1.0's bits, handed to the kernels as a runtime value so the compiler keeps it (and the nibble mask derived
+# from it) in registers: `(b & mask) | one` is then a single LOP3 (with both as immediates it takes two)
+ONE_BITS = 0x3F800000
 
 
 def kernel_id(fmt, variant: str | None = None) -> int:
-    """The decode kernels' variant (FMT) for expert format `fmt` (None: dense, 0): quant_kernels.NEW or OLD, as
-    `variant` ("new" / "old") or else the format's `kernels` knob says."""
+    """The decode kernels' variant (FMT) for expert format `fmt` (None: dense, 0): quant_kernels.VARIANTS's, named by
+    `variant` ("v1", "v2", "v3") or else by the format's `kernels` knob."""
     if fmt is None or fmt.kernel == 0:
         return 0
     if fmt.kernel < 0:
         raise ValueError(f"expert format {fmt.spec()} has no decode kernel on the GPU")
-    return (qk.OLD if (variant or getattr(fmt, "kernels", "new")) == "old" else qk.NEW)[fmt.kernel]
+    return qk.VARIANTS[fmt.kernel][variant or fmt.kernels]
 
 
 def _geometry(fmt) -> dict:
@@ -328,7 +342,7 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
                  variant: str | None = None, act: str = "silu", live: torch.Tensor | None = None,
                  dst: torch.Tensor | None = None) -> None:
     """h [P, I] = act(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
-    expert format of the blobs `addr` points at (None: dense); `variant`: "old" or "new" kernels (`VARIANT`);
+    expert format of the blobs `addr` points at (None: dense); `variant`: "v1", "v2" or "v3" kernels (None: the format's knob);
     `act`: the gate's activation (`ACTIVATIONS`); `live` [1] int32 on the device: rows at or past it read no
     weights and get zeros (a static batch's unused rows; None: every row); `dst` [P] int64 (dense only): each
     pair's landing slot address (0: none), where every weight read is also written (None: landing off)."""
@@ -337,10 +351,10 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
     b = dict(BLOCKS[kid][0], **(blocks or {}))
     g = _geometry(fmt)
     H = x.shape[-1]
-    assert kid not in (1, 3) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
+    assert kid not in (1, 3, 5) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
         x, topk, weights, addr, h, route_idx, route_w, _live(live, x.shape[0], x.device),
-        topk if dst is None else dst, WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,
+        topk if dst is None else dst, ONE_BITS, WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,
         BLOCK_I=b["BLOCK_I"], BLOCK_H=_tile(b["BLOCK_H"], g["STEP"], H), FMT=kid,
         S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SH=g["SH"], NB=g["NB_GU"], STEP=g["STEP"], NATIVE_F8=not INTERPRETED,
         ACT=activation_id(act), num_warps=b["num_warps"], num_stages=b.get("num_stages", 3))
@@ -355,9 +369,9 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
     kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][1], **(blocks or {}))
     g = _geometry(fmt)
-    assert kid not in (1, 3) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
+    assert kid not in (1, 3, 5) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
-        h, topk, weights, addr, y, _live(live, topk.shape[0], h.device), topk if dst is None else dst,
+        h, topk, weights, addr, y, _live(live, topk.shape[0], h.device), topk if dst is None else dst, ONE_BITS,
         WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,
         BLOCK_O=b["BLOCK_O"], BLOCK_K=_tile(b["BLOCK_K"], g["STEP"], inter),
         FMT=kid, S_OFF=g["S_OFF"], Z_OFF=g["Z_OFF"], SI=g["SI"], NB=g["NB_DN"], STEP=g["STEP"],

@@ -29,9 +29,9 @@ try:
 except ImportError:                     # pragma: no cover - CPU installs without triton
     triton = None
 
-FP8_V1, INT4_V1, FP8_V2, INT4_V2 = 1, 2, 3, 4
-NEW = {1: FP8_V2, 2: INT4_V2}           # format kernel id -> its default (newest) variant
-OLD = {1: FP8_V1, 2: INT4_V1}
+FP8_V1, INT4_V1, FP8_V2, INT4_V2, FP8_V3, INT4_V3 = 1, 2, 3, 4, 5, 6
+# a format's kernel id (1 fp8, 2 int4) -> its variants by name (the `kernels` knob, formats/base.py)
+VARIANTS = {1: {"v1": FP8_V1, "v2": FP8_V2, "v3": FP8_V3}, 2: {"v1": INT4_V1, "v2": INT4_V2, "v3": INT4_V3}}
 
 
 if triton is not None:
@@ -136,3 +136,133 @@ if triton is not None:
             xg = tl.sum(tl.reshape(xv, [KG, STEP]), axis=1)                                  # [KG]
             corr += sg * (16.0 + zg) * xg[None, :]
         return tl.sum(acc, axis=1) - tl.sum(corr, axis=1)
+
+    @triton.jit
+    def _split8(v):
+        """v [N, 8] -> its 8 columns, each [N], in order 0..7 (three rounds of tl.split; in registers where a
+        thread holds a row's 8)."""
+        N: tl.constexpr = v.shape[0]
+        e, o = tl.split(tl.reshape(v, [N, 4, 2]))            # columns 0 2 4 6 | 1 3 5 7
+        e0, e1 = tl.split(tl.reshape(e, [N, 2, 2]))           # 0 4 | 2 6
+        o0, o1 = tl.split(tl.reshape(o, [N, 2, 2]))           # 1 5 | 3 7
+        c0, c4 = tl.split(e0)
+        c2, c6 = tl.split(e1)
+        c1, c5 = tl.split(o0)
+        c3, c7 = tl.split(o1)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+    @triton.jit
+    def _one_plus(q, S: tl.constexpr, mask, one):
+        """Nibble S of int32 words q -> the float32 1 + n/16, exactly: the nibble moved to mantissa bits 19..22 by
+        one shift, then (b & mask) | one with mask = 0x00780000 and one = 1.0's bits, runtime values (one LOP3)."""
+        if S <= 4:
+            b = q << (19 - 4 * S)
+        else:
+            b = q >> (4 * S - 19)
+        return ((b & mask) | one).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def row_dot_int4_v3(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, zp, SR: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr, one_bits):
+        """As `row_dot_int4_v2` (the same words, the same 1 + q/16 algebra), with every tensor two-dimensional so
+        no product is reduced across threads before the end: the words [R, W]; per nibble position S, x's column
+        8k+S as a vector [W] loaded in the words' own layout; the scale and the zero point per (row, word):
+            sum_{8 columns of a word} x (q - z) s = s (16 sum x (1 + q/16) - (16 + z) sum x)
+        Per weight: a shift, a LOP3, an FMA; per word two loads and three FMAs."""
+        W: tl.constexpr = BLOCK_C // 8
+        WG: tl.constexpr = STEP // 8
+        CW: tl.constexpr = C // 8
+        EVEN: tl.constexpr = C % BLOCK_C == 0
+        wp = base.to(tl.pointer_type(tl.int32))
+        jw = tl.arange(0, W)
+        one = one_bits.to(tl.int32)                          # 0x3F800000, from the host (see moe_kernel.ONE_BITS)
+        mask = (one >> 7) ^ 0x70000                          # 0x00780000, derived so it stays a register too
+        acc = tl.zeros([BLOCK_R, W], dtype=tl.float32)
+        for c0 in tl.range(0, C, BLOCK_C):
+            wc = tl.max_contiguous(tl.multiple_of(c0 // 8 + jw, W), W)
+            if EVEN:
+                wm = jw < W
+            else:
+                wm = wc < CW
+            m2 = rmask[:, None] & wm[None, :]
+            q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=m2, other=0)
+            xp = x_ptr + t * C + 8 * wc
+            x0 = tl.load(xp + 0, mask=wm, other=0.0).to(tl.float32)
+            tw = _one_plus(q, 0, mask, one) * x0[None, :]
+            xs = x0
+            x1 = tl.load(xp + 1, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 1, mask, one) * x1[None, :]
+            xs += x1
+            x2 = tl.load(xp + 2, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 2, mask, one) * x2[None, :]
+            xs += x2
+            x3 = tl.load(xp + 3, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 3, mask, one) * x3[None, :]
+            xs += x3
+            x4 = tl.load(xp + 4, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 4, mask, one) * x4[None, :]
+            xs += x4
+            x5 = tl.load(xp + 5, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 5, mask, one) * x5[None, :]
+            xs += x5
+            x6 = tl.load(xp + 6, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 6, mask, one) * x6[None, :]
+            xs += x6
+            x7 = tl.load(xp + 7, mask=wm, other=0.0).to(tl.float32)
+            tw += _one_plus(q, 7, mask, one) * x7[None, :]
+            xs += x7
+            gi = rows[:, None] * SR + (wc // WG)[None, :]
+            s = tl.load(sp + gi, mask=m2, other=0.0)
+            z = tl.load(zp + gi, mask=m2, other=0).to(tl.float32)
+            acc += s * (16.0 * tw - (16.0 + z) * xs[None, :])
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _e4m3_scaled(w, K: tl.constexpr):
+        """Byte K of int32 words w (e4m3) -> float32 value * 2^-120, exactly, by bit moves: the byte to the top
+        (a shift), back down by 4 with its sign repeated (an arithmetic shift), then the sign and the 7 bits of
+        exponent and mantissa kept (a LOP3): e4m3's 4-bit exponent lands in float32's low exponent bits, so a
+        normal e4m3 value becomes a normal float32 2^-120 times it and a subnormal one a subnormal (kept: the
+        kernels do not flush subnormals) 2^-120 times it."""
+        if K == 3:
+            b = w >> 4
+        else:
+            b = (w << (24 - 8 * K)) >> 4
+        return (b & -0x78100000).to(tl.float32, bitcast=True)      # 0x87F00000 as an int32
+
+    @triton.jit
+    def row_dot_fp8_v3(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, SR: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """acc [BLOCK_R] = sum_c w[rows, c] x[t, c] for e4m3 bytes [R, C] at `base` read as int32 words [R, W]
+        (a word holds columns 4k..4k+3), with float32 block scales [ceil(R/128), SR] at `sp` (the tile's rows lie
+        in one 128-row block). Every tensor is two-dimensional, so no product is reduced across threads before
+        the end. Per byte position K, x's column 4k+K is a vector [W] in the words' layout, times its column
+        block's scale and 2^64; each weight is `_e4m3_scaled` (three integer ops, two for K = 3) and one FMA;
+        the sum times 2^56 undoes the 2^-120."""
+        W: tl.constexpr = BLOCK_C // 4
+        CW: tl.constexpr = C // 4
+        EVEN: tl.constexpr = C % BLOCK_C == 0
+        wp = base.to(tl.pointer_type(tl.int32))
+        jw = tl.arange(0, W)
+        rb = tl.min(rows) // 128
+        anyr = tl.max(rmask.to(tl.int32), axis=0)          # no row to read (address 0): no scale read either
+        acc = tl.zeros([BLOCK_R, W], dtype=tl.float32)
+        for c0 in tl.range(0, C, BLOCK_C):
+            wc = tl.max_contiguous(tl.multiple_of(c0 // 4 + jw, W), W)
+            if EVEN:
+                wm = jw < W
+            else:
+                wm = wc < CW
+            q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=rmask[:, None] & wm[None, :], other=0)
+            sv = tl.load(sp + rb * SR + (4 * wc) // 128, mask=wm & ((wc * 0 + anyr) > 0), other=0.0)
+            sv = sv * 18446744073709551616.0                   # 2^64
+            xp = x_ptr + t * C + 4 * wc
+            x0 = tl.load(xp + 0, mask=wm, other=0.0).to(tl.float32) * sv
+            acc += _e4m3_scaled(q, 0) * x0[None, :]
+            x1 = tl.load(xp + 1, mask=wm, other=0.0).to(tl.float32) * sv
+            acc += _e4m3_scaled(q, 1) * x1[None, :]
+            x2 = tl.load(xp + 2, mask=wm, other=0.0).to(tl.float32) * sv
+            acc += _e4m3_scaled(q, 2) * x2[None, :]
+            x3 = tl.load(xp + 3, mask=wm, other=0.0).to(tl.float32) * sv
+            acc += _e4m3_scaled(q, 3) * x3[None, :]
+        return tl.sum(acc, axis=1) * 72057594037927936.0        # 2^56
