@@ -50,7 +50,7 @@ def window_banks(layout, pool: torch.Tensor, inside: list[int], lo: int, hi: int
     if not hasattr(layout, "views"):
         from .moe_kernel import dequantize
         sel = torch.tensor(inside, device=pool.device)
-        gu, dn = dequantize(layout, pool.index_select(0, sel))
+        gu, dn = dequantize(layout, pool, sel)
         return gu, dn, {s: i for i, s in enumerate(inside)}
     gate_up, down = layout.views(pool)
     if gather_sparse and hi - lo > 2 * len(inside) + 16:

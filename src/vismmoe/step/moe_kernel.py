@@ -251,27 +251,40 @@ if triton is not None:
         tl.store(y_ptr + p * H + rows, y, mask=omask)
 
     @triton.jit
-    def _dequant_kernel(blob_ptr, out_ptr, NBYTES: tl.constexpr, OUT_N: tl.constexpr, OUT_OFF: tl.constexpr,
+    def _dequant_kernel(pool_ptr, sel_ptr, out_ptr, NBYTES: tl.constexpr, OUT_N: tl.constexpr, OUT_OFF: tl.constexpr,
                         R: tl.constexpr, C: tl.constexpr, Q_OFF: tl.constexpr, S_OFF: tl.constexpr,
                         Z_OFF: tl.constexpr, SR: tl.constexpr, FMT: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr, NATIVE_F8: tl.constexpr):
-        """One matrix [R, C] of blob n (program axis 0) into out[n] at element OUT_OFF (out [N, OUT_N])."""
-        n = tl.program_id(0).to(tl.int64)
+        """One matrix [R, C] of the blob in slot sel[n] of `pool` (program axis 0: n) into out[n] at element
+        OUT_OFF (out [N, OUT_N]), the format's reference arithmetic in float32, one rounding into out's dtype.
+        fp8: a tile of BLOCK_R rows (dividing 128) and BLOCK_C = 128 columns lies in one scale block (one scale).
+        int4: the nibbles read as int32 words [BLOCK_R, BLOCK_C/8] (column 8k+s in bits 4s..4s+3 of word k), each
+        nibble made exact float32 by the mantissa of 2^23; the scale and zero point read once per word."""
+        n = tl.program_id(0)
+        blob = pool_ptr + tl.load(sel_ptr + n).to(tl.int64) * NBYTES
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         m = (rows < R)[:, None] & (cols < C)[None, :]
-        blob = blob_ptr + n * NBYTES
         sp = (blob + S_OFF).to(tl.pointer_type(tl.float32))
         if FMT == 1:
             q = tl.load(blob + Q_OFF + rows[:, None] * C + cols[None, :], mask=m, other=0)
-            w = qk.e4m3_to_f32(q, NATIVE_F8, False) * tl.load(sp + (rows[:, None] // 128) * SR + cols[None, :] // 128, mask=m, other=0.0)
+            sc = tl.load(sp + (tl.program_id(1) * BLOCK_R // 128) * SR + tl.program_id(2) * BLOCK_C // 128)
+            w = qk.e4m3_to_f32(q, NATIVE_F8, False) * sc
         else:
-            q = tl.load(blob + Q_OFF + rows[:, None] * (C // 2) + cols[None, :] // 2, mask=m, other=0)
-            q = tl.where((cols % 2 == 0)[None, :], q & 0xF, q >> 4).to(tl.float32)
-            gi = rows[:, None] * SR + cols[None, :] // STEP
-            z = tl.load(blob + Z_OFF + gi, mask=m, other=0).to(tl.float32)
-            w = (q - z) * tl.load(sp + gi, mask=m, other=0.0)
-        dst = out_ptr + n * OUT_N + OUT_OFF + rows[:, None] * C + cols[None, :]
+            W: tl.constexpr = BLOCK_C // 8
+            CW: tl.constexpr = C // 8
+            wc = tl.program_id(2) * W + tl.arange(0, W)
+            wm = (rows < R)[:, None] & (wc < CW)[None, :]
+            q = tl.load((blob + Q_OFF).to(tl.pointer_type(tl.int32)) + rows[:, None] * CW + wc[None, :], mask=wm,
+                        other=0)                                                            # [R, W]
+            gi = rows[:, None] * SR + (wc // (STEP // 8))[None, :]
+            s = tl.load(sp + gi, mask=wm, other=0.0)
+            z = tl.load(blob + Z_OFF + gi, mask=wm, other=0).to(tl.float32)
+            sh = tl.arange(0, 8)
+            nib = ((q[:, :, None] >> (4 * sh)[None, None, :]) & 0xF) | 0x4B000000            # [R, W, 8]
+            f = nib.to(tl.float32, bitcast=True) - 8388608.0
+            w = tl.reshape((f - z[:, :, None]) * s[:, :, None], [BLOCK_R, BLOCK_C])
+        dst = out_ptr + n.to(tl.int64) * OUT_N + OUT_OFF + rows[:, None] * C + cols[None, :]
         tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -439,23 +452,29 @@ def _(x, topk, weights, addr, route_idx, route_w, live, land, layer, inter, spec
 DEQUANT_BLOCKS = {"BLOCK_R": 32, "BLOCK_C": 128}
 
 
-def dequantize(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """blobs [N, numel] of a quantized format -> (gate_up [N, 2I, H], down [N, H, I]) in its activation dtype:
-    `dequantize_triton` on CUDA, the format's torch reference elsewhere."""
-    if not blobs.is_cuda or triton is None or fmt.kernel == 0:
-        return fmt.dequantize(blobs)
-    return dequantize_triton(fmt, blobs)
+def dequantize(fmt, pool: torch.Tensor, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blobs in slots `sel` [N] (int64, on pool's device) of `pool` [S, numel] (a quantized format) ->
+    (gate_up [N, 2I, H], down [N, H, I]) in its activation dtype: `dequantize_triton` on CUDA (reads the slots in
+    place), the format's torch reference over the gathered blobs elsewhere."""
+    if not pool.is_cuda or triton is None or fmt.kernel == 0:
+        return fmt.dequantize(pool.index_select(0, sel))
+    return dequantize_triton(fmt, pool, sel)
 
 
-def dequantize_triton(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`dequantize` by `_dequant_kernel`, one launch per matrix (gate, up, down for fp8; gate_up, down for int4)."""
-    N, H, I = blobs.shape[0], fmt.hidden, fmt.inter
-    out = torch.empty(N, 3 * I * H, dtype=fmt.dtype, device=blobs.device)
-    blobs = blobs.contiguous()
+def dequantize_triton(fmt, pool: torch.Tensor, sel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dequantize` by `_dequant_kernel`, one launch per matrix (gate, up, down for fp8; gate_up, down for int4);
+    `sel` None: every slot of `pool`."""
+    H, I = fmt.hidden, fmt.inter
+    pool = pool.contiguous()
+    if sel is None:
+        sel = torch.arange(pool.shape[0], device=pool.device)
+    N = sel.shape[0]
+    out = torch.empty(N, 3 * I * H, dtype=fmt.dtype, device=pool.device)
     g = _geometry(fmt)
     BR = DEQUANT_BLOCKS["BLOCK_R"]
     BC = max(DEQUANT_BLOCKS["BLOCK_C"], g["STEP"])
     if fmt.kernel == 1:      # (rows, cols, q offset, scale offset, zero offset, scale row length, out offset)
+        BC = 128             # one scale block per tile
         mats = [(I, H, 0, g["S_OFF"], 0, g["SH"], 0),
                 (I, H, I * H, g["S_OFF"] + 4 * g["NB_GU"], 0, g["SH"], I * H),
                 (H, I, 2 * I * H, g["S_OFF"] + 4 * g["NB_DN"], 0, g["SI"], 2 * I * H)]
@@ -464,7 +483,7 @@ def dequantize_triton(fmt, blobs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
                 (H, I, I * H, g["S_OFF"] + 4 * g["NB_DN"], g["Z_OFF"] + g["NB_DN"], g["SI"], 2 * I * H)]
     for R, C, q_off, s_off, z_off, sr, o_off in mats:
         _dequant_kernel[(N, triton.cdiv(R, BR), triton.cdiv(C, BC))](
-            blobs, out, NBYTES=fmt.nbytes, OUT_N=3 * I * H, OUT_OFF=o_off, R=R, C=C, Q_OFF=q_off, S_OFF=s_off,
+            pool, sel, out, NBYTES=fmt.nbytes, OUT_N=3 * I * H, OUT_OFF=o_off, R=R, C=C, Q_OFF=q_off, S_OFF=s_off,
             Z_OFF=z_off, SR=sr, FMT=fmt.kernel, BLOCK_R=BR, BLOCK_C=BC, STEP=g["STEP"], NATIVE_F8=not INTERPRETED)
     return out[:, : 2 * I * H].view(N, 2 * I, H), out[:, 2 * I * H:].view(N, H, I)
 
