@@ -26,9 +26,9 @@ from ..errors import UserError
 from .base import (ALIGN_BYTES, align, cdiv, check_stored, int_knob, kernels_knob, kernels_spec, no_more_knobs,
                    pad_experts, register)
 
-# the decode kernels' default variant: on an H100 (python -m vismmoe.bench.quant_kernels --quick, 2026-12-06) int4's
-# v1 kernels took 29.1 us a token (gate_up + down, top-8, H 2048, I 768) against 33.5 for v2
-KERNELS_DEFAULT = "v1"
+# the decode kernels' default variant: on an H100 (python -m vismmoe.bench.quant_kernels --quick, 2026-12-07) int4's
+# v3 kernels took 17.2 us a token (gate_up + down, top-8, H 2048, I 768) against 32.3 for v1 and 31.4 for dense
+KERNELS_DEFAULT = "v3"
 
 
 GROUPS = (16, 32, 64, 128)      # group sizes (columns per scale) this format takes

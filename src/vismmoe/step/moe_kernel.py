@@ -290,8 +290,8 @@ if triton is not None:
 
 # block sizes per pass and kernel variant (quant_kernels.py), the column tile a multiple of the format's scale
 # group: dense chosen on the H200 for the 30B shape (H 2048, I 768) by bench/step_ceiling.py's kernel sweep; fp8 and
-# int4 v1 on the H100 by bench/formats.py's sweep (its results file records the grid and the times); the v2
-# variants' are first guesses until `bench/formats.py --sweep` or `bench/quant_kernels.py` times them
+# int4 v1 on the H100 by bench/formats.py's sweep (its results file records the grid and the times); v2's are first
+# guesses; v3's the fastest of `bench/quant_kernels.py --quick` on the H100 (docs/results/quant/v3_h100_2026-12-07)
 GATE_UP_BLOCKS = {"BLOCK_I": 16, "BLOCK_H": 256, "num_warps": 4}
 DOWN_BLOCKS = {"BLOCK_O": 32, "BLOCK_K": 256, "num_warps": 4}
 BLOCKS = {0: (GATE_UP_BLOCKS, DOWN_BLOCKS),
@@ -304,9 +304,9 @@ BLOCKS = {0: (GATE_UP_BLOCKS, DOWN_BLOCKS),
           4: ({"BLOCK_I": 4, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
           5: ({"BLOCK_I": 8, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
-              {"BLOCK_O": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}),
+              {"BLOCK_O": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}),
           6: ({"BLOCK_I": 8, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
-              {"BLOCK_O": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2})}
+              {"BLOCK_O": 32, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2})}
 
 
 # float32 1.0's bits, handed to the kernels as a runtime value so the compiler keeps it (and the nibble mask derived
