@@ -76,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/formats")
     ap.add_argument("--kernels", default="default",
                     help="decode kernel variants of the quantized formats, comma-separated: default (each format's "
-                         "own) or v1, v2, v3")
+                         "own) or v1, v3")
     ap.add_argument("--sweep", action="store_true",
                     help="time each format's decode kernels over a grid of tiles first, and use the fastest")
     args = ap.parse_args(argv)

@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--specs", default=",".join(["dense"] + [f"{f}:kernels={v}" for f in ("fp8", "int4")
-                                                             for v in ("v1", "v2", "v3")]))
+                                                             for v in ("v1", "v3")]))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--graph-reps", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="a smaller tile grid")

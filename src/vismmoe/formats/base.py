@@ -18,7 +18,7 @@ kernel variant in moe_kernel.py (for the GPU) and in cpu/native/ (`params`, for 
 without a GPU variant (`kernel = -1`, bf16) is refused on CUDA at load.
 
 Formats are named by a spec `name[:knob=value,...]` (config.split_spec's grammar): `dense`, `fp8`, `int4`,
-`int4:group=64,sym=0`; the quantized ones take `kernels=v1|v2|v3` (which variant of their decode kernels runs, to time
+`int4:group=64,sym=0`; the quantized ones take `kernels=v1|v3` (which variant of their decode kernels runs, to time
 one against another: same blob, same values up to summation order).
 """
 
@@ -116,7 +116,7 @@ def int_knob(fmt: str, knobs: dict, key: str, default: int, allowed: tuple[int, 
     return value
 
 
-KERNELS = ("v1", "v2", "v3")    # the decode kernels' variants of a quantized format (step/quant_kernels.py)
+KERNELS = ("v1", "v3")          # the decode kernels' variants of a quantized format (step/quant_kernels.py)
 
 
 def kernels_knob(fmt: str, knobs: dict, default: str) -> str:

@@ -145,16 +145,14 @@ if triton is not None:
         """sum_c w[rows, c] * x[t, c] for one matrix of a blob, float32 [BLOCK_R]. A column tile of BLOCK_C spans
         BLOCK_C // STEP scale groups (STEP: 128 for fp8 blocks, the group size for int4).
         FMT 0: `base` points at dense weights [R, C] of x's dtype.
-        FMT 1, 3 (fp8 v1, v2): e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR].
-        FMT 2, 4 (int4 v1, v2): 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR].
+        FMT 1, 5 (fp8 v1, v3): e4m3 bytes [R, C]; `sp` float32 block scales [ceil(R/128), SR].
+        FMT 2, 6 (int4 v1, v3): 4-bit pairs [R, C/2]; `sp` float32 scales and `zp` uint8 zeros [R, SR].
         The quantized variants are quant_kernels.py's helpers."""
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        if FMT == 1 or FMT == 3:
-            acc = qk.row_dot_fp8(base, x_ptr, t, rows, rmask, C, sp, SR, BLOCK_C, NATIVE_F8, FMT == 3, acc)
+        if FMT == 1:
+            acc = qk.row_dot_fp8(base, x_ptr, t, rows, rmask, C, sp, SR, BLOCK_C, NATIVE_F8, acc)
         elif FMT == 2:
             acc = qk.row_dot_int4_v1(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP)
-        elif FMT == 4:
-            acc = qk.row_dot_int4_v2(base, x_ptr, t, rows, rmask, C, sp, zp, SR, BLOCK_R, BLOCK_C, STEP)
         elif FMT == 5:
             acc = qk.row_dot_fp8_v3(base, x_ptr, t, rows, rmask, C, sp, SR, BLOCK_R, BLOCK_C)
         elif FMT == 6:
@@ -197,7 +195,7 @@ if triton is not None:
                              dst, wr, WRITE)
             acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
                              NATIVE_F8, dst + I * H, wr, WRITE)
-        elif FMT == 1 or FMT == 3 or FMT == 5:      # gate [I, H] | up [I, H] e4m3; scales gate | up | down
+        elif FMT == 1 or FMT == 5:                  # gate [I, H] | up [I, H] e4m3; scales gate | up | down
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
             acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
@@ -237,7 +235,7 @@ if triton is not None:
             dst, wr = _landing(dst_ptr, p, base, WRITE)
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
                            NATIVE_F8, dst + 2 * I * H, wr, WRITE)
-        elif FMT == 1 or FMT == 3 or FMT == 5:      # down [H, I] e4m3 after gate_up; its scales after gate's, up's
+        elif FMT == 1 or FMT == 5:                  # down [H, I] e4m3 after gate_up; its scales after gate's, up's
             base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
             sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
             acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, FMT,
@@ -269,7 +267,7 @@ if triton is not None:
         if FMT == 1:
             q = tl.load(blob + Q_OFF + rows[:, None] * C + cols[None, :], mask=m, other=0)
             sc = tl.load(sp + (tl.program_id(1) * BLOCK_R // 128) * SR + tl.program_id(2) * BLOCK_C // 128)
-            w = qk.e4m3_to_f32(q, NATIVE_F8, False) * sc
+            w = qk.e4m3_to_f32(q, NATIVE_F8) * sc
         else:
             W: tl.constexpr = BLOCK_C // 8
             CW: tl.constexpr = C // 8
@@ -290,18 +288,14 @@ if triton is not None:
 
 # block sizes per pass and kernel variant (quant_kernels.py), the column tile a multiple of the format's scale
 # group: dense chosen on the H200 for the 30B shape (H 2048, I 768) by bench/step_ceiling.py's kernel sweep; fp8 and
-# int4 v1 on the H100 by bench/formats.py's sweep (its results file records the grid and the times); v2's are first
-# guesses; v3's the fastest of `bench/quant_kernels.py --quick` on the H100 (docs/results/quant/v3_h100_2026-12-07)
+# int4 v1 on the H100 by bench/formats.py's sweep (its results file records the grid and the times); v3's the fastest
+# of `bench/quant_kernels.py --quick` on the H100 (docs/results/quant/v3_h100_2026-12-07)
 GATE_UP_BLOCKS = {"BLOCK_I": 16, "BLOCK_H": 256, "num_warps": 4}
 DOWN_BLOCKS = {"BLOCK_O": 32, "BLOCK_K": 256, "num_warps": 4}
 BLOCKS = {0: (GATE_UP_BLOCKS, DOWN_BLOCKS),
           1: ({"BLOCK_I": 16, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
           2: ({"BLOCK_I": 4, "BLOCK_H": 512, "num_warps": 4, "num_stages": 4},
-              {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
-          3: ({"BLOCK_I": 16, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
-              {"BLOCK_O": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
-          4: ({"BLOCK_I": 4, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 2}),
           5: ({"BLOCK_I": 8, "BLOCK_H": 1024, "num_warps": 4, "num_stages": 2},
               {"BLOCK_O": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}),
@@ -316,7 +310,7 @@ ONE_BITS = 0x3F800000
 
 def kernel_id(fmt, variant: str | None = None) -> int:
     """The decode kernels' variant (FMT) for expert format `fmt` (None: dense, 0): quant_kernels.VARIANTS's, named by
-    `variant` ("v1", "v2", "v3") or else by the format's `kernels` knob."""
+    `variant` ("v1", "v3") or else by the format's `kernels` knob."""
     if fmt is None or fmt.kernel == 0:
         return 0
     if fmt.kernel < 0:
@@ -355,7 +349,7 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
                  variant: str | None = None, act: str = "silu", live: torch.Tensor | None = None,
                  dst: torch.Tensor | None = None) -> None:
     """h [P, I] = act(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
-    expert format of the blobs `addr` points at (None: dense); `variant`: "v1", "v2" or "v3" kernels (None: the format's knob);
+    expert format of the blobs `addr` points at (None: dense); `variant`: "v1" or "v3" kernels (None: the format's knob);
     `act`: the gate's activation (`ACTIVATIONS`); `live` [1] int32 on the device: rows at or past it read no
     weights and get zeros (a static batch's unused rows; None: every row); `dst` [P] int64 (dense only): each
     pair's landing slot address (0: none), where every weight read is also written (None: landing off)."""
@@ -364,7 +358,7 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
     b = dict(BLOCKS[kid][0], **(blocks or {}))
     g = _geometry(fmt)
     H = x.shape[-1]
-    assert kid not in (1, 3, 5) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
+    assert kid not in (1, 5) or 128 % b["BLOCK_I"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _gate_up_kernel[(P, triton.cdiv(inter, b["BLOCK_I"]))](
         x, topk, weights, addr, h, route_idx, route_w, _live(live, x.shape[0], x.device),
         topk if dst is None else dst, ONE_BITS, WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,
@@ -382,7 +376,7 @@ def down_pass(h: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, addr: 
     kid = kernel_id(fmt, variant)
     b = dict(BLOCKS[kid][1], **(blocks or {}))
     g = _geometry(fmt)
-    assert kid not in (1, 3, 5) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
+    assert kid not in (1, 5) or 128 % b["BLOCK_O"] == 0, "fp8 row tiles must divide the 128-row scale blocks"
     _down_kernel[(P, triton.cdiv(H, b["BLOCK_O"]))](
         h, topk, weights, addr, y, _live(live, topk.shape[0], h.device), topk if dst is None else dst, ONE_BITS,
         WRITE=dst is not None, K=topk.shape[-1], H=H, I=inter,

@@ -6,14 +6,16 @@ matrix is dequantized and dotted with an activation row, one Triton helper per k
                    x * block scale (the scale folded into x once per column)
     2   int4 v1    bytes [R, g/2] per group; nibble -> float32 through the mantissa of 2^23 and a subtraction;
                    s (q x) - s z x into an accumulator of [R, g/2]
-    3   fp8 v2     e4m3 -> float16 (the hardware converts two a instruction) -> float32, times x * block scale;
-                   as v1 but one conversion fewer a weight where the compiler lowers e4m3 -> f32 through f16
-                   twice, and wider column tiles (`--sweep` chooses)
-    4   int4 v2    int32 words [R, BLOCK_C/8] (one 16-byte load carries 32 weights); each nibble becomes the
-                   float 1 + q/16 by two integer ops (its 4 bits into the top of 1.0's mantissa: shift, and-or),
-                   one FMA with x; the group scale once per word (1 FMA / 8 weights) and the zero point and the
-                   1.0 once per (row, group) of the tile:
-                       sum_k x_k (q_k - z) s = s (16 sum_k x_k (1 + q_k/16) - (16 + z) sum_k x_k)
+    5   fp8 v3     int32 words [R, BLOCK_C/4]; byte K -> its value * 2^-120 by two shifts and a LOP3
+                   (`_e4m3_scaled`), one FMA with x * block scale * 2^64 (x's column 4k+K, a vector in the words'
+                   layout); the sum times 2^56
+    6   int4 v3    int32 words [R, BLOCK_C/8] (column 8k+s in bits 4s..4s+3 of word k); nibble s -> the float
+                   1 + n/16 by a shift and one LOP3 (`_one_plus`), one FMA with x's column 8k+s; the scale and
+                   zero point once per (row, word):
+                       sum_s x_s (n_s - z) s = s (16 sum_s x_s (1 + n_s/16) - (16 + z) sum_s x_s)
+    v3 keeps every tensor [rows, words], so nothing is reduced across threads before a tile's end. (A v2, ids 3
+    and 4, converted fp8 through f16 and summed int4 over a [rows, words, 8] tensor; slower than v3 in both
+    formats on the H100, it was removed: docs/quantization.md.)
 
 Every variant is exact in its dequantized weights (the products with x are float32); the kernels differ from
 the torch reference (moe_kernel.decode_experts_reference) only in summation order. `INTERPRETED` (Triton's
@@ -29,9 +31,9 @@ try:
 except ImportError:                     # pragma: no cover - CPU installs without triton
     triton = None
 
-FP8_V1, INT4_V1, FP8_V2, INT4_V2, FP8_V3, INT4_V3 = 1, 2, 3, 4, 5, 6
+FP8_V1, INT4_V1, FP8_V3, INT4_V3 = 1, 2, 5, 6
 # a format's kernel id (1 fp8, 2 int4) -> its variants by name (the `kernels` knob, formats/base.py)
-VARIANTS = {1: {"v1": FP8_V1, "v2": FP8_V2, "v3": FP8_V3}, 2: {"v1": INT4_V1, "v2": INT4_V2, "v3": INT4_V3}}
+VARIANTS = {1: {"v1": FP8_V1, "v3": FP8_V3}, 2: {"v1": INT4_V1, "v3": INT4_V3}}
 
 
 if triton is not None:
@@ -44,11 +46,9 @@ if triton is not None:
         return bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
 
     @triton.jit
-    def e4m3_to_f32(w, NATIVE_F8: tl.constexpr, VIA_F16: tl.constexpr):
+    def e4m3_to_f32(w, NATIVE_F8: tl.constexpr):
         """uint8 e4m3 bytes -> float32 (exact). NATIVE_F8: the hardware conversion (CUDA), else `_e4m3`."""
         if NATIVE_F8:
-            if VIA_F16:
-                return w.to(tl.float8e4nv, bitcast=True).to(tl.float16).to(tl.float32)
             return w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         return _e4m3(w)
 
@@ -60,7 +60,7 @@ if triton is not None:
 
     @triton.jit
     def row_dot_fp8(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, SR: tl.constexpr, BLOCK_C: tl.constexpr,
-                    NATIVE_F8: tl.constexpr, VIA_F16: tl.constexpr, acc):
+                    NATIVE_F8: tl.constexpr, acc):
         """acc [BLOCK_R] += sum_c w[rows, c] x[t, c]; e4m3 bytes [R, C] at `base`, float32 block scales
         [ceil(R/128), SR] at `sp`; the tile's rows lie in one 128-row block (BLOCK_R divides 128), so its scales
         are one vector over its columns, folded into x."""
@@ -72,7 +72,7 @@ if triton is not None:
             xv = tl.load(x_ptr + t * C + cols, mask=cm, other=0.0).to(tl.float32)
             w = tl.load(base + rows[:, None] * C + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0)
             sv = tl.load(sp + rb * SR + cols // 128, mask=cm & ((cols * 0 + anyr) > 0), other=0.0)  # [BLOCK_C]
-            acc += tl.sum(e4m3_to_f32(w, NATIVE_F8, VIA_F16) * (xv * sv)[None, :], axis=1)
+            acc += tl.sum(e4m3_to_f32(w, NATIVE_F8) * (xv * sv)[None, :], axis=1)
         return acc
 
     @triton.jit
@@ -102,56 +102,6 @@ if triton is not None:
         return tl.sum(accg, axis=1)
 
     @triton.jit
-    def row_dot_int4_v2(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, zp, SR: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr):
-        """As `row_dot_int4_v1`, read as int32 words: word k of a row holds columns 8k..8k+7, column 8k+s in
-        bits 4s..4s+3 (the blob's little-endian nibble order). Each nibble q becomes 1 + q/16 = bitcast((q << 19)
-        | 0x3F800000): exact, and its product with a bf16 x is exact in float32. BLOCK_C a multiple of STEP."""
-        W: tl.constexpr = BLOCK_C // 8                  # words of a tile row
-        KG: tl.constexpr = BLOCK_C // STEP              # groups of a tile row
-        WG: tl.constexpr = STEP // 8                    # words of a group
-        CW: tl.constexpr = C // 8                       # words of a matrix row
-        wp = base.to(tl.pointer_type(tl.int32))
-        jw = tl.arange(0, W)
-        sh = tl.arange(0, 8)
-        kg = tl.arange(0, KG)
-        acc = tl.zeros([BLOCK_R, W], dtype=tl.float32)      # 16 s sum x (1 + q/16), per (row, word)
-        corr = tl.zeros([BLOCK_R, KG], dtype=tl.float32)    # s (16 + z) sum x, per (row, group)
-        for c0 in range(0, C, BLOCK_C):
-            wc = c0 // 8 + jw
-            wm = wc < CW
-            q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=rmask[:, None] & wm[None, :], other=0)
-            xc = c0 + 8 * jw[:, None] + sh[None, :]                                          # [W, 8]
-            xv = tl.load(x_ptr + t * C + xc, mask=xc < C, other=0.0).to(tl.float32)
-            f = ((((q[:, :, None] >> (4 * sh)[None, None, :]) & 0xF) << 19) | 0x3F800000).to(tl.float32,
-                                                                                           bitcast=True)
-            tw = tl.sum(f * xv[None, :, :], axis=2)                                          # [R, W]
-            gi = c0 // STEP + jw // WG                                                       # group of a word
-            s = tl.load(sp + rows[:, None] * SR + gi[None, :], mask=rmask[:, None] & wm[None, :], other=0.0)
-            acc += (16.0 * s) * tw
-            g = c0 // STEP + kg                                                              # [KG]
-            gm = rmask[:, None] & (g < SR)[None, :]
-            sg = tl.load(sp + rows[:, None] * SR + g[None, :], mask=gm, other=0.0)
-            zg = tl.load(zp + rows[:, None] * SR + g[None, :], mask=gm, other=0).to(tl.float32)
-            xg = tl.sum(tl.reshape(xv, [KG, STEP]), axis=1)                                  # [KG]
-            corr += sg * (16.0 + zg) * xg[None, :]
-        return tl.sum(acc, axis=1) - tl.sum(corr, axis=1)
-
-    @triton.jit
-    def _split8(v):
-        """v [N, 8] -> its 8 columns, each [N], in order 0..7 (three rounds of tl.split; in registers where a
-        thread holds a row's 8)."""
-        N: tl.constexpr = v.shape[0]
-        e, o = tl.split(tl.reshape(v, [N, 4, 2]))            # columns 0 2 4 6 | 1 3 5 7
-        e0, e1 = tl.split(tl.reshape(e, [N, 2, 2]))           # 0 4 | 2 6
-        o0, o1 = tl.split(tl.reshape(o, [N, 2, 2]))           # 1 5 | 3 7
-        c0, c4 = tl.split(e0)
-        c2, c6 = tl.split(e1)
-        c1, c5 = tl.split(o0)
-        c3, c7 = tl.split(o1)
-        return c0, c1, c2, c3, c4, c5, c6, c7
-
-    @triton.jit
     def _one_plus(q, S: tl.constexpr, mask, one):
         """Nibble S of int32 words q -> the float32 1 + n/16, exactly: the nibble moved to mantissa bits 19..22 by
         one shift, then (b & mask) | one with mask = 0x00780000 and one = 1.0's bits, runtime values (one LOP3)."""
@@ -164,9 +114,11 @@ if triton is not None:
     @triton.jit
     def row_dot_int4_v3(base, x_ptr, t, rows, rmask, C: tl.constexpr, sp, zp, SR: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, STEP: tl.constexpr, one_bits):
-        """As `row_dot_int4_v2` (the same words, the same 1 + q/16 algebra), with every tensor two-dimensional so
-        no product is reduced across threads before the end: the words [R, W]; per nibble position S, x's column
-        8k+S as a vector [W] loaded in the words' own layout; the scale and the zero point per (row, word):
+        """sum_c w[rows, c] x[t, c], float32 [BLOCK_R]: nibbles read as int32 words [R, W] (word k of a row holds
+        columns 8k..8k+7, column 8k+s in bits 4s..4s+3: the blob's little-endian nibble order), float32 scales
+        `sp` and uint8 zeros `zp` [R, SR], one per STEP columns. Every tensor is two-dimensional, so no product
+        is reduced across threads before the end: per nibble position S, x's column 8k+S is a vector [W] loaded
+        in the words' own layout; the scale and the zero point per (row, word):
             sum_{8 columns of a word} x (q - z) s = s (16 sum x (1 + q/16) - (16 + z) sum x)
         Per weight: a shift, a LOP3, an FMA; per word two loads and three FMAs."""
         W: tl.constexpr = BLOCK_C // 8
