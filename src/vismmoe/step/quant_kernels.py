@@ -139,30 +139,12 @@ if triton is not None:
             m2 = rmask[:, None] & wm[None, :]
             q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=m2, other=0)
             xp = x_ptr + t * C + 8 * wc
-            x0 = tl.load(xp + 0, mask=wm, other=0.0).to(tl.float32)
-            tw = _one_plus(q, 0, mask, one) * x0[None, :]
-            xs = x0
-            x1 = tl.load(xp + 1, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 1, mask, one) * x1[None, :]
-            xs += x1
-            x2 = tl.load(xp + 2, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 2, mask, one) * x2[None, :]
-            xs += x2
-            x3 = tl.load(xp + 3, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 3, mask, one) * x3[None, :]
-            xs += x3
-            x4 = tl.load(xp + 4, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 4, mask, one) * x4[None, :]
-            xs += x4
-            x5 = tl.load(xp + 5, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 5, mask, one) * x5[None, :]
-            xs += x5
-            x6 = tl.load(xp + 6, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 6, mask, one) * x6[None, :]
-            xs += x6
-            x7 = tl.load(xp + 7, mask=wm, other=0.0).to(tl.float32)
-            tw += _one_plus(q, 7, mask, one) * x7[None, :]
-            xs += x7
+            tw = tl.zeros([BLOCK_R, W], dtype=tl.float32)
+            xs = tl.zeros([W], dtype=tl.float32)
+            for k in tl.static_range(8):
+                xk = tl.load(xp + k, mask=wm, other=0.0).to(tl.float32)
+                tw += _one_plus(q, k, mask, one) * xk[None, :]
+                xs += xk
             gi = rows[:, None] * SR + (wc // WG)[None, :]
             s = tl.load(sp + gi, mask=m2, other=0.0)
             z = tl.load(zp + gi, mask=m2, other=0).to(tl.float32)
@@ -209,12 +191,7 @@ if triton is not None:
             sv = tl.load(sp + rb * SR + (4 * wc) // 128, mask=wm & ((wc * 0 + anyr) > 0), other=0.0)
             sv = sv * 18446744073709551616.0                   # 2^64
             xp = x_ptr + t * C + 4 * wc
-            x0 = tl.load(xp + 0, mask=wm, other=0.0).to(tl.float32) * sv
-            acc += _e4m3_scaled(q, 0) * x0[None, :]
-            x1 = tl.load(xp + 1, mask=wm, other=0.0).to(tl.float32) * sv
-            acc += _e4m3_scaled(q, 1) * x1[None, :]
-            x2 = tl.load(xp + 2, mask=wm, other=0.0).to(tl.float32) * sv
-            acc += _e4m3_scaled(q, 2) * x2[None, :]
-            x3 = tl.load(xp + 3, mask=wm, other=0.0).to(tl.float32) * sv
-            acc += _e4m3_scaled(q, 3) * x3[None, :]
+            for k in tl.static_range(4):
+                xk = tl.load(xp + k, mask=wm, other=0.0).to(tl.float32) * sv
+                acc += _e4m3_scaled(q, k) * xk[None, :]
         return tl.sum(acc, axis=1) * 72057594037927936.0        # 2^56
