@@ -102,6 +102,20 @@ if triton is not None:
         return tl.sum(accg, axis=1)
 
     @triton.jit
+    def _word_tile(wp, rows, rmask, c0, W: tl.constexpr, CW: tl.constexpr, PER: tl.constexpr):
+        """The words [R, W] of a tile from column c0 (PER columns a word) of a matrix of CW int32 words a row at
+        `wp`: (word indices [W], their mask [W], the words; masked words read 0). Unmasked along the columns where
+        the tile divides the row, so the loads vectorise."""
+        jw = tl.arange(0, W)
+        wc = tl.max_contiguous(tl.multiple_of(c0 // PER + jw, W), W)
+        if CW % W == 0:
+            wm = jw < W
+        else:
+            wm = wc < CW
+        q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=rmask[:, None] & wm[None, :], other=0)
+        return wc, wm, q
+
+    @triton.jit
     def _one_plus(q, S: tl.constexpr, mask, one):
         """Nibble S of int32 words q -> the float32 1 + n/16, exactly: the nibble moved to mantissa bits 19..22 by
         one shift, then (b & mask) | one with mask = 0x00780000 and one = 1.0's bits, runtime values (one LOP3)."""
@@ -124,20 +138,13 @@ if triton is not None:
         W: tl.constexpr = BLOCK_C // 8
         WG: tl.constexpr = STEP // 8
         CW: tl.constexpr = C // 8
-        EVEN: tl.constexpr = C % BLOCK_C == 0
         wp = base.to(tl.pointer_type(tl.int32))
-        jw = tl.arange(0, W)
         one = one_bits.to(tl.int32)                          # 0x3F800000, from the host (see moe_kernel.ONE_BITS)
         mask = (one >> 7) ^ 0x70000                          # 0x00780000, derived so it stays a register too
         acc = tl.zeros([BLOCK_R, W], dtype=tl.float32)
         for c0 in tl.range(0, C, BLOCK_C):
-            wc = tl.max_contiguous(tl.multiple_of(c0 // 8 + jw, W), W)
-            if EVEN:
-                wm = jw < W
-            else:
-                wm = wc < CW
+            wc, wm, q = _word_tile(wp, rows, rmask, c0, W, CW, 8)
             m2 = rmask[:, None] & wm[None, :]
-            q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=m2, other=0)
             xp = x_ptr + t * C + 8 * wc
             tw = tl.zeros([BLOCK_R, W], dtype=tl.float32)
             xs = tl.zeros([W], dtype=tl.float32)
@@ -175,19 +182,12 @@ if triton is not None:
         the sum times 2^56 undoes the 2^-120."""
         W: tl.constexpr = BLOCK_C // 4
         CW: tl.constexpr = C // 4
-        EVEN: tl.constexpr = C % BLOCK_C == 0
         wp = base.to(tl.pointer_type(tl.int32))
-        jw = tl.arange(0, W)
         rb = tl.min(rows) // 128
         anyr = tl.max(rmask.to(tl.int32), axis=0)          # no row to read (address 0): no scale read either
         acc = tl.zeros([BLOCK_R, W], dtype=tl.float32)
         for c0 in tl.range(0, C, BLOCK_C):
-            wc = tl.max_contiguous(tl.multiple_of(c0 // 4 + jw, W), W)
-            if EVEN:
-                wm = jw < W
-            else:
-                wm = wc < CW
-            q = tl.load(wp + rows[:, None] * CW + wc[None, :], mask=rmask[:, None] & wm[None, :], other=0)
+            wc, wm, q = _word_tile(wp, rows, rmask, c0, W, CW, 4)
             sv = tl.load(sp + rb * SR + (4 * wc) // 128, mask=wm & ((wc * 0 + anyr) > 0), other=0.0)
             sv = sv * 18446744073709551616.0                   # 2^64
             xp = x_ptr + t * C + 4 * wc
