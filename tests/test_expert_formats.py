@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vismmoe.step import moe_kernel
+from vismmoe.step import quant_kernels as qk_ids
 from vismmoe.errors import UserError
 from vismmoe.formats import make_format, names
 
@@ -165,6 +166,47 @@ def test_int4_v3_kernel_sums_several_tiles_and_groups_in_interpreter():
     out = moe_kernel.decode_experts_triton(x, topk, w, addr, ri, rw, 48, {"BLOCK_I": 32, "BLOCK_H": 32},
                                            {"BLOCK_O": 16, "BLOCK_K": 32}, fmt=fmt, variant="v3")
     assert (out - ref).norm() / ref.norm() < 1e-5
+
+
+@interpreter
+def test_fp8_widths_not_multiples_of_4_run_v1_in_interpreter():
+    """fp8 v3 reads rows as int32 words; widths that are not multiples of 4 run v1 (kernel_id), with its values."""
+    fmt = make_format("fp8:kernels=v3", 66, 50, torch.float32)
+    assert moe_kernel.kernel_id(fmt) == qk_ids.FP8_V1
+    assert moe_kernel.kernel_id(make_format("fp8", 64, 48, torch.float32)) == qk_ids.FP8_V3
+    _check_kernels("cpu", "fp8", 66, 50, "v3")
+
+
+def _subnormal_fp8(device):
+    """Every weight byte an e4m3 subnormal (0x01..0x07, either sign), every block scale 1: the v3 kernels turn them
+    into float32 subnormals (times 2^-120) and must keep them; flushed to zero, the output would be 0."""
+    H, I, E, K = 64, 48, 4, 2
+    fmt = make_format("fp8:kernels=v3", H, I, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    blobs = torch.zeros(E, fmt.numel, dtype=torch.uint8)
+    qgu, qdn, sg, su, sd = fmt._parts(blobs)
+    for q in (qgu, qdn):
+        b = torch.randint(1, 8, q.shape, generator=g, dtype=torch.uint8) | (torch.randint(0, 2, q.shape, generator=g,
+                                                                                       dtype=torch.uint8) << 7)
+        q.view(torch.uint8).copy_(b)
+    for sc in (sg, su, sd):
+        sc.fill_(1.0)
+    x = torch.randn(1, H, generator=g) * 1e3
+    topk = torch.tensor([[2, 0]])
+    w = torch.tensor([[0.6, 0.4]])
+    ref = moe_kernel.decode_experts_reference(x, topk, w, *fmt.dequantize(blobs[topk.reshape(-1)]))
+    pool = blobs.to(device)
+    addr = torch.tensor([pool.data_ptr() + e * fmt.nbytes for e in range(E)], dtype=torch.int64, device=device)
+    ri, rw = torch.empty(K, dtype=torch.long, device=device), torch.empty(K, device=device)
+    out = moe_kernel.decode_experts_triton(x.to(device), topk.to(device), w.to(device), addr, ri, rw, I,
+                                           fmt=fmt).cpu()
+    assert ref.abs().max() > 0
+    assert (out - ref).norm() / ref.norm() < 1e-5
+
+
+@interpreter
+def test_fp8_v3_keeps_subnormal_weights_in_interpreter():
+    _subnormal_fp8("cpu")
 
 
 @interpreter
@@ -374,6 +416,11 @@ def test_gpu_v3_word_bit_moves():
 def test_gpu_e4m3_hardware_conversion_gives_torchs_values_for_every_byte():
     """The CUDA path (hardware e4m3 conversion) and the interpreter's bit moves give the same values."""
     _e4m3_all_bytes("cuda", True)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_v3_keeps_subnormal_weights():
+    _subnormal_fp8("cuda")
 
 
 @pytest.mark.gpu

@@ -28,10 +28,10 @@ passes write every weight they read of a landing expert into its slot as they go
 once; after the step the host evicts the slot's old expert and adopts the new one there (fast_step.py) instead of
 copying it over the link a second time. `landing_plan` is the same assignment on the host.
 
-Quantized blobs are dequantized in registers (`_row_dot`: one variant per format, chosen by the constant `FMT`
-= the format's `kernel` id); activations stay in x's dtype, accumulation in float32. The prefill does not use
-these kernels: it dequantizes a wave's slots into a scratch (`dequantize`, `_dequant_kernel`) and runs
-`grouped_mm` on it (grouped.py).
+Quantized blobs are dequantized in registers (`_row_dot`: one helper per kernel variant of quant_kernels.py, chosen
+by the constant `FMT` = the variant's id, `kernel_id`); activations stay in x's dtype, accumulation in float32. The
+prefill does not use these kernels: it dequantizes a wave's slots, read in place, into a scratch (`dequantize`,
+`_dequant_kernel`) and runs `grouped_mm` on it (grouped.py).
 
 On CUDA the two passes are Triton kernels behind the custom op `vismmoe::decode_experts` (opaque to
 torch.compile). `decode_experts_reference` is the plain torch version over dequantized weights: the CPU path and
@@ -310,12 +310,16 @@ ONE_BITS = 0x3F800000
 
 def kernel_id(fmt, variant: str | None = None) -> int:
     """The decode kernels' variant (FMT) for expert format `fmt` (None: dense, 0): quant_kernels.VARIANTS's, named by
-    `variant` ("v1", "v3") or else by the format's `kernels` knob."""
+    `variant` ("v1", "v3") or else by the format's `kernels` knob; fp8 widths (H, I) that are not multiples of 4
+    run v1 (v3 reads rows as int32 words)."""
     if fmt is None or fmt.kernel == 0:
         return 0
     if fmt.kernel < 0:
         raise ValueError(f"expert format {fmt.spec()} has no decode kernel on the GPU")
-    return qk.VARIANTS[fmt.kernel][variant or fmt.kernels]
+    kid = qk.VARIANTS[fmt.kernel][variant or fmt.kernels]
+    if kid == qk.FP8_V3 and (fmt.hidden % 4 or fmt.inter % 4):
+        return qk.FP8_V1            # v3 reads each row as 4-byte words: widths that are not multiples of 4 run v1
+    return kid
 
 
 def _geometry(fmt) -> dict:
@@ -459,13 +463,15 @@ def dequantize_triton(fmt, pool: torch.Tensor, sel: torch.Tensor | None = None) 
     """`dequantize` by `_dequant_kernel`, one launch per matrix (gate, up, down for fp8; gate_up, down for int4);
     `sel` None: every slot of `pool`."""
     H, I = fmt.hidden, fmt.inter
-    pool = pool.contiguous()
+    assert pool.is_contiguous(), "the slot pool is read in place"
     if sel is None:
         sel = torch.arange(pool.shape[0], device=pool.device)
+    sel = sel.to(device=pool.device, dtype=torch.int64).contiguous()
     N = sel.shape[0]
     out = torch.empty(N, 3 * I * H, dtype=fmt.dtype, device=pool.device)
     g = _geometry(fmt)
     BR = DEQUANT_BLOCKS["BLOCK_R"]
+    assert 128 % BR == 0, "an fp8 tile's rows lie in one 128-row scale block"
     BC = max(DEQUANT_BLOCKS["BLOCK_C"], g["STEP"])
     if fmt.kernel == 1:      # (rows, cols, q offset, scale offset, zero offset, scale row length, out offset)
         BC = 128             # one scale block per tile

@@ -18,9 +18,14 @@ matrix is dequantized and dotted with an activation row, one Triton helper per k
     formats on the H100, it was removed: docs/quantization.md.)
 
 Every variant is exact in its dequantized weights (the products with x are float32); the kernels differ from
-the torch reference (moe_kernel.decode_experts_reference) only in summation order. `INTERPRETED` (Triton's
-interpreter on the CPU, the tests) has no float8 type: there the e4m3 conversions are `_e4m3`'s bit moves,
-which give the same values (tests/test_expert_formats.py checks all 256 bytes against torch's float8_e4m3fn).
+the torch reference (moe_kernel.decode_experts_reference) in summation order, and the int4 ones also in where
+the scale and zero point enter (s (q x) - s z x, or 16 s (1 + q/16) x - s (16 + z) x: float32 rounding of the
+sums they cancel). `INTERPRETED` (Triton's interpreter on the CPU, the tests) has no float8 type: there the e4m3
+conversions are `_e4m3`'s bit moves, which give the same values (tests/test_expert_formats.py checks all 256
+bytes against torch's float8_e4m3fn). fp8 v3 reads rows as int32 words: widths that are not multiples of 4 run
+v1 (moe_kernel.kernel_id). Its bit moves give the e4m3 NaN bytes (0x7F, 0xFF) a finite value, where v1 gives NaN;
+quantizing never writes them, and a checkpoint's expert weights are checked for NaN at load
+(engine/weights_check.py: sampled by default, every value with `--check-weights full`).
 """
 
 from __future__ import annotations
