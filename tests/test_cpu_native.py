@@ -22,7 +22,7 @@ import torch
 from vismmoe.cpu import executor as ex_mod
 from vismmoe.cpu import native
 from vismmoe.cpu import rates as rates_mod
-from vismmoe.cpu.executor import AUTO_MAX_TOKENS, CpuExecutor
+from vismmoe.cpu.executor import AUTO_MAX_TOKENS, AUTO_MAX_TOKENS_QUANTIZED, CpuExecutor
 from vismmoe.errors import UserError
 from vismmoe.formats import make_format
 
@@ -293,6 +293,23 @@ def test_auto_hands_many_tokens_to_torch(monkeypatch):
         CpuExecutor(fmt, kernel="auto").expert(blobs[0], torch.randn(t, 64))
     CpuExecutor(fmt, kernel="native").expert(blobs[0], torch.randn(AUTO_MAX_TOKENS + 1, 64))
     assert calls == [1, AUTO_MAX_TOKENS, AUTO_MAX_TOKENS + 1]
+
+
+@needs_cc
+@pytest.mark.parametrize("spec", ["fp8", "int4:group=16"])
+def test_auto_keeps_quantized_experts_on_the_kernel_to_more_tokens(monkeypatch, spec):
+    """auto, fp8 and int4: the kernel up to AUTO_MAX_TOKENS_QUANTIZED tokens per expert (torch would dequantize
+    the whole expert first), torch's GEMM beyond."""
+    assert AUTO_MAX_TOKENS_QUANTIZED > AUTO_MAX_TOKENS
+    calls = []
+    real = native.Native.experts
+    monkeypatch.setattr(native.Native, "experts", lambda self, *a: calls.append(a[3].shape[0]) or real(self, *a))
+    fmt, blobs = _blobs(spec, 64, 32, torch.float32)
+    ex = CpuExecutor(fmt, kernel="auto")
+    assert ex.max_native_tokens == AUTO_MAX_TOKENS_QUANTIZED
+    for t in (AUTO_MAX_TOKENS + 1, AUTO_MAX_TOKENS_QUANTIZED, AUTO_MAX_TOKENS_QUANTIZED + 1):
+        ex.expert(blobs[0], torch.randn(t, 64))
+    assert calls == [AUTO_MAX_TOKENS + 1, AUTO_MAX_TOKENS_QUANTIZED]
 
 
 def test_a_bad_switch_value_is_a_user_error(monkeypatch):

@@ -22,8 +22,10 @@ Two kernels compute an expert, picked once per executor by `VISMMOE_CPU_KERNEL` 
             at a time and multiplied in float32.
 
 `auto` (the default) computes with native where it is had and pays: dense float32/bfloat16, fp8 and int4
-experts, the family's gate one the kernel knows (SiLU, GELU-tanh), at most AUTO_MAX_TOKENS tokens per expert
-(more: a GEMM, torch's sgemm wins); torch otherwise, and everywhere when the library could not be built (no
+experts, the family's gate one the kernel knows (SiLU, GELU-tanh), at most AUTO_MAX_TOKENS tokens per expert for
+dense experts and AUTO_MAX_TOKENS_QUANTIZED for fp8 and int4 (more: a GEMM, torch's sgemm wins; a quantized
+expert's torch path dequantizes the whole expert first, so native pays to more tokens: docs/cpu-experts.md,
+"Prefill tokens on the native kernel"); torch otherwise, and everywhere when the library could not be built (no
 compiler: one log line, never an error). `native` uses the kernel at any token count; `torch` never builds it.
 Both give what the formats' references give up to float32 summation order (the native kernel keeps gate/up in
 float32 where the torch path rounds them to bf16 for bf16 experts).
@@ -48,6 +50,7 @@ WORK_PER_THREAD = 1 << 18
 # weight once per 4 tokens; on the 2-core machine it was faster for every format up to 32 tokens and slower than
 # MKL's sgemm for float32 at 64: docs/cpu-experts.md)
 AUTO_MAX_TOKENS = 32
+AUTO_MAX_TOKENS_QUANTIZED = 128
 # the most token rows of one native call: its float32 scratch is rows x (3 I + H) (about 18 MB for a 30B expert
 # shape), kept by the executor; a set with more rows goes in several calls
 MAX_CALL_ROWS = 1024
@@ -241,7 +244,7 @@ def _choose(layout, mode: str):
     lib = native.kernel() if params is not None else None
     if lib is None:
         return None, None, None, "torch"
-    most = None if mode == "native" else AUTO_MAX_TOKENS
+    most = None if mode == "native" else AUTO_MAX_TOKENS if hasattr(layout, "views") else AUTO_MAX_TOKENS_QUANTIZED
     return params, lib, most, f"native-{lib.source}" + ("" if most is None else f"-to{most}")
 
 
