@@ -74,7 +74,8 @@ def test_narrow_experts_are_zero_padded_exactly(spec):
 
 
 @pytest.mark.parametrize("bad", ["fp9", "int4:group=100", "int4:group=16,sym=2", "fp8:block=64",
-                                 "int4:group=16,bits=3", "int4:group", "dense:x=1"])
+                                 "int4:group=16,bits=3", "int4:group", "dense:x=1", "fp8:kernels=v2",
+                                 "int4:group=16,kernels=new"])
 def test_bad_format_specs_are_one_line_errors(bad):
     with pytest.raises(UserError) as e:
         make_format(bad, 64, 48, torch.float32)

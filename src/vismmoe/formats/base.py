@@ -125,7 +125,7 @@ def kernels_knob(fmt: str, knobs: dict, default: str) -> str:
     value = knobs.pop("kernels", default)
     if value not in KERNELS:
         raise UserError(f"expert format {fmt}: kernels={value} is not supported",
-                        f"use kernels= one of {', '.join(KERNELS)}")
+                        "use " + " or ".join(f"kernels={k}" for k in KERNELS))
     return value
 
 
