@@ -57,3 +57,40 @@ def test_analyze_and_eval_cli(tiny_dirs, tmp_path, capsys):
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and {"accuracy", "n", "by_type", "majority_baseline"} <= ev.keys() and ev["n"] == 6
     assert main(["analyze", "--model", tiny_dirs["qwen3_vl_moe"], "--keep-ratios", "2"]) == 2
+
+
+def test_analyze_saved_traces_without_a_model(tmp_path, capsys):
+    """`analyze --traces`: the routing report of saved traces (two files taken together), the same numbers as the
+    hand-counted trace: per layer experts used by visual and text tokens, their overlap, never-visual share."""
+    a = _trace([("prefill", [1, 1, 0], {0: [[0, 1], [0, 1], [2, 3]], 1: [[1, 2], [1, 2], [3, 0]]}),
+                ("decode", [0], {0: [[2, 3]], 1: [[3, 0]]})])
+    b = _trace([("prefill", [1, 0], {0: [[0, 4], [1, 2]], 1: [[1, 2], [2, 0]]})])
+    pa, pb = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    a.save(pa)
+    b.save(pb)
+    assert main(["analyze", "--traces", f"{pa},{pb}", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["experts"] == 5 and rep["n"] == 2 and rep["traces"] == [pa, pb]          # ids up to 4: 5 experts
+    l0 = rep["rows"][0]
+    assert (l0["experts_visual"], l0["experts_text"], l0["experts_all"]) == (3, 3, 5)   # {0,1,4}, {1,2,3}
+    assert l0["visual_text_overlap"] == 1 / 5                                           # {1} of {0,1,2,3,4}
+    assert l0["never_visual_share"] == 2 / 5
+    assert rep["uniform_entropy"] == np.log2(5)
+    assert main(["analyze", "--traces", pa, "--experts", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["experts"] == 8
+
+
+def test_analyze_traces_bad_input_is_one_line(tmp_path, capsys):
+    good = str(tmp_path / "t.npz")
+    _trace([("prefill", [1], {0: [[0, 3]]})]).save(good)
+    np.savez(str(tmp_path / "other.npz"), x=np.zeros(3))
+    for argv, msg in ((["--traces", str(tmp_path / "missing.npz")], "is not a file"),
+                      (["--traces", str(tmp_path / "other.npz")], "is not a routing trace"),
+                      (["--traces", good, "--experts", "2"], "below the traces' expert ids"),
+                      (["--traces", good, "--experts", "0"], "--experts"),
+                      (["--traces", ","], "names no file"),
+                      (["--traces", good, "--routing"], "two reports"),
+                      (["--experts", "4"], "goes with --traces")):
+        assert main(["analyze", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, (argv, err)

@@ -280,6 +280,20 @@ def cmd_analyze(args) -> int:
     from ..engine.compress import make_compressor
     from ..engine.loading import load
     from ..progress import layer_progress
+    if args.traces is not None:                     # saved routing traces: no model is loaded
+        from ..tools.analyze import trace_report
+        if args.routing:
+            raise UserError("--routing and --traces are two reports", "give one of them")
+        if args.experts is not None:
+            at_least(args.experts, 1, "--experts")
+        paths = [p.strip() for p in args.traces.split(",") if p.strip()]
+        if not paths:
+            raise UserError("--traces names no file", "give comma-separated routing trace files (.npz)")
+        rep = trace_report(paths, args.experts)
+        print(json.dumps(rep) if args.json else json.dumps(rep, indent=1))
+        return 0
+    if args.experts is not None:
+        raise UserError("--experts goes with --traces", "drop it, or analyze saved traces with --traces")
     keep = ratios(args.keep_ratios, "--keep-ratios")
     comps = compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
     for c in comps:
@@ -629,6 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(a, "analyze's own files are replaced, others kept")
     a.add_argument("--routing", action="store_true",
                    help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")
+    a.add_argument("--traces", default=None, metavar="FILE,FILE",
+                   help="instead: the same routing statistics of saved routing traces (generate --trace, bench "
+                        "--save-traces), taken together; no model is loaded")
+    a.add_argument("--experts", type=int, default=None,
+                   help="with --traces: routed experts per layer (default: the highest id in the traces + 1)")
     add_runtime_options(a, "analyze")
     a.set_defaults(func=cmd_analyze)
 

@@ -167,9 +167,7 @@ def run(engine, out_dir: str, compressors, ratios, limit: int, title: str, progr
 
 
 def routing_report(engine, limit: int = 120, max_new_tokens: int = 4) -> dict:
-    """Routing statistics of a model over `limit` test samples (one trace for all): per MoE layer, how many
-    experts visual and text tokens use, the entropy of expert use (bits; log2 E = uniform), the share of
-    experts visual tokens never touch, and how predictable layer l+1's experts are from layer l's."""
+    """Routing statistics of a model over `limit` test samples (one trace for all): `routing_stats`."""
     E = engine.geometry.num_experts
     tr = RoutingTrace()
     engine.record_trace(tr)
@@ -178,6 +176,46 @@ def routing_report(engine, limit: int = 120, max_new_tokens: int = 4) -> dict:
             engine.generate(s.image, s.question, max_new_tokens=max_new_tokens)
     finally:
         engine.record_trace(None)
+    return routing_stats(tr, E, limit)
+
+
+def trace_report(paths: list[str], experts: int | None = None) -> dict:
+    """`routing_stats` of saved routing traces (`RoutingTrace.save` files: `generate --trace`, `bench
+    --save-traces`), their steps taken together. `experts`: the model's routed experts per layer (None: the
+    highest expert id in the traces + 1, which undercounts experts no token chose). Raises UserError for a file
+    that is missing or not a trace, or `experts` below an id the traces hold."""
+    from ..errors import UserError
+    tr = RoutingTrace()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"--traces: {path} is not a file", "give routing trace files (.npz) that exist")
+        try:
+            tr.steps += RoutingTrace.load(path).steps
+        except Exception as exc:            # not an npz, or an npz without a trace's arrays
+            raise UserError(f"--traces: {path} is not a routing trace ({type(exc).__name__})",
+                            "give files written by `vismmoe generate --trace` or `vismmoe bench --save-traces`") \
+                from None
+    ids = [int(idx.max()) for s in tr.steps for idx, _ in s["layers"].values() if idx.size]
+    if not ids:
+        raise UserError("--traces: the traces hold no routed token", "give traces of requests that ran")
+    top = max(ids) + 1
+    if experts is None:
+        experts = top
+    elif experts < top:
+        raise UserError(f"--experts {experts} is below the traces' expert ids (up to {top - 1})",
+                        f"give the model's routed experts per layer, at least {top}")
+    rep = routing_stats(tr, experts, sum(s["kind"] == "prefill" for s in tr.steps))
+    rep["traces"] = list(paths)
+    rep["experts"] = experts
+    return rep
+
+
+def routing_stats(tr: RoutingTrace, E: int, n: int) -> dict:
+    """Per MoE layer of trace `tr` (E experts a layer): how many experts visual and text tokens use, the entropy of
+    expert use (bits; log2 E = uniform), the share of experts visual tokens never touch, the overlap (Jaccard) of
+    the experts visual and text tokens use; over the layers, how
+    predictable layer l+1's experts are from layer l's (stability, all / visual / text tokens). `n`: the requests
+    it covers (reported as is)."""
     counts = {m: layer_counts(tr, E, m) for m in (None, 1, 0)}
     rows = []
     for l in sorted(counts[None]):
@@ -188,8 +226,10 @@ def routing_report(engine, limit: int = 120, max_new_tokens: int = 4) -> dict:
             row[f"entropy_{tag}"] = float(-(p * np.log2(p)).sum())
             row[f"experts_{tag}"] = int((c > 0).sum())
         row["never_visual_share"] = float((counts[1][l] == 0).mean())
+        vis, txt = counts[1][l] > 0, counts[0][l] > 0
+        row["visual_text_overlap"] = float((vis & txt).sum() / max((vis | txt).sum(), 1))   # Jaccard of the sets
         rows.append(row)
     return {"rows": rows, "stability_all": routing_metrics(tr, E)["stability"],
             "stability_visual": routing_metrics(tr, E, 1)["stability"],
             "stability_text": routing_metrics(tr, E, 0)["stability"], "uniform_entropy": float(np.log2(E)),
-            "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": limit}
+            "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": n}
