@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")
     a.add_argument("--traces", default=None, metavar="FILE,FILE",
                    help="instead: the same routing statistics of saved routing traces (generate --trace, bench "
-                        "--save-traces), taken together; no model is loaded")
+                        "--save-traces), taken together; no model is loaded (default: none, analyze a model)")
     a.add_argument("--experts", type=int, default=None,
                    help="with --traces: routed experts per layer (default: the highest id in the traces + 1)")
     add_runtime_options(a, "analyze")
