@@ -106,6 +106,12 @@ def routing_metrics(trace: RoutingTrace, num_experts: int, modality: int | None 
             "step_jaccard": _step_jaccard(trace, sorted(counts), modality)}
 
 
+def stability(trace: RoutingTrace, num_experts: int, modality: int | None = None) -> float | None:
+    """How well the best transition table of this trace predicts each token's next-layer experts from its current
+    ones (`routing_metrics`' stability alone; None without consecutive layers)."""
+    return _stability(trace, sorted({l for s in trace.steps for l in s["layers"]}), num_experts, modality)
+
+
 def _stability(trace, layers, E, modality) -> float | None:
     hits = total = 0
     for a, b in zip(layers, layers[1:]):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..data import balanced_subset
 from .evaluate import normalize
-from ..offload.trace import RoutingTrace, routing_metrics, layer_counts
+from ..offload.trace import RoutingTrace, layer_counts, routing_metrics, stability
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.33, 0.22, 0.11)
 DEFAULT_COMPRESSORS = ("random", "pool", "dart", "divprune", "textrel", "affinity")
@@ -213,9 +213,8 @@ def trace_report(paths: list[str], experts: int | None = None) -> dict:
 def routing_stats(tr: RoutingTrace, E: int, n: int) -> dict:
     """Per MoE layer of trace `tr` (E experts a layer): how many experts visual and text tokens use, the entropy of
     expert use (bits; log2 E = uniform), the share of experts visual tokens never touch, the overlap (Jaccard) of
-    the experts visual and text tokens use; over the layers, how
-    predictable layer l+1's experts are from layer l's (stability, all / visual / text tokens). `n`: the requests
-    it covers (reported as is)."""
+    the experts visual and text tokens use; over the layers, how predictable layer l+1's experts are from layer l's
+    (stability, all / visual / text tokens). `n`: the requests it covers (reported as is)."""
     counts = {m: layer_counts(tr, E, m) for m in (None, 1, 0)}
     rows = []
     for l in sorted(counts[None]):
@@ -229,7 +228,6 @@ def routing_stats(tr: RoutingTrace, E: int, n: int) -> dict:
         vis, txt = counts[1][l] > 0, counts[0][l] > 0
         row["visual_text_overlap"] = float((vis & txt).sum() / max((vis | txt).sum(), 1))   # Jaccard of the sets
         rows.append(row)
-    return {"rows": rows, "stability_all": routing_metrics(tr, E)["stability"],
-            "stability_visual": routing_metrics(tr, E, 1)["stability"],
-            "stability_text": routing_metrics(tr, E, 0)["stability"], "uniform_entropy": float(np.log2(E)),
+    return {"rows": rows, "stability_all": stability(tr, E), "stability_visual": stability(tr, E, 1),
+            "stability_text": stability(tr, E, 0), "uniform_entropy": float(np.log2(E)),
             "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": n}
