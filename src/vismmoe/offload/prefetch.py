@@ -9,7 +9,7 @@ Called by the runtime right after a layer's own misses were queued (so they keep
     links, nothing queued that the link could not deliver in time):
         cache.claim_prefetch(key, pinned)            # never evicts what this layer or a nearer prefetch needs,
                                                      # nor (policy.admit) what is needed before the key
-        runtime.load_slot(...)                       # ticket on the slot; the target layer waits on it if early
+        runtime.load_slots(...)                      # tickets on the slots; the target layer waits on them if early
     policy.hint(target, probs)                        # the predictive policy keeps what is about to be used
 
 Prefetched experts live in ordinary slots, so bytes in flight are always inside the budget. A wrong guess costs
@@ -228,6 +228,7 @@ class Prefetcher:
         wanted.sort()
         protect = set(pinned) | {(t, e) for _, _, t, e in wanted}
         spent = 0
+        pairs = []
         for _, _, target, e in wanted:
             key = (target, e)
             if cache.resident(key):
@@ -235,10 +236,10 @@ class Prefetcher:
             if spent + cache.layout.nbytes > budget or room <= 0:
                 break
             try:
-                slot = cache.claim_prefetch(key, protect)
+                pairs.append((key, cache.claim_prefetch(key, protect)))
             except LookupError:
                 break
-            runtime.load_slot(key, slot, kind="prefetch")
             spent += cache.layout.nbytes
             room -= 1
             self._issued_for[target] = self._issued_for.get(target, 0) + 1
+        runtime.load_slots(pairs, kind="prefetch")

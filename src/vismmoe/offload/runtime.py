@@ -5,8 +5,9 @@ and the decode when it is not on the fast step). Orchestrates one layer call in 
     route:          observers.observe(layer, hidden, index, weights) (trace, predictors); the routing to the
                     host (the one sync) -> the distinct experts needed
     plan:           schedule.plan_waves(needed, resident, slots): waves that fit the slots together
-    make resident:  per wave: hits cache.touch; misses cache.claim (the policy's victim) -> load_slot (the one
-                    way a slot is filled: misses, preloads, prefetches and the fast step's misses alike);
+    make resident:  per wave: hits cache.touch; misses cache.claim (the policy's victim), then load_slots (the
+                    one way slots are filled: misses, preloads, prefetches and the fast step's misses alike;
+                    queued together, consecutive ones as one copy);
                     prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
     compute:        experts already on the device first (grouped.experts_on_slots over the slot pool), then the
                     rest once their copies (tickets) have landed
@@ -57,20 +58,28 @@ class OffloadRuntime:
         self._stage_i = 0
 
     def load_slot(self, key: tuple[int, int], slot: int, kind: str = "demand"):
-        """Copy expert `key` into `slot` (once the last compute that read the slot is done): the one way a slot is
-        filled, for demand misses, preloads, prefetches and the fast step's misses. Returns the ticket, also kept
-        on the cache."""
-        layer, expert = key
-        ticket = self.transfer.copy_in(layer, self.layer_pos[layer], expert, self.cache.pool[slot],
-                                       after=self.cache.last_use[slot], kind=kind)
-        self.cache.ticket[slot] = ticket
-        return ticket
+        """Copy expert `key` into `slot` (once the last compute that read the slot is done): `load_slots` for
+        one. Returns the ticket, also kept on the cache."""
+        return self.load_slots([(key, slot)], kind)[0]
+
+    def load_slots(self, pairs: list[tuple[tuple[int, int], int]], kind: str = "demand") -> list:
+        """Copy each expert `key` of `pairs` ((key, slot), in order) into its slot, once the last compute that
+        read the slot is done: the one way slots are filled, for demand misses, preloads, prefetches and the fast
+        step's misses. Queued together (transfer.copy_in_many: consecutive ones become one copy). Returns the
+        tickets, also kept on the cache."""
+        cache = self.cache
+        tickets = self.transfer.copy_in_many(
+            cache.pool, [(layer, self.layer_pos[layer], expert, slot, cache.last_use[slot])
+                         for (layer, expert), slot in pairs], kind=kind)
+        for (_, slot), ticket in zip(pairs, tickets):
+            cache.ticket[slot] = ticket
+        return tickets
 
     def preload(self, keys: list[tuple[int, int]]) -> None:
         """Make `keys` resident in this order (into free slots first), then wait for the copies."""
         pinned = set(keys)
-        tickets = {key: self.load_slot(key, self.cache.claim(key, pinned))
-                   for key in keys if not self.cache.resident(key)}
+        pairs = [(key, self.cache.claim(key, pinned)) for key in keys if not self.cache.resident(key)]
+        tickets = {key: t for (key, _), t in zip(pairs, self.load_slots(pairs))}
         self._wait(-1, tickets)
         if self.cuda:
             torch.cuda.synchronize(self.cache.device)
@@ -148,15 +157,16 @@ class OffloadRuntime:
         if not cache.policy.retain:
             return
         pinned = {(layer, e) for e in needed}
+        pairs = []
         for e in experts:
             key = (layer, e)
             if cache.resident(key):
                 continue
             try:
-                slot = cache.claim(key, pinned, count_miss=False)
+                pairs.append((key, cache.claim(key, pinned, count_miss=False)))
             except LookupError:
-                return
-            self.load_slot(key, slot)
+                break
+        self.load_slots(pairs)
 
     def _route(self, layer: int, hidden, top_k_index, top_k_weights) -> tuple[np.ndarray, list[int]]:
         """Observers see the routing; the one host sync per layer brings it to the host: (idx [T, K], the
@@ -183,17 +193,16 @@ class OffloadRuntime:
         cache = self.cache
         pinned = {(layer, e) for e in wave}
         slot_of: dict[int, int] = {}
-        tickets: dict[int, object] = {}
+        misses = []
         for e in wave:
             key = (layer, e)
             if cache.resident(key):
-                slot = cache.touch(key)
+                slot_of[e] = cache.touch(key)
             else:
-                slot = cache.claim(key, pinned)
-                self.load_slot(key, slot)
-            slot_of[e] = slot
-            tickets[e] = cache.ticket[slot]
-        return slot_of, tickets
+                slot_of[e] = cache.claim(key, pinned)
+                misses.append((key, slot_of[e]))
+        self.load_slots(misses)
+        return slot_of, {e: cache.ticket[slot] for e, slot in slot_of.items()}
 
     def _compute(self, module, hidden, idx: np.ndarray, top_k_weights, layer: int, wave: list[int],
                  slot_of: dict[int, int], tickets: dict[int, object], pairs):

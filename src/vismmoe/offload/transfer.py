@@ -133,32 +133,91 @@ class TransferEngine:
                 kind: str = "demand") -> Ticket:
         """Start copying one expert into `dst` (a slot row), once event `after` (the last compute that read the
         slot, GPU only) has passed. `kind` (demand | prefetch) only labels the timeline."""
-        nbytes = dst.numel() * dst.element_size()
-        self.bytes_copied += nbytes
-        ticket = Ticket(layer=layer, nbytes=nbytes, seq=next(self._seq))
-        # two copies into one slot (a prefetch evicted before it landed, then the slot reused) must land in order:
-        # with several I/O threads the later one first waits for the earlier one (started before it: no deadlock)
-        prev = self._last_into.get(dst.data_ptr()) if self.disk else None
-        if not self.cuda:
-            ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind, prev)
-        elif self.disk:             # read on an I/O thread, which then queues the copy
-            ticket.future = self.worker.submit(self._disk_copy, ticket, layer, layer_pos, expert, dst, after, kind,
-                                               prev)
+        return self.copy_in_many(dst.view(1, -1), [(layer, layer_pos, expert, 0, after)], kind)[0]
+
+    def copy_in_many(self, pool: torch.Tensor, items: list[tuple], kind: str = "demand") -> list[Ticket]:
+        """Start the copies `items` into rows of `pool` ([slots, numel]), each (layer, layer_pos, expert, slot,
+        after) as for `copy_in`, in this order: one ticket each. On a GPU from host memory they are queued in
+        one visit to the copy stream, and a run of experts that follow each other both in the store and in the
+        pool (a cold layer's misses land in consecutive free slots) is one copy with one event: queueing a copy
+        costs the host about half of what a 4-bit expert takes on the link, and a prefill's compute waits for
+        the host."""
+        nbytes = pool.shape[1] * pool.element_size()
+        self.bytes_copied += nbytes * len(items)
+        tickets = [Ticket(layer=item[0], nbytes=nbytes, seq=next(self._seq)) for item in items]
+        if self.cuda and not self.disk:
+            self._queue_runs(pool, items, tickets, kind)
         else:
-            self._queue_copy(ticket, layer, expert, self.store.blob(layer_pos, expert), dst, after, kind)
+            for (layer, layer_pos, expert, slot, after), ticket in zip(items, tickets):
+                dst = pool[slot]
+                # two copies into one slot (a prefetch evicted before it landed, then the slot reused) must land
+                # in order: with several I/O threads the later one first waits for the earlier one (started first)
+                prev = self._last_into.get(dst.data_ptr()) if self.disk else None
+                if not self.cuda:
+                    ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind, prev)
+                else:               # disk tier: read on an I/O thread, which then queues the copy
+                    ticket.future = self.worker.submit(self._disk_copy, ticket, layer, layer_pos, expert, dst,
+                                                       after, kind, prev)
+                if self.disk:
+                    self._last_into[dst.data_ptr()] = ticket.future
+        for (layer, _, expert, _, _), ticket in zip(items, tickets):
+            ticket.ready_at = self._book(layer, expert, nbytes, kind)
+            if self.clock.virtual:
+                ticket.clock = self.clock
+        return tickets
+
+    def _queue_runs(self, pool: torch.Tensor, items: list[tuple], tickets: list[Ticket], kind: str) -> None:
+        """GPU, host tier: queue `items` on the copy stream, each run of consecutive experts of one layer into
+        consecutive slots (that waits on nothing new) as one copy."""
+        n = len(items)
+        with self._lock, torch.cuda.stream(self.stream):
+            i = 0
+            while i < n:
+                layer, layer_pos, expert, slot, after = items[i]
+                j = i + 1
+                while j < n:
+                    _, lp, e, s, a = items[j]
+                    if (lp != layer_pos or e != expert + j - i or s != slot + j - i
+                            or (a is not None and a is not after)):
+                        break
+                    j += 1
+                blobs = self.store.layer_blobs(layer_pos)[expert:expert + j - i]
+                self._enqueue(tickets[i:j], [(it[0], it[2]) for it in items[i:j]], blobs, pool[slot:slot + j - i],
+                              after, kind)
+                i = j
+
+    def _enqueue(self, tickets: list[Ticket], keys: list[tuple[int, int]], blob: torch.Tensor, dst: torch.Tensor,
+                 after, kind: str) -> None:
+        """Queue blob -> dst on the copy stream after event `after` (the last compute that read the slots); the
+        caller holds the lock and has made the copy stream current. `tickets` and `keys` ((layer, expert)) are
+        the experts this one copy carries."""
+        if after is not None:
+            self.stream.wait_event(after)
+        if self._span_start is None:
+            self._span_start = torch.cuda.Event(enable_timing=True)
+            self._span_start.record(self.stream)
+        if self.timeline is not None and not self.link.emulated:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+        dst.copy_(blob, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record(self.stream)
         if self.disk:
-            self._last_into[dst.data_ptr()] = ticket.future
-        ticket.ready_at = self._book(layer, expert, nbytes, kind)
-        if self.clock.virtual:
-            ticket.clock = self.clock
-        return ticket
+            self._pending.append((done, blob))
+        enq = next(self._enq)
+        for ticket, (layer, expert) in zip(tickets, keys):
+            if self.timeline is not None and not self.link.emulated:
+                self._gpu_spans.append((layer, expert, start, done, kind))
+            ticket.enq = enq
+            ticket.event = done
 
     def _disk_copy(self, ticket: Ticket, layer: int, layer_pos: int, expert: int, dst: torch.Tensor, after,
                    kind: str, prev: Future | None = None) -> None:
         _after(prev)
         blob = self.staged(layer_pos, expert)
         try:
-            self._queue_copy(ticket, layer, expert, blob, dst, after, kind)
+            with self._lock, torch.cuda.stream(self.stream):
+                self._enqueue([ticket], [(layer, expert)], blob, dst, after, kind)
         except BaseException:
             self.store.release(blob)        # never queued: nothing will reclaim its slot
             raise
@@ -173,29 +232,6 @@ class TransferEngine:
             if blob is not None:
                 return blob
             time.sleep(1e-4)        # every slot is being filled by another reader right now
-
-    def _queue_copy(self, ticket: Ticket, layer: int, expert: int, blob: torch.Tensor, dst: torch.Tensor, after,
-                    kind: str) -> None:
-        """Queue blob -> dst on the copy stream after event `after` (the last compute that read the slot)."""
-        with self._lock:
-            if after is not None:
-                self.stream.wait_event(after)
-            with torch.cuda.stream(self.stream):
-                if self._span_start is None:
-                    self._span_start = torch.cuda.Event(enable_timing=True)
-                    self._span_start.record(self.stream)
-                if self.timeline is not None and not self.link.emulated:
-                    start = torch.cuda.Event(enable_timing=True)
-                    start.record(self.stream)
-                dst.copy_(blob, non_blocking=True)
-                done = torch.cuda.Event(enable_timing=True)
-                done.record(self.stream)
-            if self.disk:
-                self._pending.append((done, blob))
-            if self.timeline is not None and not self.link.emulated:
-                self._gpu_spans.append((layer, expert, start, done, kind))
-            ticket.enq = next(self._enq)
-            ticket.event = done
 
     def _book(self, layer: int, expert: int, nbytes: int, kind: str) -> float:
         ready = self.clock.book(nbytes)

@@ -15,7 +15,7 @@ runs; what can be copied is the NEXT step's. After a step has finished and its m
               what the layers before q said about q on this token, a wider set than this token's own top-k
               (which the policy already keeps), where the next token's new experts come from
     issue:    most probable first, nearer guesses first, through cache.claim_prefetch (the policy may refuse
-              a victim it expects to need sooner) and runtime.load_slot; the policy gets the guesses as hints
+              a victim it expects to need sooner) and runtime.load_slots; the policy gets the guesses as hints
 
 How wrong guesses are bounded:
   - a prefetch never changes a token: its slot enters the step's address table only once its copy has landed
@@ -141,6 +141,7 @@ class DecodeLookahead:
         guessed = {k for _, _, k in wanted}
         protect = used | guessed
         spent = 0
+        pairs = []
         for _, _, key in wanted:
             if cache.resident(key):
                 continue
@@ -155,8 +156,9 @@ class DecodeLookahead:
                     continue
             if slot is None:
                 break
-            self.runtime.load_slot(key, slot, kind="prefetch")
+            pairs.append((key, slot))
             self.out[key] = True
             spent += nb
             self.issued += 1
             self._for_next += 1
+        self.runtime.load_slots(pairs, kind="prefetch")
