@@ -30,6 +30,27 @@ def _any_token(p_tok: np.ndarray) -> np.ndarray:
     return 1.0 - np.exp(np.log1p(-np.clip(p_tok, 0.0, 1.0 - 1e-7)).sum(axis=0))
 
 
+class _HostCopy:
+    """Device tensors on their way to host memory from the moment they are made: the copy is queued right behind the
+    kernels that make them, so reading them later waits for those kernels only, never for the layer's expert
+    compute queued in between (the prefetcher reads predictions after that compute is queued: runtime.py)."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.event = None
+        if tensors[0].is_cuda:
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in tensors]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = list(tensors)
+
+    def numpy(self) -> list[np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [t.numpy() for t in self.host]
+
+
 class GatePredictor:
     name = "gate"
 
@@ -42,7 +63,7 @@ class GatePredictor:
         self.depth = depth
         self.stacked = stacked                  # [L * E, H] all routers' weights (family.stacked_router_weight)
         self.top_k = top_k
-        self._pending: dict[int, tuple[list[int], torch.Tensor]] = {}
+        self._pending: dict[int, tuple[list[int], _HostCopy]] = {}
         self._host: dict[tuple[int, int], np.ndarray] = {}
 
     @torch.no_grad()
@@ -66,13 +87,13 @@ class GatePredictor:
                 onehot.scatter_(1, idx, 1.0)                                       # [T, E] chosen by each token
                 rows.append(onehot.amax(dim=0))
             used = torch.stack(rows)                                               # [n, E] used by any token
-        self._pending[layer] = (ahead, used)
+        self._pending[layer] = (ahead, _HostCopy(used))
         self._host = {k: v for k, v in self._host.items() if k[0] != layer}
 
     def predict(self, layer: int, depth: int) -> np.ndarray | None:
         if layer in self._pending:
-            ahead, dev = self._pending.pop(layer)
-            host = dev.cpu().numpy()                                               # one copy for all depths
+            ahead, copy = self._pending.pop(layer)
+            host = copy.numpy()[0]                                                 # one copy for all depths
             for d in range(len(ahead)):
                 self._host[(layer, d + 1)] = host[d]
         return self._host.get((layer, depth))
@@ -143,11 +164,11 @@ class TracePredictor:
         self.pos = {l: i for i, l in enumerate(moe_layers)}
         self.L = len(moe_layers)
         self.depth = min(depth, max(tables.tables))
-        self._obs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._obs: dict[int, _HostCopy] = {}
         self._host: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def observe(self, layer, hidden, top_k_index, top_k_weights) -> None:
-        self._obs[layer] = (top_k_index, top_k_weights)
+        self._obs[layer] = _HostCopy(top_k_index, top_k_weights.float())
         self._host.pop(layer, None)
 
     def predict(self, layer: int, depth: int) -> np.ndarray | None:
@@ -155,8 +176,8 @@ class TracePredictor:
         if depth > self.depth or p + depth >= self.L:
             return None
         if layer not in self._host:
-            idx, w = self._obs.pop(layer)
-            self._host[layer] = (idx.cpu().numpy().astype(np.int64), w.float().cpu().numpy())
+            idx, w = self._obs.pop(layer).numpy()
+            self._host[layer] = (idx.astype(np.int64), w)
         idx, w = self._host[layer]                                                 # [T, K]
         w = w / np.maximum(w.sum(-1, keepdims=True), 1e-9)
         rows = self.t.tables[depth][p][idx]                                         # [T, K, E]

@@ -1,6 +1,7 @@
 """Prefetch: turn a predictor's lookahead into copies that overlap the current layer's compute.
 
-Called by the runtime right after a layer's own misses were queued (so they keep the front of the link):
+Called by the runtime once a layer's own misses and its compute were queued (the misses keep the front of the link,
+and the host's work here overlaps the layer's compute):
 
     for depth d = 1..D, target layer l+d:
         probs = predictor.predict(l, d)               # [E]

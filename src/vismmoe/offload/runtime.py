@@ -1,5 +1,5 @@
 """Runs a model's routed experts out of the byte-budgeted device cache, one MoE layer call at a time (the prefill,
-and the decode when it is not on the fast step). Orchestrates one layer call in five stages:
+and the decode when it is not on the fast step). Orchestrates one layer call in these stages:
 
     router (transformers) -> top_k_index [T, K], top_k_weights [T, K]
     route:          observers.observe(layer, hidden, index, weights) (trace, predictors); the routing to the
@@ -8,9 +8,10 @@ and the decode when it is not on the fast step). Orchestrates one layer call in 
     make resident:  per wave: hits cache.touch; misses cache.claim (the policy's victim), then load_slots (the
                     one way slots are filled: misses, preloads, prefetches and the fast step's misses alike;
                     queued together, consecutive ones as one copy);
-                    prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
     compute:        experts already on the device first (grouped.experts_on_slots over the slot pool), then the
                     rest once their copies (tickets) have landed
+    prefetch:       prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
+                    once its compute is queued (the host's work for it overlaps that compute)
     combine:        sum over each token's K pair rows -> hidden [T, H]
     with CPU experts (--cpu-experts on|auto, cpu/hybrid.py): after route, the misses placed on the CPU leave the
     device's list and run on a worker thread; their pair rows join the device's before the combine
@@ -130,9 +131,11 @@ class OffloadRuntime:
         pairs = None
         for w, wave in enumerate(waves):
             slot_of, tickets = self._make_resident(layer, wave)
-            if w == 0 and len(waves) == 1 and self.prefetcher is not None:
-                self.prefetcher.issue(self, layer, {(layer, e) for e in wave})   # behind this layer's own misses
             pairs = self._compute(module, hidden, idx, top_k_weights, layer, wave, slot_of, tickets, pairs)
+            if w == 0 and len(waves) == 1 and self.prefetcher is not None:
+                # behind this layer's own misses on the link, and after its compute was queued: the predictor's
+                # and the claims' host time overlaps that compute instead of leaving the device idle
+                self.prefetcher.issue(self, layer, {(layer, e) for e in wave})
         if not self.cache.policy.retain:
             for e in needed:
                 if self.cache.resident((layer, e)):
