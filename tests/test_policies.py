@@ -192,6 +192,34 @@ def test_predictive_admits_a_prefetch_only_over_a_later_needed_victim():
     assert cache.resident((1, 1)) and not cache.resident((2, 1))
 
 
+def test_predictive_admission_follows_every_change_of_uses_hints_and_layer():
+    """Admission reads a kept [L, E] of expected next uses; every use, hint and layer call must renew it, so its
+    answers equal a fresh computation's after each kind of change (a stale matrix would admit by old counts)."""
+    import numpy as np
+    rng = np.random.default_rng(1)
+    L, E = 6, 8
+    p = PredictivePolicy(moe_layers=list(range(L)), num_experts=E)
+
+    def fresh(key):                     # the expected next use of one expert, computed from scratch
+        return float(p._expected(np.array([key[0]]))[0, key[1]])
+
+    for step in range(400):
+        kind = rng.integers(4)
+        if kind == 0:
+            p.on_layer(int(rng.integers(L)))
+        elif kind == 1:
+            p.on_use((int(rng.integers(L)), int(rng.integers(E))))
+        elif kind == 2:
+            p.hint(int(rng.integers(L)), rng.random(E) * (rng.random(E) < 0.5))
+        else:
+            p.on_calls([(layer, rng.choice(E, 2, replace=False).tolist()) for layer in rng.choice(L, 3, replace=False)])
+        for _ in range(3):
+            a, b = (int(rng.integers(L)), int(rng.integers(E))), (int(rng.integers(L)), int(rng.integers(E)))
+            assert p.admit(a, b) == (fresh(a) > fresh(b)), step
+        kept = p.expected_next_use().copy()
+        assert np.array_equal(kept, p._expected(np.arange(L))), step
+
+
 @pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "predictive"])
 def test_next_victims_are_the_victims_in_order_and_change_nothing(name):
     """`next_victims(n, skip)` (the fast step's landing candidates) names the victims `choose_victim` would name

@@ -238,6 +238,7 @@ class PredictivePolicy(_Base):
         self.hints: dict[int, np.ndarray] = {}
         self.res = np.zeros((self.L, self.E), dtype=bool)
         self._all_rows = np.arange(self.L)
+        self._next: np.ndarray | None = None            # expected_next_use() until the counts or hints change
         self._queue: list[Key] | None = None            # ranked victims, farthest expected use first
         self._qi = 0
         self._qn = self.QUEUE
@@ -272,7 +273,7 @@ class PredictivePolicy(_Base):
         if len(self.decay) > 1:                          # one memory alone has nothing to choose between
             self._expect = self._freq(slice(None), self.cur)
         self.hints.pop(self.cur, None)                   # the hint for this layer has been consumed
-        self._queue, self._qn = None, self.QUEUE
+        self._queue, self._qn, self._next = None, self.QUEUE, None
 
     def on_calls(self, calls: Sequence[tuple[int, Sequence[int]]]) -> None:
         """`on_layer` and `on_use` of each call in turn, vectorised over the calls (a decode step's layers: distinct
@@ -309,12 +310,13 @@ class PredictivePolicy(_Base):
         self._any_pending = bool(used[-1].any())
         for p in pos:
             self.hints.pop(p, None)
-        self._queue, self._qn = None, self.QUEUE
+        self._queue, self._qn, self._next = None, self.QUEUE, None
 
     def on_insert(self, key: Key) -> None:
         self.res[self.pos[key[0]], key[1]] = True
 
     def on_use(self, key: Key) -> None:
+        self._next = None
         p = self.pos[key[0]]
         if p != self.cur:                                # not the running call's layer (tests, replays)
             self.uses[:, p, key[1]] += 1
@@ -327,7 +329,7 @@ class PredictivePolicy(_Base):
 
     def hint(self, layer: int, probs) -> None:
         self.hints[self.pos[layer]] = np.asarray(probs, dtype=np.float64)
-        self._queue, self._qn = None, self.QUEUE
+        self._queue, self._qn, self._next = None, self.QUEUE, None
 
     def _expected(self, rows: np.ndarray) -> np.ndarray:
         """[len(rows), E] expected layer calls until each expert of these layer positions is next used."""
@@ -342,11 +344,14 @@ class PredictivePolicy(_Base):
         return d[:, None] + self.L * (1.0 / np.maximum(prob, 1e-6) - 1.0)
 
     def expected_next_use(self) -> np.ndarray:
-        """[L, E] expected layer calls until each expert is next used."""
-        return self._expected(self._all_rows)
+        """[L, E] expected layer calls until each expert is next used (kept until a use, a hint or the next layer
+        call changes it: a prefetch's admission checks and a ranking read it, not a recomputation each)."""
+        if self._next is None:
+            self._next = self._expected(self._all_rows)
+        return self._next
 
     def _next_use(self, key: Key) -> float:
-        return float(self._expected(np.array([self.pos[key[0]]]))[0, key[1]])
+        return float(self.expected_next_use()[self.pos[key[0]], key[1]])
 
     def admit(self, victim: Key, key: Key) -> bool:
         """A prefetch only displaces an expert expected to be needed later than the one it brings in (else the
