@@ -241,3 +241,23 @@ def test_fused_gate_prediction_equals_per_router_prediction(tiny_dirs):
         assert np.array_equal(fused.predict(layer, d), plain.predict(layer, d))
     assert fused.predict(layer, 1).sum() > geo.top_k
     assert load(tiny_dirs["glm4v_moe"]).family.stacked_router_weight(load(tiny_dirs["glm4v_moe"]).model) is None
+
+
+@pytest.mark.parametrize("profile", [None, "cpu-local"])
+def test_prefetch_goes_before_compute_that_is_not_only_queued(tiny_dirs, image_file, monkeypatch, profile):
+    """On a GPU a layer's prefetch is issued once its compute is queued (the host's work overlaps it); where the
+    compute runs on the host (the CPU) or is charged to a device profile's clock, the prefetch must come first, or
+    its copies would start (or be booked) only after the compute."""
+    from vismmoe.offload.runtime import OffloadRuntime
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="40%", prefetch="gate", fixed_lookahead=True,
+               device_profile=profile)
+    order = []
+    real_compute = OffloadRuntime._compute
+    monkeypatch.setattr(OffloadRuntime, "_compute",
+                        lambda self, *a, **k: (order.append("c"), real_compute(self, *a, **k))[1])
+    real_issue = type(eng.runtime.prefetcher).issue
+    monkeypatch.setattr(type(eng.runtime.prefetcher), "issue",
+                        lambda self, *a, **k: (order.append("p"), real_issue(self, *a, **k))[1])
+    eng.generate(image_file, "What is here?", max_new_tokens=2)
+    assert eng.runtime.clock is not None if profile else eng.runtime.clock is None
+    assert "p" in order and all(order[i + 1] == "c" for i, x in enumerate(order) if x == "p")

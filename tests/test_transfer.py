@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vismmoe import load
 from vismmoe.offload.store import HostStore
-from vismmoe.offload.transfer import TransferEngine
+from vismmoe.offload.transfer import TransferEngine, copy_runs
 
 
 def _setup(device: str, experts: int = 8, numel: int = 96, slots: int = 10):
@@ -39,6 +40,43 @@ def _land(device: str):
     assert tr.bytes_copied == len(items) * store.layout.nbytes
     assert [t.nbytes for t in tickets] == [store.layout.nbytes] * len(items)
     return tickets
+
+
+def test_runs_join_only_consecutive_experts_into_consecutive_slots():
+    first, other = object(), object()
+    items = [(0, 0, 3, 7, None), (0, 0, 4, 8, None), (0, 0, 5, 9, None),   # one run
+             (0, 0, 7, 10, None),                                          # expert gap
+             (0, 0, 8, 12, None),                                          # slot gap
+             (1, 1, 9, 13, None),                                          # another layer's buffer
+             (1, 1, 10, 14, first), (1, 1, 11, 15, first),                 # the same wait: one run
+             (1, 1, 12, 16, other),                                        # a new wait
+             (1, 1, 13, 17, None)]                                         # held back by that wait: joins
+    assert copy_runs(items) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 10)]
+    assert copy_runs([]) == []
+    assert copy_runs([(0, 0, 1, 1, None), (0, 0, 1, 2, None)]) == [(0, 1), (1, 2)]      # the same expert twice
+
+
+def test_a_batch_that_fails_leaves_none_of_its_slots_resident(tiny_dirs, image_file, monkeypatch):
+    """Slots are claimed before their copies are queued: when queueing fails, none of them may later pass for a
+    landed expert (a hit would read whatever the slot held before), and the engine stays usable."""
+    eng = load(tiny_dirs["qwen3_vl_moe"], expert_budget="25%")
+    ref = eng.generate(image_file, "What is here?", max_new_tokens=4)
+    eng.cache.clear()
+    tr = eng.runtime.transfer
+    real = type(tr).copy_in_many
+
+    def failing(self, pool, items, kind="demand"):
+        if len(items) > 1:
+            real(self, pool, items[:1], kind)           # part of the batch is already on its way
+            raise OSError("copy failed")
+        return real(self, pool, items, kind)
+
+    monkeypatch.setattr(type(tr), "copy_in_many", failing)
+    with pytest.raises(OSError):
+        eng.generate(image_file, "What is here?", max_new_tokens=4)
+    assert not eng.cache.slot_of                        # the failed layer's claims left with the error
+    monkeypatch.setattr(type(tr), "copy_in_many", real)
+    assert eng.generate(image_file, "What is here?", max_new_tokens=4).token_ids == ref.token_ids
 
 
 def test_copies_queued_together_land_each_expert():

@@ -1,7 +1,7 @@
 """Prefetch: turn a predictor's lookahead into copies that overlap the current layer's compute.
 
-Called by the runtime once a layer's own misses and its compute were queued (the misses keep the front of the link,
-and the host's work here overlaps the layer's compute):
+Called by the runtime once a layer's own misses were queued (they keep the front of the link), on a GPU also after
+its compute was queued (the host's work here then overlaps that compute):
 
     for depth d = 1..D, target layer l+d:
         probs = predictor.predict(l, d)               # [E]

@@ -10,8 +10,9 @@ and the decode when it is not on the fast step). Orchestrates one layer call in 
                     queued together, consecutive ones as one copy);
     compute:        experts already on the device first (grouped.experts_on_slots over the slot pool), then the
                     rest once their copies (tickets) have landed
-    prefetch:       prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses
-                    once its compute is queued (the host's work for it overlaps that compute)
+    prefetch:       prefetcher.issue: predicted experts of the next layers, queued behind this layer's misses;
+                    on a GPU once the compute is queued (the host's work for it overlaps that compute), elsewhere
+                    before it (CPU compute runs on the host, a device profile's clock would book the copies after)
     combine:        sum over each token's K pair rows -> hidden [T, H]
     with CPU experts (--cpu-experts on|auto, cpu/hybrid.py): after route, the misses placed on the CPU leave the
     device's list and run on a worker thread; their pair rows join the device's before the combine
@@ -58,6 +59,12 @@ class OffloadRuntime:
         self._staging = [torch.empty(0, dtype=torch.long) for _ in range(num_experts + 2)]
         self._stage_i = 0
 
+    @property
+    def _queued_compute(self) -> bool:
+        """Whether `_compute` returns with the layer's compute only queued (a GPU on real time), not done (the CPU)
+        nor charged to a virtual device clock (a device profile): then prefetching after it overlaps it."""
+        return self.cuda and self.clock is None
+
     def load_slot(self, key: tuple[int, int], slot: int, kind: str = "demand"):
         """Copy expert `key` into `slot` (once the last compute that read the slot is done): `load_slots` for
         one. Returns the ticket, also kept on the cache."""
@@ -69,9 +76,15 @@ class OffloadRuntime:
         step's misses. Queued together (transfer.copy_in_many: consecutive ones become one copy). Returns the
         tickets, also kept on the cache."""
         cache = self.cache
-        tickets = self.transfer.copy_in_many(
-            cache.pool, [(layer, self.layer_pos[layer], expert, slot, cache.last_use[slot])
-                         for (layer, expert), slot in pairs], kind=kind)
+        try:
+            tickets = self.transfer.copy_in_many(
+                cache.pool, [(layer, self.layer_pos[layer], expert, slot, cache.last_use[slot])
+                             for (layer, expert), slot in pairs], kind=kind)
+        except BaseException:
+            for key, _ in pairs:            # claimed, maybe never filled: no later call may take them for hits
+                if cache.resident(key):
+                    cache.evict(key)
+            raise
         for (_, slot), ticket in zip(pairs, tickets):
             cache.ticket[slot] = ticket
         return tickets
@@ -129,12 +142,15 @@ class OffloadRuntime:
             needed, job = self.cpu.start(self, module, layer, hidden, idx, top_k_weights, needed)
         waves = self._plan(layer, needed) if needed else []
         pairs = None
-        for w, wave in enumerate(waves):
+        prefetch = self.prefetcher is not None and len(waves) == 1
+        for wave in waves:
             slot_of, tickets = self._make_resident(layer, wave)
+            if prefetch and not self._queued_compute:       # behind this layer's own misses on the link
+                self.prefetcher.issue(self, layer, {(layer, e) for e in wave})
             pairs = self._compute(module, hidden, idx, top_k_weights, layer, wave, slot_of, tickets, pairs)
-            if w == 0 and len(waves) == 1 and self.prefetcher is not None:
-                # behind this layer's own misses on the link, and after its compute was queued: the predictor's
-                # and the claims' host time overlaps that compute instead of leaving the device idle
+            if prefetch and self._queued_compute:
+                # still behind the misses, and after the compute was queued: the predictor's and the claims' host
+                # time overlaps that compute instead of leaving the device idle
                 self.prefetcher.issue(self, layer, {(layer, e) for e in wave})
         if not self.cache.policy.retain:
             for e in needed:

@@ -61,6 +61,24 @@ class Ticket:
         return True
 
 
+def copy_runs(items: list[tuple]) -> list[tuple[int, int]]:
+    """[i, j) ranges of `items` ((layer, layer_pos, expert, slot, after)) that one copy can carry: consecutive
+    experts of one layer into consecutive slots, none after the first waiting on an event other than the first's
+    (a copy stream runs in order, so the first's wait holds back the rest)."""
+    runs, i, n = [], 0, len(items)
+    while i < n:
+        _, layer_pos, expert, slot, after = items[i]
+        j = i + 1
+        while j < n:
+            _, lp, e, s, a = items[j]
+            if lp != layer_pos or e != expert + j - i or s != slot + j - i or (a is not None and a is not after):
+                break
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
 IO_THREADS = 4          # parallel reads from the checkpoint files (disk tier)
 
 
@@ -169,22 +187,12 @@ class TransferEngine:
     def _queue_runs(self, pool: torch.Tensor, items: list[tuple], tickets: list[Ticket], kind: str) -> None:
         """GPU, host tier: queue `items` on the copy stream, each run of consecutive experts of one layer into
         consecutive slots (that waits on nothing new) as one copy."""
-        n = len(items)
         with self._lock, torch.cuda.stream(self.stream):
-            i = 0
-            while i < n:
-                layer, layer_pos, expert, slot, after = items[i]
-                j = i + 1
-                while j < n:
-                    _, lp, e, s, a = items[j]
-                    if (lp != layer_pos or e != expert + j - i or s != slot + j - i
-                            or (a is not None and a is not after)):
-                        break
-                    j += 1
+            for i, j in copy_runs(items):
+                _, layer_pos, expert, slot, after = items[i]
                 blobs = self.store.layer_blobs(layer_pos)[expert:expert + j - i]
                 self._enqueue(tickets[i:j], [(it[0], it[2]) for it in items[i:j]], blobs, pool[slot:slot + j - i],
                               after, kind)
-                i = j
 
     def _enqueue(self, tickets: list[Ticket], keys: list[tuple[int, int]], blob: torch.Tensor, dst: torch.Tensor,
                  after, kind: str) -> None:
