@@ -82,6 +82,7 @@ def test_a_batch_that_fails_leaves_none_of_its_slots_resident(tiny_dirs, image_f
 def test_copies_queued_together_land_each_expert():
     tickets = _land("cpu")
     assert all(t.future is not None and t.done() for t in tickets)
+    assert len({id(t.future) for t in tickets[:5]}) == 1 and tickets[5].future is not tickets[0].future  # per layer
 
 
 @pytest.mark.gpu

@@ -159,25 +159,35 @@ class TransferEngine:
         one visit to the copy stream, and a run of experts that follow each other both in the store and in the
         pool (a cold layer's misses land in consecutive free slots) is one copy with one event: queueing a copy
         costs the host about half of what a 4-bit expert takes on the link, and a prefill's compute waits for
-        the host."""
+        the host. On the CPU (host tier) each layer's items are one job for the copy thread, their tickets one
+        future."""
         nbytes = pool.shape[1] * pool.element_size()
         self.bytes_copied += nbytes * len(items)
         tickets = [Ticket(layer=item[0], nbytes=nbytes, seq=next(self._seq)) for item in items]
         if self.cuda and not self.disk:
             self._queue_runs(pool, items, tickets, kind)
+        elif not self.disk:         # CPU, host tier: one job per layer's items (handing a job over costs more
+            i = 0                   # than copying a small expert, with the worker busy)
+            while i < len(items):
+                j = i + 1
+                while j < len(items) and items[j][0] == items[i][0]:
+                    j += 1
+                future = self.worker.submit(self._cpu_copies, pool, items[i:j], kind)
+                for ticket in tickets[i:j]:
+                    ticket.future = future
+                i = j
         else:
             for (layer, layer_pos, expert, slot, after), ticket in zip(items, tickets):
                 dst = pool[slot]
                 # two copies into one slot (a prefetch evicted before it landed, then the slot reused) must land
                 # in order: with several I/O threads the later one first waits for the earlier one (started first)
-                prev = self._last_into.get(dst.data_ptr()) if self.disk else None
-                if not self.cuda:
+                prev = self._last_into.get(dst.data_ptr())
+                if not self.cuda:   # disk tier: read (and copied) on an I/O thread
                     ticket.future = self.worker.submit(self._cpu_copy, layer_pos, expert, dst, layer, kind, prev)
                 else:               # disk tier: read on an I/O thread, which then queues the copy
                     ticket.future = self.worker.submit(self._disk_copy, ticket, layer, layer_pos, expert, dst,
                                                        after, kind, prev)
-                if self.disk:
-                    self._last_into[dst.data_ptr()] = ticket.future
+                self._last_into[dst.data_ptr()] = ticket.future
         for (layer, _, expert, _, _), ticket in zip(items, tickets):
             ticket.ready_at = self._book(layer, expert, nbytes, kind)
             if self.clock.virtual:
@@ -247,6 +257,10 @@ class TransferEngine:
             dur = self.link.seconds(nbytes)
             self.timeline.add_copy(layer, expert, ready - dur, ready, kind)
         return ready
+
+    def _cpu_copies(self, pool: torch.Tensor, items: list[tuple], kind: str) -> None:
+        for layer, layer_pos, expert, slot, _ in items:
+            self._cpu_copy(layer_pos, expert, pool[slot], layer, kind)
 
     def _cpu_copy(self, layer_pos: int, expert: int, dst: torch.Tensor, layer: int = -1, kind: str = "demand",
                   prev: Future | None = None):
