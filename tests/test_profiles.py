@@ -72,6 +72,24 @@ def test_times_are_the_virtual_clocks(tiny_dirs, image_file, tmp_path):
     assert want.stats["time_source"] == "measured"
 
 
+def test_span_hooks_live_only_for_a_profiled_request(tiny_dirs, image_file, tmp_path):
+    """A profiled fork's span hooks are on the shared model only during its own requests: a fork on the real clock
+    (a validation's real side) runs without them (they cost it about 10% of a small request's time)."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    real = load(d)
+    emu = real.fork(device_profile=_write(tmp_path, _profile(name="fast", flops={"float32": 1e12}, mem_Bps=1e11,
+                                                                tier=FAST)))
+    seen = []
+    head = real.model.get_output_embeddings()
+    head.register_forward_hook(lambda mod, args, out: seen.append(len(mod._forward_hooks)))
+    gen = emu.generate(image_file, "What is here?", max_new_tokens=2)
+    assert gen.stats["time_source"] == "emulated for device profile fast" and min(seen) == 2   # ours + the span's
+    seen.clear()
+    real.generate(image_file, "What is here?", max_new_tokens=2)
+    assert seen and max(seen) == 1
+    assert all(not m._forward_pre_hooks for m in real.model.modules())
+
+
 def test_copies_take_the_tiers_time_and_compute_waits(tiny_dirs, image_file, tmp_path):
     """At a small budget over a 10 MB/s tier every missed expert's bytes pass the virtual link; the request takes at
     least that long and the stall is counted."""
@@ -200,7 +218,7 @@ def test_validation_decodes_past_eos(tiny_dirs, image_file):
 
 
 @pytest.mark.parametrize("argv,says", [(["--calibrate-sizes", "0"], "at least 32 px"),
-                                       (["--calibrate-sizes", "160", "224", "384"], "one or two"),
+                                       (["--calibrate-sizes", "160", "320", "384", "512", "640"], "one to four"),
                                        (["--calibrate-sizes", "224"], "overlap --sizes"),
                                        (["--sizes", "16"], "at least 32 px")])
 def test_validation_refuses_bad_sizes(argv, says, capsys, tmp_path):
@@ -209,6 +227,15 @@ def test_validation_refuses_bad_sizes(argv, says, capsys, tmp_path):
     assert main(["--validate", "--out", str(tmp_path / "out"), *argv]) == 2
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_validation_refuses_a_calibration_size_that_is_a_validated_request(capsys, tmp_path):
+    """The bundled model's processor caps images at 448 px' tokens: a 640 px calibration would calibrate on the
+    448 px cell's request. One line, exit 2, nothing written."""
+    from vismmoe.bench.profiles import main
+    assert main(["--validate", "--out", str(tmp_path / "out"), "--calibrate-sizes", "160", "640"]) == 2
+    err = capsys.readouterr().err
+    assert "[640]" in err and "image tokens" in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_second_validation_of_the_day_keeps_the_first_results(tmp_path):

@@ -59,17 +59,27 @@ def _generate(eng, inputs, new_tokens: int) -> dict:
     return stats
 
 
-def _run(eng, size: int, prompt: str, reps: int, new_tokens: int) -> dict:
-    inputs = eng.prepare([_image(size, 0)], [prompt])
-    eng.warm_up(with_image=True)
-    runs = []
-    for _ in range(reps):
-        eng.cache.clear()
-        runs.append(_generate(eng, inputs, new_tokens))
+def _summary(runs: list[dict]) -> dict:
     out = {k: statistics.median(r[k] for r in runs) for k, _ in METRICS}
     out.update(new_tokens=runs[0]["new_tokens"], visual_tokens=runs[0]["visual_tokens"],
                misses=runs[0]["misses"], time_source=runs[0]["time_source"])
     return out
+
+
+def _grid(cells: dict, reps: int, new_tokens: int) -> dict:
+    """cells: name -> (engine, inputs). Each engine warmed up, then `reps` rounds in which every cell runs one cold
+    request, the order reversed every other round (so a drift of the machine's speed during the grid falls on
+    every cell alike, not on the cells that happen to run first): name -> medians."""
+    for eng in {id(e): e for e, _ in cells.values()}.values():
+        eng.warm_up(with_image=True)
+    runs: dict = {name: [] for name in cells}
+    names = list(cells)
+    for r in range(reps):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            eng, inputs = cells[name]
+            eng.cache.clear()
+            runs[name].append(_generate(eng, inputs, new_tokens))
+    return {name: _summary(v) for name, v in runs.items()}
 
 
 def _fit(r: list[float], o: list[float], t: list[float], s_default: float) -> tuple[float, float]:
@@ -101,23 +111,22 @@ def _fit(r: list[float], o: list[float], t: list[float], s_default: float) -> tu
     return (rest / r[0] if r[0] > 0 else 0.0), (s_default if r[0] > 0 else t[0] / max(o[0], 1))
 
 
-def calibrate(base, profile, size: int, new_tokens: int, reps: int, size2: int | None = None):
+def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: tuple[int, ...] = ()):
     """`profile` calibrated on a held-out request (see the module docstring): per kernel class a rate (efficiency:
     the share of the measured peak the class reaches at its real shapes) and a cost per operator, from the
-    request's prefill and decode phases, and the prefill of the same prompt with an image of `size2` px (held
+    request's prefill and decode phases, and the prefills of the same prompt with images of `more_sizes` px (held
     out too): two prompt sizes, so a class whose time grows slower than its FLOPs (small matmuls run far below
     peak) gets a fixed cost and a marginal rate, not one rate that extrapolates linearly; then a cost per expert
     copy (`miss_s`) from the same request with every expert already resident and with none."""
     from ..profiles.calibrate import HostTimer
-    from ..profiles.clock import _install_hooks, attach_profile
+    from ..profiles.clock import attach_profile
     import torch
     inputs = base.prepare([_image(size, 1)], [PROMPTS["calibrate"]])
-    inputs2 = base.prepare([_image(size2, 2)], [PROMPTS["calibrate"]]) if size2 else None
+    more = [base.prepare([_image(side, 2 + i)], [PROMPTS["calibrate"]]) for i, side in enumerate(more_sizes)]
     real = base.fork(expert_budget="100%")
     sync = (lambda: torch.cuda.synchronize(real.device)) if real.device.type == "cuda" else None
     timer = HostTimer(profile, sync)
     real.clock = timer
-    _install_hooks(real)
     real.warm_up(with_image=True)
 
     def measured(tokens: int, cold: bool, inp=None) -> tuple[dict, float, int]:
@@ -139,7 +148,7 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, size2: int |
                 statistics.median(e2e), misses)
 
     prefill_m, _, _ = measured(1, cold=False)
-    prefill2_m = measured(1, cold=False, inp=inputs2)[0] if inputs2 is not None else None
+    more_m = [measured(1, cold=False, inp=inp)[0] for inp in more]
     full_m, warm_e2e, warm_misses = measured(new_tokens, cold=False)
     _, cold_e2e, cold_misses = measured(new_tokens, cold=True)
 
@@ -156,32 +165,38 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, size2: int |
         _generate(emu, inp, tokens)
         return {k: list(v) for k, v in clock.counts.items()}
     prefill_c, full_c = counted(1), counted(new_tokens)
-    prefill2_c = counted(1, inputs2) if inputs2 is not None else {}
+    more_c = [counted(1, inp) for inp in more]
 
     def roof(kind, c):
         return bare.span_seconds(kind, c[0], c[1], 0, clock.dtype)
-    phases = {}
+    phases, prefills = {}, {}
     for kind, fc in full_c.items():
         pc = prefill_c.get(kind, [0, 0, 0])
         dc = [f - p for f, p in zip(fc, pc)]
         tp, tf = prefill_m.get(kind, 0.0), full_m.get(kind, 0.0)
         ph = [(roof(kind, pc), pc[2], tp)] if pc[2] else []
-        p2 = prefill2_c.get(kind)
-        if p2 is not None and p2[2]:
-            ph.append((roof(kind, p2), p2[2], prefill2_m.get(kind, 0.0)))
+        for counts, secs in zip(more_c, more_m):
+            p2 = counts.get(kind)
+            if p2 is not None and p2[2]:
+                ph.append((roof(kind, p2), p2[2], secs.get(kind, 0.0)))
+        prefills[kind] = list(ph)
         if dc[2] > 0:
             ph.append((roof(kind, dc), dc[2], max(tf - tp, 0.0)))
         phases[kind] = ph
     two = {k: _fit(*zip(*ph), 0.0) for k, ph in phases.items() if len(ph) >= 2}
     s_default = statistics.median(s_ for _, s_ in two.values()) if two else 0.0
     fitted = {k: two.get(k) or _fit(*zip(*ph), s_default) for k, ph in phases.items() if ph}
+    # the prefill's own fit where it has two sizes or more: its operators are few and large, the decode's many and
+    # small, and one (rate, cost per operator) for both misjudged the prefill's growth with the image
+    fitted.update({f"{k}@prefill": _fit(*zip(*ph), 0.0) for k, ph in prefills.items() if len(ph) >= 2})
     eff = {k: (1.0 / a if a > 0 else 1e6) for k, (a, _) in fitted.items()}
     op_s = {k: s_ for k, (_, s_) in fitted.items()}
     how = (f"efficiency and op_s per kernel class fitted on a held-out request ({size} px image, "
            f"'{PROMPTS['calibrate']}', {new_tokens} teacher-forced tokens, medians of {reps})"
-           + (f" and the prefill of the same prompt with a {size2} px image" if size2 else "") +
+           + (f" and the prefills of the same prompt with {', '.join(map(str, more_sizes))} px images"
+              if more_sizes else "") +
            ": class seconds = roofline / efficiency + operators x op_s over its prefills and decode (least "
-           "squares); miss_s = the same request's extra seconds with no expert resident over with all, less the "
+           "squares), and over its prefills alone for the prefill (class@prefill); miss_s = the same request's extra seconds with no expert resident over with all, less the "
            "link time, per copy")
     cal = replace(profile, efficiency=eff, op_s=op_s)
     # the cost per expert copy: the same request cold (every expert copied) against warm, real and emulated
@@ -199,8 +214,8 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, size2: int |
                                efficiency=how + " by python -m vismmoe.bench.profiles",
                                miss_s=how + " by python -m vismmoe.bench.profiles"))
     return cal, {"measured_prefill_s": prefill_m, "measured_full_s": full_m,
-                 "counts_prefill": prefill_c, "counts_full": full_c, "measured_prefill2_s": prefill2_m,
-                 "counts_prefill2": prefill2_c, "efficiency": eff, "op_s": op_s,
+                 "counts_prefill": prefill_c, "counts_full": full_c, "measured_more_prefills_s": more_m,
+                 "counts_more_prefills": more_c, "efficiency": eff, "op_s": op_s,
                  "miss_s": miss_s, "e2e_warm_s": warm_e2e, "e2e_cold_s": cold_e2e, "copies": copies,
                  "emulated_e2e_warm_s": e_warm["e2e_s"], "emulated_e2e_cold_s": e_cold["e2e_s"]}
 
@@ -221,17 +236,31 @@ def validate(args) -> dict:
     base = load(args.model, device=args.device, dtype=args.dtype, policy=args.policy, prefetch=args.prefetch,
                 decode="eager", check_weights="off")
     profile = get_profile(args.profile)
-    c1, c2 = (args.calibrate_sizes + [None])[:2]
-    cal, fit = calibrate(base, profile, c1, args.new_tokens, args.reps, c2)
+    tokens = {side: int(base.prepare([_image(side, 0)], [PROMPTS["grid"]])["input_ids"].shape[-1])
+              for side in args.calibrate_sizes + args.sizes}
+    leak = sorted(c for c in args.calibrate_sizes if any(tokens[c] == tokens[g] for g in args.sizes))
+    if leak:        # the processor resizes large images: two sides can give the same request
+        raise UserError(f"--calibrate-sizes {leak} give as many image tokens as a validated size "
+                        f"({', '.join(f'{k} px: {v}' for k, v in tokens.items())} prompt tokens)",
+                        "calibrate on sizes held out from the validated ones, e.g. --calibrate-sizes 160 320 384")
+    cal, fit = calibrate(base, profile, args.calibrate_sizes[0], args.new_tokens, args.reps,
+                         tuple(args.calibrate_sizes[1:]))
     os.makedirs(args.out, exist_ok=True)
     stem = free_stem(os.path.join(args.out, f"{cal.name}-{args.date}"))
     save_profile(cal, stem + ".profile.json")
+    inputs = {size: base.prepare([_image(size, 0)], [PROMPTS["grid"]]) for size in args.sizes}
+    cells = {}
+    for budget in args.budgets:
+        real, pred = base.fork(expert_budget=budget), base.fork(expert_budget=budget,
+                                                                 device_profile=stem + ".profile.json")
+        for size in args.sizes:
+            cells[(budget, size, "real")] = (real, inputs[size])
+            cells[(budget, size, "predicted")] = (pred, inputs[size])
+    measured = _grid(cells, args.reps, args.new_tokens)
     rows = []
     for budget in args.budgets:
         for size in args.sizes:
-            real = _run(base.fork(expert_budget=budget), size, PROMPTS["grid"], args.reps, args.new_tokens)
-            pred = _run(base.fork(expert_budget=budget, device_profile=stem + ".profile.json"), size,
-                        PROMPTS["grid"], args.reps, args.new_tokens)
+            real, pred = measured[(budget, size, "real")], measured[(budget, size, "predicted")]
             err = {k: pred[k] / real[k] - 1 if real[k] > 0 else None for k, _ in METRICS}
             rows.append({"budget": budget, "image_px": size, "real": real, "predicted": pred, "error": err})
             print(f"budget {budget} image {size}px: " + ", ".join(
@@ -274,9 +303,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch", default="none")
     p.add_argument("--budgets", nargs="+", default=["25%", "100%"])
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
-    p.add_argument("--calibrate-sizes", nargs="+", type=int, default=[160, 384],
-                   help="image sides of the held-out calibration request and of a second prefill (one or two; "
-                        "keep them out of --sizes)")
+    p.add_argument("--calibrate-sizes", nargs="+", type=int, default=[160, 320, 384],
+                   help="image sides of the held-out calibration request and of more prefills (at most four in "
+                        "all; none may give as many image tokens as a size of --sizes)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=0.15)
@@ -286,9 +315,9 @@ def main(argv=None) -> int:
     try:
         if not args.validate:
             raise UserError("nothing to do", "add --validate")
-        if not 1 <= len(args.calibrate_sizes) <= 2 or min(args.calibrate_sizes + args.sizes) < 32:
+        if not 1 <= len(args.calibrate_sizes) <= 4 or min(args.calibrate_sizes + args.sizes) < 32:
             raise UserError(f"--calibrate-sizes {args.calibrate_sizes} / --sizes {args.sizes}: image sides must be "
-                            "at least 32 px, one or two calibration sizes", "e.g. --calibrate-sizes 160 384")
+                            "at least 32 px, one to four calibration sizes", "e.g. --calibrate-sizes 160 384 640")
         if set(args.calibrate_sizes) & set(args.sizes):
             raise UserError(f"--calibrate-sizes {args.calibrate_sizes} overlap --sizes {args.sizes}",
                             "calibrate on sizes held out from the validated ones")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -265,7 +264,6 @@ class Engine:
         engine is attached)."""
         for layer, hook in self.hooks.items():
             hooks.attach(self.family.moe_block(self.model, layer).experts, hook)
-        self.model._vismmoe_clock = self.clock        # the clock's span hooks read it (profiles/clock.py)
 
     def detach(self) -> None:
         """Undo `attach`: the experts modules as they were (a module another engine attached since is left
@@ -331,7 +329,10 @@ class Engine:
         after the prefill and after each step (it may mark rows done). The engine's compressor prunes the prompt
         when `compressible` (None: when it has image tokens; compression prunes one image per row). (rows cut at
         EOS, request stats)."""
-        with self.clock.request() if self.clock is not None else nullcontext():
+        if self.clock is None:
+            return self._generate_ids_timed(inputs, max_new_tokens, teacher_tokens, sampler, on_step, compressible)
+        from ..profiles.clock import span_hooks
+        with span_hooks(self, self.clock), self.clock.request():
             return self._generate_ids_timed(inputs, max_new_tokens, teacher_tokens, sampler, on_step, compressible)
 
     def _generate_ids_timed(self, inputs, max_new_tokens, teacher_tokens, sampler, on_step, compressible):
@@ -389,6 +390,8 @@ class Engine:
         """A prompt's prefill, not run yet (`loop.PrefillRun`: whole, or in chunks of `prefill_chunk` positions).
         Attach before each `run_chunk` when other work on the model runs in between (`attach`)."""
         self.attach()
+        if self.clock is not None:
+            self.clock.phase = "prefill"
         return loop.PrefillRun(self.model, self.family, inputs, tuple(self.step_observers), enc, self.prefill_chunk)
 
     def finish_prefill(self, run: loop.PrefillRun, max_new_tokens: int, sampler: Sampler | None = None,
@@ -398,6 +401,7 @@ class Engine:
         state = run.finish(strategy, self.eos_ids, max_new_tokens, sampler)
         if self.clock is not None:
             state.t_first = self.clock.now()
+            self.clock.phase = "decode"
         self.release(self.geometry.prefill_only)
         return state
 

@@ -32,8 +32,8 @@ class DeviceProfile:
     mem_Bps: float                     # memory bandwidth
     mem_bytes: int                     # memory capacity (the device's; unified: shared with the host)
     tier: dict                         # expert tier: {"name", "Bps", "latency_s"}
-    efficiency: dict                   # kernel class -> share of peak reached
-    op_s: float | dict = 0.0           # fixed seconds per dispatched operator (or per kernel class)
+    efficiency: dict                   # kernel class -> share of peak reached ("class@prefill": in the prefill)
+    op_s: float | dict = 0.0           # fixed seconds per dispatched operator (or per kernel class, as above)
     async_launch: bool = False         # dispatch overlaps device work (GPU): span = max(roofline, ops x op_s)
     miss_s: float = 0.0                # compute time one expert copy costs besides the link (the CPU: handing it
                                        # to the copy thread, the memcpy competing for the cores, the bookkeeping)
@@ -49,17 +49,18 @@ class DeviceProfile:
             raise UserError(f"device profile {self.name} gives no peak FLOP/s for {dtype}",
                             f"run with --dtype {' or '.join(self.flops)}") from None
 
-    def op_seconds(self, kind: str) -> float:
-        return float(self.op_s.get(kind, self.op_s.get("other", 0.0))) if isinstance(self.op_s, dict) \
-            else float(self.op_s)
+    def op_seconds(self, kind: str, phase: str | None = None) -> float:
+        return float(_lookup(self.op_s, kind, phase, 0.0)) if isinstance(self.op_s, dict) else float(self.op_s)
 
-    def span_seconds(self, kind: str, flops: float, nbytes: float, ops: int, dtype: str) -> float:
+    def span_seconds(self, kind: str, flops: float, nbytes: float, ops: int, dtype: str,
+                     phase: str | None = None) -> float:
         """Roofline time of one span of kernel class `kind` that did `flops` FLOPs over `nbytes` bytes of memory
         traffic in `ops` operators: max(compute, memory) at the class's efficiency, plus (or, where dispatch runs
-        ahead of the device, at least) the operators' fixed cost."""
-        eff = float(self.efficiency.get(kind, self.efficiency.get("other", 1.0)))
+        ahead of the device, at least) the operators' fixed cost. `phase` ("prefill" | "decode" | None): values
+        given for "kind@phase" (a calibration fits the prefill apart) take precedence over the class's."""
+        eff = float(_lookup(self.efficiency, kind, phase, 1.0))
         roof = max(flops / self.peak(dtype), nbytes / self.mem_Bps) / max(eff, 1e-6)
-        fixed = ops * self.op_seconds(kind)
+        fixed = ops * self.op_seconds(kind, phase)
         return max(roof, fixed) if self.async_launch else roof + fixed
 
     def link(self):
@@ -73,6 +74,13 @@ class DeviceProfile:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _lookup(values: dict, kind: str, phase: str | None, default: float) -> float:
+    """values["kind@phase"], else values["kind"], else values["other"], else `default`."""
+    if phase is not None and f"{kind}@{phase}" in values:
+        return values[f"{kind}@{phase}"]
+    return values.get(kind, values.get("other", default))
 
 
 def names() -> list[str]:

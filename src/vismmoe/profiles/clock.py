@@ -17,7 +17,8 @@ owns one number, the device's compute time `t` (seconds since it was made), and 
 
 So the overlap and the dependencies are the real schedule's: copies queued while a layer computes arrive
 behind it, and compute waits exactly where the runtime waits. Spans begin and end at module hooks (the modules
-tools/timeline.py also marks); a span inside another (attention inside the vision tower) counts to the outer one.
+tools/timeline.py also marks), on the model only during a request of the engine with the clock (`span_hooks`);
+a span inside another (attention inside the vision tower) counts to the outer one.
 Not emulated: host-side preprocessing (image processing, tokenizing), the CPU work of a GPU host beyond one
 fixed cost per operator (`op_s`), contention of copies with compute for memory bandwidth.
 """
@@ -112,11 +113,12 @@ class DeviceClock:
         self._stack: list[_Acc] = []
         self._other = _Acc("other")
         self._owner = None                      # the thread whose operators are counted
+        self.phase: str | None = None           # "prefill" | "decode": set by the engine (profile values per phase)
         self.on_request: list = []              # called as each request starts (state that must not carry over)
 
     # ---- time ------------------------------------------------------------------------------------------------
     def _advance(self, kind: str, flops: float, nbytes: float, ops: int) -> None:
-        dt = self.profile.span_seconds(kind, flops, nbytes, ops, self.dtype)
+        dt = self.profile.span_seconds(kind, flops, nbytes, ops, self.dtype, self.phase)
         self.t += dt
         self.split[kind] = self.split.get(kind, 0.0) + dt
         c = self.counts.setdefault(kind, [0, 0, 0])
@@ -271,25 +273,24 @@ def _spans(engine) -> list[tuple[torch.nn.Module, str]]:
     return out
 
 
-def _install_hooks(engine) -> None:
-    """Span hooks on the model's modules, once per model (forks share it): they tell whichever clock the engine
-    attached last (`model._vismmoe_clock`)."""
+@contextmanager
+def span_hooks(engine, clock):
+    """Span hooks on the model's modules that tell `clock` (a DeviceClock, or calibrate.HostTimer) where each span
+    begins and ends, for as long as inside: one request of an engine with a clock. Forks share the model, and a
+    request of a fork without a clock (the real side of a validation) must not pay for hooks it does not use."""
     model = engine.model
-    if model.__dict__.get("_vismmoe_clock_hooks"):
-        return
+    spans = model.__dict__.get("_vismmoe_spans")
+    if spans is None:
+        spans = model.__dict__["_vismmoe_spans"] = _spans(engine)
     handles = []
-    for module, kind in _spans(engine):
-        def pre(mod, args, kind=kind):
-            clock = getattr(model, "_vismmoe_clock", None)
-            if clock is not None:
-                clock.begin(kind)
-
-        def post(mod, args, out, kind=kind):
-            clock = getattr(model, "_vismmoe_clock", None)
-            if clock is not None:
-                clock.end(kind)
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    model.__dict__["_vismmoe_clock_hooks"] = handles
+    try:
+        for module, kind in spans:
+            handles.append(module.register_forward_pre_hook(lambda mod, args, kind=kind: clock.begin(kind)))
+            handles.append(module.register_forward_hook(lambda mod, args, out, kind=kind: clock.end(kind)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def attach_profile(engine, profile) -> DeviceClock:
@@ -308,5 +309,4 @@ def attach_profile(engine, profile) -> DeviceClock:
     clock.on_request.append(lambda: setattr(rt, "_call_s", 0.0))
     if rt.prefetcher is not None:
         rt.prefetcher.now = clock.now
-    _install_hooks(engine)
     return clock
