@@ -44,6 +44,17 @@ def test_roofline_is_the_bound_of_compute_and_memory():
         p.peak("bfloat16")
 
 
+def test_prefill_values_apply_in_the_prefill_only():
+    """A calibrated profile carries `class@prefill` values: they hold while the engine prefills, the class's own
+    (then "other"'s) elsewhere."""
+    p = _profile(efficiency={"attention": 1.0, "attention@prefill": 0.25, "other": 0.5},
+                 op_s={"attention": 1e-3, "attention@prefill": 2e-3, "other": 5e-3})
+    assert p.span_seconds("attention", 1e9, 0, 10, "float32", "prefill") == pytest.approx(4.0 + 0.02)
+    assert p.span_seconds("attention", 1e9, 0, 10, "float32", "decode") == pytest.approx(1.0 + 0.01)
+    assert p.span_seconds("attention", 1e9, 0, 10, "float32") == pytest.approx(1.0 + 0.01)
+    assert p.span_seconds("router", 1e9, 0, 10, "float32", "prefill") == pytest.approx(2.0 + 0.05)
+
+
 def _write(tmp_path, prof: DeviceProfile) -> str:
     path = tmp_path / f"{prof.name}.json"
     path.write_text(json.dumps(prof.to_json()))
@@ -51,6 +62,18 @@ def _write(tmp_path, prof: DeviceProfile) -> str:
 
 
 FAST = {"name": "fast", "Bps": 1e12, "latency_s": 0.0}
+
+
+def test_the_engine_tells_the_clock_its_phase(tiny_dirs, image_file, tmp_path, monkeypatch):
+    from vismmoe.profiles.clock import DeviceClock
+    eng = load(tiny_dirs["qwen3_vl_moe"], device_profile=_write(tmp_path, _profile(name="fast", tier=FAST)))
+    seen = []
+    real = DeviceClock._advance
+    monkeypatch.setattr(DeviceClock, "_advance", lambda self, kind, *a: (seen.append((kind, self.phase)),
+                                                                          real(self, kind, *a))[1])
+    eng.generate(image_file, "What is here?", max_new_tokens=3)
+    assert ("vision", "prefill") in seen and ("attention", "prefill") in seen and ("attention", "decode") in seen
+    assert all(phase == "prefill" for kind, phase in seen if kind == "vision")
 
 
 def test_times_are_the_virtual_clocks(tiny_dirs, image_file, tmp_path):
