@@ -241,7 +241,7 @@ def test_validation_decodes_past_eos(tiny_dirs, image_file):
 
 
 @pytest.mark.parametrize("argv,says", [(["--calibrate-sizes", "0"], "at least 32 px"),
-                                       (["--calibrate-sizes", "160", "320", "384", "512", "640"], "one to four"),
+                                       (["--calibrate-sizes", *"128 160 256 320 384 416 432".split()], "one to six"),
                                        (["--calibrate-sizes", "224"], "overlap --sizes"),
                                        (["--sizes", "16"], "at least 32 px")])
 def test_validation_refuses_bad_sizes(argv, says, capsys, tmp_path):

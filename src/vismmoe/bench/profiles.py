@@ -6,14 +6,17 @@ and end to end at 2 expert budgets x 2 image sizes.
     python -m vismmoe.bench.profiles --validate --device cuda --profile h100 --out docs/results/profiles
 
 Calibration (held out from the grid): one request at its own image size (160 px) and prompt, at the full budget,
-and the prefill of the same prompt with a larger image (384 px; `--calibrate-sizes`). Their real seconds per
+and the prefills of the same prompt with larger images (320 and 384 px; `--calibrate-sizes`; none may give a validated
+size's request: the bundled model's processor caps images at 448 px' tokens). Their real seconds per
 kernel class (HostTimer; on a GPU synchronised at span ends), with every expert resident, for the prefills and for
-the whole request, against the roofline and operator count of what the class did in each phase (least squares), give the class's efficiency and cost per dispatched operator (`_fit`); the same request with no
-expert resident against with all, less what the emulated link already charges, gives the cost per expert copy
-(`miss_s`). The profile written next to the results is the calibrated one. Then per grid cell: a fork on the real
-clock and a fork on the profile's clock, each warmed up, `--reps` requests each (decode teacher-forced past EOS,
-exactly `--new-tokens` tokens), medians compared. Writes JSON + markdown; exit 1 when a cell is off by
-more than `--tolerance`.
+the whole request, against the roofline and operator count of what the class did in each phase (least squares),
+give the class's efficiency and cost per dispatched operator (`_fit`), and the prefills alone the prefill's own
+(`class@prefill`); the same request with no expert resident against with all, less what the emulated link already
+charges, gives the cost per expert copy (`miss_s`, over every copy: misses and prefetches). The profile written
+next to the results is the calibrated one. Then the grid: per cell a fork on the real clock and one on the
+profile's clock, all warmed up, then `--reps` rounds in which every cell runs one request (decode teacher-forced
+past EOS, exactly `--new-tokens` tokens), the order reversed every other round; medians compared. Writes JSON +
+markdown; exit 1 when a cell is off by more than `--tolerance`.
 """
 
 from __future__ import annotations
@@ -130,9 +133,10 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
     real.warm_up(with_image=True)
 
     def measured(tokens: int, cold: bool, inp=None) -> tuple[dict, float, int]:
-        """Medians over `reps` of (seconds per class, end to end, misses); warm: every expert stays resident."""
+        """Medians over `reps` of (seconds per class, end to end, expert copies: misses and prefetches alike, as
+        the emulation charges `miss_s` for each); warm: every expert stays resident."""
         inp = inputs if inp is None else inp
-        splits, e2e, misses = [], [], 0
+        splits, e2e, copies = [], [], 0
         if not cold:
             _generate(real, inp, tokens)                                # fill the cache
         for _ in range(reps):
@@ -142,15 +146,15 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
             st = _generate(real, inp, tokens)
             splits.append(dict(timer.split))
             e2e.append(st["e2e_s"])
-            misses = st["misses"]
+            copies = round(st["bytes_moved"] / real.layout.nbytes)
         kinds = set().union(*splits)
         return ({k: statistics.median(sp.get(k, 0.0) for sp in splits) for k in kinds},
-                statistics.median(e2e), misses)
+                statistics.median(e2e), copies)
 
     prefill_m, _, _ = measured(1, cold=False)
     more_m = [measured(1, cold=False, inp=inp)[0] for inp in more]
-    full_m, warm_e2e, warm_misses = measured(new_tokens, cold=False)
-    _, cold_e2e, cold_misses = measured(new_tokens, cold=True)
+    full_m, warm_e2e, warm_copies = measured(new_tokens, cold=False)
+    _, cold_e2e, cold_copies = measured(new_tokens, cold=True)
 
     bare = replace(profile, efficiency={k: 1.0 for k in profile.efficiency} | {"other": 1.0}, op_s=0.0,
                    miss_s=0.0)
@@ -196,7 +200,8 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
            + (f" and the prefills of the same prompt with {', '.join(map(str, more_sizes))} px images"
               if more_sizes else "") +
            ": class seconds = roofline / efficiency + operators x op_s over its prefills and decode (least "
-           "squares), and over its prefills alone for the prefill (class@prefill); miss_s = the same request's extra seconds with no expert resident over with all, less the "
+           "squares), and over its prefills alone for the prefill (class@prefill); miss_s = the same request's "
+           "extra seconds with no expert resident over with all, less the "
            "link time, per copy")
     cal = replace(profile, efficiency=eff, op_s=op_s)
     # the cost per expert copy: the same request cold (every expert copied) against warm, real and emulated
@@ -207,7 +212,7 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
     e_warm = _generate(emu2, inputs, new_tokens)
     emu2.cache.clear()
     e_cold = _generate(emu2, inputs, new_tokens)
-    copies = max(cold_misses - warm_misses, 1)
+    copies = max(cold_copies - warm_copies, 1)
     miss_s = max((cold_e2e - warm_e2e) - (e_cold["e2e_s"] - e_warm["e2e_s"]), 0.0) / copies
     cal = replace(cal, miss_s=miss_s, calibration=how,
                   sources=dict(profile.sources, op_s=how + " by python -m vismmoe.bench.profiles",
@@ -242,7 +247,7 @@ def validate(args) -> dict:
     if leak:        # the processor resizes large images: two sides can give the same request
         raise UserError(f"--calibrate-sizes {leak} give as many image tokens as a validated size "
                         f"({', '.join(f'{k} px: {v}' for k, v in tokens.items())} prompt tokens)",
-                        "calibrate on sizes held out from the validated ones, e.g. --calibrate-sizes 160 320 384")
+                        "calibrate on sizes held out from the validated ones, e.g. --calibrate-sizes 160 256 384")
     cal, fit = calibrate(base, profile, args.calibrate_sizes[0], args.new_tokens, args.reps,
                          tuple(args.calibrate_sizes[1:]))
     os.makedirs(args.out, exist_ok=True)
@@ -304,7 +309,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", default=["25%", "100%"])
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
     p.add_argument("--calibrate-sizes", nargs="+", type=int, default=[160, 320, 384],
-                   help="image sides of the held-out calibration request and of more prefills (at most four in "
+                   help="image sides of the held-out calibration request and of more prefills (at most six in "
                         "all; none may give as many image tokens as a size of --sizes)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -315,9 +320,10 @@ def main(argv=None) -> int:
     try:
         if not args.validate:
             raise UserError("nothing to do", "add --validate")
-        if not 1 <= len(args.calibrate_sizes) <= 4 or min(args.calibrate_sizes + args.sizes) < 32:
+        if not 1 <= len(args.calibrate_sizes) <= 6 or min(args.calibrate_sizes + args.sizes) < 32:
             raise UserError(f"--calibrate-sizes {args.calibrate_sizes} / --sizes {args.sizes}: image sides must be "
-                            "at least 32 px, one to four calibration sizes", "e.g. --calibrate-sizes 160 384 640")
+                            "at least 32 px, one to six calibration sizes",
+                            "e.g. --calibrate-sizes 160 256 320 384 416")
         if set(args.calibrate_sizes) & set(args.sizes):
             raise UserError(f"--calibrate-sizes {args.calibrate_sizes} overlap --sizes {args.sizes}",
                             "calibrate on sizes held out from the validated ones")
