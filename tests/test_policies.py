@@ -220,6 +220,20 @@ def test_predictive_admission_follows_every_change_of_uses_hints_and_layer():
         assert np.array_equal(kept, p._expected(np.arange(L))), step
 
 
+def test_predictive_scores_stay_finite_when_uses_outnumber_calls():
+    """The fast step books its misses (`on_use` of other layers) before the step's `on_calls` counts them again:
+    a frequency above 1 made the memories' scores NaN (and argmax then keeps the first memory for good)."""
+    import numpy as np
+    p = PredictivePolicy(moe_layers=[0, 1, 2], num_experts=4)
+    for _ in range(20):
+        p.on_layer(2)
+        for _ in range(3):
+            p.on_use((1, 0))                  # another layer's expert, booked outside its call
+        p.on_calls([(0, [0]), (1, [0]), (2, [1])])
+    assert np.all(np.isfinite(p.score)) and np.all(np.isfinite(p.expected_next_use()))
+    assert (p.expected_next_use() >= 0).all()
+
+
 @pytest.mark.parametrize("name", ["lru", "lfu", "lfru", "predictive"])
 def test_next_victims_are_the_victims_in_order_and_change_nothing(name):
     """`next_victims(n, skip)` (the fast step's landing candidates) names the victims `choose_victim` would name

@@ -244,7 +244,14 @@ class PredictivePolicy(_Base):
         self._qn = self.QUEUE
 
     def _freq(self, m, rows) -> np.ndarray:
-        return (self.uses[m, rows] + 0.1) / (self.calls[m, rows][..., None] + 0.1 * self.E)
+        return self._prob(self.uses[m, rows], self.calls[m, rows][..., None])
+
+    def _prob(self, uses: np.ndarray, calls: np.ndarray) -> np.ndarray:
+        """Smoothed use frequency, kept below 1. Uses booked outside a layer's own call (`on_use` of another layer:
+        the fast step claims its misses after the step, whose `on_calls` then counts them again) can outnumber the
+        calls; a frequency above 1 made log(1 - p) NaN, the memories' scores NaN, and the ranking memory stuck at
+        the first (seen in ERNIE's fast-step decode)."""
+        return np.minimum((uses + 0.1) / (calls + 0.1 * self.E), 1.0 - 1e-6)
 
     def _score_call(self) -> None:
         """Score each memory on the layer call that just ended: log-likelihood of the experts it used."""
@@ -292,7 +299,7 @@ class PredictivePolicy(_Base):
         U *= self.decay[:, None, None]
         C = self.calls[:, P] * self.decay[:, None] + 1                 # [M, n]
         if len(self.decay) > 1:
-            expect = (U + 0.1) / (C[..., None] + 0.1 * self.E)          # each call's _freq, as on_layer makes it
+            expect = self._prob(U, C[..., None])                        # each call's _freq, as on_layer makes it
             ll = np.log(np.where(used[None, :-1], expect[:, :-1], 1.0 - expect[:, :-1])).sum(axis=-1)
             score = self.score.tolist()
             for m in range(len(score)):                                 # score * SCORE_DECAY + ll, call by call
