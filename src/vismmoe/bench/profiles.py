@@ -132,29 +132,39 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
     real.clock = timer
     real.warm_up(with_image=True)
 
-    def measured(tokens: int, cold: bool, inp=None) -> tuple[dict, float, int]:
-        """Medians over `reps` of (seconds per class, end to end, expert copies: misses and prefetches alike, as
-        the emulation charges `miss_s` for each); warm: every expert stays resident."""
-        inp = inputs if inp is None else inp
-        splits, e2e, copies = [], [], 0
-        if not cold:
-            _generate(real, inp, tokens)                                # fill the cache
-        for _ in range(reps):
-            if cold:
-                real.cache.clear()
-            timer.split.clear()
-            st = _generate(real, inp, tokens)
-            splits.append(dict(timer.split))
-            e2e.append(st["e2e_s"])
-            copies = round(st["bytes_moved"] / real.layout.nbytes)
-        kinds = set().union(*splits)
-        return ({k: statistics.median(sp.get(k, 0.0) for sp in splits) for k in kinds},
-                statistics.median(e2e), copies)
+    def measured(runs: list[tuple]) -> list[tuple[dict, float, int]]:
+        """`runs`: (inputs, tokens, cold) each. Per run, medians over `reps` of (seconds per class, end to end,
+        expert copies: misses and prefetches alike, as the emulation charges `miss_s` for each). The runs take
+        turns, the order reversed every other round, so a slow spell of the machine falls on all of them alike,
+        not on one size's repetitions (one such spell made a 320 px prefill slower than the 384 px one). Cold: the
+        cache emptied first; warm: every expert of the request resident first (refilled after a cold run)."""
+        out = [([], [], 0) for _ in runs]
+        filled = set()                  # warm runs whose experts are all resident (at the full budget: until a
+        for r in range(reps):           # cold run empties the cache)
+            for i in (range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))):
+                inp, tokens, cold = runs[i]
+                if cold:
+                    real.cache.clear()
+                    filled.clear()
+                elif i not in filled:
+                    _generate(real, inp, tokens)
+                    filled.add(i)
+                timer.split.clear()
+                st = _generate(real, inp, tokens)
+                out[i][0].append(dict(timer.split))
+                out[i][1].append(st["e2e_s"])
+                out[i] = (out[i][0], out[i][1], round(st["bytes_moved"] / real.layout.nbytes))
+        result = []
+        for splits, e2e, copies in out:
+            kinds = set().union(*splits)
+            result.append(({k: statistics.median(sp.get(k, 0.0) for sp in splits) for k in kinds},
+                           statistics.median(e2e), copies))
+        return result
 
-    prefill_m, _, _ = measured(1, cold=False)
-    more_m = [measured(1, cold=False, inp=inp)[0] for inp in more]
-    full_m, warm_e2e, warm_copies = measured(new_tokens, cold=False)
-    _, cold_e2e, cold_copies = measured(new_tokens, cold=True)
+    prefills = measured([(inp, 1, False) for inp in [inputs] + more])
+    prefill_m, more_m = prefills[0][0], [m for m, _, _ in prefills[1:]]
+    (full_m, warm_e2e, warm_copies), (_, cold_e2e, cold_copies) = measured([(inputs, new_tokens, False),
+                                                                           (inputs, new_tokens, True)])
 
     bare = replace(profile, efficiency={k: 1.0 for k in profile.efficiency} | {"other": 1.0}, op_s=0.0,
                    miss_s=0.0)
