@@ -69,6 +69,14 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
+def _turns(n: int, reps: int):
+    """(round, index) over `reps` rounds of `n` runs taking turns, the order reversed every other round: a drift
+    of the machine's speed falls on every run alike, not on the ones that happen to run first."""
+    for r in range(reps):
+        for i in (range(n) if r % 2 == 0 else reversed(range(n))):
+            yield r, i
+
+
 def _grid(cells: dict, reps: int, new_tokens: int) -> dict:
     """cells: name -> (engine, inputs). Each engine warmed up, then `reps` rounds in which every cell runs one cold
     request, the order reversed every other round (so a drift of the machine's speed during the grid falls on
@@ -77,11 +85,10 @@ def _grid(cells: dict, reps: int, new_tokens: int) -> dict:
         eng.warm_up(with_image=True)
     runs: dict = {name: [] for name in cells}
     names = list(cells)
-    for r in range(reps):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            eng, inputs = cells[name]
-            eng.cache.clear()
-            runs[name].append(_generate(eng, inputs, new_tokens))
+    for _, i in _turns(len(names), reps):
+        eng, inputs = cells[names[i]]
+        eng.cache.clear()
+        runs[names[i]].append(_generate(eng, inputs, new_tokens))
     return {name: _summary(v) for name, v in runs.items()}
 
 
@@ -138,28 +145,23 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
         turns, the order reversed every other round, so a slow spell of the machine falls on all of them alike,
         not on one size's repetitions (one such spell made a 320 px prefill slower than the 384 px one). Cold: the
         cache emptied first; warm: every expert of the request resident first (refilled after a cold run)."""
-        out = [([], [], 0) for _ in runs]
+        splits, e2e, copies = ([[] for _ in runs] for _ in range(3))
         filled = set()                  # warm runs whose experts are all resident (at the full budget: until a
-        for r in range(reps):           # cold run empties the cache)
-            for i in (range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))):
-                inp, tokens, cold = runs[i]
-                if cold:
-                    real.cache.clear()
-                    filled.clear()
-                elif i not in filled:
-                    _generate(real, inp, tokens)
-                    filled.add(i)
-                timer.split.clear()
-                st = _generate(real, inp, tokens)
-                out[i][0].append(dict(timer.split))
-                out[i][1].append(st["e2e_s"])
-                out[i] = (out[i][0], out[i][1], round(st["bytes_moved"] / real.layout.nbytes))
-        result = []
-        for splits, e2e, copies in out:
-            kinds = set().union(*splits)
-            result.append(({k: statistics.median(sp.get(k, 0.0) for sp in splits) for k in kinds},
-                           statistics.median(e2e), copies))
-        return result
+        for _, i in _turns(len(runs), reps):    # cold run empties the cache)
+            inp, tokens, cold = runs[i]
+            if cold:
+                real.cache.clear()
+                filled.clear()
+            elif i not in filled:
+                _generate(real, inp, tokens)
+                filled.add(i)
+            timer.split.clear()
+            st = _generate(real, inp, tokens)
+            splits[i].append(dict(timer.split))
+            e2e[i].append(st["e2e_s"])
+            copies[i].append(round(st["bytes_moved"] / real.layout.nbytes))
+        return [({k: statistics.median(sp.get(k, 0.0) for sp in sps) for k in set().union(*sps)},
+                 statistics.median(e), c[-1]) for sps, e, c in zip(splits, e2e, copies)]
 
     prefills = measured([(inp, 1, False) for inp in [inputs] + more])
     prefill_m, more_m = prefills[0][0], [m for m, _, _ in prefills[1:]]

@@ -26,7 +26,8 @@ E4M3_MAX = 448.0
 F8 = torch.float8_e4m3fn
 
 # the decode kernels' default variant: on an H100 (python -m vismmoe.bench.quant_kernels --quick, 2026-12-07) fp8's
-# v3 kernels took 17.0 us a token (gate_up + down, top-8, H 2048, I 768) against 24.7 for v2 (since removed) and 31.4 for dense
+# v3 kernels took 17.0 us a token (gate_up + down, top-8, H 2048, I 768) against 24.7 for v2 (since removed) and
+# 31.4 for dense
 KERNELS_DEFAULT = "v3"
 
 

@@ -27,7 +27,8 @@ from .base import (ALIGN_BYTES, align, cdiv, check_stored, int_knob, kernels_kno
                    pad_experts, register)
 
 # the decode kernels' default variant: on an H100 (python -m vismmoe.bench.quant_kernels --quick, 2026-12-07) int4's
-# v3 kernels took 17.2 us a token (gate_up + down, top-8, H 2048, I 768) against 32.3 for v1 and 31.4 for dense (v2, since removed: docs/quantization.md)
+# v3 kernels took 17.2 us a token (gate_up + down, top-8, H 2048, I 768) against 32.3 for v1 and 31.4 for dense
+# (v2, since removed: docs/quantization.md)
 KERNELS_DEFAULT = "v3"
 
 

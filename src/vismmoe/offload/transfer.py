@@ -161,21 +161,20 @@ class TransferEngine:
         costs the host about half of what a 4-bit expert takes on the link, and a prefill's compute waits for
         the host. On the CPU (host tier) each layer's items are one job for the copy thread, their tickets one
         future."""
+        if not items:                   # a layer call with every expert resident: no visit to the stream
+            return []
         nbytes = pool.shape[1] * pool.element_size()
         self.bytes_copied += nbytes * len(items)
         tickets = [Ticket(layer=item[0], nbytes=nbytes, seq=next(self._seq)) for item in items]
         if self.cuda and not self.disk:
             self._queue_runs(pool, items, tickets, kind)
         elif not self.disk:         # CPU, host tier: one job per layer's items (handing a job over costs more
-            i = 0                   # than copying a small expert, with the worker busy)
-            while i < len(items):
-                j = i + 1
-                while j < len(items) and items[j][0] == items[i][0]:
-                    j += 1
-                future = self.worker.submit(self._cpu_copies, pool, items[i:j], kind)
-                for ticket in tickets[i:j]:
+            # than copying a small expert, with the worker busy)
+            for _, group in itertools.groupby(zip(items, tickets), key=lambda pair: pair[0][0]):
+                group = list(group)
+                future = self.worker.submit(self._cpu_copies, pool, [item for item, _ in group], kind)
+                for _, ticket in group:
                     ticket.future = future
-                i = j
         else:
             for (layer, layer_pos, expert, slot, after), ticket in zip(items, tickets):
                 dst = pool[slot]

@@ -353,9 +353,9 @@ def gate_up_pass(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, add
                  variant: str | None = None, act: str = "silu", live: torch.Tensor | None = None,
                  dst: torch.Tensor | None = None) -> None:
     """h [P, I] = act(x @ gate^T) * (x @ up^T) per pair; records the routing. x [T, H] contiguous. `fmt`: the
-    expert format of the blobs `addr` points at (None: dense); `variant`: "v1" or "v3" kernels (None: the format's knob);
-    `act`: the gate's activation (`ACTIVATIONS`); `live` [1] int32 on the device: rows at or past it read no
-    weights and get zeros (a static batch's unused rows; None: every row); `dst` [P] int64 (dense only): each
+    expert format of the blobs `addr` points at (None: dense); `variant`: "v1" or "v3" kernels (None: the format's
+    knob); `act`: the gate's activation (`ACTIVATIONS`); `live` [1] int32 on the device: rows at or past it read
+    no weights and get zeros (a static batch's unused rows; None: every row); `dst` [P] int64 (dense only): each
     pair's landing slot address (0: none), where every weight read is also written (None: landing off)."""
     P, inter = h.shape
     kid = kernel_id(fmt, variant)
