@@ -185,38 +185,43 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         rows = ib * BLOCK_I + tl.arange(0, BLOCK_I)
         omask = rows < I
-        # a row past the live ones, or a pair whose expert's address is 0 (none: the split step computes it
-        # elsewhere), reads nothing and writes zeros (tensor masks: a scalar one breaks interpreters)
-        rmask = omask & ((rows * 0 + t) < tl.load(live_ptr)) & ((rows * 0 + tl.load(addr_ptr + e)) != 0)
-        if FMT == 0:
-            base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
-            dst, wr = _landing(dst_ptr, p, base, WRITE)
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8,
-                             dst, wr, WRITE)
-            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
-                             NATIVE_F8, dst + I * H, wr, WRITE)
-        elif FMT == 1 or FMT == 5:                  # gate [I, H] | up [I, H] e4m3; scales gate | up | down
-            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
-            sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
-            acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, sp + NB, base, SH, BLOCK_I, BLOCK_H, STEP, FMT,
-                             NATIVE_F8)
-        else:                                       # gate_up [2I, H/2] nibbles; scales, zeros [2I, SH]
-            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
-            sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
-            zp = base + Z_OFF
-            acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8,
-                             one_bits=one_bits)
-            acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, H, sp + I * SH, zp + I * SH, SH,
-                             BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8, one_bits=one_bits)
-        g = acc_g.to(dt).to(tl.float32)
-        u = acc_u.to(dt).to(tl.float32)
-        if ACT == 1:                                # GELU, tanh approximation; tanh(z) = 1 - 2 / (1 + e^2z)
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            act = (0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))).to(dt).to(tl.float32)
-        else:                                       # SiLU
-            act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-        tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=omask)
+        # a pair of a row past the live ones (a bucket's padding) does no work and writes zeros: its loop over the
+        # columns would cost as much as a live pair's, and one row in a bucket of 8 has 7 padding rows. A pair whose
+        # expert's address is 0 (none: the split step computes it elsewhere) reads nothing and gives zeros (tensor
+        # masks: a scalar one breaks interpreters)
+        if t < tl.load(live_ptr):
+            rmask = omask & ((rows * 0 + tl.load(addr_ptr + e)) != 0)
+            if FMT == 0:
+                base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
+                dst, wr = _landing(dst_ptr, p, base, WRITE)
+                acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0, NATIVE_F8,
+                                 dst, wr, WRITE)
+                acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, base, base, 0, BLOCK_I, BLOCK_H, 0, 0,
+                                 NATIVE_F8, dst + I * H, wr, WRITE)
+            elif FMT == 1 or FMT == 5:                  # gate [I, H] | up [I, H] e4m3; scales gate | up | down
+                base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
+                sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
+                acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, base, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8)
+                acc_u = _row_dot(base + I * H, x_ptr, t, rows, rmask, H, sp + NB, base, SH, BLOCK_I, BLOCK_H, STEP, FMT,
+                                 NATIVE_F8)
+            else:                                       # gate_up [2I, H/2] nibbles; scales, zeros [2I, SH]
+                base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
+                sp = (base + S_OFF).to(tl.pointer_type(tl.float32))
+                zp = base + Z_OFF
+                acc_g = _row_dot(base, x_ptr, t, rows, rmask, H, sp, zp, SH, BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8,
+                                 one_bits=one_bits)
+                acc_u = _row_dot(base + I * (H // 2), x_ptr, t, rows, rmask, H, sp + I * SH, zp + I * SH, SH,
+                                 BLOCK_I, BLOCK_H, STEP, FMT, NATIVE_F8, one_bits=one_bits)
+            g = acc_g.to(dt).to(tl.float32)
+            u = acc_u.to(dt).to(tl.float32)
+            if ACT == 1:                                # GELU, tanh approximation; tanh(z) = 1 - 2 / (1 + e^2z)
+                z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+                act = (0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))).to(dt).to(tl.float32)
+            else:                                       # SiLU
+                act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+            tl.store(h_ptr + p * I + rows, (act * u).to(dt), mask=omask)
+        else:
+            tl.store(h_ptr + p * I + rows, tl.zeros([BLOCK_I], dtype=dt), mask=omask)
 
     @triton.jit
     def _down_kernel(h_ptr, topk_ptr, w_ptr, addr_ptr, y_ptr, live_ptr, dst_ptr, one_bits,
@@ -229,24 +234,27 @@ if triton is not None:
         dt = h_ptr.dtype.element_ty
         rows = ob * BLOCK_O + tl.arange(0, BLOCK_O)
         omask = rows < H
-        rmask = omask & ((rows * 0 + p // K) < tl.load(live_ptr)) & ((rows * 0 + tl.load(addr_ptr + e)) != 0)
-        if FMT == 0:
-            base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
-            dst, wr = _landing(dst_ptr, p, base, WRITE)
-            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
-                           NATIVE_F8, dst + 2 * I * H, wr, WRITE)
-        elif FMT == 1 or FMT == 5:                  # down [H, I] e4m3 after gate_up; its scales after gate's, up's
-            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
-            sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
-            acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, FMT,
-                           NATIVE_F8)
-        else:                                       # down [H, I/2] nibbles after gate_up; scales, zeros [H, SI]
-            base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
-            sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
-            acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, I, sp, base + Z_OFF + NB, SI, BLOCK_O, BLOCK_K,
-                           STEP, FMT, NATIVE_F8, one_bits=one_bits)
-        y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
-        tl.store(y_ptr + p * H + rows, y, mask=omask)
+        if p // K < tl.load(live_ptr):              # a padding row's pair does no work (as in the gate_up pass)
+            rmask = omask & ((rows * 0 + tl.load(addr_ptr + e)) != 0)
+            if FMT == 0:
+                base = _blob(addr_ptr, e).to(tl.pointer_type(dt))
+                dst, wr = _landing(dst_ptr, p, base, WRITE)
+                acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, base, base, 0, BLOCK_O, BLOCK_K, 0, 0,
+                               NATIVE_F8, dst + 2 * I * H, wr, WRITE)
+            elif FMT == 1 or FMT == 5:                  # down [H, I] e4m3 after gate_up; its scales after gate's, up's
+                base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
+                sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
+                acc = _row_dot(base + 2 * I * H, h_ptr, p, rows, rmask, I, sp, base, SI, BLOCK_O, BLOCK_K, STEP, FMT,
+                               NATIVE_F8)
+            else:                                       # down [H, I/2] nibbles after gate_up; scales, zeros [H, SI]
+                base = _blob(addr_ptr, e).to(tl.pointer_type(tl.uint8))
+                sp = (base + S_OFF).to(tl.pointer_type(tl.float32)) + NB
+                acc = _row_dot(base + I * H, h_ptr, p, rows, rmask, I, sp, base + Z_OFF + NB, SI, BLOCK_O, BLOCK_K,
+                               STEP, FMT, NATIVE_F8, one_bits=one_bits)
+            y = acc.to(dt).to(tl.float32) * tl.load(w_ptr + p).to(tl.float32)
+            tl.store(y_ptr + p * H + rows, y, mask=omask)
+        else:
+            tl.store(y_ptr + p * H + rows, tl.zeros([BLOCK_O], dtype=tl.float32), mask=omask)
 
     @triton.jit
     def _dequant_kernel(pool_ptr, sel_ptr, out_ptr, NBYTES: tl.constexpr, OUT_N: tl.constexpr, OUT_OFF: tl.constexpr,
