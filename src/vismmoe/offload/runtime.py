@@ -115,8 +115,7 @@ class OffloadRuntime:
             raise
 
     def _to_device(self, host: np.ndarray, device) -> torch.Tensor:
-        """An int64 host array ([T, K] slot indices, [N] slots) -> device tensor, asynchronously through a pinned
-        staging buffer (no host sync)."""
+        """[T, K] int64 host array -> device tensor, asynchronously through a pinned staging buffer."""
         if not self.cuda:
             return torch.from_numpy(host)
         self._stage_i = (self._stage_i + 1) % len(self._staging)
@@ -241,8 +240,7 @@ class OffloadRuntime:
             for lo, hi in windows([slot_of[e] for e in part], self.max_groups):
                 inside = sorted(slot_of[e] for e in part if lo <= slot_of[e] < hi)
                 gate_up, down, local = window_banks(self.cache.layout, self.cache.pool, inside, lo, hi,
-                                                    gather_sparse=not self.cuda,
-                                                    to_device=lambda h: self._to_device(h, hidden.device))
+                                                    gather_sparse=not self.cuda)
                 lut = np.full(self.num_experts, gate_up.shape[0], dtype=np.int64)  # expert -> group; else G
                 for e in part:
                     if slot_of[e] in local:

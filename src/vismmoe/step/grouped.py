@@ -20,7 +20,6 @@ dequantized into a scratch for quantized expert formats).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,28 +39,22 @@ def windows(slots: list[int], span: int = MAX_GROUPS) -> list[tuple[int, int]]:
 
 
 def window_banks(layout, pool: torch.Tensor, inside: list[int], lo: int, hi: int,
-                 gather_sparse: bool, to_device=None) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+                 gather_sparse: bool) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
     """The banks one grouped matmul sees for the used slots `inside` [lo, hi) of `pool [S, numel]` (blobs of the
     expert format `layout`) and slot -> group index.
 
     Dense: normally the pool slice [lo, hi) viewed as banks (no copy). With `gather_sparse` (the CPU, whose
     grouped_mm pays for every group of the window, empty ones too) a window mostly empty gathers its used slots'
     weights instead: a copy of what the matmul reads anyway. Quantized formats: the used slots' blobs are
-    dequantized into a scratch in the activation dtype (moe_kernel.dequantize: Triton on CUDA). `to_device`
-    ([N] int64 numpy -> tensor on pool's device) moves the slot list without a host sync (the runtime's pinned
-    staging); without it `torch.tensor` copies it, which on a GPU waits for everything queued before (the layer's
-    copies included)."""
-    if to_device is None:
-        def to_device(host):
-            return torch.from_numpy(host).to(pool.device)
+    dequantized into a scratch in the activation dtype (moe_kernel.dequantize: Triton on CUDA)."""
     if not hasattr(layout, "views"):
         from .moe_kernel import dequantize
-        sel = to_device(np.asarray(inside, dtype=np.int64))
+        sel = torch.tensor(inside, device=pool.device)
         gu, dn = dequantize(layout, pool, sel)
         return gu, dn, {s: i for i, s in enumerate(inside)}
     gate_up, down = layout.views(pool)
     if gather_sparse and hi - lo > 2 * len(inside) + 16:
-        sel = to_device(np.asarray(inside, dtype=np.int64))
+        sel = torch.tensor(inside, device=gate_up.device)
         return gate_up.index_select(0, sel), down.index_select(0, sel), {s: i for i, s in enumerate(inside)}
     return gate_up[lo:hi], down[lo:hi], {s: s - lo for s in inside}
 
