@@ -387,7 +387,7 @@ class FastStep:
         clock = rt.transfer.clock
         ready = 0.0
         uses = None
-        queued = 0
+        pairs = []                                                       # (key, slot) claimed: copied together
         for p, e in sorted({(int(p), int(fl.idx[p, j])) for p, j in zip(*np.nonzero(miss))}):
             layer = self.moe_layers[p]
             c = cache.counters.layer(layer)
@@ -418,8 +418,14 @@ class FastStep:
                 except LookupError:
                     continue
             if slot is not None:                                         # else every slot holds one this step used
-                rt.load_slot(key, slot)
-                queued += nb                                             # (its bytes counted by the claim)
+                pairs.append((key, slot))
+        # one visit to the copy stream for the step's misses (queueing a copy costs the host more than the copy's
+        # own call: transfer.copy_in_many); a miss claimed earlier in the loop and since evicted by a later claim
+        # (pinned to its own layer only, the smallest budgets) is not copied
+        pairs = [(key, slot) for key, slot in pairs if cache.slot_of.get(key) == slot]
+        if pairs:
+            rt.load_slots(pairs)
+        queued = nb * len(pairs)                                         # (their bytes counted by the claims)
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
             if delay > 0:
