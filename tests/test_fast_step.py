@@ -72,6 +72,38 @@ def test_fast_step_slot_map_follows_the_cache(tiny_dirs, image_file):
     assert (fs.slot_map < 0).all() and not fs.pending
 
 
+def test_a_steps_misses_are_copied_together(tiny_dirs, image_file):
+    """After a decode step its misses are claimed, then copied in ONE `load_slots` call (one visit to the copy
+    stream: queueing each copy alone cost the host more than the copy's own call), each into the slot its expert
+    holds then (a miss evicted again by a later claim of the same step is not copied); the tokens are those with
+    every expert resident, down to the smallest legal budget."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    want = load(d, decode="eager").generate(image_file, PROMPT, max_new_tokens=NEW).token_ids
+    for budget in _budgets(d)[1:]:
+        eng = load(d, decode="fast", expert_budget=budget, policy="lru")
+        fs, rt = eng.fast_step(), eng.runtime
+        calls, claims = [], []
+        orig_claim, orig_load = fs._claim, rt.load_slots
+
+        def claim(fl, miss, behind=False):
+            claims.append(len(calls))
+            return orig_claim(fl, miss, behind)
+
+        def load_slots(pairs, kind="demand"):
+            calls.append(list(pairs))
+            assert all(eng.cache.slot_of.get(key) == slot for key, slot in pairs)
+            return orig_load(pairs, kind)
+        fs._claim, rt.load_slots = claim, load_slots
+        gen = eng.generate(image_file, PROMPT, max_new_tokens=NEW)
+        fs._claim, rt.load_slots = orig_claim, orig_load
+        assert gen.token_ids == want, budget
+        claims.append(len(calls))
+        during = [b - a for a, b in zip(claims, claims[1:])]
+        assert during and max(during) <= 1, budget      # at most one load_slots per claim (the step's misses)
+        steps = calls[claims[0]:]                       # the decode steps' copies (the prefill's came before)
+        assert any(len(c) > 1 for c in steps), budget    # some step copied several misses in one call
+
+
 def test_fast_step_counts_the_routing(tiny_dirs, image_file):
     """Hits + misses of the decode steps are exactly the distinct experts each step's routing used."""
     from vismmoe.offload.trace import RoutingTrace
