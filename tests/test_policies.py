@@ -318,3 +318,19 @@ def test_on_calls_leaves_the_state_on_layer_and_on_use_leave(spec):
         assert (one._expect is None) == (batch._expect is None)
         assert one._expect is None or np.array_equal(one._expect, batch._expect)
         assert np.array_equal(one.expected_next_use(), batch.expected_next_use())
+
+
+def test_adopting_a_free_slot_takes_it_off_the_free_list():
+    """`ExpertCache.adopt` (landing: a miss written in place into a free slot): that slot, wherever it is on the free
+    list, leaves it and no other does, so the free slots handed out next keep their order; a slot that is not
+    free is refused."""
+    cache = _cache(8, LRUPolicy())
+    taken = [cache.claim((0, e), set()) for e in range(2)]             # the free list's last two
+    free = list(cache._free)
+    for slot in (free[-1], free[0], free[len(free) // 2]):            # its end (the usual case), start, middle
+        cache.adopt((1, slot), slot)
+        free.remove(slot)
+        assert cache._free == free and cache.slot_of[(1, slot)] == slot
+    with pytest.raises(ValueError):
+        cache.adopt((2, 0), taken[0])
+    assert [cache.claim((3, e), set()) for e in range(len(free))] == list(reversed(free))

@@ -110,10 +110,21 @@ class ExpertCache:
             if prefetch and not self.policy.admit(victim, key):
                 raise LookupError("the victim is needed sooner than the prefetched expert")
             slot = self.evict(victim)
-            self._free.remove(slot)
+            self._unfree(slot)
         self._place(key, slot)
         self.counters.layer(key[0]).bytes_moved += self.layout.nbytes
         return slot
+
+    def _unfree(self, slot: int) -> None:
+        """Take free `slot` off the free list, searching from its end: the slots taken out of turn (a landing
+        candidate, a victim just evicted) are among the last ones (`victims`), and `list.remove` scans from the
+        start: 83 us an adoption on a CPU with 6144 slots mostly free."""
+        free = self._free
+        for i in range(len(free) - 1, -1, -1):
+            if free[i] == slot:
+                del free[i]
+                return
+        raise ValueError(f"slot {slot} is not free")
 
     def _place(self, key: Key, slot: int) -> None:
         """`key` lives in `slot` (taken off the free ones by the caller) from now on: the books, the policy's
@@ -155,7 +166,7 @@ class ExpertCache:
     def adopt(self, key: Key, slot: int) -> None:
         """Free `slot` already holds expert `key` (not resident; written in place, no copy): `key` lives there
         now. The policy hears of the insertion and the use; the caller counts the miss and its bytes."""
-        self._free.remove(slot)
+        self._unfree(slot)
         self._place(key, slot)
         self.policy.on_use(key)
 
