@@ -21,14 +21,20 @@ chunks of N positions between the running rows' decode steps.
 
 On the fast step a running batch given its `capacity` (the server's max batch) keeps one static bucket of that
 many rows (step/graphs.py `StepGraphs.bucket`): joins and leaves re-load the KV into the same captured graph, the
-rows past the running ones read no expert weights, and only a batch longer than every earlier one captures a new
-KV length (twice the last). Without it each (rows, length) met mid-run compiled and captured a graph of its own.
+rows past the running ones do no work in the experts kernels (their dense layers still run), and only a batch
+longer than every earlier one captures a new KV length (twice the last). So a decode step's result for a row never
+depends on how many rows run beside it: on a GPU, where bf16 GEMM kernels are chosen by row count, that is what
+keeps each row's decode tokens those it gets alone in this bucket. Without it each (rows, length) met mid-run compiled and captured
+a graph of its own.
 
 The running rows wait one piece per step while a newcomer prefills, not its whole prompt: their inter-token
 latency is bounded by one piece (a chunk, or the vision tower) and one decode step (docs/serving.md measures it).
 
-Each row's greedy tokens are those it gets alone (with the same `--prefill-chunk`): its prefill runs alone, and a
-decode step computes each row from its own KV, position and mask (left padding is masked out). The expert budget
+Each row's greedy tokens are those it gets alone (with the same `--prefill-chunk`): its prefill runs alone or
+left-padded beside other newcomers (`admit_group`), and a decode step computes each row from its own KV, position
+and mask (left padding is masked out). That is exact on the CPU (the tests hold it). On a GPU a prefill of several
+rows and a bucket of several rows run bf16 GEMMs chosen by their row count, so a row's tokens can part from those
+of a lone request after some tokens where two logits nearly tie (docs/serving.md measures it). The expert budget
 is the engine's cache, shared by every row. A request's offload statistics are the cache's counters over its
 lifetime in the batch (other rows' traffic included); `batch` is the most rows it ran beside (itself included).
 """

@@ -185,8 +185,8 @@ class Bucket:
     extra: torch.Tensor = None  # [B, 1, H]: the split step's rows computed between segments, added after the MoE
                                 # layer they belong to (then zeroed)
     segments: list = field(default_factory=list)    # the split step's graphs, one per segment (`StepGraphs.run_split`)
-    rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0's input, read no expert
-                                # weights (`live`) and their output is unused
+    rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0's input, do no work in
+                                # the experts kernels (`live`) and their output is unused
 
     def _changed(self) -> list[torch.Tensor]:
         """The buffers a step changes other than the KV columns at `pos`: position, input token, mask, and every

@@ -443,8 +443,9 @@ def decode_experts(x: torch.Tensor, topk: torch.Tensor, weights: torch.Tensor, a
                    route_idx: torch.Tensor, route_w: torch.Tensor, live: torch.Tensor, land: torch.Tensor,
                    layer: torch.Tensor, inter: int, spec: str = "dense", act: str = "silu") -> torch.Tensor:
     """Routed experts of a few tokens read through the address table `addr` (blobs of expert format `spec`,
-    gate activation `act`); records the routing; rows at or past `live` ([1] int32) get zeros and read no
-    weights; `land` (empty: off) as in `decode_experts_triton`. CUDA only."""
+    gate activation `act`); records the routing; rows at or past `live` ([1] int32) get zeros, and their pairs'
+    programs return at once (no weight read, no loop); `land` (empty: off) as in `decode_experts_triton`. CUDA
+    only."""
     fmt = None if spec == "dense" else _format(spec, x.shape[-1], inter, x.dtype)
     return decode_experts_triton(x, topk, weights, addr, route_idx, route_w, inter, fmt=fmt, act=act, live=live,
                                  land=land, layer=layer)
