@@ -24,8 +24,8 @@ many rows (step/graphs.py `StepGraphs.bucket`): joins and leaves re-load the KV 
 rows past the running ones do no work in the experts kernels (their dense layers still run), and only a batch
 longer than every earlier one captures a new KV length (twice the last). So a decode step's result for a row never
 depends on how many rows run beside it: on a GPU, where bf16 GEMM kernels are chosen by row count, that is what
-keeps each row's decode tokens those it gets alone in this bucket. Without it each (rows, length) met mid-run compiled and captured
-a graph of its own.
+keeps each row's decode tokens those it gets alone in this bucket. Without it each (rows, length) met mid-run
+compiled and captured a graph of its own.
 
 The running rows wait one piece per step while a newcomer prefills, not its whole prompt: their inter-token
 latency is bounded by one piece (a chunk, or the vision tower) and one decode step (docs/serving.md measures it).
