@@ -65,11 +65,6 @@ class OffloadRuntime:
         nor charged to a virtual device clock (a device profile): then prefetching after it overlaps it."""
         return self.cuda and self.clock is None
 
-    def load_slot(self, key: tuple[int, int], slot: int, kind: str = "demand"):
-        """Copy expert `key` into `slot` (once the last compute that read the slot is done): `load_slots` for
-        one. Returns the ticket, also kept on the cache."""
-        return self.load_slots([(key, slot)], kind)[0]
-
     def load_slots(self, pairs: list[tuple[tuple[int, int], int]], kind: str = "demand") -> list:
         """Copy each expert `key` of `pairs` ((key, slot), in order) into its slot, once the last compute that
         read the slot is done: the one way slots are filled, for demand misses, preloads, prefetches and the fast
@@ -171,7 +166,7 @@ class OffloadRuntime:
         """The misses the CPU computed in this call (`experts`, of the call's `needed`) claimed and copied into
         slots, not waited for (cpu/hybrid.py): the policy hears of them as of any use, later calls hit them. No
         expert of this call leaves for them (each copy would also wait for the last compute that read its slot:
-        `load_slot`). Stops at the first that finds no slot."""
+        `load_slots`). Stops at the first that finds no slot."""
         cache = self.cache
         if not cache.policy.retain:
             return

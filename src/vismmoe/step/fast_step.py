@@ -423,8 +423,7 @@ class FastStep:
         # own call: transfer.copy_in_many); a miss claimed earlier in the loop and since evicted by a later claim
         # (pinned to its own layer only, the smallest budgets) is not copied
         pairs = [(key, slot) for key, slot in pairs if cache.slot_of.get(key) == slot]
-        if pairs:
-            rt.load_slots(pairs)
+        rt.load_slots(pairs)                                             # (none: returns at once)
         queued = nb * len(pairs)                                         # (their bytes counted by the claims)
         if ready:                                                    # emulated link: the step waited for its bytes
             delay = ready - time.perf_counter()
