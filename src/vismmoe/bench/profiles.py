@@ -253,8 +253,8 @@ def validate(args) -> dict:
     base = load(args.model, device=args.device, dtype=args.dtype, policy=args.policy, prefetch=args.prefetch,
                 decode="eager", check_weights="off")
     profile = get_profile(args.profile)
-    tokens = {side: int(base.prepare([_image(side, 0)], [PROMPTS["grid"]])["input_ids"].shape[-1])
-              for side in args.calibrate_sizes + args.sizes}
+    prepared = {side: base.prepare([_image(side, 0)], [PROMPTS["grid"]]) for side in args.calibrate_sizes + args.sizes}
+    tokens = {side: int(inp["input_ids"].shape[-1]) for side, inp in prepared.items()}
     leak = sorted(c for c in args.calibrate_sizes if any(tokens[c] == tokens[g] for g in args.sizes))
     if leak:        # the processor resizes large images: two sides can give the same request
         raise UserError(f"--calibrate-sizes {leak} give as many image tokens as a validated size "
@@ -265,7 +265,7 @@ def validate(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     stem = free_stem(os.path.join(args.out, f"{cal.name}-{args.date}"))
     save_profile(cal, stem + ".profile.json")
-    inputs = {size: base.prepare([_image(size, 0)], [PROMPTS["grid"]]) for size in args.sizes}
+    inputs = {size: prepared[size] for size in args.sizes}                  # the requests counted above
     cells = {}
     for budget in args.budgets:
         real, pred = base.fork(expert_budget=budget), base.fork(expert_budget=budget,
