@@ -177,7 +177,8 @@ def fast_step_logits(eng, inputs, new: int, teacher: list[int] | None = None) ->
     """Decode `new` tokens of `inputs` on `eng`'s fast step (`fast` or `native`), teacher-forced with `teacher`:
     (token ids per row, each step's logits [rows, V] as float32, stats); the expert budget is checked."""
     fs = eng.fast_step()
-    logits, advance = [], fs.advance
+    logits, advance, ahead = [], fs.advance, fs.step_ahead
+    fs.step_ahead = False               # a step launched ahead would overwrite the bucket's logits before they are read
 
     def recording(b, *a, **k):
         fl = advance(b, *a, **k)
@@ -187,6 +188,6 @@ def fast_step_logits(eng, inputs, new: int, teacher: list[int] | None = None) ->
     try:
         ids, stats = eng.generate_ids(inputs, new, teacher_tokens=teacher)
     finally:
-        fs.advance = advance
+        fs.advance, fs.step_ahead = advance, ahead
     assert stats["expert_bytes_peak"] <= stats["expert_budget_bytes"]
     return ids, logits, stats

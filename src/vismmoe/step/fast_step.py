@@ -13,6 +13,15 @@ books); the static buffers, compiled layers and CUDA graphs are the model's (ste
                  leaves the slot map at once) and their copies queued on the copy stream
         settle:  while the next step runs: hits touch the policy, routing observers, stall, timeline
     A slot is read by a step only once its copy has landed.
+    Ahead (`step_ahead`, greedy): after a step that missed nothing (and once the lookahead's guesses are queued),
+    the NEXT step is launched at once, before the caller handles the tokens (streaming, stop checks) and before
+    the rest of the books (`settle`): its input (the argmax the graph wrote, or the next teacher token) is already
+    on the device, its address table is the one the next launch would push, and it gets no landing candidates
+    (none follow a clean step), so it writes nothing into the pool. It is used as the next step if nothing was
+    evicted from the cache meanwhile and its input is the one asked for; else (a row left or joined, a newcomer's
+    prefill evicted, the batch ended) it is dropped: the bucket's position, input and mask are put back behind it
+    on the stream, and its KV column is rewritten by the step that replaces it. Tokens and books are those of the
+    step launched after the caller.
     Landing (dense experts, a policy that keeps what it loads): before each launch the step is given a few
     candidate slots (`ExpertCache.victims`: free ones, then the policy's next victims whose copies have landed);
     a miss the kernels read over the link is also written into one of them as it is read, if the candidate's
@@ -94,6 +103,8 @@ class FastStep:
         self.land_slots = self.sg.land_slots if self.disk is None and getattr(self.cache.policy, "retain", True) \
             else 0
         self.landed = 0                         # misses adopted where the step wrote them (no copy)
+        self.evictions = 0                      # evictions from the cache seen (a step launched ahead reads none)
+        self.ahead_used = self.ahead_dropped = 0    # steps launched ahead (module docstring), used and dropped
         self._missed = True                     # the last finished step missed (landing is offered after one)
         # lookahead between replays (decode_prefetch.py) where the engine prefetches; --prefetch none: none
         pf = self.runtime.prefetcher
@@ -105,6 +116,11 @@ class FastStep:
             self.disk is None and not native else None
         # --decode native (CPU): the step body in C (cpu/native/decoder.py); it reads a miss from its host blob in
         # place, so with --cpu-experts on|auto that is the miss computed on the CPU, and no step splits
+        # a step launched ahead (module docstring): possible where no host work runs between its parts (disk
+        # re-runs, the native body; a split step is never launched ahead). `step_ahead` switches it: off until
+        # its gain is measured on a GPU (its launch overlaps the host's work only there); tests and benches set it
+        self.ahead_possible = self.disk is None and not native
+        self.step_ahead = False
         self.native = None
         if native:
             from ..cpu.native.decoder import native_decoder
@@ -119,6 +135,7 @@ class FastStep:
             self.pending[slot] = key
 
     def on_evict(self, key, slot: int) -> None:
+        self.evictions += 1
         self.pending.pop(slot, None)
         if key[0] in self.layer_pos:
             self.slot_map[self.layer_pos[key[0]], key[1]] = -1
@@ -152,13 +169,22 @@ class FastStep:
         `state.capacity` rows, so rows joining and leaving keep its captured graph), in `state.kv`."""
         p = prefilled
         self._missed = True                     # a decode's first steps miss what the prefill did not keep
-        state.kv = _FastKV(self.sg.load(p.cache, p.mask, p.deltas, p.first, max_new_tokens, state.capacity))
+        state.kv = _FastKV(self.sg.load(p.cache, p.mask, p.deltas, p.first, max_new_tokens, state.capacity),
+                           last=state.steps + max_new_tokens - 1)
 
     def step(self, state, teacher_token: int | None) -> list[int]:
-        """One step of the batch (`advance`), the previous step booked while it runs."""
+        """One step of the batch (`advance`), the previous step booked while it runs; a greedy batch that will
+        take another step launches it ahead (module docstring) unless a row's token is an EOS."""
         kv = state.kv
-        kv.inflight = self.advance(kv.bucket, teacher_token, kv.inflight, state.steppers)
-        if state.sampler is None or state.sampler.greedy:
+        greedy = state.sampler is None or state.sampler.greedy
+        s, teacher = state.steps, state.teacher
+        then = None
+        if greedy and s + 1 < kv.last and (teacher is None or s + 1 < len(teacher)):
+            def then(ids):
+                eos = any(t in state.eos_ids for r, t in enumerate(ids) if not state.done[r])
+                return not eos, None if teacher is None else teacher[s + 1]
+        kv.inflight = self.advance(kv.bucket, teacher_token, kv.inflight, state.steppers, then)
+        if greedy:
             return kv.inflight.ids
         # the step wrote its argmax as the next input; a sampled row replaces it before the next launch
         b = kv.bucket
@@ -170,6 +196,7 @@ class FastStep:
         """Book the last step."""
         kv = state.kv
         if kv.inflight is not None:
+            self._drop(kv.bucket, kv.inflight)
             self.settle(kv.inflight, state.steppers)
             kv.inflight = None
 
@@ -189,25 +216,63 @@ class FastStep:
         return Prefilled(SimpleNamespace(layers=layers), b.mask[:B, :T].long(), b.deltas[:B], b.ids[:B, 0])
 
     # ---- the step --------------------------------------------------------------------------------------------
-    def advance(self, b: Bucket, teacher_token: int | None, prev: _InFlight | None, steppers=()) -> _InFlight:
-        """Launch the next step of bucket `b`, book the previous step `prev` while it runs, then wait for it: the
-        finished step (`.ids`: a token per row), whose books `settle` completes. `teacher_token` teacher-forces the
-        step's input token. A step's misses are claimed before the next step is launched (their copies start at
-        once, their victims leave the address table first)."""
-        fl = self._launch(b, teacher_token)
+    def advance(self, b: Bucket, teacher_token: int | None, prev: _InFlight | None, steppers=(),
+                then=None) -> _InFlight:
+        """Launch the next step of bucket `b` (or take the one `prev` launched ahead, if it still holds), book the
+        previous step `prev` while it runs, then wait for it: the finished step (`.ids`: a token per row), whose
+        books `settle` completes. `teacher_token` teacher-forces the step's input token. A step's misses are
+        claimed before the next step is launched (their copies start at once, their victims leave the address
+        table first). `then(ids) -> (launch?, teacher token or None)`: whether the step after this one is launched
+        ahead once this one is found clean, and with which input (None: none is); the bucket's outputs (`logits`)
+        are then that step's."""
+        fl = self._take_ahead(b, prev, teacher_token)
+        if fl is None:
+            fl = self._launch(b, teacher_token)
         if prev is not None:
             self.settle(prev, steppers)
-        return self._finish(b, fl)
+        return self._finish(b, fl, then)
 
     def decode(self, b: Bucket, n: int, teacher_tokens: list[int] | None = None) -> list[list[int]]:
         """`n` steps of bucket `b`, fully booked: the tokens per step ([n][B])."""
         out, fl = [], None
         for i in range(n):
-            fl = self.advance(b, teacher_tokens[i] if teacher_tokens is not None else None, fl)
+            then = None if i + 1 == n else \
+                lambda ids, i=i: (True, teacher_tokens[i + 1] if teacher_tokens is not None else None)
+            fl = self.advance(b, teacher_tokens[i] if teacher_tokens is not None else None, fl, then=then)
             out.append(fl.ids)
         if fl is not None:
             self.settle(fl)
         return out
+
+    def _launch_ahead(self, b: Bucket, fl: _InFlight, teacher_token: int | None) -> None:
+        """The step after `fl` launched now (module docstring): `fl.ahead`, with what `_drop` puts back."""
+        b.saved = b.snapshot(b.saved)
+        evictions = self.evictions
+        nxt = self._launch(b, teacher_token)
+        nxt.teacher, nxt.evictions = teacher_token, evictions
+        fl.ahead = nxt
+
+    def _take_ahead(self, b: Bucket, prev: _InFlight | None, teacher_token: int | None) -> _InFlight | None:
+        """The step `prev` launched ahead, if nothing was evicted since its launch and it has the input asked
+        for; else it is dropped (None)."""
+        nxt = prev.ahead if prev is not None else None
+        if nxt is None:
+            return None
+        if nxt.evictions == self.evictions and nxt.teacher == teacher_token:
+            prev.ahead = None
+            self.ahead_used += 1
+            return nxt
+        self._drop(b, prev)
+        return None
+
+    def _drop(self, b: Bucket, prev: _InFlight) -> None:
+        """The step `prev` launched ahead, if any, is not used: the bucket's position, input and mask (and any
+        in-place state) as before it, in stream order behind it (no wait)."""
+        if prev.ahead is not None:
+            with torch.inference_mode():                # the bucket's tensors were made in it
+                b.restore(b.saved)
+            prev.ahead = None
+            self.ahead_dropped += 1
 
     def _launch(self, b: Bucket, teacher_token: int | None) -> _InFlight:
         if self.disk is not None:
@@ -308,9 +373,10 @@ class FastStep:
                     self.landed += 1
 
     # ---- bookkeeping after a step ----------------------------------------------------------------------------
-    def _finish(self, b: Bucket, fl: _InFlight) -> _InFlight:
+    def _finish(self, b: Bucket, fl: _InFlight, then=None) -> _InFlight:
         """Wait for the step; its routing to the host; its misses counted, charged to the link and claimed (the
-        policy's victims leave the slot map at once, so the next step never reads a slot being refilled)."""
+        policy's victims leave the slot map at once, so the next step never reads a slot being refilled); then
+        the next step launched ahead as `then` says (`advance`)."""
         if self.cuda:
             fl.ev1.synchronize()
             self._synced = time.perf_counter()
@@ -346,6 +412,15 @@ class FastStep:
             demand += self._claim(fl, behind, behind=True)                         # on the link too
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
+        # only after a clean step: then the next one gets no landing candidates (`_candidates`), so a step
+        # launched ahead writes nothing into the pool; one that would land could be dropped after writing into a
+        # slot, or race a newcomer's copy into the same slot
+        if then is not None and not self._missed and self.step_ahead and self.ahead_possible and not b.stateful() \
+                and \
+                (self.split is None or not self.split.wanted()):
+            go, teacher = then(fl.ids)
+            if go:
+                self._launch_ahead(b, fl, teacher)
         return fl
 
     def _routing(self, b: Bucket, fl: _InFlight, real: int) -> None:
@@ -479,6 +554,7 @@ class _FastKV:
 
     bucket: Bucket
     inflight: _InFlight | None = None
+    last: int = 0                       # the batch's decode steps end before this `state.steps` (no step ahead past)
 
 
 @dataclass
@@ -503,6 +579,9 @@ class _InFlight:
     key_e: np.ndarray | None = None
     key_read: np.ndarray | None = None  # which of them the step read from a slot
     captured: bool = False              # the step compiled or captured graphs (its time is not a step's)
+    ahead: _InFlight | None = None      # the next step, launched before this one's books (`advance`)
+    teacher: int | None = None          # launched ahead: its teacher-forced input (None: the argmax before it)
+    evictions: int = 0                  # launched ahead: the cache's evictions at its launch (`_take_ahead`)
 
 
 # the experts modules' activation classes (transformers' ACT2FN) -> moe_kernel.ACTIVATIONS' ids

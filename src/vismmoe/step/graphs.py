@@ -187,17 +187,30 @@ class Bucket:
     segments: list = field(default_factory=list)    # the split step's graphs, one per segment (`StepGraphs.run_split`)
     rows: int = 0               # rows of the request in it; rows rows..B-1 repeat row 0's input, do no work in
                                 # the experts kernels (`live`) and their output is unused
+    saved: list = None          # what a step launched ahead changes, as before it (fast_step.py `_drop`)
+    _stateful: bool = None
 
     def _changed(self) -> list[torch.Tensor]:
         """The buffers a step changes other than the KV columns at `pos`: position, input token, mask, and every
         cache's in-place state (a recurrent layer's, `inplace_state()`)."""
         return [self.pos, self.ids, self.mask] + [t for c in self.kv if c is not None for t in c.inplace_state()]
 
-    def snapshot(self) -> list[torch.Tensor]:
+    def snapshot(self, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """A copy of what a step changes (`_changed`); `restore(snap)` puts it back, so a step can be run again
-        from here (warm-up before a capture, the disk tier's re-runs). The KV columns a step writes at `pos` need
-        no copy: a run from the restored position writes them again."""
-        return [t.clone() for t in self._changed()]
+        from here (warm-up before a capture, the disk tier's re-runs, a step launched ahead and dropped). The KV
+        columns a step writes at `pos` need no copy: a run from the restored position writes them again. `into`:
+        an earlier snapshot of this bucket, overwritten (no allocation)."""
+        if into is None:
+            return [t.clone() for t in self._changed()]
+        for saved, t in zip(into, self._changed(), strict=True):
+            saved.copy_(t)
+        return into
+
+    def stateful(self) -> bool:
+        """A cache layer keeps in-place state (a recurrent layer's): a snapshot copies all of it."""
+        if self._stateful is None:
+            self._stateful = any(c.inplace_state() for c in self.kv if c is not None)
+        return self._stateful
 
     def restore(self, snap: list[torch.Tensor]) -> None:
         for t, saved in zip(self._changed(), snap, strict=True):

@@ -44,6 +44,7 @@ class DecodeState:
     kv: object = field(default=None, repr=False)    # the strategy's own handle (KV cache, static bucket, ...)
     capacity: int = 0                       # rows the batch may grow to while it runs (a running batch's most,
                                             # engine/running.py; 0: its own): the fast step keeps one shape for them
+    teacher: list[int] | None = None        # teacher-forced input of each decode step (`run`), where known ahead
 
     @property
     def finished(self) -> bool:
@@ -188,6 +189,7 @@ def run(state: DecodeState, max_new_tokens: int, teacher_tokens: list[int] | Non
     after the prefill and after each step (it may mark rows done)."""
     if on_step is not None:
         on_step(state)
+    state.teacher = teacher_tokens
     while state.steps < max_new_tokens - 1 and not state.finished:
         decode_one_token(state, teacher_tokens[state.steps] if teacher_tokens is not None else None)
         if on_step is not None:
