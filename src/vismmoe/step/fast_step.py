@@ -13,15 +13,15 @@ books); the static buffers, compiled layers and CUDA graphs are the model's (ste
                  leaves the slot map at once) and their copies queued on the copy stream
         settle:  while the next step runs: hits touch the policy, routing observers, stall, timeline
     A slot is read by a step only once its copy has landed.
-    Ahead (`step_ahead`, greedy): after a step that missed nothing (and once the lookahead's guesses are queued),
-    the NEXT step is launched at once, before the caller handles the tokens (streaming, stop checks) and before
-    the rest of the books (`settle`): its input (the argmax the graph wrote, or the next teacher token) is already
-    on the device, its address table is the one the next launch would push, and it gets no landing candidates
-    (none follow a clean step), so it writes nothing into the pool. It is used as the next step if nothing was
-    evicted from the cache meanwhile and its input is the one asked for; else (a row left or joined, a newcomer's
-    prefill evicted, the batch ended) it is dropped: the bucket's position, input and mask are put back behind it
-    on the stream, and its KV column is rewritten by the step that replaces it. Tokens and books are those of the
-    step launched after the caller.
+    Ahead (`step_ahead`, greedy): once a step's misses are claimed (and the lookahead's guesses queued), the NEXT
+    step is launched at once, before the caller handles the tokens (streaming, stop checks) and before the rest of
+    the books (`settle`): its input (the argmax the graph wrote, or the next teacher token) is already on the
+    device, and its address table is the one the next launch would push. Not where it would get landing
+    candidates (after a step that missed, with landing on): a step launched ahead writes nothing into the pool.
+    It is used as the next step if nothing was evicted from the cache meanwhile and its input is the one asked
+    for; else (a row left or joined, a newcomer's prefill evicted, the batch ended) it is dropped: the bucket's
+    position, input and mask are put back behind it on the stream, and its KV column is rewritten by the step
+    that replaces it. Tokens and books are those of the step launched after the caller.
     Landing (dense experts, a policy that keeps what it loads): before each launch the step is given a few
     candidate slots (`ExpertCache.victims`: free ones, then the policy's next victims whose copies have landed);
     a miss the kernels read over the link is also written into one of them as it is read, if the candidate's
@@ -412,11 +412,11 @@ class FastStep:
             demand += self._claim(fl, behind, behind=True)                         # on the link too
         if self.lookahead is not None:                                              # the next step's guesses
             self.lookahead.after_step(b, fl, demand)
-        # only after a clean step: then the next one gets no landing candidates (`_candidates`), so a step
+        # never with landing candidates (`_candidates`: after a step that missed, where landing is on), so a step
         # launched ahead writes nothing into the pool; one that would land could be dropped after writing into a
         # slot, or race a newcomer's copy into the same slot
-        if then is not None and not self._missed and self.step_ahead and self.ahead_possible and not b.stateful() \
-                and \
+        if then is not None and not (self._missed and self.land_slots) and self.step_ahead and \
+                self.ahead_possible and not b.stateful() and \
                 (self.split is None or not self.split.wanted()):
             go, teacher = then(fl.ids)
             if go:
