@@ -274,3 +274,67 @@ def test_progress_stays_off_when_stderr_is_not_a_terminal(tmp_path):
     out = subprocess.run([sys.executable, "-m", "vismmoe", "make-tiny", "--family", "qwen3_vl_moe", "--out",
                           str(tmp_path / "t")], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_an_output_never_destroys_an_input(tmp_path, capsys, no_load, image_file):
+    """An output that is an input (the image, the calibration file), an existing file inside the model folder, or
+    a checkpoint folder that holds the model is refused before the work, --force or not; the inputs are untouched."""
+    import shutil
+    from vismmoe.checkpoints import BUNDLED
+    img = tmp_path / "photo.png"
+    shutil.copy(image_file, img)
+    before = img.read_bytes()
+    _error(capsys, ["generate", "--image", str(img), "--prompt", "hi", "--timeline", str(img)],
+           f"--timeline {img} would overwrite the input of --image")
+    cal = tmp_path / "cal.npz"
+    shutil.copy(os.path.join(BUNDLED, "calibration.npz"), cal)
+    _error(capsys, ["generate", "--prompt", "hi", "--prefetch", "trace", "--calibration", str(cal), "--expert-budget",
+                    "25%", "--trace", str(cal)], "would overwrite the input of --calibration")
+    _error(capsys, ["generate", "--prompt", "hi", "--trace", os.path.join(BUNDLED, "calibration.npz")],
+           "would replace a file of the --model folder")
+    _error(capsys, ["calibrate", "--out", os.path.join(BUNDLED, "calibration.npz")],
+           "would replace a file of the --model folder")
+    _error(capsys, ["bench", "--out", str(tmp_path / "b"), "--save-traces", str(tmp_path / "b")],
+           "is the --out folder")
+    assert img.read_bytes() == before
+
+
+def test_quantize_never_writes_over_its_own_model(tiny_dirs, tmp_path, capsys):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["qwen3_vl_moe"], d)
+    files = sorted(os.listdir(d))
+    for out in (d, tmp_path):                                   # the model folder, or a folder holding it
+        _error(capsys, ["quantize", "--model", str(d), "--format", "fp8", "--out", str(out), "--force"],
+               "would overwrite the input of --model")
+    assert sorted(os.listdir(d)) == files
+
+
+def test_a_file_that_is_not_a_calibration_is_one_line(tiny_dirs, tmp_path, capsys, image_file):
+    """A routing trace (or any .npz without transition tables) given as --calibration: one line, exit 2 (was a
+    KeyError traceback); the bundled model's shipped tables serve --prefetch trace without --calibration."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    trace = tmp_path / "t.npz"
+    assert main(["generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "2", "--trace", str(trace)]) == 0
+    capsys.readouterr()
+    _error(capsys, ["generate", "--model", d, "--prompt", "hi", "--prefetch", "trace", "--calibration", str(trace),
+                    "--expert-budget", "25%"], "is not a calibration file")
+    assert main(["generate", "--prompt", "What color is the shape?", "--image", image_file, "--prefetch", "trace",
+                 "--expert-budget", "25%", "--max-new-tokens", "2"]) == 0
+
+
+def test_sigterm_cleans_up_like_sigint(tmp_path):
+    """SIGTERM during a checkpoint write: exit 143, one line, no partial folder left (SIGINT already did this)."""
+    import signal
+    import time
+    env = dict(os.environ, VISMMOE_QUIET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-m", "vismmoe", "make-shape", "--shape", "qwen3-vl-30b-a3b", "--device",
+                             "cpu", "--out", str(tmp_path / "big")], env=env, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not any(n.startswith(".big.partial-") for n in os.listdir(tmp_path)) and time.time() - t0 < 120:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "vismmoe: terminated", err
+    assert "Traceback" not in err and os.listdir(tmp_path) == [], os.listdir(tmp_path)

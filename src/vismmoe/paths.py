@@ -14,6 +14,11 @@ supplies, and the rules for outputs:
   the end, so existing data survives a refusal, a failure or an interruption, and a `--force` replaces it only
   when the new one is complete.
 
+An output never destroys an input (`not_an_input`, which every output check above takes as `inputs`): an output
+that IS an input (a file, or the folder it is in), one that would replace an existing file inside an input folder
+(`--trace MODEL/calibration.npz`), and an output folder replaced whole that holds an input (`quantize --out` equal
+to or above `--model`) are refused, whatever `--force` says.
+
 Every refusal is a `UserError` naming the option and the path. Nothing here imports torch.
 """
 
@@ -63,6 +68,33 @@ def read_json(path: str, what: str, fix: str):
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def _within(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies inside it (both real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def not_an_input(path: str, flag: str, inputs: dict | None, whole_folder: bool = False) -> None:
+    """Refuse output `path` of option `flag` where writing it would destroy an input: `inputs` maps each input's
+    option to its path (a file or a folder; None: not given). Refused: the output is an input, or an input folder
+    itself; it is an existing file inside an input folder (it would be replaced); `whole_folder` (an output folder
+    replaced whole, `new_dir`): an input lies inside it. `--force` does not lift this."""
+    out = _real(path)
+    for in_flag, in_path in (inputs or {}).items():
+        if not in_path:
+            continue
+        src = _real(in_path)
+        what = f"{flag} {path} would overwrite the input of {in_flag} ({in_path})"
+        if out == src or (whole_folder and _within(src, out)):
+            raise UserError(what, f"give {flag} a path apart from the inputs")
+        if os.path.isdir(src) and _within(out, src) and os.path.lexists(out):
+            raise UserError(f"{flag} {path} would replace a file of the {in_flag} folder {in_path}",
+                            f"give {flag} a path outside {in_path}, or a new file name")
+
+
 def _probe_writable(folder: str, flag: str, path: str) -> None:
     """Create and remove a file in `folder` (os.access says yes to root on a read-only file system)."""
     try:
@@ -82,10 +114,10 @@ def _special(path: str) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def output_file(path: str, flag: str, exts: tuple[str, ...]) -> str:
+def output_file(path: str, flag: str, exts: tuple[str, ...], inputs: dict | None = None) -> str:
     """Check output file `path` of option `flag` before the work: a known extension (`exts`, e.g. (".npz",)), its
-    folder exists and is writable, and the path is not a folder or a special file. An existing regular file is
-    replaced when the new one is complete (`atomic_file`). Returns `path`."""
+    folder exists and is writable, the path is not a folder or a special file, and not an input (`not_an_input`).
+    An existing regular file is replaced when the new one is complete (`atomic_file`). Returns `path`."""
     if not path or path.endswith(os.sep):
         raise UserError(f"{flag} {path!r} names no file", f"give a file name ending in {' or '.join(exts)}")
     if os.path.isdir(path):
@@ -96,6 +128,7 @@ def output_file(path: str, flag: str, exts: tuple[str, ...]) -> str:
                         f"{flag} writes {' or '.join(exts)} files: name it so")
     if _special(path):
         raise UserError(f"{flag} {path} is not a regular file (a FIFO, device or socket)", "give a new file name")
+    not_an_input(path, flag, inputs)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: folder {os.path.dirname(path) or '.'} does not exist",
@@ -138,13 +171,15 @@ def _nearest_existing(path: str) -> str:
     return p
 
 
-def output_dir(path: str, flag: str, force: bool = False, owned: tuple[str, ...] = ()) -> str:
+def output_dir(path: str, flag: str, force: bool = False, owned: tuple[str, ...] = (),
+               inputs: dict | None = None) -> str:
     """Check report folder `path` of option `flag` before the work: not a file, creatable under a writable folder,
-    and empty or holding a previous run of the same command (any of the `owned` file names; a name ending in `*`
-    is a prefix; `force` accepts any folder). Files of that command in it are replaced; nothing else in it is
-    touched. Returns `path`."""
+    not an input (`not_an_input`), and empty or holding a previous run of the same command (any of the `owned` file
+    names; a name ending in `*` is a prefix; `force` accepts any folder). Files of that command in it are replaced;
+    nothing else in it is touched. Returns `path`."""
     if not path:
         raise UserError(f"{flag} names no folder", "give a folder path")
+    not_an_input(path, flag, inputs)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is an existing file, not a folder", "give a new or empty folder")
     base = _nearest_existing(path)
@@ -159,11 +194,13 @@ def output_dir(path: str, flag: str, force: bool = False, owned: tuple[str, ...]
     return path
 
 
-def new_dir(path: str, flag: str, force: bool = False) -> str:
+def new_dir(path: str, flag: str, force: bool = False, inputs: dict | None = None) -> str:
     """Check output folder `path` of a command that writes a whole folder (a checkpoint): not a file, creatable,
-    and not an existing non-empty folder unless `force` (which replaces it, once the new one is complete)."""
+    not an input nor a folder holding one (`not_an_input`, even with `force`), and not an existing non-empty folder
+    unless `force` (which replaces it, once the new one is complete)."""
     if not path:
         raise UserError(f"{flag} names no folder", "give a folder path")
+    not_an_input(path, flag, inputs, whole_folder=True)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{flag} {path} is an existing file, not a folder", "give a new or empty folder")
     held = _entries(path, flag)

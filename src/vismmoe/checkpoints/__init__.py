@@ -21,6 +21,13 @@ def _cache_dir() -> str:
 
 
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vqa-moe")
+CALIBRATION_FILE = "calibration.npz"    # transition tables a checkpoint may ship for --prefetch trace / blend
+
+
+def shipped_calibration(model_dir: str | None) -> str | None:
+    """The transition tables checkpoint `model_dir` ships (None: the bundled model's), or None if it ships none."""
+    path = os.path.join(model_dir if model_dir is not None else BUNDLED, CALIBRATION_FILE)
+    return path if os.path.isfile(path) else None
 
 
 def default_model() -> tuple[str, str]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from .. import __version__
 from .args import Parser, add_runtime_options, at_least, check_text, compressor_list, ratios, registry, runtime_config
@@ -36,6 +38,21 @@ def _model_dir(args) -> str:
     return args.model
 
 
+def _inputs(args) -> dict:
+    """The inputs a command reads, by option (an output must not destroy them: paths.not_an_input): the model
+    folder, the image, the calibration file (given, or the one the checkpoint ships), saved traces."""
+    out = {"--model": _model_dir(args)}
+    for flag in ("image", "calibration"):
+        if getattr(args, flag, None):
+            out["--" + flag] = getattr(args, flag)
+    if getattr(args, "prefetch", None) in ("trace", "blend") and not getattr(args, "calibration", None):
+        from ..checkpoints import shipped_calibration
+        out["--calibration"] = shipped_calibration(args.model)
+    for i, path in enumerate(p.strip() for p in (getattr(args, "traces", None) or "").split(",") if p.strip()):
+        out[f"--traces ({i + 1})"] = path
+    return out
+
+
 def _engine_from(args, trace: bool = False):
     rc = runtime_config(args, args.cmd, trace=trace)    # checked before the engine's imports (seconds) and any weight
     from ..engine.loading import load
@@ -52,10 +69,11 @@ def cmd_generate(args) -> int:
         raise UserError("empty --prompt", "ask something about the image")
     at_least(args.max_new_tokens, 1, "--max-new-tokens")
     sampling = _sampling(args)
+    inputs = _inputs(args)
     if args.trace:
-        output_file(args.trace, "--trace", (".npz",))
+        output_file(args.trace, "--trace", (".npz",), inputs)
     if args.timeline:
-        output_file(args.timeline, "--timeline", (".png",))
+        output_file(args.timeline, "--timeline", (".png",), inputs)
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
     if image is not None:                                               # so is an image for a text-only model
         from ..engine.loading import read_model_type
@@ -129,7 +147,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
-    output_dir(args.out, "--out", force=True)       # any folder; export() checks the two file names in it
+    output_dir(args.out, "--out", force=True, inputs=_inputs(args))   # any folder; export() checks its two files
     from ..tools.export_gguf import export
     from ..progress import layer_progress
     if args.model is None:
@@ -252,7 +270,7 @@ def cmd_calibrate(args) -> int:
     from ..progress import layer_progress
     at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
     at_least(args.depth, 1, "--depth")
-    output_file(args.out, "--out", (".npz",))
+    output_file(args.out, "--out", (".npz",), _inputs(args))
     rc = runtime_config(args, "calibrate", expert_budget="100%")
     eng = load(_model_dir(args), rc)
     with layer_progress("calibrating (requests)") as tick:
@@ -300,7 +318,7 @@ def cmd_analyze(args) -> int:
         make_compressor(c)                          # a name, or name:knob=value[,knob=value]
     at_least(args.limit, 1, "--limit")
     if not args.routing:
-        output_dir(args.out, "--out", args.force, owned=("analyze.json", "analyze.md"))
+        output_dir(args.out, "--out", args.force, owned=("analyze.json", "analyze.md"), inputs=_inputs(args))
     eng = load(_model_dir(args), runtime_config(args, "analyze", expert_budget="100%"))
     if args.routing:
         from ..tools.analyze import routing_report
@@ -373,9 +391,13 @@ def cmd_bench(args) -> int:
         _sizes(args.image_sides, "--image-sides", 28, 4096, True)
     if args.calibration is not None:
         input_file(args.calibration, "--calibration", "give the .npz that vismmoe calibrate wrote")
-    output_dir(args.out, "--out", args.force, owned=("bench.json", "bench.md"))
+    inputs = _inputs(args) if not args.shape else {"--calibration": args.calibration}
+    output_dir(args.out, "--out", args.force, owned=("bench.json", "bench.md"), inputs=inputs)
     if args.save_traces:
-        output_dir(args.save_traces, "--save-traces", args.force, owned=("trace_*",))
+        if os.path.realpath(args.save_traces) == os.path.realpath(args.out):
+            raise UserError(f"--save-traces {args.save_traces} is the --out folder",
+                            "give the traces a folder of their own (e.g. OUT/traces)")
+        output_dir(args.save_traces, "--save-traces", args.force, owned=("trace_*",), inputs=inputs)
     n = args.limit or (6 if args.quick else 30)
     args.reps = args.reps or 3
     calibrate_on = None
@@ -707,6 +729,15 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, as SIGINT raises KeyboardInterrupt: the same clean-up runs (a partial
+    output folder or file is removed, `paths.atomic_dir` / `atomic_file`)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -714,15 +745,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     if os.environ.get("VISMMOE_QUIET") or not sys.stderr.isatty():
         _quiet_libraries()
+    previous = None
+    if args.cmd != "serve" and threading.current_thread() is threading.main_thread():   # serve drains on SIGTERM
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         check_text(list(argv) if argv is not None else sys.argv[1:])
         return args.func(args)
     except UserError as e:
         sys.stderr.write(f"vismmoe: error: {e}\n")
         return 2
+    except Terminated:
+        sys.stderr.write("vismmoe: terminated\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("vismmoe: interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

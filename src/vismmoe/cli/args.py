@@ -148,6 +148,10 @@ def runtime_config(args: argparse.Namespace, command: str, **fixed):
         if given("calibration") and args.prefetch not in ("trace", "blend"):
             raise UserError(f"--calibration is read by --prefetch trace or blend only (--prefetch is "
                             f"{args.prefetch})", "add --prefetch trace or --prefetch blend, or drop --calibration")
+    if "prefetch" in taken and args.prefetch in ("trace", "blend") and not given("calibration") and \
+            "calibration" not in fixed:
+        from ..checkpoints import shipped_calibration
+        fixed["calibration"] = shipped_calibration(getattr(args, "model", None))     # what the checkpoint ships
     if given("reserve") and not given("device_memory"):
         raise UserError("--reserve given without --device-memory, so nothing would use it",
                         "add --device-memory SIZE, or drop --reserve")

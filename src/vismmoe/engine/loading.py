@@ -160,9 +160,6 @@ def strip_experts(model, family, geo, dt, dev) -> None:
         raise UserError(f"no weights for {leftover[0]}", "the checkpoint is incomplete or does not match its config")
 
 
-CALIBRATION_FILE = "calibration.npz"    # transition tables a checkpoint may ship for --prefetch trace / blend
-
-
 check = check_runtime       # every knob of a RuntimeConfig, before any weight is read (config.check_runtime)
 
 
@@ -177,15 +174,15 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
         rc = replace(rc, **overrides) if rc is not None else RuntimeConfig(**overrides)
     except TypeError as e:
         raise UserError(f"unknown option: {e}", "see vismmoe.config.RuntimeConfig for the options") from None
+    from ..checkpoints import default_model, shipped_calibration
     if model_dir is None:
-        from ..checkpoints import default_model
         model_dir = default_model()[0]
     family = get_family(read_model_type(model_dir))
     if rc.compress != "none" and not family.has_vision:
         raise UserError(f"--compress {rc.compress} prunes visual tokens, and {family.model_type} is a text-only model",
                         "drop --compress")
-    shipped = os.path.join(model_dir, CALIBRATION_FILE)
-    if rc.prefetch in ("trace", "blend") and rc.calibration is None and os.path.exists(shipped):
+    shipped = shipped_calibration(model_dir)
+    if rc.prefetch in ("trace", "blend") and rc.calibration is None and shipped is not None:
         rc = replace(rc, calibration=shipped)          # tables the checkpoint ships (the bundled model does)
     check(rc)
     dev = _resolve_device(rc.device)

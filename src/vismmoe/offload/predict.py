@@ -148,9 +148,18 @@ class TransitionTables:
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read calibration file {path} ({type(e).__name__})",
                             "make one with: vismmoe calibrate --model DIR --out FILE") from None
-        tables = {int(k[1:]): data[k] for k in data.files if k.startswith("d")}
-        alpha = data["alpha"] if "alpha" in data.files else None
-        return cls(tables, tuple(int(x) for x in data["layers"]), alpha)
+        fix = "give the .npz that vismmoe calibrate wrote (make one with: vismmoe calibrate --model DIR --out FILE)"
+        if not isinstance(data, np.lib.npyio.NpzFile) or "layers" not in data.files:
+            raise UserError(f"{path} is not a calibration file (no transition tables in it: a routing trace?)", fix)
+        try:
+            tables = {int(k[1:]): np.asarray(data[k], dtype=np.float32) for k in data.files if k.startswith("d")}
+            alpha = np.asarray(data["alpha"], dtype=np.float32) if "alpha" in data.files else None
+            layers = tuple(int(x) for x in np.asarray(data["layers"]).reshape(-1))
+        except (ValueError, TypeError, OSError) as e:
+            raise UserError(f"calibration file {path} is damaged ({type(e).__name__})", fix) from None
+        if not tables:
+            raise UserError(f"{path} holds no transition tables", fix)
+        return cls(tables, layers, alpha)
 
 
 class TracePredictor:

@@ -587,7 +587,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     name = name or os.path.basename(os.path.normpath(model_dir))
     if not name or os.sep in name or name in (".", ".."):
         raise UserError(f"--name {name!r} is not a file name stem", "give a name without path separators")
-    output_dir(out_dir, "--out", force=True)            # any folder: only the two files below are written
+    output_dir(out_dir, "--out", force=True, inputs={"--model": model_dir})   # any folder: only its files written
     wtype = "q8_0" if quant == "q8_0" else dtype
     paths = [os.path.join(out_dir, f"{name}-{wtype}.gguf"), os.path.join(out_dir, f"mmproj-{name}-{dtype}.gguf")]
     if exe is not None:

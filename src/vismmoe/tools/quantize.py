@@ -130,7 +130,7 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     if family.expert_banks(config):
         raise UserError(f"{family.model_type} keeps experts of two widths; quantized checkpoints of it are not "
                         "written", "load the dense checkpoint with --expert-format instead")
-    new_dir(out_dir, "--out", force)
+    new_dir(out_dir, "--out", force, inputs={"--model": model_dir})
     model = skeleton(family, config)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model))
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]
