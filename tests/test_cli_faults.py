@@ -338,3 +338,15 @@ def test_sigterm_cleans_up_like_sigint(tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "vismmoe: terminated", err
     assert "Traceback" not in err and os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_make_shape_refuses_more_layers_than_the_shape_and_a_missing_cuda(tmp_path, capsys):
+    """--layers past the shape's layer count wrote the shape's own count with exit 0; --device cuda without CUDA
+    ended in a traceback."""
+    import torch
+    _error(capsys, ["make-shape", "--shape", "tiny-qwen3", "--layers", "9999", "--out", str(tmp_path / "a")],
+           "--layers 9999: shape tiny-qwen3 has 4 decoder layers")
+    if not torch.cuda.is_available():
+        _error(capsys, ["make-shape", "--shape", "tiny-qwen3", "--device", "cuda", "--out", str(tmp_path / "b")],
+               "no CUDA device is visible")
+    assert os.listdir(tmp_path) == []
