@@ -616,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="write a dense checkpoint again with its experts quantized (fp8, int4)")
     q.add_argument("--model", default=None, help="dense checkpoint directory (default: the bundled model)")
     registry(q.add_argument("--format", required=True, metavar="FORMAT",
-                             help="fp8 (Qwen's FP8 layout, 128x128 blocks) or int4[:group=32|64|128,sym=0|1] "
+                             help="fp8 (Qwen's FP8 layout, 128x128 blocks) or int4[:group=16|32|64|128,sym=0|1] "
                                   "(compressed-tensors pack-quantized; default group 128, symmetric); one of "
                                   "{names}"), _formats)
     q.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to (new or empty)")
