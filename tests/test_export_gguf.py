@@ -342,3 +342,15 @@ def test_llama_cpp_random_shape_same_tokens(tmp_path):
         theirs = llama.run("llama.cpp", r, [], gpu=False)
         assert ours.new_tokens == theirs.new_tokens == 8
         assert theirs.text == ours.text
+
+
+def test_a_quantized_checkpoint_is_refused_in_one_line(tiny_dirs, tmp_path, capsys):
+    """A checkpoint `vismmoe quantize` wrote: export-gguf said its experts' tensors were missing (the checkpoint
+    looked incomplete); it now says it exports dense checkpoints and names the stored format."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", tiny_dirs["qwen3_vl_moe"], "--format", "fp8", "--out", str(q)]) == 0
+    capsys.readouterr()
+    assert main(["export-gguf", "--model", str(q), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "writes dense checkpoints" in err and "as fp8" in err, err
+    assert not (tmp_path / "g").exists() or not os.listdir(tmp_path / "g")

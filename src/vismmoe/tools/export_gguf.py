@@ -584,6 +584,13 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     if model_type not in SUPPORTED:
         raise UserError(f"export-gguf cannot export model type {model_type!r}",
                         f"it exports {', '.join(SUPPORTED)} checkpoints")
+    from ..formats.checkpoint import stored_format
+    from ..paths import read_json
+    qc = read_json(os.path.join(model_dir, "config.json"), "config.json", "restore the checkpoint's config.json")
+    stored = stored_format(qc) if isinstance(qc, dict) else None
+    if stored is not None:
+        raise UserError(f"export-gguf writes dense checkpoints; {model_dir} stores its experts as {stored}",
+                        "export the dense checkpoint it was quantized from (--type q8_0 or q4_k quantizes the GGUF)")
     name = name or os.path.basename(os.path.normpath(model_dir))
     if not name or os.sep in name or name in (".", ".."):
         raise UserError(f"--name {name!r} is not a file name stem", "give a name without path separators")
