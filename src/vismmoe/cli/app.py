@@ -240,8 +240,8 @@ def cmd_calibrate_rates(args) -> int:
         model = _model_dir(args)
         input_file(os.path.join(model, "config.json"), "checkpoint config.json",
                    "give --model a checkpoint directory, or --shape NAME")   # a local folder: never the hub
-        from transformers import AutoConfig
-        config = AutoConfig.from_pretrained(model)
+        from ..engine.loading import read_config
+        config = read_config(model)
         fam_name = config.model_type
     from ..families import get_family
     geo = get_family(fam_name).geometry(config)

@@ -11,7 +11,9 @@ checks, tokenizer and image processor, the non-expert weights, the expert store.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import replace
 
 import torch
@@ -21,7 +23,7 @@ from transformers import AutoConfig, AutoTokenizer
 from ..config import RuntimeConfig, check_runtime
 from ..errors import UserError
 from ..families import get_family
-from ..families.checks import check_config, check_tokenizer, check_weights
+from ..families.checks import check_config, check_tokenizer, check_unused, check_weights
 from ..formats import make_format
 from ..formats.checkpoint import dequantized_tensors, expert_source, run_format, stored_format
 from ..offload.store import CheckpointReader, DiskStore, HostStore
@@ -75,6 +77,71 @@ def read_model_type(model_dir: str) -> str | None:
         raise UserError(f"config.json in {model_dir} is not a JSON object", "restore the checkpoint's config.json")
     model_type = config.get("model_type")
     return model_type if isinstance(model_type, str) else None
+
+try:                                    # transformers' typed config fields (huggingface_hub's strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:                     # an older huggingface_hub: transformers raised TypeError/ValueError itself
+    class StrictDataclassError(Exception):
+        pass
+
+_JSON_TYPES = {"int": "a whole number", "float": "a number with a decimal point or exponent (e.g. 1e-06)",
+               "bool": "true or false", "str": "a string", "NoneType": "null", "dict": "a JSON object",
+               "a list": "a list", "a tuple": "a list", "list": "a list"}
+_CONFIG_FIX = "correct config.json (or restore the checkpoint's own)"
+_UNKNOWN = object()
+
+
+def _json_paths(value, field: str, path: str = ""):
+    """Dotted paths of every key `field` in a JSON value (objects nested)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            p = f"{path}{k}"
+            if k == field:
+                yield p, v
+            yield from _json_paths(v, field, p + ".")
+
+
+def _config_type_error(e: StrictDataclassError, model_dir: str) -> UserError:
+    """transformers' validation error of a config.json field -> one line naming the field (as a path in the
+    file), its value and the types transformers takes."""
+    cause = e.__cause__ if e.__cause__ is not None else e
+    text = str(cause)
+    m = re.search(r"for field '([^']+)'", str(e)) or re.search(r"Field '([^']+)'", text)
+    if m is None:                       # a class validator (e.g. layer_types): its own message
+        first = (text.splitlines() or [type(cause).__name__])[0]
+        return UserError(f"config.json in {model_dir} is invalid: {first}", _CONFIG_FIX)
+    field = m.group(1)
+    expected = []
+    for t in re.findall(r"expected (.+?)(?:, got|\)|;|$)", text):
+        t = _JSON_TYPES.get(t.strip(), t.strip())
+        if t not in expected:
+            expected.append(t)
+    path, value = field, _UNKNOWN
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            found = list(_json_paths(json.load(f), field))
+        path, value = found[0] if len(found) == 1 else next(
+            ((p, v) for p, v in found if f"(value: {v!r})" in text), (field, _UNKNOWN))
+    except (OSError, ValueError, RecursionError):
+        pass
+    shown = "" if value is _UNKNOWN else f" is {json.dumps(value)}"
+    want = " or ".join(expected) or "another value"
+    return UserError(f"config.json in {model_dir}: {path}{shown}, which transformers takes only as {want}",
+                     _CONFIG_FIX)
+
+
+def read_config(model_dir: str):
+    """`AutoConfig.from_pretrained(model_dir)`, every family's config built from config.json; UserError (one line
+    naming config.json and the field) for a value transformers refuses: a wrong type (`"hidden_size": "256"`, an
+    int where it takes a float), a failed class validator, a malformed file."""
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except StrictDataclassError as e:
+        raise _config_type_error(e, model_dir) from None
+    except (ValueError, OSError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
+                        "restore the checkpoint's config.json") from None
+
 
 def device_bytes(model: torch.nn.Module) -> int:
     seen, total = set(), 0
@@ -146,6 +213,7 @@ def _load_nonexpert(model, family, reader: CheckpointReader, prefixes: list[str]
     if missing:
         raise UserError(f"checkpoint in {model_dir} lacks {len(missing)} weights (e.g. {missing[0]})",
                         "the checkpoint is incomplete or does not match its config.json")
+    check_unused(family, config, model, result.unexpected_keys, model_dir)
 
 
 def strip_experts(model, family, geo, dt, dev) -> None:
@@ -186,11 +254,7 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
         rc = replace(rc, calibration=shipped)          # tables the checkpoint ships (the bundled model does)
     check(rc)
     dev = _resolve_device(rc.device)
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError, RecursionError) as e:
-        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
-                        "restore the checkpoint's config.json") from None
+    config = read_config(model_dir)
     dt = _resolve_dtype(rc.dtype, config, dev)
     geo = check_config(family, config, model_dir)       # values that contradict each other, before the model is built
     stored = stored_format(config)
@@ -201,7 +265,12 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     if rc.device_memory is None:                        # a budget below one layer's top-k, before any weight is read
         resolve_budget(rc, layout, geo, 0, config, dev)
     tokenizer, image_processor = _load_processors(family, config, model_dir)
-    model = skeleton(family, config)
+    try:
+        model = skeleton(family, config)
+    except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError, RuntimeError) as e:
+        # built from config.json alone, after its checks: a value they do not cover
+        raise UserError(f"config.json in {model_dir} does not build a {family.model_type} model "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})", _CONFIG_FIX) from None
     banks = family.expert_banks(config)
     reader = CheckpointReader(model_dir, geo.hidden, geo.inter, rename=family.checkpoint_renamer(model), banks=banks)
     prefixes = [family.expert_prefix(l) for l in geo.moe_layers]

@@ -602,12 +602,8 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     for path in paths:
         if os.path.lexists(path) and not (force and os.path.isfile(path)):
             raise UserError(f"{path} already exists", "give another --out or --name, or add --force to replace it")
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, OSError, TypeError, KeyError, AttributeError) as e:
-        raise UserError(f"cannot read config.json in {model_dir}: {(str(e).splitlines() or [type(e).__name__])[0]}",
-                        "restore the checkpoint's config.json") from None
+    from ..engine.loading import read_config
+    config = read_config(model_dir)
     os.makedirs(out_dir, exist_ok=True)
     write_text, write_mmproj = WRITERS[model_type]
     with atomic_file(paths[0]) as tmp:

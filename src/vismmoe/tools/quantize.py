@@ -107,13 +107,11 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     """Write `model_dir` (a dense checkpoint) to `out_dir` with its routed experts in format `spec` (fp8, int4,
     int4:group=..,sym=..), in checkpoint layout `layout` (None: the format's own; int4: compressed-tensors or
     awq); see the module docstring. Returns a summary (files, bytes before and after)."""
-    from transformers import AutoConfig
-
-    from ..engine.loading import read_model_type, skeleton
+    from ..engine.loading import read_config, read_model_type, skeleton
     from ..families import get_family
     from ..offload.store import CheckpointReader
     family = get_family(read_model_type(model_dir))
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_config(model_dir)
     if stored_format(config) is not None:
         raise UserError(f"{model_dir} is already quantized ({stored_format(config)})",
                         "quantize the dense checkpoint it was made from")
