@@ -1,8 +1,11 @@
 """The server under faults, one kind at a time: sampling values float32 cannot carry, a row whose logits hold NaN,
 prompts too long to tokenize, JSON nested deep, NaN literals or lone surrogates, a NUL in a file URL, a client
 that leaves before its body ends, lower-case auth schemes, remote images (deadline, size, address policy), the
-drain at shutdown, and the command's own refusals (empty key, busy port). Each answer is the request's own: a
-4xx OpenAI error object for the bad one, and the other requests of its batch answer as they do alone."""
+drain at shutdown, the command's own refusals (empty key, busy port, a body limit or default token limit that
+would refuse every request), the default token limit shrunk to the context a prompt leaves, loosely typed fields
+(true as 1, "yes" as true), data URLs that are not images, NUL in message text, and error params as the client
+wrote the path. Each answer is the request's own: a 4xx OpenAI error object for the bad one, and the other
+requests of its batch answer as they do alone."""
 
 from __future__ import annotations
 
@@ -464,3 +467,148 @@ def test_serve_command_refuses_an_empty_key_and_a_busy_port(capsys, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 8 and all(line.startswith("vismmoe: error:") for line in err), err
     assert "serving" not in "".join(err) and "in use" in err[3]
+
+
+# ---- start-up options that would refuse every request --------------------------------------------------------
+@pytest.fixture
+def no_serving(monkeypatch):
+    """A `vismmoe serve` that gets as far as serving fails the test instead of serving for ever."""
+    from vismmoe.serve import server as server_mod
+
+    def run(self, *a, **kw):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(server_mod.HTTPServer, "run", run)
+
+
+def test_serve_command_refuses_a_body_limit_too_small_for_any_request(capsys, no_serving):
+    for size in ("0", "1000", "1023", "0.5KiB"):
+        assert main(["serve", "--port", "0", "--max-body", size]) == 2, size
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("vismmoe: error: --max-body") and "1 KiB" in line for line in err), err
+    assert main(["serve", "--help"]) == 0
+    assert "at least 1KiB" in " ".join(capsys.readouterr().out.split())
+
+
+def test_serve_command_refuses_a_default_max_tokens_that_leaves_no_room(capsys, no_serving):
+    """The bundled model's context is 2048 tokens: a default of 2048 or more would refuse every request that names
+    no max_tokens; it is refused at start, after the model is loaded (its context is known then)."""
+    for n in ("99999", "2048", "0"):
+        assert main(["serve", "--port", "0", "--default-max-tokens", n]) == 2, n
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("vismmoe: error: --default-max-tokens") for line in err), err
+    assert "context of 2048 tokens" in err[0] and "serving" not in "".join(err)
+
+
+def test_a_request_without_max_tokens_gets_what_the_context_leaves(server, bundled_engine):
+    """No max_tokens: the server's default (256), or what the context (2048) leaves after the prompt, whichever is
+    less; a max_tokens the client asked for that does not fit stays a 400; a prompt that leaves no room is a 400
+    that does not blame a token count the client never gave."""
+    long = "a " * 1800                                                  # 1809 tokens: 239 left
+    r = server.post(text_chat(long, ignore_eos=True))
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == 1809 and usage["completion_tokens"] == 2048 - 1809, usage
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    short = server.post(text_chat("hi", ignore_eos=True))
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 256, short.text
+    for kw in (dict(max_tokens=256), dict(max_completion_tokens=256)):
+        asked = server.post(text_chat(long, **kw))
+        assert asked.status_code == 400 and "exceeds the model's context" in asked.json()["error"]["message"], kw
+    for n in (2039, 2100):                                              # 2048 and 2109 tokens
+        full = server.post(text_chat("a " * n))
+        assert full.status_code == 400, full.text
+        err = full.json()["error"]
+        assert "leaves no room" in err["message"] and "fewer new tokens" not in err["message"], err
+        assert err["param"] == "messages" and "\n" not in err["message"]
+
+
+def test_default_max_tokens_over_the_context_is_refused_by_the_app(bundled_engine):
+    with pytest.raises(UserError, match="--default-max-tokens 2048 leaves no room"):
+        Server(bundled_engine, default_max_tokens=2048)
+
+
+# ---- loosely typed fields --------------------------------------------------------------------------------------
+_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", True), ("max_tokens", False), ("max_tokens", "5"), ("max_tokens", 2.0),
+    ("max_completion_tokens", True), ("top_k", True), ("seed", "1"), ("n", True),
+    ("stream", "yes"), ("stream", 1), ("stream", "true"), ("ignore_eos", "true"), ("ignore_eos", 0),
+    ("logprobs", "no"), ("stream_options", {"include_usage": "yes"}),
+    ("temperature", True), ("temperature", "0.5"), ("top_p", "1"), ("presence_penalty", False),
+    ("model", 5), ("user", 7),
+])
+def test_loosely_typed_fields_get_400(server, field, value):
+    r = server.post({"model": MODEL, "messages": _HI, "max_tokens": 2, field: value})
+    assert r.status_code == 400, (field, value, r.text)
+    err = r.json()["error"]
+    want = field + (".include_usage" if field == "stream_options" else "")
+    assert err["param"] == want and err["message"].startswith(want + ": ") and "\n" not in err["message"], err
+    assert " not a" in err["message"] or " not an" in err["message"], err     # "..., not a boolean"
+
+
+def test_floats_take_integers(server):
+    r = server.post({"model": MODEL, "messages": _HI, "max_tokens": 2, "temperature": 0, "top_p": 1,
+                     "presence_penalty": 0})
+    assert r.status_code == 200, r.text
+
+
+def test_a_data_url_must_name_an_image_type(server, samples):
+    png = data_url(samples[0].image.resize((32, 32))).partition(",")[2]
+    body = lambda url: {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [  # noqa: E731
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}]}
+    for head in ("data:text/plain;base64", "data:;base64", "data:application/octet-stream;base64",
+                 "data:text/html;charset=utf-8;base64", "data:imagex/png;base64"):
+        r = server.post(body(f"{head},{png}"))
+        assert r.status_code == 400, (head, r.text)
+        assert "image/*" in r.json()["error"]["message"], r.text
+    for head in ("data:image/png;base64", "data:IMAGE/PNG;base64", "data:image/jpeg;base64"):
+        assert server.post(body(f"{head},{png}")).status_code == 200, head       # the bytes decide the format
+
+
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "user", "content": "what\x00 is it?"}], "messages.0.content"),
+    ([{"role": "system", "content": "\x00"}, {"role": "user", "content": "hi"}], "messages.0.content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "a\x00b"}]}],
+     "messages.0.content.1.text"),
+])
+def test_nul_in_message_text_gets_400(server, messages, param):
+    r = server.post({"model": MODEL, "max_tokens": 2, "messages": messages})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert "NUL" in err["message"] and err["param"] == param and "\n" not in err["message"], err
+
+
+# ---- error params ----------------------------------------------------------------------------------------------
+def _image(image_url, text="hi"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": image_url},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.mark.parametrize("extra,param", [
+    (dict(messages=_image({"url": 5})), "messages.0.content.0.image_url.url"),
+    (dict(messages=_image({"url": "data:image/png;base64,AAAA", "detail": "x"})),
+     "messages.0.content.0.image_url.detail"),
+    (dict(messages=_image({"url": "data:image/png;base64,AAAA", "size": 1})), "messages.0.content.0.image_url.size"),
+    (dict(messages=_image({})), "messages.0.content.0.image_url.url"),
+    (dict(messages=_image({"url": "data:image/png;base64,AAAA"}, text=5)), "messages.0.content.1.text"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), "messages.0.content.0.image_url"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages.0.content.0.text"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "hi", "x": 1}]}]),
+     "messages.0.content.0.x"),
+    (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
+    (dict(messages=[{"role": "user", "content": {"str": "hi"}}]), "messages.0.content"),
+    (dict(messages=[{"role": "user"}]), "messages.0"),
+    (dict(messages=_HI, stop={"a": 1}), "stop"),
+    (dict(messages=_HI, stop=["a", 5]), "stop.1"),
+    (dict(messages=_HI, stream_options={"include_usage": "x"}), "stream_options.include_usage"),
+    (dict(), "messages"),
+])
+def test_error_param_is_the_path_the_client_wrote(server, extra, param):
+    r = server.post({"model": MODEL, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(param + ": "), err
+    assert not any(s in err["message"] for s in ("[", "tagged-union", "function-")), err

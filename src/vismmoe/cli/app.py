@@ -555,9 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most requests decoded together: rows running at once (default 8; docs/serving.md)")
     sv.add_argument("--max-queue", type=int, default=16, metavar="N",
                     help="most requests waiting; more get HTTP 429 (default 16)")
-    sv.add_argument("--max-body", default="32MiB", metavar="SIZE", help="largest request body (default 32MiB)")
+    sv.add_argument("--max-body", default="32MiB", metavar="SIZE",
+                    help="largest request body, at least 1KiB (default 32MiB)")
     sv.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
-                    help="max tokens of a request that names none (default 256)")
+                    help="max new tokens of a request that names none, fewer when the prompt leaves less room in "
+                         "the model's context; must be under the context (default 256)")
     from ..serve.cli import add_arguments as _add_serve_args
     _add_serve_args(sv)
     add_runtime_options(sv, "serve")

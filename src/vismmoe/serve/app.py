@@ -1,7 +1,8 @@
 """`vismmoe serve`: an OpenAI-compatible HTTP server over one engine (FastAPI on uvicorn).
 
     POST /v1/chat/completions   messages with text and image_url parts, several images, history; max_tokens /
-                                max_completion_tokens, temperature, top_p, top_k, seed, stop, stream (SSE ending
+                                max_completion_tokens (neither: the server's default or what the context leaves,
+                                whichever is less), temperature, top_p, top_k, seed, stop, stream (SSE ending
                                 in [DONE], usage in the last chunk with stream_options.include_usage)
     GET  /v1/models             the one model served
     GET  /health                {"status": "ok"}
@@ -87,16 +88,33 @@ def _error(status: int, message: str, kind: str, code=None, param=None, headers=
     return JSONResponse(error_body(message, kind, code, param), status_code=status, headers=headers)
 
 
+def model_context(engine) -> int | None:
+    """The model's context in tokens (prompt + new tokens), as the engine checks it; None when the config names
+    none."""
+    limit = getattr(engine.family.text_config(engine.config), "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
 def default_prompt_chars(engine) -> int:
     """The default --max-prompt-chars: CHARS_PER_TOKEN characters per token of the model's context (a prompt
     that long would need tokens of 16 characters on average to fit), 1,000,000 when the config names no context."""
-    limit = getattr(engine.family.text_config(engine.config), "max_position_embeddings", None)
-    return CHARS_PER_TOKEN * int(limit) if limit else 1_000_000
+    limit = model_context(engine)
+    return CHARS_PER_TOKEN * limit if limit else 1_000_000
+
+
+def check_options(engine, opts: ServeOptions) -> None:
+    """UserError for options that would refuse every request on this engine: a default token limit that leaves
+    no room for a prompt in the model's context."""
+    limit = model_context(engine)
+    if limit is not None and opts.default_max_tokens >= limit:
+        raise UserError(f"--default-max-tokens {opts.default_max_tokens} leaves no room for a prompt in the model's "
+                        f"context of {limit} tokens", f"give fewer than {limit} (default 256)")
 
 
 def create_app(engine, opts: ServeOptions) -> FastAPI:
     """The app over `engine` (loaded; the server owns it from now on). Its scheduler's worker thread starts
     here; `app.state.scheduler.close()` stops it."""
+    check_options(engine, opts)
     app = FastAPI(title="vismmoe", docs_url=None, redoc_url=None, openapi_url=None)
     sched_box: list[Scheduler] = []
     metrics = ServerMetrics(engine, lambda: sched_box[0])
@@ -245,9 +263,50 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         # a union (content: str | parts) reports every branch; the deepest location is the one that says what is
         # wrong (a part's unknown type, an image_url that is not an object), not "should be a valid string"
         err = max(e.errors(), key=lambda x: len(x["loc"]))
-        where = ".".join(str(x) for x in err["loc"]) or "body"
+        where = client_path(err["loc"], obj) or "body"
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"].endswith("_type") and err["type"] != "model_type":
+            msg += f", not {_json_kind(err.get('input'))}"
         raise APIError(400, f"{where}: {msg}", param=where) from None
+
+
+def client_path(loc: tuple, body) -> str:
+    """A pydantic error location as the client wrote the field's path ("messages.0.content.0.image_url.url"):
+    the parts that name no key or index of the body are the validator's own (a union's branch such as
+    "str" or "list[tagged-union[TextPart,ImagePart]]", function-before/after markers, a tagged union's tag) and
+    are left out. Walks `body` (the parsed JSON) along `loc`; a last key the body lacks (a missing field) stays."""
+    out, cur, tag_seen = [], body, None
+    for i, part in enumerate(loc):
+        if isinstance(cur, list) and isinstance(part, int) and not isinstance(part, bool) and 0 <= part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, dict) and isinstance(part, str) and not _internal_loc(part):
+            if i + 1 < len(loc) and cur.get("type") == part and tag_seen is not cur:
+                tag_seen = cur                  # a tagged union's tag (the object's own "type"), not a key
+                continue
+            if part in cur:
+                out.append(part)
+                cur = cur[part]
+            elif i == len(loc) - 1:
+                out.append(part)                # a required field the client left out
+    return ".".join(map(str, out))
+
+
+_BRANCH_NAMES = {"str", "int", "float", "bool", "bytes", "none"}    # a union's branches of these types
+
+
+def _internal_loc(part: str) -> bool:
+    """A location part that pydantic adds (a union's branch, a validator's marker), never a field name here."""
+    return "[" in part or part in _BRANCH_NAMES
+
+
+def _json_kind(value) -> str:
+    """What a JSON value is, for "should be a valid integer, not a boolean"."""
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
 
 
 def _check_tree(obj) -> None:
@@ -305,19 +364,31 @@ def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions, max_chars:
         raise APIError(400, f"the messages hold {chars:,} characters of text, over this server's limit of "
                             f"{max_chars:,} (--max-prompt-chars): shorten them", code="prompt_too_long",
                        param="messages")
+    asked, req = c.max_completion_tokens or c.max_tokens, None
     try:
         engine.family.check_images(len(images))        # a text-only model: refused before any image is fetched
         sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
                                   top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
         deadline = time.monotonic() + opts.media.timeout_s                 # all of this request's remote images
+        # no limit asked for: prepared with 1 new token (the prompt must leave room for one), then given the
+        # server's default or what the context leaves, whichever is less (as OpenAI-style servers do)
         req = GenerationRequest(messages=messages, images=[image_bytes(u, opts.media, deadline) for u in images],
-                                max_new_tokens=c.max_completion_tokens or c.max_tokens or opts.default_max_tokens,
-                                sampling=sampling, stop=tuple(c.stop or ()), ignore_eos=c.ignore_eos)
+                                max_new_tokens=asked or 1, sampling=sampling, stop=tuple(c.stop or ()),
+                                ignore_eos=c.ignore_eos)
         engine.prepare_request(req)
     except MediaBusy as e:
         raise APIError(429, str(e), "rate_limit_error", "media_busy", headers={"Retry-After": "1"}) from None
     except UserError as e:
+        limit = model_context(engine)
+        if asked is None and limit is not None and req is not None and req.prompt_tokens >= limit:
+            raise APIError(400, f"prompt of {req.prompt_tokens} tokens leaves no room for an answer in the model's "
+                                f"context of {limit} tokens: shorten the prompt or use a smaller image",
+                           code="context_length_exceeded", param="messages") from None
         raise APIError(400, str(e)) from None
+    if asked is None:
+        limit = model_context(engine)
+        room = opts.default_max_tokens if limit is None else limit - req.prompt_tokens
+        req.max_new_tokens = min(opts.default_max_tokens, room)
     return req
 
 

@@ -18,6 +18,9 @@ from ..config import parse_size
 from ..errors import UserError
 
 
+MIN_BODY_BYTES = 1024           # --max-body's floor: a small chat request, with room to spare
+
+
 def add_arguments(sv) -> None:
     """The server options that cli.py's `serve` parser does not spell out itself."""
     sv.add_argument("--allow-media-networks", default="", metavar="CIDRS",
@@ -58,7 +61,10 @@ def check_args(args) -> None:
                         "give 0 to 60000")
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise UserError(f"--shutdown-timeout {args.shutdown_timeout} is not a number of seconds", "give 0 or more")
-    parse_size(args.max_body, what="--max-body")
+    body = parse_size(args.max_body, what="--max-body")
+    if body < MIN_BODY_BYTES:
+        raise UserError(f"--max-body {args.max_body} is under 1 KiB, too small for any chat request",
+                        "give 1KiB or more (default 32MiB)")
     _allow_networks(args)
     api_key(args)
 
@@ -89,11 +95,12 @@ def api_key(args) -> str | None:
 
 
 def options_from(args, engine):
-    """ServeOptions of the command's (checked) arguments."""
-    from .app import ServeOptions
+    """ServeOptions of the command's (checked) arguments; UserError for one that this engine's model refuses (a
+    --default-max-tokens that leaves no room in its context)."""
+    from .app import ServeOptions, check_options
     from .media import MediaRules
     name = args.served_model_name or os.path.basename(os.path.normpath(engine.model_dir))
-    return ServeOptions(model_name=name, api_key=api_key(args),
+    opts = ServeOptions(model_name=name, api_key=api_key(args),
                         max_body_bytes=parse_size(args.max_body, what="--max-body"),
                         default_max_tokens=args.default_max_tokens,
                         media=MediaRules(allowed_local=args.allowed_local_media,
@@ -102,6 +109,8 @@ def options_from(args, engine):
                         max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
                         admit_wait_s=args.admit_wait_ms / 1e3, max_prompt_chars=args.max_prompt_chars,
                         max_images=args.max_images, shutdown_timeout_s=args.shutdown_timeout)
+    check_options(engine, opts)
+    return opts
 
 
 WARM_LENGTHS = (256, 512, 1024)     # KV lengths a continuous server's step shape is captured at before it serves

@@ -1,6 +1,6 @@
 """Where a request's images come from: `image_url` -> encoded image bytes, under the server's media rules.
 
-    data:image/...;base64,...   decoded here (at most `max_bytes` bytes)
+    data:image/...;base64,...   decoded here (at most `max_bytes` bytes; another media type is refused)
     file:///path                read only when the server names a folder (--allowed-local-media) and the path,
                                 links resolved, lies inside it
     http(s)://...               fetched only with --allow-remote-media, under the rules below
@@ -106,6 +106,11 @@ def _data_url(url: str, max_bytes: int) -> bytes:
     head, sep, payload = url.partition(",")
     if not sep or not head.endswith(";base64"):
         raise UserError("image data URL is not base64", "send data:image/png;base64,<base64 bytes>")
+    kind = head[5:].split(";")[0].strip().lower()          # RFC 2397: none given means text/plain
+    if not kind.startswith("image/"):
+        what = f"media type {kind!r}" if kind else "no media type (so text/plain)"
+        raise UserError(f"image data URL has {what}, not an image/* type",
+                        "send data:image/png;base64,<base64 bytes> (or image/jpeg, image/webp, ...)")
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise _too_big(max_bytes)
     try:

@@ -3,7 +3,9 @@
 Owns which request fields exist, their types and ranges (pydantic validates them: a wrong type is a 400 with the
 field's path), which OpenAI fields are accepted only at their neutral value (`n` = 1, penalties 0, no tools, ...),
 and the one extension: `top_k` and `ignore_eos` (as vLLM and llama.cpp's server spell them). Unknown fields are
-refused rather than ignored, so a parameter we do not implement never passes silently. Reference:
+refused rather than ignored, so a parameter we do not implement never passes silently. Scalars are strict: JSON
+`true` is not the integer 1 nor `"yes"` a boolean (a float field still takes an integer), and message text may
+not hold a NUL character. Reference:
 https://platform.openai.com/docs/api-reference/chat/create
 """
 
@@ -15,12 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion between JSON types (true is not 1, "5" not 5, "yes" not true); floats take integers
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("text holds a NUL character (\\u0000): remove it")
+    return text
 
 
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v):
+        return _no_nul(v)
 
 
 class ImageURL(_Strict):
@@ -40,6 +54,11 @@ class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Part] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, v):
+        return _no_nul(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _has_content(self):
