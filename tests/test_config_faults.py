@@ -6,10 +6,8 @@ vision `depth` smaller than the weights' blocks)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -20,21 +18,7 @@ from safetensors.torch import load_file, save_file
 from vismmoe import load
 from vismmoe.errors import UserError
 
-
-def _copy(tiny_dirs, tmp_path, name, family) -> str:
-    dst = str(tmp_path / name)
-    shutil.copytree(tiny_dirs[family], dst)
-    return dst
-
-
-def _edit(d: str, edit) -> str:
-    path = os.path.join(d, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    edit(cfg)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return d
+from .test_checkpoint_faults import _copy, _edit_config as _edit
 
 
 def _set(path: str, value):
