@@ -223,8 +223,8 @@ class FastStep:
         books `settle` completes. `teacher_token` teacher-forces the step's input token. A step's misses are
         claimed before the next step is launched (their copies start at once, their victims leave the address
         table first). `then(ids) -> (launch?, teacher token or None)`: whether the step after this one is launched
-        ahead once this one is found clean, and with which input (None: none is); the bucket's outputs (`logits`)
-        are then that step's."""
+        ahead once this one is booked (where the module docstring allows), and with which input (None: none is);
+        the bucket's outputs (`logits`) are then that step's."""
         fl = self._take_ahead(b, prev, teacher_token)
         if fl is None:
             fl = self._launch(b, teacher_token)
