@@ -350,3 +350,12 @@ def test_make_shape_refuses_more_layers_than_the_shape_and_a_missing_cuda(tmp_pa
         _error(capsys, ["make-shape", "--shape", "tiny-qwen3", "--device", "cuda", "--out", str(tmp_path / "b")],
                "no CUDA device is visible")
     assert os.listdir(tmp_path) == []
+
+
+def test_options_that_nothing_would_use_are_refused(capsys, no_load):
+    """bench --shape with --model ran the shape and ignored --model; --image-sides / --prompt-tokens without --shape
+    were ignored; calibrate --depth past the model's MoE layers was accepted."""
+    _error(capsys, ["bench", "--shape", "tiny-qwen3", "--model", "x"], "--shape and --model name two workloads")
+    _error(capsys, ["bench", "--prompt-tokens", "512"], "--prompt-tokens is for --shape workloads")
+    _error(capsys, ["bench", "--image-sides", "448"], "--image-sides is for --shape workloads")
+    _error(capsys, ["calibrate", "--depth", "8", "--out", "unused.npz"], "--depth 8: the model has 8 MoE layers")

@@ -272,6 +272,13 @@ def cmd_calibrate(args) -> int:
     at_least(args.depth, 1, "--depth")
     output_file(args.out, "--out", (".npz",), _inputs(args))
     rc = runtime_config(args, "calibrate", expert_budget="100%")
+    from ..engine.loading import read_config, read_model_type
+    from ..families import get_family
+    model = _model_dir(args)
+    layers = len(get_family(read_model_type(model)).geometry(read_config(model)).moe_layers)
+    if args.depth >= layers:                        # a table of depth d predicts MoE layer l + d from layer l
+        raise UserError(f"--depth {args.depth}: the model has {layers} MoE layers, so a table that deep predicts "
+                        "nothing", f"give at most {layers - 1}")
     eng = load(_model_dir(args), rc)
     with layer_progress("calibrating (requests)") as tick:
         tables, rows = calibrate(eng, default_samples(args.limit), depth=args.depth, progress=tick)
@@ -368,6 +375,13 @@ def cmd_bench(args) -> int:
     from ..data import balanced_subset
     from ..offload.links import get_link
     from ..progress import layer_progress
+    if args.shape is not None and args.model is not None:
+        raise UserError("--shape and --model name two workloads", "give one: --model DIR (a checkpoint) or --shape "
+                        "NAME (random weights)")
+    for flag in ("image_sides", "prompt_tokens"):
+        if getattr(args, flag) is not None and args.shape is None:
+            raise UserError(f"--{flag.replace('_', '-')} is for --shape workloads, so nothing would use it",
+                            "add --shape NAME, or drop it")
     systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate"]
     for s in systems:
         if s not in SYSTEMS:
