@@ -153,6 +153,7 @@ def test_make_tiny_never_destroys_an_existing_checkpoint(tiny_dirs, tmp_path, ca
     import shutil
     shutil.copytree(tiny_dirs["qwen3_vl_moe"], d)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
+    capsys.readouterr()                         # the fixture's progress, when it made the checkpoint just now
     _error(capsys, ["make-tiny", "--family", "glm4v_moe", "--out", str(d)], "already holds files")
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert main(["make-tiny", "--family", "glm4v_moe", "--out", str(d), "--force"]) == 0
@@ -359,3 +360,19 @@ def test_options_that_nothing_would_use_are_refused(capsys, no_load):
     _error(capsys, ["bench", "--prompt-tokens", "512"], "--prompt-tokens is for --shape workloads")
     _error(capsys, ["bench", "--image-sides", "448"], "--image-sides is for --shape workloads")
     _error(capsys, ["calibrate", "--depth", "8", "--out", "unused.npz"], "--depth 8: the model has 8 MoE layers")
+
+
+def test_outputs_get_the_mode_a_plain_create_gives(tmp_path):
+    """Files and folders written through a temporary name kept tempfile's 0600 / 0700 whatever the umask."""
+    from vismmoe.paths import atomic_dir, atomic_file
+    old = os.umask(0o022)
+    try:
+        with atomic_file(str(tmp_path / "t.npz")) as tmp:
+            with open(tmp, "w") as f:
+                f.write("x")
+        with atomic_dir(str(tmp_path / "d")) as tmp:
+            pass
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "t.npz").st_mode & 0o777) == 0o644
+    assert (os.stat(tmp_path / "d").st_mode & 0o777) == 0o755

@@ -137,16 +137,38 @@ def output_file(path: str, flag: str, exts: tuple[str, ...], inputs: dict | None
     return path
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str, mode: int) -> None:
+    """Give a temporary file or folder (made 0600 / 0700 by tempfile) the mode a plain create would: `mode` less
+    the umask."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str):
     """Yields a temporary path beside `path` with the same extension (writers that add or read the extension
-    keep working); renamed over `path` when the block ends without error, removed otherwise."""
+    keep working); renamed over `path` when the block ends without error (with the mode a plain create gives),
+    removed otherwise."""
     folder, base = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(base)
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".partial{ext}", dir=folder)
     os.close(fd)
     try:
         yield tmp
+        _as_created(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -225,6 +247,7 @@ def atomic_dir(path: str):
     tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
         yield tmp
+        _as_created(tmp, 0o777)
         old = None
         if os.path.isdir(target):
             if os.listdir(target):
