@@ -269,14 +269,17 @@ def cmd_calibrate(args) -> int:
     from ..engine.loading import load
     from ..progress import layer_progress
     at_least(args.limit, 3, "--limit", "calibration needs at least 3 samples")
-    at_least(args.depth, 1, "--depth")
+    if args.depth is not None:
+        at_least(args.depth, 1, "--depth")
     output_file(args.out, "--out", (".npz",), _inputs(args))
     rc = runtime_config(args, "calibrate", expert_budget="100%")
     from ..engine.loading import read_config, read_model_type
     from ..families import get_family
     model = _model_dir(args)
     layers = len(get_family(read_model_type(model)).geometry(read_config(model)).moe_layers)
-    if args.depth >= layers:                        # a table of depth d predicts MoE layer l + d from layer l
+    if args.depth is None:                          # 3, fewer on a model with fewer MoE layers
+        args.depth = max(1, min(3, layers - 1))
+    elif args.depth >= layers:                      # a table of depth d predicts MoE layer l + d from layer l
         raise UserError(f"--depth {args.depth}: the model has {layers} MoE layers, so a table that deep predicts "
                         "nothing", f"give at most {layers - 1}")
     eng = load(_model_dir(args), rc)
@@ -652,7 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(c)
     c.add_argument("--out", required=True, metavar="FILE.npz", help="the tables' .npz file (replaced if it exists)")
     c.add_argument("--limit", type=int, default=48, help="validation samples to use")
-    c.add_argument("--depth", type=int, default=3, help="MoE layers ahead to build tables for")
+    c.add_argument("--depth", type=int, default=None,
+                   help="MoE layers ahead to build tables for, fewer than the model's MoE layers (default 3, or "
+                        "one less than the model's MoE layers if that is fewer)")
     add_runtime_options(c, "calibrate")
     c.set_defaults(func=cmd_calibrate)
 
