@@ -162,6 +162,7 @@ def test_server_chats_and_refuses_images(text_tiny):
             {"type": "text", "text": PROMPT}]}]}
         r = srv.post(bad)
         assert r.status_code == 400 and "text-only model" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "messages.0.content.0.image_url.url", r.text
         assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     finally:
         srv.close()

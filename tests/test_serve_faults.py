@@ -9,6 +9,7 @@ requests of its batch answer as they do alone."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import http.server
 import ipaddress
@@ -612,3 +613,63 @@ def test_error_param_is_the_path_the_client_wrote(server, extra, param):
     err = r.json()["error"]
     assert err["param"] == param and err["message"].startswith(param + ": "), err
     assert not any(s in err["message"] for s in ("[", "tagged-union", "function-")), err
+
+
+@pytest.mark.parametrize("case,param,code", [
+    ("over-context-asked", "messages", "context_length_exceeded"),
+    ("over-context", "messages", "context_length_exceeded"),
+    ("asked-past-what-is-left", "max_tokens", "context_length_exceeded"),
+    ("completion-past-what-is-left", "max_completion_tokens", "context_length_exceeded"),
+    ("asked-past-the-context", "max_tokens", "context_length_exceeded"),
+    ("completion-past-the-context", "max_completion_tokens", "context_length_exceeded"),
+    ("truncated-png", "messages.0.content.0.image_url.url", "invalid_image_format"),
+    ("second-turn-second-image", "messages.2.content.1.image_url.url", "invalid_image_format"),
+    ("bad-base64", "messages.0.content.0.image_url.url", "invalid_image_url"),
+    ("not-an-image-type", "messages.0.content.0.image_url.url", "invalid_image_url"),
+    ("file-outside", "messages.0.content.0.image_url.url", "invalid_image_url"),
+    ("remote-off", "messages.0.content.0.image_url.url", "invalid_image_url"),
+    ("no-text", "messages", None),
+    ("too-many-images", "messages", None),
+    ("over-the-character-limit", "messages", "prompt_too_long"),
+])
+def test_request_errors_name_the_field_to_change(server, samples, case, param, code):
+    """Every 400 for a request field says which one (`param`, the path as the client wrote it) and, where one
+    fits, why (`code`): a prompt over the context is `messages` whether or not max_tokens was given; a token limit
+    the prompt leaves no room for is the limit the client wrote; a bad image is the path of its url."""
+    png = data_url(samples[0].image.resize((32, 32)))
+    truncated = "data:image/png;base64," + base64.b64encode(base64.b64decode(png.partition(",")[2])[:60]).decode()
+    image = lambda url, text="what?": [{"role": "user", "content": [                        # noqa: E731
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+    long = "a " * 1800                                                   # 1809 tokens: 239 left
+    body = {
+        "over-context-asked": dict(messages=image(png, "star " * 3000), max_tokens=24),
+        "over-context": dict(messages=image(png, "star " * 3000)),
+        "asked-past-what-is-left": dict(messages=[{"role": "user", "content": long}], max_tokens=256),
+        "completion-past-what-is-left": dict(messages=[{"role": "user", "content": long}],
+                                             max_completion_tokens=256),
+        "asked-past-the-context": dict(messages=_HI, max_tokens=10**9),
+        "completion-past-the-context": dict(messages=_HI, max_completion_tokens=2048),
+        "truncated-png": dict(messages=image(truncated), max_tokens=2),
+        "second-turn-second-image": dict(messages=image(png) + [{"role": "assistant", "content": "a cube"}, {
+            "role": "user", "content": [{"type": "text", "text": "and here?"},
+                                        {"type": "image_url", "image_url": {"url": truncated}}]}], max_tokens=2),
+        "bad-base64": dict(messages=image("data:image/png;base64,@@@@"), max_tokens=2),
+        "not-an-image-type": dict(messages=image("data:text/plain;base64," + png.partition(",")[2]), max_tokens=2),
+        "file-outside": dict(messages=image("file:///etc/hostname"), max_tokens=2),
+        "remote-off": dict(messages=image("http://example.com/x.png"), max_tokens=2),
+        "no-text": dict(messages=image(png, " "), max_tokens=2),
+        "too-many-images": dict(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png}}] * 33 + [{"type": "text", "text": "how many?"}]}]),
+        "over-the-character-limit": dict(messages=[{"role": "user", "content": "a" * (16 * 2048 + 1)}]),
+    }[case]
+    r = server.post({"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code), err
+    assert err["type"] == "invalid_request_error" and "\n" not in err["message"], err
+    if param.startswith("messages."):                                    # the image part's path, then why
+        assert err["message"].startswith(param + ": "), err
+    elif code == "context_length_exceeded" and param == "messages":
+        assert "leaves no room for an answer" in err["message"] and "new tokens" not in err["message"], err
+    elif code == "context_length_exceeded":                              # the limit to lower, and to what
+        assert f"{param} " in err["message"] and "ask for" in err["message"], err

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..errors import UserError
+from ..engine.inputs import load_image
 from ..engine.request import GenerationRequest
 from ..engine.sampling import NonFiniteLogits, SamplingParams
 from .media import MediaBusy, MediaRules, image_bytes
@@ -337,20 +338,22 @@ def _check_tree(obj) -> None:
 
 def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions, max_chars: int) -> GenerationRequest:
     """The chat request as a prepared GenerationRequest (images fetched and decoded, tokens, pixels). APIError 400
-    for anything the engine refuses, before any work when the text is over `max_chars` characters."""
-    messages, images = [], []
-    for m in c.messages:
+    for anything the engine refuses, before any work when the text is over `max_chars` characters; its `param`
+    is the field to change: an image's `messages.i.content.j.image_url.url`, `messages` for a prompt that leaves
+    no room for an answer, the token limit the client wrote for one that the prompt leaves too little room."""
+    messages, images = [], []                   # images: (url, its path in the body)
+    for i, m in enumerate(c.messages):
         role = "system" if m.role == "developer" else m.role
         if isinstance(m.content, str):
             messages.append({"role": role, "content": m.content})
             continue
         parts = []
-        for p in m.content:
+        for j, p in enumerate(m.content):
             if p.type == "text":
                 parts.append({"type": "text", "text": p.text})
             else:
                 parts.append({"type": "image"})
-                images.append(p.image_url.url)
+                images.append((p.image_url.url, f"messages.{i}.content.{j}.image_url.url"))
         messages.append({"role": role, "content": parts})
     texts = [m["content"] if isinstance(m["content"], str) else p.get("text", "")
              for m in messages for p in (m["content"] if isinstance(m["content"], list) else [{}])]
@@ -364,32 +367,57 @@ def _to_request(engine, c: ChatCompletionRequest, opts: ServeOptions, max_chars:
         raise APIError(400, f"the messages hold {chars:,} characters of text, over this server's limit of "
                             f"{max_chars:,} (--max-prompt-chars): shorten them", code="prompt_too_long",
                        param="messages")
-    asked, req = c.max_completion_tokens or c.max_tokens, None
+    asked = c.max_completion_tokens or c.max_tokens
+    asked_field = "max_completion_tokens" if c.max_completion_tokens else "max_tokens"
+    limit = model_context(engine)
+    if asked is not None and limit is not None and asked >= limit:
+        raise APIError(400, f"{asked_field} {asked} leaves no room for a prompt in the model's context of {limit} "
+                            f"tokens: ask for fewer than {limit}", code="context_length_exceeded", param=asked_field)
+    if images:
+        try:
+            engine.family.check_images(len(images))    # a text-only model: refused before any image is fetched
+        except UserError as e:
+            raise APIError(400, f"{images[0][1]}: {e}", param=images[0][1]) from None
+    sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
+                              top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
+    deadline = time.monotonic() + opts.media.timeout_s                     # all of this request's remote images
+    # no limit asked for: prepared with 1 new token (the prompt must leave room for one), then given the
+    # server's default or what the context leaves, whichever is less (as OpenAI-style servers do)
+    req = GenerationRequest(messages=messages, images=[_image(u, where, opts, deadline) for u, where in images],
+                            max_new_tokens=asked or 1, sampling=sampling, stop=tuple(c.stop or ()),
+                            ignore_eos=c.ignore_eos)
     try:
-        engine.family.check_images(len(images))        # a text-only model: refused before any image is fetched
-        sampling = SamplingParams(temperature=1.0 if c.temperature is None else c.temperature,
-                                  top_p=1.0 if c.top_p is None else c.top_p, top_k=c.top_k or 0, seed=c.seed)
-        deadline = time.monotonic() + opts.media.timeout_s                 # all of this request's remote images
-        # no limit asked for: prepared with 1 new token (the prompt must leave room for one), then given the
-        # server's default or what the context leaves, whichever is less (as OpenAI-style servers do)
-        req = GenerationRequest(messages=messages, images=[image_bytes(u, opts.media, deadline) for u in images],
-                                max_new_tokens=asked or 1, sampling=sampling, stop=tuple(c.stop or ()),
-                                ignore_eos=c.ignore_eos)
         engine.prepare_request(req)
-    except MediaBusy as e:
-        raise APIError(429, str(e), "rate_limit_error", "media_busy", headers={"Retry-After": "1"}) from None
     except UserError as e:
-        limit = model_context(engine)
-        if asked is None and limit is not None and req is not None and req.prompt_tokens >= limit:
+        if limit is None or not req.prompt_tokens or req.prompt_tokens + req.max_new_tokens <= limit:
+            raise APIError(400, str(e), param="messages") from None         # the chat template refused them
+        if req.prompt_tokens >= limit:
             raise APIError(400, f"prompt of {req.prompt_tokens} tokens leaves no room for an answer in the model's "
                                 f"context of {limit} tokens: shorten the prompt or use a smaller image",
                            code="context_length_exceeded", param="messages") from None
-        raise APIError(400, str(e)) from None
+        raise APIError(400, f"prompt of {req.prompt_tokens} tokens + {asked_field} {asked} exceeds the model's "
+                            f"context of {limit} tokens: ask for at most {limit - req.prompt_tokens} new tokens, "
+                            f"or shorten the prompt", code="context_length_exceeded", param=asked_field) from None
     if asked is None:
-        limit = model_context(engine)
         room = opts.default_max_tokens if limit is None else limit - req.prompt_tokens
         req.max_new_tokens = min(opts.default_max_tokens, room)
     return req
+
+
+def _image(url: str, where: str, opts: ServeOptions, deadline: float):
+    """The image part at `where` (its path in the body), fetched and decoded. APIError 429 while too many remote
+    images are being fetched; else 400 naming that path: code invalid_image_url when the URL gives no bytes,
+    invalid_image_format when its bytes are not an image this server takes."""
+    try:
+        data = image_bytes(url, opts.media, deadline)
+    except MediaBusy as e:
+        raise APIError(429, str(e), "rate_limit_error", "media_busy", headers={"Retry-After": "1"}) from None
+    except UserError as e:
+        raise APIError(400, f"{where}: {e}", code="invalid_image_url", param=where) from None
+    try:
+        return load_image(data)
+    except UserError as e:
+        raise APIError(400, f"{where}: {e}", code="invalid_image_format", param=where) from None
 
 
 async def _wait(request: Request, req: GenerationRequest, events: asyncio.Queue):
@@ -464,7 +492,7 @@ async def _sse(req: GenerationRequest, rid: str, events: asyncio.Queue, model: s
             error = value
             finished = True
             if error is not None:
-                yield f"data: {json.dumps(error_body(error.message, error.kind, error.code))}\n\n"
+                yield f"data: {json.dumps(error_body(error.message, error.kind, error.code, error.param))}\n\n"
             else:
                 yield chunk({}, finish=req.finish_reason)
                 if include_usage:
