@@ -673,3 +673,16 @@ def test_request_errors_name_the_field_to_change(server, samples, case, param, c
         assert "leaves no room for an answer" in err["message"] and "new tokens" not in err["message"], err
     elif code == "context_length_exceeded":                              # the limit to lower, and to what
         assert f"{param} " in err["message"] and "ask for" in err["message"], err
+
+
+@pytest.mark.parametrize("stop,param,says", [
+    ([""], "stop.0", "must not be empty"), ("", "stop", "must not be empty"), (["a", ""], "stop.1", "must not be empty"),
+    (["a", "b", "c", "d", "e"], "stop", "at most 4 stop strings (5 given)"),
+])
+def test_stop_strings_say_what_is_wrong_with_them(server, stop, param, says):
+    """An empty stop string is refused for being empty (at its own path), not with the message for too many."""
+    r = server.post({"model": MODEL, "messages": _HI, "max_tokens": 2, "stop": stop})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith(param + ": ") and says in err["message"], err
+    assert ("at most" in err["message"]) == (says.startswith("at most")), err

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -25,6 +25,15 @@ def _no_nul(text: str) -> str:
     if "\x00" in text:
         raise ValueError("text holds a NUL character (\\u0000): remove it")
     return text
+
+
+def _stop_text(text: str) -> str:
+    if not text:
+        raise ValueError("a stop string must not be empty: give some text, or leave it out")
+    return text
+
+
+StopText = Annotated[str, AfterValidator(_stop_text)]          # its own error path: "stop.1", not "stop"
 
 
 class TextPart(_Strict):
@@ -83,7 +92,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)                     # extension (vLLM, llama.cpp)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False                                           # extension (vLLM)
@@ -98,8 +107,8 @@ class ChatCompletionRequest(_Strict):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("give at most 4 non-empty stop strings")
+        if len(stops) > 4:
+            raise ValueError(f"give at most 4 stop strings ({len(stops)} given)")
         return stops
 
     @field_validator("logprobs")
