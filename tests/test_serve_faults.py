@@ -416,34 +416,58 @@ def test_shutdown_drains_then_cancels_running_requests(bundled_engine):
 
 
 def test_serve_command_port_zero_and_sigterm(tmp_path):
-    """`vismmoe serve --port 0` says the port it bound, serves, and on SIGTERM answers a running request
-    (finish reason shutdown, 503) within its drain deadline and exits."""
+    """`vismmoe serve --port 0` says the port it bound, serves, and on SIGTERM answers its running requests within
+    the drain deadline (plain: 503; streamed: a server_shutdown error event, then [DONE]), then exits 143 with the
+    one line `vismmoe: terminated` (as SIGINT ends with `vismmoe: interrupted`), no traceback."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "vismmoe", "serve", "--port", "0", "--shutdown-timeout", "1",
                              "--expert-budget", "25%"], stderr=subprocess.PIPE, text=True, env=env)
+    lines, serving = [], threading.Event()
+
+    def read():                         # all of stderr, so the pipe never fills whatever the server logs
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if "serving" in line:
+                serving.set()
+        serving.set()                   # ended before it served: the test fails below, not at a timeout
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "the server ended before it said where it serves"
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        assert serving.wait(timeout=300) and proc.poll() is None, lines
+        port = int(next(x for x in lines if "serving" in x).split("http://127.0.0.1:")[1].split("/")[0])
         assert port != 0
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(url + "/health").json() == {"status": "ok"}
-        with cf.ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(httpx.post, url + "/v1/chat/completions",
-                              json=text_chat("hello", max_tokens=1800, ignore_eos=True), timeout=120)
-            deadline = time.time() + 60
-            while "vismmoe_running_requests 1.0" not in httpx.get(url + "/metrics").text and time.time() < deadline:
+        deadline = time.time() + 120
+        while True:                     # the loop accepts once it said so; wait for it all the same
+            try:
+                if httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "no /health"
+            time.sleep(0.1)
+        long = text_chat("hello", max_tokens=1800, ignore_eos=True)
+        with cf.ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(httpx.post, url + "/v1/chat/completions", json=long, timeout=300)
+            streamed = pool.submit(lambda: httpx.post(url + "/v1/chat/completions", json=dict(long, stream=True),
+                                                      timeout=300).text)
+            deadline = time.time() + 300
+            while "vismmoe_running_requests 2.0" not in httpx.get(url + "/metrics", timeout=30).text:
+                assert time.time() < deadline and plain.running() and streamed.running(), "the requests never ran"
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            r = fut.result()
+            r, events = plain.result(), streamed.result()
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown", r.text
-        proc.wait(timeout=60)
+        assert '"code": "server_shutdown"' in events and events.rstrip().endswith("data: [DONE]"), events[-300:]
+        assert proc.wait(timeout=120) == 143, lines
+        reader.join(timeout=30)
+        assert lines[-1] == "vismmoe: terminated" and not any("Traceback" in x for x in lines), lines
     finally:
         if proc.poll() is None:
             proc.kill()
+        reader.join(timeout=30)
         proc.stderr.close()
 
 

@@ -767,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("VISMMOE_QUIET") or not sys.stderr.isatty():
         _quiet_libraries()
     previous = None
-    if args.cmd != "serve" and threading.current_thread() is threading.main_thread():   # serve drains on SIGTERM
+    # serve too: uvicorn holds SIGTERM while it serves (it drains), then raises it again here once it has stopped
+    if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         check_text(list(argv) if argv is not None else sys.argv[1:])
