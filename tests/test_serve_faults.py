@@ -146,6 +146,85 @@ def test_a_batch_that_fails_before_its_first_token_runs_its_rows_alone():
     assert [r.finish_reason for r in rows] == ["length", None, "length"]
 
 
+class _BlockedEngine:
+    """An engine whose prefill (continuous: `_BlockedBatch.admit_group`) or batch (static: `generate_requests`)
+    waits at `entered` until `release`: a burst that arrives while the engine is busy, without sleeps."""
+    prefill_chunk = 0
+
+    def __init__(self):
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def generate_requests(self, reqs, row_errors="raise"):
+        self.entered.set()
+        assert self.release.wait(timeout=60)
+        for r in reqs:
+            r.finish_reason = "length"
+
+
+class _BlockedBatch:
+    """serve/scheduler.py's RunningBatch over a `_BlockedEngine`: a prefill waits for the release, a decode step
+    ends every row."""
+
+    def __init__(self, engine, capacity):
+        self.engine, self.requests, self.prefilling, self.stepped = engine, [], None, []
+
+    def __len__(self):
+        return len(self.requests)
+
+    def admit(self, req):
+        return self.admit_group([req])
+
+    def admit_group(self, reqs):
+        self.engine.generate_requests([])
+        self.requests += reqs
+        return []
+
+    def step(self):
+        self.stepped, self.requests = self.requests, []
+        for r in self.stepped:
+            r.finish_reason = "length"
+        return self.stepped
+
+
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+@pytest.mark.parametrize("when", ["idle", "busy"])
+def test_a_burst_gets_max_batch_plus_max_queue_places_whatever_the_engine_does(monkeypatch, batching, when):
+    """--max-batch 8, --max-queue 16, a burst of 30: 24 are taken and 6 refused (QueueFull: 429), whether the burst
+    comes before the worker took anything (idle) or while one request's prefill or batch runs (busy); a free row is
+    a place, not a wait in the queue. Every request taken is answered."""
+    from vismmoe.engine.request import GenerationRequest as G
+    from vismmoe.serve import scheduler as sched_mod
+    monkeypatch.setattr(sched_mod, "RunningBatch", _BlockedBatch)
+    monkeypatch.setattr(sched_mod, "blocker", lambda engine: None)
+    engine = _BlockedEngine()
+    sched = sched_mod.Scheduler(engine, max_batch=8, max_queue=16, batching=batching)
+    answered, refused = [], []
+    burst = [G(messages=[]) for _ in range(30)]
+
+    def submit(r):
+        try:
+            sched.submit(r, lambda req, error: answered.append(req))
+        except sched_mod.QueueFull as e:
+            refused.append(str(e))
+
+    try:
+        if when == "busy":
+            submit(burst[0])
+            assert engine.entered.wait(timeout=60)            # one request runs (its prefill, or its batch)
+            for r in burst[1:]:
+                submit(r)
+        else:
+            with sched._cv:                                    # the worker takes nothing until all 30 came
+                for r in burst:
+                    submit(r)
+        assert (30 - len(refused), len(refused)) == (24, 6), refused
+        assert "--max-batch 8 + --max-queue 16" in refused[0], refused[0]
+    finally:
+        engine.release.set()
+        sched.close()
+    assert len(answered) == 24 and all(r.finish_reason == "length" for r in answered)
+
+
 def test_prompt_over_the_character_limit_is_refused_before_tokenizing(server, bundled_engine):
     limit = 16 * 2048                                               # the bundled model's context: 2048 tokens
     for n in (limit + 1, 24 * 1024 * 1024):

@@ -571,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, metavar="N",
                     help="most requests decoded together: rows running at once (default 8; docs/serving.md)")
     sv.add_argument("--max-queue", type=int, default=16, metavar="N",
-                    help="most requests waiting; more get HTTP 429 (default 16)")
+                    help="most requests waiting beyond --max-batch: the server holds at most --max-batch + "
+                         "--max-queue requests, running and waiting, whatever the engine is doing; more get HTTP "
+                         "429 (default 16)")
     sv.add_argument("--max-body", default="32MiB", metavar="SIZE",
                     help="largest request body, at least 1KiB (default 32MiB)")
     sv.add_argument("--default-max-tokens", type=int, default=256, metavar="N",

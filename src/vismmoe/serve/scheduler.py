@@ -1,6 +1,8 @@
 """Requests from many clients onto one engine: a bounded queue and a worker thread that runs them.
 
-    submit(request)  ->  queued (QueueFull when `max_queue` wait already: the server answers 429)
+    submit(request)  ->  queued (QueueFull when `max_batch + max_queue` are held already, running and waiting
+                         together: the server answers 429); a free row counts as a place whatever the worker is
+                         doing (idle, prefilling, decoding), so a burst always gets the same number of places
     worker, batching "continuous" (default): between two decode steps of the running rows, the waiting
                          requests (up to `max_batch` rows in all) are prefilled together, as one batch, and join
                          them (RunningBatch.admit_group: under an expert budget one prefill copies the experts
@@ -44,7 +46,7 @@ log = logging.getLogger("vismmoe.serve")
 
 
 class QueueFull(Exception):
-    """The queue holds `max_queue` requests already."""
+    """The scheduler holds `max_batch + max_queue` requests already (running and waiting)."""
 
 
 class ShuttingDown(QueueFull):
@@ -93,8 +95,9 @@ class Scheduler:
         with self._cv:
             if self._closed or self._draining:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting")
+            if len(self._waiting) + len(self._running) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{len(self._running)} requests running and {len(self._waiting)} waiting, the most "
+                                f"it holds: --max-batch {self.max_batch} + --max-queue {self.max_queue}")
             self._waiting.append((req, done))
             self._cv.notify()
 
@@ -132,6 +135,7 @@ class Scheduler:
             if self._cancel_reason is not None:
                 for req, _ in batch:
                     req.cancel(self._cancel_reason)
+            self._running = [req for req, _ in batch]          # still held: they left the queue for the engine
             return batch
 
     def _loop(self) -> None:
@@ -222,12 +226,12 @@ class Scheduler:
                 if self.on_batch is not None and batch.stepped:
                     self.on_batch(batch.stepped)
             self.running = len(batch)
+            with self._cv:                          # places free before their clients hear (and send again)
+                self._running = batch.requests
             for r in finished:
                 _call(callbacks.pop(id(r), None), r, r.error)
             if finished:
                 self.batches += 1
-            with self._cv:
-                self._running = batch.requests
 
     def _admit_now(self, batch: RunningBatch, room: int) -> bool:
         """Whether the waiting newcomers join now (the lock held). Under an expert budget a prefill is mostly
