@@ -2,16 +2,18 @@
 and says what it ran: non-UTF-8 text, output paths that cannot be written (checked before any model is read),
 options another option makes meaningless, checks that came only after seconds of loading, special files given as
 inputs, `--out` onto existing data, the context error's token count, and the runtime defaults (one table for
-`generate` and `serve`, shown in `--help`), `--version`, the warm-up kept out of a request's times, and the vision
-encoder on the timeline."""
+`generate` and `serve`, shown in `--help`), `--version`, the warm-up kept out of a request's times, the vision
+encoder on the timeline, and Ctrl-C or SIGTERM while worker processes run (one line, no worker tracebacks)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -339,6 +341,93 @@ def test_sigterm_cleans_up_like_sigint(tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "vismmoe: terminated", err
     assert "Traceback" not in err and os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def _ignores_sigint(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+def _alive(pids: list[int], wait: float = 0.0) -> list[int]:
+    """Those of `pids` still running (a zombie has ended) after up to `wait` seconds."""
+    deadline = time.time() + wait
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        alive.append(pid)
+            except OSError:
+                pass
+        if not alive or time.time() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _signal_the_group_in_the_pool(argv: list[str], sig: int) -> tuple[int, str, list[int]]:
+    """Run `argv` in a process group of its own; once its worker pool runs (two children, set up: they ignore
+    SIGINT, or half a second on), send `sig` to the whole group as a terminal's Ctrl-C does. Returns (exit status,
+    stderr, the workers' pids)."""
+    env = dict(os.environ, VISMMOE_QUIET="1", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    workers = []
+    try:
+        seen_at, t0 = None, time.time()
+        while proc.poll() is None and time.time() - t0 < 300:
+            workers = _children(proc.pid)
+            if len(workers) >= 2:
+                seen_at = seen_at or time.time()
+                if all(map(_ignores_sigint, workers)) or time.time() - seen_at > 0.5:
+                    break
+            time.sleep(0.02)
+        assert seen_at is not None and proc.poll() is None, "the worker pool was not seen running"
+        os.killpg(proc.pid, sig)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:                         # hung: end it and what is left of its pool
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in _alive(workers, 30):
+            os.kill(pid, signal.SIGKILL)
+    return proc.returncode, err, workers
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+@pytest.mark.parametrize("sig,code,line", [(signal.SIGINT, 130, "vismmoe: interrupted"),
+                                           (signal.SIGTERM, 143, "vismmoe: terminated")], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_eval_runs_its_pool_is_one_line(sig, code, line):
+    """Ctrl-C (or SIGTERM to the process group) while eval's pool makes the majority baseline: each worker printed a
+    'Process ForkPoolWorker-N:' traceback before the command's line (stopping the pool raised the command's SIGTERM
+    handler in them too). Now the one line, its exit status, and no worker left running."""
+    rc, err, workers = _signal_the_group_in_the_pool([sys.executable, "-m", "vismmoe", "eval", "--limit", "6"], sig)
+    assert rc == code and err == line + "\n", (rc, err)
+    assert not _alive(workers, 30), "pool workers outlived the command"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_ctrl_c_in_the_training_corpus_pool_leaves_the_workers_quiet():
+    rc, err, workers = _signal_the_group_in_the_pool(
+        [sys.executable, "-c", "from vismmoe.tools.train import corpus_texts; corpus_texts(100000, 2)"], signal.SIGINT)
+    assert "ForkPoolWorker" not in err and err.strip().splitlines()[-1] == "KeyboardInterrupt", err
+    assert not _alive(workers, 30), "pool workers outlived the command"
 
 
 def test_make_shape_refuses_more_layers_than_the_shape_and_a_missing_cuda(tmp_path, capsys):

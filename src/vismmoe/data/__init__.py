@@ -1,4 +1,5 @@
-"""Synthetic, deterministic visual-question data (see :mod:`vismmoe.data.scenes`)."""
+"""Synthetic, deterministic visual-question data (see :mod:`vismmoe.data.scenes`), made in parallel by
+:mod:`vismmoe.data.workers`."""
 
 from vismmoe.data.scenes import (
     AUX_QTYPES,
@@ -17,6 +18,7 @@ from vismmoe.data.scenes import (
     save_preview,
     warm_cache,
 )
+from vismmoe.data.workers import fork_pool
 
 __all__ = [
     "AUX_QTYPES",
@@ -29,6 +31,7 @@ __all__ = [
     "answer_vocabulary",
     "balanced_subset",
     "content_tokens",
+    "fork_pool",
     "make_sample",
     "make_sample_and_scene",
     "make_split",

@@ -41,10 +41,9 @@ def majority_answers(n: int = MAJORITY_SAMPLES, processes: int | None = None) ->
     """{qtype: most common answer of that type among the first n TRAIN samples} (ties: alphabetical)."""
     processes = processes if processes is not None else min(8, os.cpu_count() or 1)
     if processes > 1 and n >= 300:
-        import multiprocessing as mp
-        from ..data import warm_cache
+        from ..data import fork_pool, warm_cache
         warm_cache()
-        with mp.get_context("fork").Pool(processes) as pool:
+        with fork_pool(processes) as pool:
             pairs = pool.map(_answer_and_type, range(n), chunksize=max(1, n // (4 * processes)))
     else:
         pairs = [_answer_and_type(i) for i in range(n)]

@@ -47,6 +47,7 @@ from ..data import (
     QTYPES,
     answer_vocabulary,
     content_tokens,
+    fork_pool,
     make_sample,
     # noqa: E402
                    make_sample_and_scene,
@@ -121,8 +122,7 @@ def corpus_texts(n: int, workers: int = 0) -> list[str]:
     """Questions and answers of the first n train samples, plus every answer word (so each is one token)."""
     idx = list(range(n))
     if workers > 1 and n >= 200:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(workers) as pool:
+        with fork_pool(workers) as pool:
             qa = pool.map(_question_answer, idx, chunksize=max(1, n // (4 * workers)))
     else:
         qa = [_question_answer(i) for i in idx]
