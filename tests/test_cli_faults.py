@@ -343,6 +343,22 @@ def test_sigterm_cleans_up_like_sigint(tmp_path):
     assert "Traceback" not in err and os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "hi"], ["generate", "--prompt", "hi", "--image", "{img}"], ["eval"], ["serve"],
+    ["calibrate", "--out", "{tmp}/c.npz"], ["analyze", "--out", "{tmp}/a"], ["bench", "--out", "{tmp}/b"],
+    ["quantize", "--format", "fp8", "--out", "{tmp}/q"], ["export-gguf", "--out", "{tmp}/g"], ["calibrate-rates"],
+], ids=lambda argv: argv[0] + ("-image" if "--image" in argv else ""))
+def test_a_file_as_model_says_a_model_is_a_directory(tmp_path, capsys, image_file, argv):
+    """--model naming a file (its config.json, a weights file) said "model directory not found" (calibrate-rates:
+    that config.json/config.json cannot be read)."""
+    from vismmoe.checkpoints import BUNDLED
+    config = os.path.join(BUNDLED, "config.json")
+    argv = [a.format(tmp=tmp_path, img=image_file) for a in argv]
+    err = _error(capsys, argv + ["--model", config], f"{config} is a file, not a model directory")
+    assert "a model is a directory holding config.json" in err
+    assert os.listdir(tmp_path) == []
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for d in filter(str.isdigit, os.listdir("/proc")):

@@ -250,7 +250,7 @@ def test_hybrid_on_cuda_matches_fetch_only(family, mode, decode, tiny_dirs, imag
     assert list(tmp_path.glob("rates-*.json")) or mode == "on"
 
 
-@pytest.mark.parametrize("argv,says", [(["--model", "0"], "config.json"), (["--formats", ","], "--formats"),
+@pytest.mark.parametrize("argv,says", [(["--model", "0"], "model directory not found"), (["--formats", ","], "--formats"),
                                        (["--formats", "nope"], "nope"), (["--shape", "nope"], "nope"),
                                        (["--dtype", "int8"], "--dtype")])
 def test_calibrate_rates_refuses_bad_input(argv, says, capsys, monkeypatch, tmp_path):

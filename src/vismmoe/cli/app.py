@@ -236,11 +236,9 @@ def cmd_calibrate_rates(args) -> int:
         from ..bench.shapes import get_shape
         fam_name, config = get_shape(args.shape)
     else:
-        from ..paths import input_file
+        from ..engine.loading import read_config, read_model_type
         model = _model_dir(args)
-        input_file(os.path.join(model, "config.json"), "checkpoint config.json",
-                   "give --model a checkpoint directory, or --shape NAME")   # a local folder: never the hub
-        from ..engine.loading import read_config
+        read_model_type(model)                  # a local folder holding config.json: never the hub
         config = read_config(model)
         fam_name = config.model_type
     from ..families import get_family

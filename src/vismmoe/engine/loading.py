@@ -57,8 +57,11 @@ def _resolve_dtype(name: str | None, config, device: torch.device) -> torch.dtyp
     return d if d in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 def read_model_type(model_dir: str) -> str | None:
-    """The `model_type` of the checkpoint in `model_dir`; UserError for a missing folder or an unreadable,
-    special or malformed config.json."""
+    """The `model_type` of the checkpoint in `model_dir`; UserError for a missing folder, a file in its place, or an
+    unreadable, special or malformed config.json."""
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise UserError(f"{model_dir} is a file, not a model directory",
+                        "a model is a directory holding config.json and the weights: give --model that directory")
     if not os.path.isdir(model_dir):
         raise UserError(f"model directory not found: {model_dir}", "give --model a checkpoint directory "
                         "(vismmoe make-tiny --family qwen3_vl_moe --out DIR makes one)")
