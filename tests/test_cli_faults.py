@@ -149,6 +149,16 @@ def test_a_fifo_as_image_is_refused_not_waited_on(tmp_path, capsys, no_load):
     assert result["code"] == 2 and "not a regular file" in capsys.readouterr().err
 
 
+def test_an_image_that_is_a_folder_or_a_url_says_so(tmp_path, capsys, no_load):
+    """A file:// URL said "image not found" even where it names a folder (or a file): --image takes a path. A plain
+    path to a folder says it is a directory."""
+    _error(capsys, ["generate", "--prompt", "hi", "--image", f"file://{tmp_path}"],
+           f"--image takes a file path, not a URL: file://{tmp_path}: give the path itself: {tmp_path}")
+    _error(capsys, ["generate", "--prompt", "hi", "--image", "https://example.com/cat.png"],
+           "--image takes a file path, not a URL")
+    _error(capsys, ["generate", "--prompt", "hi", "--image", str(tmp_path)], f"image is a directory: {tmp_path}")
+
+
 def test_make_tiny_never_destroys_an_existing_checkpoint(tiny_dirs, tmp_path, capsys):
     """`make-tiny --out` onto a checkpoint deleted its weight shards and exited 0."""
     d = tmp_path / "ckpt"

@@ -268,3 +268,19 @@ def test_errors_name_what_is_wrong(server):
     host = server.post(dict(base, messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file://scene.png"}}, {"type": "text", "text": "hi"}]}]))
     assert host.status_code == 400 and "file:///" in host.json()["error"]["message"]
+
+
+def test_a_file_url_that_is_no_file_says_what_it_names(server):
+    """A file:// URL naming a folder (the media folder itself, or one inside it) or a FIFO said "image not found"."""
+    (server.media / "sub").mkdir(exist_ok=True)
+    fifo = server.media / "pipe.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    for path, says in ((server.media, "is a directory, not an image file"),
+                       (server.media / "sub", "is a directory, not an image file"),
+                       (fifo, "is a FIFO, device or socket, not an image file"),
+                       (server.media / "missing.png", "image not found")):
+        r = server.post({"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"file://{path}"}}, {"type": "text", "text": "what?"}]}]})
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 400 and says in msg and str(path) in msg, r.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
@@ -39,6 +40,11 @@ def load_image(path_or_image) -> Image.Image:
         return _decode(io.BytesIO(path_or_image), "the image data")
     path = os.fspath(path_or_image)
     if not os.path.exists(path):
+        scheme, sep, rest = path.partition("://")
+        if sep and scheme.isalpha():            # a URL: a path is what is read here
+            fix = (f"give the path itself: {unquote(urlparse(path).path)}" if scheme.lower() == "file" else
+                   "download the image and give the file's path")
+            raise UserError(f"--image takes a file path, not a URL: {path}", fix)
         raise UserError(f"image not found: {path}", "check the --image path")
     input_file(path, "image", "give an image file (PNG, JPEG, WebP, ...)")     # a FIFO would block the decoder
     return _decode(path, path)

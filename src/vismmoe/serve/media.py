@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -133,9 +134,14 @@ def _local(path: str, rules: MediaRules) -> bytes:
     if os.path.commonpath([root, real]) != root:
         raise UserError(f"image path {path} is outside the allowed media folder",
                         "give a file:// URL of a file inside the server's --allowed-local-media folder")
-    if not os.path.isfile(real):
-        raise UserError(f"image not found: {path}", "check the file:// URL")
-    if os.path.getsize(real) > rules.max_bytes:
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise UserError(f"image not found: {path}", "check the file:// URL") from None
+    if not stat.S_ISREG(st.st_mode):                 # a folder, or a FIFO that would block the read
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+        raise UserError(f"image path {path} is {kind}, not an image file", "give the file:// URL of an image file")
+    if st.st_size > rules.max_bytes:
         raise _too_big(rules.max_bytes)
     try:
         with open(real, "rb") as f:
