@@ -468,6 +468,24 @@ def test_make_shape_refuses_more_layers_than_the_shape_and_a_missing_cuda(tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo"], ["demo", "--json"], ["generate", "--prompt", "hi"], ["eval"], ["serve"], ["calibrate", "--out", "{tmp}/c.npz"],
+    ["analyze", "--out", "{tmp}/a"], ["bench", "--out", "{tmp}/b"], ["calibrate-rates"],
+    ["make-shape", "--shape", "tiny-qwen3", "--out", "{tmp}/s"],
+], ids=lambda argv: "-".join(a.lstrip("-") for a in argv if not a.startswith("{")))
+def test_a_device_it_cannot_use_is_refused_before_any_output(tmp_path, capsys, argv):
+    """demo --device cuda without CUDA (or a device name it does not know) printed the model's header line before
+    the error; every command that takes --device refuses first: nothing on stdout, one line, exit 2."""
+    import torch
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    devices = ["tpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        code = main(argv + ["--device", device])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err.count("\n") == 1 and "device" in err, (argv, device, out, err)
+    assert os.listdir(tmp_path) == []
+
+
 def test_options_that_nothing_would_use_are_refused(capsys, no_load):
     """bench --shape with --model ran the shape and ignored --model; --image-sides / --prompt-tokens without --shape
     were ignored; calibrate --depth past the model's MoE layers was accepted."""

@@ -107,7 +107,8 @@ def make_shape(shape: str, out_dir: str, layers: int | None = None, dtype: str =
     """Write shape `shape` with `layers` decoder layers (default: the shape's) as a checkpoint in `out_dir`.
     `device`: where weights are drawn (default cuda when available, else cpu). Returns {"dir", "layers",
     "bytes", "shards"}. UserError for an unknown shape or dtype, fewer than one layer or more than the shape has,
-    --device cuda without a CUDA device, or an existing non-empty `out_dir` without `force`. The checkpoint is written under a temporary name beside `out_dir` and renamed into
+    a --device it cannot use (cuda without a CUDA device, a name it does not know), or an existing non-empty
+    `out_dir` without `force`. The checkpoint is written under a temporary name beside `out_dir` and renamed into
     place when complete (a `force`d existing folder is replaced only then). `progress()` after each shard."""
     from ..paths import atomic_dir, new_dir
     if dtype not in _DTYPES:
@@ -120,10 +121,9 @@ def make_shape(shape: str, out_dir: str, layers: int | None = None, dtype: str =
     have = get_family(fam_name).text_config(config).num_hidden_layers
     if layers is not None and layers > have:
         raise UserError(f"--layers {layers}: shape {shape} has {have} decoder layers", f"give at most {have}")
-    if device is not None and device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for but no CUDA device is visible", "use --device cpu")
+    if device is not None:
+        from ..engine.loading import _resolve_device
+        _resolve_device(device)                 # cuda without a CUDA device, or a name it does not know
     new_dir(out_dir, "--out", force)
     with atomic_dir(out_dir) as tmp:
         info = _write_shape(shape, tmp, layers, dtype, seed, device, progress)

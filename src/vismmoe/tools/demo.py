@@ -25,7 +25,8 @@ def _questions(n: int) -> list[tuple]:
 def run_demo(device: str = "cpu", as_json: bool = False) -> int:
     from rich.table import Table
 
-    from ..engine.loading import load
+    from ..engine.loading import _resolve_device, load
+    _resolve_device(device)                     # a device it cannot use is refused before any output
     out = console()
     model_dir, routing = default_model()
     trained = model_dir == BUNDLED
