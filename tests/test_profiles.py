@@ -64,6 +64,40 @@ def _write(tmp_path, prof: DeviceProfile) -> str:
 FAST = {"name": "fast", "Bps": 1e12, "latency_s": 0.0}
 
 
+def test_a_span_inside_another_counts_to_the_outer_one():
+    """The inner span's FLOPs, bytes and operators go to the outer span (they were dropped), the same counts as
+    when the inner module is no span at all."""
+    import torch
+    from vismmoe.profiles.clock import DeviceClock
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = torch.nn.Linear(8, 16)
+            self.inner = torch.nn.Linear(16, 32)
+
+        def forward(self, x):
+            return self.inner(self.pre(x).relu())
+
+    model, x = Outer(), torch.randn(4, 8)
+
+    def counts(spans):
+        clock = DeviceClock(_profile(), dtype="float32", hidden=8, inter=8, expert_bytes=1, act_bytes=4)
+        hooks = [h for module, kind in spans for h in (
+            module.register_forward_pre_hook(lambda mod, args, kind=kind: clock.begin(kind)),
+            module.register_forward_hook(lambda mod, args, out, kind=kind: clock.end(kind)))]
+        with torch.no_grad(), clock.request():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return clock.counts
+
+    nested = counts([(model, "vision"), (model.inner, "attention")])
+    assert "attention" not in nested
+    assert nested["vision"] == counts([(model, "vision")])["vision"]
+    assert nested["vision"][0] == 2 * 4 * (8 * 16 + 16 * 32)         # both matmuls' FLOPs, the inner one's too
+
+
 def test_the_engine_tells_the_clock_its_phase(tiny_dirs, image_file, tmp_path, monkeypatch):
     from vismmoe.profiles.clock import DeviceClock
     eng = load(tiny_dirs["qwen3_vl_moe"], device_profile=_write(tmp_path, _profile(name="fast", tier=FAST)))

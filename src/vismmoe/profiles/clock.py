@@ -180,7 +180,12 @@ class DeviceClock:
         if threading.get_ident() != self._owner or not self._stack:
             return
         acc = self._stack.pop()
-        if acc.nested:
+        if acc.nested:                      # its counts go to the span it is in (by that span's rule)
+            outer = self._stack[-1]
+            outer.ops += acc.ops
+            if outer.kind != "experts":
+                outer.flops += acc.flops
+                outer.bytes += acc.bytes
             return
         self._advance(acc.kind, acc.flops, acc.bytes, acc.ops)
 
