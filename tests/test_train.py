@@ -294,3 +294,93 @@ def test_background_dropout_hides_only_background_tokens(micro):
         kept = thinned[b, vis] == 1
         assert kept[content].all() and not kept[~content].all()
     assert torch.equal(maker._thin_visual(p["attention_mask"], mm, samples, None), p["attention_mask"])
+
+
+def test_geometry_preset_has_the_30b_routing_geometry_and_ships():
+    """`--preset geometry`: Qwen3-VL-30B-A3B's routing geometry (48 MoE layers x 128 experts, top-8; 448-1024 px =
+    196-1024 visual tokens) at a width whose bf16 weights stay within 60 MiB (the size the repo can ship)."""
+    hp = T.PRESETS["geometry"]
+    ids = {"eos": [1], "pad": 0, "image": 5, "image_start": 6, "image_end": 7, "video": 8}
+    cfg = T.FAMILY.tiny_config(ids, 1024, **hp["model"])
+    t = cfg.text_config
+    assert (t.num_hidden_layers, t.num_experts, t.num_experts_per_tok, t.decoder_sparse_step) == (48, 128, 8, 1)
+    assert not t.mlp_only_layers
+    with torch.device("meta"):
+        model = T.FAMILY.model_class(cfg)
+    assert 2 * sum(p.numel() for p in model.parameters()) <= 60 * 2**20
+    merge = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
+    assert [(s // merge) ** 2 for s in (hp["image_sizes"][0], hp["image_sizes"][-1])] == [196, 1024]
+    # the vision tower is the shipped model's shape, so --init-vision can start from it
+    assert {k: hp["model"][k] for k in hp["model"] if k.startswith("vision")} == \
+        {k: T.PRESETS["default"]["model"][k] for k in T.PRESETS["default"]["model"] if k.startswith("vision")}
+
+
+def test_batches_take_turns_over_image_sizes_token_balanced():
+    assert T.batch_sizes(256, [448, 640, 832, 1024]) == {448: 256, 640: 125, 832: 74, 1024: 49}
+    assert T.batch_sizes(2, [224, 1024]) == {224: 2, 1024: 1}                  # at least one sample
+    mix = T.TypeMix(8, list(range(len(QTYPES))), sizes=[224, 320])
+    items = [next(iter(mix)) for _ in range(4)]
+    assert [s for s, _ in items] == [224, 320, 224, 320]
+    assert [len(i) for _, i in items] == [8, 4, 8, 4]
+    seen = [i for _, idx in items for i in idx]
+    assert len(seen) == len(set(seen))                                          # no sample used twice
+    one = T.TypeMix(8, list(range(len(QTYPES))), sizes=[224]).next_item()             # one size: plain indices
+    assert one == T.TypeMix(8, list(range(len(QTYPES)))).next_batch()
+    val = T.val_batches_indices(12, 4, list(range(len(QTYPES))), [224, 320])
+    assert [s for s, _ in val] == [224, 224, 320, 320, 320] and [len(i) for _, i in val] == [4, 2, 2, 2, 2]
+    assert sorted(i for _, idx in val for i in idx) == list(range(12))
+    for bad in ("448,100", "448,448", "", "a,b", "4096"):
+        with pytest.raises(SystemExit, match="--image-sizes"):
+            T.parse_image_sizes(bad)
+
+
+def test_a_batch_at_each_size_has_its_visual_tokens(micro):
+    maker = T.BatchMaker(micro.tok, T.FAMILY.tiny_image_processor(320), micro.cfg, 224, image_sizes=[224, 320])
+    stream = T.BatchStream(maker, "train")
+    for size in (224, 320):
+        b = stream[(size, [0, 1])]
+        assert b["images"].shape[1:3] == (size, size)
+        assert int(b["mm_token_type_ids"][0].sum()) == (size // 32) ** 2
+
+
+def test_init_vision_copies_the_vision_tower_and_refuses_what_is_not_a_checkpoint(trained, tmp_path):
+    """A model of another decoder width starts its vision tower from a checkpoint: every tensor of equal name and
+    shape copied (the mergers' projections into the decoder differ and start fresh), the decoder untouched."""
+    from safetensors import safe_open
+    hp = T.PRESETS["micro"]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(trained.out)
+    wider = T.make_config(tok, {**hp["model"], "hidden": 96, "head_dim": 32})
+    model = T.build_model(wider, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    copied, fresh = T.init_vision_tower(model, trained.out)
+    saved = {}
+    for f in os.listdir(trained.out):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(trained.out, f), framework="pt") as st:
+                saved.update({k: st.get_tensor(k) for k in st.keys()})
+    params = dict(model.named_parameters())
+    same = [n for n in params if n.startswith("model.visual.") and n not in fresh]
+    assert copied == len(same) > 0 and fresh
+    assert all(".linear_fc2." in n for n in fresh)
+    for n in same:
+        assert torch.equal(params[n].detach(), saved[n].float())
+    for n, p in params.items():
+        if not n.startswith("model.visual.") or n in fresh:
+            assert torch.equal(p.detach(), before[n])
+    args = T.parse_args(["--out", str(tmp_path / "o"), "--init-vision", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--init-vision"):
+        T.resolve_hparams(args)
+    args = T.parse_args(["--out", str(tmp_path / "o"), "--init-vision", trained.out, "--init", trained.out])
+    with pytest.raises(SystemExit, match="--init and --init-vision"):
+        T.resolve_hparams(args)
+
+
+def test_training_at_two_sizes_from_a_vision_tower(trained, tmp_path):
+    out = str(tmp_path / "geo")
+    s = T.main(["--out", out, "--preset", "micro", "--device", "cpu", "--workers", "0", "--no-progress",
+                "--steps", "2", "--image-sizes", "224,320", "--init-vision", trained.out])
+    assert s["steps"] == 2 and s["samples_seen"] == 8 + 4
+    assert s["hparams"]["image_sizes"] == [224, 320] and s["hparams"]["init_vision"] == trained.out
+    with open(os.path.join(out, "preprocessor_config.json")) as f:
+        assert json.load(f)["size"]["longest_edge"] == 320 * 320    # the saved processor keeps 320 px images

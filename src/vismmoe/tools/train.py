@@ -2,7 +2,8 @@
 
 This module owns the training recipe and nothing about serving it:
 
-* presets (`default`: the shipped model, `micro`: CPU tests) -> tokenizer (byte-level BPE trained on the
+* presets (`default`: the shipped model, `geometry`: Qwen3-VL-30B-A3B's routing geometry at a tiny width,
+  `micro`: CPU tests) -> tokenizer (byte-level BPE trained on the
   question/answer text of the train split) -> `Qwen3VLMoeFamily().tiny_config(...)` -> a
   `Qwen3VLMoeForConditionalGeneration` with fp32 master weights;
 * the data pipeline: DataLoader workers render `make_sample("train", i)` for a unique, ever-growing index range,
@@ -79,6 +80,19 @@ PRESETS: dict[str, dict] = {
         image_size=448, vocab=1024, corpus_samples=2400, batch=256, lr=2e-3, min_lr_ratio=0.05, warmup=100,
         decay_frac=0.3, weight_decay=0.05, clip=1.0, val_samples=600, eval_every_s=60.0, ckpt_every_s=150.0,
         log_every=10, eval_batch=200,
+    ),
+    # Qwen3-VL-30B-A3B's routing geometry at a tiny width: 48 MoE layers x 128 experts, top-8, and its vision
+    # tower's token counts (448-1024 px: 196-1024 visual tokens a request). Hidden 64, expert inter 20 (top-8 gives
+    # 160 active: 2.5x the hidden size; the 30B model's 6144 for 2048 is 3x). 27.2 M params, 52 MiB in bf16.
+    # The vision tower is the default preset's (so `--init-vision` can start from the shipped model's); batches
+    # hold about the same number of visual tokens at every size (`batch` is the count at the first size).
+    "geometry": dict(
+        model=dict(hidden=64, dense_inter=128, inter=20, layers=48, heads=4, kv_heads=2, head_dim=32,
+                   experts=128, top_k=8, vision_depth=4, vision_hidden=128, vision_inter=512, vision_heads=2,
+                   vision_positions=784, deepstack=[1, 2], aux_loss=0.01, max_pos=4096),
+        image_size=448, image_sizes=[448, 640, 832, 1024], vocab=1024, corpus_samples=2400, batch=256, lr=2e-3,
+        min_lr_ratio=0.05, warmup=100, decay_frac=0.3, weight_decay=0.05, clip=1.0, val_samples=600,
+        eval_every_s=90.0, ckpt_every_s=150.0, log_every=10, eval_batch=100,
     ),
     # CPU tests: seconds per dozens of steps.
     "micro": dict(
@@ -208,6 +222,27 @@ def batch_vision_attention(model, enable: bool = True) -> None:
             del blk.attn.forward
 
 
+def init_vision_tower(model, checkpoint: str) -> tuple[int, list[str]]:
+    """Copy a saved checkpoint's vision-tower tensors (`model.visual.*`) into `model` where name and shape match.
+    Returns (tensors copied, names left as initialised): the mergers' last projections differ when the decoder's
+    hidden size does. Raises SystemExit (one line) when the checkpoint has no vision tower this model can use."""
+    from safetensors import safe_open
+    files = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
+    own = {n: p for n, p in model.named_parameters() if n.startswith("model.visual.")}
+    copied, fresh = 0, set(own)
+    with torch.no_grad():
+        for f in files:
+            with safe_open(os.path.join(checkpoint, f), framework="pt") as st:
+                for name in st.keys():
+                    if name in own and tuple(st.get_slice(name).get_shape()) == tuple(own[name].shape):
+                        own[name].copy_(st.get_tensor(name).to(own[name].dtype))
+                        fresh.discard(name)
+                        copied += 1
+    if not copied:
+        raise SystemExit(f"--init-vision {checkpoint}: no vision-tower tensor of this model's shapes there")
+    return copied, sorted(fresh)
+
+
 def build_model(config, seed: int):
     torch.manual_seed(seed)
     return FAMILY.model_class(config)
@@ -285,24 +320,36 @@ class TypeMix:
     last val eval found weak) steers the batches requested from then on."""
 
     def __init__(self, batch_size: int, types: list[int], next_j: list[int] | None = None,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None, sizes: list[int] | None = None):
         self.B = batch_size
         self.types = list(types)
         n = len(ALL_TYPES)
         self.next = (list(next_j) + [0] * n)[:n] if next_j else [0] * n
         self.weights = (list(weights) + [1.0] * n)[:n] if weights else [1.0] * n
+        self.sizes = list(sizes) if sizes and len(sizes) > 1 else None
+        self.per_size = batch_sizes(batch_size, self.sizes) if self.sizes else {}
+        self.k = 0                   # batches handed out: the k-th is at image size sizes[k % len(sizes)]
 
-    def quotas(self) -> dict[int, int]:
+    def quotas(self, batch: int | None = None) -> dict[int, int]:
+        B = self.B if batch is None else batch
         w = [max(self.weights[t], 1e-6) for t in self.types]
-        raw = [self.B * x / sum(w) for x in w]
+        raw = [B * x / sum(w) for x in w]
         q = [int(r) for r in raw]
-        for i in sorted(range(len(raw)), key=lambda i: (q[i] - raw[i], i))[: self.B - sum(q)]:
+        for i in sorted(range(len(raw)), key=lambda i: (q[i] - raw[i], i))[: B - sum(q)]:
             q[i] += 1
         return dict(zip(self.types, q))
 
-    def next_batch(self) -> list[int]:
+    def next_item(self) -> list[int] | tuple[int, list[int]]:
+        """The next batch: its sample indices, or (image size, indices) when the recipe has several sizes."""
+        if not self.sizes:
+            return self.next_batch()
+        size = self.sizes[self.k % len(self.sizes)]
+        self.k += 1
+        return size, self.next_batch(self.per_size[size])
+
+    def next_batch(self, batch: int | None = None) -> list[int]:
         idx = []
-        for t, n in self.quotas().items():
+        for t, n in self.quotas(batch).items():
             j = self.next[t]
             if t < len(QTYPES):
                 idx += [len(QTYPES) * (j + i) + t for i in range(n)]
@@ -314,7 +361,14 @@ class TypeMix:
 
     def __iter__(self):
         while True:
-            yield self.next_batch()
+            yield self.next_item()
+
+
+def batch_sizes(batch: int, sizes: list[int]) -> dict[int, int]:
+    """Samples per batch at each image size: `batch` at the first size, and at the others as many as hold about
+    the same number of visual tokens (tokens grow with the square of the side), at least one."""
+    s0 = sizes[0]
+    return {s: max(1, round(batch * s0 * s0 / (s * s))) for s in sizes}
 
 
 def adaptive_weights(by_type: dict[str, float], aux: dict[str, float] | None = None) -> list[float]:
@@ -336,21 +390,29 @@ def sample_of(split: str, index: int):
     return sample_and_scene_of(split, index)[0]
 
 
-def val_batches_indices(n: int, batch: int, types: list[int]) -> list[list[int]]:
-    """The first n val samples of the given types (all types: the first n, type-balanced), in batches."""
+def val_batches_indices(n: int, batch: int, types: list[int], sizes: list[int] | None = None) -> list:
+    """The first n val samples of the given types (all types: the first n, type-balanced), in batches; with
+    several image sizes, each size gets an equal share of them, as (size, indices) in token-balanced batches."""
     idx = [k for k in range(n * len(QTYPES)) if k % len(QTYPES) in types][:n]
-    return [idx[i:i + batch] for i in range(0, len(idx), batch)]
+    if not sizes or len(sizes) <= 1:
+        return [idx[i:i + batch] for i in range(0, len(idx), batch)]
+    out, per = [], batch_sizes(batch, sizes)
+    for j, size in enumerate(sizes):
+        part = idx[j::len(sizes)]
+        out += [(size, part[i:i + per[size]]) for i in range(0, len(part), per[size])]
+    return out
 
 
 class BatchMaker:
     """Turns samples into model batches: the inference prompt via `build_inputs`, then answer + eos appended."""
 
     def __init__(self, tokenizer, image_processor, config, image_size: int, visual_dropout: float = 0.0,
-                 background_dropout: float = 0.0):
+                 background_dropout: float = 0.0, image_sizes: list[int] | None = None):
         self.visual_dropout = visual_dropout     # share of samples whose visual tokens are randomly thinned
         self.background_dropout = background_dropout    # share whose background-only tokens are thinned
         self.tok = tokenizer
         self.images = Uint8Images(image_processor, image_size)
+        self.images_at = {s: Uint8Images(image_processor, s) for s in (image_sizes or [])}   # by side, px
         self.rope = rope_helper(config)
         ids = FAMILY.token_ids(tokenizer)
         self.eos = ids["eos"][0]                     # <|im_end|>, what the chat template closes a turn with
@@ -385,9 +447,11 @@ class BatchMaker:
             self._answer_ids[answer] = self.tok(answer, add_special_tokens=False)["input_ids"]
         return self._answer_ids[answer]
 
-    def __call__(self, samples, with_prompt: bool = False, scenes=None) -> dict:
+    def __call__(self, samples, with_prompt: bool = False, scenes=None, size: int | None = None) -> dict:
+        """The model batch of these samples, their images at `size` px (one of `image_sizes`; None: `image_size`)."""
         prompts = [s.question for s in samples]
-        p = FAMILY.build_inputs(self.tok, self.images, [s.image for s in samples], prompts)
+        images = self.images if size is None else self.images_at[size]
+        p = FAMILY.build_inputs(self.tok, images, [s.image for s in samples], prompts)
         rows, sup = [], []
         for ids, mask, s in zip(p["input_ids"], p["attention_mask"], samples):
             prompt = ids[mask.bool()].tolist()
@@ -428,9 +492,12 @@ class BatchStream(torch.utils.data.Dataset):
     def __init__(self, maker: BatchMaker, split: str, with_prompt: bool = False):
         self.maker, self.split, self.with_prompt = maker, split, with_prompt
 
-    def __getitem__(self, indices: list[int]) -> dict:
+    def __getitem__(self, item: list[int] | tuple[int, list[int]]) -> dict:
+        """`item`: sample indices, or (image size, indices) (`TypeMix.next_item`, `val_batches_indices`)."""
+        size, indices = item if isinstance(item, tuple) else (None, item)
         pairs = [sample_and_scene_of(self.split, i) for i in indices]
-        return self.maker([p[0] for p in pairs], with_prompt=self.with_prompt, scenes=[p[1] for p in pairs])
+        return self.maker([p[0] for p in pairs], with_prompt=self.with_prompt, scenes=[p[1] for p in pairs],
+                          size=size)
 
 
 def make_loader(stream: BatchStream, batches, workers: int, pin: bool, prefetch: int = 2):
@@ -681,6 +748,12 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--aux-loss", type=float, default=None, help="router_aux_loss_coef")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's square image size")
+    p.add_argument("--image-sizes", default=None, metavar="PX,PX",
+                   help="train at several square image sizes, batch k at the k-th in turn, batches token-balanced "
+                        "(--batch is the count at the first size); overrides the preset's, e.g. 448,1024")
+    p.add_argument("--init-vision", default=None, metavar="DIR",
+                   help="start the vision tower (every tensor whose name and shape match) and take the tokenizer "
+                        "from a saved checkpoint, e.g. the shipped model; the decoder starts fresh")
     p.add_argument("--val-samples", type=int, default=None)
     p.add_argument("--eval-every", type=float, default=None, help="seconds between val evaluations")
     p.add_argument("--qtypes", default=None, help="comma-separated question types to train on (experiments)")
@@ -701,6 +774,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_image_sizes(text: str) -> list[int]:
+    """`--image-sizes` "448,1024" -> [448, 1024]; each a multiple of 32 px (patch 16 x merge 2), 64-2048, distinct;
+    anything else exits with one line."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or len(set(sizes)) != len(sizes) or any(x % 32 or not 64 <= x <= 2048 for x in sizes):
+        raise SystemExit(f"--image-sizes {text!r}: give distinct square sides in px, each a multiple of 32 from 64 "
+                         "to 2048, comma-separated (e.g. 448,1024)")
+    return sizes
+
+
 def resolve_hparams(args) -> dict:
     """The preset with the command line's overrides applied (a fresh run; a resumed run keeps its own)."""
     preset = PRESETS[args.preset]
@@ -715,6 +801,18 @@ def resolve_hparams(args) -> dict:
         hp["model"]["aux_loss"] = args.aux_loss
     if args.image_size is not None:
         hp["model"]["vision_positions"] = (args.image_size // 16) ** 2
+        hp.pop("image_sizes", None)
+    if args.image_sizes is not None:
+        hp["image_sizes"] = parse_image_sizes(args.image_sizes)
+    if hp.get("image_sizes"):
+        hp["image_size"] = hp["image_sizes"][0]
+    if args.init and args.init_vision:
+        raise SystemExit("--init and --init-vision: give one (--init takes every weight, --init-vision the vision "
+                         "tower's)")
+    if args.init_vision and not (os.path.isdir(args.init_vision) and any(
+            f.endswith(".safetensors") for f in os.listdir(args.init_vision))):
+        raise SystemExit(f"--init-vision {args.init_vision}: not a checkpoint folder with .safetensors files")
+    hp["init_vision"] = args.init_vision
     hp["qtypes"] = [QTYPES.index(q) for q in args.qtypes.split(",")] if args.qtypes else None
     hp["mix"] = args.mix or hp.get("mix", "adaptive")
     hp["seed"] = args.seed
@@ -770,6 +868,9 @@ def _tokenizer_and_config(args, hp: dict, state: dict | None, workers: int):
     if args.init:
         tokenizer = AutoTokenizer.from_pretrained(args.init)
         config = Qwen3VLMoeConfig.from_pretrained(args.init)
+    elif args.init_vision:
+        tokenizer = AutoTokenizer.from_pretrained(args.init_vision)
+        config = make_config(tokenizer, hp["model"])
     else:
         tokenizer = make_tokenizer(hp["vocab"], hp["corpus_samples"], workers)
         config = make_config(tokenizer, hp["model"])
@@ -783,11 +884,11 @@ def _data(hp: dict, info: RunInfo, maker: BatchMaker, workers: int, device: torc
     cannot hold their batches."""
     types = _question_types(hp)
     aux_w = hp.get("aux", {})
-    val_idx = val_batches_indices(hp["val_samples"], hp["eval_batch"], types)
+    val_idx = val_batches_indices(hp["val_samples"], hp["eval_batch"], types, hp.get("image_sizes"))
     val_batches = list(make_loader(BatchStream(maker, "val", with_prompt=True), val_idx,
                                    min(workers, len(val_idx)), pin=False))
     mix = TypeMix(hp["batch"], types, info.type_next,
-                  info.type_weights or adaptive_weights({q: 1.0 for q in QTYPES}, aux_w))
+                  info.type_weights or adaptive_weights({q: 1.0 for q in QTYPES}, aux_w), hp.get("image_sizes"))
     prefetch = 2
     if workers > 0:
         fit = fit_workers(workers, prefetch, hp["batch"] * hp["image_size"] ** 2 * 3)
@@ -811,6 +912,10 @@ def _model_and_optimizer(args, hp: dict, config, state: dict | None, device: tor
         init = Qwen3VLMoeForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
         model.load_state_dict(init.state_dict())
         del init
+    elif args.init_vision:
+        copied, skipped = init_vision_tower(model, args.init_vision)
+        print(f"vision tower from {args.init_vision}: {copied} tensors copied, {len(skipped)} started fresh "
+              f"(shape differs: {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''})", flush=True)
     sizes = param_split(model)
     model.to(device)
     model.train()
@@ -1014,7 +1119,7 @@ def _train_loop(job: Job, train_iter, val_batches: list[dict]) -> _Clock:
     on their wall-clock periods. Returns the loop's clock (its start time and first step)."""
     from tqdm import tqdm
     clock = _start_clock(job)
-    info, B = job.info, job.hp["batch"]
+    info = job.info
     bar = tqdm(total=job.args.steps, initial=info.step, disable=job.args.no_progress, dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 15.0, desc="train")
     window = _Window(job.device)
@@ -1030,9 +1135,10 @@ def _train_loop(job: Job, train_iter, val_batches: list[dict]) -> _Clock:
         ce, aux, ok = _forward_backward(job, batch, first=info.step == clock.start_step)
         gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.hp["clip"])
         job.optimizer.step()
+        n = len(cpu_batch["qtype"])          # --image-sizes: fewer samples in a batch of larger images
         info.step += 1
-        info.samples += B
-        window.add(ce, aux, ok, B)
+        info.samples += n
+        window.add(ce, aux, ok, n)
         bar.update(1)
         if info.step % job.hp["log_every"] == 0 or info.step == job.args.steps:
             _log_window(job, window, bar, gnorm, lr)
@@ -1087,9 +1193,9 @@ def main(argv=None, t_start: float | None = None) -> dict:
     state, hp = _resume_or_start(args, os.path.join(args.out, LOG_FILE), os.path.join(args.out, STATE_FILE))
     warm_cache()                    # data first: the DataLoader workers fork before the device is touched
     tokenizer, config = _tokenizer_and_config(args, hp, state, workers)
-    image_processor = FAMILY.tiny_image_processor(hp["image_size"])
+    image_processor = FAMILY.tiny_image_processor(max(hp.get("image_sizes") or [hp["image_size"]]))
     maker = BatchMaker(tokenizer, image_processor, config, hp["image_size"], hp.get("visual_dropout", 0.0),
-                       hp.get("background_dropout", 0.0))
+                       hp.get("background_dropout", 0.0), hp.get("image_sizes"))
     info = RunInfo(**state["info"]) if state is not None else RunInfo()
     val_batches, mix, train_iter, workers = _data(hp, info, maker, workers, device)
     model, optimizer, sizes = _model_and_optimizer(args, hp, config, state, device)
