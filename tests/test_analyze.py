@@ -56,6 +56,9 @@ def test_analyze_and_eval_cli(tiny_dirs, tmp_path, capsys):
     code = main(["eval", "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "6", "--json"])
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and {"accuracy", "n", "by_type", "majority_baseline"} <= ev.keys() and ev["n"] == 6
+    assert ev["photo_backgrounds"] == 0.0
+    code = main(["eval", "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "6", "--json", "--photo-backgrounds", "1"])
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["photo_backgrounds"] == 1.0
     assert main(["analyze", "--model", tiny_dirs["qwen3_vl_moe"], "--keep-ratios", "2"]) == 2
 
 

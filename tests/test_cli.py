@@ -120,6 +120,8 @@ def test_other_commands_bad_numbers_one_line_exit_2(capsys, tmp_path):
         (["calibrate", "--depth", "0", "--limit", "3", "--out", str(tmp_path / "c.npz")], "--depth 0 is too small"),
         (["calibrate", "--limit", "2", "--out", str(tmp_path / "c.npz")], "at least 3 samples"),
         (["eval", "--limit", "0"], "--limit 0 is too small"),
+        (["eval", "--photo-backgrounds", "1.5"], "--photo-backgrounds 1.5 is not a share"),
+        (["eval", "--photo-backgrounds", "nan"], "--photo-backgrounds nan is not a share"),
         (["analyze", "--limit", "-2", "--out", out], "--limit -2 is too small"),
     ]
     for argv, needle in cases:

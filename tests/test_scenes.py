@@ -325,8 +325,8 @@ def test_subsets_are_made_as_they_are_read(monkeypatch) -> None:
     made = []
     real = scenes.make_sample
 
-    def counting(split, index, aux=None):
-        s = real(split, index, aux)
+    def counting(split, index, aux=None, photos=0.0):
+        s = real(split, index, aux, photos)
         made.append(index)
         refs.append(weakref.ref(s))
         return s
@@ -344,3 +344,32 @@ def test_subsets_are_made_as_they_are_read(monkeypatch) -> None:
             return [Generation(text="no", token_ids=[1]) for _ in images]
     res = evaluate(Engine(), limit=60, batch_size=8, progress=False, majority_samples=12)
     assert res["n"] == 60 and max(peak) <= 8 + 1, peak          # a batch, and the last sample of the one before
+
+
+def test_photo_backgrounds_change_only_the_background() -> None:
+    """A share of photograph backgrounds: the chosen samples keep their objects, question and answer (and the
+    objects' exact colours), the others are unchanged, share 0 is the plain split, and the choice is stable."""
+    n = 120
+    plain = [make_sample_and_scene("train", i) for i in range(n)]
+    mixed = [make_sample_and_scene("train", i, photos=0.5) for i in range(n)]
+    photo = [i for i in range(n) if mixed[i][1].background == "photo"]
+    assert 0.35 * n < len(photo) < 0.65 * n
+    for (a, sa), (b, sb) in zip(plain, mixed):
+        assert (a.question, a.answer, sa.objects, sa.text) == (b.question, b.answer, sb.objects, sb.text)
+        same = _digest(a) == _digest(b)
+        assert same == (sb.background != "photo")
+        for o in sb.objects:
+            cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2
+            assert tuple(np.asarray(b.image)[cy, cx]) == COLORS[o.color]
+    assert [_digest(make_sample("train", i, photos=0.5)) for i in photo[:3]] == \
+        [_digest(mixed[i][0]) for i in photo[:3]]
+    every = make_sample_and_scene("test", 7, photos=1.0)
+    assert every[1].background == "photo" and every[0].image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert _digest(make_sample("test", 7, photos=0.0)) == _digest(make_sample("test", 7))
+    assert [s.question for s in balanced_subset("val", 12, photos=1.0)] == \
+        [s.question for s in balanced_subset("val", 12)]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="share"):
+            make_sample("train", 0, photos=bad)
+        with pytest.raises(ValueError, match="share"):
+            balanced_subset("train", 3, photos=bad)

@@ -379,8 +379,13 @@ def test_init_vision_copies_the_vision_tower_and_refuses_what_is_not_a_checkpoin
 def test_training_at_two_sizes_from_a_vision_tower(trained, tmp_path):
     out = str(tmp_path / "geo")
     s = T.main(["--out", out, "--preset", "micro", "--device", "cpu", "--workers", "0", "--no-progress",
-                "--steps", "2", "--image-sizes", "224,320", "--init-vision", trained.out])
+                "--steps", "2", "--image-sizes", "224,320", "--init-vision", trained.out, "--photo-backgrounds", "0.5"])
     assert s["steps"] == 2 and s["samples_seen"] == 8 + 4
     assert s["hparams"]["image_sizes"] == [224, 320] and s["hparams"]["init_vision"] == trained.out
+    assert s["hparams"]["photo_backgrounds"] == 0.5
+    assert T.PRESETS["geometry"]["photo_backgrounds"] == 0.3 and "photo_backgrounds" not in T.PRESETS["default"]
+    for bad in ("1.5", "-1", "nan"):
+        with pytest.raises(SystemExit, match="--photo-backgrounds"):
+            T.resolve_hparams(T.parse_args(["--out", out, "--photo-backgrounds", bad]))
     with open(os.path.join(out, "preprocessor_config.json")) as f:
         assert json.load(f)["size"]["longest_edge"] == 320 * 320    # the saved processor keeps 320 px images

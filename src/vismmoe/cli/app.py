@@ -347,11 +347,15 @@ def cmd_analyze(args) -> int:
 
 def cmd_eval(args) -> int:
     at_least(args.limit, 1, "--limit")
+    if not 0.0 <= args.photo_backgrounds <= 1.0:
+        raise UserError(f"--photo-backgrounds {args.photo_backgrounds} is not a share",
+                        "give a number from 0 to 1, e.g. 0.3")
     rc = runtime_config(args, "eval")
     from ..engine.loading import load
     from ..tools.evaluate import evaluate
     eng = load(_model_dir(args), rc)
-    res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json)
+    res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json,
+                   photos=args.photo_backgrounds)
     res["expert_format"] = eng.layout.spec()
     if args.json:
         print(json.dumps(res))
@@ -700,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="type-balanced subset size (default 1200); scenes are made as they are asked, so memory "
                          "stays flat at any size")
     ev.add_argument("--split", default="test", choices=["test", "val"], help="question split")
+    ev.add_argument("--photo-backgrounds", type=float, default=0.0, metavar="P",
+                    help="share of questions on a crop of a bundled photograph instead of a synthetic background "
+                         "(0-1; the same questions and answers; default 0: the scenes the shipped model knows)")
     add_runtime_options(ev, "eval")
     ev.set_defaults(func=cmd_eval)
 

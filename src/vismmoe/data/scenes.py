@@ -512,6 +512,39 @@ def _background(rng: random.Random) -> tuple[Image.Image, str]:
     return image, kind
 
 
+# Photographs shipped inside packages this project depends on (matplotlib's sample data), used as backgrounds
+# when a share of photo backgrounds is asked for (`make_sample_and_scene(..., photos=P)`).
+PHOTO_FILES: tuple[str, ...] = ("grace_hopper.jpg",)
+
+
+@lru_cache(maxsize=1)
+def _photos() -> tuple[Image.Image, ...]:
+    import matplotlib.cbook as cbook
+    out = []
+    for name in PHOTO_FILES:
+        with Image.open(cbook.get_sample_data(name, asfileobj=False)) as im:
+            out.append(im.convert("RGB"))
+    return tuple(out)
+
+
+def _photo_background(rng: random.Random) -> Image.Image:
+    """A square crop (35-100% of the short side) of a bundled photograph at a random place, maybe mirrored, its
+    colour channels permuted and blended 20-50% toward a light colour (objects of every colour stay visible, as
+    on the synthetic backgrounds), resized to the scene."""
+    photo = rng.choice(_photos())
+    W, H = photo.size
+    side = int(min(W, H) * rng.uniform(0.35, 1.0))
+    x, y = rng.randint(0, W - side), rng.randint(0, H - side)
+    crop = photo.crop((x, y, x + side, y + side)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    bands = crop.split()
+    order = rng.sample(range(3), 3)
+    crop = Image.merge("RGB", [bands[i] for i in order])
+    light = Image.new("RGB", crop.size, tuple(int(v) for v in _light_color(rng).round()))
+    return Image.blend(crop, light, rng.uniform(0.2, 0.5))
+
+
 def _star_points(n: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
     return [
         ((1.0 if i % 2 == 0 else inner) * math.sin(math.pi * i / n),
@@ -779,27 +812,40 @@ def qtype_of(index: int) -> str:
     return QTYPES[index % len(QTYPES)]
 
 
-def make_sample_and_scene(split: str, index: int, aux: str | None = None) -> tuple[Sample, Scene]:
+def make_sample_and_scene(split: str, index: int, aux: str | None = None,
+                          photos: float = 0.0) -> tuple[Sample, Scene]:
     """The sample for (split, index) plus the ground-truth scene behind it. With `aux` (one of `AUX_QTYPES`),
-    the index-th sample of that training-only type instead, from a seed space of its own."""
+    the index-th sample of that training-only type instead, from a seed space of its own.
+
+    `photos` in [0, 1]: the share of samples whose background is a crop of a bundled photograph
+    (`_photo_background`) instead of a synthetic one. Which samples, and their crops, come from a seed of their
+    own, so the objects, question and answer of every sample are the same at any share, and share 0 gives
+    exactly the samples made before photographs existed."""
+    if not 0.0 <= photos <= 1.0:
+        raise ValueError(f"photos is a share of the samples, in [0, 1]; got {photos}")
+    seed = _seed(split, index) if aux is None else _seed(split, index, aux)
     if aux is None:
-        rng = random.Random(_seed(split, index))
         qtype = qtype_of(index)
     else:
         if aux not in AUX_QTYPES:
             raise ValueError(f"unknown auxiliary question type {aux!r}; expected one of {AUX_QTYPES}")
-        rng = random.Random(_seed(split, index, aux))
         qtype = aux
+    rng = random.Random(seed)
     objects, text, question, answer = _BUILDERS[qtype](rng, split)
     image, background = _background(rng)
+    if photos > 0:
+        prng = random.Random(f"vismmoe.scenes/photo/{seed}")
+        if prng.random() < photos:
+            image, background = _photo_background(prng), "photo"
     _draw_scene(image, objects, text)
     scene = Scene(tuple(objects), text, background)
     return Sample(image, question, answer, qtype, split, index), scene
 
 
-def make_sample(split: str, index: int, aux: str | None = None) -> Sample:
-    """Fully deterministic sample for (split, index) (or (split, aux type, index))."""
-    return make_sample_and_scene(split, index, aux)[0]
+def make_sample(split: str, index: int, aux: str | None = None, photos: float = 0.0) -> Sample:
+    """Fully deterministic sample for (split, index) (or (split, aux type, index)); `photos` as in
+    `make_sample_and_scene`."""
+    return make_sample_and_scene(split, index, aux, photos)[0]
 
 
 def make_split(split: str, n: int, start: int = 0) -> list[Sample]:
@@ -827,10 +873,13 @@ class LazySeq(Sequence):
         return self.make(idx)
 
 
-def balanced_subset(split: str, limit: int) -> LazySeq:
-    """First `limit` samples of a split, made as they are read (`LazySeq`); type counts differ by at most one."""
+def balanced_subset(split: str, limit: int, photos: float = 0.0) -> LazySeq:
+    """First `limit` samples of a split, made as they are read (`LazySeq`); type counts differ by at most one.
+    `photos`: the share of photograph backgrounds (`make_sample_and_scene`)."""
     _seed(split, 0)                                             # an unknown split fails here, not on first read
-    return LazySeq(limit, lambda i: make_sample(split, i))
+    if not 0.0 <= photos <= 1.0:
+        raise ValueError(f"photos is a share of the samples, in [0, 1]; got {photos}")
+    return LazySeq(limit, lambda i: make_sample(split, i, photos=photos))
 
 
 def answer_vocabulary() -> list[str]:

@@ -54,16 +54,17 @@ def majority_answers(n: int = MAJORITY_SAMPLES, processes: int | None = None) ->
 
 
 def evaluate(engine, split: str = "test", limit: int | None = None, batch_size: int = 16, progress: bool = True,
-             max_new_tokens: int = 4, majority_samples: int = MAJORITY_SAMPLES) -> dict:
+             max_new_tokens: int = 4, majority_samples: int = MAJORITY_SAMPLES, photos: float = 0.0) -> dict:
     """Exact-match accuracy (overall and per question type) of `engine` on a split, plus the majority baseline.
+    `photos`: the share of questions on photograph backgrounds (`data.make_sample_and_scene`; same questions).
 
     Returns {"accuracy", "n", "by_type", "majority_baseline", "majority_by_type", "majority_answers", "split",
-    "seconds", "samples_per_s", "errors"} (errors: up to 20 wrong answers, for a look).
+    "photo_backgrounds", "seconds", "samples_per_s", "errors"} (errors: up to 20 wrong answers, for a look).
     """
     n = DEFAULT_LIMIT if limit is None else int(limit)
     if n < 1:
         raise ValueError("limit must be at least 1")
-    samples = balanced_subset(split, n)
+    samples = balanced_subset(split, n, photos)
     majority = majority_answers(majority_samples)
     right: Counter = Counter()
     base: Counter = Counter()
@@ -100,6 +101,7 @@ def evaluate(engine, split: str = "test", limit: int | None = None, batch_size: 
         "majority_by_type": {q: base[q] / seen[q] for q in QTYPES if seen[q]},
         "majority_answers": majority,
         "split": split,
+        "photo_backgrounds": photos,
         "seconds": seconds,
         "samples_per_s": total / max(seconds, 1e-9),
         "errors": errors,

@@ -90,9 +90,9 @@ PRESETS: dict[str, dict] = {
         model=dict(hidden=64, dense_inter=128, inter=20, layers=48, heads=4, kv_heads=2, head_dim=32,
                    experts=128, top_k=8, vision_depth=4, vision_hidden=128, vision_inter=512, vision_heads=2,
                    vision_positions=784, deepstack=[1, 2], aux_loss=0.01, max_pos=4096),
-        image_size=448, image_sizes=[448, 640, 832, 1024], vocab=1024, corpus_samples=2400, batch=256, lr=2e-3,
-        min_lr_ratio=0.05, warmup=100, decay_frac=0.3, weight_decay=0.05, clip=1.0, val_samples=600,
-        eval_every_s=90.0, ckpt_every_s=150.0, log_every=10, eval_batch=100,
+        image_size=448, image_sizes=[448, 640, 832, 1024], photo_backgrounds=0.3, vocab=1024, corpus_samples=2400,
+        batch=256, lr=2e-3, min_lr_ratio=0.05, warmup=100, decay_frac=0.3, weight_decay=0.05, clip=1.0,
+        val_samples=600, eval_every_s=90.0, ckpt_every_s=150.0, log_every=10, eval_batch=100,
     ),
     # CPU tests: seconds per dozens of steps.
     "micro": dict(
@@ -378,16 +378,17 @@ def adaptive_weights(by_type: dict[str, float], aux: dict[str, float] | None = N
     return [1.0 + 2.0 * (1.0 - by_type.get(q, 0.0)) for q in QTYPES] + [aux.get(q, 0.0) for q in AUX_QTYPES]
 
 
-def sample_and_scene_of(split: str, index: int):
-    """A `TypeMix` index -> (sample, scene) (negative indices are auxiliary types' samples)."""
+def sample_and_scene_of(split: str, index: int, photos: float = 0.0):
+    """A `TypeMix` index -> (sample, scene) (negative indices are auxiliary types' samples); `photos`: the share
+    of photograph backgrounds (`data.make_sample_and_scene`)."""
     if index >= 0:
-        return make_sample_and_scene(split, index)
+        return make_sample_and_scene(split, index, photos=photos)
     k = -index - 1
-    return make_sample_and_scene(split, k // len(AUX_QTYPES), AUX_QTYPES[k % len(AUX_QTYPES)])
+    return make_sample_and_scene(split, k // len(AUX_QTYPES), AUX_QTYPES[k % len(AUX_QTYPES)], photos=photos)
 
 
-def sample_of(split: str, index: int):
-    return sample_and_scene_of(split, index)[0]
+def sample_of(split: str, index: int, photos: float = 0.0):
+    return sample_and_scene_of(split, index, photos)[0]
 
 
 def val_batches_indices(n: int, batch: int, types: list[int], sizes: list[int] | None = None) -> list:
@@ -489,13 +490,13 @@ class BatchMaker:
 class BatchStream(torch.utils.data.Dataset):
     """Item = a list of sample indices of one split -> one model batch (built in the DataLoader worker)."""
 
-    def __init__(self, maker: BatchMaker, split: str, with_prompt: bool = False):
-        self.maker, self.split, self.with_prompt = maker, split, with_prompt
+    def __init__(self, maker: BatchMaker, split: str, with_prompt: bool = False, photos: float = 0.0):
+        self.maker, self.split, self.with_prompt, self.photos = maker, split, with_prompt, photos
 
     def __getitem__(self, item: list[int] | tuple[int, list[int]]) -> dict:
         """`item`: sample indices, or (image size, indices) (`TypeMix.next_item`, `val_batches_indices`)."""
         size, indices = item if isinstance(item, tuple) else (None, item)
-        pairs = [sample_and_scene_of(self.split, i) for i in indices]
+        pairs = [sample_and_scene_of(self.split, i, self.photos) for i in indices]
         return self.maker([p[0] for p in pairs], with_prompt=self.with_prompt, scenes=[p[1] for p in pairs],
                           size=size)
 
@@ -751,6 +752,9 @@ def parse_args(argv=None):
     p.add_argument("--image-sizes", default=None, metavar="PX,PX",
                    help="train at several square image sizes, batch k at the k-th in turn, batches token-balanced "
                         "(--batch is the count at the first size); overrides the preset's, e.g. 448,1024")
+    p.add_argument("--photo-backgrounds", type=float, default=None, metavar="P",
+                   help="share of samples (train and val) on a crop of a bundled photograph instead of a synthetic "
+                        "background (default: the preset's; 0.3 for geometry, else 0)")
     p.add_argument("--init-vision", default=None, metavar="DIR",
                    help="start the vision tower (every tensor whose name and shape match) and take the tokenizer "
                         "from a saved checkpoint, e.g. the shipped model; the decoder starts fresh")
@@ -804,6 +808,10 @@ def resolve_hparams(args) -> dict:
         hp.pop("image_sizes", None)
     if args.image_sizes is not None:
         hp["image_sizes"] = parse_image_sizes(args.image_sizes)
+    if args.photo_backgrounds is not None:
+        if not 0.0 <= args.photo_backgrounds <= 1.0:
+            raise SystemExit(f"--photo-backgrounds {args.photo_backgrounds}: a share of the samples, from 0 to 1")
+        hp["photo_backgrounds"] = args.photo_backgrounds
     if hp.get("image_sizes"):
         hp["image_size"] = hp["image_sizes"][0]
     if args.init and args.init_vision:
@@ -885,7 +893,8 @@ def _data(hp: dict, info: RunInfo, maker: BatchMaker, workers: int, device: torc
     types = _question_types(hp)
     aux_w = hp.get("aux", {})
     val_idx = val_batches_indices(hp["val_samples"], hp["eval_batch"], types, hp.get("image_sizes"))
-    val_batches = list(make_loader(BatchStream(maker, "val", with_prompt=True), val_idx,
+    photos = hp.get("photo_backgrounds", 0.0)
+    val_batches = list(make_loader(BatchStream(maker, "val", with_prompt=True, photos=photos), val_idx,
                                    min(workers, len(val_idx)), pin=False))
     mix = TypeMix(hp["batch"], types, info.type_next,
                   info.type_weights or adaptive_weights({q: 1.0 for q in QTYPES}, aux_w), hp.get("image_sizes"))
@@ -896,7 +905,7 @@ def _data(hp: dict, info: RunInfo, maker: BatchMaker, workers: int, device: torc
             print(f"warning: /dev/shm is small: {fit[0]} workers x prefetch {fit[1]} (asked {workers} x "
                   f"{prefetch}); 0 workers = data made in the main process, much slower", file=sys.stderr)
             workers, prefetch = fit
-    train_iter = iter(make_loader(BatchStream(maker, "train"), mix, workers, pin=device.type == "cuda",
+    train_iter = iter(make_loader(BatchStream(maker, "train", photos=photos), mix, workers, pin=device.type == "cuda",
                                   prefetch=prefetch))
     return val_batches, mix, train_iter, workers
 
