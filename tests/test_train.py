@@ -389,3 +389,28 @@ def test_training_at_two_sizes_from_a_vision_tower(trained, tmp_path):
             T.resolve_hparams(T.parse_args(["--out", out, "--photo-backgrounds", bad]))
     with open(os.path.join(out, "preprocessor_config.json")) as f:
         assert json.load(f)["size"]["longest_edge"] == 320 * 320    # the saved processor keeps 320 px images
+
+
+def test_one_schedule_over_runs_in_pieces(tmp_path):
+    """--schedule-minutes: the LR schedule's progress counts the training time of every run, so a run in pieces
+    (--resume) decays once, at the end of the whole; without it each run's schedule ends with the run."""
+    base = ["--preset", "micro", "--device", "cpu", "--workers", "0", "--no-progress", "--max-shard-size", "none"]
+    own = str(tmp_path / "own")
+    T.main(base + ["--out", own, "--steps", "2"])
+    state = torch.load(os.path.join(own, T.STATE_FILE), map_location="cpu", weights_only=False)
+    assert state["info"]["progress"] >= 0.5                          # by steps: the last step began halfway
+    span = str(tmp_path / "span")
+    T.main(base + ["--out", span, "--steps", "2", "--schedule-minutes", "30"])
+    first = torch.load(os.path.join(span, T.STATE_FILE), map_location="cpu", weights_only=False)["info"]
+    assert 0 < first["progress"] < 0.1 and first["train_s"] > 0
+    T.main(base + ["--out", span, "--steps", "4", "--resume"])
+    second = torch.load(os.path.join(span, T.STATE_FILE), map_location="cpu", weights_only=False)
+    assert second["hparams"]["schedule_s"] == 1800.0
+    assert first["progress"] < second["info"]["progress"] < 0.2
+    with open(os.path.join(span, T.LOG_FILE)) as f:
+        lrs = [json.loads(line)["lr"] for line in f if '"train"' in line]
+    hp = T.PRESETS["micro"]
+    assert lrs[-1] == pytest.approx(hp["lr"] * min(1.0, 4 / hp["warmup"]))    # the 4th step's warm-up, no decay
+    for bad in ("0", "-5", "inf", "nan"):
+        with pytest.raises(SystemExit, match="--schedule-minutes"):
+            T.resolve_hparams(T.parse_args(["--out", span, "--schedule-minutes", bad]))

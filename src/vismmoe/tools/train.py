@@ -732,6 +732,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m vismmoe.tools.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (checkpoint, logs, resumable state)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget incl. start-up and final save")
+    p.add_argument("--schedule-minutes", type=float, default=None, metavar="M",
+                   help="the LR schedule spans M minutes of training over this run and its --resume runs (default: "
+                        "each run's schedule ends with it); lets a long run go in pieces, e.g. --minutes 9 three times")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (total)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--preset", default="default", choices=sorted(PRESETS))
@@ -791,6 +794,13 @@ def parse_image_sizes(text: str) -> list[int]:
     return sizes
 
 
+def schedule_seconds(minutes: float) -> float:
+    """`--schedule-minutes` in seconds; not a positive number: exit with one line."""
+    if not minutes > 0 or math.isinf(minutes):
+        raise SystemExit(f"--schedule-minutes {minutes}: give the schedule's length in minutes, more than 0")
+    return 60.0 * minutes
+
+
 def resolve_hparams(args) -> dict:
     """The preset with the command line's overrides applied (a fresh run; a resumed run keeps its own)."""
     preset = PRESETS[args.preset]
@@ -821,6 +831,8 @@ def resolve_hparams(args) -> dict:
             f.endswith(".safetensors") for f in os.listdir(args.init_vision))):
         raise SystemExit(f"--init-vision {args.init_vision}: not a checkpoint folder with .safetensors files")
     hp["init_vision"] = args.init_vision
+    if args.schedule_minutes is not None:
+        hp["schedule_s"] = schedule_seconds(args.schedule_minutes)
     hp["qtypes"] = [QTYPES.index(q) for q in args.qtypes.split(",")] if args.qtypes else None
     hp["mix"] = args.mix or hp.get("mix", "adaptive")
     hp["seed"] = args.seed
@@ -853,6 +865,8 @@ def _resume_or_start(args, log_path: str, state_path: str) -> tuple[dict | None,
         hp = state["hparams"]
         if args.batch is not None:
             hp["batch"] = args.batch
+        if args.schedule_minutes is not None:
+            hp["schedule_s"] = schedule_seconds(args.schedule_minutes)
         return state, hp
     hp = resolve_hparams(args)
     if os.path.exists(log_path):
@@ -996,7 +1010,10 @@ class _Clock:
 def _start_clock(job: Job) -> _Clock:
     """The clock at the loop's start; a resumed run whose schedule had finished warms up again and decays anew."""
     start_progress, warm_from = job.info.progress, 0
-    if start_progress >= 0.99:
+    if start_progress >= 0.99 and job.hp.get("schedule_s"):
+        print("note: the schedule (--schedule-minutes) has ended: the LR stays at its floor; resume with a longer "
+              "--schedule-minutes to raise it", file=sys.stderr)
+    elif start_progress >= 0.99:
         start_progress, warm_from = 0.5, job.info.step
         print("note: resuming a finished schedule; the LR warms up to its peak again and decays at the end",
               file=sys.stderr)
@@ -1020,7 +1037,10 @@ def _set_lr(job: Job, clock: _Clock, now: float) -> float:
     frac_t = 0.0 if clock.train_end is None else (now - clock.t_loop) / max(
         1e-6, clock.train_end - clock.last_eval_s - clock.t_loop)
     frac_s = 0.0 if steps is None else (info.step - clock.start_step) / max(1, steps - clock.start_step)
-    info.progress = clock.start_progress + (1 - clock.start_progress) * min(1.0, max(frac_t, frac_s))
+    if hp.get("schedule_s"):        # one schedule over several runs: the training seconds of all of them so far
+        info.progress = min(1.0, (info.train_s + now - clock.t_loop) / hp["schedule_s"])
+    else:
+        info.progress = clock.start_progress + (1 - clock.start_progress) * min(1.0, max(frac_t, frac_s))
     lr = lr_at(info.step, info.progress, hp["lr"], hp["warmup"], hp["min_lr_ratio"], hp.get("decay_frac", 0.3),
                clock.warm_from)
     for g in job.optimizer.param_groups:
