@@ -147,3 +147,27 @@ def test_console_script_subprocess(tiny_dirs, image_file, tmp_path):
     bad = subprocess.run(exe + ["generate", "--model", tiny_dirs["glm4v_moe"], "--image", str(tmp_path / "x.jpg"),
                                 "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_scene_sides_for_a_model(tiny_dirs, capsys, tmp_path):
+    """eval --image-side and bench --image-sides resize a model's test scenes; a side its image processor would
+    shrink (the tiny models take 224 px) is refused with one line, as is one outside 28-4096."""
+    from vismmoe.data import balanced_subset
+    from vismmoe.data.scenes import at_side
+    model = tiny_dirs["qwen3_vl_moe"]
+    s = balanced_subset("test", 2, side=160)[1]
+    assert s.image.size == (160, 160) and s.question == balanced_subset("test", 2)[1].question
+    assert at_side(s, None) is s
+    assert main(["eval", "--model", model, "--limit", "2", "--json", "--image-side", "160"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_side"] == 160
+    _expect_user_error(capsys, ["eval", "--model", model, "--limit", "2", "--image-side", "448"],
+                       "takes images up to 224 px a side")
+    _expect_user_error(capsys, ["eval", "--model", model, "--image-side", "10"], "bad --image-side")
+    _expect_user_error(capsys, ["bench", "--model", model, "--image-sides", "96,448", "--out",
+                                str(tmp_path / "b")], "takes images up to 224 px a side")
+    out = str(tmp_path / "ok")
+    assert main(["bench", "--model", model, "--image-sides", "96,160", "--limit", "1", "--reps", "1",
+                 "--max-new-tokens", "2", "--systems", "ondemand", "--link", "edge", "--budgets", "50%",
+                 "--out", out, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "at 96,160 px" in res["title"]

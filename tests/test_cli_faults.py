@@ -487,11 +487,11 @@ def test_a_device_it_cannot_use_is_refused_before_any_output(tmp_path, capsys, a
 
 
 def test_options_that_nothing_would_use_are_refused(capsys, no_load):
-    """bench --shape with --model ran the shape and ignored --model; --image-sides / --prompt-tokens without --shape
-    were ignored; calibrate --depth past the model's MoE layers was accepted."""
+    """bench --shape with --model ran the shape and ignored --model; --prompt-tokens without --shape was ignored
+    (--image-sides with a model now sizes its test scenes: test_cli's test_scene_sides_for_a_model); calibrate
+    --depth past the model's MoE layers was accepted."""
     _error(capsys, ["bench", "--shape", "tiny-qwen3", "--model", "x"], "--shape and --model name two workloads")
     _error(capsys, ["bench", "--prompt-tokens", "512"], "--prompt-tokens is for --shape workloads")
-    _error(capsys, ["bench", "--image-sides", "448"], "--image-sides is for --shape workloads")
     _error(capsys, ["calibrate", "--depth", "8", "--out", "unused.npz"], "--depth 8: the model has 8 MoE layers")
 
 

@@ -353,9 +353,12 @@ def cmd_eval(args) -> int:
     rc = runtime_config(args, "eval")
     from ..engine.loading import load
     from ..tools.evaluate import evaluate
+    if args.image_side is not None:
+        _sizes(str(args.image_side), "--image-side", 28, 4096, True)
     eng = load(_model_dir(args), rc)
+    side = _fit_sides(eng, None if args.image_side is None else str(args.image_side), "--image-side")[0]
     res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json,
-                   photos=args.photo_backgrounds)
+                   photos=args.photo_backgrounds, side=side)
     res["expert_format"] = eng.layout.spec()
     if args.json:
         print(json.dumps(res))
@@ -378,15 +381,15 @@ def cmd_bench(args) -> int:
     from ..bench.harness import SYSTEMS, requests_from_samples, run, speedup_lines
     from ..config import parse_size
     from ..data import balanced_subset
+    from ..data.scenes import LazySeq
     from ..offload.links import get_link
     from ..progress import layer_progress
     if args.shape is not None and args.model is not None:
         raise UserError("--shape and --model name two workloads", "give one: --model DIR (a checkpoint) or --shape "
                         "NAME (random weights)")
-    for flag in ("image_sides", "prompt_tokens"):
-        if getattr(args, flag) is not None and args.shape is None:
-            raise UserError(f"--{flag.replace('_', '-')} is for --shape workloads, so nothing would use it",
-                            "add --shape NAME, or drop it")
+    if args.prompt_tokens is not None and args.shape is None:
+        raise UserError("--prompt-tokens is for --shape workloads, so nothing would use it",
+                        "add --shape NAME, or drop it")
     systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate"]
     for s in systems:
         if s not in SYSTEMS:
@@ -406,7 +409,7 @@ def cmd_bench(args) -> int:
         systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
     for flag in ("limit", "reps", "max_new_tokens"):
         at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
-    if args.shape and args.image_sides is not None:        # before any model is read (text-only: at the shape)
+    if args.image_sides is not None:        # before any model is read (text-only shapes: at the shape)
         _sizes(args.image_sides, "--image-sides", 28, 4096, True)
     if args.calibration is not None:
         input_file(args.calibration, "--calibration", "give the .npz that vismmoe calibrate wrote")
@@ -426,11 +429,14 @@ def cmd_bench(args) -> int:
         from ..engine.loading import load
         model = _model_dir(args)
         base = load(model, runtime_config(args, "bench", expert_budget="100%"))
-        samples = requests_from_samples(balanced_subset("test", n))
+        sides = _fit_sides(base, args.image_sides, "--image-sides")
+        subsets = [balanced_subset("test", n, side=s) for s in sides]
+        samples = requests_from_samples(LazySeq(n * len(sides), lambda i: subsets[i // n][i % n]))
         new = args.max_new_tokens or 4
+        at = "" if sides == [None] else f" at {','.join(map(str, sides))} px"
         title = (f"model {os.path.basename(os.path.abspath(model))} "
                  f"({'trained' if 'checkpoints' in model else 'given'} routing), {base.device} ({os.cpu_count()} "
-                 f"cores), {n} test requests, {new} new tokens, cold cache per request, medians of {args.reps}, "
+                 f"cores), {n} test requests{at}, {new} new tokens, cold cache per request, medians of {args.reps}, "
                  f"{_decode_label(args, base.device)} decode")
     if args.device_profile is not None:
         title += f"; times {base.clock.profile.label()}, not measured"
@@ -445,6 +451,20 @@ def cmd_bench(args) -> int:
         for line in speedup_lines(res["speedup"], args.reps):
             print(line)
     return 0
+
+
+def _fit_sides(eng, text: str | None, flag: str) -> list[int | None]:
+    """The image sides asked for a model's test scenes ([None]: the scenes' own 448 px), each one the model's image
+    processor takes without shrinking it (a larger one would silently run at the processor's size)."""
+    if text is None:
+        return [None]
+    from ..families.base import max_image_side
+    sides = _sizes(text, flag, 28, 4096, True)
+    most = max_image_side(eng.image_processor)
+    if max(sides) > most:
+        raise UserError(f"{flag} {text}: this model's image processor takes images up to {most} px a side, so a "
+                        f"{max(sides)} px scene would run shrunk to it", f"give sides up to {most}")
+    return sides
 
 
 def _sizes(text: str, what: str, lo: int, hi: int, images: bool) -> list[int]:
@@ -704,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="type-balanced subset size (default 1200); scenes are made as they are asked, so memory "
                          "stays flat at any size")
     ev.add_argument("--split", default="test", choices=["test", "val"], help="question split")
+    ev.add_argument("--image-side", type=int, default=None, metavar="PX",
+                    help="test scenes resized to PX x PX (default: their own 448; at most what the model's image "
+                         "processor takes unshrunk)")
     ev.add_argument("--photo-backgrounds", type=float, default=0.0, metavar="P",
                     help="share of questions on a crop of a bundled photograph instead of a synthetic background "
                          "(0-1; the same questions and answers; default 0: the scenes the shipped model knows)")
@@ -725,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repetitions, systems interleaved; rows are medians and speedups give their spread "
                         "(default 3, quick too)")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default 4 (trained model), 64 (shapes)")
-    b.add_argument("--image-sides", default=None, help="with --shape: one request per image side (default 448,1024)")
+    b.add_argument("--image-sides", default=None,
+                   help="with --shape: one request per image side (default 448,1024); with a model: its test scenes "
+                        "at each side (default: their own 448), up to what its image processor takes unshrunk")
     b.add_argument("--prompt-tokens", default=None, metavar="N,...",
                    help="with a text-only --shape: one request per prompt length in tokens (default 512)")
     b.add_argument("--calibration", default=None, metavar="FILE",

@@ -53,7 +53,7 @@ import hashlib
 import math
 import random
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import os
 from functools import lru_cache
 from collections.abc import Sequence
@@ -873,13 +873,23 @@ class LazySeq(Sequence):
         return self.make(idx)
 
 
-def balanced_subset(split: str, limit: int, photos: float = 0.0) -> LazySeq:
+def at_side(sample: Sample, side: int | None) -> Sample:
+    """The sample with its image resized to `side` x `side` px (bicubic, as training resizes); None: as made."""
+    if side is None or sample.image.size == (side, side):
+        return sample
+    return replace(sample, image=sample.image.resize((side, side), Image.Resampling.BICUBIC))
+
+
+def balanced_subset(split: str, limit: int, photos: float = 0.0, side: int | None = None) -> LazySeq:
     """First `limit` samples of a split, made as they are read (`LazySeq`); type counts differ by at most one.
-    `photos`: the share of photograph backgrounds (`make_sample_and_scene`)."""
+    `photos`: the share of photograph backgrounds (`make_sample_and_scene`); `side`: images resized to that many
+    pixels a side (`at_side`; None: the scenes' own 448)."""
     _seed(split, 0)                                             # an unknown split fails here, not on first read
     if not 0.0 <= photos <= 1.0:
         raise ValueError(f"photos is a share of the samples, in [0, 1]; got {photos}")
-    return LazySeq(limit, lambda i: make_sample(split, i, photos=photos))
+    if side is not None and side < 1:
+        raise ValueError(f"side is an image side in pixels, at least 1; got {side}")
+    return LazySeq(limit, lambda i: at_side(make_sample(split, i, photos=photos), side))
 
 
 def answer_vocabulary() -> list[str]:

@@ -74,6 +74,14 @@ def _copy_backend(tokenizer):
     return tuple(made)
 
 
+def max_image_side(image_processor) -> int:
+    """The largest square image (side in pixels) the processor takes without shrinking it: the square root of its
+    most pixels (`size["longest_edge"]`, or `max_pixels`), rounded down."""
+    size = getattr(image_processor, "size", None) or {}
+    most = size.get("longest_edge") or getattr(image_processor, "max_pixels", None)
+    return math.isqrt(int(most))
+
+
 def pad_to_aspect(image: Image.Image, image_processor) -> Image.Image:
     """`image` with its short side padded (centred, in the colour the processor normalises to zero) so that
     long / short <= MAX_ASPECT; shrunk first when the padded image would exceed the processor's most pixels

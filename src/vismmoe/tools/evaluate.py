@@ -54,17 +54,19 @@ def majority_answers(n: int = MAJORITY_SAMPLES, processes: int | None = None) ->
 
 
 def evaluate(engine, split: str = "test", limit: int | None = None, batch_size: int = 16, progress: bool = True,
-             max_new_tokens: int = 4, majority_samples: int = MAJORITY_SAMPLES, photos: float = 0.0) -> dict:
+             max_new_tokens: int = 4, majority_samples: int = MAJORITY_SAMPLES, photos: float = 0.0,
+             side: int | None = None) -> dict:
     """Exact-match accuracy (overall and per question type) of `engine` on a split, plus the majority baseline.
-    `photos`: the share of questions on photograph backgrounds (`data.make_sample_and_scene`; same questions).
+    `photos`: the share of questions on photograph backgrounds (`data.make_sample_and_scene`; same questions);
+    `side`: the scenes resized to that many pixels a side (`data.scenes.at_side`; None: their own 448).
 
     Returns {"accuracy", "n", "by_type", "majority_baseline", "majority_by_type", "majority_answers", "split",
-    "photo_backgrounds", "seconds", "samples_per_s", "errors"} (errors: up to 20 wrong answers, for a look).
+    "photo_backgrounds", "image_side", "seconds", "samples_per_s", "errors"} (errors: up to 20 wrong answers, for a look).
     """
     n = DEFAULT_LIMIT if limit is None else int(limit)
     if n < 1:
         raise ValueError("limit must be at least 1")
-    samples = balanced_subset(split, n, photos)
+    samples = balanced_subset(split, n, photos, side)
     majority = majority_answers(majority_samples)
     right: Counter = Counter()
     base: Counter = Counter()
@@ -102,6 +104,7 @@ def evaluate(engine, split: str = "test", limit: int | None = None, batch_size: 
         "majority_answers": majority,
         "split": split,
         "photo_backgrounds": photos,
+        "image_side": side,
         "seconds": seconds,
         "samples_per_s": total / max(seconds, 1e-9),
         "errors": errors,
