@@ -171,3 +171,14 @@ def test_scene_sides_for_a_model(tiny_dirs, capsys, tmp_path):
                  "--out", out, "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "at 96,160 px" in res["title"]
+
+
+def test_bench_accelerate_where_it_cannot_run(tiny_dirs, capsys, tmp_path):
+    """accelerate is measured on CUDA over the real link only: without --link real it crashed drawing an empty
+    plot (exit 1), and beside other systems, or with --quick, it was dropped without a word."""
+    out = str(tmp_path / "b")
+    _expect_user_error(capsys, ["bench", "--quick", "--systems", "accelerate", "--out", out], "add --link real")
+    if not torch.cuda.is_available():
+        _expect_user_error(capsys, ["bench", "--model", tiny_dirs["qwen3_vl_moe"], "--systems", "accelerate,vismmoe",
+                                    "--link", "real", "--quick", "--out", out], "runs on a CUDA device only")
+    assert not os.path.exists(out)

@@ -390,7 +390,9 @@ def cmd_bench(args) -> int:
     if args.prompt_tokens is not None and args.shape is None:
         raise UserError("--prompt-tokens is for --shape workloads, so nothing would use it",
                         "add --shape NAME, or drop it")
-    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate"]
+    quick = ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")
+    systems = args.systems.split(",") if args.systems else [s for s in SYSTEMS if s != "accelerate" and (
+        not args.quick or s in quick)]
     for s in systems:
         if s not in SYSTEMS:
             raise UserError(f"unknown system {s!r}", f"use some of {', '.join(SYSTEMS)}")
@@ -402,11 +404,12 @@ def cmd_bench(args) -> int:
         links = ["real"]
     for ln in links:
         get_link(ln)
+    if "accelerate" in systems and "real" not in links:
+        raise UserError("accelerate runs on a CUDA device over the real link only, so no --link given would "
+                        "measure it", "add --link real (on a GPU), or drop accelerate from --systems")
     budgets = args.budgets.split(",") if args.budgets else (["25%"] if args.quick else ["10%", "25%", "50%"])
     for b in budgets:
         parse_size(b, total=1 << 62, what="--budgets entry")
-    if args.quick:
-        systems = [s for s in systems if s in ("ondemand", "lru-offload", "gate-prefetch", "vismmoe")]
     for flag in ("limit", "reps", "max_new_tokens"):
         at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
     if args.image_sides is not None:        # before any model is read (text-only shapes: at the shape)
@@ -425,10 +428,12 @@ def cmd_bench(args) -> int:
     calibrate_on = None
     if args.shape:
         base, samples, new, title, calibrate_on = _shape_workload(args)
+        _accelerate_device(systems, base)
     else:
         from ..engine.loading import load
         model = _model_dir(args)
         base = load(model, runtime_config(args, "bench", expert_budget="100%"))
+        _accelerate_device(systems, base)
         sides = _fit_sides(base, args.image_sides, "--image-sides")
         subsets = [balanced_subset("test", n, side=s) for s in sides]
         samples = requests_from_samples(LazySeq(n * len(sides), lambda i: subsets[i // n][i % n]))
@@ -451,6 +456,13 @@ def cmd_bench(args) -> int:
         for line in speedup_lines(res["speedup"], args.reps):
             print(line)
     return 0
+
+
+def _accelerate_device(systems: list[str], eng) -> None:
+    """accelerate is measured on CUDA only (its device_map needs a GPU to offload to): refuse it elsewhere."""
+    if "accelerate" in systems and eng.device.type != "cuda":
+        raise UserError(f"accelerate runs on a CUDA device only, and this bench runs on {eng.device.type}",
+                        "add --device cuda on a GPU, or drop accelerate from --systems")
 
 
 def _fit_sides(eng, text: str | None, flag: str) -> list[int | None]:
@@ -742,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
              _links)
     b.add_argument("--budgets", default=None, help="comma-separated (default 10%%,25%%,50%%; quick 25%%)")
     registry(b.add_argument("--systems", default=None, metavar="NAME,...",
-                            help="comma-separated, some of {names} (default: all but accelerate)"), _systems)
+                            help="comma-separated, some of {names} (default: all but accelerate, which runs on "
+                                 "CUDA with --link real only)"), _systems)
     b.add_argument("--limit", type=int, default=None, help="test requests (default 30, quick 6)")
     b.add_argument("--reps", type=int, default=None,
                    help="repetitions, systems interleaved; rows are medians and speedups give their spread "
@@ -761,7 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the routing traces behind the bound (one .npz per compression setting and "
                         "request; default: not saved)")
     _add_force(b, "bench's own files are replaced, others kept")
-    b.add_argument("--quick", action="store_true", help="a small run (CI smoke test, under 3 minutes on 2 cores)")
+    b.add_argument("--quick", action="store_true",
+                   help="a small run (CI smoke test, under 3 minutes on 2 cores): 6 requests, 25%%, the mobile link, "
+                        "and (unless --systems names others) ondemand, lru-offload, gate-prefetch and vismmoe")
     add_runtime_options(b, "bench")
     b.set_defaults(func=cmd_bench)
 
