@@ -81,6 +81,15 @@ def test_analyze_saved_traces_without_a_model(tmp_path, capsys):
     assert rep["uniform_entropy"] == np.log2(5)
     assert main(["analyze", "--traces", pa, "--experts", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["experts"] == 8
+    # --out: routing.json (the same report) and routing.md; without --json a table is printed (it once ignored --out)
+    out = tmp_path / "rep"
+    assert main(["analyze", "--traces", f"{pa},{pb}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Routing: 2 saved trace files") and "| 0 | 5.0 / 3.0 / 3.0 |" in printed and "| mean | 4.5 / 2.5 / 3.0 |" in printed
+    assert json.loads((out / "routing.json").read_text())["rows"] == rep["rows"]
+    assert (out / "routing.md").read_text() == printed
+    assert main(["analyze", "--traces", pa, "--out", pa]) == 2            # an output never lands on an input
+    assert "--out" in capsys.readouterr().err
 
 
 def test_analyze_traces_bad_input_is_one_line(tmp_path, capsys):

@@ -315,9 +315,9 @@ def cmd_analyze(args) -> int:
         paths = [p.strip() for p in args.traces.split(",") if p.strip()]
         if not paths:
             raise UserError("--traces names no file", "give comma-separated routing trace files (.npz)")
+        _routing_out(args, {f"--traces ({i + 1})": p for i, p in enumerate(paths)})
         rep = trace_report(paths, args.experts)
-        print(json.dumps(rep) if args.json else json.dumps(rep, indent=1))
-        return 0
+        return _print_routing(args, rep, f"{len(paths)} saved trace file{'s' if len(paths) > 1 else ''}")
     if args.experts is not None:
         raise UserError("--experts goes with --traces", "drop it, or analyze saved traces with --traces")
     keep = ratios(args.keep_ratios, "--keep-ratios")
@@ -325,14 +325,17 @@ def cmd_analyze(args) -> int:
     for c in comps:
         make_compressor(c)                          # a name, or name:knob=value[,knob=value]
     at_least(args.limit, 1, "--limit")
-    if not args.routing:
+    if args.routing:
+        _routing_out(args, _inputs(args))
+    else:
+        args.out = args.out or "runs/analyze"
         output_dir(args.out, "--out", args.force, owned=("analyze.json", "analyze.md"), inputs=_inputs(args))
     eng = load(_model_dir(args), runtime_config(args, "analyze", expert_budget="100%"))
     if args.routing:
         from ..tools.analyze import routing_report
         rep = routing_report(eng, args.limit)
-        print(json.dumps(rep) if args.json else json.dumps(rep, indent=1))
-        return 0
+        return _print_routing(args, rep, f"{os.path.basename(os.path.abspath(_model_dir(args)))}, test split, "
+                                         f"{args.limit} samples")
     title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}"
     with layer_progress("analyze (requests)") as tick:
         res = run(eng, args.out, comps, keep, args.limit, title, progress=tick)
@@ -342,6 +345,26 @@ def cmd_analyze(args) -> int:
         with open(os.path.join(args.out, "analyze.md")) as f:
             print(f.read())
         print("plots:", ", ".join(res["plots"]))
+    return 0
+
+
+def _routing_out(args, inputs: dict) -> None:
+    """The routing report's --out folder (optional: the report is printed either way), checked before the work."""
+    if args.out is not None:
+        output_dir(args.out, "--out", args.force, owned=("routing.json", "routing.md"), inputs=inputs)
+
+
+def _print_routing(args, rep: dict, title: str) -> int:
+    """Print the routing report (JSON with --json, else its markdown table) and write both into --out if given."""
+    from ..tools.analyze import routing_markdown
+    md = routing_markdown(rep, title)
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        with atomic_file(os.path.join(args.out, "routing.json")) as tmp, open(tmp, "w") as f:
+            json.dump(rep, f, indent=1)
+        with atomic_file(os.path.join(args.out, "routing.md")) as tmp, open(tmp, "w") as f:
+            f.write(md)
+    print(json.dumps(rep) if args.json else md, end="\n" if args.json else "")
     return 0
 
 
@@ -717,8 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--compressors", default=None,
                    help="comma-separated names, each optionally with one knob, e.g. affinity:gamma=1.5 (default: all)")
     a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced)")
-    a.add_argument("--out", default="runs/analyze", metavar="DIR",
-                   help="directory for analyze.md, the JSON and the plots: new, empty, or an earlier analyze run's")
+    a.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for analyze.md, the JSON and the plots (default runs/analyze); with --routing or "
+                        "--traces, for routing.md and routing.json (default: printed only): new, empty, or an "
+                        "earlier analyze run's")
     _add_force(a, "analyze's own files are replaced, others kept")
     a.add_argument("--routing", action="store_true",
                    help="instead: the model's routing statistics per layer (entropy, never-visual experts, stability)")

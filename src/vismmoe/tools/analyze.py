@@ -231,3 +231,27 @@ def routing_stats(tr: RoutingTrace, E: int, n: int) -> dict:
     return {"rows": rows, "stability_all": stability(tr, E), "stability_visual": stability(tr, E, 1),
             "stability_text": stability(tr, E, 0), "uniform_entropy": float(np.log2(E)),
             "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": n}
+
+
+def routing_markdown(rep: dict, title: str) -> str:
+    """The routing report (`routing_stats`, `trace_report`) as markdown: the means over layers, then one row per MoE
+    layer (experts used and entropy in bits, all / visual / text tokens; never-visual share; visual-text overlap)."""
+    rows = rep["rows"]
+
+    def mean(key):
+        return sum(r[key] for r in rows) / max(len(rows), 1)
+    out = [f"# Routing: {title}", "",
+           f"{rep['n']} requests; entropy of a uniform router {rep['uniform_entropy']:.2f} bits; stability (layer l's "
+           f"experts predicting layer l+1's) all {rep['stability_all']:.3f}, visual {rep['stability_visual']:.3f}, "
+           f"text {rep['stability_text']:.3f}.", "",
+           "| layer | experts all / visual / text | entropy all / visual / text (bits) | never visual | visual-text overlap |",
+           "|---|---|---|---|---|"]
+    line = "| {} | {:.1f} / {:.1f} / {:.1f} | {:.2f} / {:.2f} / {:.2f} | {:.3f} | {:.3f} |"
+    out.append(line.format("mean", *(mean(f"experts_{t}") for t in ("all", "visual", "text")),
+                           *(mean(f"entropy_{t}") for t in ("all", "visual", "text")),
+                           mean("never_visual_share"), mean("visual_text_overlap")))
+    for r in rows:
+        out.append(line.format(r["layer"], *(r[f"experts_{t}"] for t in ("all", "visual", "text")),
+                               *(r[f"entropy_{t}"] for t in ("all", "visual", "text")),
+                               r["never_visual_share"], r["visual_text_overlap"]))
+    return "\n".join(out) + "\n"
