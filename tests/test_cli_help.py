@@ -99,3 +99,14 @@ def test_registry_help_does_not_load_model_classes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-300:]
     assert out.stdout.strip() == "False"
+
+
+def test_writers_offer_only_the_formats_they_write(capsys):
+    """quantize and make-shape --format listed bf16 and dense, which they refuse (nothing new to write)."""
+    for argv in (["quantize", "--help"], ["make-shape", "--help"]):
+        assert main(argv) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        text = text[text.index("options:"):]                   # past the usage lines
+        part = text[text.index("--format FORMAT"):]
+        part = part[: part.index(" --", 5)]
+        assert "one of fp8, int4" in part and "bf16" not in part, (argv, part)

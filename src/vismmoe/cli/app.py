@@ -22,7 +22,7 @@ import threading
 from .. import __version__
 from .args import Parser, add_runtime_options, at_least, check_text, compressor_list, ratios, registry, runtime_config
 from .args import families as _families, links as _links, shapes as _shapes
-from .args import formats as _formats, systems as _systems
+from .args import formats as _formats, quantized_formats as _quantized_formats, systems as _systems
 from ..errors import UserError
 from ..paths import atomic_file, input_file, output_dir, output_file
 
@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where weights are drawn: cuda (fast) or cpu (default: cuda when there is one)")
     registry(m.add_argument("--format", default="dense", metavar="FORMAT",
                              help="expert format of the written checkpoint: dense (default) or one of {names}, "
-                                  "written as `vismmoe quantize` writes it"), _formats)
+                                  "written as `vismmoe quantize` writes it"), _quantized_formats)
     m.add_argument("--force", action="store_true",
                    help="replace a non-empty --out folder (once the new checkpoint is complete)")
     m.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry(q.add_argument("--format", required=True, metavar="FORMAT",
                              help="fp8 (Qwen's FP8 layout, 128x128 blocks) or int4[:group=16|32|64|128,sym=0|1] "
                                   "(compressed-tensors pack-quantized; default group 128, symmetric); one of "
-                                  "{names}"), _formats)
+                                  "{names}"), _quantized_formats)
     q.add_argument("--out", required=True, metavar="DIR", help="directory to write the checkpoint to (new or empty)")
     q.add_argument("--layout", choices=("compressed-tensors", "awq"), default=None,
                    help="int4's checkpoint layout: compressed-tensors pack-quantized (default) or awq (AutoAWQ's "

@@ -92,6 +92,14 @@ def formats() -> list[str]:
     return names()
 
 
+def quantized_formats() -> list[str]:
+    """The expert formats `vismmoe quantize` and `make-shape --format` write: those whose blob holds more than the
+    weights themselves (scales: `ExpertFormat.plain` false)."""
+    import torch
+    from ..formats import make_format, names
+    return [n for n in names() if not make_format(n, 128, 128, torch.float32).plain]
+
+
 def families() -> list[str]:
     from ..families import FAMILIES
     return sorted(FAMILIES)

@@ -118,7 +118,7 @@ def quantize_checkpoint(model_dir: str, spec: str, out_dir: str, *, all_linears:
     geo = family.geometry(config)
     spec, layout = _layout(spec, layout)
     fmt = make_format(spec, geo.hidden, geo.inter, torch.float32)
-    if fmt.name in ("dense", "bf16"):      # bf16: a dense checkpoint in bfloat16, how hub checkpoints come
+    if fmt.plain:                          # dense, bf16 (a dense checkpoint in bfloat16, how hub checkpoints come)
         raise UserError(f"--format {fmt.name} writes nothing new (a dense checkpoint is what it reads)",
                         "use --format fp8 or int4 (--expert-format bf16 stores a checkpoint's experts in bf16 "
                         "while loading)")
