@@ -182,3 +182,12 @@ def test_bench_accelerate_where_it_cannot_run(tiny_dirs, capsys, tmp_path):
         _expect_user_error(capsys, ["bench", "--model", tiny_dirs["qwen3_vl_moe"], "--systems", "accelerate,vismmoe",
                                     "--link", "real", "--quick", "--out", out], "runs on a CUDA device only")
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("decode,label", [("eager", "eager"), ("fast", "fast"), ("auto", "eager")])
+def test_stats_say_which_decode_step_ran(tiny_dirs, image_file, capsys, decode, label):
+    """--decode auto picks a step by the device (the eager one on the CPU): the stats say which one ran."""
+    code, out, err = _run(capsys, "generate", "--model", tiny_dirs["qwen3_vl_moe"], "--image", image_file,
+                          "--prompt", "What is this?", "--max-new-tokens", "3", "--decode", decode, "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["stats"]["decode"] == label

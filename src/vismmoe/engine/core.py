@@ -356,7 +356,8 @@ class Engine:
         stats = self._request_stats(before, ttft=t_first - t0, decode_s=t_end - t_first, steps=steps,
                                     e2e=t_end - t0, visual=visual)
         stats.update(visual_tokens_kept=kept, compress=self.rc.compress if enc is not None else "none",
-                     keep_ratio=self.rc.keep_ratio if enc is not None else 1.0, batch=len(rows))
+                     keep_ratio=self.rc.keep_ratio if enc is not None else 1.0, batch=len(rows),
+                     decode=state.strategy.label)
         return rows, stats
 
     @property

@@ -27,6 +27,8 @@ class _EagerKV:
 class EagerStep:
     """One decode step through transformers' forward (see the module docstring)."""
 
+    label = "eager"
+
     def __init__(self, model, family):
         self.model, self.family = model, family
 

@@ -60,6 +60,13 @@ class FastStep:
     """Decode steps of one engine (see the module docstring). `graphs`/`compiled`: CUDA only; `fuse`: sibling
     projections stacked, the router's tail in one kernel (fused_proj.py, router_topk.py)."""
 
+    @property
+    def label(self) -> str:
+        """What a request's stats call this step: native (the C body), or fast with what it runs under."""
+        if self.native is not None:
+            return "native"
+        return "fast" + ("+compiled" if self.compiled else "") + ("+graphs" if self.graphs else "")
+
     def __init__(self, engine, *, graphs: bool, compiled: bool, fuse: bool = False, progress=None,
                  native: bool = False):
         self.model, self.family = engine.model, engine.family

@@ -36,6 +36,8 @@ class Prefilled:
 
 @runtime_checkable
 class DecodeStrategy(Protocol):
+    label: str              # what a request's stats call this step ("eager", "fast", "fast+graphs", "native")
+
     def start(self, state, prefilled: Prefilled, max_new_tokens: int) -> None: ...
 
     def step(self, state, teacher_token: int | None) -> list[int]: ...
