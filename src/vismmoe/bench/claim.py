@@ -1,0 +1,183 @@
+"""`python -m vismmoe.bench.claim`: the paper's claim as one table, device profile by device profile.
+
+This module owns the claim table and nothing it measures: for each device profile it runs `vismmoe bench` with
+`--device-profile NAME` (the profile's expert tier is the link; times come from the virtual device clock, tokens
+and routing are real), then puts side by side, per profile and budget:
+
+- vismmoe's end to end, TTFT, decode ms/token and accuracy;
+- the best baseline (the fastest of ondemand, lru-offload, moe-infinity, gate-prefetch) and vismmoe's speedup
+  over it;
+- the unpruned accuracy (vismmoe-nocompress: the same cache and prefetch without token pruning) and the ablations'
+  end to end where they ran (vismmoe-nocompress, -noprefetch, -lru);
+- the paper's figure for that class of device (edge 1.61x, mobile 2.68x; laptop: none) and whether the row meets
+  it: at least that speedup, and accuracy within 1 point of unpruned.
+
+Writes OUT/claim.json (`rows`, the paper's figures, the bench runs it read), OUT/claim.md, OUT/claim.png (speedup
+per profile and budget against the paper's lines), and each profile's bench under OUT/NAME/. Arguments it does not
+know go to `vismmoe bench` unchanged (`--model`, `--shape`, `--budgets`, `--systems`, `--limit`, `--reps`, ...).
+
+Profile times are emulated: a row is only as good as the profile's validation (docs/device-profiles.md), which the
+table's title repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# the paper's end-to-end speedups over its strongest offloading baseline, by device class
+PAPER = {"edge": 1.61, "mobile": 2.68}
+# which paper class each profile stands for (None: no figure in the paper)
+CLASS = {"orin-agx-64": "edge", "orin-nx-16": "edge", "phone": "mobile", "laptop-8g": None, "h100": None,
+         "h200": None, "cpu-local": None}
+ABLATIONS = ("vismmoe-nocompress", "vismmoe-noprefetch", "vismmoe-lru")
+DEFAULT_SYSTEMS = "ondemand,lru-offload,moe-infinity,gate-prefetch,vismmoe," + ",".join(ABLATIONS)
+ACCURACY_POINTS = 0.01           # "within 1 point of unpruned accuracy"
+
+
+def claim_rows(runs: dict[str, dict]) -> list[dict]:
+    """runs: profile name -> that profile's bench result (`bench.harness.run`'s dict). One row per (profile,
+    budget) where vismmoe and at least one baseline ran."""
+    from .harness import BASELINES
+    out = []
+    for profile, res in runs.items():
+        rows = res["rows"]
+        for budget in dict.fromkeys(r["budget"] for r in rows):
+            sub = {r["system"]: r for r in rows if r["budget"] == budget}
+            ours = sub.get("vismmoe")
+            base = [r for name, r in sub.items() if name in BASELINES]
+            if ours is None or not base:
+                continue
+            best = min(base, key=lambda r: r["e2e_s"])
+            unpruned = sub.get("vismmoe-nocompress")
+            cls = CLASS.get(profile)
+            target = PAPER.get(cls) if cls else None
+            speedup = best["e2e_s"] / ours["e2e_s"]
+            acc, acc0 = ours.get("accuracy"), unpruned.get("accuracy") if unpruned else None
+            kept = None if acc is None or acc0 is None else acc >= acc0 - ACCURACY_POINTS - 1e-12
+            out.append({
+                "profile": profile, "device_class": cls, "budget": budget,
+                "e2e_s": ours["e2e_s"], "ttft_s": ours["ttft_s"], "tpot_s": ours["tpot_s"], "accuracy": acc,
+                "stall_share": ours.get("stall_share"),
+                "best_baseline": best["system"], "best_baseline_e2e_s": best["e2e_s"], "speedup": speedup,
+                "unpruned_accuracy": acc0, "accuracy_kept": kept,
+                "ablations_e2e_s": {a: sub[a]["e2e_s"] for a in ABLATIONS if a in sub},
+                "paper_speedup": target,
+                "meets_paper": None if target is None else bool(speedup >= target and kept is not False),
+            })
+    return out
+
+
+def _fmt(v, spec: str, none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [f"# The paper's claim: {title}", "",
+             "| profile (class) | budget | vismmoe e2e ms | TTFT ms | decode ms/token | accuracy (unpruned) | best "
+             "baseline | its e2e ms | speedup | paper | met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['profile']} ({r['device_class'] or 'no paper figure'}) | {r['budget']} | {r['e2e_s'] * 1e3:.1f} | "
+            f"{r['ttft_s'] * 1e3:.1f} | {r['tpot_s'] * 1e3:.2f} | {_fmt(r['accuracy'], '.3f')} "
+            f"({_fmt(r['unpruned_accuracy'], '.3f')}) | {r['best_baseline']} | {r['best_baseline_e2e_s'] * 1e3:.1f} | "
+            f"{r['speedup']:.2f}x | {_fmt(r['paper_speedup'], '.2f', '')}{'x' if r['paper_speedup'] else '-'} | "
+            f"{ {True: 'yes', False: 'no', None: '-'}[r['meets_paper']]} |")
+    abl = [r for r in rows if r["ablations_e2e_s"]]
+    if abl:
+        names = sorted({a for r in abl for a in r["ablations_e2e_s"]})
+        lines += ["", "Ablations, end to end ms (each switches one part of vismmoe off):", "",
+                  "| profile | budget | vismmoe | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        for r in abl:
+            lines.append(f"| {r['profile']} | {r['budget']} | {r['e2e_s'] * 1e3:.1f} | " + " | ".join(
+                _fmt(r["ablations_e2e_s"].get(a) and r["ablations_e2e_s"][a] * 1e3, ".1f") for a in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str, title: str) -> str:
+    """Grouped bars: vismmoe's speedup over the best baseline, per profile and budget, with the paper's lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    profiles = list(dict.fromkeys(r["profile"] for r in rows))
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(profiles) * max(1, len(budgets)) / 2), 4))
+    width = 0.8 / max(1, len(budgets))
+    for j, b in enumerate(budgets):
+        xs, ys = [], []
+        for i, p in enumerate(profiles):
+            r = next((r for r in rows if r["profile"] == p and r["budget"] == b), None)
+            if r is not None:
+                xs.append(i + (j - (len(budgets) - 1) / 2) * width)
+                ys.append(r["speedup"])
+        ax.bar(xs, ys, width, label=f"budget {b}")
+    for cls, v in PAPER.items():
+        ax.axhline(v, linestyle="--", linewidth=1, color="gray")
+        ax.text(len(profiles) - 0.5, v, f" paper, {cls}: {v}x", va="bottom", ha="right", fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(profiles)), profiles)
+    ax.set_ylabel("end-to-end speedup over the best baseline")
+    import textwrap
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vismmoe.bench.claim", description=__doc__.splitlines()[0])
+    p.add_argument("--profiles", default="orin-agx-64,phone,laptop-8g", metavar="NAME,...",
+                   help="device profiles, one bench each (default orin-agx-64,phone,laptop-8g)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for claim.json, claim.md, claim.png and "
+                   "each profile's bench")
+    args, rest = p.parse_known_args(argv)
+    from ..cli.app import main as cli_main
+    from ..profiles import names
+    profiles = [x.strip() for x in args.profiles.split(",") if x.strip()]
+    known = names()
+    bad = [x for x in profiles if x not in known and not x.endswith(".json")]
+    if not profiles or bad:
+        print(f"vismmoe: error: --profiles {args.profiles!r}: unknown {', '.join(bad) or 'none given'}: give some "
+              f"of {', '.join(known)}", file=sys.stderr)
+        return 2
+    for flag in ("--device-profile", "--link", "--json"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            print(f"vismmoe: error: {flag} is set by the claim bench itself: leave it out", file=sys.stderr)
+            return 2
+    if not any(a == "--systems" or a.startswith("--systems=") for a in rest):
+        rest = rest + ["--systems", DEFAULT_SYSTEMS]
+    runs = {}
+    for name in profiles:
+        out = os.path.join(args.out, os.path.splitext(os.path.basename(name))[0])
+        code = cli_main(["bench", *rest, "--device-profile", name, "--out", out, "--force"])
+        if code != 0:
+            return code
+        with open(os.path.join(out, "bench.json")) as f:
+            runs[name] = json.load(f)
+    rows = claim_rows(runs)
+    if not rows:
+        print("vismmoe: error: no budget ran vismmoe beside a baseline: keep vismmoe and a baseline in --systems",
+              file=sys.stderr)
+        return 2
+    title = (f"{next(iter(runs.values()))['title'].split(';')[0]}; times emulated by each device profile (see "
+             "docs/device-profiles.md for how far they are validated)")
+    res = {"rows": rows, "paper": PAPER, "profiles": profiles, "title": title,
+           "benches": {n: os.path.join(args.out, os.path.splitext(os.path.basename(n))[0], "bench.json")
+                       for n in profiles}}
+    res["plot"] = plot(rows, os.path.join(args.out, "claim.png"), title)
+    with open(os.path.join(args.out, "claim.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(rows, title)
+    with open(os.path.join(args.out, "claim.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
