@@ -304,3 +304,34 @@ def test_a_second_validation_of_the_day_keeps_the_first_results(tmp_path):
     assert free_stem(stem) == stem + "-run2"
     (tmp_path / "cpu-local-2026-12-06-run2.profile.json").write_text("{}")
     assert free_stem(stem) == stem + "-run3"
+
+
+def test_one_machine_predicted_from_another_machines_fit(tiny_dirs, capsys, tmp_path):
+    """--calibrated-on FILE: the efficiencies and costs a validation fitted elsewhere, on this --profile's peaks
+    and rates, with no calibration here (how the H100 is predicted from the H200's fit): the profile used carries
+    them and says where they came from."""
+    import glob
+    import json
+    from dataclasses import replace as dc_replace
+    from vismmoe.bench.profiles import main
+    from vismmoe.profiles import get_profile, save_profile
+    small = ["--validate", "--model", tiny_dirs["qwen3_vl_moe"], "--reps", "1", "--new-tokens", "2",
+             "--budgets", "100%", "--sizes", "224"]
+    main([*small, "--calibrate-sizes", "64", "160", "--out", str(tmp_path / "a")])
+    fitted = glob.glob(str(tmp_path / "a" / "*.profile.json"))[0]
+    capsys.readouterr()
+    main([*small, "--profile", "orin-agx-64", "--calibrated-on", fitted, "--out", str(tmp_path / "b")])
+    res = json.loads(open(glob.glob(str(tmp_path / "b" / "orin-agx-64-*[0-9].json"))[0]).read())
+    other, used, orin = get_profile(fitted), res["profile"], get_profile("orin-agx-64")
+    assert used["efficiency"] == other.efficiency and used["op_s"] == other.op_s and used["miss_s"] == other.miss_s
+    assert used["flops"] == orin.flops and used["mem_Bps"] == orin.mem_Bps and used["tier"] == orin.tier
+    assert res["calibration"]["carried_from"] == fitted and "carried from" in used["calibration"]
+    capsys.readouterr()
+    table = str(tmp_path / "table.profile.json")
+    save_profile(dc_replace(orin, calibration=""), table)
+    for argv, says in ((["--calibrated-on", fitted, "--calibrate-sizes", "160"], "give one of them"),
+                       (["--calibrated-on", str(tmp_path / "a")], "is not a profile file"),
+                       (["--calibrated-on", table], "is not a calibrated profile")):
+        assert main([*small, *argv, "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err

@@ -237,6 +237,27 @@ def calibrate(base, profile, size: int, new_tokens: int, reps: int, more_sizes: 
                  "emulated_e2e_warm_s": e_warm["e2e_s"], "emulated_e2e_cold_s": e_cold["e2e_s"]}
 
 
+def carried_calibration(profile, path: str):
+    """(`profile` with the per-class efficiency, operator cost and per-copy cost of the calibrated profile saved at
+    `path` by a validation on another machine, the record of where they came from): the other machine's kernel
+    classes are assumed to reach the same share of peak here, and its host the same cost per operator and copy;
+    the peaks, bandwidths, capacity and expert tier stay `profile`'s. UserError for a file that is not a calibrated
+    profile."""
+    from ..profiles import get_profile
+    if not path.endswith(".json"):
+        raise UserError(f"--calibrated-on {path} is not a profile file",
+                        "give the .profile.json a --validate run wrote")
+    other = get_profile(path)
+    if "fitted" not in other.calibration or not other.efficiency:
+        raise UserError(f"--calibrated-on {path} is not a calibrated profile",
+                        "give a .profile.json written by a --validate run")
+    how = (f"efficiency, op_s and miss_s carried from {other.name} calibrated on another machine ({path}: "
+           f"{other.calibration}); peaks, bandwidths and the expert tier are {profile.name}'s")
+    cal = replace(profile, efficiency=dict(other.efficiency), op_s=other.op_s, miss_s=other.miss_s,
+                  calibration=how, sources=dict(profile.sources, efficiency=how, op_s=how, miss_s=how))
+    return cal, {"carried_from": path, "efficiency": cal.efficiency, "op_s": cal.op_s, "miss_s": cal.miss_s}
+
+
 def free_stem(stem: str) -> str:
     """`stem`, or `stem-run2`, `-run3`, ... : the first whose result files do not exist yet (a second run of the
     same day keeps the first one's files)."""
@@ -260,8 +281,11 @@ def validate(args) -> dict:
         raise UserError(f"--calibrate-sizes {leak} give as many image tokens as a validated size "
                         f"({', '.join(f'{k} px: {v}' for k, v in tokens.items())} prompt tokens)",
                         "calibrate on sizes held out from the validated ones, e.g. --calibrate-sizes 160 256 384")
-    cal, fit = calibrate(base, profile, args.calibrate_sizes[0], args.new_tokens, args.reps,
-                         tuple(args.calibrate_sizes[1:]))
+    if args.calibrated_on is not None:      # another machine's fit, this profile's device: nothing fitted here
+        cal, fit = carried_calibration(profile, args.calibrated_on)
+    else:
+        cal, fit = calibrate(base, profile, args.calibrate_sizes[0], args.new_tokens, args.reps,
+                             tuple(args.calibrate_sizes[1:]))
     os.makedirs(args.out, exist_ok=True)
     stem = free_stem(os.path.join(args.out, f"{cal.name}-{args.date}"))
     save_profile(cal, stem + ".profile.json")
@@ -320,9 +344,13 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch", default="none")
     p.add_argument("--budgets", nargs="+", default=["25%", "100%"])
     p.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
-    p.add_argument("--calibrate-sizes", nargs="+", type=int, default=[160, 320, 384],
+    p.add_argument("--calibrate-sizes", nargs="+", type=int, default=None,
                    help="image sides of the held-out calibration request and of more prefills (at most six in "
-                        "all; none may give as many image tokens as a size of --sizes)")
+                        "all; none may give as many image tokens as a size of --sizes; default 160 320 384)")
+    p.add_argument("--calibrated-on", default=None, metavar="FILE",
+                   help="predict with the efficiencies and costs another machine's validation fitted (its "
+                        ".profile.json) on --profile's peaks and rates, instead of calibrating here: one real "
+                        "machine predicted from another (e.g. the H100 from the H200's fit)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--tolerance", type=float, default=0.15)
@@ -332,7 +360,13 @@ def main(argv=None) -> int:
     try:
         if not args.validate:
             raise UserError("nothing to do", "add --validate")
-        if not 1 <= len(args.calibrate_sizes) <= 6 or min(args.calibrate_sizes + args.sizes) < 32:
+        if args.calibrated_on is not None and args.calibrate_sizes is not None:
+            raise UserError("--calibrate-sizes and --calibrated-on: with another machine's fit nothing is "
+                            "calibrated here", "give one of them")
+        if args.calibrate_sizes is None:
+            args.calibrate_sizes = [] if args.calibrated_on is not None else [160, 320, 384]
+        if not (1 if args.calibrated_on is None else 0) <= len(args.calibrate_sizes) <= 6 or \
+                min(args.calibrate_sizes + args.sizes) < 32:
             raise UserError(f"--calibrate-sizes {args.calibrate_sizes} / --sizes {args.sizes}: image sides must be "
                             "at least 32 px, one to six calibration sizes",
                             "e.g. --calibrate-sizes 160 256 320 384 416")
