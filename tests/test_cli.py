@@ -165,6 +165,11 @@ def test_scene_sides_for_a_model(tiny_dirs, capsys, tmp_path):
     _expect_user_error(capsys, ["eval", "--model", model, "--image-side", "10"], "bad --image-side")
     _expect_user_error(capsys, ["bench", "--model", model, "--image-sides", "96,448", "--out",
                                 str(tmp_path / "b")], "takes images up to 224 px a side")
+    text = tiny_dirs["qwen3_moe"]                   # no vision tower: no side to give (it ended in a TypeError)
+    _expect_user_error(capsys, ["eval", "--model", text, "--limit", "2", "--image-side", "160"],
+                       "is a text-only model")
+    _expect_user_error(capsys, ["bench", "--model", text, "--image-sides", "160", "--out", str(tmp_path / "t")],
+                       "is a text-only model")
     out = str(tmp_path / "ok")
     assert main(["bench", "--model", model, "--image-sides", "96,160", "--limit", "1", "--reps", "1",
                  "--max-new-tokens", "2", "--systems", "ondemand", "--link", "edge", "--budgets", "50%",

@@ -495,8 +495,11 @@ def _fit_sides(eng, text: str | None, flag: str) -> list[int | None]:
         return [None]
     from ..families.base import max_image_side
     sides = _sizes(text, flag, 28, 4096, True)
+    if not eng.family.has_vision:
+        raise UserError(f"{flag}: {eng.config.model_type} is a text-only model (no vision tower), so it takes no "
+                        "images", f"drop {flag}")
     most = max_image_side(eng.image_processor)
-    if max(sides) > most:
+    if most is not None and max(sides) > most:
         raise UserError(f"{flag} {text}: this model's image processor takes images up to {most} px a side, so a "
                         f"{max(sides)} px scene would run shrunk to it", f"give sides up to {most}")
     return sides

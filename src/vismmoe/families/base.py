@@ -74,12 +74,12 @@ def _copy_backend(tokenizer):
     return tuple(made)
 
 
-def max_image_side(image_processor) -> int:
+def max_image_side(image_processor) -> int | None:
     """The largest square image (side in pixels) the processor takes without shrinking it: the square root of its
-    most pixels (`size["longest_edge"]`, or `max_pixels`), rounded down."""
+    most pixels (`size["longest_edge"]`, or `max_pixels`), rounded down; None where it states no such cap."""
     size = getattr(image_processor, "size", None) or {}
     most = size.get("longest_edge") or getattr(image_processor, "max_pixels", None)
-    return math.isqrt(int(most))
+    return math.isqrt(int(most)) if most else None
 
 
 def pad_to_aspect(image: Image.Image, image_processor) -> Image.Image:
