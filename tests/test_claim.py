@@ -48,7 +48,21 @@ def test_claim_command_end_to_end_and_bad_input(tiny_dirs, tmp_path, capsys):
     assert [(r["profile"], r["budget"], r["best_baseline"]) for r in res["rows"]] == [("phone", "50%", "ondemand")]
     assert os.path.exists(os.path.join(out, "claim.png")) and os.path.exists(os.path.join(out, "phone", "bench.json"))
     assert "emulated" in res["title"]
+    assert claim.main(["--profiles", "phone", "--out", out, "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "1",
+                       "--reps", "1", "--max-new-tokens", "2", "--budgets", "50%", "--systems", "ondemand,vismmoe",
+                       "--json-out-of-place"]) == 2     # bench's own refusal: nothing of the first run is lost
+    assert os.path.exists(os.path.join(out, "claim.json"))
     capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for argv, needle in ((["--out", str(mine)], "is a folder with other files in it"),
+                         (["--out", tiny_dirs["qwen3_vl_moe"], "--model", tiny_dirs["qwen3_vl_moe"]], "--out"),
+                         (["--out", str(mine / "notes.txt")], "is an existing file")):
+        assert claim.main(["--profiles", "phone", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert (mine / "notes.txt").read_text() == "keep" and os.listdir(mine) == ["notes.txt"]
     for argv, needle in ((["--profiles", "nokia-3310"], "unknown nokia-3310"),
                          (["--profiles", "phone", "--link", "edge"], "--link is set by the claim bench"),
                          (["--profiles", "phone", "--json"], "--json is set by the claim bench")):

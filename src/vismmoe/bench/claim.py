@@ -134,9 +134,13 @@ def main(argv=None) -> int:
     p.add_argument("--profiles", default="orin-agx-64,phone,laptop-8g", metavar="NAME,...",
                    help="device profiles, one bench each (default orin-agx-64,phone,laptop-8g)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for claim.json, claim.md, claim.png and "
-                   "each profile's bench")
+                   "each profile's bench: new, empty, or an earlier claim run's")
+    p.add_argument("--force", action="store_true", help="write into a --out folder that holds other files (the "
+                   "claim's own files and profile folders are replaced, nothing else)")
     args, rest = p.parse_known_args(argv)
     from ..cli.app import main as cli_main
+    from ..errors import UserError
+    from ..paths import atomic_file, output_dir
     from ..profiles import names
     profiles = [x.strip() for x in args.profiles.split(",") if x.strip()]
     known = names()
@@ -151,9 +155,16 @@ def main(argv=None) -> int:
             return 2
     if not any(a == "--systems" or a.startswith("--systems=") for a in rest):
         rest = rest + ["--systems", DEFAULT_SYSTEMS]
+    folders = {n: os.path.join(args.out, os.path.splitext(os.path.basename(n))[0]) for n in profiles}
+    model = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--model"), None)
+    try:                            # before any bench: an earlier claim run's folder, or a new or empty one
+        output_dir(args.out, "--out", args.force, owned=("claim.json", "claim.md", "claim.png", *map(
+            os.path.basename, folders.values())), inputs={"--model": model} if model else None)
+    except UserError as e:
+        print(f"vismmoe: error: {e}", file=sys.stderr)
+        return 2
     runs = {}
-    for name in profiles:
-        out = os.path.join(args.out, os.path.splitext(os.path.basename(name))[0])
+    for name, out in folders.items():       # each profile's folder is the claim's own: its bench may replace it
         code = cli_main(["bench", *rest, "--device-profile", name, "--out", out, "--force"])
         if code != 0:
             return code
@@ -167,13 +178,12 @@ def main(argv=None) -> int:
     title = (f"{next(iter(runs.values()))['title'].split(';')[0]}; times emulated by each device profile (see "
              "docs/device-profiles.md for how far they are validated)")
     res = {"rows": rows, "paper": PAPER, "profiles": profiles, "title": title,
-           "benches": {n: os.path.join(args.out, os.path.splitext(os.path.basename(n))[0], "bench.json")
-                       for n in profiles}}
+           "benches": {n: os.path.join(out, "bench.json") for n, out in folders.items()}}
     res["plot"] = plot(rows, os.path.join(args.out, "claim.png"), title)
-    with open(os.path.join(args.out, "claim.json"), "w") as f:
+    with atomic_file(os.path.join(args.out, "claim.json")) as tmp, open(tmp, "w") as f:
         json.dump(res, f, indent=1)
     md = markdown(rows, title)
-    with open(os.path.join(args.out, "claim.md"), "w") as f:
+    with atomic_file(os.path.join(args.out, "claim.md")) as tmp, open(tmp, "w") as f:
         f.write(md)
     print(md)
     return 0
