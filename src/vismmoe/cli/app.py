@@ -376,10 +376,9 @@ def cmd_eval(args) -> int:
     rc = runtime_config(args, "eval")
     from ..engine.loading import load
     from ..tools.evaluate import evaluate
-    if args.image_side is not None:
-        _sizes(str(args.image_side), "--image-side", 28, 4096, True)
+    asked = None if args.image_side is None else _sizes(str(args.image_side), "--image-side", 28, 4096, True)
     eng = load(_model_dir(args), rc)
-    side = _fit_sides(eng, None if args.image_side is None else str(args.image_side), "--image-side")[0]
+    side = _fit_sides(eng, asked, "--image-side")[0]
     res = evaluate(eng, split=args.split, limit=args.limit, progress=sys.stderr.isatty() and not args.json,
                    photos=args.photo_backgrounds, side=side)
     res["expert_format"] = eng.layout.spec()
@@ -435,8 +434,9 @@ def cmd_bench(args) -> int:
         parse_size(b, total=1 << 62, what="--budgets entry")
     for flag in ("limit", "reps", "max_new_tokens"):
         at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
-    if args.image_sides is not None:        # before any model is read (text-only shapes: at the shape)
-        _sizes(args.image_sides, "--image-sides", 28, 4096, True)
+    asked = None                            # before any model is read (text-only shapes: at the shape)
+    if args.image_sides is not None:
+        asked = _sizes(args.image_sides, "--image-sides", 28, 4096, True)
     if args.calibration is not None:
         input_file(args.calibration, "--calibration", "give the .npz that vismmoe calibrate wrote")
     inputs = _inputs(args) if not args.shape else {"--calibration": args.calibration}
@@ -457,7 +457,7 @@ def cmd_bench(args) -> int:
         model = _model_dir(args)
         base = load(model, runtime_config(args, "bench", expert_budget="100%"))
         _accelerate_device(systems, base)
-        sides = _fit_sides(base, args.image_sides, "--image-sides")
+        sides = _fit_sides(base, asked, "--image-sides")
         subsets = [balanced_subset("test", n, side=s) for s in sides]
         samples = requests_from_samples(LazySeq(n * len(sides), lambda i: subsets[i // n][i % n]))
         new = args.max_new_tokens or 4
@@ -488,20 +488,21 @@ def _accelerate_device(systems: list[str], eng) -> None:
                         "add --device cuda on a GPU, or drop accelerate from --systems")
 
 
-def _fit_sides(eng, text: str | None, flag: str) -> list[int | None]:
-    """The image sides asked for a model's test scenes ([None]: the scenes' own 448 px), each one the model's image
-    processor takes without shrinking it (a larger one would silently run at the processor's size)."""
-    if text is None:
+def _fit_sides(eng, sides: list[int] | None, flag: str) -> list[int | None]:
+    """The image sides asked for a model's test scenes (`_sizes` of `flag`; None: [None], the scenes' own 448 px),
+    each one the model's image processor takes without shrinking it (a larger one would silently run at the
+    processor's size)."""
+    if sides is None:
         return [None]
     from ..families.base import max_image_side
-    sides = _sizes(text, flag, 28, 4096, True)
     if not eng.family.has_vision:
         raise UserError(f"{flag}: {eng.config.model_type} is a text-only model (no vision tower), so it takes no "
                         "images", f"drop {flag}")
     most = max_image_side(eng.image_processor)
     if most is not None and max(sides) > most:
-        raise UserError(f"{flag} {text}: this model's image processor takes images up to {most} px a side, so a "
-                        f"{max(sides)} px scene would run shrunk to it", f"give sides up to {most}")
+        raise UserError(f"{flag} {','.join(map(str, sides))}: this model's image processor takes images up to "
+                        f"{most} px a side, so a {max(sides)} px scene would run shrunk to it",
+                        f"give sides up to {most}")
     return sides
 
 
