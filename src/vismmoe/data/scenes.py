@@ -527,6 +527,12 @@ def _photos() -> tuple[Image.Image, ...]:
     return tuple(out)
 
 
+def _check_share(photos: float) -> None:
+    """ValueError unless `photos` (a share of photograph backgrounds) is in [0, 1]."""
+    if not 0.0 <= photos <= 1.0:
+        raise ValueError(f"photos is a share of the samples, in [0, 1]; got {photos}")
+
+
 def _photo_background(rng: random.Random) -> Image.Image:
     """A square crop (35-100% of the short side) of a bundled photograph at a random place, maybe mirrored, its
     colour channels permuted and blended 20-50% toward a light colour (objects of every colour stay visible, as
@@ -821,8 +827,7 @@ def make_sample_and_scene(split: str, index: int, aux: str | None = None,
     (`_photo_background`) instead of a synthetic one. Which samples, and their crops, come from a seed of their
     own, so the objects, question and answer of every sample are the same at any share, and share 0 gives
     exactly the samples made before photographs existed."""
-    if not 0.0 <= photos <= 1.0:
-        raise ValueError(f"photos is a share of the samples, in [0, 1]; got {photos}")
+    _check_share(photos)
     seed = _seed(split, index) if aux is None else _seed(split, index, aux)
     if aux is None:
         qtype = qtype_of(index)
@@ -885,8 +890,7 @@ def balanced_subset(split: str, limit: int, photos: float = 0.0, side: int | Non
     `photos`: the share of photograph backgrounds (`make_sample_and_scene`); `side`: images resized to that many
     pixels a side (`at_side`; None: the scenes' own 448)."""
     _seed(split, 0)                                             # an unknown split fails here, not on first read
-    if not 0.0 <= photos <= 1.0:
-        raise ValueError(f"photos is a share of the samples, in [0, 1]; got {photos}")
+    _check_share(photos)
     if side is not None and side < 1:
         raise ValueError(f"side is an image side in pixels, at least 1; got {side}")
     return LazySeq(limit, lambda i: at_side(make_sample(split, i, photos=photos), side))
