@@ -137,6 +137,12 @@ def _prefill_chunk_check(value):
         raise UserError(f"--prefill-chunk {value} is negative", "give a number of prompt positions, or 0 (off)")
 
 
+def _visual_top_k_check(value):
+    if value < 0:
+        raise UserError(f"--visual-top-k {value} is negative", "give a number of experts below the model's top-k, "
+                                                              "or 0 (off)")
+
+
 def _lookahead_check(value):
     if not 1 <= value <= 8:
         raise UserError(f"--lookahead {value} is out of range", "use a depth from 1 to 8")
@@ -190,6 +196,12 @@ class RuntimeConfig:
                                     "(default: none)",
                                commands=RUN + ("eval", "calibrate"), type=float, metavar="R", cli_default=None,
                                check=_keep_ratio_check)
+    visual_top_k: int = option(
+        0, "each visual token of a prompt keeps only its K heaviest routed experts (1 to the model's top-k - 1; the "
+           "kept weights scaled to the sum of all): fewer distinct experts per layer, fewer expert bytes moved, at "
+           "some accuracy (docs/affinity.md). Changes the model's outputs, as --compress does; text tokens and "
+           "decode keep the model's top-k. 0 (default): off",
+        commands=RUN + ("eval", "calibrate", "analyze"), type=int, metavar="K", check=_visual_top_k_check)
     prefill_chunk: int = option(
         0, "run a prompt longer than N positions through the decoder in chunks of N (the vision tower once, then "
            "the decoder chunk by chunk over one KV cache); serve: a newcomer's chunks interleave with the running "

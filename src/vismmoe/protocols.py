@@ -5,6 +5,7 @@
     Compressor       compress.py     which visual tokens to keep
     RoutingObserver  trace, predictors, prefetcher: sees every MoE layer call's routing
     StepObserver     a RoutingObserver that is also told where each forward step starts (prefill or decode)
+    RoutingTrim      visual_topk.py  drops routed pairs before a layer call (a rule that changes the model's outputs)
 
 Implementations do not inherit from these; they match them structurally, and tests check each registered one
 with `isinstance` (the protocols are runtime-checkable). Keys are `(layer, expert)` pairs.
@@ -76,3 +77,14 @@ class Predictor(RoutingObserver, Protocol):
 class Compressor(Protocol):
     def select(self, ctx) -> object:
         """compress.VisualContext -> compress.Selection: which of the N visual tokens to keep (ctx.keep of them)."""
+
+
+@runtime_checkable
+class RoutingTrim(Protocol):
+    def begin_step(self, kind: str, modality: torch.Tensor | None, num_tokens: int | None = None) -> None:
+        """A forward step starts: kind prefill or decode, `modality` [T] of its rows (1 image, 0 text, -1 padding)."""
+
+    def trim(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """A layer call's router output [T, K] -> (index, weights [T, K], dropped [T, K] bool or None): dropped pairs
+        keep an expert id the token already needs and weight 0, and are not computed."""

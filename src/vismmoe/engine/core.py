@@ -38,6 +38,7 @@ from ..step.decode import EagerStep, cut_at_eos
 from ..tools.timeline import Timeline
 from .budget import resolve_budget
 from .compress import VisualContext, keep_count, make_compressor, prune
+from .visual_topk import VisualTopK
 from .inputs import load_image
 from .request import GenerationRequest, RequestRows, batch_inputs
 from .sampling import Sampler
@@ -100,6 +101,9 @@ class Engine:
         if rc.trace:
             self.record_trace(RoutingTrace())
         self.compressor = make_compressor(rc.compress) if rc.compress != "none" else None
+        if rc.visual_top_k:                     # visual_topk.py: visual tokens keep fewer experts (changes outputs)
+            self.runtime.trim = VisualTopK(rc.visual_top_k)
+            self.step_observers.append(self.runtime.trim)
         self.eos_ids: set[int] = set()
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}

@@ -2,6 +2,8 @@
 and the decode when it is not on the fast step). Orchestrates one layer call in these stages:
 
     router (transformers) -> top_k_index [T, K], top_k_weights [T, K]
+    trim:           (--visual-top-k: engine/visual_topk.py) a rule that drops some pairs: they keep an expert id the
+                    token needs anyway, weight 0, and are not computed
     route:          observers.observe(layer, hidden, index, weights) (trace, predictors); the routing to the
                     host (the one sync) -> the distinct experts needed
     plan:           schedule.plan_waves(needed, resident, slots): waves that fit the slots together
@@ -50,6 +52,7 @@ class OffloadRuntime:
         self.num_experts = num_experts
         self.observers: list = []
         self.cpu = None                         # cpu.hybrid.CpuSide: misses computed on the host (--cpu-experts)
+        self.trim = None                        # protocols.RoutingTrim: pairs dropped before the call (--visual-top-k)
         self.max_groups = MAX_GROUPS            # slots one grouped matmul may span
         self._call_s = 0.0                      # EMA of one grouped call's host time (the hits-first split rule)
         self.cuda = cache.device.type == "cuda"
@@ -129,6 +132,9 @@ class OffloadRuntime:
         """MoE layer `layer`'s experts (`module`, transformers') over hidden [T, H] with the router's top_k_index
         and top_k_weights [T, K] -> [T, H]."""
         t_start = time.perf_counter()
+        dropped = None
+        if self.trim is not None:
+            top_k_index, top_k_weights, dropped = self.trim.trim(top_k_index, top_k_weights)
         idx, needed = self._route(layer, hidden, top_k_index, top_k_weights)
         if not needed:
             return torch.zeros_like(hidden)
@@ -142,7 +148,7 @@ class OffloadRuntime:
             slot_of, tickets = self._make_resident(layer, wave)
             if prefetch and not self._queued_compute:       # behind this layer's own misses on the link
                 self.prefetcher.issue(self, layer, {(layer, e) for e in wave})
-            pairs = self._compute(module, hidden, idx, top_k_weights, layer, wave, slot_of, tickets, pairs)
+            pairs = self._compute(module, hidden, idx, top_k_weights, layer, wave, slot_of, tickets, pairs, dropped)
             if prefetch and self._queued_compute:
                 # still behind the misses, and after the compute was queued: the predictor's and the claims' host
                 # time overlaps that compute instead of leaving the device idle
@@ -219,11 +225,11 @@ class OffloadRuntime:
         return slot_of, {e: cache.ticket[slot] for e, slot in slot_of.items()}
 
     def _compute(self, module, hidden, idx: np.ndarray, top_k_weights, layer: int, wave: list[int],
-                 slot_of: dict[int, int], tickets: dict[int, object], pairs):
+                 slot_of: dict[int, int], tickets: dict[int, object], pairs, dropped: np.ndarray | None = None):
         """The wave's pairs as grouped matmuls over the slot pool. Hits first: experts already on the device are
         computed while the others are still arriving, when the wait is longer than one grouped call (splitting
         costs about one call's fixed work; a shorter wait is cheaper to sit out: on a CPU with experts of a few
-        hundred KiB it almost always is)."""
+        hundred KiB it almost always is). `dropped` [T, K]: pairs not computed (the trim's; they stay zero)."""
         ready = [e for e in wave if tickets[e] is None or tickets[e].done()]
         done = set(ready)
         waiting = [e for e in wave if e not in done] if 0 < len(ready) < len(wave) else []
@@ -241,6 +247,8 @@ class OffloadRuntime:
                     if slot_of[e] in local:
                         lut[e] = local[slot_of[e]]
                 sel = lut[idx]                                          # [T, K]
+                if dropped is not None:
+                    sel[dropped] = gate_up.shape[0]
                 count = int(np.count_nonzero(sel < gate_up.shape[0]))   # pairs in this window
                 slot_idx = self._to_device(sel, hidden.device)
                 now = self.clock.now if self.clock is not None else time.perf_counter

@@ -3,7 +3,7 @@
 A `RoutingTrace` is an observer of the runtime (it sees the router's top-k output of every MoE layer). The engine
 tells it where a step starts (`begin_step`: prefill or decode, and which tokens are visual). Saved as one `.npz`
 file: per step and layer, `idx [T, K] int16` and `w [T, K] float16`, plus `modality [T] int8` per step
-(0 text, 1 image). Affinity metrics over traces live here too as the project grows; this module never moves
+(0 text, 1 image, -1 a padding row of a batch). Affinity metrics over traces live here too as the project grows; this module never moves
 weights and never changes routing.
 """
 
@@ -61,11 +61,11 @@ def _rows(trace: RoutingTrace, layer: int, modality: int | None, kinds=("prefill
         if step["kind"] not in kinds or layer not in step["layers"]:
             continue
         idx = step["layers"][layer][0]
-        if modality is not None:
-            mod = step["modality"]
-            if len(mod) != len(idx):
-                continue
-            idx = idx[mod == modality]
+        mod = step["modality"]
+        if len(mod) == len(idx):
+            idx = idx[mod >= 0] if modality is None else idx[mod == modality]      # -1: a padding row
+        elif modality is not None:
+            continue
         yield idx
 
 

@@ -74,6 +74,14 @@ def chunk_bounds(visual: torch.Tensor, chunk: int, split_images: bool = True) ->
     return bounds
 
 
+def visual_rows(visual: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """A prefill step's modality in the layout its MoE layers route, as step observers are told it: visual and live
+    (not padding) [B, T] -> [B * T] int8: 1 visual, 0 text, -1 padding."""
+    rows = visual.to(torch.int8).clone()
+    rows[~live.bool()] = -1
+    return rows.reshape(-1)
+
+
 class PrefillRun:
     """One batch's prompt on its way through the decoder, over one KV cache: whole (one piece, as transformers'
     forward runs it) or in chunks of positions (`--prefill-chunk`: the prompt encoded once, vision tower
@@ -123,16 +131,17 @@ class PrefillRun:
         start, end = self.bounds[i], self.bounds[i + 1]
         if self.enc is None:
             inputs = self.inputs
+            rows = visual_rows(inputs["mm_token_type_ids"].cpu(), inputs["attention_mask"].cpu())
             for s in self.steppers:
-                s.begin_step("prefill", inputs["mm_token_type_ids"].cpu())
+                s.begin_step("prefill", rows)
             pos, self.deltas = family.prefill_positions(model, inputs)
             logits = model(**family.model_inputs(inputs), position_ids=family.position_ids(pos),
                            past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
         else:
             part = self.enc.chunk(start, end) if self.chunked else self.enc
-            live = part.mask[:, start:end].bool()
+            rows = visual_rows(part.visual.cpu(), part.mask[:, start:end].cpu())
             for s in self.steppers:
-                s.begin_step("prefill", part.visual[live].to(torch.int8).cpu())
+                s.begin_step("prefill", rows)
             logits = family.decoder_forward(model, part, self.cache)
         self.done += 1
         if self.finished:
