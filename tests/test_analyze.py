@@ -102,7 +102,16 @@ def test_analyze_traces_bad_input_is_one_line(tmp_path, capsys):
                       (["--traces", good, "--experts", "0"], "--experts"),
                       (["--traces", ","], "names no file"),
                       (["--traces", good, "--routing"], "two reports"),
-                      (["--experts", "4"], "goes with --traces")):
+                      (["--experts", "4"], "goes with --traces"),
+                      # options the report would ignore (no model runs; the routing report runs no compressor)
+                      (["--traces", good, "--model", str(tmp_path)], "--model is not used here: --traces"),
+                      (["--traces", good, "--limit", "5"], "--limit is not used here"),
+                      (["--traces", good, "--keep-ratios", "1,0.5"], "--keep-ratios is not used here"),
+                      (["--traces", good, "--compressors", "pool"], "--compressors is not used here"),
+                      (["--traces", good, "--visual-top-k", "1"], "--visual-top-k is not used here"),
+                      (["--traces", good, "--device", "cuda"], "--device is not used here"),
+                      (["--routing", "--keep-ratios", "1,0.5"], "--keep-ratios is not used here: --routing"),
+                      (["--routing", "--compressors", "pool"], "--compressors is not used here: --routing")):
         assert main(["analyze", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, (argv, err)

@@ -26,6 +26,8 @@ from .args import formats as _formats, quantized_formats as _quantized_formats, 
 from ..errors import UserError
 from ..paths import atomic_file, input_file, output_dir, output_file
 
+DEFAULT_KEEP_RATIOS, DEFAULT_LIMIT = "1,0.5,0.33,0.22,0.11", 60          # analyze's sweep (tools/analyze.py)
+
 
 def _decode_label(args, device) -> str:
     return args.decode if args.decode != "auto" else ("fast" if device.type == "cuda" else "eager")
@@ -312,6 +314,7 @@ def cmd_analyze(args) -> int:
             raise UserError("--routing and --traces are two reports", "give one of them")
         if args.experts is not None:
             at_least(args.experts, 1, "--experts")
+        _unused_by(args, "--traces reads saved traces (no model is loaded)", model=True)
         paths = [p.strip() for p in args.traces.split(",") if p.strip()]
         if not paths:
             raise UserError("--traces names no file", "give comma-separated routing trace files (.npz)")
@@ -320,6 +323,8 @@ def cmd_analyze(args) -> int:
         return _print_routing(args, rep, f"{len(paths)} saved trace file{'s' if len(paths) > 1 else ''}")
     if args.experts is not None:
         raise UserError("--experts goes with --traces", "drop it, or analyze saved traces with --traces")
+    if args.routing:
+        _unused_by(args, "--routing reports the model's own routing (no compressor runs)", model=False)
     keep = ratios(args.keep_ratios, "--keep-ratios")
     comps = compressor_list(args.compressors) if args.compressors else list(DEFAULT_COMPRESSORS)
     for c in comps:
@@ -336,7 +341,8 @@ def cmd_analyze(args) -> int:
         rep = routing_report(eng, args.limit)
         return _print_routing(args, rep, f"{os.path.basename(os.path.abspath(_model_dir(args)))}, test split, "
                                          f"{args.limit} samples")
-    title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}"
+    title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}" + \
+        (f", visual top-{eng.rc.visual_top_k} experts" if eng.rc.visual_top_k else "")
     with layer_progress("analyze (requests)") as tick:
         res = run(eng, args.out, comps, keep, args.limit, title, progress=tick)
     if args.json:
@@ -346,6 +352,22 @@ def cmd_analyze(args) -> int:
             print(f.read())
         print("plots:", ", ".join(res["plots"]))
     return 0
+
+
+_SWEEP = (("--keep-ratios", "keep_ratios", DEFAULT_KEEP_RATIOS), ("--compressors", "compressors", None))
+
+
+def _unused_by(args, why: str, model: bool) -> None:
+    """Refuse analyze's sweep options (and with `model`, every option of a model run) where the report asked for
+    does not use them: `--routing` and `--traces` would ignore them."""
+    from ..config import declared, flag_of
+    unused = [(flag, getattr(args, name) != default) for flag, name, default in _SWEEP]
+    if model:
+        unused += [("--model", args.model is not None), ("--limit", args.limit != DEFAULT_LIMIT)]
+        unused += [(flag_of(f), getattr(args, f.name) != f.metadata["cli_default"]) for f in declared("analyze")]
+    for flag, given in unused:
+        if given:
+            raise UserError(f"{flag} is not used here: {why}", f"drop {flag}")
 
 
 def _routing_out(args, inputs: dict) -> None:
@@ -739,11 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="compressors x keep ratios: accuracy, expert working set, stability")
     _add_job_args(a)
-    a.add_argument("--keep-ratios", default="1,0.5,0.33,0.22,0.11", metavar="R,R,...",
+    a.add_argument("--keep-ratios", default=DEFAULT_KEEP_RATIOS, metavar="R,R,...",
                    help="comma-separated shares of visual tokens kept, each in (0, 1]")
     a.add_argument("--compressors", default=None,
                    help="comma-separated names, each optionally with one knob, e.g. affinity:gamma=1.5 (default: all)")
-    a.add_argument("--limit", type=int, default=60, help="test samples (type-balanced)")
+    a.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="test samples (type-balanced)")
     a.add_argument("--out", default=None, metavar="DIR",
                    help="directory for analyze.md, the JSON and the plots (default runs/analyze); with --routing or "
                         "--traces, for routing.md and routing.json (default: printed only): new, empty, or an "
