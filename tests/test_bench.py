@@ -4,6 +4,7 @@ test of the harness, not of speed)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -210,3 +211,24 @@ def test_families_bench_runs_a_shape_in_a_process_of_its_own(tmp_path, monkeypat
     assert "old" not in rows[2] and "status 1 and wrote no result" in rows[2]["error"]
     assert "| tiny-qwen3 | x |" in (tmp_path / "families.md").read_text()
     assert all(c[1:3] == ["-m", "vismmoe.bench.families"] and c[c.index("--layers") + 1] == "999" for c in seen)
+
+
+def test_visual_top_k_system_has_its_own_bound_and_traces(tiny_dirs, tmp_path, capsys):
+    """vismmoe-vtopk (vismmoe with --visual-top-k) is its own pruning setting: its row is labelled with it, its
+    Belady bytes come from its own trimmed stream (never more than vismmoe's, whose visual tokens route wider), and
+    rebound.py finds its saved traces beside vismmoe's."""
+    from vismmoe.bench.harness import VISMMOE_VISUAL_TOP_K
+    from vismmoe.bench.rebound import rebound
+
+    code = main(["bench", "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "2", "--max-new-tokens", "2", "--link",
+                 "edge", "--budgets", "25%", "--reps", "1", "--systems", "vismmoe,vismmoe-vtopk", "--out",
+                 str(tmp_path), "--save-traces", str(tmp_path / "traces"), "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["system"]: r for r in res["rows"]}
+    assert rows["vismmoe-vtopk"]["compress"] == rows["vismmoe"]["compress"] + f"+visual-top-{VISMMOE_VISUAL_TOP_K}"
+    assert rows["vismmoe-vtopk"]["belady_bytes"] <= rows["vismmoe"]["belady_bytes"]
+    names = os.listdir(tmp_path / "traces")
+    assert any(f"_v{VISMMOE_VISUAL_TOP_K}_" in n for n in names) and any("_v" not in n for n in names)
+    out = rebound(res, str(tmp_path / "traces"), device_type="cpu")
+    assert [r["system"] for r in out["rows"]] == [r["system"] for r in res["rows"]]

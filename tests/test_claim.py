@@ -35,7 +35,21 @@ def test_rows_compare_with_the_best_baseline_and_the_paper():
     r = rows[("orin-agx-64", "25%")]                        # 1.5x against the edge's 1.61x; no unpruned row
     assert r["device_class"] == "edge" and r["accuracy_kept"] is None and r["meets_paper"] is False
     md = claim.markdown(claim.claim_rows(runs), "t")
-    assert "| phone (mobile) | 25% |" in md and "2.70x | 2.68x | yes |" in md
+    assert "| phone (mobile) | 25% | vismmoe |" in md and "2.70x | 2.68x | yes |" in md
+
+
+def test_each_of_our_systems_gets_its_row():
+    """vismmoe-vtopk (fewer experts per visual token) is compared as vismmoe is, against the same best baseline and
+    the same unpruned accuracy; the ablations belong to vismmoe's row."""
+    runs = {"phone": {"rows": [_row("lru-offload", "25%", 2.7), _row("vismmoe", "25%", 1.0, 0.985),
+                               _row("vismmoe-vtopk", "25%", 0.9, 0.95), _row("vismmoe-nocompress", "25%", 1.2, 0.99)]}}
+    rows = {r["system"]: r for r in claim.claim_rows(runs)}
+    assert set(rows) == {"vismmoe", "vismmoe-vtopk"}
+    v = rows["vismmoe-vtopk"]
+    assert v["speedup"] == pytest.approx(3.0) and v["best_baseline"] == "lru-offload"
+    assert v["unpruned_accuracy"] == 0.99 and v["accuracy_kept"] is False and v["meets_paper"] is False
+    assert v["ablations_e2e_s"] == {} and rows["vismmoe"]["ablations_e2e_s"] == {"vismmoe-nocompress": 1.2}
+    assert "| phone (mobile) | 25% | vismmoe-vtopk | 900.0 |" in claim.markdown(claim.claim_rows(runs), "t")
 
 
 def test_claim_command_end_to_end_and_bad_input(tiny_dirs, tmp_path, capsys):

@@ -128,6 +128,26 @@ def test_bad_values_are_one_line_exit_2(argv, needle, tiny_dirs, capsys):
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and needle in err, err
 
 
-def test_text_only_models_refuse_it(tiny_dirs):
+def test_text_only_models_and_forks_refuse_it(tiny_dirs):
     with pytest.raises(UserError, match="text-only model"):
         load(tiny_dirs[TEXT_FAMILIES[0]], visual_top_k=1)
+    eng = load(tiny_dirs["qwen3_vl_moe"])
+    with pytest.raises(UserError, match=r"--visual-top-k 2 is not below the model's top-k \(2\)"):
+        eng.fork(visual_top_k=2)
+
+
+def test_switching_it_on_an_engine(tiny_dirs, big_image):
+    """`set_compression` switches the trim with the compressor (what the bench's resident runs and analyze do):
+    on, the prompt's logits of an engine loaded with it; off again, the plain engine's; None keeps it."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    eng = load(d)
+    inputs = eng.prepare([big_image], [PROMPT])
+    plain = eng.forward_logits(inputs)
+    trimmed = load(d, visual_top_k=1).forward_logits(inputs)
+    assert not torch.equal(trimmed, plain)      # it changes this model's logits: the switch below is seen
+    eng.set_compression("none", 1.0, 1)
+    assert torch.equal(eng.forward_logits(inputs), trimmed)
+    eng.set_compression("none", 1.0)
+    assert eng.rc.visual_top_k == 1 and eng.step_observers.count(eng.runtime.trim) == 1
+    eng.set_compression("none", 1.0, 0)
+    assert eng.runtime.trim is None and torch.equal(eng.forward_logits(inputs), plain)

@@ -4,7 +4,8 @@ This module owns the claim table and nothing it measures: for each device profil
 `--device-profile NAME` (the profile's expert tier is the link; times come from the virtual device clock, tokens
 and routing are real), then puts side by side, per profile and budget:
 
-- vismmoe's end to end, TTFT, decode ms/token and accuracy;
+- vismmoe's end to end, TTFT, decode ms/token and accuracy, and the same for vismmoe-vtopk (vismmoe with fewer
+  experts per visual token, `--visual-top-k`), each where it ran;
 - the best baseline (the fastest of ondemand, lru-offload, moe-infinity, gate-prefetch) and vismmoe's speedup
   over it;
 - the unpruned accuracy (vismmoe-nocompress: the same cache and prefetch without token pruning) and the ablations'
@@ -32,42 +33,48 @@ PAPER = {"edge": 1.61, "mobile": 2.68}
 # which paper class each profile stands for (None: no figure in the paper)
 CLASS = {"orin-agx-64": "edge", "orin-nx-16": "edge", "phone": "mobile", "laptop-8g": None, "h100": None,
          "h200": None, "cpu-local": None}
+OURS = ("vismmoe", "vismmoe-vtopk")            # a row each, where it ran
 ABLATIONS = ("vismmoe-nocompress", "vismmoe-noprefetch", "vismmoe-lru")
-DEFAULT_SYSTEMS = "ondemand,lru-offload,moe-infinity,gate-prefetch,vismmoe," + ",".join(ABLATIONS)
+DEFAULT_SYSTEMS = "ondemand,lru-offload,moe-infinity,gate-prefetch," + ",".join(OURS + ABLATIONS)
 ACCURACY_POINTS = 0.01           # "within 1 point of unpruned accuracy"
 
 
 def claim_rows(runs: dict[str, dict]) -> list[dict]:
     """runs: profile name -> that profile's bench result (`bench.harness.run`'s dict). One row per (profile,
-    budget) where vismmoe and at least one baseline ran."""
+    budget, one of `OURS`) where that system and at least one baseline ran."""
     from .harness import BASELINES
     out = []
     for profile, res in runs.items():
         rows = res["rows"]
         for budget in dict.fromkeys(r["budget"] for r in rows):
             sub = {r["system"]: r for r in rows if r["budget"] == budget}
-            ours = sub.get("vismmoe")
             base = [r for name, r in sub.items() if name in BASELINES]
-            if ours is None or not base:
-                continue
-            best = min(base, key=lambda r: r["e2e_s"])
-            unpruned = sub.get("vismmoe-nocompress")
-            cls = CLASS.get(profile)
-            target = PAPER.get(cls) if cls else None
-            speedup = best["e2e_s"] / ours["e2e_s"]
-            acc, acc0 = ours.get("accuracy"), unpruned.get("accuracy") if unpruned else None
-            kept = None if acc is None or acc0 is None else acc >= acc0 - ACCURACY_POINTS - 1e-12
-            out.append({
-                "profile": profile, "device_class": cls, "budget": budget,
-                "e2e_s": ours["e2e_s"], "ttft_s": ours["ttft_s"], "tpot_s": ours["tpot_s"], "accuracy": acc,
-                "stall_share": ours.get("stall_share"),
-                "best_baseline": best["system"], "best_baseline_e2e_s": best["e2e_s"], "speedup": speedup,
-                "unpruned_accuracy": acc0, "accuracy_kept": kept,
-                "ablations_e2e_s": {a: sub[a]["e2e_s"] for a in ABLATIONS if a in sub},
-                "paper_speedup": target,
-                "meets_paper": None if target is None else bool(speedup >= target and kept is not False),
-            })
+            for system in OURS:
+                ours = sub.get(system)
+                if ours is not None and base:
+                    out.append(_row(profile, budget, system, ours, sub, base))
     return out
+
+
+def _row(profile: str, budget: str, system: str, ours: dict, sub: dict, base: list[dict]) -> dict:
+    """One claim row: `ours` (a bench row of `system`) against the fastest of `base` at one profile and budget."""
+    best = min(base, key=lambda r: r["e2e_s"])
+    unpruned = sub.get("vismmoe-nocompress")
+    cls = CLASS.get(profile)
+    target = PAPER.get(cls) if cls else None
+    speedup = best["e2e_s"] / ours["e2e_s"]
+    acc, acc0 = ours.get("accuracy"), unpruned.get("accuracy") if unpruned else None
+    kept = None if acc is None or acc0 is None else acc >= acc0 - ACCURACY_POINTS - 1e-12
+    return {
+        "profile": profile, "device_class": cls, "budget": budget, "system": system,
+        "e2e_s": ours["e2e_s"], "ttft_s": ours["ttft_s"], "tpot_s": ours["tpot_s"], "accuracy": acc,
+        "stall_share": ours.get("stall_share"),
+        "best_baseline": best["system"], "best_baseline_e2e_s": best["e2e_s"], "speedup": speedup,
+        "unpruned_accuracy": acc0, "accuracy_kept": kept,
+        "ablations_e2e_s": {a: sub[a]["e2e_s"] for a in ABLATIONS if a in sub} if system == "vismmoe" else {},
+        "paper_speedup": target,
+        "meets_paper": None if target is None else bool(speedup >= target and kept is not False),
+    }
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -76,12 +83,13 @@ def _fmt(v, spec: str, none: str = "-") -> str:
 
 def markdown(rows: list[dict], title: str) -> str:
     lines = [f"# The paper's claim: {title}", "",
-             "| profile (class) | budget | vismmoe e2e ms | TTFT ms | decode ms/token | accuracy (unpruned) | best "
+             "| profile (class) | budget | system | e2e ms | TTFT ms | decode ms/token | accuracy (unpruned) | best "
              "baseline | its e2e ms | speedup | paper | met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['profile']} ({r['device_class'] or 'no paper figure'}) | {r['budget']} | {r['e2e_s'] * 1e3:.1f} | "
+            f"| {r['profile']} ({r['device_class'] or 'no paper figure'}) | {r['budget']} | {r['system']} | "
+            f"{r['e2e_s'] * 1e3:.1f} | "
             f"{r['ttft_s'] * 1e3:.1f} | {r['tpot_s'] * 1e3:.2f} | {_fmt(r['accuracy'], '.3f')} "
             f"({_fmt(r['unpruned_accuracy'], '.3f')}) | {r['best_baseline']} | {r['best_baseline_e2e_s'] * 1e3:.1f} | "
             f"{r['speedup']:.2f}x | {_fmt(r['paper_speedup'], '.2f', '')}{'x' if r['paper_speedup'] else '-'} | "
@@ -98,22 +106,23 @@ def markdown(rows: list[dict], title: str) -> str:
 
 
 def plot(rows: list[dict], path: str, title: str) -> str:
-    """Grouped bars: vismmoe's speedup over the best baseline, per profile and budget, with the paper's lines."""
+    """Grouped bars: each of our systems' speedup over the best baseline, per profile and budget, with the paper's
+    lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     profiles = list(dict.fromkeys(r["profile"] for r in rows))
-    budgets = list(dict.fromkeys(r["budget"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(profiles) * max(1, len(budgets)) / 2), 4))
-    width = 0.8 / max(1, len(budgets))
-    for j, b in enumerate(budgets):
+    groups = list(dict.fromkeys((r["budget"], r["system"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(profiles) * max(1, len(groups)) / 2), 4))
+    width = 0.8 / max(1, len(groups))
+    for j, (b, system) in enumerate(groups):
         xs, ys = [], []
         for i, p in enumerate(profiles):
-            r = next((r for r in rows if r["profile"] == p and r["budget"] == b), None)
+            r = next((r for r in rows if r["profile"] == p and r["budget"] == b and r["system"] == system), None)
             if r is not None:
-                xs.append(i + (j - (len(budgets) - 1) / 2) * width)
+                xs.append(i + (j - (len(groups) - 1) / 2) * width)
                 ys.append(r["speedup"])
-        ax.bar(xs, ys, width, label=f"budget {b}")
+        ax.bar(xs, ys, width, label=f"{system}, budget {b}")
     for cls, v in PAPER.items():
         ax.axhline(v, linestyle="--", linewidth=1, color="gray")
         ax.text(len(profiles) - 0.5, v, f" paper, {cls}: {v}x", va="bottom", ha="right", fontsize=8)

@@ -22,6 +22,8 @@ Systems (all inside this harness, so they share every line of code that is not t
                   allowed to displace experts needed sooner (prefetch admission off); vismmoe-fixed is
                   vismmoe-nocompress with a fixed lookahead instead of the link-adaptive one; vismmoe-longmem is
                   vismmoe whose predictive policy keeps only the long memory of expert frequencies
+  vismmoe-vtopk   vismmoe with each visual token on its heaviest routed expert alone (--visual-top-k 1): fewer
+                  distinct experts per prefill layer, at the accuracy the rows show
   accelerate      (GPU, real link only) transformers + accelerate device_map with expert banks on the CPU
 llama.cpp is compared apart (bench/llama_cpp.py): it is another process per request, reading GGUF files exported
 from the same checkpoint, so it has no place in this harness's shared engine and routing traces.
@@ -46,7 +48,7 @@ from .tables import markdown
 
 
 # the RuntimeConfig options in which systems differ; a system leaves the others at their declared defaults
-SYSTEM_KNOBS = ("policy", "prefetch", "compress", "keep_ratio", "fixed_lookahead")
+SYSTEM_KNOBS = ("policy", "prefetch", "compress", "keep_ratio", "visual_top_k", "fixed_lookahead")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class System:
 # unpruned 0.994; gamma=1.5 at 0.33 0.981, at 0.4 0.988; gamma=2 at 0.33 0.983, at 0.4 0.989 (docs/default-model.md)
 VISMMOE_COMPRESS, VISMMOE_KEEP = "affinity:gamma=2", 0.4
 PRUNED = dict(compress=VISMMOE_COMPRESS, keep_ratio=VISMMOE_KEEP)
+# chosen on the validation split the same way, with that compressor: each visual token's heaviest expert alone
+# (--visual-top-k 1) answers 0.987 (unpruned 0.994, the compressor alone 0.989; docs/affinity.md)
+VISMMOE_VISUAL_TOP_K = 1
 
 SYSTEMS = {
     "ondemand": System("ondemand", dict(policy="none")),
@@ -80,6 +85,8 @@ SYSTEMS = {
     "moe-infinity": System("moe-infinity", dict(policy="lfu", prefetch="trace", fixed_lookahead=True)),
     "gate-prefetch": System("gate-prefetch", dict(policy="lru", prefetch="gate", fixed_lookahead=True)),
     "vismmoe": System("vismmoe", dict(policy="predictive", prefetch="gate", **PRUNED), lossless=False),
+    "vismmoe-vtopk": System("vismmoe-vtopk", dict(policy="predictive", prefetch="gate", **PRUNED,
+                                                  visual_top_k=VISMMOE_VISUAL_TOP_K), lossless=False),
     "vismmoe-nocompress": System("vismmoe-nocompress", dict(policy="predictive", prefetch="gate")),
     "vismmoe-noprefetch": System("vismmoe-noprefetch", dict(policy="predictive", **PRUNED), lossless=False),
     "vismmoe-lru": System("vismmoe-lru", dict(policy="lru", prefetch="gate", **PRUNED), lossless=False),
@@ -130,8 +137,8 @@ def fork_system(base, sys: System, budget: str, link: str, calibration: str | No
     if prefetch == "trace" and calibration is None:
         prefetch = "gate"                   # no tables: fall back (noted in the row)
     # a text-only model has no visual tokens to compress (noted in the row)
-    compress, keep = (sys.compress, sys.keep_ratio) if base.family.has_vision else ("none", 1.0)
-    knobs = dict(sys.knobs(), prefetch=prefetch, compress=compress, keep_ratio=keep)
+    compress, keep, vtopk = _key(sys) if base.family.has_vision else ("none", 1.0, 0)
+    knobs = dict(sys.knobs(), prefetch=prefetch, compress=compress, keep_ratio=keep, visual_top_k=vtopk)
     eng = (pool_of or base).fork(expert_budget=budget, link=link, calibration=calibration,
                                  share_pool=pool_of is not None, **knobs)
     return eng, prefetch
@@ -172,22 +179,27 @@ class _Bench:
     reps: int
     max_new_tokens: int
     save_traces: str | None
-    # (compress, keep ratio) -> [(seconds per request, of which prefill)], one entry per resident run
+    # pruning setting (`_key`) -> [(seconds per request, of which prefill)], one entry per resident run
     compute: dict = field(default_factory=dict)
 
 
-def _key(sys: System) -> tuple[str, float]:
-    return sys.compress, sys.keep_ratio
+def _key(sys: System) -> tuple[str, float, int]:
+    """A system's pruning setting: (compressor, keep ratio, visual top-k), as `Engine.set_compression` takes it."""
+    return sys.compress, sys.keep_ratio, sys.visual_top_k
 
 
-def _resident_warm_up(b: _Bench, key: tuple[str, float]) -> None:
-    """One untimed resident request at compression setting `key` (first-call costs stay out of the bound)."""
+def _rc_key(rc) -> tuple[str, float, int]:
+    return rc.compress, rc.keep_ratio, rc.visual_top_k
+
+
+def _resident_warm_up(b: _Bench, key: tuple[str, float, int]) -> None:
+    """One untimed resident request at pruning setting `key` (first-call costs stay out of the bound)."""
     b.resident.set_compression(*key)
     run_request(b.resident, b.samples[0], 2)
 
 
-def _resident_run(b: _Bench, key: tuple[str, float]) -> None:
-    """One timed pass of every request with every expert resident (no transfers) at compression setting `key`,
+def _resident_run(b: _Bench, key: tuple[str, float, int]) -> None:
+    """One timed pass of every request with every expert resident (no transfers) at pruning setting `key`,
     recorded in `b.compute`: the bound's compute terms. Run interleaved with the systems' repetitions, so a
     machine that slows down or speeds up over the run does so for both."""
     b.resident.set_compression(*key)
@@ -201,7 +213,7 @@ def _resident_run(b: _Bench, key: tuple[str, float]) -> None:
 
 def _compute_s(b: _Bench, sys: System) -> tuple[float, float]:
     """(seconds per request, of which prefill) with every expert resident: the fastest of the resident runs
-    interleaved with the systems so far (a bound, not a typical time), for this system's compression setting
+    interleaved with the systems so far (a bound, not a typical time), for this system's pruning setting
     (pruned prompts compute less)."""
     key = _key(sys)
     if key not in b.compute:                    # a setting no group measured (a stand-in's): measure it now
@@ -224,9 +236,9 @@ def _fork_systems(base, systems: list[str], budget: str, link: str, calibration:
 
 
 def _measure(engines: dict, samples, reps: int, max_new_tokens: int, progress=None, b: _Bench | None = None,
-             keys: list[tuple[str, float]] = ()) -> dict[str, list[dict]]:
+             keys: list[tuple[str, float, int]] = ()) -> dict[str, list[dict]]:
     """name -> one `_run_requests` result per repetition, the systems interleaved (A B C A B C), after a warm-up;
-    with `b`, each repetition also runs every request with every expert resident at each compression setting of
+    with `b`, each repetition also runs every request with every expert resident at each pruning setting of
     `keys` (A B C R A B C R), which gives the bound its compute term from the same stretch of time."""
     for eng, _ in engines.values():
         # warm-up (kernels, allocations, the prefetcher's first phase) on the machine's own link: an
@@ -276,7 +288,7 @@ def _row(b: _Bench, name: str, eng, prefetch: str, runs: list[dict], link: str, 
     else:
         sys, gbps = SYSTEMS[name], eng.runtime.transfer.link.rate_gbps(eng.device.type)
         meta = dict(link=eng.runtime.transfer.link.label(), prefetch=prefetch, policy=sys.policy,
-                    compress=f"{eng.rc.compress}@{eng.rc.keep_ratio:g}")
+                    compress=pruning_label(*_rc_key(eng.rc)))
     bound_bytes, prefill_bytes = _belady_bytes(eng, b.resident, b.samples, b.max_new_tokens, b.save_traces)
     cs, cp = _compute_s(b, sys)
     row["bound_s"] = max(cs, bound_bytes / (gbps * 1e9))
@@ -336,7 +348,7 @@ def trace_tables(probe, requests: list[Request], max_new_tokens: int, path: str)
     """Transition tables (predict.TransitionTables) from the routing of `requests` served on `probe` (every expert
     resident, no compression), saved to `path`: what moe-infinity learns from earlier requests."""
     from ..offload.predict import TransitionTables
-    probe.set_compression("none", 1.0)
+    probe.set_compression("none", 1.0, 0)
     traces = [_traced(probe, req, max_new_tokens) for req in requests]
     TransitionTables.from_traces(traces, probe.geometry.moe_layers, probe.geometry.num_experts).save(path)
     return path
@@ -351,9 +363,22 @@ def _traced(probe, req: Request, max_new_tokens: int) -> RoutingTrace:
     return tr
 
 
-def trace_stem(compress: str, keep_ratio: float) -> str:
-    """Saved traces of one compression setting are `<stem><request index>.npz` (`--save-traces`, rebound.py)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", f"trace_{compress}_{keep_ratio:g}_")
+def pruning_label(compress: str, keep_ratio: float, visual_top_k: int = 0) -> str:
+    """A pruning setting as the rows name it: `affinity:gamma=2@0.4`, `none@1+visual-top-2`."""
+    return f"{compress}@{keep_ratio:g}" + (f"+visual-top-{visual_top_k}" if visual_top_k else "")
+
+
+def parse_pruning_label(label: str) -> tuple[str, float, int]:
+    """`pruning_label`'s inverse: (compressor, keep ratio, visual top-k)."""
+    label, _, vt = label.partition("+visual-top-")
+    name, _, keep = label.rpartition("@")
+    return name, float(keep), int(vt or 0)
+
+
+def trace_stem(compress: str, keep_ratio: float, visual_top_k: int = 0) -> str:
+    """Saved traces of one pruning setting are `<stem><request index>.npz` (`--save-traces`, rebound.py)."""
+    vt = f"v{visual_top_k}_" if visual_top_k else ""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"trace_{compress}_{keep_ratio:g}_{vt}")
 
 
 def _medians(runs: list[dict]) -> dict:
@@ -414,20 +439,20 @@ _GROUPS: dict = {}
 def _belady_bytes(eng, probe, samples, max_new_tokens: int, save_dir: str | None = None) -> tuple[float, float]:
     """(bytes per request, of which in the prefill) that an optimal (Belady) cache of this engine's size must move
     for this system's request stream (each request starts cold, as in the measurement), traced on `probe` (every
-    expert resident). The traces are kept per compression setting (one traced run serves every budget); bytes per
+    expert resident). The traces are kept per pruning setting (one traced run serves every budget); bytes per
     (setting, slots). `save_dir`: the traces are also saved there, one .npz per setting and request."""
-    trace_key = (id(samples), eng.rc.compress, eng.rc.keep_ratio, max_new_tokens)
+    trace_key = (id(samples), *_rc_key(eng.rc), max_new_tokens)
     key = trace_key + (eng.cache.num_slots,)
     if key in _BELADY:
         return _BELADY[key]
     if trace_key not in _GROUPS:
-        probe.set_compression(eng.rc.compress, eng.rc.keep_ratio)
+        probe.set_compression(*_rc_key(eng.rc))
         groups = []
         for i, s in enumerate(samples):
             tr = _traced(probe, s, max_new_tokens)
             if save_dir:
                 os.makedirs(save_dir, exist_ok=True)
-                tr.save(os.path.join(save_dir, f"{trace_stem(eng.rc.compress, eng.rc.keep_ratio)}{i}.npz"))
+                tr.save(os.path.join(save_dir, f"{trace_stem(*_rc_key(eng.rc))}{i}.npz"))
             groups.append((access_groups(tr), prefill_calls(tr)))
         _GROUPS[trace_key] = groups
     slots, per = eng.cache.num_slots, eng.layout.nbytes / len(samples)

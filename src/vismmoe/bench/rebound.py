@@ -22,16 +22,16 @@ import os
 from ..offload.links import get_link
 from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses
-from .harness import trace_stem
+from .harness import parse_pruning_label, trace_stem
 
 BASIS = "Belady over the run's requests as one stream, cold once (recomputed from traces: bench/rebound.py)"
 
 
 def _groups(directory: str, compress: str) -> tuple[list, int]:
-    """(access groups per saved request of this `name@keep` setting, layers x experts they span)."""
-    name, _, keep = compress.rpartition("@")
-    stem = trace_stem(name, float(keep))
-    files = sorted(glob.glob(os.path.join(directory, stem + "*.npz")),
+    """(access groups per saved request of this pruning setting (`harness.pruning_label`), layers x experts they
+    span)."""
+    stem = trace_stem(*parse_pruning_label(compress))
+    files = sorted(glob.glob(os.path.join(directory, stem + "[0-9]*.npz")),
                    key=lambda f: int(os.path.basename(f)[len(stem):-4]))          # by request index
     if not files:
         raise FileNotFoundError(f"no traces {stem}*.npz in {directory}")

@@ -38,7 +38,7 @@ from ..step.decode import EagerStep, cut_at_eos
 from ..tools.timeline import Timeline
 from .budget import resolve_budget
 from .compress import VisualContext, keep_count, make_compressor, prune
-from .visual_topk import VisualTopK
+from .visual_topk import VisualTopK, check as check_visual_top_k
 from .inputs import load_image
 from .request import GenerationRequest, RequestRows, batch_inputs
 from .sampling import Sampler
@@ -101,9 +101,7 @@ class Engine:
         if rc.trace:
             self.record_trace(RoutingTrace())
         self.compressor = make_compressor(rc.compress) if rc.compress != "none" else None
-        if rc.visual_top_k:                     # visual_topk.py: visual tokens keep fewer experts (changes outputs)
-            self.runtime.trim = VisualTopK(rc.visual_top_k)
-            self.step_observers.append(self.runtime.trim)
+        self._set_trim(rc.visual_top_k)         # visual_topk.py: visual tokens keep fewer experts (changes outputs)
         self.eos_ids: set[int] = set()
         if tokenizer is not None:
             self.eos_ids = {i for i in family.token_ids(tokenizer)["eos"] if i is not None and i >= 0}
@@ -129,6 +127,7 @@ class Engine:
         if rc.expert_format != self.rc.expert_format:
             raise UserError(f"a fork keeps its engine's expert format ({self.layout.spec()})",
                             "load the checkpoint again with the other --expert-format")
+        check_visual_top_k(rc.visual_top_k, self.family, self.geometry.top_k)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
@@ -237,10 +236,22 @@ class Engine:
         self.cache.peak_resident = 0
         return seconds
 
-    def set_compression(self, name: str, keep_ratio: float) -> None:
-        """Switch the visual-token compressor of this engine (no new cache)."""
+    def set_compression(self, name: str, keep_ratio: float, visual_top_k: int | None = None) -> None:
+        """Switch this engine's pruning of visual work (no new cache): the visual-token compressor `name` keeping
+        `keep_ratio` of them, and `visual_top_k` experts per visual token (0: the model's top-k; None: as it is)."""
         self.compressor = make_compressor(name) if name != "none" else None
-        self.rc = replace(self.rc, compress=name, keep_ratio=keep_ratio)
+        if visual_top_k is None:
+            visual_top_k = self.rc.visual_top_k
+        self.rc = replace(self.rc, compress=name, keep_ratio=keep_ratio, visual_top_k=visual_top_k)
+        self._set_trim(visual_top_k)
+
+    def _set_trim(self, visual_top_k: int) -> None:
+        trim = getattr(self.runtime, "trim", None)
+        if trim in self.step_observers:
+            self.step_observers.remove(trim)
+        self.runtime.trim = VisualTopK(visual_top_k) if visual_top_k else None
+        if self.runtime.trim is not None:
+            self.step_observers.append(self.runtime.trim)
 
     def record_trace(self, trace: RoutingTrace | None) -> None:
         """Record routing into `trace` from now on (None stops recording)."""
@@ -301,6 +312,9 @@ class Engine:
         """Logits of every prompt position (for tests and analysis; no KV cache kept)."""
         with self._lock:
             self.attach()
+            rows = loop.visual_rows(inputs["mm_token_type_ids"].cpu(), inputs["attention_mask"].cpu())
+            for s in self.step_observers:       # a prefill step, as the generation loop announces it
+                s.begin_step("prefill", rows)
             pos, _ = self.family.prefill_positions(self.model, inputs)
             return self.model(**self.family.model_inputs(inputs), position_ids=self.family.position_ids(pos),
                               use_cache=False).logits

@@ -30,6 +30,7 @@ from ..offload.store import CheckpointReader, DiskStore, HostStore
 from ..paths import input_file, read_json
 from .budget import resolve_budget
 from .core import Engine
+from .visual_topk import check as check_visual_top_k
 from .weights_check import FiniteCheck
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -252,9 +253,7 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     if rc.compress != "none" and not family.has_vision:
         raise UserError(f"--compress {rc.compress} prunes visual tokens, and {family.model_type} is a text-only model",
                         "drop --compress")
-    if rc.visual_top_k and not family.has_vision:
-        raise UserError(f"--visual-top-k trims the routing of visual tokens, and {family.model_type} is a text-only "
-                        "model", "drop --visual-top-k")
+    check_visual_top_k(rc.visual_top_k, family, None)
     shipped = shipped_calibration(model_dir)
     if rc.prefetch in ("trace", "blend") and rc.calibration is None and shipped is not None:
         rc = replace(rc, calibration=shipped)          # tables the checkpoint ships (the bundled model does)
@@ -263,9 +262,7 @@ def load(model_dir: str | None = None, rc: RuntimeConfig | None = None, *, progr
     config = read_config(model_dir)
     dt = _resolve_dtype(rc.dtype, config, dev)
     geo = check_config(family, config, model_dir)       # values that contradict each other, before the model is built
-    if rc.visual_top_k >= geo.top_k:
-        raise UserError(f"--visual-top-k {rc.visual_top_k} is not below the model's top-k ({geo.top_k})",
-                        f"give 1 to {geo.top_k - 1}, or 0 (off)" if geo.top_k > 1 else "drop --visual-top-k")
+    check_visual_top_k(rc.visual_top_k, family, geo.top_k)
     stored = stored_format(config)
     layout = make_format(run_format(rc.expert_format, stored), geo.hidden, geo.inter, dt)
     if dev.type == "cuda" and layout.kernel < 0:        # a format with no Triton variant (bf16 in a float32 model)

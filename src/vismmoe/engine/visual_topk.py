@@ -22,6 +22,21 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+
+
+def check(k: int, family, top_k: int | None) -> None:
+    """`--visual-top-k k` for a model of `family` routing `top_k` experts per token (None: not known yet):
+    UserError on a text-only model, or at or above the model's top-k."""
+    if not k:
+        return
+    if not family.has_vision:
+        raise UserError(f"--visual-top-k trims the routing of visual tokens, and {family.model_type} is a text-only "
+                        "model", "drop --visual-top-k")
+    if top_k is not None and k >= top_k:
+        raise UserError(f"--visual-top-k {k} is not below the model's top-k ({top_k})",
+                        f"give 1 to {top_k - 1}, or 0 (off)" if top_k > 1 else "drop --visual-top-k")
+
 
 class VisualTopK:
     def __init__(self, k: int):
