@@ -43,3 +43,31 @@ def test_trace_records_router_choices(tiny_dirs, image_file, tmp_path):
         for layer in b["layers"]:
             assert np.array_equal(a["layers"][layer][0], b["layers"][layer][0])
     assert torch.is_tensor(torch.from_numpy(back.steps[0]["layers"][layer][1]))
+
+
+def _two_layer_trace(a: list, b: list, modality: list) -> RoutingTrace:
+    tr = RoutingTrace()
+    tr.begin_step("prefill", torch.tensor(modality, dtype=torch.int8))
+    w = np.ones((len(a), len(a[0])), dtype=np.float16)
+    tr.steps[-1]["layers"] = {0: (np.array(a, dtype=np.int16), w), 1: (np.array(b, dtype=np.int16), w)}
+    return tr
+
+
+def test_metrics_count_each_tokens_distinct_experts_once():
+    """A row naming an expert twice (the pairs --visual-top-k dropped name the token's heaviest expert again) counts
+    it once, and stability guesses as many experts as the token has: layer 0's expert predicts layer 1's exactly."""
+    from vismmoe.offload.trace import layer_counts, stability
+    tr = _two_layer_trace([[1, 1], [2, 2], [1, 1]], [[3, 3], [4, 4], [3, 3]], [1, 1, 1])
+    assert layer_counts(tr, 5)[0].tolist() == [0, 2, 1, 0, 0]
+    assert stability(tr, 5) == 1.0
+    # untrimmed rows as before: two guesses each, both right
+    tr = _two_layer_trace([[1, 2], [3, 4], [1, 2]], [[0, 1], [0, 2], [0, 1]], [1, 1, 1])
+    assert layer_counts(tr, 5)[0].tolist() == [0, 2, 2, 1, 1]
+    assert stability(tr, 5) == 1.0
+
+
+def test_padding_rows_are_left_out():
+    from vismmoe.offload.trace import layer_counts
+    tr = _two_layer_trace([[1, 2], [3, 4]], [[1, 2], [3, 4]], [-1, 1])
+    assert layer_counts(tr, 5)[0].tolist() == [0, 0, 0, 1, 1]
+    assert layer_counts(tr, 5, modality=1)[0].tolist() == [0, 0, 0, 1, 1]

@@ -71,13 +71,17 @@ def _rows(trace: RoutingTrace, layer: int, modality: int | None, kinds=("prefill
 
 def layer_counts(trace: RoutingTrace, num_experts: int, modality: int | None = None,
                  kinds=("prefill", "decode")) -> dict[int, np.ndarray]:
-    """{layer: [E] how many (token, top-k) assignments went to each expert}."""
+    """{layer: [E] how many (token, top-k) assignments went to each expert}; an expert a token names twice (the
+    pairs --visual-top-k dropped name its heaviest expert again) counts once."""
     layers = sorted({l for s in trace.steps for l in s["layers"]})
     out = {}
     for l in layers:
         c = np.zeros(num_experts)
         for idx in _rows(trace, l, modality, kinds):
-            c += np.bincount(idx.reshape(-1).astype(np.int64), minlength=num_experts)
+            idx = np.sort(idx.astype(np.int64), axis=1)
+            first = np.ones(idx.shape, dtype=bool)
+            first[:, 1:] = idx[:, 1:] != idx[:, :-1]                              # each token's distinct experts
+            c += np.bincount(idx[first], minlength=num_experts)
         out[l] = c
     return out
 
@@ -127,8 +131,10 @@ def _stability(trace, layers, E, modality) -> float | None:
         np.put_along_axis(ob, Y, 1.0, axis=1)
         table = oa.T @ ob                                                         # [E, E] co-occurrence
         pred = np.argsort(-(oa @ table), axis=1)[:, :k]                           # best guess per token
-        hits += int(np.take_along_axis(ob, pred, axis=1).sum())
-        total += Y.size
+        # as many guesses as the token has distinct experts (fewer than k where --visual-top-k trimmed it)
+        n = ob.sum(axis=1, keepdims=True)                                         # [T, 1]
+        hits += int((np.take_along_axis(ob, pred, axis=1) * (np.arange(k) < n)).sum())
+        total += int(n.sum())
     return hits / total if total else None
 
 
