@@ -151,3 +151,24 @@ def test_switching_it_on_an_engine(tiny_dirs, big_image):
     assert eng.rc.visual_top_k == 1 and eng.step_observers.count(eng.runtime.trim) == 1
     eng.set_compression("none", 1.0, 0)
     assert eng.runtime.trim is None and torch.equal(eng.forward_logits(inputs), plain)
+
+
+def test_cpu_experts_skip_the_dropped_pairs(tiny_dirs, big_image):
+    """With --cpu-experts on, a dropped pair reaches the host as expert id E (none), so the host computes no pair
+    for it; the tokens stay those of the trimmed model with every expert resident (CPU: same summation here)."""
+    from vismmoe.cpu.hybrid import CpuSide
+    d = tiny_dirs["qwen3_vl_moe"]
+    ref = load(d, visual_top_k=1).generate(big_image, PROMPT, max_new_tokens=5).token_ids
+    eng = load(d, visual_top_k=1, cpu_experts="on", expert_budget=quarter_and_smallest(d)[1])
+    E, seen = eng.geometry.num_experts, []
+    compute = CpuSide.compute
+
+    def spy(self, pos, h, idx, *a, **k):
+        seen.append(int((idx == E).sum()))
+        return compute(self, pos, h, idx, *a, **k)
+    CpuSide.compute = spy
+    try:
+        assert eng.generate(big_image, PROMPT, max_new_tokens=5).token_ids == ref
+    finally:
+        CpuSide.compute = compute
+    assert seen and max(seen) > 0

@@ -88,7 +88,8 @@ class CpuSide:
 
     def start(self, runtime, module, layer: int, hidden: torch.Tensor, idx: np.ndarray,
               weights: torch.Tensor, needed: list[int]):
-        """Split `needed` (experts of this layer call) into the CPU's and the device's; the CPU's start now.
+        """Split `needed` (experts of this layer call) into the CPU's and the device's; the CPU's start now. `idx`
+        [T, K]: a pair whose id is E (the layer's expert count) is not computed (dropped by --visual-top-k).
         Returns (the device's experts, a job for `finish`, or None when the CPU takes nothing)."""
         cache = runtime.cache
         misses = [e for e in needed if not cache.resident((layer, e))]
@@ -97,7 +98,7 @@ class CpuSide:
         if self.placement is None:
             cpu = misses
         else:
-            tokens = np.bincount(idx.reshape(-1), minlength=runtime.num_experts)
+            tokens = np.bincount(idx.reshape(-1), minlength=runtime.num_experts)      # (an id E: no pair)
             cpu = self.placement.choose(misses, tokens, self._backlog_s(runtime.transfer))
         if not cpu:
             return needed, None

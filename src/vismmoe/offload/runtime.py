@@ -140,7 +140,9 @@ class OffloadRuntime:
             return torch.zeros_like(hidden)
         job, all_needed = None, needed
         if self.cpu is not None:                # cpu/hybrid.py: CPU-placed misses start on the host now
-            needed, job = self.cpu.start(self, module, layer, hidden, idx, top_k_weights, needed)
+            # dropped pairs name an expert id past the last (E): the host computes no pair for them
+            host_idx = idx if dropped is None else np.where(dropped, self.num_experts, idx)
+            needed, job = self.cpu.start(self, module, layer, hidden, host_idx, top_k_weights, needed)
         waves = self._plan(layer, needed) if needed else []
         pairs = None
         prefetch = self.prefetcher is not None and len(waves) == 1
