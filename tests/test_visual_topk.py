@@ -172,3 +172,19 @@ def test_cpu_experts_skip_the_dropped_pairs(tiny_dirs, big_image):
     finally:
         CpuSide.compute = compute
     assert seen and max(seen) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_offloading_stays_lossless_with_the_trim(family, tiny_dirs, big_image):
+    """bf16 on the GPU, the fast decode step: the trimmed prefill (the runtime's layer calls, dropped pairs skipped)
+    gives the tokens of the trimmed model with every expert resident, at every budget, within the budget."""
+    d = tiny_dirs[family]
+    base = load(d, device="cuda", dtype="bfloat16", visual_top_k=1)
+    ref = base.generate(big_image, PROMPT, max_new_tokens=6).token_ids
+    for budget in quarter_and_smallest(d):
+        for policy in ("lru", "predictive"):
+            gen = base.fork(expert_budget=budget, policy=policy, prefetch="gate").generate(big_image, PROMPT,
+                                                                                           max_new_tokens=6)
+            assert gen.token_ids == ref, (budget, policy)
+            assert gen.stats["expert_bytes_peak"] <= gen.stats["expert_budget_bytes"]
