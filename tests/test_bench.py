@@ -232,3 +232,20 @@ def test_visual_top_k_system_has_its_own_bound_and_traces(tiny_dirs, tmp_path, c
     assert any(f"_v{VISMMOE_VISUAL_TOP_K}_" in n for n in names) and any("_v" not in n for n in names)
     out = rebound(res, str(tmp_path / "traces"), device_type="cpu")
     assert [r["system"] for r in out["rows"]] == [r["system"] for r in res["rows"]]
+
+
+def test_bench_visual_top_k_sets_the_systems_k(tmp_path, capsys):
+    """`bench --visual-top-k K` is the K of vismmoe-vtopk (a top-8 model chooses its own), on a random-weight shape
+    too; refused where no system trims visual tokens, or at the model's top-k."""
+    code = main(["bench", "--shape", "tiny-qwen3", "--image-sides", "64", "--max-new-tokens", "2", "--link", "edge",
+                 "--budgets", "50%", "--reps", "1", "--systems", "lru-offload,vismmoe-vtopk", "--visual-top-k", "1",
+                 "--out", str(tmp_path / "a"), "--json"])
+    assert code == 0
+    rows = {r["system"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["vismmoe-vtopk"]["compress"].endswith("+visual-top-1") and rows["lru-offload"]["compress"] == "none@1"
+    for argv, needle in ((["--systems", "vismmoe", "--visual-top-k", "1"], "and --systems runs none"),
+                         (["--shape", "tiny-qwen3", "--systems", "vismmoe-vtopk", "--visual-top-k", "9"],
+                          "is not below the model's top-k")):
+        assert main(["bench", *argv, "--out", str(tmp_path / "b"), "--limit", "1", "--reps", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err

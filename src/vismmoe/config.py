@@ -200,8 +200,8 @@ class RuntimeConfig:
         0, "each visual token of a prompt keeps only its K heaviest routed experts (1 to the model's top-k - 1; the "
            "kept weights scaled to the sum of all): fewer distinct experts per layer, fewer expert bytes moved, at "
            "some accuracy (docs/affinity.md). Changes the model's outputs, as --compress does; text tokens and "
-           "decode keep the model's top-k. 0 (default): off",
-        commands=RUN + ("eval", "calibrate", "analyze"), type=int, metavar="K", check=_visual_top_k_check)
+           "decode keep the model's top-k. 0 (default): off; bench: the K of vismmoe-vtopk (default 1)",
+        commands=RUN + ("eval", "calibrate", "analyze", "bench"), type=int, metavar="K", check=_visual_top_k_check)
     prefill_chunk: int = option(
         0, "run a prompt longer than N positions through the decoder in chunks of N (the vision tower once, then "
            "the decoder chunk by chunk over one KV cache); serve: a newcomer's chunks interleave with the running "

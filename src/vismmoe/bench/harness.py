@@ -136,8 +136,7 @@ def fork_system(base, sys: System, budget: str, link: str, calibration: str | No
     prefetch = sys.prefetch
     if prefetch == "trace" and calibration is None:
         prefetch = "gate"                   # no tables: fall back (noted in the row)
-    # a text-only model has no visual tokens to compress (noted in the row)
-    compress, keep, vtopk = _key(sys) if base.family.has_vision else ("none", 1.0, 0)
+    compress, keep, vtopk = _key(sys, base)
     knobs = dict(sys.knobs(), prefetch=prefetch, compress=compress, keep_ratio=keep, visual_top_k=vtopk)
     eng = (pool_of or base).fork(expert_budget=budget, link=link, calibration=calibration,
                                  share_pool=pool_of is not None, **knobs)
@@ -183,9 +182,14 @@ class _Bench:
     compute: dict = field(default_factory=dict)
 
 
-def _key(sys: System) -> tuple[str, float, int]:
-    """A system's pruning setting: (compressor, keep ratio, visual top-k), as `Engine.set_compression` takes it."""
-    return sys.compress, sys.keep_ratio, sys.visual_top_k
+def _key(sys: System, base) -> tuple[str, float, int]:
+    """The pruning setting `sys` runs with on `base`'s model: (compressor, keep ratio, visual top-k), as
+    `Engine.set_compression` takes it. A text-only model has no visual tokens to prune (noted in the row);
+    `bench --visual-top-k K` (the base engine's option) is the K of the systems that trim visual tokens."""
+    if not base.family.has_vision:
+        return "none", 1.0, 0
+    vtopk = (base.rc.visual_top_k or sys.visual_top_k) if sys.visual_top_k else 0
+    return sys.compress, sys.keep_ratio, vtopk
 
 
 def _rc_key(rc) -> tuple[str, float, int]:
@@ -215,7 +219,7 @@ def _compute_s(b: _Bench, sys: System) -> tuple[float, float]:
     """(seconds per request, of which prefill) with every expert resident: the fastest of the resident runs
     interleaved with the systems so far (a bound, not a typical time), for this system's pruning setting
     (pruned prompts compute less)."""
-    key = _key(sys)
+    key = _key(sys, b.base)
     if key not in b.compute:                    # a setting no group measured (a stand-in's): measure it now
         _resident_warm_up(b, key)
         for _ in range(max(b.reps, 2)):
@@ -331,7 +335,8 @@ def bench_systems(base, samples, systems: list[str], links: list[str], budgets: 
     for link in links:
         for budget in budgets:
             engines = _fork_systems(base, systems, budget, link, calibration)
-            keys = list(dict.fromkeys(_key(SYSTEMS[n if n != "accelerate" else "lru-offload"]) for n in systems))
+            keys = list(dict.fromkeys(_key(SYSTEMS[n if n != "accelerate" else "lru-offload"], base)
+                                      for n in systems))
             runs = _measure(engines, samples, reps, max_new_tokens, progress, b, keys)
             if "accelerate" in systems and link == "real" and base.device.type == "cuda":
                 engines["accelerate"] = (None, "none")

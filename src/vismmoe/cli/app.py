@@ -440,6 +440,10 @@ def cmd_bench(args) -> int:
     for s in systems:
         if s not in SYSTEMS:
             raise UserError(f"unknown system {s!r}", f"use some of {', '.join(SYSTEMS)}")
+    if args.visual_top_k and not any(SYSTEMS[s].visual_top_k for s in systems):
+        raise UserError(f"--visual-top-k {args.visual_top_k} sets the K of the systems that trim visual tokens "
+                        "(vismmoe-vtopk), and --systems runs none", "add vismmoe-vtopk to --systems, or drop "
+                        "--visual-top-k")
     links = args.link or (["mobile"] if args.quick else ["edge", "mobile"])
     if args.device_profile is not None:         # the profile's expert tier is the link
         if args.link:

@@ -101,6 +101,7 @@ class Engine:
         if rc.trace:
             self.record_trace(RoutingTrace())
         self.compressor = make_compressor(rc.compress) if rc.compress != "none" else None
+        check_visual_top_k(rc.visual_top_k, family, geometry.top_k)   # every engine: loaded, forked, random
         self._set_trim(rc.visual_top_k)         # visual_topk.py: visual tokens keep fewer experts (changes outputs)
         self.eos_ids: set[int] = set()
         if tokenizer is not None:
@@ -127,7 +128,6 @@ class Engine:
         if rc.expert_format != self.rc.expert_format:
             raise UserError(f"a fork keeps its engine's expert format ({self.layout.spec()})",
                             "load the checkpoint again with the other --expert-format")
-        check_visual_top_k(rc.visual_top_k, self.family, self.geometry.top_k)
         budget = resolve_budget(rc, self.layout, self.geometry, self.nonexpert_bytes, self.config, self.device)
         return Engine(model_dir=self.model_dir, family=self.family, config=self.config, model=self.model,
                       tokenizer=self.tokenizer, image_processor=self.image_processor, store=self.store,
