@@ -98,6 +98,24 @@ def test_a_compressed_prompt_prefills_in_chunks_as_whole(family, tiny_dirs, big_
     assert got.token_ids == want.token_ids
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_visual_top_k_prefills_in_chunks_as_whole(compress, tiny_dirs, big_image):
+    """Each chunk's visual rows are trimmed (the chunk announces its own rows), the pruned prompt's too."""
+    d = tiny_dirs["qwen3_vl_moe"]
+    opts = dict(visual_top_k=1, **(dict(compress="affinity", keep_ratio=0.3) if compress else {}))
+    want = load(d, **opts).generate(big_image, PROMPTS[0], NEW)
+    eng = load(d, prefill_chunk=5, expert_budget="25%", **opts)
+    tr = RoutingTrace()
+    eng.record_trace(tr)
+    got = eng.generate(big_image, PROMPTS[0], NEW)
+    assert got.token_ids == want.token_ids
+    chunks = [s for s in tr.steps if s["kind"] == "prefill"]
+    assert len(chunks) > 2 and sum(int((s["modality"] == 1).sum()) for s in chunks) == got.stats["visual_tokens_kept"]
+    for s in chunks:
+        for idx, _ in s["layers"].values():
+            assert all(len(set(row)) == 1 for row in idx[s["modality"] == 1].tolist())
+
+
 def test_each_chunk_is_a_prefill_step_for_the_routing_observers(tiny_dirs, image_file):
     eng = load(tiny_dirs["qwen3_vl_moe"], prefill_chunk=8, expert_budget="50%")
     tr = RoutingTrace()
