@@ -340,9 +340,9 @@ def cmd_analyze(args) -> int:
         from ..tools.analyze import routing_report
         rep = routing_report(eng, args.limit)
         return _print_routing(args, rep, f"{os.path.basename(os.path.abspath(_model_dir(args)))}, test split, "
-                                         f"{args.limit} samples")
+                                         f"{args.limit} samples" + _trim_label(eng))
     title = f"{os.path.basename(os.path.abspath(args.model))}, test split, {args.limit} samples, {eng.device}" + \
-        (f", visual top-{eng.rc.visual_top_k} experts" if eng.rc.visual_top_k else "")
+        _trim_label(eng)
     with layer_progress("analyze (requests)") as tick:
         res = run(eng, args.out, comps, keep, args.limit, title, progress=tick)
     if args.json:
@@ -352,6 +352,11 @@ def cmd_analyze(args) -> int:
             print(f.read())
         print("plots:", ", ".join(res["plots"]))
     return 0
+
+
+def _trim_label(eng) -> str:
+    """The title's note of --visual-top-k, when set."""
+    return f", visual tokens on their top-{eng.rc.visual_top_k} experts" if eng.rc.visual_top_k else ""
 
 
 _SWEEP = (("--keep-ratios", "keep_ratios", DEFAULT_KEEP_RATIOS), ("--compressors", "compressors", None))

@@ -72,4 +72,3 @@ class VisualTopK:
                             torch.ones_like(w[:, 0]))
         weights = (kept * scale[:, None]).to(top_k_weights.dtype)
         return index, weights, dropped.cpu().numpy()
-
