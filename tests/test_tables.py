@@ -77,3 +77,17 @@ def test_cli_check_rewrite_and_errors(tmp_path, capsys):
     assert main([str(readme)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.json" in err
+
+
+def test_a_device_profile_run_names_its_tier_not_real():
+    """A --device-profile run's --link is `real`, which the profile's expert tier replaces: the tables and the
+    speedup line name the tier."""
+    from vismmoe.bench.harness import speedup_lines, speedups
+    rows = [dict(_row(s, "real", "25%", e2e), link="phone:UFS 4.0 flash (emulated 4.2 GB/s, 50 us/transfer)",
+                 e2e_runs_s=[e2e]) for s, e2e in (("lru-offload", 2.0), ("vismmoe", 1.0))]
+    from vismmoe.bench.tables import markdown
+    table = markdown(rows, "t")
+    assert "| phone:UFS 4.0 flash (emulated) |" in table and "| real" not in table
+    line = speedup_lines(speedups(rows), 1)[0]
+    assert "on phone:UFS 4.0 flash (emulated), 25%: 2.00x" in line, line
+

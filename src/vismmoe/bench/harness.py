@@ -44,7 +44,7 @@ from ..tools.evaluate import normalize
 from ..offload.links import PROFILES
 from ..offload.trace import RoutingTrace
 from .bound import access_groups, belady_misses, phased, prefill_calls
-from .tables import markdown
+from .tables import link_name, markdown
 
 
 # the RuntimeConfig options in which systems differ; a system leaves the others at their declared defaults
@@ -478,7 +478,7 @@ def speedups(rows: list[dict]) -> dict:
             best = min(base, key=lambda r: r["e2e_s"])
             per_rep = [a / o for a, o in zip(best.get("e2e_runs_s", []), ours.get("e2e_runs_s", [])) if o]
             out[f"{key[0]}/{key[1]}"] = {"speedup": best["e2e_s"] / ours["e2e_s"], "best_baseline": best["system"],
-                                         "runs": per_rep}
+                                         "runs": per_rep, "link": link_name(ours)}
     return out
 
 
@@ -487,7 +487,8 @@ def speedup_lines(speedup: dict, reps: int) -> list[str]:
     one to say (one repetition has no measured noise; a spread across 1.0 is not a difference)."""
     lines = []
     for k, v in sorted(speedup.items()):
-        line = f"speedup of vismmoe over the best baseline ({v['best_baseline']}) on {k}: {v['speedup']:.2f}x"
+        where = f"{v['link']}, {k.rpartition('/')[2]}" if "link" in v else k
+        line = f"speedup of vismmoe over the best baseline ({v['best_baseline']}) on {where}: {v['speedup']:.2f}x"
         runs = v.get("runs") or []
         if len(runs) < 2:
             line += f" (from {reps} repetition: its noise is not measured; use --reps 3 or more)"

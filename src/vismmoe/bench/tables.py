@@ -32,14 +32,16 @@ def _opt(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def _link(r: dict) -> str:
-    return r["link_name"] + (" (emulated)" if "emulated" in r["link"] else "")
+def link_name(r: dict) -> str:
+    """A row's link by its own name: `real`, `edge (emulated)`, or a device profile's expert tier, `phone:UFS 4.0
+    flash (emulated)` (such a run's --link is `real`, which the profile's tier replaces)."""
+    return r["link"].partition(" (")[0] + (" (emulated)" if "emulated" in r["link"] else "")
 
 
 # key -> (header, value of one row); "moved" picks MiB or GiB per table
 COLUMNS = {
     "system": ("system", lambda r: r["system"]),
-    "link": ("link", _link),
+    "link": ("link", link_name),
     "budget": ("budget", lambda r: r["budget"]),
     "ttft": ("TTFT ms", lambda r: _ms(r["ttft_s"])),
     "tpot": ("ms/token", lambda r: f"{r['tpot_s'] * 1e3:.1f}"),
@@ -83,7 +85,7 @@ def table(rows: list[dict], cols=DEFAULT_COLS) -> str:
 def markdown(rows: list[dict], header: str) -> str:
     """bench.md: the title, then every row and column, then why any efficiency is missing (a bound above the
     measured time is refused, not printed)."""
-    notes = [f"- {r['system']}, {r['link_name']}, {r['budget']}: {r[k]}" for r in rows
+    notes = [f"- {r['system']}, {link_name(r)}, {r['budget']}: {r[k]}" for r in rows
              for k in ("efficiency_note", "efficiency_phased_note") if r.get(k)]
     return header + "\n\n" + table(rows) + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
