@@ -249,3 +249,19 @@ def test_bench_visual_top_k_sets_the_systems_k(tmp_path, capsys):
         assert main(["bench", *argv, "--out", str(tmp_path / "b"), "--limit", "1", "--reps", "1"]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_rebound_uses_the_rate_of_the_link_a_row_ran_on(tiny_dirs, tmp_path, capsys):
+    """A --device-profile run's --link is `real`; its rows carry the profile tier's rate, which the rebound's bound
+    divides by (the real link's rate made the rebound bound of a phone run far too small)."""
+    from vismmoe.bench.rebound import rebound
+
+    code = main(["bench", "--model", tiny_dirs["qwen3_vl_moe"], "--limit", "1", "--max-new-tokens", "2",
+                 "--device-profile", "phone", "--budgets", "25%", "--reps", "1", "--systems", "lru-offload",
+                 "--out", str(tmp_path), "--save-traces", str(tmp_path / "traces"), "--json"])
+    assert code == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = res["rows"][0]
+    assert row["link_name"] == "real" and row["link_gbps"] == pytest.approx(4.2, rel=0.05)
+    out = rebound(res, str(tmp_path / "traces"), device_type="cpu")["rows"][0]
+    assert out["bound_s"] >= out["belady_bytes"] / (row["link_gbps"] * 1e9) - 1e-12

@@ -301,7 +301,7 @@ def _row(b: _Bench, name: str, eng, prefetch: str, runs: list[dict], link: str, 
     for k, bound in (("efficiency", "bound_s"), ("efficiency_phased", "bound_phased_s")):
         row[k] = _efficiency(row, bound, k)
     return dict(row, system=name, link_name=link, budget=budget, compute_s=cs, prefill_compute_s=cp,
-                belady_bytes=bound_bytes, belady_prefill_bytes=prefill_bytes, **meta)
+                belady_bytes=bound_bytes, belady_prefill_bytes=prefill_bytes, link_gbps=gbps, **meta)
 
 
 def _efficiency(row: dict, bound: str, key: str) -> float | None:

@@ -54,7 +54,8 @@ def rebound(res: dict, directory: str, device_type: str = "cuda") -> dict:
                                                    (x["compress"], x["budget"]) == (r["compress"], r["budget"]))
         nbytes = ref["belady_bytes"] * len(groups) / cold
         stream = belady_misses([call for g in groups for call in g], slots) * nbytes / len(groups)
-        gbps = get_link(r["link_name"]).rate_gbps(device_type)
+        # the link the row ran on (a device profile's tier where its --link was `real`); older runs: by name
+        gbps = r.get("link_gbps") or get_link(r["link_name"]).rate_gbps(device_type)
         bound = max(r["compute_s"], stream / (gbps * 1e9))
         row = {k: v for k, v in r.items() if k not in ("bound_phased_s", "efficiency_phased")}
         rows.append(dict(row, bound_s=bound, efficiency=bound / r["e2e_s"], belady_bytes=stream, bound_basis=BASIS))
