@@ -89,6 +89,8 @@ def test_visual_rows_of_the_prefill_route_to_k_experts(family, tiny_dirs, big_im
         assert (w[visual].astype(np.float32) > 0).sum(axis=1).max() == 1
     E = base.geometry.num_experts
     assert routing_metrics(cut, E, 1)["working_set"] <= routing_metrics(full, E, 1)["working_set"]
+    assert _trace(base.fork(visual_top_k=1), big_image, PROMPT)[0].stats["visual_top_k"] == 1
+    assert base.fork(visual_top_k=1).generate(None, PROMPT, max_new_tokens=2).stats["visual_top_k"] == 0
     # decode steps keep the model's top-k
     assert all(len(set(row)) == 2 for s in cut.steps[1:] for idx, _ in s["layers"].values() for row in idx.tolist())
 

@@ -605,6 +605,7 @@ class Engine:
             "new_tokens": steps + 1,
             "visual_tokens": visual,
             "visual_tokens_kept": visual,
+            "visual_top_k": self.rc.visual_top_k if visual else 0,     # experts a visual token kept (0: top-k)
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "time_source": "measured",
