@@ -509,3 +509,49 @@ def test_outputs_get_the_mode_a_plain_create_gives(tmp_path):
         os.umask(old)
     assert (os.stat(tmp_path / "t.npz").st_mode & 0o777) == 0o644
     assert (os.stat(tmp_path / "d").st_mode & 0o777) == 0o755
+
+
+def test_writers_refuse_contradicting_or_out_of_range_options(capsys, tiny_dirs, tmp_path, monkeypatch):
+    """Each was a traceback, an option silently overridden, or an error naming a fix that is refused too: a seed
+    torch cannot take (make-tiny, make-shape), --shape with --model (calibrate-rates measured the shape, ignoring
+    --model), --rounding against the format's rounding= knob (the flag won), a knob given twice (the later won),
+    make-shape's bf16 fix naming --dtype bfloat16 (not one of its choices), unknown formats answered with
+    generate's --expert-format and names the command refuses, and int4 groups offered that do not divide."""
+    tiny = tiny_dirs["qwen3_vl_moe"]
+    capsys.readouterr()                         # the fixture's own output
+    for cmd in (["make-tiny", "--family", "qwen3_vl_moe"], ["make-shape", "--shape", "tiny-qwen3"]):
+        for seed in ("99999999999999999999", "-1"):
+            _error(capsys, cmd + ["--out", str(tmp_path / "o"), "--seed", seed], f"--seed {seed} is out of range")
+    assert not (tmp_path / "o").exists()
+    _error(capsys, ["calibrate-rates", "--shape", "qwen3-30b-a3b", "--model", tiny], "--shape and --model")
+    q = ["quantize", "--model", tiny, "--out", str(tmp_path / "q")]
+    _error(capsys, q + ["--format", "int4:group=16,rounding=rtn", "--rounding", "hqq"], "name two roundings")
+    _error(capsys, q + ["--format", "fp8", "--rounding", "rtn"], "applies to int4 only")
+    _error(capsys, q + ["--format", "int4:group=16,group=32"], "knob 'group' given twice")
+    err = _error(capsys, q + ["--format", "nope"], "--format 'nope'")
+    assert "--expert-format" not in err and "fp8, int4" in err and "dense" not in err
+    s = ["make-shape", "--shape", "tiny-qwen3", "--out", str(tmp_path / "s")]
+    assert "--dtype bf16 " in _error(capsys, s + ["--format", "bf16"], "writes nothing new")
+    err = _error(capsys, s + ["--format", "nope"], "--format 'nope'")
+    assert "--expert-format" not in err and "bf16" not in err
+    err = _error(capsys, s + ["--format", "int4:group=32"], "multiples of the group")   # hidden 64, intermediate 48
+    assert "use group=16 (" in err and "32" not in err.split("use ")[-1]
+    assert "--formats 'nope'" in _error(capsys, ["calibrate-rates", "--formats", "dense,nope"], "unknown expert format")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "s").exists()
+
+
+def test_calibrate_rates_takes_formats_with_several_knobs(capsys, tiny_dirs, monkeypatch):
+    """`--formats int4:group=16,sym=0,fp8` split at every comma, so an int4 spec with two knobs was refused."""
+    import vismmoe.cpu.rates as rates
+    seen = []
+
+    class Reached(Exception):
+        pass
+
+    def measure(dev, layouts):
+        seen.extend(lay.spec() for lay in layouts)
+        raise Reached()                         # the specs reached the measurement: stop there
+    monkeypatch.setattr(rates, "calibrate", measure)
+    with pytest.raises(Reached):
+        main(["calibrate-rates", "--model", tiny_dirs["qwen3_vl_moe"], "--formats", "int4:group=16,sym=0,fp8"])
+    assert seen == ["int4:group=16,sym=0", "fp8"], seen

@@ -21,6 +21,7 @@ import threading
 
 from .. import __version__
 from .args import Parser, add_runtime_options, at_least, check_text, compressor_list, ratios, registry, runtime_config
+from .args import format_name, seed_in_range
 from .args import families as _families, links as _links, shapes as _shapes
 from .args import formats as _formats, quantized_formats as _quantized_formats, systems as _systems
 from ..errors import UserError
@@ -141,6 +142,7 @@ def cmd_make_tiny(args) -> int:
     from ..families import get_family
     from ..paths import new_dir
     get_family(args.family, flag="--family")
+    seed_in_range(args.seed)
     new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
     from ..tools.tiny import make_tiny
     out = make_tiny(args.family, args.out, seed=args.seed, force=args.force)
@@ -175,12 +177,15 @@ def cmd_export_gguf(args) -> int:
 def cmd_make_shape(args) -> int:
     from ..paths import new_dir
     at_least(args.layers, 1, "--layers")
+    seed_in_range(args.seed)
     if args.format != "dense":
         from ..formats import make_format
-        # a bad spec is refused before anything is drawn; bf16 would be the dense checkpoint of --dtype bfloat16
-        if make_format(args.format, 256, 128, None).name == "bf16":
+        # bf16 would be the dense checkpoint of --dtype bf16
+        if args.format.partition(":")[0].strip() == "bf16":
             raise UserError("make-shape --format bf16 writes nothing new",
-                            "use --dtype bfloat16 (the dense format in bf16) or --format fp8|int4")
+                            "use --dtype bf16 (the dense format in bf16) or --format fp8|int4")
+        format_name(args.format, "--format", ["dense"] + _quantized_formats())
+        make_format(args.format, 256, 128, None)    # a bad spec is refused before anything is drawn
     new_dir(args.out, "--out", args.force)          # before the imports and the drawing of weights
     from ..bench.make_shape import make_shape
     from ..formats import make_format
@@ -207,13 +212,20 @@ def cmd_make_shape(args) -> int:
 def cmd_quantize(args) -> int:
     from ..progress import layer_progress
     from ..tools.quantize import quantize_checkpoint
-    with layer_progress(f"quantizing experts ({args.format})") as tick:
-        spec = args.format
-        if args.rounding != "rtn":
-            if not spec.startswith("int4"):
-                from ..errors import UserError
-                raise UserError(f"--rounding {args.rounding} applies to int4 only", "drop --rounding, or use --format int4")
+    if args.format.partition(":")[0].strip() not in ("dense", "bf16"):     # quantize_checkpoint says why not
+        format_name(args.format, "--format", _quantized_formats())
+    spec = args.format
+    if args.rounding is not None:
+        if not spec.startswith("int4"):
+            raise UserError(f"--rounding {args.rounding} applies to int4 only", "drop --rounding, or use --format int4")
+        from ..config import split_spec
+        named = [v for k, v, _ in split_spec(spec)[1] if k == "rounding"]
+        if named and named[-1] != args.rounding:     # the flag used to win silently
+            raise UserError(f"--rounding {args.rounding} and --format {spec} name two roundings",
+                            "give the rounding once: as --rounding, or as the format's rounding= knob")
+        if not named:
             spec += ("," if ":" in spec else ":") + f"rounding={args.rounding}"
+    with layer_progress(f"quantizing experts ({args.format})") as tick:
         res = quantize_checkpoint(_model_dir(args), spec, args.out, all_linears=args.all_linears,
                                   force=args.force, progress=tick, layout=args.layout)
     if args.json:
@@ -231,9 +243,13 @@ def cmd_calibrate_rates(args) -> int:
     from ..formats import make_format
     from ..engine.loading import _resolve_device
     dev = _resolve_device(args.device)
-    specs = [f.strip() for f in args.formats.split(",") if f.strip()]
+    specs = compressor_list(args.formats)       # "int4:group=32,sym=0,fp8": a knob joins the format before it
     if not specs:
         raise UserError(f"--formats {args.formats!r} names no expert format", "give e.g. --formats dense,fp8,int4")
+    for spec in specs:
+        format_name(spec, "--formats", _formats())
+    if args.shape is not None and args.model is not None:      # --model was ignored
+        raise UserError("--shape and --model name two expert shapes", "give one: --model DIR or --shape NAME")
     if args.shape is not None:
         from ..bench.shapes import get_shape
         fam_name, config = get_shape(args.shape)
@@ -739,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all-linears", action="store_true",
                    help="also quantize the decoder's attention projections, as published releases do")
     q.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
-    q.add_argument("--rounding", choices=("rtn", "hqq"), default="rtn",
+    q.add_argument("--rounding", choices=("rtn", "hqq"), default=None,
                    help="int4: round to nearest (default) or fit each group's scale and zero point HQQ-style "
                         "(same as --format int4:rounding=hqq)")
     q.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
@@ -762,7 +778,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "bundled model)")
     cr.add_argument("--shape", default=None, help="a named shape instead of --model, e.g. qwen3-30b-a3b "
                     "(default: none)")
-    cr.add_argument("--formats", default="dense", help="comma-separated expert formats, e.g. dense,fp8,int4")
+    cr.add_argument("--formats", default="dense", help="comma-separated expert formats with their knobs, e.g. "
+                    "dense,fp8,int4:group=32,sym=0")
     cr.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="activation dtype (default: float32 on cpu, bfloat16 on cuda)")
     cr.add_argument("--json", action="store_true", help="print one JSON object")

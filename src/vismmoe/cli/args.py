@@ -209,6 +209,21 @@ def at_least(value: int | None, least: int, flag: str, why: str = "") -> None:
         raise UserError(f"{flag} {value} is too small", why or f"give at least {least}")
 
 
+def seed_in_range(value: int, flag: str = "--seed") -> None:
+    """A seed torch's generators take: 0 to 2**63 - 1 (as a request's sampling seed; a larger one overflowed in
+    torch.manual_seed with a traceback, after the output folder was checked)."""
+    if not 0 <= value < 2**63:
+        raise UserError(f"{flag} {value} is out of range", "give a seed from 0 to 2**63 - 1")
+
+
+def format_name(spec: str, flag: str, names: list[str]) -> None:
+    """UserError naming `flag` for an expert format spec whose name is not among `names` (the formats this command
+    writes or measures); its knobs are checked by formats.make_format."""
+    name = spec.partition(":")[0].strip()
+    if name not in names:
+        raise UserError(f"{flag} {spec!r}: unknown expert format {name!r} here", f"use one of {', '.join(names)}")
+
+
 def ratios(text: str, what: str) -> list[float]:
     """Comma-separated ratios, each in (0, 1]."""
     try:
@@ -222,7 +237,7 @@ def ratios(text: str, what: str) -> list[float]:
 
 def compressor_list(text: str) -> list[str]:
     """"random,affinity:lam=2,gamma=1.5,pool" -> ["random", "affinity:lam=2,gamma=1.5", "pool"]: a piece with
-    '=' and no ':' is one more knob of the compressor before it."""
+    '=' and no ':' is one more knob of the compressor (or expert format: "int4:group=32,sym=0,fp8") before it."""
     out: list[str] = []
     for piece in (p.strip() for p in text.split(",")):
         if not piece:

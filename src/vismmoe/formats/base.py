@@ -99,6 +99,8 @@ def make_format(spec: str, hidden: int, inter: int, dtype: torch.dtype) -> Exper
     for key, value, item in items:
         if not key or not value:
             raise UserError(f"bad expert format knob {item!r} in {spec!r}", "write knobs as name:knob=value,...")
+        if key in knobs:                # the later value silently won
+            raise UserError(f"expert format knob {key!r} given twice in {spec!r}", "give each knob once")
         knobs[key] = value
     return factory(hidden, inter, dtype, **knobs)
 

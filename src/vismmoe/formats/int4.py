@@ -96,9 +96,11 @@ class Int4Format:
         self.kernels = kernels_knob(self.name, knobs, KERNELS_DEFAULT)
         no_more_knobs(self.name, knobs)
         if hidden % self.group or inter % self.group:
+            fit = [str(g) for g in GROUPS if not hidden % g and not inter % g]
             raise UserError(f"expert format int4 with group {self.group} needs hidden {hidden} and intermediate "
                             f"{inter} to be multiples of the group (compressed-tensors' rule)",
-                            f"use a group that divides both ({', '.join(str(g) for g in GROUPS)}), or fp8")
+                            f"use group={' or group='.join(fit)} (the groups that divide both), or fp8" if fit else
+                            f"no int4 group ({', '.join(str(g) for g in GROUPS)}) divides both: use fp8")
         self.hidden, self.inter, self.dtype = hidden, inter, dtype
         H, I, g = hidden, inter, self.group
         self.ngH, self.ngI = cdiv(H, g), cdiv(I, g)
