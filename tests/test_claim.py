@@ -83,3 +83,24 @@ def test_claim_command_end_to_end_and_bad_input(tiny_dirs, tmp_path, capsys):
         assert claim.main([*argv, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_what_no_bench_can_mend_is_refused_before_the_first_bench(tmp_path, capsys, monkeypatch):
+    """A profile file that cannot be read, two profiles sharing one bench folder, and --systems that give no claim
+    row were found only after the benches before them had run (minutes each)."""
+    import vismmoe.cli.app
+
+    def no_bench(argv):
+        raise AssertionError(f"a bench ran before the bad input was refused: {argv}")
+    monkeypatch.setattr(vismmoe.cli.app, "main", no_bench)
+    other = tmp_path / "elsewhere"
+    for argv, needle in ((["--profiles", f"phone,{tmp_path / 'missing.json'}"], "missing.json"),
+                         (["--profiles", "phone,phone"], "would write one bench folder"),
+                         (["--profiles", f"phone,{other / 'phone.json'}"], "elsewhere"),
+                         (["--profiles", "phone", "--systems", "vismmoe"], "gives no claim row"),
+                         (["--profiles", "phone", "--systems=ondemand,lru-offload"], "gives no claim row"),
+                         (["--profiles", ","], "names no profile")):
+        assert claim.main([*argv, "--out", str(tmp_path / "c")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()

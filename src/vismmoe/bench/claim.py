@@ -138,6 +138,31 @@ def plot(rows: list[dict], path: str, title: str) -> str:
     return path
 
 
+def _check_before_benches(profiles: list[str], folders: dict[str, str], rest: list[str]) -> None:
+    """UserError for what used to surface only after one or more benches had run (minutes each): a profile file
+    that cannot be read, two profiles whose benches would share one folder (the second replaced the first), and
+    --systems without one of ours or without a baseline (no claim row can come of it)."""
+    from ..errors import UserError
+    from ..profiles import get_profile
+    from .harness import BASELINES
+    for name in profiles:
+        get_profile(name)
+    seen: dict[str, str] = {}
+    for name in profiles:
+        folder = folders[name]
+        if folder in seen:
+            raise UserError(f"--profiles {seen[folder]} and {name} would write one bench folder ({folder})",
+                            "give each profile once, and profile files of different names")
+        seen[folder] = name
+    given = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--systems"]
+    given += [a.split("=", 1)[1] for a in rest if a.startswith("--systems=")]
+    systems = {x.strip() for x in (given[-1] if given else DEFAULT_SYSTEMS).split(",")}
+    if not systems & set(OURS) or not systems & set(BASELINES):
+        raise UserError(f"--systems {given[-1] if given else DEFAULT_SYSTEMS} gives no claim row: each row is one "
+                        f"of {', '.join(OURS)} against the best baseline",
+                        f"keep one of {', '.join(OURS)} and one of {', '.join(BASELINES)} in --systems")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vismmoe.bench.claim", description=__doc__.splitlines()[0])
     p.add_argument("--profiles", default="orin-agx-64,phone,laptop-8g", metavar="NAME,...",
@@ -155,8 +180,8 @@ def main(argv=None) -> int:
     known = names()
     bad = [x for x in profiles if x not in known and not x.endswith(".json")]
     if not profiles or bad:
-        print(f"vismmoe: error: --profiles {args.profiles!r}: unknown {', '.join(bad) or 'none given'}: give some "
-              f"of {', '.join(known)}", file=sys.stderr)
+        print(f"vismmoe: error: --profiles {args.profiles!r}: " + (f"unknown {', '.join(bad)}" if bad else
+              "names no profile") + f": give some of {', '.join(known)}", file=sys.stderr)
         return 2
     for flag in ("--device-profile", "--link", "--json"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
@@ -167,6 +192,7 @@ def main(argv=None) -> int:
     folders = {n: os.path.join(args.out, os.path.splitext(os.path.basename(n))[0]) for n in profiles}
     model = next((rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--model"), None)
     try:                            # before any bench: an earlier claim run's folder, or a new or empty one
+        _check_before_benches(profiles, folders, rest)
         output_dir(args.out, "--out", args.force, owned=("claim.json", "claim.md", "claim.png", *map(
             os.path.basename, folders.values())), inputs={"--model": model} if model else None)
     except UserError as e:
