@@ -286,6 +286,28 @@ def test_validation_refuses_bad_sizes(argv, says, capsys, tmp_path):
     assert says in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv,says", [(["--budgets", "25%", "lots"], "bad --budgets entry 'lots'"),
+                                       (["--reps", "0"], "--reps 0 is too small"),
+                                       (["--new-tokens", "0"], "--new-tokens 0 is too small"),
+                                       (["--tolerance", "-0.1"], "--tolerance -0.1 is not a positive share"),
+                                       (["--tolerance", "nan"], "--tolerance nan"),
+                                       (["--date", "../elsewhere"], "is not part of a file name")])
+def test_validation_refuses_bad_grid_values_before_the_model_loads(argv, says, capsys, tmp_path, monkeypatch):
+    """These were reached after the model was loaded and calibrated (minutes): a budget fork, an empty median's
+    traceback, a --date that wrote outside --out. One line, exit 2, no model read, nothing written."""
+    import vismmoe.bench.profiles as profiles
+
+    def no_validate(args):
+        raise AssertionError("validation started before the bad value was refused")
+    monkeypatch.setattr(profiles, "validate", no_validate)
+    assert profiles.main(["--validate", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("keep")
+    assert profiles.main(["--validate", "--out", str(tmp_path / "file")]) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "keep"
+
+
 def test_validation_refuses_a_calibration_size_that_is_a_validated_request(capsys, tmp_path):
     """The bundled model's processor caps images at 448 px' tokens: a 640 px calibration would calibrate on the
     448 px cell's request. One line, exit 2, nothing written."""

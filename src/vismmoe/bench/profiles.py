@@ -333,6 +333,25 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def check_grid_args(args) -> None:
+    """UserError for a value the run reached only after the model was loaded and calibrated (minutes): a budget
+    that is no size, fewer than one repetition or new token (a traceback from an empty median), a tolerance that
+    is not a positive share, a --date that is no file name piece (it named a path outside --out), an --out that
+    cannot be a folder (a traceback when the results were written)."""
+    from ..cli.args import at_least
+    from ..config import parse_size
+    from ..paths import output_dir
+    for b in args.budgets:
+        parse_size(b, total=1 << 62, what="--budgets entry")
+    at_least(args.reps, 1, "--reps")
+    at_least(args.new_tokens, 1, "--new-tokens")
+    if not 0 < args.tolerance < float("inf"):
+        raise UserError(f"--tolerance {args.tolerance} is not a positive share", "give e.g. --tolerance 0.15")
+    if not args.date or os.sep in args.date or (os.altsep and os.altsep in args.date) or args.date in (".", ".."):
+        raise UserError(f"--date {args.date!r} is not part of a file name", "give a date such as 2026-12-08")
+    output_dir(args.out, "--out", force=True, inputs={"--model": args.model, "--calibrated-on": args.calibrated_on})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m vismmoe.bench.profiles", description=__doc__.splitlines()[0])
     p.add_argument("--validate", action="store_true", help="predict, run for real, compare")
@@ -373,6 +392,7 @@ def main(argv=None) -> int:
         if set(args.calibrate_sizes) & set(args.sizes):
             raise UserError(f"--calibrate-sizes {args.calibrate_sizes} overlap --sizes {args.sizes}",
                             "calibrate on sizes held out from the validated ones")
+        check_grid_args(args)
         res = validate(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
