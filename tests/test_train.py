@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vismmoe.errors import UserError
 from vismmoe.tools import train as T
 from vismmoe.data import QTYPES, make_sample, warm_cache
 
@@ -330,7 +331,7 @@ def test_batches_take_turns_over_image_sizes_token_balanced():
     assert [s for s, _ in val] == [224, 224, 320, 320, 320] and [len(i) for _, i in val] == [4, 2, 2, 2, 2]
     assert sorted(i for _, idx in val for i in idx) == list(range(12))
     for bad in ("448,100", "448,448", "", "a,b", "4096"):
-        with pytest.raises(SystemExit, match="--image-sizes"):
+        with pytest.raises(UserError, match="--image-sizes"):
             T.parse_image_sizes(bad)
 
 
@@ -369,10 +370,10 @@ def test_init_vision_copies_the_vision_tower_and_refuses_what_is_not_a_checkpoin
         if not n.startswith("model.visual.") or n in fresh:
             assert torch.equal(p.detach(), before[n])
     args = T.parse_args(["--out", str(tmp_path / "o"), "--init-vision", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--init-vision"):
+    with pytest.raises(UserError, match="--init-vision"):
         T.resolve_hparams(args)
     args = T.parse_args(["--out", str(tmp_path / "o"), "--init-vision", trained.out, "--init", trained.out])
-    with pytest.raises(SystemExit, match="--init and --init-vision"):
+    with pytest.raises(UserError, match="--init and --init-vision"):
         T.resolve_hparams(args)
 
 
@@ -385,7 +386,7 @@ def test_training_at_two_sizes_from_a_vision_tower(trained, tmp_path):
     assert s["hparams"]["photo_backgrounds"] == 0.5
     assert T.PRESETS["geometry"]["photo_backgrounds"] == 0.3 and "photo_backgrounds" not in T.PRESETS["default"]
     for bad in ("1.5", "-1", "nan"):
-        with pytest.raises(SystemExit, match="--photo-backgrounds"):
+        with pytest.raises(UserError, match="--photo-backgrounds"):
             T.resolve_hparams(T.parse_args(["--out", out, "--photo-backgrounds", bad]))
     with open(os.path.join(out, "preprocessor_config.json")) as f:
         assert json.load(f)["size"]["longest_edge"] == 320 * 320    # the saved processor keeps 320 px images
@@ -412,5 +413,68 @@ def test_one_schedule_over_runs_in_pieces(tmp_path):
     hp = T.PRESETS["micro"]
     assert lrs[-1] == pytest.approx(hp["lr"] * min(1.0, 4 / hp["warmup"]))    # the 4th step's warm-up, no decay
     for bad in ("0", "-5", "inf", "nan"):
-        with pytest.raises(SystemExit, match="--schedule-minutes"):
+        with pytest.raises(UserError, match="--schedule-minutes"):
             T.resolve_hparams(T.parse_args(["--out", span, "--schedule-minutes", bad]))
+
+
+@pytest.mark.parametrize("argv,says", [([], "give --minutes and/or --steps"),
+                                       (["--minutes", "-1"], "--minutes -1.0 is no time"),
+                                       (["--steps", "0"], "--steps 0 is too small"),
+                                       (["--steps", "1", "--batch", "0"], "--batch 0 is too small"),
+                                       (["--steps", "1", "--qtypes", "colour"], "unknown question type colour"),
+                                       (["--steps", "1", "--device", "tpu0"], "unknown device 'tpu0'"),
+                                       (["--steps", "1", "--seed", str(2**64)], "is out of range"),
+                                       (["--steps", "1", "--lr", "-1"], "--lr -1.0 is out of range"),
+                                       (["--steps", "1", "--image-size", "100"], "--image-size 100"),
+                                       (["--steps", "1", "--experts-impl", "fast"], "--experts-impl 'fast'"),
+                                       (["--steps", "1", "--photo-backgrounds", "2"], "--photo-backgrounds 2.0")])
+def test_bad_arguments_are_refused_before_the_out_folder_is_made(argv, says, tmp_path):
+    """Each was a traceback, a run of nothing (--minutes -1, --steps 0, --batch 0 trained on), or a check after
+    --out was made."""
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=says.replace("(", r"\(")):
+        T.main(["--out", str(out), "--preset", "micro", "--workers", "0", "--no-progress", *argv])
+    assert not out.exists()
+
+
+def test_an_earlier_run_is_neither_replaced_nor_resumed_with_other_options(trained, tmp_path):
+    """A new run into an --out holding a run replaced its state without a word; --resume kept its saved recipe
+    and silently ignored --lr, --seed, --preset, ... given with it. The command line says one line, exit 2."""
+    import subprocess
+    import sys
+    base = ["--out", trained.out, "--preset", "micro", "--device", "cpu", "--workers", "0", "--no-progress"]
+    for argv, says in (([], "holds an earlier run"), (["--resume", "--lr", "0.5"], "--lr 0.5 with --resume"),
+                       (["--resume", "--seed", "7"], "--seed 7 with --resume"),
+                       (["--resume", "--init", trained.out], "--init sets a new run's weights"),
+                       (["--resume", "--force"], "--force starts a new run")):
+        with pytest.raises(UserError, match=says):
+            T.main(base + ["--steps", "9", *argv])
+    out = subprocess.run([sys.executable, "-m", "vismmoe.tools.train", *base, "--steps", "9"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "holds an earlier run" in out.stderr, out.stderr
+    assert T.check_args(T.parse_args(base + ["--steps", "9", "--resume"]), CPU) is None   # its own recipe: fine
+
+
+def test_train_geometry_script_refuses_bad_arguments_in_one_line(tmp_path):
+    """scripts/train_geometry.sh: `pack` without DEST exited 1 with bash's own message; `pack` of no run left an
+    empty DEST and tar's two lines; `pack` onto an earlier pack's parts mixed stale parts into the tarball; a
+    PIECE_MIN that is not a number reached the trainer's usage text."""
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "train_geometry.sh")
+    run, dest = tmp_path / "geo", tmp_path / "dest"
+    env = dict(os.environ, OUT_DIR=str(run))
+
+    def refused(args, says, **extra):
+        out = subprocess.run(["bash", script, *args], capture_output=True, text=True, env={**env, **extra},
+                             timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and says in out.stderr, out.stderr
+    refused(["pack"], "pack takes one folder, DEST")
+    refused(["pack", str(dest)], "holds no finished piece")
+    assert not dest.exists()
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    dest.mkdir()
+    (dest / "geo.tar.part-ab").write_text("stale")
+    refused(["pack", str(dest)], "already holds geo.tar.part-*")
+    refused(["more"], "PIECE_MIN=nine is not a number", PIECE_MIN="nine")
+    refused(["bogus"], "unknown command bogus")

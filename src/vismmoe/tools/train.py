@@ -54,6 +54,7 @@ from ..data import (
                    make_sample_and_scene,
     warm_cache,
 )
+from ..errors import UserError  # noqa: E402
 from ..step.decode import cut_at_eos  # noqa: E402
 from ..step.loop import greedy  # noqa: E402
 from ..families.qwen3_vl_moe import Qwen3VLMoeFamily  # noqa: E402
@@ -225,7 +226,7 @@ def batch_vision_attention(model, enable: bool = True) -> None:
 def init_vision_tower(model, checkpoint: str) -> tuple[int, list[str]]:
     """Copy a saved checkpoint's vision-tower tensors (`model.visual.*`) into `model` where name and shape match.
     Returns (tensors copied, names left as initialised): the mergers' last projections differ when the decoder's
-    hidden size does. Raises SystemExit (one line) when the checkpoint has no vision tower this model can use."""
+    hidden size does. Raises UserError (one line) when the checkpoint has no vision tower this model can use."""
     from safetensors import safe_open
     files = sorted(f for f in os.listdir(checkpoint) if f.endswith(".safetensors"))
     own = {n: p for n, p in model.named_parameters() if n.startswith("model.visual.")}
@@ -239,7 +240,8 @@ def init_vision_tower(model, checkpoint: str) -> tuple[int, list[str]]:
                         fresh.discard(name)
                         copied += 1
     if not copied:
-        raise SystemExit(f"--init-vision {checkpoint}: no vision-tower tensor of this model's shapes there")
+        raise UserError(f"--init-vision {checkpoint}: no vision-tower tensor of this model's shapes there",
+                        "give a checkpoint of this model family, e.g. the shipped model")
     return copied, sorted(fresh)
 
 
@@ -778,26 +780,126 @@ def parse_args(argv=None):
                    help="split the exported weights into shards of at most this size (default 15MB, so each "
                         "file stays under a 16 MiB transfer limit); 'none' writes one model.safetensors")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run in an --out that holds an earlier run (its state, log and checkpoint are "
+                        "replaced; default: refused, --resume continues it)")
     return p.parse_args(argv)
+
+
+# the recipe options a resumed run keeps from its saved state: flag -> where the state's recipe holds the value
+_RECIPE = {"preset": ("preset",), "seed": ("seed",), "lr": ("lr",), "warmup": ("warmup",),
+           "visual_dropout": ("visual_dropout",), "background_dropout": ("background_dropout",), "mix": ("mix",),
+           "image_size": ("image_size",), "val_samples": ("val_samples",), "eval_every": ("eval_every_s",),
+           "aux_loss": ("model", "aux_loss"), "photo_backgrounds": ("photo_backgrounds",),
+           "init_vision": ("init_vision",), "aux_where": ("aux", "where")}
+
+
+def _device(name: str | None) -> torch.device:
+    """--device: cpu or cuda[:N] (default cuda when there is one); a UserError for anything else."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}", "use --device cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for but no CUDA device is visible", "use --device cpu")
+    return dev
+
+
+def check_args(args, device: torch.device) -> None:
+    """UserError, before anything is read or written, for a value the run would crash on or silently ignore: no
+    budget (or one of no time or no step), a batch, worker count, learning rate, warm-up, size or seed out of
+    range, an unknown question type or experts implementation, an --out that is a file or holds an earlier run
+    (a new run replaced its state; --force to do so), --init with --resume, and with --resume a recipe option that
+    differs from the run's own (the saved recipe was kept, the option ignored)."""
+    from ..cli.args import at_least, seed_in_range
+    if args.steps is None and args.minutes is None:
+        raise UserError("no budget given", "give --minutes and/or --steps")
+    if args.minutes is not None and not 0 < args.minutes < math.inf:
+        raise UserError(f"--minutes {args.minutes} is no time to train", "give the minutes, more than 0")
+    for flag, value, least in (("--steps", args.steps, 1), ("--batch", args.batch, 1), ("--workers", args.workers, 0),
+                               ("--warmup", args.warmup, 0), ("--val-samples", args.val_samples, 1)):
+        at_least(value, least, flag)
+    seed_in_range(args.seed)
+    for flag, value in (("--lr", args.lr), ("--eval-every", args.eval_every)):
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"{flag} {value} is out of range", "give a positive number")
+    if args.aux_loss is not None and not 0 <= args.aux_loss < math.inf:
+        raise UserError(f"--aux-loss {args.aux_loss} is out of range", "give a coefficient >= 0")
+    if args.aux_where is not None and not 0 <= args.aux_where < math.inf:
+        raise UserError(f"--aux-where {args.aux_where} is out of range", "give a sampling weight >= 0")
+    if args.image_size is not None and (args.image_size % 32 or not 64 <= args.image_size <= 2048):
+        raise UserError(f"--image-size {args.image_size} is not an image side",
+                        "give a square side in px, a multiple of 32 from 64 to 2048 (e.g. 448)")
+    if args.image_sizes is not None:
+        parse_image_sizes(args.image_sizes)
+    if args.qtypes is not None:
+        bad = [q for q in args.qtypes.split(",") if q not in QTYPES]
+        if bad or not args.qtypes:
+            raise UserError(f"--qtypes {args.qtypes!r}: unknown question type {', '.join(bad) or '(none)'}",
+                            f"give some of {', '.join(QTYPES)}")
+    if args.experts_impl not in (TRAIN_EXPERTS, "eager"):
+        raise UserError(f"--experts-impl {args.experts_impl!r} is unknown", f"give {TRAIN_EXPERTS} or eager")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is an existing file, not a folder", "give a new or empty folder")
+    for flag, path in (("--init", args.init), ("--init-vision", args.init_vision)):
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{flag} {path}: not a checkpoint folder (no config.json)",
+                            "give a saved checkpoint's folder, e.g. the shipped model's")
+    state = os.path.join(args.out, STATE_FILE)
+    if not args.resume:
+        if os.path.exists(state) and not args.force:
+            raise UserError(f"--out {args.out} holds an earlier run ({STATE_FILE}), which a new run would replace",
+                            "add --resume to continue it, another --out, or --force to start over")
+        resolve_hparams(args)                   # the recipe's own checks, before --out is made
+        return
+    if args.force:
+        raise UserError("--force starts a new run, and --resume continues one", "give one of them")
+    if args.init is not None:
+        raise UserError("--init sets a new run's weights, and --resume continues a run with its own",
+                        "drop --init")
+    if not os.path.exists(state):
+        raise UserError(f"--resume: no {state}", "start the run without --resume, or give its --out")
+    saved = torch.load(state, map_location="cpu", weights_only=False)["hparams"]
+    defaults = vars(parse_args(["--out", args.out]))
+    for name, where in _RECIPE.items():
+        given = getattr(args, name)
+        if given == defaults[name]:
+            continue
+        have = saved
+        for key in where:
+            have = have.get(key) if isinstance(have, dict) else None
+        if given != have:
+            raise UserError(f"--{name.replace('_', '-')} {given} with --resume: the run keeps its own recipe "
+                            f"({have})", f"drop --{name.replace('_', '-')}, or start a new run")
+    if args.qtypes is not None and [QTYPES.index(q) for q in args.qtypes.split(",")] != saved.get("qtypes"):
+        raise UserError("--qtypes with --resume: the run keeps its own recipe", "drop --qtypes, or start a new run")
+    if args.image_sizes is not None and parse_image_sizes(args.image_sizes) != saved.get("image_sizes"):
+        raise UserError("--image-sizes with --resume: the run keeps its own recipe",
+                        "drop --image-sizes, or start a new run")
 
 
 def parse_image_sizes(text: str) -> list[int]:
     """`--image-sizes` "448,1024" -> [448, 1024]; each a multiple of 32 px (patch 16 x merge 2), 64-2048, distinct;
-    anything else exits with one line."""
+    anything else is a UserError."""
     try:
         sizes = [int(x) for x in text.split(",")]
     except ValueError:
         sizes = []
     if not sizes or len(set(sizes)) != len(sizes) or any(x % 32 or not 64 <= x <= 2048 for x in sizes):
-        raise SystemExit(f"--image-sizes {text!r}: give distinct square sides in px, each a multiple of 32 from 64 "
-                         "to 2048, comma-separated (e.g. 448,1024)")
+        raise UserError(f"--image-sizes {text!r} is not a list of image sides", "give distinct square sides in px, "
+                        "each a multiple of 32 from 64 to 2048, comma-separated (e.g. 448,1024)")
     return sizes
 
 
 def schedule_seconds(minutes: float) -> float:
-    """`--schedule-minutes` in seconds; not a positive number: exit with one line."""
+    """`--schedule-minutes` in seconds; not a positive number: a UserError."""
     if not minutes > 0 or math.isinf(minutes):
-        raise SystemExit(f"--schedule-minutes {minutes}: give the schedule's length in minutes, more than 0")
+        raise UserError(f"--schedule-minutes {minutes} is no length",
+                        "give the schedule's length in minutes, more than 0")
     return 60.0 * minutes
 
 
@@ -820,16 +922,18 @@ def resolve_hparams(args) -> dict:
         hp["image_sizes"] = parse_image_sizes(args.image_sizes)
     if args.photo_backgrounds is not None:
         if not 0.0 <= args.photo_backgrounds <= 1.0:
-            raise SystemExit(f"--photo-backgrounds {args.photo_backgrounds}: a share of the samples, from 0 to 1")
+            raise UserError(f"--photo-backgrounds {args.photo_backgrounds} is not a share", "give a share of the "
+                            "samples, from 0 to 1")
         hp["photo_backgrounds"] = args.photo_backgrounds
     if hp.get("image_sizes"):
         hp["image_size"] = hp["image_sizes"][0]
     if args.init and args.init_vision:
-        raise SystemExit("--init and --init-vision: give one (--init takes every weight, --init-vision the vision "
-                         "tower's)")
+        raise UserError("--init and --init-vision both set the starting weights", "give one (--init takes every "
+                        "weight, --init-vision the vision tower's)")
     if args.init_vision and not (os.path.isdir(args.init_vision) and any(
             f.endswith(".safetensors") for f in os.listdir(args.init_vision))):
-        raise SystemExit(f"--init-vision {args.init_vision}: not a checkpoint folder with .safetensors files")
+        raise UserError(f"--init-vision {args.init_vision}: not a checkpoint folder with .safetensors files",
+                        "give a saved checkpoint's folder, e.g. the shipped model's")
     hp["init_vision"] = args.init_vision
     if args.schedule_minutes is not None:
         hp["schedule_s"] = schedule_seconds(args.schedule_minutes)
@@ -840,7 +944,8 @@ def resolve_hparams(args) -> dict:
     hp["visual_dropout"] = args.visual_dropout
     hp["background_dropout"] = args.background_dropout
     if min(args.visual_dropout, args.background_dropout) < 0 or args.visual_dropout + args.background_dropout > 1:
-        raise SystemExit("--visual-dropout and --background-dropout are shares of the samples: each >= 0, sum <= 1")
+        raise UserError("--visual-dropout and --background-dropout are shares of the samples",
+                        "give each >= 0, with a sum <= 1")
     hp["aux"] = {"where": args.aux_where} if args.aux_where else {}
     return hp
 
@@ -860,7 +965,7 @@ def _resume_or_start(args, log_path: str, state_path: str) -> tuple[dict | None,
     --batch may change); a fresh run resolves the preset and removes an earlier run's log."""
     if args.resume:
         if not os.path.exists(state_path):
-            raise SystemExit(f"--resume: no {state_path}")
+            raise UserError(f"--resume: no {state_path}", "start the run without --resume, or give its --out")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         hp = state["hparams"]
         if args.batch is not None:
@@ -1212,10 +1317,9 @@ def main(argv=None, t_start: float | None = None) -> dict:
     """
     t_start = time.time() if t_start is None else t_start
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     deadline = t_start + args.minutes * 60 if args.minutes else None
-    if args.steps is None and deadline is None:
-        raise SystemExit("give --minutes and/or --steps")
+    check_args(args, device)
     os.makedirs(args.out, exist_ok=True)
     workers = _default_workers(device) if args.workers is None else args.workers
     _configure_device(device)
@@ -1242,4 +1346,8 @@ def main(argv=None, t_start: float | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(t_start=_process_start())
+    try:
+        main(t_start=_process_start())
+    except UserError as e:
+        print(f"vismmoe: error: {e}", file=sys.stderr)
+        sys.exit(2)
