@@ -555,3 +555,13 @@ def test_calibrate_rates_takes_formats_with_several_knobs(capsys, tiny_dirs, mon
     with pytest.raises(Reached):
         main(["calibrate-rates", "--model", tiny_dirs["qwen3_vl_moe"], "--formats", "int4:group=16,sym=0,fp8"])
     assert seen == ["int4:group=16,sym=0", "fp8"], seen
+
+
+def test_generate_refuses_visual_token_options_without_an_image(capsys, tiny_dirs, no_load):
+    """--compress and --visual-top-k act on an image's visual tokens: without --image they were accepted and the
+    request ran as if they were not given."""
+    tiny = tiny_dirs["qwen3_vl_moe"]
+    capsys.readouterr()
+    base = ["generate", "--model", tiny, "--prompt", "What is it?"]
+    _error(capsys, base + ["--visual-top-k", "1"], "--visual-top-k acts on the visual tokens of an image")
+    _error(capsys, base + ["--compress", "pool", "--keep-ratio", "0.5"], "no --image is given")
