@@ -78,21 +78,21 @@ def cmd_generate(args) -> int:
     if args.timeline:
         output_file(args.timeline, "--timeline", (".png",), inputs)
     image = load_image(args.image) if args.image is not None else None   # reported before the model is read
-    from ..engine.loading import read_model_type
-    from ..families import get_family
     if image is not None:                                               # so is an image for a text-only model
+        from ..engine.loading import read_model_type
+        from ..families import get_family
         get_family(read_model_type(_model_dir(args))).check_images()
-    else:                   # options on an image's visual tokens, and no image: nothing would use them
-        unused = [f for f, on in (("--compress", args.compress != "none"), ("--visual-top-k", bool(args.visual_top_k)))
-                  if on]
-        family = get_family(read_model_type(_model_dir(args))) if unused else None
-        if unused and family.has_vision:                # text-only: refused at load
-            from ..engine.loading import read_config
-            from ..engine.visual_topk import check as check_visual_top_k
-            runtime_config(args, args.cmd)              # a bad value is named as such first
+    elif args.compress != "none" or args.visual_top_k:  # they act on an image's visual tokens: none to act on
+        unused = "--compress" if args.compress != "none" else "--visual-top-k"
+        runtime_config(args, args.cmd)                  # a bad value is named as such first
+        from ..engine.loading import read_config, read_model_type
+        from ..engine.visual_topk import check as check_visual_top_k
+        from ..families import get_family
+        family = get_family(read_model_type(_model_dir(args)))
+        if family.has_vision:                           # text-only: refused at load
             check_visual_top_k(args.visual_top_k or 0, family, family.geometry(read_config(_model_dir(args))).top_k)
-            raise UserError(f"{unused[0]} acts on the visual tokens of an image, and no --image is given",
-                            f"add --image PATH, or drop {unused[0]}")
+            raise UserError(f"{unused} acts on the visual tokens of an image, and no --image is given",
+                            f"add --image PATH, or drop {unused}")
     eng = _engine_from(args)
     warmup_s = 0.0 if args.no_warmup else eng.warm_up(with_image=image is not None)
     if args.trace:
