@@ -180,6 +180,15 @@ def test_export_unknown_family_is_a_one_line_error(tmp_path, capsys):
     _one_line_error(capsys, ["make-shape", "--shape", "nope", "--out", str(tmp_path / "s")], "unknown shape")
 
 
+def test_an_empty_name_is_refused_not_replaced(tiny_dirs, tmp_path, capsys):
+    """--name '' was dropped for the folder's name without a word."""
+    tiny = tiny_dirs["qwen3_vl_moe"]
+    capsys.readouterr()
+    _one_line_error(capsys, ["export-gguf", "--model", tiny, "--out", str(tmp_path / "g"), "--name", ""],
+                    "--name '' is not a file name stem")
+    assert not (tmp_path / "g").exists()
+
+
 def test_make_shape_loads_generates_and_exports(tmp_path, image_file, capsys):
     import vismmoe
     from vismmoe.offload.store import CheckpointReader

@@ -591,7 +591,7 @@ def export(model_dir: str, out_dir: str, dtype: str = "bf16", name: str | None =
     if stored is not None:
         raise UserError(f"export-gguf writes dense checkpoints; {model_dir} stores its experts as {stored}",
                         "export the dense checkpoint it was quantized from (--type q8_0 or q4_k quantizes the GGUF)")
-    name = name or os.path.basename(os.path.normpath(model_dir))
+    name = os.path.basename(os.path.normpath(model_dir)) if name is None else name    # --name '': refused, not dropped
     if not name or os.sep in name or name in (".", ".."):
         raise UserError(f"--name {name!r} is not a file name stem", "give a name without path separators")
     output_dir(out_dir, "--out", force=True, inputs={"--model": model_dir})   # any folder: only its files written
