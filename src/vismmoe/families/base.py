@@ -259,7 +259,15 @@ class Family:
 
         renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
         own = set(model.state_dict())
-        return lambda key: key if key in own else rename_source_key(key, renamings, [])[0]
+        banks = {n.rsplit(".", 1)[0] for n in own if n.rsplit(".", 2)[-2:-1] == ["experts"]}
+
+        def own_expert(key: str) -> bool:
+            """A per-expert tensor under one of the model's own expert modules (`...experts.E.gate_proj.weight`,
+            as `vismmoe quantize` writes): the model keeps its experts fused, so the name is not in `own`, and
+            renaming it again doubled a prefix (DeepSeek-OCR-2's `model.` -> `model.language_model.`)."""
+            head, sep, _ = key.partition(".experts.")
+            return bool(sep) and head + ".experts" in banks
+        return lambda key: key if key in own or own_expert(key) else rename_source_key(key, renamings, [])[0]
 
     # ---- inputs ----------------------------------------------------------------------------------------------
     def check_images(self, count: int = 1) -> None:
