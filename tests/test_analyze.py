@@ -115,3 +115,14 @@ def test_analyze_traces_bad_input_is_one_line(tmp_path, capsys):
         assert main(["analyze", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_a_trace_with_no_visual_token_is_reported(tmp_path, capsys):
+    """A text-only model's trace has no visual stability: the report says '-' (it was a TypeError)."""
+    path = str(tmp_path / "text.npz")
+    _trace([("prefill", [0, 0], {0: [[0, 3], [1, 3]], 1: [[2, 0], [2, 1]]})]).save(path)
+    assert main(["analyze", "--traces", path]) == 0
+    out = capsys.readouterr().out
+    assert "visual -," in out
+    assert main(["analyze", "--traces", path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stability_visual"] is None

@@ -35,7 +35,8 @@ def check(k: int, family, top_k: int | None) -> None:
                         "model", "drop --visual-top-k")
     if top_k is not None and k >= top_k:
         raise UserError(f"--visual-top-k {k} is not below the model's top-k ({top_k})",
-                        f"give 1 to {top_k - 1}, or 0 (off)" if top_k > 1 else "drop --visual-top-k")
+                        "drop --visual-top-k" if top_k < 2 else
+                        f"give {'1' if top_k == 2 else f'1 to {top_k - 1}'}, or 0 (off)")
 
 
 class VisualTopK:

@@ -233,6 +233,11 @@ def routing_stats(tr: RoutingTrace, E: int, n: int) -> dict:
             "never_visual_share": float(np.mean([r["never_visual_share"] for r in rows])), "n": n}
 
 
+def _f3(v) -> str:
+    """A stability for the report: '-' where it has no tokens to measure (a trace with no visual token)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
 def routing_markdown(rep: dict, title: str) -> str:
     """The routing report (`routing_stats`, `trace_report`) as markdown: the means over layers, then one row per MoE
     layer (experts used and entropy in bits, all / visual / text tokens; never-visual share; visual-text overlap)."""
@@ -242,8 +247,8 @@ def routing_markdown(rep: dict, title: str) -> str:
         return sum(r[key] for r in rows) / max(len(rows), 1)
     out = [f"# Routing: {title}", "",
            f"{rep['n']} requests; entropy of a uniform router {rep['uniform_entropy']:.2f} bits; stability (layer l's "
-           f"experts predicting layer l+1's) all {rep['stability_all']:.3f}, visual {rep['stability_visual']:.3f}, "
-           f"text {rep['stability_text']:.3f}.", "",
+           f"experts predicting layer l+1's) all {_f3(rep['stability_all'])}, visual {_f3(rep['stability_visual'])}, "
+           f"text {_f3(rep['stability_text'])}.", "",
            "| layer | experts all / visual / text | entropy all / visual / text (bits) | never visual | visual-text overlap |",
            "|---|---|---|---|---|"]
     line = "| {} | {:.1f} / {:.1f} / {:.1f} | {:.2f} / {:.2f} / {:.2f} | {:.3f} | {:.3f} |"
