@@ -101,6 +101,7 @@ def test_analyze_traces_bad_input_is_one_line(tmp_path, capsys):
                       (["--traces", good, "--experts", "2"], "below the traces' expert ids"),
                       (["--traces", good, "--experts", "0"], "--experts"),
                       (["--traces", ","], "names no file"),
+                      (["--traces", f"{good},{good}"], "names " + good + " twice"),
                       (["--traces", good, "--routing"], "two reports"),
                       (["--experts", "4"], "goes with --traces"),
                       # options the report would ignore (no model runs; the routing report runs no compressor)

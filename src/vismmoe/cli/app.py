@@ -345,6 +345,9 @@ def cmd_analyze(args) -> int:
         paths = [p.strip() for p in args.traces.split(",") if p.strip()]
         if not paths:
             raise UserError("--traces names no file", "give comma-separated routing trace files (.npz)")
+        twice = next((p for i, p in enumerate(paths) if os.path.realpath(p) in map(os.path.realpath, paths[:i])), None)
+        if twice is not None:               # its requests would count twice in every statistic
+            raise UserError(f"--traces names {twice} twice", "give each trace file once")
         _routing_out(args, {f"--traces ({i + 1})": p for i, p in enumerate(paths)})
         rep = trace_report(paths, args.experts)
         return _print_routing(args, rep, f"{len(paths)} saved trace file{'s' if len(paths) > 1 else ''}")
