@@ -38,11 +38,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def _resolve_device(name: str) -> torch.device:
+    """--device: cpu or cuda[:N]; a UserError for anything else (a malformed name too) or a CUDA device not there."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for but no CUDA device is visible", "use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         raise UserError(f"unknown device {name!r}", "use --device cpu or cuda")
-    return torch.device(name)
+    return dev
 
 
 def _resolve_dtype(name: str | None, config, device: torch.device) -> torch.dtype:

@@ -798,15 +798,8 @@ def _device(name: str | None) -> torch.device:
     """--device: cpu or cuda[:N] (default cuda when there is one); a UserError for anything else."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}", "use --device cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for but no CUDA device is visible", "use --device cpu")
-    return dev
+    from ..engine.loading import _resolve_device
+    return _resolve_device(name)
 
 
 def check_args(args, device: torch.device) -> None:
@@ -831,7 +824,7 @@ def check_args(args, device: torch.device) -> None:
         raise UserError(f"--aux-loss {args.aux_loss} is out of range", "give a coefficient >= 0")
     if args.aux_where is not None and not 0 <= args.aux_where < math.inf:
         raise UserError(f"--aux-where {args.aux_where} is out of range", "give a sampling weight >= 0")
-    if args.image_size is not None and (args.image_size % 32 or not 64 <= args.image_size <= 2048):
+    if args.image_size is not None and not _image_side(args.image_size):
         raise UserError(f"--image-size {args.image_size} is not an image side",
                         "give a square side in px, a multiple of 32 from 64 to 2048 (e.g. 448)")
     if args.image_sizes is not None:
@@ -882,6 +875,11 @@ def check_args(args, device: torch.device) -> None:
                         "drop --image-sizes, or start a new run")
 
 
+def _image_side(px: int) -> bool:
+    """A square side the recipe takes: a multiple of 32 px (patch 16 x merge 2) from 64 to 2048."""
+    return px % 32 == 0 and 64 <= px <= 2048
+
+
 def parse_image_sizes(text: str) -> list[int]:
     """`--image-sizes` "448,1024" -> [448, 1024]; each a multiple of 32 px (patch 16 x merge 2), 64-2048, distinct;
     anything else is a UserError."""
@@ -889,7 +887,7 @@ def parse_image_sizes(text: str) -> list[int]:
         sizes = [int(x) for x in text.split(",")]
     except ValueError:
         sizes = []
-    if not sizes or len(set(sizes)) != len(sizes) or any(x % 32 or not 64 <= x <= 2048 for x in sizes):
+    if not sizes or len(set(sizes)) != len(sizes) or not all(map(_image_side, sizes)):
         raise UserError(f"--image-sizes {text!r} is not a list of image sides", "give distinct square sides in px, "
                         "each a multiple of 32 from 64 to 2048, comma-separated (e.g. 448,1024)")
     return sizes
